@@ -1,0 +1,153 @@
+"""The Sign RPC: authenticate, check the CSR, issue, and account for every answer."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives.serialization import Encoding
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from ca.audit import AuditLog
+from ca.authn.callers import Authenticator, Caller
+from ca.authn.kubernetes import AuthnError
+from ca.core import csr
+from ca.core.issuance import IssuanceError, IssuedSvid, TtlRejected
+from ca.issuer import Issuer
+from ca.metrics import CaMetrics
+from ca.signers.base import SignerUnavailable
+from identity.proto import ca_pb2
+from identity.proto.ca_grpc import CertificateAuthorityBase
+
+if TYPE_CHECKING:
+    from grpclib.server import Stream
+
+
+class Refusal(Exception):
+    """A refused Sign call: the gRPC status, a bounded reason label, a human message.
+
+    The caller sees `reason: message`, so scripts can match the label and
+    people can read the rest.
+    """
+
+    def __init__(self, status: Status, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.status = status
+        self.reason = reason
+
+
+def refusal_for(exc: Exception) -> Refusal | None:
+    """Map a domain error to what the caller is told; None for a bug."""
+    if isinstance(exc, AuthnError):
+        return Refusal(Status.UNAUTHENTICATED, exc.reason, exc.message)
+    if isinstance(exc, csr.CsrRejected):
+        status = (
+            Status.PERMISSION_DENIED
+            if exc.reason == "identity_mismatch"
+            else Status.INVALID_ARGUMENT
+        )
+        return Refusal(status, exc.reason, str(exc))
+    if isinstance(exc, TtlRejected):
+        return Refusal(Status.INVALID_ARGUMENT, "bad_ttl", str(exc))
+    if isinstance(exc, SignerUnavailable):
+        return Refusal(Status.UNAVAILABLE, "signer_unavailable", str(exc))
+    if isinstance(exc, IssuanceError):
+        return Refusal(Status.INTERNAL, "validation_failed", "the CA refused its own certificate")
+    return None
+
+
+class CertificateAuthorityService(CertificateAuthorityBase):
+    def __init__(
+        self, issuer: Issuer, authenticator: Authenticator, metrics: CaMetrics, audit: AuditLog
+    ) -> None:
+        self._issuer = issuer
+        self._authenticator = authenticator
+        self._metrics = metrics
+        self._audit = audit
+
+    async def Sign(self, stream: Stream[ca_pb2.SignRequest, ca_pb2.SignResponse]) -> None:
+        request = await stream.recv_message()
+        if request is None:
+            raise GRPCError(Status.INVALID_ARGUMENT, "empty request")
+        caller: Caller | None = None
+        try:
+            caller = await self._authenticator.authenticate(
+                _authorization(stream), _peer_certificate(stream)
+            )
+            public_key = csr.check(csr.parse(request.csr), caller.spiffe_id)
+            started = time.perf_counter()
+            issued = await self._issuer.issue(caller.spiffe_id, public_key, self._ttl(request))
+            self._metrics.sign_duration.observe(time.perf_counter() - started)
+        except Exception as exc:
+            refusal = refusal_for(exc)
+            if refusal is None:
+                raise
+            self._refused(refusal, caller)
+            raise GRPCError(refusal.status, str(refusal)) from None
+        self._issued(issued, caller)
+        await stream.send_message(_response(issued))
+
+    def _ttl(self, request: ca_pb2.SignRequest) -> timedelta | None:
+        if request.ttl_seconds < 0:
+            raise TtlRejected(f"ttl_seconds {request.ttl_seconds} is negative")
+        if request.ttl_seconds == 0:
+            return None
+        cap = self._issuer.policy.max_ttl.total_seconds()
+        return timedelta(seconds=min(request.ttl_seconds, cap))
+
+    def _refused(self, refusal: Refusal, caller: Caller | None) -> None:
+        self._metrics.csr.labels("refused", refusal.reason).inc()
+        if refusal.status is Status.UNAUTHENTICATED:
+            self._metrics.authn_failures.labels(refusal.reason).inc()
+        self._audit.record(
+            result="refused",
+            reason=str(refusal),
+            caller=caller.subject if caller else None,
+            pod=caller.pod if caller else None,
+            spiffe_id=str(caller.spiffe_id) if caller else None,
+        )
+
+    def _issued(self, issued: IssuedSvid, caller: Caller) -> None:
+        leaf = issued.leaf
+        lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+        self._metrics.csr.labels("issued", caller.credential).inc()
+        self._metrics.issued_ttl.observe(lifetime.total_seconds())
+        self._audit.record(
+            result="issued",
+            reason=caller.credential,
+            caller=caller.subject,
+            pod=caller.pod,
+            spiffe_id=str(caller.spiffe_id),
+            serial=leaf.serial_number,
+            not_after=leaf.not_valid_after_utc,
+        )
+
+
+def _response(issued: IssuedSvid) -> ca_pb2.SignResponse:
+    return ca_pb2.SignResponse(
+        cert_chain=[cert.public_bytes(Encoding.DER) for cert in issued.chain],
+        trust_bundle=issued.bundle.to_der(),
+        not_after=int(issued.leaf.not_valid_after_utc.timestamp()),
+        spiffe_id=str(issued.spiffe_id),
+    )
+
+
+def _authorization(stream: Stream[ca_pb2.SignRequest, ca_pb2.SignResponse]) -> str | None:
+    values = stream.metadata.getall("authorization", []) if stream.metadata else []
+    if len(values) > 1:
+        raise AuthnError("malformed", "send one authorization value, not several")
+    return str(values[0]) if values else None
+
+
+def _peer_certificate(stream: Stream[ca_pb2.SignRequest, ca_pb2.SignResponse]) -> bytes | None:
+    """The DER client certificate OpenSSL verified against the bundle, if one was sent.
+
+    grpclib's Peer exposes only the decoded dict; the DER is on its transport.
+    """
+    ssl_object = stream.peer._transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    der: bytes | None = ssl_object.getpeercert(binary_form=True)
+    return der

@@ -1,0 +1,179 @@
+"""`outrider ca serve`: wire config, signer, authentication and the two listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import socket
+import ssl
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from grpclib.server import Server
+
+from ca.api.grpc import CertificateAuthorityService
+from ca.api.http import make_app
+from ca.api.tls import load_credentials, server_context
+from ca.audit import AuditLog
+from ca.authn.callers import Authenticator
+from ca.authn.jwks import FileJwks, HttpsJwks, JwksSource
+from ca.authn.kubernetes import TokenPolicy, TokenVerifier
+from ca.config import CaConfig, Listen
+from ca.issuer import Clock, Issuer
+from ca.metrics import CaMetrics
+from ca.signers.base import Signer
+from ca.signers.local import CaDirectoryError, LocalSigner
+from identity import refresh_at
+
+log = logging.getLogger("outrider.ca")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class StartupError(Exception):
+    """The CA cannot start with this config and these files."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    grpc: tuple[str, int]
+    http: tuple[str, int]
+
+
+def load_signer(config: CaConfig) -> Signer:
+    try:
+        signer = LocalSigner.load(config.signer_dir)
+    except CaDirectoryError as exc:
+        raise StartupError(str(exc)) from None
+    if config.trust_domain is not None and config.trust_domain != signer.trust_domain:
+        raise StartupError(
+            f"trust_domain is {config.trust_domain} but {config.signer_dir} holds a CA for "
+            f"{signer.trust_domain}"
+        )
+    return signer
+
+
+def jwks_source(config: CaConfig, clock: Clock) -> JwksSource:
+    k8s = config.kubernetes
+    if k8s.jwks_file is not None:
+        return FileJwks(k8s.jwks_file)
+    assert k8s.jwks_url is not None  # config guarantees exactly one
+    ca_file = str(k8s.jwks_ca_file) if k8s.jwks_ca_file else None
+    return HttpsJwks(k8s.jwks_url, clock=clock, ca_file=ca_file, refresh_interval=k8s.jwks_refresh)
+
+
+async def serve(
+    config: CaConfig,
+    stop: asyncio.Event,
+    *,
+    clock: Clock = utcnow,
+    on_ready: asyncio.Future[Bound] | None = None,
+) -> None:
+    """Serve until `stop` is set; `on_ready` learns the bound addresses."""
+    signer = load_signer(config)
+    metrics = CaMetrics()
+    metrics.root_expiry.set(signer.bundle.earliest_expiry.timestamp())
+    metrics.intermediate_expiry.set(signer.issuer.not_valid_after_utc.timestamp())
+    jwks = jwks_source(config, clock)
+    tokens = TokenVerifier(
+        TokenPolicy(config.kubernetes.issuer, config.kubernetes.audience, config.kubernetes.leeway),
+        jwks,
+        clock,
+    )
+    service = CertificateAuthorityService(
+        Issuer(signer, config.issuance, clock),
+        Authenticator(signer.trust_domain, tokens, clock),
+        metrics,
+        AuditLog.open(config.audit_log, clock),
+    )
+    chain, key = await _issue_serving(config, signer, clock)
+    tls = server_context(signer.bundle, chain, key)
+    grpc_server = Server([service])
+    http_runner = web.AppRunner(make_app(lambda: signer.bundle, metrics), access_log=None)
+    await http_runner.setup()
+    grpc_sock, http_sock = _bind(config.grpc), _bind(config.http)
+    await grpc_server.start(sock=grpc_sock, ssl=tls)
+    await web.SockSite(http_runner, http_sock).start()
+    bound = Bound(grpc_sock.getsockname()[:2], http_sock.getsockname()[:2])
+    log.info(
+        "serving trust domain %s: gRPC (TLS) on %s:%d, HTTP on %s:%d",
+        signer.trust_domain,
+        *bound.grpc,
+        *bound.http,
+    )
+    if on_ready is not None:
+        on_ready.set_result(bound)
+    rotation = asyncio.create_task(_rotate_serving(config, signer, tls, chain[0], clock))
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        rotation.cancel()
+        grpc_server.close()
+        await grpc_server.wait_closed()
+        await http_runner.cleanup()
+        if isinstance(jwks, HttpsJwks):
+            await jwks.close()
+
+
+async def _issue_serving(
+    config: CaConfig, signer: Signer, clock: Clock
+) -> tuple[tuple[x509.Certificate, ...], ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = clock()
+    not_after = min(now + config.serving_ttl, signer.issuer.not_valid_after_utc)
+    chain = await signer.sign_serving(
+        config.serving_names,
+        key.public_key(),
+        now - config.issuance.backdate,
+        not_after,
+        x509.random_serial_number(),
+    )
+    return chain, key
+
+
+async def _rotate_serving(
+    config: CaConfig, signer: Signer, tls: ssl.SSLContext, leaf: x509.Certificate, clock: Clock
+) -> None:
+    """Renew the CA's own serving certificate at half its life, like any SVID."""
+    rng = random.SystemRandom()
+    while True:
+        when = refresh_at(leaf.not_valid_before_utc, leaf.not_valid_after_utc, clock(), rng)
+        await asyncio.sleep(max((when - clock()).total_seconds(), 1.0))
+        chain, key = await _issue_serving(config, signer, clock)
+        load_credentials(tls, chain, key)
+        leaf = chain[0]
+        log.info("serving certificate renewed, valid until %s", leaf.not_valid_after_utc)
+
+
+def _bind(listen: Listen) -> socket.socket:
+    family = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM)[0][0]
+    try:
+        return socket.create_server((listen.host, listen.port), family=family, backlog=1024)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {listen}: {exc.strerror}") from None
+
+
+def run(config: CaConfig) -> None:
+    """Blocking entry point: uvloop when present, SIGTERM/SIGINT stop cleanly."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, stop)
+
+    asyncio.run(main())

@@ -1,0 +1,272 @@
+"""ca.yaml -> CaConfig, in one function that reports every error with its key path.
+
+Example (every key but signer.dir and authn.kubernetes has a default):
+
+    trust_domain: example.org          # checked against the CA directory
+    signer: {kind: local, dir: ./ca}   # relative paths are from this file
+    listen: {grpc: 0.0.0.0:8443, http: 0.0.0.0:8080}
+    serving_cert: {names: [outrider-ca.outrider.svc, localhost], ttl: 24h}
+    issuance: {default_ttl: 1h, max_ttl: 24h, backdate: 60s}
+    authn:
+      kubernetes:
+        issuer: https://kubernetes.default.svc.cluster.local
+        audience: outrider-ca
+        jwks_file: jwks.json            # or jwks_url: https://... (+ jwks_ca_file)
+        jwks_refresh: 5m
+        leeway: 30s
+    audit_log: "-"                     # stdout, or a file path
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ca.core.issuance import IssuancePolicy
+from identity import InvalidSpiffeId, TrustDomain
+
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ConfigError(Exception):
+    """One or more config errors, each `key.path: problem`."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        super().__init__(f"{source}: " + "; ".join(errors))
+        self.source = source
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class KubernetesAuthn:
+    issuer: str
+    audience: str = "outrider-ca"
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    jwks_ca_file: Path | None = None
+    jwks_refresh: timedelta = timedelta(minutes=5)
+    leeway: timedelta = timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class CaConfig:
+    signer_dir: Path
+    kubernetes: KubernetesAuthn
+    trust_domain: TrustDomain | None = None
+    grpc: Listen = Listen("0.0.0.0", 8443)  # noqa: S104 - a CA serves the cluster
+    http: Listen = Listen("0.0.0.0", 8080)  # noqa: S104
+    serving_names: tuple[str, ...] = ("outrider-ca.outrider.svc", "localhost")
+    serving_ttl: timedelta = timedelta(hours=24)
+    issuance: IssuancePolicy = field(default_factory=IssuancePolicy)
+    audit_log: str = "-"
+
+
+def parse_duration(value: object) -> timedelta:
+    """'90s', '5m', '1h', '2d', '250ms' -> timedelta."""
+    match = _DURATION.match(str(value).strip()) if isinstance(value, str | int) else None
+    if match is None:
+        raise ValueError(f"{value!r} is not a duration like 90s, 5m, 1h or 2d")
+    return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+
+
+def load(path: Path) -> CaConfig:
+    """Read and validate `path`; raise ConfigError listing every problem."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc}"]) from None
+    return parse(raw if raw is not None else {}, base=path.parent, source=str(path))
+
+
+def parse(raw: object, *, base: Path, source: str = "config") -> CaConfig:
+    reader = _Reader(base)
+    config = reader.config(raw)
+    if reader.errors or config is None:
+        raise ConfigError(source, reader.errors)
+    return config
+
+
+class _Reader:
+    """Collects errors instead of stopping at the first one."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.errors: list[str] = []
+
+    def fail(self, key: str, problem: str) -> None:
+        self.errors.append(f"{key}: {problem}")
+
+    def section(self, raw: Mapping[str, Any], key: str, known: set[str]) -> dict[str, Any]:
+        value = raw.get(key.rsplit(".", 1)[-1], {})
+        if not isinstance(value, Mapping):
+            self.fail(key, "must be a mapping")
+            return {}
+        for unknown in sorted(set(value) - known):
+            self.fail(f"{key}.{unknown}", "unknown key")
+        return dict(value)
+
+    def duration(
+        self,
+        raw: Mapping[str, Any],
+        key: str,
+        path: str,
+        default: timedelta,
+        *,
+        zero_ok: bool = False,
+    ) -> timedelta:
+        if key not in raw:
+            return default
+        try:
+            value = parse_duration(raw[key])
+        except ValueError as exc:
+            self.fail(path, str(exc))
+            return default
+        if value == timedelta(0) and not zero_ok:
+            self.fail(path, "must be positive")
+        return value
+
+    def string(
+        self, raw: Mapping[str, Any], key: str, path: str, default: str | None
+    ) -> str | None:
+        value = raw.get(key, default)
+        if value is not None and (not isinstance(value, str) or not value):
+            self.fail(path, "must be a non-empty string")
+            return default
+        return value
+
+    def file(self, raw: Mapping[str, Any], key: str, path: str) -> Path | None:
+        value = self.string(raw, key, path, None)
+        return None if value is None else self.base / value
+
+    def listen(self, raw: Mapping[str, Any], key: str, default: Listen) -> Listen:
+        value = raw.get(key)
+        if value is None:
+            return default
+        host, _, port = str(value).rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            self.fail(f"listen.{key}", f"{value!r} is not host:port")
+            return default
+        return Listen(host.strip("[]"), int(port))
+
+    def config(self, raw: object) -> CaConfig | None:
+        if not isinstance(raw, Mapping):
+            self.fail("(top)", "the config must be a YAML mapping")
+            return None
+        known = {"trust_domain", "signer", "listen", "serving_cert", "issuance", "authn"}
+        for unknown in sorted(set(raw) - known - {"audit_log"}):
+            self.fail(unknown, "unknown key")
+        trust_domain = self.trust_domain(raw)
+        signer = self.section(raw, "signer", {"kind", "dir"})
+        if signer.get("kind", "local") != "local":
+            self.fail("signer.kind", f"{signer['kind']!r} is not supported (use local)")
+        signer_dir = self.file(signer, "dir", "signer.dir")
+        if signer_dir is None:
+            self.fail("signer.dir", "required: the directory made by `outrider ca init`")
+        listen = self.section(raw, "listen", {"grpc", "http"})
+        grpc = self.listen(listen, "grpc", CaConfig.grpc)
+        http = self.listen(listen, "http", CaConfig.http)
+        serving = self.section(raw, "serving_cert", {"names", "ttl"})
+        names = self.names(serving)
+        serving_ttl = self.duration(serving, "ttl", "serving_cert.ttl", CaConfig.serving_ttl)
+        issuance = self.issuance(
+            self.section(raw, "issuance", {"default_ttl", "max_ttl", "backdate"})
+        )
+        kubernetes = self.kubernetes(self.section(raw, "authn", {"kubernetes"}))
+        audit_log = self.string(raw, "audit_log", "audit_log", "-") or "-"
+        if self.errors or signer_dir is None or kubernetes is None:
+            return None
+        return CaConfig(
+            signer_dir=signer_dir,
+            kubernetes=kubernetes,
+            trust_domain=trust_domain,
+            grpc=grpc,
+            http=http,
+            serving_names=names,
+            serving_ttl=serving_ttl,
+            issuance=issuance,
+            audit_log=audit_log if audit_log == "-" else str(self.base / audit_log),
+        )
+
+    def trust_domain(self, raw: Mapping[str, Any]) -> TrustDomain | None:
+        if "trust_domain" not in raw:
+            return None
+        try:
+            return TrustDomain.parse(str(raw["trust_domain"]))
+        except InvalidSpiffeId as exc:
+            self.fail("trust_domain", str(exc))
+            return None
+
+    def names(self, serving: Mapping[str, Any]) -> tuple[str, ...]:
+        names = serving.get("names", list(CaConfig.serving_names))
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            self.fail("serving_cert.names", "must be a non-empty list of DNS names or IPs")
+            return CaConfig.serving_names
+        return tuple(names)
+
+    def issuance(self, raw: Mapping[str, Any]) -> IssuancePolicy:
+        defaults = IssuancePolicy()
+        policy = IssuancePolicy(
+            default_ttl=self.duration(
+                raw, "default_ttl", "issuance.default_ttl", defaults.default_ttl
+            ),
+            max_ttl=self.duration(raw, "max_ttl", "issuance.max_ttl", defaults.max_ttl),
+            backdate=self.duration(
+                raw, "backdate", "issuance.backdate", defaults.backdate, zero_ok=True
+            ),
+        )
+        if policy.default_ttl > policy.max_ttl:
+            self.fail("issuance.default_ttl", f"exceeds max_ttl ({policy.max_ttl})")
+        return policy
+
+    def kubernetes(self, authn: Mapping[str, Any]) -> KubernetesAuthn | None:
+        known = {
+            "issuer",
+            "audience",
+            "jwks_file",
+            "jwks_url",
+            "jwks_ca_file",
+            "jwks_refresh",
+            "leeway",
+        }
+        if "kubernetes" not in authn:
+            self.fail("authn.kubernetes", "required: the token issuer and its JWKS")
+            return None
+        raw = self.section(authn, "authn.kubernetes", known)
+        path = "authn.kubernetes"
+        issuer = self.string(raw, "issuer", f"{path}.issuer", None)
+        if issuer is None:
+            self.fail(f"{path}.issuer", "required: the cluster's service-account issuer URL")
+        jwks_file = self.file(raw, "jwks_file", f"{path}.jwks_file")
+        jwks_url = self.string(raw, "jwks_url", f"{path}.jwks_url", None)
+        if (jwks_file is None) == (jwks_url is None):
+            self.fail(f"{path}.jwks_file", "set exactly one of jwks_file and jwks_url")
+        if jwks_url is not None and not jwks_url.startswith("https://"):
+            self.fail(f"{path}.jwks_url", "must be an https:// URL")
+        defaults = KubernetesAuthn(issuer="")
+        return KubernetesAuthn(
+            issuer=issuer or "",
+            audience=self.string(raw, "audience", f"{path}.audience", "outrider-ca") or "",
+            jwks_file=jwks_file,
+            jwks_url=jwks_url,
+            jwks_ca_file=self.file(raw, "jwks_ca_file", f"{path}.jwks_ca_file"),
+            jwks_refresh=self.duration(
+                raw, "jwks_refresh", f"{path}.jwks_refresh", defaults.jwks_refresh
+            ),
+            leeway=self.duration(raw, "leeway", f"{path}.leeway", defaults.leeway, zero_ok=True),
+        )

@@ -1,0 +1,45 @@
+"""The CA's Prometheus metrics (names from DESIGN.md), on a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_TTL_BUCKETS = (300, 900, 1800, 3600, 7200, 14400, 43200, 86400)
+_SIGN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class CaMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.csr = Counter(
+            "outrider_ca_csr",
+            "CSRs answered, by result and reason",
+            ["result", "reason"],
+            registry=r,
+        )
+        self.sign_duration = Histogram(
+            "outrider_ca_sign_duration_seconds",
+            "Time to build, sign and check one SVID",
+            buckets=_SIGN_BUCKETS,
+            registry=r,
+        )
+        self.authn_failures = Counter(
+            "outrider_ca_authn_failures", "Callers refused authentication", ["reason"], registry=r
+        )
+        self.issued_ttl = Histogram(
+            "outrider_ca_issued_ttl_seconds",
+            "Lifetime of issued SVIDs",
+            buckets=_TTL_BUCKETS,
+            registry=r,
+        )
+        self.root_expiry = Gauge(
+            "outrider_ca_root_expiry_timestamp_seconds",
+            "Earliest root expiry (Unix time)",
+            registry=r,
+        )
+        self.intermediate_expiry = Gauge(
+            "outrider_ca_intermediate_expiry_timestamp_seconds",
+            "Issuing certificate expiry (Unix time)",
+            registry=r,
+        )

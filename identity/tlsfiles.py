@@ -1,0 +1,33 @@
+"""Give the ssl module a certificate and key that exist only in memory.
+
+`ssl.SSLContext.load_cert_chain` reads paths only. On Linux an anonymous
+memory file (memfd) has a path under /proc/self/fd, so the private key never
+touches a disk; elsewhere a private temporary directory is used and removed
+before this returns.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import tempfile
+from pathlib import Path
+
+
+def load_cert_chain(context: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
+    if hasattr(os, "memfd_create"):
+        fds = [os.memfd_create(name, os.MFD_CLOEXEC) for name in ("outrider-chain", "outrider-key")]
+        try:
+            for fd, data in zip(fds, (chain_pem, key_pem), strict=True):
+                os.write(fd, data)
+            context.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="outrider-tls-") as tmp:
+        chain_file, key_file = Path(tmp) / "chain.pem", Path(tmp) / "key.pem"
+        chain_file.write_bytes(chain_pem)
+        key_file.touch(mode=0o600)
+        key_file.write_bytes(key_pem)
+        context.load_cert_chain(chain_file, key_file)

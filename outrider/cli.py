@@ -1,0 +1,138 @@
+"""The `outrider` command. It wires the packages together; nothing imports it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca import app as ca_app
+from ca import config as ca_config
+from ca.core.issuance import IssuancePolicy
+from ca.files import PRIVATE, write_atomic
+from ca.issuer import Issuer
+from ca.signers.local import CaDirectoryError, LocalSigner, init_ca
+from identity import InvalidSpiffeId, SpiffeId, TrustDomain
+
+EXIT_FAILURE, EXIT_USAGE = 1, 2
+
+
+class CommandError(Exception):
+    """A failure the user can fix; printed without a traceback."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _ca_init(args: argparse.Namespace) -> None:
+    try:
+        trust_domain = TrustDomain.parse(args.trust_domain)
+        init_ca(Path(args.dir), trust_domain, datetime.now(UTC), force=args.force)
+    except (InvalidSpiffeId, CaDirectoryError) as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    print(f"created CA for trust domain {trust_domain} in {args.dir}")
+    print(f"  bundle:       {Path(args.dir) / 'bundle.pem'}  (give this to every workload)")
+    print(
+        f"  root key:     {Path(args.dir) / 'root.key'}  (not needed by `ca serve`: keep offline)"
+    )
+
+
+def _ca_mint(args: argparse.Namespace) -> None:
+    try:
+        spiffe_id = SpiffeId.parse(args.spiffe_id)
+        ttl = ca_config.parse_duration(args.ttl)
+        signer = LocalSigner.load(Path(args.dir))
+    except (InvalidSpiffeId, ValueError, CaDirectoryError) as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    if not spiffe_id.member_of(signer.trust_domain):
+        raise CommandError(f"{spiffe_id} is not in trust domain {signer.trust_domain}", EXIT_USAGE)
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuer = Issuer(signer, IssuancePolicy(default_ttl=ttl, max_ttl=ttl), lambda: datetime.now(UTC))
+    issued = asyncio.run(issuer.issue(spiffe_id, key.public_key()))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    write_atomic(out / "svid.key", key_pem, PRIVATE)
+    write_atomic(out / "svid.pem", b"".join(c.public_bytes(pem) for c in issued.chain))
+    write_atomic(out / "bundle.pem", issued.bundle.to_pem())
+    print(f"minted {spiffe_id}, valid until {issued.leaf.not_valid_after_utc.isoformat()}")
+    print(f"  {out / 'svid.pem'}, {out / 'svid.key'}, {out / 'bundle.pem'}")
+
+
+def _ca_serve(args: argparse.Namespace) -> None:
+    try:
+        config = ca_config.load(Path(args.config))
+    except ca_config.ConfigError as exc:
+        lines = "\n".join(f"  {error}" for error in exc.errors)
+        raise CommandError(f"invalid config {exc.source}:\n{lines}", EXIT_USAGE) from None
+    try:
+        ca_app.run(config)
+    except ca_app.StartupError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from outrider import demo
+
+    demo.run(duration=args.duration)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="outrider", description="SPIFFE mTLS for Kubernetes")
+    top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = top.add_subparsers(dest="command", required=True)
+
+    ca = commands.add_parser("ca", help="the certificate authority").add_subparsers(
+        dest="ca_command", required=True
+    )
+    init = ca.add_parser("init", help="create a root and intermediate CA")
+    init.add_argument("--trust-domain", required=True, help="e.g. example.org")
+    init.add_argument("--dir", required=True, help="directory for keys and certificates")
+    init.add_argument("--force", action="store_true", help="replace an existing CA")
+    init.set_defaults(func=_ca_init)
+
+    mint = ca.add_parser("mint", help="issue an SVID offline from the local CA key")
+    mint.add_argument("--dir", required=True, help="the directory made by `ca init`")
+    mint.add_argument("--spiffe-id", required=True, help="spiffe://<td>/ns/<ns>/sa/<sa>")
+    mint.add_argument("--ttl", default="1h", help="lifetime, e.g. 1h (default), 30m, 2d")
+    mint.add_argument("--out", required=True, help="writes svid.pem, svid.key, bundle.pem")
+    mint.set_defaults(func=_ca_mint)
+
+    serve = ca.add_parser("serve", help="serve the Sign RPC, the bundle and metrics")
+    serve.add_argument("--config", required=True, help="ca.yaml")
+    serve.set_defaults(func=_ca_serve)
+
+    demo = commands.add_parser("demo", help="run the mesh on loopback and show what it does")
+    demo.add_argument("--duration", type=float, default=0.0, help="keep serving S seconds")
+    demo.set_defaults(func=_demo)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        args.func(args)
+    except CommandError as exc:
+        print(f"outrider: {exc}", file=sys.stderr)
+        return exc.code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

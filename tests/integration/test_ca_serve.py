@@ -1,0 +1,177 @@
+"""`outrider ca serve` as a real process on loopback, checked with openssl.
+
+Kubernetes tokens come from FakeTokenIssuer, whose JWKS the CA trusts as a
+file: no API server runs here, and offline JWKS verification is exactly what
+the CA does in a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from agent.adapters.ca_client import CaClient, tls_context
+from identity import TrustBundle
+from tests.support import (
+    SERVER_NAME,
+    TRUST_DOMAIN,
+    CaProcess,
+    CaSetup,
+    ca_process,
+    chain_pem,
+    key_pem,
+    make_ca_setup,
+    make_csr,
+)
+
+WORKLOAD = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/web"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> CaSetup:
+    return make_ca_setup(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture(scope="module")
+def ca(setup: CaSetup) -> Iterator[CaProcess]:
+    with ca_process(setup.config) as process:
+        yield process
+
+
+def client(setup: CaSetup, ca: CaProcess, **tls: bytes) -> CaClient:
+    return CaClient("127.0.0.1", ca.grpc_port, tls_context(setup.bundle_pem, **tls), SERVER_NAME)
+
+
+async def test_issued_svid_verifies_with_openssl(setup: CaSetup, ca: CaProcess, tmp_path: Path):
+    token = setup.issuer.token("shop", "web")
+    csr = make_csr(uris=(WORKLOAD,), dns=(), common_name="ignored")
+    async with client(setup, ca) as c:
+        response = await c.sign(csr, token=token)
+
+    assert response.spiffe_id == WORKLOAD
+    assert len(response.cert_chain) == 2
+    leaf, intermediate = (tmp_path / "leaf.pem", tmp_path / "intermediate.pem")
+    leaf.write_bytes(chain_pem(response.cert_chain[:1]))
+    intermediate.write_bytes(chain_pem(response.cert_chain[1:]))
+    root = setup.ca_dir / "root.pem"
+    verify = subprocess.run(
+        ["openssl", "verify", "-x509_strict", "-CAfile", root, "-untrusted", intermediate, leaf],
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 0, verify.stderr
+    assert verify.stdout.strip().endswith(": OK")
+
+    text = subprocess.run(
+        ["openssl", "x509", "-in", leaf, "-noout", "-text"], capture_output=True, text=True
+    ).stdout
+    assert text.count("URI:") == 1
+    assert f"URI:{WORKLOAD}" in text
+    assert "DNS:" not in text and "ignored" not in text
+    assert "CA:FALSE" in text
+    assert "X509v3 Key Usage: critical\n                Digital Signature\n" in text
+    assert "TLS Web Server Authentication, TLS Web Client Authentication" in text
+
+    bundle = TrustBundle.from_der(TRUST_DOMAIN, response.trust_bundle)
+    assert bundle.to_pem() == root.read_bytes()
+    leaf_cert = x509.load_der_x509_certificate(response.cert_chain[0])
+    assert response.not_after == int(leaf_cert.not_valid_after_utc.timestamp())
+    entry = setup.audit()[-1]
+    assert entry["result"] == "issued"
+    assert entry["spiffe_id"] == WORKLOAD
+    assert entry["caller"] == "system:serviceaccount:shop:web"
+    assert entry["serial"] == f"{leaf_cert.serial_number:x}"
+    assert entry["reason"] == "token"
+    assert token.split(".")[2] not in setup.audit_log.read_text(), "the token reached the log"
+
+
+@pytest.mark.parametrize(
+    ("requested", "expected"),
+    [(0, 3600), (7200, 7200), (60, 60), (10 * 86400, 86400)],
+    ids=["default-1h", "requested-2h", "requested-1m", "capped-at-max-ttl"],
+)
+async def test_ttl_default_requested_and_capped(
+    setup: CaSetup, ca: CaProcess, requested: int, expected: int
+):
+    async with client(setup, ca) as c:
+        response = await c.sign(
+            make_csr(), token=setup.issuer.token("shop", "web"), ttl_seconds=requested
+        )
+    leaf = x509.load_der_x509_certificate(response.cert_chain[0])
+    backdate = 60
+    lifetime = (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds()
+    assert lifetime == pytest.approx(expected + backdate, abs=2)
+
+
+async def test_renewal_with_current_svid_keeps_the_identity(setup: CaSetup, ca: CaProcess):
+    key = ec.generate_private_key(ec.SECP256R1())
+    async with client(setup, ca) as c:
+        first = await c.sign(make_csr(key), token=setup.issuer.token("shop", "web"))
+    tls = {"client_chain_pem": chain_pem(first.cert_chain), "client_key_pem": key_pem(key)}
+    async with client(setup, ca, **tls) as c:
+        renewed = await c.sign(make_csr())  # a fresh key, no token: the SVID authenticates
+    assert renewed.spiffe_id == first.spiffe_id == WORKLOAD
+    assert setup.audit()[-1]["reason"] == "svid"
+
+    async with client(setup, ca, **tls) as c:
+        with pytest.raises(GRPCError) as refused:
+            await c.sign(make_csr(uris=(f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/admin",)))
+    assert refused.value.status is Status.PERMISSION_DENIED
+
+
+async def test_http_bundle_health_and_metrics(setup: CaSetup, ca: CaProcess):
+    base = f"http://127.0.0.1:{ca.http_port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/bundle") as r:
+            assert r.status == 200
+            assert await r.read() == setup.bundle_pem
+        async with http.get(f"{base}/bundle?format=spiffe") as r:
+            spiffe = TrustBundle.from_spiffe_json(TRUST_DOMAIN, await r.read())
+        async with http.get(f"{base}/bundle", headers={"Accept": "application/json"}) as r:
+            assert json.loads(await r.read())["keys"][0]["use"] == "x509-svid"
+        async with http.get(f"{base}/healthz") as r:
+            assert r.status == 200
+        async with http.get(f"{base}/metrics") as r:
+            metrics = await r.text()
+    assert spiffe.to_pem() == setup.bundle_pem
+    for name in (
+        "outrider_ca_csr_total",
+        "outrider_ca_sign_duration_seconds",
+        "outrider_ca_issued_ttl_seconds",
+        "outrider_ca_root_expiry_timestamp_seconds",
+        "outrider_ca_intermediate_expiry_timestamp_seconds",
+    ):
+        assert name in metrics
+
+
+async def test_reference_grpc_client_interoperates(setup: CaSetup, ca: CaProcess):
+    """grpcio (the C-core implementation other languages share) speaks to our server."""
+    import grpc
+
+    from identity.proto import ca_pb2
+
+    credentials = grpc.ssl_channel_credentials(root_certificates=setup.bundle_pem)
+    options = [("grpc.ssl_target_name_override", SERVER_NAME)]
+    async with grpc.aio.secure_channel(f"127.0.0.1:{ca.grpc_port}", credentials, options) as ch:
+        sign = ch.unary_unary(
+            "/outrider.ca.v1.CertificateAuthority/Sign",
+            request_serializer=ca_pb2.SignRequest.SerializeToString,
+            response_deserializer=ca_pb2.SignResponse.FromString,
+        )
+        token = setup.issuer.token("shop", "web")
+        response = await sign(
+            ca_pb2.SignRequest(csr=make_csr()), metadata=[("authorization", f"Bearer {token}")]
+        )
+        assert response.spiffe_id == WORKLOAD
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await sign(ca_pb2.SignRequest(csr=make_csr()))
+    assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED

@@ -1,0 +1,147 @@
+"""`outrider ca init` and `outrider ca mint` as a user runs them."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from identity import SpiffeId, check_leaf
+
+CA_FILES = ("root.pem", "root.key", "intermediate.pem", "intermediate.key", "bundle.pem")
+
+
+def outrider(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "outrider", *map(str, args)], capture_output=True, text=True
+    )
+
+
+@pytest.fixture
+def ca_dir(tmp_path: Path) -> Path:
+    result = outrider("ca", "init", "--trust-domain", "example.org", "--dir", tmp_path / "ca")
+    assert result.returncode == 0, result.stderr
+    return tmp_path / "ca"
+
+
+def openssl(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True)
+
+
+def test_init_writes_a_name_constrained_p256_hierarchy(ca_dir: Path):
+    for name in CA_FILES:
+        mode = stat.S_IMODE((ca_dir / name).stat().st_mode)
+        assert mode == (0o600 if name.endswith(".key") else 0o644), name
+    root = openssl("x509", "-in", ca_dir / "root.pem", "-noout", "-text").stdout
+    inter = openssl("x509", "-in", ca_dir / "intermediate.pem", "-noout", "-text").stdout
+    assert "ASN1 OID: prime256v1" in root and "ASN1 OID: prime256v1" in inter
+    assert "CA:TRUE" in root
+    assert "CA:TRUE, pathlen:0" in inter
+    assert "X509v3 Name Constraints: critical" in inter
+    assert "Permitted:\n                  URI:example.org" in inter
+    root_cert = x509.load_pem_x509_certificate((ca_dir / "root.pem").read_bytes())
+    inter_cert = x509.load_pem_x509_certificate((ca_dir / "intermediate.pem").read_bytes())
+    assert (root_cert.not_valid_after_utc - root_cert.not_valid_before_utc).days == 3650
+    assert (inter_cert.not_valid_after_utc - inter_cert.not_valid_before_utc).days == 365
+
+
+def test_init_refuses_to_overwrite_without_force(ca_dir: Path):
+    before = {name: (ca_dir / name).read_bytes() for name in CA_FILES}
+    again = outrider("ca", "init", "--trust-domain", "example.org", "--dir", ca_dir)
+    assert again.returncode == 2
+    assert "--force" in again.stderr
+    assert {name: (ca_dir / name).read_bytes() for name in CA_FILES} == before
+
+    forced = outrider("ca", "init", "--trust-domain", "example.org", "--dir", ca_dir, "--force")
+    assert forced.returncode == 0
+    assert (ca_dir / "root.pem").read_bytes() != before["root.pem"]
+
+
+def test_init_rejects_an_invalid_trust_domain(tmp_path: Path):
+    result = outrider("ca", "init", "--trust-domain", "Example.org", "--dir", tmp_path / "ca")
+    assert result.returncode == 2
+    assert "lowercase" in result.stderr
+    assert not (tmp_path / "ca").exists()
+
+
+def test_mint_writes_a_verifiable_svid(ca_dir: Path, tmp_path: Path):
+    out = tmp_path / "svid"
+    spiffe_id = "spiffe://example.org/ns/shop/sa/web"
+    result = outrider("ca", "mint", "--dir", ca_dir, "--spiffe-id", spiffe_id, "--ttl", "2h")
+    assert result.returncode == 2  # --out is required
+    result = outrider(
+        "ca", "mint", "--dir", ca_dir, "--spiffe-id", spiffe_id, "--ttl", "2h", "--out", out
+    )
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE((out / "svid.key").stat().st_mode) == 0o600
+    chain = x509.load_pem_x509_certificates((out / "svid.pem").read_bytes())
+    assert chain[1] == x509.load_pem_x509_certificate((ca_dir / "intermediate.pem").read_bytes())
+    assert check_leaf(chain[0]) == SpiffeId.parse(spiffe_id)
+    lifetime = chain[0].not_valid_after_utc - chain[0].not_valid_before_utc
+    assert lifetime.total_seconds() == 2 * 3600 + 60  # plus the clock-skew backdate
+    assert (out / "bundle.pem").read_bytes() == (ca_dir / "bundle.pem").read_bytes()
+    (out / "leaf.pem").write_bytes(chain[0].public_bytes(Encoding.PEM))
+    verify = openssl(
+        "verify", "-x509_strict", "-CAfile", out / "bundle.pem",
+        "-untrusted", out / "svid.pem", out / "leaf.pem",
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stderr
+    key = openssl("pkey", "-in", out / "svid.key", "-pubout").stdout
+    cert_key = openssl("x509", "-in", out / "leaf.pem", "-noout", "-pubkey").stdout
+    assert key == cert_key
+
+
+@pytest.mark.parametrize(
+    ("spiffe_id", "message"),
+    [
+        ("spiffe://evil.example/ns/a/sa/b", "not in trust domain"),
+        ("spiffe://example.org/ns/../sa/b", "'..'"),
+        ("https://example.org/ns/a/sa/b", "spiffe"),
+    ],
+)
+def test_mint_refuses_ids_it_must_not_issue(ca_dir: Path, tmp_path: Path, spiffe_id, message):
+    out = tmp_path / "svid"
+    result = outrider("ca", "mint", "--dir", ca_dir, "--spiffe-id", spiffe_id, "--out", out)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not out.exists()
+
+
+def test_serve_with_a_bad_config_lists_every_error(tmp_path: Path):
+    config = tmp_path / "ca.yaml"
+    config.write_text(
+        "trust_domain: Bad_Domain\n"
+        "signer: {kind: vault}\n"
+        "listen: {grpc: nowhere}\n"
+        "issuance: {default_ttl: 2d, max_ttl: soon}\n"
+        "authn: {kubernetes: {jwks_url: 'http://insecure'}}\n"
+        "colour: blue\n"
+    )
+    result = outrider("ca", "serve", "--config", config)
+    assert result.returncode == 2
+    for path in (
+        "trust_domain:",
+        "signer.kind:",
+        "signer.dir:",
+        "listen.grpc:",
+        "issuance.max_ttl:",
+        "authn.kubernetes.issuer:",
+        "authn.kubernetes.jwks_url:",
+        "colour: unknown key",
+    ):
+        assert path in result.stderr, path
+
+
+def test_serve_with_a_missing_ca_directory_says_what_to_do(tmp_path: Path):
+    config = tmp_path / "ca.yaml"
+    config.write_text(
+        "signer: {dir: nowhere}\nauthn: {kubernetes: {issuer: https://k8s, jwks_file: jwks.json}}\n"
+    )
+    result = outrider("ca", "serve", "--config", config)
+    assert result.returncode == 2
+    assert "outrider ca init" in result.stderr

@@ -1,0 +1,168 @@
+"""Helpers shared by the tests: CSRs of every shape, a CA directory, a CA process."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.x509.oid import NameOID
+
+from ca.authn.fake_issuer import FakeTokenIssuer
+from ca.signers.local import init_ca
+from identity import TrustDomain
+
+TRUST_DOMAIN = TrustDomain("example.org")
+SERVER_NAME = "localhost"
+_READY = re.compile(r"gRPC \(TLS\) on [^ ]+:(\d+), HTTP on [^ ]+:(\d+)")
+
+
+def make_csr(
+    key: CertificateIssuerPrivateKeyTypes | None = None,
+    *,
+    uris: tuple[str, ...] = (),
+    dns: tuple[str, ...] = (),
+    ips: tuple[str, ...] = (),
+    emails: tuple[str, ...] = (),
+    ca: bool = False,
+    common_name: str = "ignored by the CA",
+) -> bytes:
+    """A DER CSR; every name in it is what a hostile or confused caller might ask for."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    )
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
+    names += [x509.DNSName(d) for d in dns]
+    names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    names += [x509.RFC822Name(e) for e in emails]
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    if ca:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+    digest = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(key, digest).public_bytes(serialization.Encoding.DER)
+
+
+def weak_rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=1024)
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def chain_pem(ders: list[bytes] | tuple[bytes, ...]) -> bytes:
+    return b"".join(
+        x509.load_der_x509_certificate(d).public_bytes(serialization.Encoding.PEM) for d in ders
+    )
+
+
+@dataclass
+class CaSetup:
+    """A CA directory, a fake token issuer it trusts, and a ca.yaml for both."""
+
+    root: Path
+    issuer: FakeTokenIssuer
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "ca.yaml"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.root / "audit.log"
+
+    @property
+    def bundle_pem(self) -> bytes:
+        return (self.ca_dir / "bundle.pem").read_bytes()
+
+    def audit(self) -> list[dict[str, object]]:
+        if not self.audit_log.exists():
+            return []
+        return [json.loads(line) for line in self.audit_log.read_text().splitlines()]
+
+    def issued_count(self) -> int:
+        return sum(1 for entry in self.audit() if entry["result"] == "issued")
+
+
+def make_ca_setup(root: Path, **overrides: object) -> CaSetup:
+    setup = CaSetup(root, FakeTokenIssuer())
+    init_ca(setup.ca_dir, TRUST_DOMAIN, datetime.now(UTC), force=False)
+    (root / "jwks.json").write_text(json.dumps(setup.issuer.jwks()))
+    config: dict[str, object] = {
+        "trust_domain": str(TRUST_DOMAIN),
+        "signer": {"kind": "local", "dir": "ca"},
+        "listen": {"grpc": "127.0.0.1:0", "http": "127.0.0.1:0"},
+        "serving_cert": {"names": [SERVER_NAME, "127.0.0.1"]},
+        "authn": {"kubernetes": {"issuer": setup.issuer.issuer, "jwks_file": "jwks.json"}},
+        "audit_log": "audit.log",
+    }
+    config.update(overrides)
+    setup.config.write_text(yaml.safe_dump(config))
+    return setup
+
+
+@dataclass
+class CaProcess:
+    grpc_port: int
+    http_port: int
+    process: subprocess.Popen[str]
+    stderr: list[str]
+
+
+@contextmanager
+def ca_process(config: Path, timeout: float = 20.0) -> Iterator[CaProcess]:
+    """`outrider ca serve` as a real process; stopped with SIGTERM, which must exit 0."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "outrider", "ca", "serve", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stderr is not None
+    deadline = time.monotonic() + timeout
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if match := _READY.search(line):
+            break
+        if time.monotonic() > deadline:
+            break
+    else:
+        match = None
+    if match is None:
+        process.kill()
+        raise AssertionError("CA did not start:\n" + "".join(seen))
+    # Keep draining stderr so a chatty CA never blocks on a full pipe.
+    drain = threading.Thread(target=seen.extend, args=(process.stderr,), daemon=True)
+    drain.start()
+    try:
+        yield CaProcess(int(match[1]), int(match[2]), process, seen)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=10)
+        assert code == 0, f"CA exited {code} on SIGTERM"
