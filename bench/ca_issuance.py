@@ -55,6 +55,13 @@ class Round:
     grpc_p50_ms: float
     grpc_p99_ms: float
     grpc_errors: int
+    ca_cpu_ms_per_cert: float
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _timed_loop(step, seconds: float, limit: int) -> float:
@@ -156,7 +163,7 @@ async def grpc_rate(setup, port: int, clients: int, seconds: float, per_client: 
     elapsed = time.perf_counter() - start
     latencies.sort()
     p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
-    return len(latencies) / elapsed, p(0.5), p(0.99), errors
+    return len(latencies) / elapsed, p(0.5), p(0.99), errors, len(latencies)
 
 
 def summary(values: list[float]) -> str:
@@ -181,10 +188,12 @@ def main() -> None:
             for number in range(1, rounds + 1):
                 raw = raw_signing_rate(signer, seconds)
                 issue = issue_rate(signer, seconds)
-                rate, p50, p99, errors = asyncio.run(
+                cpu_before = cpu_seconds(ca.process.pid)
+                rate, p50, p99, errors, count = asyncio.run(
                     grpc_rate(setup, ca.grpc_port, args.clients, seconds, per_client)
                 )
-                rounds_done.append(Round(raw, issue, rate, p50, p99, errors))
+                cpu_ms = (cpu_seconds(ca.process.pid) - cpu_before) * 1000 / max(count, 1)
+                rounds_done.append(Round(raw, issue, rate, p50, p99, errors, cpu_ms))
                 print(
                     f"round {number}/{rounds}: raw {raw:.0f}/s, issue {issue:.0f}/s, "
                     f"grpc {rate:.0f}/s p50 {p50:.1f} ms p99 {p99:.1f} ms, errors {errors}",
@@ -205,6 +214,7 @@ def main() -> None:
     )
     print(f"  gRPC latency p50                    {summary(col('grpc_p50_ms'))} ms")
     print(f"  gRPC latency p99                    {summary(col('grpc_p99_ms'))} ms")
+    print(f"  CA process CPU per issued SVID      {summary(col('ca_cpu_ms_per_cert'))} ms")
     print(f"  gRPC errors                         {sum(col('grpc_errors'))}")
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
