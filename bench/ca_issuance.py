@@ -41,7 +41,7 @@ from ca.issuer import Issuer
 from ca.signers.local import LocalSigner
 from identity import SpiffeId
 from identity.proto import ca_pb2
-from tests.support import SERVER_NAME, TRUST_DOMAIN, ca_process, make_ca_setup
+from tests.support import TRUST_DOMAIN, ca_process, grpcio_channel, grpcio_sign, make_ca_setup
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKLOAD = SpiffeId.for_workload(TRUST_DOMAIN, "bench", "client")
@@ -128,14 +128,8 @@ async def grpc_rate(setup, port: int, clients: int, seconds: float, per_client: 
 
     async def client(jobs) -> None:
         nonlocal errors
-        credentials = grpc.ssl_channel_credentials(root_certificates=bundle)
-        options = [("grpc.ssl_target_name_override", SERVER_NAME)]
-        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials, options) as channel:
-            sign = channel.unary_unary(
-                "/outrider.ca.v1.CertificateAuthority/Sign",
-                request_serializer=ca_pb2.SignRequest.SerializeToString,
-                response_deserializer=ca_pb2.SignResponse.FromString,
-            )
+        async with grpcio_channel(bundle, port) as channel:
+            sign = grpcio_sign(channel)
             await channel.channel_ready()
             await ready.wait()
             for token, csr in jobs:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -24,9 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
+from agent.adapters.ca_client import CaClient, tls_context
 from ca.authn.fake_issuer import FakeTokenIssuer
 from ca.signers.local import init_ca
 from identity import TrustDomain
+from identity.proto import ca_pb2
 
 TRUST_DOMAIN = TrustDomain("example.org")
 SERVER_NAME = "localhost"
@@ -131,6 +134,27 @@ class CaProcess:
     http_port: int
     process: subprocess.Popen[str]
     stderr: list[str]
+
+
+def ca_client(setup: CaSetup, ca: CaProcess, **tls: bytes) -> CaClient:
+    """Our client (grpclib); `tls` may carry the current SVID for renewal."""
+    context = tls_context(setup.bundle_pem, **tls)
+    return CaClient("127.0.0.1", ca.grpc_port, context, SERVER_NAME)
+
+
+def grpcio_sign(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallable:
+    """The Sign RPC through grpcio, the reference client other languages share."""
+    return channel.unary_unary(
+        "/outrider.ca.v1.CertificateAuthority/Sign",
+        request_serializer=ca_pb2.SignRequest.SerializeToString,
+        response_deserializer=ca_pb2.SignResponse.FromString,
+    )
+
+
+def grpcio_channel(bundle_pem: bytes, port: int) -> grpc.aio.Channel:
+    credentials = grpc.ssl_channel_credentials(root_certificates=bundle_pem)
+    options = [("grpc.ssl_target_name_override", SERVER_NAME)]
+    return grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials, options)
 
 
 @contextmanager

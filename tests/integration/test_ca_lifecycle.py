@@ -12,10 +12,9 @@ from cryptography import x509
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from agent.adapters.ca_client import CaClient, tls_context
 from ca import config as ca_config
 from ca.app import Bound, serve
-from tests.support import SERVER_NAME, ca_process, make_ca_setup, make_csr
+from tests.support import SERVER_NAME, ca_client, ca_process, make_ca_setup, make_csr
 
 
 def closed_port() -> int:
@@ -31,9 +30,7 @@ async def test_unreachable_jwks_fails_closed(tmp_path: Path):
         tmp_path, authn={"kubernetes": {"issuer": "https://k8s", "jwks_url": url}}
     )
     with ca_process(setup.config) as ca:
-        async with CaClient(
-            "127.0.0.1", ca.grpc_port, tls_context(setup.bundle_pem), SERVER_NAME
-        ) as client:
+        async with ca_client(setup, ca) as client:
             for _ in range(2):  # the second call must not be served from a cache either
                 with pytest.raises(GRPCError) as refused:
                     await client.sign(make_csr(), token=setup.issuer.token("shop", "web"))

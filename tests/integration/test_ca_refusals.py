@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -20,18 +20,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from agent.adapters.ca_client import CaClient, tls_context
 from ca.authn.fake_issuer import FakeTokenIssuer
 from ca.core.issuance import IssuancePolicy
 from ca.issuer import Issuer
 from ca.signers.local import LocalSigner
 from identity import SpiffeId
 from tests.support import (
-    SERVER_NAME,
     TRUST_DOMAIN,
     CaProcess,
     CaSetup,
-    ca_process,
+    ca_client,
     chain_pem,
     key_pem,
     make_ca_setup,
@@ -42,24 +40,11 @@ from tests.support import (
 WORKLOAD = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/web"
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> CaSetup:
-    return make_ca_setup(tmp_path_factory.mktemp("ca"))
-
-
-@pytest.fixture(scope="module")
-def ca(setup: CaSetup) -> Iterator[CaProcess]:
-    with ca_process(setup.config) as process:
-        yield process
-
-
 async def refused(
     setup: CaSetup, ca: CaProcess, csr: bytes, *, token: str | None, **tls: bytes
 ) -> GRPCError:
     issued_before = setup.issued_count()
-    async with CaClient(
-        "127.0.0.1", ca.grpc_port, tls_context(setup.bundle_pem, **tls), SERVER_NAME
-    ) as c:
+    async with ca_client(setup, ca, **tls) as c:
         with pytest.raises(GRPCError) as error:
             await c.sign(csr, token=token)
     assert setup.issued_count() == issued_before, "a refused request was issued"
@@ -158,7 +143,7 @@ async def test_csr_refusals(setup: CaSetup, ca: CaProcess, case: str):
 
 
 async def test_negative_ttl_refused(setup: CaSetup, ca: CaProcess):
-    async with CaClient("127.0.0.1", ca.grpc_port, tls_context(setup.bundle_pem), SERVER_NAME) as c:
+    async with ca_client(setup, ca) as c:
         with pytest.raises(GRPCError) as error:
             await c.sign(make_csr(), token=setup.issuer.token("shop", "web"), ttl_seconds=-5)
     assert error.value.status is Status.INVALID_ARGUMENT
@@ -212,13 +197,9 @@ async def test_client_certificate_from_another_trust_root_fails_handshake(
     issued = await Issuer(signer, IssuancePolicy(), lambda: datetime.now(UTC)).issue(
         SpiffeId.parse(WORKLOAD), key.public_key()
     )
-    tls = tls_context(
-        setup.bundle_pem,
-        chain_pem([c.public_bytes(Encoding.DER) for c in issued.chain]),
-        key_pem(key),
-    )
+    chain = chain_pem([c.public_bytes(Encoding.DER) for c in issued.chain])
     issued_before = setup.issued_count()
-    async with CaClient("127.0.0.1", ca.grpc_port, tls, SERVER_NAME) as c:
+    async with ca_client(setup, ca, client_chain_pem=chain, client_key_pem=key_pem(key)) as c:
         with pytest.raises((OSError, StreamTerminatedError)):
             await c.sign(make_csr(), deadline=5)
     assert setup.issued_count() == issued_before

@@ -9,52 +9,37 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from agent.adapters.ca_client import CaClient, tls_context
 from identity import TrustBundle
+from identity.proto import ca_pb2
 from tests.support import (
-    SERVER_NAME,
     TRUST_DOMAIN,
     CaProcess,
     CaSetup,
-    ca_process,
+    ca_client,
     chain_pem,
+    grpcio_channel,
+    grpcio_sign,
     key_pem,
-    make_ca_setup,
     make_csr,
 )
 
 WORKLOAD = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/web"
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> CaSetup:
-    return make_ca_setup(tmp_path_factory.mktemp("ca"))
-
-
-@pytest.fixture(scope="module")
-def ca(setup: CaSetup) -> Iterator[CaProcess]:
-    with ca_process(setup.config) as process:
-        yield process
-
-
-def client(setup: CaSetup, ca: CaProcess, **tls: bytes) -> CaClient:
-    return CaClient("127.0.0.1", ca.grpc_port, tls_context(setup.bundle_pem, **tls), SERVER_NAME)
-
-
 async def test_issued_svid_verifies_with_openssl(setup: CaSetup, ca: CaProcess, tmp_path: Path):
     token = setup.issuer.token("shop", "web")
     csr = make_csr(uris=(WORKLOAD,), dns=(), common_name="ignored")
-    async with client(setup, ca) as c:
+    async with ca_client(setup, ca) as c:
         response = await c.sign(csr, token=token)
 
     assert response.spiffe_id == WORKLOAD
@@ -102,7 +87,7 @@ async def test_issued_svid_verifies_with_openssl(setup: CaSetup, ca: CaProcess, 
 async def test_ttl_default_requested_and_capped(
     setup: CaSetup, ca: CaProcess, requested: int, expected: int
 ):
-    async with client(setup, ca) as c:
+    async with ca_client(setup, ca) as c:
         response = await c.sign(
             make_csr(), token=setup.issuer.token("shop", "web"), ttl_seconds=requested
         )
@@ -114,15 +99,15 @@ async def test_ttl_default_requested_and_capped(
 
 async def test_renewal_with_current_svid_keeps_the_identity(setup: CaSetup, ca: CaProcess):
     key = ec.generate_private_key(ec.SECP256R1())
-    async with client(setup, ca) as c:
+    async with ca_client(setup, ca) as c:
         first = await c.sign(make_csr(key), token=setup.issuer.token("shop", "web"))
     tls = {"client_chain_pem": chain_pem(first.cert_chain), "client_key_pem": key_pem(key)}
-    async with client(setup, ca, **tls) as c:
+    async with ca_client(setup, ca, **tls) as c:
         renewed = await c.sign(make_csr())  # a fresh key, no token: the SVID authenticates
     assert renewed.spiffe_id == first.spiffe_id == WORKLOAD
     assert setup.audit()[-1]["reason"] == "svid"
 
-    async with client(setup, ca, **tls) as c:
+    async with ca_client(setup, ca, **tls) as c:
         with pytest.raises(GRPCError) as refused:
             await c.sign(make_csr(uris=(f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/admin",)))
     assert refused.value.status is Status.PERMISSION_DENIED
@@ -155,18 +140,8 @@ async def test_http_bundle_health_and_metrics(setup: CaSetup, ca: CaProcess):
 
 async def test_reference_grpc_client_interoperates(setup: CaSetup, ca: CaProcess):
     """grpcio (the C-core implementation other languages share) speaks to our server."""
-    import grpc
-
-    from identity.proto import ca_pb2
-
-    credentials = grpc.ssl_channel_credentials(root_certificates=setup.bundle_pem)
-    options = [("grpc.ssl_target_name_override", SERVER_NAME)]
-    async with grpc.aio.secure_channel(f"127.0.0.1:{ca.grpc_port}", credentials, options) as ch:
-        sign = ch.unary_unary(
-            "/outrider.ca.v1.CertificateAuthority/Sign",
-            request_serializer=ca_pb2.SignRequest.SerializeToString,
-            response_deserializer=ca_pb2.SignResponse.FromString,
-        )
+    async with grpcio_channel(setup.bundle_pem, ca.grpc_port) as channel:
+        sign = grpcio_sign(channel)
         token = setup.issuer.token("shop", "web")
         response = await sign(
             ca_pb2.SignRequest(csr=make_csr()), metadata=[("authorization", f"Bearer {token}")]
