@@ -84,9 +84,9 @@ class CertificateAuthorityService(CertificateAuthorityBase):
             refusal = refusal_for(exc)
             if refusal is None:
                 raise
-            self._refused(refusal, caller)
+            self._refused(refusal, caller, _peer_address(stream))
             raise GRPCError(refusal.status, str(refusal)) from None
-        self._issued(issued, caller)
+        self._issued(issued, caller, _peer_address(stream))
         await stream.send_message(_response(issued))
 
     def _ttl(self, request: ca_pb2.SignRequest) -> timedelta | None:
@@ -97,7 +97,7 @@ class CertificateAuthorityService(CertificateAuthorityBase):
         cap = self._issuer.policy.max_ttl.total_seconds()
         return timedelta(seconds=min(request.ttl_seconds, cap))
 
-    def _refused(self, refusal: Refusal, caller: Caller | None) -> None:
+    def _refused(self, refusal: Refusal, caller: Caller | None, peer: str | None) -> None:
         self._metrics.csr.labels("refused", refusal.reason).inc()
         if refusal.status is Status.UNAUTHENTICATED:
             self._metrics.authn_failures.labels(refusal.reason).inc()
@@ -105,19 +105,21 @@ class CertificateAuthorityService(CertificateAuthorityBase):
             result="refused",
             reason=str(refusal),
             caller=caller.subject if caller else None,
+            peer=peer,
             pod=caller.pod if caller else None,
             spiffe_id=str(caller.spiffe_id) if caller else None,
         )
 
-    def _issued(self, issued: IssuedSvid, caller: Caller) -> None:
+    def _issued(self, issued: IssuedSvid, caller: Caller, peer: str | None) -> None:
         leaf = issued.leaf
-        lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+        backdated = leaf.not_valid_before_utc + self._issuer.policy.backdate
         self._metrics.csr.labels("issued", caller.credential).inc()
-        self._metrics.issued_ttl.observe(lifetime.total_seconds())
+        self._metrics.issued_ttl.observe((leaf.not_valid_after_utc - backdated).total_seconds())
         self._audit.record(
             result="issued",
             reason=caller.credential,
             caller=caller.subject,
+            peer=peer,
             pod=caller.pod,
             spiffe_id=str(caller.spiffe_id),
             serial=leaf.serial_number,
@@ -139,6 +141,11 @@ def _authorization(stream: Stream[ca_pb2.SignRequest, ca_pb2.SignResponse]) -> s
     if len(values) > 1:
         raise AuthnError("malformed", "send one authorization value, not several")
     return str(values[0]) if values else None
+
+
+def _peer_address(stream: Stream[ca_pb2.SignRequest, ca_pb2.SignResponse]) -> str | None:
+    address = stream.peer.addr()
+    return None if address is None else f"{address[0]}:{address[1]}"
 
 
 def _peer_certificate(stream: Stream[ca_pb2.SignRequest, ca_pb2.SignResponse]) -> bytes | None:

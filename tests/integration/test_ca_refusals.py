@@ -48,7 +48,9 @@ async def refused(
         with pytest.raises(GRPCError) as error:
             await c.sign(csr, token=token)
     assert setup.issued_count() == issued_before, "a refused request was issued"
-    assert setup.audit()[-1]["result"] == "refused"
+    entry = setup.audit()[-1]
+    assert entry["result"] == "refused"
+    assert str(entry["peer"]).startswith("127.0.0.1:")
     return error.value
 
 
