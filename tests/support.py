@@ -32,6 +32,7 @@ from identity import TrustDomain
 from identity.proto import ca_pb2
 
 TRUST_DOMAIN = TrustDomain("example.org")
+WORKLOAD = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/web"  # the identity of token("shop", "web")
 SERVER_NAME = "localhost"
 _READY = re.compile(r"gRPC \(TLS\) on [^ ]+:(\d+), HTTP on [^ ]+:(\d+)")
 

@@ -27,6 +27,7 @@ from ca.signers.local import LocalSigner
 from identity import SpiffeId
 from tests.support import (
     TRUST_DOMAIN,
+    WORKLOAD,
     CaProcess,
     CaSetup,
     ca_client,
@@ -36,8 +37,6 @@ from tests.support import (
     make_csr,
     weak_rsa_key,
 )
-
-WORKLOAD = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/web"
 
 
 async def refused(

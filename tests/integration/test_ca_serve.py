@@ -23,6 +23,7 @@ from identity import TrustBundle
 from identity.proto import ca_pb2
 from tests.support import (
     TRUST_DOMAIN,
+    WORKLOAD,
     CaProcess,
     CaSetup,
     ca_client,
@@ -32,8 +33,6 @@ from tests.support import (
     key_pem,
     make_csr,
 )
-
-WORKLOAD = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/web"
 
 
 async def test_issued_svid_verifies_with_openssl(setup: CaSetup, ca: CaProcess, tmp_path: Path):
