@@ -24,12 +24,13 @@ from ca.audit import AuditLog
 from ca.authn.callers import Authenticator
 from ca.authn.jwks import FileJwks, HttpsJwks, JwksSource
 from ca.authn.kubernetes import TokenPolicy, TokenVerifier
-from ca.config import CaConfig, Listen
+from ca.config import CaConfig
 from ca.issuer import Clock, Issuer
 from ca.metrics import CaMetrics
 from ca.signers.base import Signer
 from ca.signers.local import CaDirectoryError, LocalSigner
 from identity import refresh_at
+from identity.configfile import Listen
 
 log = logging.getLogger("outrider.ca")
 

@@ -19,38 +19,15 @@ Example (every key but signer.dir and authn.kubernetes has a default):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ca.core.issuance import IssuancePolicy
 from identity import InvalidSpiffeId, TrustDomain
-
-_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-class ConfigError(Exception):
-    """One or more config errors, each `key.path: problem`."""
-
-    def __init__(self, source: str, errors: list[str]) -> None:
-        super().__init__(f"{source}: " + "; ".join(errors))
-        self.source = source
-        self.errors = errors
-
-
-@dataclass(frozen=True)
-class Listen:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+from identity.configfile import ConfigError, ConfigReader, Listen, read_yaml
 
 
 @dataclass(frozen=True)
@@ -77,21 +54,9 @@ class CaConfig:
     audit_log: str = "-"
 
 
-def parse_duration(value: object) -> timedelta:
-    """'90s', '5m', '1h', '2d', '250ms' -> timedelta."""
-    match = _DURATION.match(str(value).strip()) if isinstance(value, str | int) else None
-    if match is None:
-        raise ValueError(f"{value!r} is not a duration like 90s, 5m, 1h or 2d")
-    return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
-
-
 def load(path: Path) -> CaConfig:
     """Read and validate `path`; raise ConfigError listing every problem."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(str(path), [f"cannot read: {exc}"]) from None
-    return parse(raw if raw is not None else {}, base=path.parent, source=str(path))
+    return parse(read_yaml(path), base=path.parent, source=str(path))
 
 
 def parse(raw: object, *, base: Path, source: str = "config") -> CaConfig:
@@ -102,68 +67,7 @@ def parse(raw: object, *, base: Path, source: str = "config") -> CaConfig:
     return config
 
 
-class _Reader:
-    """Collects errors instead of stopping at the first one."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.errors: list[str] = []
-
-    def fail(self, key: str, problem: str) -> None:
-        self.errors.append(f"{key}: {problem}")
-
-    def section(self, raw: Mapping[str, Any], key: str, known: set[str]) -> dict[str, Any]:
-        value = raw.get(key.rsplit(".", 1)[-1], {})
-        if not isinstance(value, Mapping):
-            self.fail(key, "must be a mapping")
-            return {}
-        for unknown in sorted(set(value) - known):
-            self.fail(f"{key}.{unknown}", "unknown key")
-        return dict(value)
-
-    def duration(
-        self,
-        raw: Mapping[str, Any],
-        key: str,
-        path: str,
-        default: timedelta,
-        *,
-        zero_ok: bool = False,
-    ) -> timedelta:
-        if key not in raw:
-            return default
-        try:
-            value = parse_duration(raw[key])
-        except ValueError as exc:
-            self.fail(path, str(exc))
-            return default
-        if value == timedelta(0) and not zero_ok:
-            self.fail(path, "must be positive")
-        return value
-
-    def string(
-        self, raw: Mapping[str, Any], key: str, path: str, default: str | None
-    ) -> str | None:
-        value = raw.get(key, default)
-        if value is not None and (not isinstance(value, str) or not value):
-            self.fail(path, "must be a non-empty string")
-            return default
-        return value
-
-    def file(self, raw: Mapping[str, Any], key: str, path: str) -> Path | None:
-        value = self.string(raw, key, path, None)
-        return None if value is None else self.base / value
-
-    def listen(self, raw: Mapping[str, Any], key: str, default: Listen) -> Listen:
-        value = raw.get(key)
-        if value is None:
-            return default
-        host, _, port = str(value).rpartition(":")
-        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            self.fail(f"listen.{key}", f"{value!r} is not host:port")
-            return default
-        return Listen(host.strip("[]"), int(port))
-
+class _Reader(ConfigReader):
     def config(self, raw: object) -> CaConfig | None:
         if not isinstance(raw, Mapping):
             self.fail("(top)", "the config must be a YAML mapping")
@@ -179,8 +83,8 @@ class _Reader:
         if signer_dir is None:
             self.fail("signer.dir", "required: the directory made by `outrider ca init`")
         listen = self.section(raw, "listen", {"grpc", "http"})
-        grpc = self.listen(listen, "grpc", CaConfig.grpc)
-        http = self.listen(listen, "http", CaConfig.http)
+        grpc = self.listen(listen, "grpc", "listen.grpc", CaConfig.grpc)
+        http = self.listen(listen, "http", "listen.http", CaConfig.http)
         serving = self.section(raw, "serving_cert", {"names", "ttl"})
         names = self.names(serving)
         serving_ttl = self.duration(serving, "ttl", "serving_cert.ttl", CaConfig.serving_ttl)

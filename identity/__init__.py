@@ -1,8 +1,10 @@
 """SPIFFE identity: IDs, X.509-SVID checks, trust bundles and rotation timing.
 
-Pure code only: no sockets, no event loop, no file I/O. Everything here is a
-value or a function over values, so the CA, the agent and the injector can
-share it and tests can drive it with plain data.
+Values and pure functions over them, so the CA, the agent and the injector
+can share them and tests can drive them with plain data. The exceptions are
+three small I/O helpers both sides need and may not import from each other:
+`files` (atomic writes), `tlsfiles` (in-memory keys into ssl) and
+`configfile` (YAML config reading).
 """
 
 from __future__ import annotations

@@ -16,10 +16,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ca import app as ca_app
 from ca import config as ca_config
 from ca.core.issuance import IssuancePolicy
-from ca.files import PRIVATE, write_atomic
 from ca.issuer import Issuer
 from ca.signers.local import CaDirectoryError, LocalSigner, init_ca
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
+from identity.configfile import ConfigError, parse_duration
+from identity.files import PRIVATE, write_atomic
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 
@@ -48,7 +49,7 @@ def _ca_init(args: argparse.Namespace) -> None:
 def _ca_mint(args: argparse.Namespace) -> None:
     try:
         spiffe_id = SpiffeId.parse(args.spiffe_id)
-        ttl = ca_config.parse_duration(args.ttl)
+        ttl = parse_duration(args.ttl)
         signer = LocalSigner.load(Path(args.dir))
     except (InvalidSpiffeId, ValueError, CaDirectoryError) as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
@@ -73,7 +74,7 @@ def _ca_mint(args: argparse.Namespace) -> None:
 def _ca_serve(args: argparse.Namespace) -> None:
     try:
         config = ca_config.load(Path(args.config))
-    except ca_config.ConfigError as exc:
+    except ConfigError as exc:
         lines = "\n".join(f"  {error}" for error in exc.errors)
         raise CommandError(f"invalid config {exc.source}:\n{lines}", EXIT_USAGE) from None
     try:

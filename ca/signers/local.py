@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 
 from ca.core import template
 from ca.core.template import LeafRequest
-from ca.files import PRIVATE, write_atomic
 from identity import SpiffeId, TrustBundle, TrustDomain, spiffe_id_of
+from identity.files import PRIVATE, write_atomic
 
 ROOT_CERT, ROOT_KEY = "root.pem", "root.key"
 INTERMEDIATE_CERT, INTERMEDIATE_KEY = "intermediate.pem", "intermediate.key"

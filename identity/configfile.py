@@ -1,0 +1,157 @@
+"""What every Outrider config file shares: YAML in, every error at once, out.
+
+Each component (ca.yaml, agent.yaml, ...) turns raw YAML into frozen
+dataclasses in one function. `ConfigReader` collects the problems as it goes,
+each with its key path (`upstreams[2].endpoints: ...`), so a user fixes the
+whole file in one pass instead of one error per restart.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "ConfigReader", "Listen", "parse_duration", "read_yaml"]
+
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ConfigError(Exception):
+    """One or more config errors, each `key.path: problem`."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        super().__init__(f"{source}: " + "; ".join(errors))
+        self.source = source
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class Listen:
+    """A host and port; port 0 asks the kernel for a free one."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, value: object) -> Listen:
+        host, _, port = str(value).rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not host:port")
+        return cls(host.strip("[]"), int(port))
+
+
+def parse_duration(value: object) -> timedelta:
+    """'90s', '5m', '1h', '2d', '250ms' -> timedelta."""
+    match = _DURATION.match(str(value).strip()) if isinstance(value, str | int) else None
+    if match is None:
+        raise ValueError(f"{value!r} is not a duration like 90s, 5m, 1h or 2d")
+    return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+
+
+def read_yaml(path: Path) -> object:
+    """The parsed document (an empty file is an empty mapping); ConfigError if unreadable."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc}"]) from None
+    return raw if raw is not None else {}
+
+
+class ConfigReader:
+    """Reads typed values out of raw mappings, collecting errors instead of stopping.
+
+    `base` is the directory relative file paths are resolved against (the
+    config file's own directory).
+    """
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.errors: list[str] = []
+
+    def fail(self, key: str, problem: str) -> None:
+        self.errors.append(f"{key}: {problem}")
+
+    def check(self, source: str) -> None:
+        if self.errors:
+            raise ConfigError(source, self.errors)
+
+    def section(self, raw: Mapping[str, Any], key: str, known: set[str]) -> dict[str, Any]:
+        """The mapping under the last part of `key` (empty if absent); unknown keys are errors."""
+        value = raw.get(key.rsplit(".", 1)[-1], {})
+        return self.mapping(value, key, known)
+
+    def mapping(self, value: object, key: str, known: set[str]) -> dict[str, Any]:
+        if not isinstance(value, Mapping):
+            self.fail(key, "must be a mapping")
+            return {}
+        for unknown in sorted(set(value) - known):
+            self.fail(f"{key}.{unknown}", "unknown key")
+        return dict(value)
+
+    def duration(
+        self,
+        raw: Mapping[str, Any],
+        key: str,
+        path: str,
+        default: timedelta,
+        *,
+        zero_ok: bool = False,
+    ) -> timedelta:
+        if key not in raw:
+            return default
+        try:
+            value = parse_duration(raw[key])
+        except ValueError as exc:
+            self.fail(path, str(exc))
+            return default
+        if value == timedelta(0) and not zero_ok:
+            self.fail(path, "must be positive")
+        return value
+
+    def string(
+        self, raw: Mapping[str, Any], key: str, path: str, default: str | None
+    ) -> str | None:
+        value = raw.get(key, default)
+        if value is not None and (not isinstance(value, str) or not value):
+            self.fail(path, "must be a non-empty string")
+            return default
+        return value
+
+    def integer(
+        self, raw: Mapping[str, Any], key: str, path: str, default: int, *, minimum: int = 1
+    ) -> int:
+        value = raw.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            self.fail(path, f"must be an integer >= {minimum}")
+            return default
+        return value
+
+    def file(self, raw: Mapping[str, Any], key: str, path: str) -> Path | None:
+        value = self.string(raw, key, path, None)
+        return None if value is None else self.base / value
+
+    def listen(self, raw: Mapping[str, Any], key: str, path: str, default: Listen) -> Listen:
+        if raw.get(key) is None:
+            return default
+        try:
+            return Listen.parse(raw[key])
+        except ValueError as exc:
+            self.fail(path, str(exc))
+            return default
+
+    def items(self, raw: Mapping[str, Any], key: str, path: str) -> list[Any]:
+        value = raw.get(key, [])
+        if not isinstance(value, list):
+            self.fail(path, "must be a list")
+            return []
+        return value
