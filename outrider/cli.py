@@ -33,6 +33,11 @@ class CommandError(Exception):
         self.code = code
 
 
+def _invalid(exc: ConfigError) -> CommandError:
+    lines = "\n".join(f"  {error}" for error in exc.errors)
+    return CommandError(f"invalid config {exc.source}:\n{lines}", EXIT_USAGE)
+
+
 def _ca_init(args: argparse.Namespace) -> None:
     try:
         trust_domain = TrustDomain.parse(args.trust_domain)
@@ -75,12 +80,23 @@ def _ca_serve(args: argparse.Namespace) -> None:
     try:
         config = ca_config.load(Path(args.config))
     except ConfigError as exc:
-        lines = "\n".join(f"  {error}" for error in exc.errors)
-        raise CommandError(f"invalid config {exc.source}:\n{lines}", EXIT_USAGE) from None
+        raise _invalid(exc) from None
     try:
         ca_app.run(config)
     except ca_app.StartupError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
+
+
+def _agent_run(args: argparse.Namespace) -> None:
+    from agent import app as agent_app
+    from agent import config as agent_config
+
+    path = Path(args.config)
+    try:
+        config = agent_config.load(path)
+    except ConfigError as exc:
+        raise _invalid(exc) from None
+    agent_app.run(path, config)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -113,6 +129,13 @@ def parser() -> argparse.ArgumentParser:
     serve = ca.add_parser("serve", help="serve the Sign RPC, the bundle and metrics")
     serve.add_argument("--config", required=True, help="ca.yaml")
     serve.set_defaults(func=_ca_serve)
+
+    agent = commands.add_parser("agent", help="the sidecar").add_subparsers(
+        dest="agent_command", required=True
+    )
+    agent_run = agent.add_parser("run", help="get an SVID, serve mTLS, keep it fresh")
+    agent_run.add_argument("--config", required=True, help="agent.yaml")
+    agent_run.set_defaults(func=_agent_run)
 
     demo = commands.add_parser("demo", help="run the mesh on loopback and show what it does")
     demo.add_argument("--duration", type=float, default=0.0, help="keep serving S seconds")

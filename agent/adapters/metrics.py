@@ -1,0 +1,85 @@
+"""The agent's Prometheus metrics (names from DESIGN.md), on a registry of its own.
+
+Label values are bounded: directions, results, reasons from fixed lists,
+TLS versions and ciphers from OpenSSL, and peer SPIFFE IDs, which only the CA
+can mint. Children with fixed labels are bound once here, off the hot path.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+
+# The *_created series double every counter and tell an auditor nothing.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+_HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0)
+
+
+class AgentMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.handshakes = Counter(
+            "outrider_tls_handshakes",
+            "TLS handshakes and the peer checks after them, by result and reason",
+            ["direction", "result", "reason", "tls_version", "cipher"],
+            registry=r,
+        )
+        self.handshake_duration = Histogram(
+            "outrider_tls_handshake_duration_seconds",
+            "Time from TCP accept or connect to a verified peer",
+            ["direction"],
+            buckets=_HANDSHAKE_BUCKETS,
+            registry=r,
+        )
+        self.connections_active = Gauge(
+            "outrider_connections_active", "Open relayed connections", ["direction"], registry=r
+        )
+        self.connections = Counter(
+            "outrider_connections",
+            "Connections accepted, by direction and whether the mesh side was mTLS",
+            ["direction", "mtls"],
+            registry=r,
+        )
+        self.peer_connections = Counter(
+            "outrider_peer_connections",
+            "Authenticated mTLS connections by peer SPIFFE ID and TLS version",
+            ["direction", "peer_id", "tls_version"],
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "outrider_connections_refused",
+            "Connections closed before relaying for a reason other than the peer's certificate",
+            ["direction", "reason"],
+            registry=r,
+        )
+        self.svid_expiry = Gauge(
+            "outrider_svid_expiry_timestamp_seconds",
+            "NotAfter of the SVID in use (Unix time)",
+            registry=r,
+        )
+        self.rotations = Counter(
+            "outrider_svid_rotations", "SVID renewals by result", ["result"], registry=r
+        )
+        self.bundle_expiry = Gauge(
+            "outrider_trust_bundle_expiry_timestamp_seconds",
+            "Earliest NotAfter among the trust bundle's roots (Unix time)",
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "outrider_config_reloads",
+            "Config reloads by kind and result",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.ca_backoff = Gauge(
+            "outrider_ca_backoff_seconds",
+            "Seconds until the next attempt to reach the CA after a failure (0 when healthy)",
+            registry=r,
+        )

@@ -1,0 +1,127 @@
+"""The byte path: two asyncio Protocols that write what one side reads to the other.
+
+This is the hot path, so it does as little as possible per chunk: no stream
+readers, no copies, no per-chunk timers; what a side receives is written
+straight to the other side's transport, and the transports' own flow control
+(pause_writing/resume_writing) pauses the reading side while the writing
+side's buffer is full. Idle connections are found by a timer per connection
+that looks at a flag the data path sets.
+
+Half-close is not kept: an EOF from either side closes both once what was
+received before it has been written out. Every relay has a TLS side, and
+the TLS transports of asyncio and uvloop cannot send a close_notify and go
+on reading; holding the connection open instead would keep a client's fully
+closed connection alive upstream until the idle timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import cast
+
+
+class Side(asyncio.Protocol):
+    """One end of a relayed connection."""
+
+    __slots__ = ("active", "other", "pending", "relay", "transport")
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.transport: asyncio.Transport | None = None
+        self.other: asyncio.Transport | None = None
+        self.pending: list[bytes] = []
+        self.active = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        other = self.other
+        if other is None:  # before the relay is linked: a handshake's first bytes
+            self.pending.append(data)
+            return
+        other.write(data)
+        self.active = True
+
+    def eof_received(self) -> bool:
+        self.relay.lost(self)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.lost(self)
+
+    def pause_writing(self) -> None:
+        if self.other is not None:
+            self.other.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and not self.other.is_closing():
+            self.other.resume_reading()
+
+
+class Relay:
+    """A downstream and an upstream Side, linked once both are connected."""
+
+    def __init__(self, idle_timeout: float, on_closed: Callable[[Relay], None]) -> None:
+        self.down = Side(self)
+        self.up = Side(self)
+        self._idle_timeout = idle_timeout
+        self._on_closed = on_closed
+        self._idle: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    def link(self) -> None:
+        """Start relaying: flush what arrived early, resume reading, arm the idle timer."""
+        down, up = self.down.transport, self.up.transport
+        assert down is not None and up is not None
+        if self.closed:  # the client left while the upstream was being connected
+            up.close()
+            return
+        self.down.other, self.up.other = up, down
+        for side, transport in ((self.down, up), (self.up, down)):
+            if side.pending:
+                transport.write(b"".join(side.pending))
+                side.pending.clear()
+        for transport in (down, up):
+            if not transport.is_closing():
+                transport.resume_reading()
+        self._arm_idle()
+
+    def new_upstream(self) -> Side:
+        """A fresh upstream side for one connection attempt; earlier attempts are forgotten."""
+        self.up = Side(self)
+        return self.up
+
+    def lost(self, side: Side) -> None:
+        """An EOF or a lost connection on `side` ends the relay; stale sides are ignored."""
+        if side is self.down or side is self.up:
+            self.close()  # each transport writes out what it holds, then closes
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._idle is not None:
+            self._idle.cancel()
+        for transport in (self.down.transport, self.up.transport):
+            if transport is not None:
+                transport.close()
+        self._on_closed(self)
+
+    def abort(self) -> None:
+        for transport in (self.down.transport, self.up.transport):
+            if transport is not None:
+                transport.abort()
+        self.close()
+
+    def _arm_idle(self) -> None:
+        self._idle = asyncio.get_running_loop().call_later(self._idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self.down.active or self.up.active:
+            self.down.active = self.up.active = False
+            self._arm_idle()
+        else:
+            self.close()

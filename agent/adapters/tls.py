@@ -1,0 +1,108 @@
+"""TLS contexts from the current SVID, and the checks on a peer after the handshake.
+
+OpenSSL verifies the chain against the trust bundle (strict X.509, name
+constraints and the certificate's purpose included) during the handshake;
+stdlib ssl cannot match a URI SAN, so the SPIFFE ID is checked right after,
+before a byte is relayed. Contexts are built anew for every SVID and bundle
+and never changed afterwards: a connection keeps the context it started
+with, and a new one picks up the new SVID. Session tickets and resumption are
+off, so no connection is accepted on an earlier handshake's verdict; a new
+context also starts with an empty session cache, so a bundle change
+invalidates everything that came before it.
+"""
+
+from __future__ import annotations
+
+import ssl
+from datetime import datetime
+from typing import Literal
+
+from cryptography import x509
+
+from agent.core.svid import Svid
+from identity import SpiffeId, SvidError, check_leaf
+from identity.tlsfiles import load_cert_chain
+
+# TLS 1.2 only for peers that cannot do 1.3: forward secrecy and AEAD only.
+_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+# OpenSSL's X509_V_ERR_* codes worth a label of their own.
+_VERIFY_REASONS = {
+    2: "unknown_ca",  # unable to get issuer certificate
+    9: "not_yet_valid",
+    10: "expired",
+    18: "unknown_ca",  # self-signed leaf
+    19: "unknown_ca",  # self-signed certificate in chain
+    20: "unknown_ca",  # unable to get local issuer certificate
+    21: "unknown_ca",
+    26: "wrong_usage",  # invalid purpose: the EKU does not allow this role
+    47: "name_constraints",
+}
+_ALERT_REASONS = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no_client_cert",
+    "CERTIFICATE_REQUIRED": "no_client_cert",
+    "WRONG_VERSION_NUMBER": "not_tls",
+    "HTTP_REQUEST": "not_tls",
+    "NO_SHARED_CIPHER": "no_shared_cipher",
+    "UNSUPPORTED_PROTOCOL": "protocol_version",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",
+}
+
+
+class Contexts:
+    """The TLS contexts of the SVID in use; both replaced at once on every rotation."""
+
+    server: ssl.SSLContext | None = None
+    client: ssl.SSLContext | None = None
+
+
+def _context(svid: Svid, side: Literal["server", "client"]) -> ssl.SSLContext:
+    protocol = ssl.PROTOCOL_TLS_SERVER if side == "server" else ssl.PROTOCOL_TLS_CLIENT
+    context = ssl.SSLContext(protocol)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(_TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_TICKET | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    context.check_hostname = False  # SPIFFE names are URI SANs, checked after the handshake
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    context.load_verify_locations(cadata=svid.bundle.to_pem().decode())
+    load_cert_chain(context, svid.chain_pem(), svid.key_pem())
+    if side == "server":
+        context.num_tickets = 0  # TLS 1.3: no resumption tickets
+    return context
+
+
+def server_context(svid: Svid) -> ssl.SSLContext:
+    """Inbound: require and verify a client certificate."""
+    return _context(svid, "server")
+
+
+def client_context(svid: Svid) -> ssl.SSLContext:
+    """Outbound: present the SVID, verify the server against the bundle."""
+    return _context(svid, "client")
+
+
+def peer_id(
+    ssl_object: ssl.SSLObject, usage: Literal["client", "server"], now: datetime
+) -> SpiffeId:
+    """The peer's SPIFFE ID from its verified leaf; SvidError if it is not an SVID."""
+    der = ssl_object.getpeercert(binary_form=True)
+    if der is None:  # CERT_REQUIRED makes this unreachable; refuse rather than assume
+        raise SvidError("no_uri_san", "the peer presented no certificate")
+    return check_leaf(x509.load_der_x509_certificate(der), usage=usage, now=now)
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """A bounded label for why a handshake failed."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _VERIFY_REASONS.get(exc.verify_code, "bad_certificate")
+    if isinstance(exc, ssl.SSLError):
+        reason = str(exc.reason or "")
+        if reason in _ALERT_REASONS:
+            return _ALERT_REASONS[reason]
+        return "peer_alert" if "ALERT" in reason else "handshake_error"
+    if isinstance(exc, TimeoutError) or "taking longer" in str(exc):
+        return "timeout"
+    if isinstance(exc, ConnectionError | EOFError):
+        return "connection_reset"
+    return "handshake_error"

@@ -1,0 +1,249 @@
+"""`outrider agent run`: the identity manager, the listeners and the admin server.
+
+Start: admin first (so /healthz answers and /ready says 503), then the first
+SVID, then the listeners, then ready. SIGHUP or a change to the config file
+reloads it without dropping connections; a bad file keeps the running config.
+SIGTERM drains: /ready turns 503, listeners stop accepting, open connections
+get up to limits.drain_timeout to finish, then the agent exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from aiohttp import web
+
+from agent import config as agent_config
+from agent.adapters import admin
+from agent.adapters.listeners import (
+    ConfigT,
+    Connections,
+    InboundListener,
+    Listener,
+    OutboundListener,
+    Runtime,
+)
+from agent.adapters.metrics import AgentMetrics
+from agent.adapters.rotator import IdentityManager, SignFn
+from agent.adapters.tls import Contexts
+from agent.config import AgentConfig, Inbound, Outbound
+from agent.core.svid import Svid
+from identity.configfile import ConfigError, Listen
+
+log = logging.getLogger("outrider.agent")
+
+#: How often the config file is checked for changes.
+WATCH_INTERVAL = 1.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        now: Callable[[], datetime] = utcnow,
+        rng: random.Random | None = None,
+        sign: SignFn | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = AgentMetrics()
+        contexts = Contexts()
+        self.runtime = Runtime(config.limits, contexts, self.metrics, now)
+        self.connections = Connections(self.metrics)
+        self.identity = IdentityManager(
+            config,
+            contexts,
+            self.metrics,
+            now=now,
+            rng=rng or random.SystemRandom(),
+            sign=sign,
+        )
+        self.inbound: dict[Listen, Listener[Inbound]] = {}
+        self.outbound: dict[Listen, Listener[Outbound]] = {}
+        self.bound: dict[str, str] = {}
+        self._listening = False
+        self._draining = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._admin: web.AppRunner | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._listening and not self._draining and self.identity.svid is not None
+
+    @property
+    def svid(self) -> Svid | None:
+        return self.identity.svid
+
+    @property
+    def next_renewal(self) -> datetime | None:
+        return self.identity.next_renewal
+
+    async def start(self) -> None:
+        self._admin = web.AppRunner(admin.make_app(self), access_log=None)
+        await self._admin.setup()
+        site = web.TCPSite(self._admin, self.config.admin.host, self.config.admin.port)
+        await site.start()
+        host, port = self._admin.addresses[0][:2]
+        self.bound["admin"] = str(Listen(host, port))
+        log.info("admin listening on %s", self.bound["admin"])
+        self._tasks.append(asyncio.create_task(self.identity.run(), name="identity"))
+        await self.identity.has_svid.wait()
+        await self._apply_listeners(self.config)
+        self._listening = True
+        log.info(
+            "ready as %s: %s",
+            self.config.identity.spiffe_id,
+            ", ".join(f"{name} {address}" for name, address in self.bound.items()),
+        )
+
+    async def reconfigure(self, new: AgentConfig) -> None:
+        """Apply a new config; open connections keep going under the old one."""
+        old, self.config = self.config, new
+        self.runtime.limits = new.limits
+        self.identity.config = new
+        if (new.identity, new.ca) != (old.identity, old.ca):
+            self.identity.renew_now()
+        if new.admin != old.admin:
+            log.warning("admin address changes take a restart; still on %s", self.bound["admin"])
+        await self._apply_listeners(new)
+        self.metrics.config_reloads.labels("agent", "ok").inc()
+        log.info("config reloaded")
+
+    async def drain(self) -> None:
+        """Stop accepting, let open connections finish up to the drain timeout."""
+        self._draining = True
+        for running in (self.inbound, self.outbound):
+            for listener in running.values():
+                listener.close()
+        timeout = self.config.limits.drain_timeout.total_seconds()
+        log.info("draining %d connection(s) for up to %.0fs", len(self.connections), timeout)
+        left = await self.connections.drain(timeout)
+        if left:
+            log.warning("drain timeout: closed %d connection(s) still open", left)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._admin is not None:
+            await self._admin.cleanup()
+
+    async def _apply_listeners(self, config: AgentConfig) -> None:
+        """Open new listeners, close removed ones, reconfigure the rest in place."""
+        inbound = await self._apply(
+            self.inbound,
+            {c.listen: (f"inbound[{i}]", c) for i, c in enumerate(config.inbound)},
+            InboundListener,
+        )
+        outbound = await self._apply(
+            self.outbound,
+            {c.listen: (f"outbound[{c.name}]", c) for c in config.outbound},
+            OutboundListener,
+        )
+        self.bound = {"admin": self.bound["admin"], **inbound, **outbound}
+
+    async def _apply(
+        self,
+        running: dict[Listen, Listener[ConfigT]],
+        wanted: dict[Listen, tuple[str, ConfigT]],
+        kind: type[Listener[ConfigT]],
+    ) -> dict[str, str]:
+        for listen in set(running) - set(wanted):
+            running.pop(listen).close()
+            log.info("closed %s listener %s", kind.direction, listen)
+        bound = {}
+        for listen, (name, listener_config) in wanted.items():
+            listener = running.get(listen)
+            if listener is None:
+                listener = kind(listener_config, self.runtime, self.connections)
+                await listener.start(listen)
+                running[listen] = listener
+            else:
+                listener.configure(listener_config)
+            bound[name] = listener.address
+        return bound
+
+
+async def serve(path: Path, config: AgentConfig, stop: asyncio.Event) -> None:
+    """Run until `stop` is set (SIGTERM), reloading `path` on SIGHUP or when it changes."""
+    agent = Agent(config)
+    await agent.start()
+    loop = asyncio.get_running_loop()
+    reload = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+    watcher = asyncio.create_task(_watch(path, reload))
+    try:
+        while not stop.is_set():
+            waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(reload.wait())]
+            _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if reload.is_set() and not stop.is_set():
+                reload.clear()
+                await _reload(agent, path)
+        await agent.drain()
+    finally:
+        watcher.cancel()
+        loop.remove_signal_handler(signal.SIGHUP)
+        await agent.stop()
+
+
+async def _reload(agent: Agent, path: Path) -> None:
+    try:
+        new = agent_config.load(path)
+    except ConfigError as exc:
+        agent.metrics.config_reloads.labels("agent", "error").inc()
+        log.error("config reload refused, keeping the running config: %s", exc)
+        return
+    if new != agent.config:
+        await agent.reconfigure(new)
+
+
+async def _watch(path: Path, reload: asyncio.Event) -> None:
+    """Set `reload` when the file's content changes (a ConfigMap update swaps a symlink)."""
+    last = _fingerprint(path)
+    while True:
+        await asyncio.sleep(WATCH_INTERVAL)
+        current = _fingerprint(path)
+        if current != last:
+            last = current
+            reload.set()
+
+
+def _fingerprint(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def run(path: Path, config: AgentConfig) -> None:
+    """The process: uvloop when present, SIGTERM/SIGINT drain and exit 0."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(path, config, stop)
+
+    runner(main())

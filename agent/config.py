@@ -1,0 +1,287 @@
+"""agent.yaml -> AgentConfig, in one function that reports every error with its key path.
+
+Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
+
+    identity:
+      spiffe_id: spiffe://example.org/ns/shop/sa/web   # who this pod is
+      token_file: /var/run/secrets/outrider/token      # projected SA token
+      ttl: 1h                                          # asked of the CA; 0 = its default
+      output_dir: /var/run/outrider                    # optional: write svid.pem/key
+    ca:
+      address: outrider-ca.outrider.svc:8443
+      server_name: outrider-ca.outrider.svc            # default: the address's host
+      bundle_file: /etc/outrider/bundle.pem            # the first trust bundle
+      timeout: 10s
+      backoff: {initial: 1s, max: 30s}                 # while the CA is unreachable
+    inbound:                                           # mTLS in, plain to the app
+      - listen: 0.0.0.0:15443
+        app: 127.0.0.1:8080
+        allow: {spiffe_ids: [], trust_domains: [example.org]}  # default: own domain
+    outbound:                                          # plain in, mTLS out
+      - name: backend
+        listen: 127.0.0.1:9001
+        endpoints: [backend.shop.svc:15443]
+        server_ids: [spiffe://example.org/ns/shop/sa/backend]
+    limits: {handshake_timeout: 10s, connect_timeout: 5s, idle_timeout: 1h,
+             max_connections: 10000, drain_timeout: 30s}
+    admin: 127.0.0.1:15000
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from agent.core.authz import AllowList
+from agent.core.backoff import Backoff
+from agent.core.upstream import Endpoint
+from identity import InvalidSpiffeId, SpiffeId, TrustDomain
+from identity.configfile import ConfigError, ConfigReader, Listen, read_yaml
+
+__all__ = ["AgentConfig", "ConfigError", "load", "parse"]
+
+DEFAULT_TOKEN = Path("/var/run/secrets/outrider/token")
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    spiffe_id: SpiffeId
+    token_file: Path = DEFAULT_TOKEN
+    ttl: timedelta = timedelta(0)
+    output_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class CaEndpoint:
+    host: str
+    port: int
+    server_name: str
+    bundle_file: Path
+    timeout: timedelta = timedelta(seconds=10)
+    backoff: Backoff = field(default_factory=Backoff)
+
+
+@dataclass(frozen=True)
+class Inbound:
+    listen: Listen
+    app: Endpoint
+    allow: AllowList
+
+
+@dataclass(frozen=True)
+class Outbound:
+    name: str
+    listen: Listen
+    endpoints: tuple[Endpoint, ...]
+    server_ids: frozenset[SpiffeId]
+
+
+@dataclass(frozen=True)
+class Limits:
+    handshake_timeout: timedelta = timedelta(seconds=10)
+    connect_timeout: timedelta = timedelta(seconds=5)
+    idle_timeout: timedelta = timedelta(hours=1)
+    max_connections: int = 10_000
+    drain_timeout: timedelta = timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    identity: IdentityConfig
+    ca: CaEndpoint
+    inbound: tuple[Inbound, ...] = ()
+    outbound: tuple[Outbound, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    admin: Listen = Listen("127.0.0.1", 15000)
+
+    @property
+    def trust_domain(self) -> TrustDomain:
+        return self.identity.spiffe_id.trust_domain
+
+
+def load(path: Path) -> AgentConfig:
+    """Read and validate `path`; raise ConfigError listing every problem."""
+    return parse(read_yaml(path), base=path.parent, source=str(path))
+
+
+def parse(raw: object, *, base: Path, source: str = "config") -> AgentConfig:
+    reader = _Reader(base)
+    config = reader.config(raw)
+    reader.check(source)
+    assert config is not None  # no errors means every part was read
+    return config
+
+
+_TOP = {"identity", "ca", "inbound", "outbound", "limits", "admin"}
+_CA_KEYS = {"address", "server_name", "bundle_file", "timeout", "backoff"}
+
+
+class _Reader(ConfigReader):
+    def config(self, raw: object) -> AgentConfig | None:
+        top = self.mapping(raw, "(top)", _TOP)
+        identity = self.identity(self.section(top, "identity", set(IdentityConfig.__annotations__)))
+        ca = self.ca(self.section(top, "ca", _CA_KEYS))
+        own_domain = identity.spiffe_id.trust_domain if identity else None
+        inbound = tuple(
+            self.inbound(item, f"inbound[{i}]", own_domain)
+            for i, item in enumerate(self.items(top, "inbound", "inbound"))
+        )
+        outbound = tuple(
+            self.outbound(item, f"outbound[{i}]")
+            for i, item in enumerate(self.items(top, "outbound", "outbound"))
+        )
+        self.unique_listeners([*inbound, *outbound])
+        limits = self.limits(self.section(top, "limits", set(Limits.__annotations__)))
+        admin = self.listen(top, "admin", "admin", AgentConfig.admin)
+        if self.errors or identity is None or ca is None:
+            return None
+        return AgentConfig(
+            identity,
+            ca,
+            tuple(i for i in inbound if i is not None),
+            tuple(o for o in outbound if o is not None),
+            limits,
+            admin,
+        )
+
+    def identity(self, raw: Mapping[str, Any]) -> IdentityConfig | None:
+        spiffe_id = self.spiffe_id(raw.get("spiffe_id"), "identity.spiffe_id")
+        token_file = self.file(raw, "token_file", "identity.token_file") or DEFAULT_TOKEN
+        ttl = self.duration(raw, "ttl", "identity.ttl", timedelta(0), zero_ok=True)
+        output_dir = self.file(raw, "output_dir", "identity.output_dir")
+        if spiffe_id is None:
+            return None
+        return IdentityConfig(spiffe_id, token_file, ttl, output_dir)
+
+    def ca(self, raw: Mapping[str, Any]) -> CaEndpoint | None:
+        address = self.endpoint(raw.get("address"), "ca.address")
+        bundle_file = self.file(raw, "bundle_file", "ca.bundle_file")
+        if bundle_file is None:
+            self.fail("ca.bundle_file", "required: the trust bundle (PEM) to trust the CA with")
+        defaults = Backoff()
+        backoff = self.section(raw, "ca.backoff", {"initial", "max"})
+        initial = self.duration(backoff, "initial", "ca.backoff.initial", defaults.initial)
+        maximum = self.duration(backoff, "max", "ca.backoff.max", defaults.maximum)
+        if initial > maximum:
+            self.fail("ca.backoff.initial", f"exceeds ca.backoff.max ({maximum})")
+        timeout = self.duration(raw, "timeout", "ca.timeout", CaEndpoint.timeout)
+        if address is None or bundle_file is None:
+            return None
+        server_name = self.string(raw, "server_name", "ca.server_name", address.host)
+        return CaEndpoint(
+            address.host,
+            address.port,
+            server_name or address.host,
+            bundle_file,
+            timeout,
+            Backoff(initial, maximum),
+        )
+
+    def inbound(self, raw: object, path: str, own_domain: TrustDomain | None) -> Inbound | None:
+        item = self.mapping(raw, path, {"listen", "app", "allow"})
+        listen = self.listen(item, "listen", f"{path}.listen", Listen("0.0.0.0", 15443))  # noqa: S104
+        app = self.endpoint(item.get("app"), f"{path}.app")
+        allow = self.section(item, f"{path}.allow", {"spiffe_ids", "trust_domains"})
+        ids = self.spiffe_ids(allow, "spiffe_ids", f"{path}.allow.spiffe_ids")
+        domains = frozenset(
+            self.trust_domain(value, f"{path}.allow.trust_domains[{i}]")
+            for i, value in enumerate(self.items(allow, "trust_domains", f"{path}.allow"))
+        )
+        if not allow and own_domain is not None:
+            domains = frozenset({own_domain})
+        if app is None:
+            return None
+        return Inbound(listen, app, AllowList(ids, frozenset(d for d in domains if d)))
+
+    def outbound(self, raw: object, path: str) -> Outbound | None:
+        item = self.mapping(raw, path, {"name", "listen", "endpoints", "server_ids"})
+        name = self.string(item, "name", f"{path}.name", None)
+        if name is None:
+            self.fail(f"{path}.name", "required: names the upstream in logs and metrics")
+        if "listen" not in item:
+            self.fail(f"{path}.listen", "required: 127.0.0.1:<port> the app connects to")
+        listen = self.listen(item, "listen", f"{path}.listen", Listen("127.0.0.1", 0))
+        endpoints = [
+            self.endpoint(value, f"{path}.endpoints[{i}]")
+            for i, value in enumerate(self.items(item, "endpoints", f"{path}.endpoints"))
+        ]
+        if not endpoints:
+            self.fail(f"{path}.endpoints", "required: at least one host:port")
+        server_ids = self.spiffe_ids(item, "server_ids", f"{path}.server_ids")
+        if not server_ids:
+            self.fail(f"{path}.server_ids", "required: the SPIFFE IDs the upstream may present")
+        if name is None or None in endpoints:
+            return None
+        return Outbound(name, listen, tuple(e for e in endpoints if e), server_ids)
+
+    def limits(self, raw: Mapping[str, Any]) -> Limits:
+        d = Limits()
+        return Limits(
+            handshake_timeout=self.duration(
+                raw, "handshake_timeout", "limits.handshake_timeout", d.handshake_timeout
+            ),
+            connect_timeout=self.duration(
+                raw, "connect_timeout", "limits.connect_timeout", d.connect_timeout
+            ),
+            idle_timeout=self.duration(raw, "idle_timeout", "limits.idle_timeout", d.idle_timeout),
+            max_connections=self.integer(
+                raw, "max_connections", "limits.max_connections", d.max_connections
+            ),
+            drain_timeout=self.duration(
+                raw, "drain_timeout", "limits.drain_timeout", d.drain_timeout, zero_ok=True
+            ),
+        )
+
+    def unique_listeners(self, listeners: list[Inbound | Outbound | None]) -> None:
+        seen: dict[Listen, int] = {}
+        for listener in listeners:
+            if listener is None or listener.listen.port == 0:
+                continue
+            if listener.listen in seen:
+                self.fail(f"{listener.listen}", "two listeners share this address")
+            seen[listener.listen] = 1
+
+    def endpoint(self, value: object, path: str) -> Endpoint | None:
+        if value is None:
+            self.fail(path, "required: host:port")
+            return None
+        try:
+            listen = Listen.parse(value)
+        except ValueError as exc:
+            self.fail(path, str(exc))
+            return None
+        if listen.port == 0:
+            self.fail(path, "port 0 is not a port to connect to")
+            return None
+        return Endpoint(listen.host, listen.port)
+
+    def spiffe_id(self, value: object, path: str) -> SpiffeId | None:
+        if value is None:
+            self.fail(path, "required: spiffe://<trust-domain>/ns/<namespace>/sa/<account>")
+            return None
+        try:
+            spiffe_id = SpiffeId.parse(str(value))
+        except InvalidSpiffeId as exc:
+            self.fail(path, str(exc))
+            return None
+        if not spiffe_id.path:
+            self.fail(path, "a workload ID needs a path, not only a trust domain")
+            return None
+        return spiffe_id
+
+    def spiffe_ids(self, raw: Mapping[str, Any], key: str, path: str) -> frozenset[SpiffeId]:
+        ids = (
+            self.spiffe_id(value, f"{path}[{i}]")
+            for i, value in enumerate(self.items(raw, key, path))
+        )
+        return frozenset(i for i in ids if i is not None)
+
+    def trust_domain(self, value: object, path: str) -> TrustDomain | None:
+        try:
+            return TrustDomain.parse(str(value))
+        except InvalidSpiffeId as exc:
+            self.fail(path, str(exc))
+            return None

@@ -1,0 +1,222 @@
+"""Agents for tests: in-process (fast, same event loop) or as real processes.
+
+In-process agents get their SVIDs from an in-process `Issuer` over the same
+LocalSigner that `ca serve` uses, through the agent's injectable `sign`
+function; tests of the CA protocol itself use a real `ca serve` process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from agent import config as agent_config
+from agent.adapters.rotator import SignFn
+from agent.app import Agent
+from agent.core.svid import Svid
+from ca.core.issuance import IssuancePolicy
+from ca.issuer import Issuer
+from ca.signers.local import LocalSigner
+from identity import SpiffeId
+from identity.proto import ca_pb2
+from tests.support import TRUST_DOMAIN, CaSetup
+
+_READY = re.compile(r"ready as (\S+): (.*)$")
+
+
+def workload(name: str, namespace: str = "demo") -> SpiffeId:
+    return SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{name}")
+
+
+def local_sign(setup: CaSetup, ttl: timedelta = timedelta(hours=1)) -> SignFn:
+    """Issue straight from the CA directory, as `ca serve` would, without the network."""
+    signer = LocalSigner.load(setup.ca_dir)
+    issuer = Issuer(signer, IssuancePolicy(default_ttl=ttl, max_ttl=ttl), lambda: datetime.now(UTC))
+
+    async def sign(
+        csr_der: bytes, trusted: bytes, svid: Svid | None, token: str | None
+    ) -> ca_pb2.SignResponse:
+        csr = x509.load_der_x509_csr(csr_der)
+        # The identity comes from the "credential": the token names the workload here.
+        spiffe_id = svid.spiffe_id if svid else SpiffeId.parse(str(token))
+        issued = await issuer.issue(spiffe_id, csr.public_key())
+        der = serialization.Encoding.DER
+        return ca_pb2.SignResponse(
+            cert_chain=[c.public_bytes(der) for c in issued.chain],
+            trust_bundle=issued.bundle.to_der(),
+            not_after=int(issued.leaf.not_valid_after_utc.timestamp()),
+            spiffe_id=str(spiffe_id),
+        )
+
+    return sign
+
+
+def agent_yaml(
+    root: Path, name: str, *, ca_address: str = "127.0.0.1:1", **sections: Any
+) -> dict[str, Any]:
+    """A minimal agent.yaml for workload `name`, every port chosen by the kernel."""
+    token = root / f"{name}.token"
+    if not token.exists():
+        token.write_text(str(workload(name)))
+    config: dict[str, Any] = {
+        "identity": {"spiffe_id": str(workload(name)), "token_file": str(token)},
+        "ca": {
+            "address": ca_address,
+            "server_name": "localhost",
+            "bundle_file": str(root / "ca" / "bundle.pem"),
+        },
+        "admin": "127.0.0.1:0",
+    }
+    config.update(sections)
+    return config
+
+
+def inbound(app_port: int, **extra: Any) -> list[dict[str, Any]]:
+    return [{"listen": "127.0.0.1:0", "app": f"127.0.0.1:{app_port}", **extra}]
+
+
+def outbound(address: str, *server_ids: SpiffeId, name: str = "backend") -> list[dict[str, Any]]:
+    return [
+        {
+            "name": name,
+            "listen": "127.0.0.1:0",
+            "endpoints": [address],
+            "server_ids": [str(i) for i in server_ids],
+        }
+    ]
+
+
+@asynccontextmanager
+async def running_agent(raw: dict[str, Any], sign: SignFn, root: Path) -> AsyncIterator[Agent]:
+    config = agent_config.parse(raw, base=root)
+    agent = Agent(config, sign=sign)
+    await asyncio.wait_for(agent.start(), 10)
+    try:
+        yield agent
+    finally:
+        await agent.drain()
+        await agent.stop()
+
+
+@asynccontextmanager
+async def echo_server() -> AsyncIterator[int]:
+    """A plain TCP app that echoes; yields its port."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def round_trip(address: str, payload: bytes = b"ping", timeout: float = 5.0) -> bytes:
+    """Send `payload` through `address` and read back as many bytes; b'' if refused."""
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(payload)
+        await writer.drain()
+        received = b""
+        while len(received) < len(payload):
+            chunk = await asyncio.wait_for(reader.read(65536), timeout)
+            if not chunk:
+                break
+            received += chunk
+        return received
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+
+
+# --- agents as real processes -------------------------------------------------
+
+
+@dataclass
+class AgentProcess:
+    name: str
+    process: subprocess.Popen[str]
+    bound: dict[str, str]
+    log: list[str] = field(default_factory=list)
+
+    def get(self, path: str) -> str:
+        url = f"http://{self.bound['admin']}{path}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
+
+    def metrics(self) -> str:
+        return self.get("/metrics")
+
+    def certs(self) -> dict[str, Any]:
+        return dict(json.loads(self.get("/certs")))
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+@contextmanager
+def agent_process(
+    root: Path, name: str, raw: dict[str, Any], timeout: float = 20.0
+) -> Iterator[AgentProcess]:
+    """`outrider agent run` as a real process; yields once it logs that it is ready."""
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "outrider", "agent", "run", "--config", str(path)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stderr is not None
+    log: list[str] = []
+    deadline = time.monotonic() + timeout
+    match = None
+    for line in process.stderr:
+        log.append(line)
+        if match := _READY.search(line):
+            break
+        if time.monotonic() > deadline:
+            break
+    if match is None:
+        process.kill()
+        raise AssertionError(f"agent {name} did not start:\n" + "".join(log))
+    threading.Thread(target=log.extend, args=(process.stderr,), daemon=True).start()
+    bound = dict(part.split(" ", 1) for part in match[2].split(", "))
+    agent = AgentProcess(name, process, bound, log)
+    try:
+        yield agent
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
