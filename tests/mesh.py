@@ -70,14 +70,23 @@ def local_sign(setup: CaSetup, ttl: timedelta = timedelta(hours=1)) -> SignFn:
 
 
 def agent_yaml(
-    root: Path, name: str, *, ca_address: str = "127.0.0.1:1", **sections: Any
+    root: Path,
+    name: str,
+    *,
+    ca_address: str = "127.0.0.1:1",
+    token: str | None = None,
+    **sections: Any,
 ) -> dict[str, Any]:
-    """A minimal agent.yaml for workload `name`, every port chosen by the kernel."""
-    token = root / f"{name}.token"
-    if not token.exists():
-        token.write_text(str(workload(name)))
+    """A minimal agent.yaml for workload `name`, every port chosen by the kernel.
+
+    Without `token` the token file holds the SPIFFE ID, which `local_sign`
+    reads; agents of a real `ca serve` need a real token from the CaSetup's issuer.
+    """
+    token_file = root / f"{name}.token"
+    if token is not None or not token_file.exists():
+        token_file.write_text(token or str(workload(name)))
     config: dict[str, Any] = {
-        "identity": {"spiffe_id": str(workload(name)), "token_file": str(token)},
+        "identity": {"spiffe_id": str(workload(name)), "token_file": str(token_file)},
         "ca": {
             "address": ca_address,
             "server_name": "localhost",

@@ -49,7 +49,8 @@ class AgentMetrics:
         )
         self.peer_connections = Counter(
             "outrider_peer_connections",
-            "Authenticated mTLS connections by peer SPIFFE ID and TLS version",
+            "mTLS connections whose peer SPIFFE ID this side verified, by TLS version "
+            "(outbound with TLS 1.3 the server checks our certificate after this count)",
             ["direction", "peer_id", "tls_version"],
             registry=r,
         )
