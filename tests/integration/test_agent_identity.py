@@ -1,0 +1,138 @@
+"""The identity manager against fake and real signing: what it accepts, retries and keeps."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from agent import config as agent_config
+from agent.adapters.metrics import AgentMetrics
+from agent.adapters.rotator import IdentityManager, RenewalFailed, SignFn
+from agent.adapters.tls import Contexts
+from agent.app import utcnow
+from agent.core.svid import Svid
+from identity.proto import ca_pb2
+from tests.mesh import agent_yaml, local_sign, workload
+from tests.support import CaSetup
+
+
+def manager(setup: CaSetup, sign: SignFn, **identity: str) -> IdentityManager:
+    raw = agent_yaml(setup.root, "web")
+    raw["identity"].update(identity)
+    raw["ca"]["backoff"] = {"initial": "100ms", "max": "200ms"}
+    config = agent_config.parse(raw, base=setup.root)
+    return IdentityManager(
+        config, Contexts(), AgentMetrics(), now=utcnow, rng=random.Random(7), sign=sign
+    )
+
+
+class Recorder:
+    """Wraps a sign function and remembers which credential each call carried."""
+
+    def __init__(self, sign: SignFn, fail: Callable[[int], Exception | None] = lambda n: None):
+        self.sign, self.fail, self.calls = sign, fail, []
+
+    async def __call__(
+        self, csr: bytes, trusted: bytes, svid: Svid | None, token: str | None
+    ) -> ca_pb2.SignResponse:
+        self.calls.append("svid" if svid else f"token:{token}")
+        if (error := self.fail(len(self.calls))) is not None:
+            raise error
+        return await self.sign(csr, trusted, svid, token)
+
+
+async def test_first_svid_comes_with_the_token_and_renewals_with_the_svid(setup: CaSetup) -> None:
+    recorder = Recorder(local_sign(setup))
+    identity = manager(setup, recorder)
+    identity.install(await identity.renew())
+    identity.install(await identity.renew())
+    assert recorder.calls == [f"token:{workload('web')}", "svid"]
+    assert identity.svid is not None and identity.svid.spiffe_id == workload("web")
+    assert identity.contexts.server is not None and identity.contexts.client is not None
+
+
+async def test_the_token_file_is_read_again_for_every_request(setup: CaSetup) -> None:
+    recorder = Recorder(local_sign(setup))
+    identity = manager(setup, recorder)
+    token = Path(identity.config.identity.token_file)
+    await identity.renew()
+    token.write_text(str(workload("web")) + "\n")  # the kubelet rotated it
+    await identity.renew()
+    assert recorder.calls == [f"token:{workload('web')}"] * 2
+
+
+async def test_a_refused_svid_falls_back_to_the_token(setup: CaSetup) -> None:
+    refused = GRPCError(Status.UNAUTHENTICATED, "bad_svid: unknown")
+    recorder = Recorder(local_sign(setup), fail=lambda n: refused if n == 2 else None)
+    identity = manager(setup, recorder)
+    identity.install(await identity.renew())
+    await identity.renew()
+    assert recorder.calls == [f"token:{workload('web')}", "svid", f"token:{workload('web')}"]
+
+
+@pytest.mark.parametrize(
+    ("error", "result"),
+    [
+        (GRPCError(Status.UNAVAILABLE, "signer_unavailable: sealed"), "ca_unavailable"),
+        (GRPCError(Status.DEADLINE_EXCEEDED, "slow"), "ca_unavailable"),
+        (ConnectionRefusedError(111, "refused"), "ca_unavailable"),
+        (GRPCError(Status.PERMISSION_DENIED, "identity_mismatch: no"), "refused"),
+    ],
+)
+async def test_ca_failures_are_labelled(setup: CaSetup, error: Exception, result: str) -> None:
+    identity = manager(setup, Recorder(local_sign(setup), fail=lambda n: error))
+    with pytest.raises(RenewalFailed) as failed:
+        await identity.renew()
+    assert failed.value.result == result
+
+
+async def test_an_answer_for_another_workload_is_refused_and_the_svid_kept(setup: CaSetup) -> None:
+    good = local_sign(setup)
+    identity = manager(setup, good)
+    identity.install(await identity.renew())
+    held = identity.svid
+
+    async def impostor(csr: bytes, trusted: bytes, svid: Svid | None, token: str | None):  # type: ignore[no-untyped-def]
+        return await good(csr, trusted, None, str(workload("someone-else")))
+
+    identity.sign = impostor
+    with pytest.raises(RenewalFailed, match="wrong_id") as failed:
+        await identity.renew()
+    assert failed.value.result == "bad_answer"
+    assert identity.svid is held
+
+
+async def test_a_missing_token_is_a_clear_failure(setup: CaSetup, tmp_path: Path) -> None:
+    identity = manager(setup, local_sign(setup), token_file=str(tmp_path / "absent"))
+    with pytest.raises(RenewalFailed, match="cannot read the token") as failed:
+        await identity.renew()
+    assert failed.value.result == "no_credential"
+
+
+async def test_run_backs_off_then_recovers_and_counts_both(setup: CaSetup) -> None:
+    down = GRPCError(Status.UNAVAILABLE, "down")
+    recorder = Recorder(local_sign(setup), fail=lambda n: down if n <= 3 else None)
+    identity = manager(setup, recorder)
+    task = asyncio.create_task(identity.run())
+    try:
+        await asyncio.wait_for(identity.has_svid.wait(), 5)
+    finally:
+        task.cancel()
+    registry = identity.metrics.registry
+    assert (
+        registry.get_sample_value("outrider_svid_rotations_total", {"result": "ca_unavailable"})
+        == 3
+    )
+    assert registry.get_sample_value("outrider_svid_rotations_total", {"result": "success"}) == 1
+    assert registry.get_sample_value("outrider_ca_backoff_seconds") == 0
+    assert identity.next_renewal is not None
+    assert identity.svid is not None
+    life = identity.svid.not_after - utcnow()
+    assert timedelta(0) < identity.next_renewal - utcnow() < life
