@@ -63,7 +63,10 @@ async def test_the_token_file_is_read_again_for_every_request(setup: CaSetup) ->
     identity = manager(setup, recorder)
     token = Path(identity.config.identity.token_file)
     await identity.renew()
-    token.write_text(str(workload("web")) + "\n")  # the kubelet rotated it
+    token.unlink()  # between two kubelet rotations
+    with pytest.raises(RenewalFailed, match="cannot read the token"):
+        await identity.renew()
+    token.write_text(f"  {workload('web')}\n")
     await identity.renew()
     assert recorder.calls == [f"token:{workload('web')}"] * 2
 
