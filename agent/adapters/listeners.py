@@ -254,7 +254,8 @@ class OutboundListener(Listener[Outbound]):
             )
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
             log.warning("outbound %s: %s failed: %s", config.name, endpoint, exc)
-            self._refused(refusal_reason(exc))
+            if not _before_tls(exc):
+                self._refused(refusal_reason(exc))
             return False
         ssl_object = tls.get_extra_info("ssl_object")
         try:
@@ -275,3 +276,8 @@ class OutboundListener(Listener[Outbound]):
             return False
         self._verified(ssl_object, peer, started)
         return True
+
+
+def _before_tls(exc: BaseException) -> bool:
+    """A TCP connect that failed: no handshake took place, so none is counted."""
+    return isinstance(exc, ConnectionRefusedError) or type(exc) is OSError  # unreachable

@@ -1,0 +1,188 @@
+"""Crafted client and server certificates, each wrong in exactly one way.
+
+Every certificate is signed by a real CA: the test CA directory's
+intermediate, so the chain verifies and only the crafted defect is left for
+the peer to find, or a foreign CA of another trust domain. The URIs of the
+"two URI SANs" and "CA certificate" shapes stay inside example.org: the
+intermediate's URI name constraint would otherwise refuse them inside
+OpenSSL, and the refusal under test is the agent's own.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import NamedTuple
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ca.signers.local import init_ca
+from identity import SpiffeId, TrustDomain
+from identity.tlsfiles import load_cert_chain
+from tests.support import CaSetup, key_pem
+
+SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
+CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH
+FOREIGN_DOMAIN = TrustDomain("other.org")
+
+
+class Credential(NamedTuple):
+    """A certificate chain (leaf first) and its key, both PEM."""
+
+    chain_pem: bytes
+    key_pem: bytes
+
+
+@dataclass(frozen=True, repr=False)
+class SigningCa:
+    """An issuing CA: its certificate goes after every leaf it signs."""
+
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @classmethod
+    def load(cls, ca_dir: Path) -> SigningCa:
+        cert = x509.load_pem_x509_certificate((ca_dir / "intermediate.pem").read_bytes())
+        key = serialization.load_pem_private_key(
+            (ca_dir / "intermediate.key").read_bytes(), password=None
+        )
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return cls(cert, key)
+
+
+def foreign_ca(directory: Path, trust_domain: TrustDomain = FOREIGN_DOMAIN) -> SigningCa:
+    """A fresh root and intermediate for another trust domain, in `directory`."""
+    if not (directory / "intermediate.pem").exists():
+        init_ca(directory, trust_domain, datetime.now(UTC), force=False)
+    return SigningCa.load(directory)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What goes into a leaf; the defaults make a valid X.509-SVID."""
+
+    uris: tuple[str, ...] = ()
+    dns: tuple[str, ...] = ()
+    ca: bool = False
+    eku: tuple[x509.ObjectIdentifier, ...] = (SERVER_AUTH, CLIENT_AUTH)
+    valid_from: timedelta = timedelta(minutes=-1)  # relative to now
+    valid_until: timedelta = timedelta(hours=1)
+
+    def extensions(self) -> list[tuple[x509.ExtensionType, bool]]:
+        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in self.uris]
+        names += [x509.DNSName(d) for d in self.dns]
+        return [
+            (x509.BasicConstraints(ca=self.ca, path_length=None), True),
+            (_key_usage(cert_sign=self.ca), True),
+            (x509.ExtendedKeyUsage(list(self.eku)), False),
+            (x509.SubjectAlternativeName(names), False),
+        ]
+
+
+def issue(ca: SigningCa, shape: Shape, now: datetime | None = None) -> Credential:
+    """Sign `shape` with `ca`; the chain is the leaf, then `ca`'s certificate."""
+    now = now or datetime.now(UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    public_key = key.public_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tests")]))
+        .issuer_name(ca.cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + shape.valid_from)
+        .not_valid_after(now + shape.valid_until)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
+        )
+    )
+    for extension, critical in shape.extensions():
+        builder = builder.add_extension(extension, critical=critical)
+    leaf = builder.sign(ca.key, hashes.SHA256())
+    pem = serialization.Encoding.PEM
+    return Credential(leaf.public_bytes(pem) + ca.cert.public_bytes(pem), key_pem(key))
+
+
+# --- the shapes the agent must accept or refuse ---------------------------------
+
+
+def valid_svid(setup: CaSetup, spiffe_id: SpiffeId) -> Credential:
+    """A good SVID from our CA: the control case, and what an impostor server presents."""
+    return issue(SigningCa.load(setup.ca_dir), Shape(uris=(str(spiffe_id),)))
+
+
+def foreign_svid(directory: Path, path: str = "/ns/demo/sa/frontend") -> Credential:
+    """A good SVID of another trust domain, from that domain's own CA."""
+    ca = foreign_ca(directory)
+    return issue(ca, Shape(uris=(f"spiffe://{FOREIGN_DOMAIN}{path}",)))
+
+
+def expired_svid(setup: CaSetup, spiffe_id: SpiffeId) -> Credential:
+    shape = Shape(
+        uris=(str(spiffe_id),), valid_from=timedelta(hours=-2), valid_until=timedelta(hours=-1)
+    )
+    return issue(SigningCa.load(setup.ca_dir), shape)
+
+
+def two_uri_sans(setup: CaSetup, first: SpiffeId, second: SpiffeId) -> Credential:
+    """Two identities in one certificate: which one is it?"""
+    return issue(SigningCa.load(setup.ca_dir), Shape(uris=(str(first), str(second))))
+
+
+def ca_certificate(setup: CaSetup, spiffe_id: SpiffeId) -> Credential:
+    """A CA (cA=true, keyCertSign) that names a workload: it could mint others."""
+    return issue(SigningCa.load(setup.ca_dir), Shape(uris=(str(spiffe_id),), ca=True))
+
+
+def dns_san_only(setup: CaSetup, spiffe_id: SpiffeId) -> Credential:
+    """A DNS SAN spelling a SPIFFE ID; only a URI SAN is an identity claim."""
+    return issue(SigningCa.load(setup.ca_dir), Shape(dns=(str(spiffe_id),)))
+
+
+def server_auth_only(setup: CaSetup, spiffe_id: SpiffeId) -> Credential:
+    """An SVID whose EKU allows serving only, presented as a client certificate."""
+    shape = Shape(uris=(str(spiffe_id),), eku=(SERVER_AUTH,))
+    return issue(SigningCa.load(setup.ca_dir), shape)
+
+
+# --- TLS contexts around a credential --------------------------------------------
+
+
+def client_context(bundle_pem: bytes, credential: Credential | None) -> ssl.SSLContext:
+    """A client that trusts `bundle_pem` and presents `credential` (or nothing)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # SPIFFE names are URI SANs; the test checks what it needs
+    context.load_verify_locations(cadata=bundle_pem.decode())
+    if credential is not None:
+        load_cert_chain(context, credential.chain_pem, credential.key_pem)
+    return context
+
+
+def server_context(bundle_pem: bytes, credential: Credential) -> ssl.SSLContext:
+    """A server that presents `credential` and requires a client certificate from `bundle_pem`."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=bundle_pem.decode())
+    load_cert_chain(context, credential.chain_pem, credential.key_pem)
+    return context
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )

@@ -1,0 +1,166 @@
+"""The agent's limits: handshake timeout, connection cap, idle timeout, an app that is down."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from agent.app import Agent
+from tests import certs
+from tests.mesh import agent_yaml, echo_server, inbound, local_sign, running_agent, workload
+from tests.support import CaSetup
+
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@asynccontextmanager
+async def inbound_agent(setup: CaSetup, app_port: int, **limits: Any) -> AsyncIterator[Agent]:
+    # A short drain: a test that fails with a connection open should not wait 30 s to say so.
+    limits = {"drain_timeout": "500ms", **limits}
+    raw = agent_yaml(setup.root, "backend", inbound=inbound(app_port), limits=limits)
+    async with running_agent(raw, local_sign(setup), setup.root) as agent:
+        yield agent
+
+
+def frontend(setup: CaSetup) -> ssl.SSLContext:
+    return certs.client_context(setup.bundle_pem, certs.valid_svid(setup, workload("frontend")))
+
+
+async def connect(address: str, context: ssl.SSLContext | None = None) -> Stream:
+    host, port = address.rsplit(":", 1)
+    server_hostname = "" if context else None
+    return await asyncio.wait_for(
+        asyncio.open_connection(host, int(port), ssl=context, server_hostname=server_hostname), 2
+    )
+
+
+async def echo(stream: Stream, payload: bytes) -> bytes:
+    reader, writer = stream
+    writer.write(payload)
+    return await asyncio.wait_for(reader.readexactly(len(payload)), 2)
+
+
+async def seconds_until_closed(stream: Stream, limit: float = 3.0) -> float:
+    """Seconds until the agent closes `stream` (EOF, alert or reset); TimeoutError if never."""
+    reader, _ = stream
+    started = time.monotonic()
+    try:
+        while await asyncio.wait_for(reader.read(65536), limit):
+            pass
+    except (ConnectionError, ssl.SSLError):
+        pass
+    return time.monotonic() - started
+
+
+async def eventually(check: Callable[[], bool], seconds: float = 2.0) -> bool:
+    """`check()` became true within `seconds`: the agent may count after the client sees a close."""
+    for _ in range(int(seconds / 0.01)):
+        if check():
+            return True
+        await asyncio.sleep(0.01)
+    return check()
+
+
+def sample(agent: Agent, name: str, **labels: str) -> float:
+    return agent.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def refused(agent: Agent, reason: str) -> float:
+    labels = {"direction": "inbound", "reason": reason}
+    return sample(agent, "outrider_connections_refused_total", **labels)
+
+
+async def test_a_client_that_never_starts_the_handshake_is_closed_after_the_timeout(
+    setup: CaSetup,
+) -> None:
+    async with (
+        echo_server() as app_port,
+        inbound_agent(setup, app_port, handshake_timeout="1s") as agent,
+    ):
+        silent = await connect(agent.bound["inbound[0]"])  # TCP only, not a byte sent
+        assert 0.9 <= await seconds_until_closed(silent) <= 2.0
+        silent[1].close()
+        labels = {"direction": "inbound", "result": "refused", "tls_version": "", "cipher": ""}
+        assert await eventually(
+            lambda: sample(agent, "outrider_tls_handshakes_total", reason="timeout", **labels) == 1
+        )
+        assert len(agent.connections) == 0
+
+
+async def test_past_max_connections_a_connection_is_closed_at_once_and_the_others_go_on(
+    setup: CaSetup,
+) -> None:
+    async with (
+        echo_server() as app_port,
+        inbound_agent(setup, app_port, max_connections=2) as agent,
+    ):
+        address, context = agent.bound["inbound[0]"], frontend(setup)
+        first, second = await connect(address, context), await connect(address, context)
+        assert await echo(first, b"one") == b"one"
+        assert await echo(second, b"two") == b"two"
+
+        started = time.monotonic()
+        try:
+            third = await connect(address, context)
+            assert await seconds_until_closed(third, limit=1.0) < 1.0
+            third[1].close()
+        except (ConnectionError, ssl.SSLError):
+            pass  # closed before the handshake could finish: the usual outcome
+        assert time.monotonic() - started < 1.0
+        assert refused(agent, "max_connections") == 1
+
+        assert await echo(first, b"still one") == b"still one"
+        assert await echo(second, b"still two") == b"still two"
+        first[1].close()  # frees a place for the next connection
+        assert await eventually(lambda: len(agent.connections) == 1)
+        fourth = await connect(address, context)
+        assert await echo(fourth, b"four") == b"four"
+        for _, writer in (second, fourth):
+            writer.close()
+        assert refused(agent, "max_connections") == 1
+
+
+async def test_an_idle_connection_is_closed_and_a_chatty_one_is_not(setup: CaSetup) -> None:
+    async with (
+        echo_server() as app_port,
+        inbound_agent(setup, app_port, idle_timeout="1s") as agent,
+    ):
+        address, context = agent.bound["inbound[0]"], frontend(setup)
+        idle, chatty = await connect(address, context), await connect(address, context)
+        assert await echo(idle, b"once") == b"once"
+
+        async def keep_talking() -> float:
+            started = time.monotonic()
+            for i in range(8):  # 8 x 0.3 s: past twice the idle timeout
+                await asyncio.sleep(0.3)
+                assert await echo(chatty, b"%d" % i) == b"%d" % i
+            return time.monotonic() - started
+
+        idle_for, talked_for = await asyncio.gather(seconds_until_closed(idle), keep_talking())
+        # The idle check runs every idle_timeout, so a silent connection goes
+        # between one and two timeouts after its last byte.
+        assert 0.9 <= idle_for <= 2.5
+        assert talked_for > 2.0
+        assert await echo(chatty, b"still open") == b"still open"
+        assert sample(agent, "outrider_connections_active", direction="inbound") == 1
+        for _, writer in (idle, chatty):
+            writer.close()
+
+
+async def test_an_unreachable_app_closes_the_client_with_eof(setup: CaSetup) -> None:
+    with socket.socket() as bound_not_listening:  # holds the port: connecting to it is refused
+        bound_not_listening.bind(("127.0.0.1", 0))
+        app_port = bound_not_listening.getsockname()[1]
+        async with inbound_agent(setup, app_port) as agent:
+            reader, writer = await connect(agent.bound["inbound[0]"], frontend(setup))
+            assert await asyncio.wait_for(reader.read(65536), 2) == b""  # EOF, not a reset
+            writer.close()
+            assert refused(agent, "app_unreachable") == 1
+            peer = {"direction": "inbound", "peer_id": str(workload("frontend"))}
+            assert sample(agent, "outrider_peer_connections_total", tls_version="TLSv1.3", **peer)
+            assert sample(agent, "outrider_connections_active", direction="inbound") == 0

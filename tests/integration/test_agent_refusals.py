@@ -1,0 +1,256 @@
+"""What the agent's listeners refuse, each with the reason it is counted under.
+
+Inbound: a client certificate of every wrong shape is refused before the app
+sees a connection. Outbound: a server presenting another workload's SVID is
+refused before it sees a byte of the app's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from agent.app import Agent
+from tests import certs
+from tests.certs import Credential
+from tests.mesh import (
+    agent_yaml,
+    inbound,
+    local_sign,
+    outbound,
+    round_trip,
+    running_agent,
+    workload,
+)
+from tests.support import CaSetup
+
+FRONTEND, INTRUDER = workload("frontend"), workload("intruder")
+PAYLOAD = b"secret for the app"
+# A test that fails with a connection still open should not wait 30 s to say so.
+LIMITS = {"drain_timeout": "500ms"}
+
+
+@asynccontextmanager
+async def counting_echo() -> AsyncIterator[tuple[int, list[int]]]:
+    """An echo app that appends 1 to a list for every connection it accepts."""
+    accepted: list[int] = []
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], accepted
+    finally:
+        server.close()
+
+
+async def mtls_exchange(address: str, context: ssl.SSLContext, payload: bytes = PAYLOAD) -> bytes:
+    """What comes back for `payload` over mTLS; b'' if the server refused us.
+
+    Under TLS 1.3 the client's handshake completes before the server has
+    checked the client certificate, so a refusal shows on the first read: an
+    alert, a reset or EOF. A connection the server neither answers nor
+    closes fails the test with a TimeoutError rather than passing as refused.
+    """
+    host, port = address.rsplit(":", 1)
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, int(port), ssl=context, server_hostname=""), 2
+        )
+    except ssl.SSLCertVerificationError:
+        raise  # the client distrusts the agent: a broken test, not a refusal
+    except (ssl.SSLError, ConnectionError):
+        return b""
+    received = b""
+    try:
+        writer.write(payload)
+        while len(received) < len(payload):
+            chunk = await asyncio.wait_for(reader.read(65536), 2)
+            if not chunk:
+                break
+            received += chunk
+    except (ssl.SSLError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+    return received
+
+
+def refusals(agent: Agent, direction: str) -> dict[str, float]:
+    """Refused handshakes on `direction`, by reason."""
+    counted: dict[str, float] = {}
+    for metric in agent.metrics.registry.collect():
+        for s in metric.samples:
+            if (
+                s.name == "outrider_tls_handshakes_total"
+                and s.labels["direction"] == direction
+                and s.labels["result"] == "refused"
+            ):
+                counted[s.labels["reason"]] = counted.get(s.labels["reason"], 0) + s.value
+    return counted
+
+
+def sample(agent: Agent, name: str, **labels: str) -> float:
+    return agent.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def eventually(check: Callable[[], bool], seconds: float = 2.0) -> bool:
+    """`check()` became true within `seconds` (the agent counts after the peer sees the close)."""
+    for _ in range(int(seconds / 0.01)):
+        if check():
+            return True
+        await asyncio.sleep(0.01)
+    return check()
+
+
+@pytest.fixture
+async def app_and_agent(setup: CaSetup) -> AsyncIterator[tuple[list[int], Agent]]:
+    """An agent whose inbound listener lets only FRONTEND through to a counting echo app."""
+    async with counting_echo() as (app_port, accepted):
+        allow = {"spiffe_ids": [str(FRONTEND)]}
+        raw = agent_yaml(
+            setup.root, "backend", inbound=inbound(app_port, allow=allow), limits=LIMITS
+        )
+        async with running_agent(raw, local_sign(setup), setup.root) as agent:
+            yield accepted, agent
+
+
+async def assert_refused(
+    setup: CaSetup, app_and_agent: tuple[list[int], Agent], client: Credential | None, reason: str
+) -> None:
+    accepted, agent = app_and_agent
+    context = certs.client_context(setup.bundle_pem, client)
+    assert await mtls_exchange(agent.bound["inbound[0]"], context) == b""
+    assert await eventually(lambda: bool(refusals(agent, "inbound"))), "no refusal counted"
+    assert refusals(agent, "inbound") == {reason: 1}
+    assert accepted == [], "the app saw a connection from a refused peer"
+    assert sample(agent, "outrider_peer_connections_total", **_peer(FRONTEND)) == 0
+
+
+def _peer(spiffe_id: object) -> dict[str, str]:
+    return {"direction": "inbound", "peer_id": str(spiffe_id), "tls_version": "TLSv1.3"}
+
+
+async def test_an_allowed_svid_gets_its_bytes_echoed(
+    setup: CaSetup, app_and_agent: tuple[list[int], Agent]
+) -> None:
+    accepted, agent = app_and_agent
+    context = certs.client_context(setup.bundle_pem, certs.valid_svid(setup, FRONTEND))
+    assert await mtls_exchange(agent.bound["inbound[0]"], context) == PAYLOAD
+    assert accepted == [1]
+    assert refusals(agent, "inbound") == {}
+    assert sample(agent, "outrider_peer_connections_total", **_peer(FRONTEND)) == 1
+
+
+async def test_no_client_certificate(
+    setup: CaSetup, app_and_agent: tuple[list[int], Agent]
+) -> None:
+    await assert_refused(setup, app_and_agent, None, "no_client_cert")
+
+
+async def test_an_svid_from_another_trust_domains_ca(
+    setup: CaSetup, app_and_agent: tuple[list[int], Agent], tmp_path: Path
+) -> None:
+    await assert_refused(setup, app_and_agent, certs.foreign_svid(tmp_path / "other"), "unknown_ca")
+
+
+async def test_an_expired_svid(setup: CaSetup, app_and_agent: tuple[list[int], Agent]) -> None:
+    await assert_refused(setup, app_and_agent, certs.expired_svid(setup, FRONTEND), "expired")
+
+
+async def test_two_uri_sans(setup: CaSetup, app_and_agent: tuple[list[int], Agent]) -> None:
+    client = certs.two_uri_sans(setup, FRONTEND, INTRUDER)
+    await assert_refused(setup, app_and_agent, client, "multiple_uri_sans")
+
+
+async def test_a_ca_certificate_naming_a_workload(
+    setup: CaSetup, app_and_agent: tuple[list[int], Agent]
+) -> None:
+    await assert_refused(setup, app_and_agent, certs.ca_certificate(setup, FRONTEND), "is_ca")
+
+
+async def test_a_dns_san_spelling_a_spiffe_id(
+    setup: CaSetup, app_and_agent: tuple[list[int], Agent]
+) -> None:
+    await assert_refused(setup, app_and_agent, certs.dns_san_only(setup, FRONTEND), "no_uri_san")
+
+
+async def test_an_eku_without_client_auth(
+    setup: CaSetup, app_and_agent: tuple[list[int], Agent]
+) -> None:
+    client = certs.server_auth_only(setup, FRONTEND)
+    await assert_refused(setup, app_and_agent, client, "wrong_usage")
+
+
+async def test_a_valid_svid_not_on_the_allow_list(
+    setup: CaSetup, app_and_agent: tuple[list[int], Agent]
+) -> None:
+    await assert_refused(setup, app_and_agent, certs.valid_svid(setup, INTRUDER), "not_allowed")
+
+
+# --- outbound ----------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def tls_server(context: ssl.SSLContext) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A plain TLS server (not an agent); yields its port and every byte it received."""
+    received: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await asyncio.wait_for(reader.read(65536), 2):
+                received.append(data)
+        except (ConnectionError, ssl.SSLError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(record, "127.0.0.1", 0, ssl=context)
+    try:
+        yield server.sockets[0].getsockname()[1], received
+    finally:
+        server.close()
+
+
+async def test_a_server_presenting_another_workloads_svid(setup: CaSetup) -> None:
+    impostor = certs.server_context(setup.bundle_pem, certs.valid_svid(setup, INTRUDER))
+    async with tls_server(impostor) as (port, received):
+        upstream = outbound(f"127.0.0.1:{port}", workload("backend"))
+        raw = agent_yaml(setup.root, "frontend", outbound=upstream, limits=LIMITS)
+        async with running_agent(raw, local_sign(setup), setup.root) as agent:
+            assert await round_trip(agent.bound["outbound[backend]"], PAYLOAD, 2) == b""
+            assert await eventually(lambda: bool(refusals(agent, "outbound")))
+            assert refusals(agent, "outbound") == {"wrong_server_id": 1}
+            refused = {"direction": "outbound", "reason": "no_endpoint"}
+            assert sample(agent, "outrider_connections_refused_total", **refused) == 1
+        assert b"".join(received) == b"", "the impostor received the app's bytes"
+
+
+async def test_an_endpoint_where_nothing_listens(setup: CaSetup) -> None:
+    with socket.socket() as bound_not_listening:  # holds the port: connecting to it is refused
+        bound_not_listening.bind(("127.0.0.1", 0))
+        port = bound_not_listening.getsockname()[1]
+        upstream = outbound(f"127.0.0.1:{port}", workload("backend"))
+        raw = agent_yaml(setup.root, "frontend", outbound=upstream, limits=LIMITS)
+        async with running_agent(raw, local_sign(setup), setup.root) as agent:
+            assert await round_trip(agent.bound["outbound[backend]"], PAYLOAD, 2) == b""
+            refused = {"direction": "outbound", "reason": "no_endpoint"}
+            assert await eventually(
+                lambda: sample(agent, "outrider_connections_refused_total", **refused) == 1
+            )
+            assert sample(agent, "outrider_connections_active", direction="outbound") == 0
