@@ -138,7 +138,9 @@ def parser() -> argparse.ArgumentParser:
     agent_run.set_defaults(func=_agent_run)
 
     demo = commands.add_parser("demo", help="run the mesh on loopback and show what it does")
-    demo.add_argument("--duration", type=float, default=0.0, help="keep serving S seconds")
+    demo.add_argument(
+        "--duration", type=float, default=20.0, help="seconds of traffic (default 20)"
+    )
     demo.set_defaults(func=_demo)
     return top
 

@@ -1,0 +1,77 @@
+"""`outrider demo` as a user runs it: a CA, two agents and two apps, rotating under traffic."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FRONTEND = "spiffe://demo.outrider.local/ns/demo/sa/frontend"
+BACKEND = "spiffe://demo.outrider.local/ns/demo/sa/backend"
+
+
+def run_demo(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "outrider", "demo", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # the demo's own cleanup runs on SIGTERM; SIGKILL would orphan
+        out, err = process.communicate(timeout=20)
+        pytest.fail(f"demo still running after {timeout}s:\n{out}\n{err}")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that name `text` (psutil is not a dependency)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # not a process, or it exited while we looked
+            continue
+        if text in cmdline:
+            found.append(cmdline)
+    return found
+
+
+@pytest.mark.slow
+def test_demo_serves_traffic_across_rotations_and_cleans_up() -> None:
+    result = run_demo("--duration", "12")
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+
+    assert re.search(r"^\s+\d+s\s+requests ok [1-9]\d* failed 0\s+rotations", out, re.M), out
+    assert re.search(r"^requests\s+ok [1-9]\d*, failed 0$", out, re.M), out
+    # A fresh connection about once a second: new handshakes, on rotated SVIDs too.
+    inbound = re.search(r"backend agent inbound: ok (\d+), refused 0", out)
+    assert inbound is not None and int(inbound[1]) >= 2, out
+    assert re.search(rf"by the backend agent: {FRONTEND} \(TLSv1\.[23]", out), out
+    assert re.search(rf"by the frontend agent: {BACKEND} \(TLSv1\.[23]", out), out
+
+    serials = {
+        name: (first, last)
+        for name, first, last in re.findall(r"serial\s+(\w+): (\w+) -> (\w+)", out)
+    }
+    assert set(serials) == {"frontend", "backend"}, out
+    for first, last in serials.values():
+        assert first != last, out
+    assert "verify -x509_strict of the backend's SVID" in out
+
+    logs = re.search(r"^logs\s+(/\S+)/\{", out, re.M)
+    assert logs is not None, out
+    assert not Path(logs[1]).exists(), "the demo's temp dir outlived a successful run"
+    assert processes_mentioning(logs[1]) == []
+
+
+def test_demo_refuses_a_duration_it_cannot_run() -> None:
+    result = run_demo("--duration", "0", timeout=20)
+    assert result.returncode != 0
+    assert "--duration must be more than 0 seconds" in result.stderr
