@@ -5,7 +5,7 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
     identity:
       spiffe_id: spiffe://example.org/ns/shop/sa/web   # who this pod is
       token_file: /var/run/secrets/outrider/token      # projected SA token
-      ttl: 1h                                          # asked of the CA; 0 = its default
+      ttl: 1h                                          # asked of the CA; 0s = its default
       output_dir: /var/run/outrider                    # optional: write svid.pem/key
     ca:
       address: outrider-ca.outrider.svc:8443
@@ -29,7 +29,7 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -121,7 +121,7 @@ _CA_KEYS = {"address", "server_name", "bundle_file", "timeout", "backoff"}
 
 class _Reader(ConfigReader):
     def config(self, raw: object) -> AgentConfig | None:
-        top = self.mapping(raw, "(top)", _TOP)
+        top = self.mapping(raw, "", _TOP)
         identity = self.identity(self.section(top, "identity", set(IdentityConfig.__annotations__)))
         ca = self.ca(self.section(top, "ca", _CA_KEYS))
         own_domain = identity.spiffe_id.trust_domain if identity else None
@@ -133,9 +133,9 @@ class _Reader(ConfigReader):
             self.outbound(item, f"outbound[{i}]")
             for i, item in enumerate(self.items(top, "outbound", "outbound"))
         )
-        self.unique_listeners([*inbound, *outbound])
         limits = self.limits(self.section(top, "limits", set(Limits.__annotations__)))
         admin = self.listen(top, "admin", "admin", AgentConfig.admin)
+        self.unique_listeners(admin, inbound, outbound)
         if self.errors or identity is None or ca is None:
             return None
         return AgentConfig(
@@ -158,6 +158,7 @@ class _Reader(ConfigReader):
 
     def ca(self, raw: Mapping[str, Any]) -> CaEndpoint | None:
         address = self.endpoint(raw.get("address"), "ca.address")
+        server_name = self.string(raw, "server_name", "ca.server_name", None)
         bundle_file = self.file(raw, "bundle_file", "ca.bundle_file")
         if bundle_file is None:
             self.fail("ca.bundle_file", "required: the trust bundle (PEM) to trust the CA with")
@@ -168,9 +169,8 @@ class _Reader(ConfigReader):
         if initial > maximum:
             self.fail("ca.backoff.initial", f"exceeds ca.backoff.max ({maximum})")
         timeout = self.duration(raw, "timeout", "ca.timeout", CaEndpoint.timeout)
-        if address is None or bundle_file is None:
+        if address is None or bundle_file is None or not timedelta(0) < initial <= maximum:
             return None
-        server_name = self.string(raw, "server_name", "ca.server_name", address.host)
         return CaEndpoint(
             address.host,
             address.port,
@@ -188,7 +188,9 @@ class _Reader(ConfigReader):
         ids = self.spiffe_ids(allow, "spiffe_ids", f"{path}.allow.spiffe_ids")
         domains = frozenset(
             self.trust_domain(value, f"{path}.allow.trust_domains[{i}]")
-            for i, value in enumerate(self.items(allow, "trust_domains", f"{path}.allow"))
+            for i, value in enumerate(
+                self.items(allow, "trust_domains", f"{path}.allow.trust_domains")
+            )
         )
         if not allow and own_domain is not None:
             domains = frozenset({own_domain})
@@ -235,14 +237,27 @@ class _Reader(ConfigReader):
             ),
         )
 
-    def unique_listeners(self, listeners: list[Inbound | Outbound | None]) -> None:
-        seen: dict[Listen, int] = {}
-        for listener in listeners:
-            if listener is None or listener.listen.port == 0:
-                continue
-            if listener.listen in seen:
-                self.fail(f"{listener.listen}", "two listeners share this address")
-            seen[listener.listen] = 1
+    def unique_listeners(
+        self,
+        admin: Listen,
+        inbound: Sequence[Inbound | None],
+        outbound: Sequence[Outbound | None],
+    ) -> None:
+        """No two listeners on one address, and no two outbound listeners with one name."""
+        listeners = [("admin", admin)]
+        listeners += [(f"inbound[{i}].listen", c.listen) for i, c in enumerate(inbound) if c]
+        listeners += [(f"outbound[{i}].listen", c.listen) for i, c in enumerate(outbound) if c]
+        seen: dict[Listen, str] = {}
+        for path, address in listeners:
+            if address.port != 0 and address in seen:
+                self.fail(path, f"{address} is already the address of {seen[address]}")
+            seen.setdefault(address, path)
+        names: dict[str, int] = {}
+        for i, item in enumerate(outbound):
+            if item is not None and names.setdefault(item.name, i) != i:
+                self.fail(
+                    f"outbound[{i}].name", f"{item.name!r} is also outbound[{names[item.name]}]"
+                )
 
     def endpoint(self, value: object, path: str) -> Endpoint | None:
         if value is None:

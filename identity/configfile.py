@@ -61,8 +61,8 @@ def parse_duration(value: object) -> timedelta:
 def read_yaml(path: Path) -> object:
     """The parsed document (an empty file is an empty mapping); ConfigError if unreadable."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(str(path), [f"cannot read: {exc}"]) from None
     return raw if raw is not None else {}
 
@@ -91,11 +91,12 @@ class ConfigReader:
         return self.mapping(value, key, known)
 
     def mapping(self, value: object, key: str, known: set[str]) -> dict[str, Any]:
+        """`value` as a dict; `key` is its path, "" for the whole document."""
         if not isinstance(value, Mapping):
-            self.fail(key, "must be a mapping")
+            self.fail(key or "(top)", "must be a mapping")
             return {}
         for unknown in sorted(set(value) - known):
-            self.fail(f"{key}.{unknown}", "unknown key")
+            self.fail(f"{key}.{unknown}" if key else str(unknown), "unknown key")
         return dict(value)
 
     def duration(

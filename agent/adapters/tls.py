@@ -95,9 +95,9 @@ def peer_id(
 def refusal_reason(exc: BaseException) -> str:
     """A bounded label for why a handshake failed."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return _VERIFY_REASONS.get(exc.verify_code, "bad_certificate")
+        return _VERIFY_REASONS.get(getattr(exc, "verify_code", 0), "bad_certificate")
     if isinstance(exc, ssl.SSLError):
-        reason = str(exc.reason or "")
+        reason = str(getattr(exc, "reason", None) or "")
         if reason in _ALERT_REASONS:
             return _ALERT_REASONS[reason]
         return "peer_alert" if "ALERT" in reason else "handshake_error"

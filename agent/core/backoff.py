@@ -7,6 +7,7 @@ an argument (linkerd's exp-backoff, SPIRE's backoff package).
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,7 +32,12 @@ class Backoff:
         """The wait after `failures` consecutive failures (1 for the first)."""
         if failures < 1:
             raise ValueError("delay is for after a failure: failures >= 1")
-        # Cap the exponent before raising to it, so a long outage cannot overflow.
-        steps = min(failures - 1, 64)
-        ceiling = min(self.initial * self.multiplier**steps, self.maximum)
-        return ceiling * rng.uniform(1 - JITTER, 1)
+        return self._ceiling(failures - 1) * rng.uniform(1 - JITTER, 1)
+
+    def _ceiling(self, steps: int) -> timedelta:
+        if self.multiplier == 1:
+            return self.initial
+        # Stop multiplying once past the cap: a timedelta overflows after a few
+        # dozen doublings, and an outage can last longer than that.
+        to_cap = math.ceil(math.log(self.maximum / self.initial, self.multiplier))
+        return min(self.initial * self.multiplier ** min(steps, to_cap), self.maximum)

@@ -1,0 +1,20 @@
+"""Session fixtures: one CA in a temporary directory, and one SVID it signed."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.core.svid import Svid, accept_svid
+from ca.signers.local import LocalSigner
+from tests.unit.agent.pki import NOW, WEB, bundle_der, make_signer, new_key, sign_leaf
+
+
+@pytest.fixture(scope="session")
+def signer(tmp_path_factory: pytest.TempPathFactory) -> LocalSigner:
+    return make_signer(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture(scope="session")
+def svid(signer: LocalSigner) -> Svid:
+    key = new_key()
+    return accept_svid(sign_leaf(signer, key), bundle_der(signer), key, WEB, NOW)

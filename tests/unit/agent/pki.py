@@ -1,0 +1,52 @@
+"""A real CA (the CA's own code) and the chains it signs, for the agent's unit tests."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca.core.template import LeafRequest
+from ca.signers.local import LocalSigner, init_ca
+from identity import SpiffeId, TrustDomain
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+TD = TrustDomain("example.org")
+WEB = SpiffeId.for_workload(TD, "shop", "web")
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def make_signer(directory: Path) -> LocalSigner:
+    init_ca(directory, TD, NOW - timedelta(days=1), force=False)
+    return LocalSigner.load(directory)
+
+
+def sign_leaf(
+    signer: LocalSigner,
+    key: ec.EllipticCurvePrivateKey,
+    spiffe_id: SpiffeId = WEB,
+    lifetime: timedelta = timedelta(hours=1),
+) -> tuple[bytes, ...]:
+    """The chain (leaf first, DER) the CA would send for `key`, valid from NOW."""
+    request = LeafRequest(
+        spiffe_id,
+        key.public_key(),
+        NOW - timedelta(minutes=1),
+        NOW + lifetime,
+        x509.random_serial_number(),
+    )
+    return tuple(der(cert) for cert in signer.sign_leaf_now(request))
+
+
+def bundle_der(signer: LocalSigner) -> tuple[bytes, ...]:
+    return tuple(der(root) for root in signer.bundle.roots)

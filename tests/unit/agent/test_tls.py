@@ -1,0 +1,124 @@
+"""TLS: a bounded label for every handshake failure, and contexts that refuse to resume."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+
+from agent.adapters.tls import client_context, refusal_reason, server_context
+from agent.core.svid import Svid
+
+
+def verify_error(code: int) -> ssl.SSLCertVerificationError:
+    exc = ssl.SSLCertVerificationError(
+        1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"
+    )
+    exc.verify_code = code
+    return exc
+
+
+def ssl_error(reason: str | None) -> ssl.SSLError:
+    """An SSLError as the ssl module raises it: OpenSSL's reason code, or None when it has none."""
+    exc = ssl.SSLError(1, f"[SSL: {reason}] {reason}")
+    exc.reason = reason  # type: ignore[assignment]  # typeshed says str; the C code can set None
+    return exc
+
+
+REASONS = [
+    pytest.param(verify_error(2), "unknown_ca", id="unable-to-get-issuer"),
+    pytest.param(verify_error(9), "not_yet_valid", id="not-yet-valid"),
+    pytest.param(verify_error(10), "expired", id="expired"),
+    pytest.param(verify_error(18), "unknown_ca", id="self-signed-leaf"),
+    pytest.param(verify_error(19), "unknown_ca", id="self-signed-in-chain"),
+    pytest.param(verify_error(20), "unknown_ca", id="no-local-issuer"),
+    pytest.param(verify_error(21), "unknown_ca", id="leaf-signature"),
+    pytest.param(verify_error(26), "wrong_usage", id="invalid-purpose"),
+    pytest.param(verify_error(47), "name_constraints", id="name-constraints"),
+    pytest.param(verify_error(7), "bad_certificate", id="other-verify-code"),
+    pytest.param(verify_error(62), "bad_certificate", id="hostname-mismatch-code"),
+    pytest.param(ssl_error("PEER_DID_NOT_RETURN_A_CERTIFICATE"), "no_client_cert", id="no-cert"),
+    pytest.param(ssl_error("CERTIFICATE_REQUIRED"), "no_client_cert", id="tls13-cert-required"),
+    pytest.param(
+        ssl_error("TLSV13_ALERT_CERTIFICATE_REQUIRED"), "peer_alert", id="alert-cert-required"
+    ),
+    pytest.param(ssl_error("WRONG_VERSION_NUMBER"), "not_tls", id="plaintext"),
+    pytest.param(ssl_error("HTTP_REQUEST"), "not_tls", id="http-to-tls-port"),
+    pytest.param(ssl_error("NO_SHARED_CIPHER"), "no_shared_cipher", id="no-shared-cipher"),
+    pytest.param(ssl_error("UNSUPPORTED_PROTOCOL"), "protocol_version", id="tls1.0"),
+    pytest.param(ssl_error("TLSV1_ALERT_PROTOCOL_VERSION"), "protocol_version", id="alert-proto"),
+    pytest.param(ssl_error("SSLV3_ALERT_BAD_CERTIFICATE"), "peer_alert", id="peer-alert"),
+    pytest.param(ssl_error("TLSV1_ALERT_UNKNOWN_CA"), "peer_alert", id="peer-unknown-ca"),
+    pytest.param(ssl_error("RECORD_LAYER_FAILURE"), "handshake_error", id="other-ssl-reason"),
+    pytest.param(ssl_error(None), "handshake_error", id="ssl-without-reason"),
+    pytest.param(TimeoutError(), "timeout", id="timeout"),
+    pytest.param(
+        ConnectionAbortedError(
+            "SSL handshake is taking longer than 10 seconds: aborting the connection"
+        ),
+        "timeout",
+        id="asyncio-handshake-timeout",
+    ),
+    pytest.param(
+        ConnectionResetError(104, "Connection reset by peer"), "connection_reset", id="rst"
+    ),
+    pytest.param(ConnectionAbortedError("aborted"), "connection_reset", id="aborted"),
+    pytest.param(BrokenPipeError(), "connection_reset", id="broken-pipe"),
+    pytest.param(EOFError(), "connection_reset", id="eof"),
+    pytest.param(ValueError("something else"), "handshake_error", id="anything-else"),
+]
+
+
+@pytest.mark.parametrize(("exc", "label"), REASONS)
+def test_refusal_reason(exc: BaseException, label: str) -> None:
+    assert refusal_reason(exc) == label
+
+
+LABELS = {
+    "unknown_ca", "not_yet_valid", "expired", "wrong_usage", "name_constraints",
+    "bad_certificate", "no_client_cert", "not_tls", "no_shared_cipher", "protocol_version",
+    "peer_alert", "handshake_error", "timeout", "connection_reset",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("reason", ["x" * 200, "a\nb", '{label="evil"}', ""])
+def test_peer_controlled_text_never_becomes_a_label(reason: str) -> None:
+    assert refusal_reason(ssl_error(reason)) in LABELS
+    assert refusal_reason(ConnectionError(reason)) in LABELS
+
+
+@pytest.mark.parametrize("make", [server_context, client_context], ids=["server", "client"])
+def test_contexts_require_and_verify_a_peer_certificate(make: object, svid: Svid) -> None:
+    context = make(svid)  # type: ignore[operator]
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.verify_flags & ssl.VERIFY_X509_STRICT
+    assert context.options & ssl.OP_NO_TICKET
+    assert context.options & ssl.OP_NO_RENEGOTIATION
+    assert context.options & ssl.OP_NO_COMPRESSION
+    assert context.check_hostname is False  # the SPIFFE ID is checked after the handshake
+    assert len(context.get_ca_certs()) == len(svid.bundle.roots)
+
+
+def test_the_server_context_issues_no_session_tickets(svid: Svid) -> None:
+    context = server_context(svid)
+    assert context.protocol == ssl.PROTOCOL_TLS_SERVER
+    assert context.num_tickets == 0
+
+
+def test_the_client_context_is_a_client(svid: Svid) -> None:
+    assert client_context(svid).protocol == ssl.PROTOCOL_TLS_CLIENT
+
+
+def test_tls12_ciphers_are_forward_secret_aead_only(svid: Svid) -> None:
+    for context in (server_context(svid), client_context(svid)):
+        tls12 = [c for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"]
+        assert tls12
+        for cipher in tls12:
+            assert cipher["kea"] == "kx-ecdhe", cipher["name"]
+            assert cipher["aead"], cipher["name"]
+
+
+def test_every_svid_gets_fresh_contexts(svid: Svid) -> None:
+    assert server_context(svid) is not server_context(svid)
+    assert client_context(svid) is not client_context(svid)
