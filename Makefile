@@ -23,8 +23,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# wrk and nginx come from Debian's packages when missing (the load generator
+# and the backend of the mesh-pair benchmark); Envoy from the dev dependencies.
 bench: $(STAMP)
+	@command -v wrk >/dev/null || apt-get install -y -q wrk nginx-light
 	$(BIN)/python bench/ca_issuance.py $(if $(QUICK),--quick)
+	$(BIN)/python bench/mesh_pair.py $(if $(QUICK),--quick)
 
 # Regenerate the CA wire protocol; tests/unit/test_proto_drift.py fails when
 # the committed code and identity/proto/ca.proto disagree.
