@@ -14,10 +14,8 @@ import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -37,7 +35,7 @@ from ca.issuer import Issuer
 from ca.signers.local import LocalSigner
 from identity import SpiffeId
 from identity.proto import ca_pb2
-from tests.support import TRUST_DOMAIN, CaSetup
+from tests.support import TRUST_DOMAIN, CaSetup, wait_for_line
 
 _READY = re.compile(r"ready as (\S+): (.*)$")
 
@@ -125,11 +123,27 @@ async def running_agent(raw: dict[str, Any], sign: SignFn, root: Path) -> AsyncI
         await agent.stop()
 
 
+def sample(agent: Agent, name: str, **labels: str) -> float:
+    """One sample of an in-process agent's metrics; 0 when absent."""
+    return agent.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def eventually(check: Callable[[], bool], seconds: float = 2.0) -> bool:
+    """`check()` became true within `seconds`: an agent may count after its peer sees a close."""
+    for _ in range(int(seconds / 0.01)):
+        if check():
+            return True
+        await asyncio.sleep(0.01)
+    return check()
+
+
 @asynccontextmanager
-async def echo_server() -> AsyncIterator[int]:
-    """A plain TCP app that echoes; yields its port."""
+async def echo_server(accepted: list[int] | None = None) -> AsyncIterator[int]:
+    """A plain TCP app that echoes; yields its port. Appends 1 to `accepted` per connection."""
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if accepted is not None:
+            accepted.append(1)
         try:
             while data := await reader.read(65536):
                 writer.write(data)
@@ -207,20 +221,8 @@ def agent_process(
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    assert process.stderr is not None
     log: list[str] = []
-    deadline = time.monotonic() + timeout
-    match = None
-    for line in process.stderr:
-        log.append(line)
-        if match := _READY.search(line):
-            break
-        if time.monotonic() > deadline:
-            break
-    if match is None:
-        process.kill()
-        raise AssertionError(f"agent {name} did not start:\n" + "".join(log))
-    threading.Thread(target=log.extend, args=(process.stderr,), daemon=True).start()
+    match = wait_for_line(process, _READY, log, timeout, f"agent {name}")
     bound = dict(part.split(" ", 1) for part in match[2].split(", "))
     agent = AgentProcess(name, process, bound, log)
     try:

@@ -158,6 +158,31 @@ def grpcio_channel(bundle_pem: bytes, port: int) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials, options)
 
 
+def wait_for_line(
+    process: subprocess.Popen[str],
+    pattern: re.Pattern[str],
+    seen: list[str],
+    timeout: float,
+    what: str,
+) -> re.Match[str]:
+    """Read `process`'s stderr into `seen` until a line matches; then keep draining it.
+
+    The reading goes on in a thread so a chatty process never blocks on a full pipe.
+    """
+    assert process.stderr is not None
+    deadline = time.monotonic() + timeout
+    match = None
+    for line in process.stderr:
+        seen.append(line)
+        if (match := pattern.search(line)) or time.monotonic() > deadline:
+            break
+    if match is None:
+        process.kill()
+        raise AssertionError(f"{what} did not start:\n" + "".join(seen))
+    threading.Thread(target=seen.extend, args=(process.stderr,), daemon=True).start()
+    return match
+
+
 @contextmanager
 def ca_process(config: Path, timeout: float = 20.0) -> Iterator[CaProcess]:
     """`outrider ca serve` as a real process; stopped with SIGTERM, which must exit 0."""
@@ -168,23 +193,8 @@ def ca_process(config: Path, timeout: float = 20.0) -> Iterator[CaProcess]:
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    assert process.stderr is not None
-    deadline = time.monotonic() + timeout
-    seen = []
-    for line in process.stderr:
-        seen.append(line)
-        if match := _READY.search(line):
-            break
-        if time.monotonic() > deadline:
-            break
-    else:
-        match = None
-    if match is None:
-        process.kill()
-        raise AssertionError("CA did not start:\n" + "".join(seen))
-    # Keep draining stderr so a chatty CA never blocks on a full pipe.
-    drain = threading.Thread(target=seen.extend, args=(process.stderr,), daemon=True)
-    drain.start()
+    seen: list[str] = []
+    match = wait_for_line(process, _READY, seen, timeout, "CA")
     try:
         yield CaProcess(int(match[1]), int(match[2]), process, seen)
     finally:

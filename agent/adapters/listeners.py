@@ -17,7 +17,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from agent.adapters.metrics import AgentMetrics
 from agent.adapters.relay import Relay
@@ -147,6 +147,16 @@ class Listener(Generic[ConfigT]):
     async def _setup(self, relay: Relay, sock: socket.socket) -> None:
         raise NotImplementedError
 
+    def _peer(
+        self, ssl_object: ssl.SSLObject, usage: Literal["client", "server"]
+    ) -> SpiffeId | None:
+        """The peer's SPIFFE ID, or None (counted) when its certificate is not an SVID."""
+        try:
+            return peer_id(ssl_object, usage, self.runtime.now())
+        except SvidError as exc:
+            self._refused(exc.reason)
+            return None
+
     def _refused(self, reason: str) -> None:
         self.runtime.metrics.handshakes.labels(self.direction, "refused", reason, "", "").inc()
 
@@ -182,10 +192,8 @@ class InboundListener(Listener[Inbound]):
             return
         tls.pause_reading()
         ssl_object = tls.get_extra_info("ssl_object")
-        try:
-            peer = peer_id(ssl_object, "client", self.runtime.now())
-        except SvidError as exc:
-            self._refused(exc.reason)
+        peer = self._peer(ssl_object, "client")
+        if peer is None:
             relay.abort()
             return
         if config.allow.decide(peer) == "deny":
@@ -258,10 +266,8 @@ class OutboundListener(Listener[Outbound]):
                 self._refused(refusal_reason(exc))
             return False
         ssl_object = tls.get_extra_info("ssl_object")
-        try:
-            peer = peer_id(ssl_object, "server", self.runtime.now())
-        except SvidError as exc:
-            self._refused(exc.reason)
+        peer = self._peer(ssl_object, "server")
+        if peer is None:
             tls.abort()
             return False
         if peer not in config.server_ids:

@@ -6,13 +6,22 @@ import asyncio
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from agent.app import Agent
 from tests import certs
-from tests.mesh import agent_yaml, echo_server, inbound, local_sign, running_agent, workload
+from tests.mesh import (
+    agent_yaml,
+    echo_server,
+    eventually,
+    inbound,
+    local_sign,
+    running_agent,
+    sample,
+    workload,
+)
 from tests.support import CaSetup
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -55,19 +64,6 @@ async def seconds_until_closed(stream: Stream, limit: float = 3.0) -> float:
     except (ConnectionError, ssl.SSLError):
         pass
     return time.monotonic() - started
-
-
-async def eventually(check: Callable[[], bool], seconds: float = 2.0) -> bool:
-    """`check()` became true within `seconds`: the agent may count after the client sees a close."""
-    for _ in range(int(seconds / 0.01)):
-        if check():
-            return True
-        await asyncio.sleep(0.01)
-    return check()
-
-
-def sample(agent: Agent, name: str, **labels: str) -> float:
-    return agent.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def refused(agent: Agent, reason: str) -> float:

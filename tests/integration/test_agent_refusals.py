@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -21,11 +21,14 @@ from tests import certs
 from tests.certs import Credential
 from tests.mesh import (
     agent_yaml,
+    echo_server,
+    eventually,
     inbound,
     local_sign,
     outbound,
     round_trip,
     running_agent,
+    sample,
     workload,
 )
 from tests.support import CaSetup
@@ -34,29 +37,6 @@ FRONTEND, INTRUDER = workload("frontend"), workload("intruder")
 PAYLOAD = b"secret for the app"
 # A test that fails with a connection still open should not wait 30 s to say so.
 LIMITS = {"drain_timeout": "500ms"}
-
-
-@asynccontextmanager
-async def counting_echo() -> AsyncIterator[tuple[int, list[int]]]:
-    """An echo app that appends 1 to a list for every connection it accepts."""
-    accepted: list[int] = []
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(1)
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1], accepted
-    finally:
-        server.close()
 
 
 async def mtls_exchange(address: str, context: ssl.SSLContext, payload: bytes = PAYLOAD) -> bytes:
@@ -105,23 +85,11 @@ def refusals(agent: Agent, direction: str) -> dict[str, float]:
     return counted
 
 
-def sample(agent: Agent, name: str, **labels: str) -> float:
-    return agent.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-async def eventually(check: Callable[[], bool], seconds: float = 2.0) -> bool:
-    """`check()` became true within `seconds` (the agent counts after the peer sees the close)."""
-    for _ in range(int(seconds / 0.01)):
-        if check():
-            return True
-        await asyncio.sleep(0.01)
-    return check()
-
-
 @pytest.fixture
 async def app_and_agent(setup: CaSetup) -> AsyncIterator[tuple[list[int], Agent]]:
     """An agent whose inbound listener lets only FRONTEND through to a counting echo app."""
-    async with counting_echo() as (app_port, accepted):
+    accepted: list[int] = []
+    async with echo_server(accepted) as app_port:
         allow = {"spiffe_ids": [str(FRONTEND)]}
         raw = agent_yaml(
             setup.root, "backend", inbound=inbound(app_port, allow=allow), limits=LIMITS

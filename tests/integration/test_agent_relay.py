@@ -17,6 +17,7 @@ from tests.mesh import (
     outbound,
     round_trip,
     running_agent,
+    sample,
     workload,
 )
 from tests.support import CaSetup
@@ -32,11 +33,6 @@ async def pair(setup: CaSetup) -> AsyncIterator[tuple[Agent, Agent]]:
             client_raw = agent_yaml(root, "frontend", outbound=upstream)
             async with running_agent(client_raw, sign, root) as client:
                 yield client, server
-
-
-def sample(agent: Agent, name: str, **labels: str) -> float:
-    value = agent.metrics.registry.get_sample_value(name, labels)
-    return value or 0.0
 
 
 async def test_bytes_go_through_and_the_inbound_side_sees_the_client_identity(

@@ -29,6 +29,7 @@ from tests.mesh import (
     outbound,
     round_trip,
     running_agent,
+    sample,
     workload,
 )
 from tests.support import CaSetup
@@ -56,10 +57,6 @@ def envoy_svid(setup: CaSetup, tmp_path_factory: pytest.TempPathFactory) -> Svid
 async def echo_port() -> AsyncIterator[int]:
     async with echo_server() as port:
         yield port
-
-
-def sample(agent: Agent, name: str, **labels: str) -> float:
-    return agent.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def peer_connections(agent: Agent, direction: str, peer: SpiffeId) -> float:
