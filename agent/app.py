@@ -108,7 +108,11 @@ class Agent:
         )
 
     async def reconfigure(self, new: AgentConfig) -> None:
-        """Apply a new config; open connections keep going under the old one."""
+        """Apply a new config; open connections keep going under the old one.
+
+        OSError (a new listener address cannot be bound) changes nothing.
+        """
+        await self._apply_listeners(new)
         old, self.config = self.config, new
         self.runtime.limits = new.limits
         self.identity.config = new
@@ -116,7 +120,6 @@ class Agent:
             self.identity.renew_now()
         if new.admin != old.admin:
             log.warning("admin address changes take a restart; still on %s", self.bound["admin"])
-        await self._apply_listeners(new)
         self.metrics.config_reloads.labels("agent", "ok").inc()
         log.info("config reloaded")
 
@@ -142,39 +145,61 @@ class Agent:
             await self._admin.cleanup()
 
     async def _apply_listeners(self, config: AgentConfig) -> None:
-        """Open new listeners, close removed ones, reconfigure the rest in place."""
-        inbound = await self._apply(
-            self.inbound,
-            {c.listen: (f"inbound[{i}]", c) for i, c in enumerate(config.inbound)},
-            InboundListener,
-        )
-        outbound = await self._apply(
-            self.outbound,
-            {c.listen: (f"outbound[{c.name}]", c) for c in config.outbound},
-            OutboundListener,
-        )
-        self.bound = {"admin": self.bound["admin"], **inbound, **outbound}
+        """Open new listeners, close removed ones, reconfigure the rest in place.
 
-    async def _apply(
+        Every new address is bound before anything else changes: if one cannot
+        be bound, the ones just opened are closed and OSError leaves the
+        running listeners as they were.
+        """
+        inbound = {c.listen: (f"inbound[{i}]", c) for i, c in enumerate(config.inbound)}
+        outbound = {c.listen: (f"outbound[{c.name}]", c) for c in config.outbound}
+        opened_in: dict[Listen, Listener[Inbound]] = {}
+        opened_out: dict[Listen, Listener[Outbound]] = {}
+        try:
+            await self._open(self.inbound, inbound, InboundListener, opened_in)
+            await self._open(self.outbound, outbound, OutboundListener, opened_out)
+        except OSError:
+            for opened in (opened_in, opened_out):
+                for listener in opened.values():
+                    listener.close()
+            raise
+        self.bound = {
+            "admin": self.bound["admin"],
+            **_commit(self.inbound, opened_in, inbound),
+            **_commit(self.outbound, opened_out, outbound),
+        }
+
+    async def _open(
         self,
         running: dict[Listen, Listener[ConfigT]],
         wanted: dict[Listen, tuple[str, ConfigT]],
         kind: type[Listener[ConfigT]],
-    ) -> dict[str, str]:
-        for listen in set(running) - set(wanted):
-            running.pop(listen).close()
-            log.info("closed %s listener %s", kind.direction, listen)
-        bound = {}
-        for listen, (name, listener_config) in wanted.items():
-            listener = running.get(listen)
-            if listener is None:
+        opened: dict[Listen, Listener[ConfigT]],
+    ) -> None:
+        """Bind the wanted addresses not yet running, into `opened`."""
+        for listen, (_, listener_config) in wanted.items():
+            if listen not in running:
                 listener = kind(listener_config, self.runtime, self.connections)
                 await listener.start(listen)
-                running[listen] = listener
-            else:
-                listener.configure(listener_config)
-            bound[name] = listener.address
-        return bound
+                opened[listen] = listener
+
+
+def _commit(
+    running: dict[Listen, Listener[ConfigT]],
+    opened: dict[Listen, Listener[ConfigT]],
+    wanted: dict[Listen, tuple[str, ConfigT]],
+) -> dict[str, str]:
+    """Swap in the opened listeners, close the unwanted, reconfigure the rest: name -> address."""
+    for listen in set(running) - set(wanted):
+        listener = running.pop(listen)
+        listener.close()
+        log.info("closed %s listener %s", listener.direction, listen)
+    running.update(opened)
+    bound = {}
+    for listen, (name, listener_config) in wanted.items():
+        running[listen].configure(listener_config)
+        bound[name] = running[listen].address
+    return bound
 
 
 async def serve(path: Path, config: AgentConfig, stop: asyncio.Event) -> None:
@@ -208,8 +233,13 @@ async def _reload(agent: Agent, path: Path) -> None:
         agent.metrics.config_reloads.labels("agent", "error").inc()
         log.error("config reload refused, keeping the running config: %s", exc)
         return
-    if new != agent.config:
+    if new == agent.config:
+        return
+    try:
         await agent.reconfigure(new)
+    except OSError as exc:
+        agent.metrics.config_reloads.labels("agent", "error").inc()
+        log.error("config reload refused, keeping the running config: %s", exc)
 
 
 async def _watch(path: Path, reload: asyncio.Event) -> None:
