@@ -171,6 +171,8 @@ async def test_rotation_under_load_fails_no_request(tmp_path: Path) -> None:
             serials = {m.frontend.certs()["serial"], m.backend.certs()["serial"]}
             load = Load(m.url)
             await load.run(60)
+            issued = f"frontend {rotations(m.frontend)}, backend {rotations(m.backend)}"
+            print(f"60 s of load: {load.ok} requests ok, {load.failed} failed; SVIDs {issued}")
             assert load.failed == 0, load.errors[:5]
             assert load.ok > 1000
             assert rotations(m.frontend) >= 6 and rotations(m.backend) >= 6  # 5 after the first
@@ -193,6 +195,8 @@ async def test_ca_outage_is_ridden_out_on_the_current_svid(tmp_path: Path) -> No
             with ca_process(m.setup.config):
                 await running
                 after = rotations(m.frontend)
+            print(f"CA down 20 s: {load.ok} requests ok, {load.failed} failed; renewals failed")
+            print(f"{failures:.0f}; SVIDs issued {before} before the outage, {after} after it")
             assert load.failed == 0, load.errors[:5]
             assert failures >= 1, "no renewal was attempted during the outage"
             assert any("retrying in" in line for line in m.frontend.log)
