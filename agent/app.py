@@ -14,9 +14,10 @@ import contextlib
 import logging
 import random
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -203,27 +204,47 @@ def _commit(
 
 
 async def serve(path: Path, config: AgentConfig, stop: asyncio.Event) -> None:
-    """Run until `stop` is set (SIGTERM), reloading `path` on SIGHUP or when it changes."""
+    """Run until `stop` is set (SIGTERM), reloading `path` on SIGHUP or when it changes.
+
+    A stop before the first SVID (the CA unreachable at start) exits at once.
+    """
     agent = Agent(config)
-    await agent.start()
+    try:
+        if await _unless_stopped(agent.start(), stop):
+            await _serve_until(agent, path, stop)
+            await agent.drain()
+        else:
+            log.info("stopped before the agent was ready")
+    finally:
+        await agent.stop()
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, object], stop: asyncio.Event) -> bool:
+    """Run `work` to its end, or cancel it when `stop` is set first; True if it ended."""
+    task, stopped = asyncio.create_task(work), asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
+    task.result()  # raise what start() raised
+    return True
+
+
+async def _serve_until(agent: Agent, path: Path, stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     reload = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, reload.set)
     watcher = asyncio.create_task(_watch(path, reload))
     try:
-        while not stop.is_set():
-            waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(reload.wait())]
-            _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
-            if reload.is_set() and not stop.is_set():
-                reload.clear()
-                await _reload(agent, path)
-        await agent.drain()
+        while await _unless_stopped(reload.wait(), stop):
+            reload.clear()
+            await _reload(agent, path)
     finally:
         watcher.cancel()
         loop.remove_signal_handler(signal.SIGHUP)
-        await agent.stop()
 
 
 async def _reload(agent: Agent, path: Path) -> None:

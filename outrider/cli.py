@@ -96,7 +96,10 @@ def _agent_run(args: argparse.Namespace) -> None:
         config = agent_config.load(path)
     except ConfigError as exc:
         raise _invalid(exc) from None
-    agent_app.run(path, config)
+    try:
+        agent_app.run(path, config)
+    except OSError as exc:  # a listen address in use or not local
+        raise CommandError(exc.strerror or str(exc)) from None
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -103,11 +103,13 @@ class Listener(Generic[ConfigT]):
         # Our own accept loop rather than loop.create_server: connect_accepted_socket
         # takes a TLS context per connection (the SVID rotates) and raises the
         # handshake's error, so every refusal is counted with its reason.
-        self._socket = socket.create_server(
-            (listen.host, listen.port),
-            family=socket.AF_INET6 if ":" in listen.host else socket.AF_INET,
-            backlog=1024,
-        )
+        try:
+            family = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM)[0][0]
+            self._socket = socket.create_server(
+                (listen.host, listen.port), family=family, backlog=1024
+            )
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from None
         self._socket.setblocking(False)
         host, port = self._socket.getsockname()[:2]
         self.address = str(Listen(host, port))

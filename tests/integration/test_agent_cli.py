@@ -1,0 +1,57 @@
+"""`outrider agent run` as a process: how it starts, refuses to start, and stops."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.mesh import agent_yaml
+from tests.support import CaSetup
+
+
+def start(path: Path, raw: dict[str, Any]) -> subprocess.Popen[str]:
+    path.write_text(yaml.safe_dump(raw))
+    return subprocess.Popen(
+        [sys.executable, "-m", "outrider", "agent", "run", "--config", str(path)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_bad_config_exits_2_and_lists_every_error(tmp_path: Path) -> None:
+    process = start(tmp_path / "agent.yaml", {"identity": {}, "inbound": [{}], "colour": 1})
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 2
+    for error in ("identity.spiffe_id: required", "ca.address: required", "inbound[0].app"):
+        assert error in stderr
+    assert "colour: unknown key" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_sigterm_before_the_first_svid_exits_0(setup: CaSetup, tmp_path: Path) -> None:
+    # The CA address is closed: the agent retries and never becomes ready.
+    process = start(tmp_path / "agent.yaml", agent_yaml(setup.root, "web"))
+    time.sleep(1.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=5)
+    assert process.returncode == 0, stderr
+    assert "retrying in" in stderr
+
+
+def test_an_address_in_use_is_a_clear_error(setup: CaSetup, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        raw = agent_yaml(setup.root, "web", admin=f"127.0.0.1:{taken.getsockname()[1]}")
+        process = start(tmp_path / "agent.yaml", raw)
+        _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 1
+    assert "address already in use" in stderr
+    assert "Traceback" not in stderr
