@@ -27,8 +27,9 @@ from ca.authn.kubernetes import TokenPolicy, TokenVerifier
 from ca.config import CaConfig
 from ca.issuer import Clock, Issuer
 from ca.metrics import CaMetrics
-from ca.signers.base import Signer
+from ca.signers.base import Signer, SignerUnavailable
 from ca.signers.local import CaDirectoryError, LocalSigner
+from ca.signers.vault import vault_signer
 from identity import refresh_at
 from identity.configfile import Listen
 
@@ -49,17 +50,29 @@ class Bound:
     http: tuple[str, int]
 
 
-def load_signer(config: CaConfig) -> Signer:
+async def open_signer(config: CaConfig, clock: Clock) -> Signer:
+    """The local key, or a Vault session with what signing needs fetched from Vault."""
+    if config.vault is not None:
+        assert config.trust_domain is not None  # config requires it with Vault
+        signer = vault_signer(config.vault, config.trust_domain, clock)
+        try:
+            await signer.start()
+        except SignerUnavailable as exc:
+            raise StartupError(
+                f"cannot sign through Vault at {config.vault.address}: {exc}"
+            ) from None
+        return signer
+    assert config.signer_dir is not None  # config requires a directory without Vault
     try:
-        signer = LocalSigner.load(config.signer_dir)
+        local = LocalSigner.load(config.signer_dir)
     except CaDirectoryError as exc:
         raise StartupError(str(exc)) from None
-    if config.trust_domain is not None and config.trust_domain != signer.trust_domain:
+    if config.trust_domain is not None and config.trust_domain != local.trust_domain:
         raise StartupError(
             f"trust_domain is {config.trust_domain} but {config.signer_dir} holds a CA for "
-            f"{signer.trust_domain}"
+            f"{local.trust_domain}"
         )
-    return signer
+    return local
 
 
 def jwks_source(config: CaConfig, clock: Clock) -> JwksSource:
@@ -79,10 +92,11 @@ async def serve(
     on_ready: asyncio.Future[Bound] | None = None,
 ) -> None:
     """Serve until `stop` is set; `on_ready` learns the bound addresses."""
-    signer = load_signer(config)
+    signer = await open_signer(config, clock)
     metrics = CaMetrics()
-    metrics.root_expiry.set(signer.bundle.earliest_expiry.timestamp())
-    metrics.intermediate_expiry.set(signer.issuer.not_valid_after_utc.timestamp())
+    # Read at every scrape: a Vault intermediate is replaced while the CA runs.
+    metrics.root_expiry.set_function(lambda: signer.bundle.earliest_expiry.timestamp())
+    metrics.intermediate_expiry.set_function(lambda: signer.issuer.not_valid_after_utc.timestamp())
     jwks = jwks_source(config, clock)
     tokens = TokenVerifier(
         TokenPolicy(config.kubernetes.issuer, config.kubernetes.audience, config.kubernetes.leeway),
@@ -112,12 +126,16 @@ async def serve(
     )
     if on_ready is not None:
         on_ready.set_result(bound)
-    rotation = asyncio.create_task(_rotate_serving(config, signer, tls, chain[0], clock))
+    background = [
+        asyncio.create_task(_rotate_serving(config, signer, tls, chain[0], clock)),
+        asyncio.create_task(signer.run()),
+    ]
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
-        rotation.cancel()
+        for task in background:
+            task.cancel()
         grpc_server.close()
         await grpc_server.wait_closed()
         await http_runner.cleanup()
@@ -133,7 +151,7 @@ async def _issue_serving(
     not_after = min(now + config.serving_ttl, signer.issuer.not_valid_after_utc)
     chain = await signer.sign_serving(
         config.serving_names,
-        key.public_key(),
+        key,
         now - config.issuance.backdate,
         not_after,
         x509.random_serial_number(),

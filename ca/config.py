@@ -4,6 +4,18 @@ Example (every key but signer.dir and authn.kubernetes has a default):
 
     trust_domain: example.org          # checked against the CA directory
     signer: {kind: local, dir: ./ca}   # relative paths are from this file
+    # or, with the root in Vault (trust_domain is then required):
+    # signer:
+    #   kind: vault
+    #   mode: intermediate             # or per-certificate
+    #   address: https://vault.vault.svc:8200
+    #   ca_file: vault-ca.pem          # trust for Vault's TLS (default: the system's)
+    #   mount: pki
+    #   role: outrider-svid            # per-certificate: signs the SVIDs
+    #   serving_role: outrider-ca      # per-certificate: signs the CA's own TLS cert
+    #   intermediate_ttl: 24h          # intermediate: renewed at half its life
+    #   timeout: 10s
+    #   auth: {method: kubernetes, role: outrider-ca}  # or approle, or token
     listen: {grpc: 0.0.0.0:8443, http: 0.0.0.0:8080}
     serving_cert: {names: [outrider-ca.outrider.svc, localhost], ttl: 24h}
     issuance: {default_ttl: 1h, max_ttl: 24h, backdate: 60s}
@@ -23,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from ca.core.issuance import IssuancePolicy
 from identity import InvalidSpiffeId, TrustDomain
@@ -41,9 +53,40 @@ class KubernetesAuthn:
     leeway: timedelta = timedelta(seconds=30)
 
 
+VaultMode = Literal["intermediate", "per-certificate"]
+VaultAuthMethod = Literal["token", "approle", "kubernetes"]
+SA_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+@dataclass(frozen=True)
+class VaultAuth:
+    """How the CA logs in to Vault; secrets are read from files, never from the config."""
+
+    method: VaultAuthMethod = "kubernetes"
+    mount: str = "kubernetes"  # where the auth method is mounted
+    token_file: Path | None = None  # token
+    role_id: str | None = None  # approle
+    secret_id_file: Path | None = None  # approle
+    role: str | None = None  # kubernetes
+    jwt_file: Path = SA_TOKEN  # kubernetes: the CA's own projected token
+
+
+@dataclass(frozen=True)
+class VaultSettings:
+    address: str
+    auth: VaultAuth
+    mode: VaultMode = "intermediate"
+    mount: str = "pki"
+    role: str = "outrider-svid"
+    serving_role: str = "outrider-ca"
+    intermediate_ttl: timedelta = timedelta(hours=24)
+    ca_file: Path | None = None
+    timeout: timedelta = timedelta(seconds=10)
+
+
 @dataclass(frozen=True)
 class CaConfig:
-    signer_dir: Path
+    signer_dir: Path | None
     kubernetes: KubernetesAuthn
     trust_domain: TrustDomain | None = None
     grpc: Listen = Listen("0.0.0.0", 8443)  # noqa: S104 - a CA serves the cluster
@@ -52,6 +95,11 @@ class CaConfig:
     serving_ttl: timedelta = timedelta(hours=24)
     issuance: IssuancePolicy = field(default_factory=IssuancePolicy)
     audit_log: str = "-"
+    vault: VaultSettings | None = None
+
+
+_VAULT_KEYS = set(VaultSettings.__annotations__)
+_VAULT_AUTH_KEYS = set(VaultAuth.__annotations__)
 
 
 def load(path: Path) -> CaConfig:
@@ -76,12 +124,23 @@ class _Reader(ConfigReader):
         for unknown in sorted(set(raw) - known - {"audit_log"}):
             self.fail(unknown, "unknown key")
         trust_domain = self.trust_domain(raw)
-        signer = self.section(raw, "signer", {"kind", "dir"})
-        if signer.get("kind", "local") != "local":
-            self.fail("signer.kind", f"{signer['kind']!r} is not supported (use local)")
-        signer_dir = self.file(signer, "dir", "signer.dir")
-        if signer_dir is None:
-            self.fail("signer.dir", "required: the directory made by `outrider ca init`")
+        signer = self.section(raw, "signer", {"kind", "dir"} | _VAULT_KEYS)
+        kind = signer.get("kind", "local")
+        signer_dir, vault = None, None
+        if kind == "local":
+            for key in sorted(set(signer) & _VAULT_KEYS):
+                self.fail(f"signer.{key}", "only for kind: vault")
+            signer_dir = self.file(signer, "dir", "signer.dir")
+            if signer_dir is None:
+                self.fail("signer.dir", "required: the directory made by `outrider ca init`")
+        elif kind == "vault":
+            if "dir" in signer:
+                self.fail("signer.dir", "only for kind: local")
+            if trust_domain is None:
+                self.fail("trust_domain", "required with signer kind vault")
+            vault = self.vault(signer)
+        else:
+            self.fail("signer.kind", f"{kind!r} is not a signer (local or vault)")
         listen = self.section(raw, "listen", {"grpc", "http"})
         grpc = self.listen(listen, "grpc", "listen.grpc", CaConfig.grpc)
         http = self.listen(listen, "http", "listen.http", CaConfig.http)
@@ -93,7 +152,7 @@ class _Reader(ConfigReader):
         )
         kubernetes = self.kubernetes(self.section(raw, "authn", {"kubernetes"}))
         audit_log = self.string(raw, "audit_log", "audit_log", "-") or "-"
-        if self.errors or signer_dir is None or kubernetes is None:
+        if self.errors or (signer_dir is None and vault is None) or kubernetes is None:
             return None
         return CaConfig(
             signer_dir=signer_dir,
@@ -105,6 +164,57 @@ class _Reader(ConfigReader):
             serving_ttl=serving_ttl,
             issuance=issuance,
             audit_log=audit_log if audit_log == "-" else str(self.base / audit_log),
+            vault=vault,
+        )
+
+    def vault(self, raw: Mapping[str, Any]) -> VaultSettings | None:
+        d = VaultSettings(address="", auth=VaultAuth())
+        address = self.string(raw, "address", "signer.address", None)
+        if address is None:
+            self.fail("signer.address", "required: Vault's URL, e.g. https://vault.vault.svc:8200")
+        elif not address.startswith(("https://", "http://")):
+            self.fail("signer.address", f"{address!r} is not an http(s):// URL")
+        mode = raw.get("mode", d.mode)
+        if mode not in get_args(VaultMode):
+            self.fail("signer.mode", f"{mode!r} is not intermediate or per-certificate")
+        auth = self.vault_auth(self.section(raw, "signer.auth", _VAULT_AUTH_KEYS))
+        settings = VaultSettings(
+            address=address or "",
+            auth=auth or d.auth,
+            mode=mode,
+            mount=self.string(raw, "mount", "signer.mount", d.mount) or d.mount,
+            role=self.string(raw, "role", "signer.role", d.role) or d.role,
+            serving_role=self.string(raw, "serving_role", "signer.serving_role", d.serving_role)
+            or d.serving_role,
+            intermediate_ttl=self.duration(
+                raw, "intermediate_ttl", "signer.intermediate_ttl", d.intermediate_ttl
+            ),
+            ca_file=self.file(raw, "ca_file", "signer.ca_file"),
+            timeout=self.duration(raw, "timeout", "signer.timeout", d.timeout),
+        )
+        return settings if address and auth else None
+
+    def vault_auth(self, raw: Mapping[str, Any]) -> VaultAuth | None:
+        method = raw.get("method", VaultAuth.method)
+        if method not in get_args(VaultAuthMethod):
+            self.fail("signer.auth.method", f"{method!r} is not token, approle or kubernetes")
+            return None
+        path = "signer.auth"
+        wanted = {"token": {"token_file"}, "approle": {"role_id", "secret_id_file"}}
+        wanted["kubernetes"] = {"role"}
+        for key in sorted(wanted[method] - set(raw)):
+            self.fail(f"{path}.{key}", f"required with method {method}")
+        for key in sorted(set(raw) & (_VAULT_AUTH_KEYS - {"method", "mount"} - wanted[method])):
+            if not (method == "kubernetes" and key == "jwt_file"):
+                self.fail(f"{path}.{key}", f"not used by method {method}")
+        return VaultAuth(
+            method=method,
+            mount=self.string(raw, "mount", f"{path}.mount", method) or method,
+            token_file=self.file(raw, "token_file", f"{path}.token_file"),
+            role_id=self.string(raw, "role_id", f"{path}.role_id", None),
+            secret_id_file=self.file(raw, "secret_id_file", f"{path}.secret_id_file"),
+            role=self.string(raw, "role", f"{path}.role", None),
+            jwt_file=self.file(raw, "jwt_file", f"{path}.jwt_file") or SA_TOKEN,
         )
 
     def trust_domain(self, raw: Mapping[str, Any]) -> TrustDomain | None:

@@ -7,6 +7,7 @@ credvalidator).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -31,6 +32,8 @@ class Issuer:
         spiffe_id: SpiffeId,
         public_key: CertificatePublicKeyTypes,
         requested_ttl: timedelta | None = None,
+        *,
+        csr: x509.CertificateSigningRequest | None = None,
     ) -> IssuedSvid:
         now = self._clock()
         request = plan_leaf(
@@ -42,6 +45,8 @@ class Issuer:
             now,
             x509.random_serial_number(),
         )
+        if csr is not None:
+            request = dataclasses.replace(request, csr=csr)
         chain = await self.signer.sign_leaf(request)
         check_issued(request, chain, self.signer.bundle, now)
         return IssuedSvid(spiffe_id, chain, self.signer.bundle)

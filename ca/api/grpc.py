@@ -52,7 +52,7 @@ def refusal_for(exc: Exception) -> Refusal | None:
     if isinstance(exc, TtlRejected):
         return Refusal(Status.INVALID_ARGUMENT, "bad_ttl", str(exc))
     if isinstance(exc, SignerUnavailable):
-        return Refusal(Status.UNAVAILABLE, "signer_unavailable", str(exc))
+        return Refusal(Status.UNAVAILABLE, exc.reason, str(exc))
     if isinstance(exc, IssuanceError):
         return Refusal(Status.INTERNAL, "validation_failed", "the CA refused its own certificate")
     return None
@@ -76,9 +76,12 @@ class CertificateAuthorityService(CertificateAuthorityBase):
             caller = await self._authenticator.authenticate(
                 _authorization(stream), _peer_certificate(stream)
             )
-            public_key = csr.check(csr.parse(request.csr), caller.spiffe_id)
+            parsed = csr.parse(request.csr)
+            public_key = csr.check(parsed, caller.spiffe_id)
             started = time.perf_counter()
-            issued = await self._issuer.issue(caller.spiffe_id, public_key, self._ttl(request))
+            issued = await self._issuer.issue(
+                caller.spiffe_id, public_key, self._ttl(request), csr=parsed
+            )
             self._metrics.sign_duration.observe(time.perf_counter() - started)
         except Exception as exc:
             refusal = refusal_for(exc)

@@ -57,6 +57,9 @@ class LeafRequest:
     not_before: datetime
     not_after: datetime
     serial: int
+    # The workload's CSR, for signers that need proof of possession (Vault's
+    # sign/<role>); its names are never used.
+    csr: x509.CertificateSigningRequest | None = None
 
 
 def _name(*parts: tuple[x509.ObjectIdentifier, str]) -> x509.Name:

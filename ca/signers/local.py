@@ -16,7 +16,6 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from ca.core import template
 from ca.core.template import LeafRequest
@@ -90,6 +89,9 @@ class LocalSigner:
         trust_domain = _trust_domain_of(issuer)
         return cls(TrustBundle.from_pem(trust_domain, bundle_pem), issuer, key)
 
+    async def run(self) -> None:
+        """Nothing to keep fresh: the key is on disk."""
+
     async def sign_leaf(self, request: LeafRequest) -> tuple[x509.Certificate, ...]:
         return self.sign_leaf_now(request)
 
@@ -101,12 +103,14 @@ class LocalSigner:
     async def sign_serving(
         self,
         names: tuple[str, ...],
-        public_key: CertificatePublicKeyTypes,
+        key: ec.EllipticCurvePrivateKey,
         not_before: datetime,
         not_after: datetime,
         serial: int,
     ) -> tuple[x509.Certificate, ...]:
-        builder = template.serving(names, public_key, self.issuer, not_before, not_after, serial)
+        builder = template.serving(
+            names, key.public_key(), self.issuer, not_before, not_after, serial
+        )
         return (builder.sign(self._key, hashes.SHA256()), self.issuer)
 
 

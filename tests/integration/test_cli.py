@@ -116,7 +116,7 @@ def test_serve_with_a_bad_config_lists_every_error(tmp_path: Path):
     config = tmp_path / "ca.yaml"
     config.write_text(
         "trust_domain: Bad_Domain\n"
-        "signer: {kind: vault}\n"
+        "signer: {kind: hsm}\n"
         "listen: {grpc: nowhere}\n"
         "issuance: {default_ttl: 2d, max_ttl: soon}\n"
         "authn: {kubernetes: {jwks_url: 'http://insecure'}}\n"
@@ -127,7 +127,6 @@ def test_serve_with_a_bad_config_lists_every_error(tmp_path: Path):
     for path in (
         "trust_domain:",
         "signer.kind:",
-        "signer.dir:",
         "listen.grpc:",
         "issuance.max_ttl:",
         "authn.kubernetes.issuer:",

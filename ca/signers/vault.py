@@ -1,0 +1,348 @@
+"""`signer: vault`: the root stays in Vault's (or OpenBao's) PKI engine.
+
+Two modes:
+
+- `intermediate` (the default; SPIRE's UpstreamAuthority model): the CA makes
+  an intermediate key in memory and has Vault's root sign it
+  (`<mount>/root/sign-intermediate`, short TTL). Leaves are signed locally, so
+  Vault is contacted once per intermediate, not per workload. The
+  intermediate is renewed at half its life with a fresh key; while Vault is
+  away the current one keeps signing until it expires.
+- `per-certificate`: Vault signs every leaf (`<mount>/sign/<role>`, never
+  `sign-verbatim`) from the workload's own CSR, with the URI SAN set by the
+  CA from the authenticated identity; the role fixes key usage, allowed URI
+  SANs and the maximum TTL.
+
+hvac is synchronous, so every call runs in a thread with Vault's timeout.
+Whatever goes wrong with Vault becomes `SignerUnavailable` with a bounded
+reason, which the Sign RPC answers as UNAVAILABLE: the agent retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import hvac
+import hvac.exceptions
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ca.config import VaultSettings
+from ca.core import template
+from ca.core.template import LeafRequest
+from ca.signers.base import SignerUnavailable
+from identity import TrustBundle, TrustDomain, refresh_at
+from identity.chain import ChainError, check_chain
+
+log = logging.getLogger("outrider.ca.vault")
+
+T = TypeVar("T")
+Clock = Callable[[], datetime]
+
+#: How long to wait between attempts to renew the token or the intermediate.
+RETRY = timedelta(seconds=5)
+
+
+class VaultSession:
+    """An hvac client whose token is kept fresh: renewed at half its TTL, or logged in again."""
+
+    def __init__(self, settings: VaultSettings) -> None:
+        self.settings = settings
+        verify: str | bool = str(settings.ca_file) if settings.ca_file else True
+        self._client = hvac.Client(
+            url=settings.address, verify=verify, timeout=settings.timeout.total_seconds()
+        )
+
+    async def login(self) -> None:
+        await self.call(self._login, "login")
+
+    async def call(self, work: Callable[[hvac.Client], T], what: str) -> T:
+        """Run `work` against Vault in a thread; SignerUnavailable on any Vault trouble."""
+        try:
+            return await asyncio.to_thread(work, self._client)
+        except hvac.exceptions.VaultDown as exc:
+            raise SignerUnavailable("vault_sealed", f"{what}: Vault is sealed ({exc})") from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise SignerUnavailable(
+                "vault_unreachable", f"{what}: cannot reach Vault at {self.settings.address}"
+            ) from exc
+        except (hvac.exceptions.VaultError, requests.RequestException, OSError) as exc:
+            raise SignerUnavailable("vault_refused", f"{what}: Vault refused: {exc}") from None
+
+    async def keep_fresh(self) -> None:
+        """Forever: renew the token at half its TTL; log in again when renewal fails."""
+        while True:
+            try:
+                info = await self.call(lambda c: c.auth.token.lookup_self()["data"], "lookup")
+                ttl = int(info.get("ttl") or 0)
+                if ttl == 0:  # a token that never expires (a root token in tests)
+                    await asyncio.sleep(3600)
+                    continue
+                await asyncio.sleep(ttl / 2)
+                if info.get("renewable"):
+                    await self.call(lambda c: c.auth.token.renew_self(), "token renewal")
+                    log.info("Vault token renewed")
+                    continue
+                await self.login()
+                log.info("Vault token is not renewable: logged in again")
+            except SignerUnavailable as exc:
+                log.warning("%s; logging in again in %ss", exc, RETRY.total_seconds())
+                await asyncio.sleep(RETRY.total_seconds())
+                try:
+                    await self.login()
+                except SignerUnavailable as again:
+                    log.warning("Vault login failed: %s", again)
+
+    def _login(self, client: hvac.Client) -> None:
+        auth = self.settings.auth
+        if auth.method == "token":
+            assert auth.token_file is not None
+            client.token = auth.token_file.read_text().strip()
+        elif auth.method == "approle":
+            assert auth.secret_id_file is not None
+            secret_id = auth.secret_id_file.read_text().strip()
+            client.auth.approle.login(auth.role_id, secret_id, mount_point=auth.mount)
+        else:
+            jwt = auth.jwt_file.read_text().strip()
+            client.auth.kubernetes.login(auth.role, jwt, mount_point=auth.mount)
+        if not client.is_authenticated():
+            raise hvac.exceptions.Forbidden(f"Vault did not accept the {auth.method} credential")
+
+
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _certs(*pems: str | list[str] | None) -> list[x509.Certificate]:
+    found: list[x509.Certificate] = []
+    for pem in pems:
+        for text in pem if isinstance(pem, list) else [pem] if pem else []:
+            found += x509.load_pem_x509_certificates(text.encode())
+    return found
+
+
+def _split(certs: list[x509.Certificate]) -> tuple[list[x509.Certificate], list[x509.Certificate]]:
+    """(intermediates, roots) of Vault's issuer chain, without duplicates."""
+    unique = list({cert.fingerprint(hashes.SHA256()): cert for cert in certs}.values())
+    roots = [cert for cert in unique if cert.subject == cert.issuer]
+    return [cert for cert in unique if cert.subject != cert.issuer], roots
+
+
+class VaultSigner:
+    """What both modes share: the trust domain, the bundle from Vault, the session."""
+
+    def __init__(self, session: VaultSession, trust_domain: TrustDomain, clock: Clock) -> None:
+        self.session = session
+        self.settings = session.settings
+        self.trust_domain = trust_domain
+        self._clock = clock
+        self._above: list[x509.Certificate] = []  # Vault's intermediates, if its mount is one
+        self.bundle: TrustBundle
+        self.issuer: x509.Certificate
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.trust_domain}, {self.settings.address}, key=...)"
+
+    async def start(self) -> None:
+        """Log in and fetch what signing needs; SignerUnavailable if Vault cannot be used."""
+        await self.session.login()
+
+    async def run(self) -> None:
+        """Background work for the life of the CA: keep the token fresh."""
+        await self.session.keep_fresh()
+
+    def _path(self, tail: str) -> str:
+        return f"{self.settings.mount}/{tail}"
+
+
+class VaultIntermediateSigner(VaultSigner):
+    """Signs leaves locally with an intermediate that Vault's root signed."""
+
+    _key: ec.EllipticCurvePrivateKey
+
+    async def start(self) -> None:
+        await super().start()
+        await self.renew()
+
+    async def run(self) -> None:
+        await asyncio.gather(super().run(), self._keep_intermediate_fresh())
+
+    async def renew(self) -> None:
+        """A fresh key and a new intermediate from Vault; the old one signs until then."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, template.ORGANIZATION),
+                x509.NameAttribute(
+                    NameOID.COMMON_NAME, f"Outrider intermediate {self.trust_domain}"
+                ),
+            ]
+        )
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+        data = {
+            "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+            "common_name": f"Outrider intermediate {self.trust_domain}",
+            "ttl": f"{int(self.settings.intermediate_ttl.total_seconds())}s",
+            "max_path_length": 0,
+            "format": "pem",
+            "use_csr_values": True,
+        }
+        response = await self.session.call(
+            lambda c: c.write_data(self._path("root/sign-intermediate"), data=data)["data"],
+            "sign-intermediate",
+        )
+        intermediate = _certs(response["certificate"])[0]
+        above, roots = _split(_certs(response.get("issuing_ca"), response.get("ca_chain")))
+        self._check(intermediate, key, above, roots)
+        self._key, self.issuer, self._above = key, intermediate, above
+        self.bundle = TrustBundle(self.trust_domain, tuple(roots))
+        log.info(
+            "intermediate from Vault, serial %x, valid until %s",
+            intermediate.serial_number,
+            intermediate.not_valid_after_utc.isoformat(timespec="seconds"),
+        )
+
+    def _check(
+        self,
+        intermediate: x509.Certificate,
+        key: ec.EllipticCurvePrivateKey,
+        above: list[x509.Certificate],
+        roots: list[x509.Certificate],
+    ) -> None:
+        constraints = intermediate.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if intermediate.public_key() != key.public_key() or not constraints.ca:
+            raise SignerUnavailable("vault_refused", "Vault returned an unusable intermediate")
+        try:
+            check_chain([intermediate, *above], TrustBundle(self.trust_domain, tuple(roots)))
+        except (ChainError, ValueError) as exc:
+            raise SignerUnavailable(
+                "vault_refused", f"Vault's chain does not link: {exc}"
+            ) from None
+
+    async def _keep_intermediate_fresh(self) -> None:
+        rng = random.SystemRandom()
+        while True:
+            now = self._clock()
+            due = refresh_at(
+                self.issuer.not_valid_before_utc, self.issuer.not_valid_after_utc, now, rng
+            )
+            await asyncio.sleep((due - now).total_seconds())
+            while True:
+                try:
+                    await self.renew()
+                    break
+                except SignerUnavailable as exc:
+                    left = self.issuer.not_valid_after_utc - self._clock()
+                    log.warning(
+                        "cannot renew the intermediate (%s); the current one signs for %s more",
+                        exc,
+                        max(left, timedelta(0)),
+                    )
+                    await asyncio.sleep(RETRY.total_seconds())
+
+    async def sign_leaf(self, request: LeafRequest) -> tuple[x509.Certificate, ...]:
+        if self._clock() >= self.issuer.not_valid_after_utc:
+            raise SignerUnavailable(
+                "intermediate_expired", "the intermediate expired and Vault could not renew it"
+            )
+        leaf = template.leaf(request, self.issuer).sign(self._key, hashes.SHA256())
+        return (leaf, self.issuer, *self._above)
+
+    async def sign_serving(
+        self,
+        names: tuple[str, ...],
+        key: ec.EllipticCurvePrivateKey,
+        not_before: datetime,
+        not_after: datetime,
+        serial: int,
+    ) -> tuple[x509.Certificate, ...]:
+        builder = template.serving(
+            names, key.public_key(), self.issuer, not_before, not_after, serial
+        )
+        return (builder.sign(self._key, hashes.SHA256()), self.issuer, *self._above)
+
+
+class VaultPerCertificateSigner(VaultSigner):
+    """Vault signs every leaf from the workload's CSR, under a role that fixes its shape."""
+
+    async def start(self) -> None:
+        await super().start()
+        chain = await self.session.call(
+            lambda c: c.read(self._path("cert/ca_chain"))["data"]["ca_chain"], "read CA chain"
+        )
+        above, roots = _split(_certs(chain))
+        self.issuer = above[0] if above else roots[0]
+        self._above = above
+        self.bundle = TrustBundle(self.trust_domain, tuple(roots))
+
+    async def sign_leaf(self, request: LeafRequest) -> tuple[x509.Certificate, ...]:
+        if request.csr is None:
+            raise SignerUnavailable("vault_refused", "per-certificate signing needs the CSR")
+        data = {
+            "csr": request.csr.public_bytes(serialization.Encoding.PEM).decode(),
+            "uri_sans": str(request.spiffe_id),
+            "not_after": _vault_time(request.not_after),
+            "exclude_cn_from_sans": True,
+            "format": "pem",
+        }
+        return await self._sign(self.settings.role, data, "sign")
+
+    async def sign_serving(
+        self,
+        names: tuple[str, ...],
+        key: ec.EllipticCurvePrivateKey,
+        not_before: datetime,
+        not_after: datetime,
+        serial: int,
+    ) -> tuple[x509.Certificate, ...]:
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .sign(key, hashes.SHA256())
+        )
+        ips = [n for n in names if _is_ip(n)]
+        data = {
+            "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+            "common_name": names[0],
+            "alt_names": ",".join(n for n in names if not _is_ip(n)),
+            "ip_sans": ",".join(ips),
+            "not_after": _vault_time(not_after),
+            "format": "pem",
+        }
+        return await self._sign(self.settings.serving_role, data, "sign serving certificate")
+
+    async def _sign(
+        self, role: str, data: dict[str, Any], what: str
+    ) -> tuple[x509.Certificate, ...]:
+        response = await self.session.call(
+            lambda c: c.write_data(self._path(f"sign/{role}"), data=data)["data"], what
+        )
+        leaf = _certs(response["certificate"])[0]
+        above, _ = _split(_certs(response.get("issuing_ca"), response.get("ca_chain")))
+        return (leaf, *above)
+
+
+def _vault_time(moment: datetime) -> str:
+    """Vault's `not_after`: UTC to the second, never later than asked."""
+    return moment.replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _is_ip(name: str) -> bool:
+    return name.replace(".", "").isdigit() or ":" in name
+
+
+def vault_signer(
+    settings: VaultSettings, trust_domain: TrustDomain, clock: Clock
+) -> VaultIntermediateSigner | VaultPerCertificateSigner:
+    session = VaultSession(settings)
+    if settings.mode == "per-certificate":
+        return VaultPerCertificateSigner(session, trust_domain, clock)
+    return VaultIntermediateSigner(session, trust_domain, clock)
