@@ -9,6 +9,7 @@ import random
 import signal
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -21,9 +22,10 @@ from ca.api.grpc import CertificateAuthorityService
 from ca.api.http import make_app
 from ca.api.tls import load_credentials, server_context
 from ca.audit import AuditLog
-from ca.authn.callers import Authenticator
+from ca.authn.callers import Authenticator, TokenAuthenticator
 from ca.authn.jwks import FileJwks, HttpsJwks, JwksSource
 from ca.authn.kubernetes import TokenPolicy, TokenVerifier
+from ca.authn.tokenreview import ReviewPolicy, TokenReviewer
 from ca.config import CaConfig
 from ca.issuer import Clock, Issuer
 from ca.metrics import CaMetrics
@@ -84,6 +86,37 @@ def jwks_source(config: CaConfig, clock: Clock) -> JwksSource:
     return HttpsJwks(k8s.jwks_url, clock=clock, ca_file=ca_file, refresh_interval=k8s.jwks_refresh)
 
 
+def token_authenticator(
+    config: CaConfig, clock: Clock
+) -> tuple[TokenAuthenticator, Callable[[], Awaitable[None]]]:
+    """Offline JWKS verification, or TokenReview; and what to close at shutdown."""
+    k8s = config.kubernetes
+    if k8s.tokenreview is None:
+        jwks = jwks_source(config, clock)
+        policy = TokenPolicy(k8s.issuer, k8s.audience, k8s.leeway)
+        closer = jwks.close if isinstance(jwks, HttpsJwks) else _nothing
+        return TokenVerifier(policy, jwks, clock), closer
+    review = k8s.tokenreview
+    settings = ReviewPolicy(
+        audience=k8s.audience,
+        require_pod_binding=review.require_pod_binding,
+        cache_ttl=review.cache_ttl,
+    )
+    try:
+        reviewer = (
+            TokenReviewer.from_kubeconfig(str(review.kubeconfig), settings, clock)
+            if review.kubeconfig
+            else TokenReviewer.in_cluster(settings, clock)
+        )
+    except ValueError as exc:
+        raise StartupError(f"TokenReview: {exc}") from None
+    return reviewer, reviewer.close
+
+
+async def _nothing() -> None:
+    return None
+
+
 async def serve(
     config: CaConfig,
     stop: asyncio.Event,
@@ -97,12 +130,7 @@ async def serve(
     # Read at every scrape: a Vault intermediate is replaced while the CA runs.
     metrics.root_expiry.set_function(lambda: signer.bundle.earliest_expiry.timestamp())
     metrics.intermediate_expiry.set_function(lambda: signer.issuer.not_valid_after_utc.timestamp())
-    jwks = jwks_source(config, clock)
-    tokens = TokenVerifier(
-        TokenPolicy(config.kubernetes.issuer, config.kubernetes.audience, config.kubernetes.leeway),
-        jwks,
-        clock,
-    )
+    tokens, close_tokens = token_authenticator(config, clock)
     service = CertificateAuthorityService(
         Issuer(signer, config.issuance, clock),
         Authenticator(signer.trust_domain, tokens, clock),
@@ -139,8 +167,7 @@ async def serve(
         grpc_server.close()
         await grpc_server.wait_closed()
         await http_runner.cleanup()
-        if isinstance(jwks, HttpsJwks):
-            await jwks.close()
+        await close_tokens()
 
 
 async def _issue_serving(
@@ -162,14 +189,25 @@ async def _issue_serving(
 async def _rotate_serving(
     config: CaConfig, signer: Signer, tls: ssl.SSLContext, leaf: x509.Certificate, clock: Clock
 ) -> None:
-    """Renew the CA's own serving certificate at half its life, like any SVID."""
+    """Renew the CA's own serving certificate at half its life, like any SVID.
+
+    Half of the life left when it was issued: NotBefore is backdated, which
+    would eat most of a certificate cut short by a short-lived intermediate.
+    While the signer is unavailable the current certificate stays.
+    """
     rng = random.SystemRandom()
+    issued = clock()
     while True:
-        when = refresh_at(leaf.not_valid_before_utc, leaf.not_valid_after_utc, clock(), rng)
+        start = max(leaf.not_valid_before_utc, issued)
+        when = refresh_at(start, leaf.not_valid_after_utc, clock(), rng)
         await asyncio.sleep(max((when - clock()).total_seconds(), 1.0))
-        chain, key = await _issue_serving(config, signer, clock)
+        try:
+            chain, key = await _issue_serving(config, signer, clock)
+        except SignerUnavailable as exc:
+            log.warning("cannot renew the serving certificate, retrying: %s", exc)
+            continue
         load_credentials(tls, chain, key)
-        leaf = chain[0]
+        leaf, issued = chain[0], clock()
         log.info("serving certificate renewed, valid until %s", leaf.not_valid_after_utc)
 
 

@@ -43,6 +43,15 @@ from identity.configfile import ConfigError, ConfigReader, Listen, read_yaml
 
 
 @dataclass(frozen=True)
+class TokenReviewSettings:
+    """Ask the API server (TokenReview) instead of verifying tokens offline."""
+
+    kubeconfig: Path | None = None  # None: the in-cluster config of the CA's own pod
+    cache_ttl: timedelta = timedelta(seconds=10)
+    require_pod_binding: bool = True
+
+
+@dataclass(frozen=True)
 class KubernetesAuthn:
     issuer: str
     audience: str = "outrider-ca"
@@ -51,6 +60,7 @@ class KubernetesAuthn:
     jwks_ca_file: Path | None = None
     jwks_refresh: timedelta = timedelta(minutes=5)
     leeway: timedelta = timedelta(seconds=30)
+    tokenreview: TokenReviewSettings | None = None
 
 
 VaultMode = Literal["intermediate", "per-certificate"]
@@ -257,19 +267,23 @@ class _Reader(ConfigReader):
             "jwks_ca_file",
             "jwks_refresh",
             "leeway",
+            "tokenreview",
         }
         if "kubernetes" not in authn:
             self.fail("authn.kubernetes", "required: the token issuer and its JWKS")
             return None
         raw = self.section(authn, "authn.kubernetes", known)
         path = "authn.kubernetes"
+        review = self.tokenreview(raw) if "tokenreview" in raw else None
         issuer = self.string(raw, "issuer", f"{path}.issuer", None)
-        if issuer is None:
+        if issuer is None and review is None:
             self.fail(f"{path}.issuer", "required: the cluster's service-account issuer URL")
         jwks_file = self.file(raw, "jwks_file", f"{path}.jwks_file")
         jwks_url = self.string(raw, "jwks_url", f"{path}.jwks_url", None)
-        if (jwks_file is None) == (jwks_url is None):
-            self.fail(f"{path}.jwks_file", "set exactly one of jwks_file and jwks_url")
+        if review is not None and (jwks_file or jwks_url):
+            self.fail(f"{path}.tokenreview", "use either tokenreview or a JWKS, not both")
+        elif review is None and (jwks_file is None) == (jwks_url is None):
+            self.fail(f"{path}.jwks_file", "set exactly one of jwks_file, jwks_url, tokenreview")
         if jwks_url is not None and not jwks_url.startswith("https://"):
             self.fail(f"{path}.jwks_url", "must be an https:// URL")
         defaults = KubernetesAuthn(issuer="")
@@ -283,4 +297,18 @@ class _Reader(ConfigReader):
                 raw, "jwks_refresh", f"{path}.jwks_refresh", defaults.jwks_refresh
             ),
             leeway=self.duration(raw, "leeway", f"{path}.leeway", defaults.leeway, zero_ok=True),
+            tokenreview=review,
+        )
+
+    def tokenreview(self, authn: Mapping[str, Any]) -> TokenReviewSettings:
+        path = "authn.kubernetes.tokenreview"
+        raw = self.section(authn, path, set(TokenReviewSettings.__annotations__))
+        d = TokenReviewSettings()
+        binding = raw.get("require_pod_binding", d.require_pod_binding)
+        if not isinstance(binding, bool):
+            self.fail(f"{path}.require_pod_binding", "must be true or false")
+        return TokenReviewSettings(
+            kubeconfig=self.file(raw, "kubeconfig", f"{path}.kubeconfig"),
+            cache_ttl=self.duration(raw, "cache_ttl", f"{path}.cache_ttl", d.cache_ttl),
+            require_pod_binding=binding is True,
         )

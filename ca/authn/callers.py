@@ -10,11 +10,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from cryptography import x509
 
-from ca.authn.kubernetes import AuthnError, TokenVerifier
+from ca.authn.kubernetes import AuthnError, KubernetesCaller
 from identity import InvalidSpiffeId, SpiffeId, SvidError, TrustDomain, check_leaf
+
+
+class TokenAuthenticator(Protocol):
+    """Offline JWT verification (TokenVerifier) or the API server's TokenReview."""
+
+    async def verify(self, token: str) -> KubernetesCaller: ...
 
 
 @dataclass(frozen=True)
@@ -27,7 +34,10 @@ class Caller:
 
 class Authenticator:
     def __init__(
-        self, trust_domain: TrustDomain, tokens: TokenVerifier, clock: Callable[[], datetime]
+        self,
+        trust_domain: TrustDomain,
+        tokens: TokenAuthenticator,
+        clock: Callable[[], datetime],
     ) -> None:
         self.trust_domain = trust_domain
         self._tokens = tokens

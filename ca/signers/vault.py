@@ -167,6 +167,7 @@ class VaultIntermediateSigner(VaultSigner):
     """Signs leaves locally with an intermediate that Vault's root signed."""
 
     _key: ec.EllipticCurvePrivateKey
+    _received: datetime
 
     async def start(self) -> None:
         await super().start()
@@ -201,8 +202,10 @@ class VaultIntermediateSigner(VaultSigner):
         )
         intermediate = _certs(response["certificate"])[0]
         above, roots = _split(_certs(response.get("issuing_ca"), response.get("ca_chain")))
+        above = [cert for cert in above if cert != intermediate]  # ca_chain starts with it
         self._check(intermediate, key, above, roots)
         self._key, self.issuer, self._above = key, intermediate, above
+        self._received = self._clock()
         self.bundle = TrustBundle(self.trust_domain, tuple(roots))
         log.info(
             "intermediate from Vault, serial %x, valid until %s",
@@ -230,10 +233,11 @@ class VaultIntermediateSigner(VaultSigner):
     async def _keep_intermediate_fresh(self) -> None:
         rng = random.SystemRandom()
         while True:
-            now = self._clock()
-            due = refresh_at(
-                self.issuer.not_valid_before_utc, self.issuer.not_valid_after_utc, now, rng
-            )
+            # Half of the life left when it arrived: Vault backdates NotBefore (30 s
+            # by default), which would eat most of a short intermediate_ttl.
+            now, issuer = self._clock(), self.issuer
+            start = max(issuer.not_valid_before_utc, self._received)
+            due = refresh_at(start, issuer.not_valid_after_utc, now, rng)
             await asyncio.sleep((due - now).total_seconds())
             while True:
                 try:
