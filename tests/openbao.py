@@ -384,14 +384,21 @@ class OpenBao:
         )
         return str(created["auth"]["client_token"])
 
-    def setup_approle(self, policy_hcl: str, role: str = "outrider-ca") -> tuple[str, str]:
+    def setup_approle(
+        self,
+        policy_hcl: str,
+        role: str = "outrider-ca",
+        *,
+        token_ttl: str = "1h",
+        token_max_ttl: str = "24h",
+    ) -> tuple[str, str]:
         """Enable AppRole with one role carrying `policy_hcl`; return (role_id, secret_id)."""
         client = self.client()
         client.sys.create_or_update_policy(role, policy_hcl)
         if "approle/" not in client.sys.list_auth_methods()["data"]:
             client.sys.enable_auth_method("approle")
         client.auth.approle.create_or_update_approle(
-            role, token_policies=[role], token_ttl="1h", token_max_ttl="24h"
+            role, token_policies=[role], token_ttl=token_ttl, token_max_ttl=token_max_ttl
         )
         role_id = client.auth.approle.read_role_id(role)["data"]["role_id"]
         secret_id = client.auth.approle.generate_secret_id(role)["data"]["secret_id"]

@@ -61,13 +61,27 @@ class VaultSession:
             url=settings.address, verify=verify, timeout=settings.timeout.total_seconds()
         )
 
-    async def login(self) -> None:
-        await self.call(self._login, "login")
-
     async def call(self, work: Callable[[hvac.Client], T], what: str) -> T:
-        """Run `work` against Vault in a thread; SignerUnavailable on any Vault trouble."""
+        """Run `work` against Vault in a thread; SignerUnavailable on any Vault trouble.
+
+        A refusal may mean the token expired (Vault says "permission denied"
+        either way), so a Forbidden is tried once more after logging in again.
+        """
+        try:
+            return await self._call(work, what)
+        except hvac.exceptions.Forbidden:
+            log.warning("%s: Vault said permission denied; logging in again", what)
+        await self.login()
+        try:
+            return await self._call(work, what)
+        except hvac.exceptions.Forbidden as exc:
+            raise SignerUnavailable("vault_refused", f"{what}: Vault refused: {exc}") from None
+
+    async def _call(self, work: Callable[[hvac.Client], T], what: str) -> T:
         try:
             return await asyncio.to_thread(work, self._client)
+        except hvac.exceptions.Forbidden:
+            raise
         except hvac.exceptions.VaultDown as exc:
             raise SignerUnavailable("vault_sealed", f"{what}: Vault is sealed ({exc})") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
@@ -77,8 +91,14 @@ class VaultSession:
         except (hvac.exceptions.VaultError, requests.RequestException, OSError) as exc:
             raise SignerUnavailable("vault_refused", f"{what}: Vault refused: {exc}") from None
 
+    async def login(self) -> None:
+        try:
+            await self._call(self._login, "login")
+        except hvac.exceptions.Forbidden as exc:
+            raise SignerUnavailable("vault_refused", f"login: Vault refused: {exc}") from None
+
     async def keep_fresh(self) -> None:
-        """Forever: renew the token at half its TTL; log in again when renewal fails."""
+        """Forever: renew the token at half its TTL; log in again when it cannot be extended."""
         while True:
             try:
                 info = await self.call(lambda c: c.auth.token.lookup_self()["data"], "lookup")
@@ -88,11 +108,12 @@ class VaultSession:
                     continue
                 await asyncio.sleep(ttl / 2)
                 if info.get("renewable"):
-                    await self.call(lambda c: c.auth.token.renew_self(), "token renewal")
-                    log.info("Vault token renewed")
-                    continue
-                await self.login()
-                log.info("Vault token is not renewable: logged in again")
+                    renewed = await self.call(lambda c: c.auth.token.renew_self(), "renewal")
+                    if int(renewed["auth"]["lease_duration"]) > ttl / 2:
+                        log.info("Vault token renewed")
+                        continue
+                await self.login()  # not renewable, or at its max TTL
+                log.info("logged in to Vault again (the token could not be extended)")
             except SignerUnavailable as exc:
                 log.warning("%s; logging in again in %ss", exc, RETRY.total_seconds())
                 await asyncio.sleep(RETRY.total_seconds())

@@ -30,7 +30,14 @@ from tests.mesh import (
     running_agent,
     workload,
 )
-from tests.openbao import OUTRIDER_CA_POLICY, SVID_ROLE, OpenBao, audited_serials, openbao_binary
+from tests.openbao import (
+    OUTRIDER_CA_POLICY,
+    SVID_ROLE,
+    OpenBao,
+    audited_serials,
+    openbao_binary,
+    token_review,
+)
 from tests.support import CaProcess, CaSetup, ca_client, ca_process, make_ca_setup, make_csr
 
 if openbao_binary() is None:
@@ -182,3 +189,31 @@ async def test_a_30_second_token_is_renewed_before_it_expires(bao: OpenBao, tmp_
         lookup = bao.client(token=token).auth.token.lookup_self()["data"]
         assert lookup["ttl"] > 0
     assert any("Vault token renewed" in line for line in ca.stderr)
+
+
+async def test_the_ca_logs_in_with_the_kubernetes_auth_method(bao: OpenBao, tmp_path: Path) -> None:
+    with token_review() as reviewer:
+        bao.setup_kubernetes_auth(reviewer, OUTRIDER_CA_POLICY)
+        jwt = reviewer.issuer.token("outrider", "outrider-ca", audience="openbao")
+        (tmp_path / "ca-token").write_text(jwt)
+        auth = {"method": "kubernetes", "role": "outrider-ca", "jwt_file": "ca-token"}
+        setup = vault_ca(tmp_path, bao, "per-certificate", auth)
+        with ca_process(setup.config) as ca:
+            assert await sign(setup, ca)
+        assert reviewer.reviews  # OpenBao asked the (fake) API server about the CA's token
+
+
+async def test_a_token_at_its_max_ttl_is_replaced_by_logging_in_again(
+    bao: OpenBao, tmp_path: Path
+) -> None:
+    role_id, secret_id = bao.setup_approle(
+        OUTRIDER_CA_POLICY, role="short-lived", token_ttl="2s", token_max_ttl="4s"
+    )
+    (tmp_path / "secret-id").write_text(secret_id)
+    auth = {"method": "approle", "role_id": role_id, "secret_id_file": "secret-id"}
+    setup = vault_ca(tmp_path, bao, "per-certificate", auth)
+    with ca_process(setup.config) as ca:
+        for _ in range(3):  # 9 s: two tokens' max TTLs over
+            await asyncio.sleep(3)
+            assert await sign(setup, ca)
+    assert any("logged in to Vault again" in line for line in ca.stderr), "".join(ca.stderr)
