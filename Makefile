@@ -28,6 +28,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	@command -v wrk >/dev/null || apt-get install -y -q wrk nginx-light
 	$(BIN)/python bench/ca_issuance.py $(if $(QUICK),--quick)
+	$(BIN)/python bench/ca_vault.py $(if $(QUICK),--quick)
 	$(BIN)/python bench/mesh_pair.py $(if $(QUICK),--quick)
 
 # Regenerate the CA wire protocol; tests/unit/test_proto_drift.py fails when
