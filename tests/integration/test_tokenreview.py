@@ -34,6 +34,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 from kubernetes.client import Configuration, V1TokenReview, V1TokenReviewStatus
 
 from ca.authn.errors import TOKEN_REASONS, AuthnError
@@ -45,8 +47,9 @@ from ca.authn.tokenreview import (
     TokenReviewer,
     caller_from_review,
 )
+from tests.support import ca_client, ca_process, make_ca_setup, make_csr
 
-FIXTURES = Path(__file__).parents[2] / "fixtures" / "tokenreview"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "tokenreview"
 TOKENREVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 CA_OWN_TOKEN = "ca-own-serviceaccount-token"
 TTL = timedelta(seconds=10)
@@ -619,3 +622,39 @@ def test_policy_is_validated(settings: dict[str, Any]) -> None:
 def test_shared_reasons_are_the_offline_verifiers() -> None:
     """A reason the reviewer shares with the offline verifier means the same there."""
     assert REVIEW_REASONS - set(get_args(ReviewReason)) <= TOKEN_REASONS
+
+
+# --- wired into ca serve ------------------------------------------------------------------
+
+
+async def test_ca_serve_lets_the_review_decide_the_identity(pki: Pki, tmp_path: Path) -> None:
+    """`ca serve` with authn.kubernetes.tokenreview and a kubeconfig, against the stub."""
+    api = ApiServer()
+    await api.start(pki.server_context)
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "c", "cluster": {"server": api.url, "certificate-authority": str(pki.ca_file)}}
+        ],
+        "users": [{"name": "ca", "user": {"token": CA_OWN_TOKEN}}],
+        "contexts": [{"name": "ca", "context": {"cluster": "c", "user": "ca"}}],
+        "current-context": "ca",
+    }
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
+    authn = {"kubernetes": {"tokenreview": {"kubeconfig": "kubeconfig"}}}
+    setup = make_ca_setup(tmp_path, authn=authn)
+    running = ca_process(setup.config)
+    ca = await asyncio.to_thread(running.__enter__)  # the stub serves from this loop
+    try:
+        async with ca_client(setup, ca) as client:
+            issued = await client.sign(make_csr(), token=token("accepted"))
+            with pytest.raises(GRPCError) as refused:
+                await client.sign(make_csr(), token=token("pod_deleted"))
+    finally:
+        await asyncio.to_thread(running.__exit__, None, None, None)
+        await api.stop()
+    assert issued.spiffe_id == "spiffe://example.org/ns/demo/sa/frontend"
+    assert refused.value.status is Status.UNAUTHENTICATED
+    assert str(refused.value.message).startswith("revoked:")
+    assert [spec["audiences"] for spec in api.specs] == [["outrider-ca"]] * 2
