@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import pytest
 import uvloop
@@ -13,3 +14,21 @@ def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+async def watchdog() -> AsyncIterator[None]:
+    """Fails the test if anything holds the event loop for more than 100 ms."""
+    worst = 0.0
+
+    async def tick() -> None:
+        nonlocal worst
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(0.005)
+            worst = max(worst, time.perf_counter() - before - 0.005)
+
+    task = asyncio.create_task(tick())
+    yield
+    task.cancel()
+    assert worst < 0.1, f"event loop blocked for {worst:.3f}s"

@@ -41,7 +41,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -49,13 +48,11 @@ from typing import Any, Literal
 
 import hvac
 import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from jwt.algorithms import ECAlgorithm
 
 from ca.authn.fake_issuer import FakeTokenIssuer
+from tests.support import self_signed
 
 Kind = Literal["dev", "persistent"]
 SVID_ROLE = "outrider-svid"
@@ -550,20 +547,7 @@ class FakeTokenReview:
     @property
     def ca_cert_pem(self) -> str:
         """A throwaway CA certificate: OpenBao wants one even for an http:// API server."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake kube-apiserver CA")])
-        now = datetime.now(UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now)
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256())
-        )
+        cert, _ = self_signed("fake kube-apiserver CA")
         return cert.public_bytes(serialization.Encoding.PEM).decode()
 
     @property

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -14,7 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -78,6 +79,48 @@ def chain_pem(ders: list[bytes] | tuple[bytes, ...]) -> bytes:
     return b"".join(
         x509.load_der_x509_certificate(d).public_bytes(serialization.Encoding.PEM) for d in ders
     )
+
+
+@dataclass
+class LoopbackTls:
+    """A self-signed server certificate for 127.0.0.1, trusted only through `ca_file`."""
+
+    ca_file: Path
+    server_context: ssl.SSLContext
+
+
+def self_signed(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed CA certificate for 127.0.0.1, valid for an hour."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def loopback_tls(directory: Path, common_name: str) -> LoopbackTls:
+    """An HTTPS server identity for a stub on 127.0.0.1 (a JWKS endpoint, an API server)."""
+    cert, key = self_signed(common_name)
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key_pem(key))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return LoopbackTls(cert_file, context)
 
 
 @dataclass

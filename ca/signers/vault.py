@@ -21,6 +21,7 @@ reason, which the Sign RPC answers as UNAVAILABLE: the agent retries.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 from collections.abc import Callable
@@ -136,10 +137,6 @@ class VaultSession:
             client.auth.kubernetes.login(auth.role, jwt, mount_point=auth.mount)
         if not client.is_authenticated():
             raise hvac.exceptions.Forbidden(f"Vault did not accept the {auth.method} credential")
-
-
-def _pem(cert: x509.Certificate) -> str:
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def _certs(*pems: str | list[str] | None) -> list[x509.Certificate]:
@@ -361,7 +358,11 @@ def _vault_time(moment: datetime) -> str:
 
 
 def _is_ip(name: str) -> bool:
-    return name.replace(".", "").isdigit() or ":" in name
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def vault_signer(

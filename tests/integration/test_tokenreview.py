@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import ipaddress
 import json
 import logging
 import socket
@@ -30,10 +29,6 @@ from typing import Any, get_args
 import pytest
 import yaml
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from kubernetes.client import Configuration, V1TokenReview, V1TokenReviewStatus
@@ -47,7 +42,7 @@ from ca.authn.tokenreview import (
     TokenReviewer,
     caller_from_review,
 )
-from tests.support import ca_client, ca_process, make_ca_setup, make_csr
+from tests.support import LoopbackTls, ca_client, ca_process, loopback_tls, make_ca_setup, make_csr
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "tokenreview"
 TOKENREVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
@@ -91,49 +86,9 @@ class FakeClock:
 # --- the stub API server -----------------------------------------------------------
 
 
-@dataclass
-class Pki:
-    ca_file: Path
-    server_context: ssl.SSLContext
-
-
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver stub")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
-
-
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    cert_file, key_file = self_signed(tmp_path_factory.mktemp("apiserver"))
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert_file, key_file)
-    return Pki(cert_file, context)
+def pki(tmp_path_factory: pytest.TempPathFactory) -> LoopbackTls:
+    return loopback_tls(tmp_path_factory.mktemp("apiserver"), "kube-apiserver stub")
 
 
 @dataclass
@@ -185,25 +140,7 @@ class ApiServer:
 
 
 @pytest.fixture
-async def watchdog() -> AsyncIterator[None]:
-    """Fails the test if anything holds the event loop for more than 100 ms."""
-    worst = 0.0
-
-    async def tick() -> None:
-        nonlocal worst
-        while True:
-            before = time.perf_counter()
-            await asyncio.sleep(0.005)
-            worst = max(worst, time.perf_counter() - before - 0.005)
-
-    task = asyncio.create_task(tick())
-    yield
-    task.cancel()
-    assert worst < 0.1, f"event loop blocked for {worst:.3f}s"
-
-
-@pytest.fixture
-async def server(pki: Pki, watchdog: None) -> AsyncIterator[ApiServer]:
+async def server(pki: LoopbackTls, watchdog: None) -> AsyncIterator[ApiServer]:
     served = ApiServer()
     await served.start(pki.server_context)
     yield served
@@ -236,7 +173,7 @@ def make_reviewer(
 
 @pytest.fixture
 async def reviewer(
-    server: ApiServer, pki: Pki, token_file: Path, clock: FakeClock
+    server: ApiServer, pki: LoopbackTls, token_file: Path, clock: FakeClock
 ) -> AsyncIterator[TokenReviewer]:
     made = make_reviewer(server.url, pki.ca_file, token_file, clock)
     yield made
@@ -279,7 +216,7 @@ async def test_pod_binding_mismatch_is_refused(reviewer: TokenReviewer, case: st
 
 
 async def test_token_not_bound_to_a_pod(
-    server: ApiServer, pki: Pki, token_file: Path, clock: FakeClock
+    server: ApiServer, pki: LoopbackTls, token_file: Path, clock: FakeClock
 ) -> None:
     strict = make_reviewer(server.url, pki.ca_file, token_file, clock)
     lenient = make_reviewer(server.url, pki.ca_file, token_file, clock, require_pod_binding=False)
@@ -298,7 +235,9 @@ async def test_api_5xx_is_refused(reviewer: TokenReviewer) -> None:
     assert "HTTP 500" in error.message
 
 
-async def test_api_unreachable_is_refused(pki: Pki, token_file: Path, clock: FakeClock) -> None:
+async def test_api_unreachable_is_refused(
+    pki: LoopbackTls, token_file: Path, clock: FakeClock
+) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -314,7 +253,7 @@ async def test_api_unreachable_is_refused(pki: Pki, token_file: Path, clock: Fak
 
 
 async def test_api_refusing_the_cas_credentials_is_refused(
-    server: ApiServer, pki: Pki, tmp_path: Path, clock: FakeClock, reviewer: TokenReviewer
+    server: ApiServer, pki: LoopbackTls, tmp_path: Path, clock: FakeClock, reviewer: TokenReviewer
 ) -> None:
     stale = tmp_path / "stale-token"
     stale.write_text("not-the-ca-token")
@@ -340,7 +279,7 @@ async def test_rotated_ca_token_is_picked_up(
 async def test_untrusted_server_certificate_is_refused(
     server: ApiServer, tmp_path: Path, token_file: Path, clock: FakeClock
 ) -> None:
-    other_ca, _ = self_signed(tmp_path)
+    other_ca = loopback_tls(tmp_path, "some other CA").ca_file
     mistrusting = make_reviewer(server.url, other_ca, token_file, clock)
     try:
         error = await refused(mistrusting, "accepted", "tokenreview_unavailable")
@@ -363,7 +302,7 @@ async def test_unparseable_body_is_refused(reviewer: TokenReviewer, case: str) -
 
 
 async def test_slow_api_times_out(
-    server: ApiServer, pki: Pki, token_file: Path, clock: FakeClock
+    server: ApiServer, pki: LoopbackTls, token_file: Path, clock: FakeClock
 ) -> None:
     impatient = make_reviewer(server.url, pki.ca_file, token_file, clock, timeout=0.2)
     started = time.perf_counter()
@@ -397,7 +336,7 @@ async def test_refusals_are_not_cached(reviewer: TokenReviewer, server: ApiServe
 
 
 async def test_cache_is_bounded(
-    server: ApiServer, pki: Pki, token_file: Path, clock: FakeClock
+    server: ApiServer, pki: LoopbackTls, token_file: Path, clock: FakeClock
 ) -> None:
     small = make_reviewer(server.url, pki.ca_file, token_file, clock, max_cached=1)
     try:
@@ -539,7 +478,7 @@ def test_extras_other_than_the_pod_do_not_matter() -> None:
 
 
 async def test_in_cluster_config(
-    server: ApiServer, pki: Pki, token_file: Path, clock: FakeClock
+    server: ApiServer, pki: LoopbackTls, token_file: Path, clock: FakeClock
 ) -> None:
     port = server.url.rsplit(":", 1)[1]
     token_file.write_text(CA_OWN_TOKEN)  # kubelet writes no newline
@@ -556,7 +495,9 @@ async def test_in_cluster_config(
         await in_pod.close()
 
 
-async def test_kubeconfig(server: ApiServer, pki: Pki, tmp_path: Path, clock: FakeClock) -> None:
+async def test_kubeconfig(
+    server: ApiServer, pki: LoopbackTls, tmp_path: Path, clock: FakeClock
+) -> None:
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(
         yaml.safe_dump(
@@ -627,7 +568,9 @@ def test_shared_reasons_are_the_offline_verifiers() -> None:
 # --- wired into ca serve ------------------------------------------------------------------
 
 
-async def test_ca_serve_lets_the_review_decide_the_identity(pki: Pki, tmp_path: Path) -> None:
+async def test_ca_serve_lets_the_review_decide_the_identity(
+    pki: LoopbackTls, tmp_path: Path
+) -> None:
     """`ca serve` with authn.kubernetes.tokenreview and a kubeconfig, against the stub."""
     api = ApiServer()
     await api.start(pki.server_context)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import os
 import ssl
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -17,15 +15,12 @@ from typing import Any
 import jwt
 import pytest
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from ca.authn.errors import AuthnError
 from ca.authn.fake_issuer import FakeTokenIssuer
 from ca.authn.jwks import FileJwks, HttpsJwks, key_set_from_document, plan_fetch
 from ca.authn.kubernetes import TokenPolicy, TokenVerifier
+from tests.support import LoopbackTls, loopback_tls
 
 NOW = datetime.fromtimestamp(1_700_000_000, UTC)
 INTERVAL = timedelta(minutes=5)
@@ -153,46 +148,9 @@ def test_fetch_plan(
 # --- HttpsJwks against a real HTTPS server on loopback --------------------------
 
 
-@dataclass
-class Pki:
-    ca_file: Path
-    server_context: ssl.SSLContext
-
-
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    """A self-signed certificate for 127.0.0.1, trusted only through ca_file."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "jwks test")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    directory = tmp_path_factory.mktemp("pki")
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert_file, key_file)
-    return Pki(cert_file, context)
+def pki(tmp_path_factory: pytest.TempPathFactory) -> LoopbackTls:
+    return loopback_tls(tmp_path_factory.mktemp("pki"), "jwks test")
 
 
 @dataclass
@@ -232,25 +190,7 @@ class JwksServer:
 
 
 @pytest.fixture
-async def watchdog() -> AsyncIterator[None]:
-    """Fails the test if anything holds the event loop for more than 100 ms."""
-    worst = 0.0
-
-    async def tick() -> None:
-        nonlocal worst
-        while True:
-            before = time.perf_counter()
-            await asyncio.sleep(0.005)
-            worst = max(worst, time.perf_counter() - before - 0.005)
-
-    task = asyncio.create_task(tick())
-    yield
-    task.cancel()
-    assert worst < 0.1, f"event loop blocked for {worst:.3f}s"
-
-
-@pytest.fixture
-async def server(pki: Pki, watchdog: None) -> AsyncIterator[JwksServer]:
+async def server(pki: LoopbackTls, watchdog: None) -> AsyncIterator[JwksServer]:
     served = JwksServer(FakeTokenIssuer(kid="k1").jwks())
     await served.start(pki.server_context)
     yield served
@@ -263,7 +203,9 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def source(server: JwksServer, pki: Pki, clock: FakeClock) -> AsyncIterator[HttpsJwks]:
+async def source(
+    server: JwksServer, pki: LoopbackTls, clock: FakeClock
+) -> AsyncIterator[HttpsJwks]:
     jwks = HttpsJwks(
         server.url,
         clock=clock,
@@ -381,7 +323,7 @@ async def test_untrusted_certificate_fails_closed(server: JwksServer, clock: Fak
 
 
 async def test_sends_the_bearer_token(
-    server: JwksServer, pki: Pki, clock: FakeClock, tmp_path: Path
+    server: JwksServer, pki: LoopbackTls, clock: FakeClock, tmp_path: Path
 ) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("ca-own-token\n")
