@@ -200,15 +200,12 @@ class VaultIntermediateSigner(VaultSigner):
         name = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, template.ORGANIZATION),
-                x509.NameAttribute(
-                    NameOID.COMMON_NAME, f"Outrider intermediate {self.trust_domain}"
-                ),
+                x509.NameAttribute(NameOID.COMMON_NAME, f"intermediate {self.trust_domain}"),
             ]
         )
         csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
-        data = {
+        data = {  # the subject comes from the CSR (use_csr_values)
             "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
-            "common_name": f"Outrider intermediate {self.trust_domain}",
             "ttl": f"{int(self.settings.intermediate_ttl.total_seconds())}s",
             "max_path_length": 0,
             "format": "pem",
@@ -238,8 +235,11 @@ class VaultIntermediateSigner(VaultSigner):
         above: list[x509.Certificate],
         roots: list[x509.Certificate],
     ) -> None:
-        constraints = intermediate.extensions.get_extension_for_class(x509.BasicConstraints).value
-        if intermediate.public_key() != key.public_key() or not constraints.ca:
+        try:
+            is_ca = intermediate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if intermediate.public_key() != key.public_key() or not is_ca:
             raise SignerUnavailable("vault_refused", "Vault returned an unusable intermediate")
         try:
             check_chain([intermediate, *above], TrustBundle(self.trust_domain, tuple(roots)))
