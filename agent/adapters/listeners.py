@@ -179,7 +179,7 @@ class InboundListener(Listener[Inbound]):
     async def _setup(self, relay: Relay, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        context, limits, config = self.runtime.contexts.server, self.runtime.limits, self.config
+        context, limits = self.runtime.contexts.server, self.runtime.limits
         assert context is not None, "listeners start after the first SVID"
         try:
             tls, _ = await loop.connect_accepted_socket(
@@ -193,6 +193,7 @@ class InboundListener(Listener[Inbound]):
             relay.close()
             return
         tls.pause_reading()
+        config = self.config  # as of now: a reload during the handshake may have narrowed `allow`
         ssl_object = tls.get_extra_info("ssl_object")
         peer = self._peer(ssl_object, "client")
         if peer is None:

@@ -20,6 +20,11 @@ import asyncio
 from collections.abc import Callable
 from typing import cast
 
+#: Seconds a closed relay may take to write out what it holds; then it is aborted.
+#: A peer that stops reading would otherwise keep the socket and its buffer
+#: forever, no longer counted against max_connections nor reached by a drain.
+LINGER = 10.0
+
 
 class Side(asyncio.Protocol):
     """One end of a relayed connection."""
@@ -105,9 +110,11 @@ class Relay:
         self.closed = True
         if self._idle is not None:
             self._idle.cancel()
-        for transport in (self.down.transport, self.up.transport):
-            if transport is not None:
-                transport.close()
+        transports = [t for t in (self.down.transport, self.up.transport) if t is not None]
+        for transport in transports:
+            transport.close()
+        if transports:
+            asyncio.get_running_loop().call_later(LINGER, _abort_all, transports)
         self._on_closed(self)
 
     def abort(self) -> None:
@@ -123,5 +130,10 @@ class Relay:
         if self.down.active or self.up.active:
             self.down.active = self.up.active = False
             self._arm_idle()
-        else:
-            self.close()
+        else:  # nothing moved either way: what is still buffered is not being read
+            self.abort()
+
+
+def _abort_all(transports: list[asyncio.Transport]) -> None:
+    for transport in transports:
+        transport.abort()  # a no-op once a transport has closed

@@ -11,7 +11,6 @@ back off exponentially with jitter.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import ssl
@@ -22,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from agent.adapters.ca_client import CaClient, tls_context
 from agent.adapters.metrics import AgentMetrics
@@ -39,6 +38,10 @@ log = logging.getLogger("outrider.agent.identity")
 SignFn = Callable[[bytes, bytes, Svid | None, str | None], Awaitable[ca_pb2.SignResponse]]
 
 _UNAUTHORIZED = {Status.UNAUTHENTICATED, Status.PERMISSION_DENIED}
+
+#: The longest wait between two looks at the wall clock: a suspend or an NTP step
+#: moves the wall clock (which SVIDs expire by) and not the event loop's clock.
+RECHECK_SECONDS = 60.0
 
 
 class RenewalFailed(Exception):
@@ -78,27 +81,37 @@ class IdentityManager:
     async def run(self) -> None:
         failures = 0
         while True:
-            try:
-                self.install(await self.renew())
-            except RenewalFailed as exc:
-                failures += 1
-                delay = self.config.ca.backoff.delay(failures, self.rng).total_seconds()
-                self.metrics.rotations.labels(exc.result).inc()
-                self.metrics.ca_backoff.set(delay)
-                log.warning(
-                    "SVID renewal failed (%s, attempt %d): %s; retrying in %.1fs; %s",
-                    exc.result,
-                    failures,
-                    exc,
-                    delay,
-                    self._standing(),
-                )
-                await self._pause(delay)
+            self._wake.clear()  # a renew_now() from here on asks for the renewal after this one
+            failure = await self._try_renewal()
+            if failure is None:
+                failures = 0
+                self.metrics.ca_backoff.set(0)
+                assert self.next_renewal is not None
+                await self._pause_until(self.next_renewal)
                 continue
-            failures = 0
-            self.metrics.ca_backoff.set(0)
-            assert self.next_renewal is not None
-            await self._pause((self.next_renewal - self.now()).total_seconds())
+            failures += 1
+            delay = self.config.ca.backoff.delay(failures, self.rng).total_seconds()
+            self.metrics.rotations.labels(failure.result).inc()
+            self.metrics.ca_backoff.set(delay)
+            log.warning(
+                "SVID renewal failed (%s, attempt %d): %s; retrying in %.1fs; %s",
+                failure.result,
+                failures,
+                failure,
+                delay,
+                self._standing(),
+            )
+            await self._pause(delay)
+
+    async def _try_renewal(self) -> RenewalFailed | None:
+        try:
+            self.install(await self.renew())
+        except RenewalFailed as exc:
+            return exc
+        except Exception as exc:  # the loop must outlive a bug, or the SVID runs out unseen
+            log.exception("SVID renewal: unexpected error")
+            return RenewalFailed("ca_unavailable", repr(exc))
+        return None
 
     async def renew(self) -> Svid:
         """One CSR to the CA; the checked SVID, or RenewalFailed."""
@@ -126,7 +139,8 @@ class IdentityManager:
             retriable = exc.status in {Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED}
             result = "ca_unavailable" if retriable else "refused"
             raise RenewalFailed(result, f"CA answered {exc.status.name}: {exc.message}") from None
-        except (OSError, TimeoutError, ssl.SSLError) as exc:
+        except (OSError, TimeoutError, StreamTerminatedError, ProtocolError) as exc:
+            # StreamTerminatedError: the connection to the CA dropped mid-call (a CA restart).
             raise RenewalFailed("ca_unavailable", f"cannot reach the CA: {exc!r}") from None
         try:
             svid = accept_svid(
@@ -167,10 +181,19 @@ class IdentityManager:
             self.next_renewal.isoformat(timespec="seconds"),
         )
 
-    async def _pause(self, seconds: float) -> None:
-        self._wake.clear()
-        with contextlib.suppress(TimeoutError):
+    async def _pause(self, seconds: float) -> bool:
+        """Wait `seconds`, or less if renew_now() is called: True if it was."""
+        try:
             await asyncio.wait_for(self._wake.wait(), max(seconds, 0))
+        except TimeoutError:
+            return False
+        return True
+
+    async def _pause_until(self, when: datetime) -> None:
+        """Wait until the wall clock says `when`, or renew_now()."""
+        while (left := (when - self.now()).total_seconds()) > 0:
+            if await self._pause(min(left, RECHECK_SECONDS)):
+                return
 
     def _standing(self) -> str:
         if self.svid is None:
@@ -194,9 +217,10 @@ class IdentityManager:
         path = self.config.ca.bundle_file
         try:
             from_file = path.read_bytes()
-        except OSError as exc:
+            from_file.decode()  # PEM: a DER file would fail later with UnicodeDecodeError
+        except (OSError, UnicodeDecodeError) as exc:
             if self.svid is None:
-                raise RenewalFailed("no_credential", f"cannot read {path}: {exc}") from None
+                raise RenewalFailed("no_credential", f"cannot read {path} as PEM: {exc}") from None
             from_file = b""
         return from_file + (self.svid.bundle.to_pem() if self.svid else b"")
 

@@ -5,10 +5,13 @@ constraints and the certificate's purpose included) during the handshake;
 stdlib ssl cannot match a URI SAN, so the SPIFFE ID is checked right after,
 before a byte is relayed. Contexts are built anew for every SVID and bundle
 and never changed afterwards: a connection keeps the context it started
-with, and a new one picks up the new SVID. Session tickets and resumption are
-off, so no connection is accepted on an earlier handshake's verdict; a new
-context also starts with an empty session cache, so a bundle change
-invalidates everything that came before it.
+with, and a new one picks up the new SVID. Session tickets are off; a TLS 1.2
+client can still resume by session ID within one context (CPython sets a
+session ID context and offers no way to turn the server cache off), which
+skips OpenSSL's chain check but not ours: the leaf's SPIFFE ID, validity and
+the allow-list are checked on every connection, resumed or not. A new context
+starts with an empty session cache, so a rotation or bundle change
+invalidates every session that came before it.
 """
 
 from __future__ import annotations

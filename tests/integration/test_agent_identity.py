@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from agent import config as agent_config
+from agent.adapters import rotator
 from agent.adapters.metrics import AgentMetrics
 from agent.adapters.rotator import IdentityManager, RenewalFailed, SignFn
 from agent.adapters.tls import Contexts
@@ -139,3 +140,64 @@ async def test_run_backs_off_then_recovers_and_counts_both(setup: CaSetup) -> No
     assert identity.svid is not None
     life = identity.svid.not_after - utcnow()
     assert timedelta(0) < identity.next_renewal - utcnow() < life
+
+
+def timed_manager(setup: CaSetup, sign: SignFn, now: Callable[[], datetime]) -> IdentityManager:
+    config = agent_config.parse(agent_yaml(setup.root, "web"), base=setup.root)
+    return IdentityManager(
+        config, Contexts(), AgentMetrics(), now=now, rng=random.Random(7), sign=sign
+    )
+
+
+async def test_a_reload_during_a_renewal_is_not_lost(setup: CaSetup) -> None:
+    inner = local_sign(setup)
+    calls: list[int] = []
+    gate = asyncio.Event()
+
+    async def sign(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            await gate.wait()  # the second renewal is slow
+        return await inner(*args)
+
+    m = timed_manager(setup, sign, lambda: datetime.now(UTC))
+    task = asyncio.create_task(m.run())
+    try:
+        await asyncio.wait_for(m.has_svid.wait(), 5)
+        m.renew_now()  # e.g. a reload: renew now
+        for _ in range(100):
+            if len(calls) == 2:
+                break
+            await asyncio.sleep(0.01)
+        m.renew_now()  # a second reload, while renewal #2 is in flight (new CA address)
+        gate.set()
+        await asyncio.sleep(1)
+        assert len(calls) == 3, "the reload during the renewal did not trigger another renewal"
+    finally:
+        task.cancel()
+
+
+async def test_a_forward_clock_jump_renews_before_expiry(setup: CaSetup, monkeypatch) -> None:
+    monkeypatch.setattr(rotator, "RECHECK_SECONDS", 0.5)
+    offset = [timedelta(0)]
+
+    def now() -> datetime:
+        return datetime.now(UTC) + offset[0]
+
+    inner = local_sign(setup, ttl=timedelta(hours=1))
+    calls: list[int] = []
+
+    async def sign(*args):
+        calls.append(1)
+        return await inner(*args)
+
+    m = timed_manager(setup, sign, now)
+    task = asyncio.create_task(m.run())
+    try:
+        await asyncio.wait_for(m.has_svid.wait(), 5)
+        await asyncio.sleep(0.1)
+        offset[0] = timedelta(minutes=50)  # suspend/resume or an NTP step: 10 minutes of life left
+        await asyncio.sleep(2)
+        assert len(calls) >= 2, "past the renewal time by the wall clock and still waiting"
+    finally:
+        task.cancel()

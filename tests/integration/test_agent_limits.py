@@ -1,8 +1,10 @@
-"""The agent's limits: handshake timeout, connection cap, idle timeout, an app that is down."""
+"""The agent's limits: handshake timeout, connection cap, idle timeout, an app that is down,
+and closed connections that cannot linger."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import time
@@ -10,6 +12,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
+
+from agent.adapters import relay as relay_mod
 from agent.app import Agent
 from tests import certs
 from tests.mesh import (
@@ -160,3 +165,62 @@ async def test_an_unreachable_app_closes_the_client_with_eof(setup: CaSetup) -> 
             peer = {"direction": "inbound", "peer_id": str(workload("frontend"))}
             assert sample(agent, "outrider_peer_connections_total", tls_version="TLSv1.3", **peer)
             assert sample(agent, "outrider_connections_active", direction="inbound") == 0
+
+
+def sockets_to(port: int) -> int:
+    """Open sockets of this process connected to 127.0.0.1:port (from /proc/net/tcp)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    count = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            remote, inode = parts[2], parts[9]
+            if int(remote.split(":")[1], 16) == port and inode in inodes:
+                count += 1
+    return count
+
+
+def send_then_close(address: str, context: ssl.SSLContext, size: int) -> None:
+    host, port = address.rsplit(":", 1)
+    raw = socket.create_connection((host, int(port)), timeout=3)
+    tls = context.wrap_socket(raw, server_hostname=None)
+    tls.sendall(b"x" * size)
+    tls.close()
+
+
+async def test_a_closed_connection_to_an_app_that_does_not_read_is_aborted(
+    setup: CaSetup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(relay_mod, "LINGER", 0.5)
+    held = []
+
+    async def never_read(r, w):
+        held.append(w)
+        await asyncio.sleep(30)
+
+    app = await asyncio.start_server(never_read, "127.0.0.1", 0)
+    app_port = app.sockets[0].getsockname()[1]
+    limits = {"drain_timeout": "200ms", "idle_timeout": "300ms"}
+    raw = agent_yaml(setup.root, "backend", inbound=inbound(app_port), limits=limits)
+    try:
+        async with running_agent(raw, local_sign(setup), setup.root) as agent:
+            svid = certs.valid_svid(setup, workload("frontend"))
+            context = certs.client_context(setup.bundle_pem, svid)
+            for _ in range(5):
+                await asyncio.to_thread(
+                    send_then_close, agent.bound["inbound[0]"], context, 8 << 20
+                )
+            await asyncio.sleep(1.5)
+            open_before_drain = sockets_to(app_port)
+        assert open_before_drain == 0, "closed relays keep their app sockets open"
+    finally:
+        for w in held:
+            w.transport.abort()
+        app.close()

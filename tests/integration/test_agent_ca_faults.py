@@ -1,0 +1,99 @@
+"""The identity manager against a CA endpoint that misbehaves, on real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+from agent import config as agent_config
+from agent.adapters.metrics import AgentMetrics
+from agent.adapters.rotator import IdentityManager, RenewalFailed
+from agent.adapters.tls import Contexts
+from agent.app import utcnow
+from tests.mesh import agent_yaml
+from tests.support import CaSetup, loopback_tls
+
+
+def manager(setup: CaSetup, port: int, bundle_file: Path) -> IdentityManager:
+    raw = agent_yaml(setup.root, "web", ca_address=f"127.0.0.1:{port}")
+    raw["ca"].update(
+        {
+            "server_name": "127.0.0.1",
+            "bundle_file": str(bundle_file),
+            "timeout": "300ms",
+            "backoff": {"initial": "100ms", "max": "200ms"},
+        }
+    )
+    config = agent_config.parse(raw, base=setup.root)
+    return IdentityManager(config, Contexts(), AgentMetrics(), now=utcnow, rng=random.Random(7))
+
+
+async def test_a_ca_that_accepts_tcp_and_says_nothing(setup: CaSetup, tmp_path: Path) -> None:
+    tls = loopback_tls(tmp_path, "fake-ca")
+    held = []
+
+    async def hold(r, w):
+        held.append(w)
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    m = manager(setup, port, tls.ca_file)
+    try:
+        with pytest.raises(RenewalFailed):
+            await asyncio.wait_for(m.renew(), 5)
+    finally:
+        server.close()
+
+
+async def test_a_ca_that_drops_the_connection_mid_request(setup: CaSetup, tmp_path: Path) -> None:
+    tls = loopback_tls(tmp_path, "fake-ca")
+    tls.server_context.set_alpn_protocols(["h2"])
+
+    async def drop(r, w):
+        await r.read(100)  # the h2 preface and the request start
+        w.transport.abort()
+
+    server = await asyncio.start_server(drop, "127.0.0.1", 0, ssl=tls.server_context)
+    port = server.sockets[0].getsockname()[1]
+    m = manager(setup, port, tls.ca_file)
+    try:
+        with pytest.raises(RenewalFailed):
+            await asyncio.wait_for(m.renew(), 5)
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x30\x82\x01\x00\xff\xfe binary DER"])
+async def test_a_bundle_file_that_is_not_pem(
+    setup: CaSetup, tmp_path: Path, content: bytes
+) -> None:
+    bundle = tmp_path / "bundle.der"
+    bundle.write_bytes(content)
+    m = manager(setup, 1, bundle)
+    with pytest.raises(RenewalFailed):
+        await asyncio.wait_for(m.renew(), 5)
+
+
+async def test_run_survives_a_dropped_connection(setup: CaSetup, tmp_path: Path) -> None:
+    """run() must keep retrying: the task must not die."""
+    tls = loopback_tls(tmp_path, "fake-ca")
+    tls.server_context.set_alpn_protocols(["h2"])
+
+    async def drop(r, w):
+        await r.read(100)
+        w.transport.abort()
+
+    server = await asyncio.start_server(drop, "127.0.0.1", 0, ssl=tls.server_context)
+    port = server.sockets[0].getsockname()[1]
+    m = manager(setup, port, tls.ca_file)
+    task = asyncio.create_task(m.run())
+    await asyncio.sleep(1.5)
+    try:
+        assert not task.done(), f"identity loop died: {task.exception()!r}"
+    finally:
+        task.cancel()
+        server.close()
