@@ -97,12 +97,12 @@ def token_authenticator(
         closer = jwks.close if isinstance(jwks, HttpsJwks) else _nothing
         return TokenVerifier(policy, jwks, clock), closer
     review = k8s.tokenreview
-    settings = ReviewPolicy(
-        audience=k8s.audience,
-        require_pod_binding=review.require_pod_binding,
-        cache_ttl=review.cache_ttl,
-    )
     try:
+        settings = ReviewPolicy(
+            audience=k8s.audience,
+            require_pod_binding=review.require_pod_binding,
+            cache_ttl=review.cache_ttl,
+        )
         reviewer = (
             TokenReviewer.from_kubeconfig(str(review.kubeconfig), settings, clock)
             if review.kubeconfig
@@ -158,11 +158,18 @@ async def serve(
         asyncio.create_task(_rotate_serving(config, signer, tls, chain[0], clock)),
         asyncio.create_task(signer.run()),
     ]
+    stopping = asyncio.create_task(stop.wait())
+    pending = {stopping, *background}
     try:
-        await stop.wait()
+        while stopping in pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {stopping}:
+                # A renewal loop that failed would leave the CA serving until its
+                # certificates expire: end the process instead, so it is restarted.
+                task.result()
     finally:
         log.info("shutting down")
-        for task in background:
+        for task in (stopping, *background):
             task.cancel()
         grpc_server.close()
         await grpc_server.wait_closed()
@@ -176,6 +183,8 @@ async def _issue_serving(
     key = ec.generate_private_key(ec.SECP256R1())
     now = clock()
     not_after = min(now + config.serving_ttl, signer.issuer.not_valid_after_utc)
+    if not_after <= now:
+        raise SignerUnavailable("intermediate_expired", "the issuing certificate has expired")
     chain = await signer.sign_serving(
         config.serving_names,
         key,
@@ -198,8 +207,9 @@ async def _rotate_serving(
     rng = random.SystemRandom()
     issued = clock()
     while True:
-        start = max(leaf.not_valid_before_utc, issued)
-        when = refresh_at(start, leaf.not_valid_after_utc, clock(), rng)
+        start, now = max(leaf.not_valid_before_utc, issued), clock()
+        ends = leaf.not_valid_after_utc
+        when = refresh_at(start, ends, now, rng) if ends > start else now
         await asyncio.sleep(max((when - clock()).total_seconds(), 1.0))
         try:
             chain, key = await _issue_serving(config, signer, clock)

@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from ca.core.issuance import IssuancePolicy, IssuedSvid, check_issued, plan_leaf
-from ca.signers.base import Signer
+from ca.signers.base import Signer, SignerUnavailable
 from identity import SpiffeId
 
 Clock = Callable[[], datetime]
@@ -36,6 +36,9 @@ class Issuer:
         csr: x509.CertificateSigningRequest | None = None,
     ) -> IssuedSvid:
         now = self._clock()
+        if now >= self.signer.issuer.not_valid_after_utc:
+            # A Vault intermediate that could not be renewed in time: retriable.
+            raise SignerUnavailable("intermediate_expired", "the issuing certificate has expired")
         request = plan_leaf(
             spiffe_id,
             public_key,

@@ -38,10 +38,16 @@ class Refusal(Exception):
         self.reason = reason
 
 
+_CHECKER_DOWN = {"jwks_unavailable", "tokenreview_unavailable"}
+
+
 def refusal_for(exc: Exception) -> Refusal | None:
     """Map a domain error to what the caller is told; None for a bug."""
     if isinstance(exc, AuthnError):
-        return Refusal(Status.UNAUTHENTICATED, exc.reason, exc.message)
+        # The checker being down judged nothing: the caller may retry.
+        unchecked = exc.reason in _CHECKER_DOWN
+        status = Status.UNAVAILABLE if unchecked else Status.UNAUTHENTICATED
+        return Refusal(status, exc.reason, exc.message)
     if isinstance(exc, csr.CsrRejected):
         status = (
             Status.PERMISSION_DENIED

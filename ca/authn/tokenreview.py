@@ -30,11 +30,12 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal, get_args
 from urllib.parse import urlsplit
 
+import jwt
 import urllib3
 from kubernetes.client import (
     ApiClient,
@@ -215,6 +216,16 @@ def _client_failure(exc: Exception) -> AuthnError:
 class _Entry:
     caller: KubernetesCaller
     at: datetime
+    token_expiry: datetime | None  # the API server checked exp; a cached answer must too
+
+
+def _expiry(token: str) -> datetime | None:
+    """The `exp` of a token the API server has just accepted (so it is the real one)."""
+    try:
+        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+        return datetime.fromtimestamp(int(exp), UTC) if exp is not None else None
+    except (jwt.PyJWTError, TypeError, ValueError, OverflowError):
+        return None
 
 
 class TokenReviewer:
@@ -309,7 +320,7 @@ class TokenReviewer:
             return cached
         started = self._clock()
         caller = caller_from_review(await self._review(token), self._policy, token)
-        self._remember(key, _Entry(caller, started))
+        self._remember(key, _Entry(caller, started, _expiry(token)))
         return caller
 
     async def close(self) -> None:
@@ -321,9 +332,11 @@ class TokenReviewer:
         entry = self._cache.get(key)
         if entry is None:
             return None
-        age = self._clock() - entry.at
+        now = self._clock()
+        age = now - entry.at
         # A clock that went backwards makes the age negative: trust nothing then.
-        if not timedelta(0) <= age < self._policy.cache_ttl:
+        expired = entry.token_expiry is not None and now >= entry.token_expiry
+        if expired or not timedelta(0) <= age < self._policy.cache_ttl:
             del self._cache[key]
             return None
         self._cache.move_to_end(key)

@@ -25,6 +25,7 @@ import ipaddress
 import logging
 import random
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -50,6 +51,9 @@ Clock = Callable[[], datetime]
 
 #: How long to wait between attempts to renew the token or the intermediate.
 RETRY = timedelta(seconds=5)
+#: Vault calls at once, on threads of their own: a hung Vault must not take
+#: the event loop's default executor, and waiting callers give up at the timeout.
+MAX_IN_FLIGHT = 8
 
 
 class VaultSession:
@@ -61,26 +65,40 @@ class VaultSession:
         self._client = hvac.Client(
             url=settings.address, verify=verify, timeout=settings.timeout.total_seconds()
         )
+        self._threads = ThreadPoolExecutor(MAX_IN_FLIGHT, thread_name_prefix="vault")
+        self._login_lock = asyncio.Lock()
+        self._logins = 0  # how many times a login succeeded: which token a refusal was for
 
     async def call(self, work: Callable[[hvac.Client], T], what: str) -> T:
         """Run `work` against Vault in a thread; SignerUnavailable on any Vault trouble.
 
         A refusal may mean the token expired (Vault says "permission denied"
-        either way), so a Forbidden is tried once more after logging in again.
+        either way), so a Forbidden is tried once more after logging in again;
+        callers refused with the same token share one login.
         """
+        logins = self._logins
         try:
             return await self._call(work, what)
         except hvac.exceptions.Forbidden:
             log.warning("%s: Vault said permission denied; logging in again", what)
-        await self.login()
+        async with self._login_lock:
+            if self._logins == logins:  # nobody has logged in since this token was refused
+                await self._login_now()
         try:
             return await self._call(work, what)
         except hvac.exceptions.Forbidden as exc:
             raise SignerUnavailable("vault_refused", f"{what}: Vault refused: {exc}") from None
 
     async def _call(self, work: Callable[[hvac.Client], T], what: str) -> T:
+        timeout = self.settings.timeout.total_seconds()
         try:
-            return await asyncio.to_thread(work, self._client)
+            async with asyncio.timeout(timeout):
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self._threads, work, self._client)
+        except TimeoutError:  # before OSError, of which it is one
+            raise SignerUnavailable(
+                "vault_unreachable", f"{what}: Vault did not answer within {timeout:g}s"
+            ) from None
         except hvac.exceptions.Forbidden:
             raise
         except hvac.exceptions.VaultDown as exc:
@@ -89,14 +107,28 @@ class VaultSession:
             raise SignerUnavailable(
                 "vault_unreachable", f"{what}: cannot reach Vault at {self.settings.address}"
             ) from exc
-        except (hvac.exceptions.VaultError, requests.RequestException, OSError) as exc:
+        except hvac.exceptions.VaultError as exc:
             raise SignerUnavailable("vault_refused", f"{what}: Vault refused: {exc}") from None
+        except (requests.RequestException, OSError) as exc:
+            # Only the type: requests quotes a bad header's value, the token, in its message.
+            raise SignerUnavailable(
+                "vault_refused", f"{what}: request to Vault failed ({type(exc).__name__})"
+            ) from None
+        except (KeyError, TypeError, IndexError, ValueError) as exc:  # an answer of another shape
+            raise SignerUnavailable(
+                "vault_refused", f"{what}: unexpected answer from Vault ({type(exc).__name__})"
+            ) from None
 
     async def login(self) -> None:
+        async with self._login_lock:
+            await self._login_now()
+
+    async def _login_now(self) -> None:
         try:
             await self._call(self._login, "login")
         except hvac.exceptions.Forbidden as exc:
             raise SignerUnavailable("vault_refused", f"login: Vault refused: {exc}") from None
+        self._logins += 1
 
     async def keep_fresh(self) -> None:
         """Forever: renew the token at half its TTL; log in again when it cannot be extended."""
@@ -127,7 +159,10 @@ class VaultSession:
         auth = self.settings.auth
         if auth.method == "token":
             assert auth.token_file is not None
-            client.token = auth.token_file.read_text().strip()
+            token = auth.token_file.read_text().strip()
+            if not token or not token.isprintable() or any(char.isspace() for char in token):
+                raise hvac.exceptions.Forbidden(f"{auth.token_file} does not hold one token")
+            client.token = token
         elif auth.method == "approle":
             assert auth.secret_id_file is not None
             secret_id = auth.secret_id_file.read_text().strip()
@@ -203,20 +238,27 @@ class VaultIntermediateSigner(VaultSigner):
                 x509.NameAttribute(NameOID.COMMON_NAME, f"intermediate {self.trust_domain}"),
             ]
         )
-        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
-        data = {  # the subject comes from the CSR (use_csr_values)
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(name)
+            .add_extension(self._constraints(), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        data = {  # subject and extensions come from the CSR (use_csr_values)
             "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
             "ttl": f"{int(self.settings.intermediate_ttl.total_seconds())}s",
             "max_path_length": 0,
             "format": "pem",
             "use_csr_values": True,
         }
-        response = await self.session.call(
-            lambda c: c.write_data(self._path("root/sign-intermediate"), data=data)["data"],
-            "sign-intermediate",
-        )
-        intermediate = _certs(response["certificate"])[0]
-        above, roots = _split(_certs(response.get("issuing_ca"), response.get("ca_chain")))
+
+        def sign_intermediate(c: hvac.Client) -> tuple[x509.Certificate, list[x509.Certificate]]:
+            response = c.write_data(self._path("root/sign-intermediate"), data=data)["data"]
+            chain = _certs(response.get("issuing_ca"), response.get("ca_chain"))
+            return _certs(response["certificate"])[0], chain
+
+        intermediate, chain = await self.session.call(sign_intermediate, "sign-intermediate")
+        above, roots = _split(chain)
         above = [cert for cert in above if cert != intermediate]  # ca_chain starts with it
         self._check(intermediate, key, above, roots)
         self._key, self.issuer, self._above = key, intermediate, above
@@ -237,16 +279,29 @@ class VaultIntermediateSigner(VaultSigner):
     ) -> None:
         try:
             is_ca = intermediate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+            limited = intermediate.extensions.get_extension_for_class(x509.NameConstraints)
         except x509.ExtensionNotFound:
-            is_ca = False
+            is_ca, limited = False, None
         if intermediate.public_key() != key.public_key() or not is_ca:
             raise SignerUnavailable("vault_refused", "Vault returned an unusable intermediate")
+        if limited is None or not limited.critical or limited.value != self._constraints():
+            raise SignerUnavailable(
+                "vault_refused", f"Vault's intermediate is not limited to {self.trust_domain}"
+            )
         try:
             check_chain([intermediate, *above], TrustBundle(self.trust_domain, tuple(roots)))
         except (ChainError, ValueError) as exc:
             raise SignerUnavailable(
                 "vault_refused", f"Vault's chain does not link: {exc}"
             ) from None
+
+    def _constraints(self) -> x509.NameConstraints:
+        """Only this trust domain's URIs, as on a local intermediate (Vault copies it from
+        the CSR with use_csr_values)."""
+        return x509.NameConstraints(
+            permitted_subtrees=[x509.UniformResourceIdentifier(self.trust_domain.name)],
+            excluded_subtrees=None,
+        )
 
     async def _keep_intermediate_fresh(self) -> None:
         rng = random.SystemRandom()
@@ -286,6 +341,10 @@ class VaultIntermediateSigner(VaultSigner):
         not_after: datetime,
         serial: int,
     ) -> tuple[x509.Certificate, ...]:
+        if self._clock() >= self.issuer.not_valid_after_utc:
+            raise SignerUnavailable(
+                "intermediate_expired", "the intermediate expired and Vault could not renew it"
+            )
         builder = template.serving(
             names, key.public_key(), self.issuer, not_before, not_after, serial
         )
@@ -298,9 +357,15 @@ class VaultPerCertificateSigner(VaultSigner):
     async def start(self) -> None:
         await super().start()
         chain = await self.session.call(
-            lambda c: c.read(self._path("cert/ca_chain"))["data"]["ca_chain"], "read CA chain"
+            lambda c: _certs(c.read(self._path("cert/ca_chain"))["data"]["ca_chain"]),
+            "read CA chain",
         )
-        above, roots = _split(_certs(chain))
+        above, roots = _split(chain)
+        if not roots:
+            raise SignerUnavailable(
+                "vault_refused",
+                f"{self._path('cert/ca_chain')} has no root: give the issuer its whole chain",
+            )
         self.issuer = above[0] if above else roots[0]
         self._above = above
         self.bundle = TrustBundle(self.trust_domain, tuple(roots))
@@ -344,12 +409,12 @@ class VaultPerCertificateSigner(VaultSigner):
     async def _sign(
         self, role: str, data: dict[str, Any], what: str
     ) -> tuple[x509.Certificate, ...]:
-        response = await self.session.call(
-            lambda c: c.write_data(self._path(f"sign/{role}"), data=data)["data"], what
-        )
-        leaf = _certs(response["certificate"])[0]
-        above, _ = _split(_certs(response.get("issuing_ca"), response.get("ca_chain")))
-        return (leaf, *above)
+        def sign(c: hvac.Client) -> tuple[x509.Certificate, ...]:
+            response = c.write_data(self._path(f"sign/{role}"), data=data)["data"]
+            above, _ = _split(_certs(response.get("issuing_ca"), response.get("ca_chain")))
+            return (_certs(response["certificate"])[0], *above)
+
+        return await self.session.call(sign, what)
 
 
 def _vault_time(moment: datetime) -> str:

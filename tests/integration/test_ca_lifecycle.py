@@ -24,7 +24,8 @@ def closed_port() -> int:
 
 
 async def test_unreachable_jwks_fails_closed(tmp_path: Path):
-    """No JWKS, no identity: the CA refuses rather than trusting an unchecked token."""
+    """No JWKS, no identity: the CA refuses rather than trusting an unchecked token, and says
+    UNAVAILABLE: the token was not judged, so the caller retries."""
     url = f"https://127.0.0.1:{closed_port()}/openid/v1/jwks"
     setup = make_ca_setup(
         tmp_path, authn={"kubernetes": {"issuer": "https://k8s", "jwks_url": url}}
@@ -34,7 +35,7 @@ async def test_unreachable_jwks_fails_closed(tmp_path: Path):
             for _ in range(2):  # the second call must not be served from a cache either
                 with pytest.raises(GRPCError) as refused:
                     await client.sign(make_csr(), token=setup.issuer.token("shop", "web"))
-                assert refused.value.status is Status.UNAUTHENTICATED
+                assert refused.value.status is Status.UNAVAILABLE
                 assert (refused.value.message or "").startswith("jwks_unavailable")
     assert setup.issued_count() == 0
 
