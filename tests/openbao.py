@@ -17,9 +17,9 @@ has left ("file" is gone), and raft needs a second, cluster port.
 OpenBao differs from Vault here in ways the tests rely on:
 - audit devices cannot be enabled through the API; they are declared in the
   config file, which enable_file_audit() rewrites before it sends SIGHUP;
-- pki/root/sign-intermediate has no URI name constraints (only
-  permitted_dns_domains): an intermediate Vault signs is not limited to the
-  trust domain, unlike the one `outrider ca init` makes;
+- pki/root/sign-intermediate takes no URI name constraint parameter (only
+  permitted_dns_domains), but with use_csr_values it copies the one in the
+  CSR, which is how the CA limits its intermediate to the trust domain;
 - the Kubernetes auth method always calls the TokenReview API, even with
   pem_keys; FakeTokenReview answers it on loopback.
 
