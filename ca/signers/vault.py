@@ -39,6 +39,7 @@ from cryptography.x509.oid import NameOID
 
 from ca.config import VaultSettings
 from ca.core import template
+from ca.core.csr import CsrRejected
 from ca.core.template import LeafRequest
 from ca.signers.base import SignerUnavailable
 from identity import TrustBundle, TrustDomain, refresh_at
@@ -95,6 +96,8 @@ class VaultSession:
             async with asyncio.timeout(timeout):
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(self._threads, work, self._client)
+        except CsrRejected:
+            raise  # the caller's fault, not Vault's: not retriable
         except TimeoutError:  # before OSError, of which it is one
             raise SignerUnavailable(
                 "vault_unreachable", f"{what}: Vault did not answer within {timeout:g}s"
@@ -410,7 +413,10 @@ class VaultPerCertificateSigner(VaultSigner):
         self, role: str, data: dict[str, Any], what: str
     ) -> tuple[x509.Certificate, ...]:
         def sign(c: hvac.Client) -> tuple[x509.Certificate, ...]:
-            response = c.write_data(self._path(f"sign/{role}"), data=data)["data"]
+            try:
+                response = c.write_data(self._path(f"sign/{role}"), data=data)["data"]
+            except hvac.exceptions.InvalidRequest as exc:  # the role refuses this CSR for good
+                raise CsrRejected("vault_rejected", f"Vault's role {role}: {exc}") from None
             above, _ = _split(_certs(response.get("issuing_ca"), response.get("ca_chain")))
             return (_certs(response["certificate"])[0], *above)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from ca.config import VaultAuth, VaultSettings
@@ -22,7 +23,7 @@ from ca.signers.vault import VaultPerCertificateSigner, vault_signer
 from identity import SpiffeId, TrustDomain
 from tests.integration.test_ca_vault import approle, sign, vault_ca
 from tests.openbao import OUTRIDER_CA_POLICY, OpenBao
-from tests.support import ca_process
+from tests.support import ca_client, ca_process, make_csr
 
 
 async def test_a_malformed_token_file_never_reaches_a_caller(tmp_path: Path) -> None:
@@ -164,3 +165,17 @@ async def test_the_vault_intermediate_is_limited_to_the_trust_domain(tmp_path: P
         assert constraints.value.permitted_subtrees == [
             x509.UniformResourceIdentifier("example.org")
         ]
+
+
+async def test_a_csr_the_role_refuses_is_invalid_not_unavailable(tmp_path: Path) -> None:
+    """An RSA key passes our CSR rules but not the role's key_type=ec: retrying cannot help."""
+    with OpenBao(tmp_path / "bao", kind="dev") as bao:
+        bao.setup_pki()
+        setup = vault_ca(tmp_path / "ca", bao, "per-certificate", approle(tmp_path / "ca", bao))
+        with ca_process(setup.config) as ca:
+            async with ca_client(setup, ca) as client:
+                with pytest.raises(GRPCError) as refused:
+                    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+                    await client.sign(make_csr(key), token=setup.issuer.token("demo", "web"))
+    assert refused.value.status is Status.INVALID_ARGUMENT
+    assert str(refused.value.message).startswith("vault_rejected:")
