@@ -80,7 +80,10 @@ class Agent:
 
     @property
     def ready(self) -> bool:
-        return self._listening and not self._draining and self.identity.svid is not None
+        """Listening, not draining, and holding an SVID that has not expired."""
+        svid = self.identity.svid
+        serving = self._listening and not self._draining
+        return serving and svid is not None and self.runtime.now() < svid.not_after
 
     @property
     def svid(self) -> Svid | None:

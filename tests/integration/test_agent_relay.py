@@ -63,3 +63,12 @@ async def test_closing_the_client_closes_the_connection_on_both_agents(
         await asyncio.sleep(0.02)
     assert (len(client.connections), len(server.connections)) == (0, 0)
     assert sample(server, "outrider_connections_active", direction="inbound") == 0
+
+
+async def test_ready_only_while_the_svid_is_valid(pair: tuple[Agent, Agent]) -> None:
+    client, _ = pair
+    assert client.ready
+    svid = client.svid
+    assert svid is not None
+    client.runtime.now = lambda: svid.not_after  # the CA stayed away too long
+    assert not client.ready
