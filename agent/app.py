@@ -206,15 +206,20 @@ def _commit(
     return bound
 
 
-async def serve(path: Path, config: AgentConfig, stop: asyncio.Event) -> None:
+async def serve(path: Path | None, config: AgentConfig, stop: asyncio.Event) -> None:
     """Run until `stop` is set (SIGTERM), reloading `path` on SIGHUP or when it changes.
 
-    A stop before the first SVID (the CA unreachable at start) exits at once.
+    A config given inline (`path` None: the injector's environment variable) is fixed
+    for the process's life. A stop before the first SVID (the CA unreachable at start)
+    exits at once.
     """
     agent = Agent(config)
     try:
         if await _unless_stopped(agent.start(), stop):
-            await _serve_until(agent, path, stop)
+            if path is None:
+                await stop.wait()
+            else:
+                await _serve_until(agent, path, stop)
             await agent.drain()
         else:
             log.info("stopped before the agent was ready")
@@ -284,7 +289,7 @@ def _fingerprint(path: Path) -> bytes | None:
         return None
 
 
-def run(path: Path, config: AgentConfig) -> None:
+def run(path: Path | None, config: AgentConfig) -> None:
     """The process: uvloop when present, SIGTERM/SIGINT drain and exit 0."""
     try:
         import uvloop

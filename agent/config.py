@@ -39,9 +39,9 @@ from agent.core.authz import AllowList
 from agent.core.backoff import Backoff
 from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
-from identity.configfile import ConfigError, ConfigReader, Listen, read_yaml
+from identity.configfile import ConfigError, ConfigReader, Listen, parse_yaml, read_yaml
 
-__all__ = ["AgentConfig", "ConfigError", "load", "parse"]
+__all__ = ["AgentConfig", "ConfigError", "load", "parse", "parse_text"]
 
 DEFAULT_TOKEN = Path("/var/run/secrets/outrider/token")
 
@@ -105,6 +105,11 @@ class AgentConfig:
 def load(path: Path) -> AgentConfig:
     """Read and validate `path`; raise ConfigError listing every problem."""
     return parse(read_yaml(path), base=path.parent, source=str(path))
+
+
+def parse_text(text: str, *, source: str) -> AgentConfig:
+    """Validate YAML given inline (the injector passes it in an environment variable)."""
+    return parse(parse_yaml(text, source), base=Path.cwd(), source=source)
 
 
 def parse(raw: object, *, base: Path, source: str = "config") -> AgentConfig:

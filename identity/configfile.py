@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "ConfigReader", "Listen", "parse_duration", "read_yaml"]
+__all__ = ["ConfigError", "ConfigReader", "Listen", "parse_duration", "parse_yaml", "read_yaml"]
 
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -61,9 +61,18 @@ def parse_duration(value: object) -> timedelta:
 def read_yaml(path: Path) -> object:
     """The parsed document (an empty file is an empty mapping); ConfigError if unreadable."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), [f"cannot read: {exc}"]) from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, source: str) -> object:
+    """The parsed document (empty text is an empty mapping); ConfigError if malformed."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"cannot read: {exc}"]) from None
     return raw if raw is not None else {}
 
 

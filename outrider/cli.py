@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -91,15 +92,25 @@ def _agent_run(args: argparse.Namespace) -> None:
     from agent import app as agent_app
     from agent import config as agent_config
 
-    path = Path(args.config)
+    path = Path(args.config) if args.config else None
     try:
-        config = agent_config.load(path)
+        if path is not None:
+            config = agent_config.load(path)
+        else:
+            config = agent_config.parse_text(_environ(args.config_env), source=args.config_env)
     except ConfigError as exc:
         raise _invalid(exc) from None
     try:
         agent_app.run(path, config)
     except OSError as exc:  # a listen address in use or not local
         raise CommandError(exc.strerror or str(exc)) from None
+
+
+def _environ(name: str) -> str:
+    try:
+        return os.environ[name]
+    except KeyError:
+        raise CommandError(f"environment variable {name} is not set", EXIT_USAGE) from None
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -137,7 +148,11 @@ def parser() -> argparse.ArgumentParser:
         dest="agent_command", required=True
     )
     agent_run = agent.add_parser("run", help="get an SVID, serve mTLS, keep it fresh")
-    agent_run.add_argument("--config", required=True, help="agent.yaml")
+    source = agent_run.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="agent.yaml, reloaded when it changes")
+    source.add_argument(
+        "--config-env", metavar="VAR", help="read the YAML from this environment variable"
+    )
     agent_run.set_defaults(func=_agent_run)
 
     demo = commands.add_parser("demo", help="run the mesh on loopback and show what it does")

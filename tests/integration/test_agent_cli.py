@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import socket
 import subprocess
@@ -55,3 +57,33 @@ def test_an_address_in_use_is_a_clear_error(setup: CaSetup, tmp_path: Path) -> N
     assert process.returncode == 1
     assert "address already in use" in stderr
     assert "Traceback" not in stderr
+
+
+def test_a_config_from_the_environment_starts_the_agent(setup: CaSetup, tmp_path: Path) -> None:
+    # The injector passes the agent's config in an environment variable.
+    raw = agent_yaml(setup.root, "web")  # the CA address is closed, as above
+    process = subprocess.Popen(
+        [sys.executable, "-m", "outrider", "agent", "run", "--config-env", "AGENT_YAML"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "AGENT_YAML": json.dumps(raw)},
+    )
+    time.sleep(1.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=5)
+    assert process.returncode == 0, stderr
+    assert "retrying in" in stderr  # it read the config and went for its first SVID
+
+
+def test_a_missing_or_malformed_environment_config_exits_2(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "outrider", "agent", "run", "--config-env", "AGENT_YAML"]
+    unset = {k: v for k, v in os.environ.items() if k != "AGENT_YAML"}
+    for env, error in (
+        (unset, "environment variable AGENT_YAML is not set"),
+        ({**unset, "AGENT_YAML": "identity: [unclosed"}, "invalid config AGENT_YAML"),
+        ({**unset, "AGENT_YAML": "{}"}, "identity.spiffe_id: required"),
+    ):
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=20)
+        assert done.returncode == 2, done.stderr
+        assert error in done.stderr
+        assert "Traceback" not in done.stderr
