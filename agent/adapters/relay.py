@@ -113,8 +113,12 @@ class Relay:
         transports = [t for t in (self.down.transport, self.up.transport) if t is not None]
         for transport in transports:
             transport.close()
-        if transports:
-            asyncio.get_running_loop().call_later(LINGER, _abort_all, transports)
+        # Only a transport still holding bytes lingers; the timer keeps it (and its TLS
+        # buffers) alive, so arming it for every close would hold each closed connection
+        # in memory for LINGER seconds: at a few hundred connections/s, hundreds of MB.
+        lingering = [t for t in transports if t.get_write_buffer_size()]
+        if lingering:
+            asyncio.get_running_loop().call_later(LINGER, _abort_all, lingering)
         self._on_closed(self)
 
     def abort(self) -> None:

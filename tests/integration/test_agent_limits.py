@@ -4,6 +4,7 @@ and closed connections that cannot linger."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 import ssl
@@ -23,6 +24,8 @@ from tests.mesh import (
     eventually,
     inbound,
     local_sign,
+    outbound,
+    round_trip,
     running_agent,
     sample,
     workload,
@@ -224,3 +227,20 @@ async def test_a_closed_connection_to_an_app_that_does_not_read_is_aborted(
         for w in held:
             w.transport.abort()
         app.close()
+
+
+async def test_closed_connections_free_their_tls_state_at_once(setup: CaSetup) -> None:
+    # Each closed connection's TLS object holds tens of KB of buffers: keeping them
+    # for the linger time after a clean close cost an agent 300 MB at 500 connections/s.
+    async with echo_server() as app_port, inbound_agent(setup, app_port) as server:
+        out = outbound(server.bound["inbound[0]"], workload("backend"))
+        raw = agent_yaml(setup.root, "frontend", outbound=out)
+        async with running_agent(raw, local_sign(setup), setup.root) as client:
+            address = client.bound["outbound[backend]"]
+            for _ in range(200):
+                assert await round_trip(address) == b"ping"
+            assert await eventually(lambda: not client.connections and not server.connections)
+            await asyncio.sleep(0.2)  # the last closes reach both sides' transports
+            gc.collect()
+            alive = sum(isinstance(o, ssl.SSLObject) for o in gc.get_objects())
+    assert alive < 10, f"{alive} TLS objects of closed connections are still alive"
