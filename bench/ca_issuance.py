@@ -164,17 +164,9 @@ def summary(values: list[float]) -> str:
     return f"{statistics.median(values):9.1f}  ({min(values):.1f}-{max(values):.1f})"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 s phases, 2 rounds")
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    args = parser.parse_args()
-    seconds, rounds = (1.0, 2) if args.quick else (args.seconds, args.rounds)
-    per_client = 4000 if not args.quick else 600
-
-    rounds_done: list[Round] = []
+def measure(rounds: int, seconds: float, clients: int, per_client: int) -> list[Round]:
+    """Alternate raw, in-process and gRPC issuance for `rounds` rounds."""
+    done: list[Round] = []
     with tempfile.TemporaryDirectory(prefix="outrider-bench-") as tmp:
         setup = make_ca_setup(Path(tmp), audit_log="audit.log")
         signer = LocalSigner.load(setup.ca_dir)
@@ -184,15 +176,27 @@ def main() -> None:
                 issue = issue_rate(signer, seconds)
                 cpu_before = cpu_seconds(ca.process.pid)
                 rate, p50, p99, errors, count = asyncio.run(
-                    grpc_rate(setup, ca.grpc_port, args.clients, seconds, per_client)
+                    grpc_rate(setup, ca.grpc_port, clients, seconds, per_client)
                 )
                 cpu_ms = (cpu_seconds(ca.process.pid) - cpu_before) * 1000 / max(count, 1)
-                rounds_done.append(Round(raw, issue, rate, p50, p99, errors, cpu_ms))
+                done.append(Round(raw, issue, rate, p50, p99, errors, cpu_ms))
                 print(
-                    f"round {number}/{rounds}: raw {raw:.0f}/s, issue {issue:.0f}/s, "
-                    f"grpc {rate:.0f}/s p50 {p50:.1f} ms p99 {p99:.1f} ms, errors {errors}",
+                    f"round {number}/{rounds} ca issuance: raw {raw:.0f}/s, issue {issue:.0f}/s,"
+                    f" grpc {rate:.0f}/s p50 {p50:.1f} ms p99 {p99:.1f} ms, errors {errors}",
                     file=sys.stderr,
                 )
+    return done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 s phases, 2 rounds")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    seconds, rounds = (1.0, 2) if args.quick else (args.seconds, args.rounds)
+    rounds_done = measure(rounds, seconds, args.clients, 600 if args.quick else 4000)
 
     col = lambda name: [getattr(r, name) for r in rounds_done]  # noqa: E731
     raw_median = statistics.median(col("raw_per_s"))

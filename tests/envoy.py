@@ -65,7 +65,7 @@ class Svid:
         return cls(directory / "svid.pem", directory / "svid.key", directory / "bundle.pem")
 
 
-def _common_tls(svid: Svid, peer_ids: list[str]) -> dict[str, Any]:
+def common_tls(svid: Svid, peer_ids: list[str]) -> dict[str, Any]:
     """Present the SVID; trust only the bundle; accept only peers with one of these URI SANs."""
     return {
         "tls_params": {
@@ -87,18 +87,18 @@ def _common_tls(svid: Svid, peer_ids: list[str]) -> dict[str, Any]:
     }
 
 
-def _address(port: int) -> dict[str, Any]:
+def socket_address(port: int) -> dict[str, Any]:
     return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
 
 
-def _static_cluster(name: str, port: int, transport_socket: dict[str, Any] | None) -> Bootstrap:
+def static_cluster(name: str, port: int, transport_socket: dict[str, Any] | None) -> Bootstrap:
     cluster: Bootstrap = {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "5s",
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(port)}}]}],
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(port)}}]}],
         },
     }
     if transport_socket is not None:
@@ -106,52 +106,55 @@ def _static_cluster(name: str, port: int, transport_socket: dict[str, Any] | Non
     return cluster
 
 
-def _tcp_proxy_bootstrap(
-    name: str, cluster: Bootstrap, listener_tls: dict[str, Any] | None
-) -> Bootstrap:
-    proxy = {
-        "name": "envoy.filters.network.tcp_proxy",
-        "typed_config": {"@type": _TCP_PROXY, "stat_prefix": name, "cluster": cluster["name"]},
+def tls_socket(context_type: str, context: dict[str, Any]) -> dict[str, Any]:
+    """A TLS transport socket; context_type is DownstreamTlsContext or UpstreamTlsContext."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {"@type": _TLS + context_type, **context},
     }
-    chain: dict[str, Any] = {"filters": [proxy]}
-    if listener_tls is not None:
-        chain["transport_socket"] = listener_tls
+
+
+def bootstrap(
+    name: str, filters: list[dict[str, Any]], clusters: list[Bootstrap], tls: dict[str, Any] | None
+) -> Bootstrap:
+    """One listener on an ephemeral loopback port running `filters`, TLS-terminated if `tls`."""
+    chain: dict[str, Any] = {"filters": filters}
+    if tls is not None:
+        chain["transport_socket"] = tls
     listener = {
         "name": name,
         "stat_prefix": name,  # listener.<name>.*, not listener.127.0.0.1_0.*
-        "address": _address(0),
+        "address": socket_address(0),
         "filter_chains": [chain],
     }
     return {
-        "admin": {"address": _address(0)},
-        "static_resources": {"listeners": [listener], "clusters": [cluster]},
+        "admin": {"address": socket_address(0)},
+        "static_resources": {"listeners": [listener], "clusters": clusters},
         "overload_manager": {"resource_monitors": [_CONNECTION_LIMIT]},
     }
 
 
+def _tcp_proxy_bootstrap(name: str, cluster: Bootstrap, tls: dict[str, Any] | None) -> Bootstrap:
+    proxy = {
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": {"@type": _TCP_PROXY, "stat_prefix": name, "cluster": cluster["name"]},
+    }
+    return bootstrap(name, [proxy], [cluster], tls)
+
+
 def inbound_mtls(svid: Svid, allowed_ids: list[str], backend_port: int) -> Bootstrap:
     """Terminate mTLS (client certificate required, URI SAN in allowed_ids); plain TCP onward."""
-    tls = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": _TLS + "DownstreamTlsContext",
-            "require_client_certificate": True,
-            "common_tls_context": _common_tls(svid, allowed_ids),
-        },
-    }
-    return _tcp_proxy_bootstrap("inbound", _static_cluster("backend", backend_port, None), tls)
+    tls = tls_socket(
+        "DownstreamTlsContext",
+        {"require_client_certificate": True, "common_tls_context": common_tls(svid, allowed_ids)},
+    )
+    return _tcp_proxy_bootstrap("inbound", static_cluster("backend", backend_port, None), tls)
 
 
 def outbound_mtls(svid: Svid, server_ids: list[str], upstream_port: int) -> Bootstrap:
     """Accept plain TCP; originate mTLS with the SVID to a server whose URI SAN is in server_ids."""
-    tls = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": _TLS + "UpstreamTlsContext",
-            "common_tls_context": _common_tls(svid, server_ids),
-        },
-    }
-    return _tcp_proxy_bootstrap("outbound", _static_cluster("upstream", upstream_port, tls), None)
+    tls = tls_socket("UpstreamTlsContext", {"common_tls_context": common_tls(svid, server_ids)})
+    return _tcp_proxy_bootstrap("outbound", static_cluster("upstream", upstream_port, tls), None)
 
 
 @dataclass

@@ -1,0 +1,386 @@
+"""The proxy pairs bench/ compares, each in the same topology on loopback:
+
+    load generator -> client-side proxy (plain in, mTLS out)
+                   -> server-side proxy (mTLS in, plain out) -> nginx backend
+
+Every proxy presents an SVID from the same Outrider CA and trusts only its bundle:
+the agents get theirs over gRPC from a running `outrider ca serve`, the others
+from `outrider ca mint`. Each proxy runs one worker on one core, as an agent
+(one event loop) does. Session resumption is off everywhere, so a new connection
+is a full handshake for all of them, as it is for the agent.
+
+What each side checks of its peer:
+  outrider, envoy  the chain to the bundle and the peer's SPIFFE ID (URI SAN)
+  haproxy          the chain to the bundle (HAProxy 2.6 cannot match a URI SAN)
+  nginx            server side: the client's chain; client side: nothing, since
+                   nginx's upstream check insists on a DNS name and SVIDs have none
+
+At L7 the server-side proxies parse HTTP; Envoy also enforces a 10-rule RBAC
+policy equal to the one Outrider's L7 policy will be given (POLICY_RULES).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from bench.procs import NGINX_STREAM, free_port, started
+from tests.envoy import (
+    Svid,
+    bootstrap,
+    common_tls,
+    envoy_process,
+    static_cluster,
+    tls_socket,
+)
+from tests.mesh import AgentProcess, agent_process, agent_yaml, inbound, outbound, workload
+from tests.support import CaProcess, CaSetup
+
+CLIENT, SERVER = workload("client"), workload("server")
+BODY = "hello, mesh!\n"
+
+
+@dataclass
+class Pair:
+    """What the load generator targets, and the proxy processes to watch (role -> pid)."""
+
+    proxy: str  # outrider, envoy, haproxy, nginx, or direct (no proxy)
+    layer: str  # l4, l7
+    port: int
+    pids: dict[str, int] = field(default_factory=dict)
+    agents: list[AgentProcess] = field(default_factory=list)
+    handshakes: Callable[[], int] | None = None  # full TLS handshakes so far, both sides
+
+    @property
+    def name(self) -> str:
+        return self.proxy if self.proxy == "direct" else f"{self.proxy} {self.layer}"
+
+
+def mint(setup: CaSetup, name: str, out: Path) -> Svid:
+    command = [sys.executable, "-m", "outrider", "ca", "mint", "--dir", str(setup.ca_dir)]
+    command += ["--spiffe-id", str(workload(name)), "--ttl", "4h", "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, timeout=60)
+    return Svid.from_dir(out)
+
+
+# --- the backend ----------------------------------------------------------------------
+
+_NGINX_MAIN = """\
+daemon off;
+master_process off;
+worker_processes 1;
+error_log {dir}/error.log warn;
+pid {dir}/nginx.pid;
+{modules}
+events {{ worker_connections 8192; }}
+"""
+_NGINX_HTTP = """\
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+{body}
+}}
+"""
+
+
+def _nginx(stack: ExitStack, workdir: Path, port: int, config: str, what: str) -> int:
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "nginx.conf"
+    conf.write_text(config)
+    command = ["nginx", "-p", str(workdir), "-e", str(workdir / "error.log"), "-c", str(conf)]
+    return stack.enter_context(started(command, port, what, workdir / "stdout.log"))
+
+
+def backend(stack: ExitStack, workdir: Path) -> tuple[int, int]:
+    """nginx answering every request with a 13-byte body; (port, pid)."""
+    port = free_port()
+    body = f"""\
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{ default_type text/plain; return 200 "{BODY.strip()}\\n"; }}
+    }}"""
+    config = _NGINX_MAIN.format(dir=workdir, modules="") + _NGINX_HTTP.format(
+        dir=workdir, body=body
+    )
+    return port, _nginx(stack, workdir, port, config, "nginx backend")
+
+
+# --- Outrider -------------------------------------------------------------------------
+
+
+def outrider(
+    stack: ExitStack, setup: CaSetup, ca: CaProcess, backend_port: int, ttl: str = "1h"
+) -> Pair:
+    """Two `outrider agent run` processes with SVIDs (of lifetime `ttl`) from the running CA."""
+    root, address = setup.root / f"outrider-{ttl}", f"127.0.0.1:{ca.grpc_port}"
+    (root / "ca").mkdir(parents=True, exist_ok=True)
+    (root / "ca" / "bundle.pem").write_bytes((setup.ca_dir / "bundle.pem").read_bytes())
+    for name in ("client", "server"):  # real ServiceAccount tokens for the real CA
+        token = setup.issuer.token("demo", name, lifetime=timedelta(hours=4))
+        (root / f"{name}.token").write_text(token)
+    common = {"ca_address": address, "limits": {"drain_timeout": "2s"}}
+    identity = {"ttl": ttl}
+    server_yaml = agent_yaml(root, "server", inbound=inbound(backend_port), **common)
+    server_yaml["identity"].update(identity)
+    server = stack.enter_context(agent_process(root, "server", server_yaml))
+    client_yaml = agent_yaml(
+        root, "client", outbound=outbound(server.bound["inbound[0]"], SERVER), **common
+    )
+    client_yaml["identity"].update(identity)
+    client = stack.enter_context(agent_process(root, "client", client_yaml))
+    port = int(client.bound["outbound[backend]"].rsplit(":", 1)[1])
+    pids = {"client": client.process.pid, "server": server.process.pid}
+    return Pair("outrider", "l4", port, pids, agents=[client, server])
+
+
+def agent_counter(agent: AgentProcess, metric: str, **labels: str) -> float:
+    """The sum of a counter's samples in an agent's /metrics whose labels include `labels`."""
+    total = 0.0
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
+    for line in agent.metrics().splitlines():
+        if line.startswith(metric + "{") and all(w in line for w in wanted):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# --- Envoy ----------------------------------------------------------------------------
+
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_RBAC = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+_TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+
+# The 10-rule policy: nine rules for other callers and paths, then the one that lets
+# the benchmark's client GET /api/*; every request is checked against all ten.
+POLICY_RULES = [(str(workload(f"svc{n}")), "GET", f"/v{n}/") for n in range(1, 10)] + [
+    (str(CLIENT), "GET", "/api/")
+]
+
+
+def _envoy_rbac() -> dict[str, Any]:
+    policies = {
+        f"rule-{n}": {
+            "principals": [{"authenticated": {"principal_name": {"exact": principal}}}],
+            "permissions": [
+                {
+                    "and_rules": {
+                        "rules": [
+                            {"header": {"name": ":method", "string_match": {"exact": method}}},
+                            {"url_path": {"path": {"prefix": prefix}}},
+                        ]
+                    }
+                }
+            ],
+        }
+        for n, (principal, method, prefix) in enumerate(POLICY_RULES, 1)
+    }
+    rules = {"action": "ALLOW", "policies": policies}
+    return {"name": "envoy.filters.http.rbac", "typed_config": {"@type": _RBAC, "rules": rules}}
+
+
+def _envoy_filters(name: str, layer: str, cluster: str, *, policy: bool) -> list[dict[str, Any]]:
+    if layer == "l4":
+        config = {"@type": _TCP_PROXY, "stat_prefix": name, "cluster": cluster}
+        return [{"name": "envoy.filters.network.tcp_proxy", "typed_config": config}]
+    router = {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}
+    route = {"match": {"prefix": "/"}, "route": {"cluster": cluster}}
+    manager = {
+        "@type": _HCM + "HttpConnectionManager",
+        "stat_prefix": name,
+        "codec_type": "HTTP1",
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
+        "http_filters": [_envoy_rbac(), router] if policy else [router],
+    }
+    if policy:  # the server side tells the app who called, as Outrider's L7 will
+        manager["forward_client_cert_details"] = "SANITIZE_SET"
+        manager["set_current_client_cert_details"] = {"uri": True}
+    return [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]
+
+
+def envoy(stack: ExitStack, setup: CaSetup, backend_port: int, layer: str) -> Pair:
+    workdir = setup.root / f"envoy-{layer}"
+    client_svid = mint(setup, "client", workdir / "client-svid")
+    server_svid = mint(setup, "server", workdir / "server-svid")
+    downstream = tls_socket(
+        "DownstreamTlsContext",
+        {
+            "require_client_certificate": True,
+            "common_tls_context": common_tls(server_svid, [str(CLIENT)]),
+            "disable_stateless_session_resumption": True,
+            "disable_stateful_session_resumption": True,
+        },
+    )
+    server_boot = bootstrap(
+        "inbound",
+        _envoy_filters("inbound", layer, "backend", policy=layer == "l7"),
+        [static_cluster("backend", backend_port, None)],
+        downstream,
+    )
+    server = stack.enter_context(envoy_process(server_boot, workdir, name="server"))
+    upstream = tls_socket(
+        "UpstreamTlsContext",
+        {"common_tls_context": common_tls(client_svid, [str(SERVER)]), "max_session_keys": 0},
+    )
+    client_boot = bootstrap(
+        "outbound",
+        _envoy_filters("outbound", layer, "upstream", policy=False),
+        [static_cluster("upstream", server.listener_port, upstream)],
+        None,
+    )
+    client = stack.enter_context(envoy_process(client_boot, workdir, name="client"))
+
+    def handshakes() -> int:
+        return (
+            sum(
+                value
+                for proxy in (client, server)
+                for stat, value in proxy.stats().items()
+                if stat.endswith("ssl.handshake")
+            )
+            // 2
+        )  # each connection is counted once by each side
+
+    pids = {"client": client.process.pid, "server": server.process.pid}
+    return Pair("envoy", layer, client.listener_port, pids, handshakes=handshakes)
+
+
+# --- HAProxy --------------------------------------------------------------------------
+
+_HAPROXY = """\
+global
+    nbthread 1
+    maxconn 5000
+    ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets
+    ssl-default-server-options ssl-min-ver TLSv1.2
+defaults
+    mode {mode}
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+{http}
+frontend front
+    bind 127.0.0.1:{listen}{bind_tls}
+    default_backend back
+backend back
+    server next 127.0.0.1:{upstream}{server_tls}
+"""
+
+
+def _pem_bundle(svid: Svid, out: Path) -> Path:
+    """HAProxy reads the chain and key from one file."""
+    out.write_bytes(svid.chain.read_bytes() + svid.key.read_bytes())
+    return out
+
+
+def haproxy(stack: ExitStack, setup: CaSetup, backend_port: int, layer: str) -> Pair:
+    workdir = setup.root / f"haproxy-{layer}"
+    client_svid = mint(setup, "client", workdir / "client-svid")
+    server_svid = mint(setup, "server", workdir / "server-svid")
+    mode = "tcp" if layer == "l4" else "http"
+    http = "    option http-keep-alive\n    http-reuse always" if layer == "l7" else ""
+    client_port, server_port = free_port(), free_port()
+    pids = {}
+    for role, listen, upstream, bind_tls, server_tls in (
+        (
+            "server",
+            server_port,
+            backend_port,
+            f" ssl crt {_pem_bundle(server_svid, workdir / 'server.pem')}"
+            f" ca-file {server_svid.bundle} verify required",
+            "",
+        ),
+        (
+            "client",
+            client_port,
+            server_port,
+            "",
+            f" ssl crt {_pem_bundle(client_svid, workdir / 'client.pem')}"
+            f" ca-file {client_svid.bundle} verify required no-ssl-reuse",
+        ),
+    ):
+        conf = workdir / f"{role}.cfg"
+        conf.write_text(
+            _HAPROXY.format(
+                mode=mode,
+                http=http,
+                listen=listen,
+                upstream=upstream,
+                bind_tls=bind_tls,
+                server_tls=server_tls,
+            )
+        )
+        command = ["haproxy", "-db", "-f", str(conf)]
+        what = f"haproxy {layer} {role}"
+        pids[role] = stack.enter_context(started(command, listen, what, workdir / f"{role}.log"))
+    return Pair("haproxy", layer, client_port, pids)
+
+
+# --- nginx ----------------------------------------------------------------------------
+
+
+def nginx(stack: ExitStack, setup: CaSetup, backend_port: int, layer: str) -> Pair:
+    workdir = setup.root / f"nginx-{layer}"
+    client_svid = mint(setup, "client", workdir / "client-svid")
+    server_svid = mint(setup, "server", workdir / "server-svid")
+    client_port, server_port = free_port(), free_port()
+    server_tls = f"""
+        ssl_certificate {server_svid.chain};
+        ssl_certificate_key {server_svid.key};
+        ssl_client_certificate {server_svid.bundle};
+        ssl_verify_client on;
+        ssl_verify_depth 3;
+        ssl_session_tickets off;
+        ssl_session_cache off;"""
+    client_tls = f"""
+        proxy_ssl_certificate {client_svid.chain};
+        proxy_ssl_certificate_key {client_svid.key};
+        proxy_ssl_session_reuse off;"""
+    if layer == "l4":
+        modules = f"load_module {NGINX_STREAM};"
+        blocks = {
+            "server": f"""stream {{
+    server {{ listen 127.0.0.1:{server_port} ssl backlog=4096; {server_tls}
+        proxy_pass 127.0.0.1:{backend_port}; }}
+}}""",
+            "client": f"""stream {{
+    server {{ listen 127.0.0.1:{client_port} backlog=4096;
+        proxy_pass 127.0.0.1:{server_port}; proxy_ssl on; {client_tls} }}
+}}""",
+        }
+    else:
+        modules = ""
+        proxy = 'proxy_http_version 1.1; proxy_set_header Connection "";'
+        blocks = {
+            "server": _NGINX_HTTP.format(
+                dir=workdir / "server",
+                body=f"""\
+    upstream app {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
+    server {{ listen 127.0.0.1:{server_port} ssl backlog=4096; {server_tls}
+        location / {{ proxy_pass http://app; {proxy} }} }}""",
+            ),
+            "client": _NGINX_HTTP.format(
+                dir=workdir / "client",
+                body=f"""\
+    upstream mtls {{ server 127.0.0.1:{server_port}; keepalive 64; }}
+    server {{ listen 127.0.0.1:{client_port} backlog=4096;
+        location / {{ proxy_pass https://mtls; {proxy} {client_tls} }} }}""",
+            ),
+        }
+    pids = {}
+    for role, port in (("server", server_port), ("client", client_port)):
+        where = workdir / role
+        config = _NGINX_MAIN.format(dir=where, modules=modules) + blocks[role]
+        pids[role] = _nginx(stack, where, port, config, f"nginx {layer} {role}")
+    return Pair("nginx", layer, client_port, pids)

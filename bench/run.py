@@ -1,0 +1,149 @@
+"""`make bench`: Outrider beside Envoy, HAProxy and nginx in one run, and the CA's rates.
+
+    python -m bench.run [--quick] [--rounds 3] [--seconds 10] [--connections 50]
+
+Installs what it needs (bench/procs.py), runs the data-plane scenarios
+(bench/dataplane.py), then CA issuance over gRPC, in process and from OpenBao
+(bench/ca_issuance.py, bench/ca_vault.py) and admission latency
+(bench/admission.py). Prints the tables with ratios of Envoy; writes
+bench/results/<timestamp>.json and .md, and docs/bench/latest.md and
+latest.png, the table and chart the README shows. Every run is bounded in
+time; every process started is stopped on exit, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import ca_issuance, ca_vault, dataplane, procs, report
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+LATEST = ROOT / "docs" / "bench"
+
+
+def machine() -> str:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown CPU",
+    )
+    memory = int(Path("/proc/meminfo").read_text().split()[1]) // (1024 * 1024)
+    return (
+        f"{os.cpu_count()} CPUs ({model}), {memory} GiB, {platform.system()} {platform.release()}"
+    )
+
+
+def ca_rows(quick: bool) -> list[tuple[str, list[float], str, str]]:
+    """CA issuance (ours over gRPC, raw in process, OpenBao's pki/sign) and admission."""
+    seconds, rounds = (1.0, 1) if quick else (5.0, 3)
+    local = ca_issuance.measure(rounds, seconds, 16, 600 if quick else 4000)
+    vault = ca_vault.measure(rounds, seconds, 16, 600 if quick else 3000)
+
+    def ms(values: list[float]) -> str:
+        return f"{statistics.median(values):.1f}"
+
+    rows = [
+        ("raw P-256 signing in process, certs/s", [r.raw_per_s for r in local], "", ""),
+        (
+            "`ca serve` local key over gRPC, SVIDs/s",
+            [r.grpc_per_s for r in local],
+            ms([r.grpc_p50_ms for r in local]),
+            ms([r.grpc_p99_ms for r in local]),
+        ),
+    ]
+    labels = {"vault-inter": "Vault intermediate", "vault-percert": "Vault per-certificate"}
+    for name, label in labels.items():
+        runs = vault[name]
+        rows.append(
+            (
+                f"`ca serve` {label} over gRPC, SVIDs/s",
+                [r["rate"] for r in runs],
+                ms([r["p50"] for r in runs]),
+                ms([r["p99"] for r in runs]),
+            )
+        )
+    rows.append(
+        ("OpenBao `pki/sign`, 8 threads, certs/s", [r["rate"] for r in vault["openbao"]], "", "")
+    )
+    rows.append(admission(quick))
+    return rows
+
+
+def admission(quick: bool) -> tuple[str, list[float], str, str]:
+    label = "injector, 200 concurrent AdmissionReviews, reviews/s"
+    script = ROOT / "bench" / "admission.py"
+    if not script.exists():
+        return (f"{label}: {dataplane.NOT_YET}", [0.0], "", "")
+    command = [sys.executable, str(script), *(["--quick"] if quick else [])]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    found = re.search(r"^RESULT (.*)$", done.stdout, re.M)
+    if done.returncode != 0 or not found:
+        raise RuntimeError(f"bench/admission.py failed:\n{done.stdout}{done.stderr}")
+    result = json.loads(found[1])
+    return (label, [result["per_s"]], f"{result['p50_ms']:.1f}", f"{result['p99_ms']:.1f}")
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds every `with`, which stops every process
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 s per run, 1 round: < 3 minutes")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--connections", type=int, default=50)
+    args = parser.parse_args()
+    seconds, rounds = (3.0, 1) if args.quick else (args.seconds, args.rounds)
+    procs.ensure_packages()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    started = datetime.now(UTC)
+    try:
+        with tempfile.TemporaryDirectory(prefix="outrider-bench-") as tmp:
+            plane = dataplane.run(Path(tmp), rounds, seconds, args.connections)
+        ca = {"rows": ca_rows(args.quick)}
+    except KeyboardInterrupt:
+        sys.exit("interrupted; every process started here has been stopped")
+    record: dict[str, Any] = {
+        "date": started.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "command": "make bench QUICK=1" if args.quick else "make bench",
+        "rounds": rounds,
+        "seconds": seconds,
+        "connections": args.connections,
+        "dataplane": plane,
+        "summary": dataplane.summarize(plane),
+        "ca": ca,
+        "minutes": (datetime.now(UTC) - started).total_seconds() / 60,
+    }
+    text = report.markdown(record)
+    print("\n" + text)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stamp}.json").write_text(json.dumps(record, indent=2))
+    (RESULTS / f"{stamp}.md").write_text(text)
+    LATEST.mkdir(parents=True, exist_ok=True)
+    (LATEST / "latest.md").write_text(text)
+    report.chart(record, LATEST / "latest.png")
+    print(f"results: bench/results/{stamp}.json; table and chart: docs/bench/latest.md, latest.png")
+    print(f"took {record['minutes']:.1f} minutes")
+
+
+if __name__ == "__main__":
+    main()
