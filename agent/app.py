@@ -19,8 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from agent import config as agent_config
 from agent.adapters import admin
 from agent.adapters.listeners import (
@@ -76,7 +74,7 @@ class Agent:
         self._listening = False
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._admin: web.AppRunner | None = None
+        self._admin: asyncio.Server | None = None
 
     @property
     def ready(self) -> bool:
@@ -94,11 +92,8 @@ class Agent:
         return self.identity.next_renewal
 
     async def start(self) -> None:
-        self._admin = web.AppRunner(admin.make_app(self), access_log=None)
-        await self._admin.setup()
-        site = web.TCPSite(self._admin, self.config.admin.host, self.config.admin.port)
-        await site.start()
-        host, port = self._admin.addresses[0][:2]
+        self._admin = await admin.serve(self, self.config.admin.host, self.config.admin.port)
+        host, port = self._admin.sockets[0].getsockname()[:2]
         self.bound["admin"] = str(Listen(host, port))
         log.info("admin listening on %s", self.bound["admin"])
         self._tasks.append(asyncio.create_task(self.identity.run(), name="identity"))
@@ -146,7 +141,7 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._admin is not None:
-            await self._admin.cleanup()
+            self._admin.close()
 
     async def _apply_listeners(self, config: AgentConfig) -> None:
         """Open new listeners, close removed ones, reconfigure the rest in place.

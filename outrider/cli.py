@@ -1,4 +1,8 @@
-"""The `outrider` command. It wires the packages together; nothing imports it."""
+"""The `outrider` command. It wires the packages together; nothing imports it.
+
+Each command imports its own package when it runs: an agent process must not
+carry the CA's Kubernetes, Vault and HTTP clients in its memory.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from ca import app as ca_app
-from ca import config as ca_config
-from ca.core.issuance import IssuancePolicy
-from ca.issuer import Issuer
-from ca.signers.local import CaDirectoryError, LocalSigner, init_ca
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.configfile import ConfigError, parse_duration
 from identity.files import PRIVATE, write_atomic
@@ -40,6 +36,8 @@ def _invalid(exc: ConfigError) -> CommandError:
 
 
 def _ca_init(args: argparse.Namespace) -> None:
+    from ca.signers.local import CaDirectoryError, init_ca
+
     try:
         trust_domain = TrustDomain.parse(args.trust_domain)
         init_ca(Path(args.dir), trust_domain, datetime.now(UTC), force=args.force)
@@ -53,6 +51,13 @@ def _ca_init(args: argparse.Namespace) -> None:
 
 
 def _ca_mint(args: argparse.Namespace) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from ca.core.issuance import IssuancePolicy
+    from ca.issuer import Issuer
+    from ca.signers.local import CaDirectoryError, LocalSigner
+
     try:
         spiffe_id = SpiffeId.parse(args.spiffe_id)
         ttl = parse_duration(args.ttl)
@@ -78,6 +83,9 @@ def _ca_mint(args: argparse.Namespace) -> None:
 
 
 def _ca_serve(args: argparse.Namespace) -> None:
+    from ca import app as ca_app
+    from ca import config as ca_config
+
     try:
         config = ca_config.load(Path(args.config))
     except ConfigError as exc:
@@ -111,6 +119,50 @@ def _environ(name: str) -> str:
         return os.environ[name]
     except KeyError:
         raise CommandError(f"environment variable {name} is not set", EXIT_USAGE) from None
+
+
+def _inject(args: argparse.Namespace) -> None:
+    from injector import config as injector_config
+    from injector.manifests import ManifestError, inject_stream
+
+    try:
+        config = (
+            injector_config.load(Path(args.config))
+            if args.config
+            else injector_config.InjectorConfig()
+        )
+    except ConfigError as exc:
+        raise _invalid(exc) from None
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"cannot read {args.file}: {exc}", EXIT_USAGE) from None
+    try:
+        output, results = inject_stream(text, config.settings, args.namespace)
+    except ManifestError as exc:
+        raise CommandError(f"{args.file}: {exc}", EXIT_USAGE) from None
+    for result in results:
+        print(f"{result.workload}: {result.mutation.reason}", file=sys.stderr)
+        for warning in result.mutation.warnings:
+            print(f"  {warning}", file=sys.stderr)
+    if args.output:
+        write_atomic(Path(args.output), output.encode())
+    else:
+        sys.stdout.write(output)
+
+
+def _injector_serve(args: argparse.Namespace) -> None:
+    from injector import app as injector_app
+    from injector import config as injector_config
+
+    try:
+        config = injector_config.load(Path(args.config), require_tls=True)
+    except ConfigError as exc:
+        raise _invalid(exc) from None
+    try:
+        injector_app.run(config)
+    except injector_app.StartupError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -154,6 +206,22 @@ def parser() -> argparse.ArgumentParser:
         "--config-env", metavar="VAR", help="read the YAML from this environment variable"
     )
     agent_run.set_defaults(func=_agent_run)
+
+    inject = commands.add_parser("inject", help="add the agent to the pods of manifest files")
+    inject.add_argument("-f", "--file", required=True, help="multi-document YAML, or - for stdin")
+    inject.add_argument("-o", "--output", help="write here instead of stdout")
+    inject.add_argument("--config", help="injector.yaml (default: the built-in defaults)")
+    inject.add_argument(
+        "--namespace", default="default", help="for documents without metadata.namespace"
+    )
+    inject.set_defaults(func=_inject)
+
+    injector = commands.add_parser("injector", help="the admission webhook").add_subparsers(
+        dest="injector_command", required=True
+    )
+    injector_serve = injector.add_parser("serve", help="serve /mutate over HTTPS")
+    injector_serve.add_argument("--config", required=True, help="injector.yaml")
+    injector_serve.set_defaults(func=_injector_serve)
 
     demo = commands.add_parser("demo", help="run the mesh on loopback and show what it does")
     demo.add_argument(

@@ -2,17 +2,25 @@
 
 Nothing here can change the agent, and nothing here shows key material: the
 config holds none, and /certs shows certificates only.
+
+HTTP/1.1 is parsed by llhttp (httptools), the parser aiohttp and uvicorn use;
+aiohttp itself would add 12 MB to every pod's sidecar for five GET routes.
+Requests are bounded in size, only GET and HEAD are served, and a client may
+keep its connection alive.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from aiohttp import web
+import httptools
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,6 +31,12 @@ from agent.core.svid import Svid
 from agent.core.upstream import Endpoint
 from identity import SpiffeId, TrustDomain
 from identity.configfile import Listen
+
+#: A request head larger than this is refused (431) and the connection closed.
+MAX_REQUEST_BYTES = 16 * 1024
+
+Response = tuple[int, str, bytes]  # status, content type, body
+TEXT, JSON = "text/plain; charset=utf-8", "application/json"
 
 
 class AgentView(Protocol):
@@ -40,30 +54,27 @@ class AgentView(Protocol):
     def next_renewal(self) -> datetime | None: ...
 
 
-def make_app(agent: AgentView) -> web.Application:
-    async def ready(request: web.Request) -> web.Response:
-        if agent.ready:
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready\n")
+def routes(agent: AgentView) -> dict[str, Callable[[], Response]]:
+    """Path -> handler; each handler answers from the agent's state at that moment."""
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+    def ready() -> Response:
+        return (200, TEXT, b"ready\n") if agent.ready else (503, TEXT, b"not ready\n")
 
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(agent.metrics.registry),
-            headers={"Content-Type": CONTENT_TYPE_LATEST},
-        )
+    def healthz() -> Response:
+        return 200, TEXT, b"ok\n"
 
-    async def config_dump(request: web.Request) -> web.Response:
-        return web.json_response({"config": plain(agent.config), "bound": agent.bound})
+    def metrics() -> Response:
+        return 200, CONTENT_TYPE_LATEST, generate_latest(agent.metrics.registry)
 
-    async def certs(request: web.Request) -> web.Response:
+    def config_dump() -> Response:
+        return _json({"config": plain(agent.config), "bound": agent.bound})
+
+    def certs() -> Response:
         svid = agent.svid
         if svid is None:
-            return web.json_response({"svid": None}, status=503)
+            return _json({"svid": None}, 503)
         renewal = agent.next_renewal
-        return web.json_response(
+        return _json(
             {
                 "spiffe_id": str(svid.spiffe_id),
                 "serial": svid.serial,
@@ -78,17 +89,77 @@ def make_app(agent: AgentView) -> web.Application:
             }
         )
 
-    app = web.Application()
-    routes: dict[str, Callable[[web.Request], Any]] = {
+    return {
         "/ready": ready,
         "/healthz": healthz,
         "/metrics": metrics,
         "/config_dump": config_dump,
         "/certs": certs,
     }
-    for path, handler in routes.items():
-        app.router.add_get(path, handler)
-    return app
+
+
+def _json(value: object, status: int = 200) -> Response:
+    return status, JSON, json.dumps(value, indent=2).encode()
+
+
+async def serve(agent: AgentView, host: str, port: int) -> asyncio.Server:
+    handlers = routes(agent)
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: AdminProtocol(handlers), host, port)
+
+
+class AdminProtocol(asyncio.Protocol):
+    """One admin connection: parse requests with llhttp, answer each from `handlers`."""
+
+    def __init__(self, handlers: dict[str, Callable[[], Response]]) -> None:
+        self.handlers = handlers
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.received = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > MAX_REQUEST_BYTES:
+            return self._respond((431, TEXT, b"request too large\n"), keep_alive=False)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._respond((400, TEXT, b"bad request\n"), keep_alive=False)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_message_complete(self) -> None:
+        method = self.parser.get_method()
+        path = httptools.parse_url(self.url).path.decode("ascii", "replace")
+        handler = self.handlers.get(path)
+        if handler is None:
+            response: Response = (404, TEXT, b"not found\n")
+        elif method not in (b"GET", b"HEAD"):
+            response = (405, TEXT, b"method not allowed\n")
+        else:
+            response = handler()
+        if method == b"HEAD":
+            response = (response[0], response[1], b"")
+        self._respond(response, keep_alive=self.parser.should_keep_alive())
+        self.url, self.received = b"", 0
+
+    def _respond(self, response: Response, *, keep_alive: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        status, content_type, body = response
+        head = (
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+        )
+        self.transport.write(head.encode() + body)
+        if not keep_alive:
+            self.transport.close()
 
 
 def describe(cert: x509.Certificate) -> dict[str, str]:
