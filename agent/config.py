@@ -8,8 +8,8 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
       ttl: 1h                                          # asked of the CA; 0s = its default
       output_dir: /var/run/outrider                    # optional: write svid.pem/key
     ca:
-      address: outrider-ca.outrider.svc:8443
-      server_name: outrider-ca.outrider.svc            # default: the address's host
+      address: outrider-ca.outrider-system.svc:8443
+      server_name: outrider-ca.outrider-system.svc     # default: the address's host
       bundle_file: /etc/outrider/bundle.pem            # the first trust bundle
       timeout: 10s
       backoff: {initial: 1s, max: 30s}                 # while the CA is unreachable

@@ -17,7 +17,7 @@ Example (every key but signer.dir and authn.kubernetes has a default):
     #   timeout: 10s
     #   auth: {method: kubernetes, role: outrider-ca}  # or approle, or token
     listen: {grpc: 0.0.0.0:8443, http: 0.0.0.0:8080}
-    serving_cert: {names: [outrider-ca.outrider.svc, localhost], ttl: 24h}
+    serving_cert: {names: [outrider-ca.outrider-system.svc, localhost], ttl: 24h}
     issuance: {default_ttl: 1h, max_ttl: 24h, backdate: 60s}
     authn:
       kubernetes:
@@ -101,7 +101,7 @@ class CaConfig:
     trust_domain: TrustDomain | None = None
     grpc: Listen = Listen("0.0.0.0", 8443)  # noqa: S104 - a CA serves the cluster
     http: Listen = Listen("0.0.0.0", 8080)  # noqa: S104
-    serving_names: tuple[str, ...] = ("outrider-ca.outrider.svc", "localhost")
+    serving_names: tuple[str, ...] = ("outrider-ca.outrider-system.svc", "localhost")
     serving_ttl: timedelta = timedelta(hours=24)
     issuance: IssuancePolicy = field(default_factory=IssuancePolicy)
     audit_log: str = "-"
