@@ -208,10 +208,8 @@ class InboundListener(Listener[Inbound]):
         app = config.app
         try:
             up = relay.new_upstream()
-            await asyncio.wait_for(
-                loop.create_connection(lambda: up, app.host, app.port),
-                limits.connect_timeout.total_seconds(),
-            )
+            async with asyncio.timeout(limits.connect_timeout.total_seconds()):
+                await loop.create_connection(lambda: up, app.host, app.port)
         except (OSError, TimeoutError) as exc:
             log.warning("inbound %s: app %s unreachable: %s", config.listen, app, exc)
             self.runtime.metrics.connections_refused.labels(INBOUND, "app_unreachable").inc()
@@ -251,18 +249,17 @@ class OutboundListener(Listener[Outbound]):
         context, limits = self.runtime.contexts.client, self.runtime.limits
         assert context is not None, "listeners start after the first SVID"
         side = relay.new_upstream()
+        deadline = limits.connect_timeout + limits.handshake_timeout
         try:
-            tls, _ = await asyncio.wait_for(
-                loop.create_connection(
+            async with asyncio.timeout(deadline.total_seconds()):
+                tls, _ = await loop.create_connection(
                     lambda: side,
                     endpoint.host,
                     endpoint.port,
                     ssl=context,
                     server_hostname="",
                     ssl_handshake_timeout=limits.handshake_timeout.total_seconds(),
-                ),
-                limits.connect_timeout.total_seconds() + limits.handshake_timeout.total_seconds(),
-            )
+                )
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
             log.warning("outbound %s: %s failed: %s", config.name, endpoint, exc)
             if not _before_tls(exc):

@@ -1,13 +1,20 @@
-"""TLS: a bounded label for every handshake failure, and contexts that refuse to resume."""
+"""TLS: a bounded label for every handshake failure, contexts that refuse to resume, and
+the peer check that remembers accepted leaves no longer than they are valid."""
 
 from __future__ import annotations
 
 import ssl
+from datetime import timedelta
+from typing import cast
 
 import pytest
 
-from agent.adapters.tls import client_context, refusal_reason, server_context
+from agent.adapters import tls
+from agent.adapters.tls import client_context, peer_id, refusal_reason, server_context
 from agent.core.svid import Svid
+from ca.signers.local import LocalSigner
+from identity import SvidError
+from tests.unit.agent.pki import NOW, WEB, der, new_key, sign_leaf
 
 
 def verify_error(code: int) -> ssl.SSLCertVerificationError:
@@ -122,3 +129,41 @@ def test_tls12_ciphers_are_forward_secret_aead_only(svid: Svid) -> None:
 def test_every_svid_gets_fresh_contexts(svid: Svid) -> None:
     assert server_context(svid) is not server_context(svid)
     assert client_context(svid) is not client_context(svid)
+
+
+class PeerObject:
+    """The one call peer_id makes on an ssl.SSLObject."""
+
+    def __init__(self, der: bytes) -> None:
+        self.der = der
+
+    def getpeercert(self, binary_form: bool) -> bytes:
+        return self.der
+
+
+def test_a_remembered_peer_is_still_refused_once_its_svid_expires(svid: Svid) -> None:
+    peer = cast(ssl.SSLObject, PeerObject(der(svid.chain[0])))
+    assert peer_id(peer, "client", NOW) == WEB
+    assert peer_id(peer, "client", NOW + timedelta(minutes=30)) == WEB  # remembered
+    with pytest.raises(SvidError) as refused:
+        peer_id(peer, "client", svid.not_after)
+    assert refused.value.reason == "expired"
+    with pytest.raises(SvidError):
+        peer_id(peer, "client", NOW - timedelta(hours=1))
+
+
+def test_a_certificate_that_is_not_an_svid_is_refused_every_time(svid: Svid) -> None:
+    intermediate = cast(ssl.SSLObject, PeerObject(der(svid.chain[1])))
+    for _ in range(2):
+        with pytest.raises(SvidError):
+            peer_id(intermediate, "server", NOW)
+
+
+def test_the_memory_of_peers_is_bounded(
+    svid: Svid, signer: LocalSigner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tls, "_ACCEPTED_MAX", 3)
+    for _ in range(5):
+        leaf = sign_leaf(signer, new_key())[0]
+        assert peer_id(cast(ssl.SSLObject, PeerObject(leaf)), "client", NOW) == WEB
+        assert len(tls._ACCEPTED) <= 3
