@@ -224,3 +224,14 @@ def chart(record: Record, out: Path) -> None:
     figure.tight_layout()
     figure.savefig(out, dpi=90)
     plt.close(figure)
+
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def into_readme(readme: str, table: str) -> str:
+    """The README with `table` between its bench markers (unchanged if it has none)."""
+    if START not in readme or END not in readme:
+        return readme
+    before, rest = readme.split(START, 1)
+    return f"{before}{START}\n{table}{END}{rest.split(END, 1)[1]}"

@@ -7,7 +7,7 @@ Installs what it needs (bench/procs.py), runs the data-plane scenarios
 (bench/ca_issuance.py, bench/ca_vault.py) and admission latency
 (bench/admission.py). Prints the tables with ratios of Envoy; writes
 bench/results/<timestamp>.json and .md, and docs/bench/latest.md and
-latest.png, the table and chart the README shows. Every run is bounded in
+latest.png, the chart the README shows, and the table into the README. Every run is bounded in
 time; every process started is stopped on exit, Ctrl-C or SIGTERM.
 """
 
@@ -141,6 +141,8 @@ def main() -> None:
     LATEST.mkdir(parents=True, exist_ok=True)
     (LATEST / "latest.md").write_text(text)
     report.chart(record, LATEST / "latest.png")
+    readme = ROOT / "README.md"
+    readme.write_text(report.into_readme(readme.read_text(), text))
     print(f"results: bench/results/{stamp}.json; table and chart: docs/bench/latest.md, latest.png")
     print(f"took {record['minutes']:.1f} minutes")
 
