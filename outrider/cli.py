@@ -233,8 +233,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # The injector gives each agent OUTRIDER_LOG_LEVEL (debug, info, warning or error).
+    named = os.environ.get("OUTRIDER_LOG_LEVEL", "").upper()
+    level = logging.getLevelNamesMapping().get(named, logging.INFO)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

@@ -1,0 +1,143 @@
+"""A pod in, a JSON patch out (RFC 6902), or the reason the pod is left alone.
+
+The same function serves the webhook (an AdmissionReview's pod) and
+`outrider inject` (the pod template of a Deployment, a Job, ...). It never
+changes its input. The patch only adds: the agent container, its volumes and
+the `outrider.io/status: injected` annotation that marks the pod as done, so
+running it again on its own output changes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from identity import SpiffeId
+from injector.core import sidecar
+from injector.core.annotations import INJECT, STATUS, read_options
+from injector.core.settings import Settings
+
+__all__ = ["INJECTED", "SKIPS", "Mutation", "apply_patch", "mutate", "pointer"]
+
+INJECTED = "injected"
+DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
+
+#: Why a pod is left alone, and the warning its creator sees (None: no warning).
+SKIPS: dict[str, str | None] = {
+    "already_injected": None,  # webhook reinvocation; not news to anyone
+    "namespace_excluded": "kube-system and Outrider's own namespace are never injected",
+    "opted_out": 'the pod has outrider.io/inject: "false"',
+    "host_network": "hostNetwork pods share the node's network, where the agent cannot listen",
+    "name_conflict": "the pod already has a volume named outrider-token, -bundle or -policy",
+}
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """`reason` is INJECTED or a key of SKIPS; `warnings` are for the pod's creator."""
+
+    reason: str
+    patch: tuple[dict[str, Any], ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+def mutate(pod: Mapping[str, Any], namespace: str, settings: Settings) -> Mutation:
+    """The patch that adds the agent to `pod` in `namespace`."""
+    metadata = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    annotations = metadata.get("annotations") or {}
+    reason = _skip(annotations, spec, namespace, settings)
+    if reason is not None:
+        message = SKIPS[reason]
+        return Mutation(reason, (), (f"outrider: not injected: {message}",) if message else ())
+    options, warnings = read_options(annotations, settings)
+    inject = annotations.get(INJECT)
+    if inject is not None and inject not in ("true", "enabled"):
+        warnings.insert(0, f'{INJECT}: expected "true" or "false"; injecting')
+    account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+    spiffe_id = SpiffeId.for_workload(settings.trust_domain, namespace, account)
+    agent = sidecar.container(options, spiffe_id, settings)
+    added = {STATUS: INJECTED}
+    containers = spec.get("containers") or []
+    if settings.native_sidecar:
+        patch = _prepend(spec, "initContainers", agent)
+    else:
+        patch = _prepend(spec, "containers", agent)
+        if containers and DEFAULT_CONTAINER not in annotations:
+            added[DEFAULT_CONTAINER] = containers[0]["name"]  # or `kubectl logs` shows ours
+    patch += _extend(spec, "volumes", sidecar.volumes(options, settings))
+    patch += _annotate(pod, added)
+    return Mutation(INJECTED, tuple(patch), tuple(f"outrider: {w}" for w in warnings))
+
+
+def _skip(
+    annotations: Mapping[str, Any], spec: Mapping[str, Any], namespace: str, settings: Settings
+) -> str | None:
+    containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+    if annotations.get(STATUS) == INJECTED or any(
+        c.get("name") == sidecar.AGENT for c in containers
+    ):
+        return "already_injected"
+    if namespace in ("kube-system", settings.system_namespace):
+        return "namespace_excluded"
+    if annotations.get(INJECT) == "false":
+        return "opted_out"
+    if spec.get("hostNetwork") is True:
+        return "host_network"
+    if any(v.get("name") in sidecar.VOLUMES for v in spec.get("volumes") or []):
+        return "name_conflict"
+    return None
+
+
+def _prepend(spec: Mapping[str, Any], key: str, item: dict[str, Any]) -> list[dict[str, Any]]:
+    if spec.get(key):
+        return [_add(f"/spec/{key}/0", item)]
+    return [_add(f"/spec/{key}", [item])]
+
+
+def _extend(
+    spec: Mapping[str, Any], key: str, items: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    if spec.get(key):
+        return [_add(f"/spec/{key}/-", item) for item in items]
+    return [_add(f"/spec/{key}", list(items))]
+
+
+def _annotate(pod: Mapping[str, Any], added: dict[str, str]) -> list[dict[str, Any]]:
+    metadata = pod.get("metadata")
+    if metadata is None:
+        return [_add("/metadata", {"annotations": added})]
+    if not metadata.get("annotations"):
+        return [_add("/metadata/annotations", added)]
+    return [_add(f"/metadata/annotations/{pointer(key)}", value) for key, value in added.items()]
+
+
+def _add(path: str, value: Any) -> dict[str, Any]:
+    return {"op": "add", "path": path, "value": value}
+
+
+def pointer(key: str) -> str:
+    """One JSON Pointer reference token (RFC 6901): `~` and `/` escaped, in that order."""
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def apply_patch(document: Any, patch: Sequence[Mapping[str, Any]]) -> None:
+    """Apply our own patches (only `add`) in place, for `outrider inject`."""
+    for op in patch:
+        if op["op"] != "add":
+            raise ValueError(f"only add is supported, not {op['op']!r}")
+        *parents, last = (
+            token.replace("~1", "/").replace("~0", "~") for token in op["path"].split("/")[1:]
+        )
+        target = document
+        for token in parents:
+            target = target[int(token)] if isinstance(target, list) else target[token]
+        value = copy.deepcopy(op["value"])
+        if not isinstance(target, list):
+            target[last] = value
+        elif last == "-":
+            target.append(value)
+        else:
+            target.insert(int(last), value)

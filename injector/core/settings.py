@@ -1,0 +1,113 @@
+"""What the injector puts into every pod, and the value checks it shares with injector.yaml.
+
+`Settings` is the typed form of injector.yaml's pod-facing keys (injector/config.py
+reads the file into it). Names and quantities are checked with Kubernetes' own
+grammars, matched against the whole value: a trailing newline is not a name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from identity import TrustDomain
+
+__all__ = [
+    "LOG_LEVELS",
+    "AgentSettings",
+    "CaSettings",
+    "Quantity",
+    "ResourceList",
+    "Resources",
+    "Settings",
+    "is_dns_label",
+    "is_dns_subdomain",
+]
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_QUANTITY = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?")
+_SUFFIX: dict[str | None, Decimal] = {
+    None: Decimal(1),
+    "n": Decimal("1e-9"),
+    "u": Decimal("1e-6"),
+    "m": Decimal("1e-3"),
+    **{s: Decimal(1000) ** (i + 1) for i, s in enumerate("kMGTPE")},
+    **{s + "i": Decimal(1024) ** (i + 1) for i, s in enumerate("KMGTPE")},
+}
+_MAX_QUANTITY_CHARS = 24  # "1000000000000Gi" is 15; longer is a typo or an attack
+
+
+def is_dns_label(name: str) -> bool:
+    """RFC 1123 label: namespaces, container and upstream names."""
+    return _DNS_LABEL.fullmatch(name) is not None
+
+
+def is_dns_subdomain(name: str) -> bool:
+    """RFC 1123 subdomain: ConfigMap names and service host names."""
+    return len(name) <= 253 and all(is_dns_label(label) for label in name.split("."))
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """A Kubernetes resource quantity (`50m`, `64Mi`, `1`), positive, in its written form."""
+
+    text: str
+    value: Decimal = field(compare=False)
+
+    @classmethod
+    def parse(cls, text: str) -> Quantity:
+        match = _QUANTITY.fullmatch(text) if len(text) <= _MAX_QUANTITY_CHARS else None
+        if match is None:
+            raise ValueError("not a quantity like 100m, 0.5, 64Mi or 1G")
+        value = Decimal(match[1]) * _SUFFIX[match[2]]
+        if value <= 0:
+            raise ValueError("must be more than zero")
+        return cls(text, value)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class ResourceList:
+    cpu: Quantity
+    memory: Quantity
+
+    def as_dict(self) -> dict[str, str]:
+        return {"cpu": self.cpu.text, "memory": self.memory.text}
+
+
+@dataclass(frozen=True)
+class Resources:
+    requests: ResourceList = ResourceList(Quantity.parse("50m"), Quantity.parse("64Mi"))
+    limits: ResourceList = ResourceList(Quantity.parse("1"), Quantity.parse("256Mi"))
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    image: str = "ghcr.io/outrider/agent:0.1.0"
+    uid: int = 1337
+    log_level: str = "info"
+    resources: Resources = Resources()
+    token_expiration_seconds: int = 3600
+
+
+@dataclass(frozen=True)
+class CaSettings:
+    address: str = "outrider-ca.outrider-system.svc:8443"
+    bundle_configmap: str = "outrider-trust-bundle"
+
+
+_CLUSTER_LOCAL = TrustDomain("cluster.local")
+
+
+@dataclass(frozen=True)
+class Settings:
+    trust_domain: TrustDomain = _CLUSTER_LOCAL
+    system_namespace: str = "outrider-system"
+    native_sidecar: bool = True
+    agent: AgentSettings = AgentSettings()
+    ca: CaSettings = CaSettings()

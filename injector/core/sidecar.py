@@ -1,0 +1,122 @@
+"""The agent container, its volumes and its config, built from typed values only.
+
+Nothing here reads the pod: every value comes from the injector's settings or
+from `AgentOptions`, whose fields were parsed out of the annotations. The
+agent's config is built as data and serialized with json.dumps, so no
+annotation text is ever spliced into YAML or JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from identity import SpiffeId
+from injector.core.annotations import ADMIN_PORT, INBOUND_BASE, OUTBOUND_BASE, AgentOptions
+from injector.core.settings import Settings
+
+AGENT = "outrider-agent"
+CONFIG_ENV = "OUTRIDER_AGENT_CONFIG"
+LOG_LEVEL_ENV = "OUTRIDER_LOG_LEVEL"
+AUDIENCE = "outrider-ca"
+TOKEN_VOLUME, TOKEN_DIR = "outrider-token", "/var/run/secrets/outrider"
+BUNDLE_VOLUME, BUNDLE_DIR = "outrider-bundle", "/etc/outrider/bundle"
+POLICY_VOLUME, POLICY_DIR = "outrider-policy", "/etc/outrider/policy"
+VOLUMES = (TOKEN_VOLUME, BUNDLE_VOLUME, POLICY_VOLUME)
+
+
+def agent_config(options: AgentOptions, spiffe_id: SpiffeId, settings: Settings) -> dict[str, Any]:
+    """The agent's config (the keys agent/config.py documents) as plain data."""
+    return {
+        "identity": {"spiffe_id": str(spiffe_id), "token_file": f"{TOKEN_DIR}/token"},
+        "ca": {"address": settings.ca.address, "bundle_file": f"{BUNDLE_DIR}/bundle.pem"},
+        "inbound": [
+            {"listen": f"0.0.0.0:{INBOUND_BASE + i}", "app": f"127.0.0.1:{port}"}
+            for i, port in enumerate(options.inbound_ports)
+        ],
+        "outbound": [
+            {
+                "name": upstream.name,
+                "listen": f"127.0.0.1:{OUTBOUND_BASE + i}",
+                "endpoints": [f"{host}:{port}" for host, port in upstream.endpoints],
+                "server_ids": [str(server_id) for server_id in upstream.server_ids],
+            }
+            for i, upstream in enumerate(options.upstreams)
+        ],
+        # Not loopback: the kubelet's probes and Prometheus reach the pod IP.
+        "admin": f"0.0.0.0:{ADMIN_PORT}",
+    }
+
+
+def container(options: AgentOptions, spiffe_id: SpiffeId, settings: Settings) -> dict[str, Any]:
+    config = json.dumps(agent_config(options, spiffe_id, settings), separators=(",", ":"))
+    probe = {"httpGet": {"path": "/ready", "port": ADMIN_PORT}}
+    agent: dict[str, Any] = {
+        "name": AGENT,
+        "image": settings.agent.image,
+        "args": ["agent", "run", "--config-env", CONFIG_ENV],
+        "env": [
+            {"name": CONFIG_ENV, "value": config},
+            {"name": LOG_LEVEL_ENV, "value": options.log_level},
+            *(_field_env(name, path) for name, path in _POD_FIELDS),
+        ],
+        "resources": {
+            "requests": options.resources.requests.as_dict(),
+            "limits": options.resources.limits.as_dict(),
+        },
+        "securityContext": security_context(settings.agent.uid),
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": BUNDLE_VOLUME, "mountPath": BUNDLE_DIR, "readOnly": True},
+        ],
+        # The app starts once the agent holds an SVID (native sidecars only).
+        "startupProbe": {**probe, "periodSeconds": 1, "failureThreshold": 120},
+        "readinessProbe": {**probe, "periodSeconds": 5},
+    }
+    if options.policy is not None:
+        agent["volumeMounts"].append(
+            {"name": POLICY_VOLUME, "mountPath": POLICY_DIR, "readOnly": True}
+        )
+    if settings.native_sidecar:
+        agent["restartPolicy"] = "Always"
+    return agent
+
+
+_POD_FIELDS = (
+    ("POD_NAME", "metadata.name"),
+    ("POD_NAMESPACE", "metadata.namespace"),
+    ("POD_UID", "metadata.uid"),
+)
+
+
+def _field_env(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def security_context(uid: int) -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def volumes(options: AgentOptions, settings: Settings) -> list[dict[str, Any]]:
+    """The token (for the agent alone), the trust bundle and the policy, if any."""
+    token = {
+        "audience": AUDIENCE,
+        "expirationSeconds": settings.agent.token_expiration_seconds,
+        "path": "token",
+    }
+    result: list[dict[str, Any]] = [
+        {"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": token}]}},
+        {"name": BUNDLE_VOLUME, "configMap": {"name": settings.ca.bundle_configmap}},
+    ]
+    if options.policy is not None:
+        result.append({"name": POLICY_VOLUME, "configMap": {"name": options.policy}})
+    return result

@@ -1,0 +1,127 @@
+"""The webhook's HTTP side: /mutate (AdmissionReview v1), /healthz and /metrics.
+
+The body is limited while it is read (aiohttp's client_max_size, and the
+Content-Length before reading) and in time, its nesting and size in arrays
+and objects before it is parsed (core.review.decode); each refusal is a 4xx
+with a one-line reason. Parsing
+and mutation run in a worker thread, so a large review cannot hold up the
+event loop for the requests behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from injector.config import Limits
+from injector.core import INJECTED, Admission, BadRequest, Settings, admit, decode
+
+log = logging.getLogger("outrider.injector")
+
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+#: The API server sends a review in one go and waits at most 30 s for the answer.
+BODY_TIMEOUT = 10.0
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class InjectorMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.admissions = Counter(
+            "outrider_injector_admissions",
+            "AdmissionReviews answered, by result (injected, skipped, error, bad_request) "
+            "and reason",
+            ["result", "reason"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "outrider_injector_admission_duration_seconds",
+            "Time from request to answer, body read included",
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+
+
+def make_app(
+    settings: Settings,
+    limits: Limits,
+    metrics: InjectorMetrics,
+    *,
+    body_timeout: float = BODY_TIMEOUT,
+    clock: Callable[[], float] = time.perf_counter,
+) -> web.Application:
+    async def mutate(request: web.Request) -> web.Response:
+        started = clock()
+        try:
+            body = await _read(request, limits.max_body_bytes, body_timeout)
+            admission = await asyncio.to_thread(_answer, body, settings, limits.max_json_depth)
+        except BadRequest as exc:
+            metrics.admissions.labels("bad_request", exc.reason).inc()
+            metrics.duration.observe(clock() - started)
+            log.info("refused a request from %s: %s", request.remote, exc)
+            return web.Response(status=exc.status, text=f"{exc}\n")
+        metrics.admissions.labels(admission.result, admission.reason).inc()
+        metrics.duration.observe(clock() - started)
+        _log(admission)
+        return web.Response(
+            body=json.dumps(admission.review, separators=(",", ":")),
+            content_type="application/json",
+        )
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def get_metrics(request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app = web.Application(client_max_size=limits.max_body_bytes)
+    app.router.add_post("/mutate", mutate)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", get_metrics)
+    return app
+
+
+async def _read(request: web.Request, limit: int, within: float) -> bytes:
+    too_large = BadRequest("too_large", f"the body exceeds {limit} bytes", status=413)
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    try:
+        async with asyncio.timeout(within):
+            return await request.read()  # stops reading past client_max_size
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large from None
+    except TimeoutError:
+        raise BadRequest("slow_body", f"the body took more than {within:g} s", 408) from None
+
+
+def _answer(body: bytes, settings: Settings, max_depth: int) -> Admission:
+    return admit(decode(body, max_depth), settings)
+
+
+def _log(admission: Admission) -> None:
+    if admission.error is not None:
+        log.error(
+            "cannot inject %s, letting it through unchanged",
+            admission.pod,
+            exc_info=admission.error,
+        )
+    elif admission.result == INJECTED or admission.reason == "not_a_pod":
+        log.debug("%s: %s", admission.pod, admission.reason)
+    else:
+        log.info("%s: not injected (%s)", admission.pod, admission.reason)

@@ -1,0 +1,121 @@
+"""`outrider inject` and `outrider injector serve` as commands: output, reports, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent.config import parse_text
+from outrider.cli import main
+
+DEPLOYMENT = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata:
+      labels: {app: web}
+      annotations: {outrider.io/inbound-ports: "8080", outrider.io/log-level: loud}
+    spec:
+      serviceAccountName: web
+      containers: [{name: web, image: web:1}]
+"""
+SERVICE = "apiVersion: v1\nkind: Service\nmetadata: {name: web}  # kept\n"
+
+
+def test_inject_reads_stdin_and_writes_stdout() -> None:
+    stream = SERVICE + "---\n" + DEPLOYMENT
+    done = subprocess.run(
+        [sys.executable, "-m", "outrider", "inject", "-f", "-"],
+        input=stream,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    service, deployment = done.stdout.split("---\n")
+    assert service == SERVICE
+    template = yaml.safe_load(deployment)["spec"]["template"]
+    [agent] = template["spec"]["initContainers"]
+    config = parse_text(agent["env"][0]["value"], source="OUTRIDER_AGENT_CONFIG")
+    assert str(config.identity.spiffe_id) == "spiffe://cluster.local/ns/shop/sa/web"
+    assert done.stderr.splitlines() == [
+        "Deployment shop/web: injected",
+        "  outrider: outrider.io/log-level: must be one of debug, info, warning, error; "
+        "using the default (info)",
+    ]
+
+
+def test_inject_writes_the_output_file_and_takes_the_config(tmp_path: Path) -> None:
+    source, out, config = tmp_path / "in.yaml", tmp_path / "out.yaml", tmp_path / "inj.yaml"
+    source.write_text(DEPLOYMENT)
+    config.write_text(yaml.safe_dump({"native_sidecar": False, "trust_domain": "prod.example"}))
+    code = main(["inject", "-f", str(source), "-o", str(out), "--config", str(config)])
+    assert code == 0
+    spec = yaml.safe_load(out.read_text())["spec"]["template"]["spec"]
+    assert [c["name"] for c in spec["containers"]] == ["outrider-agent", "web"]
+    assert "prod.example" in spec["containers"][0]["env"][0]["value"]
+
+
+@pytest.mark.parametrize(
+    ("stream", "config", "message"),
+    [
+        ("kind: [", None, "not YAML"),
+        (DEPLOYMENT, {"agent": {"uid": 0}}, "agent.uid: must be an integer >= 1"),
+        ("kind: Pod\napiVersion: v1\nmetadata: {namespace: a.b/c}\nspec: {}\n", None, "a.b/c"),
+    ],
+)
+def test_inject_refuses_what_it_cannot_do_with_exit_2(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    stream: str,
+    config: dict[str, object] | None,
+    message: str,
+) -> None:
+    source = tmp_path / "in.yaml"
+    source.write_text(stream)
+    argv = ["inject", "-f", str(source)]
+    if config is not None:
+        (tmp_path / "inj.yaml").write_text(yaml.safe_dump(config))
+        argv += ["--config", str(tmp_path / "inj.yaml")]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_inject_of_a_missing_file_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inject", "-f", str(tmp_path / "absent.yaml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"listen": "127.0.0.1:0"}, "tls.cert_file: required"),
+        (
+            {"listen": "127.0.0.1:0", "tls": {"cert_file": "no.crt", "key_file": "no.key"}},
+            "cannot load",
+        ),
+    ],
+)
+def test_serve_without_a_usable_certificate_exits_2(
+    tmp_path: Path, config: dict[str, object], message: str
+) -> None:
+    path = tmp_path / "injector.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = subprocess.run(
+        [sys.executable, "-m", "outrider", "injector", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr

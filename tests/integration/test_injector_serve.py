@@ -1,0 +1,271 @@
+"""`outrider injector serve` as a real process on 127.0.0.1, over HTTPS.
+
+Bounded requests get fast 4xx answers and the webhook keeps serving; a pod
+that breaks the mutation is let through and counted; every answer is an
+AdmissionReview the API server can use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.client
+import json
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp.test_utils import TestServer
+
+from injector.config import Limits
+from injector.core import Settings
+from injector.webhook import InjectorMetrics, make_app
+from tests.support import loopback_tls, wait_for_line
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "admission"
+_READY = re.compile(r"serving /mutate on https://[^ ]+:(\d+)")
+MAX_BODY = 3 * 1024 * 1024
+
+
+@dataclass
+class Webhook:
+    port: int
+    context: ssl.SSLContext
+    process: subprocess.Popen[str]
+    log: list[str]
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, timeout: float = 10.0
+    ) -> tuple[int, bytes, float]:
+        """Status, body and seconds taken, on a new connection."""
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", self.port, context=self.context, timeout=timeout
+        )
+        started = time.perf_counter()
+        try:
+            headers = {"Content-Type": "application/json"} if body is not None else {}
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.read(), time.perf_counter() - started
+        finally:
+            connection.close()
+
+    def connect(self) -> ssl.SSLSocket:
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        return self.context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+    def review(self, body: dict[str, Any]) -> dict[str, Any]:
+        status, answer, _ = self.request("POST", "/mutate", json.dumps(body).encode())
+        assert status == 200, answer
+        return json.loads(answer)["response"]
+
+    def metric(self, name: str, **labels: str) -> float:
+        _, text, _ = self.request("GET", "/metrics")
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))  # as exported
+        prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
+        for line in text.decode().splitlines():
+            if line.startswith(prefix):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+
+@contextmanager
+def running_webhook(root: Path) -> Iterator[Webhook]:
+    tls = loopback_tls(root, "injector")
+    config = root / "injector.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": "127.0.0.1:0",
+                "tls": {"cert_file": "cert.pem", "key_file": "key.pem"},
+                "limits": {"max_body_bytes": MAX_BODY},
+            }
+        )
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "outrider", "injector", "serve", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    log: list[str] = []
+    match = wait_for_line(process, _READY, log, 20.0, "injector")
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    try:
+        yield Webhook(int(match[1]), context, process, log)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+
+
+@pytest.fixture(scope="module")
+def webhook(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Webhook]:
+    with running_webhook(tmp_path_factory.mktemp("injector")) as running:
+        yield running
+
+
+def recorded(name: str) -> dict[str, Any]:
+    return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+def assert_still_serving(webhook: Webhook) -> None:
+    assert webhook.request("GET", "/healthz")[:2] == (200, b"ok\n")
+    response = webhook.review(recorded("deployment_pod"))
+    assert response["allowed"] is True and "patch" in response
+
+
+def test_a_pod_is_injected_over_https(webhook: Webhook) -> None:
+    body = recorded("deployment_pod")
+    response = webhook.review(body)
+    assert response["uid"] == body["request"]["uid"]
+    assert response["patchType"] == "JSONPatch"
+    patch = json.loads(base64.b64decode(response["patch"]))
+    assert patch[0]["path"] == "/spec/initContainers"
+    assert webhook.metric(
+        "outrider_injector_admissions_total", result="injected", reason="injected"
+    )
+
+
+def test_a_skipped_pod_gets_a_warning_an_audit_annotation_and_a_log_line(webhook: Webhook) -> None:
+    response = webhook.review(recorded("host_network"))
+    assert response["allowed"] is True and "patch" not in response
+    assert response["auditAnnotations"] == {"injection": "host_network"}
+    assert response["warnings"][0].startswith("outrider: not injected: hostNetwork")
+    assert webhook.metric(
+        "outrider_injector_admissions_total", result="skipped", reason="host_network"
+    )
+    assert eventually(
+        lambda: any("monitoring/node-exporter-*: not injected" in x for x in webhook.log)
+    )
+
+
+def test_a_10_mb_body_gets_a_fast_413_and_the_webhook_keeps_serving(webhook: Webhook) -> None:
+    before = webhook.metric(
+        "outrider_injector_admissions_total", result="bad_request", reason="too_large"
+    )
+    status, body, seconds = webhook.request("POST", "/mutate", b"{" + b" " * 10_000_000 + b"}")
+    print(f"\n10 MB AdmissionReview: HTTP {status} in {seconds * 1000:.1f} ms")
+    assert status == 413
+    assert body == f"the body exceeds {MAX_BODY} bytes\n".encode()
+    assert seconds < 1.0
+    assert_still_serving(webhook)
+    after = webhook.metric(
+        "outrider_injector_admissions_total", result="bad_request", reason="too_large"
+    )
+    assert after == before + 1
+
+
+def test_a_body_without_length_is_refused_while_it_is_still_arriving(webhook: Webhook) -> None:
+    # Chunked, over the limit, and never finished: only a server that counts while
+    # reading can answer before the end of the body.
+    with webhook.connect() as tls:
+        tls.sendall(
+            b"POST /mutate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b" " * 65536
+        started = time.perf_counter()
+        for _ in range(MAX_BODY // len(chunk) + 2):
+            tls.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        answer = tls.recv(4096)
+        seconds = time.perf_counter() - started
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    assert seconds < 1.0
+    assert_still_serving(webhook)
+
+
+def test_10000_deep_json_gets_a_fast_400_and_the_webhook_keeps_serving(webhook: Webhook) -> None:
+    deep = b'{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":'
+    deep += b"[" * 10_000 + b"]" * 10_000 + b"}"
+    status, body, seconds = webhook.request("POST", "/mutate", deep)
+    print(f"\n10 000-deep JSON: HTTP {status} in {seconds * 1000:.1f} ms")
+    assert (status, body) == (400, b"JSON nested more than 64 levels deep\n")
+    assert seconds < 1.0
+    assert_still_serving(webhook)
+    assert webhook.metric(
+        "outrider_injector_admissions_total", result="bad_request", reason="too_deep"
+    )
+    assert not any("RecursionError" in line for line in webhook.log)
+
+
+@pytest.mark.parametrize("body", [b"", b"{not json", b'{"kind":"AdmissionReview"}'])
+def test_what_is_not_an_admission_review_gets_a_400(webhook: Webhook, body: bytes) -> None:
+    status, answer, _ = webhook.request("POST", "/mutate", body)
+    assert status == 400
+    assert answer.endswith(b"\n") and answer.count(b"\n") == 1
+
+
+def test_a_pod_that_breaks_the_mutation_is_allowed_unchanged_and_counted(webhook: Webhook) -> None:
+    body = recorded("deployment_pod")
+    body["request"]["object"]["spec"]["containers"] = "not a list"
+    before = webhook.metric("outrider_injector_admissions_total", result="error", reason="error")
+    response = webhook.review(body)
+    assert response == {
+        "uid": body["request"]["uid"],
+        "allowed": True,
+        "warnings": ["outrider: not injected: internal error in the injector"],
+        "auditAnnotations": {"injection": "error"},
+    }
+    after = webhook.metric("outrider_injector_admissions_total", result="error", reason="error")
+    assert after == before + 1
+    assert eventually(lambda: any("cannot inject shop/web-7d9c6b5f8-*" in x for x in webhook.log))
+    assert not any("not a list" in line for line in webhook.log)  # the object is never logged
+    assert_still_serving(webhook)
+
+
+def test_metrics_have_the_admission_duration(webhook: Webhook) -> None:
+    webhook.review(recorded("opted_out"))
+    assert webhook.metric("outrider_injector_admission_duration_seconds_count") >= 1
+    status, _, _ = webhook.request("GET", "/nowhere")
+    assert status == 404
+
+
+def test_a_sender_that_never_finishes_its_body_does_not_delay_shutdown(tmp_path: Path) -> None:
+    with running_webhook(tmp_path) as webhook, webhook.connect() as tls:
+        tls.sendall(b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n")
+        tls.sendall(b" " * 1_000_000)
+        assert tls.recv(4096).startswith(b"HTTP/1.1 413")
+        # The rest of the body never comes; the server must not wait for it.
+        webhook.process.send_signal(signal.SIGTERM)
+        started = time.perf_counter()
+        assert webhook.process.wait(timeout=10) == 0
+        assert time.perf_counter() - started < 3.0
+
+
+def eventually(check: Any, seconds: float = 2.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return bool(check())
+
+
+async def test_a_body_that_trickles_in_is_cut_off_with_408(watchdog: None) -> None:
+    metrics = InjectorMetrics()
+    app = make_app(Settings(), Limits(), metrics, body_timeout=0.3)
+    async with TestServer(app, host="127.0.0.1") as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        started = time.perf_counter()
+        answer = await asyncio.wait_for(reader.read(4096), timeout=5)
+        seconds = time.perf_counter() - started
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert answer.endswith(b"the body took more than 0.3 s\n")
+    assert 0.3 <= seconds < 2.0
+    sample = metrics.registry.get_sample_value(
+        "outrider_injector_admissions_total", {"result": "bad_request", "reason": "slow_body"}
+    )
+    assert sample == 1

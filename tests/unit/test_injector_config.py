@@ -1,0 +1,137 @@
+"""injector.yaml: defaults, the documented example, and every error at once with its key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from identity import TrustDomain
+from identity.configfile import ConfigError, Listen
+from injector import config as injector_config
+from injector.config import InjectorConfig, Limits, parse
+from injector.core.settings import Quantity, Settings
+
+
+def test_an_empty_file_is_every_default() -> None:
+    assert parse({}, base=Path("/etc")) == InjectorConfig()
+    assert InjectorConfig().settings == Settings()
+    assert InjectorConfig().listen == Listen("0.0.0.0", 9443)
+    assert InjectorConfig().limits == Limits(3145728, 64)
+
+
+def test_the_documented_example_is_the_defaults_with_tls(tmp_path: Path) -> None:
+    example = injector_config.__doc__.split("\n\n", 2)[2]  # type: ignore[union-attr]
+    path = tmp_path / "injector.yaml"
+    path.write_text(example)
+    config = injector_config.load(path, require_tls=True)
+    assert config.settings == Settings()
+    assert config.limits == Limits()
+    assert config.tls is not None
+    assert str(config.tls.cert_file) == "/etc/outrider/injector-tls/tls.crt"
+
+
+def test_every_key_is_read(tmp_path: Path) -> None:
+    raw = {
+        "listen": "127.0.0.1:0",
+        "tls": {"cert_file": "tls.crt", "key_file": "tls.key"},
+        "trust_domain": "prod.example",
+        "system_namespace": "mesh",
+        "native_sidecar": False,
+        "agent": {
+            "image": "registry.example.com/agent:9",
+            "uid": 2000,
+            "log_level": "warning",
+            "resources": {"requests": {"cpu": "10m"}, "limits": {"memory": "1Gi"}},
+            "token_expiration_seconds": 600,
+        },
+        "ca": {"address": "ca.mesh.svc:443", "bundle_configmap": "bundle"},
+        "limits": {"max_body_bytes": 65536, "max_json_depth": 32},
+    }
+    config = parse(raw, base=tmp_path)
+    s = config.settings
+    assert (s.trust_domain, s.system_namespace, s.native_sidecar) == (
+        TrustDomain("prod.example"),
+        "mesh",
+        False,
+    )
+    assert (s.agent.image, s.agent.uid, s.agent.log_level) == (
+        "registry.example.com/agent:9",
+        2000,
+        "warning",
+    )
+    assert s.agent.resources.requests.cpu == Quantity.parse("10m")
+    assert s.agent.resources.requests.memory == Quantity.parse("64Mi")  # the default
+    assert s.agent.resources.limits.memory == Quantity.parse("1Gi")
+    assert s.agent.token_expiration_seconds == 600
+    assert (s.ca.address, s.ca.bundle_configmap) == ("ca.mesh.svc:443", "bundle")
+    assert config.limits == Limits(65536, 32)
+    assert config.tls is not None and config.tls.cert_file == tmp_path / "tls.crt"
+    assert config.listen == Listen("127.0.0.1", 0)
+
+
+def test_every_error_is_reported_at_once_with_its_key_path() -> None:
+    raw = {
+        "colour": "blue",
+        "trust_domain": "Not A Domain",
+        "system_namespace": "Outrider_System",
+        "native_sidecar": "yes",
+        "agent": {
+            "image": "evil image",
+            "uid": 0,
+            "log_level": "loud",
+            "resources": {"requests": {"cpu": "2", "memory": "many"}, "limits": {"gpu": 1}},
+            "token_expiration_seconds": 60,
+        },
+        "ca": {"address": "no-port", "bundle_configmap": "Bad_Name"},
+        "limits": {"max_body_bytes": 10, "max_json_depth": 5},
+    }
+    with pytest.raises(ConfigError) as error:
+        parse(raw, base=Path("/"), require_tls=True)
+    keys = [e.split(":")[0] for e in error.value.errors]
+    assert keys == [
+        "colour",
+        "trust_domain",
+        "system_namespace",
+        "native_sidecar",
+        "agent.image",
+        "agent.log_level",
+        "agent.uid",
+        "agent.resources.requests.memory",
+        "agent.resources.limits.gpu",
+        "agent.resources.requests.cpu",
+        "agent.token_expiration_seconds",
+        "ca.address",
+        "ca.bundle_configmap",
+        "tls.cert_file",
+        "tls.key_file",
+        "limits.max_body_bytes",
+        "limits.max_json_depth",
+    ]
+
+
+def test_tls_is_required_only_to_serve() -> None:
+    assert parse({}, base=Path("/")).tls is None
+    with pytest.raises(ConfigError, match=r"tls\.cert_file: required"):
+        parse({}, base=Path("/"), require_tls=True)
+
+
+@pytest.mark.parametrize("address", ["ca.svc:0", "ca.svc", ":8443"])
+def test_the_ca_address_must_be_host_and_port(address: str) -> None:
+    with pytest.raises(ConfigError, match=r"ca\.address"):
+        parse({"ca": {"address": address}}, base=Path("/"))
+
+
+def test_a_file_that_is_not_yaml_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "injector.yaml"
+    path.write_text("listen: [unclosed")
+    with pytest.raises(ConfigError, match="cannot read"):
+        injector_config.load(path)
+
+
+def test_the_example_in_the_docs_parses(tmp_path: Path) -> None:
+    docs = Path(__file__).resolve().parents[2] / "docs" / "injector.md"
+    section = docs.read_text().split("## injector.yaml", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert parse(yaml.safe_load(block), base=tmp_path, require_tls=True).settings == Settings()
