@@ -99,6 +99,7 @@ def _ca_serve(args: argparse.Namespace) -> None:
 def _agent_run(args: argparse.Namespace) -> None:
     from agent import app as agent_app
     from agent import config as agent_config
+    from agent.core.policy import PolicyError
 
     path = Path(args.config) if args.config else None
     try:
@@ -108,6 +109,11 @@ def _agent_run(args: argparse.Namespace) -> None:
             config = agent_config.parse_text(_environ(args.config_env), source=args.config_env)
     except ConfigError as exc:
         raise _invalid(exc) from None
+    try:
+        agent_app.load_policies(config)
+    except PolicyError as exc:
+        lines = "\n".join(f"  {error}" for error in exc.errors)
+        raise CommandError(f"invalid policy:\n{lines}", EXIT_USAGE) from None
     try:
         agent_app.run(path, config)
     except OSError as exc:  # a listen address in use or not local
@@ -163,6 +169,81 @@ def _injector_serve(args: argparse.Namespace) -> None:
         injector_app.run(config)
     except injector_app.StartupError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
+
+
+def _policy_lint(args: argparse.Namespace) -> None:
+    from agent.core.policy import PolicyError, load_policy_files
+
+    paths = [Path(name) for name in args.files]
+    errors: list[str] = []
+    for path in paths:
+        try:
+            print(f"{path}: {len(load_policy_files([path]))} policies OK")
+        except PolicyError as exc:
+            errors.extend(exc.errors)
+    if not errors:
+        try:
+            load_policy_files(paths)  # names must also be unique across the files
+        except PolicyError as exc:
+            errors.extend(exc.errors)
+    for error in errors:
+        print(error, file=sys.stderr)
+    if errors:
+        plural = "s" if len(errors) > 1 else ""
+        raise CommandError(f"{len(errors)} error{plural} in policy files", EXIT_USAGE)
+
+
+def _policy_check(args: argparse.Namespace) -> None:
+    from agent.core.httppath import BadPath, normalize_host, normalize_target
+    from agent.core.policy import PolicyError, PolicySet, Request, load_policy_files
+
+    try:
+        source = None if args.plaintext else SpiffeId.parse(args.source)
+        trust_domains = frozenset(TrustDomain.parse(name) for name in args.trust_domain)
+        policies = PolicySet(load_policy_files([Path(p) for p in args.policy]), args.default_action)
+    except InvalidSpiffeId as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    except PolicyError as exc:
+        lines = "\n".join(f"  {error}" for error in exc.errors)
+        raise CommandError(f"invalid policy:\n{lines}", EXIT_USAGE) from None
+    if args.method is None and (args.path or args.host or args.header):
+        raise CommandError(
+            "--path, --host and --header describe an HTTP request: add --method", EXIT_USAGE
+        )
+    headers: dict[str, tuple[str, ...]] = {}
+    for header in args.header:
+        name, equals, value = header.partition("=")
+        if not equals or not name:
+            raise CommandError(f"--header {header!r} is not NAME=VALUE", EXIT_USAGE)
+        headers[name.lower()] = (*headers.get(name.lower(), ()), value)
+    path = None
+    if args.method is not None:
+        try:
+            path, _ = normalize_target(args.path or "/")
+        except BadPath as exc:
+            print(f"deny\nstatus: 400 (refused before any policy)\nwhy: {exc}")
+            raise CommandError("denied", EXIT_FAILURE) from None
+    request = Request(
+        source=source,
+        port=args.port,
+        method=args.method,
+        path=path,
+        host=None if args.host is None else normalize_host(args.host),
+        headers=headers,
+    )
+    if not trust_domains and source is not None:
+        trust_domains = frozenset({source.trust_domain})
+    decision = policies.decide(request, trust_domains)
+    print("allow" if decision.allowed else "deny")
+    if path is not None and path != args.path:
+        print(f"path: {path} (normalized from {args.path or '(none)'})")
+    print(f"policy: {decision.policy}")
+    print(f"rule: {decision.rule}")
+    print(f"why: {decision.reason}")
+    for record in decision.records:
+        print(f"record: {record.kind} policy={record.policy} rule={record.rule}")
+    if not decision.allowed:
+        raise CommandError("denied", EXIT_FAILURE)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -222,6 +303,45 @@ def parser() -> argparse.ArgumentParser:
     injector_serve = injector.add_parser("serve", help="serve /mutate over HTTPS")
     injector_serve.add_argument("--config", required=True, help="injector.yaml")
     injector_serve.set_defaults(func=_injector_serve)
+
+    policy = commands.add_parser("policy", help="check authorization policy files").add_subparsers(
+        dest="policy_command", required=True
+    )
+    lint = policy.add_parser(
+        "lint", help="validate policy files", description="exit 0 if valid, 2 with every error"
+    )
+    lint.add_argument("files", nargs="+", metavar="FILE", help="policy YAML files")
+    lint.set_defaults(func=_policy_lint)
+
+    check = policy.add_parser(
+        "check",
+        help="decide one request offline and say why",
+        description="prints allow or deny, the deciding policy and rule, and why;"
+        " exit 0 for allow, 1 for deny, 2 for bad input",
+    )
+    check.add_argument(
+        "--policy", action="append", required=True, metavar="FILE", help="repeatable"
+    )
+    who = check.add_mutually_exclusive_group(required=True)
+    who.add_argument("--source", metavar="SPIFFE_ID", help="the authenticated caller")
+    who.add_argument("--plaintext", action="store_true", help="an unauthenticated caller")
+    check.add_argument("--port", type=int, default=8080, help="the app port (default 8080)")
+    check.add_argument("--method", help="an HTTP request; without it, an L4 (TCP) connection")
+    check.add_argument("--path", help="the raw request-target, normalized as the agent does")
+    check.add_argument("--host", help="the Host header")
+    check.add_argument(
+        "--header", action="append", default=[], metavar="NAME=VALUE", help="repeatable"
+    )
+    check.add_argument(
+        "--default-action", choices=["allow-authenticated", "deny"], default="allow-authenticated"
+    )
+    check.add_argument(
+        "--trust-domain",
+        action="append",
+        default=[],
+        help="allowed by allow-authenticated; repeatable (default: the source's)",
+    )
+    check.set_defaults(func=_policy_check)
 
     demo = commands.add_parser("demo", help="run the mesh on loopback and show what it does")
     demo.add_argument(

@@ -1,0 +1,107 @@
+"""The one normalized request path that both the policy and the app see.
+
+An authorization check on a path is only as good as the agreement between
+the path it checks and the path the app routes. So the agent normalizes the
+request-target once, matches the policy against the result and forwards that
+same result to the app; anything whose meaning could differ between two
+readers (`%00`, malformed escapes, encoded `/` or `\\`, `..;`) is refused with a
+400 instead of being guessed at.
+
+Normalization follows RFC 3986 (6.2.2): decode only the unreserved characters,
+upper-case the hex of every other escape, then remove dot segments (5.2.4).
+It also turns `\\` into `/` and merges runs of `/`, as most app servers do,
+and percent-encodes the few ASCII characters that are never valid raw in a
+URI (`"<>^`{|}`), so a raw and an encoded spelling cannot differ.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+__all__ = ["BadPath", "normalize_host", "normalize_target"]
+
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+_MALFORMED = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+# Space, controls and anything outside ASCII: none may appear raw in a request line.
+_FORBIDDEN = re.compile(r"[^\x21-\x7e]")
+_NOT_URI = re.compile(r'["<>^`{|}]')
+_DOT_PARAMS = re.compile(r"/\.\.?;")
+_PORT = re.compile(r":[0-9]*\Z")
+
+
+class BadPath(ValueError):
+    """A request-target the agent refuses (400) rather than guess how the app reads it."""
+
+
+def normalize_target(target: str) -> tuple[str, str]:
+    """Split an origin-form request-target into (normalized path, raw query).
+
+    The query (the text after the first `?`, without it) is kept verbatim for
+    the app and is never matched; a `#fragment` is dropped. Idempotent.
+    """
+    target = target.partition("#")[0]
+    path, _, query = target.partition("?")
+    if not path.startswith("/"):
+        raise BadPath(f"request-target {_shown(path)} must start with '/'")
+    path = _canonical_escapes(path).replace("\\", "/")
+    if _DOT_PARAMS.search(path):
+        raise BadPath(
+            "path has a dot segment with parameters ('..;' or '.;'); refused because some"
+            " app servers (Tomcat, for one) read it as '..'"
+        )
+    return _merge_and_remove_dot_segments(path), query
+
+
+def normalize_host(host: str) -> str:
+    """The Host (or :authority) as matched: lower-case, without port or trailing dot."""
+    while True:
+        shorter = _PORT.sub("", host).rstrip(".")
+        if shorter == host:
+            return host.lower()
+        host = shorter
+
+
+def _canonical_escapes(path: str) -> str:
+    bad = _FORBIDDEN.search(path)
+    if bad:
+        raise BadPath(f"path has the character {bad[0]!r}; a path may only hold printable ASCII")
+    malformed = _MALFORMED.search(path)
+    if malformed:
+        escape = path[malformed.start() : malformed.start() + 3]
+        raise BadPath(
+            f"malformed percent-encoding {escape!r}: '%' must be followed by two hex digits"
+        )
+    path = _NOT_URI.sub(lambda m: f"%{ord(m[0]):02X}", path)
+    return _ESCAPE.sub(_decode_unreserved, path)
+
+
+def _decode_unreserved(escape: re.Match[str]) -> str:
+    char = chr(int(escape[1], 16))
+    if char == "\0":
+        raise BadPath("path has an encoded NUL (%00)")
+    if char in "/\\":
+        raise BadPath(
+            f"path has an encoded {char!r} ({escape[0]}); refused because an app may decode"
+            " it into a path separator after the policy has matched"
+        )
+    return char if char in _UNRESERVED else escape[0].upper()
+
+
+def _merge_and_remove_dot_segments(path: str) -> str:
+    """Drop empty segments (merging `//`), then RFC 3986 5.2.4 on an absolute path."""
+    segments = path[1:].split("/")
+    kept: list[str] = []
+    for segment in segments:
+        if segment == "..":
+            if kept:
+                kept.pop()
+        elif segment not in (".", ""):
+            kept.append(segment)
+    trailing_slash = bool(kept) and segments[-1] in (".", "..", "")
+    return "/" + "/".join(kept) + ("/" if trailing_slash else "")
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 64 else text[:64] + "...")

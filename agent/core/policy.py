@@ -1,0 +1,862 @@
+"""Who may call this workload, and how: the agent's one authorization engine.
+
+The inbound listener asks about each mTLS connection (L4: source and port),
+the HTTP adapter about each request (L7: also method, path, host, headers).
+Both ask `PolicySet.decide`, a pure function of frozen values, so a policy
+means the same thing on either layer and a table test covers both.
+
+Policies are read from YAML (docs/policy.md) in one pass that reports every
+error as `FILE:LINE:COLUMN: key.path: problem; what is expected`.
+
+Matching is literal: a value matches a pattern that is the same string, or
+has one leading or trailing `*`. No regex, no glob: `a.b` never matches `aXb`
+and trust domain `td` never matches `td.evil`. A source that is not
+authenticated (None) matches no `from` field, not even a negated one.
+
+An L4 request (method None) has no method, path, host or headers to check.
+Its HTTP conditions fail closed: they never match in an ALLOW or AUDIT rule,
+and always match in a DENY rule. On a TCP port such a policy is refused at
+load (`http_only_errors`); the case that remains is HTTP/2 relayed at L4 on
+an HTTP port, where a client's ALPN claim must not slip past a DENY on paths.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast, get_args
+
+import yaml
+
+from agent.core.httppath import BadPath, normalize_host, normalize_target
+from identity import SpiffeId, TrustDomain
+
+__all__ = [
+    "Action",
+    "Condition",
+    "Decision",
+    "DefaultAction",
+    "Field",
+    "Pattern",
+    "Policy",
+    "PolicyError",
+    "PolicySet",
+    "Record",
+    "Request",
+    "Rule",
+    "load_policy_files",
+    "parse_policies",
+]
+
+Action = Literal["ALLOW", "DENY", "AUDIT"]
+DefaultAction = Literal["allow-authenticated", "deny"]
+Field = Literal[
+    "principals", "namespaces", "trust_domains", "ports", "methods", "paths", "hosts", "headers"
+]
+SOURCE_FIELDS: tuple[Field, ...] = ("principals", "namespaces", "trust_domains")
+DESTINATION_FIELDS: tuple[Field, ...] = ("ports", "methods", "paths", "hosts")
+HTTP_FIELDS = frozenset({"methods", "paths", "hosts", "headers"})
+NO_ALLOW_MATCHED = "no ALLOW rule matched"
+DEFAULT_POLICY = "default"
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_METHOD = re.compile(r"[A-Z]+")
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DEFAULT_RULE_NAME = re.compile(r"rules\[[0-9]+\]")
+_HOST = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
+_HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+
+
+# -- the request and the answer -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the engine knows about one connection (L4) or request (L7)."""
+
+    source: SpiffeId | None  # None: not authenticated
+    port: int  # the app port of the inbound listener
+    method: str | None = None  # None at L4 (TCP, or HTTP/2 passed through)
+    path: str | None = None  # already normalized (httppath.normalize_target)
+    host: str | None = None  # already normalized (httppath.normalize_host)
+    # lower-case name -> every field value as received, in order
+    headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # A header under an upper-case name would be missed by every rule,
+        # which turns `not_values` into a match: refuse the adapter's mistake.
+        for name in self.headers:
+            if name != name.lower():
+                raise ValueError(f"header name {name!r} must be lower-case")
+
+
+@dataclass(frozen=True)
+class Record:
+    """Something a policy noted without enforcing it (AUDIT, or a dry run)."""
+
+    kind: Literal["audit", "dry_run_allow", "dry_run_deny"]
+    policy: str
+    rule: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    policy: str  # the deciding policy, or "default" when default_action decided
+    rule: str  # the deciding rule, NO_ALLOW_MATCHED, or the default action
+    reason: str  # one sentence: why
+    records: tuple[Record, ...] = ()
+
+
+# -- patterns and conditions ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A literal value, a `prefix*`, a `*suffix`, or `*` (anything); checked by Condition."""
+
+    text: str
+
+    def matches(self, value: str) -> bool:
+        if self.text == "*":
+            return True
+        if self.text.endswith("*"):
+            return value.startswith(self.text[:-1])
+        if self.text.startswith("*"):
+            return value.endswith(self.text[1:])
+        return value == self.text
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One field of a rule: the request matches if any value matches any pattern.
+
+    Negated (`not_<field>`, `not_values`), it matches if none does. Either
+    way it never matches an unauthenticated source (`from` fields); on an L4
+    request an HTTP field answers `l4_http` (True in DENY rules: fail closed).
+    """
+
+    field: Field
+    patterns: tuple[Pattern, ...]
+    negated: bool = False
+    header: str = ""  # the header's lower-case name, for field "headers"
+
+    def __post_init__(self) -> None:
+        if self.field not in get_args(Field):
+            raise ValueError(f"unknown field {self.field!r}")
+        if not self.patterns:
+            raise ValueError(f"{self.key}: needs at least one value")
+        if (self.field == "headers") != bool(_HEADER.fullmatch(self.header)):
+            raise ValueError(f"{self.key}: header {self.header!r} is not a lower-case name")
+        for pattern in self.patterns:
+            if check_value(self.field, pattern.text) != pattern.text:
+                raise ValueError(f"{self.key}: {pattern.text!r} is not in canonical form")
+
+    @property
+    def key(self) -> str:
+        """The policy key this condition was written as."""
+        if self.field == "headers":
+            return f"when[{self.header}].{'not_values' if self.negated else 'values'}"
+        return f"{'not_' if self.negated else ''}{self.field}"
+
+    def matches(self, request: Request, l4_http: bool = False) -> bool:
+        values = _values(self, request)
+        if values is None:
+            return l4_http and self.field in HTTP_FIELDS
+        return self.any_match(values) != self.negated
+
+    def any_match(self, values: tuple[str, ...]) -> bool:
+        """Whether any value matches any pattern (negation aside)."""
+        return any(pattern.matches(value) for pattern in self.patterns for value in values)
+
+    def explain(self, request: Request, l4_http: bool = False) -> str:
+        """Why this condition does or does not match, for Decision.reason."""
+        values = _values(self, request)
+        if values is None and self.field in SOURCE_FIELDS:
+            return f"{self.key} never matches an unauthenticated source"
+        if values is None:
+            answer = "so a DENY rule assumes it matches" if l4_http else "so it never matches"
+            return f"{self.key} cannot be checked on an L4 connection, {answer}"
+        listed = ", ".join(pattern.text for pattern in self.patterns)
+        verb = "matches" if self.any_match(values) else "does not match"
+        shown = ", ".join(map(repr, values)) if values else "(none)"
+        return f"{_LABELS[self.field]}{self.header} {shown} {verb} {self.key} [{listed}]"
+
+
+_LABELS: dict[Field, str] = {
+    "principals": "source",
+    "namespaces": "source namespace",
+    "trust_domains": "source trust domain",
+    "ports": "port",
+    "methods": "method",
+    "paths": "path",
+    "hosts": "host",
+    "headers": "header ",
+}
+
+
+def _values(condition: Condition, request: Request) -> tuple[str, ...] | None:
+    """The request's values for a condition's field; None if it has none to match at all."""
+    source = request.source
+    if condition.field in SOURCE_FIELDS:
+        if source is None:
+            return None
+        if condition.field == "principals":
+            return (str(source),)
+        if condition.field == "namespaces":
+            return _namespace(source)
+        return (source.trust_domain.name,)
+    if condition.field == "ports":
+        return (str(request.port),)
+    if request.method is None:
+        return None
+    if condition.field == "methods":
+        # Upper-cased: some frameworks route `delete` as DELETE.
+        return (request.method.upper(),)
+    if condition.field == "paths":
+        return None if request.path is None else (request.path,)
+    if condition.field == "hosts":
+        return () if request.host is None else (request.host,)
+    return header_values(request.headers, condition.header)
+
+
+def _namespace(source: SpiffeId) -> tuple[str, ...]:
+    """The Kubernetes namespace of `spiffe://<td>/ns/<ns>/sa/<sa>`; () for any other shape."""
+    segments = source.segments
+    if len(segments) == 4 and segments[0] == "ns" and segments[2] == "sa":
+        return (segments[1],)
+    return ()
+
+
+def header_values(headers: Mapping[str, tuple[str, ...]], name: str) -> tuple[str, ...]:
+    """Every value of a header, however the client split them: field values split on ','."""
+    return tuple(item.strip() for value in headers.get(name, ()) for item in value.split(","))
+
+
+# -- rules, policies, the set ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Conditions that must all match (AND); a rule without any matches every request."""
+
+    name: str
+    conditions: tuple[Condition, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not _DEFAULT_RULE_NAME.fullmatch(self.name):
+            check_name(self.name)
+
+    def matches(self, request: Request, l4_http: bool = False) -> bool:
+        return all(condition.matches(request, l4_http) for condition in self.conditions)
+
+    def applies_to_port(self, port: int) -> bool:
+        """True unless the rule lists `to.ports` without this port (not_ports aside)."""
+        return all(
+            condition.any_match((str(port),))
+            for condition in self.conditions
+            if condition.field == "ports" and not condition.negated
+        )
+
+    @property
+    def http_fields(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(c.key for c in self.conditions if c.field in HTTP_FIELDS))
+
+    def explain(self, request: Request, l4_http: bool = False) -> str:
+        if not self.conditions:
+            return "the rule has no conditions, so it matches every request"
+        return "; ".join(condition.explain(request, l4_http) for condition in self.conditions)
+
+    def first_miss(self, request: Request) -> str:
+        return next(c.explain(request) for c in self.conditions if not c.matches(request))
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A named set of rules (OR) with one action; dry-run policies only record."""
+
+    name: str
+    action: Action
+    rules: tuple[Rule, ...]
+    dry_run: bool = False
+    source: str = field(default="", compare=False)  # FILE:LINE:COLUMN, for messages
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        if self.name == DEFAULT_POLICY:
+            raise ValueError(f"{self.name!r} is reserved for the default action")
+        if self.action not in get_args(Action):
+            raise ValueError(f"action {self.action!r} is not one of ALLOW, DENY, AUDIT")
+        if not self.rules:
+            raise ValueError("a policy needs at least one rule")
+        names = [rule.name for rule in self.rules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rule names must be unique within policy {self.name!r}")
+        if self.dry_run and self.action == "AUDIT":
+            raise ValueError("an AUDIT policy never enforces, so it cannot be a dry run")
+
+    def applies_to(self, port: int) -> bool:
+        return any(rule.applies_to_port(port) for rule in self.rules)
+
+    @property
+    def l4_http(self) -> bool:
+        """What this policy's HTTP conditions answer on an L4 request: fail closed."""
+        return self.action == "DENY"
+
+    def first_match(self, request: Request) -> Rule | None:
+        return next((rule for rule in self.rules if rule.matches(request, self.l4_http)), None)
+
+
+_RECORD_KIND: dict[Action, Literal["audit", "dry_run_allow", "dry_run_deny"]] = {
+    "AUDIT": "audit",
+    "ALLOW": "dry_run_allow",
+    "DENY": "dry_run_deny",
+}
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    policies: tuple[Policy, ...] = ()
+    default_action: DefaultAction = "allow-authenticated"
+
+    def __post_init__(self) -> None:
+        if self.default_action not in get_args(DefaultAction):
+            raise ValueError(f"default_action {self.default_action!r} is not one of {_ACTIONS}")
+        problems = _duplicates(self.policies)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def decide(self, request: Request, trust_domains: frozenset[TrustDomain]) -> Decision:
+        """Enforced DENY first, then enforced ALLOW for the port, then default_action."""
+        records = tuple(self._records(request))
+        if hit := _first_match(self._enforced("DENY"), request):
+            return Decision(False, hit[0].name, hit[1].name, _matched(*hit, request), records)
+        allows = [policy for policy in self._enforced("ALLOW") if policy.applies_to(request.port)]
+        if hit := _first_match(allows, request):
+            return Decision(True, hit[0].name, hit[1].name, _matched(*hit, request), records)
+        if allows:
+            reason = _none_matched(allows, request)
+            return Decision(False, DEFAULT_POLICY, NO_ALLOW_MATCHED, reason, records)
+        allowed, reason = self._default(request, trust_domains)
+        return Decision(allowed, DEFAULT_POLICY, self.default_action, reason, records)
+
+    def http_only_errors(self, tcp_ports: frozenset[int]) -> list[str]:
+        """One error per rule that uses HTTP-only fields and applies to one of these TCP ports.
+
+        Such a rule cannot be checked there (TCP has no method or path): in an
+        ALLOW it would never allow, in a DENY it would deny every connection.
+        """
+        errors = []
+        for policy in self.policies:
+            for rule in policy.rules:
+                ports = sorted(port for port in tcp_ports if rule.applies_to_port(port))
+                if rule.http_fields and ports:
+                    at = f"{policy.source}: " if policy.source else ""
+                    errors.append(
+                        f"{at}policy {policy.name!r} rule {rule.name!r} uses"
+                        f" {', '.join(rule.http_fields)} but applies to TCP port"
+                        f" {', '.join(map(str, ports))}, where HTTP fields never match;"
+                        " set `protocol: http` on that inbound port, or list the rule's"
+                        " HTTP ports in to.ports"
+                    )
+        return errors
+
+    def _enforced(self, action: Action) -> Iterator[Policy]:
+        return (p for p in self.policies if p.action == action and not p.dry_run)
+
+    def _records(self, request: Request) -> Iterator[Record]:
+        for policy in self.policies:
+            if not (policy.dry_run or policy.action == "AUDIT"):
+                continue
+            rule = policy.first_match(request)
+            if rule is not None:
+                yield Record(_RECORD_KIND[policy.action], policy.name, rule.name)
+            elif policy.action == "ALLOW" and policy.applies_to(request.port):
+                yield Record("dry_run_deny", policy.name, NO_ALLOW_MATCHED)
+
+    def _default(self, request: Request, trust_domains: frozenset[TrustDomain]) -> tuple[bool, str]:
+        prefix = f"no ALLOW policy applies to port {request.port}, so default_action"
+        if self.default_action == "deny":
+            return False, f"{prefix} deny denies"
+        source = request.source
+        if source is None:
+            return False, f"{prefix} allow-authenticated denies unauthenticated traffic"
+        if source.trust_domain not in trust_domains:
+            allowed = ", ".join(sorted(td.name for td in trust_domains)) or "none"
+            return False, (
+                f"{prefix} allow-authenticated denies {source}: its trust domain is not one"
+                f" of the allowed ({allowed})"
+            )
+        return True, f"{prefix} allow-authenticated allows authenticated {source}"
+
+
+_ACTIONS = ", ".join(get_args(DefaultAction))
+
+
+def _first_match(policies: Iterable[Policy], request: Request) -> tuple[Policy, Rule] | None:
+    for policy in policies:
+        rule = policy.first_match(request)
+        if rule is not None:
+            return policy, rule
+    return None
+
+
+def _matched(policy: Policy, rule: Rule, request: Request) -> str:
+    explained = rule.explain(request, policy.l4_http)
+    return f"{policy.action} policy {policy.name!r} rule {rule.name!r} matched: {explained}"
+
+
+def _none_matched(allows: list[Policy], request: Request) -> str:
+    misses = "; ".join(
+        f"{policy.name}/{rule.name}: {rule.first_miss(request)}"
+        for policy in allows
+        for rule in policy.rules
+    )
+    names = ", ".join(repr(policy.name) for policy in allows)
+    return f"ALLOW policies {names} apply to port {request.port} but no rule matched ({misses})"
+
+
+def _duplicates(policies: Sequence[Policy]) -> list[str]:
+    first: dict[str, Policy] = {}
+    errors = []
+    for policy in policies:
+        if policy.name in first:
+            where = first[policy.name].source or "an earlier policy"
+            at = f"{policy.source}: " if policy.source else ""
+            errors.append(
+                f"{at}name: duplicate policy name {policy.name!r} (first at {where});"
+                " expected names unique across all policy files"
+            )
+        first.setdefault(policy.name, policy)
+    return errors
+
+
+# -- values: what each field accepts, in canonical form -------------------------------------
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is not a valid name; expected 1-63 letters, digits, '.', '_' or '-',"
+            " starting with a letter or digit"
+        )
+    return name
+
+
+def check_value(field: Field, value: object) -> str:
+    """The canonical text of a pattern for `field`; ValueError says what is expected."""
+    if field == "ports":
+        return _port(value)
+    if not isinstance(value, str) or not value:
+        hint = " (quote it: YAML reads it as a boolean)" if isinstance(value, bool) else ""
+        raise ValueError(f"{value!r} is not a non-empty string{hint}")
+    return _CHECKS[field](value)
+
+
+def _port(value: object) -> str:
+    text = str(value)
+    if isinstance(value, bool) or not isinstance(value, int | str) or not text.isdecimal():
+        raise ValueError(f"{value!r} is not a port; expected an integer from 1 to 65535")
+    if not text.isascii() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"port {value!r} is out of range; expected an integer from 1 to 65535")
+    return str(int(text))
+
+
+def _star(text: str) -> tuple[str, str]:
+    """('exact'|'prefix'|'suffix'|'any', the text without its `*`)."""
+    if text == "*":
+        return "any", ""
+    kind, core = "exact", text
+    if text.endswith("*"):
+        kind, core = "prefix", text[:-1]
+    elif text.startswith("*"):
+        kind, core = "suffix", text[1:]
+    if "*" in core:
+        raise ValueError(
+            f"{text!r} has a '*' inside; patterns are literal with at most one '*',"
+            " at the start (suffix) or the end (prefix)"
+        )
+    return kind, core
+
+
+def _principal(text: str) -> str:
+    kind, core = _star(text)
+    if kind == "any":
+        return text
+    expected = "expected a SPIFFE ID such as spiffe://example.org/ns/NS/sa/SA, or a prefix of"
+    expected += " one that ends in '*' after the trust domain's '/', or '*' for any peer"
+    if kind == "exact":
+        try:
+            return str(SpiffeId.parse(text))
+        except ValueError as exc:
+            raise ValueError(f"{exc}; {expected}") from None
+    authority, slash, _ = core.removeprefix("spiffe://").partition("/")
+    # `spiffe://td*` would also match spiffe://td.evil: the prefix must pin the trust domain.
+    if kind != "prefix" or not core.startswith("spiffe://") or not slash:
+        raise ValueError(f"{text!r} is not a SPIFFE ID pattern; {expected}")
+    try:
+        TrustDomain(authority)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; {expected}") from None
+    return text
+
+
+def _namespace_name(text: str) -> str:
+    if not _NAMESPACE.fullmatch(text):
+        raise ValueError(
+            f"{text!r} is not a namespace; expected a Kubernetes namespace name"
+            " (lower-case letters, digits and '-'), matched exactly"
+        )
+    return text
+
+
+def _trust_domain(text: str) -> str:
+    try:
+        return TrustDomain(text).name
+    except ValueError as exc:
+        raise ValueError(f"{exc}; expected a trust domain name such as example.org") from None
+
+
+def _method(text: str) -> str:
+    if not _METHOD.fullmatch(text):
+        raise ValueError(
+            f"{text!r} is not an HTTP method; expected an upper-case method such as"
+            f" {text.upper() if text.isalpha() else 'GET'!r}, matched exactly"
+        )
+    return text
+
+
+def _path(text: str) -> str:
+    kind, core = _star(text)
+    if kind == "any":
+        return text
+    if kind != "suffix" and not core.startswith("/"):
+        raise ValueError(f"{text!r} does not start with '/'; expected a path such as /api/*")
+    if "?" in core or "#" in core:
+        raise ValueError(f"{text!r} has a query or fragment; paths are matched without them")
+    # A prefix or suffix is a piece of a path: complete it with a plain segment
+    # ("x") so that, say, the prefix "/a/." (of "/a/.well-known") is not read as
+    # a dot segment.
+    before, after = {"prefix": ("", "x"), "suffix": ("/x", "")}.get(kind, ("", ""))
+    try:
+        normalized, _ = normalize_target(before + core + after)
+    except BadPath as exc:
+        raise ValueError(f"{text!r}: {exc}") from None
+    if normalized != before + core + after:
+        fixed = normalized.removeprefix(before).removesuffix(after)
+        fixed = {"prefix": fixed + "*", "suffix": "*" + fixed}.get(kind, fixed)
+        raise ValueError(
+            f"{text!r} never matches, because requests are matched after normalization;"
+            f" expected the normalized form {fixed!r}"
+        )
+    return text
+
+
+def _host(text: str) -> str:
+    kind, core = _star(text)
+    if kind not in ("exact", "suffix") or (kind == "suffix" and not core.startswith(".")):
+        raise ValueError(
+            f"{text!r}: expected a host name such as api.example.com, or *.example.com"
+        )
+    if ":" in core and not core.startswith("["):
+        raise ValueError(f"{text!r} has a port; hosts are matched without one (use to.ports)")
+    host = normalize_host(core)
+    if not _HOST.fullmatch(host.removeprefix(".")):
+        raise ValueError(f"{text!r} is not a host name; expected one such as api.example.com")
+    return ("*" if kind == "suffix" else "") + host
+
+
+def _header_value(text: str) -> str:
+    _star(text)
+    if "," in text:
+        raise ValueError(
+            f"{text!r} has a ','; header values are split on ',' before matching, so"
+            " expected one list element"
+        )
+    return text
+
+
+_CHECKS: dict[Field, Callable[[str], str]] = {
+    "principals": _principal,
+    "namespaces": _namespace_name,
+    "trust_domains": _trust_domain,
+    "methods": _method,
+    "paths": _path,
+    "hosts": _host,
+    "headers": _header_value,
+}
+
+
+# -- YAML -> policies, every error with its line and column ---------------------------------
+
+
+class PolicyError(Exception):
+    """Policy files that cannot be used; each error is `FILE:LINE:COLUMN: key: problem`."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def load_policy_files(paths: Sequence[Path]) -> tuple[Policy, ...]:
+    """Every policy of every file, in order; PolicyError lists all problems at once."""
+    policies: list[Policy] = []
+    errors: list[str] = []
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            errors.append(f"{path}:1:1: cannot read the file: {why}; expected a UTF-8 YAML file")
+            continue
+        try:
+            policies.extend(parse_policies(text, str(path)))
+        except PolicyError as exc:
+            errors.extend(exc.errors)
+    errors.extend(_duplicates(policies))
+    if errors:
+        raise PolicyError(errors)
+    return tuple(policies)
+
+
+def parse_policies(text: str, source: str) -> tuple[Policy, ...]:
+    """One file: YAML documents, each `{policies: [...]}`; PolicyError with every error."""
+    reader = _Reader(source)
+    try:
+        documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        raise PolicyError([reader.yaml_error(exc)]) from None
+    documents = [doc for doc in documents if not _is_null(doc)]
+    if not documents:
+        reader.fail(None, "(file)", "is empty; expected a mapping with a `policies:` list")
+    policies: list[Policy] = []
+    for document in documents:
+        top = reader.mapping(document, "", {"policies"}, required={"policies"})
+        if top is None or "policies" not in top:
+            continue
+        for index, node in enumerate(reader.sequence(top["policies"], "policies", None)):
+            policy = _policy(reader, node, f"policies[{index}]")
+            if policy is not None:
+                policies.append(policy)
+    reader.errors.extend(_duplicates(policies))
+    if reader.errors:
+        raise PolicyError(reader.errors)
+    return tuple(policies)
+
+
+def _policy(reader: _Reader, node: yaml.Node, path: str) -> Policy | None:
+    keys = {"name", "action", "mode", "rules"}
+    raw = reader.mapping(node, path, keys, required={"name", "action", "rules"})
+    if raw is None:
+        return None
+    errors = len(reader.errors)
+    name = reader.value(raw.get("name"), f"{path}.name", check_name)
+    action = reader.value(raw.get("action"), f"{path}.action", _action)
+    mode = reader.value(raw.get("mode"), f"{path}.mode", _mode) if "mode" in raw else "enforce"
+    rules: list[Rule] = []
+    if "rules" in raw:
+        for index, rule_node in enumerate(
+            reader.sequence(raw["rules"], f"{path}.rules", _ONE_RULE)
+        ):
+            rule = _rule(reader, rule_node, f"{path}.rules[{index}]", index)
+            if rule is not None:
+                rules.append(rule)
+    if len(reader.errors) > errors or name is None or action is None:
+        return None
+    where = reader.where(raw["name"])
+    return reader.build(node, path, Policy, name, action, tuple(rules), mode == "dry-run", where)
+
+
+_ONE_RULE = "at least one rule ({} is a rule that matches every request)"
+_ONE_VALUE = "at least one value (or leave the key out to match any)"
+
+
+def _action(value: object) -> Action:
+    if value in get_args(Action):
+        return cast(Action, value)
+    hint = f" (upper-case: {value.upper()})" if isinstance(value, str) else ""
+    raise ValueError(f"{value!r} is not an action; expected ALLOW, DENY or AUDIT{hint}")
+
+
+def _mode(value: object) -> str:
+    if value not in ("enforce", "dry-run"):
+        raise ValueError(f"{value!r} is not a mode; expected dry-run or enforce (the default)")
+    return str(value)
+
+
+def _rule(reader: _Reader, node: yaml.Node, path: str, index: int) -> Rule | None:
+    raw = reader.mapping(node, path, {"name", "from", "to", "when"})
+    if raw is None:
+        return None
+    name = reader.value(raw["name"], f"{path}.name", check_name) if "name" in raw else None
+    conditions: list[Condition] = []
+    conditions += reader.fields(raw.get("from"), f"{path}.from", SOURCE_FIELDS, "any source")
+    conditions += reader.fields(raw.get("to"), f"{path}.to", DESTINATION_FIELDS, "any request")
+    if "when" in raw:
+        for i, item in enumerate(reader.sequence(raw["when"], f"{path}.when")):
+            conditions += reader.header_conditions(item, f"{path}.when[{i}]")
+    return Rule(name or f"rules[{index}]", tuple(conditions))
+
+
+def _unknown(key: object, known: set[str]) -> str:
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key{hint}; expected one of {', '.join(sorted(known))}"
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Walks composed YAML nodes so that every error can name its line and column."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.errors: list[str] = []
+        self._scalars = yaml.constructor.SafeConstructor()
+
+    def where(self, node: yaml.Node | None) -> str:
+        if node is None:
+            return f"{self.source}:1:1"
+        mark = node.start_mark
+        return f"{self.source}:{mark.line + 1}:{mark.column + 1}"
+
+    def fail(self, node: yaml.Node | None, path: str, problem: str) -> None:
+        self.errors.append(f"{self.where(node)}: {path or '(top)'}: {problem}")
+
+    def yaml_error(self, exc: yaml.YAMLError) -> str:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{self.source}:{mark.line + 1}:{mark.column + 1}" if mark else f"{self.source}:1:1"
+        problem = getattr(exc, "problem", None) or str(exc)
+        hint = "; expected valid YAML"
+        lines = (mark.buffer or "").split("\n") if mark else []
+        if mark and mark.line < len(lines) and "*" in lines[mark.line]:
+            hint += " (quote values that start with '*', such as '*.example.com')"
+        return f"{at}: (yaml): {problem}{hint}"
+
+    def build(self, node: yaml.Node, path: str, make: Callable[..., T], *args: Any) -> T | None:
+        """`make(*args)`, or None with its ValueError reported at `node`."""
+        try:
+            return make(*args)
+        except ValueError as exc:
+            self.fail(node, path, str(exc))
+            return None
+
+    def mapping(
+        self, node: yaml.Node, path: str, known: set[str], required: Iterable[str] = ()
+    ) -> dict[str, yaml.Node] | None:
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(
+                node, path, f"is not a mapping; expected keys among {', '.join(sorted(known))}"
+            )
+            return None
+        found: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            at = f"{path}.{key}" if path else str(key)
+            if key not in known:
+                self.fail(key_node, at, _unknown(key, known))
+            elif key in found:
+                self.fail(key_node, at, "duplicate key; expected each key once")
+            else:
+                found[key] = value_node
+        for key in sorted(set(required) - set(found)):
+            self.fail(node, path, f"missing key {key!r}")
+        return found
+
+    def sequence(
+        self, node: yaml.Node, path: str, if_empty: str | None = "at least one item"
+    ) -> list[yaml.Node]:
+        """The items of a list; `if_empty` says what is expected of an empty one (None: fine)."""
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(node, path, "is not a list; expected a YAML list ([a, b] or '- a' lines)")
+            return []
+        if not node.value and if_empty:
+            self.fail(node, path, f"is empty; expected {if_empty}")
+        return list(node.value)
+
+    def scalar(self, node: yaml.Node) -> object:
+        if not isinstance(node, yaml.ScalarNode):
+            return node  # not a scalar: every value check rejects it by type
+        return self._scalars.construct_object(node)
+
+    def value(self, node: yaml.Node | None, path: str, check: Callable[[object], T]) -> T | None:
+        if node is None:
+            return None
+        scalar = self.scalar(node)
+        if isinstance(scalar, yaml.Node):
+            self.fail(node, path, "is not a single value; expected a string")
+            return None
+        return self.build(node, path, check, scalar)
+
+    def condition(
+        self, node: yaml.Node, path: str, field: Field, negated: bool, header: str = ""
+    ) -> Condition | None:
+        """The condition a list of values makes; None (reported) if any value is wrong."""
+        items = self.sequence(node, path, _ONE_VALUE)
+        texts = [
+            self.value(item, f"{path}[{i}]", lambda value: check_value(field, value))
+            for i, item in enumerate(items)
+        ]
+        if not items or None in texts:
+            return None
+        patterns = tuple(Pattern(text) for text in texts if text is not None)
+        return self.build(node, path, Condition, field, patterns, negated, header)
+
+    def fields(
+        self, node: yaml.Node | None, path: str, names: tuple[Field, ...], anything: str
+    ) -> list[Condition]:
+        if node is None:
+            return []
+        raw = self.mapping(node, path, {key for name in names for key in (name, f"not_{name}")})
+        if raw is None:
+            return []
+        if not node.value:  # not when every key was unknown: that is already said
+            self.fail(
+                node, path, f"is empty; expected a field (or leave it out to match {anything})"
+            )
+        conditions = []
+        for key, value_node in raw.items():
+            name = next(name for name in names if key in (name, f"not_{name}"))
+            negated = key.startswith("not_")
+            conditions.append(self.condition(value_node, f"{path}.{key}", name, negated))
+        return [condition for condition in conditions if condition is not None]
+
+    def header_conditions(self, node: yaml.Node, path: str) -> list[Condition]:
+        raw = self.mapping(node, path, {"header", "values", "not_values"}, required={"header"})
+        if raw is None or "header" not in raw:
+            return []
+        header = self.value(raw["header"], f"{path}.header", _header_name)
+        if not {"values", "not_values"} & set(raw):
+            self.fail(node, path, "has no values or not_values; expected at least one of them")
+        conditions = [
+            self.condition(raw[key], f"{path}.{key}", "headers", key == "not_values", header)
+            for key in ("values", "not_values")
+            if key in raw and header
+        ]
+        return [condition for condition in conditions if condition is not None]
+
+
+def _header_name(value: object) -> str:
+    if not isinstance(value, str) or not _HEADER.fullmatch(value.lower()):
+        raise ValueError(f"{value!r} is not a header name; expected a name such as x-user-role")
+    name = value.lower()
+    if name in _NOT_HEADERS:
+        raise ValueError(f"header {name!r} cannot be matched; expected {_NOT_HEADERS[name]}")
+    return name
+
+
+# Headers a `when` could only match wrongly: the adapter strips the identity
+# header before the policy runs, and the raw Host is not what to.hosts matches.
+_NOT_HEADERS = {
+    "host": "to.hosts, which matches the normalized host",
+    "x-forwarded-client-cert": "from.principals: the agent strips this header from requests",
+    "x_forwarded_client_cert": "from.principals: the agent strips this header from requests",
+}

@@ -1,0 +1,494 @@
+"""PolicySet.decide: every field and its `not` form, precedence, defaults, dry runs, audits."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.core.httppath import normalize_target
+from agent.core.policy import (
+    Action,
+    Condition,
+    Decision,
+    Field,
+    Pattern,
+    Policy,
+    PolicySet,
+    Record,
+    Request,
+    Rule,
+)
+from identity import SpiffeId, TrustDomain
+
+TD = TrustDomain("example.org")
+TRUSTED = frozenset({TD})
+FRONTEND = SpiffeId.parse("spiffe://example.org/ns/shop/sa/frontend")
+BACKEND = SpiffeId.parse("spiffe://example.org/ns/shop/sa/backend")
+OTHER_NS = SpiffeId.parse("spiffe://example.org/ns/lab/sa/frontend")
+FOREIGN = SpiffeId.parse("spiffe://partner.net/ns/shop/sa/frontend")
+NOT_K8S = SpiffeId.parse("spiffe://example.org/ns/job/pod/nightly")  # no namespace
+
+HTTP = Request(
+    source=FRONTEND,
+    port=8080,
+    method="GET",
+    path="/api/orders",
+    host="api.example.org",
+    headers={"x-role": ("reader",)},
+)
+TCP = Request(source=FRONTEND, port=8080)
+
+
+def cond(key: str, *patterns: str | int) -> Condition:
+    """cond("not_paths", "/admin*"); cond("when.x-role", "a") and cond("when.x-role.not", "a")."""
+    texts = tuple(Pattern(str(p)) for p in patterns)
+    if key.startswith("when."):
+        header, _, negated = key.removeprefix("when.").partition(".")
+        return Condition("headers", texts, negated == "not", header)
+    field: Field = key.removeprefix("not_")  # type: ignore[assignment]
+    return Condition(field, texts, key.startswith("not_"))
+
+
+def policy(
+    action: Action, *rules: tuple[Condition, ...], name: str = "p", dry_run: bool = False
+) -> Policy:
+    return Policy(
+        name, action, tuple(Rule(f"r{i}", c) for i, c in enumerate(rules)), dry_run=dry_run
+    )
+
+
+def decide(
+    *policies: Policy, request: Request = HTTP, default: str = "allow-authenticated"
+) -> Decision:
+    return PolicySet(policies, default).decide(request, TRUSTED)  # type: ignore[arg-type]
+
+
+# -- every field, and its not form: (condition, a request it matches, one it does not) -----
+
+FIELDS = [
+    ("principals-exact", cond("principals", str(FRONTEND)), HTTP, replace(HTTP, source=BACKEND)),
+    (
+        "principals-prefix",
+        cond("principals", "spiffe://example.org/ns/shop/*"),
+        HTTP,
+        replace(HTTP, source=OTHER_NS),
+    ),
+    ("principals-any", cond("principals", "*"), HTTP, replace(HTTP, source=None)),
+    ("not_principals", cond("not_principals", str(BACKEND)), HTTP, replace(HTTP, source=BACKEND)),
+    ("namespaces", cond("namespaces", "shop"), HTTP, replace(HTTP, source=OTHER_NS)),
+    (
+        "namespaces-not-k8s",
+        cond("namespaces", "job"),
+        replace(HTTP, source=SpiffeId.parse("spiffe://example.org/ns/job/sa/nightly")),
+        replace(HTTP, source=NOT_K8S),
+    ),
+    ("not_namespaces", cond("not_namespaces", "lab"), HTTP, replace(HTTP, source=OTHER_NS)),
+    (
+        "not_namespaces-not-k8s",
+        cond("not_namespaces", "lab"),
+        replace(HTTP, source=NOT_K8S),
+        replace(HTTP, source=OTHER_NS),
+    ),
+    ("trust_domains", cond("trust_domains", "example.org"), HTTP, replace(HTTP, source=FOREIGN)),
+    (
+        "not_trust_domains",
+        cond("not_trust_domains", "partner.net"),
+        HTTP,
+        replace(HTTP, source=FOREIGN),
+    ),
+    ("ports", cond("ports", 8080, 8443), HTTP, replace(HTTP, port=9090)),
+    ("ports-tcp", cond("ports", 8080), TCP, replace(TCP, port=9090)),
+    ("not_ports", cond("not_ports", 9090), HTTP, replace(HTTP, port=9090)),
+    ("methods", cond("methods", "GET", "HEAD"), HTTP, replace(HTTP, method="POST")),
+    ("methods-case", cond("not_methods", "DELETE"), HTTP, replace(HTTP, method="delete")),
+    ("not_methods", cond("not_methods", "POST"), HTTP, replace(HTTP, method="POST")),
+    ("paths-exact", cond("paths", "/api/orders"), HTTP, replace(HTTP, path="/api/orders/1")),
+    ("paths-prefix", cond("paths", "/api/*"), HTTP, replace(HTTP, path="/apiary")),
+    ("paths-suffix", cond("paths", "*/orders"), HTTP, replace(HTTP, path="/api/orders.json")),
+    ("paths-any", cond("paths", "*"), HTTP, TCP),
+    ("not_paths", cond("not_paths", "/admin/*"), HTTP, replace(HTTP, path="/admin/users")),
+    ("hosts-exact", cond("hosts", "api.example.org"), HTTP, replace(HTTP, host="example.org")),
+    ("hosts-suffix", cond("hosts", "*.example.org"), HTTP, replace(HTTP, host="example.org")),
+    ("hosts-missing", cond("hosts", "api.example.org"), HTTP, replace(HTTP, host=None)),
+    (
+        "not_hosts",
+        cond("not_hosts", "admin.example.org"),
+        HTTP,
+        replace(HTTP, host="admin.example.org"),
+    ),
+    ("not_hosts-missing", cond("not_hosts", "x.org"), replace(HTTP, host=None), TCP),
+    ("header-values", cond("when.x-role", "reader"), HTTP, replace(HTTP, headers={})),
+    (
+        "header-prefix",
+        cond("when.x-role", "read*"),
+        HTTP,
+        replace(HTTP, headers={"x-role": ("admin",)}),
+    ),
+    ("header-any", cond("when.x-role", "*"), HTTP, replace(HTTP, headers={"x-other": ("reader",)})),
+    (
+        "header-not_values",
+        cond("when.x-role.not", "admin"),
+        HTTP,
+        replace(HTTP, headers={"x-role": ("reader", "admin")}),
+    ),
+    ("header-not_values-missing", cond("when.x-role.not", "admin"), replace(HTTP, headers={}), TCP),
+]
+
+
+@pytest.mark.parametrize(
+    ("condition", "matching", "other"), [pytest.param(*case[1:], id=case[0]) for case in FIELDS]
+)
+def test_each_field_allows_what_it_matches_and_nothing_else(
+    condition: Condition, matching: Request, other: Request
+) -> None:
+    allow = policy("ALLOW", (condition,))
+    assert decide(allow, request=matching, default="deny").rule == "r0"
+    denied = decide(allow, request=other, default="deny")
+    assert not denied.allowed
+    # A rule that lists to.ports does not govern other ports: the default decides there.
+    assert denied.rule == ("deny" if condition.key == "ports" else "no ALLOW rule matched")
+
+
+SOURCE_KEYS = ["principals", "namespaces", "trust_domains"]
+ANY_SOURCE = {"principals": "*", "namespaces": "shop", "trust_domains": "example.org"}
+
+
+@pytest.mark.parametrize("key", SOURCE_KEYS + [f"not_{k}" for k in SOURCE_KEYS])
+def test_plaintext_never_matches_a_source_field_or_its_negation(key: str) -> None:
+    plaintext = replace(HTTP, source=None)
+    condition = cond(key, ANY_SOURCE[key.removeprefix("not_")])
+    assert not condition.matches(plaintext)
+    assert not decide(policy("ALLOW", (condition,)), request=plaintext).allowed
+    assert decide(policy("DENY", (condition,)), request=plaintext).policy != "p"
+
+
+HTTP_CONDITIONS = [
+    cond("methods", "GET"),
+    cond("not_methods", "POST"),
+    cond("paths", "*"),
+    cond("not_paths", "/admin/*"),
+    cond("hosts", "api.example.org"),
+    cond("not_hosts", "x.org"),
+    cond("when.x-role", "*"),
+    cond("when.x-role.not", "admin"),
+]
+
+
+@pytest.mark.parametrize("condition", HTTP_CONDITIONS, ids=lambda c: c.key)
+def test_on_an_l4_connection_http_fields_fail_closed(condition: Condition) -> None:
+    # HTTP/2 on an HTTP port is relayed at L4 on the client's ALPN word alone:
+    # an ALLOW on paths must not let it in, and a DENY on paths must keep it out.
+    assert not condition.matches(TCP)
+    assert not decide(policy("ALLOW", (condition,)), request=TCP).allowed
+    denied = decide(policy("DENY", (condition, cond("ports", 8080))), request=TCP)
+    assert (denied.allowed, denied.policy) == (False, "p")
+    assert f"{condition.key} cannot be checked on an L4 connection" in denied.reason
+    assert decide(policy("DENY", (condition, cond("ports", 9090))), request=TCP).allowed
+    trial = policy("DENY", (condition,), dry_run=True)
+    assert decide(trial, request=TCP).records == (Record("dry_run_deny", "p", "r0"),)
+    assert decide(policy("AUDIT", (condition,)), request=TCP).records == ()
+
+
+@pytest.mark.parametrize(
+    ("condition", "source"),
+    [
+        (cond("principals", "spiffe://td/ns/x/sa/a.b"), "spiffe://td/ns/x/sa/aXb"),
+        (cond("principals", "spiffe://td/ns/x/sa/a.b"), "spiffe://td/ns/x/sa/a.bc"),
+        (cond("principals", "spiffe://td/ns/x/sa/a.b"), "spiffe://td.evil/ns/x/sa/a.b"),
+        (cond("principals", "spiffe://td/ns/x/*"), "spiffe://td.evil/ns/x/sa/a"),
+        (cond("principals", "spiffe://td/ns/x/*"), "spiffe://td/ns/xy/sa/a"),
+        (cond("trust_domains", "td"), "spiffe://td.evil/ns/x/sa/a"),
+        (cond("trust_domains", "td"), "spiffe://evil.td/ns/x/sa/a"),
+        (cond("trust_domains", "td"), "spiffe://tdx/ns/x/sa/a"),
+        (cond("namespaces", "x"), "spiffe://td/ns/xy/sa/a"),
+        (cond("namespaces", "x"), "spiffe://td/ns/y/sa/x"),
+        (cond("namespaces", "x"), "spiffe://td/ns/x/sa/a/extra"),
+    ],
+)
+def test_matching_is_literal(condition: Condition, source: str) -> None:
+    assert not condition.matches(replace(HTTP, source=SpiffeId.parse(source)))
+
+
+# -- how policies combine -------------------------------------------------------------------
+
+GET_API = policy("ALLOW", (cond("methods", "GET"), cond("paths", "/api/*")), name="read-api")
+NO_ORDERS = policy("DENY", (cond("paths", "/api/orders"),), name="no-orders")
+
+
+@pytest.mark.parametrize("order", [(GET_API, NO_ORDERS), (NO_ORDERS, GET_API)])
+def test_a_matching_deny_wins_over_a_matching_allow(order: tuple[Policy, Policy]) -> None:
+    decision = decide(*order)
+    assert (decision.allowed, decision.policy, decision.rule) == (False, "no-orders", "r0")
+    assert "path '/api/orders' matches paths [/api/orders]" in decision.reason
+
+
+def test_rules_are_ored_and_fields_in_a_rule_are_anded() -> None:
+    either = policy("ALLOW", (cond("paths", "/other"),), (cond("paths", "/api/*"),))
+    assert decide(either).rule == "r1"
+    both = policy("ALLOW", (cond("principals", str(BACKEND)), cond("paths", "/api/*")))
+    assert not decide(both).allowed  # the path matches, the principal does not
+    values = policy("ALLOW", (cond("principals", str(BACKEND), str(FRONTEND)),))
+    assert decide(values).allowed  # values in one field are ORed
+
+
+def test_an_allow_policy_governs_only_the_ports_it_applies_to() -> None:
+    on_8080 = policy("ALLOW", (cond("ports", 8080), cond("paths", "/health")))
+    denied = decide(on_8080)
+    assert (denied.allowed, denied.policy, denied.rule) == (
+        False,
+        "default",
+        "no ALLOW rule matched",
+    )
+    assert "path '/api/orders' does not match paths [/health]" in denied.reason
+    other_port = decide(on_8080, request=replace(HTTP, port=9090))
+    assert (other_port.allowed, other_port.rule) == (True, "allow-authenticated")
+    assert not decide(on_8080, request=replace(HTTP, port=9090), default="deny").allowed
+
+
+def test_a_rule_without_from_matches_plaintext() -> None:
+    # Documented: to require an authenticated caller, say `principals: ["*"]`.
+    plaintext = replace(HTTP, source=None)
+    assert decide(policy("ALLOW", (cond("paths", "/api/*"),)), request=plaintext).allowed
+    assert decide(policy("ALLOW", ()), request=plaintext).allowed
+
+
+@pytest.mark.parametrize(
+    ("request_", "default", "allowed", "why"),
+    [
+        (HTTP, "allow-authenticated", True, "allows authenticated spiffe://example.org"),
+        (TCP, "allow-authenticated", True, "allows authenticated"),
+        (replace(HTTP, source=FOREIGN), "allow-authenticated", False, "not one of the allowed"),
+        (replace(HTTP, source=None), "allow-authenticated", False, "unauthenticated"),
+        (HTTP, "deny", False, "default_action deny denies"),
+        (replace(HTTP, source=None), "deny", False, "default_action deny denies"),
+    ],
+)
+def test_default_action(request_: Request, default: str, allowed: bool, why: str) -> None:
+    decision = decide(request=request_, default=default)
+    assert (decision.allowed, decision.policy, decision.rule) == (allowed, "default", default)
+    assert why in decision.reason
+
+
+def test_audit_records_and_never_changes_the_outcome() -> None:
+    audit = policy("AUDIT", (cond("paths", "/api/*"),), name="watch")
+    deny = policy("DENY", (cond("methods", "GET"),), name="no-get")
+    assert decide(audit).records == (Record("audit", "watch", "r0"),)
+    assert decide(audit).allowed
+    assert not decide(audit, deny).allowed
+    assert decide(audit, deny).records == (Record("audit", "watch", "r0"),)
+    assert decide(audit, request=replace(HTTP, path="/other")).records == ()
+
+
+def test_a_dry_run_deny_records_what_it_would_deny() -> None:
+    trial = policy("DENY", (cond("paths", "/api/*"),), name="trial", dry_run=True)
+    decision = decide(trial)
+    assert (decision.allowed, decision.rule) == (True, "allow-authenticated")
+    assert decision.records == (Record("dry_run_deny", "trial", "r0"),)
+    assert decide(trial, request=replace(HTTP, path="/x")).records == ()
+
+
+def test_a_dry_run_allow_records_both_outcomes_where_it_applies() -> None:
+    trial = policy("ALLOW", (cond("ports", 8080), cond("methods", "GET")), name="t", dry_run=True)
+    matched = decide(trial)
+    assert (matched.allowed, matched.rule) == (True, "allow-authenticated")
+    assert matched.records == (Record("dry_run_allow", "t", "r0"),)
+    missed = decide(trial, request=replace(HTTP, method="POST"))
+    assert missed.allowed  # not enforced: the default decides
+    assert missed.records == (Record("dry_run_deny", "t", "no ALLOW rule matched"),)
+    assert decide(trial, request=replace(HTTP, port=9090)).records == ()
+    # An enforced deny does not hide what the dry run would have done.
+    assert decide(trial, default="deny").records == (Record("dry_run_allow", "t", "r0"),)
+
+
+def test_http_only_errors_name_rules_that_could_never_match_on_a_tcp_port() -> None:
+    everywhere = Policy(
+        "web", "ALLOW", (Rule("paths", (cond("paths", "/api/*"),)), Rule("any", ())), source="f:1:1"
+    )
+    on_http = Policy("http", "DENY", (Rule("r", (cond("ports", 8080), cond("methods", "PUT"))),))
+    errors = PolicySet((everywhere, on_http)).http_only_errors(frozenset({5432, 8080}))
+    assert len(errors) == 2
+    assert errors[0].startswith("f:1:1: policy 'web' rule 'paths' uses paths")
+    assert "TCP port 5432, 8080" in errors[0]
+    assert "policy 'http' rule 'r' uses methods but applies to TCP port 8080" in errors[1]
+    assert len(PolicySet((everywhere, on_http)).http_only_errors(frozenset({5432}))) == 1
+    assert PolicySet((on_http,)).http_only_errors(frozenset()) == []
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Condition("paths", (Pattern("/a/../b"),)),
+        lambda: Condition("paths", ()),
+        lambda: Condition("hosts", (Pattern("API.example.org"),)),
+        lambda: Condition("principals", (Pattern("spiffe://td*"),)),
+        lambda: Condition("headers", (Pattern("x"),), header="X-Role"),
+        lambda: Policy("p", "AUDIT", (Rule("r"),), dry_run=True),
+        lambda: Policy("default", "ALLOW", (Rule("r"),)),
+        lambda: Policy("p", "ALLOW", ()),
+        lambda: Policy("p", "ALLOW", (Rule("r"), Rule("r"))),
+        lambda: PolicySet((Policy("p", "ALLOW", (Rule("r"),)),) * 2),
+        lambda: Request(FRONTEND, 80, "GET", "/", headers={"X-Role": ("a",)}),
+    ],
+)
+def test_invalid_values_are_refused_at_construction(make: object) -> None:
+    with pytest.raises(ValueError):
+        make()  # type: ignore[operator]
+
+
+# -- properties ---------------------------------------------------------------------------
+
+_IDS = [FRONTEND, BACKEND, OTHER_NS, FOREIGN, NOT_K8S]
+_VOCABULARY: dict[Field, list[str]] = {
+    "principals": [str(FRONTEND), str(BACKEND), "spiffe://example.org/ns/shop/*", "*"],
+    "namespaces": ["shop", "lab"],
+    "trust_domains": ["example.org", "partner.net"],
+    "ports": ["8080", "9090"],
+    "methods": ["GET", "POST"],
+    "paths": ["/api/*", "/admin", "/admin/*", "*.json", "*"],
+    "hosts": ["api.example.org", "*.example.org"],
+    "headers": ["reader", "admin", "adm*", "*"],
+}
+
+
+@st.composite
+def _conditions(draw: st.DrawFn) -> Condition:
+    field = draw(st.sampled_from(list(_VOCABULARY)))
+    texts = draw(st.lists(st.sampled_from(_VOCABULARY[field]), min_size=1, max_size=2))
+    header = "x-role" if field == "headers" else ""
+    return Condition(field, tuple(map(Pattern, texts)), draw(st.booleans()), header)
+
+
+_RULES = st.lists(_conditions(), max_size=3).map(tuple)
+
+
+@st.composite
+def _policies(draw: st.DrawFn, action: Action | None = None) -> Policy:
+    rules = draw(st.lists(_RULES, min_size=1, max_size=3))
+    chosen = action or draw(st.sampled_from(["ALLOW", "DENY", "AUDIT"]))
+    dry_run = chosen != "AUDIT" and draw(st.booleans())
+    return policy(chosen, *rules, name=f"p{draw(st.integers(0, 10**6))}", dry_run=dry_run)
+
+
+def _unique(policies: list[Policy]) -> tuple[Policy, ...]:
+    return tuple(replace(p, name=f"{p.name}-{i}") for i, p in enumerate(policies))
+
+
+_SETS = st.builds(
+    lambda policies, default: PolicySet(_unique(policies), default),
+    st.lists(_policies(), max_size=4),
+    st.sampled_from(["allow-authenticated", "deny"]),
+)
+_HEADER_VALUES = st.lists(st.sampled_from(["reader", "admin", "adminx", " guest "]), max_size=3)
+
+
+@st.composite
+def _requests(draw: st.DrawFn) -> Request:
+    source = draw(st.sampled_from([*_IDS, None]))
+    port = draw(st.sampled_from([8080, 9090]))
+    method = draw(st.sampled_from([None, "GET", "POST"]))
+    if method is None:
+        return Request(source, port)
+    path = draw(st.sampled_from(["/api/a.json", "/admin", "/admin/x", "/", "/other"]))
+    host = draw(st.sampled_from([None, "api.example.org", "example.org"]))
+    values = draw(_HEADER_VALUES)
+    return Request(source, port, method, path, host, {"x-role": tuple(values)} if values else {})
+
+
+@settings(max_examples=300)
+@given(_SETS, _policies("DENY"), _requests())
+def test_adding_a_deny_policy_never_allows_what_was_denied(
+    policies: PolicySet, deny: Policy, request: Request
+) -> None:
+    before = policies.decide(request, TRUSTED)
+    after = replace(policies, policies=_unique([*policies.policies, deny])).decide(request, TRUSTED)
+    assert before.allowed or not after.allowed
+
+
+@settings(max_examples=300)
+@given(_SETS, _RULES, _requests())
+def test_adding_a_deny_rule_to_a_policy_never_allows_what_was_denied(
+    policies: PolicySet, conditions: tuple[Condition, ...], request: Request
+) -> None:
+    denies = [p for p in policies.policies if p.action == "DENY"]
+    if not denies:
+        return
+    target = denies[0]
+    grown = replace(target, rules=(*target.rules, Rule("extra", conditions)))
+    after = replace(
+        policies, policies=tuple(grown if p is target else p for p in policies.policies)
+    )
+    assert policies.decide(request, TRUSTED).allowed or not after.decide(request, TRUSTED).allowed
+
+
+@settings(max_examples=200)
+@given(_conditions(), _requests())
+def test_plaintext_matches_no_source_condition(condition: Condition, request: Request) -> None:
+    plaintext = replace(request, source=None)
+    if condition.field in ("principals", "namespaces", "trust_domains"):
+        assert not condition.matches(plaintext)
+
+
+@settings(max_examples=200)
+@given(
+    _SETS,
+    _requests(),
+    st.lists(st.sampled_from(["reader", "admin", "adminx"]), max_size=4),
+    st.data(),
+)
+def test_repeated_headers_are_evaluated_however_they_are_split(
+    policies: PolicySet, request: Request, values: list[str], data: st.DataObject
+) -> None:
+    if request.method is None or not values:
+        return
+    # Cut the same values into field lines at random points, joined by "," or ", ".
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(values) - 1))) if len(values) > 1 else [])
+    bounds = [0, *cuts, len(values)]
+    joiner = data.draw(st.sampled_from([",", ", ", " ,"]))
+    lines = tuple(joiner.join(values[a:b]) for a, b in itertools.pairwise(bounds))
+    separate = replace(request, headers={"x-role": tuple(values)})
+    split = replace(request, headers={"x-role": lines})
+    assert policies.decide(separate, TRUSTED) == policies.decide(split, TRUSTED)
+
+
+_GUARDED = PolicySet(
+    (
+        policy("DENY", (cond("paths", "/admin", "/admin/*"),), name="no-admin"),
+        policy("DENY", (cond("paths", "*.bak"),), name="no-backups"),
+        policy("ALLOW", (cond("paths", "/api/*"),), (cond("paths", "/"),), name="api"),
+    )
+)
+_RAW_SEGMENTS = st.sampled_from(
+    ["admin", "%61dmin", "api", "%61pi", ".", "%2e", "..", "%2E%2e", ".%2e", "x.bak", "x%2ebak"]
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.sampled_from(["/", "//", "\\", "/./"]), _RAW_SEGMENTS), max_size=5))
+def test_the_decision_on_a_raw_path_is_the_decision_on_what_the_app_receives(
+    parts: list[tuple[str, str]],
+) -> None:
+    raw = "/" + "".join(sep + seg for sep, seg in parts)
+    path, _ = normalize_target(raw)
+    # The app receives `path`; if it normalizes again it gets the same path and decision.
+    again, _ = normalize_target(path)
+    on_raw = _GUARDED.decide(replace(HTTP, path=path), TRUSTED)
+    assert on_raw == _GUARDED.decide(replace(HTTP, path=again), TRUSTED)
+    # And it is the decision on the plainly written path the spellings stand for.
+    plain = raw.replace("\\", "/").replace("%61", "a").replace("%2e", ".").replace("%2E", ".")
+    assert on_raw.allowed == _GUARDED.decide(replace(HTTP, path=_resolve(plain)), TRUSTED).allowed
+
+
+def _resolve(path: str) -> str:
+    """Dot segments and empty segments resolved the way a filesystem would."""
+    stack: list[str] = []
+    segments = path.split("/")
+    for segment in segments:
+        if segment == "..":
+            stack = stack[:-1]
+        elif segment not in ("", "."):
+            stack.append(segment)
+    return "/" + "/".join(stack) + ("/" if stack and segments[-1] in ("", ".", "..") else "")
