@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import config as agent_config
-from agent.adapters import admin
+from agent.adapters import admin, memory
 from agent.adapters.listeners import (
     ConfigT,
     Connections,
@@ -33,6 +33,7 @@ from agent.adapters.metrics import AgentMetrics
 from agent.adapters.rotator import IdentityManager, SignFn
 from agent.adapters.tls import Contexts
 from agent.config import AgentConfig, Inbound, Outbound
+from agent.core.policy import PolicyError, PolicySet, load_policy_files
 from agent.core.svid import Svid
 from identity.configfile import ConfigError, Listen
 
@@ -58,7 +59,10 @@ class Agent:
         self.config = config
         self.metrics = AgentMetrics()
         contexts = Contexts()
-        self.runtime = Runtime(config.limits, contexts, self.metrics, now)
+        self.runtime = Runtime(
+            config.limits, contexts, self.metrics, now, config.identity.spiffe_id
+        )
+        self.runtime.policies = load_policies(config)  # PolicyError: refuse to start
         self.connections = Connections(self.metrics)
         self.identity = IdentityManager(
             config,
@@ -97,6 +101,8 @@ class Agent:
         self.bound["admin"] = str(Listen(host, port))
         log.info("admin listening on %s", self.bound["admin"])
         self._tasks.append(asyncio.create_task(self.identity.run(), name="identity"))
+        churn = memory.return_freed_memory(lambda: self.connections.accepted)
+        self._tasks.append(asyncio.create_task(churn, name="memory"))
         await self.identity.has_svid.wait()
         await self._apply_listeners(self.config)
         self._listening = True
@@ -115,12 +121,26 @@ class Agent:
         old, self.config = self.config, new
         self.runtime.limits = new.limits
         self.identity.config = new
+        self.reload_policies()  # other files, another default action, or other TCP ports
         if (new.identity, new.ca) != (old.identity, old.ca):
             self.identity.renew_now()
         if new.admin != old.admin:
             log.warning("admin address changes take a restart; still on %s", self.bound["admin"])
         self.metrics.config_reloads.labels("agent", "ok").inc()
         log.info("config reloaded")
+
+    def reload_policies(self) -> None:
+        """Read the policy files again; a bad one keeps the policy in force."""
+        try:
+            policies = load_policies(self.config)
+        except PolicyError as exc:
+            self.metrics.config_reloads.labels("policy", "error").inc()
+            log.error("policy reload refused, keeping the policy in force:\n  %s", exc)
+            return
+        if policies != self.runtime.policies:
+            self.runtime.policies = policies
+            self.metrics.config_reloads.labels("policy", "ok").inc()
+            log.info("policy reloaded: %d policies", len(policies.policies))
 
     async def drain(self) -> None:
         """Stop accepting, let open connections finish up to the drain timeout."""
@@ -202,19 +222,17 @@ def _commit(
 
 
 async def serve(path: Path | None, config: AgentConfig, stop: asyncio.Event) -> None:
-    """Run until `stop` is set (SIGTERM), reloading `path` on SIGHUP or when it changes.
+    """Run until `stop` is set (SIGTERM), reloading on SIGHUP or when a file changes.
 
-    A config given inline (`path` None: the injector's environment variable) is fixed
-    for the process's life. A stop before the first SVID (the CA unreachable at start)
-    exits at once.
+    The policy files are watched always; the config file too, unless the config
+    was given inline (`path` None: the injector's environment variable), which
+    is fixed for the process's life. A stop before the first SVID (the CA
+    unreachable at start) exits at once.
     """
     agent = Agent(config)
     try:
         if await _unless_stopped(agent.start(), stop):
-            if path is None:
-                await stop.wait()
-            else:
-                await _serve_until(agent, path, stop)
+            await _serve_until(agent, path, stop)
             await agent.drain()
         else:
             log.info("stopped before the agent was ready")
@@ -236,15 +254,18 @@ async def _unless_stopped(work: Coroutine[Any, Any, object], stop: asyncio.Event
     return True
 
 
-async def _serve_until(agent: Agent, path: Path, stop: asyncio.Event) -> None:
+async def _serve_until(agent: Agent, path: Path | None, stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     reload = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, reload.set)
-    watcher = asyncio.create_task(_watch(path, reload))
+    watched = lambda: ([path] if path else []) + list(agent.config.policy.files)  # noqa: E731
+    watcher = asyncio.create_task(_watch(watched, reload))
     try:
         while await _unless_stopped(reload.wait(), stop):
             reload.clear()
-            await _reload(agent, path)
+            if path is not None:
+                await _reload(agent, path)
+            agent.reload_policies()
     finally:
         watcher.cancel()
         loop.remove_signal_handler(signal.SIGHUP)
@@ -266,22 +287,35 @@ async def _reload(agent: Agent, path: Path) -> None:
         log.error("config reload refused, keeping the running config: %s", exc)
 
 
-async def _watch(path: Path, reload: asyncio.Event) -> None:
-    """Set `reload` when the file's content changes (a ConfigMap update swaps a symlink)."""
-    last = _fingerprint(path)
+async def _watch(files: Callable[[], list[Path]], reload: asyncio.Event) -> None:
+    """Set `reload` when a file's content changes (a ConfigMap update swaps a symlink)."""
+    last = _fingerprint(files())
     while True:
         await asyncio.sleep(WATCH_INTERVAL)
-        current = _fingerprint(path)
+        current = _fingerprint(files())
         if current != last:
             last = current
             reload.set()
 
 
-def _fingerprint(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None
+def _fingerprint(files: list[Path]) -> dict[Path, bytes | None]:
+    content: dict[Path, bytes | None] = {}
+    for path in files:
+        try:
+            content[path] = path.read_bytes()
+        except OSError:
+            content[path] = None
+    return content
+
+
+def load_policies(config: AgentConfig) -> PolicySet:
+    """The policy files as one set; PolicyError if any is bad or uses HTTP fields on TCP ports."""
+    policies = PolicySet(load_policy_files(config.policy.files), config.policy.default_action)
+    tcp_ports = frozenset(i.app.port for i in config.inbound if i.protocol == "tcp")
+    errors = policies.http_only_errors(tcp_ports)
+    if errors:
+        raise PolicyError(errors)
+    return policies
 
 
 def run(path: Path | None, config: AgentConfig) -> None:

@@ -16,6 +16,7 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
     inbound:                                           # mTLS in, plain to the app
       - listen: 0.0.0.0:15443
         app: 127.0.0.1:8080
+        protocol: http                                 # tcp (default) or http: per request
         allow: {spiffe_ids: [], trust_domains: [example.org]}  # default: own domain
     outbound:                                          # plain in, mTLS out
       - name: backend
@@ -25,6 +26,9 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
     limits: {handshake_timeout: 10s, connect_timeout: 5s, idle_timeout: 1h,
              max_connections: 10000, drain_timeout: 30s}
     admin: 127.0.0.1:15000
+    policy:                                            # docs/policy.md
+      files: [/etc/outrider/policy/policy.yaml]        # watched, reloaded when changed
+      default_action: allow-authenticated              # or deny, when no ALLOW policy applies
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, cast, get_args
 
 from agent.core.authz import AllowList
 from agent.core.backoff import Backoff
+from agent.core.policy import DefaultAction
 from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.configfile import ConfigError, ConfigReader, Listen, parse_yaml, read_yaml
@@ -44,6 +49,8 @@ from identity.configfile import ConfigError, ConfigReader, Listen, parse_yaml, r
 __all__ = ["AgentConfig", "ConfigError", "load", "parse", "parse_text"]
 
 DEFAULT_TOKEN = Path("/var/run/secrets/outrider/token")
+Protocol = Literal["tcp", "http"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,7 @@ class Inbound:
     listen: Listen
     app: Endpoint
     allow: AllowList
+    protocol: Protocol = "tcp"
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,14 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """The authorization policy files (watched and reloaded) and what decides without them."""
+
+    files: tuple[Path, ...] = ()
+    default_action: DefaultAction = "allow-authenticated"
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     identity: IdentityConfig
     ca: CaEndpoint
@@ -96,6 +112,7 @@ class AgentConfig:
     outbound: tuple[Outbound, ...] = ()
     limits: Limits = field(default_factory=Limits)
     admin: Listen = Listen("127.0.0.1", 15000)
+    policy: PolicyConfig = PolicyConfig()
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -120,7 +137,9 @@ def parse(raw: object, *, base: Path, source: str = "config") -> AgentConfig:
     return config
 
 
-_TOP = {"identity", "ca", "inbound", "outbound", "limits", "admin"}
+_TOP = {"identity", "ca", "inbound", "outbound", "limits", "admin", "policy"}
+PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
+DEFAULT_ACTIONS: tuple[DefaultAction, ...] = get_args(DefaultAction)
 _CA_KEYS = {"address", "server_name", "bundle_file", "timeout", "backoff"}
 
 
@@ -140,6 +159,7 @@ class _Reader(ConfigReader):
         )
         limits = self.limits(self.section(top, "limits", set(Limits.__annotations__)))
         admin = self.listen(top, "admin", "admin", AgentConfig.admin)
+        policy = self.policy(self.section(top, "policy", {"files", "default_action"}))
         self.unique_listeners(admin, inbound, outbound)
         if self.errors or identity is None or ca is None:
             return None
@@ -150,6 +170,7 @@ class _Reader(ConfigReader):
             tuple(o for o in outbound if o is not None),
             limits,
             admin,
+            policy,
         )
 
     def identity(self, raw: Mapping[str, Any]) -> IdentityConfig | None:
@@ -186,7 +207,8 @@ class _Reader(ConfigReader):
         )
 
     def inbound(self, raw: object, path: str, own_domain: TrustDomain | None) -> Inbound | None:
-        item = self.mapping(raw, path, {"listen", "app", "allow"})
+        item = self.mapping(raw, path, {"listen", "app", "allow", "protocol"})
+        protocol = self.choice(item, "protocol", f"{path}.protocol", PROTOCOLS)
         listen = self.listen(item, "listen", f"{path}.listen", Listen("0.0.0.0", 15443))  # noqa: S104
         app = self.endpoint(item.get("app"), f"{path}.app")
         allow = self.section(item, f"{path}.allow", {"spiffe_ids", "trust_domains"})
@@ -201,7 +223,25 @@ class _Reader(ConfigReader):
             domains = frozenset({own_domain})
         if app is None:
             return None
-        return Inbound(listen, app, AllowList(ids, frozenset(d for d in domains if d)))
+        return Inbound(listen, app, AllowList(ids, frozenset(d for d in domains if d)), protocol)
+
+    def policy(self, raw: Mapping[str, Any]) -> PolicyConfig:
+        files = []
+        for i, value in enumerate(self.items(raw, "files", "policy.files")):
+            if isinstance(value, str) and value:
+                files.append(self.base / value)
+            else:
+                self.fail(f"policy.files[{i}]", "a policy file's path")
+        action = self.choice(raw, "default_action", "policy.default_action", DEFAULT_ACTIONS)
+        return PolicyConfig(tuple(files), action)
+
+    def choice(self, raw: Mapping[str, Any], key: str, path: str, allowed: tuple[T, ...]) -> T:
+        """One of `allowed` (the first is the default)."""
+        value = raw.get(key, allowed[0])
+        if value not in allowed:
+            self.fail(path, f"{value!r} is not one of {', '.join(map(str, allowed))}")
+            return allowed[0]
+        return cast(T, value)
 
     def outbound(self, raw: object, path: str) -> Outbound | None:
         item = self.mapping(raw, path, {"name", "listen", "endpoints", "server_ids"})

@@ -6,6 +6,10 @@ backend through its agent's outbound listener while short-lived SVIDs rotate
 under the traffic; then the demo prints what happened and stops every
 process. ServiceAccount tokens come from a fake Kubernetes issuer whose JWKS
 the CA trusts.
+
+The backend's agent parses HTTP and enforces a policy: the frontend may GET
+/api/*, and everything else is denied. Every DENIED_EVERY-th request the
+frontend asks for /admin/settings, which must come back 403.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ TRUST_DOMAIN = TrustDomain("demo.outrider.local")
 FRONTEND, BACKEND = "frontend", "backend"
 RATE = 20  # frontend requests a second
 NEW_CONNECTION_EVERY = RATE  # requests; so a fresh mTLS handshake about once a second
+DENIED_EVERY = 10  # requests; one in ten asks for a path the policy denies
 PROGRESS_EVERY = 2.0  # seconds
 BACKDATE = 5  # seconds; an agent renews near half of BACKDATE + TTL
 STARTUP_TIMEOUT = 20.0
@@ -131,9 +136,22 @@ class Snapshot:
 
 @dataclass
 class Traffic:
-    ok: int = 0
-    failed: int = 0
+    ok: int = 0  # allowed and answered by the backend
+    denied: int = 0  # denied by the policy with a 403, as they should be
+    failed: int = 0  # anything else
     last_error: str = ""
+
+
+POLICY = """\
+# The frontend may GET /api/*; with default_action deny, nothing else is allowed.
+policies:
+  - name: frontend-reads-api
+    action: ALLOW
+    rules:
+      - name: get-api
+        from: {principals: ["%s"]}
+        to: {methods: [GET], paths: ["/api/*"]}
+"""
 
 
 # --- setup ---------------------------------------------------------------------
@@ -188,7 +206,7 @@ async def start_backend_app() -> tuple[web.AppRunner, int]:
         return web.json_response({"app": BACKEND, "says": "hello from the backend"})
 
     app = web.Application()
-    app.router.add_get("/", hello)
+    app.router.add_route("*", "/{anything:.*}", hello)  # the policy decides, not the app
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -206,12 +224,19 @@ async def call_backend(address: str, traffic: Traffic, until: float) -> None:
         while loop.time() < until:
             sent += 1
             headers = {"Connection": "close"} if sent % NEW_CONNECTION_EVERY == 0 else {}
+            deny = sent % DENIED_EVERY == 0
+            path = "/admin/settings" if deny else "/api/hello"
             try:
-                async with session.get(f"http://{address}/", headers=headers) as response:
+                async with session.get(f"http://{address}{path}", headers=headers) as response:
                     body = await response.json()
-                answered = response.status == 200 and body.get("app") == BACKEND
-                traffic.ok += answered
-                traffic.failed += not answered
+                if deny:
+                    refused = response.status == 403 and body.get("error") == "denied"
+                    traffic.denied += refused
+                    traffic.failed += not refused
+                else:
+                    answered = response.status == 200 and body.get("app") == BACKEND
+                    traffic.ok += answered
+                    traffic.failed += not answered
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 traffic.failed += 1
                 traffic.last_error = repr(exc)
@@ -239,7 +264,8 @@ async def show_progress(agents: dict[str, Child], traffic: Traffic, until: float
         await asyncio.sleep(max(0.0, min(PROGRESS_EVERY, until - loop.time())))
         rotations = " ".join(f"{n} {s.rotations}" for n, s in (await snapshots(agents)).items())
         print(
-            f"  {loop.time() - start:3.0f}s  requests ok {traffic.ok} failed {traffic.failed}"
+            f"  {loop.time() - start:3.0f}s  requests ok {traffic.ok} denied {traffic.denied}"
+            f" failed {traffic.failed}"
             f"  rotations {rotations}",
             flush=True,
         )
@@ -265,7 +291,17 @@ def openssl_verdict(workdir: Path) -> str:
 
 def summary(before: dict[str, Snapshot], after: dict[str, Snapshot], traffic: Traffic) -> list[str]:
     error = f" (last error: {traffic.last_error})" if traffic.last_error else ""
-    lines = [f"requests    ok {traffic.ok}, failed {traffic.failed}{error}"]
+    lines = [
+        f"requests    ok {traffic.ok}, denied by policy {traffic.denied}, failed"
+        f" {traffic.failed}{error}"
+    ]
+    backend = after[BACKEND]
+    for decision in ("allow", "deny"):
+        for labels, count in backend.samples("outrider_authz_decisions_total", decision=decision):
+            lines.append(
+                f"authz       backend agent {decision}: {count:.0f}"
+                f" (policy {labels['policy']}, rule {labels['rule']})"
+            )
     for name, direction in ((BACKEND, "inbound"), (FRONTEND, "outbound")):
         ok, refused = (
             after[name].total("outrider_tls_handshakes_total", direction=direction, result=result)
@@ -290,6 +326,8 @@ def failures(after: dict[str, Snapshot], traffic: Traffic) -> list[str]:
     problems = [f"{traffic.failed} requests failed"] if traffic.failed else []
     if traffic.ok == 0:
         problems.append("no request got through")
+    if traffic.denied == 0:
+        problems.append("no request was denied by the policy")
     problems += [
         f"the {n} agent did not rotate its SVID" for n, s in after.items() if s.rotations < 1
     ]
@@ -313,9 +351,12 @@ async def demo(
     ca_grpc, ca_http = (await ca.ready(_CA_READY)).groups()
     runner, app_port = await start_backend_app()
     try:
-        allow = {"spiffe_ids": [str(workload(FRONTEND))]}
-        inbound = {"listen": "127.0.0.1:0", "app": f"127.0.0.1:{app_port}", "allow": allow}
-        backend = await start_agent(children, workdir, BACKEND, ca_grpc, ttl, inbound=[inbound])
+        (workdir / "policy.yaml").write_text(POLICY % workload(FRONTEND))
+        inbound = {"listen": "127.0.0.1:0", "app": f"127.0.0.1:{app_port}", "protocol": "http"}
+        policy = {"files": ["policy.yaml"], "default_action": "deny"}
+        backend = await start_agent(
+            children, workdir, BACKEND, ca_grpc, ttl, inbound=[inbound], policy=policy
+        )
         outbound = {
             "name": BACKEND,
             "listen": "127.0.0.1:0",
@@ -332,7 +373,10 @@ async def demo(
             f"  frontend app -> frontend agent {address} -> backend agent"
             f" {backend.bound['inbound[0]']} -> backend app 127.0.0.1:{app_port}\n"
             "  metrics while it runs: " + "\n                         ".join(metrics) + "\n"
-            f"calling the backend {RATE} times a second for {duration:g}s (Ctrl-C stops)",
+            f"  policy: the frontend may GET /api/*; everything else is denied"
+            f" ({workdir / 'policy.yaml'})\n"
+            f"calling the backend {RATE} times a second for {duration:g}s, one call in"
+            f" {DENIED_EVERY} for /admin/settings (Ctrl-C stops)",
             flush=True,
         )
         before, traffic = await snapshots(agents), Traffic()
@@ -375,4 +419,7 @@ def run(duration: float = 20.0) -> None:
         print(f"demo FAILED: {'; '.join(problems)}\nlogs kept in {workdir}", file=sys.stderr)
         raise SystemExit(1)
     shutil.rmtree(workdir, ignore_errors=True)
-    print("demo OK: no request failed, and each agent rotated its SVID under traffic")
+    print(
+        "demo OK: no request failed, the policy denied what it should, and each agent"
+        " rotated its SVID under traffic"
+    )

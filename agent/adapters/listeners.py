@@ -15,14 +15,16 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, Literal, TypeVar
 
+from agent.adapters.http import HttpExchange, xfcc
 from agent.adapters.metrics import AgentMetrics
 from agent.adapters.relay import Relay
 from agent.adapters.tls import Contexts, peer_id, refusal_reason
 from agent.config import Inbound, Limits, Outbound
+from agent.core.policy import Decision, PolicySet, Request
 from agent.core.upstream import Endpoint, StaticUpstream
 from identity import SpiffeId, SvidError
 from identity.configfile import Listen
@@ -35,12 +37,18 @@ ConfigT = TypeVar("ConfigT", Inbound, Outbound)
 
 @dataclass
 class Runtime:
-    """What every connection reads when it starts: limits, contexts, clock, metrics."""
+    """What every connection (and every L7 request) reads when it starts.
+
+    `policies` is replaced whole on reload: a request is decided by the set in
+    place when it arrives.
+    """
 
     limits: Limits
     contexts: Contexts
     metrics: AgentMetrics
     now: Callable[[], datetime]
+    spiffe_id: SpiffeId
+    policies: PolicySet = field(default_factory=PolicySet)
 
 
 class Connections:
@@ -50,6 +58,7 @@ class Connections:
         self._open: dict[Relay, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._metrics = metrics
+        self.accepted = 0  # connections ever added
         self._empty = asyncio.Event()
         self._empty.set()
 
@@ -58,6 +67,7 @@ class Connections:
 
     def add(self, relay: Relay, direction: str, setup: asyncio.Task[None]) -> None:
         self._open[relay] = direction
+        self.accepted += 1
         self._empty.clear()
         self._tasks.add(setup)
         setup.add_done_callback(self._tasks.discard)
@@ -206,6 +216,12 @@ class InboundListener(Listener[Inbound]):
             return
         self._verified(ssl_object, peer, started)
         app = config.app
+        # HTTP/2 (gRPC) is not parsed yet: it is relayed, decided by source and port alone.
+        http = config.protocol == "http" and ssl_object.selected_alpn_protocol() != "h2"
+        if not http and not self._authorize(Request(peer, app.port), config).allowed:
+            self.runtime.metrics.connections_refused.labels(INBOUND, "policy_denied").inc()
+            relay.abort()
+            return
         try:
             up = relay.new_upstream()
             async with asyncio.timeout(limits.connect_timeout.total_seconds()):
@@ -215,7 +231,43 @@ class InboundListener(Listener[Inbound]):
             self.runtime.metrics.connections_refused.labels(INBOUND, "app_unreachable").inc()
             relay.close()
             return
-        relay.link()
+        if not http:
+            relay.link()
+            return
+        requests = self.runtime.metrics.requests
+
+        def authorize(
+            method: str, path: str, host: str | None, headers: dict[str, tuple[str, ...]]
+        ) -> Decision:
+            return self._authorize(Request(peer, app.port, method, path, host, headers), config)
+
+        def answered(code: int) -> None:
+            requests.labels(INBOUND, str(peer), str(code)).inc()
+
+        assert relay.down.transport is not None and up.transport is not None
+        identity = xfcc(str(self.runtime.spiffe_id), str(peer))
+        exchange = HttpExchange(relay.down.transport, up.transport, authorize, identity, answered)
+        relay.link(exchange.from_client, exchange.from_app)
+
+    def _authorize(self, request: Request, config: Inbound) -> Decision:
+        """The policy's decision on a connection (L4) or a request (L7), counted."""
+        decision = self.runtime.policies.decide(request, config.allow.trusted_domains)
+        counter = self.runtime.metrics.authz_decisions
+        counter.labels(
+            "allow" if decision.allowed else "deny", decision.policy, decision.rule
+        ).inc()
+        for record in decision.records:
+            counter.labels(record.kind, record.policy, record.rule).inc()
+        if not decision.allowed:
+            log.info(
+                "inbound %s: denied %s %s %s: %s",
+                config.listen,
+                request.source,
+                request.method or "connection",
+                request.path or "",
+                decision.reason,
+            )
+        return decision
 
 
 class OutboundListener(Listener[Outbound]):

@@ -73,6 +73,19 @@ class AgentMetrics:
             "Earliest NotAfter among the trust bundle's roots (Unix time)",
             registry=r,
         )
+        self.authz_decisions = Counter(
+            "outrider_authz_decisions",
+            "Authorization decisions by policy and rule: allow and deny are enforced; audit, "
+            "dry_run_allow and dry_run_deny are recorded only",
+            ["decision", "policy", "rule"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "outrider_requests",
+            "HTTP requests on L7 ports by the peer that sent them and the status answered",
+            ["direction", "peer_id", "code"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "outrider_config_reloads",
             "Config reloads by kind and result",

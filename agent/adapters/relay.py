@@ -20,6 +20,8 @@ import asyncio
 from collections.abc import Callable
 from typing import cast
 
+Sink = Callable[[bytes], None]
+
 #: Seconds a closed relay may take to write out what it holds; then it is aborted.
 #: A peer that stops reading would otherwise keep the socket and its buffer
 #: forever, no longer counted against max_connections nor reached by a drain.
@@ -29,12 +31,13 @@ LINGER = 10.0
 class Side(asyncio.Protocol):
     """One end of a relayed connection."""
 
-    __slots__ = ("active", "other", "pending", "relay", "transport")
+    __slots__ = ("active", "other", "pending", "relay", "sink", "transport")
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.transport: asyncio.Transport | None = None
         self.other: asyncio.Transport | None = None
+        self.sink: Sink | None = None  # where received bytes go: the other side, or a parser
         self.pending: list[bytes] = []
         self.active = False
 
@@ -43,11 +46,11 @@ class Side(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        other = self.other
-        if other is None:  # before the relay is linked: a handshake's first bytes
+        sink = self.sink
+        if sink is None:  # before the relay is linked: a handshake's first bytes
             self.pending.append(data)
             return
-        other.write(data)
+        sink(data)
         self.active = True
 
     def eof_received(self) -> bool:
@@ -77,17 +80,22 @@ class Relay:
         self._idle: asyncio.TimerHandle | None = None
         self.closed = False
 
-    def link(self) -> None:
-        """Start relaying: flush what arrived early, resume reading, arm the idle timer."""
+    def link(self, down_sink: Sink | None = None, up_sink: Sink | None = None) -> None:
+        """Start relaying: flush what arrived early, resume reading, arm the idle timer.
+
+        Bytes go straight to the other side (L4) unless a sink takes them (L7).
+        """
         down, up = self.down.transport, self.up.transport
         assert down is not None and up is not None
         if self.closed:  # the client left while the upstream was being connected
             up.close()
             return
         self.down.other, self.up.other = up, down
-        for side, transport in ((self.down, up), (self.up, down)):
+        sinks = ((self.down, down_sink or up.write), (self.up, up_sink or down.write))
+        for side, sink in sinks:
+            side.sink = sink
             if side.pending:
-                transport.write(b"".join(side.pending))
+                sink(b"".join(side.pending))
                 side.pending.clear()
         for transport in (down, up):
             if not transport.is_closing():

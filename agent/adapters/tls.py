@@ -72,6 +72,8 @@ def _context(svid: Svid, side: Literal["server", "client"]) -> ssl.SSLContext:
     load_cert_chain(context, svid.chain_pem(), svid.key_pem())
     if side == "server":
         context.num_tickets = 0  # TLS 1.3: no resumption tickets
+        # A client that asks for h2 (gRPC) gets it relayed at L4; others speak HTTP/1.1.
+        context.set_alpn_protocols(["h2", "http/1.1"])
     return context
 
 

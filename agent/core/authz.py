@@ -1,9 +1,9 @@
-"""Who may connect to this workload: an allow-list of SPIFFE IDs and trust domains.
+"""Who may connect to this workload at all: an allow-list of SPIFFE IDs and trust domains.
 
-The policy issue replaces this with the YAML policy engine; until then the
-inbound listener asks `AllowList.decide` about every authenticated peer.
-Matching is exact: `td` never matches `td.evil`, and an ID matches only the
-very same ID.
+Every inbound peer must pass it before the authorization policy
+(agent.core.policy) decides what the peer may do; the policy's default
+action, allow-authenticated, trusts the domains this list names. Matching is
+exact: `td` never matches `td.evil`, and an ID matches only the very same ID.
 """
 
 from __future__ import annotations
@@ -20,6 +20,11 @@ Decision = Literal["allow", "deny"]
 class AllowList:
     spiffe_ids: frozenset[SpiffeId] = frozenset()
     trust_domains: frozenset[TrustDomain] = frozenset()
+
+    @property
+    def trusted_domains(self) -> frozenset[TrustDomain]:
+        """The listed trust domains and those of the listed IDs."""
+        return self.trust_domains | {peer.trust_domain for peer in self.spiffe_ids}
 
     def decide(self, peer: SpiffeId) -> Decision:
         if peer in self.spiffe_ids or peer.trust_domain in self.trust_domains:

@@ -48,8 +48,18 @@ def test_demo_serves_traffic_across_rotations_and_cleans_up() -> None:
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
 
-    assert re.search(r"^\s+\d+s\s+requests ok [1-9]\d* failed 0\s+rotations", out, re.M), out
-    assert re.search(r"^requests\s+ok [1-9]\d*, failed 0$", out, re.M), out
+    progress = r"^\s+\d+s\s+requests ok [1-9]\d* denied [1-9]\d* failed 0\s+rotations"
+    assert re.search(progress, out, re.M), out
+    assert re.search(r"^requests\s+ok [1-9]\d*, denied by policy [1-9]\d*, failed 0$", out, re.M), (
+        out
+    )
+    # The policy: the frontend may GET /api/*, everything else is denied.
+    allowed = re.search(
+        r"backend agent allow: (\d+) \(policy frontend-reads-api, rule get-api\)", out
+    )
+    denied = re.search(r"backend agent deny: (\d+) \(policy default, rule no ALLOW rule", out)
+    assert allowed is not None and denied is not None, out
+    assert int(allowed[1]) > int(denied[1]) > 0, out
     # A fresh connection about once a second: new handshakes, on rotated SVIDs too.
     inbound = re.search(r"backend agent inbound: ok (\d+), refused 0", out)
     assert inbound is not None and int(inbound[1]) >= 2, out

@@ -60,6 +60,7 @@ def test_the_config_as_plain_data() -> None:
                 "listen": "0.0.0.0:15443",
                 "app": "[::1]:8080",
                 "allow": {"spiffe_ids": [API, BACKEND], "trust_domains": ["a.org", "b.org"]},
+                "protocol": "tcp",
             }
         ],
         "outbound": [
@@ -78,6 +79,7 @@ def test_the_config_as_plain_data() -> None:
             "drain_timeout": 30.0,
         },
         "admin": "127.0.0.1:15000",
+        "policy": {"files": [], "default_action": "allow-authenticated"},
     }
 
 

@@ -1,0 +1,424 @@
+"""L7 inbound through a real `outrider agent run` process: the THREATS.md cases.
+
+A client with the frontend's SVID speaks HTTP/1.1 over mTLS to the agent's
+`protocol: http` port; behind it, an app that answers with what it received
+(method, request-target, identity headers, body) and echoes the identity
+header back, to show the agent never lets it out. Requests are sent as raw
+bytes, so every path and header trick reaches the agent exactly as written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests import certs
+from tests.mesh import AgentProcess, agent_process, agent_yaml, inbound, workload
+from tests.support import CaProcess, CaSetup
+
+POLICY = """\
+policies:
+  - name: frontend-api
+    action: ALLOW
+    rules:
+      - name: read-api
+        from: {principals: ["spiffe://example.org/ns/demo/sa/frontend"]}
+        to: {methods: [GET, HEAD, POST], paths: ["/api/*"]}
+  - name: guard
+    action: DENY
+    rules:
+      - name: admin
+        to: {paths: ["/api/admin*"]}
+      - name: internal-host
+        to: {hosts: ["internal.example.org"]}
+      - name: intruder
+        when: [{header: x-role, values: [intruder]}]
+"""
+
+
+SEEN = web.AppKey("seen", list[dict[str, Any]])
+
+
+@dataclass
+class App:
+    port: int
+    seen: list[dict[str, Any]]
+
+
+async def _answer(request: web.Request) -> web.Response:
+    seen = {
+        "method": request.method,
+        "target": request.raw_path,
+        "xfcc": request.headers.getall("x-forwarded-client-cert", []),
+        "xfcc_underscore": request.headers.getall("x_forwarded_client_cert", []),
+        "body": (await request.read()).decode(),
+    }
+    request.app[SEEN].append(seen)
+    echoed = {"x-forwarded-client-cert": ",".join(seen["xfcc"]) or "none"}
+    return web.json_response(seen, headers=echoed)
+
+
+@pytest.fixture(scope="module")
+def app() -> Iterator[App]:
+    """The app, on its own event loop in a thread, for the whole module."""
+    loop = asyncio.new_event_loop()
+    application = web.Application()
+    application[SEEN] = []
+    application.router.add_route("*", "/{tail:.*}", _answer)
+    runner = web.AppRunner(application, access_log=None)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield App(port, application[SEEN])
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+
+@pytest.fixture(scope="module")
+def agent(setup: CaSetup, ca: CaProcess, app: App) -> Iterator[AgentProcess]:
+    policy = setup.root / "policy.yaml"
+    policy.write_text(POLICY)
+    raw = agent_yaml(
+        setup.root,
+        "backend",
+        ca_address=f"127.0.0.1:{ca.grpc_port}",
+        token=setup.issuer.token("demo", "backend"),
+        inbound=inbound(app.port, protocol="http"),
+        policy={"files": [str(policy)]},
+    )
+    with agent_process(setup.root, "backend", raw) as process:
+        yield process
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def exchange(
+    setup: CaSetup,
+    agent: AgentProcess,
+    raw: bytes,
+    methods: tuple[str, ...] = ("GET",),
+    who: str = "frontend",
+    alpn: list[str] | None = None,
+) -> list[Reply]:
+    """Send raw bytes over mTLS as `who`; read one response per method, or until closed."""
+    context = certs.client_context(setup.bundle_pem, certs.valid_svid(setup, workload(who)))
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    host, port = agent.bound["inbound[0]"].rsplit(":", 1)
+    replies = []
+    with context.wrap_socket(socket.create_connection((host, int(port)), timeout=5)) as tls:
+        tls.sendall(raw)
+        for method in methods:
+            response = http.client.HTTPResponse(tls, method=method)  # type: ignore[arg-type]
+            try:
+                response.begin()
+            except (http.client.RemoteDisconnected, ConnectionError, ssl.SSLError):
+                break
+            replies.append(Reply(response.status, response.headers, response.read()))
+    return replies
+
+
+def get(target: str, *headers: str) -> bytes:
+    lines = [f"GET {target} HTTP/1.1", "Host: backend", *headers, "", ""]
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def one(setup: CaSetup, agent: AgentProcess, raw: bytes, who: str = "frontend") -> Reply:
+    replies = exchange(setup, agent, raw, who=who)
+    assert len(replies) == 1, "no response"
+    return replies[0]
+
+
+def metric(agent: AgentProcess, name: str, **labels: str) -> float:
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in agent.metrics().splitlines()
+        if line.startswith(name + "{") and all(w in line for w in wanted)
+    )
+
+
+# --- paths ----------------------------------------------------------------------------
+
+# raw target -> (status, what the app receives). The app gets the very path the policy saw.
+PATHS = [
+    ("/api/items", 200, "/api/items"),
+    ("/api//items", 200, "/api/items"),
+    ("/api/./items", 200, "/api/items"),
+    ("/api/%69tems", 200, "/api/items"),  # an encoded unreserved letter
+    ("/api/items?next=../../admin", 200, "/api/items?next=../../admin"),
+    ("/api/%252e%252e/admin", 200, "/api/%252e%252e/admin"),  # decoded once, by nobody else
+    ("/api/../admin", 403, None),
+    ("/api/%2e%2e/admin", 403, None),
+    ("/api/%2E%2e/%2e%2E/admin", 403, None),
+    ("/api\\..\\admin", 403, None),
+    ("/api/admin", 403, None),
+    ("/api/./admin", 403, None),
+    ("//api/admin/../admin", 403, None),
+    ("/API/items", 403, None),  # paths are case-sensitive
+    ("/api/%2fadmin", 400, None),  # an encoded / could become a separator in the app
+    ("/api/%5cadmin", 400, None),
+    ("/api/items%00.json", 400, None),
+    ("/api/%zz", 400, None),
+    ("/api/%4", 400, None),
+]
+
+
+@pytest.mark.parametrize(("target", "status", "received"), PATHS)
+def test_a_path_trick_is_decided_on_the_path_the_app_receives(
+    setup: CaSetup, agent: AgentProcess, app: App, target: str, status: int, received: str | None
+) -> None:
+    before = len(app.seen)
+    reply = one(setup, agent, get(target))
+    assert reply.status == status, reply.body
+    if received is None:
+        assert len(app.seen) == before, "a refused request reached the app"
+        if status == 403:
+            assert reply.json()["error"] == "denied"
+        return
+    assert app.seen[-1]["target"] == received
+    # The path the app received is decided the same way when sent as is.
+    assert one(setup, agent, get(received)).status == 200
+
+
+def test_a_denied_request_names_the_policy_and_rule_and_is_counted(
+    setup: CaSetup, agent: AgentProcess
+) -> None:
+    before = metric(agent, "outrider_authz_decisions_total", decision="deny", policy="guard")
+    reply = one(setup, agent, get("/api/admin/users"))
+    assert reply.status == 403
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.json() == {"error": "denied", "policy": "guard", "rule": "admin"}
+    after = metric(agent, "outrider_authz_decisions_total", decision="deny", policy="guard")
+    assert after == before + 1
+    frontend = str(workload("frontend"))
+    assert metric(agent, "outrider_requests_total", peer_id=frontend, code="403") >= 1
+    assert metric(agent, "outrider_requests_total", peer_id=frontend, code="200") >= 1
+
+
+def test_another_caller_is_not_allowed_by_the_frontends_rule(
+    setup: CaSetup, agent: AgentProcess
+) -> None:
+    reply = one(setup, agent, get("/api/items"), who="billing")
+    assert reply.status == 403
+    assert reply.json()["policy"] == "default"
+
+
+# --- hosts and headers ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host", ["internal.example.org", "INTERNAL.Example.ORG", "internal.example.org:8080",
+             "internal.example.org."],
+)  # fmt: skip
+def test_a_host_rule_holds_whatever_the_case_port_or_trailing_dot(
+    setup: CaSetup, agent: AgentProcess, host: str
+) -> None:
+    raw = f"GET /api/items HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    assert one(setup, agent, raw).status == 403
+
+
+def test_two_host_headers_are_a_bad_request(setup: CaSetup, agent: AgentProcess) -> None:
+    raw = b"GET /api/items HTTP/1.1\r\nHost: backend\r\nHost: internal.example.org\r\n\r\n"
+    assert one(setup, agent, raw).status == 400
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        ("x-role: intruder",),
+        ("x-role: viewer", "x-role: intruder"),
+        ("x-role: viewer, intruder",),
+        ("X-Role: viewer,intruder",),
+    ],
+)
+def test_every_value_of_a_repeated_header_is_evaluated(
+    setup: CaSetup, agent: AgentProcess, headers: tuple[str, ...]
+) -> None:
+    assert one(setup, agent, get("/api/items", *headers)).status == 403
+    assert one(setup, agent, get("/api/items", "x-role: viewer")).status == 200
+
+
+def test_identity_headers_from_the_client_are_replaced_and_never_leak_back(
+    setup: CaSetup, agent: AgentProcess, app: App
+) -> None:
+    forged = "By=spiffe://example.org/ns/demo/sa/backend;URI=spiffe://example.org/ns/demo/sa/admin"
+    reply = one(
+        setup,
+        agent,
+        get(
+            "/api/items",
+            f"x-forwarded-client-cert: {forged}",
+            f"X-Forwarded-Client-Cert: {forged}",
+            f"x_forwarded_client_cert: {forged}",
+        ),
+    )
+    assert reply.status == 200
+    seen = app.seen[-1]
+    backend, frontend = workload("backend"), workload("frontend")
+    assert seen["xfcc"] == [f"By={backend};URI={frontend}"]
+    assert seen["xfcc_underscore"] == []
+    # The app echoed the header it got; the agent does not pass it back to the client.
+    assert "x-forwarded-client-cert" not in {k.lower() for k in reply.headers}
+
+
+def test_plaintext_never_reaches_the_app(agent: AgentProcess, app: App) -> None:
+    before = len(app.seen)
+    host, port = agent.bound["inbound[0]"].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as plain:
+        plain.sendall(get("/api/items"))
+        try:
+            answer = plain.recv(4096)
+        except ConnectionError:
+            answer = b""
+    assert b"HTTP/1.1 200" not in answer
+    assert len(app.seen) == before
+
+
+# --- limits and framing ---------------------------------------------------------------
+
+
+def test_headers_over_the_limits_get_431(setup: CaSetup, agent: AgentProcess) -> None:
+    many = [f"x-h{i}: v" for i in range(101)]
+    assert one(setup, agent, get("/api/items", *many)).status == 431
+    big = "x-big: " + "a" * (61 * 1024)
+    assert one(setup, agent, get("/api/items", big)).status == 431
+
+
+def test_conflicting_framing_is_a_bad_request_not_a_smuggled_request(
+    setup: CaSetup, agent: AgentProcess, app: App
+) -> None:
+    before = len(app.seen)
+    smuggle = (
+        b"POST /api/items HTTP/1.1\r\nHost: backend\r\nContent-Length: 6\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: backend\r\n\r\n"
+    )
+    replies = exchange(setup, agent, smuggle, methods=("POST", "GET"))
+    assert [r.status for r in replies] == [400]
+    assert len(app.seen) == before
+
+
+def test_an_upgrade_is_refused_rather_than_relayed_unseen(
+    setup: CaSetup, agent: AgentProcess, app: App
+) -> None:
+    before = len(app.seen)
+    upgrade = get("/api/items", "Connection: Upgrade", "Upgrade: websocket")
+    assert one(setup, agent, upgrade + get("/admin")).status == 501
+    assert len(app.seen) == before
+
+
+def test_keep_alive_pipelining_chunked_bodies_and_head(
+    setup: CaSetup, agent: AgentProcess, app: App
+) -> None:
+    chunked = (
+        b"POST /api/items HTTP/1.1\r\nHost: backend\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n"
+    )
+    head = b"HEAD /api/items HTTP/1.1\r\nHost: backend\r\n\r\n"
+    raw = get("/api/one") + chunked + head + get("/api/two")
+    replies = exchange(setup, agent, raw, methods=("GET", "POST", "HEAD", "GET"))
+    assert [r.status for r in replies] == [200, 200, 200, 200]
+    assert replies[0].json()["target"] == "/api/one"
+    assert replies[1].json()["body"] == "hello, world"
+    assert replies[2].body == b""
+    assert replies[3].json()["target"] == "/api/two"
+
+
+def test_a_denied_request_after_allowed_ones_is_answered_in_order(
+    setup: CaSetup, agent: AgentProcess
+) -> None:
+    raw = get("/api/one") + get("/api/admin") + get("/api/two")
+    replies = exchange(setup, agent, raw, methods=("GET", "GET", "GET"))
+    assert [r.status for r in replies] == [200, 403]  # and then the connection is closed
+
+
+def test_http2_is_relayed_at_l4_where_only_source_and_port_rules_apply(
+    setup: CaSetup, agent: AgentProcess, app: App
+) -> None:
+    # The ALLOW rules all name paths, which an L4 connection does not have: h2 is denied.
+    before = metric(agent, "outrider_connections_refused_total", reason="policy_denied")
+    replies = exchange(setup, agent, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", alpn=["h2"])
+    assert replies == []
+    assert metric(agent, "outrider_connections_refused_total", reason="policy_denied") > before
+
+
+# --- hot reload -------------------------------------------------------------------------
+
+
+def test_a_new_policy_applies_at_once_and_a_broken_one_is_refused(
+    setup: CaSetup, agent: AgentProcess
+) -> None:
+    policy = setup.root / "policy.yaml"
+    opened = POLICY.replace('paths: ["/api/*"]', 'paths: ["/api/*", "/public/*"]')
+    try:
+        assert one(setup, agent, get("/public/page")).status == 403
+        policy.write_text(opened)
+        assert _eventually(lambda: one(setup, agent, get("/public/page")).status == 200)
+        errors = metric(agent, "outrider_config_reloads_total", kind="policy", result="error")
+        policy.write_text("policies:\n  - name: broken\n    action: PERMIT\n")
+        assert _eventually(
+            lambda: (
+                metric(agent, "outrider_config_reloads_total", kind="policy", result="error")
+                > errors
+            )
+        )
+        assert one(setup, agent, get("/public/page")).status == 200  # the last good policy
+    finally:
+        policy.write_text(POLICY)
+        assert _eventually(lambda: one(setup, agent, get("/public/page")).status == 403)
+
+
+def _eventually(check: Any, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return bool(check())
+
+
+def test_http_rules_on_a_tcp_port_refuse_to_start(setup: CaSetup, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    raw = agent_yaml(tmp_path, "web", inbound=inbound(8080), policy={"files": [str(policy)]})
+    (tmp_path / "ca").mkdir(exist_ok=True)
+    (tmp_path / "ca" / "bundle.pem").write_bytes(setup.bundle_pem)
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "outrider", "agent", "run", "--config", str(config)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=20)
+    assert done.returncode == 2, done.stderr
+    assert "invalid policy" in done.stderr
+    assert "8080" in done.stderr
