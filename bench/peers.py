@@ -30,6 +30,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from bench.procs import NGINX_STREAM, free_port, started
 from tests.envoy import (
     Svid,
@@ -121,10 +123,19 @@ def backend(stack: ExitStack, workdir: Path) -> tuple[int, int]:
 
 
 def outrider(
-    stack: ExitStack, setup: CaSetup, ca: CaProcess, backend_port: int, ttl: str = "1h"
+    stack: ExitStack,
+    setup: CaSetup,
+    ca: CaProcess,
+    backend_port: int,
+    ttl: str = "1h",
+    layer: str = "l4",
 ) -> Pair:
-    """Two `outrider agent run` processes with SVIDs (of lifetime `ttl`) from the running CA."""
-    root, address = setup.root / f"outrider-{ttl}", f"127.0.0.1:{ca.grpc_port}"
+    """Two `outrider agent run` processes with SVIDs (of lifetime `ttl`) from the running CA.
+
+    At L7 the server side parses HTTP and enforces the 10-rule policy; the client
+    side relays at L4 (pooled upstream connections are to come).
+    """
+    root, address = setup.root / f"outrider-{ttl}-{layer}", f"127.0.0.1:{ca.grpc_port}"
     (root / "ca").mkdir(parents=True, exist_ok=True)
     (root / "ca" / "bundle.pem").write_bytes((setup.ca_dir / "bundle.pem").read_bytes())
     for name in ("client", "server"):  # real ServiceAccount tokens for the real CA
@@ -132,7 +143,17 @@ def outrider(
         (root / f"{name}.token").write_text(token)
     common = {"ca_address": address, "limits": {"drain_timeout": "2s"}}
     identity = {"ttl": ttl}
-    server_yaml = agent_yaml(root, "server", inbound=inbound(backend_port), **common)
+    if layer == "l7":
+        (root / "policy.yaml").write_text(yaml.safe_dump(outrider_policy()))
+        server_yaml = agent_yaml(
+            root,
+            "server",
+            inbound=inbound(backend_port, protocol="http"),
+            policy={"files": [str(root / "policy.yaml")]},
+            **common,
+        )
+    else:
+        server_yaml = agent_yaml(root, "server", inbound=inbound(backend_port), **common)
     server_yaml["identity"].update(identity)
     server = stack.enter_context(agent_process(root, "server", server_yaml))
     client_yaml = agent_yaml(
@@ -142,7 +163,7 @@ def outrider(
     client = stack.enter_context(agent_process(root, "client", client_yaml))
     port = int(client.bound["outbound[backend]"].rsplit(":", 1)[1])
     pids = {"client": client.process.pid, "server": server.process.pid}
-    return Pair("outrider", "l4", port, pids, agents=[client, server])
+    return Pair("outrider", layer, port, pids, agents=[client, server])
 
 
 def agent_counter(agent: AgentProcess, metric: str, **labels: str) -> float:
@@ -167,6 +188,19 @@ _TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.
 POLICY_RULES = [(str(workload(f"svc{n}")), "GET", f"/v{n}/") for n in range(1, 10)] + [
     (str(CLIENT), "GET", "/api/")
 ]
+
+
+def outrider_policy() -> dict[str, Any]:
+    """POLICY_RULES as an Outrider policy: one ALLOW policy, ten rules."""
+    rules = [
+        {
+            "name": f"rule-{n}",
+            "from": {"principals": [principal]},
+            "to": {"methods": [method], "paths": [prefix + "*"]},
+        }
+        for n, (principal, method, prefix) in enumerate(POLICY_RULES, 1)
+    ]
+    return {"policies": [{"name": "bench", "action": "ALLOW", "rules": rules}]}
 
 
 def _envoy_rbac() -> dict[str, Any]:
