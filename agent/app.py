@@ -33,7 +33,8 @@ from agent.adapters.metrics import AgentMetrics
 from agent.adapters.rotator import IdentityManager, SignFn
 from agent.adapters.tls import Contexts
 from agent.config import AgentConfig, Inbound, Outbound
-from agent.core.policy import PolicyError, PolicySet, load_policy_files
+from agent.core.policy import PolicySet
+from agent.core.policyfile import PolicyError, load_policy_files
 from agent.core.svid import Svid
 from identity.configfile import ConfigError, Listen
 

@@ -99,7 +99,7 @@ def _ca_serve(args: argparse.Namespace) -> None:
 def _agent_run(args: argparse.Namespace) -> None:
     from agent import app as agent_app
     from agent import config as agent_config
-    from agent.core.policy import PolicyError
+    from agent.core.policyfile import PolicyError
 
     path = Path(args.config) if args.config else None
     try:
@@ -172,7 +172,7 @@ def _injector_serve(args: argparse.Namespace) -> None:
 
 
 def _policy_lint(args: argparse.Namespace) -> None:
-    from agent.core.policy import PolicyError, load_policy_files
+    from agent.core.policyfile import PolicyError, load_policy_files
 
     paths = [Path(name) for name in args.files]
     errors: list[str] = []
@@ -195,7 +195,8 @@ def _policy_lint(args: argparse.Namespace) -> None:
 
 def _policy_check(args: argparse.Namespace) -> None:
     from agent.core.httppath import BadPath, normalize_host, normalize_target
-    from agent.core.policy import PolicyError, PolicySet, Request, load_policy_files
+    from agent.core.policy import PolicySet, Request
+    from agent.core.policyfile import PolicyError, load_policy_files
 
     try:
         source = None if args.plaintext else SpiffeId.parse(args.source)

@@ -5,8 +5,8 @@ the HTTP adapter about each request (L7: also method, path, host, headers).
 Both ask `PolicySet.decide`, a pure function of frozen values, so a policy
 means the same thing on either layer and a table test covers both.
 
-Policies are read from YAML (docs/policy.md) in one pass that reports every
-error as `FILE:LINE:COLUMN: key.path: problem; what is expected`.
+Policies are read from YAML (docs/policy.md) by agent.core.policyfile, in one
+pass that reports every error as `FILE:LINE:COLUMN: key.path: problem`.
 
 Matching is literal: a value matches a pattern that is the same string, or
 has one leading or trailing `*`. No regex, no glob: `a.b` never matches `aXb`
@@ -22,14 +22,10 @@ an HTTP port, where a client's ALPN claim must not slip past a DENY on paths.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, TypeVar, cast, get_args
-
-import yaml
+from typing import Literal, get_args
 
 from agent.core.httppath import BadPath, normalize_host, normalize_target
 from identity import SpiffeId, TrustDomain
@@ -42,13 +38,10 @@ __all__ = [
     "Field",
     "Pattern",
     "Policy",
-    "PolicyError",
     "PolicySet",
     "Record",
     "Request",
     "Rule",
-    "load_policy_files",
-    "parse_policies",
 ]
 
 Action = Literal["ALLOW", "DENY", "AUDIT"]
@@ -67,7 +60,7 @@ _METHOD = re.compile(r"[A-Z]+")
 _NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _DEFAULT_RULE_NAME = re.compile(r"rules\[[0-9]+\]")
 _HOST = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
-_HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
 
 
 # -- the request and the answer -------------------------------------------------------------
@@ -149,7 +142,7 @@ class Condition:
             raise ValueError(f"unknown field {self.field!r}")
         if not self.patterns:
             raise ValueError(f"{self.key}: needs at least one value")
-        if (self.field == "headers") != bool(_HEADER.fullmatch(self.header)):
+        if (self.field == "headers") != bool(HEADER_NAME.fullmatch(self.header)):
             raise ValueError(f"{self.key}: header {self.header!r} is not a lower-case name")
         for pattern in self.patterns:
             if check_value(self.field, pattern.text) != pattern.text:
@@ -325,7 +318,7 @@ class PolicySet:
     def __post_init__(self) -> None:
         if self.default_action not in get_args(DefaultAction):
             raise ValueError(f"default_action {self.default_action!r} is not one of {_ACTIONS}")
-        problems = _duplicates(self.policies)
+        problems = duplicates(self.policies)
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -419,7 +412,7 @@ def _none_matched(allows: list[Policy], request: Request) -> str:
     return f"ALLOW policies {names} apply to port {request.port} but no rule matched ({misses})"
 
 
-def _duplicates(policies: Sequence[Policy]) -> list[str]:
+def duplicates(policies: Sequence[Policy]) -> list[str]:
     first: dict[str, Policy] = {}
     errors = []
     for policy in policies:
@@ -587,276 +580,4 @@ _CHECKS: dict[Field, Callable[[str], str]] = {
     "paths": _path,
     "hosts": _host,
     "headers": _header_value,
-}
-
-
-# -- YAML -> policies, every error with its line and column ---------------------------------
-
-
-class PolicyError(Exception):
-    """Policy files that cannot be used; each error is `FILE:LINE:COLUMN: key: problem`."""
-
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = errors
-
-
-def load_policy_files(paths: Sequence[Path]) -> tuple[Policy, ...]:
-    """Every policy of every file, in order; PolicyError lists all problems at once."""
-    policies: list[Policy] = []
-    errors: list[str] = []
-    for path in paths:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            errors.append(f"{path}:1:1: cannot read the file: {why}; expected a UTF-8 YAML file")
-            continue
-        try:
-            policies.extend(parse_policies(text, str(path)))
-        except PolicyError as exc:
-            errors.extend(exc.errors)
-    errors.extend(_duplicates(policies))
-    if errors:
-        raise PolicyError(errors)
-    return tuple(policies)
-
-
-def parse_policies(text: str, source: str) -> tuple[Policy, ...]:
-    """One file: YAML documents, each `{policies: [...]}`; PolicyError with every error."""
-    reader = _Reader(source)
-    try:
-        documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
-    except yaml.YAMLError as exc:
-        raise PolicyError([reader.yaml_error(exc)]) from None
-    documents = [doc for doc in documents if not _is_null(doc)]
-    if not documents:
-        reader.fail(None, "(file)", "is empty; expected a mapping with a `policies:` list")
-    policies: list[Policy] = []
-    for document in documents:
-        top = reader.mapping(document, "", {"policies"}, required={"policies"})
-        if top is None or "policies" not in top:
-            continue
-        for index, node in enumerate(reader.sequence(top["policies"], "policies", None)):
-            policy = _policy(reader, node, f"policies[{index}]")
-            if policy is not None:
-                policies.append(policy)
-    reader.errors.extend(_duplicates(policies))
-    if reader.errors:
-        raise PolicyError(reader.errors)
-    return tuple(policies)
-
-
-def _policy(reader: _Reader, node: yaml.Node, path: str) -> Policy | None:
-    keys = {"name", "action", "mode", "rules"}
-    raw = reader.mapping(node, path, keys, required={"name", "action", "rules"})
-    if raw is None:
-        return None
-    errors = len(reader.errors)
-    name = reader.value(raw.get("name"), f"{path}.name", check_name)
-    action = reader.value(raw.get("action"), f"{path}.action", _action)
-    mode = reader.value(raw.get("mode"), f"{path}.mode", _mode) if "mode" in raw else "enforce"
-    rules: list[Rule] = []
-    if "rules" in raw:
-        for index, rule_node in enumerate(
-            reader.sequence(raw["rules"], f"{path}.rules", _ONE_RULE)
-        ):
-            rule = _rule(reader, rule_node, f"{path}.rules[{index}]", index)
-            if rule is not None:
-                rules.append(rule)
-    if len(reader.errors) > errors or name is None or action is None:
-        return None
-    where = reader.where(raw["name"])
-    return reader.build(node, path, Policy, name, action, tuple(rules), mode == "dry-run", where)
-
-
-_ONE_RULE = "at least one rule ({} is a rule that matches every request)"
-_ONE_VALUE = "at least one value (or leave the key out to match any)"
-
-
-def _action(value: object) -> Action:
-    if value in get_args(Action):
-        return cast(Action, value)
-    hint = f" (upper-case: {value.upper()})" if isinstance(value, str) else ""
-    raise ValueError(f"{value!r} is not an action; expected ALLOW, DENY or AUDIT{hint}")
-
-
-def _mode(value: object) -> str:
-    if value not in ("enforce", "dry-run"):
-        raise ValueError(f"{value!r} is not a mode; expected dry-run or enforce (the default)")
-    return str(value)
-
-
-def _rule(reader: _Reader, node: yaml.Node, path: str, index: int) -> Rule | None:
-    raw = reader.mapping(node, path, {"name", "from", "to", "when"})
-    if raw is None:
-        return None
-    name = reader.value(raw["name"], f"{path}.name", check_name) if "name" in raw else None
-    conditions: list[Condition] = []
-    conditions += reader.fields(raw.get("from"), f"{path}.from", SOURCE_FIELDS, "any source")
-    conditions += reader.fields(raw.get("to"), f"{path}.to", DESTINATION_FIELDS, "any request")
-    if "when" in raw:
-        for i, item in enumerate(reader.sequence(raw["when"], f"{path}.when")):
-            conditions += reader.header_conditions(item, f"{path}.when[{i}]")
-    return Rule(name or f"rules[{index}]", tuple(conditions))
-
-
-def _unknown(key: object, known: set[str]) -> str:
-    close = difflib.get_close_matches(str(key), known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown key{hint}; expected one of {', '.join(sorted(known))}"
-
-
-def _is_null(node: yaml.Node) -> bool:
-    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
-
-
-T = TypeVar("T")
-
-
-class _Reader:
-    """Walks composed YAML nodes so that every error can name its line and column."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.errors: list[str] = []
-        self._scalars = yaml.constructor.SafeConstructor()
-
-    def where(self, node: yaml.Node | None) -> str:
-        if node is None:
-            return f"{self.source}:1:1"
-        mark = node.start_mark
-        return f"{self.source}:{mark.line + 1}:{mark.column + 1}"
-
-    def fail(self, node: yaml.Node | None, path: str, problem: str) -> None:
-        self.errors.append(f"{self.where(node)}: {path or '(top)'}: {problem}")
-
-    def yaml_error(self, exc: yaml.YAMLError) -> str:
-        mark = getattr(exc, "problem_mark", None)
-        at = f"{self.source}:{mark.line + 1}:{mark.column + 1}" if mark else f"{self.source}:1:1"
-        problem = getattr(exc, "problem", None) or str(exc)
-        hint = "; expected valid YAML"
-        lines = (mark.buffer or "").split("\n") if mark else []
-        if mark and mark.line < len(lines) and "*" in lines[mark.line]:
-            hint += " (quote values that start with '*', such as '*.example.com')"
-        return f"{at}: (yaml): {problem}{hint}"
-
-    def build(self, node: yaml.Node, path: str, make: Callable[..., T], *args: Any) -> T | None:
-        """`make(*args)`, or None with its ValueError reported at `node`."""
-        try:
-            return make(*args)
-        except ValueError as exc:
-            self.fail(node, path, str(exc))
-            return None
-
-    def mapping(
-        self, node: yaml.Node, path: str, known: set[str], required: Iterable[str] = ()
-    ) -> dict[str, yaml.Node] | None:
-        if not isinstance(node, yaml.MappingNode):
-            self.fail(
-                node, path, f"is not a mapping; expected keys among {', '.join(sorted(known))}"
-            )
-            return None
-        found: dict[str, yaml.Node] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            at = f"{path}.{key}" if path else str(key)
-            if key not in known:
-                self.fail(key_node, at, _unknown(key, known))
-            elif key in found:
-                self.fail(key_node, at, "duplicate key; expected each key once")
-            else:
-                found[key] = value_node
-        for key in sorted(set(required) - set(found)):
-            self.fail(node, path, f"missing key {key!r}")
-        return found
-
-    def sequence(
-        self, node: yaml.Node, path: str, if_empty: str | None = "at least one item"
-    ) -> list[yaml.Node]:
-        """The items of a list; `if_empty` says what is expected of an empty one (None: fine)."""
-        if not isinstance(node, yaml.SequenceNode):
-            self.fail(node, path, "is not a list; expected a YAML list ([a, b] or '- a' lines)")
-            return []
-        if not node.value and if_empty:
-            self.fail(node, path, f"is empty; expected {if_empty}")
-        return list(node.value)
-
-    def scalar(self, node: yaml.Node) -> object:
-        if not isinstance(node, yaml.ScalarNode):
-            return node  # not a scalar: every value check rejects it by type
-        return self._scalars.construct_object(node)
-
-    def value(self, node: yaml.Node | None, path: str, check: Callable[[object], T]) -> T | None:
-        if node is None:
-            return None
-        scalar = self.scalar(node)
-        if isinstance(scalar, yaml.Node):
-            self.fail(node, path, "is not a single value; expected a string")
-            return None
-        return self.build(node, path, check, scalar)
-
-    def condition(
-        self, node: yaml.Node, path: str, field: Field, negated: bool, header: str = ""
-    ) -> Condition | None:
-        """The condition a list of values makes; None (reported) if any value is wrong."""
-        items = self.sequence(node, path, _ONE_VALUE)
-        texts = [
-            self.value(item, f"{path}[{i}]", lambda value: check_value(field, value))
-            for i, item in enumerate(items)
-        ]
-        if not items or None in texts:
-            return None
-        patterns = tuple(Pattern(text) for text in texts if text is not None)
-        return self.build(node, path, Condition, field, patterns, negated, header)
-
-    def fields(
-        self, node: yaml.Node | None, path: str, names: tuple[Field, ...], anything: str
-    ) -> list[Condition]:
-        if node is None:
-            return []
-        raw = self.mapping(node, path, {key for name in names for key in (name, f"not_{name}")})
-        if raw is None:
-            return []
-        if not node.value:  # not when every key was unknown: that is already said
-            self.fail(
-                node, path, f"is empty; expected a field (or leave it out to match {anything})"
-            )
-        conditions = []
-        for key, value_node in raw.items():
-            name = next(name for name in names if key in (name, f"not_{name}"))
-            negated = key.startswith("not_")
-            conditions.append(self.condition(value_node, f"{path}.{key}", name, negated))
-        return [condition for condition in conditions if condition is not None]
-
-    def header_conditions(self, node: yaml.Node, path: str) -> list[Condition]:
-        raw = self.mapping(node, path, {"header", "values", "not_values"}, required={"header"})
-        if raw is None or "header" not in raw:
-            return []
-        header = self.value(raw["header"], f"{path}.header", _header_name)
-        if not {"values", "not_values"} & set(raw):
-            self.fail(node, path, "has no values or not_values; expected at least one of them")
-        conditions = [
-            self.condition(raw[key], f"{path}.{key}", "headers", key == "not_values", header)
-            for key in ("values", "not_values")
-            if key in raw and header
-        ]
-        return [condition for condition in conditions if condition is not None]
-
-
-def _header_name(value: object) -> str:
-    if not isinstance(value, str) or not _HEADER.fullmatch(value.lower()):
-        raise ValueError(f"{value!r} is not a header name; expected a name such as x-user-role")
-    name = value.lower()
-    if name in _NOT_HEADERS:
-        raise ValueError(f"header {name!r} cannot be matched; expected {_NOT_HEADERS[name]}")
-    return name
-
-
-# Headers a `when` could only match wrongly: the adapter strips the identity
-# header before the policy runs, and the raw Host is not what to.hosts matches.
-_NOT_HEADERS = {
-    "host": "to.hosts, which matches the normalized host",
-    "x-forwarded-client-cert": "from.principals: the agent strips this header from requests",
-    "x_forwarded_client_cert": "from.principals: the agent strips this header from requests",
 }

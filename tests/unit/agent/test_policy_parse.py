@@ -10,15 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.core.policy import (
-    Condition,
-    Pattern,
-    Policy,
-    PolicyError,
-    Rule,
-    load_policy_files,
-    parse_policies,
-)
+from agent.core.policy import Condition, Pattern, Policy, Rule
+from agent.core.policyfile import PolicyError, load_policy_files, parse_policies
 
 DOCS = Path(__file__).parents[3] / "docs" / "policy.md"
 
