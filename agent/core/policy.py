@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal, get_args
 
 from agent.core.httppath import BadPath, normalize_host, normalize_target
@@ -84,6 +85,11 @@ class Request:
         for name in self.headers:
             if name != name.lower():
                 raise ValueError(f"header name {name!r} must be lower-case")
+
+    @cached_property
+    def principal(self) -> tuple[str, ...]:
+        """The source's ID as text, once per request rather than once per rule."""
+        return (str(self.source),) if self.source is not None else ()
 
 
 @dataclass(frozen=True)
@@ -163,7 +169,20 @@ class Condition:
 
     def any_match(self, values: tuple[str, ...]) -> bool:
         """Whether any value matches any pattern (negation aside)."""
-        return any(pattern.matches(value) for pattern in self.patterns for value in values)
+        exact = self._exact
+        for value in values:
+            if value in exact:
+                return True
+        return any(pattern.matches(value) for pattern in self._wildcards for value in values)
+
+    # Every request walks these: literal patterns are one set lookup, not a loop.
+    @cached_property
+    def _exact(self) -> frozenset[str]:
+        return frozenset(p.text for p in self.patterns if not _wild(p.text))
+
+    @cached_property
+    def _wildcards(self) -> tuple[Pattern, ...]:
+        return tuple(p for p in self.patterns if _wild(p.text))
 
     def explain(self, request: Request, l4_http: bool = False) -> str:
         """Why this condition does or does not match, for Decision.reason."""
@@ -177,6 +196,10 @@ class Condition:
         verb = "matches" if self.any_match(values) else "does not match"
         shown = ", ".join(map(repr, values)) if values else "(none)"
         return f"{_LABELS[self.field]}{self.header} {shown} {verb} {self.key} [{listed}]"
+
+
+def _wild(text: str) -> bool:
+    return text.startswith("*") or text.endswith("*")
 
 
 _LABELS: dict[Field, str] = {
@@ -198,7 +221,7 @@ def _values(condition: Condition, request: Request) -> tuple[str, ...] | None:
         if source is None:
             return None
         if condition.field == "principals":
-            return (str(source),)
+            return request.principal
         if condition.field == "namespaces":
             return _namespace(source)
         return (source.trust_domain.name,)
@@ -244,7 +267,10 @@ class Rule:
             check_name(self.name)
 
     def matches(self, request: Request, l4_http: bool = False) -> bool:
-        return all(condition.matches(request, l4_http) for condition in self.conditions)
+        for condition in self.conditions:  # noqa: SIM110 - per request: no generator
+            if not condition.matches(request, l4_http):
+                return False
+        return True
 
     def applies_to_port(self, port: int) -> bool:
         """True unless the rule lists `to.ports` without this port (not_ports aside)."""
