@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +44,9 @@ MAX_HEADERS = 100
 #: Bytes of pipelined requests held while an earlier one is in flight.
 HOLD_BYTES = 256 * 1024
 
-IDENTITY_HEADERS = frozenset({b"x-forwarded-client-cert", b"x_forwarded_client_cert"})
+IDENTITY_HEADERS = frozenset({b"x-forwarded-client-cert"})
+#: A Host the agent can match the way the app will read it: a name or IP literal, a port.
+_HOST_FIELD = re.compile(r"(?:[A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
 
 #: method, normalized path, normalized host (or None), headers -> the decision
 Authorize = Callable[[str, str, str | None, dict[str, tuple[str, ...]]], Decision]
@@ -58,6 +61,11 @@ def _quoted(value: str) -> str:
     if any(c in value for c in ',;="\\'):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return value
+
+
+def _identity(name: bytes) -> bool:
+    """One of the headers the agent sets, in any spelling an app server may fold onto it."""
+    return name.lower().replace(b"_", b"-") in IDENTITY_HEADERS
 
 
 def local_response(status: int, body: dict[str, str]) -> bytes:
@@ -78,6 +86,7 @@ class _Request:
     answer: bytes = b""  # a local response: nothing goes to the app
     chunked: bool = False
     body: list[bytes] = field(default_factory=list)  # held until the request is in flight
+    held: int = 0  # bytes of head and body held in memory while it waits
     done: bool = False
 
 
@@ -97,6 +106,10 @@ class HttpExchange:
         self.identity = identity  # the x-forwarded-client-cert value for this peer
         self.on_response = on_response
         self.requests = httptools.HttpRequestParser(_ClientEvents(self))
+        # Bytes fed to the request parser since it last handed any on (a body piece,
+        # a complete head): httptools buffers a header name or value whole before
+        # calling on_header, so this is what bounds that buffer.
+        self.unparsed = 0
         self.responses = httptools.HttpResponseParser(_AppEvents(self))
         self.queue: deque[_Request] = deque()  # queue[0] is in flight when it goes to the app
         self.held = 0
@@ -107,6 +120,7 @@ class HttpExchange:
     def from_client(self, data: bytes) -> None:
         if self.stopped:
             return
+        self.unparsed += len(data)
         try:
             self.requests.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -114,11 +128,13 @@ class HttpExchange:
         except httptools.HttpParserError as exc:
             if not self.stopped:  # a callback's own refusal is already queued
                 self.answer(400, {"error": "bad_request", "detail": _reason(exc)})
+        if not self.stopped and self.unparsed > MAX_HEADER_BYTES:
+            self.answer(431, {"error": "headers_too_large"})
 
     def from_app(self, data: bytes) -> None:
         try:
             self.responses.feed_data(data)
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # 101: not relayed
             self.client.abort()  # the app broke HTTP: nothing sane can follow
             self.app.abort()
 
@@ -132,13 +148,18 @@ class HttpExchange:
             return self.answer(400, {"error": "bad_path", "detail": str(exc)})
         values: dict[str, tuple[str, ...]] = {}
         for name, value in headers:
+            if _identity(name):
+                continue
             key = name.lower().decode("latin-1")
-            values[key] = (*values.get(key, ()), value.decode("latin-1"))
+            # llhttp keeps trailing whitespace; the app drops it (RFC 9110 5.5), so must we.
+            values[key] = (*values.get(key, ()), value.decode("latin-1").strip(" \t"))
         hosts = values.get("host", ())
         if len(hosts) > 1:
             return self.answer(400, {"error": "bad_request", "detail": "more than one Host"})
-        for name in IDENTITY_HEADERS:
-            values.pop(name.decode(), None)
+        if not hosts and self.requests.get_http_version() == "1.1":
+            return self.answer(400, {"error": "bad_request", "detail": "no Host"})
+        if hosts and not _HOST_FIELD.fullmatch(hosts[0]):
+            return self.answer(400, {"error": "bad_request", "detail": "malformed Host"})
         host = normalize_host(hosts[0]) if hosts else None
         decision = self.authorize(method.decode("ascii"), path, host, values)
         if not decision.allowed:
@@ -148,7 +169,7 @@ class HttpExchange:
         forwarded = path + ("?" + query if query else "")
         version = self.requests.get_http_version()
         lines = [f"{method.decode('ascii')} {forwarded} HTTP/{version}".encode("latin-1")]
-        lines += [b"%s: %s" % (n, v) for n, v in headers if n.lower() not in IDENTITY_HEADERS]
+        lines += [b"%s: %s" % (n, v) for n, v in headers if not _identity(n)]
         lines.append(b"x-forwarded-client-cert: " + self.identity)
         chunked = any("chunked" in v.lower() for v in values.get("transfer-encoding", ()))
         self._enqueue(_Request(method, b"\r\n".join(lines) + b"\r\n\r\n", chunked=chunked))
@@ -170,6 +191,13 @@ class HttpExchange:
     def answer(self, status: int, body: dict[str, str]) -> None:
         """Answer the latest request ourselves, after every earlier response; then close."""
         self.stopped = True
+        if self.queue and not self.queue[-1].done:
+            # The request being read broke off mid-body: it can never reach the app
+            # whole, so it is dropped and answered in its place.
+            partial = self.queue.pop()
+            self.held -= partial.held
+            if not self.queue:  # it was in flight: no response to it will come
+                self.app.abort()
         self._enqueue(_Request(b"", answer=local_response(status, body), done=True))
         self.on_response(status)
 
@@ -177,6 +205,8 @@ class HttpExchange:
         self.queue.append(request)
         if len(self.queue) == 1:
             self._start(request)
+        else:
+            self._hold(request, len(request.head))
 
     def _send(self, request: _Request, piece: bytes) -> None:
         if not piece:
@@ -185,7 +215,11 @@ class HttpExchange:
             self.app.write(piece)
             return
         request.body.append(piece)
-        self.held += len(piece)
+        self._hold(request, len(piece))
+
+    def _hold(self, request: _Request, size: int) -> None:
+        request.held += size
+        self.held += size
         if self.held > HOLD_BYTES:
             self.client.pause_reading()  # resumes when the held requests go out
 
@@ -196,7 +230,8 @@ class HttpExchange:
             self.client.close()
             return
         self.app.write(request.head + b"".join(request.body))
-        self.held -= sum(map(len, request.body))
+        self.held -= request.held
+        request.held = 0
         request.body.clear()
         if self.held <= HOLD_BYTES and not self.client.is_closing():
             self.client.resume_reading()
@@ -207,7 +242,7 @@ class HttpExchange:
         """Write the head of the app's response; True when it is the whole response (HEAD)."""
         version = self.responses.get_http_version()
         lines = [b"HTTP/%s %d %s" % (version.encode(), status, reason)]
-        lines += [b"%s: %s" % (n, v) for n, v in headers if n.lower() not in IDENTITY_HEADERS]
+        lines += [b"%s: %s" % (n, v) for n, v in headers if not _identity(n)]
         self.client.write(b"\r\n".join(lines) + b"\r\n\r\n")
         if self.queue and self.queue[0].method == b"HEAD" and status >= 200:
             # No body follows, whatever the headers say: this parser would wait for
@@ -222,8 +257,11 @@ class HttpExchange:
         if status < 200 or not self.queue:  # 1xx: the final response is still to come
             return
         self.on_response(status)
-        self.queue.popleft()
-        if not keep_alive:
+        request = self.queue.popleft()
+        if not keep_alive or not request.done:
+            # Answered before its body was all read: the app may still be reading
+            # that body, so nothing else can follow on this connection.
+            self.stopped = True
             self.client.close()
         elif self.queue:
             self._start(self.queue[0])
@@ -259,14 +297,17 @@ class _ClientEvents:
         parser = self.exchange.requests
         if parser.should_upgrade():
             return  # feed_data raises HttpParserUpgrade next: answered there
+        self.exchange.unparsed = 0
         self.exchange.request(parser.get_method(), self.url, self.headers)
         if self.exchange.stopped:
             raise _Refused
 
     def on_body(self, body: bytes) -> None:
+        self.exchange.unparsed = 0
         self.exchange.body(body)
 
     def on_message_complete(self) -> None:
+        self.exchange.unparsed = 0
         self.exchange.request_done()
 
 
@@ -291,8 +332,14 @@ class _AppEvents:
 
     def on_headers_complete(self) -> None:
         status = self.exchange.responses.get_status_code()
-        self.chunked = any(
-            n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in self.headers
+        # 1xx, 204 and 304 have no body, whatever their Transfer-Encoding says.
+        self.chunked = (
+            status >= 200
+            and status not in (204, 304)
+            and any(
+                n.lower() == b"transfer-encoding" and b"chunked" in v.lower()
+                for n, v in self.headers
+            )
         )
         self.finished = self.exchange.response_head(status, self.reason, self.headers)
 

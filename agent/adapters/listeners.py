@@ -189,7 +189,11 @@ class InboundListener(Listener[Inbound]):
     async def _setup(self, relay: Relay, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        context, limits = self.runtime.contexts.server, self.runtime.limits
+        contexts, limits = self.runtime.contexts, self.runtime.limits
+        # An HTTP port offers no h2 in ALPN, so every request on it is parsed: h2 relayed
+        # at L4 would hand the app the client's own identity header and skip the paths.
+        http = self.config.protocol == "http"
+        context = contexts.http_server if http else contexts.server
         assert context is not None, "listeners start after the first SVID"
         try:
             tls, _ = await loop.connect_accepted_socket(
@@ -216,8 +220,6 @@ class InboundListener(Listener[Inbound]):
             return
         self._verified(ssl_object, peer, started)
         app = config.app
-        # HTTP/2 (gRPC) is not parsed yet: it is relayed, decided by source and port alone.
-        http = config.protocol == "http" and ssl_object.selected_alpn_protocol() != "h2"
         if not http and not self._authorize(Request(peer, app.port), config).allowed:
             self.runtime.metrics.connections_refused.labels(INBOUND, "policy_denied").inc()
             relay.abort()

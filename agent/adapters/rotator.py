@@ -25,7 +25,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from agent.adapters.ca_client import CaClient, tls_context
 from agent.adapters.metrics import AgentMetrics
-from agent.adapters.tls import Contexts, client_context, server_context
+from agent.adapters.tls import Contexts, client_context, http_server_context, server_context
 from agent.config import AgentConfig
 from agent.core.svid import Svid, SvidRejected, accept_svid
 from identity import refresh_at
@@ -159,9 +159,11 @@ class IdentityManager:
         """Put `svid` in service: new connections use it from now on."""
         try:
             server, client = server_context(svid), client_context(svid)
+            http_server = http_server_context(svid)
         except ssl.SSLError as exc:
             raise RenewalFailed("bad_answer", f"ssl cannot use the new SVID: {exc}") from None
         self.contexts.server, self.contexts.client = server, client
+        self.contexts.http_server = http_server
         self.svid = svid
         # Half of the life left from now, not from NotBefore: the CA backdates
         # NotBefore for clock skew, which would eat most of a short TTL.

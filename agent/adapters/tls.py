@@ -56,10 +56,13 @@ class Contexts:
     """The TLS contexts of the SVID in use; both replaced at once on every rotation."""
 
     server: ssl.SSLContext | None = None
+    http_server: ssl.SSLContext | None = None  # `protocol: http` inbounds: no h2 in ALPN
     client: ssl.SSLContext | None = None
 
 
-def _context(svid: Svid, side: Literal["server", "client"]) -> ssl.SSLContext:
+def _context(
+    svid: Svid, side: Literal["server", "client"], alpn: tuple[str, ...] = ("h2", "http/1.1")
+) -> ssl.SSLContext:
     protocol = ssl.PROTOCOL_TLS_SERVER if side == "server" else ssl.PROTOCOL_TLS_CLIENT
     context = ssl.SSLContext(protocol)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -72,14 +75,19 @@ def _context(svid: Svid, side: Literal["server", "client"]) -> ssl.SSLContext:
     load_cert_chain(context, svid.chain_pem(), svid.key_pem())
     if side == "server":
         context.num_tickets = 0  # TLS 1.3: no resumption tickets
-        # A client that asks for h2 (gRPC) gets it relayed at L4; others speak HTTP/1.1.
-        context.set_alpn_protocols(["h2", "http/1.1"])
+        # A TCP port relays h2 (gRPC) like any bytes; an HTTP port parses HTTP/1.1 only.
+        context.set_alpn_protocols(list(alpn))
     return context
 
 
 def server_context(svid: Svid) -> ssl.SSLContext:
     """Inbound: require and verify a client certificate."""
     return _context(svid, "server")
+
+
+def http_server_context(svid: Svid) -> ssl.SSLContext:
+    """Inbound on an HTTP port: HTTP/1.1 only, so every request is parsed and decided."""
+    return _context(svid, "server", alpn=("http/1.1",))
 
 
 def client_context(svid: Svid) -> ssl.SSLContext:

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from agent.adapters.http import xfcc
 from tests import certs
 from tests.mesh import AgentProcess, agent_process, agent_yaml, inbound, workload
 from tests.support import CaProcess, CaSetup
@@ -58,6 +59,10 @@ class App:
 
 
 async def _answer(request: web.Request) -> web.Response:
+    if request.path == "/api/early":  # answers before reading the body, as many apps do
+        return web.json_response({"early": True})
+    if request.path == "/api/slow":
+        await asyncio.sleep(3)
     seen = {
         "method": request.method,
         "target": request.raw_path,
@@ -66,7 +71,10 @@ async def _answer(request: web.Request) -> web.Response:
         "body": (await request.read()).decode(),
     }
     request.app[SEEN].append(seen)
-    echoed = {"x-forwarded-client-cert": ",".join(seen["xfcc"]) or "none"}
+    echoed = {
+        "x-forwarded-client-cert": ",".join(seen["xfcc"]) or "none",
+        "X_Forwarded-Client-Cert": "leak",  # a spelling servers fold onto the same name
+    }
     return web.json_response(seen, headers=echoed)
 
 
@@ -251,6 +259,22 @@ def test_two_host_headers_are_a_bad_request(setup: CaSetup, agent: AgentProcess)
 
 
 @pytest.mark.parametrize(
+    ("host_line", "status"),
+    [
+        (b"Host: internal.example.org \r\n", 403),  # the app drops the trailing space
+        (b"Host: internal.example.org\t\r\n", 403),
+        (b"Host: evil.com, x.example.org\r\n", 400),  # not a host
+        (b"", 400),  # HTTP/1.1 without Host
+    ],
+)
+def test_host_is_read_the_way_the_app_reads_it(
+    setup: CaSetup, agent: AgentProcess, host_line: bytes, status: int
+) -> None:
+    raw = b"GET /api/items HTTP/1.1\r\n" + host_line + b"\r\n"
+    assert one(setup, agent, raw).status == status
+
+
+@pytest.mark.parametrize(
     "headers",
     [
         ("x-role: intruder",),
@@ -286,7 +310,18 @@ def test_identity_headers_from_the_client_are_replaced_and_never_leak_back(
     assert seen["xfcc"] == [f"By={backend};URI={frontend}"]
     assert seen["xfcc_underscore"] == []
     # The app echoed the header it got; the agent does not pass it back to the client.
-    assert "x-forwarded-client-cert" not in {k.lower() for k in reply.headers}
+    assert not {"x-forwarded-client-cert", "x_forwarded-client-cert"} & {
+        k.lower() for k in reply.headers
+    }
+
+
+def test_identity_header_spellings_an_app_server_may_fold_are_stripped_too(
+    setup: CaSetup, agent: AgentProcess, app: App
+) -> None:
+    # WSGI/CGI servers read X-Forwarded-Client_Cert as HTTP_X_FORWARDED_CLIENT_CERT.
+    forged = "X-Forwarded-Client_Cert: By=x;URI=spiffe://example.org/ns/demo/sa/admin"
+    assert one(setup, agent, get("/api/items", forged)).status == 200
+    assert app.seen[-1]["xfcc"] == [f"By={workload('backend')};URI={workload('frontend')}"]
 
 
 def test_plaintext_never_reaches_the_app(agent: AgentProcess, app: App) -> None:
@@ -310,6 +345,72 @@ def test_headers_over_the_limits_get_431(setup: CaSetup, agent: AgentProcess) ->
     assert one(setup, agent, get("/api/items", *many)).status == 431
     big = "x-big: " + "a" * (61 * 1024)
     assert one(setup, agent, get("/api/items", big)).status == 431
+
+
+def test_a_huge_header_value_is_refused_before_it_is_whole(
+    setup: CaSetup, agent: AgentProcess
+) -> None:
+    context = certs.client_context(setup.bundle_pem, certs.valid_svid(setup, workload("frontend")))
+    host, port = agent.bound["inbound[0]"].rsplit(":", 1)
+    with context.wrap_socket(socket.create_connection((host, int(port)), timeout=5)) as tls:
+        tls.sendall(b"GET /api/items HTTP/1.1\r\nHost: backend\r\nX-Big: ")
+        started = time.monotonic()
+        try:
+            for _ in range(64):  # up to 4 MiB of one value, never ended
+                tls.sendall(b"a" * 65536)
+        except (ConnectionError, ssl.SSLError):
+            pass  # refused mid-way: what we want
+        answer = tls.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 431"), answer
+    assert time.monotonic() - started < 3
+
+
+def test_an_early_answer_ends_the_connection_so_a_body_cannot_smuggle_a_request(
+    setup: CaSetup, agent: AgentProcess, app: App
+) -> None:
+    # The app answers /api/early without reading its body and reads on: whatever the
+    # agent sent next on that connection would be read as that body, and what follows
+    # it as a request no policy saw.
+    smuggled = b"GET /api/admin HTTP/1.1\r\nHost: backend\r\nContent-Length: 0\r\n\r\n"
+    second = f"POST /api/items HTTP/1.1\r\nHost: backend\r\nContent-Length: {len(smuggled)}"
+    identity = xfcc(str(workload("backend")), str(workload("frontend")))
+    forwarded = second.encode() + b"\r\nx-forwarded-client-cert: " + identity + b"\r\n\r\n"
+    first = f"POST /api/early HTTP/1.1\r\nHost: backend\r\nContent-Length: {len(forwarded)}"
+    before = len(app.seen)
+    context = certs.client_context(setup.bundle_pem, certs.valid_svid(setup, workload("frontend")))
+    host, port = agent.bound["inbound[0]"].rsplit(":", 1)
+    with context.wrap_socket(socket.create_connection((host, int(port)), timeout=5)) as tls:
+        tls.sendall(first.encode() + b"\r\n\r\n")
+        time.sleep(0.5)  # the early answer
+        try:
+            tls.sendall(b"x" * len(forwarded) + second.encode() + b"\r\n\r\n" + smuggled)
+            time.sleep(1)
+        except (ConnectionError, ssl.SSLError):
+            pass
+    assert "/api/admin" not in [seen["target"] for seen in app.seen[before:]]
+
+
+def test_pipelined_requests_held_behind_a_slow_one_are_bounded(
+    setup: CaSetup, agent: AgentProcess
+) -> None:
+    def rss() -> int:
+        status = Path(f"/proc/{agent.process.pid}/status").read_text()
+        return int(status.split("VmRSS:")[1].split()[0]) * 1024
+
+    before = rss()
+    head = get("/api/items", "x-pad: " + "a" * 50_000)
+    context = certs.client_context(setup.bundle_pem, certs.valid_svid(setup, workload("frontend")))
+    host, port = agent.bound["inbound[0]"].rsplit(":", 1)
+    with context.wrap_socket(socket.create_connection((host, int(port)), timeout=5)) as tls:
+        tls.sendall(get("/api/slow"))  # the app takes 3 s over this one
+        tls.settimeout(0.5)
+        try:
+            for _ in range(40):  # 40 MiB of heads, unless the agent stops reading
+                tls.sendall(head * 20)
+        except (TimeoutError, ConnectionError, ssl.SSLError):
+            pass  # the agent stopped reading: flow control at work
+        grown = rss() - before
+    assert grown < 16 << 20, f"the agent held {grown >> 20} MiB of pipelined requests"
 
 
 def test_conflicting_framing_is_a_bad_request_not_a_smuggled_request(
@@ -359,14 +460,21 @@ def test_a_denied_request_after_allowed_ones_is_answered_in_order(
     assert [r.status for r in replies] == [200, 403]  # and then the connection is closed
 
 
-def test_http2_is_relayed_at_l4_where_only_source_and_port_rules_apply(
+def test_an_http_port_does_not_negotiate_h2_so_nothing_skips_the_parser(
     setup: CaSetup, agent: AgentProcess, app: App
 ) -> None:
-    # The ALLOW rules all name paths, which an L4 connection does not have: h2 is denied.
-    before = metric(agent, "outrider_connections_refused_total", reason="policy_denied")
-    replies = exchange(setup, agent, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", alpn=["h2"])
-    assert replies == []
-    assert metric(agent, "outrider_connections_refused_total", reason="policy_denied") > before
+    # h2 relayed unparsed would hand the app the client's own identity header and
+    # escape every path rule: the port offers http/1.1 only, and h2 bytes are refused.
+    context = certs.client_context(setup.bundle_pem, certs.valid_svid(setup, workload("frontend")))
+    context.set_alpn_protocols(["h2"])
+    host, port = agent.bound["inbound[0]"].rsplit(":", 1)
+    before = len(app.seen)
+    with context.wrap_socket(socket.create_connection((host, int(port)), timeout=5)) as tls:
+        assert tls.selected_alpn_protocol() is None
+        tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + get("/api/admin"))
+        answer = tls.recv(4096)
+    assert answer.startswith((b"HTTP/1.1 400", b"HTTP/1.1 501")), answer
+    assert len(app.seen) == before
 
 
 # --- hot reload -------------------------------------------------------------------------
