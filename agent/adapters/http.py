@@ -156,8 +156,12 @@ class HttpExchange:
         hosts = values.get("host", ())
         if len(hosts) > 1:
             return self.answer(400, {"error": "bad_request", "detail": "more than one Host"})
-        if not hosts and self.requests.get_http_version() == "1.1":
+        version = self.requests.get_http_version()
+        if not hosts and version == "1.1":
             return self.answer(400, {"error": "bad_request", "detail": "no Host"})
+        if "transfer-encoding" in values and version == "1.0":
+            # RFC 9112 6.1: faulty framing; the app may read the body as close-delimited.
+            return self.answer(400, {"error": "bad_request", "detail": "chunked in HTTP/1.0"})
         if hosts and not _HOST_FIELD.fullmatch(hosts[0]):
             return self.answer(400, {"error": "bad_request", "detail": "malformed Host"})
         host = normalize_host(hosts[0]) if hosts else None
@@ -167,7 +171,6 @@ class HttpExchange:
                 403, {"error": "denied", "policy": decision.policy, "rule": decision.rule}
             )
         forwarded = path + ("?" + query if query else "")
-        version = self.requests.get_http_version()
         lines = [f"{method.decode('ascii')} {forwarded} HTTP/{version}".encode("latin-1")]
         lines += [b"%s: %s" % (n, v) for n, v in headers if not _identity(n)]
         lines.append(b"x-forwarded-client-cert: " + self.identity)

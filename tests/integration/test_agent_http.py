@@ -426,6 +426,18 @@ def test_conflicting_framing_is_a_bad_request_not_a_smuggled_request(
     assert len(app.seen) == before
 
 
+def test_a_chunked_http10_request_is_a_bad_request(
+    setup: CaSetup, agent: AgentProcess, app: App
+) -> None:
+    before = len(app.seen)
+    raw = (
+        b"POST /api/items HTTP/1.0\r\nHost: backend\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    )
+    assert one(setup, agent, raw).status == 400
+    assert len(app.seen) == before
+
+
 def test_an_upgrade_is_refused_rather_than_relayed_unseen(
     setup: CaSetup, agent: AgentProcess, app: App
 ) -> None:
