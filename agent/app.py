@@ -317,22 +317,3 @@ def load_policies(config: AgentConfig) -> PolicySet:
     if errors:
         raise PolicyError(errors)
     return policies
-
-
-def run(path: Path | None, config: AgentConfig) -> None:
-    """The process: uvloop when present, SIGTERM/SIGINT drain and exit 0."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        runner = asyncio.run
-    else:
-        runner = uvloop.run
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        await serve(path, config, stop)
-
-    runner(main())

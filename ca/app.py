@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-import signal
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -227,20 +225,3 @@ def _bind(listen: Listen) -> socket.socket:
         return socket.create_server((listen.host, listen.port), family=family, backlog=1024)
     except OSError as exc:
         raise StartupError(f"cannot listen on {listen}: {exc.strerror}") from None
-
-
-def run(config: CaConfig) -> None:
-    """Blocking entry point: uvloop when present, SIGTERM/SIGINT stop cleanly."""
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop)
-
-    asyncio.run(main())

@@ -11,10 +11,8 @@ one and is tried again when a file changes again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import socket
 import ssl
 
@@ -123,20 +121,3 @@ async def serve(
         log.info("shutting down")
         reloader.cancel()
         await runner.cleanup()
-
-
-def run(config: InjectorConfig) -> None:
-    """Blocking entry point: uvloop when present, SIGTERM/SIGINT stop cleanly."""
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop)
-
-    asyncio.run(main())

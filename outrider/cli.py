@@ -10,10 +10,12 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.configfile import ConfigError, parse_duration
@@ -28,6 +30,20 @@ class CommandError(Exception):
     def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
         super().__init__(message)
         self.code = code
+
+
+def _until_signalled(serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+    """Run `serve(stop)` on uvloop; SIGTERM or SIGINT sets `stop`, so it ends cleanly."""
+    import uvloop
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(stop)
+
+    uvloop.run(main())
 
 
 def _invalid(exc: ConfigError) -> CommandError:
@@ -91,7 +107,7 @@ def _ca_serve(args: argparse.Namespace) -> None:
     except ConfigError as exc:
         raise _invalid(exc) from None
     try:
-        ca_app.run(config)
+        _until_signalled(lambda stop: ca_app.serve(config, stop))
     except ca_app.StartupError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
 
@@ -115,7 +131,7 @@ def _agent_run(args: argparse.Namespace) -> None:
         lines = "\n".join(f"  {error}" for error in exc.errors)
         raise CommandError(f"invalid policy:\n{lines}", EXIT_USAGE) from None
     try:
-        agent_app.run(path, config)
+        _until_signalled(lambda stop: agent_app.serve(path, config, stop))
     except OSError as exc:  # a listen address in use or not local
         raise CommandError(exc.strerror or str(exc)) from None
 
@@ -166,7 +182,7 @@ def _injector_serve(args: argparse.Namespace) -> None:
     except ConfigError as exc:
         raise _invalid(exc) from None
     try:
-        injector_app.run(config)
+        _until_signalled(lambda stop: injector_app.serve(config, stop))
     except injector_app.StartupError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
 
