@@ -143,14 +143,32 @@ def exchange(
     replies = []
     with context.wrap_socket(socket.create_connection((host, int(port)), timeout=5)) as tls:
         tls.sendall(raw)
+        stream = _Stream(tls.makefile("rb"))
         for method in methods:
-            response = http.client.HTTPResponse(tls, method=method)  # type: ignore[arg-type]
+            response = http.client.HTTPResponse(stream, method=method)  # type: ignore[arg-type]
             try:
                 response.begin()
             except (http.client.RemoteDisconnected, ConnectionError, ssl.SSLError):
                 break
             replies.append(Reply(response.status, response.headers, response.read()))
     return replies
+
+
+class _Stream:
+    """What http.client.HTTPResponse asks of a socket: one reader shared by every response
+    (responses may share a TLS record), which a finished response must not close."""
+
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+
+    def makefile(self, mode: str) -> Any:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.reader, name)
+
+    def close(self) -> None:
+        pass
 
 
 def get(target: str, *headers: str) -> bytes:
