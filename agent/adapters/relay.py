@@ -1,8 +1,9 @@
 """The byte path: two asyncio Protocols that write what one side reads to the other.
 
 This is the hot path, so it does as little as possible per chunk: no stream
-readers, no copies, no per-chunk timers; what a side receives is written
-straight to the other side's transport, and the transports' own flow control
+readers, no copies, no per-chunk timers; what a side receives goes to its
+sink: straight into the other side's transport (L4), or into an HTTP parser
+that writes to it (L7, agent/adapters/http.py). The transports' own flow control
 (pause_writing/resume_writing) pauses the reading side while the writing
 side's buffer is full. Idle connections are found by a timer per connection
 that looks at a flag the data path sets.
