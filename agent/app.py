@@ -27,10 +27,10 @@ from agent.adapters.listeners import (
     InboundListener,
     Listener,
     OutboundListener,
-    Runtime,
 )
 from agent.adapters.metrics import AgentMetrics
 from agent.adapters.rotator import IdentityManager, SignFn
+from agent.adapters.runtime import Runtime
 from agent.adapters.tls import Contexts
 from agent.config import AgentConfig, Inbound, Outbound
 from agent.core.policy import PolicySet

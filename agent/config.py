@@ -19,9 +19,10 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
         protocol: http                                 # tcp (default) or http: per request
         allow: {spiffe_ids: [], trust_domains: [example.org]}  # default: own domain
     outbound:                                          # plain in, mTLS out
-      - name: backend
+      - name: backend                                  # agent/config_outbound.py: all keys
         listen: 127.0.0.1:9001
-        endpoints: [backend.shop.svc:15443]
+        protocol: http                                 # per request: pooled, retried
+        endpoints: [backend.shop.svc:15443]            # or dns:, kubernetes:, subsets:
         server_ids: [spiffe://example.org/ns/shop/sa/backend]
     limits: {handshake_timeout: 10s, connect_timeout: 5s, idle_timeout: 1h,
              max_connections: 10000, drain_timeout: 30s}
@@ -37,20 +38,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast, get_args
+from typing import Any, get_args
 
+from agent.config_outbound import PROTOCOLS, Outbound, OutboundReader, Protocol
 from agent.core.authz import AllowList
 from agent.core.backoff import Backoff
 from agent.core.policy import DefaultAction
 from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
-from identity.configfile import ConfigError, ConfigReader, Listen, parse_yaml, read_yaml
+from identity.configfile import ConfigError, Listen, parse_yaml, read_yaml
 
-__all__ = ["AgentConfig", "ConfigError", "load", "parse", "parse_text"]
+__all__ = ["AgentConfig", "ConfigError", "Outbound", "load", "parse", "parse_text"]
 
 DEFAULT_TOKEN = Path("/var/run/secrets/outrider/token")
-Protocol = Literal["tcp", "http"]
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -77,14 +77,6 @@ class Inbound:
     app: Endpoint
     allow: AllowList
     protocol: Protocol = "tcp"
-
-
-@dataclass(frozen=True)
-class Outbound:
-    name: str
-    listen: Listen
-    endpoints: tuple[Endpoint, ...]
-    server_ids: frozenset[SpiffeId]
 
 
 @dataclass(frozen=True)
@@ -138,12 +130,11 @@ def parse(raw: object, *, base: Path, source: str = "config") -> AgentConfig:
 
 
 _TOP = {"identity", "ca", "inbound", "outbound", "limits", "admin", "policy"}
-PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
 DEFAULT_ACTIONS: tuple[DefaultAction, ...] = get_args(DefaultAction)
 _CA_KEYS = {"address", "server_name", "bundle_file", "timeout", "backoff"}
 
 
-class _Reader(ConfigReader):
+class _Reader(OutboundReader):
     def config(self, raw: object) -> AgentConfig | None:
         top = self.mapping(raw, "", _TOP)
         identity = self.identity(self.section(top, "identity", set(IdentityConfig.__annotations__)))
@@ -235,35 +226,6 @@ class _Reader(ConfigReader):
         action = self.choice(raw, "default_action", "policy.default_action", DEFAULT_ACTIONS)
         return PolicyConfig(tuple(files), action)
 
-    def choice(self, raw: Mapping[str, Any], key: str, path: str, allowed: tuple[T, ...]) -> T:
-        """One of `allowed` (the first is the default)."""
-        value = raw.get(key, allowed[0])
-        if value not in allowed:
-            self.fail(path, f"{value!r} is not one of {', '.join(map(str, allowed))}")
-            return allowed[0]
-        return cast(T, value)
-
-    def outbound(self, raw: object, path: str) -> Outbound | None:
-        item = self.mapping(raw, path, {"name", "listen", "endpoints", "server_ids"})
-        name = self.string(item, "name", f"{path}.name", None)
-        if name is None:
-            self.fail(f"{path}.name", "required: names the upstream in logs and metrics")
-        if "listen" not in item:
-            self.fail(f"{path}.listen", "required: 127.0.0.1:<port> the app connects to")
-        listen = self.listen(item, "listen", f"{path}.listen", Listen("127.0.0.1", 0))
-        endpoints = [
-            self.endpoint(value, f"{path}.endpoints[{i}]")
-            for i, value in enumerate(self.items(item, "endpoints", f"{path}.endpoints"))
-        ]
-        if not endpoints:
-            self.fail(f"{path}.endpoints", "required: at least one host:port")
-        server_ids = self.spiffe_ids(item, "server_ids", f"{path}.server_ids")
-        if not server_ids:
-            self.fail(f"{path}.server_ids", "required: the SPIFFE IDs the upstream may present")
-        if name is None or None in endpoints:
-            return None
-        return Outbound(name, listen, tuple(e for e in endpoints if e), server_ids)
-
     def limits(self, raw: Mapping[str, Any]) -> Limits:
         d = Limits()
         return Limits(
@@ -303,41 +265,6 @@ class _Reader(ConfigReader):
                 self.fail(
                     f"outbound[{i}].name", f"{item.name!r} is also outbound[{names[item.name]}]"
                 )
-
-    def endpoint(self, value: object, path: str) -> Endpoint | None:
-        if value is None:
-            self.fail(path, "required: host:port")
-            return None
-        try:
-            listen = Listen.parse(value)
-        except ValueError as exc:
-            self.fail(path, str(exc))
-            return None
-        if listen.port == 0:
-            self.fail(path, "port 0 is not a port to connect to")
-            return None
-        return Endpoint(listen.host, listen.port)
-
-    def spiffe_id(self, value: object, path: str) -> SpiffeId | None:
-        if value is None:
-            self.fail(path, "required: spiffe://<trust-domain>/ns/<namespace>/sa/<account>")
-            return None
-        try:
-            spiffe_id = SpiffeId.parse(str(value))
-        except InvalidSpiffeId as exc:
-            self.fail(path, str(exc))
-            return None
-        if not spiffe_id.path:
-            self.fail(path, "a workload ID needs a path, not only a trust domain")
-            return None
-        return spiffe_id
-
-    def spiffe_ids(self, raw: Mapping[str, Any], key: str, path: str) -> frozenset[SpiffeId]:
-        ids = (
-            self.spiffe_id(value, f"{path}[{i}]")
-            for i, value in enumerate(self.items(raw, key, path))
-        )
-        return frozenset(i for i in ids if i is not None)
 
     def trust_domain(self, value: object, path: str) -> TrustDomain | None:
         try:

@@ -8,8 +8,7 @@
                 new-connection load: errors must be 0
 
 L4 scenarios run the L4 pairs; the L7 ones (`l7_keepalive` with Envoy's 10-rule RBAC
-policy, `l7_new_conn` where the upstream side is pooled) run the L7 pairs. A pair
-whose feature has not landed in Outrider yet is reported as not yet available.
+policy, `l7_new_conn` where the upstream side is pooled) run the L7 pairs.
 Within a round every scenario runs each of its pairs in turn, in an order that
 reverses every round, so drift in the machine's speed falls on all of them alike.
 """
@@ -31,7 +30,7 @@ from bench.peers import Pair
 from bench.procs import cpu_seconds, machine_busy_seconds, peak_rss_mib, rss_mib
 from tests.support import ca_process, make_ca_setup
 
-NOT_YET = "not yet available"
+NOT_MEASURED = "not measured"
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,6 @@ class Scenario:
     pairs: tuple[str, ...]  # Pair.name, "direct" first when it is the baseline
     load: Callable[[int, float], Load]
     unit: str = "req/s"
-    not_yet: tuple[str, ...] = ()  # pairs whose feature for this scenario has not landed
 
 
 def scenarios(connections: int) -> list[Scenario]:
@@ -80,7 +78,6 @@ def scenarios(connections: int) -> list[Scenario]:
             l7,
             lambda port, s: wrk(port, s, connections, close=True),
             unit="conn/s",
-            not_yet=("outrider l7",),  # pooled upstream connections
         ),
         Scenario(
             "rotation",
@@ -185,7 +182,7 @@ def run(root: Path, rounds: int, seconds: float, connections: int) -> dict[str, 
         runs: list[Run] = []
         for number in range(1, rounds + 1):
             for scenario in chosen:
-                order = [n for n in scenario.pairs if n in pairs and n not in scenario.not_yet]
+                order = [n for n in scenario.pairs if n in pairs]
                 for name in order if number % 2 else reversed(order):
                     runs.append(measure(scenario, pairs[name], number, _seconds(scenario, seconds)))
                     _progress(runs[-1], rounds, scenario)
@@ -230,7 +227,7 @@ def summarize(record: dict[str, Any]) -> list[dict[str, Any]]:
         for name in scenario["pairs"]:
             runs = [r for r in mine if r["pair"] == name]
             if not runs:
-                by_pair[name] = {"pair": name, "status": NOT_YET}
+                by_pair[name] = {"pair": name, "status": NOT_MEASURED}
                 continue
             rates = [r["load"]["per_s"] for r in runs]
             handshakes = [r["handshakes"] for r in runs if r["handshakes"] is not None]

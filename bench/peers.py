@@ -132,8 +132,9 @@ def outrider(
 ) -> Pair:
     """Two `outrider agent run` processes with SVIDs (of lifetime `ttl`) from the running CA.
 
-    At L7 the server side parses HTTP and enforces the 10-rule policy; the client
-    side relays at L4 (pooled upstream connections are to come).
+    At L7 the server side parses HTTP and enforces the 10-rule policy, and the
+    client side parses it too and sends each request over pooled upstream
+    connections (`protocol: http`), as Envoy's HTTP connection manager does.
     """
     root, address = setup.root / f"outrider-{ttl}-{layer}", f"127.0.0.1:{ca.grpc_port}"
     (root / "ca").mkdir(parents=True, exist_ok=True)
@@ -156,9 +157,10 @@ def outrider(
         server_yaml = agent_yaml(root, "server", inbound=inbound(backend_port), **common)
     server_yaml["identity"].update(identity)
     server = stack.enter_context(agent_process(root, "server", server_yaml))
-    client_yaml = agent_yaml(
-        root, "client", outbound=outbound(server.bound["inbound[0]"], SERVER), **common
-    )
+    upstream = outbound(server.bound["inbound[0]"], SERVER)
+    if layer == "l7":
+        upstream[0]["protocol"] = "http"
+    client_yaml = agent_yaml(root, "client", outbound=upstream, **common)
     client_yaml["identity"].update(identity)
     client = stack.enter_context(agent_process(root, "client", client_yaml))
     port = int(client.bound["outbound[backend]"].rsplit(":", 1)[1])

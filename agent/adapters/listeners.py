@@ -12,21 +12,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Generic, Literal, TypeVar
+from collections.abc import Coroutine
+from typing import Any, Generic, Protocol, TypeVar
 
 from agent.adapters.http import HttpExchange, xfcc
 from agent.adapters.metrics import AgentMetrics
+from agent.adapters.outbound_http import OutboundHttp
 from agent.adapters.relay import Relay
-from agent.adapters.tls import Contexts, peer_id, refusal_reason
-from agent.config import Inbound, Limits, Outbound
-from agent.core.policy import Decision, PolicySet, Request
-from agent.core.upstream import Endpoint, StaticUpstream
-from identity import SpiffeId, SvidError
+from agent.adapters.runtime import Runtime
+from agent.adapters.tls import refusal_reason
+from agent.adapters.upstreams import DialError, LiveUpstream
+from agent.config import Inbound, Outbound
+from agent.core.policy import Decision, Request
+from agent.core.resilience import should_retry
+from agent.core.upstream import Endpoint
 from identity.configfile import Listen
 
 log = logging.getLogger("outrider.agent")
@@ -35,27 +37,16 @@ INBOUND, OUTBOUND = "inbound", "outbound"
 ConfigT = TypeVar("ConfigT", Inbound, Outbound)
 
 
-@dataclass
-class Runtime:
-    """What every connection (and every L7 request) reads when it starts.
-
-    `policies` is replaced whole on reload: a request is decided by the set in
-    place when it arrives.
-    """
-
-    limits: Limits
-    contexts: Contexts
-    metrics: AgentMetrics
-    now: Callable[[], datetime]
-    spiffe_id: SpiffeId
-    policies: PolicySet = field(default_factory=PolicySet)
+class Closable(Protocol):
+    def abort(self) -> None: ...
 
 
 class Connections:
-    """Every relay from accept to close, for the connection cap and for draining."""
+    """Every connection from accept to close (a relay, or an HTTP outbound exchange), for the
+    connection cap and for draining."""
 
     def __init__(self, metrics: AgentMetrics) -> None:
-        self._open: dict[Relay, str] = {}
+        self._open: dict[Closable, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._metrics = metrics
         self.accepted = 0  # connections ever added
@@ -65,8 +56,8 @@ class Connections:
     def __len__(self) -> int:
         return len(self._open)
 
-    def add(self, relay: Relay, direction: str, setup: asyncio.Task[None]) -> None:
-        self._open[relay] = direction
+    def add(self, connection: Closable, direction: str, setup: asyncio.Task[None]) -> None:
+        self._open[connection] = direction
         self.accepted += 1
         self._empty.clear()
         self._tasks.add(setup)
@@ -74,8 +65,8 @@ class Connections:
         self._metrics.connections_active.labels(direction).inc()
         self._metrics.connections.labels(direction, "true").inc()
 
-    def closed(self, relay: Relay) -> None:
-        direction = self._open.pop(relay, None)
+    def closed(self, connection: Closable) -> None:
+        direction = self._open.pop(connection, None)
         if direction is not None:
             self._metrics.connections_active.labels(direction).dec()
         if not self._open:
@@ -86,8 +77,8 @@ class Connections:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._empty.wait(), seconds)
         left = list(self._open)
-        for relay in left:
-            relay.abort()
+        for connection in left:
+            connection.abort()
         for task in list(self._tasks):
             task.cancel()
         return len(left)
@@ -152,35 +143,23 @@ class Listener(Generic[ConfigT]):
                 ).inc()
                 sock.close()
                 continue
-            relay = Relay(self.runtime.limits.idle_timeout.total_seconds(), self.connections.closed)
-            task = loop.create_task(self._setup(relay, sock))
-            self.connections.add(relay, self.direction, task)
+            opened = self._open(sock)
+            if opened is None:
+                sock.close()
+                continue
+            connection, setup = opened
+            self.connections.add(connection, self.direction, loop.create_task(setup))
+
+    def _open(self, sock: socket.socket) -> tuple[Closable, Coroutine[Any, Any, None]] | None:
+        """What handles an accepted socket, and the coroutine that sets it up; None refuses."""
+        relay = Relay(self.runtime.limits.idle_timeout.total_seconds(), self.connections.closed)
+        return relay, self._setup(relay, sock)
 
     async def _setup(self, relay: Relay, sock: socket.socket) -> None:
         raise NotImplementedError
 
-    def _peer(
-        self, ssl_object: ssl.SSLObject, usage: Literal["client", "server"]
-    ) -> SpiffeId | None:
-        """The peer's SPIFFE ID, or None (counted) when its certificate is not an SVID."""
-        try:
-            return peer_id(ssl_object, usage, self.runtime.now())
-        except SvidError as exc:
-            self._refused(exc.reason)
-            return None
-
     def _refused(self, reason: str) -> None:
-        self.runtime.metrics.handshakes.labels(self.direction, "refused", reason, "", "").inc()
-
-    def _verified(self, ssl_object: ssl.SSLObject, peer: SpiffeId, started: float) -> None:
-        metrics = self.runtime.metrics
-        version = ssl_object.version() or ""
-        cipher = (ssl_object.cipher() or ("",))[0]
-        metrics.handshakes.labels(self.direction, "ok", "", version, cipher).inc()
-        metrics.handshake_duration.labels(self.direction).observe(
-            asyncio.get_running_loop().time() - started
-        )
-        metrics.peer_connections.labels(self.direction, str(peer), version).inc()
+        self.runtime.refused(self.direction, reason)
 
 
 class InboundListener(Listener[Inbound]):
@@ -209,7 +188,7 @@ class InboundListener(Listener[Inbound]):
         tls.pause_reading()
         config = self.config  # as of now: a reload during the handshake may have narrowed `allow`
         ssl_object = tls.get_extra_info("ssl_object")
-        peer = self._peer(ssl_object, "client")
+        peer = self.runtime.peer(ssl_object, "client", INBOUND)
         if peer is None:
             relay.abort()
             return
@@ -218,7 +197,7 @@ class InboundListener(Listener[Inbound]):
             self._refused("not_allowed")
             relay.abort()
             return
-        self._verified(ssl_object, peer, started)
+        self.runtime.verified(INBOUND, ssl_object, peer, started)
         app = config.app
         if not http and not self._authorize(Request(peer, app.port), config).allowed:
             self.runtime.metrics.connections_refused.labels(INBOUND, "policy_denied").inc()
@@ -273,71 +252,94 @@ class InboundListener(Listener[Inbound]):
 
 
 class OutboundListener(Listener[Outbound]):
+    """Plain in from the app; mTLS out to the upstream's endpoints (agent/adapters/upstreams.py).
+
+    `protocol: tcp` balances and retries each connection; `protocol: http`
+    each request (agent/adapters/outbound_http.py).
+    """
+
     direction = OUTBOUND
+    live: LiveUpstream | None = None
 
     def configure(self, config: Outbound) -> None:
         self.config = config
-        self.upstream = StaticUpstream(config.endpoints)
+        if self.live is None:
+            self.rng = random.Random()  # noqa: S311 (balancing, not secrets)
+            self.live = LiveUpstream(config, self.runtime, self.rng)
+            self.live.start()
+        else:
+            self.live.reconfigure(config)
+
+    def close(self) -> None:
+        super().close()
+        if self.live is not None:
+            self.live.close()
+
+    def _open(self, sock: socket.socket) -> tuple[Closable, Coroutine[Any, Any, None]] | None:
+        live = self.live
+        assert live is not None
+        if self.config.protocol == "http":
+            exchange = OutboundHttp(live, self.connections.closed, self.rng)
+            return exchange, self._setup_http(exchange, sock)
+        breaker = live.breaker  # one upstream connection per app connection
+        if not breaker.acquire("max_connections"):
+            self.runtime.metrics.upstream_overflows.labels(live.name, "max_connections").inc()
+            self.runtime.metrics.connections_refused.labels(OUTBOUND, "max_connections").inc()
+            return None
+
+        def closed(relay: Closable) -> None:
+            self.connections.closed(relay)
+            breaker.release("max_connections")
+
+        relay = Relay(self.runtime.limits.idle_timeout.total_seconds(), closed)
+        return relay, self._setup(relay, sock)
+
+    async def _setup_http(self, exchange: OutboundHttp, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(lambda: exchange, sock)
 
     async def _setup(self, relay: Relay, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        started = loop.time()
         transport, _ = await loop.connect_accepted_socket(lambda: relay.down, sock)
         transport.pause_reading()  # until the upstream is connected
-        config, upstream = self.config, self.upstream
+        live = self.live
+        assert live is not None
+        peer = transport.get_extra_info("peername")
+        key = str(peer[0]).encode() if peer and live.config.hash_on else None
+        subset = live.core.subset(self.rng)
         tried: list[Endpoint] = []
-        while (endpoint := upstream.choose(tried)) is not None:
-            tried.append(endpoint)
-            if await self._connect(relay, endpoint, config, started):
+        live.budget.request_started()
+        try:
+            while subset is not None and not relay.closed:
+                now = loop.time()
+                endpoint = live.core.choose(subset, tried, now, self.rng, key)
+                if endpoint is None:
+                    break
+                tried.append(endpoint)
+                side = relay.new_upstream()
+                try:
+                    await live.dial(endpoint, lambda side=side: side)  # type: ignore[misc]
+                except DialError as exc:
+                    log.warning("outbound %s: %s", live.name, exc)
+                    live.record(endpoint, "connect_failure")
+                    if not self._may_retry(live, len(tried)):
+                        break
+                    continue
+                live.record(endpoint, "success")
                 relay.link()
                 return
-            if relay.closed:  # the app gave up meanwhile
-                break
+        finally:
+            live.budget.request_finished()
         self.runtime.metrics.connections_refused.labels(OUTBOUND, "no_endpoint").inc()
         relay.close()
 
-    async def _connect(
-        self, relay: Relay, endpoint: Endpoint, config: Outbound, started: float
-    ) -> bool:
-        loop = asyncio.get_running_loop()
-        context, limits = self.runtime.contexts.client, self.runtime.limits
-        assert context is not None, "listeners start after the first SVID"
-        side = relay.new_upstream()
-        deadline = limits.connect_timeout + limits.handshake_timeout
-        try:
-            async with asyncio.timeout(deadline.total_seconds()):
-                tls, _ = await loop.create_connection(
-                    lambda: side,
-                    endpoint.host,
-                    endpoint.port,
-                    ssl=context,
-                    server_hostname="",
-                    ssl_handshake_timeout=limits.handshake_timeout.total_seconds(),
-                )
-        except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
-            log.warning("outbound %s: %s failed: %s", config.name, endpoint, exc)
-            if not _before_tls(exc):
-                self._refused(refusal_reason(exc))
+    def _may_retry(self, live: LiveUpstream, tries: int) -> bool:
+        """A connection is retried on connect failures only: nothing was sent yet."""
+        if not should_retry(live.config.retries, None, "connect-failure", tries):
             return False
-        ssl_object = tls.get_extra_info("ssl_object")
-        peer = self._peer(ssl_object, "server")
-        if peer is None:
-            tls.abort()
+        if not live.budget.try_retry():
+            live.runtime.metrics.upstream_overflows.labels(live.name, "retry_budget").inc()
             return False
-        if peer not in config.server_ids:
-            log.warning(
-                "outbound %s: %s presented %s, not one of the upstream's IDs",
-                config.name,
-                endpoint,
-                peer,
-            )
-            self._refused("wrong_server_id")
-            tls.abort()
-            return False
-        self._verified(ssl_object, peer, started)
+        live.budget.retry_finished()  # the retry is the next dial, which starts now
+        live.runtime.metrics.upstream_retries.labels(live.name).inc()
         return True
-
-
-def _before_tls(exc: BaseException) -> bool:
-    """A TCP connect that failed: no handshake took place, so none is counted."""
-    return isinstance(exc, ConnectionRefusedError) or type(exc) is OSError  # unreachable

@@ -18,6 +18,7 @@ from prometheus_client import (
 # The *_created series double every counter and tell an auditor nothing.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
+_REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0)
 
 
@@ -84,6 +85,52 @@ class AgentMetrics:
             "outrider_requests",
             "HTTP requests on L7 ports by the peer that sent them and the status answered",
             ["direction", "peer_id", "code"],
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "outrider_upstream_requests",
+            "Requests on HTTP outbound listeners by upstream and the status the app got "
+            "(5xx from the agent itself when no endpoint could answer)",
+            ["upstream", "code"],
+            registry=r,
+        )
+        self.upstream_request_duration = Histogram(
+            "outrider_upstream_request_duration_seconds",
+            "Time from a request's head to the end of its response, retries included",
+            ["upstream"],
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.upstream_endpoints = Gauge(
+            "outrider_upstream_endpoints",
+            "Endpoints of each upstream by health state",
+            ["upstream", "state"],
+            registry=r,
+        )
+        self.upstream_retries = Counter(
+            "outrider_upstream_retries",
+            "Tries after the first, by upstream",
+            ["upstream"],
+            registry=r,
+        )
+        self.upstream_ejections = Counter(
+            "outrider_upstream_ejections",
+            "Endpoints ejected by outlier detection, by upstream",
+            ["upstream"],
+            registry=r,
+        )
+        self.upstream_overflows = Counter(
+            "outrider_upstream_overflows",
+            "Requests or connections refused at once (503) because a circuit breaker limit "
+            "was reached or the retry budget was spent",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        self.upstream_connections = Counter(
+            "outrider_upstream_connections",
+            "mTLS connections opened to upstream endpoints, and how they were used "
+            "(new: dialled for a request or a TCP connection; reused: taken from the pool)",
+            ["upstream", "kind"],
             registry=r,
         )
         self.config_reloads = Counter(

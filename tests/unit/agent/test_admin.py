@@ -67,8 +67,45 @@ def test_the_config_as_plain_data() -> None:
             {
                 "name": "backend",
                 "listen": "127.0.0.1:9001",
-                "endpoints": ["backend.shop.svc:15443", "10.0.0.7:15443"],
                 "server_ids": [API, BACKEND],
+                "subsets": [
+                    {
+                        "name": "default",
+                        "weight": 1,
+                        "source": {
+                            "endpoints": [["backend.shop.svc:15443", 1], ["10.0.0.7:15443", 1]]
+                        },
+                    }
+                ],
+                "protocol": "tcp",
+                "balancer": "round_robin",
+                "hash_on": None,
+                "health": {
+                    "active": None,
+                    "outlier": {
+                        "consecutive_failures": 5,
+                        "consecutive_5xx": 5,
+                        "base_ejection": 30.0,
+                        "max_ejection": 300.0,
+                        "max_ejection_percent": 50,
+                    },
+                    "panic_threshold": 50,
+                },
+                "timeouts": {"connect": 0.0, "per_try": 0.0, "request": 0.0},
+                "retries": {
+                    "retries": 2,
+                    "on": ["connect-failure", "reset"],
+                    "statuses": ["503"],
+                    "non_idempotent": False,
+                    "budget_percent": 20.0,
+                    "min_retry_concurrency": 3,
+                },
+                "circuit_breaker": {
+                    "max_connections": 1024,
+                    "max_pending": 1024,
+                    "max_requests": 1024,
+                },
+                "pool_idle_timeout": 60.0,
             }
         ],
         "limits": {

@@ -20,8 +20,10 @@ from agent.config import (
     load,
     parse,
 )
+from agent.config_outbound import Subset
 from agent.core.authz import AllowList
 from agent.core.backoff import Backoff
+from agent.core.discovery import StaticSource
 from agent.core.upstream import Endpoint
 from identity import SpiffeId, TrustDomain
 from identity.configfile import Listen
@@ -119,8 +121,16 @@ def test_a_full_file_parses_into_the_expected_config() -> None:
             Outbound(
                 "backend",
                 Listen("127.0.0.1", 9001),
-                (Endpoint("backend.shop.svc", 15443), Endpoint("::1", 15443)),
                 frozenset({BACKEND}),
+                (
+                    Subset(
+                        "default",
+                        1,
+                        StaticSource(
+                            ((Endpoint("backend.shop.svc", 15443), 1), (Endpoint("::1", 15443), 1))
+                        ),
+                    ),
+                ),
             ),
         ),
         limits=Limits(

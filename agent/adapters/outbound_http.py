@@ -1,0 +1,672 @@
+"""HTTP/1.1 outbound (L7): each request of the app balanced, retried, and sent pooled over mTLS.
+
+The app speaks plain HTTP/1.1 (or 1.0) to the outbound listener. llhttp
+parses its requests; each one gets a subset and then, per try, an endpoint
+(agent/core/upstream.py) and a connection: an idle pooled one to that
+endpoint, or a new mTLS dial. The request goes upstream as HTTP/1.1 with its
+hop-by-hop headers removed, so an app that sends `Connection: close` on
+every request still reuses the upstream connections: the close applies to
+the app's own connection only. The response comes back the same way, its
+body re-chunked when the app's connection needs framing the upstream did
+not give (a close-delimited body).
+
+A try fails on a connect failure, a reset before the response head, a
+per-try timeout, or a status in the retry list. The request is tried again
+on another endpoint when the retry policy allows it for this method and
+failure, the retry budget has room, and its body is still held in memory
+(up to REPLAY_BYTES; past that the request is sent once). Circuit breaker
+limits (requests in flight, requests waiting for a connection, connections)
+answer 503 at once and are counted by reason. Every outcome goes to the
+upstream's health table for outlier detection.
+
+One request is in flight per app connection; pipelined requests wait,
+bounded like the inbound side (HOLD_BYTES).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import httptools
+
+from agent.adapters.http import HOLD_BYTES, MAX_HEADER_BYTES, MAX_HEADERS, local_response
+from agent.adapters.pool import UpstreamConnection
+from agent.adapters.upstreams import DialError, LiveUpstream
+from agent.core.health import Event
+from agent.core.resilience import Failure, should_retry
+from agent.core.upstream import Endpoint
+
+#: Request body bytes kept for a retry; a longer body is sent once, never replayed.
+REPLAY_BYTES = 64 * 1024
+_HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
+)
+_FAILURE_STATUS = {"connect-failure": 503, "reset": 502, "timeout": 504}
+
+
+class LocalAnswer(Exception):
+    """The agent answers the request itself: no endpoint could, or a limit was reached."""
+
+    def __init__(self, status: int, error: str) -> None:
+        self.status, self.error = status, error
+
+
+@dataclass
+class _Request:
+    method: str
+    head: bytes
+    key: bytes | None  # what ring_hash and maglev hash
+    keep_alive: bool  # the app keeps its connection after this request
+    http10: bool
+    chunked: bool
+    body: list[bytes] = field(default_factory=list)  # held until sent; kept while replayable
+    size: int = 0
+    replayable: bool = True
+    held: int = 0  # bytes of it held in memory until it goes out
+    done: bool = False  # the whole request has been read
+    answer: bytes = b""  # a refusal queued behind earlier requests
+
+
+class OutboundHttp(asyncio.Protocol):
+    """One app connection to an HTTP outbound listener."""
+
+    def __init__(
+        self, live: LiveUpstream, on_closed: Callable[[OutboundHttp], None], rng: random.Random
+    ) -> None:
+        self.live = live
+        self.on_closed = on_closed
+        self.rng = rng
+        self.client: asyncio.Transport | None = None
+        self.source = b""
+        self.requests = httptools.HttpRequestParser(_Requests(self))
+        self.unparsed = 0  # bytes fed since the parser last handed some on
+        self.queue: deque[_Request] = deque()  # queue[0] is in flight
+        self.held = 0
+        self.task: asyncio.Task[None] | None = None
+        self.stopped = False  # read no more requests: refused, or the app is leaving
+        self.closing = False  # close the app's connection after the response in flight
+        self.to_client: list[bytes] = []
+        self.to_upstream: list[bytes] = []
+        # The try in progress:
+        self.connection: UpstreamConnection | None = None
+        self.responses: httptools.HttpResponseParser | None = None
+        self.events: _Responses | None = None
+        self.tried: list[Endpoint] = []
+        # None: the response is being delivered; a Failure; or a status to retry on
+        # (its retry already granted by the budget).
+        self.head: asyncio.Future[Failure | int | None] | None = None
+        self.done: asyncio.Future[int] | None = None  # the status the app got
+
+    # -- the app's connection ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.client = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.source = str(peer[0]).encode() if peer else b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.stopped:
+            return
+        self.unparsed += len(data)
+        try:
+            self.requests.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.refuse(501, "upgrade_not_supported")
+        except httptools.HttpParserError:
+            if not self.stopped:
+                self.refuse(400, "bad_request")
+        if not self.stopped and self.unparsed > MAX_HEADER_BYTES:
+            self.refuse(431, "headers_too_large")
+        self._flush()
+
+    def eof_received(self) -> bool:
+        self.stopped = True
+        if not self.queue:
+            return False
+        if not self.queue[-1].done:  # it left mid-request: nothing it is owed can be whole
+            self.abort()
+            return False
+        self.closing = True
+        return True  # keep the write side: the response in flight is still owed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stopped = True
+        self.client = None
+        if self.task is not None:
+            self.task.cancel()
+        self._drop_connection()  # mid-exchange: its state is unknown
+        self.on_closed(self)
+
+    def pause_writing(self) -> None:
+        self._upstream_reading(False)
+
+    def resume_writing(self) -> None:
+        self._upstream_reading(True)
+
+    def abort(self) -> None:
+        """Drop the app's connection (a drain that timed out): what it is owed is lost."""
+        if self.client is not None:
+            self.client.abort()
+
+    def refuse(self, status: int, error: str) -> None:
+        """Answer the request being read ourselves, after the one in flight; then close."""
+        self.stopped = True
+        partial = self.queue and not self.queue[-1].done
+        if partial and len(self.queue) > 1:
+            self.queue.pop()  # broke off behind the one in flight: it was never sent
+        elif partial:  # the request in flight is incomplete: its response cannot be relied on
+            if self.task is not None:
+                self.task.cancel()
+            self._drop_connection()
+            if self.events is not None and self.events.delivering:
+                self.abort()
+            else:
+                self._answer(status, error)
+                self._close_client()
+            return
+        refusal = _Request("", b"", None, False, False, False, done=True)
+        refusal.answer = local_response(status, {"error": error})
+        self.queue.append(refusal)
+        if len(self.queue) == 1:
+            self._next()
+
+    # -- requests ------------------------------------------------------------------------
+
+    def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        """A request head is complete: queue it, and send it when it is first in line."""
+        parser = self.requests
+        hop = set(_HOP_BY_HOP)
+        host = False
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"connection":
+                hop.update(v.strip().lower() for v in value.split(b","))
+            host = host or lower == b"host"
+        lines = [b"%s %s HTTP/1.1" % (method, target)]
+        lines += [b"%s: %s" % (n, v) for n, v in headers if n.lower() not in hop]
+        if not host:  # an HTTP/1.0 app may leave it out; the upstream wants one
+            lines.append(b"host: " + self.live.name.encode())
+        http10 = parser.get_http_version() == "1.0"
+        request = _Request(
+            method.decode("ascii"),
+            b"\r\n".join(lines) + b"\r\n\r\n",
+            _key(self.live.config.hash_on, headers, self.source),
+            parser.should_keep_alive() and not http10,
+            http10,
+            any(n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in headers),
+        )
+        self.queue.append(request)
+        self._hold(request, len(request.head))
+        if len(self.queue) == 1:
+            self._next()
+
+    def body(self, data: bytes) -> None:
+        request = self.queue[-1]
+        self._add(request, b"%x\r\n%s\r\n" % (len(data), data) if request.chunked else data)
+
+    def request_done(self) -> None:
+        request = self.queue[-1]
+        if request.chunked:
+            self._add(request, b"0\r\n\r\n")
+        request.done = True
+
+    def _add(self, request: _Request, piece: bytes) -> None:
+        sending = request is self.queue[0] and self.connection is not None
+        request.size += len(piece)
+        if request.size > REPLAY_BYTES:
+            request.replayable = False
+        if sending:
+            self.to_upstream.append(piece)
+        if request.replayable or not sending:
+            request.body.append(piece)
+        if not sending:
+            self._hold(request, len(piece))
+
+    def _hold(self, request: _Request, size: int) -> None:
+        request.held += size
+        self.held += size
+        if self.held > HOLD_BYTES and self.client is not None:
+            self.client.pause_reading()  # resumes as the held requests go out
+
+    def _unhold(self, request: _Request) -> None:
+        self.held -= request.held
+        request.held = 0
+        if self.held <= HOLD_BYTES and self.client is not None and not self.stopped:
+            self.client.resume_reading()
+
+    def _next(self) -> None:
+        """Start the first request in line: forward it, or give the refusal queued for it."""
+        request = self.queue[0]
+        if request.answer:
+            self.to_client.append(request.answer)
+            self.closing = True
+            self._close_client()
+            return
+        self.task = asyncio.get_running_loop().create_task(self._forward(request))
+
+    async def _forward(self, request: _Request) -> None:
+        live, loop = self.live, asyncio.get_running_loop()
+        started = loop.time()
+        self.events = self.responses = self.head = self.done = None  # the last request's
+        status = await self._exchange(request)
+        live.runtime.metrics.upstream_requests.labels(live.name, str(status)).inc()
+        live.runtime.metrics.upstream_request_duration.labels(live.name).observe(
+            loop.time() - started
+        )
+        self.task = None
+        self.queue.popleft()
+        if self.closing or not request.keep_alive or not request.done:
+            # Answered before the body was all read: the rest would be taken for a request.
+            self._close_client()
+        elif self.queue:
+            self._next()
+
+    async def _exchange(self, request: _Request) -> int:
+        """Try until a response is delivered or the agent answers; the status the app got."""
+        live = self.live
+        breaker, budget = live.breaker, live.budget
+        if not breaker.acquire("max_requests"):
+            return self._answer(*_overflow(live, "max_requests"))
+        budget.request_started()
+        try:
+            async with asyncio.timeout(live.config.timeouts.request or None):
+                return await self._tries(request)
+        except LocalAnswer as answer:
+            return self._answer(answer.status, answer.error)
+        except TimeoutError:
+            if self.events is not None and self.events.delivering:
+                self.abort()  # the response has begun: it cannot be replaced
+                return 504
+            return self._answer(504, "upstream_timeout")
+        finally:
+            budget.request_finished()
+            breaker.release("max_requests")
+            self._drop_connection()
+
+    async def _tries(self, request: _Request) -> int:
+        live = self.live
+        subset = live.core.subset(self.rng)
+        if subset is None:
+            raise LocalAnswer(503, "no_endpoints")
+        tried = self.tried = []
+        retry = False  # a retry slot of the budget is held
+        try:
+            while True:
+                now = asyncio.get_running_loop().time()
+                endpoint = live.core.choose(subset, tried, now, self.rng, request.key)
+                if endpoint is None:
+                    raise LocalAnswer(
+                        503, "no_healthy_endpoint" if not tried else "no_endpoint_left"
+                    )
+                tried.append(endpoint)
+                delivered, outcome = await self._try(request, endpoint)
+                if retry:
+                    live.budget.retry_finished()
+                    retry = False
+                if delivered:
+                    return cast(int, outcome)
+                # A status comes back only with its retry granted (see _Responses).
+                retry = isinstance(outcome, int) or self.may_retry(request, outcome)
+                if not retry:
+                    raise LocalAnswer(*_answer_for(outcome))
+                live.runtime.metrics.upstream_retries.labels(live.name).inc()
+        finally:
+            if retry:
+                live.budget.retry_finished()
+
+    def may_retry(self, request: _Request, failure: Failure | int) -> bool:
+        """Whether to try `request` again after `failure`; takes a slot of the retry budget."""
+        live = self.live
+        if not (
+            request.replayable
+            and should_retry(live.config.retries, request.method, failure, len(self.tried))
+            and live.core.untried(self.tried, asyncio.get_running_loop().time())
+        ):
+            return False
+        if not live.budget.try_retry():
+            live.runtime.metrics.upstream_overflows.labels(live.name, "retry_budget").inc()
+            return False
+        return True
+
+    async def _try(self, request: _Request, endpoint: Endpoint) -> tuple[bool, Failure | int]:
+        """One try: (True, the status delivered to the app) or (False, why it failed)."""
+        live = self.live
+        connection = await self._connection(endpoint)
+        if connection is None:
+            live.record(endpoint, "connect_failure")
+            return False, "connect-failure"
+        loop = asyncio.get_running_loop()
+        self.connection = connection
+        connection.user = self
+        self.events = _Responses(self, request, connection)
+        self.responses = httptools.HttpResponseParser(self.events)
+        self.head, self.done = loop.create_future(), loop.create_future()
+        self.to_upstream += [request.head, *request.body]
+        if not request.replayable:
+            request.body.clear()
+        self._unhold(request)
+        self._flush()
+        load = live.core.load
+        load[endpoint] = load.get(endpoint, 0) + 1
+        try:
+            try:
+                async with asyncio.timeout(live.config.timeouts.per_try or None):
+                    outcome = await self.head
+            except TimeoutError:  # only the per-try timeout: the request's ends as a cancel here
+                outcome = "timeout"
+            if outcome is not None:
+                self._drop_connection()
+                live.record(endpoint, _event(outcome))
+                return False, outcome
+            status = await self.done
+            live.record(endpoint, "server_error" if status >= 500 else "success")
+            return True, status
+        finally:
+            load[endpoint] -= 1
+
+    async def _connection(self, endpoint: Endpoint) -> UpstreamConnection | None:
+        """An idle pooled connection to `endpoint`, or a new one; None if it cannot be had."""
+        live = self.live
+        context = live.runtime.contexts.client
+        assert context is not None, "upstreams start after the first SVID"
+        counted = live.runtime.metrics.upstream_connections
+        connection = live.pool.take(endpoint, context)
+        if connection is not None:
+            counted.labels(live.name, "reused").inc()
+            return connection
+        breaker = live.breaker
+        if not breaker.acquire("max_pending"):
+            raise LocalAnswer(*_overflow(live, "max_pending"))
+        try:
+            if not breaker.acquire("max_connections"):
+                raise LocalAnswer(*_overflow(live, "max_connections"))
+
+            def release() -> None:
+                breaker.release("max_connections")
+
+            try:
+                _, connection = await live.dial(
+                    endpoint, lambda: UpstreamConnection(live.pool, endpoint, context, release)
+                )
+            except DialError:
+                release()
+                return None
+        finally:
+            breaker.release("max_pending")
+        counted.labels(live.name, "new").inc()
+        return connection
+
+    # -- responses -----------------------------------------------------------------------
+
+    def from_upstream(self, data: bytes) -> None:
+        responses = self.responses
+        assert responses is not None
+        try:
+            responses.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self._drop_connection()
+            self.upstream_lost()  # it broke HTTP: as good as a reset
+        self._flush()
+
+    def delivered(self) -> None:
+        """The response head went to the app: no retry from here on."""
+        if self.head is not None and not self.head.done():
+            self.head.set_result(None)
+
+    def give_up(self, outcome: Failure | int) -> None:
+        """This try failed before anything reached the app."""
+        if self.head is not None and not self.head.done():
+            self.head.set_result(outcome)
+
+    def response_done(self, status: int, keep_alive: bool) -> None:
+        """The response ended; its connection goes back to the pool if it can carry another."""
+        connection, self.connection = self.connection, None
+        request = self.queue[0]
+        if connection is not None:
+            if keep_alive and request.done:
+                self.live.pool.put(connection)
+            else:
+                connection.close()
+        if self.done is not None and not self.done.done():
+            self.done.set_result(status)
+
+    def upstream_lost(self) -> None:
+        """The connection in use is gone: a reset before the head, or the end of the body."""
+        self.connection = None
+        events = self.events
+        if events is None or events.finished:
+            return
+        if not events.delivering:
+            self.give_up("reset")
+        elif events.until_close:
+            events.finish(keep_alive=False)
+        else:  # truncated: the app must not take it for the whole response
+            self.abort()
+            if self.done is not None and not self.done.done():
+                self.done.set_result(502)
+
+    def upstream_paused(self, paused: bool) -> None:
+        if self.client is not None and not self.stopped:
+            (self.client.pause_reading if paused else self.client.resume_reading)()
+
+    def _upstream_reading(self, on: bool) -> None:
+        connection = self.connection
+        if connection is not None and connection.transport is not None:
+            (connection.transport.resume_reading if on else connection.transport.pause_reading)()
+
+    def _drop_connection(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.abort()
+
+    # -- to the app ----------------------------------------------------------------------
+
+    def _answer(self, status: int, error: str) -> int:
+        self.to_client.append(local_response(status, {"error": error}))
+        self.closing = True
+        self._flush()
+        return status
+
+    def _close_client(self) -> None:
+        self.stopped = True
+        self._flush()
+        if self.client is not None:
+            self.client.close()
+
+    def _flush(self) -> None:
+        if self.to_upstream:
+            connection = self.connection
+            if connection is not None and connection.transport is not None:
+                connection.transport.write(b"".join(self.to_upstream))
+            self.to_upstream.clear()
+        if self.to_client and self.client is not None:
+            self.client.write(b"".join(self.to_client))
+            self.to_client.clear()
+
+
+class _Requests:
+    """llhttp's callbacks for the app's requests, one head at a time."""
+
+    def __init__(self, exchange: OutboundHttp) -> None:
+        self.exchange = exchange
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.size = 0
+
+    def on_message_begin(self) -> None:
+        self.url, self.headers, self.size = b"", [], 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        self._count(len(name) + len(value))
+
+    def _count(self, size: int) -> None:
+        self.size += size
+        if self.size > MAX_HEADER_BYTES or len(self.headers) > MAX_HEADERS:
+            self.exchange.refuse(431, "headers_too_large")
+            raise _Refused
+
+    def on_headers_complete(self) -> None:
+        parser = self.exchange.requests
+        if parser.should_upgrade():
+            return  # feed_data raises HttpParserUpgrade next: refused there
+        self.exchange.unparsed = 0
+        self.exchange.request(parser.get_method(), self.url, self.headers)
+
+    def on_body(self, body: bytes) -> None:
+        self.exchange.unparsed = 0
+        self.exchange.body(body)
+
+    def on_message_complete(self) -> None:
+        self.exchange.unparsed = 0
+        self.exchange.request_done()
+
+
+class _Responses:
+    """llhttp's callbacks for one response: decide whether to retry on it, else deliver it."""
+
+    def __init__(
+        self, exchange: OutboundHttp, request: _Request, connection: UpstreamConnection
+    ) -> None:
+        self.exchange = exchange
+        self.request = request
+        self.connection = connection
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.status = 0
+        self.delivering = False
+        self.finished = False
+        self.rechunk = False  # llhttp hands the body de-chunked: frame it again
+        self.until_close = False  # no length: the body ends when the connection does
+
+    def on_message_begin(self) -> None:
+        if self.finished:  # a second response nobody asked for: the server cannot be trusted
+            self.connection.abort()
+            raise _Refused
+        self.reason, self.headers = b"", []
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        x = self.exchange
+        assert x.responses is not None
+        status = self.status = x.responses.get_status_code()
+        if status < 200:  # 100 Continue and friends: pass on, the final response follows
+            if status != 101 and not self.request.http10:
+                x.to_client.append(self._head())
+            return
+        if self._retry_granted(status):
+            x.give_up(status)
+            return
+        names = {n.lower() for n, _ in self.headers}
+        chunked = any(
+            n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in self.headers
+        )
+        bodyless = self.request.method == "HEAD" or status in (204, 304)
+        self.until_close = not bodyless and not chunked and b"content-length" not in names
+        self.rechunk = not self.request.http10 and (chunked or self.until_close) and not bodyless
+        closing = x.closing or not self.request.keep_alive
+        extra = []
+        if self.until_close and self.rechunk:
+            extra.append(b"transfer-encoding: chunked")
+        if closing:
+            extra.append(b"connection: close")
+        x.to_client.append(self._head(extra, drop_te=self.request.http10))
+        self.delivering = True
+        x.delivered()
+        if bodyless:
+            self.finish(x.responses.should_keep_alive())
+
+    def on_body(self, body: bytes) -> None:
+        if self.delivering and not self.finished:
+            self.exchange.to_client.append(
+                b"%x\r\n%s\r\n" % (len(body), body) if self.rechunk else body
+            )
+
+    def on_message_complete(self) -> None:
+        if self.delivering and not self.finished and self.status >= 200:
+            responses = self.exchange.responses
+            self.finish(responses is not None and responses.should_keep_alive())
+
+    def finish(self, keep_alive: bool) -> None:
+        self.finished = True
+        if self.rechunk:
+            self.exchange.to_client.append(b"0\r\n\r\n")
+        self.exchange.response_done(self.status, keep_alive and not self.until_close)
+
+    def _retry_granted(self, status: int) -> bool:
+        x = self.exchange
+        request = self.request
+        return (
+            status in x.live.config.retries.statuses
+            and request.done
+            and x.may_retry(request, status)
+        )
+
+    def _head(self, extra: Sequence[bytes] = (), *, drop_te: bool = False) -> bytes:
+        hop = set(_HOP_BY_HOP)
+        for name, value in self.headers:
+            if name.lower() == b"connection":
+                hop.update(v.strip().lower() for v in value.split(b","))
+        if drop_te:
+            hop.add(b"transfer-encoding")
+        lines = [b"HTTP/1.1 %d %s" % (self.status, self.reason)]
+        lines += [b"%s: %s" % (n, v) for n, v in self.headers if n.lower() not in hop]
+        return b"\r\n".join([*lines, *extra]) + b"\r\n\r\n"
+
+
+class _Refused(Exception):
+    """Raised from a callback to stop parsing after the agent has answered."""
+
+
+def _key(
+    hash_on: tuple[str, str] | None, headers: list[tuple[bytes, bytes]], source: bytes
+) -> bytes | None:
+    """What a consistent-hash balancer hashes for this request: None picks at random."""
+    if hash_on is None:
+        return None
+    kind, name = hash_on
+    if kind == "source":
+        return source
+    wanted = name.encode() if kind == "header" else b"cookie"
+    for header, value in headers:
+        if header.lower() != wanted:
+            continue
+        if kind == "header":
+            return value
+        for cookie in value.split(b";"):
+            cookie_name, _, found = cookie.strip().partition(b"=")
+            if cookie_name == name.encode():
+                return found
+    return None
+
+
+def _overflow(live: LiveUpstream, reason: str) -> tuple[int, str]:
+    live.runtime.metrics.upstream_overflows.labels(live.name, reason).inc()
+    return 503, f"overflow_{reason}"
+
+
+def _answer_for(failure: Failure | int) -> tuple[int, str]:
+    if isinstance(failure, int):
+        return failure, "upstream_status"
+    return _FAILURE_STATUS[failure], f"upstream_{failure.replace('-', '_')}"
+
+
+def _event(outcome: Failure | int) -> Event:
+    """What a failed try tells outlier detection about its endpoint."""
+    if isinstance(outcome, int):
+        return "server_error" if outcome >= 500 else "success"
+    return {"connect-failure": "connect_failure", "reset": "reset", "timeout": "timeout"}[outcome]  # type: ignore[return-value]

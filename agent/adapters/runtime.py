@@ -1,0 +1,57 @@
+"""What every connection and request reads when it starts, and the counting of peer checks."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from agent.adapters.metrics import AgentMetrics
+from agent.adapters.tls import Contexts, peer_id
+from agent.config import Limits
+from agent.core.policy import PolicySet
+from identity import SpiffeId, SvidError
+
+
+@dataclass
+class Runtime:
+    """Shared by the listeners and upstreams of one agent.
+
+    `policies` is replaced whole on reload: a request is decided by the set in
+    place when it arrives.
+    """
+
+    limits: Limits
+    contexts: Contexts
+    metrics: AgentMetrics
+    now: Callable[[], datetime]
+    spiffe_id: SpiffeId
+    policies: PolicySet = field(default_factory=PolicySet)
+
+    def peer(
+        self, ssl_object: ssl.SSLObject, usage: Literal["client", "server"], direction: str
+    ) -> SpiffeId | None:
+        """The peer's SPIFFE ID, or None (counted) when its certificate is not an SVID."""
+        try:
+            return peer_id(ssl_object, usage, self.now())
+        except SvidError as exc:
+            self.refused(direction, exc.reason)
+            return None
+
+    def refused(self, direction: str, reason: str) -> None:
+        self.metrics.handshakes.labels(direction, "refused", reason, "", "").inc()
+
+    def verified(
+        self, direction: str, ssl_object: ssl.SSLObject, peer: SpiffeId, started: float
+    ) -> None:
+        metrics = self.metrics
+        version = ssl_object.version() or ""
+        cipher = (ssl_object.cipher() or ("",))[0]
+        metrics.handshakes.labels(direction, "ok", "", version, cipher).inc()
+        metrics.handshake_duration.labels(direction).observe(
+            asyncio.get_running_loop().time() - started
+        )
+        metrics.peer_connections.labels(direction, str(peer), version).inc()

@@ -1,0 +1,275 @@
+"""An outbound upstream at run time: discovery feeding it, health checks, the pool, mTLS dials.
+
+`LiveUpstream` wraps the pure `agent.core.upstream.Upstream` with what moves:
+one discovery task per distinct source (agent/adapters/discovery.py), whose
+every publication replaces the members of the subsets that use it; an active
+health checker when configured; the outcomes of real traffic (`record`) for
+outlier detection; the circuit breaker and retry budget; the pool of idle
+mTLS connections (HTTP mode); and the gauges of endpoint states.
+
+A reload that changes only weights keeps everything else: the members as last
+discovered, the health table (ejections carry over) and the pool. Endpoints
+that leave lose their idle pooled connections at once; requests in flight on
+them finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+import ssl
+from collections.abc import Callable
+from typing import TypeVar
+
+from agent.adapters import discovery
+from agent.adapters.pool import Pool
+from agent.adapters.runtime import Runtime
+from agent.adapters.tls import refusal_reason
+from agent.config import Outbound
+from agent.core.discovery import Source
+from agent.core.health import ActiveCheck, Event, Transition
+from agent.core.resilience import CircuitBreaker, RetryBudget
+from agent.core.upstream import Endpoint, Upstream
+
+log = logging.getLogger("outrider.agent")
+
+OUTBOUND, HEALTH = "outbound", "health"
+#: How often endpoint gauges are refreshed and ended ejections logged.
+TICK = 1.0
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+
+class DialError(Exception):
+    """No verified mTLS connection to an endpoint: refused, unreachable, or the wrong peer."""
+
+
+class LiveUpstream:
+    def __init__(self, config: Outbound, runtime: Runtime, rng: random.Random) -> None:
+        self.runtime = runtime
+        self.rng = rng
+        self.config = config
+        self.core = Upstream(config.balancer, _weights(config), config.health)
+        self.breaker = CircuitBreaker(config.circuit_breaker)
+        self.budget = RetryBudget(
+            config.retries.budget_percent, config.retries.min_retry_concurrency
+        )
+        self.pool = Pool(config.pool_idle_timeout)
+        self.published: dict[Source, dict[Endpoint, int]] = {}
+        self._watches: dict[Source, asyncio.Task[None]] = {}
+        self._tick: asyncio.Task[None] | None = None
+        self._checks: asyncio.Task[None] | None = None
+        metrics = runtime.metrics
+        self._ejections = metrics.upstream_ejections.labels(config.name)
+        self._states = {
+            state: metrics.upstream_endpoints.labels(config.name, state)
+            for state in ("healthy", "unhealthy", "ejected")
+        }
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def start(self) -> None:
+        self._watch_sources()
+        self._tick = asyncio.create_task(self._refresh(), name=f"upstream {self.name}")
+        self._start_checks()
+
+    def close(self) -> None:
+        for task in [*self._watches.values(), self._tick, self._checks]:
+            if task is not None:
+                task.cancel()
+        self._watches.clear()
+        self.pool.close()
+
+    def reconfigure(self, config: Outbound) -> None:
+        """Follow a new config; what it does not change carries over."""
+        if config == self.config:
+            return
+        old, self.config = self.config, config
+        if config.circuit_breaker != old.circuit_breaker:  # in-flight work releases the old one
+            self.breaker = CircuitBreaker(config.circuit_breaker)
+        if config.retries != old.retries:
+            self.budget = RetryBudget(
+                config.retries.budget_percent, config.retries.min_retry_concurrency
+            )
+        health = self.core.health if config.health == old.health else config.health
+        core = Upstream(config.balancer, _weights(config), health)
+        core.load = self.core.load
+        for subset in config.subsets:
+            if subset.source in self.published:
+                core.update(subset.name, self.published[subset.source])
+        gone = self.core.endpoints() - core.endpoints()
+        self.core = core
+        self.pool.drop(gone)
+        self.pool.idle_timeout = config.pool_idle_timeout
+        self._watch_sources()
+        if config.health.active != old.health.active and self._tick is not None:
+            self._start_checks()
+        self._count_states()
+
+    def _start_checks(self) -> None:
+        if self._checks is not None:
+            self._checks.cancel()
+            self._checks = None
+        if self.config.health.active is not None:
+            check = self._check_all(self.config.health.active)
+            self._checks = asyncio.create_task(check, name=f"health {self.name}")
+
+    # -- endpoints -----------------------------------------------------------------------
+
+    def _watch_sources(self) -> None:
+        """One discovery task per distinct source; stop those no subset uses any more."""
+        wanted = {subset.source for subset in self.config.subsets}
+        for source in set(self._watches) - wanted:
+            self._watches.pop(source).cancel()
+            self.published.pop(source, None)
+        for source in wanted - set(self._watches):
+            publish = functools.partial(self._publish, source)
+            task = asyncio.create_task(
+                discovery.watch(source, publish), name=f"discovery {self.name}"
+            )
+            task.add_done_callback(self._watch_ended)
+            self._watches[source] = task
+
+    def _watch_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("upstream %s: discovery stopped: %s", self.name, task.exception())
+
+    def _publish(self, source: Source, members: dict[Endpoint, int]) -> None:
+        self.published[source] = members
+        gone: set[Endpoint] = set()
+        for subset in self.config.subsets:
+            if subset.source == source:
+                gone |= self.core.update(subset.name, members)
+        gone -= self.core.endpoints()
+        self.pool.drop(gone)
+        log.info(
+            "upstream %s: %d endpoint(s): %s",
+            self.name,
+            len(members),
+            ", ".join(sorted(map(str, members))) or "none",
+        )
+        self._count_states()
+
+    # -- health --------------------------------------------------------------------------
+
+    def record(self, endpoint: Endpoint, event: Event) -> None:
+        """An outcome of real traffic (or of an active check) on `endpoint`."""
+        transition = self.core.health.record(endpoint, event, self._now())
+        if transition is not None:
+            self._transitioned(transition)
+
+    def _transitioned(self, transition: Transition) -> None:
+        if transition.new == "ejected":
+            self._ejections.inc()
+            self.pool.drop({transition.endpoint})
+        log.warning(
+            "upstream %s: %s %s -> %s (%s)",
+            self.name,
+            transition.endpoint,
+            transition.old,
+            transition.new,
+            transition.reason,
+        )
+        self._count_states()
+
+    def _count_states(self) -> None:
+        for state, count in self.core.health.counts(self._now()).items():
+            self._states[state].set(count)
+
+    async def _refresh(self) -> None:
+        while True:
+            for transition in self.core.health.expired(self._now()):
+                self._transitioned(transition)
+            self._count_states()
+            await asyncio.sleep(TICK)
+
+    async def _check_all(self, check: ActiveCheck) -> None:
+        """Check every endpoint each interval (the first after a random part of one)."""
+        await asyncio.sleep(self.rng.uniform(0, check.interval))
+        while True:
+            endpoints = sorted(self.core.endpoints(), key=str)
+            results = await asyncio.gather(*(self._check(e, check) for e in endpoints))
+            for endpoint, passed in zip(endpoints, results, strict=True):
+                self.record(endpoint, "check_passed" if passed else "check_failed")
+            await asyncio.sleep(check.interval)
+
+    async def _check(self, endpoint: Endpoint, check: ActiveCheck) -> bool:
+        """A TCP connect, or a GET over mTLS answered 2xx, within the check's timeout."""
+        try:
+            async with asyncio.timeout(check.timeout):
+                if check.kind == "tcp":
+                    _, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+                    writer.close()
+                    return True
+                return await self._http_check(endpoint, check.path)
+        except (OSError, ssl.SSLError, TimeoutError, EOFError, DialError):
+            return False
+
+    async def _http_check(self, endpoint: Endpoint, path: str) -> bool:
+        reader = asyncio.StreamReader(limit=16 * 1024)
+        transport, _ = await self.dial(
+            endpoint, lambda: asyncio.StreamReaderProtocol(reader), direction=HEALTH
+        )
+        try:
+            request = f"GET {path} HTTP/1.1\r\nHost: {self.name}\r\nConnection: close\r\n\r\n"
+            transport.write(request.encode())
+            status = await reader.readline()
+            return status[:10] in (b"HTTP/1.1 2", b"HTTP/1.0 2") and status[10:12].isdigit()
+        finally:
+            transport.abort()
+
+    # -- connections ---------------------------------------------------------------------
+
+    async def dial(
+        self, endpoint: Endpoint, factory: Callable[[], P], *, direction: str = OUTBOUND
+    ) -> tuple[asyncio.Transport, P]:
+        """A verified mTLS connection to `endpoint`, or DialError; counted under `direction`.
+
+        Active health checks count theirs under "health": they are not traffic.
+        """
+        runtime, loop = self.runtime, asyncio.get_running_loop()
+        context, limits = runtime.contexts.client, runtime.limits
+        assert context is not None, "upstreams start after the first SVID"
+        started = loop.time()
+        deadline = (
+            self.config.timeouts.connect
+            or (limits.connect_timeout + limits.handshake_timeout).total_seconds()
+        )
+        try:
+            async with asyncio.timeout(deadline):
+                transport, protocol = await loop.create_connection(
+                    factory,
+                    endpoint.host,
+                    endpoint.port,
+                    ssl=context,
+                    server_hostname="",
+                    ssl_handshake_timeout=limits.handshake_timeout.total_seconds(),
+                )
+        except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
+            if not _before_tls(exc):
+                runtime.refused(direction, refusal_reason(exc))
+            raise DialError(f"{endpoint}: {exc or type(exc).__name__}") from None
+        ssl_object = transport.get_extra_info("ssl_object")
+        peer = runtime.peer(ssl_object, "server", direction)
+        if peer is None or peer not in self.config.server_ids:
+            transport.abort()
+            if peer is not None:
+                runtime.refused(direction, "wrong_server_id")
+            raise DialError(f"{endpoint} presented {peer or 'no SVID'}, not an ID of the upstream")
+        runtime.verified(direction, ssl_object, peer, started)
+        return transport, protocol
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+
+def _weights(config: Outbound) -> dict[str, int]:
+    return {subset.name: subset.weight for subset in config.subsets}
+
+
+def _before_tls(exc: BaseException) -> bool:
+    """A TCP connect that failed: no handshake took place, so none is counted."""
+    return isinstance(exc, ConnectionRefusedError) or type(exc) is OSError  # unreachable

@@ -1,0 +1,421 @@
+"""The `outbound:` section of agent.yaml -> Outbound, every error with its key path.
+
+outbound:
+  - name: backend                          # names the upstream in logs and metrics
+    listen: 127.0.0.1:9001                 # the app connects here, plain
+    protocol: http                         # tcp (default): per connection;
+                                           # http: per request, pooled mTLS upstream
+    server_ids: [spiffe://example.org/ns/shop/sa/backend]
+    # Where the endpoints come from, one of:
+    endpoints: [10.0.0.7:15443, {address: 10.0.0.8:15443, weight: 3}]
+    dns: {name: backend.shop.svc:15443, refresh: 5s}
+    kubernetes: {service: backend, namespace: shop, port: 15443}
+    # ... or weighted subsets, each with one of the three (a 90/10 canary):
+    subsets:
+      - {name: v1, weight: 90, kubernetes: {service: backend-v1, namespace: shop}}
+      - {name: v2, weight: 10, kubernetes: {service: backend-v2, namespace: shop}}
+    balancer: round_robin                  # least_request, random, ring_hash, maglev
+    hash_on: {header: x-user}              # or {cookie: session}, or source (the
+                                           # client's address); ring_hash and maglev
+    health:
+      active: {kind: http, path: /healthz, interval: 5s, timeout: 1s,
+               healthy_threshold: 2, unhealthy_threshold: 3}
+      outlier: {consecutive_failures: 5, consecutive_5xx: 5, base_ejection: 30s,
+                max_ejection: 300s, max_ejection_percent: 50}
+      panic_threshold: 50                  # percent healthy below which all are used
+    timeouts: {connect: 5s, per_try: 0s, request: 0s}   # 0s: no limit
+    retries: {max: 2, retry_on: [connect-failure, reset, 503],
+              non_idempotent: false, budget: {percent: 20, min_concurrency: 3}}
+    circuit_breaker: {max_connections: 1024, max_pending: 1024, max_requests: 1024}
+    pool: {idle_timeout: 60s}              # protocol http: idle upstream connections
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal, TypeVar, cast, get_args
+
+from agent.core.balancer import BALANCERS, BalancerKind
+from agent.core.discovery import DnsSource, KubernetesSource, Source, StaticSource
+from agent.core.health import ActiveCheck, HealthSettings, OutlierDetection
+from agent.core.resilience import BreakerLimits, RetryPolicy
+from agent.core.upstream import Endpoint
+from identity import InvalidSpiffeId, SpiffeId
+from identity.configfile import ConfigReader, Listen
+
+Protocol = Literal["tcp", "http"]
+PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
+T = TypeVar("T")
+HashOn = tuple[Literal["header", "cookie", "source"], str]
+_CHECKS: tuple[Literal["tcp", "http"], ...] = ("tcp", "http")
+_FAILURES = ("connect-failure", "reset", "timeout")
+_SOURCES = ("endpoints", "dns", "kubernetes")
+
+
+@dataclass(frozen=True)
+class Subset:
+    name: str
+    weight: int
+    source: Source
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds; 0 means no limit, except `connect`, the TCP connect and TLS handshake,
+    where 0 means limits.connect_timeout + limits.handshake_timeout."""
+
+    connect: float = 0.0
+    per_try: float = 0.0
+    request: float = 0.0
+
+
+@dataclass(frozen=True)
+class Outbound:
+    name: str
+    listen: Listen
+    server_ids: frozenset[SpiffeId]
+    subsets: tuple[Subset, ...]
+    protocol: Protocol = "tcp"
+    balancer: BalancerKind = "round_robin"
+    hash_on: HashOn | None = None
+    health: HealthSettings = field(default_factory=HealthSettings)
+    timeouts: Timeouts = Timeouts()
+    retries: RetryPolicy = field(default_factory=RetryPolicy)
+    circuit_breaker: BreakerLimits = field(default_factory=BreakerLimits)
+    pool_idle_timeout: float = 60.0
+
+
+_KEYS = {
+    "name",
+    "listen",
+    "protocol",
+    "server_ids",
+    "subsets",
+    "balancer",
+    "hash_on",
+    "health",
+    "timeouts",
+    "retries",
+    "circuit_breaker",
+    "pool",
+    *_SOURCES,
+}
+
+
+class OutboundReader(ConfigReader):
+    """The outbound half of agent/config.py's reader."""
+
+    def outbound(self, raw: object, path: str) -> Outbound | None:
+        item = self.mapping(raw, path, _KEYS)
+        name = self.string(item, "name", f"{path}.name", None)
+        if name is None:
+            self.fail(f"{path}.name", "required: names the upstream in logs and metrics")
+        if "listen" not in item:
+            self.fail(f"{path}.listen", "required: 127.0.0.1:<port> the app connects to")
+        listen = self.listen(item, "listen", f"{path}.listen", Listen("127.0.0.1", 0))
+        protocol = self.choice(item, "protocol", f"{path}.protocol", PROTOCOLS)
+        server_ids = self.spiffe_ids(item, "server_ids", f"{path}.server_ids")
+        if not server_ids:
+            self.fail(f"{path}.server_ids", "required: the SPIFFE IDs the upstream may present")
+        subsets = self.subsets(item, path)
+        balancer = self.choice(item, "balancer", f"{path}.balancer", BALANCERS)
+        hash_on = self.hash_on(item.get("hash_on"), f"{path}.hash_on")
+        if hash_on is not None and balancer not in ("ring_hash", "maglev"):
+            self.fail(f"{path}.hash_on", f"only ring_hash and maglev hash; balancer is {balancer}")
+        if hash_on is not None and hash_on[0] != "source" and protocol != "http":
+            self.fail(f"{path}.hash_on", "a header or cookie needs protocol: http")
+        outbound = Outbound(
+            name or "",
+            listen,
+            server_ids,
+            subsets,
+            protocol,
+            balancer,
+            hash_on,
+            self.health(self.section(item, f"{path}.health", _HEALTH_KEYS), f"{path}.health"),
+            self.timeouts(
+                self.section(item, f"{path}.timeouts", _TIMEOUT_KEYS), f"{path}.timeouts"
+            ),
+            self.retries(self.section(item, f"{path}.retries", _RETRY_KEYS), f"{path}.retries"),
+            self.breaker(self.section(item, f"{path}.circuit_breaker", _BREAKER_KEYS), path),
+            self.seconds(
+                self.section(item, f"{path}.pool", {"idle_timeout"}),
+                "idle_timeout",
+                f"{path}.pool.idle_timeout",
+                60.0,
+            ),
+        )
+        return outbound if name is not None and subsets else None
+
+    # -- where the endpoints come from ---------------------------------------------------
+
+    def subsets(self, item: Mapping[str, Any], path: str) -> tuple[Subset, ...]:
+        given = [key for key in _SOURCES if key in item]
+        if "subsets" in item:
+            if given:
+                self.fail(f"{path}.{given[0]}", "give endpoints in subsets or here, not both")
+                return ()
+            subsets = tuple(
+                self.subset(raw, f"{path}.subsets[{i}]")
+                for i, raw in enumerate(self.items(item, "subsets", f"{path}.subsets"))
+            )
+            names = [s.name for s in subsets if s]
+            for i, subset_name in enumerate(names):
+                if subset_name in names[:i]:
+                    self.fail(f"{path}.subsets[{i}].name", f"{subset_name!r} is given twice")
+            if not subsets:
+                self.fail(f"{path}.subsets", "required: at least one subset")
+            return tuple(s for s in subsets if s) if None not in subsets else ()
+        source = self.source(item, path)
+        return (Subset("default", 1, source),) if source else ()
+
+    def subset(self, raw: object, path: str) -> Subset | None:
+        item = self.mapping(raw, path, {"name", "weight", *_SOURCES})
+        name = self.string(item, "name", f"{path}.name", None)
+        if name is None:
+            self.fail(f"{path}.name", "required: names the subset in logs")
+        weight = self.integer(item, "weight", f"{path}.weight", 1, minimum=0)
+        source = self.source(item, path)
+        return Subset(name, weight, source) if name and source else None
+
+    def source(self, item: Mapping[str, Any], path: str) -> Source | None:
+        given = [key for key in _SOURCES if key in item]
+        if len(given) != 1:
+            problem = "required: one of" if not given else "only one of"
+            self.fail(f"{path}.endpoints", f"{problem} endpoints, dns, kubernetes")
+            return None
+        if given[0] == "dns":
+            return self.dns(self.section(item, f"{path}.dns", {"name", "refresh"}), f"{path}.dns")
+        if given[0] == "kubernetes":
+            known = {"service", "namespace", "port"}
+            return self.kubernetes(self.section(item, f"{path}.kubernetes", known), path)
+        endpoints = [
+            self.weighted(value, f"{path}.endpoints[{i}]")
+            for i, value in enumerate(self.items(item, "endpoints", f"{path}.endpoints"))
+        ]
+        if not endpoints:
+            self.fail(f"{path}.endpoints", "required: at least one host:port")
+        if not endpoints or None in endpoints:
+            return None
+        return StaticSource(tuple(e for e in endpoints if e))
+
+    def weighted(self, value: object, path: str) -> tuple[Endpoint, int] | None:
+        if not isinstance(value, Mapping):
+            endpoint = self.endpoint(value, path)
+            return (endpoint, 1) if endpoint else None
+        item = self.mapping(value, path, {"address", "weight"})
+        endpoint = self.endpoint(item.get("address"), f"{path}.address")
+        weight = self.integer(item, "weight", f"{path}.weight", 1)
+        return (endpoint, weight) if endpoint else None
+
+    def dns(self, raw: Mapping[str, Any], path: str) -> DnsSource | None:
+        address = self.endpoint(raw.get("name"), f"{path}.name")
+        refresh = self.seconds(raw, "refresh", f"{path}.refresh", 5.0)
+        return DnsSource(address.host, address.port, refresh) if address else None
+
+    def kubernetes(self, raw: Mapping[str, Any], path: str) -> KubernetesSource | None:
+        service = self.string(raw, "service", f"{path}.kubernetes.service", None)
+        namespace = self.string(raw, "namespace", f"{path}.kubernetes.namespace", None)
+        port = self.integer(raw, "port", f"{path}.kubernetes.port", 15443)
+        for key, value in (("service", service), ("namespace", namespace)):
+            if value is None:
+                self.fail(f"{path}.kubernetes.{key}", "required: the Service whose slices to watch")
+        if service is None or namespace is None or port > 65535:
+            return None
+        return KubernetesSource(service, namespace, port)
+
+    def hash_on(self, raw: object, path: str) -> HashOn | None:
+        if raw is None:
+            return None
+        if raw == "source":
+            return ("source", "")
+        item = self.mapping(raw, path, {"header", "cookie"})
+        if len(item) != 1 or not all(isinstance(v, str) and v for v in item.values()):
+            self.fail(path, "one of {header: NAME}, {cookie: NAME} or source")
+            return None
+        if not {"header", "cookie"} & set(item):
+            return None  # an unknown key, already reported
+        if "header" in item:
+            return ("header", item["header"].lower())
+        return ("cookie", item["cookie"])
+
+    # -- health, timeouts, retries, circuit breaker --------------------------------------
+
+    def health(self, raw: Mapping[str, Any], path: str) -> HealthSettings:
+        active = None
+        if "active" in raw:
+            active = self.active(
+                self.section(raw, f"{path}.active", _ACTIVE_KEYS), f"{path}.active"
+            )
+        outlier: OutlierDetection | None = OutlierDetection()
+        if raw.get("outlier", {}) is None or raw.get("outlier") is False:
+            outlier = None  # `outlier: off` turns ejection off
+        elif "outlier" in raw:
+            outlier = self.outlier(self.section(raw, f"{path}.outlier", _OUTLIER_KEYS), path)
+        panic = self.integer(raw, "panic_threshold", f"{path}.panic_threshold", 50, minimum=0)
+        if panic > 100:
+            self.fail(f"{path}.panic_threshold", "a percentage: 0 to 100")
+            panic = 50
+        return HealthSettings(active, outlier, panic)
+
+    def active(self, raw: Mapping[str, Any], path: str) -> ActiveCheck:
+        d = ActiveCheck()
+        kind = self.choice(raw, "kind", f"{path}.kind", _CHECKS)
+        check_path = self.string(raw, "path", f"{path}.path", d.path) or d.path
+        if not check_path.startswith("/"):
+            self.fail(f"{path}.path", "must start with /")
+            check_path = d.path
+        return ActiveCheck(
+            kind,
+            check_path,
+            self.seconds(raw, "interval", f"{path}.interval", d.interval),
+            self.seconds(raw, "timeout", f"{path}.timeout", d.timeout),
+            self.integer(
+                raw, "healthy_threshold", f"{path}.healthy_threshold", d.healthy_threshold
+            ),
+            self.integer(
+                raw, "unhealthy_threshold", f"{path}.unhealthy_threshold", d.unhealthy_threshold
+            ),
+        )
+
+    def outlier(self, raw: Mapping[str, Any], path: str) -> OutlierDetection:
+        d, p = OutlierDetection(), f"{path}.outlier"
+        percent = self.integer(
+            raw,
+            "max_ejection_percent",
+            f"{p}.max_ejection_percent",
+            d.max_ejection_percent,
+            minimum=0,
+        )
+        if percent > 100:
+            self.fail(f"{p}.max_ejection_percent", "a percentage: 0 to 100")
+            percent = d.max_ejection_percent
+        base = self.seconds(raw, "base_ejection", f"{p}.base_ejection", d.base_ejection)
+        most = self.seconds(raw, "max_ejection", f"{p}.max_ejection", d.max_ejection)
+        if most < base:
+            self.fail(f"{p}.max_ejection", "must be at least base_ejection")
+            base, most = d.base_ejection, d.max_ejection
+        return OutlierDetection(
+            self.integer(
+                raw, "consecutive_failures", f"{p}.consecutive_failures", d.consecutive_failures
+            ),
+            self.integer(raw, "consecutive_5xx", f"{p}.consecutive_5xx", d.consecutive_5xx),
+            base,
+            most,
+            percent,
+        )
+
+    def timeouts(self, raw: Mapping[str, Any], path: str) -> Timeouts:
+        d = Timeouts()
+        return Timeouts(
+            self.seconds(raw, "connect", f"{path}.connect", d.connect, zero_ok=True),
+            self.seconds(raw, "per_try", f"{path}.per_try", d.per_try, zero_ok=True),
+            self.seconds(raw, "request", f"{path}.request", d.request, zero_ok=True),
+        )
+
+    def retries(self, raw: Mapping[str, Any], path: str) -> RetryPolicy:
+        d = RetryPolicy()
+        on, statuses = set(), set()
+        for i, value in enumerate(self.items(raw, "retry_on", f"{path}.retry_on")):
+            if value in _FAILURES:
+                on.add(value)
+            elif isinstance(value, int) and 100 <= value <= 599 and not isinstance(value, bool):
+                statuses.add(value)
+            else:
+                self.fail(
+                    f"{path}.retry_on[{i}]",
+                    f"{value!r} is not one of {', '.join(_FAILURES)} or an HTTP status code",
+                )
+        non_idempotent = raw.get("non_idempotent", False)
+        if not isinstance(non_idempotent, bool):
+            self.fail(f"{path}.non_idempotent", "must be true or false")
+        budget = self.section(raw, f"{path}.budget", {"percent", "min_concurrency"})
+        percent = budget.get("percent", d.budget_percent)
+        if isinstance(percent, bool) or not isinstance(percent, int | float) or percent < 0:
+            self.fail(f"{path}.budget.percent", "a percentage >= 0")
+            percent = d.budget_percent
+        given = "retry_on" in raw
+        return RetryPolicy(
+            self.integer(raw, "max", f"{path}.max", d.retries, minimum=0),
+            frozenset(on) if given else d.on,
+            frozenset(statuses) if given else d.statuses,
+            non_idempotent is True,
+            float(percent),
+            self.integer(
+                budget,
+                "min_concurrency",
+                f"{path}.budget.min_concurrency",
+                d.min_retry_concurrency,
+                minimum=0,
+            ),
+        )
+
+    def breaker(self, raw: Mapping[str, Any], path: str) -> BreakerLimits:
+        d, p = BreakerLimits(), f"{path}.circuit_breaker"
+        return BreakerLimits(
+            self.integer(raw, "max_connections", f"{p}.max_connections", d.max_connections),
+            self.integer(raw, "max_pending", f"{p}.max_pending", d.max_pending),
+            self.integer(raw, "max_requests", f"{p}.max_requests", d.max_requests),
+        )
+
+    def seconds(
+        self, raw: Mapping[str, Any], key: str, path: str, default: float, *, zero_ok: bool = False
+    ) -> float:
+        return self.duration(
+            raw, key, path, timedelta(seconds=default), zero_ok=zero_ok
+        ).total_seconds()
+
+    # -- shared with the rest of agent/config.py's reader --------------------------------
+
+    def choice(self, raw: Mapping[str, Any], key: str, path: str, allowed: tuple[T, ...]) -> T:
+        """One of `allowed` (the first is the default)."""
+        value = raw.get(key, allowed[0])
+        if value not in allowed:
+            self.fail(path, f"{value!r} is not one of {', '.join(map(str, allowed))}")
+            return allowed[0]
+        return cast(T, value)
+
+    def endpoint(self, value: object, path: str) -> Endpoint | None:
+        if value is None:
+            self.fail(path, "required: host:port")
+            return None
+        try:
+            listen = Listen.parse(value)
+        except ValueError as exc:
+            self.fail(path, str(exc))
+            return None
+        if listen.port == 0:
+            self.fail(path, "port 0 is not a port to connect to")
+            return None
+        return Endpoint(listen.host, listen.port)
+
+    def spiffe_id(self, value: object, path: str) -> SpiffeId | None:
+        if value is None:
+            self.fail(path, "required: spiffe://<trust-domain>/ns/<namespace>/sa/<account>")
+            return None
+        try:
+            spiffe_id = SpiffeId.parse(str(value))
+        except InvalidSpiffeId as exc:
+            self.fail(path, str(exc))
+            return None
+        if not spiffe_id.path:
+            self.fail(path, "a workload ID needs a path, not only a trust domain")
+            return None
+        return spiffe_id
+
+    def spiffe_ids(self, raw: Mapping[str, Any], key: str, path: str) -> frozenset[SpiffeId]:
+        ids = (
+            self.spiffe_id(value, f"{path}[{i}]")
+            for i, value in enumerate(self.items(raw, key, path))
+        )
+        return frozenset(i for i in ids if i is not None)
+
+
+_TIMEOUT_KEYS = set(Timeouts.__annotations__)
+_HEALTH_KEYS = {"active", "outlier", "panic_threshold"}
+_ACTIVE_KEYS = set(ActiveCheck.__annotations__)
+_OUTLIER_KEYS = set(OutlierDetection.__annotations__)
+_RETRY_KEYS = {"max", "retry_on", "non_idempotent", "budget"}
+_BREAKER_KEYS = set(BreakerLimits.__annotations__)
