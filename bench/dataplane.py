@@ -171,9 +171,11 @@ def start_pairs(stack: ExitStack, root: Path) -> tuple[dict[str, Pair], int]:
     return {pair.name: pair for pair in pairs}, backend_pid
 
 
-def run(root: Path, rounds: int, seconds: float, connections: int) -> dict[str, Any]:
-    """Start every pair, run every scenario for `rounds` rounds; the record to keep."""
-    chosen = scenarios(connections)
+def run(
+    root: Path, rounds: int, seconds: float, connections: int, only: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """Start every pair, run every scenario (or `only` those) for `rounds` rounds."""
+    chosen = [s for s in scenarios(connections) if not only or s.name in only]
     with ExitStack() as stack:
         pairs, backend_pid = start_pairs(stack, root)
         idle = {name: {r: rss_mib(pid) for r, pid in p.pids.items()} for name, p in pairs.items()}

@@ -109,15 +109,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated data-plane scenarios (e.g. l7_new_conn): no CA rows, and the "
+        "README and docs/bench are left as they are",
+    )
     args = parser.parse_args()
+    only = frozenset(filter(None, args.only.split(",")))
+    unknown = only - {s.name for s in dataplane.scenarios(args.connections)}
+    if unknown:
+        parser.error(f"no scenario named {', '.join(sorted(unknown))}")
     seconds, rounds = (3.0, 1) if args.quick else (args.seconds, args.rounds)
     procs.ensure_packages()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     started = datetime.now(UTC)
     try:
         with tempfile.TemporaryDirectory(prefix="outrider-bench-") as tmp:
-            plane = dataplane.run(Path(tmp), rounds, seconds, args.connections)
-        ca = {"rows": ca_rows(args.quick)}
+            plane = dataplane.run(Path(tmp), rounds, seconds, args.connections, only)
+        ca = {"rows": [] if only else ca_rows(args.quick)}
     except KeyboardInterrupt:
         sys.exit("interrupted; every process started here has been stopped")
     record: dict[str, Any] = {
@@ -138,6 +148,9 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stamp}.json").write_text(json.dumps(record, indent=2))
     (RESULTS / f"{stamp}.md").write_text(text)
+    if only:
+        print(f"results: bench/results/{stamp}.json (a partial run: README left as it is)")
+        return
     LATEST.mkdir(parents=True, exist_ok=True)
     (LATEST / "latest.md").write_text(text)
     report.chart(record, LATEST / "latest.png")

@@ -9,7 +9,9 @@ the CA trusts.
 
 The backend's agent parses HTTP and enforces a policy: the frontend may GET
 /api/*, and everything else is denied. Every DENIED_EVERY-th request the
-frontend asks for /admin/settings, which must come back 403.
+frontend asks for /admin/settings, which must come back 403. The frontend's
+agent parses HTTP too (`protocol: http` outbound), so its requests share
+pooled mTLS connections however often the frontend app reconnects.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from identity import SpiffeId, TrustDomain
 TRUST_DOMAIN = TrustDomain("demo.outrider.local")
 FRONTEND, BACKEND = "frontend", "backend"
 RATE = 20  # frontend requests a second
-NEW_CONNECTION_EVERY = RATE  # requests; so a fresh mTLS handshake about once a second
+NEW_CONNECTION_EVERY = RATE  # requests; the app reconnects about once a second
 DENIED_EVERY = 10  # requests; one in ten asks for a path the policy denies
 PROGRESS_EVERY = 2.0  # seconds
 BACKDATE = 5  # seconds; an agent renews near half of BACKDATE + TTL
@@ -308,6 +310,16 @@ def summary(before: dict[str, Snapshot], after: dict[str, Snapshot], traffic: Tr
             for result in ("ok", "refused")
         )
         lines.append(f"handshakes  {name} agent {direction}: ok {ok}, refused {refused}")
+    frontend = after[FRONTEND]
+    requests = frontend.total("outrider_upstream_requests_total", upstream=BACKEND)
+    new, reused = (
+        frontend.total("outrider_upstream_connections_total", upstream=BACKEND, kind=kind)
+        for kind in ("new", "reused")
+    )
+    lines.append(
+        f"upstream    frontend agent -> {BACKEND}: {requests} requests on {new} mTLS"
+        f" connections ({reused} times one was reused from the pool)"
+    )
     for name, snap in after.items():
         for labels, count in snap.samples("outrider_peer_connections_total"):
             lines.append(
@@ -360,6 +372,7 @@ async def demo(
         outbound = {
             "name": BACKEND,
             "listen": "127.0.0.1:0",
+            "protocol": "http",
             "endpoints": [backend.bound["inbound[0]"]],
             "server_ids": [str(workload(BACKEND))],
         }

@@ -60,9 +60,14 @@ def test_demo_serves_traffic_across_rotations_and_cleans_up() -> None:
     denied = re.search(r"backend agent deny: (\d+) \(policy default, rule no ALLOW rule", out)
     assert allowed is not None and denied is not None, out
     assert int(allowed[1]) > int(denied[1]) > 0, out
-    # A fresh connection about once a second: new handshakes, on rotated SVIDs too.
+    # Denied requests close their upstream connection, and rotations retire pooled
+    # ones: new handshakes, on rotated SVIDs too; the rest reuse the pool.
     inbound = re.search(r"backend agent inbound: ok (\d+), refused 0", out)
     assert inbound is not None and int(inbound[1]) >= 2, out
+    pooled = re.search(r"backend: (\d+) requests on (\d+) mTLS connections \((\d+) times", out)
+    assert pooled is not None, out
+    requests, connections, reused = map(int, pooled.groups())
+    assert connections < requests and connections + reused == requests, out
     assert re.search(rf"by the backend agent: {FRONTEND} \(TLSv1\.[23]", out), out
     assert re.search(rf"by the frontend agent: {BACKEND} \(TLSv1\.[23]", out), out
 
