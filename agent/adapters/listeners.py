@@ -27,7 +27,7 @@ from agent.adapters.tls import refusal_reason
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.config import Inbound, Outbound
 from agent.core.policy import Decision, Request
-from agent.core.resilience import should_retry
+from agent.core.resilience import RetryBudget, should_retry
 from agent.core.upstream import Endpoint
 from identity.configfile import Listen
 
@@ -308,7 +308,9 @@ class OutboundListener(Listener[Outbound]):
         key = str(peer[0]).encode() if peer and live.config.hash_on else None
         subset = live.core.subset(self.rng)
         tried: list[Endpoint] = []
-        live.budget.request_started()
+        budget = live.budget
+        budget.request_started()
+        retrying = False  # a slot of `budget` is held by the dial in progress
         try:
             while subset is not None and not relay.closed:
                 now = loop.time()
@@ -322,24 +324,34 @@ class OutboundListener(Listener[Outbound]):
                 except DialError as exc:
                     log.warning("outbound %s: %s", live.name, exc)
                     live.record(endpoint, "connect_failure")
-                    if not self._may_retry(live, len(tried)):
+                    if retrying:
+                        budget.retry_finished()
+                        retrying = False
+                    if not self._may_retry(live, budget, tried):
                         break
+                    retrying = True
                     continue
                 live.record(endpoint, "success")
                 relay.link()
                 return
         finally:
-            live.budget.request_finished()
+            if retrying:
+                budget.retry_finished()
+            budget.request_finished()
         self.runtime.metrics.connections_refused.labels(OUTBOUND, "no_endpoint").inc()
         relay.close()
 
-    def _may_retry(self, live: LiveUpstream, tries: int) -> bool:
-        """A connection is retried on connect failures only: nothing was sent yet."""
-        if not should_retry(live.config.retries, None, "connect-failure", tries):
+    def _may_retry(self, live: LiveUpstream, budget: RetryBudget, tried: list[Endpoint]) -> bool:
+        """A connection is retried on connect failures only: nothing was sent yet.
+
+        The retry holds a slot of the budget until its dial ends (the caller gives it back).
+        """
+        if not should_retry(live.config.retries, None, "connect-failure", len(tried)):
             return False
-        if not live.budget.try_retry():
+        if not live.core.untried(tried, asyncio.get_running_loop().time()):
+            return False  # nowhere else to go: no retry, none counted
+        if not budget.try_retry():
             live.runtime.metrics.upstream_overflows.labels(live.name, "retry_budget").inc()
             return False
-        live.budget.retry_finished()  # the retry is the next dial, which starts now
         live.runtime.metrics.upstream_retries.labels(live.name).inc()
         return True

@@ -26,6 +26,7 @@ bounded like the inbound side (HOLD_BYTES).
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -38,14 +39,19 @@ from agent.adapters.http import HOLD_BYTES, MAX_HEADER_BYTES, MAX_HEADERS, local
 from agent.adapters.pool import UpstreamConnection
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.core.health import Event
-from agent.core.resilience import Failure, should_retry
+from agent.core.resilience import Failure, RetryBudget, should_retry
 from agent.core.upstream import Endpoint
+
+log = logging.getLogger("outrider.agent")
 
 #: Request body bytes kept for a retry; a longer body is sent once, never replayed.
 REPLAY_BYTES = 64 * 1024
 _HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
 )
+#: Never dropped because a Connection header names them: they frame the message (or name
+#: its authority), and a body sent without its framing is read as the next message.
+_END_TO_END = frozenset({b"content-length", b"transfer-encoding", b"host"})
 _FAILURE_STATUS = {"connect-failure": 503, "reset": 502, "timeout": 504}
 
 
@@ -92,6 +98,9 @@ class OutboundHttp(asyncio.Protocol):
         self.closing = False  # close the app's connection after the response in flight
         self.to_client: list[bytes] = []
         self.to_upstream: list[bytes] = []
+        self.active = False  # bytes moved either way since the idle timer last looked
+        self.idle: asyncio.TimerHandle | None = None
+        self.writing_paused = False  # the app is not reading what it is owed
         # The try in progress:
         self.connection: UpstreamConnection | None = None
         self.responses: httptools.HttpResponseParser | None = None
@@ -101,6 +110,7 @@ class OutboundHttp(asyncio.Protocol):
         # (its retry already granted by the budget).
         self.head: asyncio.Future[Failure | int | None] | None = None
         self.done: asyncio.Future[int] | None = None  # the status the app got
+        self.granted: RetryBudget | None = None  # the budget a retry slot is held from
 
     # -- the app's connection ------------------------------------------------------------
 
@@ -108,8 +118,21 @@ class OutboundHttp(asyncio.Protocol):
         self.client = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.source = str(peer[0]).encode() if peer else b""
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        seconds = self.live.runtime.limits.idle_timeout.total_seconds()
+        self.idle = asyncio.get_running_loop().call_later(seconds, self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self.active:
+            self.active = False
+            self._arm_idle()
+        else:  # no bytes either way for a whole timeout: as the TCP relay does
+            self.abort()
 
     def data_received(self, data: bytes) -> None:
+        self.active = True
         if self.stopped:
             return
         self.unparsed += len(data)
@@ -137,15 +160,19 @@ class OutboundHttp(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.stopped = True
         self.client = None
+        if self.idle is not None:
+            self.idle.cancel()
         if self.task is not None:
             self.task.cancel()
         self._drop_connection()  # mid-exchange: its state is unknown
         self.on_closed(self)
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         self._upstream_reading(False)
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         self._upstream_reading(True)
 
     def abort(self) -> None:
@@ -180,13 +207,8 @@ class OutboundHttp(asyncio.Protocol):
     def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         """A request head is complete: queue it, and send it when it is first in line."""
         parser = self.requests
-        hop = set(_HOP_BY_HOP)
-        host = False
-        for name, value in headers:
-            lower = name.lower()
-            if lower == b"connection":
-                hop.update(v.strip().lower() for v in value.split(b","))
-            host = host or lower == b"host"
+        hop = _hop_by_hop(headers)
+        host = any(name.lower() == b"host" for name, _ in headers)
         lines = [b"%s %s HTTP/1.1" % (method, target)]
         lines += [b"%s: %s" % (n, v) for n, v in headers if n.lower() not in hop]
         if not host:  # an HTTP/1.0 app may leave it out; the upstream wants one
@@ -253,7 +275,12 @@ class OutboundHttp(asyncio.Protocol):
         live, loop = self.live, asyncio.get_running_loop()
         started = loop.time()
         self.events = self.responses = self.head = self.done = None  # the last request's
-        status = await self._exchange(request)
+        try:
+            status = await self._exchange(request)
+        except Exception:  # a bug: the app must not wait on a connection nobody serves
+            log.exception("outbound %s: request failed unexpectedly; closing the app's", live.name)
+            self.abort()
+            return
         live.runtime.metrics.upstream_requests.labels(live.name, str(status)).inc()
         live.runtime.metrics.upstream_request_duration.labels(live.name).observe(
             loop.time() - started
@@ -294,7 +321,6 @@ class OutboundHttp(asyncio.Protocol):
         if subset is None:
             raise LocalAnswer(503, "no_endpoints")
         tried = self.tried = []
-        retry = False  # a retry slot of the budget is held
         try:
             while True:
                 now = asyncio.get_running_loop().time()
@@ -305,19 +331,21 @@ class OutboundHttp(asyncio.Protocol):
                     )
                 tried.append(endpoint)
                 delivered, outcome = await self._try(request, endpoint)
-                if retry:
-                    live.budget.retry_finished()
-                    retry = False
+                self._retry_finished()
                 if delivered:
                     return cast(int, outcome)
                 # A status comes back only with its retry granted (see _Responses).
-                retry = isinstance(outcome, int) or self.may_retry(request, outcome)
-                if not retry:
+                if not (isinstance(outcome, int) or self.may_retry(request, outcome)):
                     raise LocalAnswer(*_answer_for(outcome))
                 live.runtime.metrics.upstream_retries.labels(live.name).inc()
         finally:
-            if retry:
-                live.budget.retry_finished()
+            self._retry_finished()
+
+    def _retry_finished(self) -> None:
+        """Give the retry slot back to the budget it came from (a reload may have replaced it)."""
+        granted, self.granted = self.granted, None
+        if granted is not None:
+            granted.retry_finished()
 
     def may_retry(self, request: _Request, failure: Failure | int) -> bool:
         """Whether to try `request` again after `failure`; takes a slot of the retry budget."""
@@ -328,9 +356,11 @@ class OutboundHttp(asyncio.Protocol):
             and live.core.untried(self.tried, asyncio.get_running_loop().time())
         ):
             return False
-        if not live.budget.try_retry():
+        budget = live.budget
+        if not budget.try_retry():
             live.runtime.metrics.upstream_overflows.labels(live.name, "retry_budget").inc()
             return False
+        self.granted = budget
         return True
 
     async def _try(self, request: _Request, endpoint: Endpoint) -> tuple[bool, Failure | int]:
@@ -346,6 +376,8 @@ class OutboundHttp(asyncio.Protocol):
         self.events = _Responses(self, request, connection)
         self.responses = httptools.HttpResponseParser(self.events)
         self.head, self.done = loop.create_future(), loop.create_future()
+        if self.writing_paused:  # the app still has not read the last response
+            self._upstream_reading(False)
         self.to_upstream += [request.head, *request.body]
         if not request.replayable:
             request.body.clear()
@@ -386,8 +418,13 @@ class OutboundHttp(asyncio.Protocol):
             if not breaker.acquire("max_connections"):
                 raise LocalAnswer(*_overflow(live, "max_connections"))
 
-            def release() -> None:
-                breaker.release("max_connections")
+            released = False
+
+            def release() -> None:  # once: by a failed dial, or by the connection's loss
+                nonlocal released
+                if not released:
+                    released = True
+                    breaker.release("max_connections")
 
             try:
                 _, connection = await live.dial(
@@ -396,6 +433,9 @@ class OutboundHttp(asyncio.Protocol):
             except DialError:
                 release()
                 return None
+            except asyncio.CancelledError:  # the app left, or the request timed out, mid-dial
+                release()
+                raise
         finally:
             breaker.release("max_pending")
         counted.labels(live.name, "new").inc()
@@ -404,6 +444,7 @@ class OutboundHttp(asyncio.Protocol):
     # -- responses -----------------------------------------------------------------------
 
     def from_upstream(self, data: bytes) -> None:
+        self.active = True
         responses = self.responses
         assert responses is not None
         try:
@@ -428,7 +469,7 @@ class OutboundHttp(asyncio.Protocol):
         connection, self.connection = self.connection, None
         request = self.queue[0]
         if connection is not None:
-            if keep_alive and request.done:
+            if keep_alive and request.done and self.live.keeps(connection.endpoint):
                 self.live.pool.put(connection)
             else:
                 connection.close()
@@ -445,6 +486,7 @@ class OutboundHttp(asyncio.Protocol):
             self.give_up("reset")
         elif events.until_close:
             events.finish(keep_alive=False)
+            self._flush()  # the last chunk: nothing else will write it
         else:  # truncated: the app must not take it for the whole response
             self.abort()
             if self.done is not None and not self.done.done():
@@ -613,14 +655,13 @@ class _Responses:
         return (
             status in x.live.config.retries.statuses
             and request.done
+            and x.head is not None
+            and not x.head.done()  # the try is not over (a per-try timeout): no slot to take
             and x.may_retry(request, status)
         )
 
     def _head(self, extra: Sequence[bytes] = (), *, drop_te: bool = False) -> bytes:
-        hop = set(_HOP_BY_HOP)
-        for name, value in self.headers:
-            if name.lower() == b"connection":
-                hop.update(v.strip().lower() for v in value.split(b","))
+        hop = _hop_by_hop(self.headers)
         if drop_te:
             hop.add(b"transfer-encoding")
         lines = [b"HTTP/1.1 %d %s" % (self.status, self.reason)]
@@ -630,6 +671,15 @@ class _Responses:
 
 class _Refused(Exception):
     """Raised from a callback to stop parsing after the agent has answered."""
+
+
+def _hop_by_hop(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:
+    """The headers that end at this hop: the fixed ones, and the ones Connection names."""
+    hop = set(_HOP_BY_HOP)
+    for name, value in headers:
+        if name.lower() == b"connection":
+            hop.update(v.strip().lower() for v in value.split(b","))
+    return hop - _END_TO_END
 
 
 def _key(

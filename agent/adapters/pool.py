@@ -130,11 +130,21 @@ class Pool:
             return
         if connection.closed or transport is None or transport.is_closing():
             return
+        transport.resume_reading()  # paused for a slow app, perhaps: idle, it must see a close
         loop = asyncio.get_running_loop()
         connection.idle_since = loop.time()
         self.idle.setdefault(connection.endpoint, []).append(connection)
         if self._sweep is None:
             self._sweep = loop.call_later(self.idle_timeout, self._close_idle)
+
+    def retire(self, context: ssl.SSLContext) -> None:
+        """Close the idle connections made under another context (an earlier SVID or bundle)."""
+        for endpoint, idle in list(self.idle.items()):
+            stale = [c for c in idle if c.context is not context]
+            if stale:
+                self.idle[endpoint] = [c for c in idle if c.context is context]
+                for connection in stale:
+                    connection.close()
 
     def forget(self, connection: UpstreamConnection) -> None:
         """An idle connection closed on its own."""

@@ -100,6 +100,8 @@ class LiveUpstream:
         for subset in config.subsets:
             if subset.source in self.published:
                 core.update(subset.name, self.published[subset.source])
+            elif subset.name in self.core.subsets:  # a new source: keep the members until it
+                core.update(subset.name, self.core.subsets[subset.name].members)  # publishes
         gone = self.core.endpoints() - core.endpoints()
         self.core = core
         self.pool.drop(gone)
@@ -153,6 +155,13 @@ class LiveUpstream:
         )
         self._count_states()
 
+    def keeps(self, endpoint: Endpoint) -> bool:
+        """Whether a connection to `endpoint` may go back to the pool: a member, not ejected."""
+        try:
+            return self.core.health.state(endpoint, self._now()) != "ejected"
+        except KeyError:  # it left
+            return False
+
     # -- health --------------------------------------------------------------------------
 
     def record(self, endpoint: Endpoint, event: Event) -> None:
@@ -181,6 +190,8 @@ class LiveUpstream:
 
     async def _refresh(self) -> None:
         while True:
+            if self.runtime.contexts.client is not None:  # the SVID or bundle rotated
+                self.pool.retire(self.runtime.contexts.client)
             for transition in self.core.health.expired(self._now()):
                 self._transitioned(transition)
             self._count_states()
@@ -191,9 +202,13 @@ class LiveUpstream:
         await asyncio.sleep(self.rng.uniform(0, check.interval))
         while True:
             endpoints = sorted(self.core.endpoints(), key=str)
-            results = await asyncio.gather(*(self._check(e, check) for e in endpoints))
+            results = await asyncio.gather(
+                *(self._check(e, check) for e in endpoints), return_exceptions=True
+            )
             for endpoint, passed in zip(endpoints, results, strict=True):
-                self.record(endpoint, "check_passed" if passed else "check_failed")
+                if isinstance(passed, BaseException):  # one odd answer fails its check only
+                    log.warning("upstream %s: check of %s: %r", self.name, endpoint, passed)
+                self.record(endpoint, "check_passed" if passed is True else "check_failed")
             await asyncio.sleep(check.interval)
 
     async def _check(self, endpoint: Endpoint, check: ActiveCheck) -> bool:
@@ -205,8 +220,8 @@ class LiveUpstream:
                     writer.close()
                     return True
                 return await self._http_check(endpoint, check.path)
-        except (OSError, ssl.SSLError, TimeoutError, EOFError, DialError):
-            return False
+        except (OSError, ssl.SSLError, TimeoutError, EOFError, DialError, ValueError):
+            return False  # ValueError: a first line over the reader's limit
 
     async def _http_check(self, endpoint: Endpoint, path: str) -> bool:
         reader = asyncio.StreamReader(limit=16 * 1024)
