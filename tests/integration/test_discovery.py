@@ -9,11 +9,12 @@ that serves the same bytes to the real `KubernetesSliceApi`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -32,6 +33,8 @@ from agent.core.endpoint import Endpoint
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "endpointslices"
 PORT = 15443
 SOURCE = KubernetesSource("backend", "shop", PORT)
+#: How long a silent FakeStream lasts if nobody ends it: far beyond any wait here.
+WATCH_LIMIT = 30.0
 FAST = Backoff(initial=timedelta(milliseconds=10), maximum=timedelta(milliseconds=50))
 PODS = {
     "A": "10.244.1.17",
@@ -93,6 +96,14 @@ async def watching(source: Source, publish: Recorder, **options: Any) -> AsyncIt
         task.cancel()
         async with asyncio.timeout(2):
             await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture
+def collected() -> None:
+    """A full garbage collection, requested before `watchdog`: with the kubernetes
+    client loaded, one takes ~40 ms (80-130 ms on a loaded machine), and the next
+    one due would otherwise land on whatever test allocates then."""
+    gc.collect()
 
 
 async def wait_until(condition: Callable[[], bool], seconds: float = 2.0) -> None:
@@ -197,12 +208,14 @@ async def test_dns_publishes_nothing_before_the_first_answer() -> None:
 
 class FakeStream:
     """One watch: its recorded events then its end; without events, silence until the
-    'server' times it out (`idle`) or it is interrupted."""
+    'server' ends it (`time_out()`, as its timeoutSeconds would) or it is interrupted.
+    Silence lasts at most WATCH_LIMIT seconds, so a thread left reading it still ends."""
 
-    def __init__(self, events: list[dict[str, Any]], idle: float) -> None:
+    def __init__(self, events: list[dict[str, Any]]) -> None:
         self._events = iter(events)
-        self._idle = idle if not events else 0.0
-        self._interrupted = threading.Event()
+        self._ended = threading.Event()
+        if events:
+            self._ended.set()
         self.closed = False
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -212,11 +225,14 @@ class FakeStream:
         event = next(self._events, None)
         if event is not None:
             return event
-        self._interrupted.wait(self._idle)
+        self._ended.wait(WATCH_LIMIT)
         raise StopIteration
 
+    def time_out(self) -> None:
+        self._ended.set()
+
     def interrupt(self) -> None:
-        self._interrupted.set()
+        self._ended.set()
 
     def close(self) -> None:
         self.closed = True
@@ -224,17 +240,18 @@ class FakeStream:
 
 @dataclass
 class FakeSliceApi:
-    """Replays recorded lists and watch sessions; records what it was asked."""
+    """Replays recorded lists and watch sessions; records what it was asked, and by whom."""
 
     lists: list[dict[str, Any] | Exception]
     sessions: list[list[dict[str, Any]]]
-    idle: float = 30.0
     interruptible: bool = True
     listed: list[tuple[str, str]] = field(default_factory=list)
     watched: list[str] = field(default_factory=list)
     streams: list[FakeStream] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
 
     def list(self, namespace: str, label_selector: str) -> tuple[list[dict[str, Any]], str]:
+        self.threads.append(threading.current_thread())
         self.listed.append((namespace, label_selector))
         answer = self.lists[min(len(self.listed), len(self.lists)) - 1]
         if isinstance(answer, Exception):
@@ -245,12 +262,21 @@ class FakeSliceApi:
         self, namespace: str, label_selector: str, resource_version: str
     ) -> Iterator[dict[str, Any]]:
         assert (namespace, label_selector) == ("shop", "kubernetes.io/service-name=backend")
+        self.threads.append(threading.current_thread())
         self.watched.append(resource_version)
         index = len(self.watched) - 1
         events = self.sessions[index] if index < len(self.sessions) else []
-        stream = FakeStream(events, self.idle)
+        stream = FakeStream(events)
         self.streams.append(stream)
         return stream if self.interruptible else self._plain(stream)
+
+    def time_out_watches(self) -> None:
+        """The server closes every open watch, as it does after timeoutSeconds."""
+        for stream in self.streams:
+            stream.time_out()
+
+    def running_threads(self) -> tuple[threading.Thread, ...]:
+        return tuple(thread for thread in self.threads if thread.is_alive())
 
     @staticmethod
     def _plain(stream: FakeStream) -> Iterator[dict[str, Any]]:
@@ -263,11 +289,18 @@ def recorded_api(**options: Any) -> FakeSliceApi:
     return FakeSliceApi([load("list.json"), load("relist.json")], [events, expired], **options)
 
 
-def discovery_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("outrider-discovery")]
+def discovery_threads(besides: Collection[threading.Thread] = ()) -> list[threading.Thread]:
+    """The adapter's running threads (it names them), but for those in `besides`:
+    threads an earlier test left are not this test's to wait for."""
+    return [
+        thread
+        for thread in threading.enumerate()
+        if thread.name.startswith("outrider-discovery") and thread not in besides
+    ]
 
 
 async def test_kubernetes_publishes_the_recorded_rolling_update_then_relists_after_410(
+    collected: None,
     watchdog: None,
 ) -> None:
     api, recorder = recorded_api(), Recorder()
@@ -313,18 +346,47 @@ async def test_a_watch_that_expires_at_once_each_time_backs_off_instead_of_spinn
 
 @pytest.mark.parametrize("interruptible", [True, False], ids=["interrupted", "server-timeout"])
 async def test_cancelling_the_task_stops_its_thread(interruptible: bool) -> None:
-    # Without interrupt(), the thread ends when the watch times out (0.3 s
-    # here) and must not start another.
-    idle = 30.0 if interruptible else 0.3
-    api, recorder = recorded_api(idle=idle, interruptible=interruptible), Recorder()
+    api, recorder = recorded_api(interruptible=interruptible), Recorder()
     async with watching(SOURCE, recorder, kubernetes=api, backoff=FAST):
         await recorder.wait_for(len(RECORDED_SETS))
         await wait_until(lambda: len(api.watched) == 3)
-        assert discovery_threads()
-    await wait_until(lambda: not discovery_threads(), seconds=2)
+        assert api.running_threads()  # the third watch is open, and silent
+    if not interruptible:
+        # Nothing can stop the thread before the server closes the watch; once it
+        # does, the thread ends and starts no other watch.
+        assert api.running_threads()
+        api.time_out_watches()
+    await wait_until(lambda: not api.running_threads(), seconds=2)
     assert len(api.watched) == 3
+    assert all(thread.name.startswith("outrider-discovery") for thread in api.threads)
     if interruptible:  # every stream is closed, the abandoned one too, by the thread reading it
         assert [stream.closed for stream in api.streams] == [True, True, True]
+
+
+@dataclass
+class SlowToAnswerApi(FakeSliceApi):
+    """The watch request is answered only once `answer` is set: a task can be
+    cancelled while its watch is still being opened."""
+
+    answer: threading.Event = field(default_factory=threading.Event)
+
+    def watch(
+        self, namespace: str, label_selector: str, resource_version: str
+    ) -> Iterator[dict[str, Any]]:
+        stream = super().watch(namespace, label_selector, resource_version)
+        self.answer.wait(WATCH_LIMIT)
+        return stream
+
+
+async def test_a_watch_answered_after_cancelling_is_interrupted_and_closed_at_once() -> None:
+    api, recorder = SlowToAnswerApi([load("list.json")], []), Recorder()
+    async with watching(SOURCE, recorder, kubernetes=api, backoff=FAST):
+        await recorder.wait_for(1)
+        await wait_until(lambda: len(api.watched) == 1)
+    api.answer.set()  # the API server answers after the task is gone: a silent watch
+    await wait_until(lambda: not api.running_threads(), seconds=2)
+    assert [stream.closed for stream in api.streams] == [True]
+    assert len(api.watched) == 1
 
 
 class BusyApi(FakeSliceApi):
@@ -333,6 +395,7 @@ class BusyApi(FakeSliceApi):
     def watch(
         self, namespace: str, label_selector: str, resource_version: str
     ) -> Iterator[dict[str, Any]]:
+        self.threads.append(threading.current_thread())
         self.watched.append(resource_version)
         version = int(resource_version)
         while True:
@@ -346,8 +409,8 @@ async def test_cancelling_stops_the_thread_of_a_watch_that_never_goes_quiet() ->
     async with watching(SOURCE, recorder, kubernetes=api, backoff=FAST):
         await recorder.wait_for(1)
         await asyncio.sleep(0.1)
-        assert discovery_threads()
-    await wait_until(lambda: not discovery_threads(), seconds=2)
+        assert api.running_threads()
+    await wait_until(lambda: not api.running_threads(), seconds=2)
 
 
 # --- Kubernetes, the real client against a stub API server ----------------------------
@@ -404,10 +467,13 @@ async def api_server() -> AsyncIterator[StubApiServer]:
 
 
 async def test_the_real_client_lists_and_watches_with_the_right_query(
-    api_server: StubApiServer, watchdog: None
+    api_server: StubApiServer, collected: None, watchdog: None
 ) -> None:
     configuration = client.Configuration(host=f"http://127.0.0.1:{api_server.port}")
-    api: SliceApi = KubernetesSliceApi(configuration, watch_seconds=30)
+    # Off the loop, as watch() makes its own: the client imports its API modules
+    # on first use, which holds the loop for ~70 ms.
+    api: SliceApi = await asyncio.to_thread(KubernetesSliceApi, configuration, watch_seconds=30)
+    earlier = discovery_threads()
     recorder = Recorder()
     async with watching(SOURCE, recorder, kubernetes=api, backoff=FAST):
         await recorder.wait_for(len(RECORDED_SETS))
@@ -429,4 +495,4 @@ async def test_the_real_client_lists_and_watches_with_the_right_query(
         {**watch_query, "resourceVersion": "49130"},
     ]
     # The last watch was still open: interrupting it ends the thread at once.
-    await wait_until(lambda: not discovery_threads(), seconds=2)
+    await wait_until(lambda: not discovery_threads(besides=earlier), seconds=2)
