@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.dataplane import NOT_YET
+from bench.dataplane import NOT_MEASURED
 
 Record = dict[str, Any]
 
@@ -32,8 +32,8 @@ def dataplane_lines(record: Record) -> list[str]:
         columns = head.count("|") + 1
         lines += [head + " | errors |", "|---" * columns + "|"]
         for row in scenario["rows"]:
-            if row.get("status") == NOT_YET:
-                lines.append(f"| {row['pair']} | {NOT_YET} |" + " |" * (columns - 2))
+            if row.get("status") == NOT_MEASURED:
+                lines.append(f"| {row['pair']} | {NOT_MEASURED} |" + " |" * (columns - 2))
                 continue
             line = (
                 f"| {row['pair']} | {_rate(row)} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f}"
@@ -101,7 +101,7 @@ def goals(record: Record) -> list[tuple[str, str, bool | None]]:
 
     def check(goal: str, value: float | None, limit: float, fmt: str, below: bool = False):
         if value is None:
-            return (goal, NOT_YET, None)
+            return (goal, NOT_MEASURED, None)
         return (goal, fmt.format(value), value <= limit if below else value >= limit)
 
     rss = [
@@ -159,7 +159,7 @@ def goals(record: Record) -> list[tuple[str, str, bool | None]]:
             "zero errors across rotations under load",
             f"{rotation.get('errors')} errors, {rotation.get('rotations')} rotations"
             if rotation.get("rotations") is not None
-            else NOT_YET,
+            else NOT_MEASURED,
             rotation.get("errors") == 0 and (rotation.get("rotations") or 0) > 0
             if rotation.get("rotations") is not None
             else None,

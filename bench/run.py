@@ -89,7 +89,7 @@ def admission(quick: bool) -> tuple[str, list[float], str, str]:
     label = "injector, 200 concurrent AdmissionReviews, reviews/s"
     script = ROOT / "bench" / "admission.py"
     if not script.exists():
-        return (f"{label}: {dataplane.NOT_YET}", [0.0], "", "")
+        return (f"{label}: {dataplane.NOT_MEASURED}", [0.0], "", "")
     command = [sys.executable, str(script), *(["--quick"] if quick else [])]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     found = re.search(r"^RESULT (.*)$", done.stdout, re.M)

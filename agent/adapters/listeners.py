@@ -15,8 +15,9 @@ import logging
 import random
 import socket
 import ssl
-from collections.abc import Coroutine
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
+
+from prometheus_client import Counter, Gauge
 
 from agent.adapters.http import HttpExchange, xfcc
 from agent.adapters.metrics import AgentMetrics
@@ -41,6 +42,13 @@ class Closable(Protocol):
     def abort(self) -> None: ...
 
 
+class _Refused(asyncio.Protocol):
+    """Over a limit: closed as soon as it is accepted."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).abort()
+
+
 class Connections:
     """Every connection from accept to close (a relay, or an HTTP outbound exchange), for the
     connection cap and for draining."""
@@ -49,6 +57,7 @@ class Connections:
         self._open: dict[Closable, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._metrics = metrics
+        self._children: dict[str, tuple[Gauge, Counter]] = {}
         self.accepted = 0  # connections ever added
         self._empty = asyncio.Event()
         self._empty.set()
@@ -56,19 +65,34 @@ class Connections:
     def __len__(self) -> int:
         return len(self._open)
 
-    def add(self, connection: Closable, direction: str, setup: asyncio.Task[None]) -> None:
+    def add(self, connection: Closable, direction: str) -> None:
         self._open[connection] = direction
         self.accepted += 1
         self._empty.clear()
+        active, total = self._counted(direction)
+        active.inc()
+        total.inc()
+
+    def _counted(self, direction: str) -> tuple[Gauge, Counter]:
+        """The direction's connections_active and connections children, bound once."""
+        children = self._children.get(direction)
+        if children is None:
+            metrics = self._metrics
+            children = self._children[direction] = (
+                metrics.connections_active.labels(direction),
+                metrics.connections.labels(direction, "true"),
+            )
+        return children
+
+    def setting_up(self, setup: asyncio.Task[None]) -> None:
+        """A connection's setup (handshake, dial): cancelled if the drain times out."""
         self._tasks.add(setup)
         setup.add_done_callback(self._tasks.discard)
-        self._metrics.connections_active.labels(direction).inc()
-        self._metrics.connections.labels(direction, "true").inc()
 
     def closed(self, connection: Closable) -> None:
         direction = self._open.pop(connection, None)
         if direction is not None:
-            self._metrics.connections_active.labels(direction).dec()
+            self._counted(direction)[0].dec()
         if not self._open:
             self._empty.set()
 
@@ -95,15 +119,13 @@ class Listener(Generic[ConfigT]):
         self.address = ""
         self._socket: socket.socket | None = None
         self._acceptor: asyncio.Task[None] | None = None
+        self._server: asyncio.Server | None = None
 
     def configure(self, config: ConfigT) -> None:
         """Connections accepted from now on follow `config`."""
         self.config = config
 
     async def start(self, listen: Listen) -> None:
-        # Our own accept loop rather than loop.create_server: connect_accepted_socket
-        # takes a TLS context per connection (the SVID rotates) and raises the
-        # handshake's error, so every refusal is counted with its reason.
         try:
             family = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM)[0][0]
             self._socket = socket.create_server(
@@ -114,17 +136,37 @@ class Listener(Generic[ConfigT]):
         self._socket.setblocking(False)
         host, port = self._socket.getsockname()[:2]
         self.address = str(Listen(host, port))
-        self._acceptor = asyncio.get_running_loop().create_task(self._accept_loop())
+        await self._serve(self._socket)
         log.info("%s listening on %s", self.direction, self.address)
+
+    async def _serve(self, listening: socket.socket) -> None:
+        """Start accepting on `listening`."""
+        raise NotImplementedError
 
     def close(self) -> None:
         """Stop accepting; open connections go on."""
         if self._acceptor is not None:
             self._acceptor.cancel()
             self._acceptor = None
+        if self._server is not None:
+            self._server.close()  # and its socket
+            self._server = None
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+    def _refused(self, reason: str) -> None:
+        self.runtime.refused(self.direction, reason)
+
+
+class InboundListener(Listener[Inbound]):
+    direction = INBOUND
+
+    async def _serve(self, listening: socket.socket) -> None:
+        # Our own accept loop rather than loop.create_server: connect_accepted_socket
+        # takes a TLS context per connection (the SVID rotates) and raises the
+        # handshake's error, so every refusal is counted with its reason.
+        self._acceptor = asyncio.get_running_loop().create_task(self._accept_loop())
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -143,27 +185,9 @@ class Listener(Generic[ConfigT]):
                 ).inc()
                 sock.close()
                 continue
-            opened = self._open(sock)
-            if opened is None:
-                sock.close()
-                continue
-            connection, setup = opened
-            self.connections.add(connection, self.direction, loop.create_task(setup))
-
-    def _open(self, sock: socket.socket) -> tuple[Closable, Coroutine[Any, Any, None]] | None:
-        """What handles an accepted socket, and the coroutine that sets it up; None refuses."""
-        relay = Relay(self.runtime.limits.idle_timeout.total_seconds(), self.connections.closed)
-        return relay, self._setup(relay, sock)
-
-    async def _setup(self, relay: Relay, sock: socket.socket) -> None:
-        raise NotImplementedError
-
-    def _refused(self, reason: str) -> None:
-        self.runtime.refused(self.direction, reason)
-
-
-class InboundListener(Listener[Inbound]):
-    direction = INBOUND
+            relay = Relay(self.runtime.limits.idle_timeout.total_seconds(), self.connections.closed)
+            self.connections.add(relay, self.direction)
+            self.connections.setting_up(loop.create_task(self._setup(relay, sock)))
 
     async def _setup(self, relay: Relay, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -275,36 +299,49 @@ class OutboundListener(Listener[Outbound]):
         if self.live is not None:
             self.live.close()
 
-    def _open(self, sock: socket.socket) -> tuple[Closable, Coroutine[Any, Any, None]] | None:
-        live = self.live
+    async def _serve(self, listening: socket.socket) -> None:
+        # Plain TCP in: uvloop's own accept loop, in C, with a protocol per connection.
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._accepted, sock=listening, backlog=1024)
+
+    def _accepted(self) -> asyncio.BaseProtocol:
+        """The protocol for a connection just accepted, as the config is now."""
+        live, metrics = self.live, self.runtime.metrics
         assert live is not None
+        if len(self.connections) >= self.runtime.limits.max_connections:
+            metrics.connections_refused.labels(OUTBOUND, "max_connections").inc()
+            return _Refused()
         if self.config.protocol == "http":
             exchange = OutboundHttp(live, self.connections.closed, self.rng)
-            return exchange, self._setup_http(exchange, sock)
+            self.connections.add(exchange, OUTBOUND)
+            return exchange
         breaker = live.breaker  # one upstream connection per app connection
         if not breaker.acquire("max_connections"):
-            self.runtime.metrics.upstream_overflows.labels(live.name, "max_connections").inc()
-            self.runtime.metrics.connections_refused.labels(OUTBOUND, "max_connections").inc()
-            return None
+            live.counted.overflow("max_connections")
+            metrics.connections_refused.labels(OUTBOUND, "max_connections").inc()
+            return _Refused()
 
         def closed(relay: Closable) -> None:
             self.connections.closed(relay)
             breaker.release("max_connections")
 
         relay = Relay(self.runtime.limits.idle_timeout.total_seconds(), closed)
-        return relay, self._setup(relay, sock)
+        self.connections.add(relay, OUTBOUND)
 
-    async def _setup_http(self, exchange: OutboundHttp, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.connect_accepted_socket(lambda: exchange, sock)
+        def made() -> None:
+            assert relay.down.transport is not None
+            relay.down.transport.pause_reading()  # until the upstream is connected
+            task = asyncio.get_running_loop().create_task(self._connect(relay, live))
+            self.connections.setting_up(task)
 
-    async def _setup(self, relay: Relay, sock: socket.socket) -> None:
+        relay.down.made = made
+        return relay.down
+
+    async def _connect(self, relay: Relay, live: LiveUpstream) -> None:
+        """Dial an endpoint for a TCP connection from the app, then relay; retried elsewhere."""
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.connect_accepted_socket(lambda: relay.down, sock)
-        transport.pause_reading()  # until the upstream is connected
-        live = self.live
-        assert live is not None
-        peer = transport.get_extra_info("peername")
+        assert relay.down.transport is not None
+        peer = relay.down.transport.get_extra_info("peername")
         key = str(peer[0]).encode() if peer and live.config.hash_on else None
         subset = live.core.subset(self.rng)
         tried: list[Endpoint] = []
@@ -351,7 +388,7 @@ class OutboundListener(Listener[Outbound]):
         if not live.core.untried(tried, asyncio.get_running_loop().time()):
             return False  # nowhere else to go: no retry, none counted
         if not budget.try_retry():
-            live.runtime.metrics.upstream_overflows.labels(live.name, "retry_budget").inc()
+            live.counted.overflow("retry_budget")
             return False
-        live.runtime.metrics.upstream_retries.labels(live.name).inc()
+        live.counted.retries.inc()
         return True

@@ -116,8 +116,10 @@ class OutboundHttp(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.client = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        self.source = str(peer[0]).encode() if peer else b""
+        hash_on = self.live.config.hash_on
+        if hash_on is not None and hash_on[0] == "source":
+            peer = transport.get_extra_info("peername")
+            self.source = str(peer[0]).encode() if peer else b""
         self._arm_idle()
 
     def _arm_idle(self) -> None:
@@ -281,10 +283,7 @@ class OutboundHttp(asyncio.Protocol):
             log.exception("outbound %s: request failed unexpectedly; closing the app's", live.name)
             self.abort()
             return
-        live.runtime.metrics.upstream_requests.labels(live.name, str(status)).inc()
-        live.runtime.metrics.upstream_request_duration.labels(live.name).observe(
-            loop.time() - started
-        )
+        live.counted.request(status, loop.time() - started)
         self.task = None
         self.queue.popleft()
         if self.closing or not request.keep_alive or not request.done:
@@ -301,7 +300,9 @@ class OutboundHttp(asyncio.Protocol):
             return self._answer(*_overflow(live, "max_requests"))
         budget.request_started()
         try:
-            async with asyncio.timeout(live.config.timeouts.request or None):
+            if not live.config.timeouts.request:  # the usual case: no timer to arm
+                return await self._tries(request)
+            async with asyncio.timeout(live.config.timeouts.request):
                 return await self._tries(request)
         except LocalAnswer as answer:
             return self._answer(answer.status, answer.error)
@@ -337,7 +338,7 @@ class OutboundHttp(asyncio.Protocol):
                 # A status comes back only with its retry granted (see _Responses).
                 if not (isinstance(outcome, int) or self.may_retry(request, outcome)):
                     raise LocalAnswer(*_answer_for(outcome))
-                live.runtime.metrics.upstream_retries.labels(live.name).inc()
+                live.counted.retries.inc()
         finally:
             self._retry_finished()
 
@@ -358,7 +359,7 @@ class OutboundHttp(asyncio.Protocol):
             return False
         budget = live.budget
         if not budget.try_retry():
-            live.runtime.metrics.upstream_overflows.labels(live.name, "retry_budget").inc()
+            live.counted.overflow("retry_budget")
             return False
         self.granted = budget
         return True
@@ -387,8 +388,11 @@ class OutboundHttp(asyncio.Protocol):
         load[endpoint] = load.get(endpoint, 0) + 1
         try:
             try:
-                async with asyncio.timeout(live.config.timeouts.per_try or None):
+                if not live.config.timeouts.per_try:
                     outcome = await self.head
+                else:
+                    async with asyncio.timeout(live.config.timeouts.per_try):
+                        outcome = await self.head
             except TimeoutError:  # only the per-try timeout: the request's ends as a cancel here
                 outcome = "timeout"
             if outcome is not None:
@@ -406,10 +410,9 @@ class OutboundHttp(asyncio.Protocol):
         live = self.live
         context = live.runtime.contexts.client
         assert context is not None, "upstreams start after the first SVID"
-        counted = live.runtime.metrics.upstream_connections
         connection = live.pool.take(endpoint, context)
         if connection is not None:
-            counted.labels(live.name, "reused").inc()
+            live.counted.reused.inc()
             return connection
         breaker = live.breaker
         if not breaker.acquire("max_pending"):
@@ -438,7 +441,7 @@ class OutboundHttp(asyncio.Protocol):
                 raise
         finally:
             breaker.release("max_pending")
-        counted.labels(live.name, "new").inc()
+        live.counted.new.inc()
         return connection
 
     # -- responses -----------------------------------------------------------------------
@@ -705,7 +708,7 @@ def _key(
 
 
 def _overflow(live: LiveUpstream, reason: str) -> tuple[int, str]:
-    live.runtime.metrics.upstream_overflows.labels(live.name, reason).inc()
+    live.counted.overflow(reason)
     return 503, f"overflow_{reason}"
 
 

@@ -32,7 +32,7 @@ LINGER = 10.0
 class Side(asyncio.Protocol):
     """One end of a relayed connection."""
 
-    __slots__ = ("active", "other", "pending", "relay", "sink", "transport")
+    __slots__ = ("active", "made", "other", "pending", "relay", "sink", "transport")
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -41,10 +41,13 @@ class Side(asyncio.Protocol):
         self.sink: Sink | None = None  # where received bytes go: the other side, or a parser
         self.pending: list[bytes] = []
         self.active = False
+        self.made: Callable[[], None] | None = None  # told when the connection is made
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
+        if self.made is not None:
+            self.made()
 
     def data_received(self, data: bytes) -> None:
         sink = self.sink

@@ -23,7 +23,10 @@ import ssl
 from collections.abc import Callable
 from typing import TypeVar
 
+from prometheus_client import Counter
+
 from agent.adapters import discovery
+from agent.adapters.metrics import AgentMetrics
 from agent.adapters.pool import Pool
 from agent.adapters.runtime import Runtime
 from agent.adapters.tls import refusal_reason
@@ -60,10 +63,9 @@ class LiveUpstream:
         self._watches: dict[Source, asyncio.Task[None]] = {}
         self._tick: asyncio.Task[None] | None = None
         self._checks: asyncio.Task[None] | None = None
-        metrics = runtime.metrics
-        self._ejections = metrics.upstream_ejections.labels(config.name)
+        self.counted = Counted(runtime.metrics, config.name)
         self._states = {
-            state: metrics.upstream_endpoints.labels(config.name, state)
+            state: runtime.metrics.upstream_endpoints.labels(config.name, state)
             for state in ("healthy", "unhealthy", "ejected")
         }
 
@@ -172,7 +174,7 @@ class LiveUpstream:
 
     def _transitioned(self, transition: Transition) -> None:
         if transition.new == "ejected":
-            self._ejections.inc()
+            self.counted.ejections.inc()
             self.pool.drop({transition.endpoint})
         log.warning(
             "upstream %s: %s %s -> %s (%s)",
@@ -279,6 +281,32 @@ class LiveUpstream:
 
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
+
+
+class Counted:
+    """An upstream's metric children, bound once: `labels()` takes a lock and a lookup."""
+
+    def __init__(self, metrics: AgentMetrics, name: str) -> None:
+        self.name = name
+        self.metrics = metrics
+        self.duration = metrics.upstream_request_duration.labels(name)
+        self.retries = metrics.upstream_retries.labels(name)
+        self.ejections = metrics.upstream_ejections.labels(name)
+        self.new = metrics.upstream_connections.labels(name, "new")
+        self.reused = metrics.upstream_connections.labels(name, "reused")
+        self._codes: dict[int, Counter] = {}
+
+    def request(self, status: int, seconds: float) -> None:
+        counter = self._codes.get(status)
+        if counter is None:
+            counter = self._codes[status] = self.metrics.upstream_requests.labels(
+                self.name, str(status)
+            )
+        counter.inc()
+        self.duration.observe(seconds)
+
+    def overflow(self, reason: str) -> None:
+        self.metrics.upstream_overflows.labels(self.name, reason).inc()
 
 
 def _weights(config: Outbound) -> dict[str, int]:

@@ -40,6 +40,7 @@ class Upstream:
         self.health = health if isinstance(health, HealthTable) else HealthTable(health)
         self.panic_threshold = self.health.settings.panic_threshold
         self.load: dict[Endpoint, int] = {}  # requests in flight, for least_request
+        self._order: dict[str, list[str]] = {}  # each subset's fallback order
 
     def update(self, subset: str, members: Mapping[Endpoint, int]) -> frozenset[Endpoint]:
         """A subset's members (endpoint -> weight) as discovered; returns the endpoints gone."""
@@ -92,5 +93,10 @@ class Upstream:
         return False
 
     def _fallback(self, subset: str) -> list[str]:
-        others = sorted((n for n in self.subsets if n != subset), key=lambda n: -self.weights[n])
-        return [subset, *others]
+        order = self._order.get(subset)
+        if order is None:  # once per subset: this is on every request's path
+            others = sorted(
+                (n for n in self.weights if n != subset), key=lambda n: -self.weights[n]
+            )
+            order = self._order[subset] = [subset, *others]
+        return order
