@@ -39,6 +39,9 @@ ConfigT = TypeVar("ConfigT", Inbound, Outbound)
 
 
 class Closable(Protocol):
+    def finish(self) -> None:
+        """Draining: close once nothing is owed (HTTP); at L4, no way to tell."""
+
     def abort(self) -> None: ...
 
 
@@ -98,6 +101,8 @@ class Connections:
 
     async def drain(self, seconds: float) -> int:
         """Wait for open connections to finish; abort what is left. Returns how many."""
+        for connection in list(self._open):
+            connection.finish()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._empty.wait(), seconds)
         left = list(self._open)

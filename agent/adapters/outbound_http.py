@@ -177,6 +177,12 @@ class OutboundHttp(asyncio.Protocol):
         self.writing_paused = False
         self._upstream_reading(True)
 
+    def finish(self) -> None:
+        """Draining: close now if nothing is in flight, else after the response to it."""
+        self.closing = True
+        if not self.queue:
+            self._close_client()
+
     def abort(self) -> None:
         """Drop the app's connection (a drain that timed out): what it is owed is lost."""
         if self.client is not None:

@@ -133,6 +133,9 @@ class Relay:
             asyncio.get_running_loop().call_later(LINGER, _abort_all, lingering)
         self._on_closed(self)
 
+    def finish(self) -> None:
+        """Draining: at L4 an idle connection looks like a slow request, so it goes on."""
+
     def abort(self) -> None:
         for transport in (self.down.transport, self.up.transport):
             if transport is not None:

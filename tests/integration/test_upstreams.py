@@ -472,3 +472,33 @@ async def test_killing_one_of_three_backends_loses_no_request_and_it_returns(
         assert ejected_at == 1
         assert sent > 100
         assert metric(agent, "upstream_retries_total") >= 1
+
+
+async def test_a_drain_closes_idle_app_connections_and_lets_busy_ones_finish(
+    root: Path, setup: CaSetup
+) -> None:
+    async with backends(root, setup, "a") as pairs:
+        raw = agent_yaml(
+            root,
+            "frontend",
+            outbound=outbound(endpoints=[pairs[0][1]]),
+            limits={"drain_timeout": "20s"},
+        )
+        agent = Agent(agent_config.parse(raw, base=root), sign=local_sign(setup))
+        await asyncio.wait_for(agent.start(), 10)
+        try:
+            async with session(close=False) as idle, session(close=False) as busy:
+                assert (await get(idle, url(agent)))[0] == 200  # now idle, kept alive
+                slow = asyncio.create_task(get(busy, url(agent, "/slow/0.5")))
+                await asyncio.sleep(0.2)
+                started = time.monotonic()
+                await agent.drain()
+                took = time.monotonic() - started
+                status, _ = await slow
+        finally:
+            await agent.stop()
+        # Not the 20 s drain timeout: the idle connection closed at once, the busy one
+        # right after its response.
+        assert status == 200
+        assert took < 2.0
+        assert len(agent.connections) == 0
