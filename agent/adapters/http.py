@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Protocol
 
 import httptools
 
@@ -105,7 +106,7 @@ class HttpExchange:
         self.authorize = authorize
         self.identity = identity  # the x-forwarded-client-cert value for this peer
         self.on_response = on_response
-        self.requests = httptools.HttpRequestParser(_ClientEvents(self))
+        self.requests = httptools.HttpRequestParser(RequestEvents(self))
         # Bytes fed to the request parser since it last handed any on (a body piece,
         # a complete head): httptools buffers a header name or value whole before
         # calling on_header, so this is what bounds that buffer.
@@ -209,6 +210,9 @@ class HttpExchange:
         self._send(request, b"0\r\n\r\n" if request.chunked else b"")
         request.done = True
 
+    def refuse(self, status: int, error: str) -> None:
+        self.answer(status, {"error": error})
+
     def answer(self, status: int, body: dict[str, str]) -> None:
         """Answer the latest request ourselves, after every earlier response; then close."""
         self.stopped = True
@@ -289,10 +293,23 @@ class HttpExchange:
             self._start(self.queue[0])
 
 
-class _ClientEvents:
-    """llhttp's request callbacks, collecting one head at a time."""
+class RequestReader(Protocol):
+    """An exchange that reads requests with `RequestEvents` (inbound here, outbound too)."""
 
-    def __init__(self, exchange: HttpExchange) -> None:
+    requests: httptools.HttpRequestParser
+    unparsed: int
+    stopped: bool
+
+    def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def body(self, data: bytes) -> None: ...
+    def request_done(self) -> None: ...
+    def refuse(self, status: int, error: str) -> None: ...
+
+
+class RequestEvents:
+    """llhttp's request callbacks, collecting one head at a time within the limits."""
+
+    def __init__(self, exchange: RequestReader) -> None:
         self.exchange = exchange
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -312,8 +329,8 @@ class _ClientEvents:
     def _count(self, size: int) -> None:
         self.size += size
         if self.size > MAX_HEADER_BYTES or len(self.headers) > MAX_HEADERS:
-            self.exchange.answer(431, {"error": "headers_too_large"})
-            raise _Refused  # stops the parser: nothing after this is read
+            self.exchange.refuse(431, "headers_too_large")
+            raise Refused  # stops the parser: nothing after this is read
 
     def on_headers_complete(self) -> None:
         parser = self.exchange.requests
@@ -322,7 +339,7 @@ class _ClientEvents:
         self.exchange.unparsed = 0
         self.exchange.request(parser.get_method(), self.url, self.headers)
         if self.exchange.stopped:
-            raise _Refused
+            raise Refused
 
     def on_body(self, body: bytes) -> None:
         self.exchange.unparsed = 0
@@ -384,7 +401,7 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-class _Refused(Exception):
+class Refused(Exception):
     """Raised from a callback to stop parsing after the agent has answered."""
 
 

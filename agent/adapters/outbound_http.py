@@ -35,7 +35,13 @@ from typing import cast
 
 import httptools
 
-from agent.adapters.http import HOLD_BYTES, MAX_HEADER_BYTES, MAX_HEADERS, local_response
+from agent.adapters.http import (
+    HOLD_BYTES,
+    MAX_HEADER_BYTES,
+    Refused,
+    RequestEvents,
+    local_response,
+)
 from agent.adapters.pool import UpstreamConnection
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.core.health import Event
@@ -89,7 +95,7 @@ class OutboundHttp(asyncio.Protocol):
         self.rng = rng
         self.client: asyncio.Transport | None = None
         self.source = b""
-        self.requests = httptools.HttpRequestParser(_Requests(self))
+        self.requests = httptools.HttpRequestParser(RequestEvents(self))
         self.unparsed = 0  # bytes fed since the parser last handed some on
         self.queue: deque[_Request] = deque()  # queue[0] is in flight
         self.held = 0
@@ -540,48 +546,6 @@ class OutboundHttp(asyncio.Protocol):
             self.to_client.clear()
 
 
-class _Requests:
-    """llhttp's callbacks for the app's requests, one head at a time."""
-
-    def __init__(self, exchange: OutboundHttp) -> None:
-        self.exchange = exchange
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.size = 0
-
-    def on_message_begin(self) -> None:
-        self.url, self.headers, self.size = b"", [], 0
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        self._count(len(url))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-        self._count(len(name) + len(value))
-
-    def _count(self, size: int) -> None:
-        self.size += size
-        if self.size > MAX_HEADER_BYTES or len(self.headers) > MAX_HEADERS:
-            self.exchange.refuse(431, "headers_too_large")
-            raise _Refused
-
-    def on_headers_complete(self) -> None:
-        parser = self.exchange.requests
-        if parser.should_upgrade():
-            return  # feed_data raises HttpParserUpgrade next: refused there
-        self.exchange.unparsed = 0
-        self.exchange.request(parser.get_method(), self.url, self.headers)
-
-    def on_body(self, body: bytes) -> None:
-        self.exchange.unparsed = 0
-        self.exchange.body(body)
-
-    def on_message_complete(self) -> None:
-        self.exchange.unparsed = 0
-        self.exchange.request_done()
-
-
 class _Responses:
     """llhttp's callbacks for one response: decide whether to retry on it, else deliver it."""
 
@@ -602,7 +566,7 @@ class _Responses:
     def on_message_begin(self) -> None:
         if self.finished:  # a second response nobody asked for: the server cannot be trusted
             self.connection.abort()
-            raise _Refused
+            raise Refused
         self.reason, self.headers = b"", []
 
     def on_status(self, reason: bytes) -> None:
@@ -676,10 +640,6 @@ class _Responses:
         lines = [b"HTTP/1.1 %d %s" % (self.status, self.reason)]
         lines += [b"%s: %s" % (n, v) for n, v in self.headers if n.lower() not in hop]
         return b"\r\n".join([*lines, *extra]) + b"\r\n\r\n"
-
-
-class _Refused(Exception):
-    """Raised from a callback to stop parsing after the agent has answered."""
 
 
 def _hop_by_hop(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:

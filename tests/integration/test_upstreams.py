@@ -95,16 +95,25 @@ async def serving(app: App, port: int = 0) -> AsyncIterator[App]:
 
 
 @asynccontextmanager
-async def backends(root: Path, setup: CaSetup, *names: str) -> AsyncIterator[list[tuple[App, str]]]:
-    """Each app behind its own in-process agent: (app, the agent's inbound address)."""
+async def backend_agents(
+    root: Path, setup: CaSetup, *names: str
+) -> AsyncIterator[list[tuple[App, Agent]]]:
+    """Each app behind its own in-process agent (`protocol: http`)."""
     async with AsyncExitStack() as stack:
         pairs = []
         for name in names:
             app = await stack.enter_async_context(serving(App(name)))
             raw = agent_yaml(root, "backend", inbound=inbound(app.port, protocol="http"))
             agent = await stack.enter_async_context(running_agent(raw, local_sign(setup), root))
-            pairs.append((app, agent.bound["inbound[0]"]))
+            pairs.append((app, agent))
         yield pairs
+
+
+@asynccontextmanager
+async def backends(root: Path, setup: CaSetup, *names: str) -> AsyncIterator[list[tuple[App, str]]]:
+    """Each app and the address of its agent's inbound listener."""
+    async with backend_agents(root, setup, *names) as pairs:
+        yield [(app, agent.bound["inbound[0]"]) for app, agent in pairs]
 
 
 def outbound(**upstream: Any) -> list[dict[str, Any]]:

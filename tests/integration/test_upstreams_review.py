@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httptools
@@ -26,6 +26,7 @@ from agent.core.discovery import Source
 from agent.core.endpoint import Endpoint
 from tests.integration.test_upstreams import (
     App,
+    backend_agents,
     backends,
     metric,
     outbound,
@@ -64,21 +65,6 @@ async def raw_backend(root: Path, setup: CaSetup, handler: Handler) -> AsyncIter
             yield agent.bound["inbound[0]"]
     finally:
         server.close()
-
-
-@asynccontextmanager
-async def backend_agents(
-    root: Path, setup: CaSetup, *names: str
-) -> AsyncIterator[list[tuple[App, Agent]]]:
-    """test_upstreams.py's backends, with each backend's agent (to count its connections)."""
-    async with AsyncExitStack() as stack:
-        pairs = []
-        for name in names:
-            app = await stack.enter_async_context(serving(App(name)))
-            raw = agent_yaml(root, "backend", inbound=inbound(app.port, protocol="http"))
-            agent = await stack.enter_async_context(running_agent(raw, local_sign(setup), root))
-            pairs.append((app, agent))
-        yield pairs
 
 
 @contextmanager
