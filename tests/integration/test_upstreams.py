@@ -30,9 +30,11 @@ from tests.mesh import (
     AgentProcess,
     agent_process,
     agent_yaml,
+    echo_server,
     eventually,
     inbound,
     local_sign,
+    round_trip,
     running_agent,
     sample,
     workload,
@@ -511,3 +513,34 @@ async def test_a_drain_closes_idle_app_connections_and_lets_busy_ones_finish(
         assert status == 200
         assert took < 2.0
         assert len(agent.connections) == 0
+
+
+async def test_an_endpoint_that_leaves_keeps_its_open_connections(
+    root: Path, setup: CaSetup
+) -> None:
+    """TCP mode: discovery (here a reload) drops an endpoint; what is open on it goes on."""
+    async with AsyncExitStack() as stack:
+        accepted: dict[str, list[int]] = {"a": [], "b": []}
+        addresses = []
+        for name in ("a", "b"):
+            port = await stack.enter_async_context(echo_server(accepted[name]))
+            raw = agent_yaml(root, "backend", inbound=inbound(port))
+            agent = await stack.enter_async_context(running_agent(raw, local_sign(setup), root))
+            addresses.append(agent.bound["inbound[0]"])
+        tcp = {"protocol": "tcp", "endpoints": addresses}
+        client = await stack.enter_async_context(client_agent(root, setup, **tcp))
+        host, port = client.bound["outbound[backend]"].rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))  # round robin: a
+        writer.write(b"before")
+        assert await asyncio.wait_for(reader.readexactly(6), 5) == b"before"
+        assert (len(accepted["a"]), len(accepted["b"])) == (1, 0)
+        only_b = agent_yaml(
+            root, "frontend", outbound=outbound(protocol="tcp", endpoints=addresses[1:])
+        )
+        await client.reconfigure(agent_config.parse(only_b, base=root))
+        writer.write(b"after")  # the open connection to a still works
+        assert await asyncio.wait_for(reader.readexactly(5), 5) == b"after"
+        writer.close()
+        for _ in range(3):  # and new ones go to b only
+            assert await round_trip(client.bound["outbound[backend]"], b"new") == b"new"
+        assert (len(accepted["a"]), len(accepted["b"])) == (1, 3)
