@@ -45,7 +45,7 @@ class Closable(Protocol):
     def abort(self) -> None: ...
 
 
-class _Refused(asyncio.Protocol):
+class _OverLimit(asyncio.Protocol):
     """Over a limit: closed as soon as it is accepted."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -315,7 +315,7 @@ class OutboundListener(Listener[Outbound]):
         assert live is not None
         if len(self.connections) >= self.runtime.limits.max_connections:
             metrics.connections_refused.labels(OUTBOUND, "max_connections").inc()
-            return _Refused()
+            return _OverLimit()
         if self.config.protocol == "http":
             exchange = OutboundHttp(live, self.connections.closed, self.rng)
             self.connections.add(exchange, OUTBOUND)
@@ -324,7 +324,7 @@ class OutboundListener(Listener[Outbound]):
         if not breaker.acquire("max_connections"):
             live.counted.overflow("max_connections")
             metrics.connections_refused.labels(OUTBOUND, "max_connections").inc()
-            return _Refused()
+            return _OverLimit()
 
         def closed(relay: Closable) -> None:
             self.connections.closed(relay)

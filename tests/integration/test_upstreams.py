@@ -544,3 +544,35 @@ async def test_an_endpoint_that_leaves_keeps_its_open_connections(
         for _ in range(3):  # and new ones go to b only
             assert await round_trip(client.bound["outbound[backend]"], b"new") == b"new"
         assert (len(accepted["a"]), len(accepted["b"])) == (1, 3)
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "http"])
+async def test_past_max_connections_an_app_connection_is_closed_at_once(
+    root: Path, setup: CaSetup, protocol: str
+) -> None:
+    async with backends(root, setup, "a") as pairs:
+        raw = agent_yaml(
+            root,
+            "frontend",
+            outbound=outbound(protocol=protocol, endpoints=[pairs[0][1]]),
+            limits={"max_connections": 2, "drain_timeout": "300ms"},
+        )
+        async with running_agent(raw, local_sign(setup), root) as agent:
+            host, port = agent.bound["outbound[backend]"].rsplit(":", 1)
+            held = [await asyncio.open_connection(host, int(port)) for _ in range(2)]
+            assert await eventually(lambda: len(agent.connections) == 2)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            async with asyncio.timeout(2):
+                assert await reader.read() == b""  # closed without a byte
+            writer.close()
+            for _, held_writer in held:
+                held_writer.close()
+        assert (
+            sample(
+                agent,
+                "outrider_connections_refused_total",
+                direction="outbound",
+                reason="max_connections",
+            )
+            == 1
+        )
