@@ -16,6 +16,7 @@ them finish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
@@ -64,10 +65,6 @@ class LiveUpstream:
         self._tick: asyncio.Task[None] | None = None
         self._checks: asyncio.Task[None] | None = None
         self.counted = Counted(runtime.metrics, config.name)
-        self._states = {
-            state: runtime.metrics.upstream_endpoints.labels(config.name, state)
-            for state in ("healthy", "unhealthy", "ejected")
-        }
 
     @property
     def name(self) -> str:
@@ -84,6 +81,10 @@ class LiveUpstream:
                 task.cancel()
         self._watches.clear()
         self.pool.close()
+        gauge = self.runtime.metrics.upstream_endpoints
+        for state in self.core.health.counts(self._now()):
+            with contextlib.suppress(KeyError):  # a gone upstream has no endpoints to show
+                gauge.remove(self.name, state)
 
     def reconfigure(self, config: Outbound) -> None:
         """Follow a new config; what it does not change carries over."""
@@ -187,8 +188,11 @@ class LiveUpstream:
         self._count_states()
 
     def _count_states(self) -> None:
+        # Looked up each time (once a second, or on a change): a reload that replaces
+        # this upstream under the same name removes the old children.
+        gauge = self.runtime.metrics.upstream_endpoints
         for state, count in self.core.health.counts(self._now()).items():
-            self._states[state].set(count)
+            gauge.labels(self.name, state).set(count)
 
     async def _refresh(self) -> None:
         while True:

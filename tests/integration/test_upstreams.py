@@ -576,3 +576,21 @@ async def test_past_max_connections_an_app_connection_is_closed_at_once(
             )
             == 1
         )
+
+
+async def test_a_removed_upstream_leaves_no_endpoint_gauges_behind(
+    root: Path, setup: CaSetup
+) -> None:
+    async with backends(root, setup, "a") as pairs:
+        async with client_agent(root, setup, endpoints=[pairs[0][1]]) as agent:
+            assert await eventually(
+                lambda: metric(agent, "upstream_endpoints", state="healthy") == 1
+            )
+            await agent.reconfigure(agent_config.parse(agent_yaml(root, "frontend"), base=root))
+            names = {
+                s.labels.get("upstream")
+                for m in agent.metrics.registry.collect()
+                for s in m.samples
+                if s.name == "outrider_upstream_endpoints"
+            }
+        assert names == set()  # a dashboard would otherwise show a gone upstream's endpoints
