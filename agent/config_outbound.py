@@ -161,10 +161,12 @@ class OutboundReader(ConfigReader):
                 self.subset(raw, f"{path}.subsets[{i}]")
                 for i, raw in enumerate(self.items(item, "subsets", f"{path}.subsets"))
             )
-            names = [s.name for s in subsets if s]
-            for i, subset_name in enumerate(names):
-                if subset_name in names[:i]:
-                    self.fail(f"{path}.subsets[{i}].name", f"{subset_name!r} is given twice")
+            names: set[str] = set()
+            for i, subset in enumerate(subsets):  # i: the index in `subsets`, invalid ones too
+                if subset is not None and subset.name in names:
+                    self.fail(f"{path}.subsets[{i}].name", f"{subset.name!r} is given twice")
+                elif subset is not None:
+                    names.add(subset.name)
             if not subsets:
                 self.fail(f"{path}.subsets", "required: at least one subset")
             return tuple(s for s in subsets if s) if None not in subsets else ()
@@ -197,6 +199,13 @@ class OutboundReader(ConfigReader):
         ]
         if not endpoints:
             self.fail(f"{path}.endpoints", "required: at least one host:port")
+        seen: set[Endpoint] = set()
+        for i, entry in enumerate(endpoints):
+            if entry is not None and entry[0] in seen:  # one endpoint, one weight
+                self.fail(f"{path}.endpoints[{i}]", f"{entry[0]} is listed twice")
+                return None
+            if entry is not None:
+                seen.add(entry[0])
         if not endpoints or None in endpoints:
             return None
         return StaticSource(tuple(e for e in endpoints if e))
@@ -219,6 +228,8 @@ class OutboundReader(ConfigReader):
         service = self.string(raw, "service", f"{path}.kubernetes.service", None)
         namespace = self.string(raw, "namespace", f"{path}.kubernetes.namespace", None)
         port = self.integer(raw, "port", f"{path}.kubernetes.port", 15443)
+        if port > 65535:
+            self.fail(f"{path}.kubernetes.port", "a port: 1 to 65535")
         for key, value in (("service", service), ("namespace", namespace)):
             if value is None:
                 self.fail(f"{path}.kubernetes.{key}", "required: the Service whose slices to watch")

@@ -126,6 +126,7 @@ class ConfigReader:
             return default
         if value == timedelta(0) and not zero_ok:
             self.fail(path, "must be positive")
+            return default  # 0 would fail the settings' own checks before the errors are told
         return value
 
     def string(

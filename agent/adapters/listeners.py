@@ -325,10 +325,14 @@ class OutboundListener(Listener[Outbound]):
             live.counted.overflow("max_connections")
             metrics.connections_refused.labels(OUTBOUND, "max_connections").inc()
             return _OverLimit()
+        load = live.core.load  # connections open per endpoint, for least_request (reloads keep it)
+        linked: list[Endpoint] = []  # the endpoint this connection is relayed to, once linked
 
         def closed(relay: Closable) -> None:
             self.connections.closed(relay)
             breaker.release("max_connections")
+            for endpoint in linked:
+                load[endpoint] -= 1
 
         relay = Relay(self.runtime.limits.idle_timeout.total_seconds(), closed)
         self.connections.add(relay, OUTBOUND)
@@ -336,14 +340,17 @@ class OutboundListener(Listener[Outbound]):
         def made() -> None:
             assert relay.down.transport is not None
             relay.down.transport.pause_reading()  # until the upstream is connected
-            task = asyncio.get_running_loop().create_task(self._connect(relay, live))
+            task = asyncio.get_running_loop().create_task(self._connect(relay, live, linked))
             self.connections.setting_up(task)
 
         relay.down.made = made
         return relay.down
 
-    async def _connect(self, relay: Relay, live: LiveUpstream) -> None:
-        """Dial an endpoint for a TCP connection from the app, then relay; retried elsewhere."""
+    async def _connect(self, relay: Relay, live: LiveUpstream, linked: list[Endpoint]) -> None:
+        """Dial an endpoint for a TCP connection from the app, then relay; retried elsewhere.
+
+        Once relayed, the connection counts as load on its endpoint (in `linked`) until it closes.
+        """
         loop = asyncio.get_running_loop()
         assert relay.down.transport is not None
         peer = relay.down.transport.get_extra_info("peername")
@@ -369,18 +376,23 @@ class OutboundListener(Listener[Outbound]):
                     if retrying:
                         budget.retry_finished()
                         retrying = False
-                    if not self._may_retry(live, budget, tried):
-                        break
+                    if relay.closed or not self._may_retry(live, budget, tried):
+                        break  # the app left, or nowhere else to go
                     retrying = True
                     continue
+                live.counted.new.inc()
                 live.record(endpoint, "success")
                 relay.link()
+                if not relay.closed:  # else the app left during the dial: nothing to count
+                    live.core.load[endpoint] = live.core.load.get(endpoint, 0) + 1
+                    linked.append(endpoint)
                 return
         finally:
             if retrying:
                 budget.retry_finished()
             budget.request_finished()
-        self.runtime.metrics.connections_refused.labels(OUTBOUND, "no_endpoint").inc()
+        if not relay.closed:  # else the app left during the dial: not an upstream's failure
+            self.runtime.metrics.connections_refused.labels(OUTBOUND, "no_endpoint").inc()
         relay.close()
 
     def _may_retry(self, live: LiveUpstream, budget: RetryBudget, tried: list[Endpoint]) -> bool:

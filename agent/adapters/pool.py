@@ -137,6 +137,13 @@ class Pool:
         if self._sweep is None:
             self._sweep = loop.call_later(self.idle_timeout, self._close_idle)
 
+    def set_idle_timeout(self, seconds: float) -> None:
+        """A reload's timeout, for the connections idle now too: the sweep is rescheduled."""
+        self.idle_timeout = seconds
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._close_idle()  # closes what is past the new timeout, schedules the rest
+
     def retire(self, context: ssl.SSLContext) -> None:
         """Close the idle connections made under another context (an earlier SVID or bundle)."""
         for endpoint, idle in list(self.idle.items()):

@@ -21,7 +21,7 @@ import functools
 import logging
 import random
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from prometheus_client import Counter
@@ -33,7 +33,7 @@ from agent.adapters.runtime import Runtime
 from agent.adapters.tls import refusal_reason
 from agent.config import Outbound
 from agent.core.discovery import Source
-from agent.core.health import ActiveCheck, Event, Transition
+from agent.core.health import STATES, ActiveCheck, Event, Transition
 from agent.core.resilience import CircuitBreaker, RetryBudget
 from agent.core.upstream import Endpoint, Upstream
 
@@ -81,16 +81,22 @@ class LiveUpstream:
                 task.cancel()
         self._watches.clear()
         self.pool.close()
+        self._remove_gauges(self.name)
+
+    def _remove_gauges(self, name: str) -> None:
         gauge = self.runtime.metrics.upstream_endpoints
-        for state in self.core.health.counts(self._now()):
+        for state in STATES:
             with contextlib.suppress(KeyError):  # a gone upstream has no endpoints to show
-                gauge.remove(self.name, state)
+                gauge.remove(name, state)
 
     def reconfigure(self, config: Outbound) -> None:
         """Follow a new config; what it does not change carries over."""
         if config == self.config:
             return
         old, self.config = self.config, config
+        if config.name != old.name:  # renamed in place: its metrics follow the name
+            self._remove_gauges(old.name)
+            self.counted = Counted(self.runtime.metrics, config.name)
         if config.circuit_breaker != old.circuit_breaker:  # in-flight work releases the old one
             self.breaker = CircuitBreaker(config.circuit_breaker)
         if config.retries != old.retries:
@@ -100,15 +106,17 @@ class LiveUpstream:
         health = self.core.health if config.health == old.health else config.health
         core = Upstream(config.balancer, _weights(config), health)
         core.load = self.core.load
+        members: dict[str, Mapping[Endpoint, int]] = {}
         for subset in config.subsets:
             if subset.source in self.published:
-                core.update(subset.name, self.published[subset.source])
+                members[subset.name] = self.published[subset.source]
             elif subset.name in self.core.subsets:  # a new source: keep the members until it
-                core.update(subset.name, self.core.subsets[subset.name].members)  # publishes
+                members[subset.name] = self.core.subsets[subset.name].members  # publishes
+        core.update_all(members)  # at once: a shared health table keeps every subset's health
         gone = self.core.endpoints() - core.endpoints()
         self.core = core
         self.pool.drop(gone)
-        self.pool.idle_timeout = config.pool_idle_timeout
+        self.pool.set_idle_timeout(config.pool_idle_timeout)
         self._watch_sources()
         if config.health.active != old.health.active and self._tick is not None:
             self._start_checks()

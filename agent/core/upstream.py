@@ -44,8 +44,18 @@ class Upstream:
 
     def update(self, subset: str, members: Mapping[Endpoint, int]) -> frozenset[Endpoint]:
         """A subset's members (endpoint -> weight) as discovered; returns the endpoints gone."""
+        return self.update_all({subset: members})
+
+    def update_all(self, members: Mapping[str, Mapping[Endpoint, int]]) -> frozenset[Endpoint]:
+        """Several subsets' members at once; the health table sees the membership once, whole.
+
+        A reload fills a new Upstream that shares the old health table: told the
+        membership subset by subset, the table would forget every later subset's
+        endpoints and take them back as new, their ejections lost.
+        """
         before = self.endpoints()
-        self.subsets[subset] = Balancer(self.kind, members)
+        for subset, subset_members in members.items():
+            self.subsets[subset] = Balancer(self.kind, subset_members)
         after = self.endpoints()
         self.health.update(after)
         return before - after
@@ -98,5 +108,7 @@ class Upstream:
             others = sorted(
                 (n for n in self.weights if n != subset), key=lambda n: -self.weights[n]
             )
-            order = self._order[subset] = [subset, *others]
+            # A subset a reload removed (a request given it before) has only the others.
+            first = [subset] if subset in self.subsets else []
+            order = self._order[subset] = [*first, *others]
         return order
