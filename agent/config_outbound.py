@@ -23,7 +23,8 @@ outbound:
       outlier: {consecutive_failures: 5, consecutive_5xx: 5, base_ejection: 30s,
                 max_ejection: 300s, max_ejection_percent: 50}
       panic_threshold: 50                  # percent healthy below which all are used
-    timeouts: {connect: 5s, per_try: 0s, request: 0s}   # 0s: no limit
+    timeouts: {connect: 0s, per_try: 0s, request: 0s}   # 0s: no limit (connect:
+                                           # limits' connect + handshake timeouts)
     retries: {max: 2, retry_on: [connect-failure, reset, 503],
               non_idempotent: false, budget: {percent: 20, min_concurrency: 3}}
     circuit_breaker: {max_connections: 1024, max_pending: 1024, max_requests: 1024}

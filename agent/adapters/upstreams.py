@@ -7,10 +7,13 @@ health checker when configured; the outcomes of real traffic (`record`) for
 outlier detection; the circuit breaker and retry budget; the pool of idle
 mTLS connections (HTTP mode); and the gauges of endpoint states.
 
-A reload that changes only weights keeps everything else: the members as last
-discovered, the health table (ejections carry over) and the pool. Endpoints
-that leave lose their idle pooled connections at once; requests in flight on
-them finish.
+A reload keeps what it does not change: the members as last discovered, the
+health table (ejections and check verdicts carry over, under the new
+settings) and the pool, so flipping weights for blue/green moves traffic and
+nothing else. Endpoints that leave lose their idle pooled connections at
+once; requests in flight on them finish. A discovery watch that fails
+outright (no in-cluster credentials yet) starts again after
+DISCOVERY_RESTART seconds.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ log = logging.getLogger("outrider.agent")
 OUTBOUND, HEALTH = "outbound", "health"
 #: How often endpoint gauges are refreshed and ended ejections logged.
 TICK = 1.0
+#: Seconds before a discovery watch that failed outright is started again.
+DISCOVERY_RESTART = 10.0
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 
@@ -64,6 +69,7 @@ class LiveUpstream:
         self._watches: dict[Source, asyncio.Task[None]] = {}
         self._tick: asyncio.Task[None] | None = None
         self._checks: asyncio.Task[None] | None = None
+        self._closed = False
         self.counted = Counted(runtime.metrics, config.name)
 
     @property
@@ -76,6 +82,7 @@ class LiveUpstream:
         self._start_checks()
 
     def close(self) -> None:
+        self._closed = True
         for task in [*self._watches.values(), self._tick, self._checks]:
             if task is not None:
                 task.cancel()
@@ -103,7 +110,8 @@ class LiveUpstream:
             self.budget = RetryBudget(
                 config.retries.budget_percent, config.retries.min_retry_concurrency
             )
-        health = self.core.health if config.health == old.health else config.health
+        health = self.core.health  # ejections and check verdicts carry over
+        health.reconfigure(config.health)
         core = Upstream(config.balancer, _weights(config), health)
         core.load = self.core.load
         members: dict[str, Mapping[Endpoint, int]] = {}
@@ -143,12 +151,26 @@ class LiveUpstream:
             task = asyncio.create_task(
                 discovery.watch(source, publish), name=f"discovery {self.name}"
             )
-            task.add_done_callback(self._watch_ended)
+            task.add_done_callback(functools.partial(self._watch_ended, source))
             self._watches[source] = task
 
-    def _watch_ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("upstream %s: discovery stopped: %s", self.name, task.exception())
+    def _watch_ended(self, source: Source, task: asyncio.Task[None]) -> None:
+        """A watch that failed outright (e.g. no in-cluster credentials yet) starts again."""
+        if task.cancelled() or task.exception() is None or self._closed:
+            return
+        log.error(
+            "upstream %s: discovery failed, again in %.0fs: %s",
+            self.name,
+            DISCOVERY_RESTART,
+            task.exception(),
+        )
+        if self._watches.get(source) is task:
+            del self._watches[source]
+        asyncio.get_running_loop().call_later(DISCOVERY_RESTART, self._restart_watches)
+
+    def _restart_watches(self) -> None:
+        if not self._closed:
+            self._watch_sources()
 
     def _publish(self, source: Source, members: dict[Endpoint, int]) -> None:
         self.published[source] = members

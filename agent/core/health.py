@@ -199,6 +199,23 @@ class HealthTable:
         self._ended: list[Transition] = []  # ejections that ended, until expired() hands them out
         self._available: frozenset[Endpoint] | None = None  # cache: available() is per request
 
+    def reconfigure(self, settings: HealthSettings) -> None:
+        """New settings on reload; what the table knows carries over.
+
+        Turning active checks off clears their verdicts (nothing would ever
+        pass them again); turning outlier detection off ends every ejection.
+        """
+        self.settings = settings
+        for health in self._endpoints.values():
+            if settings.active is None:
+                health.checks, health.check_run = "passing", 0
+            if settings.outlier is None:
+                health.ejected_until = None
+                health.failures = health.errors_5xx = 0
+        if settings.outlier is None:
+            self._ejected.clear()
+        self._available = None
+
     def update(self, endpoints: Iterable[Endpoint]) -> None:
         """The upstream's whole membership: new endpoints start healthy, gone ones are forgotten."""
         members = set(endpoints)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +26,7 @@ import pytest
 from aiohttp import web
 
 from agent import config as agent_config
+from agent.adapters import upstreams
 from agent.app import Agent
 from tests.mesh import (
     AgentProcess,
@@ -594,3 +596,19 @@ async def test_a_removed_upstream_leaves_no_endpoint_gauges_behind(
                 if s.name == "outrider_upstream_endpoints"
             }
         assert names == set()  # a dashboard would otherwise show a gone upstream's endpoints
+
+
+async def test_a_discovery_watch_that_fails_outright_starts_again(
+    root: Path, setup: CaSetup, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No in-cluster credentials here: the Kubernetes watch fails at once, and again later."""
+    monkeypatch.setattr(upstreams, "DISCOVERY_RESTART", 0.05)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    source = {"service": "backend", "namespace": "shop"}
+    with caplog.at_level(logging.ERROR, logger="outrider.agent"):
+        async with client_agent(root, setup, kubernetes=source):
+
+            def failures() -> int:
+                return sum("discovery failed" in r.getMessage() for r in caplog.records)
+
+            assert await eventually(lambda: failures() >= 3, 5)

@@ -430,3 +430,32 @@ def test_the_ejection_cap_holds_for_any_sequence(
         healthy = {e for e, state in zip(endpoints, states, strict=True) if state == "healthy"}
         assert table.available(now) == healthy
         assert sum(table.counts(now).values()) == known
+
+
+def test_new_settings_on_reload_keep_what_the_table_knows() -> None:
+    table = HealthTable(WITH_CHECKS)
+    table.update([A, B, C])
+    eject_at(table, A, 0)
+    for _ in range(3):
+        table.record(B, FAIL, 0)
+    table.reconfigure(HealthSettings(active=ActiveCheck(interval=1.0)))  # another interval
+    assert (table.state(A, 1), table.state(B, 1), table.state(C, 1)) == (
+        "ejected",
+        "unhealthy",
+        "healthy",
+    )
+
+
+def test_turning_checks_or_ejection_off_clears_their_verdicts() -> None:
+    table = HealthTable(WITH_CHECKS)
+    table.update([A, B])
+    eject_at(table, A, 0)
+    for _ in range(3):
+        table.record(B, FAIL, 0)
+    table.reconfigure(OUTLIER_ONLY)  # no checks: nothing would ever pass B again
+    assert (table.state(A, 1), table.state(B, 1)) == ("ejected", "healthy")
+    table.reconfigure(HealthSettings(outlier=None))
+    assert table.available(1) == {A, B}
+    for _ in range(10):  # and nothing ejects any more
+        table.record(A, CF, 2)
+    assert table.state(A, 2) == "healthy"
