@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,29 +28,15 @@ from agent.adapters.discovery import KubernetesSliceApi, Resolver, SliceApi, wat
 from agent.core.backoff import Backoff
 from agent.core.discovery import DnsSource, KubernetesSource, Source, StaticSource
 from agent.core.endpoint import Endpoint
+from tests.unit.agent.test_discovery import FIXTURES, PODS, PORT, load
+from tests.unit.agent.test_discovery import pods as recorded_pods
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "endpointslices"
-PORT = 15443
 SOURCE = KubernetesSource("backend", "shop", PORT)
 #: How long a silent FakeStream lasts if nobody ends it: far beyond any wait here.
 WATCH_LIMIT = 30.0
 FAST = Backoff(initial=timedelta(milliseconds=10), maximum=timedelta(milliseconds=50))
-PODS = {
-    "A": "10.244.1.17",
-    "B": "10.244.2.9",
-    "C": "10.244.2.11",
-    "D": "10.244.3.5",
-    "E": "10.244.1.23",
-    "F": "10.244.3.8",
-    "G": "10.244.2.14",
-    "V": "192.168.50.10",
-}
 # What the agent publishes over the recorded list, rolling update, 410 and relist.
 RECORDED_SETS = ["ABD", "ABCD", "ABCDV", "BCDEV", "BCDEFV", "BCEFV", "BCEF", "CEFG"]
-
-
-def load(name: str) -> Any:
-    return json.loads((FIXTURES / name).read_text())
 
 
 def lines(name: str) -> list[str]:
@@ -59,7 +44,7 @@ def lines(name: str) -> list[str]:
 
 
 def pods(letters: str) -> dict[Endpoint, int]:
-    return {Endpoint(PODS[letter], PORT): 1 for letter in letters}
+    return dict.fromkeys(recorded_pods(letters), 1)
 
 
 def as_letters(published: dict[Endpoint, int]) -> str:
