@@ -1,4 +1,4 @@
-"""A hostile review of the HTTP/TCP upstreams (issue 6), each test a bug reproduced over loopback.
+"""Upstream edge cases over loopback: framing, connection slots, health answers, pooling.
 
 Backends are real apps behind real in-process agents (tests/integration/
 test_upstreams.py's helpers); where a test needs bytes an HTTP server would

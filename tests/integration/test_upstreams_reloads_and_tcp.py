@@ -1,9 +1,9 @@
-"""A second hostile review of the upstreams (issue 6): reloads, the TCP path, and the config.
+"""Upstreams across reloads, on the TCP path, and their config errors.
 
 Each test reproduces one bug over loopback with real in-process agents
 (tests/integration/test_upstreams.py's backends and helpers); the config
-tests parse YAML as a reload would. test_upstreams_review.py holds the
-first review's tests, whose helpers these reuse.
+tests parse YAML as a reload would. The helpers come from
+test_upstreams_edge_cases.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tests.integration.test_upstreams import (
     outbound,
     root,
 )
-from tests.integration.test_upstreams_review import (
+from tests.integration.test_upstreams_edge_cases import (
     SHORT_DRAIN,
     black_hole,
     client_agent,
