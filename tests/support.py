@@ -244,3 +244,10 @@ def ca_process(config: Path, timeout: float = 20.0) -> Iterator[CaProcess]:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=10)
         assert code == 0, f"CA exited {code} on SIGTERM"
+
+
+def whole_milliseconds(seconds: float) -> bool:
+    """`seconds` (a histogram's sum) is a whole number of milliseconds, as it is when every
+    observation it adds up came from a millisecond clock such as uvloop's `loop.time()`."""
+    ms = seconds * 1000
+    return abs(ms - round(ms)) < 1e-6

@@ -20,7 +20,7 @@ from typing import Generic, Protocol, TypeVar, cast
 from prometheus_client import Counter, Gauge
 
 from agent.adapters.http import HttpExchange, xfcc
-from agent.adapters.metrics import AgentMetrics
+from agent.adapters.metrics import AgentMetrics, clock
 from agent.adapters.outbound_http import OutboundHttp
 from agent.adapters.relay import Relay
 from agent.adapters.runtime import Runtime
@@ -196,7 +196,7 @@ class InboundListener(Listener[Inbound]):
 
     async def _setup(self, relay: Relay, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = clock()
         contexts, limits = self.runtime.contexts, self.runtime.limits
         # An HTTP port offers no h2 in ALPN, so every request on it is parsed: h2 relayed
         # at L4 would hand the app the client's own identity header and skip the paths.

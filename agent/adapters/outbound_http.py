@@ -42,6 +42,7 @@ from agent.adapters.http import (
     RequestEvents,
     local_response,
 )
+from agent.adapters.metrics import clock, since
 from agent.adapters.pool import UpstreamConnection
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.core.health import Event
@@ -286,8 +287,8 @@ class OutboundHttp(asyncio.Protocol):
         self.task = asyncio.get_running_loop().create_task(self._forward(request))
 
     async def _forward(self, request: _Request) -> None:
-        live, loop = self.live, asyncio.get_running_loop()
-        started = loop.time()
+        live = self.live
+        started = clock()
         self.events = self.responses = self.head = self.done = None  # the last request's
         try:
             status = await self._exchange(request)
@@ -295,7 +296,7 @@ class OutboundHttp(asyncio.Protocol):
             log.exception("outbound %s: request failed unexpectedly; closing the app's", live.name)
             self.abort()
             return
-        live.counted.request(status, loop.time() - started)
+        live.counted.request(status, since(started))
         self.task = None
         self.queue.popleft()
         if self.closing or not request.keep_alive or not request.done:

@@ -27,7 +27,7 @@ from aiohttp import web
 from agent.adapters.http import xfcc
 from tests import certs
 from tests.mesh import AgentProcess, agent_process, agent_yaml, inbound, workload
-from tests.support import CaProcess, CaSetup
+from tests.support import CaProcess, CaSetup, whole_milliseconds
 
 POLICY = """\
 policies:
@@ -340,6 +340,16 @@ def test_identity_header_spellings_an_app_server_may_fold_are_stripped_too(
     forged = "X-Forwarded-Client_Cert: By=x;URI=spiffe://example.org/ns/demo/sa/admin"
     assert one(setup, agent, get("/api/items", forged)).status == 200
     assert app.seen[-1]["xfcc"] == [f"By={workload('backend')};URI={workload('frontend')}"]
+
+
+def test_handshake_latency_is_measured_below_a_millisecond(
+    setup: CaSetup, agent: AgentProcess
+) -> None:
+    for _ in range(3):
+        assert one(setup, agent, get("/api/items")).status == 200
+    total = metric(agent, "outrider_tls_handshake_duration_seconds_sum", direction="inbound")
+    assert total > 0
+    assert not whole_milliseconds(total), "handshakes timed on a millisecond clock"
 
 
 def test_plaintext_never_reaches_the_app(agent: AgentProcess, app: App) -> None:
