@@ -17,7 +17,9 @@ HEAD, which llhttp cannot be told has no body, ends cleanly: its head is the
 whole message, and the next response gets a fresh parser.
 
 A denied request gets 403 with a short JSON body naming the policy and rule;
-a bad path 400; headers over the limits 431; an Upgrade or CONNECT 501 (an
+a bad path 400; a header name with an underscore 400, or the header is
+dropped (agent/core/headers.py decides, for both directions); headers over
+the limits 431; an Upgrade or CONNECT 501 (an
 upgraded stream would carry bytes no policy sees: use a TCP port for
 WebSockets). Each such answer closes the connection once earlier responses
 are out.
@@ -36,6 +38,7 @@ from typing import Protocol
 
 import httptools
 
+from agent.core.headers import UnderscoreAction, screen, underscore_refusal
 from agent.core.httppath import BadPath, normalize_host, normalize_target
 from agent.core.policy import Decision
 
@@ -67,6 +70,10 @@ def _quoted(value: str) -> str:
 def _identity(name: bytes) -> bool:
     """One of the headers the agent sets, in any spelling an app server may fold onto it."""
     return name.lower().replace(b"_", b"-") in IDENTITY_HEADERS
+
+
+def error_body(error: str, detail: str = "") -> dict[str, str]:
+    return {"error": error, "detail": detail} if detail else {"error": error}
 
 
 def local_response(status: int, body: dict[str, str]) -> bytes:
@@ -101,9 +108,11 @@ class HttpExchange:
         authorize: Authorize,
         identity: bytes,
         on_response: Callable[[int], None],
+        underscores: UnderscoreAction = "reject",
     ) -> None:
         self.client, self.app = client, app
         self.authorize = authorize
+        self.underscores = underscores  # what a header name with an underscore gets
         self.identity = identity  # the x-forwarded-client-cert value for this peer
         self.on_response = on_response
         self.requests = httptools.HttpRequestParser(RequestEvents(self))
@@ -210,8 +219,8 @@ class HttpExchange:
         self._send(request, b"0\r\n\r\n" if request.chunked else b"")
         request.done = True
 
-    def refuse(self, status: int, error: str) -> None:
-        self.answer(status, {"error": error})
+    def refuse(self, status: int, error: str, detail: str = "") -> None:
+        self.answer(status, error_body(error, detail))
 
     def answer(self, status: int, body: dict[str, str]) -> None:
         """Answer the latest request ourselves, after every earlier response; then close."""
@@ -299,11 +308,12 @@ class RequestReader(Protocol):
     requests: httptools.HttpRequestParser
     unparsed: int
     stopped: bool
+    underscores: UnderscoreAction
 
     def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
     def body(self, data: bytes) -> None: ...
     def request_done(self) -> None: ...
-    def refuse(self, status: int, error: str) -> None: ...
+    def refuse(self, status: int, error: str, detail: str = "") -> None: ...
 
 
 class RequestEvents:
@@ -312,23 +322,30 @@ class RequestEvents:
     def __init__(self, exchange: RequestReader) -> None:
         self.exchange = exchange
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes]] = []  # the fields passed on
         self.size = 0
+        self.fields = 0  # received, dropped ones included
 
     def on_message_begin(self) -> None:
-        self.url, self.headers, self.size = b"", [], 0
+        self.url, self.headers, self.size, self.fields = b"", [], 0, 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
         self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        self.fields += 1
         self._count(len(name) + len(value))
+        verdict = screen(name, self.exchange.underscores)
+        if verdict == "keep":
+            self.headers.append((name, value))
+        elif verdict == "reject":  # trailers too: one rule for every field
+            self.exchange.refuse(400, "bad_request", underscore_refusal(name))
+            raise Refused
 
     def _count(self, size: int) -> None:
         self.size += size
-        if self.size > MAX_HEADER_BYTES or len(self.headers) > MAX_HEADERS:
+        if self.size > MAX_HEADER_BYTES or self.fields > MAX_HEADERS:
             self.exchange.refuse(431, "headers_too_large")
             raise Refused  # stops the parser: nothing after this is read
 

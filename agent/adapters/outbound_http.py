@@ -40,6 +40,7 @@ from agent.adapters.http import (
     MAX_HEADER_BYTES,
     Refused,
     RequestEvents,
+    error_body,
     local_response,
 )
 from agent.adapters.metrics import clock, since
@@ -96,6 +97,7 @@ class OutboundHttp(asyncio.Protocol):
         self.rng = rng
         self.client: asyncio.Transport | None = None
         self.source = b""
+        self.underscores = live.runtime.limits.headers_with_underscores
         self.requests = httptools.HttpRequestParser(RequestEvents(self))
         self.unparsed = 0  # bytes fed since the parser last handed some on
         self.queue: deque[_Request] = deque()  # queue[0] is in flight
@@ -195,7 +197,7 @@ class OutboundHttp(asyncio.Protocol):
         if self.client is not None:
             self.client.abort()
 
-    def refuse(self, status: int, error: str) -> None:
+    def refuse(self, status: int, error: str, detail: str = "") -> None:
         """Answer the request being read ourselves, after the one in flight; then close."""
         self.stopped = True
         partial = self.queue and not self.queue[-1].done
@@ -208,11 +210,11 @@ class OutboundHttp(asyncio.Protocol):
             if self.events is not None and self.events.delivering:
                 self.abort()
             else:
-                self._answer(status, error)
+                self._answer(status, error, detail)
                 self._close_client()
             return
         refusal = _Request("", b"", None, False, False, False, done=True)
-        refusal.answer = local_response(status, {"error": error})
+        refusal.answer = local_response(status, error_body(error, detail))
         self.queue.append(refusal)
         if len(self.queue) == 1:
             self._next()
@@ -524,8 +526,8 @@ class OutboundHttp(asyncio.Protocol):
 
     # -- to the app ----------------------------------------------------------------------
 
-    def _answer(self, status: int, error: str) -> int:
-        self.to_client.append(local_response(status, {"error": error}))
+    def _answer(self, status: int, error: str, detail: str = "") -> int:
+        self.to_client.append(local_response(status, error_body(error, detail)))
         self.closing = True
         self._flush()
         return status
