@@ -24,6 +24,33 @@ class Reply:
         return json.loads(self.body)
 
 
+def connect(
+    setup: CaSetup, agent: AgentProcess, who: str = "frontend", alpn: list[str] | None = None
+) -> ssl.SSLSocket:
+    """An mTLS connection to the agent's first inbound port, as `who`."""
+    context = certs.client_context(setup.bundle_pem, certs.valid_svid(setup, workload(who)))
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    host, port = agent.bound["inbound[0]"].rsplit(":", 1)
+    return context.wrap_socket(socket.create_connection((host, int(port)), timeout=5))
+
+
+class Responses:
+    """Responses read one at a time from a connection (they may share a TLS record)."""
+
+    def __init__(self, tls: ssl.SSLSocket) -> None:
+        self.stream = _Stream(tls.makefile("rb"))
+
+    def next(self, method: str = "GET") -> Reply | None:
+        """The next response, or None if the connection closed first."""
+        response = http.client.HTTPResponse(self.stream, method=method)  # type: ignore[arg-type]
+        try:
+            response.begin()
+        except (http.client.RemoteDisconnected, ConnectionError, ssl.SSLError):
+            return None
+        return Reply(response.status, response.headers, response.read())
+
+
 def exchange(
     setup: CaSetup,
     agent: AgentProcess,
@@ -33,21 +60,15 @@ def exchange(
     alpn: list[str] | None = None,
 ) -> list[Reply]:
     """Send raw bytes over mTLS as `who`; read one response per method, or until closed."""
-    context = certs.client_context(setup.bundle_pem, certs.valid_svid(setup, workload(who)))
-    if alpn:
-        context.set_alpn_protocols(alpn)
-    host, port = agent.bound["inbound[0]"].rsplit(":", 1)
     replies = []
-    with context.wrap_socket(socket.create_connection((host, int(port)), timeout=5)) as tls:
+    with connect(setup, agent, who, alpn) as tls:
         tls.sendall(raw)
-        stream = _Stream(tls.makefile("rb"))
+        responses = Responses(tls)
         for method in methods:
-            response = http.client.HTTPResponse(stream, method=method)  # type: ignore[arg-type]
-            try:
-                response.begin()
-            except (http.client.RemoteDisconnected, ConnectionError, ssl.SSLError):
+            reply = responses.next(method)
+            if reply is None:
                 break
-            replies.append(Reply(response.status, response.headers, response.read()))
+            replies.append(reply)
     return replies
 
 

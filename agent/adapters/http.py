@@ -23,6 +23,12 @@ the limits 431; an Upgrade or CONNECT 501 (an
 upgraded stream would carry bytes no policy sees: use a TCP port for
 WebSockets). Each such answer closes the connection once earlier responses
 are out.
+
+Draining (SIGTERM): an idle connection closes at once; one with requests
+already read gets their responses, the last with `Connection: close`, and
+then closes. A request that starts after the drain began is not read: the
+connection closes under it, which a client treats like any pooled connection
+the server closed (it retries elsewhere), never a 502 after the app acted.
 """
 
 from __future__ import annotations
@@ -109,6 +115,7 @@ class HttpExchange:
         identity: bytes,
         on_response: Callable[[int], None],
         underscores: UnderscoreAction = "reject",
+        drained: Callable[[], None] = lambda: None,
     ) -> None:
         self.client, self.app = client, app
         self.authorize = authorize
@@ -129,6 +136,8 @@ class HttpExchange:
         self.to_client: list[bytes] = []
         self.to_app: list[bytes] = []
         self.closing = False  # close the client once what is owed to it is written
+        self.draining = False  # take no new request; close once what was read is answered
+        self.drained = drained  # told when a drained connection has been sent all it is owed
 
     # -- bytes in ----------------------------------------------------------------------
 
@@ -165,11 +174,28 @@ class HttpExchange:
             self.to_client.clear()
         if self.closing:
             self.client.close()
+            if self.draining and not self.client.get_write_buffer_size():
+                # Nothing owed is left to write: the drain does not wait for the client's
+                # close_notify, which a pooled client sends only when it next uses the
+                # connection (the TLS shutdown goes on meanwhile).
+                self.drained()
+
+    def finish(self) -> None:
+        """Draining: close now if nothing was asked, else once what was read is answered."""
+        self.draining = True
+        if not self.queue:
+            self.stopped = self.closing = True
+            self._flush()
+        elif self.queue[-1].done:
+            self.stopped = True  # the requests read are all whole: read nothing more
 
     # -- requests ----------------------------------------------------------------------
 
     def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         """A request head is complete: authorize it and send or hold it."""
+        if self.draining:  # begun after the drain: not taken (the close tells the client)
+            self.stopped = True
+            return
         try:
             path, query = normalize_target(target.decode("latin-1"))
         except BadPath as exc:
@@ -218,6 +244,8 @@ class HttpExchange:
             return
         self._send(request, b"0\r\n\r\n" if request.chunked else b"")
         request.done = True
+        if self.draining:
+            self.stopped = True
 
     def refuse(self, status: int, error: str, detail: str = "") -> None:
         self.answer(status, error_body(error, detail))
@@ -277,6 +305,10 @@ class HttpExchange:
         """Write the head of the app's response; True when it is the whole response (HEAD)."""
         version = self.responses.get_http_version()
         lines = [b"HTTP/%s %d %s" % (version.encode(), status, reason)]
+        last = self.draining and status >= 200 and len(self.queue) == 1
+        if last:  # the client learns from this response not to send another
+            headers = [(n, v) for n, v in headers if n.lower() != b"connection"]
+            headers.append((b"Connection", b"close"))
         lines += [b"%s: %s" % (n, v) for n, v in headers if not _identity(n)]
         self.to_client.append(b"\r\n".join(lines) + b"\r\n\r\n")
         if self.queue and self.queue[0].method == b"HEAD" and status >= 200:
@@ -293,7 +325,7 @@ class HttpExchange:
             return
         self.on_response(status)
         request = self.queue.popleft()
-        if not keep_alive or not request.done:
+        if not keep_alive or not request.done or (self.draining and not self.queue):
             # Answered before its body was all read: the app may still be reading
             # that body, so nothing else can follow on this connection.
             self.stopped = True

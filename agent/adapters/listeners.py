@@ -263,8 +263,10 @@ class InboundListener(Listener[Inbound]):
             identity,
             answered,
             limits.headers_with_underscores,
+            relay.close,
         )
         relay.link(exchange.from_client, exchange.from_app)
+        relay.drained_by(exchange.finish)
 
     def _authorize(self, request: Request, config: Inbound) -> Decision:
         """The policy's decision on a connection (L4) or a request (L7), counted."""
