@@ -26,7 +26,7 @@ are out.
 
 Draining (SIGTERM): an idle connection closes at once; one with requests
 already read gets their responses, the last with `Connection: close`, and
-then closes. A request that starts after the drain began is not read: the
+then closes. A request whose head had not arrived whole is not taken: the
 connection closes under it, which a client treats like any pooled connection
 the server closed (it retries elsewhere), never a 502 after the app acted.
 """
