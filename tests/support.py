@@ -35,6 +35,15 @@ from identity.proto import ca_pb2
 TRUST_DOMAIN = TrustDomain("example.org")
 WORKLOAD = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/web"  # the identity of token("shop", "web")
 SERVER_NAME = "localhost"
+#: A DENY on one header's value: what the header-name tests try to get around.
+DENY_ADMIN_ROLE = """\
+policies:
+  - name: guard
+    action: DENY
+    rules:
+      - name: no-admins
+        when: [{header: x-role, values: [admin]}]
+"""
 _READY = re.compile(r"gRPC \(TLS\) on [^ ]+:(\d+), HTTP on [^ ]+:(\d+)")
 
 

@@ -20,17 +20,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import pytest
 
 from tests.httpraw import get, one
-from tests.mesh import AgentProcess, agent_process, agent_yaml, inbound, workload
-from tests.support import CaProcess, CaSetup
-
-POLICY = """\
-policies:
-  - name: guard
-    action: DENY
-    rules:
-      - name: no-admins
-        when: [{header: x-role, values: [admin]}]
-"""
+from tests.mesh import AgentProcess, agent_process, inbound, served_agent_yaml, workload
+from tests.support import DENY_ADMIN_ROLE, CaProcess, CaSetup
 
 
 class WsgiApp:
@@ -72,12 +63,11 @@ def _backend(
     setup: CaSetup, ca: CaProcess, app: WsgiApp, name: str, **limits: str
 ) -> dict[str, Any]:
     policy = setup.root / "policy.yaml"
-    policy.write_text(POLICY)
-    return agent_yaml(
-        setup.root,
+    policy.write_text(DENY_ADMIN_ROLE)
+    return served_agent_yaml(
+        setup,
+        ca,
         name,
-        ca_address=f"127.0.0.1:{ca.grpc_port}",
-        token=setup.issuer.token("demo", name),
         inbound=inbound(app.port, protocol="http"),
         policy={"files": [str(policy)]},
         limits=limits,
@@ -99,11 +89,10 @@ def dropping(setup: CaSetup, ca: CaProcess, app: WsgiApp) -> Iterator[AgentProce
 
 @pytest.fixture(scope="module")
 def frontend(setup: CaSetup, ca: CaProcess, backend: AgentProcess) -> Iterator[AgentProcess]:
-    raw = agent_yaml(
-        setup.root,
+    raw = served_agent_yaml(
+        setup,
+        ca,
         "frontend",
-        ca_address=f"127.0.0.1:{ca.grpc_port}",
-        token=setup.issuer.token("demo", "frontend"),
         outbound=[
             {
                 "name": "backend",

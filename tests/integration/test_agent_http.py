@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +24,15 @@ from aiohttp import web
 from agent.adapters.http import xfcc
 from tests import certs
 from tests.httpraw import exchange, get, one
-from tests.mesh import AgentProcess, agent_process, agent_yaml, inbound, workload
+from tests.mesh import (
+    AgentProcess,
+    agent_process,
+    agent_yaml,
+    inbound,
+    served_agent_yaml,
+    threaded_app,
+    workload,
+)
 from tests.support import CaProcess, CaSetup, whole_milliseconds
 
 POLICY = """\
@@ -80,35 +87,21 @@ async def _answer(request: web.Request) -> web.Response:
 @pytest.fixture(scope="module")
 def app() -> Iterator[App]:
     """The app, on its own event loop in a thread, for the whole module."""
-    loop = asyncio.new_event_loop()
     application = web.Application()
     application[SEEN] = []
     application.router.add_route("*", "/{tail:.*}", _answer)
-    runner = web.AppRunner(application, access_log=None)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
+    with threaded_app(application) as port:
         yield App(port, application[SEEN])
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.run_until_complete(runner.cleanup())
-        loop.close()
 
 
 @pytest.fixture(scope="module")
 def agent(setup: CaSetup, ca: CaProcess, app: App) -> Iterator[AgentProcess]:
     policy = setup.root / "policy.yaml"
     policy.write_text(POLICY)
-    raw = agent_yaml(
-        setup.root,
+    raw = served_agent_yaml(
+        setup,
+        ca,
         "backend",
-        ca_address=f"127.0.0.1:{ca.grpc_port}",
-        token=setup.issuer.token("demo", "backend"),
         inbound=inbound(app.port, protocol="http"),
         policy={"files": [str(policy)]},
     )

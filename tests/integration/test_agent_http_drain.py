@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import threading
 import time
 import urllib.error
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from tests.httpraw import Responses, connect, get
-from tests.mesh import AgentProcess, agent_process, agent_yaml, inbound
+from tests.mesh import AgentProcess, agent_process, inbound, served_agent_yaml, threaded_app
 from tests.support import CaProcess, CaSetup
 
 DRAIN_TIMEOUT = 20.0
@@ -31,23 +30,10 @@ SLOW = 1.0  # seconds the app takes over /slow... (each test asks for a path of 
 
 
 class App:
-    """An HTTP app on its own loop in a thread; `seen` lists the paths it was asked for."""
+    """The app behind the agent; `seen` lists the paths it was asked for."""
 
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-        self.loop = asyncio.new_event_loop()
-        application = web.Application()
-        application.router.add_get("/{tail:.*}", self.answer)
-        self.runner = web.AppRunner(application, access_log=None)
-        self.loop.run_until_complete(self.runner.setup())
-        self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", 0).start())
-        self.port = self.runner.addresses[0][1]
-
-    async def answer(self, request: web.Request) -> web.Response:
-        self.seen.append(request.path)
-        if request.path.startswith("/slow"):
-            await asyncio.sleep(SLOW)
-        return web.Response(text="ok")
+    def __init__(self, port: int, seen: list[str]) -> None:
+        self.port, self.seen = port, seen
 
     def wait_for(self, path: str) -> None:
         for _ in range(500):
@@ -59,25 +45,26 @@ class App:
 
 @pytest.fixture(scope="module")
 def app() -> Iterator[App]:
-    served = App()
-    thread = threading.Thread(target=served.loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield served
-    finally:
-        served.loop.call_soon_threadsafe(served.loop.stop)
-        thread.join(5)
-        served.loop.run_until_complete(served.runner.cleanup())
-        served.loop.close()
+    seen: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        if request.path.startswith("/slow"):
+            await asyncio.sleep(SLOW)
+        return web.Response(text="ok")
+
+    application = web.Application()
+    application.router.add_get("/{tail:.*}", answer)
+    with threaded_app(application) as port:
+        yield App(port, seen)
 
 
 @contextmanager
 def http_agent(setup: CaSetup, ca: CaProcess, app: App) -> Iterator[AgentProcess]:
-    raw = agent_yaml(
-        setup.root,
+    raw = served_agent_yaml(
+        setup,
+        ca,
         "backend",
-        ca_address=f"127.0.0.1:{ca.grpc_port}",
-        token=setup.issuer.token("demo", "backend"),
         inbound=inbound(app.port, protocol="http"),
         limits={"drain_timeout": f"{DRAIN_TIMEOUT:.0f}s"},
     )

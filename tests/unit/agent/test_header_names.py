@@ -19,20 +19,9 @@ from agent.core.headers import UNDERSCORE_ACTIONS, UnderscoreAction, screen
 from agent.core.policy import Decision, PolicySet, Request
 from agent.core.policyfile import parse_policies
 from identity import SpiffeId
+from tests.support import DENY_ADMIN_ROLE
 
-POLICIES = PolicySet(
-    parse_policies(
-        """\
-policies:
-  - name: guard
-    action: DENY
-    rules:
-      - name: no-admins
-        when: [{header: x-role, values: [admin]}]
-""",
-        "test",
-    )
-)
+POLICIES = PolicySet(parse_policies(DENY_ADMIN_ROLE, "test"))
 PEER = SpiffeId.parse("spiffe://example.org/ns/demo/sa/frontend")
 
 
