@@ -26,7 +26,7 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
         server_ids: [spiffe://example.org/ns/shop/sa/backend]
     limits: {handshake_timeout: 10s, connect_timeout: 5s, idle_timeout: 1h,
              max_connections: 10000, drain_timeout: 30s,
-             headers_with_underscores: reject}            # or drop: never passed on
+             headers_with_underscores: reject}  # or drop; either way never passed on
     admin: 127.0.0.1:15000
     policy:                                            # docs/policy.md
       files: [/etc/outrider/policy/policy.yaml]        # watched, reloaded when changed

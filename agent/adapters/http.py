@@ -19,10 +19,9 @@ whole message, and the next response gets a fresh parser.
 A denied request gets 403 with a short JSON body naming the policy and rule;
 a bad path 400; a header name with an underscore 400, or the header is
 dropped (agent/core/headers.py decides, for both directions); headers over
-the limits 431; an Upgrade or CONNECT 501 (an
-upgraded stream would carry bytes no policy sees: use a TCP port for
-WebSockets). Each such answer closes the connection once earlier responses
-are out.
+the limits 431; an Upgrade or CONNECT 501 (an upgraded stream would carry
+bytes no policy sees: use a TCP port for WebSockets). Each such answer
+closes the connection once earlier responses are out.
 
 Draining (SIGTERM): an idle connection closes at once; one with requests
 already read gets their responses, the last with `Connection: close`, and
