@@ -25,7 +25,8 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
         endpoints: [backend.shop.svc:15443]            # or dns:, kubernetes:, subsets:
         server_ids: [spiffe://example.org/ns/shop/sa/backend]
     limits: {handshake_timeout: 10s, connect_timeout: 5s, idle_timeout: 1h,
-             max_connections: 10000, drain_timeout: 30s}
+             max_connections: 10000, drain_timeout: 30s,
+             headers_with_underscores: reject}  # or drop; either way never passed on
     admin: 127.0.0.1:15000
     policy:                                            # docs/policy.md
       files: [/etc/outrider/policy/policy.yaml]        # watched, reloaded when changed
@@ -43,6 +44,7 @@ from typing import Any, get_args
 from agent.config_outbound import PROTOCOLS, Outbound, OutboundReader, Protocol
 from agent.core.authz import AllowList
 from agent.core.backoff import Backoff
+from agent.core.headers import UNDERSCORE_ACTIONS, UnderscoreAction
 from agent.core.policy import DefaultAction
 from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
@@ -86,6 +88,9 @@ class Limits:
     idle_timeout: timedelta = timedelta(hours=1)
     max_connections: int = 10_000
     drain_timeout: timedelta = timedelta(seconds=30)
+    #: A request header name with an underscore: refuse the request, or drop the header
+    #: (agent/core/headers.py says why either way, never pass it on).
+    headers_with_underscores: UnderscoreAction = "reject"
 
 
 @dataclass(frozen=True)
@@ -241,6 +246,12 @@ class _Reader(OutboundReader):
             ),
             drain_timeout=self.duration(
                 raw, "drain_timeout", "limits.drain_timeout", d.drain_timeout, zero_ok=True
+            ),
+            headers_with_underscores=self.choice(
+                raw,
+                "headers_with_underscores",
+                "limits.headers_with_underscores",
+                UNDERSCORE_ACTIONS,
             ),
         )
 

@@ -210,6 +210,7 @@ def _policy_lint(args: argparse.Namespace) -> None:
 
 
 def _policy_check(args: argparse.Namespace) -> None:
+    from agent.core.headers import underscore_refusal
     from agent.core.httppath import BadPath, normalize_host, normalize_target
     from agent.core.policy import PolicySet, Request
     from agent.core.policyfile import PolicyError, load_policy_files
@@ -232,6 +233,10 @@ def _policy_check(args: argparse.Namespace) -> None:
         name, equals, value = header.partition("=")
         if not equals or not name:
             raise CommandError(f"--header {header!r} is not NAME=VALUE", EXIT_USAGE)
+        if "_" in name:  # as the agent does by default (limits.headers_with_underscores)
+            why = underscore_refusal(name.encode())
+            print(f"deny\nstatus: 400 (refused before any policy)\nwhy: {why}")
+            raise CommandError("denied", EXIT_FAILURE)
         headers[name.lower()] = (*headers.get(name.lower(), ()), value)
     path = None
     if args.method is not None:

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -35,7 +37,7 @@ from ca.issuer import Issuer
 from ca.signers.local import LocalSigner
 from identity import SpiffeId
 from identity.proto import ca_pb2
-from tests.support import TRUST_DOMAIN, CaSetup, wait_for_line
+from tests.support import TRUST_DOMAIN, CaProcess, CaSetup, wait_for_line
 
 _READY = re.compile(r"ready as (\S+): (.*)$")
 
@@ -94,6 +96,17 @@ def agent_yaml(
     }
     config.update(sections)
     return config
+
+
+def served_agent_yaml(setup: CaSetup, ca: CaProcess, name: str, **sections: Any) -> dict[str, Any]:
+    """agent.yaml for workload `name` (namespace demo), with its SVID from the `ca serve` `ca`."""
+    return agent_yaml(
+        setup.root,
+        name,
+        ca_address=f"127.0.0.1:{ca.grpc_port}",
+        token=setup.issuer.token("demo", name),
+        **sections,
+    )
 
 
 def inbound(app_port: int, **extra: Any) -> list[dict[str, Any]]:
@@ -158,6 +171,25 @@ async def echo_server(accepted: list[int] | None = None) -> AsyncIterator[int]:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
+
+
+@contextmanager
+def threaded_app(application: web.Application) -> Iterator[int]:
+    """An aiohttp app on an event loop of its own in a thread, so tests that block on
+    sockets and agent processes can reach it; yields its port."""
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(application, access_log=None)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
 
 
 async def round_trip(address: str, payload: bytes = b"ping", timeout: float = 5.0) -> bytes:

@@ -35,6 +35,15 @@ from identity.proto import ca_pb2
 TRUST_DOMAIN = TrustDomain("example.org")
 WORKLOAD = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/web"  # the identity of token("shop", "web")
 SERVER_NAME = "localhost"
+#: A DENY on one header's value: what the header-name tests try to get around.
+DENY_ADMIN_ROLE = """\
+policies:
+  - name: guard
+    action: DENY
+    rules:
+      - name: no-admins
+        when: [{header: x-role, values: [admin]}]
+"""
 _READY = re.compile(r"gRPC \(TLS\) on [^ ]+:(\d+), HTTP on [^ ]+:(\d+)")
 
 
@@ -244,3 +253,10 @@ def ca_process(config: Path, timeout: float = 20.0) -> Iterator[CaProcess]:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=10)
         assert code == 0, f"CA exited {code} on SIGTERM"
+
+
+def whole_milliseconds(seconds: float) -> bool:
+    """`seconds` (a histogram's sum) is a whole number of milliseconds, as it is when every
+    observation it adds up came from a millisecond clock such as uvloop's `loop.time()`."""
+    ms = seconds * 1000
+    return abs(ms - round(ms)) < 1e-6

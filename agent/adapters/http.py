@@ -17,10 +17,17 @@ HEAD, which llhttp cannot be told has no body, ends cleanly: its head is the
 whole message, and the next response gets a fresh parser.
 
 A denied request gets 403 with a short JSON body naming the policy and rule;
-a bad path 400; headers over the limits 431; an Upgrade or CONNECT 501 (an
-upgraded stream would carry bytes no policy sees: use a TCP port for
-WebSockets). Each such answer closes the connection once earlier responses
-are out.
+a bad path 400; a header name with an underscore 400, or the header is
+dropped (agent/core/headers.py decides, for both directions); headers over
+the limits 431; an Upgrade or CONNECT 501 (an upgraded stream would carry
+bytes no policy sees: use a TCP port for WebSockets). Each such answer
+closes the connection once earlier responses are out.
+
+Draining (SIGTERM): an idle connection closes at once; one with requests
+already read gets their responses, the last with `Connection: close`, and
+then closes. A request whose head had not arrived whole is not taken: the
+connection closes under it, which a client treats like any pooled connection
+the server closed (it retries elsewhere), never a 502 after the app acted.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from typing import Protocol
 
 import httptools
 
+from agent.core.headers import UnderscoreAction, screen, underscore_refusal
 from agent.core.httppath import BadPath, normalize_host, normalize_target
 from agent.core.policy import Decision
 
@@ -67,6 +75,10 @@ def _quoted(value: str) -> str:
 def _identity(name: bytes) -> bool:
     """One of the headers the agent sets, in any spelling an app server may fold onto it."""
     return name.lower().replace(b"_", b"-") in IDENTITY_HEADERS
+
+
+def error_body(error: str, detail: str = "") -> dict[str, str]:
+    return {"error": error, "detail": detail} if detail else {"error": error}
 
 
 def local_response(status: int, body: dict[str, str]) -> bytes:
@@ -101,9 +113,12 @@ class HttpExchange:
         authorize: Authorize,
         identity: bytes,
         on_response: Callable[[int], None],
+        underscores: UnderscoreAction = "reject",
+        drained: Callable[[], None] = lambda: None,
     ) -> None:
         self.client, self.app = client, app
         self.authorize = authorize
+        self.underscores = underscores  # what a header name with an underscore gets
         self.identity = identity  # the x-forwarded-client-cert value for this peer
         self.on_response = on_response
         self.requests = httptools.HttpRequestParser(RequestEvents(self))
@@ -120,6 +135,8 @@ class HttpExchange:
         self.to_client: list[bytes] = []
         self.to_app: list[bytes] = []
         self.closing = False  # close the client once what is owed to it is written
+        self.draining = False  # take no new request; close once what was read is answered
+        self.drained = drained  # told when a drained connection has been sent all it is owed
 
     # -- bytes in ----------------------------------------------------------------------
 
@@ -156,11 +173,28 @@ class HttpExchange:
             self.to_client.clear()
         if self.closing:
             self.client.close()
+            if self.draining and not self.client.get_write_buffer_size():
+                # Nothing owed is left to write: the drain does not wait for the client's
+                # close_notify, which a pooled client sends only when it next uses the
+                # connection (the TLS shutdown goes on meanwhile).
+                self.drained()
+
+    def finish(self) -> None:
+        """Draining: close now if nothing was asked, else once what was read is answered."""
+        self.draining = True
+        if not self.queue:
+            self.stopped = self.closing = True
+            self._flush()
+        elif self.queue[-1].done:
+            self.stopped = True  # the requests read are all whole: read nothing more
 
     # -- requests ----------------------------------------------------------------------
 
     def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         """A request head is complete: authorize it and send or hold it."""
+        if self.draining:  # begun after the drain: not taken (the close tells the client)
+            self.stopped = True
+            return
         try:
             path, query = normalize_target(target.decode("latin-1"))
         except BadPath as exc:
@@ -209,9 +243,11 @@ class HttpExchange:
             return
         self._send(request, b"0\r\n\r\n" if request.chunked else b"")
         request.done = True
+        if self.draining:
+            self.stopped = True
 
-    def refuse(self, status: int, error: str) -> None:
-        self.answer(status, {"error": error})
+    def refuse(self, status: int, error: str, detail: str = "") -> None:
+        self.answer(status, error_body(error, detail))
 
     def answer(self, status: int, body: dict[str, str]) -> None:
         """Answer the latest request ourselves, after every earlier response; then close."""
@@ -268,6 +304,10 @@ class HttpExchange:
         """Write the head of the app's response; True when it is the whole response (HEAD)."""
         version = self.responses.get_http_version()
         lines = [b"HTTP/%s %d %s" % (version.encode(), status, reason)]
+        last = self.draining and status >= 200 and len(self.queue) == 1
+        if last:  # the client learns from this response not to send another
+            headers = [(n, v) for n, v in headers if n.lower() != b"connection"]
+            headers.append((b"Connection", b"close"))
         lines += [b"%s: %s" % (n, v) for n, v in headers if not _identity(n)]
         self.to_client.append(b"\r\n".join(lines) + b"\r\n\r\n")
         if self.queue and self.queue[0].method == b"HEAD" and status >= 200:
@@ -284,7 +324,7 @@ class HttpExchange:
             return
         self.on_response(status)
         request = self.queue.popleft()
-        if not keep_alive or not request.done:
+        if not keep_alive or not request.done or (self.draining and not self.queue):
             # Answered before its body was all read: the app may still be reading
             # that body, so nothing else can follow on this connection.
             self.stopped = True
@@ -299,11 +339,12 @@ class RequestReader(Protocol):
     requests: httptools.HttpRequestParser
     unparsed: int
     stopped: bool
+    underscores: UnderscoreAction
 
     def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
     def body(self, data: bytes) -> None: ...
     def request_done(self) -> None: ...
-    def refuse(self, status: int, error: str) -> None: ...
+    def refuse(self, status: int, error: str, detail: str = "") -> None: ...
 
 
 class RequestEvents:
@@ -312,23 +353,30 @@ class RequestEvents:
     def __init__(self, exchange: RequestReader) -> None:
         self.exchange = exchange
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes]] = []  # the fields passed on
         self.size = 0
+        self.fields = 0  # received, dropped ones included
 
     def on_message_begin(self) -> None:
-        self.url, self.headers, self.size = b"", [], 0
+        self.url, self.headers, self.size, self.fields = b"", [], 0, 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
         self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        self.fields += 1
         self._count(len(name) + len(value))
+        verdict = screen(name, self.exchange.underscores)
+        if verdict == "keep":
+            self.headers.append((name, value))
+        elif verdict == "reject":  # trailers too: one rule for every field
+            self.exchange.refuse(400, "bad_request", underscore_refusal(name))
+            raise Refused
 
     def _count(self, size: int) -> None:
         self.size += size
-        if self.size > MAX_HEADER_BYTES or len(self.headers) > MAX_HEADERS:
+        if self.size > MAX_HEADER_BYTES or self.fields > MAX_HEADERS:
             self.exchange.refuse(431, "headers_too_large")
             raise Refused  # stops the parser: nothing after this is read
 

@@ -20,7 +20,7 @@ from typing import Generic, Protocol, TypeVar, cast
 from prometheus_client import Counter, Gauge
 
 from agent.adapters.http import HttpExchange, xfcc
-from agent.adapters.metrics import AgentMetrics
+from agent.adapters.metrics import AgentMetrics, clock
 from agent.adapters.outbound_http import OutboundHttp
 from agent.adapters.relay import Relay
 from agent.adapters.runtime import Runtime
@@ -196,7 +196,7 @@ class InboundListener(Listener[Inbound]):
 
     async def _setup(self, relay: Relay, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = clock()
         contexts, limits = self.runtime.contexts, self.runtime.limits
         # An HTTP port offers no h2 in ALPN, so every request on it is parsed: h2 relayed
         # at L4 would hand the app the client's own identity header and skip the paths.
@@ -256,8 +256,17 @@ class InboundListener(Listener[Inbound]):
 
         assert relay.down.transport is not None and up.transport is not None
         identity = xfcc(str(self.runtime.spiffe_id), str(peer))
-        exchange = HttpExchange(relay.down.transport, up.transport, authorize, identity, answered)
+        exchange = HttpExchange(
+            relay.down.transport,
+            up.transport,
+            authorize,
+            identity,
+            answered,
+            limits.headers_with_underscores,
+            relay.close,
+        )
         relay.link(exchange.from_client, exchange.from_app)
+        relay.drained_by(exchange.finish)
 
     def _authorize(self, request: Request, config: Inbound) -> Decision:
         """The policy's decision on a connection (L4) or a request (L7), counted."""

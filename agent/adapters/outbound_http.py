@@ -40,8 +40,10 @@ from agent.adapters.http import (
     MAX_HEADER_BYTES,
     Refused,
     RequestEvents,
+    error_body,
     local_response,
 )
+from agent.adapters.metrics import clock, since
 from agent.adapters.pool import UpstreamConnection
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.core.health import Event
@@ -95,6 +97,7 @@ class OutboundHttp(asyncio.Protocol):
         self.rng = rng
         self.client: asyncio.Transport | None = None
         self.source = b""
+        self.underscores = live.runtime.limits.headers_with_underscores
         self.requests = httptools.HttpRequestParser(RequestEvents(self))
         self.unparsed = 0  # bytes fed since the parser last handed some on
         self.queue: deque[_Request] = deque()  # queue[0] is in flight
@@ -194,7 +197,7 @@ class OutboundHttp(asyncio.Protocol):
         if self.client is not None:
             self.client.abort()
 
-    def refuse(self, status: int, error: str) -> None:
+    def refuse(self, status: int, error: str, detail: str = "") -> None:
         """Answer the request being read ourselves, after the one in flight; then close."""
         self.stopped = True
         partial = self.queue and not self.queue[-1].done
@@ -207,11 +210,11 @@ class OutboundHttp(asyncio.Protocol):
             if self.events is not None and self.events.delivering:
                 self.abort()
             else:
-                self._answer(status, error)
+                self._answer(status, error, detail)
                 self._close_client()
             return
         refusal = _Request("", b"", None, False, False, False, done=True)
-        refusal.answer = local_response(status, {"error": error})
+        refusal.answer = local_response(status, error_body(error, detail))
         self.queue.append(refusal)
         if len(self.queue) == 1:
             self._next()
@@ -286,8 +289,8 @@ class OutboundHttp(asyncio.Protocol):
         self.task = asyncio.get_running_loop().create_task(self._forward(request))
 
     async def _forward(self, request: _Request) -> None:
-        live, loop = self.live, asyncio.get_running_loop()
-        started = loop.time()
+        live = self.live
+        started = clock()
         self.events = self.responses = self.head = self.done = None  # the last request's
         try:
             status = await self._exchange(request)
@@ -295,7 +298,7 @@ class OutboundHttp(asyncio.Protocol):
             log.exception("outbound %s: request failed unexpectedly; closing the app's", live.name)
             self.abort()
             return
-        live.counted.request(status, loop.time() - started)
+        live.counted.request(status, since(started))
         self.task = None
         self.queue.popleft()
         if self.closing or not request.keep_alive or not request.done:
@@ -523,8 +526,8 @@ class OutboundHttp(asyncio.Protocol):
 
     # -- to the app ----------------------------------------------------------------------
 
-    def _answer(self, status: int, error: str) -> int:
-        self.to_client.append(local_response(status, {"error": error}))
+    def _answer(self, status: int, error: str, detail: str = "") -> int:
+        self.to_client.append(local_response(status, error_body(error, detail)))
         self.closing = True
         self._flush()
         return status

@@ -83,6 +83,8 @@ class Relay:
         self._on_closed = on_closed
         self._idle: asyncio.TimerHandle | None = None
         self.closed = False
+        self.draining = False
+        self._drain: Callable[[], None] | None = None  # how an L7 relay drains
 
     def link(self, down_sink: Sink | None = None, up_sink: Sink | None = None) -> None:
         """Start relaying: flush what arrived early, resume reading, arm the idle timer.
@@ -134,7 +136,17 @@ class Relay:
         self._on_closed(self)
 
     def finish(self) -> None:
-        """Draining: at L4 an idle connection looks like a slow request, so it goes on."""
+        """Draining: at L4 an idle connection looks like a slow request, so it goes on;
+        an HTTP one drains by its requests (`drained_by`)."""
+        self.draining = True
+        if self._drain is not None:
+            self._drain()
+
+    def drained_by(self, drain: Callable[[], None]) -> None:
+        """`drain` ends this relay when the agent drains; at once if it already is."""
+        self._drain = drain
+        if self.draining:
+            drain()
 
     def abort(self) -> None:
         for transport in (self.down.transport, self.up.transport):

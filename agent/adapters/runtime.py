@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from agent.adapters.metrics import AgentMetrics
+from agent.adapters.metrics import AgentMetrics, since
 from agent.adapters.tls import Contexts, peer_id
 from agent.config import Limits
 from agent.core.policy import PolicySet
@@ -51,7 +50,5 @@ class Runtime:
         version = ssl_object.version() or ""
         cipher = (ssl_object.cipher() or ("",))[0]
         metrics.handshakes.labels(direction, "ok", "", version, cipher).inc()
-        metrics.handshake_duration.labels(direction).observe(
-            asyncio.get_running_loop().time() - started
-        )
+        metrics.handshake_duration.labels(direction).observe(since(started))
         metrics.peer_connections.labels(direction, str(peer), version).inc()

@@ -30,7 +30,7 @@ from typing import TypeVar
 from prometheus_client import Counter
 
 from agent.adapters import discovery
-from agent.adapters.metrics import AgentMetrics
+from agent.adapters.metrics import AgentMetrics, clock
 from agent.adapters.pool import Pool
 from agent.adapters.runtime import Runtime
 from agent.adapters.tls import refusal_reason
@@ -284,7 +284,7 @@ class LiveUpstream:
         runtime, loop = self.runtime, asyncio.get_running_loop()
         context, limits = runtime.contexts.client, runtime.limits
         assert context is not None, "upstreams start after the first SVID"
-        started = loop.time()
+        started = clock()
         deadline = (
             self.config.timeouts.connect
             or (limits.connect_timeout + limits.handshake_timeout).total_seconds()

@@ -288,6 +288,9 @@ def _header_name(value: object) -> str:
     if not isinstance(value, str) or not HEADER_NAME.fullmatch(value.lower()):
         raise ValueError(f"{value!r} is not a header name; expected a name such as x-user-role")
     name = value.lower()
+    if "_" in name:  # agent/core/headers.py: such a name is refused or dropped before the policy
+        hyphens = name.replace("_", "-")
+        raise ValueError(f"header {name!r} never reaches a rule (it has '_'); expected {hyphens!r}")
     if name in _NOTHEADER_NAMES:
         raise ValueError(f"header {name!r} cannot be matched; expected {_NOTHEADER_NAMES[name]}")
     return name
@@ -298,5 +301,4 @@ def _header_name(value: object) -> str:
 _NOTHEADER_NAMES = {
     "host": "to.hosts, which matches the normalized host",
     "x-forwarded-client-cert": "from.principals: the agent strips this header from requests",
-    "x_forwarded_client_cert": "from.principals: the agent strips this header from requests",
 }

@@ -144,6 +144,18 @@ def test_check_prints_the_400_for_a_path_the_agent_refuses(policy: Path) -> None
     ]
 
 
+def test_check_prints_the_400_for_a_header_name_with_an_underscore(policy: Path) -> None:
+    result = outrider(
+        "check",
+        *("--policy", policy, "--source", FRONTEND, "--method", "GET"),
+        *("--header", "X_Role=admin"),
+    )
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["deny", "status: 400 (refused before any policy)"]
+    assert lines[2].startswith("why: header name 'X_Role' has an underscore")
+
+
 def test_check_shows_what_audit_and_dry_run_policies_recorded(policy: Path) -> None:
     result = outrider(
         "check",

@@ -114,6 +114,7 @@ def test_the_config_as_plain_data() -> None:
             "idle_timeout": 3600.0,
             "max_connections": 64,
             "drain_timeout": 30.0,
+            "headers_with_underscores": "reject",
         },
         "admin": "127.0.0.1:15000",
         "policy": {"files": [], "default_action": "allow-authenticated"},

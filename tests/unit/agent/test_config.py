@@ -78,6 +78,7 @@ def full() -> dict[str, Any]:
             "idle_timeout": "5m",
             "max_connections": 50,
             "drain_timeout": "0s",
+            "headers_with_underscores": "drop",
         },
         "admin": "127.0.0.1:15001",
     }
@@ -139,6 +140,7 @@ def test_a_full_file_parses_into_the_expected_config() -> None:
             idle_timeout=timedelta(minutes=5),
             max_connections=50,
             drain_timeout=timedelta(0),
+            headers_with_underscores="drop",
         ),
         admin=Listen("127.0.0.1", 15001),
     )
@@ -164,6 +166,7 @@ def test_defaults_fill_what_the_file_leaves_out() -> None:
         idle_timeout=timedelta(hours=1),
         max_connections=10_000,
         drain_timeout=timedelta(seconds=30),
+        headers_with_underscores="reject",
     )
     assert config.admin == Listen("127.0.0.1", 15000)
     assert config.trust_domain == TD
@@ -355,6 +358,12 @@ BAD_VALUES = [
     pytest.param("limits.idle_timeout", "0s", "limits.idle_timeout: must be positive", id="idle"),
     pytest.param("limits.connect_timeout", "1w", "limits.connect_timeout: '1w' is not", id="w"),
     pytest.param("limits.retries", 3, "limits.retries: unknown key", id="limits-unknown"),
+    pytest.param(
+        "limits.headers_with_underscores",
+        "allow",
+        "limits.headers_with_underscores: 'allow' is not one of reject, drop",
+        id="underscores-allow",
+    ),
     pytest.param("admin", "localhost", "admin: 'localhost' is not host:port", id="admin"),
 ]
 

@@ -213,6 +213,11 @@ ERRORS = [
         "when[0].header: header 'host' cannot be matched; expected to.hosts",
     ),
     (
+        "policies:\n  - {name: a, action: DENY, rules: [{when: [{header: X_Role, values: [a]}]}]}"
+        "\n",
+        "when[0].header: header 'x_role' never reaches a rule (it has '_'); expected 'x-role'",
+    ),
+    (
         "policies:\n  - {name: a, action: ALLOW, rules: [{to: {hosts: ['...']}}]}\n",
         "'...' is not a host name",
     ),

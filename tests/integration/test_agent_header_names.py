@@ -1,0 +1,174 @@
+"""Header names with an underscore, through real `outrider agent run` processes, to a real WSGI app.
+
+Python's wsgiref, like every CGI/WSGI server, hands the app `X_Role` and
+`X-Role` alike as `HTTP_X_ROLE`. A DENY on `x-role: admin` must therefore
+hold for every spelling: the agent refuses a request naming a header with an
+underscore (by default) or drops the header (`headers_with_underscores:
+drop`), in both directions, framing headers included.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import urllib.request
+from collections.abc import Iterable, Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import pytest
+
+from tests.httpraw import get, one
+from tests.mesh import AgentProcess, agent_process, inbound, served_agent_yaml, workload
+from tests.support import DENY_ADMIN_ROLE, CaProcess, CaSetup
+
+
+class WsgiApp:
+    """A wsgiref server in a thread; records the environ's HTTP_* keys and body of each request."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, str]] = []
+        self.server: WSGIServer = make_server("127.0.0.1", 0, self, handler_class=_Quiet)
+        self.port = self.server.server_port
+
+    def __call__(self, environ: dict[str, Any], start: Any) -> Iterable[bytes]:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        seen = {k: v for k, v in environ.items() if k.startswith("HTTP_") or k == "CONTENT_LENGTH"}
+        seen["body"] = environ["wsgi.input"].read(length).decode()
+        self.seen.append(seen)
+        body = json.dumps(seen).encode()
+        start("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def app() -> Iterator[WsgiApp]:
+    wsgi = WsgiApp()
+    thread = threading.Thread(target=wsgi.server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield wsgi
+    finally:
+        wsgi.server.shutdown()
+        wsgi.server.server_close()
+
+
+def _backend(
+    setup: CaSetup, ca: CaProcess, app: WsgiApp, name: str, **limits: str
+) -> dict[str, Any]:
+    policy = setup.root / "policy.yaml"
+    policy.write_text(DENY_ADMIN_ROLE)
+    return served_agent_yaml(
+        setup,
+        ca,
+        name,
+        inbound=inbound(app.port, protocol="http"),
+        policy={"files": [str(policy)]},
+        limits=limits,
+    )
+
+
+@pytest.fixture(scope="module")
+def backend(setup: CaSetup, ca: CaProcess, app: WsgiApp) -> Iterator[AgentProcess]:
+    with agent_process(setup.root, "backend", _backend(setup, ca, app, "backend")) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def dropping(setup: CaSetup, ca: CaProcess, app: WsgiApp) -> Iterator[AgentProcess]:
+    raw = _backend(setup, ca, app, "dropping", headers_with_underscores="drop")
+    with agent_process(setup.root, "dropping", raw) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def frontend(setup: CaSetup, ca: CaProcess, backend: AgentProcess) -> Iterator[AgentProcess]:
+    raw = served_agent_yaml(
+        setup,
+        ca,
+        "frontend",
+        outbound=[
+            {
+                "name": "backend",
+                "listen": "127.0.0.1:0",
+                "protocol": "http",
+                "endpoints": [backend.bound["inbound[0]"]],
+                "server_ids": [str(workload("backend"))],
+            }
+        ],
+    )
+    with agent_process(setup.root, "frontend", raw) as process:
+        yield process
+
+
+ROLE_SPELLINGS = ["X_Role", "x_role", "X_ROLE", "x-Role_", "_x-role"]
+
+
+def test_the_hyphen_spelling_is_denied(setup: CaSetup, backend: AgentProcess) -> None:
+    assert one(setup, backend, get("/", "X-Role: admin")).status == 403
+    assert one(setup, backend, get("/", "X-Role: viewer")).status == 200
+
+
+@pytest.mark.parametrize("name", ROLE_SPELLINGS)
+def test_an_underscore_spelling_is_refused_and_never_reaches_the_app(
+    setup: CaSetup, backend: AgentProcess, app: WsgiApp, name: str
+) -> None:
+    seen = len(app.seen)
+    reply = one(setup, backend, get("/", f"{name}: admin"))
+    assert reply.status == 400
+    body = reply.json()
+    assert body["error"] == "bad_request"
+    assert name in body["detail"] and "underscore" in body["detail"]
+    assert reply.headers["connection"] == "close"
+    assert len(app.seen) == seen
+
+
+@pytest.mark.parametrize(
+    "header", ["Transfer_Encoding: chunked", "Content_Length: 5", "Host_: other", "X_Other: 1"]
+)
+def test_every_header_name_with_an_underscore_is_refused(
+    setup: CaSetup, backend: AgentProcess, app: WsgiApp, header: str
+) -> None:
+    seen = len(app.seen)
+    raw = get("/", header).replace(b"\r\n\r\n", b"\r\nContent-Length: 5\r\n\r\nhello")
+    assert one(setup, backend, raw).status == 400
+    assert len(app.seen) == seen
+
+
+def test_dropping_instead_passes_the_request_on_without_the_header(
+    setup: CaSetup, dropping: AgentProcess, app: WsgiApp
+) -> None:
+    raw = get("/", "X_Role: admin", "Transfer_Encoding: chunked", "Content-Length: 5") + b"hello"
+    reply = one(setup, dropping, raw)
+    assert reply.status == 200
+    seen = app.seen[-1]
+    assert "HTTP_X_ROLE" not in seen and "HTTP_TRANSFER_ENCODING" not in seen
+    assert seen["body"] == "hello"
+    assert one(setup, dropping, get("/", "X-Role: admin", "X_Role: viewer")).status == 403
+
+
+def test_an_apps_outbound_request_with_an_underscore_is_refused_before_it_leaves(
+    frontend: AgentProcess, app: WsgiApp
+) -> None:
+    seen = len(app.seen)
+    host, port = frontend.bound["outbound[backend]"].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: backend\r\nX_Role: admin\r\n\r\n")
+        answer = sock.makefile("rb").read()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"underscore" in body
+    assert len(app.seen) == seen
+    # the hyphen spelling goes through, to be decided by the backend's agent
+    request = urllib.request.Request(
+        f"http://{frontend.bound['outbound[backend]']}/", headers={"X-Role": "viewer"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 200
+    assert len(app.seen) == seen + 1
