@@ -56,22 +56,26 @@ class BundleSync:
 
     async def run(self) -> None:
         await self.identity.has_svid.wait()
-        asked = None
-        try:
-            while True:
-                ca = self.identity.config.ca
-                now = asyncio.get_running_loop().time()
-                changed = self._read_file(ca)
-                due = asked is None or now - asked >= ca.bundle_refresh.total_seconds()
-                if due or changed or self._wake.is_set():
-                    self._wake.clear()
-                    asked = now
-                    await self._ask_ca(ca)
-                self._apply()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), FILE_POLL)
+        try:  # apart, so a CA that hangs for ca.timeout does not hold up the file
+            await asyncio.gather(self._follow_file(), self._follow_ca())
         finally:
             self._close()
+
+    async def _follow_file(self) -> None:
+        while True:
+            if self._read_file(self.identity.config.ca):
+                self._wake.set()  # the operator changed the roots: ask the CA too
+            self._apply()
+            await asyncio.sleep(FILE_POLL)
+
+    async def _follow_ca(self) -> None:
+        while True:
+            self._wake.clear()
+            ca = self.identity.config.ca
+            await self._ask_ca(ca)
+            self._apply()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), ca.bundle_refresh.total_seconds())
 
     def _apply(self) -> None:
         """Install the roots both sources list, if they are not the ones in use."""

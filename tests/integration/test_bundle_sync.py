@@ -34,8 +34,10 @@ from tests.mesh import (
     agent_yaml,
     echo_server,
     inbound,
+    local_sign,
     outbound,
     round_trip,
+    running_agent,
     workload,
 )
 from tests.support import (
@@ -180,3 +182,36 @@ async def test_the_ca_serves_its_bundle_to_a_caller_without_a_credential(
         TRUST_DOMAIN, setup.bundle_pem
     )
     assert setup.issued_count() == 0
+
+
+async def test_a_file_change_is_applied_while_the_ca_hangs(tmp_path: Path) -> None:
+    """A CA that accepts and never answers holds up its own question, not the file's."""
+    roots = Roots(tmp_path)
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    silent = await asyncio.start_server(hold, "127.0.0.1", 0)
+    old_client = certs.client_context(roots.both, roots.old_svid(OLD_CLIENT))
+    try:
+        async with echo_server() as app_port:
+            raw = agent_yaml(tmp_path, "backend", inbound=inbound(app_port))
+            port = silent.sockets[0].getsockname()[1]
+            raw["ca"].update(
+                {"address": f"127.0.0.1:{port}", "bundle_file": str(roots.agents_file)}
+            )
+            async with running_agent(raw, local_sign(roots.setup), tmp_path) as agent:
+                address = agent.bound["inbound[0]"]
+                assert await mtls_exchange(address, old_client, PAYLOAD) == PAYLOAD
+                roots.agents_file.write_bytes(roots.new_root)
+
+                async def refused() -> bool:
+                    return await mtls_exchange(address, old_client, PAYLOAD) == b""
+
+                assert await within(REACH / 2, refused)
+                assert held, "the agent never asked the silent CA"
+    finally:
+        silent.close()
+        for writer in held:
+            writer.close()
