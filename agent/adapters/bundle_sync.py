@@ -118,9 +118,7 @@ class BundleSync:
             return False
         parsed = None
         try:
-            parsed = TrustBundle.from_pem(
-                self.identity.config.identity.spiffe_id.trust_domain, data
-            )
+            parsed = TrustBundle.from_pem(self._trust_domain, data)
             self._problem("file", None)
         except BundleError as exc:
             self._problem("file", f"{ca.bundle_file} is not a trust bundle ({exc}); keeping it")
@@ -131,9 +129,7 @@ class BundleSync:
         try:
             client = self._client(ca)
             ders = await client.get_bundle(deadline=ca.timeout.total_seconds())
-            bundle = TrustBundle.from_der(
-                self.identity.config.identity.spiffe_id.trust_domain, ders
-            )
+            bundle = TrustBundle.from_der(self._trust_domain, ders)
         except _CA_TROUBLE as exc:
             self._problem("ca", f"cannot get the CA's trust bundle ({exc!r}); asking again")
             self._close()  # a fresh connection next time

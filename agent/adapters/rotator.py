@@ -263,9 +263,8 @@ class IdentityManager:
         if self.svid is None:
             return
         svid = dataclasses.replace(self.svid, bundle=bundle)
-        server, client = server_context(svid), client_context(svid)
-        self.contexts.http_server = http_server_context(svid)
-        self.contexts.server, self.contexts.client = server, client
+        server, client, http = server_context(svid), client_context(svid), http_server_context(svid)
+        self.contexts.server, self.contexts.client, self.contexts.http_server = server, client, http
         self.svid = svid
         self.metrics.bundle_expiry.set(bundle.earliest_expiry.timestamp())
         try:
