@@ -22,6 +22,7 @@ from typing import Any
 
 from agent import config as agent_config
 from agent.adapters import admin, memory
+from agent.adapters.bundle_sync import BundleSync
 from agent.adapters.listeners import (
     ConfigT,
     Connections,
@@ -74,6 +75,7 @@ class Agent:
             rng=rng or random.SystemRandom(),
             sign=sign,
         )
+        self.bundle_sync = BundleSync(self.identity)
         self.inbound: dict[Listen, Listener[Inbound]] = {}
         self.outbound: dict[Listen, Listener[Outbound]] = {}
         self.bound: dict[str, str] = {}
@@ -106,6 +108,7 @@ class Agent:
         churn = memory.return_freed_memory(lambda: self.connections.accepted)
         self._tasks.append(asyncio.create_task(churn, name="memory"))
         await self.identity.has_svid.wait()
+        self._tasks.append(asyncio.create_task(self.bundle_sync.run(), name="bundle"))
         await self._apply_listeners(self.config)
         # What start-up built lives as long as the process: leave it out of every
         # later collection, whose full passes otherwise stall the loop for tens of ms.
@@ -268,6 +271,7 @@ async def _serve_until(agent: Agent, path: Path | None, stop: asyncio.Event) -> 
     try:
         while await _unless_stopped(reload.wait(), stop):
             reload.clear()
+            agent.bundle_sync.wake()  # SIGHUP also asks the CA for its bundle
             if path is not None:
                 await _reload(agent, path)
             agent.reload_policies()

@@ -11,6 +11,7 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
       address: outrider-ca.outrider-system.svc:8443
       server_name: outrider-ca.outrider-system.svc     # default: the address's host
       bundle_file: /etc/outrider/bundle.pem            # the first trust bundle
+      bundle_refresh: 5s                               # how often to ask the CA's bundle
       timeout: 10s
       backoff: {initial: 1s, max: 30s}                 # while the CA is unreachable
     inbound:                                           # mTLS in, plain to the app
@@ -71,6 +72,11 @@ class CaEndpoint:
     bundle_file: Path
     timeout: timedelta = timedelta(seconds=10)
     backoff: Backoff = field(default_factory=Backoff)
+    bundle_refresh: timedelta = timedelta(seconds=5)  # SPIRE agents sync every 5 s too
+
+
+#: Every agent asks the CA for its bundle this often at most.
+MIN_BUNDLE_REFRESH = timedelta(seconds=1)
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,7 @@ def parse(raw: object, *, base: Path, source: str = "config") -> AgentConfig:
 
 _TOP = {"identity", "ca", "inbound", "outbound", "limits", "admin", "policy"}
 DEFAULT_ACTIONS: tuple[DefaultAction, ...] = get_args(DefaultAction)
-_CA_KEYS = {"address", "server_name", "bundle_file", "timeout", "backoff"}
+_CA_KEYS = {"address", "server_name", "bundle_file", "timeout", "backoff", "bundle_refresh"}
 
 
 class _Reader(OutboundReader):
@@ -191,6 +197,11 @@ class _Reader(OutboundReader):
         if initial > maximum:
             self.fail("ca.backoff.initial", f"exceeds ca.backoff.max ({maximum})")
         timeout = self.duration(raw, "timeout", "ca.timeout", CaEndpoint.timeout)
+        refresh = self.duration(
+            raw, "bundle_refresh", "ca.bundle_refresh", CaEndpoint.bundle_refresh
+        )
+        if refresh < MIN_BUNDLE_REFRESH:
+            self.fail("ca.bundle_refresh", f"at least {MIN_BUNDLE_REFRESH.total_seconds():g}s")
         if address is None or bundle_file is None or not timedelta(0) < initial <= maximum:
             return None
         return CaEndpoint(
@@ -200,6 +211,7 @@ class _Reader(OutboundReader):
             bundle_file,
             timeout,
             Backoff(initial, maximum),
+            refresh,
         )
 
     def inbound(self, raw: object, path: str, own_domain: TrustDomain | None) -> Inbound | None:

@@ -14,6 +14,8 @@ Example (every key but signer.dir and authn.kubernetes has a default):
     #   role: outrider-svid            # per-certificate: signs the SVIDs
     #   serving_role: outrider-ca      # per-certificate: signs the CA's own TLS cert
     #   intermediate_ttl: 24h          # intermediate: renewed at half its life
+    #   name_constraints: false        # intermediate: ask for (and require) a critical
+    #                                  # URI name constraint to the trust domain
     #   timeout: 10s
     #   auth: {method: kubernetes, role: outrider-ca}  # or approle, or token
     listen: {grpc: 0.0.0.0:8443, http: 0.0.0.0:8080}
@@ -90,6 +92,7 @@ class VaultSettings:
     role: str = "outrider-svid"
     serving_role: str = "outrider-ca"
     intermediate_ttl: timedelta = timedelta(hours=24)
+    name_constraints: bool = False  # intermediate mode: a critical URI name constraint
     ca_file: Path | None = None
     timeout: timedelta = timedelta(seconds=10)
 
@@ -188,6 +191,11 @@ class _Reader(ConfigReader):
         if mode not in get_args(VaultMode):
             self.fail("signer.mode", f"{mode!r} is not intermediate or per-certificate")
         auth = self.vault_auth(self.section(raw, "signer.auth", _VAULT_AUTH_KEYS))
+        name_constraints = raw.get("name_constraints", d.name_constraints)
+        if not isinstance(name_constraints, bool):
+            self.fail("signer.name_constraints", "must be true or false")
+        elif name_constraints and mode == "per-certificate":
+            self.fail("signer.name_constraints", "only for mode: intermediate")
         settings = VaultSettings(
             address=address or "",
             auth=auth or d.auth,
@@ -199,6 +207,7 @@ class _Reader(ConfigReader):
             intermediate_ttl=self.duration(
                 raw, "intermediate_ttl", "signer.intermediate_ttl", d.intermediate_ttl
             ),
+            name_constraints=name_constraints is True,
             ca_file=self.file(raw, "ca_file", "signer.ca_file"),
             timeout=self.duration(raw, "timeout", "signer.timeout", d.timeout),
         )

@@ -40,6 +40,7 @@ SvidErrorReason = Literal[
     "missing_client_auth",
     "not_yet_valid",
     "expired",
+    "foreign_trust_domain",
 ]
 
 

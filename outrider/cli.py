@@ -56,7 +56,13 @@ def _ca_init(args: argparse.Namespace) -> None:
 
     try:
         trust_domain = TrustDomain.parse(args.trust_domain)
-        init_ca(Path(args.dir), trust_domain, datetime.now(UTC), force=args.force)
+        init_ca(
+            Path(args.dir),
+            trust_domain,
+            datetime.now(UTC),
+            force=args.force,
+            name_constraint=args.name_constraints,
+        )
     except (InvalidSpiffeId, CaDirectoryError) as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
     print(f"created CA for trust domain {trust_domain} in {args.dir}")
@@ -286,6 +292,12 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--trust-domain", required=True, help="e.g. example.org")
     init.add_argument("--dir", required=True, help="directory for keys and certificates")
     init.add_argument("--force", action="store_true", help="replace an existing CA")
+    init.add_argument(
+        "--name-constraints",
+        action="store_true",
+        help="limit the intermediate's URIs to the trust domain with a critical name "
+        "constraint (rustls and Python cryptography then refuse every SVID chain)",
+    )
     init.set_defaults(func=_ca_init)
 
     mint = ca.add_parser("mint", help="issue an SVID offline from the local CA key")

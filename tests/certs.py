@@ -2,10 +2,9 @@
 
 Every certificate is signed by a real CA: the test CA directory's
 intermediate, so the chain verifies and only the crafted defect is left for
-the peer to find, or a foreign CA of another trust domain. The URIs of the
-"two URI SANs" and "CA certificate" shapes stay inside example.org: the
-intermediate's URI name constraint would otherwise refuse them inside
-OpenSSL, and the refusal under test is the agent's own.
+the peer to find, or a foreign CA of another trust domain. The intermediate
+of `outrider ca init` has no name constraint, so OpenSSL passes a chain from
+our root naming another trust domain: the refusal is the agent's own.
 """
 
 from __future__ import annotations
@@ -122,6 +121,11 @@ def foreign_svid(directory: Path, path: str = "/ns/demo/sa/frontend") -> Credent
     """A good SVID of another trust domain, from that domain's own CA."""
     ca = foreign_ca(directory)
     return issue(ca, Shape(uris=(f"spiffe://{FOREIGN_DOMAIN}{path}",)))
+
+
+def cross_domain_svid(setup: CaSetup, path: str = "/ns/demo/sa/frontend") -> Credential:
+    """Our root vouching for another trust domain's ID: it may vouch for its own only."""
+    return issue(SigningCa.load(setup.ca_dir), Shape(uris=(f"spiffe://{FOREIGN_DOMAIN}{path}",)))
 
 
 def expired_svid(setup: CaSetup, spiffe_id: SpiffeId) -> Credential:

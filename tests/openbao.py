@@ -19,7 +19,8 @@ OpenBao differs from Vault here in ways the tests rely on:
   config file, which enable_file_audit() rewrites before it sends SIGHUP;
 - pki/root/sign-intermediate takes no URI name constraint parameter (only
   permitted_dns_domains), but with use_csr_values it copies the one in the
-  CSR, which is how the CA limits its intermediate to the trust domain;
+  CSR, which is how the CA limits its intermediate to the trust domain when
+  `signer.name_constraints` asks for it;
 - the Kubernetes auth method always calls the TokenReview API, even with
   pem_keys; FakeTokenReview answers it on loopback.
 

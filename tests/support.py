@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -45,6 +46,13 @@ policies:
         when: [{header: x-role, values: [admin]}]
 """
 _READY = re.compile(r"gRPC \(TLS\) on [^ ]+:(\d+), HTTP on [^ ]+:(\d+)")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now: for a server that restarts on the same one."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def make_csr(

@@ -1,4 +1,4 @@
-"""The agent's side of the CA protocol: one Sign call over TLS.
+"""The agent's side of the CA protocol: Sign and GetBundle calls over TLS.
 
 The caller authenticates with its projected ServiceAccount token or, once it
 has one, its current SVID as the TLS client certificate. The answer is
@@ -48,6 +48,13 @@ class CaClient:
             request, metadata=metadata, timeout=deadline
         )
         return response
+
+    async def get_bundle(self, *, deadline: float = 10.0) -> list[bytes]:
+        """The CA's current trust bundle: DER roots."""
+        response: ca_pb2.GetBundleResponse = await self._stub.GetBundle(
+            ca_pb2.GetBundleRequest(), timeout=deadline
+        )
+        return list(response.trust_bundle)
 
     def close(self) -> None:
         self._channel.close()

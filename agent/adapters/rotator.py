@@ -11,6 +11,7 @@ back off exponentially with jitter.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import ssl
@@ -28,7 +29,8 @@ from agent.adapters.metrics import AgentMetrics
 from agent.adapters.tls import Contexts, client_context, http_server_context, server_context
 from agent.config import AgentConfig
 from agent.core.svid import Svid, SvidRejected, accept_svid
-from identity import refresh_at
+from identity import TrustBundle, refresh_at
+from identity.chain import ChainError, check_chain
 from identity.files import PRIVATE, write_atomic
 from identity.proto import ca_pb2
 
@@ -250,3 +252,23 @@ class IdentityManager:
             write_atomic(directory / "bundle.pem", svid.bundle.to_pem())
         except OSError as exc:
             log.error("cannot write the SVID to %s (keeping the files there): %s", directory, exc)
+
+    def install_bundle(self, bundle: TrustBundle) -> None:
+        """Verify peers against `bundle` from now on, still presenting the SVID in use.
+
+        New contexts: new connections verify against `bundle` at once, pooled
+        ones made under the old contexts are retired, open ones keep theirs.
+        If the SVID's own chain no longer leads to `bundle`, renew now.
+        """
+        if self.svid is None:
+            return
+        svid = dataclasses.replace(self.svid, bundle=bundle)
+        server, client, http = server_context(svid), client_context(svid), http_server_context(svid)
+        self.contexts.server, self.contexts.client, self.contexts.http_server = server, client, http
+        self.svid = svid
+        self.metrics.bundle_expiry.set(bundle.earliest_expiry.timestamp())
+        try:
+            check_chain(svid.chain, bundle)
+        except ChainError:
+            log.warning("the SVID in use does not lead to the new trust bundle; renewing now")
+            self.renew_now()

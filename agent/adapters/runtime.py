@@ -35,7 +35,7 @@ class Runtime:
     ) -> SpiffeId | None:
         """The peer's SPIFFE ID, or None (counted) when its certificate is not an SVID."""
         try:
-            return peer_id(ssl_object, usage, self.now())
+            return peer_id(ssl_object, usage, self.now(), self.spiffe_id.trust_domain)
         except SvidError as exc:
             self.refused(direction, exc.reason)
             return None

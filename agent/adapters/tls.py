@@ -1,11 +1,15 @@
 """TLS contexts from the current SVID, and the checks on a peer after the handshake.
 
 OpenSSL verifies the chain against the trust bundle (strict X.509, name
-constraints and the certificate's purpose included) during the handshake;
-stdlib ssl cannot match a URI SAN, so the SPIFFE ID is checked right after,
-before a byte is relayed. Contexts are built anew for every SVID and bundle
-and never changed afterwards: a connection keeps the context it started
-with, and a new one picks up the new SVID. Session tickets are off; a TLS 1.2
+constraints if a CA carries them, and the certificate's purpose) during the
+handshake; stdlib ssl cannot match a URI SAN, so the SPIFFE ID is checked
+right after, before a byte is relayed. The bundle holds the roots of one
+trust domain, the agent's own, so a peer's ID must be in that trust domain:
+a root vouches for its own domain's IDs only, whatever names its
+intermediates may sign (go-spiffe and Envoy's SPIFFE validator do the same).
+Contexts are built anew for every SVID and bundle and never changed
+afterwards: a connection keeps the context it started with, and a new one
+picks up the new SVID. Session tickets are off; a TLS 1.2
 client can still resume by session ID within one context (CPython sets a
 session ID context and offers no way to turn the server cache off), which
 skips OpenSSL's chain check but not ours: the leaf's SPIFFE ID, validity and
@@ -23,7 +27,7 @@ from typing import Literal
 from cryptography import x509
 
 from agent.core.svid import Svid
-from identity import SpiffeId, SvidError, check_leaf
+from identity import SpiffeId, SvidError, TrustDomain, check_leaf
 from identity.tlsfiles import load_cert_chain
 
 # TLS 1.2 only for peers that cannot do 1.3: forward secrecy and AEAD only.
@@ -96,9 +100,13 @@ def client_context(svid: Svid) -> ssl.SSLContext:
 
 
 def peer_id(
-    ssl_object: ssl.SSLObject, usage: Literal["client", "server"], now: datetime
+    ssl_object: ssl.SSLObject,
+    usage: Literal["client", "server"],
+    now: datetime,
+    trust_domain: TrustDomain,
 ) -> SpiffeId:
-    """The peer's SPIFFE ID from its verified leaf; SvidError if it is not an SVID.
+    """The peer's SPIFFE ID from its verified leaf; SvidError if it is not an SVID
+    of `trust_domain`, the one whose bundle verified the chain.
 
     The SVID rules depend only on the certificate and the time, so an accepted
     leaf is remembered by its DER with its validity window: the next connection
@@ -110,12 +118,17 @@ def peer_id(
         raise SvidError("no_uri_san", "the peer presented no certificate")
     known = _ACCEPTED.get((der, usage))
     if known is not None and known[1] <= now < known[2]:
-        return known[0]
-    cert = x509.load_der_x509_certificate(der)
-    spiffe_id = check_leaf(cert, usage=usage, now=now)
-    if len(_ACCEPTED) >= _ACCEPTED_MAX:
-        _ACCEPTED.clear()
-    _ACCEPTED[der, usage] = (spiffe_id, cert.not_valid_before_utc, cert.not_valid_after_utc)
+        spiffe_id = known[0]
+    else:
+        cert = x509.load_der_x509_certificate(der)
+        spiffe_id = check_leaf(cert, usage=usage, now=now)
+        if len(_ACCEPTED) >= _ACCEPTED_MAX:
+            _ACCEPTED.clear()
+        _ACCEPTED[der, usage] = (spiffe_id, cert.not_valid_before_utc, cert.not_valid_after_utc)
+    if not spiffe_id.member_of(trust_domain):
+        raise SvidError(
+            "foreign_trust_domain", f"{spiffe_id} is not in trust domain {trust_domain}"
+        )
     return spiffe_id
 
 

@@ -1,4 +1,5 @@
-"""The Sign RPC: authenticate, check the CSR, issue, and account for every answer."""
+"""The Sign RPC: authenticate, check the CSR, issue, and account for every answer.
+GetBundle: the current trust bundle, for agents to follow root changes."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ca.core.issuance import IssuanceError, IssuedSvid, TtlRejected
 from ca.issuer import Issuer
 from ca.metrics import CaMetrics
 from ca.signers.base import SignerUnavailable
+from identity import TrustBundle
 from identity.proto import ca_pb2
 from identity.proto.ca_grpc import CertificateAuthorityBase
 
@@ -72,6 +74,7 @@ class CertificateAuthorityService(CertificateAuthorityBase):
         self._authenticator = authenticator
         self._metrics = metrics
         self._audit = audit
+        self._bundle_answer: tuple[TrustBundle, ca_pb2.GetBundleResponse] | None = None
 
     async def Sign(self, stream: Stream[ca_pb2.SignRequest, ca_pb2.SignResponse]) -> None:
         request = await stream.recv_message()
@@ -97,6 +100,21 @@ class CertificateAuthorityService(CertificateAuthorityBase):
             raise GRPCError(refusal.status, str(refusal)) from None
         self._issued(issued, caller, _peer_address(stream))
         await stream.send_message(_response(issued))
+
+    async def GetBundle(
+        self, stream: Stream[ca_pb2.GetBundleRequest, ca_pb2.GetBundleResponse]
+    ) -> None:
+        """The current bundle to anyone who completed the TLS handshake: it is public.
+
+        The answer is built once per bundle (a Vault signer changes it on
+        renewal), so a caller costs one small write and nothing else.
+        """
+        await stream.recv_message()  # empty; nothing to read in it
+        bundle = self._issuer.signer.bundle
+        if self._bundle_answer is None or self._bundle_answer[0] is not bundle:
+            answer = ca_pb2.GetBundleResponse(trust_bundle=bundle.to_der())
+            self._bundle_answer = (bundle, answer)
+        await stream.send_message(self._bundle_answer[1])
 
     def _ttl(self, request: ca_pb2.SignRequest) -> timedelta | None:
         if request.ttl_seconds < 0:

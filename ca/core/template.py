@@ -2,10 +2,14 @@
 
 Builders only; signing happens in a signer and checking in `issuance`. The
 templates follow the X.509-SVID spec: one URI SAN, cA=false, keyUsage
-critical digitalSignature, EKU serverAuth+clientAuth for leaves; the
-intermediate is name-constrained to its trust domain so a stolen
-intermediate cannot mint identities elsewhere (OpenSSL, BoringSSL and Go all
-enforce URI name constraints).
+critical digitalSignature, EKU serverAuth+clientAuth for leaves.
+
+The intermediate carries no name constraint unless asked for: a critical URI
+name constraint makes Python cryptography's verifier and rustls-webpki
+(linkerd2-proxy, ztunnel, tonic clients) refuse the whole chain, and SPIRE
+and Istio put none in theirs. What it protected, a root of one trust domain
+vouching for an ID of another, is checked where an ID is taken from a
+certificate: a peer's trust domain must be the one whose bundle verified it.
 """
 
 from __future__ import annotations
@@ -114,23 +118,32 @@ def intermediate(
     now: datetime,
     serial: int,
     lifetime: timedelta = INTERMEDIATE_LIFETIME,
+    *,
+    name_constraint: bool = False,
 ) -> x509.CertificateBuilder:
-    """An issuing CA under `issuer`: pathlen 0, URI names limited to the trust domain."""
+    """An issuing CA under `issuer`: pathlen 0; with `name_constraint`, a critical
+    constraint that limits its URI names to the trust domain."""
     subject = _name(
         (NameOID.ORGANIZATION_NAME, ORGANIZATION),
         (NameOID.COMMON_NAME, f"{trust_domain} intermediate CA"),
     )
     not_after = min(now + lifetime, issuer.not_valid_after_utc)
-    constraints = x509.NameConstraints(
-        permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain.name)],
-        excluded_subtrees=None,
-    )
-    return (
+    builder = (
         _base(subject, issuer.subject, public_key, issuer.public_key(), now, not_after, serial)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_CA_USAGE, critical=True)
-        .add_extension(constraints, critical=True)
         .add_extension(_uri_san(trust_domain.id), critical=False)
+    )
+    if name_constraint:
+        builder = builder.add_extension(uri_name_constraint(trust_domain), critical=True)
+    return builder
+
+
+def uri_name_constraint(trust_domain: TrustDomain) -> x509.NameConstraints:
+    """URIs in `trust_domain` only: the opt-in constraint of an intermediate."""
+    return x509.NameConstraints(
+        permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain.name)],
+        excluded_subtrees=None,
     )
 
 

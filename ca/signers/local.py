@@ -32,8 +32,19 @@ class CaDirectoryError(Exception):
     """The CA directory is missing, incomplete, or would be overwritten."""
 
 
-def init_ca(directory: Path, trust_domain: TrustDomain, now: datetime, *, force: bool) -> None:
-    """Create a P-256 root (10 years) and intermediate (1 year) in `directory`."""
+def init_ca(
+    directory: Path,
+    trust_domain: TrustDomain,
+    now: datetime,
+    *,
+    force: bool,
+    name_constraint: bool = False,
+) -> None:
+    """Create a P-256 root (10 years) and intermediate (1 year) in `directory`.
+
+    `name_constraint` puts a critical URI name constraint in the intermediate
+    (see `template`: some TLS stacks then refuse every chain).
+    """
     existing = [name for name in ALL_FILES if (directory / name).exists()]
     if existing and not force:
         raise CaDirectoryError(
@@ -45,7 +56,12 @@ def init_ca(directory: Path, trust_domain: TrustDomain, now: datetime, *, force:
     root_cert = root.sign(root_key, hashes.SHA256())
     intermediate_key = ec.generate_private_key(ec.SECP256R1())
     intermediate = template.intermediate(
-        trust_domain, intermediate_key.public_key(), root_cert, now, x509.random_serial_number()
+        trust_domain,
+        intermediate_key.public_key(),
+        root_cert,
+        now,
+        x509.random_serial_number(),
+        name_constraint=name_constraint,
     )
     intermediate_cert = intermediate.sign(root_key, hashes.SHA256())
     write_atomic(directory / ROOT_KEY, _key_pem(root_key), PRIVATE)

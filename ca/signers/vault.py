@@ -241,12 +241,12 @@ class VaultIntermediateSigner(VaultSigner):
                 x509.NameAttribute(NameOID.COMMON_NAME, f"intermediate {self.trust_domain}"),
             ]
         )
-        csr = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(name)
-            .add_extension(self._constraints(), critical=True)
-            .sign(key, hashes.SHA256())
-        )
+        builder = x509.CertificateSigningRequestBuilder().subject_name(name)
+        if self.settings.name_constraints:  # Vault copies it from the CSR (use_csr_values)
+            builder = builder.add_extension(
+                template.uri_name_constraint(self.trust_domain), critical=True
+            )
+        csr = builder.sign(key, hashes.SHA256())
         data = {  # subject and extensions come from the CSR (use_csr_values)
             "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
             "ttl": f"{int(self.settings.intermediate_ttl.total_seconds())}s",
@@ -282,12 +282,19 @@ class VaultIntermediateSigner(VaultSigner):
     ) -> None:
         try:
             is_ca = intermediate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-            limited = intermediate.extensions.get_extension_for_class(x509.NameConstraints)
         except x509.ExtensionNotFound:
-            is_ca, limited = False, None
+            is_ca = False
         if intermediate.public_key() != key.public_key() or not is_ca:
             raise SignerUnavailable("vault_refused", "Vault returned an unusable intermediate")
-        if limited is None or not limited.critical or limited.value != self._constraints():
+        # Required only when asked for: without it, peers check trust domains themselves.
+        try:
+            limited = intermediate.extensions.get_extension_for_class(x509.NameConstraints)
+        except x509.ExtensionNotFound:
+            limited = None
+        wanted = template.uri_name_constraint(self.trust_domain)
+        if self.settings.name_constraints and (
+            limited is None or not limited.critical or limited.value != wanted
+        ):
             raise SignerUnavailable(
                 "vault_refused", f"Vault's intermediate is not limited to {self.trust_domain}"
             )
@@ -297,14 +304,6 @@ class VaultIntermediateSigner(VaultSigner):
             raise SignerUnavailable(
                 "vault_refused", f"Vault's chain does not link: {exc}"
             ) from None
-
-    def _constraints(self) -> x509.NameConstraints:
-        """Only this trust domain's URIs, as on a local intermediate (Vault copies it from
-        the CSR with use_csr_values)."""
-        return x509.NameConstraints(
-            permitted_subtrees=[x509.UniformResourceIdentifier(self.trust_domain.name)],
-            excluded_subtrees=None,
-        )
 
     async def _keep_intermediate_fresh(self) -> None:
         rng = random.SystemRandom()

@@ -18,6 +18,10 @@ class CertificateAuthorityBase(abc.ABC):
     async def Sign(self, stream: 'grpclib.server.Stream[ca_pb2.SignRequest, ca_pb2.SignResponse]') -> None:
         pass
 
+    @abc.abstractmethod
+    async def GetBundle(self, stream: 'grpclib.server.Stream[ca_pb2.GetBundleRequest, ca_pb2.GetBundleResponse]') -> None:
+        pass
+
     def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
         return {
             '/outrider.ca.v1.CertificateAuthority/Sign': grpclib.const.Handler(
@@ -25,6 +29,12 @@ class CertificateAuthorityBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 ca_pb2.SignRequest,
                 ca_pb2.SignResponse,
+            ),
+            '/outrider.ca.v1.CertificateAuthority/GetBundle': grpclib.const.Handler(
+                self.GetBundle,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ca_pb2.GetBundleRequest,
+                ca_pb2.GetBundleResponse,
             ),
         }
 
@@ -37,4 +47,10 @@ class CertificateAuthorityStub:
             '/outrider.ca.v1.CertificateAuthority/Sign',
             ca_pb2.SignRequest,
             ca_pb2.SignResponse,
+        )
+        self.GetBundle = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/outrider.ca.v1.CertificateAuthority/GetBundle',
+            ca_pb2.GetBundleRequest,
+            ca_pb2.GetBundleResponse,
         )

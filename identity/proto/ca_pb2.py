@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x08\x63\x61.proto\x12\x0eoutrider.ca.v1\"/\n\x0bSignRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\"^\n\x0cSignResponse\x12\x12\n\ncert_chain\x18\x01 \x03(\x0c\x12\x14\n\x0ctrust_bundle\x18\x02 \x03(\x0c\x12\x11\n\tnot_after\x18\x03 \x01(\x03\x12\x11\n\tspiffe_id\x18\x04 \x01(\t2Y\n\x14\x43\x65rtificateAuthority\x12\x41\n\x04Sign\x12\x1b.outrider.ca.v1.SignRequest\x1a\x1c.outrider.ca.v1.SignResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x08\x63\x61.proto\x12\x0eoutrider.ca.v1\"/\n\x0bSignRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\"^\n\x0cSignResponse\x12\x12\n\ncert_chain\x18\x01 \x03(\x0c\x12\x14\n\x0ctrust_bundle\x18\x02 \x03(\x0c\x12\x11\n\tnot_after\x18\x03 \x01(\x03\x12\x11\n\tspiffe_id\x18\x04 \x01(\t\"\x12\n\x10GetBundleRequest\")\n\x11GetBundleResponse\x12\x14\n\x0ctrust_bundle\x18\x01 \x03(\x0c\x32\xab\x01\n\x14\x43\x65rtificateAuthority\x12\x41\n\x04Sign\x12\x1b.outrider.ca.v1.SignRequest\x1a\x1c.outrider.ca.v1.SignResponse\x12P\n\tGetBundle\x12 .outrider.ca.v1.GetBundleRequest\x1a!.outrider.ca.v1.GetBundleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNREQUEST']._serialized_end=75
   _globals['_SIGNRESPONSE']._serialized_start=77
   _globals['_SIGNRESPONSE']._serialized_end=171
-  _globals['_CERTIFICATEAUTHORITY']._serialized_start=173
-  _globals['_CERTIFICATEAUTHORITY']._serialized_end=262
+  _globals['_GETBUNDLEREQUEST']._serialized_start=173
+  _globals['_GETBUNDLEREQUEST']._serialized_end=191
+  _globals['_GETBUNDLERESPONSE']._serialized_start=193
+  _globals['_GETBUNDLERESPONSE']._serialized_end=234
+  _globals['_CERTIFICATEAUTHORITY']._serialized_start=237
+  _globals['_CERTIFICATEAUTHORITY']._serialized_end=408
 # @@protoc_insertion_point(module_scope)

@@ -83,3 +83,40 @@ class SignResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SignResponse: _TypeAlias = SignResponse  # noqa: Y015
+
+@_typing.final
+class GetBundleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBundleRequest: _TypeAlias = GetBundleRequest  # noqa: Y015
+
+@_typing.final
+class GetBundleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUST_BUNDLE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def trust_bundle(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """DER root certificates of the trust domain's bundle, as in SignResponse."""
+
+    def __init__(
+        self,
+        *,
+        trust_bundle: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["trust_bundle", b"trust_bundle"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBundleResponse: _TypeAlias = GetBundleResponse  # noqa: Y015

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import socket
 import time
 import urllib.error
 from collections.abc import AsyncIterator, Iterator
@@ -26,15 +25,9 @@ import yaml
 from aiohttp import web
 
 from tests.mesh import AgentProcess, agent_process, agent_yaml, inbound, outbound, workload
-from tests.support import CaProcess, CaSetup, ca_process, make_ca_setup
+from tests.support import CaProcess, CaSetup, ca_process, free_port, make_ca_setup
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @asynccontextmanager

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.interop import go_verify  # noqa: F401  (a fixture, shared by the modules here)
 from tests.support import CaProcess, CaSetup, ca_process, make_ca_setup
 
 

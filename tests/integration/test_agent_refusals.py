@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent.app import Agent
+from identity import SpiffeId
 from tests import certs
 from tests.certs import Credential
 from tests.mesh import (
@@ -34,6 +35,7 @@ from tests.mesh import (
 from tests.support import CaSetup
 
 FRONTEND, INTRUDER = workload("frontend"), workload("intruder")
+FOREIGN_FRONTEND = f"spiffe://{certs.FOREIGN_DOMAIN}/ns/demo/sa/frontend"
 PAYLOAD = b"secret for the app"
 # A test that fails with a connection still open should not wait 30 s to say so.
 LIMITS = {"drain_timeout": "500ms"}
@@ -137,6 +139,19 @@ async def test_an_svid_from_another_trust_domains_ca(
     await assert_refused(setup, app_and_agent, certs.foreign_svid(tmp_path / "other"), "unknown_ca")
 
 
+async def test_our_roots_svid_for_another_trust_domain(setup: CaSetup) -> None:
+    """Even on the allow-list: our bundle vouches for example.org's IDs only."""
+    client = certs.cross_domain_svid(setup)
+    allow = {"spiffe_ids": [FOREIGN_FRONTEND]}
+    async with echo_server() as app_port:
+        raw = agent_yaml(setup.root, "backend", inbound=inbound(app_port, allow=allow))
+        async with running_agent(raw, local_sign(setup), setup.root) as agent:
+            context = certs.client_context(setup.bundle_pem, client)
+            assert await mtls_exchange(agent.bound["inbound[0]"], context) == b""
+            assert await eventually(lambda: bool(refusals(agent, "inbound")))
+            assert refusals(agent, "inbound") == {"foreign_trust_domain": 1}
+
+
 async def test_an_expired_svid(setup: CaSetup, app_and_agent: tuple[list[int], Agent]) -> None:
     await assert_refused(setup, app_and_agent, certs.expired_svid(setup, FRONTEND), "expired")
 
@@ -206,6 +221,19 @@ async def test_a_server_presenting_another_workloads_svid(setup: CaSetup) -> Non
             assert refusals(agent, "outbound") == {"wrong_server_id": 1}
             refused = {"direction": "outbound", "reason": "no_endpoint"}
             assert sample(agent, "outrider_connections_refused_total", **refused) == 1
+        assert b"".join(received) == b"", "the impostor received the app's bytes"
+
+
+async def test_a_server_with_our_roots_svid_for_another_trust_domain(setup: CaSetup) -> None:
+    """Even when named in server_ids: our bundle vouches for example.org's IDs only."""
+    impostor = certs.server_context(setup.bundle_pem, certs.cross_domain_svid(setup))
+    async with tls_server(impostor) as (port, received):
+        upstream = outbound(f"127.0.0.1:{port}", SpiffeId.parse(FOREIGN_FRONTEND))
+        raw = agent_yaml(setup.root, "frontend", outbound=upstream, limits=LIMITS)
+        async with running_agent(raw, local_sign(setup), setup.root) as agent:
+            assert await round_trip(agent.bound["outbound[backend]"], PAYLOAD, 2) == b""
+            assert await eventually(lambda: bool(refusals(agent, "outbound")))
+            assert refusals(agent, "outbound") == {"foreign_trust_domain": 1}
         assert b"".join(received) == b"", "the impostor received the app's bytes"
 
 

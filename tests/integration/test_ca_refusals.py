@@ -25,6 +25,7 @@ from ca.core.issuance import IssuancePolicy
 from ca.issuer import Issuer
 from ca.signers.local import LocalSigner
 from identity import SpiffeId
+from tests import certs
 from tests.support import (
     TRUST_DOMAIN,
     WORKLOAD,
@@ -204,3 +205,21 @@ async def test_client_certificate_from_another_trust_root_fails_handshake(
         with pytest.raises((OSError, StreamTerminatedError)):
             await c.sign(make_csr(), deadline=5)
     assert setup.issued_count() == issued_before
+
+
+async def test_renewal_with_our_roots_svid_for_another_trust_domain_refused(
+    setup: CaSetup, ca: CaProcess
+):
+    """With no name constraint OpenSSL passes the chain; the CA's root vouches for its own
+    trust domain only, so the caller is not spiffe://other.org/... here."""
+    client = certs.cross_domain_svid(setup)
+    error = await refused(
+        setup,
+        ca,
+        make_csr(),
+        token=None,
+        client_chain_pem=client.chain_pem,
+        client_key_pem=client.key_pem,
+    )
+    assert error.status is Status.UNAUTHENTICATED
+    assert "bad_svid" in (error.message or "")

@@ -149,22 +149,27 @@ async def test_concurrent_refusals_log_in_once(tmp_path: Path) -> None:
         assert after - before == 1, f"{after - before} Vault tokens made for one expiry"
 
 
-async def test_the_vault_intermediate_is_limited_to_the_trust_domain(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name_constraints", [False, True], ids=["default", "constrained"])
+async def test_the_vault_intermediate_has_a_name_constraint_only_when_asked(
+    tmp_path: Path, name_constraints: bool
+) -> None:
+    """Off by default (rustls and cryptography refuse such chains); on, Vault must keep it."""
     with OpenBao(tmp_path / "bao", kind="dev") as bao:
         bao.setup_pki()
         (tmp_path / "token").write_text(bao.root_token)
         auth = VaultAuth(method="token", token_file=tmp_path / "token")
-        signer = vault_signer(
-            VaultSettings(address=bao.address, auth=auth),
-            TrustDomain("example.org"),
-            lambda: datetime.now(UTC),
-        )
+        settings = VaultSettings(address=bao.address, auth=auth, name_constraints=name_constraints)
+        signer = vault_signer(settings, TrustDomain("example.org"), lambda: datetime.now(UTC))
         await signer.start()
-        constraints = signer.issuer.extensions.get_extension_for_class(x509.NameConstraints)
-        assert constraints.critical
-        assert constraints.value.permitted_subtrees == [
-            x509.UniformResourceIdentifier("example.org")
-        ]
+        found = [e for e in signer.issuer.extensions if e.oid == x509.NameConstraints.oid]
+        if not name_constraints:
+            assert found == []
+            return
+        assert found[0].critical
+        assert found[0].value == x509.NameConstraints(
+            permitted_subtrees=[x509.UniformResourceIdentifier("example.org")],
+            excluded_subtrees=None,
+        )
 
 
 async def test_a_csr_the_role_refuses_is_invalid_not_unavailable(tmp_path: Path) -> None:

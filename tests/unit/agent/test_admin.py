@@ -54,6 +54,7 @@ def test_the_config_as_plain_data() -> None:
             "bundle_file": "/etc/outrider/bundle.pem",
             "timeout": 0.25,
             "backoff": {"initial": 2.0, "maximum": 60.0, "multiplier": 2.0},
+            "bundle_refresh": 5.0,
         },
         "inbound": [
             {

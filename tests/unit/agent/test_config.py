@@ -156,6 +156,7 @@ def test_defaults_fill_what_the_file_leaves_out() -> None:
     assert config.ca.server_name == "outrider-ca.outrider.svc"  # the address's host
     assert config.ca.timeout == timedelta(seconds=10)
     assert config.ca.backoff == Backoff(timedelta(seconds=1), timedelta(seconds=30))
+    assert config.ca.bundle_refresh == timedelta(seconds=5)
     [inbound] = config.inbound
     assert inbound.listen == Listen("0.0.0.0", 15443)
     assert inbound.allow == AllowList(frozenset(), frozenset({TD}))  # the agent's own domain
@@ -315,6 +316,8 @@ BAD_VALUES = [
         id="backoff-initial-over-max",
     ),
     pytest.param("ca.backoff.jitter", 1, "ca.backoff.jitter: unknown key", id="bo-unknown"),
+    pytest.param("ca.bundle_refresh", "500ms", "ca.bundle_refresh: at least 1s", id="refresh"),
+    pytest.param("ca.bundle_refresh", "0s", "ca.bundle_refresh: must be positive", id="refresh0"),
     pytest.param("ca.port", 1, "ca.port: unknown key", id="ca-unknown"),
     pytest.param("inbound", {"app": "x:1"}, "inbound: must be a list", id="inbound-not-list"),
     pytest.param("inbound.0", "x:1", "inbound[0]: must be a mapping", id="inbound-item"),

@@ -13,8 +13,10 @@ from agent.adapters import tls
 from agent.adapters.tls import client_context, peer_id, refusal_reason, server_context
 from agent.core.svid import Svid
 from ca.signers.local import LocalSigner
-from identity import SvidError
+from identity import SvidError, TrustDomain
 from tests.unit.agent.pki import NOW, WEB, der, new_key, sign_leaf
+
+TD = WEB.trust_domain
 
 
 def verify_error(code: int) -> ssl.SSLCertVerificationError:
@@ -143,20 +145,30 @@ class PeerObject:
 
 def test_a_remembered_peer_is_still_refused_once_its_svid_expires(svid: Svid) -> None:
     peer = cast(ssl.SSLObject, PeerObject(der(svid.chain[0])))
-    assert peer_id(peer, "client", NOW) == WEB
-    assert peer_id(peer, "client", NOW + timedelta(minutes=30)) == WEB  # remembered
+    assert peer_id(peer, "client", NOW, TD) == WEB
+    assert peer_id(peer, "client", NOW + timedelta(minutes=30), TD) == WEB  # remembered
     with pytest.raises(SvidError) as refused:
-        peer_id(peer, "client", svid.not_after)
+        peer_id(peer, "client", svid.not_after, TD)
     assert refused.value.reason == "expired"
     with pytest.raises(SvidError):
-        peer_id(peer, "client", NOW - timedelta(hours=1))
+        peer_id(peer, "client", NOW - timedelta(hours=1), TD)
+
+
+def test_a_peer_of_another_trust_domain_is_refused_even_when_remembered(svid: Svid) -> None:
+    """The bundle that verified the chain vouches for its own trust domain only."""
+    peer = cast(ssl.SSLObject, PeerObject(der(svid.chain[0])))
+    assert peer_id(peer, "client", NOW, TD) == WEB
+    for _ in range(2):
+        with pytest.raises(SvidError) as refused:
+            peer_id(peer, "client", NOW, TrustDomain("other.org"))
+        assert refused.value.reason == "foreign_trust_domain"
 
 
 def test_a_certificate_that_is_not_an_svid_is_refused_every_time(svid: Svid) -> None:
     intermediate = cast(ssl.SSLObject, PeerObject(der(svid.chain[1])))
     for _ in range(2):
         with pytest.raises(SvidError):
-            peer_id(intermediate, "server", NOW)
+            peer_id(intermediate, "server", NOW, TD)
 
 
 def test_the_memory_of_peers_is_bounded(
@@ -165,5 +177,5 @@ def test_the_memory_of_peers_is_bounded(
     monkeypatch.setattr(tls, "_ACCEPTED_MAX", 3)
     for _ in range(5):
         leaf = sign_leaf(signer, new_key())[0]
-        assert peer_id(cast(ssl.SSLObject, PeerObject(leaf)), "client", NOW) == WEB
+        assert peer_id(cast(ssl.SSLObject, PeerObject(leaf)), "client", NOW, TD) == WEB
         assert len(tls._ACCEPTED) <= 3

@@ -37,7 +37,13 @@ def test_a_vault_signer_gets_its_defaults() -> None:
         "outrider-svid",
     )
     assert settings.intermediate_ttl == timedelta(hours=24)
+    assert settings.name_constraints is False  # opt-in: rustls and cryptography refuse them
     assert settings.auth == VaultAuth(method="kubernetes", mount="kubernetes", role="ca")
+
+
+def test_name_constraints_can_be_asked_for() -> None:
+    settings = parse(config(vault(name_constraints=True)), base=BASE).vault
+    assert settings is not None and settings.name_constraints is True
 
 
 def test_approle_reads_its_secret_from_a_file_relative_to_the_config() -> None:
@@ -61,6 +67,13 @@ def test_approle_reads_its_secret_from_a_file_relative_to_the_config() -> None:
         (vault(dir="ca"), {}, "signer.dir: only for kind: local"),
         ({"kind": "local", "dir": "ca", "mode": "intermediate"}, {}, "signer.mode: only for kind"),
         (vault(), {"trust_domain": None}, "trust_domain: required with signer kind vault"),
+        (vault(name_constraints="yes"), {}, "signer.name_constraints: must be true or false"),
+        (
+            vault(name_constraints=True, mode="per-certificate"),
+            {},
+            "signer.name_constraints: only for mode: intermediate",
+        ),
+        ({"kind": "local", "dir": "ca", "name_constraints": True}, {}, "signer.name_constraints"),
     ],
 )
 def test_vault_mistakes_are_reported(
