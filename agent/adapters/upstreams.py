@@ -55,6 +55,12 @@ class DialError(Exception):
 
 
 class LiveUpstream:
+    """Built by the constructor (nothing runs, nothing is counted), run by `start`;
+    `close` undoes what `start` did: a listener refused before it started leaves
+    no task and no metric behind."""
+
+    counted: Counted  # bound by start(): an upstream that never ran shows in no metric
+
     def __init__(self, config: Outbound, runtime: Runtime, rng: random.Random) -> None:
         self.runtime = runtime
         self.rng = rng
@@ -67,28 +73,36 @@ class LiveUpstream:
         self.pool = Pool(config.pool_idle_timeout)
         self.published: dict[Source, dict[Endpoint, int]] = {}
         self._watches: dict[Source, asyncio.Task[None]] = {}
+        self._restart: asyncio.TimerHandle | None = None
         self._tick: asyncio.Task[None] | None = None
         self._checks: asyncio.Task[None] | None = None
-        self._closed = False
-        self.counted = Counted(runtime.metrics, config.name)
+        self._running = False
 
     @property
     def name(self) -> str:
         return self.config.name
 
     def start(self) -> None:
+        self._running = True
+        self.counted = Counted(self.runtime.metrics, self.name)
         self._watch_sources()
         self._tick = asyncio.create_task(self._refresh(), name=f"upstream {self.name}")
         self._start_checks()
 
     def close(self) -> None:
-        self._closed = True
+        """Stop discovery, ticks and checks, close the idle pool, take down the gauges."""
+        started, self._running = self._running, False
         for task in [*self._watches.values(), self._tick, self._checks]:
             if task is not None:
                 task.cancel()
         self._watches.clear()
+        self._tick = self._checks = None
+        if self._restart is not None:
+            self._restart.cancel()
+            self._restart = None
         self.pool.close()
-        self._remove_gauges(self.name)
+        if started:  # else the gauges under this name belong to another (a running one)
+            self._remove_gauges(self.name)
 
     def _remove_gauges(self, name: str) -> None:
         gauge = self.runtime.metrics.upstream_endpoints
@@ -97,11 +111,11 @@ class LiveUpstream:
                 gauge.remove(name, state)
 
     def reconfigure(self, config: Outbound) -> None:
-        """Follow a new config; what it does not change carries over."""
+        """Follow a new config (a running upstream); what it does not change carries over."""
         if config == self.config:
             return
         old, self.config = self.config, config
-        if config.name != old.name:  # renamed in place: its metrics follow the name
+        if config.name != old.name and self._running:  # renamed in place: metrics follow
             self._remove_gauges(old.name)
             self.counted = Counted(self.runtime.metrics, config.name)
         if config.circuit_breaker != old.circuit_breaker:  # in-flight work releases the old one
@@ -125,10 +139,11 @@ class LiveUpstream:
         self.core = core
         self.pool.drop(gone)
         self.pool.set_idle_timeout(config.pool_idle_timeout)
-        self._watch_sources()
-        if config.health.active != old.health.active and self._tick is not None:
-            self._start_checks()
-        self._count_states()
+        if self._running:
+            self._watch_sources()
+            if config.health.active != old.health.active:
+                self._start_checks()
+            self._count_states()
 
     def _start_checks(self) -> None:
         if self._checks is not None:
@@ -156,7 +171,7 @@ class LiveUpstream:
 
     def _watch_ended(self, source: Source, task: asyncio.Task[None]) -> None:
         """A watch that failed outright (e.g. no in-cluster credentials yet) starts again."""
-        if task.cancelled() or task.exception() is None or self._closed:
+        if task.cancelled() or task.exception() is None or not self._running:
             return
         log.error(
             "upstream %s: discovery failed, again in %.0fs: %s",
@@ -166,11 +181,13 @@ class LiveUpstream:
         )
         if self._watches.get(source) is task:
             del self._watches[source]
-        asyncio.get_running_loop().call_later(DISCOVERY_RESTART, self._restart_watches)
+        if self._restart is None:
+            loop = asyncio.get_running_loop()
+            self._restart = loop.call_later(DISCOVERY_RESTART, self._restart_watches)
 
     def _restart_watches(self) -> None:
-        if not self._closed:
-            self._watch_sources()
+        self._restart = None
+        self._watch_sources()
 
     def _publish(self, source: Source, members: dict[Endpoint, int]) -> None:
         self.published[source] = members

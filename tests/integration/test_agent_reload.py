@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from agent import config as agent_config
-from agent.app import Agent, _reload
+from agent.app import Agent
 from tests.mesh import (
     agent_yaml,
     echo_server,
@@ -45,7 +45,7 @@ async def test_a_new_listener_opens_and_a_removed_one_closes(
             raw["inbound"] = [{"listen": second, "app": f"127.0.0.1:{app_port}"}]
             path = tmp_path / "agent.yaml"
             path.write_text(yaml.safe_dump(raw))
-            await _reload(agent, path)
+            await agent.reload(path)
             assert agent.bound["inbound[0]"] == second
             assert reloads(agent, "ok") == 1
             await connect(second)
@@ -66,7 +66,7 @@ async def test_an_address_in_use_keeps_the_running_config(setup: CaSetup, tmp_pa
                 raw["limits"] = {"max_connections": 5}
                 path = tmp_path / "agent.yaml"
                 path.write_text(yaml.safe_dump(raw))
-                await _reload(agent, path)
+                await agent.reload(path)
             assert reloads(agent, "error") == 1
             assert (agent.bound, agent.config) == (before, config)
             assert agent.runtime.limits == config.limits
@@ -82,6 +82,6 @@ async def test_a_file_that_does_not_validate_changes_nothing(
             config = agent.config
             path = tmp_path / "agent.yaml"
             path.write_text(yaml.safe_dump({**raw, "inbound": [{"listen": "nowhere"}]}))
-            await _reload(agent, path)
+            await agent.reload(path)
             assert reloads(agent, "error") == 1
             assert agent.config is config
