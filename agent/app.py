@@ -207,6 +207,10 @@ class Agent:
             log.warning("drain timeout: closed %d connection(s) still open", left)
 
     async def stop(self) -> None:
+        """Undo what start did, in reverse: listeners (if drain has not), tasks, admin."""
+        for running in (self.outbound, self.inbound):
+            for listener in running.values():
+                listener.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
