@@ -84,6 +84,7 @@ class Agent:
     ) -> None:
         settings = settle(config)  # PolicyError: refuse to start
         self.config = config
+        self.last_read = config  # the config file as last read, refused or not
         self.metrics = AgentMetrics()
         contexts = Contexts()
         self.runtime = Runtime(
@@ -115,6 +116,12 @@ class Agent:
     def settings(self) -> Settings:
         """What runs now: the config, and the policies in force (in the runtime)."""
         return Settings(self.config, self.runtime.policies)
+
+    def watched(self, path: Path | None) -> list[Path]:
+        """The files a reload reads: the config file, and the policy files of the running
+        config and of the one last read (a fix to a refused config's new policy file counts)."""
+        policies = dict.fromkeys((*self.config.policy.files, *self.last_read.policy.files))
+        return ([path] if path else []) + list(policies)
 
     @property
     def ready(self) -> bool:
@@ -160,7 +167,7 @@ class Agent:
         """
         kind = "agent" if path is not None else "policy"
         try:
-            config = agent_config.load(path) if path is not None else self.config
+            config = self.last_read = agent_config.load(path) if path else self.config
             kind = "agent" if config != self.config else "policy"
             new = settle(config)
             if new == self.settings:
@@ -256,6 +263,7 @@ class Agent:
         config = self.config = new.config
         self.runtime.limits = config.limits
         self.runtime.policies = new.policies
+        self.runtime.spiffe_id = config.identity.spiffe_id  # as start derived it
         self.identity.config = config
         inbound = {c.listen: (f"inbound[{i}]", c) for i, c in enumerate(config.inbound)}
         outbound = {c.listen: (f"outbound[{c.name}]", c) for c in config.outbound}
@@ -321,8 +329,7 @@ async def _serve_until(agent: Agent, path: Path | None, stop: asyncio.Event) -> 
     loop = asyncio.get_running_loop()
     reload = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, reload.set)
-    watched = lambda: ([path] if path else []) + list(agent.config.policy.files)  # noqa: E731
-    watcher = asyncio.create_task(_watch(watched, reload))
+    watcher = asyncio.create_task(_watch(lambda: agent.watched(path), reload))
     try:
         while await _unless_stopped(reload.wait(), stop):
             reload.clear()

@@ -55,9 +55,13 @@ class DialError(Exception):
 
 
 class LiveUpstream:
-    """Built by the constructor (nothing runs, nothing is counted), run by `start`;
-    `close` undoes what `start` did: a listener refused before it started leaves
-    no task and no metric behind."""
+    """One outbound's upstream: built by the constructor (nothing runs, nothing is
+    counted), run by `start`, stopped by `close`, which undoes what `start` did.
+
+    A listener refused before it started so leaves no task and no series. The
+    counters of one that ran stay after `close`, as totals do; its endpoint
+    gauges go (an upstream taking its place under the same name sets them again).
+    """
 
     counted: Counted  # bound by start(): an upstream that never ran shows in no metric
 

@@ -323,3 +323,29 @@ async def test_refused_reloads_of_a_kubernetes_upstream_leave_no_thread_and_no_s
             exposition = await asyncio.to_thread(agent.metrics)
             assert upstreams_in(exposition) == {"backend"}
             assert await until_true(lambda: agent.threads() == threads), agent.threads()
+
+
+def test_fixing_the_new_policy_file_of_a_refused_config_reloads_it(
+    setup: CaSetup, ca: CaProcess, tmp_path: Path
+) -> None:
+    """The refusal says what to fix; fixing it is enough, even in a file only the refused
+    config names (watched from the refusal on), without another SIGHUP."""
+    running, added = tmp_path / "running.yaml", tmp_path / "added.yaml"
+    running.write_text(POLICY)
+    raw = agent_yaml(
+        setup.root,
+        "backend",
+        ca_address=f"127.0.0.1:{ca.grpc_port}",
+        token=setup.issuer.token("demo", "backend"),
+        policy={"files": [str(running)]},
+    )
+    with agent_process(tmp_path, "backend", raw) as agent:
+        added.write_text("policies:\n  - name: broken\n    action: PERMIT\n")
+        raw["policy"] = {"files": [str(running), str(added)]}
+        (tmp_path / "backend.yaml").write_text(yaml.safe_dump(raw))
+        assert until(lambda: refusals(agent) == 1), "".join(agent.log)
+        assert f"{added}:3:13: " in "".join(agent.log)  # where to fix it
+        added.write_text(POLICY.replace("frontend-api", "another"))
+        reloaded = lambda: agent.sample("outrider_config_reloads_total", kind="agent", result="ok")  # noqa: E731
+        assert until(lambda: reloaded() == 1), "".join(agent.log)
+        assert refusals(agent) == 1
