@@ -108,12 +108,7 @@ async def test_a_file_that_does_not_validate_changes_nothing(
 
 POLICY = """\
 policies:
-  - name: frontend-api
-    action: ALLOW
-    rules:
-      - name: read-api
-        from: {principals: ["spiffe://example.org/ns/demo/sa/frontend"]}
-        to: {methods: [GET], paths: ["/api/*"]}
+  - {name: api, action: ALLOW, rules: [{name: read, to: {methods: [GET], paths: ["/api/*"]}}]}
 """
 
 
@@ -151,6 +146,13 @@ def status(setup: CaSetup, address: str, path: str) -> int:
         connection.close()
 
 
+def served_yaml(setup: CaSetup, ca: CaProcess, name: str, **sections: Any) -> dict[str, Any]:
+    """The agent.yaml of workload `name` in namespace demo, served by the `ca serve` process."""
+    token = setup.issuer.token("demo", name)
+    address = f"127.0.0.1:{ca.grpc_port}"
+    return agent_yaml(setup.root, name, ca_address=address, token=token, **sections)
+
+
 def refusals(agent: AgentProcess) -> float:
     return agent.sample("outrider_config_reloads_total", kind="agent", result="error")
 
@@ -171,11 +173,10 @@ def test_a_reload_that_start_would_refuse_is_refused_and_the_old_config_serves(
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     with http_app() as app_port:
-        raw = agent_yaml(
-            setup.root,
+        raw = served_yaml(
+            setup,
+            ca,
             "backend",
-            ca_address=f"127.0.0.1:{ca.grpc_port}",
-            token=setup.issuer.token("demo", "backend"),
             inbound=inbound(app_port, protocol="http"),
             policy={"files": [str(policy)]},
         )
@@ -291,11 +292,10 @@ async def test_refused_reloads_of_a_kubernetes_upstream_leave_no_thread_and_no_s
     watched = {"kubernetes": {"service": "backend", "namespace": "shop"}}
     async with stub_api_server(tls.server_context) as api:
         launcher, env = in_cluster(api.port, tls.ca_file, tmp_path)
-        raw = agent_yaml(
-            setup.root,
+        raw = served_yaml(
+            setup,
+            ca,
             "frontend",
-            ca_address=f"127.0.0.1:{ca.grpc_port}",
-            token=setup.issuer.token("demo", "frontend"),
             outbound=[upstream("backend", "127.0.0.1:0", **watched)],
         )
         started = agent_process(tmp_path, "frontend", raw, launcher=launcher, env=env)
@@ -332,11 +332,10 @@ def test_fixing_the_new_policy_file_of_a_refused_config_reloads_it(
     config names (watched from the refusal on), without another SIGHUP."""
     running, added = tmp_path / "running.yaml", tmp_path / "added.yaml"
     running.write_text(POLICY)
-    raw = agent_yaml(
-        setup.root,
+    raw = served_yaml(
+        setup,
+        ca,
         "backend",
-        ca_address=f"127.0.0.1:{ca.grpc_port}",
-        token=setup.issuer.token("demo", "backend"),
         policy={"files": [str(running)]},
     )
     with agent_process(tmp_path, "backend", raw) as agent:
@@ -345,7 +344,7 @@ def test_fixing_the_new_policy_file_of_a_refused_config_reloads_it(
         (tmp_path / "backend.yaml").write_text(yaml.safe_dump(raw))
         assert until(lambda: refusals(agent) == 1), "".join(agent.log)
         assert f"{added}:3:13: " in "".join(agent.log)  # where to fix it
-        added.write_text(POLICY.replace("frontend-api", "another"))
+        added.write_text(POLICY.replace("name: api", "name: another"))
         reloaded = lambda: agent.sample("outrider_config_reloads_total", kind="agent", result="ok")  # noqa: E731
         assert until(lambda: reloaded() == 1), "".join(agent.log)
         assert refusals(agent) == 1
