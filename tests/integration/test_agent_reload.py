@@ -1,4 +1,9 @@
-"""Reloading the agent's config in place: listeners come and go, a bad file changes nothing."""
+"""Reloading the agent's config and policies in place.
+
+Listeners come and go; a reload is checked as start checks (config and
+policies together), and a refused one changes nothing and leaves nothing
+running: no listener, task, thread or metric series of what it had opened.
+"""
 
 from __future__ import annotations
 
@@ -45,6 +50,21 @@ async def connect(address: str) -> None:
     writer.close()
 
 
+@contextlib.contextmanager
+def busy_port() -> Iterator[str]:
+    """An address something else listens on."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield f"127.0.0.1:{taken.getsockname()[1]}"
+
+
+def free_address() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
 def reloads(agent: Agent, result: str) -> float:
     return sample(agent, "outrider_config_reloads_total", kind="agent", result=result)
 
@@ -56,9 +76,7 @@ async def test_a_new_listener_opens_and_a_removed_one_closes(
         raw = agent_yaml(setup.root, "backend", inbound=inbound(app_port))
         async with running_agent(raw, local_sign(setup), setup.root) as agent:
             first = agent.bound["inbound[0]"]
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                second = f"127.0.0.1:{probe.getsockname()[1]}"
+            second = free_address()
             raw["inbound"] = [{"listen": second, "app": f"127.0.0.1:{app_port}"}]
             path = tmp_path / "agent.yaml"
             path.write_text(yaml.safe_dump(raw))
@@ -75,10 +93,7 @@ async def test_an_address_in_use_keeps_the_running_config(setup: CaSetup, tmp_pa
         raw = agent_yaml(setup.root, "backend", inbound=inbound(app_port))
         async with running_agent(raw, local_sign(setup), setup.root) as agent:
             before, config = dict(agent.bound), agent.config
-            with socket.socket() as taken:
-                taken.bind(("127.0.0.1", 0))
-                taken.listen()
-                busy = f"127.0.0.1:{taken.getsockname()[1]}"
+            with busy_port() as busy:
                 raw["inbound"].append({"listen": busy, "app": f"127.0.0.1:{app_port}"})
                 raw["limits"] = {"max_connections": 5}
                 path = tmp_path / "agent.yaml"
@@ -219,21 +234,6 @@ def test_a_reload_that_start_would_refuse_is_refused_and_the_old_config_serves(
 
 
 # --- a refused reload leaves nothing behind -------------------------------------------
-
-
-@contextlib.contextmanager
-def busy_port() -> Iterator[str]:
-    """An address something else listens on."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        yield f"127.0.0.1:{taken.getsockname()[1]}"
-
-
-def free_address() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{probe.getsockname()[1]}"
 
 
 def upstream(name: str, listen: str, **source: Any) -> dict[str, Any]:
