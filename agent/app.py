@@ -37,6 +37,7 @@ from agent.adapters.metrics import AgentMetrics
 from agent.adapters.rotator import IdentityManager, SignFn
 from agent.adapters.runtime import Runtime
 from agent.adapters.tls import Contexts
+from agent.adapters.upstreams import prune_series
 from agent.config import AgentConfig, Inbound, Outbound
 from agent.core.policy import PolicySet
 from agent.core.policyfile import PolicyError, load_policy_files
@@ -234,6 +235,7 @@ class Agent:
         reverse, and the running listeners are untouched.
         """
         with contextlib.ExitStack() as undo:
+            undo.callback(self._prune_series)  # last: the running set's series stay
             inbound = self._bind(undo, self.inbound, config.inbound, InboundListener)
             outbound = self._bind(undo, self.outbound, config.outbound, OutboundListener)
             listeners: list[Listener[Any]] = [*inbound.values(), *outbound.values()]
@@ -272,6 +274,11 @@ class Agent:
             **_commit(self.inbound, opened[0], inbound),
             **_commit(self.outbound, opened[1], outbound),
         }
+        self._prune_series()
+
+    def _prune_series(self) -> None:
+        """/metrics shows the upstreams of the running config, and no other."""
+        prune_series(self.metrics, {upstream.name for upstream in self.config.outbound})
 
 
 def _commit(
@@ -340,13 +347,18 @@ async def _serve_until(agent: Agent, path: Path | None, stop: asyncio.Event) -> 
 
 
 async def _watch(files: Callable[[], list[Path]], reload: asyncio.Event) -> None:
-    """Set `reload` when a file's content changes (a ConfigMap update swaps a symlink)."""
+    """Set `reload` when a file's content changes (a ConfigMap update swaps a symlink).
+
+    A file that joins the set (named by the config a reload just read) starts
+    as read: that reload saw its content.
+    """
     last = _fingerprint(files())
     while True:
         await asyncio.sleep(WATCH_INTERVAL)
         current = _fingerprint(files())
-        if current != last:
-            last = current
+        changed = any(current[path] != last[path] for path in current.keys() & last.keys())
+        last = current
+        if changed:
             reload.set()
 
 

@@ -19,12 +19,11 @@ DISCOVERY_RESTART seconds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import random
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TypeVar
 
 from prometheus_client import Counter
@@ -36,7 +35,7 @@ from agent.adapters.runtime import Runtime
 from agent.adapters.tls import refusal_reason
 from agent.config import Outbound
 from agent.core.discovery import Source
-from agent.core.health import STATES, ActiveCheck, Event, Transition
+from agent.core.health import ActiveCheck, Event, Transition
 from agent.core.resilience import CircuitBreaker, RetryBudget
 from agent.core.upstream import Endpoint, Upstream
 
@@ -58,9 +57,9 @@ class LiveUpstream:
     """One outbound's upstream: built by the constructor (nothing runs, nothing is
     counted), run by `start`, stopped by `close`, which undoes what `start` did.
 
-    A listener refused before it started so leaves no task and no series. The
-    counters of one that ran stay after `close`, as totals do; its endpoint
-    gauges go (an upstream taking its place under the same name sets them again).
+    Its metric series are the agent's to prune (`prune_series`): they go when no
+    running upstream has its name, whether it closed on a reload, was refused
+    with one, or was renamed; a drain keeps them for the last scrape.
     """
 
     counted: Counted  # bound by start(): an upstream that never ran shows in no metric
@@ -94,8 +93,8 @@ class LiveUpstream:
         self._start_checks()
 
     def close(self) -> None:
-        """Stop discovery, ticks and checks, close the idle pool, take down the gauges."""
-        started, self._running = self._running, False
+        """Stop discovery, ticks and checks; close the idle pool."""
+        self._running = False
         for task in [*self._watches.values(), self._tick, self._checks]:
             if task is not None:
                 task.cancel()
@@ -105,14 +104,6 @@ class LiveUpstream:
             self._restart.cancel()
             self._restart = None
         self.pool.close()
-        if started:  # else the gauges under this name belong to another (a running one)
-            self._remove_gauges(self.name)
-
-    def _remove_gauges(self, name: str) -> None:
-        gauge = self.runtime.metrics.upstream_endpoints
-        for state in STATES:
-            with contextlib.suppress(KeyError):  # a gone upstream has no endpoints to show
-                gauge.remove(name, state)
 
     def reconfigure(self, config: Outbound) -> None:
         """Follow a new config (a running upstream); what it does not change carries over."""
@@ -120,7 +111,6 @@ class LiveUpstream:
             return
         old, self.config = self.config, config
         if config.name != old.name and self._running:  # renamed in place: metrics follow
-            self._remove_gauges(old.name)
             self.counted = Counted(self.runtime.metrics, config.name)
         if config.circuit_breaker != old.circuit_breaker:  # in-flight work releases the old one
             self.breaker = CircuitBreaker(config.circuit_breaker)
@@ -239,8 +229,10 @@ class LiveUpstream:
         self._count_states()
 
     def _count_states(self) -> None:
-        # Looked up each time (once a second, or on a change): a reload that replaces
-        # this upstream under the same name removes the old children.
+        # Looked up each time (once a second, or on a change): a reload that renames
+        # this upstream prunes the old name's children.
+        if not self._running:  # closed: a request still in flight must not bring them back
+            return
         gauge = self.runtime.metrics.upstream_endpoints
         for state, count in self.core.health.counts(self._now()).items():
             gauge.labels(self.name, state).set(count)
@@ -362,6 +354,32 @@ class Counted:
 
     def overflow(self, reason: str) -> None:
         self.metrics.upstream_overflows.labels(self.name, reason).inc()
+
+
+#: The metrics with an `upstream` label, and their other labels in order.
+_PER_UPSTREAM = {
+    "upstream_requests": ("code",),
+    "upstream_request_duration": (),
+    "upstream_endpoints": ("state",),
+    "upstream_retries": (),
+    "upstream_ejections": (),
+    "upstream_overflows": ("reason",),
+    "upstream_connections": ("kind",),
+}
+
+
+def prune_series(metrics: AgentMetrics, running: Collection[str]) -> None:
+    """Take out of /metrics every series of an upstream not in `running` (by name)."""
+    for attribute, others in _PER_UPSTREAM.items():
+        metric = getattr(metrics, attribute)
+        gone = {
+            (sample.labels["upstream"], *(sample.labels[label] for label in others))
+            for family in metric.collect()
+            for sample in family.samples
+            if sample.labels.get("upstream", "") not in running
+        }
+        for labels in gone:
+            metric.remove(*labels)
 
 
 def _weights(config: Outbound) -> dict[str, int]:

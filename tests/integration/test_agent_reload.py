@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import http.client
 import signal
 import socket
@@ -27,6 +28,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import config as agent_config
+from agent.adapters.listeners import OutboundListener
 from agent.app import Agent
 from tests import certs
 from tests.k8s import in_cluster, stub_api_server
@@ -35,6 +37,7 @@ from tests.mesh import (
     agent_process,
     agent_yaml,
     echo_server,
+    eventually,
     inbound,
     local_sign,
     running_agent,
@@ -282,6 +285,63 @@ async def test_a_refused_reload_stops_everything_it_started(setup: CaSetup, tmp_
         assert upstreams_in(generate_latest(agent.metrics.registry).decode()) == {"running"}
 
 
+async def test_a_reload_failing_after_listeners_started_stops_them(
+    setup: CaSetup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any failure once new listeners run (here: the second cannot accept) stops them all:
+    their discovery, ticks and series go, the running upstream keeps its own."""
+    serve = OutboundListener._serve
+
+    async def fails_for_late(listener: OutboundListener, listening: socket.socket) -> None:
+        if listener.config.name == "late":
+            raise OSError(errno.EMFILE, "Too many open files")
+        await serve(listener, listening)
+
+    monkeypatch.setattr(OutboundListener, "_serve", fails_for_late)
+    raw = agent_yaml(setup.root, "frontend", outbound=[upstream("running", "127.0.0.1:0")])
+    async with running_agent(raw, local_sign(setup), setup.root) as agent:
+        await asyncio.sleep(0.05)  # the running upstream's tasks settle
+        tasks = len(asyncio.all_tasks())
+        early = free_address()
+        raw["outbound"] += [upstream("early", early), upstream("late", free_address())]
+        path = tmp_path / "agent.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        await agent.reload(path)
+        assert reloads(agent, "error") == 1
+        await asyncio.sleep(0.05)
+        assert len(asyncio.all_tasks()) == tasks
+        assert upstreams_in(generate_latest(agent.metrics.registry).decode()) == {"running"}
+        with socket.socket() as again:
+            host, port = early.rsplit(":", 1)
+            again.bind((host, int(port)))
+
+
+async def test_an_upstream_moved_to_another_address_keeps_its_series(
+    setup: CaSetup, tmp_path: Path
+) -> None:
+    raw = agent_yaml(setup.root, "frontend", outbound=[upstream("running", "127.0.0.1:0")])
+    async with running_agent(raw, local_sign(setup), setup.root) as agent:
+        assert await eventually(lambda: endpoints(agent, "running") == 1)
+        raw["outbound"] = [upstream("running", free_address())]
+        path = tmp_path / "agent.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        await agent.reload(path)
+        assert reloads(agent, "ok") == 1
+        assert endpoints(agent, "running") == 1
+        retries = {"upstream": "running"}
+        assert (
+            agent.metrics.registry.get_sample_value("outrider_upstream_retries_total", retries) == 0
+        )
+        assert upstreams_in(generate_latest(agent.metrics.registry).decode()) == {"running"}
+
+
+def endpoints(agent: Agent, name: str) -> float:
+    return sum(
+        sample(agent, "outrider_upstream_endpoints", upstream=name, state=state)
+        for state in ("healthy", "unhealthy", "ejected")
+    )
+
+
 async def test_refused_reloads_of_a_kubernetes_upstream_leave_no_thread_and_no_series(
     setup: CaSetup, ca: CaProcess, tmp_path: Path
 ) -> None:
@@ -342,6 +402,7 @@ def test_fixing_the_new_policy_file_of_a_refused_config_reloads_it(
         added.write_text("policies:\n  - name: broken\n    action: PERMIT\n")
         raw["policy"] = {"files": [str(running), str(added)]}
         (tmp_path / "backend.yaml").write_text(yaml.safe_dump(raw))
+        agent.process.send_signal(signal.SIGHUP)
         assert until(lambda: refusals(agent) == 1), "".join(agent.log)
         assert f"{added}:3:13: " in "".join(agent.log)  # where to fix it
         added.write_text(POLICY.replace("name: api", "name: another"))
