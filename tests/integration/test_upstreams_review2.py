@@ -323,7 +323,7 @@ async def test_a_reload_with_a_zero_duration_is_refused_and_the_agent_keeps_runn
 
     The reader records "must be positive" but returns the 0 anyway, and the
     settings' own check raises ValueError before the errors are reported:
-    not a ConfigError, so `_reload` lets it out and `outrider agent run`
+    not a ConfigError, so `Agent.reload` let it out and `outrider agent run`
     exits on a typo in a ConfigMap.
     """
     async with (
