@@ -2,7 +2,10 @@
 
 Start: admin first (so /healthz answers and /ready says 503), then the first
 SVID, then the listeners, then ready. SIGHUP or a change to the config file
-reloads it without dropping connections; a bad file keeps the running config.
+or a policy file reloads both without dropping connections. Start and every
+reload check the config and its policies together (`settle`) and open new
+listeners in full before anything switches, so a reload the agent would
+refuse at start is refused, and a refused one changes nothing.
 SIGTERM drains: /ready turns 503, listeners stop accepting, open connections
 get up to limits.drain_timeout to finish, then the agent exits 0.
 """
@@ -16,6 +19,7 @@ import logging
 import random
 import signal
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ from agent.adapters.metrics import AgentMetrics
 from agent.adapters.rotator import IdentityManager, SignFn
 from agent.adapters.runtime import Runtime
 from agent.adapters.tls import Contexts
+from agent.adapters.upstreams import prune_series
 from agent.config import AgentConfig, Inbound, Outbound
 from agent.core.policy import PolicySet
 from agent.core.policyfile import PolicyError, load_policy_files
@@ -50,6 +55,26 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True)
+class Settings:
+    """What the agent runs: a config and the policies read under it, checked together."""
+
+    config: AgentConfig
+    policies: PolicySet
+
+
+def settle(config: AgentConfig) -> Settings:
+    """`config` with its policy files, as one whole; PolicyError if they do not fit.
+
+    The one check that start and every reload run, so a reload cannot bring
+    in what a restart would refuse.
+    """
+    return Settings(config, load_policies(config))
+
+
+Opened = tuple[dict[Listen, Listener[Inbound]], dict[Listen, Listener[Outbound]]]
+
+
 class Agent:
     def __init__(
         self,
@@ -59,13 +84,19 @@ class Agent:
         rng: random.Random | None = None,
         sign: SignFn | None = None,
     ) -> None:
+        settings = settle(config)  # PolicyError: refuse to start
         self.config = config
+        self.last_read = config  # the config file as last read, refused or not
         self.metrics = AgentMetrics()
         contexts = Contexts()
         self.runtime = Runtime(
-            config.limits, contexts, self.metrics, now, config.identity.spiffe_id
+            config.limits,
+            contexts,
+            self.metrics,
+            now,
+            config.identity.spiffe_id,
+            settings.policies,
         )
-        self.runtime.policies = load_policies(config)  # PolicyError: refuse to start
         self.connections = Connections(self.metrics)
         self.identity = IdentityManager(
             config,
@@ -83,6 +114,17 @@ class Agent:
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
         self._admin: asyncio.Server | None = None
+
+    @property
+    def settings(self) -> Settings:
+        """What runs now: the config, and the policies in force (in the runtime)."""
+        return Settings(self.config, self.runtime.policies)
+
+    def watched(self, path: Path | None) -> list[Path]:
+        """The files a reload reads: the config file, and the policy files of the running
+        config and of the one last read (a fix to a refused config's new policy file counts)."""
+        policies = dict.fromkeys((*self.config.policy.files, *self.last_read.policy.files))
+        return ([path] if path else []) + list(policies)
 
     @property
     def ready(self) -> bool:
@@ -109,7 +151,7 @@ class Agent:
         self._tasks.append(asyncio.create_task(churn, name="memory"))
         await self.identity.has_svid.wait()
         self._tasks.append(asyncio.create_task(self.bundle_sync.run(), name="bundle"))
-        await self._apply_listeners(self.config)
+        self._switch(self.settings, await self._open(self.config))
         # What start-up built lives as long as the process: leave it out of every
         # later collection, whose full passes otherwise stall the loop for tens of ms.
         gc.freeze()
@@ -120,35 +162,48 @@ class Agent:
             ", ".join(f"{name} {address}" for name, address in self.bound.items()),
         )
 
-    async def reconfigure(self, new: AgentConfig) -> None:
-        """Apply a new config; open connections keep going under the old one.
+    async def reload(self, path: Path | None) -> None:
+        """Read the config file (None: keep the running config) and the policy files again.
 
-        OSError (a new listener address cannot be bound) changes nothing.
+        The two apply together, checked as at start, or not at all: a refusal is
+        logged with what to fix, counted, and leaves everything as it was.
+        Counted as kind "agent" when the config file changed, else "policy".
         """
-        await self._apply_listeners(new)
-        old, self.config = self.config, new
-        self.runtime.limits = new.limits
-        self.identity.config = new
-        self.reload_policies()  # other files, another default action, or other TCP ports
-        if (new.identity, new.ca) != (old.identity, old.ca):
-            self.identity.renew_now()
-        if new.admin != old.admin:
-            log.warning("admin address changes take a restart; still on %s", self.bound["admin"])
-        self.metrics.config_reloads.labels("agent", "ok").inc()
-        log.info("config reloaded")
-
-    def reload_policies(self) -> None:
-        """Read the policy files again; a bad one keeps the policy in force."""
+        kind = "agent" if path is not None else "policy"
         try:
-            policies = load_policies(self.config)
-        except PolicyError as exc:
-            self.metrics.config_reloads.labels("policy", "error").inc()
-            log.error("policy reload refused, keeping the policy in force:\n  %s", exc)
+            config = self.last_read = agent_config.load(path) if path else self.config
+            kind = "agent" if config != self.config else "policy"
+            new = settle(config)
+            if new == self.settings:
+                return
+            await self._apply(new)
+        except (ConfigError, PolicyError, OSError) as exc:
+            self.metrics.config_reloads.labels(kind, "error").inc()
+            problems = "\n  ".join(str(exc).splitlines())
+            log.error("reload refused, the running config and policy stay; fix:\n  %s", problems)
             return
-        if policies != self.runtime.policies:
-            self.runtime.policies = policies
-            self.metrics.config_reloads.labels("policy", "ok").inc()
-            log.info("policy reloaded: %d policies", len(policies.policies))
+        self.metrics.config_reloads.labels(kind, "ok").inc()
+        log.info(
+            "%s reloaded: %d policies",
+            "config" if kind == "agent" else "policy",
+            len(new.policies.policies),
+        )
+
+    async def reconfigure(self, config: AgentConfig) -> None:
+        """Switch to `config` and its policy files; open connections keep going under the old.
+
+        PolicyError (the policies do not fit it) or OSError (a new listener
+        address cannot be bound) changes nothing.
+        """
+        await self._apply(settle(config))
+
+    async def _apply(self, new: Settings) -> None:
+        old = self.config
+        self._switch(new, await self._open(new.config))
+        if (new.config.identity, new.config.ca) != (old.identity, old.ca):
+            self.identity.renew_now()
+        if new.config.admin != old.admin:
+            log.warning("admin address changes take a restart; still on %s", self.bound["admin"])
 
     async def drain(self) -> None:
         """Stop accepting, let open connections finish up to the drain timeout."""
@@ -163,6 +218,10 @@ class Agent:
             log.warning("drain timeout: closed %d connection(s) still open", left)
 
     async def stop(self) -> None:
+        """Undo what start did, in reverse: listeners (if drain has not), tasks, admin."""
+        for running in (self.outbound, self.inbound):
+            for listener in running.values():
+                listener.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -171,44 +230,58 @@ class Agent:
         if self._admin is not None:
             self._admin.close()
 
-    async def _apply_listeners(self, config: AgentConfig) -> None:
-        """Open new listeners, close removed ones, reconfigure the rest in place.
+    async def _open(self, config: AgentConfig) -> Opened:
+        """A listener for each of `config`'s addresses not served yet: built, bound, started.
 
-        Every new address is bound before anything else changes: if one cannot
-        be bound, the ones just opened are closed and OSError leaves the
-        running listeners as they were.
+        Every address is bound before any listener starts. On any failure
+        (OSError: an address in use) what was opened is closed again, in
+        reverse, and the running listeners are untouched.
         """
+        with contextlib.ExitStack() as undo:
+            undo.callback(self._prune_series)  # last: the running set's series stay
+            inbound = self._bind(undo, self.inbound, config.inbound, InboundListener)
+            outbound = self._bind(undo, self.outbound, config.outbound, OutboundListener)
+            listeners: list[Listener[Any]] = [*inbound.values(), *outbound.values()]
+            for listener in listeners:
+                await listener.start()
+            undo.pop_all()  # all opened: from here on they are the caller's
+        return inbound, outbound
+
+    def _bind(
+        self,
+        undo: contextlib.ExitStack,
+        running: dict[Listen, Listener[ConfigT]],
+        wanted: tuple[ConfigT, ...],
+        kind: type[Listener[ConfigT]],
+    ) -> dict[Listen, Listener[ConfigT]]:
+        opened: dict[Listen, Listener[ConfigT]] = {}
+        for listener_config in wanted:
+            if listener_config.listen not in running:
+                listener = kind(listener_config, self.runtime, self.connections)
+                undo.callback(listener.close)
+                listener.bind(listener_config.listen)
+                opened[listener_config.listen] = listener
+        return opened
+
+    def _switch(self, new: Settings, opened: Opened) -> None:
+        """Run `new` from the next connection on, in one step (nothing here awaits)."""
+        config = self.config = new.config
+        self.runtime.limits = config.limits
+        self.runtime.policies = new.policies
+        self.runtime.spiffe_id = config.identity.spiffe_id  # as start derived it
+        self.identity.config = config
         inbound = {c.listen: (f"inbound[{i}]", c) for i, c in enumerate(config.inbound)}
         outbound = {c.listen: (f"outbound[{c.name}]", c) for c in config.outbound}
-        opened_in: dict[Listen, Listener[Inbound]] = {}
-        opened_out: dict[Listen, Listener[Outbound]] = {}
-        try:
-            await self._open(self.inbound, inbound, InboundListener, opened_in)
-            await self._open(self.outbound, outbound, OutboundListener, opened_out)
-        except OSError:
-            for opened in (opened_in, opened_out):
-                for listener in opened.values():
-                    listener.close()
-            raise
         self.bound = {
             "admin": self.bound["admin"],
-            **_commit(self.inbound, opened_in, inbound),
-            **_commit(self.outbound, opened_out, outbound),
+            **_commit(self.inbound, opened[0], inbound),
+            **_commit(self.outbound, opened[1], outbound),
         }
+        self._prune_series()
 
-    async def _open(
-        self,
-        running: dict[Listen, Listener[ConfigT]],
-        wanted: dict[Listen, tuple[str, ConfigT]],
-        kind: type[Listener[ConfigT]],
-        opened: dict[Listen, Listener[ConfigT]],
-    ) -> None:
-        """Bind the wanted addresses not yet running, into `opened`."""
-        for listen, (_, listener_config) in wanted.items():
-            if listen not in running:
-                listener = kind(listener_config, self.runtime, self.connections)
-                await listener.start(listen)
-                opened[listen] = listener
+    def _prune_series(self) -> None:
+        """/metrics shows the upstreams of the running config, and no other."""
+        prune_series(self.metrics, {upstream.name for upstream in self.config.outbound})
 
 
 def _commit(
@@ -266,44 +339,30 @@ async def _serve_until(agent: Agent, path: Path | None, stop: asyncio.Event) -> 
     loop = asyncio.get_running_loop()
     reload = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, reload.set)
-    watched = lambda: ([path] if path else []) + list(agent.config.policy.files)  # noqa: E731
-    watcher = asyncio.create_task(_watch(watched, reload))
+    watcher = asyncio.create_task(_watch(lambda: agent.watched(path), reload))
     try:
         while await _unless_stopped(reload.wait(), stop):
             reload.clear()
             agent.bundle_sync.wake()  # SIGHUP also asks the CA for its bundle
-            if path is not None:
-                await _reload(agent, path)
-            agent.reload_policies()
+            await agent.reload(path)
     finally:
         watcher.cancel()
         loop.remove_signal_handler(signal.SIGHUP)
 
 
-async def _reload(agent: Agent, path: Path) -> None:
-    try:
-        new = agent_config.load(path)
-    except ConfigError as exc:
-        agent.metrics.config_reloads.labels("agent", "error").inc()
-        log.error("config reload refused, keeping the running config: %s", exc)
-        return
-    if new == agent.config:
-        return
-    try:
-        await agent.reconfigure(new)
-    except OSError as exc:
-        agent.metrics.config_reloads.labels("agent", "error").inc()
-        log.error("config reload refused, keeping the running config: %s", exc)
-
-
 async def _watch(files: Callable[[], list[Path]], reload: asyncio.Event) -> None:
-    """Set `reload` when a file's content changes (a ConfigMap update swaps a symlink)."""
+    """Set `reload` when a file's content changes (a ConfigMap update swaps a symlink).
+
+    A file that joins the set (named by the config a reload just read) starts
+    as read: that reload saw its content.
+    """
     last = _fingerprint(files())
     while True:
         await asyncio.sleep(WATCH_INTERVAL)
         current = _fingerprint(files())
-        if current != last:
-            last = current
+        changed = any(current[path] != last[path] for path in current.keys() & last.keys())
+        last = current
+        if changed:
             reload.set()
 
 

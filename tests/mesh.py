@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,6 +27,7 @@ import yaml
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent import config as agent_config
 from agent.adapters.rotator import SignFn
@@ -230,6 +231,19 @@ class AgentProcess:
     def metrics(self) -> str:
         return self.get("/metrics")
 
+    def sample(self, name: str, **labels: str) -> float:
+        """One sample of /metrics (`name` as exposed, e.g. with _total); 0 when absent."""
+        for family in text_string_to_metric_families(self.metrics()):
+            for found in family.samples:
+                if found.name == name and found.labels == labels:
+                    return float(found.value)
+        return 0.0
+
+    def threads(self) -> int:
+        """The process's threads now (Linux)."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"^Threads:\s+(\d+)", status, re.MULTILINE)[1])  # type: ignore[index]
+
     def certs(self) -> dict[str, Any]:
         return dict(json.loads(self.get("/certs")))
 
@@ -241,17 +255,26 @@ class AgentProcess:
 
 @contextmanager
 def agent_process(
-    root: Path, name: str, raw: dict[str, Any], timeout: float = 20.0
+    root: Path,
+    name: str,
+    raw: dict[str, Any],
+    timeout: float = 20.0,
+    *,
+    launcher: Sequence[str] = ("-m", "outrider"),
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[AgentProcess]:
-    """`outrider agent run` as a real process; yields once it logs that it is ready."""
+    """`outrider agent run` as a real process; yields once it logs that it is ready.
+
+    `launcher` and `env` run it another way (tests.k8s.in_cluster: as in a pod).
+    """
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     process = subprocess.Popen(
-        [sys.executable, "-m", "outrider", "agent", "run", "--config", str(path)],
+        [sys.executable, *launcher, "agent", "run", "--config", str(path)],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
     )
     log: list[str] = []
     match = wait_for_line(process, _READY, log, timeout, f"agent {name}")

@@ -253,8 +253,9 @@ _ITEM, _END, _FAILED = range(3)
 class _Pump(Generic[T]):
     """Runs a blocking iterator in a daemon thread and hands its items to the event loop.
 
-    Leaving the `async with` tells the thread to stop: it drops whatever the
-    iterator yields next, and the iterator is interrupted if it can be.
+    Entering the `async with` starts the thread (the constructor only builds);
+    leaving it tells the thread to stop: it drops whatever the iterator yields
+    next, and the iterator is interrupted if it can be.
     """
 
     def __init__(self, produce: Callable[[], Iterator[T]], name: str) -> None:
@@ -263,7 +264,6 @@ class _Pump(Generic[T]):
         self._stop = threading.Event()
         self._iterator: Iterator[T] | None = None
         self.thread = threading.Thread(target=self._run, args=(produce,), name=name, daemon=True)
-        self.thread.start()
 
     def _run(self, produce: Callable[[], Iterator[T]]) -> None:
         try:
@@ -308,6 +308,7 @@ class _Pump(Generic[T]):
         return item
 
     async def __aenter__(self) -> _Pump[T]:
+        self.thread.start()
         return self
 
     async def __aexit__(

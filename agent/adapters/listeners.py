@@ -114,13 +114,20 @@ class Connections:
 
 
 class Listener(Generic[ConfigT]):
+    """A listen address and what serves it, in three steps that each undo in `close()`.
+
+    The constructor builds (no socket, no task), `bind` takes the address,
+    `start` accepts connections and starts the background work; `close` undoes
+    whichever of these ran, so a reload that fails midway leaves nothing behind.
+    """
+
     direction: str
     config: ConfigT
 
     def __init__(self, config: ConfigT, runtime: Runtime, connections: Connections) -> None:
+        self.config = config
         self.runtime = runtime
         self.connections = connections
-        self.configure(config)
         self.address = ""
         self._socket: socket.socket | None = None
         self._acceptor: asyncio.Task[None] | None = None
@@ -130,7 +137,8 @@ class Listener(Generic[ConfigT]):
         """Connections accepted from now on follow `config`."""
         self.config = config
 
-    async def start(self, listen: Listen) -> None:
+    def bind(self, listen: Listen) -> None:
+        """Take the address; OSError (in use, not local) says which."""
         try:
             family = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM)[0][0]
             self._socket = socket.create_server(
@@ -141,6 +149,10 @@ class Listener(Generic[ConfigT]):
         self._socket.setblocking(False)
         host, port = self._socket.getsockname()[:2]
         self.address = str(Listen(host, port))
+
+    async def start(self) -> None:
+        """Accept on the bound address."""
+        assert self._socket is not None, "bind() first"
         await self._serve(self._socket)
         log.info("%s listening on %s", self.direction, self.address)
 
@@ -149,7 +161,7 @@ class Listener(Generic[ConfigT]):
         raise NotImplementedError
 
     def close(self) -> None:
-        """Stop accepting; open connections go on."""
+        """Stop accepting and undo what bind and start did; open connections go on."""
         if self._acceptor is not None:
             self._acceptor.cancel()
             self._acceptor = None
@@ -297,21 +309,24 @@ class OutboundListener(Listener[Outbound]):
     """
 
     direction = OUTBOUND
-    live: LiveUpstream | None = None
+
+    def __init__(self, config: Outbound, runtime: Runtime, connections: Connections) -> None:
+        super().__init__(config, runtime, connections)
+        self.rng = random.Random()  # noqa: S311 (balancing, not secrets)
+        self.live = LiveUpstream(config, runtime, self.rng)
 
     def configure(self, config: Outbound) -> None:
         self.config = config
-        if self.live is None:
-            self.rng = random.Random()  # noqa: S311 (balancing, not secrets)
-            self.live = LiveUpstream(config, self.runtime, self.rng)
-            self.live.start()
-        else:
-            self.live.reconfigure(config)
+        self.live.reconfigure(config)
+
+    async def start(self) -> None:
+        # Discovery and health first: the first connections find endpoints sooner.
+        self.live.start()
+        await super().start()
 
     def close(self) -> None:
         super().close()
-        if self.live is not None:
-            self.live.close()
+        self.live.close()
 
     async def _serve(self, listening: socket.socket) -> None:
         # Plain TCP in: uvloop's own accept loop, in C, with a protocol per connection.
@@ -321,7 +336,6 @@ class OutboundListener(Listener[Outbound]):
     def _accepted(self) -> asyncio.BaseProtocol:
         """The protocol for a connection just accepted, as the config is now."""
         live, metrics = self.live, self.runtime.metrics
-        assert live is not None
         if len(self.connections) >= self.runtime.limits.max_connections:
             metrics.connections_refused.labels(OUTBOUND, "max_connections").inc()
             return _OverLimit()

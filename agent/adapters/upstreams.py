@@ -19,12 +19,11 @@ DISCOVERY_RESTART seconds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import random
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TypeVar
 
 from prometheus_client import Counter
@@ -36,7 +35,7 @@ from agent.adapters.runtime import Runtime
 from agent.adapters.tls import refusal_reason
 from agent.config import Outbound
 from agent.core.discovery import Source
-from agent.core.health import STATES, ActiveCheck, Event, Transition
+from agent.core.health import ActiveCheck, Event, Transition
 from agent.core.resilience import CircuitBreaker, RetryBudget
 from agent.core.upstream import Endpoint, Upstream
 
@@ -55,6 +54,16 @@ class DialError(Exception):
 
 
 class LiveUpstream:
+    """One outbound's upstream: built by the constructor (nothing runs, nothing is
+    counted), run by `start`, stopped by `close`, which undoes what `start` did.
+
+    Its metric series are the agent's to prune (`prune_series`): they go when no
+    running upstream has its name, whether it closed on a reload, was refused
+    with one, or was renamed; a drain keeps them for the last scrape.
+    """
+
+    counted: Counted  # bound by start(): an upstream that never ran shows in no metric
+
     def __init__(self, config: Outbound, runtime: Runtime, rng: random.Random) -> None:
         self.runtime = runtime
         self.rng = rng
@@ -67,42 +76,41 @@ class LiveUpstream:
         self.pool = Pool(config.pool_idle_timeout)
         self.published: dict[Source, dict[Endpoint, int]] = {}
         self._watches: dict[Source, asyncio.Task[None]] = {}
+        self._restart: asyncio.TimerHandle | None = None
         self._tick: asyncio.Task[None] | None = None
         self._checks: asyncio.Task[None] | None = None
-        self._closed = False
-        self.counted = Counted(runtime.metrics, config.name)
+        self._running = False
 
     @property
     def name(self) -> str:
         return self.config.name
 
     def start(self) -> None:
+        self._running = True
+        self.counted = Counted(self.runtime.metrics, self.name)
         self._watch_sources()
         self._tick = asyncio.create_task(self._refresh(), name=f"upstream {self.name}")
         self._start_checks()
 
     def close(self) -> None:
-        self._closed = True
+        """Stop discovery, ticks and checks; close the idle pool."""
+        self._running = False
         for task in [*self._watches.values(), self._tick, self._checks]:
             if task is not None:
                 task.cancel()
         self._watches.clear()
+        self._tick = self._checks = None
+        if self._restart is not None:
+            self._restart.cancel()
+            self._restart = None
         self.pool.close()
-        self._remove_gauges(self.name)
-
-    def _remove_gauges(self, name: str) -> None:
-        gauge = self.runtime.metrics.upstream_endpoints
-        for state in STATES:
-            with contextlib.suppress(KeyError):  # a gone upstream has no endpoints to show
-                gauge.remove(name, state)
 
     def reconfigure(self, config: Outbound) -> None:
-        """Follow a new config; what it does not change carries over."""
+        """Follow a new config (a running upstream); what it does not change carries over."""
         if config == self.config:
             return
         old, self.config = self.config, config
-        if config.name != old.name:  # renamed in place: its metrics follow the name
-            self._remove_gauges(old.name)
+        if config.name != old.name and self._running:  # renamed in place: metrics follow
             self.counted = Counted(self.runtime.metrics, config.name)
         if config.circuit_breaker != old.circuit_breaker:  # in-flight work releases the old one
             self.breaker = CircuitBreaker(config.circuit_breaker)
@@ -125,10 +133,11 @@ class LiveUpstream:
         self.core = core
         self.pool.drop(gone)
         self.pool.set_idle_timeout(config.pool_idle_timeout)
-        self._watch_sources()
-        if config.health.active != old.health.active and self._tick is not None:
-            self._start_checks()
-        self._count_states()
+        if self._running:
+            self._watch_sources()
+            if config.health.active != old.health.active:
+                self._start_checks()
+            self._count_states()
 
     def _start_checks(self) -> None:
         if self._checks is not None:
@@ -156,7 +165,7 @@ class LiveUpstream:
 
     def _watch_ended(self, source: Source, task: asyncio.Task[None]) -> None:
         """A watch that failed outright (e.g. no in-cluster credentials yet) starts again."""
-        if task.cancelled() or task.exception() is None or self._closed:
+        if task.cancelled() or task.exception() is None or not self._running:
             return
         log.error(
             "upstream %s: discovery failed, again in %.0fs: %s",
@@ -166,11 +175,13 @@ class LiveUpstream:
         )
         if self._watches.get(source) is task:
             del self._watches[source]
-        asyncio.get_running_loop().call_later(DISCOVERY_RESTART, self._restart_watches)
+        if self._restart is None:
+            loop = asyncio.get_running_loop()
+            self._restart = loop.call_later(DISCOVERY_RESTART, self._restart_watches)
 
     def _restart_watches(self) -> None:
-        if not self._closed:
-            self._watch_sources()
+        self._restart = None
+        self._watch_sources()
 
     def _publish(self, source: Source, members: dict[Endpoint, int]) -> None:
         self.published[source] = members
@@ -218,8 +229,10 @@ class LiveUpstream:
         self._count_states()
 
     def _count_states(self) -> None:
-        # Looked up each time (once a second, or on a change): a reload that replaces
-        # this upstream under the same name removes the old children.
+        # Looked up each time (once a second, or on a change): a reload that renames
+        # this upstream prunes the old name's children.
+        if not self._running:  # closed: a request still in flight must not bring them back
+            return
         gauge = self.runtime.metrics.upstream_endpoints
         for state, count in self.core.health.counts(self._now()).items():
             gauge.labels(self.name, state).set(count)
@@ -341,6 +354,32 @@ class Counted:
 
     def overflow(self, reason: str) -> None:
         self.metrics.upstream_overflows.labels(self.name, reason).inc()
+
+
+#: The metrics with an `upstream` label, and their other labels in order.
+_PER_UPSTREAM = {
+    "upstream_requests": ("code",),
+    "upstream_request_duration": (),
+    "upstream_endpoints": ("state",),
+    "upstream_retries": (),
+    "upstream_ejections": (),
+    "upstream_overflows": ("reason",),
+    "upstream_connections": ("kind",),
+}
+
+
+def prune_series(metrics: AgentMetrics, running: Collection[str]) -> None:
+    """Take out of /metrics every series of an upstream not in `running` (by name)."""
+    for attribute, others in _PER_UPSTREAM.items():
+        metric = getattr(metrics, attribute)
+        gone = {
+            (sample.labels["upstream"], *(sample.labels[label] for label in others))
+            for family in metric.collect()
+            for sample in family.samples
+            if sample.labels.get("upstream", "") not in running
+        }
+        for labels in gone:
+            metric.remove(*labels)
 
 
 def _weights(config: Outbound) -> dict[str, int]:

@@ -21,13 +21,13 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from aiohttp import web
 from kubernetes import client
 
 from agent.adapters.discovery import KubernetesSliceApi, Resolver, SliceApi, watch
 from agent.core.backoff import Backoff
 from agent.core.discovery import DnsSource, KubernetesSource, Source, StaticSource
 from agent.core.endpoint import Endpoint
+from tests.k8s import StubApiServer, stub_api_server
 from tests.unit.agent.test_discovery import FIXTURES, PODS, PORT, load
 from tests.unit.agent.test_discovery import pods as recorded_pods
 
@@ -400,55 +400,11 @@ async def test_cancelling_stops_the_thread_of_a_watch_that_never_goes_quiet() ->
 
 # --- Kubernetes, the real client against a stub API server ----------------------------
 
-PATH = "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices"
-
-
-@dataclass
-class StubApiServer:
-    """Serves the recorded list and watch bytes the way kube-apiserver does."""
-
-    queries: list[dict[str, str]] = field(default_factory=list)
-    port: int = 0
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        query = dict(request.query)
-        self.queries.append(query)
-        if query.get("watch") != "true":
-            lists = ["list.json", "relist.json"]
-            listed = sum(1 for q in self.queries if q.get("watch") != "true")
-            body = (FIXTURES / lists[min(listed, 2) - 1]).read_bytes()
-            return web.Response(body=body, content_type="application/json")
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        await response.prepare(request)
-        sessions = {"48213": "watch.jsonl", "48388": "watch_expired.jsonl"}
-        name = sessions.get(query["resourceVersion"])
-        if name is not None:
-            for line in lines(name):
-                await response.write(line.encode() + b"\n")
-            return response
-        # Nothing changes: hold the watch open, as the server does, until the client goes.
-        transport = request.transport
-        async with asyncio.timeout(30):
-            # aiohttp has no event for a client going away: poll the transport.
-            while transport is not None and not transport.is_closing():  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-        return response
-
 
 @pytest.fixture
 async def api_server() -> AsyncIterator[StubApiServer]:
-    stub = StubApiServer()
-    app = web.Application()
-    app.router.add_get(PATH, stub.handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    stub.port = runner.addresses[0][1]
-    try:
+    async with stub_api_server() as stub:
         yield stub
-    finally:
-        await runner.cleanup()
 
 
 async def test_the_real_client_lists_and_watches_with_the_right_query(

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import yaml
 
-from agent import app as agent_app
 from agent import config as agent_config
 from agent.adapters.listeners import OutboundListener
 from agent.app import Agent
@@ -324,7 +323,7 @@ async def test_a_reload_with_a_zero_duration_is_refused_and_the_agent_keeps_runn
 
     The reader records "must be positive" but returns the 0 anyway, and the
     settings' own check raises ValueError before the errors are reported:
-    not a ConfigError, so `_reload` lets it out and `outrider agent run`
+    not a ConfigError, so `Agent.reload` let it out and `outrider agent run`
     exits on a typo in a ConfigMap.
     """
     async with (
@@ -336,7 +335,7 @@ async def test_a_reload_with_a_zero_duration_is_refused_and_the_agent_keeps_runn
         raw = agent_yaml(root, "frontend", outbound=outbound(**section))
         file.write_text(yaml.safe_dump(raw))
         try:
-            await agent_app._reload(agent, file)
+            await agent.reload(file)
             escaped = None
         except ValueError as exc:
             escaped = exc
