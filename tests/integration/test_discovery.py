@@ -25,9 +25,9 @@ from aiohttp import web
 from kubernetes import client
 
 from agent.adapters.discovery import KubernetesSliceApi, Resolver, SliceApi, watch
-from agent.core.backoff import Backoff
 from agent.core.discovery import DnsSource, KubernetesSource, Source, StaticSource
 from agent.core.endpoint import Endpoint
+from identity.backoff import Backoff
 from tests.unit.agent.test_discovery import FIXTURES, PODS, PORT, load
 from tests.unit.agent.test_discovery import pods as recorded_pods
 
