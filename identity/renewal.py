@@ -209,7 +209,8 @@ class Renewer:
 
     `renew` puts a new credential in service and returns its validity; an
     exception of a `retriable` type is a failure (the current credential stays),
-    any other ends the loop. `renew_now()` cuts the current wait short.
+    any other ends the loop. `renew_now()` cuts the current wait short;
+    `on_expired` is told when the credential held has expired.
     """
 
     def __init__(
@@ -223,6 +224,7 @@ class Renewer:
         held: Validity | None = None,
         retriable: tuple[type[Exception], ...] = (Exception,),
         on_failure: OnFailure | None = None,
+        on_expired: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self._renew = renew
@@ -231,6 +233,8 @@ class Renewer:
         self.policy = policy or RenewalPolicy()
         self.retriable = retriable
         self.on_failure = on_failure or _log_failure(name)
+        self.on_expired = on_expired
+        self._expired: Validity | None = None  # the credential on_expired was called for
         self.standing = Standing()
         if held is not None:
             self.standing = self.standing.installed(held, self.moment(), rng)
@@ -244,7 +248,9 @@ class Renewer:
 
     async def run(self) -> NoReturn:
         while True:
-            step = plan(self.moment(), self.standing, self.policy)
+            now = self.moment()
+            self._notice_expiry(now)
+            step = plan(now, self.standing, self.policy)
             if isinstance(step, Wait) and not await self._pause(step.seconds):
                 continue  # the wait is over: look at the clocks again
             # A renew_now() from here on asks for the renewal after this one.
@@ -270,6 +276,16 @@ class Renewer:
         standing = self.standing
         usable = standing.usable(now.wall)
         return self.policy.retry_delay(standing.failures, usable, standing.draw).total_seconds()
+
+    def _notice_expiry(self, now: Moment) -> None:
+        """Tell `on_expired` once per credential, when the loop first sees it expired
+        (the waits end at expiry, so that is at once)."""
+        held = self.standing.held
+        if held is None or held.holds_at(now.wall) or held is self._expired:
+            return
+        self._expired = held
+        if self.on_expired is not None:
+            self.on_expired()
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep `seconds` on the monotonic clock, or less if renew_now(): True if it was."""

@@ -76,8 +76,8 @@ class IdentityManager:
             rng=rng,
             policy=RenewalPolicy(config.ca.backoff),
             on_failure=self._failed,
+            on_expired=self._expired,
         )
-        self._retired: Svid | None = None  # the expired SVID whose pooled connections went
 
     @property
     def next_renewal(self) -> datetime | None:
@@ -91,7 +91,6 @@ class IdentityManager:
         await self.renewal.run()
 
     async def _renew_and_install(self) -> Validity:
-        self._retire_if_expired()
         try:
             svid = await self.renew()
         except RenewalFailed:
@@ -115,20 +114,17 @@ class IdentityManager:
             self._standing(),
         )
 
-    def _retire_if_expired(self) -> None:
+    def _expired(self) -> None:
         """Once the SVID has expired, no pooled connection may carry traffic on it.
 
         Pools close the connections made under any context but the current one
         (at once when a connection is taken, within a second when idle), as they
-        do after every rotation: fresh contexts for the expired SVID retire them
+        do after every rotation: a fresh context for the expired SVID retires them
         all. New connections still present it, and peers refuse them.
         """
-        svid = self.svid
-        if svid is None or svid is self._retired or self.now() < svid.not_after:
-            return
-        self.contexts.client = client_context(svid)
-        self._retired = svid
-        log.warning("the SVID expired: closing pooled connections made with it")
+        if self.svid is not None:
+            self.contexts.client = client_context(self.svid)
+            log.warning("the SVID expired: closing pooled connections made with it")
 
     async def renew(self) -> Svid:
         """One CSR to the CA; the checked SVID, or RenewalFailed."""

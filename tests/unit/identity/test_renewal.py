@@ -241,3 +241,24 @@ async def test_an_error_that_is_not_retriable_ends_the_loop() -> None:
     renewer = Renewer("x", broken, clock=clock, rng=random.Random(1), retriable=(OSError,))
     with pytest.raises(KeyError):
         await asyncio.wait_for(renewer.run(), 5)
+
+
+async def test_on_expired_is_told_once_at_expiry() -> None:
+    clock = FakeClock(T0)
+    credential = Credential(clock, life=30)
+    expired: list[float] = []
+    renewer = Renewer(
+        "x",
+        credential.renew,
+        clock=clock,
+        rng=random.Random(3),
+        on_expired=lambda: expired.append(clock.monotonic()),
+    )
+    task = asyncio.create_task(renewer.run())
+    try:
+        await clock.settle(1)
+        credential.down = True
+        await clock.advance(40)
+        assert expired == [30.0]
+    finally:
+        task.cancel()
