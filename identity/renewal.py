@@ -87,6 +87,14 @@ class RenewalPolicy:
     recheck_max: timedelta = timedelta(seconds=60)
     recheck_min: timedelta = timedelta(milliseconds=100)
 
+    def __post_init__(self) -> None:
+        if self.fast_retry <= timedelta(0):
+            raise ValueError("fast_retry must be positive")
+        if not 0 < self.recheck_share <= 1:
+            raise ValueError("recheck_share must be in (0, 1]")
+        if not timedelta(0) < self.recheck_min <= self.recheck_max:
+            raise ValueError("recheck needs 0 < recheck_min <= recheck_max")
+
     def recheck(self, held: Validity | None) -> timedelta:
         if held is None:
             return self.recheck_max
