@@ -29,6 +29,9 @@ class FakeClock:
     def now(self) -> datetime:
         return self.wall
 
+    def __call__(self) -> datetime:  # where a plain `Callable[[], datetime]` clock is taken
+        return self.wall
+
     def monotonic(self) -> float:
         return self.mono
 

@@ -42,8 +42,9 @@ from ca.core import template
 from ca.core.csr import CsrRejected
 from ca.core.template import LeafRequest
 from ca.signers.base import SignerUnavailable
-from identity import TrustBundle, TrustDomain, renewal
+from identity import TrustBundle, TrustDomain
 from identity.chain import ChainError, check_chain
+from identity.renewal import Clock as RenewalClock
 from identity.renewal import Renewer, SystemClock, Validity
 
 log = logging.getLogger("outrider.ca.vault")
@@ -63,7 +64,7 @@ NO_TTL_RECHECK = timedelta(hours=1)
 class VaultSession:
     """An hvac client whose token is kept fresh: renewed at half its TTL, or logged in again."""
 
-    def __init__(self, settings: VaultSettings, clock: renewal.Clock) -> None:
+    def __init__(self, settings: VaultSettings, clock: RenewalClock) -> None:
         self.settings = settings
         self.clock = clock
         verify: str | bool = str(settings.ca_file) if settings.ca_file else True
