@@ -44,11 +44,11 @@ from typing import Any, get_args
 
 from agent.config_outbound import PROTOCOLS, Outbound, OutboundReader, Protocol
 from agent.core.authz import AllowList
-from agent.core.backoff import Backoff
 from agent.core.headers import UNDERSCORE_ACTIONS, UnderscoreAction
 from agent.core.policy import DefaultAction
 from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
+from identity.backoff import Backoff
 from identity.configfile import ConfigError, Listen, parse_yaml, read_yaml
 
 __all__ = ["AgentConfig", "ConfigError", "Outbound", "load", "parse", "parse_text"]

@@ -30,8 +30,8 @@ from ca.metrics import CaMetrics
 from ca.signers.base import Signer, SignerUnavailable
 from ca.signers.local import CaDirectoryError, LocalSigner
 from ca.signers.vault import vault_signer
-from identity import refresh_at
 from identity.configfile import Listen
+from identity.renewal import Renewer, SystemClock, Validity
 
 log = logging.getLogger("outrider.ca")
 
@@ -178,45 +178,34 @@ async def serve(
 async def _issue_serving(
     config: CaConfig, signer: Signer, clock: Clock
 ) -> tuple[tuple[x509.Certificate, ...], ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = clock()
-    not_after = min(now + config.serving_ttl, signer.issuer.not_valid_after_utc)
-    if not_after <= now:
-        raise SignerUnavailable("intermediate_expired", "the issuing certificate has expired")
-    chain = await signer.sign_serving(
-        config.serving_names,
-        key,
-        now - config.issuance.backdate,
-        not_after,
-        x509.random_serial_number(),
-    )
-    return chain, key
+    issuer = Issuer(signer, config.issuance, clock)
+    return await issuer.issue_serving(config.serving_names, config.serving_ttl)
 
 
 async def _rotate_serving(
     config: CaConfig, signer: Signer, tls: ssl.SSLContext, leaf: x509.Certificate, clock: Clock
 ) -> None:
-    """Renew the CA's own serving certificate at half its life, like any SVID.
+    """Keep the CA's own serving certificate fresh, by the rules of every credential.
 
-    Half of the life left when it was issued: NotBefore is backdated, which
-    would eat most of a certificate cut short by a short-lived intermediate.
-    While the signer is unavailable the current certificate stays.
+    While the signer is unavailable the current certificate stays; any other
+    error ends the CA (see serve), so that it is restarted.
     """
-    rng = random.SystemRandom()
-    issued = clock()
-    while True:
-        start, now = max(leaf.not_valid_before_utc, issued), clock()
-        ends = leaf.not_valid_after_utc
-        when = refresh_at(start, ends, now, rng) if ends > start else now
-        await asyncio.sleep(max((when - clock()).total_seconds(), 1.0))
-        try:
-            chain, key = await _issue_serving(config, signer, clock)
-        except SignerUnavailable as exc:
-            log.warning("cannot renew the serving certificate, retrying: %s", exc)
-            continue
+
+    async def renew() -> Validity:
+        chain, key = await _issue_serving(config, signer, clock)
         load_credentials(tls, chain, key)
-        leaf, issued = chain[0], clock()
-        log.info("serving certificate renewed, valid until %s", leaf.not_valid_after_utc)
+        log.info("serving certificate renewed, valid until %s", chain[0].not_valid_after_utc)
+        return Validity(chain[0].not_valid_before_utc, chain[0].not_valid_after_utc)
+
+    renewer = Renewer(
+        "the serving certificate",
+        renew,
+        clock=SystemClock(clock),
+        rng=random.SystemRandom(),
+        held=Validity(leaf.not_valid_before_utc, leaf.not_valid_after_utc),
+        retriable=(SignerUnavailable,),
+    )
+    await renewer.run()
 
 
 def _bind(listen: Listen) -> socket.socket:

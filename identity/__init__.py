@@ -2,9 +2,10 @@
 
 Values and pure functions over them, so the CA, the agent and the injector
 can share them and tests can drive them with plain data. The exceptions are
-three small I/O helpers both sides need and may not import from each other:
-`files` (atomic writes), `tlsfiles` (in-memory keys into ssl) and
-`configfile` (YAML config reading).
+what more than one of them needs and they may not import from each other:
+`renewal` (the one loop that keeps a credential fresh, around its pure
+plan), `files` (atomic writes of one file or a set), `tlsfiles` (in-memory
+keys into ssl) and `configfile` (YAML config reading).
 """
 
 from __future__ import annotations

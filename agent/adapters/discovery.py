@@ -42,7 +42,6 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
-from agent.core.backoff import Backoff
 from agent.core.discovery import (
     DnsSource,
     Expired,
@@ -52,6 +51,7 @@ from agent.core.discovery import (
     StaticSource,
 )
 from agent.core.endpoint import Endpoint
+from identity.backoff import Backoff
 
 log = logging.getLogger("outrider.agent.discovery")
 

@@ -7,7 +7,9 @@ turn) ends it. The newest idle connection is reused first, so the rest age
 out: every idle connection is closed after `idle_timeout`, when its endpoint
 leaves the upstream or is ejected, and when the SVID or bundle it was made
 with is no longer the current one (`take` compares the TLS context), so no
-pooled connection outlives the trust it was verified under.
+pooled connection outlives the trust it was verified under. The identity
+manager gives the current SVID a fresh context when it expires, so that
+retires them too.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 Every renewal makes a new P-256 key in memory and sends a CSR: with the
 current SVID as the TLS client certificate while it is valid, otherwise with
 the projected ServiceAccount token, read from its file each time (the
-kubelet rotates it). The answer is checked before use. While the CA cannot
-be reached the current SVID stays in service until it expires, and attempts
-back off exponentially with jitter.
+kubelet rotates it). The answer is checked before use. When to renew, how to
+back off while the CA cannot be reached (keeping the current SVID until it
+expires) and how fast to retry once it has expired are `identity.renewal`'s
+decisions, shared with every other credential Outrider keeps fresh.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from agent.adapters.metrics import AgentMetrics
 from agent.adapters.tls import Contexts, client_context, http_server_context, server_context
 from agent.config import AgentConfig
 from agent.core.svid import Svid, SvidRejected, accept_svid
-from identity import TrustBundle, refresh_at
+from identity import TrustBundle
 from identity.chain import ChainError, check_chain
-from identity.files import PRIVATE, write_atomic
+from identity.files import PRIVATE, PUBLIC, write_set
 from identity.proto import ca_pb2
+from identity.renewal import Clock, RenewalPolicy, Renewer, SystemClock, Validity
 
 log = logging.getLogger("outrider.agent.identity")
 
@@ -40,10 +42,6 @@ log = logging.getLogger("outrider.agent.identity")
 SignFn = Callable[[bytes, bytes, Svid | None, str | None], Awaitable[ca_pb2.SignResponse]]
 
 _UNAUTHORIZED = {Status.UNAUTHENTICATED, Status.PERMISSION_DENIED}
-
-#: The longest wait between two looks at the wall clock: a suspend or an NTP step
-#: moves the wall clock (which SVIDs expire by) and not the event loop's clock.
-RECHECK_SECONDS = 60.0
 
 
 class RenewalFailed(Exception):
@@ -64,6 +62,7 @@ class IdentityManager:
         now: Callable[[], datetime],
         rng: random.Random,
         sign: SignFn | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.config = config
         self.contexts = contexts
@@ -72,48 +71,63 @@ class IdentityManager:
         self.rng = rng
         self.sign = sign or self._sign_with_ca
         self.svid: Svid | None = None
-        self.next_renewal: datetime | None = None
         self.has_svid = asyncio.Event()
-        self._wake = asyncio.Event()
+        self.renewal = Renewer(
+            "the SVID",
+            self._renew_and_install,
+            clock=clock or SystemClock(now),
+            rng=rng,
+            policy=RenewalPolicy(config.ca.backoff),
+            on_failure=self._failed,
+            on_expired=self._expired,
+        )
+
+    @property
+    def next_renewal(self) -> datetime | None:
+        return self.renewal.standing.renew_at
 
     def renew_now(self) -> None:
         """Cut the current wait short (a reload changed the identity or the CA)."""
-        self._wake.set()
+        self.renewal.renew_now()
 
     async def run(self) -> None:
-        failures = 0
-        while True:
-            self._wake.clear()  # a renew_now() from here on asks for the renewal after this one
-            failure = await self._try_renewal()
-            if failure is None:
-                failures = 0
-                self.metrics.ca_backoff.set(0)
-                assert self.next_renewal is not None
-                await self._pause_until(self.next_renewal)
-                continue
-            failures += 1
-            delay = self.config.ca.backoff.delay(failures, self.rng).total_seconds()
-            self.metrics.rotations.labels(failure.result).inc()
-            self.metrics.ca_backoff.set(delay)
-            log.warning(
-                "SVID renewal failed (%s, attempt %d): %s; retrying in %.1fs; %s",
-                failure.result,
-                failures,
-                failure,
-                delay,
-                self._standing(),
-            )
-            await self._pause(delay)
+        await self.renewal.run()
 
-    async def _try_renewal(self) -> RenewalFailed | None:
+    async def _renew_and_install(self) -> Validity:
         try:
-            self.install(await self.renew())
-        except RenewalFailed as exc:
-            return exc
+            svid = await self.renew()
+        except RenewalFailed:
+            raise
         except Exception as exc:  # the loop must outlive a bug, or the SVID runs out unseen
             log.exception("SVID renewal: unexpected error")
-            return RenewalFailed("ca_unavailable", repr(exc))
-        return None
+            raise RenewalFailed("ca_unavailable", repr(exc)) from None
+        self.install(svid)
+        return Validity(svid.not_before, svid.not_after)
+
+    def _failed(self, exc: Exception, failures: int, retry_in: float) -> None:
+        result = exc.result if isinstance(exc, RenewalFailed) else "bad_answer"
+        self.metrics.rotations.labels(result).inc()
+        self.metrics.ca_backoff.set(retry_in)
+        log.warning(
+            "SVID renewal failed (%s, attempt %d): %s; retrying in %.1fs; %s",
+            result,
+            failures,
+            exc,
+            retry_in,
+            self._standing(),
+        )
+
+    def _expired(self) -> None:
+        """Once the SVID has expired, no pooled connection may carry traffic on it.
+
+        Pools close the connections made under any context but the current one
+        (at once when a connection is taken, within a second when idle), as they
+        do after every rotation: a fresh context for the expired SVID retires them
+        all. New connections still present it, and peers refuse them.
+        """
+        if self.svid is not None:
+            self.contexts.client = client_context(self.svid)
+            log.warning("the SVID expired: closing pooled connections made with it")
 
     async def renew(self) -> Svid:
         """One CSR to the CA; the checked SVID, or RenewalFailed."""
@@ -167,37 +181,18 @@ class IdentityManager:
         self.contexts.server, self.contexts.client = server, client
         self.contexts.http_server = http_server
         self.svid = svid
-        # Half of the life left from now, not from NotBefore: the CA backdates
-        # NotBefore for clock skew, which would eat most of a short TTL.
-        now = self.now()
-        start = max(svid.not_before, now)
-        self.next_renewal = refresh_at(start, svid.not_after, now, self.rng)
         self.metrics.rotations.labels("success").inc()
         self.metrics.svid_expiry.set(svid.not_after.timestamp())
         self.metrics.bundle_expiry.set(svid.bundle.earliest_expiry.timestamp())
+        self.metrics.ca_backoff.set(0)
         self._write_files(svid)
         self.has_svid.set()
         log.info(
-            "SVID %s serial %s valid until %s; next renewal at %s",
+            "SVID %s serial %s valid until %s",
             svid.spiffe_id,
             svid.serial,
             svid.not_after.isoformat(timespec="seconds"),
-            self.next_renewal.isoformat(timespec="seconds"),
         )
-
-    async def _pause(self, seconds: float) -> bool:
-        """Wait `seconds`, or less if renew_now() is called: True if it was."""
-        try:
-            await asyncio.wait_for(self._wake.wait(), max(seconds, 0))
-        except TimeoutError:
-            return False
-        return True
-
-    async def _pause_until(self, when: datetime) -> None:
-        """Wait until the wall clock says `when`, or renew_now()."""
-        while (left := (when - self.now()).total_seconds()) > 0:
-            if await self._pause(min(left, RECHECK_SECONDS)):
-                return
 
     def _standing(self) -> str:
         if self.svid is None:
@@ -217,16 +212,23 @@ class IdentityManager:
         return token
 
     def _trusted_pem(self) -> bytes:
-        """The bundle file (a ConfigMap may update it) plus the bundle the CA last sent."""
+        """The bundle file (a ConfigMap may update it) plus the bundle the CA last sent.
+
+        Read as certificates and encoded again, never joined as text: a file
+        without a final newline (`vault read -field=certificate ...`) would run
+        its last line into the next certificate.
+        """
         path = self.config.ca.bundle_file
         try:
-            from_file = path.read_bytes()
-            from_file.decode()  # PEM: a DER file would fail later with UnicodeDecodeError
-        except (OSError, UnicodeDecodeError) as exc:
+            from_file = x509.load_pem_x509_certificates(path.read_bytes())
+        except (OSError, ValueError) as exc:
             if self.svid is None:
                 raise RenewalFailed("no_credential", f"cannot read {path} as PEM: {exc}") from None
-            from_file = b""
-        return from_file + (self.svid.bundle.to_pem() if self.svid else b"")
+            log.warning("cannot read %s as PEM (%s); trusting the CA's last bundle", path, exc)
+            from_file = []
+        sent = list(self.svid.bundle.roots) if self.svid else []
+        unique = {cert.fingerprint(hashes.SHA256()): cert for cert in [*from_file, *sent]}
+        return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in unique.values())
 
     async def _sign_with_ca(
         self, csr: bytes, trusted: bytes, svid: Svid | None, token: str | None
@@ -245,13 +247,15 @@ class IdentityManager:
         directory = self.config.identity.output_dir
         if directory is None:
             return
+        files = {
+            "svid.key": (svid.key_pem(), PRIVATE),
+            "svid.pem": (svid.chain_pem(), PUBLIC),
+            "bundle.pem": (svid.bundle.to_pem(), PUBLIC),
+        }
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            write_atomic(directory / "svid.key", svid.key_pem(), PRIVATE)
-            write_atomic(directory / "svid.pem", svid.chain_pem())
-            write_atomic(directory / "bundle.pem", svid.bundle.to_pem())
+            write_set(directory, files)
         except OSError as exc:
-            log.error("cannot write the SVID to %s (keeping the files there): %s", directory, exc)
+            log.error("cannot write the SVID to %s (the previous set stays): %s", directory, exc)
 
     def install_bundle(self, bundle: TrustBundle) -> None:
         """Verify peers against `bundle` from now on, still presenting the SVID in use.

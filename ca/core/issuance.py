@@ -31,6 +31,10 @@ class IssuanceError(Exception):
     """The signed result is not what was asked for; nothing may be returned."""
 
 
+class IssuerExpired(IssuanceError):
+    """The issuing certificate's life is over: nothing can be signed until it is renewed."""
+
+
 class TtlRejected(ValueError):
     """The requested lifetime is not a lifetime."""
 
@@ -58,11 +62,23 @@ def plan_leaf(
     """Decide validity: default or requested TTL, capped by max_ttl and the issuer's life."""
     if requested_ttl is not None and requested_ttl < timedelta(0):
         raise TtlRejected(f"requested TTL {requested_ttl} is negative")
-    ttl = requested_ttl or policy.default_ttl
-    not_after = min(now + min(ttl, policy.max_ttl), issuer_not_after)
+    ttl = min(requested_ttl or policy.default_ttl, policy.max_ttl)
+    not_before, not_after = validity(now, ttl, issuer_not_after, policy.backdate)
+    return LeafRequest(spiffe_id, public_key, not_before, not_after, serial)
+
+
+def validity(
+    now: datetime, ttl: timedelta, issuer_not_after: datetime, backdate: timedelta
+) -> tuple[datetime, datetime]:
+    """NotBefore and NotAfter of anything the CA signs (SVIDs, its serving certificate).
+
+    The one place that decides both that the issuer can still sign (IssuerExpired
+    if not) and that nothing outlives it.
+    """
+    not_after = min(now + ttl, issuer_not_after)
     if not_after <= now:
-        raise IssuanceError("the issuing certificate has expired")
-    return LeafRequest(spiffe_id, public_key, now - policy.backdate, not_after, serial)
+        raise IssuerExpired("the issuing certificate has expired")
+    return now - backdate, not_after
 
 
 def check_issued(

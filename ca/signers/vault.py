@@ -42,26 +42,31 @@ from ca.core import template
 from ca.core.csr import CsrRejected
 from ca.core.template import LeafRequest
 from ca.signers.base import SignerUnavailable
-from identity import TrustBundle, TrustDomain, refresh_at
+from identity import TrustBundle, TrustDomain
 from identity.chain import ChainError, check_chain
+from identity.renewal import Clock as RenewalClock
+from identity.renewal import Renewer, SystemClock, Validity
 
 log = logging.getLogger("outrider.ca.vault")
 
 T = TypeVar("T")
 Clock = Callable[[], datetime]
 
-#: How long to wait between attempts to renew the token or the intermediate.
-RETRY = timedelta(seconds=5)
 #: Vault calls at once, on threads of their own: a hung Vault must not take
 #: the event loop's default executor, and waiting callers give up at the timeout.
 MAX_IN_FLIGHT = 8
+#: Vault's TTLs are whole seconds, rounded either way.
+ROUNDING = 2
+#: How often a token without a TTL is looked at again.
+NO_TTL_RECHECK = timedelta(hours=1)
 
 
 class VaultSession:
     """An hvac client whose token is kept fresh: renewed at half its TTL, or logged in again."""
 
-    def __init__(self, settings: VaultSettings) -> None:
+    def __init__(self, settings: VaultSettings, clock: RenewalClock) -> None:
         self.settings = settings
+        self.clock = clock
         verify: str | bool = str(settings.ca_file) if settings.ca_file else True
         self._client = hvac.Client(
             url=settings.address, verify=verify, timeout=settings.timeout.total_seconds()
@@ -135,28 +140,49 @@ class VaultSession:
 
     async def keep_fresh(self) -> None:
         """Forever: renew the token at half its TTL; log in again when it cannot be extended."""
-        while True:
-            try:
-                info = await self.call(lambda c: c.auth.token.lookup_self()["data"], "lookup")
-                ttl = int(info.get("ttl") or 0)
-                if ttl == 0:  # a token that never expires (a root token in tests)
-                    await asyncio.sleep(3600)
-                    continue
-                await asyncio.sleep(ttl / 2)
-                if info.get("renewable"):
-                    renewed = await self.call(lambda c: c.auth.token.renew_self(), "renewal")
-                    if int(renewed["auth"]["lease_duration"]) > ttl / 2:
-                        log.info("Vault token renewed")
-                        continue
-                await self.login()  # not renewable, or at its max TTL
-                log.info("logged in to Vault again (the token could not be extended)")
-            except SignerUnavailable as exc:
-                log.warning("%s; logging in again in %ss", exc, RETRY.total_seconds())
-                await asyncio.sleep(RETRY.total_seconds())
-                try:
-                    await self.login()
-                except SignerUnavailable as again:
-                    log.warning("Vault login failed: %s", again)
+        try:
+            held: Validity | None = await self._token_validity()
+        except SignerUnavailable:
+            held = None  # the loop tries at once, and backs off
+        await Renewer(
+            "the Vault token",
+            self._refresh_token,
+            clock=self.clock,
+            rng=random.SystemRandom(),
+            held=held,
+            retriable=(SignerUnavailable,),
+        ).run()
+
+    async def _refresh_token(self) -> Validity:
+        """Extend the token if Vault will grant it a full TTL again, or log in again.
+
+        Judged by Vault's own numbers (the lease granted against the token's
+        creation TTL), never by our clock: near its max TTL Vault "renews" a
+        token only up to that max, and a new login gives a whole TTL instead.
+        """
+        info = await self._lookup()
+        full = int(info.get("creation_ttl") or info.get("ttl") or 0)
+        if full and info.get("renewable"):
+            renewed = await self.call(lambda c: c.auth.token.renew_self(), "renewal")
+            lease = int(renewed["auth"]["lease_duration"])
+            if lease + ROUNDING >= full:
+                log.info("Vault token renewed")
+                return self._validity(lease)
+        if full:
+            await self.login()
+            log.info("logged in to Vault again (the token could not be extended)")
+        return await self._token_validity()
+
+    async def _token_validity(self) -> Validity:
+        return self._validity(int((await self._lookup()).get("ttl") or 0))
+
+    async def _lookup(self) -> dict[str, Any]:
+        return await self.call(lambda c: dict(c.auth.token.lookup_self()["data"]), "lookup")
+
+    def _validity(self, ttl: int) -> Validity:
+        # A token that never expires (a root token in tests): look again in an hour.
+        now = self.clock.now()
+        return Validity(now, now + (timedelta(seconds=ttl) if ttl else NO_TTL_RECHECK * 2))
 
     def _login(self, client: hvac.Client) -> None:
         auth = self.settings.auth
@@ -223,7 +249,6 @@ class VaultIntermediateSigner(VaultSigner):
     """Signs leaves locally with an intermediate that Vault's root signed."""
 
     _key: ec.EllipticCurvePrivateKey
-    _received: datetime
 
     async def start(self) -> None:
         await super().start()
@@ -265,7 +290,6 @@ class VaultIntermediateSigner(VaultSigner):
         above = [cert for cert in above if cert != intermediate]  # ca_chain starts with it
         self._check(intermediate, key, above, roots)
         self._key, self.issuer, self._above = key, intermediate, above
-        self._received = self._clock()
         self.bundle = TrustBundle(self.trust_domain, tuple(roots))
         log.info(
             "intermediate from Vault, serial %x, valid until %s",
@@ -306,32 +330,38 @@ class VaultIntermediateSigner(VaultSigner):
             ) from None
 
     async def _keep_intermediate_fresh(self) -> None:
-        rng = random.SystemRandom()
-        while True:
-            # Half of the life left when it arrived: Vault backdates NotBefore (30 s
-            # by default), which would eat most of a short intermediate_ttl.
-            now, issuer = self._clock(), self.issuer
-            start = max(issuer.not_valid_before_utc, self._received)
-            due = refresh_at(start, issuer.not_valid_after_utc, now, rng)
-            await asyncio.sleep((due - now).total_seconds())
-            while True:
-                try:
-                    await self.renew()
-                    break
-                except SignerUnavailable as exc:
-                    left = self.issuer.not_valid_after_utc - self._clock()
-                    log.warning(
-                        "cannot renew the intermediate (%s); the current one signs for %s more",
-                        exc,
-                        max(left, timedelta(0)),
-                    )
-                    await asyncio.sleep(RETRY.total_seconds())
+        """Renew at half the life left when it arrived: Vault backdates NotBefore (30 s
+        by default), which would eat most of a short intermediate_ttl."""
+
+        async def renewed() -> Validity:
+            await self.renew()
+            return self._validity()
+
+        def failed(exc: Exception, failures: int, retry_in: float) -> None:
+            left = max(self.issuer.not_valid_after_utc - self._clock(), timedelta(0))
+            log.warning(
+                "cannot renew the intermediate (%s, attempt %d); the current one signs for %s"
+                " more; retrying in %.1fs",
+                exc,
+                failures,
+                left,
+                retry_in,
+            )
+
+        await Renewer(
+            "the intermediate",
+            renewed,
+            clock=self.session.clock,
+            rng=random.SystemRandom(),
+            held=self._validity(),
+            retriable=(SignerUnavailable,),
+            on_failure=failed,
+        ).run()
+
+    def _validity(self) -> Validity:
+        return Validity(self.issuer.not_valid_before_utc, self.issuer.not_valid_after_utc)
 
     async def sign_leaf(self, request: LeafRequest) -> tuple[x509.Certificate, ...]:
-        if self._clock() >= self.issuer.not_valid_after_utc:
-            raise SignerUnavailable(
-                "intermediate_expired", "the intermediate expired and Vault could not renew it"
-            )
         leaf = template.leaf(request, self.issuer).sign(self._key, hashes.SHA256())
         return (leaf, self.issuer, *self._above)
 
@@ -343,10 +373,6 @@ class VaultIntermediateSigner(VaultSigner):
         not_after: datetime,
         serial: int,
     ) -> tuple[x509.Certificate, ...]:
-        if self._clock() >= self.issuer.not_valid_after_utc:
-            raise SignerUnavailable(
-                "intermediate_expired", "the intermediate expired and Vault could not renew it"
-            )
         builder = template.serving(
             names, key.public_key(), self.issuer, not_before, not_after, serial
         )
@@ -438,7 +464,7 @@ def _is_ip(name: str) -> bool:
 def vault_signer(
     settings: VaultSettings, trust_domain: TrustDomain, clock: Clock
 ) -> VaultIntermediateSigner | VaultPerCertificateSigner:
-    session = VaultSession(settings)
+    session = VaultSession(settings, SystemClock(clock))
     if settings.mode == "per-certificate":
         return VaultPerCertificateSigner(session, trust_domain, clock)
     return VaultIntermediateSigner(session, trust_domain, clock)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,13 +13,13 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from agent import config as agent_config
-from agent.adapters import rotator
 from agent.adapters.metrics import AgentMetrics
 from agent.adapters.rotator import IdentityManager, RenewalFailed, SignFn
 from agent.adapters.tls import Contexts
 from agent.app import utcnow
 from agent.core.svid import Svid
 from identity.proto import ca_pb2
+from tests.clock import FakeClock
 from tests.mesh import agent_yaml, local_sign, workload
 from tests.support import CaSetup
 
@@ -142,10 +142,11 @@ async def test_run_backs_off_then_recovers_and_counts_both(setup: CaSetup) -> No
     assert timedelta(0) < identity.next_renewal - utcnow() < life
 
 
-def timed_manager(setup: CaSetup, sign: SignFn, now: Callable[[], datetime]) -> IdentityManager:
+def timed_manager(setup: CaSetup, sign: SignFn, clock: FakeClock | None = None) -> IdentityManager:
     config = agent_config.parse(agent_yaml(setup.root, "web"), base=setup.root)
+    now = clock.now if clock else utcnow
     return IdentityManager(
-        config, Contexts(), AgentMetrics(), now=now, rng=random.Random(7), sign=sign
+        config, Contexts(), AgentMetrics(), now=now, rng=random.Random(7), sign=sign, clock=clock
     )
 
 
@@ -160,7 +161,7 @@ async def test_a_reload_during_a_renewal_is_not_lost(setup: CaSetup) -> None:
             await gate.wait()  # the second renewal is slow
         return await inner(*args)
 
-    m = timed_manager(setup, sign, lambda: datetime.now(UTC))
+    m = timed_manager(setup, sign)
     task = asyncio.create_task(m.run())
     try:
         await asyncio.wait_for(m.has_svid.wait(), 5)
@@ -177,27 +178,46 @@ async def test_a_reload_during_a_renewal_is_not_lost(setup: CaSetup) -> None:
         task.cancel()
 
 
-async def test_a_forward_clock_jump_renews_before_expiry(setup: CaSetup, monkeypatch) -> None:
-    monkeypatch.setattr(rotator, "RECHECK_SECONDS", 0.5)
-    offset = [timedelta(0)]
+async def started(m: IdentityManager, clock: FakeClock) -> asyncio.Task[None]:
+    task = asyncio.create_task(m.run())
+    await asyncio.wait_for(m.has_svid.wait(), 5)
+    await clock.settle(1)
+    return task
 
-    def now() -> datetime:
-        return datetime.now(UTC) + offset[0]
 
-    inner = local_sign(setup, ttl=timedelta(hours=1))
+async def test_a_forward_clock_jump_renews_before_expiry(setup: CaSetup) -> None:
+    clock = FakeClock()
     calls: list[int] = []
+    inner = local_sign(setup, ttl=timedelta(hours=1))
 
     async def sign(*args):
         calls.append(1)
         return await inner(*args)
 
-    m = timed_manager(setup, sign, now)
-    task = asyncio.create_task(m.run())
+    m = timed_manager(setup, sign, clock)
+    task = await started(m, clock)
     try:
-        await asyncio.wait_for(m.has_svid.wait(), 5)
-        await asyncio.sleep(0.1)
-        offset[0] = timedelta(minutes=50)  # suspend/resume or an NTP step: 10 minutes of life left
-        await asyncio.sleep(2)
-        assert len(calls) >= 2, "past the renewal time by the wall clock and still waiting"
+        clock.step(50 * 60)  # suspend/resume or an NTP step: 10 minutes of life left
+        await clock.advance(60)
+        assert len(calls) == 2, "past the renewal time by the wall clock and still waiting"
+    finally:
+        task.cancel()
+
+
+async def test_a_30s_svid_recovers_within_seconds_of_a_clock_step_past_expiry_and_back(
+    setup: CaSetup,
+) -> None:
+    clock = FakeClock()  # the CA (local_sign) keeps the real time
+    m = timed_manager(setup, local_sign(setup, ttl=timedelta(seconds=30)), clock)
+    task = await started(m, clock)
+    try:
+        clock.step(120)  # by this clock the SVID, and every answer of the CA, has expired
+        await clock.advance(3)  # a tenth of the SVID's life: the loop has looked
+        refused = {"result": "bad_answer"}
+        assert m.metrics.registry.get_sample_value("outrider_svid_rotations_total", refused)
+        clock.step(-120)  # the clock is right again
+        await clock.advance(2)
+        assert m.svid is not None and clock.now() < m.svid.not_after, "no valid SVID 2 s later"
+        assert m.renewal.standing.failures == 0
     finally:
         task.cancel()

@@ -9,6 +9,7 @@ audited serials) is read from Vault, never from our CA.
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 from collections.abc import Iterator
 from datetime import timedelta
@@ -21,6 +22,9 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from agent.app import Agent
+from ca.config import VaultAuth, VaultSettings
+from ca.signers.vault import VaultSession
+from tests.clock import FakeClock
 from tests.mesh import (
     agent_yaml,
     echo_server,
@@ -58,7 +62,8 @@ def vault_ca(root: Path, bao: OpenBao, mode: str, auth: dict[str, Any], **settin
     """A ca.yaml signing through `bao`; its bundle.pem is Vault's root, as Vault serves it."""
     signer = {"kind": "vault", "mode": mode, "address": bao.address, "auth": auth, **settings}
     setup = make_ca_setup(root, signer=signer)
-    root_pem = bao.client().secrets.pki.read_ca_certificate().strip() + "\n"
+    # `vault read -field=certificate pki/cert/ca > bundle.pem`: no final newline.
+    root_pem = bao.client().secrets.pki.read_ca_certificate().strip()
     (setup.ca_dir / "bundle.pem").write_text(root_pem)  # what agents trust from here on
     return setup
 
@@ -191,6 +196,10 @@ async def test_a_30_second_token_is_renewed_before_it_expires(bao: OpenBao, tmp_
     assert any("Vault token renewed" in line for line in ca.stderr)
 
 
+async def lookup(session: VaultSession) -> dict[str, Any]:
+    return dict(await session.call(lambda c: c.auth.token.lookup_self()["data"], "lookup"))
+
+
 async def test_the_ca_logs_in_with_the_kubernetes_auth_method(bao: OpenBao, tmp_path: Path) -> None:
     with token_review() as reviewer:
         bao.setup_kubernetes_auth(reviewer, OUTRIDER_CA_POLICY)
@@ -203,17 +212,49 @@ async def test_the_ca_logs_in_with_the_kubernetes_auth_method(bao: OpenBao, tmp_
         assert reviewer.reviews  # OpenBao asked the (fake) API server about the CA's token
 
 
-async def test_a_token_at_its_max_ttl_is_replaced_by_logging_in_again(
-    bao: OpenBao, tmp_path: Path
+def session_for(bao: OpenBao, root: Path, renewable: bool) -> VaultSession:
+    """A renewable AppRole token, or a token that cannot be renewed, read from a file."""
+    if renewable:
+        auth = approle(root, bao)
+        method = VaultAuth(
+            "approle", mount="approle", role_id=auth["role_id"], secret_id_file=root / "secret-id"
+        )
+    else:
+        token = root / "vault-token"
+        token.write_text(bao.create_token(OUTRIDER_CA_POLICY, ttl="1h", renewable=False))
+        method = VaultAuth("token", token_file=token)
+    return VaultSession(VaultSettings(bao.address, method, mode="per-certificate"), FakeClock())
+
+
+@pytest.mark.parametrize(
+    ("renewable", "expected"),
+    [
+        pytest.param(True, "Vault token renewed", id="renewable-is-renewed"),
+        pytest.param(False, "logged in to Vault again", id="not-renewable-logs-in-again"),
+    ],
+)
+async def test_the_token_is_kept_fresh_at_half_its_ttl(
+    bao: OpenBao, tmp_path: Path, caplog: pytest.LogCaptureFixture, renewable: bool, expected: str
 ) -> None:
-    role_id, secret_id = bao.setup_approle(
-        OUTRIDER_CA_POLICY, role="short-lived", token_ttl="2s", token_max_ttl="4s"
-    )
-    (tmp_path / "secret-id").write_text(secret_id)
-    auth = {"method": "approle", "role_id": role_id, "secret_id_file": "secret-id"}
-    setup = vault_ca(tmp_path, bao, "per-certificate", auth)
-    with ca_process(setup.config) as ca:
-        for _ in range(3):  # 9 s: two tokens' max TTLs over
-            await asyncio.sleep(3)
-            assert await sign(setup, ca)
-    assert any("logged in to Vault again" in line for line in ca.stderr), "".join(ca.stderr)
+    """Half an hour of the token's life on a fake clock, against a real OpenBao."""
+    caplog.set_level(logging.INFO, "outrider.ca.vault")
+    session = session_for(bao, tmp_path, renewable)
+    clock = session.clock
+    assert isinstance(clock, FakeClock)
+    await session.login()
+    first = await lookup(session)
+    keeper = asyncio.create_task(session.keep_fresh())
+    try:
+        await clock.settle(1)
+        await clock.advance(25 * 60)  # before the renewal band (27-33 min of the hour)
+        assert not [r for r in caplog.records if expected in r.message]
+        if not renewable:  # what Vault Agent or an operator does: a new token in the file
+            fresh = bao.create_token(OUTRIDER_CA_POLICY, ttl="1h", renewable=False)
+            (tmp_path / "vault-token").write_text(fresh)
+        await clock.advance(10 * 60)
+        assert len([r for r in caplog.records if expected in r.message]) == 1
+        now = await lookup(session)
+        assert (now["accessor"] == first["accessor"]) is renewable
+        assert now["ttl"] > 3500  # a fresh hour either way
+    finally:
+        keeper.cancel()

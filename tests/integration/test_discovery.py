@@ -24,9 +24,9 @@ import pytest
 from kubernetes import client
 
 from agent.adapters.discovery import KubernetesSliceApi, Resolver, SliceApi, watch
-from agent.core.backoff import Backoff
 from agent.core.discovery import DnsSource, KubernetesSource, Source, StaticSource
 from agent.core.endpoint import Endpoint
+from identity.backoff import Backoff
 from tests.k8s import StubApiServer, stub_api_server
 from tests.unit.agent.test_discovery import FIXTURES, PODS, PORT, load
 from tests.unit.agent.test_discovery import pods as recorded_pods

@@ -22,10 +22,10 @@ from agent.config import (
 )
 from agent.config_outbound import Subset
 from agent.core.authz import AllowList
-from agent.core.backoff import Backoff
 from agent.core.discovery import StaticSource
 from agent.core.upstream import Endpoint
 from identity import SpiffeId, TrustDomain
+from identity.backoff import Backoff
 from identity.configfile import Listen
 
 BASE = Path("/etc/outrider")

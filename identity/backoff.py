@@ -1,4 +1,4 @@
-"""How long to wait before asking the CA again after a failure.
+"""How long to wait before trying again after a failure (the CA, Vault, a watch).
 
 Exponential with a cap, and jittered downwards so a fleet of agents that lost
 the CA at the same moment does not come back at the same moment. The RNG is
@@ -32,9 +32,11 @@ class Backoff:
         """The wait after `failures` consecutive failures (1 for the first)."""
         if failures < 1:
             raise ValueError("delay is for after a failure: failures >= 1")
-        return self._ceiling(failures - 1) * rng.uniform(1 - JITTER, 1)
+        return self.ceiling(failures) * rng.uniform(1 - JITTER, 1)
 
-    def _ceiling(self, steps: int) -> timedelta:
+    def ceiling(self, failures: int) -> timedelta:
+        """The longest wait after `failures` consecutive failures, before jitter."""
+        steps = max(failures - 1, 0)
         if self.multiplier == 1:
             return self.initial
         # Stop multiplying once past the cap: a timedelta overflows after a few

@@ -9,14 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.core.backoff import JITTER, Backoff
+from identity.backoff import JITTER, Backoff
 
 SECOND = timedelta(seconds=1)
-
-# Bug (agent/core/backoff.py): the exponent is capped at 64, but
-# initial * 2**steps overflows timedelta long before that (from about the
-# 48th failure with initial=1s, the 35th with initial=1h), so a long CA outage
-# raises OverflowError out of the retry loop. Remove the markers with the fix.
 
 
 class FixedRandom(random.Random):
