@@ -14,6 +14,7 @@ from ca.core import template
 from ca.signers.base import SignerUnavailable
 from ca.signers.vault import VaultIntermediateSigner, VaultSession
 from identity import TrustDomain
+from tests.clock import FakeClock
 
 TD = TrustDomain("example.org")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -35,7 +36,8 @@ def signer(name_constraints: bool) -> VaultIntermediateSigner:
         auth=VaultAuth(method="token"),
         name_constraints=name_constraints,
     )
-    return VaultIntermediateSigner(VaultSession(settings), TD, lambda: NOW)
+    clock = FakeClock(NOW)
+    return VaultIntermediateSigner(VaultSession(settings, clock), TD, clock)
 
 
 @pytest.mark.parametrize("constrained", [False, True], ids=["plain", "constrained"])
