@@ -121,6 +121,11 @@ class HttpExchange:
         self.to_app: list[bytes] = []
         self.closing = False  # close the client once what is owed to it is written
 
+    def release(self) -> None:
+        """Both connections are gone: drop the parsers, whose callbacks refer back to this
+        exchange, so reference counting frees it and the TLS state of its transports."""
+        del self.requests, self.responses
+
     # -- bytes in ----------------------------------------------------------------------
 
     def from_client(self, data: bytes) -> None:

@@ -257,6 +257,7 @@ class InboundListener(Listener[Inbound]):
         assert relay.down.transport is not None and up.transport is not None
         identity = xfcc(str(self.runtime.spiffe_id), str(peer))
         exchange = HttpExchange(relay.down.transport, up.transport, authorize, identity, answered)
+        relay.on_released = exchange.release
         relay.link(exchange.from_client, exchange.from_app)
 
     def _authorize(self, request: Request, config: Inbound) -> Decision:
