@@ -80,7 +80,7 @@ class Agent:
         self._listening = False
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._admin: asyncio.Server | None = None
+        self._admin: admin.Servers | None = None
 
     @property
     def ready(self) -> bool:
@@ -98,10 +98,8 @@ class Agent:
         return self.identity.next_renewal
 
     async def start(self) -> None:
-        self._admin = await admin.serve(self, self.config.admin.host, self.config.admin.port)
-        host, port = self._admin.sockets[0].getsockname()[:2]
-        self.bound["admin"] = str(Listen(host, port))
-        log.info("admin listening on %s", self.bound["admin"])
+        self._admin = await admin.serve(self)
+        self.bound.update(self._admin.bound)
         self._tasks.append(asyncio.create_task(self.identity.run(), name="identity"))
         churn = memory.return_freed_memory(lambda: self.connections.accepted)
         self._tasks.append(asyncio.create_task(churn, name="memory"))
@@ -129,8 +127,8 @@ class Agent:
         self.reload_policies()  # other files, another default action, or other TCP ports
         if (new.identity, new.ca) != (old.identity, old.ca):
             self.identity.renew_now()
-        if new.admin != old.admin:
-            log.warning("admin address changes take a restart; still on %s", self.bound["admin"])
+        if (new.admin, new.status) != (old.admin, old.status):
+            log.warning("admin and status address changes take a restart")
         self.metrics.config_reloads.labels("agent", "ok").inc()
         log.info("config reloaded")
 
@@ -187,8 +185,9 @@ class Agent:
                 for listener in opened.values():
                     listener.close()
             raise
+        assert self._admin is not None
         self.bound = {
-            "admin": self.bound["admin"],
+            **self._admin.bound,
             **_commit(self.inbound, opened_in, inbound),
             **_commit(self.outbound, opened_out, outbound),
         }
