@@ -147,16 +147,16 @@ async def test_a_request_too_slow_to_arrive_and_an_idle_connection_are_closed(
     timeouts = {"admin_request_timeout": "300ms", "admin_idle_timeout": "600ms"}
     async with limited_agent(setup, **timeouts) as agent:
         slow, idle, kept_alive = await open_idle(agent, "admin", 3)
+        started = time.monotonic()
         slow[1].write(b"GET /ready HTTP/1.1\r\nHost: ad")  # and never the rest
         kept_alive[1].write(get("/healthz"))
         assert (await kept_alive[0].readuntil(b"ok\n")).startswith(b"HTTP/1.1 200")
-        started = time.monotonic()
         assert await closed_by_agent(slow, 2.0)
-        assert 0.2 <= time.monotonic() - started < 0.6
+        assert 0.25 <= time.monotonic() - started < 1.0
         assert refused(agent, "admin", "request_timeout") == 1
         assert await closed_by_agent(idle, 2.0)
         assert await closed_by_agent(kept_alive, 2.0)
-        assert 0.5 <= time.monotonic() - started < 1.5
+        assert 0.55 <= time.monotonic() - started < 2.0
         for _, writer in (slow, idle, kept_alive):
             writer.close()
 
