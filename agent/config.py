@@ -160,7 +160,7 @@ class _Reader(OutboundReader):
         admin = self.listen(top, "admin", "admin", AgentConfig.admin)
         status = None  # off unless asked for: two agents on one host would share its port
         if top.get("status") is not None:
-            status = self.listen(top, "status", "status", AgentConfig.admin)
+            status = self.listen(top, "status", "status", Listen("0.0.0.0", 15020))  # noqa: S104
         policy = self.policy(self.section(top, "policy", {"files", "default_action"}))
         self.unique_listeners(admin, status, inbound, outbound)
         if self.errors or identity is None or ca is None:
