@@ -113,7 +113,7 @@ class Agent:
         self._listening = False
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._admin: asyncio.Server | None = None
+        self._admin: admin.Servers | None = None
 
     @property
     def settings(self) -> Settings:
@@ -142,10 +142,8 @@ class Agent:
         return self.identity.next_renewal
 
     async def start(self) -> None:
-        self._admin = await admin.serve(self, self.config.admin.host, self.config.admin.port)
-        host, port = self._admin.sockets[0].getsockname()[:2]
-        self.bound["admin"] = str(Listen(host, port))
-        log.info("admin listening on %s", self.bound["admin"])
+        self._admin = await admin.serve(self)
+        self.bound.update(self._admin.bound)
         self._tasks.append(asyncio.create_task(self.identity.run(), name="identity"))
         churn = memory.return_freed_memory(lambda: self.connections.accepted)
         self._tasks.append(asyncio.create_task(churn, name="memory"))
@@ -202,8 +200,8 @@ class Agent:
         self._switch(new, await self._open(new.config))
         if (new.config.identity, new.config.ca) != (old.identity, old.ca):
             self.identity.renew_now()
-        if new.config.admin != old.admin:
-            log.warning("admin address changes take a restart; still on %s", self.bound["admin"])
+        if (new.config.admin, new.config.status) != (old.admin, old.status):
+            log.warning("admin and status address changes take a restart")
 
     async def drain(self) -> None:
         """Stop accepting, let open connections finish up to the drain timeout."""
@@ -272,8 +270,9 @@ class Agent:
         self.identity.config = config
         inbound = {c.listen: (f"inbound[{i}]", c) for i, c in enumerate(config.inbound)}
         outbound = {c.listen: (f"outbound[{c.name}]", c) for c in config.outbound}
+        assert self._admin is not None
         self.bound = {
-            "admin": self.bound["admin"],
+            **self._admin.bound,
             **_commit(self.inbound, opened[0], inbound),
             **_commit(self.outbound, opened[1], outbound),
         }

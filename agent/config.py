@@ -26,9 +26,11 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
         endpoints: [backend.shop.svc:15443]            # or dns:, kubernetes:, subsets:
         server_ids: [spiffe://example.org/ns/shop/sa/backend]
     limits: {handshake_timeout: 10s, connect_timeout: 5s, idle_timeout: 1h,
-             max_connections: 10000, drain_timeout: 30s,
+             max_connections: 10000, max_pending_handshakes: 512, drain_timeout: 30s,
+             admin_max_connections: 32, admin_request_timeout: 5s, admin_idle_timeout: 60s,
              headers_with_underscores: reject}  # or drop; either way never passed on
-    admin: 127.0.0.1:15000
+    admin: 127.0.0.1:15000                             # every route: keep it on loopback
+    status: 0.0.0.0:15020                              # optional: /ready /healthz /metrics
     policy:                                            # docs/policy.md
       files: [/etc/outrider/policy/policy.yaml]        # watched, reloaded when changed
       default_action: allow-authenticated              # or deny, when no ALLOW policy applies
@@ -93,10 +95,15 @@ class Limits:
     connect_timeout: timedelta = timedelta(seconds=5)
     idle_timeout: timedelta = timedelta(hours=1)
     max_connections: int = 10_000
+    max_pending_handshakes: int = 512
     drain_timeout: timedelta = timedelta(seconds=30)
     #: A request header name with an underscore: refuse the request, or drop the header
     #: (agent/core/headers.py says why either way, never pass it on).
     headers_with_underscores: UnderscoreAction = "reject"
+    # The admin and status servers, each: callers there are not authenticated.
+    admin_max_connections: int = 32
+    admin_request_timeout: timedelta = timedelta(seconds=5)
+    admin_idle_timeout: timedelta = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,7 @@ class AgentConfig:
     limits: Limits = field(default_factory=Limits)
     admin: Listen = Listen("127.0.0.1", 15000)
     policy: PolicyConfig = PolicyConfig()
+    status: Listen | None = None  # probes and metrics only, for the pod network
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -140,7 +148,7 @@ def parse(raw: object, *, base: Path, source: str = "config") -> AgentConfig:
     return config
 
 
-_TOP = {"identity", "ca", "inbound", "outbound", "limits", "admin", "policy"}
+_TOP = {"identity", "ca", "inbound", "outbound", "limits", "admin", "status", "policy"}
 DEFAULT_ACTIONS: tuple[DefaultAction, ...] = get_args(DefaultAction)
 _CA_KEYS = {"address", "server_name", "bundle_file", "timeout", "backoff", "bundle_refresh"}
 
@@ -161,8 +169,11 @@ class _Reader(OutboundReader):
         )
         limits = self.limits(self.section(top, "limits", set(Limits.__annotations__)))
         admin = self.listen(top, "admin", "admin", AgentConfig.admin)
+        status = None  # off unless asked for: two agents on one host would share its port
+        if top.get("status") is not None:
+            status = self.listen(top, "status", "status", Listen("0.0.0.0", 15020))  # noqa: S104
         policy = self.policy(self.section(top, "policy", {"files", "default_action"}))
-        self.unique_listeners(admin, inbound, outbound)
+        self.unique_listeners(admin, status, inbound, outbound)
         if self.errors or identity is None or ca is None:
             return None
         return AgentConfig(
@@ -173,6 +184,7 @@ class _Reader(OutboundReader):
             limits,
             admin,
             policy,
+            status,
         )
 
     def identity(self, raw: Mapping[str, Any]) -> IdentityConfig | None:
@@ -256,6 +268,12 @@ class _Reader(OutboundReader):
             max_connections=self.integer(
                 raw, "max_connections", "limits.max_connections", d.max_connections
             ),
+            max_pending_handshakes=self.integer(
+                raw,
+                "max_pending_handshakes",
+                "limits.max_pending_handshakes",
+                d.max_pending_handshakes,
+            ),
             drain_timeout=self.duration(
                 raw, "drain_timeout", "limits.drain_timeout", d.drain_timeout, zero_ok=True
             ),
@@ -265,16 +283,32 @@ class _Reader(OutboundReader):
                 "limits.headers_with_underscores",
                 UNDERSCORE_ACTIONS,
             ),
+            admin_max_connections=self.integer(
+                raw,
+                "admin_max_connections",
+                "limits.admin_max_connections",
+                d.admin_max_connections,
+            ),
+            admin_request_timeout=self.duration(
+                raw,
+                "admin_request_timeout",
+                "limits.admin_request_timeout",
+                d.admin_request_timeout,
+            ),
+            admin_idle_timeout=self.duration(
+                raw, "admin_idle_timeout", "limits.admin_idle_timeout", d.admin_idle_timeout
+            ),
         )
 
     def unique_listeners(
         self,
         admin: Listen,
+        status: Listen | None,
         inbound: Sequence[Inbound | None],
         outbound: Sequence[Outbound | None],
     ) -> None:
         """No two listeners on one address, and no two outbound listeners with one name."""
-        listeners = [("admin", admin)]
+        listeners = [("admin", admin)] + ([("status", status)] if status else [])
         listeners += [(f"inbound[{i}].listen", c.listen) for i, c in enumerate(inbound) if c]
         listeners += [(f"outbound[{i}].listen", c.listen) for i, c in enumerate(outbound) if c]
         seen: dict[Listen, str] = {}

@@ -193,6 +193,26 @@ def threaded_app(application: web.Application) -> Iterator[int]:
         loop.close()
 
 
+@asynccontextmanager
+async def closing_http_server() -> AsyncIterator[int]:
+    """An HTTP/1.1 app that answers each connection's first request `200 ok` and closes it."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
 async def round_trip(address: str, payload: bytes = b"ping", timeout: float = 5.0) -> bytes:
     """Send `payload` through `address` and read back as many bytes; b'' if refused."""
     host, port = address.rsplit(":", 1)

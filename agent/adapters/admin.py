@@ -1,19 +1,36 @@
-"""The admin server (127.0.0.1:15000): readiness, health, metrics, config and certificates.
+"""The agent's HTTP servers: admin on loopback, status on the pod network.
 
-Nothing here can change the agent, and nothing here shows key material: the
-config holds none, and /certs shows certificates only.
+admin (`admin:`, 127.0.0.1:15000) serves every route: /ready, /healthz,
+/metrics, /config_dump and /certs. The last two show the mesh's topology, the
+allow-lists (who may call this pod) and the SVID's chain, so they belong on
+loopback, where `kubectl port-forward` still reaches them. status (`status:`,
+the injector puts it on 0.0.0.0:15020) serves only what the kubelet's probes
+and Prometheus need: /ready, /healthz and /metrics. Istio splits its sidecar
+the same way (Envoy's admin on localhost; health and telemetry on 15021,
+15020 and 15090).
+
+Nothing here can change the agent, and nothing shows key material: the config
+holds none, and /certs shows certificates only.
 
 HTTP/1.1 is parsed by llhttp (httptools), the parser aiohttp and uvicorn use;
 aiohttp itself would add 12 MB to every pod's sidecar for five GET routes.
-Requests are bounded in size, only GET and HEAD are served, and a client may
-keep its connection alive.
+Only GET and HEAD are served, and a client may keep its connection alive.
+Nobody authenticates a caller here, so each server holds little for one:
+at most limits.admin_max_connections connections, past which the oldest goes
+(a probe's request takes a millisecond: a flood of idle connections cannot
+keep the kubelet out, as it could if the newest were refused); a request head
+of 16 KiB, finished within limits.admin_request_timeout of its first byte;
+limits.admin_idle_timeout between requests; and a client that stops reading
+its responses is closed, not buffered for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import json
+import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from http import HTTPStatus
@@ -26,16 +43,23 @@ from cryptography.hazmat.primitives import hashes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.adapters.metrics import AgentMetrics
-from agent.config import AgentConfig
+from agent.config import AgentConfig, Limits
 from agent.core.svid import Svid
 from agent.core.upstream import Endpoint
 from identity import SpiffeId, TrustDomain
 from identity.configfile import Listen
 
+log = logging.getLogger("outrider.agent")
+
 #: A request head larger than this is refused (431) and the connection closed.
 MAX_REQUEST_BYTES = 16 * 1024
+#: Responses a client has left unread, past which it is closed instead of answered.
+MAX_UNREAD_BYTES = 256 * 1024
+#: What the status server serves: the kubelet's probes and Prometheus.
+STATUS_PATHS = ("/ready", "/healthz", "/metrics")
 
 Response = tuple[int, str, bytes]  # status, content type, body
+Handler = Callable[[], Response]
 TEXT, JSON = "text/plain; charset=utf-8", "application/json"
 
 
@@ -54,7 +78,7 @@ class AgentView(Protocol):
     def next_renewal(self) -> datetime | None: ...
 
 
-def routes(agent: AgentView) -> dict[str, Callable[[], Response]]:
+def routes(agent: AgentView) -> dict[str, Handler]:
     """Path -> handler; each handler answers from the agent's state at that moment."""
 
     def ready() -> Response:
@@ -102,26 +126,137 @@ def _json(value: object, status: int = 200) -> Response:
     return status, JSON, json.dumps(value, indent=2).encode()
 
 
-async def serve(agent: AgentView, host: str, port: int) -> asyncio.Server:
+class Servers:
+    """The admin server and, when configured, the status server."""
+
+    def __init__(self) -> None:
+        self.servers: dict[str, Server] = {}
+
+    @property
+    def bound(self) -> dict[str, str]:
+        """Name ("admin", "status") -> the address it listens on."""
+        return {name: server.address for name, server in self.servers.items()}
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.close()
+
+
+async def serve(agent: AgentView) -> Servers:
+    """Start the admin server, and the status server if the config asks for one."""
     handlers = routes(agent)
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: AdminProtocol(handlers), host, port)
+    servers = Servers()
+    if not _loopback(agent.config.admin.host):
+        log.warning(
+            "admin %s is not loopback: /config_dump and /certs are open to the network; "
+            "give the kubelet and Prometheus `status:` instead",
+            agent.config.admin,
+        )
+    try:
+        servers.servers["admin"] = await Server.start(agent, "admin", handlers, agent.config.admin)
+        if agent.config.status is not None:
+            status = {path: handlers[path] for path in STATUS_PATHS}
+            servers.servers["status"] = await Server.start(
+                agent, "status", status, agent.config.status
+            )
+    except OSError:
+        servers.close()
+        raise
+    return servers
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class Server:
+    """One HTTP listener, its open connections (oldest first) and its limits."""
+
+    def __init__(self, agent: AgentView, name: str, handlers: dict[str, Handler]) -> None:
+        self.agent = agent
+        self.name = name
+        self.handlers = handlers
+        self.connections: dict[AdminProtocol, None] = {}
+        self.address = ""
+        self._server: asyncio.Server | None = None
+
+    @classmethod
+    async def start(
+        cls, agent: AgentView, name: str, handlers: dict[str, Handler], listen: Listen
+    ) -> Server:
+        server = cls(agent, name, handlers)
+        loop = asyncio.get_running_loop()
+        try:
+            server._server = await loop.create_server(server.accepted, listen.host, listen.port)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from None
+        host, port = server._server.sockets[0].getsockname()[:2]
+        server.address = str(Listen(host, port))
+        log.info("%s listening on %s", name, server.address)
+        return server
+
+    @property
+    def limits(self) -> Limits:
+        return self.agent.config.limits  # as of now: a reload may have changed them
+
+    def accepted(self) -> AdminProtocol:
+        if len(self.connections) >= self.limits.admin_max_connections:
+            oldest = next(iter(self.connections))
+            self.refused("max_connections")
+            oldest.abort()
+        return AdminProtocol(self)
+
+    def refused(self, reason: str) -> None:
+        self.agent.metrics.connections_refused.labels(self.name, reason).inc()
+
+    def close(self) -> None:
+        """Stop accepting and close what is open."""
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.abort()
 
 
 class AdminProtocol(asyncio.Protocol):
-    """One admin connection: parse requests with llhttp, answer each from `handlers`."""
+    """One connection: parse requests with llhttp, answer each from the server's handlers.
 
-    def __init__(self, handlers: dict[str, Callable[[], Response]]) -> None:
-        self.handlers = handlers
+    One timer at a time: the idle timeout while no request has begun, the
+    request timeout from a request's first byte to its end.
+    """
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.received = 0
         self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.server.connections[self] = None
+        self._wait(self.server.limits.admin_idle_timeout, "")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.pop(self, None)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.transport = self.timer = None  # nothing of a closed connection waits for gc
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()  # no more requests until the answers are read
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if not self.received:  # a request begins: it has this long to arrive whole
+            self._wait(self.server.limits.admin_request_timeout, "request_timeout")
         self.received += len(data)
         if self.received > MAX_REQUEST_BYTES:
             return self._respond((431, TEXT, b"request too large\n"), keep_alive=False)
@@ -136,7 +271,7 @@ class AdminProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         method = self.parser.get_method()
         path = httptools.parse_url(self.url).path.decode("ascii", "replace")
-        handler = self.handlers.get(path)
+        handler = self.server.handlers.get(path)
         if handler is None:
             response: Response = (404, TEXT, b"not found\n")
         elif method not in (b"GET", b"HEAD"):
@@ -147,19 +282,41 @@ class AdminProtocol(asyncio.Protocol):
             response = (response[0], response[1], b"")
         self._respond(response, keep_alive=self.parser.should_keep_alive())
         self.url, self.received = b"", 0
+        self._wait(self.server.limits.admin_idle_timeout, "")
 
     def _respond(self, response: Response, *, keep_alive: bool) -> None:
-        if self.transport is None or self.transport.is_closing():
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
+        if transport.get_write_buffer_size() > MAX_UNREAD_BYTES:
+            self.server.refused("unread_responses")  # pipelining, and never reading
+            return self.abort()
         status, content_type, body = response
         head = (
             f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
             f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
             f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
         )
-        self.transport.write(head.encode() + body)
+        transport.write(head.encode() + body)
         if not keep_alive:
-            self.transport.close()
+            transport.close()
+
+    def _wait(self, timeout: timedelta, reason: str) -> None:
+        """Close the connection `timeout` from now, counting `reason` if it has one."""
+        if self.timer is not None:
+            self.timer.cancel()
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(timeout.total_seconds(), self._expired, reason)
+
+    def _expired(self, reason: str) -> None:
+        if reason:
+            self.server.refused(reason)
+        self.abort()
+
+    def abort(self) -> None:
+        self.server.connections.pop(self, None)
+        if self.transport is not None:
+            self.transport.abort()
 
 
 def describe(cert: x509.Certificate) -> dict[str, str]:

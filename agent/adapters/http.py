@@ -138,6 +138,11 @@ class HttpExchange:
         self.draining = False  # take no new request; close once what was read is answered
         self.drained = drained  # told when a drained connection has been sent all it is owed
 
+    def release(self) -> None:
+        """Both connections are gone: drop the parsers, whose callbacks refer back to this
+        exchange, so reference counting frees it and the TLS state of its transports."""
+        del self.requests, self.responses
+
     # -- bytes in ----------------------------------------------------------------------
 
     def from_client(self, data: bytes) -> None:

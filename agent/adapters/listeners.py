@@ -15,6 +15,7 @@ import logging
 import random
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar, cast
 
 from prometheus_client import Counter, Gauge
@@ -30,6 +31,7 @@ from agent.config import Inbound, Outbound
 from agent.core.policy import Decision, Request
 from agent.core.resilience import RetryBudget, should_retry
 from agent.core.upstream import Endpoint
+from identity import SpiffeId
 from identity.configfile import Listen
 
 log = logging.getLogger("outrider.agent")
@@ -176,6 +178,28 @@ class Listener(Generic[ConfigT]):
         self.runtime.refused(self.direction, reason)
 
 
+async def _first_bytes(sock: socket.socket, deadline: float) -> None:
+    """Wait until `sock` is readable (the client spoke, or left); TimeoutError at `deadline`.
+
+    No TLS state exists for a connection until then (uvloop's SSL transport: an
+    SSLObject, OpenSSL's state and buffers, ~50 KiB once used): a caller that
+    connects and says nothing holds a socket and a few small objects.
+    """
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(sock, ready)
+    try:
+        async with asyncio.timeout_at(deadline):
+            await readable
+    finally:
+        loop.remove_reader(sock)
+
+
 class InboundListener(Listener[Inbound]):
     direction = INBOUND
 
@@ -196,49 +220,61 @@ class InboundListener(Listener[Inbound]):
                 log.warning("%s %s: accept failed: %s", self.direction, self.address, exc)
                 await asyncio.sleep(0.1)
                 continue
-            if len(self.connections) >= self.runtime.limits.max_connections:
-                self.runtime.metrics.connections_refused.labels(
-                    self.direction, "max_connections"
-                ).inc()
-                sock.close()
-                continue
-            relay = Relay(self.runtime.limits.idle_timeout.total_seconds(), self.connections.closed)
-            self.connections.add(relay, self.direction)
-            self.connections.setting_up(loop.create_task(self._setup(relay, sock)))
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        """Set up a new connection, or close it at once past max_connections.
+
+        Past max_pending_handshakes, the oldest connection still before its peer is
+        verified goes instead: a client's handshake takes milliseconds, so the oldest
+        is the likeliest to be one that connects and waits, and a flood of those
+        cannot keep every new client out (it could, were the newest refused).
+        """
+        runtime = self.runtime
+        if len(self.connections) >= runtime.limits.max_connections:
+            runtime.metrics.connections_refused.labels(INBOUND, "max_connections").inc()
+            sock.close()
+            return
+        if len(runtime.handshaking) >= runtime.limits.max_pending_handshakes:
+            evict = self._not_pending(next(iter(runtime.handshaking)))
+            assert evict is not None
+            runtime.metrics.connections_refused.labels(INBOUND, "max_pending_handshakes").inc()
+            evict()
+        relay = Relay(runtime.limits.idle_timeout.total_seconds(), self.connections.closed)
+        self.connections.add(relay, INBOUND)
+        setup = asyncio.get_running_loop().create_task(self._setup(relay, sock))
+        setup.add_done_callback(lambda _: self._not_pending(relay))
+        self.connections.setting_up(setup)
+
+        def evict_it() -> None:
+            setup.cancel()
+            relay.abort()
+
+        runtime.handshaking[relay] = evict_it
+        runtime.metrics.pending_handshakes.inc()
+
+    def _not_pending(self, relay: object) -> Callable[[], None] | None:
+        """`relay` is verified, refused, evicted or cancelled: what would have evicted it,
+        the first time only."""
+        evict = self.runtime.handshaking.pop(relay, None)
+        if evict is not None:
+            self.runtime.metrics.pending_handshakes.dec()
+        return evict
 
     async def _setup(self, relay: Relay, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         started = clock()
-        contexts, limits = self.runtime.contexts, self.runtime.limits
         # An HTTP port offers no h2 in ALPN, so every request on it is parsed: h2 relayed
         # at L4 would hand the app the client's own identity header and skip the paths.
         http = self.config.protocol == "http"
-        context = contexts.http_server if http else contexts.server
-        assert context is not None, "listeners start after the first SVID"
         try:
-            tls, _ = await loop.connect_accepted_socket(
-                lambda: relay.down,
-                sock,
-                ssl=context,
-                ssl_handshake_timeout=limits.handshake_timeout.total_seconds(),
-            )
-        except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
-            self._refused(refusal_reason(exc))
-            relay.close()
+            authenticated = await self._authenticate(relay, sock, started, http)
+        finally:
+            self._not_pending(relay)
+        if authenticated is None:
             return
-        tls.pause_reading()
-        config = self.config  # as of now: a reload during the handshake may have narrowed `allow`
-        ssl_object = tls.get_extra_info("ssl_object")
-        peer = self.runtime.peer(ssl_object, "client", INBOUND)
-        if peer is None:
-            relay.abort()
-            return
-        if config.allow.decide(peer) == "deny":
-            log.info("inbound %s: refused %s: not on the allow-list", config.listen, peer)
-            self._refused("not_allowed")
-            relay.abort()
-            return
-        self.runtime.verified(INBOUND, ssl_object, peer, started)
+        peer, config = authenticated
+        limits = self.runtime.limits
         app = config.app
         if not http and not self._authorize(Request(peer, app.port), config).allowed:
             self.runtime.metrics.connections_refused.labels(INBOUND, "policy_denied").inc()
@@ -277,8 +313,55 @@ class InboundListener(Listener[Inbound]):
             limits.headers_with_underscores,
             relay.close,
         )
+        relay.on_released = exchange.release
         relay.link(exchange.from_client, exchange.from_app)
         relay.drained_by(exchange.finish)
+
+    async def _authenticate(
+        self, relay: Relay, sock: socket.socket, started: float, http: bool
+    ) -> tuple[SpiffeId, Inbound] | None:
+        """Handshake, then check the peer's SVID and the allow-list: the peer and the config
+        that admitted it, or None (counted, the relay closed) within limits.handshake_timeout.
+        """
+        loop = asyncio.get_running_loop()
+        context = self.runtime.contexts.http_server if http else self.runtime.contexts.server
+        assert context is not None, "listeners start after the first SVID"
+        deadline = loop.time() + self.runtime.limits.handshake_timeout.total_seconds()
+        try:
+            await _first_bytes(sock, deadline)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            self._refused(refusal_reason(exc))
+            relay.close()
+            return None
+        except asyncio.CancelledError:
+            sock.close()  # not a transport's yet: the drain's cancel would leave it open
+            raise
+        try:
+            tls, _ = await loop.connect_accepted_socket(
+                lambda: relay.down,
+                sock,
+                ssl=context,
+                ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
+            )
+        except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
+            self._refused(refusal_reason(exc))
+            relay.close()
+            return None
+        tls.pause_reading()
+        config = self.config  # as of now: a reload during the handshake may have narrowed `allow`
+        ssl_object = tls.get_extra_info("ssl_object")
+        peer = self.runtime.peer(ssl_object, "client", INBOUND)
+        if peer is None:
+            relay.abort()
+            return None
+        if config.allow.decide(peer) == "deny":
+            log.info("inbound %s: refused %s: not on the allow-list", config.listen, peer)
+            self._refused("not_allowed")
+            relay.abort()
+            return None
+        self.runtime.verified(INBOUND, ssl_object, peer, started)
+        return peer, config
 
     def _authorize(self, request: Request, config: Inbound) -> Decision:
         """The policy's decision on a connection (L4) or a request (L7), counted."""

@@ -74,6 +74,12 @@ class AgentMetrics:
             ["direction", "reason"],
             registry=r,
         )
+        self.pending_handshakes = Gauge(
+            "outrider_pending_handshakes",
+            "Inbound connections accepted whose peer is not verified yet "
+            "(at most limits.max_pending_handshakes)",
+            registry=r,
+        )
         self.svid_expiry = Gauge(
             "outrider_svid_expiry_timestamp_seconds",
             "NotAfter of the SVID in use (Unix time)",

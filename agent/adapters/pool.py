@@ -76,6 +76,9 @@ class UpstreamConnection(asyncio.Protocol):
             user.upstream_lost()
         else:
             self.pool.forget(self)
+        # The user and its parsers refer back to this connection: holding the transport
+        # here would keep its TLS state (tens of KB) until the garbage collector runs.
+        self.transport = None
 
     def pause_writing(self) -> None:
         if self.user is not None:

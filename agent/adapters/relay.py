@@ -63,6 +63,13 @@ class Side(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.relay.lost(self)
+        # Let go of the transports: the relay and its sides refer to each other, so
+        # whatever a side still holds waits for the garbage collector, and a TLS
+        # transport holds its SSLObject and OpenSSL's buffers (tens of KB). Dropped
+        # here, they are freed by reference counting once the transport is done.
+        self.transport = self.other = self.sink = self.made = None
+        self.pending.clear()
+        self.relay.side_gone()
 
     def pause_writing(self) -> None:
         if self.other is not None:
@@ -85,6 +92,8 @@ class Relay:
         self.closed = False
         self.draining = False
         self._drain: Callable[[], None] | None = None  # how an L7 relay drains
+        #: Called once both sides' transports are gone: an L7 sink lets go of them too.
+        self.on_released: Callable[[], None] | None = None
 
     def link(self, down_sink: Sink | None = None, up_sink: Sink | None = None) -> None:
         """Start relaying: flush what arrived early, resume reading, arm the idle timer.
@@ -117,6 +126,13 @@ class Relay:
         """An EOF or a lost connection on `side` ends the relay; stale sides are ignored."""
         if side is self.down or side is self.up:
             self.close()  # each transport writes out what it holds, then closes
+
+    def side_gone(self) -> None:
+        """A side's transport is gone; once both are, what holds them lets go."""
+        release = self.on_released
+        if release is not None and self.down.transport is None and self.up.transport is None:
+            self.on_released = self._drain = None
+            release()
 
     def close(self) -> None:
         if self.closed:

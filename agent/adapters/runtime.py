@@ -29,6 +29,9 @@ class Runtime:
     now: Callable[[], datetime]
     spiffe_id: SpiffeId
     policies: PolicySet = field(default_factory=PolicySet)
+    #: Inbound connections accepted whose peer is not verified yet, on every listener,
+    #: oldest first: each with what closes it.
+    handshaking: dict[object, Callable[[], None]] = field(default_factory=dict)
 
     def peer(
         self, ssl_object: ssl.SSLObject, usage: Literal["client", "server"], direction: str

@@ -49,7 +49,8 @@ AGENT_CPU = PREFIX + "agent-cpu"
 AGENT_MEMORY = PREFIX + "agent-memory"
 LOG_LEVEL = PREFIX + "log-level"
 
-ADMIN_PORT = 15000
+ADMIN_PORT = 15000  # on the pod's loopback: every admin route
+STATUS_PORT = 15020  # on the pod IP: probes and metrics only
 OUTBOUND_BASE = 15001
 INBOUND_BASE = 15443
 RESERVED_PORTS = range(15000, 16000)  # the agent's; an app port here would collide

@@ -12,13 +12,20 @@ import json
 from typing import Any
 
 from identity import SpiffeId
-from injector.core.annotations import ADMIN_PORT, INBOUND_BASE, OUTBOUND_BASE, AgentOptions
+from injector.core.annotations import (
+    ADMIN_PORT,
+    INBOUND_BASE,
+    OUTBOUND_BASE,
+    STATUS_PORT,
+    AgentOptions,
+)
 from injector.core.settings import Settings
 
 AGENT = "outrider-agent"
 CONFIG_ENV = "OUTRIDER_AGENT_CONFIG"
 LOG_LEVEL_ENV = "OUTRIDER_LOG_LEVEL"
 AUDIENCE = "outrider-ca"
+STATUS_PORT_NAME = "outrider-status"  # at most 15 characters, as every port name
 TOKEN_VOLUME, TOKEN_DIR = "outrider-token", "/var/run/secrets/outrider"
 BUNDLE_VOLUME, BUNDLE_DIR = "outrider-bundle", "/etc/outrider/bundle"
 POLICY_VOLUME, POLICY_DIR = "outrider-policy", "/etc/outrider/policy"
@@ -43,14 +50,17 @@ def agent_config(options: AgentOptions, spiffe_id: SpiffeId, settings: Settings)
             }
             for i, upstream in enumerate(options.upstreams)
         ],
-        # Not loopback: the kubelet's probes and Prometheus reach the pod IP.
-        "admin": f"0.0.0.0:{ADMIN_PORT}",
+        # /config_dump and /certs show the mesh's topology and who may call this pod:
+        # loopback only (kubectl port-forward reaches it). The kubelet's probes and
+        # Prometheus reach the pod IP, where the status listener serves only them.
+        "admin": f"127.0.0.1:{ADMIN_PORT}",
+        "status": f"0.0.0.0:{STATUS_PORT}",
     }
 
 
 def container(options: AgentOptions, spiffe_id: SpiffeId, settings: Settings) -> dict[str, Any]:
     config = json.dumps(agent_config(options, spiffe_id, settings), separators=(",", ":"))
-    probe = {"httpGet": {"path": "/ready", "port": ADMIN_PORT}}
+    probe = {"httpGet": {"path": "/ready", "port": STATUS_PORT}}
     agent: dict[str, Any] = {
         "name": AGENT,
         "image": settings.agent.image,
@@ -64,6 +74,8 @@ def container(options: AgentOptions, spiffe_id: SpiffeId, settings: Settings) ->
             "requests": options.resources.requests.as_dict(),
             "limits": options.resources.limits.as_dict(),
         },
+        # Named, so a PodMonitor or a scrape config can select the agent's metrics.
+        "ports": [{"name": STATUS_PORT_NAME, "containerPort": STATUS_PORT, "protocol": "TCP"}],
         "securityContext": security_context(settings.agent.uid),
         "volumeMounts": [
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},

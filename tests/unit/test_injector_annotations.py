@@ -254,7 +254,7 @@ def assert_unprivileged(pod: dict[str, Any]) -> None:
         assert set(volume) - {"name"} <= {"projected", "configMap"}
     assert all(m["readOnly"] for m in agent["volumeMounts"])
     config = config_of(pod)
-    assert config["admin"] == "0.0.0.0:15000"
+    assert (config["admin"], config["status"]) == ("127.0.0.1:15000", "0.0.0.0:15020")
     assert config["identity"]["spiffe_id"] == "spiffe://cluster.local/ns/shop/sa/default"
 
 

@@ -63,8 +63,20 @@ def test_the_agent_is_a_native_sidecar_placed_first() -> None:
     assert second["name"] == "setup"
     assert [c["name"] for c in patched["spec"]["containers"]] == ["app"]
     for probe in ("startupProbe", "readinessProbe"):
-        assert first[probe]["httpGet"] == {"path": "/ready", "port": 15000}
+        assert first[probe]["httpGet"] == {"path": "/ready", "port": 15020}
     assert first["args"] == ["agent", "run", "--config-env", CONFIG_ENV]
+
+
+def test_only_probes_and_metrics_listen_on_the_pod_network() -> None:
+    # /config_dump and /certs show the mesh's topology and who may call the pod: the
+    # admin server stays on loopback; the kubelet and Prometheus get the status port.
+    patched = injected(pod())
+    config, agent = agent_config(patched), agent_of(patched)
+    assert (str(config.admin), str(config.status)) == ("127.0.0.1:15000", "0.0.0.0:15020")
+    assert agent["ports"] == [
+        {"name": "outrider-status", "containerPort": 15020, "protocol": "TCP"}
+    ]
+    assert {agent[p]["httpGet"]["port"] for p in ("startupProbe", "readinessProbe")} == {15020}
 
 
 def test_without_native_sidecars_the_agent_is_the_first_regular_container() -> None:

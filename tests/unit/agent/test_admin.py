@@ -114,11 +114,16 @@ def test_the_config_as_plain_data() -> None:
             "connect_timeout": 5.0,
             "idle_timeout": 3600.0,
             "max_connections": 64,
+            "max_pending_handshakes": 512,
             "drain_timeout": 30.0,
             "headers_with_underscores": "reject",
+            "admin_max_connections": 32,
+            "admin_request_timeout": 5.0,
+            "admin_idle_timeout": 60.0,
         },
         "admin": "127.0.0.1:15000",
         "policy": {"files": [], "default_action": "allow-authenticated"},
+        "status": None,
     }
 
 

@@ -77,10 +77,15 @@ def full() -> dict[str, Any]:
             "connect_timeout": "1s",
             "idle_timeout": "5m",
             "max_connections": 50,
+            "max_pending_handshakes": 20,
             "drain_timeout": "0s",
             "headers_with_underscores": "drop",
+            "admin_max_connections": 8,
+            "admin_request_timeout": "2s",
+            "admin_idle_timeout": "10s",
         },
         "admin": "127.0.0.1:15001",
+        "status": "0.0.0.0:15020",
     }
 
 
@@ -139,10 +144,15 @@ def test_a_full_file_parses_into_the_expected_config() -> None:
             connect_timeout=timedelta(seconds=1),
             idle_timeout=timedelta(minutes=5),
             max_connections=50,
+            max_pending_handshakes=20,
             drain_timeout=timedelta(0),
             headers_with_underscores="drop",
+            admin_max_connections=8,
+            admin_request_timeout=timedelta(seconds=2),
+            admin_idle_timeout=timedelta(seconds=10),
         ),
         admin=Listen("127.0.0.1", 15001),
+        status=Listen("0.0.0.0", 15020),
     )
 
 
@@ -166,10 +176,15 @@ def test_defaults_fill_what_the_file_leaves_out() -> None:
         connect_timeout=timedelta(seconds=5),
         idle_timeout=timedelta(hours=1),
         max_connections=10_000,
+        max_pending_handshakes=512,
         drain_timeout=timedelta(seconds=30),
         headers_with_underscores="reject",
+        admin_max_connections=32,
+        admin_request_timeout=timedelta(seconds=5),
+        admin_idle_timeout=timedelta(seconds=60),
     )
     assert config.admin == Listen("127.0.0.1", 15000)
+    assert config.status is None  # off: the admin server alone, on loopback
     assert config.trust_domain == TD
 
 
@@ -368,6 +383,25 @@ BAD_VALUES = [
         id="underscores-allow",
     ),
     pytest.param("admin", "localhost", "admin: 'localhost' is not host:port", id="admin"),
+    pytest.param("status", "15020", "status: '15020' is not host:port", id="status"),
+    pytest.param(
+        "status", "127.0.0.1:15000", "status: 127.0.0.1:15000 is already", id="status-dup"
+    ),
+    pytest.param(
+        "limits.max_pending_handshakes", 0, "limits.max_pending_handshakes: must be", id="pending"
+    ),
+    pytest.param(
+        "limits.admin_max_connections", "9", "limits.admin_max_connections: must be", id="admin-max"
+    ),
+    pytest.param(
+        "limits.admin_request_timeout", "0s", "limits.admin_request_timeout: must be", id="admin-rq"
+    ),
+    pytest.param(
+        "limits.admin_idle_timeout",
+        "soon",
+        "limits.admin_idle_timeout: 'soon' is not",
+        id="adm-idle",
+    ),
 ]
 
 
