@@ -14,11 +14,11 @@ from datetime import UTC, datetime
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from grpclib.server import Server
 
 from ca.api.grpc import CertificateAuthorityService
 from ca.api.http import make_app
 from ca.api.tls import load_credentials, server_context
+from ca.api.transport import BoundedServer
 from ca.audit import AuditLog
 from ca.authn.callers import Authenticator, TokenAuthenticator
 from ca.authn.jwks import FileJwks, HttpsJwks, JwksSource
@@ -32,6 +32,7 @@ from ca.signers.local import CaDirectoryError, LocalSigner
 from ca.signers.vault import vault_signer
 from identity import refresh_at
 from identity.configfile import Listen
+from identity.serving import CLOSE_REASONS, Acceptor
 
 log = logging.getLogger("outrider.ca")
 
@@ -137,12 +138,21 @@ async def serve(
     )
     chain, key = await _issue_serving(config, signer, clock)
     tls = server_context(signer.bundle, chain, key)
-    grpc_server = Server([service])
-    http_runner = web.AppRunner(make_app(lambda: signer.bundle, metrics), access_log=None)
+    limits = config.limits
+    grpc_server = BoundedServer([service], limits.grpc)
+    http_runner = web.AppRunner(
+        make_app(lambda: signer.bundle, metrics),
+        access_log=None,
+        keepalive_timeout=limits.connections.idle_timeout.total_seconds(),
+    )
     await http_runner.setup()
     grpc_sock, http_sock = _bind(config.grpc), _bind(config.http)
-    await grpc_server.start(sock=grpc_sock, ssl=tls)
-    await web.SockSite(http_runner, http_sock).start()
+    assert http_runner.server is not None
+    connections = limits.connections
+    grpc = await grpc_server.serve(grpc_sock, tls, connections, _closed(metrics, "grpc"))
+    http = Acceptor(http_sock, http_runner.server, None, connections, _closed(metrics, "http"))
+    http.start()
+    _count_open(metrics, {"grpc": grpc, "http": http})
     bound = Bound(grpc_sock.getsockname()[:2], http_sock.getsockname()[:2])
     log.info(
         "serving trust domain %s: gRPC (TLS) on %s:%d, HTTP on %s:%d",
@@ -171,8 +181,21 @@ async def serve(
             task.cancel()
         grpc_server.close()
         await grpc_server.wait_closed()
+        http.close()
+        await http.wait_closed()
         await http_runner.cleanup()
         await close_tokens()
+
+
+def _closed(metrics: CaMetrics, listener: str) -> Callable[[str], None]:
+    for reason in CLOSE_REASONS:  # exported at 0 from the start, for rates and alerts
+        metrics.connections_closed.labels(listener, reason)
+    return lambda reason: metrics.connections_closed.labels(listener, reason).inc()
+
+
+def _count_open(metrics: CaMetrics, acceptors: dict[str, Acceptor]) -> None:
+    for listener, acceptor in acceptors.items():
+        metrics.connections_open.labels(listener).set_function(acceptor.held)
 
 
 async def _issue_serving(

@@ -43,3 +43,16 @@ class CaMetrics:
             "Issuing certificate expiry (Unix time)",
             registry=r,
         )
+        self.connections_closed = Counter(
+            "outrider_ca_connections_closed",
+            "Connections the CA closed at a limit, by port (grpc, http) and reason"
+            " (max_connections, handshake_timeout, handshake_failed, idle_timeout)",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.connections_open = Gauge(
+            "outrider_ca_connections_open",
+            "Connections open now, TLS handshakes in progress included, by port",
+            ["listener"],
+            registry=r,
+        )

@@ -1,0 +1,245 @@
+"""What an unauthenticated caller can throw at a server, as tools for tests and measurements.
+
+Each tool runs against a real process on loopback and is bounded in count and
+time: idle connections (plain TCP, or TLS that sends nothing after its
+handshake), a gRPC message far larger than it says it is allowed to be, and
+what a process holds while that goes on (/proc: resident memory, its peak,
+open file descriptors). `python -m tests.floods --help` runs them by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import select
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.events
+
+SIGN = "/outrider.ca.v1.CertificateAuthority/Sign"
+
+
+def rss_kib(pid: int) -> int:
+    return _status(pid, "VmRSS")
+
+
+def peak_rss_kib(pid: int) -> int:
+    return _status(pid, "VmHWM")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _status(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def raise_own_fd_limit() -> None:
+    """The attacker needs descriptors too: take the hard limit."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@dataclass
+class Flood:
+    """Connections that were opened (and, with TLS, handshaken) and now send nothing."""
+
+    sockets: list[socket.socket] = field(default_factory=list)
+    failed: int = 0  # refused, reset or closed before the handshake finished
+
+    def closed_by_peer(self, within: float) -> int:
+        """How many of `sockets` the server has closed, waiting at most `within` seconds."""
+        deadline = time.monotonic() + within
+        alive = list(self.sockets)
+        closed = 0
+        while alive and time.monotonic() < deadline:
+            ready, _, _ = select.select(alive, [], [], max(0.0, deadline - time.monotonic()))
+            for sock in ready:
+                if _closed(sock):
+                    closed += 1
+                    alive.remove(sock)
+        return closed
+
+
+def _closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(4096) == b""
+    except ssl.SSLWantReadError:
+        return False  # TLS records (tickets, settings) that carry no application data
+    except (ssl.SSLError, OSError):
+        return True
+
+
+@contextmanager
+def idle_connections(
+    port: int, count: int, *, tls: ssl.SSLContext | None = None, timeout: float = 5.0
+) -> Iterator[Flood]:
+    """`count` connections to 127.0.0.1:`port`, closed on exit.
+
+    With `tls` each one finishes its handshake first, then sends nothing.
+    """
+    flood = Flood()
+    try:
+        for _ in range(count):
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+                if tls is not None:
+                    sock = tls.wrap_socket(sock, server_hostname="localhost")
+                sock.setblocking(False)
+                flood.sockets.append(sock)
+            except (OSError, ssl.SSLError):
+                flood.failed += 1
+        yield flood
+    finally:
+        for sock in flood.sockets:
+            sock.close()
+
+
+@dataclass
+class GrpcAnswer:
+    """What a sender of an oversized gRPC message saw."""
+
+    status: int | None  # grpc-status, None if the server never answered one
+    message: str | None
+    sent: int  # message bytes the server's flow control let through
+    reset: bool  # the server reset the stream or closed the connection
+
+
+def oversized_call(
+    port: int,
+    context: ssl.SSLContext,
+    declared: int,
+    *,
+    send_at_most: int,
+    path: str = SIGN,
+    timeout: float = 10.0,
+) -> GrpcAnswer:
+    """Start a gRPC call whose message says it is `declared` bytes long and send its
+    body (zeros) until the server answers, resets, stops granting window, or
+    `send_at_most` bytes are out."""
+    sock = context.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=timeout), server_hostname="localhost"
+    )
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    stream = conn.get_next_available_stream_id()
+    conn.send_headers(stream, _request_headers(path))
+    conn.send_data(stream, b"\0" + struct.pack(">I", declared))
+    answer = GrpcAnswer(None, None, 0, False)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not answer.reset and answer.status is None:
+            sock.sendall(conn.data_to_send())
+            window = min(conn.local_flow_control_window(stream), conn.max_outbound_frame_size)
+            if window > 0 and answer.sent < send_at_most:
+                chunk = min(window, send_at_most - answer.sent)
+                conn.send_data(stream, bytes(chunk))
+                answer.sent += chunk
+                if not select.select([sock], [], [], 0)[0]:
+                    continue
+            elif not select.select([sock], [], [], min(1.0, deadline - time.monotonic()))[0]:
+                if answer.sent >= send_at_most:
+                    break  # all sent, no answer: a server that buffers and waits for more
+                continue
+            _receive(sock, conn, stream, answer)
+    finally:
+        sock.close()
+    return answer
+
+
+def _request_headers(path: str) -> list[tuple[str, str]]:
+    return [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":path", path),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+
+
+def _receive(
+    sock: ssl.SSLSocket, conn: h2.connection.H2Connection, stream: int, answer: GrpcAnswer
+) -> None:
+    try:
+        data = sock.recv(65536)
+    except ssl.SSLWantReadError:
+        return
+    except OSError:
+        data = b""
+    if not data:
+        answer.reset = True
+        return
+    for event in conn.receive_data(data):
+        if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+            headers = {_text(k): _text(v) for k, v in event.headers}
+            if "grpc-status" in headers:
+                answer.status = int(headers["grpc-status"])
+                answer.message = headers.get("grpc-message")
+        elif isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
+            answer.reset = True
+        elif isinstance(event, h2.events.DataReceived):
+            conn.acknowledge_received_data(event.flow_controlled_length, stream)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def client_context(alpn: str | None = None) -> ssl.SSLContext:
+    """A client that checks nothing: an attacker needs no trust to connect."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if alpn is not None:
+        context.set_alpn_protocols([alpn])
+    return context
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="flood a server on 127.0.0.1 and watch a pid")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--pid", type=int, required=True, help="the server process to watch")
+    parser.add_argument("--idle", type=int, default=0, help="idle connections to hold")
+    parser.add_argument("--tls", action="store_true", help="finish a TLS handshake on each")
+    parser.add_argument("--hold", type=float, default=5.0, help="seconds to hold them")
+    parser.add_argument("--grpc-bytes", type=int, default=0, help="send one message this big")
+    args = parser.parse_args()
+    raise_own_fd_limit()
+    before = (rss_kib(args.pid), open_fds(args.pid))
+    print(f"before: rss {before[0]} KiB, fds {before[1]}")
+    if args.grpc_bytes:
+        answer = oversized_call(
+            args.port,
+            client_context("h2"),
+            args.grpc_bytes,
+            send_at_most=args.grpc_bytes,
+            timeout=120,
+        )
+        print(f"grpc: {answer}")
+    if args.idle:
+        tls = client_context("h2" if args.tls else None) if args.tls else None
+        with idle_connections(args.port, args.idle, tls=tls) as flood:
+            print(f"opened {len(flood.sockets)}, failed {flood.failed}")
+            time.sleep(args.hold)
+            print(f"held: rss {rss_kib(args.pid)} KiB, fds {open_fds(args.pid)}")
+            print(f"closed by the server so far: {flood.closed_by_peer(0.1)}")
+    print(f"after: rss {rss_kib(args.pid)} KiB, peak {peak_rss_kib(args.pid)} KiB")
+
+
+if __name__ == "__main__":
+    _main()
