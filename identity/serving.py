@@ -98,7 +98,16 @@ Refused = Callable[[str], None]  # called with one of CLOSE_REASONS
 
 
 class Acceptor:
-    """Accepts on `sock` within `limits`; each connection gets `factory()`'s protocol."""
+    """Accepts on `sock` within `limits`; each connection gets `factory()`'s protocol.
+
+    At the cap the connection that has been quiet longest (handshakes in progress
+    included) makes room for the new one, if it has been quiet for `QUIET`: a
+    flood of idle connections then only displaces itself, and callers still get
+    served. When every connection is busy the new one is closed instead, before
+    any TLS. Either way the closure is counted as `max_connections`.
+    """
+
+    QUIET = 1.0  # seconds without a byte before a connection may be displaced
 
     def __init__(
         self,
@@ -111,8 +120,7 @@ class Acceptor:
         self._sock, self._factory, self._tls = sock, factory, tls
         self.limits = limits
         self._closed = closed
-        self._open: set[_Guard] = set()
-        self._handshakes: set[asyncio.Task[None]] = set()
+        self._held: set[_Guard] = set()
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -121,7 +129,7 @@ class Acceptor:
 
     def held(self) -> int:
         """Connections held now, handshakes in progress included."""
-        return len(self._open) + len(self._handshakes)
+        return len(self._held)
 
     def start(self) -> None:
         self._sock.setblocking(False)
@@ -131,20 +139,26 @@ class Acceptor:
         return self._task is not None and not self._task.done()
 
     def close(self) -> None:
-        """Stop accepting; connections already open go on (see `abort_clients`)."""
+        """Stop accepting and handshaking; open connections go on (see `abort_clients`)."""
         if self._task is not None:
             self._task.cancel()
-        for task in self._handshakes:
-            task.cancel()
+        for guard in list(self._held):
+            if guard.setup is not None and not guard.setup.done():
+                guard.abort()
         self._sock.close()
 
     async def wait_closed(self) -> None:
-        tasks = [t for t in (self._task, *self._handshakes) if t is not None]
-        await asyncio.gather(*tasks, return_exceptions=True)
+        setups = [g.setup for g in self._held if g.setup is not None]
+        await asyncio.gather(
+            *[t for t in (self._task, *setups) if t is not None], return_exceptions=True
+        )
 
     def abort_clients(self) -> None:
-        for guard in list(self._open):
+        for guard in list(self._held):
             guard.abort()
+
+    def release(self, guard: _Guard) -> None:
+        self._held.discard(guard)
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -155,17 +169,24 @@ class Acceptor:
                 log.warning("accept failed on %s: %s", self._sock.getsockname(), exc)
                 await asyncio.sleep(ACCEPT_BACKOFF)
                 continue
-            if self.held() >= self.limits.max_connections:
+            if len(self._held) >= self.limits.max_connections and not self._make_room(loop.time()):
                 sock.close()  # before any TLS: an excess connection costs nothing more
                 self._closed("max_connections")
                 continue
-            task = loop.create_task(self._setup(sock))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+            guard = _Guard(self, self.limits.idle_timeout.total_seconds(), loop.time())
+            self._held.add(guard)
+            guard.setup = loop.create_task(self._setup(guard, sock))
 
-    async def _setup(self, sock: socket.socket) -> None:
+    def _make_room(self, now: float) -> bool:
+        quietest = min(self._held, key=lambda guard: guard.last)
+        if now - quietest.last < self.QUIET:
+            return False
+        quietest.abort()
+        self._closed("max_connections")
+        return True
+
+    async def _setup(self, guard: _Guard, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        guard = _Guard(self._factory(), self.limits.idle_timeout.total_seconds(), self)
         kwargs: dict[str, Any] = {}
         if self._tls is not None:
             kwargs = {
@@ -175,44 +196,47 @@ class Acceptor:
         try:
             await loop.connect_accepted_socket(lambda: guard, sock, **kwargs)
         except ConnectionAbortedError:  # how both event loops end a handshake that is too slow
-            sock.close()
-            self._closed("handshake_timeout")
+            self._failed(guard, sock, "handshake_timeout")
         except (OSError, ssl.SSLError, EOFError):
-            sock.close()
-            self._closed("handshake_failed")
+            self._failed(guard, sock, "handshake_failed")
+        except asyncio.CancelledError:  # displaced, or the server is closing
+            self._failed(guard, sock, None)
+            raise
 
-    def _opened(self, guard: _Guard) -> None:
-        self._open.add(guard)
-
-    def _lost(self, guard: _Guard) -> None:
-        self._open.discard(guard)
+    def _failed(self, guard: _Guard, sock: socket.socket, reason: str | None) -> None:
+        sock.close()  # a no-op if the event loop took it over
+        self.release(guard)
+        if reason is not None:
+            self._closed(reason)
 
 
 class _Guard(asyncio.Protocol):
-    """Stands between the transport and the server's protocol; closes it when idle."""
+    """One connection, from accept: stands between the transport and the server's
+    protocol, which it creates once the handshake is done; closes it when idle."""
 
-    def __init__(self, inner: asyncio.BaseProtocol, idle: float, acceptor: Acceptor) -> None:
-        self._inner = inner
-        self._idle = idle
+    def __init__(self, acceptor: Acceptor, idle: float, now: float) -> None:
         self._acceptor = acceptor
+        self._idle = idle
+        self.last = now  # when a byte last came in (or when it was accepted)
+        self.setup: asyncio.Task[None] | None = None
+        self._inner: Any = None  # the server's protocol: grpclib's or aiohttp's
         self._transport: asyncio.BaseTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._last = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
-        self._acceptor._opened(self)
         loop = asyncio.get_running_loop()
-        self._last = loop.time()
-        self._timer = loop.call_at(self._last + self._idle, self._check_idle)
+        self.last = loop.time()
+        self._timer = loop.call_at(self.last + self._idle, self._check_idle)
+        self._inner = self._acceptor._factory()
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        self._last = asyncio.get_running_loop().time()
-        self._inner.data_received(data)  # type: ignore[attr-defined]
+        self.last = asyncio.get_running_loop().time()
+        self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received()  # type: ignore[attr-defined,no-any-return]
+        return self._inner.eof_received()  # type: ignore[no-any-return]
 
     def pause_writing(self) -> None:
         self._inner.pause_writing()
@@ -223,16 +247,19 @@ class _Guard(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._acceptor._lost(self)
+        self._acceptor.release(self)
         self._inner.connection_lost(exc)
 
     def abort(self) -> None:
+        self._acceptor.release(self)
         if self._transport is not None:
             self._transport.abort()  # type: ignore[attr-defined]
+        elif self.setup is not None:
+            self.setup.cancel()
 
     def _check_idle(self) -> None:
         loop = asyncio.get_running_loop()
-        due = self._last + self._idle
+        due = self.last + self._idle
         if loop.time() < due:
             self._timer = loop.call_at(due, self._check_idle)
             return
