@@ -160,9 +160,7 @@ class BoundedServer(Server):
     """grpclib's Server, served by an `Acceptor` with `_BoundedProtocol` connections."""
 
     def __init__(self, handlers: Collection[object], limits: GrpcLimits) -> None:
-        window = Configuration(
-            http2_connection_window_size=WINDOW, http2_stream_window_size=WINDOW
-        )
+        window = Configuration(http2_connection_window_size=WINDOW, http2_stream_window_size=WINDOW)
         super().__init__(handlers, config=window)  # type: ignore[arg-type]
         self._limits = limits
         self.acceptor: Acceptor | None = None
