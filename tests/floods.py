@@ -60,19 +60,17 @@ class Flood:
 
     sockets: list[socket.socket] = field(default_factory=list)
     failed: int = 0  # refused, reset or closed before the handshake finished
+    closed: set[socket.socket] = field(default_factory=set)  # by the server, since
 
     def closed_by_peer(self, within: float) -> int:
-        """How many of `sockets` the server has closed, waiting at most `within` seconds."""
+        """How many of `sockets` the server has closed so far, watching for `within` seconds
+        (less once all are closed)."""
         deadline = time.monotonic() + within
-        alive = list(self.sockets)
-        closed = 0
-        while alive and time.monotonic() < deadline:
+        while len(self.closed) < len(self.sockets) and time.monotonic() < deadline:
+            alive = [sock for sock in self.sockets if sock not in self.closed]
             ready, _, _ = select.select(alive, [], [], max(0.0, deadline - time.monotonic()))
-            for sock in ready:
-                if _closed(sock):
-                    closed += 1
-                    alive.remove(sock)
-        return closed
+            self.closed.update(sock for sock in ready if _closed(sock))
+        return len(self.closed)
 
 
 def _closed(sock: socket.socket) -> bool:

@@ -127,4 +127,4 @@ async def test_over_the_cap_connections_are_closed_at_once_and_sign_goes_on(
         assert ca_metric(ca, CLOSED, listener="grpc", reason="max_connections") == before + 10
         await asyncio.sleep(1.1)  # the idle ones are now quiet enough to make room
         assert (await sign(setup, ca)).spiffe_id == WORKLOAD
-        assert flood.closed_by_peer(within=0.5) == 1
+        assert flood.closed_by_peer(within=0.5) == closed + 1  # the quietest made room
