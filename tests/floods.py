@@ -159,6 +159,59 @@ def oversized_call(
     return answer
 
 
+@dataclass
+class Streams:
+    """What the server did with calls left open on one connection."""
+
+    refused: list[int]  # stream ids reset with REFUSED_STREAM
+    closed: bool  # the server ended the connection
+
+
+def unfinished_calls(
+    port: int,
+    context: ssl.SSLContext,
+    count: int,
+    *,
+    header_bytes: int = 0,
+    path: str = SIGN,
+    within: float = 1.0,
+) -> Streams:
+    """Open `count` calls on one connection, each with half a small message, and
+    finish none; `header_bytes` adds one header that long to each."""
+    sock = context.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="localhost"
+    )
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    extra = [("x-padding", "a" * header_bytes)] if header_bytes else []
+    for _ in range(count):
+        stream = conn.get_next_available_stream_id()
+        conn.send_headers(stream, _request_headers(path) + extra)
+        conn.send_data(stream, b"\0" + struct.pack(">I", 100) + bytes(10))
+    result = Streams([], False)
+    deadline = time.monotonic() + within
+    try:
+        sock.sendall(conn.data_to_send())
+        while not result.closed and time.monotonic() < deadline:
+            if not select.select([sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                break
+            data = sock.recv(65536)
+            if not data:
+                result.closed = True
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.StreamReset) and event.error_code == 7:
+                    result.refused.append(event.stream_id)
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    result.closed = True
+            sock.sendall(conn.data_to_send())
+    except (OSError, ssl.SSLError):
+        result.closed = True
+    finally:
+        sock.close()
+    return result
+
+
 def _request_headers(path: str) -> list[tuple[str, str]]:
     return [
         (":method", "POST"),

@@ -73,6 +73,22 @@ async def test_a_grpc_client_is_told_the_limit(tight: tuple[CaSetup, CaProcess])
     assert "limit of 16384 bytes" in str(refused.value.details())
 
 
+def test_calls_over_the_stream_limit_are_refused(tight: tuple[CaSetup, CaProcess]) -> None:
+    _, ca = tight
+    answer = floods.unfinished_calls(ca.grpc_port, floods.client_context("h2"), 6)
+    assert answer.refused == [9, 11]  # the fifth and sixth: four streams per connection
+
+
+def test_a_header_list_over_16_kib_ends_the_connection(tight: tuple[CaSetup, CaProcess]) -> None:
+    _, ca = tight
+    context = floods.client_context("h2")
+    # Watched for less than the idle timeout, which would end the connection too.
+    small = floods.unfinished_calls(ca.grpc_port, context, 1, header_bytes=8000, within=0.3)
+    assert not small.closed
+    large = floods.unfinished_calls(ca.grpc_port, context, 1, header_bytes=20000, within=0.3)
+    assert large.closed
+
+
 def test_connections_that_send_nothing_are_closed_and_counted(
     tight: tuple[CaSetup, CaProcess],
 ) -> None:
