@@ -32,7 +32,7 @@ from ca.signers.local import CaDirectoryError, LocalSigner
 from ca.signers.vault import vault_signer
 from identity import refresh_at
 from identity.configfile import Listen
-from identity.serving import CLOSE_REASONS, Acceptor
+from identity.serving import Acceptor
 
 log = logging.getLogger("outrider.ca")
 
@@ -149,10 +149,12 @@ async def serve(
     grpc_sock, http_sock = _bind(config.grpc), _bind(config.http)
     assert http_runner.server is not None
     connections = limits.connections
-    grpc = await grpc_server.serve(grpc_sock, tls, connections, _closed(metrics, "grpc"))
-    http = Acceptor(http_sock, http_runner.server, None, connections, _closed(metrics, "http"))
+    closed = metrics.connection_closed
+    grpc = await grpc_server.serve(grpc_sock, tls, connections, closed("grpc"))
+    http = Acceptor(http_sock, http_runner.server, None, connections, closed("http"))
     http.start()
-    _count_open(metrics, {"grpc": grpc, "http": http})
+    metrics.connections_open.labels("grpc").set_function(grpc.held)
+    metrics.connections_open.labels("http").set_function(http.held)
     bound = Bound(grpc_sock.getsockname()[:2], http_sock.getsockname()[:2])
     log.info(
         "serving trust domain %s: gRPC (TLS) on %s:%d, HTTP on %s:%d",
@@ -185,17 +187,6 @@ async def serve(
         await http.wait_closed()
         await http_runner.cleanup()
         await close_tokens()
-
-
-def _closed(metrics: CaMetrics, listener: str) -> Callable[[str], None]:
-    for reason in CLOSE_REASONS:  # exported at 0 from the start, for rates and alerts
-        metrics.connections_closed.labels(listener, reason)
-    return lambda reason: metrics.connections_closed.labels(listener, reason).inc()
-
-
-def _count_open(metrics: CaMetrics, acceptors: dict[str, Acceptor]) -> None:
-    for listener, acceptor in acceptors.items():
-        metrics.connections_open.labels(listener).set_function(acceptor.held)
 
 
 async def _issue_serving(
