@@ -122,6 +122,7 @@ class Acceptor:
         self._closed = closed
         self._held: set[_Guard] = set()
         self._task: asyncio.Task[None] | None = None
+        self._cancelled: list[asyncio.Task[None]] = []  # handshakes cut by `close`
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -144,14 +145,13 @@ class Acceptor:
             self._task.cancel()
         for guard in list(self._held):
             if guard.setup is not None and not guard.setup.done():
+                self._cancelled.append(guard.setup)
                 guard.abort()
         self._sock.close()
 
     async def wait_closed(self) -> None:
-        setups = [g.setup for g in self._held if g.setup is not None]
-        await asyncio.gather(
-            *[t for t in (self._task, *setups) if t is not None], return_exceptions=True
-        )
+        tasks = [t for t in (self._task, *self._cancelled) if t is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def abort_clients(self) -> None:
         for guard in list(self._held):
@@ -159,6 +159,13 @@ class Acceptor:
 
     def release(self, guard: _Guard) -> None:
         self._held.discard(guard)
+
+    def protocol(self) -> Any:
+        """The server's own protocol for a connection that is ready."""
+        return self._factory()
+
+    def count(self, reason: str) -> None:
+        self._closed(reason)
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -228,7 +235,7 @@ class _Guard(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.last = loop.time()
         self._timer = loop.call_at(self.last + self._idle, self._check_idle)
-        self._inner = self._acceptor._factory()
+        self._inner = self._acceptor.protocol()
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -264,5 +271,5 @@ class _Guard(asyncio.Protocol):
             self._timer = loop.call_at(due, self._check_idle)
             return
         self._timer = None
-        self._acceptor._closed("idle_timeout")
+        self._acceptor.count("idle_timeout")
         self.abort()  # abort, not close: a TLS close waits on a peer that may never read

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import h2.config
 import h2.connection
 import h2.events
+from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 SIGN = "/outrider.ca.v1.CertificateAuthority/Sign"
 
@@ -210,6 +211,32 @@ def unfinished_calls(
     finally:
         sock.close()
     return result
+
+
+def endless_header_block(
+    port: int, context: ssl.SSLContext, continuations: int, *, within: float = 1.0
+) -> bool:
+    """Send a HEADERS frame and `continuations` CONTINUATION frames of 16 KiB, none
+    ending the block (a CONTINUATION flood); True if the server closed the connection."""
+    sock = context.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="localhost"
+    )
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    frames = [HeadersFrame(1, bytes(16_384))]
+    frames += [ContinuationFrame(1, bytes(16_384)) for _ in range(continuations)]
+    try:
+        sock.sendall(conn.data_to_send() + b"".join(f.serialize() for f in frames))
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            wait = max(0.0, deadline - time.monotonic())
+            if select.select([sock], [], [], wait)[0] and not sock.recv(65536):
+                return True
+        return False
+    except (OSError, ssl.SSLError):
+        return True
+    finally:
+        sock.close()
 
 
 def _request_headers(path: str) -> list[tuple[str, str]]:

@@ -10,7 +10,8 @@ message, the stream is reset, the handler never runs, the connection goes on.
 
 Per connection the rest is bounded too: the HTTP/2 windows at their minimum
 (64 KiB: a Sign request fits in one), `max_concurrent_streams` streams, 16 KiB
-frames and header lists. So what one connection holds before authentication is
+frames, header lists and header blocks (h2 alone would hold 1 MiB of
+CONTINUATION frames). So what one connection holds before authentication is
 at most streams x message + one window, and the `Acceptor` bounds connections.
 """
 
@@ -21,6 +22,7 @@ import socket
 import ssl
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Any
 
 from grpclib.config import Configuration
 from grpclib.const import Status
@@ -29,6 +31,8 @@ from grpclib.protocol import EventsProcessor, H2Protocol, Stream
 from grpclib.server import Server
 from h2.errors import ErrorCodes
 from h2.events import DataReceived, RequestReceived
+from h2.exceptions import DenialOfServiceError
+from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 
 from identity.serving import Acceptor, ConnectionLimits, Refused
@@ -137,6 +141,17 @@ class _BoundedEvents(EventsProcessor):
         return self.connection._connection
 
 
+class _BoundedFrames(FrameBuffer):
+    """h2 holds a header block's CONTINUATION frames until it ends: up to 64 frames,
+    1 MiB per connection. Here a block may not grow past the header list limit."""
+
+    def _update_header_buffer(self, f: Any) -> Any:
+        frame = super()._update_header_buffer(f)
+        if sum(len(part.data) for part in self._headers_buffer) > HEADER_LIST_BYTES:
+            raise DenialOfServiceError(f"a header block over {HEADER_LIST_BYTES} bytes")
+        return frame
+
+
 class _BoundedProtocol(H2Protocol):
     def __init__(self, *args: object, limits: GrpcLimits) -> None:
         super().__init__(*args)  # type: ignore[arg-type]
@@ -152,6 +167,9 @@ class _BoundedProtocol(H2Protocol):
             }
         )
         h2.decoder.max_header_list_size = HEADER_LIST_BYTES  # now, not once acked
+        frames = _BoundedFrames(server=True)
+        frames.max_frame_size = h2.incoming_buffer.max_frame_size
+        h2.incoming_buffer = frames  # nothing has been received yet
         self.connection.flush()
         self.processor = _BoundedEvents(self.handler, self.connection, limits=self._limits)
 

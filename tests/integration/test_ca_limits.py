@@ -89,6 +89,13 @@ def test_a_header_list_over_16_kib_ends_the_connection(tight: tuple[CaSetup, CaP
     assert large.closed
 
 
+def test_a_header_block_that_never_ends_is_cut_at_16_kib(
+    tight: tuple[CaSetup, CaProcess],
+) -> None:
+    context = floods.client_context("h2")
+    assert floods.endless_header_block(tight[1].grpc_port, context, 2, within=0.3)
+
+
 def test_connections_that_send_nothing_are_closed_and_counted(
     tight: tuple[CaSetup, CaProcess],
 ) -> None:
