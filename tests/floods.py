@@ -68,8 +68,12 @@ class Flood:
         (less once all are closed)."""
         deadline = time.monotonic() + within
         while len(self.closed) < len(self.sockets) and time.monotonic() < deadline:
-            alive = [sock for sock in self.sockets if sock not in self.closed]
-            ready, _, _ = select.select(alive, [], [], max(0.0, deadline - time.monotonic()))
+            alive = {sock.fileno(): sock for sock in self.sockets if sock not in self.closed}
+            poll = select.poll()  # not select(): a flood's descriptors go past 1024
+            for fd in alive:
+                poll.register(fd, select.POLLIN)
+            wait_ms = max(0.0, deadline - time.monotonic()) * 1000
+            ready = [alive[fd] for fd, _ in poll.poll(wait_ms)]
             self.closed.update(sock for sock in ready if _closed(sock))
         return len(self.closed)
 
