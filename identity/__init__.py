@@ -2,9 +2,10 @@
 
 Values and pure functions over them, so the CA, the agent and the injector
 can share them and tests can drive them with plain data. The exceptions are
-three small I/O helpers both sides need and may not import from each other:
-`files` (atomic writes), `tlsfiles` (in-memory keys into ssl) and
-`configfile` (YAML config reading).
+small I/O helpers more than one of them needs and may not import from each
+other: `files` (atomic writes), `tlsfiles` (in-memory keys into ssl),
+`configfile` (YAML config reading) and `serving` (the bounded accept loop, the
+TLS server context and the fd limit of every server).
 """
 
 from __future__ import annotations
