@@ -4,12 +4,11 @@ Each tool runs against a real process on loopback and is bounded in count and
 time: idle connections (plain TCP, or TLS that sends nothing after its
 handshake), a gRPC message far larger than it says it is allowed to be, and
 what a process holds while that goes on (/proc: resident memory, its peak,
-open file descriptors). `python -m tests.floods --help` runs them by hand.
+open file descriptors). `python -m tests.measure_floods` runs them by hand.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import select
@@ -290,38 +289,3 @@ def client_context(alpn: str | None = None) -> ssl.SSLContext:
     if alpn is not None:
         context.set_alpn_protocols([alpn])
     return context
-
-
-def _main() -> None:
-    parser = argparse.ArgumentParser(description="flood a server on 127.0.0.1 and watch a pid")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--pid", type=int, required=True, help="the server process to watch")
-    parser.add_argument("--idle", type=int, default=0, help="idle connections to hold")
-    parser.add_argument("--tls", action="store_true", help="finish a TLS handshake on each")
-    parser.add_argument("--hold", type=float, default=5.0, help="seconds to hold them")
-    parser.add_argument("--grpc-bytes", type=int, default=0, help="send one message this big")
-    args = parser.parse_args()
-    raise_own_fd_limit()
-    before = (rss_kib(args.pid), open_fds(args.pid))
-    print(f"before: rss {before[0]} KiB, fds {before[1]}")
-    if args.grpc_bytes:
-        answer = oversized_call(
-            args.port,
-            client_context("h2"),
-            args.grpc_bytes,
-            send_at_most=args.grpc_bytes,
-            timeout=120,
-        )
-        print(f"grpc: {answer}")
-    if args.idle:
-        tls = client_context("h2" if args.tls else None) if args.tls else None
-        with idle_connections(args.port, args.idle, tls=tls) as flood:
-            print(f"opened {len(flood.sockets)}, failed {flood.failed}")
-            time.sleep(args.hold)
-            print(f"held: rss {rss_kib(args.pid)} KiB, fds {open_fds(args.pid)}")
-            print(f"closed by the server so far: {flood.closed_by_peer(0.1)}")
-    print(f"after: rss {rss_kib(args.pid)} KiB, peak {peak_rss_kib(args.pid)} KiB")
-
-
-if __name__ == "__main__":
-    _main()
