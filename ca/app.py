@@ -14,11 +14,11 @@ from datetime import UTC, datetime
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from grpclib.server import Server
 
 from ca.api.grpc import CertificateAuthorityService
 from ca.api.http import make_app
 from ca.api.tls import load_credentials, server_context
+from ca.api.transport import BoundedServer
 from ca.audit import AuditLog
 from ca.authn.callers import Authenticator, TokenAuthenticator
 from ca.authn.jwks import FileJwks, HttpsJwks, JwksSource
@@ -32,6 +32,7 @@ from ca.signers.local import CaDirectoryError, LocalSigner
 from ca.signers.vault import vault_signer
 from identity.configfile import Listen
 from identity.renewal import Renewer, SystemClock, Validity
+from identity.serving import Acceptor
 
 log = logging.getLogger("outrider.ca")
 
@@ -137,12 +138,23 @@ async def serve(
     )
     chain, key = await _issue_serving(config, signer, clock)
     tls = server_context(signer.bundle, chain, key)
-    grpc_server = Server([service])
-    http_runner = web.AppRunner(make_app(lambda: signer.bundle, metrics), access_log=None)
+    limits = config.limits
+    grpc_server = BoundedServer([service], limits.grpc)
+    http_runner = web.AppRunner(
+        make_app(lambda: signer.bundle, metrics),
+        access_log=None,
+        keepalive_timeout=limits.connections.idle_timeout.total_seconds(),
+    )
     await http_runner.setup()
     grpc_sock, http_sock = _bind(config.grpc), _bind(config.http)
-    await grpc_server.start(sock=grpc_sock, ssl=tls)
-    await web.SockSite(http_runner, http_sock).start()
+    assert http_runner.server is not None
+    connections = limits.connections
+    closed = metrics.connection_closed
+    grpc = await grpc_server.serve(grpc_sock, tls, connections, closed("grpc"))
+    http = Acceptor(http_sock, http_runner.server, None, connections, closed("http"))
+    http.start()
+    metrics.connections_open.labels("grpc").set_function(grpc.held)
+    metrics.connections_open.labels("http").set_function(http.held)
     bound = Bound(grpc_sock.getsockname()[:2], http_sock.getsockname()[:2])
     log.info(
         "serving trust domain %s: gRPC (TLS) on %s:%d, HTTP on %s:%d",
@@ -171,6 +183,8 @@ async def serve(
             task.cancel()
         grpc_server.close()
         await grpc_server.wait_closed()
+        http.close()
+        await http.wait_closed()
         await http_runner.cleanup()
         await close_tokens()
 

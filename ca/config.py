@@ -29,6 +29,12 @@ Example (every key but signer.dir and authn.kubernetes has a default):
         jwks_refresh: 5m
         leeway: 30s
     audit_log: "-"                     # stdout, or a file path
+    limits:                            # what a caller can hold before it is authenticated
+      max_connections: 1000            # per port, TLS handshakes included; more are closed
+      handshake_timeout: 10s
+      idle_timeout: 60s                # a connection that sends nothing for this long
+      max_message_bytes: 16384         # one gRPC message (a CSR is at most ~2.3 KB)
+      max_concurrent_streams: 4        # per connection
 """
 
 from __future__ import annotations
@@ -39,9 +45,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from ca.api.transport import GrpcLimits
 from ca.core.issuance import IssuancePolicy
 from identity import InvalidSpiffeId, TrustDomain
 from identity.configfile import ConfigError, ConfigReader, Listen, read_yaml
+from identity.serving import ConnectionLimits, read_limits
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,15 @@ class VaultSettings:
 
 
 @dataclass(frozen=True)
+class CaLimits:
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    grpc: GrpcLimits = field(default_factory=GrpcLimits)
+
+
+MIN_MESSAGE_BYTES = 4096  # below this the largest CSR the CA accepts would not fit
+
+
+@dataclass(frozen=True)
 class CaConfig:
     signer_dir: Path | None
     kubernetes: KubernetesAuthn
@@ -109,10 +126,12 @@ class CaConfig:
     issuance: IssuancePolicy = field(default_factory=IssuancePolicy)
     audit_log: str = "-"
     vault: VaultSettings | None = None
+    limits: CaLimits = field(default_factory=CaLimits)
 
 
 _VAULT_KEYS = set(VaultSettings.__annotations__)
 _VAULT_AUTH_KEYS = set(VaultAuth.__annotations__)
+_LIMIT_KEYS = set(ConnectionLimits.__annotations__) | set(GrpcLimits.__annotations__)
 
 
 def load(path: Path) -> CaConfig:
@@ -133,7 +152,7 @@ class _Reader(ConfigReader):
         if not isinstance(raw, Mapping):
             self.fail("(top)", "the config must be a YAML mapping")
             return None
-        known = {"trust_domain", "signer", "listen", "serving_cert", "issuance", "authn"}
+        known = {"trust_domain", "signer", "listen", "serving_cert", "issuance", "authn", "limits"}
         for unknown in sorted(set(raw) - known - {"audit_log"}):
             self.fail(unknown, "unknown key")
         trust_domain = self.trust_domain(raw)
@@ -165,6 +184,7 @@ class _Reader(ConfigReader):
         )
         kubernetes = self.kubernetes(self.section(raw, "authn", {"kubernetes"}))
         audit_log = self.string(raw, "audit_log", "audit_log", "-") or "-"
+        limits = self.limits(self.section(raw, "limits", _LIMIT_KEYS))
         if self.errors or (signer_dir is None and vault is None) or kubernetes is None:
             return None
         return CaConfig(
@@ -178,7 +198,27 @@ class _Reader(ConfigReader):
             issuance=issuance,
             audit_log=audit_log if audit_log == "-" else str(self.base / audit_log),
             vault=vault,
+            limits=limits,
         )
+
+    def limits(self, raw: Mapping[str, Any]) -> CaLimits:
+        d = GrpcLimits()
+        grpc = GrpcLimits(
+            max_message_bytes=self.integer(
+                raw,
+                "max_message_bytes",
+                "limits.max_message_bytes",
+                d.max_message_bytes,
+                minimum=MIN_MESSAGE_BYTES,
+            ),
+            max_concurrent_streams=self.integer(
+                raw,
+                "max_concurrent_streams",
+                "limits.max_concurrent_streams",
+                d.max_concurrent_streams,
+            ),
+        )
+        return CaLimits(read_limits(self, raw, "limits", ConnectionLimits()), grpc)
 
     def vault(self, raw: Mapping[str, Any]) -> VaultSettings | None:
         d = VaultSettings(address="", auth=VaultAuth())

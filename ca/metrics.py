@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from identity.serving import CLOSE_REASONS
+
 _TTL_BUCKETS = (300, 900, 1800, 3600, 7200, 14400, 43200, 86400)
+LISTENERS = ("grpc", "http")
 _SIGN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -43,3 +48,23 @@ class CaMetrics:
             "Issuing certificate expiry (Unix time)",
             registry=r,
         )
+        self.connections_closed = Counter(
+            "outrider_ca_connections_closed",
+            "Connections the CA closed at a limit, by port (grpc, http) and reason"
+            " (max_connections, handshake_timeout, handshake_failed, idle_timeout)",
+            ["listener", "reason"],
+            registry=r,
+        )
+        for listener in LISTENERS:  # exported at 0 from the start, for rates and alerts
+            for reason in CLOSE_REASONS:
+                self.connections_closed.labels(listener, reason)
+        self.connections_open = Gauge(
+            "outrider_ca_connections_open",
+            "Connections open now, TLS handshakes in progress included, by port",
+            ["listener"],
+            registry=r,
+        )
+
+    def connection_closed(self, listener: str) -> Callable[[str], None]:
+        """What the acceptor of `listener` calls with the reason it closed a connection."""
+        return lambda reason: self.connections_closed.labels(listener, reason).inc()

@@ -5,7 +5,9 @@ can share them and tests can drive them with plain data. The exceptions are
 what more than one of them needs and they may not import from each other:
 `renewal` (the one loop that keeps a credential fresh, around its pure
 plan), `files` (atomic writes of one file or a set), `tlsfiles` (in-memory
-keys into ssl) and `configfile` (YAML config reading).
+keys into ssl), `configfile` (YAML config reading) and `serving` (the
+bounded accept loop, the TLS server context and the fd limit of every
+server).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import ssl
 
 from aiohttp import web
 
+from identity.serving import Acceptor, tls_server_context
 from identity.tlsfiles import load_cert_chain
 from injector.config import InjectorConfig, TlsFiles
 from injector.webhook import InjectorMetrics, make_app
@@ -33,9 +34,8 @@ class StartupError(Exception):
 
 
 def tls_context() -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
+    """TLS 1.3, no tickets, no session cache; the API server's client has TLS 1.3."""
+    return tls_server_context()
 
 
 def load_pair(context: ssl.SSLContext, files: TlsFiles) -> None:
@@ -99,17 +99,23 @@ async def serve(
         load_pair(context, files)
     except (OSError, ssl.SSLError) as exc:
         raise StartupError(f"cannot load {files.cert_file} and {files.key_file}: {exc}") from None
+    metrics = InjectorMetrics()
+    connections = config.limits.connections
     runner = web.AppRunner(
-        make_app(config.settings, config.limits, InjectorMetrics()),
+        make_app(config.settings, config.limits, metrics),
         access_log=None,
         # After an early 413 aiohttp reads and drops the rest of the body, for 10 s by
         # default: long enough for a slow sender to hold a handler and delay shutdown.
         lingering_time=LINGER,
         shutdown_timeout=SHUTDOWN,
+        keepalive_timeout=connections.idle_timeout.total_seconds(),
     )
     await runner.setup()
+    assert runner.server is not None
     sock = _bind(config)
-    await web.SockSite(runner, sock, ssl_context=context).start()
+    acceptor = Acceptor(sock, runner.server, context, connections, metrics.connection_closed)
+    acceptor.start()
+    metrics.connections_open.set_function(acceptor.held)
     host, port = sock.getsockname()[:2]
     log.info("serving /mutate on https://%s:%d", host, port)
     if on_ready is not None:
@@ -120,4 +126,6 @@ async def serve(
     finally:
         log.info("shutting down")
         reloader.cancel()
+        acceptor.close()
+        await acceptor.wait_closed()
         await runner.cleanup()

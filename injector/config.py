@@ -17,7 +17,12 @@ Every key has a default; `tls` is required by `outrider injector serve` only.
     ca:
       address: outrider-ca.outrider-system.svc:8443
       bundle_configmap: outrider-trust-bundle              # key bundle.pem, in each pod's namespace
-    limits: {max_body_bytes: 3145728, max_json_depth: 64}  # per AdmissionReview; >= 65536, >= 32
+    limits:
+      max_body_bytes: 3145728        # per AdmissionReview; at least 65536
+      max_json_depth: 64             # at least 32
+      max_connections: 1000          # TLS handshakes included; more are closed at once
+      handshake_timeout: 10s
+      idle_timeout: 60s              # a connection that sends nothing for this long
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 
 from identity import InvalidSpiffeId, TrustDomain
 from identity.configfile import ConfigError, ConfigReader, Listen, read_yaml
+from identity.serving import ConnectionLimits, read_limits
 from injector.core.settings import (
     LOG_LEVELS,
     AgentSettings,
@@ -56,6 +62,7 @@ class TlsFiles:
 class Limits:
     max_body_bytes: int = 3 * 1024 * 1024  # the API server's own request limit is 3 MiB
     max_json_depth: int = 64
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,7 @@ _TOP = {
     "ca",
     "limits",
 }
+_LIMITS = {"max_body_bytes", "max_json_depth"} | set(ConnectionLimits.__annotations__)
 _AGENT = {"image", "uid", "log_level", "resources", "token_expiration_seconds"}
 
 
@@ -108,7 +116,7 @@ class _Reader(ConfigReader):
             settings,
             self.listen(top, "listen", "listen", InjectorConfig.listen),
             self.tls(self.section(top, "tls", {"cert_file", "key_file"}), require_tls),
-            self.limits(self.section(top, "limits", {"max_body_bytes", "max_json_depth"})),
+            self.limits(self.section(top, "limits", _LIMITS)),
         )
 
     def trust_domain(self, value: object, default: TrustDomain) -> TrustDomain:
@@ -215,4 +223,5 @@ class _Reader(ConfigReader):
             self.integer(
                 raw, "max_json_depth", "limits.max_json_depth", d.max_json_depth, minimum=32
             ),
+            read_limits(self, raw, "limits", d.connections),
         )

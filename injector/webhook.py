@@ -21,11 +21,13 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
 )
 
+from identity.serving import CLOSE_REASONS
 from injector.config import Limits
 from injector.core import INJECTED, Admission, BadRequest, Settings, admit, decode
 
@@ -54,6 +56,23 @@ class InjectorMetrics:
             buckets=_BUCKETS,
             registry=self.registry,
         )
+        self.connections_closed = Counter(
+            "outrider_injector_connections_closed",
+            "Connections closed at a limit, by reason (max_connections, handshake_timeout,"
+            " handshake_failed, idle_timeout)",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in CLOSE_REASONS:  # exported at 0 from the start, for rates and alerts
+            self.connections_closed.labels(reason)
+        self.connections_open = Gauge(
+            "outrider_injector_connections_open",
+            "Connections open now, TLS handshakes in progress included",
+            registry=self.registry,
+        )
+
+    def connection_closed(self, reason: str) -> None:
+        self.connections_closed.labels(reason).inc()
 
 
 def make_app(

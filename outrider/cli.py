@@ -33,8 +33,16 @@ class CommandError(Exception):
 
 
 def _until_signalled(serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
-    """Run `serve(stop)` on uvloop; SIGTERM or SIGINT sets `stop`, so it ends cleanly."""
+    """Run `serve(stop)` on uvloop; SIGTERM or SIGINT sets `stop`, so it ends cleanly.
+
+    Every server the command runs comes here, so here each gets the hard limit on
+    open files: with a soft 1024, a thousand idle callers would take them all.
+    """
     import uvloop
+
+    from identity.serving import raise_fd_limit
+
+    raise_fd_limit()
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -6,6 +6,7 @@ import ipaddress
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import ssl
@@ -13,7 +14,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.adapters.ca_client import CaClient, tls_context
 from ca.authn.fake_issuer import FakeTokenIssuer
@@ -243,15 +246,29 @@ def wait_for_line(
     return match
 
 
+def soft_fd_limit(soft: int | None) -> Callable[[], None] | None:
+    """For Popen's preexec_fn: start the child with this soft open-file limit."""
+    if soft is None:
+        return None
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 @contextmanager
-def ca_process(config: Path, timeout: float = 20.0) -> Iterator[CaProcess]:
-    """`outrider ca serve` as a real process; stopped with SIGTERM, which must exit 0."""
+def ca_process(
+    config: Path, timeout: float = 20.0, *, fd_limit: int | None = None
+) -> Iterator[CaProcess]:
+    """`outrider ca serve` as a real process; stopped with SIGTERM, which must exit 0.
+
+    `fd_limit` is the soft open-file limit it starts with (default: ours).
+    """
     process = subprocess.Popen(
         [sys.executable, "-m", "outrider", "ca", "serve", "--config", str(config)],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=soft_fd_limit(fd_limit),  # setrlimit only: safe before exec
     )
     seen: list[str] = []
     match = wait_for_line(process, _READY, seen, timeout, "CA")
@@ -268,3 +285,17 @@ def whole_milliseconds(seconds: float) -> bool:
     observation it adds up came from a millisecond clock such as uvloop's `loop.time()`."""
     ms = seconds * 1000
     return abs(ms - round(ms)) < 1e-6
+
+
+def scraped(text: str, name: str, **labels: str) -> float:
+    """One sample from a /metrics page (Prometheus text); 0 when absent."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
+def ca_metric(ca: CaProcess, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{ca.http_port}/metrics", timeout=5) as page:
+        return scraped(page.read().decode(), name, **labels)

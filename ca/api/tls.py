@@ -3,7 +3,9 @@
 Client certificates are optional: bearer-token callers send none, renewing
 workloads present their current SVID, which OpenSSL verifies against the
 trust bundle (strict X.509, name constraints included) during the handshake.
-Session tickets are off so every renewal handshake re-verifies the chain.
+No session is ever resumed (TLS 1.3 only, no tickets, no cache: see
+`identity.serving.tls_server_context`), so every renewal handshake re-verifies
+the chain and callers cannot make the CA keep sessions.
 """
 
 from __future__ import annotations
@@ -16,17 +18,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 from identity import TrustBundle
+from identity.serving import tls_server_context
 from identity.tlsfiles import load_cert_chain
 
 
 def server_context(
     bundle: TrustBundle, chain: Sequence[x509.Certificate], key: EllipticCurvePrivateKey
 ) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context = tls_server_context()
     context.verify_mode = ssl.CERT_OPTIONAL
     context.verify_flags |= ssl.VERIFY_X509_STRICT
-    context.options |= ssl.OP_NO_TICKET
     context.set_alpn_protocols(["h2"])
     context.load_verify_locations(cadata=bundle.to_pem().decode())
     load_credentials(context, chain, key)

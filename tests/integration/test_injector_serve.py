@@ -9,104 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.client
 import json
-import re
 import signal
-import socket
-import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from aiohttp.test_utils import TestServer
 
 from injector.config import Limits
 from injector.core import Settings
 from injector.webhook import InjectorMetrics, make_app
-from tests.support import loopback_tls, wait_for_line
+from tests.webhook import MAX_BODY, Webhook, running_webhook
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "admission"
-_READY = re.compile(r"serving /mutate on https://[^ ]+:(\d+)")
-MAX_BODY = 3 * 1024 * 1024
-
-
-@dataclass
-class Webhook:
-    port: int
-    context: ssl.SSLContext
-    process: subprocess.Popen[str]
-    log: list[str]
-
-    def request(
-        self, method: str, path: str, body: bytes | None = None, timeout: float = 10.0
-    ) -> tuple[int, bytes, float]:
-        """Status, body and seconds taken, on a new connection."""
-        connection = http.client.HTTPSConnection(
-            "127.0.0.1", self.port, context=self.context, timeout=timeout
-        )
-        started = time.perf_counter()
-        try:
-            headers = {"Content-Type": "application/json"} if body is not None else {}
-            connection.request(method, path, body=body, headers=headers)
-            response = connection.getresponse()
-            return response.status, response.read(), time.perf_counter() - started
-        finally:
-            connection.close()
-
-    def connect(self) -> ssl.SSLSocket:
-        raw = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-        return self.context.wrap_socket(raw, server_hostname="127.0.0.1")
-
-    def review(self, body: dict[str, Any]) -> dict[str, Any]:
-        status, answer, _ = self.request("POST", "/mutate", json.dumps(body).encode())
-        assert status == 200, answer
-        return json.loads(answer)["response"]
-
-    def metric(self, name: str, **labels: str) -> float:
-        _, text, _ = self.request("GET", "/metrics")
-        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))  # as exported
-        prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
-        for line in text.decode().splitlines():
-            if line.startswith(prefix):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-
-@contextmanager
-def running_webhook(root: Path) -> Iterator[Webhook]:
-    tls = loopback_tls(root, "injector")
-    config = root / "injector.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "listen": "127.0.0.1:0",
-                "tls": {"cert_file": "cert.pem", "key_file": "key.pem"},
-                "limits": {"max_body_bytes": MAX_BODY},
-            }
-        )
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "outrider", "injector", "serve", "--config", str(config)],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    log: list[str] = []
-    match = wait_for_line(process, _READY, log, 20.0, "injector")
-    context = ssl.create_default_context(cafile=tls.ca_file)
-    try:
-        yield Webhook(int(match[1]), context, process, log)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=10) == 0
 
 
 @pytest.fixture(scope="module")

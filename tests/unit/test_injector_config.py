@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import yaml
 
 from identity import TrustDomain
 from identity.configfile import ConfigError, Listen
+from identity.serving import ConnectionLimits
 from injector import config as injector_config
 from injector.config import InjectorConfig, Limits, parse
 from injector.core.settings import Quantity, Settings
@@ -47,7 +49,13 @@ def test_every_key_is_read(tmp_path: Path) -> None:
             "token_expiration_seconds": 600,
         },
         "ca": {"address": "ca.mesh.svc:443", "bundle_configmap": "bundle"},
-        "limits": {"max_body_bytes": 65536, "max_json_depth": 32},
+        "limits": {
+            "max_body_bytes": 65536,
+            "max_json_depth": 32,
+            "max_connections": 50,
+            "handshake_timeout": "2s",
+            "idle_timeout": "500ms",
+        },
     }
     config = parse(raw, base=tmp_path)
     s = config.settings
@@ -66,7 +74,9 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert s.agent.resources.limits.memory == Quantity.parse("1Gi")
     assert s.agent.token_expiration_seconds == 600
     assert (s.ca.address, s.ca.bundle_configmap) == ("ca.mesh.svc:443", "bundle")
-    assert config.limits == Limits(65536, 32)
+    assert config.limits == Limits(
+        65536, 32, ConnectionLimits(50, timedelta(seconds=2), timedelta(milliseconds=500))
+    )
     assert config.tls is not None and config.tls.cert_file == tmp_path / "tls.crt"
     assert config.listen == Listen("127.0.0.1", 0)
 
@@ -85,7 +95,13 @@ def test_every_error_is_reported_at_once_with_its_key_path() -> None:
             "token_expiration_seconds": 60,
         },
         "ca": {"address": "no-port", "bundle_configmap": "Bad_Name"},
-        "limits": {"max_body_bytes": 10, "max_json_depth": 5},
+        "limits": {
+            "max_body_bytes": 10,
+            "max_json_depth": 5,
+            "max_connections": 0,
+            "handshake_timeout": "soon",
+            "idle_timeout": "0s",
+        },
     }
     with pytest.raises(ConfigError) as error:
         parse(raw, base=Path("/"), require_tls=True)
@@ -108,6 +124,9 @@ def test_every_error_is_reported_at_once_with_its_key_path() -> None:
         "tls.key_file",
         "limits.max_body_bytes",
         "limits.max_json_depth",
+        "limits.max_connections",
+        "limits.handshake_timeout",
+        "limits.idle_timeout",
     ]
 
 

@@ -1,0 +1,207 @@
+"""The CA's gRPC server, bounded before any caller is authenticated.
+
+grpclib reads a whole message into memory before the handler sees it, acking
+flow control as it goes, so neither HTTP/2 window bounds it: a client that says
+its message is 256 MB is sent window for 256 MB. Here each stream's bytes are
+followed as they arrive (gRPC's 5-byte length prefix), and a message that says
+it is longer than `max_message_bytes` is refused at once, before a byte of its
+body is buffered: the caller gets RESOURCE_EXHAUSTED with the limit in the
+message, the stream is reset, the handler never runs, the connection goes on.
+
+Per connection the rest is bounded too: the HTTP/2 windows at their minimum
+(64 KiB: a Sign request fits in one), `max_concurrent_streams` streams, 16 KiB
+frames, header lists and header blocks (h2 alone would hold 1 MiB of
+CONTINUATION frames). So what one connection holds before authentication is
+at most streams x message + one window, and the `Acceptor` bounds connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+from grpclib.config import Configuration
+from grpclib.const import Status
+from grpclib.metadata import encode_grpc_message
+from grpclib.protocol import EventsProcessor, H2Protocol, Stream
+from grpclib.server import Server
+from h2.errors import ErrorCodes
+from h2.events import DataReceived, RequestReceived
+from h2.exceptions import DenialOfServiceError
+from h2.frame_buffer import FrameBuffer
+from h2.settings import SettingCodes
+
+from identity.serving import Acceptor, ConnectionLimits, Refused
+
+#: The HTTP/2 minimum (and default) window; grpclib's is 4 MiB.
+WINDOW = 65_535
+HEADER_LIST_BYTES = 16_384  # a Sign request's headers, token included, are ~1.5 KB
+PREFIX = 5  # gRPC: one compression byte, a 4-byte big-endian length
+
+
+@dataclass(frozen=True)
+class GrpcLimits:
+    # The largest CSR the CA accepts (RSA-8192 with one SAN) is ~2.3 KB; 16 KiB is
+    # seven times that and one HTTP/2 frame.
+    max_message_bytes: int = 16_384
+    max_concurrent_streams: int = 4  # an agent sends one Sign at a time
+
+
+class MessageTooLarge(Exception):
+    def __init__(self, declared: int, limit: int) -> None:
+        super().__init__(f"message of {declared} bytes exceeds the CA's limit of {limit} bytes")
+
+
+class Framing:
+    """Follows one stream's length-prefixed messages; raises on a length over `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._prefix = b""
+        self._body_left = 0
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._body_left:
+                taken = min(self._body_left, len(view))
+                self._body_left -= taken
+                view = view[taken:]
+                continue
+            wanted = PREFIX - len(self._prefix)
+            self._prefix += bytes(view[:wanted])
+            view = view[wanted:]
+            if len(self._prefix) == PREFIX:
+                declared = int.from_bytes(self._prefix[1:], "big")
+                self._prefix = b""
+                if declared > self._limit:
+                    raise MessageTooLarge(declared, self._limit)
+                self._body_left = declared
+
+
+class _BoundedEvents(EventsProcessor):
+    limits: GrpcLimits
+
+    def __init__(self, *args: object, limits: GrpcLimits) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.limits = limits
+        self._framing: dict[int, Framing] = {}
+
+    def register(self, stream: Stream) -> Callable[[], None]:
+        release = super().register(stream)
+        stream_id = stream.id
+        assert stream_id is not None
+        self._framing[stream_id] = Framing(self.limits.max_message_bytes)
+
+        def release_and_forget() -> None:
+            self._framing.pop(stream_id, None)
+            release()
+
+        return release_and_forget
+
+    def process_request_received(self, event: RequestReceived) -> None:
+        # Enforced here because h2 applies our SETTINGS only once the peer acks them.
+        if len(self.streams) >= self.limits.max_concurrent_streams:
+            self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+            self.connection.flush()
+            return
+        super().process_request_received(event)
+
+    def process_data_received(self, event: DataReceived) -> None:
+        framing = self._framing.get(event.stream_id)
+        try:
+            if framing is not None:
+                framing.feed(event.data)
+        except MessageTooLarge as exc:
+            self._refuse(event, exc)
+            return
+        super().process_data_received(event)
+
+    def _refuse(self, event: DataReceived, exc: MessageTooLarge) -> None:
+        """Trailers-only RESOURCE_EXHAUSTED, then RST_STREAM so the sender stops."""
+        stream = self.streams[event.stream_id]
+        self._framing.pop(event.stream_id, None)
+        trailers = [
+            (":status", "200"),
+            ("content-type", "application/grpc"),
+            ("grpc-status", str(Status.RESOURCE_EXHAUSTED.value)),
+            ("grpc-message", encode_grpc_message(str(exc))),
+        ]
+        self._h2.send_headers(event.stream_id, trailers, end_stream=True)
+        self._h2.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)
+        self.connection.ack(event.stream_id, event.flow_controlled_length)
+        self.handler.cancel(stream)  # the handler waits for a body that will not come
+
+    @property
+    def _h2(self):  # type: ignore[no-untyped-def]
+        return self.connection._connection
+
+
+class _BoundedFrames(FrameBuffer):
+    """h2 holds a header block's CONTINUATION frames until it ends: up to 64 frames,
+    1 MiB per connection. Here a block may not grow past the header list limit."""
+
+    def _update_header_buffer(self, f: Any) -> Any:
+        frame = super()._update_header_buffer(f)
+        if sum(len(part.data) for part in self._headers_buffer) > HEADER_LIST_BYTES:
+            raise DenialOfServiceError(f"a header block over {HEADER_LIST_BYTES} bytes")
+        return frame
+
+
+class _BoundedProtocol(H2Protocol):
+    def __init__(self, *args: object, limits: GrpcLimits) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self._limits = limits
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        h2 = self.connection._connection
+        h2.update_settings(
+            {
+                SettingCodes.MAX_CONCURRENT_STREAMS: self._limits.max_concurrent_streams,
+                SettingCodes.MAX_HEADER_LIST_SIZE: HEADER_LIST_BYTES,
+            }
+        )
+        h2.decoder.max_header_list_size = HEADER_LIST_BYTES  # now, not once acked
+        frames = _BoundedFrames(server=True)
+        frames.max_frame_size = h2.incoming_buffer.max_frame_size
+        h2.incoming_buffer = frames  # nothing has been received yet
+        self.connection.flush()
+        self.processor = _BoundedEvents(self.handler, self.connection, limits=self._limits)
+
+
+class BoundedServer(Server):
+    """grpclib's Server, served by an `Acceptor` with `_BoundedProtocol` connections."""
+
+    def __init__(self, handlers: Collection[object], limits: GrpcLimits) -> None:
+        window = Configuration(http2_connection_window_size=WINDOW, http2_stream_window_size=WINDOW)
+        super().__init__(handlers, config=window)  # type: ignore[arg-type]
+        self._limits = limits
+        self.acceptor: Acceptor | None = None
+
+    def _protocol_factory(self) -> H2Protocol:
+        plain = super()._protocol_factory()
+        return _BoundedProtocol(plain.handler, plain.config, plain.h2_config, limits=self._limits)
+
+    async def serve(
+        self,
+        sock: socket.socket,
+        tls: ssl.SSLContext,
+        limits: ConnectionLimits,
+        closed: Refused,
+    ) -> Acceptor:
+        """Start, as `start(sock=..., ssl=...)` would, behind an acceptor."""
+        self.acceptor = Acceptor(sock, self._protocol_factory, tls, limits, closed)
+        self.acceptor.start()
+        self._server = self.acceptor  # type: ignore[assignment]
+        self._server_closed_fut = asyncio.get_running_loop().create_future()
+        return self.acceptor
+
+    def close(self) -> None:
+        super().close()
+        if self.acceptor is not None:
+            self.acceptor.abort_clients()

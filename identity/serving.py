@@ -1,0 +1,275 @@
+"""What every port that unauthenticated callers reach shares: bounds on what they hold.
+
+Before a caller is authenticated it must not be able to make a server hold
+more than a known amount. The `Acceptor` is the accept loop of such a port
+(the CA's gRPC and HTTP ports, the injector's webhook):
+
+- a cap on open connections, TLS handshakes in progress included: a
+  connection over it is closed at once, before its handshake, and counted;
+- a time limit on the TLS handshake;
+- an idle timeout: a connection that sends nothing for that long is closed.
+
+It hands each connection to the server's own protocol (grpclib's, aiohttp's)
+and quacks like the `asyncio.AbstractServer` those expect. Also here, for
+every server the `outrider` command runs: the file-descriptor limit, and a
+TLS server context that keeps no sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import socket
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from identity.configfile import ConfigReader
+
+__all__ = ["Acceptor", "ConnectionLimits", "raise_fd_limit", "read_limits", "tls_server_context"]
+
+log = logging.getLogger("outrider.serving")
+
+#: Why the acceptor closed a connection, the label of the servers' metric.
+CLOSE_REASONS = ("max_connections", "handshake_timeout", "handshake_failed", "idle_timeout")
+ACCEPT_BACKOFF = 0.1  # seconds, after accept() fails (EMFILE): the listener stays
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_connections: int = 1000
+    handshake_timeout: timedelta = timedelta(seconds=10)
+    idle_timeout: timedelta = timedelta(seconds=60)
+
+
+def read_limits(
+    reader: ConfigReader, raw: Mapping[str, Any], path: str, defaults: ConnectionLimits
+) -> ConnectionLimits:
+    """The three keys of a `limits:` section every such server has."""
+    return ConnectionLimits(
+        max_connections=reader.integer(
+            raw, "max_connections", f"{path}.max_connections", defaults.max_connections
+        ),
+        handshake_timeout=reader.duration(
+            raw, "handshake_timeout", f"{path}.handshake_timeout", defaults.handshake_timeout
+        ),
+        idle_timeout=reader.duration(
+            raw, "idle_timeout", f"{path}.idle_timeout", defaults.idle_timeout
+        ),
+    )
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one; return the limit now in force.
+
+    1024, a common soft default, is what a thousand idle connections take.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # e.g. macOS's unlimited hard limit
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    log.info("open-file limit: %d", soft)
+    return soft
+
+
+def tls_server_context() -> ssl.SSLContext:
+    """TLS 1.3 only, no session tickets, no session cache.
+
+    Without tickets (OP_NO_TICKET alone) OpenSSL still caches every session, for
+    two hours, up to 20,480 of them: memory that callers make grow, and a resumed
+    session skips the verification of the client's chain. With `num_tickets = 0`
+    TLS 1.3 caches nothing; TLS 1.2 would still cache by session ID, and Python
+    cannot turn that cache off, so TLS 1.2 is refused.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.options |= ssl.OP_NO_TICKET
+    context.num_tickets = 0
+    return context
+
+
+Refused = Callable[[str], None]  # called with one of CLOSE_REASONS
+
+
+class Acceptor:
+    """Accepts on `sock` within `limits`; each connection gets `factory()`'s protocol.
+
+    At the cap the connection that has been quiet longest (handshakes in progress
+    included) makes room for the new one, if it has been quiet for `QUIET`: a
+    flood of idle connections then only displaces itself, and callers still get
+    served. When every connection is busy the new one is closed instead, before
+    any TLS. Either way the closure is counted as `max_connections`.
+    """
+
+    QUIET = 1.0  # seconds without a byte before a connection may be displaced
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        factory: Callable[[], asyncio.BaseProtocol],
+        tls: ssl.SSLContext | None,
+        limits: ConnectionLimits,
+        closed: Refused,
+    ) -> None:
+        self._sock, self._factory, self._tls = sock, factory, tls
+        self.limits = limits
+        self._closed = closed
+        self._held: set[_Guard] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._cancelled: list[asyncio.Task[None]] = []  # handshakes cut by `close`
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return (self._sock,)
+
+    def held(self) -> int:
+        """Connections held now, handshakes in progress included."""
+        return len(self._held)
+
+    def start(self) -> None:
+        self._sock.setblocking(False)
+        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    def is_serving(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def close(self) -> None:
+        """Stop accepting and handshaking; open connections go on (see `abort_clients`)."""
+        if self._task is not None:
+            self._task.cancel()
+        for guard in list(self._held):
+            if guard.setup is not None and not guard.setup.done():
+                self._cancelled.append(guard.setup)
+                guard.abort()
+        self._sock.close()
+
+    async def wait_closed(self) -> None:
+        tasks = [t for t in (self._task, *self._cancelled) if t is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def abort_clients(self) -> None:
+        for guard in list(self._held):
+            guard.abort()
+
+    def release(self, guard: _Guard) -> None:
+        self._held.discard(guard)
+
+    def protocol(self) -> Any:
+        """The server's own protocol for a connection that is ready."""
+        return self._factory()
+
+    def count(self, reason: str) -> None:
+        self._closed(reason)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(self._sock)
+            except OSError as exc:  # EMFILE and friends: back off, keep the listener
+                log.warning("accept failed on %s: %s", self._sock.getsockname(), exc)
+                await asyncio.sleep(ACCEPT_BACKOFF)
+                continue
+            if len(self._held) >= self.limits.max_connections and not self._make_room(loop.time()):
+                sock.close()  # before any TLS: an excess connection costs nothing more
+                self._closed("max_connections")
+                continue
+            guard = _Guard(self, self.limits.idle_timeout.total_seconds(), loop.time())
+            self._held.add(guard)
+            guard.setup = loop.create_task(self._setup(guard, sock))
+
+    def _make_room(self, now: float) -> bool:
+        quietest = min(self._held, key=lambda guard: guard.last)
+        if now - quietest.last < self.QUIET:
+            return False
+        quietest.abort()
+        self._closed("max_connections")
+        return True
+
+    async def _setup(self, guard: _Guard, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        kwargs: dict[str, Any] = {}
+        if self._tls is not None:
+            kwargs = {
+                "ssl": self._tls,
+                "ssl_handshake_timeout": self.limits.handshake_timeout.total_seconds(),
+            }
+        try:
+            await loop.connect_accepted_socket(lambda: guard, sock, **kwargs)
+        except ConnectionAbortedError:  # how both event loops end a handshake that is too slow
+            self._failed(guard, sock, "handshake_timeout")
+        except (OSError, ssl.SSLError, EOFError):
+            self._failed(guard, sock, "handshake_failed")
+        except asyncio.CancelledError:  # displaced, or the server is closing
+            self._failed(guard, sock, None)
+            raise
+
+    def _failed(self, guard: _Guard, sock: socket.socket, reason: str | None) -> None:
+        sock.close()  # a no-op if the event loop took it over
+        self.release(guard)
+        if reason is not None:
+            self._closed(reason)
+
+
+class _Guard(asyncio.Protocol):
+    """One connection, from accept: stands between the transport and the server's
+    protocol, which it creates once the handshake is done; closes it when idle."""
+
+    def __init__(self, acceptor: Acceptor, idle: float, now: float) -> None:
+        self._acceptor = acceptor
+        self._idle = idle
+        self.last = now  # when a byte last came in (or when it was accepted)
+        self.setup: asyncio.Task[None] | None = None
+        self._inner: Any = None  # the server's protocol: grpclib's or aiohttp's
+        self._transport: asyncio.BaseTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        loop = asyncio.get_running_loop()
+        self.last = loop.time()
+        self._timer = loop.call_at(self.last + self._idle, self._check_idle)
+        self._inner = self._acceptor.protocol()
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.last = asyncio.get_running_loop().time()
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()  # type: ignore[no-any-return]
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._acceptor.release(self)
+        self._inner.connection_lost(exc)
+
+    def abort(self) -> None:
+        self._acceptor.release(self)
+        if self._transport is not None:
+            self._transport.abort()  # type: ignore[attr-defined]
+        elif self.setup is not None:
+            self.setup.cancel()
+
+    def _check_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = self.last + self._idle
+        if loop.time() < due:
+            self._timer = loop.call_at(due, self._check_idle)
+            return
+        self._timer = None
+        self._acceptor.count("idle_timeout")
+        self.abort()  # abort, not close: a TLS close waits on a peer that may never read

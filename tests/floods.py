@@ -1,0 +1,291 @@
+"""What an unauthenticated caller can throw at a server, as tools for tests and measurements.
+
+Each tool runs against a real process on loopback and is bounded in count and
+time: idle connections (plain TCP, or TLS that sends nothing after its
+handshake), a gRPC message far larger than it says it is allowed to be, and
+what a process holds while that goes on (/proc: resident memory, its peak,
+open file descriptors). `python -m tests.measure_floods` runs them by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import select
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.events
+from hyperframe.frame import ContinuationFrame, HeadersFrame
+
+SIGN = "/outrider.ca.v1.CertificateAuthority/Sign"
+
+
+def rss_kib(pid: int) -> int:
+    return _status(pid, "VmRSS")
+
+
+def peak_rss_kib(pid: int) -> int:
+    return _status(pid, "VmHWM")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _status(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def raise_own_fd_limit() -> None:
+    """The attacker needs descriptors too: take the hard limit."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@dataclass
+class Flood:
+    """Connections that were opened (and, with TLS, handshaken) and now send nothing."""
+
+    sockets: list[socket.socket] = field(default_factory=list)
+    failed: int = 0  # refused, reset or closed before the handshake finished
+    closed: set[socket.socket] = field(default_factory=set)  # by the server, since
+
+    def closed_by_peer(self, within: float) -> int:
+        """How many of `sockets` the server has closed so far, watching for `within` seconds
+        (less once all are closed)."""
+        deadline = time.monotonic() + within
+        while len(self.closed) < len(self.sockets) and time.monotonic() < deadline:
+            alive = {sock.fileno(): sock for sock in self.sockets if sock not in self.closed}
+            poll = select.poll()  # not select(): a flood's descriptors go past 1024
+            for fd in alive:
+                poll.register(fd, select.POLLIN)
+            wait_ms = max(0.0, deadline - time.monotonic()) * 1000
+            ready = [alive[fd] for fd, _ in poll.poll(wait_ms)]
+            self.closed.update(sock for sock in ready if _closed(sock))
+        return len(self.closed)
+
+
+def _closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(4096) == b""
+    except ssl.SSLWantReadError:
+        return False  # TLS records (tickets, settings) that carry no application data
+    except (ssl.SSLError, OSError):
+        return True
+
+
+@contextmanager
+def idle_connections(
+    port: int, count: int, *, tls: ssl.SSLContext | None = None, timeout: float = 5.0
+) -> Iterator[Flood]:
+    """`count` connections to 127.0.0.1:`port`, closed on exit.
+
+    With `tls` each one finishes its handshake first, then sends nothing.
+    """
+    flood = Flood()
+    try:
+        for _ in range(count):
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+                if tls is not None:
+                    sock = tls.wrap_socket(sock, server_hostname="localhost")
+                sock.setblocking(False)
+                flood.sockets.append(sock)
+            except (OSError, ssl.SSLError):
+                flood.failed += 1
+        yield flood
+    finally:
+        for sock in flood.sockets:
+            sock.close()
+
+
+@dataclass
+class GrpcAnswer:
+    """What a sender of an oversized gRPC message saw."""
+
+    status: int | None  # grpc-status, None if the server never answered one
+    message: str | None
+    sent: int  # message bytes the server's flow control let through
+    reset: bool  # the server reset the stream or closed the connection
+
+
+def oversized_call(
+    port: int,
+    context: ssl.SSLContext,
+    declared: int,
+    *,
+    send_at_most: int,
+    path: str = SIGN,
+    timeout: float = 10.0,
+) -> GrpcAnswer:
+    """Start a gRPC call whose message says it is `declared` bytes long and send its
+    body (zeros) until the server answers, resets, stops granting window, or
+    `send_at_most` bytes are out."""
+    sock = context.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=timeout), server_hostname="localhost"
+    )
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    stream = conn.get_next_available_stream_id()
+    conn.send_headers(stream, _request_headers(path))
+    conn.send_data(stream, b"\0" + struct.pack(">I", declared))
+    answer = GrpcAnswer(None, None, 0, False)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not answer.reset and answer.status is None:
+            sock.sendall(conn.data_to_send())
+            window = min(conn.local_flow_control_window(stream), conn.max_outbound_frame_size)
+            if window > 0 and answer.sent < send_at_most:
+                chunk = min(window, send_at_most - answer.sent)
+                conn.send_data(stream, bytes(chunk))
+                answer.sent += chunk
+                if not select.select([sock], [], [], 0)[0]:
+                    continue
+            elif not select.select([sock], [], [], min(1.0, deadline - time.monotonic()))[0]:
+                if answer.sent >= send_at_most:
+                    break  # all sent, no answer: a server that buffers and waits for more
+                continue
+            _receive(sock, conn, stream, answer)
+    finally:
+        sock.close()
+    return answer
+
+
+@dataclass
+class Streams:
+    """What the server did with calls left open on one connection."""
+
+    refused: list[int]  # stream ids reset with REFUSED_STREAM
+    closed: bool  # the server ended the connection
+
+
+def unfinished_calls(
+    port: int,
+    context: ssl.SSLContext,
+    count: int,
+    *,
+    header_bytes: int = 0,
+    path: str = SIGN,
+    within: float = 1.0,
+) -> Streams:
+    """Open `count` calls on one connection, each with half a small message, and
+    finish none; `header_bytes` adds one header that long to each."""
+    sock = context.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="localhost"
+    )
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    extra = [("x-padding", "a" * header_bytes)] if header_bytes else []
+    for _ in range(count):
+        stream = conn.get_next_available_stream_id()
+        conn.send_headers(stream, _request_headers(path) + extra)
+        conn.send_data(stream, b"\0" + struct.pack(">I", 100) + bytes(10))
+    result = Streams([], False)
+    deadline = time.monotonic() + within
+    try:
+        sock.sendall(conn.data_to_send())
+        while not result.closed and time.monotonic() < deadline:
+            if not select.select([sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                break
+            data = sock.recv(65536)
+            if not data:
+                result.closed = True
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.StreamReset) and event.error_code == 7:
+                    result.refused.append(event.stream_id)
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    result.closed = True
+            sock.sendall(conn.data_to_send())
+    except (OSError, ssl.SSLError):
+        result.closed = True
+    finally:
+        sock.close()
+    return result
+
+
+def endless_header_block(
+    port: int, context: ssl.SSLContext, continuations: int, *, within: float = 1.0
+) -> bool:
+    """Send a HEADERS frame and `continuations` CONTINUATION frames of 16 KiB, none
+    ending the block (a CONTINUATION flood); True if the server closed the connection."""
+    sock = context.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="localhost"
+    )
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    frames = [HeadersFrame(1, bytes(16_384))]
+    frames += [ContinuationFrame(1, bytes(16_384)) for _ in range(continuations)]
+    try:
+        sock.sendall(conn.data_to_send() + b"".join(f.serialize() for f in frames))
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            wait = max(0.0, deadline - time.monotonic())
+            if select.select([sock], [], [], wait)[0] and not sock.recv(65536):
+                return True
+        return False
+    except (OSError, ssl.SSLError):
+        return True
+    finally:
+        sock.close()
+
+
+def _request_headers(path: str) -> list[tuple[str, str]]:
+    return [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":path", path),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+
+
+def _receive(
+    sock: ssl.SSLSocket, conn: h2.connection.H2Connection, stream: int, answer: GrpcAnswer
+) -> None:
+    try:
+        data = sock.recv(65536)
+    except ssl.SSLWantReadError:
+        return
+    except OSError:
+        data = b""
+    if not data:
+        answer.reset = True
+        return
+    for event in conn.receive_data(data):
+        if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+            headers = {_text(k): _text(v) for k, v in event.headers}
+            if "grpc-status" in headers:
+                answer.status = int(headers["grpc-status"])
+                answer.message = headers.get("grpc-message")
+        elif isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
+            answer.reset = True
+        elif isinstance(event, h2.events.DataReceived):
+            conn.acknowledge_received_data(event.flow_controlled_length, stream)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def client_context(alpn: str | None = None) -> ssl.SSLContext:
+    """A client that checks nothing: an attacker needs no trust to connect."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if alpn is not None:
+        context.set_alpn_protocols([alpn])
+    return context

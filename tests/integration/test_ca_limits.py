@@ -1,0 +1,153 @@
+"""What an unauthenticated caller can make `ca serve` hold is bounded, and Sign goes on.
+
+Real processes on loopback with small limits in ca.yaml, so each test takes a
+second or two; the defaults are in ca/config.py and docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from identity.proto import ca_pb2
+from tests import floods
+from tests.support import (
+    WORKLOAD,
+    CaProcess,
+    CaSetup,
+    ca_metric,
+    ca_process,
+    grpcio_channel,
+    grpcio_sign,
+    make_ca_setup,
+    make_csr,
+)
+
+CLOSED = "outrider_ca_connections_closed_total"
+TIGHT = {"max_connections": 50, "handshake_timeout": "500ms", "idle_timeout": "500ms"}
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[CaSetup, CaProcess]]:
+    """A CA with small limits, started with a soft limit of 256 open files."""
+    setup = make_ca_setup(tmp_path_factory.mktemp("ca"), limits=TIGHT)
+    with ca_process(setup.config, fd_limit=256) as process:
+        yield setup, process
+
+
+async def sign(setup: CaSetup, ca: CaProcess, csr: bytes | None = None) -> ca_pb2.SignResponse:
+    async with grpcio_channel(setup.bundle_pem, ca.grpc_port) as channel:
+        request = ca_pb2.SignRequest(csr=csr if csr is not None else make_csr())
+        token = setup.issuer.token("shop", "web")
+        metadata = [("authorization", f"Bearer {token}")]
+        response: ca_pb2.SignResponse = await grpcio_sign(channel)(
+            request, metadata=metadata, timeout=5
+        )
+        return response
+
+
+async def test_a_message_that_says_it_is_256_mb_is_refused_before_its_body_is_read(
+    tight: tuple[CaSetup, CaProcess],
+) -> None:
+    setup, ca = tight
+    peak = floods.peak_rss_kib(ca.process.pid)
+    answer = floods.oversized_call(
+        ca.grpc_port, floods.client_context("h2"), 256 * 2**20, send_at_most=8 * 2**20
+    )
+    assert answer.status == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert answer.message == "message of 268435456 bytes exceeds the CA's limit of 16384 bytes"
+    assert answer.sent <= 65_535, "the CA granted window for a body it will not take"
+    assert floods.peak_rss_kib(ca.process.pid) - peak < 4096
+    assert (await sign(setup, ca)).spiffe_id == WORKLOAD
+
+
+async def test_a_grpc_client_is_told_the_limit(tight: tuple[CaSetup, CaProcess]) -> None:
+    setup, ca = tight
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await sign(setup, ca, csr=bytes(2**20))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "limit of 16384 bytes" in str(refused.value.details())
+
+
+def test_calls_over_the_stream_limit_are_refused(tight: tuple[CaSetup, CaProcess]) -> None:
+    _, ca = tight
+    answer = floods.unfinished_calls(ca.grpc_port, floods.client_context("h2"), 6)
+    assert answer.refused == [9, 11]  # the fifth and sixth: four streams per connection
+
+
+def test_a_header_list_over_16_kib_ends_the_connection(tight: tuple[CaSetup, CaProcess]) -> None:
+    _, ca = tight
+    context = floods.client_context("h2")
+    # Watched for less than the idle timeout, which would end the connection too.
+    small = floods.unfinished_calls(ca.grpc_port, context, 1, header_bytes=8000, within=0.3)
+    assert not small.closed
+    large = floods.unfinished_calls(ca.grpc_port, context, 1, header_bytes=20000, within=0.3)
+    assert large.closed
+
+
+def test_a_header_block_that_never_ends_is_cut_at_16_kib(
+    tight: tuple[CaSetup, CaProcess],
+) -> None:
+    context = floods.client_context("h2")
+    assert floods.endless_header_block(tight[1].grpc_port, context, 2, within=0.3)
+
+
+def test_connections_that_send_nothing_are_closed_and_counted(
+    tight: tuple[CaSetup, CaProcess],
+) -> None:
+    _, ca = tight
+    idle = ca_metric(ca, CLOSED, listener="grpc", reason="idle_timeout")
+    slow = ca_metric(ca, CLOSED, listener="grpc", reason="handshake_timeout")
+    tls = floods.client_context("h2")
+    with (
+        floods.idle_connections(ca.grpc_port, 5, tls=tls) as handshaken,
+        floods.idle_connections(ca.grpc_port, 5) as plain,
+    ):
+        assert handshaken.closed_by_peer(within=5) == 5
+        assert plain.closed_by_peer(within=5) == 5
+    assert ca_metric(ca, CLOSED, listener="grpc", reason="idle_timeout") >= idle + 5
+    assert ca_metric(ca, CLOSED, listener="grpc", reason="handshake_timeout") >= slow + 5
+
+
+def test_the_http_port_closes_idle_connections_too(tight: tuple[CaSetup, CaProcess]) -> None:
+    _, ca = tight
+    with floods.idle_connections(ca.http_port, 5) as plain:
+        assert plain.closed_by_peer(within=5) == 5
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_limit(
+    tight: tuple[CaSetup, CaProcess],
+) -> None:
+    _, ca = tight
+    limits = Path(f"/proc/{ca.process.pid}/limits").read_text()
+    soft, hard = next(line for line in limits.splitlines() if "open files" in line).split()[3:5]
+    assert soft == hard
+    assert any(f"open-file limit: {hard}" in line for line in ca.stderr)
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[CaSetup, CaProcess]]:
+    """A CA whose cap is small and whose idle timeout is long: only the cap closes."""
+    limits = {"max_connections": 50, "idle_timeout": "30s"}
+    setup = make_ca_setup(tmp_path_factory.mktemp("ca"), limits=limits)
+    with ca_process(setup.config) as process:
+        yield setup, process
+
+
+async def test_over_the_cap_connections_are_closed_at_once_and_sign_goes_on(
+    capped: tuple[CaSetup, CaProcess],
+) -> None:
+    setup, ca = capped
+    before = ca_metric(ca, CLOSED, listener="grpc", reason="max_connections")
+    with floods.idle_connections(ca.grpc_port, 60, tls=floods.client_context("h2")) as flood:
+        held = len(flood.sockets)
+        closed = flood.closed_by_peer(within=0.5)
+        assert held + flood.failed == 60 and closed + flood.failed == 10
+        assert ca_metric(ca, CLOSED, listener="grpc", reason="max_connections") == before + 10
+        await asyncio.sleep(1.1)  # the idle ones are now quiet enough to make room
+        assert (await sign(setup, ca)).spiffe_id == WORKLOAD
+        assert flood.closed_by_peer(within=0.5) == closed + 1  # the quietest made room

@@ -1,0 +1,61 @@
+"""What a caller can make `outrider injector serve` hold is bounded, and reviews go on.
+
+A failing webhook under `failurePolicy: Ignore` admits pods without the agent,
+so a flood of connections must not stop AdmissionReviews. Small limits in
+injector.yaml keep each test to a second or so.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import floods
+from tests.webhook import Webhook, running_webhook
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "admission"
+CLOSED = "outrider_injector_connections_closed_total"
+TIGHT = {"max_connections": 20, "handshake_timeout": "500ms", "idle_timeout": "500ms"}
+
+
+@pytest.fixture(scope="module")
+def webhook(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Webhook]:
+    with running_webhook(tmp_path_factory.mktemp("injector"), TIGHT, fd_limit=256) as running:
+        yield running
+
+
+def review() -> dict[str, Any]:
+    return json.loads((FIXTURES / "deployment_pod.json").read_text())  # type: ignore[no-any-return]
+
+
+def test_connections_that_send_nothing_are_closed_and_counted(webhook: Webhook) -> None:
+    idle = webhook.metric(CLOSED, reason="idle_timeout")
+    slow = webhook.metric(CLOSED, reason="handshake_timeout")
+    with (
+        floods.idle_connections(webhook.port, 5, tls=floods.client_context()) as handshaken,
+        floods.idle_connections(webhook.port, 5) as plain,
+    ):
+        assert handshaken.closed_by_peer(within=5) == 5
+        assert plain.closed_by_peer(within=5) == 5
+    assert webhook.metric(CLOSED, reason="idle_timeout") >= idle + 5
+    assert webhook.metric(CLOSED, reason="handshake_timeout") >= slow + 5
+
+
+def test_over_the_cap_connections_are_closed_at_once_and_reviews_go_on(webhook: Webhook) -> None:
+    before = webhook.metric(CLOSED, reason="max_connections")
+    with floods.idle_connections(webhook.port, 30) as flood:
+        assert flood.closed_by_peer(within=0.3) == 10
+        assert flood.closed_by_peer(within=5) == 30  # the rest, at the handshake timeout
+        assert webhook.review(review())["allowed"] is True
+    assert webhook.metric(CLOSED, reason="max_connections") == before + 10
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_limit(webhook: Webhook) -> None:
+    limits = Path(f"/proc/{webhook.process.pid}/limits").read_text()
+    soft, hard = next(line for line in limits.splitlines() if "open files" in line).split()[3:5]
+    assert soft == hard
+    assert any(f"open-file limit: {hard}" in line for line in webhook.log)
