@@ -87,6 +87,9 @@ class Agent:
         settings = settle(config)  # PolicyError: refuse to start
         self.config = config
         self.last_read = config  # the config file as last read, refused or not
+        self.read_as: dict[
+            Path, bytes | None
+        ] = {}  # the watched files as the last reload read them
         self.metrics = AgentMetrics()
         contexts = Contexts()
         self.runtime = Runtime(
@@ -170,6 +173,7 @@ class Agent:
         kind = "agent" if path is not None else "policy"
         try:
             config = self.last_read = agent_config.load(path) if path else self.config
+            self.read_as = _fingerprint(self.watched(path))
             kind = "agent" if config != self.config else "policy"
             new = settle(config)
             if new == self.settings:
@@ -308,16 +312,28 @@ async def serve(path: Path | None, config: AgentConfig, stop: asyncio.Event) -> 
     was given inline (`path` None: the injector's environment variable), which
     is fixed for the process's life. A stop before the first SVID (the CA
     unreachable at start) exits at once.
+
+    SIGHUP is caught from the start, so one sent while the agent is starting
+    reloads once it is ready instead of killing it; the files are compared
+    with what start read, so a change written during start is not missed.
     """
-    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    reload = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+    read_as = _fingerprint(([path] if path else []) + list(config.policy.files))
     try:
-        if await _unless_stopped(agent.start(), stop):
-            await _serve_until(agent, path, stop)
-            await agent.drain()
-        else:
-            log.info("stopped before the agent was ready")
+        agent = Agent(config)
+        agent.read_as = read_as
+        try:
+            if await _unless_stopped(agent.start(), stop):
+                await _serve_until(agent, path, reload, stop)
+                await agent.drain()
+            else:
+                log.info("stopped before the agent was ready")
+        finally:
+            await agent.stop()
     finally:
-        await agent.stop()
+        loop.remove_signal_handler(signal.SIGHUP)
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, object], stop: asyncio.Event) -> bool:
@@ -334,11 +350,12 @@ async def _unless_stopped(work: Coroutine[Any, Any, object], stop: asyncio.Event
     return True
 
 
-async def _serve_until(agent: Agent, path: Path | None, stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    reload = asyncio.Event()
-    loop.add_signal_handler(signal.SIGHUP, reload.set)
-    watcher = asyncio.create_task(_watch(lambda: agent.watched(path), reload))
+async def _serve_until(
+    agent: Agent, path: Path | None, reload: asyncio.Event, stop: asyncio.Event
+) -> None:
+    watcher = asyncio.create_task(
+        _watch(lambda: agent.watched(path), lambda: agent.read_as, reload)
+    )
     try:
         while await _unless_stopped(reload.wait(), stop):
             reload.clear()
@@ -346,20 +363,25 @@ async def _serve_until(agent: Agent, path: Path | None, stop: asyncio.Event) -> 
             await agent.reload(path)
     finally:
         watcher.cancel()
-        loop.remove_signal_handler(signal.SIGHUP)
 
 
-async def _watch(files: Callable[[], list[Path]], reload: asyncio.Event) -> None:
+async def _watch(
+    files: Callable[[], list[Path]],
+    read_as: Callable[[], dict[Path, bytes | None]],
+    reload: asyncio.Event,
+) -> None:
     """Set `reload` when a file's content changes (a ConfigMap update swaps a symlink).
 
-    A file that joins the set (named by the config a reload just read) starts
-    as read: that reload saw its content.
+    Each file is compared with what the last reload (or start) read: a change
+    written before the first look, or to a file that joins the set (named by
+    the config a reload just read), still counts, and an unchanged file does
+    not refuse the same reload twice.
     """
-    last = _fingerprint(files())
+    last = read_as()
     while True:
         await asyncio.sleep(WATCH_INTERVAL)
-        current = _fingerprint(files())
-        changed = any(current[path] != last[path] for path in current.keys() & last.keys())
+        current, seen = _fingerprint(files()), read_as()
+        changed = any(data != last.get(p, seen.get(p, data)) for p, data in current.items())
         last = current
         if changed:
             reload.set()

@@ -27,7 +27,6 @@ import yaml
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent import config as agent_config
 from agent.adapters.rotator import SignFn
@@ -38,7 +37,7 @@ from ca.issuer import Issuer
 from ca.signers.local import LocalSigner
 from identity import SpiffeId
 from identity.proto import ca_pb2
-from tests.support import TRUST_DOMAIN, CaProcess, CaSetup, wait_for_line
+from tests.support import TRUST_DOMAIN, CaProcess, CaSetup, scraped, wait_for_line
 
 _READY = re.compile(r"ready as (\S+): (.*)$")
 
@@ -253,11 +252,7 @@ class AgentProcess:
 
     def sample(self, name: str, **labels: str) -> float:
         """One sample of /metrics (`name` as exposed, e.g. with _total); 0 when absent."""
-        for family in text_string_to_metric_families(self.metrics()):
-            for found in family.samples:
-                if found.name == name and found.labels == labels:
-                    return float(found.value)
-        return 0.0
+        return scraped(self.metrics(), name, **labels)
 
     def threads(self) -> int:
         """The process's threads now (Linux)."""

@@ -409,3 +409,19 @@ def test_fixing_the_new_policy_file_of_a_refused_config_reloads_it(
         reloaded = lambda: agent.sample("outrider_config_reloads_total", kind="agent", result="ok")  # noqa: E731
         assert until(lambda: reloaded() == 1), "".join(agent.log)
         assert refusals(agent) == 1
+
+
+def test_a_sighup_as_the_agent_becomes_ready_reloads_it_and_does_not_kill_it(
+    setup: CaSetup, ca: CaProcess, tmp_path: Path
+) -> None:
+    """SIGHUP is caught from the start: one sent the moment the agent says it is ready
+    (before, the default action killed it) reloads what changed meanwhile."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    raw = served_yaml(setup, ca, "backend", policy={"files": [str(policy)]})
+    with agent_process(tmp_path, "backend", raw) as agent:
+        policy.write_text(POLICY.replace("name: api", "name: another"))
+        agent.process.send_signal(signal.SIGHUP)
+        reloaded = lambda: agent.sample("outrider_config_reloads_total", kind="policy", result="ok")  # noqa: E731
+        assert until(lambda: reloaded() == 1), "".join(agent.log)
+        assert agent.process.poll() is None
