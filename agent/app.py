@@ -6,8 +6,9 @@ or a policy file reloads both without dropping connections. Start and every
 reload check the config and its policies together (`settle`) and open new
 listeners in full before anything switches, so a reload the agent would
 refuse at start is refused, and a refused one changes nothing.
-SIGTERM drains: /ready turns 503, listeners stop accepting, open connections
-get up to limits.drain_timeout to finish, then the agent exits 0.
+SIGTERM drains: /ready turns 503, listeners stop accepting, connections still
+in their handshake close, open connections get up to limits.drain_timeout to
+finish, then the agent exits 0.
 """
 
 from __future__ import annotations
@@ -209,6 +210,7 @@ class Agent:
         for running in (self.inbound, self.outbound):
             for listener in running.values():
                 listener.close()
+        self.runtime.close_pending()
         timeout = self.config.limits.drain_timeout.total_seconds()
         log.info("draining %d connection(s) for up to %.0fs", len(self.connections), timeout)
         left = await self.connections.drain(timeout)
