@@ -129,6 +129,19 @@ def test_an_underscore_spelling_is_refused_and_never_reaches_the_app(
     assert len(app.seen) == seen
 
 
+@pytest.mark.parametrize("name", ["X.Role", "x.role", "X-Role.", "X~Role"])
+def test_a_name_php_reads_as_x_role_is_refused_too(
+    setup: CaSetup, backend: AgentProcess, app: WsgiApp, name: str
+) -> None:
+    # PHP turns `.` into `_` in every $_SERVER key: `X.Role` is its HTTP_X_ROLE. Only
+    # letters, digits and `-` pass, so no app server can fold a name onto another.
+    seen = len(app.seen)
+    reply = one(setup, backend, get("/", f"{name}: admin"))
+    assert reply.status == 400
+    assert name in reply.json()["detail"]
+    assert len(app.seen) == seen
+
+
 @pytest.mark.parametrize(
     "header", ["Transfer_Encoding: chunked", "Content_Length: 5", "Host_: other", "X_Other: 1"]
 )
