@@ -312,14 +312,23 @@ async def serve(path: Path | None, config: AgentConfig, stop: asyncio.Event) -> 
     unreachable at start) exits at once.
     """
     agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    reload = asyncio.Event()
+    # Handled from start to exit: SIGHUP's default action ends the process, so one
+    # (a config reloader's) before the first SVID or during the drain would kill the
+    # agent and cut off what is in flight. Before serving it is a reload once ready;
+    # during the drain, nothing.
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
     try:
         if await _unless_stopped(agent.start(), stop):
-            await _serve_until(agent, path, stop)
+            await _serve_until(agent, path, stop, reload)
             await agent.drain()
         else:
             log.info("stopped before the agent was ready")
     finally:
         await agent.stop()
+        loop.remove_signal_handler(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not the default (exit) as it ends
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, object], stop: asyncio.Event) -> bool:
@@ -336,10 +345,9 @@ async def _unless_stopped(work: Coroutine[Any, Any, object], stop: asyncio.Event
     return True
 
 
-async def _serve_until(agent: Agent, path: Path | None, stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    reload = asyncio.Event()
-    loop.add_signal_handler(signal.SIGHUP, reload.set)
+async def _serve_until(
+    agent: Agent, path: Path | None, stop: asyncio.Event, reload: asyncio.Event
+) -> None:
     watcher = asyncio.create_task(_watch(lambda: agent.watched(path), reload))
     try:
         while await _unless_stopped(reload.wait(), stop):
@@ -348,7 +356,6 @@ async def _serve_until(agent: Agent, path: Path | None, stop: asyncio.Event) -> 
             await agent.reload(path)
     finally:
         watcher.cancel()
-        loop.remove_signal_handler(signal.SIGHUP)
 
 
 async def _watch(files: Callable[[], list[Path]], reload: asyncio.Event) -> None:
