@@ -85,6 +85,9 @@ class Agent:
         rng: random.Random | None = None,
         sign: SignFn | None = None,
     ) -> None:
+        #: The watched files as the last load read them: the watcher's baseline for a file
+        #: it has not looked at yet (`serve` adds the config file as it read it at start).
+        self.read = _fingerprint(list(config.policy.files))  # as settle reads them next
         settings = settle(config)  # PolicyError: refuse to start
         self.config = config
         self.last_read = config  # the config file as last read, refused or not
@@ -170,7 +173,9 @@ class Agent:
         """
         kind = "agent" if path is not None else "policy"
         try:
+            read = _fingerprint([path] if path else [])  # as load reads it next
             config = self.last_read = agent_config.load(path) if path else self.config
+            self.read = {**read, **_fingerprint(list(config.policy.files))}  # as settle reads
             kind = "agent" if config != self.config else "policy"
             new = settle(config)
             if new == self.settings:
@@ -311,7 +316,9 @@ async def serve(path: Path | None, config: AgentConfig, stop: asyncio.Event) -> 
     is fixed for the process's life. A stop before the first SVID (the CA
     unreachable at start) exits at once.
     """
+    read = _fingerprint([path] if path else [])  # what the caller just loaded `config` from
     agent = Agent(config)
+    agent.read.update(read)
     loop = asyncio.get_running_loop()
     reload = asyncio.Event()
     # Handled from start to exit: SIGHUP's default action ends the process, so one
@@ -348,7 +355,7 @@ async def _unless_stopped(work: Coroutine[Any, Any, object], stop: asyncio.Event
 async def _serve_until(
     agent: Agent, path: Path | None, stop: asyncio.Event, reload: asyncio.Event
 ) -> None:
-    watcher = asyncio.create_task(_watch(lambda: agent.watched(path), reload))
+    watcher = asyncio.create_task(_watch(lambda: agent.watched(path), lambda: agent.read, reload))
     try:
         while await _unless_stopped(reload.wait(), stop):
             reload.clear()
@@ -358,16 +365,22 @@ async def _serve_until(
         watcher.cancel()
 
 
-async def _watch(files: Callable[[], list[Path]], reload: asyncio.Event) -> None:
+async def _watch(
+    files: Callable[[], list[Path]],
+    read: Callable[[], dict[Path, bytes | None]],
+    reload: asyncio.Event,
+) -> None:
     """Set `reload` when a file's content changes (a ConfigMap update swaps a symlink).
 
-    A file that joins the set (named by the config a reload just read) starts
-    as read: that reload saw its content.
+    A file starts as the load that named it read it (`read`: at start, or the
+    reload that brought it into the set), not as it is at the watcher's first
+    look, so an edit or a fix written in between is a change.
     """
-    last = _fingerprint(files())
+    last = read()
     while True:
         await asyncio.sleep(WATCH_INTERVAL)
         current = _fingerprint(files())
+        last = {**read(), **last}
         changed = any(current[path] != last[path] for path in current.keys() & last.keys())
         last = current
         if changed:
