@@ -469,6 +469,9 @@ class OutboundListener(Listener[Outbound]):
                     await live.dial(endpoint, lambda side=side: side)  # type: ignore[misc]
                 except DialError as exc:
                     log.warning("outbound %s: %s", live.name, exc)
+                    # Its transport is aborted; left as the relay's upstream, the relay's
+                    # close would linger on it (and its TLS buffers) for LINGER seconds.
+                    relay.new_upstream()
                     live.record(endpoint, "connect_failure")
                     if retrying:
                         budget.retry_finished()

@@ -326,3 +326,25 @@ async def test_closed_connections_free_their_tls_state_without_the_collector(
                     await asyncio.sleep(0.2)  # the last closes reach both sides' transports
                     alive = tls_objects() - before
     assert alive < 10, f"{alive} TLS objects of closed connections are still alive"
+
+
+async def test_an_upstream_refused_for_its_id_frees_its_tls_state_at_once(setup: CaSetup) -> None:
+    # The dial aborts the upstream's connection after the handshake; the relay must not
+    # keep that aborted transport (and its TLS buffers) for the linger of a closing one.
+    async with echo_server() as app_port:
+        raw = agent_yaml(setup.root, "backend", inbound=inbound(app_port))
+        async with running_agent(raw, local_sign(setup), setup.root) as server:
+            out = outbound(server.bound["inbound[0]"], workload("someone-else"))
+            raw = agent_yaml(setup.root, "frontend", outbound=out)
+            async with running_agent(raw, local_sign(setup), setup.root) as client:
+                address = client.bound["outbound[backend]"]
+                with without_collector():
+                    before = tls_objects()
+                    for _ in range(50):
+                        assert await round_trip(address, b"ping", 2) == b""
+                    assert await eventually(
+                        lambda: not client.connections and not server.connections
+                    )
+                    await asyncio.sleep(0.2)  # the aborts reach both sides' transports
+                    alive = tls_objects() - before
+    assert alive < 10, f"{alive} TLS objects of refused upstream connections are still alive"
