@@ -116,6 +116,9 @@ def test_a_request_in_flight_is_answered_with_connection_close(
         app.wait_for("/slow/in-flight")
         started = time.monotonic()
         terminate(agent)
+        # A config reloader may signal as the pod terminates: SIGHUP's default action
+        # would end the agent here and cut the request off.
+        agent.process.send_signal(signal.SIGHUP)
         responses = Responses(busy)
         reply = responses.next()
         assert reply is not None and reply.status == 200 and reply.body == b"ok"
@@ -162,18 +165,3 @@ def test_a_connection_still_before_its_handshake_does_not_hold_the_drain(
             started = time.monotonic()
             terminate(agent)
             exits_soon(agent, started)
-
-
-def test_a_sighup_during_the_drain_does_not_cut_it_short(
-    setup: CaSetup, ca: CaProcess, app: App
-) -> None:
-    # A config reloader may signal while the pod terminates: the request in flight still
-    # gets its answer, and the agent exits 0, not killed by the signal's default action.
-    with http_agent(setup, ca, app) as agent, connect(setup, agent) as busy:
-        busy.sendall(get("/slow/sighup"))
-        app.wait_for("/slow/sighup")
-        terminate(agent)
-        agent.process.send_signal(signal.SIGHUP)
-        reply = Responses(busy).next()
-        assert reply is not None and reply.status == 200
-        assert agent.process.wait(timeout=WELL_UNDER) == 0
