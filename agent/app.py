@@ -6,8 +6,9 @@ or a policy file reloads both without dropping connections. Start and every
 reload check the config and its policies together (`settle`) and open new
 listeners in full before anything switches, so a reload the agent would
 refuse at start is refused, and a refused one changes nothing.
-SIGTERM drains: /ready turns 503, listeners stop accepting, open connections
-get up to limits.drain_timeout to finish, then the agent exits 0.
+SIGTERM drains: /ready turns 503, listeners stop accepting, connections still
+in their handshake close, open connections get up to limits.drain_timeout to
+finish, then the agent exits 0.
 """
 
 from __future__ import annotations
@@ -84,12 +85,12 @@ class Agent:
         rng: random.Random | None = None,
         sign: SignFn | None = None,
     ) -> None:
+        #: The watched files as the last load read them: the watcher's baseline for a file
+        #: it has not looked at yet (`serve` adds the config file as it read it at start).
+        self.read = _fingerprint(list(config.policy.files))  # as settle reads them next
         settings = settle(config)  # PolicyError: refuse to start
         self.config = config
         self.last_read = config  # the config file as last read, refused or not
-        self.read_as: dict[
-            Path, bytes | None
-        ] = {}  # the watched files as the last reload read them
         self.metrics = AgentMetrics()
         contexts = Contexts()
         self.runtime = Runtime(
@@ -172,8 +173,9 @@ class Agent:
         """
         kind = "agent" if path is not None else "policy"
         try:
+            read = _fingerprint([path] if path else [])  # as load reads it next
             config = self.last_read = agent_config.load(path) if path else self.config
-            self.read_as = _fingerprint(self.watched(path))
+            self.read = {**read, **_fingerprint(list(config.policy.files))}  # as settle reads
             kind = "agent" if config != self.config else "policy"
             new = settle(config)
             if new == self.settings:
@@ -213,6 +215,7 @@ class Agent:
         for running in (self.inbound, self.outbound):
             for listener in running.values():
                 listener.close()
+        self.runtime.close_pending()
         timeout = self.config.limits.drain_timeout.total_seconds()
         log.info("draining %d connection(s) for up to %.0fs", len(self.connections), timeout)
         left = await self.connections.drain(timeout)
@@ -312,28 +315,27 @@ async def serve(path: Path | None, config: AgentConfig, stop: asyncio.Event) -> 
     was given inline (`path` None: the injector's environment variable), which
     is fixed for the process's life. A stop before the first SVID (the CA
     unreachable at start) exits at once.
-
-    SIGHUP is caught from the start, so one sent while the agent is starting
-    reloads once it is ready instead of killing it; the files are compared
-    with what start read, so a change written during start is not missed.
     """
+    read = _fingerprint([path] if path else [])  # what the caller just loaded `config` from
+    agent = Agent(config)
+    agent.read.update(read)
     loop = asyncio.get_running_loop()
     reload = asyncio.Event()
+    # Handled from start to exit: SIGHUP's default action ends the process, so one
+    # (a config reloader's) before the first SVID or during the drain would kill the
+    # agent and cut off what is in flight. Before serving it is a reload once ready;
+    # during the drain, nothing.
     loop.add_signal_handler(signal.SIGHUP, reload.set)
-    read_as = _fingerprint(([path] if path else []) + list(config.policy.files))
     try:
-        agent = Agent(config)
-        agent.read_as = read_as
-        try:
-            if await _unless_stopped(agent.start(), stop):
-                await _serve_until(agent, path, reload, stop)
-                await agent.drain()
-            else:
-                log.info("stopped before the agent was ready")
-        finally:
-            await agent.stop()
+        if await _unless_stopped(agent.start(), stop):
+            await _serve_until(agent, path, stop, reload)
+            await agent.drain()
+        else:
+            log.info("stopped before the agent was ready")
     finally:
+        await agent.stop()
         loop.remove_signal_handler(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not the default (exit) as it ends
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, object], stop: asyncio.Event) -> bool:
@@ -351,11 +353,9 @@ async def _unless_stopped(work: Coroutine[Any, Any, object], stop: asyncio.Event
 
 
 async def _serve_until(
-    agent: Agent, path: Path | None, reload: asyncio.Event, stop: asyncio.Event
+    agent: Agent, path: Path | None, stop: asyncio.Event, reload: asyncio.Event
 ) -> None:
-    watcher = asyncio.create_task(
-        _watch(lambda: agent.watched(path), lambda: agent.read_as, reload)
-    )
+    watcher = asyncio.create_task(_watch(lambda: agent.watched(path), lambda: agent.read, reload))
     try:
         while await _unless_stopped(reload.wait(), stop):
             reload.clear()
@@ -367,21 +367,21 @@ async def _serve_until(
 
 async def _watch(
     files: Callable[[], list[Path]],
-    read_as: Callable[[], dict[Path, bytes | None]],
+    read: Callable[[], dict[Path, bytes | None]],
     reload: asyncio.Event,
 ) -> None:
     """Set `reload` when a file's content changes (a ConfigMap update swaps a symlink).
 
-    Each file is compared with what the last reload (or start) read: a change
-    written before the first look, or to a file that joins the set (named by
-    the config a reload just read), still counts, and an unchanged file does
-    not refuse the same reload twice.
+    A file starts as the load that named it read it (`read`: at start, or the
+    reload that brought it into the set), not as it is at the watcher's first
+    look, so an edit or a fix written in between is a change.
     """
-    last = read_as()
+    last = read()
     while True:
         await asyncio.sleep(WATCH_INTERVAL)
-        current, seen = _fingerprint(files()), read_as()
-        changed = any(data != last.get(p, seen.get(p, data)) for p, data in current.items())
+        current = _fingerprint(files())
+        last = {**read(), **last}
+        changed = any(current[path] != last[path] for path in current.keys() & last.keys())
         last = current
         if changed:
             reload.set()

@@ -97,7 +97,8 @@ class Limits:
     max_connections: int = 10_000
     max_pending_handshakes: int = 512
     drain_timeout: timedelta = timedelta(seconds=30)
-    #: A request header name with an underscore: refuse the request, or drop the header
+    #: A request header name with an underscore (or any character but letters, digits and
+    #: `-`): refuse the request, or drop the header
     #: (agent/core/headers.py says why either way, never pass it on).
     headers_with_underscores: UnderscoreAction = "reject"
     # The admin and status servers, each: callers there are not authenticated.

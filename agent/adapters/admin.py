@@ -255,8 +255,6 @@ class AdminProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        if not self.received:  # a request begins: it has this long to arrive whole
-            self._wait(self.server.limits.admin_request_timeout, "request_timeout")
         self.received += len(data)
         if self.received > MAX_REQUEST_BYTES:
             return self._respond((431, TEXT, b"request too large\n"), keep_alive=False)
@@ -264,6 +262,11 @@ class AdminProtocol(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             self._respond((400, TEXT, b"bad request\n"), keep_alive=False)
+
+    def on_message_begin(self) -> None:
+        # A request's first byte, wherever it falls: one that begins in the same read
+        # as the end of the one before gets this timeout too, not the idle timeout.
+        self._wait(self.server.limits.admin_request_timeout, "request_timeout")
 
     def on_url(self, url: bytes) -> None:
         self.url += url

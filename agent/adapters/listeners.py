@@ -15,7 +15,6 @@ import logging
 import random
 import socket
 import ssl
-from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar, cast
 
 from prometheus_client import Counter, Gauge
@@ -236,14 +235,14 @@ class InboundListener(Listener[Inbound]):
             sock.close()
             return
         if len(runtime.handshaking) >= runtime.limits.max_pending_handshakes:
-            evict = self._not_pending(next(iter(runtime.handshaking)))
+            evict = self.runtime.not_pending(next(iter(runtime.handshaking)))
             assert evict is not None
             runtime.metrics.connections_refused.labels(INBOUND, "max_pending_handshakes").inc()
             evict()
         relay = Relay(runtime.limits.idle_timeout.total_seconds(), self.connections.closed)
         self.connections.add(relay, INBOUND)
         setup = asyncio.get_running_loop().create_task(self._setup(relay, sock))
-        setup.add_done_callback(lambda _: self._not_pending(relay))
+        setup.add_done_callback(lambda _: self.runtime.not_pending(relay))
         self.connections.setting_up(setup)
 
         def evict_it() -> None:
@@ -252,14 +251,6 @@ class InboundListener(Listener[Inbound]):
 
         runtime.handshaking[relay] = evict_it
         runtime.metrics.pending_handshakes.inc()
-
-    def _not_pending(self, relay: object) -> Callable[[], None] | None:
-        """`relay` is verified, refused, evicted or cancelled: what would have evicted it,
-        the first time only."""
-        evict = self.runtime.handshaking.pop(relay, None)
-        if evict is not None:
-            self.runtime.metrics.pending_handshakes.dec()
-        return evict
 
     async def _setup(self, relay: Relay, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -270,7 +261,7 @@ class InboundListener(Listener[Inbound]):
         try:
             authenticated = await self._authenticate(relay, sock, started, http)
         finally:
-            self._not_pending(relay)
+            self.runtime.not_pending(relay)
         if authenticated is None:
             return
         peer, config = authenticated
@@ -478,6 +469,9 @@ class OutboundListener(Listener[Outbound]):
                     await live.dial(endpoint, lambda side=side: side)  # type: ignore[misc]
                 except DialError as exc:
                     log.warning("outbound %s: %s", live.name, exc)
+                    # Its transport is aborted; left as the relay's upstream, the relay's
+                    # close would linger on it (and its TLS buffers) for LINGER seconds.
+                    relay.new_upstream()
                     live.record(endpoint, "connect_failure")
                     if retrying:
                         budget.retry_finished()

@@ -105,6 +105,7 @@ class OutboundHttp(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.stopped = False  # read no more requests: refused, or the app is leaving
         self.closing = False  # close the app's connection after the response in flight
+        self.draining = False  # take no new request; close once what was read is answered
         self.to_client: list[bytes] = []
         self.to_upstream: list[bytes] = []
         self.active = False  # bytes moved either way since the idle timer last looked
@@ -187,10 +188,14 @@ class OutboundHttp(asyncio.Protocol):
         self._upstream_reading(True)
 
     def finish(self) -> None:
-        """Draining: close now if nothing is in flight, else after the response to it."""
-        self.closing = True
+        """Draining: close now if nothing was asked, else once what was read is answered
+        (as the inbound does), the last response with `Connection: close`."""
+        self.draining = True
         if not self.queue:
+            self.closing = True
             self._close_client()
+        elif self.queue[-1].done:
+            self.stopped = True  # the requests read are all whole: read nothing more
 
     def abort(self) -> None:
         """Drop the app's connection (a drain that timed out): what it is owed is lost."""
@@ -223,6 +228,9 @@ class OutboundHttp(asyncio.Protocol):
 
     def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         """A request head is complete: queue it, and send it when it is first in line."""
+        if self.draining:  # begun after the drain: not taken (the close tells the app)
+            self.stopped = True
+            return
         parser = self.requests
         hop = _hop_by_hop(headers)
         host = any(name.lower() == b"host" for name, _ in headers)
@@ -253,6 +261,8 @@ class OutboundHttp(asyncio.Protocol):
         if request.chunked:
             self._add(request, b"0\r\n\r\n")
         request.done = True
+        if self.draining:
+            self.stopped = True
 
     def _add(self, request: _Request, piece: bytes) -> None:
         sending = request is self.queue[0] and self.connection is not None
@@ -301,7 +311,8 @@ class OutboundHttp(asyncio.Protocol):
         live.counted.request(status, since(started))
         self.task = None
         self.queue.popleft()
-        if self.closing or not request.keep_alive or not request.done:
+        last = self.draining and not self.queue
+        if self.closing or last or not request.keep_alive or not request.done:
             # Answered before the body was all read: the rest would be taken for a request.
             self._close_client()
         elif self.queue:
@@ -596,7 +607,7 @@ class _Responses:
         bodyless = self.request.method == "HEAD" or status in (204, 304)
         self.until_close = not bodyless and not chunked and b"content-length" not in names
         self.rechunk = not self.request.http10 and (chunked or self.until_close) and not bodyless
-        closing = x.closing or not self.request.keep_alive
+        closing = x.closing or (x.draining and len(x.queue) == 1) or not self.request.keep_alive
         extra = []
         if self.until_close and self.rechunk:
             extra.append(b"transfer-encoding: chunked")

@@ -33,6 +33,23 @@ class Runtime:
     #: oldest first: each with what closes it.
     handshaking: dict[object, Callable[[], None]] = field(default_factory=dict)
 
+    def not_pending(self, connection: object) -> Callable[[], None] | None:
+        """`connection` is verified, refused, evicted or cancelled: what would have closed it
+        while pending, the first time only."""
+        close = self.handshaking.pop(connection, None)
+        if close is not None:
+            self.metrics.pending_handshakes.dec()
+        return close
+
+    def close_pending(self) -> None:
+        """Draining: close every connection still before its peer is verified. None has
+        sent a request yet, so it is refused like a connect to the closed listener, not
+        given the rest of its handshake timeout to hold the drain up."""
+        for connection in list(self.handshaking):
+            close = self.not_pending(connection)
+            if close is not None:
+                close()
+
     def peer(
         self, ssl_object: ssl.SSLObject, usage: Literal["client", "server"], direction: str
     ) -> SpiffeId | None:

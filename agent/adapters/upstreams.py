@@ -322,6 +322,9 @@ class LiveUpstream:
             transport.abort()
             if peer is not None:
                 runtime.refused(direction, "wrong_server_id")
+            # The traceback of the DialError keeps this frame, and whoever keeps the error
+            # (a reference cycle, a log handler) would keep the aborted TLS transport too.
+            del transport, protocol, ssl_object
             raise DialError(f"{endpoint} presented {peer or 'no SVID'}, not an ID of the upstream")
         runtime.verified(direction, ssl_object, peer, started)
         return transport, protocol

@@ -15,6 +15,7 @@ from typing import Any, TypeVar, cast, get_args
 
 import yaml
 
+from agent.core.headers import plain
 from agent.core.policy import (
     DESTINATION_FIELDS,
     HEADER_NAME,
@@ -288,9 +289,12 @@ def _header_name(value: object) -> str:
     if not isinstance(value, str) or not HEADER_NAME.fullmatch(value.lower()):
         raise ValueError(f"{value!r} is not a header name; expected a name such as x-user-role")
     name = value.lower()
-    if "_" in name:  # agent/core/headers.py: such a name is refused or dropped before the policy
-        hyphens = name.replace("_", "-")
-        raise ValueError(f"header {name!r} never reaches a rule (it has '_'); expected {hyphens!r}")
+    if not plain(name.encode()):  # agent/core/headers.py: refused or dropped before the policy
+        hyphens = "".join(c if plain(c.encode()) else "-" for c in name)
+        odd = next(c for c in name if not plain(c.encode()))
+        raise ValueError(
+            f"header {name!r} never reaches a rule (it has {odd!r}); expected {hyphens!r}"
+        )
     if name in _NOTHEADER_NAMES:
         raise ValueError(f"header {name!r} cannot be matched; expected {_NOTHEADER_NAMES[name]}")
     return name

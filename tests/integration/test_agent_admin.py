@@ -161,6 +161,23 @@ async def test_a_request_too_slow_to_arrive_and_an_idle_connection_are_closed(
             writer.close()
 
 
+async def test_a_request_begun_behind_an_answered_one_has_the_request_timeout_too(
+    setup: CaSetup,
+) -> None:
+    # A slow head sent in the same packet as a whole request must not get the idle
+    # timeout (a minute by default) in place of the request timeout.
+    timeouts = {"admin_request_timeout": "300ms", "admin_idle_timeout": "5s"}
+    async with limited_agent(setup, **timeouts) as agent:
+        ((reader, writer),) = await open_idle(agent, "status", 1)
+        started = time.monotonic()
+        writer.write(get("/healthz") + b"GET /ready HTTP/1.1\r\nHost: ad")  # and no more
+        assert (await reader.readuntil(b"ok\n")).startswith(b"HTTP/1.1 200")
+        assert await closed_by_agent((reader, writer), 2.0)
+        assert time.monotonic() - started < 1.0
+        assert refused(agent, "status", "request_timeout") == 1
+        writer.close()
+
+
 async def test_a_client_that_asks_and_never_reads_is_closed_not_buffered_for(
     agent: Agent,
 ) -> None:

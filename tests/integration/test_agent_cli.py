@@ -37,10 +37,16 @@ def test_a_bad_config_exits_2_and_lists_every_error(tmp_path: Path) -> None:
     assert "Traceback" not in stderr
 
 
-def test_sigterm_before_the_first_svid_exits_0(setup: CaSetup, tmp_path: Path) -> None:
-    # The CA address is closed: the agent retries and never becomes ready.
+def test_before_the_first_svid_sighup_is_harmless_and_sigterm_exits_0(
+    setup: CaSetup, tmp_path: Path
+) -> None:
+    # The CA address is closed: the agent retries and never becomes ready. A SIGHUP
+    # (a config reloader's) must not kill it, as the signal's default action would.
     process = start(tmp_path / "agent.yaml", agent_yaml(setup.root, "web"))
     time.sleep(1.5)
+    process.send_signal(signal.SIGHUP)
+    time.sleep(0.2)
+    assert process.poll() is None, "SIGHUP killed the agent"
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=5)
     assert process.returncode == 0, stderr

@@ -1,7 +1,7 @@
 """Header names with an underscore, through real `outrider agent run` processes, to a real WSGI app.
 
 Python's wsgiref, like every CGI/WSGI server, hands the app `X_Role` and
-`X-Role` alike as `HTTP_X_ROLE`. A DENY on `x-role: admin` must therefore
+`X-Role` alike as `HTTP_X_ROLE` (PHP `X.Role` too). A DENY on `x-role: admin` must therefore
 hold for every spelling: the agent refuses a request naming a header with an
 underscore (by default) or drops the header (`headers_with_underscores:
 drop`), in both directions, framing headers included.
@@ -108,6 +108,8 @@ def frontend(setup: CaSetup, ca: CaProcess, backend: AgentProcess) -> Iterator[A
 
 
 ROLE_SPELLINGS = ["X_Role", "x_role", "X_ROLE", "x-Role_", "_x-role"]
+#: PHP turns `.` into `_` in every $_SERVER key: each of these is its HTTP_X_ROLE too.
+PHP_SPELLINGS = ["X.Role", "x.role", "X-Role.", "X~Role"]
 
 
 def test_the_hyphen_spelling_is_denied(setup: CaSetup, backend: AgentProcess) -> None:
@@ -115,8 +117,8 @@ def test_the_hyphen_spelling_is_denied(setup: CaSetup, backend: AgentProcess) ->
     assert one(setup, backend, get("/", "X-Role: viewer")).status == 200
 
 
-@pytest.mark.parametrize("name", ROLE_SPELLINGS)
-def test_an_underscore_spelling_is_refused_and_never_reaches_the_app(
+@pytest.mark.parametrize("name", ROLE_SPELLINGS + PHP_SPELLINGS)
+def test_a_spelling_an_app_server_folds_is_refused_and_never_reaches_the_app(
     setup: CaSetup, backend: AgentProcess, app: WsgiApp, name: str
 ) -> None:
     seen = len(app.seen)
@@ -124,7 +126,8 @@ def test_an_underscore_spelling_is_refused_and_never_reaches_the_app(
     assert reply.status == 400
     body = reply.json()
     assert body["error"] == "bad_request"
-    assert name in body["detail"] and "underscore" in body["detail"]
+    assert name in body["detail"]
+    assert ("underscore" in body["detail"]) == ("_" in name)
     assert reply.headers["connection"] == "close"
     assert len(app.seen) == seen
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import time
 import urllib.error
 from collections.abc import Iterator
@@ -115,6 +116,9 @@ def test_a_request_in_flight_is_answered_with_connection_close(
         app.wait_for("/slow/in-flight")
         started = time.monotonic()
         terminate(agent)
+        # A config reloader may signal as the pod terminates: SIGHUP's default action
+        # would end the agent here and cut the request off.
+        agent.process.send_signal(signal.SIGHUP)
         responses = Responses(busy)
         reply = responses.next()
         assert reply is not None and reply.status == 200 and reply.body == b"ok"
@@ -145,3 +149,19 @@ def test_a_new_request_on_a_pooled_connection_after_sigterm_is_not_taken(
         assert busy_reply is not None and busy_reply.status == 200
         agent.process.wait(timeout=WELL_UNDER)
     assert "/after-sigterm" not in app.seen
+
+
+@pytest.mark.parametrize("first", [b"", b"\x16"], ids=["silent", "partial-hello"])
+def test_a_connection_still_before_its_handshake_does_not_hold_the_drain(
+    setup: CaSetup, ca: CaProcess, app: App, first: bytes
+) -> None:
+    # It carries no request yet: like a connect to a closed listener, it is refused at once
+    # rather than given the rest of its handshake timeout (10 s) to hold the pod up.
+    with http_agent(setup, ca, app) as agent:
+        host, port = agent.bound["inbound[0]"].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=WELL_UNDER) as waiting:
+            waiting.sendall(first)
+            time.sleep(0.1)  # accepted, and its first byte (if any) read
+            started = time.monotonic()
+            terminate(agent)
+            exits_soon(agent, started)

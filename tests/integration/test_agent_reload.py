@@ -425,3 +425,22 @@ def test_a_sighup_as_the_agent_becomes_ready_reloads_it_and_does_not_kill_it(
         reloaded = lambda: agent.sample("outrider_config_reloads_total", kind="policy", result="ok")  # noqa: E731
         assert until(lambda: reloaded() == 1), "".join(agent.log)
         assert agent.process.poll() is None
+
+
+def test_a_fix_written_as_soon_as_the_refusal_shows_is_picked_up(
+    setup: CaSetup, ca: CaProcess, tmp_path: Path
+) -> None:
+    """The watcher reads a file the refused config named from its next look on; a fix
+    written before then is still a change from what the refused reload read."""
+    running, added = tmp_path / "running.yaml", tmp_path / "added.yaml"
+    running.write_text(POLICY)
+    raw = served_yaml(setup, ca, "backend", policy={"files": [str(running)]})
+    with agent_process(tmp_path, "backend", raw) as agent:
+        added.write_text("policies:\n  - name: broken\n    action: PERMIT\n")
+        raw["policy"] = {"files": [str(running), str(added)]}
+        (tmp_path / "backend.yaml").write_text(yaml.safe_dump(raw))  # the watcher reloads
+        assert until(lambda: refusals(agent) == 1, 5), "".join(agent.log)
+        added.write_text(POLICY.replace("name: api", "name: another"))
+        reloaded = lambda: agent.sample("outrider_config_reloads_total", kind="agent", result="ok")  # noqa: E731
+        assert until(lambda: reloaded() == 1, 5), "".join(agent.log)
+        assert refusals(agent) == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -515,6 +516,31 @@ async def test_a_drain_closes_idle_app_connections_and_lets_busy_ones_finish(
         assert status == 200
         assert took < 2.0
         assert len(agent.connections) == 0
+
+
+async def test_a_drain_answers_every_request_the_app_pipelined_before_it(
+    root: Path, setup: CaSetup
+) -> None:
+    # As the inbound does: what was read before the drain is answered, the last response
+    # with `Connection: close`; nothing read is dropped unanswered.
+    async with (
+        backends(root, setup, "a") as pairs,
+        client_agent(root, setup, endpoints=[pairs[0][1]]) as agent,
+    ):
+        host, port = agent.bound["outbound[backend]"].rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"GET /slow/0.5 HTTP/1.1\r\nHost: b\r\n\r\nGET /second HTTP/1.1\r\nHost: b\r\n\r\n"
+        )
+        await asyncio.sleep(0.2)  # both read; the first in flight
+        drain = asyncio.create_task(agent.drain())
+        answers = await asyncio.wait_for(reader.read(), 5)  # to the agent's close
+        await drain
+        writer.close()
+    heads = re.findall(rb"HTTP/1\.1 \d{3} .*?\r\n\r\n", answers, re.DOTALL)
+    assert [head.split(b" ")[1] for head in heads] == [b"200", b"200"]
+    assert b"connection: close" not in heads[0].lower()
+    assert b"connection: close" in heads[1].lower()
 
 
 async def test_an_endpoint_that_leaves_keeps_its_open_connections(

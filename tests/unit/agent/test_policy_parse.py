@@ -218,6 +218,11 @@ ERRORS = [
         "when[0].header: header 'x_role' never reaches a rule (it has '_'); expected 'x-role'",
     ),
     (
+        "policies:\n  - {name: a, action: DENY, rules: [{when: [{header: x.role, values: [a]}]}]}"
+        "\n",
+        "when[0].header: header 'x.role' never reaches a rule (it has '.'); expected 'x-role'",
+    ),
+    (
         "policies:\n  - {name: a, action: ALLOW, rules: [{to: {hosts: ['...']}}]}\n",
         "'...' is not a host name",
     ),
