@@ -42,6 +42,9 @@ log = logging.getLogger("outrider.agent.identity")
 SignFn = Callable[[bytes, bytes, Svid | None, str | None], Awaitable[ca_pb2.SignResponse]]
 
 _UNAUTHORIZED = {Status.UNAUTHENTICATED, Status.PERMISSION_DENIED}
+#: How a CA that refuses the client certificate shows: under TLS 1.3 the client's
+#: handshake completes first, so the refusal arrives as an alert or a lost connection.
+_HANDSHAKE_REFUSED = (OSError, StreamTerminatedError, ProtocolError)
 
 
 class RenewalFailed(Exception):
@@ -139,15 +142,17 @@ class IdentityManager:
             .public_bytes(serialization.Encoding.DER)
         )
         trusted = self._trusted_pem()
-        current = self.svid if self.svid and self.now() < self.svid.not_after else None
+        current = self._presentable()
         try:
             if current is not None:
                 try:
                     response = await self.sign(csr, trusted, current, None)
-                except GRPCError as exc:
-                    if exc.status not in _UNAUTHORIZED:
+                except (GRPCError, *_HANDSHAKE_REFUSED) as exc:
+                    if isinstance(exc, GRPCError) and exc.status not in _UNAUTHORIZED:
                         raise
-                    log.warning("renewal with the current SVID refused (%s); using the token", exc)
+                    if isinstance(exc, ConnectionRefusedError | TimeoutError):
+                        raise  # nothing listens, or it hangs: the token would not get further
+                    log.warning("renewal with the current SVID failed (%r); using the token", exc)
                     response = await self.sign(csr, trusted, None, self._token())
             else:
                 response = await self.sign(csr, trusted, None, self._token())
@@ -169,6 +174,21 @@ class IdentityManager:
         except SvidRejected as exc:
             message = f"refused the CA's answer ({exc.reason}): {exc}"
             raise RenewalFailed("bad_answer", message) from None
+        return svid
+
+    def _presentable(self) -> Svid | None:
+        """The SVID to renew with: valid now and chaining to the roots trusted now.
+
+        One whose root was removed (`install_bundle`) would be refused in the
+        CA's handshake on every try until it expired; the token is the way back.
+        """
+        svid = self.svid
+        if svid is None or self.now() >= svid.not_after:
+            return None
+        try:
+            check_chain(svid.chain, svid.bundle)
+        except ChainError:
+            return None
         return svid
 
     def install(self, svid: Svid) -> None:
