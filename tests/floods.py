@@ -15,9 +15,10 @@ import select
 import socket
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 import h2.config
@@ -289,3 +290,30 @@ def client_context(alpn: str | None = None) -> ssl.SSLContext:
     if alpn is not None:
         context.set_alpn_protocols([alpn])
     return context
+
+
+@contextmanager
+def trickling_connections(
+    port: int, count: int, message: bytes, *, every: float, tls: ssl.SSLContext | None = None
+) -> Iterator[Flood]:
+    """`count` connections that each send `message` one byte every `every` seconds
+    (a slowloris), from a thread, until the block ends or the message is out."""
+    stop = threading.Event()
+    with idle_connections(port, count, tls=tls) as flood:
+
+        def trickle() -> None:
+            for byte in message:
+                if stop.wait(every):
+                    return
+                for sock in flood.sockets:
+                    if sock not in flood.closed:
+                        with suppress(OSError, ssl.SSLError):
+                            sock.send(bytes([byte]))
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        try:
+            yield flood
+        finally:
+            stop.set()
+            thread.join()

@@ -30,12 +30,12 @@ from grpclib.metadata import encode_grpc_message
 from grpclib.protocol import EventsProcessor, H2Protocol, Stream
 from grpclib.server import Server
 from h2.errors import ErrorCodes
-from h2.events import DataReceived, RequestReceived
+from h2.events import DataReceived, RequestReceived, StreamEnded
 from h2.exceptions import DenialOfServiceError
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 
-from identity.serving import Acceptor, ConnectionLimits, Refused
+from identity.serving import Acceptor, ConnectionLimits, Progress, Refused, progress_of
 
 #: The HTTP/2 minimum (and default) window; grpclib's is 4 MiB.
 WINDOW = 65_535
@@ -86,10 +86,12 @@ class Framing:
 class _BoundedEvents(EventsProcessor):
     limits: GrpcLimits
 
-    def __init__(self, *args: object, limits: GrpcLimits) -> None:
+    def __init__(self, *args: object, limits: GrpcLimits, progress: Progress | None) -> None:
         super().__init__(*args)  # type: ignore[arg-type]
         self.limits = limits
         self._framing: dict[int, Framing] = {}
+        self._progress = progress
+        self._owed: set[int] = set()  # streams whose request has arrived whole
 
     def register(self, stream: Stream) -> Callable[[], None]:
         release = super().register(stream)
@@ -99,9 +101,19 @@ class _BoundedEvents(EventsProcessor):
 
         def release_and_forget() -> None:
             self._framing.pop(stream_id, None)
+            if stream_id in self._owed and self._progress is not None:
+                self._owed.discard(stream_id)
+                self._progress.answered()
             release()
 
         return release_and_forget
+
+    def process_stream_ended(self, event: StreamEnded) -> None:
+        """The caller's request is whole: from here the CA owes the answer."""
+        if event.stream_id in self._framing and self._progress is not None:
+            self._owed.add(event.stream_id)
+            self._progress.received()
+        super().process_stream_ended(event)
 
     def process_request_received(self, event: RequestReceived) -> None:
         # Enforced here because h2 applies our SETTINGS only once the peer acks them.
@@ -171,7 +183,9 @@ class _BoundedProtocol(H2Protocol):
         frames.max_frame_size = h2.incoming_buffer.max_frame_size
         h2.incoming_buffer = frames  # nothing has been received yet
         self.connection.flush()
-        self.processor = _BoundedEvents(self.handler, self.connection, limits=self._limits)
+        self.processor = _BoundedEvents(
+            self.handler, self.connection, limits=self._limits, progress=progress_of(transport)
+        )
 
 
 class BoundedServer(Server):

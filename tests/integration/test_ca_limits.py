@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hyperframe.frame import PingFrame, SettingsFrame
 
 from identity.proto import ca_pb2
 from tests import floods
@@ -28,6 +29,7 @@ from tests.support import (
 )
 
 CLOSED = "outrider_ca_connections_closed_total"
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 TIGHT = {"max_connections": 50, "handshake_timeout": "500ms", "idle_timeout": "500ms"}
 
 
@@ -151,3 +153,35 @@ async def test_over_the_cap_connections_are_closed_at_once_and_sign_goes_on(
         await asyncio.sleep(1.1)  # the idle ones are now quiet enough to make room
         assert (await sign(setup, ca)).spiffe_id == WORKLOAD
         assert flood.closed_by_peer(within=0.5) == closed + 1  # the quietest made room
+
+
+def h2_trickle(pings: int) -> bytes:
+    """What a slowloris sends a byte at a time: the HTTP/2 preface, SETTINGS, PINGs."""
+    ping = PingFrame(0, b"trickle!").serialize()
+    return H2_PREFACE + SettingsFrame(0).serialize() + ping * pings
+
+
+async def test_a_byte_at_a_time_holds_no_connection_and_sign_goes_on(
+    tight: tuple[CaSetup, CaProcess],
+) -> None:
+    """A slowloris at the cap: a byte every 0.3 s (under the idle timeout and the
+    quiet time) is not activity; the connections close and callers get in."""
+    setup, ca = tight
+    context = floods.client_context("h2")
+    with floods.trickling_connections(
+        ca.grpc_port, 50, h2_trickle(20), every=0.3, tls=context
+    ) as f:
+        assert f.closed_by_peer(within=3) == 50
+        assert (await sign(setup, ca)).spiffe_id == WORKLOAD
+
+
+async def test_trickling_connections_make_room_at_the_cap(
+    capped: tuple[CaSetup, CaProcess],
+) -> None:
+    """With a long idle timeout the cap is what protects callers: a trickling
+    connection has made no progress, so it makes room as an idle one does."""
+    setup, ca = capped
+    context = floods.client_context("h2")
+    with floods.trickling_connections(ca.grpc_port, 50, h2_trickle(20), every=0.3, tls=context):
+        await asyncio.sleep(1.1)  # quiet long enough to make room
+        assert (await sign(setup, ca)).spiffe_id == WORKLOAD
