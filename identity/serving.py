@@ -140,18 +140,26 @@ async def reports_progress(
 ) -> web.StreamResponse:
     """aiohttp middleware: each request's handler reports to its connection's acceptor.
 
-    aiohttp calls the handler once the request's head has arrived; a body
-    still to come is the handler's to bound (the injector reads it with a
-    timeout).
+    aiohttp calls the handler once the request's head has arrived. A request
+    whose body is still to come is not yet owed an answer: its sender could
+    trickle the body for as long as the handler waits, so it stays idle, and
+    displaceable, until it is answered.
     """
     progress = progress_of(request.transport)
-    if progress is not None:
-        progress.received()
+    if progress is None or not _body_arrived(request):
+        return await handler(request)
+    progress.received()
     try:
         return await handler(request)
     finally:
-        if progress is not None:
-            progress.answered()
+        progress.answered()
+
+
+def _body_arrived(request: web.Request) -> bool:
+    if not request.body_exists:
+        return True
+    length = request.content_length
+    return length is not None and request.content.total_bytes >= length
 
 
 class Acceptor:

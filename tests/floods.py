@@ -294,12 +294,23 @@ def client_context(alpn: str | None = None) -> ssl.SSLContext:
 
 @contextmanager
 def trickling_connections(
-    port: int, count: int, message: bytes, *, every: float, tls: ssl.SSLContext | None = None
+    port: int,
+    count: int,
+    message: bytes,
+    *,
+    every: float,
+    tls: ssl.SSLContext | None = None,
+    first: bytes = b"",
 ) -> Iterator[Flood]:
-    """`count` connections that each send `message` one byte every `every` seconds
-    (a slowloris), from a thread, until the block ends or the message is out."""
+    """`count` connections that each send `first` at once, then `message` one byte
+    every `every` seconds (a slowloris), from a thread, until the block ends or the
+    message is out."""
     stop = threading.Event()
     with idle_connections(port, count, tls=tls) as flood:
+        for sock in flood.sockets:
+            sock.setblocking(True)
+            sock.sendall(first)
+            sock.setblocking(False)
 
         def trickle() -> None:
             for byte in message:
