@@ -8,7 +8,9 @@ more than a known amount. The `Acceptor` is the accept loop of such a port
   connection over it is closed at once, before its handshake, and counted;
 - a time limit on the TLS handshake;
 - an idle timeout: a connection that has had no request answered for that
-  long (from its accept, or its last answer) is closed.
+  long (from its accept, or its last answer) is closed;
+- a bound on output left unread: a connection that goes on sending while
+  more than `MAX_UNREAD` of what it was sent waits is closed.
 
 Bytes alone are not activity: a slowloris sends one byte a second forever
 (a PING, a header trickled a byte at a time) and would otherwise be held
@@ -55,7 +57,17 @@ __all__ = [
 log = logging.getLogger("outrider.serving")
 
 #: Why the acceptor closed a connection, the label of the servers' metric.
-CLOSE_REASONS = ("max_connections", "handshake_timeout", "handshake_failed", "idle_timeout")
+CLOSE_REASONS = (
+    "max_connections",
+    "handshake_timeout",
+    "handshake_failed",
+    "idle_timeout",
+    "unread_output",
+)
+#: Output a connection may leave unread while it goes on sending. Every answer
+#: here is a few KiB; without a bound, a caller that floods PINGs or SETTINGS
+#: and never reads makes the server buffer every acknowledgement.
+MAX_UNREAD = 1024 * 1024
 ACCEPT_BACKOFF = 0.1  # seconds, after accept() fails (EMFILE): the listener stays
 
 
@@ -310,6 +322,11 @@ class _Guard(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        assert self._transport is not None
+        if self._transport.get_write_buffer_size() > MAX_UNREAD:  # type: ignore[attr-defined]
+            self._acceptor.count("unread_output")
+            self.abort()
+            return
         self._inner.data_received(data)  # not activity by itself: see the module's docstring
 
     def received(self) -> None:

@@ -328,3 +328,27 @@ def trickling_connections(
         finally:
             stop.set()
             thread.join()
+
+
+def unread_acknowledgements(
+    port: int, context: ssl.SSLContext, frame: bytes, *, send_at_most: int, timeout: float = 10.0
+) -> tuple[bool, int]:
+    """Flood HTTP/2 `frame`s that each ask for an acknowledgement (PING, SETTINGS)
+    and read nothing back: (whether the server closed the connection, bytes sent)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # do not read for the server
+    sock = context.wrap_socket(raw, server_hostname="localhost")
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    chunk, sent = frame * 4096, 0
+    deadline = time.monotonic() + timeout
+    try:
+        sock.sendall(conn.data_to_send())
+        while sent < send_at_most and time.monotonic() < deadline:
+            sock.sendall(chunk)
+            sent += len(chunk)
+        return False, sent
+    except (OSError, ssl.SSLError):
+        return True, sent
+    finally:
+        sock.close()

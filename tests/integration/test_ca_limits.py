@@ -185,3 +185,16 @@ async def test_trickling_connections_make_room_at_the_cap(
     with floods.trickling_connections(ca.grpc_port, 50, h2_trickle(20), every=0.3, tls=context):
         await asyncio.sleep(1.1)  # quiet long enough to make room
         assert (await sign(setup, ca)).spiffe_id == WORKLOAD
+
+
+def test_a_ping_flood_whose_acks_are_never_read_is_cut(tight: tuple[CaSetup, CaProcess]) -> None:
+    """Each PING makes the CA write an acknowledgement; a caller that never reads them
+    must not make it buffer them all (64 MB of PINGs here; it used to grow ~1.5x that)."""
+    _, ca = tight
+    before = ca_metric(ca, CLOSED, listener="grpc", reason="unread_output")
+    context = floods.client_context("h2")
+    closed, sent = floods.unread_acknowledgements(
+        ca.grpc_port, context, PingFrame(0, b"flooding").serialize(), send_at_most=64 * 2**20
+    )
+    assert closed, f"still open after {sent} bytes of frames"
+    assert ca_metric(ca, CLOSED, listener="grpc", reason="unread_output") == before + 1
