@@ -73,7 +73,10 @@ class IdentityManager:
         self.now = now
         self.rng = rng
         self.sign = sign or self._sign_with_ca
-        self.svid: Svid | None = None
+        self.svid: Svid | None = None  # its bundle: the roots peers are verified against
+        self.ca_bundle: TrustBundle | None = None  # the bundle the CA sent with it
+        #: The roots to verify peers against, given the CA's bundle (`BundleSync.peer_roots`).
+        self.peer_roots: Callable[[TrustBundle], TrustBundle] = lambda bundle: bundle
         self.has_svid = asyncio.Event()
         self.renewal = Renewer(
             "the SVID",
@@ -192,7 +195,10 @@ class IdentityManager:
         return svid
 
     def install(self, svid: Svid) -> None:
-        """Put `svid` in service: new connections use it from now on."""
+        """Put `svid` in service: new connections use it from now on, verifying peers
+        against `peer_roots` of the CA's bundle, never for a moment the CA's alone."""
+        ca_bundle = svid.bundle
+        svid = dataclasses.replace(svid, bundle=self.peer_roots(ca_bundle))
         try:
             server, client = server_context(svid), client_context(svid)
             http_server = http_server_context(svid)
@@ -200,7 +206,7 @@ class IdentityManager:
             raise RenewalFailed("bad_answer", f"ssl cannot use the new SVID: {exc}") from None
         self.contexts.server, self.contexts.client = server, client
         self.contexts.http_server = http_server
-        self.svid = svid
+        self.svid, self.ca_bundle = svid, ca_bundle
         self.metrics.rotations.labels("success").inc()
         self.metrics.svid_expiry.set(svid.not_after.timestamp())
         self.metrics.bundle_expiry.set(svid.bundle.earliest_expiry.timestamp())

@@ -254,3 +254,25 @@ async def test_an_agent_whose_root_was_removed_renews_with_its_token(tmp_path: P
             return shown["serial"] != first and roots == [new_sha]
 
         assert await within(REACH, renewed_under_the_new_root), agent.log[-5:]
+
+
+async def test_a_renewal_does_not_bring_back_a_root_the_file_removed(tmp_path: Path) -> None:
+    """The CA's answer to a renewal still lists the root the file dropped: the new SVID
+    goes into service with the roots both list, not for a second with the CA's alone."""
+    roots = Roots(tmp_path)
+    old_client = certs.client_context(roots.both, roots.old_svid(OLD_CLIENT))
+    async with echo_server() as app_port:
+        raw = agent_yaml(tmp_path, "backend", inbound=inbound(app_port))
+        raw["ca"]["bundle_file"] = str(roots.agents_file)  # no CA listens: it never answers
+        async with running_agent(raw, local_sign(roots.setup), tmp_path) as agent:
+            address = agent.bound["inbound[0]"]
+            roots.agents_file.write_bytes(roots.new_root)
+
+            async def refused() -> bool:
+                return await mtls_exchange(address, old_client, PAYLOAD) == b""
+
+            assert await within(REACH / 2, refused)
+            agent.identity.install(await agent.identity.renew())
+            assert agent.identity.svid is not None
+            assert len(agent.identity.svid.bundle.roots) == 1
+            assert await refused()
