@@ -18,8 +18,8 @@ forever and never be the quietest at the cap, so a thousand of them would
 lock every caller out. The server's own protocol reports progress instead
 (`progress_of(transport)`): a request received whole, and its answer sent.
 While a request it has received is being answered the server owes the
-caller, so the connection is neither idle nor displaced; the handler's own
-timeouts bound that.
+caller, so the connection is not displaced to make room for another; the
+idle timeout still applies, in case an answer never comes.
 
 It hands each connection to the server's own protocol (grpclib's, aiohttp's)
 and quacks like the `asyncio.AbstractServer` those expect. Also here, for
@@ -361,9 +361,7 @@ class _Guard(asyncio.Protocol):
 
     def _check_idle(self) -> None:
         loop = asyncio.get_running_loop()
-        due = self.last + self._idle
-        if self.owed:  # the server is answering: its own timeouts bound that
-            due = loop.time() + self._idle
+        due = self.last + self._idle  # owed or not: no answer should take that long
         if loop.time() < due:
             self._timer = loop.call_at(due, self._check_idle)
             return

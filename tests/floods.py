@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 SIGN = "/outrider.ca.v1.CertificateAuthority/Sign"
+PREFIX_BYTES = 5  # an empty gRPC message: its length prefix alone
 
 
 def rss_kib(pid: int) -> int:
@@ -350,5 +352,32 @@ def unread_acknowledgements(
         return False, sent
     except (OSError, ssl.SSLError):
         return True, sent
+    finally:
+        sock.close()
+
+
+def reset_calls(port: int, context: ssl.SSLContext, count: int, *, within: float) -> bool:
+    """Send `count` whole calls, each reset at once (a rapid reset), then nothing:
+    True if the server closed the connection within `within` seconds."""
+    sock = context.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="localhost"
+    )
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    for _ in range(count):
+        stream = conn.get_next_available_stream_id()
+        conn.send_headers(stream, _request_headers(SIGN))
+        conn.send_data(stream, bytes(PREFIX_BYTES), end_stream=True)
+        conn.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
+    try:
+        sock.sendall(conn.data_to_send())
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            wait = max(0.0, deadline - time.monotonic())
+            if select.select([sock], [], [], wait)[0] and not sock.recv(65536):
+                return True
+        return False
+    except (OSError, ssl.SSLError):
+        return True
     finally:
         sock.close()

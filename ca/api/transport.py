@@ -30,7 +30,7 @@ from grpclib.metadata import encode_grpc_message
 from grpclib.protocol import EventsProcessor, H2Protocol, Stream
 from grpclib.server import Server
 from h2.errors import ErrorCodes
-from h2.events import DataReceived, RequestReceived, StreamEnded
+from h2.events import DataReceived, RequestReceived, StreamEnded, StreamReset
 from h2.exceptions import DenialOfServiceError
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
@@ -101,9 +101,7 @@ class _BoundedEvents(EventsProcessor):
 
         def release_and_forget() -> None:
             self._framing.pop(stream_id, None)
-            if stream_id in self._owed and self._progress is not None:
-                self._owed.discard(stream_id)
-                self._progress.answered()
+            self._settled(stream_id)
             release()
 
         return release_and_forget
@@ -114,6 +112,17 @@ class _BoundedEvents(EventsProcessor):
             self._owed.add(event.stream_id)
             self._progress.received()
         super().process_stream_ended(event)
+
+    def process_stream_reset(self, event: StreamReset) -> None:
+        """A reset stream is owed nothing. grpclib releases a stream when its handler
+        ends, but a handler cancelled before it started never ends (a rapid reset)."""
+        self._settled(event.stream_id)
+        super().process_stream_reset(event)
+
+    def _settled(self, stream_id: int) -> None:
+        if stream_id in self._owed and self._progress is not None:
+            self._owed.discard(stream_id)
+            self._progress.answered()
 
     def process_request_received(self, event: RequestReceived) -> None:
         # Enforced here because h2 applies our SETTINGS only once the peer acks them.

@@ -198,3 +198,10 @@ def test_a_ping_flood_whose_acks_are_never_read_is_cut(tight: tuple[CaSetup, CaP
     )
     assert closed, f"still open after {sent} bytes of frames"
     assert ca_metric(ca, CLOSED, listener="grpc", reason="unread_output") == before + 1
+
+
+def test_calls_reset_as_soon_as_sent_leave_nothing_owed(tight: tuple[CaSetup, CaProcess]) -> None:
+    """A rapid reset: grpclib never releases a call whose handler is cancelled before
+    it starts. The connection must still count as idle and be closed."""
+    _, ca = tight
+    assert floods.reset_calls(ca.grpc_port, floods.client_context("h2"), 4, within=3)
