@@ -31,9 +31,16 @@ from grpclib.protocol import EventsProcessor, H2Protocol, Stream
 from grpclib.server import Server
 from h2.errors import ErrorCodes
 from h2.events import DataReceived, RequestReceived, StreamEnded, StreamReset
-from h2.exceptions import DenialOfServiceError
+from h2.exceptions import DenialOfServiceError, ProtocolError
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
+from hyperframe.frame import (
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 
 from identity.serving import Acceptor, ConnectionLimits, Progress, Refused, progress_of
 
@@ -41,6 +48,9 @@ from identity.serving import Acceptor, ConnectionLimits, Progress, Refused, prog
 WINDOW = 65_535
 HEADER_LIST_BYTES = 16_384  # a Sign request's headers, token included, are ~1.5 KB
 PREFIX = 5  # gRPC: one compression byte, a 4-byte big-endian length
+CONTROL_FRAMES = 100  # per connection...
+CONTROL_FRAMES_PER_CALL = 10  # ...and per call started on it
+_CONTROL = (SettingsFrame, PingFrame, WindowUpdateFrame, PriorityFrame)
 
 
 @dataclass(frozen=True)
@@ -164,7 +174,28 @@ class _BoundedEvents(EventsProcessor):
 
 class _BoundedFrames(FrameBuffer):
     """h2 holds a header block's CONTINUATION frames until it ends: up to 64 frames,
-    1 MiB per connection. Here a block may not grow past the header list limit."""
+    1 MiB per connection. Here a block may not grow past the header list limit.
+
+    Frames that start no call (SETTINGS, PING, WINDOW_UPDATE, PRIORITY) each cost
+    the CA work, and SETTINGS and PING an answer: a flood of them from four
+    connections starved every Sign past its deadline. A connection may send
+    `CONTROL_FRAMES` of them, and `CONTROL_FRAMES_PER_CALL` more per call it
+    starts (clients send a few per call: window updates, BDP pings); past that
+    it is ended, as h2 ends one that breaks its own limits."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._control_budget = CONTROL_FRAMES
+
+    def __next__(self) -> Any:
+        frame = super().__next__()
+        if isinstance(frame, HeadersFrame):
+            self._control_budget += CONTROL_FRAMES_PER_CALL
+        elif isinstance(frame, _CONTROL):
+            self._control_budget -= 1
+            if self._control_budget < 0:
+                raise DenialOfServiceError("too many control frames for the calls made")
+        return frame
 
     def _update_header_buffer(self, f: Any) -> Any:
         frame = super()._update_header_buffer(f)
@@ -178,8 +209,24 @@ class _BoundedProtocol(H2Protocol):
         super().__init__(*args)  # type: ignore[arg-type]
         self._limits = limits
 
+    def data_received(self, data: bytes) -> None:
+        """As grpclib's, except that a caller who broke the protocol (or our limits) is
+        cut off, not closed gracefully: a close waits for it to read what is queued,
+        which a flooder never does."""
+        try:
+            events = self.connection.feed(data)
+        except ProtocolError:
+            self.processor.close("Protocol error")
+            self._transport.abort()  # type: ignore[attr-defined]
+            return
+        self.connection.flush()
+        for event in events:
+            self.processor.process(event)
+        self.connection.flush()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self._transport = transport
         h2 = self.connection._connection
         h2.update_settings(
             {

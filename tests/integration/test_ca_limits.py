@@ -187,21 +187,26 @@ async def test_trickling_connections_make_room_at_the_cap(
         assert (await sign(setup, ca)).spiffe_id == WORKLOAD
 
 
-def test_a_ping_flood_whose_acks_are_never_read_is_cut(tight: tuple[CaSetup, CaProcess]) -> None:
-    """Each PING makes the CA write an acknowledgement; a caller that never reads them
-    must not make it buffer them all (64 MB of PINGs here; it used to grow ~1.5x that)."""
-    _, ca = tight
-    before = ca_metric(ca, CLOSED, listener="grpc", reason="unread_output")
-    context = floods.client_context("h2")
-    closed, sent = floods.unread_acknowledgements(
-        ca.grpc_port, context, PingFrame(0, b"flooding").serialize(), send_at_most=64 * 2**20
-    )
-    assert closed, f"still open after {sent} bytes of frames"
-    assert ca_metric(ca, CLOSED, listener="grpc", reason="unread_output") == before + 1
-
-
 def test_calls_reset_as_soon_as_sent_leave_nothing_owed(tight: tuple[CaSetup, CaProcess]) -> None:
     """A rapid reset: grpclib never releases a call whose handler is cancelled before
     it starts. The connection must still count as idle and be closed."""
     _, ca = tight
     assert floods.reset_calls(ca.grpc_port, floods.client_context("h2"), 4, within=3)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [SettingsFrame(0, settings={4: 65_535}).serialize(), PingFrame(0, b"flooding").serialize()],
+    ids=["settings", "ping"],
+)
+def test_a_flood_of_control_frames_is_cut_at_once(
+    capped: tuple[CaSetup, CaProcess], frame: bytes
+) -> None:
+    """SETTINGS and PING frames start no call but cost the CA work: four connections
+    flooding SETTINGS starved every Sign past its deadline. The idle timeout here is
+    30 s; the connection must be cut long before, whatever the caller reads."""
+    _, ca = capped
+    closed, sent = floods.unread_acknowledgements(
+        ca.grpc_port, floods.client_context("h2"), frame, send_at_most=64 * 2**20, timeout=5
+    )
+    assert closed and sent < 8 * 2**20, f"{sent} bytes of control frames taken"
