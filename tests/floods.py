@@ -25,7 +25,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
-from hyperframe.frame import ContinuationFrame, HeadersFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
 
 SIGN = "/outrider.ca.v1.CertificateAuthority/Sign"
 PREFIX_BYTES = 5  # an empty gRPC message: its length prefix alone
@@ -376,6 +376,29 @@ def reset_calls(port: int, context: ssl.SSLContext, count: int, *, within: float
             wait = max(0.0, deadline - time.monotonic())
             if select.select([sock], [], [], wait)[0] and not sock.recv(65536):
                 return True
+        return False
+    except (OSError, ssl.SSLError):
+        return True
+    finally:
+        sock.close()
+
+
+def empty_data_frames(port: int, context: ssl.SSLContext, *, timeout: float = 5.0) -> bool:
+    """Start a call, then send empty DATA frames (they spend no flow-control window)
+    until the server cuts the connection (True) or `timeout` passes (False)."""
+    sock = context.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=timeout), server_hostname="localhost"
+    )
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    stream = conn.get_next_available_stream_id()
+    conn.send_headers(stream, _request_headers(SIGN))
+    empty = DataFrame(stream).serialize() * 4096
+    deadline = time.monotonic() + timeout
+    try:
+        sock.sendall(conn.data_to_send())
+        while time.monotonic() < deadline:
+            sock.sendall(empty)
         return False
     except (OSError, ssl.SSLError):
         return True

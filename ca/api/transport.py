@@ -35,6 +35,7 @@ from h2.exceptions import DenialOfServiceError, ProtocolError
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from hyperframe.frame import (
+    DataFrame,
     HeadersFrame,
     PingFrame,
     PriorityFrame,
@@ -51,6 +52,7 @@ PREFIX = 5  # gRPC: one compression byte, a 4-byte big-endian length
 CONTROL_FRAMES = 100  # per connection...
 CONTROL_FRAMES_PER_CALL = 10  # ...and per call started on it
 _CONTROL = (SettingsFrame, PingFrame, WindowUpdateFrame, PriorityFrame)
+SMALL_DATA = 1024  # a DATA frame shorter than this is counted with the control frames
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,9 @@ class _BoundedFrames(FrameBuffer):
 
     Frames that start no call (SETTINGS, PING, WINDOW_UPDATE, PRIORITY) each cost
     the CA work, and SETTINGS and PING an answer: a flood of them from four
-    connections starved every Sign past its deadline. A connection may send
+    connections starved every Sign past its deadline. DATA frames of a few bytes
+    (none, for an empty one) cost as much and spend little or no flow-control
+    window, so they count too. A connection may send
     `CONTROL_FRAMES` of them, and `CONTROL_FRAMES_PER_CALL` more per call it
     starts (clients send a few per call: window updates, BDP pings); past that
     it is ended, as h2 ends one that breaks its own limits."""
@@ -191,7 +195,9 @@ class _BoundedFrames(FrameBuffer):
         frame = super().__next__()
         if isinstance(frame, HeadersFrame):
             self._control_budget += CONTROL_FRAMES_PER_CALL
-        elif isinstance(frame, _CONTROL):
+        elif isinstance(frame, _CONTROL) or (
+            isinstance(frame, DataFrame) and len(frame.data) < SMALL_DATA
+        ):
             self._control_budget -= 1
             if self._control_budget < 0:
                 raise DenialOfServiceError("too many control frames for the calls made")

@@ -210,3 +210,10 @@ def test_a_flood_of_control_frames_is_cut_at_once(
         ca.grpc_port, floods.client_context("h2"), frame, send_at_most=64 * 2**20, timeout=5
     )
     assert closed and sent < 8 * 2**20, f"{sent} bytes of control frames taken"
+
+
+def test_a_flood_of_empty_data_frames_is_cut_at_once(capped: tuple[CaSetup, CaProcess]) -> None:
+    """Empty DATA frames spend no flow-control window: they took ~5 s of the CA's CPU
+    before anything else stopped them."""
+    context = floods.client_context("h2")
+    assert floods.empty_data_frames(capped[1].grpc_port, context, timeout=1.0)
