@@ -58,8 +58,7 @@ class InjectorMetrics:
         )
         self.connections_closed = Counter(
             "outrider_injector_connections_closed",
-            "Connections closed at a limit, by reason (max_connections, handshake_timeout,"
-            " handshake_failed, idle_timeout)",
+            f"Connections closed at a limit, by reason ({', '.join(CLOSE_REASONS)})",
             ["reason"],
             registry=self.registry,
         )
