@@ -32,7 +32,7 @@ Example (every key but signer.dir and authn.kubernetes has a default):
     limits:                            # what a caller can hold before it is authenticated
       max_connections: 1000            # per port, TLS handshakes included; more are closed
       handshake_timeout: 10s
-      idle_timeout: 60s                # a connection that sends nothing for this long
+      idle_timeout: 60s                # a connection with no request answered this long
       max_message_bytes: 16384         # one gRPC message (a CSR is at most ~2.3 KB)
       max_concurrent_streams: 4        # per connection
 """

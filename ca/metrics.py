@@ -51,7 +51,7 @@ class CaMetrics:
         self.connections_closed = Counter(
             "outrider_ca_connections_closed",
             "Connections the CA closed at a limit, by port (grpc, http) and reason"
-            " (max_connections, handshake_timeout, handshake_failed, idle_timeout)",
+            f" ({', '.join(CLOSE_REASONS)})",
             ["listener", "reason"],
             registry=r,
         )

@@ -95,6 +95,12 @@ class RenewalPolicy:
         if not timedelta(0) < self.recheck_min <= self.recheck_max:
             raise ValueError("recheck needs 0 < recheck_min <= recheck_max")
 
+    @property
+    def shortest(self) -> timedelta:
+        """A credential with less life left on arrival is a failure: renewed no faster
+        than a failed attempt is retried."""
+        return self.backoff.initial
+
     def recheck(self, held: Validity | None) -> timedelta:
         if held is None:
             return self.recheck_max
@@ -122,10 +128,20 @@ class Standing:
     def usable(self, now: datetime) -> bool:
         return self.held is not None and self.held.holds_at(now)
 
-    def installed(self, validity: Validity, now: Moment, rng: random.Random) -> Standing:
-        """A new credential in service. One already expired counts as a failure, so a
-        renewal that keeps returning useless answers is paced like any other failure."""
-        if not validity.holds_at(now.wall):
+    def installed(
+        self,
+        validity: Validity,
+        now: Moment,
+        rng: random.Random,
+        shortest: timedelta = timedelta(0),
+    ) -> Standing:
+        """A new credential in service. One already expired, or with less than `shortest`
+        left, counts as a failure (kept while it holds), so a renewal that keeps returning
+        useless answers is paced like any other failure. Otherwise an issuer that caps
+        lives by its own expiry (a CA whose intermediate ends soon) would hand out ever
+        shorter ones, each renewed at half its life: renewals without bound, from
+        every client at once, just when the issuer is in trouble."""
+        if not validity.holds_at(now.wall) or validity.not_after - now.wall < shortest:
             return dataclasses.replace(self, held=validity).failed(now, rng)
         # The life that counts is what is left from now, not from NotBefore: issuers
         # backdate NotBefore for clock skew, which would eat most of a short lifetime.
@@ -245,7 +261,7 @@ class Renewer:
         self._expired: Validity | None = None  # the credential on_expired was called for
         self.standing = Standing()
         if held is not None:
-            self.standing = self.standing.installed(held, self.moment(), rng)
+            self.standing = self.standing.installed(held, self.moment(), rng, self.policy.shortest)
         self._wake = asyncio.Event()
 
     def moment(self) -> Moment:
@@ -275,9 +291,12 @@ class Renewer:
             self.on_failure(exc, self.standing.failures, self._retry_in(now))
             return
         now = self.moment()
-        self.standing = self.standing.installed(validity, now, self.rng)
-        if self.standing.failures:  # the clock is off, or the issuer is
-            expired = ValueError(f"the new credential expired at {validity.not_after}")
+        self.standing = self.standing.installed(validity, now, self.rng, self.policy.shortest)
+        if self.standing.failures:  # the clock is off, or the issuer is near its end
+            expired = ValueError(
+                f"the new credential expires at {validity.not_after}, less than"
+                f" {self.policy.shortest.total_seconds():g}s from now"
+            )
             self.on_failure(expired, self.standing.failures, self._retry_in(now))
 
     def _retry_in(self, now: Moment) -> float:

@@ -7,7 +7,19 @@ more than a known amount. The `Acceptor` is the accept loop of such a port
 - a cap on open connections, TLS handshakes in progress included: a
   connection over it is closed at once, before its handshake, and counted;
 - a time limit on the TLS handshake;
-- an idle timeout: a connection that sends nothing for that long is closed.
+- an idle timeout: a connection that has had no request answered for that
+  long (from its accept, or its last answer) is closed;
+- a bound on output left unread: a connection that goes on sending while
+  more than `MAX_UNREAD` of what it was sent waits is closed.
+
+Bytes alone are not activity: a slowloris sends one byte a second forever
+(a PING, a header trickled a byte at a time) and would otherwise be held
+forever and never be the quietest at the cap, so a thousand of them would
+lock every caller out. The server's own protocol reports progress instead
+(`progress_of(transport)`): a request received whole, and its answer sent.
+While a request it has received is being answered the server owes the
+caller, so the connection is not displaced to make room for another; the
+idle timeout still applies, in case an answer never comes.
 
 It hands each connection to the server's own protocol (grpclib's, aiohttp's)
 and quacks like the `asyncio.AbstractServer` those expect. Also here, for
@@ -22,19 +34,40 @@ import logging
 import resource
 import socket
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
+
+from aiohttp import web
 
 from identity.configfile import ConfigReader
 
-__all__ = ["Acceptor", "ConnectionLimits", "raise_fd_limit", "read_limits", "tls_server_context"]
+__all__ = [
+    "Acceptor",
+    "ConnectionLimits",
+    "Progress",
+    "progress_of",
+    "raise_fd_limit",
+    "read_limits",
+    "reports_progress",
+    "tls_server_context",
+]
 
 log = logging.getLogger("outrider.serving")
 
 #: Why the acceptor closed a connection, the label of the servers' metric.
-CLOSE_REASONS = ("max_connections", "handshake_timeout", "handshake_failed", "idle_timeout")
+CLOSE_REASONS = (
+    "max_connections",
+    "handshake_timeout",
+    "handshake_failed",
+    "idle_timeout",
+    "unread_output",
+)
+#: Output a connection may leave unread while it goes on sending. Every answer
+#: here is a few KiB; without a bound, a caller that floods PINGs or SETTINGS
+#: and never reads makes the server buffer every acknowledgement.
+MAX_UNREAD = 1024 * 1024
 ACCEPT_BACKOFF = 0.1  # seconds, after accept() fails (EMFILE): the listener stays
 
 
@@ -97,17 +130,63 @@ def tls_server_context() -> ssl.SSLContext:
 Refused = Callable[[str], None]  # called with one of CLOSE_REASONS
 
 
+class Progress(Protocol):
+    """What a server protocol tells the acceptor about one connection."""
+
+    def received(self) -> None:
+        """A request has arrived whole: the server owes an answer."""
+
+    def answered(self) -> None:
+        """The answer to a request `received` is out (or the request ended)."""
+
+
+def progress_of(transport: asyncio.BaseTransport | None) -> Progress | None:
+    """The progress record of a connection an `Acceptor` accepted, else None."""
+    protocol = transport.get_protocol() if transport is not None else None
+    return protocol if isinstance(protocol, _Guard) else None
+
+
+@web.middleware
+async def reports_progress(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp middleware: each request's handler reports to its connection's acceptor.
+
+    aiohttp calls the handler once the request's head has arrived. A request
+    whose body is still to come is not yet owed an answer: its sender could
+    trickle the body for as long as the handler waits, so it stays idle, and
+    displaceable, until it is answered.
+    """
+    progress = progress_of(request.transport)
+    if progress is None or not _body_arrived(request):
+        return await handler(request)
+    progress.received()
+    try:
+        return await handler(request)
+    finally:
+        progress.answered()
+
+
+def _body_arrived(request: web.Request) -> bool:
+    if not request.body_exists:
+        return True
+    length = request.content_length
+    return length is not None and request.content.total_bytes >= length
+
+
 class Acceptor:
     """Accepts on `sock` within `limits`; each connection gets `factory()`'s protocol.
 
     At the cap the connection that has been quiet longest (handshakes in progress
-    included) makes room for the new one, if it has been quiet for `QUIET`: a
-    flood of idle connections then only displaces itself, and callers still get
-    served. When every connection is busy the new one is closed instead, before
-    any TLS. Either way the closure is counted as `max_connections`.
+    included; quiet: no request received whole or answered) makes room for the
+    new one, if it has been quiet for `QUIET` and is owed no answer: a flood of
+    idle or trickling connections then only displaces itself, and a caller whose
+    request is being answered is never cut. When none can make room the new one
+    is closed instead, before any TLS. Either way the closure is counted as
+    `max_connections`.
     """
 
-    QUIET = 1.0  # seconds without a byte before a connection may be displaced
+    QUIET = 1.0  # seconds without progress before a connection may be displaced
 
     def __init__(
         self,
@@ -185,7 +264,10 @@ class Acceptor:
             guard.setup = loop.create_task(self._setup(guard, sock))
 
     def _make_room(self, now: float) -> bool:
-        quietest = min(self._held, key=lambda guard: guard.last)
+        waiting = [guard for guard in self._held if not guard.owed]
+        if not waiting:
+            return False  # every connection waits on an answer from us
+        quietest = min(waiting, key=lambda guard: guard.last)
         if now - quietest.last < self.QUIET:
             return False
         quietest.abort()
@@ -224,7 +306,8 @@ class _Guard(asyncio.Protocol):
     def __init__(self, acceptor: Acceptor, idle: float, now: float) -> None:
         self._acceptor = acceptor
         self._idle = idle
-        self.last = now  # when a byte last came in (or when it was accepted)
+        self.last = now  # when a request last arrived whole or was answered (or the accept)
+        self.owed = 0  # requests received whole and not answered yet
         self.setup: asyncio.Task[None] | None = None
         self._inner: Any = None  # the server's protocol: grpclib's or aiohttp's
         self._transport: asyncio.BaseTransport | None = None
@@ -239,8 +322,20 @@ class _Guard(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        assert self._transport is not None
+        if self._transport.get_write_buffer_size() > MAX_UNREAD:  # type: ignore[attr-defined]
+            self._acceptor.count("unread_output")
+            self.abort()
+            return
+        self._inner.data_received(data)  # not activity by itself: see the module's docstring
+
+    def received(self) -> None:
+        self.owed += 1
         self.last = asyncio.get_running_loop().time()
-        self._inner.data_received(data)
+
+    def answered(self) -> None:
+        self.owed = max(self.owed - 1, 0)
+        self.last = asyncio.get_running_loop().time()
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()  # type: ignore[no-any-return]
@@ -266,7 +361,7 @@ class _Guard(asyncio.Protocol):
 
     def _check_idle(self) -> None:
         loop = asyncio.get_running_loop()
-        due = self.last + self._idle
+        due = self.last + self._idle  # owed or not: no answer should take that long
         if loop.time() < due:
             self._timer = loop.call_at(due, self._check_idle)
             return

@@ -22,7 +22,7 @@ Every key has a default; `tls` is required by `outrider injector serve` only.
       max_json_depth: 64             # at least 32
       max_connections: 1000          # TLS handshakes included; more are closed at once
       handshake_timeout: 10s
-      idle_timeout: 60s              # a connection that sends nothing for this long
+      idle_timeout: 60s              # a connection with no request answered this long
 """
 
 from __future__ import annotations

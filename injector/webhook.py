@@ -27,7 +27,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from identity.serving import CLOSE_REASONS
+from identity.serving import CLOSE_REASONS, reports_progress
 from injector.config import Limits
 from injector.core import INJECTED, Admission, BadRequest, Settings, admit, decode
 
@@ -58,8 +58,7 @@ class InjectorMetrics:
         )
         self.connections_closed = Counter(
             "outrider_injector_connections_closed",
-            "Connections closed at a limit, by reason (max_connections, handshake_timeout,"
-            " handshake_failed, idle_timeout)",
+            f"Connections closed at a limit, by reason ({', '.join(CLOSE_REASONS)})",
             ["reason"],
             registry=self.registry,
         )
@@ -109,7 +108,8 @@ def make_app(
             body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
-    app = web.Application(client_max_size=limits.max_body_bytes)
+    # reports_progress: the acceptor's idle timeout counts answered requests, not bytes
+    app = web.Application(client_max_size=limits.max_body_bytes, middlewares=[reports_progress])
     app.router.add_post("/mutate", mutate)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", get_metrics)

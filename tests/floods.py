@@ -15,17 +15,20 @@ import select
 import socket
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
-from hyperframe.frame import ContinuationFrame, HeadersFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
 
 SIGN = "/outrider.ca.v1.CertificateAuthority/Sign"
+PREFIX_BYTES = 5  # an empty gRPC message: its length prefix alone
 
 
 def rss_kib(pid: int) -> int:
@@ -133,11 +136,7 @@ def oversized_call(
     """Start a gRPC call whose message says it is `declared` bytes long and send its
     body (zeros) until the server answers, resets, stops granting window, or
     `send_at_most` bytes are out."""
-    sock = context.wrap_socket(
-        socket.create_connection(("127.0.0.1", port), timeout=timeout), server_hostname="localhost"
-    )
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
+    sock, conn = _h2_client(port, context, timeout)
     stream = conn.get_next_available_stream_id()
     conn.send_headers(stream, _request_headers(path))
     conn.send_data(stream, b"\0" + struct.pack(">I", declared))
@@ -182,11 +181,7 @@ def unfinished_calls(
 ) -> Streams:
     """Open `count` calls on one connection, each with half a small message, and
     finish none; `header_bytes` adds one header that long to each."""
-    sock = context.wrap_socket(
-        socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="localhost"
-    )
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
+    sock, conn = _h2_client(port, context)
     extra = [("x-padding", "a" * header_bytes)] if header_bytes else []
     for _ in range(count):
         stream = conn.get_next_available_stream_id()
@@ -221,15 +216,30 @@ def endless_header_block(
 ) -> bool:
     """Send a HEADERS frame and `continuations` CONTINUATION frames of 16 KiB, none
     ending the block (a CONTINUATION flood); True if the server closed the connection."""
+    sock, conn = _h2_client(port, context)
+    frames = [HeadersFrame(1, bytes(16_384))]
+    frames += [ContinuationFrame(1, bytes(16_384)) for _ in range(continuations)]
+    return _closed_after(
+        sock, conn.data_to_send() + b"".join(f.serialize() for f in frames), within
+    )
+
+
+def _h2_client(
+    port: int, context: ssl.SSLContext, timeout: float = 5.0
+) -> tuple[ssl.SSLSocket, h2.connection.H2Connection]:
+    """A TLS connection to the server, and an HTTP/2 client whose preface is queued."""
     sock = context.wrap_socket(
-        socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="localhost"
+        socket.create_connection(("127.0.0.1", port), timeout=timeout), server_hostname="localhost"
     )
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
-    frames = [HeadersFrame(1, bytes(16_384))]
-    frames += [ContinuationFrame(1, bytes(16_384)) for _ in range(continuations)]
+    return sock, conn
+
+
+def _closed_after(sock: ssl.SSLSocket, data: bytes, within: float) -> bool:
+    """Send `data`, then nothing: True if the server closed the connection within `within` s."""
     try:
-        sock.sendall(conn.data_to_send() + b"".join(f.serialize() for f in frames))
+        sock.sendall(data)
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             wait = max(0.0, deadline - time.monotonic())
@@ -238,6 +248,24 @@ def endless_header_block(
         return False
     except (OSError, ssl.SSLError):
         return True
+    finally:
+        sock.close()
+
+
+def _flooded(
+    sock: ssl.SSLSocket, first: bytes, chunk: bytes, at_most: int, within: float
+) -> tuple[bool, int]:
+    """Send `first`, then `chunk` again and again, up to `at_most` bytes or `within` s:
+    (whether the server cut the connection, bytes of chunks sent)."""
+    sent, deadline = 0, time.monotonic() + within
+    try:
+        sock.sendall(first)
+        while sent < at_most and time.monotonic() < deadline:
+            sock.sendall(chunk)
+            sent += len(chunk)
+        return False, sent
+    except (OSError, ssl.SSLError):
+        return True, sent
     finally:
         sock.close()
 
@@ -289,3 +317,76 @@ def client_context(alpn: str | None = None) -> ssl.SSLContext:
     if alpn is not None:
         context.set_alpn_protocols([alpn])
     return context
+
+
+@contextmanager
+def trickling_connections(
+    port: int,
+    count: int,
+    message: bytes,
+    *,
+    every: float,
+    tls: ssl.SSLContext | None = None,
+    first: bytes = b"",
+) -> Iterator[Flood]:
+    """`count` connections that each send `first` at once, then `message` one byte
+    every `every` seconds (a slowloris), from a thread, until the block ends or the
+    message is out."""
+    stop = threading.Event()
+    with idle_connections(port, count, tls=tls) as flood:
+        for sock in flood.sockets:
+            sock.setblocking(True)
+            sock.sendall(first)
+            sock.setblocking(False)
+
+        def trickle() -> None:
+            for byte in message:
+                if stop.wait(every):
+                    return
+                for sock in flood.sockets:
+                    if sock not in flood.closed:
+                        with suppress(OSError, ssl.SSLError):
+                            sock.send(bytes([byte]))
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        try:
+            yield flood
+        finally:
+            stop.set()
+            thread.join()
+
+
+def unread_acknowledgements(
+    port: int, context: ssl.SSLContext, frame: bytes, *, send_at_most: int, timeout: float = 10.0
+) -> tuple[bool, int]:
+    """Flood HTTP/2 `frame`s that each ask for an acknowledgement (PING, SETTINGS)
+    and read nothing back: (whether the server closed the connection, bytes sent)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # do not read for the server
+    sock = context.wrap_socket(raw, server_hostname="localhost")
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    return _flooded(sock, conn.data_to_send(), frame * 4096, send_at_most, timeout)
+
+
+def reset_calls(port: int, context: ssl.SSLContext, count: int, *, within: float) -> bool:
+    """Send `count` whole calls, each reset at once (a rapid reset), then nothing:
+    True if the server closed the connection within `within` seconds."""
+    sock, conn = _h2_client(port, context)
+    for _ in range(count):
+        stream = conn.get_next_available_stream_id()
+        conn.send_headers(stream, _request_headers(SIGN))
+        conn.send_data(stream, bytes(PREFIX_BYTES), end_stream=True)
+        conn.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
+    return _closed_after(sock, conn.data_to_send(), within)
+
+
+def empty_data_frames(port: int, context: ssl.SSLContext, *, timeout: float = 5.0) -> bool:
+    """Start a call, then send empty DATA frames (they spend no flow-control window)
+    until the server cuts the connection (True) or `timeout` passes (False)."""
+    sock, conn = _h2_client(port, context, timeout)
+    stream = conn.get_next_available_stream_id()
+    conn.send_headers(stream, _request_headers(SIGN))
+    empty = DataFrame(stream).serialize() * 4096
+    return _flooded(sock, conn.data_to_send(), empty, 2**40, timeout)[0]

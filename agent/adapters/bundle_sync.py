@@ -7,8 +7,9 @@ CA for its bundle every `ca.bundle_refresh` (5 s by default), and reads the
 bundle file every second; SIGHUP and a change to the file ask the CA at
 once. When the roots both list (`agent.core.trust`) differ from those in
 use, the identity manager installs them with the same SVID: new connections
-verify against them from then on. After a renewal, whose bundle comes from
-the CA alone, the next look (within a second) applies the file again.
+verify against them from then on. A renewed SVID, whose answer carries the
+CA's bundle alone, goes into service with the roots both list too
+(`peer_roots`): a root the file dropped is not trusted again, even briefly.
 
 The channel to the CA presents no client certificate: GetBundle needs none,
 and an SVID that chains to a root the CA has just dropped would fail the
@@ -43,6 +44,7 @@ _CA_TROUBLE = (GRPCError, OSError, TimeoutError, StreamTerminatedError, Protocol
 class BundleSync:
     def __init__(self, identity: IdentityManager) -> None:
         self.identity = identity
+        identity.peer_roots = self.peer_roots
         self._wake = asyncio.Event()
         self._seen: Svid | None = None  # the SVID in use when last looked at
         self._from_ca: TrustBundle | None = None  # the CA's newest word
@@ -83,7 +85,7 @@ class BundleSync:
         if svid is None:
             return
         if svid is not self._seen:  # a renewal: its bundle is the CA's, as of now
-            self._seen, self._from_ca = svid, svid.bundle
+            self._seen, self._from_ca = svid, self.identity.ca_bundle
         from_file = self._file[1]
         if from_file is None or self._from_ca is None:
             return  # the file cannot be used: keep what is in use
@@ -106,6 +108,18 @@ class BundleSync:
             len(wanted.roots),
             len(svid.bundle.roots),
         )
+
+    def peer_roots(self, from_ca: TrustBundle) -> TrustBundle:
+        """The roots a renewed SVID goes into service with: those both list, as `_apply`
+        would choose a second later (the CA's alone if the file cannot be used)."""
+        self._read_file(self.identity.config.ca)
+        from_file = self._file[1]
+        if from_file is None:
+            return from_ca
+        try:
+            return peer_bundle(from_ca, from_file)
+        except BundleError:
+            return from_ca  # `_apply` reports it, and keeps what is in use
 
     def _read_file(self, ca: CaEndpoint) -> bool:
         """Read the bundle file; True if its content changed."""

@@ -42,6 +42,9 @@ log = logging.getLogger("outrider.agent.identity")
 SignFn = Callable[[bytes, bytes, Svid | None, str | None], Awaitable[ca_pb2.SignResponse]]
 
 _UNAUTHORIZED = {Status.UNAUTHENTICATED, Status.PERMISSION_DENIED}
+#: How a CA that refuses the client certificate shows: under TLS 1.3 the client's
+#: handshake completes first, so the refusal arrives as an alert or a lost connection.
+_HANDSHAKE_REFUSED = (OSError, StreamTerminatedError, ProtocolError)
 
 
 class RenewalFailed(Exception):
@@ -70,7 +73,10 @@ class IdentityManager:
         self.now = now
         self.rng = rng
         self.sign = sign or self._sign_with_ca
-        self.svid: Svid | None = None
+        self.svid: Svid | None = None  # its bundle: the roots peers are verified against
+        self.ca_bundle: TrustBundle | None = None  # the bundle the CA sent with it
+        #: The roots to verify peers against, given the CA's bundle (`BundleSync.peer_roots`).
+        self.peer_roots: Callable[[TrustBundle], TrustBundle] = lambda bundle: bundle
         self.has_svid = asyncio.Event()
         self.renewal = Renewer(
             "the SVID",
@@ -139,15 +145,17 @@ class IdentityManager:
             .public_bytes(serialization.Encoding.DER)
         )
         trusted = self._trusted_pem()
-        current = self.svid if self.svid and self.now() < self.svid.not_after else None
+        current = self._presentable()
         try:
             if current is not None:
                 try:
                     response = await self.sign(csr, trusted, current, None)
-                except GRPCError as exc:
-                    if exc.status not in _UNAUTHORIZED:
+                except (GRPCError, *_HANDSHAKE_REFUSED) as exc:
+                    if isinstance(exc, GRPCError) and exc.status not in _UNAUTHORIZED:
                         raise
-                    log.warning("renewal with the current SVID refused (%s); using the token", exc)
+                    if isinstance(exc, ConnectionRefusedError | TimeoutError):
+                        raise  # nothing listens, or it hangs: the token would not get further
+                    log.warning("renewal with the current SVID failed (%r); using the token", exc)
                     response = await self.sign(csr, trusted, None, self._token())
             else:
                 response = await self.sign(csr, trusted, None, self._token())
@@ -171,8 +179,26 @@ class IdentityManager:
             raise RenewalFailed("bad_answer", message) from None
         return svid
 
+    def _presentable(self) -> Svid | None:
+        """The SVID to renew with: valid now and chaining to the roots trusted now.
+
+        One whose root was removed (`install_bundle`) would be refused in the
+        CA's handshake on every try until it expired; the token is the way back.
+        """
+        svid = self.svid
+        if svid is None or self.now() >= svid.not_after:
+            return None
+        try:
+            check_chain(svid.chain, svid.bundle)
+        except ChainError:
+            return None
+        return svid
+
     def install(self, svid: Svid) -> None:
-        """Put `svid` in service: new connections use it from now on."""
+        """Put `svid` in service: new connections use it from now on, verifying peers
+        against `peer_roots` of the CA's bundle, never for a moment the CA's alone."""
+        ca_bundle = svid.bundle
+        svid = dataclasses.replace(svid, bundle=self.peer_roots(ca_bundle))
         try:
             server, client = server_context(svid), client_context(svid)
             http_server = http_server_context(svid)
@@ -180,7 +206,7 @@ class IdentityManager:
             raise RenewalFailed("bad_answer", f"ssl cannot use the new SVID: {exc}") from None
         self.contexts.server, self.contexts.client = server, client
         self.contexts.http_server = http_server
-        self.svid = svid
+        self.svid, self.ca_bundle = svid, ca_bundle
         self.metrics.rotations.labels("success").inc()
         self.metrics.svid_expiry.set(svid.not_after.timestamp())
         self.metrics.bundle_expiry.set(svid.bundle.earliest_expiry.timestamp())

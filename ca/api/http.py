@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ca.metrics import CaMetrics
 from identity import TrustBundle
+from identity.serving import reports_progress
 
 SPIFFE_BUNDLE_TYPE = "application/json"
 
@@ -32,7 +33,7 @@ def make_app(bundle: Callable[[], TrustBundle], metrics: CaMetrics) -> web.Appli
             body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
-    app = web.Application()
+    app = web.Application(middlewares=[reports_progress])  # for the idle timeout
     app.router.add_get("/bundle", get_bundle)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", get_metrics)

@@ -30,17 +30,29 @@ from grpclib.metadata import encode_grpc_message
 from grpclib.protocol import EventsProcessor, H2Protocol, Stream
 from grpclib.server import Server
 from h2.errors import ErrorCodes
-from h2.events import DataReceived, RequestReceived
-from h2.exceptions import DenialOfServiceError
+from h2.events import DataReceived, RequestReceived, StreamEnded, StreamReset
+from h2.exceptions import DenialOfServiceError, ProtocolError
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
+from hyperframe.frame import (
+    DataFrame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 
-from identity.serving import Acceptor, ConnectionLimits, Refused
+from identity.serving import Acceptor, ConnectionLimits, Progress, Refused, progress_of
 
 #: The HTTP/2 minimum (and default) window; grpclib's is 4 MiB.
 WINDOW = 65_535
 HEADER_LIST_BYTES = 16_384  # a Sign request's headers, token included, are ~1.5 KB
 PREFIX = 5  # gRPC: one compression byte, a 4-byte big-endian length
+CONTROL_FRAMES = 100  # per connection...
+CONTROL_FRAMES_PER_CALL = 10  # ...and per call started on it
+_CONTROL = (SettingsFrame, PingFrame, WindowUpdateFrame, PriorityFrame)
+SMALL_DATA = 1024  # a DATA frame shorter than this is counted with the control frames
 
 
 @dataclass(frozen=True)
@@ -86,10 +98,12 @@ class Framing:
 class _BoundedEvents(EventsProcessor):
     limits: GrpcLimits
 
-    def __init__(self, *args: object, limits: GrpcLimits) -> None:
+    def __init__(self, *args: object, limits: GrpcLimits, progress: Progress | None) -> None:
         super().__init__(*args)  # type: ignore[arg-type]
         self.limits = limits
         self._framing: dict[int, Framing] = {}
+        self._progress = progress
+        self._owed: set[int] = set()  # streams whose request has arrived whole
 
     def register(self, stream: Stream) -> Callable[[], None]:
         release = super().register(stream)
@@ -99,9 +113,28 @@ class _BoundedEvents(EventsProcessor):
 
         def release_and_forget() -> None:
             self._framing.pop(stream_id, None)
+            self._settled(stream_id)
             release()
 
         return release_and_forget
+
+    def process_stream_ended(self, event: StreamEnded) -> None:
+        """The caller's request is whole: from here the CA owes the answer."""
+        if event.stream_id in self._framing and self._progress is not None:
+            self._owed.add(event.stream_id)
+            self._progress.received()
+        super().process_stream_ended(event)
+
+    def process_stream_reset(self, event: StreamReset) -> None:
+        """A reset stream is owed nothing. grpclib releases a stream when its handler
+        ends, but a handler cancelled before it started never ends (a rapid reset)."""
+        self._settled(event.stream_id)
+        super().process_stream_reset(event)
+
+    def _settled(self, stream_id: int) -> None:
+        if stream_id in self._owed and self._progress is not None:
+            self._owed.discard(stream_id)
+            self._progress.answered()
 
     def process_request_received(self, event: RequestReceived) -> None:
         # Enforced here because h2 applies our SETTINGS only once the peer acks them.
@@ -143,7 +176,32 @@ class _BoundedEvents(EventsProcessor):
 
 class _BoundedFrames(FrameBuffer):
     """h2 holds a header block's CONTINUATION frames until it ends: up to 64 frames,
-    1 MiB per connection. Here a block may not grow past the header list limit."""
+    1 MiB per connection. Here a block may not grow past the header list limit.
+
+    Frames that start no call (SETTINGS, PING, WINDOW_UPDATE, PRIORITY) each cost
+    the CA work, and SETTINGS and PING an answer: a flood of them from four
+    connections starved every Sign past its deadline. DATA frames of a few bytes
+    (none, for an empty one) cost as much and spend little or no flow-control
+    window, so they count too. A connection may send
+    `CONTROL_FRAMES` of them, and `CONTROL_FRAMES_PER_CALL` more per call it
+    starts (clients send a few per call: window updates, BDP pings); past that
+    it is ended, as h2 ends one that breaks its own limits."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._control_budget = CONTROL_FRAMES
+
+    def __next__(self) -> Any:
+        frame = super().__next__()
+        if isinstance(frame, HeadersFrame):
+            self._control_budget += CONTROL_FRAMES_PER_CALL
+        elif isinstance(frame, _CONTROL) or (
+            isinstance(frame, DataFrame) and len(frame.data) < SMALL_DATA
+        ):
+            self._control_budget -= 1
+            if self._control_budget < 0:
+                raise DenialOfServiceError("too many control frames for the calls made")
+        return frame
 
     def _update_header_buffer(self, f: Any) -> Any:
         frame = super()._update_header_buffer(f)
@@ -157,8 +215,24 @@ class _BoundedProtocol(H2Protocol):
         super().__init__(*args)  # type: ignore[arg-type]
         self._limits = limits
 
+    def data_received(self, data: bytes) -> None:
+        """As grpclib's, except that a caller who broke the protocol (or our limits) is
+        cut off, not closed gracefully: a close waits for it to read what is queued,
+        which a flooder never does."""
+        try:
+            events = self.connection.feed(data)
+        except ProtocolError:
+            self.processor.close("Protocol error")
+            self._transport.abort()  # type: ignore[attr-defined]
+            return
+        self.connection.flush()
+        for event in events:
+            self.processor.process(event)
+        self.connection.flush()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self._transport = transport
         h2 = self.connection._connection
         h2.update_settings(
             {
@@ -171,7 +245,9 @@ class _BoundedProtocol(H2Protocol):
         frames.max_frame_size = h2.incoming_buffer.max_frame_size
         h2.incoming_buffer = frames  # nothing has been received yet
         self.connection.flush()
-        self.processor = _BoundedEvents(self.handler, self.connection, limits=self._limits)
+        self.processor = _BoundedEvents(
+            self.handler, self.connection, limits=self._limits, progress=progress_of(transport)
+        )
 
 
 class BoundedServer(Server):

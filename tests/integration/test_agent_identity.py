@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from agent import config as agent_config
 from agent.adapters.metrics import AgentMetrics
@@ -79,6 +80,35 @@ async def test_a_refused_svid_falls_back_to_the_token(setup: CaSetup) -> None:
     identity.install(await identity.renew())
     await identity.renew()
     assert recorder.calls == [f"token:{workload('web')}", "svid", f"token:{workload('web')}"]
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        StreamTerminatedError("Connection lost"),  # TLS 1.3: the alert after the handshake
+        ConnectionResetError(104, "reset"),
+        ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] alert"),
+    ],
+)
+async def test_an_svid_refused_in_the_handshake_falls_back_to_the_token(
+    setup: CaSetup, refusal: Exception
+) -> None:
+    """A CA that no longer trusts the SVID's root refuses it before any gRPC status."""
+    recorder = Recorder(local_sign(setup), fail=lambda n: refusal if n == 2 else None)
+    identity = manager(setup, recorder)
+    identity.install(await identity.renew())
+    await identity.renew()
+    assert recorder.calls == [f"token:{workload('web')}", "svid", f"token:{workload('web')}"]
+
+
+@pytest.mark.parametrize("down", [ConnectionRefusedError(111, "refused"), TimeoutError()])
+async def test_a_ca_that_is_down_is_not_asked_twice(setup: CaSetup, down: Exception) -> None:
+    recorder = Recorder(local_sign(setup), fail=lambda n: down if n == 2 else None)
+    identity = manager(setup, recorder)
+    identity.install(await identity.renew())
+    with pytest.raises(RenewalFailed):
+        await identity.renew()
+    assert recorder.calls == [f"token:{workload('web')}", "svid"]
 
 
 @pytest.mark.parametrize(

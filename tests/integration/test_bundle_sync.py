@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from ca.signers.local import init_ca
 from identity import TrustBundle
@@ -215,3 +217,62 @@ async def test_a_file_change_is_applied_while_the_ca_hangs(tmp_path: Path) -> No
         silent.close()
         for writer in held:
             writer.close()
+
+
+def _rotate_ca_to_a_new_root(setup: CaSetup, root: Path) -> bytes:
+    """The CA directory now issues under a new root, and its bundle holds only that root."""
+    init_ca(root / "new", TRUST_DOMAIN, datetime.now(UTC), force=False)
+    for name in ("intermediate.pem", "intermediate.key", "root.pem"):
+        shutil.copy(root / "new" / name, setup.ca_dir / name)
+    new_root = (setup.ca_dir / "root.pem").read_bytes()
+    (setup.ca_dir / "bundle.pem").write_bytes(new_root)
+    return new_root
+
+
+async def test_an_agent_whose_root_was_removed_renews_with_its_token(tmp_path: Path) -> None:
+    """The CA restarted on a new root only refuses the agent's SVID in the handshake: the
+    agent must not keep presenting it until it expires, but fall back to its token."""
+    ca_address = f"127.0.0.1:{free_port()}"
+    setup = make_ca_setup(tmp_path, listen={"grpc": ca_address, "http": "127.0.0.1:0"})
+    with ExitStack() as stack:
+        ca = stack.enter_context(ca_process(setup.config))
+        token = setup.issuer.token("demo", "backend")
+        raw = agent_yaml(tmp_path, "backend", ca_address=ca_address, token=token)
+        raw["ca"]["bundle_refresh"] = "1s"
+        agent = stack.enter_context(agent_process(tmp_path, "backend", raw))
+        first = agent.certs()["serial"]
+        new_root = _rotate_ca_to_a_new_root(setup, tmp_path)
+        ca.process.send_signal(signal.SIGTERM)
+        assert ca.process.wait(10) == 0
+        stack.enter_context(ca_process(setup.config))
+
+        new_sha = x509.load_pem_x509_certificate(new_root).fingerprint(hashes.SHA256()).hex()
+
+        async def renewed_under_the_new_root() -> bool:
+            shown = agent.certs()
+            roots = [root["sha256"] for root in shown["bundle"]["roots"]]
+            return shown["serial"] != first and roots == [new_sha]
+
+        assert await within(REACH, renewed_under_the_new_root), agent.log[-5:]
+
+
+async def test_a_renewal_does_not_bring_back_a_root_the_file_removed(tmp_path: Path) -> None:
+    """The CA's answer to a renewal still lists the root the file dropped: the new SVID
+    goes into service with the roots both list, not for a second with the CA's alone."""
+    roots = Roots(tmp_path)
+    old_client = certs.client_context(roots.both, roots.old_svid(OLD_CLIENT))
+    async with echo_server() as app_port:
+        raw = agent_yaml(tmp_path, "backend", inbound=inbound(app_port))
+        raw["ca"]["bundle_file"] = str(roots.agents_file)  # no CA listens: it never answers
+        async with running_agent(raw, local_sign(roots.setup), tmp_path) as agent:
+            address = agent.bound["inbound[0]"]
+            roots.agents_file.write_bytes(roots.new_root)
+
+            async def refused() -> bool:
+                return await mtls_exchange(address, old_client, PAYLOAD) == b""
+
+            assert await within(REACH / 2, refused)
+            agent.identity.install(await agent.identity.renew())
+            assert agent.identity.svid is not None
+            assert len(agent.identity.svid.bundle.roots) == 1
+            assert await refused()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hyperframe.frame import PingFrame, SettingsFrame
 
 from identity.proto import ca_pb2
 from tests import floods
@@ -28,6 +29,7 @@ from tests.support import (
 )
 
 CLOSED = "outrider_ca_connections_closed_total"
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 TIGHT = {"max_connections": 50, "handshake_timeout": "500ms", "idle_timeout": "500ms"}
 
 
@@ -151,3 +153,67 @@ async def test_over_the_cap_connections_are_closed_at_once_and_sign_goes_on(
         await asyncio.sleep(1.1)  # the idle ones are now quiet enough to make room
         assert (await sign(setup, ca)).spiffe_id == WORKLOAD
         assert flood.closed_by_peer(within=0.5) == closed + 1  # the quietest made room
+
+
+def h2_trickle(pings: int) -> bytes:
+    """What a slowloris sends a byte at a time: the HTTP/2 preface, SETTINGS, PINGs."""
+    ping = PingFrame(0, b"trickle!").serialize()
+    return H2_PREFACE + SettingsFrame(0).serialize() + ping * pings
+
+
+async def test_a_byte_at_a_time_holds_no_connection_and_sign_goes_on(
+    tight: tuple[CaSetup, CaProcess],
+) -> None:
+    """A slowloris at the cap: a byte every 0.3 s (under the idle timeout and the
+    quiet time) is not activity; the connections close and callers get in."""
+    setup, ca = tight
+    context = floods.client_context("h2")
+    with floods.trickling_connections(
+        ca.grpc_port, 50, h2_trickle(20), every=0.3, tls=context
+    ) as f:
+        assert f.closed_by_peer(within=3) == 50
+        assert (await sign(setup, ca)).spiffe_id == WORKLOAD
+
+
+async def test_trickling_connections_make_room_at_the_cap(
+    capped: tuple[CaSetup, CaProcess],
+) -> None:
+    """With a long idle timeout the cap is what protects callers: a trickling
+    connection has made no progress, so it makes room as an idle one does."""
+    setup, ca = capped
+    context = floods.client_context("h2")
+    with floods.trickling_connections(ca.grpc_port, 50, h2_trickle(20), every=0.3, tls=context):
+        await asyncio.sleep(1.1)  # quiet long enough to make room
+        assert (await sign(setup, ca)).spiffe_id == WORKLOAD
+
+
+def test_calls_reset_as_soon_as_sent_leave_nothing_owed(tight: tuple[CaSetup, CaProcess]) -> None:
+    """A rapid reset: grpclib never releases a call whose handler is cancelled before
+    it starts. The connection must still count as idle and be closed."""
+    _, ca = tight
+    assert floods.reset_calls(ca.grpc_port, floods.client_context("h2"), 4, within=3)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [SettingsFrame(0, settings={4: 65_535}).serialize(), PingFrame(0, b"flooding").serialize()],
+    ids=["settings", "ping"],
+)
+def test_a_flood_of_control_frames_is_cut_at_once(
+    capped: tuple[CaSetup, CaProcess], frame: bytes
+) -> None:
+    """SETTINGS and PING frames start no call but cost the CA work: four connections
+    flooding SETTINGS starved every Sign past its deadline. The idle timeout here is
+    30 s; the connection must be cut long before, whatever the caller reads."""
+    _, ca = capped
+    closed, sent = floods.unread_acknowledgements(
+        ca.grpc_port, floods.client_context("h2"), frame, send_at_most=64 * 2**20, timeout=5
+    )
+    assert closed and sent < 8 * 2**20, f"{sent} bytes of control frames taken"
+
+
+def test_a_flood_of_empty_data_frames_is_cut_at_once(capped: tuple[CaSetup, CaProcess]) -> None:
+    """Empty DATA frames spend no flow-control window: they took ~5 s of the CA's CPU
+    before anything else stopped them."""
+    context = floods.client_context("h2")
+    assert floods.empty_data_frames(capped[1].grpc_port, context, timeout=1.0)

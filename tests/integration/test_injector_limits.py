@@ -8,6 +8,7 @@ injector.yaml keep each test to a second or so.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,3 +60,29 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit(webhook: Webhook) -> No
     soft, hard = next(line for line in limits.splitlines() if "open files" in line).split()[3:5]
     assert soft == hard
     assert any(f"open-file limit: {hard}" in line for line in webhook.log)
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Webhook]:
+    """A cap of 20 and an idle timeout far longer than a test: only the cap protects."""
+    limits = {"max_connections": 20, "idle_timeout": "30s"}
+    with running_webhook(tmp_path_factory.mktemp("injector"), limits) as running:
+        yield running
+
+
+HEAD = b"POST /mutate HTTP/1.1\r\nHost: injector\r\nContent-Length: 1000\r\n"
+
+
+@pytest.mark.parametrize("first", [b"", HEAD + b"\r\n"], ids=["head", "body"])
+def test_a_request_trickled_a_byte_at_a_time_does_not_lock_reviews_out(
+    capped: Webhook, first: bytes
+) -> None:
+    """A slowloris at the cap, on the request's head or on its body: a byte every
+    0.3 s (under the quiet time) is not progress, so a trickling connection makes
+    room and the review goes through."""
+    context = floods.client_context()
+    with floods.trickling_connections(
+        capped.port, 20, HEAD + b"a" * 100, every=0.3, tls=context, first=first
+    ):
+        time.sleep(1.1)  # quiet long enough to make room
+        assert capped.review(review())["allowed"] is True

@@ -220,6 +220,19 @@ async def test_a_wall_clock_step_past_expiry_and_back_is_noticed_within_a_tenth_
         renewer.task.cancel()  # type: ignore[attr-defined]
 
 
+async def test_ever_shorter_credentials_are_renewed_no_faster_than_failures_are_retried() -> None:
+    """An issuer whose own certificate ends in 10 ms caps every credential there."""
+    clock = FakeClock(T0)
+    credential = Credential(clock, life=0.01)
+    renewer = await start(clock, credential)
+    try:
+        await clock.advance(5)
+        assert credential.calls <= 12, f"{credential.calls} renewals in 5 s"
+        assert renewer.standing.failures >= 1
+    finally:
+        renewer.task.cancel()  # type: ignore[attr-defined]
+
+
 async def test_renew_now_cuts_a_wait_short() -> None:
     clock = FakeClock(T0)
     credential = Credential(clock, life=3600)
