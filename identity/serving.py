@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -48,7 +47,6 @@ __all__ = [
     "ConnectionLimits",
     "Progress",
     "progress_of",
-    "raise_fd_limit",
     "read_limits",
     "reports_progress",
     "tls_server_context",
@@ -93,22 +91,6 @@ def read_limits(
             raw, "idle_timeout", f"{path}.idle_timeout", defaults.idle_timeout
         ),
     )
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft limit on open files to the hard one; return the limit now in force.
-
-    1024, a common soft default, is what a thousand idle connections take.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as exc:  # e.g. macOS's unlimited hard limit
-            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
-    log.info("open-file limit: %d", soft)
-    return soft
 
 
 def tls_server_context() -> ssl.SSLContext:

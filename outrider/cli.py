@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -23,6 +24,8 @@ from identity.files import PRIVATE, write_atomic
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 
+log = logging.getLogger("outrider")
+
 
 class CommandError(Exception):
     """A failure the user can fix; printed without a traceback."""
@@ -32,6 +35,22 @@ class CommandError(Exception):
         self.code = code
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one; return the limit now in force.
+
+    1024, a common soft default, is what a thousand idle connections take.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # e.g. macOS's unlimited hard limit
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    log.info("open-file limit: %d", soft)
+    return soft
+
+
 def _until_signalled(serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
     """Run `serve(stop)` on uvloop; SIGTERM or SIGINT sets `stop`, so it ends cleanly.
 
@@ -39,8 +58,6 @@ def _until_signalled(serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
     open files: with a soft 1024, a thousand idle callers would take them all.
     """
     import uvloop
-
-    from identity.serving import raise_fd_limit
 
     raise_fd_limit()
 

@@ -4,27 +4,39 @@
     PYTHONPATH=. python -m tests.measure_floods idle ca 1100 tls [hold seconds]
     PYTHONPATH=. python -m tests.measure_floods idle injector 1100 tcp
     PYTHONPATH=. python -m tests.measure_floods renewals 60    # handshakes for 60 s
+    PYTHONPATH=. python -m tests.measure_floods agent admin 1100  # idle admin connections
+    PYTHONPATH=. python -m tests.measure_floods agent plain 4000  # silent inbound connects
+    PYTHONPATH=. python -m tests.measure_floods agent churn 2000  # mTLS connections, one by one
 
 Each server is a real process on 127.0.0.1 with the default limits, started with
 a soft limit of 1024 open files (as in the field); what it holds is read from
-/proc. Not a test: the figures in the docs and in reviews come from here.
+/proc. OUTRIDER_CODE=DIR runs the agent from another checkout (the code before a
+change) while this tool stays as it is; run it from outside both checkouts, with
+PYTHONPATH naming this one, so the agent's `python -m` does not find the
+current directory's code first. Not a test: the figures in the docs and in
+reviews come from here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import socketserver
 import ssl
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from identity.proto import ca_pb2
-from tests import floods
+from tests import certs, floods
+from tests.mesh import agent_process, inbound, served_agent_yaml, workload
 from tests.support import (
     CaProcess,
     CaSetup,
@@ -134,6 +146,72 @@ def renewals(root: Path, seconds: float) -> None:
         )
 
 
+def agent(root: Path, what: str, count: int) -> None:
+    """An agent before an echo app, attacked on its admin port (`admin`: idle connections)
+    or its inbound (`plain`: connects that never speak; `churn`: mTLS connections closed
+    again, one after another)."""
+    setup = make_ca_setup(root)
+    code = os.environ.get("OUTRIDER_CODE")
+    with _echo_app() as app_port, ca_process(setup.config) as process:
+        raw = served_agent_yaml(setup, process, "backend", inbound=inbound(app_port))
+        env = {"PYTHONPATH": code} if code else None
+        with agent_process(root, "backend", raw, env=env) as running:
+            pid = running.process.pid
+            subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={SOFT_LIMIT}:20000"], check=True)
+            floods.raise_own_fd_limit()
+            time.sleep(1)
+            print(f"at start: rss {floods.rss_kib(pid)} KiB, fds {floods.open_fds(pid)}")
+            credential = certs.valid_svid(setup, workload("frontend"))
+            context = certs.client_context(setup.bundle_pem, credential)
+            port = int(running.bound["inbound[0]"].rsplit(":", 1)[1])
+
+            def mtls() -> str:
+                try:
+                    raw_sock = socket.create_connection(("127.0.0.1", port), timeout=3)
+                    with context.wrap_socket(raw_sock, server_hostname=None) as tls:
+                        tls.sendall(b"ping")
+                        return "OK" if tls.recv(4) == b"ping" else "no echo"
+                except (OSError, ssl.SSLError) as exc:
+                    return f"{type(exc).__name__}: {exc}"
+
+            def ready() -> str:
+                try:
+                    return running.get("/ready").strip()
+                except OSError as exc:
+                    return f"{type(exc).__name__}: {exc}"
+
+            if what == "churn":
+                started = time.monotonic()
+                for _ in range(count):
+                    mtls()
+                print(f"{count} mTLS connections in {time.monotonic() - started:.1f} s")
+                print(f"peak rss {floods.peak_rss_kib(pid)} KiB, fds {floods.open_fds(pid)}")
+                return
+            target = int(running.bound["admin"].rsplit(":", 1)[1]) if what == "admin" else port
+            with floods.idle_connections(target, count) as flood:
+                time.sleep(3)
+                print(f"{count} idle {what} connections: {len(flood.sockets)} opened")
+                print(f"rss {floods.rss_kib(pid)} KiB, fds {floods.open_fds(pid)}")
+                print(f"/ready: {ready()}; an mTLS connection: {mtls()}")
+
+
+@contextmanager
+def _echo_app() -> Iterator[int]:
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            while data := self.request.recv(65536):
+                self.request.sendall(data)
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo) as server:
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield server.server_address[1]
+        finally:
+            server.shutdown()
+
+
 def main(argv: list[str]) -> None:
     root = Path(tempfile.mkdtemp(prefix="outrider-floods-"))
     if argv[0] == "message":
@@ -143,6 +221,8 @@ def main(argv: list[str]) -> None:
         idle(root, argv[1], int(argv[2]), argv[3] == "tls", hold)
     elif argv[0] == "renewals":
         renewals(root, float(argv[1]))
+    elif argv[0] == "agent":
+        agent(root, argv[1], int(argv[2]))
     else:
         sys.exit(__doc__)
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from tests.mesh import agent_yaml
-from tests.support import CaSetup
+from tests.mesh import agent_process, agent_yaml, served_agent_yaml
+from tests.support import CaProcess, CaSetup
 
 
 def start(path: Path, raw: dict[str, Any]) -> subprocess.Popen[str]:
@@ -93,3 +93,15 @@ def test_a_missing_or_malformed_environment_config_exits_2(tmp_path: Path) -> No
         assert done.returncode == 2, done.stderr
         assert error in done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_a_running_agent_has_not_loaded_the_ca_and_injector_http_server(
+    setup: CaSetup, ca: CaProcess, tmp_path: Path
+) -> None:
+    """The sidecar parses HTTP with llhttp alone: aiohttp, which the CA and the injector
+    serve with (about 10 MB resident with its C extensions), stays out of every pod,
+    whatever the code they share with the agent imports."""
+    with agent_process(tmp_path, "web", served_agent_yaml(setup, ca, "web")) as agent:
+        maps = Path(f"/proc/{agent.process.pid}/maps").read_text()
+    loaded = {name for name in ("/aiohttp/", "/yarl/") if name in maps}
+    assert not loaded
