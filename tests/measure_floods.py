@@ -10,7 +10,7 @@
 
 Each server is a real process on 127.0.0.1 with the default limits, started with
 a soft limit of 1024 open files (as in the field); what it holds is read from
-/proc. OUTRIDER_CODE=DIR runs the agent from another checkout (the code before a
+/proc. OUTRIDER_CODE=DIR runs the servers from another checkout (the code before a
 change) while this tool stays as it is; run it from outside both checkouts, with
 PYTHONPATH naming this one, so the agent's `python -m` does not find the
 current directory's code first. Not a test: the figures in the docs and in
@@ -152,11 +152,9 @@ def agent(root: Path, what: str, count: int) -> None:
     or its inbound (`plain`: connects that never speak; `churn`: mTLS connections closed
     again, 50 at a time)."""
     setup = make_ca_setup(root)
-    code = os.environ.get("OUTRIDER_CODE")
     with _echo_app() as app_port, ca_process(setup.config) as process:
         raw = served_agent_yaml(setup, process, "backend", inbound=inbound(app_port))
-        env = {"PYTHONPATH": code} if code else None
-        with agent_process(root, "backend", raw, env=env) as running:
+        with agent_process(root, "backend", raw) as running:
             pid = running.process.pid
             subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={SOFT_LIMIT}:20000"], check=True)
             floods.raise_own_fd_limit()
@@ -215,6 +213,9 @@ def _echo_app() -> Iterator[int]:
 
 def main(argv: list[str]) -> None:
     root = Path(tempfile.mkdtemp(prefix="outrider-floods-"))
+    code = os.environ.get("OUTRIDER_CODE")
+    if code:  # this tool has imported what it needs; the servers it starts run `code`
+        os.environ["PYTHONPATH"] = code
     if argv[0] == "message":
         message(root)
     elif argv[0] == "idle":
