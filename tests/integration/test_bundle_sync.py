@@ -276,3 +276,21 @@ async def test_a_renewal_does_not_bring_back_a_root_the_file_removed(tmp_path: P
             assert agent.identity.svid is not None
             assert len(agent.identity.svid.bundle.roots) == 1
             assert await refused()
+
+
+async def test_output_dir_follows_a_bundle_change(tmp_path: Path) -> None:
+    """An app that reads `identity.output_dir` verifies its peers against bundle.pem there:
+    a root the file dropped leaves it when it leaves the agent's own connections."""
+    roots = Roots(tmp_path)
+    out = tmp_path / "out"
+    raw = agent_yaml(tmp_path, "backend")
+    raw["identity"]["output_dir"] = str(out)
+    raw["ca"]["bundle_file"] = str(roots.agents_file)  # no CA listens: it never answers
+    async with running_agent(raw, local_sign(roots.setup), tmp_path):
+        assert len(x509.load_pem_x509_certificates((out / "bundle.pem").read_bytes())) == 2
+        roots.agents_file.write_bytes(roots.new_root)
+
+        async def written() -> bool:
+            return (out / "bundle.pem").read_bytes() == roots.new_root
+
+        assert await within(REACH / 2, written), "bundle.pem still lists the removed root"
