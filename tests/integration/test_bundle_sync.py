@@ -11,6 +11,7 @@ talking to each other. Their SVIDs live an hour: no renewal is involved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import ssl
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from grpclib.exceptions import StreamTerminatedError
 
 from ca.signers.local import init_ca
 from identity import TrustBundle
@@ -50,6 +52,7 @@ from tests.support import (
     ca_process,
     free_port,
     make_ca_setup,
+    make_csr,
 )
 
 PAYLOAD = b"over the old root"
@@ -294,3 +297,28 @@ async def test_output_dir_follows_a_bundle_change(tmp_path: Path) -> None:
             return (out / "bundle.pem").read_bytes() == roots.new_root
 
         assert await within(REACH / 2, written), "bundle.pem still lists the removed root"
+
+
+async def test_agents_following_the_bundle_leave_the_ca_room_for_renewals(tmp_path: Path) -> None:
+    """Each agent asks the CA for its bundle every `bundle_refresh`. Were its connection kept
+    between asks, as many agents as the CA's `limits.max_connections` would fill the CA
+    for good, and (asked every second, never quiet long enough to be displaced) lock
+    every other caller out of Sign: a new pod would never get its first SVID."""
+    setup = make_ca_setup(tmp_path, limits={"max_connections": 2})
+    with ca_process(setup.config) as ca:
+        async with contextlib.AsyncExitStack() as agents:
+            for name in ("a", "b"):
+                raw = agent_yaml(tmp_path, name, ca_address=f"127.0.0.1:{ca.grpc_port}")
+                raw["ca"]["bundle_refresh"] = "1s"
+                await agents.enter_async_context(running_agent(raw, local_sign(setup), tmp_path))
+            token = setup.issuer.token("demo", "new-pod")
+
+            async def signed() -> bool:  # as a new pod's agent tries, again and again
+                try:
+                    async with ca_client(setup, ca) as client:
+                        return bool((await client.sign(make_csr(), token=token)).cert_chain)
+                except (OSError, StreamTerminatedError):
+                    return False  # closed before the handshake: no room
+
+            for _ in range(2):  # and again after a round of the agents' asks
+                assert await within(3, signed), "no room at the CA for a new pod's Sign"
