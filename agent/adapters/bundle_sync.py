@@ -112,15 +112,18 @@ class BundleSync:
 
     def peer_roots(self, from_ca: TrustBundle) -> TrustBundle:
         """The roots a renewed SVID goes into service with: those both list, as `_apply`
-        would choose a second later (the CA's alone if the file cannot be used)."""
+        would choose a second later. If the file cannot be used, those of the roots in
+        use the CA still lists (`_apply` keeps them too): a root the file removed before
+        it broke must not come back with the CA's answer."""
         self._read_file(self.identity.config.ca)
-        from_file = self._file[1]
-        if from_file is None:
+        svid = self.identity.svid
+        narrowing = self._file[1] or (svid.bundle if svid is not None else None)
+        if narrowing is None:
             return from_ca
         try:
-            return peer_bundle(from_ca, from_file)
+            return peer_bundle(from_ca, narrowing)
         except BundleError:
-            return from_ca  # `_apply` reports it, and keeps what is in use
+            return from_ca  # nothing in common: `_apply` reports it
 
     def _read_file(self, ca: CaEndpoint) -> bool:
         """Read the bundle file; True if its content changed."""

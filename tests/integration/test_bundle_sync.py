@@ -322,3 +322,24 @@ async def test_agents_following_the_bundle_leave_the_ca_room_for_renewals(tmp_pa
 
             for _ in range(2):  # and again after a round of the agents' asks
                 assert await within(3, signed), "no room at the CA for a new pod's Sign"
+
+
+async def test_a_broken_bundle_file_does_not_bring_back_a_root_it_removed(tmp_path: Path) -> None:
+    """The file drops the old root, then cannot be parsed (a bad ConfigMap edit): the agent
+    keeps the roots in use, through a renewal too, not the CA's answer alone."""
+    roots = Roots(tmp_path)
+    old_client = certs.client_context(roots.both, roots.old_svid(OLD_CLIENT))
+    async with echo_server() as app_port:
+        raw = agent_yaml(tmp_path, "backend", inbound=inbound(app_port))
+        raw["ca"]["bundle_file"] = str(roots.agents_file)  # no CA listens: it never answers
+        async with running_agent(raw, local_sign(roots.setup), tmp_path) as agent:
+            address = agent.bound["inbound[0]"]
+
+            async def refused() -> bool:
+                return await mtls_exchange(address, old_client, PAYLOAD) == b""
+
+            roots.agents_file.write_bytes(roots.new_root)
+            assert await within(REACH / 2, refused)
+            roots.agents_file.write_bytes(b"not a bundle\n")
+            agent.identity.install(await agent.identity.renew())
+            assert await refused(), "a renewal trusts the root the file removed again"
