@@ -116,8 +116,8 @@ class BundleSync:
         use the CA still lists (`_apply` keeps them too): a root the file removed before
         it broke must not come back with the CA's answer."""
         self._read_file(self.identity.config.ca)
-        svid = self.identity.svid
-        narrowing = self._file[1] or (svid.bundle if svid is not None else None)
+        svid, from_file = self.identity.svid, self._file[1]
+        narrowing = from_file if from_file is not None else svid.bundle if svid else None
         if narrowing is None:
             return from_ca
         try:
