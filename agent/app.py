@@ -240,10 +240,12 @@ class Agent:
 
         Every address is bound before any listener starts. On any failure
         (OSError: an address in use) what was opened is closed again, in
-        reverse, and the running listeners are untouched.
+        reverse, and the running listeners are as they were (one that let go
+        of its port for a move takes it back).
         """
-        with contextlib.ExitStack() as undo:
+        async with contextlib.AsyncExitStack() as undo:
             undo.callback(self._prune_series)  # last: the running set's series stay
+            self._release_moved(undo, config)
             inbound = self._bind(undo, self.inbound, config.inbound, InboundListener)
             outbound = self._bind(undo, self.outbound, config.outbound, OutboundListener)
             listeners: list[Listener[Any]] = [*inbound.values(), *outbound.values()]
@@ -252,9 +254,21 @@ class Agent:
             undo.pop_all()  # all opened: from here on they are the caller's
         return inbound, outbound
 
+    def _release_moved(self, undo: contextlib.AsyncExitStack, config: AgentConfig) -> None:
+        """Running listeners `config` drops whose port one of its new addresses overlaps
+        (127.0.0.1:P -> 0.0.0.0:P): the kernel would refuse the new bind beside them, so
+        they let go first, and take the address back if the reload is refused."""
+        wanted = {c.listen for c in config.inbound} | {c.listen for c in config.outbound}
+        running: dict[Listen, Listener[Any]] = {**self.inbound, **self.outbound}
+        new = wanted - running.keys()
+        for listen, listener in running.items():
+            if listen not in wanted and any(listen.clashes(other) for other in new):
+                listener.release()
+                undo.push_async_callback(_retake, listener)
+
     def _bind(
         self,
-        undo: contextlib.ExitStack,
+        undo: contextlib.AsyncExitStack,
         running: dict[Listen, Listener[ConfigT]],
         wanted: tuple[ConfigT, ...],
         kind: type[Listener[ConfigT]],
@@ -288,6 +302,13 @@ class Agent:
     def _prune_series(self) -> None:
         """/metrics shows the upstreams of the running config, and no other."""
         prune_series(self.metrics, {upstream.name for upstream in self.config.outbound})
+
+
+async def _retake(listener: Listener[Any]) -> None:
+    try:
+        await listener.retake()
+    except OSError as exc:  # taken meanwhile: the reload is refused all the same
+        log.error("%s listener %s lost: %s", listener.direction, listener.config.listen, exc)
 
 
 def _commit(

@@ -308,15 +308,17 @@ class _Reader(OutboundReader):
         inbound: Sequence[Inbound | None],
         outbound: Sequence[Outbound | None],
     ) -> None:
-        """No two listeners on one address, and no two outbound listeners with one name."""
+        """No two listeners the kernel would not bind together (one address, or a wildcard
+        and an address under it, on one port), and no two outbound listeners with one name."""
         listeners = [("admin", admin)] + ([("status", status)] if status else [])
         listeners += [(f"inbound[{i}].listen", c.listen) for i, c in enumerate(inbound) if c]
         listeners += [(f"outbound[{i}].listen", c.listen) for i, c in enumerate(outbound) if c]
-        seen: dict[Listen, str] = {}
-        for path, address in listeners:
-            if address.port != 0 and address in seen:
-                self.fail(path, f"{address} is already the address of {seen[address]}")
-            seen.setdefault(address, path)
+        for i, (path, address) in enumerate(listeners):
+            earlier = [(p, a) for p, a in listeners[:i] if a.clashes(address)]
+            if earlier:
+                other, taken = earlier[0]
+                where = f"{other} ({taken})" if taken != address else other
+                self.fail(path, f"{address} is already the address of {where}")
         names: dict[str, int] = {}
         for i, item in enumerate(outbound):
             if item is not None and names.setdefault(item.name, i) != i:

@@ -42,6 +42,16 @@ class Listen:
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    def clashes(self, other: Listen) -> bool:
+        """The kernel would refuse to bind both: one port (not 0) on one address, or under a
+        wildcard that takes it too (0.0.0.0 every IPv4 address, a dual-stack :: every one)."""
+        if self.port == 0 or self.port != other.port:
+            return False
+        hosts = {self.host, other.host}
+        if len(hosts) == 1 or "::" in hosts:
+            return True
+        return "0.0.0.0" in hosts and not any(":" in host for host in hosts)  # noqa: S104
+
     @classmethod
     def parse(cls, value: object) -> Listen:
         host, _, port = str(value).rpartition(":")

@@ -15,6 +15,10 @@ The channel to the CA presents no client certificate: GetBundle needs none,
 and an SVID that chains to a root the CA has just dropped would fail the
 handshake, locking out the agents that most need the new bundle. The CA's
 certificate is verified against the bundle file and the CA's last bundle.
+It is open only while asking: the CA caps its connections (`limits:` in
+ca.yaml) against floods, and one held by every agent between asks would
+fill that cap with as many agents and keep later callers (a new pod's first
+Sign) out.
 """
 
 from __future__ import annotations
@@ -49,7 +53,6 @@ class BundleSync:
         self._seen: Svid | None = None  # the SVID in use when last looked at
         self._from_ca: TrustBundle | None = None  # the CA's newest word
         self._file: tuple[bytes, TrustBundle | None] = (b"", None)  # its bytes, parsed
-        self._channel: tuple[tuple[object, ...], CaClient] | None = None
         self._problems: dict[str, str] = {}  # what is wrong now, by source: logged once
 
     def wake(self) -> None:
@@ -58,10 +61,8 @@ class BundleSync:
 
     async def run(self) -> None:
         await self.identity.has_svid.wait()
-        try:  # apart, so a CA that hangs for ca.timeout does not hold up the file
-            await asyncio.gather(self._follow_file(), self._follow_ca())
-        finally:
-            self._close()
+        # Apart, so a CA that hangs for ca.timeout does not hold up the file.
+        await asyncio.gather(self._follow_file(), self._follow_ca())
 
     async def _follow_file(self) -> None:
         while True:
@@ -111,15 +112,18 @@ class BundleSync:
 
     def peer_roots(self, from_ca: TrustBundle) -> TrustBundle:
         """The roots a renewed SVID goes into service with: those both list, as `_apply`
-        would choose a second later (the CA's alone if the file cannot be used)."""
+        would choose a second later. If the file cannot be used, those of the roots in
+        use the CA still lists (`_apply` keeps them too): a root the file removed before
+        it broke must not come back with the CA's answer."""
         self._read_file(self.identity.config.ca)
-        from_file = self._file[1]
-        if from_file is None:
+        svid, from_file = self.identity.svid, self._file[1]
+        narrowing = from_file if from_file is not None else svid.bundle if svid else None
+        if narrowing is None:
             return from_ca
         try:
-            return peer_bundle(from_ca, from_file)
+            return peer_bundle(from_ca, narrowing)
         except BundleError:
-            return from_ca  # `_apply` reports it, and keeps what is in use
+            return from_ca  # nothing in common: `_apply` reports it
 
     def _read_file(self, ca: CaEndpoint) -> bool:
         """Read the bundle file; True if its content changed."""
@@ -141,36 +145,25 @@ class BundleSync:
 
     async def _ask_ca(self, ca: CaEndpoint) -> None:
         try:
-            client = self._client(ca)
-            ders = await client.get_bundle(deadline=ca.timeout.total_seconds())
+            async with self._client(ca) as client:
+                ders = await client.get_bundle(deadline=ca.timeout.total_seconds())
             bundle = TrustBundle.from_der(self._trust_domain, ders)
         except _CA_TROUBLE as exc:
             self._problem("ca", f"cannot get the CA's trust bundle ({exc!r}); asking again")
-            self._close()  # a fresh connection next time
             return
         self._problem("ca", None)
         self._from_ca = bundle
 
     def _client(self, ca: CaEndpoint) -> CaClient:
-        """The open channel, or a new one if the CA or the roots to verify it by changed."""
+        """A channel to the CA, verified by every bundle known (closed after one ask)."""
         svid = self.identity.svid
         trusted = [self._file[1], self._from_ca, svid.bundle if svid else None]
         pem = b"".join(dict.fromkeys(b.to_pem() for b in trusted if b is not None))
-        key = (ca.host, ca.port, ca.server_name, pem)
-        if self._channel is None or self._channel[0] != key:
-            self._close()
-            client = CaClient(ca.host, ca.port, tls_context(pem), ca.server_name)
-            self._channel = (key, client)
-        return self._channel[1]
+        return CaClient(ca.host, ca.port, tls_context(pem), ca.server_name)
 
     @property
     def _trust_domain(self) -> TrustDomain:
         return self.identity.config.identity.spiffe_id.trust_domain
-
-    def _close(self) -> None:
-        if self._channel is not None:
-            self._channel[1].close()
-            self._channel = None
 
     def _problem(self, source: str, problem: str | None) -> None:
         """Log a problem when it starts and when it ends, not every second."""

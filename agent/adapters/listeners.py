@@ -163,6 +163,16 @@ class Listener(Generic[ConfigT]):
 
     def close(self) -> None:
         """Stop accepting and undo what bind and start did; open connections go on."""
+        self.release()
+
+    async def retake(self) -> None:
+        """Bind and accept on the address again, after `release` (a refused reload)."""
+        self.bind(self.config.listen)
+        assert self._socket is not None
+        await self._serve(self._socket)
+
+    def release(self) -> None:
+        """Stop accepting and give the address back; the rest (an upstream) stays."""
         if self._acceptor is not None:
             self._acceptor.cancel()
             self._acceptor = None

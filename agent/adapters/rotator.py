@@ -287,7 +287,8 @@ class IdentityManager:
         """Verify peers against `bundle` from now on, still presenting the SVID in use.
 
         New contexts: new connections verify against `bundle` at once, pooled
-        ones made under the old contexts are retired, open ones keep theirs.
+        ones made under the old contexts are retired, open ones keep theirs;
+        output_dir gets the new set.
         If the SVID's own chain no longer leads to `bundle`, renew now.
         """
         if self.svid is None:
@@ -297,6 +298,7 @@ class IdentityManager:
         self.contexts.server, self.contexts.client, self.contexts.http_server = server, client, http
         self.svid = svid
         self.metrics.bundle_expiry.set(bundle.earliest_expiry.timestamp())
+        self._write_files(svid)  # an app reading output_dir verifies its peers by it too
         try:
             check_chain(svid.chain, bundle)
         except ChainError:

@@ -12,7 +12,8 @@ pod is never refused for an annotation.
         0.0.0.0:15444 -> 127.0.0.1:9090 (in order, at most 16)
     outrider.io/upstreams: "backend=backend.shop.svc:15443@spiffe://cluster.local/ns/shop/sa/backend;
                             cache=c-0.cache:15443,c-1.cache:15443@spiffe://td/ns/shop/sa/cache"
-        outbound listeners 127.0.0.1:15001, 15002, ... (in order, at most 32);
+        outbound listeners 127.0.0.1:15001, 15002, ... (in order, at most 32; 15020 is
+        the status port's, so the 20th is 15021);
         entries split by ';', endpoints and SPIFFE IDs by ','
     outrider.io/policy: "shop-policy"          ConfigMap mounted at /etc/outrider/policy
     outrider.io/agent-cpu: "200m"              the agent's CPU request, capped at the limit
@@ -51,10 +52,12 @@ LOG_LEVEL = PREFIX + "log-level"
 
 ADMIN_PORT = 15000  # on the pod's loopback: every admin route
 STATUS_PORT = 15020  # on the pod IP: probes and metrics only
-OUTBOUND_BASE = 15001
 INBOUND_BASE = 15443
 RESERVED_PORTS = range(15000, 16000)  # the agent's; an app port here would collide
 MAX_INBOUND, MAX_UPSTREAMS = 16, 32
+#: The upstreams' listeners on 127.0.0.1, in order: from 15001 up, past the status port
+#: (bound on 0.0.0.0, it takes 127.0.0.1:15020 too).
+OUTBOUND_PORTS = tuple(p for p in range(15001, 15001 + MAX_UPSTREAMS + 1) if p != STATUS_PORT)
 
 _PORT = re.compile(r"[0-9]{1,5}")
 _SHOWN_KEY = re.compile(r"[A-Za-z0-9./_-]{1,100}")

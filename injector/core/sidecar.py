@@ -15,7 +15,7 @@ from identity import SpiffeId
 from injector.core.annotations import (
     ADMIN_PORT,
     INBOUND_BASE,
-    OUTBOUND_BASE,
+    OUTBOUND_PORTS,
     STATUS_PORT,
     AgentOptions,
 )
@@ -44,7 +44,7 @@ def agent_config(options: AgentOptions, spiffe_id: SpiffeId, settings: Settings)
         "outbound": [
             {
                 "name": upstream.name,
-                "listen": f"127.0.0.1:{OUTBOUND_BASE + i}",
+                "listen": f"127.0.0.1:{OUTBOUND_PORTS[i]}",
                 "endpoints": [f"{host}:{port}" for host, port in upstream.endpoints],
                 "server_ids": [str(server_id) for server_id in upstream.server_ids],
             }

@@ -108,6 +108,31 @@ async def test_an_address_in_use_keeps_the_running_config(setup: CaSetup, tmp_pa
             assert agent_config.load(path) != config  # the file did change
 
 
+@pytest.mark.parametrize("refused", [False, True], ids=["applied", "refused"])
+async def test_a_listener_moves_to_the_wildcard_on_its_port(
+    setup: CaSetup, tmp_path: Path, refused: bool
+) -> None:
+    """127.0.0.1:P to 0.0.0.0:P: start takes this config, so a reload takes it too (the
+    kernel refuses the new bind while the old listener holds the port). A reload refused
+    for another reason leaves the listener accepting on its old address."""
+    async with echo_server() as app_port:
+        first = free_address()
+        raw = agent_yaml(setup.root, "backend", inbound=inbound(app_port))
+        raw["inbound"][0]["listen"] = first
+        async with running_agent(raw, local_sign(setup), setup.root) as agent:
+            port = first.rsplit(":", 1)[1]
+            raw["inbound"][0]["listen"] = f"0.0.0.0:{port}"
+            with busy_port() as busy:
+                if refused:
+                    raw["inbound"].append({"listen": busy, "app": f"127.0.0.1:{app_port}"})
+                path = tmp_path / "agent.yaml"
+                path.write_text(yaml.safe_dump(raw))
+                await agent.reload(path)
+            assert reloads(agent, "error" if refused else "ok") == 1
+            assert agent.bound["inbound[0]"] == (first if refused else f"0.0.0.0:{port}")
+            await connect(first)  # 127.0.0.1:P answers either way
+
+
 async def test_a_file_that_does_not_validate_changes_nothing(
     setup: CaSetup, tmp_path: Path
 ) -> None:

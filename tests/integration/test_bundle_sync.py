@@ -11,6 +11,7 @@ talking to each other. Their SVIDs live an hour: no renewal is involved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import ssl
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from grpclib.exceptions import StreamTerminatedError
 
 from ca.signers.local import init_ca
 from identity import TrustBundle
@@ -50,6 +52,7 @@ from tests.support import (
     ca_process,
     free_port,
     make_ca_setup,
+    make_csr,
 )
 
 PAYLOAD = b"over the old root"
@@ -256,9 +259,14 @@ async def test_an_agent_whose_root_was_removed_renews_with_its_token(tmp_path: P
         assert await within(REACH, renewed_under_the_new_root), agent.log[-5:]
 
 
-async def test_a_renewal_does_not_bring_back_a_root_the_file_removed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("file_after", ["kept", "broken"])
+async def test_a_renewal_does_not_bring_back_a_root_the_file_removed(
+    tmp_path: Path, file_after: str
+) -> None:
     """The CA's answer to a renewal still lists the root the file dropped: the new SVID
-    goes into service with the roots both list, not for a second with the CA's alone."""
+    goes into service with the roots both list, not for a second with the CA's alone;
+    nor, once the file cannot be parsed (a bad ConfigMap edit), with the CA's roots: the
+    agent keeps the roots in use."""
     roots = Roots(tmp_path)
     old_client = certs.client_context(roots.both, roots.old_svid(OLD_CLIENT))
     async with echo_server() as app_port:
@@ -272,7 +280,52 @@ async def test_a_renewal_does_not_bring_back_a_root_the_file_removed(tmp_path: P
                 return await mtls_exchange(address, old_client, PAYLOAD) == b""
 
             assert await within(REACH / 2, refused)
+            if file_after == "broken":
+                roots.agents_file.write_bytes(b"not a bundle\n")
             agent.identity.install(await agent.identity.renew())
             assert agent.identity.svid is not None
             assert len(agent.identity.svid.bundle.roots) == 1
             assert await refused()
+
+
+async def test_output_dir_follows_a_bundle_change(tmp_path: Path) -> None:
+    """An app that reads `identity.output_dir` verifies its peers against bundle.pem there:
+    a root the file dropped leaves it when it leaves the agent's own connections."""
+    roots = Roots(tmp_path)
+    out = tmp_path / "out"
+    raw = agent_yaml(tmp_path, "backend")
+    raw["identity"]["output_dir"] = str(out)
+    raw["ca"]["bundle_file"] = str(roots.agents_file)  # no CA listens: it never answers
+    async with running_agent(raw, local_sign(roots.setup), tmp_path):
+        assert len(x509.load_pem_x509_certificates((out / "bundle.pem").read_bytes())) == 2
+        roots.agents_file.write_bytes(roots.new_root)
+
+        async def written() -> bool:
+            return (out / "bundle.pem").read_bytes() == roots.new_root
+
+        assert await within(REACH / 2, written), "bundle.pem still lists the removed root"
+
+
+async def test_agents_following_the_bundle_leave_the_ca_room_for_renewals(tmp_path: Path) -> None:
+    """Each agent asks the CA for its bundle every `bundle_refresh`. Were its connection kept
+    between asks, as many agents as the CA's `limits.max_connections` would fill the CA
+    for good, and (asked every second, never quiet long enough to be displaced) lock
+    every other caller out of Sign: a new pod would never get its first SVID."""
+    setup = make_ca_setup(tmp_path, limits={"max_connections": 2})
+    with ca_process(setup.config) as ca:
+        async with contextlib.AsyncExitStack() as agents:
+            for name in ("a", "b"):
+                raw = agent_yaml(tmp_path, name, ca_address=f"127.0.0.1:{ca.grpc_port}")
+                raw["ca"]["bundle_refresh"] = "1s"
+                await agents.enter_async_context(running_agent(raw, local_sign(setup), tmp_path))
+            token = setup.issuer.token("demo", "new-pod")
+
+            async def signed() -> bool:  # as a new pod's agent tries, again and again
+                try:
+                    async with ca_client(setup, ca) as client:
+                        return bool((await client.sign(make_csr(), token=token)).cert_chain)
+                except (OSError, StreamTerminatedError):
+                    return False  # closed before the handshake: no room
+
+            for _ in range(2):  # and again after a round of the agents' asks
+                assert await within(3, signed), "no room at the CA for a new pod's Sign"

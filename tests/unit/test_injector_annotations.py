@@ -320,3 +320,15 @@ def test_the_annotations_example_in_the_docs_is_valid() -> None:
     assert warnings == ()
     config = config_of(pod)
     assert [o["listen"] for o in config["outbound"]] == ["127.0.0.1:15001", "127.0.0.1:15002"]
+
+
+def test_every_upstream_gets_a_port_the_agent_can_bind() -> None:
+    """Upstream listeners count up from 15001, past the status port (0.0.0.0:15020, which
+    127.0.0.1:15020 would clash with): at the most upstreams, the agent still starts."""
+    value = ";".join(f"u{i}=u{i}.shop.svc:15443@{BACKEND}" for i in range(32))
+    pod, warnings = inject({"outrider.io/upstreams": value, "outrider.io/inbound-ports": "8080"})
+    assert warnings == ()
+    config = config_of(pod)  # the agent accepts it
+    ports = [int(o["listen"].rsplit(":", 1)[1]) for o in config["outbound"]]
+    assert ports[:19] == list(range(15001, 15020)), "the first upstreams keep their ports"
+    assert 15020 not in ports and ports == sorted(set(ports)) and len(ports) == 32

@@ -501,3 +501,16 @@ def test_two_outbound_listeners_may_not_share_a_name() -> None:
         for port in (9001, 9002)
     ]
     assert "outbound[1].name: 'db' is also outbound[0]" in errors_of(raw)
+
+
+@pytest.mark.parametrize("wildcard", ["0.0.0.0", "[::]"])
+def test_a_wildcard_listener_clashes_with_every_address_on_its_port(wildcard: str) -> None:
+    """The kernel refuses 127.0.0.1:P once 0.0.0.0:P (or a dual-stack [::]:P) is bound: the
+    config says so with a key path, rather than the agent failing at its bind."""
+    raw = _with("status", f"{wildcard}:9001")  # the outbound listens on 127.0.0.1:9001
+    clash = f"outbound[0].listen: 127.0.0.1:9001 is already the address of status ({wildcard}"
+    assert any(error.startswith(clash) for error in errors_of(raw)), errors_of(raw)
+
+
+def test_listeners_on_one_port_of_different_addresses_do_not_clash() -> None:
+    parse(_with("status", "127.0.0.2:9001"), base=BASE)
