@@ -56,19 +56,28 @@ def _until_signalled(serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
     Every server the command runs comes here, so here each gets the hard limit on
     open files: with a soft 1024, a thousand idle callers would take them all.
+    SIGHUP never takes its default action (exit): a config reloader or a closing
+    terminal must not stop a CA or an injector, which read their config at start
+    and say so, nor an agent before its own reload handler is in place.
     """
     import uvloop
 
     raise_fd_limit()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, _no_reload)  # the agent's serve() reloads
         await serve(stop)
 
     uvloop.run(main())
+
+
+def _no_reload() -> None:
+    log.warning("SIGHUP: nothing is reloaded; restart this server to apply a changed config")
 
 
 def _invalid(exc: ConfigError) -> CommandError:

@@ -7,7 +7,9 @@ the CA does in a cluster.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import subprocess
 from pathlib import Path
 
@@ -149,3 +151,18 @@ async def test_reference_grpc_client_interoperates(setup: CaSetup, ca: CaProcess
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await sign(ca_pb2.SignRequest(csr=make_csr()))
     assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_sighup_does_not_stop_the_ca(setup: CaSetup, ca: CaProcess) -> None:
+    """A config reloader's or a closing terminal's SIGHUP: the CA says it reloads nothing
+    and goes on signing (SIGHUP's default action would have ended it)."""
+    ca.process.send_signal(signal.SIGHUP)
+    async with ca_client(setup, ca) as c:
+        response = await c.sign(make_csr(), token=setup.issuer.token("shop", "web"))
+    assert response.spiffe_id == WORKLOAD
+    assert ca.process.poll() is None
+    for _ in range(100):  # its stderr is read by a thread
+        if any("SIGHUP: nothing is reloaded" in line for line in ca.stderr):
+            break
+        await asyncio.sleep(0.02)
+    assert any("SIGHUP: nothing is reloaded" in line for line in ca.stderr)

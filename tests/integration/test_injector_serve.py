@@ -187,3 +187,10 @@ async def test_a_body_that_trickles_in_is_cut_off_with_408(watchdog: None) -> No
         "outrider_injector_admissions_total", {"result": "bad_request", "reason": "slow_body"}
     )
     assert sample == 1
+
+
+def test_sighup_does_not_stop_the_injector(webhook: Webhook) -> None:
+    """A stopped injector under `failurePolicy: Ignore` admits pods without the agent."""
+    webhook.process.send_signal(signal.SIGHUP)
+    assert_still_serving(webhook)
+    assert webhook.process.poll() is None
