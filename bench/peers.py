@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from bench.procs import NGINX_STREAM, free_port, started
+from bench.procs import NGINX_STREAM, started
 from tests.envoy import (
     Svid,
     bootstrap,
@@ -42,7 +42,7 @@ from tests.envoy import (
     tls_socket,
 )
 from tests.mesh import AgentProcess, agent_process, agent_yaml, inbound, outbound, workload
-from tests.support import CaProcess, CaSetup
+from tests.support import CaProcess, CaSetup, free_port
 
 CLIENT, SERVER = workload("client"), workload("server")
 BODY = "hello, mesh!\n"

@@ -34,7 +34,6 @@ import json
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -53,7 +52,7 @@ from cryptography.hazmat.primitives import serialization
 from jwt.algorithms import ECAlgorithm
 
 from ca.authn.fake_issuer import FakeTokenIssuer
-from tests.support import self_signed
+from tests.support import free_port, self_signed
 
 Kind = Literal["dev", "persistent"]
 SVID_ROLE = "outrider-svid"
@@ -130,18 +129,6 @@ def svid_role(trust_domain: str) -> dict[str, Any]:
     }
 
 
-def _free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports: all probes stay bound until every port is picked."""
-    probes = [socket.socket() for _ in range(count)]
-    try:
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [int(probe.getsockname()[1]) for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
-
-
 def _log_tail(log: Path, lines: int = 30) -> str:
     try:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
@@ -212,7 +199,7 @@ class OpenBao:
         first = self.port == 0
         for attempt in range(3):  # a free port can be taken between probe and bind
             if first:
-                self.port, self._cluster_port = _free_ports(2)
+                self.port, self._cluster_port = free_port(), free_port()
             self._write_config()
             self._spawn()
             if self._wait_listening(timeout):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import random
 import re
 import resource
 import signal
@@ -51,11 +52,35 @@ policies:
 _READY = re.compile(r"gRPC \(TLS\) on [^ ]+:(\d+), HTTP on [^ ]+:(\d+)")
 
 
+#: Ports this process has handed out, so two servers of one test never get the same one.
+_HANDED_OUT: set[int] = set()
+_PORTS = random.Random()  # its own generator: a test that seeds `random` doesn't repeat ports
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on now: for a server that restarts on the same one."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on now, that only an explicit bind can take.
+
+    For a server told its port in advance (one that restarts on the same port, or one
+    whose address goes into another's config). A port from bind(0) would not do: it
+    comes from the kernel's ephemeral range, so between the probe and the server's bind
+    any outgoing connection on the machine may be given it as its local port, and the
+    server then fails with "Address already in use". Ports below that range are never
+    handed out by the kernel.
+    """
+    low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    outside = range(10_000, low) if low > 11_000 else range(high + 1, 65_536)
+    for _ in range(1000):
+        port = _PORTS.choice(outside)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {outside}")
 
 
 def make_csr(

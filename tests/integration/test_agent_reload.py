@@ -44,7 +44,7 @@ from tests.mesh import (
     sample,
     workload,
 )
-from tests.support import CaProcess, CaSetup, loopback_tls
+from tests.support import CaProcess, CaSetup, free_port, loopback_tls
 
 
 async def connect(address: str) -> None:
@@ -63,9 +63,7 @@ def busy_port() -> Iterator[str]:
 
 
 def free_address() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{probe.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 def reloads(agent: Agent, result: str) -> float:

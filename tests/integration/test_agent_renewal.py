@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import time
 import urllib.error
@@ -25,7 +24,7 @@ from grpclib.exceptions import GRPCError
 from agent.core.svid import Svid
 from tests.integration.test_upstreams import App, get, outbound, serving, session, url
 from tests.mesh import AgentProcess, agent_process, agent_yaml, inbound, local_sign, running_agent
-from tests.support import CaProcess, CaSetup, ca_process
+from tests.support import CaProcess, CaSetup, ca_process, free_port
 
 
 def renewing_agent(setup: CaSetup, ca: CaProcess, name: str, **identity: str) -> dict[str, Any]:
@@ -144,12 +143,6 @@ async def test_a_full_disk_keeps_the_previous_key_and_certificate_together(
 
 
 # -- item: recovery once the SVID has expired ----------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

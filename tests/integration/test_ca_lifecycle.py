@@ -14,19 +14,13 @@ from grpclib.exceptions import GRPCError
 
 from ca import config as ca_config
 from ca.app import Bound, serve
-from tests.support import SERVER_NAME, ca_client, ca_process, make_ca_setup, make_csr
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.support import SERVER_NAME, ca_client, ca_process, free_port, make_ca_setup, make_csr
 
 
 async def test_unreachable_jwks_fails_closed(tmp_path: Path):
     """No JWKS, no identity: the CA refuses rather than trusting an unchecked token, and says
     UNAVAILABLE: the token was not judged, so the caller retries."""
-    url = f"https://127.0.0.1:{closed_port()}/openid/v1/jwks"
+    url = f"https://127.0.0.1:{free_port()}/openid/v1/jwks"
     setup = make_ca_setup(
         tmp_path, authn={"kubernetes": {"issuer": "https://k8s", "jwks_url": url}}
     )

@@ -16,7 +16,6 @@ import asyncio
 import copy
 import json
 import logging
-import socket
 import ssl
 import time
 import traceback
@@ -42,7 +41,15 @@ from ca.authn.tokenreview import (
     TokenReviewer,
     caller_from_review,
 )
-from tests.support import LoopbackTls, ca_client, ca_process, loopback_tls, make_ca_setup, make_csr
+from tests.support import (
+    LoopbackTls,
+    ca_client,
+    ca_process,
+    free_port,
+    loopback_tls,
+    make_ca_setup,
+    make_csr,
+)
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "tokenreview"
 TOKENREVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
@@ -238,11 +245,8 @@ async def test_api_5xx_is_refused(reviewer: TokenReviewer) -> None:
 async def test_api_unreachable_is_refused(
     pki: LoopbackTls, token_file: Path, clock: FakeClock
 ) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # Closed now: nothing listens on the port, so connecting is refused.
-    unreachable = make_reviewer(f"https://127.0.0.1:{port}", pki.ca_file, token_file, clock)
+    # Nothing listens on the port, so connecting is refused.
+    unreachable = make_reviewer(f"https://127.0.0.1:{free_port()}", pki.ca_file, token_file, clock)
     try:
         await refused(unreachable, "accepted", "tokenreview_unavailable")
     finally:

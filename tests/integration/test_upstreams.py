@@ -14,7 +14,6 @@ import asyncio
 import collections
 import logging
 import re
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
@@ -42,7 +41,7 @@ from tests.mesh import (
     sample,
     workload,
 )
-from tests.support import CaProcess, CaSetup
+from tests.support import CaProcess, CaSetup, free_port
 
 BACKEND = str(workload("backend"))
 
@@ -412,12 +411,6 @@ async def test_the_circuit_breaker_trips_under_a_flood_and_recovers(
 # -- three backends behind real agent processes: kill one, restart it --------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def backend_process(
     setup: CaSetup, ca: CaProcess, name: str, app_port: int, port: int
@@ -444,7 +437,7 @@ async def test_killing_one_of_three_backends_loses_no_request_and_it_returns(
     root = setup.root
     async with AsyncExitStack() as stack:
         apps = [await stack.enter_async_context(serving(App(n))) for n in ("a", "b", "c")]
-        ports = [_free_port() for _ in apps]
+        ports = [free_port() for _ in apps]
         processes = [
             stack.enter_context(backend_process(setup, ca, app.name, app.port, port))
             for app, port in zip(apps, ports, strict=True)

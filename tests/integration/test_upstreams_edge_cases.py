@@ -34,7 +34,7 @@ from tests.integration.test_upstreams import (
     serving,
 )
 from tests.mesh import agent_yaml, eventually, inbound, local_sign, running_agent, sample
-from tests.support import CaSetup
+from tests.support import CaSetup, free_port
 
 __all__ = ["root"]  # the module-scoped fixture, shared with test_upstreams.py
 
@@ -458,9 +458,7 @@ async def test_a_tcp_retry_holds_its_budget_slot_while_it_dials(root: Path, setu
     budget never limits anything: in a connect-failure storm every
     connection retries `max` times.
     """
-    with socket.socket() as probe:  # a port with nobody listening: connection refused
-        probe.bind(("127.0.0.1", 0))
-        refused = f"127.0.0.1:{probe.getsockname()[1]}"
+    refused = f"127.0.0.1:{free_port()}"  # nobody listens: connection refused
     with black_hole() as hole:
         upstream = {
             "protocol": "tcp",
@@ -497,9 +495,7 @@ async def test_a_tcp_connection_with_no_endpoint_left_counts_no_retry(
     TCP mode counts one (and takes a budget slot) before it looks for an
     endpoint to retry on; with none left, no retry happens but one is counted.
     """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        refused = f"127.0.0.1:{probe.getsockname()[1]}"
+    refused = f"127.0.0.1:{free_port()}"
     upstream = {"protocol": "tcp", "endpoints": [refused]}
     async with asyncio.timeout(5), client_agent(root, setup, **upstream) as agent:
         host, port = listener(agent).rsplit(":", 1)
