@@ -1,7 +1,8 @@
-"""Generate the CA protocol code from ca.proto (`make proto`).
+"""Generate the protocol code from ca.proto and control.proto (`make proto`).
 
-`generate(out_dir)` writes ca_pb2.py, ca_pb2.pyi and ca_grpc.py; the drift
-test runs it into a temporary directory and compares with what is committed.
+`generate(out_dir)` writes NAME_pb2.py, NAME_pb2.pyi and NAME_grpc.py for each;
+the drift test runs it into a temporary directory and compares with what is
+committed.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import sys
 from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parent
-OUTPUTS = ("ca_pb2.py", "ca_pb2.pyi", "ca_grpc.py")
+PROTOS = ("ca", "control")
+OUTPUTS = tuple(
+    f"{name}{suffix}" for name in PROTOS for suffix in ("_pb2.py", "_pb2.pyi", "_grpc.py")
+)
 
 
 def generate(out_dir: Path) -> None:
@@ -25,14 +29,17 @@ def generate(out_dir: Path) -> None:
         f"--python_out={out_dir}",
         f"--mypy_out={out_dir}",
         f"--grpclib_python_out={out_dir}",
-        "ca.proto",
+        *(f"{name}.proto" for name in PROTOS),
     ]
     if protoc.main(args) != 0:
-        raise RuntimeError("protoc failed on ca.proto")
-    # protoc emits a top-level import; the package lives in identity.proto.
-    grpc_module = out_dir / "ca_grpc.py"
-    text = grpc_module.read_text()
-    grpc_module.write_text(text.replace("import ca_pb2\n", "from identity.proto import ca_pb2\n"))
+        raise RuntimeError("protoc failed")
+    # protoc emits top-level imports; the package lives in identity.proto.
+    for name in PROTOS:
+        grpc_module = out_dir / f"{name}_grpc.py"
+        text = grpc_module.read_text()
+        grpc_module.write_text(
+            text.replace(f"import {name}_pb2\n", f"from identity.proto import {name}_pb2\n")
+        )
 
 
 if __name__ == "__main__":
