@@ -1307,6 +1307,83 @@ def test_the_control_config_is_one_control_serve_accepts(
     control_config.load(path)
 
 
+# --- what docs/control-plane.md shows -------------------------------------------------
+
+CONTROL_PLANE_GUIDE = ROOT / "docs" / "control-plane.md"
+
+
+def shown_examples() -> list[tuple[str, str, Obj]]:
+    """(file, how it is shown, object) for each YAML block naming a deploy/examples file."""
+    blocks = re.findall(
+        r"```yaml\n# (?:from )?(deploy/examples/\S+)([^\n]*)\n(.*?)```",
+        CONTROL_PLANE_GUIDE.read_text(),
+        re.S,
+    )
+    return [(path, note.strip(), yaml.safe_load(text)) for path, note, text in blocks]
+
+
+def within(shown: Any, actual: Any) -> bool:
+    """Every key `shown` has, `actual` has with the same value (an excerpt of it)."""
+    if isinstance(shown, dict):
+        return isinstance(actual, dict) and all(
+            k in actual and within(v, actual[k]) for k, v in shown.items()
+        )
+    if isinstance(shown, list):
+        return (
+            isinstance(actual, list)
+            and len(shown) == len(actual)
+            and all(within(s, a) for s, a in zip(shown, actual, strict=True))
+        )
+    return bool(shown == actual)
+
+
+def test_the_guide_shows_the_examples_as_they_are_in_deploy() -> None:
+    shown = shown_examples()
+    assert len(shown) >= 6
+    for path, note, obj in shown:
+        (actual,) = [
+            o
+            for o in _documents(ROOT / path)
+            if (o["kind"], o["metadata"]["name"]) == (obj["kind"], obj["metadata"]["name"])
+        ]
+        if note:  # "(shortened)", or an excerpt of a file of several objects
+            assert within(obj, actual), path
+        else:
+            assert obj == actual, path
+
+
+def test_the_guides_name_one_gateway_api_release_the_one_tested() -> None:
+    readme = (GATEWAY_API / "README.md").read_text()
+    (tested,) = set(re.findall(r"release (v\d+\.\d+\.\d+)", readme))
+    for guide_path in (CONTROL_PLANE_GUIDE, INSTALL, DEPLOY / "README.md"):
+        urls = set(
+            re.findall(
+                r"https://github\.com/kubernetes-sigs/gateway-api/[^\s`)]+", guide_path.read_text()
+            )
+        )
+        assert (
+            urls
+            == {
+                f"https://github.com/kubernetes-sigs/gateway-api/releases/download/{tested}/standard-install.yaml"
+            }
+            or not urls
+        ), guide_path
+    assert "standard-install.yaml" in CONTROL_PLANE_GUIDE.read_text()
+
+
+def test_every_deploy_path_the_control_plane_guide_names_exists() -> None:
+    paths = set(re.findall(r"deploy/[\w./-]+[\w/]", CONTROL_PLANE_GUIDE.read_text()))
+    assert {"deploy/base/crds", "deploy/base/control.yaml", "deploy/examples/"} <= paths
+    for path in paths:
+        assert (ROOT / path).exists(), path
+
+
+def test_the_guide_gives_each_clusterrole_we_ship() -> None:
+    text = CONTROL_PLANE_GUIDE.read_text()
+    for role in of_kind([o for o in _documents(DEPLOY / "base" / "control.yaml")], "ClusterRole"):
+        assert f"`{role['metadata']['name']}`" in text
+
+
 # --- what docs/install.md has the operator do -------------------------------------
 
 
