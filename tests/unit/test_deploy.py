@@ -824,6 +824,22 @@ def test_our_crds_name_the_kinds_of_the_contract() -> None:
         assert spec["names"]["shortNames"]
 
 
+def test_every_crd_is_one_the_api_server_accepts() -> None:
+    """Ours and the vendored Gateway API ones, against CustomResourceDefinition's schema."""
+    assert len(crd_documents()) == 4
+    for crd in crd_documents():
+        check_object(crd)
+
+
+def test_a_misspelt_crd_is_refused_with_the_path_of_the_misspelling() -> None:
+    (crd,) = [c for c in our_crds() if c["spec"]["names"]["kind"] == "TrafficPolicy"]
+    schema = "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/balancer"
+    with pytest.raises(ValueError, match=r"\.balancer\.tpye: unknown field$"):
+        check_object(mutated(crd, f"add {schema}/tpye string"))
+    with pytest.raises(ValueError, match=r"spec\.versions\[0\]\.subresource: unknown field$"):
+        check_object(mutated(crd, "add /spec/versions/0/subresource {status: {}}"))
+
+
 def test_our_crd_schemas_are_structural() -> None:
     """The API server refuses a CRD whose schema leaves a node's type open."""
     for crd in our_crds():
