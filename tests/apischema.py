@@ -36,8 +36,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import kubernetes_validate
+import jsonschema  # type: ignore[import-untyped]
+import kubernetes_validate  # type: ignore[import-untyped]
 
 Json = dict[str, Any]
 
@@ -525,7 +525,7 @@ def _custom_causes(resource: Resource, obj: Json) -> list[Cause]:
     schema = _json_schema(resource.schema or {})
     schema.get("properties", {}).pop("metadata", None)  # ObjectMeta is checked on its own
     validator = jsonschema.Draft4Validator(schema)
-    causes = []
+    causes: list[Cause] = []
     for error in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.path))):
         causes.extend(_cause(error))
     return causes

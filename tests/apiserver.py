@@ -210,6 +210,10 @@ class FakeApiServer:
         with self._lock:
             self._faults.append(_Fault(count, code, frozenset(verbs)))
 
+    def open_watches(self) -> int:
+        """How many watches are open now (a test waits for a client's before changing things)."""
+        return self.store.watch_count()
+
     def drop_watches(self, *, abrupt: bool = False) -> int:
         """Ends every open watch: cleanly, as a server's watch timeout does, or `abrupt`ly,
         the connection cut mid-stream as by a server restart. Returns how many."""
@@ -353,7 +357,7 @@ class FakeApiServer:
         self, resource: Resource, namespace: str | None, query: dict[str, str]
     ) -> web.Response:
         selector = _selector(resource, namespace, query)
-        items, revision = self.store.list(resource, selector)
+        items, revision = self.store.list_objects(resource, selector)
         start = 0
         if query.get("continue"):
             start = json.loads(base64.urlsafe_b64decode(query["continue"]))["start"]
@@ -411,6 +415,11 @@ class FakeApiServer:
                 "major": major,
                 "minor": minor,
                 "gitVersion": f"v{KUBERNETES_VERSION}.0",
+                "gitCommit": "0" * 40,
+                "gitTreeState": "clean",
+                "buildDate": "2024-08-13T07:28:49Z",
+                "goVersion": "go1.22.5",
+                "compiler": "gc",
                 "platform": "linux/amd64",
             }
         if path == "/api":

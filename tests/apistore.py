@@ -302,7 +302,7 @@ class Store:
         with self._lock:
             return self._served(resource, self._stored(resource, namespace, name))
 
-    def list(self, resource: Resource, selector: Selector) -> tuple[list[Json], int]:
+    def list_objects(self, resource: Resource, selector: Selector) -> tuple[list[Json], int]:
         with self._lock:
             items = [
                 self._served(resource, obj)
@@ -343,7 +343,7 @@ class Store:
                     secrets.choice(alphabet) for _ in range(5)
                 )
             now = _timestamp(self.clock())
-            for key in (
+            for server_set in (
                 "resourceVersion",
                 "uid",
                 "creationTimestamp",
@@ -351,7 +351,7 @@ class Store:
                 "generation",
                 "managedFields",
             ):
-                meta.pop(key, None)
+                meta.pop(server_set, None)
             meta["uid"] = str(uuid.uuid4())
             meta["creationTimestamp"] = now
             if resource.generation:
@@ -367,6 +367,7 @@ class Store:
                 raise ApiError(
                     409,
                     f'{resource.qualified} "{meta["name"]}" already exists',
+                    reason="AlreadyExists",
                     details=_details(resource, meta["name"]),
                 )
             if not dry_run:
@@ -624,7 +625,7 @@ class Store:
                 if revision < self._floor:
                     raise ApiError(
                         410,
-                        f"too old resource version: {revision} ({self._floor + 1})",
+                        f"too old resource version: {revision} ({self._floor})",
                         reason="Expired",
                     )
                 events = [
@@ -638,6 +639,10 @@ class Store:
     def unwatch(self, watcher: Watcher) -> None:
         with self._lock:
             self._watchers.discard(watcher)
+
+    def watch_count(self) -> int:
+        with self._lock:
+            return len(self._watchers)
 
     def end_watches(self, how: str) -> int:
         with self._lock:
