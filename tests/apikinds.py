@@ -1,7 +1,13 @@
-"""What kube-apiserver adds to built-in objects, and the rules a CRD itself must follow.
+"""Each kind's own rules in the fake API server: Go validation, defaults, initial status.
 
-A client reads these back, so the fake API server (tests/apiserver.py) writes them
-too: the defaults a Service, Pod, Namespace or EndpointSlice gets (a port's
+`validate` is kube-apiserver's validation step: the metadata rules every object
+follows (names, labels, annotations), the schema's (tests/apischema.py), and the
+Go rules of each built-in kind that a client meets (a Service port within 1-65535,
+a container with an image, an EndpointSlice address of its addressType, a CRD's
+names, versions and structural schemas), each cause with its field path.
+
+Defaults and status: a client reads these back, so the fake writes them too:
+the defaults a Service, Pod, Namespace or EndpointSlice gets (a port's
 `targetPort` = its `port`, `protocol: TCP`, a pod's `serviceAccountName: default`
 that the ServiceAccount admission plugin sets, a ClusterIP), the status an object
 starts with, and what the CRD controller writes to a CRD's status once its names
@@ -12,11 +18,314 @@ nothing here reads them.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
-from tests.apischema import Cause, Json, Resource, _bad, dns_label, dns_subdomain
+from tests.apischema import schema_causes
+from tests.apitypes import ApiError, Cause, Json, Resource, quote
+
+# --- validation -----------------------------------------------------------------------
+
+
+def validate(resource: Resource, obj: Json) -> None:
+    """Raises ApiError 422 Invalid naming every bad field, as kube-apiserver does."""
+    causes = _meta_causes(resource, obj.get("metadata") or {})
+    causes += schema_causes(resource, obj)
+    check = _CHECKS.get(resource.kind)
+    if check is not None and not resource.custom:
+        causes += check(obj)
+    if causes:
+        raise invalid(resource, obj, causes)
+
+
+def invalid(resource: Resource, obj: Json, causes: list[Cause]) -> ApiError:
+    name = (obj.get("metadata") or {}).get("name", "")
+    lines = [f"{c.field}: {c.message}" for c in causes]
+    listed = lines[0] if len(lines) == 1 else "[" + ", ".join(lines) + "]"
+    details = {"name": name, "kind": resource.kind}
+    if resource.group:
+        details["group"] = resource.group
+    return ApiError(
+        422, f'{resource.kind_label} "{name}" is invalid: {listed}', details=details, causes=causes
+    )
+
+
+_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_QUALIFIED = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+_CONFIG_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+_IANA_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])*")
+
+SUBDOMAIN_RULE = (
+    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' "
+    "or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex "
+    f"used for validation is '{_SUBDOMAIN.pattern}')"
+)
+LABEL_RULE = (
+    "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and "
+    "must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex "
+    f"used for validation is '{_LABEL.pattern}')"
+)
+DNS1035_RULE = (
+    "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an "
+    "alphabetic character, and end with an alphanumeric character (e.g. 'my-name',  or "
+    f"'abc-123', regex used for validation is '{_DNS1035.pattern}')"
+)
+
+
+def _bad(path: str, value: Any, why: str) -> Cause:
+    return Cause(path, f"Invalid value: {quote(value)}: {why}")
+
+
+def dns_subdomain(path: str, value: str) -> list[Cause]:
+    if len(value) > 253:
+        return [_bad(path, value, "must be no more than 253 characters")]
+    return [] if _SUBDOMAIN.fullmatch(value) else [_bad(path, value, SUBDOMAIN_RULE)]
+
+
+def dns_label(path: str, value: str, rule: re.Pattern[str] = _LABEL) -> list[Cause]:
+    if len(value) > 63:
+        return [_bad(path, value, "must be no more than 63 characters")]
+    text = LABEL_RULE if rule is _LABEL else DNS1035_RULE
+    return [] if rule.fullmatch(value) else [_bad(path, value, text)]
+
+
+def qualified_name(path: str, key: str) -> list[Cause]:
+    prefix, _, name = key.rpartition("/")
+    if prefix and dns_subdomain(path, prefix):
+        return [_bad(path, key, "prefix part " + SUBDOMAIN_RULE)]
+    if not name or len(name) > 63 or not _QUALIFIED.fullmatch(name):
+        return [
+            _bad(
+                path,
+                key,
+                "name part must consist of alphanumeric characters, '-', '_' or '.', and must "
+                "start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or "
+                f"'123-abc', regex used for validation is '{_QUALIFIED.pattern}')",
+            )
+        ]
+    return []
+
+
+def label_selector_value(path: str, value: str) -> list[Cause]:
+    if len(value) <= 63 and _LABEL_VALUE.fullmatch(value):
+        return []
+    return [
+        _bad(
+            path,
+            value,
+            "a valid label must be an empty string or consist of alphanumeric characters, '-', "
+            "'_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  "
+            f"or 'my_value',  or '12345', regex used for validation is '{_LABEL_VALUE.pattern}')",
+        )
+    ]
+
+
+def _meta_causes(resource: Resource, meta: Json) -> list[Cause]:
+    name = meta.get("name")
+    if not name:
+        return [
+            Cause(
+                "metadata.name",
+                "Required value: name or generateName is required",
+                "FieldValueRequired",
+            )
+        ]
+    if resource.kind == "Namespace":
+        causes = dns_label("metadata.name", name)
+    elif resource.kind == "Service":
+        causes = dns_label("metadata.name", name, _DNS1035)
+    else:
+        causes = dns_subdomain("metadata.name", name)
+    for key, value in (meta.get("labels") or {}).items():
+        causes += qualified_name("metadata.labels", key)
+        causes += label_selector_value("metadata.labels", value)
+    for key in meta.get("annotations") or {}:
+        causes += qualified_name("metadata.annotations", key)
+    return causes
+
+
+def port_number(path: str, value: Any) -> list[Cause]:
+    if isinstance(value, int) and 1 <= value <= 65535:
+        return []
+    return [_bad(path, value, "must be between 1 and 65535, inclusive")]
+
+
+def _port_name(path: str, value: str) -> list[Cause]:
+    """An IANA service name: what a container port's name and a named targetPort must be."""
+    if len(value) > 15:
+        return [_bad(path, value, "must be no more than 15 characters")]
+    if not _IANA_NAME.fullmatch(value):
+        return [
+            _bad(
+                path,
+                value,
+                "must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)",
+            )
+        ]
+    if "--" in value:
+        return [_bad(path, value, "must not contain consecutive hyphens")]
+    if not re.search("[a-z]", value):
+        return [_bad(path, value, "must contain at least one letter (a-z)")]
+    return []
+
+
+def _protocol(path: str, value: Any) -> list[Cause]:
+    if value in ("TCP", "UDP", "SCTP"):
+        return []
+    return [
+        Cause(
+            path,
+            f'Unsupported value: {quote(value)}: supported values: "SCTP", "TCP", "UDP"',
+            "FieldValueNotSupported",
+        )
+    ]
+
+
+def _one_of(path: str, value: Any, allowed: tuple[str, ...]) -> list[Cause]:
+    if value in allowed:
+        return []
+    listed = ", ".join(json.dumps(a) for a in sorted(allowed))
+    return [
+        Cause(
+            path,
+            f"Unsupported value: {quote(value)}: supported values: {listed}",
+            "FieldValueNotSupported",
+        )
+    ]
+
+
+def _duplicate(path: str, value: Any) -> Cause:
+    return Cause(path, f"Duplicate value: {quote(value)}", "FieldValueDuplicate")
+
+
+def _service(obj: Json) -> list[Cause]:
+    spec = obj.get("spec") or {}
+    kind = spec.get("type", "ClusterIP")
+    causes = _one_of("spec.type", kind, ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"))
+    ports = spec.get("ports") or []
+    if not ports and kind != "ExternalName" and spec.get("clusterIP") != "None":
+        causes.append(Cause("spec.ports", "Required value", "FieldValueRequired"))
+    names: set[str] = set()
+    for index, port in enumerate(ports):
+        at = f"spec.ports[{index}]"
+        name = port.get("name")
+        if name is None and len(ports) > 1:
+            causes.append(Cause(f"{at}.name", "Required value", "FieldValueRequired"))
+        elif name is not None:
+            causes += dns_label(f"{at}.name", name)
+            if name in names:
+                causes.append(_duplicate(f"{at}.name", name))
+            names.add(name)
+        causes += port_number(f"{at}.port", port.get("port"))
+        causes += _protocol(f"{at}.protocol", port.get("protocol", "TCP"))
+        target = port.get("targetPort")
+        if isinstance(target, int):
+            causes += port_number(f"{at}.targetPort", target)
+        elif isinstance(target, str):
+            causes += _port_name(f"{at}.targetPort", target)
+        if port.get("appProtocol") is not None:
+            causes += qualified_name(f"{at}.appProtocol", port["appProtocol"])
+    for key, value in (spec.get("selector") or {}).items():
+        causes += qualified_name("spec.selector", key)
+        causes += label_selector_value("spec.selector", value)
+    return causes
+
+
+def _pod(obj: Json) -> list[Cause]:
+    spec = obj.get("spec") or {}
+    causes = []
+    if not spec.get("containers"):
+        causes.append(Cause("spec.containers", "Required value", "FieldValueRequired"))
+    names: set[str] = set()
+    port_names: set[str] = set()
+    for group in ("initContainers", "containers"):
+        for index, container in enumerate(spec.get(group) or []):
+            at = f"spec.{group}[{index}]"
+            name = container.get("name", "")
+            causes += dns_label(f"{at}.name", name) if name else []
+            if name in names:
+                causes.append(_duplicate(f"{at}.name", name))
+            names.add(name)
+            if not container.get("image"):
+                causes.append(Cause(f"{at}.image", "Required value", "FieldValueRequired"))
+            for p, port in enumerate(container.get("ports") or []):
+                pat = f"{at}.ports[{p}]"
+                causes += port_number(f"{pat}.containerPort", port.get("containerPort"))
+                causes += _protocol(f"{pat}.protocol", port.get("protocol", "TCP"))
+                if port.get("name") is not None:
+                    causes += _port_name(f"{pat}.name", port["name"])
+                    if port["name"] in port_names:
+                        causes.append(_duplicate(f"{pat}.name", port["name"]))
+                    port_names.add(port["name"])
+    if spec.get("serviceAccountName"):
+        causes += dns_subdomain("spec.serviceAccountName", spec["serviceAccountName"])
+    return causes
+
+
+def _endpoint_slice(obj: Json) -> list[Cause]:
+    kind = obj.get("addressType")
+    causes = _one_of("addressType", kind, ("IPv4", "IPv6", "FQDN")) if kind else []
+    for index, endpoint in enumerate(obj.get("endpoints") or []):
+        addresses = endpoint.get("addresses") or []
+        at = f"endpoints[{index}].addresses"
+        if not 1 <= len(addresses) <= 100:
+            causes.append(_bad(at, len(addresses), "must contain between 1 and 100 addresses"))
+        for a, address in enumerate(addresses):
+            causes += _address(f"{at}[{a}]", kind, address)
+    for index, port in enumerate(obj.get("ports") or []):
+        at = f"ports[{index}]"
+        if port.get("port") is not None:
+            causes += port_number(f"{at}.port", port["port"])
+        causes += _protocol(f"{at}.protocol", port.get("protocol", "TCP"))
+        if port.get("name"):
+            causes += dns_label(f"{at}.name", port["name"])
+    return causes
+
+
+def _address(path: str, kind: str | None, address: str) -> list[Cause]:
+    if kind == "FQDN":
+        return dns_subdomain(path, address)
+    family = {"IPv4": ipaddress.IPv4Address, "IPv6": ipaddress.IPv6Address}.get(kind or "")
+    if family is None:
+        return []
+    try:
+        family(address)
+    except ValueError:
+        return [_bad(path, address, f"must be a valid {kind} address")]
+    return []
+
+
+def _config_map(obj: Json) -> list[Cause]:
+    causes = []
+    for group in ("data", "binaryData"):
+        for key in obj.get(group) or {}:
+            if len(key) > 253 or not _CONFIG_KEY.fullmatch(key):
+                causes.append(
+                    _bad(
+                        f"{group}[{key}]",
+                        key,
+                        "a valid config key must consist of alphanumeric characters, '-', '_' or "
+                        "'.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for "
+                        f"validation is '{_CONFIG_KEY.pattern}')",
+                    )
+                )
+    return causes
+
+
+_CHECKS: dict[str, Callable[[Json], list[Cause]]] = {
+    "Service": _service,
+    "Pod": _pod,
+    "EndpointSlice": _endpoint_slice,
+    "ConfigMap": _config_map,
+    "CustomResourceDefinition": lambda crd: crd_causes(crd),
+}
+
 
 # --- defaults -------------------------------------------------------------------------
 
@@ -26,9 +335,9 @@ def apply_defaults(
 ) -> None:
     """The built-in defaults, on create and on every update (`old` is the stored object)."""
     if resource.kind == "Service":
-        _service(obj, old, cluster_ip)
+        _default_service(obj, old, cluster_ip)
     elif resource.kind == "Pod":
-        _pod(obj)
+        _default_pod(obj)
     elif resource.kind == "Namespace":
         obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
         labels = obj["metadata"].setdefault("labels", {})
@@ -45,7 +354,7 @@ def apply_defaults(
         spec.setdefault("conversion", {"strategy": "None"})
 
 
-def _service(obj: Json, old: Json | None, cluster_ip: Callable[[], str]) -> None:
+def _default_service(obj: Json, old: Json | None, cluster_ip: Callable[[], str]) -> None:
     spec = obj.setdefault("spec", {})
     spec.setdefault("type", "ClusterIP")
     spec.setdefault("sessionAffinity", "None")
@@ -66,7 +375,7 @@ def _service(obj: Json, old: Json | None, cluster_ip: Callable[[], str]) -> None
     spec.setdefault("internalTrafficPolicy", "Cluster")
 
 
-def _pod(obj: Json) -> None:
+def _default_pod(obj: Json) -> None:
     spec = obj.setdefault("spec", {})
     account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
     spec["serviceAccountName"] = spec["serviceAccount"] = account

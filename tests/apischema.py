@@ -9,29 +9,27 @@ client can tell each one apart by the error it gets back:
    ("strict decoding error: unknown field ...") under `fieldValidation=Strict`,
    which is what `kubectl apply` sends. Custom objects are pruned to their
    CRD's structural schema the same way, nulls of non-nullable fields dropped.
-2. **default**: the schema's `default`s for custom objects; the handful of
-   built-in defaults a client reads back (a Service port's `targetPort` and
-   `protocol`, a Pod's `serviceAccountName`, ...).
+2. **default**: the schema's `default`s for custom objects (here); the handful
+   of built-in defaults a client reads back (tests/apikinds.py).
 3. **validate**: 422 Invalid with one cause per field path. Custom objects are
-   checked against their CRD's `openAPIV3Schema` with `jsonschema`; built-in
-   kinds against the API's own schemas as bundled by `kubernetes-validate`
-   (Kubernetes `KUBERNETES_VERSION`) plus the Go validation rules clients run
-   into (names, labels, port ranges, required containers, ...).
+   checked against their CRD's `openAPIV3Schema` with `jsonschema` (here);
+   built-in kinds against the API's own schemas as bundled by
+   `kubernetes-validate` (Kubernetes `KUBERNETES_VERSION`: required fields here,
+   types in step 1) plus the Go validation rules clients run into
+   (tests/apikinds.py: names, labels, port ranges, containers, ...).
 4. store (tests/apistore.py).
 
 Not emulated: CEL (`x-kubernetes-validations`), `x-kubernetes-list-type` set
 and map uniqueness, `format` checks, ratcheting, and the long tail of Go
-validation of built-in kinds beyond what is listed in `_CHECKS`.
+validation of built-in kinds beyond tests/apikinds.py's `_CHECKS`.
 """
 
 from __future__ import annotations
 
 import copy
-import ipaddress
 import json
-import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -39,261 +37,11 @@ from typing import Any
 import jsonschema  # type: ignore[import-untyped]
 import kubernetes_validate  # type: ignore[import-untyped]
 
-Json = dict[str, Any]
+from tests.apitypes import ApiError, Cause, Json, Path_, Resource, dotted, quote
 
 #: The bundled schemas of the oldest Kubernetes the project supports (pyproject's floor).
 KUBERNETES_VERSION = "1.31"
 _SCHEMAS = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
-
-
-# --- errors ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Cause:
-    """One reason an object is invalid, as kube-apiserver's Status `details.causes[]`."""
-
-    field: str
-    message: str
-    reason: str = "FieldValueInvalid"
-
-
-_REASONS = {
-    400: "BadRequest",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "NotFound",
-    405: "MethodNotAllowed",
-    409: "Conflict",
-    410: "Expired",
-    415: "UnsupportedMediaType",
-    422: "Invalid",
-    429: "TooManyRequests",
-    500: "InternalError",
-    503: "ServiceUnavailable",
-    504: "Timeout",
-}
-
-
-class ApiError(Exception):
-    """A request kube-apiserver would refuse; `status` is the Status object it answers with."""
-
-    def __init__(
-        self,
-        code: int,
-        message: str,
-        *,
-        reason: str | None = None,
-        details: Json | None = None,
-        causes: list[Cause] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.reason = reason or _REASONS.get(code, "Unknown")
-        self.causes = causes or []
-        self.details = dict(details or {})
-        if self.causes:
-            self.details["causes"] = [
-                {"reason": c.reason, "message": c.message, "field": c.field} for c in self.causes
-            ]
-
-    @property
-    def fields(self) -> list[str]:
-        """The field paths of the causes: what a test asserts on."""
-        return [c.field for c in self.causes]
-
-    @property
-    def status(self) -> Json:
-        status: Json = {
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": self.message,
-            "reason": self.reason,
-            "code": self.code,
-        }
-        if self.details:
-            status["details"] = self.details
-        return status
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.reason}: {self.message}"
-
-
-# --- resources ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Resource:
-    """One served group/version/resource: what a URL path names."""
-
-    group: str
-    version: str
-    plural: str
-    kind: str
-    namespaced: bool
-    status: bool  # has the status subresource
-    singular: str = ""
-    short_names: tuple[str, ...] = ()
-    definition: str | None = None  # built-ins: the schema's name in kubernetes-validate's $defs
-    schema: Json | None = field(default=None, compare=False, hash=False)  # CRs: openAPIV3Schema
-    selectable: tuple[str, ...] = ()  # field selectors beyond metadata.name/namespace
-    generation: bool = True  # keeps metadata.generation (bumped on spec changes)
-
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
-
-    @property
-    def group_resource(self) -> tuple[str, str]:
-        """Objects are stored once per group and resource, whichever version wrote them."""
-        return self.group, self.plural
-
-    @property
-    def qualified(self) -> str:
-        """`pods`, `widgets.example.com`: how NotFound and Conflict messages name it."""
-        return f"{self.plural}.{self.group}" if self.group else self.plural
-
-    @property
-    def kind_label(self) -> str:
-        """`Service`, `Widget.example.com`: how Invalid messages name it."""
-        return f"{self.kind}.{self.group}" if self.group else self.kind
-
-    @property
-    def custom(self) -> bool:
-        return self.definition is None
-
-
-_CORE = "io.k8s.api.core.v1."
-_POD_FIELDS = (
-    "spec.nodeName",
-    "spec.restartPolicy",
-    "spec.schedulerName",
-    "spec.serviceAccountName",
-    "spec.hostNetwork",
-    "status.phase",
-    "status.podIP",
-    "status.nominatedNodeName",
-)
-BUILTINS = (
-    Resource("", "v1", "pods", "Pod", True, True, "pod", ("po",), _CORE + "Pod", None, _POD_FIELDS),
-    Resource("", "v1", "services", "Service", True, True, "service", ("svc",), _CORE + "Service"),
-    Resource(
-        "",
-        "v1",
-        "namespaces",
-        "Namespace",
-        False,
-        True,
-        "namespace",
-        ("ns",),
-        _CORE + "Namespace",
-        None,
-        ("status.phase",),
-    ),
-    Resource(
-        "",
-        "v1",
-        "configmaps",
-        "ConfigMap",
-        True,
-        False,
-        "configmap",
-        ("cm",),
-        _CORE + "ConfigMap",
-        generation=False,
-    ),
-    Resource(
-        "",
-        "v1",
-        "serviceaccounts",
-        "ServiceAccount",
-        True,
-        False,
-        "serviceaccount",
-        ("sa",),
-        _CORE + "ServiceAccount",
-        generation=False,
-    ),
-    Resource(
-        "discovery.k8s.io",
-        "v1",
-        "endpointslices",
-        "EndpointSlice",
-        True,
-        False,
-        "endpointslice",
-        (),
-        "io.k8s.api.discovery.v1.EndpointSlice",
-        generation=False,
-    ),
-    Resource(
-        "apiextensions.k8s.io",
-        "v1",
-        "customresourcedefinitions",
-        "CustomResourceDefinition",
-        False,
-        True,
-        "customresourcedefinition",
-        ("crd", "crds"),
-        "io.k8s.apiextensions-apiserver.pkg.apis.apiextensions.v1.CustomResourceDefinition",
-    ),
-)
-
-
-def resources_of_crd(crd: Json) -> list[Resource]:
-    """The resources an (already validated) CRD serves, one per served version."""
-    spec = crd["spec"]
-    names = spec["names"]
-    served = []
-    for version in spec["versions"]:
-        if not version.get("served", True):
-            continue
-        subresources = version.get("subresources") or {}
-        fields = tuple(f["jsonPath"].lstrip(".") for f in version.get("selectableFields") or [])
-        served.append(
-            Resource(
-                group=spec["group"],
-                version=version["name"],
-                plural=names["plural"],
-                kind=names["kind"],
-                namespaced=spec["scope"] == "Namespaced",
-                status="status" in subresources,
-                singular=names.get("singular") or names["kind"].lower(),
-                short_names=tuple(names.get("shortNames") or ()),
-                schema=(version.get("schema") or {}).get("openAPIV3Schema") or {},
-                selectable=fields,
-            )
-        )
-    return served
-
-
-# --- paths ----------------------------------------------------------------------------
-
-
-Path_ = tuple[str | int, ...]
-
-
-def dotted(path: Path_) -> str:
-    """("spec", "ports", 0, "port") -> "spec.ports[0].port", as kube-apiserver writes paths."""
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else part
-    return out
-
-
-def _quote(value: Any) -> str:
-    """A value as Go's field errors print it."""
-    if isinstance(value, dict):
-        return '"object"'
-    if isinstance(value, list):
-        return '"array"'
-    return json.dumps(value)
 
 
 # --- step 1: decode -------------------------------------------------------------------
@@ -541,7 +289,7 @@ def _cause(error: jsonschema.ValidationError) -> Iterator[Cause]:
                     dotted((*error.absolute_path, name)), "Required value", "FieldValueRequired"
                 )
         return
-    shown = _quote(value)
+    shown = quote(value)
     if rule == "type":
         expected = bound if isinstance(bound, str) else " or ".join(b for b in bound if b != "null")
         message = f"Invalid value: {shown}: {path} in body must be of type {expected}: {shown}"
@@ -572,33 +320,15 @@ def _cause(error: jsonschema.ValidationError) -> Iterator[Cause]:
         yield Cause(path, f"Invalid value: {shown}: {path} in body {wording}")
 
 
-# --- step 3: validate -----------------------------------------------------------------
+# --- step 3: the schema's part of validation ------------------------------------------
 
 
-def validate(resource: Resource, obj: Json) -> None:
-    """Raises ApiError 422 Invalid naming every bad field, as kube-apiserver does."""
-    causes = _meta_causes(resource, obj.get("metadata") or {})
+def schema_causes(resource: Resource, obj: Json) -> list[Cause]:
+    """What the schema alone refuses: a custom object against its CRD's openAPIV3Schema,
+    a built-in one's required fields (the Go rules are tests/apikinds.py's)."""
     if resource.custom:
-        causes += _custom_causes(resource, obj)
-    else:
-        causes += _required_causes(_definition(resource.definition or ""), obj, ())
-        check = _CHECKS.get(resource.kind)
-        if check is not None:
-            causes += check(obj)
-    if causes:
-        raise invalid(resource, obj, causes)
-
-
-def invalid(resource: Resource, obj: Json, causes: list[Cause]) -> ApiError:
-    name = (obj.get("metadata") or {}).get("name", "")
-    lines = [f"{c.field}: {c.message}" for c in causes]
-    listed = lines[0] if len(lines) == 1 else "[" + ", ".join(lines) + "]"
-    details = {"name": name, "kind": resource.kind}
-    if resource.group:
-        details["group"] = resource.group
-    return ApiError(
-        422, f'{resource.kind_label} "{name}" is invalid: {listed}', details=details, causes=causes
-    )
+        return _custom_causes(resource, obj)
+    return _required_causes(_definition(resource.definition or ""), obj, ())
 
 
 #: Fields the schema lists as required that Go validation lets be empty.
@@ -620,283 +350,3 @@ def _required_causes(schema: Json, value: Any, path: Path_, name: str | None = N
         for index, item in enumerate(value):
             causes += _required_causes(schema["items"], item, (*path, index))
     return causes
-
-
-_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
-_QUALIFIED = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
-_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
-_CONFIG_KEY = re.compile(r"[-._a-zA-Z0-9]+")
-_IANA_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])*")
-
-SUBDOMAIN_RULE = (
-    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' "
-    "or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex "
-    f"used for validation is '{_SUBDOMAIN.pattern}')"
-)
-LABEL_RULE = (
-    "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and "
-    "must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex "
-    f"used for validation is '{_LABEL.pattern}')"
-)
-DNS1035_RULE = (
-    "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an "
-    "alphabetic character, and end with an alphanumeric character (e.g. 'my-name',  or "
-    f"'abc-123', regex used for validation is '{_DNS1035.pattern}')"
-)
-
-
-def _bad(path: str, value: Any, why: str) -> Cause:
-    return Cause(path, f"Invalid value: {_quote(value)}: {why}")
-
-
-def dns_subdomain(path: str, value: str) -> list[Cause]:
-    if len(value) > 253:
-        return [_bad(path, value, "must be no more than 253 characters")]
-    return [] if _SUBDOMAIN.fullmatch(value) else [_bad(path, value, SUBDOMAIN_RULE)]
-
-
-def dns_label(path: str, value: str, rule: re.Pattern[str] = _LABEL) -> list[Cause]:
-    if len(value) > 63:
-        return [_bad(path, value, "must be no more than 63 characters")]
-    text = LABEL_RULE if rule is _LABEL else DNS1035_RULE
-    return [] if rule.fullmatch(value) else [_bad(path, value, text)]
-
-
-def qualified_name(path: str, key: str) -> list[Cause]:
-    prefix, _, name = key.rpartition("/")
-    if prefix and dns_subdomain(path, prefix):
-        return [_bad(path, key, "prefix part " + SUBDOMAIN_RULE)]
-    if not name or len(name) > 63 or not _QUALIFIED.fullmatch(name):
-        return [
-            _bad(
-                path,
-                key,
-                "name part must consist of alphanumeric characters, '-', '_' or '.', and must "
-                "start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or "
-                f"'123-abc', regex used for validation is '{_QUALIFIED.pattern}')",
-            )
-        ]
-    return []
-
-
-def label_selector_value(path: str, value: str) -> list[Cause]:
-    if len(value) <= 63 and _LABEL_VALUE.fullmatch(value):
-        return []
-    return [
-        _bad(
-            path,
-            value,
-            "a valid label must be an empty string or consist of alphanumeric characters, '-', "
-            "'_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  "
-            f"or 'my_value',  or '12345', regex used for validation is '{_LABEL_VALUE.pattern}')",
-        )
-    ]
-
-
-def _meta_causes(resource: Resource, meta: Json) -> list[Cause]:
-    name = meta.get("name")
-    if not name:
-        return [
-            Cause(
-                "metadata.name",
-                "Required value: name or generateName is required",
-                "FieldValueRequired",
-            )
-        ]
-    if resource.kind == "Namespace":
-        causes = dns_label("metadata.name", name)
-    elif resource.kind == "Service":
-        causes = dns_label("metadata.name", name, _DNS1035)
-    else:
-        causes = dns_subdomain("metadata.name", name)
-    for key, value in (meta.get("labels") or {}).items():
-        causes += qualified_name("metadata.labels", key)
-        causes += label_selector_value("metadata.labels", value)
-    for key in meta.get("annotations") or {}:
-        causes += qualified_name("metadata.annotations", key)
-    return causes
-
-
-def port_number(path: str, value: Any) -> list[Cause]:
-    if isinstance(value, int) and 1 <= value <= 65535:
-        return []
-    return [_bad(path, value, "must be between 1 and 65535, inclusive")]
-
-
-def _port_name(path: str, value: str) -> list[Cause]:
-    """An IANA service name: what a container port's name and a named targetPort must be."""
-    if len(value) > 15:
-        return [_bad(path, value, "must be no more than 15 characters")]
-    if not _IANA_NAME.fullmatch(value):
-        return [
-            _bad(
-                path,
-                value,
-                "must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)",
-            )
-        ]
-    if "--" in value:
-        return [_bad(path, value, "must not contain consecutive hyphens")]
-    if not re.search("[a-z]", value):
-        return [_bad(path, value, "must contain at least one letter (a-z)")]
-    return []
-
-
-def _protocol(path: str, value: Any) -> list[Cause]:
-    if value in ("TCP", "UDP", "SCTP"):
-        return []
-    return [
-        Cause(
-            path,
-            f'Unsupported value: {_quote(value)}: supported values: "SCTP", "TCP", "UDP"',
-            "FieldValueNotSupported",
-        )
-    ]
-
-
-def _one_of(path: str, value: Any, allowed: tuple[str, ...]) -> list[Cause]:
-    if value in allowed:
-        return []
-    listed = ", ".join(json.dumps(a) for a in sorted(allowed))
-    return [
-        Cause(
-            path,
-            f"Unsupported value: {_quote(value)}: supported values: {listed}",
-            "FieldValueNotSupported",
-        )
-    ]
-
-
-def _duplicate(path: str, value: Any) -> Cause:
-    return Cause(path, f"Duplicate value: {_quote(value)}", "FieldValueDuplicate")
-
-
-def _service(obj: Json) -> list[Cause]:
-    spec = obj.get("spec") or {}
-    kind = spec.get("type", "ClusterIP")
-    causes = _one_of("spec.type", kind, ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"))
-    ports = spec.get("ports") or []
-    if not ports and kind != "ExternalName" and spec.get("clusterIP") != "None":
-        causes.append(Cause("spec.ports", "Required value", "FieldValueRequired"))
-    names: set[str] = set()
-    for index, port in enumerate(ports):
-        at = f"spec.ports[{index}]"
-        name = port.get("name")
-        if name is None and len(ports) > 1:
-            causes.append(Cause(f"{at}.name", "Required value", "FieldValueRequired"))
-        elif name is not None:
-            causes += dns_label(f"{at}.name", name)
-            if name in names:
-                causes.append(_duplicate(f"{at}.name", name))
-            names.add(name)
-        causes += port_number(f"{at}.port", port.get("port"))
-        causes += _protocol(f"{at}.protocol", port.get("protocol", "TCP"))
-        target = port.get("targetPort")
-        if isinstance(target, int):
-            causes += port_number(f"{at}.targetPort", target)
-        elif isinstance(target, str):
-            causes += _port_name(f"{at}.targetPort", target)
-        if port.get("appProtocol") is not None:
-            causes += qualified_name(f"{at}.appProtocol", port["appProtocol"])
-    for key, value in (spec.get("selector") or {}).items():
-        causes += qualified_name("spec.selector", key)
-        causes += label_selector_value("spec.selector", value)
-    return causes
-
-
-def _pod(obj: Json) -> list[Cause]:
-    spec = obj.get("spec") or {}
-    causes = []
-    if not spec.get("containers"):
-        causes.append(Cause("spec.containers", "Required value", "FieldValueRequired"))
-    names: set[str] = set()
-    port_names: set[str] = set()
-    for group in ("initContainers", "containers"):
-        for index, container in enumerate(spec.get(group) or []):
-            at = f"spec.{group}[{index}]"
-            name = container.get("name", "")
-            causes += dns_label(f"{at}.name", name) if name else []
-            if name in names:
-                causes.append(_duplicate(f"{at}.name", name))
-            names.add(name)
-            if not container.get("image"):
-                causes.append(Cause(f"{at}.image", "Required value", "FieldValueRequired"))
-            for p, port in enumerate(container.get("ports") or []):
-                pat = f"{at}.ports[{p}]"
-                causes += port_number(f"{pat}.containerPort", port.get("containerPort"))
-                causes += _protocol(f"{pat}.protocol", port.get("protocol", "TCP"))
-                if port.get("name") is not None:
-                    causes += _port_name(f"{pat}.name", port["name"])
-                    if port["name"] in port_names:
-                        causes.append(_duplicate(f"{pat}.name", port["name"]))
-                    port_names.add(port["name"])
-    if spec.get("serviceAccountName"):
-        causes += dns_subdomain("spec.serviceAccountName", spec["serviceAccountName"])
-    return causes
-
-
-def _endpoint_slice(obj: Json) -> list[Cause]:
-    kind = obj.get("addressType")
-    causes = _one_of("addressType", kind, ("IPv4", "IPv6", "FQDN")) if kind else []
-    for index, endpoint in enumerate(obj.get("endpoints") or []):
-        addresses = endpoint.get("addresses") or []
-        at = f"endpoints[{index}].addresses"
-        if not 1 <= len(addresses) <= 100:
-            causes.append(_bad(at, len(addresses), "must contain between 1 and 100 addresses"))
-        for a, address in enumerate(addresses):
-            causes += _address(f"{at}[{a}]", kind, address)
-    for index, port in enumerate(obj.get("ports") or []):
-        at = f"ports[{index}]"
-        if port.get("port") is not None:
-            causes += port_number(f"{at}.port", port["port"])
-        causes += _protocol(f"{at}.protocol", port.get("protocol", "TCP"))
-        if port.get("name"):
-            causes += dns_label(f"{at}.name", port["name"])
-    return causes
-
-
-def _address(path: str, kind: str | None, address: str) -> list[Cause]:
-    if kind == "FQDN":
-        return dns_subdomain(path, address)
-    family = {"IPv4": ipaddress.IPv4Address, "IPv6": ipaddress.IPv6Address}.get(kind or "")
-    if family is None:
-        return []
-    try:
-        family(address)
-    except ValueError:
-        return [_bad(path, address, f"must be a valid {kind} address")]
-    return []
-
-
-def _config_map(obj: Json) -> list[Cause]:
-    causes = []
-    for group in ("data", "binaryData"):
-        for key in obj.get(group) or {}:
-            if len(key) > 253 or not _CONFIG_KEY.fullmatch(key):
-                causes.append(
-                    _bad(
-                        f"{group}[{key}]",
-                        key,
-                        "a valid config key must consist of alphanumeric characters, '-', '_' or "
-                        "'.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for "
-                        f"validation is '{_CONFIG_KEY.pattern}')",
-                    )
-                )
-    return causes
-
-
-def _crd(obj: Json) -> list[Cause]:
-    from tests.apikinds import crd_causes  # beside the CRD's defaults; it imports this module
-
-    return crd_causes(obj)
-
-
-_CHECKS: dict[str, Callable[[Json], list[Cause]]] = {
-    "Service": _service,
-    "Pod": _pod,
-    "EndpointSlice": _endpoint_slice,
-    "ConfigMap": _config_map,
-    "CustomResourceDefinition": _crd,
-}

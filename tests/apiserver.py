@@ -39,7 +39,8 @@ Covered:
   `bookmark_interval` with allowWatchBookmarks; timeoutSeconds ends the watch.
   A version older than the kept history (`history` events, or everything before
   `compact()`) gets the ERROR event with a 410 Expired Status kube-apiserver sends.
-- Validation (tests/apischema.py, tests/apikinds.py): custom objects against their
+- Validation (tests/apischema.py: decoding and schemas; tests/apikinds.py: the Go
+  rules and defaults of each kind): custom objects against their
   CRD's structural `openAPIV3Schema` (pruning of unknown fields, nullable,
   defaults, x-kubernetes-int-or-string, x-kubernetes-preserve-unknown-fields),
   built-in kinds against Kubernetes' own schemas (kubernetes-validate, version
@@ -80,8 +81,9 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from tests.apischema import KUBERNETES_VERSION, ApiError, Json, Resource
+from tests.apischema import KUBERNETES_VERSION
 from tests.apistore import CUT, END, Event, Selector, Store, Watcher, project
+from tests.apitypes import ApiError, Json, Resource
 from tests.support import loopback_tls
 
 __all__ = [

@@ -26,7 +26,7 @@ from typing import Any
 import jsonpatch
 
 from tests import apikinds, apischema
-from tests.apischema import ApiError, Json, Resource
+from tests.apitypes import BUILTINS, ApiError, Json, Resource, resources_of_crd
 
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
@@ -102,9 +102,9 @@ def parse_label_selector(text: str) -> list[Requirement]:
             raise ApiError(
                 400, f"unable to parse requirement: found '{term.strip()}', expected: identifier"
             )
-        causes = apischema.qualified_name("key", requirement.key)
+        causes = apikinds.qualified_name("key", requirement.key)
         for value in requirement.values if requirement.op not in "<>" else ():
-            causes += apischema.label_selector_value("values", value)
+            causes += apikinds.label_selector_value("values", value)
         if causes:
             raise ApiError(400, f"unable to parse requirement: {causes[0].message}")
         requirements.append(requirement)
@@ -256,7 +256,7 @@ class Store:
     _next_ip: int = 10
 
     def __post_init__(self) -> None:
-        for resource in apischema.BUILTINS:
+        for resource in BUILTINS:
             self.resources[(resource.group, resource.version, resource.plural)] = resource
         for name in NAMESPACES:
             namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
@@ -359,7 +359,7 @@ class Store:
             if resource.status:
                 obj.pop("status", None)
             apikinds.apply_defaults(resource, obj, None, self._cluster_ip)
-            apischema.validate(resource, obj)
+            apikinds.validate(resource, obj)
             if resource.status and (status := apikinds.initial_status(resource, obj, now)):
                 obj["status"] = status
             key = (meta.get("namespace", ""), meta["name"])
@@ -405,7 +405,7 @@ class Store:
             else:
                 merged = self._main_update(resource, old, new)
                 apikinds.apply_defaults(resource, merged, old, self._cluster_ip)
-            apischema.validate(resource, merged)
+            apikinds.validate(resource, merged)
             if _same(old, merged):  # a no-op write is no change: no new resourceVersion
                 return self._served(resource, old), _warnings(decoded.unknown)
             if not dry_run:
@@ -533,7 +533,7 @@ class Store:
         for resource in list(self.resources.values()):
             if resource.custom and resource.group_resource == _crd_group_resource(crd):
                 del self.resources[(resource.group, resource.version, resource.plural)]
-        for resource in apischema.resources_of_crd(crd):
+        for resource in resources_of_crd(crd):
             self.resources[(resource.group, resource.version, resource.plural)] = resource
 
     def _unregister(self, crd: Json) -> None:
