@@ -320,6 +320,59 @@ def _cause(error: jsonschema.ValidationError) -> Iterator[Cause]:
         yield Cause(path, f"Invalid value: {shown}: {path} in body {wording}")
 
 
+# --- strategic merge patch -------------------------------------------------------------
+
+
+def strategic_merge(resource: Resource, target: Json, patch: Json) -> Json:
+    """A strategic merge patch of a built-in object: a JSON merge patch, except that lists
+    the schema marks `x-kubernetes-patch-strategy: merge` are merged item by item (by
+    `x-kubernetes-patch-merge-key`), and `$patch: delete` / `$patch: replace` are obeyed.
+    Other directives (`$setElementOrder`, `$retainKeys`, ...) are dropped."""
+    merged: Json = _strategic(_definition(resource.definition or ""), target, patch)
+    return merged
+
+
+def _strategic(schema: Json, target: Any, patch: Json) -> Any:
+    schema, _ = _resolve(schema)
+    if patch.get("$patch") == "replace":
+        return {k: copy.deepcopy(v) for k, v in patch.items() if not k.startswith("$")}
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    properties, extra = schema.get("properties") or {}, schema.get("additionalProperties")
+    for key, value in patch.items():
+        if key.startswith("$"):
+            continue
+        sub = properties.get(key, extra if isinstance(extra, dict) else {})
+        merging = "merge" in str(sub.get("x-kubernetes-patch-strategy", "")).split(",")
+        if value is None or (isinstance(value, dict) and value.get("$patch") == "delete"):
+            result.pop(key, None)
+        elif merging and isinstance(value, list) and isinstance(result.get(key), list):
+            items = sub.get("items") or {}
+            key_name = sub.get("x-kubernetes-patch-merge-key")
+            result[key] = _merge_list(items, result[key], value, key_name)
+        elif isinstance(value, dict):
+            result[key] = _strategic(sub, result.get(key), value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def _merge_list(items: Json, current: list[Any], patch: list[Any], key: str | None) -> list[Any]:
+    merged = copy.deepcopy(current)
+    for item in patch:
+        if key is None or not isinstance(item, dict):
+            if item not in merged:
+                merged.append(copy.deepcopy(item))
+            continue
+        at = next((i for i, m in enumerate(merged) if m.get(key) == item.get(key)), None)
+        if item.get("$patch") == "delete":
+            merged = [m for m in merged if m.get(key) != item.get(key)]
+        elif at is None:
+            merged.append({k: copy.deepcopy(v) for k, v in item.items() if not k.startswith("$")})
+        else:
+            merged[at] = _strategic(items, merged[at], item)
+    return merged
+
+
 # --- step 3: the schema's part of validation ------------------------------------------
 
 

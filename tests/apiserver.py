@@ -24,8 +24,10 @@ Covered:
   fieldSelector on metadata.name, metadata.namespace and a few pod fields; limit
   and continue), get, create (409 AlreadyExists; generateName), update (409
   Conflict on a stale metadata.resourceVersion; 404 on a missing object), patch
-  (merge, strategic-merge as merge, JSON patch), delete (preconditions; a
-  namespace's delete deletes its objects at once), dryRun=All, fieldValidation
+  (JSON merge patch; JSON patch; strategic merge patch for built-in kinds,
+  lists merged by their schema's merge key, and 415 for custom objects as the
+  server answers), delete (preconditions; a namespace's delete deletes its
+  objects at once), deletecollection, dryRun=All, fieldValidation
   Strict/Warn/Ignore, all-namespaces list and watch.
 - resourceVersion: one global counter, as strings; uid, creationTimestamp,
   generation (bumped on changes outside metadata and status). With a status
@@ -59,7 +61,7 @@ EndpointSlice controller: tests write EndpointSlices; no garbage collector:
 ownerReferences are not followed; no kubelet: pods stay Pending until a test
 writes their status with `set_status`), finalizers and graceful deletion
 (objects go at once), server-side apply and managedFields, strategic merge
-patch's list merging (applied as a JSON merge patch), protobuf, the watch's
+patch's rarer directives ($setElementOrder, $retainKeys), protobuf, the watch's
 sendInitialEvents, consistent pagination across changes, resourceVersionMatch
 (lists always answer with the current state), and the kinds not listed above.
 """
@@ -97,7 +99,9 @@ __all__ = [
 
 #: Outrider's own CRDs, once deploy/ ships them; every fake API server serves these.
 DEFAULT_CRDS: tuple[Path, ...] = tuple(
-    sorted((Path(__file__).parents[1] / "deploy" / "base" / "crds").glob("*.yaml"))
+    path
+    for path in sorted((Path(__file__).parents[1] / "deploy" / "base" / "crds").glob("*.yaml"))
+    if path.name != "kustomization.yaml"
 )
 _PUBLIC = ("/healthz", "/livez", "/readyz", "/version")
 _TRUE = ("1", "t", "T", "true", "True", "TRUE")
@@ -110,7 +114,7 @@ class LoggedRequest:
     method: str
     path: str
     query: dict[str, str]
-    verb: str  # list, watch, get, create, update, patch, delete, discovery
+    verb: str  # list watch get create update patch delete deletecollection discovery
 
 
 @dataclass
@@ -270,6 +274,8 @@ class FakeApiServer:
                     resource, namespace or "", body, **_write_options(query)
                 )
                 return _json(obj, 201, warnings)
+            if request.method == "DELETE":
+                return self._delete_collection(resource, namespace, query)
             raise _not_allowed(request.method)
         return await self._item(request, resource, namespace or "", name, subresource, query)
 
@@ -379,6 +385,23 @@ class FakeApiServer:
             "apiVersion": resource.api_version,
             "metadata": meta,
             "items": page,
+        }
+        return _json(listed)
+
+    def _delete_collection(
+        self, resource: Resource, namespace: str | None, query: dict[str, str]
+    ) -> web.Response:
+        items, _ = self.store.list_objects(resource, _selector(resource, namespace, query))
+        deleted = []
+        for item in items:
+            meta = item["metadata"]
+            with contextlib.suppress(ApiError):  # gone meanwhile: nothing to delete
+                deleted.append(self.store.delete(resource, meta.get("namespace", ""), meta["name"]))
+        listed = {
+            "kind": resource.kind + "List",
+            "apiVersion": resource.api_version,
+            "metadata": {"resourceVersion": str(self.store.revision)},
+            "items": deleted,
         }
         return _json(listed)
 
@@ -527,6 +550,8 @@ def _verb(method: str, target: Any, query: dict[str, str]) -> str:
         if query.get("watch") in _TRUE:
             return "watch"
         return "get" if named else "list"
+    if method == "DELETE" and not named:
+        return "deletecollection"
     return {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(
         method, method.lower()
     )

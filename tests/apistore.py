@@ -187,12 +187,27 @@ def three_way_patch(original: Json, modified: Json, current: Json) -> Json:
     return patch
 
 
-def apply_patch(content_type: str, target: Json, body: bytes) -> Json:
+_JSON_PATCH = "application/json-patch+json"
+_MERGE_PATCH = "application/merge-patch+json"
+_STRATEGIC = "application/strategic-merge-patch+json"
+
+
+def apply_patch(resource: Resource, content_type: str, target: Json, body: bytes) -> Json:
+    """`target` patched as kube-apiserver patches: JSON patch, JSON merge patch, and for
+    built-in kinds strategic merge patch (lists merged by their schema's merge key)."""
+    accepted = [_JSON_PATCH, _MERGE_PATCH] + ([] if resource.custom else [_STRATEGIC])
+    if content_type not in accepted:
+        raise ApiError(
+            415,
+            "the body of the request was in an unknown format - accepted media types include: "
+            + ", ".join(accepted)
+            + " (server-side apply, application/apply-patch+yaml, is not emulated)",
+        )
     try:
         patch = json.loads(body)
     except ValueError as error:
         raise ApiError(400, f"error decoding patch: {error}") from None
-    if content_type == "application/json-patch+json":
+    if content_type == _JSON_PATCH:
         try:
             patched: Json = jsonpatch.apply_patch(target, patch)
         except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as error:
@@ -200,18 +215,12 @@ def apply_patch(content_type: str, target: Json, body: bytes) -> Json:
                 422, f"the server rejected our request due to an error in our request: {error}"
             ) from None
         return patched
-    if content_type in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
-        if not isinstance(patch, dict):
-            raise ApiError(400, "error decoding patch: a merge patch must be a JSON object")
-        result: Json = merge_patch(target, patch)
-        return result
-    raise ApiError(
-        415,
-        f"the body of the request was in an unknown format - accepted media "
-        f"types include: application/json-patch+json, application/merge-patch+json, "
-        f"application/strategic-merge-patch+json (got {content_type!r}; server-side "
-        "apply is not emulated)",
-    )
+    if not isinstance(patch, dict):
+        raise ApiError(400, "error decoding patch: a merge patch must be a JSON object")
+    if content_type == _STRATEGIC:
+        return apischema.strategic_merge(resource, target, patch)
+    result: Json = merge_patch(target, patch)
+    return result
 
 
 # --- watchers -------------------------------------------------------------------------
@@ -452,7 +461,7 @@ class Store:
         with self._lock:
             current = self._served(resource, self._stored(resource, namespace, name))
             revision = current["metadata"]["resourceVersion"]
-            patched = apply_patch(content_type, current, body)
+            patched = apply_patch(resource, content_type, current, body)
             given = (patched.get("metadata") or {}).get("resourceVersion")
             if given != revision:  # the patch itself names a resourceVersion: a precondition
                 self._check_precondition(resource, current, given, None)

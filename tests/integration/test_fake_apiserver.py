@@ -600,3 +600,46 @@ async def test_on_this_event_loop_apply_wakes_a_watch(tmp_path: Path, watchdog: 
         server.apply(widget("w", "default"))  # from the server's own loop thread
         events = await watching
         assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [("ADDED", "w")]
+
+
+def test_patches_merge_as_the_server_merges_them(
+    api: FakeApiServer, kube: client.ApiClient, ns: str
+) -> None:
+    core = client.CoreV1Api(kube)
+    api.apply(pod("web", ns))
+    # The client sends a dict patch of a built-in kind as a strategic merge patch: lists
+    # with a merge key (a pod's conditions, by type) merge item by item.
+    for condition in ("PodScheduled", "Ready"):
+        core.patch_namespaced_pod_status(
+            "web", ns, {"status": {"conditions": [{"type": condition, "status": "True"}]}}
+        )
+    patched = core.patch_namespaced_pod_status(
+        "web", ns, {"status": {"conditions": [{"type": "Ready", "status": "False"}]}}
+    )
+    assert [(c.type, c.status) for c in patched.status.conditions] == [
+        ("PodScheduled", "True"),
+        ("Ready", "False"),
+    ]
+
+    custom = client.CustomObjectsApi(kube)
+    api.apply(widget("w", ns, "{size: 1}"))
+    patch = [{"op": "replace", "path": "/spec/size", "value": 4}]
+    patched_widget = custom.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, "w", patch, _content_type="application/json-patch+json"
+    )
+    assert patched_widget["spec"]["size"] == 4
+    # kube-apiserver has no strategic merge for custom objects.
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/w"
+    data = json.dumps({"spec": {"size": 5}}).encode()
+    headers = {
+        "Authorization": f"Bearer {api.token}",
+        "Content-Type": "application/strategic-merge-patch+json",
+    }
+    request = urllib.request.Request(api.url + path, data, headers, method="PATCH")
+    with pytest.raises(urllib.error.HTTPError) as unsupported:
+        urllib.request.urlopen(request, context=ssl.create_default_context(cafile=api.ca_file))
+    assert unsupported.value.code == 415
+
+    api.apply(widget("x", ns, "{size: 1}"))
+    custom.delete_collection_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)
+    assert custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"] == []
