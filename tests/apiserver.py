@@ -583,7 +583,8 @@ async def _body(request: web.Request) -> Any:
 
 
 def _json(obj: Json, status: int = 200, warnings: list[str] | None = None) -> web.Response:
-    headers = {"Warning": ", ".join(f'299 - "{w}"' for w in warnings)} if warnings else {}
+    quoted = [json.dumps(w) for w in warnings or []]  # 299 - "unknown field \"spec.x\""
+    headers = {"Warning": ", ".join(f"299 - {q}" for q in quoted)} if quoted else {}
     return web.json_response(obj, status=status, headers=headers)
 
 
