@@ -177,10 +177,19 @@ class FakeApiServer:
         return path
 
     def apply(self, text: str) -> list[Json]:
-        """`kubectl apply -f` of every YAML document in `text`, in order: create or update,
-        validated (unknown fields refused, as kubectl's --validate=strict). Returns the
-        stored objects; raises ApiError at the first one refused."""
-        return [self.store.apply(doc) for doc in yaml.safe_load_all(text) if doc]
+        """`kubectl apply -f` of every YAML document in `text` (and every item of a `kind:
+        List`), in order: create or update, validated (unknown fields refused, as with
+        kubectl's --validate=strict). Returns the stored objects; raises ApiError at the
+        first one refused, the ones before it applied."""
+        applied = []
+        for doc in yaml.safe_load_all(text):
+            items = (
+                doc.get("items") or []
+                if isinstance(doc, dict) and doc.get("kind") == "List"
+                else [doc]
+            )
+            applied += [self.store.apply(item) for item in items if item]
+        return applied
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> Json:
         resource = self.store.resource_of(api_version, kind)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
@@ -190,7 +191,8 @@ def test_a_watch_from_a_listed_version_sees_exactly_the_later_changes(
 def test_a_watch_from_no_version_starts_with_the_current_objects(
     api: FakeApiServer, kube: client.ApiClient, ns: str
 ) -> None:
-    api.apply(pod("a", ns) + "---\n" + pod("b", ns))
+    listed = {"apiVersion": "v1", "kind": "List", "items": [yaml.safe_load(pod("b", ns))]}
+    api.apply(pod("a", ns) + "---\n" + json.dumps(listed))
     events = stream(client.CoreV1Api(kube).list_namespaced_pod, ns, count=2)
     assert [(e["type"], e["object"].metadata.name) for e in events] == [
         ("ADDED", "a"),
