@@ -571,18 +571,24 @@ def test_injected_faults_and_dropped_watches(
     while api.open_watches() and time.monotonic() < deadline:
         threading.Event().wait(0.01)
     assert api.open_watches() == 0
-    ended = threading.Event()
+    for abrupt, outcome in ((False, "ended"), (True, "ProtocolError")):
+        ended: list[str] = []
 
-    def hold_a_watch() -> None:
-        for _ in watch.Watch().stream(core.list_namespaced_pod, ns, timeout_seconds=30):
-            pass
-        ended.set()
+        def hold_a_watch(ended: list[str] = ended) -> None:
+            try:
+                for _ in watch.Watch().stream(core.list_namespaced_pod, ns, timeout_seconds=30):
+                    pass
+                ended.append("ended")
+            except Exception as error:  # the connection cut mid-stream
+                ended.append(type(error).__name__)
 
-    threading.Thread(target=hold_a_watch, daemon=True).start()
-    while not api.open_watches():
-        threading.Event().wait(0.01)
-    assert api.drop_watches() == 1
-    assert ended.wait(5)
+        holder = threading.Thread(target=hold_a_watch, daemon=True)
+        holder.start()
+        while not api.open_watches():
+            threading.Event().wait(0.01)
+        assert api.drop_watches(abrupt=abrupt) == 1
+        holder.join(5)
+        assert ended == [outcome]
 
 
 async def test_on_this_event_loop_apply_wakes_a_watch(tmp_path: Path, watchdog: None) -> None:
