@@ -12,7 +12,8 @@ Covered:
   `ca_file`), bearer-token authentication (401 Unauthorized without it),
   `kubeconfig(path)` for `kubernetes.config.load_kube_config` /
   `new_client_from_config`; discovery at /api, /apis, /version, /healthz.
-- Resources: core v1 pods, services, namespaces, configmaps, serviceaccounts;
+- Resources: core v1 pods, services, namespaces, configmaps, serviceaccounts; apps/v1
+  deployments (stored, no controller);
   discovery.k8s.io/v1 endpointslices; apiextensions.k8s.io/v1
   customresourcedefinitions. Creating a CRD serves its resource at every served
   version (status subresource, scope, selectableFields); deleting it deletes its
@@ -97,12 +98,15 @@ __all__ = [
     "fake_api_server_thread",
 ]
 
-#: Outrider's own CRDs, once deploy/ ships them; every fake API server serves these.
+_ROOT = Path(__file__).parents[1]
+#: What every fake API server serves, as in a cluster with Outrider installed: its own
+#: CRDs (deploy/), and Gateway API's HTTPRoute and GRPCRoute, which users install from
+#: upstream (vendored in tests/fixtures/gateway-api).
 DEFAULT_CRDS: tuple[Path, ...] = tuple(
     path
-    for path in sorted((Path(__file__).parents[1] / "deploy" / "base" / "crds").glob("*.yaml"))
+    for path in sorted((_ROOT / "deploy" / "base" / "crds").glob("*.yaml"))
     if path.name != "kustomization.yaml"
-)
+) + tuple(sorted((_ROOT / "tests" / "fixtures" / "gateway-api").glob("*.yaml")))
 _PUBLIC = ("/healthz", "/livez", "/readyz", "/version")
 _TRUE = ("1", "t", "T", "true", "True", "TRUE")
 

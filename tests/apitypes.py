@@ -195,6 +195,19 @@ BUILTINS = (
         "io.k8s.api.discovery.v1.EndpointSlice",
         generation=False,
     ),
+    # Stored and validated only: no controller makes their pods (tests write Pods and
+    # EndpointSlices as the controllers would), but `kubectl apply -f` of an app works.
+    Resource(
+        "apps",
+        "v1",
+        "deployments",
+        "Deployment",
+        True,
+        True,
+        "deployment",
+        ("deploy",),
+        "io.k8s.api.apps.v1.Deployment",
+    ),
     Resource(
         "apiextensions.k8s.io",
         "v1",

@@ -651,3 +651,19 @@ def test_patches_merge_as_the_server_merges_them(
     api.apply(widget("x", ns, "{size: 1}"))
     custom.delete_collection_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)
     assert custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"] == []
+
+
+def test_the_shipped_examples_apply_as_kubectl_would(tmp_path: Path) -> None:
+    """deploy/examples, as users apply them, into a cluster with Outrider installed: every
+    object is accepted as written, Outrider's CRDs and Gateway API's served."""
+    examples = Path(__file__).parents[2] / "deploy" / "examples"
+    with fake_api_server_thread(tmp_path) as api:
+        api.apply(namespace("outrider-system"))
+        kinds = [
+            obj["kind"]
+            # The namespace and its apps first, as the README's order has it.
+            for name in sorted((p.name for p in examples.glob("*.yaml")), key="shop.yaml".__ne__)
+            for obj in api.apply((examples / name).read_text())
+        ]
+    expected = {"Deployment", "Service", "AuthorizationPolicy", "HTTPRoute", "TrafficPolicy"}
+    assert expected <= set(kinds)
