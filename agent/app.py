@@ -125,7 +125,7 @@ class Agent:
         if config.control is not None and document is None:
             raise ValueError("an agent with control: needs its bootstrap as read (document)")
         #: The bootstrap as read (file or variable): what each snapshot is merged into.
-        self.bootstrap = document or Document({}, Path.cwd(), "config")
+        self.bootstrap = document
         self.snapshot: Snapshot | None = None
         self._switching = asyncio.Lock()  # one reload or snapshot at a time
         self._configured = asyncio.Event()  # the first snapshot runs (with `control:`)
@@ -150,6 +150,7 @@ class Agent:
         )
         self.bundle_sync = BundleSync(self.identity)
         self.control: ControlPlaneSubscription | None = None
+        self._control_task: asyncio.Task[None] | None = None
         if config.control is not None:
             pod = pod or config.control.pod
             if pod is None:
@@ -227,7 +228,8 @@ class Agent:
         self._tasks.append(asyncio.create_task(self.bundle_sync.run(), name="bundle"))
         if self.control is not None:
             assert self.config.control is not None
-            self._tasks.append(asyncio.create_task(self.control.run(), name="control"))
+            self._control_task = asyncio.create_task(self.control.run(), name="control")
+            self._tasks.append(self._control_task)
             log.info(
                 "waiting for the first config from the control plane %s:%d (%s) for pod %s "
                 "before listening; /ready says 503 meanwhile",
@@ -260,8 +262,11 @@ class Agent:
         try:
             async with self._switching:  # merged with the snapshot running, not one before it
                 read = _fingerprint([path] if path else [])  # as load reads it next
-                document = agent_config.read(path) if path else self.bootstrap
-                config = self.last_read = self._with_snapshot(document).parse()
+                document, config = self.bootstrap, self.config  # the policy files alone
+                if path is not None:
+                    document = agent_config.read(path)
+                    config = self._with_snapshot(document).parse()
+                self.last_read = config
                 self.read = {**read, **_fingerprint(list(config.policy.files))}  # as settle reads
                 kind = "agent" if config != self.config else "policy"
                 new = settle(config)
@@ -303,6 +308,7 @@ class Agent:
         try:
             raw = json.loads(config_json.decode("utf-8"))
             async with self._switching:  # merged into the bootstrap as last reloaded
+                assert self.bootstrap is not None  # an agent with control: has one
                 config = with_snapshot(self.bootstrap, raw, source=source).parse()
                 self.read.update(_fingerprint(list(config.policy.files)))
                 new = settle(config)
@@ -360,6 +366,8 @@ class Agent:
     async def drain(self) -> None:
         """Stop accepting, let open connections finish up to the drain timeout."""
         self._draining = True
+        if self._control_task is not None:
+            self._control_task.cancel()  # no snapshot may open a listener now
         for running in (self.inbound, self.outbound):
             for listener in running.values():
                 listener.close()

@@ -191,13 +191,18 @@ class ControlPlaneThread:
         return self._call(lambda: self.plane.publish(config, raw))
 
     def connected(self) -> list[Subscriber]:
+        """The streams open now."""
         return self._call(lambda: list(self.plane.subscribers))
+
+    def streams(self) -> list[Subscriber]:
+        """Every stream that said Hello so far, open or not, in order."""
+        return self._call(lambda: list(self.plane.history))
 
     def answer(self, version: str, timeout: float = 10.0) -> Answer:
         """The first Ack or Nack of `version` on any stream, waited for."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for subscriber in self._call(lambda: list(self.plane.history)):
+            for subscriber in self.streams():
                 for kind, answered, error in list(subscriber.answers):
                     if answered == version:
                         return Answer(kind, error)
@@ -208,7 +213,7 @@ class ControlPlaneThread:
         """Every stream opened so far, once there are `count`."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            history = self._call(lambda: list(self.plane.history))
+            history = self.streams()
             if len(history) >= count:
                 return history
             time.sleep(0.02)
