@@ -92,7 +92,7 @@ class Snapshot:
     raw: dict[str, Any]
 
 
-def pod_name(config: AgentConfig, environ: Mapping[str, str]) -> str | None:
+def pod_name(config: AgentConfig, environ: Mapping[str, str], source: str = "config") -> str | None:
     """The pod the agent names to the control plane: control.pod, else $POD_NAME (the
     injector sets it from the downward API); ConfigError if neither says."""
     if config.control is None:
@@ -100,7 +100,7 @@ def pod_name(config: AgentConfig, environ: Mapping[str, str]) -> str | None:
     pod = config.control.pod or environ.get("POD_NAME")
     if not pod:
         raise ConfigError(
-            "config", ["control.pod: required when $POD_NAME is not set: the pod's name"]
+            source, ["control.pod: required when $POD_NAME is not set: the pod's name"]
         )
     return pod
 

@@ -164,7 +164,7 @@ def _agent_run(args: argparse.Namespace) -> None:
         else:
             document = agent_config.read_text(_environ(args.config_env), source=args.config_env)
         config = document.parse()
-        pod = agent_app.pod_name(config, os.environ)  # with control: the pod to ask for
+        pod = agent_app.pod_name(config, os.environ, document.source)  # with control:
     except ConfigError as exc:
         raise _invalid(exc) from None
     try:
