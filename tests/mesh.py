@@ -130,8 +130,8 @@ def outbound(address: str, *server_ids: SpiffeId, name: str = "backend") -> list
 
 @asynccontextmanager
 async def running_agent(raw: dict[str, Any], sign: SignFn, root: Path) -> AsyncIterator[Agent]:
-    config = agent_config.parse(raw, base=root)
-    agent = Agent(config, sign=sign)
+    document = agent_config.Document(raw, root, "agent.yaml")  # what snapshots merge into
+    agent = Agent(document.parse(), sign=sign, document=document)
     await asyncio.wait_for(agent.start(), 10)
     try:
         yield agent
