@@ -25,7 +25,8 @@ pods reach nothing but each other and the node.
 
 Every name starts `or-<pid>-` of the process that made it: a network whose
 process is gone (a crashed or killed run) is removed when the next one starts,
-and a concurrent run's is left alone.
+and a concurrent run's is left alone. (This assumes every run on the machine
+sees the same PIDs, i.e. shares one PID namespace, as tests here do.)
 """
 
 from __future__ import annotations
@@ -144,6 +145,10 @@ def _links() -> list[str]:
     return [link["ifname"] for link in json.loads(_ip("-j", "link", "show") or "[]")]
 
 
+def _netns_names() -> list[Path]:
+    return sorted(NETNS_DIR.iterdir()) if NETNS_DIR.is_dir() else []
+
+
 def _remove(tag: str) -> list[str]:
     """Remove everything named `tag` or `tag-*`: processes, the root link, the namespaces.
 
@@ -178,10 +183,6 @@ def _remove(tag: str) -> list[str]:
     return errors
 
 
-def _netns_names() -> list[Path]:
-    return sorted(NETNS_DIR.iterdir()) if NETNS_DIR.is_dir() else []
-
-
 def remove_stale_networks() -> list[str]:
     """Remove the pod networks whose making process is gone; the tags removed."""
     tags = {}
@@ -196,11 +197,11 @@ def remove_stale_networks() -> list[str]:
 
 
 def _free_subnet(rng: random.Random) -> ipaddress.IPv4Network:
-    """A /24 in 10/8 that no route or address of this machine overlaps."""
+    """A /24 in 10/8 that no route or address of this machine overlaps (nor another run's)."""
     taken = []
     for route in json.loads(_ip("-j", "-4", "route", "show", "table", "all") or "[]"):
-        if route.get("dst", "default") != "default":
-            taken.append(ipaddress.ip_network(route["dst"], strict=False))
+        with suppress(ValueError):  # "default", and any other name that is not a network
+            taken.append(ipaddress.ip_network(route.get("dst", ""), strict=False))
     for link in json.loads(_ip("-j", "-4", "address", "show") or "[]"):
         for address in link.get("addr_info", []):
             taken.append(ipaddress.ip_network(f"{address['local']}/{address['prefixlen']}", False))
@@ -208,7 +209,7 @@ def _free_subnet(rng: random.Random) -> ipaddress.IPv4Network:
         candidate = ipaddress.IPv4Network(f"10.{rng.randrange(64, 255)}.{rng.randrange(256)}.0/24")
         if not any(candidate.overlaps(net) for net in taken):
             return candidate
-    raise PodNetworkError(f"no free /24 in 10.64.0.0/10: the machine routes {taken}")
+    raise PodNetworkError(f"no free /24 among 10.64-254.*.0/24: the machine routes {taken}")
 
 
 @dataclass
@@ -350,12 +351,17 @@ class PodNetwork:
 
     def close(self) -> None:
         """Kill every process in the pods, then remove the pods, the switch and the uplink."""
-        for pod in self.pods.values():
-            for process in pod.processes:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait(timeout=5)
-        if errors := _remove(self.tag):
+        started = [process for pod in self.pods.values() for process in pod.processes]
+        for process in started:  # by PID too: one may not have entered its pod yet
+            if process.poll() is None:
+                process.kill()
+        errors = _remove(self.tag)
+        for process in started:
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                errors.append(f"process {process.pid} ({process.args!r}) survived SIGKILL")
+        if errors:
             raise PodNetworkError(f"pod network {self.tag} not fully removed: {errors}")
 
 
