@@ -8,11 +8,11 @@ API server started on the host listens there and pods reach it.
 
 The layout (needs root, as CI has)::
 
-    root netns:   or-<pid>-<tag>  .1/24  (veth: the node's address; a route to the pods)
+    root netns:   or-<pid>-<hex> .1/24   (veth: the node's address; a route to the pods)
                         |
-    switch netns: node --- br0 --- p2 --- p3 ...      (netns `or-<pid>-<tag>`)
+    switch netns: node --- br0 --- p2 --- p3 ...      (netns `or-<pid>-<hex>`)
                                    |      |
-    pod netns:                    eth0   eth0  .2, .3 ... (netns `or-<pid>-<tag>-<pod>`)
+    pod netns:                    eth0   eth0  .2, .3 ... (netns `or-<pid>-<hex>-<pod>`)
 
 Why the bridge lives in a namespace of its own rather than in the root one: a
 bridge in the root namespace sends pod-to-pod frames through the host's
@@ -20,7 +20,7 @@ iptables FORWARD chain when br_netfilter is loaded (bridge-nf-call-iptables=1,
 as on this machine), so a host firewall with a DROP policy would cut pods off
 from each other. In their own namespace no host rule sees them, and nothing of
 the host (sysctls, firewall) is touched. Traffic between a pod and the node is
-local delivery on the root side's veth; `ip_forward` stays as it is (off), so
+local delivery on the root side's veth; `ip_forward` is left as it is (off here), so
 pods reach nothing but each other and the node.
 
 Every name starts `or-<pid>-` of the process that made it: a network whose
