@@ -347,16 +347,19 @@ def agent_process(
     launcher: Sequence[str] = ("-m", "outrider"),
     env: Mapping[str, str] | None = None,
     ready: bool = True,
+    prefix: Sequence[str] = (),
 ) -> Iterator[AgentProcess]:
     """`outrider agent run` as a real process; yields once it logs that it is ready
     (`ready` False: once its admin server listens, `bound` holding only that).
 
-    `launcher` and `env` run it another way (tests.k8s.in_cluster: as in a pod).
+    `launcher` and `env` run it another way (tests.k8s.in_cluster: as in a pod);
+    `prefix` goes before the command line: `Pod.prefix` (tests.netns) runs it in a
+    pod's network namespace.
     """
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     process = subprocess.Popen(
-        [sys.executable, *launcher, "agent", "run", "--config", str(path)],
+        [*prefix, sys.executable, *launcher, "agent", "run", "--config", str(path)],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
