@@ -1,16 +1,65 @@
 """The cluster's objects, compiled once per change, answering for each pod.
 
-`compile_mesh(objects, settings)` is pure: it validates every Outrider and
-Gateway API object, indexes what pods need, and returns a `Mesh`. The shell
-compiles again after each batch of watch events, then asks `config_for` for
-every subscribed pod and sends what changed.
+`compile_mesh(objects, settings, previous, now=...)` is pure: it validates
+every Outrider and Gateway API object, indexes what pods need, and returns a
+`Mesh`. The shell compiles again after each batch of watch events (passing
+the last Mesh as `previous` and the time), then asks `config_for` (or
+`version_for`) for every subscribed pod, sends what changed, and writes each
+`statuses` entry that differs from the object's status.
+
+Each pod's config holds (CONTRACT.md, "Which listeners a pod gets"):
+- `inbound`: services.py;
+- `policy.policies`: the AuthorizationPolicies of the pod's namespace whose
+  selector matches it, and those of the mesh namespace whose selector
+  matches it (in any namespace), sorted by name; policies.py. A pod cannot
+  opt out: no annotation is read for policy;
+- `outbound`: one listener per entry of the `outrider.io/upstreams`
+  annotation (upstreams.py), with the Service's endpoints and identities
+  (services.py), split by a route (routes.py), tuned by a TrafficPolicy
+  (traffic.py).
+
+An object that cannot be used is reported in its status. An
+AuthorizationPolicy or TrafficPolicy edited into an invalid object keeps
+its last valid version in force (`previous` remembers it per uid), and its
+status says so: a typo in a security team's edit must not drop a DENY. A
+control-plane replica that started after the bad edit never saw the good
+version: there the policy is left out, and the status says that instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
+
+from control.core.conditions import Meta, condition, meta, previous_conditions, summary, timestamp
+from control.core.policies import CompiledPolicy, compile_policy, fit_to_ports, misfits
+from control.core.routes import CONTROLLER, CompiledRoute, RouteKind, compile_route
+from control.core.services import (
+    Backend,
+    Service,
+    ServicePort,
+    Workload,
+    read_service,
+    read_workload,
+    slice_backends,
+    slice_service,
+)
+from control.core.traffic import CompiledTraffic, compile_traffic
+from control.core.upstreams import ANNOTATION, parse_upstreams
+
+__all__ = [
+    "KINDS",
+    "Mesh",
+    "MeshSettings",
+    "PodIdentity",
+    "compile_mesh",
+    "version_of",
+]
 
 #: The kinds the control plane reads, by the key `objects` holds them under.
 KINDS = (
@@ -27,6 +76,8 @@ KINDS = (
 Key = tuple[str, str]
 #: kind -> (namespace, name) -> the object as the API server returns it (a dict).
 Objects = Mapping[str, Mapping[Key, Mapping[str, Any]]]
+#: (kind, namespace, name)
+StatusKey = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
@@ -51,18 +102,635 @@ class PodIdentity:
 
 
 @dataclass(frozen=True)
+class _Memory:
+    """What one compile hands the next: last valid versions, and validation already done."""
+
+    settings: MeshSettings | None = None
+    #: (namespace, name) -> the last valid version (used only while the uid is the same).
+    policies: Mapping[Key, CompiledPolicy] = field(default_factory=dict)
+    traffic: Mapping[Key, CompiledTraffic] = field(default_factory=dict)
+    #: (kind, namespace, name, uid, spec as JSON) -> the compiled object or its errors.
+    compiled: Mapping[tuple[str, ...], Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Mesh:
     pods: Mapping[Key, PodIdentity] = field(default_factory=dict)
     #: (kind, namespace, name) -> the object's whole `status` as the control plane
     #: writes it (status.conditions for Outrider kinds, status.parents for routes),
     #: for every object of an Outrider or Gateway API kind it read.
-    statuses: Mapping[tuple[str, str, str], Mapping[str, Any]] = field(default_factory=dict)
+    statuses: Mapping[StatusKey, Mapping[str, Any]] = field(default_factory=dict)
+    #: (namespace, pod) -> what in or about the pod was skipped, and why: a bad
+    #: `outrider.io/upstreams` entry, a Service port that targets no container port.
+    #: Pods have no status to write these to; the shell logs them and shows them.
+    pod_warnings: Mapping[Key, tuple[str, ...]] = field(default_factory=dict)
+    _configs: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict, repr=False)
+    _memory: _Memory = field(default_factory=_Memory, repr=False, compare=False)
+    _versions: dict[Key, str] = field(default_factory=dict, repr=False, compare=False)
 
     def config_for(self, namespace: str, pod: str) -> dict[str, Any] | None:
         """The snapshot's JSON object for this pod (agent.yaml's inbound, outbound and
-        policy), or None if the pod is unknown."""
-        raise NotImplementedError
+        policy), or None if the pod is unknown. Shared with the Mesh: do not modify it."""
+        config = self._configs.get((namespace, pod))
+        return None if config is None else dict(config)
+
+    def version_for(self, namespace: str, pod: str) -> str | None:
+        """`version_of(config_for(namespace, pod))`, computed once per Mesh."""
+        key = (namespace, pod)
+        if key not in self._versions:
+            config = self._configs.get(key)
+            if config is None:
+                return None
+            self._versions[key] = version_of(config)
+        return self._versions[key]
 
 
-def compile_mesh(objects: Objects, settings: MeshSettings) -> Mesh:
-    raise NotImplementedError
+def version_of(config: Mapping[str, Any]) -> str:
+    """A config's version: the same content gives the same version on every replica."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def compile_mesh(
+    objects: Objects,
+    settings: MeshSettings,
+    previous: Mesh | None = None,
+    *,
+    now: datetime | None = None,
+) -> Mesh:
+    """Every object read, every injected pod's config built, every status written.
+
+    `previous`: the Mesh compiled before, for the last valid version of each
+    policy and to skip validating unchanged objects. `now`: the time a
+    condition that changes status records (lastTransitionTime).
+    """
+    return _Compiler(objects, settings, previous, timestamp(now)).mesh()
+
+
+class _Compiler:
+    """One compile: indexes first, then statuses, then each pod's config."""
+
+    def __init__(
+        self, objects: Objects, settings: MeshSettings, previous: Mesh | None, now: str
+    ) -> None:
+        self.objects = objects
+        self.settings = settings
+        self.now = now
+        memory = previous._memory if previous is not None else _Memory()
+        self.memory = memory if memory.settings == settings else _Memory()
+        self.compiled: dict[tuple[str, ...], Any] = {}
+        self.statuses: dict[StatusKey, Mapping[str, Any]] = {}
+        self.warnings: dict[Key, list[str]] = defaultdict(list)
+        self.workloads: dict[Key, Workload] = {}
+        self.services: dict[Key, Service] = {}
+        self.slices: dict[Key, list[Mapping[str, Any]]] = defaultdict(list)
+        self.upstreams: dict[tuple[str, str, int], dict[str, Any] | None] = {}
+
+    def mesh(self) -> Mesh:
+        self.read_world()
+        policies = self.policies()
+        traffic = self.traffic()
+        routes = self.routes()
+        configs: dict[Key, Mapping[str, Any]] = {}
+        misfit_notes: dict[Key, list[str]] = defaultdict(list)
+        for key, workload in self.workloads.items():
+            configs[key] = self.config(workload, policies, traffic, routes, misfit_notes)
+        self.finish_policy_statuses(policies, misfit_notes)
+        return Mesh(
+            {
+                k: PodIdentity(w.namespace, w.name, w.service_account)
+                for k, w in self.workloads.items()
+            },
+            self.statuses,
+            {k: tuple(dict.fromkeys(v)) for k, v in sorted(self.warnings.items()) if v},
+            configs,
+            _Memory(self.settings, self.last_policies, self.last_traffic, self.compiled),
+        )
+
+    # -- the world ---------------------------------------------------------------------
+
+    def read_world(self) -> None:
+        for key, obj in self.objects.get("Pod", {}).items():
+            workload = read_workload(obj, key)
+            if workload is not None:
+                self.workloads[workload.key] = workload
+        self.by_namespace: dict[str, list[Workload]] = defaultdict(list)
+        for workload in self.workloads.values():
+            self.by_namespace[workload.namespace].append(workload)
+        self.services_in: dict[str, list[Service]] = defaultdict(list)
+        for key, obj in self.objects.get("Service", {}).items():
+            service = read_service(obj, key)
+            self.services[(service.namespace, service.name)] = service
+            self.services_in[service.namespace].append(service)
+        for key, obj in self.objects.get("EndpointSlice", {}).items():
+            name = slice_service(obj)
+            if name is not None:
+                namespace = (obj.get("metadata") or {}).get("namespace") or key[0]
+                self.slices[(namespace, name)].append(obj)
+        # Which of a pod's ports speak HTTP: an `appProtocol: http` Service port targets it.
+        self.http_ports: dict[Key, frozenset[int]] = {}
+        for namespace, services in self.services_in.items():
+            for service in services:
+                http = [p for p in service.ports if p.protocol == "http"]
+                if not http or service.selector is None:
+                    continue
+                for workload in self.by_namespace.get(namespace, ()):
+                    if service.selector.matches(workload.labels):
+                        found = {workload.target(p.target) for p in http}
+                        ports = self.http_ports.get(workload.key, frozenset())
+                        self.http_ports[workload.key] = ports | {p for p in found if p}
+
+    def compile_once(self, kind: str, key: Key, obj: Mapping[str, Any], m: Meta, make: Any) -> Any:
+        """`make()`, or what it gave for this very spec in the previous compile."""
+        spec = json.dumps(obj.get("spec"), sort_keys=True, default=str)
+        cache_key = (kind, m.namespace, m.name, m.uid, str(m.generation), spec)
+        result = self.memory.compiled.get(cache_key)
+        if result is None:
+            result = make()
+        self.compiled[cache_key] = result
+        return result
+
+    # -- AuthorizationPolicy -------------------------------------------------------------
+
+    def policies(self) -> dict[str, list[CompiledPolicy]]:
+        """namespace -> its valid policies ("" holds the mesh-wide ones)."""
+        found: dict[str, list[CompiledPolicy]] = defaultdict(list)
+        self.last_policies: dict[Key, CompiledPolicy] = {}
+        self.policy_errors: dict[Key, tuple[Meta, Mapping[str, Any], list[str], bool]] = {}
+        self.policy_objects: dict[Key, tuple[Meta, Mapping[str, Any]]] = {}
+        for key, obj in sorted(self.objects.get("AuthorizationPolicy", {}).items()):
+            m = meta(obj, key)
+            result = self.compile_once(
+                "AuthorizationPolicy",
+                key,
+                obj,
+                m,
+                lambda o=obj, m=m: compile_policy(o, m, self.settings.mesh_namespace),
+            )
+            self.policy_objects[(m.namespace, m.name)] = (m, obj)
+            if isinstance(result, list):
+                last = self.memory.policies.get((m.namespace, m.name))
+                kept = last is not None and last.uid == m.uid
+                self.policy_errors[(m.namespace, m.name)] = (m, obj, result, kept)
+                if not kept or last is None:
+                    continue
+                result = last
+            self.last_policies[(m.namespace, m.name)] = result
+            found["" if result.mesh_wide else result.namespace].append(result)
+        return found
+
+    def pod_policies(
+        self,
+        workload: Workload,
+        policies: Mapping[str, list[CompiledPolicy]],
+        notes: dict[Key, list[str]],
+        inbound: Sequence[tuple[int, str]],
+    ) -> list[Mapping[str, Any]]:
+        selected = [
+            p
+            for p in (*policies.get(workload.namespace, ()), *policies.get("", ()))
+            if p.selector.matches(workload.labels)
+        ]
+        selected.sort(key=lambda p: p.document["name"])
+        tcp = frozenset(port for port, protocol in inbound if protocol == "tcp")
+        http = frozenset(port for port, protocol in inbound if protocol == "http")
+        documents = []
+        for policy in selected:
+            found = misfits(policy.policy, tcp) if tcp and policy.http_rules else ()
+            if not found:
+                documents.append(policy.document)
+                continue
+            documents.append(fit_to_ports(policy, tcp, http))
+            for misfit in found:
+                ports = ", ".join(map(str, misfit.tcp_ports))
+                notes[(policy.namespace, policy.name)].append(
+                    f"rule {misfit.rule!r} uses {', '.join(misfit.fields)} and applies to TCP"
+                    f" port {ports} of pod {workload.namespace}/{workload.name}"
+                )
+        return documents
+
+    def finish_policy_statuses(
+        self, policies: Mapping[str, list[CompiledPolicy]], notes: Mapping[Key, list[str]]
+    ) -> None:
+        for key, (m, obj) in self.policy_objects.items():
+            previous = previous_conditions(obj)
+            if key in self.policy_errors:
+                _, _, errors, kept = self.policy_errors[key]
+                tail = (
+                    f"; the previous version (generation {self.last_policies[key].generation})"
+                    " stays in force"
+                    if kept
+                    else "; it is not enforced"
+                )
+                ok, reason, message = False, "Invalid", summary(errors) + tail
+            elif notes.get(key):
+                action = self.last_policies[key].policy.action
+                ok, reason = True, "HTTPRulesOnTCPPorts"
+                message = (
+                    f"{summary(notes[key], 3)}. HTTP fields never match on TCP, so there"
+                    f" {_ON_TCP[action]}."
+                    " Set appProtocol: http on the Service port that targets it, or list the"
+                    " rule's HTTP ports in to.ports"
+                )
+            else:
+                ok, reason, message = (
+                    True,
+                    "Accepted",
+                    "enforced by the agents of the pods it selects",
+                )
+            self.statuses[("AuthorizationPolicy", m.namespace, m.name)] = _status(
+                m, condition("Accepted", ok, reason, message, m.generation, previous, self.now)
+            )
+
+    # -- TrafficPolicy -------------------------------------------------------------------
+
+    def traffic(self) -> dict[tuple[str, str, int], CompiledTraffic]:
+        """(namespace, service, port) -> the TrafficPolicy that applies there."""
+        self.last_traffic: dict[Key, CompiledTraffic] = {}
+        claims: dict[tuple[str, str, int], list[CompiledTraffic]] = defaultdict(list)
+        states: list[tuple[Meta, Mapping[str, Any], CompiledTraffic | None, list[str], bool]] = []
+        for key, obj in sorted(self.objects.get("TrafficPolicy", {}).items()):
+            m = meta(obj, key)
+            result = self.compile_once(
+                "TrafficPolicy", key, obj, m, lambda o=obj, m=m: compile_traffic(o, m)
+            )
+            errors: list[str] = []
+            kept = False
+            if isinstance(result, list):
+                errors = result
+                last = self.memory.traffic.get((m.namespace, m.name))
+                kept = last is not None and last.uid == m.uid
+                result = last if kept else None
+            if result is not None:
+                self.last_traffic[(m.namespace, m.name)] = result
+                for port in self.traffic_ports(result, []):
+                    claims[port].append(result)
+            states.append((m, obj, result, errors, kept))
+        winners = {port: min(found, key=lambda t: t.rank) for port, found in claims.items()}
+        for m, obj, result, errors, kept in states:
+            self.statuses[("TrafficPolicy", m.namespace, m.name)] = _status(
+                m, self.traffic_condition(m, obj, result, errors, kept, winners)
+            )
+        return winners
+
+    def traffic_ports(
+        self, policy: CompiledTraffic, missing: list[str]
+    ) -> list[tuple[str, str, int]]:
+        ports = []
+        for target in policy.targets:
+            service = self.services.get((policy.namespace, target.service))
+            if service is None:
+                missing.append(f"Service {policy.namespace}/{target.service} not found")
+                continue
+            chosen = [p for p in service.ports if target.section in (None, p.name)]
+            if not chosen:
+                missing.append(f"Service {service.name} has no port named {target.section!r}")
+            ports += [(service.namespace, service.name, p.port) for p in chosen]
+        return ports
+
+    def traffic_condition(
+        self,
+        m: Meta,
+        obj: Mapping[str, Any],
+        policy: CompiledTraffic | None,
+        errors: list[str],
+        kept: bool,
+        winners: Mapping[tuple[str, str, int], CompiledTraffic],
+    ) -> dict[str, Any]:
+        previous = previous_conditions(obj)
+        if errors:
+            tail = "; the previous version stays in force" if kept else "; it is not applied"
+            return condition(
+                "Accepted",
+                False,
+                "Invalid",
+                summary(errors) + tail,
+                m.generation,
+                previous,
+                self.now,
+            )
+        assert policy is not None
+        missing: list[str] = []
+        ports = self.traffic_ports(policy, missing)
+        won = [port for port in ports if winners.get(port) is policy]
+        lost = [port for port in ports if port not in won]
+        notes = list(missing)
+        for namespace, service, number in lost:
+            other = winners[(namespace, service, number)]
+            notes.append(
+                f"Service {service} port {number}: TrafficPolicy {other.name} is older and applies"
+            )
+        if policy.http_only:
+            for namespace, service, number in won:
+                port = self.services[(namespace, service)].port(str(number))
+                if port is not None and port.protocol == "tcp":
+                    notes.append(
+                        f"Service {service} port {number} is TCP: hashOn a header or cookie is"
+                        " left out there (set appProtocol: http to hash on it)"
+                    )
+        if not ports:
+            return condition(
+                "Accepted",
+                False,
+                "TargetNotFound",
+                summary(notes),
+                m.generation,
+                previous,
+                self.now,
+            )
+        if not won:
+            return condition(
+                "Accepted", False, "Conflicted", summary(notes), m.generation, previous, self.now
+            )
+        message = summary(notes) if notes else "applied to the clients of its targets"
+        return condition("Accepted", True, "Accepted", message, m.generation, previous, self.now)
+
+    # -- HTTPRoute, GRPCRoute -------------------------------------------------------------
+
+    def routes(self) -> dict[tuple[str, str, int], CompiledRoute]:
+        """(namespace, service, port) -> the route that splits its traffic."""
+        compiled: list[tuple[Mapping[str, Any], CompiledRoute]] = []
+        kinds: tuple[RouteKind, ...] = ("HTTPRoute", "GRPCRoute")
+        for kind in kinds:
+            for key, obj in sorted(self.objects.get(kind, {}).items()):
+                m = meta(obj, key)
+                route = self.compile_once(
+                    kind, key, obj, m, lambda k=kind, o=obj, m=m: compile_route(k, o, m)
+                )
+                compiled.append((obj, route))
+        claims: dict[tuple[str, str, int], list[CompiledRoute]] = defaultdict(list)
+        for _, route in compiled:
+            if route.unsupported:
+                continue
+            for parent in route.parents:
+                for port in self.parent_ports(route, parent.service, parent.port):
+                    claims[port].append(route)
+        winners = {port: min(found, key=lambda r: r.rank) for port, found in claims.items()}
+        for obj, route in compiled:
+            self.statuses[(route.kind, route.namespace, route.name)] = self.route_status(
+                obj, route, winners
+            )
+        return winners
+
+    def parent_ports(
+        self, route: CompiledRoute, name: str, port: int | None
+    ) -> list[tuple[str, str, int]]:
+        service = self.services.get((route.namespace, name))
+        if service is None:
+            return []
+        return [(route.namespace, name, p.port) for p in service.ports if port in (None, p.port)]
+
+    def route_status(
+        self,
+        obj: Mapping[str, Any],
+        route: CompiledRoute,
+        winners: Mapping[tuple[str, str, int], CompiledRoute],
+    ) -> dict[str, Any]:
+        old = (obj.get("status") or {}).get("parents")
+        old = old if isinstance(old, list) else []
+        others = [
+            p for p in old if isinstance(p, Mapping) and p.get("controllerName") != CONTROLLER
+        ]
+        parents = list(others)
+        refs = self.route_refs(route)
+        for parent in route.parents:
+            before = next(
+                (
+                    p.get("conditions") or []
+                    for p in old
+                    if isinstance(p, Mapping)
+                    and p.get("controllerName") == CONTROLLER
+                    and p.get("parentRef") == parent.raw
+                ),
+                [],
+            )
+            accepted = self.route_accepted(route, parent.service, parent.port, winners)
+            conditions = [
+                condition("Accepted", *accepted, route.generation, before, self.now),
+                condition("ResolvedRefs", *refs, route.generation, before, self.now),
+            ]
+            parents.append(
+                {"parentRef": parent.raw, "controllerName": CONTROLLER, "conditions": conditions}
+            )
+        return {"parents": parents}
+
+    def route_accepted(
+        self,
+        route: CompiledRoute,
+        name: str,
+        port: int | None,
+        winners: Mapping[tuple[str, str, int], CompiledRoute],
+    ) -> tuple[bool, str, str]:
+        if route.unsupported:
+            return False, "UnsupportedValue", summary(route.unsupported) + "; the route is not used"
+        service = self.services.get((route.namespace, name))
+        if service is None:
+            return False, "NoMatchingParent", f"Service {route.namespace}/{name} not found"
+        ports = self.parent_ports(route, name, port)
+        if not ports:
+            return False, "NoMatchingParent", f"Service {name} has no port {port}"
+        lost = [p for p in ports if winners.get(p) is not route]
+        if len(lost) == len(ports):
+            other = winners[lost[0]]
+            return (
+                False,
+                "UnsupportedValue",
+                (
+                    f"{other.title} is older and routes Service {name} port {lost[0][2]}; more"
+                    " than one route for a Service port is not supported yet"
+                ),
+            )
+        if lost:
+            shown = ", ".join(str(p[2]) for p in lost)
+            return (
+                True,
+                "Accepted",
+                f"used for Service {name}, except port {shown} (an older route applies there)",
+            )
+        return True, "Accepted", f"used by the clients of Service {name}"
+
+    def route_refs(self, route: CompiledRoute) -> tuple[bool, str, str]:
+        problems: list[tuple[str, str]] = []
+        for backend in route.backends:
+            if backend.problem is not None:
+                problems.append(backend.problem)
+                continue
+            service = self.services.get((route.namespace, backend.service))
+            if service is None:
+                problems.append(
+                    (
+                        "BackendNotFound",
+                        f"{backend.path}: Service {route.namespace}/{backend.service} not found",
+                    )
+                )
+            elif service.port(str(backend.port)) is None:
+                problems.append(
+                    (
+                        "BackendNotFound",
+                        f"{backend.path}.port: Service {backend.service} has no port"
+                        f" {backend.port}",
+                    )
+                )
+        if not problems:
+            return True, "ResolvedRefs", "every backendRef is a Service of this namespace"
+        return (
+            False,
+            problems[0][0],
+            summary(message for _, message in problems) + "; the other backends are used",
+        )
+
+    # -- each pod -------------------------------------------------------------------------
+
+    def config(
+        self,
+        workload: Workload,
+        policies: Mapping[str, list[CompiledPolicy]],
+        traffic: Mapping[tuple[str, str, int], CompiledTraffic],
+        routes: Mapping[tuple[str, str, int], CompiledRoute],
+        notes: dict[Key, list[str]],
+    ) -> Mapping[str, Any]:
+        http = self.http_ports.get(workload.key, frozenset())
+        inbound = [(port, "http" if port in http else "tcp") for port in workload.ports]
+        base = self.settings.inbound_base
+        return {
+            "inbound": [
+                {"listen": f"0.0.0.0:{base + i}", "app": f"127.0.0.1:{port}", "protocol": protocol}
+                for i, (port, protocol) in enumerate(inbound)
+            ],
+            "outbound": self.outbound(workload, traffic, routes),
+            "policy": {
+                "default_action": self.settings.default_action,
+                "policies": self.pod_policies(workload, policies, notes, inbound),
+            },
+        }
+
+    def outbound(
+        self,
+        workload: Workload,
+        traffic: Mapping[tuple[str, str, int], CompiledTraffic],
+        routes: Mapping[tuple[str, str, int], CompiledRoute],
+    ) -> list[dict[str, Any]]:
+        text = workload.annotations.get(ANNOTATION, "")
+        wanted, warnings = parse_upstreams(text, workload.namespace)
+        self.warnings[workload.key].extend(warnings)
+        listeners: list[dict[str, Any]] = []
+        seen: set[tuple[str, str, int]] = set()
+        ports = self.settings.outbound_ports
+        for entry in wanted:
+            where = f"{ANNOTATION}[{entry.index}] '{entry.service}.{entry.namespace}:{entry.port}'"
+            if entry.index >= len(ports):
+                self.warnings[workload.key].append(
+                    f"{where}: only {len(ports)} upstreams fit; skipped"
+                )
+                continue
+            service = self.services.get((entry.namespace, entry.service))
+            port = service.port(entry.port) if service is not None else None
+            if service is None or port is None:
+                why = "no such Service" if service is None else "the Service has no such port"
+                self.warnings[workload.key].append(f"{where}: {why}; skipped")
+                continue
+            key = (service.namespace, service.name, port.port)
+            if key in seen:
+                self.warnings[workload.key].append(f"{where}: listed twice; skipped")
+                continue
+            seen.add(key)
+            body = self.upstream(service, port, traffic.get(key), routes.get(key))
+            if body is None:
+                self.warnings[workload.key].append(
+                    f"{where}: no ready injected endpoint; left out for now"
+                )
+                continue
+            listeners.append(
+                {
+                    "name": f"{service.name}.{service.namespace}:{port.port}",
+                    "listen": f"127.0.0.1:{ports[entry.index]}",
+                    **body,
+                }
+            )
+        return listeners
+
+    def upstream(
+        self,
+        service: Service,
+        port: ServicePort,
+        traffic: CompiledTraffic | None,
+        route: CompiledRoute | None,
+    ) -> dict[str, Any] | None:
+        """An outbound listener's body but its name and listen; None without endpoints."""
+        key = (service.namespace, service.name, port.port)
+        if key not in self.upstreams:
+            self.upstreams[key] = self.build_upstream(service, port, traffic, route)
+        return self.upstreams[key]
+
+    def build_upstream(
+        self,
+        service: Service,
+        port: ServicePort,
+        traffic: CompiledTraffic | None,
+        route: CompiledRoute | None,
+    ) -> dict[str, Any] | None:
+        body: dict[str, Any] = {"protocol": port.protocol}
+        if traffic is not None:
+            body.update(traffic.keys_for(port.protocol))
+        backends: Sequence[Backend]
+        if route is None:
+            backends = self.backends(service, port)
+            if not backends:
+                return None
+            body["endpoints"] = [b.address for b in backends]
+        else:
+            subsets, backends = self.subsets(route)
+            if not subsets:
+                return None
+            body["subsets"] = subsets
+            if route.timeouts:
+                body["timeouts"] = {**body.get("timeouts", {}), **route.timeouts}
+        td = self.settings.trust_domain
+        body["server_ids"] = sorted(
+            {
+                f"spiffe://{td}/ns/{b.workload.namespace}/sa/{b.workload.service_account}"
+                for b in backends
+            }
+        )
+        return body
+
+    def backends(self, service: Service, port: ServicePort) -> tuple[Backend, ...]:
+        return slice_backends(
+            self.slices.get((service.namespace, service.name), ()),
+            port,
+            self.workloads,
+            self.settings.inbound_base,
+            self.warnings,
+            f"{service.namespace}/{service.name}",
+        )
+
+    def subsets(self, route: CompiledRoute) -> tuple[list[dict[str, Any]], list[Backend]]:
+        subsets: list[dict[str, Any]] = []
+        every: list[Backend] = []
+        names: set[str] = set()
+        for ref in route.backends:
+            service = self.services.get((route.namespace, ref.service))
+            port = service.port(str(ref.port)) if service is not None else None
+            if ref.problem or ref.weight == 0 or service is None or port is None:
+                continue
+            backends = self.backends(service, port)
+            if not backends:
+                continue
+            name = ref.service if ref.service not in names else f"{ref.service}-{len(subsets)}"
+            names.add(name)
+            subsets.append(
+                {"name": name, "weight": ref.weight, "endpoints": [b.address for b in backends]}
+            )
+            every.extend(backends)
+        return subsets, every
+
+
+_ON_TCP = {
+    "ALLOW": "the rule allows nothing",
+    "DENY": "the rule denies every connection its other fields match",
+    "AUDIT": "the rule records nothing",
+}
+
+
+def _status(m: Meta, accepted: dict[str, Any]) -> dict[str, Any]:
+    return {"observedGeneration": m.generation, "conditions": [accepted]}

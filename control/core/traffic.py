@@ -1,0 +1,168 @@
+"""TrafficPolicy objects -> the outbound keys they set, checked by the agent's own reader.
+
+A TrafficPolicy's spec is agent.yaml's outbound keys in camelCase
+(`hashOn` = `hash_on`, `consecutive5xx` = `consecutive_5xx`), attached to
+Services by `targetRefs` (policy attachment, as in Gateway API: kind
+Service, optionally one port by `sectionName`). The keys are checked by
+building a throwaway outbound with `agent.config_outbound.OutboundReader`,
+so the agent accepts whatever was accepted here; its errors come back as
+field paths (`spec.health.outlier.consecutive5xx: ...`).
+
+One key depends on the port: `hashOn` a header or a cookie needs HTTP. On a
+TCP port of the target it is left out (connections are then spread as by
+`random`) and the policy's status says so.
+
+When two TrafficPolicies target one Service port, the older one applies
+(creationTimestamp, then namespace/name, as Gateway API breaks ties), and
+the other's status says `Conflicted`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.config_outbound import OutboundReader
+from control.core.conditions import Meta
+
+__all__ = ["CompiledTraffic", "Target", "compile_traffic", "to_camel", "to_snake"]
+
+_KEYS = ("balancer", "hashOn", "health", "timeouts", "retries", "circuitBreaker", "pool")
+_CAMEL = re.compile(r"[A-Z]")
+
+
+@dataclass(frozen=True)
+class Target:
+    service: str
+    section: str | None  # a port's name; None: every port
+
+
+@dataclass(frozen=True)
+class CompiledTraffic:
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    created: str
+    targets: tuple[Target, ...]
+    #: agent.yaml outbound keys (snake_case), merged into each target's outbound.
+    keys: Mapping[str, Any]
+
+    @property
+    def http_only(self) -> bool:
+        """Whether a key here needs an HTTP port (a header or cookie to hash on)."""
+        hash_on = self.keys.get("hash_on")
+        return isinstance(hash_on, Mapping) and bool({"header", "cookie"} & set(hash_on))
+
+    def keys_for(self, protocol: str) -> Mapping[str, Any]:
+        if protocol == "http" or not self.http_only:
+            return self.keys
+        return {key: value for key, value in self.keys.items() if key != "hash_on"}
+
+    @property
+    def rank(self) -> tuple[str, str, str]:
+        return (self.created, self.namespace, self.name)
+
+
+def compile_traffic(obj: Mapping[str, Any], m: Meta) -> CompiledTraffic | list[str]:
+    """The compiled policy, or every problem as `field.path: problem`."""
+    spec = obj.get("spec")
+    if not isinstance(spec, Mapping):
+        return ["spec: required: targetRefs and the outbound settings to apply"]
+    errors = [
+        f"spec.{key}: unknown key; expected targetRefs or one of {', '.join(_KEYS)}"
+        for key in spec
+        if key != "targetRefs" and key not in _KEYS
+    ]
+    targets = _targets(spec.get("targetRefs"), errors)
+    keys: dict[str, Any] = {}
+    for key in _KEYS:
+        if key in spec:
+            keys[to_snake(key)] = _snake_keys(spec[key], f"spec.{key}", errors)
+    if keys.get("hash_on") == {"source": {}}:
+        keys["hash_on"] = "source"  # the agent's spelling
+    errors += _check(keys)
+    if errors:
+        return errors
+    return CompiledTraffic(m.namespace, m.name, m.uid, m.generation, m.created, targets, keys)
+
+
+def _targets(raw: object, errors: list[str]) -> tuple[Target, ...]:
+    if not isinstance(raw, list) or not raw:
+        errors.append("spec.targetRefs: required: at least one {group: '', kind: Service, name}")
+        return ()
+    targets = []
+    for i, ref in enumerate(raw):
+        path = f"spec.targetRefs[{i}]"
+        if not isinstance(ref, Mapping):
+            errors.append(f"{path}: is not a mapping; expected group, kind and name")
+            continue
+        if ref.get("group", "") not in ("", "core") or ref.get("kind") != "Service":
+            errors.append(
+                f"{path}: {ref.get('group', '')!r}/{ref.get('kind')!r} is not supported;"
+                " expected group '' and kind Service"
+            )
+        name, section = ref.get("name"), ref.get("sectionName")
+        if not isinstance(name, str) or not name:
+            errors.append(f"{path}.name: required: the Service's name")
+        elif section is not None and not (isinstance(section, str) and section):
+            errors.append(f"{path}.sectionName: expected the name of a port of the Service")
+        else:
+            targets.append(Target(name, section))
+    return tuple(targets)
+
+
+def _snake_keys(value: Any, path: str, errors: list[str]) -> Any:
+    """The value with every mapping key in snake_case; a snake_case key is an error."""
+    if isinstance(value, list):
+        return [_snake_keys(item, f"{path}[{i}]", errors) for i, item in enumerate(value)]
+    if not isinstance(value, Mapping):
+        return value
+    converted = {}
+    for key, item in value.items():
+        if "_" in str(key):
+            errors.append(f"{path}.{key}: unknown key; expected camelCase: {to_camel(str(key))}")
+            continue
+        converted[to_snake(str(key))] = _snake_keys(item, f"{path}.{key}", errors)
+    return converted
+
+
+def to_snake(key: str) -> str:
+    """`consecutive5xx` -> `consecutive_5xx`, `hashOn` -> `hash_on`."""
+    if key == "consecutive5xx":
+        return "consecutive_5xx"
+    return _CAMEL.sub(lambda match: "_" + match[0].lower(), key)
+
+
+def to_camel(key: str) -> str:
+    head, *rest = key.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+_PROBE = {
+    "name": "probe",
+    "listen": "127.0.0.1:1",
+    "protocol": "http",
+    "server_ids": ["spiffe://probe.invalid/probe"],
+    "endpoints": ["127.0.0.1:1"],
+}
+
+
+def _check(keys: Mapping[str, Any]) -> list[str]:
+    """The agent reader's errors for these keys, as `spec.camelCase` paths."""
+    reader = OutboundReader(Path("."))
+    reader.outbound({**_PROBE, **keys}, "outbound[0]")
+    return [_field_path(error) for error in reader.errors]
+
+
+def _field_path(error: str) -> str:
+    path, _, problem = error.partition(": ")
+    parts = path.removeprefix("outbound[0].").split(".")
+    camel = []
+    for part in parts:
+        name, bracket, index = part.partition("[")
+        camel.append(to_camel(name) + bracket + index)
+    return f"spec.{'.'.join(camel)}: {problem}"
