@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -202,7 +203,11 @@ class _Compiler:
                 for k, w in self.workloads.items()
             },
             self.statuses,
-            {k: tuple(dict.fromkeys(v)) for k, v in sorted(self.warnings.items()) if v},
+            {
+                k: tuple(sorted(set(v), key=_warning_order))
+                for k, v in sorted(self.warnings.items())
+                if v
+            },
             configs,
             _Memory(self.settings, self.last_policies, self.last_traffic, self.compiled),
         )
@@ -327,7 +332,7 @@ class _Compiler:
                 action = self.last_policies[key].policy.action
                 ok, reason = True, "HTTPRulesOnTCPPorts"
                 message = (
-                    f"{summary(notes[key], 3)}. HTTP fields never match on TCP, so there"
+                    f"{summary(sorted(notes[key]), 3)}. HTTP fields never match on TCP, so there"
                     f" {_ON_TCP[action]}."
                     " Set appProtocol: http on the Service port that targets it, or list the"
                     " rule's HTTP ports in to.ports"
@@ -730,6 +735,15 @@ _ON_TCP = {
     "DENY": "the rule denies every connection its other fields match",
     "AUDIT": "the rule records nothing",
 }
+
+
+def _warning_order(warning: str) -> tuple[int, str]:
+    """The annotation's entries in their order, then the rest: the same order every compile."""
+    match = _ENTRY.match(warning)
+    return (int(match[1]), "") if match else (1 << 30, warning)
+
+
+_ENTRY = re.compile(re.escape(ANNOTATION) + r"\[([0-9]+)\]")
 
 
 def _status(m: Meta, accepted: dict[str, Any]) -> dict[str, Any]:

@@ -139,7 +139,7 @@ def misfits(policy: Policy, tcp_ports: frozenset[int]) -> tuple[Misfit, ...]:
         if rule.http_fields:
             ports = tuple(sorted(p for p in tcp_ports if rule.applies_to_port(p)))
             if ports:
-                found.append(Misfit(rule.name, rule.http_fields, ports))
+                found.append(Misfit(rule.name, tuple(sorted(rule.http_fields)), ports))
     return tuple(found)
 
 

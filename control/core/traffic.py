@@ -102,8 +102,8 @@ def _targets(raw: object, errors: list[str]) -> tuple[Target, ...]:
             continue
         if ref.get("group", "") not in ("", "core") or ref.get("kind") != "Service":
             errors.append(
-                f"{path}: {ref.get('group', '')!r}/{ref.get('kind')!r} is not supported;"
-                " expected group '' and kind Service"
+                f"{path}: kind {ref.get('kind')!r} (group {ref.get('group', '')!r}) is not"
+                " supported; expected group '' and kind Service"
             )
         name, section = ref.get("name"), ref.get("sectionName")
         if not isinstance(name, str) or not name:
