@@ -33,6 +33,7 @@ and topology.go):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -140,10 +141,15 @@ def endpoint_address(entry: Mapping[str, Any], address_type: str) -> str | None:
     family, or the slice is not IPv4/IPv6 (FQDN: kube-proxy ignores these too)."""
     family = _FAMILIES.get(address_type)
     addresses = entry.get("addresses") or ()
-    if family is None or not addresses:
+    if family is None or not addresses or not isinstance(addresses[0], str):
         return None
+    return _canonical(addresses[0], family)
+
+
+@functools.lru_cache(maxsize=65536)  # a cluster's pod IPs, read again on every change
+def _canonical(text: str, family: int) -> str | None:
     try:
-        address = ipaddress.ip_address(addresses[0])
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
     return str(address) if address.version == family else None

@@ -14,7 +14,7 @@ data has no line or column, so those errors read `SOURCE: key.path: problem`.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast, get_args
 
@@ -102,13 +102,7 @@ def parse_policy_list(items: object, source: str) -> tuple[Policy, ...]:
     policy's `source`, with its path: `SOURCE: policies[0]`.
     """
     reader = _Reader(source)
-    try:
-        node = yaml.representer.SafeRepresenter(sort_keys=False).represent_data(items)
-    except yaml.representer.RepresenterError as exc:
-        odd = type(exc.args[-1]).__name__
-        raise PolicyError(
-            [f"{source}: policies: cannot represent a {odd}; expected lists, mappings and scalars"]
-        ) from None
+    node = _as_node(items)
     policies: list[Policy] = []
     for index, item in enumerate(reader.sequence(node, "policies", None)):
         policy = _policy(reader, item, f"policies[{index}]")
@@ -118,6 +112,28 @@ def parse_policy_list(items: object, source: str) -> tuple[Policy, ...]:
     if reader.errors:
         raise PolicyError(reader.errors)
     return tuple(policies)
+
+
+class _Value(yaml.ScalarNode):
+    """A scalar given as data: its value is already what the YAML would construct."""
+
+    def __init__(self, value: object) -> None:
+        super().__init__(_TAGS.get(type(value), "tag:yaml.org,2002:str"), str(value))
+        self.data = value
+
+
+_TAGS = {type(None): "tag:yaml.org,2002:null", bool: "tag:yaml.org,2002:bool"}
+_TAGS |= {int: "tag:yaml.org,2002:int", float: "tag:yaml.org,2002:float"}
+
+
+def _as_node(data: object) -> yaml.Node:
+    """Data as the nodes the reader walks (no marks: errors name only the key path)."""
+    if isinstance(data, Mapping):
+        pairs = [(_as_node(key), _as_node(value)) for key, value in data.items()]
+        return yaml.MappingNode("tag:yaml.org,2002:map", pairs)
+    if isinstance(data, list | tuple):
+        return yaml.SequenceNode("tag:yaml.org,2002:seq", [_as_node(item) for item in data])
+    return _Value(data)
 
 
 def _policy(reader: _Reader, node: yaml.Node, path: str) -> Policy | None:
@@ -262,6 +278,8 @@ class _Reader:
         return list(node.value)
 
     def scalar(self, node: yaml.Node) -> object:
+        if isinstance(node, _Value):
+            return node.data
         if not isinstance(node, yaml.ScalarNode):
             return node  # not a scalar: every value check rejects it by type
         return self._scalars.construct_object(node)

@@ -49,7 +49,7 @@ def meta(obj: Mapping[str, Any], key: tuple[str, str]) -> Meta:
 
 
 def _strings(raw: object) -> Mapping[str, str]:
-    if not isinstance(raw, Mapping):
+    if not isinstance(raw, dict):
         return {}
     return {str(k): v for k, v in raw.items() if isinstance(v, str)}
 
@@ -72,7 +72,7 @@ def condition(
 ) -> dict[str, Any]:
     """One condition; it keeps the previous lastTransitionTime while its status holds."""
     status = "True" if ok else "False"
-    old = next((c for c in previous if isinstance(c, Mapping) and c.get("type") == kind), None)
+    old = next((c for c in previous if isinstance(c, dict) and c.get("type") == kind), None)
     since = now
     if old is not None and old.get("status") == status and old.get("lastTransitionTime"):
         since = str(old["lastTransitionTime"])

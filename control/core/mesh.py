@@ -38,10 +38,11 @@ from datetime import datetime
 from typing import Any
 
 from control.core.conditions import Meta, condition, meta, previous_conditions, summary, timestamp
-from control.core.policies import CompiledPolicy, compile_policy, fit_to_ports, misfits
+from control.core.policies import CompiledPolicy, Misfit, compile_policy, fit_to_ports, misfits
 from control.core.routes import CONTROLLER, CompiledRoute, RouteKind, compile_route
 from control.core.services import (
     Backend,
+    PodIndex,
     Service,
     ServicePort,
     Workload,
@@ -127,7 +128,7 @@ class Mesh:
     pod_warnings: Mapping[Key, tuple[str, ...]] = field(default_factory=dict)
     _configs: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict, repr=False)
     _memory: _Memory = field(default_factory=_Memory, repr=False, compare=False)
-    _versions: dict[Key, str] = field(default_factory=dict, repr=False, compare=False)
+    _versions: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
 
     def config_for(self, namespace: str, pod: str) -> dict[str, Any] | None:
         """The snapshot's JSON object for this pod (agent.yaml's inbound, outbound and
@@ -136,14 +137,14 @@ class Mesh:
         return None if config is None else dict(config)
 
     def version_for(self, namespace: str, pod: str) -> str | None:
-        """`version_of(config_for(namespace, pod))`, computed once per Mesh."""
-        key = (namespace, pod)
-        if key not in self._versions:
-            config = self._configs.get(key)
-            if config is None:
-                return None
-            self._versions[key] = version_of(config)
-        return self._versions[key]
+        """`version_of(config_for(namespace, pod))`, computed once per Mesh and config
+        (the pods of a ReplicaSet share theirs)."""
+        config = self._configs.get((namespace, pod))
+        if config is None:
+            return None
+        if id(config) not in self._versions:
+            self._versions[id(config)] = version_of(config)
+        return self._versions[id(config)]
 
 
 def version_of(config: Mapping[str, Any]) -> str:
@@ -186,6 +187,8 @@ class _Compiler:
         self.services: dict[Key, Service] = {}
         self.slices: dict[Key, list[Mapping[str, Any]]] = defaultdict(list)
         self.upstreams: dict[tuple[str, str, int], dict[str, Any] | None] = {}
+        self.fitted: dict[tuple[Any, ...], tuple[Mapping[str, Any], tuple[Misfit, ...]]] = {}
+        self.shapes: dict[tuple[Any, ...], tuple[Mapping[str, Any], list[str], list[Any]]] = {}
 
     def mesh(self) -> Mesh:
         self.read_world()
@@ -196,7 +199,7 @@ class _Compiler:
         misfit_notes: dict[Key, list[str]] = defaultdict(list)
         for key, workload in self.workloads.items():
             configs[key] = self.config(workload, policies, traffic, routes, misfit_notes)
-        self.finish_policy_statuses(policies, misfit_notes)
+        self.finish_policy_statuses(misfit_notes)
         return Mesh(
             {
                 k: PodIdentity(w.namespace, w.name, w.service_account)
@@ -216,39 +219,48 @@ class _Compiler:
 
     def read_world(self) -> None:
         for key, obj in self.objects.get("Pod", {}).items():
-            workload = read_workload(obj, key)
-            if workload is not None:
+            workload = self.recall(
+                "Pod", key, obj, lambda o=obj, k=key: read_workload(o, k) or False
+            )
+            if workload:
                 self.workloads[workload.key] = workload
-        self.by_namespace: dict[str, list[Workload]] = defaultdict(list)
-        for workload in self.workloads.values():
-            self.by_namespace[workload.namespace].append(workload)
-        self.services_in: dict[str, list[Service]] = defaultdict(list)
+        self.index = PodIndex(self.workloads.values())
         for key, obj in self.objects.get("Service", {}).items():
-            service = read_service(obj, key)
+            service = self.recall("Service", key, obj, lambda o=obj, k=key: read_service(o, k))
             self.services[(service.namespace, service.name)] = service
-            self.services_in[service.namespace].append(service)
         for key, obj in self.objects.get("EndpointSlice", {}).items():
             name = slice_service(obj)
             if name is not None:
                 namespace = (obj.get("metadata") or {}).get("namespace") or key[0]
                 self.slices[(namespace, name)].append(obj)
         # Which of a pod's ports speak HTTP: an `appProtocol: http` Service port targets it.
-        self.http_ports: dict[Key, frozenset[int]] = {}
-        for namespace, services in self.services_in.items():
-            for service in services:
-                http = [p for p in service.ports if p.protocol == "http"]
-                if not http or service.selector is None:
-                    continue
-                for workload in self.by_namespace.get(namespace, ()):
-                    if service.selector.matches(workload.labels):
-                        found = {workload.target(p.target) for p in http}
-                        ports = self.http_ports.get(workload.key, frozenset())
-                        self.http_ports[workload.key] = ports | {p for p in found if p}
+        self.http_ports: dict[Key, set[int]] = defaultdict(set)
+        for service in self.services.values():
+            http = [p for p in service.ports if p.protocol == "http"]
+            if not http or service.selector is None:
+                continue
+            for workload in self.index.select(service.selector, service.namespace):
+                for port in http:
+                    target = workload.target(port.target)
+                    if target is not None:
+                        self.http_ports[workload.key].add(target)
 
-    def compile_once(self, kind: str, key: Key, obj: Mapping[str, Any], m: Meta, make: Any) -> Any:
-        """`make()`, or what it gave for this very spec in the previous compile."""
-        spec = json.dumps(obj.get("spec"), sort_keys=True, default=str)
-        cache_key = (kind, m.namespace, m.name, m.uid, str(m.generation), spec)
+    def recall(self, kind: str, key: Key, obj: Mapping[str, Any], make: Any) -> Any:
+        """`make()`, or what it gave for this very object in the previous compile.
+
+        An object is the same while its uid and resourceVersion are (the API
+        server changes the version with every write); without a version, the
+        same generation and spec. Pods and Services without one are read again.
+        """
+        m = obj.get("metadata") or {}
+        uid, version = str(m.get("uid") or ""), str(m.get("resourceVersion") or "")
+        if version:
+            cache_key: tuple[str, ...] = (kind, *key, uid, version)
+        elif kind in ("Pod", "Service"):
+            return make()
+        else:
+            spec = json.dumps(obj.get("spec"), sort_keys=True, default=str)
+            cache_key = (kind, *key, uid, str(m.get("generation")), spec)
         result = self.memory.compiled.get(cache_key)
         if result is None:
             result = make()
@@ -257,70 +269,72 @@ class _Compiler:
 
     # -- AuthorizationPolicy -------------------------------------------------------------
 
-    def policies(self) -> dict[str, list[CompiledPolicy]]:
-        """namespace -> its valid policies ("" holds the mesh-wide ones)."""
-        found: dict[str, list[CompiledPolicy]] = defaultdict(list)
+    def policies(self) -> dict[Key, list[CompiledPolicy]]:
+        """pod -> the valid policies that select it, sorted by name."""
+        valid: list[CompiledPolicy] = []
         self.last_policies: dict[Key, CompiledPolicy] = {}
-        self.policy_errors: dict[Key, tuple[Meta, Mapping[str, Any], list[str], bool]] = {}
+        self.policy_errors: dict[Key, tuple[list[str], bool]] = {}
         self.policy_objects: dict[Key, tuple[Meta, Mapping[str, Any]]] = {}
-        for key, obj in sorted(self.objects.get("AuthorizationPolicy", {}).items()):
+        for key, obj in self.objects.get("AuthorizationPolicy", {}).items():
             m = meta(obj, key)
-            result = self.compile_once(
+            result = self.recall(
                 "AuthorizationPolicy",
                 key,
                 obj,
-                m,
                 lambda o=obj, m=m: compile_policy(o, m, self.settings.mesh_namespace),
             )
             self.policy_objects[(m.namespace, m.name)] = (m, obj)
             if isinstance(result, list):
                 last = self.memory.policies.get((m.namespace, m.name))
                 kept = last is not None and last.uid == m.uid
-                self.policy_errors[(m.namespace, m.name)] = (m, obj, result, kept)
+                self.policy_errors[(m.namespace, m.name)] = (result, kept)
                 if not kept or last is None:
                     continue
                 result = last
             self.last_policies[(m.namespace, m.name)] = result
-            found["" if result.mesh_wide else result.namespace].append(result)
-        return found
+            valid.append(result)
+        selected: dict[Key, list[CompiledPolicy]] = defaultdict(list)
+        for policy in sorted(valid, key=lambda p: str(p.document["name"])):
+            scope = None if policy.mesh_wide else policy.namespace
+            for workload in self.index.select(policy.selector, scope):
+                selected[workload.key].append(policy)
+        return selected
 
     def pod_policies(
         self,
-        workload: Workload,
-        policies: Mapping[str, list[CompiledPolicy]],
-        notes: dict[Key, list[str]],
+        selected: Sequence[CompiledPolicy],
         inbound: Sequence[tuple[int, str]],
-    ) -> list[Mapping[str, Any]]:
-        selected = [
-            p
-            for p in (*policies.get(workload.namespace, ()), *policies.get("", ()))
-            if p.selector.matches(workload.labels)
-        ]
-        selected.sort(key=lambda p: p.document["name"])
+    ) -> tuple[list[Mapping[str, Any]], list[tuple[Key, Misfit]]]:
+        """The policies as sent to the pod, and the rules fitted to its TCP ports."""
         tcp = frozenset(port for port, protocol in inbound if protocol == "tcp")
         http = frozenset(port for port, protocol in inbound if protocol == "http")
         documents = []
+        fitted: list[tuple[Key, Misfit]] = []
         for policy in selected:
-            found = misfits(policy.policy, tcp) if tcp and policy.http_rules else ()
-            if not found:
+            if not (tcp and policy.http_rules):
                 documents.append(policy.document)
                 continue
-            documents.append(fit_to_ports(policy, tcp, http))
-            for misfit in found:
-                ports = ", ".join(map(str, misfit.tcp_ports))
-                notes[(policy.namespace, policy.name)].append(
-                    f"rule {misfit.rule!r} uses {', '.join(misfit.fields)} and applies to TCP"
-                    f" port {ports} of pod {workload.namespace}/{workload.name}"
-                )
-        return documents
+            document, found = self.fit(policy, tcp, http)
+            documents.append(document)
+            fitted += [((policy.namespace, policy.name), misfit) for misfit in found]
+        return documents, fitted
 
-    def finish_policy_statuses(
-        self, policies: Mapping[str, list[CompiledPolicy]], notes: Mapping[Key, list[str]]
-    ) -> None:
+    def fit(
+        self, policy: CompiledPolicy, tcp: frozenset[int], http: frozenset[int]
+    ) -> tuple[Mapping[str, Any], tuple[Misfit, ...]]:
+        """The policy as sent to a pod with these ports; pods of one Deployment share it."""
+        key = (policy.namespace, policy.name, tcp, http)
+        if key not in self.fitted:
+            found = misfits(policy.policy, tcp)
+            document = fit_to_ports(policy, tcp, http) if found else policy.document
+            self.fitted[key] = (document, found)
+        return self.fitted[key]
+
+    def finish_policy_statuses(self, notes: Mapping[Key, list[str]]) -> None:
         for key, (m, obj) in self.policy_objects.items():
             previous = previous_conditions(obj)
             if key in self.policy_errors:
-                _, _, errors, kept = self.policy_errors[key]
+                errors, kept = self.policy_errors[key]
                 tail = (
                     f"; the previous version (generation {self.last_policies[key].generation})"
                     " stays in force"
@@ -356,8 +370,8 @@ class _Compiler:
         states: list[tuple[Meta, Mapping[str, Any], CompiledTraffic | None, list[str], bool]] = []
         for key, obj in sorted(self.objects.get("TrafficPolicy", {}).items()):
             m = meta(obj, key)
-            result = self.compile_once(
-                "TrafficPolicy", key, obj, m, lambda o=obj, m=m: compile_traffic(o, m)
+            result = self.recall(
+                "TrafficPolicy", key, obj, lambda o=obj, m=m: compile_traffic(o, m)
             )
             errors: list[str] = []
             kept = False
@@ -459,8 +473,8 @@ class _Compiler:
         for kind in kinds:
             for key, obj in sorted(self.objects.get(kind, {}).items()):
                 m = meta(obj, key)
-                route = self.compile_once(
-                    kind, key, obj, m, lambda k=kind, o=obj, m=m: compile_route(k, o, m)
+                route = self.recall(
+                    kind, key, obj, lambda k=kind, o=obj, m=m: compile_route(k, o, m)
                 )
                 compiled.append((obj, route))
         claims: dict[tuple[str, str, int], list[CompiledRoute]] = defaultdict(list)
@@ -589,61 +603,86 @@ class _Compiler:
     def config(
         self,
         workload: Workload,
-        policies: Mapping[str, list[CompiledPolicy]],
+        policies: Mapping[Key, list[CompiledPolicy]],
         traffic: Mapping[tuple[str, str, int], CompiledTraffic],
         routes: Mapping[tuple[str, str, int], CompiledRoute],
         notes: dict[Key, list[str]],
     ) -> Mapping[str, Any]:
-        http = self.http_ports.get(workload.key, frozenset())
+        """The pod's config; the pods of one ReplicaSet share one (same namespace, labels,
+        ports and annotation: the same policies, listeners and upstreams)."""
+        shape = (
+            workload.namespace,
+            tuple(sorted(workload.labels.items())),
+            workload.ports,
+            tuple(sorted(workload.port_names.items())),
+            workload.annotations.get(ANNOTATION, ""),
+        )
+        if shape not in self.shapes:
+            self.shapes[shape] = self.build_config(workload, policies, traffic, routes)
+        config, warnings, fitted = self.shapes[shape]
+        self.warnings[workload.key].extend(warnings)
+        for policy, misfit in fitted:
+            ports = ", ".join(map(str, misfit.tcp_ports))
+            notes[policy].append(
+                f"rule {misfit.rule!r} uses {', '.join(misfit.fields)} and applies to TCP"
+                f" port {ports} of pod {workload.namespace}/{workload.name}"
+            )
+        return config
+
+    def build_config(
+        self,
+        workload: Workload,
+        policies: Mapping[Key, list[CompiledPolicy]],
+        traffic: Mapping[tuple[str, str, int], CompiledTraffic],
+        routes: Mapping[tuple[str, str, int], CompiledRoute],
+    ) -> tuple[Mapping[str, Any], list[str], list[tuple[Key, Misfit]]]:
+        http = self.http_ports.get(workload.key, ())
         inbound = [(port, "http" if port in http else "tcp") for port in workload.ports]
         base = self.settings.inbound_base
-        return {
+        outbound, warnings = self.outbound(workload, traffic, routes)
+        documents, fitted = self.pod_policies(policies.get(workload.key, ()), inbound)
+        config = {
             "inbound": [
                 {"listen": f"0.0.0.0:{base + i}", "app": f"127.0.0.1:{port}", "protocol": protocol}
                 for i, (port, protocol) in enumerate(inbound)
             ],
-            "outbound": self.outbound(workload, traffic, routes),
-            "policy": {
-                "default_action": self.settings.default_action,
-                "policies": self.pod_policies(workload, policies, notes, inbound),
-            },
+            "outbound": outbound,
+            "policy": {"default_action": self.settings.default_action, "policies": documents},
         }
+        return config, warnings, fitted
 
     def outbound(
         self,
         workload: Workload,
         traffic: Mapping[tuple[str, str, int], CompiledTraffic],
         routes: Mapping[tuple[str, str, int], CompiledRoute],
-    ) -> list[dict[str, Any]]:
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """The listeners the pod's annotation asks for, and why any is missing."""
         text = workload.annotations.get(ANNOTATION, "")
-        wanted, warnings = parse_upstreams(text, workload.namespace)
-        self.warnings[workload.key].extend(warnings)
+        wanted, skipped = parse_upstreams(text, workload.namespace)
+        warnings = list(skipped)
         listeners: list[dict[str, Any]] = []
         seen: set[tuple[str, str, int]] = set()
         ports = self.settings.outbound_ports
         for entry in wanted:
             where = f"{ANNOTATION}[{entry.index}] '{entry.service}.{entry.namespace}:{entry.port}'"
             if entry.index >= len(ports):
-                self.warnings[workload.key].append(
-                    f"{where}: only {len(ports)} upstreams fit; skipped"
-                )
+                warnings.append(f"{where}: only {len(ports)} upstreams fit; skipped")
                 continue
             service = self.services.get((entry.namespace, entry.service))
             port = service.port(entry.port) if service is not None else None
             if service is None or port is None:
                 why = "no such Service" if service is None else "the Service has no such port"
-                self.warnings[workload.key].append(f"{where}: {why}; skipped")
+                warnings.append(f"{where}: {why}; skipped")
                 continue
             key = (service.namespace, service.name, port.port)
             if key in seen:
-                self.warnings[workload.key].append(f"{where}: listed twice; skipped")
+                warnings.append(f"{where}: listed twice; skipped")
                 continue
             seen.add(key)
             body = self.upstream(service, port, traffic.get(key), routes.get(key))
             if body is None:
-                self.warnings[workload.key].append(
-                    f"{where}: no ready injected endpoint; left out for now"
-                )
+                warnings.append(f"{where}: no ready injected endpoint; left out for now")
                 continue
             listeners.append(
                 {
@@ -652,7 +691,7 @@ class _Compiler:
                     **body,
                 }
             )
-        return listeners
+        return listeners, warnings
 
     def upstream(
         self,

@@ -32,7 +32,7 @@ the rule's HTTP ports in `to.ports`.
 
 from __future__ import annotations
 
-import copy
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -108,7 +108,7 @@ def compile_policy(
         m.generation,
         selector,
         m.namespace == mesh_namespace,
-        copy.deepcopy(document),
+        json.loads(json.dumps(document)),  # its own copy, JSON as sent (deepcopy is slower)
         policy,
     )
 

@@ -14,6 +14,10 @@ whose targetRef is an injected pod, each at that pod's inbound listener for
 the port the slice names. Ready endpoints, or those serving while terminating
 when none is ready, as kube-proxy reads slices (agent/core/discovery.py keeps
 the same rule for the agent's own `kubernetes:` source).
+
+Objects are the JSON the API server sends, so fields are checked with
+`isinstance(x, dict)`: several times cheaper than the Mapping ABC, and these
+run for every pod on every compile.
 """
 
 from __future__ import annotations
@@ -81,17 +85,17 @@ def read_workload(obj: Mapping[str, Any], key: tuple[str, str]) -> Workload | No
         return None  # its agent is gone, and its IP may already be another pod's
     containers = _list(spec.get("containers"))
     if not any(
-        isinstance(c, Mapping) and c.get("name") == AGENT_CONTAINER
+        isinstance(c, dict) and c.get("name") == AGENT_CONTAINER
         for c in containers + _list(spec.get("initContainers"))
     ):
         return None
     ports: list[int] = []
     names: dict[str, int] = {}
     for container in containers:
-        if not isinstance(container, Mapping) or container.get("name") == AGENT_CONTAINER:
+        if not isinstance(container, dict) or container.get("name") == AGENT_CONTAINER:
             continue
         for port in _list(container.get("ports")):
-            number = port.get("containerPort") if isinstance(port, Mapping) else None
+            number = port.get("containerPort") if isinstance(port, dict) else None
             if not _is_port(number) or port.get("protocol", "TCP") != "TCP":
                 continue
             if number in AGENT_PORTS or number in ports:
@@ -141,11 +145,11 @@ def read_service(obj: Mapping[str, Any], key: tuple[str, str]) -> Service:
     m = meta(obj, key)
     raw = spec.get("selector")
     selector = None
-    if isinstance(raw, Mapping) and raw:
+    if isinstance(raw, dict) and raw:
         selector = Selector.of_labels({str(k): str(v) for k, v in raw.items()})
     ports = []
     for item in _list(spec.get("ports")):
-        if not isinstance(item, Mapping) or item.get("protocol", "TCP") != "TCP":
+        if not isinstance(item, dict) or item.get("protocol", "TCP") != "TCP":
             continue
         number = item.get("port")
         if not _is_port(number):
@@ -187,11 +191,11 @@ def slice_backends(
         names = {
             str(p.get("name") or ""): p.get("port")
             for p in _list(item.get("ports"))
-            if isinstance(p, Mapping)
+            if isinstance(p, dict)
         }
         slice_port = names.get(port.name)
         for entry in _list(item.get("endpoints")):
-            if not isinstance(entry, Mapping):
+            if not isinstance(entry, dict):
                 continue
             workload = _target_pod(entry, item, workloads)
             host = endpoint_address(entry, address_type)
@@ -219,7 +223,7 @@ def _target_pod(
     workloads: Mapping[tuple[str, str], Workload],
 ) -> Workload | None:
     ref = entry.get("targetRef")
-    if not isinstance(ref, Mapping) or ref.get("kind") != "Pod":
+    if not isinstance(ref, dict) or ref.get("kind") != "Pod":
         return None
     namespace = ref.get("namespace") or (item.get("metadata") or {}).get("namespace")
     return workloads.get((str(namespace), str(ref.get("name"))))
@@ -228,7 +232,7 @@ def _target_pod(
 def slice_service(item: Mapping[str, Any]) -> str | None:
     """The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label)."""
     labels = (item.get("metadata") or {}).get("labels") or {}
-    name = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, Mapping) else None
+    name = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, dict) else None
     return name if isinstance(name, str) and name else None
 
 
@@ -238,3 +242,33 @@ def _is_port(value: object) -> TypeGuard[int]:
 
 def _list(value: object) -> list[Any]:
     return value if isinstance(value, list) else []
+
+
+class PodIndex:
+    """Injected pods by namespace and by label, so a selector looks at few pods, not all.
+
+    A selector with matchLabels starts from the pods carrying its rarest label
+    and checks only those; one without (every pod, or expressions only) scans
+    its scope. Built once per compile.
+    """
+
+    def __init__(self, workloads: Iterable[Workload]) -> None:
+        self.every: list[Workload] = []
+        self.by_namespace: dict[str, list[Workload]] = {}
+        self._labels: dict[tuple[str | None, str, str], list[Workload]] = {}
+        for workload in workloads:
+            self.every.append(workload)
+            self.by_namespace.setdefault(workload.namespace, []).append(workload)
+            for label in workload.labels.items():
+                self._labels.setdefault((workload.namespace, *label), []).append(workload)
+                self._labels.setdefault((None, *label), []).append(workload)
+
+    def select(self, selector: Selector, namespace: str | None) -> list[Workload]:
+        """The pods `selector` matches in `namespace` (None: in every namespace)."""
+        if selector.labels:
+            candidates = min(
+                (self._labels.get((namespace, *label), []) for label in selector.labels), key=len
+            )
+        else:
+            candidates = self.every if namespace is None else self.by_namespace.get(namespace, [])
+        return [w for w in candidates if selector.matches(w.labels)]

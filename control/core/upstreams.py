@@ -13,6 +13,7 @@ cannot touch policy.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -33,12 +34,13 @@ class Wanted:
     port: str  # a number or a port name, as written
 
 
-def parse_upstreams(text: str, namespace: str) -> tuple[list[Wanted], list[str]]:
+@functools.lru_cache(maxsize=4096)  # the pods of a Deployment share one annotation
+def parse_upstreams(text: str, namespace: str) -> tuple[tuple[Wanted, ...], tuple[str, ...]]:
     """The entries, and a warning for each one skipped."""
     wanted: list[Wanted] = []
     warnings: list[str] = []
     if not text.strip():
-        return wanted, warnings
+        return (), ()
     for index, entry in enumerate(text.split(",")):
         entry = entry.strip()
         problem = _problem(entry)
@@ -48,7 +50,7 @@ def parse_upstreams(text: str, namespace: str) -> tuple[list[Wanted], list[str]]
         target, _, port = entry.rpartition(":")
         service, _, other = target.partition(".")
         wanted.append(Wanted(index, service, other or namespace, port))
-    return wanted, warnings
+    return tuple(wanted), tuple(warnings)
 
 
 def _problem(entry: str) -> str | None:

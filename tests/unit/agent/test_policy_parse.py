@@ -389,7 +389,11 @@ def test_a_list_of_mappings_parses_like_the_file_it_would_be() -> None:
             "snapshot: policies[1]: name: duplicate policy name 'a' (first at snapshot:"
             " policies[0])",
         ),
-        ([object()], "snapshot: policies: cannot represent a object;"),
+        ([object()], "snapshot: policies[0]: is not a mapping"),
+        (
+            [{"name": "a", "action": "ALLOW", "rules": [{"to": {"methods": [object()]}}]}],
+            "snapshot: policies[0].rules[0].to.methods[0]: <object object",
+        ),
     ],
 )
 def test_data_errors_name_the_key_path(data: object, expected: str) -> None:
