@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from agent.config import AgentConfig, parse
+from agent.config import AgentConfig, ConfigError, parse
 from agent.core.policy import PolicySet
 from agent.core.policyfile import PolicyError, parse_policy_list
 
@@ -244,12 +244,19 @@ def agent_accepts(config: Mapping[str, Any]) -> AgentConfig:
 
     The snapshot goes into the bootstrap and through agent.config.parse; its
     inline policies through parse_policy_list and, as the agent loads policy,
-    PolicySet.http_only_errors for the TCP inbound ports.
+    PolicySet.http_only_errors for the TCP inbound ports. (An agent.config that
+    does not know `policy.policies` yet is given the rest; the policies are
+    checked here all the same.)
     """
-    policy = dict(config.get("policy") or {})
-    inline = policy.pop("policies", [])
-    raw = {**BOOTSTRAP, **config, "policy": policy}
-    parsed = parse(json.loads(json.dumps(raw)), base=Path("/"), source="snapshot")
+    raw = json.loads(json.dumps({**BOOTSTRAP, **config}))
+    inline = (raw.get("policy") or {}).get("policies", [])
+    try:
+        parsed = parse(raw, base=Path("/"), source="snapshot")
+    except ConfigError as exc:
+        if exc.errors != ["policy.policies: unknown key"]:
+            raise
+        del raw["policy"]["policies"]
+        parsed = parse(raw, base=Path("/"), source="snapshot")
     policies = PolicySet(parse_policy_list(inline, "snapshot"), parsed.policy.default_action)
     tcp = frozenset(i.app.port for i in parsed.inbound if i.protocol == "tcp")
     errors = policies.http_only_errors(tcp)

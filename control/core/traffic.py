@@ -84,6 +84,12 @@ def compile_traffic(obj: Mapping[str, Any], m: Meta) -> CompiledTraffic | list[s
             keys[to_snake(key)] = _snake_keys(spec[key], f"spec.{key}", errors)
     if keys.get("hash_on") == {"source": {}}:
         keys["hash_on"] = "source"  # the agent's spelling
+    retries = keys.get("retries")
+    if isinstance(retries, dict) and isinstance(retries.get("retry_on"), list):
+        # int-or-string in the CRD: "503" is the status code 503, as the agent reads 503.
+        retries["retry_on"] = [
+            int(v) if isinstance(v, str) and v.isdecimal() else v for v in retries["retry_on"]
+        ]
     errors += _check(keys)
     if errors:
         return errors

@@ -34,7 +34,7 @@ EVERY_KEY = """\
               maxEjectionPercent: 50}
     panicThreshold: 40
   timeouts: {connect: 1s, perTry: 1s, request: 5s}
-  retries: {max: 2, retryOn: [connect-failure, 503], nonIdempotent: false,
+  retries: {max: 2, retryOn: [connect-failure, "503"], nonIdempotent: false,
             budget: {percent: 20, minConcurrency: 3}}
   circuitBreaker: {maxConnections: 1024, maxPending: 512, maxRequests: 256}
   pool: {idleTimeout: 60s}
