@@ -39,20 +39,17 @@ from typing import Any
 
 from control.core.conditions import Meta, condition, meta, previous_conditions, summary, timestamp
 from control.core.policies import CompiledPolicy, Misfit, compile_policy, fit_to_ports, misfits
-from control.core.routes import CONTROLLER, CompiledRoute, RouteKind, compile_route
+from control.core.routes import CompiledRoute, RouteKind, attach_routes, compile_route
 from control.core.services import (
-    Backend,
     PodIndex,
     Service,
-    ServicePort,
     Workload,
     read_service,
     read_workload,
-    slice_backends,
     slice_service,
 )
-from control.core.traffic import CompiledTraffic, compile_traffic
-from control.core.upstreams import ANNOTATION, parse_upstreams
+from control.core.traffic import CompiledTraffic, TrafficState, attach_traffic, compile_traffic
+from control.core.upstreams import ANNOTATION, PortKey, Upstreams
 
 __all__ = [
     "KINDS",
@@ -186,7 +183,6 @@ class _Compiler:
         self.workloads: dict[Key, Workload] = {}
         self.services: dict[Key, Service] = {}
         self.slices: dict[Key, list[Mapping[str, Any]]] = defaultdict(list)
-        self.upstreams: dict[tuple[str, str, int], dict[str, Any] | None] = {}
         self.fitted: dict[tuple[Any, ...], tuple[Mapping[str, Any], tuple[Misfit, ...]]] = {}
         self.shapes: dict[tuple[Any, ...], tuple[Mapping[str, Any], list[str], list[Any]]] = {}
 
@@ -195,6 +191,15 @@ class _Compiler:
         policies = self.policies()
         traffic = self.traffic()
         routes = self.routes()
+        self.upstreams = Upstreams(
+            self.settings,
+            self.services,
+            self.slices,
+            self.workloads,
+            traffic,
+            routes,
+            self.warnings,
+        )
         configs: dict[Key, Mapping[str, Any]] = {}
         misfit_notes: dict[Key, list[str]] = defaultdict(list)
         for key, workload in self.workloads.items():
@@ -361,13 +366,12 @@ class _Compiler:
                 m, condition("Accepted", ok, reason, message, m.generation, previous, self.now)
             )
 
-    # -- TrafficPolicy -------------------------------------------------------------------
+    # -- TrafficPolicy, HTTPRoute, GRPCRoute ---------------------------------------------
 
-    def traffic(self) -> dict[tuple[str, str, int], CompiledTraffic]:
+    def traffic(self) -> dict[PortKey, CompiledTraffic]:
         """(namespace, service, port) -> the TrafficPolicy that applies there."""
         self.last_traffic: dict[Key, CompiledTraffic] = {}
-        claims: dict[tuple[str, str, int], list[CompiledTraffic]] = defaultdict(list)
-        states: list[tuple[Meta, Mapping[str, Any], CompiledTraffic | None, list[str], bool]] = []
+        states = []
         for key, obj in sorted(self.objects.get("TrafficPolicy", {}).items()):
             m = meta(obj, key)
             result = self.recall(
@@ -382,91 +386,13 @@ class _Compiler:
                 result = last if kept else None
             if result is not None:
                 self.last_traffic[(m.namespace, m.name)] = result
-                for port in self.traffic_ports(result, []):
-                    claims[port].append(result)
-            states.append((m, obj, result, errors, kept))
-        winners = {port: min(found, key=lambda t: t.rank) for port, found in claims.items()}
-        for m, obj, result, errors, kept in states:
-            self.statuses[("TrafficPolicy", m.namespace, m.name)] = _status(
-                m, self.traffic_condition(m, obj, result, errors, kept, winners)
-            )
+            states.append(TrafficState(m, obj, result, errors, kept))
+        winners, statuses = attach_traffic(states, self.services, self.now)
+        for (namespace, name), status in statuses.items():
+            self.statuses[("TrafficPolicy", namespace, name)] = status
         return winners
 
-    def traffic_ports(
-        self, policy: CompiledTraffic, missing: list[str]
-    ) -> list[tuple[str, str, int]]:
-        ports = []
-        for target in policy.targets:
-            service = self.services.get((policy.namespace, target.service))
-            if service is None:
-                missing.append(f"Service {policy.namespace}/{target.service} not found")
-                continue
-            chosen = [p for p in service.ports if target.section in (None, p.name)]
-            if not chosen:
-                missing.append(f"Service {service.name} has no port named {target.section!r}")
-            ports += [(service.namespace, service.name, p.port) for p in chosen]
-        return ports
-
-    def traffic_condition(
-        self,
-        m: Meta,
-        obj: Mapping[str, Any],
-        policy: CompiledTraffic | None,
-        errors: list[str],
-        kept: bool,
-        winners: Mapping[tuple[str, str, int], CompiledTraffic],
-    ) -> dict[str, Any]:
-        previous = previous_conditions(obj)
-        if errors:
-            tail = "; the previous version stays in force" if kept else "; it is not applied"
-            return condition(
-                "Accepted",
-                False,
-                "Invalid",
-                summary(errors) + tail,
-                m.generation,
-                previous,
-                self.now,
-            )
-        assert policy is not None
-        missing: list[str] = []
-        ports = self.traffic_ports(policy, missing)
-        won = [port for port in ports if winners.get(port) is policy]
-        lost = [port for port in ports if port not in won]
-        notes = list(missing)
-        for namespace, service, number in lost:
-            other = winners[(namespace, service, number)]
-            notes.append(
-                f"Service {service} port {number}: TrafficPolicy {other.name} is older and applies"
-            )
-        if policy.http_only:
-            for namespace, service, number in won:
-                port = self.services[(namespace, service)].port(str(number))
-                if port is not None and port.protocol == "tcp":
-                    notes.append(
-                        f"Service {service} port {number} is TCP: hashOn a header or cookie is"
-                        " left out there (set appProtocol: http to hash on it)"
-                    )
-        if not ports:
-            return condition(
-                "Accepted",
-                False,
-                "TargetNotFound",
-                summary(notes),
-                m.generation,
-                previous,
-                self.now,
-            )
-        if not won:
-            return condition(
-                "Accepted", False, "Conflicted", summary(notes), m.generation, previous, self.now
-            )
-        message = summary(notes) if notes else "applied to the clients of its targets"
-        return condition("Accepted", True, "Accepted", message, m.generation, previous, self.now)
-
-    # -- HTTPRoute, GRPCRoute -------------------------------------------------------------
-
-    def routes(self) -> dict[tuple[str, str, int], CompiledRoute]:
+    def routes(self) -> dict[PortKey, CompiledRoute]:
         """(namespace, service, port) -> the route that splits its traffic."""
         compiled: list[tuple[Mapping[str, Any], CompiledRoute]] = []
         kinds: tuple[RouteKind, ...] = ("HTTPRoute", "GRPCRoute")
@@ -477,126 +403,9 @@ class _Compiler:
                     kind, key, obj, lambda k=kind, o=obj, m=m: compile_route(k, o, m)
                 )
                 compiled.append((obj, route))
-        claims: dict[tuple[str, str, int], list[CompiledRoute]] = defaultdict(list)
-        for _, route in compiled:
-            if route.unsupported:
-                continue
-            for parent in route.parents:
-                for port in self.parent_ports(route, parent.service, parent.port):
-                    claims[port].append(route)
-        winners = {port: min(found, key=lambda r: r.rank) for port, found in claims.items()}
-        for obj, route in compiled:
-            self.statuses[(route.kind, route.namespace, route.name)] = self.route_status(
-                obj, route, winners
-            )
+        winners, statuses = attach_routes(compiled, self.services, self.now)
+        self.statuses.update(statuses)
         return winners
-
-    def parent_ports(
-        self, route: CompiledRoute, name: str, port: int | None
-    ) -> list[tuple[str, str, int]]:
-        service = self.services.get((route.namespace, name))
-        if service is None:
-            return []
-        return [(route.namespace, name, p.port) for p in service.ports if port in (None, p.port)]
-
-    def route_status(
-        self,
-        obj: Mapping[str, Any],
-        route: CompiledRoute,
-        winners: Mapping[tuple[str, str, int], CompiledRoute],
-    ) -> dict[str, Any]:
-        old = (obj.get("status") or {}).get("parents")
-        old = old if isinstance(old, list) else []
-        others = [
-            p for p in old if isinstance(p, Mapping) and p.get("controllerName") != CONTROLLER
-        ]
-        parents = list(others)
-        refs = self.route_refs(route)
-        for parent in route.parents:
-            before = next(
-                (
-                    p.get("conditions") or []
-                    for p in old
-                    if isinstance(p, Mapping)
-                    and p.get("controllerName") == CONTROLLER
-                    and p.get("parentRef") == parent.raw
-                ),
-                [],
-            )
-            accepted = self.route_accepted(route, parent.service, parent.port, winners)
-            conditions = [
-                condition("Accepted", *accepted, route.generation, before, self.now),
-                condition("ResolvedRefs", *refs, route.generation, before, self.now),
-            ]
-            parents.append(
-                {"parentRef": parent.raw, "controllerName": CONTROLLER, "conditions": conditions}
-            )
-        return {"parents": parents}
-
-    def route_accepted(
-        self,
-        route: CompiledRoute,
-        name: str,
-        port: int | None,
-        winners: Mapping[tuple[str, str, int], CompiledRoute],
-    ) -> tuple[bool, str, str]:
-        if route.unsupported:
-            return False, "UnsupportedValue", summary(route.unsupported) + "; the route is not used"
-        service = self.services.get((route.namespace, name))
-        if service is None:
-            return False, "NoMatchingParent", f"Service {route.namespace}/{name} not found"
-        ports = self.parent_ports(route, name, port)
-        if not ports:
-            return False, "NoMatchingParent", f"Service {name} has no port {port}"
-        lost = [p for p in ports if winners.get(p) is not route]
-        if len(lost) == len(ports):
-            other = winners[lost[0]]
-            return (
-                False,
-                "UnsupportedValue",
-                (
-                    f"{other.title} is older and routes Service {name} port {lost[0][2]}; more"
-                    " than one route for a Service port is not supported yet"
-                ),
-            )
-        if lost:
-            shown = ", ".join(str(p[2]) for p in lost)
-            return (
-                True,
-                "Accepted",
-                f"used for Service {name}, except port {shown} (an older route applies there)",
-            )
-        return True, "Accepted", f"used by the clients of Service {name}"
-
-    def route_refs(self, route: CompiledRoute) -> tuple[bool, str, str]:
-        problems: list[tuple[str, str]] = []
-        for backend in route.backends:
-            if backend.problem is not None:
-                problems.append(backend.problem)
-                continue
-            service = self.services.get((route.namespace, backend.service))
-            if service is None:
-                problems.append(
-                    (
-                        "BackendNotFound",
-                        f"{backend.path}: Service {route.namespace}/{backend.service} not found",
-                    )
-                )
-            elif service.port(str(backend.port)) is None:
-                problems.append(
-                    (
-                        "BackendNotFound",
-                        f"{backend.path}.port: Service {backend.service} has no port"
-                        f" {backend.port}",
-                    )
-                )
-        if not problems:
-            return True, "ResolvedRefs", "every backendRef is a Service of this namespace"
-        return (
-            False,
-            problems[0][0],
-            summary(message for _, message in problems) + "; the other backends are used",
-        )
 
     # -- each pod -------------------------------------------------------------------------
 
@@ -639,7 +448,7 @@ class _Compiler:
         http = self.http_ports.get(workload.key, ())
         inbound = [(port, "http" if port in http else "tcp") for port in workload.ports]
         base = self.settings.inbound_base
-        outbound, warnings = self.outbound(workload, traffic, routes)
+        outbound, warnings = self.upstreams.listeners(workload)
         documents, fitted = self.pod_policies(policies.get(workload.key, ()), inbound)
         config = {
             "inbound": [
@@ -650,123 +459,6 @@ class _Compiler:
             "policy": {"default_action": self.settings.default_action, "policies": documents},
         }
         return config, warnings, fitted
-
-    def outbound(
-        self,
-        workload: Workload,
-        traffic: Mapping[tuple[str, str, int], CompiledTraffic],
-        routes: Mapping[tuple[str, str, int], CompiledRoute],
-    ) -> tuple[list[dict[str, Any]], list[str]]:
-        """The listeners the pod's annotation asks for, and why any is missing."""
-        text = workload.annotations.get(ANNOTATION, "")
-        wanted, skipped = parse_upstreams(text, workload.namespace)
-        warnings = list(skipped)
-        listeners: list[dict[str, Any]] = []
-        seen: set[tuple[str, str, int]] = set()
-        ports = self.settings.outbound_ports
-        for entry in wanted:
-            where = f"{ANNOTATION}[{entry.index}] '{entry.service}.{entry.namespace}:{entry.port}'"
-            if entry.index >= len(ports):
-                warnings.append(f"{where}: only {len(ports)} upstreams fit; skipped")
-                continue
-            service = self.services.get((entry.namespace, entry.service))
-            port = service.port(entry.port) if service is not None else None
-            if service is None or port is None:
-                why = "no such Service" if service is None else "the Service has no such port"
-                warnings.append(f"{where}: {why}; skipped")
-                continue
-            key = (service.namespace, service.name, port.port)
-            if key in seen:
-                warnings.append(f"{where}: listed twice; skipped")
-                continue
-            seen.add(key)
-            body = self.upstream(service, port, traffic.get(key), routes.get(key))
-            if body is None:
-                warnings.append(f"{where}: no ready injected endpoint; left out for now")
-                continue
-            listeners.append(
-                {
-                    "name": f"{service.name}.{service.namespace}:{port.port}",
-                    "listen": f"127.0.0.1:{ports[entry.index]}",
-                    **body,
-                }
-            )
-        return listeners, warnings
-
-    def upstream(
-        self,
-        service: Service,
-        port: ServicePort,
-        traffic: CompiledTraffic | None,
-        route: CompiledRoute | None,
-    ) -> dict[str, Any] | None:
-        """An outbound listener's body but its name and listen; None without endpoints."""
-        key = (service.namespace, service.name, port.port)
-        if key not in self.upstreams:
-            self.upstreams[key] = self.build_upstream(service, port, traffic, route)
-        return self.upstreams[key]
-
-    def build_upstream(
-        self,
-        service: Service,
-        port: ServicePort,
-        traffic: CompiledTraffic | None,
-        route: CompiledRoute | None,
-    ) -> dict[str, Any] | None:
-        body: dict[str, Any] = {"protocol": port.protocol}
-        if traffic is not None:
-            body.update(traffic.keys_for(port.protocol))
-        backends: Sequence[Backend]
-        if route is None:
-            backends = self.backends(service, port)
-            if not backends:
-                return None
-            body["endpoints"] = [b.address for b in backends]
-        else:
-            subsets, backends = self.subsets(route)
-            if not subsets:
-                return None
-            body["subsets"] = subsets
-            if route.timeouts:
-                body["timeouts"] = {**body.get("timeouts", {}), **route.timeouts}
-        td = self.settings.trust_domain
-        body["server_ids"] = sorted(
-            {
-                f"spiffe://{td}/ns/{b.workload.namespace}/sa/{b.workload.service_account}"
-                for b in backends
-            }
-        )
-        return body
-
-    def backends(self, service: Service, port: ServicePort) -> tuple[Backend, ...]:
-        return slice_backends(
-            self.slices.get((service.namespace, service.name), ()),
-            port,
-            self.workloads,
-            self.settings.inbound_base,
-            self.warnings,
-            f"{service.namespace}/{service.name}",
-        )
-
-    def subsets(self, route: CompiledRoute) -> tuple[list[dict[str, Any]], list[Backend]]:
-        subsets: list[dict[str, Any]] = []
-        every: list[Backend] = []
-        names: set[str] = set()
-        for ref in route.backends:
-            service = self.services.get((route.namespace, ref.service))
-            port = service.port(str(ref.port)) if service is not None else None
-            if ref.problem or ref.weight == 0 or service is None or port is None:
-                continue
-            backends = self.backends(service, port)
-            if not backends:
-                continue
-            name = ref.service if ref.service not in names else f"{ref.service}-{len(subsets)}"
-            names.add(name)
-            subsets.append(
-                {"name": name, "weight": ref.weight, "endpoints": [b.address for b in backends]}
-            )
-            every.extend(backends)
-        return subsets, every
 
 
 _ON_TCP = {

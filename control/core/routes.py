@@ -22,11 +22,13 @@ Accepted. Status entries of other controllers in `status.parents` are kept.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard
 
-from control.core.conditions import Meta
+from control.core.conditions import Meta, condition, summary
+from control.core.services import Service
 
 __all__ = [
     "CONTROLLER",
@@ -34,6 +36,7 @@ __all__ = [
     "CompiledRoute",
     "ParentRef",
     "RouteKind",
+    "attach_routes",
     "compile_route",
     "duration",
 ]
@@ -285,3 +288,129 @@ def _backend(item: object, path: str, namespace: str, problems: list[str]) -> Ba
 
 def _is_port(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
+
+
+PortKey = tuple[str, str, int]  # (namespace, Service, port number)
+
+
+def attach_routes(
+    routes: Sequence[tuple[Mapping[str, Any], CompiledRoute]],
+    services: Mapping[tuple[str, str], Service],
+    now: str,
+) -> tuple[dict[PortKey, CompiledRoute], dict[tuple[str, str, str], dict[str, Any]]]:
+    """Which route splits each Service port, and each route's whole status."""
+    claims: dict[PortKey, list[CompiledRoute]] = defaultdict(list)
+    for _, route in routes:
+        if route.unsupported:
+            continue
+        for parent in route.parents:
+            for port in _parent_ports(route, parent.service, parent.port, services):
+                claims[port].append(route)
+    winners = {port: min(found, key=lambda r: r.rank) for port, found in claims.items()}
+    statuses: dict[tuple[str, str, str], dict[str, Any]] = {
+        (route.kind, route.namespace, route.name): _status(obj, route, winners, services, now)
+        for obj, route in routes
+    }
+    return winners, statuses
+
+
+def _parent_ports(
+    route: CompiledRoute, name: str, port: int | None, services: Mapping[tuple[str, str], Service]
+) -> list[PortKey]:
+    service = services.get((route.namespace, name))
+    if service is None:
+        return []
+    return [(route.namespace, name, p.port) for p in service.ports if port in (None, p.port)]
+
+
+def _status(
+    obj: Mapping[str, Any],
+    route: CompiledRoute,
+    winners: Mapping[PortKey, CompiledRoute],
+    services: Mapping[tuple[str, str], Service],
+    now: str,
+) -> dict[str, Any]:
+    """status.parents: other controllers' entries as they are, then one per Service parent."""
+    old = (obj.get("status") or {}).get("parents")
+    old = old if isinstance(old, list) else []
+    parents = [p for p in old if isinstance(p, dict) and p.get("controllerName") != CONTROLLER]
+    refs = _resolved_refs(route, services)
+    for parent in route.parents:
+        before = next(
+            (
+                p.get("conditions") or []
+                for p in old
+                if isinstance(p, dict)
+                and p.get("controllerName") == CONTROLLER
+                and p.get("parentRef") == parent.raw
+            ),
+            [],
+        )
+        accepted = _accepted(route, parent.service, parent.port, winners, services)
+        conditions = [
+            condition("Accepted", *accepted, route.generation, before, now),
+            condition("ResolvedRefs", *refs, route.generation, before, now),
+        ]
+        parents.append(
+            {"parentRef": parent.raw, "controllerName": CONTROLLER, "conditions": conditions}
+        )
+    return {"parents": parents}
+
+
+def _accepted(
+    route: CompiledRoute,
+    name: str,
+    port: int | None,
+    winners: Mapping[PortKey, CompiledRoute],
+    services: Mapping[tuple[str, str], Service],
+) -> tuple[bool, str, str]:
+    if route.unsupported:
+        return False, "UnsupportedValue", summary(route.unsupported) + "; the route is not used"
+    if (route.namespace, name) not in services:
+        return False, "NoMatchingParent", f"Service {route.namespace}/{name} not found"
+    ports = _parent_ports(route, name, port, services)
+    if not ports:
+        return False, "NoMatchingParent", f"Service {name} has no port {port}"
+    lost = [p for p in ports if winners.get(p) is not route]
+    if len(lost) == len(ports):
+        other = winners[lost[0]]
+        return (
+            False,
+            "UnsupportedValue",
+            (
+                f"{other.title} is older and routes Service {name} port {lost[0][2]}; more"
+                " than one route for a Service port is not supported yet"
+            ),
+        )
+    if lost:
+        shown = ", ".join(str(p[2]) for p in lost)
+        return (
+            True,
+            "Accepted",
+            (f"used for Service {name}, except port {shown} (an older route applies there)"),
+        )
+    return True, "Accepted", f"used by the clients of Service {name}"
+
+
+def _resolved_refs(
+    route: CompiledRoute, services: Mapping[tuple[str, str], Service]
+) -> tuple[bool, str, str]:
+    problems: list[tuple[str, str]] = []
+    for backend in route.backends:
+        service = services.get((route.namespace, backend.service))
+        if backend.problem is not None:
+            problems.append(backend.problem)
+        elif service is None:
+            where = f"{route.namespace}/{backend.service}"
+            problems.append(("BackendNotFound", f"{backend.path}: Service {where} not found"))
+        elif service.port(str(backend.port)) is None:
+            problems.append(
+                (
+                    "BackendNotFound",
+                    f"{backend.path}.port: Service {backend.service} has no port {backend.port}",
+                )
+            )
+    if not problems:
+        return True, "ResolvedRefs", "every backendRef is a Service of this namespace"
+    messages = summary(message for _, message in problems)
+    return False, problems[0][0], messages + "; the other backends are used"

@@ -20,15 +20,25 @@ the other's status says `Conflicted`.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.config_outbound import OutboundReader
-from control.core.conditions import Meta
+from control.core.conditions import Meta, condition, previous_conditions, summary
+from control.core.services import Service
 
-__all__ = ["CompiledTraffic", "Target", "compile_traffic", "to_camel", "to_snake"]
+__all__ = [
+    "CompiledTraffic",
+    "Target",
+    "TrafficState",
+    "attach_traffic",
+    "compile_traffic",
+    "to_camel",
+    "to_snake",
+]
 
 _KEYS = ("balancer", "hashOn", "health", "timeouts", "retries", "circuitBreaker", "pool")
 _CAMEL = re.compile(r"[A-Z]")
@@ -172,3 +182,90 @@ def _field_path(error: str) -> str:
         name, bracket, index = part.partition("[")
         camel.append(to_camel(name) + bracket + index)
     return f"spec.{'.'.join(camel)}: {problem}"
+
+
+PortKey = tuple[str, str, int]  # (namespace, Service, port number)
+
+
+@dataclass(frozen=True)
+class TrafficState:
+    """One TrafficPolicy object as this compile found it."""
+
+    meta: Meta
+    obj: Mapping[str, Any]
+    policy: CompiledTraffic | None  # in force: this version, or the last valid one
+    errors: list[str]  # of this version
+    kept: bool  # the last valid version stays in force
+
+
+def attach_traffic(
+    states: Sequence[TrafficState],
+    services: Mapping[tuple[str, str], Service],
+    now: str,
+) -> tuple[dict[PortKey, CompiledTraffic], dict[tuple[str, str], dict[str, Any]]]:
+    """Which TrafficPolicy applies to each Service port, and each one's status."""
+    claims: dict[PortKey, list[CompiledTraffic]] = defaultdict(list)
+    for state in states:
+        if state.policy is not None:
+            for port in _ports(state.policy, services, []):
+                claims[port].append(state.policy)
+    winners = {port: min(found, key=lambda t: t.rank) for port, found in claims.items()}
+    statuses = {}
+    for state in states:
+        m, previous = state.meta, previous_conditions(state.obj)
+        ok, reason, message = _accepted(state, winners, services)
+        accepted = condition("Accepted", ok, reason, message, m.generation, previous, now)
+        statuses[(m.namespace, m.name)] = {
+            "observedGeneration": m.generation,
+            "conditions": [accepted],
+        }
+    return winners, statuses
+
+
+def _ports(
+    policy: CompiledTraffic, services: Mapping[tuple[str, str], Service], missing: list[str]
+) -> list[PortKey]:
+    ports = []
+    for target in policy.targets:
+        service = services.get((policy.namespace, target.service))
+        if service is None:
+            missing.append(f"Service {policy.namespace}/{target.service} not found")
+            continue
+        chosen = [p for p in service.ports if target.section in (None, p.name)]
+        if not chosen:
+            missing.append(f"Service {service.name} has no port named {target.section!r}")
+        ports += [(service.namespace, service.name, p.port) for p in chosen]
+    return ports
+
+
+def _accepted(
+    state: TrafficState,
+    winners: Mapping[PortKey, CompiledTraffic],
+    services: Mapping[tuple[str, str], Service],
+) -> tuple[bool, str, str]:
+    if state.errors:
+        tail = "; the previous version stays in force" if state.kept else "; it is not applied"
+        return False, "Invalid", summary(state.errors) + tail
+    policy = state.policy
+    assert policy is not None
+    notes: list[str] = []
+    ports = _ports(policy, services, notes)
+    won = [port for port in ports if winners.get(port) is policy]
+    for namespace, service, number in ports:
+        other = winners[(namespace, service, number)]
+        if other is not policy:
+            notes.append(
+                f"Service {service} port {number}: TrafficPolicy {other.name} is older and applies"
+            )
+    for namespace, service, number in won if policy.http_only else ():
+        port = services[(namespace, service)].port(str(number))
+        if port is not None and port.protocol == "tcp":
+            notes.append(
+                f"Service {service} port {number} is TCP: hashOn a header or cookie is"
+                " left out there (set appProtocol: http to hash on it)"
+            )
+    if not ports:
+        return False, "TargetNotFound", summary(notes)
+    if not won:
+        return False, "Conflicted", summary(notes)
+    return True, "Accepted", summary(notes) if notes else "applied to the clients of its targets"
