@@ -434,7 +434,7 @@ class _Compiler:
             ports = ", ".join(map(str, misfit.tcp_ports))
             notes[policy].append(
                 f"rule {misfit.rule!r} uses {', '.join(misfit.fields)} and applies to TCP"
-                f" port {ports} of pod {workload.namespace}/{workload.name}"
+                f" port {ports} of {workload.owner}"
             )
         return config
 

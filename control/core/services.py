@@ -62,6 +62,9 @@ class Workload:
     ports: tuple[int, ...]
     #: containerPort name -> number, for named targetPorts.
     port_names: Mapping[str, int]
+    #: What made the pod, for messages that should not change with every pod
+    #: of a rollout: "ReplicaSet shop/web-5d9f7c", or "pod shop/web-0".
+    owner: str = ""
     _index: Mapping[int, int] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -113,8 +116,19 @@ def read_workload(obj: Mapping[str, Any], key: tuple[str, str]) -> Workload | No
         m.annotations,
         tuple(ports),
         names,
+        _owner(obj, m.namespace, m.name),
         {port: i for i, port in enumerate(ports)},
     )
+
+
+def _owner(obj: Mapping[str, Any], namespace: str, name: str) -> str:
+    refs = [
+        r for r in _list((obj.get("metadata") or {}).get("ownerReferences")) if isinstance(r, dict)
+    ]
+    ref = next((r for r in refs if r.get("controller")), refs[0] if refs else None)
+    if ref is None or not ref.get("kind") or not ref.get("name"):
+        return f"pod {namespace}/{name}"
+    return f"{ref['kind']} {namespace}/{ref['name']}"
 
 
 @dataclass(frozen=True)

@@ -170,3 +170,20 @@ def test_the_status_names_the_pods_and_ports_and_the_fix() -> None:
         " match. Set appProtocol: http on the Service port that targets it, or list the"
         " rule's HTTP ports in to.ports"
     )
+
+
+def test_the_pods_of_a_replica_set_are_named_once_by_it() -> None:
+    objects = world(
+        POLICY,
+        pod("db-5c9f-a", labels={"app": "db"}, ports=[8080, 5432]),
+        pod("db-5c9f-b", labels={"app": "db"}, ports=[8080, 5432]),
+    )
+    for name in ("db-5c9f-a", "db-5c9f-b"):
+        objects["Pod"][("shop", name)]["metadata"]["ownerReferences"] = [
+            {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "db-5c9f", "controller": True}
+        ]
+    mesh = compile_mesh(objects, MeshSettings("example.org"))
+    (accepted,) = mesh.statuses[("AuthorizationPolicy", "shop", "no-admin")]["conditions"]
+    assert accepted["message"].startswith(
+        "rule 'rules[0]' uses paths and applies to TCP port 5432 of ReplicaSet shop/db-5c9f."
+    )

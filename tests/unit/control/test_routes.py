@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -221,3 +222,12 @@ def test_a_grpc_route_splits_too() -> None:
     assert _conditions(mesh, "grpc-split", "GRPCRoute")["Accepted"][2].startswith(
         "spec.rules[0].matches[0]: matching on method is not supported yet"
     )
+
+
+def test_a_route_status_is_rewritten_only_when_it_changes() -> None:
+    objects = world(SHOP, SPLIT)
+    first = compile_mesh(objects, SETTINGS, now=datetime(2024, 5, 1, tzinfo=UTC))
+    written = first.statuses[("HTTPRoute", "shop", "backend-split")]
+    objects["HTTPRoute"][("shop", "backend-split")]["status"] = written
+    later = compile_mesh(objects, SETTINGS, first, now=datetime(2024, 6, 1, tzinfo=UTC))
+    assert later.statuses[("HTTPRoute", "shop", "backend-split")] == written
