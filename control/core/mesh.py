@@ -108,7 +108,8 @@ class _Memory:
     #: (namespace, name) -> the last valid version (used only while the uid is the same).
     policies: Mapping[Key, CompiledPolicy] = field(default_factory=dict)
     traffic: Mapping[Key, CompiledTraffic] = field(default_factory=dict)
-    #: (kind, namespace, name, uid, spec as JSON) -> the compiled object or its errors.
+    #: (kind, namespace, name, uid, resourceVersion) -> what was read or compiled from it
+    #: (without a resourceVersion: generation and spec as JSON instead).
     compiled: Mapping[tuple[str, ...], Any] = field(default_factory=dict)
 
 
@@ -117,7 +118,8 @@ class Mesh:
     pods: Mapping[Key, PodIdentity] = field(default_factory=dict)
     #: (kind, namespace, name) -> the object's whole `status` as the control plane
     #: writes it (status.conditions for Outrider kinds, status.parents for routes),
-    #: for every object of an Outrider or Gateway API kind it read.
+    #: for every object of an Outrider kind it read and every route with a Service
+    #: parent. Write those that differ from the object's own status.
     statuses: Mapping[StatusKey, Mapping[str, Any]] = field(default_factory=dict)
     #: (namespace, pod) -> what in or about the pod was skipped, and why: a bad
     #: `outrider.io/upstreams` entry, a Service port that targets no container port.

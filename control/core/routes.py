@@ -310,8 +310,17 @@ def attach_routes(
     statuses: dict[tuple[str, str, str], dict[str, Any]] = {
         (route.kind, route.namespace, route.name): _status(obj, route, winners, services, now)
         for obj, route in routes
+        if route.parents or _ours(obj)  # a Gateway's route: its controller's to write
     }
     return winners, statuses
+
+
+def _ours(obj: Mapping[str, Any]) -> bool:
+    """Whether the route's status holds an entry this control plane wrote."""
+    parents = (obj.get("status") or {}).get("parents")
+    return isinstance(parents, list) and any(
+        isinstance(p, dict) and p.get("controllerName") == CONTROLLER for p in parents
+    )
 
 
 def _parent_ports(

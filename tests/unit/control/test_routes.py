@@ -231,3 +231,12 @@ def test_a_route_status_is_rewritten_only_when_it_changes() -> None:
     objects["HTTPRoute"][("shop", "backend-split")]["status"] = written
     later = compile_mesh(objects, SETTINGS, first, now=datetime(2024, 6, 1, tzinfo=UTC))
     assert later.statuses[("HTTPRoute", "shop", "backend-split")] == written
+
+
+def test_a_route_only_for_a_gateway_gets_no_status_from_here() -> None:
+    gateway_only = SPLIT.replace(
+        '[{group: "", kind: Service, name: backend, port: 8080}]', "[{name: edge}]"
+    )
+    mesh = compile_mesh(world(SHOP, gateway_only), SETTINGS)
+    assert ("HTTPRoute", "shop", "backend-split") not in mesh.statuses
+    assert "subsets" not in _outbound(mesh)
