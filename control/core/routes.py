@@ -16,7 +16,9 @@ another namespace (`RefNotPermitted`: no ReferenceGrant support) or of
 another kind (`InvalidKind`) sets `ResolvedRefs=False`; the route is used
 with its other backends. When two routes claim one Service port, the older
 applies (creationTimestamp, then namespace/name) and the other is not
-Accepted. Status entries of other controllers in `status.parents` are kept.
+Accepted. Status entries of other controllers in `status.parents` are kept,
+and a route with no Service parent gets no status from here (unless it has an
+entry of this controller's, which is then cleared).
 """
 
 from __future__ import annotations
