@@ -26,8 +26,9 @@ would enforce anyway, fail-closed, that the agent accepts:
 
 That is what Istio does with such rules. The policy's status stays
 Accepted=True, with reason `HTTPRulesOnTCPPorts` and a message naming the
-pods and ports and the fix: `appProtocol: http` on the Service port, or
-the rule's HTTP ports in `to.ports`.
+workloads (a pod's ReplicaSet, or the pod) and ports, and the fix:
+`appProtocol: http` on the Service port, or the rule's HTTP ports in
+`to.ports`.
 """
 
 from __future__ import annotations
