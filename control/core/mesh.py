@@ -205,7 +205,7 @@ class _Compiler:
         configs: dict[Key, Mapping[str, Any]] = {}
         misfit_notes: dict[Key, list[str]] = defaultdict(list)
         for key, workload in self.workloads.items():
-            configs[key] = self.config(workload, policies, traffic, routes, misfit_notes)
+            configs[key] = self.config(workload, policies, misfit_notes)
         self.finish_policy_statuses(misfit_notes)
         return Mesh(
             {
@@ -415,8 +415,6 @@ class _Compiler:
         self,
         workload: Workload,
         policies: Mapping[Key, list[CompiledPolicy]],
-        traffic: Mapping[tuple[str, str, int], CompiledTraffic],
-        routes: Mapping[tuple[str, str, int], CompiledRoute],
         notes: dict[Key, list[str]],
     ) -> Mapping[str, Any]:
         """The pod's config; the pods of one ReplicaSet share one (same namespace, labels,
@@ -429,7 +427,7 @@ class _Compiler:
             workload.annotations.get(ANNOTATION, ""),
         )
         if shape not in self.shapes:
-            self.shapes[shape] = self.build_config(workload, policies, traffic, routes)
+            self.shapes[shape] = self.build_config(workload, policies)
         config, warnings, fitted = self.shapes[shape]
         self.warnings[workload.key].extend(warnings)
         for policy, misfit in fitted:
@@ -441,11 +439,7 @@ class _Compiler:
         return config
 
     def build_config(
-        self,
-        workload: Workload,
-        policies: Mapping[Key, list[CompiledPolicy]],
-        traffic: Mapping[tuple[str, str, int], CompiledTraffic],
-        routes: Mapping[tuple[str, str, int], CompiledRoute],
+        self, workload: Workload, policies: Mapping[Key, list[CompiledPolicy]]
     ) -> tuple[Mapping[str, Any], list[str], list[tuple[Key, Misfit]]]:
         http = self.http_ports.get(workload.key, ())
         inbound = [(port, "http" if port in http else "tcp") for port in workload.ports]
