@@ -93,8 +93,11 @@ def recorded(obj: Mapping[str, Any]) -> Record | None:
 
 
 def policy_status(m: Meta, accepted: Mapping[str, Any], verdict: Verdict[Any]) -> dict[str, Any]:
-    """The whole status to write: the shell replaces the object's status with it, so
-    the record must be in it for the next compile, on any replica, to find it."""
+    """The whole status to write, record included, for the next compile on any replica
+    to find. It must replace the object's status (an update of /status, or a JSON patch
+    `replace` of /status), not be merge-patched into it: a JSON merge patch keeps every
+    key of the old record's spec that the new one left out (a dropped `selector` would
+    stay), so the record would be wrong and never equal to what is written."""
     written: dict[str, Any] = {"observedGeneration": m.generation, "conditions": [accepted]}
     if verdict.record is not None:
         written["inForce"] = verdict.record

@@ -120,7 +120,8 @@ class Mesh:
     #: writes it (status.conditions, and status.inForce for the version in force, for
     #: Outrider kinds; status.parents for routes), for every object of an Outrider kind
     #: it read and every route with a Service parent. Write those that differ from the
-    #: object's own status, whole: the next compile reads status.inForce back.
+    #: object's own status, replacing it whole (not a merge patch: see
+    #: inforce.policy_status): the next compile reads status.inForce back.
     statuses: Mapping[StatusKey, Mapping[str, Any]] = field(default_factory=dict)
     #: (namespace, pod) -> what in or about the pod was skipped, and why: a bad
     #: `outrider.io/upstreams` entry, a Service port that targets no container port.

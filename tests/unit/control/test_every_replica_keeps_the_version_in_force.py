@@ -8,6 +8,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+import yaml
+
 from control.core.mesh import Mesh, MeshSettings, compile_mesh
 from tests.apiserver import FakeApiServer
 from tests.cluster import SHOP, Objects, agent_accepts, world, write_statuses
@@ -39,7 +42,8 @@ spec:
   balancer: least_request
 ---
 """
-BALANCED_TYPO = BALANCED.replace("least_request", "fastest")
+#: Passes the CRD's schema, but the agent refuses it: least_request hashes on nothing.
+BALANCED_TYPO = BALANCED.replace("least_request", "least_request\n  hashOn: {header: x-user}")
 AP = ("AuthorizationPolicy", "shop", "no-admin")
 TP = ("TrafficPolicy", "shop", "backend")
 
@@ -163,35 +167,46 @@ def test_a_traffic_policy_keeps_its_previous_version_on_every_replica() -> None:
     assert outbound["balancer"] == "least_request"
     condition = _condition(new, TP)
     assert (condition["status"], condition["reason"]) == ("False", "Invalid")
-    assert condition["message"].startswith("spec.balancer: 'fastest' is not one of")
+    assert condition["message"].startswith("spec.hashOn: only ring_hash and maglev hash")
     assert condition["message"].endswith("; the previous version (generation 1) stays in force")
     assert new.statuses[TP]["inForce"]["spec"]["balancer"] == "least_request"
 
 
-def test_the_api_server_keeps_the_recorded_version_as_written(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("good", "bad", "key"),
+    [(DENY_ADMIN, DENY_ADMIN_TYPO, AP), (BALANCED, BALANCED_TYPO, TP)],
+    ids=["AuthorizationPolicy", "TrafficPolicy"],
+)
+def test_the_api_server_keeps_the_recorded_version_as_written(
+    tmp_path: Path, good: str, bad: str, key: tuple[str, str, str]
+) -> None:
     # The shell writes Mesh.statuses through the status subresource; the CRD's schema
     # must keep all of it (nothing pruned), or the shell would rewrite it forever and
     # the next replica would find nothing in force.
     server = FakeApiServer(tmp_path)
     server.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n")
-    api_version, kind, namespace, name = "security.outrider.io/v1alpha1", *AP
+    kind, namespace, name = key
+    (api_version,) = {doc["apiVersion"] for doc in yaml.safe_load_all(good) if doc}
 
     def compiled() -> Mesh:
+        """What a replica started now compiles."""
         objects = world(SHOP)
         objects[kind][(namespace, name)] = server.get(api_version, kind, namespace, name)
         return compile_mesh(objects, SETTINGS, now=T0)
 
     def written(mesh: Mesh) -> dict[str, Any]:
-        server.set_status(api_version, kind, namespace, name, dict(mesh.statuses[AP]))
+        server.set_status(api_version, kind, namespace, name, dict(mesh.statuses[key]))
         status: dict[str, Any] = server.get(api_version, kind, namespace, name)["status"]
         return status
 
-    server.apply(DENY_ADMIN)
-    good = compiled()
-    assert written(good) == good.statuses[AP]
-    assert good.statuses[AP]["inForce"]["spec"]["mode"] == "enforce"  # as read: defaulted
-    server.apply(DENY_ADMIN_TYPO)
-    bad = compiled()  # a replica started after the bad edit
-    assert _deny_rules(bad) == _deny_rules(good) == [[{"to": {"paths": ["/admin*"]}}]]
-    assert written(bad) == bad.statuses[AP]
-    assert compiled().statuses == bad.statuses  # nothing more to write
+    server.apply(good)
+    accepted = compiled()
+    assert written(accepted) == accepted.statuses[key]
+    server.apply(bad)
+    invalid = compiled()
+    assert _condition(invalid, key)["reason"] == "Invalid"
+    for pod in ("frontend-0", "backend-v1-0", "backend-v2-0"):
+        assert invalid.config_for("shop", pod) == accepted.config_for("shop", pod)
+    assert written(invalid) == invalid.statuses[key]
+    assert invalid.statuses[key]["inForce"] == accepted.statuses[key]["inForce"]
+    assert compiled().statuses == invalid.statuses  # nothing more to write
