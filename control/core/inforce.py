@@ -75,7 +75,8 @@ def judge(
     kept = compile(then, replace(m, generation=record["generation"]))
     if isinstance(kept, list):
         return Verdict(None, result, None)
-    return Verdict(kept, result, record)
+    # Carried over as it was (only what the schema keeps), so the status stays the same.
+    return Verdict(kept, result, {"generation": record["generation"], "spec": record["spec"]})
 
 
 def recorded(obj: Mapping[str, Any]) -> Record | None:
