@@ -40,7 +40,7 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
       server_name: outrider-control.outrider-system.svc  # default: the address's host
       spiffe_id: spiffe://example.org/ns/outrider-system/sa/outrider-control  # the default
       pod: web-7d9c-x2x4z                              # default: $POD_NAME
-      backoff: {initial: 1s, max: 30s}                 # while the control plane is away
+      backoff: {initial: 1s, max: 5s}                  # while the control plane is away
 
 With `control:` the control plane streams snapshots holding `inbound`,
 `outbound` and `policy`; each replaces those keys of this file (the bootstrap)
@@ -145,6 +145,14 @@ class PolicyConfig:
 CONTROL_NAMESPACE, CONTROL_ACCOUNT = "outrider-system", "outrider-control"
 
 
+#: While the control plane is away the agent runs its last config, and a change made
+#: meanwhile waits for the reconnect: so retry within seconds, not the CA's 30 s. A
+#: reconnect costs the control plane one TLS handshake (~2 ms of CPU): 2,000 agents
+#: retrying every 5 s take a fifth of a core.
+CONTROL_BACKOFF = Backoff(timedelta(seconds=1), timedelta(seconds=5))
+CA_BACKOFF = Backoff()
+
+
 @dataclass(frozen=True)
 class ControlEndpoint:
     """The control plane the agent takes `inbound`, `outbound` and `policy` from.
@@ -159,7 +167,7 @@ class ControlEndpoint:
     server_name: str
     spiffe_id: SpiffeId
     pod: str | None = None
-    backoff: Backoff = field(default_factory=Backoff)
+    backoff: Backoff = CONTROL_BACKOFF
 
 
 @dataclass(frozen=True)
@@ -332,9 +340,10 @@ class _Reader(OutboundReader):
             refresh,
         )
 
-    def backoff(self, raw: Mapping[str, Any], path: str) -> Backoff | None:
+    def backoff(
+        self, raw: Mapping[str, Any], path: str, defaults: Backoff = CA_BACKOFF
+    ) -> Backoff | None:
         """`{initial, max}` under `path`; None (reported) if initial exceeds max."""
-        defaults = Backoff()
         section = self.section(raw, path, {"initial", "max"})
         initial = self.duration(section, "initial", f"{path}.initial", defaults.initial)
         maximum = self.duration(section, "max", f"{path}.max", defaults.maximum)
@@ -349,7 +358,7 @@ class _Reader(OutboundReader):
         address = self.endpoint(raw.get("address"), "control.address")
         server_name = self.string(raw, "server_name", "control.server_name", None)
         pod = self.string(raw, "pod", "control.pod", None)
-        backoff = self.backoff(raw, "control.backoff")
+        backoff = self.backoff(raw, "control.backoff", CONTROL_BACKOFF)
         spiffe_id = None
         if "spiffe_id" in raw:
             spiffe_id = self.spiffe_id(raw["spiffe_id"], "control.spiffe_id")
