@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ca.api.grpc import CertificateAuthorityService
 from ca.api.http import make_app
 from ca.api.tls import load_credentials, server_context
-from ca.api.transport import BoundedServer
+from identity.grpcserving import BoundedServer
 from ca.audit import AuditLog
 from ca.authn.callers import Authenticator, TokenAuthenticator
 from ca.authn.jwks import FileJwks, HttpsJwks, JwksSource

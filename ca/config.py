@@ -45,7 +45,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from ca.api.transport import GrpcLimits
+from identity.grpcserving import GrpcLimits
 from ca.core.issuance import IssuancePolicy
 from identity import InvalidSpiffeId, TrustDomain
 from identity.configfile import ConfigError, ConfigReader, Listen, read_yaml

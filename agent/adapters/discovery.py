@@ -29,18 +29,15 @@ endpointslices, and the pod must mount that token (the projected
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
 import random
 import socket
-import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Generator, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from datetime import timedelta
-from types import TracebackType
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol
 
 from agent.core.discovery import (
     DnsSource,
@@ -52,6 +49,7 @@ from agent.core.discovery import (
 )
 from agent.core.endpoint import Endpoint
 from identity.backoff import Backoff
+from identity.kubewatch import Pump, WatchStream, call_in_thread
 
 log = logging.getLogger("outrider.agent.discovery")
 
@@ -119,7 +117,7 @@ async def watch(
         api: SliceApi = (
             kubernetes
             if kubernetes is not None
-            else await _call_in_thread(KubernetesSliceApi, name="outrider-discovery")
+            else await call_in_thread(KubernetesSliceApi, name="outrider-discovery")
         )
         # Jitter only spreads retries; it needs no secrecy.
         await _ServiceWatch(source, publish, api, backoff, rng or random.Random()).run()  # noqa: S311
@@ -194,7 +192,7 @@ class _ServiceWatch:
     async def run(self) -> None:
         while True:
             try:
-                items, version = await _call_in_thread(
+                items, version = await call_in_thread(
                     self.api.list,
                     self.source.namespace,
                     self.source.label_selector,
@@ -225,7 +223,7 @@ class _ServiceWatch:
         source, cache = self.source, self.cache
         started = time.monotonic()
         seen = False
-        stream = _Pump(
+        stream = Pump(
             lambda: self.api.watch(source.namespace, source.label_selector, cache.resource_version),
             self.thread_name,
         )
@@ -244,89 +242,6 @@ class _ServiceWatch:
         if self.failures:
             log.info("%s: watching again", self.where)
             self.failures = 0
-
-
-T = TypeVar("T")
-_ITEM, _END, _FAILED = range(3)
-
-
-class _Pump(Generic[T]):
-    """Runs a blocking iterator in a daemon thread and hands its items to the event loop.
-
-    Entering the `async with` starts the thread (the constructor only builds);
-    leaving it tells the thread to stop: it drops whatever the iterator yields
-    next, and the iterator is interrupted if it can be.
-    """
-
-    def __init__(self, produce: Callable[[], Iterator[T]], name: str) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-        self._stop = threading.Event()
-        self._iterator: Iterator[T] | None = None
-        self.thread = threading.Thread(target=self._run, args=(produce,), name=name, daemon=True)
-
-    def _run(self, produce: Callable[[], Iterator[T]]) -> None:
-        try:
-            self._iterator = produce()
-            if self._stop.is_set():
-                self._interrupt()
-            for item in self._iterator:
-                if self._stop.is_set():
-                    return
-                self._post(_ITEM, item)
-            self._post(_END, None)
-        except Exception as error:
-            self._post(_FAILED, error)
-        finally:
-            close = getattr(self._iterator, "close", None)
-            if callable(close):  # release what a stream abandoned midway holds, here
-                close()
-
-    def _post(self, kind: int, value: Any) -> None:
-        if self._stop.is_set():
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self._stop.set()
-
-    def _interrupt(self) -> None:
-        interrupt = getattr(self._iterator, "interrupt", None)
-        if callable(interrupt):
-            interrupt()
-
-    def __aiter__(self) -> _Pump[T]:
-        return self
-
-    async def __anext__(self) -> T:
-        kind, value = await self._queue.get()
-        if kind == _END:
-            raise StopAsyncIteration
-        if kind == _FAILED:
-            raise value
-        item: T = value
-        return item
-
-    async def __aenter__(self) -> _Pump[T]:
-        self.thread.start()
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._stop.set()
-        self._interrupt()
-
-
-async def _call_in_thread(function: Callable[..., T], *args: Any, name: str) -> T:
-    """`function(*args)` in a daemon thread."""
-    async with _Pump(lambda: iter((function(*args),)), name) as answers:
-        async for answer in answers:
-            return answer
-    raise AssertionError("unreachable: the thread yields one answer or raises")
 
 
 class KubernetesSliceApi:
@@ -381,44 +296,4 @@ class KubernetesSliceApi:
             if getattr(error, "status", None) == 410:
                 raise Expired(str(error)) from error
             raise
-        return _WatchStream(response)
-
-
-class _WatchStream:
-    """The lines of a watch response, one JSON event each; `interrupt()` ends it from any thread."""
-
-    def __init__(self, response: Any) -> None:
-        self._response = response
-        self._lines = self._read()
-
-    def _read(self) -> Generator[dict[str, Any], None, None]:
-        from kubernetes.watch.watch import iter_resp_lines
-
-        try:
-            for line in iter_resp_lines(self._response):  # type: ignore[no-untyped-call]
-                if line.strip():
-                    event: dict[str, Any] = json.loads(line)
-                    yield event
-        finally:
-            self._response.close()
-            self._response.release_conn()
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        return next(self._lines)
-
-    def close(self) -> None:
-        """Close the response; from the thread that reads it."""
-        self._lines.close()
-        self._response.close()
-        self._response.release_conn()
-
-    def interrupt(self) -> None:
-        # Shutting the socket down wakes the thread blocked reading it, as
-        # kubernetes.watch.Watch.stop does.
-        sock = getattr(getattr(self._response, "connection", None), "sock", None)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        return WatchStream(response)

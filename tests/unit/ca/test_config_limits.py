@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from ca.api.transport import GrpcLimits
+from identity.grpcserving import GrpcLimits
 from ca.config import CaLimits, ConfigError, parse
 from identity.serving import ConnectionLimits
 
