@@ -8,6 +8,8 @@ every subscribed pod and sends what changed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,3 +68,9 @@ class Mesh:
 
 def compile_mesh(objects: Objects, settings: MeshSettings) -> Mesh:
     raise NotImplementedError
+
+
+def version_of(config: Mapping[str, Any]) -> str:
+    """A snapshot's version: the same configuration has the same one on every replica."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

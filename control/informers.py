@@ -1,0 +1,372 @@
+"""List-watch every kind the mesh is compiled from, and write statuses back.
+
+Per kind: list, then watch from the list's resourceVersion with bookmarks,
+one watch after another. A 410 Gone lists again at once (after a backoff if
+no event came since the last list); any other failure lists again after a
+capped, jittered backoff, keeping the last state meanwhile (one warning per
+outage). A kind the API server does not serve (404: its CRD is not
+installed, as Gateway API often is not) is asked again every
+`NOT_INSTALLED_RETRY`, logged once, and holds no objects; it does not hold
+up readiness.
+
+The Kubernetes API is a collaborator, `ClusterApi`; its calls block, and run
+in daemon threads (identity.kubewatch). `KubernetesClusterApi` is the real
+one, from a kubeconfig file or the pod's in-cluster config. Objects are kept
+as the API's JSON (camelCase dicts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent.core.discovery import Expired, WatchError
+from control.core.mesh import KINDS, Key
+from identity.backoff import Backoff
+from identity.kubewatch import Pump, WatchStream, call_in_thread
+
+log = logging.getLogger("outrider.control.informers")
+
+#: How long the API server keeps one watch open (timeoutSeconds).
+WATCH_SECONDS = 300
+#: Connect timeout, and the time allowed for a list's or a write's answer.
+REQUEST_SECONDS = 10.0
+#: A watch that ends this soon without an event counts as a failure.
+SHORTEST_WATCH = 1.0
+NOT_INSTALLED_RETRY = 30.0
+RELIST_BACKOFF = Backoff(initial=timedelta(seconds=1), maximum=timedelta(seconds=30))
+_GONE = 410
+
+
+@dataclass(frozen=True)
+class Resource:
+    """Where the API serves a kind."""
+
+    kind: str
+    group: str  # "" for the core group
+    version: str
+    plural: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+
+RESOURCES: dict[str, Resource] = {
+    r.kind: r
+    for r in (
+        Resource("Pod", "", "v1", "pods"),
+        Resource("Service", "", "v1", "services"),
+        Resource("EndpointSlice", "discovery.k8s.io", "v1", "endpointslices"),
+        Resource(
+            "AuthorizationPolicy", "security.outrider.io", "v1alpha1", "authorizationpolicies"
+        ),
+        Resource("TrafficPolicy", "networking.outrider.io", "v1alpha1", "trafficpolicies"),
+        Resource("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes"),
+        Resource("GRPCRoute", "gateway.networking.k8s.io", "v1", "grpcroutes"),
+    )
+}
+assert set(RESOURCES) == set(KINDS), "every kind the mesh reads has a resource"
+
+
+class NotInstalled(Exception):
+    """404 on a collection: the API server does not serve this kind (no CRD)."""
+
+
+class Gone(Exception):
+    """404 on one object: it was deleted before its status was written."""
+
+
+class ClusterApi(Protocol):
+    """The Kubernetes API, as far as the control plane goes. Its calls block."""
+
+    def list(self, resource: Resource) -> tuple[list[dict[str, Any]], str]:
+        """Every object of the kind in every namespace, and the list's resourceVersion.
+        Raises NotInstalled when the API does not serve the kind."""
+        ...
+
+    def watch(self, resource: Resource, resource_version: str) -> Iterator[dict[str, Any]]:
+        """Watch events after `resource_version`; raises Expired on 410. The iterator
+        may have `interrupt()`, called from another thread to end it early."""
+        ...
+
+    def patch_status(
+        self, resource: Resource, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> None:
+        """Merge-patch the object's status subresource; raises Gone if it is no more."""
+        ...
+
+
+def key_of(obj: Mapping[str, Any]) -> Key:
+    metadata = obj.get("metadata") or {}
+    name = metadata.get("name")
+    if not name:
+        raise WatchError("an object without metadata.name")
+    return str(metadata.get("namespace") or ""), str(name)
+
+
+class KindCache:
+    """The objects of one kind, kept from a list and then the watch events after it."""
+
+    def __init__(self) -> None:
+        self.objects: dict[Key, dict[str, Any]] = {}
+        self.resource_version = ""
+
+    def replace(self, items: list[dict[str, Any]], resource_version: str) -> None:
+        self.objects = {key_of(item): item for item in items}
+        self.resource_version = resource_version
+
+    def apply(self, event: Mapping[str, Any]) -> bool:
+        """Apply one watch event; True when an object changed. Raises Expired for a
+        410 ERROR event, WatchError for any other ERROR or an unknown event."""
+        kind = event.get("type")
+        obj: dict[str, Any] = event.get("object") or {}
+        if kind == "ERROR":
+            message = f"{obj.get('reason', 'error')}: {obj.get('message', '')}"
+            raise Expired(message) if obj.get("code") == _GONE else WatchError(message)
+        if kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK"):
+            raise WatchError(f"unknown watch event type {kind!r}")
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        if not version:
+            raise WatchError(f"{kind} event without a resourceVersion")
+        self.resource_version = str(version)
+        if kind == "BOOKMARK":
+            return False
+        if kind == "DELETED":
+            return self.objects.pop(key_of(obj), None) is not None
+        self.objects[key_of(obj)] = obj
+        return True
+
+
+class Informers:
+    """One list-watch per kind; `on_change()` after anything changed."""
+
+    def __init__(
+        self,
+        api: ClusterApi,
+        on_change: Callable[[], None],
+        *,
+        restarted: Callable[[str], None] = lambda kind: None,
+        backoff: Backoff = RELIST_BACKOFF,
+        not_installed_retry: float = NOT_INSTALLED_RETRY,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.api = api
+        self.caches = {kind: KindCache() for kind in KINDS}
+        self.listed: set[str] = set()  # kinds listed at least once
+        self.missing: set[str] = set()  # kinds the API does not serve, as of the last ask
+        self.on_change = on_change
+        self.restarted = restarted
+        self.backoff = backoff
+        self.not_installed_retry = not_installed_retry
+        self.rng = rng or random.Random()  # noqa: S311 - jitter needs no secrecy
+
+    @property
+    def objects(self) -> dict[str, Mapping[Key, Mapping[str, Any]]]:
+        """kind -> (namespace, name) -> object: what compile_mesh reads."""
+        return {kind: cache.objects for kind, cache in self.caches.items()}
+
+    def synced(self) -> bool:
+        """Every kind the API serves has been listed once."""
+        return all(kind in self.listed or kind in self.missing for kind in KINDS)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            for kind in KINDS:
+                tasks.create_task(_KindWatch(self, RESOURCES[kind]).run())
+
+
+class _KindWatch:
+    """List one kind, then watch it; list again when the watch fails."""
+
+    def __init__(self, informers: Informers, resource: Resource) -> None:
+        self.informers = informers
+        self.resource = resource
+        self.cache = informers.caches[resource.kind]
+        self.failures = 0
+        self.fresh = True  # no watch event since the last list
+        self.thread_name = f"outrider-watch-{resource.plural}"
+
+    async def run(self) -> None:
+        kind, informers = self.resource.kind, self.informers
+        while True:
+            try:
+                items, version = await call_in_thread(
+                    informers.api.list, self.resource, name=self.thread_name
+                )
+                if kind in informers.listed:
+                    informers.restarted(kind)
+                self.cache.replace(items, version)
+                if kind in informers.missing:
+                    log.info("%s: the API serves it now (%d objects)", kind, len(items))
+                informers.missing.discard(kind)
+                informers.listed.add(kind)
+                self.fresh = True
+                informers.on_change()
+                while True:  # one watch after another, each from where the last one ended
+                    await self._follow()
+            except NotInstalled:
+                await self._not_installed()
+            except Expired as expired:
+                if self.fresh:  # expired before any event since the list: not the usual gap
+                    await self._back_off(expired)
+                else:
+                    log.info("%s: watch expired (%s); listing again", kind, expired)
+            except Exception as error:  # any failure of the API or its stream: list again later
+                await self._back_off(error)
+
+    async def _not_installed(self) -> None:
+        kind, informers = self.resource.kind, self.informers
+        if kind not in informers.missing:
+            log.warning(
+                "%s (%s): the API server does not serve it (CRD not installed?); asking again"
+                " every %.0f s",
+                kind,
+                self.resource.api_version,
+                informers.not_installed_retry,
+            )
+            informers.missing.add(kind)
+            if self.cache.objects:  # its CRD was removed: so were its objects
+                self.cache.replace([], "")
+                informers.on_change()
+        await asyncio.sleep(informers.not_installed_retry)
+
+    async def _back_off(self, error: Exception) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            log.warning(
+                "%s: %s; keeping %d objects", self.resource.kind, error, len(self.cache.objects)
+            )
+        delay = self.informers.backoff.delay(self.failures, self.informers.rng)
+        await asyncio.sleep(delay.total_seconds())
+
+    async def _follow(self) -> None:
+        """One watch, until the server ends it. Raises if it fails, or ends at once with nothing."""
+        started = time.monotonic()
+        seen = False
+        version = self.cache.resource_version
+        stream = Pump(lambda: self.informers.api.watch(self.resource, version), self.thread_name)
+        async with stream:
+            async for event in stream:
+                if self.cache.apply(event):
+                    self.informers.on_change()
+                seen, self.fresh = True, False
+                self._working()
+        if not seen and time.monotonic() - started < SHORTEST_WATCH:
+            raise ConnectionError("the watch ended at once")
+        self._working()
+
+    def _working(self) -> None:
+        if self.failures:
+            log.info("%s: watching again", self.resource.kind)
+            self.failures = 0
+
+
+class KubernetesClusterApi:
+    """The API server, from a kubeconfig file or the pod's in-cluster config.
+
+    Objects are read raw (the API's JSON), not through the client's models:
+    custom kinds have none, and the compiler reads camelCase keys.
+    """
+
+    def __init__(self, kubeconfig: Path | None, *, watch_seconds: int = WATCH_SECONDS) -> None:
+        from kubernetes import client, config
+
+        configuration = client.Configuration()
+        if kubeconfig is not None:
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=str(kubeconfig), client_configuration=configuration
+            )
+        else:
+            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        api_client = client.ApiClient(configuration)
+        # Any: with _preload_content=False the client returns the raw urllib3 response.
+        self._core: Any = client.CoreV1Api(api_client)
+        self._discovery: Any = client.DiscoveryV1Api(api_client)
+        self._custom: Any = client.CustomObjectsApi(api_client)
+        self._api_exception: type[Exception] = client.ApiException
+        self.watch_seconds = watch_seconds
+
+    def _lister(self, resource: Resource) -> Callable[..., Any]:
+        if resource.kind == "Pod":
+            return self._core.list_pod_for_all_namespaces  # type: ignore[no-any-return]
+        if resource.kind == "Service":
+            return self._core.list_service_for_all_namespaces  # type: ignore[no-any-return]
+        if resource.kind == "EndpointSlice":
+            return self._discovery.list_endpoint_slice_for_all_namespaces  # type: ignore[no-any-return]
+
+        def custom(**kwargs: Any) -> Any:
+            return self._custom.list_cluster_custom_object(
+                resource.group, resource.version, resource.plural, **kwargs
+            )
+
+        return custom
+
+    def _status(self, error: Exception) -> int | None:
+        return getattr(error, "status", None) if isinstance(error, self._api_exception) else None
+
+    def list(self, resource: Resource) -> tuple[list[dict[str, Any]], str]:
+        try:
+            response = self._lister(resource)(
+                _preload_content=False, _request_timeout=REQUEST_SECONDS
+            )
+        except Exception as error:
+            if self._status(error) == 404:
+                raise NotInstalled(resource.kind) from None
+            raise
+        try:
+            body = json.loads(response.data)
+        finally:
+            response.release_conn()
+        return list(body.get("items") or ()), str(body["metadata"]["resourceVersion"])
+
+    def watch(self, resource: Resource, resource_version: str) -> Iterator[dict[str, Any]]:
+        try:
+            response = self._lister(resource)(
+                watch=True,
+                resource_version=resource_version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=self.watch_seconds,
+                _preload_content=False,
+                # The server sends nothing while nothing changes: allow the whole watch.
+                _request_timeout=(REQUEST_SECONDS, self.watch_seconds + REQUEST_SECONDS),
+            )
+        except Exception as error:
+            status = self._status(error)
+            if status == _GONE:
+                raise Expired(str(error)) from error
+            if status == 404:
+                raise NotInstalled(resource.kind) from None
+            raise
+        return WatchStream(response)
+
+    def patch_status(
+        self, resource: Resource, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> None:
+        try:
+            self._custom.patch_namespaced_custom_object_status(
+                resource.group,
+                resource.version,
+                namespace,
+                resource.plural,
+                name,
+                {"status": dict(status)},
+                _request_timeout=REQUEST_SECONDS,
+            )
+        except Exception as error:
+            if self._status(error) == 404:
+                raise Gone(f"{resource.kind} {namespace}/{name}") from None
+            raise
+
+
+async def open_cluster_api(kubeconfig: Path | None) -> KubernetesClusterApi:
+    """The real API, made in a thread: loading a kubeconfig reads files and may run a plugin."""
+    return await call_in_thread(KubernetesClusterApi, kubeconfig, name="outrider-kubeconfig")
