@@ -1,0 +1,307 @@
+"""`outrider control serve` as a real process, against a fake API server over HTTPS.
+
+Agents are grpclib clients with SVIDs of the test CA. What an agent relies
+on: it gets its own pod's configuration at once and every change within 2 s;
+an SVID cannot fetch another namespace's pod, nor a pod of another service
+account; no client certificate, no connection. What an operator relies on:
+Acks and Nacks in /debug/agents and `outrider proxy-status`, statuses written
+back once, and a resync after the API server restarts or expires history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+
+from tests.control import ControlProcess, control_plane, eventually, subscribed
+from tests.control_fake_api import FakeApiServer, fake_api_server
+from tests.support import free_port, scraped
+
+POD = """\
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {namespace}, labels: {{app: {name}}}}}
+spec:
+  serviceAccountName: {account}
+  containers:
+    - {{name: app, image: app:1, ports: [{{containerPort: 8080}}]}}
+    - {{name: outrider-agent, image: agent:1}}
+"""
+DEFAULT_DENY = """\
+apiVersion: security.outrider.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: default-deny, namespace: shop}
+spec: {}
+"""
+ALLOW_FRONTEND = """\
+apiVersion: security.outrider.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: frontend-reads-api, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+    - from: {principals: ["spiffe://example.org/ns/shop/sa/frontend"]}
+      to: {methods: [GET], paths: ["/api/*"]}
+"""
+INVALID = """\
+apiVersion: security.outrider.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: broken, namespace: shop}
+spec: {action: MAYBE}
+"""
+
+
+def pod(namespace: str, name: str, account: str) -> str:
+    return POD.format(namespace=namespace, name=name, account=account)
+
+
+async def ready(control: ControlProcess) -> None:
+    async def answers() -> bool:
+        return (await control.debug("/ready"))[0] == 200
+
+    await eventually(answers, timeout=10)
+
+
+async def agents_where(
+    control: ControlProcess, check: Callable[[dict[str, Any]], bool]
+) -> list[Any]:
+    """/debug/agents once its only agent passes `check`."""
+    shown: list[Any] = []
+
+    async def passes() -> bool:
+        nonlocal shown
+        shown = (await control.debug("/debug/agents"))[1]
+        return len(shown) == 1 and check(shown[0])
+
+    await eventually(passes)
+    return shown
+
+
+def policy(api: FakeApiServer, name: str) -> dict[str, Any]:
+    return api.get("security.outrider.io/v1alpha1", "AuthorizationPolicy", "shop", name)
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[FakeApiServer]:
+    (tmp_path / "api").mkdir()
+    async with fake_api_server(tmp_path / "api") as server:
+        server.apply(pod("shop", "web", "web"))
+        server.apply(DEFAULT_DENY)
+        yield server
+
+
+@pytest.fixture
+async def control(tmp_path: Path, api: FakeApiServer) -> AsyncIterator[ControlProcess]:
+    async with control_plane(tmp_path, api) as process:
+        await ready(process)
+        yield process
+
+
+async def test_an_agent_gets_its_pods_configuration_and_its_ack_is_recorded(
+    control: ControlProcess,
+) -> None:
+    async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
+        version, config = await agent.next()
+        assert set(config) == {"inbound", "outbound", "policy"}
+        names = [p["name"] for p in config["policy"]["policies"]]
+        assert "shop/default-deny" in names
+        await agent.ack(version)
+        (seen,) = await agents_where(control, lambda a: a["acked"] == version)
+        assert seen["pod"] == "shop/web"
+        assert seen["spiffe_id"] == "spiffe://example.org/ns/shop/sa/web"
+        assert seen["agent_version"] == "tests"
+        assert seen["sent"] == seen["latest"] == version
+        assert seen["nack"] is None
+        status, shown = await control.debug("/debug/config?pod=shop/web")
+        assert status == 200 and shown["version"] == version and shown["config"] == config
+
+
+async def test_a_policy_applied_in_the_api_reaches_the_agent_within_2_seconds(
+    control: ControlProcess, api: FakeApiServer
+) -> None:
+    async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
+        first, _ = await agent.next()
+        await agent.ack(first)
+        started = time.monotonic()
+        api.apply(ALLOW_FRONTEND)
+        version, config = await agent.next(timeout=2.0)
+        elapsed = time.monotonic() - started
+        print(f"\nAPI change -> snapshot: {elapsed * 1000:.0f} ms")
+        assert version != first
+        names = [p["name"] for p in config["policy"]["policies"]]
+        assert "shop/frontend-reads-api" in names
+
+
+async def test_an_agent_that_reconnects_with_the_running_version_is_sent_nothing_new(
+    control: ControlProcess,
+) -> None:
+    credential = control.ca.workload("shop", "web")
+    async with subscribed(control, credential, "web") as agent:
+        version, _ = await agent.next()
+    async with subscribed(control, credential, "web", running_version=version) as again:
+        with pytest.raises(TimeoutError):
+            await again.next(timeout=0.5)
+
+
+async def test_an_svid_of_another_namespace_cannot_subscribe_for_a_pod_there(
+    control: ControlProcess, api: FakeApiServer
+) -> None:
+    api.apply(pod("billing", "ledger", "ledger"))
+    # shop's SVID names "ledger": the namespace is the SVID's, so shop/ledger, which is no pod.
+    started = time.monotonic()
+    with pytest.raises(GRPCError) as refused:
+        async with subscribed(control, control.ca.workload("shop", "web"), "ledger") as agent:
+            await agent.next(timeout=10)
+    assert refused.value.status == Status.PERMISSION_DENIED
+    assert "no pod shop/ledger" in str(refused.value.message)
+    assert time.monotonic() - started >= 4.0  # the watch might have lagged: it waited
+
+
+async def test_a_pod_of_another_service_account_is_refused_at_once(
+    control: ControlProcess,
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(GRPCError) as refused:
+        async with subscribed(control, control.ca.workload("shop", "intruder"), "web") as agent:
+            await agent.next()
+    assert refused.value.status == Status.PERMISSION_DENIED
+    assert "runs as service account web, not intruder" in str(refused.value.message)
+    assert time.monotonic() - started < 2.0
+
+
+async def test_a_client_without_a_certificate_is_refused_in_the_handshake(
+    control: ControlProcess,
+) -> None:
+    with pytest.raises((ConnectionError, StreamTerminatedError, OSError)):
+        async with subscribed(control, None, "web") as agent:
+            await agent.next()
+
+
+async def test_a_nack_is_recorded_and_shown_by_proxy_status(control: ControlProcess) -> None:
+    async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
+        version, _ = await agent.next()
+        await agent.nack(version, "policy.policies[0].rules: not today")
+        agents = await agents_where(control, lambda a: a["nack"] is not None)
+        assert agents[0]["nack"] == {
+            "version": version,
+            "error": "policy.policies[0].rules: not today",
+        }
+        assert agents[0]["acked"] is None
+        table = await proxy_status(control.debug_url)
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()
+    assert header.split() == ["POD", "SPIFFE", "ID", "VERSION", "ACK", "STATE"]
+    assert row.split()[:3] == ["shop/web", "spiffe://example.org/ns/shop/sa/web", version]
+    assert row.endswith("NACK (policy.policies[0].rules: not today)")
+
+
+async def test_proxy_status_shows_a_synced_agent(control: ControlProcess) -> None:
+    async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
+        version, _ = await agent.next()
+        await agent.ack(version)
+        await agents_where(control, lambda a: a["acked"] == version)
+        table = await proxy_status(control.debug_url)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[1].endswith("SYNCED")
+
+
+async def test_proxy_status_says_when_the_control_plane_is_unreachable() -> None:
+    port = free_port()
+    table = await proxy_status(f"http://127.0.0.1:{port}")
+    assert table.returncode == 1
+    assert f"cannot reach the control plane at http://127.0.0.1:{port}" in table.stderr
+
+
+async def test_an_invalid_policy_gets_accepted_false_written_once(
+    control: ControlProcess, api: FakeApiServer
+) -> None:
+    api.apply(INVALID)
+
+    async def written() -> bool:
+        return bool(policy(api, "broken").get("status"))
+
+    await eventually(written)
+    (condition,) = policy(api, "broken")["status"]["conditions"]
+    assert condition["type"] == "Accepted" and condition["status"] == "False"
+    assert condition["message"].startswith("spec.action")
+    assert policy(api, "default-deny")["status"]["conditions"][0]["status"] == "True"
+    await asyncio.sleep(0.5)  # its own write comes back through the watch: nothing more to write
+    written = [(kind, ns, name) for kind, ns, name, _ in api.patches]
+    assert sorted(written) == [
+        ("AuthorizationPolicy", "shop", "broken"),
+        ("AuthorizationPolicy", "shop", "default-deny"),
+    ]
+
+
+async def test_after_the_api_server_restarts_with_expired_history_the_agents_resync(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    root = tmp_path / "api"
+    root.mkdir()
+    first_run = fake_api_server(root, port=port)
+    api = await first_run.__aenter__()
+    try:
+        api.apply(pod("shop", "web", "web"))
+        async with control_plane(tmp_path, api) as control:
+            await ready(control)
+            async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
+                first, _ = await agent.next()
+                objects, version = list(api.objects.values()), api.version
+                await first_run.__aexit__(None, None, None)
+                first_run = None
+                # Another server on the port, its history starting later, with a policy that
+                # was added while the control plane could not see.
+                async with fake_api_server(root, port=port) as restarted:
+                    restarted.version = version + 1000
+                    restarted.apply("\n---\n".join(map(_as_applied, objects)))
+                    restarted.apply(DEFAULT_DENY)
+                    restarted.compact()
+                    second, config = await agent.next(timeout=10)
+                    assert second != first
+                    names = [p["name"] for p in config["policy"]["policies"]]
+                    assert names == ["shop/default-deny"]
+                    _, agents = await control.debug("/debug/agents")
+                    assert agents[0]["latest"] == second
+                    _, metrics = await control.debug("/metrics")
+                    restarts = "outrider_control_watch_restarts_total"
+                    assert scraped(metrics, restarts, kind="AuthorizationPolicy") >= 1
+    finally:
+        if first_run is not None:
+            await first_run.__aexit__(None, None, None)
+
+
+def _as_applied(obj: dict[str, Any]) -> str:
+    return yaml.safe_dump({k: v for k, v in obj.items() if k != "status"})
+
+
+@dataclass(frozen=True)
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def proxy_status(url: str) -> Ran:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "outrider",
+        "proxy-status",
+        "--control",
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    return Ran(process.returncode or 0, out.decode(), err.decode())
