@@ -1,0 +1,102 @@
+"""`outrider policy check --live`: the decision for a running pod, from the control plane's view.
+
+The policies come from /debug/config of a real control plane reading a fake
+API server, and are decided by the same engine as files are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.control import ControlProcess, control_plane, eventually
+from tests.control_fake_api import FakeApiServer, fake_api_server
+from tests.integration.test_control_plane import ALLOW_FRONTEND, DEFAULT_DENY, Ran, pod, ready
+
+FRONTEND = "spiffe://example.org/ns/shop/sa/frontend"
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[FakeApiServer]:
+    (tmp_path / "api").mkdir()
+    async with fake_api_server(tmp_path / "api") as server:
+        server.apply(pod("shop", "web", "web"))
+        server.apply(DEFAULT_DENY)
+        yield server
+
+
+@pytest.fixture
+async def control(tmp_path: Path, api: FakeApiServer) -> AsyncIterator[ControlProcess]:
+    async with control_plane(tmp_path, api) as process:
+        await ready(process)
+        yield process
+
+
+async def check(*args: str) -> Ran:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "outrider",
+        "policy",
+        "check",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    return Ran(process.returncode or 0, out.decode(), err.decode())
+
+
+def live(control: ControlProcess, *args: str) -> tuple[str, ...]:
+    return ("--live", "--control", control.debug_url, "--pod", "shop/web", *args)
+
+
+async def test_a_live_pod_is_decided_by_the_policies_the_control_plane_gives_it(
+    control: ControlProcess, api: FakeApiServer
+) -> None:
+    request = ("--source", FRONTEND, "--method", "GET", "--path", "/api/items")
+    denied = await check(*live(control, *request))
+    assert denied.returncode == 1, denied.stderr
+    assert denied.stdout.splitlines()[:2] == ["deny", "policy: shop/default-deny"]
+
+    api.apply(ALLOW_FRONTEND)
+
+    async def allowed() -> bool:
+        return (await check(*live(control, *request))).returncode == 0
+
+    await eventually(allowed, timeout=10)
+    answer = await check(*live(control, *request))
+    assert answer.stdout.splitlines()[:2] == ["allow", "policy: shop/frontend-reads-api"]
+    other = await check(*live(control, "--source", FRONTEND, "--method", "POST", "--path", "/"))
+    assert other.returncode == 1
+
+
+async def test_a_pod_the_control_plane_does_not_know_is_an_error_that_says_so(
+    control: ControlProcess,
+) -> None:
+    answer = await check(
+        "--live", "--control", control.debug_url, "--pod", "shop/nobody", "--source", FRONTEND
+    )
+    assert answer.returncode == 1
+    assert "404 no pod shop/nobody in the mesh" in answer.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--source", FRONTEND), "give --policy FILE, or --live with --pod and --control"),
+        (("--live", "--source", FRONTEND), "--live needs --pod NAMESPACE/NAME"),
+        (
+            ("--live", "--pod", "web", "--source", FRONTEND),
+            "--live needs --pod NAMESPACE/NAME",
+        ),
+    ],
+)
+async def test_live_mode_says_what_it_needs(args: tuple[str, ...], message: str) -> None:
+    answer = await check(*args)
+    assert answer.returncode == 2
+    assert message in answer.stderr
