@@ -305,3 +305,67 @@ async def proxy_status(url: str) -> Ran:
     )
     out, err = await process.communicate()
     return Ran(process.returncode or 0, out.decode(), err.decode())
+
+
+async def test_without_gateway_api_installed_the_control_plane_is_ready_and_serves(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "api").mkdir()
+    outrider_only = ("Pod", "Service", "EndpointSlice", "AuthorizationPolicy", "TrafficPolicy")
+    async with fake_api_server(tmp_path / "api", crds=outrider_only) as api:
+        api.apply(pod("shop", "web", "web"))
+        async with control_plane(tmp_path, api) as control:
+            await ready(control)
+            async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
+                await agent.next()
+            warned = [line for line in control.log if "does not serve it" in line]
+    assert len(warned) == 2  # HTTPRoute and GRPCRoute, once each
+    assert "CRD not installed?" in warned[0]
+
+
+async def test_a_subscription_outlives_the_idle_timeout_of_connections(tmp_path: Path) -> None:
+    (tmp_path / "api").mkdir()
+    async with fake_api_server(tmp_path / "api") as api:
+        api.apply(pod("shop", "web", "web"))
+        limits = {"idle_timeout": "1s"}
+        async with control_plane(tmp_path, api, limits=limits) as control:
+            await ready(control)
+            async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
+                first, _ = await agent.next()
+                await agent.ack(first)
+                await asyncio.sleep(2.5)  # the connection's idle timeout, twice over
+                api.apply(DEFAULT_DENY)
+                second, _ = await agent.next(timeout=2)
+                assert second != first
+            _, metrics = await control.debug("/metrics")
+    assert scraped(metrics, "outrider_control_connections_closed_total", reason="idle_timeout") == 0
+    assert scraped(metrics, "outrider_control_pushes_total", result="acked") == 1
+
+
+async def test_a_rotated_svid_is_served_to_new_connections(
+    control: ControlProcess, tmp_path: Path
+) -> None:
+    before = await served_certificate(control)
+    renewed = control.ca.svid("spiffe://example.org/ns/outrider-system/sa/outrider-control")
+    (tmp_path / "svid" / "svid.key").write_bytes(renewed.key_pem)
+    (tmp_path / "svid" / "svid.pem").write_bytes(renewed.chain_pem)
+
+    async def rotated() -> bool:
+        return await served_certificate(control) != before
+
+    await eventually(rotated, timeout=5)
+    assert await served_certificate(control) == renewed.chain_pem.split(b"-----END")[0]
+    async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
+        await agent.next()
+
+
+async def served_certificate(control: ControlProcess) -> bytes:
+    """The leaf the control plane presents now, as the start of its PEM."""
+    import ssl
+
+    context = control.client_context(control.ca.workload("shop", "web"))
+    _, writer = await asyncio.open_connection("127.0.0.1", control.grpc_port, ssl=context)
+    ssl_object = writer.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True)
+    writer.close()
+    return ssl.DER_cert_to_PEM_cert(der).encode().split(b"-----END")[0]
