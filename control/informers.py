@@ -28,10 +28,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.core.discovery import Expired, WatchError
 from control.core.mesh import KINDS, Key
 from identity.backoff import Backoff
-from identity.kubewatch import Pump, WatchStream, call_in_thread
+from identity.kubewatch import Expired, ObjectCache, Pump, WatchStream, call_in_thread
 
 log = logging.getLogger("outrider.control.informers")
 
@@ -43,7 +42,7 @@ REQUEST_SECONDS = 10.0
 SHORTEST_WATCH = 1.0
 NOT_INSTALLED_RETRY = 30.0
 RELIST_BACKOFF = Backoff(initial=timedelta(seconds=1), maximum=timedelta(seconds=30))
-_GONE = 410
+_GONE = 410  # Gone: the resourceVersion is older than the API server keeps
 
 
 @dataclass(frozen=True)
@@ -105,47 +104,6 @@ class ClusterApi(Protocol):
         ...
 
 
-def key_of(obj: Mapping[str, Any]) -> Key:
-    metadata = obj.get("metadata") or {}
-    name = metadata.get("name")
-    if not name:
-        raise WatchError("an object without metadata.name")
-    return str(metadata.get("namespace") or ""), str(name)
-
-
-class KindCache:
-    """The objects of one kind, kept from a list and then the watch events after it."""
-
-    def __init__(self) -> None:
-        self.objects: dict[Key, dict[str, Any]] = {}
-        self.resource_version = ""
-
-    def replace(self, items: list[dict[str, Any]], resource_version: str) -> None:
-        self.objects = {key_of(item): item for item in items}
-        self.resource_version = resource_version
-
-    def apply(self, event: Mapping[str, Any]) -> bool:
-        """Apply one watch event; True when an object changed. Raises Expired for a
-        410 ERROR event, WatchError for any other ERROR or an unknown event."""
-        kind = event.get("type")
-        obj: dict[str, Any] = event.get("object") or {}
-        if kind == "ERROR":
-            message = f"{obj.get('reason', 'error')}: {obj.get('message', '')}"
-            raise Expired(message) if obj.get("code") == _GONE else WatchError(message)
-        if kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK"):
-            raise WatchError(f"unknown watch event type {kind!r}")
-        version = (obj.get("metadata") or {}).get("resourceVersion")
-        if not version:
-            raise WatchError(f"{kind} event without a resourceVersion")
-        self.resource_version = str(version)
-        if kind == "BOOKMARK":
-            return False
-        if kind == "DELETED":
-            return self.objects.pop(key_of(obj), None) is not None
-        self.objects[key_of(obj)] = obj
-        return True
-
-
 class Informers:
     """One list-watch per kind; `on_change()` after anything changed."""
 
@@ -160,7 +118,7 @@ class Informers:
         rng: random.Random | None = None,
     ) -> None:
         self.api = api
-        self.caches = {kind: KindCache() for kind in KINDS}
+        self.caches = {kind: ObjectCache() for kind in KINDS}
         self.listed: set[str] = set()  # kinds listed at least once
         self.missing: set[str] = set()  # kinds the API does not serve, as of the last ask
         self.on_change = on_change

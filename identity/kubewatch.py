@@ -5,6 +5,10 @@ events) runs in a daemon thread that hands its results to the event loop: a
 daemon thread never holds up the process's exit, and the default executor
 (which asyncio.run waits for) is not used. Shared by the agent's EndpointSlice
 discovery and the control plane's informers.
+
+`ObjectCache` is the sans-IO part: the objects of one list and the watch
+events that follow it, by the rules of the API's watch protocol (ERROR 410:
+list again; BOOKMARK: only a resourceVersion).
 """
 
 from __future__ import annotations
@@ -14,11 +18,80 @@ import contextlib
 import json
 import socket
 import threading
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Pump", "WatchStream", "call_in_thread"]
+__all__ = [
+    "Expired",
+    "ObjectCache",
+    "Pump",
+    "WatchError",
+    "WatchStream",
+    "call_in_thread",
+    "key_of",
+]
+
+_GONE = 410
+
+
+class WatchError(Exception):
+    """The watch stream said something other than a change: list again."""
+
+
+class Expired(WatchError):
+    """410 Gone: the resourceVersion is older than the API server keeps; list again."""
+
+
+def key_of(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """(namespace, name); namespace "" for cluster-scoped objects."""
+    metadata = obj.get("metadata") or {}
+    name = metadata.get("name")
+    if not name:
+        raise WatchError("an object without metadata.name")
+    return str(metadata.get("namespace") or ""), str(name)
+
+
+class ObjectCache:
+    """The objects of one list, kept from the list and the watch events after it."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.resource_version = ""
+
+    def replace(self, items: Iterable[dict[str, Any]], resource_version: str) -> None:
+        """Start over from a list: its items and the list's resourceVersion."""
+        self.objects = {key_of(item): item for item in items}
+        self.resource_version = resource_version
+
+    def apply(self, event: Mapping[str, Any]) -> bool:
+        """Apply one watch event; True when an object changed.
+
+        Raises Expired for a 410 ERROR event and WatchError for any other
+        ERROR or an event it does not understand.
+        """
+        kind = event.get("type")
+        obj: dict[str, Any] = event.get("object") or {}
+        if kind == "ERROR":
+            message = f"{obj.get('reason', 'error')}: {obj.get('message', '')}"
+            raise Expired(message) if obj.get("code") == _GONE else WatchError(message)
+        if kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK"):
+            raise WatchError(f"unknown watch event type {kind!r}")
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        if not version:
+            raise WatchError(f"{kind} event without a resourceVersion")
+        self.resource_version = str(version)
+        if kind == "BOOKMARK":
+            return False
+        if kind == "DELETED":
+            return self.objects.pop(key_of(obj), None) is not None
+        self.objects[key_of(obj)] = obj
+        return True
+
+    def __len__(self) -> int:
+        """How many objects are kept."""
+        return len(self.objects)
+
 
 T = TypeVar("T")
 _ITEM, _END, _FAILED = range(3)

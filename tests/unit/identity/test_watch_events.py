@@ -1,4 +1,5 @@
-"""What a kind's cache makes of watch events, and when a status counts as changed."""
+"""What an object cache makes of watch events (identity.kubewatch), and when the control
+plane counts a status as changed."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ from typing import Any
 
 import pytest
 
-from agent.core.discovery import Expired, WatchError
-from control.informers import KindCache
 from control.sync import comparable
+from identity.kubewatch import Expired, ObjectCache, WatchError
 
 
 def obj(name: str, version: str, namespace: str = "shop", **rest: Any) -> dict[str, Any]:
@@ -16,7 +16,7 @@ def obj(name: str, version: str, namespace: str = "shop", **rest: Any) -> dict[s
 
 
 def test_a_list_then_events_keep_the_current_objects_and_the_resource_version() -> None:
-    cache = KindCache()
+    cache = ObjectCache()
     cache.replace([obj("a", "1"), obj("b", "2")], "5")
     assert set(cache.objects) == {("shop", "a"), ("shop", "b")}
     assert cache.apply({"type": "ADDED", "object": obj("c", "6")})
@@ -29,12 +29,12 @@ def test_a_list_then_events_keep_the_current_objects_and_the_resource_version() 
 
 
 def test_deleting_what_is_not_held_changes_nothing() -> None:
-    cache = KindCache()
+    cache = ObjectCache()
     assert not cache.apply({"type": "DELETED", "object": obj("gone", "3")})
 
 
 def test_a_410_error_event_means_list_again() -> None:
-    cache = KindCache()
+    cache = ObjectCache()
     gone = {"type": "ERROR", "object": {"code": 410, "reason": "Expired", "message": "too old"}}
     with pytest.raises(Expired, match="Expired: too old"):
         cache.apply(gone)
@@ -51,7 +51,7 @@ def test_a_410_error_event_means_list_again() -> None:
 )
 def test_an_event_it_cannot_use_fails_the_watch(event: dict[str, Any]) -> None:
     with pytest.raises(WatchError):
-        KindCache().apply(event)
+        ObjectCache().apply(event)
 
 
 def test_a_status_that_differs_only_in_transition_times_is_the_same() -> None:
