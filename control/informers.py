@@ -1,10 +1,10 @@
-"""List-watch every kind the mesh is compiled from, and write statuses back.
+"""List-watch every kind the mesh is compiled from; the API's calls, status writes included.
 
-Per kind: list, then watch from the list's resourceVersion with bookmarks,
-one watch after another. A 410 Gone lists again at once (after a backoff if
-no event came since the last list); any other failure lists again after a
-capped, jittered backoff, keeping the last state meanwhile (one warning per
-outage). A kind the API server does not serve (404: its CRD is not
+Per kind, identity.kubewatch's ListWatch: list, then watch from the list's
+resourceVersion with bookmarks, one watch after another. A 410 Gone lists
+again at once (after a backoff if no event came since the last list); any
+other failure lists again after a capped, jittered backoff, keeping the last
+state meanwhile (one warning per outage). A kind the API server does not serve (404: its CRD is not
 installed, as Gateway API often is not) is asked again every
 `NOT_INSTALLED_RETRY`, logged once, and holds no objects; it does not hold
 up readiness.
@@ -21,7 +21,6 @@ import asyncio
 import json
 import logging
 import random
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,7 +29,7 @@ from typing import Any, Protocol
 
 from control.core.mesh import KINDS, Key
 from identity.backoff import Backoff
-from identity.kubewatch import Expired, ObjectCache, Pump, WatchStream, call_in_thread
+from identity.kubewatch import Expired, ListWatch, ObjectCache, WatchStream, call_in_thread
 
 log = logging.getLogger("outrider.control.informers")
 
@@ -38,8 +37,6 @@ log = logging.getLogger("outrider.control.informers")
 WATCH_SECONDS = 300
 #: Connect timeout, and the time allowed for a list's or a write's answer.
 REQUEST_SECONDS = 10.0
-#: A watch that ends this soon without an event counts as a failure.
-SHORTEST_WATCH = 1.0
 NOT_INSTALLED_RETRY = 30.0
 RELIST_BACKOFF = Backoff(initial=timedelta(seconds=1), maximum=timedelta(seconds=30))
 _GONE = 410  # Gone: the resourceVersion is older than the API server keeps
@@ -142,46 +139,41 @@ class Informers:
                 tasks.create_task(_KindWatch(self, RESOURCES[kind]).run())
 
 
-class _KindWatch:
-    """List one kind, then watch it; list again when the watch fails."""
+class _KindWatch(ListWatch):
+    """One kind, listed and watched; a kind the API does not serve is asked again slowly."""
 
     def __init__(self, informers: Informers, resource: Resource) -> None:
         self.informers = informers
         self.resource = resource
-        self.cache = informers.caches[resource.kind]
-        self.failures = 0
-        self.fresh = True  # no watch event since the last list
-        self.thread_name = f"outrider-watch-{resource.plural}"
+        cache = informers.caches[resource.kind]
+        super().__init__(
+            resource.kind,
+            cache,
+            lambda: informers.api.list(resource),
+            lambda version: informers.api.watch(resource, version),
+            on_list=self._listed,
+            on_change=informers.on_change,
+            held=lambda: f"{len(cache)} objects",
+            backoff=informers.backoff,
+            rng=informers.rng,
+            log=log,
+            thread_name=f"outrider-watch-{resource.plural}",
+        )
 
-    async def run(self) -> None:
+    def _listed(self) -> None:
         kind, informers = self.resource.kind, self.informers
-        while True:
-            try:
-                items, version = await call_in_thread(
-                    informers.api.list, self.resource, name=self.thread_name
-                )
-                if kind in informers.listed:
-                    informers.restarted(kind)
-                self.cache.replace(items, version)
-                if kind in informers.missing:
-                    log.info("%s: the API serves it now (%d objects)", kind, len(items))
-                informers.missing.discard(kind)
-                informers.listed.add(kind)
-                self.fresh = True
-                informers.on_change()
-                while True:  # one watch after another, each from where the last one ended
-                    await self._follow()
-            except NotInstalled:
-                await self._not_installed()
-            except Expired as expired:
-                if self.fresh:  # expired before any event since the list: not the usual gap
-                    await self._back_off(expired)
-                else:
-                    log.info("%s: watch expired (%s); listing again", kind, expired)
-            except Exception as error:  # any failure of the API or its stream: list again later
-                await self._back_off(error)
+        if kind in informers.listed:
+            informers.restarted(kind)
+        if kind in informers.missing:
+            log.info("%s: the API serves it now (%d objects)", kind, len(self.cache))
+        informers.missing.discard(kind)
+        informers.listed.add(kind)
+        informers.on_change()
 
-    async def _not_installed(self) -> None:
+    async def failed(self, error: Exception) -> None:
+        if not isinstance(error, NotInstalled):
+            await super().failed(error)
+            return
         kind, informers = self.resource.kind, self.informers
         if kind not in informers.missing:
             log.warning(
@@ -196,36 +188,6 @@ class _KindWatch:
                 self.cache.replace([], "")
                 informers.on_change()
         await asyncio.sleep(informers.not_installed_retry)
-
-    async def _back_off(self, error: Exception) -> None:
-        self.failures += 1
-        if self.failures == 1:
-            log.warning(
-                "%s: %s; keeping %d objects", self.resource.kind, error, len(self.cache.objects)
-            )
-        delay = self.informers.backoff.delay(self.failures, self.informers.rng)
-        await asyncio.sleep(delay.total_seconds())
-
-    async def _follow(self) -> None:
-        """One watch, until the server ends it. Raises if it fails, or ends at once with nothing."""
-        started = time.monotonic()
-        seen = False
-        version = self.cache.resource_version
-        stream = Pump(lambda: self.informers.api.watch(self.resource, version), self.thread_name)
-        async with stream:
-            async for event in stream:
-                if self.cache.apply(event):
-                    self.informers.on_change()
-                seen, self.fresh = True, False
-                self._working()
-        if not seen and time.monotonic() - started < SHORTEST_WATCH:
-            raise ConnectionError("the watch ended at once")
-        self._working()
-
-    def _working(self) -> None:
-        if self.failures:
-            log.info("%s: watching again", self.resource.kind)
-            self.failures = 0
 
 
 class KubernetesClusterApi:

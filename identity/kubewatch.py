@@ -8,7 +8,12 @@ discovery and the control plane's informers.
 
 `ObjectCache` is the sans-IO part: the objects of one list and the watch
 events that follow it, by the rules of the API's watch protocol (ERROR 410:
-list again; BOOKMARK: only a resourceVersion).
+list again; BOOKMARK: only a resourceVersion). `ListWatch` is the one loop
+around it: list, then watch from the list's resourceVersion, one watch after
+another. A 410 Gone lists again at once (after a backoff if not a single
+event came since the last list); any other failure lists again after a
+capped, jittered backoff, keeping the last state meanwhile (one warning per
+outage).
 """
 
 from __future__ import annotations
@@ -16,14 +21,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import random
 import socket
 import threading
+import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from identity.backoff import Backoff
+
 __all__ = [
+    "SHORTEST_WATCH",
     "Expired",
+    "ListWatch",
     "ObjectCache",
     "Pump",
     "WatchError",
@@ -33,6 +45,9 @@ __all__ = [
 ]
 
 _GONE = 410
+#: A watch that ends this soon without an event counts as a failure, so a
+#: server that closes watches at once is not asked again in a tight loop.
+SHORTEST_WATCH = 1.0
 
 
 class WatchError(Exception):
@@ -91,6 +106,88 @@ class ObjectCache:
     def __len__(self) -> int:
         """How many objects are kept."""
         return len(self.objects)
+
+
+class ListWatch:
+    """List, then watch; list again when the watch fails. `run()` until cancelled.
+
+    `list_()` and `watch(resource_version)` are the API's blocking calls; each
+    runs in a daemon thread. `on_list()` is called after every list, `on_change()`
+    after every event that changed an object; `held()` says what is kept while
+    the API fails ("3 endpoints"). `failed(error)` decides what a failure
+    costs; by default, a backoff.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        cache: ObjectCache,
+        list_: Callable[[], tuple[list[dict[str, Any]], str]],
+        watch: Callable[[str], Iterator[dict[str, Any]]],
+        *,
+        on_list: Callable[[], None],
+        on_change: Callable[[], None],
+        held: Callable[[], str],
+        backoff: Backoff,
+        rng: random.Random,
+        log: logging.Logger,
+        thread_name: str,
+    ) -> None:
+        self.what, self.cache = what, cache
+        self._list, self._watch = list_, watch
+        self._on_list, self._on_change, self._held = on_list, on_change, held
+        self.backoff, self.rng, self.log = backoff, rng, log
+        self.thread_name = thread_name
+        self.failures = 0
+        self.fresh = True  # no watch event since the last list
+
+    async def run(self) -> None:
+        while True:
+            try:
+                items, version = await call_in_thread(self._list, name=self.thread_name)
+                self.cache.replace(items, version)
+                self.fresh = True
+                self._on_list()
+                while True:  # one watch after another, each from where the last one ended
+                    await self._follow()
+            except Expired as expired:
+                if self.fresh:  # expired before any event since the list: not the usual gap
+                    await self.back_off(expired)
+                else:
+                    self.log.info("%s: watch expired (%s); listing again", self.what, expired)
+            except Exception as error:  # any failure of the API or its stream: list again later
+                await self.failed(error)
+
+    async def failed(self, error: Exception) -> None:
+        await self.back_off(error)
+
+    async def back_off(self, error: Exception) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            self.log.warning("%s: %s; keeping %s", self.what, error, self._held())
+        await asyncio.sleep(self.backoff.delay(self.failures, self.rng).total_seconds())
+
+    async def _follow(self) -> None:
+        """One watch, until the server ends it. Raises if it fails, or ends at once with nothing."""
+        started = time.monotonic()
+        seen = False
+        version = self.cache.resource_version
+        stream = Pump(lambda: self._watch(version), self.thread_name)
+        async with stream:
+            async for event in stream:
+                if self.cache.apply(event):
+                    self._on_change()
+                seen, self.fresh = True, False
+                self._working()
+        if not seen and time.monotonic() - started < SHORTEST_WATCH:
+            raise ConnectionError("the watch ended at once")
+        self._working()
+
+    def _working(self) -> None:
+        """The API answers: end the outage, if there was one."""
+        if self.failures:
+            self.log.info("%s: watching again", self.what)
+            self.failures = 0
 
 
 T = TypeVar("T")

@@ -34,7 +34,6 @@ import json
 import logging
 import random
 import socket
-import time
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from datetime import timedelta
 from typing import Any, Protocol
@@ -49,7 +48,7 @@ from agent.core.discovery import (
 )
 from agent.core.endpoint import Endpoint
 from identity.backoff import Backoff
-from identity.kubewatch import Pump, WatchStream, call_in_thread
+from identity.kubewatch import ListWatch, WatchStream, call_in_thread
 
 log = logging.getLogger("outrider.agent.discovery")
 
@@ -64,9 +63,6 @@ Resolver = Callable[[str, int], Awaitable[Collection[Endpoint]]]
 WATCH_SECONDS = 60
 #: Connect timeout, and the time allowed for a list's answer.
 REQUEST_SECONDS = 10.0
-#: A watch that ends this soon without an event counts as a failure, so a
-#: server that closes watches at once is not asked again in a tight loop.
-SHORTEST_WATCH = 1.0
 RELIST_BACKOFF = Backoff(initial=timedelta(seconds=1), maximum=timedelta(seconds=30))
 
 
@@ -167,8 +163,8 @@ async def _watch_dns(source: DnsSource, publish: Publish, resolve: Resolver) -> 
         await asyncio.sleep(source.refresh)
 
 
-class _ServiceWatch:
-    """List a Service's EndpointSlices, then watch them; list again when the watch fails."""
+class _ServiceWatch(ListWatch):
+    """A Service's EndpointSlices, listed and watched; each change of the set published."""
 
     def __init__(
         self,
@@ -178,70 +174,26 @@ class _ServiceWatch:
         backoff: Backoff,
         rng: random.Random,
     ) -> None:
-        self.source = source
-        self.api = api
-        self.backoff = backoff
-        self.rng = rng
-        self.publisher = _Publisher(publish)
-        self.cache = SliceCache()
-        self.failures = 0
-        self.fresh = True  # no watch event since the last list
-        self.where = f"EndpointSlices of {source.namespace}/{source.service}"
-        self.thread_name = f"outrider-discovery-{source.namespace}/{source.service}"
+        publisher = _Publisher(publish)
+        cache = SliceCache()
+        namespace, selector = source.namespace, source.label_selector
 
-    async def run(self) -> None:
-        while True:
-            try:
-                items, version = await call_in_thread(
-                    self.api.list,
-                    self.source.namespace,
-                    self.source.label_selector,
-                    name=self.thread_name,
-                )
-                self.cache.replace(items, version)
-                self.fresh = True
-                self.publisher(self.cache.endpoints(self.source.port))
-                while True:  # one watch after another, each from where the last one ended
-                    await self._follow()
-            except Expired as expired:
-                if self.fresh:  # expired before any event since the list: not the usual gap
-                    await self._back_off(expired)
-                else:
-                    log.info("%s: watch expired (%s); listing again", self.where, expired)
-            except Exception as error:  # any failure of the API or its stream: list again later
-                await self._back_off(error)
+        def published() -> None:
+            publisher(cache.endpoints(source.port))
 
-    async def _back_off(self, error: Exception) -> None:
-        self.failures += 1
-        if self.failures == 1:
-            kept = len(self.publisher.last or ())
-            log.warning("%s: %s; keeping %d endpoints", self.where, error, kept)
-        await asyncio.sleep(self.backoff.delay(self.failures, self.rng).total_seconds())
-
-    async def _follow(self) -> None:
-        """One watch, until the server ends it. Raises if it fails, or ends at once with nothing."""
-        source, cache = self.source, self.cache
-        started = time.monotonic()
-        seen = False
-        stream = Pump(
-            lambda: self.api.watch(source.namespace, source.label_selector, cache.resource_version),
-            self.thread_name,
+        super().__init__(
+            f"EndpointSlices of {namespace}/{source.service}",
+            cache,
+            lambda: api.list(namespace, selector),
+            lambda version: api.watch(namespace, selector, version),
+            on_list=published,
+            on_change=published,
+            held=lambda: f"{len(publisher.last or ())} endpoints",
+            backoff=backoff,
+            rng=rng,
+            log=log,
+            thread_name=f"outrider-discovery-{namespace}/{source.service}",
         )
-        async with stream:
-            async for event in stream:
-                if cache.apply(event):
-                    self.publisher(cache.endpoints(source.port))
-                seen, self.fresh = True, False
-                self._working()
-        if not seen and time.monotonic() - started < SHORTEST_WATCH:
-            raise ConnectionError("the watch ended at once")
-        self._working()
-
-    def _working(self) -> None:
-        """The API answers: end the outage, if there was one."""
-        if self.failures:
-            log.info("%s: watching again", self.where)
-            self.failures = 0
 
 
 class KubernetesSliceApi:
