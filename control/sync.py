@@ -20,8 +20,8 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from datetime import timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 
 from control.core.mesh import Mesh, MeshSettings, Objects
 from control.informers import RESOURCES, ClusterApi, Gone
@@ -33,7 +33,22 @@ log = logging.getLogger("outrider.control")
 
 #: From the first watch event of a burst to the compile that takes it in.
 BATCH = 0.02
-Compile = Callable[[Objects, MeshSettings], Mesh]
+
+
+class Compile(Protocol):
+    """control.core.mesh.compile_mesh: `previous` keeps each policy's last valid version
+    in force while an edit of it is invalid; `now` stamps the conditions that change."""
+
+    def __call__(
+        self,
+        objects: Objects,
+        settings: MeshSettings,
+        previous: Mesh | None = None,
+        *,
+        now: datetime | None = None,
+    ) -> Mesh: ...
+
+
 StatusKey = tuple[str, str, str]  # kind, namespace, name
 WRITE_BACKOFF = Backoff(initial=timedelta(seconds=1), maximum=timedelta(seconds=30))
 
@@ -51,6 +66,7 @@ class MeshState:
         *,
         on_compiled: Callable[[Mesh], None] = lambda mesh: None,
         batch: float = BATCH,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.mesh: Mesh | None = None
         self.generation = 0
@@ -59,6 +75,7 @@ class MeshState:
         self._metrics = metrics
         self._on_compiled = on_compiled
         self._batch = batch
+        self._clock = clock
         self._pending: asyncio.TimerHandle | None = None
         self._next = asyncio.Event()
 
@@ -77,7 +94,7 @@ class MeshState:
             return  # the last kind's first list calls `changed` again
         started = time.perf_counter()
         try:
-            mesh = self._compile(self._objects(), self._settings)
+            mesh = self._compile(self._objects(), self._settings, self.mesh, now=self._clock())
         except Exception:  # a bug in the compiler: keep serving the last mesh
             log.exception("cannot compile the mesh; keeping the previous one")
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from control.core.mesh import Key, Mesh, MeshSettings, Objects, PodIdentity
@@ -42,7 +43,13 @@ class DoubleMesh(Mesh):
         }
 
 
-def compile_mesh(objects: Objects, settings: MeshSettings) -> Mesh:
+def compile_mesh(
+    objects: Objects,
+    settings: MeshSettings,
+    previous: Mesh | None = None,
+    *,
+    now: datetime | None = None,
+) -> Mesh:
     pods: dict[Key, PodIdentity] = {}
     for (namespace, name), pod in objects["Pod"].items():
         account = (pod.get("spec") or {}).get("serviceAccountName") or "default"

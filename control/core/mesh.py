@@ -12,6 +12,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 #: The kinds the control plane reads, by the key `objects` holds them under.
@@ -66,7 +67,13 @@ class Mesh:
         raise NotImplementedError
 
 
-def compile_mesh(objects: Objects, settings: MeshSettings) -> Mesh:
+def compile_mesh(
+    objects: Objects,
+    settings: MeshSettings,
+    previous: Mesh | None = None,
+    *,
+    now: datetime | None = None,
+) -> Mesh:
     raise NotImplementedError
 
 
