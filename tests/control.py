@@ -35,6 +35,48 @@ from tests.control_double import PATCH
 from tests.support import TRUST_DOMAIN
 
 CONTROL_ID = f"spiffe://{TRUST_DOMAIN}/ns/outrider-system/sa/outrider-control"
+NAMESPACES = """\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: billing}
+"""
+POD = """\
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {namespace}, labels: {{app: {name}}}}}
+spec:
+  serviceAccountName: {account}
+  containers:
+    - {{name: app, image: app:1, ports: [{{containerPort: 8080}}]}}
+    - {{name: outrider-agent, image: agent:1}}
+"""
+DEFAULT_DENY = """\
+apiVersion: security.outrider.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: default-deny, namespace: shop}
+spec: {}
+"""
+ALLOW_FRONTEND = """\
+apiVersion: security.outrider.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: frontend-reads-api, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+    - from: {principals: ["spiffe://example.org/ns/shop/sa/frontend"]}
+      to: {methods: [GET], paths: ["/api/*"]}
+"""
+
+
+def pod(namespace: str, name: str, account: str) -> str:
+    """An injected pod, as its Deployment's template would make it."""
+    return POD.format(namespace=namespace, name=name, account=account)
+
+
 _READY = re.compile(r"on [^ ]+:(\d+) \(gRPC, mTLS\), debug on http://[^ ]+:(\d+)")
 
 
@@ -107,6 +149,36 @@ class ControlProcess:
 
     def channel(self, credential: Credential | None) -> Channel:
         return Channel("127.0.0.1", self.grpc_port, ssl=self.client_context(credential))
+
+
+@dataclass(frozen=True)
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def outrider(*args: str) -> Ran:
+    """`outrider ARGS...` as a process, to its end."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "outrider",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    return Ran(process.returncode or 0, out.decode(), err.decode())
+
+
+async def ready(control: ControlProcess) -> None:
+    """Until /ready answers 200: every kind listed, the mesh compiled."""
+
+    async def answers() -> bool:
+        return (await control.debug("/ready"))[0] == 200
+
+    await eventually(answers, timeout=10)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
@@ -228,10 +300,17 @@ async def subscribed(
 
 
 __all__ = [
+    "ALLOW_FRONTEND",
+    "DEFAULT_DENY",
+    "NAMESPACES",
     "ControlProcess",
+    "Ran",
     "Subscription",
     "TestCa",
     "control_plane",
     "eventually",
+    "outrider",
+    "pod",
+    "ready",
     "subscribed",
 ]

@@ -35,6 +35,20 @@ PLURALS = {
     "GRPCRoute": ("gateway.networking.k8s.io", "v1", "grpcroutes"),
 }
 BY_PLURAL = {plural: kind for kind, (_, _, plural) in PLURALS.items()}
+BUILT_IN = {"Pod", "Service", "EndpointSlice"}
+DEFAULT_CRDS: tuple[Path, ...] = tuple(
+    path
+    for path in sorted((Path(__file__).parents[1] / "deploy" / "base" / "crds").glob("*.yaml"))
+    if path.name != "kustomization.yaml"
+)
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    method: str
+    path: str
+    query: dict[str, str]
+    verb: str
 
 
 @dataclass
@@ -47,8 +61,20 @@ class FakeApiServer:
     events: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
     version: int = 100
     oldest: int = 0  # watches from before this get 410
-    patches: list[tuple[str, str, str, dict[str, Any]]] = field(default_factory=list)
+    requests: list[LoggedRequest] = field(default_factory=list)
+    faults: list[list[Any]] = field(default_factory=list)  # [count, code, verbs]
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _dropped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def fail_next(
+        self, count: int, code: int = 500, verbs: Iterable[str] = ("list", "watch")
+    ) -> None:
+        self.faults.append([count, code, set(verbs)])
+
+    def drop_watches(self, *, abrupt: bool = False) -> int:
+        self._dropped.set()
+        self._dropped = asyncio.Event()
+        return 0
 
     def kubeconfig(self, path: Path) -> Path:
         ca = base64.b64encode(self.ca_file.read_bytes()).decode()
@@ -81,7 +107,7 @@ class FakeApiServer:
     def apply(self, text: str) -> list[dict[str, Any]]:
         applied = []
         for doc in yaml.safe_load_all(text):
-            if not doc:
+            if not doc or doc["kind"] == "Namespace":
                 continue
             kind, meta = doc["kind"], doc["metadata"]
             meta.setdefault("namespace", "default")
@@ -105,7 +131,7 @@ class FakeApiServer:
         return self.objects[(kind, namespace, name)]
 
     def compact(self) -> None:
-        self.oldest = self.version + 1
+        self.oldest = self.version
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Authorization") != f"Bearer {self.token}":
@@ -115,6 +141,13 @@ class FakeApiServer:
         kind = BY_PLURAL.get(plural)
         if kind is None or kind in self.missing:
             raise web.HTTPNotFound(text='{"kind":"Status","code":404}')
+        watching = request.query.get("watch") == "true"
+        verb = "patch" if request.method == "PATCH" else "watch" if watching else "list"
+        self.requests.append(LoggedRequest(request.method, request.path, dict(request.query), verb))
+        for fault in self.faults:
+            if fault[0] > 0 and verb in fault[2]:
+                fault[0] -= 1
+                raise web.HTTPServiceUnavailable()
         if request.method == "PATCH":
             return await self.patch_status(request, kind, parts[-4], parts[-2])
         if request.query.get("watch") != "true":
@@ -122,7 +155,7 @@ class FakeApiServer:
             body = {"items": items, "metadata": {"resourceVersion": str(self.version)}}
             return web.json_response(body)
         since = int(request.query["resourceVersion"])
-        if since < self.oldest - 1:
+        if since < self.oldest:
             raise web.HTTPGone(text='{"kind":"Status","code":410,"reason":"Expired"}')
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)
@@ -135,7 +168,13 @@ class FakeApiServer:
                             line = json.dumps({"type": type_, "object": obj}) + "\n"
                             await response.write(line.encode())
                             since = version
-                    await self._changed.wait()
+                    changed = asyncio.ensure_future(self._changed.wait())
+                    dropped = asyncio.ensure_future(self._dropped.wait())
+                    await asyncio.wait({changed, dropped}, return_when=asyncio.FIRST_COMPLETED)
+                    changed.cancel()
+                    dropped.cancel()
+                    if dropped.done() and not dropped.cancelled():
+                        return response
         except TimeoutError:
             pass
         return response
@@ -147,7 +186,6 @@ class FakeApiServer:
         if obj is None:
             raise web.HTTPNotFound(text='{"kind":"Status","code":404}')
         body = await request.json()
-        self.patches.append((kind, namespace, name, body["status"]))
         obj["status"] = body["status"]
         self._record(kind, "MODIFIED", obj)
         return web.json_response(obj)
@@ -155,15 +193,19 @@ class FakeApiServer:
 
 @asynccontextmanager
 async def fake_api_server(
-    root: Path, *, crds: Iterable[str] = tuple(PLURALS), port: int = 0
+    root: Path, *, crds: Iterable[Path] = DEFAULT_CRDS, port: int = 0, **options: Any
 ) -> AsyncIterator[FakeApiServer]:
+    root.mkdir(parents=True, exist_ok=True)
+    served = set(BUILT_IN)
+    for crd in crds:
+        served.add(yaml.safe_load(Path(crd).read_text())["spec"]["names"]["kind"])
     if (root / "cert.pem").exists():  # a restart: the same certificate, as kubeconfigs hold it
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(root / "cert.pem", root / "key.pem")
         tls = LoopbackTls(root / "cert.pem", context)
     else:
         tls = loopback_tls(root, "fake-apiserver")
-    server = FakeApiServer(missing=set(PLURALS) - set(crds))
+    server = FakeApiServer(missing=set(PLURALS) - served)
     server.ca_file = tls.ca_file
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", server.handle)

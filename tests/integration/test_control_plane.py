@@ -5,71 +5,49 @@ on: it gets its own pod's configuration at once and every change within 2 s;
 an SVID cannot fetch another namespace's pod, nor a pod of another service
 account; no client certificate, no connection. What an operator relies on:
 Acks and Nacks in /debug/agents and `outrider proxy-status`, statuses written
-back once, and a resync after the API server restarts or expires history.
+back once, and a resync after the API server fails or expires its history.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from tests.control import ControlProcess, control_plane, eventually, subscribed
-from tests.control_fake_api import FakeApiServer, fake_api_server
+from tests.control import (
+    ALLOW_FRONTEND,
+    CONTROL_ID,
+    DEFAULT_DENY,
+    NAMESPACES,
+    ControlProcess,
+    Ran,
+    control_plane,
+    eventually,
+    outrider,
+    pod,
+    ready,
+    subscribed,
+)
+from tests.control_fake_api import DEFAULT_CRDS, FakeApiServer, fake_api_server
 from tests.support import free_port, scraped
 
-POD = """\
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {namespace}, labels: {{app: {name}}}}}
-spec:
-  serviceAccountName: {account}
-  containers:
-    - {{name: app, image: app:1, ports: [{{containerPort: 8080}}]}}
-    - {{name: outrider-agent, image: agent:1}}
-"""
-DEFAULT_DENY = """\
-apiVersion: security.outrider.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: default-deny, namespace: shop}
-spec: {}
-"""
-ALLOW_FRONTEND = """\
-apiVersion: security.outrider.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: frontend-reads-api, namespace: shop}
-spec:
-  selector: {matchLabels: {app: web}}
-  rules:
-    - from: {principals: ["spiffe://example.org/ns/shop/sa/frontend"]}
-      to: {methods: [GET], paths: ["/api/*"]}
-"""
 INVALID = """\
 apiVersion: security.outrider.io/v1alpha1
 kind: AuthorizationPolicy
 metadata: {name: broken, namespace: shop}
 spec: {action: MAYBE}
 """
-
-
-def pod(namespace: str, name: str, account: str) -> str:
-    return POD.format(namespace=namespace, name=name, account=account)
-
-
-async def ready(control: ControlProcess) -> None:
-    async def answers() -> bool:
-        return (await control.debug("/ready"))[0] == 200
-
-    await eventually(answers, timeout=10)
+RESTARTS = "outrider_control_watch_restarts_total"
+GATEWAY_API = Path(__file__).parents[1] / "fixtures" / "gateway-api"
+#: Outrider's CRDs and Gateway API's routes, as a cluster with the whole mesh has.
+EVERY_CRD = (*DEFAULT_CRDS, *sorted(GATEWAY_API.glob("*.yaml")))
 
 
 async def agents_where(
@@ -91,10 +69,14 @@ def policy(api: FakeApiServer, name: str) -> dict[str, Any]:
     return api.get("security.outrider.io/v1alpha1", "AuthorizationPolicy", "shop", name)
 
 
+async def proxy_status(url: str) -> Ran:
+    return await outrider("proxy-status", "--control", url)
+
+
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[FakeApiServer]:
-    (tmp_path / "api").mkdir()
-    async with fake_api_server(tmp_path / "api") as server:
+    async with fake_api_server(tmp_path / "api", crds=EVERY_CRD) as server:
+        server.apply(NAMESPACES)
         server.apply(pod("shop", "web", "web"))
         server.apply(DEFAULT_DENY)
         yield server
@@ -236,83 +218,61 @@ async def test_an_invalid_policy_gets_accepted_false_written_once(
     assert condition["message"].startswith("spec.action")
     assert policy(api, "default-deny")["status"]["conditions"][0]["status"] == "True"
     await asyncio.sleep(0.5)  # its own write comes back through the watch: nothing more to write
-    written = [(kind, ns, name) for kind, ns, name, _ in api.patches]
-    assert sorted(written) == [
-        ("AuthorizationPolicy", "shop", "broken"),
-        ("AuthorizationPolicy", "shop", "default-deny"),
+    written = sorted(r.path for r in api.requests if r.method == "PATCH")
+    assert written == [
+        "/apis/security.outrider.io/v1alpha1/namespaces/shop/authorizationpolicies/broken/status",
+        "/apis/security.outrider.io/v1alpha1/namespaces/shop/authorizationpolicies/default-deny/status",
     ]
 
 
-async def test_after_the_api_server_restarts_with_expired_history_the_agents_resync(
-    tmp_path: Path,
+async def test_after_the_api_server_fails_and_forgets_its_history_the_agents_resync(
+    control: ControlProcess, api: FakeApiServer
 ) -> None:
-    port = free_port()
-    root = tmp_path / "api"
-    root.mkdir()
-    first_run = fake_api_server(root, port=port)
-    api = await first_run.__aenter__()
-    try:
+    async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
+        first, _ = await agent.next()
+        # A restart, as the control plane sees one: every watch cut, the next requests
+        # refused, and the server back without the history it had; a policy was
+        # added meanwhile.
+        api.fail_next(4, 503)
+        api.drop_watches(abrupt=True)
+        api.apply(ALLOW_FRONTEND)
+        api.compact()
+        second, config = await agent.next(timeout=10)
+        assert second != first
+        names = [p["name"] for p in config["policy"]["policies"]]
+        assert "shop/frontend-reads-api" in names
+        _, agents = await control.debug("/debug/agents")
+        assert agents[0]["latest"] == second
+
+
+async def test_a_watch_from_expired_history_lists_again_and_goes_on(tmp_path: Path) -> None:
+    # No bookmarks: each kind's watch stays at its last event, which compact() expires.
+    async with fake_api_server(tmp_path / "api", crds=EVERY_CRD, bookmark_interval=3600) as api:
+        api.apply(NAMESPACES)
         api.apply(pod("shop", "web", "web"))
         async with control_plane(tmp_path, api) as control:
             await ready(control)
             async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
                 first, _ = await agent.next()
-                objects, version = list(api.objects.values()), api.version
-                await first_run.__aexit__(None, None, None)
-                first_run = None
-                # Another server on the port, its history starting later, with a policy that
-                # was added while the control plane could not see.
-                async with fake_api_server(root, port=port) as restarted:
-                    restarted.version = version + 1000
-                    restarted.apply("\n---\n".join(map(_as_applied, objects)))
-                    restarted.apply(DEFAULT_DENY)
-                    restarted.compact()
-                    second, config = await agent.next(timeout=10)
-                    assert second != first
-                    names = [p["name"] for p in config["policy"]["policies"]]
-                    assert names == ["shop/default-deny"]
-                    _, agents = await control.debug("/debug/agents")
-                    assert agents[0]["latest"] == second
-                    _, metrics = await control.debug("/metrics")
-                    restarts = "outrider_control_watch_restarts_total"
-                    assert scraped(metrics, restarts, kind="AuthorizationPolicy") >= 1
-    finally:
-        if first_run is not None:
-            await first_run.__aexit__(None, None, None)
+                api.compact()
+                api.drop_watches()
 
+                async def relisted() -> bool:
+                    metrics = (await control.debug("/metrics"))[1]
+                    return scraped(metrics, RESTARTS, kind="Pod") >= 1
 
-def _as_applied(obj: dict[str, Any]) -> str:
-    return yaml.safe_dump({k: v for k, v in obj.items() if k != "status"})
-
-
-@dataclass(frozen=True)
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-async def proxy_status(url: str) -> Ran:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "outrider",
-        "proxy-status",
-        "--control",
-        url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    return Ran(process.returncode or 0, out.decode(), err.decode())
+                await eventually(relisted, timeout=10)
+                api.apply(DEFAULT_DENY)
+                second, config = await agent.next(timeout=2)
+                assert second != first
+                assert [p["name"] for p in config["policy"]["policies"]] == ["shop/default-deny"]
 
 
 async def test_without_gateway_api_installed_the_control_plane_is_ready_and_serves(
     tmp_path: Path,
 ) -> None:
-    (tmp_path / "api").mkdir()
-    outrider_only = ("Pod", "Service", "EndpointSlice", "AuthorizationPolicy", "TrafficPolicy")
-    async with fake_api_server(tmp_path / "api", crds=outrider_only) as api:
+    async with fake_api_server(tmp_path / "api") as api:  # Outrider's CRDs only
+        api.apply(NAMESPACES)
         api.apply(pod("shop", "web", "web"))
         async with control_plane(tmp_path, api) as control:
             await ready(control)
@@ -324,8 +284,8 @@ async def test_without_gateway_api_installed_the_control_plane_is_ready_and_serv
 
 
 async def test_a_subscription_outlives_the_idle_timeout_of_connections(tmp_path: Path) -> None:
-    (tmp_path / "api").mkdir()
-    async with fake_api_server(tmp_path / "api") as api:
+    async with fake_api_server(tmp_path / "api", crds=EVERY_CRD) as api:
+        api.apply(NAMESPACES)
         api.apply(pod("shop", "web", "web"))
         limits = {"idle_timeout": "1s"}
         async with control_plane(tmp_path, api, limits=limits) as control:
@@ -346,7 +306,7 @@ async def test_a_rotated_svid_is_served_to_new_connections(
     control: ControlProcess, tmp_path: Path
 ) -> None:
     before = await served_certificate(control)
-    renewed = control.ca.svid("spiffe://example.org/ns/outrider-system/sa/outrider-control")
+    renewed = control.ca.svid(CONTROL_ID)
     (tmp_path / "svid" / "svid.key").write_bytes(renewed.key_pem)
     (tmp_path / "svid" / "svid.pem").write_bytes(renewed.chain_pem)
 
@@ -361,8 +321,6 @@ async def test_a_rotated_svid_is_served_to_new_connections(
 
 async def served_certificate(control: ControlProcess) -> bytes:
     """The leaf the control plane presents now, as the start of its PEM."""
-    import ssl
-
     context = control.client_context(control.ca.workload("shop", "web"))
     _, writer = await asyncio.open_connection("127.0.0.1", control.grpc_port, ssl=context)
     ssl_object = writer.get_extra_info("ssl_object")

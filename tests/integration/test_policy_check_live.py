@@ -6,24 +6,32 @@ API server, and are decided by the same engine as files are.
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.control import ControlProcess, control_plane, eventually
+from tests.control import (
+    ALLOW_FRONTEND,
+    DEFAULT_DENY,
+    NAMESPACES,
+    ControlProcess,
+    Ran,
+    control_plane,
+    eventually,
+    outrider,
+    pod,
+    ready,
+)
 from tests.control_fake_api import FakeApiServer, fake_api_server
-from tests.integration.test_control_plane import ALLOW_FRONTEND, DEFAULT_DENY, Ran, pod, ready
 
 FRONTEND = "spiffe://example.org/ns/shop/sa/frontend"
 
 
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[FakeApiServer]:
-    (tmp_path / "api").mkdir()
     async with fake_api_server(tmp_path / "api") as server:
+        server.apply(NAMESPACES)
         server.apply(pod("shop", "web", "web"))
         server.apply(DEFAULT_DENY)
         yield server
@@ -37,18 +45,7 @@ async def control(tmp_path: Path, api: FakeApiServer) -> AsyncIterator[ControlPr
 
 
 async def check(*args: str) -> Ran:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "outrider",
-        "policy",
-        "check",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    return Ran(process.returncode or 0, out.decode(), err.decode())
+    return await outrider("policy", "check", *args)
 
 
 def live(control: ControlProcess, *args: str) -> tuple[str, ...]:
