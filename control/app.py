@@ -28,6 +28,7 @@ from control.sync import Compile, MeshState, StatusWriter
 from control.tls import follow, server_context, stamp
 from identity.configfile import Listen
 from identity.grpcserving import WINDOW, BoundedServer
+from identity.kubewatch import settle
 
 log = logging.getLogger("outrider.control")
 
@@ -36,6 +37,9 @@ KEEPALIVE, KEEPALIVE_TIMEOUT = 60.0, 20.0
 #: A subscription lasts for hours: its acks and window updates earn back the budget
 #: of frames that start no call at this rate (identity.grpcserving).
 CONTROL_FRAMES_PER_SECOND = 2.0
+#: At exit, how long the threads of the API's calls get to end (interrupted watches
+#: end at once; a list in flight may take up to its request timeout).
+SETTLE_SECONDS = 3.0
 
 
 class StartupError(Exception):
@@ -138,6 +142,8 @@ async def serve(
     grpc_server.close()
     await grpc_server.wait_closed()
     await runner.cleanup()
+    if not await settle(SETTLE_SECONDS):
+        log.warning("a call to the API server is still in flight; exiting anyway")
 
 
 def _refresh(config: ControlConfig) -> float:

@@ -81,6 +81,15 @@ class Gone(Exception):
     """404 on one object: it was deleted before its status was written."""
 
 
+class Refused(Exception):
+    """The API server refused a status as it is (422 Invalid, 400, 403): writing the same
+    again would be refused again."""
+
+
+#: Answers to a write that the same write would get again.
+_REFUSALS = (400, 403, 422)
+
+
 class ClusterApi(Protocol):
     """The Kubernetes API, as far as the control plane goes. Its calls block."""
 
@@ -97,7 +106,8 @@ class ClusterApi(Protocol):
     def patch_status(
         self, resource: Resource, namespace: str, name: str, status: Mapping[str, Any]
     ) -> None:
-        """Merge-patch the object's status subresource; raises Gone if it is no more."""
+        """Merge-patch the object's status subresource; raises Gone if it is no more,
+        Refused if the API server will not take this status."""
         ...
 
 
@@ -282,8 +292,11 @@ class KubernetesClusterApi:
                 _request_timeout=REQUEST_SECONDS,
             )
         except Exception as error:
-            if self._status(error) == 404:
+            code = self._status(error)
+            if code == 404:
                 raise Gone(f"{resource.kind} {namespace}/{name}") from None
+            if code in _REFUSALS:
+                raise Refused(f"{code} {getattr(error, 'body', '') or error}") from None
             raise
 
 

@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from control.core.mesh import Mesh, MeshSettings, Objects
-from control.informers import RESOURCES, ClusterApi, Gone
+from control.informers import RESOURCES, ClusterApi, Gone, Refused
 from control.metrics import ControlMetrics
 from identity.backoff import Backoff
 from identity.kubewatch import call_in_thread
@@ -137,6 +137,8 @@ class StatusWriter:
         # What was written last, at which resourceVersion of the object: until the
         # watch brings the object back with it, the cached status is older than ours.
         self._written: dict[StatusKey, tuple[str, object]] = {}
+        # What the API server refused: the same status is not sent again.
+        self._refused: dict[StatusKey, object] = {}
         self._wake = asyncio.Event()
         self.failures = 0
 
@@ -156,6 +158,8 @@ class StatusWriter:
             return False
         wanted = comparable(status)
         if comparable(obj.get("status") or {}) == wanted:
+            return False
+        if self._refused.get(key) == wanted:
             return False
         return self._written.get(key) != (_version(obj), wanted)
 
@@ -185,6 +189,11 @@ class StatusWriter:
             )
         except Gone:
             self._metrics.status_writes.labels("gone").inc()
+            return
+        except Refused as refused:  # a bug in the status or the CRD: say so once, never loop
+            self._metrics.status_writes.labels("refused").inc()
+            self._refused[key] = comparable(status)
+            log.error("the API server refused the status of %s %s/%s: %s", *key, refused)
             return
         except Exception as error:
             self._metrics.status_writes.labels("failed").inc()

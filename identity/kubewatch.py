@@ -26,6 +26,7 @@ import random
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -42,6 +43,7 @@ __all__ = [
     "WatchStream",
     "call_in_thread",
     "key_of",
+    "settle",
 ]
 
 _GONE = 410
@@ -208,6 +210,7 @@ class Pump(Generic[T]):
         self._stop = threading.Event()
         self._iterator: Iterator[T] | None = None
         self.thread = threading.Thread(target=self._run, args=(produce,), name=name, daemon=True)
+        _THREADS.add(self.thread)
 
     def _run(self, produce: Callable[[], Iterator[T]]) -> None:
         try:
@@ -263,6 +266,27 @@ class Pump(Generic[T]):
     ) -> None:
         self._stop.set()
         self._interrupt()
+
+
+#: Every pump's thread, while it exists: what `settle` waits for.
+_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+_SETTLE_POLL = 0.01
+
+
+async def settle(within: float) -> bool:
+    """Wait, up to `within` seconds, until no pump's thread runs; True if none does.
+
+    For a process about to exit: a daemon thread still inside OpenSSL (a watch
+    just interrupted, closing its connection) when the interpreter and OpenSSL
+    tear down makes the process abort. An interrupted watch ends at once; a
+    list in flight within its request timeout.
+    """
+    deadline = time.monotonic() + within
+    while any(thread.is_alive() for thread in list(_THREADS)):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(_SETTLE_POLL)
+    return True
 
 
 async def call_in_thread(function: Callable[..., T], *args: Any, name: str) -> T:

@@ -2,7 +2,7 @@
 
 Pods (with their service accounts), each namespace's AuthorizationPolicies
 as the pod's inline policies, and an Accepted status per policy (Invalid for
-an action other than ALLOW, DENY, AUDIT). TO BE DELETED once control/core
+a path with a '*' before its end). TO BE DELETED once control/core
 compiles for real; `PATCH` is the `python -c` program that starts
 `outrider` with it in place.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from control.core.mesh import Key, Mesh, MeshSettings, Objects, PodIdentity
@@ -59,12 +59,20 @@ def compile_mesh(
     for (namespace, name), obj in sorted(objects["AuthorizationPolicy"].items()):
         spec = obj.get("spec") or {}
         action = spec.get("action", "ALLOW")
-        ok = action in ("ALLOW", "DENY", "AUDIT")
+        paths = [
+            (i, j, path)
+            for i, rule in enumerate(spec.get("rules") or [])
+            for j, path in enumerate((rule.get("to") or {}).get("paths") or [])
+            if "*" in path[:-1]
+        ]
+        ok = not paths
+        why = "" if ok else f"spec.rules[{paths[0][0]}].to.paths[{paths[0][1]}]: '*' inside"
         condition = {
             "type": "Accepted",
             "status": "True" if ok else "False",
             "reason": "Accepted" if ok else "Invalid",
-            "message": "" if ok else f"spec.action: {action!r} is not ALLOW, DENY or AUDIT",
+            "message": why,
+            "lastTransitionTime": (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "observedGeneration": obj["metadata"].get("generation", 1),
         }
         statuses[("AuthorizationPolicy", namespace, name)] = {

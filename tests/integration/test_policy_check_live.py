@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.apiserver import FakeApiServer, fake_api_server
 from tests.control import (
     ALLOW_FRONTEND,
     DEFAULT_DENY,
@@ -23,7 +24,6 @@ from tests.control import (
     pod,
     ready,
 )
-from tests.control_fake_api import FakeApiServer, fake_api_server
 
 FRONTEND = "spiffe://example.org/ns/shop/sa/frontend"
 
