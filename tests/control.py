@@ -1,316 +1,259 @@
-"""The control plane for tests: `outrider control serve` as a real process, and agents' streams.
+"""A small control plane for tests: a real grpclib server of control.proto over mTLS.
 
-`control_plane(root, api)` writes the control plane's SVID (from a test CA),
-control.yaml and a kubeconfig for the fake API server, starts the process
-and waits for its ready line. `Subscription` is an agent's side of the
-Subscribe stream, with an SVID of the test CA: Hello, then snapshots in,
-Acks and Nacks out.
+It serves every subscriber the one config it holds (no API server, no mesh
+compiling: `control/` is the real thing) and records what agents say: their
+Hello, the SVID they connected with, and each Ack or Nack. It runs on an
+event loop of its own in a thread, so tests that block on agent processes
+(urllib, stderr) can drive it; every method is safe to call from the test's
+thread. `stop()` and `start()` take it away and bring it back on the same
+port, as a restarting control plane would be.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
-import os
-import re
-import signal
 import ssl
-import sys
-import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import yaml
-from grpclib.client import Channel, Stream
+from cryptography import x509
+from grpclib.server import Server, Stream
 
-from ca.signers.local import init_ca
+from agent.adapters.control_plane import ssl_object
+from identity import SpiffeId
 from identity.proto import control_pb2
-from identity.proto.control_grpc import ControlPlaneStub
-from tests.certs import Credential, Shape, SigningCa, issue
-from tests.control_double import PATCH
-from tests.support import TRUST_DOMAIN
+from identity.proto.control_grpc import ControlPlaneBase
+from tests import certs
+from tests.support import TRUST_DOMAIN, CaSetup, free_port
 
-CONTROL_ID = f"spiffe://{TRUST_DOMAIN}/ns/outrider-system/sa/outrider-control"
-NAMESPACES = """\
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: billing}
-"""
-POD = """\
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {namespace}, labels: {{app: {name}}}}}
-spec:
-  serviceAccountName: {account}
-  containers:
-    - {{name: app, image: app:1, ports: [{{containerPort: 8080}}]}}
-    - {{name: outrider-agent, image: agent:1}}
-"""
-DEFAULT_DENY = """\
-apiVersion: security.outrider.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: default-deny, namespace: shop}
-spec: {}
-"""
-ALLOW_FRONTEND = """\
-apiVersion: security.outrider.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: frontend-reads-api, namespace: shop}
-spec:
-  selector: {matchLabels: {app: web}}
-  rules:
-    - from: {principals: ["spiffe://example.org/ns/shop/sa/frontend"]}
-      to: {methods: [GET], paths: ["/api/*"]}
-"""
+T = TypeVar("T")
+
+#: Who the agents expect (agent/config.py's default for control.spiffe_id).
+CONTROL_ID = SpiffeId.for_workload(TRUST_DOMAIN, "outrider-system", "outrider-control")
 
 
-def pod(namespace: str, name: str, account: str) -> str:
-    """An injected pod, as its Deployment's template would make it."""
-    return POD.format(namespace=namespace, name=name, account=account)
-
-
-_READY = re.compile(r"on [^ ]+:(\d+) \(gRPC, mTLS\), debug on http://[^ ]+:(\d+)")
-
-
-class KubeconfigSource:
-    """What the control plane needs of a fake API server (tests/apiserver.py's interface)."""
-
-    def kubeconfig(self, path: Path) -> Path: ...
+def version_of(config: dict[str, Any]) -> str:
+    """As control.core.mesh.version_of: a content hash, the same on every replica."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass
-class TestCa:
-    """A CA directory of the test trust domain; issues SVIDs for any SPIFFE ID."""
+class Subscriber:
+    """One stream: what the agent said, and with which SVID."""
 
-    directory: Path
-
-    @classmethod
-    def create(cls, directory: Path) -> TestCa:
-        if not (directory / "intermediate.pem").exists():
-            init_ca(directory, TRUST_DOMAIN, datetime.now(UTC), force=False)
-        return cls(directory)
-
-    @property
-    def bundle_pem(self) -> bytes:
-        return (self.directory / "bundle.pem").read_bytes()
-
-    def svid(self, spiffe_id: str) -> Credential:
-        return issue(SigningCa.load(self.directory), Shape(uris=(spiffe_id,)))
-
-    def workload(self, namespace: str, account: str) -> Credential:
-        return self.svid(f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{account}")
+    pod: str
+    agent_version: str
+    running_version: str
+    spiffe_id: str
+    serial: int
+    answers: list[tuple[str, str, str]] = field(default_factory=list)  # (ack|nack, version, error)
+    outbox: asyncio.Queue[control_pb2.Snapshot] = field(default_factory=asyncio.Queue)
 
 
-@dataclass
-class ControlProcess:
-    grpc_port: int
-    debug_port: int
-    ca: TestCa
-    log: list[str]
-    process: asyncio.subprocess.Process
+class ControlPlane(ControlPlaneBase):
+    def __init__(self) -> None:
+        self.config: dict[str, Any] | None = None
+        self.raw: bytes | None = None  # sent as is when set: a snapshot that is not JSON
+        self.subscribers: list[Subscriber] = []  # connected now
+        self.history: list[Subscriber] = []  # every stream ever opened, in order
+        self.transports: set[asyncio.BaseTransport] = set()  # what `cut` closes
 
-    @property
-    def debug_url(self) -> str:
-        return f"http://127.0.0.1:{self.debug_port}"
+    def snapshot(self) -> control_pb2.Snapshot | None:
+        if self.config is None:
+            return None
+        data = self.raw if self.raw is not None else json.dumps(self.config).encode()
+        return control_pb2.Snapshot(version=version_of(self.config), config_json=data)
 
-    def get(self, path: str) -> tuple[int, Any]:
-        """GET from the debug port (blocking: call through asyncio.to_thread)."""
-        try:
-            with urllib.request.urlopen(self.debug_url + path, timeout=5) as answer:
-                body = answer.read()
-                status = answer.status
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        kind = answer.headers.get("Content-Type", "")
-        return status, json.loads(body) if "json" in kind else body.decode()
-
-    async def debug(self, path: str) -> tuple[int, Any]:
-        return await asyncio.to_thread(self.get, path)
-
-    def client_context(self, credential: Credential | None) -> ssl.SSLContext:
-        """An agent's TLS: trusts the bundle, presents `credential`, speaks h2."""
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False  # the control plane's name is its SPIFFE ID
-        context.load_verify_locations(cadata=self.ca.bundle_pem.decode())
-        context.set_alpn_protocols(["h2"])
-        if credential is not None:
-            from identity.tlsfiles import load_cert_chain
-
-            load_cert_chain(context, credential.chain_pem, credential.key_pem)
-        return context
-
-    def channel(self, credential: Credential | None) -> Channel:
-        return Channel("127.0.0.1", self.grpc_port, ssl=self.client_context(credential))
-
-
-@dataclass(frozen=True)
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-async def outrider(*args: str) -> Ran:
-    """`outrider ARGS...` as a process, to its end."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "outrider",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    return Ran(process.returncode or 0, out.decode(), err.decode())
-
-
-async def ready(control: ControlProcess) -> None:
-    """Until /ready answers 200: every kind listed, the mesh compiled."""
-
-    async def answers() -> bool:
-        return (await control.debug("/ready"))[0] == 200
-
-    await eventually(answers, timeout=10)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    """Wait until `check()` is true; TimeoutError after `timeout`."""
-    async with asyncio.timeout(timeout):
-        while not await check():  # noqa: ASYNC110 - a poll of another process's state
-            await asyncio.sleep(0.05)
-
-
-@asynccontextmanager
-async def control_plane(
-    root: Path, api: KubeconfigSource, **overrides: object
-) -> AsyncIterator[ControlProcess]:
-    """`outrider control serve` against `api`; stopped with SIGTERM, which must exit 0."""
-    ca = TestCa.create(root / "ca")
-    own = ca.svid(CONTROL_ID)
-    svid_dir = root / "svid"
-    svid_dir.mkdir(exist_ok=True)
-    (svid_dir / "svid.pem").write_bytes(own.chain_pem)
-    (svid_dir / "svid.key").write_bytes(own.key_pem)
-    (svid_dir / "bundle.pem").write_bytes(ca.bundle_pem)
-    config: dict[str, object] = {
-        "trust_domain": str(TRUST_DOMAIN),
-        "listen": "127.0.0.1:0",
-        "debug": "127.0.0.1:0",
-        "tls": {
-            "cert_file": "svid/svid.pem",
-            "key_file": "svid/svid.key",
-            "bundle_file": "svid/bundle.pem",
-        },
-        **overrides,
-    }
-    (root / "control.yaml").write_text(yaml.safe_dump(config))
-    kubeconfig = api.kubeconfig(root / "kubeconfig")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        PATCH,
-        "control",
-        "serve",
-        "--config",
-        str(root / "control.yaml"),
-        "--kubeconfig",
-        str(kubeconfig),
-        stderr=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    log: list[str] = []
-    assert process.stderr is not None
-    ready = None
-    async with asyncio.timeout(20):
-        while ready is None:
-            line = (await process.stderr.readline()).decode()
-            if not line:
-                raise AssertionError("the control plane did not start:\n" + "".join(log))
-            log.append(line)
-            ready = _READY.search(line)
-    drain = asyncio.create_task(_drain(process.stderr, log))
-    try:
-        yield ControlProcess(int(ready[1]), int(ready[2]), ca, log, process)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(10):
-            code = await process.wait()
-        await drain
-        assert code == 0, f"the control plane exited {code} on SIGTERM:\n" + "".join(log)
-
-
-async def _drain(stream: asyncio.StreamReader, log: list[str]) -> None:
-    while line := await stream.readline():
-        log.append(line.decode())
-
-
-@dataclass
-class Subscription:
-    """One agent's Subscribe stream."""
-
-    stream: Stream[control_pb2.AgentMessage, control_pb2.Snapshot]
-    snapshots: list[control_pb2.Snapshot] = field(default_factory=list)
-
-    async def next(self, timeout: float = 5.0) -> tuple[str, dict[str, Any]]:
-        async with asyncio.timeout(timeout):
-            snapshot = await self.stream.recv_message()
-        assert snapshot is not None, "the control plane ended the stream"
-        self.snapshots.append(snapshot)
-        return snapshot.version, json.loads(snapshot.config_json)
-
-    async def ack(self, version: str) -> None:
-        await self.stream.send_message(
-            control_pb2.AgentMessage(ack=control_pb2.Ack(version=version))
+    async def Subscribe(
+        self, stream: Stream[control_pb2.AgentMessage, control_pb2.Snapshot]
+    ) -> None:
+        first = await stream.recv_message()
+        if first is None or not first.HasField("hello"):
+            return  # not an agent of the protocol (or one that hung up first)
+        hello = first.hello
+        tls = ssl_object(stream.peer)
+        assert tls is not None
+        self.transports.add(stream.peer._transport)  # type: ignore[union-attr]
+        cert = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+        uri = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        subscriber = Subscriber(
+            hello.pod_name,
+            hello.agent_version,
+            hello.running_version,
+            str(uri.value.get_values_for_type(x509.UniformResourceIdentifier)[0]),
+            cert.serial_number,
         )
+        self.subscribers.append(subscriber)
+        self.history.append(subscriber)
+        snapshot = self.snapshot()
+        if snapshot is not None and snapshot.version != hello.running_version:
+            subscriber.outbox.put_nowait(snapshot)
+        sender = asyncio.create_task(self._send(stream, subscriber))
+        try:
+            while (message := await stream.recv_message()) is not None:
+                if message.HasField("ack"):
+                    subscriber.answers.append(("ack", message.ack.version, ""))
+                elif message.HasField("nack"):
+                    nack = message.nack
+                    subscriber.answers.append(("nack", nack.version, nack.error))
+        finally:
+            sender.cancel()
+            self.subscribers.remove(subscriber)
 
-    async def nack(self, version: str, error: str) -> None:
-        message = control_pb2.AgentMessage(nack=control_pb2.Nack(version=version, error=error))
-        await self.stream.send_message(message)
+    async def _send(
+        self,
+        stream: Stream[control_pb2.AgentMessage, control_pb2.Snapshot],
+        subscriber: Subscriber,
+    ) -> None:
+        while True:
+            await stream.send_message(await subscriber.outbox.get())
+
+    def cut(self) -> None:
+        """Close every connection, as the end of the process would."""
+        for transport in self.transports:
+            transport.abort()
+        self.transports.clear()
+
+    def publish(self, config: dict[str, Any], raw: bytes | None = None) -> str:
+        self.config, self.raw = config, raw
+        snapshot = self.snapshot()
+        assert snapshot is not None
+        for subscriber in self.subscribers:
+            subscriber.outbox.put_nowait(snapshot)
+        return snapshot.version
 
 
-@asynccontextmanager
-async def subscribed(
-    control: ControlProcess,
-    credential: Credential | None,
-    pod: str,
+@dataclass
+class Answer:
+    kind: str  # ack or nack
+    error: str
+
+
+class ControlPlaneThread:
+    """The control plane on its own loop; every method may be called from any thread."""
+
+    def __init__(self, context: ssl.SSLContext, port: int) -> None:
+        self.context = context
+        self.port = port
+        self.address = f"127.0.0.1:{port}"
+        self.plane = ControlPlane()
+        self._server: Server | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def _call(self, work: Callable[[], T]) -> T:
+        """`work()` on the control plane's loop, with its result here."""
+        done: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                done.set_result(work())
+            except BaseException as exc:  # handed to the caller
+                done.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(run)
+        return done.result(10)
+
+    def _run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
+
+    def start(self) -> None:
+        async def start() -> Server:
+            server = Server([self.plane])
+            await server.start("127.0.0.1", self.port, ssl=self.context)
+            return server
+
+        self._server = self._run(start())
+
+    def stop(self) -> None:
+        """Away: the port closed, every stream cut."""
+        server, self._server = self._server, None
+        if server is not None:
+
+            async def stop() -> None:
+                server.close()  # grpclib cancels the handlers but keeps their connections
+                self.plane.cut()
+                await server.wait_closed()
+
+            self._run(stop())
+
+    def publish(self, config: dict[str, Any], raw: bytes | None = None) -> str:
+        """Serve `config` (as JSON, or `raw` bytes under its version) to every agent."""
+        return self._call(lambda: self.plane.publish(config, raw))
+
+    def connected(self) -> list[Subscriber]:
+        """The streams open now."""
+        return self._call(lambda: list(self.plane.subscribers))
+
+    def streams(self) -> list[Subscriber]:
+        """Every stream that said Hello so far, open or not, in order."""
+        return self._call(lambda: list(self.plane.history))
+
+    def answer(self, version: str, timeout: float = 10.0) -> Answer:
+        """The first Ack or Nack of `version` on any stream, waited for."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for subscriber in self.streams():
+                for kind, answered, error in list(subscriber.answers):
+                    if answered == version:
+                        return Answer(kind, error)
+            time.sleep(0.02)
+        raise AssertionError(f"no agent answered version {version} within {timeout}s")
+
+    def wait_for_streams(self, count: int, timeout: float = 10.0) -> list[Subscriber]:
+        """Every stream opened so far, once there are `count`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.streams()
+            if len(history) >= count:
+                return history
+            time.sleep(0.02)
+        raise AssertionError(f"fewer than {count} streams within {timeout}s")
+
+    def close(self) -> None:
+        self.stop()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+
+def control_context(setup: CaSetup, spiffe_id: SpiffeId = CONTROL_ID) -> ssl.SSLContext:
+    """The control plane's TLS: an SVID of our CA naming `spiffe_id`, client SVIDs required."""
+    context = certs.server_context(setup.bundle_pem, certs.valid_svid(setup, spiffe_id))
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+@contextmanager
+def control_plane(
+    setup: CaSetup,
+    config: dict[str, Any] | None = None,
     *,
-    running_version: str = "",
-) -> AsyncIterator[Subscription]:
-    """A stream that has sent its Hello for `pod`."""
-    channel = control.channel(credential)
+    spiffe_id: SpiffeId = CONTROL_ID,
+    started: bool = True,
+) -> Iterator[ControlPlaneThread]:
+    """A control plane serving `config` on a fixed loopback port (`.address`)."""
+    plane = ControlPlaneThread(control_context(setup, spiffe_id), free_port())
+    if config is not None:
+        plane.publish(config)
+    if started:
+        plane.start()
     try:
-        async with ControlPlaneStub(channel).Subscribe.open() as stream:
-            hello = control_pb2.Hello(
-                pod_name=pod, agent_version="tests", running_version=running_version
-            )
-            await stream.send_message(control_pb2.AgentMessage(hello=hello))
-            yield Subscription(stream)
-            await stream.cancel()
+        yield plane
     finally:
-        channel.close()
+        plane.close()
 
 
-__all__ = [
-    "ALLOW_FRONTEND",
-    "DEFAULT_DENY",
-    "NAMESPACES",
-    "ControlProcess",
-    "Ran",
-    "Subscription",
-    "TestCa",
-    "control_plane",
-    "eventually",
-    "outrider",
-    "pod",
-    "ready",
-    "subscribed",
-]
+def bootstrap(address: str, pod: str = "web-0", **control: Any) -> dict[str, Any]:
+    """agent.yaml's control section for the control plane at `address`."""
+    return {"address": address, "server_name": "localhost", "pod": pod, **control}

@@ -31,7 +31,7 @@ from agent.core.policy import (
     duplicates,
 )
 
-__all__ = ["PolicyError", "load_policy_files", "parse_policies"]
+__all__ = ["PolicyError", "load_policy_files", "parse_policies", "parse_policy_list"]
 
 
 class PolicyError(Exception):
@@ -86,6 +86,17 @@ def parse_policies(text: str, source: str) -> tuple[Policy, ...]:
     if reader.errors:
         raise PolicyError(reader.errors)
     return tuple(policies)
+
+
+def parse_policy_list(items: Sequence[object], source: str) -> tuple[Policy, ...]:
+    """Policies given as data (agent.yaml's `policy.policies`, a control-plane snapshot):
+    the items of a file's `policies:` list, checked as a file's are; PolicyError if not.
+
+    Written back as YAML and read by the files' reader, so that the one reader
+    checks every source; the line numbers count in that text.
+    """
+    text = yaml.safe_dump({"policies": list(items)}, sort_keys=False)
+    return parse_policies(text, source)
 
 
 def _policy(reader: _Reader, node: yaml.Node, path: str) -> Policy | None:

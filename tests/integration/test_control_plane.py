@@ -22,7 +22,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from tests.apiserver import DEFAULT_CRDS, FakeApiServer, fake_api_server
-from tests.control import (
+from tests.control_process import (
     ALLOW_FRONTEND,
     CONTROL_ID,
     DEFAULT_DENY,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.apiserver import FakeApiServer, fake_api_server
-from tests.control import (
+from tests.control_process import (
     ALLOW_FRONTEND,
     DEFAULT_DENY,
     NAMESPACES,

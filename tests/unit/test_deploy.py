@@ -772,16 +772,7 @@ def test_the_injector_config_is_one_injector_serve_accepts(
         pytest.skip("injector.config is not there yet: the injector lands with this issue")
     path = tmp_path / "injector.yaml"
     path.write_text(one(overlay, "ConfigMap", "outrider-injector-config")["data"]["injector.yaml"])
-    try:
-        config = injector_config.load(path, require_tls=True)
-    except injector_config.ConfigError as exc:
-        # Until the injector's own change of this issue teaches it `control:`:
-        # the rest of the file must still be one it accepts. Remove at merge.
-        if exc.errors != ["control: unknown key"]:
-            raise
-        raw = config_file(overlay, "outrider-injector-config", "injector.yaml")
-        del raw["control"]
-        config = injector_config.parse(raw, base=tmp_path, require_tls=True)
+    config = injector_config.load(path, require_tls=True)
     assert str(config.settings.trust_domain) == "cluster.local"
     assert config.settings.system_namespace == SYSTEM
     assert config.tls is not None
