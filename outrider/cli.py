@@ -389,10 +389,9 @@ def _live_policies(
     args: argparse.Namespace,
 ) -> tuple[Any, Literal["allow-authenticated", "deny"]]:
     """The policies and default action the control plane gives the pod now."""
-    import json
     import urllib.parse
 
-    from agent.core.policyfile import parse_policies
+    from agent.core.policyfile import parse_policy_list
 
     namespace, slash, name = (args.pod or "").partition("/")
     if not slash or not namespace or not name:
@@ -401,8 +400,7 @@ def _live_policies(
     answer = _control_get(args.control, f"/debug/config?{query}")
     policy = answer.get("config", {}).get("policy") or {}
     source = f"{args.control} pod {args.pod} version {answer.get('version')}"
-    # JSON is YAML: the policy-file reader checks the inline list as the agent does.
-    policies = parse_policies(json.dumps({"policies": policy.get("policies") or []}), source)
+    policies = parse_policy_list(policy.get("policies") or [], source)  # as the agent reads them
     action = args.default_action or policy.get("default_action", "allow-authenticated")
     if action not in ("allow-authenticated", "deny"):
         raise CommandError(f"{source}: default_action {action!r} is not one this command knows")
