@@ -190,10 +190,14 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0)
 
 @asynccontextmanager
 async def control_plane(
-    root: Path, api: KubeconfigSource, **overrides: object
+    root: Path, api: KubeconfigSource, *, ca_dir: Path | None = None, **overrides: object
 ) -> AsyncIterator[ControlProcess]:
-    """`outrider control serve` against `api`; stopped with SIGTERM, which must exit 0."""
-    ca = TestCa.create(root / "ca")
+    """`outrider control serve` against `api`; stopped with SIGTERM, which must exit 0.
+
+    Its SVID and bundle come from the CA directory `ca_dir` (another test's, so that
+    its agents trust it), else from a new one under `root`.
+    """
+    ca = TestCa.create(ca_dir or root / "ca")
     own = ca.svid(CONTROL_ID)
     svid_dir = root / "svid"
     svid_dir.mkdir(exist_ok=True)
