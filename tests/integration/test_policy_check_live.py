@@ -26,6 +26,15 @@ from tests.control_process import (
 )
 
 FRONTEND = "spiffe://example.org/ns/shop/sa/frontend"
+#: Port 8080 of the web pods speaks HTTP: the policies' methods and paths apply there.
+WEB_SERVICE = """\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080, appProtocol: http}]
+"""
 
 
 @pytest.fixture
@@ -33,6 +42,7 @@ async def api(tmp_path: Path) -> AsyncIterator[FakeApiServer]:
     async with fake_api_server(tmp_path / "api") as server:
         server.apply(NAMESPACES)
         server.apply(pod("shop", "web", "web"))
+        server.apply(WEB_SERVICE)
         server.apply(DEFAULT_DENY)
         yield server
 
