@@ -12,7 +12,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -97,8 +97,11 @@ async def serve(
     metrics.count_objects(lambda kind: len(informers.caches[kind].objects))
     writer = StatusWriter(api, lambda: informers.objects, metrics)
 
+    warned: dict[tuple[str, str], tuple[str, ...]] = {}
+
     def compiled(mesh: Mesh) -> None:
         writer.offer(mesh.statuses)
+        _log_new_warnings(warned, mesh.pod_warnings)
 
     state = MeshState(
         lambda: informers.objects,
@@ -144,6 +147,19 @@ async def serve(
     await runner.cleanup()
     if not await settle(SETTLE_SECONDS):
         log.warning("a call to the API server is still in flight; exiting anyway")
+
+
+def _log_new_warnings(
+    warned: dict[tuple[str, str], tuple[str, ...]],
+    now: Mapping[tuple[str, str], tuple[str, ...]],
+) -> None:
+    """Pods have no status to write to: what was skipped about one is logged, once."""
+    for (namespace, pod), warnings in now.items():
+        for warning in warnings:
+            if warning not in warned.get((namespace, pod), ()):
+                log.warning("pod %s/%s: %s", namespace, pod, warning)
+    warned.clear()
+    warned.update(now)
 
 
 def _refresh(config: ControlConfig) -> float:

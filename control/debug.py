@@ -1,7 +1,8 @@
 """The control plane's HTTP side: what it serves each agent, health, readiness, metrics.
 
     GET /debug/agents              every subscribed agent: pod, SPIFFE ID, versions, ACK state
-    GET /debug/config?pod=NS/NAME  the configuration the pod gets now, and its version
+    GET /debug/config?pod=NS/NAME  the configuration the pod gets now, its version, and
+                                   what about the pod was skipped, and why
     GET /healthz                   200 while the process serves
     GET /ready                     200 once every kind the API serves has been listed
     GET /metrics                   Prometheus
@@ -16,7 +17,6 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from control.core.mesh import version_of
 from control.metrics import ControlMetrics
 from control.server import ControlPlaneService
 from control.sync import MeshState
@@ -42,7 +42,13 @@ def make_app(
         found = mesh.config_for(namespace, name) if (namespace, name) in mesh.pods else None
         if found is None:
             raise web.HTTPNotFound(text=f"no pod {namespace}/{name} in the mesh\n")
-        body = {"pod": f"{namespace}/{name}", "version": version_of(found), "config": found}
+        body = {
+            "pod": f"{namespace}/{name}",
+            "version": mesh.version_for(namespace, name),
+            "config": found,
+            # What in or about the pod was skipped, and why (a bad upstreams entry...).
+            "warnings": list(mesh.pod_warnings.get((namespace, name), ())),
+        }
         return web.json_response(body)
 
     async def healthz(request: web.Request) -> web.Response:

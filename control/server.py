@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from control.core.mesh import Mesh, version_of
+from control.core.mesh import Mesh
 from control.metrics import ControlMetrics
 from control.sync import MeshState
 from control.tls import peer_spiffe_id
@@ -249,13 +249,14 @@ class ControlPlaneService(ControlPlaneBase):
 
     async def _push(self, stream: SubscribeStream, agent: Agent, mesh: Mesh) -> None:
         why = refusal(mesh, agent.namespace, agent.account, agent.pod_name)
-        config = None if why is not None else mesh.config_for(agent.namespace, agent.pod_name)
-        if config is None:
+        version = None if why is not None else mesh.version_for(agent.namespace, agent.pod_name)
+        if version is None:
             raise self._denied(f"{agent.pod} is gone: {why or 'no configuration for it'}")
-        version = version_of(config)
         agent.latest = version
         if version == agent.sent:
             return
+        config = mesh.config_for(agent.namespace, agent.pod_name)
+        assert config is not None  # it has a version
         if agent.sent_at is not None:
             self._metrics.pushes.labels("superseded").inc()
         await stream.send_message(control_pb2.Snapshot(version=version, config_json=encode(config)))

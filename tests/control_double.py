@@ -86,4 +86,4 @@ def compile_mesh(
                 "rules": spec.get("rules") or [],
             }
             policies.setdefault(namespace, []).append(policy)
-    return DoubleMesh(pods, statuses, policies, settings.default_action)
+    return DoubleMesh(pods, statuses, policies=policies, default_action=settings.default_action)

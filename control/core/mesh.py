@@ -60,11 +60,18 @@ class Mesh:
     #: writes it (status.conditions for Outrider kinds, status.parents for routes),
     #: for every object of an Outrider or Gateway API kind it read.
     statuses: Mapping[tuple[str, str, str], Mapping[str, Any]] = field(default_factory=dict)
+    #: (namespace, pod) -> what in or about the pod was skipped, and why.
+    pod_warnings: Mapping[Key, tuple[str, ...]] = field(default_factory=dict)
 
     def config_for(self, namespace: str, pod: str) -> dict[str, Any] | None:
         """The snapshot's JSON object for this pod (agent.yaml's inbound, outbound and
         policy), or None if the pod is unknown."""
         raise NotImplementedError
+
+    def version_for(self, namespace: str, pod: str) -> str | None:
+        """`version_of(config_for(namespace, pod))`, computed once per Mesh."""
+        config = self.config_for(namespace, pod)
+        return None if config is None else version_of(config)
 
 
 def compile_mesh(
