@@ -12,7 +12,6 @@ port, as a restarting control plane would be.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import ssl
 import threading
@@ -27,6 +26,7 @@ from cryptography import x509
 from grpclib.server import Server, Stream
 
 from agent.adapters.control_plane import ssl_object
+from control.core.mesh import version_of
 from identity import SpiffeId
 from identity.proto import control_pb2
 from identity.proto.control_grpc import ControlPlaneBase
@@ -37,12 +37,6 @@ T = TypeVar("T")
 
 #: Who the agents expect (agent/config.py's default for control.spiffe_id).
 CONTROL_ID = SpiffeId.for_workload(TRUST_DOMAIN, "outrider-system", "outrider-control")
-
-
-def version_of(config: dict[str, Any]) -> str:
-    """As control.core.mesh.version_of: a content hash, the same on every replica."""
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass
