@@ -31,7 +31,6 @@ from ca.signers.local import init_ca
 from identity.proto import control_pb2
 from identity.proto.control_grpc import ControlPlaneStub
 from tests.certs import Credential, Shape, SigningCa, issue
-from tests.control_double import PATCH
 from tests.support import TRUST_DOMAIN
 
 CONTROL_ID = f"spiffe://{TRUST_DOMAIN}/ns/outrider-system/sa/outrider-control"
@@ -219,8 +218,8 @@ async def control_plane(
     kubeconfig = api.kubeconfig(root / "kubeconfig")
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-c",
-        PATCH,
+        "-m",
+        "outrider",
         "control",
         "serve",
         "--config",
