@@ -16,6 +16,7 @@ import re
 import signal
 import ssl
 import sys
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -30,7 +31,9 @@ from grpclib.client import Channel, Stream
 from ca.signers.local import init_ca
 from identity.proto import control_pb2
 from identity.proto.control_grpc import ControlPlaneStub
+from tests.apiserver import FakeApiServer
 from tests.certs import Credential, Shape, SigningCa, issue
+from tests.k8s import in_cluster
 from tests.support import TRUST_DOMAIN
 
 CONTROL_ID = f"spiffe://{TRUST_DOMAIN}/ns/outrider-system/sa/outrider-control"
@@ -77,12 +80,6 @@ def pod(namespace: str, name: str, account: str) -> str:
 
 
 _READY = re.compile(r"on [^ ]+:(\d+) \(gRPC, mTLS\), debug on http://[^ ]+:(\d+)")
-
-
-class KubeconfigSource:
-    """What the control plane needs of a fake API server (tests/apiserver.py's interface)."""
-
-    def kubeconfig(self, path: Path) -> Path: ...
 
 
 @dataclass
@@ -177,7 +174,10 @@ async def ready(control: ControlProcess) -> None:
     async def answers() -> bool:
         return (await control.debug("/ready"))[0] == 200
 
-    await eventually(answers, timeout=10)
+    try:
+        await eventually(answers, timeout=10)
+    except TimeoutError:
+        raise AssertionError("not ready in 10 s:\n" + "".join(control.log)) from None
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
@@ -189,12 +189,19 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0)
 
 @asynccontextmanager
 async def control_plane(
-    root: Path, api: KubeconfigSource, *, ca_dir: Path | None = None, **overrides: object
+    root: Path,
+    api: FakeApiServer,
+    *,
+    ca_dir: Path | None = None,
+    pod: bool = False,
+    **overrides: object,
 ) -> AsyncIterator[ControlProcess]:
     """`outrider control serve` against `api`; stopped with SIGTERM, which must exit 0.
 
     Its SVID and bundle come from the CA directory `ca_dir` (another test's, so that
-    its agents trust it), else from a new one under `root`.
+    its agents trust it), else from a new one under `root`. `pod`: it reaches the API
+    server as from a pod (in-cluster config: the service host and port, the token and
+    CA files), not with a kubeconfig.
     """
     ca = TestCa.create(ca_dir or root / "ca")
     own = ca.svid(CONTROL_ID)
@@ -215,20 +222,19 @@ async def control_plane(
         **overrides,
     }
     (root / "control.yaml").write_text(yaml.safe_dump(config))
-    kubeconfig = api.kubeconfig(root / "kubeconfig")
+    command = ["control", "serve", "--config", str(root / "control.yaml")]
+    launcher, env = ["-m", "outrider"], {}
+    if pod:
+        launcher, env = _in_cluster(api, root)
+    else:
+        command += ["--kubeconfig", str(api.kubeconfig(root / "kubeconfig"))]
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "outrider",
-        "control",
-        "serve",
-        "--config",
-        str(root / "control.yaml"),
-        "--kubeconfig",
-        str(kubeconfig),
+        *launcher,
+        *command,
         stderr=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
     )
     log: list[str] = []
     assert process.stderr is not None
@@ -249,6 +255,15 @@ async def control_plane(
             code = await process.wait()
         await drain
         assert code == 0, f"the control plane exited {code} on SIGTERM:\n" + "".join(log)
+
+
+def _in_cluster(api: FakeApiServer, root: Path) -> tuple[list[str], dict[str, str]]:
+    """tests.k8s.in_cluster for the fake API server: its address, CA file and token."""
+    port = urllib.parse.urlsplit(api.url).port
+    assert port is not None
+    arguments, env = in_cluster(port, api.ca_file, root)
+    (root / "serviceaccount-token").write_text(api.token)
+    return arguments, env
 
 
 async def _drain(stream: asyncio.StreamReader, log: list[str]) -> None:

@@ -329,3 +329,16 @@ async def served_certificate(control: ControlProcess) -> bytes:
     der = ssl_object.getpeercert(binary_form=True)
     writer.close()
     return ssl.DER_cert_to_PEM_cert(der).encode().split(b"-----END")[0]
+
+
+async def test_in_a_pod_it_reaches_the_api_server_with_the_in_cluster_config(
+    tmp_path: Path,
+) -> None:
+    async with fake_api_server(tmp_path / "api") as api:
+        api.apply(NAMESPACES)
+        api.apply(pod("shop", "web", "web"))
+        async with control_plane(tmp_path, api, pod=True) as control:
+            await ready(control)
+            async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
+                await agent.next()
+    assert any(r.verb == "watch" for r in api.requests)
