@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,8 +51,11 @@ log = logging.getLogger("outrider.control.server")
 POD_WAIT = 5.0
 #: How long a new stream has to send its Hello.
 HELLO_TIMEOUT = 10.0
-#: A Nack's error text is kept to this many characters.
-MAX_ERROR = 2000
+#: A Nack's error text is kept to this many characters, Hello.agent_version to this many.
+MAX_ERROR, MAX_BUILD = 2000, 64
+MAX_POD_NAME = 253
+#: A pod's name: a DNS subdomain (RFC 1123), as the API server requires.
+_POD_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 Clock = Callable[[], datetime]
 
 
@@ -151,12 +155,11 @@ class ControlPlaneService(ControlPlaneBase):
             raise self._denied(str(exc)) from None
         hello = await self._hello(stream)
         await self._authorize(spiffe_id, namespace, account, hello.pod_name)
-        agent = Agent(
-            namespace, hello.pod_name, account, spiffe_id, hello.agent_version, self._clock()
-        )
+        build = "".join(c for c in hello.agent_version[:MAX_BUILD] if c.isprintable())
+        agent = Agent(namespace, hello.pod_name, account, spiffe_id, build, self._clock())
         if hello.running_version:
             agent.sent = agent.acked = hello.running_version
-        log.info("%s subscribed as %s (agent %s)", agent.pod, spiffe_id, hello.agent_version)
+        log.info("%s subscribed as %s (agent %r)", agent.pod, spiffe_id, build)
         progress = progress_of(stream.peer._transport)
         self.agents.add(agent)
         if progress is not None:
@@ -192,9 +195,12 @@ class ControlPlaneService(ControlPlaneBase):
             raise GRPCError(Status.DEADLINE_EXCEEDED, "no Hello came") from None
         if first is None or first.WhichOneof("kind") != "hello":
             raise GRPCError(Status.INVALID_ARGUMENT, "the first message must be Hello")
-        if not first.hello.pod_name:
-            raise GRPCError(Status.INVALID_ARGUMENT, "Hello.pod_name is empty")
-        return first.hello
+        hello = first.hello
+        if len(hello.pod_name) > MAX_POD_NAME or not _POD_NAME.fullmatch(hello.pod_name):
+            # Checked before it reaches a log line or /debug/agents: it is the caller's text.
+            shown = repr(hello.pod_name[:64])
+            raise GRPCError(Status.INVALID_ARGUMENT, f"Hello.pod_name {shown} is not a pod name")
+        return hello
 
     async def _authorize(self, spiffe_id: SpiffeId, namespace: str, account: str, pod: str) -> None:
         """Return once the pod is known to run as the SVID's account; raise if it is not."""
@@ -275,7 +281,7 @@ class ControlPlaneService(ControlPlaneBase):
                 self._answered(agent, message.nack.version, "nacked")
                 agent.nack = Nack(message.nack.version, message.nack.error[:MAX_ERROR])
                 log.warning(
-                    "%s refused version %s: %s", agent.pod, agent.nack.version, agent.nack.error
+                    "%s refused version %r: %r", agent.pod, agent.nack.version, agent.nack.error
                 )
             else:
                 raise GRPCError(Status.INVALID_ARGUMENT, "Hello comes once, first")

@@ -162,6 +162,16 @@ async def test_a_pod_of_another_service_account_is_refused_at_once(
     assert time.monotonic() - started < 2.0
 
 
+@pytest.mark.parametrize("name", ["", "web\n2026-01-01 INFO forged line", "Web", "w" * 254])
+async def test_a_hello_that_names_no_pod_is_refused(control: ControlProcess, name: str) -> None:
+    with pytest.raises(GRPCError) as refused:
+        async with subscribed(control, control.ca.workload("shop", "web"), name) as agent:
+            await agent.next()
+    assert refused.value.status == Status.INVALID_ARGUMENT
+    assert "is not a pod name" in str(refused.value.message)
+    assert not any("forged line" in line for line in control.log)
+
+
 async def test_a_client_without_a_certificate_is_refused_in_the_handshake(
     control: ControlProcess,
 ) -> None:
