@@ -100,6 +100,7 @@ async def serve(
     warned: dict[tuple[str, str], tuple[str, ...]] = {}
 
     def compiled(mesh: Mesh) -> None:
+        service.mesh_changed()
         writer.offer(mesh.statuses)
         _log_new_warnings(warned, mesh.pod_warnings)
 

@@ -19,6 +19,7 @@ there), and HTTP/2 keepalive pings find agents that vanished.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -84,6 +85,8 @@ class Agent:
     nack: Nack | None = None
     latest: str | None = None
     sent_at: float | None = field(default=None, repr=False)  # monotonic; None once answered
+    #: Set when there is something to do: a new mesh, or the agent's side ended.
+    wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
     def pod(self) -> str:
@@ -146,6 +149,11 @@ class ControlPlaneService(ControlPlaneBase):
         self._pod_wait = pod_wait
         self._clock = clock
         metrics.agents.set_function(lambda: len(self.agents))
+
+    def mesh_changed(self) -> None:
+        """A new mesh is in place: every subscription checks its pod's version."""
+        for agent in self.agents:
+            agent.wake.set()
 
     async def Subscribe(self, stream: SubscribeStream) -> None:
         spiffe_id = self._authenticate(stream)
@@ -229,21 +237,16 @@ class ControlPlaneService(ControlPlaneBase):
         self, stream: SubscribeStream, agent: Agent, progress: Progress | None
     ) -> None:
         reader = asyncio.create_task(self._read(stream, agent))
+        reader.add_done_callback(lambda _: agent.wake.set())
         try:
             while True:
-                woken = self._state.next_mesh()
+                agent.wake.clear()  # before reading the mesh: a newer one sets it again
                 mesh = self._state.mesh
                 assert mesh is not None  # _authorize waited for one
                 await self._push(stream, agent, mesh)
-                waiting = asyncio.create_task(woken.wait())
-                try:
-                    await asyncio.wait(
-                        {reader, waiting},
-                        timeout=self._keepalive,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                finally:
-                    waiting.cancel()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._keepalive):
+                        await agent.wake.wait()
                 if reader.done():
                     reader.result()  # the agent's error, if any, ends the call
                     return  # the agent closed its side
