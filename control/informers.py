@@ -21,7 +21,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -111,6 +111,27 @@ class ClusterApi(Protocol):
         ...
 
 
+class KindCache(ObjectCache):
+    """The objects of one kind, without `metadata.managedFields`: kilobytes per object
+    that nothing here reads (client-go's informers trim them too)."""
+
+    def replace(self, items: Iterable[dict[str, Any]], resource_version: str) -> None:
+        super().replace(map(_trimmed, items), resource_version)
+
+    def apply(self, event: Mapping[str, Any]) -> bool:
+        obj = event.get("object")
+        if isinstance(obj, dict) and event.get("type") in ("ADDED", "MODIFIED"):
+            event = {**event, "object": _trimmed(obj)}
+        return super().apply(event)
+
+
+def _trimmed(obj: dict[str, Any]) -> dict[str, Any]:
+    metadata = obj.get("metadata")
+    if isinstance(metadata, dict) and "managedFields" in metadata:
+        obj = {**obj, "metadata": {k: v for k, v in metadata.items() if k != "managedFields"}}
+    return obj
+
+
 class Informers:
     """One list-watch per kind; `on_change()` after anything changed."""
 
@@ -125,7 +146,7 @@ class Informers:
         rng: random.Random | None = None,
     ) -> None:
         self.api = api
-        self.caches = {kind: ObjectCache() for kind in KINDS}
+        self.caches = {kind: KindCache() for kind in KINDS}
         self.listed: set[str] = set()  # kinds listed at least once
         self.missing: set[str] = set()  # kinds the API does not serve, as of the last ask
         self.on_change = on_change
