@@ -263,3 +263,14 @@ def agent_accepts(config: Mapping[str, Any]) -> AgentConfig:
     if errors:
         raise PolicyError(errors)
     return parsed
+
+
+def write_statuses(objects: Objects, statuses: Mapping[tuple[str, str, str], Any]) -> Objects:
+    """The objects after the shell wrote these statuses (`Mesh.statuses`) through the
+    status subresource: each object's whole status replaced, as JSON went and came back.
+    Later compiles read what is in force from there."""
+    for (kind, namespace, name), status in statuses.items():
+        obj = objects.get(kind, {}).get((namespace, name))
+        if obj is not None:
+            obj["status"] = json.loads(json.dumps(status))
+    return objects

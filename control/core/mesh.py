@@ -20,10 +20,11 @@ Each pod's config holds (CONTRACT.md, "Which listeners a pod gets"):
 
 An object that cannot be used is reported in its status. An
 AuthorizationPolicy or TrafficPolicy edited into an invalid object keeps
-its last valid version in force (`previous` remembers it per uid), and its
-status says so: a typo in a security team's edit must not drop a DENY. A
-control-plane replica that started after the bad edit never saw the good
-version: there the policy is left out, and the status says that instead.
+its last valid version in force, and its status says so: a typo in a
+security team's edit must not drop a DENY. That version is recorded in the
+object's own status (`status.inForce`, inforce.py), not in `previous`, so
+every replica, however recently started, compiles the same thing from the
+API alone.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from datetime import datetime
 from typing import Any
 
 from control.core.conditions import Meta, condition, meta, previous_conditions, summary, timestamp
+from control.core.inforce import Verdict, judge, policy_status
 from control.core.policies import CompiledPolicy, Misfit, compile_policy, fit_to_ports, misfits
 from control.core.routes import CompiledRoute, RouteKind, attach_routes, compile_route
 from control.core.services import (
@@ -102,14 +104,12 @@ class PodIdentity:
 
 @dataclass(frozen=True)
 class _Memory:
-    """What one compile hands the next: last valid versions, and validation already done."""
+    """What one compile hands the next: validation already done. A cache only: what is
+    in force comes from the objects (their status.inForce), never from here."""
 
     settings: MeshSettings | None = None
-    #: (namespace, name) -> the last valid version (used only while the uid is the same).
-    policies: Mapping[Key, CompiledPolicy] = field(default_factory=dict)
-    traffic: Mapping[Key, CompiledTraffic] = field(default_factory=dict)
     #: (kind, namespace, name, uid, resourceVersion) -> what was read or compiled from it
-    #: (without a resourceVersion: generation and spec as JSON instead).
+    #: (without a resourceVersion: generation, spec and status.inForce as JSON instead).
     compiled: Mapping[tuple[str, ...], Any] = field(default_factory=dict)
 
 
@@ -117,9 +117,11 @@ class _Memory:
 class Mesh:
     pods: Mapping[Key, PodIdentity] = field(default_factory=dict)
     #: (kind, namespace, name) -> the object's whole `status` as the control plane
-    #: writes it (status.conditions for Outrider kinds, status.parents for routes),
-    #: for every object of an Outrider kind it read and every route with a Service
-    #: parent. Write those that differ from the object's own status.
+    #: writes it (status.conditions, and status.inForce for the version in force, for
+    #: Outrider kinds; status.parents for routes), for every object of an Outrider kind
+    #: it read and every route with a Service parent. Write those that differ from the
+    #: object's own status, replacing it whole (not a merge patch: see
+    #: inforce.policy_status): the next compile reads status.inForce back.
     statuses: Mapping[StatusKey, Mapping[str, Any]] = field(default_factory=dict)
     #: (namespace, pod) -> what in or about the pod was skipped, and why: a bad
     #: `outrider.io/upstreams` entry, a Service port that targets no container port.
@@ -161,8 +163,8 @@ def compile_mesh(
 ) -> Mesh:
     """Every object read, every injected pod's config built, every status written.
 
-    `previous`: the Mesh compiled before, for the last valid version of each
-    policy and to skip validating unchanged objects. `now`: the time a
+    `previous`: the Mesh compiled before, to skip validating unchanged objects
+    (a cache: the result is the same without it). `now`: the time a
     condition that changes status records (lastTransitionTime).
     """
     return _Compiler(objects, settings, previous, timestamp(now)).mesh()
@@ -219,7 +221,7 @@ class _Compiler:
                 if v
             },
             configs,
-            _Memory(self.settings, self.last_policies, self.last_traffic, self.compiled),
+            _Memory(self.settings, self.compiled),
         )
 
     # -- the world ---------------------------------------------------------------------
@@ -256,8 +258,9 @@ class _Compiler:
         """`make()`, or what it gave for this very object in the previous compile.
 
         An object is the same while its uid and resourceVersion are (the API
-        server changes the version with every write); without a version, the
-        same generation and spec. Pods and Services without one are read again.
+        server changes the version with every write, status writes too); without
+        a version, the same generation, spec and recorded version in force. Pods
+        and Services without one are read again.
         """
         m = obj.get("metadata") or {}
         uid, version = str(m.get("uid") or ""), str(m.get("resourceVersion") or "")
@@ -266,8 +269,9 @@ class _Compiler:
         elif kind in ("Pod", "Service"):
             return make()
         else:
-            spec = json.dumps(obj.get("spec"), sort_keys=True, default=str)
-            cache_key = (kind, *key, uid, str(m.get("generation")), spec)
+            read = [obj.get("spec"), (obj.get("status") or {}).get("inForce")]
+            text = json.dumps(read, sort_keys=True, default=str)
+            cache_key = (kind, *key, uid, str(m.get("generation")), text)
         result = self.memory.compiled.get(cache_key)
         if result is None:
             result = make()
@@ -277,29 +281,21 @@ class _Compiler:
     # -- AuthorizationPolicy -------------------------------------------------------------
 
     def policies(self) -> dict[Key, list[CompiledPolicy]]:
-        """pod -> the valid policies that select it, sorted by name."""
+        """pod -> the policies in force that select it, sorted by name."""
         valid: list[CompiledPolicy] = []
-        self.last_policies: dict[Key, CompiledPolicy] = {}
-        self.policy_errors: dict[Key, tuple[list[str], bool]] = {}
-        self.policy_objects: dict[Key, tuple[Meta, Mapping[str, Any]]] = {}
+        self.policy_objects: dict[Key, tuple[Meta, Mapping[str, Any], Verdict[CompiledPolicy]]] = {}
+        mesh_namespace = self.settings.mesh_namespace
         for key, obj in self.objects.get("AuthorizationPolicy", {}).items():
             m = meta(obj, key)
-            result = self.recall(
+            verdict: Verdict[CompiledPolicy] = self.recall(
                 "AuthorizationPolicy",
                 key,
                 obj,
-                lambda o=obj, m=m: compile_policy(o, m, self.settings.mesh_namespace),
+                lambda o=obj, m=m: judge(o, m, lambda o, m: compile_policy(o, m, mesh_namespace)),
             )
-            self.policy_objects[(m.namespace, m.name)] = (m, obj)
-            if isinstance(result, list):
-                last = self.memory.policies.get((m.namespace, m.name))
-                kept = last is not None and last.uid == m.uid
-                self.policy_errors[(m.namespace, m.name)] = (result, kept)
-                if not kept or last is None:
-                    continue
-                result = last
-            self.last_policies[(m.namespace, m.name)] = result
-            valid.append(result)
+            self.policy_objects[(m.namespace, m.name)] = (m, obj, verdict)
+            if verdict.in_force is not None:
+                valid.append(verdict.in_force)
         selected: dict[Key, list[CompiledPolicy]] = defaultdict(list)
         for policy in sorted(valid, key=lambda p: str(p.document["name"])):
             scope = None if policy.mesh_wide else policy.namespace
@@ -338,19 +334,18 @@ class _Compiler:
         return self.fitted[key]
 
     def finish_policy_statuses(self, notes: Mapping[Key, list[str]]) -> None:
-        for key, (m, obj) in self.policy_objects.items():
+        for key, (m, obj, verdict) in self.policy_objects.items():
             previous = previous_conditions(obj)
-            if key in self.policy_errors:
-                errors, kept = self.policy_errors[key]
+            if verdict.errors:
                 tail = (
-                    f"; the previous version (generation {self.last_policies[key].generation})"
-                    " stays in force"
-                    if kept
+                    f"; the previous version (generation {verdict.generation}) stays in force"
+                    if verdict.in_force is not None
                     else "; it is not enforced"
                 )
-                ok, reason, message = False, "Invalid", summary(errors) + tail
+                ok, reason, message = False, "Invalid", summary(verdict.errors) + tail
             elif notes.get(key):
-                action = self.last_policies[key].policy.action
+                assert verdict.in_force is not None
+                action = verdict.in_force.policy.action
                 ok, reason = True, "HTTPRulesOnTCPPorts"
                 message = (
                     f"{summary(sorted(notes[key]), 3)}. HTTP fields never match on TCP, so there"
@@ -364,31 +359,22 @@ class _Compiler:
                     "Accepted",
                     "enforced by the agents of the pods it selects",
                 )
-            self.statuses[("AuthorizationPolicy", m.namespace, m.name)] = _status(
-                m, condition("Accepted", ok, reason, message, m.generation, previous, self.now)
+            accepted = condition("Accepted", ok, reason, message, m.generation, previous, self.now)
+            self.statuses[("AuthorizationPolicy", m.namespace, m.name)] = policy_status(
+                m, accepted, verdict
             )
 
     # -- TrafficPolicy, HTTPRoute, GRPCRoute ---------------------------------------------
 
     def traffic(self) -> dict[PortKey, CompiledTraffic]:
         """(namespace, service, port) -> the TrafficPolicy that applies there."""
-        self.last_traffic: dict[Key, CompiledTraffic] = {}
         states = []
         for key, obj in sorted(self.objects.get("TrafficPolicy", {}).items()):
             m = meta(obj, key)
-            result = self.recall(
-                "TrafficPolicy", key, obj, lambda o=obj, m=m: compile_traffic(o, m)
+            verdict: Verdict[CompiledTraffic] = self.recall(
+                "TrafficPolicy", key, obj, lambda o=obj, m=m: judge(o, m, compile_traffic)
             )
-            errors: list[str] = []
-            kept = False
-            if isinstance(result, list):
-                errors = result
-                last = self.memory.traffic.get((m.namespace, m.name))
-                kept = last is not None and last.uid == m.uid
-                result = last if kept else None
-            if result is not None:
-                self.last_traffic[(m.namespace, m.name)] = result
-            states.append(TrafficState(m, obj, result, errors, kept))
+            states.append(TrafficState(m, obj, verdict))
         winners, statuses = attach_traffic(states, self.services, self.now)
         for (namespace, name), status in statuses.items():
             self.statuses[("TrafficPolicy", namespace, name)] = status
@@ -471,7 +457,3 @@ def _warning_order(warning: str) -> tuple[int, str]:
 
 
 _ENTRY = re.compile(re.escape(ANNOTATION) + r"\[([0-9]+)\]")
-
-
-def _status(m: Meta, accepted: dict[str, Any]) -> dict[str, Any]:
-    return {"observedGeneration": m.generation, "conditions": [accepted]}

@@ -28,6 +28,7 @@ from typing import Any
 
 from agent.config_outbound import OutboundReader
 from control.core.conditions import Meta, condition, previous_conditions, summary
+from control.core.inforce import Verdict, policy_status
 from control.core.services import Service
 
 __all__ = [
@@ -193,9 +194,12 @@ class TrafficState:
 
     meta: Meta
     obj: Mapping[str, Any]
-    policy: CompiledTraffic | None  # in force: this version, or the last valid one
-    errors: list[str]  # of this version
-    kept: bool  # the last valid version stays in force
+    #: In force: this version, or the one its status records (inforce.py), or none.
+    verdict: Verdict[CompiledTraffic]
+
+    @property
+    def policy(self) -> CompiledTraffic | None:
+        return self.verdict.in_force
 
 
 def attach_traffic(
@@ -215,10 +219,7 @@ def attach_traffic(
         m, previous = state.meta, previous_conditions(state.obj)
         ok, reason, message = _accepted(state, winners, services)
         accepted = condition("Accepted", ok, reason, message, m.generation, previous, now)
-        statuses[(m.namespace, m.name)] = {
-            "observedGeneration": m.generation,
-            "conditions": [accepted],
-        }
+        statuses[(m.namespace, m.name)] = policy_status(m, accepted, state.verdict)
     return winners, statuses
 
 
@@ -243,9 +244,14 @@ def _accepted(
     winners: Mapping[PortKey, CompiledTraffic],
     services: Mapping[tuple[str, str], Service],
 ) -> tuple[bool, str, str]:
-    if state.errors:
-        tail = "; the previous version stays in force" if state.kept else "; it is not applied"
-        return False, "Invalid", summary(state.errors) + tail
+    verdict = state.verdict
+    if verdict.errors:
+        tail = (
+            f"; the previous version (generation {verdict.generation}) stays in force"
+            if verdict.in_force is not None
+            else "; it is not applied"
+        )
+        return False, "Invalid", summary(verdict.errors) + tail
     policy = state.policy
     assert policy is not None
     notes: list[str] = []

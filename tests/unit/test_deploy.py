@@ -923,7 +923,7 @@ def test_both_crds_carry_the_standard_condition_list_in_status() -> None:
     for crd in our_crds():
         (version,) = crd["spec"]["versions"]
         status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
-        assert set(status) == {"observedGeneration", "conditions"}
+        assert set(status) == {"observedGeneration", "conditions", "inForce"}
         conditions = status["conditions"]
         assert conditions["x-kubernetes-list-map-keys"] == ["type"]
         item = conditions["items"]
@@ -935,6 +935,20 @@ def test_both_crds_carry_the_standard_condition_list_in_status() -> None:
             "lastTransitionTime",
         }
         assert item["properties"]["status"]["enum"] == ["True", "False", "Unknown"]
+
+
+def test_both_crds_keep_the_version_in_force_in_status_whole() -> None:
+    # status.inForce.spec is the spec as the control plane accepted it: pruning any of it
+    # would change what every replica enforces while the object's spec is invalid.
+    for crd in our_crds():
+        (version,) = crd["spec"]["versions"]
+        status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+        in_force = status["inForce"]
+        assert in_force["required"] == ["generation", "spec"]
+        assert in_force["properties"]["generation"]["type"] == "integer"
+        spec = in_force["properties"]["spec"]
+        assert (spec["type"], spec["x-kubernetes-preserve-unknown-fields"]) == ("object", True)
+        assert "properties" not in spec
 
 
 def test_the_vendored_gateway_api_crds_are_upstreams_standard_channel() -> None:

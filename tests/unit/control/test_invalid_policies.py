@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from control.core.mesh import Mesh, MeshSettings, compile_mesh
-from tests.cluster import SHOP, world
+from tests.cluster import SHOP, world, write_statuses
 
 SETTINGS = MeshSettings("example.org")
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -72,10 +72,21 @@ def test_an_invalid_policy_says_which_field_and_is_not_sent(spec: str, message: 
     assert _rules(mesh) == []
 
 
+def _edit(objects: dict[str, Any], spec: str, generation: int) -> dict[str, Any]:
+    """The objects after `kubectl apply` of a new spec: the status stays (it is the
+    status subresource's), the generation moves."""
+    (edited,) = world(_policy(spec, generation=generation))["AuthorizationPolicy"].values()
+    edited["status"] = objects["AuthorizationPolicy"][("shop", "api")]["status"]
+    objects["AuthorizationPolicy"][("shop", "api")] = edited
+    return objects
+
+
 def test_a_policy_edited_into_an_invalid_one_keeps_its_previous_version() -> None:
-    good = compile_mesh(world(SHOP, _policy(GOOD)), SETTINGS, now=T0)
+    objects = world(SHOP, _policy(GOOD))
+    good = compile_mesh(objects, SETTINGS, now=T0)
     assert _rules(good) == [[{"to": {"paths": ["/admin*"]}}]]
-    bad = compile_mesh(world(SHOP, _policy(BAD, generation=2)), SETTINGS, good, now=T1)
+    write_statuses(objects, good.statuses)
+    bad = compile_mesh(_edit(objects, BAD, 2), SETTINGS, good, now=T1)
     assert _rules(bad) == _rules(good)
     accepted = _accepted(bad)
     assert (accepted["status"], accepted["reason"], accepted["observedGeneration"]) == (
@@ -84,18 +95,23 @@ def test_a_policy_edited_into_an_invalid_one_keeps_its_previous_version() -> Non
         2,
     )
     assert accepted["message"].endswith("; the previous version (generation 1) stays in force")
-    # Still bad in the next compile: the version in force is remembered, not forgotten.
-    again = compile_mesh(world(SHOP, _policy(BAD, generation=2)), SETTINGS, bad, now=T1)
+    # Still bad in the next compile: the version in force stays recorded in the status.
+    write_statuses(objects, bad.statuses)
+    again = compile_mesh(objects, SETTINGS, bad, now=T1)
     assert _rules(again) == _rules(good)
+    assert again.statuses == bad.statuses
     # Fixed: the new version replaces it.
+    write_statuses(objects, again.statuses)
     fixed = f"{{{BACKEND}, action: DENY, rules: [{{to: {{paths: ['/admin/*']}}}}]}}"
-    now_good = compile_mesh(world(SHOP, _policy(fixed, generation=3)), SETTINGS, again, now=T1)
+    now_good = compile_mesh(_edit(objects, fixed, 3), SETTINGS, again, now=T1)
     assert _rules(now_good) == [[{"to": {"paths": ["/admin/*"]}}]]
     assert _accepted(now_good)["status"] == "True"
+    assert now_good.statuses[("AuthorizationPolicy", "shop", "api")]["inForce"]["generation"] == 3
 
 
 def test_a_new_object_under_the_same_name_does_not_inherit_the_old_one() -> None:
     good = compile_mesh(world(SHOP, _policy(GOOD)), SETTINGS)
+    # Deleted and created again: a new uid, and a new object's status is empty.
     recreated = compile_mesh(world(SHOP, _policy(BAD, uid="uid-2")), SETTINGS, good)
     assert _rules(recreated) == []
     assert _accepted(recreated)["message"].endswith("; it is not enforced")
@@ -132,4 +148,13 @@ def test_a_valid_policy_is_accepted() -> None:
                 "lastTransitionTime": "2024-05-01T12:00:00Z",
             }
         ],
+        # What is in force, for every replica to read back if the next edit is invalid.
+        "inForce": {
+            "generation": 1,
+            "spec": {
+                "selector": {"matchLabels": {"app": "backend"}},
+                "action": "DENY",
+                "rules": [{"to": {"paths": ["/admin*"]}}],
+            },
+        },
     }

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from control.core.mesh import Mesh, MeshSettings, compile_mesh
-from tests.cluster import SHOP, agent_accepts, world
+from tests.cluster import SHOP, agent_accepts, world, write_statuses
 
 SETTINGS = MeshSettings("example.org")
 
@@ -124,10 +124,16 @@ def test_an_invalid_traffic_policy_names_the_field_and_is_not_applied(
 
 
 def test_an_invalid_edit_keeps_the_previous_version() -> None:
-    good = compile_mesh(world(SHOP, _traffic("  balancer: least_request\n")), SETTINGS)
-    bad = compile_mesh(world(SHOP, _traffic("  balancer: fastest\n", generation=2)), SETTINGS, good)
+    objects = world(SHOP, _traffic("  balancer: least_request\n"))
+    good = compile_mesh(objects, SETTINGS)
+    write_statuses(objects, good.statuses)
+    (edited,) = world(_traffic("  balancer: fastest\n", generation=2))["TrafficPolicy"].values()
+    edited["status"] = objects["TrafficPolicy"][("shop", "backend")]["status"]
+    objects["TrafficPolicy"][("shop", "backend")] = edited
+    # A replica that never saw the good version (no `previous`) keeps it all the same.
+    bad = compile_mesh(objects, SETTINGS)
     assert _outbound(bad)["balancer"] == "least_request"
-    assert _accepted(bad)[2].endswith("; the previous version stays in force")
+    assert _accepted(bad)[2].endswith("; the previous version (generation 1) stays in force")
 
 
 def test_targets_must_be_services_that_exist() -> None:
