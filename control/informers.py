@@ -29,7 +29,14 @@ from typing import Any, Protocol
 
 from control.core.mesh import KINDS, Key
 from identity.backoff import Backoff
-from identity.kubewatch import Expired, ListWatch, ObjectCache, WatchStream, call_in_thread
+from identity.kubewatch import (
+    Expired,
+    ListWatch,
+    ObjectCache,
+    WatchStream,
+    call_in_thread,
+    key_of,
+)
 
 log = logging.getLogger("outrider.control.informers")
 
@@ -81,6 +88,10 @@ class Gone(Exception):
     """404 on one object: it was deleted before its status was written."""
 
 
+class Conflict(Exception):
+    """409: the object changed since it was read; the watch brings the newer one."""
+
+
 class Refused(Exception):
     """The API server refused a status as it is (422 Invalid, 400, 403): writing the same
     again would be refused again."""
@@ -103,11 +114,11 @@ class ClusterApi(Protocol):
         may have `interrupt()`, called from another thread to end it early."""
         ...
 
-    def patch_status(
-        self, resource: Resource, namespace: str, name: str, status: Mapping[str, Any]
-    ) -> None:
-        """Merge-patch the object's status subresource; raises Gone if it is no more,
-        Refused if the API server will not take this status."""
+    def replace_status(self, resource: Resource, obj: Mapping[str, Any]) -> None:
+        """Replace the object's status, whole, through the status subresource (an update,
+        not a merge patch: a merge patch would keep keys the new status left out). `obj`
+        carries the resourceVersion it was read at: raises Conflict if it changed since,
+        Gone if it is no more, Refused if the API server will not take this status."""
         ...
 
 
@@ -299,21 +310,23 @@ class KubernetesClusterApi:
             raise
         return WatchStream(response)
 
-    def patch_status(
-        self, resource: Resource, namespace: str, name: str, status: Mapping[str, Any]
-    ) -> None:
+    def replace_status(self, resource: Resource, obj: Mapping[str, Any]) -> None:
+        namespace, name = key_of(obj)
+        body = {**obj, "apiVersion": resource.api_version, "kind": resource.kind}
         try:
-            self._custom.patch_namespaced_custom_object_status(
+            self._custom.replace_namespaced_custom_object_status(
                 resource.group,
                 resource.version,
                 namespace,
                 resource.plural,
                 name,
-                {"status": dict(status)},
+                body,
                 _request_timeout=REQUEST_SECONDS,
             )
         except Exception as error:
             code = self._status(error)
+            if code == 409:
+                raise Conflict(f"{resource.kind} {namespace}/{name}") from None
             if code == 404:
                 raise Gone(f"{resource.kind} {namespace}/{name}") from None
             if code in _REFUSALS:

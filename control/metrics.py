@@ -12,7 +12,7 @@ from identity.serving import CLOSE_REASONS
 #: What became of a snapshot sent: the agent applied it, refused it, was sent a
 #: newer one before answering, or went away without answering.
 PUSH_RESULTS = ("acked", "nacked", "superseded", "abandoned")
-STATUS_RESULTS = ("written", "failed", "refused", "gone")
+STATUS_RESULTS = ("written", "conflict", "failed", "refused", "gone")
 _ACK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 

@@ -7,10 +7,13 @@ compiled before every kind has been listed once: a mesh missing a namespace's
 DENY policy would send agents a configuration that lets through what the
 policy forbids.
 
-`StatusWriter` writes each object's status through the status subresource
-when, and only when, it differs from the status the object has (times of
-transition aside), so that its own write, seen again through the watch,
-asks for nothing more.
+`StatusWriter` replaces each object's status, whole, through the status
+subresource when, and only when, it differs from the status the object has
+(times of transition aside), so that its own write, seen again through the
+watch, asks for nothing more. Whole: the status carries the version of a
+policy in force (control.core.inforce), which a merge patch would corrupt.
+The write carries the resourceVersion it judged: if the object changed
+meanwhile (409) the newer one is judged again.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from control.core.mesh import Mesh, MeshSettings, Objects
-from control.informers import RESOURCES, ClusterApi, Gone, Refused
+from control.informers import RESOURCES, ClusterApi, Conflict, Gone, Refused
 from control.metrics import ControlMetrics
 from identity.backoff import Backoff
 from identity.kubewatch import call_in_thread
@@ -141,6 +144,7 @@ class StatusWriter:
         self._refused: dict[StatusKey, object] = {}
         self._wake = asyncio.Event()
         self.failures = 0
+        self.conflicts = 0
 
     def offer(self, statuses: Mapping[StatusKey, Mapping[str, Any]]) -> None:
         """Queue every status that differs from its object's."""
@@ -180,13 +184,18 @@ class StatusWriter:
         version = _version(obj)
         try:
             await call_in_thread(
-                self._api.patch_status,
+                self._api.replace_status,
                 RESOURCES[kind],
-                namespace,
-                name,
-                status,
+                {**obj, "status": dict(status)},
                 name="outrider-status",
             )
+        except Conflict:  # written meanwhile (the other replica?): judge the newer object
+            self._metrics.status_writes.labels("conflict").inc()
+            self._pending.setdefault(key, status)
+            self.conflicts += 1
+            delay = self._backoff.delay(self.conflicts, self._rng) / 10  # the watch is close
+            await asyncio.sleep(delay.total_seconds())
+            return
         except Gone:
             self._metrics.status_writes.labels("gone").inc()
             return
@@ -207,6 +216,7 @@ class StatusWriter:
         if self.failures:
             log.info("status writes work again")
             self.failures = 0
+        self.conflicts = 0
         self._metrics.status_writes.labels("written").inc()
         self._written[key] = (version, comparable(status))
         log.info("wrote the status of %s %s/%s", kind, namespace, name)

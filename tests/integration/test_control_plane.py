@@ -230,7 +230,7 @@ async def test_an_invalid_policy_gets_accepted_false_written_once(
     assert condition["message"].startswith("spec.rules[0].to.paths[0]: ")
     assert policy(api, "default-deny")["status"]["conditions"][0]["status"] == "True"
     await asyncio.sleep(0.5)  # its own write comes back through the watch: nothing more to write
-    written = sorted(r.path for r in api.requests if r.method == "PATCH")
+    written = sorted(r.path for r in api.requests if r.verb in ("update", "patch"))
     assert written == [
         "/apis/security.outrider.io/v1alpha1/namespaces/shop/authorizationpolicies/broken/status",
         "/apis/security.outrider.io/v1alpha1/namespaces/shop/authorizationpolicies/default-deny/status",
@@ -352,3 +352,20 @@ async def test_in_a_pod_it_reaches_the_api_server_with_the_in_cluster_config(
             async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
                 await agent.next()
     assert any(r.verb == "watch" for r in api.requests)
+
+
+async def test_a_status_is_replaced_whole_so_the_version_in_force_is_what_was_accepted(
+    control: ControlProcess, api: FakeApiServer
+) -> None:
+    api.apply(ALLOW_FRONTEND)
+
+    async def in_force(generation: int) -> bool:
+        record = policy(api, "frontend-reads-api").get("status", {}).get("inForce") or {}
+        return record.get("generation") == generation
+
+    await eventually(lambda: in_force(1))
+    assert "selector" in policy(api, "frontend-reads-api")["status"]["inForce"]["spec"]
+    api.apply(ALLOW_FRONTEND.replace("  selector: {matchLabels: {app: web}}\n", ""))
+    await eventually(lambda: in_force(2))
+    # A merge patch would have kept the selector the new spec left out.
+    assert "selector" not in policy(api, "frontend-reads-api")["status"]["inForce"]["spec"]
