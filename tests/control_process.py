@@ -206,7 +206,7 @@ async def control_plane(
     ca = TestCa.create(ca_dir or root / "ca")
     own = ca.svid(CONTROL_ID)
     svid_dir = root / "svid"
-    svid_dir.mkdir(exist_ok=True)
+    svid_dir.mkdir(parents=True, exist_ok=True)
     (svid_dir / "svid.pem").write_bytes(own.chain_pem)
     (svid_dir / "svid.key").write_bytes(own.key_pem)
     (svid_dir / "bundle.pem").write_bytes(ca.bundle_pem)
