@@ -24,7 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = {"Dockerfile.ca": 1338, "Dockerfile.agent": 1337}
-PACKAGES = ("identity", "ca", "agent", "injector", "outrider")
+PACKAGES = ("identity", "ca", "agent", "injector", "control", "outrider")
 BUILD_TOOLS = re.compile(r"\b(gcc|g\+\+|make|build-essential|clang|[\w.+-]+-dev)\b")
 PINNED = re.compile(r"python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}")
 
