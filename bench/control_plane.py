@@ -109,8 +109,9 @@ def summarize(agents: int, seconds: Sequence[float]) -> dict[str, Any]:
 
 
 def pods_yaml(count: int) -> str:
-    """`count` injected pods of one Deployment, as the API server holds them."""
-    docs = [
+    """The bench namespace, its Service, and `count` injected pods of one Deployment."""
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
         {
             "apiVersion": "v1",
             "kind": "Service",
@@ -121,7 +122,7 @@ def pods_yaml(count: int) -> str:
                     {"name": "http", "port": 8080, "targetPort": 8080, "appProtocol": "http"}
                 ],
             },
-        }
+        },
     ]
     for i in range(count):
         docs.append(
