@@ -6,7 +6,9 @@ and serializes back with every key intact is one the API server would accept
 field for field. `stub_api_server` serves the recorded EndpointSlices of
 shop/backend (tests/fixtures/endpointslices) the way kube-apiserver does, to
 the real client in the test's process or, through `in_cluster`, to an agent
-process's in-cluster config.
+process's in-cluster config. For anything beyond those recorded bytes (objects
+that change, CRDs, the status subresource, validation), use the full fake in
+tests/apiserver.py.
 """
 
 from __future__ import annotations

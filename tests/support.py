@@ -134,8 +134,10 @@ class LoopbackTls:
     server_context: ssl.SSLContext
 
 
-def self_signed(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A self-signed CA certificate for 127.0.0.1, valid for an hour."""
+def self_signed(
+    common_name: str, dns_names: tuple[str, ...] = ()
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed CA certificate for 127.0.0.1 (and `dns_names`), valid for an hour."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.now(UTC)
@@ -148,7 +150,10 @@ def self_signed(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePri
         .not_valid_before(now - timedelta(minutes=1))
         .not_valid_after(now + timedelta(hours=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                + [x509.DNSName(name) for name in dns_names]
+            ),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -157,9 +162,9 @@ def self_signed(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePri
     return cert, key
 
 
-def loopback_tls(directory: Path, common_name: str) -> LoopbackTls:
+def loopback_tls(directory: Path, common_name: str, dns_names: tuple[str, ...] = ()) -> LoopbackTls:
     """An HTTPS server identity for a stub on 127.0.0.1 (a JWKS endpoint, an API server)."""
-    cert, key = self_signed(common_name)
+    cert, key = self_signed(common_name, dns_names)
     cert_file, key_file = directory / "cert.pem", directory / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(key_pem(key))
