@@ -224,8 +224,9 @@ def stopping(process: subprocess.Popen[Any]) -> Iterator[subprocess.Popen[Any]]:
 @contextmanager
 def control_plane(
     root: Path, kubeconfig: Path, files: dict[str, Path]
-) -> Iterator[tuple[int, int]]:
-    """`outrider control serve` until the block exits; yields (pid, gRPC port) once ready."""
+) -> Iterator[tuple[int, int, str]]:
+    """`outrider control serve` until the block exits; yields (pid, gRPC port, debug URL)
+    once ready."""
     port, debug = free_port(), free_port()
     config = root / "control.yaml"
     config.write_text(
@@ -250,7 +251,7 @@ def control_plane(
     with stopping(process):
         wait_ready(f"http://127.0.0.1:{debug}/ready", process, log, 60.0)
         try:
-            yield process.pid, port
+            yield process.pid, port, f"http://127.0.0.1:{debug}"
         except RuntimeError as exc:
             tail = log.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{exc}\n-- the control plane's log:\n{tail}") from None
@@ -320,6 +321,23 @@ def cpu(pid: int) -> float:
     return user + system
 
 
+def check_synced(debug_url: str, count: int, timeout: float = 10.0) -> None:
+    """The control plane's own view (/debug/agents, what `outrider proxy-status` prints)
+    agrees: every agent acknowledged the latest version. Asked once, after the timing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"{debug_url}/debug/agents", timeout=10) as answer:
+            agents = json.loads(answer.read())
+        lagging = [a["pod"] for a in agents if a["acked"] != a["latest"]]
+        if len(agents) == count and not lagging:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"/debug/agents lists {len(agents)} of {count} agents; not synced: {lagging[:5]}"
+            )
+        time.sleep(0.1)
+
+
 def change(api: FakeApiServer, agents: Agents, path: str, per_change: float) -> float:
     """Apply the policy with `path`; seconds until the last agent ACKed the new version."""
     agents.ask({"mark": True}, 10)
@@ -341,7 +359,7 @@ def measure_fleet(count: int, changes: int, cap: float, per_change: float) -> di
             api.apply(pods_yaml(count))
             api.apply(policy_yaml(PATHS[0]))
             kubeconfig = api.kubeconfig(root / "kubeconfig")
-            with control_plane(root, kubeconfig, files) as (pid, port):
+            with control_plane(root, kubeconfig, files) as (pid, port, debug_url):
                 started = time.monotonic()
                 with simulated_agents(port, count, files, timeout=60.0) as agents:
                     connect_s = time.monotonic() - started
@@ -355,6 +373,7 @@ def measure_fleet(count: int, changes: int, cap: float, per_change: float) -> di
                     during = cpu(pid) - before
                     agents_during = cpu(agents.process.pid) - agents_before
                     rss, peak, total = procs.rss_mib(pid), procs.peak_rss_mib(pid), cpu(pid)
+                    check_synced(debug_url, count)
     return summarize(count, seconds) | {
         "rss_mib": round(rss, 1),
         "peak_rss_mib": round(peak, 1),
