@@ -59,6 +59,7 @@ from tests.support import free_port  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 TRUST_DOMAIN = "example.org"
 NAMESPACE = "bench"
+POLICY = "bench-reads"
 AGENT_ID = f"spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/bench"
 CONTROL_ID = f"spiffe://{TRUST_DOMAIN}/ns/outrider-system/sa/outrider-control"
 PATHS = ("/v1/*", "/v2/*")
@@ -158,7 +159,7 @@ def policy_yaml(path: str) -> str:
         {
             "apiVersion": "security.outrider.io/v1alpha1",
             "kind": "AuthorizationPolicy",
-            "metadata": {"name": "bench-reads", "namespace": NAMESPACE},
+            "metadata": {"name": POLICY, "namespace": NAMESPACE},
             "spec": {
                 "selector": {"matchLabels": {"app": "bench"}},
                 "rules": [
@@ -338,6 +339,21 @@ def check_synced(debug_url: str, count: int, timeout: float = 10.0) -> None:
         time.sleep(0.1)
 
 
+def check_accepted(api: FakeApiServer, timeout: float = 10.0) -> None:
+    """The policy the changes edit is in force (status Accepted=True): an invalid one
+    would leave every agent's config as it was, and there would be nothing to time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        policy = api.get("security.outrider.io/v1alpha1", "AuthorizationPolicy", NAMESPACE, POLICY)
+        conditions = policy.get("status", {}).get("conditions", [])
+        accepted = next((c for c in conditions if c["type"] == "Accepted"), None)
+        if accepted is not None and accepted["status"] == "True":
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the control plane did not accept the bench's policy: {accepted}")
+        time.sleep(0.05)
+
+
 def change(api: FakeApiServer, agents: Agents, path: str, per_change: float) -> float:
     """Apply the policy with `path`; seconds until the last agent ACKed the new version."""
     agents.ask({"mark": True}, 10)
@@ -360,6 +376,7 @@ def measure_fleet(count: int, changes: int, cap: float, per_change: float) -> di
             api.apply(policy_yaml(PATHS[0]))
             kubeconfig = api.kubeconfig(root / "kubeconfig")
             with control_plane(root, kubeconfig, files) as (pid, port, debug_url):
+                check_accepted(api)
                 started = time.monotonic()
                 with simulated_agents(port, count, files, timeout=60.0) as agents:
                     connect_s = time.monotonic() - started
