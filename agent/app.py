@@ -6,6 +6,11 @@ or a policy file reloads both without dropping connections. Start and every
 reload check the config and its policies together (`settle`) and open new
 listeners in full before anything switches, so a reload the agent would
 refuse at start is refused, and a refused one changes nothing.
+With `control:` the listeners wait for the control plane's first snapshot
+(agent/adapters/control_plane.py): until then admin and status answer and
+/ready says 503. Each snapshot's `inbound`, `outbound` and `policy` replace
+the bootstrap's (the config file or variable) and go through the same check
+and switch as a reload; a reload of the bootstrap keeps the last snapshot's.
 SIGTERM drains: /ready turns 503, listeners stop accepting, connections still
 in their handshake close, open connections get up to limits.drain_timeout to
 finish, then the agent exits 0.
@@ -16,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
+import os
 import random
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +35,7 @@ from typing import Any
 from agent import config as agent_config
 from agent.adapters import admin, memory
 from agent.adapters.bundle_sync import BundleSync
+from agent.adapters.control_plane import ControlPlaneSubscription
 from agent.adapters.listeners import (
     ConfigT,
     Connections,
@@ -40,8 +48,8 @@ from agent.adapters.rotator import IdentityManager, SignFn
 from agent.adapters.runtime import Runtime
 from agent.adapters.tls import Contexts
 from agent.adapters.upstreams import prune_series
-from agent.config import AgentConfig, Inbound, Outbound
-from agent.core.policy import PolicySet
+from agent.config import AgentConfig, ControlEndpoint, Document, Inbound, Outbound, with_snapshot
+from agent.core.policy import PolicySet, duplicates
 from agent.core.policyfile import PolicyError, load_policy_files
 from agent.core.svid import Svid
 from identity.configfile import ConfigError, Listen
@@ -76,6 +84,27 @@ def settle(config: AgentConfig) -> Settings:
 Opened = tuple[dict[Listen, Listener[Inbound]], dict[Listen, Listener[Outbound]]]
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """The control plane's snapshot running now: its version and its keys, as sent."""
+
+    version: str
+    raw: dict[str, Any]
+
+
+def pod_name(config: AgentConfig, environ: Mapping[str, str], source: str = "config") -> str | None:
+    """The pod the agent names to the control plane: control.pod, else $POD_NAME (the
+    injector sets it from the downward API); ConfigError if neither says."""
+    if config.control is None:
+        return None
+    pod = config.control.pod or environ.get("POD_NAME")
+    if not pod:
+        raise ConfigError(
+            source, ["control.pod: required when $POD_NAME is not set: the pod's name"]
+        )
+    return pod
+
+
 class Agent:
     def __init__(
         self,
@@ -84,6 +113,8 @@ class Agent:
         now: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
         sign: SignFn | None = None,
+        document: Document | None = None,
+        pod: str | None = None,
     ) -> None:
         #: The watched files as the last load read them: the watcher's baseline for a file
         #: it has not looked at yet (`serve` adds the config file as it read it at start).
@@ -91,7 +122,14 @@ class Agent:
         settings = settle(config)  # PolicyError: refuse to start
         self.config = config
         self.last_read = config  # the config file as last read, refused or not
-        self.metrics = AgentMetrics()
+        if config.control is not None and document is None:
+            raise ValueError("an agent with control: needs its bootstrap as read (document)")
+        #: The bootstrap as read (file or variable): what each snapshot is merged into.
+        self.bootstrap = document
+        self.snapshot: Snapshot | None = None
+        self._switching = asyncio.Lock()  # one reload or snapshot at a time
+        self._configured = asyncio.Event()  # the first snapshot runs (with `control:`)
+        self.metrics = AgentMetrics(control_plane=config.control is not None)
         contexts = Contexts()
         self.runtime = Runtime(
             config.limits,
@@ -111,6 +149,22 @@ class Agent:
             sign=sign,
         )
         self.bundle_sync = BundleSync(self.identity)
+        self.control: ControlPlaneSubscription | None = None
+        self._control_task: asyncio.Task[None] | None = None
+        if config.control is not None:
+            pod = pod or config.control.pod
+            if pod is None:
+                raise ValueError("an agent with control: needs its pod's name")
+            initial = config.control
+            self.control = ControlPlaneSubscription(
+                lambda: self.config.control or initial,
+                pod,
+                self,
+                self.identity,
+                self.metrics,
+                now=now,
+                rng=rng or random.SystemRandom(),
+            )
         self.inbound: dict[Listen, Listener[Inbound]] = {}
         self.outbound: dict[Listen, Listener[Outbound]] = {}
         self.bound: dict[str, str] = {}
@@ -142,6 +196,25 @@ class Agent:
         return self.identity.svid
 
     @property
+    def running_version(self) -> str:
+        """The control plane's version of the config running now; "" before the first."""
+        return self.snapshot.version if self.snapshot else ""
+
+    @property
+    def control_state(self) -> dict[str, Any] | None:
+        """For /config_dump: where the config comes from and which version runs."""
+        if self.control is None or self.config.control is None:
+            return None
+        endpoint: ControlEndpoint = self.config.control
+        return {
+            "address": f"{endpoint.host}:{endpoint.port}",
+            "spiffe_id": str(endpoint.spiffe_id),
+            "pod": self.control.pod,
+            "connected": self.control.connected,
+            "version": self.running_version or None,
+        }
+
+    @property
     def next_renewal(self) -> datetime | None:
         return self.identity.next_renewal
 
@@ -153,7 +226,21 @@ class Agent:
         self._tasks.append(asyncio.create_task(churn, name="memory"))
         await self.identity.has_svid.wait()
         self._tasks.append(asyncio.create_task(self.bundle_sync.run(), name="bundle"))
-        self._switch(self.settings, await self._open(self.config))
+        if self.control is not None:
+            assert self.config.control is not None
+            self._control_task = asyncio.create_task(self.control.run(), name="control")
+            self._tasks.append(self._control_task)
+            log.info(
+                "waiting for the first config from the control plane %s:%d (%s) for pod %s "
+                "before listening; /ready says 503 meanwhile",
+                self.config.control.host,
+                self.config.control.port,
+                self.config.control.spiffe_id,
+                self.control.pod,
+            )
+            await self._configured.wait()  # its listeners are open: take_snapshot opened them
+        else:
+            self._switch(self.settings, await self._open(self.config))
         # What start-up built lives as long as the process: leave it out of every
         # later collection, whose full passes otherwise stall the loop for tens of ms.
         gc.freeze()
@@ -173,14 +260,22 @@ class Agent:
         """
         kind = "agent" if path is not None else "policy"
         try:
-            read = _fingerprint([path] if path else [])  # as load reads it next
-            config = self.last_read = agent_config.load(path) if path else self.config
-            self.read = {**read, **_fingerprint(list(config.policy.files))}  # as settle reads
-            kind = "agent" if config != self.config else "policy"
-            new = settle(config)
-            if new == self.settings:
+            async with self._switching:  # merged with the snapshot running, not one before it
+                read = _fingerprint([path] if path else [])  # as load reads it next
+                document, config = self.bootstrap, self.config  # the policy files alone
+                if path is not None:
+                    document = agent_config.read(path)
+                    config = self._with_snapshot(document).parse()
+                self.last_read = config
+                self.read = {**read, **_fingerprint(list(config.policy.files))}  # as settle reads
+                kind = "agent" if config != self.config else "policy"
+                new = settle(config)
+                unchanged = new == self.settings
+                if not unchanged:
+                    await self._apply(new)
+                self.bootstrap = document
+            if unchanged:
                 return
-            await self._apply(new)
         except (ConfigError, PolicyError, OSError) as exc:
             self.metrics.config_reloads.labels(kind, "error").inc()
             problems = "\n  ".join(str(exc).splitlines())
@@ -193,13 +288,72 @@ class Agent:
             len(new.policies.policies),
         )
 
+    def _with_snapshot(self, document: Document) -> Document:
+        """The bootstrap `document` with the running snapshot's keys, if one runs."""
+        if self.snapshot is None or self.config.control is None:
+            return document
+        return with_snapshot(document, self.snapshot.raw, source=document.source)
+
+    async def take_snapshot(self, version: str, config_json: bytes) -> str | None:
+        """Run a control-plane snapshot as a reload would: None once it runs, else why not.
+
+        Its keys replace the bootstrap's and the whole is checked by the one
+        parser and `settle`, then switched to at once (open connections keep
+        going). A refused one changes nothing: the reason, with its key paths,
+        is logged, counted and returned for the Nack.
+        """
+        if version == self.running_version:
+            return None  # a resync after a reconnect: nothing changed
+        source = f"snapshot {version}"
+        try:
+            raw = json.loads(config_json.decode("utf-8"))
+            async with self._switching:  # merged into the bootstrap as last reloaded
+                assert self.bootstrap is not None  # an agent with control: has one
+                config = with_snapshot(self.bootstrap, raw, source=source).parse()
+                self.read.update(_fingerprint(list(config.policy.files)))
+                new = settle(config)
+                if new != self.settings or not self._configured.is_set():
+                    await self._apply(new)
+                self.snapshot = Snapshot(version, raw)
+                self.last_read = config
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return self._refused(version, [f"(top): not UTF-8 JSON: {exc}"])
+        except (ConfigError, PolicyError) as exc:
+            return self._refused(version, exc.errors)
+        except OSError as exc:
+            return self._refused(version, [f"a listener cannot open: {exc}"])
+        self.metrics.control_plane_updates.labels("applied").inc()
+        log.info(
+            "config version %s from the control plane runs: %d inbound, %d outbound, %d policies",
+            version,
+            len(config.inbound),
+            len(config.outbound),
+            len(new.policies.policies),
+        )
+        self._configured.set()
+        return None
+
+    def _refused(self, version: str, errors: list[str]) -> str:
+        self.metrics.control_plane_updates.labels("rejected").inc()
+        text = "\n".join(errors)
+        log.error(
+            "config version %s from the control plane refused; version %s keeps running; "
+            "fix:\n  %s",
+            version,
+            self.running_version or "(none yet: not listening)",
+            "\n  ".join(errors),
+        )
+        return text
+
     async def reconfigure(self, config: AgentConfig) -> None:
         """Switch to `config` and its policy files; open connections keep going under the old.
 
         PolicyError (the policies do not fit it) or OSError (a new listener
         address cannot be bound) changes nothing.
         """
-        await self._apply(settle(config))
+        new = settle(config)
+        async with self._switching:
+            await self._apply(new)
 
     async def _apply(self, new: Settings) -> None:
         old = self.config
@@ -212,6 +366,8 @@ class Agent:
     async def drain(self) -> None:
         """Stop accepting, let open connections finish up to the drain timeout."""
         self._draining = True
+        if self._control_task is not None:
+            self._control_task.cancel()  # no snapshot may open a listener now
         for running in (self.inbound, self.outbound):
             for listener in running.values():
                 listener.close()
@@ -329,16 +485,26 @@ def _commit(
     return bound
 
 
-async def serve(path: Path | None, config: AgentConfig, stop: asyncio.Event) -> None:
+async def serve(
+    path: Path | None,
+    config: AgentConfig,
+    stop: asyncio.Event,
+    *,
+    document: Document | None = None,
+    pod: str | None = None,
+) -> None:
     """Run until `stop` is set (SIGTERM), reloading on SIGHUP or when a file changes.
 
     The policy files are watched always; the config file too, unless the config
     was given inline (`path` None: the injector's environment variable), which
     is fixed for the process's life. A stop before the first SVID (the CA
-    unreachable at start) exits at once.
+    unreachable at start) exits at once. `document` is `config` as read (what
+    the control plane's snapshots merge into); `pod` the pod's name for it.
     """
     read = _fingerprint([path] if path else [])  # what the caller just loaded `config` from
-    agent = Agent(config)
+    if document is None and path is not None:
+        document = agent_config.read(path)
+    agent = Agent(config, document=document, pod=pod or pod_name(config, os.environ))
     agent.read.update(read)
     loop = asyncio.get_running_loop()
     reload = asyncio.Event()
@@ -419,8 +585,13 @@ def _fingerprint(files: list[Path]) -> dict[Path, bytes | None]:
 
 
 def load_policies(config: AgentConfig) -> PolicySet:
-    """The policy files as one set; PolicyError if any is bad or uses HTTP fields on TCP ports."""
-    policies = PolicySet(load_policy_files(config.policy.files), config.policy.default_action)
+    """The policy files and the inline policies as one set; PolicyError if any is bad, two
+    share a name, or one uses HTTP fields on TCP ports."""
+    combined = (*load_policy_files(config.policy.files), *config.policy.policies)
+    clashes = duplicates(combined)  # each source has none within itself: checked as read
+    if clashes:
+        raise PolicyError(clashes)
+    policies = PolicySet(combined, config.policy.default_action)
     tcp_ports = frozenset(i.app.port for i in config.inbound if i.protocol == "tcp")
     errors = policies.http_only_errors(tcp_ports)
     if errors:

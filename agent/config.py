@@ -33,7 +33,18 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
     status: 0.0.0.0:15020                              # optional: /ready /healthz /metrics
     policy:                                            # docs/policy.md
       files: [/etc/outrider/policy/policy.yaml]        # watched, reloaded when changed
+      policies: [{name: guard, action: DENY, rules: [{}]}]  # inline, in the files' format
       default_action: allow-authenticated              # or deny, when no ALLOW policy applies
+    control:                                           # optional: the third config source
+      address: outrider-control.outrider-system.svc:15012
+      server_name: outrider-control.outrider-system.svc  # default: the address's host
+      spiffe_id: spiffe://example.org/ns/outrider-system/sa/outrider-control  # the default
+      pod: web-7d9c-x2x4z                              # default: $POD_NAME
+      backoff: {initial: 1s, max: 5s}                  # while the control plane is away
+
+With `control:` the control plane streams snapshots holding `inbound`,
+`outbound` and `policy`; each replaces those keys of this file (the bootstrap)
+and the whole is read again by `parse`, the one reader of every source.
 """
 
 from __future__ import annotations
@@ -47,13 +58,26 @@ from typing import Any, get_args
 from agent.config_outbound import PROTOCOLS, Outbound, OutboundReader, Protocol
 from agent.core.authz import AllowList
 from agent.core.headers import UNDERSCORE_ACTIONS, UnderscoreAction
-from agent.core.policy import DefaultAction
+from agent.core.policy import DefaultAction, Policy
+from agent.core.policyfile import PolicyError, parse_policy_list
 from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.backoff import Backoff
 from identity.configfile import ConfigError, Listen, parse_yaml, read_yaml
 
-__all__ = ["AgentConfig", "ConfigError", "Outbound", "load", "parse", "parse_text"]
+__all__ = [
+    "AgentConfig",
+    "ConfigError",
+    "ControlEndpoint",
+    "Document",
+    "Outbound",
+    "load",
+    "parse",
+    "parse_text",
+    "read",
+    "read_text",
+    "with_snapshot",
+]
 
 DEFAULT_TOKEN = Path("/var/run/secrets/outrider/token")
 
@@ -109,10 +133,41 @@ class Limits:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """The authorization policy files (watched and reloaded) and what decides without them."""
+    """The authorization policies, from files (watched and reloaded) and inline (what the
+    control plane sends), and what decides when no ALLOW policy applies."""
 
     files: tuple[Path, ...] = ()
     default_action: DefaultAction = "allow-authenticated"
+    policies: tuple[Policy, ...] = ()
+
+
+#: Where the control plane runs (deploy/): its SVID names this namespace and account.
+CONTROL_NAMESPACE, CONTROL_ACCOUNT = "outrider-system", "outrider-control"
+
+
+#: While the control plane is away the agent runs its last config, and a change made
+#: meanwhile waits for the reconnect: so retry within seconds, not the CA's 30 s. A
+#: reconnect costs the control plane one TLS handshake (~2 ms of CPU): 2,000 agents
+#: retrying every 5 s take a fifth of a core.
+CONTROL_BACKOFF = Backoff(timedelta(seconds=1), timedelta(seconds=5))
+CA_BACKOFF = Backoff()
+
+
+@dataclass(frozen=True)
+class ControlEndpoint:
+    """The control plane the agent takes `inbound`, `outbound` and `policy` from.
+
+    `spiffe_id` is the only identity it takes config from: any other SVID of the
+    trust domain (every workload holds one) could otherwise pose as it.
+    `pod` None: the agent's shell reads $POD_NAME (the downward API).
+    """
+
+    host: str
+    port: int
+    server_name: str
+    spiffe_id: SpiffeId
+    pod: str | None = None
+    backoff: Backoff = CONTROL_BACKOFF
 
 
 @dataclass(frozen=True)
@@ -125,20 +180,77 @@ class AgentConfig:
     admin: Listen = Listen("127.0.0.1", 15000)
     policy: PolicyConfig = PolicyConfig()
     status: Listen | None = None  # probes and metrics only, for the pod network
+    control: ControlEndpoint | None = None
 
     @property
     def trust_domain(self) -> TrustDomain:
         return self.identity.spiffe_id.trust_domain
 
 
+#: The keys a control-plane snapshot holds; each replaces the bootstrap's.
+SNAPSHOT_KEYS = ("inbound", "outbound", "policy")
+
+
+@dataclass(frozen=True)
+class Document:
+    """agent.yaml as read and not yet checked: what a snapshot's keys are merged into.
+
+    Every source (a file, an environment variable, a snapshot merged into either)
+    is checked by the same `parse`, so a key means one thing wherever it comes from.
+    """
+
+    raw: object
+    base: Path  # relative paths are resolved against it
+    source: str  # where the errors say they are
+
+    def parse(self) -> AgentConfig:
+        return parse(self.raw, base=self.base, source=self.source)
+
+
+def read(path: Path) -> Document:
+    """The file, unchecked; ConfigError if it cannot be read as YAML."""
+    return Document(read_yaml(path), path.parent, str(path))
+
+
+def read_text(text: str, *, source: str) -> Document:
+    """YAML given inline (the injector passes it in an environment variable), unchecked."""
+    return Document(parse_yaml(text, source), Path.cwd(), source)
+
+
 def load(path: Path) -> AgentConfig:
     """Read and validate `path`; raise ConfigError listing every problem."""
-    return parse(read_yaml(path), base=path.parent, source=str(path))
+    return read(path).parse()
 
 
 def parse_text(text: str, *, source: str) -> AgentConfig:
     """Validate YAML given inline (the injector passes it in an environment variable)."""
-    return parse(parse_yaml(text, source), base=Path.cwd(), source=source)
+    return read_text(text, source=source).parse()
+
+
+def with_snapshot(bootstrap: Document, snapshot: object, *, source: str) -> Document:
+    """The bootstrap with a snapshot's `inbound`, `outbound` and `policy` in place of its own.
+
+    ConfigError (named `source`) if the snapshot is not a mapping or holds any
+    other key: the bootstrap's identity, CA, listeners and limits are the pod's
+    own (the injector's), and no stream may move them.
+    """
+    if not isinstance(snapshot, Mapping):
+        raise ConfigError(source, ["(top): must be an object of inbound, outbound and policy"])
+    others = sorted(str(key) for key in snapshot if key not in SNAPSHOT_KEYS)
+    if others:
+        raise ConfigError(
+            source,
+            [
+                f"{key}: not a snapshot key; a snapshot holds only "
+                f"{', '.join(SNAPSHOT_KEYS)} (the rest is the bootstrap's)"
+                for key in others
+            ],
+        )
+    raw = dict(bootstrap.raw) if isinstance(bootstrap.raw, Mapping) else {}
+    for key in SNAPSHOT_KEYS:
+        raw.pop(key, None)
+    raw.update(snapshot)
+    return Document(raw, bootstrap.base, source)
 
 
 def parse(raw: object, *, base: Path, source: str = "config") -> AgentConfig:
@@ -149,9 +261,11 @@ def parse(raw: object, *, base: Path, source: str = "config") -> AgentConfig:
     return config
 
 
-_TOP = {"identity", "ca", "inbound", "outbound", "limits", "admin", "status", "policy"}
+_TOP = {"identity", "ca", "inbound", "outbound", "limits", "admin", "status", "policy", "control"}
 DEFAULT_ACTIONS: tuple[DefaultAction, ...] = get_args(DefaultAction)
 _CA_KEYS = {"address", "server_name", "bundle_file", "timeout", "backoff", "bundle_refresh"}
+_CONTROL_KEYS = {"address", "server_name", "spiffe_id", "pod", "backoff"}
+_POLICY_KEYS = {"files", "policies", "default_action"}
 
 
 class _Reader(OutboundReader):
@@ -173,7 +287,10 @@ class _Reader(OutboundReader):
         status = None  # off unless asked for: two agents on one host would share its port
         if top.get("status") is not None:
             status = self.listen(top, "status", "status", Listen("0.0.0.0", 15020))  # noqa: S104
-        policy = self.policy(self.section(top, "policy", {"files", "default_action"}))
+        policy = self.policy(self.section(top, "policy", _POLICY_KEYS))
+        control = None
+        if top.get("control") is not None:
+            control = self.control(self.section(top, "control", _CONTROL_KEYS), own_domain)
         self.unique_listeners(admin, status, inbound, outbound)
         if self.errors or identity is None or ca is None:
             return None
@@ -186,6 +303,7 @@ class _Reader(OutboundReader):
             admin,
             policy,
             status,
+            control,
         )
 
     def identity(self, raw: Mapping[str, Any]) -> IdentityConfig | None:
@@ -203,19 +321,14 @@ class _Reader(OutboundReader):
         bundle_file = self.file(raw, "bundle_file", "ca.bundle_file")
         if bundle_file is None:
             self.fail("ca.bundle_file", "required: the trust bundle (PEM) to trust the CA with")
-        defaults = Backoff()
-        backoff = self.section(raw, "ca.backoff", {"initial", "max"})
-        initial = self.duration(backoff, "initial", "ca.backoff.initial", defaults.initial)
-        maximum = self.duration(backoff, "max", "ca.backoff.max", defaults.maximum)
-        if initial > maximum:
-            self.fail("ca.backoff.initial", f"exceeds ca.backoff.max ({maximum})")
+        backoff = self.backoff(raw, "ca.backoff")
         timeout = self.duration(raw, "timeout", "ca.timeout", CaEndpoint.timeout)
         refresh = self.duration(
             raw, "bundle_refresh", "ca.bundle_refresh", CaEndpoint.bundle_refresh
         )
         if refresh < MIN_BUNDLE_REFRESH:
             self.fail("ca.bundle_refresh", f"at least {MIN_BUNDLE_REFRESH.total_seconds():g}s")
-        if address is None or bundle_file is None or not timedelta(0) < initial <= maximum:
+        if address is None or bundle_file is None or backoff is None:
             return None
         return CaEndpoint(
             address.host,
@@ -223,8 +336,44 @@ class _Reader(OutboundReader):
             server_name or address.host,
             bundle_file,
             timeout,
-            Backoff(initial, maximum),
+            backoff,
             refresh,
+        )
+
+    def backoff(
+        self, raw: Mapping[str, Any], path: str, defaults: Backoff = CA_BACKOFF
+    ) -> Backoff | None:
+        """`{initial, max}` under `path`; None (reported) if initial exceeds max."""
+        section = self.section(raw, path, {"initial", "max"})
+        initial = self.duration(section, "initial", f"{path}.initial", defaults.initial)
+        maximum = self.duration(section, "max", f"{path}.max", defaults.maximum)
+        if initial > maximum:
+            self.fail(f"{path}.initial", f"exceeds {path}.max ({maximum})")
+            return None
+        return Backoff(initial, maximum)
+
+    def control(
+        self, raw: Mapping[str, Any], own_domain: TrustDomain | None
+    ) -> ControlEndpoint | None:
+        address = self.endpoint(raw.get("address"), "control.address")
+        server_name = self.string(raw, "server_name", "control.server_name", None)
+        pod = self.string(raw, "pod", "control.pod", None)
+        backoff = self.backoff(raw, "control.backoff", CONTROL_BACKOFF)
+        spiffe_id = None
+        if "spiffe_id" in raw:
+            spiffe_id = self.spiffe_id(raw["spiffe_id"], "control.spiffe_id")
+            if spiffe_id is not None and own_domain and not spiffe_id.member_of(own_domain):
+                self.fail(
+                    "control.spiffe_id",
+                    f"{spiffe_id} is not in trust domain {own_domain}, the only one whose "
+                    "roots this agent holds",
+                )
+        elif own_domain is not None:
+            spiffe_id = SpiffeId.for_workload(own_domain, CONTROL_NAMESPACE, CONTROL_ACCOUNT)
+        if address is None or spiffe_id is None or backoff is None:
+            return None
+        return ControlEndpoint(
+            address.host, address.port, server_name or address.host, spiffe_id, pod, backoff
         )
 
     def inbound(self, raw: object, path: str, own_domain: TrustDomain | None) -> Inbound | None:
@@ -254,7 +403,20 @@ class _Reader(OutboundReader):
             else:
                 self.fail(f"policy.files[{i}]", "a policy file's path")
         action = self.choice(raw, "default_action", "policy.default_action", DEFAULT_ACTIONS)
-        return PolicyConfig(tuple(files), action)
+        return PolicyConfig(tuple(files), action, self.inline_policies(raw.get("policies")))
+
+    def inline_policies(self, items: object) -> tuple[Policy, ...]:
+        """`policy.policies`: checked by the policy files' own reader, errors and all."""
+        if items is None:
+            return ()
+        if not isinstance(items, list):
+            self.fail("policy.policies", "must be a list of policies, as under a file's policies:")
+            return ()
+        try:
+            return parse_policy_list(items, "policy.policies")
+        except PolicyError as exc:
+            self.errors.extend(exc.errors)
+            return ()
 
     def limits(self, raw: Mapping[str, Any]) -> Limits:
         d = Limits()

@@ -17,6 +17,8 @@ Every key has a default; `tls` is required by `outrider injector serve` only.
     ca:
       address: outrider-ca.outrider-system.svc:8443
       bundle_configmap: outrider-trust-bundle              # key bundle.pem, in each pod's namespace
+    control:
+      address: outrider-control.outrider-system.svc:15012  # every agent's config comes from here
     limits:
       max_body_bytes: 3145728        # per AdmissionReview; at least 65536
       max_json_depth: 64             # at least 32
@@ -39,6 +41,7 @@ from injector.core.settings import (
     LOG_LEVELS,
     AgentSettings,
     CaSettings,
+    ControlSettings,
     Quantity,
     ResourceList,
     Resources,
@@ -95,6 +98,7 @@ _TOP = {
     "native_sidecar",
     "agent",
     "ca",
+    "control",
     "limits",
 }
 _LIMITS = {"max_body_bytes", "max_json_depth"} | set(ConnectionLimits.__annotations__)
@@ -111,6 +115,7 @@ class _Reader(ConfigReader):
             native_sidecar=self.boolean(top, "native_sidecar", defaults.native_sidecar),
             agent=self.agent(self.section(top, "agent", _AGENT)),
             ca=self.ca(self.section(top, "ca", {"address", "bundle_configmap"})),
+            control=self.control(self.section(top, "control", {"address"})),
         )
         return InjectorConfig(
             settings,
@@ -193,16 +198,24 @@ class _Reader(ConfigReader):
 
     def ca(self, raw: Mapping[str, Any]) -> CaSettings:
         d = CaSettings()
-        address = self.string(raw, "address", "ca.address", d.address) or d.address
-        try:
-            if Listen.parse(address).port == 0:
-                self.fail("ca.address", "port 0 is not a port to connect to")
-        except ValueError as exc:
-            self.fail("ca.address", str(exc))
+        address = self.address(raw, "ca.address", d.address)
         configmap = self.string(raw, "bundle_configmap", "ca.bundle_configmap", None)
         if configmap is not None and not is_dns_subdomain(configmap):
             self.fail("ca.bundle_configmap", "must be a ConfigMap name (a DNS subdomain)")
         return CaSettings(address, configmap or d.bundle_configmap)
+
+    def control(self, raw: Mapping[str, Any]) -> ControlSettings:
+        return ControlSettings(self.address(raw, "control.address", ControlSettings.address))
+
+    def address(self, raw: Mapping[str, Any], path: str, default: str) -> str:
+        """host:port to connect to, under the last part of `path`."""
+        address = self.string(raw, "address", path, default) or default
+        try:
+            if Listen.parse(address).port == 0:
+                self.fail(path, "port 0 is not a port to connect to")
+        except ValueError as exc:
+            self.fail(path, str(exc))
+        return address
 
     def tls(self, raw: Mapping[str, Any], required: bool) -> TlsFiles | None:
         cert = self.file(raw, "cert_file", "tls.cert_file")

@@ -160,9 +160,11 @@ def _agent_run(args: argparse.Namespace) -> None:
     path = Path(args.config) if args.config else None
     try:
         if path is not None:
-            config = agent_config.load(path)
+            document = agent_config.read(path)
         else:
-            config = agent_config.parse_text(_environ(args.config_env), source=args.config_env)
+            document = agent_config.read_text(_environ(args.config_env), source=args.config_env)
+        config = document.parse()
+        pod = agent_app.pod_name(config, os.environ, document.source)  # with control:
     except ConfigError as exc:
         raise _invalid(exc) from None
     try:
@@ -171,7 +173,9 @@ def _agent_run(args: argparse.Namespace) -> None:
         lines = "\n".join(f"  {error}" for error in exc.errors)
         raise CommandError(f"invalid policy:\n{lines}", EXIT_USAGE) from None
     try:
-        _until_signalled(lambda stop: agent_app.serve(path, config, stop))
+        _until_signalled(
+            lambda stop: agent_app.serve(path, config, stop, document=document, pod=pod)
+        )
     except OSError as exc:  # a listen address in use or not local
         raise CommandError(exc.strerror or str(exc)) from None
 

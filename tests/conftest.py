@@ -1,13 +1,15 @@
-"""Every async test runs on uvloop, the event loop the agent and the CA run on."""
+"""Every async test runs on uvloop, the event loop the agent and the CA run on; `pods`."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
 import pytest
 import uvloop
+
+from tests.netns import PodNetwork, pod_network
 
 
 def pytest_asyncio_loop_factories(
@@ -32,3 +34,11 @@ async def watchdog() -> AsyncIterator[None]:
     yield
     task.cancel()
     assert worst < 0.1, f"event loop blocked for {worst:.3f}s"
+
+
+@pytest.fixture
+def pods() -> Iterator[PodNetwork]:
+    """A node (this machine, at `pods.node_ip`) and pods made by `pods.add_pod(name)`, each
+    a network namespace of its own (tests/netns.py); all removed after the test."""
+    with pod_network() as network:
+        yield network

@@ -12,9 +12,12 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -40,6 +43,7 @@ from identity.proto import ca_pb2
 from tests.support import TRUST_DOMAIN, CaProcess, CaSetup, scraped, wait_for_line
 
 _READY = re.compile(r"ready as (\S+): (.*)$")
+_ADMIN = re.compile(r"admin listening on (\S+)$")
 
 
 def workload(name: str, namespace: str = "demo") -> SpiffeId:
@@ -126,8 +130,8 @@ def outbound(address: str, *server_ids: SpiffeId, name: str = "backend") -> list
 
 @asynccontextmanager
 async def running_agent(raw: dict[str, Any], sign: SignFn, root: Path) -> AsyncIterator[Agent]:
-    config = agent_config.parse(raw, base=root)
-    agent = Agent(config, sign=sign)
+    document = agent_config.Document(raw, root, "agent.yaml")  # what snapshots merge into
+    agent = Agent(document.parse(), sign=sign, document=document)
     await asyncio.wait_for(agent.start(), 10)
     try:
         yield agent
@@ -232,6 +236,40 @@ async def round_trip(address: str, payload: bytes = b"ping", timeout: float = 5.
         writer.close()
 
 
+async def mtls_exchange(
+    address: str, context: ssl.SSLContext, payload: bytes = b"secret for the app"
+) -> bytes:
+    """What comes back for `payload` over mTLS; b'' if the server refused us.
+
+    Under TLS 1.3 the client's handshake completes before the server has
+    checked the client certificate, so a refusal shows on the first read: an
+    alert, a reset or EOF. A connection the server neither answers nor
+    closes fails the test with a TimeoutError rather than passing as refused.
+    """
+    host, port = address.rsplit(":", 1)
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, int(port), ssl=context, server_hostname=""), 2
+        )
+    except ssl.SSLCertVerificationError:
+        raise  # the client distrusts the agent: a broken test, not a refusal
+    except (ssl.SSLError, ConnectionError):
+        return b""
+    received = b""
+    try:
+        writer.write(payload)
+        while len(received) < len(payload):
+            chunk = await asyncio.wait_for(reader.read(65536), 2)
+            if not chunk:
+                break
+            received += chunk
+    except (ssl.SSLError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+    return received
+
+
 # --- agents as real processes -------------------------------------------------
 
 
@@ -262,6 +300,37 @@ class AgentProcess:
     def certs(self) -> dict[str, Any]:
         return dict(json.loads(self.get("/certs")))
 
+    def config_dump(self) -> dict[str, Any]:
+        return dict(json.loads(self.get("/config_dump")))
+
+    def status(self, path: str) -> int:
+        """The admin server's status code for `path` (/ready: 200 or 503)."""
+        try:
+            with urllib.request.urlopen(f"http://{self.bound['admin']}{path}", timeout=5) as page:
+                return int(page.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
+    def wait_ready(self, timeout: float = 10.0) -> dict[str, str]:
+        """Once it logs that it is ready: its listeners (name -> address), also in `bound`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.log):
+                if match := _READY.search(line):
+                    self.bound = dict(part.split(" ", 1) for part in match[2].split(", "))
+                    return self.bound
+            time.sleep(0.02)
+        raise AssertionError(f"agent {self.name} not ready in {timeout}s:\n" + "".join(self.log))
+
+    def logged(self, text: str, timeout: float = 10.0) -> bool:
+        """`text` appeared in its log within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in list(self.log)):
+                return True
+            time.sleep(0.02)
+        return False
+
     def stop(self, timeout: float = 10.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -277,23 +346,31 @@ def agent_process(
     *,
     launcher: Sequence[str] = ("-m", "outrider"),
     env: Mapping[str, str] | None = None,
+    ready: bool = True,
+    prefix: Sequence[str] = (),
 ) -> Iterator[AgentProcess]:
-    """`outrider agent run` as a real process; yields once it logs that it is ready.
+    """`outrider agent run` as a real process; yields once it logs that it is ready
+    (`ready` False: once its admin server listens, `bound` holding only that).
 
-    `launcher` and `env` run it another way (tests.k8s.in_cluster: as in a pod).
+    `launcher` and `env` run it another way (tests.k8s.in_cluster: as in a pod);
+    `prefix` goes before the command line: `Pod.prefix` (tests.netns) runs it in a
+    pod's network namespace.
     """
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     process = subprocess.Popen(
-        [sys.executable, *launcher, "agent", "run", "--config", str(path)],
+        [*prefix, sys.executable, *launcher, "agent", "run", "--config", str(path)],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
         env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
     )
     log: list[str] = []
-    match = wait_for_line(process, _READY, log, timeout, f"agent {name}")
-    bound = dict(part.split(" ", 1) for part in match[2].split(", "))
+    match = wait_for_line(process, _READY if ready else _ADMIN, log, timeout, f"agent {name}")
+    if ready:
+        bound = dict(part.split(" ", 1) for part in match[2].split(", "))
+    else:
+        bound = {"admin": match[1]}
     agent = AgentProcess(name, process, bound, log)
     try:
         yield agent

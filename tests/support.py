@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -286,14 +286,19 @@ def soft_fd_limit(soft: int | None) -> Callable[[], None] | None:
 
 @contextmanager
 def ca_process(
-    config: Path, timeout: float = 20.0, *, fd_limit: int | None = None
+    config: Path,
+    timeout: float = 20.0,
+    *,
+    fd_limit: int | None = None,
+    prefix: Sequence[str] = (),
 ) -> Iterator[CaProcess]:
     """`outrider ca serve` as a real process; stopped with SIGTERM, which must exit 0.
 
     `fd_limit` is the soft open-file limit it starts with (default: ours).
+    `prefix` goes before the command line: `Pod.prefix` (tests.netns) runs it in a pod.
     """
     process = subprocess.Popen(
-        [sys.executable, "-m", "outrider", "ca", "serve", "--config", str(config)],
+        [*prefix, sys.executable, "-m", "outrider", "ca", "serve", "--config", str(config)],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,

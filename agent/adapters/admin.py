@@ -77,6 +77,9 @@ class AgentView(Protocol):
     @property
     def next_renewal(self) -> datetime | None: ...
 
+    @property
+    def control_state(self) -> dict[str, Any] | None: ...
+
 
 def routes(agent: AgentView) -> dict[str, Handler]:
     """Path -> handler; each handler answers from the agent's state at that moment."""
@@ -91,7 +94,8 @@ def routes(agent: AgentView) -> dict[str, Handler]:
         return 200, CONTENT_TYPE_LATEST, generate_latest(agent.metrics.registry)
 
     def config_dump() -> Response:
-        return _json({"config": plain(agent.config), "bound": agent.bound})
+        dump = {"config": plain(agent.config), "bound": agent.bound}
+        return _json({**dump, "control_plane": agent.control_state})
 
     def certs() -> Response:
         svid = agent.svid

@@ -36,9 +36,12 @@ _HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
 
 
 class AgentMetrics:
-    def __init__(self) -> None:
+    def __init__(self, *, control_plane: bool = False) -> None:
+        """`control_plane`: the agent subscribes to one (`control:`), so /metrics shows the
+        control-plane series; an agent of files alone shows none (not a "disconnected" 0)."""
         self.registry = CollectorRegistry()
         r = self.registry
+        subscribed = r if control_plane else None
         self.handshakes = Counter(
             "outrider_tls_handshakes",
             "TLS handshakes and the peer checks after them, by result and reason",
@@ -163,3 +166,18 @@ class AgentMetrics:
             "Seconds until the next attempt to reach the CA after a failure (0 when healthy)",
             registry=r,
         )
+        self.control_plane_connected = Gauge(
+            "outrider_control_plane_connected",
+            "1 while the agent holds a verified stream to the control plane, else 0 "
+            "(the last config it applied keeps serving meanwhile)",
+            registry=subscribed,
+        )
+        self.control_plane_updates = Counter(
+            "outrider_control_plane_updates",
+            "Snapshots from the control plane by result: applied (acknowledged) or "
+            "rejected (answered with the reason; the running config stays)",
+            ["result"],
+            registry=subscribed,
+        )
+        for result in ("applied", "rejected"):
+            self.control_plane_updates.labels(result)  # 0 from the start, for rate()

@@ -78,6 +78,9 @@ class IdentityManager:
         #: The roots to verify peers against, given the CA's bundle (`BundleSync.peer_roots`).
         self.peer_roots: Callable[[TrustBundle], TrustBundle] = lambda bundle: bundle
         self.has_svid = asyncio.Event()
+        #: Called after every change of the SVID or of its roots: what holds a connection
+        #: made with the old ones (the control-plane stream) makes a new one.
+        self.changed: list[Callable[[], None]] = []
         self.renewal = Renewer(
             "the SVID",
             self._renew_and_install,
@@ -213,12 +216,17 @@ class IdentityManager:
         self.metrics.ca_backoff.set(0)
         self._write_files(svid)
         self.has_svid.set()
+        self._tell_changed()
         log.info(
             "SVID %s serial %s valid until %s",
             svid.spiffe_id,
             svid.serial,
             svid.not_after.isoformat(timespec="seconds"),
         )
+
+    def _tell_changed(self) -> None:
+        for callback in self.changed:
+            callback()
 
     def _standing(self) -> str:
         if self.svid is None:
@@ -299,6 +307,7 @@ class IdentityManager:
         self.svid = svid
         self.metrics.bundle_expiry.set(bundle.earliest_expiry.timestamp())
         self._write_files(svid)  # an app reading output_dir verifies its peers by it too
+        self._tell_changed()
         try:
             check_chain(svid.chain, bundle)
         except ChainError:

@@ -99,6 +99,14 @@ def client_context(svid: Svid) -> ssl.SSLContext:
     return _context(svid, "client")
 
 
+def control_plane_context(svid: Svid) -> ssl.SSLContext:
+    """To the control plane: present the SVID, verify its chain against the bundle, speak h2
+    (gRPC); the SPIFFE ID is checked after the handshake, as every peer's is."""
+    context = _context(svid, "client")
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
 def peer_id(
     ssl_object: ssl.SSLObject,
     usage: Literal["client", "server"],

@@ -33,10 +33,11 @@ and topology.go):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from agent.core.endpoint import Endpoint
 
@@ -114,31 +115,41 @@ def slice_endpoints(slices: Iterable[Mapping[str, Any]], port: int) -> frozenset
     ready: set[Endpoint] = set()
     draining: set[Endpoint] = set()
     for item in slices:
-        family = _FAMILIES.get(item.get("addressType", ""))
-        if family is None:  # FQDN: kube-proxy ignores these too
-            continue
         for entry in item.get("endpoints") or ():
-            host = _first_address(entry, family)
-            if host is None:
-                continue
-            conditions = entry.get("conditions") or {}
-            is_ready = conditions.get("ready") is not False
-            serving = conditions.get("serving")
-            is_serving = is_ready if serving is None else serving is True
-            if is_ready:
-                ready.add(Endpoint(host, port))
-            elif is_serving and conditions.get("terminating") is True:
-                draining.add(Endpoint(host, port))
+            host = endpoint_address(entry, item.get("addressType", ""))
+            state = endpoint_state(entry)
+            if host is not None and state is not None:
+                (ready if state == "ready" else draining).add(Endpoint(host, port))
     return frozenset(ready or draining)
 
 
-def _first_address(entry: Mapping[str, Any], family: int) -> str | None:
-    """The endpoint's first address, canonical; None if missing or not of the slice's family."""
+def endpoint_state(entry: Mapping[str, Any]) -> Literal["ready", "draining"] | None:
+    """`ready`; `draining` if serving while terminating (used when none is ready); else None."""
+    conditions = entry.get("conditions") or {}
+    is_ready = conditions.get("ready") is not False
+    serving = conditions.get("serving")
+    is_serving = is_ready if serving is None else serving is True
+    if is_ready:
+        return "ready"
+    if is_serving and conditions.get("terminating") is True:
+        return "draining"
+    return None
+
+
+def endpoint_address(entry: Mapping[str, Any], address_type: str) -> str | None:
+    """The endpoint's first address, canonical; None if missing, not of the slice's
+    family, or the slice is not IPv4/IPv6 (FQDN: kube-proxy ignores these too)."""
+    family = _FAMILIES.get(address_type)
     addresses = entry.get("addresses") or ()
-    if not addresses:
+    if family is None or not addresses or not isinstance(addresses[0], str):
         return None
+    return _canonical(addresses[0], family)
+
+
+@functools.lru_cache(maxsize=65536)  # a cluster's pod IPs, read again on every change
+def _canonical(text: str, family: int) -> str | None:
     try:
-        address = ipaddress.ip_address(addresses[0])
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
     return str(address) if address.version == family else None

@@ -57,6 +57,9 @@ NO_ALLOW_MATCHED = "no ALLOW rule matched"
 DEFAULT_POLICY = "default"
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+# `<namespace>/<name>`: what the control plane names an AuthorizationPolicy; each
+# part as long as a Kubernetes DNS subdomain may be.
+_QUALIFIED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}/[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 _METHOD = re.compile(r"[A-Z]+")
 _NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _DEFAULT_RULE_NAME = re.compile(r"rules\[[0-9]+\]")
@@ -295,7 +298,12 @@ class Rule:
 
 @dataclass(frozen=True)
 class Policy:
-    """A named set of rules (OR) with one action; dry-run policies only record."""
+    """A named set of rules (OR) with one action; dry-run policies only record.
+
+    An ALLOW policy without rules allows nothing: it applies to every port and
+    matches no request, so it denies whatever no other ALLOW allows (Istio's
+    `spec: {}`, a namespace's default-deny). DENY and AUDIT need a rule.
+    """
 
     name: str
     action: Action
@@ -304,13 +312,16 @@ class Policy:
     source: str = field(default="", compare=False)  # FILE:LINE:COLUMN, for messages
 
     def __post_init__(self) -> None:
-        check_name(self.name)
+        check_policy_name(self.name)
         if self.name == DEFAULT_POLICY:
             raise ValueError(f"{self.name!r} is reserved for the default action")
         if self.action not in get_args(Action):
             raise ValueError(f"action {self.action!r} is not one of ALLOW, DENY, AUDIT")
-        if not self.rules:
-            raise ValueError("a policy needs at least one rule")
+        if not self.rules and self.action != "ALLOW":
+            raise ValueError(
+                f"a {self.action} policy needs at least one rule (only an ALLOW may have none,"
+                " and then it allows nothing)"
+            )
         names = [rule.name for rule in self.rules]
         if len(set(names)) != len(names):
             raise ValueError(f"rule names must be unique within policy {self.name!r}")
@@ -318,7 +329,8 @@ class Policy:
             raise ValueError("an AUDIT policy never enforces, so it cannot be a dry run")
 
     def applies_to(self, port: int) -> bool:
-        return any(rule.applies_to_port(port) for rule in self.rules)
+        """Whether this policy governs `port`; one without rules governs every port."""
+        return not self.rules or any(rule.applies_to_port(port) for rule in self.rules)
 
     @property
     def l4_http(self) -> bool:
@@ -431,8 +443,10 @@ def _matched(policy: Policy, rule: Rule, request: Request) -> str:
 def _none_matched(allows: list[Policy], request: Request) -> str:
     misses = "; ".join(
         f"{policy.name}/{rule.name}: {rule.first_miss(request)}"
+        if rule
+        else f"{policy.name}: has no rules, so it allows nothing"
         for policy in allows
-        for rule in policy.rules
+        for rule in policy.rules or (None,)
     )
     names = ", ".join(repr(policy.name) for policy in allows)
     return f"ALLOW policies {names} apply to port {request.port} but no rule matched ({misses})"
@@ -463,6 +477,19 @@ def check_name(name: object) -> str:
             " starting with a letter or digit"
         )
     return name
+
+
+def check_policy_name(name: object) -> str:
+    """A rule's name, or `<namespace>/<name>` (how the control plane names its policies)."""
+    if isinstance(name, str) and _QUALIFIED_NAME.fullmatch(name):
+        return name
+    try:
+        return check_name(name)
+    except ValueError:
+        raise ValueError(
+            f"{name!r} is not a valid name; expected 1-63 letters, digits, '.', '_' or '-',"
+            " starting with a letter or digit (or NAMESPACE/NAME)"
+        ) from None
 
 
 def check_value(field: Field, value: object) -> str:

@@ -4,12 +4,17 @@ Each error reads `FILE:LINE:COLUMN: key.path: problem; what is expected`, so
 `outrider policy lint` and a refused reload point at the very character. The
 values themselves are checked by the constructors in agent.core.policy; this
 module only walks the YAML and says where a bad value sits.
+
+Policies also arrive as data, already parsed: agent.yaml's `policy.policies`
+and the control plane's snapshots. `parse_policy_list` reads those through
+the same walk, so a policy means and is refused the same however it came;
+data has no line or column, so those errors read `SOURCE: key.path: problem`.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast, get_args
 
@@ -27,11 +32,12 @@ from agent.core.policy import (
     Policy,
     Rule,
     check_name,
+    check_policy_name,
     check_value,
     duplicates,
 )
 
-__all__ = ["PolicyError", "load_policy_files", "parse_policies"]
+__all__ = ["PolicyError", "load_policy_files", "parse_policies", "parse_policy_list"]
 
 
 class PolicyError(Exception):
@@ -88,30 +94,76 @@ def parse_policies(text: str, source: str) -> tuple[Policy, ...]:
     return tuple(policies)
 
 
+def parse_policy_list(items: object, source: str) -> tuple[Policy, ...]:
+    """Policies given as data: a list of policy mappings, each as a file's `policies[i]`.
+
+    Errors name the key path from `policies[i]` (`SOURCE: policies[0].rules: ...`,
+    no line or column); PolicyError lists them all. `source` also becomes each
+    policy's `source`, with its path: `SOURCE: policies[0]`.
+    """
+    reader = _Reader(source)
+    node = _as_node(items)
+    policies: list[Policy] = []
+    for index, item in enumerate(reader.sequence(node, "policies", None)):
+        policy = _policy(reader, item, f"policies[{index}]")
+        if policy is not None:
+            policies.append(policy)
+    reader.errors.extend(duplicates(policies))
+    if reader.errors:
+        raise PolicyError(reader.errors)
+    return tuple(policies)
+
+
+class _Value(yaml.ScalarNode):
+    """A scalar given as data: its value is already what the YAML would construct."""
+
+    def __init__(self, value: object) -> None:
+        super().__init__(_TAGS.get(type(value), "tag:yaml.org,2002:str"), str(value))
+        self.data = value
+
+
+_TAGS = {type(None): "tag:yaml.org,2002:null", bool: "tag:yaml.org,2002:bool"}
+_TAGS |= {int: "tag:yaml.org,2002:int", float: "tag:yaml.org,2002:float"}
+
+
+def _as_node(data: object) -> yaml.Node:
+    """Data as the nodes the reader walks (no marks: errors name only the key path)."""
+    if isinstance(data, Mapping):
+        pairs = [(_as_node(key), _as_node(value)) for key, value in data.items()]
+        return yaml.MappingNode("tag:yaml.org,2002:map", pairs)
+    if isinstance(data, list | tuple):
+        return yaml.SequenceNode("tag:yaml.org,2002:seq", [_as_node(item) for item in data])
+    return _Value(data)
+
+
 def _policy(reader: _Reader, node: yaml.Node, path: str) -> Policy | None:
     keys = {"name", "action", "mode", "rules"}
     raw = reader.mapping(node, path, keys, required={"name", "action", "rules"})
     if raw is None:
         return None
     errors = len(reader.errors)
-    name = reader.value(raw.get("name"), f"{path}.name", check_name)
+    name = reader.value(raw.get("name"), f"{path}.name", check_policy_name)
     action = reader.value(raw.get("action"), f"{path}.action", _action)
     mode = reader.value(raw.get("mode"), f"{path}.mode", _mode) if "mode" in raw else "enforce"
     rules: list[Rule] = []
     if "rules" in raw:
-        for index, rule_node in enumerate(
-            reader.sequence(raw["rules"], f"{path}.rules", _ONE_RULE)
-        ):
+        if_empty = None if action == "ALLOW" else _ONE_RULE
+        for index, rule_node in enumerate(reader.sequence(raw["rules"], f"{path}.rules", if_empty)):
             rule = _rule(reader, rule_node, f"{path}.rules[{index}]", index)
             if rule is not None:
                 rules.append(rule)
     if len(reader.errors) > errors or name is None or action is None:
         return None
     where = reader.where(raw["name"])
+    if raw["name"].start_mark is None:  # data: no line and column, so say which item
+        where = f"{where}: {path}"
     return reader.build(node, path, Policy, name, action, tuple(rules), mode == "dry-run", where)
 
 
-_ONE_RULE = "at least one rule ({} is a rule that matches every request)"
+_ONE_RULE = (
+    "at least one rule ({} is a rule that matches every request; only an ALLOW policy may"
+    " have none, and then it allows nothing)"
+)
 _ONE_VALUE = "at least one value (or leave the key out to match any)"
 
 
@@ -167,6 +219,8 @@ class _Reader:
         if node is None:
             return f"{self.source}:1:1"
         mark = node.start_mark
+        if mark is None:  # represented from data (parse_policy_list), not read from text
+            return self.source
         return f"{self.source}:{mark.line + 1}:{mark.column + 1}"
 
     def fail(self, node: yaml.Node | None, path: str, problem: str) -> None:
@@ -224,6 +278,8 @@ class _Reader:
         return list(node.value)
 
     def scalar(self, node: yaml.Node) -> object:
+        if isinstance(node, _Value):
+            return node.data
         if not isinstance(node, yaml.ScalarNode):
             return node  # not a scalar: every value check rejects it by type
         return self._scalars.construct_object(node)

@@ -1,16 +1,66 @@
 """The cluster's objects, compiled once per change, answering for each pod.
 
-`compile_mesh(objects, settings)` is pure: it validates every Outrider and
-Gateway API object, indexes what pods need, and returns a `Mesh`. The shell
-compiles again after each batch of watch events, then asks `config_for` for
-every subscribed pod and sends what changed.
+`compile_mesh(objects, settings, previous, now=...)` is pure: it validates
+every Outrider and Gateway API object, indexes what pods need, and returns a
+`Mesh`. The shell compiles again after each batch of watch events (passing
+the last Mesh as `previous` and the time), then asks `config_for` (or
+`version_for`) for every subscribed pod, sends what changed, and writes each
+`statuses` entry that differs from the object's status.
+
+Each pod's config holds (CONTRACT.md, "Which listeners a pod gets"):
+- `inbound`: services.py;
+- `policy.policies`: the AuthorizationPolicies of the pod's namespace whose
+  selector matches it, and those of the mesh namespace whose selector
+  matches it (in any namespace), sorted by name; policies.py. A pod cannot
+  opt out: no annotation is read for policy;
+- `outbound`: one listener per entry of the `outrider.io/upstreams`
+  annotation (upstreams.py), with the Service's endpoints and identities
+  (services.py), split by a route (routes.py), tuned by a TrafficPolicy
+  (traffic.py).
+
+An object that cannot be used is reported in its status. An
+AuthorizationPolicy or TrafficPolicy edited into an invalid object keeps
+its last valid version in force, and its status says so: a typo in a
+security team's edit must not drop a DENY. That version is recorded in the
+object's own status (`status.inForce`, inforce.py), not in `previous`, so
+every replica, however recently started, compiles the same thing from the
+API alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import json
+import re
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
+
+from control.core.conditions import Meta, condition, meta, previous_conditions, summary, timestamp
+from control.core.inforce import Verdict, judge, policy_status
+from control.core.policies import CompiledPolicy, Misfit, compile_policy, fit_to_ports, misfits
+from control.core.routes import CompiledRoute, RouteKind, attach_routes, compile_route
+from control.core.services import (
+    PodIndex,
+    Service,
+    Workload,
+    read_service,
+    read_workload,
+    slice_service,
+)
+from control.core.traffic import CompiledTraffic, TrafficState, attach_traffic, compile_traffic
+from control.core.upstreams import ANNOTATION, PortKey, Upstreams
+
+__all__ = [
+    "KINDS",
+    "Mesh",
+    "MeshSettings",
+    "PodIdentity",
+    "compile_mesh",
+    "version_of",
+]
 
 #: The kinds the control plane reads, by the key `objects` holds them under.
 KINDS = (
@@ -27,6 +77,8 @@ KINDS = (
 Key = tuple[str, str]
 #: kind -> (namespace, name) -> the object as the API server returns it (a dict).
 Objects = Mapping[str, Mapping[Key, Mapping[str, Any]]]
+#: (kind, namespace, name)
+StatusKey = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
@@ -51,18 +103,357 @@ class PodIdentity:
 
 
 @dataclass(frozen=True)
+class _Memory:
+    """What one compile hands the next: validation already done. A cache only: what is
+    in force comes from the objects (their status.inForce), never from here."""
+
+    settings: MeshSettings | None = None
+    #: (kind, namespace, name, uid, resourceVersion) -> what was read or compiled from it
+    #: (without a resourceVersion: generation, spec and status.inForce as JSON instead).
+    compiled: Mapping[tuple[str, ...], Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Mesh:
     pods: Mapping[Key, PodIdentity] = field(default_factory=dict)
     #: (kind, namespace, name) -> the object's whole `status` as the control plane
-    #: writes it (status.conditions for Outrider kinds, status.parents for routes),
-    #: for every object of an Outrider or Gateway API kind it read.
-    statuses: Mapping[tuple[str, str, str], Mapping[str, Any]] = field(default_factory=dict)
+    #: writes it (status.conditions, and status.inForce for the version in force, for
+    #: Outrider kinds; status.parents for routes), for every object of an Outrider kind
+    #: it read and every route with a Service parent. Write those that differ from the
+    #: object's own status, replacing it whole (not a merge patch: see
+    #: inforce.policy_status): the next compile reads status.inForce back.
+    statuses: Mapping[StatusKey, Mapping[str, Any]] = field(default_factory=dict)
+    #: (namespace, pod) -> what in or about the pod was skipped, and why: a bad
+    #: `outrider.io/upstreams` entry, a Service port that targets no container port.
+    #: Pods have no status to write these to; the shell logs them and shows them.
+    pod_warnings: Mapping[Key, tuple[str, ...]] = field(default_factory=dict)
+    _configs: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict, repr=False)
+    _memory: _Memory = field(default_factory=_Memory, repr=False, compare=False)
+    _versions: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
 
     def config_for(self, namespace: str, pod: str) -> dict[str, Any] | None:
         """The snapshot's JSON object for this pod (agent.yaml's inbound, outbound and
-        policy), or None if the pod is unknown."""
-        raise NotImplementedError
+        policy), or None if the pod is unknown. Shared with the Mesh: do not modify it."""
+        config = self._configs.get((namespace, pod))
+        return None if config is None else dict(config)
+
+    def version_for(self, namespace: str, pod: str) -> str | None:
+        """`version_of(config_for(namespace, pod))`, computed once per Mesh and config
+        (the pods of a ReplicaSet share theirs)."""
+        config = self._configs.get((namespace, pod))
+        if config is None:
+            return None
+        if id(config) not in self._versions:
+            self._versions[id(config)] = version_of(config)
+        return self._versions[id(config)]
 
 
-def compile_mesh(objects: Objects, settings: MeshSettings) -> Mesh:
-    raise NotImplementedError
+def version_of(config: Mapping[str, Any]) -> str:
+    """A config's version: the same content gives the same version on every replica."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def compile_mesh(
+    objects: Objects,
+    settings: MeshSettings,
+    previous: Mesh | None = None,
+    *,
+    now: datetime | None = None,
+) -> Mesh:
+    """Every object read, every injected pod's config built, every status written.
+
+    `previous`: the Mesh compiled before, to skip validating unchanged objects
+    (a cache: the result is the same without it). `now`: the time a
+    condition that changes status records (lastTransitionTime).
+    """
+    return _Compiler(objects, settings, previous, timestamp(now)).mesh()
+
+
+class _Compiler:
+    """One compile: indexes first, then statuses, then each pod's config."""
+
+    def __init__(
+        self, objects: Objects, settings: MeshSettings, previous: Mesh | None, now: str
+    ) -> None:
+        self.objects = objects
+        self.settings = settings
+        self.now = now
+        memory = previous._memory if previous is not None else _Memory()
+        self.memory = memory if memory.settings == settings else _Memory()
+        self.compiled: dict[tuple[str, ...], Any] = {}
+        self.statuses: dict[StatusKey, Mapping[str, Any]] = {}
+        self.warnings: dict[Key, list[str]] = defaultdict(list)
+        self.workloads: dict[Key, Workload] = {}
+        self.services: dict[Key, Service] = {}
+        self.slices: dict[Key, list[Mapping[str, Any]]] = defaultdict(list)
+        self.fitted: dict[tuple[Any, ...], tuple[Mapping[str, Any], tuple[Misfit, ...]]] = {}
+        self.shapes: dict[tuple[Any, ...], tuple[Mapping[str, Any], list[str], list[Any]]] = {}
+
+    def mesh(self) -> Mesh:
+        self.read_world()
+        policies = self.policies()
+        traffic = self.traffic()
+        routes = self.routes()
+        self.upstreams = Upstreams(
+            self.settings,
+            self.services,
+            self.slices,
+            self.workloads,
+            traffic,
+            routes,
+            self.warnings,
+        )
+        configs: dict[Key, Mapping[str, Any]] = {}
+        misfit_notes: dict[Key, list[str]] = defaultdict(list)
+        for key, workload in self.workloads.items():
+            configs[key] = self.config(workload, policies, misfit_notes)
+        self.finish_policy_statuses(misfit_notes)
+        return Mesh(
+            {
+                k: PodIdentity(w.namespace, w.name, w.service_account)
+                for k, w in self.workloads.items()
+            },
+            self.statuses,
+            {
+                k: tuple(sorted(set(v), key=_warning_order))
+                for k, v in sorted(self.warnings.items())
+                if v
+            },
+            configs,
+            _Memory(self.settings, self.compiled),
+        )
+
+    # -- the world ---------------------------------------------------------------------
+
+    def read_world(self) -> None:
+        for key, obj in self.objects.get("Pod", {}).items():
+            workload = self.recall(
+                "Pod", key, obj, lambda o=obj, k=key: read_workload(o, k) or False
+            )
+            if workload:
+                self.workloads[workload.key] = workload
+        self.index = PodIndex(self.workloads.values())
+        for key, obj in self.objects.get("Service", {}).items():
+            service = self.recall("Service", key, obj, lambda o=obj, k=key: read_service(o, k))
+            self.services[(service.namespace, service.name)] = service
+        for key, obj in self.objects.get("EndpointSlice", {}).items():
+            name = slice_service(obj)
+            if name is not None:
+                namespace = (obj.get("metadata") or {}).get("namespace") or key[0]
+                self.slices[(namespace, name)].append(obj)
+        # Which of a pod's ports speak HTTP: an `appProtocol: http` Service port targets it.
+        self.http_ports: dict[Key, set[int]] = defaultdict(set)
+        for service in self.services.values():
+            http = [p for p in service.ports if p.protocol == "http"]
+            if not http or service.selector is None:
+                continue
+            for workload in self.index.select(service.selector, service.namespace):
+                for port in http:
+                    target = workload.target(port.target)
+                    if target is not None:
+                        self.http_ports[workload.key].add(target)
+
+    def recall(self, kind: str, key: Key, obj: Mapping[str, Any], make: Any) -> Any:
+        """`make()`, or what it gave for this very object in the previous compile.
+
+        An object is the same while its uid and resourceVersion are (the API
+        server changes the version with every write, status writes too); without
+        a version, the same generation, spec and recorded version in force. Pods
+        and Services without one are read again.
+        """
+        m = obj.get("metadata") or {}
+        uid, version = str(m.get("uid") or ""), str(m.get("resourceVersion") or "")
+        if version:
+            cache_key: tuple[str, ...] = (kind, *key, uid, version)
+        elif kind in ("Pod", "Service"):
+            return make()
+        else:
+            read = [obj.get("spec"), (obj.get("status") or {}).get("inForce")]
+            text = json.dumps(read, sort_keys=True, default=str)
+            cache_key = (kind, *key, uid, str(m.get("generation")), text)
+        result = self.memory.compiled.get(cache_key)
+        if result is None:
+            result = make()
+        self.compiled[cache_key] = result
+        return result
+
+    # -- AuthorizationPolicy -------------------------------------------------------------
+
+    def policies(self) -> dict[Key, list[CompiledPolicy]]:
+        """pod -> the policies in force that select it, sorted by name."""
+        valid: list[CompiledPolicy] = []
+        self.policy_objects: dict[Key, tuple[Meta, Mapping[str, Any], Verdict[CompiledPolicy]]] = {}
+        mesh_namespace = self.settings.mesh_namespace
+        for key, obj in self.objects.get("AuthorizationPolicy", {}).items():
+            m = meta(obj, key)
+            verdict: Verdict[CompiledPolicy] = self.recall(
+                "AuthorizationPolicy",
+                key,
+                obj,
+                lambda o=obj, m=m: judge(o, m, lambda o, m: compile_policy(o, m, mesh_namespace)),
+            )
+            self.policy_objects[(m.namespace, m.name)] = (m, obj, verdict)
+            if verdict.in_force is not None:
+                valid.append(verdict.in_force)
+        selected: dict[Key, list[CompiledPolicy]] = defaultdict(list)
+        for policy in sorted(valid, key=lambda p: str(p.document["name"])):
+            scope = None if policy.mesh_wide else policy.namespace
+            for workload in self.index.select(policy.selector, scope):
+                selected[workload.key].append(policy)
+        return selected
+
+    def pod_policies(
+        self,
+        selected: Sequence[CompiledPolicy],
+        inbound: Sequence[tuple[int, str]],
+    ) -> tuple[list[Mapping[str, Any]], list[tuple[Key, Misfit]]]:
+        """The policies as sent to the pod, and the rules fitted to its TCP ports."""
+        tcp = frozenset(port for port, protocol in inbound if protocol == "tcp")
+        http = frozenset(port for port, protocol in inbound if protocol == "http")
+        documents = []
+        fitted: list[tuple[Key, Misfit]] = []
+        for policy in selected:
+            if not (tcp and policy.http_rules):
+                documents.append(policy.document)
+                continue
+            document, found = self.fit(policy, tcp, http)
+            documents.append(document)
+            fitted += [((policy.namespace, policy.name), misfit) for misfit in found]
+        return documents, fitted
+
+    def fit(
+        self, policy: CompiledPolicy, tcp: frozenset[int], http: frozenset[int]
+    ) -> tuple[Mapping[str, Any], tuple[Misfit, ...]]:
+        """The policy as sent to a pod with these ports; pods of one Deployment share it."""
+        key = (policy.namespace, policy.name, tcp, http)
+        if key not in self.fitted:
+            found = misfits(policy.policy, tcp)
+            document = fit_to_ports(policy, tcp, http) if found else policy.document
+            self.fitted[key] = (document, found)
+        return self.fitted[key]
+
+    def finish_policy_statuses(self, notes: Mapping[Key, list[str]]) -> None:
+        for key, (m, obj, verdict) in self.policy_objects.items():
+            previous = previous_conditions(obj)
+            if verdict.errors:
+                tail = (
+                    f"; the previous version (generation {verdict.generation}) stays in force"
+                    if verdict.in_force is not None
+                    else "; it is not enforced"
+                )
+                ok, reason, message = False, "Invalid", summary(verdict.errors) + tail
+            elif notes.get(key):
+                assert verdict.in_force is not None
+                action = verdict.in_force.policy.action
+                ok, reason = True, "HTTPRulesOnTCPPorts"
+                message = (
+                    f"{summary(sorted(notes[key]), 3)}. HTTP fields never match on TCP, so there"
+                    f" {_ON_TCP[action]}."
+                    " Set appProtocol: http on the Service port that targets it, or list the"
+                    " rule's HTTP ports in to.ports"
+                )
+            else:
+                ok, reason, message = (
+                    True,
+                    "Accepted",
+                    "enforced by the agents of the pods it selects",
+                )
+            accepted = condition("Accepted", ok, reason, message, m.generation, previous, self.now)
+            self.statuses[("AuthorizationPolicy", m.namespace, m.name)] = policy_status(
+                m, accepted, verdict
+            )
+
+    # -- TrafficPolicy, HTTPRoute, GRPCRoute ---------------------------------------------
+
+    def traffic(self) -> dict[PortKey, CompiledTraffic]:
+        """(namespace, service, port) -> the TrafficPolicy that applies there."""
+        states = []
+        for key, obj in sorted(self.objects.get("TrafficPolicy", {}).items()):
+            m = meta(obj, key)
+            verdict: Verdict[CompiledTraffic] = self.recall(
+                "TrafficPolicy", key, obj, lambda o=obj, m=m: judge(o, m, compile_traffic)
+            )
+            states.append(TrafficState(m, obj, verdict))
+        winners, statuses = attach_traffic(states, self.services, self.now)
+        for (namespace, name), status in statuses.items():
+            self.statuses[("TrafficPolicy", namespace, name)] = status
+        return winners
+
+    def routes(self) -> dict[PortKey, CompiledRoute]:
+        """(namespace, service, port) -> the route that splits its traffic."""
+        compiled: list[tuple[Mapping[str, Any], CompiledRoute]] = []
+        kinds: tuple[RouteKind, ...] = ("HTTPRoute", "GRPCRoute")
+        for kind in kinds:
+            for key, obj in sorted(self.objects.get(kind, {}).items()):
+                m = meta(obj, key)
+                route = self.recall(
+                    kind, key, obj, lambda k=kind, o=obj, m=m: compile_route(k, o, m)
+                )
+                compiled.append((obj, route))
+        winners, statuses = attach_routes(compiled, self.services, self.now)
+        self.statuses.update(statuses)
+        return winners
+
+    # -- each pod -------------------------------------------------------------------------
+
+    def config(
+        self,
+        workload: Workload,
+        policies: Mapping[Key, list[CompiledPolicy]],
+        notes: dict[Key, list[str]],
+    ) -> Mapping[str, Any]:
+        """The pod's config; the pods of one ReplicaSet share one (same namespace, labels,
+        ports and annotation: the same policies, listeners and upstreams)."""
+        shape = (
+            workload.namespace,
+            tuple(sorted(workload.labels.items())),
+            workload.ports,
+            tuple(sorted(workload.port_names.items())),
+            workload.annotations.get(ANNOTATION, ""),
+        )
+        if shape not in self.shapes:
+            self.shapes[shape] = self.build_config(workload, policies)
+        config, warnings, fitted = self.shapes[shape]
+        self.warnings[workload.key].extend(warnings)
+        for policy, misfit in fitted:
+            ports = ", ".join(map(str, misfit.tcp_ports))
+            notes[policy].append(
+                f"rule {misfit.rule!r} uses {', '.join(misfit.fields)} and applies to TCP"
+                f" port {ports} of {workload.owner}"
+            )
+        return config
+
+    def build_config(
+        self, workload: Workload, policies: Mapping[Key, list[CompiledPolicy]]
+    ) -> tuple[Mapping[str, Any], list[str], list[tuple[Key, Misfit]]]:
+        http = self.http_ports.get(workload.key, ())
+        inbound = [(port, "http" if port in http else "tcp") for port in workload.ports]
+        base = self.settings.inbound_base
+        outbound, warnings = self.upstreams.listeners(workload)
+        documents, fitted = self.pod_policies(policies.get(workload.key, ()), inbound)
+        config = {
+            "inbound": [
+                {"listen": f"0.0.0.0:{base + i}", "app": f"127.0.0.1:{port}", "protocol": protocol}
+                for i, (port, protocol) in enumerate(inbound)
+            ],
+            "outbound": outbound,
+            "policy": {"default_action": self.settings.default_action, "policies": documents},
+        }
+        return config, warnings, fitted
+
+
+_ON_TCP = {
+    "ALLOW": "the rule allows nothing",
+    "DENY": "the rule denies every connection its other fields match",
+    "AUDIT": "the rule records nothing",
+}
+
+
+def _warning_order(warning: str) -> tuple[int, str]:
+    """The annotation's entries in their order, then the rest: the same order every compile."""
+    match = _ENTRY.match(warning)
+    return (int(match[1]), "") if match else (1 << 30, warning)
+
+
+_ENTRY = re.compile(re.escape(ANNOTATION) + r"\[([0-9]+)\]")

@@ -30,7 +30,7 @@ SKIPS: dict[str, str | None] = {
     "namespace_excluded": "kube-system and Outrider's own namespace are never injected",
     "opted_out": 'the pod has outrider.io/inject: "false"',
     "host_network": "hostNetwork pods share the node's network, where the agent cannot listen",
-    "name_conflict": "the pod already has a volume named outrider-token, -bundle or -policy",
+    "name_conflict": "the pod already has a volume named outrider-token or outrider-bundle",
 }
 
 
@@ -67,7 +67,7 @@ def mutate(pod: Mapping[str, Any], namespace: str, settings: Settings) -> Mutati
         patch = _prepend(spec, "containers", agent)
         if containers and DEFAULT_CONTAINER not in annotations:
             added[DEFAULT_CONTAINER] = containers[0]["name"]  # or `kubectl logs` shows ours
-    patch += _extend(spec, "volumes", sidecar.volumes(options, settings))
+    patch += _extend(spec, "volumes", sidecar.volumes(settings))
     patch += _annotate(pod, added)
     return Mutation(INJECTED, tuple(patch), tuple(f"outrider: {w}" for w in warnings))
 

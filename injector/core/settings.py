@@ -17,6 +17,7 @@ __all__ = [
     "LOG_LEVELS",
     "AgentSettings",
     "CaSettings",
+    "ControlSettings",
     "Quantity",
     "ResourceList",
     "Resources",
@@ -101,6 +102,17 @@ class CaSettings:
     bundle_configmap: str = "outrider-trust-bundle"
 
 
+@dataclass(frozen=True)
+class ControlSettings:
+    """Where every agent subscribes to its config (the control plane's Service)."""
+
+    address: str = "outrider-control.outrider-system.svc:15012"
+
+
+#: The control plane's service account in the system namespace: its SVID is the one
+#: identity the agents take config from.
+CONTROL_ACCOUNT = "outrider-control"
+
 _CLUSTER_LOCAL = TrustDomain("cluster.local")
 
 
@@ -111,3 +123,4 @@ class Settings:
     native_sidecar: bool = True
     agent: AgentSettings = AgentSettings()
     ca: CaSettings = CaSettings()
+    control: ControlSettings = ControlSettings()

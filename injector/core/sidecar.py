@@ -1,9 +1,14 @@
-"""The agent container, its volumes and its config, built from typed values only.
+"""The agent container, its volumes and its bootstrap config, built from typed values only.
 
 Nothing here reads the pod: every value comes from the injector's settings or
 from `AgentOptions`, whose fields were parsed out of the annotations. The
 agent's config is built as data and serialized with json.dumps, so no
 annotation text is ever spliced into YAML or JSON.
+
+The config is a bootstrap: who the agent is, where its CA and its control
+plane are, and its admin and status addresses. Listeners, upstreams and
+policy come from the control plane, which the agent asks as the pod
+($POD_NAME, from the downward API).
 """
 
 from __future__ import annotations
@@ -12,14 +17,8 @@ import json
 from typing import Any
 
 from identity import SpiffeId
-from injector.core.annotations import (
-    ADMIN_PORT,
-    INBOUND_BASE,
-    OUTBOUND_PORTS,
-    STATUS_PORT,
-    AgentOptions,
-)
-from injector.core.settings import Settings
+from injector.core.annotations import ADMIN_PORT, STATUS_PORT, AgentOptions
+from injector.core.settings import CONTROL_ACCOUNT, Settings
 
 AGENT = "outrider-agent"
 CONFIG_ENV = "OUTRIDER_AGENT_CONFIG"
@@ -28,28 +27,19 @@ AUDIENCE = "outrider-ca"
 STATUS_PORT_NAME = "outrider-status"  # at most 15 characters, as every port name
 TOKEN_VOLUME, TOKEN_DIR = "outrider-token", "/var/run/secrets/outrider"
 BUNDLE_VOLUME, BUNDLE_DIR = "outrider-bundle", "/etc/outrider/bundle"
-POLICY_VOLUME, POLICY_DIR = "outrider-policy", "/etc/outrider/policy"
-VOLUMES = (TOKEN_VOLUME, BUNDLE_VOLUME, POLICY_VOLUME)
+VOLUMES = (TOKEN_VOLUME, BUNDLE_VOLUME)
 
 
-def agent_config(options: AgentOptions, spiffe_id: SpiffeId, settings: Settings) -> dict[str, Any]:
-    """The agent's config (the keys agent/config.py documents) as plain data."""
+def agent_config(spiffe_id: SpiffeId, settings: Settings) -> dict[str, Any]:
+    """The agent's bootstrap (the keys agent/config.py documents) as plain data."""
+    control_id = SpiffeId.for_workload(
+        settings.trust_domain, settings.system_namespace, CONTROL_ACCOUNT
+    )
     return {
         "identity": {"spiffe_id": str(spiffe_id), "token_file": f"{TOKEN_DIR}/token"},
         "ca": {"address": settings.ca.address, "bundle_file": f"{BUNDLE_DIR}/bundle.pem"},
-        "inbound": [
-            {"listen": f"0.0.0.0:{INBOUND_BASE + i}", "app": f"127.0.0.1:{port}"}
-            for i, port in enumerate(options.inbound_ports)
-        ],
-        "outbound": [
-            {
-                "name": upstream.name,
-                "listen": f"127.0.0.1:{OUTBOUND_PORTS[i]}",
-                "endpoints": [f"{host}:{port}" for host, port in upstream.endpoints],
-                "server_ids": [str(server_id) for server_id in upstream.server_ids],
-            }
-            for i, upstream in enumerate(options.upstreams)
-        ],
+        # The one identity the agent takes config from; the pod's name is $POD_NAME.
+        "control": {"address": settings.control.address, "spiffe_id": str(control_id)},
         # /config_dump and /certs show the mesh's topology and who may call this pod:
         # loopback only (kubectl port-forward reaches it). The kubelet's probes and
         # Prometheus reach the pod IP, where the status listener serves only them.
@@ -59,7 +49,7 @@ def agent_config(options: AgentOptions, spiffe_id: SpiffeId, settings: Settings)
 
 
 def container(options: AgentOptions, spiffe_id: SpiffeId, settings: Settings) -> dict[str, Any]:
-    config = json.dumps(agent_config(options, spiffe_id, settings), separators=(",", ":"))
+    config = json.dumps(agent_config(spiffe_id, settings), separators=(",", ":"))
     probe = {"httpGet": {"path": "/ready", "port": STATUS_PORT}}
     agent: dict[str, Any] = {
         "name": AGENT,
@@ -85,10 +75,6 @@ def container(options: AgentOptions, spiffe_id: SpiffeId, settings: Settings) ->
         "startupProbe": {**probe, "periodSeconds": 1, "failureThreshold": 120},
         "readinessProbe": {**probe, "periodSeconds": 5},
     }
-    if options.policy is not None:
-        agent["volumeMounts"].append(
-            {"name": POLICY_VOLUME, "mountPath": POLICY_DIR, "readOnly": True}
-        )
     if settings.native_sidecar:
         agent["restartPolicy"] = "Always"
     return agent
@@ -118,8 +104,8 @@ def security_context(uid: int) -> dict[str, Any]:
     }
 
 
-def volumes(options: AgentOptions, settings: Settings) -> list[dict[str, Any]]:
-    """The token (for the agent alone), the trust bundle and the policy, if any."""
+def volumes(settings: Settings) -> list[dict[str, Any]]:
+    """The token (for the agent alone) and the trust bundle."""
     token = {
         "audience": AUDIENCE,
         "expirationSeconds": settings.agent.token_expiration_seconds,
@@ -129,6 +115,4 @@ def volumes(options: AgentOptions, settings: Settings) -> list[dict[str, Any]]:
         {"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": token}]}},
         {"name": BUNDLE_VOLUME, "configMap": {"name": settings.ca.bundle_configmap}},
     ]
-    if options.policy is not None:
-        result.append({"name": POLICY_VOLUME, "configMap": {"name": options.policy}})
     return result

@@ -37,6 +37,25 @@ def test_a_bad_config_exits_2_and_lists_every_error(tmp_path: Path) -> None:
     assert "Traceback" not in stderr
 
 
+def test_a_control_plane_without_a_pod_name_exits_2_saying_so(
+    setup: CaSetup, tmp_path: Path
+) -> None:
+    raw = agent_yaml(setup.root, "web", control={"address": "127.0.0.1:1"})
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    environ = {k: v for k, v in os.environ.items() if k != "POD_NAME"}
+    done = subprocess.run(
+        [sys.executable, "-m", "outrider", "agent", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=environ,
+    )
+    assert done.returncode == 2
+    assert "control.pod: required when $POD_NAME is not set" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_before_the_first_svid_sighup_is_harmless_and_sigterm_exits_0(
     setup: CaSetup, tmp_path: Path
 ) -> None:

@@ -26,6 +26,7 @@ from tests.mesh import (
     eventually,
     inbound,
     local_sign,
+    mtls_exchange,
     outbound,
     round_trip,
     running_agent,
@@ -39,38 +40,6 @@ FOREIGN_FRONTEND = f"spiffe://{certs.FOREIGN_DOMAIN}/ns/demo/sa/frontend"
 PAYLOAD = b"secret for the app"
 # A test that fails with a connection still open should not wait 30 s to say so.
 LIMITS = {"drain_timeout": "500ms"}
-
-
-async def mtls_exchange(address: str, context: ssl.SSLContext, payload: bytes = PAYLOAD) -> bytes:
-    """What comes back for `payload` over mTLS; b'' if the server refused us.
-
-    Under TLS 1.3 the client's handshake completes before the server has
-    checked the client certificate, so a refusal shows on the first read: an
-    alert, a reset or EOF. A connection the server neither answers nor
-    closes fails the test with a TimeoutError rather than passing as refused.
-    """
-    host, port = address.rsplit(":", 1)
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, int(port), ssl=context, server_hostname=""), 2
-        )
-    except ssl.SSLCertVerificationError:
-        raise  # the client distrusts the agent: a broken test, not a refusal
-    except (ssl.SSLError, ConnectionError):
-        return b""
-    received = b""
-    try:
-        writer.write(payload)
-        while len(received) < len(payload):
-            chunk = await asyncio.wait_for(reader.read(65536), 2)
-            if not chunk:
-                break
-            received += chunk
-    except (ssl.SSLError, ConnectionError):
-        pass
-    finally:
-        writer.close()
-    return received
 
 
 def refusals(agent: Agent, direction: str) -> dict[str, float]:

@@ -31,7 +31,6 @@ from ca.signers.local import init_ca
 from identity import TrustBundle
 from tests import certs
 from tests.certs import Credential, Shape, SigningCa
-from tests.integration.test_agent_refusals import mtls_exchange
 from tests.mesh import (
     AgentProcess,
     agent_process,
@@ -39,6 +38,7 @@ from tests.mesh import (
     echo_server,
     inbound,
     local_sign,
+    mtls_exchange,
     outbound,
     round_trip,
     running_agent,

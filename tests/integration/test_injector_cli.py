@@ -21,7 +21,7 @@ spec:
   template:
     metadata:
       labels: {app: web}
-      annotations: {outrider.io/inbound-ports: "8080", outrider.io/log-level: loud}
+      annotations: {outrider.io/upstreams: "backend:8080", outrider.io/log-level: loud}
     spec:
       serviceAccountName: web
       containers: [{name: web, image: web:1}]

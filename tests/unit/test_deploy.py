@@ -772,16 +772,7 @@ def test_the_injector_config_is_one_injector_serve_accepts(
         pytest.skip("injector.config is not there yet: the injector lands with this issue")
     path = tmp_path / "injector.yaml"
     path.write_text(one(overlay, "ConfigMap", "outrider-injector-config")["data"]["injector.yaml"])
-    try:
-        config = injector_config.load(path, require_tls=True)
-    except injector_config.ConfigError as exc:
-        # Until the injector's own change of this issue teaches it `control:`:
-        # the rest of the file must still be one it accepts. Remove at merge.
-        if exc.errors != ["control: unknown key"]:
-            raise
-        raw = config_file(overlay, "outrider-injector-config", "injector.yaml")
-        del raw["control"]
-        config = injector_config.parse(raw, base=tmp_path, require_tls=True)
+    config = injector_config.load(path, require_tls=True)
     assert str(config.settings.trust_domain) == "cluster.local"
     assert config.settings.system_namespace == SYSTEM
     assert config.tls is not None
@@ -932,7 +923,7 @@ def test_both_crds_carry_the_standard_condition_list_in_status() -> None:
     for crd in our_crds():
         (version,) = crd["spec"]["versions"]
         status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
-        assert set(status) == {"observedGeneration", "conditions"}
+        assert set(status) == {"observedGeneration", "conditions", "inForce"}
         conditions = status["conditions"]
         assert conditions["x-kubernetes-list-map-keys"] == ["type"]
         item = conditions["items"]
@@ -944,6 +935,20 @@ def test_both_crds_carry_the_standard_condition_list_in_status() -> None:
             "lastTransitionTime",
         }
         assert item["properties"]["status"]["enum"] == ["True", "False", "Unknown"]
+
+
+def test_both_crds_keep_the_version_in_force_in_status_whole() -> None:
+    # status.inForce.spec is the spec as the control plane accepted it: pruning any of it
+    # would change what every replica enforces while the object's spec is invalid.
+    for crd in our_crds():
+        (version,) = crd["spec"]["versions"]
+        status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+        in_force = status["inForce"]
+        assert in_force["required"] == ["generation", "spec"]
+        assert in_force["properties"]["generation"]["type"] == "integer"
+        spec = in_force["properties"]["spec"]
+        assert (spec["type"], spec["x-kubernetes-preserve-unknown-fields"]) == ("object", True)
+        assert "properties" not in spec
 
 
 def test_the_vendored_gateway_api_crds_are_upstreams_standard_channel() -> None:

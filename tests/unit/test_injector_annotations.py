@@ -1,4 +1,8 @@
-"""Annotations: each setting parsed strictly, and no value can make the pod more privileged."""
+"""Annotations: each setting parsed strictly, and no value can make the pod more privileged.
+
+The agent's config is a bootstrap (identity, CA, control plane): listeners,
+upstreams and policy come from the control plane, never from an annotation.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,11 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.config import parse_text
+from agent.config import ControlEndpoint, parse_text
+from identity import SpiffeId, TrustDomain
 from injector.core import Settings, mutate
-from injector.core.annotations import read_options
+from injector.core.annotations import UPSTREAMS, read_options
+from injector.core.settings import ControlSettings
 from injector.core.sidecar import AGENT, CONFIG_ENV
 from tests.k8s import to_model
 
@@ -22,14 +28,16 @@ SETTINGS = Settings()
 BACKEND = "spiffe://cluster.local/ns/shop/sa/backend"
 
 
-def inject(annotations: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+def inject(
+    annotations: dict[str, Any], settings: Settings = SETTINGS
+) -> tuple[dict[str, Any], tuple[str, ...]]:
     source = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "web", "namespace": "shop", "annotations": annotations},
         "spec": {"containers": [{"name": "app", "image": "app:1"}]},
     }
-    mutation = mutate(source, "shop", SETTINGS)
+    mutation = mutate(source, "shop", settings)
     assert mutation.reason == "injected"
     return jsonpatch.apply_patch(source, list(mutation.patch)), mutation.warnings
 
@@ -50,56 +58,73 @@ def config_of(pod: dict[str, Any]) -> dict[str, Any]:
 BASELINE, _ = inject({})
 
 
-# -- each setting, valid ---------------------------------------------------------------
+# -- the bootstrap: identity, CA, control plane; the rest is the control plane's ----------
 
 
-def test_inbound_ports_become_listeners_from_15443_in_order() -> None:
-    pod, warnings = inject({"outrider.io/inbound-ports": "8080, 9090"})
-    assert warnings == ()
-    assert config_of(pod)["inbound"] == [
-        {"listen": "0.0.0.0:15443", "app": "127.0.0.1:8080"},
-        {"listen": "0.0.0.0:15444", "app": "127.0.0.1:9090"},
-    ]
+def test_the_agent_gets_a_bootstrap_and_asks_the_control_plane_for_the_rest() -> None:
+    config = config_of(BASELINE)
+    assert config == {
+        "identity": {
+            "spiffe_id": "spiffe://cluster.local/ns/shop/sa/default",
+            "token_file": "/var/run/secrets/outrider/token",
+        },
+        "ca": {
+            "address": "outrider-ca.outrider-system.svc:8443",
+            "bundle_file": "/etc/outrider/bundle/bundle.pem",
+        },
+        "control": {
+            "address": "outrider-control.outrider-system.svc:15012",
+            "spiffe_id": "spiffe://cluster.local/ns/outrider-system/sa/outrider-control",
+        },
+        "admin": "127.0.0.1:15000",
+        "status": "0.0.0.0:15020",
+    }
+    pod_name = {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+    assert pod_name in agent_of(BASELINE)["env"]  # the pod it asks the control plane for
 
 
-def test_upstreams_become_outbound_listeners_from_15001_in_order() -> None:
-    value = (
-        f"backend=backend.shop.svc:15443@{BACKEND};\n"
-        " cache=c-0.cache.shop.svc:15443,c-1.cache.shop.svc:15443"
-        "@spiffe://cluster.local/ns/shop/sa/cache,spiffe://cluster.local/ns/shop/sa/cache-v2;"
+def test_the_control_plane_is_where_the_injector_settings_say() -> None:
+    settings = Settings(
+        trust_domain=TrustDomain("example.org"),
+        system_namespace="mesh",
+        control=ControlSettings("cp.mesh.svc:9000"),
     )
+    config = config_of(inject({}, settings)[0])
+    assert parse_text(json.dumps(config), source="env").control == ControlEndpoint(
+        "cp.mesh.svc",
+        9000,
+        "cp.mesh.svc",
+        SpiffeId.parse("spiffe://example.org/ns/mesh/sa/outrider-control"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "replacement"),
+    [
+        ("outrider.io/inbound-ports", "containerPorts"),
+        ("outrider.io/policy", "AuthorizationPolicy"),
+    ],
+)
+def test_an_annotation_that_is_gone_is_ignored_with_a_warning_naming_its_replacement(
+    key: str, replacement: str
+) -> None:
+    pod, warnings = inject({key: "8080"})
+    assert agent_of(pod) == agent_of(BASELINE)
+    assert pod["spec"]["volumes"] == BASELINE["spec"]["volumes"]  # no policy ConfigMap
+    [warning] = warnings
+    assert warning.startswith(f"outrider: {key}: no longer read, ignored; ")
+    assert replacement in warning
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=200))
+def test_upstreams_are_left_to_the_control_plane_without_a_word(value: str) -> None:
     pod, warnings = inject({"outrider.io/upstreams": value})
     assert warnings == ()
-    assert config_of(pod)["outbound"] == [
-        {
-            "name": "backend",
-            "listen": "127.0.0.1:15001",
-            "endpoints": ["backend.shop.svc:15443"],
-            "server_ids": [BACKEND],
-        },
-        {
-            "name": "cache",
-            "listen": "127.0.0.1:15002",
-            "endpoints": ["c-0.cache.shop.svc:15443", "c-1.cache.shop.svc:15443"],
-            "server_ids": [
-                "spiffe://cluster.local/ns/shop/sa/cache",
-                "spiffe://cluster.local/ns/shop/sa/cache-v2",
-            ],
-        },
-    ]
+    assert agent_of(pod) == agent_of(BASELINE)
 
 
-def test_the_policy_configmap_is_mounted_read_only_into_the_agent() -> None:
-    pod, warnings = inject({"outrider.io/policy": "shop-policy"})
-    assert warnings == ()
-    assert {"name": "outrider-policy", "configMap": {"name": "shop-policy"}} in pod["spec"][
-        "volumes"
-    ]
-    assert {
-        "name": "outrider-policy",
-        "mountPath": "/etc/outrider/policy",
-        "readOnly": True,
-    } in agent_of(pod)["volumeMounts"]
+# -- what pod authors may still set ---------------------------------------------------------
 
 
 def test_resources_and_log_level_come_from_annotations() -> None:
@@ -137,23 +162,6 @@ def test_requests_above_the_limit_are_capped_at_it(
 # -- each setting, invalid: the default, and a warning naming the annotation -----------
 
 INVALID = [
-    ("outrider.io/inbound-ports", "http"),
-    ("outrider.io/inbound-ports", "0"),
-    ("outrider.io/inbound-ports", "65536"),
-    ("outrider.io/inbound-ports", "8080,8080"),
-    ("outrider.io/inbound-ports", "15443"),  # the agent's own port
-    ("outrider.io/inbound-ports", "٨٠٨٠"),  # Arabic-Indic digits: int() would take them
-    ("outrider.io/inbound-ports", ",".join(str(p) for p in range(8000, 8017))),
-    ("outrider.io/upstreams", ""),
-    ("outrider.io/upstreams", "backend.shop.svc:15443"),
-    ("outrider.io/upstreams", f"Backend=backend.shop.svc:15443@{BACKEND}"),
-    ("outrider.io/upstreams", f"backend=backend.shop.svc@{BACKEND}"),
-    ("outrider.io/upstreams", f"backend=BACKEND.shop:15443@{BACKEND}"),
-    ("outrider.io/upstreams", "backend=backend.shop.svc:15443@spiffe://cluster.local"),
-    ("outrider.io/upstreams", "backend=backend.shop.svc:15443@https://cluster.local/x"),
-    ("outrider.io/upstreams", f"a=a.svc:1@{BACKEND};a=b.svc:1@{BACKEND}"),
-    ("outrider.io/policy", "Shop_Policy"),
-    ("outrider.io/policy", "policy\n"),
     ("outrider.io/agent-cpu", "lots"),
     ("outrider.io/agent-cpu", "0"),
     ("outrider.io/agent-cpu", "-1"),
@@ -177,11 +185,10 @@ def test_an_invalid_value_keeps_the_default_and_warns(key: str, value: str) -> N
 
 
 def test_a_value_that_is_not_a_string_is_invalid() -> None:
-    pod, warnings = inject({"outrider.io/inbound-ports": 8080})
-    assert config_of(pod)["inbound"] == []
+    pod, warnings = inject({"outrider.io/log-level": 3})
+    assert agent_of(pod) == agent_of(BASELINE)
     assert warnings == (
-        "outrider: outrider.io/inbound-ports: must be a string; using the default "
-        "(no inbound listener)",
+        "outrider: outrider.io/log-level: must be a string; using the default (info)",
     )
 
 
@@ -192,12 +199,9 @@ def test_an_unknown_outrider_annotation_is_named_in_a_warning() -> None:
 
 
 def test_a_bad_annotation_does_not_spoil_the_good_ones() -> None:
-    pod, warnings = inject(
-        {"outrider.io/inbound-ports": "8080", "outrider.io/upstreams": "nonsense"}
-    )
-    assert config_of(pod)["inbound"] == [{"listen": "0.0.0.0:15443", "app": "127.0.0.1:8080"}]
-    assert config_of(pod)["outbound"] == []
-    assert [w.split(":")[1].strip() for w in warnings] == ["outrider.io/upstreams"]
+    pod, warnings = inject({"outrider.io/log-level": "debug", "outrider.io/agent-cpu": "lots"})
+    assert {"name": "OUTRIDER_LOG_LEVEL", "value": "debug"} in agent_of(pod)["env"]
+    assert [w.split(":")[1].strip() for w in warnings] == ["outrider.io/agent-cpu"]
 
 
 # -- hostile annotations change nothing privileged ----------------------------------------
@@ -235,7 +239,7 @@ def test_hostile_annotations_change_nothing_privileged(annotations: dict[str, st
     assert_unprivileged(pod)
     assert agent_of(pod) == agent_of(BASELINE)
     assert pod["spec"]["volumes"] == BASELINE["spec"]["volumes"]
-    assert len(warnings) == len(annotations)
+    assert len(warnings) == len([key for key in annotations if key != UPSTREAMS])
 
 
 def assert_unprivileged(pod: dict[str, Any]) -> None:
@@ -281,35 +285,11 @@ def test_no_annotation_text_makes_the_pod_privileged_or_the_agent_config_invalid
         assert warning.isprintable()
 
 
-@settings(max_examples=200, deadline=None)
-@given(
-    st.lists(st.integers(1, 14999), min_size=1, max_size=16, unique=True),
-    st.lists(
-        st.from_regex(r"[a-z][a-z0-9-]{0,20}[a-z0-9]", fullmatch=True), max_size=8, unique=True
-    ),
-)
-def test_valid_values_round_trip_into_a_config_the_agent_accepts(
-    ports: list[int], names: list[str]
-) -> None:
-    upstreams = ";".join(
-        f"{n}={n}.shop.svc:15443@spiffe://cluster.local/ns/shop/sa/{n}" for n in names
-    )
-    annotations = {"outrider.io/inbound-ports": ",".join(map(str, ports))}
-    if names:
-        annotations["outrider.io/upstreams"] = upstreams
-    pod, warnings = inject(annotations)
-    assert warnings == ()
-    config = config_of(pod)
-    assert [i["app"] for i in config["inbound"]] == [f"127.0.0.1:{p}" for p in ports]
-    assert [o["name"] for o in config["outbound"]] == names
-
-
 def test_read_options_without_annotations_is_the_settings() -> None:
     options, warnings = read_options({}, SETTINGS)
     assert warnings == []
     assert options.resources == SETTINGS.agent.resources
     assert options.log_level == SETTINGS.agent.log_level
-    assert (options.inbound_ports, options.upstreams, options.policy) == ((), (), None)
 
 
 def test_the_annotations_example_in_the_docs_is_valid() -> None:
@@ -318,17 +298,5 @@ def test_the_annotations_example_in_the_docs_is_valid() -> None:
     example = yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
     pod, warnings = inject(example["metadata"]["annotations"])
     assert warnings == ()
-    config = config_of(pod)
-    assert [o["listen"] for o in config["outbound"]] == ["127.0.0.1:15001", "127.0.0.1:15002"]
-
-
-def test_every_upstream_gets_a_port_the_agent_can_bind() -> None:
-    """Upstream listeners count up from 15001, past the status port (0.0.0.0:15020, which
-    127.0.0.1:15020 would clash with): at the most upstreams, the agent still starts."""
-    value = ";".join(f"u{i}=u{i}.shop.svc:15443@{BACKEND}" for i in range(32))
-    pod, warnings = inject({"outrider.io/upstreams": value, "outrider.io/inbound-ports": "8080"})
-    assert warnings == ()
-    config = config_of(pod)  # the agent accepts it
-    ports = [int(o["listen"].rsplit(":", 1)[1]) for o in config["outbound"]]
-    assert ports[:19] == list(range(15001, 15020)), "the first upstreams keep their ports"
-    assert 15020 not in ports and ports == sorted(set(ports)) and len(ports) == 32
+    assert agent_of(pod) != agent_of(BASELINE)  # the example sets something
+    assert config_of(pod) == config_of(BASELINE)  # but nothing of the config

@@ -49,6 +49,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
             "token_expiration_seconds": 600,
         },
         "ca": {"address": "ca.mesh.svc:443", "bundle_configmap": "bundle"},
+        "control": {"address": "cp.mesh.svc:15012"},
         "limits": {
             "max_body_bytes": 65536,
             "max_json_depth": 32,
@@ -74,6 +75,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert s.agent.resources.limits.memory == Quantity.parse("1Gi")
     assert s.agent.token_expiration_seconds == 600
     assert (s.ca.address, s.ca.bundle_configmap) == ("ca.mesh.svc:443", "bundle")
+    assert s.control.address == "cp.mesh.svc:15012"
     assert config.limits == Limits(
         65536, 32, ConnectionLimits(50, timedelta(seconds=2), timedelta(milliseconds=500))
     )
@@ -95,6 +97,7 @@ def test_every_error_is_reported_at_once_with_its_key_path() -> None:
             "token_expiration_seconds": 60,
         },
         "ca": {"address": "no-port", "bundle_configmap": "Bad_Name"},
+        "control": {"address": "cp:0", "spiffe_id": "x"},
         "limits": {
             "max_body_bytes": 10,
             "max_json_depth": 5,
@@ -120,6 +123,8 @@ def test_every_error_is_reported_at_once_with_its_key_path() -> None:
         "agent.token_expiration_seconds",
         "ca.address",
         "ca.bundle_configmap",
+        "control.spiffe_id",
+        "control.address",
         "tls.cert_file",
         "tls.key_file",
         "limits.max_body_bytes",
@@ -136,10 +141,18 @@ def test_tls_is_required_only_to_serve() -> None:
         parse({}, base=Path("/"), require_tls=True)
 
 
+@pytest.mark.parametrize("section", ["ca", "control"])
 @pytest.mark.parametrize("address", ["ca.svc:0", "ca.svc", ":8443"])
-def test_the_ca_address_must_be_host_and_port(address: str) -> None:
-    with pytest.raises(ConfigError, match=r"ca\.address"):
-        parse({"ca": {"address": address}}, base=Path("/"))
+def test_the_ca_and_control_plane_addresses_must_be_host_and_port(
+    section: str, address: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"{section}\.address"):
+        parse({section: {"address": address}}, base=Path("/"))
+
+
+def test_the_control_plane_is_the_mesh_namespaces_by_default() -> None:
+    settings = parse({}, base=Path("/")).settings
+    assert settings.control.address == "outrider-control.outrider-system.svc:15012"
 
 
 def test_a_file_that_is_not_yaml_is_a_config_error(tmp_path: Path) -> None:

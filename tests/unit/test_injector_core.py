@@ -13,6 +13,7 @@ import pytest
 from agent.config import parse_text
 from injector.core import Settings, apply_patch, mutate
 from injector.core.mutate import pointer
+from injector.core.settings import ControlSettings
 from injector.core.sidecar import AGENT, CONFIG_ENV
 from tests.k8s import to_model
 
@@ -193,7 +194,7 @@ def test_json_pointer_tokens_escape_tilde_then_slash(key: str, token: str) -> No
 
 
 def test_the_input_pod_is_never_changed() -> None:
-    source = annotated({"outrider.io/inbound-ports": "8080"})
+    source = annotated({"outrider.io/log-level": "debug"})
     before = copy.deepcopy(source)
     mutate(source, "shop", SETTINGS)
     assert source == before
@@ -263,7 +264,7 @@ def test_host_network_false_is_injected() -> None:
 
 def test_injecting_the_result_again_changes_nothing() -> None:
     for settings in (SETTINGS, replace(SETTINGS, native_sidecar=False)):
-        once = injected(annotated({"outrider.io/inbound-ports": "8080"}), settings)
+        once = injected(annotated({"outrider.io/log-level": "debug"}), settings)
         again = mutate(once, "shop", settings)
         assert (again.reason, again.patch) == ("already_injected", ())
 
@@ -274,6 +275,8 @@ def test_a_malformed_pod_raises_rather_than_guessing() -> None:
 
 
 def test_the_agent_config_is_json_not_spliced_text() -> None:
-    agent = agent_of(injected(annotated({"outrider.io/inbound-ports": "8080"})))
+    settings = replace(SETTINGS, control=ControlSettings('cp"\n.svc:1'))  # not checked here
+    agent = agent_of(injected(annotated({}), settings))
     raw = next(e["value"] for e in agent["env"] if e["name"] == CONFIG_ENV)
-    assert json.loads(raw)["inbound"] == [{"listen": "0.0.0.0:15443", "app": "127.0.0.1:8080"}]
+    assert json.loads(raw)["control"]["address"] == 'cp"\n.svc:1'
+    assert "\n" not in raw

@@ -112,6 +112,9 @@ def test_the_patch_applies_and_the_pod_is_one_the_api_server_accepts(name: str) 
     env = {e["name"]: e.get("value") for e in agent["env"]}
     config = parse_text(env[CONFIG_ENV], source=CONFIG_ENV)
     assert str(config.identity.spiffe_id) == spiffe_id
+    # A bootstrap: listeners and policy are the control plane's to give.
+    assert config.control is not None
+    assert (config.inbound, config.outbound, config.policy.policies) == ((), (), ())
 
 
 @pytest.mark.parametrize("name", CASES)

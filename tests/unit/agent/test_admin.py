@@ -122,8 +122,9 @@ def test_the_config_as_plain_data() -> None:
             "admin_idle_timeout": 60.0,
         },
         "admin": "127.0.0.1:15000",
-        "policy": {"files": [], "default_action": "allow-authenticated"},
+        "policy": {"files": [], "default_action": "allow-authenticated", "policies": []},
         "status": None,
+        "control": None,
     }
 
 

@@ -249,6 +249,41 @@ def test_an_allow_policy_governs_only_the_ports_it_applies_to() -> None:
     assert not decide(on_8080, request=replace(HTTP, port=9090), default="deny").allowed
 
 
+def test_an_allow_without_rules_allows_nothing_on_every_port() -> None:
+    # Istio's `spec: {}`: a namespace default-deny beside the ALLOWs that open it.
+    deny_all = Policy("shop/default-deny", "ALLOW", ())
+    for request in (HTTP, TCP, replace(HTTP, port=9090), replace(HTTP, source=None)):
+        denied = decide(deny_all, request=request)
+        assert (denied.allowed, denied.policy, denied.rule) == (
+            False,
+            "default",
+            "no ALLOW rule matched",
+        )
+        assert "shop/default-deny: has no rules, so it allows nothing" in denied.reason
+    get_api = policy("ALLOW", (cond("methods", "GET"), cond("paths", "/api/*")), name="get-api")
+    assert decide(deny_all, get_api).allowed
+    assert not decide(deny_all, get_api, request=replace(HTTP, method="POST")).allowed
+    assert not decide(deny_all, get_api, request=TCP).allowed
+    assert PolicySet((deny_all,)).http_only_errors(frozenset({8080})) == []
+
+
+def test_a_dry_run_allow_without_rules_records_every_request_it_would_deny() -> None:
+    trial = Policy("shop/default-deny", "ALLOW", (), dry_run=True)
+    decision = decide(trial)
+    assert decision.allowed
+    assert decision.records == (
+        Record("dry_run_deny", "shop/default-deny", "no ALLOW rule matched"),
+    )
+
+
+def test_policy_names_may_carry_a_namespace() -> None:
+    assert Policy("shop/frontend-reads-api", "ALLOW", ()).name == "shop/frontend-reads-api"
+    longest = "n" * 253 + "/" + "x" * 253
+    assert Policy(longest, "DENY", (Rule("r"),)).name == longest
+    with pytest.raises(ValueError, match="or NAMESPACE/NAME"):
+        Policy("shop/a/b", "ALLOW", ())
+
+
 def test_a_rule_without_from_matches_plaintext() -> None:
     # Documented: to require an authenticated caller, say `principals: ["*"]`.
     plaintext = replace(HTTP, source=None)
@@ -328,7 +363,11 @@ def test_http_only_errors_name_rules_that_could_never_match_on_a_tcp_port() -> N
         lambda: Condition("headers", (Pattern("x"),), header="X-Role"),
         lambda: Policy("p", "AUDIT", (Rule("r"),), dry_run=True),
         lambda: Policy("default", "ALLOW", (Rule("r"),)),
-        lambda: Policy("p", "ALLOW", ()),
+        lambda: Policy("p", "DENY", ()),
+        lambda: Policy("p", "AUDIT", ()),
+        lambda: Policy("a/b/c", "ALLOW", ()),
+        lambda: Policy("/b", "ALLOW", ()),
+        lambda: Policy("shop/" + "x" * 254, "ALLOW", ()),
         lambda: Policy("p", "ALLOW", (Rule("r"), Rule("r"))),
         lambda: PolicySet((Policy("p", "ALLOW", (Rule("r"),)),) * 2),
         lambda: Request(FRONTEND, 80, "GET", "/", headers={"X-Role": ("a",)}),

@@ -7,11 +7,17 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.core.policy import Condition, Pattern, Policy, Rule
-from agent.core.policyfile import PolicyError, load_policy_files, parse_policies
+from agent.core.policyfile import (
+    PolicyError,
+    load_policy_files,
+    parse_policies,
+    parse_policy_list,
+)
 
 DOCS = Path(__file__).parents[3] / "docs" / "policy.md"
 
@@ -87,6 +93,12 @@ policies:
     assert [p.name for p in parse_policies(text, "f")] == ["a", "b"]
 
 
+def test_an_allow_may_have_no_rules_and_names_may_carry_a_namespace() -> None:
+    text = "policies:\n  - {name: shop/default-deny, action: ALLOW, rules: []}\n"
+    (policy,) = parse_policies(text, "f")
+    assert (policy.name, policy.action, policy.rules) == ("shop/default-deny", "ALLOW", ())
+
+
 def _errors(text: str) -> list[str]:
     with pytest.raises(PolicyError) as caught:
         parse_policies(textwrap.dedent(text), "f.yaml")
@@ -118,9 +130,15 @@ ERRORS = [
     ("policies:\n  - {name: 'a b', action: ALLOW, rules: [{}]}\n", "policies[0].name: 'a b'"),
     ("policies:\n  - {name: a, action: ALLOW}\n", "f.yaml:2:5: policies[0]: missing key 'rules'"),
     (
-        "policies:\n  - {name: a, action: ALLOW, rules: []}\n",
-        "f.yaml:2:37: policies[0].rules: is empty; expected at least one rule",
+        "policies:\n  - {name: a, action: DENY, rules: []}\n",
+        "f.yaml:2:36: policies[0].rules: is empty; expected at least one rule ({} is a rule that"
+        " matches every request; only an ALLOW policy may have none, and then it allows nothing)",
     ),
+    (
+        "policies:\n  - {name: a, action: AUDIT, rules: []}\n",
+        "policies[0].rules: is empty; expected at least one rule",
+    ),
+    ("policies:\n  - {name: a/b/c, action: ALLOW, rules: []}\n", "(or NAMESPACE/NAME)"),
     (
         "policies:\n  - {name: a, action: ALLOW, rules: [{from: {}}]}\n",
         "policies[0].rules[0].from: is empty; expected a field (or leave it out to match any",
@@ -318,6 +336,70 @@ def test_every_policy_example_in_the_docs_parses() -> None:
     assert len(examples) >= 5
     for example in examples:
         assert parse_policies(example, str(DOCS))
+
+
+# -- policies as data (agent.yaml's policy.policies, the control plane's snapshots) ---------
+
+
+def test_a_list_of_mappings_parses_like_the_file_it_would_be() -> None:
+    data = [
+        {"name": "shop/default-deny", "action": "ALLOW", "rules": []},
+        {
+            "name": "shop/frontend-reads-api",
+            "action": "ALLOW",
+            "mode": "dry-run",
+            "rules": [
+                {
+                    "from": {"principals": ["spiffe://example.org/ns/shop/sa/frontend"]},
+                    "to": {"ports": [8080], "methods": ["GET"], "paths": ["/api/*"]},
+                }
+            ],
+        },
+    ]
+    from_data = parse_policy_list(data, "snapshot")
+    from_text = parse_policies(yaml.safe_dump({"policies": data}, sort_keys=False), "f.yaml")
+    assert from_data == from_text  # `source` is not compared
+    assert [p.source for p in from_data] == ["snapshot: policies[0]", "snapshot: policies[1]"]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"policies": []}, "snapshot: policies: is not a list"),
+        ([3], "snapshot: policies[0]: is not a mapping"),
+        ([{"name": "a", "action": "ALLOW"}], "snapshot: policies[0]: missing key 'rules'"),
+        (
+            [{"name": "a", "action": "DENY", "rules": []}],
+            "snapshot: policies[0].rules: is empty; expected at least one rule",
+        ),
+        (
+            [{"name": "a", "action": "ALLOW", "rules": [{"to": {"paths": ["/a/../b"]}}]}],
+            "snapshot: policies[0].rules[0].to.paths[0]: '/a/../b' never matches",
+        ),
+        (
+            [{"name": "a", "action": "ALLOW", "rules": [{"to": {"ports": [True]}}]}],
+            "snapshot: policies[0].rules[0].to.ports[0]: True is not a port",
+        ),
+        (
+            [{"name": "a", "action": "ALLOW", "rules": [{"from": {"namespace": ["x"]}}]}],
+            "snapshot: policies[0].rules[0].from.namespace: unknown key (did you mean",
+        ),
+        (
+            [{"name": "a", "action": "ALLOW", "rules": []}] * 2,
+            "snapshot: policies[1]: name: duplicate policy name 'a' (first at snapshot:"
+            " policies[0])",
+        ),
+        ([object()], "snapshot: policies[0]: is not a mapping"),
+        (
+            [{"name": "a", "action": "ALLOW", "rules": [{"to": {"methods": [object()]}}]}],
+            "snapshot: policies[0].rules[0].to.methods[0]: <object object",
+        ),
+    ],
+)
+def test_data_errors_name_the_key_path(data: object, expected: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy_list(data, "snapshot")
+    assert any(error.startswith(expected) for error in caught.value.errors), caught.value.errors
 
 
 @settings(max_examples=300)

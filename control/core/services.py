@@ -1,0 +1,288 @@
+"""Pods, Services and EndpointSlices -> each pod's inbound listeners and each upstream's endpoints.
+
+Only injected pods count: those with the agent's container (`outrider-agent`,
+as the injector names it) among their containers or init containers (the
+native sidecar). A pod's inbound listeners are its TCP container ports, the
+agent's own and 15000-15999 aside, in spec order: the i-th listens on
+`inbound_base + i` and forwards to `127.0.0.1:<containerPort>`. A port speaks
+HTTP when a Service of its namespace selecting the pod has a port with
+`appProtocol: http` whose targetPort (number or name) is that container port;
+everything else is TCP until the agent parses HTTP/2 (issue 17).
+
+An upstream's endpoints are the addresses of its Service's EndpointSlices
+whose targetRef is an injected pod, each at that pod's inbound listener for
+the port the slice names. Ready endpoints, or those serving while terminating
+when none is ready, as kube-proxy reads slices (agent/core/discovery.py keeps
+the same rule for the agent's own `kubernetes:` source).
+
+Objects are the JSON the API server sends, so fields are checked with
+`isinstance(x, dict)`: several times cheaper than the Mapping ABC, and these
+run for every pod on every compile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeGuard
+
+from agent.core.discovery import SERVICE_NAME_LABEL, endpoint_address, endpoint_state
+from control.core.conditions import meta
+from control.core.selectors import Selector
+
+__all__ = [
+    "AGENT_CONTAINER",
+    "Backend",
+    "Service",
+    "ServicePort",
+    "Workload",
+    "read_service",
+    "read_workload",
+    "slice_backends",
+]
+
+#: The agent's container, as injector/core/sidecar.py names it (control may not import it).
+AGENT_CONTAINER = "outrider-agent"
+#: Ports the agent itself may use in the pod: never an app's inbound port.
+AGENT_PORTS = range(15000, 16000)
+
+Protocol = Literal["tcp", "http"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """An injected pod, as far as its agent's configuration goes."""
+
+    namespace: str
+    name: str
+    service_account: str
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    #: The app's TCP container ports, in inbound-listener order.
+    ports: tuple[int, ...]
+    #: containerPort name -> number, for named targetPorts.
+    port_names: Mapping[str, int]
+    #: What made the pod, for messages that should not change with every pod
+    #: of a rollout: "ReplicaSet shop/web-5d9f7c", or "pod shop/web-0".
+    owner: str = ""
+    _index: Mapping[int, int] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    def listener(self, port: int, inbound_base: int) -> int | None:
+        """The agent's inbound listen port for the app's `port`; None if it serves none."""
+        index = self._index.get(port)
+        return None if index is None else inbound_base + index
+
+    def target(self, target: int | str) -> int | None:
+        """A Service port's targetPort (a number, or a containerPort's name) in this pod."""
+        return target if isinstance(target, int) else self.port_names.get(target)
+
+
+def read_workload(obj: Mapping[str, Any], key: tuple[str, str]) -> Workload | None:
+    """The pod, if it is injected and not finished; None otherwise."""
+    spec = obj.get("spec") or {}
+    if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        return None  # its agent is gone, and its IP may already be another pod's
+    containers = _list(spec.get("containers"))
+    if not any(
+        isinstance(c, dict) and c.get("name") == AGENT_CONTAINER
+        for c in containers + _list(spec.get("initContainers"))
+    ):
+        return None
+    ports: list[int] = []
+    names: dict[str, int] = {}
+    for container in containers:
+        if not isinstance(container, dict) or container.get("name") == AGENT_CONTAINER:
+            continue
+        for port in _list(container.get("ports")):
+            number = port.get("containerPort") if isinstance(port, dict) else None
+            if not _is_port(number) or port.get("protocol", "TCP") != "TCP":
+                continue
+            if number in AGENT_PORTS or number in ports:
+                continue
+            ports.append(number)
+            if isinstance(port.get("name"), str):
+                names.setdefault(port["name"], number)
+    m = meta(obj, key)
+    account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+    return Workload(
+        m.namespace,
+        m.name,
+        str(account),
+        m.labels,
+        m.annotations,
+        tuple(ports),
+        names,
+        _owner(obj, m.namespace, m.name),
+        {port: i for i, port in enumerate(ports)},
+    )
+
+
+def _owner(obj: Mapping[str, Any], namespace: str, name: str) -> str:
+    refs = [
+        r for r in _list((obj.get("metadata") or {}).get("ownerReferences")) if isinstance(r, dict)
+    ]
+    ref = next((r for r in refs if r.get("controller")), refs[0] if refs else None)
+    if ref is None or not ref.get("kind") or not ref.get("name"):
+        return f"pod {namespace}/{name}"
+    return f"{ref['kind']} {namespace}/{ref['name']}"
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    name: str  # "" for a Service's only, unnamed port
+    port: int
+    target: int | str  # a number, or the name of a containerPort
+    protocol: Protocol
+
+
+@dataclass(frozen=True)
+class Service:
+    namespace: str
+    name: str
+    selector: Selector | None  # None: endpoints are managed by hand, no pods selected
+    ports: tuple[ServicePort, ...]
+
+    def port(self, text: str) -> ServicePort | None:
+        """The port named `text`, or numbered so."""
+        for port in self.ports:
+            if port.name == text or (text.isdecimal() and port.port == int(text)):
+                return port
+        return None
+
+
+def read_service(obj: Mapping[str, Any], key: tuple[str, str]) -> Service:
+    spec = obj.get("spec") or {}
+    m = meta(obj, key)
+    raw = spec.get("selector")
+    selector = None
+    if isinstance(raw, dict) and raw:
+        selector = Selector.of_labels({str(k): str(v) for k, v in raw.items()})
+    ports = []
+    for item in _list(spec.get("ports")):
+        if not isinstance(item, dict) or item.get("protocol", "TCP") != "TCP":
+            continue
+        number = item.get("port")
+        if not _is_port(number):
+            continue
+        target = item.get("targetPort", number)
+        if not (_is_port(target) or (isinstance(target, str) and target)):
+            target = number
+        protocol: Protocol = "http" if item.get("appProtocol") == "http" else "tcp"
+        ports.append(ServicePort(str(item.get("name") or ""), number, target, protocol))
+    return Service(m.namespace, m.name, selector, tuple(ports))
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One endpoint of an upstream: where its agent listens, and whose it is."""
+
+    address: str  # host:port of the pod's agent inbound listener ([v6]:port)
+    workload: Workload
+
+
+def slice_backends(
+    slices: Iterable[Mapping[str, Any]],
+    port: ServicePort,
+    workloads: Mapping[tuple[str, str], Workload],
+    inbound_base: int,
+    warn: dict[tuple[str, str], list[str]],
+    service: str,
+) -> tuple[Backend, ...]:
+    """The injected pods behind a Service port, at their agents' inbound listeners.
+
+    Ready ones, or, when none is ready, those serving while terminating. A pod
+    whose target port is not one of its container ports has no agent listener
+    for it: it is left out, and `warn[pod]` says why.
+    """
+    ready: dict[str, Backend] = {}
+    draining: dict[str, Backend] = {}
+    for item in slices:
+        address_type = item.get("addressType", "")
+        names = {
+            str(p.get("name") or ""): p.get("port")
+            for p in _list(item.get("ports"))
+            if isinstance(p, dict)
+        }
+        slice_port = names.get(port.name)
+        for entry in _list(item.get("endpoints")):
+            if not isinstance(entry, dict):
+                continue
+            workload = _target_pod(entry, item, workloads)
+            host = endpoint_address(entry, address_type)
+            state = endpoint_state(entry)
+            if workload is None or host is None or state is None:
+                continue
+            app_port = slice_port if _is_port(slice_port) else workload.target(port.target)
+            listen = None if app_port is None else workload.listener(app_port, inbound_base)
+            if listen is None:
+                warn.setdefault(workload.key, []).append(
+                    f"Service {service} port {port.port} targets {port.target!r}, which is not"
+                    " a TCP containerPort of this pod, so its agent has no listener for it;"
+                    " declare the port in the pod spec"
+                )
+                continue
+            backend = Backend(f"[{host}]:{listen}" if ":" in host else f"{host}:{listen}", workload)
+            (ready if state == "ready" else draining).setdefault(backend.address, backend)
+    chosen = ready or draining
+    return tuple(chosen[address] for address in sorted(chosen))
+
+
+def _target_pod(
+    entry: Mapping[str, Any],
+    item: Mapping[str, Any],
+    workloads: Mapping[tuple[str, str], Workload],
+) -> Workload | None:
+    ref = entry.get("targetRef")
+    if not isinstance(ref, dict) or ref.get("kind") != "Pod":
+        return None
+    namespace = ref.get("namespace") or (item.get("metadata") or {}).get("namespace")
+    return workloads.get((str(namespace), str(ref.get("name"))))
+
+
+def slice_service(item: Mapping[str, Any]) -> str | None:
+    """The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label)."""
+    labels = (item.get("metadata") or {}).get("labels") or {}
+    name = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def _is_port(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+class PodIndex:
+    """Injected pods by namespace and by label, so a selector looks at few pods, not all.
+
+    A selector with matchLabels starts from the pods carrying its rarest label
+    and checks only those; one without (every pod, or expressions only) scans
+    its scope. Built once per compile.
+    """
+
+    def __init__(self, workloads: Iterable[Workload]) -> None:
+        self.every: list[Workload] = []
+        self.by_namespace: dict[str, list[Workload]] = {}
+        self._labels: dict[tuple[str | None, str, str], list[Workload]] = {}
+        for workload in workloads:
+            self.every.append(workload)
+            self.by_namespace.setdefault(workload.namespace, []).append(workload)
+            for label in workload.labels.items():
+                self._labels.setdefault((workload.namespace, *label), []).append(workload)
+                self._labels.setdefault((None, *label), []).append(workload)
+
+    def select(self, selector: Selector, namespace: str | None) -> list[Workload]:
+        """The pods `selector` matches in `namespace` (None: in every namespace)."""
+        if selector.labels:
+            candidates = min(
+                (self._labels.get((namespace, *label), []) for label in selector.labels), key=len
+            )
+        else:
+            candidates = self.every if namespace is None else self.by_namespace.get(namespace, [])
+        return [w for w in candidates if selector.matches(w.labels)]

@@ -1,0 +1,229 @@
+"""The `outrider.io/upstreams` pod annotation: which Services a pod calls, in which order.
+
+`outrider.io/upstreams: "backend:8080,payments.billing:http"` is a
+comma-separated list of `service[.namespace]:port` (a Service port's number
+or name; the namespace defaults to the pod's). The i-th entry is served on
+the i-th outbound port, so fixing one entry never moves the others: a bad
+entry is skipped in place and reported as a warning for the pod (a pod has
+no status to write it to; the shell logs it and shows it in /debug).
+
+The annotation says only where a pod's app connects; it grants nothing and
+cannot touch policy.
+
+`Upstreams` builds each listener: the Service port's protocol (its
+appProtocol), its injected endpoints at their agents' inbound listeners and
+the SPIFFE IDs of their service accounts (services.py), or the weighted
+subsets of the route that applies to it (routes.py), and the keys of its
+TrafficPolicy (traffic.py). A Service port without endpoints gets no
+listener, until it has some.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from control.core.routes import CompiledRoute
+from control.core.services import Backend, Service, ServicePort, Workload, slice_backends
+from control.core.traffic import CompiledTraffic
+
+__all__ = ["ANNOTATION", "Upstreams", "Wanted", "parse_upstreams"]
+
+
+class UpstreamSettings(Protocol):
+    """What of MeshSettings building upstreams needs."""
+
+    @property
+    def trust_domain(self) -> str: ...
+    @property
+    def inbound_base(self) -> int: ...
+    @property
+    def outbound_ports(self) -> tuple[int, ...]: ...
+
+
+ANNOTATION = "outrider.io/upstreams"
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_PORT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?")
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """One entry of the annotation: the index picks the outbound port."""
+
+    index: int
+    service: str
+    namespace: str
+    port: str  # a number or a port name, as written
+
+
+@functools.lru_cache(maxsize=4096)  # the pods of a Deployment share one annotation
+def parse_upstreams(text: str, namespace: str) -> tuple[tuple[Wanted, ...], tuple[str, ...]]:
+    """The entries, and a warning for each one skipped."""
+    wanted: list[Wanted] = []
+    warnings: list[str] = []
+    if not text.strip():
+        return (), ()
+    for index, entry in enumerate(text.split(",")):
+        entry = entry.strip()
+        problem = _problem(entry)
+        if problem:
+            warnings.append(f"{ANNOTATION}[{index}] {entry!r}: {problem}; skipped")
+            continue
+        target, _, port = entry.rpartition(":")
+        service, _, other = target.partition(".")
+        wanted.append(Wanted(index, service, other or namespace, port))
+    return tuple(wanted), tuple(warnings)
+
+
+def _problem(entry: str) -> str | None:
+    if not entry:
+        return "empty entry; expected service[.namespace]:port"
+    if "=" in entry or "@" in entry:
+        return (
+            "the old name=host:port@id form is gone; write service[.namespace]:port and the"
+            " control plane finds the endpoints and their identities"
+        )
+    target, colon, port = entry.rpartition(":")
+    if not colon or not target:
+        return "no port; expected service[.namespace]:port"
+    service, _, namespace = target.partition(".")
+    if not _LABEL.fullmatch(service):
+        return f"{service!r} is not a Service name"
+    if namespace and not _LABEL.fullmatch(namespace):
+        return f"{namespace!r} is not a namespace (service.namespace, no cluster domain)"
+    if port.isdecimal():
+        if not 0 < int(port) < 65536:
+            return f"port {port} is out of range"
+    elif not _PORT_NAME.fullmatch(port):
+        return f"{port!r} is neither a port number nor a port name"
+    return None
+
+
+PortKey = tuple[str, str, int]  # (namespace, Service, port number)
+
+
+class Upstreams:
+    """A pod's outbound listeners: each entry of its annotation resolved to a Service port,
+    with the endpoints and server identities behind it, a route's split, a TrafficPolicy's
+    keys. Each Service port is built once per compile, for all the pods that call it."""
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        services: Mapping[tuple[str, str], Service],
+        slices: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]],
+        workloads: Mapping[tuple[str, str], Workload],
+        traffic: Mapping[PortKey, CompiledTraffic],
+        routes: Mapping[PortKey, CompiledRoute],
+        warnings: dict[tuple[str, str], list[str]],
+    ) -> None:
+        self.settings = settings
+        self.services = services
+        self.slices = slices
+        self.workloads = workloads
+        self.traffic = traffic
+        self.routes = routes
+        self.warnings = warnings  # about the pods behind a Service
+        self.built: dict[PortKey, dict[str, Any] | None] = {}
+
+    def listeners(self, workload: Workload) -> tuple[list[dict[str, Any]], list[str]]:
+        """The listeners the pod's annotation asks for, and why any is missing."""
+        text = workload.annotations.get(ANNOTATION, "")
+        wanted, skipped = parse_upstreams(text, workload.namespace)
+        warnings = list(skipped)
+        listeners: list[dict[str, Any]] = []
+        seen: set[PortKey] = set()
+        ports = self.settings.outbound_ports
+        for entry in wanted:
+            where = f"{ANNOTATION}[{entry.index}] '{entry.service}.{entry.namespace}:{entry.port}'"
+            if entry.index >= len(ports):
+                warnings.append(f"{where}: only {len(ports)} upstreams fit; skipped")
+                continue
+            service = self.services.get((entry.namespace, entry.service))
+            port = service.port(entry.port) if service is not None else None
+            if service is None or port is None:
+                why = "no such Service" if service is None else "the Service has no such port"
+                warnings.append(f"{where}: {why}; skipped")
+                continue
+            key = (service.namespace, service.name, port.port)
+            if key in seen:
+                warnings.append(f"{where}: listed twice; skipped")
+                continue
+            seen.add(key)
+            if key not in self.built:
+                self.built[key] = self.upstream(service, port)
+            body = self.built[key]
+            if body is None:
+                warnings.append(f"{where}: no ready injected endpoint; left out for now")
+                continue
+            listeners.append(
+                {
+                    "name": f"{service.name}.{service.namespace}:{port.port}",
+                    "listen": f"127.0.0.1:{ports[entry.index]}",
+                    **body,
+                }
+            )
+        return listeners, warnings
+
+    def upstream(self, service: Service, port: ServicePort) -> dict[str, Any] | None:
+        """An outbound listener but its name and listen; None without endpoints."""
+        key = (service.namespace, service.name, port.port)
+        body: dict[str, Any] = {"protocol": port.protocol}
+        traffic, route = self.traffic.get(key), self.routes.get(key)
+        if traffic is not None:
+            body.update(traffic.keys_for(port.protocol))
+        backends: Sequence[Backend]
+        if route is None:
+            backends = self.backends(service, port)
+            if not backends:
+                return None
+            body["endpoints"] = [b.address for b in backends]
+        else:
+            subsets, backends = self.subsets(route)
+            if not subsets:
+                return None
+            body["subsets"] = subsets
+            if route.timeouts:  # the route's, more specific than the TrafficPolicy's
+                body["timeouts"] = {**body.get("timeouts", {}), **route.timeouts}
+        td = self.settings.trust_domain
+        body["server_ids"] = sorted(
+            {
+                f"spiffe://{td}/ns/{b.workload.namespace}/sa/{b.workload.service_account}"
+                for b in backends
+            }
+        )
+        return body
+
+    def backends(self, service: Service, port: ServicePort) -> tuple[Backend, ...]:
+        return slice_backends(
+            self.slices.get((service.namespace, service.name), ()),
+            port,
+            self.workloads,
+            self.settings.inbound_base,
+            self.warnings,
+            f"{service.namespace}/{service.name}",
+        )
+
+    def subsets(self, route: CompiledRoute) -> tuple[list[dict[str, Any]], list[Backend]]:
+        """One subset per backendRef that resolves to endpoints and has weight."""
+        subsets: list[dict[str, Any]] = []
+        every: list[Backend] = []
+        names: set[str] = set()
+        for ref in route.backends:
+            service = self.services.get((route.namespace, ref.service))
+            port = service.port(str(ref.port)) if service is not None else None
+            if ref.problem or ref.weight == 0 or service is None or port is None:
+                continue
+            backends = self.backends(service, port)
+            if not backends:
+                continue
+            name = ref.service if ref.service not in names else f"{ref.service}-{len(subsets)}"
+            names.add(name)
+            subsets.append(
+                {"name": name, "weight": ref.weight, "endpoints": [b.address for b in backends]}
+            )
+            every.extend(backends)
+        return subsets, every

@@ -1,0 +1,276 @@
+"""A cluster's objects for the control plane's core: YAML as users write it, plus what
+Kubernetes adds (metadata, pod IPs and readiness, EndpointSlices).
+
+`world(text)` reads `kubectl apply`-shaped YAML (Pods, Services, policies,
+routes) and returns the objects as the API server would list them, keyed the
+way `control.core.mesh.compile_mesh` takes them. EndpointSlices come from a
+small stand-in for the EndpointSlice controller (`endpoint_slices`): it
+resolves each Service port's targetPort in each selected pod, as the real one
+does, so a test writes only what a user writes. A pod says how it is doing
+in two annotations read only here: `test/ip` and `test/state` (`ready`,
+`unready`, `terminating`, `terminating-unready`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.config import AgentConfig, ConfigError, parse
+from agent.core.policy import PolicySet
+from agent.core.policyfile import PolicyError, parse_policy_list
+
+Key = tuple[str, str]
+Objects = dict[str, dict[Key, dict[str, Any]]]
+
+AGENT = {"name": "outrider-agent", "image": "outrider/agent", "restartPolicy": "Always"}
+
+
+def world(*texts: str) -> Objects:
+    """Every object of the YAML documents, completed as the API server would, plus slices."""
+    objects: Objects = defaultdict(dict)
+    for index, obj in enumerate(
+        obj for text in texts for obj in yaml.safe_load_all(text) if obj is not None
+    ):
+        complete(obj, index)
+        m = obj["metadata"]
+        objects[obj["kind"]][(m["namespace"], m["name"])] = obj
+    for item in endpoint_slices(objects):
+        m = item["metadata"]
+        objects["EndpointSlice"][(m["namespace"], m["name"])] = item
+    return objects
+
+
+def complete(obj: dict[str, Any], index: int = 0) -> dict[str, Any]:
+    """What the API server fills in: namespace, uid, generation, creationTimestamp."""
+    m = obj.setdefault("metadata", {})
+    m.setdefault("namespace", "default")
+    m.setdefault("uid", f"uid-{obj['kind']}-{m['namespace']}-{m['name']}")
+    m.setdefault("generation", 1)
+    m.setdefault("creationTimestamp", f"2024-01-01T00:{index // 60:02d}:{index % 60:02d}Z")
+    return obj
+
+
+def injected(pod: Mapping[str, Any]) -> bool:
+    spec = pod.get("spec") or {}
+    containers = (spec.get("initContainers") or []) + (spec.get("containers") or [])
+    return any(c.get("name") == AGENT["name"] for c in containers)
+
+
+def inject(pod: dict[str, Any]) -> dict[str, Any]:
+    """The pod with the agent as a native sidecar, as the injector adds it."""
+    pod = deepcopy(pod)
+    pod["spec"].setdefault("initContainers", []).append(dict(AGENT))
+    return pod
+
+
+def endpoint_slices(objects: Mapping[str, Mapping[Key, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """One slice per Service and distinct port mapping, as the EndpointSlice controller makes."""
+    slices = []
+    for (namespace, name), service in sorted(objects.get("Service", {}).items()):
+        selector = (service.get("spec") or {}).get("selector")
+        if not selector:
+            continue
+        groups: dict[tuple[tuple[str, int], ...], list[dict[str, Any]]] = defaultdict(list)
+        for (pod_ns, _), item in sorted(objects.get("Pod", {}).items()):
+            labels = item["metadata"].get("labels") or {}
+            if pod_ns != namespace or any(labels.get(k) != v for k, v in selector.items()):
+                continue
+            ports = tuple(_resolve(service, item))
+            groups[ports].append(_endpoint(item))
+        for i, (ports, endpoints) in enumerate(sorted(groups.items())):
+            slices.append(
+                {
+                    "apiVersion": "discovery.k8s.io/v1",
+                    "kind": "EndpointSlice",
+                    "metadata": {
+                        "name": f"{name}-{i}",
+                        "namespace": namespace,
+                        "labels": {"kubernetes.io/service-name": name},
+                    },
+                    "addressType": "IPv6" if ":" in _ip(endpoints) else "IPv4",
+                    "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in ports],
+                    "endpoints": endpoints,
+                }
+            )
+    return slices
+
+
+def _ip(endpoints: list[dict[str, Any]]) -> str:
+    return endpoints[0]["addresses"][0] if endpoints else ""
+
+
+def _resolve(service: Mapping[str, Any], pod: Mapping[str, Any]) -> Iterable[tuple[str, int]]:
+    named = {
+        port["name"]: port["containerPort"]
+        for container in pod["spec"].get("containers") or []
+        for port in container.get("ports") or []
+        if "name" in port
+    }
+    for port in service["spec"].get("ports") or []:
+        target = port.get("targetPort", port["port"])
+        number = named.get(target) if isinstance(target, str) else target
+        if number is not None:
+            yield (port.get("name", ""), number)
+
+
+def _endpoint(pod: Mapping[str, Any]) -> dict[str, Any]:
+    annotations = pod["metadata"].get("annotations") or {}
+    state = annotations.get("test/state", "ready")
+    ready = state == "ready"
+    terminating = state.startswith("terminating")
+    return {
+        "addresses": [annotations.get("test/ip", "10.0.0.1")],
+        "conditions": {
+            "ready": ready,
+            "serving": ready or state == "terminating",
+            "terminating": terminating,
+        },
+        "targetRef": {
+            "kind": "Pod",
+            "name": pod["metadata"]["name"],
+            "namespace": pod["metadata"]["namespace"],
+        },
+    }
+
+
+def pod(
+    name: str,
+    namespace: str = "shop",
+    *,
+    labels: Mapping[str, str] | None = None,
+    ports: Iterable[int | tuple[int, str]] = (8080,),
+    account: str = "default",
+    ip: str = "10.0.0.1",
+    state: str = "ready",
+    upstreams: str | None = None,
+    injected: bool = True,
+) -> str:
+    """A pod as YAML, injected unless told otherwise (a Deployment's pod, written short)."""
+    annotations = {"test/ip": ip, "test/state": state}
+    if upstreams is not None:
+        annotations["outrider.io/upstreams"] = upstreams
+    container_ports = [
+        {"containerPort": p} if isinstance(p, int) else {"containerPort": p[0], "name": p[1]}
+        for p in ports
+    ]
+    spec: dict[str, Any] = {
+        "serviceAccountName": account,
+        "containers": [{"name": "app", "image": "app", "ports": container_ports}],
+    }
+    if injected:
+        spec["initContainers"] = [dict(AGENT)]
+    obj = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": dict(labels or {"app": name.rsplit("-", 1)[0]}),
+            "annotations": annotations,
+        },
+        "spec": spec,
+    }
+    return yaml.safe_dump(obj, sort_keys=False) + "---\n"
+
+
+#: A shop: a frontend calling a backend that runs as v1 and v2, each port HTTP.
+SHOP = (
+    pod(
+        "frontend-0",
+        labels={"app": "frontend"},
+        account="frontend",
+        ip="10.0.0.5",
+        ports=[3000],
+        upstreams="backend:8080",
+    )
+    + pod(
+        "backend-v1-0",
+        labels={"app": "backend", "version": "v1"},
+        account="backend",
+        ip="10.0.0.7",
+        ports=[(8080, "web")],
+    )
+    + pod(
+        "backend-v2-0",
+        labels={"app": "backend", "version": "v2"},
+        account="backend",
+        ip="10.0.0.8",
+        ports=[(8080, "web")],
+    )
+    + """\
+apiVersion: v1
+kind: Service
+metadata: {name: backend, namespace: shop}
+spec:
+  selector: {app: backend}
+  ports: [{name: http, port: 8080, targetPort: web, appProtocol: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: backend-v1, namespace: shop}
+spec:
+  selector: {app: backend, version: v1}
+  ports: [{name: http, port: 8080, targetPort: web, appProtocol: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: backend-v2, namespace: shop}
+spec:
+  selector: {app: backend, version: v2}
+  ports: [{name: http, port: 8080, targetPort: web, appProtocol: http}]
+---
+"""
+)
+
+
+#: What the injector writes; a snapshot fills in the rest.
+BOOTSTRAP: dict[str, Any] = {
+    "identity": {"spiffe_id": "spiffe://example.org/ns/shop/sa/default", "token_file": "token"},
+    "ca": {"address": "outrider-ca.outrider-system.svc:8443", "bundle_file": "bundle.pem"},
+    "admin": "127.0.0.1:15000",
+    "status": "0.0.0.0:15020",
+}
+
+
+def agent_accepts(config: Mapping[str, Any]) -> AgentConfig:
+    """Take a snapshot as an agent does; raise what it would NACK with.
+
+    The snapshot goes into the bootstrap and through agent.config.parse; its
+    inline policies through parse_policy_list and, as the agent loads policy,
+    PolicySet.http_only_errors for the TCP inbound ports. (An agent.config that
+    does not know `policy.policies` yet is given the rest; the policies are
+    checked here all the same.)
+    """
+    raw = json.loads(json.dumps({**BOOTSTRAP, **config}))
+    inline = (raw.get("policy") or {}).get("policies", [])
+    try:
+        parsed = parse(raw, base=Path("/"), source="snapshot")
+    except ConfigError as exc:
+        if exc.errors != ["policy.policies: unknown key"]:
+            raise
+        del raw["policy"]["policies"]
+        parsed = parse(raw, base=Path("/"), source="snapshot")
+    policies = PolicySet(parse_policy_list(inline, "snapshot"), parsed.policy.default_action)
+    tcp = frozenset(i.app.port for i in parsed.inbound if i.protocol == "tcp")
+    errors = policies.http_only_errors(tcp)
+    if errors:
+        raise PolicyError(errors)
+    return parsed
+
+
+def write_statuses(objects: Objects, statuses: Mapping[tuple[str, str, str], Any]) -> Objects:
+    """The objects after the shell wrote these statuses (`Mesh.statuses`) through the
+    status subresource: each object's whole status replaced, as JSON went and came back.
+    Later compiles read what is in force from there."""
+    for (kind, namespace, name), status in statuses.items():
+        obj = objects.get(kind, {}).get((namespace, name))
+        if obj is not None:
+            obj["status"] = json.loads(json.dumps(status))
+    return objects

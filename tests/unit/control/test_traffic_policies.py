@@ -1,0 +1,196 @@
+"""TrafficPolicy: agent.yaml's outbound keys in camelCase, attached to a Service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from control.core.mesh import Mesh, MeshSettings, compile_mesh
+from tests.cluster import SHOP, agent_accepts, world, write_statuses
+
+SETTINGS = MeshSettings("example.org")
+
+
+def _traffic(spec: str, name: str = "backend", generation: int = 1) -> str:
+    return f"""\
+apiVersion: networking.outrider.io/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: {name}, namespace: shop, generation: {generation}}}
+spec:
+  targetRefs: [{{group: "", kind: Service, name: backend}}]
+{spec}
+---
+"""
+
+
+EVERY_KEY = """\
+  balancer: ring_hash
+  hashOn: {header: X-User}
+  health:
+    active: {kind: http, path: /healthz, interval: 5s, timeout: 1s, healthyThreshold: 2,
+             unhealthyThreshold: 3}
+    outlier: {consecutiveFailures: 5, consecutive5xx: 4, baseEjection: 30s, maxEjection: 300s,
+              maxEjectionPercent: 50}
+    panicThreshold: 40
+  timeouts: {connect: 1s, perTry: 1s, request: 5s}
+  retries: {max: 2, retryOn: [connect-failure, "503"], nonIdempotent: false,
+            budget: {percent: 20, minConcurrency: 3}}
+  circuitBreaker: {maxConnections: 1024, maxPending: 512, maxRequests: 256}
+  pool: {idleTimeout: 60s}
+"""
+
+
+def _outbound(mesh: Mesh, pod: str = "frontend-0") -> dict[str, Any]:
+    config = mesh.config_for("shop", pod)
+    assert config is not None
+    agent_accepts(config)
+    (outbound,) = config["outbound"]
+    return dict(outbound)
+
+
+def _accepted(mesh: Mesh, name: str = "backend") -> tuple[str, str, str]:
+    (c,) = mesh.statuses[("TrafficPolicy", "shop", name)]["conditions"]
+    return c["status"], c["reason"], c["message"]
+
+
+def test_every_key_reaches_the_clients_outbound_in_the_agents_spelling() -> None:
+    mesh = compile_mesh(world(SHOP, _traffic(EVERY_KEY)), SETTINGS)
+    outbound = _outbound(mesh)
+    assert {k: v for k, v in outbound.items() if k not in ("name", "listen", "endpoints")} == {
+        "protocol": "http",
+        "server_ids": ["spiffe://example.org/ns/shop/sa/backend"],
+        "balancer": "ring_hash",
+        "hash_on": {"header": "X-User"},
+        "health": {
+            "active": {
+                "kind": "http",
+                "path": "/healthz",
+                "interval": "5s",
+                "timeout": "1s",
+                "healthy_threshold": 2,
+                "unhealthy_threshold": 3,
+            },
+            "outlier": {
+                "consecutive_failures": 5,
+                "consecutive_5xx": 4,
+                "base_ejection": "30s",
+                "max_ejection": "300s",
+                "max_ejection_percent": 50,
+            },
+            "panic_threshold": 40,
+        },
+        "timeouts": {"connect": "1s", "per_try": "1s", "request": "5s"},
+        "retries": {
+            "max": 2,
+            "retry_on": ["connect-failure", 503],
+            "non_idempotent": False,
+            "budget": {"percent": 20, "min_concurrency": 3},
+        },
+        "circuit_breaker": {"max_connections": 1024, "max_pending": 512, "max_requests": 256},
+        "pool": {"idle_timeout": "60s"},
+    }
+    assert _accepted(mesh) == ("True", "Accepted", "applied to the clients of its targets")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("  balancer: fastest\n", "spec.balancer: 'fastest' is not one of round_robin"),
+        ("  hashOn: {header: x}\n", "spec.hashOn: only ring_hash and maglev hash"),
+        (
+            "  health: {outlier: {consecutive5xx: 0}}\n",
+            "spec.health.outlier.consecutive5xx: must be",
+        ),
+        ("  retries: {retryOn: [teapot]}\n", "spec.retries.retryOn[0]: 'teapot' is not one of"),
+        ("  timeouts: {perTry: soon}\n", "spec.timeouts.perTry: 'soon' is not a duration"),
+        (
+            "  pool: {idle_timeout: 5s}\n",
+            "spec.pool.idle_timeout: unknown key; expected camelCase: idleTimeout",
+        ),
+        ("  circuitBreaker: {maxConns: 5}\n", "spec.circuitBreaker.maxConns: unknown key"),
+        ("  mirror: {}\n", "spec.mirror: unknown key; expected targetRefs or one of balancer"),
+    ],
+)
+def test_an_invalid_traffic_policy_names_the_field_and_is_not_applied(
+    spec: str, message: str
+) -> None:
+    mesh = compile_mesh(world(SHOP, _traffic(spec)), SETTINGS)
+    status, reason, text = _accepted(mesh)
+    assert (status, reason) == ("False", "Invalid")
+    assert text.startswith(message), text
+    assert text.endswith("; it is not applied")
+    assert "balancer" not in _outbound(mesh)
+
+
+def test_an_invalid_edit_keeps_the_previous_version() -> None:
+    objects = world(SHOP, _traffic("  balancer: least_request\n"))
+    good = compile_mesh(objects, SETTINGS)
+    write_statuses(objects, good.statuses)
+    (edited,) = world(_traffic("  balancer: fastest\n", generation=2))["TrafficPolicy"].values()
+    edited["status"] = objects["TrafficPolicy"][("shop", "backend")]["status"]
+    objects["TrafficPolicy"][("shop", "backend")] = edited
+    # A replica that never saw the good version (no `previous`) keeps it all the same.
+    bad = compile_mesh(objects, SETTINGS)
+    assert _outbound(bad)["balancer"] == "least_request"
+    assert _accepted(bad)[2].endswith("; the previous version (generation 1) stays in force")
+
+
+def test_targets_must_be_services_that_exist() -> None:
+    missing = _traffic("  balancer: random\n").replace("name: backend}", "name: gone}")
+    assert _accepted(compile_mesh(world(SHOP, missing), SETTINGS)) == (
+        "False",
+        "TargetNotFound",
+        "Service shop/gone not found",
+    )
+    gateway = _traffic("  balancer: random\n").replace('group: "", kind: Service', "kind: Gateway")
+    status, reason, message = _accepted(compile_mesh(world(SHOP, gateway), SETTINGS))
+    assert (status, reason) == ("False", "Invalid")
+    assert message.startswith("spec.targetRefs[0]: kind 'Gateway' (group '') is not supported")
+
+
+def test_of_two_for_one_service_the_older_applies() -> None:
+    mesh = compile_mesh(
+        world(SHOP, _traffic("  balancer: random\n"), _traffic("  balancer: maglev\n", "newer")),
+        SETTINGS,
+    )
+    assert _outbound(mesh)["balancer"] == "random"
+    assert _accepted(mesh, "newer") == (
+        "False",
+        "Conflicted",
+        "Service backend port 8080: TrafficPolicy backend is older and applies",
+    )
+
+
+def test_hashing_on_a_header_is_left_out_on_a_tcp_port_and_said() -> None:
+    tcp = SHOP.replace("appProtocol: http}]", "}]")
+    mesh = compile_mesh(
+        world(tcp, _traffic("  balancer: ring_hash\n  hashOn: {cookie: s}\n")), SETTINGS
+    )
+    outbound = _outbound(mesh)
+    assert (outbound["protocol"], outbound["balancer"], "hash_on" in outbound) == (
+        "tcp",
+        "ring_hash",
+        False,
+    )
+    assert _accepted(mesh) == (
+        "True",
+        "Accepted",
+        "Service backend port 8080 is TCP: hashOn a header or cookie is left out there (set"
+        " appProtocol: http to hash on it)",
+    )
+
+
+def test_a_routes_timeouts_win_over_the_traffic_policys() -> None:
+    route = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: split, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: backend}]
+  rules: [{timeouts: {request: 2s}, backendRefs: [{name: backend-v1, port: 8080}]}]
+"""
+    mesh = compile_mesh(
+        world(SHOP, route, _traffic("  timeouts: {connect: 1s, request: 9s}\n")), SETTINGS
+    )
+    assert _outbound(mesh)["timeouts"] == {"connect": "1s", "request": "2s"}
