@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ca.api.grpc import CertificateAuthorityService
 from ca.api.http import make_app
 from ca.api.tls import load_credentials, server_context
-from ca.api.transport import BoundedServer
 from ca.audit import AuditLog
 from ca.authn.callers import Authenticator, TokenAuthenticator
 from ca.authn.jwks import FileJwks, HttpsJwks, JwksSource
@@ -31,6 +30,7 @@ from ca.signers.base import Signer, SignerUnavailable
 from ca.signers.local import CaDirectoryError, LocalSigner
 from ca.signers.vault import vault_signer
 from identity.configfile import Listen
+from identity.grpcserving import BoundedServer
 from identity.renewal import Renewer, SystemClock, Validity
 from identity.serving import Acceptor
 

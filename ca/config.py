@@ -45,10 +45,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from ca.api.transport import GrpcLimits
 from ca.core.issuance import IssuancePolicy
 from identity import InvalidSpiffeId, TrustDomain
 from identity.configfile import ConfigError, ConfigReader, Listen, read_yaml
+from identity.grpcserving import GrpcLimits
 from identity.serving import ConnectionLimits, read_limits
 
 

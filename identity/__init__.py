@@ -5,9 +5,11 @@ can share them and tests can drive them with plain data. The exceptions are
 what more than one of them needs and they may not import from each other:
 `renewal` (the one loop that keeps a credential fresh, around its pure
 plan), `files` (atomic writes of one file or a set), `tlsfiles` (in-memory
-keys into ssl), `configfile` (YAML config reading) and `serving` (the
+keys into ssl), `configfile` (YAML config reading), `serving` (the
 bounded accept loop, the TLS server context and the fd limit of every
-server).
+server), `grpcserving` (grpclib bounded before authentication: the CA's and
+the control plane's) and `kubewatch` (blocking Kubernetes client calls in
+daemon threads: the agent's discovery and the control plane's informers).
 """
 
 from __future__ import annotations

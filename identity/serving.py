@@ -189,6 +189,14 @@ class Acceptor:
     def sockets(self) -> tuple[socket.socket, ...]:
         return (self._sock,)
 
+    def use_tls(self, tls: ssl.SSLContext) -> None:
+        """Handshake new connections with `tls` from now on; open ones keep theirs.
+
+        For a trust bundle that changed: roots can be added to a context in
+        place, but never removed from it.
+        """
+        self._tls = tls
+
     def held(self) -> int:
         """Connections held now, handshakes in progress included."""
         return len(self._held)

@@ -16,13 +16,14 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.configfile import ConfigError, parse_duration
 from identity.files import PRIVATE, write_atomic
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
+DEBUG_URL = "http://127.0.0.1:15014"  # the control plane's debug port
 
 log = logging.getLogger("outrider")
 
@@ -231,6 +232,71 @@ def _injector_serve(args: argparse.Namespace) -> None:
         raise CommandError(str(exc), EXIT_USAGE) from None
 
 
+def _control_serve(args: argparse.Namespace) -> None:
+    from control import app as control_app
+    from control import config as control_config
+
+    kubeconfig = Path(args.kubeconfig) if args.kubeconfig else None
+    try:
+        config = control_config.load(Path(args.config), kubeconfig=kubeconfig)
+    except ConfigError as exc:
+        raise _invalid(exc) from None
+    try:
+        _until_signalled(lambda stop: control_app.serve(config, stop))
+    except control_app.StartupError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+
+
+def _control_get(base: str, path: str) -> Any:
+    """GET a JSON document from the control plane's debug port; CommandError if unreachable."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = base.rstrip("/") + path
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 - http(s) only
+            return json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        why = exc.read().decode(errors="replace").strip() or exc.reason
+        raise CommandError(f"{url}: {exc.code} {why}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CommandError(
+            f"cannot reach the control plane at {base}: {reason} (is `outrider control serve`"
+            " running, and is --control its debug address?)"
+        ) from None
+
+
+def ack_state(agent: dict[str, Any]) -> str:
+    """SYNCED: the agent runs the latest version; NACK (why): it refused what it was sent;
+    STALE: it has not acknowledged the latest yet."""
+    nack = agent.get("nack")
+    if nack and nack.get("version") == agent.get("sent"):
+        return f"NACK ({nack.get('error', '')})"
+    if agent.get("acked") is not None and agent.get("acked") == agent.get("latest"):
+        return "SYNCED"
+    return "STALE"
+
+
+def _proxy_status(args: argparse.Namespace) -> None:
+    if not args.control.startswith(("http://", "https://")):
+        raise CommandError(f"--control {args.control!r} is not an http:// URL", EXIT_USAGE)
+    agents = _control_get(args.control, "/debug/agents")
+    rows = [("POD", "SPIFFE ID", "VERSION", "ACK STATE")]
+    rows += [
+        (a["pod"], a["spiffe_id"], a.get("acked") or a.get("sent") or "-", ack_state(a))
+        for a in agents
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    lagging = sum(1 for a in agents if ack_state(a) != "SYNCED")
+    print(f"{len(agents)} agents, {lagging} not in sync", file=sys.stderr)
+
+
 def _policy_lint(args: argparse.Namespace) -> None:
     from agent.core.policyfile import PolicyError, load_policy_files
 
@@ -259,10 +325,17 @@ def _policy_check(args: argparse.Namespace) -> None:
     from agent.core.policy import PolicySet, Request
     from agent.core.policyfile import PolicyError, load_policy_files
 
+    if bool(args.policy) == bool(args.live):
+        raise CommandError("give --policy FILE, or --live with --pod and --control", EXIT_USAGE)
     try:
         source = None if args.plaintext else SpiffeId.parse(args.source)
         trust_domains = frozenset(TrustDomain.parse(name) for name in args.trust_domain)
-        policies = PolicySet(load_policy_files([Path(p) for p in args.policy]), args.default_action)
+        if args.live:
+            found, default_action = _live_policies(args)
+        else:
+            found = load_policy_files([Path(p) for p in args.policy])
+            default_action = args.default_action or "allow-authenticated"
+        policies = PolicySet(found, default_action)
     except InvalidSpiffeId as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
     except PolicyError as exc:
@@ -310,6 +383,28 @@ def _policy_check(args: argparse.Namespace) -> None:
         print(f"record: {record.kind} policy={record.policy} rule={record.rule}")
     if not decision.allowed:
         raise CommandError("denied", EXIT_FAILURE)
+
+
+def _live_policies(
+    args: argparse.Namespace,
+) -> tuple[Any, Literal["allow-authenticated", "deny"]]:
+    """The policies and default action the control plane gives the pod now."""
+    import urllib.parse
+
+    from agent.core.policyfile import parse_policy_list
+
+    namespace, slash, name = (args.pod or "").partition("/")
+    if not slash or not namespace or not name:
+        raise CommandError("--live needs --pod NAMESPACE/NAME", EXIT_USAGE)
+    query = urllib.parse.urlencode({"pod": args.pod})
+    answer = _control_get(args.control, f"/debug/config?{query}")
+    policy = answer.get("config", {}).get("policy") or {}
+    source = f"{args.control} pod {args.pod} version {answer.get('version')}"
+    policies = parse_policy_list(policy.get("policies") or [], source)  # as the agent reads them
+    action = args.default_action or policy.get("default_action", "allow-authenticated")
+    if action not in ("allow-authenticated", "deny"):
+        raise CommandError(f"{source}: default_action {action!r} is not one this command knows")
+    return policies, action
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -391,8 +486,18 @@ def parser() -> argparse.ArgumentParser:
         description="prints allow or deny, the deciding policy and rule, and why;"
         " exit 0 for allow, 1 for deny, 2 for bad input",
     )
+    check.add_argument("--policy", action="append", metavar="FILE", help="repeatable")
     check.add_argument(
-        "--policy", action="append", required=True, metavar="FILE", help="repeatable"
+        "--live",
+        action="store_true",
+        help="decide with the policies the control plane gives --pod now, not files",
+    )
+    check.add_argument("--pod", metavar="NS/NAME", help="with --live: the workload asked about")
+    check.add_argument(
+        "--control",
+        default=DEBUG_URL,
+        metavar="URL",
+        help=f"with --live: the control plane's debug address (default {DEBUG_URL})",
     )
     who = check.add_mutually_exclusive_group(required=True)
     who.add_argument("--source", metavar="SPIFFE_ID", help="the authenticated caller")
@@ -405,7 +510,9 @@ def parser() -> argparse.ArgumentParser:
         "--header", action="append", default=[], metavar="NAME=VALUE", help="repeatable"
     )
     check.add_argument(
-        "--default-action", choices=["allow-authenticated", "deny"], default="allow-authenticated"
+        "--default-action",
+        choices=["allow-authenticated", "deny"],
+        help="default allow-authenticated; with --live, the pod's own",
     )
     check.add_argument(
         "--trust-domain",
@@ -414,6 +521,32 @@ def parser() -> argparse.ArgumentParser:
         help="allowed by allow-authenticated; repeatable (default: the source's)",
     )
     check.set_defaults(func=_policy_check)
+
+    control = commands.add_parser("control", help="the control plane").add_subparsers(
+        dest="control_command", required=True
+    )
+    control_serve = control.add_parser(
+        "serve", help="watch the cluster and stream each agent its configuration"
+    )
+    control_serve.add_argument("--config", required=True, help="control.yaml")
+    control_serve.add_argument(
+        "--kubeconfig", help="reach the API server with this file (default: in-cluster)"
+    )
+    control_serve.set_defaults(func=_control_serve)
+
+    status = commands.add_parser(
+        "proxy-status",
+        help="every connected agent, its config version and ACK state",
+        description="SYNCED: runs the latest version; STALE: not acknowledged yet;"
+        " NACK: refused what it was sent (and why). Exit 1 if the control plane is unreachable",
+    )
+    status.add_argument(
+        "--control",
+        default=DEBUG_URL,
+        metavar="URL",
+        help=f"its debug address (default {DEBUG_URL})",
+    )
+    status.set_defaults(func=_proxy_status)
 
     demo = commands.add_parser("demo", help="run the mesh on loopback and show what it does")
     demo.add_argument(

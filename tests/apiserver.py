@@ -262,13 +262,19 @@ class FakeApiServer:
         except ApiError as error:
             return _status_response(error)
 
+    def _authorized(self, header: str | None) -> bool:
+        """`Bearer <token>`, the scheme in any case, as kube-apiserver reads it: the
+        client's in-cluster config sends `bearer <token>`."""
+        scheme, _, token = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and token.strip() == self.token
+
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         path = request.path.rstrip("/") or "/"
         query = dict(request.query)
         target = self._route(path)
         verb = _verb(request.method, target, query)
         self.requests.append(LoggedRequest(request.method, path, query, verb))
-        if path not in _PUBLIC and request.headers.get("Authorization") != f"Bearer {self.token}":
+        if path not in _PUBLIC and not self._authorized(request.headers.get("Authorization")):
             raise ApiError(401, "Unauthorized")
         self._inject_fault(verb)
         if path in ("/healthz", "/livez", "/readyz"):

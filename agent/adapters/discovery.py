@@ -29,18 +29,14 @@ endpointslices, and the pod must mount that token (the projected
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
 import random
 import socket
-import threading
-import time
-from collections.abc import Awaitable, Callable, Collection, Generator, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from datetime import timedelta
-from types import TracebackType
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol
 
 from agent.core.discovery import (
     DnsSource,
@@ -52,6 +48,7 @@ from agent.core.discovery import (
 )
 from agent.core.endpoint import Endpoint
 from identity.backoff import Backoff
+from identity.kubewatch import ListWatch, WatchStream, call_in_thread
 
 log = logging.getLogger("outrider.agent.discovery")
 
@@ -66,9 +63,6 @@ Resolver = Callable[[str, int], Awaitable[Collection[Endpoint]]]
 WATCH_SECONDS = 60
 #: Connect timeout, and the time allowed for a list's answer.
 REQUEST_SECONDS = 10.0
-#: A watch that ends this soon without an event counts as a failure, so a
-#: server that closes watches at once is not asked again in a tight loop.
-SHORTEST_WATCH = 1.0
 RELIST_BACKOFF = Backoff(initial=timedelta(seconds=1), maximum=timedelta(seconds=30))
 
 
@@ -119,7 +113,7 @@ async def watch(
         api: SliceApi = (
             kubernetes
             if kubernetes is not None
-            else await _call_in_thread(KubernetesSliceApi, name="outrider-discovery")
+            else await call_in_thread(KubernetesSliceApi, name="outrider-discovery")
         )
         # Jitter only spreads retries; it needs no secrecy.
         await _ServiceWatch(source, publish, api, backoff, rng or random.Random()).run()  # noqa: S311
@@ -169,8 +163,8 @@ async def _watch_dns(source: DnsSource, publish: Publish, resolve: Resolver) -> 
         await asyncio.sleep(source.refresh)
 
 
-class _ServiceWatch:
-    """List a Service's EndpointSlices, then watch them; list again when the watch fails."""
+class _ServiceWatch(ListWatch):
+    """A Service's EndpointSlices, listed and watched; each change of the set published."""
 
     def __init__(
         self,
@@ -180,153 +174,26 @@ class _ServiceWatch:
         backoff: Backoff,
         rng: random.Random,
     ) -> None:
-        self.source = source
-        self.api = api
-        self.backoff = backoff
-        self.rng = rng
-        self.publisher = _Publisher(publish)
-        self.cache = SliceCache()
-        self.failures = 0
-        self.fresh = True  # no watch event since the last list
-        self.where = f"EndpointSlices of {source.namespace}/{source.service}"
-        self.thread_name = f"outrider-discovery-{source.namespace}/{source.service}"
+        publisher = _Publisher(publish)
+        cache = SliceCache()
+        namespace, selector = source.namespace, source.label_selector
 
-    async def run(self) -> None:
-        while True:
-            try:
-                items, version = await _call_in_thread(
-                    self.api.list,
-                    self.source.namespace,
-                    self.source.label_selector,
-                    name=self.thread_name,
-                )
-                self.cache.replace(items, version)
-                self.fresh = True
-                self.publisher(self.cache.endpoints(self.source.port))
-                while True:  # one watch after another, each from where the last one ended
-                    await self._follow()
-            except Expired as expired:
-                if self.fresh:  # expired before any event since the list: not the usual gap
-                    await self._back_off(expired)
-                else:
-                    log.info("%s: watch expired (%s); listing again", self.where, expired)
-            except Exception as error:  # any failure of the API or its stream: list again later
-                await self._back_off(error)
+        def published() -> None:
+            publisher(cache.endpoints(source.port))
 
-    async def _back_off(self, error: Exception) -> None:
-        self.failures += 1
-        if self.failures == 1:
-            kept = len(self.publisher.last or ())
-            log.warning("%s: %s; keeping %d endpoints", self.where, error, kept)
-        await asyncio.sleep(self.backoff.delay(self.failures, self.rng).total_seconds())
-
-    async def _follow(self) -> None:
-        """One watch, until the server ends it. Raises if it fails, or ends at once with nothing."""
-        source, cache = self.source, self.cache
-        started = time.monotonic()
-        seen = False
-        stream = _Pump(
-            lambda: self.api.watch(source.namespace, source.label_selector, cache.resource_version),
-            self.thread_name,
+        super().__init__(
+            f"EndpointSlices of {namespace}/{source.service}",
+            cache,
+            lambda: api.list(namespace, selector),
+            lambda version: api.watch(namespace, selector, version),
+            on_list=published,
+            on_change=published,
+            held=lambda: f"{len(publisher.last or ())} endpoints",
+            backoff=backoff,
+            rng=rng,
+            log=log,
+            thread_name=f"outrider-discovery-{namespace}/{source.service}",
         )
-        async with stream:
-            async for event in stream:
-                if cache.apply(event):
-                    self.publisher(cache.endpoints(source.port))
-                seen, self.fresh = True, False
-                self._working()
-        if not seen and time.monotonic() - started < SHORTEST_WATCH:
-            raise ConnectionError("the watch ended at once")
-        self._working()
-
-    def _working(self) -> None:
-        """The API answers: end the outage, if there was one."""
-        if self.failures:
-            log.info("%s: watching again", self.where)
-            self.failures = 0
-
-
-T = TypeVar("T")
-_ITEM, _END, _FAILED = range(3)
-
-
-class _Pump(Generic[T]):
-    """Runs a blocking iterator in a daemon thread and hands its items to the event loop.
-
-    Entering the `async with` starts the thread (the constructor only builds);
-    leaving it tells the thread to stop: it drops whatever the iterator yields
-    next, and the iterator is interrupted if it can be.
-    """
-
-    def __init__(self, produce: Callable[[], Iterator[T]], name: str) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-        self._stop = threading.Event()
-        self._iterator: Iterator[T] | None = None
-        self.thread = threading.Thread(target=self._run, args=(produce,), name=name, daemon=True)
-
-    def _run(self, produce: Callable[[], Iterator[T]]) -> None:
-        try:
-            self._iterator = produce()
-            if self._stop.is_set():
-                self._interrupt()
-            for item in self._iterator:
-                if self._stop.is_set():
-                    return
-                self._post(_ITEM, item)
-            self._post(_END, None)
-        except Exception as error:
-            self._post(_FAILED, error)
-        finally:
-            close = getattr(self._iterator, "close", None)
-            if callable(close):  # release what a stream abandoned midway holds, here
-                close()
-
-    def _post(self, kind: int, value: Any) -> None:
-        if self._stop.is_set():
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self._stop.set()
-
-    def _interrupt(self) -> None:
-        interrupt = getattr(self._iterator, "interrupt", None)
-        if callable(interrupt):
-            interrupt()
-
-    def __aiter__(self) -> _Pump[T]:
-        return self
-
-    async def __anext__(self) -> T:
-        kind, value = await self._queue.get()
-        if kind == _END:
-            raise StopAsyncIteration
-        if kind == _FAILED:
-            raise value
-        item: T = value
-        return item
-
-    async def __aenter__(self) -> _Pump[T]:
-        self.thread.start()
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._stop.set()
-        self._interrupt()
-
-
-async def _call_in_thread(function: Callable[..., T], *args: Any, name: str) -> T:
-    """`function(*args)` in a daemon thread."""
-    async with _Pump(lambda: iter((function(*args),)), name) as answers:
-        async for answer in answers:
-            return answer
-    raise AssertionError("unreachable: the thread yields one answer or raises")
 
 
 class KubernetesSliceApi:
@@ -381,44 +248,4 @@ class KubernetesSliceApi:
             if getattr(error, "status", None) == 410:
                 raise Expired(str(error)) from error
             raise
-        return _WatchStream(response)
-
-
-class _WatchStream:
-    """The lines of a watch response, one JSON event each; `interrupt()` ends it from any thread."""
-
-    def __init__(self, response: Any) -> None:
-        self._response = response
-        self._lines = self._read()
-
-    def _read(self) -> Generator[dict[str, Any], None, None]:
-        from kubernetes.watch.watch import iter_resp_lines
-
-        try:
-            for line in iter_resp_lines(self._response):  # type: ignore[no-untyped-call]
-                if line.strip():
-                    event: dict[str, Any] = json.loads(line)
-                    yield event
-        finally:
-            self._response.close()
-            self._response.release_conn()
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        return next(self._lines)
-
-    def close(self) -> None:
-        """Close the response; from the thread that reads it."""
-        self._lines.close()
-        self._response.close()
-        self._response.release_conn()
-
-    def interrupt(self) -> None:
-        # Shutting the socket down wakes the thread blocked reading it, as
-        # kubernetes.watch.Watch.stop does.
-        sock = getattr(getattr(self._response, "connection", None), "sock", None)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        return WatchStream(response)

@@ -40,12 +40,24 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from agent.core.endpoint import Endpoint
+from identity.kubewatch import Expired, ObjectCache, WatchError
+
+__all__ = [
+    "SERVICE_NAME_LABEL",
+    "DnsSource",
+    "Expired",
+    "KubernetesSource",
+    "SliceCache",
+    "Source",
+    "StaticSource",
+    "WatchError",
+    "slice_endpoints",
+]
 
 #: The label the EndpointSlice controller puts on every slice of a Service.
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 _FAMILIES = {"IPv4": 4, "IPv6": 6}
-_GONE = 410
 
 
 def _check_port(port: int) -> None:
@@ -155,61 +167,8 @@ def _canonical(text: str, family: int) -> str | None:
     return str(address) if address.version == family else None
 
 
-class WatchError(Exception):
-    """The watch stream said something other than a change: list again."""
-
-
-class Expired(WatchError):
-    """410 Gone: the resourceVersion is older than the API server keeps; list again."""
-
-
-class SliceCache:
+class SliceCache(ObjectCache):
     """The slices of one Service, kept from a list and then the watch events after it."""
 
-    def __init__(self) -> None:
-        self._slices: dict[str, Mapping[str, Any]] = {}
-        self.resource_version = ""
-
-    def replace(self, slices: Iterable[Mapping[str, Any]], resource_version: str) -> None:
-        """Start over from a list: its items and the list's resourceVersion."""
-        self._slices = {_name(item): item for item in slices}
-        self.resource_version = resource_version
-
-    def apply(self, event: Mapping[str, Any]) -> bool:
-        """Apply one watch event; True when the endpoints may have changed.
-
-        Raises Expired for a 410 ERROR event and WatchError for any other
-        ERROR or an event it does not understand.
-        """
-        kind = event.get("type")
-        obj: Mapping[str, Any] = event.get("object") or {}
-        if kind == "ERROR":
-            message = f"{obj.get('reason', 'error')}: {obj.get('message', '')}"
-            raise Expired(message) if obj.get("code") == _GONE else WatchError(message)
-        if kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK"):
-            raise WatchError(f"unknown watch event type {kind!r}")
-        version = (obj.get("metadata") or {}).get("resourceVersion")
-        if not version:
-            raise WatchError(f"{kind} event without a resourceVersion")
-        self.resource_version = version
-        if kind == "BOOKMARK":
-            return False
-        if kind == "DELETED":
-            self._slices.pop(_name(obj), None)
-        else:
-            self._slices[_name(obj)] = obj
-        return True
-
     def endpoints(self, port: int) -> frozenset[Endpoint]:
-        return slice_endpoints(self._slices.values(), port)
-
-    def __len__(self) -> int:
-        """How many slices are kept."""
-        return len(self._slices)
-
-
-def _name(item: Mapping[str, Any]) -> str:
-    name = (item.get("metadata") or {}).get("name")
-    if not name:
-        raise WatchError("an EndpointSlice without metadata.name")
-    return str(name)
+        return slice_endpoints(self.objects.values(), port)

@@ -36,7 +36,7 @@ from identity import SpiffeId, TrustDomain
 from injector.core.settings import CaSettings, ControlSettings, Settings
 from injector.core.sidecar import agent_config
 from tests.apiserver import FakeApiServer, fake_api_server_thread
-from tests.control_process import ControlProcess, control_plane
+from tests.control_process import ControlProcess, control_plane, ready
 from tests.mesh import AgentProcess, agent_process
 from tests.netns import Pod, PodNetwork
 from tests.support import (
@@ -262,6 +262,8 @@ class Mesh:
                 listen=f"{self.network.node_ip}:{self.control_port}",
             )
         )
+        # Its Service sends it agents once its readiness probe passes.
+        await ready(self.control)
         return self.control
 
     async def stop_control(self) -> None:

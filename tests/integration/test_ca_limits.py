@@ -61,7 +61,7 @@ async def test_a_message_that_says_it_is_256_mb_is_refused_before_its_body_is_re
         ca.grpc_port, floods.client_context("h2"), 256 * 2**20, send_at_most=8 * 2**20
     )
     assert answer.status == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-    assert answer.message == "message of 268435456 bytes exceeds the CA's limit of 16384 bytes"
+    assert answer.message == "message of 268435456 bytes exceeds the server's limit of 16384 bytes"
     assert answer.sent <= 65_535, "the CA granted window for a body it will not take"
     assert floods.peak_rss_kib(ca.process.pid) - peak < 4096
     assert (await sign(setup, ca)).spiffe_id == WORKLOAD

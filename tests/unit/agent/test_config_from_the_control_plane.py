@@ -60,7 +60,8 @@ def test_control_defaults_come_from_the_address_and_the_agents_trust_domain() ->
         server_name="outrider-control.outrider-system.svc",
         spiffe_id=CONTROL,
         pod=None,
-        backoff=Backoff(),
+        # Retried within seconds: a change made while it was away waits for the reconnect.
+        backoff=Backoff(timedelta(seconds=1), timedelta(seconds=5)),
     )
 
 

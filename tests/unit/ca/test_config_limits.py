@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from ca.api.transport import GrpcLimits
 from ca.config import CaLimits, ConfigError, parse
+from identity.grpcserving import GrpcLimits
 from identity.serving import ConnectionLimits
 
 BASE = Path("/etc/outrider")

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ca.api.transport import Framing, MessageTooLarge
+from identity.grpcserving import Framing, MessageTooLarge
 
 LIMIT = 100
 

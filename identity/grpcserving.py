@@ -1,4 +1,4 @@
-"""The CA's gRPC server, bounded before any caller is authenticated.
+"""A grpclib server bounded before any caller is authenticated: the CA's, the control plane's.
 
 grpclib reads a whole message into memory before the handler sees it, acking
 flow control as it goes, so neither HTTP/2 window bounds it: a client that says
@@ -13,6 +13,12 @@ Per connection the rest is bounded too: the HTTP/2 windows at their minimum
 frames, header lists and header blocks (h2 alone would hold 1 MiB of
 CONTINUATION frames). So what one connection holds before authentication is
 at most streams x message + one window, and the `Acceptor` bounds connections.
+
+Frames that start no call are budgeted per connection and per call. A server
+whose calls last for hours (the control plane's Subscribe: the client
+acknowledges every snapshot, and its window updates follow every one) also
+gets `control_frames_per_second` back, up to `CONTROL_FRAMES`: a steady trickle
+is served, a flood is still cut off.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +72,7 @@ class GrpcLimits:
 
 class MessageTooLarge(Exception):
     def __init__(self, declared: int, limit: int) -> None:
-        super().__init__(f"message of {declared} bytes exceeds the CA's limit of {limit} bytes")
+        super().__init__(f"message of {declared} bytes exceeds the server's limit of {limit} bytes")
 
 
 class Framing:
@@ -119,7 +126,7 @@ class _BoundedEvents(EventsProcessor):
         return release_and_forget
 
     def process_stream_ended(self, event: StreamEnded) -> None:
-        """The caller's request is whole: from here the CA owes the answer."""
+        """The caller's request is whole: from here the server owes the answer."""
         if event.stream_id in self._framing and self._progress is not None:
             self._owed.add(event.stream_id)
             self._progress.received()
@@ -187,9 +194,19 @@ class _BoundedFrames(FrameBuffer):
     starts (clients send a few per call: window updates, BDP pings); past that
     it is ended, as h2 ends one that breaks its own limits."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, refill_per_second: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._control_budget = CONTROL_FRAMES
+        self._control_budget = float(CONTROL_FRAMES)
+        self._refill = refill_per_second
+        self._refilled = time.monotonic()
+
+    def _top_up(self) -> None:
+        """Long-lived calls: give back what a steady client spends, never past the start."""
+        now = time.monotonic()
+        if self._control_budget < CONTROL_FRAMES:
+            earned = (now - self._refilled) * self._refill
+            self._control_budget = min(self._control_budget + earned, float(CONTROL_FRAMES))
+        self._refilled = now
 
     def __next__(self) -> Any:
         frame = super().__next__()
@@ -198,6 +215,8 @@ class _BoundedFrames(FrameBuffer):
         elif isinstance(frame, _CONTROL) or (
             isinstance(frame, DataFrame) and len(frame.data) < SMALL_DATA
         ):
+            if self._refill:
+                self._top_up()
             self._control_budget -= 1
             if self._control_budget < 0:
                 raise DenialOfServiceError("too many control frames for the calls made")
@@ -211,9 +230,10 @@ class _BoundedFrames(FrameBuffer):
 
 
 class _BoundedProtocol(H2Protocol):
-    def __init__(self, *args: object, limits: GrpcLimits) -> None:
+    def __init__(self, *args: object, limits: GrpcLimits, refill_per_second: float) -> None:
         super().__init__(*args)  # type: ignore[arg-type]
         self._limits = limits
+        self._refill = refill_per_second
 
     def data_received(self, data: bytes) -> None:
         """As grpclib's, except that a caller who broke the protocol (or our limits) is
@@ -241,7 +261,7 @@ class _BoundedProtocol(H2Protocol):
             }
         )
         h2.decoder.max_header_list_size = HEADER_LIST_BYTES  # now, not once acked
-        frames = _BoundedFrames(server=True)
+        frames = _BoundedFrames(server=True, refill_per_second=self._refill)
         frames.max_frame_size = h2.incoming_buffer.max_frame_size
         h2.incoming_buffer = frames  # nothing has been received yet
         self.connection.flush()
@@ -253,15 +273,31 @@ class _BoundedProtocol(H2Protocol):
 class BoundedServer(Server):
     """grpclib's Server, served by an `Acceptor` with `_BoundedProtocol` connections."""
 
-    def __init__(self, handlers: Collection[object], limits: GrpcLimits) -> None:
-        window = Configuration(http2_connection_window_size=WINDOW, http2_stream_window_size=WINDOW)
+    def __init__(
+        self,
+        handlers: Collection[object],
+        limits: GrpcLimits,
+        *,
+        control_frames_per_second: float = 0.0,
+        config: Configuration | None = None,
+    ) -> None:
+        window = config or Configuration(
+            http2_connection_window_size=WINDOW, http2_stream_window_size=WINDOW
+        )
         super().__init__(handlers, config=window)  # type: ignore[arg-type]
         self._limits = limits
+        self._refill = control_frames_per_second
         self.acceptor: Acceptor | None = None
 
     def _protocol_factory(self) -> H2Protocol:
         plain = super()._protocol_factory()
-        return _BoundedProtocol(plain.handler, plain.config, plain.h2_config, limits=self._limits)
+        return _BoundedProtocol(
+            plain.handler,
+            plain.config,
+            plain.h2_config,
+            limits=self._limits,
+            refill_per_second=self._refill,
+        )
 
     async def serve(
         self,

@@ -1,0 +1,193 @@
+"""`outrider control serve`: watch the cluster, compile the mesh, stream it to agents.
+
+Wiring only: informers (list-watch) -> MeshState (compile ~20 ms after a
+burst) -> every subscription's stream, and the mesh's statuses -> the status
+writer. The gRPC port is bounded as the CA's is (identity.grpcserving); the
+debug port is plain HTTP, on loopback by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+from grpclib.config import Configuration
+
+from control.config import ControlConfig
+from control.core.mesh import Mesh, MeshSettings, compile_mesh
+from control.debug import make_app
+from control.informers import ClusterApi, Informers, open_cluster_api
+from control.metrics import ControlMetrics
+from control.server import ControlPlaneService
+from control.sync import Compile, MeshState, StatusWriter
+from control.tls import follow, server_context, stamp
+from identity.configfile import Listen
+from identity.grpcserving import WINDOW, BoundedServer
+from identity.kubewatch import settle
+
+log = logging.getLogger("outrider.control")
+
+#: Keepalive pings find agents whose host vanished without a FIN.
+KEEPALIVE, KEEPALIVE_TIMEOUT = 60.0, 20.0
+#: A subscription lasts for hours: its acks and window updates earn back the budget
+#: of frames that start no call at this rate (identity.grpcserving).
+CONTROL_FRAMES_PER_SECOND = 2.0
+#: At exit, how long the threads of the API's calls get to end (interrupted watches
+#: end at once; a list in flight may take up to its request timeout).
+SETTLE_SECONDS = 3.0
+
+
+class StartupError(Exception):
+    """The control plane cannot start with this config and these files."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    grpc: tuple[str, int]
+    debug: tuple[str, int]
+
+
+def grpc_configuration() -> Configuration:
+    return Configuration(
+        http2_connection_window_size=WINDOW,
+        http2_stream_window_size=WINDOW,
+        _keepalive_time=KEEPALIVE,
+        _keepalive_timeout=KEEPALIVE_TIMEOUT,
+    )
+
+
+async def serve(
+    config: ControlConfig,
+    stop: asyncio.Event,
+    *,
+    compile: Compile = compile_mesh,
+    api: ClusterApi | None = None,
+    on_ready: asyncio.Future[Bound] | None = None,
+) -> None:
+    """Serve until `stop` is set; `on_ready` learns the bound addresses."""
+    files = config.tls
+    try:
+        seen = stamp(files)  # before loading: a change from now on is seen
+        tls = server_context(files)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"cannot load the SVID, key and bundle of tls: {exc}") from None
+    if api is None:
+        try:
+            api = await open_cluster_api(config.kubeconfig)
+        except Exception as exc:  # the client's own errors are of many kinds
+            where = config.kubeconfig or "the in-cluster config"
+            raise StartupError(f"cannot use {where} to reach the API server: {exc}") from None
+    metrics = ControlMetrics()
+    settings = MeshSettings(
+        trust_domain=str(config.trust_domain),
+        mesh_namespace=config.mesh_namespace,
+        default_action=config.default_action,
+    )
+    changed: list[Callable[[], None]] = []
+    informers = Informers(
+        api,
+        lambda: changed[0](),
+        restarted=lambda kind: metrics.watch_restarts.labels(kind).inc(),
+    )
+    metrics.count_objects(lambda kind: len(informers.caches[kind].objects))
+    writer = StatusWriter(api, lambda: informers.objects, metrics)
+
+    warned: dict[tuple[str, str], tuple[str, ...]] = {}
+
+    def compiled(mesh: Mesh) -> None:
+        service.mesh_changed()
+        writer.offer(mesh.statuses)
+        _log_new_warnings(warned, mesh.pod_warnings)
+
+    state = MeshState(
+        lambda: informers.objects,
+        informers.synced,
+        compile,
+        settings,
+        metrics,
+        on_compiled=compiled,
+    )
+    changed.append(state.changed)
+    service = ControlPlaneService(state, config.trust_domain, metrics, keepalive=_refresh(config))
+    grpc_server = BoundedServer(
+        [service],
+        config.limits.grpc,
+        control_frames_per_second=CONTROL_FRAMES_PER_SECOND,
+        config=grpc_configuration(),
+    )
+    runner = web.AppRunner(
+        make_app(service, state, lambda: state.mesh is not None, metrics),
+        access_log=None,
+        shutdown_timeout=1.0,
+    )
+    await runner.setup()
+    grpc_sock, debug_sock = _bind(config.listen), _bind(config.debug)
+    acceptor = await grpc_server.serve(
+        grpc_sock, tls, config.limits.connections, metrics.connection_closed
+    )
+    site = web.SockSite(runner, debug_sock)
+    await site.start()
+    bound = Bound(grpc_sock.getsockname()[:2], debug_sock.getsockname()[:2])
+    log.info(
+        "serving agents of %s on %s:%d (gRPC, mTLS), debug on http://%s:%d",
+        config.trust_domain,
+        *bound.grpc,
+        *bound.debug,
+    )
+    if on_ready is not None:
+        on_ready.set_result(bound)
+    await _run(stop, informers.run(), writer.run(), follow(files, acceptor.use_tls, seen))
+    log.info("shutting down")
+    grpc_server.close()
+    await grpc_server.wait_closed()
+    await runner.cleanup()
+    if not await settle(SETTLE_SECONDS):
+        log.warning("a call to the API server is still in flight; exiting anyway")
+
+
+def _log_new_warnings(
+    warned: dict[tuple[str, str], tuple[str, ...]],
+    now: Mapping[tuple[str, str], tuple[str, ...]],
+) -> None:
+    """Pods have no status to write to: what was skipped about one is logged, once."""
+    for (namespace, pod), warnings in now.items():
+        for warning in warnings:
+            if warning not in warned.get((namespace, pod), ()):
+                log.warning("pod %s/%s: %s", namespace, pod, warning)
+    warned.clear()
+    warned.update(now)
+
+
+def _refresh(config: ControlConfig) -> float:
+    """How often a subscription tells its connection's acceptor it is not idle."""
+    return config.limits.connections.idle_timeout.total_seconds() / 3
+
+
+async def _run(stop: asyncio.Event, *loops: object) -> None:
+    """Run the background loops until `stop`; a loop that ends or fails ends the process
+    (so that it is restarted) rather than leave it serving a mesh that no longer follows
+    the cluster."""
+    background = [asyncio.ensure_future(loop) for loop in loops]  # type: ignore[call-overload]
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait({stopping, *background}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done - {stopping}:
+            task.result()
+            raise RuntimeError(f"{task!r} ended")
+    finally:
+        for task in (stopping, *background):
+            task.cancel()
+        await asyncio.gather(stopping, *background, return_exceptions=True)
+
+
+def _bind(listen: Listen) -> socket.socket:
+    try:
+        family = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((listen.host, listen.port), family=family, backlog=1024)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {listen}: {exc.strerror}") from None

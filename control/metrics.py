@@ -1,0 +1,84 @@
+"""The control plane's Prometheus metrics, on a registry of its own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from control.core.mesh import KINDS
+from identity.serving import CLOSE_REASONS
+
+#: What became of a snapshot sent: the agent applied it, refused it, was sent a
+#: newer one before answering, or went away without answering.
+PUSH_RESULTS = ("acked", "nacked", "superseded", "abandoned")
+STATUS_RESULTS = ("written", "conflict", "failed", "refused", "gone")
+_ACK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ControlMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.agents = Gauge(
+            "outrider_control_agents_connected", "Agents subscribed now", registry=r
+        )
+        self.pushes = Counter(
+            "outrider_control_pushes",
+            f"Snapshots sent to agents, by what became of them ({', '.join(PUSH_RESULTS)})",
+            ["result"],
+            registry=r,
+        )
+        self.push_ack = Histogram(
+            "outrider_control_push_ack_seconds",
+            "From sending a snapshot to the agent's Ack or Nack of it",
+            buckets=_ACK_BUCKETS,
+            registry=r,
+        )
+        self.denied = Counter(
+            "outrider_control_subscriptions_denied",
+            "Subscriptions refused: the SVID may not speak for the pod it names",
+            registry=r,
+        )
+        self.watch_restarts = Counter(
+            "outrider_control_watch_restarts",
+            "Lists of a kind after the first: a watch expired (410) or failed",
+            ["kind"],
+            registry=r,
+        )
+        self.objects = Gauge(
+            "outrider_control_objects", "Objects held, by kind", ["kind"], registry=r
+        )
+        self.compiles = Histogram(
+            "outrider_control_compile_seconds",
+            "Time to compile the mesh from every object held",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
+        self.status_writes = Counter(
+            "outrider_control_status_writes",
+            f"Status subresource writes, by result ({', '.join(STATUS_RESULTS)})",
+            ["result"],
+            registry=r,
+        )
+        self.connections_closed = Counter(
+            "outrider_control_connections_closed",
+            f"Connections closed at a limit, by reason ({', '.join(CLOSE_REASONS)})",
+            ["reason"],
+            registry=r,
+        )
+        for result in PUSH_RESULTS:  # exported at 0 from the start, for rates and alerts
+            self.pushes.labels(result)
+        for result in STATUS_RESULTS:
+            self.status_writes.labels(result)
+        for kind in KINDS:
+            self.watch_restarts.labels(kind)
+        for reason in CLOSE_REASONS:
+            self.connections_closed.labels(reason)
+
+    def connection_closed(self, reason: str) -> None:
+        self.connections_closed.labels(reason).inc()
+
+    def count_objects(self, count: Callable[[str], int]) -> None:
+        for kind in KINDS:
+            self.objects.labels(kind).set_function(lambda kind=kind: count(kind))  # type: ignore[misc]
