@@ -87,6 +87,41 @@ def ca_lines(record: Record) -> list[str]:
     return lines
 
 
+def control_table(rows: list[dict[str, Any]]) -> list[str]:
+    """One row per fleet size: propagation p50/p99 and what the control plane cost."""
+    lines = [
+        "| subscribed agents | changes | p50 ms | p99 ms | RSS MiB (peak)"
+        " | CPU s (changes / whole run) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['agents']} | {row['changes']} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f}"
+            f" | {row['rss_mib']:.1f} ({row['peak_rss_mib']:.1f})"
+            f" | {row['cpu_s_changes']:.2f} / {row['cpu_s_total']:.2f} |"
+        )
+    return lines
+
+
+def rival_line(rival: dict[str, Any]) -> str:
+    return f"Rival: {rival['text']} ({', '.join(rival['sources'])})"
+
+
+def control_lines(record: Record) -> list[str]:
+    control = record.get("control")
+    if not control:
+        return []
+    return [
+        "",
+        "**Control plane: an AuthorizationPolicy change until every subscribed agent ACKed it**"
+        " (`outrider control serve`, fake API server, simulated agents; bench/control_plane.py)",
+        "",
+        *control_table(control["rows"]),
+        "",
+        rival_line(control["rival"]),
+    ]
+
+
 def goals(record: Record) -> list[tuple[str, str, bool | None]]:
     """(goal, measured, met); met is None when the feature has not landed."""
     rows = {s["name"]: {r["pair"]: r for r in s["rows"]} for s in record["summary"]}
@@ -110,6 +145,8 @@ def goals(record: Record) -> list[tuple[str, str, bool | None]]:
         for mib in record["dataplane"][key].get("outrider l4", {}).values()
     ]
     rotation = rows.get("rotation", {}).get("outrider rotating", {})
+    fleets = {row["agents"]: row for row in record.get("control", {}).get("rows", [])}
+    largest = fleets.get(2000, {}).get("p99_ms")
     return [
         check(
             "L4 keep-alive req/s ≥ 1.0x Envoy",
@@ -164,6 +201,13 @@ def goals(record: Record) -> list[tuple[str, str, bool | None]]:
             if rotation.get("rotations") is not None
             else None,
         ),
+        check(
+            "control plane: API change to every agent's ACK, p99 < 1 s at 2,000 agents",
+            largest,
+            1000,
+            "{:.0f} ms",
+            below=True,
+        ),
     ]
 
 
@@ -182,7 +226,8 @@ def markdown(record: Record) -> str:
         f" ({record['rounds']} round(s) of {record['seconds']:.0f} s per scenario and pair,"
         " pairs alternating, load generator pinned to CPU 0; medians with min-max).",
     ]
-    body = dataplane_lines(record) + cost_lines(record) + ca_lines(record) + goal_lines(record)
+    body = dataplane_lines(record) + cost_lines(record) + ca_lines(record)
+    body += control_lines(record) + goal_lines(record)
     return "\n".join(head + body) + "\n"
 
 

@@ -5,7 +5,8 @@
 Installs what it needs (bench/procs.py), runs the data-plane scenarios
 (bench/dataplane.py), then CA issuance over gRPC, in process and from OpenBao
 (bench/ca_issuance.py, bench/ca_vault.py) and admission latency
-(bench/admission.py). Prints the tables with ratios of Envoy; writes
+(bench/admission.py), then how fast an API change reaches 1, 100 and 2,000 agents
+through the control plane (bench/control_plane.py). Prints the tables with ratios of Envoy; writes
 bench/results/<timestamp>.json and .md, and docs/bench/latest.md and
 latest.png, the chart the README shows, and the table into the README. Every run is bounded in
 time; every process started is stopped on exit, Ctrl-C or SIGTERM.
@@ -99,6 +100,23 @@ def admission(quick: bool) -> tuple[str, list[float], str, str]:
     return (label, [result["per_s"]], f"{result['p50_ms']:.1f}", f"{result['p99_ms']:.1f}")
 
 
+def control_plane(quick: bool) -> dict[str, Any]:
+    """Propagation from an API change to every agent's ACK, at 1, 100 and 2,000 agents."""
+    command = [sys.executable, "-m", "bench.control_plane", *(["--quick"] if quick else [])]
+    pipe = subprocess.PIPE
+    process = subprocess.Popen(command, stdout=pipe, stderr=pipe, text=True, cwd=ROOT)
+    try:
+        out, err = process.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # SIGTERM, not SIGKILL: it stops the processes it started
+        out, err = process.communicate(timeout=30)
+        raise RuntimeError(f"bench/control_plane.py took over 600 s:\n{out}{err}") from None
+    found = re.search(r"^RESULT (.*)$", out, re.M)
+    if process.returncode != 0 or not found:
+        raise RuntimeError(f"bench/control_plane.py failed:\n{out}{err}")
+    return dict(json.loads(found[1]))
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds every `with`, which stops every process
 
@@ -128,6 +146,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="outrider-bench-") as tmp:
             plane = dataplane.run(Path(tmp), rounds, seconds, args.connections, only)
         ca = {"rows": [] if only else ca_rows(args.quick)}
+        control = {} if only else control_plane(args.quick)
     except KeyboardInterrupt:
         sys.exit("interrupted; every process started here has been stopped")
     record: dict[str, Any] = {
@@ -140,6 +159,7 @@ def main() -> None:
         "dataplane": plane,
         "summary": dataplane.summarize(plane),
         "ca": ca,
+        "control": control,
         "minutes": (datetime.now(UTC) - started).total_seconds() / 60,
     }
     text = report.markdown(record)

@@ -1,11 +1,15 @@
-"""bench/: reading wrk's output, and the README table the harness rewrites."""
+"""bench/: reading wrk's output, the control-plane figures, and the README table the harness
+rewrites."""
 
 from __future__ import annotations
 
 import pytest
+import yaml
 
+from bench.control_plane import PATHS, percentile, pods_yaml, policy_yaml, summarize
+from bench.dataplane import NOT_MEASURED
 from bench.load import parse_wrk
-from bench.report import END, START, into_readme
+from bench.report import END, START, control_table, goals, into_readme, markdown
 
 # wrk 4.1.0 with --latency, as printed through a proxy that dropped some requests.
 WRK = """\
@@ -46,3 +50,64 @@ def test_the_readme_table_is_replaced_between_its_markers_only() -> None:
     assert once == f"# Outrider\n\n{START}\n| new | table |\n{END}\n\n## Development\n"
     assert into_readme(once, "| new | table |\n") == once
     assert into_readme("# no markers\n", "| table |\n") == "# no markers\n"
+
+
+def test_p99_is_a_change_that_was_measured_the_slowest_of_twenty() -> None:
+    seconds = [0.1 + i / 1000 for i in range(19)] + [0.9]
+    assert percentile(seconds, 99) == 0.9
+    assert percentile(seconds, 50) == seconds[9]
+    assert percentile([0.3], 99) == 0.3
+    with pytest.raises(ValueError, match="no values"):
+        percentile([], 99)
+
+
+def test_a_fleet_is_summarized_in_milliseconds() -> None:
+    summary = summarize(100, [0.040, 0.020, 0.030, 0.250])
+    assert summary == {
+        "agents": 100, "changes": 4, "p50_ms": 35.0, "p99_ms": 250.0, "max_ms": 250.0
+    }  # fmt: skip
+
+
+def test_the_fake_cluster_holds_every_pod_and_the_change_flips_the_path() -> None:
+    docs = list(yaml.safe_load_all(pods_yaml(300)))
+    pods = [d for d in docs if d["kind"] == "Pod"]
+    assert [p["metadata"]["name"] for p in pods] == [f"pod-{i}" for i in range(300)]
+    assert {p["spec"]["serviceAccountName"] for p in pods} == {"bench"}
+    assert len({p["status"]["podIP"] for p in pods}) == 300
+    before, after = (yaml.safe_load(policy_yaml(path)) for path in PATHS)
+    assert before["metadata"] == after["metadata"]  # the same object, edited
+    assert before["spec"]["rules"][0]["to"]["paths"] != after["spec"]["rules"][0]["to"]["paths"]
+
+
+FLEETS = [
+    {"agents": 1, "changes": 20, "p50_ms": 31.3, "p99_ms": 32.2, "max_ms": 32.2, "rss_mib": 53.4,
+     "peak_rss_mib": 53.4, "cpu_s_changes": 0.01, "cpu_s_total": 0.27},
+    {"agents": 2000, "changes": 20, "p50_ms": 244.3, "p99_ms": 1259.6, "max_ms": 1259.6,
+     "rss_mib": 94.4, "peak_rss_mib": 99.0, "cpu_s_changes": 0.77, "cpu_s_total": 1.77},
+]  # fmt: skip
+RIVAL = {"text": "Istio publishes no push time.", "sources": ["https://istio.io/x"]}
+
+
+def record(control: dict[str, object]) -> dict[str, object]:
+    return {
+        "date": "2026-12-06", "machine": "2 CPUs", "command": "make bench", "rounds": 1,
+        "seconds": 3.0, "summary": [], "ca": {"rows": []}, "control": control,
+        "dataplane": {"rss_idle_mib": {}, "rss_peak_mib": {}},
+    }  # fmt: skip
+
+
+def test_the_control_plane_row_gives_percentiles_memory_and_cpu_per_fleet() -> None:
+    lines = control_table(FLEETS)
+    assert lines[2] == "| 1 | 20 | 31.3 | 32.2 | 53.4 (53.4) | 0.01 / 0.27 |"
+    assert lines[3] == "| 2000 | 20 | 244.3 | 1259.6 | 94.4 (99.0) | 0.77 / 1.77 |"
+    text = markdown(record({"rows": FLEETS, "rival": RIVAL}))
+    assert "Rival: Istio publishes no push time. (https://istio.io/x)" in text
+
+
+def test_the_aim_is_judged_at_two_thousand_agents_only() -> None:
+    aim = "control plane: API change to every agent's ACK, p99 < 1 s at 2,000 agents"
+    missed = dict((g, (m, ok)) for g, m, ok in goals(record({"rows": FLEETS, "rival": RIVAL})))
+    assert missed[aim] == ("1260 ms", False)
+    small = dict((g, (m, ok)) for g, m, ok in goals(record({"rows": FLEETS[:1], "rival": RIVAL})))
+    assert small[aim] == (NOT_MEASURED, None)
+    assert "Control plane" not in markdown(record({}))
