@@ -50,6 +50,7 @@ class StartupError(Exception):
 class Bound:
     grpc: tuple[str, int]
     debug: tuple[str, int]
+    status: tuple[str, int] | None = None
 
 
 def grpc_configuration() -> Configuration:
@@ -120,24 +121,39 @@ async def serve(
         control_frames_per_second=CONTROL_FRAMES_PER_SECOND,
         config=grpc_configuration(),
     )
-    runner = web.AppRunner(
-        make_app(service, state, lambda: state.mesh is not None, metrics),
-        access_log=None,
-        shutdown_timeout=1.0,
-    )
-    await runner.setup()
+
+    def ready() -> bool:
+        return state.mesh is not None
+
     grpc_sock, debug_sock = _bind(config.listen), _bind(config.debug)
+    status_sock = _bind(config.status) if config.status else None
+    # The debug port serves every route; the status port, probes and metrics only.
+    sites = [(debug_sock, True)] + ([(status_sock, False)] if status_sock else [])
+    runners = []
+    for sock, debug in sites:
+        runner = web.AppRunner(
+            make_app(service, state, ready, metrics, debug=debug),
+            access_log=None,
+            shutdown_timeout=1.0,
+        )
+        await runner.setup()
+        runners.append((runner, sock))
     acceptor = await grpc_server.serve(
         grpc_sock, tls, config.limits.connections, metrics.connection_closed
     )
-    site = web.SockSite(runner, debug_sock)
-    await site.start()
-    bound = Bound(grpc_sock.getsockname()[:2], debug_sock.getsockname()[:2])
+    for runner, sock in runners:
+        await web.SockSite(runner, sock).start()
+    bound = Bound(
+        grpc_sock.getsockname()[:2],
+        debug_sock.getsockname()[:2],
+        status_sock.getsockname()[:2] if status_sock else None,
+    )
     log.info(
-        "serving agents of %s on %s:%d (gRPC, mTLS), debug on http://%s:%d",
+        "serving agents of %s on %s:%d (gRPC, mTLS), debug on http://%s:%d%s",
         config.trust_domain,
         *bound.grpc,
         *bound.debug,
+        f", status on http://{bound.status[0]}:{bound.status[1]}" if bound.status else "",
     )
     if on_ready is not None:
         on_ready.set_result(bound)
@@ -145,7 +161,8 @@ async def serve(
     log.info("shutting down")
     grpc_server.close()
     await grpc_server.wait_closed()
-    await runner.cleanup()
+    for runner, _ in runners:
+        await runner.cleanup()
     if not await settle(SETTLE_SECONDS):
         log.warning("a call to the API server is still in flight; exiting anyway")
 

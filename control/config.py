@@ -3,6 +3,7 @@
 trust_domain: example.org                     # required: agents' SVIDs must be of it
 listen: 0.0.0.0:15012                         # gRPC, TLS 1.3, a client SVID required
 debug: 127.0.0.1:15014                        # HTTP: /debug/*, /healthz, /ready, /metrics
+status: 0.0.0.0:15015                         # optional: /healthz, /ready, /metrics only
 tls:                                          # required: the control plane's own SVID,
   cert_file: /var/run/outrider/svid.pem       # re-read when the files change
   key_file: /var/run/outrider/svid.key
@@ -64,9 +65,13 @@ class ControlConfig:
     mesh_namespace: str = "outrider-system"
     default_action: str = "allow-authenticated"
     limits: ControlLimits = field(default_factory=ControlLimits)
+    #: Probes and metrics only, for the kubelet and Prometheus on the pod network; the
+    #: debug port shows every pod's policies, so it stays on loopback.
+    status: Listen | None = None
 
 
 _TOP = {
+    "status",
     "trust_domain",
     "listen",
     "debug",
@@ -108,6 +113,11 @@ class _Reader(ConfigReader):
         d = ControlConfig(TrustDomain("example.org"), _PLACEHOLDER)
         listen = self.listen(top, "listen", "listen", d.listen)
         debug = self.listen(top, "debug", "debug", d.debug)
+        status = None
+        if top.get("status") is not None:
+            status = self.listen(top, "status", "status", Listen("0.0.0.0", 15015))  # noqa: S104
+            if status.clashes(debug) or status.clashes(listen):
+                self.fail("status", f"{status} is also the address of debug or listen")
         kubeconfig = self.file(top, "kubeconfig", "kubeconfig")
         mesh_namespace = self.string(top, "mesh_namespace", "mesh_namespace", d.mesh_namespace)
         action = self.string(top, "default_action", "default_action", d.default_action)
@@ -125,6 +135,7 @@ class _Reader(ConfigReader):
             mesh_namespace or d.mesh_namespace,
             action or d.default_action,
             limits,
+            status,
         )
 
     def trust_domain(self, value: object) -> TrustDomain | None:

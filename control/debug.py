@@ -7,7 +7,9 @@
     GET /ready                     200 once every kind the API serves has been listed
     GET /metrics                   Prometheus
 
-It listens on loopback by default: /debug/config shows every pod's policy.
+It listens on loopback by default: /debug/config shows every pod's policy. The
+optional status port (`make_app(..., debug=False)`) serves the last three only, for
+the kubelet and Prometheus on the pod network.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def make_app(
     state: MeshState,
     ready: Callable[[], bool],
     metrics: ControlMetrics,
+    *,
+    debug: bool = True,
 ) -> web.Application:
     async def agents(request: web.Request) -> web.Response:
         views = sorted((agent.view() for agent in service.agents), key=lambda v: v["pod"])
@@ -65,8 +69,9 @@ def make_app(
         )
 
     app = web.Application()
-    app.router.add_get("/debug/agents", agents)
-    app.router.add_get("/debug/config", config)
+    if debug:
+        app.router.add_get("/debug/agents", agents)
+        app.router.add_get("/debug/config", config)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/ready", readiness)
     app.router.add_get("/metrics", get_metrics)

@@ -122,18 +122,43 @@ class ClusterApi(Protocol):
         ...
 
 
+#: The kinds whose status the control plane writes (control.core: conditions, and the
+#: version in force). It computes that status from the rest of the object alone, the
+#: same on every replica, so a change of status only is no change of the mesh.
+OWN_STATUS = frozenset({"AuthorizationPolicy", "TrafficPolicy", "HTTPRoute", "GRPCRoute"})
+
+
 class KindCache(ObjectCache):
     """The objects of one kind, without `metadata.managedFields`: kilobytes per object
-    that nothing here reads (client-go's informers trim them too)."""
+    that nothing here reads (client-go's informers trim them too).
+
+    `own_status`: an update that changes only the status (and so the resourceVersion)
+    is kept but is not a change. Each status write comes back through the watch, and
+    would otherwise cost a compile and a sweep over every subscriber.
+    """
+
+    def __init__(self, own_status: bool = False) -> None:
+        super().__init__()
+        self.own_status = own_status
 
     def replace(self, items: Iterable[dict[str, Any]], resource_version: str) -> None:
         super().replace(map(_trimmed, items), resource_version)
 
     def apply(self, event: Mapping[str, Any]) -> bool:
         obj = event.get("object")
-        if isinstance(obj, dict) and event.get("type") in ("ADDED", "MODIFIED"):
-            event = {**event, "object": _trimmed(obj)}
-        return super().apply(event)
+        if not (isinstance(obj, dict) and event.get("type") in ("ADDED", "MODIFIED")):
+            return super().apply(event)
+        obj = _trimmed(obj)
+        before = self.objects.get(key_of(obj))
+        changed = super().apply({**event, "object": obj})
+        if not (self.own_status and before is not None):
+            return changed
+        return _without_status(before) != _without_status(obj)
+
+
+def _without_status(obj: Mapping[str, Any]) -> dict[str, Any]:
+    metadata = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "resourceVersion"}
+    return {**{k: v for k, v in obj.items() if k != "status"}, "metadata": metadata}
 
 
 def _trimmed(obj: dict[str, Any]) -> dict[str, Any]:
@@ -157,7 +182,7 @@ class Informers:
         rng: random.Random | None = None,
     ) -> None:
         self.api = api
-        self.caches = {kind: KindCache() for kind in KINDS}
+        self.caches = {kind: KindCache(kind in OWN_STATUS) for kind in KINDS}
         self.listed: set[str] = set()  # kinds listed at least once
         self.missing: set[str] = set()  # kinds the API does not serve, as of the last ask
         self.on_change = on_change

@@ -130,6 +130,11 @@ def encode(config: dict[str, Any]) -> bytes:
     return json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
 
 
+#: Snapshots encoded, by version: the pods of a Deployment share one configuration,
+#: so a change to it is encoded once, not once per pod. Forgotten past this many.
+ENCODED_VERSIONS = 4096
+
+
 class ControlPlaneService(ControlPlaneBase):
     def __init__(
         self,
@@ -148,6 +153,7 @@ class ControlPlaneService(ControlPlaneBase):
         self._keepalive = keepalive
         self._pod_wait = pod_wait
         self._clock = clock
+        self._encoded: dict[str, bytes] = {}  # a version names its content: never stale
         metrics.agents.set_function(lambda: len(self.agents))
 
     def mesh_changed(self) -> None:
@@ -264,13 +270,23 @@ class ControlPlaneService(ControlPlaneBase):
         agent.latest = version
         if version == agent.sent:
             return
-        config = mesh.config_for(agent.namespace, agent.pod_name)
-        assert config is not None  # it has a version
         if agent.sent_at is not None:
             self._metrics.pushes.labels("superseded").inc()
-        await stream.send_message(control_pb2.Snapshot(version=version, config_json=encode(config)))
+        snapshot = control_pb2.Snapshot(version=version, config_json=self._encode(mesh, agent))
+        await stream.send_message(snapshot)
         agent.sent, agent.sent_at = version, time.monotonic()
         log.debug("sent %s version %s", agent.pod, version)
+
+    def _encode(self, mesh: Mesh, agent: Agent) -> bytes:
+        version = mesh.version_for(agent.namespace, agent.pod_name)
+        assert version is not None  # _push checked
+        if version not in self._encoded:
+            if len(self._encoded) >= ENCODED_VERSIONS:
+                self._encoded.clear()
+            config = mesh.config_for(agent.namespace, agent.pod_name)
+            assert config is not None  # it has a version
+            self._encoded[version] = encode(config)
+        return self._encoded[version]
 
     async def _read(self, stream: SubscribeStream, agent: Agent) -> None:
         while (message := await stream.recv_message()) is not None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -369,3 +371,35 @@ async def test_a_status_is_replaced_whole_so_the_version_in_force_is_what_was_ac
     await eventually(lambda: in_force(2))
     # A merge patch would have kept the selector the new spec left out.
     assert "selector" not in policy(api, "frontend-reads-api")["status"]["inForce"]["spec"]
+
+
+async def test_the_status_port_serves_probes_and_metrics_and_nothing_of_the_mesh(
+    tmp_path: Path,
+) -> None:
+    """The kubelet and Prometheus reach the status port on the pod network; what
+    /debug shows (every pod's policies and upstreams) stays on the loopback debug port."""
+    port = free_port()
+    async with fake_api_server(tmp_path / "api") as api:
+        api.apply(NAMESPACES)
+        async with control_plane(tmp_path, api, status=f"127.0.0.1:{port}") as control:
+            await ready(control)
+
+            def get(path: str) -> int:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                        return int(r.status)
+                except urllib.error.HTTPError as exc:
+                    return exc.code
+
+            answers = {
+                path: await asyncio.to_thread(get, path)
+                for path in ("/ready", "/healthz", "/metrics", "/debug/agents", "/debug/config")
+            }
+            assert (await control.debug("/debug/agents"))[0] == 200
+    assert answers == {
+        "/ready": 200,
+        "/healthz": 200,
+        "/metrics": 200,
+        "/debug/agents": 404,
+        "/debug/config": 404,
+    }

@@ -1290,15 +1290,18 @@ def test_only_the_control_container_holds_an_api_token(overlay: list[Obj]) -> No
     assert files == {"token", "ca.crt", "namespace"}  # what the in-cluster config reads
 
 
-def test_the_debug_port_stays_on_loopback_and_is_probed_from_inside(overlay: list[Obj]) -> None:
+def test_the_debug_port_stays_on_loopback_and_the_kubelet_probes_the_status_port(
+    overlay: list[Obj],
+) -> None:
     control = config_file(overlay, "outrider-control-config", "control.yaml")
     host, _, port = control["debug"].rpartition(":")
     assert host == "127.0.0.1"
     container = container_named(control_spec(overlay), "control")
-    assert int(port) not in {p["containerPort"] for p in container["ports"]}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert int(port) not in ports.values()
+    assert control["status"] == f"0.0.0.0:{ports['http-monitoring']}"
     for probe, path in (("readinessProbe", "/ready"), ("livenessProbe", "/healthz")):
-        command = container[probe]["exec"]["command"]
-        assert f"http://{control['debug']}{path}" in command[-1]
+        assert container[probe]["httpGet"] == {"path": path, "port": "http-monitoring"}
 
 
 def test_network_policies_let_agents_reach_the_control_plane_and_it_the_ca(

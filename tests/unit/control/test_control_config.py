@@ -30,6 +30,7 @@ def test_the_documented_example_is_the_defaults(tmp_path: Path) -> None:
             Path("/var/run/outrider/bundle.pem"),
         ),
         kubeconfig=Path("/path/kubeconfig"),
+        status=Listen("0.0.0.0", 15015),
     )
     assert config.listen == Listen("0.0.0.0", 15012)
     assert config.debug == Listen("127.0.0.1", 15014)
@@ -41,6 +42,7 @@ def test_relative_files_are_from_the_config_files_directory() -> None:
     config = parse({"trust_domain": "example.org", "tls": TLS}, base=Path("/etc/outrider"))
     assert config.tls.bundle_file == Path("/etc/outrider/bundle.pem")
     assert config.kubeconfig is None  # in-cluster
+    assert config.status is None  # off unless asked for
     assert config.default_action == "allow-authenticated"
 
 
@@ -56,6 +58,7 @@ def test_every_key_is_read() -> None:
         "trust_domain": "prod.example",
         "listen": "127.0.0.1:0",
         "debug": "[::1]:9",
+        "status": "127.0.0.1:7",
         "tls": TLS,
         "mesh_namespace": "mesh",
         "default_action": "deny",
@@ -70,6 +73,7 @@ def test_every_key_is_read() -> None:
     config = parse(raw, base=Path("/"))
     assert config.listen == Listen("127.0.0.1", 0)
     assert config.debug == Listen("::1", 9)
+    assert config.status == Listen("127.0.0.1", 7)
     assert (config.mesh_namespace, config.default_action) == ("mesh", "deny")
     assert config.limits == ControlLimits(
         ConnectionLimits(5, timedelta(seconds=2), timedelta(seconds=3)), GrpcLimits(8192, 2)
@@ -114,3 +118,10 @@ def test_the_trust_domain_and_tls_are_required() -> None:
         "tls.key_file: required: agents reach the control plane over mTLS only",
         "tls.bundle_file: required: agents reach the control plane over mTLS only",
     ]
+
+
+def test_the_status_port_cannot_share_the_debug_ports_address() -> None:
+    raw = {"trust_domain": "example.org", "tls": TLS, "debug": "127.0.0.1:9", "status": "0.0.0.0:9"}
+    with pytest.raises(ConfigError) as raised:
+        parse(raw, base=Path("/"))
+    assert raised.value.errors == ["status: 0.0.0.0:9 is also the address of debug or listen"]
