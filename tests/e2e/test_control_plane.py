@@ -376,6 +376,7 @@ async def test_policies_and_routes_reach_every_agent_live(tmp_path: Path, pods: 
         answered = await split(service, REQUESTS)
         assert sum(answered.values()) == REQUESTS and set(answered) == {"v1", "v2"}, answered
         assert 0.07 <= answered["v2"] / REQUESTS <= 0.13, answered
+        print(f"90/10 route over {REQUESTS} requests: {dict(answered)}")
         # Each version's own agent enforces the namespace policies: the backends' opt-out
         # annotations changed nothing.
         for app, version in ((to_v1, "v1"), (to_v2, "v2")):
