@@ -204,7 +204,7 @@ class Upstreams:
             self.workloads,
             self.settings.inbound_base,
             self.warnings,
-            f"{service.namespace}/{service.name}",
+            (service.namespace, service.name),
         )
 
     def subsets(self, route: CompiledRoute) -> tuple[list[dict[str, Any]], list[Backend]]:
