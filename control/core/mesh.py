@@ -43,6 +43,7 @@ from control.core.inforce import Verdict, judge, policy_status
 from control.core.policies import CompiledPolicy, Misfit, compile_policy, fit_to_ports, misfits
 from control.core.routes import CompiledRoute, RouteKind, attach_routes, compile_route
 from control.core.services import (
+    AGENT_PORTS,
     PodIndex,
     Service,
     Workload,
@@ -428,9 +429,18 @@ class _Compiler:
         self, workload: Workload, policies: Mapping[Key, list[CompiledPolicy]]
     ) -> tuple[Mapping[str, Any], list[str], list[tuple[Key, Misfit]]]:
         http = self.http_ports.get(workload.key, ())
-        inbound = [(port, "http" if port in http else "tcp") for port in workload.ports]
         base = self.settings.inbound_base
+        served = [port for port in workload.ports if workload.listener(port, base) is not None]
+        inbound = [(port, "http" if port in http else "tcp") for port in served]
         outbound, warnings = self.upstreams.listeners(workload)
+        if len(served) < len(workload.ports):
+            left = workload.ports[len(served) :]
+            warnings = [
+                f"containerPort {', '.join(map(str, left[:5]))}"
+                f"{f' and {len(left) - 5} more' if len(left) > 5 else ''}: no inbound listener;"
+                f" the agent's listeners {base}-{AGENT_PORTS[-1]} fit {len(served)} ports",
+                *warnings,
+            ]
         documents, fitted = self.pod_policies(policies.get(workload.key, ()), inbound)
         config = {
             "inbound": [

@@ -85,9 +85,13 @@ class Workload:
         return (self.namespace, self.name)
 
     def listener(self, port: int, inbound_base: int) -> int | None:
-        """The agent's inbound listen port for the app's `port`; None if it serves none."""
+        """The agent's inbound listen port for the app's `port`; None if it serves none.
+        Listeners stay in the agent's own range (15000-15999): past it, one could take
+        a port the app listens on. A pod with more ports than fit gets the first ones."""
         index = self._index.get(port)
-        return None if index is None else inbound_base + index
+        if index is None or inbound_base + index not in AGENT_PORTS:
+            return None
+        return inbound_base + index
 
     def target(self, target: int | str) -> int | None:
         """A Service port's targetPort (a number, or a containerPort's name) in this pod."""
