@@ -118,10 +118,11 @@ def read_workload(obj: Mapping[str, Any], key: tuple[str, str]) -> Workload | No
             number = port.get("containerPort") if isinstance(port, dict) else None
             if not _is_port(number) or port.get("protocol", "TCP") != "TCP":
                 continue
-            if number in AGENT_PORTS or number in ports:
+            if number in AGENT_PORTS:
                 continue
-            ports.append(number)
-            if isinstance(port.get("name"), str):
+            if number not in ports:
+                ports.append(number)
+            if isinstance(port.get("name"), str):  # a port listed twice may be named once
                 names.setdefault(port["name"], number)
     m = meta(obj, key)
     account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"

@@ -304,3 +304,17 @@ def test_a_huge_annotation_costs_and_says_a_bounded_amount() -> None:
     assert warnings[-1] == (
         "outrider.io/upstreams[256:]: 39746 more entries; only the first 256 are read; skipped"
     )
+
+
+def test_a_port_listed_twice_keeps_the_name_given_to_either() -> None:
+    """Kubernetes lets two containers list one port (it only warns); the EndpointSlice
+    controller resolves a targetPort by the name either gives it, and so must the agent."""
+    objects = world(SHOP)
+    spec = objects["Pod"][("shop", "backend-v1-0")]["spec"]
+    spec["containers"].insert(0, {"name": "first", "ports": [{"containerPort": 8080}]})
+    mesh = compile_mesh(objects, SETTINGS)
+    assert _config(mesh, "backend-v1-0")["inbound"] == [
+        {"listen": "0.0.0.0:15443", "app": "127.0.0.1:8080", "protocol": "http"}
+    ]
+    (backend,) = _config(mesh, "frontend-0")["outbound"]
+    assert backend["endpoints"] == ["10.0.0.7:15443", "10.0.0.8:15443"]
