@@ -20,9 +20,11 @@ otherwise put a pod's identity on another address, or another namespace's
 pod behind their Service. A hostNetwork pod is never an endpoint: its IP is
 its node's, shared with every other such pod there. An address two pods of
 different service accounts claim (one of them stale) is left out: which
-identity serves it cannot be told. Ready endpoints, or those serving while terminating
-when none is ready, as kube-proxy reads slices (agent/core/discovery.py keeps
-the same rule for the agent's own `kubernetes:` source).
+identity serves it cannot be told.
+
+Ready endpoints, or those serving while terminating when none is ready, as
+kube-proxy reads slices (agent/core/discovery.py keeps the same rule for the
+agent's own `kubernetes:` source).
 
 Objects are the JSON the API server sends, so fields are checked with
 `isinstance(x, dict)`: several times cheaper than the Mapping ABC, and these
