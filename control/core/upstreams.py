@@ -246,7 +246,9 @@ class Upstreams:
             backends = self.backends(service, port)
             if not backends:
                 continue
-            name = ref.service if ref.service not in names else f"{ref.service}-{len(subsets)}"
+            name, n = ref.service, 1
+            while name in names:  # a Service listed twice; never another Service's name
+                name, n = f"{ref.service}-{n}", n + 1
             names.add(name)
             subsets.append(
                 {"name": name, "weight": ref.weight, "endpoints": [b.address for b in backends]}
