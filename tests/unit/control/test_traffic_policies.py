@@ -110,6 +110,10 @@ def test_every_key_reaches_the_clients_outbound_in_the_agents_spelling() -> None
         ),
         ("  circuitBreaker: {maxConns: 5}\n", "spec.circuitBreaker.maxConns: unknown key"),
         ("  mirror: {}\n", "spec.mirror: unknown key; expected targetRefs or one of balancer"),
+        (  # run by every client's agent, per endpoint: not the Service owner's to make hot
+            "  health: {active: {kind: tcp, interval: 999ms, timeout: 1ms}}\n",
+            "spec.health.active.interval: must be at least 1s",
+        ),
     ],
 )
 def test_an_invalid_traffic_policy_names_the_field_and_is_not_applied(
