@@ -7,8 +7,9 @@ way `control.core.mesh.compile_mesh` takes them. EndpointSlices come from a
 small stand-in for the EndpointSlice controller (`endpoint_slices`): it
 resolves each Service port's targetPort in each selected pod, as the real one
 does, so a test writes only what a user writes. A pod says how it is doing
-in two annotations read only here: `test/ip` and `test/state` (`ready`,
-`unready`, `terminating`, `terminating-unready`).
+in two annotations read only here: `test/ip` (its status.podIP, and its
+address in slices) and `test/state` (`ready`, `unready`, `terminating`,
+`terminating-unready`).
 """
 
 from __future__ import annotations
@@ -48,12 +49,16 @@ def world(*texts: str) -> Objects:
 
 
 def complete(obj: dict[str, Any], index: int = 0) -> dict[str, Any]:
-    """What the API server fills in: namespace, uid, generation, creationTimestamp."""
+    """What the API server fills in: namespace, uid, generation, creationTimestamp; and
+    for a pod what the kubelet writes once it runs: its IP (`test/ip`) in status."""
     m = obj.setdefault("metadata", {})
     m.setdefault("namespace", "default")
     m.setdefault("uid", f"uid-{obj['kind']}-{m['namespace']}-{m['name']}")
     m.setdefault("generation", 1)
     m.setdefault("creationTimestamp", f"2024-01-01T00:{index // 60:02d}:{index % 60:02d}Z")
+    if obj["kind"] == "Pod" and "status" not in obj:
+        ip = (m.get("annotations") or {}).get("test/ip", "10.0.0.1")
+        obj["status"] = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
     return obj
 
 

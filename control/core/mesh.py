@@ -43,6 +43,7 @@ from control.core.inforce import Verdict, judge, policy_status
 from control.core.policies import CompiledPolicy, Misfit, compile_policy, fit_to_ports, misfits
 from control.core.routes import CompiledRoute, RouteKind, attach_routes, compile_route
 from control.core.services import (
+    AGENT_PORTS,
     PodIndex,
     Service,
     Workload,
@@ -205,7 +206,7 @@ class _Compiler:
             self.warnings,
         )
         configs: dict[Key, Mapping[str, Any]] = {}
-        misfit_notes: dict[Key, list[str]] = defaultdict(list)
+        misfit_notes: dict[Key, set[_Note]] = defaultdict(set)
         for key, workload in self.workloads.items():
             configs[key] = self.config(workload, policies, misfit_notes)
         self.finish_policy_statuses(misfit_notes)
@@ -333,7 +334,7 @@ class _Compiler:
             self.fitted[key] = (document, found)
         return self.fitted[key]
 
-    def finish_policy_statuses(self, notes: Mapping[Key, list[str]]) -> None:
+    def finish_policy_statuses(self, notes: Mapping[Key, set[_Note]]) -> None:
         for key, (m, obj, verdict) in self.policy_objects.items():
             previous = previous_conditions(obj)
             if verdict.errors:
@@ -348,7 +349,7 @@ class _Compiler:
                 action = verdict.in_force.policy.action
                 ok, reason = True, "HTTPRulesOnTCPPorts"
                 message = (
-                    f"{summary(sorted(notes[key]), 3)}. HTTP fields never match on TCP, so there"
+                    f"{_misfit_summary(notes[key])}. HTTP fields never match on TCP, so there"
                     f" {_ON_TCP[action]}."
                     " Set appProtocol: http on the Service port that targets it, or list the"
                     " rule's HTTP ports in to.ports"
@@ -401,7 +402,7 @@ class _Compiler:
         self,
         workload: Workload,
         policies: Mapping[Key, list[CompiledPolicy]],
-        notes: dict[Key, list[str]],
+        notes: dict[Key, set[_Note]],
     ) -> Mapping[str, Any]:
         """The pod's config; the pods of one ReplicaSet share one (same namespace, labels,
         ports and annotation: the same policies, listeners and upstreams)."""
@@ -416,21 +417,26 @@ class _Compiler:
             self.shapes[shape] = self.build_config(workload, policies)
         config, warnings, fitted = self.shapes[shape]
         self.warnings[workload.key].extend(warnings)
-        for policy, misfit in fitted:
-            ports = ", ".join(map(str, misfit.tcp_ports))
-            notes[policy].append(
-                f"rule {misfit.rule!r} uses {', '.join(misfit.fields)} and applies to TCP"
-                f" port {ports} of {workload.owner}"
-            )
+        for policy, misfit in fitted:  # formatted once per policy, in its status
+            notes[policy].add((misfit.rule, misfit.fields, misfit.tcp_ports, workload.owner))
         return config
 
     def build_config(
         self, workload: Workload, policies: Mapping[Key, list[CompiledPolicy]]
     ) -> tuple[Mapping[str, Any], list[str], list[tuple[Key, Misfit]]]:
         http = self.http_ports.get(workload.key, ())
-        inbound = [(port, "http" if port in http else "tcp") for port in workload.ports]
         base = self.settings.inbound_base
+        served = [port for port in workload.ports if workload.listener(port, base) is not None]
+        inbound = [(port, "http" if port in http else "tcp") for port in served]
         outbound, warnings = self.upstreams.listeners(workload)
+        if len(served) < len(workload.ports):
+            left = workload.ports[len(served) :]
+            warnings = [
+                f"containerPort {', '.join(map(str, left[:5]))}"
+                f"{f' and {len(left) - 5} more' if len(left) > 5 else ''}: no inbound listener;"
+                f" the agent's listeners {base}-{AGENT_PORTS[-1]} fit {len(served)} ports",
+                *warnings,
+            ]
         documents, fitted = self.pod_policies(policies.get(workload.key, ()), inbound)
         config = {
             "inbound": [
@@ -441,6 +447,22 @@ class _Compiler:
             "policy": {"default_action": self.settings.default_action, "policies": documents},
         }
         return config, warnings, fitted
+
+
+#: A rule with HTTP fields on TCP ports of a workload: (rule, fields, ports, owner).
+_Note = tuple[str, tuple[str, ...], tuple[int, ...], str]
+
+
+def _misfit_summary(notes: set[_Note], limit: int = 3) -> str:
+    """The first few in order, and how many more: a policy may select thousands of pods,
+    so only what is shown is formatted."""
+    shown = [
+        f"rule {rule!r} uses {', '.join(fields)} and applies to TCP port"
+        f" {', '.join(map(str, ports))} of {owner}"
+        for rule, fields, ports, owner in sorted(notes)[:limit]
+    ]
+    more = len(notes) - len(shown)
+    return "; ".join(shown) + (f"; and {more} more" if more else "")
 
 
 _ON_TCP = {

@@ -33,6 +33,7 @@ workloads (a pod's ReplicaSet, or the pod) and ports, and the fix:
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -65,8 +66,9 @@ class CompiledPolicy:
     document: Mapping[str, Any]  # the agent's policy, as agent.yaml's policy.policies[i]
     policy: Policy
 
-    @property
+    @functools.cached_property
     def http_rules(self) -> bool:
+        """Asked for every pod the policy selects: worked out once."""
         return any(rule.http_fields for rule in self.policy.rules)
 
 

@@ -11,9 +11,20 @@ everything else is TCP until the agent parses HTTP/2 (issue 17).
 
 An upstream's endpoints are the addresses of its Service's EndpointSlices
 whose targetRef is an injected pod, each at that pod's inbound listener for
-the port the slice names. Ready endpoints, or those serving while terminating
-when none is ready, as kube-proxy reads slices (agent/core/discovery.py keeps
-the same rule for the agent's own `kubernetes:` source).
+the port the slice names. The server identities a client checks come from
+those pods ("secure naming"), so an address counts only where the slice and
+the pod agree, as the EndpointSlice controller writes them: the targetRef
+names a pod of the slice's own namespace, and the address is one of that
+pod's IPs (status.podIPs). Whoever may write EndpointSlices by hand could
+otherwise put a pod's identity on another address, or another namespace's
+pod behind their Service. A hostNetwork pod is never an endpoint: its IP is
+its node's, shared with every other such pod there. An address two pods of
+different service accounts claim (one of them stale) is left out: which
+identity serves it cannot be told.
+
+Ready endpoints, or those serving while terminating when none is ready, as
+kube-proxy reads slices (agent/core/discovery.py keeps the same rule for the
+agent's own `kubernetes:` source).
 
 Objects are the JSON the API server sends, so fields are checked with
 `isinstance(x, dict)`: several times cheaper than the Mapping ABC, and these
@@ -22,6 +33,7 @@ run for every pod on every compile.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeGuard
@@ -65,6 +77,9 @@ class Workload:
     #: What made the pod, for messages that should not change with every pod
     #: of a rollout: "ReplicaSet shop/web-5d9f7c", or "pod shop/web-0".
     owner: str = ""
+    #: The pod's own IPs (status.podIPs), canonical; none for a hostNetwork pod,
+    #: whose IP is its node's. An EndpointSlice address counts only if it is one.
+    ips: frozenset[str] = frozenset()
     _index: Mapping[int, int] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -72,9 +87,13 @@ class Workload:
         return (self.namespace, self.name)
 
     def listener(self, port: int, inbound_base: int) -> int | None:
-        """The agent's inbound listen port for the app's `port`; None if it serves none."""
+        """The agent's inbound listen port for the app's `port`; None if it serves none.
+        Listeners stay in the agent's own range (15000-15999): past it, one could take
+        a port the app listens on. A pod with more ports than fit gets the first ones."""
         index = self._index.get(port)
-        return None if index is None else inbound_base + index
+        if index is None or inbound_base + index not in AGENT_PORTS:
+            return None
+        return inbound_base + index
 
     def target(self, target: int | str) -> int | None:
         """A Service port's targetPort (a number, or a containerPort's name) in this pod."""
@@ -101,10 +120,11 @@ def read_workload(obj: Mapping[str, Any], key: tuple[str, str]) -> Workload | No
             number = port.get("containerPort") if isinstance(port, dict) else None
             if not _is_port(number) or port.get("protocol", "TCP") != "TCP":
                 continue
-            if number in AGENT_PORTS or number in ports:
+            if number in AGENT_PORTS:
                 continue
-            ports.append(number)
-            if isinstance(port.get("name"), str):
+            if number not in ports:
+                ports.append(number)
+            if isinstance(port.get("name"), str):  # a port listed twice may be named once
                 names.setdefault(port["name"], number)
     m = meta(obj, key)
     account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
@@ -117,8 +137,25 @@ def read_workload(obj: Mapping[str, Any], key: tuple[str, str]) -> Workload | No
         tuple(ports),
         names,
         _owner(obj, m.namespace, m.name),
+        frozenset() if spec.get("hostNetwork") is True else _pod_ips(obj.get("status")),
         {port: i for i, port in enumerate(ports)},
     )
+
+
+def _pod_ips(status: object) -> frozenset[str]:
+    """status.podIPs (and status.podIP), canonical, as endpoint_address writes them."""
+    if not isinstance(status, dict):
+        return frozenset()
+    texts = [item.get("ip") for item in _list(status.get("podIPs")) if isinstance(item, dict)]
+    texts.append(status.get("podIP"))
+    ips = set()
+    for text in texts:
+        if isinstance(text, str):
+            try:
+                ips.add(str(ipaddress.ip_address(text)))
+            except ValueError:
+                continue
+    return frozenset(ips)
 
 
 def _owner(obj: Mapping[str, Any], namespace: str, name: str) -> str:
@@ -190,17 +227,19 @@ def slice_backends(
     workloads: Mapping[tuple[str, str], Workload],
     inbound_base: int,
     warn: dict[tuple[str, str], list[str]],
-    service: str,
+    service: tuple[str, str],
 ) -> tuple[Backend, ...]:
     """The injected pods behind a Service port, at their agents' inbound listeners.
 
     Ready ones, or, when none is ready, those serving while terminating. A pod
     whose target port is not one of its container ports has no agent listener
-    for it: it is left out, and `warn[pod]` says why.
+    for it: it is left out, and `warn[pod]` says why. An address counts only
+    for a pod of the Service's namespace whose IP it is, and not at all if pods
+    of two identities claim it (see the module's docstring). Slices are read
+    in name order, so the answer does not depend on the order they were listed.
     """
-    ready: dict[str, Backend] = {}
-    draining: dict[str, Backend] = {}
-    for item in slices:
+    found: list[tuple[Backend, str]] = []
+    for item in sorted(slices, key=_slice_name):
         address_type = item.get("addressType", "")
         names = {
             str(p.get("name") or ""): p.get("port")
@@ -211,36 +250,51 @@ def slice_backends(
         for entry in _list(item.get("endpoints")):
             if not isinstance(entry, dict):
                 continue
-            workload = _target_pod(entry, item, workloads)
+            workload = _target_pod(entry, service[0], workloads)
             host = endpoint_address(entry, address_type)
             state = endpoint_state(entry)
-            if workload is None or host is None or state is None:
+            if workload is None or host is None or state is None or host not in workload.ips:
                 continue
             app_port = slice_port if _is_port(slice_port) else workload.target(port.target)
             listen = None if app_port is None else workload.listener(app_port, inbound_base)
             if listen is None:
                 warn.setdefault(workload.key, []).append(
-                    f"Service {service} port {port.port} targets {port.target!r}, which is not"
-                    " a TCP containerPort of this pod, so its agent has no listener for it;"
-                    " declare the port in the pod spec"
+                    f"Service {'/'.join(service)} port {port.port} targets {port.target!r},"
+                    " which is not a TCP containerPort of this pod, so its agent has no"
+                    " listener for it; declare the port in the pod spec"
                 )
                 continue
-            backend = Backend(f"[{host}]:{listen}" if ":" in host else f"{host}:{listen}", workload)
-            (ready if state == "ready" else draining).setdefault(backend.address, backend)
+            address = f"[{host}]:{listen}" if ":" in host else f"{host}:{listen}"
+            found.append((Backend(address, workload), state))
+    claims: dict[str, set[tuple[str, str]]] = {}
+    for backend, _ in found:
+        w = backend.workload
+        claims.setdefault(backend.address, set()).add((w.namespace, w.service_account))
+    ready: dict[str, Backend] = {}
+    draining: dict[str, Backend] = {}
+    for backend, serving in found:
+        if len(claims[backend.address]) == 1:
+            (ready if serving == "ready" else draining).setdefault(backend.address, backend)
     chosen = ready or draining
     return tuple(chosen[address] for address in sorted(chosen))
 
 
+def _slice_name(item: Mapping[str, Any]) -> str:
+    return str((item.get("metadata") or {}).get("name") or "")
+
+
 def _target_pod(
     entry: Mapping[str, Any],
-    item: Mapping[str, Any],
+    namespace: str,
     workloads: Mapping[tuple[str, str], Workload],
 ) -> Workload | None:
+    """The injected pod the endpoint names, if it is in the Service's own namespace."""
     ref = entry.get("targetRef")
     if not isinstance(ref, dict) or ref.get("kind") != "Pod":
         return None
-    namespace = ref.get("namespace") or (item.get("metadata") or {}).get("namespace")
-    return workloads.get((str(namespace), str(ref.get("name"))))
+    if ref.get("namespace", namespace) != namespace:
+        return None
+    return workloads.get((namespace, str(ref.get("name"))))
 
 
 def slice_service(item: Mapping[str, Any]) -> str | None:

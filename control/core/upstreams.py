@@ -45,6 +45,12 @@ class UpstreamSettings(Protocol):
 
 
 ANNOTATION = "outrider.io/upstreams"
+#: Entries read from the annotation; the rest are skipped with one warning. Far more
+#: than there are outbound ports, and a bound on what one pod author makes every
+#: compile do (an annotation may hold 256 KiB: tens of thousands of entries).
+MAX_ENTRIES = 256
+#: How much of a bad entry a warning quotes.
+_SHOWN = 80
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _PORT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?")
 
@@ -59,18 +65,36 @@ class Wanted:
     port: str  # a number or a port name, as written
 
 
-@functools.lru_cache(maxsize=4096)  # the pods of a Deployment share one annotation
 def parse_upstreams(text: str, namespace: str) -> tuple[tuple[Wanted, ...], tuple[str, ...]]:
-    """The entries, and a warning for each one skipped."""
+    """The entries, and a warning for each one skipped. The pods of a Deployment share
+    one annotation, parsed once; a long one is not kept (the cache holds 4096)."""
+    if len(text) > _CACHED:
+        return _parse.__wrapped__(text, namespace)
+    return _parse(text, namespace)
+
+
+_CACHED = 4096
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str, namespace: str) -> tuple[tuple[Wanted, ...], tuple[str, ...]]:
     wanted: list[Wanted] = []
     warnings: list[str] = []
     if not text.strip():
         return (), ()
-    for index, entry in enumerate(text.split(",")):
+    entries = text.split(",", MAX_ENTRIES)
+    if len(entries) > MAX_ENTRIES:
+        more = entries.pop().count(",") + 1
+        warnings.append(
+            f"{ANNOTATION}[{MAX_ENTRIES}:]: {more} more entries; only the first {MAX_ENTRIES}"
+            " are read; skipped"
+        )
+    for index, entry in enumerate(entries):
         entry = entry.strip()
         problem = _problem(entry)
         if problem:
-            warnings.append(f"{ANNOTATION}[{index}] {entry!r}: {problem}; skipped")
+            shown = repr(entry if len(entry) <= _SHOWN else entry[:_SHOWN] + "...")
+            warnings.append(f"{ANNOTATION}[{index}] {shown}: {problem}; skipped")
             continue
         target, _, port = entry.rpartition(":")
         service, _, other = target.partition(".")
@@ -137,11 +161,13 @@ class Upstreams:
         listeners: list[dict[str, Any]] = []
         seen: set[PortKey] = set()
         ports = self.settings.outbound_ports
-        for entry in wanted:
+        for n, entry in enumerate(wanted):
             where = f"{ANNOTATION}[{entry.index}] '{entry.service}.{entry.namespace}:{entry.port}'"
             if entry.index >= len(ports):
-                warnings.append(f"{where}: only {len(ports)} upstreams fit; skipped")
-                continue
+                more = len(wanted) - n - 1
+                tail = f" (and {more} more entries after it)" if more else ""
+                warnings.append(f"{where}: only {len(ports)} upstreams fit; skipped{tail}")
+                break
             service = self.services.get((entry.namespace, entry.service))
             port = service.port(entry.port) if service is not None else None
             if service is None or port is None:
@@ -204,7 +230,7 @@ class Upstreams:
             self.workloads,
             self.settings.inbound_base,
             self.warnings,
-            f"{service.namespace}/{service.name}",
+            (service.namespace, service.name),
         )
 
     def subsets(self, route: CompiledRoute) -> tuple[list[dict[str, Any]], list[Backend]]:
@@ -220,7 +246,9 @@ class Upstreams:
             backends = self.backends(service, port)
             if not backends:
                 continue
-            name = ref.service if ref.service not in names else f"{ref.service}-{len(subsets)}"
+            name, n = ref.service, 1
+            while name in names:  # a Service listed twice; never another Service's name
+                name, n = f"{ref.service}-{n}", n + 1
             names.add(name)
             subsets.append(
                 {"name": name, "weight": ref.weight, "endpoints": [b.address for b in backends]}

@@ -262,3 +262,59 @@ def test_pods_are_known_by_their_service_account() -> None:
         "frontend",
     )
     assert mesh.config_for("shop", "nobody") is None
+
+
+def test_inbound_listeners_stay_in_the_agents_range() -> None:
+    """Past 15999 a listener could take a port the app itself listens on (16000 here)."""
+    ports = [*range(1000, 1600), 16000]
+    mesh = _mesh(pod("wide-0", ports=ports))
+    inbound = _config(mesh, "wide-0")["inbound"]
+    fit = 16000 - SETTINGS.inbound_base
+    assert len(inbound) == fit
+    assert inbound[-1] == {
+        "listen": "0.0.0.0:15999",
+        "app": f"127.0.0.1:{1000 + fit - 1}",
+        "protocol": "tcp",
+    }
+    (warning,) = mesh.pod_warnings[("shop", "wide-0")]
+    assert warning.startswith(f"containerPort {1000 + fit}, ") and "and 39 more" in warning
+
+
+def test_a_port_past_the_agents_range_is_no_endpoint() -> None:
+    ports = [*range(1000, 1000 + 16000 - SETTINGS.inbound_base), 8080]
+    objects = world(
+        pod("client-0", upstreams="wide:8080"),
+        pod("wide-0", ports=ports),
+        _service("wide", "{port: 8080}"),
+    )
+    mesh = compile_mesh(objects, SETTINGS)
+    assert _config(mesh, "client-0")["outbound"] == []
+    assert any("not a TCP containerPort" in w for w in mesh.pod_warnings[("shop", "wide-0")])
+
+
+def test_a_huge_annotation_costs_and_says_a_bounded_amount() -> None:
+    """An annotation may hold 256 KiB: one pod author must not make every compile parse
+    tens of thousands of entries, nor fill the logs with a warning for each."""
+    bad = "x" * 10_000 + ":80"
+    entries = ["backend:8080", bad, *(f"svc{i}:80" for i in range(40_000))]
+    mesh = _mesh(SHOP, pod("client-0", upstreams=",".join(entries)))
+    assert [o["name"] for o in _config(mesh, "client-0")["outbound"]] == ["backend.shop:8080"]
+    warnings = mesh.pod_warnings[("shop", "client-0")]
+    assert len(warnings) <= 300 and sum(map(len, warnings)) < 64_000
+    assert warnings[-1] == (
+        "outrider.io/upstreams[256:]: 39746 more entries; only the first 256 are read; skipped"
+    )
+
+
+def test_a_port_listed_twice_keeps_the_name_given_to_either() -> None:
+    """Kubernetes lets two containers list one port (it only warns); the EndpointSlice
+    controller resolves a targetPort by the name either gives it, and so must the agent."""
+    objects = world(SHOP)
+    spec = objects["Pod"][("shop", "backend-v1-0")]["spec"]
+    spec["containers"].insert(0, {"name": "first", "ports": [{"containerPort": 8080}]})
+    mesh = compile_mesh(objects, SETTINGS)
+    assert _config(mesh, "backend-v1-0")["inbound"] == [
+        {"listen": "0.0.0.0:15443", "app": "127.0.0.1:8080", "protocol": "http"}
+    ]
+    (backend,) = _config(mesh, "frontend-0")["outbound"]
+    assert backend["endpoints"] == ["10.0.0.7:15443", "10.0.0.8:15443"]

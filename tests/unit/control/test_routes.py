@@ -240,3 +240,48 @@ def test_a_route_only_for_a_gateway_gets_no_status_from_here() -> None:
     mesh = compile_mesh(world(SHOP, gateway_only), SETTINGS)
     assert ("HTTPRoute", "shop", "backend-split") not in mesh.statuses
     assert "subsets" not in _outbound(mesh)
+
+
+@pytest.mark.parametrize(
+    ("refs", "names"),
+    [
+        (["backend-v1", "backend-v1"], ["backend-v1", "backend-v1-1"]),
+        (
+            ["backend-v1", "backend-v1-2", "backend-v1"],
+            ["backend-v1", "backend-v1-2", "backend-v1-1"],
+        ),
+        (
+            ["backend-v1", "backend-v1-1", "backend-v1"],
+            ["backend-v1", "backend-v1-1", "backend-v1-2"],
+        ),
+        (
+            ["backend-v1", "backend-v1", "backend-v1-1", "backend-v1"],
+            ["backend-v1", "backend-v1-1", "backend-v1-1-1", "backend-v1-2"],
+        ),
+    ],
+)
+def test_subset_names_are_unique_whatever_the_services_are_called(
+    refs: list[str], names: list[str]
+) -> None:
+    """A name the agent sees twice makes it refuse the whole snapshot, and with it every
+    policy change for every pod that calls the Service, in any namespace."""
+    services = "".join(
+        f"""\
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  selector: {{app: backend, version: v1}}
+  ports: [{{name: http, port: 8080, targetPort: web, appProtocol: http}}]
+---
+"""
+        for name in sorted(set(refs) - {"backend-v1"})
+    )
+    backends = ", ".join(f"{{name: {ref}, port: 8080}}" for ref in refs)
+    route = SPLIT.replace(
+        "        - {name: backend-v1, port: 8080, weight: 90}\n"
+        "        - {name: backend-v2, port: 8080, weight: 10}\n",
+        f"        [{backends}]\n",
+    )
+    mesh = compile_mesh(world(SHOP, services, route), SETTINGS)
+    assert [s["name"] for s in _outbound(mesh)["subsets"]] == names

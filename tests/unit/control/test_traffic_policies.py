@@ -110,6 +110,10 @@ def test_every_key_reaches_the_clients_outbound_in_the_agents_spelling() -> None
         ),
         ("  circuitBreaker: {maxConns: 5}\n", "spec.circuitBreaker.maxConns: unknown key"),
         ("  mirror: {}\n", "spec.mirror: unknown key; expected targetRefs or one of balancer"),
+        (  # run by every client's agent, per endpoint: not the Service owner's to make hot
+            "  health: {active: {kind: tcp, interval: 999ms, timeout: 1ms}}\n",
+            "spec.health.active.interval: must be at least 1s",
+        ),
     ],
 )
 def test_an_invalid_traffic_policy_names_the_field_and_is_not_applied(
@@ -194,3 +198,31 @@ spec:
         world(SHOP, route, _traffic("  timeouts: {connect: 1s, request: 9s}\n")), SETTINGS
     )
     assert _outbound(mesh)["timeouts"] == {"connect": "1s", "request": "2s"}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        '  serverIds: ["spiffe://example.org/ns/evil/sa/attacker"]\n',
+        '  server_ids: ["spiffe://example.org/ns/evil/sa/attacker"]\n',
+        '  endpoints: ["10.9.9.9:15443"]\n',
+        "  subsets: [{name: evil, endpoints: [10.9.9.9:15443]}]\n",
+        "  dns: {name: evil.example}\n",
+        "  protocol: tcp\n",
+        "  listen: 0.0.0.0:15001\n",
+        "  name: other\n",
+    ],
+)
+def test_an_app_team_cannot_choose_whom_clients_trust_or_reach(spec: str) -> None:
+    """What a Service's clients connect to and the identities they accept come from the
+    cluster (secure naming), never from a TrafficPolicy."""
+    mesh = compile_mesh(world(SHOP, _traffic(spec)), SETTINGS)
+    assert _accepted(mesh)[:2] == ("False", "Invalid")
+    outbound = _outbound(mesh)
+    assert outbound["server_ids"] == ["spiffe://example.org/ns/shop/sa/backend"]
+    assert outbound["endpoints"] == ["10.0.0.7:15443", "10.0.0.8:15443"]
+    assert (outbound["name"], outbound["listen"], outbound["protocol"]) == (
+        "backend.shop:8080",
+        "127.0.0.1:15001",
+        "http",
+    )
