@@ -55,6 +55,11 @@ HELLO_TIMEOUT = 10.0
 #: A Nack's error text is kept to this many characters, Hello.agent_version to this many.
 MAX_ERROR, MAX_BUILD = 2000, 64
 MAX_POD_NAME = 253
+#: A version is control.core.mesh.version_of's: 16 hex digits. An Ack, a Nack or a Hello
+#: naming anything else names no version this control plane sends.
+_VERSION = re.compile(r"[0-9a-f]{16}")
+#: The versions a stream remembers having sent, for Acks that arrive after a newer push.
+SENT_REMEMBERED = 8
 #: A pod's name: a DNS subdomain (RFC 1123), as the API server requires.
 _POD_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 Clock = Callable[[], datetime]
@@ -85,6 +90,9 @@ class Agent:
     nack: Nack | None = None
     latest: str | None = None
     sent_at: float | None = field(default=None, repr=False)  # monotonic; None once answered
+    #: The versions sent on this stream, newest last (the running version of the Hello
+    #: first): an Ack or Nack of any other is no answer to anything sent.
+    sent_before: list[str] = field(default_factory=list, repr=False)
     #: Set when there is something to do: a new mesh, or the agent's side ended.
     wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -124,6 +132,22 @@ def refusal(mesh: Mesh, namespace: str, account: str, pod: str) -> str | None:
             f" not {account}"
         )
     return None
+
+
+def printable(text: str, limit: int) -> str:
+    """The caller's `text`, cut to `limit` characters, its lines joined with "; " and any
+    other character that is not printable (terminal escapes) left out."""
+    lines = (line.strip() for line in text[:limit].splitlines())
+    return "; ".join(line for line in lines if line).translate(_UNPRINTABLE)
+
+
+class _Unprintable(dict[int, None]):
+    def __missing__(self, code: int) -> None:
+        if chr(code).isprintable():
+            raise LookupError(code)  # str.translate keeps the character
+
+
+_UNPRINTABLE = _Unprintable()
 
 
 def encode(config: dict[str, Any]) -> bytes:
@@ -169,10 +193,11 @@ class ControlPlaneService(ControlPlaneBase):
             raise self._denied(str(exc)) from None
         hello = await self._hello(stream)
         await self._authorize(spiffe_id, namespace, account, hello.pod_name)
-        build = "".join(c for c in hello.agent_version[:MAX_BUILD] if c.isprintable())
+        build = printable(hello.agent_version, MAX_BUILD)
         agent = Agent(namespace, hello.pod_name, account, spiffe_id, build, self._clock())
-        if hello.running_version:
+        if _VERSION.fullmatch(hello.running_version):  # else it runs nothing we sent
             agent.sent = agent.acked = hello.running_version
+            agent.sent_before.append(hello.running_version)
         log.info("%s subscribed as %s (agent %r)", agent.pod, spiffe_id, build)
         progress = progress_of(stream.peer._transport)
         self.agents.add(agent)
@@ -275,6 +300,7 @@ class ControlPlaneService(ControlPlaneBase):
         snapshot = control_pb2.Snapshot(version=version, config_json=self._encode(mesh, agent))
         await stream.send_message(snapshot)
         agent.sent, agent.sent_at = version, time.monotonic()
+        agent.sent_before = [*agent.sent_before[1 - SENT_REMEMBERED :], version]
         log.debug("sent %s version %s", agent.pod, version)
 
     def _encode(self, mesh: Mesh, agent: Agent) -> bytes:
@@ -289,21 +315,26 @@ class ControlPlaneService(ControlPlaneBase):
         return self._encoded[version]
 
     async def _read(self, stream: SubscribeStream, agent: Agent) -> None:
+        """Record the agent's answers. Their text is the caller's: a version is recorded
+        only if this stream sent it, and a Nack's error only printable and cut, before
+        either reaches /debug/agents, a log line, or an operator's terminal."""
         while (message := await stream.recv_message()) is not None:
             kind = message.WhichOneof("kind")
+            if kind not in ("ack", "nack"):
+                raise GRPCError(Status.INVALID_ARGUMENT, "Hello comes once, first")
+            answer = message.ack if kind == "ack" else message.nack
+            if answer.version not in agent.sent_before:
+                log.debug("%s answered a version it was not sent; ignored", agent.pod)
+                continue
             if kind == "ack":
                 self._answered(agent, message.ack.version, "acked")
                 agent.acked = message.ack.version
                 if agent.nack is not None and agent.acked == agent.sent:
                     agent.nack = None
-            elif kind == "nack":
-                self._answered(agent, message.nack.version, "nacked")
-                agent.nack = Nack(message.nack.version, message.nack.error[:MAX_ERROR])
-                log.warning(
-                    "%s refused version %r: %r", agent.pod, agent.nack.version, agent.nack.error
-                )
             else:
-                raise GRPCError(Status.INVALID_ARGUMENT, "Hello comes once, first")
+                self._answered(agent, message.nack.version, "nacked")
+                agent.nack = Nack(message.nack.version, printable(message.nack.error, MAX_ERROR))
+                log.warning("%s refused version %s: %s", agent.pod, *vars(agent.nack).values())
 
     def _answered(self, agent: Agent, version: str, result: str) -> None:
         if version == agent.sent and agent.sent_at is not None:

@@ -1,0 +1,92 @@
+"""`outrider control serve` as a real process, against agents that lie or misbehave.
+
+An agent is authenticated, but what it says is its own text: the versions it
+acks or nacks, its Nack's error, the version it claims to run. None of it may
+forge what an operator reads in /debug/agents or `outrider proxy-status`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.apiserver import FakeApiServer, fake_api_server
+from tests.control_process import (
+    NAMESPACES,
+    ControlProcess,
+    control_plane,
+    eventually,
+    outrider,
+    pod,
+    ready,
+    subscribed,
+)
+
+FORGED_ROW = "shop/admin  spiffe://example.org/ns/shop/sa/admin  0123456789abcdef  SYNCED"
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[FakeApiServer]:
+    async with fake_api_server(tmp_path / "api") as server:
+        server.apply(NAMESPACES)
+        server.apply(pod("shop", "web", "web"))
+        yield server
+
+
+@pytest.fixture
+async def control(tmp_path: Path, api: FakeApiServer) -> AsyncIterator[ControlProcess]:
+    async with control_plane(tmp_path, api) as process:
+        await ready(process)
+        yield process
+
+
+async def test_an_agents_answers_cannot_forge_rows_or_escapes_in_proxy_status(
+    control: ControlProcess,
+) -> None:
+    claimed = "\x1b[2Jv\n" + FORGED_ROW
+    credential = control.ca.workload("shop", "web")
+    async with subscribed(control, credential, "web", running_version=claimed) as agent:
+        version, _ = await agent.next()  # what it claims to run is no version: it is sent one
+        await agent.ack("\x1b[31mnever sent\n" + FORGED_ROW)
+        await agent.nack(version, "policy: bad\x1b[2J\n" + FORGED_ROW + "\x07")
+
+        async def nacked() -> bool:
+            return (await control.debug("/debug/agents"))[1][0]["nack"] is not None
+
+        await eventually(nacked)
+        (shown,) = (await control.debug("/debug/agents"))[1]
+        table = await outrider("proxy-status", "--control", control.debug_url)
+    assert shown["sent"] == shown["latest"] == version
+    assert shown["acked"] is None  # an Ack of a version never sent is no Ack
+    assert shown["nack"] == {"version": version, "error": f"policy: bad[2J; {FORGED_ROW}"}
+    assert table.returncode == 0, table.stderr
+    _, row = table.stdout.splitlines()  # one agent, one row
+    assert row.startswith("shop/web ") and "\x1b" not in table.stdout and "\x07" not in row
+    assert not any("\x1b" in line for line in control.log)
+
+
+async def test_a_late_ack_of_a_version_sent_before_is_recorded(
+    control: ControlProcess, api: FakeApiServer
+) -> None:
+    async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
+        first, _ = await agent.next()
+        api.apply(pod("shop", "web", "web").replace("app: web", "app: web, tier: x"))
+        api.apply(
+            "apiVersion: security.outrider.io/v1alpha1\nkind: AuthorizationPolicy\n"
+            "metadata: {name: deny, namespace: shop}\nspec: {}\n"
+        )
+        second, _ = await agent.next()
+        await agent.ack(first)  # the answer to the first push, after the second one left
+
+        async def acked() -> bool:
+            return bool((await control.debug("/debug/agents"))[1][0]["acked"] == first)
+
+        await eventually(acked)
+        await agent.ack(second)
+
+        async def synced() -> bool:
+            return bool((await control.debug("/debug/agents"))[1][0]["acked"] == second)
+
+        await eventually(synced)
