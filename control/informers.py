@@ -7,7 +7,7 @@ other failure lists again after a capped, jittered backoff, keeping the last
 state meanwhile (one warning per outage). A kind the API server does not serve (404: its CRD is not
 installed, as Gateway API often is not) is asked again every
 `NOT_INSTALLED_RETRY`, logged once, and holds no objects; it does not hold
-up readiness.
+up readiness. A 404 for a kind listed before is an outage: its objects are kept.
 
 The Kubernetes API is a collaborator, `ClusterApi`; its calls block, and run
 in daemon threads (identity.kubewatch). `KubernetesClusterApi` is the real
@@ -238,10 +238,16 @@ class _KindWatch(ListWatch):
         informers.on_change()
 
     async def failed(self, error: Exception) -> None:
-        if not isinstance(error, NotInstalled):
+        """A 404 for a kind never listed: its CRD is not installed, ask again slowly. A 404
+        for a kind listed before is an outage like any other, and keeps what it held:
+        kube-apiserver answers 404 for custom resources that exist for a moment after a
+        restart and between replicas that have not all seen the CRD, while a CRD really
+        deleted deletes its objects first, which the watch brings as DELETED events.
+        Dropping them on a 404 would take every DENY policy away from the agents."""
+        kind, informers = self.resource.kind, self.informers
+        if not isinstance(error, NotInstalled) or kind in informers.listed:
             await super().failed(error)
             return
-        kind, informers = self.resource.kind, self.informers
         if kind not in informers.missing:
             log.warning(
                 "%s (%s): the API server does not serve it (CRD not installed?); asking again"
@@ -251,9 +257,6 @@ class _KindWatch(ListWatch):
                 informers.not_installed_retry,
             )
             informers.missing.add(kind)
-            if self.cache.objects:  # its CRD was removed: so were its objects
-                self.cache.replace([], "")
-                informers.on_change()
         await asyncio.sleep(informers.not_installed_retry)
 
 
