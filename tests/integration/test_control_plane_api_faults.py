@@ -48,3 +48,22 @@ async def test_a_transient_404_for_policies_does_not_take_them_from_the_agents(
                 except TimeoutError:
                     pass  # nothing new was sent: the agent keeps its policy
                 assert (await control.debug("/ready"))[0] == 200
+
+
+async def test_policies_answered_404_at_start_hold_readiness_until_they_are_listed(
+    tmp_path: Path,
+) -> None:
+    """AuthorizationPolicy is Outrider's own CRD, installed before the control plane: a
+    404 for it is a fault, never "no policies". Ready without them, the control plane
+    would send agents configurations without their namespace's default deny."""
+    async with fake_api_server(tmp_path / "api") as api:
+        api.apply(NAMESPACES)
+        api.apply(pod("shop", "web", "web"))
+        api.apply(DEFAULT_DENY)
+        api.fail_next(1, 404, kinds=["AuthorizationPolicy"])
+        async with control_plane(tmp_path, api) as control:
+            async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
+                _, config = await agent.next(timeout=10)
+            assert [p["name"] for p in config["policy"]["policies"]] == ["shop/default-deny"]
+            warned = [line for line in control.log if "AuthorizationPolicy" in line]
+            assert "deploy/base/crds" in warned[0]
