@@ -85,6 +85,8 @@ class Agent:
     spiffe_id: SpiffeId
     agent_version: str
     connected_since: datetime
+    #: When the SVID the stream was authenticated with expires: the stream ends then.
+    expires: datetime | None = field(default=None, repr=False)
     sent: str | None = None
     acked: str | None = None
     nack: Nack | None = None
@@ -186,7 +188,7 @@ class ControlPlaneService(ControlPlaneBase):
             agent.wake.set()
 
     async def Subscribe(self, stream: SubscribeStream) -> None:
-        spiffe_id = self._authenticate(stream)
+        spiffe_id, expires = self._authenticate(stream)
         try:
             namespace, account = workload(spiffe_id)
         except ValueError as exc:
@@ -194,7 +196,7 @@ class ControlPlaneService(ControlPlaneBase):
         hello = await self._hello(stream)
         await self._authorize(spiffe_id, namespace, account, hello.pod_name)
         build = printable(hello.agent_version, MAX_BUILD)
-        agent = Agent(namespace, hello.pod_name, account, spiffe_id, build, self._clock())
+        agent = Agent(namespace, hello.pod_name, account, spiffe_id, build, self._clock(), expires)
         if _VERSION.fullmatch(hello.running_version):  # else it runs nothing we sent
             agent.sent = agent.acked = hello.running_version
             agent.sent_before.append(hello.running_version)
@@ -213,7 +215,8 @@ class ControlPlaneService(ControlPlaneBase):
                 self._metrics.pushes.labels("abandoned").inc()
             log.info("%s unsubscribed", agent.pod)
 
-    def _authenticate(self, stream: SubscribeStream) -> SpiffeId:
+    def _authenticate(self, stream: SubscribeStream) -> tuple[SpiffeId, datetime]:
+        """The caller's SPIFFE ID, and when the SVID that proves it expires."""
         ssl_object = stream.peer._transport.get_extra_info("ssl_object")
         der = None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
         try:
@@ -276,8 +279,9 @@ class ControlPlaneService(ControlPlaneBase):
                 assert mesh is not None  # _authorize waited for one
                 await self._push(stream, agent, mesh)
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._keepalive):
+                    async with asyncio.timeout(self._until_next_check(agent)):
                         await agent.wake.wait()
+                self._check_expiry(agent)
                 if reader.done():
                     reader.result()  # the agent's error, if any, ends the call
                     return  # the agent closed its side
@@ -286,6 +290,23 @@ class ControlPlaneService(ControlPlaneBase):
                     progress.received()
         finally:
             reader.cancel()
+
+    def _until_next_check(self, agent: Agent) -> float:
+        if agent.expires is None:
+            return self._keepalive
+        left = (agent.expires - self._clock()).total_seconds()
+        return max(0.0, min(self._keepalive, left))
+
+    def _check_expiry(self, agent: Agent) -> None:
+        """An SVID proves who the agent is until it expires, and no longer: a renewed agent
+        reconnects with its new one; one that cannot renew gets nothing more."""
+        if agent.expires is not None and self._clock() >= agent.expires:
+            log.info("%s: its SVID expired at %s", agent.pod, agent.expires.isoformat())
+            raise GRPCError(
+                Status.UNAUTHENTICATED,
+                f"the SVID of this stream expired at {agent.expires.isoformat()};"
+                " reconnect with a renewed one",
+            )
 
     async def _push(self, stream: SubscribeStream, agent: Agent, mesh: Mesh) -> None:
         why = refusal(mesh, agent.namespace, agent.account, agent.pod_name)

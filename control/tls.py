@@ -85,9 +85,11 @@ async def follow(
             log.info("loaded the new SVID and bundle from %s", files.cert_file.parent)
 
 
-def peer_spiffe_id(der: bytes | None, trust_domain: TrustDomain, now: datetime) -> SpiffeId:
-    """The SPIFFE ID of the client certificate OpenSSL verified; SvidError if it is no
-    X.509-SVID of `trust_domain` fit for a client."""
+def peer_spiffe_id(
+    der: bytes | None, trust_domain: TrustDomain, now: datetime
+) -> tuple[SpiffeId, datetime]:
+    """The SPIFFE ID of the client certificate OpenSSL verified, and when it expires;
+    SvidError if it is no X.509-SVID of `trust_domain` fit for a client."""
     if der is None:  # CERT_REQUIRED makes this unreachable; refuse rather than assume
         raise SvidError("no_uri_san", "no client certificate")
     try:
@@ -99,4 +101,4 @@ def peer_spiffe_id(der: bytes | None, trust_domain: TrustDomain, now: datetime) 
         raise SvidError(
             "foreign_trust_domain", f"{spiffe_id} is not in trust domain {trust_domain}"
         )
-    return spiffe_id
+    return spiffe_id, cert.not_valid_after_utc

@@ -2,17 +2,24 @@
 
 An agent is authenticated, but what it says is its own text: the versions it
 acks or nacks, its Nack's error, the version it claims to run. None of it may
-forge what an operator reads in /debug/agents or `outrider proxy-status`.
+forge what an operator reads in /debug/agents or `outrider proxy-status`. And
+it is authenticated only as long as its SVID lasts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 
 from tests.apiserver import FakeApiServer, fake_api_server
+from tests.certs import Shape, SigningCa, issue
 from tests.control_process import (
     NAMESPACES,
     ControlProcess,
@@ -90,3 +97,22 @@ async def test_a_late_ack_of_a_version_sent_before_is_recorded(
             return bool((await control.debug("/debug/agents"))[1][0]["acked"] == second)
 
         await eventually(synced)
+
+
+async def test_a_subscription_ends_when_the_svid_it_was_opened_with_expires(
+    control: ControlProcess,
+) -> None:
+    """A healthy agent reconnects with each renewed SVID; one whose SVID expired (it cannot
+    renew: its pod is gone, its key was taken) is authenticated no more."""
+    shape = Shape(uris=("spiffe://example.org/ns/shop/sa/web",), valid_until=timedelta(seconds=3))
+    short_lived = issue(SigningCa.load(control.ca.directory), shape)
+    started = 0.0
+    with pytest.raises(GRPCError) as ended:  # the stream's status, as the stream closes
+        async with subscribed(control, short_lived, "web") as agent:
+            await agent.next()
+            started = time.monotonic()
+            async with asyncio.timeout(8):
+                await agent.stream.recv_message()  # nothing more, until the stream ends
+    assert ended.value.status == Status.UNAUTHENTICATED
+    assert "expired" in str(ended.value.message)
+    assert time.monotonic() - started < 4
