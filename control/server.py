@@ -156,11 +156,6 @@ def encode(config: dict[str, Any]) -> bytes:
     return json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
 
 
-#: Snapshots encoded, by version: the pods of a Deployment share one configuration,
-#: so a change to it is encoded once, not once per pod. Forgotten past this many.
-ENCODED_VERSIONS = 4096
-
-
 class ControlPlaneService(ControlPlaneBase):
     def __init__(
         self,
@@ -179,7 +174,11 @@ class ControlPlaneService(ControlPlaneBase):
         self._keepalive = keepalive
         self._pod_wait = pod_wait
         self._clock = clock
-        self._encoded: dict[str, bytes] = {}  # a version names its content: never stale
+        # Snapshots encoded for the current mesh, by version: the pods of a Deployment share
+        # one configuration, so a change to it is encoded once, not once per pod. Only the
+        # current mesh's: a version it no longer gives any pod is never sent again.
+        self._encoded: dict[str, bytes] = {}
+        self._encoded_for: Mesh | None = None
         metrics.agents.set_function(lambda: len(self.agents))
 
     def mesh_changed(self) -> None:
@@ -327,9 +326,9 @@ class ControlPlaneService(ControlPlaneBase):
     def _encode(self, mesh: Mesh, agent: Agent) -> bytes:
         version = mesh.version_for(agent.namespace, agent.pod_name)
         assert version is not None  # _push checked
+        if mesh is not self._encoded_for:
+            self._encoded, self._encoded_for = {}, mesh
         if version not in self._encoded:
-            if len(self._encoded) >= ENCODED_VERSIONS:
-                self._encoded.clear()
             config = mesh.config_for(agent.namespace, agent.pod_name)
             assert config is not None  # it has a version
             self._encoded[version] = encode(config)
