@@ -353,8 +353,10 @@ class ControlPlaneService(ControlPlaneBase):
                     agent.nack = None
             else:
                 self._answered(agent, message.nack.version, "nacked")
-                agent.nack = Nack(message.nack.version, printable(message.nack.error, MAX_ERROR))
-                log.warning("%s refused version %s: %s", agent.pod, *vars(agent.nack).values())
+                nack = Nack(message.nack.version, printable(message.nack.error, MAX_ERROR))
+                if nack != agent.nack:  # logged once: an agent may repeat itself at will
+                    log.warning("%s refused version %s: %s", agent.pod, nack.version, nack.error)
+                agent.nack = nack
 
     def _answered(self, agent: Agent, version: str, result: str) -> None:
         if version == agent.sent and agent.sent_at is not None:

@@ -116,3 +116,26 @@ async def test_a_subscription_ends_when_the_svid_it_was_opened_with_expires(
     assert ended.value.status == Status.UNAUTHENTICATED
     assert "expired" in str(ended.value.message)
     assert time.monotonic() - started < 4
+
+
+async def test_an_agent_repeating_a_nack_is_logged_once(control: ControlProcess) -> None:
+    """A Nack costs the agent a few bytes and the control plane a log line of up to
+    2,000 characters: repeated, it is logged once."""
+    async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
+        version, _ = await agent.next()
+        for _ in range(200):
+            await agent.nack(version, "policy: " + "x" * 1900)
+        await agent.nack(version, "policy: the last word")
+
+        async def last_word() -> bool:
+            (shown,) = (await control.debug("/debug/agents"))[1]
+            return bool(shown["nack"]["error"] == "policy: the last word")
+
+        await eventually(last_word)
+
+        async def logged() -> bool:
+            return any("the last word" in line for line in control.log)
+
+        await eventually(logged)  # the process's stderr is read as it comes
+    refused = [line for line in control.log if "refused version" in line]
+    assert len(refused) == 2, f"{len(refused)} lines for 2 distinct Nacks"
