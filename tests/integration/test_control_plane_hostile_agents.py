@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from tests.apiserver import FakeApiServer, fake_api_server
 from tests.certs import Shape, SigningCa, issue
@@ -30,6 +30,7 @@ from tests.control_process import (
     ready,
     subscribed,
 )
+from tests.control_process import TestCa as CaDirectory  # not a test class
 
 FORGED_ROW = "shop/admin  spiffe://example.org/ns/shop/sa/admin  0123456789abcdef  SYNCED"
 
@@ -139,3 +140,21 @@ async def test_an_agent_repeating_a_nack_is_logged_once(control: ControlProcess)
         await eventually(logged)  # the process's stderr is read as it comes
     refused = [line for line in control.log if "refused version" in line]
     assert len(refused) == 2, f"{len(refused)} lines for 2 distinct Nacks"
+
+
+async def test_connections_verified_by_a_root_the_bundle_lost_are_ended(
+    control: ControlProcess, tmp_path: Path
+) -> None:
+    """A root removed from the bundle (rotated out after a compromise) stops being
+    trusted at once: not only for new handshakes, but for the agents connected with it."""
+    started = 0.0
+    with pytest.raises(StreamTerminatedError):
+        async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
+            await agent.next()
+            started = time.monotonic()
+            replacement = CaDirectory.create(tmp_path / "new-ca")
+            (tmp_path / "svid" / "bundle.pem").write_bytes(replacement.bundle_pem)
+            async with asyncio.timeout(8):
+                await agent.stream.recv_message()
+    assert time.monotonic() - started < 4
+    assert any("the trust bundle lost a root" in line for line in control.log)
