@@ -58,6 +58,8 @@ MAX_POD_NAME = 253
 #: A version is control.core.mesh.version_of's: 16 hex digits. An Ack, a Nack or a Hello
 #: naming anything else names no version this control plane sends.
 _VERSION = re.compile(r"[0-9a-f]{16}")
+#: A refusal repeated is logged again after this many seconds; this many are remembered.
+DENIAL_LOG_INTERVAL, DENIALS_REMEMBERED = 60.0, 10_000
 #: The versions a stream remembers having sent, for Acks that arrive after a newer push.
 SENT_REMEMBERED = 8
 #: A pod's name: a DNS subdomain (RFC 1123), as the API server requires.
@@ -179,6 +181,7 @@ class ControlPlaneService(ControlPlaneBase):
         # current mesh's: a version it no longer gives any pod is never sent again.
         self._encoded: dict[str, bytes] = {}
         self._encoded_for: Mesh | None = None
+        self._denials_logged: dict[str, float] = {}  # why -> when (monotonic) last logged
         metrics.agents.set_function(lambda: len(self.agents))
 
     def mesh_changed(self) -> None:
@@ -224,8 +227,16 @@ class ControlPlaneService(ControlPlaneBase):
             raise GRPCError(Status.UNAUTHENTICATED, f"not an agent's SVID: {exc}") from None
 
     def _denied(self, why: str) -> GRPCError:
+        """Every refusal is counted; each distinct one logged once per `DENIAL_LOG_INTERVAL`:
+        a caller may ask again as fast as its connection goes."""
         self._metrics.denied.inc()
-        log.warning("subscription refused: %s", why)
+        now = time.monotonic()
+        last = self._denials_logged.get(why)
+        if last is None or now - last >= DENIAL_LOG_INTERVAL:
+            if len(self._denials_logged) >= DENIALS_REMEMBERED:
+                self._denials_logged.clear()
+            self._denials_logged[why] = now
+            log.warning("subscription refused: %s", why)
         return GRPCError(Status.PERMISSION_DENIED, why)
 
     async def _hello(self, stream: SubscribeStream) -> control_pb2.Hello:

@@ -9,6 +9,7 @@ it is authenticated only as long as its SVID lasts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -18,6 +19,8 @@ import pytest
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
+from identity.proto import control_pb2
+from identity.proto.control_grpc import ControlPlaneStub
 from tests.apiserver import FakeApiServer, fake_api_server
 from tests.certs import Shape, SigningCa, issue
 from tests.control_process import (
@@ -31,7 +34,9 @@ from tests.control_process import (
     subscribed,
 )
 from tests.control_process import TestCa as CaDirectory  # not a test class
+from tests.support import scraped
 
+REFUSALS = 300
 FORGED_ROW = "shop/admin  spiffe://example.org/ns/shop/sa/admin  0123456789abcdef  SYNCED"
 
 
@@ -158,3 +163,25 @@ async def test_connections_verified_by_a_root_the_bundle_lost_are_ended(
                 await agent.stream.recv_message()
     assert time.monotonic() - started < 4
     assert any("the trust bundle lost a root" in line for line in control.log)
+
+
+async def test_a_refusal_asked_again_and_again_is_counted_each_time_and_logged_once(
+    control: ControlProcess,
+) -> None:
+    """An SVID of the namespace but another service account, asking for the pod in a
+    loop on one connection: a log line each time would be a flood of the caller's making."""
+    channel = control.channel(control.ca.workload("shop", "intruder"))
+    hello = control_pb2.AgentMessage(hello=control_pb2.Hello(pod_name="web"))
+    refused = 0
+    try:
+        for _ in range(REFUSALS):
+            with contextlib.suppress(GRPCError):
+                async with ControlPlaneStub(channel).Subscribe.open() as stream:
+                    await stream.send_message(hello)
+                    await stream.recv_message()
+            refused += 1
+    finally:
+        channel.close()
+    _, metrics = await control.debug("/metrics")
+    assert scraped(metrics, "outrider_control_subscriptions_denied_total") == REFUSALS
+    assert sum("subscription refused" in line for line in control.log) == 1
