@@ -34,8 +34,11 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from grpclib.config import Configuration
 from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.exceptions import GRPCError
 from grpclib.metadata import encode_grpc_message
 from grpclib.protocol import EventsProcessor, H2Protocol, Stream
 from grpclib.server import Server
@@ -106,6 +109,20 @@ class Framing:
                 if declared > self._limit:
                     raise MessageTooLarge(declared, self._limit)
                 self._body_left = declared
+
+
+class _StrictProtoCodec(ProtoCodec):
+    """A message that is not the request's protobuf is the caller's error: INVALID_ARGUMENT,
+    not an "Application error" logged with its traceback, once per message a caller sends."""
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        try:
+            return super().decode(data, message_type)
+        except DecodeError:
+            name = getattr(message_type, "__name__", "message")
+            raise GRPCError(
+                Status.INVALID_ARGUMENT, f"the message is not a well-formed {name}"
+            ) from None
 
 
 class _BoundedEvents(EventsProcessor):
@@ -302,7 +319,7 @@ class BoundedServer(Server):
         window = config or Configuration(
             http2_connection_window_size=WINDOW, http2_stream_window_size=WINDOW
         )
-        super().__init__(handlers, config=window)  # type: ignore[arg-type]
+        super().__init__(handlers, codec=_StrictProtoCodec(), config=window)  # type: ignore[arg-type]
         self._limits = limits
         self._refill = control_frames_per_second
         self.acceptor: Acceptor | None = None

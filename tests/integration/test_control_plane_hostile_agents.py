@@ -14,9 +14,12 @@ import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from grpclib.const import Status
+from grpclib.client import Channel
+from grpclib.const import Cardinality, Status
+from grpclib.encoding.base import CodecBase
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from identity.proto import control_pb2
@@ -185,3 +188,40 @@ async def test_a_refusal_asked_again_and_again_is_counted_each_time_and_logged_o
     _, metrics = await control.debug("/metrics")
     assert scraped(metrics, "outrider_control_subscriptions_denied_total") == REFUSALS
     assert sum("subscription refused" in line for line in control.log) == 1
+
+
+class _Bytes(CodecBase):
+    """Sends bytes as they are: what a broken or hostile client puts on the wire."""
+
+    __content_subtype__ = "proto"
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        return message if isinstance(message, bytes) else bytes(message.SerializeToString())
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        return data
+
+
+@pytest.mark.parametrize("after_hello", [False, True])
+async def test_a_message_that_is_no_protobuf_is_invalid_argument_not_a_logged_traceback(
+    control: ControlProcess, after_hello: bool
+) -> None:
+    context = control.client_context(control.ca.workload("shop", "web"))
+    channel = Channel("127.0.0.1", control.grpc_port, ssl=context, codec=_Bytes())
+    path = "/outrider.control.v1.ControlPlane/Subscribe"
+    hello = control_pb2.AgentMessage(hello=control_pb2.Hello(pod_name="web"))
+    try:
+        with pytest.raises(GRPCError) as refused:
+            async with channel.request(path, Cardinality.STREAM_STREAM, None, None) as stream:
+                if after_hello:
+                    await stream.send_message(hello)
+                    await stream.recv_message()
+                await stream.send_message(b"\xff\xff\xff", end=True)
+                while await stream.recv_message() is not None:  # raises if trailers-only
+                    pass
+                await stream.recv_trailing_metadata()  # raises the status otherwise
+    finally:
+        channel.close()
+    assert refused.value.status == Status.INVALID_ARGUMENT
+    assert "not a well-formed AgentMessage" in str(refused.value.message)
+    assert not any("Traceback" in line or "Application error" in line for line in control.log)
