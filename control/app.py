@@ -157,7 +157,8 @@ async def serve(
     )
     if on_ready is not None:
         on_ready.set_result(bound)
-    await _run(stop, informers.run(), writer.run(), follow(files, acceptor.use_tls, seen))
+    following = follow(files, acceptor.use_tls, seen, untrusted=acceptor.abort_clients)
+    await _run(stop, informers.run(), writer.run(), following)
     log.info("shutting down")
     grpc_server.close()
     await grpc_server.wait_closed()

@@ -7,7 +7,8 @@ other failure lists again after a capped, jittered backoff, keeping the last
 state meanwhile (one warning per outage). A kind the API server does not serve (404: its CRD is not
 installed, as Gateway API often is not) is asked again every
 `NOT_INSTALLED_RETRY`, logged once, and holds no objects; it does not hold
-up readiness.
+up readiness, unless it is one of the `REQUIRED`. A 404 for a kind listed before is an
+outage: its objects are kept.
 
 The Kubernetes API is a collaborator, `ClusterApi`; its calls block, and run
 in daemon threads (identity.kubewatch). `KubernetesClusterApi` is the real
@@ -120,6 +121,12 @@ class ClusterApi(Protocol):
         carries the resourceVersion it was read at: raises Conflict if it changed since,
         Gone if it is no more, Refused if the API server will not take this status."""
         ...
+
+
+#: Kinds whose absence is never "none of them": AuthorizationPolicy is Outrider's own CRD,
+#: installed before the control plane, and a mesh compiled without it would send agents
+#: no DENY policy. A 404 for one holds readiness until it is listed.
+REQUIRED = frozenset({"Pod", "Service", "EndpointSlice", "AuthorizationPolicy"})
 
 
 #: The kinds whose status the control plane writes (control.core: conditions, and the
@@ -238,10 +245,21 @@ class _KindWatch(ListWatch):
         informers.on_change()
 
     async def failed(self, error: Exception) -> None:
-        if not isinstance(error, NotInstalled):
+        """A 404 for a kind never listed: its CRD is not installed, ask again slowly. A 404
+        for a kind listed before is an outage like any other, and keeps what it held:
+        kube-apiserver answers 404 for custom resources that exist for a moment after a
+        restart and between replicas that have not all seen the CRD, while a CRD really
+        deleted deletes its objects first, which the watch brings as DELETED events.
+        Dropping them on a 404 would take every DENY policy away from the agents."""
+        kind, informers = self.resource.kind, self.informers
+        if isinstance(error, NotInstalled) and kind in REQUIRED and kind not in informers.listed:
+            error = NotInstalled(
+                f"the API server does not serve {self.resource.api_version} {kind} (are"
+                " deploy/base/crds applied?); not ready until it does"
+            )
+        if not isinstance(error, NotInstalled) or kind in informers.listed or kind in REQUIRED:
             await super().failed(error)
             return
-        kind, informers = self.resource.kind, self.informers
         if kind not in informers.missing:
             log.warning(
                 "%s (%s): the API server does not serve it (CRD not installed?); asking again"
@@ -251,9 +269,6 @@ class _KindWatch(ListWatch):
                 informers.not_installed_retry,
             )
             informers.missing.add(kind)
-            if self.cache.objects:  # its CRD was removed: so were its objects
-                self.cache.replace([], "")
-                informers.on_change()
         await asyncio.sleep(informers.not_installed_retry)
 
 

@@ -55,6 +55,13 @@ HELLO_TIMEOUT = 10.0
 #: A Nack's error text is kept to this many characters, Hello.agent_version to this many.
 MAX_ERROR, MAX_BUILD = 2000, 64
 MAX_POD_NAME = 253
+#: A version is control.core.mesh.version_of's: 16 hex digits. An Ack, a Nack or a Hello
+#: naming anything else names no version this control plane sends.
+_VERSION = re.compile(r"[0-9a-f]{16}")
+#: A refusal repeated is logged again after this many seconds; this many are remembered.
+DENIAL_LOG_INTERVAL, DENIALS_REMEMBERED = 60.0, 10_000
+#: The versions a stream remembers having sent, for Acks that arrive after a newer push.
+SENT_REMEMBERED = 8
 #: A pod's name: a DNS subdomain (RFC 1123), as the API server requires.
 _POD_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 Clock = Callable[[], datetime]
@@ -80,11 +87,16 @@ class Agent:
     spiffe_id: SpiffeId
     agent_version: str
     connected_since: datetime
+    #: When the SVID the stream was authenticated with expires: the stream ends then.
+    expires: datetime | None = field(default=None, repr=False)
     sent: str | None = None
     acked: str | None = None
     nack: Nack | None = None
     latest: str | None = None
     sent_at: float | None = field(default=None, repr=False)  # monotonic; None once answered
+    #: The versions sent on this stream, newest last (the running version of the Hello
+    #: first): an Ack or Nack of any other is no answer to anything sent.
+    sent_before: list[str] = field(default_factory=list, repr=False)
     #: Set when there is something to do: a new mesh, or the agent's side ended.
     wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -126,13 +138,24 @@ def refusal(mesh: Mesh, namespace: str, account: str, pod: str) -> str | None:
     return None
 
 
+def printable(text: str, limit: int) -> str:
+    """The caller's `text`, cut to `limit` characters, its lines joined with "; " and any
+    other character that is not printable (terminal escapes) left out."""
+    lines = (line.strip() for line in text[:limit].splitlines())
+    return "; ".join(line for line in lines if line).translate(_UNPRINTABLE)
+
+
+class _Unprintable(dict[int, None]):
+    def __missing__(self, code: int) -> None:
+        if chr(code).isprintable():
+            raise LookupError(code)  # str.translate keeps the character
+
+
+_UNPRINTABLE = _Unprintable()
+
+
 def encode(config: dict[str, Any]) -> bytes:
     return json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
-
-
-#: Snapshots encoded, by version: the pods of a Deployment share one configuration,
-#: so a change to it is encoded once, not once per pod. Forgotten past this many.
-ENCODED_VERSIONS = 4096
 
 
 class ControlPlaneService(ControlPlaneBase):
@@ -153,7 +176,12 @@ class ControlPlaneService(ControlPlaneBase):
         self._keepalive = keepalive
         self._pod_wait = pod_wait
         self._clock = clock
-        self._encoded: dict[str, bytes] = {}  # a version names its content: never stale
+        # Snapshots encoded for the current mesh, by version: the pods of a Deployment share
+        # one configuration, so a change to it is encoded once, not once per pod. Only the
+        # current mesh's: a version it no longer gives any pod is never sent again.
+        self._encoded: dict[str, bytes] = {}
+        self._encoded_for: Mesh | None = None
+        self._denials_logged: dict[str, float] = {}  # why -> when (monotonic) last logged
         metrics.agents.set_function(lambda: len(self.agents))
 
     def mesh_changed(self) -> None:
@@ -162,17 +190,18 @@ class ControlPlaneService(ControlPlaneBase):
             agent.wake.set()
 
     async def Subscribe(self, stream: SubscribeStream) -> None:
-        spiffe_id = self._authenticate(stream)
+        spiffe_id, expires = self._authenticate(stream)
         try:
             namespace, account = workload(spiffe_id)
         except ValueError as exc:
             raise self._denied(str(exc)) from None
         hello = await self._hello(stream)
         await self._authorize(spiffe_id, namespace, account, hello.pod_name)
-        build = "".join(c for c in hello.agent_version[:MAX_BUILD] if c.isprintable())
-        agent = Agent(namespace, hello.pod_name, account, spiffe_id, build, self._clock())
-        if hello.running_version:
+        build = printable(hello.agent_version, MAX_BUILD)
+        agent = Agent(namespace, hello.pod_name, account, spiffe_id, build, self._clock(), expires)
+        if _VERSION.fullmatch(hello.running_version):  # else it runs nothing we sent
             agent.sent = agent.acked = hello.running_version
+            agent.sent_before.append(hello.running_version)
         log.info("%s subscribed as %s (agent %r)", agent.pod, spiffe_id, build)
         progress = progress_of(stream.peer._transport)
         self.agents.add(agent)
@@ -188,7 +217,8 @@ class ControlPlaneService(ControlPlaneBase):
                 self._metrics.pushes.labels("abandoned").inc()
             log.info("%s unsubscribed", agent.pod)
 
-    def _authenticate(self, stream: SubscribeStream) -> SpiffeId:
+    def _authenticate(self, stream: SubscribeStream) -> tuple[SpiffeId, datetime]:
+        """The caller's SPIFFE ID, and when the SVID that proves it expires."""
         ssl_object = stream.peer._transport.get_extra_info("ssl_object")
         der = None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
         try:
@@ -197,8 +227,16 @@ class ControlPlaneService(ControlPlaneBase):
             raise GRPCError(Status.UNAUTHENTICATED, f"not an agent's SVID: {exc}") from None
 
     def _denied(self, why: str) -> GRPCError:
+        """Every refusal is counted; each distinct one logged once per `DENIAL_LOG_INTERVAL`:
+        a caller may ask again as fast as its connection goes."""
         self._metrics.denied.inc()
-        log.warning("subscription refused: %s", why)
+        now = time.monotonic()
+        last = self._denials_logged.get(why)
+        if last is None or now - last >= DENIAL_LOG_INTERVAL:
+            if len(self._denials_logged) >= DENIALS_REMEMBERED:
+                self._denials_logged.clear()
+            self._denials_logged[why] = now
+            log.warning("subscription refused: %s", why)
         return GRPCError(Status.PERMISSION_DENIED, why)
 
     async def _hello(self, stream: SubscribeStream) -> control_pb2.Hello:
@@ -251,8 +289,9 @@ class ControlPlaneService(ControlPlaneBase):
                 assert mesh is not None  # _authorize waited for one
                 await self._push(stream, agent, mesh)
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._keepalive):
+                    async with asyncio.timeout(self._until_next_check(agent)):
                         await agent.wake.wait()
+                self._check_expiry(agent)
                 if reader.done():
                     reader.result()  # the agent's error, if any, ends the call
                     return  # the agent closed its side
@@ -261,6 +300,23 @@ class ControlPlaneService(ControlPlaneBase):
                     progress.received()
         finally:
             reader.cancel()
+
+    def _until_next_check(self, agent: Agent) -> float:
+        if agent.expires is None:
+            return self._keepalive
+        left = (agent.expires - self._clock()).total_seconds()
+        return max(0.0, min(self._keepalive, left))
+
+    def _check_expiry(self, agent: Agent) -> None:
+        """An SVID proves who the agent is until it expires, and no longer: a renewed agent
+        reconnects with its new one; one that cannot renew gets nothing more."""
+        if agent.expires is not None and self._clock() >= agent.expires:
+            log.info("%s: its SVID expired at %s", agent.pod, agent.expires.isoformat())
+            raise GRPCError(
+                Status.UNAUTHENTICATED,
+                f"the SVID of this stream expired at {agent.expires.isoformat()};"
+                " reconnect with a renewed one",
+            )
 
     async def _push(self, stream: SubscribeStream, agent: Agent, mesh: Mesh) -> None:
         why = refusal(mesh, agent.namespace, agent.account, agent.pod_name)
@@ -275,35 +331,43 @@ class ControlPlaneService(ControlPlaneBase):
         snapshot = control_pb2.Snapshot(version=version, config_json=self._encode(mesh, agent))
         await stream.send_message(snapshot)
         agent.sent, agent.sent_at = version, time.monotonic()
+        agent.sent_before = [*agent.sent_before[1 - SENT_REMEMBERED :], version]
         log.debug("sent %s version %s", agent.pod, version)
 
     def _encode(self, mesh: Mesh, agent: Agent) -> bytes:
         version = mesh.version_for(agent.namespace, agent.pod_name)
         assert version is not None  # _push checked
+        if mesh is not self._encoded_for:
+            self._encoded, self._encoded_for = {}, mesh
         if version not in self._encoded:
-            if len(self._encoded) >= ENCODED_VERSIONS:
-                self._encoded.clear()
             config = mesh.config_for(agent.namespace, agent.pod_name)
             assert config is not None  # it has a version
             self._encoded[version] = encode(config)
         return self._encoded[version]
 
     async def _read(self, stream: SubscribeStream, agent: Agent) -> None:
+        """Record the agent's answers. Their text is the caller's: a version is recorded
+        only if this stream sent it, and a Nack's error only printable and cut, before
+        either reaches /debug/agents, a log line, or an operator's terminal."""
         while (message := await stream.recv_message()) is not None:
             kind = message.WhichOneof("kind")
+            if kind not in ("ack", "nack"):
+                raise GRPCError(Status.INVALID_ARGUMENT, "Hello comes once, first")
+            answer = message.ack if kind == "ack" else message.nack
+            if answer.version not in agent.sent_before:
+                log.debug("%s answered a version it was not sent; ignored", agent.pod)
+                continue
             if kind == "ack":
                 self._answered(agent, message.ack.version, "acked")
                 agent.acked = message.ack.version
                 if agent.nack is not None and agent.acked == agent.sent:
                     agent.nack = None
-            elif kind == "nack":
-                self._answered(agent, message.nack.version, "nacked")
-                agent.nack = Nack(message.nack.version, message.nack.error[:MAX_ERROR])
-                log.warning(
-                    "%s refused version %r: %r", agent.pod, agent.nack.version, agent.nack.error
-                )
             else:
-                raise GRPCError(Status.INVALID_ARGUMENT, "Hello comes once, first")
+                self._answered(agent, message.nack.version, "nacked")
+                nack = Nack(message.nack.version, printable(message.nack.error, MAX_ERROR))
+                if nack != agent.nack:  # logged once: an agent may repeat itself at will
+                    log.warning("%s refused version %s: %s", agent.pod, nack.version, nack.error)
+                agent.nack = nack
 
     def _answered(self, agent: Agent, version: str, result: str) -> None:
         if version == agent.sent and agent.sent_at is not None:

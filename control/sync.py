@@ -147,7 +147,12 @@ class StatusWriter:
         self.conflicts = 0
 
     def offer(self, statuses: Mapping[StatusKey, Mapping[str, Any]]) -> None:
-        """Queue every status that differs from its object's."""
+        """Queue every status that differs from its object's; forget what was written for,
+        or refused of, objects the mesh no longer has (deleted ones, or the memory of
+        every policy and route that ever existed would be kept)."""
+        for memo in (self._written, self._refused):
+            for key in memo.keys() - statuses.keys():
+                del memo[key]
         self._pending = {key: s for key, s in statuses.items() if self._differs(key, s)}
         if self._pending:
             self._wake.set()
@@ -166,6 +171,11 @@ class StatusWriter:
         if self._refused.get(key) == wanted:
             return False
         return self._written.get(key) != (_version(obj), wanted)
+
+    @property
+    def remembered(self) -> int:
+        """How many objects' last write or refusal is kept."""
+        return len(self._written.keys() | self._refused.keys())
 
     async def run(self) -> None:
         while True:

@@ -4,8 +4,12 @@ The files are the control plane's own agent sidecar's output (identity
 output_dir): the SVID, its key and the trust bundle, all replaced as they
 rotate. They are checked every `RELOAD_INTERVAL`; when any changed and the
 three load together, a new context takes new connections (a bundle that lost
-a root cannot be changed in place), and open streams go on. A set that does
-not load (half-written, a key not matching yet) keeps the current context.
+a root cannot be changed in place), and open streams go on, unless the bundle
+lost a certificate: then every open connection was verified against a root
+no longer trusted, and is ended so that its agent handshakes again (a stream
+ended alone would be opened again on the same connection, unverified). A set
+that does not load (half-written, a key not matching yet) keeps the current
+context.
 
 TLS 1.3 only, no session tickets or cache (identity.serving): every
 handshake verifies the agent's chain against the bundle, strict X.509, and
@@ -23,6 +27,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from control.config import TlsFiles
 from identity import SpiffeId, SvidError, TrustDomain, check_leaf
@@ -54,6 +59,15 @@ def server_context(files: TlsFiles) -> ssl.SSLContext:
     return context
 
 
+def trusted(files: TlsFiles) -> frozenset[bytes]:
+    """The bundle's certificates, DER: what a change of bundle may have removed."""
+    try:
+        certs = x509.load_pem_x509_certificates(files.bundle_file.read_bytes())
+    except ValueError:
+        return frozenset()
+    return frozenset(cert.public_bytes(Encoding.DER) for cert in certs)
+
+
 def stamp(files: TlsFiles) -> Stamp:
     """What changes when a file is replaced: inode, size and mtime (symlinks followed)."""
     paths = (files.cert_file, files.key_file, files.bundle_file)
@@ -64,9 +78,12 @@ async def follow(
     files: TlsFiles,
     use: Callable[[ssl.SSLContext], None],
     seen: Stamp,
+    untrusted: Callable[[], None],
     interval: float = RELOAD_INTERVAL,
 ) -> None:
-    """Hand `use` a new context whenever the files' stamp is no longer `seen`."""
+    """Hand `use` a new context whenever the files' stamp is no longer `seen`; call
+    `untrusted()` after one whose bundle lost a certificate the last one had."""
+    roots = trusted(files)
     while True:
         await asyncio.sleep(interval)
         try:
@@ -83,11 +100,17 @@ async def follow(
         else:
             use(context)
             log.info("loaded the new SVID and bundle from %s", files.cert_file.parent)
+            before, roots = roots, trusted(files)
+            if before - roots:
+                log.warning("the trust bundle lost a root: every agent connects again")
+                untrusted()
 
 
-def peer_spiffe_id(der: bytes | None, trust_domain: TrustDomain, now: datetime) -> SpiffeId:
-    """The SPIFFE ID of the client certificate OpenSSL verified; SvidError if it is no
-    X.509-SVID of `trust_domain` fit for a client."""
+def peer_spiffe_id(
+    der: bytes | None, trust_domain: TrustDomain, now: datetime
+) -> tuple[SpiffeId, datetime]:
+    """The SPIFFE ID of the client certificate OpenSSL verified, and when it expires;
+    SvidError if it is no X.509-SVID of `trust_domain` fit for a client."""
     if der is None:  # CERT_REQUIRED makes this unreachable; refuse rather than assume
         raise SvidError("no_uri_san", "no client certificate")
     try:
@@ -99,4 +122,4 @@ def peer_spiffe_id(der: bytes | None, trust_domain: TrustDomain, now: datetime) 
         raise SvidError(
             "foreign_trust_domain", f"{spiffe_id} is not in trust domain {trust_domain}"
         )
-    return spiffe_id
+    return spiffe_id, cert.not_valid_after_utc

@@ -18,7 +18,10 @@ Frames that start no call are budgeted per connection and per call. A server
 whose calls last for hours (the control plane's Subscribe: the client
 acknowledges every snapshot, and its window updates follow every one) also
 gets `control_frames_per_second` back, up to `CONTROL_FRAMES`: a steady trickle
-is served, a flood is still cut off.
+is served, a flood is still cut off. And each DATA frame such a server sends
+earns the client `ANSWERS_PER_DATA_SENT`: the answer it owes (an Ack, two window
+updates), however fast the server pushes, as in a rollout that changes
+endpoints many times a second.
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from grpclib.config import Configuration
 from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.exceptions import GRPCError
 from grpclib.metadata import encode_grpc_message
 from grpclib.protocol import EventsProcessor, H2Protocol, Stream
 from grpclib.server import Server
@@ -60,6 +66,9 @@ CONTROL_FRAMES = 100  # per connection...
 CONTROL_FRAMES_PER_CALL = 10  # ...and per call started on it
 _CONTROL = (SettingsFrame, PingFrame, WindowUpdateFrame, PriorityFrame)
 SMALL_DATA = 1024  # a DATA frame shorter than this is counted with the control frames
+#: What a client answers to one DATA frame the server sent it: its message's Ack (a small
+#: DATA frame) and WINDOW_UPDATEs for the stream and the connection.
+ANSWERS_PER_DATA_SENT = 3
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,20 @@ class Framing:
                 if declared > self._limit:
                     raise MessageTooLarge(declared, self._limit)
                 self._body_left = declared
+
+
+class _StrictProtoCodec(ProtoCodec):
+    """A message that is not the request's protobuf is the caller's error: INVALID_ARGUMENT,
+    not an "Application error" logged with its traceback, once per message a caller sends."""
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        try:
+            return super().decode(data, message_type)
+        except DecodeError:
+            name = getattr(message_type, "__name__", "message")
+            raise GRPCError(
+                Status.INVALID_ARGUMENT, f"the message is not a well-formed {name}"
+            ) from None
 
 
 class _BoundedEvents(EventsProcessor):
@@ -200,6 +223,10 @@ class _BoundedFrames(FrameBuffer):
         self._refill = refill_per_second
         self._refilled = time.monotonic()
 
+    def earn(self, frames: int) -> None:
+        """The server sent something the client will answer: allow the answer."""
+        self._control_budget += frames
+
     def _top_up(self) -> None:
         """Long-lived calls: give back what a steady client spends, never past the start."""
         now = time.monotonic()
@@ -264,6 +291,14 @@ class _BoundedProtocol(H2Protocol):
         frames = _BoundedFrames(server=True, refill_per_second=self._refill)
         frames.max_frame_size = h2.incoming_buffer.max_frame_size
         h2.incoming_buffer = frames  # nothing has been received yet
+        if self._refill:  # long-lived calls: each push earns the client its answer
+            send_data = h2.send_data
+
+            def send_and_earn(*args: Any, **kwargs: Any) -> Any:
+                frames.earn(ANSWERS_PER_DATA_SENT)
+                return send_data(*args, **kwargs)
+
+            h2.send_data = send_and_earn  # type: ignore[method-assign]
         self.connection.flush()
         self.processor = _BoundedEvents(
             self.handler, self.connection, limits=self._limits, progress=progress_of(transport)
@@ -284,7 +319,7 @@ class BoundedServer(Server):
         window = config or Configuration(
             http2_connection_window_size=WINDOW, http2_stream_window_size=WINDOW
         )
-        super().__init__(handlers, config=window)  # type: ignore[arg-type]
+        super().__init__(handlers, codec=_StrictProtoCodec(), config=window)  # type: ignore[arg-type]
         self._limits = limits
         self._refill = control_frames_per_second
         self.acceptor: Acceptor | None = None

@@ -126,6 +126,7 @@ class _Fault:
     count: int
     code: int
     verbs: frozenset[str]
+    kinds: frozenset[str] | None = None  # None: every kind
 
 
 @dataclass
@@ -223,11 +224,18 @@ class FakeApiServer:
         return str(self.store.revision)
 
     def fail_next(
-        self, count: int, code: int = 500, verbs: Iterable[str] = ("list", "watch")
+        self,
+        count: int,
+        code: int = 500,
+        verbs: Iterable[str] = ("list", "watch"),
+        *,
+        kinds: Iterable[str] | None = None,
     ) -> None:
-        """The next `count` requests of these verbs fail with a Status of `code`."""
+        """The next `count` requests of these verbs (to these kinds, if given) fail with a
+        Status of `code`."""
+        only = None if kinds is None else frozenset(kinds)
         with self._lock:
-            self._faults.append(_Fault(count, code, frozenset(verbs)))
+            self._faults.append(_Fault(count, code, frozenset(verbs), only))
 
     def open_watches(self) -> int:
         """How many watches are open now (a test waits for a client's before changing things)."""
@@ -276,7 +284,7 @@ class FakeApiServer:
         self.requests.append(LoggedRequest(request.method, path, query, verb))
         if path not in _PUBLIC and not self._authorized(request.headers.get("Authorization")):
             raise ApiError(401, "Unauthorized")
-        self._inject_fault(verb)
+        self._inject_fault(verb, None if target is None else target[0].kind)
         if path in ("/healthz", "/livez", "/readyz"):
             return web.Response(text="ok")
         if target is None:
@@ -373,9 +381,11 @@ class FakeApiServer:
             raise ApiError(404, "the server could not find the requested resource")
         return resource, namespace, name, subresource
 
-    def _inject_fault(self, verb: str) -> None:
+    def _inject_fault(self, verb: str, kind: str | None) -> None:
         with self._lock:
             for fault in self._faults:
+                if fault.kinds is not None and kind not in fault.kinds:
+                    continue
                 if fault.count > 0 and verb in fault.verbs:
                     fault.count -= 1
                     raise ApiError(fault.code, f"injected fault ({verb}, {fault.code})")
