@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 import os
 import random
@@ -48,7 +47,15 @@ from agent.adapters.rotator import IdentityManager, SignFn
 from agent.adapters.runtime import Runtime
 from agent.adapters.tls import Contexts
 from agent.adapters.upstreams import prune_series
-from agent.config import AgentConfig, ControlEndpoint, Document, Inbound, Outbound, with_snapshot
+from agent.config import (
+    AgentConfig,
+    ControlEndpoint,
+    Document,
+    Inbound,
+    Outbound,
+    snapshot_version_error,
+    with_snapshot,
+)
 from agent.core.policy import PolicySet, duplicates
 from agent.core.policyfile import PolicyError, load_policy_files
 from agent.core.svid import Svid
@@ -58,6 +65,17 @@ log = logging.getLogger("outrider.agent")
 
 #: How often the config file is checked for changes.
 WATCH_INTERVAL = 1.0
+#: A refused snapshot's reason, as logged and Nacked: the first errors, each cut short.
+#: The control plane takes Nacks of 64 KiB at most and ends the stream of a longer one.
+NACK_ERRORS, NACK_ERROR_CHARS = 20, 300
+
+
+def bounded_errors(errors: list[str]) -> list[str]:
+    """The first NACK_ERRORS of `errors`, each at most NACK_ERROR_CHARS, and how many more."""
+    shown = [e if len(e) <= NACK_ERROR_CHARS else e[:NACK_ERROR_CHARS] + "..." for e in errors]
+    if len(shown) > NACK_ERRORS:
+        shown = [*shown[:NACK_ERRORS], f"... and {len(shown) - NACK_ERRORS} more errors"]
+    return shown
 
 
 def utcnow() -> datetime:
@@ -300,24 +318,29 @@ class Agent:
         Its keys replace the bootstrap's and the whole is checked by the one
         parser and `settle`, then switched to at once (open connections keep
         going). A refused one changes nothing: the reason, with its key paths,
-        is logged, counted and returned for the Nack.
+        is logged, counted and returned for the Nack (bounded: the control
+        plane ends a stream whose Nack is too long, and would send it again).
         """
-        if version == self.running_version:
-            return None  # a resync after a reconnect: nothing changed
+        problem = snapshot_version_error(version)
+        if problem is not None:
+            return self._refused("(unusable)", [problem])
         source = f"snapshot {version}"
         try:
-            raw = json.loads(config_json.decode("utf-8"))
             async with self._switching:  # merged into the bootstrap as last reloaded
+                if self._draining:  # the drain closed the listeners: open none
+                    return self._refused(version, ["(top): the agent is shutting down"])
                 assert self.bootstrap is not None  # an agent with control: has one
-                config = with_snapshot(self.bootstrap, raw, source=source).parse()
+                raw, config = agent_config.parse_snapshot(
+                    self.bootstrap, config_json, source=source
+                )
+                if self.snapshot == Snapshot(version, raw):
+                    return None  # a resync after a reconnect: nothing changed
                 self.read.update(_fingerprint(list(config.policy.files)))
                 new = settle(config)
                 if new != self.settings or not self._configured.is_set():
                     await self._apply(new)
                 self.snapshot = Snapshot(version, raw)
                 self.last_read = config
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return self._refused(version, [f"(top): not UTF-8 JSON: {exc}"])
         except (ConfigError, PolicyError) as exc:
             return self._refused(version, exc.errors)
         except OSError as exc:
@@ -335,15 +358,15 @@ class Agent:
 
     def _refused(self, version: str, errors: list[str]) -> str:
         self.metrics.control_plane_updates.labels("rejected").inc()
-        text = "\n".join(errors)
+        shown = bounded_errors(errors)
         log.error(
             "config version %s from the control plane refused; version %s keeps running; "
             "fix:\n  %s",
             version,
             self.running_version or "(none yet: not listening)",
-            "\n  ".join(errors),
+            "\n  ".join(shown),
         )
-        return text
+        return "\n".join(shown)
 
     async def reconfigure(self, config: AgentConfig) -> None:
         """Switch to `config` and its policy files; open connections keep going under the old.
@@ -368,9 +391,10 @@ class Agent:
         self._draining = True
         if self._control_task is not None:
             self._control_task.cancel()  # no snapshot may open a listener now
-        for running in (self.inbound, self.outbound):
-            for listener in running.values():
-                listener.close()
+        async with self._switching:  # a snapshot being applied (shielded) opens first
+            for running in (self.inbound, self.outbound):
+                for listener in running.values():
+                    listener.close()
         self.runtime.close_pending()
         timeout = self.config.limits.drain_timeout.total_seconds()
         log.info("draining %d connection(s) for up to %.0fs", len(self.connections), timeout)

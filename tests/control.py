@@ -56,6 +56,7 @@ class ControlPlane(ControlPlaneBase):
     def __init__(self) -> None:
         self.config: dict[str, Any] | None = None
         self.raw: bytes | None = None  # sent as is when set: a snapshot that is not JSON
+        self.version: str | None = None  # sent instead of the content's when set
         self.subscribers: list[Subscriber] = []  # connected now
         self.history: list[Subscriber] = []  # every stream ever opened, in order
         self.transports: set[asyncio.BaseTransport] = set()  # what `cut` closes
@@ -64,7 +65,8 @@ class ControlPlane(ControlPlaneBase):
         if self.config is None:
             return None
         data = self.raw if self.raw is not None else json.dumps(self.config).encode()
-        return control_pb2.Snapshot(version=version_of(self.config), config_json=data)
+        version = self.version if self.version is not None else version_of(self.config)
+        return control_pb2.Snapshot(version=version, config_json=data)
 
     async def Subscribe(
         self, stream: Stream[control_pb2.AgentMessage, control_pb2.Snapshot]
@@ -116,8 +118,10 @@ class ControlPlane(ControlPlaneBase):
             transport.abort()
         self.transports.clear()
 
-    def publish(self, config: dict[str, Any], raw: bytes | None = None) -> str:
-        self.config, self.raw = config, raw
+    def publish(
+        self, config: dict[str, Any], raw: bytes | None = None, version: str | None = None
+    ) -> str:
+        self.config, self.raw, self.version = config, raw, version
         snapshot = self.snapshot()
         assert snapshot is not None
         for subscriber in self.subscribers:
@@ -180,9 +184,12 @@ class ControlPlaneThread:
 
             self._run(stop())
 
-    def publish(self, config: dict[str, Any], raw: bytes | None = None) -> str:
-        """Serve `config` (as JSON, or `raw` bytes under its version) to every agent."""
-        return self._call(lambda: self.plane.publish(config, raw))
+    def publish(
+        self, config: dict[str, Any], raw: bytes | None = None, version: str | None = None
+    ) -> str:
+        """Serve `config` (as JSON, or `raw` bytes) under its version (or `version`, the
+        control plane's say: a broken one) to every agent."""
+        return self._call(lambda: self.plane.publish(config, raw, version))
 
     def connected(self) -> list[Subscriber]:
         """The streams open now."""

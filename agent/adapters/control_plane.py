@@ -134,6 +134,10 @@ class ControlPlaneSubscription:
                 continue
             except _AWAY as exc:
                 problem = _describe(exc)
+            except Exception as exc:  # a bug must not end the subscription for good:
+                # the agent would run its last config forever, saying it is connected
+                log.exception("the control-plane stream failed; subscribing again")
+                problem = f"the agent's error: {exc!r}"[:300]
             failures = 1 if self.connected else failures + 1
             self._down(problem)
             delay = endpoint.backoff.delay(failures, self.rng).total_seconds()

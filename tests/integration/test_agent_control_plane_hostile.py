@@ -1,0 +1,175 @@
+"""A real agent process against hostile or broken snapshots from its control plane.
+
+The control plane is trusted to say what a pod serves and which policies
+apply, and nothing more: a snapshot never makes the agent read its own
+files, never opens a plain-in port to the pod network, and no snapshot,
+however broken, ends the agent's subscription (it would then serve a stale
+config forever while saying it is connected). Each case is Nacked with a
+bounded reason, and the next good snapshot still runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from tests.control import ControlPlaneThread, control_plane
+from tests.integration.test_agent_control_plane import (
+    DENY_ALL,
+    frontend,
+    snapshot,
+    subscribed_agent,
+)
+from tests.mesh import echo_server, mtls_exchange
+from tests.support import CaProcess, CaSetup
+
+
+def answered_then_recovers(plane: ControlPlaneThread, app_port: int) -> None:
+    """The subscription is alive: a good snapshot after the bad one still runs."""
+    assert plane.answer(plane.publish(snapshot(app_port))).kind == "ack"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"inbound": ' + b"1" * 5000 + b"}", "not UTF-8 JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested"),
+        (b'{"policy": {"policies": ' + b"[" * 5000 + b"]" * 5000 + b"}}", "nested"),
+    ],
+    ids=["huge-integer", "deep-json", "deep-policy"],
+)
+async def test_a_snapshot_the_json_parser_chokes_on_is_nacked_and_the_stream_goes_on(
+    setup: CaSetup, ca: CaProcess, raw: bytes, reason: str
+) -> None:
+    async with echo_server() as app_port:
+        with (
+            control_plane(setup, snapshot(app_port, DENY_ALL)) as plane,
+            subscribed_agent(setup, ca, plane, "chokes") as agent,
+        ):
+            address = agent.wait_ready()["inbound[0]"]
+            answer = plane.answer(plane.publish({"bad": 1}, raw=raw))
+            assert answer.kind == "nack"
+            assert reason in answer.error
+            assert len(answer.error) < 4096
+            assert await mtls_exchange(address, frontend(setup)) == b""  # DENY still runs
+            answered_then_recovers(plane, app_port)
+            assert agent.sample("outrider_control_plane_connected") == 1
+
+
+async def test_a_snapshot_cannot_make_the_agent_read_its_own_files(
+    setup: CaSetup, ca: CaProcess
+) -> None:
+    token = setup.root / "reads.token"  # the agent's CA credential
+    async with echo_server() as app_port:
+        with (
+            control_plane(setup, snapshot(app_port)) as plane,
+            subscribed_agent(setup, ca, plane, "reads") as agent,
+        ):
+            agent.wait_ready()
+            secret = token.read_text().strip()
+            bad = {**snapshot(app_port), "policy": {"files": [str(token)]}}
+            answer = plane.answer(plane.publish(bad))
+            assert answer.kind == "nack"
+            assert "policy.files: not a snapshot key" in answer.error
+            assert secret not in answer.error
+            assert secret[:20] not in "".join(agent.log)
+            answered_then_recovers(plane, app_port)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3"])
+async def test_a_snapshot_cannot_open_an_outbound_listener_off_loopback(
+    setup: CaSetup, ca: CaProcess, host: str
+) -> None:
+    """Outbound listeners take plain text and send it out with the pod's SVID: off loopback,
+    anyone on the pod network would call the mesh as this pod."""
+    async with echo_server() as app_port:
+        with (
+            control_plane(setup, snapshot(app_port)) as plane,
+            subscribed_agent(setup, ca, plane, "exposes") as agent,
+        ):
+            agent.wait_ready()
+            listen = f"[{host}]:0" if ":" in host else f"{host}:0"
+            bad: dict[str, Any] = {
+                **snapshot(app_port),
+                "outbound": [
+                    {
+                        "name": "backend.shop:8080",
+                        "listen": listen,
+                        "endpoints": ["127.0.0.1:1"],
+                        "server_ids": ["spiffe://example.org/ns/shop/sa/backend"],
+                    }
+                ],
+            }
+            answer = plane.answer(plane.publish(bad))
+            assert answer.kind == "nack"
+            assert "outbound[0].listen" in answer.error
+            assert "loopback" in answer.error
+            assert "outbound[backend.shop:8080]" not in agent.config_dump()["bound"]
+
+
+async def test_a_nack_of_a_snapshot_with_thousands_of_errors_stays_small(
+    setup: CaSetup, ca: CaProcess
+) -> None:
+    """The control plane takes a Nack of at most 64 KiB: a longer one would end the stream,
+    and the agent would reconnect, be sent the same snapshot and Nack it again, forever."""
+    rules = [{"to": {"paths": [f"/a/*/b{i}"]}} for i in range(5000)]
+    bad = {"policy": {"policies": [{"name": "many", "action": "ALLOW", "rules": rules}]}}
+    async with echo_server() as app_port:
+        with (
+            control_plane(setup, snapshot(app_port)) as plane,
+            subscribed_agent(setup, ca, plane, "verbose") as agent,
+        ):
+            agent.wait_ready()
+            answer = plane.answer(plane.publish({**snapshot(app_port), **bad}))
+            assert answer.kind == "nack"
+            assert "policies[0].rules[0].to.paths[0]" in answer.error
+            assert "and 4" in answer.error and "more" in answer.error
+            assert len(answer.error.encode()) < 16_384
+            assert len(plane.streams()) == 1
+
+
+@pytest.mark.parametrize(
+    "version",
+    ["", "x" * 10_000, "abc\n2026-01-01 INFO forged line"],
+    ids=["empty", "huge", "newline"],
+)
+async def test_a_snapshot_with_a_version_that_is_not_one_is_nacked(
+    setup: CaSetup, ca: CaProcess, version: str
+) -> None:
+    async with echo_server() as app_port:
+        with (
+            control_plane(setup) as plane,
+            subscribed_agent(setup, ca, plane, "versions") as agent,
+        ):
+            plane.wait_for_streams(1)
+            plane.publish(snapshot(app_port), version=version)
+            answer = plane.answer(version)
+            assert answer.kind == "nack"
+            assert "version" in answer.error
+            assert agent.status("/ready") == 503  # nothing ran
+            assert not any(line.startswith("2026-01-01") for line in agent.log)  # no forged line
+            assert all(len(line) < 2000 for line in agent.log)
+            answered_then_recovers(plane, app_port)
+            agent.wait_ready()
+
+
+async def test_the_same_version_with_other_content_is_not_taken_for_what_runs(
+    setup: CaSetup, ca: CaProcess
+) -> None:
+    async with echo_server() as app_port:
+        with (
+            control_plane(setup, snapshot(app_port)) as plane,
+            subscribed_agent(setup, ca, plane, "same") as agent,
+        ):
+            address = agent.wait_ready()["inbound[0]"]
+            running = agent.config_dump()["control_plane"]["version"]
+            plane.publish(snapshot(app_port, DENY_ALL), version=running)
+            deadline = time.monotonic() + 5
+            while len(plane.streams()[0].answers) < 2:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            assert plane.streams()[0].answers[1][0] == "ack"
+            assert await mtls_exchange(address, frontend(setup)) == b""  # the content runs
