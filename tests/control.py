@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from cryptography import x509
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 from grpclib.server import Server, Stream
 
 from agent.adapters.control_plane import ssl_object
@@ -57,6 +59,7 @@ class ControlPlane(ControlPlaneBase):
         self.config: dict[str, Any] | None = None
         self.raw: bytes | None = None  # sent as is when set: a snapshot that is not JSON
         self.version: str | None = None  # sent instead of the content's when set
+        self.deny: str | None = None  # when set: every stream ends PERMISSION_DENIED, this why
         self.subscribers: list[Subscriber] = []  # connected now
         self.history: list[Subscriber] = []  # every stream ever opened, in order
         self.transports: set[asyncio.BaseTransport] = set()  # what `cut` closes
@@ -89,6 +92,9 @@ class ControlPlane(ControlPlaneBase):
         )
         self.subscribers.append(subscriber)
         self.history.append(subscriber)
+        if self.deny is not None:
+            self.subscribers.remove(subscriber)
+            raise GRPCError(Status.PERMISSION_DENIED, self.deny)
         snapshot = self.snapshot()
         if snapshot is not None and snapshot.version != hello.running_version:
             subscriber.outbox.put_nowait(snapshot)
@@ -190,6 +196,15 @@ class ControlPlaneThread:
         """Serve `config` (as JSON, or `raw` bytes) under its version (or `version`, the
         control plane's say: a broken one) to every agent."""
         return self._call(lambda: self.plane.publish(config, raw, version))
+
+    def deny(self, why: str | None) -> None:
+        """End every stream from now on PERMISSION_DENIED (`why`), as a control plane that
+        does not know the pod would; None: serve again."""
+
+        def set_deny() -> None:
+            self.plane.deny = why
+
+        self._call(set_deny)
 
     def connected(self) -> list[Subscriber]:
         """The streams open now."""

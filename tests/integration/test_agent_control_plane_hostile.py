@@ -16,15 +16,17 @@ from typing import Any
 
 import pytest
 
-from tests.control import ControlPlaneThread, control_plane
+from tests.control import ControlPlaneThread, bootstrap, control_plane
 from tests.integration.test_agent_control_plane import (
     DENY_ALL,
     frontend,
     snapshot,
     subscribed_agent,
 )
-from tests.mesh import echo_server, mtls_exchange
+from tests.mesh import agent_process, echo_server, mtls_exchange, served_agent_yaml
 from tests.support import CaProcess, CaSetup
+
+QUICK = {"initial": "100ms", "max": "500ms"}
 
 
 def answered_then_recovers(plane: ControlPlaneThread, app_port: int) -> None:
@@ -173,3 +175,61 @@ async def test_the_same_version_with_other_content_is_not_taken_for_what_runs(
                 await asyncio.sleep(0.02)
             assert plane.streams()[0].answers[1][0] == "ack"
             assert await mtls_exchange(address, frontend(setup)) == b""  # the content runs
+
+
+@pytest.mark.slow
+async def test_a_server_that_accepts_and_never_answers_tls_is_given_up_on_within_seconds(
+    setup: CaSetup, ca: CaProcess
+) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # holds the connection, says nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    raw = served_agent_yaml(setup, ca, "mute-tls", control=bootstrap(address, pod="mute-tls-0"))
+    try:
+        with agent_process(setup.root, "mute-tls", raw, ready=False) as agent:
+            assert agent.logged("no connection within 10s", timeout=15)
+            assert agent.status("/ready") == 503
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+async def test_a_control_plane_that_sends_no_first_config_is_left_for_another_try(
+    setup: CaSetup, ca: CaProcess
+) -> None:
+    """Before its first config the agent says why it is not ready, and tries again (another
+    replica behind the Service may answer) rather than wait on a mute stream forever."""
+    async with echo_server() as app_port:
+        with (
+            control_plane(setup) as plane,  # serves nothing
+            subscribed_agent(setup, ca, plane, "mute", backoff=QUICK) as agent,
+        ):
+            assert agent.logged("connected, but no config came within 10s", timeout=15)
+            plane.wait_for_streams(2, timeout=5)
+            assert agent.status("/ready") == 503
+            plane.publish(snapshot(app_port))
+            agent.wait_ready(timeout=15)
+
+
+async def test_a_control_plane_that_refuses_every_stream_is_backed_off_and_logged_once(
+    setup: CaSetup, ca: CaProcess
+) -> None:
+    """PERMISSION_DENIED right after Hello is a failure, not a return: the backoff grows, and
+    the log says the control plane is away once, not away and back every try."""
+    async with echo_server() as app_port:
+        with (
+            control_plane(setup, snapshot(app_port)) as plane,
+            subscribed_agent(setup, ca, plane, "denied", backoff=QUICK) as agent,
+        ):
+            agent.wait_ready()
+            plane.deny("no pod demo/denied-0 in the mesh")
+            plane.stop()
+            plane.start()  # the stream ends: every try from now on is refused
+            await asyncio.sleep(4)
+            tries = len(plane.streams()) - 1
+            assert 3 <= tries <= 12, tries  # 100 ms doubling to 500 ms, jittered: ~8 in 4 s
+            assert not any(line.rstrip().endswith(" back") for line in agent.log), agent.log
+            assert sum("away" in line for line in agent.log) == 1
+            assert agent.status("/ready") == 200  # serving its last config
