@@ -11,11 +11,14 @@ bounded reason, and the next good snapshot still runs.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 import pytest
 
+from agent import config as agent_config
+from agent.app import Agent
 from tests.control import ControlPlaneThread, bootstrap, control_plane
 from tests.integration.test_agent_control_plane import (
     DENY_ALL,
@@ -23,7 +26,14 @@ from tests.integration.test_agent_control_plane import (
     snapshot,
     subscribed_agent,
 )
-from tests.mesh import agent_process, echo_server, mtls_exchange, served_agent_yaml
+from tests.mesh import (
+    agent_process,
+    agent_yaml,
+    echo_server,
+    local_sign,
+    mtls_exchange,
+    served_agent_yaml,
+)
 from tests.support import CaProcess, CaSetup
 
 QUICK = {"initial": "100ms", "max": "500ms"}
@@ -233,3 +243,34 @@ async def test_a_control_plane_that_refuses_every_stream_is_backed_off_and_logge
             assert not any(line.rstrip().endswith(" back") for line in agent.log), agent.log
             assert sum("away" in line for line in agent.log) == 1
             assert agent.status("/ready") == 200  # serving its last config
+
+
+async def test_a_snapshot_being_applied_when_the_drain_begins_leaves_no_listener_open(
+    setup: CaSetup,
+) -> None:
+    """Applying is shielded from the stream's cancellation (a rotation must not cut a reload
+    in half), so a SIGTERM mid-apply must not leave the new listeners accepting."""
+    nowhere = bootstrap("127.0.0.1:1", pod="drains-0")  # the stream is not the point here
+    raw = agent_yaml(setup.root, "drains", control=nowhere)
+    document = agent_config.Document(raw, setup.root, "drains.yaml")
+    agent = Agent(document.parse(), sign=local_sign(setup), document=document)
+    async with echo_server() as app_port:
+        starting = asyncio.create_task(agent.start())
+        await asyncio.wait_for(agent.identity.has_svid.wait(), 10)
+        first = json.dumps(snapshot(app_port)).encode()
+        assert await agent.take_snapshot("v1", first) is None
+        await asyncio.wait_for(starting, 10)
+        two = snapshot(app_port)
+        two["inbound"].append({"listen": "127.0.0.1:0", "app": f"127.0.0.1:{app_port}"})
+        applying = asyncio.create_task(agent.take_snapshot("v2", json.dumps(two).encode()))
+        await asyncio.sleep(0)  # it binds, and awaits its listeners' start
+        try:
+            await agent.drain()
+            await applying
+            for name, address in agent.bound.items():
+                if name.startswith("inbound"):
+                    host, port = address.rsplit(":", 1)
+                    with pytest.raises(ConnectionRefusedError):
+                        await asyncio.open_connection(host, int(port))
+        finally:
+            await agent.stop()
