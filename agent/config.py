@@ -240,6 +240,11 @@ def parse_text(text: str, *, source: str) -> AgentConfig:
 MAX_SNAPSHOT_BYTES = 4 * 1024 * 1024
 MAX_SNAPSHOT_DEPTH = 32
 MAX_SNAPSHOT_CONTAINERS = 200_000
+#: Listeners a snapshot may ask for, inbound and outbound together. A pod gets one per
+#: container port and one per upstream it calls; each costs a file descriptor, and
+#: checking them pairwise for clashes grows with the square (5,000 took 1.3 s of a
+#: blocked event loop, 4 MiB of them would take minutes).
+MAX_SNAPSHOT_LISTENERS = 1000
 #: A version as the control plane makes them (16 hex digits) with room to spare; it
 #: reaches log lines and /config_dump, so nothing that could forge or flood a line.
 _VERSION = re.compile(r"[0-9A-Za-z._:-]{1,64}")
@@ -268,11 +273,20 @@ def parse_snapshot(
     """
     raw = _decode_snapshot(data, source)
     merged = with_snapshot(bootstrap, raw, source=source)
+    assert isinstance(raw, dict)  # with_snapshot refused anything else
+    listeners = sum(len(v) for k in ("inbound", "outbound") if isinstance(v := raw.get(k), list))
+    if listeners > MAX_SNAPSHOT_LISTENERS:
+        raise ConfigError(
+            source,
+            [
+                f"inbound, outbound: {listeners} listeners; a snapshot opens at most "
+                f"{MAX_SNAPSHOT_LISTENERS}"
+            ],
+        )
     config = merged.parse()
     errors = loopback_errors(config)
     if errors:
         raise ConfigError(source, errors)
-    assert isinstance(raw, dict)  # with_snapshot refused anything else
     return raw, config
 
 

@@ -274,3 +274,26 @@ async def test_a_snapshot_being_applied_when_the_drain_begins_leaves_no_listener
                         await asyncio.open_connection(host, int(port))
         finally:
             await agent.stop()
+
+
+async def test_a_snapshot_with_thousands_of_listeners_is_nacked_at_once(
+    setup: CaSetup, ca: CaProcess
+) -> None:
+    """Each listener is a file descriptor, and the clash check is pairwise: 5,000 blocked
+    the agent's event loop for over a second before binding 5,000 sockets."""
+    async with echo_server() as app_port:
+        with (
+            control_plane(setup, snapshot(app_port)) as plane,
+            subscribed_agent(setup, ca, plane, "crowded") as agent,
+        ):
+            agent.wait_ready()
+            many = [
+                {"listen": f"127.0.0.1:{20000 + i}", "app": f"127.0.0.1:{app_port}"}
+                for i in range(5000)
+            ]
+            sent = time.monotonic()
+            answer = plane.answer(plane.publish({"inbound": many}))
+            assert answer.kind == "nack"
+            assert "5000 listeners; a snapshot opens at most 1000" in answer.error
+            assert time.monotonic() - sent < 1.0
+            assert len(agent.config_dump()["bound"]) == 2  # admin, inbound[0]
