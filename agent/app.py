@@ -25,7 +25,7 @@ import logging
 import os
 import random
 import signal
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -330,13 +330,14 @@ class Agent:
                 if self._draining:  # the drain closed the listeners: open none
                     return self._refused(version, ["(top): the agent is shutting down"])
                 assert self.bootstrap is not None  # an agent with control: has one
-                raw, config = agent_config.parse_snapshot(
-                    self.bootstrap, config_json, source=source
+                # Checked on a thread: near its 4 MiB bound a snapshot takes seconds to
+                # read, and the event loop serves traffic and probes meanwhile. Pure work:
+                # a snapshot names no files (policy.files is refused).
+                raw, config, new = await asyncio.to_thread(
+                    _check_snapshot, self.bootstrap, config_json, source
                 )
                 if self.snapshot == Snapshot(version, raw):
                     return None  # a resync after a reconnect: nothing changed
-                self.read.update(_fingerprint(list(config.policy.files)))
-                new = settle(config)
                 if new != self.settings or not self._configured.is_set():
                     await self._apply(new)
                 self.snapshot = Snapshot(version, raw)
@@ -606,6 +607,31 @@ def _fingerprint(files: list[Path]) -> dict[Path, bytes | None]:
         except OSError:
             content[path] = None
     return content
+
+
+def _check_snapshot(
+    bootstrap: Document, data: bytes, source: str
+) -> tuple[dict[str, Any], AgentConfig, Settings]:
+    """A snapshot merged into `bootstrap` and settled: what take_snapshot switches to.
+
+    The collector pauses meanwhile: tens of thousands of rules are millions of new
+    objects, and each full collection that met them stopped every thread, the event
+    loop's too, for over half a second.
+    """
+    with _collector_paused():
+        raw, config = agent_config.parse_snapshot(bootstrap, data, source=source)
+        return raw, config, settle(config)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def load_policies(config: AgentConfig) -> PolicySet:

@@ -297,3 +297,39 @@ async def test_a_snapshot_with_thousands_of_listeners_is_nacked_at_once(
             assert "5000 listeners; a snapshot opens at most 1000" in answer.error
             assert time.monotonic() - sent < 1.0
             assert len(agent.config_dump()["bound"]) == 2  # admin, inbound[0]
+
+
+async def test_the_agent_keeps_answering_while_a_large_snapshot_is_checked(
+    setup: CaSetup, ca: CaProcess
+) -> None:
+    """A snapshot near the 4 MiB bound takes seconds to check (30,000 rules); meanwhile the
+    agent answers its probes and its callers as before."""
+    rules = [
+        {
+            "from": {"principals": [f"spiffe://example.org/ns/shop/sa/caller-{i}"]},
+            "to": {"methods": ["GET"], "paths": [f"/api/v1/items-{i}/*"]},
+        }
+        for i in range(30_000)
+    ]
+    async with echo_server() as app_port:
+        large = snapshot(app_port)
+        large["inbound"][0]["protocol"] = "http"
+        large["policy"] = {"policies": [{"name": "many", "action": "ALLOW", "rules": rules}]}
+        with (
+            control_plane(setup, snapshot(app_port)) as plane,
+            subscribed_agent(setup, ca, plane, "large") as agent,
+        ):
+            agent.wait_ready()
+            version = plane.publish(large)
+            slowest, after = 0.0, None
+            deadline = time.monotonic() + 30
+            while after is None or time.monotonic() < after:  # and 3 s once it runs
+                assert time.monotonic() < deadline
+                asked = time.monotonic()
+                assert await asyncio.to_thread(agent.status, "/healthz") == 200
+                slowest = max(slowest, time.monotonic() - asked)
+                await asyncio.sleep(0.05)
+                if after is None and any(v == version for _, v, _ in plane.streams()[0].answers):
+                    after = time.monotonic() + 3
+            assert plane.answer(version).kind == "ack"
+            assert slowest < 0.5, slowest
