@@ -384,6 +384,10 @@ class Agent:
         self._switch(new, await self._open(new.config))
         if (new.config.identity, new.config.ca) != (old.identity, old.ca):
             self.identity.renew_now()
+        if new.config.control != old.control and self.control is not None:
+            # A stream to the control plane the bootstrap no longer names (another
+            # address, another SPIFFE ID: the old one may be distrusted) ends now.
+            self.control.resubscribe("control: changed in the bootstrap")
         if (new.config.admin, new.config.status) != (old.admin, old.status):
             log.warning("admin and status address changes take a restart")
 

@@ -134,7 +134,8 @@ class ControlPlaneSubscription:
         self.rng = rng
         self.connected = False
         self._rotated = asyncio.Event()
-        identity.changed.append(self._rotated.set)
+        self._why_again = "SVID or trust bundle changed"
+        identity.changed.append(lambda: self.resubscribe("SVID or trust bundle changed"))
         self._away: str | None = "not connected yet"  # why, while there is no stream
         self._warned = False  # the outage in `_away` has been logged
         self._proven = False  # this stream brought a snapshot or lasted STABLE
@@ -153,8 +154,8 @@ class ControlPlaneSubscription:
                 await self._subscribe(endpoint, svid)
                 problem = "the control plane ended the stream"
             except Rotated:
-                log.info("SVID or trust bundle changed: subscribing again with the new one")
-                self._down("resubscribing with the new SVID")
+                log.info("%s: subscribing again", self._why_again)
+                self._down("resubscribing")
                 continue
             except _AWAY as exc:
                 problem = _describe(exc)
@@ -178,6 +179,12 @@ class ControlPlaneSubscription:
             else:
                 log.debug("control plane still away (%s); next try in %.1fs", problem, delay)
             await asyncio.sleep(delay)
+
+    def resubscribe(self, why: str) -> None:
+        """End the stream now and open another: the SVID, its roots or the control plane
+        (`control:` in a reloaded bootstrap) changed, and the stream must not outlive them."""
+        self._why_again = why
+        self._rotated.set()
 
     def _down(self, problem: str) -> None:
         self.connected = False

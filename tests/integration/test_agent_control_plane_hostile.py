@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from typing import Any
 
 import pytest
+import yaml
 
 from agent import config as agent_config
 from agent.app import Agent
-from tests.control import ControlPlaneThread, bootstrap, control_plane
+from tests.control import ControlPlaneThread, bootstrap, control_plane, version_of
 from tests.integration.test_agent_control_plane import (
     DENY_ALL,
     frontend,
@@ -33,6 +35,7 @@ from tests.mesh import (
     local_sign,
     mtls_exchange,
     served_agent_yaml,
+    workload,
 )
 from tests.support import CaProcess, CaSetup
 
@@ -333,3 +336,33 @@ async def test_the_agent_keeps_answering_while_a_large_snapshot_is_checked(
                     after = time.monotonic() + 3
             assert plane.answer(version).kind == "ack"
             assert slowest < 0.5, slowest
+
+
+async def test_a_bootstrap_reload_that_names_another_control_plane_ends_the_old_stream(
+    setup: CaSetup, ca: CaProcess
+) -> None:
+    """An operator who moves `control:` to a new control plane (the old identity distrusted)
+    stops the agent taking config from the old one at the reload, not at its next outage."""
+    successor = workload("outrider-control-2", "outrider-system")
+    async with echo_server() as app_port:
+        with (
+            control_plane(setup, snapshot(app_port)) as old,
+            control_plane(setup, snapshot(app_port, DENY_ALL), spiffe_id=successor) as new,
+            subscribed_agent(setup, ca, old, "moves") as agent,
+        ):
+            address = agent.wait_ready()["inbound[0]"]
+            path = setup.root / "moves.yaml"
+            raw = yaml.safe_load(path.read_text())
+            raw["control"] = {**raw["control"], "address": new.address}
+            raw["control"]["spiffe_id"] = str(successor)
+            path.write_text(yaml.safe_dump(raw))
+            agent.process.send_signal(signal.SIGHUP)
+
+            new.wait_for_streams(1, timeout=5)
+            assert plane_answered(new, version_of(snapshot(app_port, DENY_ALL)))
+            assert old.connected() == []
+            assert await mtls_exchange(address, frontend(setup)) == b""  # the new one's DENY
+
+
+def plane_answered(plane: ControlPlaneThread, version: str) -> bool:
+    return plane.answer(version).kind == "ack"
