@@ -366,3 +366,36 @@ async def test_a_bootstrap_reload_that_names_another_control_plane_ends_the_old_
 
 def plane_answered(plane: ControlPlaneThread, version: str) -> bool:
     return plane.answer(version).kind == "ack"
+
+
+@pytest.mark.parametrize(
+    ("name", "where"),
+    [("backend\n2026-01-01 ERROR forged", "name"), ("x" * 100_000, "name")],
+    ids=["newline", "huge"],
+)
+@pytest.mark.parametrize("in_subset", [False, True], ids=["upstream", "subset"])
+async def test_an_upstream_name_that_would_forge_or_flood_a_log_line_is_nacked(
+    setup: CaSetup, ca: CaProcess, name: str, where: str, in_subset: bool
+) -> None:
+    upstream: dict[str, Any] = {
+        "name": "backend.shop:8080",
+        "listen": "127.0.0.1:0",
+        "server_ids": ["spiffe://example.org/ns/shop/sa/backend"],
+    }
+    if in_subset:
+        upstream["subsets"] = [{"name": name, "endpoints": ["127.0.0.1:1"]}]
+        key = "outbound[0].subsets[0].name"
+    else:
+        upstream.update(name=name, endpoints=["127.0.0.1:1"])
+        key = "outbound[0].name"
+    async with echo_server() as app_port:
+        with (
+            control_plane(setup, snapshot(app_port)) as plane,
+            subscribed_agent(setup, ca, plane, "names") as agent,
+        ):
+            agent.wait_ready()
+            answer = plane.answer(plane.publish({**snapshot(app_port), "outbound": [upstream]}))
+            assert answer.kind == "nack"
+            assert f"{key}: " in answer.error and "is not a name" in answer.error
+            assert not any(line.startswith("2026-01-01") for line in agent.log)
+            assert all(len(line) < 2000 for line in agent.log)
