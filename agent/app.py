@@ -25,11 +25,12 @@ import logging
 import os
 import random
 import signal
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+import threading
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent import config as agent_config
 from agent.adapters import admin, memory
@@ -62,6 +63,8 @@ from agent.core.svid import Svid
 from identity.configfile import ConfigError, Listen
 
 log = logging.getLogger("outrider.agent")
+
+T = TypeVar("T")
 
 #: How often the config file is checked for changes.
 WATCH_INTERVAL = 1.0
@@ -283,11 +286,12 @@ class Agent:
                 document, config = self.bootstrap, self.config  # the policy files alone
                 if path is not None:
                     document = agent_config.read(path)
-                    config = self._with_snapshot(document).parse()
+                    # Off the loop: merged with a large snapshot, this is seconds of work.
+                    config = await _off_loop(self._with_snapshot(document).parse)
                 self.last_read = config
                 self.read = {**read, **_fingerprint(list(config.policy.files))}  # as settle reads
                 kind = "agent" if config != self.config else "policy"
-                new = settle(config)
+                new = await _off_loop(settle, config)
                 unchanged = new == self.settings
                 if not unchanged:
                     await self._apply(new)
@@ -333,7 +337,7 @@ class Agent:
                 # Checked on a thread: near its 4 MiB bound a snapshot takes seconds to
                 # read, and the event loop serves traffic and probes meanwhile. Pure work:
                 # a snapshot names no files (policy.files is refused).
-                raw, config, new = await asyncio.to_thread(
+                raw, config, new = await _off_loop(
                     _check_snapshot, self.bootstrap, config_json, source
                 )
                 if self.snapshot == Snapshot(version, raw):
@@ -616,23 +620,45 @@ def _fingerprint(files: list[Path]) -> dict[Path, bytes | None]:
 def _check_snapshot(
     bootstrap: Document, data: bytes, source: str
 ) -> tuple[dict[str, Any], AgentConfig, Settings]:
-    """A snapshot merged into `bootstrap` and settled: what take_snapshot switches to.
-
-    The collector pauses meanwhile: tens of thousands of rules are millions of new
-    objects, and each full collection that met them stopped every thread, the event
-    loop's too, for over half a second.
-    """
-    with _collector_paused():
-        raw, config = agent_config.parse_snapshot(bootstrap, data, source=source)
-        return raw, config, settle(config)
+    """A snapshot merged into `bootstrap` and settled: what take_snapshot switches to."""
+    raw, config = agent_config.parse_snapshot(bootstrap, data, source=source)
+    return raw, config, settle(config)
 
 
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
+async def _off_loop(work: Callable[..., T], *args: Any) -> T:
+    """`work(*args)` on a thread, with the collector paused: reading a config near a
+    snapshot's 4 MiB bound takes seconds, which the event loop spends serving traffic and
+    probes instead, and its millions of new objects made each full collection stop every
+    thread, the loop's too, for over half a second. A thread of its own that ends with the
+    work: the agent keeps no idle pool for a reload now and then."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def answer(result: T | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = _collector_paused(work, *args)
+        except BaseException as exc:  # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(answer, None, exc)
+        else:
+            loop.call_soon_threadsafe(answer, result, None)
+
+    threading.Thread(target=run, name="outrider-config", daemon=True).start()
+    return await done
+
+
+def _collector_paused(work: Callable[..., T], *args: Any) -> T:
     enabled = gc.isenabled()
     gc.disable()
     try:
-        yield
+        return work(*args)
     finally:
         if enabled:
             gc.enable()
