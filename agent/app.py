@@ -21,16 +21,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 import os
 import random
 import signal
+import threading
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent import config as agent_config
 from agent.adapters import admin, memory
@@ -48,7 +48,15 @@ from agent.adapters.rotator import IdentityManager, SignFn
 from agent.adapters.runtime import Runtime
 from agent.adapters.tls import Contexts
 from agent.adapters.upstreams import prune_series
-from agent.config import AgentConfig, ControlEndpoint, Document, Inbound, Outbound, with_snapshot
+from agent.config import (
+    AgentConfig,
+    ControlEndpoint,
+    Document,
+    Inbound,
+    Outbound,
+    snapshot_version_error,
+    with_snapshot,
+)
 from agent.core.policy import PolicySet, duplicates
 from agent.core.policyfile import PolicyError, load_policy_files
 from agent.core.svid import Svid
@@ -56,8 +64,21 @@ from identity.configfile import ConfigError, Listen
 
 log = logging.getLogger("outrider.agent")
 
+T = TypeVar("T")
+
 #: How often the config file is checked for changes.
 WATCH_INTERVAL = 1.0
+#: A refused snapshot's reason, as logged and Nacked: the first errors, each cut short.
+#: The control plane takes Nacks of 64 KiB at most and ends the stream of a longer one.
+NACK_ERRORS, NACK_ERROR_CHARS = 20, 300
+
+
+def bounded_errors(errors: list[str]) -> list[str]:
+    """The first NACK_ERRORS of `errors`, each at most NACK_ERROR_CHARS, and how many more."""
+    shown = [e if len(e) <= NACK_ERROR_CHARS else e[:NACK_ERROR_CHARS] + "..." for e in errors]
+    if len(shown) > NACK_ERRORS:
+        shown = [*shown[:NACK_ERRORS], f"... and {len(shown) - NACK_ERRORS} more errors"]
+    return shown
 
 
 def utcnow() -> datetime:
@@ -265,11 +286,12 @@ class Agent:
                 document, config = self.bootstrap, self.config  # the policy files alone
                 if path is not None:
                     document = agent_config.read(path)
-                    config = self._with_snapshot(document).parse()
+                    # Off the loop: merged with a large snapshot, this is seconds of work.
+                    config = await _off_loop(self._with_snapshot(document).parse)
                 self.last_read = config
                 self.read = {**read, **_fingerprint(list(config.policy.files))}  # as settle reads
                 kind = "agent" if config != self.config else "policy"
-                new = settle(config)
+                new = await _off_loop(settle, config)
                 unchanged = new == self.settings
                 if not unchanged:
                     await self._apply(new)
@@ -300,24 +322,30 @@ class Agent:
         Its keys replace the bootstrap's and the whole is checked by the one
         parser and `settle`, then switched to at once (open connections keep
         going). A refused one changes nothing: the reason, with its key paths,
-        is logged, counted and returned for the Nack.
+        is logged, counted and returned for the Nack (bounded: the control
+        plane ends a stream whose Nack is too long, and would send it again).
         """
-        if version == self.running_version:
-            return None  # a resync after a reconnect: nothing changed
+        problem = snapshot_version_error(version)
+        if problem is not None:
+            return self._refused("(unusable)", [problem])
         source = f"snapshot {version}"
         try:
-            raw = json.loads(config_json.decode("utf-8"))
             async with self._switching:  # merged into the bootstrap as last reloaded
+                if self._draining:  # the drain closed the listeners: open none
+                    return self._refused(version, ["(top): the agent is shutting down"])
                 assert self.bootstrap is not None  # an agent with control: has one
-                config = with_snapshot(self.bootstrap, raw, source=source).parse()
-                self.read.update(_fingerprint(list(config.policy.files)))
-                new = settle(config)
+                # Checked on a thread: near its 4 MiB bound a snapshot takes seconds to
+                # read, and the event loop serves traffic and probes meanwhile. Pure work:
+                # a snapshot names no files (policy.files is refused).
+                raw, config, new = await _off_loop(
+                    _check_snapshot, self.bootstrap, config_json, source
+                )
+                if self.snapshot == Snapshot(version, raw):
+                    return None  # a resync after a reconnect: nothing changed
                 if new != self.settings or not self._configured.is_set():
                     await self._apply(new)
                 self.snapshot = Snapshot(version, raw)
                 self.last_read = config
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return self._refused(version, [f"(top): not UTF-8 JSON: {exc}"])
         except (ConfigError, PolicyError) as exc:
             return self._refused(version, exc.errors)
         except OSError as exc:
@@ -335,15 +363,15 @@ class Agent:
 
     def _refused(self, version: str, errors: list[str]) -> str:
         self.metrics.control_plane_updates.labels("rejected").inc()
-        text = "\n".join(errors)
+        shown = bounded_errors(errors)
         log.error(
             "config version %s from the control plane refused; version %s keeps running; "
             "fix:\n  %s",
             version,
             self.running_version or "(none yet: not listening)",
-            "\n  ".join(errors),
+            "\n  ".join(shown),
         )
-        return text
+        return "\n".join(shown)
 
     async def reconfigure(self, config: AgentConfig) -> None:
         """Switch to `config` and its policy files; open connections keep going under the old.
@@ -360,6 +388,10 @@ class Agent:
         self._switch(new, await self._open(new.config))
         if (new.config.identity, new.config.ca) != (old.identity, old.ca):
             self.identity.renew_now()
+        if new.config.control != old.control and self.control is not None:
+            # A stream to the control plane the bootstrap no longer names (another
+            # address, another SPIFFE ID: the old one may be distrusted) ends now.
+            self.control.resubscribe("control: changed in the bootstrap")
         if (new.config.admin, new.config.status) != (old.admin, old.status):
             log.warning("admin and status address changes take a restart")
 
@@ -368,9 +400,10 @@ class Agent:
         self._draining = True
         if self._control_task is not None:
             self._control_task.cancel()  # no snapshot may open a listener now
-        for running in (self.inbound, self.outbound):
-            for listener in running.values():
-                listener.close()
+        async with self._switching:  # a snapshot being applied (shielded) opens first
+            for running in (self.inbound, self.outbound):
+                for listener in running.values():
+                    listener.close()
         self.runtime.close_pending()
         timeout = self.config.limits.drain_timeout.total_seconds()
         log.info("draining %d connection(s) for up to %.0fs", len(self.connections), timeout)
@@ -582,6 +615,53 @@ def _fingerprint(files: list[Path]) -> dict[Path, bytes | None]:
         except OSError:
             content[path] = None
     return content
+
+
+def _check_snapshot(
+    bootstrap: Document, data: bytes, source: str
+) -> tuple[dict[str, Any], AgentConfig, Settings]:
+    """A snapshot merged into `bootstrap` and settled: what take_snapshot switches to."""
+    raw, config = agent_config.parse_snapshot(bootstrap, data, source=source)
+    return raw, config, settle(config)
+
+
+async def _off_loop(work: Callable[..., T], *args: Any) -> T:
+    """`work(*args)` on a thread, with the collector paused: reading a config near a
+    snapshot's 4 MiB bound takes seconds, which the event loop spends serving traffic and
+    probes instead, and its millions of new objects made each full collection stop every
+    thread, the loop's too, for over half a second. A thread of its own that ends with the
+    work: the agent keeps no idle pool for a reload now and then."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def answer(result: T | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = _collector_paused(work, *args)
+        except BaseException as exc:  # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(answer, None, exc)
+        else:
+            loop.call_soon_threadsafe(answer, result, None)
+
+    threading.Thread(target=run, name="outrider-config", daemon=True).start()
+    return await done
+
+
+def _collector_paused(work: Callable[..., T], *args: Any) -> T:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return work(*args)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def load_policies(config: AgentConfig) -> PolicySet:

@@ -49,6 +49,9 @@ and the whole is read again by `parse`, the one reader of every source.
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -64,6 +67,7 @@ from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.backoff import Backoff
 from identity.configfile import ConfigError, Listen, parse_yaml, read_yaml
+from identity.jsonbounds import brackets, deeper_than
 
 __all__ = [
     "AgentConfig",
@@ -73,9 +77,11 @@ __all__ = [
     "Outbound",
     "load",
     "parse",
+    "parse_snapshot",
     "parse_text",
     "read",
     "read_text",
+    "snapshot_version_error",
     "with_snapshot",
 ]
 
@@ -227,22 +233,133 @@ def parse_text(text: str, *, source: str) -> AgentConfig:
     return read_text(text, source=source).parse()
 
 
+#: What a snapshot may ask of the JSON parser, checked on its bytes first: gRPC's default
+#: message bound; nesting far past the deepest key path (a policy's
+#: `policy.policies[i].rules[j].when[k].values[l]` is 8 deep), since the parser and the
+#: policy reader recurse once per level; and arrays and objects, ~100 bytes each parsed.
+MAX_SNAPSHOT_BYTES = 4 * 1024 * 1024
+MAX_SNAPSHOT_DEPTH = 32
+MAX_SNAPSHOT_CONTAINERS = 200_000
+#: Listeners a snapshot may ask for, inbound and outbound together. A pod gets one per
+#: container port and one per upstream it calls; each costs a file descriptor, and
+#: checking them pairwise for clashes grows with the square (5,000 took 1.3 s of a
+#: blocked event loop, 4 MiB of them would take minutes).
+MAX_SNAPSHOT_LISTENERS = 1000
+#: A version as the control plane makes them (16 hex digits) with room to spare; it
+#: reaches log lines and /config_dump, so nothing that could forge or flood a line.
+_VERSION = re.compile(r"[0-9A-Za-z._:-]{1,64}")
+
+
+def snapshot_version_error(version: str) -> str | None:
+    """Why `version` cannot name a snapshot (None: it can); never quotes it whole."""
+    if _VERSION.fullmatch(version):
+        return None
+    shown = ascii(version[:32]) + ("..." if len(version) > 32 else "")
+    return (
+        f"(version): {shown} is not a snapshot version: 1 to 64 letters, digits, "
+        "'.', '_', ':' or '-'"
+    )
+
+
+def parse_snapshot(
+    bootstrap: Document, data: bytes, *, source: str
+) -> tuple[dict[str, Any], AgentConfig]:
+    """A snapshot's bytes, decoded, merged into `bootstrap` and checked: its keys as sent and
+    the config they make; ConfigError (named `source`) with every problem.
+
+    Checked as the file is (`parse`), and beyond: its size and nesting before the JSON
+    parser runs, its keys (`with_snapshot`), and listeners that take plain text only on
+    loopback (`loopback_errors`).
+    """
+    raw = _decode_snapshot(data, source)
+    merged = with_snapshot(bootstrap, raw, source=source)
+    assert isinstance(raw, dict)  # with_snapshot refused anything else
+    listeners = sum(len(v) for k in ("inbound", "outbound") if isinstance(v := raw.get(k), list))
+    if listeners > MAX_SNAPSHOT_LISTENERS:
+        raise ConfigError(
+            source,
+            [
+                f"inbound, outbound: {listeners} listeners; a snapshot opens at most "
+                f"{MAX_SNAPSHOT_LISTENERS}"
+            ],
+        )
+    config = merged.parse()
+    errors = loopback_errors(config)
+    if errors:
+        raise ConfigError(source, errors)
+    return raw, config
+
+
+def _decode_snapshot(data: bytes, source: str) -> object:
+    if len(data) > MAX_SNAPSHOT_BYTES:
+        raise ConfigError(
+            source, [f"(top): {len(data)} bytes; a snapshot holds at most {MAX_SNAPSHOT_BYTES}"]
+        )
+    found = brackets(data)
+    if len(found) > 2 * MAX_SNAPSHOT_CONTAINERS:
+        raise ConfigError(
+            source, [f"(top): more than {MAX_SNAPSHOT_CONTAINERS} arrays and objects"]
+        )
+    if deeper_than(found, MAX_SNAPSHOT_DEPTH):
+        raise ConfigError(source, [f"(top): nested more than {MAX_SNAPSHOT_DEPTH} levels deep"])
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError: also an integer of more than 4,300 digits, which is no JSONDecodeError.
+        raise ConfigError(source, [f"(top): not UTF-8 JSON: {str(exc)[:200]}"]) from None
+
+
+def loopback_errors(config: AgentConfig) -> list[str]:
+    """A snapshot's listeners that take plain text, off loopback: an outbound listener sends
+    what it takes out with the pod's SVID (anyone on the pod network would call the mesh
+    as this pod), and an inbound's app receives decrypted traffic (it is the pod's own)."""
+    errors = [
+        f"outbound[{i}].listen: {item.listen} is not a loopback address; a snapshot's "
+        "outbound listeners take plain text, so only the pod itself may reach them "
+        "(127.0.0.1, ::1 or localhost)"
+        for i, item in enumerate(config.outbound)
+        if not _loopback(item.listen.host)
+    ]
+    errors += [
+        f"inbound[{i}].app: {item.app} is not a loopback address; a snapshot sends "
+        "decrypted traffic only to the pod's own app (127.0.0.1, ::1 or localhost)"
+        for i, item in enumerate(config.inbound)
+        if not _loopback(item.app.host)
+    ]
+    return errors
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def with_snapshot(bootstrap: Document, snapshot: object, *, source: str) -> Document:
     """The bootstrap with a snapshot's `inbound`, `outbound` and `policy` in place of its own.
 
     ConfigError (named `source`) if the snapshot is not a mapping or holds any
     other key: the bootstrap's identity, CA, listeners and limits are the pod's
-    own (the injector's), and no stream may move them.
+    own (the injector's), and no stream may move them. Nor may it name files
+    (`policy.files`): the agent would read them, and tell the control plane what
+    it found in its Nack.
     """
     if not isinstance(snapshot, Mapping):
         raise ConfigError(source, ["(top): must be an object of inbound, outbound and policy"])
     others = sorted(str(key) for key in snapshot if key not in SNAPSHOT_KEYS)
+    policy = snapshot.get("policy")
+    if isinstance(policy, Mapping) and "files" in policy:
+        others.append("policy.files")
     if others:
         raise ConfigError(
             source,
             [
-                f"{key}: not a snapshot key; a snapshot holds only "
-                f"{', '.join(SNAPSHOT_KEYS)} (the rest is the bootstrap's)"
+                f"{key[:64]}: not a snapshot key; a snapshot holds only "
+                f"{', '.join(SNAPSHOT_KEYS)} (policies inline, under policy.policies; "
+                "the rest is the bootstrap's)"
                 for key in others
             ],
         )

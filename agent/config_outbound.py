@@ -105,13 +105,32 @@ _KEYS = {
 }
 
 
+#: The longest upstream or subset name: `<service>.<namespace>:<port>` fits (63+1+63+1+15).
+MAX_LABEL = 253
+
+
 class OutboundReader(ConfigReader):
     """The outbound half of agent/config.py's reader."""
 
+    def label(self, raw: Mapping[str, Any], key: str, path: str) -> str | None:
+        """A name that goes into log lines and metric labels: printable, no whitespace (a
+        newline would forge a log line), at most MAX_LABEL characters; None if absent."""
+        value = self.string(raw, key, path, None)
+        if value is None:
+            return None
+        if len(value) > MAX_LABEL or not value.isprintable() or any(c.isspace() for c in value):
+            self.fail(
+                path,
+                f"{value[:32]!a}{'...' if len(value) > 32 else ''} is not a name: at most "
+                f"{MAX_LABEL} printable characters, no spaces",
+            )
+            return None
+        return value
+
     def outbound(self, raw: object, path: str) -> Outbound | None:
         item = self.mapping(raw, path, _KEYS)
-        name = self.string(item, "name", f"{path}.name", None)
-        if name is None:
+        name = self.label(item, "name", f"{path}.name")
+        if name is None and "name" not in item:
             self.fail(f"{path}.name", "required: names the upstream in logs and metrics")
         if "listen" not in item:
             self.fail(f"{path}.listen", "required: 127.0.0.1:<port> the app connects to")
@@ -176,8 +195,8 @@ class OutboundReader(ConfigReader):
 
     def subset(self, raw: object, path: str) -> Subset | None:
         item = self.mapping(raw, path, {"name", "weight", *_SOURCES})
-        name = self.string(item, "name", f"{path}.name", None)
-        if name is None:
+        name = self.label(item, "name", f"{path}.name")
+        if name is None and "name" not in item:
             self.fail(f"{path}.name", "required: names the subset in logs")
         weight = self.integer(item, "weight", f"{path}.weight", 1, minimum=0)
         source = self.source(item, path)

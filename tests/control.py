@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from cryptography import x509
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 from grpclib.server import Server, Stream
 
 from agent.adapters.control_plane import ssl_object
@@ -56,6 +58,8 @@ class ControlPlane(ControlPlaneBase):
     def __init__(self) -> None:
         self.config: dict[str, Any] | None = None
         self.raw: bytes | None = None  # sent as is when set: a snapshot that is not JSON
+        self.version: str | None = None  # sent instead of the content's when set
+        self.deny: str | None = None  # when set: every stream ends PERMISSION_DENIED, this why
         self.subscribers: list[Subscriber] = []  # connected now
         self.history: list[Subscriber] = []  # every stream ever opened, in order
         self.transports: set[asyncio.BaseTransport] = set()  # what `cut` closes
@@ -64,7 +68,8 @@ class ControlPlane(ControlPlaneBase):
         if self.config is None:
             return None
         data = self.raw if self.raw is not None else json.dumps(self.config).encode()
-        return control_pb2.Snapshot(version=version_of(self.config), config_json=data)
+        version = self.version if self.version is not None else version_of(self.config)
+        return control_pb2.Snapshot(version=version, config_json=data)
 
     async def Subscribe(
         self, stream: Stream[control_pb2.AgentMessage, control_pb2.Snapshot]
@@ -87,6 +92,9 @@ class ControlPlane(ControlPlaneBase):
         )
         self.subscribers.append(subscriber)
         self.history.append(subscriber)
+        if self.deny is not None:
+            self.subscribers.remove(subscriber)
+            raise GRPCError(Status.PERMISSION_DENIED, self.deny)
         snapshot = self.snapshot()
         if snapshot is not None and snapshot.version != hello.running_version:
             subscriber.outbox.put_nowait(snapshot)
@@ -116,8 +124,10 @@ class ControlPlane(ControlPlaneBase):
             transport.abort()
         self.transports.clear()
 
-    def publish(self, config: dict[str, Any], raw: bytes | None = None) -> str:
-        self.config, self.raw = config, raw
+    def publish(
+        self, config: dict[str, Any], raw: bytes | None = None, version: str | None = None
+    ) -> str:
+        self.config, self.raw, self.version = config, raw, version
         snapshot = self.snapshot()
         assert snapshot is not None
         for subscriber in self.subscribers:
@@ -180,9 +190,21 @@ class ControlPlaneThread:
 
             self._run(stop())
 
-    def publish(self, config: dict[str, Any], raw: bytes | None = None) -> str:
-        """Serve `config` (as JSON, or `raw` bytes under its version) to every agent."""
-        return self._call(lambda: self.plane.publish(config, raw))
+    def publish(
+        self, config: dict[str, Any], raw: bytes | None = None, version: str | None = None
+    ) -> str:
+        """Serve `config` (as JSON, or `raw` bytes) under its version (or `version`, the
+        control plane's say: a broken one) to every agent."""
+        return self._call(lambda: self.plane.publish(config, raw, version))
+
+    def deny(self, why: str | None) -> None:
+        """End every stream from now on PERMISSION_DENIED (`why`), as a control plane that
+        does not know the pod would; None: serve again."""
+
+        def set_deny() -> None:
+            self.plane.deny = why
+
+        self._call(set_deny)
 
     def connected(self) -> list[Subscriber]:
         """The streams open now."""

@@ -13,9 +13,14 @@ of the trust domain holds an SVID the roots vouch for; only the ID tells the
 control plane apart.
 
 While the control plane is away the agent keeps running the last config it
-applied, says so once (a warning when the outage starts, an info when it
-ends) and in `outrider_control_plane_connected`, and tries again after a
-jittered backoff (`identity.backoff`). When the SVID or its roots change the
+applied, says so once (a warning when the outage starts, an info when a
+stream works again: it brought a snapshot, or stayed open STABLE seconds)
+and in `outrider_control_plane_connected`, and tries again after a jittered
+backoff (`control.backoff`), which grows while every stream is ended at once
+(PERMISSION_DENIED). Connecting is bounded (CONNECT_TIMEOUT), and so is the
+wait for the first snapshot of a stream that asked for one: a control plane
+that takes the stream and says nothing is left for another try, with a
+warning, rather than waited on forever. When the SVID or its roots change the
 stream is closed and opened again at once with the new ones, so the control
 plane never serves a stream whose certificate has expired.
 """
@@ -51,10 +56,26 @@ log = logging.getLogger("outrider.agent.control")
 
 #: Seconds between HTTP/2 pings on the stream, and for the answer to each.
 KEEPALIVE = 10.0
+#: Seconds for the TCP connect and the TLS handshake: a control plane behind a
+#: black hole, or a server that accepts and says nothing, would otherwise hold the
+#: agent for minutes (the kernel's SYN retries, asyncio's 60 s handshake timeout).
+CONNECT_TIMEOUT = 10.0
+#: Seconds for the first snapshot on a stream whose Hello named no running version:
+#: the control plane answers such a Hello at once (or ends the stream), so a silent
+#: one is broken, and another try (another replica, behind its Service) may do.
+FIRST_SNAPSHOT_TIMEOUT = 10.0
+#: A stream that brought a snapshot, or stayed open this long, was a connection:
+#: it resets the backoff and ends the outage in the log. One the control plane ends
+#: at once (PERMISSION_DENIED) is a failure, backed off and not logged as a return.
+STABLE = 10.0
 
 
 class NotTheControlPlane(Exception):
     """The server's certificate is not the control plane's SVID."""
+
+
+class Silent(Exception):
+    """The control plane took the stream and sent nothing it should have."""
 
 
 _AWAY = (
@@ -64,6 +85,7 @@ _AWAY = (
     StreamTerminatedError,
     ProtocolError,
     NotTheControlPlane,
+    Silent,
 )
 SubscribeStream = Stream[control_pb2.AgentMessage, control_pb2.Snapshot]
 
@@ -112,9 +134,11 @@ class ControlPlaneSubscription:
         self.rng = rng
         self.connected = False
         self._rotated = asyncio.Event()
-        identity.changed.append(self._rotated.set)
+        self._why_again = "SVID or trust bundle changed"
+        identity.changed.append(lambda: self.resubscribe("SVID or trust bundle changed"))
         self._away: str | None = "not connected yet"  # why, while there is no stream
         self._warned = False  # the outage in `_away` has been logged
+        self._proven = False  # this stream brought a snapshot or lasted STABLE
 
     async def run(self) -> None:
         """Stay subscribed until cancelled."""
@@ -124,17 +148,22 @@ class ControlPlaneSubscription:
             svid = self.identity.svid
             assert svid is not None
             self._rotated.clear()
+            self._proven = False
             endpoint = self.endpoint()
             try:
                 await self._subscribe(endpoint, svid)
                 problem = "the control plane ended the stream"
             except Rotated:
-                log.info("SVID or trust bundle changed: subscribing again with the new one")
-                self._down("resubscribing with the new SVID")
+                log.info("%s: subscribing again", self._why_again)
+                self._down("resubscribing")
                 continue
             except _AWAY as exc:
                 problem = _describe(exc)
-            failures = 1 if self.connected else failures + 1
+            except Exception as exc:  # a bug must not end the subscription for good:
+                # the agent would run its last config forever, saying it is connected
+                log.exception("the control-plane stream failed; subscribing again")
+                problem = f"the agent's error: {exc!r}"[:300]
+            failures = 1 if self._proven else failures + 1
             self._down(problem)
             delay = endpoint.backoff.delay(failures, self.rng).total_seconds()
             if not self._warned:
@@ -151,17 +180,30 @@ class ControlPlaneSubscription:
                 log.debug("control plane still away (%s); next try in %.1fs", problem, delay)
             await asyncio.sleep(delay)
 
+    def resubscribe(self, why: str) -> None:
+        """End the stream now and open another: the SVID, its roots or the control plane
+        (`control:` in a reloaded bootstrap) changed, and the stream must not outlive them."""
+        self._why_again = why
+        self._rotated.set()
+
     def _down(self, problem: str) -> None:
         self.connected = False
         self.metrics.control_plane_connected.set(0)
         self._away = problem
 
-    def _up(self, endpoint: ControlEndpoint) -> None:
+    def _up(self) -> None:
         self.connected = True
         self.metrics.control_plane_connected.set(1)
+        self._away = None
+
+    def _prove(self, endpoint: ControlEndpoint) -> None:
+        """The stream works: the outage (if one was logged) is over."""
+        if self._proven:
+            return
+        self._proven = True
         if self._warned:
             log.info("control plane %s:%d back", endpoint.host, endpoint.port)
-        self._away, self._warned = None, False
+        self._warned = False
 
     async def _subscribe(self, endpoint: ControlEndpoint, svid: Svid) -> None:
         """One stream, until it ends (None), fails (the errors of `_AWAY`) or the SVID
@@ -183,11 +225,19 @@ class ControlPlaneSubscription:
         )
         try:
             async with ControlPlaneStub(channel).Subscribe.open() as stream:
-                await stream.send_request()  # connects: the handshake verified the chain
+                try:
+                    async with asyncio.timeout(CONNECT_TIMEOUT):
+                        await stream.send_request()  # connects: the handshake verified the chain
+                except TimeoutError:
+                    raise Silent(
+                        f"no connection within {CONNECT_TIMEOUT:g}s (TCP connect or TLS handshake)"
+                    ) from None
                 self._check_identity(stream.peer, endpoint)
-                await stream.send_message(self._hello())
-                self._up(endpoint)
-                await self._until_rotated(self._follow(stream))
+                hello = self._hello()
+                await stream.send_message(hello)
+                self._up()
+                resync = bool(hello.hello.running_version)
+                await self._until_rotated(self._follow(stream, endpoint, resync))
         finally:
             channel.close()
 
@@ -214,8 +264,35 @@ class ControlPlaneSubscription:
         )
         return control_pb2.AgentMessage(hello=hello)
 
-    async def _follow(self, stream: SubscribeStream) -> None:
-        while (snapshot := await stream.recv_message()) is not None:
+    async def _follow(
+        self, stream: SubscribeStream, endpoint: ControlEndpoint, resync: bool
+    ) -> None:
+        """Apply and answer each snapshot. A resync (the Hello named a version) may bring
+        none, so lasting STABLE proves the stream; otherwise the first must come within
+        FIRST_SNAPSHOT_TIMEOUT."""
+        loop = asyncio.get_running_loop()
+        proof = loop.call_later(STABLE, self._prove, endpoint) if resync else None
+        try:
+            await self._answer(stream, endpoint, first=not resync)
+        finally:
+            if proof is not None:
+                proof.cancel()
+
+    async def _answer(
+        self, stream: SubscribeStream, endpoint: ControlEndpoint, first: bool
+    ) -> None:
+        if first:
+            try:
+                async with asyncio.timeout(FIRST_SNAPSHOT_TIMEOUT):
+                    snapshot = await stream.recv_message()
+            except TimeoutError:
+                raise Silent(
+                    f"connected, but no config came within {FIRST_SNAPSHOT_TIMEOUT:g}s"
+                ) from None
+        else:
+            snapshot = await stream.recv_message()
+        while snapshot is not None:
+            self._prove(endpoint)
             # Shielded: a rotation that ends the stream must not cut a reload in half.
             applying = self.target.take_snapshot(snapshot.version, snapshot.config_json)
             error = await asyncio.shield(applying)
@@ -225,6 +302,7 @@ class ControlPlaneSubscription:
                 nack = control_pb2.Nack(version=snapshot.version, error=error)
                 answer = control_pb2.AgentMessage(nack=nack)
             await stream.send_message(answer)
+            snapshot = await stream.recv_message()
 
     async def _until_rotated(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work`; raise Rotated if the SVID changes first (work is cancelled)."""
@@ -256,6 +334,6 @@ def ssl_object(peer: Peer | None) -> ssl.SSLObject | None:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, GRPCError):
         return f"{exc.status.name}: {exc.message}"
-    if isinstance(exc, NotTheControlPlane):
+    if isinstance(exc, NotTheControlPlane | Silent):
         return str(exc)
     return repr(exc)

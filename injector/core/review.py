@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from identity.jsonbounds import brackets, deeper_than, nesting_exceeds
 from injector.core.mutate import INJECTED, Mutation, mutate
 from injector.core.settings import Settings
 
@@ -26,9 +26,6 @@ __all__ = ["Admission", "BadRequest", "admit", "decode", "nesting_exceeds"]
 
 API_VERSION = "admission.k8s.io/v1"
 _POD = {"group": "", "version": "v1", "kind": "Pod"}
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
-_OPEN = frozenset(b"[{")
 _FAILED = "outrider: not injected: internal error in the injector"
 #: Arrays and objects per review. A recorded pod, managedFields included, has
 #: about a hundred; a 3 MB body of `[],[],...` has a million and parses to ~70 MB.
@@ -55,37 +52,11 @@ class Admission:
     error: Exception | None = None  # what made the mutation fail, for the log
 
 
-def nesting_exceeds(body: bytes, limit: int) -> bool:
-    """Whether JSON `body` nests arrays and objects more than `limit` deep."""
-    return _deeper_than(_brackets(body), limit)
-
-
-def _brackets(body: bytes) -> bytes:
-    """The document's brackets, in order: strings cut out first, then everything else.
-
-    Malformed JSON may be miscounted, but only in ways the parser then refuses
-    on its own.
-    """
-    return _STRING.sub(b"", body).translate(None, _NOT_BRACKET)
-
-
-def _deeper_than(brackets: bytes, limit: int) -> bool:
-    depth = 0
-    for byte in brackets:
-        if byte in _OPEN:
-            depth += 1
-            if depth > limit:
-                return True
-        else:
-            depth -= 1
-    return False
-
-
 def decode(body: bytes, max_depth: int) -> dict[str, Any]:
-    brackets = _brackets(body)
-    if len(brackets) > 2 * MAX_CONTAINERS:  # parsed, each costs ~100 bytes of memory
+    found = brackets(body)
+    if len(found) > 2 * MAX_CONTAINERS:  # parsed, each costs ~100 bytes of memory
         raise BadRequest("too_large", f"more than {MAX_CONTAINERS} arrays and objects", 413)
-    if _deeper_than(brackets, max_depth):
+    if deeper_than(found, max_depth):
         raise BadRequest("too_deep", f"JSON nested more than {max_depth} levels deep")
     try:
         review = json.loads(body)

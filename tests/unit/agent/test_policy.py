@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import replace
 
 import pytest
@@ -531,3 +532,30 @@ def _resolve(path: str) -> str:
         elif segment not in ("", "."):
             stack.append(segment)
     return "/" + "/".join(stack) + ("/" if stack and segments[-1] in ("", ".", "..") else "")
+
+
+@given(
+    st.lists(st.lists(st.integers(1, 30), min_size=1, max_size=4), max_size=3),
+    st.lists(st.integers(1, 30), max_size=4),
+    st.frozensets(st.integers(1, 30), max_size=10),
+)
+def test_ports_among_is_applies_to_port_of_each(
+    listed: list[list[int]], negated: list[int], ports: frozenset[int]
+) -> None:
+    conditions = [Condition("ports", tuple(Pattern(str(p)) for p in group)) for group in listed]
+    if negated:
+        conditions.append(Condition("ports", tuple(Pattern(str(p)) for p in negated), True))
+    rule = Rule("r", tuple(conditions))
+    assert rule.ports_among(ports) == {p for p in ports if rule.applies_to_port(p)}
+
+
+def test_http_only_errors_cost_the_rules_not_rules_times_ports() -> None:
+    """A snapshot may carry 1,000 TCP ports and tens of thousands of rules: every rule was
+    checked against every port (60,000 x 1,000 took 17 s of the agent's CPU)."""
+    l4 = [Rule(f"l4-{i}", (cond("namespaces", f"ns-{i}"),)) for i in range(20_000)]
+    l7 = [Rule(f"l7-{i}", (cond("ports", 1), cond("paths", f"/{i}"))) for i in range(20_000)]
+    policies = PolicySet((Policy("l4", "ALLOW", tuple(l4)), Policy("l7", "ALLOW", tuple(l7))))
+    tcp_ports = frozenset(range(20_000, 21_000))
+    started = time.perf_counter()
+    assert policies.http_only_errors(tcp_ports) == []
+    assert time.perf_counter() - started < 0.5
