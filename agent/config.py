@@ -41,6 +41,7 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
       spiffe_id: spiffe://example.org/ns/outrider-system/sa/outrider-control  # the default
       pod: web-7d9c-x2x4z                              # default: $POD_NAME
       backoff: {initial: 1s, max: 5s}                  # while the control plane is away
+      timeout: 10s                                     # connect, handshake, first config
 
 With `control:` the control plane streams snapshots holding `inbound`,
 `outbound` and `policy`; each replaces those keys of this file (the bootstrap)
@@ -174,6 +175,9 @@ class ControlEndpoint:
     spiffe_id: SpiffeId
     pod: str | None = None
     backoff: Backoff = CONTROL_BACKOFF
+    #: The connect and handshake, the first snapshot of a stream, and how long a stream
+    #: must last to count as the control plane's return (agent/adapters/control_plane.py).
+    timeout: timedelta = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -381,7 +385,7 @@ def parse(raw: object, *, base: Path, source: str = "config") -> AgentConfig:
 _TOP = {"identity", "ca", "inbound", "outbound", "limits", "admin", "status", "policy", "control"}
 DEFAULT_ACTIONS: tuple[DefaultAction, ...] = get_args(DefaultAction)
 _CA_KEYS = {"address", "server_name", "bundle_file", "timeout", "backoff", "bundle_refresh"}
-_CONTROL_KEYS = {"address", "server_name", "spiffe_id", "pod", "backoff"}
+_CONTROL_KEYS = {"address", "server_name", "spiffe_id", "pod", "backoff", "timeout"}
 _POLICY_KEYS = {"files", "policies", "default_action"}
 
 
@@ -476,6 +480,7 @@ class _Reader(OutboundReader):
         server_name = self.string(raw, "server_name", "control.server_name", None)
         pod = self.string(raw, "pod", "control.pod", None)
         backoff = self.backoff(raw, "control.backoff", CONTROL_BACKOFF)
+        timeout = self.duration(raw, "timeout", "control.timeout", ControlEndpoint.timeout)
         spiffe_id = None
         if "spiffe_id" in raw:
             spiffe_id = self.spiffe_id(raw["spiffe_id"], "control.spiffe_id")
@@ -489,8 +494,9 @@ class _Reader(OutboundReader):
             spiffe_id = SpiffeId.for_workload(own_domain, CONTROL_NAMESPACE, CONTROL_ACCOUNT)
         if address is None or spiffe_id is None or backoff is None:
             return None
+        host = address.host
         return ControlEndpoint(
-            address.host, address.port, server_name or address.host, spiffe_id, pod, backoff
+            host, address.port, server_name or host, spiffe_id, pod, backoff, timeout
         )
 
     def inbound(self, raw: object, path: str, own_domain: TrustDomain | None) -> Inbound | None:

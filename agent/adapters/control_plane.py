@@ -14,10 +14,10 @@ control plane apart.
 
 While the control plane is away the agent keeps running the last config it
 applied, says so once (a warning when the outage starts, an info when a
-stream works again: it brought a snapshot, or stayed open STABLE seconds)
+stream works again: it brought a snapshot, or stayed open control.timeout)
 and in `outrider_control_plane_connected`, and tries again after a jittered
 backoff (`control.backoff`), which grows while every stream is ended at once
-(PERMISSION_DENIED). Connecting is bounded (CONNECT_TIMEOUT), and so is the
+(PERMISSION_DENIED). Connecting is bounded (control.timeout), and so is the
 wait for the first snapshot of a stream that asked for one: a control plane
 that takes the stream and says nothing is left for another try, with a
 warning, rather than waited on forever. When the SVID or its roots change the
@@ -56,18 +56,16 @@ log = logging.getLogger("outrider.agent.control")
 
 #: Seconds between HTTP/2 pings on the stream, and for the answer to each.
 KEEPALIVE = 10.0
-#: Seconds for the TCP connect and the TLS handshake: a control plane behind a
-#: black hole, or a server that accepts and says nothing, would otherwise hold the
-#: agent for minutes (the kernel's SYN retries, asyncio's 60 s handshake timeout).
-CONNECT_TIMEOUT = 10.0
-#: Seconds for the first snapshot on a stream whose Hello named no running version:
-#: the control plane answers such a Hello at once (or ends the stream), so a silent
-#: one is broken, and another try (another replica, behind its Service) may do.
-FIRST_SNAPSHOT_TIMEOUT = 10.0
-#: A stream that brought a snapshot, or stayed open this long, was a connection:
-#: it resets the backoff and ends the outage in the log. One the control plane ends
-#: at once (PERMISSION_DENIED) is a failure, backed off and not logged as a return.
-STABLE = 10.0
+# `control.timeout` (10 s) bounds three waits:
+# - the TCP connect and the TLS handshake: a control plane behind a black hole, or a
+#   server that accepts and says nothing, would otherwise hold the agent for minutes
+#   (the kernel's SYN retries, asyncio's 60 s handshake timeout);
+# - the first snapshot on a stream whose Hello named no running version: the control
+#   plane answers such a Hello at once (or ends the stream), so a silent one is
+#   broken, and another try (another replica, behind its Service) may do;
+# - a stream that brought a snapshot, or stayed open this long, was a connection: it
+#   resets the backoff and ends the outage in the log. One the control plane ends at
+#   once (PERMISSION_DENIED) is a failure, backed off and not logged as a return.
 
 
 class NotTheControlPlane(Exception):
@@ -138,7 +136,7 @@ class ControlPlaneSubscription:
         identity.changed.append(lambda: self.resubscribe("SVID or trust bundle changed"))
         self._away: str | None = "not connected yet"  # why, while there is no stream
         self._warned = False  # the outage in `_away` has been logged
-        self._proven = False  # this stream brought a snapshot or lasted STABLE
+        self._proven = False  # this stream brought a snapshot or lasted control.timeout
 
     async def run(self) -> None:
         """Stay subscribed until cancelled."""
@@ -226,11 +224,12 @@ class ControlPlaneSubscription:
         try:
             async with ControlPlaneStub(channel).Subscribe.open() as stream:
                 try:
-                    async with asyncio.timeout(CONNECT_TIMEOUT):
+                    async with asyncio.timeout(endpoint.timeout.total_seconds()):
                         await stream.send_request()  # connects: the handshake verified the chain
                 except TimeoutError:
                     raise Silent(
-                        f"no connection within {CONNECT_TIMEOUT:g}s (TCP connect or TLS handshake)"
+                        f"no connection within {endpoint.timeout.total_seconds():g}s"
+                        " (TCP connect or TLS handshake; control.timeout)"
                     ) from None
                 self._check_identity(stream.peer, endpoint)
                 hello = self._hello()
@@ -268,10 +267,11 @@ class ControlPlaneSubscription:
         self, stream: SubscribeStream, endpoint: ControlEndpoint, resync: bool
     ) -> None:
         """Apply and answer each snapshot. A resync (the Hello named a version) may bring
-        none, so lasting STABLE proves the stream; otherwise the first must come within
-        FIRST_SNAPSHOT_TIMEOUT."""
+        none, so lasting `control.timeout` proves the stream; otherwise the first must
+        come within it."""
         loop = asyncio.get_running_loop()
-        proof = loop.call_later(STABLE, self._prove, endpoint) if resync else None
+        stable = endpoint.timeout.total_seconds()
+        proof = loop.call_later(stable, self._prove, endpoint) if resync else None
         try:
             await self._answer(stream, endpoint, first=not resync)
         finally:
@@ -283,11 +283,12 @@ class ControlPlaneSubscription:
     ) -> None:
         if first:
             try:
-                async with asyncio.timeout(FIRST_SNAPSHOT_TIMEOUT):
+                async with asyncio.timeout(endpoint.timeout.total_seconds()):
                     snapshot = await stream.recv_message()
             except TimeoutError:
                 raise Silent(
-                    f"connected, but no config came within {FIRST_SNAPSHOT_TIMEOUT:g}s"
+                    f"connected, but no config came within"
+                    f" {endpoint.timeout.total_seconds():g}s (control.timeout)"
                 ) from None
         else:
             snapshot = await stream.recv_message()

@@ -201,10 +201,11 @@ async def test_a_server_that_accepts_and_never_answers_tls_is_given_up_on_within
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    raw = served_agent_yaml(setup, ca, "mute-tls", control=bootstrap(address, pod="mute-tls-0"))
+    control = bootstrap(address, pod="mute-tls-0", timeout="1s")  # control.timeout
+    raw = served_agent_yaml(setup, ca, "mute-tls", control=control)
     try:
         with agent_process(setup.root, "mute-tls", raw, ready=False) as agent:
-            assert agent.logged("no connection within 10s", timeout=15)
+            assert agent.logged("no connection within 1s", timeout=10)
             assert agent.status("/ready") == 503
     finally:
         server.close()
@@ -219,9 +220,9 @@ async def test_a_control_plane_that_sends_no_first_config_is_left_for_another_tr
     async with echo_server() as app_port:
         with (
             control_plane(setup) as plane,  # serves nothing
-            subscribed_agent(setup, ca, plane, "mute", backoff=QUICK) as agent,
+            subscribed_agent(setup, ca, plane, "mute", backoff=QUICK, timeout="1s") as agent,
         ):
-            assert agent.logged("connected, but no config came within 10s", timeout=15)
+            assert agent.logged("connected, but no config came within 1s", timeout=10)
             plane.wait_for_streams(2, timeout=5)
             assert agent.status("/ready") == 503
             plane.publish(snapshot(app_port))

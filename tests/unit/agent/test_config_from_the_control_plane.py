@@ -216,3 +216,10 @@ def test_the_pod_comes_from_the_config_or_the_environment() -> None:
         source="t",
     )
     assert pod_name(file_only, {}) is None
+
+
+def test_the_control_planes_timeout_is_read() -> None:
+    """control.timeout bounds the connect and handshake and the wait for a first config."""
+    raw = bootstrap()
+    raw["control"]["timeout"] = "2s"
+    assert parse(raw, base=BASE).control.timeout == timedelta(seconds=2)  # type: ignore[union-attr]
