@@ -85,13 +85,6 @@ async def api(tmp_path: Path) -> AsyncIterator[FakeApiServer]:
         yield server
 
 
-@pytest.fixture
-async def control(tmp_path: Path, api: FakeApiServer) -> AsyncIterator[ControlProcess]:
-    async with control_plane(tmp_path, api) as process:
-        await ready(process)
-        yield process
-
-
 async def test_an_agent_gets_its_pods_configuration_and_its_ack_is_recorded(
     control: ControlProcess,
 ) -> None:

@@ -20,9 +20,7 @@ from tests.apiserver import FakeApiServer, fake_api_server
 from tests.control_process import (
     NAMESPACES,
     ControlProcess,
-    control_plane,
     pod,
-    ready,
     subscribed,
 )
 from tests.support import scraped
@@ -44,13 +42,6 @@ async def api(tmp_path: Path) -> AsyncIterator[FakeApiServer]:
         server.apply(NAMESPACES)
         server.apply(pod("shop", "web", "web"))
         yield server
-
-
-@pytest.fixture
-async def control(tmp_path: Path, api: FakeApiServer) -> AsyncIterator[ControlProcess]:
-    async with control_plane(tmp_path, api) as process:
-        await ready(process)
-        yield process
 
 
 async def test_an_agent_that_acks_every_push_of_a_burst_keeps_its_connection(

@@ -18,11 +18,9 @@ from tests.control_process import (
     NAMESPACES,
     ControlProcess,
     Ran,
-    control_plane,
     eventually,
     outrider,
     pod,
-    ready,
 )
 
 FRONTEND = "spiffe://example.org/ns/shop/sa/frontend"
@@ -45,13 +43,6 @@ async def api(tmp_path: Path) -> AsyncIterator[FakeApiServer]:
         server.apply(WEB_SERVICE)
         server.apply(DEFAULT_DENY)
         yield server
-
-
-@pytest.fixture
-async def control(tmp_path: Path, api: FakeApiServer) -> AsyncIterator[ControlProcess]:
-    async with control_plane(tmp_path, api) as process:
-        await ready(process)
-        yield process
 
 
 async def check(*args: str) -> Ran:
