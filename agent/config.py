@@ -527,7 +527,7 @@ class _Reader(OutboundReader):
             overrides.append((int(key), PortOverride(mode, protocol)))
         outbound = self.section(raw, "captured.outbound", {"policy", "passthrough"})
         policy = self.choice(outbound, "policy", "captured.outbound.policy", OUTBOUND_POLICIES)
-        passthrough = self.destinations(outbound, "captured.outbound.passthrough")
+        passthrough = self.addresses(outbound, "passthrough", "captured.outbound.passthrough")
         return Captured(mtls, tuple(sorted(overrides)), policy, frozenset(passthrough))
 
     def unique_destinations(self, outbound: Sequence[Outbound | None]) -> None:

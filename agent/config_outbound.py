@@ -139,7 +139,7 @@ class OutboundReader(ConfigReader):
         name = self.label(item, "name", f"{path}.name")
         if name is None and "name" not in item:
             self.fail(f"{path}.name", "required: names the upstream in logs and metrics")
-        destinations = self.destinations(item, f"{path}.destinations")
+        destinations = self.addresses(item, "destinations", f"{path}.destinations")
         listen = None
         if item.get("listen") is not None:
             listen = self.listen(item, "listen", f"{path}.listen", Listen("127.0.0.1", 0))
@@ -184,10 +184,10 @@ class OutboundReader(ConfigReader):
         )
         return outbound if name is not None and subsets else None
 
-    def destinations(self, item: Mapping[str, Any], path: str) -> tuple[Endpoint, ...]:
+    def addresses(self, item: Mapping[str, Any], key: str, path: str) -> tuple[Endpoint, ...]:
         """`ip:port` / `[v6]:port` literals, each once: what a captured app connects to."""
         found: list[Endpoint] = []
-        for i, value in enumerate(self.items(item, "destinations", path)):
+        for i, value in enumerate(self.items(item, key, path)):
             address = self.address(value, f"{path}[{i}]")
             if address in found:
                 self.fail(f"{path}[{i}]", f"{address} is listed twice")

@@ -235,18 +235,37 @@ class Pod:
         """
         return ("nsenter", f"--net={self.netns_path}", "--")
 
-    def popen(self, args: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
-        """A process in this pod; killed when the pod network closes, if still running."""
-        process = subprocess.Popen([*self.prefix, *args], **kw)
+    def prefix_as(self, user: int | None) -> tuple[str, ...]:
+        """`prefix`, the command then running as `user` (uid and gid, no other groups), as
+        the agent runs as its own UID in a pod (which the capture rules leave alone).
+
+        setpriv rather than nsenter's --setuid: nsenter's exec of the venv's interpreter
+        (a link into root's home) is refused here, setpriv's is not."""
+        if user is None:
+            return self.prefix
+        switch = ("setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--")
+        return (*self.prefix, *switch)
+
+    def popen(
+        self, args: Sequence[str], *, user: int | None = None, **kw: Any
+    ) -> subprocess.Popen[Any]:
+        """A process in this pod (as `user`); killed when the pod network closes, if running."""
+        process = subprocess.Popen([*self.prefix_as(user), *args], **kw)
         self.processes.append(process)
         return process
 
     def run(
-        self, args: Sequence[str], *, timeout: float = 10.0, check: bool = True, **kw: Any
+        self,
+        args: Sequence[str],
+        *,
+        timeout: float = 10.0,
+        check: bool = True,
+        user: int | None = None,
+        **kw: Any,
     ) -> subprocess.CompletedProcess[str]:
-        """A short command in this pod, its output captured as text."""
+        """A short command in this pod (as `user`), its output captured as text."""
         kw = {"capture_output": True, "text": True, **kw}
-        return subprocess.run([*self.prefix, *args], timeout=timeout, check=check, **kw)
+        return subprocess.run([*self.prefix_as(user), *args], timeout=timeout, check=check, **kw)
 
     def socket(
         self, family: socket.AddressFamily = socket.AF_INET, kind: int = socket.SOCK_STREAM

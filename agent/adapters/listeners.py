@@ -32,7 +32,7 @@ from agent.adapters.tls import refusal_reason
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.config import Inbound, Outbound
 from agent.core.authz import AllowList
-from agent.core.captured import Captured, OutboundRoutes, looks_like_tls
+from agent.core.captured import Captured, OutboundRoutes, admit_plaintext, looks_like_tls
 from agent.core.policy import Decision, Request
 from agent.core.resilience import RetryBudget, should_retry
 from agent.core.upstream import Endpoint
@@ -324,17 +324,19 @@ class InboundMtls(Listener[InboundT]):
         # An HTTP port offers no h2 in ALPN, so every request on it is parsed: h2 relayed
         # at L4 would hand the app the client's own identity header and skip the paths.
         http = config.protocol == "http"
-        authenticated = None
+        authenticated, plaintext = None, False
         try:
             deadline = await self._spoke(relay, sock)
             if deadline is None:
                 return
-            if permissive and not _tls_first(sock):
-                await self._plaintext(relay, sock, config)
-                return
-            authenticated = await self._authenticate(relay, sock, started, http, port, deadline)
+            plaintext = permissive and not _tls_first(sock)
+            if not plaintext:
+                authenticated = await self._authenticate(relay, sock, started, http, port, deadline)
         finally:
             self.runtime.not_pending(relay)
+        if plaintext:
+            await self._plaintext(relay, sock, config)
+            return
         if authenticated is None:
             return
         peer, config = authenticated
@@ -476,6 +478,8 @@ class InboundMtls(Listener[InboundT]):
     def _authorize(self, request: Request, config: Inbound) -> Decision:
         """The policy's decision on a connection (L4) or a request (L7), counted."""
         decision = self.runtime.policies.decide(request, config.allow.trusted_domains)
+        if request.source is None:  # only a permissive captured port lets one come this far
+            decision = admit_plaintext(decision)
         counter = self.runtime.metrics.authz_decisions
         counter.labels(
             "allow" if decision.allowed else "deny", decision.policy, decision.rule

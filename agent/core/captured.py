@@ -20,11 +20,12 @@ again) and is refused on both sides.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 from agent.core.endpoint import Endpoint
+from agent.core.policy import DEFAULT_POLICY, Decision
 
 MtlsMode = Literal["strict", "permissive"]
 MTLS_MODES: tuple[MtlsMode, ...] = get_args(MtlsMode)
@@ -66,19 +67,38 @@ class Captured:
     ports: tuple[tuple[int, PortOverride], ...] = ()  # sorted by port
     policy: OutboundPolicy = "allow-any"
     passthrough: frozenset[Endpoint] = frozenset()
-    _by_port: Mapping[int, PortOverride] = field(
-        default_factory=dict, init=False, repr=False, compare=False, hash=False
-    )
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_by_port", dict(self.ports))
 
     def inbound(self, port: int) -> CapturedPort:
-        """How a connection to original port `port` is served."""
-        override = self._by_port.get(port)
-        if override is None:
-            return CapturedPort(self.mtls)
-        return CapturedPort(override.mtls or self.mtls, override.protocol)
+        """How a connection to original port `port` is served (a pod lists a few ports:
+        its HTTP ones and those whose mode differs; a scan is quicker than a dict's build)."""
+        for listed, override in self.ports:
+            if listed == port:
+                return CapturedPort(override.mtls or self.mtls, override.protocol)
+        return CapturedPort(self.mtls)
+
+
+def admit_plaintext(decision: Decision) -> Decision:
+    """The policy's decision on a permissive port's plaintext client (source None).
+
+    A port made permissive is its owner's word that unauthenticated callers may
+    come in while they migrate (Istio's PERMISSIVE): so where only
+    default_action allow-authenticated would refuse them (no ALLOW policy applies
+    to the port), they pass. A DENY, an ALLOW policy for the port that does not
+    match them (one naming principals never does), and default_action deny still
+    refuse them.
+    """
+    if decision.allowed or (decision.policy, decision.rule) != (
+        DEFAULT_POLICY,
+        "allow-authenticated",
+    ):
+        return decision
+    return Decision(
+        True,
+        DEFAULT_POLICY,
+        "permissive",
+        "no ALLOW policy applies to the port, which is permissive: plaintext passes",
+        decision.records,
+    )
 
 
 # -- outbound: where a connection to D goes ------------------------------------------------
