@@ -90,7 +90,8 @@ class Connections:
         self._open: dict[Closable, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._metrics = metrics
-        self._children: dict[str, tuple[Gauge, Counter]] = {}
+        self._active: dict[str, Gauge] = {}  # connections_active by direction, bound once
+        self._routed: Counter | None = None  # connections_total of outbound mTLS, bound once
         self.accepted = 0  # connections ever added
         self._empty = asyncio.Event()
         self._empty.set()
@@ -103,7 +104,7 @@ class Connections:
         self._open[connection] = direction
         self.accepted += 1
         self._empty.clear()
-        self._counted(direction)[0].inc()
+        self._gauge(direction).inc()
 
     def established(self, direction: str, peer: SpiffeId | None, *, mtls: bool = True) -> None:
         """Count a connection once, when established (item 5 of issue 16): inbound once its
@@ -112,24 +113,19 @@ class Connections:
         `outrider_connections_total{mtls="false"}` staying 0 is how an auditor sees that no
         plaintext came in, so nothing refused before this point is counted here.
         """
-        if peer is None and mtls:
-            self._counted(direction)[1].inc()  # outbound in-mesh: the hot path, bound once
-        else:
-            self._metrics.connections.labels(
-                direction, "true" if mtls else "false", str(peer or "")
-            ).inc()
+        if direction == OUTBOUND and mtls:  # the hot path of every outbound connection
+            if self._routed is None:
+                self._routed = self._metrics.connections.labels(OUTBOUND, "true", "")
+            self._routed.inc()
+            return
+        mode = "true" if mtls else "false"
+        self._metrics.connections.labels(direction, mode, str(peer or "")).inc()
 
-    def _counted(self, direction: str) -> tuple[Gauge, Counter]:
-        """The direction's connections_active and its mTLS connections without a peer
-        label (outbound), bound once."""
-        children = self._children.get(direction)
-        if children is None:
-            metrics = self._metrics
-            children = self._children[direction] = (
-                metrics.connections_active.labels(direction),
-                metrics.connections.labels(direction, "true", ""),
-            )
-        return children
+    def _gauge(self, direction: str) -> Gauge:
+        gauge = self._active.get(direction)
+        if gauge is None:
+            gauge = self._active[direction] = self._metrics.connections_active.labels(direction)
+        return gauge
 
     def setting_up(self, setup: asyncio.Task[None]) -> None:
         """A connection's setup (handshake, dial): cancelled if the drain times out."""
@@ -139,7 +135,7 @@ class Connections:
     def closed(self, connection: Closable) -> None:
         direction = self._open.pop(connection, None)
         if direction is not None:
-            self._counted(direction)[0].dec()
+            self._gauge(direction).dec()
         if not self._open:
             self._empty.set()
 
