@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import sys
 import tempfile
 import urllib.request
@@ -27,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import yaml
 
 from tests.mesh import AgentProcess, agent_process, agent_yaml, workload
-from tests.netns import Pod, PodNetwork
+from tests.netns import Pod, PodNetwork, pod_network
 from tests.support import CaSetup, ca_process, make_ca_setup, scraped
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 AGENT_UID = 1337
 SERVICE = "198.51.100.20:8080"  # TEST-NET-2: routed nowhere, captured in the pod first
@@ -176,11 +178,25 @@ class Captured:
     configs: dict[str, dict[str, Any]]
 
     async def reload(self, pod: Pod, **sections: Any) -> None:
-        """Rewrite the agent's config file with `sections`; return once it runs."""
+        """The agent's config file with `sections` in place of its own (None: the key
+        taken out); returns once the agent runs it (SIGHUP: no wait for the watcher)."""
         done = metric(pod, "outrider_config_reloads_total", kind="agent", result="ok")
-        self.configs[pod.name].update(sections)
-        (self.root / f"{pod.name}.yaml").write_text(yaml.safe_dump(self.configs[pod.name]))
+        config = {**self.configs[pod.name], **sections}
+        (self.root / f"{pod.name}.yaml").write_text(
+            yaml.safe_dump({k: v for k, v in config.items() if v is not None})
+        )
+        self.agents[pod.name].process.send_signal(signal.SIGHUP)
         await eventually(pod, "outrider_config_reloads_total", done + 1, kind="agent", result="ok")
+
+    @asynccontextmanager
+    async def reconfigured(self, pod: Pod, **sections: Any) -> AsyncIterator[None]:
+        """The agent runs with `sections` for the block, then with its first config again:
+        the tests of this module share the agents."""
+        await self.reload(pod, **sections)
+        try:
+            yield
+        finally:
+            await self.reload(pod)
 
 
 def server_config(setup: CaSetup, root: Path, ca: str, pod: Pod) -> dict[str, Any]:
@@ -195,9 +211,7 @@ def server_config(setup: CaSetup, root: Path, ca: str, pod: Pod) -> dict[str, An
     )
 
 
-def client_config(
-    setup: CaSetup, root: Path, ca: str, pod: Pod, server: Pod, outside: str
-) -> dict[str, Any]:
+def client_config(setup: CaSetup, root: Path, ca: str, pod: Pod, server: Pod) -> dict[str, Any]:
     upstream = {
         "name": "server.demo:8080",
         "protocol": "http",
@@ -211,154 +225,163 @@ def client_config(
         ca_address=ca,
         token=setup.issuer.token("demo", pod.name),
         capture={},
-        captured={"outbound": {"passthrough": [outside]}},
         outbound=[upstream],
         status=f"0.0.0.0:{STATUS}",
     )
 
 
-@asynccontextmanager
-async def captured_pods(network: PodNetwork, tmp_path: Path) -> AsyncIterator[Captured]:
-    setup = make_ca_setup(tmp_path, listen={"grpc": f"{network.node_ip}:0", "http": "127.0.0.1:0"})
-    server, client = network.add_pod("server"), network.add_pod("client")
-    app = HttpApp()
-    serving = await server.start_server(app.handle, "0.0.0.0", 8080)
-    try:
-        with ca_process(setup.config) as ca, readable_directory() as root, ExitStack() as stack:
-            (root / "ca").mkdir()
-            shutil.copy(setup.root / "ca" / "bundle.pem", root / "ca" / "bundle.pem")
-            address = f"{network.node_ip}:{ca.grpc_port}"
-            outside = f"{network.node_ip}:1"  # a registry Service outside the mesh (refused)
-            configs = {
-                "server": server_config(setup, root, address, server),
-                "client": client_config(setup, root, address, client, server, outside),
-            }
-            agents = {}
-            for pod in (server, client):
-                capture(pod)
-                agents[pod.name] = stack.enter_context(
-                    agent_process(
-                        root, pod.name, configs[pod.name], prefix=pod.prefix_as(AGENT_UID)
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Captured]:
+    """One CA and two captured pods with their agents, for every test of the module."""
+    tmp_path = tmp_path_factory.mktemp("capture")
+    with pod_network() as network:
+        setup = make_ca_setup(
+            tmp_path, listen={"grpc": f"{network.node_ip}:0", "http": "127.0.0.1:0"}
+        )
+        server, client = network.add_pod("server"), network.add_pod("client")
+        app = HttpApp()
+        serving = await server.start_server(app.handle, "0.0.0.0", 8080)
+        try:
+            with ca_process(setup.config) as ca, readable_directory() as root, ExitStack() as stack:
+                (root / "ca").mkdir()
+                shutil.copy(setup.root / "ca" / "bundle.pem", root / "ca" / "bundle.pem")
+                address = f"{network.node_ip}:{ca.grpc_port}"
+                configs = {
+                    "server": server_config(setup, root, address, server),
+                    "client": client_config(setup, root, address, client, server),
+                }
+                agents = {}
+                for pod in (server, client):
+                    capture(pod)
+                    agents[pod.name] = stack.enter_context(
+                        agent_process(
+                            root, pod.name, configs[pod.name], prefix=pod.prefix_as(AGENT_UID)
+                        )
                     )
-                )
-            yield Captured(network, root, server, client, app, agents, configs)
-    finally:
-        serving.close()
+                yield Captured(network, root, server, client, app, agents, configs)
+        finally:
+            serving.close()
+
+
+def counted(pod: Pod, direction: str, mtls: str, peer_id: str = "") -> float:
+    """outrider_connections_total of `pod`'s agent."""
+    labels = {"direction": direction, "mtls": mtls, "peer_id": peer_id}
+    return metric(pod, "outrider_connections_total", **labels)
 
 
 async def test_strict_capture_lets_only_mtls_reach_the_app_with_the_callers_identity(
-    pods: PodNetwork, tmp_path: Path
+    mesh: Captured,
 ) -> None:
-    async with captured_pods(pods, tmp_path) as mesh:
-        server, client, app = mesh.server, mesh.client, mesh.app
-        assert mesh.agents["server"].bound["capture[inbound]"] == "0.0.0.0:15006"
-        assert mesh.agents["client"].bound["capture[outbound]"] == "127.0.0.1:15007"
-        caller = f"By=spiffe://outrider.test/ns/demo/sa/server;URI={workload('client')}"
-        caller = caller.replace("outrider.test", workload("client").trust_domain.name)
+    server, client, app = mesh.server, mesh.client, mesh.app
+    assert mesh.agents["server"].bound["capture[inbound]"] == "0.0.0.0:15006"
+    assert mesh.agents["client"].bound["capture[outbound]"] == "127.0.0.1:15007"
+    caller = f"By={workload('server')};URI={workload('client')}"
+    requests, verified = app.requests, counted(server, "inbound", "true", str(workload("client")))
+    routed = counted(client, "outbound", "true")
 
-        # The client app calls the server's pod IP, unchanged: mTLS pinned to that pod.
-        assert body(await exchange(await client.open_connection(server.ip, 8080))) == caller
-        # ... and the Service address: the upstream's own HTTP path, per request. Known by
-        # its destinations only, that upstream started (discovery, gauges) on first use.
-        started = {"upstream": "server.demo:8080", "state": "healthy"}
-        assert metric(client, "outrider_upstream_endpoints", **started) == 0
-        host, port = SERVICE.split(":")
-        assert body(await exchange(await client.open_connection(host, int(port)))) == caller
-        assert app.requests == 2
-        assert metric(client, "outrider_upstream_endpoints", **started) == 1
+    # The client app calls the server's pod IP, unchanged: mTLS pinned to that pod.
+    assert body(await exchange(await client.open_connection(server.ip, 8080))) == caller
+    # ... and the Service address: the upstream's own HTTP path, per request. Known by
+    # its destinations only, that upstream started (discovery, gauges) on first use.
+    started = {"upstream": "server.demo:8080", "state": "healthy"}
+    first_use = metric(client, "outrider_upstream_endpoints", **started) == 0
+    host, port = SERVICE.split(":")
+    assert body(await exchange(await client.open_connection(host, int(port)))) == caller
+    assert app.requests == requests + 2
+    assert metric(client, "outrider_upstream_endpoints", **started) == 1
+    assert first_use or requests > 0  # (not the first use if another test ran first)
 
-        # A plaintext caller without an agent (the node): not a byte from the app, and a
-        # forged identity header never reaches it.
-        for request in (REQUEST, FORGED):
-            opened = await asyncio.open_connection(server.ip, 8080)
-            assert await exchange(opened, request) == b""
-        assert app.requests == 2
+    # A plaintext caller without an agent (the node): not a byte from the app, and a
+    # forged identity header never reaches it.
+    for request in (REQUEST, FORGED):
+        opened = await asyncio.open_connection(server.ip, 8080)
+        assert await exchange(opened, request) == b""
+    assert app.requests == requests + 2
 
-        # Counted once each, after the handshake; no plaintext was accepted.
-        peer = {"direction": "inbound", "mtls": "true", "peer_id": str(workload("client"))}
-        assert metric(server, "outrider_connections_total", **peer) == 2
-        plain = {"direction": "inbound", "mtls": "false", "peer_id": ""}
-        assert metric(server, "outrider_connections_total", **plain) == 0
-        routed = {"direction": "outbound", "mtls": "true", "peer_id": ""}
-        assert metric(client, "outrider_connections_total", **routed) == 2
-        # The agents' own connections (to the CA on the node, to the server pod) were
-        # never captured: none came back through a capture port as a passthrough or loop.
-        for pod in (server, client):
-            for reason in ("registry", "allow_any"):
-                assert metric(pod, "outrider_outbound_passthrough_total", reason=reason) == 0
-        for direction in ("inbound", "outbound"):
-            loops = {"direction": direction, "reason": "capture_loop"}
-            assert metric(server, "outrider_connections_refused_total", **loops) == 0
-            assert metric(client, "outrider_connections_refused_total", **loops) == 0
+    # Counted once each, after the handshake; no plaintext was accepted.
+    assert counted(server, "inbound", "true", str(workload("client"))) == verified + 2
+    assert counted(server, "inbound", "false") == 0
+    assert counted(client, "outbound", "true") == routed + 2
+    # The agents' own connections (to the CA on the node, to the server pod) were never
+    # captured: none came back through a capture port as a passthrough or a loop.
+    for pod in (server, client):
+        assert metric(pod, "outrider_outbound_passthrough_total", reason="registry") == 0
+        assert counted(pod, "outbound", "false") == metric(
+            pod, "outrider_outbound_passthrough_total", reason="allow_any"
+        )
+        loops = {"direction": "inbound", "reason": "capture_loop"}
+        assert metric(pod, "outrider_connections_refused_total", **loops) == 0
 
 
 async def test_permissive_lets_plaintext_through_counted_and_strict_stops_it_without_restart(
-    pods: PodNetwork, tmp_path: Path
+    mesh: Captured,
 ) -> None:
-    async with captured_pods(pods, tmp_path) as mesh:
-        server, app = mesh.server, mesh.app
-        process = mesh.agents["server"].process
-        permissive = {"mtls": "permissive", "ports": {"8080": {"protocol": "http"}}}
-        await mesh.reload(server, captured={"inbound": permissive})
-
+    server, app = mesh.server, mesh.app
+    process = mesh.agents["server"].process
+    permissive = {"mtls": "permissive", "ports": {"8080": {"protocol": "http"}}}
+    async with mesh.reconfigured(server, captured={"inbound": permissive}):
+        requests = app.requests
         forged = await exchange(await asyncio.open_connection(server.ip, 8080), FORGED)
         assert body(forged) == "-"  # through, and without the forged header (none added)
-        plain = {"direction": "inbound", "mtls": "false", "peer_id": ""}
-        assert metric(server, "outrider_connections_total", **plain) == 1
+        assert counted(server, "inbound", "false") == 1
         # mTLS still works on a permissive port (the first byte tells them apart).
         caller = body(await exchange(await mesh.client.open_connection(server.ip, 8080)))
         assert caller.endswith(f"URI={workload('client')}")
-        assert app.requests == 2
+        assert app.requests == requests + 2
 
-        await mesh.reload(server, captured={"inbound": {**permissive, "mtls": "strict"}})
-        assert await exchange(await asyncio.open_connection(server.ip, 8080)) == b""
-        assert app.requests == 2
-        assert metric(server, "outrider_connections_total", **plain) == 1
-        assert process.poll() is None  # the same agent, never restarted
+    # Strict again (the first config): the plaintext caller is stopped, same agent.
+    assert await exchange(await asyncio.open_connection(server.ip, 8080)) == b""
+    assert app.requests == requests + 2
+    assert counted(server, "inbound", "false") == 1
+    assert process.poll() is None  # never restarted
 
 
 async def test_destinations_outside_the_mesh_are_passed_through_or_refused_and_counted(
-    pods: PodNetwork, tmp_path: Path
+    mesh: Captured,
 ) -> None:
-    node = await asyncio.start_server(lambda r, w: (w.write(b"node"), w.close()), pods.node_ip, 0)
-    node_port = node.sockets[0].getsockname()[1]
+    client, network = mesh.client, mesh.network
+    node = await asyncio.start_server(
+        lambda r, w: (w.write(b"node"), w.close()), network.node_ip, 0
+    )
+    port = node.sockets[0].getsockname()[1]
+
+    async def call(host: str, port: int) -> bytes:
+        reader, writer = await client.open_connection(host, port)
+        try:
+            return await asyncio.wait_for(reader.read(), 5)
+        except ConnectionError:
+            return b""
+        finally:
+            writer.close()
+
+    def passed(reason: str) -> float:
+        return metric(client, "outrider_outbound_passthrough_total", reason=reason)
+
+    def refused(reason: str) -> float:
+        labels = {"direction": "outbound", "reason": reason}
+        return metric(client, "outrider_connections_refused_total", **labels)
+
     try:
-        async with captured_pods(pods, tmp_path) as mesh:
-            client = mesh.client
+        # allow-any (the default): an address outside the registry, in plain TCP, counted.
+        plain, allow_any = counted(client, "outbound", "false"), passed("allow_any")
+        assert await call(network.node_ip, port) == b"node"
+        assert passed("allow_any") == allow_any + 1
+        assert counted(client, "outbound", "false") == plain + 1
 
-            async def call(host: str, port: int) -> bytes:
-                reader, writer = await client.open_connection(host, port)
-                try:
-                    return await asyncio.wait_for(reader.read(), 5)
-                except ConnectionError:
-                    return b""
-                finally:
-                    writer.close()
+        # A registry Service outside the mesh: passed through under either policy.
+        registry = {"policy": "registry-only", "passthrough": [f"{network.node_ip}:{port}"]}
+        async with mesh.reconfigured(client, captured={"outbound": registry}):
+            assert await call(network.node_ip, port) == b"node"
+            assert passed("registry") == 1
 
-            # allow-any: an address outside the registry, in plain TCP, counted.
-            assert await call(pods.node_ip, node_port) == b"node"
-            assert metric(client, "outrider_outbound_passthrough_total", reason="allow_any") == 1
-            outside = {"direction": "outbound", "mtls": "false", "peer_id": ""}
-            assert metric(client, "outrider_connections_total", **outside) == 1
+        # registry-only: anything else is closed, counted.
+        async with mesh.reconfigured(client, captured={"outbound": {"policy": "registry-only"}}):
+            assert await call(network.node_ip, port) == b""
+            assert refused("registry_only") == 1
 
-            # A registry Service outside the mesh: passed through under both policies.
-            registry = f"{pods.node_ip}:{node_port}"
-            captured = {"outbound": {"policy": "registry-only", "passthrough": [registry]}}
-            await mesh.reload(client, captured=captured)
-            assert await call(pods.node_ip, node_port) == b"node"
-            assert metric(client, "outrider_outbound_passthrough_total", reason="registry") == 1
-
-            # registry-only: anything else is closed, counted.
-            captured = {"outbound": {"policy": "registry-only"}}
-            await mesh.reload(client, captured=captured)
-            assert await call(pods.node_ip, node_port) == b""
-            refused = {"direction": "outbound", "reason": "registry_only"}
-            assert metric(client, "outrider_connections_refused_total", **refused) == 1
-
-            # An app connection to a capture port would come back to the agent: refused.
-            assert await call("198.51.100.9", 15007) == b""
-            loop = {"direction": "outbound", "reason": "capture_loop"}
-            assert metric(client, "outrider_connections_refused_total", **loop) == 1
-            assert metric(client, "outrider_connections_total", **outside) == 2
+        # An app connection to a capture port would come back to the agent: refused.
+        assert await call("198.51.100.9", 15007) == b""
+        assert refused("capture_loop") == 1
+        assert counted(client, "outbound", "false") == plain + 2
     finally:
         node.close()
