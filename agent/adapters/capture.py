@@ -34,18 +34,24 @@ class AcceptedSocket(Protocol):
     def getsockopt(self, level: int, optname: int, buflen: int, /) -> bytes: ...
 
 
-def original_destination(sock: AcceptedSocket) -> tuple[str, int] | None:
+def original_destination(sock: AcceptedSocket | None) -> tuple[str, int] | None:
     """(ip, port) the peer connected to before the capture rules redirected it.
 
     None when the connection was not redirected: the kernel has no tracked
     original (getsockopt fails) or the original is the socket's own address
-    (someone connected to the capture port itself). An IPv4 address reached
+    (someone connected to the capture port itself); and when there is no socket
+    any more (a transport closed already gives None). An IPv4 address reached
     through a dual-stack IPv6 socket comes back as plain IPv4.
     """
+    if sock is None:
+        return None
     found = _read(sock)
     if found is None:
         return None
-    local = sock.getsockname()
+    try:
+        local = sock.getsockname()
+    except OSError:  # closed meanwhile: nothing to serve
+        return None
     if _same(found, (local[0], local[1])):
         return None
     return found

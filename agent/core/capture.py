@@ -34,11 +34,12 @@ _MAX_UID = 2**32 - 2
 
 
 class CaptureRulesError(ValueError):
-    """Capture settings that cannot be applied; every problem, each naming its setting."""
+    """Capture settings that cannot be applied: every problem, each with its setting's name
+    (`inbound_port`; the command line says `--inbound-port`)."""
 
-    def __init__(self, errors: Sequence[str]) -> None:
-        super().__init__("; ".join(errors))
-        self.errors = list(errors)
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(f"{name}: {why}" for name, why in self.problems))
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,16 @@ class CaptureRules:
     exclude_outbound_cidrs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        errors: list[str] = []
+        errors: list[tuple[str, str]] = []
         for name in ("inbound_port", "outbound_port"):
             _check_port(getattr(self, name), name, errors)
         if self.inbound_port == self.outbound_port and not errors:
             errors.append(
-                f"inbound_port and outbound_port are both {self.inbound_port}:"
-                " the agent serves them separately, so they must differ"
+                (
+                    "outbound_port",
+                    f"{self.outbound_port} is the inbound_port too:"
+                    " the agent serves the two apart, so they must differ",
+                )
             )
         _check_uid(self.agent_uid, errors)
         for name in ("exclude_inbound_ports", "exclude_outbound_ports"):
@@ -72,6 +76,9 @@ class CaptureRules:
                 _check_port(port, name, errors)
             if not errors:
                 object.__setattr__(self, name, tuple(sorted(set(ports))))
+        if isinstance(self.exclude_outbound_cidrs, str):
+            errors.append(("exclude_outbound_cidrs", "give a list of CIDRs, not one string"))
+            raise CaptureRulesError(errors)
         cidrs = _networks(self.exclude_outbound_cidrs, errors)
         if errors:
             raise CaptureRulesError(errors)
@@ -83,32 +90,32 @@ class CaptureRules:
         return tuple(sorted({self.inbound_port, self.outbound_port, *self.exclude_inbound_ports}))
 
 
-def _check_port(port: object, name: str, errors: list[str]) -> None:
+def _check_port(port: object, name: str, errors: list[tuple[str, str]]) -> None:
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        errors.append(f"{name}: {port!r} is not a TCP port (1-65535)")
+        errors.append((name, f"{port!r} is not a TCP port (1-65535)"))
 
 
-def _check_uid(uid: object, errors: list[str]) -> None:
+def _check_uid(uid: object, errors: list[tuple[str, str]]) -> None:
     if isinstance(uid, bool) or not isinstance(uid, int) or not 0 <= uid <= _MAX_UID:
-        errors.append(f"agent_uid: {uid!r} is not a UID (0-{_MAX_UID})")
+        errors.append(("agent_uid", f"{uid!r} is not a UID (0-{_MAX_UID})"))
     elif uid == 0:
         errors.append(
-            "agent_uid: 0 would leave every root process of the pod uncaptured;"
-            " run the agent as its own UID (1337)"
+            (
+                "agent_uid",
+                "0 would leave every root process of the pod uncaptured;"
+                " run the agent as a UID of its own (1337)",
+            )
         )
 
 
-def _networks(cidrs: Iterable[object], errors: list[str]) -> tuple[str, ...]:
+def _networks(cidrs: Iterable[object], errors: list[tuple[str, str]]) -> tuple[str, ...]:
     """The CIDRs canonical and collapsed: nft refuses overlapping intervals in one set."""
     parsed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    if isinstance(cidrs, str):
-        errors.append(f"exclude_outbound_cidrs: give a list of CIDRs, not the string {cidrs!r}")
-        return ()
     for cidr in cidrs:
         try:
             parsed.append(ipaddress.ip_network(str(cidr).strip()))
         except ValueError as exc:
-            errors.append(f"exclude_outbound_cidrs: {cidr!r}: {_why(exc, str(cidr))}")
+            errors.append(("exclude_outbound_cidrs", f"{cidr!r}: {_why(exc, str(cidr))}"))
     v4 = [n for n in parsed if isinstance(n, ipaddress.IPv4Network)]
     v6 = [n for n in parsed if isinstance(n, ipaddress.IPv6Network)]
     collapsed = [*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)]
@@ -120,6 +127,62 @@ def _why(exc: ValueError, cidr: str) -> str:
         network = ipaddress.ip_network(cidr.strip(), strict=False)
         return f"host bits set (did you mean {network}?)"
     return "not an IPv4 or IPv6 CIDR such as 10.0.0.0/8 or fd00::/8"
+
+
+def rules_from_flags(
+    *,
+    inbound_port: str | None = None,
+    outbound_port: str | None = None,
+    agent_uid: str | None = None,
+    exclude_inbound_ports: str | None = None,
+    exclude_outbound_ports: str | None = None,
+    exclude_outbound_cidrs: str | None = None,
+) -> CaptureRules:
+    """CaptureRules from the command line's text (None: the default; lists comma-separated,
+    "" for none), or CaptureRulesError with every problem of every flag at once."""
+    errors: list[tuple[str, str]] = []
+    given: dict[str, Any] = {}
+    for name, text in (
+        ("inbound_port", inbound_port),
+        ("outbound_port", outbound_port),
+        ("agent_uid", agent_uid),
+    ):
+        if text is not None and (number := _number(name, text, errors)) is not None:
+            given[name] = number
+    for name, text in (
+        ("exclude_inbound_ports", exclude_inbound_ports),
+        ("exclude_outbound_ports", exclude_outbound_ports),
+    ):
+        if text is not None:
+            numbers = (_number(name, item, errors) for item in _items(name, text, errors))
+            given[name] = tuple(n for n in numbers if n is not None)
+    if exclude_outbound_cidrs is not None:
+        cidrs = _items("exclude_outbound_cidrs", exclude_outbound_cidrs, errors)
+        given["exclude_outbound_cidrs"] = cidrs
+    try:
+        rules = CaptureRules(**given)  # a value that did not parse is left out: said once
+    except CaptureRulesError as exc:
+        errors.extend(exc.problems)
+    if errors:
+        raise CaptureRulesError(errors)
+    return rules
+
+
+def _items(name: str, text: str, errors: list[tuple[str, str]]) -> tuple[str, ...]:
+    if not text.strip():
+        return ()
+    items = tuple(item.strip() for item in text.split(","))
+    if "" in items:
+        errors.append((name, f"{text!r} has an empty item: separate values with single commas"))
+    return tuple(item for item in items if item)
+
+
+def _number(name: str, text: str, errors: list[tuple[str, str]]) -> int | None:
+    try:
+        return int(text.strip(), 10)
+    except ValueError:
+        errors.append((name, f"{text!r} is not a number"))
+        return None
 
 
 def ruleset(rules: CaptureRules) -> str:
@@ -201,7 +264,7 @@ def summary(rules: CaptureRules, listing: dict[str, Any]) -> str:
     got = redirects(listing)
     if got != want:
         raise CaptureRulesError(
-            [f"table {FAMILY} {TABLE} redirects {got or 'nothing'} after applying, not {want}"]
+            [("table", f"{FAMILY} {TABLE} redirects {got or 'nothing'} after applying, not {want}")]
         )
     kept = ",".join(map(str, rules.inbound_kept))
     excluded = [f"UID {rules.agent_uid}", "loopback"]

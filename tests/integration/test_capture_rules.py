@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from agent.adapters.capture import original_destination
+from agent.adapters.nft import Nft
 from agent.core.capture import CaptureRules, remove_script, ruleset
 from tests.netns import Pod, PodNetwork
 
@@ -24,7 +25,8 @@ TIMEOUT = 5.0
 
 
 def apply(pod: Pod, nft: str, rules: CaptureRules) -> None:
-    pod.run([nft, "-f", "-"], input=ruleset(rules))
+    """As `outrider capture apply` does, in `pod`."""
+    Nft((*pod.prefix, nft)).apply(ruleset(rules))
 
 
 @contextmanager
@@ -141,6 +143,8 @@ def test_a_connection_that_was_not_redirected_has_no_original_destination(
         connection, _ = plain.accept()
         with connection:
             assert original_destination(connection) is None
+    assert original_destination(connection) is None  # closed
+    assert original_destination(None) is None  # what a closed transport gives
 
 
 def test_outbound_tcp_of_the_app_reaches_the_outbound_port_with_where_it_was_going(
@@ -236,8 +240,8 @@ def test_applying_twice_is_applying_once_and_a_change_replaces_the_rules(
 def test_removing_the_rules_leaves_the_pod_uncaptured(pods: PodNetwork, nft: str) -> None:
     client, server = pods.add_pod("client"), pods.add_pod("server")
     apply(server, nft, CaptureRules())
-    server.run([nft, "-f", "-"], input=remove_script())
-    server.run([nft, "-f", "-"], input=remove_script())  # and removing twice is fine
+    Nft((*server.prefix, nft)).apply(remove_script())
+    Nft((*server.prefix, nft)).apply(remove_script())  # and removing twice is fine
     assert server.run([nft, "list", "ruleset"]).stdout.strip() == ""
     with (
         listening(server, "0.0.0.0", 8080) as app,
