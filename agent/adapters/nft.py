@@ -16,7 +16,7 @@ from agent.core.capture import FAMILY, TABLE
 
 NOT_INSTALLED = "`nft` is not installed: the agent image carries nft; install nftables"
 NOT_PERMITTED = (
-    "nft was not permitted to change the rules: it needs NET_ADMIN and NET_RAW:"
+    "nft was not permitted: it needs NET_ADMIN and NET_RAW:"
     " run it as the outrider-capture init container the injector adds"
 )
 

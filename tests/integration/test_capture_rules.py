@@ -10,6 +10,7 @@ as they capture an app. Only the agent's UID needs a process of its own.
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import sys
 from collections.abc import Iterator
@@ -43,17 +44,26 @@ def listening(
         yield listener
 
 
-def waiting(listener: socket.socket) -> socket.socket | None:
-    """The connection that reached `listener`, if one did.
+def waiting(listener: socket.socket, within: float = 0.0) -> socket.socket | None:
+    """The connection that reached `listener` (waiting up to `within` seconds), if one did.
 
-    connect() returns once the handshake is done, and the kernel queues the
-    connection for accept() by then: no waiting is needed to know.
+    connect() returns when the client has the server's SYN-ACK; the client's last
+    ACK, which queues the connection for accept(), may still be on its way through
+    the bridge: whatever must arrive is waited for. What must not arrive is checked
+    after what must has arrived elsewhere, so it could not be late.
     """
-    try:
-        connection, _ = listener.accept()
-    except BlockingIOError:
+    if not select.select([listener], [], [], within)[0]:
         return None
+    connection, _ = listener.accept()
     return connection
+
+
+def arrived(listener: socket.socket) -> bool:
+    connection = waiting(listener, TIMEOUT)
+    if connection is None:
+        return False
+    connection.close()
+    return True
 
 
 def connect(
@@ -71,7 +81,7 @@ def connect(
 
 def reached(listener: socket.socket) -> tuple[str, int] | None:
     """Where the connection that reached `listener` was going; fails if none did."""
-    connection = waiting(listener)
+    connection = waiting(listener, TIMEOUT)
     assert connection is not None, f"nothing reached {listener.getsockname()}"
     with connection:
         return original_destination(connection)
@@ -175,7 +185,7 @@ def test_the_agent_uids_connections_are_never_captured_and_an_app_uids_are(
         listening(other, "0.0.0.0", 8080) as target,
     ):
         app.run([sys.executable, "-c", dial, other.ip, "8080"], user=AGENT_UID)
-        assert waiting(target) is not None, "the agent's connection did not reach its peer"
+        assert arrived(target), "the agent's connection did not reach its peer"
         assert waiting(outbound) is None, "the agent's own connection was captured: a loop"
         app.run([sys.executable, "-c", dial, other.ip, "8080"], user=1000)
         assert reached(outbound) == (other.ip, 8080)
@@ -192,7 +202,7 @@ def test_loopback_and_the_pods_own_ip_are_not_captured(pods: PodNetwork, nft: st
     ):
         for host in ("127.0.0.1", app.ip):
             with connect(app, host, 8080):
-                assert waiting(local) is not None, f"{host}:8080 did not reach the app"
+                assert arrived(local), f"{host}:8080 did not reach the app"
         assert waiting(inbound) is None and waiting(outbound) is None
 
 
@@ -212,9 +222,9 @@ def test_excluded_ports_and_cidrs_are_not_captured(pods: PodNetwork, nft: str) -
         socket.create_server((pods.node_ip, 5432)) as node_db,
     ):
         with connect(other, app.ip, 9090):
-            assert waiting(app_excluded) is not None
+            assert arrived(app_excluded)
         with connect(app, other.ip, 8080):  # in an excluded CIDR
-            assert waiting(other_app) is not None
+            assert arrived(other_app)
         with connect(app, pods.node_ip, 5432):  # an excluded port
             node_db.settimeout(TIMEOUT)
             node_db.accept()[0].close()
@@ -248,4 +258,4 @@ def test_removing_the_rules_leaves_the_pod_uncaptured(pods: PodNetwork, nft: str
         listening(server, "0.0.0.0", 15006) as inbound,
         connect(client, server.ip, 8080),
     ):
-        assert waiting(app) is not None and waiting(inbound) is None
+        assert arrived(app) and waiting(inbound) is None
