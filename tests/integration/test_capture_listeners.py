@@ -16,13 +16,11 @@ is) or from the node (a plaintext caller with no agent).
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import sys
-import tempfile
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,39 +42,12 @@ STATUS = 15020
 
 # -- the capture rules ---------------------------------------------------------------------
 
-#: Until `outrider capture apply` (agent/core/capture.py, issue 16's capture part) is on
-#: main: the rules its contract gives, for these tests alone. Applied the same way: one
-#: atomic `nft -f` in the pod, as root.
-_STAND_IN_RULES = """
-table inet outrider
-delete table inet outrider
-table inet outrider {
-  chain prerouting {
-    type nat hook prerouting priority dstnat; policy accept;
-    iifname "lo" return
-    meta l4proto != tcp return
-    tcp dport { 15006, 15007, 15020 } return
-    meta l4proto tcp redirect to :15006
-  }
-  chain output {
-    type nat hook output priority -100; policy accept;
-    meta l4proto != tcp return
-    meta skuid 1337 return
-    oifname "lo" return
-    meta l4proto tcp redirect to :15007
-  }
-}
-"""
-
 
 def capture(pod: Pod) -> None:
     """The pod's TCP redirected to its agent, as the init container does it (as root)."""
-    command = [sys.executable, "-m", "outrider", "capture", "apply", "--agent-uid", "1337"]
+    command = [sys.executable, "-m", "outrider", "capture", "apply", "--agent-uid", str(AGENT_UID)]
     applied = pod.run(command, check=False)
-    if applied.returncode != 0 and "invalid choice" in applied.stderr:  # not on main yet
-        pod.run(["nft", "-f", "-"], input=_STAND_IN_RULES)
-    elif applied.returncode != 0:
-        raise AssertionError(f"capture apply failed: {applied.stderr}")
+    assert applied.returncode == 0, applied.stderr
 
 
 # -- apps ----------------------------------------------------------------------------------
@@ -137,17 +108,6 @@ def body(response: bytes) -> str:
 
 
 # -- agents --------------------------------------------------------------------------------
-
-
-@contextmanager
-def readable_directory() -> Iterator[Path]:
-    """A directory the agent's UID can read (pytest's tmp_path is root's alone)."""
-    path = Path(tempfile.mkdtemp(prefix="outrider-capture-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path)
 
 
 def metric(pod: Pod, name: str, **labels: str) -> float:
@@ -231,7 +191,7 @@ def client_config(setup: CaSetup, root: Path, ca: str, pod: Pod, server: Pod) ->
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Captured]:
+async def mesh(tmp_path_factory: pytest.TempPathFactory, nft: str) -> AsyncIterator[Captured]:
     """One CA and two captured pods with their agents, for every test of the module."""
     tmp_path = tmp_path_factory.mktemp("capture")
     with pod_network() as network:
@@ -242,9 +202,8 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Captur
         app = HttpApp()
         serving = await server.start_server(app.handle, "0.0.0.0", 8080)
         try:
-            with ca_process(setup.config) as ca, readable_directory() as root, ExitStack() as stack:
-                (root / "ca").mkdir()
-                shutil.copy(setup.root / "ca" / "bundle.pem", root / "ca" / "bundle.pem")
+            with ca_process(setup.config) as ca, ExitStack() as stack:
+                root = setup.root
                 address = f"{network.node_ip}:{ca.grpc_port}"
                 configs = {
                     "server": server_config(setup, root, address, server),
@@ -255,7 +214,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Captur
                     capture(pod)
                     agents[pod.name] = stack.enter_context(
                         agent_process(
-                            root, pod.name, configs[pod.name], prefix=pod.prefix_as(AGENT_UID)
+                            root, pod.name, configs[pod.name], prefix=pod.command([], AGENT_UID)
                         )
                     )
                 yield Captured(network, root, server, client, app, agents, configs)
