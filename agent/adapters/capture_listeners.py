@@ -245,8 +245,9 @@ async def _adopt(
     """An accepted socket handed to `protocol`, as the explicit listener's server would."""
     try:
         await loop.connect_accepted_socket(lambda: protocol, sock)
-    except OSError:
+    except OSError as exc:
         sock.close()
+        protocol.connection_lost(exc)  # what it holds (a relay, a breaker slot) lets go
 
 
 async def _relayed(

@@ -341,6 +341,14 @@ async def test_destinations_outside_the_mesh_are_passed_through_or_refused_and_c
         # An app connection to a capture port would come back to the agent: refused.
         assert await call("198.51.100.9", 15007) == b""
         assert refused("capture_loop") == 1
+        # A capture port called as itself (nothing redirected it): nowhere to send it.
+        assert await call("127.0.0.1", 15007) == b""
+        assert refused("no_original_destination") == 1
+        reader, writer = await asyncio.open_connection(mesh.server.ip, 15006)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        unknown = {"direction": "inbound", "reason": "no_original_destination"}
+        assert metric(mesh.server, "outrider_connections_refused_total", **unknown) == 1
         assert counted(client, "outbound", "false") == plain + 2
     finally:
         node.close()
