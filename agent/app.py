@@ -737,6 +737,8 @@ def load_policies(config: AgentConfig) -> PolicySet:
         raise PolicyError(clashes)
     policies = PolicySet(combined, config.policy.default_action)
     tcp_ports = frozenset(i.app.port for i in config.inbound if i.protocol == "tcp")
+    if config.capture is not None:  # the captured ports it names (any other is tcp too)
+        tcp_ports |= {port for port, o in config.captured.ports if o.protocol == "tcp"}
     errors = policies.http_only_errors(tcp_ports)
     if errors:
         raise PolicyError(errors)

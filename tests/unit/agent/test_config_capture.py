@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from agent.app import load_policies
 from agent.config import (
     MAX_SNAPSHOT_LISTENERS,
     CapturePorts,
@@ -18,6 +19,7 @@ from agent.config import (
     parse_snapshot,
 )
 from agent.core.captured import Captured, PortOverride
+from agent.core.policyfile import PolicyError
 from agent.core.upstream import Endpoint
 from identity.configfile import Listen
 
@@ -150,3 +152,21 @@ def test_a_snapshot_cannot_set_the_capture_ports() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_snapshot(bootstrap, b'{"capture": {"inbound_port": 8080}}', source="snap")
     assert caught.value.errors[0].startswith("capture: not a snapshot key")
+
+
+def test_a_policy_with_http_fields_on_a_captured_tcp_port_is_refused_as_on_an_inbound() -> None:
+    http_rule = {
+        "name": "get-only",
+        "action": "ALLOW",
+        "rules": [{"to": {"ports": [8081], "methods": ["GET"]}}],
+    }
+    captured = {
+        "inbound": {"ports": {"8081": {"mtls": "permissive"}, "8080": {"protocol": "http"}}}
+    }
+    config = parse(raw(capture={}, captured=captured, policy={"policies": [http_rule]}), base=BASE)
+    with pytest.raises(PolicyError) as caught:
+        load_policies(config)
+    assert "applies to TCP port" in caught.value.errors[0]
+    http_rule["rules"][0]["to"]["ports"] = [8080]  # type: ignore[index]
+    config = parse(raw(capture={}, captured=captured, policy={"policies": [http_rule]}), base=BASE)
+    assert load_policies(config).policies
