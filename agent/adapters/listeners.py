@@ -359,9 +359,8 @@ class InboundMtls(Listener[InboundT]):
         loop = asyncio.get_running_loop()
         try:
             down, _ = await loop.connect_accepted_socket(lambda: relay.down, sock)
-        except OSError as exc:
+        except OSError:  # gone already: no handshake to count it under
             sock.close()
-            self._refused(refusal_reason(exc))
             relay.close()
             return
         down.pause_reading()
