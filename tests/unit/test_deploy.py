@@ -898,7 +898,8 @@ def camel(name: str) -> str:
 
 def test_traffic_policy_keys_are_the_agents_outbound_keys_in_camel_case() -> None:
     spec = spec_schema("TrafficPolicy")["properties"]
-    per_service = {"name", "listen", "server_ids", "subsets", "protocol"}  # the control plane's
+    # The control plane's, per Service (destinations: its ClusterIPs, for captured pods).
+    per_service = {"name", "listen", "server_ids", "subsets", "protocol", "destinations"}
     keys = {"pool" if k == "pool_idle_timeout" else k for k in Outbound.__annotations__}
     assert set(spec) == {"targetRefs"} | {camel(k) for k in keys - per_service}
     assert set(spec["pool"]["properties"]) == {"idleTimeout"}
