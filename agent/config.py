@@ -35,6 +35,9 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
       files: [/etc/outrider/policy/policy.yaml]        # watched, reloaded when changed
       policies: [{name: guard, action: DENY, rules: [{}]}]  # inline, in the files' format
       default_action: allow-authenticated              # or deny, when no ALLOW policy applies
+    probes:                                            # the app's, for the kubelet (injector)
+      /app-health/web/readyz: {httpGet: {path: /ready, port: 8080}, timeoutSeconds: 1}
+      /app-health/web/livez: {tcpSocket: {port: 8080}}  # grpc: {port: 9090, service: ""}
     control:                                           # optional: the third config source
       address: outrider-control.outrider-system.svc:15012
       server_name: outrider-control.outrider-system.svc  # default: the address's host
@@ -57,13 +60,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 from agent.config_outbound import PROTOCOLS, Outbound, OutboundReader, Protocol
 from agent.core.authz import AllowList
 from agent.core.headers import UNDERSCORE_ACTIONS, UnderscoreAction
 from agent.core.policy import DefaultAction, Policy
 from agent.core.policyfile import PolicyError, parse_policy_list
+from agent.core.probes import (
+    AppProbe,
+    Grpc,
+    HttpGet,
+    Scheme,
+    TcpSocket,
+    header_error,
+    path_error,
+    request_path_error,
+)
 from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.backoff import Backoff
@@ -191,6 +204,7 @@ class AgentConfig:
     policy: PolicyConfig = PolicyConfig()
     status: Listen | None = None  # probes and metrics only, for the pod network
     control: ControlEndpoint | None = None
+    probes: tuple[AppProbe, ...] = ()  # the app's, served at /app-health/...
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -383,6 +397,8 @@ def parse(raw: object, *, base: Path, source: str = "config") -> AgentConfig:
 
 
 _TOP = {"identity", "ca", "inbound", "outbound", "limits", "admin", "status", "policy", "control"}
+_TOP |= {"probes"}
+_HTTP_GET = {"path", "port", "scheme", "httpHeaders"}
 DEFAULT_ACTIONS: tuple[DefaultAction, ...] = get_args(DefaultAction)
 _CA_KEYS = {"address", "server_name", "bundle_file", "timeout", "backoff", "bundle_refresh"}
 _CONTROL_KEYS = {"address", "server_name", "spiffe_id", "pod", "backoff", "timeout"}
@@ -425,6 +441,7 @@ class _Reader(OutboundReader):
             policy,
             status,
             control,
+            probes=self.app_probes(top.get("probes")),
         )
 
     def identity(self, raw: Mapping[str, Any]) -> IdentityConfig | None:
@@ -610,6 +627,84 @@ class _Reader(OutboundReader):
                 self.fail(
                     f"outbound[{i}].name", f"{item.name!r} is also outbound[{names[item.name]}]"
                 )
+
+    # --- probes: the app's, which the agent performs for the kubelet (agent/core/probes.py)
+
+    def app_probes(self, raw: object) -> tuple[AppProbe, ...]:
+        if raw is None:
+            return ()
+        if not isinstance(raw, Mapping):
+            self.fail("probes", "must be a mapping of /app-health/... paths to probes")
+            return ()
+        found = []
+        for key, spec in raw.items():
+            path = f"probes.{str(key)[:80]}"
+            problem = path_error(key) if isinstance(key, str) else "must be a string"
+            if problem:
+                self.fail(path, problem)
+                continue
+            probe = self.app_probe(key, spec, path)
+            if probe is not None:
+                found.append(probe)
+        return tuple(found)
+
+    def app_probe(self, key: str, raw: object, path: str) -> AppProbe | None:
+        spec = self.mapping(raw, path, {"httpGet", "tcpSocket", "grpc", "timeoutSeconds"})
+        kinds = [k for k in ("httpGet", "tcpSocket", "grpc") if k in spec]
+        if len(kinds) != 1:
+            self.fail(path, "needs exactly one of httpGet, tcpSocket and grpc")
+            return None
+        seconds = self.integer(spec, "timeoutSeconds", f"{path}.timeoutSeconds", 1)
+        where = f"{path}.{kinds[0]}"
+        action: HttpGet | TcpSocket | Grpc | None = None
+        if kinds[0] == "httpGet":
+            action = self.http_get(self.section(spec, where, _HTTP_GET), where)
+        elif kinds[0] == "tcpSocket":
+            port = self.probe_port(self.section(spec, where, {"port"}), where)
+            action = None if port is None else TcpSocket(port)
+        else:
+            item = self.section(spec, where, {"port", "service"})
+            port = self.probe_port(item, where)
+            service = item.get("service", "")
+            if not isinstance(service, str) or header_error("service", service):
+                self.fail(f"{where}.service", "must be a service name (printable text)")
+            elif port is not None:
+                action = Grpc(port, service)
+        return None if action is None else AppProbe(key, action, timedelta(seconds=seconds))
+
+    def probe_port(self, raw: Mapping[str, Any], path: str) -> int | None:
+        port = raw.get("port")
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            problem = "must be a port number, 1 to 65535 (the injector resolves names)"
+            self.fail(f"{path}.port", problem)
+            return None
+        return port
+
+    def http_get(self, raw: Mapping[str, Any], path: str) -> HttpGet | None:
+        port = self.probe_port(raw, path)
+        request = raw.get("path", "/")
+        if not isinstance(request, str) or request_path_error(request):
+            self.fail(f"{path}.path", "must be a request path: printable ASCII, no spaces")
+            port = None
+        scheme = raw.get("scheme", "HTTP")
+        if scheme not in ("HTTP", "HTTPS"):
+            self.fail(f"{path}.scheme", "must be HTTP or HTTPS")
+            port = None
+        headers: list[tuple[str, str]] = []
+        for i, header in enumerate(self.items(raw, "httpHeaders", f"{path}.httpHeaders")):
+            item = self.mapping(header, f"{path}.httpHeaders[{i}]", {"name", "value"})
+            name, value = item.get("name"), item.get("value", "")
+            if not isinstance(name, str) or not isinstance(value, str):
+                self.fail(f"{path}.httpHeaders[{i}]", "name and value must be strings")
+                port = None
+            elif problem := header_error(name, value):
+                self.fail(f"{path}.httpHeaders[{i}]", problem)
+                port = None
+            else:
+                headers.append((name, value))
+        if port is None:
+            return None
+        return HttpGet(port, request, cast(Scheme, scheme), tuple(headers))
 
     def trust_domain(self, value: object, path: str) -> TrustDomain | None:
         try:

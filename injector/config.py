@@ -19,6 +19,14 @@ Every key has a default; `tls` is required by `outrider injector serve` only.
       bundle_configmap: outrider-trust-bundle              # key bundle.pem, in each pod's namespace
     control:
       address: outrider-control.outrider-system.svc:15012  # every agent's config comes from here
+    capture:                         # the outrider-capture init container (docs/injector.md)
+      enabled: true                  # false: no capture; or label a namespace
+                                     #   outrider.io/capture=disabled
+      inbound_port: 15006            # the agent's ports for captured traffic
+      outbound_port: 15007
+      exclude_inbound_ports: []      # reach the app directly, in plain (15020 always does)
+      exclude_outbound_ports: []     # the app's calls to these ports are not captured
+      exclude_outbound_cidrs: []     # nor to these networks, e.g. [169.254.169.254/32]
     limits:
       max_body_bytes: 3145728        # per AdmissionReview; at least 65536
       max_json_depth: 64             # at least 32
@@ -40,14 +48,18 @@ from identity.serving import ConnectionLimits, read_limits
 from injector.core.settings import (
     LOG_LEVELS,
     AgentSettings,
+    CaptureSettings,
     CaSettings,
     ControlSettings,
     Quantity,
     ResourceList,
     Resources,
     Settings,
+    agent_port_error,
+    cidr_error,
     is_dns_label,
     is_dns_subdomain,
+    port_error,
 )
 
 __all__ = ["ConfigError", "InjectorConfig", "Limits", "TlsFiles", "load", "parse"]
@@ -99,10 +111,12 @@ _TOP = {
     "agent",
     "ca",
     "control",
+    "capture",
     "limits",
 }
 _LIMITS = {"max_body_bytes", "max_json_depth"} | set(ConnectionLimits.__annotations__)
 _AGENT = {"image", "uid", "log_level", "resources", "token_expiration_seconds"}
+_CAPTURE = set(CaptureSettings.__annotations__)
 
 
 class _Reader(ConfigReader):
@@ -116,6 +130,7 @@ class _Reader(ConfigReader):
             agent=self.agent(self.section(top, "agent", _AGENT)),
             ca=self.ca(self.section(top, "ca", {"address", "bundle_configmap"})),
             control=self.control(self.section(top, "control", {"address"})),
+            capture=self.capture(self.section(top, "capture", _CAPTURE)),
         )
         return InjectorConfig(
             settings,
@@ -139,10 +154,12 @@ class _Reader(ConfigReader):
             self.fail(key, "must be a DNS label (a-z, 0-9, '-', at most 63)")
         return value
 
-    def boolean(self, raw: Mapping[str, Any], key: str, default: bool) -> bool:
+    def boolean(
+        self, raw: Mapping[str, Any], key: str, default: bool, path: str | None = None
+    ) -> bool:
         value = raw.get(key, default)
         if not isinstance(value, bool):
-            self.fail(key, "must be true or false")
+            self.fail(path or key, "must be true or false")
             return default
         return value
 
@@ -206,6 +223,53 @@ class _Reader(ConfigReader):
 
     def control(self, raw: Mapping[str, Any]) -> ControlSettings:
         return ControlSettings(self.address(raw, "control.address", ControlSettings.address))
+
+    def capture(self, raw: Mapping[str, Any]) -> CaptureSettings:
+        """Every check of CaptureSettings, made here first to name the key at fault."""
+        d = CaptureSettings()
+        ports = {
+            key: self.port(raw, key, f"capture.{key}", getattr(d, key))
+            for key in ("inbound_port", "outbound_port")
+        }
+        for key, port in ports.items():
+            if agent_port_error(port):
+                self.fail(f"capture.{key}", f"{port} {agent_port_error(port)}")
+                ports[key] = getattr(d, key)
+        if ports["inbound_port"] == ports["outbound_port"]:
+            key = "outbound_port" if "outbound_port" in raw else "inbound_port"
+            self.fail(f"capture.{key}", "inbound_port and outbound_port must differ")
+            ports = {"inbound_port": d.inbound_port, "outbound_port": d.outbound_port}
+        return CaptureSettings(
+            enabled=self.boolean(raw, "enabled", d.enabled, "capture.enabled"),
+            **ports,
+            exclude_inbound_ports=self.ports(raw, "exclude_inbound_ports"),
+            exclude_outbound_ports=self.ports(raw, "exclude_outbound_ports"),
+            exclude_outbound_cidrs=self.cidrs(raw, "exclude_outbound_cidrs"),
+        )
+
+    def port(self, raw: Mapping[str, Any], key: str, path: str, default: int) -> int:
+        value = raw.get(key, default)
+        if port_error(value):
+            self.fail(path, f"{port_error(value)}")
+            return default
+        assert isinstance(value, int)
+        return value
+
+    def ports(self, raw: Mapping[str, Any], key: str) -> tuple[int, ...]:
+        path = f"capture.{key}"
+        items = self.items(raw, key, path)
+        found = [self.port({"p": v}, "p", f"{path}[{i}]", 0) for i, v in enumerate(items)]
+        return tuple(dict.fromkeys(p for p in found if p))
+
+    def cidrs(self, raw: Mapping[str, Any], key: str) -> tuple[str, ...]:
+        path = f"capture.{key}"
+        found = []
+        for i, value in enumerate(self.items(raw, key, path)):
+            if cidr_error(value):
+                self.fail(f"{path}[{i}]", f"{cidr_error(value)}")
+            else:
+                found.append(value)
+        return tuple(dict.fromkeys(found))
 
     def address(self, raw: Mapping[str, Any], path: str, default: str) -> str:
         """host:port to connect to, under the last part of `path`."""

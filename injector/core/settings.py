@@ -10,13 +10,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal
+from ipaddress import ip_network
 
 from identity import TrustDomain
 
 __all__ = [
+    "ADMIN_PORT",
     "LOG_LEVELS",
+    "STATUS_PORT",
     "AgentSettings",
     "CaSettings",
+    "CaptureSettings",
     "ControlSettings",
     "Quantity",
     "ResourceList",
@@ -109,6 +113,79 @@ class ControlSettings:
     address: str = "outrider-control.outrider-system.svc:15012"
 
 
+ADMIN_PORT = 15000  # on the pod's loopback: every admin route
+STATUS_PORT = 15020  # on the pod IP: probes (the app's too, rewritten) and metrics only
+#: The control plane's explicit outbound listeners (control/core/mesh.py
+#: MeshSettings.outbound_ports): every port of this range but the two capture ports.
+OUTBOUND_LISTENER_PORTS = range(15001, 15036)
+_DEFAULT_CAPTURE_PORTS = (15006, 15007)
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    """What the `outrider-capture` init container redirects, and where to.
+
+    Only this file (the cluster operator's) decides it: no pod annotation can turn
+    capture off or exclude a port, or an app team could go around strict mTLS. The
+    status port is never captured inbound (the kubelet's probes reach it in plain).
+    """
+
+    enabled: bool = True
+    inbound_port: int = 15006
+    outbound_port: int = 15007
+    exclude_inbound_ports: tuple[int, ...] = ()
+    exclude_outbound_ports: tuple[int, ...] = ()
+    exclude_outbound_cidrs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for port in (
+            self.inbound_port,
+            self.outbound_port,
+            *self.exclude_inbound_ports,
+            *self.exclude_outbound_ports,
+        ):
+            if port_error(port):
+                raise ValueError(f"{port!r}: {port_error(port)}")
+        for port in (self.inbound_port, self.outbound_port):
+            if agent_port_error(port):
+                raise ValueError(f"{port}: {agent_port_error(port)}")
+        if self.inbound_port == self.outbound_port:
+            raise ValueError("the inbound and outbound capture ports must differ")
+        for cidr in self.exclude_outbound_cidrs:
+            if cidr_error(cidr):
+                raise ValueError(f"{cidr!r}: {cidr_error(cidr)}")
+
+
+def port_error(port: object) -> str | None:
+    """Why `port` is not a TCP port number (None: it is)."""
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        return "must be a port number, 1 to 65535"
+    return None
+
+
+def agent_port_error(port: int) -> str | None:
+    """Why the agent cannot listen for captured traffic on `port` (None: it can)."""
+    if port in (ADMIN_PORT, STATUS_PORT):
+        return "is the agent's admin or status port"
+    if port in OUTBOUND_LISTENER_PORTS and port not in _DEFAULT_CAPTURE_PORTS:
+        return (
+            f"is in {OUTBOUND_LISTENER_PORTS.start}-{OUTBOUND_LISTENER_PORTS.stop - 1}, "
+            "the agent's explicit outbound listeners (only 15006 and 15007 are kept out of it)"
+        )
+    return None
+
+
+def cidr_error(cidr: object) -> str | None:
+    """Why `cidr` is not an IPv4 or IPv6 network like 10.0.0.0/8 (None: it is)."""
+    if not isinstance(cidr, str):
+        return "must be a CIDR like 10.0.0.0/8 or fd00::/8"
+    try:
+        ip_network(cidr)
+    except ValueError as exc:
+        return f"not a CIDR like 10.0.0.0/8 or fd00::/8 ({exc})"
+    return None
+
+
 #: The control plane's service account in the system namespace: its SVID is the one
 #: identity the agents take config from.
 CONTROL_ACCOUNT = "outrider-control"
@@ -124,3 +201,4 @@ class Settings:
     agent: AgentSettings = AgentSettings()
     ca: CaSettings = CaSettings()
     control: ControlSettings = ControlSettings()
+    capture: CaptureSettings = CaptureSettings()
