@@ -29,6 +29,7 @@ __all__ = [
     "path_error",
     "request_head",
     "request_path_error",
+    "status_code",
 ]
 
 APP_HEALTH = "/app-health/"
@@ -124,3 +125,12 @@ def request_head(probe: HttpGet) -> bytes:
 def http_passed(status: int) -> bool:
     """The kubelet's rule: 200 to 399 passes."""
     return 200 <= status < 400
+
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: [^\r\n]*)?\r?\n")
+
+
+def status_code(line: bytes) -> int | None:
+    """The status of an HTTP/1.x status line; None if `line` is not one."""
+    match = _STATUS_LINE.fullmatch(line)
+    return int(match[1]) if match else None
