@@ -125,6 +125,7 @@ def test_the_config_as_plain_data() -> None:
         "policy": {"files": [], "default_action": "allow-authenticated", "policies": []},
         "status": None,
         "control": None,
+        "probes": [],
     }
 
 
