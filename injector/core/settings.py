@@ -8,7 +8,7 @@ grammars, matched against the whole value: a trailing newline is not a name.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from ipaddress import ip_network
 
@@ -202,3 +202,7 @@ class Settings:
     ca: CaSettings = CaSettings()
     control: ControlSettings = ControlSettings()
     capture: CaptureSettings = CaptureSettings()
+
+    def without_capture(self) -> Settings:
+        """These settings for a namespace labelled outrider.io/capture=disabled."""
+        return replace(self, capture=replace(self.capture, enabled=False))
