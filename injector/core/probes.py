@@ -104,6 +104,8 @@ def _original(
             "asks another host (host: is set), so it is left as it is: strict mTLS "
             "refuses it if that host is this pod"
         )
+    if handler == "grpc" and not isinstance(action.get("port"), int):
+        return None  # a number only: the API has no named gRPC ports
     port = _port(action.get("port"), container)
     if isinstance(port, str) or port is None:
         return port
