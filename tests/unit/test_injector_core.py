@@ -238,6 +238,8 @@ def test_our_patch_applier_agrees_with_jsonpatch(source: dict[str, Any]) -> None
             "shop",
             "name_conflict",
         ),
+        # The control plane reads a pod with this init container as captured.
+        (pod(initContainers=[{"name": CAPTURE, "image": "x"}]), "shop", "name_conflict"),
     ],
 )
 def test_pods_left_alone_get_no_patch_and_a_reason(
