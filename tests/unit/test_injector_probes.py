@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any
 
 import jsonpatch
@@ -212,3 +213,18 @@ def test_without_capture_no_probe_is_touched() -> None:
     mutation = mutate(pod, "shop", Settings().without_capture())
     patched = jsonpatch.apply_patch(pod, list(mutation.patch))
     assert patched["spec"]["containers"] == before["spec"]["containers"]
+
+
+def test_without_native_sidecars_the_app_keeps_its_rewritten_probe_behind_the_agent() -> None:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": spec(container(readinessProbe={"tcpSocket": {"port": "http"}})),
+    }
+    settings = replace(Settings(), native_sidecar=False)
+    patched = jsonpatch.apply_patch(pod, list(mutate(pod, "shop", settings).patch))
+    to_model(patched)
+    agent, app = patched["spec"]["containers"]
+    assert (agent["name"], app["name"]) == ("outrider-agent", "web")
+    assert app["readinessProbe"] == agents_probe("/app-health/web/readyz")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import parse
+from agent.config import ConfigError, Document, parse, with_snapshot
 from agent.core.probes import (
     AppProbe,
     Grpc,
@@ -121,3 +121,13 @@ def test_2xx_and_3xx_pass_as_for_the_kubelet(line: bytes, status: int, passed: b
 )
 def test_an_answer_that_is_not_http_is_no_status(line: bytes) -> None:
     assert status_code(line) is None
+
+
+def test_a_snapshot_cannot_change_the_probes() -> None:
+    # They are the pod's own (the injector's), like its identity and listeners' ports.
+    bootstrap = Document(
+        with_probes({"/app-health/web/livez": {"tcpSocket": {"port": 80}}}), BASE, "env"
+    )
+    other = {"probes": {"/app-health/web/livez": {"tcpSocket": {"port": 22}}}}
+    with pytest.raises(ConfigError, match="probes: not a snapshot key"):
+        with_snapshot(bootstrap, other, source="snapshot")
