@@ -38,10 +38,11 @@ Every key has a default; `tls` is required by `outrider injector serve` only.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from agent.core.capture import CaptureRules, CaptureRulesError
 from identity import InvalidSpiffeId, TrustDomain
 from identity.configfile import ConfigError, ConfigReader, Listen, read_yaml
 from identity.serving import ConnectionLimits, read_limits
@@ -56,10 +57,8 @@ from injector.core.settings import (
     Resources,
     Settings,
     agent_port_error,
-    cidr_error,
     is_dns_label,
     is_dns_subdomain,
-    port_error,
 )
 
 __all__ = ["ConfigError", "InjectorConfig", "Limits", "TlsFiles", "load", "parse"]
@@ -225,51 +224,35 @@ class _Reader(ConfigReader):
         return ControlSettings(self.address(raw, "control.address", ControlSettings.address))
 
     def capture(self, raw: Mapping[str, Any]) -> CaptureSettings:
-        """Every check of CaptureSettings, made here first to name the key at fault."""
+        """`capture:`, checked by the capture command's own rules (each problem under its
+        key) and, for the two capture ports, against the agent's other ports."""
         d = CaptureSettings()
-        ports = {
-            key: self.port(raw, key, f"capture.{key}", getattr(d, key))
-            for key in ("inbound_port", "outbound_port")
+        enabled = self.boolean(raw, "enabled", d.enabled, "capture.enabled")
+        failed = len(self.errors)
+        given: dict[str, Any] = {
+            key: raw.get(key, getattr(d, key)) for key in ("inbound_port", "outbound_port")
         }
-        for key, port in ports.items():
-            if agent_port_error(port):
-                self.fail(f"capture.{key}", f"{port} {agent_port_error(port)}")
-                ports[key] = getattr(d, key)
-        if ports["inbound_port"] == ports["outbound_port"]:
-            key = "outbound_port" if "outbound_port" in raw else "inbound_port"
-            self.fail(f"capture.{key}", "inbound_port and outbound_port must differ")
-            ports = {"inbound_port": d.inbound_port, "outbound_port": d.outbound_port}
+        for key in ("exclude_inbound_ports", "exclude_outbound_ports", "exclude_outbound_cidrs"):
+            given[key] = tuple(self.items(raw, key, f"capture.{key}"))
+        for key in ("inbound_port", "outbound_port"):
+            if problem := agent_port_error(given[key]):
+                self.fail(f"capture.{key}", f"{given[key]} {problem}")
+        try:
+            rules = CaptureRules(**given)
+        except CaptureRulesError as exc:
+            for name, why in exc.problems:
+                self.fail(f"capture.{name}", why)
+            return replace(d, enabled=enabled)
+        if len(self.errors) > failed:
+            return replace(d, enabled=enabled)
         return CaptureSettings(
-            enabled=self.boolean(raw, "enabled", d.enabled, "capture.enabled"),
-            **ports,
-            exclude_inbound_ports=self.ports(raw, "exclude_inbound_ports"),
-            exclude_outbound_ports=self.ports(raw, "exclude_outbound_ports"),
-            exclude_outbound_cidrs=self.cidrs(raw, "exclude_outbound_cidrs"),
+            enabled,
+            rules.inbound_port,
+            rules.outbound_port,
+            rules.exclude_inbound_ports,
+            rules.exclude_outbound_ports,
+            rules.exclude_outbound_cidrs,
         )
-
-    def port(self, raw: Mapping[str, Any], key: str, path: str, default: int) -> int:
-        value = raw.get(key, default)
-        if port_error(value):
-            self.fail(path, f"{port_error(value)}")
-            return default
-        assert isinstance(value, int)
-        return value
-
-    def ports(self, raw: Mapping[str, Any], key: str) -> tuple[int, ...]:
-        path = f"capture.{key}"
-        items = self.items(raw, key, path)
-        found = [self.port({"p": v}, "p", f"{path}[{i}]", 0) for i, v in enumerate(items)]
-        return tuple(dict.fromkeys(p for p in found if p))
-
-    def cidrs(self, raw: Mapping[str, Any], key: str) -> tuple[str, ...]:
-        path = f"capture.{key}"
-        found = []
-        for i, value in enumerate(self.items(raw, key, path)):
-            if cidr_error(value):
-                self.fail(f"{path}[{i}]", f"{cidr_error(value)}")
-            else:
-                found.append(value)
-        return tuple(dict.fromkeys(found))
 
     def address(self, raw: Mapping[str, Any], path: str, default: str) -> str:
         """host:port to connect to, under the last part of `path`."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from ipaddress import ip_network
 
+from agent.core.capture import CaptureRules
 from identity import TrustDomain
 
 __all__ = [
@@ -127,43 +127,26 @@ class CaptureSettings:
 
     Only this file (the cluster operator's) decides it: no pod annotation can turn
     capture off or exclude a port, or an app team could go around strict mTLS. The
-    status port is never captured inbound (the kubelet's probes reach it in plain).
+    rules themselves are the capture command's (agent/core/capture.py CaptureRules,
+    which checks every value); `Settings.capture_rules` makes them. Here: what
+    only the injector knows, that the capture ports are not the agent's others.
     """
 
     enabled: bool = True
     inbound_port: int = 15006
     outbound_port: int = 15007
-    exclude_inbound_ports: tuple[int, ...] = ()
+    exclude_inbound_ports: tuple[int, ...] = ()  # beyond the status port, always excluded
     exclude_outbound_ports: tuple[int, ...] = ()
     exclude_outbound_cidrs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for port in (
-            self.inbound_port,
-            self.outbound_port,
-            *self.exclude_inbound_ports,
-            *self.exclude_outbound_ports,
-        ):
-            if port_error(port):
-                raise ValueError(f"{port!r}: {port_error(port)}")
         for port in (self.inbound_port, self.outbound_port):
             if agent_port_error(port):
-                raise ValueError(f"{port}: {agent_port_error(port)}")
-        if self.inbound_port == self.outbound_port:
-            raise ValueError("the inbound and outbound capture ports must differ")
-        for cidr in self.exclude_outbound_cidrs:
-            if cidr_error(cidr):
-                raise ValueError(f"{cidr!r}: {cidr_error(cidr)}")
+                raise ValueError(f"{port} {agent_port_error(port)}")
+        rules_for(self, CaptureRules.agent_uid)  # CaptureRulesError (a ValueError) if not
 
 
-def port_error(port: object) -> str | None:
-    """Why `port` is not a TCP port number (None: it is)."""
-    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        return "must be a port number, 1 to 65535"
-    return None
-
-
-def agent_port_error(port: int) -> str | None:
+def agent_port_error(port: object) -> str | None:
     """Why the agent cannot listen for captured traffic on `port` (None: it can)."""
     if port in (ADMIN_PORT, STATUS_PORT):
         return "is the agent's admin or status port"
@@ -175,15 +158,17 @@ def agent_port_error(port: int) -> str | None:
     return None
 
 
-def cidr_error(cidr: object) -> str | None:
-    """Why `cidr` is not an IPv4 or IPv6 network like 10.0.0.0/8 (None: it is)."""
-    if not isinstance(cidr, str):
-        return "must be a CIDR like 10.0.0.0/8 or fd00::/8"
-    try:
-        ip_network(cidr)
-    except ValueError as exc:
-        return f"not a CIDR like 10.0.0.0/8 or fd00::/8 ({exc})"
-    return None
+def rules_for(capture: CaptureSettings, agent_uid: int) -> CaptureRules:
+    """The capture command's rules for these settings: the status port never captured
+    inbound (the kubelet's probes, rewritten to it, reach it in plain)."""
+    return CaptureRules(
+        inbound_port=capture.inbound_port,
+        outbound_port=capture.outbound_port,
+        agent_uid=agent_uid,
+        exclude_inbound_ports=(STATUS_PORT, *capture.exclude_inbound_ports),
+        exclude_outbound_ports=capture.exclude_outbound_ports,
+        exclude_outbound_cidrs=capture.exclude_outbound_cidrs,
+    )
 
 
 #: The control plane's service account in the system namespace: its SVID is the one
@@ -202,6 +187,10 @@ class Settings:
     ca: CaSettings = CaSettings()
     control: ControlSettings = ControlSettings()
     capture: CaptureSettings = CaptureSettings()
+
+    def capture_rules(self) -> CaptureRules:
+        """What the pods' `outrider capture apply` is told (core/sidecar.py writes it)."""
+        return rules_for(self.capture, self.agent.uid)
 
     def without_capture(self) -> Settings:
         """These settings for a namespace labelled outrider.io/capture=disabled."""

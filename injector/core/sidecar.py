@@ -138,18 +138,16 @@ def security_context(uid: int) -> dict[str, Any]:
 
 
 def capture_container(settings: Settings) -> dict[str, Any]:
-    """`outrider capture apply` with the settings' ports: the pod's nftables rules."""
-    capture = settings.capture
+    """`outrider capture apply` with the settings' rules: the pod's nftables rules."""
+    rules = settings.capture_rules()
     uid = settings.agent.uid
-    args = ["capture", "apply", "--inbound-port", str(capture.inbound_port)]
-    args += ["--outbound-port", str(capture.outbound_port), "--agent-uid", str(uid)]
-    # The kubelet's probes reach the status port in plain: never captured.
-    inbound = dict.fromkeys((STATUS_PORT, *capture.exclude_inbound_ports))
-    args += ["--exclude-inbound-ports", ",".join(map(str, inbound))]
-    if capture.exclude_outbound_ports:
-        args += ["--exclude-outbound-ports", ",".join(map(str, capture.exclude_outbound_ports))]
-    if capture.exclude_outbound_cidrs:
-        args += ["--exclude-outbound-cidrs", ",".join(capture.exclude_outbound_cidrs)]
+    args = ["capture", "apply", "--inbound-port", str(rules.inbound_port)]
+    args += ["--outbound-port", str(rules.outbound_port), "--agent-uid", str(uid)]
+    args += ["--exclude-inbound-ports", ",".join(map(str, rules.exclude_inbound_ports))]
+    if rules.exclude_outbound_ports:
+        args += ["--exclude-outbound-ports", ",".join(map(str, rules.exclude_outbound_ports))]
+    if rules.exclude_outbound_cidrs:
+        args += ["--exclude-outbound-cidrs", ",".join(rules.exclude_outbound_cidrs)]
     hardening = security_context(uid)
     return {
         "name": CAPTURE,

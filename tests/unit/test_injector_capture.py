@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 
+from agent.core.capture import rules_from_flags
 from identity import SpiffeId
 from injector.core import BadRequest, Settings, mutate, settings_for_query
 from injector.core.settings import CaptureSettings
 from injector.core.sidecar import AGENT, CAPTURE, agent_config, capture_container
+from outrider.cli import parser
 from tests.unit.test_injector_core import agent_of, annotated, injected, pod
 
 SETTINGS = Settings()
@@ -59,7 +61,7 @@ def test_the_exclusions_of_the_settings_reach_the_capture_container() -> None:
         "--agent-uid",
         "2000",
         "--exclude-inbound-ports",
-        "15020,9090",
+        "9090,15020",
         "--exclude-outbound-ports",
         "5432,6379",
         "--exclude-outbound-cidrs",
@@ -137,3 +139,27 @@ def test_any_other_query_is_a_bad_request_not_a_guess(query: list[tuple[str, str
     with pytest.raises(BadRequest) as info:
         settings_for_query(SETTINGS, query)
     assert (info.value.reason, info.value.status) == ("bad_query", 400)
+
+
+@pytest.mark.parametrize(
+    "capture",
+    [
+        CaptureSettings(),
+        CaptureSettings(
+            inbound_port=16006,
+            exclude_inbound_ports=(9090,),
+            exclude_outbound_ports=(5432,),
+            exclude_outbound_cidrs=("169.254.169.254/32", "fd00::/8"),
+        ),
+    ],
+)
+def test_the_capture_command_reads_the_injected_args_as_the_settings_rules(
+    capture: CaptureSettings,
+) -> None:
+    settings = replace(SETTINGS, capture=capture)
+    args = parser().parse_args(capture_container(settings)["args"])
+    assert args.func.__name__ == "_capture_apply"
+    flags = {k: getattr(args, k) for k in ("inbound_port", "outbound_port", "agent_uid")}
+    flags |= {k: getattr(args, k) for k in vars(args) if k.startswith("exclude_")}
+    assert rules_from_flags(**flags) == settings.capture_rules()
+    assert 15020 in settings.capture_rules().exclude_inbound_ports

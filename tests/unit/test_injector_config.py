@@ -126,9 +126,9 @@ def test_every_error_is_reported_at_once_with_its_key_path() -> None:
         "ca.bundle_configmap",
         "control.spiffe_id",
         "control.address",
-        "capture.inbound_port",
         "capture.enabled",
-        "capture.exclude_outbound_cidrs[0]",
+        "capture.inbound_port",
+        "capture.exclude_outbound_cidrs",
         "tls.cert_file",
         "tls.key_file",
         "limits.max_body_bytes",
@@ -198,8 +198,8 @@ def test_every_capture_key_is_read() -> None:
 @pytest.mark.parametrize(
     ("capture", "error"),
     [
-        ({"inbound_port": 0}, "capture.inbound_port: must be a port number, 1 to 65535"),
-        ({"outbound_port": "15007"}, "capture.outbound_port: must be a port number, 1 to 65535"),
+        ({"inbound_port": 0}, "capture.inbound_port: 0 is not a TCP port (1-65535)"),
+        ({"outbound_port": "15007"}, "capture.outbound_port: '15007' is not a TCP port (1-65535)"),
         (
             {"inbound_port": 15000},
             "capture.inbound_port: 15000 is the agent's admin or status port",
@@ -211,17 +211,18 @@ def test_every_capture_key_is_read() -> None:
         ),
         (
             {"outbound_port": 15006},
-            "capture.outbound_port: inbound_port and outbound_port must differ",
+            "capture.outbound_port: 15006 is the inbound_port too: the agent serves the two "
+            "apart, so they must differ",
         ),
         ({"exclude_inbound_ports": "15020"}, "capture.exclude_inbound_ports: must be a list"),
         (
             {"exclude_outbound_ports": [80, 70000]},
-            "capture.exclude_outbound_ports[1]: must be a port number, 1 to 65535",
+            "capture.exclude_outbound_ports: 70000 is not a TCP port (1-65535)",
         ),
         (
             {"exclude_outbound_cidrs": ["10.0.0.1/8"]},
-            "capture.exclude_outbound_cidrs[0]: not a CIDR like 10.0.0.0/8 or fd00::/8 "
-            "(10.0.0.1/8 has host bits set)",
+            "capture.exclude_outbound_cidrs: '10.0.0.1/8': host bits set (did you mean "
+            "10.0.0.0/8?)",
         ),
         ({"exclude_inbound": [1]}, "capture.exclude_inbound: unknown key"),
     ],
