@@ -19,11 +19,11 @@ rewrites probes the same way, to its /app-health/...). What is left alone:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent.core.probes import header_error, request_path_error
 from injector.core.settings import STATUS_PORT, is_dns_label
 
 __all__ = ["APP_HEALTH", "KINDS", "Rewrite", "rewrite"]
@@ -33,12 +33,6 @@ APP_HEALTH = "/app-health"
 KINDS = {"livenessProbe": "livez", "readinessProbe": "readyz", "startupProbe": "startupz"}
 HANDLERS = ("httpGet", "tcpSocket", "grpc", "exec")
 DEFAULT_TIMEOUT = 1  # seconds, as Kubernetes' own default
-
-#: What the agent sends as a header: an HTTP token for the name, no control
-#: characters in the value (a CR or LF would start a header of the value's making).
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
-_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]{0,4096}")
-_PATH = re.compile(r"[\x21-\x7e]{0,2048}")
 
 
 @dataclass(frozen=True)
@@ -113,8 +107,8 @@ def _original(
         return {"tcpSocket": {"port": port}, "timeoutSeconds": timeout}
     if handler == "grpc":
         service = action.get("service") or ""
-        if not isinstance(service, str) or _HEADER_VALUE.fullmatch(service) is None:
-            return None
+        if not isinstance(service, str) or header_error("service", service):
+            return None  # what the agent would refuse (its checks, agent/core/probes.py)
         return {"grpc": {"port": port, "service": service}, "timeoutSeconds": timeout}
     return _http_get(action, port, timeout)
 
@@ -123,7 +117,7 @@ def _http_get(action: Mapping[str, Any], port: int, timeout: int) -> dict[str, A
     path = action.get("path") or "/"
     scheme = action.get("scheme") or "HTTP"
     headers = action.get("httpHeaders") or []
-    if not isinstance(path, str) or _PATH.fullmatch(path) is None:
+    if not isinstance(path, str) or request_path_error(path):
         return None
     if scheme not in ("HTTP", "HTTPS") or not isinstance(headers, list):
         return None
@@ -140,13 +134,10 @@ def _http_get(action: Mapping[str, Any], port: int, timeout: int) -> dict[str, A
 
 
 def _header_ok(header: Mapping[str, Any]) -> bool:
+    """A header the agent would send: an HTTP token for the name, no control characters
+    in the value (a CR or LF would start a header of the value's making)."""
     name, value = header.get("name"), header.get("value", "")
-    return (
-        isinstance(name, str)
-        and isinstance(value, str)
-        and _HEADER_NAME.fullmatch(name) is not None
-        and _HEADER_VALUE.fullmatch(value) is not None
-    )
+    return isinstance(name, str) and isinstance(value, str) and not header_error(name, value)
 
 
 def _is_agents(action: Mapping[str, Any]) -> bool:
