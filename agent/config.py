@@ -41,6 +41,9 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
     captured:                                          # how captured traffic is served
       inbound: {mtls: strict, ports: {"8080": {protocol: http}, "8081": {mtls: permissive}}}
       outbound: {policy: allow-any, passthrough: ["10.96.0.1:443"]}   # or registry-only
+    probes:                                            # the app's, for the kubelet (injector)
+      /app-health/web/readyz: {httpGet: {path: /ready, port: 8080}, timeoutSeconds: 1}
+      /app-health/web/livez: {tcpSocket: {port: 8080}}  # grpc: {port: 9090, service: ""}
     control:                                           # optional: the third config source
       address: outrider-control.outrider-system.svc:15012
       server_name: outrider-control.outrider-system.svc  # default: the address's host
@@ -63,7 +66,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 from agent.config_outbound import PROTOCOLS, Outbound, OutboundReader, Protocol
 from agent.core.authz import AllowList
@@ -78,6 +81,16 @@ from agent.core.captured import (
 from agent.core.headers import UNDERSCORE_ACTIONS, UnderscoreAction
 from agent.core.policy import DefaultAction, Policy
 from agent.core.policyfile import PolicyError, parse_policy_list
+from agent.core.probes import (
+    AppProbe,
+    Grpc,
+    HttpGet,
+    Scheme,
+    TcpSocket,
+    header_error,
+    path_error,
+    request_path_error,
+)
 from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.backoff import Backoff
@@ -223,6 +236,7 @@ class AgentConfig:
     control: ControlEndpoint | None = None
     capture: CapturePorts | None = None  # None: nothing captured, no capture listeners
     captured: Captured = field(default_factory=Captured)
+    probes: tuple[AppProbe, ...] = ()  # the app's, served at /app-health/...
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -436,7 +450,9 @@ _TOP = {
     "control",
     "capture",
     "captured",
+    "probes",
 }
+_HTTP_GET = {"path", "port", "scheme", "httpHeaders"}
 DEFAULT_ACTIONS: tuple[DefaultAction, ...] = get_args(DefaultAction)
 _CA_KEYS = {"address", "server_name", "bundle_file", "timeout", "backoff", "bundle_refresh"}
 _CONTROL_KEYS = {"address", "server_name", "spiffe_id", "pod", "backoff", "timeout"}
@@ -487,6 +503,7 @@ class _Reader(OutboundReader):
             control,
             capture,
             captured,
+            probes=self.app_probes(top.get("probes")),
         )
 
     def capture(self, raw: Mapping[str, Any]) -> CapturePorts:
@@ -736,6 +753,84 @@ class _Reader(OutboundReader):
                 self.fail(
                     f"outbound[{i}].name", f"{item.name!r} is also outbound[{names[item.name]}]"
                 )
+
+    # --- probes: the app's, which the agent performs for the kubelet (agent/core/probes.py)
+
+    def app_probes(self, raw: object) -> tuple[AppProbe, ...]:
+        if raw is None:
+            return ()
+        if not isinstance(raw, Mapping):
+            self.fail("probes", "must be a mapping of /app-health/... paths to probes")
+            return ()
+        found = []
+        for key, spec in raw.items():
+            path = f"probes.{str(key)[:80]}"
+            problem = path_error(key) if isinstance(key, str) else "must be a string"
+            if problem:
+                self.fail(path, problem)
+                continue
+            probe = self.app_probe(key, spec, path)
+            if probe is not None:
+                found.append(probe)
+        return tuple(found)
+
+    def app_probe(self, key: str, raw: object, path: str) -> AppProbe | None:
+        spec = self.mapping(raw, path, {"httpGet", "tcpSocket", "grpc", "timeoutSeconds"})
+        kinds = [k for k in ("httpGet", "tcpSocket", "grpc") if k in spec]
+        if len(kinds) != 1:
+            self.fail(path, "needs exactly one of httpGet, tcpSocket and grpc")
+            return None
+        seconds = self.integer(spec, "timeoutSeconds", f"{path}.timeoutSeconds", 1)
+        where = f"{path}.{kinds[0]}"
+        action: HttpGet | TcpSocket | Grpc | None = None
+        if kinds[0] == "httpGet":
+            action = self.http_get(self.section(spec, where, _HTTP_GET), where)
+        elif kinds[0] == "tcpSocket":
+            port = self.probe_port(self.section(spec, where, {"port"}), where)
+            action = None if port is None else TcpSocket(port)
+        else:
+            item = self.section(spec, where, {"port", "service"})
+            port = self.probe_port(item, where)
+            service = item.get("service", "")
+            if not isinstance(service, str) or header_error("service", service):
+                self.fail(f"{where}.service", "must be a service name (printable text)")
+            elif port is not None:
+                action = Grpc(port, service)
+        return None if action is None else AppProbe(key, action, timedelta(seconds=seconds))
+
+    def probe_port(self, raw: Mapping[str, Any], path: str) -> int | None:
+        port = raw.get("port")
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            problem = "must be a port number, 1 to 65535 (the injector resolves names)"
+            self.fail(f"{path}.port", problem)
+            return None
+        return port
+
+    def http_get(self, raw: Mapping[str, Any], path: str) -> HttpGet | None:
+        port = self.probe_port(raw, path)
+        request = raw.get("path", "/")
+        if not isinstance(request, str) or request_path_error(request):
+            self.fail(f"{path}.path", "must be a request path: printable ASCII, no spaces")
+            port = None
+        scheme = raw.get("scheme", "HTTP")
+        if scheme not in ("HTTP", "HTTPS"):
+            self.fail(f"{path}.scheme", "must be HTTP or HTTPS")
+            port = None
+        headers: list[tuple[str, str]] = []
+        for i, header in enumerate(self.items(raw, "httpHeaders", f"{path}.httpHeaders")):
+            item = self.mapping(header, f"{path}.httpHeaders[{i}]", {"name", "value"})
+            name, value = item.get("name"), item.get("value", "")
+            if not isinstance(name, str) or not isinstance(value, str):
+                self.fail(f"{path}.httpHeaders[{i}]", "name and value must be strings")
+                port = None
+            elif problem := header_error(name, value):
+                self.fail(f"{path}.httpHeaders[{i}]", problem)
+                port = None
+            else:
+                headers.append((name, value))
+        if port is None:
+            return None
+        return HttpGet(port, request, cast(Scheme, scheme), tuple(headers))
 
     def trust_domain(self, value: object, path: str) -> TrustDomain | None:
         try:

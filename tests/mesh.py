@@ -178,13 +178,13 @@ async def echo_server(accepted: list[int] | None = None) -> AsyncIterator[int]:
 
 
 @contextmanager
-def threaded_app(application: web.Application) -> Iterator[int]:
+def threaded_app(application: web.Application, tls: ssl.SSLContext | None = None) -> Iterator[int]:
     """An aiohttp app on an event loop of its own in a thread, so tests that block on
-    sockets and agent processes can reach it; yields its port."""
+    sockets and agent processes can reach it (over HTTPS with `tls`); yields its port."""
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(application, access_log=None)
     loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls).start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:

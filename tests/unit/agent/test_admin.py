@@ -128,6 +128,7 @@ def test_the_config_as_plain_data() -> None:
         "control": None,
         "capture": None,
         "captured": {"mtls": "strict", "ports": [], "policy": "allow-any", "passthrough": []},
+        "probes": [],
     }
 
 
