@@ -40,6 +40,11 @@ from typing import Any
 
 from control.core.conditions import Meta, condition, meta, previous_conditions, summary, timestamp
 from control.core.inforce import Verdict, judge, policy_status
+from control.core.peerauth import (
+    PeerAuthentications,
+    PeerAuthenticationState,
+    compile_peer_authentication,
+)
 from control.core.policies import CompiledPolicy, Misfit, compile_policy, fit_to_ports, misfits
 from control.core.routes import CompiledRoute, RouteKind, attach_routes, compile_route
 from control.core.services import (
@@ -69,6 +74,7 @@ KINDS = (
     "Service",
     "EndpointSlice",
     "AuthorizationPolicy",
+    "PeerAuthentication",
     "TrafficPolicy",
     "HTTPRoute",
     "GRPCRoute",
@@ -90,8 +96,14 @@ class MeshSettings:
     default_action: str = "allow-authenticated"
     #: The agent's inbound mTLS listener for a pod's i-th container port is this + i.
     inbound_base: int = 15443
-    #: Outbound listeners on 127.0.0.1, in the order the pod's annotation names them.
-    outbound_ports: tuple[int, ...] = tuple(p for p in range(15001, 15034) if p != 15020)
+    #: Outbound listeners on 127.0.0.1, in the order the pod's annotation names them: 32,
+    #: around the agent's capture ports (15006 inbound, 15007 outbound) and status port.
+    outbound_ports: tuple[int, ...] = tuple(
+        p for p in range(15001, 15036) if p not in (15006, 15007, 15020)
+    )
+    #: What a captured pod's agent does with a connection to an address outside the mesh
+    #: and the registry: pass it through (allow-any) or refuse it (registry-only).
+    outbound_traffic_policy: str = "allow-any"
 
 
 @dataclass(frozen=True)
@@ -194,6 +206,7 @@ class _Compiler:
     def mesh(self) -> Mesh:
         self.read_world()
         policies = self.policies()
+        self.peer = self.peer_authentications()
         traffic = self.traffic()
         routes = self.routes()
         self.upstreams = Upstreams(
@@ -365,6 +378,27 @@ class _Compiler:
                 m, accepted, verdict
             )
 
+    # -- PeerAuthentication ---------------------------------------------------------------
+
+    def peer_authentications(self) -> PeerAuthentications:
+        states = []
+        mesh_namespace = self.settings.mesh_namespace
+        for key, obj in sorted(self.objects.get("PeerAuthentication", {}).items()):
+            m = meta(obj, key)
+            verdict: Verdict[Any] = self.recall(
+                "PeerAuthentication",
+                key,
+                obj,
+                lambda o=obj, m=m: judge(
+                    o, m, lambda o, m: compile_peer_authentication(o, m, mesh_namespace)
+                ),
+            )
+            states.append(PeerAuthenticationState(m, obj, verdict))
+        peer = PeerAuthentications(states, mesh_namespace, self.index)
+        for (namespace, name), status in peer.statuses(self.now).items():
+            self.statuses[("PeerAuthentication", namespace, name)] = status
+        return peer
+
     # -- TrafficPolicy, HTTPRoute, GRPCRoute ---------------------------------------------
 
     def traffic(self) -> dict[PortKey, CompiledTraffic]:
@@ -407,6 +441,7 @@ class _Compiler:
         """The pod's config; the pods of one ReplicaSet share one (same namespace, labels,
         ports and annotation: the same policies, listeners and upstreams)."""
         shape = (
+            workload.captured,
             workload.namespace,
             tuple(sorted(workload.labels.items())),
             workload.ports,
@@ -424,11 +459,17 @@ class _Compiler:
     def build_config(
         self, workload: Workload, policies: Mapping[Key, list[CompiledPolicy]]
     ) -> tuple[Mapping[str, Any], list[str], list[tuple[Key, Misfit]]]:
-        http = self.http_ports.get(workload.key, ())
+        http = self.http_ports.get(workload.key, set())
         base = self.settings.inbound_base
-        served = [port for port in workload.ports if workload.listener(port, base) is not None]
+        if workload.captured:  # the agent takes every port: listeners are not counted
+            served = list(workload.ports)
+        else:
+            served = [port for port in workload.ports if workload.listener(port, base) is not None]
         inbound = [(port, "http" if port in http else "tcp") for port in served]
-        outbound, warnings = self.upstreams.listeners(workload)
+        if workload.captured:
+            outbound, warnings = self.upstreams.captured(workload)
+        else:
+            outbound, warnings = self.upstreams.listeners(workload)
         if len(served) < len(workload.ports):
             left = workload.ports[len(served) :]
             warnings = [
@@ -438,7 +479,7 @@ class _Compiler:
                 *warnings,
             ]
         documents, fitted = self.pod_policies(policies.get(workload.key, ()), inbound)
-        config = {
+        config: dict[str, Any] = {
             "inbound": [
                 {"listen": f"0.0.0.0:{base + i}", "app": f"127.0.0.1:{port}", "protocol": protocol}
                 for i, (port, protocol) in enumerate(inbound)
@@ -446,7 +487,28 @@ class _Compiler:
             "outbound": outbound,
             "policy": {"default_action": self.settings.default_action, "policies": documents},
         }
+        if workload.captured:
+            config["inbound"] = []  # the inbound capture port serves them all
+            config["captured"] = self.captured(workload, http)
         return config, warnings, fitted
+
+    def captured(self, workload: Workload, http: set[int]) -> dict[str, Any]:
+        """The `captured` section: the pod's inbound modes and HTTP ports, and what its
+        agent does with a destination outside the mesh."""
+        mtls = self.peer.mtls_for(workload)
+        ports: dict[int, dict[str, str]] = {port: {"protocol": "http"} for port in http}
+        for port, mode in mtls.ports.items():
+            ports.setdefault(port, {})["mtls"] = mode
+        return {
+            "inbound": {
+                "mtls": mtls.default,
+                "ports": {str(port): ports[port] for port in sorted(ports)},
+            },
+            "outbound": {
+                "policy": self.settings.outbound_traffic_policy,
+                "passthrough": self.upstreams.mesh_wide.passthrough,
+            },
+        }
 
 
 #: A rule with HTTP fields on TCP ports of a workload: (rule, fields, ports, owner).
