@@ -31,6 +31,8 @@ Key = tuple[str, str]
 Objects = dict[str, dict[Key, dict[str, Any]]]
 
 AGENT = {"name": "outrider-agent", "image": "outrider/agent", "restartPolicy": "Always"}
+#: The init container that writes a pod's capture rules, as the injector adds it.
+CAPTURE = {"name": "outrider-capture", "image": "outrider/agent", "args": ["capture", "apply"]}
 
 
 def world(*texts: str) -> Objects:
@@ -59,6 +61,11 @@ def complete(obj: dict[str, Any], index: int = 0) -> dict[str, Any]:
     if obj["kind"] == "Pod" and "status" not in obj:
         ip = (m.get("annotations") or {}).get("test/ip", "10.0.0.1")
         obj["status"] = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+    spec = obj.get("spec")
+    if obj["kind"] == "Service" and isinstance(spec, dict) and spec.get("type") != "ExternalName":
+        if "clusterIP" not in spec:  # allocated, one per object of the world
+            spec["clusterIP"] = f"10.96.{index // 250}.{index % 250 + 1}"
+        spec.setdefault("clusterIPs", [spec["clusterIP"]])
     return obj
 
 
@@ -156,8 +163,10 @@ def pod(
     state: str = "ready",
     upstreams: str | None = None,
     injected: bool = True,
+    captured: bool = False,
 ) -> str:
-    """A pod as YAML, injected unless told otherwise (a Deployment's pod, written short)."""
+    """A pod as YAML, injected unless told otherwise (a Deployment's pod, written short);
+    `captured`: with the capture init container too."""
     annotations = {"test/ip": ip, "test/state": state}
     if upstreams is not None:
         annotations["outrider.io/upstreams"] = upstreams
@@ -170,7 +179,8 @@ def pod(
         "containers": [{"name": "app", "image": "app", "ports": container_ports}],
     }
     if injected:
-        spec["initContainers"] = [dict(AGENT)]
+        spec["initContainers"] = [dict(CAPTURE)] if captured else []
+        spec["initContainers"].append(dict(AGENT))
     obj = {
         "apiVersion": "v1",
         "kind": "Pod",
