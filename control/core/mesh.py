@@ -18,6 +18,18 @@ Each pod's config holds (CONTRACT.md, "Which listeners a pod gets"):
   (services.py), split by a route (routes.py), tuned by a TrafficPolicy
   (traffic.py).
 
+A captured pod (services.py) gets no inbound listeners; instead:
+- `captured.inbound`: its default mTLS mode and the ports that differ, from
+  the PeerAuthentications that apply to it (peerauth.py), and its HTTP ports;
+- `captured.outbound`: the mesh's `outbound_traffic_policy`, and the
+  ClusterIP:port of every Service port without injected endpoints (passed
+  through as plain TCP);
+- `outbound`: its annotation's listeners, plus one entry without `listen`
+  for every other Service port of the mesh that has injected endpoints,
+  addressed by its ClusterIP:ports (`destinations`). Those entries are built
+  once per compile and shared by every captured pod's config (and encoded
+  once per Mesh: `Mesh.encoded_for`).
+
 An object that cannot be used is reported in its status. An
 AuthorizationPolicy or TrafficPolicy edited into an invalid object keeps
 its last valid version in force, and its status says so: a typo in a
@@ -65,6 +77,7 @@ __all__ = [
     "MeshSettings",
     "PodIdentity",
     "compile_mesh",
+    "encode",
     "version_of",
 ]
 
@@ -143,6 +156,8 @@ class Mesh:
     _configs: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict, repr=False)
     _memory: _Memory = field(default_factory=_Memory, repr=False, compare=False)
     _versions: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
+    #: id(outbound entry) -> its encoding; the entries live as long as the Mesh's configs.
+    _pieces: dict[int, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     def config_for(self, namespace: str, pod: str) -> dict[str, Any] | None:
         """The snapshot's JSON object for this pod (agent.yaml's inbound, outbound and
@@ -157,14 +172,49 @@ class Mesh:
         if config is None:
             return None
         if id(config) not in self._versions:
-            self._versions[id(config)] = version_of(config)
+            self._versions[id(config)] = _digest(self._encode(config))
         return self._versions[id(config)]
+
+    def encoded_for(self, namespace: str, pod: str) -> bytes | None:
+        """`encode(config_for(namespace, pod))`: what the shell sends, byte for byte."""
+        config = self._configs.get((namespace, pod))
+        return None if config is None else self._encode(config)
+
+    def _encode(self, config: Mapping[str, Any]) -> bytes:
+        """`encode(config)`, with each outbound entry encoded once per Mesh: every captured
+        pod's config holds the same mesh-wide entries (a thousand, for 500 Services), and
+        encoding them again for every config would cost most of a compile."""
+        pieces = self._pieces
+        parts = []
+        for key in sorted(config):
+            value = config[key]
+            if key == "outbound":
+                try:  # a thousand lookups at C speed: no Python loop per entry
+                    text = b"[" + b",".join(map(pieces.__getitem__, map(id, value))) + b"]"
+                except KeyError:
+                    for entry in value:
+                        if id(entry) not in pieces:
+                            pieces[id(entry)] = encode(entry)
+                    text = b"[" + b",".join(map(pieces.__getitem__, map(id, value))) + b"]"
+            else:
+                text = encode(value)
+            parts.append(encode(key) + b":" + text)
+        return b"{" + b",".join(parts) + b"}"
+
+
+def encode(value: Any) -> bytes:
+    """A config (or part of one) as sent: JSON, keys sorted, no spaces; the same content
+    gives the same bytes on every replica."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
 def version_of(config: Mapping[str, Any]) -> str:
     """A config's version: the same content gives the same version on every replica."""
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _digest(encode(config))
+
+
+def _digest(encoded: bytes) -> str:
+    return hashlib.sha256(encoded).hexdigest()[:16]
 
 
 def compile_mesh(

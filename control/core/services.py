@@ -9,11 +9,18 @@ HTTP when a Service of its namespace selecting the pod has a port with
 `appProtocol: http` whose targetPort (number or name) is that container port;
 everything else is TCP until the agent parses HTTP/2 (issue 17).
 
+A captured pod (one with the capture init container, `outrider-capture`)
+has every inbound connection redirected to its agent, whatever the port: it
+gets no inbound listeners, and its HTTP ports are listed in its snapshot's
+`captured` section instead (mesh.py).
+
 An upstream's endpoints are the addresses of its Service's EndpointSlices
 whose targetRef is an injected pod, each at that pod's inbound listener for
-the port the slice names. The server identities a client checks come from
-those pods ("secure naming"), so an address counts only where the slice and
-the pod agree, as the EndpointSlice controller writes them: the targetRef
+the port the slice names; for a captured pod, at its IP and the app's own
+port (the targetPort), where its agent's inbound capture takes the call.
+The server identities a client checks come from those pods ("secure
+naming"), so an address counts only where the slice and the pod agree, as
+the EndpointSlice controller writes them: the targetRef
 names a pod of the slice's own namespace, and the address is one of that
 pod's IPs (status.podIPs). Whoever may write EndpointSlices by hand could
 otherwise put a pod's identity on another address, or another namespace's

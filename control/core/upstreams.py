@@ -142,6 +142,8 @@ class MeshWide:
 
     #: Each Service port with injected endpoints: an outbound entry without `listen`.
     entries: list[tuple[PortKey, dict[str, Any]]] = field(default_factory=list)
+    #: The entries alone, in order: what a pod whose annotation names none of them gets.
+    listed: list[dict[str, Any]] = field(default_factory=list)
     #: Service port -> its ClusterIP:port addresses (those in `entries`).
     destinations: dict[PortKey, list[str]] = field(default_factory=dict)
     #: ClusterIP:port of every Service port without injected endpoints, sorted: in the
@@ -187,8 +189,12 @@ class Upstreams:
         for key, listener in explicit:
             destinations = self.mesh_wide.destinations.get(key)
             entries.append({**listener, "destinations": destinations} if destinations else listener)
-        taken = {key for key, _ in explicit}
-        entries += [entry for key, entry in self.mesh_wide.entries if key not in taken]
+        wide = self.mesh_wide
+        if any(key in wide.destinations for key, _ in explicit):
+            taken = {key for key, _ in explicit}
+            entries += [entry for key, entry in wide.entries if key not in taken]
+        else:
+            entries += wide.listed
         return entries, warnings
 
     def explicit(
@@ -265,6 +271,7 @@ class Upstreams:
                 entry = {"name": f"{name}.{namespace}:{port.port}", "destinations": addresses}
                 wide.entries.append((key, {**entry, **body}))
         wide.passthrough.extend(sorted(passthrough))
+        wide.listed.extend(entry for _, entry in wide.entries)
         return wide
 
     def upstream(self, service: Service, port: ServicePort) -> dict[str, Any] | None:
