@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 
 from agent.config import SNAPSHOT_KEYS
 from control.core.mesh import MeshSettings, compile_mesh, version_of
-from tests.cluster import agent_accepts, complete, endpoint_slices, pod
-from tests.unit.control.test_captured_pods import check_shape
+from tests.cluster import agent_accepts, check_shape, complete, endpoint_slices, pod
 
 SETTINGS = MeshSettings("example.org", outbound_ports=(15001, 15002, 15003))
 NAMESPACES = ["shop", "billing", "outrider-system"]

@@ -5,16 +5,13 @@ capture gets what it always got. (CONTRACT.md, "Control plane".)"""
 
 from __future__ import annotations
 
-import ipaddress
-import json
-import re
 from typing import Any
 
 import pytest
 
 from control.core.mesh import Mesh, MeshSettings, compile_mesh
 from control.core.services import read_service
-from tests.cluster import SHOP, pod, world
+from tests.cluster import SHOP, check_shape, pod, world
 
 SETTINGS = MeshSettings("example.org")
 BACKEND_ID = "spiffe://example.org/ns/shop/sa/backend"
@@ -25,47 +22,6 @@ def _config(mesh: Mesh, name: str, namespace: str = "shop") -> dict[str, Any]:
     assert config is not None
     check_shape(config)
     return config
-
-
-def check_shape(config: dict[str, Any]) -> None:
-    """The snapshot keys CONTRACT.md section 2 fixes (the agent's parser checks the rest:
-    tests/unit/control/test_agents_accept_every_snapshot.py)."""
-    assert set(config) <= {"inbound", "outbound", "policy", "captured"}
-    captured = config.get("captured")
-    destinations: dict[str, str] = {}
-    for entry in config["outbound"]:
-        assert "listen" in entry or entry.get("destinations"), entry
-        assert set(entry) >= {"name", "protocol", "server_ids"}
-        assert ("endpoints" in entry) != ("subsets" in entry)
-        for address in entry.get("destinations", []):
-            assert address not in destinations, (address, destinations[address], entry["name"])
-            destinations[address] = entry["name"]
-            _address(address)
-        for address in entry.get("endpoints", []):
-            _address(address)
-    if captured is None:
-        assert not destinations
-        return
-    assert config["inbound"] == []
-    assert set(captured) == {"inbound", "outbound"}
-    assert captured["inbound"]["mtls"] in ("strict", "permissive")
-    for port, overrides in captured["inbound"]["ports"].items():
-        assert port.isdecimal() and 0 < int(port) < 65536
-        assert overrides and set(overrides) <= {"protocol", "mtls"}
-        assert overrides.get("protocol", "http") == "http"
-        assert overrides.get("mtls") != captured["inbound"]["mtls"]  # only what differs
-    assert captured["outbound"]["policy"] in ("allow-any", "registry-only")
-    for address in captured["outbound"]["passthrough"]:
-        _address(address)
-        assert address not in destinations
-    json.dumps(config)
-
-
-def _address(text: str) -> None:
-    match = re.fullmatch(r"\[([0-9a-f:]+)\]:(\d+)|([0-9.]+):(\d+)", text)
-    assert match, text
-    ipaddress.ip_address(match[1] or match[3])
-    assert 0 < int(match[2] or match[4]) < 65536
 
 
 def _captured_shop(*extra: str, settings: MeshSettings = SETTINGS) -> Mesh:

@@ -10,8 +10,7 @@ import pytest
 import yaml
 
 from control.core.mesh import Mesh, MeshSettings, compile_mesh
-from tests.cluster import Objects, pod, world, write_statuses
-from tests.unit.control.test_captured_pods import check_shape
+from tests.cluster import Objects, check_shape, pod, world, write_statuses
 
 SETTINGS = MeshSettings("example.org")
 #: web-0 (app=web, ports 8080 and 9090) and api-0 (app=api) in shop, db-0 in billing;
