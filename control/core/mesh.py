@@ -53,6 +53,7 @@ from typing import Any
 from control.core.conditions import Meta, condition, meta, previous_conditions, summary, timestamp
 from control.core.inforce import Verdict, judge, policy_status
 from control.core.peerauth import (
+    Mtls,
     PeerAuthentications,
     PeerAuthenticationState,
     compile_peer_authentication,
@@ -511,8 +512,12 @@ class _Compiler:
     ) -> tuple[Mapping[str, Any], list[str], list[tuple[Key, Misfit]]]:
         http = self.http_ports.get(workload.key, set())
         base = self.settings.inbound_base
-        if workload.captured:  # the agent takes every port: listeners are not counted
-            served = list(workload.ports)
+        mtls = self.peer.mtls_for(workload) if workload.captured else None
+        if mtls is not None:  # the agent takes every port: listeners are not counted
+            # The ports its snapshot names count too (an HTTP port or a mode override need
+            # not be a declared containerPort): the policies are fitted to each, as the
+            # agent checks them (an HTTP rule on a TCP port).
+            served = list(dict.fromkeys([*workload.ports, *sorted(http), *mtls.ports]))
         else:
             served = [port for port in workload.ports if workload.listener(port, base) is not None]
         inbound = [(port, "http" if port in http else "tcp") for port in served]
@@ -520,7 +525,7 @@ class _Compiler:
             outbound, warnings = self.upstreams.captured(workload)
         else:
             outbound, warnings = self.upstreams.listeners(workload)
-        if len(served) < len(workload.ports):
+        if mtls is None and len(served) < len(workload.ports):
             left = workload.ports[len(served) :]
             warnings = [
                 f"containerPort {', '.join(map(str, left[:5]))}"
@@ -537,15 +542,14 @@ class _Compiler:
             "outbound": outbound,
             "policy": {"default_action": self.settings.default_action, "policies": documents},
         }
-        if workload.captured:
+        if mtls is not None:
             config["inbound"] = []  # the inbound capture port serves them all
-            config["captured"] = self.captured(workload, http)
+            config["captured"] = self.captured(mtls, http)
         return config, warnings, fitted
 
-    def captured(self, workload: Workload, http: set[int]) -> dict[str, Any]:
+    def captured(self, mtls: Mtls, http: set[int]) -> dict[str, Any]:
         """The `captured` section: the pod's inbound modes and HTTP ports, and what its
         agent does with a destination outside the mesh."""
-        mtls = self.peer.mtls_for(workload)
         ports: dict[int, dict[str, str]] = {port: {"protocol": "http"} for port in http}
         for port, mode in mtls.ports.items():
             ports.setdefault(port, {})["mtls"] = mode

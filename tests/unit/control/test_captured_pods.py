@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from agent.core.policy import PolicySet
+from agent.core.policyfile import parse_policy_list
 from control.core.mesh import Mesh, MeshSettings, compile_mesh
 from control.core.services import read_service
 from tests.cluster import SHOP, check_shape, pod, world
@@ -289,3 +291,44 @@ spec:
   ports: [{ports}]
 ---
 """
+
+
+def test_policies_are_fitted_to_every_port_a_captured_pods_snapshot_names() -> None:
+    """An HTTP port or a mode override need not be a declared containerPort of a captured
+    pod. A DENY with HTTP fields keeps applying, with them, on each HTTP port, and denies
+    on each TCP port the snapshot names (the agent refuses HTTP fields on those, as on a
+    TCP inbound listener); a TCP port never loses a DENY."""
+    text = pod("api-0", ports=[9090], captured=True) + _service(
+        "api", "{port: 80, targetPort: 8000, appProtocol: http}"
+    )
+    deny = """\
+apiVersion: security.outrider.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: shop}
+spec:
+  action: DENY
+  rules: [{name: admin, to: {paths: ["/admin*"]}}]
+---
+apiVersion: security.outrider.io/v1alpha1
+kind: PeerAuthentication
+metadata: {name: legacy, namespace: shop}
+spec:
+  portLevelMtls: {"7000": {mode: PERMISSIVE}}
+"""
+    config = _config(compile_mesh(world(text, deny), SETTINGS), "api-0")
+    assert config["captured"]["inbound"]["ports"] == {
+        "7000": {"mtls": "permissive"},
+        "8000": {"protocol": "http"},
+    }
+    (policy,) = config["policy"]["policies"]
+    assert policy["rules"] == [
+        {"name": "admin", "to": {"paths": ["/admin*"], "ports": [8000]}},
+        {"name": "admin-tcp", "to": {"ports": [7000, 9090]}},
+    ]
+    named_tcp = frozenset(
+        int(port)
+        for port, override in config["captured"]["inbound"]["ports"].items()
+        if override.get("protocol", "tcp") == "tcp"
+    )
+    policies = PolicySet(parse_policy_list(config["policy"]["policies"], "snapshot"), "deny")
+    assert policies.http_only_errors(named_tcp) == []  # what the agent checks
