@@ -273,6 +273,7 @@ def test_deploy_holds_the_manifests_crds_and_examples() -> None:
     assert {
         "CustomResourceDefinition",
         "AuthorizationPolicy",
+        "PeerAuthentication",
         "TrafficPolicy",
         "HTTPRoute",
     } <= kinds
@@ -688,6 +689,7 @@ def test_each_part_holds_only_the_api_permissions_it_uses(overlay: list[Obj]) ->
         ("", "services"),
         ("discovery.k8s.io", "endpointslices"),
         ("security.outrider.io", "authorizationpolicies"),
+        ("security.outrider.io", "peerauthentications"),
         ("networking.outrider.io", "trafficpolicies"),
         ("gateway.networking.k8s.io", "httproutes"),
         ("gateway.networking.k8s.io", "grpcroutes"),
@@ -726,12 +728,15 @@ def aggregated(objects: list[Obj], into: str) -> set[tuple[str, str, str]]:
 def test_app_teams_with_edit_or_admin_cannot_change_authorization_policies(
     overlay: list[Obj],
 ) -> None:
-    """Only a binding of outrider-policy-admin lets anyone write an AuthorizationPolicy."""
+    """Only a binding of outrider-policy-admin lets anyone write an AuthorizationPolicy, or a
+    PeerAuthentication (which could open a namespace to plaintext)."""
+    security = ("authorizationpolicies", "peerauthentications")
     for role in ("view", "edit", "admin"):
-        verbs = {v for g, r, v in aggregated(overlay, role) if r == "authorizationpolicies"}
-        assert verbs == set(READ), role
+        for resource in security:
+            verbs = {v for g, r, v in aggregated(overlay, role) if r == resource}
+            assert verbs == set(READ), (role, resource)
     admin = one(overlay, "ClusterRole", "outrider-policy-admin")
-    assert grants(admin) == {("security.outrider.io", "authorizationpolicies", v) for v in WRITE}
+    assert grants(admin) == {("security.outrider.io", r, v) for r in security for v in WRITE}
     assert not any(k.startswith("rbac.authorization.k8s.io/") for k in admin["metadata"]["labels"])
     assert (
         "outrider-policy-admin" not in bound_roles(overlay).values()
@@ -856,6 +861,7 @@ def test_our_crds_name_the_kinds_of_the_contract() -> None:
     }
     assert names == {
         ("authorizationpolicies.security.outrider.io", "AuthorizationPolicy", "v1alpha1"),
+        ("peerauthentications.security.outrider.io", "PeerAuthentication", "v1alpha1"),
         ("trafficpolicies.networking.outrider.io", "TrafficPolicy", "v1alpha1"),
     }
     for crd in our_crds():
@@ -868,7 +874,7 @@ def test_our_crds_name_the_kinds_of_the_contract() -> None:
 
 def test_every_crd_is_one_the_api_server_accepts() -> None:
     """Ours and the vendored Gateway API ones, against CustomResourceDefinition's schema."""
-    assert len(crd_documents()) == 4
+    assert len(crd_documents()) == 5
     for crd in crd_documents():
         check_object(crd)
 

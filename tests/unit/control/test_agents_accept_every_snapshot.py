@@ -7,12 +7,14 @@ import json
 import random
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.config import SNAPSHOT_KEYS
 from control.core.mesh import MeshSettings, compile_mesh, version_of
-from tests.cluster import agent_accepts, complete, endpoint_slices, pod
+from tests.cluster import agent_accepts, check_shape, complete, endpoint_slices, pod
 
 SETTINGS = MeshSettings("example.org", outbound_ports=(15001, 15002, 15003))
 NAMESPACES = ["shop", "billing", "outrider-system"]
@@ -51,6 +53,20 @@ _TRAFFIC = st.sampled_from(
     ]
 )
 
+_PEERS = st.sampled_from(
+    [
+        {},
+        {"mtls": {"mode": "PERMISSIVE"}},
+        {"mtls": {"mode": "STRICT"}, "portLevelMtls": {"8080": {"mode": "PERMISSIVE"}}},
+        {"selector": {"matchLabels": {"app": "api"}}, "mtls": {"mode": "PERMISSIVE"}},
+        {
+            "selector": {"matchLabels": {"app": "web"}},
+            "portLevelMtls": {"9090": {"mode": "STRICT"}},
+        },
+        {"mtls": {"mode": "DISABLE"}},  # invalid
+    ]
+)
+
 
 @st.composite
 def _worlds(draw: st.DrawFn) -> dict[str, dict[tuple[str, str], dict[str, Any]]]:
@@ -85,6 +101,7 @@ def _worlds(draw: st.DrawFn) -> dict[str, dict[tuple[str, str], dict[str, Any]]]
             state=draw(st.sampled_from(["ready", "unready", "terminating"])),
             upstreams=",".join(wanted),
             injected=draw(st.integers(0, 4)) > 0,
+            captured=draw(st.booleans()),
         )
         add(yaml.safe_load(text.removesuffix("---\n")))
     for ns, app in services:
@@ -127,6 +144,16 @@ def _worlds(draw: st.DrawFn) -> dict[str, dict[tuple[str, str], dict[str, Any]]]
                 "spec": spec,
             }
         )
+    for i in range(draw(st.integers(0, 3))):
+        peer: dict[str, Any] = draw(_PEERS)
+        add(
+            {
+                "apiVersion": "security.outrider.io/v1alpha1",
+                "kind": "PeerAuthentication",
+                "metadata": {"name": f"pa{i}", "namespace": draw(st.sampled_from(NAMESPACES))},
+                "spec": peer,
+            }
+        )
     for i, (ns, app) in enumerate(services):
         if draw(st.booleans()):
             add(
@@ -166,6 +193,23 @@ def _worlds(draw: st.DrawFn) -> dict[str, dict[tuple[str, str], dict[str, Any]]]
     return objects
 
 
+@settings(max_examples=50, deadline=None)
+@given(_worlds())
+def test_every_config_of_every_world_has_the_contracts_shape(objects: Any) -> None:
+    mesh = compile_mesh(objects, SETTINGS)
+    for namespace, name in mesh.pods:
+        config = mesh.config_for(namespace, name)
+        assert config is not None
+        check_shape(config)
+        captured = objects["Pod"][(namespace, name)]["spec"]["initContainers"][0]["name"]
+        assert ("captured" in config) == (captured == "outrider-capture")
+
+
+@pytest.mark.xfail(
+    "captured" not in SNAPSHOT_KEYS,
+    reason="the agent's snapshot parser learns `captured` and `destinations` in fix/agent",
+    strict=True,
+)
 @settings(max_examples=150, deadline=None)
 @given(_worlds())
 def test_every_config_of_every_world_is_one_the_agent_takes(objects: Any) -> None:
@@ -173,7 +217,6 @@ def test_every_config_of_every_world_is_one_the_agent_takes(objects: Any) -> Non
     for namespace, name in mesh.pods:
         config = mesh.config_for(namespace, name)
         assert config is not None
-        assert set(config) == {"inbound", "outbound", "policy"}
         agent_accepts(config)
     json.dumps(list(mesh.statuses.values()))  # what the shell writes is JSON
 
