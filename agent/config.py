@@ -81,7 +81,12 @@ from agent.core.captured import (
 from agent.core.headers import UNDERSCORE_ACTIONS, UnderscoreAction
 from agent.core.policy import DefaultAction, Policy
 from agent.core.policyfile import PolicyError, parse_policy_list
-from agent.core.probes import (
+from agent.core.upstream import Endpoint
+from identity import InvalidSpiffeId, SpiffeId, TrustDomain
+from identity.backoff import Backoff
+from identity.configfile import ConfigError, Listen, parse_yaml, read_yaml
+from identity.jsonbounds import brackets, deeper_than
+from identity.probes import (
     AppProbe,
     Grpc,
     HttpGet,
@@ -91,11 +96,6 @@ from agent.core.probes import (
     path_error,
     request_path_error,
 )
-from agent.core.upstream import Endpoint
-from identity import InvalidSpiffeId, SpiffeId, TrustDomain
-from identity.backoff import Backoff
-from identity.configfile import ConfigError, Listen, parse_yaml, read_yaml
-from identity.jsonbounds import brackets, deeper_than
 
 __all__ = [
     "AgentConfig",
@@ -754,7 +754,7 @@ class _Reader(OutboundReader):
                     f"outbound[{i}].name", f"{item.name!r} is also outbound[{names[item.name]}]"
                 )
 
-    # --- probes: the app's, which the agent performs for the kubelet (agent/core/probes.py)
+    # --- probes: the app's, which the agent performs for the kubelet (identity/probes.py)
 
     def app_probes(self, raw: object) -> tuple[AppProbe, ...]:
         if raw is None:

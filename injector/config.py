@@ -42,8 +42,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent.core.capture import CaptureRules, CaptureRulesError
 from identity import InvalidSpiffeId, TrustDomain
+from identity.capture import CaptureRules, CaptureRulesError
 from identity.configfile import ConfigError, ConfigReader, Listen, read_yaml
 from identity.serving import ConnectionLimits, read_limits
 from injector.core.settings import (

@@ -410,7 +410,7 @@ def _live_policies(
 
 def _capture_apply(args: argparse.Namespace) -> None:
     from agent.adapters.nft import Nft, NftError
-    from agent.core.capture import CaptureRulesError, rules_from_flags, ruleset, summary
+    from identity.capture import CaptureRulesError, rules_from_flags, ruleset, summary
 
     try:
         rules = rules_from_flags(
@@ -448,7 +448,7 @@ def _capture_show(args: argparse.Namespace) -> None:
 
 def _capture_remove(args: argparse.Namespace) -> None:
     from agent.adapters.nft import Nft, NftError
-    from agent.core.capture import remove_script
+    from identity.capture import remove_script
 
     try:
         Nft().apply(remove_script())

@@ -51,11 +51,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from agent.adapters.metrics import AgentMetrics
 from agent.adapters.probes import Prober
 from agent.config import AgentConfig, Limits
-from agent.core.probes import APP_HEALTH, AppProbe
 from agent.core.svid import Svid
 from agent.core.upstream import Endpoint
 from identity import SpiffeId, TrustDomain
 from identity.configfile import Listen
+from identity.probes import APP_HEALTH, AppProbe
 
 log = logging.getLogger("outrider.agent")
 

@@ -1,4 +1,4 @@
-"""The app's probes performed on loopback for the kubelet: the I/O of agent/core/probes.py.
+"""The app's probes performed on loopback for the kubelet: the I/O of identity/probes.py.
 
 Each check is bounded in time (the probe's timeoutSeconds, as the kubelet's own
 wait for the rewritten probe) and in number: at most MAX_IN_FLIGHT checks run at
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
-from agent.core.probes import (
+from identity.probes import (
     HOST,
     AppProbe,
     Grpc,

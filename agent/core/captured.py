@@ -1,6 +1,6 @@
 """How captured traffic is served: the decisions of the capture listeners, without I/O.
 
-The pod's nft rules (agent/core/capture.py) redirect inbound TCP to the
+The pod's nft rules (identity/capture.py) redirect inbound TCP to the
 inbound capture port and the app's outbound TCP to the outbound capture port;
 the agent reads where each connection was going (SO_ORIGINAL_DST) and asks
 here what to do with it:

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.core.probes import header_error, request_path_error
+from identity.probes import header_error, request_path_error
 from injector.core.settings import STATUS_PORT, is_dns_label
 
 __all__ = ["APP_HEALTH", "KINDS", "Rewrite", "rewrite"]
@@ -108,7 +108,7 @@ def _original(
     if handler == "grpc":
         service = action.get("service") or ""
         if not isinstance(service, str) or header_error("service", service):
-            return None  # what the agent would refuse (its checks, agent/core/probes.py)
+            return None  # what the agent would refuse (its checks, identity/probes.py)
         return {"grpc": {"port": port, "service": service}, "timeoutSeconds": timeout}
     return _http_get(action, port, timeout)
 

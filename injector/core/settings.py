@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
-from agent.core.capture import CaptureRules
 from identity import TrustDomain
+from identity.capture import CaptureRules
 
 __all__ = [
     "ADMIN_PORT",
@@ -127,7 +127,7 @@ class CaptureSettings:
 
     Only this file (the cluster operator's) decides it: no pod annotation can turn
     capture off or exclude a port, or an app team could go around strict mTLS. The
-    rules themselves are the capture command's (agent/core/capture.py CaptureRules,
+    rules themselves are the capture command's (identity/capture.py CaptureRules,
     which checks every value); `Settings.capture_rules` makes them. Here: what
     only the injector knows, that the capture ports are not the agent's others.
     """

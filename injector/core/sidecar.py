@@ -17,7 +17,7 @@ starts. It needs NET_ADMIN and NET_RAW, and root for them to be effective
 (a non-root user's capabilities are dropped at exec without ambient ones),
 and nothing else: the agent's hardening otherwise, and it exits once the
 rules are in. Istio's istio-init makes the same trade; a CNI plugin that
-writes the same rules from the node (agent/core/capture.py `ruleset`) is the
+writes the same rules from the node (identity/capture.py `ruleset`) is the
 way to drop it.
 """
 

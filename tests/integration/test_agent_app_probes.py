@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 
 from agent.adapters.probes import Prober
-from agent.core.probes import AppProbe, HttpGet
+from identity.probes import AppProbe, HttpGet
 from identity.proto import health_pb2
 from tests.httpraw import Responses
 from tests.mesh import AgentProcess, agent_process, served_agent_yaml, threaded_app

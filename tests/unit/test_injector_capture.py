@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from agent.core.capture import rules_from_flags
 from identity import SpiffeId
+from identity.capture import rules_from_flags
 from injector.core import BadRequest, Settings, mutate, settings_for_query
 from injector.core.settings import CaptureSettings
 from injector.core.sidecar import AGENT, CAPTURE, agent_config, capture_container

@@ -18,7 +18,7 @@ import jsonpatch
 import pytest
 
 from agent.config import parse_text
-from agent.core.probes import Grpc, HttpGet, TcpSocket
+from identity.probes import Grpc, HttpGet, TcpSocket
 from injector.core import Settings, admit, decode
 from injector.core.sidecar import AGENT, CAPTURE, CONFIG_ENV
 from tests.k8s import to_model

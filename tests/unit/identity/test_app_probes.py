@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from agent.config import ConfigError, Document, parse, with_snapshot
-from agent.core.probes import (
+from identity.probes import (
     AppProbe,
     Grpc,
     HttpGet,
