@@ -65,12 +65,12 @@ def capture_configs(config: AgentConfig) -> tuple[InboundCapture, OutboundCaptur
     if ports is None:
         return None
     capture_ports = frozenset({ports.inbound_port, ports.outbound_port})
-    own = {config.admin.port} | ({config.status.port} if config.status else set())
+    own = agent_ports(config)
     inbound = InboundCapture(
         ports.inbound,
         config.captured,
         AllowList(frozenset(), frozenset({config.trust_domain})),
-        capture_ports | own,
+        own,
     )
     addresses = [
         UpstreamAddresses(
@@ -92,6 +92,25 @@ def capture_configs(config: AgentConfig) -> tuple[InboundCapture, OutboundCaptur
         config.captured,
     )
     return inbound, outbound
+
+
+def agent_ports(config: AgentConfig) -> frozenset[int]:
+    """Every port the agent itself listens on: never an app's.
+
+    An inbound connection captured on its way to one of these is refused, not
+    relayed to 127.0.0.1:<port>: there it would reach the agent, and an explicit
+    outbound listener (127.0.0.1:15001...) would carry the caller's bytes into
+    the mesh under this pod's own SVID (a plaintext caller on a permissive pod,
+    or any peer, would borrow the pod's identity); the admin port would answer it.
+    """
+    ports = {config.admin.port}
+    if config.status is not None:
+        ports.add(config.status.port)
+    if config.capture is not None:
+        ports |= {config.capture.inbound_port, config.capture.outbound_port}
+    ports |= {item.listen.port for item in config.inbound}
+    ports |= {item.listen.port for item in config.outbound if item.listen is not None}
+    return frozenset(ports)
 
 
 def _refuse(runtime: Runtime, direction: str, reason: str, sock: socket.socket) -> None:

@@ -352,3 +352,26 @@ async def test_destinations_outside_the_mesh_are_passed_through_or_refused_and_c
         assert counted(client, "outbound", "false") == plain + 2
     finally:
         node.close()
+
+
+async def test_the_agents_own_listeners_are_never_reached_through_the_capture_port(
+    mesh: Captured,
+) -> None:
+    """A caller on the pod network sending to the pod's IP at the port of one of the agent's
+    loopback listeners (here the explicit outbound listener 127.0.0.1:15001) must not be
+    relayed to it: the agent would carry its bytes into the mesh under the pod's own SVID.
+    Shown on a permissive pod, where even a plaintext caller would get that far."""
+    client = mesh.client
+    upstream = {**mesh.configs["client"]["outbound"][0], "listen": "127.0.0.1:15001"}
+    loops = {"direction": "inbound", "reason": "capture_loop"}
+    sections = {"outbound": [upstream], "captured": {"inbound": {"mtls": "permissive"}}}
+    async with mesh.reconfigured(client, **sections):
+        requests = mesh.app.requests
+        looped = metric(client, "outrider_connections_refused_total", **loops)
+        # (the listener works, from the app's side)
+        assert body(await exchange(await client.open_connection("127.0.0.1", 15001))).endswith(
+            f"URI={workload('client')}"
+        )
+        assert await exchange(await asyncio.open_connection(client.ip, 15001), FORGED) == b""
+        assert mesh.app.requests == requests + 1
+        assert metric(client, "outrider_connections_refused_total", **loops) == looped + 1
