@@ -17,9 +17,10 @@ import logging
 import random
 import socket
 import ssl
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from prometheus_client import Counter, Gauge
 
@@ -259,6 +260,33 @@ class InboundMtls(Listener[InboundT]):
 
     direction = INBOUND
 
+    def __init__(self, config: InboundT, runtime: Runtime, connections: Connections) -> None:
+        # (Any: mypy checks a value-restricted TypeVar's subclass per value, and loses it)
+        super().__init__(cast(Any, config), runtime, connections)
+        #: Plaintext connections let in (a permissive port), by original port: those a
+        #: reconfigure makes strict are closed (weak: a closed relay leaves by itself).
+        self.plaintext: weakref.WeakKeyDictionary[Relay, int] = weakref.WeakKeyDictionary()
+
+    def configure(self, config: InboundT) -> None:
+        """Connections accepted from now on follow `config`; plaintext ones already let in
+        to a port that is no longer permissive are closed: strict means no plaintext at all,
+        not none from now on."""
+        self.config = config
+        stopped = [
+            relay
+            for relay, port in list(self.plaintext.items())
+            if not relay.closed and not self.serving(port)[1]
+        ]
+        for relay in stopped:
+            relay.abort()
+        if stopped:
+            log.info(
+                "%s %s: closed %d plaintext connection(s): their ports are strict now",
+                self.direction,
+                self.address,
+                len(stopped),
+            )
+
     def serving(self, port: int) -> tuple[Inbound, bool]:
         """The inbound a connection to original `port` is served as now, and whether
         plaintext is let through (permissive); an explicit listener has one, strict."""
@@ -316,15 +344,18 @@ class InboundMtls(Listener[InboundT]):
 
     async def _setup(self, relay: Relay, sock: socket.socket, port: int) -> None:
         started = clock()
-        config, permissive = self.serving(port)
-        # An HTTP port offers no h2 in ALPN, so every request on it is parsed: h2 relayed
-        # at L4 would hand the app the client's own identity header and skip the paths.
-        http = config.protocol == "http"
         authenticated, plaintext = None, False
         try:
             deadline = await self._spoke(relay, sock)
             if deadline is None:
                 return
+            # As of the first byte, not the accept: a port made strict while its client
+            # said nothing yet is strict for that client too.
+            config, permissive = self.serving(port)
+            # An HTTP port offers no h2 in ALPN, so every request on it is parsed: h2
+            # relayed at L4 would hand the app the client's own identity header and skip
+            # the paths.
+            http = config.protocol == "http"
             plaintext = permissive and not _tls_first(sock)
             if not plaintext:
                 authenticated = await self._authenticate(relay, sock, started, http, port, deadline)
@@ -365,6 +396,7 @@ class InboundMtls(Listener[InboundT]):
             return
         down.pause_reading()
         self.connections.established(INBOUND, None, mtls=False)
+        self.plaintext[relay] = config.app.port
         await self._to_app(relay, None, config)
 
     async def _to_app(self, relay: Relay, peer: SpiffeId | None, config: Inbound) -> None:

@@ -375,3 +375,39 @@ async def test_the_agents_own_listeners_are_never_reached_through_the_capture_po
         assert await exchange(await asyncio.open_connection(client.ip, 15001), FORGED) == b""
         assert mesh.app.requests == requests + 1
         assert metric(client, "outrider_connections_refused_total", **loops) == looped + 1
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A tcp app: echoes until the other side closes."""
+    try:
+        while data := await reader.read(4096):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def test_switching_a_port_to_strict_stops_plaintext_already_connected(
+    mesh: Captured,
+) -> None:
+    """Strict applies to plaintext accepted while the port was permissive too: to a
+    client that connected but had not spoken yet, and to one already relayed."""
+    server = mesh.server
+    tcp_app = await server.start_server(echo, "0.0.0.0", 9090)
+    try:
+        async with mesh.reconfigured(server, captured={"inbound": {"mtls": "permissive"}}):
+            silent = await asyncio.open_connection(server.ip, 8080)
+            talking = await asyncio.open_connection(server.ip, 9090)
+            talking[1].write(b"a")
+            assert await asyncio.wait_for(talking[0].readexactly(1), 5) == b"a"
+            let_in = counted(server, "inbound", "false")
+        # Strict again: neither gets another byte to an app.
+        requests = mesh.app.requests
+        assert await exchange(silent) == b""
+        assert mesh.app.requests == requests
+        assert await exchange(talking, b"b") == b""
+        assert counted(server, "inbound", "false") == let_in
+    finally:
+        tcp_app.close()
