@@ -411,3 +411,25 @@ async def test_switching_a_port_to_strict_stops_plaintext_already_connected(
         assert counted(server, "inbound", "false") == let_in
     finally:
         tcp_app.close()
+
+
+async def test_a_pod_calling_a_service_it_serves_itself_reaches_its_own_app_over_mtls(
+    mesh: Captured,
+) -> None:
+    """The upstream's endpoint is the calling pod: the agent's mTLS dial to its own pod IP
+    goes over loopback, which the inbound rules skip; it must come back through the
+    inbound capture port, not hit the app's port with a ClientHello."""
+    server = mesh.server
+    itself = {
+        "name": "server.demo:8080",
+        "protocol": "http",
+        "destinations": [SERVICE],
+        "endpoints": [f"{server.ip}:8080"],
+        "server_ids": [str(workload(server.name))],
+    }
+    async with mesh.reconfigured(server, outbound=[itself]):
+        host, port = SERVICE.split(":")
+        caller = f"By={workload('server')};URI={workload('server')}"
+        assert body(await exchange(await server.open_connection(host, int(port)))) == caller
+        # ... and by its pod IP, which the app reaches in plain over loopback, as before.
+        assert body(await exchange(await server.open_connection(server.ip, 8080))) == "-"
