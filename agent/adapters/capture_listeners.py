@@ -26,6 +26,7 @@ import asyncio
 import logging
 import random
 import socket
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
@@ -54,6 +55,7 @@ from agent.core.captured import (
     UpstreamAddresses,
 )
 from agent.core.discovery import StaticSource
+from agent.core.throttle import held_back
 from agent.core.upstream import Endpoint
 
 log = logging.getLogger("outrider.agent")
@@ -113,23 +115,69 @@ def agent_ports(config: AgentConfig) -> frozenset[int]:
     return frozenset(ports)
 
 
-def _refuse(runtime: Runtime, direction: str, reason: str, sock: socket.socket) -> None:
+#: What each refusal of a captured connection means, for the log (`{}`: where it was going).
+_WHY = {
+    (INBOUND, "no_original_destination"): (
+        "a connection to the inbound capture port itself, not redirected by the capture rules:"
+        " it names no app port"
+    ),
+    (INBOUND, "capture_loop"): (
+        "a connection to port {} of the pod, one of the agent's own ports: never relayed"
+    ),
+    (OUTBOUND, "no_original_destination"): (
+        "a connection to the outbound capture port itself, not redirected by the capture"
+        " rules: it names no destination"
+    ),
+    (OUTBOUND, "capture_loop"): "the app's connection to {}, a capture port: it would loop",
+    (OUTBOUND, "registry_only"): (
+        "the app's connection to {}: not in the registry, and the outbound policy is registry-only"
+    ),
+    (OUTBOUND, "max_connections"): "the app's connection to {}: max_connections reached",
+}
+
+
+def _refuse(
+    runtime: Runtime, direction: str, reason: str, sock: socket.socket, where: object = ""
+) -> None:
+    """Closed and counted; said in the log, at most once a while per kind (a caller can
+    cause these as fast as it connects: agent/core/throttle.py)."""
     runtime.metrics.connections_refused.labels(direction, reason).inc()
     sock.close()
+    held = runtime.refusal_lines.admit((direction, reason), time.monotonic())
+    if held is not None:
+        why = _WHY.get((direction, reason), reason).format(where)
+        log.warning("%s capture: refused %s%s", direction, why, held_back(held))
 
 
 class InboundCaptureListener(InboundMtls[InboundCapture]):
     """0.0.0.0:<inbound_port>: every port of the pod, mTLS (strict) or either (permissive)."""
+
+    #: Every port the agent has bound, as bound (the agent keeps it current): with
+    #: `agent_ports` of the config, which may name a port 0 the kernel chose.
+    bound_ports: frozenset[int] = frozenset()
 
     def _admit(self, sock: socket.socket, port: int = 0) -> None:
         destination = original_destination(sock)
         if destination is None:
             _refuse(self.runtime, INBOUND, "no_original_destination", sock)
             return
-        if destination[1] in self.config.agent_ports:
-            _refuse(self.runtime, INBOUND, "capture_loop", sock)
+        if destination[1] in self.config.agent_ports or destination[1] in self.bound_ports:
+            _refuse(self.runtime, INBOUND, "capture_loop", sock, destination[1])
             return
         super()._admit(sock, destination[1])
+
+    def _handshake_refused(self, port: int, reason: str) -> None:
+        held = self.runtime.refusal_lines.admit((INBOUND, "handshake"), time.monotonic())
+        if held is None:
+            return
+        strict = "" if self.serving(port)[1] else "; the port is strict: plaintext is refused"
+        log.warning(
+            "inbound capture: refused a connection to port %d: no mTLS handshake (%s)%s%s",
+            port,
+            reason,
+            strict,
+            held_back(held),
+        )
 
     def serving(self, port: int) -> tuple[Inbound, bool]:
         capture = self.config
@@ -207,12 +255,10 @@ class OutboundCaptureListener(Listener[OutboundCapture]):
         target = Endpoint(*destination)
         route = self.config.routes.route(target)
         if isinstance(route, Refused):
-            if route.reason == "registry_only":
-                log.info("outbound capture: refused %s: not in the registry", target)
-            _refuse(runtime, OUTBOUND, route.reason, sock)
+            _refuse(runtime, OUTBOUND, route.reason, sock, target)
             return
         if len(self.connections) >= runtime.limits.max_connections:
-            _refuse(runtime, OUTBOUND, "max_connections", sock)
+            _refuse(runtime, OUTBOUND, "max_connections", sock, target)
             return
         loop = asyncio.get_running_loop()
         if isinstance(route, ToUpstream):

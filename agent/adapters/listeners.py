@@ -483,7 +483,9 @@ class InboundMtls(Listener[InboundT]):
                 ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
             )
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
-            self._refused(refusal_reason(exc))
+            reason = refusal_reason(exc)
+            self._refused(reason)
+            self._handshake_refused(port, reason)
             relay.close()
             return None
         tls.pause_reading()
@@ -501,6 +503,11 @@ class InboundMtls(Listener[InboundT]):
         self.runtime.verified(INBOUND, ssl_object, peer, started)
         self.connections.established(INBOUND, peer)
         return peer, config
+
+    def _handshake_refused(self, port: int, reason: str) -> None:
+        """A client's handshake failed (counted already): an explicit listener says nothing
+        more (its clients are agents); the capture listener tells a plaintext caller's
+        owner why (a strict port)."""
 
     def _authorize(self, request: Request, config: Inbound) -> Decision:
         """The policy's decision on a connection (L4) or a request (L7), counted."""

@@ -433,3 +433,26 @@ async def test_a_pod_calling_a_service_it_serves_itself_reaches_its_own_app_over
         assert body(await exchange(await server.open_connection(host, int(port)))) == caller
         # ... and by its pod IP, which the app reaches in plain over loopback, as before.
         assert body(await exchange(await server.open_connection(server.ip, 8080))) == "-"
+
+
+async def test_a_flood_of_refused_connections_is_counted_each_and_logged_a_line_a_while(
+    mesh: Captured,
+) -> None:
+    """Each refusal is in /metrics; the log says why, but a flood is a line per kind a
+    while, not a line per connection."""
+    server, log = mesh.server, mesh.agents["server"].log
+    flood = 50
+    loops = {"direction": "inbound", "reason": "capture_loop"}
+    looped = metric(server, "outrider_connections_refused_total", **loops)
+    said = len(log)
+    admin = int(mesh.agents["server"].bound["admin"].rsplit(":", 1)[1])
+    for port in (8080, admin):  # plaintext to a strict port; the agent's admin port
+        for _ in range(flood):
+            assert await exchange(await asyncio.open_connection(server.ip, port)) == b""
+    await eventually(server, "outrider_connections_refused_total", looped + flood, **loops)
+    refusals = [line for line in log[said:] if "capture: refused" in line]
+    assert len(refusals) <= 2, refusals  # at most one per kind (none: said just before)
+    # What the lines say (here, or said by an earlier test within the interval):
+    lines = [line for line in log if "capture: refused" in line]
+    assert any("port 8080: no mTLS handshake" in line and "strict" in line for line in lines)
+    assert any(f"port {admin} of the pod, one of the agent's own ports" in line for line in lines)
