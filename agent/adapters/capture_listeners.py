@@ -23,6 +23,7 @@ first connection: most pods call few of them.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
 import socket
@@ -57,8 +58,10 @@ from agent.core.captured import (
 from agent.core.discovery import StaticSource
 from agent.core.throttle import held_back
 from agent.core.upstream import Endpoint
+from identity.configfile import Listen
 
 log = logging.getLogger("outrider.agent")
+AcceptLoop = Callable[[socket.socket], Coroutine[Any, Any, None]]
 
 
 def capture_configs(config: AgentConfig) -> tuple[InboundCapture, OutboundCapture] | None:
@@ -149,12 +152,81 @@ def _refuse(
         log.warning("%s capture: refused %s%s", direction, why, held_back(held))
 
 
-class InboundCaptureListener(InboundMtls[InboundCapture]):
+class _AlsoIpv6:
+    """The capture ports on IPv6 too: the rules redirect a pod's IPv6 TCP as well (inbound
+    to [pod IPv6]:<inbound_port>, the app's outbound to [::1]:<outbound_port>), and with
+    nobody there the app's IPv6 would be refused (closed, but broken). Where the kernel
+    has no IPv6 the rules have nothing to redirect either: the IPv4 socket alone serves.
+    """
+
+    IPV6_HOST: str  # "::" inbound (every address of the pod), "::1" outbound (the app's own)
+    _socket: socket.socket | None
+    _v6: socket.socket | None = None
+    _v6_acceptor: asyncio.Task[None] | None = None
+    address: str
+
+    def _bind_ipv6(self) -> None:
+        assert self._socket is not None
+        port = self._socket.getsockname()[1]
+        sock = None
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.IPV6_HOST, port))
+            sock.listen(1024)
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                log.info("%s: no IPv6 here (%s): IPv4 only", self.address, exc.strerror)
+                return
+            raise OSError(
+                exc.errno, f"cannot listen on [{self.IPV6_HOST}]:{port}: {exc.strerror}"
+            ) from None
+        sock.setblocking(False)
+        self._v6 = sock
+
+    def _serve_ipv6(
+        self, accept_loop: Callable[[socket.socket], Coroutine[Any, Any, None]]
+    ) -> None:
+        if self._v6 is not None:
+            self._v6_acceptor = asyncio.get_running_loop().create_task(accept_loop(self._v6))
+            log.info(
+                "%s listening on [%s]:%d too",
+                self.address,
+                self.IPV6_HOST,
+                self._v6.getsockname()[1],
+            )
+
+    def _release_ipv6(self) -> None:
+        if self._v6_acceptor is not None:
+            self._v6_acceptor.cancel()
+            self._v6_acceptor = None
+        if self._v6 is not None:
+            self._v6.close()
+            self._v6 = None
+
+
+class InboundCaptureListener(_AlsoIpv6, InboundMtls[InboundCapture]):
     """0.0.0.0:<inbound_port>: every port of the pod, mTLS (strict) or either (permissive)."""
 
     #: Every port the agent has bound, as bound (the agent keeps it current): with
     #: `agent_ports` of the config, which may name a port 0 the kernel chose.
     bound_ports: frozenset[int] = frozenset()
+    IPV6_HOST = "::"
+
+    def bind(self, listen: Listen) -> None:
+        super().bind(listen)
+        self._bind_ipv6()
+
+    async def _serve(self, listening: socket.socket) -> None:
+        await super()._serve(listening)
+        self._serve_ipv6(self._accept_loop)
+
+    def release(self) -> None:
+        super().release()
+        self._release_ipv6()
 
     def _admit(self, sock: socket.socket, port: int = 0) -> None:
         destination = original_destination(sock)
@@ -186,10 +258,20 @@ class InboundCaptureListener(InboundMtls[InboundCapture]):
         return inbound, mode.mtls == "permissive"
 
 
-class OutboundCaptureListener(Listener[OutboundCapture]):
-    """127.0.0.1:<outbound_port>: the app's connections, routed by original destination."""
+class OutboundCaptureListener(_AlsoIpv6, Listener[OutboundCapture]):
+    """127.0.0.1:<outbound_port> (and [::1]): the app's connections, routed by original
+    destination."""
 
     direction = OUTBOUND
+    IPV6_HOST = "::1"
+
+    def bind(self, listen: Listen) -> None:
+        super().bind(listen)
+        self._bind_ipv6()
+
+    def release(self) -> None:
+        super().release()
+        self._release_ipv6()
 
     def __init__(self, config: OutboundCapture, runtime: Runtime, connections: Connections) -> None:
         super().__init__(config, runtime, connections)
@@ -231,12 +313,11 @@ class OutboundCaptureListener(Listener[OutboundCapture]):
         return live
 
     async def _serve(self, listening: socket.socket) -> None:
-        self._acceptor = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._acceptor = asyncio.get_running_loop().create_task(self._accept_loop(listening))
+        self._serve_ipv6(self._accept_loop)
 
-    async def _accept_loop(self) -> None:
+    async def _accept_loop(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        assert self._socket is not None
-        listening = self._socket
         while True:
             try:
                 sock, _ = await loop.sock_accept(listening)

@@ -296,12 +296,10 @@ class InboundMtls(Listener[InboundT]):
         # Our own accept loop rather than loop.create_server: connect_accepted_socket
         # takes a TLS context per connection (the SVID rotates) and raises the
         # handshake's error, so every refusal is counted with its reason.
-        self._acceptor = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._acceptor = asyncio.get_running_loop().create_task(self._accept_loop(listening))
 
-    async def _accept_loop(self) -> None:
+    async def _accept_loop(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        assert self._socket is not None
-        listening = self._socket
         while True:
             try:
                 sock, _ = await loop.sock_accept(listening)

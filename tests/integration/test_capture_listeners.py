@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sys
 import urllib.request
 from collections.abc import AsyncIterator
@@ -456,3 +457,37 @@ async def test_a_flood_of_refused_connections_is_counted_each_and_logged_a_line_
     lines = [line for line in log if "capture: refused" in line]
     assert any("port 8080: no mTLS handshake" in line and "strict" in line for line in lines)
     assert any(f"port {admin} of the pod, one of the agent's own ports" in line for line in lines)
+
+
+async def test_ipv6_is_captured_too_mtls_between_pods_and_no_plaintext_in(
+    mesh: Captured,
+) -> None:
+    """The rules redirect IPv6 as IPv4: the agent serves its capture ports on both, so an
+    app's IPv6 call goes over mTLS, and a plaintext IPv6 caller gets nothing."""
+    network, server, client = mesh.network, mesh.server, mesh.client
+    intruder = network.add_pod("intruder6")  # no agent, no rules
+    server_ip = network.add_ipv6(server)
+    network.add_ipv6(client)
+    network.add_ipv6(intruder)
+    upstream = mesh.configs["client"]["outbound"][0]
+    pinned = {**upstream, "endpoints": [*upstream["endpoints"], f"[{server_ip}]:8080"]}
+    async with mesh.reconfigured(client, outbound=[pinned]):
+        requests = mesh.app.requests
+        verified = counted(server, "inbound", "true", str(workload("client")))
+        plaintext = counted(server, "inbound", "false")
+
+        async def call(pod: Pod, request: bytes = REQUEST) -> bytes:
+            sock = pod.socket(socket.AF_INET6)
+            sock.setblocking(False)
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_connect(sock, (server_ip, 8080)), 5
+            )
+            return await exchange(await asyncio.open_connection(sock=sock), request)
+
+        caller = f"By={workload('server')};URI={workload('client')}"
+        assert body(await call(client)) == caller
+        for request in (REQUEST, FORGED):
+            assert await call(intruder, request) == b""
+        assert mesh.app.requests == requests + 1
+        assert counted(server, "inbound", "true", str(workload("client"))) == verified + 1
+        assert counted(server, "inbound", "false") == plaintext
