@@ -476,11 +476,11 @@ async def test_ipv6_is_captured_too_mtls_between_pods_and_no_plaintext_in(
         verified = counted(server, "inbound", "true", str(workload("client")))
         plaintext = counted(server, "inbound", "false")
 
-        async def call(pod: Pod, request: bytes = REQUEST) -> bytes:
+        async def call(pod: Pod, request: bytes = REQUEST, port: int = 8080) -> bytes:
             sock = pod.socket(socket.AF_INET6)
             sock.setblocking(False)
             await asyncio.wait_for(
-                asyncio.get_running_loop().sock_connect(sock, (server_ip, 8080)), 5
+                asyncio.get_running_loop().sock_connect(sock, (server_ip, port)), 5
             )
             return await exchange(await asyncio.open_connection(sock=sock), request)
 
@@ -488,6 +488,11 @@ async def test_ipv6_is_captured_too_mtls_between_pods_and_no_plaintext_in(
         assert body(await call(client)) == caller
         for request in (REQUEST, FORGED):
             assert await call(intruder, request) == b""
+        # The inbound capture port called as itself over IPv6: no app port, refused.
+        unknown = {"direction": "inbound", "reason": "no_original_destination"}
+        before = metric(server, "outrider_connections_refused_total", **unknown)
+        assert await call(intruder, REQUEST, 15006) == b""
+        await eventually(server, "outrider_connections_refused_total", before + 1, **unknown)
         assert mesh.app.requests == requests + 1
         assert counted(server, "inbound", "true", str(workload("client"))) == verified + 1
         assert counted(server, "inbound", "false") == plaintext
