@@ -28,6 +28,7 @@ import logging
 import random
 import socket
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
@@ -281,9 +282,26 @@ class OutboundCaptureListener(_AlsoIpv6, Listener[OutboundCapture]):
         #: an entry with both `listen` and `destinations` is one upstream, one pool.
         self.explicit: Mapping[str, LiveUpstream] = {}
         self._own: dict[str, LiveUpstream] = {}  # destinations-only entries, built on use
+        #: Connections passed through in plain, by destination: closed when a new config
+        #: would not pass them (registry-only, or the address joined the mesh). Weak: a
+        #: closed relay leaves by itself.
+        self.passed: weakref.WeakKeyDictionary[Relay, Endpoint] = weakref.WeakKeyDictionary()
 
     def configure(self, config: OutboundCapture) -> None:
         self.config = config
+        stopped = [
+            relay
+            for relay, target in list(self.passed.items())
+            if not relay.closed and not isinstance(config.routes.route(target), Passthrough)
+        ]
+        for relay in stopped:
+            relay.abort()
+        if stopped:
+            log.info(
+                "outbound capture: closed %d plain connection(s) the outbound policy no longer"
+                " passes through",
+                len(stopped),
+            )
         for name in list(self._own):
             wanted = config.upstreams.get(name)
             if wanted is None or wanted.listen is not None:  # gone, or served by a listener
@@ -355,6 +373,7 @@ class OutboundCaptureListener(_AlsoIpv6, Listener[OutboundCapture]):
                 assert isinstance(route, Passthrough)
                 runtime.metrics.outbound_passthrough.labels(route.reason).inc()
                 self.connections.established(OUTBOUND, None, mtls=False)
+                self.passed[relay] = target
                 dial = self._plain(relay, target)
             refused = runtime.metrics.connections_refused.labels(OUTBOUND, "no_endpoint").inc
             task = loop.create_task(_relayed(loop, sock, relay, dial, refused))

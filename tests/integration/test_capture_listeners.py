@@ -496,3 +496,28 @@ async def test_ipv6_is_captured_too_mtls_between_pods_and_no_plaintext_in(
         assert mesh.app.requests == requests + 1
         assert counted(server, "inbound", "true", str(workload("client"))) == verified + 1
         assert counted(server, "inbound", "false") == plaintext
+
+
+async def test_switching_to_registry_only_closes_what_it_no_longer_lets_out(
+    mesh: Captured,
+) -> None:
+    """registry-only applies to connections passed through under allow-any as well: an
+    app's open connection outside the registry is closed, not left to run."""
+    client, node = mesh.client, mesh.network.node_ip
+    listed, unlisted = [await asyncio.start_server(echo, node, 0) for _ in range(2)]
+    ports = [server.sockets[0].getsockname()[1] for server in (listed, unlisted)]
+    try:
+        # allow-any (the first config): both passed through.
+        kept, stopped = [await client.open_connection(node, port) for port in ports]
+        for reader, writer in (kept, stopped):
+            writer.write(b"a")
+            assert await asyncio.wait_for(reader.readexactly(1), 5) == b"a"
+        registry = {"policy": "registry-only", "passthrough": [f"{node}:{ports[0]}"]}
+        async with mesh.reconfigured(client, captured={"outbound": registry}):
+            assert await exchange(stopped, b"b") == b""
+            kept[1].write(b"c")  # a registry passthrough: still allowed, goes on
+            assert await asyncio.wait_for(kept[0].readexactly(1), 5) == b"c"
+        kept[1].close()
+    finally:
+        listed.close()
+        unlisted.close()
