@@ -36,6 +36,7 @@ from agent.core.authz import AllowList
 from agent.core.captured import Captured, OutboundRoutes, admit_plaintext, looks_like_tls
 from agent.core.policy import Decision, Request
 from agent.core.resilience import RetryBudget, should_retry
+from agent.core.throttle import held_back
 from agent.core.upstream import Endpoint
 from identity import SpiffeId
 from identity.configfile import Listen
@@ -519,14 +520,22 @@ class InboundMtls(Listener[InboundT]):
         for record in decision.records:
             counter.labels(record.kind, record.policy, record.rule).inc()
         if not decision.allowed:
-            log.info(
-                "inbound %s: denied %s %s %s: %s",
-                config.listen,
-                request.source,
-                request.method or "connection",
-                request.path or "",
-                decision.reason,
-            )
+            # A line per caller a while, not per denial: a caller (a plaintext one on a
+            # permissive port, above all) can be denied as fast as it connects.
+            caller = str(request.source) if request.source else "a plaintext caller"
+            key = (INBOUND, "denied", caller)
+            held = self.runtime.refusal_lines.admit(key, asyncio.get_running_loop().time())
+            if held is not None:
+                what = f"{request.method} {request.path}" if request.method else "a connection"
+                log.info(
+                    "inbound %s: denied %s to port %d from %s: %s%s",
+                    config.listen,
+                    what,
+                    request.port,
+                    caller,
+                    decision.reason,
+                    held_back(held),
+                )
         return decision
 
 

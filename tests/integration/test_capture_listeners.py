@@ -521,3 +521,27 @@ async def test_switching_to_registry_only_closes_what_it_no_longer_lets_out(
     finally:
         listed.close()
         unlisted.close()
+
+
+async def test_a_flood_of_plaintext_denied_by_policy_is_a_line_a_while_not_one_each(
+    mesh: Captured,
+) -> None:
+    server, log = mesh.server, mesh.agents["server"].log
+    tcp_app = await server.start_server(echo, "0.0.0.0", 9090)
+    denied = {"decision": "deny", "policy": "default", "rule": "deny"}
+    sections = {
+        "captured": {"inbound": {"mtls": "permissive"}},
+        "policy": {"default_action": "deny"},
+    }
+    try:
+        async with mesh.reconfigured(server, **sections):
+            before = metric(server, "outrider_authz_decisions_total", **denied)
+            said = len(log)
+            for _ in range(50):
+                opened = await asyncio.open_connection(server.ip, 9090)
+                assert await exchange(opened, b"plain") == b""
+            await eventually(server, "outrider_authz_decisions_total", before + 50, **denied)
+            lines = [line for line in log[said:] if "denied" in line]
+            assert 1 <= len(lines) <= 2, lines
+    finally:
+        tcp_app.close()
