@@ -410,7 +410,18 @@ class InboundMtls(Listener[InboundT]):
             async with asyncio.timeout(limits.connect_timeout.total_seconds()):
                 await loop.create_connection(lambda: up, app.host, app.port)
         except (OSError, TimeoutError) as exc:
-            log.warning("inbound %s: app %s unreachable: %s", config.listen, app, exc)
+            # A line a while: on a captured pod a caller can try every port, most with no app.
+            held = self.runtime.refusal_lines.admit(
+                (INBOUND, "app_unreachable"), asyncio.get_running_loop().time()
+            )
+            if held is not None:
+                log.warning(
+                    "inbound %s: app %s unreachable: %s%s",
+                    config.listen,
+                    app,
+                    exc,
+                    held_back(held),
+                )
             self.runtime.metrics.connections_refused.labels(INBOUND, "app_unreachable").inc()
             relay.close()
             return

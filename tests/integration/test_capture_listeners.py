@@ -545,3 +545,21 @@ async def test_a_flood_of_plaintext_denied_by_policy_is_a_line_a_while_not_one_e
             assert 1 <= len(lines) <= 2, lines
     finally:
         tcp_app.close()
+
+
+async def test_a_scan_of_the_pods_ports_in_plaintext_is_a_line_a_while_not_one_each(
+    mesh: Captured,
+) -> None:
+    """On a permissive pod anyone may try every port; nothing listens on most of them."""
+    server, log = mesh.server, mesh.agents["server"].log
+    unreachable = {"direction": "inbound", "reason": "app_unreachable"}
+    async with mesh.reconfigured(server, captured={"inbound": {"mtls": "permissive"}}):
+        before = metric(server, "outrider_connections_refused_total", **unreachable)
+        said = len(log)
+        ports = range(20001, 20041)
+        for port in ports:
+            assert await exchange(await asyncio.open_connection(server.ip, port)) == b""
+        total = before + len(ports)
+        await eventually(server, "outrider_connections_refused_total", total, **unreachable)
+        lines = [line for line in log[said:] if "unreachable" in line]
+        assert 1 <= len(lines) <= 2, lines
