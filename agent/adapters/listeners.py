@@ -322,12 +322,14 @@ class InboundMtls(Listener[InboundT]):
         if len(self.connections) >= runtime.limits.max_connections:
             runtime.metrics.connections_refused.labels(INBOUND, "max_connections").inc()
             sock.close()
+            self._over_limit("max_connections", "refused a new connection")
             return
         if len(runtime.handshaking) >= runtime.limits.max_pending_handshakes:
             evict = self.runtime.not_pending(next(iter(runtime.handshaking)))
             assert evict is not None
             runtime.metrics.connections_refused.labels(INBOUND, "max_pending_handshakes").inc()
             evict()
+            self._over_limit("max_pending_handshakes", "closed the oldest")
         relay = Relay(runtime.limits.idle_timeout.total_seconds(), self.connections.closed)
         self.connections.add(relay, INBOUND)
         setup = asyncio.get_running_loop().create_task(self._setup(relay, sock, port))
@@ -340,6 +342,22 @@ class InboundMtls(Listener[InboundT]):
 
         runtime.handshaking[relay] = evict_it
         runtime.metrics.pending_handshakes.inc()
+
+    def _over_limit(self, limit: str, done: str) -> None:
+        """A line a while: a flood reaches a limit once per connection."""
+        key = (INBOUND, limit)
+        held = self.runtime.refusal_lines.admit(key, asyncio.get_running_loop().time())
+        if held is not None:
+            value = getattr(self.runtime.limits, limit)
+            log.warning(
+                "%s %s: limits.%s (%d) reached: %s%s",
+                self.direction,
+                self.address,
+                limit,
+                value,
+                done,
+                held_back(held),
+            )
 
     async def _setup(self, relay: Relay, sock: socket.socket, port: int) -> None:
         started = clock()

@@ -563,3 +563,19 @@ async def test_a_scan_of_the_pods_ports_in_plaintext_is_a_line_a_while_not_one_e
         await eventually(server, "outrider_connections_refused_total", total, **unreachable)
         lines = [line for line in log[said:] if "unreachable" in line]
         assert 1 <= len(lines) <= 2, lines
+
+
+async def test_a_flood_past_a_limit_is_said_a_line_a_while(mesh: Captured) -> None:
+    """Silent callers past max_pending_handshakes: each evicts the oldest, counted; the log
+    says which limit was reached, once a while."""
+    server, log = mesh.server, mesh.agents["server"].log
+    evicted = {"direction": "inbound", "reason": "max_pending_handshakes"}
+    async with mesh.reconfigured(server, limits={"max_pending_handshakes": 1}):
+        before = metric(server, "outrider_connections_refused_total", **evicted)
+        said = len(log)
+        silent = [await asyncio.open_connection(server.ip, 8080) for _ in range(20)]
+        await eventually(server, "outrider_connections_refused_total", before + 19, **evicted)
+        lines = [line for line in log[said:] if "limits.max_pending_handshakes (1)" in line]
+        assert 1 <= len(lines) <= 2, lines
+        for _, writer in silent:
+            writer.close()
