@@ -412,13 +412,15 @@ class InboundMtls(Listener[InboundT]):
             relay.close()
             return
         down.pause_reading()
-        self.connections.established(INBOUND, None, mtls=False)
         self.plaintext[relay] = config.app.port
         await self._to_app(relay, None, config)
 
     async def _to_app(self, relay: Relay, peer: SpiffeId | None, config: Inbound) -> None:
         """Connect to the app and relay: bytes (tcp) or parsed requests (http) with the
-        peer's x-forwarded-client-cert (none for a plaintext client)."""
+        peer's x-forwarded-client-cert (none for a plaintext client).
+
+        A plaintext client is counted (`connections_total{mtls="false"}`) once the app
+        has its connection: one the app never got was not let in."""
         loop = asyncio.get_running_loop()
         limits = self.runtime.limits
         app = config.app
@@ -443,6 +445,8 @@ class InboundMtls(Listener[InboundT]):
             self.runtime.metrics.connections_refused.labels(INBOUND, "app_unreachable").inc()
             relay.close()
             return
+        if peer is None:  # plaintext, let in: counted once the app has it, not before
+            self.connections.established(INBOUND, None, mtls=False)
         if not http:
             relay.link()
             return

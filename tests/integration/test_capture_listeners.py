@@ -555,6 +555,7 @@ async def test_a_scan_of_the_pods_ports_in_plaintext_is_a_line_a_while_not_one_e
     unreachable = {"direction": "inbound", "reason": "app_unreachable"}
     async with mesh.reconfigured(server, captured={"inbound": {"mtls": "permissive"}}):
         before = metric(server, "outrider_connections_refused_total", **unreachable)
+        plaintext = counted(server, "inbound", "false")
         said = len(log)
         ports = range(20001, 20041)
         for port in ports:
@@ -563,6 +564,8 @@ async def test_a_scan_of_the_pods_ports_in_plaintext_is_a_line_a_while_not_one_e
         await eventually(server, "outrider_connections_refused_total", total, **unreachable)
         lines = [line for line in log[said:] if "unreachable" in line]
         assert 1 <= len(lines) <= 2, lines
+        # No app took them: no plaintext was let in, and none is counted as if it was.
+        assert counted(server, "inbound", "false") == plaintext
 
 
 async def test_a_flood_past_a_limit_is_said_a_line_a_while(mesh: Captured) -> None:
