@@ -385,7 +385,7 @@ class OutboundCaptureListener(_AlsoIpv6, Listener[OutboundCapture]):
         try:
             await live.dial(target, lambda: side)
         except DialError as exc:
-            log.warning("outbound capture %s (%s): %s", target, live.name, exc)
+            self._say(("pinned",), "outbound capture %s (%s): %s", target, live.name, exc)
             relay.new_upstream()  # the aborted side must not linger in the relay's close
             return False
         return True
@@ -398,10 +398,17 @@ class OutboundCaptureListener(_AlsoIpv6, Listener[OutboundCapture]):
             async with asyncio.timeout(self.runtime.limits.connect_timeout.total_seconds()):
                 await loop.create_connection(lambda: side, target.host, target.port)
         except (OSError, TimeoutError) as exc:
-            log.info("outbound capture: %s unreachable: %s", target, exc)
+            self._say(("unreachable",), "outbound capture: %s unreachable: %s", target, exc)
             relay.new_upstream()
             return False
         return True
+
+    def _say(self, kind: tuple[str], message: str, *args: object) -> None:
+        """A failed dial, in the log a line a while: an app in a retry loop dials as fast as
+        it connects (counted each in connections_refused_total{reason="no_endpoint"})."""
+        held = self.runtime.refusal_lines.admit((OUTBOUND, *kind), time.monotonic())
+        if held is not None:
+            log.warning(message + "%s", *args, held_back(held))
 
 
 async def _adopt(

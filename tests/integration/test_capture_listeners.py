@@ -582,3 +582,20 @@ async def test_a_flood_past_a_limit_is_said_a_line_a_while(mesh: Captured) -> No
         assert 1 <= len(lines) <= 2, lines
         for _, writer in silent:
             writer.close()
+
+
+async def test_an_app_dialing_an_unreachable_address_in_a_loop_is_a_line_a_while(
+    mesh: Captured,
+) -> None:
+    client, log = mesh.client, mesh.agents["client"].log
+    closed = socket.create_server((mesh.network.node_ip, 0))  # a port nobody accepts on
+    port = closed.getsockname()[1]
+    closed.close()
+    failed = {"direction": "outbound", "reason": "no_endpoint"}
+    before = metric(client, "outrider_connections_refused_total", **failed)
+    said = len(log)
+    for _ in range(30):
+        assert await exchange(await client.open_connection(mesh.network.node_ip, port)) == b""
+    await eventually(client, "outrider_connections_refused_total", before + 30, **failed)
+    lines = [line for line in log[said:] if "unreachable" in line]
+    assert 1 <= len(lines) <= 2, lines
