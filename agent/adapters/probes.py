@@ -16,6 +16,7 @@ events and `kubectl describe`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from dataclasses import dataclass
 
@@ -48,18 +49,55 @@ class Outcome:
     reason: str  # a few words of ours: shown to the kubelet, never the app's bytes
 
 
+@dataclass
+class _Shared:
+    """One check of a probe, awaited by every request for it that came meanwhile."""
+
+    task: asyncio.Task[Outcome]
+    waiters: int = 0
+
+
 class Prober:
-    """Performs probes against 127.0.0.1, at most `max_in_flight` at a time."""
+    """Performs probes against 127.0.0.1, at most `max_in_flight` at a time.
+
+    Requests for a probe that is being checked already wait for that check's outcome
+    rather than start another: a flood of /app-health requests on the status port
+    (anyone on the pod network may send them) cannot use up the bound and make the
+    kubelet's own probe fail, so cannot get the app restarted or taken out of its
+    Service. The bound then counts distinct probes, a few per container.
+    """
 
     def __init__(self, max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.max_in_flight = max_in_flight
-        self.in_flight = 0
+        self._running: dict[AppProbe, _Shared] = {}
         self._tls: ssl.SSLContext | None = None
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
     async def check(self, probe: AppProbe) -> Outcome:
-        if self.in_flight >= self.max_in_flight:
-            return Outcome(False, f"more than {self.max_in_flight} probes in flight")
-        self.in_flight += 1
+        shared = self._running.get(probe)
+        if shared is None:
+            if self.in_flight >= self.max_in_flight:
+                return Outcome(False, f"more than {self.max_in_flight} probes in flight")
+            task = asyncio.get_running_loop().create_task(self._check(probe))
+            shared = self._running[probe] = _Shared(task)
+            task.add_done_callback(functools.partial(self._forget, probe, shared))
+        shared.waiters += 1
+        try:
+            return await asyncio.shield(shared.task)
+        finally:
+            shared.waiters -= 1
+            if not shared.waiters and not shared.task.done():  # nobody waits: stop it
+                shared.task.cancel()
+                self._forget(probe, shared)
+
+    def _forget(self, probe: AppProbe, shared: _Shared, _: object = None) -> None:
+        if self._running.get(probe) is shared:
+            del self._running[probe]
+
+    async def _check(self, probe: AppProbe) -> Outcome:
         seconds = probe.timeout.total_seconds()
         try:
             async with asyncio.timeout(seconds):
@@ -70,8 +108,6 @@ class Prober:
             return Outcome(False, f"TLS: {exc.reason or 'handshake failed'}")
         except OSError as exc:
             return Outcome(False, exc.strerror or type(exc).__name__)
-        finally:
-            self.in_flight -= 1
 
     async def _perform(self, action: HttpGet | TcpSocket | Grpc) -> Outcome:
         if isinstance(action, HttpGet):

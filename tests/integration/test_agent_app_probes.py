@@ -207,13 +207,16 @@ async def test_probes_beyond_the_bound_in_flight_fail_at_once(tmp_path: Path) ->
     silent = socket.create_server(("127.0.0.1", 0), backlog=16)
     try:
         prober = Prober(max_in_flight=2)
-        slow = AppProbe(
-            "/app-health/a/readyz", HttpGet(silent.getsockname()[1]), timedelta(seconds=5)
-        )
-        held = [asyncio.create_task(prober.check(slow)) for _ in range(2)]
+        slow = [
+            AppProbe(
+                f"/app-health/{c}/readyz", HttpGet(silent.getsockname()[1]), timedelta(seconds=5)
+            )
+            for c in ("a", "b", "c")
+        ]
+        held = [asyncio.create_task(prober.check(probe)) for probe in slow[:2]]
         await asyncio.sleep(0.05)
         started = time.monotonic()
-        beyond = await prober.check(slow)
+        beyond = await prober.check(slow[2])
         assert not beyond.passed and "in flight" in beyond.reason
         assert time.monotonic() - started < 0.1
         for task in held:
@@ -222,3 +225,33 @@ async def test_probes_beyond_the_bound_in_flight_fail_at_once(tmp_path: Path) ->
         assert prober.in_flight == 0  # a cancelled probe (its connection closed) frees its place
     finally:
         silent.close()
+
+
+async def test_a_flood_of_one_probe_shares_its_check_and_cannot_fail_the_kubelets(
+    tmp_path: Path,
+) -> None:
+    """The status port is open to the pod network: 200 requests at once for the app's probe
+    (MAX_IN_FLIGHT is 16) all get the app's answer, from a few checks, and none a 503 that
+    the kubelet's own probe would get too (a restart, or the pod out of its Service)."""
+    checks = 0
+
+    async def slow_ready(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal checks
+        checks += 1
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.1)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    app = await asyncio.start_server(slow_ready, "127.0.0.1", 0)
+    try:
+        prober = Prober()
+        port = app.sockets[0].getsockname()[1]
+        probe = AppProbe("/app-health/web/livez", HttpGet(port), timedelta(seconds=1))
+        outcomes = await asyncio.gather(*(prober.check(probe) for _ in range(200)))
+        assert all(outcome.passed for outcome in outcomes), {o.reason for o in outcomes}
+        assert checks == 1 and prober.in_flight == 0
+        assert (await prober.check(probe)).passed and checks == 2  # a new check each time
+    finally:
+        app.close()
