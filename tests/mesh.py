@@ -182,20 +182,25 @@ async def echo_server(accepted: list[int] | None = None) -> AsyncIterator[int]:
 def threaded_app(application: web.Application, sock: socket.socket | None = None) -> Iterator[int]:
     """An aiohttp app on an event loop of its own in a thread, so tests that block on
     sockets and agent processes can reach it; yields its port. On 127.0.0.1 unless given
-    a bound, listening `sock` (e.g. one of a pod's, tests.netns.Pod.socket)."""
+    a bound, listening `sock` (e.g. one of a pod's, tests.netns.Pod.socket). The loop is
+    driven only in its thread: the caller may be running a loop of its own."""
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(application, access_log=None)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0) if sock is None else web.SockSite(runner, sock)
-    loop.run_until_complete(site.start())
+
+    async def start() -> int:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0) if sock is None else web.SockSite(runner, sock)
+        await site.start()
+        return int(runner.addresses[0][1])
+
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        yield runner.addresses[0][1]
+        yield asyncio.run_coroutine_threadsafe(start(), loop).result(10)
     finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
-        loop.run_until_complete(runner.cleanup())
         loop.close()
 
 

@@ -212,12 +212,18 @@ class App:
             self.streams = None
 
 
-async def exchange(pod: Pod, host: str, port: int, data: bytes, timeout: float = 3.0) -> bytes:
-    """Send `data` from `pod` to `host`:`port` and read until the other side closes (or
-    `timeout`): every byte that came back; b'' when the connection was cut or refused."""
+async def exchange(
+    pod: Pod | None, host: str, port: int, data: bytes, timeout: float = 3.0
+) -> bytes:
+    """Send `data` from `pod` (None: the node) to `host`:`port` and read until the other
+    side closes (or `timeout`): every byte that came back; b'' when cut or refused."""
     try:
-        reader, writer = await pod.open_connection(host, port, timeout)
-    except OSError:
+        if pod is None:
+            connecting = asyncio.open_connection(host, port)
+            reader, writer = await asyncio.wait_for(connecting, timeout)
+        else:
+            reader, writer = await pod.open_connection(host, port, timeout)
+    except (OSError, TimeoutError):
         return b""
     received = b""
     try:
@@ -584,9 +590,9 @@ async def capture_cluster(root: Path, network: PodNetwork) -> AsyncIterator[Capt
             written = yaml.safe_load(text)
             name = written["metadata"]["name"]
             pod = mesh.pods[name] = network.add_pod(name)
-            specs[name] = inject(written, settings)
-            api.apply(yaml.safe_dump(specs[name]))
+            api.apply(yaml.safe_dump(inject(written, settings)))
             api.set_status("v1", "Pod", "shop", name, running(pod))
+            specs[name] = api.get("v1", "Pod", "shop", name)  # with its uid, as stored
         outsider = network.add_pod("curl-0")
         api.apply(OUTSIDER)
         api.set_status("v1", "Pod", "outside", "curl-0", running(outsider))
