@@ -27,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -578,12 +578,18 @@ async def capture_cluster(root: Path, network: PodNetwork) -> AsyncIterator[Capt
     """The shop with capture on: a frontend (A) and a backend (B) injected, a client outside
     the mesh (C), the CA and the control plane on the node; yields once every agent is ready."""
     async with AsyncExitStack() as stack:
-        api = stack.enter_context(fake_api_server_thread(root / "api"))
-        api.apply(CAPTURE_NAMESPACES + "---\n" + BACKEND_SERVICE)
         listen = {"grpc": f"{network.node_ip}:0", "http": "127.0.0.1:0"}
         setup = make_ca_setup(root, listen=listen)
-        ca = stack.enter_context(ca_process(setup.config))
+        # The CA starts while the API server and the control plane do (it needs neither).
+        ca_running = ca_process(setup.config)
+        starting_ca = asyncio.create_task(asyncio.to_thread(ca_running.__enter__))
+        stack.push_async_callback(_stop_ca, ca_running, starting_ca)
+        api = stack.enter_context(fake_api_server_thread(root / "api"))
+        api.apply(CAPTURE_NAMESPACES + "---\n" + BACKEND_SERVICE)
         mesh = Mesh(root, api, network, setup)
+        await mesh.start_control()
+        stack.push_async_callback(mesh.stop_control)
+        ca = await starting_ca
         settings = mesh.settings(ca)
         specs: dict[str, dict[str, Any]] = {}
         for text in (FRONTEND, BACKEND):
@@ -598,13 +604,30 @@ async def capture_cluster(root: Path, network: PodNetwork) -> AsyncIterator[Capt
         api.set_status("v1", "Pod", "outside", "curl-0", running(outsider))
         frontend, backend = (mesh.pods[name] for name in specs)
         api.apply(endpoint_slice("backend", [backend]))
-        await mesh.start_control()
-        stack.push_async_callback(mesh.stop_control)
         files = PodFiles(root / "pods", setup)
-        for name, injected in specs.items():
-            pod = mesh.pods[name]
-            capture_init(pod, injected)
-            mesh.agents[name] = stack.enter_context(agent_container(root, pod, injected, files))
+
+        def start(name: str) -> AgentProcess:
+            """The pod's init container, then its agent (the kubelet's order)."""
+            capture_init(mesh.pods[name], specs[name])
+            agent = agent_container(root, mesh.pods[name], specs[name], files)
+            return stack.enter_context(agent)
+
+        # Both pods at once, each in its order.
+        for name, agent in zip(
+            specs, await asyncio.gather(*(asyncio.to_thread(start, n) for n in specs)), strict=True
+        ):
+            mesh.agents[name] = agent
         app = Backend()
         stack.enter_context(threaded_app_in(backend, app.application()))
         yield CaptureCluster(mesh, ca, frontend, backend, outsider, app, specs)
+
+
+async def _stop_ca(
+    running: AbstractContextManager[CaProcess], starting: asyncio.Task[CaProcess]
+) -> None:
+    """Leave `running` (a ca_process), however far `starting` (its entry) got."""
+    try:
+        await starting
+    except BaseException:
+        return  # it did not start: ca_process stopped what it began
+    await asyncio.to_thread(running.__exit__, None, None, None)
