@@ -272,16 +272,18 @@ async def test_a_destination_outside_the_mesh_passes_with_allow_any_is_refused_w
         assert await outside(True), "allow-any (the default) passes it through"
         await mesh.stop_control()
         await mesh.start_control(outbound_traffic_policy="registry-only")
-        await wait_until(lambda: outside(False), 20, "registry-only refuses it")
-        assert await outside(False)
-        # The mesh's own Services still answer, and the agent's own connections (the
-        # control plane it reconnected to) were never taken for the app's.
-        assert await reached(app, "/api/registry-only")
+        try:
+            await wait_until(lambda: outside(False), 20, "registry-only refuses it")
+            assert await outside(False)
+            # The mesh's own Services still answer, and the agent's own connections (the
+            # control plane it reconnected to) were never taken for the app's.
+            assert await reached(app, "/api/registry-only")
+        finally:
+            await mesh.stop_control()
+            await mesh.start_control()
+        await wait_until(lambda: outside(True), 20, "allow-any again")
     finally:
-        await mesh.stop_control()
-        await mesh.start_control()
         server.close()
-    await wait_until(lambda: outside(True), 20, "allow-any again")
     assert accepted == outcomes[True]
 
     async def counted() -> bool:
