@@ -120,9 +120,11 @@ def capture_loops(pod: Pod) -> float:
     return metric(pod, "outrider_connections_refused_total", reason="capture_loop")
 
 
-async def reached(app: App, path: str) -> bool:
+async def reached(app: App, path: str, forged: bool = False) -> bool:
+    """`app`'s GET `path` was answered 200 (`forged`: with FORGED as its xfcc)."""
+    headers = {"x-forwarded-client-cert": FORGED} if forged else {}
     try:
-        return (await app.request("GET", path))[0] == 200
+        return (await app.request("GET", path, headers))[0] == 200
     except FAILED:
         return False
 
@@ -135,12 +137,13 @@ async def test_the_app_unchanged_reaches_the_backend_over_mtls_by_service_and_po
         app = App(a, 8080, host)
 
         async def through(app: App = app, path: str = path) -> bool:
-            return await reached(app, path)
+            return await reached(app, path, forged=True)
 
         await wait_until(through, 15, f"A's app reaches B's app at {host}:8080")
         app.close()
         seen = cluster.backend_app.received(path)
-        # The server app knows who called: the peer the agent verified, and only that.
+        # The server app knows who called: the peer the agent verified, and only that
+        # (what A's app wrote into the header itself is gone).
         assert seen and all(s.xfcc == [XFCC] for s in seen), seen
     assert metric(b, "outrider_connections_total", direction="inbound", peer_id=FRONTEND_ID) > 0
     assert plaintext_accepted(b) == 0
