@@ -407,6 +407,55 @@ def _live_policies(
     return policies, action
 
 
+def _capture_apply(args: argparse.Namespace) -> None:
+    from agent.adapters.nft import Nft, NftError
+    from agent.core.capture import CaptureRulesError, rules_from_flags, ruleset, summary
+
+    try:
+        rules = rules_from_flags(
+            inbound_port=args.inbound_port,
+            outbound_port=args.outbound_port,
+            agent_uid=args.agent_uid,
+            exclude_inbound_ports=args.exclude_inbound_ports,
+            exclude_outbound_ports=args.exclude_outbound_ports,
+            exclude_outbound_cidrs=args.exclude_outbound_cidrs,
+        )
+    except CaptureRulesError as exc:
+        lines = "\n".join(f"  --{name.replace('_', '-')}: {why}" for name, why in exc.problems)
+        raise CommandError(f"invalid capture settings:\n{lines}") from None
+    script = ruleset(rules)
+    if args.dry_run:
+        sys.stdout.write(script)
+        return
+    nft = Nft()
+    try:
+        nft.apply(script)
+        print(summary(rules, nft.table() or {}))  # what the kernel holds now, checked
+    except (NftError, CaptureRulesError) as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _capture_show(args: argparse.Namespace) -> None:
+    from agent.adapters.nft import Nft, NftError
+
+    try:
+        listing = Nft().listing()
+    except NftError as exc:
+        raise CommandError(str(exc)) from None
+    sys.stdout.write(listing if listing is not None else "capture off: no table inet outrider\n")
+
+
+def _capture_remove(args: argparse.Namespace) -> None:
+    from agent.adapters.nft import Nft, NftError
+    from agent.core.capture import remove_script
+
+    try:
+        Nft().apply(remove_script())
+    except NftError as exc:
+        raise CommandError(str(exc)) from None
+    print("capture off: table inet outrider removed")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from outrider import demo
 
@@ -547,6 +596,47 @@ def parser() -> argparse.ArgumentParser:
         help=f"its debug address (default {DEBUG_URL})",
     )
     status.set_defaults(func=_proxy_status)
+
+    capture = commands.add_parser(
+        "capture", help="the pod's traffic capture rules (nftables)"
+    ).add_subparsers(dest="capture_command", required=True)
+    capture_apply = capture.add_parser(
+        "apply",
+        help="redirect the pod's TCP to the agent (the outrider-capture init container)",
+        description="replaces table inet outrider in one transaction (applying twice is"
+        " applying once), reads it back and prints a summary. Needs NET_ADMIN and NET_RAW."
+        " Exit 1 on bad values, a missing nft, or no permission",
+    )
+    capture_apply.add_argument(
+        "--inbound-port", metavar="N", help="where inbound TCP goes (default 15006)"
+    )
+    capture_apply.add_argument(
+        "--outbound-port", metavar="N", help="where the app's outbound TCP goes (default 15007)"
+    )
+    capture_apply.add_argument(
+        "--agent-uid", metavar="N", help="whose connections are never captured (default 1337)"
+    )
+    capture_apply.add_argument(
+        "--exclude-inbound-ports",
+        metavar="P,...",
+        help="inbound ports left to the app (default 15020, the status port)",
+    )
+    capture_apply.add_argument(
+        "--exclude-outbound-ports", metavar="P,...", help="destination ports never captured"
+    )
+    capture_apply.add_argument(
+        "--exclude-outbound-cidrs",
+        metavar="C,...",
+        help="destination networks never captured, IPv4 or IPv6",
+    )
+    capture_apply.add_argument(
+        "--dry-run", action="store_true", help="print the nft script and change nothing"
+    )
+    capture_apply.set_defaults(func=_capture_apply)
+    capture_show = capture.add_parser("show", help="print the capture table, if any")
+    capture_show.set_defaults(func=_capture_show)
+    capture_remove = capture.add_parser("remove", help="remove the capture table")
+    capture_remove.set_defaults(func=_capture_remove)
 
     demo = commands.add_parser("demo", help="run the mesh on loopback and show what it does")
     demo.add_argument(

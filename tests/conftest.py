@@ -1,4 +1,4 @@
-"""Every async test runs on uvloop, the event loop the agent and the CA run on; `pods`."""
+"""Every async test runs on uvloop, the event loop the agent and the CA run on; `pods`, `nft`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 import pytest
 import uvloop
 
+from tests.interop import ensure_command
 from tests.netns import PodNetwork, pod_network
 
 
@@ -42,3 +43,10 @@ def pods() -> Iterator[PodNetwork]:
     a network namespace of its own (tests/netns.py); all removed after the test."""
     with pod_network() as network:
         yield network
+
+
+@pytest.fixture(scope="session")
+def nft() -> str:
+    """The path of `nft`, installed (Debian's nftables) when missing: the capture tests
+    run real rules and must not skip on a fresh CI machine."""
+    return ensure_command("nft", "nftables")

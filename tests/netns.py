@@ -235,18 +235,52 @@ class Pod:
         """
         return ("nsenter", f"--net={self.netns_path}", "--")
 
-    def popen(self, args: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
-        """A process in this pod; killed when the pod network closes, if still running."""
-        process = subprocess.Popen([*self.prefix, *args], **kw)
+    def command(self, args: Sequence[str], user: int | None = None) -> list[str]:
+        """`args` run in this pod; as UID and GID `user` if given (an agent runs as 1337,
+        an app as another), so that rules matching `meta skuid` see what a pod would.
+
+        A process of `user` keeps two capabilities, CAP_DAC_OVERRIDE and
+        CAP_DAC_READ_SEARCH: the interpreter and a test's files may live where only
+        root may go (~root/.pyenv, pytest's 0700 tmp_path). They concern files only:
+        on the network the process is `user` and nothing more (setpriv, like
+        `nsenter --setuid/--setgid`, with the two ambient capabilities).
+        """
+        if user is None:
+            return [*self.prefix, *args]
+        if isinstance(user, bool) or not 0 <= user < 2**32 - 1:
+            raise ValueError(f"user {user!r}: a UID is 0 to 4294967294")
+        caps = "+dac_override,+dac_read_search"
+        setpriv = (
+            "setpriv",
+            f"--reuid={user}",
+            f"--regid={user}",
+            "--clear-groups",
+            f"--inh-caps={caps}",
+            f"--ambient-caps={caps}",
+            "--",
+        )
+        return [*self.prefix, *setpriv, *args]
+
+    def popen(
+        self, args: Sequence[str], *, user: int | None = None, **kw: Any
+    ) -> subprocess.Popen[Any]:
+        """A process in this pod (as UID/GID `user`); killed when the pod network closes."""
+        process = subprocess.Popen(self.command(args, user), **kw)
         self.processes.append(process)
         return process
 
     def run(
-        self, args: Sequence[str], *, timeout: float = 10.0, check: bool = True, **kw: Any
+        self,
+        args: Sequence[str],
+        *,
+        user: int | None = None,
+        timeout: float = 10.0,
+        check: bool = True,
+        **kw: Any,
     ) -> subprocess.CompletedProcess[str]:
-        """A short command in this pod, its output captured as text."""
+        """A short command in this pod (as UID/GID `user`), its output captured as text."""
         kw = {"capture_output": True, "text": True, **kw}
-        return subprocess.run([*self.prefix, *args], timeout=timeout, check=check, **kw)
+        return subprocess.run(self.command(args, user), timeout=timeout, check=check, **kw)
 
     def socket(
         self, family: socket.AddressFamily = socket.AF_INET, kind: int = socket.SOCK_STREAM
@@ -334,6 +368,17 @@ class PodNetwork:
         _ip("-n", pod.netns, "route", "add", "default", "via", self.node_ip)
         self._probe(pod)
         return pod
+
+    def add_ipv6(self, pod: Pod) -> str:
+        """Give `pod` an IPv6 address on eth0 too (a ULA on the pods' bridge); the address.
+
+        Only pods reach it (the node has no IPv6 on this network): enough to test
+        what an IPv6 connection between pods does.
+        """
+        index = int(ipaddress.IPv4Address(pod.ip)) - int(self.subnet.network_address)
+        address = f"fd00:6f72::{index:x}"
+        _ip("-n", pod.netns, "address", "add", f"{address}/64", "dev", "eth0", "nodad")
+        return address
 
     def _probe(self, pod: Pod) -> None:
         """Fail now, saying why, if the pod cannot reach the node (a host INPUT rule, say)."""

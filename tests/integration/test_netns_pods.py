@@ -116,6 +116,22 @@ async def test_a_process_started_in_a_pod_is_that_process_with_its_pipes(
     assert process.wait(5) == -signal.SIGKILL
 
 
+def test_a_process_started_as_a_user_is_that_uid_without_network_privileges(
+    pods: PodNetwork,
+) -> None:
+    pod = pods.add_pod("web")
+    ids = "import os; print(os.getresuid(), os.getresgid(), os.getgroups())"
+    assert pod.run([sys.executable, "-c", ids], user=1337).stdout == (
+        "(1337, 1337, 1337) (1337, 1337, 1337) []\n"
+    )
+    process = pod.popen([sys.executable, "-c", ids], user=1000, stdout=subprocess.PIPE, text=True)
+    assert process.communicate(timeout=5)[0] == "(1000, 1000, 1000) (1000, 1000, 1000) []\n"
+    refused = pod.run(["ip", "link", "set", "lo", "down"], user=1000, check=False)
+    assert refused.returncode != 0 and "Operation not permitted" in refused.stderr
+    with pytest.raises(ValueError, match="a UID is 0 to 4294967294"):
+        pod.command(["id"], user=-1)
+
+
 def test_closing_removes_everything_even_when_the_test_fails() -> None:
     with pytest.raises(RuntimeError, match="the test failed"), pod_network() as network:
         pod = network.add_pod("app")

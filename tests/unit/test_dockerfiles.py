@@ -124,6 +124,16 @@ def test_the_final_stage_has_no_build_tools_and_no_pip_cache(name: str) -> None:
                 assert "--no-cache-dir" in instruction.args
 
 
+def test_the_agent_image_carries_nft_for_the_capture_init_container() -> None:
+    """`outrider capture apply` runs nft; without it the capture init container fails."""
+    for name in IMAGES:
+        runs = [i.args for i in stages(ROOT / name)[-1] if i.keyword == "RUN"]
+        installs = [r for r in runs if "apt-get install" in r and "nftables" in r.split()]
+        assert bool(installs) == (name == "Dockerfile.agent"), name
+        for run in installs:
+            assert "--no-install-recommends" in run and "rm -rf /var/lib/apt/lists/*" in run
+
+
 @dockerfiles
 def test_the_entrypoint_is_the_outrider_command_from_the_venv(name: str) -> None:
     final = stages(ROOT / name)[-1]
