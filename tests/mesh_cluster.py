@@ -318,24 +318,6 @@ def container(pod: Mapping[str, Any], name: str) -> dict[str, Any]:
     return dict(found[0])
 
 
-def as_user(pod: Pod, uid: int) -> tuple[str, ...]:
-    """Put before a command line to run it in `pod` as `uid` (and gid), as a container with
-    runAsUser: what it creates, its sockets first, belong to `uid`, so the capture rules see
-    it as that user. It may read files anywhere (CAP_DAC_READ_SEARCH, ambient): the test's
-    interpreter and checkout may live where `uid` could not (e.g. under /root); it gets no
-    other privilege."""
-    return (
-        *pod.prefix,
-        "setpriv",
-        f"--reuid={uid}",
-        f"--regid={uid}",
-        "--clear-groups",
-        "--inh-caps=+dac_read_search",
-        "--ambient-caps=+dac_read_search",
-        "--",
-    )
-
-
 def container_env(pod: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, str]:
     """The container's environment: values, and the downward API's fields of `pod`."""
     env = {}
@@ -433,7 +415,7 @@ def agent_container(
         bootstrap,
         env=env,
         config_env=CONFIG_ENV,
-        prefix=as_user(pod, uid),
+        prefix=pod.command([], user=uid),  # as the container's runAsUser
     ) as process:
         yield process
 

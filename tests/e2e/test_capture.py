@@ -24,7 +24,6 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from tests.interop import ensure_command
 from tests.mesh_cluster import (
     BACKEND_VIP,
     App,
@@ -53,8 +52,8 @@ FAILED = (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError, IndexE
 
 
 @pytest.fixture(scope="module")
-def network() -> Iterator[PodNetwork]:
-    ensure_command("nft", "nftables")
+def network(nft: str) -> Iterator[PodNetwork]:
+    """The pods' network, for the whole module (the rules need `nft`)."""
     with pod_network() as pods:
         yield pods
 
