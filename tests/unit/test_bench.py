@@ -116,15 +116,26 @@ def test_the_aim_is_judged_at_two_thousand_agents_only() -> None:
 
 def test_capture_is_judged_against_the_explicit_path_of_the_same_run() -> None:
     samples = {
-        "captured": [0.0010, 0.0011, 0.0012, 0.0013, 0.0050],
-        "explicit": [0.0009, 0.0010, 0.0010, 0.0011, 0.0040],
+        "keepalive": {
+            "captured": [0.0010, 0.0011, 0.0012, 0.0013, 0.0050],
+            "explicit": [0.0009, 0.0010, 0.0010, 0.0011, 0.0040],
+        },
+        "new_connection": {"captured": [0.003], "explicit": [0.002]},
     }
     result = capture.summarize(samples)
-    assert result["rows"]["captured"] == {"requests": 5, "p50_ms": 1.2, "p99_ms": 5.0}
-    assert result["rows"]["explicit"] == {"requests": 5, "p50_ms": 1.0, "p99_ms": 4.0}
-    assert (result["p50_ratio"], result["added_p50_ms"]) == (1.2, 0.2)
-    assert (result["p99_ratio"], result["added_p99_ms"]) == (1.25, 1.0)
+    kept = result["keepalive"]
+    assert kept["rows"]["captured"] == {"requests": 5, "p50_ms": 1.2, "p99_ms": 5.0}
+    assert kept["rows"]["explicit"] == {"requests": 5, "p50_ms": 1.0, "p99_ms": 4.0}
+    assert (kept["p50_ratio"], kept["added_p50_ms"]) == (1.2, 0.2)
+    assert (kept["p99_ratio"], kept["added_p99_ms"]) == (1.25, 1.0)
+    assert result["new_connection"]["added_p50_ms"] == 1.0
     text = markdown({**record({}), "capture": result})
-    assert "| its agent's `127.0.0.1:15001` (explicit) | 5 | 1.000 | 4.000 |" in text
-    assert "Capture / explicit: p50 x1.20 (+0.200 ms), p99 x1.25 (+1.000 ms)" in text
+    assert (
+        "| the Service `10.32.0.10:8080` (captured) | kept-alive connection | 5 | 1.200 | 5.000"
+        " | 1.20 / 1.25 | +0.200 / +1.000 |"
+    ) in text
+    assert (
+        "| its agent's `127.0.0.1:15001` (explicit) | a connection per request | 1 | 2.000"
+        " | 2.000 | - | - |"
+    ) in text
     assert "Transparent capture" not in markdown(record({}))
