@@ -386,11 +386,17 @@ def _owned(path: Path, text: str, uid: int) -> None:
 
 
 def capture_init(pod: Pod, injected: Mapping[str, Any]) -> str:
-    """The `outrider-capture` init container's command, run in the pod as root (its
-    securityContext: runAsUser 0 with NET_ADMIN and NET_RAW); what it printed."""
+    """The `outrider-capture` init container's command, run in the pod as its securityContext
+    says: root, with the capabilities it adds (NET_ADMIN, NET_RAW) and no other, no new
+    privileges; what it printed."""
     init = container(injected, CAPTURE)
-    assert init["securityContext"]["runAsUser"] == 0, init["securityContext"]
-    done = pod.run([sys.executable, "-m", "outrider", *init["args"]], check=False)
+    context = init["securityContext"]
+    assert context["runAsUser"] == 0 and context["capabilities"]["drop"] == ["ALL"], context
+    capabilities = ",".join(f"+{c.lower()}" for c in context["capabilities"]["add"])
+    only = ("setpriv", f"--bounding-set=-all,{capabilities}", "--inh-caps=-all")
+    if context.get("allowPrivilegeEscalation") is False:
+        only += ("--no-new-privs",)
+    done = pod.run([*only, "--", sys.executable, "-m", "outrider", *init["args"]], check=False)
     assert done.returncode == 0, f"{CAPTURE} failed:\n{done.stdout}{done.stderr}"
     return done.stdout
 
