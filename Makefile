@@ -35,8 +35,8 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run $(if $(QUICK),--quick)
 
-# Regenerate the CA wire protocol; tests/unit/test_proto_drift.py fails when
-# the committed code and identity/proto/ca.proto disagree.
+# Regenerate the wire protocols; tests/unit/test_proto_drift.py fails when
+# the committed code and identity/proto/*.proto disagree.
 proto: $(STAMP)
 	$(BIN)/python -m identity.proto.generate
 

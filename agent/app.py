@@ -35,12 +35,19 @@ from typing import Any, TypeVar
 from agent import config as agent_config
 from agent.adapters import admin, memory
 from agent.adapters.bundle_sync import BundleSync
+from agent.adapters.capture_listeners import (
+    InboundCaptureListener,
+    OutboundCaptureListener,
+    capture_configs,
+)
 from agent.adapters.control_plane import ControlPlaneSubscription
 from agent.adapters.listeners import (
     ConfigT,
     Connections,
+    InboundCapture,
     InboundListener,
     Listener,
+    OutboundCapture,
     OutboundListener,
 )
 from agent.adapters.metrics import AgentMetrics
@@ -57,6 +64,7 @@ from agent.config import (
     snapshot_version_error,
     with_snapshot,
 )
+from agent.core.captured import Captured
 from agent.core.policy import PolicySet, duplicates
 from agent.core.policyfile import PolicyError, load_policy_files
 from agent.core.svid import Svid
@@ -102,7 +110,12 @@ def settle(config: AgentConfig) -> Settings:
     return Settings(config, load_policies(config))
 
 
-Opened = tuple[dict[Listen, Listener[Inbound]], dict[Listen, Listener[Outbound]]]
+Opened = tuple[
+    dict[Listen, Listener[Inbound]],
+    dict[Listen, Listener[Outbound]],
+    dict[Listen, Listener[InboundCapture]],
+    dict[Listen, Listener[OutboundCapture]],
+]
 
 
 @dataclass(frozen=True)
@@ -188,6 +201,10 @@ class Agent:
             )
         self.inbound: dict[Listen, Listener[Inbound]] = {}
         self.outbound: dict[Listen, Listener[Outbound]] = {}
+        #: The capture listeners (`capture:`), one each at most.
+        self.capture_inbound: dict[Listen, Listener[InboundCapture]] = {}
+        self.capture_outbound: dict[Listen, Listener[OutboundCapture]] = {}
+        self._unused_captured_logged = False
         self.bound: dict[str, str] = {}
         self._listening = False
         self._draining = False
@@ -401,9 +418,8 @@ class Agent:
         if self._control_task is not None:
             self._control_task.cancel()  # no snapshot may open a listener now
         async with self._switching:  # a snapshot being applied (shielded) opens first
-            for running in (self.inbound, self.outbound):
-                for listener in running.values():
-                    listener.close()
+            for listener in self._listeners():
+                listener.close()
         self.runtime.close_pending()
         timeout = self.config.limits.drain_timeout.total_seconds()
         log.info("draining %d connection(s) for up to %.0fs", len(self.connections), timeout)
@@ -413,9 +429,8 @@ class Agent:
 
     async def stop(self) -> None:
         """Undo what start did, in reverse: listeners (if drain has not), tasks, admin."""
-        for running in (self.outbound, self.inbound):
-            for listener in running.values():
-                listener.close()
+        for listener in reversed(self._listeners()):
+            listener.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -432,23 +447,44 @@ class Agent:
         reverse, and the running listeners are as they were (one that let go
         of its port for a move takes it back).
         """
+        captures = capture_configs(config)
         async with contextlib.AsyncExitStack() as undo:
             undo.callback(self._prune_series)  # last: the running set's series stay
             self._release_moved(undo, config)
             inbound = self._bind(undo, self.inbound, config.inbound, InboundListener)
-            outbound = self._bind(undo, self.outbound, config.outbound, OutboundListener)
-            listeners: list[Listener[Any]] = [*inbound.values(), *outbound.values()]
-            for listener in listeners:
+            outbound = self._bind(undo, self.outbound, _listened(config), OutboundListener)
+            capture_inbound = self._bind(
+                undo,
+                self.capture_inbound,
+                captures[:1] if captures else (),
+                InboundCaptureListener,
+            )
+            capture_outbound = self._bind(
+                undo,
+                self.capture_outbound,
+                captures[1:] if captures else (),
+                OutboundCaptureListener,
+            )
+            opened = (inbound, outbound, capture_inbound, capture_outbound)
+            for listener in [l for running in opened for l in running.values()]:  # noqa: E741
                 await listener.start()
             undo.pop_all()  # all opened: from here on they are the caller's
-        return inbound, outbound
+        return opened
+
+    def _listeners(self) -> list[Listener[Any]]:
+        """Every running listener: inbound ones first, the capture ones last."""
+        running = (self.inbound, self.outbound, self.capture_inbound, self.capture_outbound)
+        return [listener for listeners in running for listener in listeners.values()]
 
     def _release_moved(self, undo: contextlib.AsyncExitStack, config: AgentConfig) -> None:
         """Running listeners `config` drops whose port one of its new addresses overlaps
         (127.0.0.1:P -> 0.0.0.0:P): the kernel would refuse the new bind beside them, so
         they let go first, and take the address back if the reload is refused."""
-        wanted = {c.listen for c in config.inbound} | {c.listen for c in config.outbound}
-        running: dict[Listen, Listener[Any]] = {**self.inbound, **self.outbound}
+        wanted = {c.listen for c in config.inbound} | {_address(c) for c in _listened(config)}
+        wanted |= {c.listen for c in capture_configs(config) or ()}
+        running: dict[Listen, Listener[Any]] = {
+            _address(listener.config): listener for listener in self._listeners()
+        }
         new = wanted - running.keys()
         for listen, listener in running.items():
             if listen not in wanted and any(listen.clashes(other) for other in new):
@@ -464,11 +500,12 @@ class Agent:
     ) -> dict[Listen, Listener[ConfigT]]:
         opened: dict[Listen, Listener[ConfigT]] = {}
         for listener_config in wanted:
-            if listener_config.listen not in running:
+            listen = _address(listener_config)
+            if listen not in running:
                 listener = kind(listener_config, self.runtime, self.connections)
                 undo.callback(listener.close)
-                listener.bind(listener_config.listen)
-                opened[listener_config.listen] = listener
+                listener.bind(listen)
+                opened[listen] = listener
         return opened
 
     def _switch(self, new: Settings, opened: Opened) -> None:
@@ -479,18 +516,45 @@ class Agent:
         self.runtime.spiffe_id = config.identity.spiffe_id  # as start derived it
         self.identity.config = config
         inbound = {c.listen: (f"inbound[{i}]", c) for i, c in enumerate(config.inbound)}
-        outbound = {c.listen: (f"outbound[{c.name}]", c) for c in config.outbound}
+        outbound = {_address(c): (f"outbound[{c.name}]", c) for c in _listened(config)}
+        captures = capture_configs(config)
+        capture_in = {c.listen: ("capture[inbound]", c) for c in captures[:1]} if captures else {}
+        capture_out = {c.listen: ("capture[outbound]", c) for c in captures[1:]} if captures else {}
         assert self._admin is not None
         self.bound = {
             **self._admin.bound,
             **_commit(self.inbound, opened[0], inbound),
             **_commit(self.outbound, opened[1], outbound),
         }
+        explicit = {
+            listener.config.name: listener.live
+            for listener in self.outbound.values()
+            if isinstance(listener, OutboundListener)
+        }
+        for listener in [*opened[3].values(), *self.capture_outbound.values()]:
+            assert isinstance(listener, OutboundCaptureListener)
+            listener.explicit = explicit  # before configure: it keeps only what these lack
+        self.bound.update(_commit(self.capture_inbound, opened[2], capture_in))
+        self.bound.update(_commit(self.capture_outbound, opened[3], capture_out))
+        if captures is None and config.captured != Captured() and not self._unused_captured_logged:
+            self._unused_captured_logged = True
+            log.info("captured: is set but capture: is not (no traffic is captured): unused")
         self._prune_series()
 
     def _prune_series(self) -> None:
         """/metrics shows the upstreams of the running config, and no other."""
         prune_series(self.metrics, {upstream.name for upstream in self.config.outbound})
+
+
+def _listened(config: AgentConfig) -> tuple[Outbound, ...]:
+    """The outbound entries with a listener; the others serve captured destinations only."""
+    return tuple(item for item in config.outbound if item.listen is not None)
+
+
+def _address(config: Inbound | Outbound | InboundCapture | OutboundCapture) -> Listen:
+    """A listener's address (an outbound entry without one has no listener)."""
+    assert config.listen is not None
+    return config.listen
 
 
 async def _retake(listener: Listener[Any]) -> None:
@@ -673,6 +737,8 @@ def load_policies(config: AgentConfig) -> PolicySet:
         raise PolicyError(clashes)
     policies = PolicySet(combined, config.policy.default_action)
     tcp_ports = frozenset(i.app.port for i in config.inbound if i.protocol == "tcp")
+    if config.capture is not None:  # the captured ports it names (any other is tcp too)
+        tcp_ports |= {port for port, o in config.captured.ports if o.protocol == "tcp"}
     errors = policies.http_only_errors(tcp_ports)
     if errors:
         raise PolicyError(errors)

@@ -35,6 +35,15 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
       files: [/etc/outrider/policy/policy.yaml]        # watched, reloaded when changed
       policies: [{name: guard, action: DENY, rules: [{}]}]  # inline, in the files' format
       default_action: allow-authenticated              # or deny, when no ALLOW policy applies
+    capture:                                           # optional: the pod's traffic is captured
+      inbound_port: 15006                              # (nft, `outrider capture apply`): the agent
+      outbound_port: 15007                             # serves 0.0.0.0:15006 and 127.0.0.1:15007
+    captured:                                          # how captured traffic is served
+      inbound: {mtls: strict, ports: {"8080": {protocol: http}, "8081": {mtls: permissive}}}
+      outbound: {policy: allow-any, passthrough: ["10.96.0.1:443"]}   # or registry-only
+    probes:                                            # the app's, for the kubelet (injector)
+      /app-health/web/readyz: {httpGet: {path: /ready, port: 8080}, timeoutSeconds: 1}
+      /app-health/web/livez: {tcpSocket: {port: 8080}}  # grpc: {port: 9090, service: ""}
     control:                                           # optional: the third config source
       address: outrider-control.outrider-system.svc:15012
       server_name: outrider-control.outrider-system.svc  # default: the address's host
@@ -44,7 +53,7 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
       timeout: 10s                                     # connect, handshake, first config
 
 With `control:` the control plane streams snapshots holding `inbound`,
-`outbound` and `policy`; each replaces those keys of this file (the bootstrap)
+`outbound`, `policy` and `captured`; each replaces those keys of this file (the bootstrap)
 and the whole is read again by `parse`, the one reader of every source.
 """
 
@@ -57,10 +66,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 from agent.config_outbound import PROTOCOLS, Outbound, OutboundReader, Protocol
 from agent.core.authz import AllowList
+from agent.core.captured import (
+    MTLS_MODES,
+    OUTBOUND_POLICIES,
+    Captured,
+    MtlsMode,
+    PortOverride,
+    PortProtocol,
+)
 from agent.core.headers import UNDERSCORE_ACTIONS, UnderscoreAction
 from agent.core.policy import DefaultAction, Policy
 from agent.core.policyfile import PolicyError, parse_policy_list
@@ -69,6 +86,16 @@ from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.backoff import Backoff
 from identity.configfile import ConfigError, Listen, parse_yaml, read_yaml
 from identity.jsonbounds import brackets, deeper_than
+from identity.probes import (
+    AppProbe,
+    Grpc,
+    HttpGet,
+    Scheme,
+    TcpSocket,
+    header_error,
+    path_error,
+    request_path_error,
+)
 
 __all__ = [
     "AgentConfig",
@@ -181,6 +208,22 @@ class ControlEndpoint:
 
 
 @dataclass(frozen=True)
+class CapturePorts:
+    """`capture:` (the injector's): the pod's TCP is redirected to these ports of the agent."""
+
+    inbound_port: int = 15006
+    outbound_port: int = 15007
+
+    @property
+    def inbound(self) -> Listen:
+        return Listen("0.0.0.0", self.inbound_port)  # noqa: S104 (the pod's every address)
+
+    @property
+    def outbound(self) -> Listen:
+        return Listen("127.0.0.1", self.outbound_port)  # the app's own traffic only
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     identity: IdentityConfig
     ca: CaEndpoint
@@ -191,6 +234,9 @@ class AgentConfig:
     policy: PolicyConfig = PolicyConfig()
     status: Listen | None = None  # probes and metrics only, for the pod network
     control: ControlEndpoint | None = None
+    capture: CapturePorts | None = None  # None: nothing captured, no capture listeners
+    captured: Captured = field(default_factory=Captured)
+    probes: tuple[AppProbe, ...] = ()  # the app's, served at /app-health/...
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -198,7 +244,7 @@ class AgentConfig:
 
 
 #: The keys a control-plane snapshot holds; each replaces the bootstrap's.
-SNAPSHOT_KEYS = ("inbound", "outbound", "policy")
+SNAPSHOT_KEYS = ("inbound", "outbound", "policy", "captured")
 
 
 @dataclass(frozen=True)
@@ -278,7 +324,15 @@ def parse_snapshot(
     raw = _decode_snapshot(data, source)
     merged = with_snapshot(bootstrap, raw, source=source)
     assert isinstance(raw, dict)  # with_snapshot refused anything else
-    listeners = sum(len(v) for k in ("inbound", "outbound") if isinstance(v := raw.get(k), list))
+    # An outbound entry without `listen` (a captured pod's Service, destinations only) opens
+    # nothing: a mesh of a few thousand Services is that many entries, and no listener.
+    listeners = sum(
+        1
+        for k in ("inbound", "outbound")
+        if isinstance(v := raw.get(k), list)
+        for item in v
+        if k == "inbound" or not isinstance(item, Mapping) or item.get("listen") is not None
+    )
     if listeners > MAX_SNAPSHOT_LISTENERS:
         raise ConfigError(
             source,
@@ -322,7 +376,7 @@ def loopback_errors(config: AgentConfig) -> list[str]:
         "outbound listeners take plain text, so only the pod itself may reach them "
         "(127.0.0.1, ::1 or localhost)"
         for i, item in enumerate(config.outbound)
-        if not _loopback(item.listen.host)
+        if item.listen is not None and not _loopback(item.listen.host)
     ]
     errors += [
         f"inbound[{i}].app: {item.app} is not a loopback address; a snapshot sends "
@@ -352,7 +406,9 @@ def with_snapshot(bootstrap: Document, snapshot: object, *, source: str) -> Docu
     it found in its Nack.
     """
     if not isinstance(snapshot, Mapping):
-        raise ConfigError(source, ["(top): must be an object of inbound, outbound and policy"])
+        raise ConfigError(
+            source, ["(top): must be an object of inbound, outbound, policy and captured"]
+        )
     others = sorted(str(key) for key in snapshot if key not in SNAPSHOT_KEYS)
     policy = snapshot.get("policy")
     if isinstance(policy, Mapping) and "files" in policy:
@@ -382,11 +438,26 @@ def parse(raw: object, *, base: Path, source: str = "config") -> AgentConfig:
     return config
 
 
-_TOP = {"identity", "ca", "inbound", "outbound", "limits", "admin", "status", "policy", "control"}
+_TOP = {
+    "identity",
+    "ca",
+    "inbound",
+    "outbound",
+    "limits",
+    "admin",
+    "status",
+    "policy",
+    "control",
+    "capture",
+    "captured",
+    "probes",
+}
+_HTTP_GET = {"path", "port", "scheme", "httpHeaders"}
 DEFAULT_ACTIONS: tuple[DefaultAction, ...] = get_args(DefaultAction)
 _CA_KEYS = {"address", "server_name", "bundle_file", "timeout", "backoff", "bundle_refresh"}
 _CONTROL_KEYS = {"address", "server_name", "spiffe_id", "pod", "backoff", "timeout"}
 _POLICY_KEYS = {"files", "policies", "default_action"}
+_CAPTURE_KEYS = {"inbound_port", "outbound_port"}
 
 
 class _Reader(OutboundReader):
@@ -412,7 +483,12 @@ class _Reader(OutboundReader):
         control = None
         if top.get("control") is not None:
             control = self.control(self.section(top, "control", _CONTROL_KEYS), own_domain)
-        self.unique_listeners(admin, status, inbound, outbound)
+        capture = None
+        if top.get("capture") is not None:
+            capture = self.capture(self.section(top, "capture", _CAPTURE_KEYS))
+        captured = self.captured(self.section(top, "captured", {"inbound", "outbound"}))
+        self.unique_listeners(admin, status, inbound, outbound, capture)
+        self.unique_destinations(outbound)
         if self.errors or identity is None or ca is None:
             return None
         return AgentConfig(
@@ -425,7 +501,64 @@ class _Reader(OutboundReader):
             policy,
             status,
             control,
+            capture,
+            captured,
+            probes=self.app_probes(top.get("probes")),
         )
+
+    def capture(self, raw: Mapping[str, Any]) -> CapturePorts:
+        d = CapturePorts()
+        ports = [
+            self.port(raw, key, f"capture.{key}", getattr(d, key))
+            for key in ("inbound_port", "outbound_port")
+        ]
+        if ports[0] == ports[1]:
+            self.fail("capture.outbound_port", f"{ports[1]} is also capture.inbound_port")
+        return CapturePorts(*ports)
+
+    def port(self, raw: Mapping[str, Any], key: str, path: str, default: int) -> int:
+        port = self.integer(raw, key, path, default)
+        if port > 65535:
+            self.fail(path, "a port: 1 to 65535")
+            return default
+        return port
+
+    def captured(self, raw: Mapping[str, Any]) -> Captured:
+        inbound = self.section(raw, "captured.inbound", {"mtls", "ports"})
+        mtls: MtlsMode = self.choice(inbound, "mtls", "captured.inbound.mtls", MTLS_MODES)
+        ports = inbound.get("ports", {})
+        if not isinstance(ports, Mapping):
+            self.fail("captured.inbound.ports", "must be a mapping of port -> {mtls, protocol}")
+            ports = {}
+        overrides = []
+        for key, value in ports.items():
+            path = f"captured.inbound.ports.{str(key)[:16]}"
+            if not (isinstance(key, str | int) and str(key).isdigit() and 0 < int(key) <= 65535):
+                self.fail(path, "not a port: a number 1 to 65535 (in quotes in JSON)")
+                continue
+            item = self.mapping(value, path, {"mtls", "protocol"})
+            mode: MtlsMode | None = None
+            if "mtls" in item:
+                mode = self.choice(item, "mtls", f"{path}.mtls", MTLS_MODES)
+            protocol: PortProtocol = self.choice(item, "protocol", f"{path}.protocol", PROTOCOLS)
+            overrides.append((int(key), PortOverride(mode, protocol)))
+        outbound = self.section(raw, "captured.outbound", {"policy", "passthrough"})
+        policy = self.choice(outbound, "policy", "captured.outbound.policy", OUTBOUND_POLICIES)
+        passthrough = self.addresses(outbound, "passthrough", "captured.outbound.passthrough")
+        return Captured(mtls, tuple(sorted(overrides)), policy, frozenset(passthrough))
+
+    def unique_destinations(self, outbound: Sequence[Outbound | None]) -> None:
+        """A captured destination goes to one upstream: two would leave the choice to order."""
+        owners: dict[Endpoint, int] = {}
+        for i, item in enumerate(outbound):
+            for j, destination in enumerate(item.destinations if item else ()):
+                first = owners.setdefault(destination, i)
+                if first != i:
+                    self.fail(
+                        f"outbound[{i}].destinations[{j}]",
+                        f"{destination} is also a destination of outbound[{first}] "
+                        f"({outbound[first].name!r}); a destination belongs to one upstream",  # type: ignore[union-attr]
+                    )
 
     def identity(self, raw: Mapping[str, Any]) -> IdentityConfig | None:
         spiffe_id = self.spiffe_id(raw.get("spiffe_id"), "identity.spiffe_id")
@@ -592,12 +725,22 @@ class _Reader(OutboundReader):
         status: Listen | None,
         inbound: Sequence[Inbound | None],
         outbound: Sequence[Outbound | None],
+        capture: CapturePorts | None = None,
     ) -> None:
         """No two listeners the kernel would not bind together (one address, or a wildcard
         and an address under it, on one port), and no two outbound listeners with one name."""
         listeners = [("admin", admin)] + ([("status", status)] if status else [])
+        if capture is not None:
+            listeners += [
+                ("capture.inbound_port", capture.inbound),
+                ("capture.outbound_port", capture.outbound),
+            ]
         listeners += [(f"inbound[{i}].listen", c.listen) for i, c in enumerate(inbound) if c]
-        listeners += [(f"outbound[{i}].listen", c.listen) for i, c in enumerate(outbound) if c]
+        listeners += [
+            (f"outbound[{i}].listen", c.listen)
+            for i, c in enumerate(outbound)
+            if c and c.listen is not None
+        ]
         for i, (path, address) in enumerate(listeners):
             earlier = [(p, a) for p, a in listeners[:i] if a.clashes(address)]
             if earlier:
@@ -610,6 +753,84 @@ class _Reader(OutboundReader):
                 self.fail(
                     f"outbound[{i}].name", f"{item.name!r} is also outbound[{names[item.name]}]"
                 )
+
+    # --- probes: the app's, which the agent performs for the kubelet (identity/probes.py)
+
+    def app_probes(self, raw: object) -> tuple[AppProbe, ...]:
+        if raw is None:
+            return ()
+        if not isinstance(raw, Mapping):
+            self.fail("probes", "must be a mapping of /app-health/... paths to probes")
+            return ()
+        found = []
+        for key, spec in raw.items():
+            path = f"probes.{str(key)[:80]}"
+            problem = path_error(key) if isinstance(key, str) else "must be a string"
+            if problem:
+                self.fail(path, problem)
+                continue
+            probe = self.app_probe(key, spec, path)
+            if probe is not None:
+                found.append(probe)
+        return tuple(found)
+
+    def app_probe(self, key: str, raw: object, path: str) -> AppProbe | None:
+        spec = self.mapping(raw, path, {"httpGet", "tcpSocket", "grpc", "timeoutSeconds"})
+        kinds = [k for k in ("httpGet", "tcpSocket", "grpc") if k in spec]
+        if len(kinds) != 1:
+            self.fail(path, "needs exactly one of httpGet, tcpSocket and grpc")
+            return None
+        seconds = self.integer(spec, "timeoutSeconds", f"{path}.timeoutSeconds", 1)
+        where = f"{path}.{kinds[0]}"
+        action: HttpGet | TcpSocket | Grpc | None = None
+        if kinds[0] == "httpGet":
+            action = self.http_get(self.section(spec, where, _HTTP_GET), where)
+        elif kinds[0] == "tcpSocket":
+            port = self.probe_port(self.section(spec, where, {"port"}), where)
+            action = None if port is None else TcpSocket(port)
+        else:
+            item = self.section(spec, where, {"port", "service"})
+            port = self.probe_port(item, where)
+            service = item.get("service", "")
+            if not isinstance(service, str) or header_error("service", service):
+                self.fail(f"{where}.service", "must be a service name (printable text)")
+            elif port is not None:
+                action = Grpc(port, service)
+        return None if action is None else AppProbe(key, action, timedelta(seconds=seconds))
+
+    def probe_port(self, raw: Mapping[str, Any], path: str) -> int | None:
+        port = raw.get("port")
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            problem = "must be a port number, 1 to 65535 (the injector resolves names)"
+            self.fail(f"{path}.port", problem)
+            return None
+        return port
+
+    def http_get(self, raw: Mapping[str, Any], path: str) -> HttpGet | None:
+        port = self.probe_port(raw, path)
+        request = raw.get("path", "/")
+        if not isinstance(request, str) or request_path_error(request):
+            self.fail(f"{path}.path", "must be a request path: printable ASCII, no spaces")
+            port = None
+        scheme = raw.get("scheme", "HTTP")
+        if scheme not in ("HTTP", "HTTPS"):
+            self.fail(f"{path}.scheme", "must be HTTP or HTTPS")
+            port = None
+        headers: list[tuple[str, str]] = []
+        for i, header in enumerate(self.items(raw, "httpHeaders", f"{path}.httpHeaders")):
+            item = self.mapping(header, f"{path}.httpHeaders[{i}]", {"name", "value"})
+            name, value = item.get("name"), item.get("value", "")
+            if not isinstance(name, str) or not isinstance(value, str):
+                self.fail(f"{path}.httpHeaders[{i}]", "name and value must be strings")
+                port = None
+            elif problem := header_error(name, value):
+                self.fail(f"{path}.httpHeaders[{i}]", problem)
+                port = None
+            else:
+                headers.append((name, value))
+        if port is None:
+            return None
+        return HttpGet(port, request, cast(Scheme, scheme), tuple(headers))
 
     def trust_domain(self, value: object, path: str) -> TrustDomain | None:
         try:

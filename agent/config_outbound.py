@@ -3,6 +3,9 @@
 outbound:
   - name: backend                          # names the upstream in logs and metrics
     listen: 127.0.0.1:9001                 # the app connects here, plain
+    destinations: [10.96.0.20:8080]        # captured: the app's connections to these
+                                           # (a Service's ClusterIP:port) come here too;
+                                           # an entry needs listen, destinations or both
     protocol: http                         # tcp (default): per connection;
                                            # http: per request, pooled mTLS upstream
     server_ids: [spiffe://example.org/ns/shop/sa/backend]
@@ -33,6 +36,7 @@ outbound:
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -75,7 +79,7 @@ class Timeouts:
 @dataclass(frozen=True)
 class Outbound:
     name: str
-    listen: Listen
+    listen: Listen | None  # None: served for its `destinations` only (capture)
     server_ids: frozenset[SpiffeId]
     subsets: tuple[Subset, ...]
     protocol: Protocol = "tcp"
@@ -86,11 +90,14 @@ class Outbound:
     retries: RetryPolicy = field(default_factory=RetryPolicy)
     circuit_breaker: BreakerLimits = field(default_factory=BreakerLimits)
     pool_idle_timeout: float = 60.0
+    #: Original destinations (IP:port) the outbound capture listener sends to this upstream.
+    destinations: tuple[Endpoint, ...] = ()
 
 
 _KEYS = {
     "name",
     "listen",
+    "destinations",
     "protocol",
     "server_ids",
     "subsets",
@@ -132,9 +139,16 @@ class OutboundReader(ConfigReader):
         name = self.label(item, "name", f"{path}.name")
         if name is None and "name" not in item:
             self.fail(f"{path}.name", "required: names the upstream in logs and metrics")
-        if "listen" not in item:
-            self.fail(f"{path}.listen", "required: 127.0.0.1:<port> the app connects to")
-        listen = self.listen(item, "listen", f"{path}.listen", Listen("127.0.0.1", 0))
+        destinations = self.addresses(item, "destinations", f"{path}.destinations")
+        listen = None
+        if item.get("listen") is not None:
+            listen = self.listen(item, "listen", f"{path}.listen", Listen("127.0.0.1", 0))
+        elif "destinations" not in item:
+            self.fail(
+                f"{path}.listen",
+                "required: 127.0.0.1:<port> the app connects to, or destinations "
+                "(captured Service addresses), or both",
+            )
         protocol = self.choice(item, "protocol", f"{path}.protocol", PROTOCOLS)
         server_ids = self.spiffe_ids(item, "server_ids", f"{path}.server_ids")
         if not server_ids:
@@ -166,8 +180,32 @@ class OutboundReader(ConfigReader):
                 f"{path}.pool.idle_timeout",
                 60.0,
             ),
+            destinations,
         )
         return outbound if name is not None and subsets else None
+
+    def addresses(self, item: Mapping[str, Any], key: str, path: str) -> tuple[Endpoint, ...]:
+        """`ip:port` / `[v6]:port` literals, each once: what a captured app connects to."""
+        found: list[Endpoint] = []
+        for i, value in enumerate(self.items(item, key, path)):
+            address = self.address(value, f"{path}[{i}]")
+            if address in found:
+                self.fail(f"{path}[{i}]", f"{address} is listed twice")
+            elif address is not None:
+                found.append(address)
+        return tuple(found)
+
+    def address(self, value: object, path: str) -> Endpoint | None:
+        """An IP literal and a port (no name: the kernel reports addresses, not names)."""
+        endpoint = self.endpoint(value, path)
+        if endpoint is None:
+            return None
+        try:
+            ip = ipaddress.ip_address(endpoint.host)
+        except ValueError:
+            self.fail(path, f"{value!r} is not ip:port or [v6]:port (an IP literal, no name)")
+            return None
+        return Endpoint(str(ip), endpoint.port)
 
     # -- where the endpoints come from ---------------------------------------------------
 

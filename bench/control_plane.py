@@ -20,7 +20,15 @@ count and time; every process is stopped on exit. The last line is
 `RESULT {json}` for bench/run.py; the full result also goes to
 bench/results/control-plane-<timestamp>.json.
 
+With `--captured` every pod is captured (the injector's capture init container)
+and the mesh has `--services` Services (500 by default), each selecting its
+share of the pods, with ClusterIPs and EndpointSlices: every snapshot then
+holds an outbound entry per Service, so a change pushes that much to every
+agent. The row also records one snapshot's size and the control plane's
+compile time (outrider_control_compile_seconds, mean over the run).
+
     python -m bench.control_plane [--quick] [--agents 1,100,2000] [--changes 20]
+        [--captured [--services 500]]
 """
 
 from __future__ import annotations
@@ -111,8 +119,9 @@ def summarize(agents: int, seconds: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def pods_yaml(count: int) -> str:
-    """The bench namespace, its Service, and `count` injected pods of one Deployment."""
+def pods_yaml(count: int, services: int = 0) -> str:
+    """The bench namespace, its Service, and `count` injected pods of one Deployment;
+    with `services`, every pod is captured and belongs to one of that many Services."""
     docs: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
         {
@@ -127,30 +136,76 @@ def pods_yaml(count: int) -> str:
             },
         },
     ]
+    for s in range(services):
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": f"svc-{s}", "namespace": NAMESPACE},
+                "spec": {
+                    "selector": {"svc": f"svc-{s}"},
+                    "ports": [
+                        {"name": "http", "port": 80, "targetPort": 8080, "appProtocol": "http"}
+                    ],
+                },
+            }
+        )
     for i in range(count):
+        labels = {"app": "bench"}
+        spec: dict[str, Any] = {
+            "serviceAccountName": "bench",
+            "containers": [
+                {"name": "app", "image": "app:1", "ports": [{"containerPort": 8080}]},
+                {"name": "outrider-agent", "image": "outrider-agent:1"},
+            ],
+        }
+        if services:
+            labels["svc"] = f"svc-{i % services}"
+            spec["initContainers"] = [{"name": "outrider-capture", "image": "outrider-agent:1"}]
         docs.append(
             {
                 "apiVersion": "v1",
                 "kind": "Pod",
+                "metadata": {"name": f"pod-{i}", "namespace": NAMESPACE, "labels": labels},
+                "spec": spec,
+                "status": {"phase": "Running", "podIP": pod_ip(i)},
+            }
+        )
+    for s in range(services):
+        members = range(s, count, services)
+        docs.append(
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
                 "metadata": {
-                    "name": f"pod-{i}",
+                    "name": f"svc-{s}-0",
                     "namespace": NAMESPACE,
-                    "labels": {"app": "bench"},
+                    "labels": {"kubernetes.io/service-name": f"svc-{s}"},
                 },
-                "spec": {
-                    "serviceAccountName": "bench",
-                    "containers": [
-                        {"name": "app", "image": "app:1", "ports": [{"containerPort": 8080}]},
-                        {"name": "outrider-agent", "image": "outrider-agent:1"},
-                    ],
-                },
-                "status": {
-                    "phase": "Running",
-                    "podIP": f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",
-                },
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": [
+                    {
+                        "addresses": [pod_ip(i)],
+                        "conditions": {"ready": True},
+                        "targetRef": {"kind": "Pod", "name": f"pod-{i}", "namespace": NAMESPACE},
+                    }
+                    for i in members
+                ],
             }
         )
     return yaml.safe_dump_all(docs)
+
+
+def pod_ip(i: int) -> str:
+    return f"10.{i // 65536}.{i // 256 % 256}.{i % 256}"
+
+
+def pods_running(api: FakeApiServer, count: int) -> None:
+    """What the kubelet writes: each pod's IP (an endpoint counts only at its pod's IP)."""
+    for i in range(count):
+        status = {"phase": "Running", "podIP": pod_ip(i), "podIPs": [{"ip": pod_ip(i)}]}
+        api.set_status("v1", "Pod", NAMESPACE, f"pod-{i}", status)
 
 
 def policy_yaml(path: str) -> str:
@@ -365,14 +420,38 @@ def change(api: FakeApiServer, agents: Agents, path: str, per_change: float) -> 
     return float(done["last_ack"]) - sent
 
 
-def measure_fleet(count: int, changes: int, cap: float, per_change: float) -> dict[str, Any]:
+def snapshot_bytes(debug_url: str) -> int:
+    """The size of pod-0's snapshot as sent (JSON, keys sorted, no spaces)."""
+    with urllib.request.urlopen(f"{debug_url}/debug/config?pod={NAMESPACE}/pod-0") as answer:
+        config = json.loads(answer.read())["config"]
+    return len(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+
+
+def compile_seconds(debug_url: str) -> float:
+    """outrider_control_compile_seconds: the mean compile, from /metrics."""
+    with urllib.request.urlopen(f"{debug_url}/metrics") as answer:
+        text = answer.read().decode()
+    found = dict(
+        line.split(" ", 1)
+        for line in text.splitlines()
+        if line.startswith("outrider_control_compile_seconds_")
+    )
+    count = float(found.get("outrider_control_compile_seconds_count", "0"))
+    return float(found.get("outrider_control_compile_seconds_sum", "0")) / max(count, 1.0)
+
+
+def measure_fleet(
+    count: int, changes: int, cap: float, per_change: float, services: int = 0
+) -> dict[str, Any]:
     """One fleet size: fresh API server, control plane and agents; one untimed change (the
     first after 2,000 connections is not typical), then `changes` timed ones."""
     with tempfile.TemporaryDirectory(prefix="outrider-bench-control-") as tmp:
         root = Path(tmp)
         files = credentials(root)
         with fake_api_server_thread(root / "api") as api:
-            api.apply(pods_yaml(count))
+            api.apply(pods_yaml(count, services))
+            if services:
+                pods_running(api, count)
             api.apply(policy_yaml(PATHS[0]))
             kubeconfig = api.kubeconfig(root / "kubeconfig")
             with control_plane(root, kubeconfig, files) as (pid, port, debug_url):
@@ -391,7 +470,11 @@ def measure_fleet(count: int, changes: int, cap: float, per_change: float) -> di
                     agents_during = cpu(agents.process.pid) - agents_before
                     rss, peak, total = procs.rss_mib(pid), procs.peak_rss_mib(pid), cpu(pid)
                     check_synced(debug_url, count)
+                    size, compile_s = snapshot_bytes(debug_url), compile_seconds(debug_url)
     return summarize(count, seconds) | {
+        "services": services,
+        "snapshot_bytes": size,
+        "compile_ms_mean": round(compile_s * 1000, 1),
         "rss_mib": round(rss, 1),
         "peak_rss_mib": round(peak, 1),
         "cpu_s_changes": round(during, 2),
@@ -409,13 +492,17 @@ def main() -> None:
     parser.add_argument("--agents", default="1,100,2000", help="comma-separated fleet sizes")
     parser.add_argument("--changes", type=int, default=20, help="timed changes per fleet")
     parser.add_argument("--seconds", type=float, default=60.0, help="time cap per fleet")
+    parser.add_argument("--captured", action="store_true", help="captured pods, --services")
+    parser.add_argument("--services", type=int, default=500, help="Services, with --captured")
     args = parser.parse_args()
     fleets = [int(n) for n in args.agents.split(",") if n]
     if not fleets or min(fleets) < 1:
         parser.error("--agents: comma-separated counts of 1 or more, e.g. 1,100,2000")
     changes, cap = (5, 20.0) if args.quick else (args.changes, args.seconds)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    rows = [measure_fleet(n, changes, cap, per_change=10.0) for n in fleets]
+    services = args.services if args.captured else 0
+    per_change = 30.0 if services else 10.0
+    rows = [measure_fleet(n, changes, cap, per_change, services) for n in fleets]
     print("\n".join(report.control_table(rows)))
     print(report.rival_line(RIVAL))
     result = {"rows": rows, "rival": RIVAL, "aim": {"agents": AIM_AGENTS, "p99_ms": AIM_P99_MS}}

@@ -88,6 +88,7 @@ async def serve(
         trust_domain=str(config.trust_domain),
         mesh_namespace=config.mesh_namespace,
         default_action=config.default_action,
+        outbound_traffic_policy=config.outbound_traffic_policy,
     )
     changed: list[Callable[[], None]] = []
     informers = Informers(

@@ -11,6 +11,7 @@ tls:                                          # required: the control plane's ow
 kubeconfig: /path/kubeconfig                  # optional (or --kubeconfig); else in-cluster
 mesh_namespace: outrider-system               # its policies apply to every pod
 default_action: allow-authenticated           # or deny
+outbound_traffic_policy: allow-any            # or registry-only: captured calls outside the mesh
 limits:                                       # what a caller can hold
   max_connections: 20000                      # TLS handshakes included; one per agent
   handshake_timeout: 10s
@@ -34,6 +35,9 @@ from identity.serving import ConnectionLimits, read_limits
 __all__ = ["ConfigError", "ControlConfig", "ControlLimits", "TlsFiles", "load", "parse"]
 
 DEFAULT_ACTIONS = ("allow-authenticated", "deny")
+#: What a captured pod's agent does with a connection to an address that is neither a
+#: Service of the cluster nor a pod of the mesh: pass it through, or refuse it.
+OUTBOUND_TRAFFIC_POLICIES = ("allow-any", "registry-only")
 MIN_MESSAGE_BYTES = 4096  # a Nack's error text is cut to fit; below this nothing useful would
 
 
@@ -64,6 +68,7 @@ class ControlConfig:
     kubeconfig: Path | None = None
     mesh_namespace: str = "outrider-system"
     default_action: str = "allow-authenticated"
+    outbound_traffic_policy: str = "allow-any"
     limits: ControlLimits = field(default_factory=ControlLimits)
     #: Probes and metrics only, for the kubelet and Prometheus on the pod network; the
     #: debug port shows every pod's policies, so it stays on loopback.
@@ -79,6 +84,7 @@ _TOP = {
     "kubeconfig",
     "mesh_namespace",
     "default_action",
+    "outbound_traffic_policy",
     "limits",
 }
 _TLS = {"cert_file", "key_file", "bundle_file"}
@@ -123,6 +129,13 @@ class _Reader(ConfigReader):
         action = self.string(top, "default_action", "default_action", d.default_action)
         if action not in DEFAULT_ACTIONS:
             self.fail("default_action", f"must be one of {', '.join(DEFAULT_ACTIONS)}")
+        outbound = self.string(
+            top, "outbound_traffic_policy", "outbound_traffic_policy", d.outbound_traffic_policy
+        )
+        if outbound not in OUTBOUND_TRAFFIC_POLICIES:
+            self.fail(
+                "outbound_traffic_policy", f"must be one of {', '.join(OUTBOUND_TRAFFIC_POLICIES)}"
+            )
         limits = self.limits(self.section(top, "limits", _LIMITS))
         if trust_domain is None or tls is None:
             return None
@@ -134,6 +147,7 @@ class _Reader(ConfigReader):
             kubeconfig,
             mesh_namespace or d.mesh_namespace,
             action or d.default_action,
+            outbound or d.outbound_traffic_policy,
             limits,
             status,
         )

@@ -73,6 +73,7 @@ RESOURCES: dict[str, Resource] = {
         Resource(
             "AuthorizationPolicy", "security.outrider.io", "v1alpha1", "authorizationpolicies"
         ),
+        Resource("PeerAuthentication", "security.outrider.io", "v1alpha1", "peerauthentications"),
         Resource("TrafficPolicy", "networking.outrider.io", "v1alpha1", "trafficpolicies"),
         Resource("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes"),
         Resource("GRPCRoute", "gateway.networking.k8s.io", "v1", "grpcroutes"),
@@ -132,7 +133,9 @@ REQUIRED = frozenset({"Pod", "Service", "EndpointSlice", "AuthorizationPolicy"})
 #: The kinds whose status the control plane writes (control.core: conditions, and the
 #: version in force). It computes that status from the rest of the object alone, the
 #: same on every replica, so a change of status only is no change of the mesh.
-OWN_STATUS = frozenset({"AuthorizationPolicy", "TrafficPolicy", "HTTPRoute", "GRPCRoute"})
+OWN_STATUS = frozenset(
+    {"AuthorizationPolicy", "PeerAuthentication", "TrafficPolicy", "HTTPRoute", "GRPCRoute"}
+)
 
 
 class KindCache(ObjectCache):

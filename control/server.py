@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import time
@@ -152,10 +151,6 @@ class _Unprintable(dict[int, None]):
 
 
 _UNPRINTABLE = _Unprintable()
-
-
-def encode(config: dict[str, Any]) -> bytes:
-    return json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
 
 
 class ControlPlaneService(ControlPlaneBase):
@@ -340,9 +335,9 @@ class ControlPlaneService(ControlPlaneBase):
         if mesh is not self._encoded_for:
             self._encoded, self._encoded_for = {}, mesh
         if version not in self._encoded:
-            config = mesh.config_for(agent.namespace, agent.pod_name)
-            assert config is not None  # it has a version
-            self._encoded[version] = encode(config)
+            encoded = mesh.encoded_for(agent.namespace, agent.pod_name)
+            assert encoded is not None  # it has a version
+            self._encoded[version] = encoded
         return self._encoded[version]
 
     async def _read(self, stream: SubscribeStream, agent: Agent) -> None:

@@ -19,6 +19,14 @@ Every key has a default; `tls` is required by `outrider injector serve` only.
       bundle_configmap: outrider-trust-bundle              # key bundle.pem, in each pod's namespace
     control:
       address: outrider-control.outrider-system.svc:15012  # every agent's config comes from here
+    capture:                         # the outrider-capture init container (docs/injector.md)
+      enabled: true                  # false: no capture; or label a namespace
+                                     #   outrider.io/capture=disabled
+      inbound_port: 15006            # the agent's ports for captured traffic
+      outbound_port: 15007
+      exclude_inbound_ports: []      # reach the app directly, in plain (15020 always does)
+      exclude_outbound_ports: []     # the app's calls to these ports are not captured
+      exclude_outbound_cidrs: []     # nor to these networks, e.g. [169.254.169.254/32]
     limits:
       max_body_bytes: 3145728        # per AdmissionReview; at least 65536
       max_json_depth: 64             # at least 32
@@ -30,22 +38,25 @@ Every key has a default; `tls` is required by `outrider injector serve` only.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from identity import InvalidSpiffeId, TrustDomain
+from identity.capture import CaptureRules, CaptureRulesError
 from identity.configfile import ConfigError, ConfigReader, Listen, read_yaml
 from identity.serving import ConnectionLimits, read_limits
 from injector.core.settings import (
     LOG_LEVELS,
     AgentSettings,
+    CaptureSettings,
     CaSettings,
     ControlSettings,
     Quantity,
     ResourceList,
     Resources,
     Settings,
+    agent_port_error,
     is_dns_label,
     is_dns_subdomain,
 )
@@ -99,10 +110,12 @@ _TOP = {
     "agent",
     "ca",
     "control",
+    "capture",
     "limits",
 }
 _LIMITS = {"max_body_bytes", "max_json_depth"} | set(ConnectionLimits.__annotations__)
 _AGENT = {"image", "uid", "log_level", "resources", "token_expiration_seconds"}
+_CAPTURE = set(CaptureSettings.__annotations__)
 
 
 class _Reader(ConfigReader):
@@ -116,6 +129,7 @@ class _Reader(ConfigReader):
             agent=self.agent(self.section(top, "agent", _AGENT)),
             ca=self.ca(self.section(top, "ca", {"address", "bundle_configmap"})),
             control=self.control(self.section(top, "control", {"address"})),
+            capture=self.capture(self.section(top, "capture", _CAPTURE)),
         )
         return InjectorConfig(
             settings,
@@ -139,10 +153,12 @@ class _Reader(ConfigReader):
             self.fail(key, "must be a DNS label (a-z, 0-9, '-', at most 63)")
         return value
 
-    def boolean(self, raw: Mapping[str, Any], key: str, default: bool) -> bool:
+    def boolean(
+        self, raw: Mapping[str, Any], key: str, default: bool, path: str | None = None
+    ) -> bool:
         value = raw.get(key, default)
         if not isinstance(value, bool):
-            self.fail(key, "must be true or false")
+            self.fail(path or key, "must be true or false")
             return default
         return value
 
@@ -206,6 +222,37 @@ class _Reader(ConfigReader):
 
     def control(self, raw: Mapping[str, Any]) -> ControlSettings:
         return ControlSettings(self.address(raw, "control.address", ControlSettings.address))
+
+    def capture(self, raw: Mapping[str, Any]) -> CaptureSettings:
+        """`capture:`, checked by the capture command's own rules (each problem under its
+        key) and, for the two capture ports, against the agent's other ports."""
+        d = CaptureSettings()
+        enabled = self.boolean(raw, "enabled", d.enabled, "capture.enabled")
+        failed = len(self.errors)
+        given: dict[str, Any] = {
+            key: raw.get(key, getattr(d, key)) for key in ("inbound_port", "outbound_port")
+        }
+        for key in ("exclude_inbound_ports", "exclude_outbound_ports", "exclude_outbound_cidrs"):
+            given[key] = tuple(self.items(raw, key, f"capture.{key}"))
+        for key in ("inbound_port", "outbound_port"):
+            if problem := agent_port_error(given[key]):
+                self.fail(f"capture.{key}", f"{given[key]} {problem}")
+        try:
+            rules = CaptureRules(**given)
+        except CaptureRulesError as exc:
+            for name, why in exc.problems:
+                self.fail(f"capture.{name}", why)
+            return replace(d, enabled=enabled)
+        if len(self.errors) > failed:
+            return replace(d, enabled=enabled)
+        return CaptureSettings(
+            enabled,
+            rules.inbound_port,
+            rules.outbound_port,
+            rules.exclude_inbound_ports,
+            rules.exclude_outbound_ports,
+            rules.exclude_outbound_cidrs,
+        )
 
     def address(self, raw: Mapping[str, Any], path: str, default: str) -> str:
         """host:port to connect to, under the last part of `path`."""

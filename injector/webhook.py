@@ -1,5 +1,9 @@
 """The webhook's HTTP side: /mutate (AdmissionReview v1), /healthz and /metrics.
 
+`/mutate?capture=disabled` is the same mutation without capture, for the
+namespaces labelled outrider.io/capture=disabled (deploy/base/webhook.yaml
+sends those there).
+
 The body is limited while it is read (aiohttp's client_max_size, and the
 Content-Length before reading) and in time, its nesting and size in arrays
 and objects before it is parsed (core.review.decode); each refusal is a 4xx
@@ -29,7 +33,15 @@ from prometheus_client import (
 
 from identity.serving import CLOSE_REASONS, reports_progress
 from injector.config import Limits
-from injector.core import INJECTED, Admission, BadRequest, Settings, admit, decode
+from injector.core import (
+    INJECTED,
+    Admission,
+    BadRequest,
+    Settings,
+    admit,
+    decode,
+    settings_for_query,
+)
 
 log = logging.getLogger("outrider.injector")
 
@@ -85,8 +97,9 @@ def make_app(
     async def mutate(request: web.Request) -> web.Response:
         started = clock()
         try:
+            chosen = settings_for_query(settings, list(request.query.items()))
             body = await _read(request, limits.max_body_bytes, body_timeout)
-            admission = await asyncio.to_thread(_answer, body, settings, limits.max_json_depth)
+            admission = await asyncio.to_thread(_answer, body, chosen, limits.max_json_depth)
         except BadRequest as exc:
             metrics.admissions.labels("bad_request", exc.reason).inc()
             metrics.duration.observe(clock() - started)

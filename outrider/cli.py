@@ -204,8 +204,9 @@ def _inject(args: argparse.Namespace) -> None:
         text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise CommandError(f"cannot read {args.file}: {exc}", EXIT_USAGE) from None
+    settings = config.settings.without_capture() if args.no_capture else config.settings
     try:
-        output, results = inject_stream(text, config.settings, args.namespace)
+        output, results = inject_stream(text, settings, args.namespace)
     except ManifestError as exc:
         raise CommandError(f"{args.file}: {exc}", EXIT_USAGE) from None
     for result in results:
@@ -409,7 +410,7 @@ def _live_policies(
 
 def _capture_apply(args: argparse.Namespace) -> None:
     from agent.adapters.nft import Nft, NftError
-    from agent.core.capture import CaptureRulesError, rules_from_flags, ruleset, summary
+    from identity.capture import CaptureRulesError, rules_from_flags, ruleset, summary
 
     try:
         rules = rules_from_flags(
@@ -447,7 +448,7 @@ def _capture_show(args: argparse.Namespace) -> None:
 
 def _capture_remove(args: argparse.Namespace) -> None:
     from agent.adapters.nft import Nft, NftError
-    from agent.core.capture import remove_script
+    from identity.capture import remove_script
 
     try:
         Nft().apply(remove_script())
@@ -510,6 +511,12 @@ def parser() -> argparse.ArgumentParser:
     inject.add_argument("--config", help="injector.yaml (default: the built-in defaults)")
     inject.add_argument(
         "--namespace", default="default", help="for documents without metadata.namespace"
+    )
+    inject.add_argument(
+        "--no-capture",
+        action="store_true",
+        help="no outrider-capture init container and no probe rewriting, as the webhook does "
+        "for a namespace labelled outrider.io/capture=disabled",
     )
     inject.set_defaults(func=_inject)
 

@@ -14,7 +14,9 @@ address in slices) and `test/state` (`ready`, `unready`, `terminating`,
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from copy import deepcopy
@@ -31,6 +33,8 @@ Key = tuple[str, str]
 Objects = dict[str, dict[Key, dict[str, Any]]]
 
 AGENT = {"name": "outrider-agent", "image": "outrider/agent", "restartPolicy": "Always"}
+#: The init container that writes a pod's capture rules, as the injector adds it.
+CAPTURE = {"name": "outrider-capture", "image": "outrider/agent", "args": ["capture", "apply"]}
 
 
 def world(*texts: str) -> Objects:
@@ -59,6 +63,11 @@ def complete(obj: dict[str, Any], index: int = 0) -> dict[str, Any]:
     if obj["kind"] == "Pod" and "status" not in obj:
         ip = (m.get("annotations") or {}).get("test/ip", "10.0.0.1")
         obj["status"] = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+    spec = obj.get("spec")
+    if obj["kind"] == "Service" and isinstance(spec, dict) and spec.get("type") != "ExternalName":
+        if "clusterIP" not in spec:  # allocated, one per object of the world
+            spec["clusterIP"] = f"10.96.{index // 250}.{index % 250 + 1}"
+        spec.setdefault("clusterIPs", [spec["clusterIP"]])
     return obj
 
 
@@ -156,8 +165,10 @@ def pod(
     state: str = "ready",
     upstreams: str | None = None,
     injected: bool = True,
+    captured: bool = False,
 ) -> str:
-    """A pod as YAML, injected unless told otherwise (a Deployment's pod, written short)."""
+    """A pod as YAML, injected unless told otherwise (a Deployment's pod, written short);
+    `captured`: with the capture init container too."""
     annotations = {"test/ip": ip, "test/state": state}
     if upstreams is not None:
         annotations["outrider.io/upstreams"] = upstreams
@@ -170,7 +181,8 @@ def pod(
         "containers": [{"name": "app", "image": "app", "ports": container_ports}],
     }
     if injected:
-        spec["initContainers"] = [dict(AGENT)]
+        spec["initContainers"] = [dict(CAPTURE)] if captured else []
+        spec["initContainers"].append(dict(AGENT))
     obj = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -268,6 +280,49 @@ def agent_accepts(config: Mapping[str, Any]) -> AgentConfig:
     if errors:
         raise PolicyError(errors)
     return parsed
+
+
+def check_shape(config: Mapping[str, Any]) -> None:
+    """A snapshot has the shape issue 16's contract gives it (CONTRACT.md, "Agent config"):
+    a destination in one entry only, never passed through too; `captured` only with no
+    inbound listeners; addresses as ip:port or [v6]:port. `agent_accepts` checks the rest,
+    with the agent's own parser."""
+    assert set(config) <= {"inbound", "outbound", "policy", "captured"}
+    captured = config.get("captured")
+    destinations: dict[str, str] = {}
+    for entry in config["outbound"]:
+        assert "listen" in entry or entry.get("destinations"), entry
+        assert set(entry) >= {"name", "protocol", "server_ids"}
+        assert ("endpoints" in entry) != ("subsets" in entry)
+        for address in entry.get("destinations", []):
+            assert address not in destinations, (address, destinations[address], entry["name"])
+            destinations[address] = entry["name"]
+            _address(address)
+        for address in entry.get("endpoints", []):
+            _address(address)
+    if captured is None:
+        assert not destinations
+        return
+    assert config["inbound"] == []
+    assert set(captured) == {"inbound", "outbound"}
+    assert captured["inbound"]["mtls"] in ("strict", "permissive")
+    for port, overrides in captured["inbound"]["ports"].items():
+        assert port.isdecimal() and 0 < int(port) < 65536
+        assert overrides and set(overrides) <= {"protocol", "mtls"}
+        assert overrides.get("protocol", "http") == "http"
+        assert overrides.get("mtls") != captured["inbound"]["mtls"]  # only what differs
+    assert captured["outbound"]["policy"] in ("allow-any", "registry-only")
+    for address in captured["outbound"]["passthrough"]:
+        _address(address)
+        assert address not in destinations
+    json.dumps(config)
+
+
+def _address(text: str) -> None:
+    match = re.fullmatch(r"\[([0-9a-f:]+)\]:(\d+)|([0-9.]+):(\d+)", text)
+    assert match, text
+    ipaddress.ip_address(match[1] or match[3])
+    assert 0 < int(match[2] or match[4]) < 65536
 
 
 def write_statuses(objects: Objects, statuses: Mapping[tuple[str, str, str], Any]) -> Objects:

@@ -74,9 +74,13 @@ spec:
 """
 
 
-def pod(namespace: str, name: str, account: str) -> str:
-    """An injected pod, as its Deployment's template would make it."""
-    return POD.format(namespace=namespace, name=name, account=account)
+def pod(namespace: str, name: str, account: str, *, captured: bool = False) -> str:
+    """An injected pod, as its Deployment's template would make it; `captured`: with the
+    capture init container the injector adds."""
+    text = POD.format(namespace=namespace, name=name, account=account)
+    if captured:
+        text += "  initContainers: [{name: outrider-capture, image: agent:1}]\n"
+    return text
 
 
 _READY = re.compile(r"on [^ ]+:(\d+) \(gRPC, mTLS\), debug on http://[^ ]+:(\d+)")

@@ -38,7 +38,7 @@ def connect(
 class Responses:
     """Responses read one at a time from a connection (they may share a TLS record)."""
 
-    def __init__(self, tls: ssl.SSLSocket) -> None:
+    def __init__(self, tls: socket.socket) -> None:
         self.stream = _Stream(tls.makefile("rb"))
 
     def next(self, method: str = "GET") -> Reply | None:

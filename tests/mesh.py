@@ -179,17 +179,25 @@ async def echo_server(accepted: list[int] | None = None) -> AsyncIterator[int]:
 
 
 @contextmanager
-def threaded_app(application: web.Application, sock: socket.socket | None = None) -> Iterator[int]:
+def threaded_app(
+    application: web.Application,
+    tls: ssl.SSLContext | None = None,
+    sock: socket.socket | None = None,
+) -> Iterator[int]:
     """An aiohttp app on an event loop of its own in a thread, so tests that block on
-    sockets and agent processes can reach it; yields its port. On 127.0.0.1 unless given
-    a bound, listening `sock` (e.g. one of a pod's, tests.netns.Pod.socket). The loop is
-    driven only in its thread: the caller may be running a loop of its own."""
+    sockets and agent processes can reach it (over HTTPS with `tls`); yields its port.
+    On 127.0.0.1 unless given a bound, listening `sock` (e.g. one of a pod's,
+    tests.netns.Pod.socket). The loop is driven only in its thread: the caller may be
+    running a loop of its own."""
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(application, access_log=None)
 
     async def start() -> int:
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0) if sock is None else web.SockSite(runner, sock)
+        if sock is None:
+            site: web.BaseSite = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
+        else:
+            site = web.SockSite(runner, sock, ssl_context=tls)
         await site.start()
         return int(runner.addresses[0][1])
 

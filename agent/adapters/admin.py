@@ -7,7 +7,12 @@ loopback, where `kubectl port-forward` still reaches them. status (`status:`,
 the injector puts it on 0.0.0.0:15020) serves only what the kubelet's probes
 and Prometheus need: /ready, /healthz and /metrics. Istio splits its sidecar
 the same way (Envoy's admin on localhost; health and telemetry on 15021,
-15020 and 15090).
+15020 and 15090). Both serve the app's own probes (`probes:`, which the
+injector writes when capture is on) at /app-health/<container>/<kind>, and
+only the paths listed there: the kubelet asks the status port, and an
+operator can try one on the admin port through `kubectl port-forward`.
+Those answers take a probe of the app, so they are asynchronous; the
+answers on one connection still go out in the order of its requests.
 
 Nothing here can change the agent, and nothing shows key material: the config
 holds none, and /certs shows certificates only.
@@ -27,11 +32,12 @@ its responses is closed, not buffered for.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import ipaddress
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta
 from http import HTTPStatus
 from pathlib import Path
@@ -43,11 +49,13 @@ from cryptography.hazmat.primitives import hashes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.adapters.metrics import AgentMetrics
+from agent.adapters.probes import Prober
 from agent.config import AgentConfig, Limits
 from agent.core.svid import Svid
 from agent.core.upstream import Endpoint
 from identity import SpiffeId, TrustDomain
 from identity.configfile import Listen
+from identity.probes import APP_HEALTH, AppProbe
 
 log = logging.getLogger("outrider.agent")
 
@@ -55,8 +63,10 @@ log = logging.getLogger("outrider.agent")
 MAX_REQUEST_BYTES = 16 * 1024
 #: Responses a client has left unread, past which it is closed instead of answered.
 MAX_UNREAD_BYTES = 256 * 1024
-#: What the status server serves: the kubelet's probes and Prometheus.
+#: What the status server serves: the kubelet's probes and Prometheus (and /app-health/...).
 STATUS_PATHS = ("/ready", "/healthz", "/metrics")
+#: Answers one connection may have waiting behind an app probe still in flight.
+MAX_QUEUED_ANSWERS = 64
 
 Response = tuple[int, str, bytes]  # status, content type, body
 Handler = Callable[[], Response]
@@ -149,6 +159,7 @@ class Servers:
 async def serve(agent: AgentView) -> Servers:
     """Start the admin server, and the status server if the config asks for one."""
     handlers = routes(agent)
+    prober = Prober()  # one bound on probes in flight, for both servers
     servers = Servers()
     if not _loopback(agent.config.admin.host):
         log.warning(
@@ -157,11 +168,13 @@ async def serve(agent: AgentView) -> Servers:
             agent.config.admin,
         )
     try:
-        servers.servers["admin"] = await Server.start(agent, "admin", handlers, agent.config.admin)
+        servers.servers["admin"] = await Server.start(
+            agent, "admin", handlers, agent.config.admin, prober
+        )
         if agent.config.status is not None:
             status = {path: handlers[path] for path in STATUS_PATHS}
             servers.servers["status"] = await Server.start(
-                agent, "status", status, agent.config.status
+                agent, "status", status, agent.config.status, prober
             )
     except OSError:
         servers.close()
@@ -179,19 +192,27 @@ def _loopback(host: str) -> bool:
 class Server:
     """One HTTP listener, its open connections (oldest first) and its limits."""
 
-    def __init__(self, agent: AgentView, name: str, handlers: dict[str, Handler]) -> None:
+    def __init__(
+        self, agent: AgentView, name: str, handlers: dict[str, Handler], prober: Prober
+    ) -> None:
         self.agent = agent
         self.name = name
         self.handlers = handlers
+        self.prober = prober
         self.connections: dict[AdminProtocol, None] = {}
         self.address = ""
         self._server: asyncio.Server | None = None
 
     @classmethod
     async def start(
-        cls, agent: AgentView, name: str, handlers: dict[str, Handler], listen: Listen
+        cls,
+        agent: AgentView,
+        name: str,
+        handlers: dict[str, Handler],
+        listen: Listen,
+        prober: Prober | None = None,
     ) -> Server:
-        server = cls(agent, name, handlers)
+        server = cls(agent, name, handlers, prober or Prober())
         loop = asyncio.get_running_loop()
         try:
             server._server = await loop.create_server(server.accepted, listen.host, listen.port)
@@ -212,6 +233,20 @@ class Server:
             self.refused("max_connections")
             oldest.abort()
         return AdminProtocol(self)
+
+    def app_probe(self, path: str) -> AppProbe | None:
+        """The app's probe served at `path`, as of the config now; None: not one of them."""
+        if not path.startswith(APP_HEALTH):
+            return None
+        return next((p for p in self.agent.config.probes if p.path == path), None)
+
+    async def app_health(self, probe: AppProbe) -> Response:
+        try:
+            outcome = await self.prober.check(probe)
+        except Exception:  # a bug of ours fails the probe; it must not hang the connection
+            log.exception("probe %s failed", probe.path)
+            return 503, TEXT, b"the agent could not perform the probe\n"
+        return (200 if outcome.passed else 503), TEXT, f"{outcome.reason}\n".encode()
 
     def refused(self, reason: str) -> None:
         self.agent.metrics.connections_refused.labels(self.name, reason).inc()
@@ -238,6 +273,10 @@ class AdminProtocol(asyncio.Protocol):
         self.received = 0
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
+        #: Answers in request order, each a response or an app probe's task, whether to
+        #: keep the connection after it, and whether it answers a HEAD.
+        self.answers: collections.deque[tuple[Response | asyncio.Task[Response], bool, bool]]
+        self.answers = collections.deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -249,6 +288,10 @@ class AdminProtocol(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         self.transport = self.timer = None  # nothing of a closed connection waits for gc
+        for answer, _, _ in self.answers:
+            if isinstance(answer, asyncio.Task):
+                answer.cancel()  # the probe stops, and its place in flight is free
+        self.answers.clear()
 
     def pause_writing(self) -> None:
         if self.transport is not None:
@@ -279,17 +322,36 @@ class AdminProtocol(asyncio.Protocol):
         method = self.parser.get_method()
         path = httptools.parse_url(self.url).path.decode("ascii", "replace")
         handler = self.server.handlers.get(path)
-        if handler is None:
-            response: Response = (404, TEXT, b"not found\n")
+        probe = self.server.app_probe(path) if handler is None else None
+        answer: Response | asyncio.Task[Response]
+        if handler is None and probe is None:
+            answer = (404, TEXT, b"not found\n")
         elif method not in (b"GET", b"HEAD"):
-            response = (405, TEXT, b"method not allowed\n")
+            answer = (405, TEXT, b"method not allowed\n")
+        elif probe is not None:
+            answer = _task(self.server.app_health(probe))
+            answer.add_done_callback(self._answered)
         else:
-            response = handler()
-        if method == b"HEAD":
-            response = (response[0], response[1], b"")
-        self._respond(response, keep_alive=self.parser.should_keep_alive())
+            assert handler is not None
+            answer = handler()
         self.url, self.received = b"", 0
         self._wait(self.server.limits.admin_idle_timeout, "")
+        if len(self.answers) >= MAX_QUEUED_ANSWERS:
+            self.server.refused("unread_responses")  # pipelining behind a slow probe
+            return self.abort()
+        self.answers.append((answer, self.parser.should_keep_alive(), method == b"HEAD"))
+        self._answered()
+
+    def _answered(self, _: object = None) -> None:
+        """Send the answers that are ready, in request order."""
+        while self.answers and not _pending(self.answers[0][0]):
+            answer, keep_alive, head = self.answers.popleft()
+            response = answer.result() if isinstance(answer, asyncio.Task) else answer
+            if head:
+                response = (response[0], response[1], b"")
+            self._respond(response, keep_alive=keep_alive)
+            if not keep_alive:
+                self.answers.clear()
 
     def _respond(self, response: Response, *, keep_alive: bool) -> None:
         transport = self.transport
@@ -324,6 +386,14 @@ class AdminProtocol(asyncio.Protocol):
         self.server.connections.pop(self, None)
         if self.transport is not None:
             self.transport.abort()
+
+
+def _task(coroutine: Coroutine[None, None, Response]) -> asyncio.Task[Response]:
+    return asyncio.get_running_loop().create_task(coroutine)
+
+
+def _pending(answer: Response | asyncio.Task[Response]) -> bool:
+    return isinstance(answer, asyncio.Task) and not answer.done()
 
 
 def describe(cert: x509.Certificate) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """Where a captured connection was going: SO_ORIGINAL_DST, read in this one place.
 
-The capture rules (agent/core/capture.py) redirect a pod's inbound TCP to the
+The capture rules (identity/capture.py) redirect a pod's inbound TCP to the
 agent's inbound capture port and the app's outbound TCP to its outbound capture
 port. The kernel's connection tracking keeps the address the peer asked for;
 the agent asks for it here, on the accepted socket, to know which app port an

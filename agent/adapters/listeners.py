@@ -4,7 +4,9 @@ Inbound: mTLS in, the peer's SVID checked and authorized, plain TCP to the
 app. Outbound: plain TCP in from the app, mTLS out to one of the upstream's
 endpoints, whose SPIFFE ID must be one the upstream expects. The TLS context
 is looked up per connection, so a rotated SVID applies to the next
-connection while open ones keep theirs.
+connection while open ones keep theirs. The capture listeners
+(agent/adapters/capture_listeners.py) serve captured traffic through the
+same two paths (`InboundMtls`, `OutboundPath`), chosen per connection.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import logging
 import random
 import socket
 import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar, cast
 
 from prometheus_client import Counter, Gauge
@@ -27,6 +31,8 @@ from agent.adapters.runtime import Runtime
 from agent.adapters.tls import refusal_reason
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.config import Inbound, Outbound
+from agent.core.authz import AllowList
+from agent.core.captured import Captured, OutboundRoutes, admit_plaintext, looks_like_tls
 from agent.core.policy import Decision, Request
 from agent.core.resilience import RetryBudget, should_retry
 from agent.core.upstream import Endpoint
@@ -36,7 +42,30 @@ from identity.configfile import Listen
 log = logging.getLogger("outrider.agent")
 
 INBOUND, OUTBOUND = "inbound", "outbound"
-ConfigT = TypeVar("ConfigT", Inbound, Outbound)
+
+
+@dataclass(frozen=True)
+class InboundCapture:
+    """What the inbound capture listener serves: every port of the pod, by original port."""
+
+    listen: Listen
+    captured: Captured
+    allow: AllowList  # the agent's own trust domain, as an inbound without `allow`
+    agent_ports: frozenset[int]  # the agent's own: never an app's (a loop, or a bypass)
+
+
+@dataclass(frozen=True)
+class OutboundCapture:
+    """What the outbound capture listener serves: the app's connections, by destination."""
+
+    listen: Listen
+    routes: OutboundRoutes = field(compare=False)
+    upstreams: Mapping[str, Outbound]
+    captured: Captured  # what `routes` were built from: two configs differ when it does
+
+
+ConfigT = TypeVar("ConfigT", Inbound, Outbound, InboundCapture, OutboundCapture)
+InboundT = TypeVar("InboundT", Inbound, InboundCapture)
 
 
 class Closable(Protocol):
@@ -61,7 +90,8 @@ class Connections:
         self._open: dict[Closable, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._metrics = metrics
-        self._children: dict[str, tuple[Gauge, Counter]] = {}
+        self._active: dict[str, Gauge] = {}  # connections_active by direction, bound once
+        self._routed: Counter | None = None  # connections_total of outbound mTLS, bound once
         self.accepted = 0  # connections ever added
         self._empty = asyncio.Event()
         self._empty.set()
@@ -70,23 +100,32 @@ class Connections:
         return len(self._open)
 
     def add(self, connection: Closable, direction: str) -> None:
+        """From accept: active, and under the caps; not counted as established yet."""
         self._open[connection] = direction
         self.accepted += 1
         self._empty.clear()
-        active, total = self._counted(direction)
-        active.inc()
-        total.inc()
+        self._gauge(direction).inc()
 
-    def _counted(self, direction: str) -> tuple[Gauge, Counter]:
-        """The direction's connections_active and connections children, bound once."""
-        children = self._children.get(direction)
-        if children is None:
-            metrics = self._metrics
-            children = self._children[direction] = (
-                metrics.connections_active.labels(direction),
-                metrics.connections.labels(direction, "true"),
-            )
-        return children
+    def established(self, direction: str, peer: SpiffeId | None, *, mtls: bool = True) -> None:
+        """Count a connection once, when established (item 5 of issue 16): inbound once its
+        peer is verified, or its plaintext let through; outbound once it is routed.
+
+        `outrider_connections_total{mtls="false"}` staying 0 is how an auditor sees that no
+        plaintext came in, so nothing refused before this point is counted here.
+        """
+        if direction == OUTBOUND and mtls:  # the hot path of every outbound connection
+            if self._routed is None:
+                self._routed = self._metrics.connections.labels(OUTBOUND, "true", "")
+            self._routed.inc()
+            return
+        mode = "true" if mtls else "false"
+        self._metrics.connections.labels(direction, mode, str(peer or "")).inc()
+
+    def _gauge(self, direction: str) -> Gauge:
+        gauge = self._active.get(direction)
+        if gauge is None:
+            gauge = self._active[direction] = self._metrics.connections_active.labels(direction)
+        return gauge
 
     def setting_up(self, setup: asyncio.Task[None]) -> None:
         """A connection's setup (handshake, dial): cancelled if the drain times out."""
@@ -96,7 +135,7 @@ class Connections:
     def closed(self, connection: Closable) -> None:
         direction = self._open.pop(connection, None)
         if direction is not None:
-            self._counted(direction)[0].dec()
+            self._gauge(direction).dec()
         if not self._open:
             self._empty.set()
 
@@ -167,6 +206,7 @@ class Listener(Generic[ConfigT]):
 
     async def retake(self) -> None:
         """Bind and accept on the address again, after `release` (a refused reload)."""
+        assert self.config.listen is not None  # only what listens is a listener
         self.bind(self.config.listen)
         assert self._socket is not None
         await self._serve(self._socket)
@@ -209,8 +249,20 @@ async def _first_bytes(sock: socket.socket, deadline: float) -> None:
         loop.remove_reader(sock)
 
 
-class InboundListener(Listener[Inbound]):
+class InboundMtls(Listener[InboundT]):
+    """mTLS in, the peer checked and authorized, plain to the app: for an explicit inbound
+    listener (its one app) and the inbound capture listener (the original port's app).
+
+    `serving(port)` says, per connection, which app and rules apply, and whether a
+    plaintext client may come in (a permissive captured port).
+    """
+
     direction = INBOUND
+
+    def serving(self, port: int) -> tuple[Inbound, bool]:
+        """The inbound a connection to original `port` is served as now, and whether
+        plaintext is let through (permissive); an explicit listener has one, strict."""
+        raise NotImplementedError
 
     async def _serve(self, listening: socket.socket) -> None:
         # Our own accept loop rather than loop.create_server: connect_accepted_socket
@@ -231,7 +283,7 @@ class InboundListener(Listener[Inbound]):
                 continue
             self._admit(sock)
 
-    def _admit(self, sock: socket.socket) -> None:
+    def _admit(self, sock: socket.socket, port: int = 0) -> None:
         """Set up a new connection, or close it at once past max_connections.
 
         Past max_pending_handshakes, the oldest connection still before its peer is
@@ -251,7 +303,7 @@ class InboundListener(Listener[Inbound]):
             evict()
         relay = Relay(runtime.limits.idle_timeout.total_seconds(), self.connections.closed)
         self.connections.add(relay, INBOUND)
-        setup = asyncio.get_running_loop().create_task(self._setup(relay, sock))
+        setup = asyncio.get_running_loop().create_task(self._setup(relay, sock, port))
         setup.add_done_callback(lambda _: self.runtime.not_pending(relay))
         self.connections.setting_up(setup)
 
@@ -262,25 +314,66 @@ class InboundListener(Listener[Inbound]):
         runtime.handshaking[relay] = evict_it
         runtime.metrics.pending_handshakes.inc()
 
-    async def _setup(self, relay: Relay, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+    async def _setup(self, relay: Relay, sock: socket.socket, port: int) -> None:
         started = clock()
+        config, permissive = self.serving(port)
         # An HTTP port offers no h2 in ALPN, so every request on it is parsed: h2 relayed
         # at L4 would hand the app the client's own identity header and skip the paths.
-        http = self.config.protocol == "http"
+        http = config.protocol == "http"
+        authenticated, plaintext = None, False
         try:
-            authenticated = await self._authenticate(relay, sock, started, http)
+            deadline = await self._spoke(relay, sock)
+            if deadline is None:
+                return
+            plaintext = permissive and not _tls_first(sock)
+            if not plaintext:
+                authenticated = await self._authenticate(relay, sock, started, http, port, deadline)
         finally:
             self.runtime.not_pending(relay)
+        if plaintext:
+            await self._plaintext(relay, sock, config)
+            return
         if authenticated is None:
             return
         peer, config = authenticated
-        limits = self.runtime.limits
-        app = config.app
-        if not http and not self._authorize(Request(peer, app.port), config).allowed:
+        if not http and not self._authorize(Request(peer, config.app.port), config).allowed:
             self.runtime.metrics.connections_refused.labels(INBOUND, "policy_denied").inc()
             relay.abort()
             return
+        await self._to_app(relay, peer, config)
+
+    async def _plaintext(self, relay: Relay, sock: socket.socket, config: Inbound) -> None:
+        """A permissive port's plaintext client: authorized as unauthenticated (per
+        connection, or per request on an HTTP port), counted, relayed to the app.
+
+        On an HTTP port every request is parsed as on the mTLS path and every
+        x-forwarded-client-cert it carries is taken out: a plaintext client
+        cannot name itself to the app; none is added.
+        """
+        tcp = config.protocol != "http"
+        if tcp and not self._authorize(Request(None, config.app.port), config).allowed:
+            self.runtime.metrics.connections_refused.labels(INBOUND, "policy_denied").inc()
+            sock.close()
+            relay.close()
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            down, _ = await loop.connect_accepted_socket(lambda: relay.down, sock)
+        except OSError:  # gone already: no handshake to count it under
+            sock.close()
+            relay.close()
+            return
+        down.pause_reading()
+        self.connections.established(INBOUND, None, mtls=False)
+        await self._to_app(relay, None, config)
+
+    async def _to_app(self, relay: Relay, peer: SpiffeId | None, config: Inbound) -> None:
+        """Connect to the app and relay: bytes (tcp) or parsed requests (http) with the
+        peer's x-forwarded-client-cert (none for a plaintext client)."""
+        loop = asyncio.get_running_loop()
+        limits = self.runtime.limits
+        app = config.app
+        http = config.protocol == "http"
         try:
             up = relay.new_upstream()
             async with asyncio.timeout(limits.connect_timeout.total_seconds()):
@@ -301,10 +394,10 @@ class InboundListener(Listener[Inbound]):
             return self._authorize(Request(peer, app.port, method, path, host, headers), config)
 
         def answered(code: int) -> None:
-            requests.labels(INBOUND, str(peer), str(code)).inc()
+            requests.labels(INBOUND, str(peer or ""), str(code)).inc()
 
         assert relay.down.transport is not None and up.transport is not None
-        identity = xfcc(str(self.runtime.spiffe_id), str(peer))
+        identity = xfcc(str(self.runtime.spiffe_id), str(peer)) if peer else b""
         exchange = HttpExchange(
             relay.down.transport,
             up.transport,
@@ -318,15 +411,10 @@ class InboundListener(Listener[Inbound]):
         relay.link(exchange.from_client, exchange.from_app)
         relay.drained_by(exchange.finish)
 
-    async def _authenticate(
-        self, relay: Relay, sock: socket.socket, started: float, http: bool
-    ) -> tuple[SpiffeId, Inbound] | None:
-        """Handshake, then check the peer's SVID and the allow-list: the peer and the config
-        that admitted it, or None (counted, the relay closed) within limits.handshake_timeout.
-        """
+    async def _spoke(self, relay: Relay, sock: socket.socket) -> float | None:
+        """The client sent its first bytes within limits.handshake_timeout: the handshake's
+        deadline (the loop's time); else None (counted, closed)."""
         loop = asyncio.get_running_loop()
-        context = self.runtime.contexts.http_server if http else self.runtime.contexts.server
-        assert context is not None, "listeners start after the first SVID"
         deadline = loop.time() + self.runtime.limits.handshake_timeout.total_seconds()
         try:
             await _first_bytes(sock, deadline)
@@ -338,6 +426,23 @@ class InboundListener(Listener[Inbound]):
         except asyncio.CancelledError:
             sock.close()  # not a transport's yet: the drain's cancel would leave it open
             raise
+        return deadline
+
+    async def _authenticate(
+        self,
+        relay: Relay,
+        sock: socket.socket,
+        started: float,
+        http: bool,
+        port: int,
+        deadline: float,
+    ) -> tuple[SpiffeId, Inbound] | None:
+        """Handshake, then check the peer's SVID and the allow-list: the peer and the config
+        that admitted it, or None (counted, the relay closed) within limits.handshake_timeout.
+        """
+        loop = asyncio.get_running_loop()
+        context = self.runtime.contexts.http_server if http else self.runtime.contexts.server
+        assert context is not None, "listeners start after the first SVID"
         try:
             tls, _ = await loop.connect_accepted_socket(
                 lambda: relay.down,
@@ -350,7 +455,7 @@ class InboundListener(Listener[Inbound]):
             relay.close()
             return None
         tls.pause_reading()
-        config = self.config  # as of now: a reload during the handshake may have narrowed `allow`
+        config = self.serving(port)[0]  # as of now: a reload may have narrowed `allow`
         ssl_object = tls.get_extra_info("ssl_object")
         peer = self.runtime.peer(ssl_object, "client", INBOUND)
         if peer is None:
@@ -362,11 +467,14 @@ class InboundListener(Listener[Inbound]):
             relay.abort()
             return None
         self.runtime.verified(INBOUND, ssl_object, peer, started)
+        self.connections.established(INBOUND, peer)
         return peer, config
 
     def _authorize(self, request: Request, config: Inbound) -> Decision:
         """The policy's decision on a connection (L4) or a request (L7), counted."""
         decision = self.runtime.policies.decide(request, config.allow.trusted_domains)
+        if request.source is None:  # only a permissive captured port lets one come this far
+            decision = admit_plaintext(decision)
         counter = self.runtime.metrics.authz_decisions
         counter.labels(
             "allow" if decision.allowed else "deny", decision.policy, decision.rule
@@ -385,47 +493,47 @@ class InboundListener(Listener[Inbound]):
         return decision
 
 
-class OutboundListener(Listener[Outbound]):
-    """Plain in from the app; mTLS out to the upstream's endpoints (agent/adapters/upstreams.py).
+class InboundListener(InboundMtls[Inbound]):
+    """An explicit inbound listener: mTLS only, to its one app."""
+
+    def serving(self, port: int) -> tuple[Inbound, bool]:
+        return self.config, False
+
+
+def _tls_first(sock: socket.socket) -> bool:
+    """Whether the client's first byte (read, not taken) opens a TLS handshake. A client
+    that left, or a read that fails, is taken as TLS: the handshake then fails, counted."""
+    try:
+        first = sock.recv(1, socket.MSG_PEEK)
+    except OSError:
+        return True
+    return not first or looks_like_tls(first)
+
+
+class OutboundPath:
+    """An app's connection to an upstream, served as its explicit listener serves it: the
+    outbound listener and the outbound capture listener (a Service address) both use it.
 
     `protocol: tcp` balances and retries each connection; `protocol: http`
     each request (agent/adapters/outbound_http.py).
     """
 
-    direction = OUTBOUND
+    def __init__(self, runtime: Runtime, connections: Connections, rng: random.Random) -> None:
+        self.runtime = runtime
+        self.connections = connections
+        self.rng = rng
 
-    def __init__(self, config: Outbound, runtime: Runtime, connections: Connections) -> None:
-        super().__init__(config, runtime, connections)
-        self.rng = random.Random()  # noqa: S311 (balancing, not secrets)
-        self.live = LiveUpstream(config, runtime, self.rng)
-
-    def configure(self, config: Outbound) -> None:
-        self.config = config
-        self.live.reconfigure(config)
-
-    async def start(self) -> None:
-        # Discovery and health first: the first connections find endpoints sooner.
-        self.live.start()
-        await super().start()
-
-    def close(self) -> None:
-        super().close()
-        self.live.close()
-
-    async def _serve(self, listening: socket.socket) -> None:
-        # Plain TCP in: uvloop's own accept loop, in C, with a protocol per connection.
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._accepted, sock=listening, backlog=1024)
-
-    def _accepted(self) -> asyncio.BaseProtocol:
-        """The protocol for a connection just accepted, as the config is now."""
-        live, metrics = self.live, self.runtime.metrics
+    def protocol(self, live: LiveUpstream) -> asyncio.BaseProtocol:
+        """The protocol for a connection just accepted for `live`, as its config is now;
+        counted as established (routed into the mesh) unless over a limit."""
+        metrics = self.runtime.metrics
         if len(self.connections) >= self.runtime.limits.max_connections:
             metrics.connections_refused.labels(OUTBOUND, "max_connections").inc()
             return _OverLimit()
-        if self.config.protocol == "http":
+        if live.config.protocol == "http":
             exchange = OutboundHttp(live, self.connections.closed, self.rng)
             self.connections.add(exchange, OUTBOUND)
+            self.connections.established(OUTBOUND, None)
             return exchange
         breaker = live.breaker  # one upstream connection per app connection
         if not breaker.acquire("max_connections"):
@@ -443,6 +551,7 @@ class OutboundListener(Listener[Outbound]):
 
         relay = Relay(self.runtime.limits.idle_timeout.total_seconds(), closed)
         self.connections.add(relay, OUTBOUND)
+        self.connections.established(OUTBOUND, None)
 
         def made() -> None:
             assert relay.down.transport is not None
@@ -519,3 +628,35 @@ class OutboundListener(Listener[Outbound]):
             return False
         live.counted.retries.inc()
         return True
+
+
+class OutboundListener(Listener[Outbound]):
+    """Plain in from the app; mTLS out to the upstream's endpoints (agent/adapters/upstreams.py)."""
+
+    direction = OUTBOUND
+
+    def __init__(self, config: Outbound, runtime: Runtime, connections: Connections) -> None:
+        super().__init__(config, runtime, connections)
+        self.rng = random.Random()  # noqa: S311 (balancing, not secrets)
+        self.live = LiveUpstream(config, runtime, self.rng)
+        self.path = OutboundPath(runtime, connections, self.rng)
+
+    def configure(self, config: Outbound) -> None:
+        self.config = config
+        self.live.reconfigure(config)
+
+    async def start(self) -> None:
+        # Discovery and health first: the first connections find endpoints sooner.
+        self.live.start()
+        await super().start()
+
+    def close(self) -> None:
+        super().close()
+        self.live.close()
+
+    async def _serve(self, listening: socket.socket) -> None:
+        # Plain TCP in: uvloop's own accept loop, in C, with a protocol per connection.
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: self.path.protocol(self.live), sock=listening, backlog=1024
+        )

@@ -60,8 +60,17 @@ class AgentMetrics:
         )
         self.connections = Counter(
             "outrider_connections",
-            "Connections accepted, by direction and whether the mesh side was mTLS",
-            ["direction", "mtls"],
+            "Connections established, counted once each: inbound once the peer's SVID is "
+            "verified (mtls true, its ID) or a permissive port let plaintext through (mtls "
+            "false); outbound once the app's connection is routed (mtls false: passed through)",
+            ["direction", "mtls", "peer_id"],
+            registry=r,
+        )
+        self.outbound_passthrough = Counter(
+            "outrider_outbound_passthrough",
+            "Captured outbound connections sent on in plain TCP, by reason: registry (a "
+            "Service outside the mesh) or allow_any (an address outside the registry)",
+            ["reason"],
             registry=r,
         )
         self.peer_connections = Counter(

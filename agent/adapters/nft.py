@@ -1,6 +1,6 @@
 """Running `nft`: applying a capture script, reading the table back.
 
-The script itself comes from agent/core/capture.py; this shell only runs the
+The script itself comes from identity/capture.py; this shell only runs the
 program and turns its failures into what the operator can do about them.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.core.capture import FAMILY, TABLE
+from identity.capture import FAMILY, TABLE
 
 NOT_INSTALLED = "`nft` is not installed: the agent image carries nft; install nftables"
 NOT_PERMITTED = (

@@ -85,6 +85,11 @@ class LiveUpstream:
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def running(self) -> bool:
+        """Started and not closed: discovery and health checks run."""
+        return self._running
+
     def start(self) -> None:
         self._running = True
         self.counted = Counted(self.runtime.metrics, self.name)

@@ -18,6 +18,18 @@ Each pod's config holds (CONTRACT.md, "Which listeners a pod gets"):
   (services.py), split by a route (routes.py), tuned by a TrafficPolicy
   (traffic.py).
 
+A captured pod (services.py) gets no inbound listeners; instead:
+- `captured.inbound`: its default mTLS mode and the ports that differ, from
+  the PeerAuthentications that apply to it (peerauth.py), and its HTTP ports;
+- `captured.outbound`: the mesh's `outbound_traffic_policy`, and the
+  ClusterIP:port of every Service port without injected endpoints (passed
+  through as plain TCP);
+- `outbound`: its annotation's listeners, plus one entry without `listen`
+  for every other Service port of the mesh that has injected endpoints,
+  addressed by its ClusterIP:ports (`destinations`). Those entries are built
+  once per compile and shared by every captured pod's config (and encoded
+  once per Mesh: `Mesh.encoded_for`).
+
 An object that cannot be used is reported in its status. An
 AuthorizationPolicy or TrafficPolicy edited into an invalid object keeps
 its last valid version in force, and its status says so: a typo in a
@@ -40,6 +52,12 @@ from typing import Any
 
 from control.core.conditions import Meta, condition, meta, previous_conditions, summary, timestamp
 from control.core.inforce import Verdict, judge, policy_status
+from control.core.peerauth import (
+    Mtls,
+    PeerAuthentications,
+    PeerAuthenticationState,
+    compile_peer_authentication,
+)
 from control.core.policies import CompiledPolicy, Misfit, compile_policy, fit_to_ports, misfits
 from control.core.routes import CompiledRoute, RouteKind, attach_routes, compile_route
 from control.core.services import (
@@ -60,6 +78,7 @@ __all__ = [
     "MeshSettings",
     "PodIdentity",
     "compile_mesh",
+    "encode",
     "version_of",
 ]
 
@@ -69,6 +88,7 @@ KINDS = (
     "Service",
     "EndpointSlice",
     "AuthorizationPolicy",
+    "PeerAuthentication",
     "TrafficPolicy",
     "HTTPRoute",
     "GRPCRoute",
@@ -90,8 +110,14 @@ class MeshSettings:
     default_action: str = "allow-authenticated"
     #: The agent's inbound mTLS listener for a pod's i-th container port is this + i.
     inbound_base: int = 15443
-    #: Outbound listeners on 127.0.0.1, in the order the pod's annotation names them.
-    outbound_ports: tuple[int, ...] = tuple(p for p in range(15001, 15034) if p != 15020)
+    #: Outbound listeners on 127.0.0.1, in the order the pod's annotation names them: 32,
+    #: around the agent's capture ports (15006 inbound, 15007 outbound) and status port.
+    outbound_ports: tuple[int, ...] = tuple(
+        p for p in range(15001, 15036) if p not in (15006, 15007, 15020)
+    )
+    #: What a captured pod's agent does with a connection to an address outside the mesh
+    #: and the registry: pass it through (allow-any) or refuse it (registry-only).
+    outbound_traffic_policy: str = "allow-any"
 
 
 @dataclass(frozen=True)
@@ -131,6 +157,8 @@ class Mesh:
     _configs: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict, repr=False)
     _memory: _Memory = field(default_factory=_Memory, repr=False, compare=False)
     _versions: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
+    #: id(outbound entry) -> its encoding; the entries live as long as the Mesh's configs.
+    _pieces: dict[int, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     def config_for(self, namespace: str, pod: str) -> dict[str, Any] | None:
         """The snapshot's JSON object for this pod (agent.yaml's inbound, outbound and
@@ -145,14 +173,49 @@ class Mesh:
         if config is None:
             return None
         if id(config) not in self._versions:
-            self._versions[id(config)] = version_of(config)
+            self._versions[id(config)] = _digest(self._encode(config))
         return self._versions[id(config)]
+
+    def encoded_for(self, namespace: str, pod: str) -> bytes | None:
+        """`encode(config_for(namespace, pod))`: what the shell sends, byte for byte."""
+        config = self._configs.get((namespace, pod))
+        return None if config is None else self._encode(config)
+
+    def _encode(self, config: Mapping[str, Any]) -> bytes:
+        """`encode(config)`, with each outbound entry encoded once per Mesh: every captured
+        pod's config holds the same mesh-wide entries (a thousand, for 500 Services), and
+        encoding them again for every config would cost most of a compile."""
+        pieces = self._pieces
+        parts = []
+        for key in sorted(config):
+            value = config[key]
+            if key == "outbound":
+                try:  # a thousand lookups at C speed: no Python loop per entry
+                    text = b"[" + b",".join(map(pieces.__getitem__, map(id, value))) + b"]"
+                except KeyError:
+                    for entry in value:
+                        if id(entry) not in pieces:
+                            pieces[id(entry)] = encode(entry)
+                    text = b"[" + b",".join(map(pieces.__getitem__, map(id, value))) + b"]"
+            else:
+                text = encode(value)
+            parts.append(encode(key) + b":" + text)
+        return b"{" + b",".join(parts) + b"}"
+
+
+def encode(value: Any) -> bytes:
+    """A config (or part of one) as sent: JSON, keys sorted, no spaces; the same content
+    gives the same bytes on every replica."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
 def version_of(config: Mapping[str, Any]) -> str:
     """A config's version: the same content gives the same version on every replica."""
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _digest(encode(config))
+
+
+def _digest(encoded: bytes) -> str:
+    return hashlib.sha256(encoded).hexdigest()[:16]
 
 
 def compile_mesh(
@@ -194,6 +257,7 @@ class _Compiler:
     def mesh(self) -> Mesh:
         self.read_world()
         policies = self.policies()
+        self.peer = self.peer_authentications()
         traffic = self.traffic()
         routes = self.routes()
         self.upstreams = Upstreams(
@@ -365,6 +429,27 @@ class _Compiler:
                 m, accepted, verdict
             )
 
+    # -- PeerAuthentication ---------------------------------------------------------------
+
+    def peer_authentications(self) -> PeerAuthentications:
+        states = []
+        mesh_namespace = self.settings.mesh_namespace
+        for key, obj in sorted(self.objects.get("PeerAuthentication", {}).items()):
+            m = meta(obj, key)
+            verdict: Verdict[Any] = self.recall(
+                "PeerAuthentication",
+                key,
+                obj,
+                lambda o=obj, m=m: judge(
+                    o, m, lambda o, m: compile_peer_authentication(o, m, mesh_namespace)
+                ),
+            )
+            states.append(PeerAuthenticationState(m, obj, verdict))
+        peer = PeerAuthentications(states, mesh_namespace, self.index)
+        for (namespace, name), status in peer.statuses(self.now).items():
+            self.statuses[("PeerAuthentication", namespace, name)] = status
+        return peer
+
     # -- TrafficPolicy, HTTPRoute, GRPCRoute ---------------------------------------------
 
     def traffic(self) -> dict[PortKey, CompiledTraffic]:
@@ -407,6 +492,7 @@ class _Compiler:
         """The pod's config; the pods of one ReplicaSet share one (same namespace, labels,
         ports and annotation: the same policies, listeners and upstreams)."""
         shape = (
+            workload.captured,
             workload.namespace,
             tuple(sorted(workload.labels.items())),
             workload.ports,
@@ -424,12 +510,22 @@ class _Compiler:
     def build_config(
         self, workload: Workload, policies: Mapping[Key, list[CompiledPolicy]]
     ) -> tuple[Mapping[str, Any], list[str], list[tuple[Key, Misfit]]]:
-        http = self.http_ports.get(workload.key, ())
+        http = self.http_ports.get(workload.key, set())
         base = self.settings.inbound_base
-        served = [port for port in workload.ports if workload.listener(port, base) is not None]
+        mtls = self.peer.mtls_for(workload) if workload.captured else None
+        if mtls is not None:  # the agent takes every port: listeners are not counted
+            # The ports its snapshot names count too (an HTTP port or a mode override need
+            # not be a declared containerPort): the policies are fitted to each, as the
+            # agent checks them (an HTTP rule on a TCP port).
+            served = list(dict.fromkeys([*workload.ports, *sorted(http), *mtls.ports]))
+        else:
+            served = [port for port in workload.ports if workload.listener(port, base) is not None]
         inbound = [(port, "http" if port in http else "tcp") for port in served]
-        outbound, warnings = self.upstreams.listeners(workload)
-        if len(served) < len(workload.ports):
+        if workload.captured:
+            outbound, warnings = self.upstreams.captured(workload)
+        else:
+            outbound, warnings = self.upstreams.listeners(workload)
+        if mtls is None and len(served) < len(workload.ports):
             left = workload.ports[len(served) :]
             warnings = [
                 f"containerPort {', '.join(map(str, left[:5]))}"
@@ -438,7 +534,7 @@ class _Compiler:
                 *warnings,
             ]
         documents, fitted = self.pod_policies(policies.get(workload.key, ()), inbound)
-        config = {
+        config: dict[str, Any] = {
             "inbound": [
                 {"listen": f"0.0.0.0:{base + i}", "app": f"127.0.0.1:{port}", "protocol": protocol}
                 for i, (port, protocol) in enumerate(inbound)
@@ -446,7 +542,27 @@ class _Compiler:
             "outbound": outbound,
             "policy": {"default_action": self.settings.default_action, "policies": documents},
         }
+        if mtls is not None:
+            config["inbound"] = []  # the inbound capture port serves them all
+            config["captured"] = self.captured(mtls, http)
         return config, warnings, fitted
+
+    def captured(self, mtls: Mtls, http: set[int]) -> dict[str, Any]:
+        """The `captured` section: the pod's inbound modes and HTTP ports, and what its
+        agent does with a destination outside the mesh."""
+        ports: dict[int, dict[str, str]] = {port: {"protocol": "http"} for port in http}
+        for port, mode in mtls.ports.items():
+            ports.setdefault(port, {})["mtls"] = mode
+        return {
+            "inbound": {
+                "mtls": mtls.default,
+                "ports": {str(port): ports[port] for port in sorted(ports)},
+            },
+            "outbound": {
+                "policy": self.settings.outbound_traffic_policy,
+                "passthrough": self.upstreams.mesh_wide.passthrough,
+            },
+        }
 
 
 #: A rule with HTTP fields on TCP ports of a workload: (rule, fields, ports, owner).

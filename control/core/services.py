@@ -9,11 +9,18 @@ HTTP when a Service of its namespace selecting the pod has a port with
 `appProtocol: http` whose targetPort (number or name) is that container port;
 everything else is TCP until the agent parses HTTP/2 (issue 17).
 
+A captured pod (one with the capture init container, `outrider-capture`)
+has every inbound connection redirected to its agent, whatever the port: it
+gets no inbound listeners, and its HTTP ports are listed in its snapshot's
+`captured` section instead (mesh.py).
+
 An upstream's endpoints are the addresses of its Service's EndpointSlices
 whose targetRef is an injected pod, each at that pod's inbound listener for
-the port the slice names. The server identities a client checks come from
-those pods ("secure naming"), so an address counts only where the slice and
-the pod agree, as the EndpointSlice controller writes them: the targetRef
+the port the slice names; for a captured pod, at its IP and the app's own
+port (the targetPort), where its agent's inbound capture takes the call.
+The server identities a client checks come from those pods ("secure
+naming"), so an address counts only where the slice and the pod agree, as
+the EndpointSlice controller writes them: the targetRef
 names a pod of the slice's own namespace, and the address is one of that
 pod's IPs (status.podIPs). Whoever may write EndpointSlices by hand could
 otherwise put a pod's identity on another address, or another namespace's
@@ -44,10 +51,12 @@ from control.core.selectors import Selector
 
 __all__ = [
     "AGENT_CONTAINER",
+    "CAPTURE_CONTAINER",
     "Backend",
     "Service",
     "ServicePort",
     "Workload",
+    "host_port",
     "read_service",
     "read_workload",
     "slice_backends",
@@ -55,6 +64,9 @@ __all__ = [
 
 #: The agent's container, as injector/core/sidecar.py names it (control may not import it).
 AGENT_CONTAINER = "outrider-agent"
+#: The init container that writes the pod's capture rules (injector/core/sidecar.py): a
+#: pod with it has every inbound and outbound TCP connection redirected to its agent.
+CAPTURE_CONTAINER = "outrider-capture"
 #: Ports the agent itself may use in the pod: never an app's inbound port.
 AGENT_PORTS = range(15000, 16000)
 
@@ -80,6 +92,9 @@ class Workload:
     #: The pod's own IPs (status.podIPs), canonical; none for a hostNetwork pod,
     #: whose IP is its node's. An EndpointSlice address counts only if it is one.
     ips: frozenset[str] = frozenset()
+    #: Its traffic is captured (the injector added CAPTURE_CONTAINER): its agent serves
+    #: the app's own ports, and its Services' endpoints are its IP at the app's port.
+    captured: bool = False
     _index: Mapping[int, int] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -106,11 +121,10 @@ def read_workload(obj: Mapping[str, Any], key: tuple[str, str]) -> Workload | No
     if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
         return None  # its agent is gone, and its IP may already be another pod's
     containers = _list(spec.get("containers"))
-    if not any(
-        isinstance(c, dict) and c.get("name") == AGENT_CONTAINER
-        for c in containers + _list(spec.get("initContainers"))
-    ):
+    init = _list(spec.get("initContainers"))
+    if not any(isinstance(c, dict) and c.get("name") == AGENT_CONTAINER for c in containers + init):
         return None
+    captured = any(isinstance(c, dict) and c.get("name") == CAPTURE_CONTAINER for c in init)
     ports: list[int] = []
     names: dict[str, int] = {}
     for container in containers:
@@ -138,6 +152,7 @@ def read_workload(obj: Mapping[str, Any], key: tuple[str, str]) -> Workload | No
         names,
         _owner(obj, m.namespace, m.name),
         frozenset() if spec.get("hostNetwork") is True else _pod_ips(obj.get("status")),
+        captured,
         {port: i for i, port in enumerate(ports)},
     )
 
@@ -182,6 +197,10 @@ class Service:
     name: str
     selector: Selector | None  # None: endpoints are managed by hand, no pods selected
     ports: tuple[ServicePort, ...]
+    #: Its virtual IPs (spec.clusterIPs, else spec.clusterIP), canonical; none for a
+    #: headless Service ("None") or an ExternalName one. A captured pod's connection to
+    #: one of them at a port is a call to this Service.
+    cluster_ips: tuple[str, ...] = ()
 
     def port(self, text: str) -> ServicePort | None:
         """The port named `text`, or numbered so."""
@@ -210,14 +229,38 @@ def read_service(obj: Mapping[str, Any], key: tuple[str, str]) -> Service:
             target = number
         protocol: Protocol = "http" if item.get("appProtocol") == "http" else "tcp"
         ports.append(ServicePort(str(item.get("name") or ""), number, target, protocol))
-    return Service(m.namespace, m.name, selector, tuple(ports))
+    return Service(m.namespace, m.name, selector, tuple(ports), _cluster_ips(spec))
+
+
+def _cluster_ips(spec: Mapping[str, Any]) -> tuple[str, ...]:
+    """spec.clusterIPs (dual stack: one per family), else spec.clusterIP; "None" (headless)
+    and "" (ExternalName, or not allocated yet) are no address."""
+    texts = _list(spec.get("clusterIPs")) or [spec.get("clusterIP")]
+    ips: list[str] = []
+    for text in texts:
+        if not isinstance(text, str) or text in ("", "None"):
+            continue
+        try:
+            ip = str(ipaddress.ip_address(text))
+        except ValueError:
+            continue
+        if ip not in ips:
+            ips.append(ip)
+    return tuple(ips)
+
+
+def host_port(host: str, port: int) -> str:
+    """`ip:port`, or `[v6]:port`: an address as agent.yaml writes it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
 class Backend:
     """One endpoint of an upstream: where its agent listens, and whose it is."""
 
-    address: str  # host:port of the pod's agent inbound listener ([v6]:port)
+    #: host:port ([v6]:port) of the pod's agent inbound listener, or, for a captured
+    #: pod, of the app itself: its agent's inbound capture takes the connection.
+    address: str
     workload: Workload
 
 
@@ -256,16 +299,14 @@ def slice_backends(
             if workload is None or host is None or state is None or host not in workload.ips:
                 continue
             app_port = slice_port if _is_port(slice_port) else workload.target(port.target)
-            listen = None if app_port is None else workload.listener(app_port, inbound_base)
+            if workload.captured:  # its agent takes the app's own port
+                listen = app_port if app_port is not None and app_port not in AGENT_PORTS else None
+            else:
+                listen = None if app_port is None else workload.listener(app_port, inbound_base)
             if listen is None:
-                warn.setdefault(workload.key, []).append(
-                    f"Service {'/'.join(service)} port {port.port} targets {port.target!r},"
-                    " which is not a TCP containerPort of this pod, so its agent has no"
-                    " listener for it; declare the port in the pod spec"
-                )
+                warn.setdefault(workload.key, []).append(_no_listener(service, port, workload))
                 continue
-            address = f"[{host}]:{listen}" if ":" in host else f"{host}:{listen}"
-            found.append((Backend(address, workload), state))
+            found.append((Backend(host_port(host, listen), workload), state))
     claims: dict[str, set[tuple[str, str]]] = {}
     for backend, _ in found:
         w = backend.workload
@@ -277,6 +318,19 @@ def slice_backends(
             (ready if serving == "ready" else draining).setdefault(backend.address, backend)
     chosen = ready or draining
     return tuple(chosen[address] for address in sorted(chosen))
+
+
+def _no_listener(service: tuple[str, str], port: ServicePort, workload: Workload) -> str:
+    where = f"Service {'/'.join(service)} port {port.port} targets {port.target!r}"
+    if workload.captured:
+        return (
+            f"{where}, which is no port of this pod or one of the agent's own"
+            f" ({AGENT_PORTS.start}-{AGENT_PORTS.stop - 1}); name a containerPort"
+        )
+    return (
+        f"{where}, which is not a TCP containerPort of this pod, so its agent has no"
+        " listener for it; declare the port in the pod spec"
+    )
 
 
 def _slice_name(item: Mapping[str, Any]) -> str:

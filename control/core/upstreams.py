@@ -23,14 +23,21 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from control.core.routes import CompiledRoute
-from control.core.services import Backend, Service, ServicePort, Workload, slice_backends
+from control.core.services import (
+    Backend,
+    Service,
+    ServicePort,
+    Workload,
+    host_port,
+    slice_backends,
+)
 from control.core.traffic import CompiledTraffic
 
-__all__ = ["ANNOTATION", "Upstreams", "Wanted", "parse_upstreams"]
+__all__ = ["ANNOTATION", "MeshWide", "Upstreams", "Wanted", "parse_upstreams"]
 
 
 class UpstreamSettings(Protocol):
@@ -129,6 +136,21 @@ def _problem(entry: str) -> str | None:
 PortKey = tuple[str, str, int]  # (namespace, Service, port number)
 
 
+@dataclass
+class MeshWide:
+    """What every captured pod's config shares: how a connection to a ClusterIP is served."""
+
+    #: Each Service port with injected endpoints: an outbound entry without `listen`.
+    entries: list[tuple[PortKey, dict[str, Any]]] = field(default_factory=list)
+    #: The entries alone, in order: what a pod whose annotation names none of them gets.
+    listed: list[dict[str, Any]] = field(default_factory=list)
+    #: Service port -> its ClusterIP:port addresses (those in `entries`).
+    destinations: dict[PortKey, list[str]] = field(default_factory=dict)
+    #: ClusterIP:port of every Service port without injected endpoints, sorted: in the
+    #: registry, outside the mesh, passed through as plain TCP.
+    passthrough: list[str] = field(default_factory=list)
+
+
 class Upstreams:
     """A pod's outbound listeners: each entry of its annotation resolved to a Service port,
     with the endpoints and server identities behind it, a route's split, a TrafficPolicy's
@@ -155,10 +177,34 @@ class Upstreams:
 
     def listeners(self, workload: Workload) -> tuple[list[dict[str, Any]], list[str]]:
         """The listeners the pod's annotation asks for, and why any is missing."""
+        explicit, warnings = self.explicit(workload)
+        return [listener for _, listener in explicit], warnings
+
+    def captured(self, workload: Workload) -> tuple[list[dict[str, Any]], list[str]]:
+        """A captured pod's outbound: its annotation's listeners, each with the Service
+        port's destinations, then one entry without `listen` for every other Service port
+        of the mesh that has injected endpoints (shared by every captured pod)."""
+        explicit, warnings = self.explicit(workload)
+        entries = []
+        for key, listener in explicit:
+            destinations = self.mesh_wide.destinations.get(key)
+            entries.append({**listener, "destinations": destinations} if destinations else listener)
+        wide = self.mesh_wide
+        if any(key in wide.destinations for key, _ in explicit):
+            taken = {key for key, _ in explicit}
+            entries += [entry for key, entry in wide.entries if key not in taken]
+        else:
+            entries += wide.listed
+        return entries, warnings
+
+    def explicit(
+        self, workload: Workload
+    ) -> tuple[list[tuple[PortKey, dict[str, Any]]], list[str]]:
+        """The annotation's listeners, by Service port, and why any is missing."""
         text = workload.annotations.get(ANNOTATION, "")
         wanted, skipped = parse_upstreams(text, workload.namespace)
         warnings = list(skipped)
-        listeners: list[dict[str, Any]] = []
+        listeners: list[tuple[PortKey, dict[str, Any]]] = []
         seen: set[PortKey] = set()
         ports = self.settings.outbound_ports
         for n, entry in enumerate(wanted):
@@ -179,20 +225,54 @@ class Upstreams:
                 warnings.append(f"{where}: listed twice; skipped")
                 continue
             seen.add(key)
-            if key not in self.built:
-                self.built[key] = self.upstream(service, port)
-            body = self.built[key]
+            body = self.body(service, port)
             if body is None:
                 warnings.append(f"{where}: no ready injected endpoint; left out for now")
                 continue
-            listeners.append(
-                {
-                    "name": f"{service.name}.{service.namespace}:{port.port}",
-                    "listen": f"127.0.0.1:{ports[entry.index]}",
-                    **body,
-                }
-            )
+            listener = {
+                "name": f"{service.name}.{service.namespace}:{port.port}",
+                "listen": f"127.0.0.1:{ports[entry.index]}",
+                **body,
+            }
+            listeners.append((key, listener))
         return listeners, warnings
+
+    def body(self, service: Service, port: ServicePort) -> dict[str, Any] | None:
+        """`upstream(service, port)`, built once per compile."""
+        key = (service.namespace, service.name, port.port)
+        if key not in self.built:
+            self.built[key] = self.upstream(service, port)
+        return self.built[key]
+
+    @functools.cached_property
+    def mesh_wide(self) -> MeshWide:
+        """Every Service port with a ClusterIP, in the mesh or passed through; built once
+        per compile, and every captured pod's config holds the same dicts."""
+        wide = MeshWide()
+        passthrough: set[str] = set()
+        # An address is one Service's (the API server allocates each ClusterIP once); one
+        # seen twice (a stale object between a delete and a create) keeps its first owner,
+        # as the agent refuses a destination in two entries.
+        claimed: set[str] = set()
+        for (namespace, name), service in sorted(self.services.items()):
+            for port in service.ports if service.cluster_ips else ():  # headless: no address
+                addresses = [
+                    a
+                    for ip in service.cluster_ips
+                    if (a := host_port(ip, port.port)) not in claimed
+                ]
+                claimed.update(addresses)
+                body = self.body(service, port) if addresses else None
+                if body is None:
+                    passthrough.update(addresses)
+                    continue
+                key = (namespace, name, port.port)
+                wide.destinations[key] = addresses
+                entry = {"name": f"{name}.{namespace}:{port.port}", "destinations": addresses}
+                wide.entries.append((key, {**entry, **body}))
+        wide.passthrough.extend(sorted(passthrough))
+        wide.listed.extend(entry for _, entry in wide.entries)
+        return wide
 
     def upstream(self, service: Service, port: ServicePort) -> dict[str, Any] | None:
         """An outbound listener but its name and listen; None without endpoints."""

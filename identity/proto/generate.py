@@ -1,4 +1,4 @@
-"""Generate the protocol code from ca.proto and control.proto (`make proto`).
+"""Generate the protocol code from ca.proto, control.proto and health.proto (`make proto`).
 
 `generate(out_dir)` writes NAME_pb2.py, NAME_pb2.pyi and NAME_grpc.py for each;
 the drift test runs it into a temporary directory and compares with what is
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parent
-PROTOS = ("ca", "control")
+PROTOS = ("ca", "control", "health")
 OUTPUTS = tuple(
     f"{name}{suffix}" for name in PROTOS for suffix in ("_pb2.py", "_pb2.pyi", "_grpc.py")
 )

@@ -8,7 +8,7 @@ annotations into typed options, `sidecar` builds the agent container, and
 from __future__ import annotations
 
 from injector.core.mutate import INJECTED, SKIPS, Mutation, apply_patch, mutate
-from injector.core.review import Admission, BadRequest, admit, decode
+from injector.core.review import Admission, BadRequest, admit, decode, settings_for_query
 from injector.core.settings import Settings
 
 __all__ = [
@@ -22,4 +22,5 @@ __all__ = [
     "apply_patch",
     "decode",
     "mutate",
+    "settings_for_query",
 ]

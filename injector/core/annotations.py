@@ -24,9 +24,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from injector.core.settings import LOG_LEVELS, Quantity, Resources, Settings
+from injector.core.settings import (
+    ADMIN_PORT,
+    LOG_LEVELS,
+    STATUS_PORT,
+    Quantity,
+    Resources,
+    Settings,
+)
 
-__all__ = ["AgentOptions", "read_options"]
+__all__ = ["ADMIN_PORT", "STATUS_PORT", "AgentOptions", "read_options"]
 
 PREFIX = "outrider.io/"
 INJECT = PREFIX + "inject"
@@ -35,9 +42,6 @@ UPSTREAMS = PREFIX + "upstreams"  # the control plane's to read: docs/injector.m
 AGENT_CPU = PREFIX + "agent-cpu"
 AGENT_MEMORY = PREFIX + "agent-memory"
 LOG_LEVEL = PREFIX + "log-level"
-
-ADMIN_PORT = 15000  # on the pod's loopback: every admin route
-STATUS_PORT = 15020  # on the pod IP: probes and metrics only
 
 #: Annotations that used to configure the agent, and what took their place: a pod
 #: author who still writes one is told, rather than left to believe it works.
@@ -50,6 +54,23 @@ GONE = {
         "no longer read, ignored; write an AuthorizationPolicy (security.outrider.io/v1alpha1) "
         "in the pod's namespace: policy applies by namespace and selector, not by annotation"
     ),
+}
+
+#: Annotations a pod author may try, as Istio's (`traffic.sidecar.istio.io/...`), to go
+#: around capture: only the cluster operator decides it (injector.yaml `capture:` and the
+#: namespace label outrider.io/capture=disabled), so that strict mTLS means what it says.
+_CAPTURE_IS_NOT_YOURS = (
+    "ignored: capture is the cluster's to set (injector.yaml capture:, or the namespace "
+    "label outrider.io/capture=disabled), never a pod's"
+)
+REFUSED = {
+    PREFIX + key: _CAPTURE_IS_NOT_YOURS
+    for key in (
+        "capture",
+        "exclude-inbound-ports",
+        "exclude-outbound-ports",
+        "exclude-outbound-cidrs",
+    )
 }
 
 #: Outrider's annotations that are not options for the agent: no warning for these.
@@ -77,8 +98,8 @@ def read_options(
         AGENT_MEMORY: (Quantity.parse, "memory", agent.resources.requests.memory.text),
     }
     for key, raw in annotations.items():
-        if key in GONE:
-            warnings.append(f"{key}: {GONE[key]}")
+        if key in GONE or key in REFUSED:
+            warnings.append(f"{key}: {GONE.get(key) or REFUSED[key]}")
             continue
         if key not in parsers:
             if isinstance(key, str) and key.startswith(PREFIX) and key not in _NOT_OURS:

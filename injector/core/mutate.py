@@ -2,8 +2,10 @@
 
 The same function serves the webhook (an AdmissionReview's pod) and
 `outrider inject` (the pod template of a Deployment, a Job, ...). It never
-changes its input. The patch only adds: the agent container, its volumes and
-the `outrider.io/status: injected` annotation that marks the pod as done, so
+changes its input. The patch only adds: the agent container, with capture on
+the `outrider-capture` init container before it and the app's probes sent
+through the agent (core/probes.py: `add` replaces each), its volumes and the
+`outrider.io/status: injected` annotation that marks the pod as done, so
 running it again on its own output changes nothing.
 """
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from identity import SpiffeId
-from injector.core import sidecar
+from injector.core import probes, sidecar
 from injector.core.annotations import INJECT, STATUS, read_options
 from injector.core.settings import Settings
 
@@ -30,7 +32,10 @@ SKIPS: dict[str, str | None] = {
     "namespace_excluded": "kube-system and Outrider's own namespace are never injected",
     "opted_out": 'the pod has outrider.io/inject: "false"',
     "host_network": "hostNetwork pods share the node's network, where the agent cannot listen",
-    "name_conflict": "the pod already has a volume named outrider-token or outrider-bundle",
+    "name_conflict": (
+        "the pod already has a container named outrider-capture or a volume named "
+        "outrider-token or outrider-bundle"
+    ),
 }
 
 
@@ -58,13 +63,19 @@ def mutate(pod: Mapping[str, Any], namespace: str, settings: Settings) -> Mutati
         warnings.insert(0, f'{INJECT}: expected "true" or "false"; injecting')
     account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
     spiffe_id = SpiffeId.for_workload(settings.trust_domain, namespace, account)
-    agent = sidecar.container(options, spiffe_id, settings)
+    # Probes first: their paths count the containers as they were.
+    rewrite = probes.rewrite(spec) if settings.capture.enabled else probes.Rewrite()
+    warnings += rewrite.warnings
+    patch = list(rewrite.patch)
+    agent = sidecar.container(options, spiffe_id, settings, rewrite.originals)
+    capture = [sidecar.capture_container(settings)] if settings.capture.enabled else []
     added = {STATUS: INJECTED}
     containers = spec.get("containers") or []
     if settings.native_sidecar:
-        patch = _prepend(spec, "initContainers", agent)
+        patch += _prepend(spec, "initContainers", [*capture, agent])
     else:
-        patch = _prepend(spec, "containers", agent)
+        patch += _prepend(spec, "initContainers", capture)
+        patch += _prepend(spec, "containers", [agent])
         if containers and DEFAULT_CONTAINER not in annotations:
             added[DEFAULT_CONTAINER] = containers[0]["name"]  # or `kubectl logs` shows ours
     patch += _extend(spec, "volumes", sidecar.volumes(settings))
@@ -86,15 +97,22 @@ def _skip(
         return "opted_out"
     if spec.get("hostNetwork") is True:
         return "host_network"
-    if any(v.get("name") in sidecar.VOLUMES for v in spec.get("volumes") or []):
+    if any(v.get("name") in sidecar.VOLUMES for v in spec.get("volumes") or []) or any(
+        c.get("name") == sidecar.CAPTURE for c in containers
+    ):
         return "name_conflict"
     return None
 
 
-def _prepend(spec: Mapping[str, Any], key: str, item: dict[str, Any]) -> list[dict[str, Any]]:
+def _prepend(
+    spec: Mapping[str, Any], key: str, items: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """`items` ahead of the list's own, in their order."""
+    if not items:
+        return []
     if spec.get(key):
-        return [_add(f"/spec/{key}/0", item)]
-    return [_add(f"/spec/{key}", [item])]
+        return [_add(f"/spec/{key}/0", item) for item in reversed(items)]
+    return [_add(f"/spec/{key}", list(items))]
 
 
 def _extend(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,14 @@ from identity.jsonbounds import brackets, deeper_than, nesting_exceeds
 from injector.core.mutate import INJECTED, Mutation, mutate
 from injector.core.settings import Settings
 
-__all__ = ["Admission", "BadRequest", "admit", "decode", "nesting_exceeds"]
+__all__ = [
+    "Admission",
+    "BadRequest",
+    "admit",
+    "decode",
+    "nesting_exceeds",
+    "settings_for_query",
+]
 
 API_VERSION = "admission.k8s.io/v1"
 _POD = {"group": "", "version": "v1", "kind": "Pod"}
@@ -50,6 +57,21 @@ class Admission:
     reason: str  # INJECTED, a key of mutate.SKIPS, not_a_pod or error
     pod: str  # namespace/name (or generateName), printable, for logs
     error: Exception | None = None  # what made the mutation fail, for the log
+
+
+def settings_for_query(settings: Settings, query: Sequence[tuple[str, str]]) -> Settings:
+    """The settings a /mutate URL asks for: `?capture=disabled` is the webhook for the
+    namespaces labelled outrider.io/capture=disabled (deploy/base/webhook.yaml).
+
+    Anything else in the query is refused: only the MutatingWebhookConfiguration
+    writes it, and a typo there must be loud, not a namespace quietly captured (or
+    not) against the label's word.
+    """
+    if not query:
+        return settings
+    if list(query) == [("capture", "disabled")]:
+        return settings.without_capture()
+    raise BadRequest("bad_query", "the only query /mutate takes is ?capture=disabled")
 
 
 def decode(body: bytes, max_depth: int) -> dict[str, Any]:

@@ -8,15 +8,19 @@ grammars, matched against the whole value: a trailing newline is not a name.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
 from identity import TrustDomain
+from identity.capture import CaptureRules
 
 __all__ = [
+    "ADMIN_PORT",
     "LOG_LEVELS",
+    "STATUS_PORT",
     "AgentSettings",
     "CaSettings",
+    "CaptureSettings",
     "ControlSettings",
     "Quantity",
     "ResourceList",
@@ -109,6 +113,64 @@ class ControlSettings:
     address: str = "outrider-control.outrider-system.svc:15012"
 
 
+ADMIN_PORT = 15000  # on the pod's loopback: every admin route
+STATUS_PORT = 15020  # on the pod IP: probes (the app's too, rewritten) and metrics only
+#: The control plane's explicit outbound listeners (control/core/mesh.py
+#: MeshSettings.outbound_ports): every port of this range but the two capture ports.
+OUTBOUND_LISTENER_PORTS = range(15001, 15036)
+_DEFAULT_CAPTURE_PORTS = (15006, 15007)
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    """What the `outrider-capture` init container redirects, and where to.
+
+    Only this file (the cluster operator's) decides it: no pod annotation can turn
+    capture off or exclude a port, or an app team could go around strict mTLS. The
+    rules themselves are the capture command's (identity/capture.py CaptureRules,
+    which checks every value); `Settings.capture_rules` makes them. Here: what
+    only the injector knows, that the capture ports are not the agent's others.
+    """
+
+    enabled: bool = True
+    inbound_port: int = 15006
+    outbound_port: int = 15007
+    exclude_inbound_ports: tuple[int, ...] = ()  # beyond the status port, always excluded
+    exclude_outbound_ports: tuple[int, ...] = ()
+    exclude_outbound_cidrs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for port in (self.inbound_port, self.outbound_port):
+            if agent_port_error(port):
+                raise ValueError(f"{port} {agent_port_error(port)}")
+        rules_for(self, CaptureRules.agent_uid)  # CaptureRulesError (a ValueError) if not
+
+
+def agent_port_error(port: object) -> str | None:
+    """Why the agent cannot listen for captured traffic on `port` (None: it can)."""
+    if port in (ADMIN_PORT, STATUS_PORT):
+        return "is the agent's admin or status port"
+    if port in OUTBOUND_LISTENER_PORTS and port not in _DEFAULT_CAPTURE_PORTS:
+        return (
+            f"is in {OUTBOUND_LISTENER_PORTS.start}-{OUTBOUND_LISTENER_PORTS.stop - 1}, "
+            "the agent's explicit outbound listeners (only 15006 and 15007 are kept out of it)"
+        )
+    return None
+
+
+def rules_for(capture: CaptureSettings, agent_uid: int) -> CaptureRules:
+    """The capture command's rules for these settings: the status port never captured
+    inbound (the kubelet's probes, rewritten to it, reach it in plain)."""
+    return CaptureRules(
+        inbound_port=capture.inbound_port,
+        outbound_port=capture.outbound_port,
+        agent_uid=agent_uid,
+        exclude_inbound_ports=(STATUS_PORT, *capture.exclude_inbound_ports),
+        exclude_outbound_ports=capture.exclude_outbound_ports,
+        exclude_outbound_cidrs=capture.exclude_outbound_cidrs,
+    )
+
+
 #: The control plane's service account in the system namespace: its SVID is the one
 #: identity the agents take config from.
 CONTROL_ACCOUNT = "outrider-control"
@@ -124,3 +186,12 @@ class Settings:
     agent: AgentSettings = AgentSettings()
     ca: CaSettings = CaSettings()
     control: ControlSettings = ControlSettings()
+    capture: CaptureSettings = CaptureSettings()
+
+    def capture_rules(self) -> CaptureRules:
+        """What the pods' `outrider capture apply` is told (core/sidecar.py writes it)."""
+        return rules_for(self.capture, self.agent.uid)
+
+    def without_capture(self) -> Settings:
+        """These settings for a namespace labelled outrider.io/capture=disabled."""
+        return replace(self, capture=replace(self.capture, enabled=False))

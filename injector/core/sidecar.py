@@ -6,21 +6,34 @@ agent's config is built as data and serialized with json.dumps, so no
 annotation text is ever spliced into YAML or JSON.
 
 The config is a bootstrap: who the agent is, where its CA and its control
-plane are, and its admin and status addresses. Listeners, upstreams and
-policy come from the control plane, which the agent asks as the pod
-($POD_NAME, from the downward API).
+plane are, its admin and status addresses and, with capture on, its capture
+ports and the app's original probes. Listeners, upstreams and policy come
+from the control plane, which the agent asks as the pod ($POD_NAME, from the
+downward API).
+
+With capture on, the `outrider-capture` init container (the agent's image,
+`outrider capture apply`) writes the pod's nftables rules before the agent
+starts. It needs NET_ADMIN and NET_RAW, and root for them to be effective
+(a non-root user's capabilities are dropped at exec without ambient ones),
+and nothing else: the agent's hardening otherwise, and it exits once the
+rules are in. Istio's istio-init makes the same trade; a CNI plugin that
+writes the same rules from the node (identity/capture.py `ruleset`) is the
+way to drop it.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from identity import SpiffeId
-from injector.core.annotations import ADMIN_PORT, STATUS_PORT, AgentOptions
-from injector.core.settings import CONTROL_ACCOUNT, Settings
+from injector.core.annotations import AgentOptions
+from injector.core.settings import ADMIN_PORT, CONTROL_ACCOUNT, STATUS_PORT, Settings
 
 AGENT = "outrider-agent"
+#: The capture init container; the control plane reads a pod as captured by this name.
+CAPTURE = "outrider-capture"
 CONFIG_ENV = "OUTRIDER_AGENT_CONFIG"
 LOG_LEVEL_ENV = "OUTRIDER_LOG_LEVEL"
 AUDIENCE = "outrider-ca"
@@ -30,12 +43,17 @@ BUNDLE_VOLUME, BUNDLE_DIR = "outrider-bundle", "/etc/outrider/bundle"
 VOLUMES = (TOKEN_VOLUME, BUNDLE_VOLUME)
 
 
-def agent_config(spiffe_id: SpiffeId, settings: Settings) -> dict[str, Any]:
-    """The agent's bootstrap (the keys agent/config.py documents) as plain data."""
+def agent_config(
+    spiffe_id: SpiffeId,
+    settings: Settings,
+    probes: Mapping[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The agent's bootstrap (the keys agent/config.py documents) as plain data; `probes`
+    are the app's original probes by the path the kubelet now asks (core/probes.py)."""
     control_id = SpiffeId.for_workload(
         settings.trust_domain, settings.system_namespace, CONTROL_ACCOUNT
     )
-    return {
+    config: dict[str, Any] = {
         "identity": {"spiffe_id": str(spiffe_id), "token_file": f"{TOKEN_DIR}/token"},
         "ca": {"address": settings.ca.address, "bundle_file": f"{BUNDLE_DIR}/bundle.pem"},
         # The one identity the agent takes config from; the pod's name is $POD_NAME.
@@ -46,10 +64,25 @@ def agent_config(spiffe_id: SpiffeId, settings: Settings) -> dict[str, Any]:
         "admin": f"127.0.0.1:{ADMIN_PORT}",
         "status": f"0.0.0.0:{STATUS_PORT}",
     }
+    capture = settings.capture
+    if capture.enabled:
+        config["capture"] = {
+            "inbound_port": capture.inbound_port,
+            "outbound_port": capture.outbound_port,
+        }
+    if probes:
+        config["probes"] = dict(probes)
+    return config
 
 
-def container(options: AgentOptions, spiffe_id: SpiffeId, settings: Settings) -> dict[str, Any]:
-    config = json.dumps(agent_config(spiffe_id, settings), separators=(",", ":"))
+def container(
+    options: AgentOptions,
+    spiffe_id: SpiffeId,
+    settings: Settings,
+    probes: Mapping[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    bootstrap = agent_config(spiffe_id, settings, probes)
+    config = json.dumps(bootstrap, separators=(",", ":"))
     probe = {"httpGet": {"path": "/ready", "port": STATUS_PORT}}
     agent: dict[str, Any] = {
         "name": AGENT,
@@ -101,6 +134,37 @@ def security_context(uid: int) -> dict[str, Any]:
         "privileged": False,
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def capture_container(settings: Settings) -> dict[str, Any]:
+    """`outrider capture apply` with the settings' rules: the pod's nftables rules."""
+    rules = settings.capture_rules()
+    uid = settings.agent.uid
+    args = ["capture", "apply", "--inbound-port", str(rules.inbound_port)]
+    args += ["--outbound-port", str(rules.outbound_port), "--agent-uid", str(uid)]
+    args += ["--exclude-inbound-ports", ",".join(map(str, rules.exclude_inbound_ports))]
+    if rules.exclude_outbound_ports:
+        args += ["--exclude-outbound-ports", ",".join(map(str, rules.exclude_outbound_ports))]
+    if rules.exclude_outbound_cidrs:
+        args += ["--exclude-outbound-cidrs", ",".join(rules.exclude_outbound_cidrs)]
+    hardening = security_context(uid)
+    return {
+        "name": CAPTURE,
+        "image": settings.agent.image,
+        "args": args,
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "32Mi"},
+            "limits": {"cpu": "500m", "memory": "128Mi"},  # a Python start; it exits at once
+        },
+        "securityContext": {
+            **hardening,
+            # Capabilities of a non-root user are not effective without ambient ones.
+            "runAsNonRoot": False,
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+        },
     }
 
 

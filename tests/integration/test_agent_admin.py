@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -51,6 +52,11 @@ async def exchange(
     finally:
         writer.close()
     return responses
+
+
+def tuple_address(address: str) -> tuple[str, int]:
+    host, port = address.rsplit(":", 1)
+    return host, int(port)
 
 
 def get(path: str, *, close: bool = False) -> bytes:
@@ -183,8 +189,13 @@ async def test_a_client_that_asks_and_never_reads_is_closed_not_buffered_for(
 ) -> None:
     # Pipelined /metrics requests cost 30 bytes each and their answers KBs: unread,
     # they would pile up in the agent's memory without end.
-    (stream,) = await open_idle(agent, "admin", 1)
-    reader, writer = stream
+    # A small receive buffer: the kernel then holds few unread answers, and the agent's
+    # own buffer fills within the first reads. With the default (MBs, autotuned), whether
+    # it passed the limit before the agent stopped reading depended on /metrics' size.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(tuple_address(agent.bound["admin"]))
+    reader, writer = await asyncio.open_connection(sock=sock)
     reader._transport.pause_reading()  # type: ignore[attr-defined]  # never read
     for _ in range(200):  # 8 KB at a time, each asking for MBs, until the agent gives up
         writer.write(get("/metrics") * 210)

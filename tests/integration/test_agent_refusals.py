@@ -79,6 +79,17 @@ async def assert_refused(
     assert refusals(agent, "inbound") == {reason: 1}
     assert accepted == [], "the app saw a connection from a refused peer"
     assert sample(agent, "outrider_peer_connections_total", **_peer(FRONTEND)) == 0
+    assert established(agent) == {}, "a refused connection was counted as established"
+
+
+def established(agent: Agent) -> dict[tuple[str, str, str], float]:
+    """outrider_connections_total by (direction, mtls, peer_id): counted once established."""
+    return {
+        (s.labels["direction"], s.labels["mtls"], s.labels["peer_id"]): s.value
+        for metric in agent.metrics.registry.collect()
+        for s in metric.samples
+        if s.name == "outrider_connections_total"
+    }
 
 
 def _peer(spiffe_id: object) -> dict[str, str]:
@@ -94,6 +105,7 @@ async def test_an_allowed_svid_gets_its_bytes_echoed(
     assert accepted == [1]
     assert refusals(agent, "inbound") == {}
     assert sample(agent, "outrider_peer_connections_total", **_peer(FRONTEND)) == 1
+    assert established(agent) == {("inbound", "true", str(FRONTEND)): 1}  # once, with its ID
 
 
 async def test_no_client_certificate(

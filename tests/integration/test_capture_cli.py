@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.core.capture import CaptureRules, ruleset
+from identity.capture import CaptureRules, ruleset
 from outrider.cli import main
 from tests.netns import Pod, PodNetwork
 

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 from agent.adapters.capture import original_destination
 from agent.adapters.nft import Nft
-from agent.core.capture import CaptureRules, remove_script, ruleset
+from identity.capture import CaptureRules, remove_script, ruleset
 from tests.netns import Pod, PodNetwork
 
 AGENT_UID = 1337

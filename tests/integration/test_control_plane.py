@@ -120,6 +120,64 @@ async def test_a_policy_applied_in_the_api_reaches_the_agent_within_2_seconds(
         assert "shop/frontend-reads-api" in names
 
 
+PERMISSIVE = """\
+apiVersion: security.outrider.io/v1alpha1
+kind: PeerAuthentication
+metadata: {name: migration, namespace: shop}
+spec:
+  mtls: {mode: %s}
+"""
+SERVICE = """\
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec:
+  selector: {app: api}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"""
+
+
+async def test_a_peer_authentication_applied_in_the_api_reaches_a_captured_pod_live(
+    control: ControlProcess, api: FakeApiServer
+) -> None:
+    """Strict by default; PERMISSIVE, then STRICT again, each within 2 s, and each status
+    written. The Service's ClusterIP, allocated by the API server, is passed through: it has
+    no injected endpoint (its pod has no IP yet)."""
+    api.apply(pod("shop", "api", "api", captured=True))
+    (service,) = api.apply(SERVICE)
+    cluster_ip = service["spec"]["clusterIP"]
+    async with subscribed(control, control.ca.workload("shop", "api"), "api") as agent:
+
+        async def snapshot(mode: str) -> dict[str, Any]:
+            version, config = await agent.next(timeout=2.0)
+            await agent.ack(version)
+            if config["captured"]["inbound"]["mtls"] != mode:  # a change before the one awaited
+                return await snapshot(mode)
+            return config
+
+        config = await snapshot("strict")
+        assert config["inbound"] == []
+        assert config["captured"]["outbound"] == {
+            "policy": "allow-any",
+            "passthrough": [f"{cluster_ip}:80"],
+        }
+        for mode in ("PERMISSIVE", "STRICT"):
+            api.apply(PERMISSIVE % mode)
+            await snapshot(mode.lower())
+
+            async def accepted(mode: str = mode) -> bool:
+                found = api.get(
+                    "security.outrider.io/v1alpha1", "PeerAuthentication", "shop", "migration"
+                )
+                status = found.get("status") or {}
+                spec = (status.get("inForce") or {}).get("spec")
+                return (
+                    spec == {"mtls": {"mode": mode}} and status["conditions"][0]["status"] == "True"
+                )
+
+            await eventually(accepted)
+
+
 async def test_an_agent_that_reconnects_with_the_running_version_is_sent_nothing_new(
     control: ControlProcess,
 ) -> None:

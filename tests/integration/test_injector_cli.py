@@ -42,7 +42,8 @@ def test_inject_reads_stdin_and_writes_stdout() -> None:
     service, deployment = done.stdout.split("---\n")
     assert service == SERVICE
     template = yaml.safe_load(deployment)["spec"]["template"]
-    [agent] = template["spec"]["initContainers"]
+    capture, agent = template["spec"]["initContainers"]
+    assert (capture["name"], capture["args"][:2]) == ("outrider-capture", ["capture", "apply"])
     config = parse_text(agent["env"][0]["value"], source="OUTRIDER_AGENT_CONFIG")
     assert str(config.identity.spiffe_id) == "spiffe://cluster.local/ns/shop/sa/web"
     assert done.stderr.splitlines() == [
@@ -60,7 +61,24 @@ def test_inject_writes_the_output_file_and_takes_the_config(tmp_path: Path) -> N
     assert code == 0
     spec = yaml.safe_load(out.read_text())["spec"]["template"]["spec"]
     assert [c["name"] for c in spec["containers"]] == ["outrider-agent", "web"]
+    assert [c["name"] for c in spec["initContainers"]] == ["outrider-capture"]
     assert "prod.example" in spec["containers"][0]["env"][0]["value"]
+
+
+def test_inject_no_capture_leaves_out_the_capture_container_and_the_probes(
+    tmp_path: Path,
+) -> None:
+    source, out = tmp_path / "in.yaml", tmp_path / "out.yaml"
+    probe = {"httpGet": {"path": "/ready", "port": 8080}}
+    source.write_text(
+        DEPLOYMENT.replace("image: web:1}", f"image: web:1, readinessProbe: {probe}}}")
+    )
+    assert main(["inject", "-f", str(source), "-o", str(out), "--no-capture"]) == 0
+    spec = yaml.safe_load(out.read_text())["spec"]["template"]["spec"]
+    [agent] = spec["initContainers"]
+    assert spec["containers"][0]["readinessProbe"] == probe
+    config = parse_text(agent["env"][0]["value"], source="OUTRIDER_AGENT_CONFIG")
+    assert config.probes == ()
 
 
 @pytest.mark.parametrize(

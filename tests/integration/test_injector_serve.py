@@ -194,3 +194,33 @@ def test_sighup_does_not_stop_the_injector(webhook: Webhook) -> None:
     webhook.process.send_signal(signal.SIGHUP)
     assert_still_serving(webhook)
     assert webhook.process.poll() is None
+
+
+def test_the_capture_disabled_webhook_path_injects_without_capture(webhook: Webhook) -> None:
+    def names(path: str) -> list[str]:
+        status, answer, _ = webhook.request("POST", path, json.dumps(recorded("probes")).encode())
+        assert status == 200, answer
+        patch = json.loads(base64.b64decode(json.loads(answer)["response"]["patch"]))
+        [containers] = [op["value"] for op in patch if op["path"] == "/spec/initContainers"]
+        return [c["name"] for c in containers] + [
+            op["path"] for op in patch if "Probe" in op["path"]
+        ]
+
+    assert names("/mutate") == [
+        "outrider-capture",
+        "outrider-agent",
+        "/spec/containers/0/livenessProbe",
+        "/spec/containers/0/readinessProbe",
+        "/spec/containers/0/startupProbe",
+    ]
+    assert names("/mutate?capture=disabled") == ["outrider-agent"]
+
+
+def test_a_query_the_webhook_does_not_know_is_a_counted_400(webhook: Webhook) -> None:
+    body = json.dumps(recorded("probes")).encode()
+    status, answer, _ = webhook.request("POST", "/mutate?capture=off", body)
+    assert (status, answer) == (400, b"the only query /mutate takes is ?capture=disabled\n")
+    assert webhook.metric(
+        "outrider_injector_admissions_total", result="bad_request", reason="bad_query"
+    )
+    assert_still_serving(webhook)

@@ -80,6 +80,23 @@ def test_the_fake_cluster_holds_every_pod_and_the_change_flips_the_path() -> Non
     assert before["spec"]["rules"][0]["to"]["paths"] != after["spec"]["rules"][0]["to"]["paths"]
 
 
+def test_the_captured_fleet_has_services_each_with_its_share_of_the_pods() -> None:
+    """--captured: every pod captured, each Service's EndpointSlice naming its pods at
+    their IPs, so every snapshot holds an entry per Service."""
+    docs = list(yaml.safe_load_all(pods_yaml(20, services=5)))
+    pods = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Pod"}
+    assert all(p["spec"]["initContainers"][0]["name"] == "outrider-capture" for p in pods.values())
+    slices = [d for d in docs if d["kind"] == "EndpointSlice"]
+    assert len(slices) == len([d for d in docs if d["kind"] == "Service"]) - 1 == 5
+    for item in slices:
+        service = item["metadata"]["labels"]["kubernetes.io/service-name"]
+        assert len(item["endpoints"]) == 4
+        for endpoint in item["endpoints"]:
+            member = pods[endpoint["targetRef"]["name"]]
+            assert member["metadata"]["labels"]["svc"] == service
+            assert endpoint["addresses"] == [member["status"]["podIP"]]
+
+
 FLEETS = [
     {"agents": 1, "changes": 20, "p50_ms": 31.3, "p99_ms": 32.2, "max_ms": 32.2, "rss_mib": 53.4,
      "peak_rss_mib": 53.4, "cpu_s_changes": 0.01, "cpu_s_total": 0.27},

@@ -14,6 +14,7 @@ as vendored in tests/fixtures/gateway-api), as the API server would.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import re
 import shutil
@@ -23,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import jsonpatch
 import jsonschema
@@ -271,6 +273,7 @@ def test_deploy_holds_the_manifests_crds_and_examples() -> None:
     assert {
         "CustomResourceDefinition",
         "AuthorizationPolicy",
+        "PeerAuthentication",
         "TrafficPolicy",
         "HTTPRoute",
     } <= kinds
@@ -347,26 +350,70 @@ def namespace(name: str, **labels: str) -> dict[str, str]:
     return {"kubernetes.io/metadata.name": name, **labels}  # set by the API server
 
 
+def webhooks(objects: list[Obj]) -> list[Obj]:
+    hooks = one(objects, "MutatingWebhookConfiguration", "outrider-injector")["webhooks"]
+    assert isinstance(hooks, list)
+    return hooks
+
+
 def webhook(objects: list[Obj]) -> Obj:
-    (hook,) = one(objects, "MutatingWebhookConfiguration", "outrider-injector")["webhooks"]
-    assert isinstance(hook, dict)
-    return hook
+    """The first webhook, /mutate (capture on); the second is the same but for its label
+    and its path (test_the_two_webhooks_differ_in_the_capture_label_and_path_only)."""
+    return webhooks(objects)[0]
+
+
+CAPTURE_DISABLED = {"outrider.io/capture": "disabled"}
 
 
 @pytest.mark.parametrize(
-    ("labels", "sent"),
+    ("labels", "path"),
     [
-        (namespace("shop", **{"outrider.io/inject": "enabled"}), True),
-        (namespace("shop"), False),
-        (namespace("shop", **{"outrider.io/inject": "disabled"}), False),
-        (namespace("kube-system", **{"outrider.io/inject": "enabled"}), False),
-        (namespace("outrider-system", **{"outrider.io/inject": "enabled"}), False),
+        (namespace("shop", **{"outrider.io/inject": "enabled"}), "/mutate"),
+        (
+            namespace("shop", **{"outrider.io/inject": "enabled"}, **CAPTURE_DISABLED),
+            "/mutate?capture=disabled",
+        ),
+        (
+            namespace("shop", **{"outrider.io/inject": "enabled", "outrider.io/capture": "x"}),
+            "/mutate",
+        ),
+        (namespace("shop"), None),
+        (namespace("shop", **CAPTURE_DISABLED), None),
+        (namespace("shop", **{"outrider.io/inject": "disabled"}), None),
+        (namespace("kube-system", **{"outrider.io/inject": "enabled"}), None),
+        (namespace("outrider-system", **{"outrider.io/inject": "enabled"}), None),
+        (
+            namespace("outrider-system", **{"outrider.io/inject": "enabled"}, **CAPTURE_DISABLED),
+            None,
+        ),
     ],
 )
-def test_webhook_sees_pods_only_in_labelled_namespaces(
-    overlay: list[Obj], labels: dict[str, str], sent: bool
+def test_webhook_sees_pods_only_in_labelled_namespaces_and_once(
+    overlay: list[Obj], labels: dict[str, str], path: str | None
 ) -> None:
-    assert selects(webhook(overlay)["namespaceSelector"], labels) is sent
+    sent = [h for h in webhooks(overlay) if selects(h["namespaceSelector"], labels)]
+    assert [h["clientConfig"]["service"]["path"] for h in sent] == ([path] if path else [])
+
+
+def test_the_two_webhooks_differ_in_the_capture_label_and_path_only(overlay: list[Obj]) -> None:
+    captured, not_captured = copy.deepcopy(webhooks(overlay))
+    for hook in (captured, not_captured):
+        del hook["name"]
+        (expression,) = [
+            e
+            for e in hook["namespaceSelector"]["matchExpressions"]
+            if e["key"] == "outrider.io/capture"
+        ]
+        hook["namespaceSelector"]["matchExpressions"].remove(expression)
+        hook["capture"] = (expression["operator"], expression["values"])
+        hook["path"] = hook["clientConfig"]["service"].pop("path")
+    assert captured.pop("capture") == ("NotIn", ["disabled"])
+    assert not_captured.pop("capture") == ("In", ["disabled"])
+    assert (captured.pop("path"), not_captured.pop("path")) == (
+        "/mutate",
+        "/mutate?capture=disabled",
+    )
+    assert captured == not_captured
 
 
 @pytest.mark.parametrize(
@@ -376,7 +423,8 @@ def test_webhook_sees_pods_only_in_labelled_namespaces(
 def test_a_pod_labelled_inject_false_is_not_sent(
     overlay: list[Obj], labels: dict[str, str], sent: bool
 ) -> None:
-    assert selects(webhook(overlay)["objectSelector"], labels) is sent
+    for hook in webhooks(overlay):
+        assert selects(hook["objectSelector"], labels) is sent
 
 
 def test_webhook_admits_pod_creation_without_blocking_the_cluster(overlay: list[Obj]) -> None:
@@ -396,8 +444,9 @@ def test_webhook_admits_pod_creation_without_blocking_the_cluster(overlay: list[
 
 def test_the_fail_closed_component_changes_the_failure_policy_only(tree: Path) -> None:
     local, strict = build(tree / "overlays" / "local"), build(tree / "overlays" / "strict")
-    assert webhook(strict)["failurePolicy"] == "Fail"
-    webhook(strict)["failurePolicy"] = "Ignore"
+    for hook in webhooks(strict):
+        assert hook["failurePolicy"] == "Fail"
+        hook["failurePolicy"] = "Ignore"
     assert strict == local
 
 
@@ -414,13 +463,16 @@ def test_webhook_reaches_the_injector_where_it_listens(overlay: list[Obj]) -> No
 def test_the_injector_serves_the_path_the_webhook_calls(overlay: list[Obj]) -> None:
     try:
         from injector.config import Limits
-        from injector.core import Settings
+        from injector.core import Settings, settings_for_query
         from injector.webhook import InjectorMetrics, make_app
     except ImportError:
         pytest.skip("injector.webhook is not there yet: the injector lands with this issue")
     app = make_app(Settings(), Limits(), InjectorMetrics())
     routes = {(r.method, r.resource.canonical) for r in app.router.routes() if r.resource}
-    assert ("POST", webhook(overlay)["clientConfig"]["service"]["path"]) in routes
+    for hook in webhooks(overlay):
+        path, _, query = hook["clientConfig"]["service"]["path"].partition("?")
+        assert ("POST", path) in routes
+        settings_for_query(Settings(), parse_qsl(query))  # a query it takes, or BadRequest
 
 
 # --- Services, Deployments, PodDisruptionBudgets, NetworkPolicies ----------------
@@ -637,6 +689,7 @@ def test_each_part_holds_only_the_api_permissions_it_uses(overlay: list[Obj]) ->
         ("", "services"),
         ("discovery.k8s.io", "endpointslices"),
         ("security.outrider.io", "authorizationpolicies"),
+        ("security.outrider.io", "peerauthentications"),
         ("networking.outrider.io", "trafficpolicies"),
         ("gateway.networking.k8s.io", "httproutes"),
         ("gateway.networking.k8s.io", "grpcroutes"),
@@ -675,12 +728,15 @@ def aggregated(objects: list[Obj], into: str) -> set[tuple[str, str, str]]:
 def test_app_teams_with_edit_or_admin_cannot_change_authorization_policies(
     overlay: list[Obj],
 ) -> None:
-    """Only a binding of outrider-policy-admin lets anyone write an AuthorizationPolicy."""
+    """Only a binding of outrider-policy-admin lets anyone write an AuthorizationPolicy, or a
+    PeerAuthentication (which could open a namespace to plaintext)."""
+    security = ("authorizationpolicies", "peerauthentications")
     for role in ("view", "edit", "admin"):
-        verbs = {v for g, r, v in aggregated(overlay, role) if r == "authorizationpolicies"}
-        assert verbs == set(READ), role
+        for resource in security:
+            verbs = {v for g, r, v in aggregated(overlay, role) if r == resource}
+            assert verbs == set(READ), (role, resource)
     admin = one(overlay, "ClusterRole", "outrider-policy-admin")
-    assert grants(admin) == {("security.outrider.io", "authorizationpolicies", v) for v in WRITE}
+    assert grants(admin) == {("security.outrider.io", r, v) for r in security for v in WRITE}
     assert not any(k.startswith("rbac.authorization.k8s.io/") for k in admin["metadata"]["labels"])
     assert (
         "outrider-policy-admin" not in bound_roles(overlay).values()
@@ -805,6 +861,7 @@ def test_our_crds_name_the_kinds_of_the_contract() -> None:
     }
     assert names == {
         ("authorizationpolicies.security.outrider.io", "AuthorizationPolicy", "v1alpha1"),
+        ("peerauthentications.security.outrider.io", "PeerAuthentication", "v1alpha1"),
         ("trafficpolicies.networking.outrider.io", "TrafficPolicy", "v1alpha1"),
     }
     for crd in our_crds():
@@ -817,7 +874,7 @@ def test_our_crds_name_the_kinds_of_the_contract() -> None:
 
 def test_every_crd_is_one_the_api_server_accepts() -> None:
     """Ours and the vendored Gateway API ones, against CustomResourceDefinition's schema."""
-    assert len(crd_documents()) == 4
+    assert len(crd_documents()) == 5
     for crd in crd_documents():
         check_object(crd)
 
@@ -898,7 +955,8 @@ def camel(name: str) -> str:
 
 def test_traffic_policy_keys_are_the_agents_outbound_keys_in_camel_case() -> None:
     spec = spec_schema("TrafficPolicy")["properties"]
-    per_service = {"name", "listen", "server_ids", "subsets", "protocol"}  # the control plane's
+    # The control plane's, per Service (destinations: its ClusterIPs, for captured pods).
+    per_service = {"name", "listen", "server_ids", "subsets", "protocol", "destinations"}
     keys = {"pool" if k == "pool_idle_timeout" else k for k in Outbound.__annotations__}
     assert set(spec) == {"targetRefs"} | {camel(k) for k in keys - per_service}
     assert set(spec["pool"]["properties"]) == {"idleTimeout"}

@@ -78,6 +78,8 @@ def test_the_agent_gets_a_bootstrap_and_asks_the_control_plane_for_the_rest() ->
         },
         "admin": "127.0.0.1:15000",
         "status": "0.0.0.0:15020",
+        # Where the capture init container sends the pod's traffic (injector.yaml capture:).
+        "capture": {"inbound_port": 15006, "outbound_port": 15007},
     }
     pod_name = {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
     assert pod_name in agent_of(BASELINE)["env"]  # the pod it asks the control plane for

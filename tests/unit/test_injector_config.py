@@ -13,7 +13,7 @@ from identity.configfile import ConfigError, Listen
 from identity.serving import ConnectionLimits
 from injector import config as injector_config
 from injector.config import InjectorConfig, Limits, parse
-from injector.core.settings import Quantity, Settings
+from injector.core.settings import CaptureSettings, Quantity, Settings
 
 
 def test_an_empty_file_is_every_default() -> None:
@@ -98,6 +98,7 @@ def test_every_error_is_reported_at_once_with_its_key_path() -> None:
         },
         "ca": {"address": "no-port", "bundle_configmap": "Bad_Name"},
         "control": {"address": "cp:0", "spiffe_id": "x"},
+        "capture": {"enabled": "yes", "inbound_port": 15020, "exclude_outbound_cidrs": ["x"]},
         "limits": {
             "max_body_bytes": 10,
             "max_json_depth": 5,
@@ -125,6 +126,9 @@ def test_every_error_is_reported_at_once_with_its_key_path() -> None:
         "ca.bundle_configmap",
         "control.spiffe_id",
         "control.address",
+        "capture.enabled",
+        "capture.inbound_port",
+        "capture.exclude_outbound_cidrs",
         "tls.cert_file",
         "tls.key_file",
         "limits.max_body_bytes",
@@ -167,3 +171,74 @@ def test_the_example_in_the_docs_parses(tmp_path: Path) -> None:
     section = docs.read_text().split("## injector.yaml", 1)[1]
     block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     assert parse(yaml.safe_load(block), base=tmp_path, require_tls=True).settings == Settings()
+
+
+def test_capture_is_on_by_default_with_the_contracted_ports() -> None:
+    assert parse({}, base=Path("/")).settings.capture == CaptureSettings(
+        enabled=True, inbound_port=15006, outbound_port=15007
+    )
+
+
+def test_every_capture_key_is_read() -> None:
+    raw = {
+        "capture": {
+            "enabled": False,
+            "inbound_port": 16006,
+            "outbound_port": 16007,
+            "exclude_inbound_ports": [9090, 9091, 9090],
+            "exclude_outbound_ports": [5432],
+            "exclude_outbound_cidrs": ["169.254.169.254/32", "fd00::/8"],
+        }
+    }
+    assert parse(raw, base=Path("/")).settings.capture == CaptureSettings(
+        False, 16006, 16007, (9090, 9091), (5432,), ("169.254.169.254/32", "fd00::/8")
+    )
+
+
+@pytest.mark.parametrize(
+    ("capture", "error"),
+    [
+        ({"inbound_port": 0}, "capture.inbound_port: 0 is not a TCP port (1-65535)"),
+        ({"outbound_port": "15007"}, "capture.outbound_port: '15007' is not a TCP port (1-65535)"),
+        (
+            {"inbound_port": 15000},
+            "capture.inbound_port: 15000 is the agent's admin or status port",
+        ),
+        (
+            {"outbound_port": 15010},
+            "capture.outbound_port: 15010 is in 15001-15035, the agent's explicit outbound "
+            "listeners (only 15006 and 15007 are kept out of it)",
+        ),
+        (
+            {"outbound_port": 15006},
+            "capture.outbound_port: 15006 is the inbound_port too: the agent serves the two "
+            "apart, so they must differ",
+        ),
+        ({"exclude_inbound_ports": "15020"}, "capture.exclude_inbound_ports: must be a list"),
+        (
+            {"exclude_outbound_ports": [80, 70000]},
+            "capture.exclude_outbound_ports: 70000 is not a TCP port (1-65535)",
+        ),
+        (
+            {"exclude_outbound_cidrs": ["10.0.0.1/8"]},
+            "capture.exclude_outbound_cidrs: '10.0.0.1/8': host bits set (did you mean "
+            "10.0.0.0/8?)",
+        ),
+        ({"exclude_inbound": [1]}, "capture.exclude_inbound: unknown key"),
+    ],
+)
+def test_a_bad_capture_setting_is_reported_with_its_key_path(
+    capture: dict[str, object], error: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({"capture": capture}, base=Path("/"))
+    assert info.value.errors == [error]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"inbound_port": 15020}, {"outbound_port": 0}, {"exclude_outbound_cidrs": ("nope",)}],
+)
+def test_capture_settings_check_themselves_too(fields: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        CaptureSettings(**fields)  # type: ignore[arg-type]

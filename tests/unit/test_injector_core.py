@@ -14,7 +14,7 @@ from agent.config import parse_text
 from injector.core import Settings, apply_patch, mutate
 from injector.core.mutate import pointer
 from injector.core.settings import ControlSettings
-from injector.core.sidecar import AGENT, CONFIG_ENV
+from injector.core.sidecar import AGENT, CAPTURE, CONFIG_ENV
 from tests.k8s import to_model
 
 SETTINGS = Settings()
@@ -57,9 +57,10 @@ def agent_config(patched: dict[str, Any]) -> Any:
     return parse_text(env[CONFIG_ENV], source=CONFIG_ENV)
 
 
-def test_the_agent_is_a_native_sidecar_placed_first() -> None:
+def test_the_agent_is_a_native_sidecar_placed_first_after_the_capture_container() -> None:
     patched = injected(pod(initContainers=[{"name": "setup", "image": "setup:1"}]))
-    first, second = patched["spec"]["initContainers"]
+    capture, first, second = patched["spec"]["initContainers"]
+    assert capture["name"] == CAPTURE and "restartPolicy" not in capture  # runs, then exits
     assert first["name"] == AGENT and first["restartPolicy"] == "Always"
     assert second["name"] == "setup"
     assert [c["name"] for c in patched["spec"]["containers"]] == ["app"]
@@ -82,7 +83,7 @@ def test_only_probes_and_metrics_listen_on_the_pod_network() -> None:
 
 def test_without_native_sidecars_the_agent_is_the_first_regular_container() -> None:
     patched = injected(pod(), replace(SETTINGS, native_sidecar=False))
-    assert "initContainers" not in patched["spec"]
+    assert [c["name"] for c in patched["spec"]["initContainers"]] == [CAPTURE]
     names = [c["name"] for c in patched["spec"]["containers"]]
     assert names == [AGENT, "app"]
     assert "restartPolicy" not in patched["spec"]["containers"][0]
@@ -106,7 +107,12 @@ def test_the_token_is_mounted_into_the_agent_alone() -> None:
         c["name"]: [m["name"] for m in c.get("volumeMounts", [])]
         for c in [*patched["spec"]["initContainers"], *patched["spec"]["containers"]]
     }
-    assert mounts == {AGENT: ["outrider-token", "outrider-bundle"], "setup": [], "app": []}
+    assert mounts == {
+        CAPTURE: [],
+        AGENT: ["outrider-token", "outrider-bundle"],
+        "setup": [],
+        "app": [],
+    }
     # The agent reads the token and the bundle where the patch mounts them.
     config = agent_config(patched)
     assert str(config.identity.token_file) == "/var/run/secrets/outrider/token"
@@ -174,7 +180,8 @@ def test_existing_arrays_are_extended_and_annotation_keys_escaped() -> None:
     )
     paths = [op["path"] for op in mutate(source, "shop", SETTINGS).patch]
     assert paths == [
-        "/spec/initContainers/0",
+        "/spec/initContainers/0",  # the agent
+        "/spec/initContainers/0",  # then the capture container, ahead of it
         "/spec/volumes/-",
         "/spec/volumes/-",
         "/metadata/annotations/outrider.io~1status",
@@ -231,6 +238,8 @@ def test_our_patch_applier_agrees_with_jsonpatch(source: dict[str, Any]) -> None
             "shop",
             "name_conflict",
         ),
+        # The control plane reads a pod with this init container as captured.
+        (pod(initContainers=[{"name": CAPTURE, "image": "x"}]), "shop", "name_conflict"),
     ],
 )
 def test_pods_left_alone_get_no_patch_and_a_reason(

@@ -18,8 +18,9 @@ import jsonpatch
 import pytest
 
 from agent.config import parse_text
+from identity.probes import Grpc, HttpGet, TcpSocket
 from injector.core import Settings, admit, decode
-from injector.core.sidecar import AGENT, CONFIG_ENV
+from injector.core.sidecar import AGENT, CAPTURE, CONFIG_ENV
 from tests.k8s import to_model
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "admission"
@@ -31,6 +32,7 @@ DEPTH = 64
 OUTCOMES = {
     "deployment_pod": ("injected", "injected", "spiffe://cluster.local/ns/shop/sa/web"),
     "init_containers": ("injected", "injected", "spiffe://cluster.local/ns/shop/sa/orders"),
+    "probes": ("injected", "injected", "spiffe://cluster.local/ns/shop/sa/orders"),
     "host_network": ("skipped", "host_network", None),
     "opted_out": ("skipped", "opted_out", None),
     "already_injected": ("skipped", "already_injected", None),
@@ -150,4 +152,42 @@ def test_the_agent_goes_before_the_pods_own_init_container() -> None:
         body["request"]["object"], patch_of(answer(body)[0]["response"])
     )
     names = [c["name"] for c in patched["spec"]["initContainers"]]
-    assert names == [AGENT, "migrate"]
+    assert names == [CAPTURE, AGENT, "migrate"]
+
+
+def test_the_apps_probes_go_through_the_agent_which_holds_the_originals() -> None:
+    body = review("probes")
+    answered = answer(body)[0]["response"]
+    patched = jsonpatch.apply_patch(body["request"]["object"], patch_of(answered))
+    orders, metrics = patched["spec"]["containers"]
+    timing = {"periodSeconds": 10, "successThreshold": 1, "failureThreshold": 3}
+    assert orders["readinessProbe"] == {
+        "httpGet": {"path": "/app-health/orders/readyz", "port": 15020, "scheme": "HTTP"},
+        **timing,
+        "timeoutSeconds": 2,
+    }
+    assert orders["livenessProbe"]["httpGet"]["path"] == "/app-health/orders/livez"
+    assert orders["startupProbe"]["httpGet"]["path"] == "/app-health/orders/startupz"
+    assert (
+        orders["startupProbe"]["failureThreshold"],
+        orders["livenessProbe"]["periodSeconds"],
+    ) == (
+        30,
+        20,
+    )
+    original = body["request"]["object"]["spec"]["containers"][1]
+    assert metrics == original  # exec, and a probe of another host: left as they are
+    assert answered["warnings"] == [
+        "outrider: container metrics: readinessProbe asks another host (host: is set), so it "
+        "is left as it is: strict mTLS refuses it if that host is this pod"
+    ]
+    env = {e["name"]: e.get("value") for e in agents(patched)[0]["env"]}
+    config = parse_text(env[CONFIG_ENV], source=CONFIG_ENV)
+    assert {p.path: (p.action, p.timeout.total_seconds()) for p in config.probes} == {
+        "/app-health/orders/livez": (TcpSocket(8080), 1),
+        "/app-health/orders/readyz": (
+            HttpGet(8080, "/ready", "HTTP", (("X-Probe", "kubelet"),)),
+            2,
+        ),
+        "/app-health/orders/startupz": (Grpc(9090, "orders.v1.Orders"), 1),
+    }

@@ -126,7 +126,8 @@ def test_the_namespace_comes_from_the_document_or_the_flag() -> None:
     output, results = inject_stream(stream, SETTINGS, "payments")
     assert [r.workload for r in results] == ["Pod payments/web", "Deployment shop/web"]
     pod = next(yaml.safe_load_all(output))
-    config = next(e["value"] for e in pod["spec"]["initContainers"][0]["env"])
+    [agent] = [c for c in pod["spec"]["initContainers"] if c["name"] == AGENT]
+    config = next(e["value"] for e in agent["env"])
     assert "spiffe://cluster.local/ns/payments/sa/default" in config
 
 

@@ -107,6 +107,7 @@ def test_the_config_as_plain_data() -> None:
                     "max_requests": 1024,
                 },
                 "pool_idle_timeout": 60.0,
+                "destinations": [],
             }
         ],
         "limits": {
@@ -125,6 +126,9 @@ def test_the_config_as_plain_data() -> None:
         "policy": {"files": [], "default_action": "allow-authenticated", "policies": []},
         "status": None,
         "control": None,
+        "capture": None,
+        "captured": {"mtls": "strict", "ports": [], "policy": "allow-any", "passthrough": []},
+        "probes": [],
     }
 
 

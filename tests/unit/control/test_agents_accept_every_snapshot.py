@@ -11,8 +11,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control.core.mesh import MeshSettings, compile_mesh, version_of
-from tests.cluster import agent_accepts, complete, endpoint_slices, pod
+from control.core.mesh import MeshSettings, compile_mesh, encode, version_of
+from tests.cluster import agent_accepts, check_shape, complete, endpoint_slices, pod
 
 SETTINGS = MeshSettings("example.org", outbound_ports=(15001, 15002, 15003))
 NAMESPACES = ["shop", "billing", "outrider-system"]
@@ -51,6 +51,20 @@ _TRAFFIC = st.sampled_from(
     ]
 )
 
+_PEERS = st.sampled_from(
+    [
+        {},
+        {"mtls": {"mode": "PERMISSIVE"}},
+        {"mtls": {"mode": "STRICT"}, "portLevelMtls": {"8080": {"mode": "PERMISSIVE"}}},
+        {"selector": {"matchLabels": {"app": "api"}}, "mtls": {"mode": "PERMISSIVE"}},
+        {
+            "selector": {"matchLabels": {"app": "web"}},
+            "portLevelMtls": {"9090": {"mode": "STRICT"}},
+        },
+        {"mtls": {"mode": "DISABLE"}},  # invalid
+    ]
+)
+
 
 @st.composite
 def _worlds(draw: st.DrawFn) -> dict[str, dict[tuple[str, str], dict[str, Any]]]:
@@ -85,6 +99,7 @@ def _worlds(draw: st.DrawFn) -> dict[str, dict[tuple[str, str], dict[str, Any]]]
             state=draw(st.sampled_from(["ready", "unready", "terminating"])),
             upstreams=",".join(wanted),
             injected=draw(st.integers(0, 4)) > 0,
+            captured=draw(st.booleans()),
         )
         add(yaml.safe_load(text.removesuffix("---\n")))
     for ns, app in services:
@@ -127,6 +142,16 @@ def _worlds(draw: st.DrawFn) -> dict[str, dict[tuple[str, str], dict[str, Any]]]
                 "spec": spec,
             }
         )
+    for i in range(draw(st.integers(0, 3))):
+        peer: dict[str, Any] = draw(_PEERS)
+        add(
+            {
+                "apiVersion": "security.outrider.io/v1alpha1",
+                "kind": "PeerAuthentication",
+                "metadata": {"name": f"pa{i}", "namespace": draw(st.sampled_from(NAMESPACES))},
+                "spec": peer,
+            }
+        )
     for i, (ns, app) in enumerate(services):
         if draw(st.booleans()):
             add(
@@ -166,6 +191,18 @@ def _worlds(draw: st.DrawFn) -> dict[str, dict[tuple[str, str], dict[str, Any]]]
     return objects
 
 
+@settings(max_examples=50, deadline=None)
+@given(_worlds())
+def test_every_config_of_every_world_has_the_contracts_shape(objects: Any) -> None:
+    mesh = compile_mesh(objects, SETTINGS)
+    for namespace, name in mesh.pods:
+        config = mesh.config_for(namespace, name)
+        assert config is not None
+        check_shape(config)
+        captured = objects["Pod"][(namespace, name)]["spec"]["initContainers"][0]["name"]
+        assert ("captured" in config) == (captured == "outrider-capture")
+
+
 @settings(max_examples=150, deadline=None)
 @given(_worlds())
 def test_every_config_of_every_world_is_one_the_agent_takes(objects: Any) -> None:
@@ -173,7 +210,6 @@ def test_every_config_of_every_world_is_one_the_agent_takes(objects: Any) -> Non
     for namespace, name in mesh.pods:
         config = mesh.config_for(namespace, name)
         assert config is not None
-        assert set(config) == {"inbound", "outbound", "policy"}
         agent_accepts(config)
     json.dumps(list(mesh.statuses.values()))  # what the shell writes is JSON
 
@@ -190,6 +226,7 @@ def test_the_version_depends_on_content_not_on_order(objects: Any, rng: random.R
             == second.version_for(*key)
             == version_of(first.config_for(*key) or {})
         )
+        assert first.encoded_for(*key) == encode(first.config_for(*key))  # what is sent
     assert first.statuses == second.statuses
     again = compile_mesh(objects, SETTINGS, first)
     assert {k: again.version_for(*k) for k in again.pods} == {

@@ -44,6 +44,7 @@ def test_relative_files_are_from_the_config_files_directory() -> None:
     assert config.kubeconfig is None  # in-cluster
     assert config.status is None  # off unless asked for
     assert config.default_action == "allow-authenticated"
+    assert config.outbound_traffic_policy == "allow-any"
 
 
 def test_the_kubeconfig_flag_wins_over_the_file(tmp_path: Path) -> None:
@@ -62,6 +63,7 @@ def test_every_key_is_read() -> None:
         "tls": TLS,
         "mesh_namespace": "mesh",
         "default_action": "deny",
+        "outbound_traffic_policy": "registry-only",
         "limits": {
             "max_connections": 5,
             "handshake_timeout": "2s",
@@ -75,6 +77,7 @@ def test_every_key_is_read() -> None:
     assert config.debug == Listen("::1", 9)
     assert config.status == Listen("127.0.0.1", 7)
     assert (config.mesh_namespace, config.default_action) == ("mesh", "deny")
+    assert config.outbound_traffic_policy == "registry-only"
     assert config.limits == ControlLimits(
         ConnectionLimits(5, timedelta(seconds=2), timedelta(seconds=3)), GrpcLimits(8192, 2)
     )
@@ -86,6 +89,7 @@ def test_every_error_is_reported_at_once_with_its_key_path() -> None:
         "listen": "nowhere",
         "tls": {"cert_file": "", "bundle": "x"},
         "default_action": "allow",
+        "outbound_traffic_policy": "deny",
         "limits": {"max_message_bytes": 100, "idle_timeout": "soon"},
         "extra": 1,
     }
@@ -101,6 +105,7 @@ def test_every_error_is_reported_at_once_with_its_key_path() -> None:
         "tls.bundle_file: required",
         "tls.bundle: unknown key",
         "default_action: must be one of allow-authenticated, deny",
+        "outbound_traffic_policy: must be one of allow-any, registry-only",
         "limits.max_message_bytes: must be an integer >= 4096",
         "limits.idle_timeout:",
         "extra: unknown key",

@@ -318,3 +318,13 @@ def test_a_port_listed_twice_keeps_the_name_given_to_either() -> None:
     ]
     (backend,) = _config(mesh, "frontend-0")["outbound"]
     assert backend["endpoints"] == ["10.0.0.7:15443", "10.0.0.8:15443"]
+
+
+def test_the_outbound_ports_skip_the_agents_capture_and_status_ports() -> None:
+    """15006 and 15007 are the capture ports and 15020 the status port (CONTRACT.md):
+    an upstream there would clash with them. 32 upstreams fit, as before."""
+    ports = MeshSettings("example.org").outbound_ports
+    assert len(ports) == len(set(ports)) == 32
+    assert not {15006, 15007, 15020} & set(ports)
+    assert ports[:6] == (15001, 15002, 15003, 15004, 15005, 15008)
+    assert ports[-1] == 15035

@@ -19,6 +19,7 @@ from tests.unit.control.test_agents_accept_every_snapshot import _worlds
 ROOT = Path(__file__).resolve().parents[3]
 CRDS = {
     "AuthorizationPolicy": ROOT / "deploy/base/crds/authorizationpolicies.yaml",
+    "PeerAuthentication": ROOT / "deploy/base/crds/peerauthentications.yaml",
     "TrafficPolicy": ROOT / "deploy/base/crds/trafficpolicies.yaml",
     "HTTPRoute": ROOT / "tests/fixtures/gateway-api/gateway.networking.k8s.io_httproutes.yaml",
     "GRPCRoute": ROOT / "tests/fixtures/gateway-api/gateway.networking.k8s.io_grpcroutes.yaml",

@@ -1,4 +1,4 @@
-"""The capture rules as settings and as the nft script they become (agent/core/capture.py).
+"""The capture rules as settings and as the nft script they become (identity/capture.py).
 
 What the script does to real traffic is tested in real pods
 (tests/integration/test_capture_rules.py); here, which lines each setting gives and
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.core.capture import (
+from identity.capture import (
     CaptureRules,
     CaptureRulesError,
     redirects,

@@ -1,0 +1,224 @@
+"""The app's probes, performed by a real `outrider agent run` for the kubelet.
+
+With capture on, the injector rewrites each probe to GET /app-health/<container>/<kind>
+on the agent's status port and hands the agent the original (`probes:`). Here one
+agent process holds a probe of every kind, against apps on loopback: an HTTP app
+whose readiness the test switches, an HTTPS one with a self-signed certificate, a
+gRPC health server (grpcio, the reference implementation), a port nobody listens
+on, and one that accepts and never answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from aiohttp import web
+
+from agent.adapters.probes import Prober
+from identity.probes import AppProbe, HttpGet
+from identity.proto import health_pb2
+from tests.httpraw import Responses
+from tests.mesh import AgentProcess, agent_process, served_agent_yaml, threaded_app
+from tests.support import CaProcess, CaSetup, free_port, loopback_tls
+
+SERVING, NOT_SERVING = (
+    health_pb2.HealthCheckResponse.SERVING,
+    health_pb2.HealthCheckResponse.NOT_SERVING,
+)
+
+
+@dataclass
+class Apps:
+    http: int
+    https: int
+    grpc: int
+    silent: int  # accepts (the kernel's backlog) and never answers
+    closed: int  # nobody listens
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def _http_app(state: dict[str, Any]) -> web.Application:
+    async def ready(request: web.Request) -> web.Response:
+        state["seen"] = dict(request.headers)
+        return web.Response(status=200 if state["ready"] else 500, text="app\n")
+
+    async def moved(request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": "http://elsewhere.example/"})
+
+    app = web.Application()
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/moved", moved)
+    return app
+
+
+def _grpc_server(state: dict[str, Any]) -> tuple[grpc.Server, int]:
+    def check(request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> Any:
+        if request.service not in state["grpc"]:
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        return health_pb2.HealthCheckResponse(status=state["grpc"][request.service])
+
+    handler = grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health",
+        {
+            "Check": grpc.unary_unary_rpc_method_handler(
+                check,
+                request_deserializer=health_pb2.HealthCheckRequest.FromString,
+                response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+            )
+        },
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+@pytest.fixture(scope="module")
+def apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Apps]:
+    state: dict[str, Any] = {"ready": True, "grpc": {"": SERVING, "orders": NOT_SERVING}}
+    tls = loopback_tls(tmp_path_factory.mktemp("app-tls"), "app.local")
+    silent = socket.create_server(("127.0.0.1", 0), backlog=16)
+    server, grpc_port = _grpc_server(state)
+    try:
+        with (
+            threaded_app(_http_app(state)) as http,
+            threaded_app(_http_app(state), tls.server_context) as https,
+        ):
+            yield Apps(http, https, grpc_port, silent.getsockname()[1], free_port(), state)
+    finally:
+        server.stop(0)
+        silent.close()
+
+
+def probes(apps: Apps) -> dict[str, Any]:
+    header = [{"name": "X-Probe", "value": "from the pod spec"}, {"name": "Host", "value": "web"}]
+    return {
+        "/app-health/web/readyz": {
+            "httpGet": {"path": "/ready", "port": apps.http, "httpHeaders": header}
+        },
+        "/app-health/web/startupz": {"httpGet": {"path": "/moved", "port": apps.http}},
+        "/app-health/tls/readyz": {
+            "httpGet": {"path": "/ready", "port": apps.https, "scheme": "HTTPS"}
+        },
+        "/app-health/web/livez": {"tcpSocket": {"port": apps.http}},
+        "/app-health/gone/livez": {"tcpSocket": {"port": apps.closed}},
+        "/app-health/grpc/readyz": {"grpc": {"port": apps.grpc}},
+        "/app-health/grpc/livez": {"grpc": {"port": apps.grpc, "service": "orders"}},
+        "/app-health/grpc/startupz": {"grpc": {"port": apps.grpc, "service": "billing"}},
+        "/app-health/slow/readyz": {
+            "httpGet": {"path": "/", "port": apps.silent},
+            "timeoutSeconds": 1,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def agent(setup: CaSetup, ca: CaProcess, apps: Apps) -> Iterator[AgentProcess]:
+    raw = served_agent_yaml(setup, ca, "web", status="127.0.0.1:0", probes=probes(apps))
+    with agent_process(setup.root, "web", raw) as process:
+        yield process
+
+
+def ask(agent: AgentProcess, *paths: str, server: str = "status") -> list[tuple[int, str]]:
+    """GET each path on one connection, pipelined: the answers, in order."""
+    host, port = agent.bound[server].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"".join(b"GET %s HTTP/1.1\r\nHost: k\r\n\r\n" % p.encode() for p in paths))
+        responses = Responses(sock)
+        replies = [responses.next() for _ in paths]
+    return [(r.status, r.body.decode()) if r else (0, "closed") for r in replies]
+
+
+def test_an_http_probe_passes_on_2xx_and_3xx_and_fails_otherwise(
+    agent: AgentProcess, apps: Apps
+) -> None:
+    assert ask(agent, "/app-health/web/readyz") == [(200, "HTTP 200\n")]
+    assert ask(agent, "/app-health/web/startupz") == [(200, "HTTP 302\n")]  # not followed
+    apps.state["ready"] = False
+    try:
+        assert ask(agent, "/app-health/web/readyz") == [(503, "HTTP 500\n")]
+    finally:
+        apps.state["ready"] = True
+    assert ask(agent, "/app-health/web/readyz") == [(200, "HTTP 200\n")]
+
+
+def test_an_http_probe_sends_the_pod_specs_headers(agent: AgentProcess, apps: Apps) -> None:
+    ask(agent, "/app-health/web/readyz")
+    seen = apps.state["seen"]
+    assert seen["X-Probe"] == "from the pod spec"
+    assert seen["Host"] == "web"  # the probe's own Host replaces the default
+    assert seen["User-Agent"].startswith("kube-probe/")
+
+
+def test_an_https_probe_does_not_verify_the_apps_certificate(agent: AgentProcess) -> None:
+    assert ask(agent, "/app-health/tls/readyz") == [(200, "HTTP 200\n")]
+
+
+def test_a_tcp_probe_passes_when_the_port_accepts_and_fails_when_nothing_listens(
+    agent: AgentProcess,
+) -> None:
+    assert ask(agent, "/app-health/web/livez", "/app-health/gone/livez") == [
+        (200, "connected\n"),
+        (503, "Connection refused\n"),
+    ]
+
+
+def test_a_grpc_probe_passes_only_while_the_service_is_serving(
+    agent: AgentProcess, apps: Apps
+) -> None:
+    assert ask(agent, "/app-health/grpc/readyz", "/app-health/grpc/livez") == [
+        (200, "SERVING\n"),
+        (503, "NOT_SERVING\n"),
+    ]
+    assert ask(agent, "/app-health/grpc/startupz") == [(503, "gRPC status NOT_FOUND\n")]
+    apps.state["grpc"]["orders"] = SERVING
+    assert ask(agent, "/app-health/grpc/livez") == [(200, "SERVING\n")]
+
+
+def test_a_probe_fails_at_its_timeout_and_the_answers_behind_it_keep_their_order(
+    agent: AgentProcess,
+) -> None:
+    started = time.monotonic()
+    answers = ask(agent, "/app-health/slow/readyz", "/ready", "/app-health/web/livez")
+    assert answers == [(503, "timed out after 1s\n"), (200, "ready\n"), (200, "connected\n")]
+    assert 0.9 < time.monotonic() - started < 3
+
+
+def test_only_the_configured_probe_paths_are_served_on_both_servers(
+    agent: AgentProcess,
+) -> None:
+    unknown = ["/app-health/other/readyz", "/app-health/web", "/app-health/web/readyz/x"]
+    assert [status for status, _ in ask(agent, *unknown)] == [404, 404, 404]
+    assert ask(agent, "/app-health/web/livez", server="admin") == [(200, "connected\n")]
+
+
+async def test_probes_beyond_the_bound_in_flight_fail_at_once(tmp_path: Path) -> None:
+    silent = socket.create_server(("127.0.0.1", 0), backlog=16)
+    try:
+        prober = Prober(max_in_flight=2)
+        slow = AppProbe(
+            "/app-health/a/readyz", HttpGet(silent.getsockname()[1]), timedelta(seconds=5)
+        )
+        held = [asyncio.create_task(prober.check(slow)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        beyond = await prober.check(slow)
+        assert not beyond.passed and "in flight" in beyond.reason
+        assert time.monotonic() - started < 0.1
+        for task in held:
+            task.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+        assert prober.in_flight == 0  # a cancelled probe (its connection closed) frees its place
+    finally:
+        silent.close()

@@ -1,0 +1,354 @@
+"""Captured traffic through real agents: pods as network namespaces with real nft rules.
+
+Two pods, each with an agent running as UID 1337 (the capture rules leave that UID
+alone) and capture rules applied in the pod as root, as the `outrider-capture` init
+container does; a CA on the node. The apps are this test process's servers inside
+the pods, and its clients connect from inside a pod (UID 0: captured, as an app
+is) or from the node (a plaintext caller with no agent).
+
+- `server` pod: an HTTP app on 0.0.0.0:8080 that answers with the
+  x-forwarded-client-cert it was given; its agent serves port 8080 as http.
+- `client` pod: its agent knows the server as one upstream: by a Service-like
+  address (a ClusterIP that exists nowhere, 198.51.100.20:8080: the pod's own
+  rules take the connection before it leaves) and by the server pod's IP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import ExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import yaml
+
+from tests.mesh import AgentProcess, agent_process, agent_yaml, workload
+from tests.netns import Pod, PodNetwork, pod_network
+from tests.support import CaSetup, ca_process, make_ca_setup, scraped
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+AGENT_UID = 1337
+SERVICE = "198.51.100.20:8080"  # TEST-NET-2: routed nowhere, captured in the pod first
+STATUS = 15020
+
+
+# -- the capture rules ---------------------------------------------------------------------
+
+
+def capture(pod: Pod) -> None:
+    """The pod's TCP redirected to its agent, as the init container does it (as root)."""
+    command = [sys.executable, "-m", "outrider", "capture", "apply", "--agent-uid", str(AGENT_UID)]
+    applied = pod.run(command, check=False)
+    assert applied.returncode == 0, applied.stderr
+
+
+# -- apps ----------------------------------------------------------------------------------
+
+
+@dataclass
+class HttpApp:
+    """An app on 0.0.0.0:8080 in a pod: answers every request with the identity header."""
+
+    requests: int = 0
+    heard: str = ""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+            return
+        self.requests += 1
+        xfcc = [
+            line.split(":", 1)[1].strip()
+            for line in head.split("\r\n")
+            if line.lower().startswith("x-forwarded-client-cert:")
+        ]
+        body = (";".join(xfcc) or "-").encode()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: server\r\nConnection: close\r\n\r\n"
+FORGED = (
+    b"GET / HTTP/1.1\r\nHost: server\r\nConnection: close\r\n"
+    b"X-Forwarded-Client-Cert: URI=spiffe://example.org/ns/demo/sa/admin\r\n\r\n"
+)
+
+
+async def exchange(
+    opened: tuple[asyncio.StreamReader, asyncio.StreamWriter], request: bytes = REQUEST
+) -> bytes:
+    """What comes back for `request` until the server closes; b'' if closed unanswered."""
+    reader, writer = opened
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(reader.read(), 5)
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+
+
+def body(response: bytes) -> str:
+    assert response.startswith(b"HTTP/1.1 200"), response
+    return response.split(b"\r\n\r\n", 1)[1].decode()
+
+
+# -- agents --------------------------------------------------------------------------------
+
+
+def metric(pod: Pod, name: str, **labels: str) -> float:
+    """One sample of the agent's /metrics, read from the node on the status port (which the
+    capture rules leave alone)."""
+    with urllib.request.urlopen(f"http://{pod.ip}:{STATUS}/metrics", timeout=5) as page:
+        return scraped(page.read().decode(), name, **labels)
+
+
+async def eventually(pod: Pod, name: str, value: float, **labels: str) -> None:
+    for _ in range(500):  # 10 s at most
+        if metric(pod, name, **labels) == value:
+            return
+        await asyncio.sleep(0.02)
+    assert metric(pod, name, **labels) == value
+
+
+@dataclass
+class Captured:
+    """Two captured pods with agents, the server's app, and how to change their configs."""
+
+    network: PodNetwork
+    root: Path
+    server: Pod
+    client: Pod
+    app: HttpApp
+    agents: dict[str, AgentProcess]
+    configs: dict[str, dict[str, Any]]
+
+    async def reload(self, pod: Pod, **sections: Any) -> None:
+        """The agent's config file with `sections` in place of its own (None: the key
+        taken out); returns once the agent runs it (SIGHUP: no wait for the watcher)."""
+        done = metric(pod, "outrider_config_reloads_total", kind="agent", result="ok")
+        config = {**self.configs[pod.name], **sections}
+        (self.root / f"{pod.name}.yaml").write_text(
+            yaml.safe_dump({k: v for k, v in config.items() if v is not None})
+        )
+        self.agents[pod.name].process.send_signal(signal.SIGHUP)
+        await eventually(pod, "outrider_config_reloads_total", done + 1, kind="agent", result="ok")
+
+    @asynccontextmanager
+    async def reconfigured(self, pod: Pod, **sections: Any) -> AsyncIterator[None]:
+        """The agent runs with `sections` for the block, then with its first config again:
+        the tests of this module share the agents."""
+        await self.reload(pod, **sections)
+        try:
+            yield
+        finally:
+            await self.reload(pod)
+
+
+def server_config(setup: CaSetup, root: Path, ca: str, pod: Pod) -> dict[str, Any]:
+    return agent_yaml(
+        root,
+        pod.name,
+        ca_address=ca,
+        token=setup.issuer.token("demo", pod.name),
+        capture={},
+        captured={"inbound": {"ports": {"8080": {"protocol": "http"}}}},
+        status=f"0.0.0.0:{STATUS}",
+    )
+
+
+def client_config(setup: CaSetup, root: Path, ca: str, pod: Pod, server: Pod) -> dict[str, Any]:
+    upstream = {
+        "name": "server.demo:8080",
+        "protocol": "http",
+        "destinations": [SERVICE],
+        "endpoints": [f"{server.ip}:8080"],  # a captured pod: its IP and app port
+        "server_ids": [str(workload(server.name))],
+    }
+    return agent_yaml(
+        root,
+        pod.name,
+        ca_address=ca,
+        token=setup.issuer.token("demo", pod.name),
+        capture={},
+        outbound=[upstream],
+        status=f"0.0.0.0:{STATUS}",
+    )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mesh(tmp_path_factory: pytest.TempPathFactory, nft: str) -> AsyncIterator[Captured]:
+    """One CA and two captured pods with their agents, for every test of the module."""
+    tmp_path = tmp_path_factory.mktemp("capture")
+    with pod_network() as network:
+        setup = make_ca_setup(
+            tmp_path, listen={"grpc": f"{network.node_ip}:0", "http": "127.0.0.1:0"}
+        )
+        server, client = network.add_pod("server"), network.add_pod("client")
+        app = HttpApp()
+        serving = await server.start_server(app.handle, "0.0.0.0", 8080)
+        try:
+            with ca_process(setup.config) as ca, ExitStack() as stack:
+                root = setup.root
+                address = f"{network.node_ip}:{ca.grpc_port}"
+                configs = {
+                    "server": server_config(setup, root, address, server),
+                    "client": client_config(setup, root, address, client, server),
+                }
+                agents = {}
+                for pod in (server, client):
+                    capture(pod)
+                    agents[pod.name] = stack.enter_context(
+                        agent_process(
+                            root, pod.name, configs[pod.name], prefix=pod.command([], AGENT_UID)
+                        )
+                    )
+                yield Captured(network, root, server, client, app, agents, configs)
+        finally:
+            serving.close()
+
+
+def counted(pod: Pod, direction: str, mtls: str, peer_id: str = "") -> float:
+    """outrider_connections_total of `pod`'s agent."""
+    labels = {"direction": direction, "mtls": mtls, "peer_id": peer_id}
+    return metric(pod, "outrider_connections_total", **labels)
+
+
+async def test_strict_capture_lets_only_mtls_reach_the_app_with_the_callers_identity(
+    mesh: Captured,
+) -> None:
+    server, client, app = mesh.server, mesh.client, mesh.app
+    assert mesh.agents["server"].bound["capture[inbound]"] == "0.0.0.0:15006"
+    assert mesh.agents["client"].bound["capture[outbound]"] == "127.0.0.1:15007"
+    caller = f"By={workload('server')};URI={workload('client')}"
+    requests, verified = app.requests, counted(server, "inbound", "true", str(workload("client")))
+    routed = counted(client, "outbound", "true")
+
+    # The client app calls the server's pod IP, unchanged: mTLS pinned to that pod.
+    assert body(await exchange(await client.open_connection(server.ip, 8080))) == caller
+    # ... and the Service address: the upstream's own HTTP path, per request. Known by
+    # its destinations only, that upstream started (discovery, gauges) on first use.
+    started = {"upstream": "server.demo:8080", "state": "healthy"}
+    first_use = metric(client, "outrider_upstream_endpoints", **started) == 0
+    host, port = SERVICE.split(":")
+    assert body(await exchange(await client.open_connection(host, int(port)))) == caller
+    assert app.requests == requests + 2
+    assert metric(client, "outrider_upstream_endpoints", **started) == 1
+    assert first_use or requests > 0  # (not the first use if another test ran first)
+
+    # A plaintext caller without an agent (the node): not a byte from the app, and a
+    # forged identity header never reaches it.
+    for request in (REQUEST, FORGED):
+        opened = await asyncio.open_connection(server.ip, 8080)
+        assert await exchange(opened, request) == b""
+    assert app.requests == requests + 2
+
+    # Counted once each, after the handshake; no plaintext was accepted.
+    assert counted(server, "inbound", "true", str(workload("client"))) == verified + 2
+    assert counted(server, "inbound", "false") == 0
+    assert counted(client, "outbound", "true") == routed + 2
+    # The agents' own connections (to the CA on the node, to the server pod) were never
+    # captured: none came back through a capture port as a passthrough or a loop.
+    for pod in (server, client):
+        assert metric(pod, "outrider_outbound_passthrough_total", reason="registry") == 0
+        assert counted(pod, "outbound", "false") == metric(
+            pod, "outrider_outbound_passthrough_total", reason="allow_any"
+        )
+        loops = {"direction": "inbound", "reason": "capture_loop"}
+        assert metric(pod, "outrider_connections_refused_total", **loops) == 0
+
+
+async def test_permissive_lets_plaintext_through_counted_and_strict_stops_it_without_restart(
+    mesh: Captured,
+) -> None:
+    server, app = mesh.server, mesh.app
+    process = mesh.agents["server"].process
+    permissive = {"mtls": "permissive", "ports": {"8080": {"protocol": "http"}}}
+    async with mesh.reconfigured(server, captured={"inbound": permissive}):
+        requests = app.requests
+        forged = await exchange(await asyncio.open_connection(server.ip, 8080), FORGED)
+        assert body(forged) == "-"  # through, and without the forged header (none added)
+        assert counted(server, "inbound", "false") == 1
+        # mTLS still works on a permissive port (the first byte tells them apart).
+        caller = body(await exchange(await mesh.client.open_connection(server.ip, 8080)))
+        assert caller.endswith(f"URI={workload('client')}")
+        assert app.requests == requests + 2
+
+    # Strict again (the first config): the plaintext caller is stopped, same agent.
+    assert await exchange(await asyncio.open_connection(server.ip, 8080)) == b""
+    assert app.requests == requests + 2
+    assert counted(server, "inbound", "false") == 1
+    assert process.poll() is None  # never restarted
+
+
+async def test_destinations_outside_the_mesh_are_passed_through_or_refused_and_counted(
+    mesh: Captured,
+) -> None:
+    client, network = mesh.client, mesh.network
+    node = await asyncio.start_server(
+        lambda r, w: (w.write(b"node"), w.close()), network.node_ip, 0
+    )
+    port = node.sockets[0].getsockname()[1]
+
+    async def call(host: str, port: int) -> bytes:
+        reader, writer = await client.open_connection(host, port)
+        try:
+            return await asyncio.wait_for(reader.read(), 5)
+        except ConnectionError:
+            return b""
+        finally:
+            writer.close()
+
+    def passed(reason: str) -> float:
+        return metric(client, "outrider_outbound_passthrough_total", reason=reason)
+
+    def refused(reason: str) -> float:
+        labels = {"direction": "outbound", "reason": reason}
+        return metric(client, "outrider_connections_refused_total", **labels)
+
+    try:
+        # allow-any (the default): an address outside the registry, in plain TCP, counted.
+        plain, allow_any = counted(client, "outbound", "false"), passed("allow_any")
+        assert await call(network.node_ip, port) == b"node"
+        assert passed("allow_any") == allow_any + 1
+        assert counted(client, "outbound", "false") == plain + 1
+
+        # A registry Service outside the mesh: passed through under either policy.
+        registry = {"policy": "registry-only", "passthrough": [f"{network.node_ip}:{port}"]}
+        async with mesh.reconfigured(client, captured={"outbound": registry}):
+            assert await call(network.node_ip, port) == b"node"
+            assert passed("registry") == 1
+
+        # registry-only: anything else is closed, counted.
+        async with mesh.reconfigured(client, captured={"outbound": {"policy": "registry-only"}}):
+            assert await call(network.node_ip, port) == b""
+            assert refused("registry_only") == 1
+
+        # An app connection to a capture port would come back to the agent: refused.
+        assert await call("198.51.100.9", 15007) == b""
+        assert refused("capture_loop") == 1
+        # A capture port called as itself (nothing redirected it): nowhere to send it.
+        assert await call("127.0.0.1", 15007) == b""
+        assert refused("no_original_destination") == 1
+        reader, writer = await asyncio.open_connection(mesh.server.ip, 15006)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        unknown = {"direction": "inbound", "reason": "no_original_destination"}
+        assert metric(mesh.server, "outrider_connections_refused_total", **unknown) == 1
+        assert counted(client, "outbound", "false") == plain + 2
+    finally:
+        node.close()

@@ -1,0 +1,334 @@
+"""What a captured pod's agent is told: no inbound listeners, how captured traffic is served
+(its inbound modes and HTTP ports, the mesh's outbound policy, what is passed through), and
+an outbound entry for every Service of the mesh, addressed by its ClusterIPs. A pod without
+capture gets what it always got. (CONTRACT.md, "Control plane".)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from agent.core.policy import PolicySet
+from agent.core.policyfile import parse_policy_list
+from control.core.mesh import Mesh, MeshSettings, compile_mesh
+from control.core.services import read_service
+from tests.cluster import SHOP, check_shape, pod, world
+
+SETTINGS = MeshSettings("example.org")
+BACKEND_ID = "spiffe://example.org/ns/shop/sa/backend"
+
+
+def _config(mesh: Mesh, name: str, namespace: str = "shop") -> dict[str, Any]:
+    config = mesh.config_for(namespace, name)
+    assert config is not None
+    check_shape(config)
+    return config
+
+
+def _captured_shop(*extra: str, settings: MeshSettings = SETTINGS) -> Mesh:
+    """SHOP with every pod captured, and the Services' ClusterIPs fixed."""
+    text = SHOP.replace("initContainers:\n", "initContainers:\n  - {name: outrider-capture}\n")
+    objects = world(text, *extra)
+    for i, name in enumerate(("backend", "backend-v1", "backend-v2")):
+        objects["Service"][("shop", name)]["spec"]["clusterIPs"] = [f"10.96.0.{10 + i}"]
+    return compile_mesh(objects, settings)
+
+
+# -- which pods are captured ---------------------------------------------------------------
+
+
+def test_a_pod_without_capture_gets_what_it_always_got() -> None:
+    mesh = compile_mesh(world(SHOP), SETTINGS)
+    config = _config(mesh, "frontend-0")
+    assert "captured" not in config
+    assert config["outbound"] == [
+        {
+            "name": "backend.shop:8080",
+            "listen": "127.0.0.1:15001",
+            "protocol": "http",
+            "endpoints": ["10.0.0.7:15443", "10.0.0.8:15443"],
+            "server_ids": [BACKEND_ID],
+        }
+    ]
+    assert _config(mesh, "backend-v1-0")["inbound"] == [
+        {"listen": "0.0.0.0:15443", "app": "127.0.0.1:8080", "protocol": "http"}
+    ]
+
+
+def test_a_pod_is_captured_when_it_has_the_capture_init_container() -> None:
+    objects = world(pod("web-0", captured=True), pod("api-0"))
+    mesh = compile_mesh(objects, SETTINGS)
+    assert "captured" in _config(mesh, "web-0")
+    assert "captured" not in _config(mesh, "api-0")
+    # Only as an init container, beside the agent: a pod without the agent is not in the mesh.
+    spec = objects["Pod"][("shop", "api-0")]["spec"]
+    spec["containers"].append({"name": "outrider-capture"})
+    assert "captured" not in _config(compile_mesh(objects, SETTINGS), "api-0")
+    spec = {"initContainers": [{"name": "outrider-capture"}], "containers": [{"name": "app"}]}
+    plain = {"kind": "Pod", "metadata": {"name": "db-0", "namespace": "shop"}, "spec": spec}
+    assert (
+        compile_mesh({"Pod": {("shop", "db-0"): plain}}, SETTINGS).config_for("shop", "db-0")
+        is None
+    )
+
+
+def test_a_captured_pod_serves_no_inbound_listeners_and_says_how_captured_calls_are_taken() -> None:
+    config = _config(_captured_shop(), "backend-v1-0")
+    assert config["inbound"] == []
+    assert config["captured"] == {
+        "inbound": {"mtls": "strict", "ports": {"8080": {"protocol": "http"}}},
+        "outbound": {"policy": "allow-any", "passthrough": []},
+    }
+    # The policies are those of a pod with these ports, as before.
+    assert config["policy"] == {"default_action": "allow-authenticated", "policies": []}
+
+
+def test_the_mesh_wide_outbound_traffic_policy_reaches_every_captured_pod() -> None:
+    settings = MeshSettings("example.org", outbound_traffic_policy="registry-only")
+    mesh = _captured_shop(settings=settings)
+    for name in mesh.pods:
+        assert _config(mesh, name[1])["captured"]["outbound"]["policy"] == "registry-only"
+
+
+# -- Services: their ClusterIPs ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "ips"),
+    [
+        ({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"]}, ("10.96.0.10",)),
+        ({"clusterIP": "10.96.0.10"}, ("10.96.0.10",)),  # written before clusterIPs existed
+        ({"clusterIPs": ["10.96.0.10", "fd00:10:96::a"]}, ("10.96.0.10", "fd00:10:96::a")),
+        ({"clusterIPs": ["fd00:10:96:0:0:0:0:a"]}, ("fd00:10:96::a",)),  # canonical
+        ({"clusterIP": "None", "clusterIPs": ["None"]}, ()),  # headless
+        ({"type": "ExternalName", "externalName": "db.example.com"}, ()),
+        ({"clusterIP": ""}, ()),  # not allocated yet
+        ({"clusterIPs": ["10.96.0.300", 7, None]}, ()),  # nonsense is no address
+        ({}, ()),
+    ],
+)
+def test_a_services_cluster_ips_are_read_from_its_spec(
+    spec: dict[str, Any], ips: tuple[str, ...]
+) -> None:
+    obj = {"metadata": {"name": "db", "namespace": "shop"}, "spec": {"ports": [], **spec}}
+    assert read_service(obj, ("shop", "db")).cluster_ips == ips
+
+
+# -- outbound --------------------------------------------------------------------------------
+
+
+def test_a_captured_backend_is_an_endpoint_at_its_own_ip_and_app_port() -> None:
+    """Its agent's inbound capture takes the connection there; an agent without capture
+    listens on 15443+i as before. One Service may have both kinds during a rollout."""
+    text = pod("api-0", ports=[(8080, "web")], ip="10.0.0.7", captured=True) + pod(
+        "api-1", ports=[(8080, "web")], ip="10.0.0.8"
+    )
+    service = """\
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec:
+  selector: {app: api}
+  ports: [{name: http, port: 80, targetPort: web}]
+---
+"""
+    caller = pod("web-0", upstreams="api:80")
+    config = _config(compile_mesh(world(text, service, caller), SETTINGS), "web-0")
+    assert config["outbound"][0]["endpoints"] == ["10.0.0.7:8080", "10.0.0.8:15443"]
+
+
+def test_a_captured_backend_needs_no_declared_container_port() -> None:
+    """Capture redirects every port, so a numeric targetPort the pod spec does not list
+    is still served; one in the agent's own range is not, and the pod says why."""
+    service = """\
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec:
+  selector: {app: api}
+  ports: [{name: a, port: 80, targetPort: 9000}, {name: b, port: 81, targetPort: 15020}]
+---
+"""
+    objects = world(pod("api-0", ports=[], ip="10.0.0.7", captured=True), service)
+    objects["EndpointSlice"][("shop", "api-0")] = {
+        "metadata": {
+            "name": "api-0",
+            "namespace": "shop",
+            "labels": {"kubernetes.io/service-name": "api"},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "a", "port": 9000}, {"name": "b", "port": 15020}],
+        "endpoints": [
+            {
+                "addresses": ["10.0.0.7"],
+                "conditions": {"ready": True},
+                "targetRef": {"kind": "Pod", "name": "api-0", "namespace": "shop"},
+            }
+        ],
+    }
+    mesh = compile_mesh(objects, SETTINGS)
+    entries = {e["name"]: e for e in _config(mesh, "api-0")["outbound"]}
+    assert entries["api.shop:80"]["endpoints"] == ["10.0.0.7:9000"]
+    assert "api.shop:81" not in entries
+    (warning,) = mesh.pod_warnings[("shop", "api-0")]
+    assert "port 81 targets 15020" in warning and "the agent's own (15000-15999)" in warning
+
+
+def test_a_captured_pod_gets_an_entry_for_every_service_port_of_the_mesh() -> None:
+    mesh = _captured_shop()
+    config = _config(mesh, "backend-v1-0")  # its annotation names nothing
+    assert config["outbound"] == [
+        {
+            "name": "backend.shop:8080",
+            "destinations": ["10.96.0.10:8080"],
+            "protocol": "http",
+            "endpoints": ["10.0.0.7:8080", "10.0.0.8:8080"],
+            "server_ids": [BACKEND_ID],
+        },
+        {
+            "name": "backend-v1.shop:8080",
+            "destinations": ["10.96.0.11:8080"],
+            "protocol": "http",
+            "endpoints": ["10.0.0.7:8080"],
+            "server_ids": [BACKEND_ID],
+        },
+        {
+            "name": "backend-v2.shop:8080",
+            "destinations": ["10.96.0.12:8080"],
+            "protocol": "http",
+            "endpoints": ["10.0.0.8:8080"],
+            "server_ids": [BACKEND_ID],
+        },
+    ]
+
+
+def test_an_explicit_listener_of_a_captured_pod_is_one_entry_with_its_destinations() -> None:
+    config = _config(_captured_shop(), "frontend-0")  # upstreams: backend:8080
+    first, *rest = config["outbound"]
+    assert first == {
+        "name": "backend.shop:8080",
+        "listen": "127.0.0.1:15001",
+        "destinations": ["10.96.0.10:8080"],
+        "protocol": "http",
+        "endpoints": ["10.0.0.7:8080", "10.0.0.8:8080"],
+        "server_ids": [BACKEND_ID],
+    }
+    assert [e["name"] for e in rest] == ["backend-v1.shop:8080", "backend-v2.shop:8080"]
+    assert all("listen" not in e for e in rest)
+
+
+def test_every_cluster_ip_of_a_dual_stack_service_is_a_destination() -> None:
+    objects = world(pod("api-0", captured=True), _service("api", "{port: 80, targetPort: 8080}"))
+    objects["Service"][("shop", "api")]["spec"]["clusterIPs"] = ["10.96.0.9", "fd00::9"]
+    (entry,) = _config(compile_mesh(objects, SETTINGS), "api-0")["outbound"]
+    assert entry["destinations"] == ["10.96.0.9:80", "[fd00::9]:80"]
+
+
+def test_services_outside_the_mesh_are_passed_through_and_headless_ones_are_not_listed() -> None:
+    """A Service without injected endpoints (the API server's own, a database outside the
+    mesh, one whose pods are not ready) is in the registry: plain TCP to its ClusterIP:port,
+    under either outbound policy. A headless one has no address to capture."""
+    headless = _service("cache", "{port: 6379}").replace("spec:\n", "spec:\n  clusterIP: None\n")
+    objects = world(
+        pod("web-0", captured=True),
+        pod("cache-0", ip="10.0.0.6", captured=True),
+        pod("db-0", injected=False, ip="10.0.0.9"),
+        pod("api-0", ip="10.0.0.4", state="unready"),
+        _service("kubernetes", "{name: https, port: 443, targetPort: 6443}", "default", "none"),
+        _service("db", "{port: 5432}"),
+        _service("api", "{port: 80, targetPort: 8080}"),
+        _service("web", "{name: a, port: 80, targetPort: 8080}, {name: b, port: 81}"),
+        headless,
+    )
+    for name, ip in [(("default", "kubernetes"), "10.96.0.1"), (("shop", "db"), "10.96.0.2")]:
+        objects["Service"][name]["spec"]["clusterIPs"] = [ip]
+    objects["Service"][("shop", "api")]["spec"]["clusterIPs"] = ["10.96.0.4"]
+    objects["Service"][("shop", "web")]["spec"]["clusterIPs"] = ["10.96.0.3"]
+    for settings in (
+        SETTINGS,
+        MeshSettings("example.org", outbound_traffic_policy="registry-only"),
+    ):
+        config = _config(compile_mesh(objects, settings), "web-0")
+        assert config["captured"]["outbound"]["passthrough"] == [
+            "10.96.0.1:443",
+            "10.96.0.2:5432",
+            "10.96.0.4:80",
+        ]
+        # Port 81 targets no declared containerPort: a captured pod serves it all the same.
+        assert [(e["name"], e["destinations"]) for e in config["outbound"]] == [
+            ("web.shop:80", ["10.96.0.3:80"]),
+            ("web.shop:81", ["10.96.0.3:81"]),
+        ]
+
+
+def test_every_captured_pod_shares_the_mesh_wide_entries_built_once() -> None:
+    """2,000 pods and 500 Services must not cost 2,000 x 500 entries built: each Service port
+    is built once per compile, and every captured pod's config holds the same objects."""
+    pods = "".join(
+        pod(
+            f"app{i}-0",
+            labels={"app": f"app{i}"},
+            ip=f"10.0.{i // 250}.{i % 250 + 1}",
+            captured=True,
+        )
+        for i in range(40)
+    )
+    services = "".join(_service(f"app{i}", "{port: 80, targetPort: 8080}") for i in range(40))
+    mesh = compile_mesh(world(pods, services), SETTINGS)
+    first, second = (_config(mesh, f"app{i}-0")["outbound"] for i in (0, 1))
+    assert len(first) == len(second) == 40
+    assert all(a is b for a, b in zip(first, second, strict=True))
+
+
+def _service(name: str, ports: str, namespace: str = "shop", selector: str = "") -> str:
+    return f"""\
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  selector: {{app: {selector or name}}}
+  ports: [{ports}]
+---
+"""
+
+
+def test_policies_are_fitted_to_every_port_a_captured_pods_snapshot_names() -> None:
+    """An HTTP port or a mode override need not be a declared containerPort of a captured
+    pod. A DENY with HTTP fields keeps applying, with them, on each HTTP port, and denies
+    on each TCP port the snapshot names (the agent refuses HTTP fields on those, as on a
+    TCP inbound listener); a TCP port never loses a DENY."""
+    text = pod("api-0", ports=[9090], captured=True) + _service(
+        "api", "{port: 80, targetPort: 8000, appProtocol: http}"
+    )
+    deny = """\
+apiVersion: security.outrider.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: shop}
+spec:
+  action: DENY
+  rules: [{name: admin, to: {paths: ["/admin*"]}}]
+---
+apiVersion: security.outrider.io/v1alpha1
+kind: PeerAuthentication
+metadata: {name: legacy, namespace: shop}
+spec:
+  portLevelMtls: {"7000": {mode: PERMISSIVE}}
+"""
+    config = _config(compile_mesh(world(text, deny), SETTINGS), "api-0")
+    assert config["captured"]["inbound"]["ports"] == {
+        "7000": {"mtls": "permissive"},
+        "8000": {"protocol": "http"},
+    }
+    (policy,) = config["policy"]["policies"]
+    assert policy["rules"] == [
+        {"name": "admin", "to": {"paths": ["/admin*"], "ports": [8000]}},
+        {"name": "admin-tcp", "to": {"ports": [7000, 9090]}},
+    ]
+    named_tcp = frozenset(
+        int(port)
+        for port, override in config["captured"]["inbound"]["ports"].items()
+        if override.get("protocol", "tcp") == "tcp"
+    )
+    policies = PolicySet(parse_policy_list(config["policy"]["policies"], "snapshot"), "deny")
+    assert policies.http_only_errors(named_tcp) == []  # what the agent checks

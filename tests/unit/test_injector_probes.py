@@ -1,0 +1,230 @@
+"""The app's probes sent through the agent (injector/core/probes.py), and what is left alone."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from typing import Any
+
+import jsonpatch
+import pytest
+
+from injector.core import Settings, mutate
+from injector.core.probes import rewrite
+from tests.k8s import to_model
+
+TIMING = {"initialDelaySeconds": 5, "periodSeconds": 7, "failureThreshold": 4}
+
+
+def container(name: str = "web", **probes: Any) -> dict[str, Any]:
+    ports = [{"name": "http", "containerPort": 8080}, {"name": "grpc", "containerPort": 9090}]
+    return {"name": name, "image": "web:1", "ports": ports, **probes}
+
+
+def spec(*containers: dict[str, Any], **more: Any) -> dict[str, Any]:
+    return {"containers": list(containers), **more}
+
+
+def rewritten(source: dict[str, Any]) -> dict[str, Any]:
+    """The spec with the patch applied (its paths start at the pod's /spec)."""
+    return jsonpatch.apply_patch({"spec": source}, list(rewrite(source).patch))["spec"]
+
+
+def agents_probe(path: str, **timing: Any) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": 15020, "scheme": "HTTP"}, **timing}
+
+
+@pytest.mark.parametrize(
+    ("probe", "original"),
+    [
+        (
+            {"httpGet": {"path": "/ready", "port": 8080}},
+            {"httpGet": {"path": "/ready", "port": 8080, "scheme": "HTTP"}, "timeoutSeconds": 1},
+        ),
+        (
+            {
+                "httpGet": {
+                    "path": "/ready",
+                    "port": "http",
+                    "scheme": "HTTPS",
+                    "httpHeaders": [{"name": "X-Probe", "value": "1"}],
+                },
+                "timeoutSeconds": 3,
+            },
+            {
+                "httpGet": {
+                    "path": "/ready",
+                    "port": 8080,
+                    "scheme": "HTTPS",
+                    "httpHeaders": [{"name": "X-Probe", "value": "1"}],
+                },
+                "timeoutSeconds": 3,
+            },
+        ),
+        (
+            {"httpGet": {"port": 8080}},
+            {"httpGet": {"path": "/", "port": 8080, "scheme": "HTTP"}, "timeoutSeconds": 1},
+        ),
+        ({"tcpSocket": {"port": "http"}}, {"tcpSocket": {"port": 8080}, "timeoutSeconds": 1}),
+        ({"grpc": {"port": 9090}}, {"grpc": {"port": 9090, "service": ""}, "timeoutSeconds": 1}),
+        (
+            {"grpc": {"port": 9090, "service": "orders"}},
+            {"grpc": {"port": 9090, "service": "orders"}, "timeoutSeconds": 1},
+        ),
+    ],
+)
+def test_each_kind_of_probe_goes_through_the_agent_and_its_original_to_the_agent(
+    probe: dict[str, Any], original: dict[str, Any]
+) -> None:
+    source = spec(container(readinessProbe={**probe, **TIMING}))
+    result = rewrite(source)
+    assert result.originals == {"/app-health/web/readyz": original}
+    assert result.warnings == ()
+    timeout = {"timeoutSeconds": probe["timeoutSeconds"]} if "timeoutSeconds" in probe else {}
+    assert rewritten(source)["containers"][0]["readinessProbe"] == agents_probe(
+        "/app-health/web/readyz", **TIMING, **timeout
+    )
+
+
+def test_each_probe_of_a_container_gets_its_own_path() -> None:
+    tcp = {"tcpSocket": {"port": 8080}}
+    source = spec(
+        container(livenessProbe=tcp, readinessProbe=tcp, startupProbe=tcp),
+        container("api", readinessProbe=tcp),
+    )
+    assert list(rewrite(source).originals or {}) == [
+        "/app-health/web/livez",
+        "/app-health/web/readyz",
+        "/app-health/web/startupz",
+        "/app-health/api/readyz",
+    ]
+
+
+def test_exec_probes_are_left_alone_quietly() -> None:
+    source = spec(container(livenessProbe={"exec": {"command": ["true"]}, **TIMING}))
+    assert rewrite(source).patch == rewrite(source).warnings == ()
+    assert rewrite(source).originals is None
+
+
+@pytest.mark.parametrize(
+    "probe",
+    [
+        {"httpGet": {"path": "/", "port": 8080, "host": "10.0.0.9"}},
+        {"tcpSocket": {"port": 8080, "host": "db.example"}},
+    ],
+)
+def test_a_probe_of_another_host_is_left_alone_with_a_warning(probe: dict[str, Any]) -> None:
+    result = rewrite(spec(container(readinessProbe=probe)))
+    assert (result.patch, result.originals) == ((), None)
+    assert result.warnings == (
+        "container web: readinessProbe asks another host (host: is set), so it is left as it "
+        "is: strict mTLS refuses it if that host is this pod",
+    )
+
+
+def test_a_named_port_the_container_does_not_declare_is_left_alone_with_a_warning() -> None:
+    result = rewrite(spec(container(livenessProbe={"tcpSocket": {"port": "admin"}})))
+    assert (result.patch, result.originals) == ((), None)
+    assert result.warnings == (
+        "container web: livenessProbe names port admin, which the container does not "
+        "declare, so it is left as it is",
+    )
+
+
+def test_a_header_the_agent_cannot_send_is_left_alone_with_a_warning() -> None:
+    header = {"name": "X-A", "value": "1\r\nX-Injected: 1"}
+    result = rewrite(
+        spec(container(readinessProbe={"httpGet": {"port": 80, "httpHeaders": [header]}}))
+    )
+    assert (result.patch, result.originals) == ((), None)
+    assert len(result.warnings) == 1 and "cannot send" in result.warnings[0]
+    assert "Injected" not in result.warnings[0]  # never the pod author's text
+
+
+@pytest.mark.parametrize(
+    "probe",
+    [
+        {"httpGet": {"port": 0}},
+        {"httpGet": {"port": 8080, "path": "/a b"}},
+        {"httpGet": {"port": 8080, "scheme": "FTP"}},
+        {"tcpSocket": {"port": True}},
+        {"tcpSocket": {"port": "Not A Name\x1b[2J"}},
+        {"grpc": {"port": "grpc"}},  # grpc ports are numbers only, so the API refuses it
+        {"tcpSocket": {"port": 8080}, "timeoutSeconds": 0},
+        {"tcpSocket": {"port": 8080}, "exec": {"command": ["true"]}},
+        {"tcpSocket": "8080"},
+        {},
+    ],
+)
+def test_a_malformed_probe_is_left_for_the_api_server_to_refuse(probe: dict[str, Any]) -> None:
+    # Mutating webhooks run before validation: the API server refuses the pod after us.
+    result = rewrite(spec(container(readinessProbe=probe)))
+    assert (result.patch, result.originals, result.warnings) == ((), None, ())
+
+
+def test_a_container_whose_name_is_no_dns_label_is_left_alone_and_not_quoted() -> None:
+    bad = container("Web\x1b]0;x\x07", readinessProbe={"tcpSocket": {"port": 8080}})
+    assert rewrite(spec(bad)) == rewrite(spec())
+
+
+def test_rewriting_twice_is_rewriting_once() -> None:
+    source = spec(
+        container(
+            readinessProbe={"httpGet": {"path": "/ready", "port": "http"}, **TIMING},
+            livenessProbe={"tcpSocket": {"port": 8080}},
+        )
+    )
+    once = rewritten(source)
+    again = rewrite(once)
+    assert (again.patch, again.originals, again.warnings) == ((), None, ())
+
+
+def test_a_native_sidecars_probes_go_through_the_agent_too_at_their_index() -> None:
+    # Probe paths are computed before the capture and agent containers are prepended.
+    sidecar = {
+        **container("proxy"),
+        "restartPolicy": "Always",
+        "startupProbe": {"tcpSocket": {"port": 8080}},
+    }
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": spec(container(), initContainers=[{"name": "setup", "image": "s:1"}, sidecar]),
+    }
+    mutation = mutate(pod, "shop", Settings())
+    patched = jsonpatch.apply_patch(pod, list(mutation.patch))
+    to_model(patched)
+    names = [c["name"] for c in patched["spec"]["initContainers"]]
+    assert names == ["outrider-capture", "outrider-agent", "setup", "proxy"]
+    assert patched["spec"]["initContainers"][3]["startupProbe"] == agents_probe(
+        "/app-health/proxy/startupz"
+    )
+
+
+def test_without_capture_no_probe_is_touched() -> None:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": spec(container(readinessProbe={"tcpSocket": {"port": 8080}})),
+    }
+    before = copy.deepcopy(pod)
+    mutation = mutate(pod, "shop", Settings().without_capture())
+    patched = jsonpatch.apply_patch(pod, list(mutation.patch))
+    assert patched["spec"]["containers"] == before["spec"]["containers"]
+
+
+def test_without_native_sidecars_the_app_keeps_its_rewritten_probe_behind_the_agent() -> None:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": spec(container(readinessProbe={"tcpSocket": {"port": "http"}})),
+    }
+    settings = replace(Settings(), native_sidecar=False)
+    patched = jsonpatch.apply_patch(pod, list(mutate(pod, "shop", settings).patch))
+    to_model(patched)
+    agent, app = patched["spec"]["containers"]
+    assert (agent["name"], app["name"]) == ("outrider-agent", "web")
+    assert app["readinessProbe"] == agents_probe("/app-health/web/readyz")
