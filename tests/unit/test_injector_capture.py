@@ -10,7 +10,7 @@ import pytest
 
 from identity import SpiffeId
 from identity.capture import rules_from_flags
-from injector.core import BadRequest, Settings, mutate, settings_for_query
+from injector.core import MUTATE, MUTATE_WITHOUT_CAPTURE, BadRequest, Settings, mutate, settings_for
 from injector.core.settings import CaptureSettings
 from injector.core.sidecar import AGENT, CAPTURE, agent_config, capture_container
 from outrider.cli import parser
@@ -118,26 +118,24 @@ def test_no_pod_annotation_turns_capture_off_or_excludes_anything(key: str) -> N
     )
 
 
-@pytest.mark.parametrize(("query", "captured"), [([], True), ([("capture", "disabled")], False)])
-def test_the_webhook_query_says_whether_the_namespace_is_captured(
-    query: list[tuple[str, str]], captured: bool
-) -> None:
-    assert settings_for_query(SETTINGS, query).capture.enabled is captured
+@pytest.mark.parametrize(("path", "captured"), [(MUTATE, True), (MUTATE_WITHOUT_CAPTURE, False)])
+def test_the_webhook_path_says_whether_the_namespace_is_captured(path: str, captured: bool) -> None:
+    assert settings_for(SETTINGS, path, []).capture.enabled is captured
 
 
 @pytest.mark.parametrize(
     "query",
     [
+        [("capture", "disabled")],  # what a webhook's path cannot carry: never the label's
         [("capture", "enabled")],
-        [("capture", "Disabled")],
-        [("capture", "disabled"), ("capture", "disabled")],
         [("capture", "disabled"), ("x", "1")],
         [("exclude", "8080")],
     ],
 )
-def test_any_other_query_is_a_bad_request_not_a_guess(query: list[tuple[str, str]]) -> None:
+@pytest.mark.parametrize("path", [MUTATE, MUTATE_WITHOUT_CAPTURE])
+def test_any_query_is_a_bad_request_not_a_guess(path: str, query: list[tuple[str, str]]) -> None:
     with pytest.raises(BadRequest) as info:
-        settings_for_query(SETTINGS, query)
+        settings_for(SETTINGS, path, query)
     assert (info.value.reason, info.value.status) == ("bad_query", 400)
 
 
