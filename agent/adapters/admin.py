@@ -179,6 +179,7 @@ async def serve(agent: AgentView) -> Servers:
     except OSError:
         servers.close()
         raise
+    prober.own_ports = frozenset(server.port for server in servers.servers.values())
     return servers
 
 
@@ -201,6 +202,7 @@ class Server:
         self.prober = prober
         self.connections: dict[AdminProtocol, None] = {}
         self.address = ""
+        self.port = 0
         self._server: asyncio.Server | None = None
 
     @classmethod
@@ -219,7 +221,7 @@ class Server:
         except OSError as exc:
             raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from None
         host, port = server._server.sockets[0].getsockname()[:2]
-        server.address = str(Listen(host, port))
+        server.address, server.port = str(Listen(host, port)), port
         log.info("%s listening on %s", name, server.address)
         return server
 

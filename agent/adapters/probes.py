@@ -11,6 +11,10 @@ at most once a second.
 The answer says why a probe failed in a few words of ours (the status code, a
 timeout, the connect error); never the app's bytes, which reach the kubelet's
 events and `kubectl describe`.
+
+Never the agent's own servers: they serve /app-health too, so a probe of one
+(port 15000 or 15020, by mistake or on purpose) would ask the agent to perform
+itself again, each turn holding a place in flight until the bound is full.
 """
 
 from __future__ import annotations
@@ -54,9 +58,13 @@ class Prober:
     def __init__(self, max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        #: The ports of the agent's admin and status servers, once they listen.
+        self.own_ports: frozenset[int] = frozenset()
         self._tls: ssl.SSLContext | None = None
 
     async def check(self, probe: AppProbe) -> Outcome:
+        if probe.action.port in self.own_ports:
+            return Outcome(False, f"port {probe.action.port} is the agent's own")
         if self.in_flight >= self.max_in_flight:
             return Outcome(False, f"more than {self.max_in_flight} probes in flight")
         self.in_flight += 1

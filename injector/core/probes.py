@@ -11,7 +11,10 @@ rewrites probes the same way, to its /app-health/...). What is left alone:
 - exec probes: they run inside the container, never over the network;
 - a probe with `host:` set: it asks another host, not this pod (a warning says so);
 - a probe whose named port is not one of the container's ports (a warning);
-- a probe that is already the agent's (idempotent: injecting twice is injecting once);
+- a probe that is already the agent's (idempotent: injecting twice is injecting once),
+  or of the status port at all: it is never captured, so the kubelet reaches it as it is;
+- a probe of the agent's other ports (admin, capture; a warning): the agent never
+  performs those (its admin server serves /app-health too: it would ask itself);
 - anything malformed: the API server validates the pod after every mutating webhook
   and refuses it, so nothing of it reaches the agent's config, and no warning
   repeats text the pod's author wrote (it may hold terminal escapes).
@@ -19,12 +22,12 @@ rewrites probes the same way, to its /app-health/...). What is left alone:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from identity.probes import header_error, request_path_error
-from injector.core.settings import STATUS_PORT, is_dns_label
+from injector.core.settings import STATUS_PORT, Settings, is_dns_label
 
 __all__ = ["APP_HEALTH", "KINDS", "Rewrite", "rewrite"]
 
@@ -45,8 +48,11 @@ class Rewrite:
     warnings: tuple[str, ...] = ()
 
 
-def rewrite(spec: Mapping[str, Any]) -> Rewrite:
-    """The probes of `spec`'s app containers (and native sidecars) sent through the agent."""
+def rewrite(
+    spec: Mapping[str, Any], agent_ports: Collection[int] = Settings().agent_ports
+) -> Rewrite:
+    """The probes of `spec`'s app containers (and native sidecars) sent through the agent,
+    but those of `agent_ports` (Settings.agent_ports)."""
     patch: list[dict[str, Any]] = []
     originals: dict[str, dict[str, Any]] = {}
     warnings: list[str] = []
@@ -62,7 +68,7 @@ def rewrite(spec: Mapping[str, Any]) -> Rewrite:
                 probe = container.get(field)
                 if not isinstance(probe, dict):
                     continue
-                original = _original(probe, container)
+                original = _original(probe, container, agent_ports)
                 if isinstance(original, str):
                     warnings.append(f"container {name}: {field} {original}")
                     continue
@@ -80,7 +86,7 @@ def _through_agent(probe: Mapping[str, Any], path: str) -> dict[str, Any]:
 
 
 def _original(
-    probe: Mapping[str, Any], container: Mapping[str, Any]
+    probe: Mapping[str, Any], container: Mapping[str, Any], agent_ports: Collection[int]
 ) -> dict[str, Any] | str | None:
     """The probe as the agent's bootstrap holds it; a warning (str) or None to leave it."""
     handlers = [h for h in HANDLERS if h in probe]
@@ -90,8 +96,6 @@ def _original(
     action: dict[str, Any] = probe[handler]
     timeout = probe.get("timeoutSeconds", DEFAULT_TIMEOUT)
     if not _positive(timeout):
-        return None
-    if handler == "httpGet" and _is_agents(action):
         return None
     if action.get("host"):
         return (
@@ -103,6 +107,10 @@ def _original(
     port = _port(action.get("port"), container)
     if isinstance(port, str) or port is None:
         return port
+    if port == STATUS_PORT:
+        return None  # never captured: the kubelet's probe reaches the agent as it is
+    if port in agent_ports:
+        return f"asks port {port}, the agent's own, so it is left as it is"
     if handler == "tcpSocket":
         return {"tcpSocket": {"port": port}, "timeoutSeconds": timeout}
     if handler == "grpc":
@@ -138,15 +146,6 @@ def _header_ok(header: Mapping[str, Any]) -> bool:
     in the value (a CR or LF would start a header of the value's making)."""
     name, value = header.get("name"), header.get("value", "")
     return isinstance(name, str) and isinstance(value, str) and not header_error(name, value)
-
-
-def _is_agents(action: Mapping[str, Any]) -> bool:
-    path = action.get("path")
-    return (
-        action.get("port") == STATUS_PORT
-        and isinstance(path, str)
-        and path.startswith(APP_HEALTH + "/")
-    )
 
 
 def _port(port: object, container: Mapping[str, Any]) -> int | str | None:

@@ -123,9 +123,31 @@ def probes(apps: Apps) -> dict[str, Any]:
     }
 
 
+#: Fixed before the agent starts, so a probe can name them.
+ADMIN_PORT, STATUS_PORT = free_port(), free_port()
+
+
+def loops() -> dict[str, Any]:
+    """Probes of the agent's own servers, which serve /app-health too: performed, each
+    would ask the agent to perform itself again."""
+    return {
+        f"/app-health/loop{port}/readyz": {
+            "httpGet": {"path": f"/app-health/loop{port}/readyz", "port": port}
+        }
+        for port in (ADMIN_PORT, STATUS_PORT)
+    }
+
+
 @pytest.fixture(scope="module")
 def agent(setup: CaSetup, ca: CaProcess, apps: Apps) -> Iterator[AgentProcess]:
-    raw = served_agent_yaml(setup, ca, "web", status="127.0.0.1:0", probes=probes(apps))
+    raw = served_agent_yaml(
+        setup,
+        ca,
+        "web",
+        admin=f"127.0.0.1:{ADMIN_PORT}",
+        status=f"127.0.0.1:{STATUS_PORT}",
+        probes={**probes(apps), **loops()},
+    )
     with agent_process(setup.root, "web", raw) as process:
         yield process
 
@@ -201,6 +223,14 @@ def test_only_the_configured_probe_paths_are_served_on_both_servers(
     unknown = ["/app-health/other/readyz", "/app-health/web", "/app-health/web/readyz/x"]
     assert [status for status, _ in ask(agent, *unknown)] == [404, 404, 404]
     assert ask(agent, "/app-health/web/livez", server="admin") == [(200, "connected\n")]
+
+
+def test_the_agent_never_probes_its_own_servers(agent: AgentProcess) -> None:
+    for port in (ADMIN_PORT, STATUS_PORT):
+        assert ask(agent, f"/app-health/loop{port}/readyz") == [
+            (503, f"port {port} is the agent's own\n")
+        ]
+    assert ask(agent, "/app-health/web/livez") == [(200, "connected\n")]
 
 
 async def test_probes_beyond_the_bound_in_flight_fail_at_once(tmp_path: Path) -> None:

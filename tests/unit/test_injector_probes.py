@@ -228,3 +228,35 @@ def test_without_native_sidecars_the_app_keeps_its_rewritten_probe_behind_the_ag
     agent, app = patched["spec"]["containers"]
     assert (agent["name"], app["name"]) == ("outrider-agent", "web")
     assert app["readinessProbe"] == agents_probe("/app-health/web/readyz")
+
+
+@pytest.mark.parametrize("port", [15020, "status"])
+def test_a_probe_of_the_status_port_is_left_alone_quietly(port: int | str) -> None:
+    # 15020 is never captured: the kubelet reaches it as it is. Rewritten, the agent
+    # would ask itself at /app-health/..., which asks itself again (a loop).
+    own = {**container(), "ports": [{"name": "status", "containerPort": 15020}]}
+    probe = {"httpGet": {"path": "/app-health/web/readyz", "port": port}}
+    result = rewrite(spec({**own, "readinessProbe": probe}))
+    assert (result.patch, result.originals, result.warnings) == ((), None, ())
+
+
+@pytest.mark.parametrize("port", [15000, 15006, 15007])
+def test_a_probe_of_the_agents_other_ports_is_left_alone_with_a_warning(port: int) -> None:
+    # 15000 serves /app-health too: the agent would probe itself until its bound is full.
+    probe = {"httpGet": {"path": "/app-health/web/readyz", "port": port}}
+    result = rewrite(spec(container(readinessProbe=probe)))
+    assert (result.patch, result.originals) == ((), None)
+    assert result.warnings == (
+        f"container web: readinessProbe asks port {port}, the agent's own, so it is left as it is",
+    )
+
+
+def test_the_agents_ports_are_the_settings_capture_ports() -> None:
+    capture = replace(Settings().capture, inbound_port=16006, outbound_port=16007)
+    probe = {"tcpSocket": {"port": 16006}}
+    pod = {"metadata": {"name": "web"}, "spec": spec(container(livenessProbe=probe))}
+    warnings = mutate(pod, "shop", replace(Settings(), capture=capture)).warnings
+    assert warnings == (
+        "outrider: container web: livenessProbe asks port 16006, the agent's own, so it is "
+        "left as it is",
+    )
