@@ -1,12 +1,14 @@
 """The app's probes performed on loopback for the kubelet: the I/O of identity/probes.py.
 
 Each check is bounded in time (the probe's timeoutSeconds, as the kubelet's own
-wait for the rewritten probe) and in number: at most MAX_IN_FLIGHT checks run at
-once, across the admin and status servers, and one beyond that fails at once
-(503) instead of queuing. The status port is on the pod network and nobody
-authenticates there, so a flood of /app-health requests must cost the agent a
-few sockets, not one per request. A pod's probes are a few per container, each
-at most once a second.
+wait for the rewritten probe) and in number: a probe asked while it runs is not
+run again (the callers share the run's outcome), and at most MAX_IN_FLIGHT
+distinct probes run at once, across the admin and status servers; one beyond
+that fails at once (503) instead of queuing. The status port is on the pod
+network and nobody authenticates there, so a flood of /app-health requests must
+cost the agent and the app a few sockets, not one per request, and must not
+take the kubelet's place. A pod's probes are a few per container, each at most
+once a second.
 
 The answer says why a probe failed in a few words of ours (the status code, a
 timeout, the connect error); never the app's bytes, which reach the kubelet's
@@ -46,6 +48,14 @@ MAX_STATUS_LINE = 8 * 1024
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
+@dataclass
+class _Run:
+    """A probe being performed, and how many callers wait for its outcome."""
+
+    task: asyncio.Task[Outcome]
+    waiting: int = 0
+
+
 @dataclass(frozen=True)
 class Outcome:
     passed: bool
@@ -53,21 +63,49 @@ class Outcome:
 
 
 class Prober:
-    """Performs probes against 127.0.0.1, at most `max_in_flight` at a time."""
+    """Performs probes against 127.0.0.1: each probe at most once at a time, and at most
+    `max_in_flight` probes at a time.
+
+    Whoever asks for a probe while it runs gets the outcome of that run: a flood of
+    one /app-health path costs the app one request, and the kubelet's request among
+    the flood is answered, not refused for want of a place (a liveness probe refused
+    three times restarts the pod). The bound then only counts distinct probes.
+    """
 
     def __init__(self, max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.max_in_flight = max_in_flight
-        self.in_flight = 0
         #: The ports of the agent's admin and status servers, once they listen.
         self.own_ports: frozenset[int] = frozenset()
+        self._running: dict[AppProbe, _Run] = {}
         self._tls: ssl.SSLContext | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
 
     async def check(self, probe: AppProbe) -> Outcome:
         if probe.action.port in self.own_ports:
             return Outcome(False, f"port {probe.action.port} is the agent's own")
-        if self.in_flight >= self.max_in_flight:
-            return Outcome(False, f"more than {self.max_in_flight} probes in flight")
-        self.in_flight += 1
+        run = self._running.get(probe)
+        if run is None or run.task.cancelling():  # a run its last caller left is no outcome
+            if self.in_flight >= self.max_in_flight:
+                return Outcome(False, f"more than {self.max_in_flight} probes in flight")
+            run = _Run(asyncio.get_running_loop().create_task(self._timed(probe)))
+            self._running[probe] = run
+            run.task.add_done_callback(lambda _: self._done(probe, run))
+        run.waiting += 1
+        try:
+            return await asyncio.shield(run.task)  # one caller gone stops nobody else's
+        finally:
+            run.waiting -= 1
+            if run.waiting == 0:
+                run.task.cancel()  # nobody waits: the probe stops, its place is free
+
+    def _done(self, probe: AppProbe, run: _Run) -> None:
+        if self._running.get(probe) is run:
+            del self._running[probe]
+
+    async def _timed(self, probe: AppProbe) -> Outcome:
         seconds = probe.timeout.total_seconds()
         try:
             async with asyncio.timeout(seconds):
@@ -78,8 +116,6 @@ class Prober:
             return Outcome(False, f"TLS: {exc.reason or 'handshake failed'}")
         except OSError as exc:
             return Outcome(False, exc.strerror or type(exc).__name__)
-        finally:
-            self.in_flight -= 1
 
     async def _perform(self, action: HttpGet | TcpSocket | Grpc) -> Outcome:
         if isinstance(action, HttpGet):

@@ -237,13 +237,15 @@ async def test_probes_beyond_the_bound_in_flight_fail_at_once(tmp_path: Path) ->
     silent = socket.create_server(("127.0.0.1", 0), backlog=16)
     try:
         prober = Prober(max_in_flight=2)
-        slow = AppProbe(
-            "/app-health/a/readyz", HttpGet(silent.getsockname()[1]), timedelta(seconds=5)
-        )
-        held = [asyncio.create_task(prober.check(slow)) for _ in range(2)]
+        port = silent.getsockname()[1]
+        slow = [
+            AppProbe(f"/app-health/{name}/readyz", HttpGet(port), timedelta(seconds=5))
+            for name in ("a", "b", "c")
+        ]
+        held = [asyncio.create_task(prober.check(probe)) for probe in slow[:2]]
         await asyncio.sleep(0.05)
         started = time.monotonic()
-        beyond = await prober.check(slow)
+        beyond = await prober.check(slow[2])
         assert not beyond.passed and "in flight" in beyond.reason
         assert time.monotonic() - started < 0.1
         for task in held:
@@ -252,3 +254,41 @@ async def test_probes_beyond_the_bound_in_flight_fail_at_once(tmp_path: Path) ->
         assert prober.in_flight == 0  # a cancelled probe (its connection closed) frees its place
     finally:
         silent.close()
+
+
+async def test_a_flood_of_one_probe_costs_the_app_one_request_and_never_fails_the_kubelet() -> None:
+    """Anyone on the pod network can ask /app-health: asked 100 times at once, the
+    probe runs once, and the kubelet's own request, among them, gets its outcome,
+    never "in flight" (or a flood would fail the liveness probe and restart the pod)."""
+    answer = asyncio.Event()
+    connections = 0
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await answer.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    try:
+        prober = Prober(max_in_flight=2)
+        probe = AppProbe(
+            "/app-health/web/livez",
+            HttpGet(server.sockets[0].getsockname()[1]),
+            timedelta(seconds=5),
+        )
+        flood = [asyncio.create_task(prober.check(probe)) for _ in range(100)]
+        await asyncio.sleep(0.05)
+        kubelet = asyncio.create_task(prober.check(probe))
+        flood[0].cancel()  # one caller going away stops nobody else's answer
+        await asyncio.sleep(0.01)
+        answer.set()
+        outcomes = await asyncio.gather(*flood[1:], kubelet)
+        assert {(o.passed, o.reason) for o in outcomes} == {(True, "HTTP 200")}
+        assert connections == 1
+        assert prober.in_flight == 0
+    finally:
+        server.close()
+        await server.wait_closed()
