@@ -64,8 +64,11 @@ def mutate(pod: Mapping[str, Any], namespace: str, settings: Settings) -> Mutati
     account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
     spiffe_id = SpiffeId.for_workload(settings.trust_domain, namespace, account)
     # Probes first: their paths count the containers as they were.
-    captured = settings.capture.enabled
-    rewrite = probes.rewrite(spec, settings.agent_ports) if captured else probes.Rewrite()
+    rewrite = (
+        probes.rewrite(spec, settings.agent_ports, sidecar.probes_budget(spiffe_id, settings))
+        if settings.capture.enabled
+        else probes.Rewrite()
+    )
     warnings += rewrite.warnings
     patch = list(rewrite.patch)
     agent = sidecar.container(options, spiffe_id, settings, rewrite.originals)

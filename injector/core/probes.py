@@ -15,6 +15,8 @@ rewrites probes the same way, to its /app-health/...). What is left alone:
   or of the status port at all: it is never captured, so the kubelet reaches it as it is;
 - a probe of the agent's other ports (admin, capture; a warning): the agent never
   performs those (its admin server serves /app-health too: it would ask itself);
+- a probe that would take the agent's config variable past what Linux execs (128 KiB
+  with every other probe; a warning): a header may be 4 KiB, and a probe may have many;
 - anything malformed: the API server validates the pod after every mutating webhook
   and refuses it, so nothing of it reaches the agent's config, and no warning
   repeats text the pod's author wrote (it may hold terminal escapes).
@@ -28,6 +30,7 @@ from typing import Any
 
 from identity.probes import header_error, request_path_error
 from injector.core.settings import STATUS_PORT, Settings, is_dns_label
+from injector.core.sidecar import MAX_ENV_BYTES, encode
 
 __all__ = ["APP_HEALTH", "KINDS", "Rewrite", "rewrite"]
 
@@ -49,10 +52,13 @@ class Rewrite:
 
 
 def rewrite(
-    spec: Mapping[str, Any], agent_ports: Collection[int] = Settings().agent_ports
+    spec: Mapping[str, Any],
+    agent_ports: Collection[int] = Settings().agent_ports,
+    budget: int = MAX_ENV_BYTES,
 ) -> Rewrite:
     """The probes of `spec`'s app containers (and native sidecars) sent through the agent,
-    but those of `agent_ports` (Settings.agent_ports)."""
+    but those of `agent_ports` (Settings.agent_ports), and those past `budget`, the bytes
+    their originals may take in the agent's config (sidecar.probes_budget)."""
     patch: list[dict[str, Any]] = []
     originals: dict[str, dict[str, Any]] = {}
     warnings: list[str] = []
@@ -75,6 +81,15 @@ def rewrite(
                 if original is None:
                     continue
                 path = f"{APP_HEALTH}/{name}/{kind}"
+                size = len(encode({path: original}))  # its braces: the comma between entries
+                if size > budget:
+                    warnings.append(
+                        f"container {name}: {field} does not fit in the agent's config (at "
+                        f"most {MAX_ENV_BYTES // 1024} KiB with every probe), so it is left "
+                        "as it is"
+                    )
+                    continue
+                budget -= size
                 originals[path] = original
                 patch.append(_replace(f"/spec/{key}/{i}/{field}", _through_agent(probe, path)))
     return Rewrite(tuple(patch), originals or None, tuple(warnings))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -260,3 +261,34 @@ def test_the_agents_ports_are_the_settings_capture_ports() -> None:
         "outrider: container web: livenessProbe asks port 16006, the agent's own, so it is "
         "left as it is",
     )
+
+
+def test_the_agents_config_fits_one_environment_variable_whatever_the_probes() -> None:
+    """Linux refuses to exec with one environment string over 128 KiB (MAX_ARG_STRLEN):
+    the agent would never start, nor the app behind it. Probes that do not fit are
+    left as they are, with a warning; the others still go through the agent."""
+    headers = [{"name": f"X-H{i}", "value": "v" * 4000} for i in range(12)]
+    big = {"httpGet": {"path": "/ready", "port": 8080, "httpHeaders": headers}}
+    containers = [
+        container(f"c{i}", readinessProbe=big, livenessProbe={"tcpSocket": {"port": 8080}})
+        for i in range(4)
+    ]
+    pod = {"metadata": {"name": "web"}, "spec": spec(*containers)}
+    mutation = mutate(pod, "shop", Settings())
+    patched = jsonpatch.apply_patch(pod, list(mutation.patch))
+    [agent] = [c for c in patched["spec"]["initContainers"] if c["name"] == "outrider-agent"]
+    [config] = [e["value"] for e in agent["env"] if e["name"] == "OUTRIDER_AGENT_CONFIG"]
+    assert len(f"OUTRIDER_AGENT_CONFIG={config}".encode()) < 128 * 1024  # with its NUL
+    apps = patched["spec"]["containers"]
+    assert all(c["livenessProbe"] == agents_probe(f"/app-health/{c['name']}/livez") for c in apps)
+    left = [c["name"] for c in apps if c["readinessProbe"] == big]
+    assert left and len(left) < 4  # what fits goes through the agent
+    assert mutation.warnings[-len(left) :] == tuple(
+        f"outrider: container {name}: readinessProbe does not fit in the agent's config "
+        "(at most 128 KiB with every probe), so it is left as it is"
+        for name in left
+    )
+    assert set(json.loads(config)["probes"]) == {
+        *(f"/app-health/c{i}/livez" for i in range(4)),
+        *(f"/app-health/{c['name']}/readyz" for c in apps if c["name"] not in left),
+    }
