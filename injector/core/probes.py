@@ -140,8 +140,10 @@ def _http_get(action: Mapping[str, Any], port: int, timeout: int) -> dict[str, A
     path = action.get("path") or "/"
     scheme = action.get("scheme") or "HTTP"
     headers = action.get("httpHeaders") or []
-    if not isinstance(path, str) or request_path_error(path):
+    if not isinstance(path, str):
         return None
+    if request_path_error(path := _as_sent(path)):
+        return "has a path longer than the agent sends (2048 bytes), so it is left as it is"
     if scheme not in ("HTTP", "HTTPS") or not isinstance(headers, list):
         return None
     for header in headers:
@@ -154,6 +156,17 @@ def _http_get(action: Mapping[str, Any], port: int, timeout: int) -> dict[str, A
     if headers:
         http["httpHeaders"] = [{"name": h["name"], "value": h["value"]} for h in headers]
     return {"httpGet": http, "timeoutSeconds": timeout}
+
+
+def _as_sent(path: str) -> str:
+    """The path as the kubelet's request carries it (the API server takes any text): the
+    fragment dropped, and each byte that is not printable ASCII (a space, a control
+    character, UTF-8) percent-encoded, as Go's net/url escapes a path."""
+    kept = path.partition("#")[0] or "/"
+    return "".join(
+        c if "!" <= c <= "~" else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+        for c in kept
+    )
 
 
 def _header_ok(header: Mapping[str, Any]) -> bool:

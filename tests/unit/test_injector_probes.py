@@ -146,7 +146,6 @@ def test_a_header_the_agent_cannot_send_is_left_alone_with_a_warning() -> None:
     "probe",
     [
         {"httpGet": {"port": 0}},
-        {"httpGet": {"port": 8080, "path": "/a b"}},
         {"httpGet": {"port": 8080, "scheme": "FTP"}},
         {"tcpSocket": {"port": True}},
         {"tcpSocket": {"port": "Not A Name\x1b[2J"}},
@@ -292,3 +291,36 @@ def test_the_agents_config_fits_one_environment_variable_whatever_the_probes() -
         *(f"/app-health/c{i}/livez" for i in range(4)),
         *(f"/app-health/{c['name']}/readyz" for c in apps if c["name"] not in left),
     }
+
+
+@pytest.mark.parametrize(
+    ("path", "sent"),
+    [
+        ("/a b", "/a%20b"),
+        ("/h\u00e9alth", "/h%C3%A9alth"),
+        ("/tab\there", "/tab%09here"),
+        ("/ready#top", "/ready"),
+        ("/ready?full=1&x=%2F", "/ready?full=1&x=%2F"),
+    ],
+)
+def test_a_path_is_sent_as_the_kubelet_sends_it(path: str, sent: str) -> None:
+    # The API server takes any path; the kubelet's Go client escapes it. Left alone, the
+    # probe would meet strict mTLS and fail, and the pod would never be ready.
+    result = rewrite(spec(container(readinessProbe={"httpGet": {"path": path, "port": 8080}})))
+    assert result.warnings == ()
+    assert result.originals == {
+        "/app-health/web/readyz": {
+            "httpGet": {"path": sent, "port": 8080, "scheme": "HTTP"},
+            "timeoutSeconds": 1,
+        }
+    }
+
+
+def test_a_path_longer_than_the_agent_sends_is_left_alone_with_a_warning() -> None:
+    probe = {"httpGet": {"path": "/" + "\u00e9" * 700, "port": 8080}}  # 4201 bytes, encoded
+    result = rewrite(spec(container(readinessProbe=probe)))
+    assert (result.patch, result.originals) == ((), None)
+    assert result.warnings == (
+        "container web: readinessProbe has a path longer than the agent sends (2048 bytes), "
+        "so it is left as it is",
+    )
