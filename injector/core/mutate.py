@@ -78,7 +78,7 @@ def mutate(pod: Mapping[str, Any], namespace: str, settings: Settings) -> Mutati
     if settings.native_sidecar:
         patch += _prepend(spec, "initContainers", [*capture, agent])
     else:
-        patch += _prepend(spec, "initContainers", capture)
+        patch += _insert(spec, "initContainers", _capture_index(spec), capture)
         patch += _prepend(spec, "containers", [agent])
         if containers and DEFAULT_CONTAINER not in annotations:
             added[DEFAULT_CONTAINER] = containers[0]["name"]  # or `kubectl logs` shows ours
@@ -112,10 +112,34 @@ def _prepend(
     spec: Mapping[str, Any], key: str, items: Sequence[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """`items` ahead of the list's own, in their order."""
+    return _insert(spec, key, 0, items)
+
+
+def _capture_index(spec: Mapping[str, Any]) -> int:
+    """Where the capture container goes when the agent is a regular container: after the
+    app's init containers, which run before any agent could serve them (captured, their
+    connections would all be refused, and the pod would never leave Init), but before
+    the first of them that keeps running (restartPolicy: Always), so that all of its
+    connections are captured."""
+    init = spec.get("initContainers") or []
+    return next(
+        (
+            i
+            for i, c in enumerate(init)
+            if isinstance(c, dict) and c.get("restartPolicy") == "Always"
+        ),
+        len(init),
+    )
+
+
+def _insert(
+    spec: Mapping[str, Any], key: str, index: int, items: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """`items` at `index` of the list, in their order."""
     if not items:
         return []
     if spec.get(key):
-        return [_add(f"/spec/{key}/0", item) for item in reversed(items)]
+        return [_add(f"/spec/{key}/{index}", item) for item in reversed(items)]
     return [_add(f"/spec/{key}", list(items))]
 
 

@@ -161,3 +161,34 @@ def test_the_capture_command_reads_the_injected_args_as_the_settings_rules(
     flags |= {k: getattr(args, k) for k in vars(args) if k.startswith("exclude_")}
     assert rules_from_flags(**flags) == settings.capture_rules()
     assert 15020 in settings.capture_rules().exclude_inbound_ports
+
+
+def init_names(source: dict[str, Any], settings: Settings) -> list[str]:
+    return [c["name"] for c in injected(source, settings)["spec"]["initContainers"]]
+
+
+def test_without_native_sidecars_the_apps_init_containers_run_before_capture() -> None:
+    # No agent runs before the app's containers then: captured, an init container's
+    # connections (a migration, a wait-for-db) would go to a port nobody listens on,
+    # and the pod would never leave Init. Captured or not, they get no mTLS.
+    setup = [{"name": "migrate", "image": "m:1"}, {"name": "wait", "image": "w:1"}]
+    without = replace(SETTINGS, native_sidecar=False)
+    assert init_names(pod(initContainers=setup), without) == ["migrate", "wait", CAPTURE]
+    assert init_names(pod(initContainers=setup), SETTINGS) == [CAPTURE, AGENT, "migrate", "wait"]
+
+
+def test_without_native_sidecars_capture_comes_before_the_apps_own_native_sidecars() -> None:
+    # A container that keeps running is captured from its start: a connection it made
+    # before the rules (an inbound one, in plain) would stay uncaptured for good.
+    setup = [
+        {"name": "migrate", "image": "m:1"},
+        {"name": "shipper", "image": "s:1", "restartPolicy": "Always"},
+        {"name": "late", "image": "l:1"},
+    ]
+    without = replace(SETTINGS, native_sidecar=False)
+    assert init_names(pod(initContainers=setup), without) == [
+        "migrate",
+        CAPTURE,
+        "shipper",
+        "late",
+    ]
