@@ -19,7 +19,7 @@ from typing import Any
 from identity import SpiffeId
 from injector.core import probes, sidecar
 from injector.core.annotations import INJECT, STATUS, read_options
-from injector.core.settings import Settings
+from injector.core.settings import Settings, is_dns_label
 
 __all__ = ["INJECTED", "SKIPS", "Mutation", "apply_patch", "mutate", "pointer"]
 
@@ -70,6 +70,8 @@ def mutate(pod: Mapping[str, Any], namespace: str, settings: Settings) -> Mutati
         else probes.Rewrite()
     )
     warnings += rewrite.warnings
+    if settings.capture.enabled:
+        warnings += _around_capture(spec, settings.agent.uid)
     patch = list(rewrite.patch)
     agent = sidecar.container(options, spiffe_id, settings, rewrite.originals)
     capture = [sidecar.capture_container(settings)] if settings.capture.enabled else []
@@ -106,6 +108,51 @@ def _skip(
     ):
         return "name_conflict"
     return None
+
+
+#: Capabilities that let a container rewrite the pod's nftables rules.
+_NETWORK_CAPABILITIES = {"NET_ADMIN", "CAP_NET_ADMIN", "ALL"}
+
+
+def _around_capture(spec: Mapping[str, Any], agent_uid: int) -> list[str]:
+    """Warnings for the app's containers that capture cannot hold: those that run as the
+    agent's UID (never captured, or the agent would capture itself), and those that may
+    change the pod's network, rules included. Capture cannot stop them, as Istio's
+    cannot; an admission policy can (docs/capture.md)."""
+    pod_context = spec.get("securityContext")
+    pod_uid = pod_context.get("runAsUser") if isinstance(pod_context, dict) else None
+    warnings = []
+    for key in ("initContainers", "containers"):
+        containers = spec.get(key)
+        for container in containers if isinstance(containers, list) else []:
+            if not isinstance(container, dict):
+                continue
+            name = container.get("name")
+            name = (
+                f"container {name}"
+                if isinstance(name, str) and is_dns_label(name)
+                else (
+                    "a container"  # the API server refuses it; never quote the author's text
+                )
+            )
+            context = container.get("securityContext")
+            context = context if isinstance(context, dict) else {}
+            uid = context.get("runAsUser", pod_uid)
+            if uid == agent_uid and not isinstance(uid, bool):
+                warnings.append(
+                    f"{name} runs as UID {agent_uid}, the agent's: its connections are not "
+                    "captured (no mTLS, and registry-only does not hold for it)"
+                )
+            capabilities = context.get("capabilities")
+            added = capabilities.get("add") if isinstance(capabilities, dict) else None
+            if context.get("privileged") is True or (
+                isinstance(added, list) and _NETWORK_CAPABILITIES & {str(a) for a in added}
+            ):
+                warnings.append(
+                    f"{name} may change the pod's network (privileged, NET_ADMIN): it can "
+                    "undo capture, strict mTLS included"
+                )
+    return warnings
 
 
 def _prepend(

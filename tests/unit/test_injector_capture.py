@@ -192,3 +192,56 @@ def test_without_native_sidecars_capture_comes_before_the_apps_own_native_sideca
         "shipper",
         "late",
     ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "warning"),
+    [
+        (
+            {"securityContext": {"runAsUser": 1337}},
+            "container app runs as UID 1337, the agent's: its connections are not captured "
+            "(no mTLS, and registry-only does not hold for it)",
+        ),
+        (
+            {
+                "containers": [
+                    {"name": "app", "image": "a:1", "securityContext": {"runAsUser": 1337}}
+                ]
+            },
+            "container app runs as UID 1337, the agent's: its connections are not captured "
+            "(no mTLS, and registry-only does not hold for it)",
+        ),
+        *(
+            (
+                {"containers": [{"name": "app", "image": "a:1", "securityContext": context}]},
+                "container app may change the pod's network (privileged, NET_ADMIN): it can "
+                "undo capture, strict mTLS included",
+            )
+            for context in (
+                {"privileged": True},
+                {"capabilities": {"add": ["NET_ADMIN"]}},
+                {"capabilities": {"add": ["CAP_NET_ADMIN"]}},
+                {"capabilities": {"add": ["ALL"]}},
+            )
+        ),
+    ],
+)
+def test_a_container_that_can_go_around_capture_is_injected_with_a_warning(
+    spec: dict[str, Any], warning: str
+) -> None:
+    # Capture cannot stop it (Istio's istio-init cannot either); an admission policy can.
+    mutation = mutate(pod(**spec), "shop", SETTINGS)
+    assert mutation.reason == "injected"
+    assert mutation.warnings == (f"outrider: {warning}",)
+
+
+def test_a_container_that_sets_its_own_uid_is_judged_by_it() -> None:
+    app = {"name": "app", "image": "a:1", "securityContext": {"runAsUser": 1000}}
+    source = pod(securityContext={"runAsUser": 1337}, containers=[app])
+    assert mutate(source, "shop", SETTINGS).warnings == ()
+    assert (
+        mutate(
+            pod(securityContext={"runAsUser": 1337}), "shop", SETTINGS.without_capture()
+        ).warnings
+        == ()
+    )
