@@ -12,6 +12,7 @@ running it again on its own output changes nothing.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,8 @@ def mutate(pod: Mapping[str, Any], namespace: str, settings: Settings) -> Mutati
     spec = pod.get("spec") or {}
     annotations = metadata.get("annotations") or {}
     reason = _skip(annotations, spec, namespace, settings)
+    if reason == "already_injected" and settings.capture.enabled:
+        return _late_probes(spec, settings)
     if reason is not None:
         message = SKIPS[reason]
         return Mutation(reason, (), (f"outrider: not injected: {message}",) if message else ())
@@ -107,6 +110,45 @@ def _skip(
         c.get("name") == sidecar.CAPTURE for c in containers
     ):
         return "name_conflict"
+    return None
+
+
+def _late_probes(spec: Mapping[str, Any], settings: Settings) -> Mutation:
+    """An injected pod again (reinvocationPolicy: IfNeeded, after another webhook added a
+    container): the probes not yet through the agent go through it, their originals
+    added to the agent's config. Those already rewritten are on the status port, which
+    core/probes.py leaves alone, so once is enough. Quietly: the probes it leaves were
+    warned of the first time, and reinvocation is routine, not news."""
+    found = _agent_config(spec)
+    init = spec.get("initContainers") or []
+    captured = any(isinstance(c, dict) and c.get("name") == sidecar.CAPTURE for c in init)
+    if found is None or not captured:
+        return Mutation("already_injected")
+    where, config = found
+    rewrite = probes.rewrite(spec, settings.agent_ports, sidecar.budget_left(config))
+    if not rewrite.originals:
+        return Mutation("already_injected")
+    config = {**config, "probes": {**(config.get("probes") or {}), **rewrite.originals}}
+    return Mutation("already_injected", (*rewrite.patch, _add(where, sidecar.encode(config))))
+
+
+def _agent_config(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The pointer to the injected agent's config variable's value, and that config."""
+    for key in ("initContainers", "containers"):
+        containers = spec.get(key)
+        for i, container in enumerate(containers if isinstance(containers, list) else []):
+            if not isinstance(container, dict) or container.get("name") != sidecar.AGENT:
+                continue
+            env = container.get("env")
+            for j, var in enumerate(env if isinstance(env, list) else []):
+                if isinstance(var, dict) and var.get("name") == sidecar.CONFIG_ENV:
+                    try:
+                        config = json.loads(var.get("value") or "")
+                    except ValueError:
+                        return None
+                    if isinstance(config, dict) and isinstance(config.get("probes", {}), dict):
+                        return f"/spec/{key}/{i}/env/{j}/value", config
+            return None
     return None
 
 

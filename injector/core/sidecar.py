@@ -86,7 +86,13 @@ def encode(value: object) -> str:
 def probes_budget(spiffe_id: SpiffeId, settings: Settings) -> int:
     """The bytes left in the agent's config variable for the entries of `probes:`, each
     `"<path>":<probe>` and a comma (core/probes.py spends them)."""
-    with_one = encode(agent_config(spiffe_id, settings, {"": {}}))
+    return budget_left(agent_config(spiffe_id, settings))
+
+
+def budget_left(config: Mapping[str, Any]) -> int:
+    """The bytes left in the agent's config variable, holding `config`, for more entries
+    of its `probes:`."""
+    with_one = encode({**config, "probes": {**(config.get("probes") or {}), "": {}}})
     return MAX_ENV_BYTES - len(f"{CONFIG_ENV}=\0") - len(with_one) + len('"":{},')
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import jsonpatch
 import pytest
 
+from agent.config import parse_text
 from injector.core import Settings, mutate
 from injector.core.probes import rewrite
 from tests.k8s import to_model
@@ -324,3 +325,35 @@ def test_a_path_longer_than_the_agent_sends_is_left_alone_with_a_warning() -> No
         "container web: readinessProbe has a path longer than the agent sends (2048 bytes), "
         "so it is left as it is",
     )
+
+
+def test_a_container_a_later_webhook_adds_gets_its_probes_through_the_agent_too() -> None:
+    # reinvocationPolicy: IfNeeded calls the injector again once another webhook has
+    # added a container; left as they are, its probes would meet strict mTLS.
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": spec(container(readinessProbe={"tcpSocket": {"port": 8080}})),
+    }
+    injected = jsonpatch.apply_patch(pod, list(mutate(pod, "shop", Settings()).patch))
+    late = {"name": "late", "image": "l:1", "livenessProbe": {"httpGet": {"port": 9000}}}
+    injected["spec"]["containers"].append(late)
+    again = mutate(injected, "shop", Settings())
+    assert (again.reason, again.warnings) == ("already_injected", ())
+    patched = jsonpatch.apply_patch(injected, list(again.patch))
+    to_model(patched)
+    assert patched["spec"]["containers"][1]["livenessProbe"] == agents_probe(
+        "/app-health/late/livez"
+    )
+    [agent] = [c for c in patched["spec"]["initContainers"] if c["name"] == "outrider-agent"]
+    [config] = [e["value"] for e in agent["env"] if e["name"] == "OUTRIDER_AGENT_CONFIG"]
+    assert json.loads(config)["probes"] == {
+        "/app-health/web/readyz": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 1},
+        "/app-health/late/livez": {
+            "httpGet": {"path": "/", "port": 9000, "scheme": "HTTP"},
+            "timeoutSeconds": 1,
+        },
+    }
+    parse_text(config, source="OUTRIDER_AGENT_CONFIG")  # one the agent takes
+    assert mutate(patched, "shop", Settings()).patch == ()  # once is enough
