@@ -26,6 +26,7 @@ __all__ = [
     "TcpSocket",
     "header_error",
     "http_passed",
+    "informational",
     "path_error",
     "request_head",
     "request_path_error",
@@ -120,6 +121,12 @@ def request_head(probe: HttpGet) -> bytes:
     lines += [f"{n}: {v}" for n, v in own]
     lines += ["Connection: close", "", ""]
     return "\r\n".join(lines).encode("latin-1")
+
+
+def informational(status: int) -> bool:
+    """A 1xx answer that another follows (103 Early Hints, 100 Continue): not 101, after
+    which the connection speaks another protocol."""
+    return 100 <= status < 200 and status != 101
 
 
 def http_passed(status: int) -> bool:

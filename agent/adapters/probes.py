@@ -35,6 +35,7 @@ from identity.probes import (
     HttpGet,
     TcpSocket,
     http_passed,
+    informational,
     request_head,
     status_code,
 )
@@ -45,6 +46,9 @@ __all__ = ["MAX_IN_FLIGHT", "Outcome", "Prober"]
 MAX_IN_FLIGHT = 16
 #: A status line longer than this is no HTTP server's (the stream's read limit).
 MAX_STATUS_LINE = 8 * 1024
+#: Informational answers skipped before the final one (Go's client: 5, then an error),
+#: and the header lines of each read past.
+MAX_INFORMATIONAL, MAX_HEADER_LINES = 5, 100
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
@@ -133,14 +137,15 @@ class Prober:
         )
         try:
             writer.write(request_head(probe))
-            line = await reader.readline()
+            status = await _final_status(reader)
         except ValueError:  # past the limit: no newline within MAX_STATUS_LINE bytes
-            line = b""
+            status = None
         finally:
             writer.transport.abort()  # no close_notify to wait for: we have the answer
-        status = status_code(line)
         if status is None:
             return Outcome(False, "the app's answer is not HTTP/1.x")
+        if informational(status):
+            return Outcome(False, f"more than {MAX_INFORMATIONAL} informational answers")
         return Outcome(http_passed(status), f"HTTP {status}")
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -152,6 +157,22 @@ class Prober:
             context.verify_mode = ssl.CERT_NONE
             self._tls = context
         return self._tls
+
+
+async def _final_status(reader: asyncio.StreamReader) -> int | None:
+    """The status of the app's final answer, past its informational ones (1xx but 101),
+    as Go's client skips them; the last 1xx if there are more than MAX_INFORMATIONAL,
+    None if the answer is not HTTP/1.x."""
+    for _ in range(MAX_INFORMATIONAL + 1):
+        status = status_code(await reader.readline())
+        if status is None or not informational(status):
+            return status
+        for _ in range(MAX_HEADER_LINES):  # the 1xx answer's headers, to its blank line
+            if (await reader.readline()).strip() == b"":
+                break
+        else:
+            return None
+    return status
 
 
 async def _grpc(probe: Grpc) -> Outcome:

@@ -292,3 +292,44 @@ async def test_a_flood_of_one_probe_costs_the_app_one_request_and_never_fails_th
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome"),
+    [
+        (
+            b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+            (True, "HTTP 204"),
+        ),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\n" * 6 + b"HTTP/1.1 200 OK\r\n\r\n",
+            (False, "more than 5 informational answers"),
+        ),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", (False, "HTTP 101")),
+        (
+            b"HTTP/1.1 103 Early Hints\r\n" + b"X: y\r\n" * 200,
+            (False, "the app's answer is not HTTP/1.x"),
+        ),
+    ],
+)
+async def test_informational_answers_are_skipped_as_the_kubelet_skips_them(
+    answer: bytes, outcome: tuple[bool, str]
+) -> None:
+    """Go's client, the kubelet's, reads past up to five 1xx answers (103 Early Hints,
+    100 Continue) to the final one; 101 is final."""
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)
+        await writer.drain()
+        await reader.read(1)  # until the agent closes
+        writer.close()
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        probe = AppProbe("/app-health/web/readyz", HttpGet(port), timedelta(seconds=2))
+        checked = await Prober().check(probe)
+        assert (checked.passed, checked.reason) == outcome
+    finally:
+        server.close()
+        await server.wait_closed()
