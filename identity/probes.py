@@ -105,16 +105,23 @@ def request_path_error(path: str) -> str | None:
     return None
 
 
+#: Headers of the probe's own that are never sent: the request frames itself, a GET with
+#: no body (Go's client, the kubelet's, leaves out the first three the same way), on a
+#: connection the agent closes after the answer (its own `Connection: close`).
+_FRAMING = frozenset({"content-length", "transfer-encoding", "trailer", "connection"})
+
+
 def request_head(probe: HttpGet) -> bytes:
     """The GET as the kubelet would send it (its Host, User-Agent and Accept, each
-    replaced by a header of the probe's own with that name)."""
+    replaced by a header of the probe's own with that name, and none of the probe's
+    headers that frame a request)."""
     path = probe.path if probe.path.startswith("/") else "/" + probe.path
     headers = {
         "host": ("Host", f"{HOST}:{probe.port}"),
         "user-agent": ("User-Agent", "kube-probe/outrider"),
         "accept": ("Accept", "*/*"),
     }
-    own = [(name, value) for name, value in probe.headers]
+    own = [(name, value) for name, value in probe.headers if name.lower() not in _FRAMING]
     for name, _ in own:
         headers.pop(name.lower(), None)
     lines = [f"GET {path} HTTP/1.1", *(f"{n}: {v}" for n, v in headers.values())]

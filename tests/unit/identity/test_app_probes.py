@@ -100,6 +100,18 @@ def test_the_request_is_the_kubelets_with_the_probes_own_headers_in_place() -> N
     )
 
 
+def test_a_probes_own_framing_headers_are_dropped_as_the_kubelets_client_drops_them() -> None:
+    # Go's Request.Write leaves out Content-Length, Transfer-Encoding and Trailer from the
+    # headers and frames the request itself: a GET with none. Sent, `Content-Length: 9`
+    # would have the app wait for a body until the probe timed out; `Connection` is ours.
+    framing = ("Content-Length", "Transfer-Encoding", "trailer", "connection")
+    own = HttpGet(8080, "/", headers=(*((name, "9") for name in framing), ("X-A", "1")))
+    assert request_head(own) == (
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: kube-probe/outrider\r\n"
+        b"Accept: */*\r\nX-A: 1\r\nConnection: close\r\n\r\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("line", "status", "passed"),
     [
