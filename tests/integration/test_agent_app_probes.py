@@ -28,7 +28,16 @@ from agent.adapters.probes import Prober
 from identity.probes import AppProbe, HttpGet
 from identity.proto import health_pb2
 from tests.httpraw import Responses
-from tests.mesh import AgentProcess, agent_process, served_agent_yaml, threaded_app
+from tests.mesh import (
+    AgentProcess,
+    agent_process,
+    agent_yaml,
+    eventually,
+    local_sign,
+    running_agent,
+    served_agent_yaml,
+    threaded_app,
+)
 from tests.support import CaProcess, CaSetup, free_port, loopback_tls
 
 SERVING, NOT_SERVING = (
@@ -330,6 +339,53 @@ async def test_informational_answers_are_skipped_as_the_kubelet_skips_them(
         probe = AppProbe("/app-health/web/readyz", HttpGet(port), timedelta(seconds=2))
         checked = await Prober().check(probe)
         assert (checked.passed, checked.reason) == outcome
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_every_probe_of_a_pod_with_many_containers_can_run_at_once(
+    setup: CaSetup,
+) -> None:
+    """The kubelet runs each probe on its own clock: with slow apps, 20 probes of 7
+    containers overlap, and none may fail for want of a place (a liveness probe so
+    refused restarts the container). Each probe runs once at a time, so the bound is
+    the pod's own probes."""
+    answer = asyncio.Event()
+    waiting = 0
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal waiting
+        waiting += 1
+        await answer.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    paths = [f"/app-health/c{i}/readyz" for i in range(20)]
+    raw = agent_yaml(
+        setup.root,
+        "many",  # not "web": that one's token file is the served agent's
+        status="127.0.0.1:0",
+        probes={p: {"httpGet": {"path": "/", "port": port}, "timeoutSeconds": 5} for p in paths},
+    )
+    try:
+        async with running_agent(raw, local_sign(setup), setup.root) as agent:
+            host, status = agent.bound["status"].rsplit(":", 1)
+
+            async def kubelet(path: str) -> bytes:
+                reader, writer = await asyncio.open_connection(host, int(status))
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: k\r\n\r\n".encode())
+                line = await reader.readline()
+                writer.close()
+                return line
+
+            asked = [asyncio.create_task(kubelet(p)) for p in paths]
+            assert await eventually(lambda: waiting == len(paths) or any(t.done() for t in asked))
+            answer.set()
+            assert {await t for t in asked} == {b"HTTP/1.1 200 OK\r\n"}
     finally:
         server.close()
         await server.wait_closed()
