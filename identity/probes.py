@@ -14,9 +14,10 @@ the status port.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Literal
+from urllib.parse import urljoin, urlsplit
 
 __all__ = [
     "APP_HEALTH",
@@ -28,6 +29,7 @@ __all__ = [
     "http_passed",
     "informational",
     "path_error",
+    "redirected",
     "request_head",
     "request_path_error",
     "status_code",
@@ -48,7 +50,8 @@ Scheme = Literal["HTTP", "HTTPS"]
 
 @dataclass(frozen=True)
 class HttpGet:
-    """GET `path` from 127.0.0.1:`port`: 2xx and 3xx pass (a redirect is not followed)."""
+    """GET `path` from 127.0.0.1:`port`: a final 2xx or 3xx passes (redirects to 127.0.0.1
+    followed, as the kubelet follows those to the host it asked; `redirected`)."""
 
     port: int
     path: str = "/"
@@ -115,7 +118,7 @@ def request_head(probe: HttpGet) -> bytes:
     """The GET as the kubelet would send it (its Host, User-Agent and Accept, each
     replaced by a header of the probe's own with that name, and none of the probe's
     headers that frame a request)."""
-    path = probe.path if probe.path.startswith("/") else "/" + probe.path
+    path = request_path(probe)
     headers = {
         "host": ("Host", f"{HOST}:{probe.port}"),
         "user-agent": ("User-Agent", "kube-probe/outrider"),
@@ -128,6 +131,38 @@ def request_head(probe: HttpGet) -> bytes:
     lines += [f"{n}: {v}" for n, v in own]
     lines += ["Connection: close", "", ""]
     return "\r\n".join(lines).encode("latin-1")
+
+
+#: Redirects followed before the probe fails, as the kubelet's.
+MAX_REDIRECTS = 10
+
+
+def redirected(probe: HttpGet, location: str) -> HttpGet | None:
+    """The request the kubelet would make for a redirect to `location`, or None if it
+    would not follow it (another host: the redirect itself passes). It follows one to
+    the host it asked, whatever the port or scheme; here that host is 127.0.0.1, so
+    no redirect can make the agent ask anything else."""
+    base = f"{probe.scheme.lower()}://{HOST}:{probe.port}{request_path(probe)}"
+    try:
+        target = urlsplit(urljoin(base, location.strip()))
+        port = target.port or (443 if target.scheme == "https" else 80)
+    except ValueError:
+        return None
+    if target.scheme not in ("http", "https") or target.hostname != HOST:
+        return None
+    path = target.path or "/"
+    path += f"?{target.query}" if target.query else ""
+    if request_path_error(path):
+        return None
+    headers = probe.headers
+    if urlsplit(location.strip()).netloc:  # absolute: the Host is the new URL's
+        headers = tuple(h for h in headers if h[0].lower() != "host")
+    scheme: Scheme = "HTTPS" if target.scheme == "https" else "HTTP"
+    return replace(probe, port=port, path=path, scheme=scheme, headers=headers)
+
+
+def request_path(probe: HttpGet) -> str:
+    return probe.path if probe.path.startswith("/") else "/" + probe.path
 
 
 def informational(status: int) -> bool:

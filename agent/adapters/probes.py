@@ -30,12 +30,14 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from identity.probes import (
     HOST,
+    MAX_REDIRECTS,
     AppProbe,
     Grpc,
     HttpGet,
     TcpSocket,
     http_passed,
     informational,
+    redirected,
     request_head,
     status_code,
 )
@@ -131,6 +133,24 @@ class Prober:
         return await _grpc(action)
 
     async def _http_get(self, probe: HttpGet) -> Outcome:
+        """GET, following redirects to 127.0.0.1 as the kubelet follows them to the host
+        it asked: the final answer decides."""
+        for _ in range(MAX_REDIRECTS + 1):
+            if probe.port in self.own_ports:
+                return Outcome(False, f"port {probe.port} is the agent's own")
+            status, location = await self._exchange(probe)
+            if status is None:
+                return Outcome(False, "the app's answer is not HTTP/1.x")
+            if informational(status):
+                return Outcome(False, f"more than {MAX_INFORMATIONAL} informational answers")
+            target = redirected(probe, location) if location is not None else None
+            if not 300 <= status < 400 or target is None:
+                return Outcome(http_passed(status), f"HTTP {status}")
+            probe = target
+        return Outcome(False, f"stopped after {MAX_REDIRECTS} redirects")
+
+    async def _exchange(self, probe: HttpGet) -> tuple[int | None, str | None]:
+        """The app's final status, and its Location if it is a redirect."""
         context = self._tls_context() if probe.scheme == "HTTPS" else None
         reader, writer = await asyncio.open_connection(
             HOST, probe.port, ssl=context, limit=MAX_STATUS_LINE
@@ -138,15 +158,14 @@ class Prober:
         try:
             writer.write(request_head(probe))
             status = await _final_status(reader)
+            location = None
+            if status is not None and 300 <= status < 400:
+                location = await _location(reader)
+            return status, location
         except ValueError:  # past the limit: no newline within MAX_STATUS_LINE bytes
-            status = None
+            return None, None
         finally:
             writer.transport.abort()  # no close_notify to wait for: we have the answer
-        if status is None:
-            return Outcome(False, "the app's answer is not HTTP/1.x")
-        if informational(status):
-            return Outcome(False, f"more than {MAX_INFORMATIONAL} informational answers")
-        return Outcome(http_passed(status), f"HTTP {status}")
 
     def _tls_context(self) -> ssl.SSLContext:
         """The kubelet's: TLS without verifying the app's certificate (it is the pod's own,
@@ -173,6 +192,18 @@ async def _final_status(reader: asyncio.StreamReader) -> int | None:
         else:
             return None
     return status
+
+
+async def _location(reader: asyncio.StreamReader) -> str | None:
+    """The Location header of the answer whose status line was just read."""
+    for _ in range(MAX_HEADER_LINES):
+        line = await reader.readline()
+        if line.strip() == b"":
+            return None
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"location":
+            return value.strip().decode("latin-1")
+    return None
 
 
 async def _grpc(probe: Grpc) -> Outcome:

@@ -64,9 +64,20 @@ def _http_app(state: dict[str, Any]) -> web.Application:
     async def moved(request: web.Request) -> web.Response:
         return web.Response(status=302, headers={"Location": "http://elsewhere.example/"})
 
+    async def redirect(request: web.Request) -> web.Response:
+        location = request.query["to"].replace("PORT", str(request.url.port))
+        return web.Response(
+            status=int(request.query.get("status", "302")), headers={"Location": location}
+        )
+
+    async def loop(request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": "/loop"})
+
     app = web.Application()
     app.router.add_get("/ready", ready)
     app.router.add_get("/moved", moved)
+    app.router.add_get("/redirect", redirect)
+    app.router.add_get("/loop", loop)
     return app
 
 
@@ -110,6 +121,17 @@ def apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Apps]:
         silent.close()
 
 
+def redirects() -> dict[str, str]:
+    """Probe paths by kind, each a redirect of the app's: /redirect?to=<Location> (PORT: the
+    app's own port)."""
+    return {
+        "slash": "/redirect?status=301&to=/ready",  # as a framework adds a trailing slash
+        "absolute": "/redirect?to=http://127.0.0.1:PORT/ready",
+        "loop": "/loop",
+        "admin": f"/redirect?to=http://127.0.0.1:{ADMIN_PORT}/ready",
+    }
+
+
 def probes(apps: Apps) -> dict[str, Any]:
     header = [{"name": "X-Probe", "value": "from the pod spec"}, {"name": "Host", "value": "web"}]
     return {
@@ -125,6 +147,10 @@ def probes(apps: Apps) -> dict[str, Any]:
         "/app-health/grpc/readyz": {"grpc": {"port": apps.grpc}},
         "/app-health/grpc/livez": {"grpc": {"port": apps.grpc, "service": "orders"}},
         "/app-health/grpc/startupz": {"grpc": {"port": apps.grpc, "service": "billing"}},
+        **{
+            f"/app-health/redirect/{kind}": {"httpGet": {"path": to, "port": apps.http}}
+            for kind, to in redirects().items()
+        },
         "/app-health/slow/readyz": {
             "httpGet": {"path": "/", "port": apps.silent},
             "timeoutSeconds": 1,
@@ -182,6 +208,25 @@ def test_an_http_probe_passes_on_2xx_and_3xx_and_fails_otherwise(
     finally:
         apps.state["ready"] = True
     assert ask(agent, "/app-health/web/readyz") == [(200, "HTTP 200\n")]
+
+
+def test_a_redirect_to_the_same_host_is_followed_as_the_kubelet_follows_it(
+    agent: AgentProcess, apps: Apps
+) -> None:
+    """The kubelet follows a redirect to the host it asked (up to 10 of them) and takes
+    the final answer: a health check behind a trailing-slash redirect fails when it
+    fails. To another host, the redirect itself passes (test above)."""
+    paths = [f"/app-health/redirect/{kind}" for kind in ("slash", "absolute")]
+    assert ask(agent, *paths) == [(200, "HTTP 200\n")] * 2
+    apps.state["ready"] = False
+    try:
+        assert ask(agent, *paths) == [(503, "HTTP 500\n")] * 2
+    finally:
+        apps.state["ready"] = True
+    assert ask(agent, "/app-health/redirect/loop", "/app-health/redirect/admin") == [
+        (503, "stopped after 10 redirects\n"),
+        (503, f"port {ADMIN_PORT} is the agent's own\n"),
+    ]
 
 
 def test_an_http_probe_sends_the_pod_specs_headers(agent: AgentProcess, apps: Apps) -> None:
