@@ -130,9 +130,13 @@ def compile_peer_authentication(
 
 
 def _selector(raw: object, errors: list[str]) -> Selector | None:
-    """matchLabels only, as Istio's; no labels: no selector (the whole namespace)."""
+    """matchLabels only, as Istio's. A selector by no label is refused, not read as the
+    whole namespace: written so, it says the opposite of what it means (some pods),
+    and it is what an unsupported field (matchExpressions) or a misspelt one leaves
+    behind wherever a schema drops it."""
     if raw is None:
         return None
+    before = len(errors)
     if not isinstance(raw, Mapping):
         errors.append("spec.selector: is not a mapping; expected matchLabels")
         return None
@@ -150,6 +154,10 @@ def _selector(raw: object, errors: list[str]) -> Selector | None:
         f"spec.selector.matchLabels.{key}: {labels[key]!r} is not a string; quote label values"
         for key in bad
     )
+    if not labels and len(errors) == before:
+        errors.append(
+            "spec.selector: selects by no label; leave selector out for every pod of the namespace"
+        )
     if bad or not labels:
         return None
     return Selector.of_labels({str(k): v for k, v in labels.items()})
