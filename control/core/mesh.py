@@ -159,6 +159,12 @@ class Mesh:
     _versions: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
     #: id(outbound entry) -> its encoding; the entries live as long as the Mesh's configs.
     _pieces: dict[int, bytes] = field(default_factory=dict, repr=False, compare=False)
+    #: What about the whole mesh was skipped, and why (logged once by the shell, shown in
+    #: /debug): the Services left out of captured pods' snapshots (upstreams.py).
+    warnings: tuple[str, ...] = ()
+    #: (namespace, Service) left out of every captured pod's snapshot to keep it within
+    #: what an agent takes.
+    left_out: tuple[Key, ...] = ()
 
     def config_for(self, namespace: str, pod: str) -> dict[str, Any] | None:
         """The snapshot's JSON object for this pod (agent.yaml's inbound, outbound and
@@ -287,6 +293,9 @@ class _Compiler:
             },
             configs,
             _Memory(self.settings, self.compiled),
+            _pieces=self.upstreams.encoded(),
+            warnings=tuple(self.upstreams.warnings_mesh_wide()),
+            left_out=tuple(self.upstreams.left_out()),
         )
 
     # -- the world ---------------------------------------------------------------------

@@ -5,15 +5,19 @@ capture gets what it always got. (CONTRACT.md, "Control plane".)"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
 
+from agent.config import MAX_SNAPSHOT_BYTES, MAX_SNAPSHOT_CONTAINERS
 from agent.core.policy import PolicySet
 from agent.core.policyfile import parse_policy_list
-from control.core.mesh import Mesh, MeshSettings, compile_mesh
+from control.app import _log_new_warnings
+from control.core import upstreams
+from control.core.mesh import Mesh, MeshSettings, compile_mesh, encode
 from control.core.services import read_service
-from tests.cluster import SHOP, check_shape, pod, world
+from tests.cluster import SHOP, agent_accepts, check_shape, pod, world
 
 SETTINGS = MeshSettings("example.org")
 BACKEND_ID = "spiffe://example.org/ns/shop/sa/backend"
@@ -332,3 +336,63 @@ spec:
     )
     policies = PolicySet(parse_policy_list(config["policy"]["policies"], "snapshot"), "deny")
     assert policies.http_only_errors(named_tcp) == []  # what the agent checks
+
+
+def test_the_agents_snapshot_bounds_are_the_ones_the_control_plane_keeps_to() -> None:
+    assert upstreams.AGENT_SNAPSHOT_BYTES == MAX_SNAPSHOT_BYTES
+    assert upstreams.AGENT_SNAPSHOT_CONTAINERS == MAX_SNAPSHOT_CONTAINERS
+    assert upstreams.SHARED_BYTES <= MAX_SNAPSHOT_BYTES * 3 // 4
+    assert upstreams.SHARED_CONTAINERS <= MAX_SNAPSHOT_CONTAINERS * 3 // 4
+
+
+@pytest.mark.parametrize("bound", ["SHARED_BYTES", "SHARED_CONTAINERS"])
+def test_one_huge_service_cannot_push_every_captured_pods_snapshot_past_the_agents_bound(
+    monkeypatch: pytest.MonkeyPatch, bound: str
+) -> None:
+    """Any namespace may create a Service of thousands of ports: every captured pod of the
+    mesh would get it, past what an agent takes, and refuse its whole snapshot. The
+    largest Services are left out instead (their own callers lose their entries), the
+    rest of the mesh keeps its config, and the control plane says which. (The bounds are
+    made small here: the real ones take a Service of ~15,000 ports.)"""
+    wide = ", ".join(f"{{name: p{i}, port: {2000 + i}}}" for i in range(60))
+    objects = world(
+        pod("web-0", captured=True, ip="10.0.0.5"),
+        pod("api-0", captured=True, ip="10.0.0.4"),
+        pod("wide-0", "evil", captured=True, ip="10.0.1.1"),
+        _service("api", "{port: 80, targetPort: 8080}"),
+        _service("db", "{port: 5432}"),  # no pod: passed through
+        _service("wide", wide, "evil"),
+    )
+    everything = _config(compile_mesh(objects, SETTINGS), "web-0")
+    assert len(everything["outbound"]) == 61
+    size = {"SHARED_BYTES": 2000, "SHARED_CONTAINERS": 40}[bound]
+    monkeypatch.setattr(upstreams, bound, size)
+    mesh = compile_mesh(objects, SETTINGS)
+    for name in ("web-0", "api-0"):
+        config = _config(mesh, name)
+        assert [e["name"] for e in config["outbound"]] == ["api.shop:80"]
+        assert config["captured"]["outbound"]["passthrough"] == [
+            a for a in everything["captured"]["outbound"]["passthrough"] if a.endswith(":5432")
+        ]
+        agent_accepts(config)
+        assert mesh.encoded_for("shop", name) == encode(config)
+    assert mesh.left_out == (("evil", "wide"),)
+    (warning,) = mesh.warnings
+    assert warning.startswith(
+        "1 Service(s) left out of every captured pod's snapshot, the largest first: evil/wide."
+    )
+    # Without capture, nothing is measured or left out.
+    plain = world(pod("web-0"), _service("wide", wide, "evil"), pod("wide-0", "evil"))
+    assert compile_mesh(plain, SETTINGS).warnings == ()
+
+
+def test_what_is_left_out_of_the_mesh_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    warned: dict[tuple[str, str], tuple[str, ...]] = {}
+    left_out = {("", ""): ("1 Service(s) left out ...",), ("shop", "web-0"): ("bad entry",)}
+    with caplog.at_level(logging.WARNING, "outrider.control"):
+        _log_new_warnings(warned, left_out)
+        _log_new_warnings(warned, left_out)
+    assert [r.getMessage() for r in caplog.records] == [
+        "mesh: 1 Service(s) left out ...",
+        "pod shop/web-0: bad entry",
+    ]
