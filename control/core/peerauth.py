@@ -178,7 +178,12 @@ def _mode(raw: object, path: str, errors: list[str], *, required: bool) -> Mode 
 
 
 def _port(text: str, path: str, errors: list[str]) -> int | None:
-    if not (text.isdecimal() and 0 < int(text) < 65536):
+    """A port as written in decimal, once: "08080" or another script's digits would be a
+    second key for port 8080, and which of two keys applied would depend on their order."""
+    if not (text.isascii() and text.isdecimal() and text == str(int(text))):
+        errors.append(f"{path}: {text!r} is not a port number (1-65535)")
+        return None
+    if not 0 < int(text) < 65536:
         errors.append(f"{path}: {text!r} is not a port number (1-65535)")
         return None
     port = int(text)

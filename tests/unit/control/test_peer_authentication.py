@@ -269,6 +269,19 @@ def test_a_selector_that_selects_no_pod_says_so() -> None:
             {"portLevelMtls": {"0": {"mode": "STRICT"}}},
             "spec.portLevelMtls.0: '0' is not a port number (1-65535)",
         ),
+        (  # beside "8080", which of the two would apply depends on the order of keys
+            {"portLevelMtls": {"08080": {"mode": "PERMISSIVE"}, "8080": {"mode": "STRICT"}}},
+            "spec.portLevelMtls.08080: '08080' is not a port number (1-65535)",
+        ),
+        (
+            {"portLevelMtls": {"\u0668\u0660\u0668\u0660": {"mode": "PERMISSIVE"}}},
+            "spec.portLevelMtls.\u0668\u0660\u0668\u0660: '\u0668\u0660\u0668\u0660' is not"
+            " a port number (1-65535)",
+        ),
+        (
+            {"portLevelMtls": {"65536": {"mode": "PERMISSIVE"}}},
+            "spec.portLevelMtls.65536: '65536' is not a port number (1-65535)",
+        ),
         (
             {"portLevelMtls": {"8080": {}}},
             "spec.portLevelMtls.8080.mode: None is not one of STRICT, PERMISSIVE",
