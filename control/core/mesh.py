@@ -70,7 +70,7 @@ from control.core.services import (
     slice_service,
 )
 from control.core.traffic import CompiledTraffic, TrafficState, attach_traffic, compile_traffic
-from control.core.upstreams import ANNOTATION, PortKey, Upstreams
+from control.core.upstreams import ANNOTATION, PortKey, Upstreams, encode
 
 __all__ = [
     "KINDS",
@@ -207,12 +207,6 @@ class Mesh:
                 text = encode(value)
             parts.append(encode(key) + b":" + text)
         return b"{" + b",".join(parts) + b"}"
-
-
-def encode(value: Any) -> bytes:
-    """A config (or part of one) as sent: JSON, keys sorted, no spaces; the same content
-    gives the same bytes on every replica."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
 def version_of(config: Mapping[str, Any]) -> str:

@@ -38,7 +38,7 @@ from control.core.services import (
 )
 from control.core.traffic import CompiledTraffic
 
-__all__ = ["ANNOTATION", "MeshWide", "Upstreams", "Wanted", "parse_upstreams"]
+__all__ = ["ANNOTATION", "MeshWide", "Upstreams", "Wanted", "encode", "parse_upstreams"]
 
 
 class UpstreamSettings(Protocol):
@@ -135,6 +135,14 @@ def _problem(entry: str) -> str | None:
 
 
 PortKey = tuple[str, str, int]  # (namespace, Service, port number)
+
+
+def encode(value: Any) -> bytes:
+    """A config (or part of one) as sent: JSON, keys sorted, no spaces; the same content
+    gives the same bytes on every replica. Here, where the mesh-wide entries are measured
+    by it; mesh.py sends what it gives."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
 
 #: What an agent takes in one snapshot (agent/config.py MAX_SNAPSHOT_BYTES and
 #: MAX_SNAPSHOT_CONTAINERS; the control plane may not import the agent's config). Past
@@ -395,7 +403,7 @@ class _ServicePart:
     containers: int = 0
 
     def add(self, key: PortKey, entry: dict[str, Any]) -> None:
-        encoded = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
+        encoded = encode(entry)
         self.entries.append((key, entry, encoded))
         self.entry_bytes += len(encoded) + 1  # and its comma
         # Every object and array, as the agent counts them before parsing (an IPv6
