@@ -16,8 +16,12 @@ from agent.core.policyfile import parse_policy_list
 from control.app import _log_new_warnings
 from control.core import upstreams
 from control.core.mesh import Mesh, MeshSettings, compile_mesh, encode
-from control.core.services import read_service
+from control.core.services import read_service, read_workload
+from injector.core import Settings
+from injector.core.settings import CaptureSettings
 from tests.cluster import SHOP, agent_accepts, check_shape, pod, world
+from tests.unit.test_injector_core import injected
+from tests.unit.test_injector_core import pod as injector_pod
 
 SETTINGS = MeshSettings("example.org")
 BACKEND_ID = "spiffe://example.org/ns/shop/sa/backend"
@@ -396,3 +400,22 @@ def test_what_is_left_out_of_the_mesh_is_logged_once(caplog: pytest.LogCaptureFi
         "mesh: 1 Service(s) left out ...",
         "pod shop/web-0: bad entry",
     ]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_pod_is_captured_for_the_control_plane_exactly_when_the_injector_captured_it(
+    enabled: bool,
+) -> None:
+    """The two name the capture container apart (control may not import the injector): a
+    rename on one side alone would send a captured pod listeners and no destinations,
+    so every call it makes would leave the mesh as plain TCP. Nor is the status port its
+    probes are rewritten to an app port."""
+    settings = Settings(capture=CaptureSettings(enabled=enabled))
+    probe = {"httpGet": {"path": "/ready", "port": 8080}}
+    app = {"name": "app", "image": "app:1", "ports": [{"containerPort": 8080}]}
+    source = injector_pod(containers=[{**app, "readinessProbe": probe}])
+    patched = injected(source, settings)
+    workload = read_workload(patched, ("shop", "web"))
+    assert workload is not None
+    assert workload.captured is enabled
+    assert workload.ports == (8080,)
