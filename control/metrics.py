@@ -63,8 +63,8 @@ class ControlMetrics:
         )
         self.services_left_out = Gauge(
             "outrider_control_captured_services_left_out",
-            "Services left out of every captured pod's snapshot, the largest first, to keep"
-            " it within what an agent takes (the log names them)",
+            "Services left out of every captured pod's snapshot, to keep it within what an"
+            " agent takes (the log names them)",
             registry=r,
         )
         self.connections_closed = Counter(

@@ -170,8 +170,8 @@ class MeshWide:
     #: ClusterIP:port of every Service port without injected endpoints, sorted: in the
     #: registry, outside the mesh, passed through as plain TCP.
     passthrough: list[str] = field(default_factory=list)
-    #: Services left out, largest first, so that a snapshot stays within what an agent
-    #: takes (SHARED_BYTES, SHARED_CONTAINERS); and why, for the log.
+    #: Services left out so that a snapshot stays within what an agent takes
+    #: (SHARED_BYTES, SHARED_CONTAINERS; _within_bounds says which); and why, for the log.
     left_out: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     #: id(entry) -> its encoding (measured here; Mesh sends these bytes).
@@ -417,23 +417,40 @@ class _ServicePart:
 
 def _within_bounds(parts: list[_ServicePart], wide: MeshWide) -> list[_ServicePart]:
     """The Services that fit in every captured pod's snapshot together: all of them, or,
-    past SHARED_BYTES or SHARED_CONTAINERS, all but the largest, left out one by one.
+    past SHARED_BYTES or SHARED_CONTAINERS, all but some, left out one by one: the
+    largest Service of the namespace that takes the most, until the rest fit.
 
     A snapshot past what the agent takes is refused whole, by every captured pod at
     once: one Service of thousands of ports (any namespace may create it) would cut
-    the whole mesh off its config. Left out, the largest Services cost only their own
+    the whole mesh off its config. Left out, the Services cost only their own
     callers: a call to their ClusterIPs follows outbound_traffic_policy (registry-only
     refuses it; a STRICT captured backend refuses the plain TCP allow-any sends), and
-    an `outrider.io/upstreams` listener still reaches them. The control plane says so
-    (its log, /debug, outrider_control_captured_services_left_out)."""
+    an `outrider.io/upstreams` listener still reaches them. By namespace first, since
+    whoever may create one huge Service may as well create a thousand small ones: those
+    must not push another team's largest Service out. The control plane says what was
+    left out (its log, /debug, outrider_control_captured_services_left_out)."""
     size = sum(p.size for p in parts)
     containers = sum(p.containers for p in parts)
     if size <= SHARED_BYTES and containers <= SHARED_CONTAINERS:
         return parts
+    # Each namespace's Services, the largest last (popped first).
+    smallest_first = sorted(parts, key=lambda p: (p.size, p.containers, p.name))
+    by_namespace: dict[str, list[_ServicePart]] = {}
+    for part in smallest_first:
+        by_namespace.setdefault(part.namespace, []).append(part)
+    taken = {
+        ns: [sum(p.size for p in ps), sum(p.containers for p in ps)]
+        for ns, ps in by_namespace.items()
+    }
     dropped: set[tuple[str, str]] = set()
-    for part in sorted(parts, key=lambda p: (-p.size, -p.containers, p.namespace, p.name)):
-        if size <= SHARED_BYTES and containers <= SHARED_CONTAINERS:
-            break
+    while size > SHARED_BYTES or containers > SHARED_CONTAINERS:
+        namespace = min(taken, key=lambda ns: (-taken[ns][0], -taken[ns][1], ns))
+        part = by_namespace[namespace].pop()
+        if not by_namespace[namespace]:
+            del taken[namespace]
+        else:
+            taken[namespace][0] -= part.size
+            taken[namespace][1] -= part.containers
         dropped.add((part.namespace, part.name))
         size -= part.size
         containers -= part.containers
@@ -441,10 +458,11 @@ def _within_bounds(parts: list[_ServicePart], wide: MeshWide) -> list[_ServicePa
     shown = ", ".join(f"{ns}/{name}" for ns, name in wide.left_out[:5])
     more = len(wide.left_out) - 5
     wide.warnings.append(
-        f"{len(wide.left_out)} Service(s) left out of every captured pod's snapshot, the"
-        f" largest first: {shown}{f' and {more} more' if more > 0 else ''}. The Services of"
-        f" the mesh may take {SHARED_BYTES} bytes and {SHARED_CONTAINERS} arrays and objects"
-        f" of a snapshot (an agent refuses one past {AGENT_SNAPSHOT_BYTES} bytes or"
+        f"{len(wide.left_out)} Service(s) left out of every captured pod's snapshot (of the"
+        f" namespaces that take the most, the largest first): {shown}"
+        f"{f' and {more} more' if more > 0 else ''}. The Services of the mesh may take"
+        f" {SHARED_BYTES} bytes and {SHARED_CONTAINERS} arrays and objects of a snapshot"
+        f" (an agent refuses one past {AGENT_SNAPSHOT_BYTES} bytes or"
         f" {AGENT_SNAPSHOT_CONTAINERS} arrays and objects). A captured call to their"
         " ClusterIPs follows outbound_traffic_policy; an outrider.io/upstreams listener"
         " still reaches them"

@@ -383,7 +383,8 @@ def test_one_huge_service_cannot_push_every_captured_pods_snapshot_past_the_agen
     assert mesh.left_out == (("evil", "wide"),)
     (warning,) = mesh.warnings
     assert warning.startswith(
-        "1 Service(s) left out of every captured pod's snapshot, the largest first: evil/wide."
+        "1 Service(s) left out of every captured pod's snapshot (of the namespaces that take"
+        " the most, the largest first): evil/wide."
     )
     # Without capture, nothing is measured or left out.
     plain = world(pod("web-0"), _service("wide", wide, "evil"), pod("wide-0", "evil"))
@@ -419,3 +420,34 @@ def test_a_pod_is_captured_for_the_control_plane_exactly_when_the_injector_captu
     assert workload is not None
     assert workload.captured is enabled
     assert workload.ports == (8080,)
+
+
+def test_many_small_services_of_one_namespace_cannot_push_another_namespaces_service_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whoever may create Services in one namespace may create many small ones. Past the
+    bound, the namespace that takes the most of every snapshot loses its largest Service
+    first, not the largest Service of the mesh, which may be another team's."""
+    wide = ", ".join(f"{{name: p{i}, port: {2000 + i}}}" for i in range(12))
+    small = "".join(_service(f"s{i}", "{port: 80}", "evil", "small") for i in range(20))
+    objects = world(
+        pod("web-0", captured=True, ip="10.0.0.5"),
+        pod("big-0", captured=True, ip="10.0.0.4"),
+        pod("small-0", "evil", captured=True, ip="10.0.1.1", ports=[80]),
+        _service("big", wide),
+        small,
+    )
+    everything = _config(compile_mesh(objects, SETTINGS), "web-0")["outbound"]
+    sizes: dict[str, int] = {}
+    for entry in everything:
+        service = entry["name"].split(":")[0]
+        sizes[service] = sizes.get(service, 0) + len(encode(entry)) + 1
+    big = sizes.pop("big.shop")
+    evil = sum(sizes.values())
+    assert big > max(sizes.values())  # the largest Service
+    assert evil > big  # but evil's Services take more of every snapshot together
+    monkeypatch.setattr(upstreams, "SHARED_BYTES", big + evil - 2 * max(sizes.values()) + 10)
+    mesh = compile_mesh(objects, SETTINGS)
+    names = [e["name"] for e in _config(mesh, "web-0")["outbound"]]
+    assert sum(name.startswith("big.shop:") for name in names) == 12
+    assert len(mesh.left_out) == 2 and all(ns == "evil" for ns, _ in mesh.left_out)
