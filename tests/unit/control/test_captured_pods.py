@@ -411,7 +411,7 @@ def test_a_pod_is_captured_for_the_control_plane_exactly_when_the_injector_captu
     rename on one side alone would send a captured pod listeners and no destinations,
     so every call it makes would leave the mesh as plain TCP. Nor is the status port its
     probes are rewritten to an app port."""
-    settings = Settings(capture=CaptureSettings(enabled=enabled))
+    settings = Settings(capture=CaptureSettings(enabled=enabled, exclude_inbound_ports=(9090,)))
     probe = {"httpGet": {"path": "/ready", "port": 8080}}
     app = {"name": "app", "image": "app:1", "ports": [{"containerPort": 8080}]}
     source = injector_pod(containers=[{**app, "readinessProbe": probe}])
@@ -420,6 +420,8 @@ def test_a_pod_is_captured_for_the_control_plane_exactly_when_the_injector_captu
     assert workload is not None
     assert workload.captured is enabled
     assert workload.ports == (8080,)
+    # The ports its capture rules leave alone, read from the capture container's args.
+    assert workload.uncaptured == (frozenset({9090, 15020}) if enabled else frozenset())
 
 
 def test_many_small_services_of_one_namespace_cannot_push_another_namespaces_service_out(
@@ -451,3 +453,32 @@ def test_many_small_services_of_one_namespace_cannot_push_another_namespaces_ser
     names = [e["name"] for e in _config(mesh, "web-0")["outbound"]]
     assert sum(name.startswith("big.shop:") for name in names) == 12
     assert len(mesh.left_out) == 2 and all(ns == "evil" for ns, _ in mesh.left_out)
+
+
+def test_a_port_the_capture_rules_leave_alone_is_no_mtls_endpoint() -> None:
+    """The platform may exclude inbound ports from capture (the injector's
+    exclude_inbound_ports, in the capture container's args): a call to one reaches the
+    app without its agent, so an mTLS connection there would reach the app as TLS bytes
+    and fail. Such a port is no endpoint: a Service that targets only it is passed through,
+    as plain TCP is what the pod takes there."""
+    objects = world(
+        pod("web-0", captured=True, ports=[8080, 9090], ip="10.0.0.7"),
+        pod("client-0", captured=True, ip="10.0.0.5"),
+        _service("web", "{port: 80, targetPort: 8080}"),
+        _service("metrics", "{port: 9090}", selector="web"),
+    )
+    (capture, _) = objects["Pod"][("shop", "web-0")]["spec"]["initContainers"]
+    capture["args"] = ["capture", "apply", "--exclude-inbound-ports", "15020,9090"]
+    objects["Service"][("shop", "web")]["spec"]["clusterIPs"] = ["10.96.0.80"]
+    objects["Service"][("shop", "metrics")]["spec"]["clusterIPs"] = ["10.96.0.90"]
+    mesh = compile_mesh(objects, SETTINGS)
+    config = _config(mesh, "client-0")
+    assert [(e["name"], e["endpoints"]) for e in config["outbound"]] == [
+        ("web.shop:80", ["10.0.0.7:8080"])
+    ]
+    assert config["captured"]["outbound"]["passthrough"] == ["10.96.0.90:9090"]
+    assert mesh.pod_warnings[("shop", "web-0")] == (
+        "Service shop/metrics port 9090 targets 9090, which the pod's capture rules leave"
+        " alone (--exclude-inbound-ports): its agent never takes a call there, so it is no"
+        " mTLS endpoint; callers reach it as plain TCP",
+    )
