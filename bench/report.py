@@ -122,6 +122,21 @@ def control_lines(record: Record) -> list[str]:
     ]
 
 
+def capture_lines(record: Record) -> list[str]:
+    capture = record.get("capture")
+    if not capture:
+        return []
+    from bench.capture import table
+
+    return [
+        "",
+        "**Transparent capture: the app calls the Service's ClusterIP, or its agent's"
+        " 127.0.0.1:15001** (one pod pair, requests alternating; bench/capture.py)",
+        "",
+        *table(capture),
+    ]
+
+
 def goals(record: Record) -> list[tuple[str, str, bool | None]]:
     """(goal, measured, met); met is None when the feature has not landed."""
     rows = {s["name"]: {r["pair"]: r for r in s["rows"]} for s in record["summary"]}
@@ -227,7 +242,7 @@ def markdown(record: Record) -> str:
         " pairs alternating, load generator pinned to CPU 0; medians with min-max).",
     ]
     body = dataplane_lines(record) + cost_lines(record) + ca_lines(record)
-    body += control_lines(record) + goal_lines(record)
+    body += control_lines(record) + capture_lines(record) + goal_lines(record)
     return "\n".join(head + body) + "\n"
 
 

@@ -6,10 +6,12 @@ Installs what it needs (bench/procs.py), runs the data-plane scenarios
 (bench/dataplane.py), then CA issuance over gRPC, in process and from OpenBao
 (bench/ca_issuance.py, bench/ca_vault.py) and admission latency
 (bench/admission.py), then how fast an API change reaches 1, 100 and 2,000 agents
-through the control plane (bench/control_plane.py). Prints the tables with ratios of Envoy; writes
-bench/results/<timestamp>.json and .md, and docs/bench/latest.md and
-latest.png, the chart the README shows, and the table into the README. Every run is bounded in
-time; every process started is stopped on exit, Ctrl-C or SIGTERM.
+through the control plane (bench/control_plane.py), then transparent capture's added
+latency beside the explicit 127.0.0.1:15001 path on one pod pair (bench/capture.py).
+Prints the tables with ratios of Envoy; writes bench/results/<timestamp>.json and .md,
+and docs/bench/latest.md and latest.png, the chart the README shows, and the table into
+the README. Every run is bounded in time; every process started is stopped on exit,
+Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -117,6 +119,16 @@ def control_plane(quick: bool) -> dict[str, Any]:
     return dict(json.loads(found[1]))
 
 
+def capture(quick: bool) -> dict[str, Any]:
+    """Transparent capture's added latency beside the explicit 127.0.0.1:15001 path."""
+    command = [sys.executable, "-m", "bench.capture", *(["--quick"] if quick else [])]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    found = re.search(r"^RESULT (.*)$", done.stdout, re.M)
+    if done.returncode != 0 or not found:
+        raise RuntimeError(f"bench/capture.py failed:\n{done.stdout}{done.stderr}")
+    return dict(json.loads(found[1]))
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds every `with`, which stops every process
 
@@ -147,6 +159,7 @@ def main() -> None:
             plane = dataplane.run(Path(tmp), rounds, seconds, args.connections, only)
         ca = {"rows": [] if only else ca_rows(args.quick)}
         control = {} if only else control_plane(args.quick)
+        captured = {} if only else capture(args.quick)
     except KeyboardInterrupt:
         sys.exit("interrupted; every process started here has been stopped")
     record: dict[str, Any] = {
@@ -160,6 +173,7 @@ def main() -> None:
         "summary": dataplane.summarize(plane),
         "ca": ca,
         "control": control,
+        "capture": captured,
         "minutes": (datetime.now(UTC) - started).total_seconds() / 60,
     }
     text = report.markdown(record)

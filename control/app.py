@@ -104,7 +104,8 @@ async def serve(
     def compiled(mesh: Mesh) -> None:
         service.mesh_changed()
         writer.offer(mesh.statuses)
-        _log_new_warnings(warned, mesh.pod_warnings)
+        _log_new_warnings(warned, {**mesh.pod_warnings, ("", ""): mesh.warnings})
+        metrics.services_left_out.set(len(mesh.left_out))
 
     state = MeshState(
         lambda: informers.objects,
@@ -173,11 +174,15 @@ def _log_new_warnings(
     warned: dict[tuple[str, str], tuple[str, ...]],
     now: Mapping[tuple[str, str], tuple[str, ...]],
 ) -> None:
-    """Pods have no status to write to: what was skipped about one is logged, once."""
+    """Pods have no status to write to: what was skipped about one is logged, once; and
+    what was skipped about the whole mesh, under ("", "")."""
     for (namespace, pod), warnings in now.items():
         for warning in warnings:
             if warning not in warned.get((namespace, pod), ()):
-                log.warning("pod %s/%s: %s", namespace, pod, warning)
+                if namespace or pod:
+                    log.warning("pod %s/%s: %s", namespace, pod, warning)
+                else:
+                    log.warning("mesh: %s", warning)
     warned.clear()
     warned.update(now)
 

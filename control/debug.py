@@ -51,7 +51,11 @@ def make_app(
             "version": mesh.version_for(namespace, name),
             "config": found,
             # What in or about the pod was skipped, and why (a bad upstreams entry...).
-            "warnings": list(mesh.pod_warnings.get((namespace, name), ())),
+            # For a captured pod, also what was left out of every captured pod's snapshot.
+            "warnings": [
+                *mesh.pod_warnings.get((namespace, name), ()),
+                *(mesh.warnings if "captured" in found else ()),
+            ],
         }
         return web.json_response(body)
 

@@ -124,10 +124,14 @@ class ClusterApi(Protocol):
         ...
 
 
-#: Kinds whose absence is never "none of them": AuthorizationPolicy is Outrider's own CRD,
-#: installed before the control plane, and a mesh compiled without it would send agents
-#: no DENY policy. A 404 for one holds readiness until it is listed.
-REQUIRED = frozenset({"Pod", "Service", "EndpointSlice", "AuthorizationPolicy"})
+#: Kinds whose absence is never "none of them": AuthorizationPolicy and PeerAuthentication
+#: are Outrider's own CRDs, installed together before the control plane. A mesh compiled
+#: without the first would send agents no DENY policy; without the second, it would turn
+#: every PERMISSIVE captured pod STRICT and shut out the callers a migration still needs.
+#: A 404 for one holds readiness until it is listed.
+REQUIRED = frozenset(
+    {"Pod", "Service", "EndpointSlice", "AuthorizationPolicy", "PeerAuthentication"}
+)
 
 
 #: The kinds whose status the control plane writes (control.core: conditions, and the

@@ -61,6 +61,12 @@ class ControlMetrics:
             ["result"],
             registry=r,
         )
+        self.services_left_out = Gauge(
+            "outrider_control_captured_services_left_out",
+            "Services left out of every captured pod's snapshot, to keep it within what an"
+            " agent takes (the log names them)",
+            registry=r,
+        )
         self.connections_closed = Counter(
             "outrider_control_connections_closed",
             f"Connections closed at a limit, by reason ({', '.join(CLOSE_REASONS)})",

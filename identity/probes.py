@@ -14,9 +14,10 @@ the status port.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Literal
+from urllib.parse import urljoin, urlsplit
 
 __all__ = [
     "APP_HEALTH",
@@ -26,7 +27,9 @@ __all__ = [
     "TcpSocket",
     "header_error",
     "http_passed",
+    "informational",
     "path_error",
+    "redirected",
     "request_head",
     "request_path_error",
     "status_code",
@@ -47,7 +50,8 @@ Scheme = Literal["HTTP", "HTTPS"]
 
 @dataclass(frozen=True)
 class HttpGet:
-    """GET `path` from 127.0.0.1:`port`: 2xx and 3xx pass (a redirect is not followed)."""
+    """GET `path` from 127.0.0.1:`port`: a final 2xx or 3xx passes (redirects to 127.0.0.1
+    followed, as the kubelet follows those to the host it asked; `redirected`)."""
 
     port: int
     path: str = "/"
@@ -104,22 +108,67 @@ def request_path_error(path: str) -> str | None:
     return None
 
 
+#: Headers of the probe's own that are never sent: the request frames itself, a GET with
+#: no body (Go's client, the kubelet's, leaves out the first three the same way), on a
+#: connection the agent closes after the answer (its own `Connection: close`).
+_FRAMING = frozenset({"content-length", "transfer-encoding", "trailer", "connection"})
+
+
 def request_head(probe: HttpGet) -> bytes:
     """The GET as the kubelet would send it (its Host, User-Agent and Accept, each
-    replaced by a header of the probe's own with that name)."""
-    path = probe.path if probe.path.startswith("/") else "/" + probe.path
+    replaced by a header of the probe's own with that name, and none of the probe's
+    headers that frame a request)."""
+    path = request_path(probe)
     headers = {
         "host": ("Host", f"{HOST}:{probe.port}"),
         "user-agent": ("User-Agent", "kube-probe/outrider"),
         "accept": ("Accept", "*/*"),
     }
-    own = [(name, value) for name, value in probe.headers]
+    own = [(name, value) for name, value in probe.headers if name.lower() not in _FRAMING]
     for name, _ in own:
         headers.pop(name.lower(), None)
     lines = [f"GET {path} HTTP/1.1", *(f"{n}: {v}" for n, v in headers.values())]
     lines += [f"{n}: {v}" for n, v in own]
     lines += ["Connection: close", "", ""]
     return "\r\n".join(lines).encode("latin-1")
+
+
+#: Redirects followed before the probe fails, as the kubelet's.
+MAX_REDIRECTS = 10
+
+
+def redirected(probe: HttpGet, location: str) -> HttpGet | None:
+    """The request the kubelet would make for a redirect to `location`, or None if it
+    would not follow it (another host: the redirect itself passes). It follows one to
+    the host it asked, whatever the port or scheme; here that host is 127.0.0.1, so
+    no redirect can make the agent ask anything else."""
+    base = f"{probe.scheme.lower()}://{HOST}:{probe.port}{request_path(probe)}"
+    try:
+        target = urlsplit(urljoin(base, location.strip()))
+        port = target.port or (443 if target.scheme == "https" else 80)
+    except ValueError:
+        return None
+    if target.scheme not in ("http", "https") or target.hostname != HOST:
+        return None
+    path = target.path or "/"
+    path += f"?{target.query}" if target.query else ""
+    if request_path_error(path):
+        return None
+    headers = probe.headers
+    if urlsplit(location.strip()).netloc:  # absolute: the Host is the new URL's
+        headers = tuple(h for h in headers if h[0].lower() != "host")
+    scheme: Scheme = "HTTPS" if target.scheme == "https" else "HTTP"
+    return replace(probe, port=port, path=path, scheme=scheme, headers=headers)
+
+
+def request_path(probe: HttpGet) -> str:
+    return probe.path if probe.path.startswith("/") else "/" + probe.path
+
+
+def informational(status: int) -> bool:
+    """A 1xx answer that another follows (103 Early Hints, 100 Continue): not 101, after
+    which the connection speaks another protocol."""
+    return 100 <= status < 200 and status != 101
 
 
 def http_passed(status: int) -> bool:

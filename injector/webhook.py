@@ -1,6 +1,6 @@
 """The webhook's HTTP side: /mutate (AdmissionReview v1), /healthz and /metrics.
 
-`/mutate?capture=disabled` is the same mutation without capture, for the
+`/mutate/capture-disabled` is the same mutation without capture, for the
 namespaces labelled outrider.io/capture=disabled (deploy/base/webhook.yaml
 sends those there).
 
@@ -35,12 +35,14 @@ from identity.serving import CLOSE_REASONS, reports_progress
 from injector.config import Limits
 from injector.core import (
     INJECTED,
+    MUTATE,
+    MUTATE_WITHOUT_CAPTURE,
     Admission,
     BadRequest,
     Settings,
     admit,
     decode,
-    settings_for_query,
+    settings_for,
 )
 
 log = logging.getLogger("outrider.injector")
@@ -97,7 +99,7 @@ def make_app(
     async def mutate(request: web.Request) -> web.Response:
         started = clock()
         try:
-            chosen = settings_for_query(settings, list(request.query.items()))
+            chosen = settings_for(settings, request.path, list(request.query.items()))
             body = await _read(request, limits.max_body_bytes, body_timeout)
             admission = await asyncio.to_thread(_answer, body, chosen, limits.max_json_depth)
         except BadRequest as exc:
@@ -123,7 +125,8 @@ def make_app(
 
     # reports_progress: the acceptor's idle timeout counts answered requests, not bytes
     app = web.Application(client_max_size=limits.max_body_bytes, middlewares=[reports_progress])
-    app.router.add_post("/mutate", mutate)
+    app.router.add_post(MUTATE, mutate)
+    app.router.add_post(MUTATE_WITHOUT_CAPTURE, mutate)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", get_metrics)
     return app

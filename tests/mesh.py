@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -178,21 +179,36 @@ async def echo_server(accepted: list[int] | None = None) -> AsyncIterator[int]:
 
 
 @contextmanager
-def threaded_app(application: web.Application, tls: ssl.SSLContext | None = None) -> Iterator[int]:
+def threaded_app(
+    application: web.Application,
+    tls: ssl.SSLContext | None = None,
+    sock: socket.socket | None = None,
+) -> Iterator[int]:
     """An aiohttp app on an event loop of its own in a thread, so tests that block on
-    sockets and agent processes can reach it (over HTTPS with `tls`); yields its port."""
+    sockets and agent processes can reach it (over HTTPS with `tls`); yields its port.
+    On 127.0.0.1 unless given a bound, listening `sock` (e.g. one of a pod's,
+    tests.netns.Pod.socket). The loop is driven only in its thread: the caller may be
+    running a loop of its own."""
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(application, access_log=None)
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls).start())
+
+    async def start() -> int:
+        await runner.setup()
+        if sock is None:
+            site: web.BaseSite = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
+        else:
+            site = web.SockSite(runner, sock, ssl_context=tls)
+        await site.start()
+        return int(runner.addresses[0][1])
+
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        yield runner.addresses[0][1]
+        yield asyncio.run_coroutine_threadsafe(start(), loop).result(10)
     finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
-        loop.run_until_complete(runner.cleanup())
         loop.close()
 
 
@@ -348,22 +364,30 @@ def agent_process(
     env: Mapping[str, str] | None = None,
     ready: bool = True,
     prefix: Sequence[str] = (),
+    config_env: str | None = None,
 ) -> Iterator[AgentProcess]:
     """`outrider agent run` as a real process; yields once it logs that it is ready
     (`ready` False: once its admin server listens, `bound` holding only that).
 
     `launcher` and `env` run it another way (tests.k8s.in_cluster: as in a pod);
     `prefix` goes before the command line: `Pod.prefix` (tests.netns) runs it in a
-    pod's network namespace.
+    pod's network namespace. `config_env`: `raw` goes in that environment variable
+    (`--config-env`, as the injector's container passes it), not in a file.
     """
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    extra = dict(env or {})
+    if config_env is None:
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        arguments = ["--config", str(path)]
+    else:
+        extra[config_env] = json.dumps(raw)
+        arguments = ["--config-env", config_env]
     process = subprocess.Popen(
-        [*prefix, sys.executable, *launcher, "agent", "run", "--config", str(path)],
+        [*prefix, sys.executable, *launcher, "agent", "run", *arguments],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, **extra, "PYTHONUNBUFFERED": "1"},
     )
     log: list[str] = []
     match = wait_for_line(process, _READY if ready else _ADMIN, log, timeout, f"agent {name}")

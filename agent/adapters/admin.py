@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives import hashes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.adapters.metrics import AgentMetrics
-from agent.adapters.probes import Prober
+from agent.adapters.probes import MAX_IN_FLIGHT, Prober
 from agent.config import AgentConfig, Limits
 from agent.core.svid import Svid
 from agent.core.upstream import Endpoint
@@ -159,7 +159,10 @@ class Servers:
 async def serve(agent: AgentView) -> Servers:
     """Start the admin server, and the status server if the config asks for one."""
     handlers = routes(agent)
-    prober = Prober()  # one bound on probes in flight, for both servers
+    # One bound on probes in flight, for both servers. Each probe runs once at a time,
+    # so the pod's own probes are all that can be in flight: the kubelet runs each on
+    # its own clock and, with slow apps, every one of them may overlap the others.
+    prober = Prober(max(MAX_IN_FLIGHT, len(agent.config.probes)))
     servers = Servers()
     if not _loopback(agent.config.admin.host):
         log.warning(
@@ -179,6 +182,7 @@ async def serve(agent: AgentView) -> Servers:
     except OSError:
         servers.close()
         raise
+    prober.own_ports = frozenset(server.port for server in servers.servers.values())
     return servers
 
 
@@ -201,6 +205,7 @@ class Server:
         self.prober = prober
         self.connections: dict[AdminProtocol, None] = {}
         self.address = ""
+        self.port = 0
         self._server: asyncio.Server | None = None
 
     @classmethod
@@ -219,7 +224,7 @@ class Server:
         except OSError as exc:
             raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from None
         host, port = server._server.sockets[0].getsockname()[:2]
-        server.address = str(Listen(host, port))
+        server.address, server.port = str(Listen(host, port)), port
         log.info("%s listening on %s", name, server.address)
         return server
 

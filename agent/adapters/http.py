@@ -119,7 +119,7 @@ class HttpExchange:
         self.client, self.app = client, app
         self.authorize = authorize
         self.underscores = underscores  # what a header name with an underscore gets
-        self.identity = identity  # the x-forwarded-client-cert value for this peer
+        self.identity = identity  # the x-forwarded-client-cert value for this peer; b"": none
         self.on_response = on_response
         self.requests = httptools.HttpRequestParser(RequestEvents(self))
         # Bytes fed to the request parser since it last handed any on (a body piece,
@@ -231,7 +231,8 @@ class HttpExchange:
         forwarded = path + ("?" + query if query else "")
         lines = [f"{method.decode('ascii')} {forwarded} HTTP/{version}".encode("latin-1")]
         lines += [b"%s: %s" % (n, v) for n, v in headers if not _identity(n)]
-        lines.append(b"x-forwarded-client-cert: " + self.identity)
+        if self.identity:  # none for a plaintext caller that permissive capture let in
+            lines.append(b"x-forwarded-client-cert: " + self.identity)
         chunked = any("chunked" in v.lower() for v in values.get("transfer-encoding", ()))
         self._enqueue(_Request(method, b"\r\n".join(lines) + b"\r\n\r\n", chunked=chunked))
 

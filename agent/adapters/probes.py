@@ -1,22 +1,27 @@
 """The app's probes performed on loopback for the kubelet: the I/O of identity/probes.py.
 
 Each check is bounded in time (the probe's timeoutSeconds, as the kubelet's own
-wait for the rewritten probe) and in number: at most MAX_IN_FLIGHT checks run at
-once, across the admin and status servers, and one beyond that fails at once
-(503) instead of queuing. The status port is on the pod network and nobody
-authenticates there, so a flood of /app-health requests must cost the agent a
-few sockets, not one per request. A pod's probes are a few per container, each
-at most once a second.
+wait for the rewritten probe) and in number: a probe asked while it runs is not
+run again (the callers share the run's outcome), and at most MAX_IN_FLIGHT
+distinct probes run at once, across the admin and status servers; one beyond
+that fails at once (503) instead of queuing. The status port is on the pod
+network and nobody authenticates there, so a flood of /app-health requests must
+cost the agent and the app a few sockets, not one per request, and must not
+take the kubelet's place. A pod's probes are a few per container, each at most
+once a second.
 
 The answer says why a probe failed in a few words of ours (the status code, a
 timeout, the connect error); never the app's bytes, which reach the kubelet's
 events and `kubectl describe`.
+
+Never the agent's own servers: they serve /app-health too, so a probe of one
+(port 15000 or 15020, by mistake or on purpose) would ask the agent to perform
+itself again, each turn holding a place in flight until the bound is full.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import ssl
 from dataclasses import dataclass
 
@@ -25,11 +30,14 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from identity.probes import (
     HOST,
+    MAX_REDIRECTS,
     AppProbe,
     Grpc,
     HttpGet,
     TcpSocket,
     http_passed,
+    informational,
+    redirected,
     request_head,
     status_code,
 )
@@ -40,7 +48,18 @@ __all__ = ["MAX_IN_FLIGHT", "Outcome", "Prober"]
 MAX_IN_FLIGHT = 16
 #: A status line longer than this is no HTTP server's (the stream's read limit).
 MAX_STATUS_LINE = 8 * 1024
+#: Informational answers skipped before the final one (Go's client: 5, then an error),
+#: and the header lines of each read past.
+MAX_INFORMATIONAL, MAX_HEADER_LINES = 5, 100
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass
+class _Run:
+    """A probe being performed, and how many callers wait for its outcome."""
+
+    task: asyncio.Task[Outcome]
+    waiting: int = 0
 
 
 @dataclass(frozen=True)
@@ -49,27 +68,21 @@ class Outcome:
     reason: str  # a few words of ours: shown to the kubelet, never the app's bytes
 
 
-@dataclass
-class _Shared:
-    """One check of a probe, awaited by every request for it that came meanwhile."""
-
-    task: asyncio.Task[Outcome]
-    waiters: int = 0
-
-
 class Prober:
-    """Performs probes against 127.0.0.1, at most `max_in_flight` at a time.
+    """Performs probes against 127.0.0.1: each probe at most once at a time, and at most
+    `max_in_flight` probes at a time.
 
-    Requests for a probe that is being checked already wait for that check's outcome
-    rather than start another: a flood of /app-health requests on the status port
-    (anyone on the pod network may send them) cannot use up the bound and make the
-    kubelet's own probe fail, so cannot get the app restarted or taken out of its
-    Service. The bound then counts distinct probes, a few per container.
+    Whoever asks for a probe while it runs gets the outcome of that run: a flood of
+    one /app-health path costs the app one request, and the kubelet's request among
+    the flood is answered, not refused for want of a place (a liveness probe refused
+    three times restarts the pod). The bound then only counts distinct probes.
     """
 
     def __init__(self, max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.max_in_flight = max_in_flight
-        self._running: dict[AppProbe, _Shared] = {}
+        #: The ports of the agent's admin and status servers, once they listen.
+        self.own_ports: frozenset[int] = frozenset()
+        self._running: dict[AppProbe, _Run] = {}
         self._tls: ssl.SSLContext | None = None
 
     @property
@@ -77,27 +90,28 @@ class Prober:
         return len(self._running)
 
     async def check(self, probe: AppProbe) -> Outcome:
-        shared = self._running.get(probe)
-        if shared is None:
+        if probe.action.port in self.own_ports:
+            return Outcome(False, f"port {probe.action.port} is the agent's own")
+        run = self._running.get(probe)
+        if run is None or run.task.cancelling():  # a run its last caller left is no outcome
             if self.in_flight >= self.max_in_flight:
                 return Outcome(False, f"more than {self.max_in_flight} probes in flight")
-            task = asyncio.get_running_loop().create_task(self._check(probe))
-            shared = self._running[probe] = _Shared(task)
-            task.add_done_callback(functools.partial(self._forget, probe, shared))
-        shared.waiters += 1
+            run = _Run(asyncio.get_running_loop().create_task(self._timed(probe)))
+            self._running[probe] = run
+            run.task.add_done_callback(lambda _: self._done(probe, run))
+        run.waiting += 1
         try:
-            return await asyncio.shield(shared.task)
+            return await asyncio.shield(run.task)  # one caller gone stops nobody else's
         finally:
-            shared.waiters -= 1
-            if not shared.waiters and not shared.task.done():  # nobody waits: stop it
-                shared.task.cancel()
-                self._forget(probe, shared)
+            run.waiting -= 1
+            if run.waiting == 0:
+                run.task.cancel()  # nobody waits: the probe stops, its place is free
 
-    def _forget(self, probe: AppProbe, shared: _Shared, _: object = None) -> None:
-        if self._running.get(probe) is shared:
+    def _done(self, probe: AppProbe, run: _Run) -> None:
+        if self._running.get(probe) is run:
             del self._running[probe]
 
-    async def _check(self, probe: AppProbe) -> Outcome:
+    async def _timed(self, probe: AppProbe) -> Outcome:
         seconds = probe.timeout.total_seconds()
         try:
             async with asyncio.timeout(seconds):
@@ -119,21 +133,39 @@ class Prober:
         return await _grpc(action)
 
     async def _http_get(self, probe: HttpGet) -> Outcome:
+        """GET, following redirects to 127.0.0.1 as the kubelet follows them to the host
+        it asked: the final answer decides."""
+        for _ in range(MAX_REDIRECTS + 1):
+            if probe.port in self.own_ports:
+                return Outcome(False, f"port {probe.port} is the agent's own")
+            status, location = await self._exchange(probe)
+            if status is None:
+                return Outcome(False, "the app's answer is not HTTP/1.x")
+            if informational(status):
+                return Outcome(False, f"more than {MAX_INFORMATIONAL} informational answers")
+            target = redirected(probe, location) if location is not None else None
+            if not 300 <= status < 400 or target is None:
+                return Outcome(http_passed(status), f"HTTP {status}")
+            probe = target
+        return Outcome(False, f"stopped after {MAX_REDIRECTS} redirects")
+
+    async def _exchange(self, probe: HttpGet) -> tuple[int | None, str | None]:
+        """The app's final status, and its Location if it is a redirect."""
         context = self._tls_context() if probe.scheme == "HTTPS" else None
         reader, writer = await asyncio.open_connection(
             HOST, probe.port, ssl=context, limit=MAX_STATUS_LINE
         )
         try:
             writer.write(request_head(probe))
-            line = await reader.readline()
+            status = await _final_status(reader)
+            location = None
+            if status is not None and 300 <= status < 400:
+                location = await _location(reader)
+            return status, location
         except ValueError:  # past the limit: no newline within MAX_STATUS_LINE bytes
-            line = b""
+            return None, None
         finally:
             writer.transport.abort()  # no close_notify to wait for: we have the answer
-        status = status_code(line)
-        if status is None:
-            return Outcome(False, "the app's answer is not HTTP/1.x")
-        return Outcome(http_passed(status), f"HTTP {status}")
 
     def _tls_context(self) -> ssl.SSLContext:
         """The kubelet's: TLS without verifying the app's certificate (it is the pod's own,
@@ -144,6 +176,34 @@ class Prober:
             context.verify_mode = ssl.CERT_NONE
             self._tls = context
         return self._tls
+
+
+async def _final_status(reader: asyncio.StreamReader) -> int | None:
+    """The status of the app's final answer, past its informational ones (1xx but 101),
+    as Go's client skips them; the last 1xx if there are more than MAX_INFORMATIONAL,
+    None if the answer is not HTTP/1.x."""
+    for _ in range(MAX_INFORMATIONAL + 1):
+        status = status_code(await reader.readline())
+        if status is None or not informational(status):
+            return status
+        for _ in range(MAX_HEADER_LINES):  # the 1xx answer's headers, to its blank line
+            if (await reader.readline()).strip() == b"":
+                break
+        else:
+            return None
+    return status
+
+
+async def _location(reader: asyncio.StreamReader) -> str | None:
+    """The Location header of the answer whose status line was just read."""
+    for _ in range(MAX_HEADER_LINES):
+        line = await reader.readline()
+        if line.strip() == b"":
+            return None
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"location":
+            return value.strip().decode("latin-1")
+    return None
 
 
 async def _grpc(probe: Grpc) -> Outcome:

@@ -70,7 +70,7 @@ from control.core.services import (
     slice_service,
 )
 from control.core.traffic import CompiledTraffic, TrafficState, attach_traffic, compile_traffic
-from control.core.upstreams import ANNOTATION, PortKey, Upstreams
+from control.core.upstreams import ANNOTATION, PortKey, Upstreams, encode
 
 __all__ = [
     "KINDS",
@@ -159,6 +159,12 @@ class Mesh:
     _versions: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
     #: id(outbound entry) -> its encoding; the entries live as long as the Mesh's configs.
     _pieces: dict[int, bytes] = field(default_factory=dict, repr=False, compare=False)
+    #: What about the whole mesh was skipped, and why (logged once by the shell, shown in
+    #: /debug): the Services left out of captured pods' snapshots (upstreams.py).
+    warnings: tuple[str, ...] = ()
+    #: (namespace, Service) left out of every captured pod's snapshot to keep it within
+    #: what an agent takes.
+    left_out: tuple[Key, ...] = ()
 
     def config_for(self, namespace: str, pod: str) -> dict[str, Any] | None:
         """The snapshot's JSON object for this pod (agent.yaml's inbound, outbound and
@@ -201,12 +207,6 @@ class Mesh:
                 text = encode(value)
             parts.append(encode(key) + b":" + text)
         return b"{" + b",".join(parts) + b"}"
-
-
-def encode(value: Any) -> bytes:
-    """A config (or part of one) as sent: JSON, keys sorted, no spaces; the same content
-    gives the same bytes on every replica."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
 def version_of(config: Mapping[str, Any]) -> str:
@@ -287,6 +287,9 @@ class _Compiler:
             },
             configs,
             _Memory(self.settings, self.compiled),
+            _pieces=self.upstreams.encoded(),
+            warnings=tuple(self.upstreams.warnings_mesh_wide()),
+            left_out=tuple(self.upstreams.left_out()),
         )
 
     # -- the world ---------------------------------------------------------------------

@@ -130,9 +130,13 @@ def compile_peer_authentication(
 
 
 def _selector(raw: object, errors: list[str]) -> Selector | None:
-    """matchLabels only, as Istio's; no labels: no selector (the whole namespace)."""
+    """matchLabels only, as Istio's. A selector by no label is refused, not read as the
+    whole namespace: written so, it says the opposite of what it means (some pods),
+    and it is what an unsupported field (matchExpressions) or a misspelt one leaves
+    behind wherever a schema drops it."""
     if raw is None:
         return None
+    before = len(errors)
     if not isinstance(raw, Mapping):
         errors.append("spec.selector: is not a mapping; expected matchLabels")
         return None
@@ -150,6 +154,10 @@ def _selector(raw: object, errors: list[str]) -> Selector | None:
         f"spec.selector.matchLabels.{key}: {labels[key]!r} is not a string; quote label values"
         for key in bad
     )
+    if not labels and len(errors) == before:
+        errors.append(
+            "spec.selector: selects by no label; leave selector out for every pod of the namespace"
+        )
     if bad or not labels:
         return None
     return Selector.of_labels({str(k): v for k, v in labels.items()})
@@ -170,7 +178,12 @@ def _mode(raw: object, path: str, errors: list[str], *, required: bool) -> Mode 
 
 
 def _port(text: str, path: str, errors: list[str]) -> int | None:
-    if not (text.isdecimal() and 0 < int(text) < 65536):
+    """A port as written in decimal, once: "08080" or another script's digits would be a
+    second key for port 8080, and which of two keys applied would depend on their order."""
+    if not (text.isascii() and text.isdecimal() and text == str(int(text))):
+        errors.append(f"{path}: {text!r} is not a port number (1-65535)")
+        return None
+    if not 0 < int(text) < 65536:
         errors.append(f"{path}: {text!r} is not a port number (1-65535)")
         return None
     port = int(text)

@@ -48,6 +48,7 @@ from typing import Any, Literal, TypeGuard
 from agent.core.discovery import SERVICE_NAME_LABEL, endpoint_address, endpoint_state
 from control.core.conditions import meta
 from control.core.selectors import Selector
+from identity.capture import CaptureRulesError, rules_from_flags
 
 __all__ = [
     "AGENT_CONTAINER",
@@ -95,6 +96,9 @@ class Workload:
     #: Its traffic is captured (the injector added CAPTURE_CONTAINER): its agent serves
     #: the app's own ports, and its Services' endpoints are its IP at the app's port.
     captured: bool = False
+    #: The inbound ports its capture rules leave alone (the capture container's
+    #: --exclude-inbound-ports): a call there reaches the app without the agent.
+    uncaptured: frozenset[int] = frozenset()
     _index: Mapping[int, int] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -124,7 +128,9 @@ def read_workload(obj: Mapping[str, Any], key: tuple[str, str]) -> Workload | No
     init = _list(spec.get("initContainers"))
     if not any(isinstance(c, dict) and c.get("name") == AGENT_CONTAINER for c in containers + init):
         return None
-    captured = any(isinstance(c, dict) and c.get("name") == CAPTURE_CONTAINER for c in init)
+    capture = next(
+        (c for c in init if isinstance(c, dict) and c.get("name") == CAPTURE_CONTAINER), None
+    )
     ports: list[int] = []
     names: dict[str, int] = {}
     for container in containers:
@@ -152,9 +158,31 @@ def read_workload(obj: Mapping[str, Any], key: tuple[str, str]) -> Workload | No
         names,
         _owner(obj, m.namespace, m.name),
         frozenset() if spec.get("hostNetwork") is True else _pod_ips(obj.get("status")),
-        captured,
+        capture is not None,
+        _uncaptured(capture),
         {port: i for i, port in enumerate(ports)},
     )
+
+
+def _uncaptured(capture: Mapping[str, Any] | None) -> frozenset[int]:
+    """The inbound ports the capture container's `outrider capture apply` leaves alone, read
+    as the command reads its flags (identity.capture). Flags it would refuse leave the pod
+    uncaptured anyway: its init container fails, and the pod never runs."""
+    if capture is None:
+        return frozenset()
+    args = [a for a in _list(capture.get("args")) if isinstance(a, str)]
+    flag, text = "--exclude-inbound-ports", None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            text = args[i + 1]
+        elif arg.startswith(flag + "="):
+            text = arg.partition("=")[2]
+    if text is None:
+        return frozenset()
+    try:
+        return frozenset(rules_from_flags(exclude_inbound_ports=text).exclude_inbound_ports)
+    except CaptureRulesError:
+        return frozenset()
 
 
 def _pod_ips(status: object) -> frozenset[str]:
@@ -301,6 +329,9 @@ def slice_backends(
             app_port = slice_port if _is_port(slice_port) else workload.target(port.target)
             if workload.captured:  # its agent takes the app's own port
                 listen = app_port if app_port is not None and app_port not in AGENT_PORTS else None
+                if listen is not None and listen in workload.uncaptured:
+                    warn.setdefault(workload.key, []).append(_uncaptured_port(service, port))
+                    continue
             else:
                 listen = None if app_port is None else workload.listener(app_port, inbound_base)
             if listen is None:
@@ -318,6 +349,14 @@ def slice_backends(
             (ready if serving == "ready" else draining).setdefault(backend.address, backend)
     chosen = ready or draining
     return tuple(chosen[address] for address in sorted(chosen))
+
+
+def _uncaptured_port(service: tuple[str, str], port: ServicePort) -> str:
+    return (
+        f"Service {'/'.join(service)} port {port.port} targets {port.target!r}, which the"
+        " pod's capture rules leave alone (--exclude-inbound-ports): its agent never takes a"
+        " call there, so it is no mTLS endpoint; callers reach it as plain TCP"
+    )
 
 
 def _no_listener(service: tuple[str, str], port: ServicePort, workload: Workload) -> str:

@@ -21,6 +21,7 @@ listener, until it has some.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from control.core.services import (
 )
 from control.core.traffic import CompiledTraffic
 
-__all__ = ["ANNOTATION", "MeshWide", "Upstreams", "Wanted", "parse_upstreams"]
+__all__ = ["ANNOTATION", "MeshWide", "Upstreams", "Wanted", "encode", "parse_upstreams"]
 
 
 class UpstreamSettings(Protocol):
@@ -136,6 +137,26 @@ def _problem(entry: str) -> str | None:
 PortKey = tuple[str, str, int]  # (namespace, Service, port number)
 
 
+def encode(value: Any) -> bytes:
+    """A config (or part of one) as sent: JSON, keys sorted, no spaces; the same content
+    gives the same bytes on every replica. Here, where the mesh-wide entries are measured
+    by it; mesh.py sends what it gives."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+#: What an agent takes in one snapshot (agent/config.py MAX_SNAPSHOT_BYTES and
+#: MAX_SNAPSHOT_CONTAINERS; the control plane may not import the agent's config). Past
+#: either it refuses the snapshot whole, and every captured pod gets the same mesh-wide
+#: entries: one Service of 20,000 ports, or a mesh grown past ~15,000 Service ports,
+#: would leave every captured pod of the mesh without a config.
+AGENT_SNAPSHOT_BYTES = 4 * 1024 * 1024
+AGENT_SNAPSHOT_CONTAINERS = 200_000
+#: The share of those the mesh-wide entries and passthrough may take; the rest is the
+#: pod's own (its annotation's listeners, its policies, its inbound ports).
+SHARED_BYTES = 3 * 1024 * 1024
+SHARED_CONTAINERS = 150_000
+
+
 @dataclass
 class MeshWide:
     """What every captured pod's config shares: how a connection to a ClusterIP is served."""
@@ -149,6 +170,12 @@ class MeshWide:
     #: ClusterIP:port of every Service port without injected endpoints, sorted: in the
     #: registry, outside the mesh, passed through as plain TCP.
     passthrough: list[str] = field(default_factory=list)
+    #: Services left out so that a snapshot stays within what an agent takes
+    #: (SHARED_BYTES, SHARED_CONTAINERS; _within_bounds says which); and why, for the log.
+    left_out: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    #: id(entry) -> its encoding (measured here; Mesh sends these bytes).
+    pieces: dict[int, bytes] = field(default_factory=dict)
 
 
 class Upstreams:
@@ -249,12 +276,13 @@ class Upstreams:
         """Every Service port with a ClusterIP, in the mesh or passed through; built once
         per compile, and every captured pod's config holds the same dicts."""
         wide = MeshWide()
-        passthrough: set[str] = set()
         # An address is one Service's (the API server allocates each ClusterIP once); one
         # seen twice (a stale object between a delete and a create) keeps its first owner,
         # as the agent refuses a destination in two entries.
         claimed: set[str] = set()
+        parts: list[_ServicePart] = []
         for (namespace, name), service in sorted(self.services.items()):
+            part = _ServicePart(namespace, name)
             for port in service.ports if service.cluster_ips else ():  # headless: no address
                 addresses = [
                     a
@@ -264,15 +292,41 @@ class Upstreams:
                 claimed.update(addresses)
                 body = self.body(service, port) if addresses else None
                 if body is None:
-                    passthrough.update(addresses)
+                    part.passthrough += addresses
                     continue
-                key = (namespace, name, port.port)
-                wide.destinations[key] = addresses
-                entry = {"name": f"{name}.{namespace}:{port.port}", "destinations": addresses}
-                wide.entries.append((key, {**entry, **body}))
+                named = {"name": f"{name}.{namespace}:{port.port}", "destinations": addresses}
+                part.add((namespace, name, port.port), {**named, **body})
+            if part.entries or part.passthrough:
+                parts.append(part)
+        kept = _within_bounds(parts, wide)
+        passthrough: list[str] = []
+        for part in kept:
+            for key, entry, encoded in part.entries:
+                wide.destinations[key] = entry["destinations"]
+                wide.entries.append((key, entry))
+                wide.pieces[id(entry)] = encoded
+            passthrough += part.passthrough
         wide.passthrough.extend(sorted(passthrough))
         wide.listed.extend(entry for _, entry in wide.entries)
         return wide
+
+    def encoded(self) -> dict[int, bytes]:
+        """The mesh-wide entries' encodings, if any captured pod needed them."""
+        wide = self._built_wide()
+        return dict(wide.pieces) if wide is not None else {}
+
+    def warnings_mesh_wide(self) -> list[str]:
+        wide = self._built_wide()
+        return list(wide.warnings) if wide is not None else []
+
+    def left_out(self) -> list[tuple[str, str]]:
+        wide = self._built_wide()
+        return list(wide.left_out) if wide is not None else []
+
+    def _built_wide(self) -> MeshWide | None:
+        """mesh_wide if a captured pod made it be built: none is built for none."""
+        wide = self.__dict__.get("mesh_wide")
+        return wide if isinstance(wide, MeshWide) else None
 
     def upstream(self, service: Service, port: ServicePort) -> dict[str, Any] | None:
         """An outbound listener but its name and listen; None without endpoints."""
@@ -335,3 +389,82 @@ class Upstreams:
             )
             every.extend(backends)
         return subsets, every
+
+
+@dataclass
+class _ServicePart:
+    """One Service's share of every captured pod's snapshot, measured as it is sent."""
+
+    namespace: str
+    name: str
+    entries: list[tuple[PortKey, dict[str, Any], bytes]] = field(default_factory=list)
+    passthrough: list[str] = field(default_factory=list)
+    entry_bytes: int = 0
+    containers: int = 0
+
+    def add(self, key: PortKey, entry: dict[str, Any]) -> None:
+        encoded = encode(entry)
+        self.entries.append((key, entry, encoded))
+        self.entry_bytes += len(encoded) + 1  # and its comma
+        # Every object and array, as the agent counts them before parsing (an IPv6
+        # address's bracket counts too: the bound is kept, never passed).
+        self.containers += encoded.count(b"{") + encoded.count(b"[")
+
+    @property
+    def size(self) -> int:
+        return self.entry_bytes + sum(len(a) + 3 for a in self.passthrough)
+
+
+def _within_bounds(parts: list[_ServicePart], wide: MeshWide) -> list[_ServicePart]:
+    """The Services that fit in every captured pod's snapshot together: all of them, or,
+    past SHARED_BYTES or SHARED_CONTAINERS, all but some, left out one by one: the
+    largest Service of the namespace that takes the most, until the rest fit.
+
+    A snapshot past what the agent takes is refused whole, by every captured pod at
+    once: one Service of thousands of ports (any namespace may create it) would cut
+    the whole mesh off its config. Left out, the Services cost only their own
+    callers: a call to their ClusterIPs follows outbound_traffic_policy (registry-only
+    refuses it; a STRICT captured backend refuses the plain TCP allow-any sends), and
+    an `outrider.io/upstreams` listener still reaches them. By namespace first, since
+    whoever may create one huge Service may as well create a thousand small ones: those
+    must not push another team's largest Service out. The control plane says what was
+    left out (its log, /debug, outrider_control_captured_services_left_out)."""
+    size = sum(p.size for p in parts)
+    containers = sum(p.containers for p in parts)
+    if size <= SHARED_BYTES and containers <= SHARED_CONTAINERS:
+        return parts
+    # Each namespace's Services, the largest last (popped first).
+    smallest_first = sorted(parts, key=lambda p: (p.size, p.containers, p.name))
+    by_namespace: dict[str, list[_ServicePart]] = {}
+    for part in smallest_first:
+        by_namespace.setdefault(part.namespace, []).append(part)
+    taken = {
+        ns: [sum(p.size for p in ps), sum(p.containers for p in ps)]
+        for ns, ps in by_namespace.items()
+    }
+    dropped: set[tuple[str, str]] = set()
+    while size > SHARED_BYTES or containers > SHARED_CONTAINERS:
+        namespace = min(taken, key=lambda ns: (-taken[ns][0], -taken[ns][1], ns))
+        part = by_namespace[namespace].pop()
+        if not by_namespace[namespace]:
+            del taken[namespace]
+        else:
+            taken[namespace][0] -= part.size
+            taken[namespace][1] -= part.containers
+        dropped.add((part.namespace, part.name))
+        size -= part.size
+        containers -= part.containers
+    wide.left_out.extend(sorted(dropped))
+    shown = ", ".join(f"{ns}/{name}" for ns, name in wide.left_out[:5])
+    more = len(wide.left_out) - 5
+    wide.warnings.append(
+        f"{len(wide.left_out)} Service(s) left out of every captured pod's snapshot (of the"
+        f" namespaces that take the most, the largest first): {shown}"
+        f"{f' and {more} more' if more > 0 else ''}. The Services of the mesh may take"
+        f" {SHARED_BYTES} bytes and {SHARED_CONTAINERS} arrays and objects of a snapshot"
+        f" (an agent refuses one past {AGENT_SNAPSHOT_BYTES} bytes or"
+        f" {AGENT_SNAPSHOT_CONTAINERS} arrays and objects). A captured call to their"
+        " ClusterIPs follows outbound_traffic_policy; an outrider.io/upstreams listener"
+        " still reaches them"
+    )
+    return [p for p in parts if (p.namespace, p.name) not in dropped]

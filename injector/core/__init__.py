@@ -8,11 +8,21 @@ annotations into typed options, `sidecar` builds the agent container, and
 from __future__ import annotations
 
 from injector.core.mutate import INJECTED, SKIPS, Mutation, apply_patch, mutate
-from injector.core.review import Admission, BadRequest, admit, decode, settings_for_query
+from injector.core.review import (
+    MUTATE,
+    MUTATE_WITHOUT_CAPTURE,
+    Admission,
+    BadRequest,
+    admit,
+    decode,
+    settings_for,
+)
 from injector.core.settings import Settings
 
 __all__ = [
     "INJECTED",
+    "MUTATE",
+    "MUTATE_WITHOUT_CAPTURE",
     "SKIPS",
     "Admission",
     "BadRequest",
@@ -22,5 +32,5 @@ __all__ = [
     "apply_patch",
     "decode",
     "mutate",
-    "settings_for_query",
+    "settings_for",
 ]

@@ -12,6 +12,7 @@ running it again on its own output changes nothing.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from identity import SpiffeId
 from injector.core import probes, sidecar
 from injector.core.annotations import INJECT, STATUS, read_options
-from injector.core.settings import Settings
+from injector.core.settings import Settings, is_dns_label
 
 __all__ = ["INJECTED", "SKIPS", "Mutation", "apply_patch", "mutate", "pointer"]
 
@@ -54,6 +55,8 @@ def mutate(pod: Mapping[str, Any], namespace: str, settings: Settings) -> Mutati
     spec = pod.get("spec") or {}
     annotations = metadata.get("annotations") or {}
     reason = _skip(annotations, spec, namespace, settings)
+    if reason == "already_injected" and settings.capture.enabled:
+        return _late_probes(spec, settings)
     if reason is not None:
         message = SKIPS[reason]
         return Mutation(reason, (), (f"outrider: not injected: {message}",) if message else ())
@@ -64,8 +67,14 @@ def mutate(pod: Mapping[str, Any], namespace: str, settings: Settings) -> Mutati
     account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
     spiffe_id = SpiffeId.for_workload(settings.trust_domain, namespace, account)
     # Probes first: their paths count the containers as they were.
-    rewrite = probes.rewrite(spec) if settings.capture.enabled else probes.Rewrite()
+    rewrite = (
+        probes.rewrite(spec, settings.agent_ports, sidecar.probes_budget(spiffe_id, settings))
+        if settings.capture.enabled
+        else probes.Rewrite()
+    )
     warnings += rewrite.warnings
+    if settings.capture.enabled:
+        warnings += _around_capture(spec, settings.agent.uid)
     patch = list(rewrite.patch)
     agent = sidecar.container(options, spiffe_id, settings, rewrite.originals)
     capture = [sidecar.capture_container(settings)] if settings.capture.enabled else []
@@ -74,7 +83,7 @@ def mutate(pod: Mapping[str, Any], namespace: str, settings: Settings) -> Mutati
     if settings.native_sidecar:
         patch += _prepend(spec, "initContainers", [*capture, agent])
     else:
-        patch += _prepend(spec, "initContainers", capture)
+        patch += _insert(spec, "initContainers", _capture_index(spec), capture)
         patch += _prepend(spec, "containers", [agent])
         if containers and DEFAULT_CONTAINER not in annotations:
             added[DEFAULT_CONTAINER] = containers[0]["name"]  # or `kubectl logs` shows ours
@@ -104,14 +113,122 @@ def _skip(
     return None
 
 
+def _late_probes(spec: Mapping[str, Any], settings: Settings) -> Mutation:
+    """An injected pod again (reinvocationPolicy: IfNeeded, after another webhook added a
+    container): the probes not yet through the agent go through it, their originals
+    added to the agent's config. Those already rewritten are on the status port, which
+    core/probes.py leaves alone, so once is enough. Quietly: the probes it leaves were
+    warned of the first time, and reinvocation is routine, not news."""
+    found = _agent_config(spec)
+    init = spec.get("initContainers") or []
+    captured = any(isinstance(c, dict) and c.get("name") == sidecar.CAPTURE for c in init)
+    if found is None or not captured:
+        return Mutation("already_injected")
+    where, config = found
+    rewrite = probes.rewrite(spec, settings.agent_ports, sidecar.budget_left(config))
+    if not rewrite.originals:
+        return Mutation("already_injected")
+    config = {**config, "probes": {**(config.get("probes") or {}), **rewrite.originals}}
+    return Mutation("already_injected", (*rewrite.patch, _add(where, sidecar.encode(config))))
+
+
+def _agent_config(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The pointer to the injected agent's config variable's value, and that config."""
+    for key in ("initContainers", "containers"):
+        containers = spec.get(key)
+        for i, container in enumerate(containers if isinstance(containers, list) else []):
+            if not isinstance(container, dict) or container.get("name") != sidecar.AGENT:
+                continue
+            env = container.get("env")
+            for j, var in enumerate(env if isinstance(env, list) else []):
+                if isinstance(var, dict) and var.get("name") == sidecar.CONFIG_ENV:
+                    try:
+                        config = json.loads(var.get("value") or "")
+                    except ValueError:
+                        return None
+                    if isinstance(config, dict) and isinstance(config.get("probes", {}), dict):
+                        return f"/spec/{key}/{i}/env/{j}/value", config
+            return None
+    return None
+
+
+#: Capabilities that let a container rewrite the pod's nftables rules.
+_NETWORK_CAPABILITIES = {"NET_ADMIN", "CAP_NET_ADMIN", "ALL"}
+
+
+def _around_capture(spec: Mapping[str, Any], agent_uid: int) -> list[str]:
+    """Warnings for the app's containers that capture cannot hold: those that run as the
+    agent's UID (never captured, or the agent would capture itself), and those that may
+    change the pod's network, rules included. Capture cannot stop them, as Istio's
+    cannot; an admission policy can (docs/capture.md)."""
+    pod_context = spec.get("securityContext")
+    pod_uid = pod_context.get("runAsUser") if isinstance(pod_context, dict) else None
+    warnings = []
+    for key in ("initContainers", "containers"):
+        containers = spec.get(key)
+        for container in containers if isinstance(containers, list) else []:
+            if not isinstance(container, dict):
+                continue
+            name = container.get("name")
+            name = (
+                f"container {name}"
+                if isinstance(name, str) and is_dns_label(name)
+                else (
+                    "a container"  # the API server refuses it; never quote the author's text
+                )
+            )
+            context = container.get("securityContext")
+            context = context if isinstance(context, dict) else {}
+            uid = context.get("runAsUser", pod_uid)
+            if uid == agent_uid and not isinstance(uid, bool):
+                warnings.append(
+                    f"{name} runs as UID {agent_uid}, the agent's: its connections are not "
+                    "captured (no mTLS, and registry-only does not hold for it)"
+                )
+            capabilities = context.get("capabilities")
+            added = capabilities.get("add") if isinstance(capabilities, dict) else None
+            if context.get("privileged") is True or (
+                isinstance(added, list) and _NETWORK_CAPABILITIES & {str(a) for a in added}
+            ):
+                warnings.append(
+                    f"{name} may change the pod's network (privileged, NET_ADMIN): it can "
+                    "undo capture, strict mTLS included"
+                )
+    return warnings
+
+
 def _prepend(
     spec: Mapping[str, Any], key: str, items: Sequence[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """`items` ahead of the list's own, in their order."""
+    return _insert(spec, key, 0, items)
+
+
+def _capture_index(spec: Mapping[str, Any]) -> int:
+    """Where the capture container goes when the agent is a regular container: after the
+    app's init containers, which run before any agent could serve them (captured, their
+    connections would all be refused, and the pod would never leave Init), but before
+    the first of them that keeps running (restartPolicy: Always), so that all of its
+    connections are captured."""
+    init = spec.get("initContainers") or []
+    return next(
+        (
+            i
+            for i, c in enumerate(init)
+            if isinstance(c, dict) and c.get("restartPolicy") == "Always"
+        ),
+        len(init),
+    )
+
+
+def _insert(
+    spec: Mapping[str, Any], key: str, index: int, items: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """`items` at `index` of the list, in their order."""
     if not items:
         return []
     if spec.get(key):
-        return [_add(f"/spec/{key}/0", item) for item in reversed(items)]
+        return [_add(f"/spec/{key}/{index}", item) for item in reversed(items)]
     return [_add(f"/spec/{key}", list(items))]
 
 

@@ -11,7 +11,12 @@ rewrites probes the same way, to its /app-health/...). What is left alone:
 - exec probes: they run inside the container, never over the network;
 - a probe with `host:` set: it asks another host, not this pod (a warning says so);
 - a probe whose named port is not one of the container's ports (a warning);
-- a probe that is already the agent's (idempotent: injecting twice is injecting once);
+- a probe that is already the agent's (idempotent: injecting twice is injecting once),
+  or of the status port at all: it is never captured, so the kubelet reaches it as it is;
+- a probe of the agent's other ports (admin, capture; a warning): the agent never
+  performs those (its admin server serves /app-health too: it would ask itself);
+- a probe that would take the agent's config variable past what Linux execs (128 KiB
+  with every other probe; a warning): a header may be 4 KiB, and a probe may have many;
 - anything malformed: the API server validates the pod after every mutating webhook
   and refuses it, so nothing of it reaches the agent's config, and no warning
   repeats text the pod's author wrote (it may hold terminal escapes).
@@ -19,12 +24,13 @@ rewrites probes the same way, to its /app-health/...). What is left alone:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from identity.probes import header_error, request_path_error
-from injector.core.settings import STATUS_PORT, is_dns_label
+from injector.core.settings import STATUS_PORT, Settings, is_dns_label
+from injector.core.sidecar import MAX_ENV_BYTES, encode
 
 __all__ = ["APP_HEALTH", "KINDS", "Rewrite", "rewrite"]
 
@@ -45,8 +51,14 @@ class Rewrite:
     warnings: tuple[str, ...] = ()
 
 
-def rewrite(spec: Mapping[str, Any]) -> Rewrite:
-    """The probes of `spec`'s app containers (and native sidecars) sent through the agent."""
+def rewrite(
+    spec: Mapping[str, Any],
+    agent_ports: Collection[int] = Settings().agent_ports,
+    budget: int = MAX_ENV_BYTES,
+) -> Rewrite:
+    """The probes of `spec`'s app containers (and native sidecars) sent through the agent,
+    but those of `agent_ports` (Settings.agent_ports), and those past `budget`, the bytes
+    their originals may take in the agent's config (sidecar.probes_budget)."""
     patch: list[dict[str, Any]] = []
     originals: dict[str, dict[str, Any]] = {}
     warnings: list[str] = []
@@ -62,13 +74,22 @@ def rewrite(spec: Mapping[str, Any]) -> Rewrite:
                 probe = container.get(field)
                 if not isinstance(probe, dict):
                     continue
-                original = _original(probe, container)
+                original = _original(probe, container, agent_ports)
                 if isinstance(original, str):
                     warnings.append(f"container {name}: {field} {original}")
                     continue
                 if original is None:
                     continue
                 path = f"{APP_HEALTH}/{name}/{kind}"
+                size = len(encode({path: original}))  # its braces: the comma between entries
+                if size > budget:
+                    warnings.append(
+                        f"container {name}: {field} does not fit in the agent's config (at "
+                        f"most {MAX_ENV_BYTES // 1024} KiB with every probe), so it is left "
+                        "as it is"
+                    )
+                    continue
+                budget -= size
                 originals[path] = original
                 patch.append(_replace(f"/spec/{key}/{i}/{field}", _through_agent(probe, path)))
     return Rewrite(tuple(patch), originals or None, tuple(warnings))
@@ -80,7 +101,7 @@ def _through_agent(probe: Mapping[str, Any], path: str) -> dict[str, Any]:
 
 
 def _original(
-    probe: Mapping[str, Any], container: Mapping[str, Any]
+    probe: Mapping[str, Any], container: Mapping[str, Any], agent_ports: Collection[int]
 ) -> dict[str, Any] | str | None:
     """The probe as the agent's bootstrap holds it; a warning (str) or None to leave it."""
     handlers = [h for h in HANDLERS if h in probe]
@@ -90,8 +111,6 @@ def _original(
     action: dict[str, Any] = probe[handler]
     timeout = probe.get("timeoutSeconds", DEFAULT_TIMEOUT)
     if not _positive(timeout):
-        return None
-    if handler == "httpGet" and _is_agents(action):
         return None
     if action.get("host"):
         return (
@@ -103,6 +122,10 @@ def _original(
     port = _port(action.get("port"), container)
     if isinstance(port, str) or port is None:
         return port
+    if port == STATUS_PORT:
+        return None  # never captured: the kubelet's probe reaches the agent as it is
+    if port in agent_ports:
+        return f"asks port {port}, the agent's own, so it is left as it is"
     if handler == "tcpSocket":
         return {"tcpSocket": {"port": port}, "timeoutSeconds": timeout}
     if handler == "grpc":
@@ -117,8 +140,10 @@ def _http_get(action: Mapping[str, Any], port: int, timeout: int) -> dict[str, A
     path = action.get("path") or "/"
     scheme = action.get("scheme") or "HTTP"
     headers = action.get("httpHeaders") or []
-    if not isinstance(path, str) or request_path_error(path):
+    if not isinstance(path, str):
         return None
+    if request_path_error(path := _as_sent(path)):
+        return "has a path longer than the agent sends (2048 bytes), so it is left as it is"
     if scheme not in ("HTTP", "HTTPS") or not isinstance(headers, list):
         return None
     for header in headers:
@@ -133,20 +158,22 @@ def _http_get(action: Mapping[str, Any], port: int, timeout: int) -> dict[str, A
     return {"httpGet": http, "timeoutSeconds": timeout}
 
 
+def _as_sent(path: str) -> str:
+    """The path as the kubelet's request carries it (the API server takes any text): the
+    fragment dropped, and each byte that is not printable ASCII (a space, a control
+    character, UTF-8) percent-encoded, as Go's net/url escapes a path."""
+    kept = path.partition("#")[0] or "/"
+    return "".join(
+        c if "!" <= c <= "~" else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+        for c in kept
+    )
+
+
 def _header_ok(header: Mapping[str, Any]) -> bool:
     """A header the agent would send: an HTTP token for the name, no control characters
     in the value (a CR or LF would start a header of the value's making)."""
     name, value = header.get("name"), header.get("value", "")
     return isinstance(name, str) and isinstance(value, str) and not header_error(name, value)
-
-
-def _is_agents(action: Mapping[str, Any]) -> bool:
-    path = action.get("path")
-    return (
-        action.get("port") == STATUS_PORT
-        and isinstance(path, str)
-        and path.startswith(APP_HEALTH + "/")
-    )
 
 
 def _port(port: object, container: Mapping[str, Any]) -> int | str | None:

@@ -23,12 +23,14 @@ from injector.core.mutate import INJECTED, Mutation, mutate
 from injector.core.settings import Settings
 
 __all__ = [
+    "MUTATE",
+    "MUTATE_WITHOUT_CAPTURE",
     "Admission",
     "BadRequest",
     "admit",
     "decode",
     "nesting_exceeds",
-    "settings_for_query",
+    "settings_for",
 ]
 
 API_VERSION = "admission.k8s.io/v1"
@@ -59,19 +61,29 @@ class Admission:
     error: Exception | None = None  # what made the mutation fail, for the log
 
 
-def settings_for_query(settings: Settings, query: Sequence[tuple[str, str]]) -> Settings:
-    """The settings a /mutate URL asks for: `?capture=disabled` is the webhook for the
-    namespaces labelled outrider.io/capture=disabled (deploy/base/webhook.yaml).
+#: The webhook's paths: /mutate, and the same mutation without capture for the namespaces
+#: labelled outrider.io/capture=disabled (deploy/base/webhook.yaml's second webhook). A
+#: path, not a query: the API server refuses a webhook whose service path holds anything
+#: but DNS-1123 segments, `?` and `=` included, and with it the whole configuration.
+MUTATE = "/mutate"
+MUTATE_WITHOUT_CAPTURE = "/mutate/capture-disabled"
 
-    Anything else in the query is refused: only the MutatingWebhookConfiguration
-    writes it, and a typo there must be loud, not a namespace quietly captured (or
-    not) against the label's word.
+
+def settings_for(settings: Settings, path: str, query: Sequence[tuple[str, str]]) -> Settings:
+    """The settings a webhook path asks for: MUTATE_WITHOUT_CAPTURE is the webhook for
+    the namespaces labelled outrider.io/capture=disabled.
+
+    A query is refused: the API server never sends one (a webhook's path cannot hold
+    it), and a caller that guesses `?capture=disabled` must be told, loudly, rather
+    than have a namespace quietly captured (or not) against the label's word.
     """
-    if not query:
-        return settings
-    if list(query) == [("capture", "disabled")]:
-        return settings.without_capture()
-    raise BadRequest("bad_query", "the only query /mutate takes is ?capture=disabled")
+    if query:
+        raise BadRequest(
+            "bad_query",
+            f"{MUTATE} takes no query: a namespace labelled outrider.io/capture=disabled "
+            f"is sent to {MUTATE_WITHOUT_CAPTURE}",
+        )
+    return settings.without_capture() if path == MUTATE_WITHOUT_CAPTURE else settings
 
 
 def decode(body: bytes, max_depth: int) -> dict[str, Any]:

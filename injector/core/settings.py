@@ -188,6 +188,15 @@ class Settings:
     control: ControlSettings = ControlSettings()
     capture: CaptureSettings = CaptureSettings()
 
+    @property
+    def agent_ports(self) -> frozenset[int]:
+        """The ports the agent serves in every pod (admin, status and, with capture on,
+        the capture ports): no probe of the app's is performed on them."""
+        ports = {ADMIN_PORT, STATUS_PORT}
+        if self.capture.enabled:
+            ports |= {self.capture.inbound_port, self.capture.outbound_port}
+        return frozenset(ports)
+
     def capture_rules(self) -> CaptureRules:
         """What the pods' `outrider capture apply` is told (core/sidecar.py writes it)."""
         return rules_for(self.capture, self.agent.uid)

@@ -41,6 +41,9 @@ STATUS_PORT_NAME = "outrider-status"  # at most 15 characters, as every port nam
 TOKEN_VOLUME, TOKEN_DIR = "outrider-token", "/var/run/secrets/outrider"
 BUNDLE_VOLUME, BUNDLE_DIR = "outrider-bundle", "/etc/outrider/bundle"
 VOLUMES = (TOKEN_VOLUME, BUNDLE_VOLUME)
+#: Linux's bound on one environment string, "NAME=value" and its NUL (MAX_ARG_STRLEN):
+#: past it the container runtime cannot exec the agent, and the pod never starts.
+MAX_ENV_BYTES = 128 * 1024
 
 
 def agent_config(
@@ -75,14 +78,31 @@ def agent_config(
     return config
 
 
+def encode(value: object) -> str:
+    """The agent's config as its environment variable holds it (ASCII: one byte a char)."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def probes_budget(spiffe_id: SpiffeId, settings: Settings) -> int:
+    """The bytes left in the agent's config variable for the entries of `probes:`, each
+    `"<path>":<probe>` and a comma (core/probes.py spends them)."""
+    return budget_left(agent_config(spiffe_id, settings))
+
+
+def budget_left(config: Mapping[str, Any]) -> int:
+    """The bytes left in the agent's config variable, holding `config`, for more entries
+    of its `probes:`."""
+    with_one = encode({**config, "probes": {**(config.get("probes") or {}), "": {}}})
+    return MAX_ENV_BYTES - len(f"{CONFIG_ENV}=\0") - len(with_one) + len('"":{},')
+
+
 def container(
     options: AgentOptions,
     spiffe_id: SpiffeId,
     settings: Settings,
     probes: Mapping[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    bootstrap = agent_config(spiffe_id, settings, probes)
-    config = json.dumps(bootstrap, separators=(",", ":"))
+    config = encode(agent_config(spiffe_id, settings, probes))
     probe = {"httpGet": {"path": "/ready", "port": STATUS_PORT}}
     agent: dict[str, Any] = {
         "name": AGENT,

@@ -21,7 +21,6 @@ import asyncio
 import json
 import sys
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -29,25 +28,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from aiohttp import web
 
-from identity import SpiffeId, TrustDomain
-from injector.core.settings import CaSettings, ControlSettings, Settings
-from injector.core.sidecar import agent_config
-from tests.apiserver import FakeApiServer, fake_api_server_thread
-from tests.control_process import ControlProcess, control_plane, ready
-from tests.mesh import AgentProcess, agent_process
-from tests.netns import Pod, PodNetwork
-from tests.support import (
-    TRUST_DOMAIN,
-    CaProcess,
-    CaSetup,
-    ca_process,
-    free_port,
-    make_ca_setup,
-    scraped,
+from tests.apiserver import fake_api_server_thread
+from tests.control_process import ControlProcess
+from tests.mesh import agent_process
+from tests.mesh_cluster import (
+    App,
+    Mesh,
+    app_in,
+    endpoint_slice,
+    running,
+    status,
+    wait_until,
 )
+from tests.netns import Pod, PodNetwork
+from tests.support import ca_process, make_ca_setup, scraped
 
 pytestmark = pytest.mark.slow
 
@@ -147,34 +143,6 @@ def pod_yaml(name: str, account: str, labels: dict[str, str], annotations: dict[
     )
 
 
-def endpoint_slice(service: str, pods: list[Pod], ready: bool = True) -> str:
-    """The slice the EndpointSlice controller writes for `service`, behind `pods`."""
-    return yaml.safe_dump(
-        {
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": f"{service}-abcde",
-                "namespace": "shop",
-                "labels": {
-                    "kubernetes.io/service-name": service,
-                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
-                },
-            },
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-            "endpoints": [
-                {
-                    "addresses": [pod.ip],
-                    "conditions": {"ready": ready, "serving": ready, "terminating": False},
-                    "targetRef": {"kind": "Pod", "namespace": "shop", "name": pod.name},
-                }
-                for pod in pods
-            ],
-        }
-    )
-
-
 def backend_app(version: str) -> web.Application:
     async def answer(request: web.Request) -> web.Response:
         return web.Response(text=version)
@@ -182,119 +150,6 @@ def backend_app(version: str) -> web.Application:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
     return app
-
-
-@asynccontextmanager
-async def app_in(pod: Pod, application: web.Application) -> AsyncIterator[None]:
-    """The pod's app on its own 127.0.0.1:8080, served from this process."""
-    sock = pod.socket()
-    sock.bind(("127.0.0.1", 8080))
-    sock.listen(128)
-    sock.setblocking(False)
-    runner = web.AppRunner(application, access_log=None, shutdown_timeout=1)
-    await runner.setup()
-    await web.SockSite(runner, sock).start()
-    try:
-        yield
-    finally:
-        await runner.cleanup()
-
-
-class App:
-    """The frontend's app: HTTP/1.1 with keep-alive to one of its agent's outbound ports
-    (127.0.0.1:15001 for the first upstream its pod names)."""
-
-    def __init__(self, pod: Pod, port: int = 15001) -> None:
-        self.pod, self.port = pod, port
-        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-
-    async def request(self, method: str, path: str) -> tuple[int, str]:
-        if self.streams is None:
-            self.streams = await self.pod.open_connection("127.0.0.1", self.port)
-        reader, writer = self.streams
-        try:
-            writer.write(f"{method} {path} HTTP/1.1\r\nHost: backend\r\n\r\n".encode())
-            async with asyncio.timeout(5):
-                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-                headers = dict(line.lower().split(": ", 1) for line in head[1:] if line)
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
-        except BaseException:
-            self.close()
-            raise
-        if headers.get("connection") == "close":
-            self.close()
-        return int(head[0].split()[1]), body.decode()
-
-    def close(self) -> None:
-        if self.streams is not None:
-            self.streams[1].close()
-            self.streams = None
-
-
-def status(pod: Pod, path: str) -> tuple[int, str]:
-    """GET from the agent's status port (probes and metrics), as the kubelet does."""
-    try:
-        with urllib.request.urlopen(f"http://{pod.ip}:15020{path}", timeout=5) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-class Mesh:
-    """Everything running, and the handles the checks need."""
-
-    def __init__(self, root: Path, api: FakeApiServer, network: PodNetwork, setup: CaSetup) -> None:
-        self.root, self.api, self.network, self.setup = root, api, network, setup
-        self.agents: dict[str, AgentProcess] = {}
-        self.pods: dict[str, Pod] = {}
-        self.control: ControlProcess | None = None
-        self.control_port = free_port()
-        self._control = AsyncExitStack()
-
-    async def start_control(self) -> ControlProcess:
-        """`outrider control serve`, on the same address each time, as behind its Service."""
-        (self.root / "control").mkdir(exist_ok=True)
-        self.control = await self._control.enter_async_context(
-            control_plane(
-                self.root / "control",
-                self.api,
-                ca_dir=self.setup.ca_dir,
-                listen=f"{self.network.node_ip}:{self.control_port}",
-            )
-        )
-        # Its Service sends it agents once its readiness probe passes.
-        await ready(self.control)
-        return self.control
-
-    async def stop_control(self) -> None:
-        await self._control.aclose()
-        self.control = None
-
-    def bootstrap(self, pod: Pod, account: str, ca: CaProcess) -> dict[str, Any]:
-        """What the injector writes for this pod, with the pod's mounts as test files."""
-        settings = Settings(
-            trust_domain=TrustDomain(str(TRUST_DOMAIN)),
-            ca=CaSettings(address=f"{self.network.node_ip}:{ca.grpc_port}"),
-            control=ControlSettings(address=f"{self.network.node_ip}:{self.control_port}"),
-        )
-        spiffe_id = SpiffeId.for_workload(TRUST_DOMAIN, "shop", account)
-        config = agent_config(spiffe_id, settings)
-        token = self.setup.root / f"{pod.name}.token"
-        token.write_text(self.setup.issuer.token("shop", account))
-        config["identity"]["token_file"] = str(token)
-        config["ca"]["bundle_file"] = str(self.setup.ca_dir / "bundle.pem")
-        config["ca"]["server_name"] = config["control"]["server_name"] = "localhost"
-        return config
-
-
-async def wait_until(check: Any, timeout: float, what: str) -> float:
-    """Seconds until `check()` (a coroutine function) is true; fails after `timeout`."""
-    start = time.monotonic()
-    while not await check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - start
 
 
 @asynccontextmanager
@@ -334,16 +189,6 @@ async def shop(root: Path, network: PodNetwork) -> AsyncIterator[Mesh]:
                 agent_process(root, name, raw, env={"POD_NAME": name}, prefix=pod.prefix)
             )
         yield mesh
-
-
-def running(pod: Pod) -> dict[str, Any]:
-    """The status the kubelet writes once the pod runs and is ready."""
-    return {
-        "phase": "Running",
-        "podIP": pod.ip,
-        "podIPs": [{"ip": pod.ip}],
-        "conditions": [{"type": "Ready", "status": "True"}],
-    }
 
 
 async def split(app: App, requests: int) -> Counter[str]:

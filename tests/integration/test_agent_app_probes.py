@@ -28,7 +28,16 @@ from agent.adapters.probes import Prober
 from identity.probes import AppProbe, HttpGet
 from identity.proto import health_pb2
 from tests.httpraw import Responses
-from tests.mesh import AgentProcess, agent_process, served_agent_yaml, threaded_app
+from tests.mesh import (
+    AgentProcess,
+    agent_process,
+    agent_yaml,
+    eventually,
+    local_sign,
+    running_agent,
+    served_agent_yaml,
+    threaded_app,
+)
 from tests.support import CaProcess, CaSetup, free_port, loopback_tls
 
 SERVING, NOT_SERVING = (
@@ -55,9 +64,20 @@ def _http_app(state: dict[str, Any]) -> web.Application:
     async def moved(request: web.Request) -> web.Response:
         return web.Response(status=302, headers={"Location": "http://elsewhere.example/"})
 
+    async def redirect(request: web.Request) -> web.Response:
+        location = request.query["to"].replace("PORT", str(request.url.port))
+        return web.Response(
+            status=int(request.query.get("status", "302")), headers={"Location": location}
+        )
+
+    async def loop(request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": "/loop"})
+
     app = web.Application()
     app.router.add_get("/ready", ready)
     app.router.add_get("/moved", moved)
+    app.router.add_get("/redirect", redirect)
+    app.router.add_get("/loop", loop)
     return app
 
 
@@ -101,6 +121,17 @@ def apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Apps]:
         silent.close()
 
 
+def redirects() -> dict[str, str]:
+    """Probe paths by kind, each a redirect of the app's: /redirect?to=<Location> (PORT: the
+    app's own port)."""
+    return {
+        "slash": "/redirect?status=301&to=/ready",  # as a framework adds a trailing slash
+        "absolute": "/redirect?to=http://127.0.0.1:PORT/ready",
+        "loop": "/loop",
+        "admin": f"/redirect?to=http://127.0.0.1:{ADMIN_PORT}/ready",
+    }
+
+
 def probes(apps: Apps) -> dict[str, Any]:
     header = [{"name": "X-Probe", "value": "from the pod spec"}, {"name": "Host", "value": "web"}]
     return {
@@ -116,6 +147,10 @@ def probes(apps: Apps) -> dict[str, Any]:
         "/app-health/grpc/readyz": {"grpc": {"port": apps.grpc}},
         "/app-health/grpc/livez": {"grpc": {"port": apps.grpc, "service": "orders"}},
         "/app-health/grpc/startupz": {"grpc": {"port": apps.grpc, "service": "billing"}},
+        **{
+            f"/app-health/redirect/{kind}": {"httpGet": {"path": to, "port": apps.http}}
+            for kind, to in redirects().items()
+        },
         "/app-health/slow/readyz": {
             "httpGet": {"path": "/", "port": apps.silent},
             "timeoutSeconds": 1,
@@ -123,9 +158,31 @@ def probes(apps: Apps) -> dict[str, Any]:
     }
 
 
+#: Fixed before the agent starts, so a probe can name them.
+ADMIN_PORT, STATUS_PORT = free_port(), free_port()
+
+
+def loops() -> dict[str, Any]:
+    """Probes of the agent's own servers, which serve /app-health too: performed, each
+    would ask the agent to perform itself again."""
+    return {
+        f"/app-health/loop{port}/readyz": {
+            "httpGet": {"path": f"/app-health/loop{port}/readyz", "port": port}
+        }
+        for port in (ADMIN_PORT, STATUS_PORT)
+    }
+
+
 @pytest.fixture(scope="module")
 def agent(setup: CaSetup, ca: CaProcess, apps: Apps) -> Iterator[AgentProcess]:
-    raw = served_agent_yaml(setup, ca, "web", status="127.0.0.1:0", probes=probes(apps))
+    raw = served_agent_yaml(
+        setup,
+        ca,
+        "web",
+        admin=f"127.0.0.1:{ADMIN_PORT}",
+        status=f"127.0.0.1:{STATUS_PORT}",
+        probes={**probes(apps), **loops()},
+    )
     with agent_process(setup.root, "web", raw) as process:
         yield process
 
@@ -151,6 +208,25 @@ def test_an_http_probe_passes_on_2xx_and_3xx_and_fails_otherwise(
     finally:
         apps.state["ready"] = True
     assert ask(agent, "/app-health/web/readyz") == [(200, "HTTP 200\n")]
+
+
+def test_a_redirect_to_the_same_host_is_followed_as_the_kubelet_follows_it(
+    agent: AgentProcess, apps: Apps
+) -> None:
+    """The kubelet follows a redirect to the host it asked (up to 10 of them) and takes
+    the final answer: a health check behind a trailing-slash redirect fails when it
+    fails. To another host, the redirect itself passes (test above)."""
+    paths = [f"/app-health/redirect/{kind}" for kind in ("slash", "absolute")]
+    assert ask(agent, *paths) == [(200, "HTTP 200\n")] * 2
+    apps.state["ready"] = False
+    try:
+        assert ask(agent, *paths) == [(503, "HTTP 500\n")] * 2
+    finally:
+        apps.state["ready"] = True
+    assert ask(agent, "/app-health/redirect/loop", "/app-health/redirect/admin") == [
+        (503, "stopped after 10 redirects\n"),
+        (503, f"port {ADMIN_PORT} is the agent's own\n"),
+    ]
 
 
 def test_an_http_probe_sends_the_pod_specs_headers(agent: AgentProcess, apps: Apps) -> None:
@@ -203,15 +279,22 @@ def test_only_the_configured_probe_paths_are_served_on_both_servers(
     assert ask(agent, "/app-health/web/livez", server="admin") == [(200, "connected\n")]
 
 
+def test_the_agent_never_probes_its_own_servers(agent: AgentProcess) -> None:
+    for port in (ADMIN_PORT, STATUS_PORT):
+        assert ask(agent, f"/app-health/loop{port}/readyz") == [
+            (503, f"port {port} is the agent's own\n")
+        ]
+    assert ask(agent, "/app-health/web/livez") == [(200, "connected\n")]
+
+
 async def test_probes_beyond_the_bound_in_flight_fail_at_once(tmp_path: Path) -> None:
     silent = socket.create_server(("127.0.0.1", 0), backlog=16)
     try:
         prober = Prober(max_in_flight=2)
+        port = silent.getsockname()[1]
         slow = [
-            AppProbe(
-                f"/app-health/{c}/readyz", HttpGet(silent.getsockname()[1]), timedelta(seconds=5)
-            )
-            for c in ("a", "b", "c")
+            AppProbe(f"/app-health/{name}/readyz", HttpGet(port), timedelta(seconds=5))
+            for name in ("a", "b", "c")
         ]
         held = [asyncio.create_task(prober.check(probe)) for probe in slow[:2]]
         await asyncio.sleep(0.05)
@@ -227,31 +310,127 @@ async def test_probes_beyond_the_bound_in_flight_fail_at_once(tmp_path: Path) ->
         silent.close()
 
 
-async def test_a_flood_of_one_probe_shares_its_check_and_cannot_fail_the_kubelets(
-    tmp_path: Path,
-) -> None:
-    """The status port is open to the pod network: 200 requests at once for the app's probe
-    (MAX_IN_FLIGHT is 16) all get the app's answer, from a few checks, and none a 503 that
-    the kubelet's own probe would get too (a restart, or the pod out of its Service)."""
-    checks = 0
+async def test_a_flood_of_one_probe_costs_the_app_one_request_and_never_fails_the_kubelet() -> None:
+    """Anyone on the pod network can ask /app-health: asked 100 times at once, the
+    probe runs once, and the kubelet's own request, among them, gets its outcome,
+    never "in flight" (or a flood would fail the liveness probe and restart the pod)."""
+    answer = asyncio.Event()
+    connections = 0
 
-    async def slow_ready(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal checks
-        checks += 1
-        await reader.readuntil(b"\r\n\r\n")
-        await asyncio.sleep(0.1)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await answer.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         await writer.drain()
         writer.close()
 
-    app = await asyncio.start_server(slow_ready, "127.0.0.1", 0)
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
     try:
-        prober = Prober()
-        port = app.sockets[0].getsockname()[1]
-        probe = AppProbe("/app-health/web/livez", HttpGet(port), timedelta(seconds=1))
-        outcomes = await asyncio.gather(*(prober.check(probe) for _ in range(200)))
-        assert all(outcome.passed for outcome in outcomes), {o.reason for o in outcomes}
-        assert checks == 1 and prober.in_flight == 0
-        assert (await prober.check(probe)).passed and checks == 2  # a new check each time
+        prober = Prober(max_in_flight=2)
+        probe = AppProbe(
+            "/app-health/web/livez",
+            HttpGet(server.sockets[0].getsockname()[1]),
+            timedelta(seconds=5),
+        )
+        flood = [asyncio.create_task(prober.check(probe)) for _ in range(100)]
+        await asyncio.sleep(0.05)
+        kubelet = asyncio.create_task(prober.check(probe))
+        flood[0].cancel()  # one caller going away stops nobody else's answer
+        await asyncio.sleep(0.01)
+        answer.set()
+        outcomes = await asyncio.gather(*flood[1:], kubelet)
+        assert {(o.passed, o.reason) for o in outcomes} == {(True, "HTTP 200")}
+        assert connections == 1
+        assert prober.in_flight == 0
     finally:
-        app.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome"),
+    [
+        (
+            b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+            (True, "HTTP 204"),
+        ),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\n" * 6 + b"HTTP/1.1 200 OK\r\n\r\n",
+            (False, "more than 5 informational answers"),
+        ),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", (False, "HTTP 101")),
+        (
+            b"HTTP/1.1 103 Early Hints\r\n" + b"X: y\r\n" * 200,
+            (False, "the app's answer is not HTTP/1.x"),
+        ),
+    ],
+)
+async def test_informational_answers_are_skipped_as_the_kubelet_skips_them(
+    answer: bytes, outcome: tuple[bool, str]
+) -> None:
+    """Go's client, the kubelet's, reads past up to five 1xx answers (103 Early Hints,
+    100 Continue) to the final one; 101 is final."""
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)
+        await writer.drain()
+        await reader.read(1)  # until the agent closes
+        writer.close()
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        probe = AppProbe("/app-health/web/readyz", HttpGet(port), timedelta(seconds=2))
+        checked = await Prober().check(probe)
+        assert (checked.passed, checked.reason) == outcome
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_every_probe_of_a_pod_with_many_containers_can_run_at_once(
+    setup: CaSetup,
+) -> None:
+    """The kubelet runs each probe on its own clock: with slow apps, 20 probes of 7
+    containers overlap, and none may fail for want of a place (a liveness probe so
+    refused restarts the container). Each probe runs once at a time, so the bound is
+    the pod's own probes."""
+    answer = asyncio.Event()
+    waiting = 0
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal waiting
+        waiting += 1
+        await answer.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    paths = [f"/app-health/c{i}/readyz" for i in range(20)]
+    raw = agent_yaml(
+        setup.root,
+        "many",  # not "web": that one's token file is the served agent's
+        status="127.0.0.1:0",
+        probes={p: {"httpGet": {"path": "/", "port": port}, "timeoutSeconds": 5} for p in paths},
+    )
+    try:
+        async with running_agent(raw, local_sign(setup), setup.root) as agent:
+            host, status = agent.bound["status"].rsplit(":", 1)
+
+            async def kubelet(path: str) -> bytes:
+                reader, writer = await asyncio.open_connection(host, int(status))
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: k\r\n\r\n".encode())
+                line = await reader.readline()
+                writer.close()
+                return line
+
+            asked = [asyncio.create_task(kubelet(p)) for p in paths]
+            assert await eventually(lambda: waiting == len(paths) or any(t.done() for t in asked))
+            answer.set()
+            assert {await t for t in asked} == {b"HTTP/1.1 200 OK\r\n"}
+    finally:
+        server.close()
+        await server.wait_closed()

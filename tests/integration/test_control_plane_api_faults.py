@@ -67,3 +67,32 @@ async def test_policies_answered_404_at_start_hold_readiness_until_they_are_list
             assert [p["name"] for p in config["policy"]["policies"]] == ["shop/default-deny"]
             warned = [line for line in control.log if "AuthorizationPolicy" in line]
             assert "deploy/base/crds" in warned[0]
+
+
+MIGRATION = """\
+apiVersion: security.outrider.io/v1alpha1
+kind: PeerAuthentication
+metadata: {name: migration, namespace: shop}
+spec:
+  mtls: {mode: PERMISSIVE}
+"""
+
+
+async def test_peer_authentications_answered_404_at_start_hold_readiness_until_listed(
+    tmp_path: Path,
+) -> None:
+    """PeerAuthentication is Outrider's own CRD too, installed with AuthorizationPolicy's.
+    Ready without them (a 404 after the API server restarts), a control plane would turn
+    every PERMISSIVE pod STRICT for as long as it takes to ask again, and shut out the
+    callers a migration still needs."""
+    async with fake_api_server(tmp_path / "api") as api:
+        api.apply(NAMESPACES)
+        api.apply(pod("shop", "api", "api", captured=True))
+        api.apply(MIGRATION)
+        api.fail_next(1, 404, kinds=["PeerAuthentication"])
+        async with control_plane(tmp_path, api) as control:
+            async with subscribed(control, control.ca.workload("shop", "api"), "api") as agent:
+                _, config = await agent.next(timeout=10)
+            assert config["captured"]["inbound"]["mtls"] == "permissive"
+            warned = [line for line in control.log if "PeerAuthentication" in line]
+            assert "deploy/base/crds" in warned[0]

@@ -213,13 +213,17 @@ def test_the_capture_disabled_webhook_path_injects_without_capture(webhook: Webh
         "/spec/containers/0/readinessProbe",
         "/spec/containers/0/startupProbe",
     ]
-    assert names("/mutate?capture=disabled") == ["outrider-agent"]
+    assert names("/mutate/capture-disabled") == ["outrider-agent"]
 
 
-def test_a_query_the_webhook_does_not_know_is_a_counted_400(webhook: Webhook) -> None:
+def test_a_query_is_a_counted_400(webhook: Webhook) -> None:
     body = json.dumps(recorded("probes")).encode()
-    status, answer, _ = webhook.request("POST", "/mutate?capture=off", body)
-    assert (status, answer) == (400, b"the only query /mutate takes is ?capture=disabled\n")
+    status, answer, _ = webhook.request("POST", "/mutate?capture=disabled", body)
+    assert (status, answer) == (
+        400,
+        b"/mutate takes no query: a namespace labelled outrider.io/capture=disabled "
+        b"is sent to /mutate/capture-disabled\n",
+    )
     assert webhook.metric(
         "outrider_injector_admissions_total", result="bad_request", reason="bad_query"
     )

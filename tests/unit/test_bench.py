@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from bench import capture
 from bench.control_plane import PATHS, percentile, pods_yaml, policy_yaml, summarize
 from bench.dataplane import NOT_MEASURED
 from bench.load import parse_wrk
@@ -128,3 +129,30 @@ def test_the_aim_is_judged_at_two_thousand_agents_only() -> None:
     small = dict((g, (m, ok)) for g, m, ok in goals(record({"rows": FLEETS[:1], "rival": RIVAL})))
     assert small[aim] == (NOT_MEASURED, None)
     assert "Control plane" not in markdown(record({}))
+
+
+def test_capture_is_judged_against_the_explicit_path_of_the_same_run() -> None:
+    samples = {
+        "keepalive": {
+            "captured": [0.0010, 0.0011, 0.0012, 0.0013, 0.0050],
+            "explicit": [0.0009, 0.0010, 0.0010, 0.0011, 0.0040],
+        },
+        "new_connection": {"captured": [0.003], "explicit": [0.002]},
+    }
+    result = capture.summarize(samples)
+    kept = result["keepalive"]
+    assert kept["rows"]["captured"] == {"requests": 5, "p50_ms": 1.2, "p99_ms": 5.0}
+    assert kept["rows"]["explicit"] == {"requests": 5, "p50_ms": 1.0, "p99_ms": 4.0}
+    assert (kept["p50_ratio"], kept["added_p50_ms"]) == (1.2, 0.2)
+    assert (kept["p99_ratio"], kept["added_p99_ms"]) == (1.25, 1.0)
+    assert result["new_connection"]["added_p50_ms"] == 1.0
+    text = markdown({**record({}), "capture": result})
+    assert (
+        "| the Service `10.32.0.10:8080` (captured) | kept-alive connection | 5 | 1.200 | 5.000"
+        " | 1.20 / 1.25 | +0.200 / +1.000 |"
+    ) in text
+    assert (
+        "| its agent's `127.0.0.1:15001` (explicit) | a connection per request | 1 | 2.000"
+        " | 2.000 | - | - |"
+    ) in text
+    assert "Transparent capture" not in markdown(record({}))

@@ -24,7 +24,6 @@ from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 import jsonpatch
 import jsonschema
@@ -371,7 +370,7 @@ CAPTURE_DISABLED = {"outrider.io/capture": "disabled"}
         (namespace("shop", **{"outrider.io/inject": "enabled"}), "/mutate"),
         (
             namespace("shop", **{"outrider.io/inject": "enabled"}, **CAPTURE_DISABLED),
-            "/mutate?capture=disabled",
+            "/mutate/capture-disabled",
         ),
         (
             namespace("shop", **{"outrider.io/inject": "enabled", "outrider.io/capture": "x"}),
@@ -411,9 +410,42 @@ def test_the_two_webhooks_differ_in_the_capture_label_and_path_only(overlay: lis
     assert not_captured.pop("capture") == ("In", ["disabled"])
     assert (captured.pop("path"), not_captured.pop("path")) == (
         "/mutate",
-        "/mutate?capture=disabled",
+        "/mutate/capture-disabled",
     )
     assert captured == not_captured
+
+
+#: A DNS-1123 subdomain, as k8s.io/apimachinery's IsDNS1123Subdomain.
+DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def webhook_path_errors(path: str) -> list[str]:
+    """The API server's check of a webhook's clientConfig.service.path
+    (k8s.io/apiserver/pkg/util/webhook ValidateWebhookService): every segment a DNS-1123
+    subdomain, so no query and no empty segment. A MutatingWebhookConfiguration that
+    fails it is refused whole, and no pod is injected anywhere."""
+    if path in ("", "/"):
+        return []
+    errors = [] if path.startswith("/") else ["must start with a '/'"]
+    segments = path[1:].removesuffix("/").split("/")
+    for i, segment in enumerate(segments):
+        if len(segment) > 253 or not DNS1123_SUBDOMAIN.fullmatch(segment):
+            errors.append(f"segment[{i}] {segment!r} is not a DNS-1123 subdomain")
+    return errors
+
+
+@pytest.mark.parametrize(
+    ("path", "valid"),
+    [("/mutate", True), ("/mutate/capture-disabled", True), ("/mutate?capture=disabled", False)],
+)
+def test_the_api_servers_webhook_path_rule_as_mirrored_here(path: str, valid: bool) -> None:
+    assert (webhook_path_errors(path) == []) is valid
+
+
+def test_every_webhook_path_is_one_the_api_server_accepts(overlay: list[Obj]) -> None:
+    for hook in webhooks(overlay):
+        path = hook["clientConfig"]["service"]["path"]
+        assert webhook_path_errors(path) == [], hook["name"]
 
 
 @pytest.mark.parametrize(
@@ -463,16 +495,18 @@ def test_webhook_reaches_the_injector_where_it_listens(overlay: list[Obj]) -> No
 def test_the_injector_serves_the_path_the_webhook_calls(overlay: list[Obj]) -> None:
     try:
         from injector.config import Limits
-        from injector.core import Settings, settings_for_query
+        from injector.core import Settings, settings_for
         from injector.webhook import InjectorMetrics, make_app
     except ImportError:
         pytest.skip("injector.webhook is not there yet: the injector lands with this issue")
     app = make_app(Settings(), Limits(), InjectorMetrics())
     routes = {(r.method, r.resource.canonical) for r in app.router.routes() if r.resource}
+    captured = []
     for hook in webhooks(overlay):
-        path, _, query = hook["clientConfig"]["service"]["path"].partition("?")
+        path = hook["clientConfig"]["service"]["path"]
         assert ("POST", path) in routes
-        settings_for_query(Settings(), parse_qsl(query))  # a query it takes, or BadRequest
+        captured.append(settings_for(Settings(), path, []).capture.enabled)
+    assert captured == [True, False]  # as the namespace selectors say
 
 
 # --- Services, Deployments, PodDisruptionBudgets, NetworkPolicies ----------------

@@ -10,7 +10,7 @@ import pytest
 
 from identity import SpiffeId
 from identity.capture import rules_from_flags
-from injector.core import BadRequest, Settings, mutate, settings_for_query
+from injector.core import MUTATE, MUTATE_WITHOUT_CAPTURE, BadRequest, Settings, mutate, settings_for
 from injector.core.settings import CaptureSettings
 from injector.core.sidecar import AGENT, CAPTURE, agent_config, capture_container
 from outrider.cli import parser
@@ -118,26 +118,24 @@ def test_no_pod_annotation_turns_capture_off_or_excludes_anything(key: str) -> N
     )
 
 
-@pytest.mark.parametrize(("query", "captured"), [([], True), ([("capture", "disabled")], False)])
-def test_the_webhook_query_says_whether_the_namespace_is_captured(
-    query: list[tuple[str, str]], captured: bool
-) -> None:
-    assert settings_for_query(SETTINGS, query).capture.enabled is captured
+@pytest.mark.parametrize(("path", "captured"), [(MUTATE, True), (MUTATE_WITHOUT_CAPTURE, False)])
+def test_the_webhook_path_says_whether_the_namespace_is_captured(path: str, captured: bool) -> None:
+    assert settings_for(SETTINGS, path, []).capture.enabled is captured
 
 
 @pytest.mark.parametrize(
     "query",
     [
+        [("capture", "disabled")],  # what a webhook's path cannot carry: never the label's
         [("capture", "enabled")],
-        [("capture", "Disabled")],
-        [("capture", "disabled"), ("capture", "disabled")],
         [("capture", "disabled"), ("x", "1")],
         [("exclude", "8080")],
     ],
 )
-def test_any_other_query_is_a_bad_request_not_a_guess(query: list[tuple[str, str]]) -> None:
+@pytest.mark.parametrize("path", [MUTATE, MUTATE_WITHOUT_CAPTURE])
+def test_any_query_is_a_bad_request_not_a_guess(path: str, query: list[tuple[str, str]]) -> None:
     with pytest.raises(BadRequest) as info:
-        settings_for_query(SETTINGS, query)
+        settings_for(SETTINGS, path, query)
     assert (info.value.reason, info.value.status) == ("bad_query", 400)
 
 
@@ -163,3 +161,87 @@ def test_the_capture_command_reads_the_injected_args_as_the_settings_rules(
     flags |= {k: getattr(args, k) for k in vars(args) if k.startswith("exclude_")}
     assert rules_from_flags(**flags) == settings.capture_rules()
     assert 15020 in settings.capture_rules().exclude_inbound_ports
+
+
+def init_names(source: dict[str, Any], settings: Settings) -> list[str]:
+    return [c["name"] for c in injected(source, settings)["spec"]["initContainers"]]
+
+
+def test_without_native_sidecars_the_apps_init_containers_run_before_capture() -> None:
+    # No agent runs before the app's containers then: captured, an init container's
+    # connections (a migration, a wait-for-db) would go to a port nobody listens on,
+    # and the pod would never leave Init. Captured or not, they get no mTLS.
+    setup = [{"name": "migrate", "image": "m:1"}, {"name": "wait", "image": "w:1"}]
+    without = replace(SETTINGS, native_sidecar=False)
+    assert init_names(pod(initContainers=setup), without) == ["migrate", "wait", CAPTURE]
+    assert init_names(pod(initContainers=setup), SETTINGS) == [CAPTURE, AGENT, "migrate", "wait"]
+
+
+def test_without_native_sidecars_capture_comes_before_the_apps_own_native_sidecars() -> None:
+    # A container that keeps running is captured from its start: a connection it made
+    # before the rules (an inbound one, in plain) would stay uncaptured for good.
+    setup = [
+        {"name": "migrate", "image": "m:1"},
+        {"name": "shipper", "image": "s:1", "restartPolicy": "Always"},
+        {"name": "late", "image": "l:1"},
+    ]
+    without = replace(SETTINGS, native_sidecar=False)
+    assert init_names(pod(initContainers=setup), without) == [
+        "migrate",
+        CAPTURE,
+        "shipper",
+        "late",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "warning"),
+    [
+        (
+            {"securityContext": {"runAsUser": 1337}},
+            "container app runs as UID 1337, the agent's: its connections are not captured "
+            "(no mTLS, and registry-only does not hold for it)",
+        ),
+        (
+            {
+                "containers": [
+                    {"name": "app", "image": "a:1", "securityContext": {"runAsUser": 1337}}
+                ]
+            },
+            "container app runs as UID 1337, the agent's: its connections are not captured "
+            "(no mTLS, and registry-only does not hold for it)",
+        ),
+        *(
+            (
+                {"containers": [{"name": "app", "image": "a:1", "securityContext": context}]},
+                "container app may change the pod's network (privileged, NET_ADMIN): it can "
+                "undo capture, strict mTLS included",
+            )
+            for context in (
+                {"privileged": True},
+                {"capabilities": {"add": ["NET_ADMIN"]}},
+                {"capabilities": {"add": ["CAP_NET_ADMIN"]}},
+                {"capabilities": {"add": ["ALL"]}},
+            )
+        ),
+    ],
+)
+def test_a_container_that_can_go_around_capture_is_injected_with_a_warning(
+    spec: dict[str, Any], warning: str
+) -> None:
+    # Capture cannot stop it (Istio's istio-init cannot either); an admission policy can.
+    mutation = mutate(pod(**spec), "shop", SETTINGS)
+    assert mutation.reason == "injected"
+    assert mutation.warnings == (f"outrider: {warning}",)
+
+
+def test_a_container_that_sets_its_own_uid_is_judged_by_it() -> None:
+    app = {"name": "app", "image": "a:1", "securityContext": {"runAsUser": 1000}}
+    source = pod(securityContext={"runAsUser": 1337}, containers=[app])
+    assert mutate(source, "shop", SETTINGS).warnings == ()
+    assert (
+        mutate(
+            pod(securityContext={"runAsUser": 1337}), "shop", SETTINGS.without_capture()
+        ).warnings
+        == ()
+    )

@@ -58,9 +58,11 @@ def authorize(
     return POLICIES.decide(request, frozenset({PEER.trust_domain}))
 
 
-def send(head_lines: list[bytes], action: UnderscoreAction) -> tuple[Sent, Sent]:
+def send(
+    head_lines: list[bytes], action: UnderscoreAction, identity: bytes = b"By=x;URI=y"
+) -> tuple[Sent, Sent]:
     client, app = Sent(), Sent()
-    exchange = HttpExchange(client, app, authorize, b"By=x;URI=y", lambda _: None, action)  # type: ignore[arg-type]
+    exchange = HttpExchange(client, app, authorize, identity, lambda _: None, action)  # type: ignore[arg-type]
     lines = [b"GET / HTTP/1.1", b"Host: backend", *head_lines, b"", b""]
     exchange.from_client(b"\r\n".join(lines))
     return client, app
@@ -144,3 +146,12 @@ def test_screen_keeps_exactly_the_names_of_letters_digits_and_hyphens(
 ) -> None:
     ordinary = all(chr(c).isascii() and (chr(c).isalnum() or c == ord("-")) for c in name)
     assert (screen(name, action) == "keep") == ordinary
+
+
+def test_an_unauthenticated_caller_reaches_the_app_with_no_identity_header_at_all() -> None:
+    """Permissive capture lets plaintext in with no peer: every x-forwarded-client-cert it
+    sent is dropped and none is added, not even an empty one an app might read as a name."""
+    forged = [b"X-Forwarded-Client-Cert: By=a;URI=spiffe://example.org/ns/demo/sa/admin"]
+    for identity, expected in ((b"", []), (b"By=x;URI=y", ["By=x;URI=y"])):
+        _, app = send(forged, "reject", identity)
+        assert as_cgi(app.data).get("HTTP_X_FORWARDED_CLIENT_CERT", []) == expected

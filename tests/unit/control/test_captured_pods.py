@@ -5,15 +5,23 @@ capture gets what it always got. (CONTRACT.md, "Control plane".)"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
 
+from agent.config import MAX_SNAPSHOT_BYTES, MAX_SNAPSHOT_CONTAINERS
 from agent.core.policy import PolicySet
 from agent.core.policyfile import parse_policy_list
-from control.core.mesh import Mesh, MeshSettings, compile_mesh
-from control.core.services import read_service
-from tests.cluster import SHOP, check_shape, pod, world
+from control.app import _log_new_warnings
+from control.core import upstreams
+from control.core.mesh import Mesh, MeshSettings, compile_mesh, encode
+from control.core.services import read_service, read_workload
+from injector.core import Settings
+from injector.core.settings import CaptureSettings
+from tests.cluster import SHOP, agent_accepts, check_shape, pod, world
+from tests.unit.test_injector_core import injected
+from tests.unit.test_injector_core import pod as injector_pod
 
 SETTINGS = MeshSettings("example.org")
 BACKEND_ID = "spiffe://example.org/ns/shop/sa/backend"
@@ -332,3 +340,145 @@ spec:
     )
     policies = PolicySet(parse_policy_list(config["policy"]["policies"], "snapshot"), "deny")
     assert policies.http_only_errors(named_tcp) == []  # what the agent checks
+
+
+def test_the_agents_snapshot_bounds_are_the_ones_the_control_plane_keeps_to() -> None:
+    assert upstreams.AGENT_SNAPSHOT_BYTES == MAX_SNAPSHOT_BYTES
+    assert upstreams.AGENT_SNAPSHOT_CONTAINERS == MAX_SNAPSHOT_CONTAINERS
+    assert upstreams.SHARED_BYTES <= MAX_SNAPSHOT_BYTES * 3 // 4
+    assert upstreams.SHARED_CONTAINERS <= MAX_SNAPSHOT_CONTAINERS * 3 // 4
+
+
+@pytest.mark.parametrize("bound", ["SHARED_BYTES", "SHARED_CONTAINERS"])
+def test_one_huge_service_cannot_push_every_captured_pods_snapshot_past_the_agents_bound(
+    monkeypatch: pytest.MonkeyPatch, bound: str
+) -> None:
+    """Any namespace may create a Service of thousands of ports: every captured pod of the
+    mesh would get it, past what an agent takes, and refuse its whole snapshot. The
+    largest Services are left out instead (their own callers lose their entries), the
+    rest of the mesh keeps its config, and the control plane says which. (The bounds are
+    made small here: the real ones take a Service of ~15,000 ports.)"""
+    wide = ", ".join(f"{{name: p{i}, port: {2000 + i}}}" for i in range(60))
+    objects = world(
+        pod("web-0", captured=True, ip="10.0.0.5"),
+        pod("api-0", captured=True, ip="10.0.0.4"),
+        pod("wide-0", "evil", captured=True, ip="10.0.1.1"),
+        _service("api", "{port: 80, targetPort: 8080}"),
+        _service("db", "{port: 5432}"),  # no pod: passed through
+        _service("wide", wide, "evil"),
+    )
+    everything = _config(compile_mesh(objects, SETTINGS), "web-0")
+    assert len(everything["outbound"]) == 61
+    size = {"SHARED_BYTES": 2000, "SHARED_CONTAINERS": 40}[bound]
+    monkeypatch.setattr(upstreams, bound, size)
+    mesh = compile_mesh(objects, SETTINGS)
+    for name in ("web-0", "api-0"):
+        config = _config(mesh, name)
+        assert [e["name"] for e in config["outbound"]] == ["api.shop:80"]
+        assert config["captured"]["outbound"]["passthrough"] == [
+            a for a in everything["captured"]["outbound"]["passthrough"] if a.endswith(":5432")
+        ]
+        agent_accepts(config)
+        assert mesh.encoded_for("shop", name) == encode(config)
+    assert mesh.left_out == (("evil", "wide"),)
+    (warning,) = mesh.warnings
+    assert warning.startswith(
+        "1 Service(s) left out of every captured pod's snapshot (of the namespaces that take"
+        " the most, the largest first): evil/wide."
+    )
+    # Without capture, nothing is measured or left out.
+    plain = world(pod("web-0"), _service("wide", wide, "evil"), pod("wide-0", "evil"))
+    assert compile_mesh(plain, SETTINGS).warnings == ()
+
+
+def test_what_is_left_out_of_the_mesh_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    warned: dict[tuple[str, str], tuple[str, ...]] = {}
+    left_out = {("", ""): ("1 Service(s) left out ...",), ("shop", "web-0"): ("bad entry",)}
+    with caplog.at_level(logging.WARNING, "outrider.control"):
+        _log_new_warnings(warned, left_out)
+        _log_new_warnings(warned, left_out)
+    assert [r.getMessage() for r in caplog.records] == [
+        "mesh: 1 Service(s) left out ...",
+        "pod shop/web-0: bad entry",
+    ]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_pod_is_captured_for_the_control_plane_exactly_when_the_injector_captured_it(
+    enabled: bool,
+) -> None:
+    """The two name the capture container apart (control may not import the injector): a
+    rename on one side alone would send a captured pod listeners and no destinations,
+    so every call it makes would leave the mesh as plain TCP. Nor is the status port its
+    probes are rewritten to an app port."""
+    settings = Settings(capture=CaptureSettings(enabled=enabled, exclude_inbound_ports=(9090,)))
+    probe = {"httpGet": {"path": "/ready", "port": 8080}}
+    app = {"name": "app", "image": "app:1", "ports": [{"containerPort": 8080}]}
+    source = injector_pod(containers=[{**app, "readinessProbe": probe}])
+    patched = injected(source, settings)
+    workload = read_workload(patched, ("shop", "web"))
+    assert workload is not None
+    assert workload.captured is enabled
+    assert workload.ports == (8080,)
+    # The ports its capture rules leave alone, read from the capture container's args.
+    assert workload.uncaptured == (frozenset({9090, 15020}) if enabled else frozenset())
+
+
+def test_many_small_services_of_one_namespace_cannot_push_another_namespaces_service_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whoever may create Services in one namespace may create many small ones. Past the
+    bound, the namespace that takes the most of every snapshot loses its largest Service
+    first, not the largest Service of the mesh, which may be another team's."""
+    wide = ", ".join(f"{{name: p{i}, port: {2000 + i}}}" for i in range(12))
+    small = "".join(_service(f"s{i}", "{port: 80}", "evil", "small") for i in range(20))
+    objects = world(
+        pod("web-0", captured=True, ip="10.0.0.5"),
+        pod("big-0", captured=True, ip="10.0.0.4"),
+        pod("small-0", "evil", captured=True, ip="10.0.1.1", ports=[80]),
+        _service("big", wide),
+        small,
+    )
+    everything = _config(compile_mesh(objects, SETTINGS), "web-0")["outbound"]
+    sizes: dict[str, int] = {}
+    for entry in everything:
+        service = entry["name"].split(":")[0]
+        sizes[service] = sizes.get(service, 0) + len(encode(entry)) + 1
+    big = sizes.pop("big.shop")
+    evil = sum(sizes.values())
+    assert big > max(sizes.values())  # the largest Service
+    assert evil > big  # but evil's Services take more of every snapshot together
+    monkeypatch.setattr(upstreams, "SHARED_BYTES", big + evil - 2 * max(sizes.values()) + 10)
+    mesh = compile_mesh(objects, SETTINGS)
+    names = [e["name"] for e in _config(mesh, "web-0")["outbound"]]
+    assert sum(name.startswith("big.shop:") for name in names) == 12
+    assert len(mesh.left_out) == 2 and all(ns == "evil" for ns, _ in mesh.left_out)
+
+
+def test_a_port_the_capture_rules_leave_alone_is_no_mtls_endpoint() -> None:
+    """The platform may exclude inbound ports from capture (the injector's
+    exclude_inbound_ports, in the capture container's args): a call to one reaches the
+    app without its agent, so an mTLS connection there would reach the app as TLS bytes
+    and fail. Such a port is no endpoint: a Service that targets only it is passed through,
+    as plain TCP is what the pod takes there."""
+    objects = world(
+        pod("web-0", captured=True, ports=[8080, 9090], ip="10.0.0.7"),
+        pod("client-0", captured=True, ip="10.0.0.5"),
+        _service("web", "{port: 80, targetPort: 8080}"),
+        _service("metrics", "{port: 9090}", selector="web"),
+    )
+    (capture, _) = objects["Pod"][("shop", "web-0")]["spec"]["initContainers"]
+    capture["args"] = ["capture", "apply", "--exclude-inbound-ports", "15020,9090"]
+    objects["Service"][("shop", "web")]["spec"]["clusterIPs"] = ["10.96.0.80"]
+    objects["Service"][("shop", "metrics")]["spec"]["clusterIPs"] = ["10.96.0.90"]
+    mesh = compile_mesh(objects, SETTINGS)
+    config = _config(mesh, "client-0")
+    assert [(e["name"], e["endpoints"]) for e in config["outbound"]] == [
+        ("web.shop:80", ["10.0.0.7:8080"])
+    ]
+    assert config["captured"]["outbound"]["passthrough"] == ["10.96.0.90:9090"]
+    assert mesh.pod_warnings[("shop", "web-0")] == (
+        "Service shop/metrics port 9090 targets 9090, which the pod's capture rules leave"
+        " alone (--exclude-inbound-ports): its agent never takes a call there, so it is no"
+        " mTLS endpoint; callers reach it as plain TCP",
+    )

@@ -4,12 +4,14 @@ applies and the other says Conflicted; an invalid edit keeps the last valid vers
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from control.core.mesh import Mesh, MeshSettings, compile_mesh
+from tests.apischema import prune
 from tests.cluster import Objects, check_shape, pod, world, write_statuses
 
 SETTINGS = MeshSettings("example.org")
@@ -267,6 +269,19 @@ def test_a_selector_that_selects_no_pod_says_so() -> None:
             {"portLevelMtls": {"0": {"mode": "STRICT"}}},
             "spec.portLevelMtls.0: '0' is not a port number (1-65535)",
         ),
+        (  # beside "8080", which of the two would apply depends on the order of keys
+            {"portLevelMtls": {"08080": {"mode": "PERMISSIVE"}, "8080": {"mode": "STRICT"}}},
+            "spec.portLevelMtls.08080: '08080' is not a port number (1-65535)",
+        ),
+        (
+            {"portLevelMtls": {"\u0668\u0660\u0668\u0660": {"mode": "PERMISSIVE"}}},
+            "spec.portLevelMtls.\u0668\u0660\u0668\u0660: '\u0668\u0660\u0668\u0660' is not"
+            " a port number (1-65535)",
+        ),
+        (
+            {"portLevelMtls": {"65536": {"mode": "PERMISSIVE"}}},
+            "spec.portLevelMtls.65536: '65536' is not a port number (1-65535)",
+        ),
         (
             {"portLevelMtls": {"8080": {}}},
             "spec.portLevelMtls.8080.mode: None is not one of STRICT, PERMISSIVE",
@@ -341,3 +356,72 @@ def test_the_pods_http_ports_and_modes_share_one_entry_per_port() -> None:
         "mtls": "strict",
         "ports": {"8080": {"protocol": "http", "mtls": "permissive"}},
     }
+
+
+CRD = Path(__file__).resolve().parents[3] / "deploy/base/crds/peerauthentications.yaml"
+
+
+def _stored(text: str) -> str:
+    """The object as the API server stores it: pruned to its CRD's schema, as any client
+    other than a strict `kubectl apply` gets it (Helm, Argo CD, client libraries)."""
+    (crd,) = [d for d in yaml.safe_load_all(CRD.read_text()) if d]
+    (version,) = crd["spec"]["versions"]
+    obj = yaml.safe_load(text.removesuffix("---\n"))
+    prune(version["schema"]["openAPIV3Schema"], obj, (), [], top=True)
+    return yaml.safe_dump(obj) + "---\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        pytest.param(
+            peer(
+                "w",
+                MESH,
+                mode="PERMISSIVE",
+                spec={"selector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}},
+            ),
+            "spec.selector.matchExpressions: unknown key; expected matchLabels",
+            id="matchExpressions in the mesh namespace",
+        ),
+        pytest.param(
+            peer("w", mode="PERMISSIVE", spec={"selector": {"matchlabels": {"app": "api"}}}),
+            "spec.selector.matchlabels: unknown key; expected matchLabels",
+            id="a misspelt matchLabels",
+        ),
+        pytest.param(
+            peer("w", mode="PERMISSIVE", spec={"portlevelMtls": {"8080": {"mode": "STRICT"}}}),
+            "spec.portlevelMtls: unknown key; expected one of selector, mtls, portLevelMtls",
+            id="a misspelt portLevelMtls",
+        ),
+        pytest.param(
+            peer("w", selector={"app": "web"}, spec={"mtls": {"mod": "STRICT"}}),
+            "spec.mtls.mod: unknown key; expected mode",
+            id="a misspelt mode",
+        ),
+        pytest.param(
+            peer("w", mode="PERMISSIVE", spec={"selector": {}}),
+            "spec.selector: selects by no label; leave selector out for every pod of the namespace",
+            id="an empty selector",
+        ),
+        pytest.param(
+            peer("w", mode="PERMISSIVE", spec={"selector": {"matchLabels": {}}}),
+            "spec.selector: selects by no label; leave selector out for every pod of the namespace",
+            id="empty matchLabels",
+        ),
+    ],
+)
+def test_a_field_the_api_server_would_drop_never_widens_a_policy(text: str, error: str) -> None:
+    """What a user meant for a few pods or ports must not reach more of them (or every pod
+    of the mesh) because the API server pruned what it did not know: the object is
+    refused as written, and the pods keep what applied before it."""
+    objects = world(PODS, peer("n", "billing", mode="STRICT"), _stored(text))
+    mesh = compile_mesh(objects, SETTINGS)
+    m = yaml.safe_load(text.removesuffix("---\n"))["metadata"]
+    assert _condition(mesh, m["name"], m["namespace"]) == (
+        "False",
+        "Invalid",
+        f"{error}; it is not applied",
+    )
+    for namespace, name in (("shop", "web-0"), ("shop", "api-0"), ("billing", "db-0")):
+        assert _inbound(mesh, name, namespace)["mtls"] == "strict"

@@ -15,6 +15,7 @@ from identity.probes import (
     HttpGet,
     TcpSocket,
     http_passed,
+    redirected,
     request_head,
     status_code,
 )
@@ -100,6 +101,18 @@ def test_the_request_is_the_kubelets_with_the_probes_own_headers_in_place() -> N
     )
 
 
+def test_a_probes_own_framing_headers_are_dropped_as_the_kubelets_client_drops_them() -> None:
+    # Go's Request.Write leaves out Content-Length, Transfer-Encoding and Trailer from the
+    # headers and frames the request itself: a GET with none. Sent, `Content-Length: 9`
+    # would have the app wait for a body until the probe timed out; `Connection` is ours.
+    framing = ("Content-Length", "Transfer-Encoding", "trailer", "connection")
+    own = HttpGet(8080, "/", headers=(*((name, "9") for name in framing), ("X-A", "1")))
+    assert request_head(own) == (
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: kube-probe/outrider\r\n"
+        b"Accept: */*\r\nX-A: 1\r\nConnection: close\r\n\r\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("line", "status", "passed"),
     [
@@ -131,3 +144,29 @@ def test_a_snapshot_cannot_change_the_probes() -> None:
     other = {"probes": {"/app-health/web/livez": {"tcpSocket": {"port": 22}}}}
     with pytest.raises(ConfigError, match="probes: not a snapshot key"):
         with_snapshot(bootstrap, other, source="snapshot")
+
+
+PROBE = HttpGet(8080, "/healthz", headers=(("Host", "web"), ("X-A", "1")))
+
+
+@pytest.mark.parametrize(
+    ("location", "followed"),
+    [
+        ("/healthz/", HttpGet(8080, "/healthz/", headers=PROBE.headers)),
+        ("ok?full=1", HttpGet(8080, "/ok?full=1", headers=PROBE.headers)),
+        ("http://127.0.0.1:9000/x", HttpGet(9000, "/x", headers=(("X-A", "1"),))),
+        ("https://127.0.0.1/x", HttpGet(443, "/x", "HTTPS", (("X-A", "1"),))),
+        ("http://elsewhere.example/", None),
+        ("//elsewhere.example/", None),
+        ("http://127.0.0.1.elsewhere.example/", None),
+        ("http://127.0.0.1@elsewhere.example/", None),
+        ("http://localhost:8080/", None),
+        ("http://127.0.0.1:99999/", None),
+        ("ftp://127.0.0.1/x", None),
+        ("javascript:alert(1)", None),
+    ],
+)
+def test_a_redirect_is_followed_only_to_the_host_asked(
+    location: str, followed: HttpGet | None
+) -> None:
+    assert redirected(PROBE, location) == followed
