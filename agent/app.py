@@ -536,6 +536,11 @@ class Agent:
             listener.explicit = explicit  # before configure: it keeps only what these lack
         self.bound.update(_commit(self.capture_inbound, opened[2], capture_in))
         self.bound.update(_commit(self.capture_outbound, opened[3], capture_out))
+        # The ports as bound (a config may say :0): never relayed to as an app's.
+        bound_ports = frozenset(Listen.parse(address).port for address in self.bound.values())
+        for capture_listener in self.capture_inbound.values():
+            assert isinstance(capture_listener, InboundCaptureListener)
+            capture_listener.bound_ports = bound_ports
         if captures is None and config.captured != Captured() and not self._unused_captured_logged:
             self._unused_captured_logged = True
             log.info("captured: is set but capture: is not (no traffic is captured): unused")

@@ -9,6 +9,8 @@ SO_ORIGINAL_DST (agent/adapters/capture.py).
 Never captured:
 - the agent's own connections (`meta skuid`): it connects out to peers and in to
   the app, and a captured agent connection would come back to the agent, a loop;
+  except those to the pod's own IP (a Service whose endpoint is this pod), which
+  go to the inbound capture port as a peer's would;
 - loopback (`lo`): the app's 127.0.0.1 (and its own pod IP, which the kernel
   routes over lo) is the pod talking to itself; the agent reaches the app there;
 - the agent's own ports inbound (the capture ports, and the excluded ones such
@@ -206,6 +208,7 @@ def ruleset(rules: CaptureRules) -> str:
         "  chain output {",
         "    type nat hook output priority -100; policy accept;",
         "    meta l4proto != tcp return",
+        *_to_itself(rules),
         f"    meta skuid {rules.agent_uid} return",
         '    oifname "lo" return',
         *_cidr_returns(rules.exclude_outbound_cidrs),
@@ -215,6 +218,22 @@ def ruleset(rules: CaptureRules) -> str:
         "}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _to_itself(rules: CaptureRules) -> list[str]:
+    """The agent's own connections to the pod's own IP (not 127.0.0.1): to the inbound port.
+
+    A pod that calls a Service it serves itself gets its own IP as the endpoint, and its
+    agent dials it with mTLS; the kernel routes that over lo, which prerouting skips, so
+    without this the ClientHello would land on the app's port. Redirected here, it comes
+    to the inbound capture port like any peer's (SO_ORIGINAL_DST: the pod IP and port).
+    """
+    kept = _set(rules.inbound_kept)
+    return [
+        f'    meta skuid {rules.agent_uid} oifname "lo" {family} daddr != {loopback}'
+        f" tcp dport != {kept} redirect to :{rules.inbound_port}"
+        for family, loopback in (("ip", "127.0.0.0/8"), ("ip6", "::1"))
+    ]
 
 
 def remove_script() -> str:
@@ -244,7 +263,9 @@ def redirects(listing: dict[str, Any]) -> dict[str, int]:
     """Each chain of the table in `nft -j list table` output -> the port it redirects to.
 
     The shell reads the table back after applying it and checks it against
-    `rules` with this: what the kernel holds, not what was sent.
+    `rules` with this: what the kernel holds, not what was sent. A chain's last
+    redirect is its catch-all (output's first ones send the agent's calls to its
+    own pod IP to the inbound port).
     """
     found: dict[str, int] = {}
     for item in listing.get("nftables", []):

@@ -23,9 +23,12 @@ first connection: most pods call few of them.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
 import socket
+import time
+import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
@@ -54,9 +57,12 @@ from agent.core.captured import (
     UpstreamAddresses,
 )
 from agent.core.discovery import StaticSource
+from agent.core.throttle import held_back
 from agent.core.upstream import Endpoint
+from identity.configfile import Listen
 
 log = logging.getLogger("outrider.agent")
+AcceptLoop = Callable[[socket.socket], Coroutine[Any, Any, None]]
 
 
 def capture_configs(config: AgentConfig) -> tuple[InboundCapture, OutboundCapture] | None:
@@ -65,12 +71,12 @@ def capture_configs(config: AgentConfig) -> tuple[InboundCapture, OutboundCaptur
     if ports is None:
         return None
     capture_ports = frozenset({ports.inbound_port, ports.outbound_port})
-    own = {config.admin.port} | ({config.status.port} if config.status else set())
+    own = agent_ports(config)
     inbound = InboundCapture(
         ports.inbound,
         config.captured,
         AllowList(frozenset(), frozenset({config.trust_domain})),
-        capture_ports | own,
+        own,
     )
     addresses = [
         UpstreamAddresses(
@@ -94,23 +100,157 @@ def capture_configs(config: AgentConfig) -> tuple[InboundCapture, OutboundCaptur
     return inbound, outbound
 
 
-def _refuse(runtime: Runtime, direction: str, reason: str, sock: socket.socket) -> None:
+def agent_ports(config: AgentConfig) -> frozenset[int]:
+    """Every port the agent itself listens on: never an app's.
+
+    An inbound connection captured on its way to one of these is refused, not
+    relayed to 127.0.0.1:<port>: there it would reach the agent, and an explicit
+    outbound listener (127.0.0.1:15001...) would carry the caller's bytes into
+    the mesh under this pod's own SVID (a plaintext caller on a permissive pod,
+    or any peer, would borrow the pod's identity); the admin port would answer it.
+    """
+    ports = {config.admin.port}
+    if config.status is not None:
+        ports.add(config.status.port)
+    if config.capture is not None:
+        ports |= {config.capture.inbound_port, config.capture.outbound_port}
+    ports |= {item.listen.port for item in config.inbound}
+    ports |= {item.listen.port for item in config.outbound if item.listen is not None}
+    return frozenset(ports)
+
+
+#: What each refusal of a captured connection means, for the log (`{}`: where it was going).
+_WHY = {
+    (INBOUND, "no_original_destination"): (
+        "a connection to the inbound capture port itself, not redirected by the capture rules:"
+        " it names no app port"
+    ),
+    (INBOUND, "capture_loop"): (
+        "a connection to port {} of the pod, one of the agent's own ports: never relayed"
+    ),
+    (OUTBOUND, "no_original_destination"): (
+        "a connection to the outbound capture port itself, not redirected by the capture"
+        " rules: it names no destination"
+    ),
+    (OUTBOUND, "capture_loop"): "the app's connection to {}, a capture port: it would loop",
+    (OUTBOUND, "registry_only"): (
+        "the app's connection to {}: not in the registry, and the outbound policy is registry-only"
+    ),
+    (OUTBOUND, "max_connections"): "the app's connection to {}: max_connections reached",
+}
+
+
+def _refuse(
+    runtime: Runtime, direction: str, reason: str, sock: socket.socket, where: object = ""
+) -> None:
+    """Closed and counted; said in the log, at most once a while per kind (a caller can
+    cause these as fast as it connects: agent/core/throttle.py)."""
     runtime.metrics.connections_refused.labels(direction, reason).inc()
     sock.close()
+    held = runtime.refusal_lines.admit((direction, reason), time.monotonic())
+    if held is not None:
+        why = _WHY.get((direction, reason), reason).format(where)
+        log.warning("%s capture: refused %s%s", direction, why, held_back(held))
 
 
-class InboundCaptureListener(InboundMtls[InboundCapture]):
+class _AlsoIpv6:
+    """The capture ports on IPv6 too: the rules redirect a pod's IPv6 TCP as well (inbound
+    to [pod IPv6]:<inbound_port>, the app's outbound to [::1]:<outbound_port>), and with
+    nobody there the app's IPv6 would be refused (closed, but broken). Where the kernel
+    has no IPv6 the rules have nothing to redirect either: the IPv4 socket alone serves.
+    """
+
+    IPV6_HOST: str  # "::" inbound (every address of the pod), "::1" outbound (the app's own)
+    _socket: socket.socket | None
+    _v6: socket.socket | None = None
+    _v6_acceptor: asyncio.Task[None] | None = None
+    address: str
+
+    def _bind_ipv6(self) -> None:
+        assert self._socket is not None
+        port = self._socket.getsockname()[1]
+        sock = None
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.IPV6_HOST, port))
+            sock.listen(1024)
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                log.info("%s: no IPv6 here (%s): IPv4 only", self.address, exc.strerror)
+                return
+            raise OSError(
+                exc.errno, f"cannot listen on [{self.IPV6_HOST}]:{port}: {exc.strerror}"
+            ) from None
+        sock.setblocking(False)
+        self._v6 = sock
+
+    def _serve_ipv6(
+        self, accept_loop: Callable[[socket.socket], Coroutine[Any, Any, None]]
+    ) -> None:
+        if self._v6 is not None:
+            self._v6_acceptor = asyncio.get_running_loop().create_task(accept_loop(self._v6))
+            log.info(
+                "%s listening on [%s]:%d too",
+                self.address,
+                self.IPV6_HOST,
+                self._v6.getsockname()[1],
+            )
+
+    def _release_ipv6(self) -> None:
+        if self._v6_acceptor is not None:
+            self._v6_acceptor.cancel()
+            self._v6_acceptor = None
+        if self._v6 is not None:
+            self._v6.close()
+            self._v6 = None
+
+
+class InboundCaptureListener(_AlsoIpv6, InboundMtls[InboundCapture]):
     """0.0.0.0:<inbound_port>: every port of the pod, mTLS (strict) or either (permissive)."""
+
+    #: Every port the agent has bound, as bound (the agent keeps it current): with
+    #: `agent_ports` of the config, which may name a port 0 the kernel chose.
+    bound_ports: frozenset[int] = frozenset()
+    IPV6_HOST = "::"
+
+    def bind(self, listen: Listen) -> None:
+        super().bind(listen)
+        self._bind_ipv6()
+
+    async def _serve(self, listening: socket.socket) -> None:
+        await super()._serve(listening)
+        self._serve_ipv6(self._accept_loop)
+
+    def release(self) -> None:
+        super().release()
+        self._release_ipv6()
 
     def _admit(self, sock: socket.socket, port: int = 0) -> None:
         destination = original_destination(sock)
         if destination is None:
             _refuse(self.runtime, INBOUND, "no_original_destination", sock)
             return
-        if destination[1] in self.config.agent_ports:
-            _refuse(self.runtime, INBOUND, "capture_loop", sock)
+        if destination[1] in self.config.agent_ports or destination[1] in self.bound_ports:
+            _refuse(self.runtime, INBOUND, "capture_loop", sock, destination[1])
             return
         super()._admit(sock, destination[1])
+
+    def _handshake_refused(self, port: int, reason: str) -> None:
+        held = self.runtime.refusal_lines.admit((INBOUND, "handshake"), time.monotonic())
+        if held is None:
+            return
+        strict = "" if self.serving(port)[1] else "; the port is strict: plaintext is refused"
+        log.warning(
+            "inbound capture: refused a connection to port %d: no mTLS handshake (%s)%s%s",
+            port,
+            reason,
+            strict,
+            held_back(held),
+        )
 
     def serving(self, port: int) -> tuple[Inbound, bool]:
         capture = self.config
@@ -119,10 +259,20 @@ class InboundCaptureListener(InboundMtls[InboundCapture]):
         return inbound, mode.mtls == "permissive"
 
 
-class OutboundCaptureListener(Listener[OutboundCapture]):
-    """127.0.0.1:<outbound_port>: the app's connections, routed by original destination."""
+class OutboundCaptureListener(_AlsoIpv6, Listener[OutboundCapture]):
+    """127.0.0.1:<outbound_port> (and [::1]): the app's connections, routed by original
+    destination."""
 
     direction = OUTBOUND
+    IPV6_HOST = "::1"
+
+    def bind(self, listen: Listen) -> None:
+        super().bind(listen)
+        self._bind_ipv6()
+
+    def release(self) -> None:
+        super().release()
+        self._release_ipv6()
 
     def __init__(self, config: OutboundCapture, runtime: Runtime, connections: Connections) -> None:
         super().__init__(config, runtime, connections)
@@ -132,9 +282,26 @@ class OutboundCaptureListener(Listener[OutboundCapture]):
         #: an entry with both `listen` and `destinations` is one upstream, one pool.
         self.explicit: Mapping[str, LiveUpstream] = {}
         self._own: dict[str, LiveUpstream] = {}  # destinations-only entries, built on use
+        #: Connections passed through in plain, by destination: closed when a new config
+        #: would not pass them (registry-only, or the address joined the mesh). Weak: a
+        #: closed relay leaves by itself.
+        self.passed: weakref.WeakKeyDictionary[Relay, Endpoint] = weakref.WeakKeyDictionary()
 
     def configure(self, config: OutboundCapture) -> None:
         self.config = config
+        stopped = [
+            relay
+            for relay, target in list(self.passed.items())
+            if not relay.closed and not isinstance(config.routes.route(target), Passthrough)
+        ]
+        for relay in stopped:
+            relay.abort()
+        if stopped:
+            log.info(
+                "outbound capture: closed %d plain connection(s) the outbound policy no longer"
+                " passes through",
+                len(stopped),
+            )
         for name in list(self._own):
             wanted = config.upstreams.get(name)
             if wanted is None or wanted.listen is not None:  # gone, or served by a listener
@@ -164,12 +331,11 @@ class OutboundCaptureListener(Listener[OutboundCapture]):
         return live
 
     async def _serve(self, listening: socket.socket) -> None:
-        self._acceptor = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._acceptor = asyncio.get_running_loop().create_task(self._accept_loop(listening))
+        self._serve_ipv6(self._accept_loop)
 
-    async def _accept_loop(self) -> None:
+    async def _accept_loop(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        assert self._socket is not None
-        listening = self._socket
         while True:
             try:
                 sock, _ = await loop.sock_accept(listening)
@@ -188,12 +354,10 @@ class OutboundCaptureListener(Listener[OutboundCapture]):
         target = Endpoint(*destination)
         route = self.config.routes.route(target)
         if isinstance(route, Refused):
-            if route.reason == "registry_only":
-                log.info("outbound capture: refused %s: not in the registry", target)
-            _refuse(runtime, OUTBOUND, route.reason, sock)
+            _refuse(runtime, OUTBOUND, route.reason, sock, target)
             return
         if len(self.connections) >= runtime.limits.max_connections:
-            _refuse(runtime, OUTBOUND, "max_connections", sock)
+            _refuse(runtime, OUTBOUND, "max_connections", sock, target)
             return
         loop = asyncio.get_running_loop()
         if isinstance(route, ToUpstream):
@@ -209,6 +373,7 @@ class OutboundCaptureListener(Listener[OutboundCapture]):
                 assert isinstance(route, Passthrough)
                 runtime.metrics.outbound_passthrough.labels(route.reason).inc()
                 self.connections.established(OUTBOUND, None, mtls=False)
+                self.passed[relay] = target
                 dial = self._plain(relay, target)
             refused = runtime.metrics.connections_refused.labels(OUTBOUND, "no_endpoint").inc
             task = loop.create_task(_relayed(loop, sock, relay, dial, refused))
@@ -220,7 +385,7 @@ class OutboundCaptureListener(Listener[OutboundCapture]):
         try:
             await live.dial(target, lambda: side)
         except DialError as exc:
-            log.warning("outbound capture %s (%s): %s", target, live.name, exc)
+            self._say(("pinned",), "outbound capture %s (%s): %s", target, live.name, exc)
             relay.new_upstream()  # the aborted side must not linger in the relay's close
             return False
         return True
@@ -233,10 +398,17 @@ class OutboundCaptureListener(Listener[OutboundCapture]):
             async with asyncio.timeout(self.runtime.limits.connect_timeout.total_seconds()):
                 await loop.create_connection(lambda: side, target.host, target.port)
         except (OSError, TimeoutError) as exc:
-            log.info("outbound capture: %s unreachable: %s", target, exc)
+            self._say(("unreachable",), "outbound capture: %s unreachable: %s", target, exc)
             relay.new_upstream()
             return False
         return True
+
+    def _say(self, kind: tuple[str], message: str, *args: object) -> None:
+        """A failed dial, in the log a line a while: an app in a retry loop dials as fast as
+        it connects (counted each in connections_refused_total{reason="no_endpoint"})."""
+        held = self.runtime.refusal_lines.admit((OUTBOUND, *kind), time.monotonic())
+        if held is not None:
+            log.warning(message + "%s", *args, held_back(held))
 
 
 async def _adopt(

@@ -17,9 +17,10 @@ import logging
 import random
 import socket
 import ssl
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from prometheus_client import Counter, Gauge
 
@@ -35,6 +36,7 @@ from agent.core.authz import AllowList
 from agent.core.captured import Captured, OutboundRoutes, admit_plaintext, looks_like_tls
 from agent.core.policy import Decision, Request
 from agent.core.resilience import RetryBudget, should_retry
+from agent.core.throttle import held_back
 from agent.core.upstream import Endpoint
 from identity import SpiffeId
 from identity.configfile import Listen
@@ -259,6 +261,33 @@ class InboundMtls(Listener[InboundT]):
 
     direction = INBOUND
 
+    def __init__(self, config: InboundT, runtime: Runtime, connections: Connections) -> None:
+        # (Any: mypy checks a value-restricted TypeVar's subclass per value, and loses it)
+        super().__init__(cast(Any, config), runtime, connections)
+        #: Plaintext connections let in (a permissive port), by original port: those a
+        #: reconfigure makes strict are closed (weak: a closed relay leaves by itself).
+        self.plaintext: weakref.WeakKeyDictionary[Relay, int] = weakref.WeakKeyDictionary()
+
+    def configure(self, config: InboundT) -> None:
+        """Connections accepted from now on follow `config`; plaintext ones already let in
+        to a port that is no longer permissive are closed: strict means no plaintext at all,
+        not none from now on."""
+        self.config = config
+        stopped = [
+            relay
+            for relay, port in list(self.plaintext.items())
+            if not relay.closed and not self.serving(port)[1]
+        ]
+        for relay in stopped:
+            relay.abort()
+        if stopped:
+            log.info(
+                "%s %s: closed %d plaintext connection(s): their ports are strict now",
+                self.direction,
+                self.address,
+                len(stopped),
+            )
+
     def serving(self, port: int) -> tuple[Inbound, bool]:
         """The inbound a connection to original `port` is served as now, and whether
         plaintext is let through (permissive); an explicit listener has one, strict."""
@@ -268,12 +297,10 @@ class InboundMtls(Listener[InboundT]):
         # Our own accept loop rather than loop.create_server: connect_accepted_socket
         # takes a TLS context per connection (the SVID rotates) and raises the
         # handshake's error, so every refusal is counted with its reason.
-        self._acceptor = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._acceptor = asyncio.get_running_loop().create_task(self._accept_loop(listening))
 
-    async def _accept_loop(self) -> None:
+    async def _accept_loop(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        assert self._socket is not None
-        listening = self._socket
         while True:
             try:
                 sock, _ = await loop.sock_accept(listening)
@@ -295,12 +322,14 @@ class InboundMtls(Listener[InboundT]):
         if len(self.connections) >= runtime.limits.max_connections:
             runtime.metrics.connections_refused.labels(INBOUND, "max_connections").inc()
             sock.close()
+            self._over_limit("max_connections", "refused a new connection")
             return
         if len(runtime.handshaking) >= runtime.limits.max_pending_handshakes:
             evict = self.runtime.not_pending(next(iter(runtime.handshaking)))
             assert evict is not None
             runtime.metrics.connections_refused.labels(INBOUND, "max_pending_handshakes").inc()
             evict()
+            self._over_limit("max_pending_handshakes", "closed the oldest")
         relay = Relay(runtime.limits.idle_timeout.total_seconds(), self.connections.closed)
         self.connections.add(relay, INBOUND)
         setup = asyncio.get_running_loop().create_task(self._setup(relay, sock, port))
@@ -314,17 +343,36 @@ class InboundMtls(Listener[InboundT]):
         runtime.handshaking[relay] = evict_it
         runtime.metrics.pending_handshakes.inc()
 
+    def _over_limit(self, limit: str, done: str) -> None:
+        """A line a while: a flood reaches a limit once per connection."""
+        key = (INBOUND, limit)
+        held = self.runtime.refusal_lines.admit(key, asyncio.get_running_loop().time())
+        if held is not None:
+            value = getattr(self.runtime.limits, limit)
+            log.warning(
+                "%s %s: limits.%s (%d) reached: %s%s",
+                self.direction,
+                self.address,
+                limit,
+                value,
+                done,
+                held_back(held),
+            )
+
     async def _setup(self, relay: Relay, sock: socket.socket, port: int) -> None:
         started = clock()
-        config, permissive = self.serving(port)
-        # An HTTP port offers no h2 in ALPN, so every request on it is parsed: h2 relayed
-        # at L4 would hand the app the client's own identity header and skip the paths.
-        http = config.protocol == "http"
         authenticated, plaintext = None, False
         try:
             deadline = await self._spoke(relay, sock)
             if deadline is None:
                 return
+            # As of the first byte, not the accept: a port made strict while its client
+            # said nothing yet is strict for that client too.
+            config, permissive = self.serving(port)
+            # An HTTP port offers no h2 in ALPN, so every request on it is parsed: h2
+            # relayed at L4 would hand the app the client's own identity header and skip
+            # the paths.
+            http = config.protocol == "http"
             plaintext = permissive and not _tls_first(sock)
             if not plaintext:
                 authenticated = await self._authenticate(relay, sock, started, http, port, deadline)
@@ -364,12 +412,15 @@ class InboundMtls(Listener[InboundT]):
             relay.close()
             return
         down.pause_reading()
-        self.connections.established(INBOUND, None, mtls=False)
+        self.plaintext[relay] = config.app.port
         await self._to_app(relay, None, config)
 
     async def _to_app(self, relay: Relay, peer: SpiffeId | None, config: Inbound) -> None:
         """Connect to the app and relay: bytes (tcp) or parsed requests (http) with the
-        peer's x-forwarded-client-cert (none for a plaintext client)."""
+        peer's x-forwarded-client-cert (none for a plaintext client).
+
+        A plaintext client is counted (`connections_total{mtls="false"}`) once the app
+        has its connection: one the app never got was not let in."""
         loop = asyncio.get_running_loop()
         limits = self.runtime.limits
         app = config.app
@@ -379,10 +430,23 @@ class InboundMtls(Listener[InboundT]):
             async with asyncio.timeout(limits.connect_timeout.total_seconds()):
                 await loop.create_connection(lambda: up, app.host, app.port)
         except (OSError, TimeoutError) as exc:
-            log.warning("inbound %s: app %s unreachable: %s", config.listen, app, exc)
+            # A line a while: on a captured pod a caller can try every port, most with no app.
+            held = self.runtime.refusal_lines.admit(
+                (INBOUND, "app_unreachable"), asyncio.get_running_loop().time()
+            )
+            if held is not None:
+                log.warning(
+                    "inbound %s: app %s unreachable: %s%s",
+                    config.listen,
+                    app,
+                    exc,
+                    held_back(held),
+                )
             self.runtime.metrics.connections_refused.labels(INBOUND, "app_unreachable").inc()
             relay.close()
             return
+        if peer is None:  # plaintext, let in: counted once the app has it, not before
+            self.connections.established(INBOUND, None, mtls=False)
         if not http:
             relay.link()
             return
@@ -451,7 +515,9 @@ class InboundMtls(Listener[InboundT]):
                 ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
             )
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
-            self._refused(refusal_reason(exc))
+            reason = refusal_reason(exc)
+            self._refused(reason)
+            self._handshake_refused(port, reason)
             relay.close()
             return None
         tls.pause_reading()
@@ -470,6 +536,11 @@ class InboundMtls(Listener[InboundT]):
         self.connections.established(INBOUND, peer)
         return peer, config
 
+    def _handshake_refused(self, port: int, reason: str) -> None:
+        """A client's handshake failed (counted already): an explicit listener says nothing
+        more (its clients are agents); the capture listener tells a plaintext caller's
+        owner why (a strict port)."""
+
     def _authorize(self, request: Request, config: Inbound) -> Decision:
         """The policy's decision on a connection (L4) or a request (L7), counted."""
         decision = self.runtime.policies.decide(request, config.allow.trusted_domains)
@@ -482,14 +553,22 @@ class InboundMtls(Listener[InboundT]):
         for record in decision.records:
             counter.labels(record.kind, record.policy, record.rule).inc()
         if not decision.allowed:
-            log.info(
-                "inbound %s: denied %s %s %s: %s",
-                config.listen,
-                request.source,
-                request.method or "connection",
-                request.path or "",
-                decision.reason,
-            )
+            # A line per caller a while, not per denial: a caller (a plaintext one on a
+            # permissive port, above all) can be denied as fast as it connects.
+            caller = str(request.source) if request.source else "a plaintext caller"
+            key = (INBOUND, "denied", caller)
+            held = self.runtime.refusal_lines.admit(key, asyncio.get_running_loop().time())
+            if held is not None:
+                what = f"{request.method} {request.path}" if request.method else "a connection"
+                log.info(
+                    "inbound %s: denied %s to port %d from %s: %s%s",
+                    config.listen,
+                    what,
+                    request.port,
+                    caller,
+                    decision.reason,
+                    held_back(held),
+                )
         return decision
 
 

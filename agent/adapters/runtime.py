@@ -12,6 +12,7 @@ from agent.adapters.metrics import AgentMetrics, since
 from agent.adapters.tls import Contexts, peer_id
 from agent.config import Limits
 from agent.core.policy import PolicySet
+from agent.core.throttle import LogThrottle
 from identity import SpiffeId, SvidError
 
 
@@ -32,6 +33,8 @@ class Runtime:
     #: Inbound connections accepted whose peer is not verified yet, on every listener,
     #: oldest first: each with what closes it.
     handshaking: dict[object, Callable[[], None]] = field(default_factory=dict)
+    #: Lines about refusals a caller can cause at will: bounded (agent/core/throttle.py).
+    refusal_lines: LogThrottle = field(default_factory=LogThrottle)
 
     def not_pending(self, connection: object) -> Callable[[], None] | None:
         """`connection` is verified, refused, evicted or cancelled: what would have closed it

@@ -20,6 +20,7 @@ again) and is refused on both sides.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -143,6 +144,23 @@ class UpstreamAddresses:
     endpoints: tuple[Endpoint, ...]  # its static endpoints (the mesh's pods)
 
 
+def as_reported(endpoint: Endpoint) -> Endpoint:
+    """`endpoint` as the kernel reports an original destination (agent/adapters/capture.py):
+    an IP in its canonical text (fd00::2, not FD00:0::0002), an IPv4-mapped one as IPv4.
+
+    An endpoint written another way would match no captured connection: under
+    registry-only the mesh pod would be refused, under allow-any reached in plain.
+    A name (no IP) is left as it is: no connection is ever reported by name.
+    """
+    try:
+        ip = ipaddress.ip_address(endpoint.host)
+    except ValueError:
+        return endpoint
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return Endpoint(str(ip), endpoint.port)
+
+
 class OutboundRoutes:
     """The outbound decision table, built once per config; `route` is a dict lookup."""
 
@@ -159,7 +177,7 @@ class OutboundRoutes:
         pinned: dict[Endpoint, Route] = {}
         for upstream in upstreams:
             for endpoint in upstream.endpoints:
-                pinned.setdefault(endpoint, ToEndpoint(upstream.name, endpoint))
+                pinned.setdefault(as_reported(endpoint), ToEndpoint(upstream.name, endpoint))
         routes.update(pinned)  # an endpoint of the mesh is never passed through in plain
         for upstream in upstreams:
             routes.update(dict.fromkeys(upstream.destinations, ToUpstream(upstream.name)))

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sys
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,15 @@ async def eventually(pod: Pod, name: str, value: float, **labels: str) -> None:
             return
         await asyncio.sleep(0.02)
     assert metric(pod, name, **labels) == value
+
+
+async def logged(log: list[str], wanted: Callable[[str], bool]) -> None:
+    """An agent's log (read by a thread) has a line that is `wanted`, within 5 s."""
+    for _ in range(250):
+        if any(wanted(line) for line in list(log)):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no such line in the agent's log: {log[-5:]}")
 
 
 @dataclass
@@ -352,3 +362,252 @@ async def test_destinations_outside_the_mesh_are_passed_through_or_refused_and_c
         assert counted(client, "outbound", "false") == plain + 2
     finally:
         node.close()
+
+
+async def test_the_agents_own_listeners_are_never_reached_through_the_capture_port(
+    mesh: Captured,
+) -> None:
+    """A caller on the pod network sending to the pod's IP at the port of one of the agent's
+    loopback listeners (here the explicit outbound listener 127.0.0.1:15001) must not be
+    relayed to it: the agent would carry its bytes into the mesh under the pod's own SVID.
+    Shown on a permissive pod, where even a plaintext caller would get that far."""
+    client = mesh.client
+    upstream = {**mesh.configs["client"]["outbound"][0], "listen": "127.0.0.1:15001"}
+    loops = {"direction": "inbound", "reason": "capture_loop"}
+    sections = {"outbound": [upstream], "captured": {"inbound": {"mtls": "permissive"}}}
+    async with mesh.reconfigured(client, **sections):
+        requests = mesh.app.requests
+        looped = metric(client, "outrider_connections_refused_total", **loops)
+        # (the listener works, from the app's side)
+        assert body(await exchange(await client.open_connection("127.0.0.1", 15001))).endswith(
+            f"URI={workload('client')}"
+        )
+        assert await exchange(await asyncio.open_connection(client.ip, 15001), FORGED) == b""
+        assert mesh.app.requests == requests + 1
+        assert metric(client, "outrider_connections_refused_total", **loops) == looped + 1
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A tcp app: echoes until the other side closes."""
+    try:
+        while data := await reader.read(4096):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def test_switching_a_port_to_strict_stops_plaintext_already_connected(
+    mesh: Captured,
+) -> None:
+    """Strict applies to plaintext accepted while the port was permissive too: to a
+    client that connected but had not spoken yet, and to one already relayed."""
+    server = mesh.server
+    tcp_app = await server.start_server(echo, "0.0.0.0", 9090)
+    try:
+        async with mesh.reconfigured(server, captured={"inbound": {"mtls": "permissive"}}):
+            silent = await asyncio.open_connection(server.ip, 8080)
+            talking = await asyncio.open_connection(server.ip, 9090)
+            talking[1].write(b"a")
+            assert await asyncio.wait_for(talking[0].readexactly(1), 5) == b"a"
+            let_in = counted(server, "inbound", "false")
+        # Strict again: neither gets another byte to an app.
+        requests = mesh.app.requests
+        assert await exchange(silent) == b""
+        assert mesh.app.requests == requests
+        assert await exchange(talking, b"b") == b""
+        assert counted(server, "inbound", "false") == let_in
+    finally:
+        tcp_app.close()
+
+
+async def test_a_pod_calling_a_service_it_serves_itself_reaches_its_own_app_over_mtls(
+    mesh: Captured,
+) -> None:
+    """The upstream's endpoint is the calling pod: the agent's mTLS dial to its own pod IP
+    goes over loopback, which the inbound rules skip; it must come back through the
+    inbound capture port, not hit the app's port with a ClientHello."""
+    server = mesh.server
+    itself = {
+        "name": "server.demo:8080",
+        "protocol": "http",
+        "destinations": [SERVICE],
+        "endpoints": [f"{server.ip}:8080"],
+        "server_ids": [str(workload(server.name))],
+    }
+    async with mesh.reconfigured(server, outbound=[itself]):
+        host, port = SERVICE.split(":")
+        caller = f"By={workload('server')};URI={workload('server')}"
+        assert body(await exchange(await server.open_connection(host, int(port)))) == caller
+        # ... and by its pod IP, which the app reaches in plain over loopback, as before.
+        assert body(await exchange(await server.open_connection(server.ip, 8080))) == "-"
+
+
+async def test_a_flood_of_refused_connections_is_counted_each_and_logged_a_line_a_while(
+    mesh: Captured,
+) -> None:
+    """Each refusal is in /metrics; the log says why, but a flood is a line per kind a
+    while, not a line per connection."""
+    server, log = mesh.server, mesh.agents["server"].log
+    flood = 50
+    loops = {"direction": "inbound", "reason": "capture_loop"}
+    looped = metric(server, "outrider_connections_refused_total", **loops)
+    said = len(log)
+    admin = int(mesh.agents["server"].bound["admin"].rsplit(":", 1)[1])
+    for port in (8080, admin):  # plaintext to a strict port; the agent's admin port
+        for _ in range(flood):
+            assert await exchange(await asyncio.open_connection(server.ip, port)) == b""
+    await eventually(server, "outrider_connections_refused_total", looped + flood, **loops)
+    refusals = [line for line in log[said:] if "capture: refused" in line]
+    assert len(refusals) <= 2, refusals  # at most one per kind (none: said just before)
+    # What the lines say (here, or said by an earlier test within the interval):
+    await logged(log, lambda line: "port 8080: no mTLS handshake" in line and "strict" in line)
+    await logged(log, lambda line: f"port {admin} of the pod, one of the agent's own" in line)
+
+
+async def test_ipv6_is_captured_too_mtls_between_pods_and_no_plaintext_in(
+    mesh: Captured,
+) -> None:
+    """The rules redirect IPv6 as IPv4: the agent serves its capture ports on both, so an
+    app's IPv6 call goes over mTLS, and a plaintext IPv6 caller gets nothing."""
+    network, server, client = mesh.network, mesh.server, mesh.client
+    intruder = network.add_pod("intruder6")  # no agent, no rules
+    server_ip = network.add_ipv6(server)
+    network.add_ipv6(client)
+    network.add_ipv6(intruder)
+    upstream = mesh.configs["client"]["outbound"][0]
+    pinned = {**upstream, "endpoints": [*upstream["endpoints"], f"[{server_ip}]:8080"]}
+    async with mesh.reconfigured(client, outbound=[pinned]):
+        requests = mesh.app.requests
+        verified = counted(server, "inbound", "true", str(workload("client")))
+        plaintext = counted(server, "inbound", "false")
+
+        async def call(pod: Pod, request: bytes = REQUEST, port: int = 8080) -> bytes:
+            sock = pod.socket(socket.AF_INET6)
+            sock.setblocking(False)
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_connect(sock, (server_ip, port)), 5
+            )
+            return await exchange(await asyncio.open_connection(sock=sock), request)
+
+        caller = f"By={workload('server')};URI={workload('client')}"
+        assert body(await call(client)) == caller
+        for request in (REQUEST, FORGED):
+            assert await call(intruder, request) == b""
+        # The inbound capture port called as itself over IPv6: no app port, refused.
+        unknown = {"direction": "inbound", "reason": "no_original_destination"}
+        before = metric(server, "outrider_connections_refused_total", **unknown)
+        assert await call(intruder, REQUEST, 15006) == b""
+        await eventually(server, "outrider_connections_refused_total", before + 1, **unknown)
+        assert mesh.app.requests == requests + 1
+        assert counted(server, "inbound", "true", str(workload("client"))) == verified + 1
+        assert counted(server, "inbound", "false") == plaintext
+
+
+async def test_switching_to_registry_only_closes_what_it_no_longer_lets_out(
+    mesh: Captured,
+) -> None:
+    """registry-only applies to connections passed through under allow-any as well: an
+    app's open connection outside the registry is closed, not left to run."""
+    client, node = mesh.client, mesh.network.node_ip
+    listed, unlisted = [await asyncio.start_server(echo, node, 0) for _ in range(2)]
+    ports = [server.sockets[0].getsockname()[1] for server in (listed, unlisted)]
+    try:
+        # allow-any (the first config): both passed through.
+        kept, stopped = [await client.open_connection(node, port) for port in ports]
+        for reader, writer in (kept, stopped):
+            writer.write(b"a")
+            assert await asyncio.wait_for(reader.readexactly(1), 5) == b"a"
+        registry = {"policy": "registry-only", "passthrough": [f"{node}:{ports[0]}"]}
+        async with mesh.reconfigured(client, captured={"outbound": registry}):
+            assert await exchange(stopped, b"b") == b""
+            kept[1].write(b"c")  # a registry passthrough: still allowed, goes on
+            assert await asyncio.wait_for(kept[0].readexactly(1), 5) == b"c"
+        kept[1].close()
+    finally:
+        listed.close()
+        unlisted.close()
+
+
+async def test_a_flood_of_plaintext_denied_by_policy_is_a_line_a_while_not_one_each(
+    mesh: Captured,
+) -> None:
+    server, log = mesh.server, mesh.agents["server"].log
+    tcp_app = await server.start_server(echo, "0.0.0.0", 9090)
+    denied = {"decision": "deny", "policy": "default", "rule": "deny"}
+    sections = {
+        "captured": {"inbound": {"mtls": "permissive"}},
+        "policy": {"default_action": "deny"},
+    }
+    try:
+        async with mesh.reconfigured(server, **sections):
+            before = metric(server, "outrider_authz_decisions_total", **denied)
+            said = len(log)
+            for _ in range(50):
+                opened = await asyncio.open_connection(server.ip, 9090)
+                assert await exchange(opened, b"plain") == b""
+            await eventually(server, "outrider_authz_decisions_total", before + 50, **denied)
+            lines = [line for line in log[said:] if "denied" in line]
+            assert len(lines) <= 2, lines
+            await logged(log, lambda line: "from a plaintext caller" in line)
+    finally:
+        tcp_app.close()
+
+
+async def test_a_scan_of_the_pods_ports_in_plaintext_is_a_line_a_while_not_one_each(
+    mesh: Captured,
+) -> None:
+    """On a permissive pod anyone may try every port; nothing listens on most of them."""
+    server, log = mesh.server, mesh.agents["server"].log
+    unreachable = {"direction": "inbound", "reason": "app_unreachable"}
+    async with mesh.reconfigured(server, captured={"inbound": {"mtls": "permissive"}}):
+        before = metric(server, "outrider_connections_refused_total", **unreachable)
+        plaintext = counted(server, "inbound", "false")
+        said = len(log)
+        ports = range(20001, 20041)
+        for port in ports:
+            assert await exchange(await asyncio.open_connection(server.ip, port)) == b""
+        total = before + len(ports)
+        await eventually(server, "outrider_connections_refused_total", total, **unreachable)
+        lines = [line for line in log[said:] if "unreachable" in line]
+        assert len(lines) <= 2, lines  # (none, if an earlier test said it just before)
+        await logged(log, lambda line: "app 127.0.0.1:200" in line)
+        # No app took them: no plaintext was let in, and none is counted as if it was.
+        assert counted(server, "inbound", "false") == plaintext
+
+
+async def test_a_flood_past_a_limit_is_said_a_line_a_while(mesh: Captured) -> None:
+    """Silent callers past max_pending_handshakes: each evicts the oldest, counted; the log
+    says which limit was reached, once a while."""
+    server, log = mesh.server, mesh.agents["server"].log
+    evicted = {"direction": "inbound", "reason": "max_pending_handshakes"}
+    async with mesh.reconfigured(server, limits={"max_pending_handshakes": 1}):
+        before = metric(server, "outrider_connections_refused_total", **evicted)
+        said = len(log)
+        silent = [await asyncio.open_connection(server.ip, 8080) for _ in range(20)]
+        await eventually(server, "outrider_connections_refused_total", before + 19, **evicted)
+        lines = [line for line in log[said:] if "limits.max_pending_handshakes" in line]
+        assert len(lines) <= 2, lines
+        await logged(log, lambda line: "limits.max_pending_handshakes (1) reached" in line)
+        for _, writer in silent:
+            writer.close()
+
+
+async def test_an_app_dialing_an_unreachable_address_in_a_loop_is_a_line_a_while(
+    mesh: Captured,
+) -> None:
+    client, log = mesh.client, mesh.agents["client"].log
+    closed = socket.create_server((mesh.network.node_ip, 0))  # a port nobody accepts on
+    port = closed.getsockname()[1]
+    closed.close()
+    failed = {"direction": "outbound", "reason": "no_endpoint"}
+    before = metric(client, "outrider_connections_refused_total", **failed)
+    said = len(log)
+    for _ in range(30):
+        assert await exchange(await client.open_connection(mesh.network.node_ip, port)) == b""
+    await eventually(client, "outrider_connections_refused_total", before + 30, **failed)
+    lines = [line for line in log[said:] if "unreachable" in line]
+    assert len(lines) <= 2, lines
+    await logged(log, lambda line: f"{mesh.network.node_ip}:{port} unreachable" in line)

@@ -116,6 +116,25 @@ def test_an_endpoint_of_two_upstreams_is_checked_against_the_first() -> None:
     assert OutboundRoutes(upstreams, Captured(), CAPTURE_PORTS).route(shared).name == "a"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize(
+    ("written", "reported"),
+    [
+        (Endpoint("FD00:0::0002", 8080), Endpoint("fd00::2", 8080)),
+        (Endpoint("::ffff:10.64.1.5", 8080), Endpoint("10.64.1.5", 8080)),
+    ],
+)
+def test_an_endpoint_is_matched_however_its_address_is_written(
+    written: Endpoint, reported: Endpoint
+) -> None:
+    """The kernel reports a destination in one form; a mesh pod's endpoint written in
+    another is still that pod: pinned with mTLS, never passed through or refused."""
+    upstreams = [UpstreamAddresses("a", (), (written,))]
+    for policy in ("allow-any", "registry-only"):
+        captured = Captured(policy=policy)  # type: ignore[arg-type]
+        table = OutboundRoutes(upstreams, captured, CAPTURE_PORTS)
+        assert table.route(reported) == ToEndpoint("a", written)
+
+
 def _decide(policies: list[dict[str, object]], default: str = "allow-authenticated") -> Decision:
     policy_set = PolicySet(parse_policy_list(policies, "policies"), default)  # type: ignore[arg-type]
     return admit_plaintext(policy_set.decide(Request(None, 8080), frozenset({TD})))

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from agent.adapters.capture_listeners import agent_ports, capture_configs
 from agent.app import load_policies
 from agent.config import (
     MAX_SNAPSHOT_LISTENERS,
@@ -170,3 +171,23 @@ def test_a_policy_with_http_fields_on_a_captured_tcp_port_is_refused_as_on_an_in
     http_rule["rules"][0]["to"]["ports"] = [8080]  # type: ignore[index]
     config = parse(raw(capture={}, captured=captured, policy={"policies": [http_rule]}), base=BASE)
     assert load_policies(config).policies
+
+
+def test_every_port_the_agent_listens_on_is_its_own_never_an_apps() -> None:
+    """The inbound capture listener refuses these as original ports: relayed to
+    127.0.0.1:<port> they would reach the agent (an outbound listener: the mesh, as
+    this pod)."""
+    config = parse(
+        raw(
+            capture={},
+            status="0.0.0.0:15020",
+            outbound=[
+                upstream(listen="127.0.0.1:15001"),
+                upstream("db.shop:5432", destinations=["10.96.0.9:5432"]),
+            ],
+        ),
+        base=BASE,
+    )
+    assert agent_ports(config) == {15000, 15001, 15006, 15007, 15020}
+    captures = capture_configs(config)
+    assert captures is not None and captures[0].agent_ports == agent_ports(config)

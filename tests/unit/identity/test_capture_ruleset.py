@@ -34,6 +34,10 @@ table inet outrider {
   chain output {
     type nat hook output priority -100; policy accept;
     meta l4proto != tcp return
+    meta skuid 1337 oifname "lo" ip daddr != 127.0.0.0/8 tcp dport != { 15006, 15007, 15020 } \
+redirect to :15006
+    meta skuid 1337 oifname "lo" ip6 daddr != ::1 tcp dport != { 15006, 15007, 15020 } \
+redirect to :15006
     meta skuid 1337 return
     oifname "lo" return
     meta l4proto tcp redirect to :15007
@@ -99,12 +103,17 @@ def test_exclusions_become_return_rules_before_the_redirect(
         f"tcp dport {prerouting_kept} return",
         f"meta l4proto tcp redirect to :{rules.inbound_port}",
     ]
-    assert chain(script, "output")[:3] == [
-        "meta l4proto != tcp return",
+    assert chain(script, "output")[0] == "meta l4proto != tcp return"
+    # The agent's calls to the pod's own IP come back as a peer's, to the inbound port.
+    for line, family in zip(chain(script, "output")[1:3], ("ip daddr", "ip6 daddr"), strict=True):
+        assert line.startswith(f'meta skuid {rules.agent_uid} oifname "lo" {family} != ')
+        assert line.endswith(f"redirect to :{rules.inbound_port}")
+        assert f"tcp dport != {prerouting_kept} redirect" in line
+    assert chain(script, "output")[3:5] == [
         f"meta skuid {rules.agent_uid} return",
         'oifname "lo" return',
     ]
-    assert chain(script, "output")[3:] == [
+    assert chain(script, "output")[5:] == [
         *output_returns,
         f"meta l4proto tcp redirect to :{rules.outbound_port}",
     ]
