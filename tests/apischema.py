@@ -208,7 +208,13 @@ def _go_type(schema: Json, name: str | None) -> str:
 
 def prune(schema: Json, value: Any, path: Path_, unknown: list[str], top: bool = False) -> None:
     """Drops what the structural schema does not declare (the server's pruning), and nulls
-    where the schema does not say `nullable`."""
+    where the schema does not say `nullable`.
+
+    `x-kubernetes-preserve-unknown-fields: true` keeps the unknown keys of its own node,
+    whole, and nothing more: a declared property below it is pruned by its own schema
+    (the flag is not inherited), and so are an array's items, as kube-apiserver's
+    pruning algorithm does (apiextensions-apiserver, schema/pruning). A null unknown key
+    is an unknown key like any other: listed, and dropped where it is not kept."""
     if isinstance(value, dict):
         properties = schema.get("properties") or {}
         extra = schema.get("additionalProperties")
@@ -217,14 +223,13 @@ def prune(schema: Json, value: Any, path: Path_, unknown: list[str], top: bool =
             if top and key in ("apiVersion", "kind", "metadata"):
                 continue
             sub = properties.get(key, extra if isinstance(extra, dict) else None)
-            if value[key] is None and not (sub or {}).get("nullable"):
-                if sub is not None or not keep:
-                    del value[key]
-            elif sub is not None:
-                prune(sub, value[key], (*path, key), unknown)
-            elif not keep and extra is not True:
+            if sub is None and not keep and extra is not True:
                 unknown.append(dotted((*path, key)))
                 del value[key]
+            elif value[key] is None and sub is not None and not sub.get("nullable"):
+                del value[key]  # a default, if any, is applied to the absent field
+            elif sub is not None:
+                prune(sub, value[key], (*path, key), unknown)
     elif isinstance(value, list) and isinstance(schema.get("items"), dict):
         for index, item in enumerate(value):
             prune(schema["items"], item, (*path, index), unknown)

@@ -184,8 +184,8 @@ class FakeApiServer:
     def apply(self, text: str) -> list[Json]:
         """`kubectl apply -f` of every YAML document in `text` (and every item of a `kind:
         List`), in order: create or update, validated (unknown fields refused, as with
-        kubectl's --validate=strict). Returns the stored objects; raises ApiError at the
-        first one refused, the ones before it applied."""
+        kubectl's --validate=strict, except where a CRD keeps them). Returns the stored
+        objects; raises ApiError at the first one refused, the ones before it applied."""
         applied = []
         for doc in yaml.safe_load_all(text):
             items = (

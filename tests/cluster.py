@@ -28,9 +28,17 @@ import yaml
 from agent.config import AgentConfig, ConfigError, parse
 from agent.core.policy import PolicySet
 from agent.core.policyfile import PolicyError, parse_policy_list
+from tests.apistore import Store
 
 Key = tuple[str, str]
 Objects = dict[str, dict[Key, dict[str, Any]]]
+
+#: Outrider's own CRDs, as installed (deploy/base/crds).
+CRDS = tuple(
+    path
+    for path in sorted((Path(__file__).parents[1] / "deploy" / "base" / "crds").glob("*.yaml"))
+    if path.name != "kustomization.yaml"
+)
 
 AGENT = {"name": "outrider-agent", "image": "outrider/agent", "restartPolicy": "Always"}
 #: The init container that writes a pod's capture rules, as the injector adds it.
@@ -334,3 +342,49 @@ def write_statuses(objects: Objects, statuses: Mapping[tuple[str, str, str], Any
         if obj is not None:
             obj["status"] = json.loads(json.dumps(status))
     return objects
+
+
+class ApiServer:
+    """Outrider's objects written as most clients write them: Helm, Argo CD, a client
+    library or `kubectl apply --validate=false` ask for no strict field validation, so
+    what the CRD's schema does not keep is dropped without an error. Each object goes
+    through the fake API server's store (tests/apistore.py) with deploy/'s CRDs:
+    pruned, defaulted and validated as kube-apiserver would, and read back into
+    `objects` as the control plane would list it. An edit keeps the status (the status
+    subresource's) and moves the generation; statuses go through the status
+    subresource."""
+
+    def __init__(self, objects: Objects) -> None:
+        self.objects = objects
+        self.store = Store(namespace_lifecycle=False)
+        for path in CRDS:
+            for crd in yaml.safe_load_all(path.read_text()):
+                if crd is not None:
+                    self.store.apply(crd)
+
+    def write(self, text: str) -> dict[str, Any]:
+        """Creates or replaces (PUT) every object of `text`; returns the last as stored."""
+        stored: dict[str, Any] = {}
+        for body in yaml.safe_load_all(text):
+            if body is None:
+                continue
+            resource = self.store.resource_of(body["apiVersion"], body["kind"])
+            m = body["metadata"]
+            namespace, name = m.get("namespace", "default"), m["name"]
+            if (namespace, name) in self.objects.get(body["kind"], {}):
+                stored, _ = self.store.update(resource, namespace, name, body)
+            else:
+                stored, _ = self.store.create(resource, namespace, body)
+            self.objects.setdefault(body["kind"], {})[(namespace, name)] = stored
+        return stored
+
+    def write_statuses(self, statuses: Mapping[tuple[str, str, str], Any]) -> None:
+        """`write_statuses` for the objects this server stores."""
+        for (kind, namespace, name), status in statuses.items():
+            obj = self.objects.get(kind, {}).get((namespace, name))
+            if obj is None or "resourceVersion" not in obj["metadata"]:
+                continue  # not written through this server
+            resource = self.store.resource_of(obj["apiVersion"], kind)
+            body = {**obj, "status": status}
+            stored, _ = self.store.update(resource, namespace, name, body, status=True)
+            self.objects[kind][(namespace, name)] = stored

@@ -11,8 +11,9 @@ so a replica started after the bad edit, or every replica after a restart,
 compiles the same version and writes the same status as the others. Nothing
 depends on what one process happened to see.
 
-- `spec` is copied as the API server returned it (pruned and defaulted), so
-  compiling the copy gives exactly what compiling the object gave.
+- `spec` is copied as the API server returned it (defaulted; the CRDs keep
+  unknown fields, which a valid spec has none of), so compiling the copy
+  gives exactly what compiling the object gave.
 - The copy doubles the status' share of the object: a policy is a few
   kilobytes, the API server's limit per object about 1.5 MiB.
 - A policy deleted and created again under its name is a new object (new

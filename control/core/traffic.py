@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 _KEYS = ("balancer", "hashOn", "health", "timeouts", "retries", "circuitBreaker", "pool")
+_TARGET_KEYS = ("group", "kind", "name", "sectionName")
 _CAMEL = re.compile(r"[A-Z]")
 
 
@@ -93,8 +94,17 @@ def compile_traffic(obj: Mapping[str, Any], m: Meta) -> CompiledTraffic | list[s
     for key in _KEYS:
         if key in spec:
             keys[to_snake(key)] = _snake_keys(spec[key], f"spec.{key}", errors)
-    if keys.get("hash_on") == {"source": {}}:
-        keys["hash_on"] = "source"  # the agent's spelling
+    hash_on = spec.get("hashOn")
+    if isinstance(hash_on, Mapping) and set(hash_on) == {"source"}:
+        keys["hash_on"] = "source"  # the agent's spelling of {source: {}}
+        source = hash_on["source"]
+        if isinstance(source, Mapping):
+            errors.extend(
+                f"spec.hashOn.source.{key}: unknown key; expected {{source: {{}}}}"
+                for key in source
+            )
+        else:
+            errors.append("spec.hashOn.source: is not a mapping; expected {source: {}}")
     retries = keys.get("retries")
     if isinstance(retries, dict) and isinstance(retries.get("retry_on"), list):
         # int-or-string in the CRD: "503" is the status code 503, as the agent reads 503.
@@ -117,6 +127,11 @@ def _targets(raw: object, errors: list[str]) -> tuple[Target, ...]:
         if not isinstance(ref, Mapping):
             errors.append(f"{path}: is not a mapping; expected group, kind and name")
             continue
+        errors.extend(
+            f"{path}.{key}: unknown key; expected one of {', '.join(_TARGET_KEYS)}"
+            for key in ref
+            if key not in _TARGET_KEYS
+        )
         if ref.get("group", "") not in ("", "core") or ref.get("kind") != "Service":
             errors.append(
                 f"{path}: kind {ref.get('kind')!r} (group {ref.get('group', '')!r}) is not"

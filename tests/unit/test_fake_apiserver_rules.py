@@ -117,3 +117,49 @@ def test_a_structural_schema_prunes_unknown_fields_and_fills_defaults() -> None:
     default(schema, obj)
     assert unknown == ["spec.typo", "extra"]
     assert obj["spec"] == {"note": None, "free": {"x": [1]}, "map": {"a": 1}, "mode": "enforce"}
+
+
+def test_preserving_unknown_fields_keeps_them_whole_at_that_node_only() -> None:
+    """As kube-apiserver's pruning: the flag keeps its node's unknown keys (nested values
+    and nulls included) and is not inherited: a declared property below it, and an
+    array's items, are pruned by their own schemas."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "spec": {
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": True,
+                "properties": {
+                    "rules": {
+                        "type": "array",
+                        "items": {"type": "object", "properties": {"to": {"type": "string"}}},
+                    },
+                    "kept": {
+                        "type": "object",
+                        "x-kubernetes-preserve-unknown-fields": True,
+                        "properties": {"a": {"type": "string"}},
+                    },
+                    "pruned": {"type": "object", "properties": {"a": {"type": "string"}}},
+                },
+            }
+        },
+    }
+    obj = {
+        "spec": {
+            "rules": [{"to": "x", "form": "y"}],
+            "kept": {"a": "1", "b": {"c": [None]}, "n": None},
+            "pruned": {"a": "1", "typo": 1, "gone": None},
+            "actoin": {"deep": {"x": 1}},
+            "nothing": None,
+        },
+    }
+    unknown: list[str] = []
+    prune(schema, obj, (), unknown, top=True)
+    assert sorted(unknown) == ["spec.pruned.gone", "spec.pruned.typo", "spec.rules[0].form"]
+    assert obj["spec"] == {
+        "rules": [{"to": "x"}],
+        "kept": {"a": "1", "b": {"c": [None]}, "n": None},
+        "pruned": {"a": "1"},
+        "actoin": {"deep": {"x": 1}},
+        "nothing": None,
+    }

@@ -4,15 +4,13 @@ applies and the other says Conflicted; an invalid edit keeps the last valid vers
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from control.core.mesh import Mesh, MeshSettings, compile_mesh
-from tests.apischema import prune
-from tests.cluster import Objects, check_shape, pod, world, write_statuses
+from tests.cluster import ApiServer, Objects, check_shape, pod, world, write_statuses
 
 SETTINGS = MeshSettings("example.org")
 #: web-0 (app=web, ports 8080 and 9090) and api-0 (app=api) in shop, db-0 in billing;
@@ -358,19 +356,6 @@ def test_the_pods_http_ports_and_modes_share_one_entry_per_port() -> None:
     }
 
 
-CRD = Path(__file__).resolve().parents[3] / "deploy/base/crds/peerauthentications.yaml"
-
-
-def _stored(text: str) -> str:
-    """The object as the API server stores it: pruned to its CRD's schema, as any client
-    other than a strict `kubectl apply` gets it (Helm, Argo CD, client libraries)."""
-    (crd,) = [d for d in yaml.safe_load_all(CRD.read_text()) if d]
-    (version,) = crd["spec"]["versions"]
-    obj = yaml.safe_load(text.removesuffix("---\n"))
-    prune(version["schema"]["openAPIV3Schema"], obj, (), [], top=True)
-    return yaml.safe_dump(obj) + "---\n"
-
-
 @pytest.mark.parametrize(
     ("text", "error"),
     [
@@ -415,7 +400,8 @@ def test_a_field_the_api_server_would_drop_never_widens_a_policy(text: str, erro
     """What a user meant for a few pods or ports must not reach more of them (or every pod
     of the mesh) because the API server pruned what it did not know: the object is
     refused as written, and the pods keep what applied before it."""
-    objects = world(PODS, peer("n", "billing", mode="STRICT"), _stored(text))
+    objects = world(PODS, peer("n", "billing", mode="STRICT"))
+    ApiServer(objects).write(text)  # as Helm, Argo CD or a client library writes it
     mesh = compile_mesh(objects, SETTINGS)
     m = yaml.safe_load(text.removesuffix("---\n"))["metadata"]
     assert _condition(mesh, m["name"], m["namespace"]) == (
