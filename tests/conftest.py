@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
@@ -11,18 +10,13 @@ import pytest
 import uvloop
 
 from tests.netns import PodNetwork, pod_network
+from tests.support import waited_for_a_cpu
 
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     return {"uvloop": uvloop.new_event_loop}
-
-
-def _waited_for_a_cpu() -> float:
-    """Seconds this thread has spent runnable but not running (Linux schedstat)."""
-    with open(f"/proc/self/task/{threading.get_native_id()}/schedstat", "rb") as stat:
-        return int(stat.read().split()[1]) / 1e9
 
 
 @pytest.fixture
@@ -38,10 +32,10 @@ async def watchdog() -> AsyncIterator[None]:
     async def tick() -> None:
         nonlocal worst
         while True:
-            before, queued = time.perf_counter(), _waited_for_a_cpu()
+            before, queued = time.perf_counter(), waited_for_a_cpu()
             await asyncio.sleep(0.005)
             late = time.perf_counter() - before - 0.005
-            worst = max(worst, late - (_waited_for_a_cpu() - queued))
+            worst = max(worst, late - (waited_for_a_cpu() - queued))
 
     task = asyncio.create_task(tick())
     yield

@@ -282,6 +282,16 @@ def wait_for_line(
     return match
 
 
+def waited_for_a_cpu(pid: int | None = None, tid: int | None = None) -> float:
+    """Seconds a thread has spent runnable but not running (Linux schedstat): on a busy
+    machine, the time the scheduler took from it, not time its own code, a blocking call
+    or a lock held it. Default: the calling thread; a process's main thread is `tid=pid`."""
+    if pid is None:
+        pid, tid = os.getpid(), threading.get_native_id()
+    with open(f"/proc/{pid}/task/{tid or pid}/schedstat", "rb") as stat:
+        return int(stat.read().split()[1]) / 1e9
+
+
 def soft_fd_limit(soft: int | None) -> Callable[[], None] | None:
     """For Popen's preexec_fn: start the child with this soft open-file limit."""
     if soft is None:
