@@ -276,6 +276,9 @@ class _KindWatch(ListWatch):
                 informers.not_installed_retry,
             )
             informers.missing.add(kind)
+            # This may be the last kind to be settled (its 404 after every other kind's
+            # list): the change that makes the informers synced, announced like a list.
+            informers.on_change()
         await asyncio.sleep(informers.not_installed_retry)
 
 

@@ -72,6 +72,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
+import functools
 import json
 import secrets
 import threading
@@ -154,7 +156,7 @@ class FakeApiServer:
         self._lock = threading.Lock()
         self._runner: web.AppRunner | None = None
         for path in self.crds:
-            self.apply(Path(path).read_text())
+            self._apply_all(copy.deepcopy(_documents(Path(path))))
 
     # -- the test's side --
 
@@ -186,8 +188,11 @@ class FakeApiServer:
         List`), in order: create or update, validated (unknown fields refused, as with
         kubectl's --validate=strict, except where a CRD keeps them). Returns the stored
         objects; raises ApiError at the first one refused, the ones before it applied."""
+        return self._apply_all(yaml.safe_load_all(text))
+
+    def _apply_all(self, docs: Iterable[Any]) -> list[Json]:
         applied = []
-        for doc in yaml.safe_load_all(text):
+        for doc in docs:
             items = (
                 doc.get("items") or []
                 if isinstance(doc, dict) and doc.get("kind") == "List"
@@ -658,6 +663,14 @@ def _resource_list(resources: list[Resource]) -> Json:
         "groupVersion": first.api_version,
         "resources": listed,
     }
+
+
+@functools.cache
+def _documents(path: Path) -> tuple[Any, ...]:
+    """The YAML documents of a CRD file, parsed once per test process: every fake API
+    server starts with the same CRDs, and parsing them (pure-Python YAML) cost more
+    than the rest of its start."""
+    return tuple(yaml.safe_load_all(path.read_text()))
 
 
 # --- fixtures -------------------------------------------------------------------------

@@ -8,6 +8,7 @@ session; it uses only Go's standard library, so the build needs no network.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -86,10 +87,16 @@ def ensure_command(command: str, package: str) -> str:
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         pytest.fail(f"this test needs `{command}`: install the Debian package {package}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for step in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", package]):
-        done = subprocess.run(step, capture_output=True, text=True, timeout=600, env=env)
-        if done.returncode != 0:
-            pytest.fail(f"{' '.join(step)} failed:\n{done.stdout}{done.stderr}")
+    # One install at a time: parallel test processes (pytest-xdist workers) would otherwise
+    # meet on apt's lock and fail; the second finds the command once the first is done.
+    with open("/run/lock/outrider-tests-apt.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (found := shutil.which(command)) is not None:
+            return found
+        for step in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", package]):
+            done = subprocess.run(step, capture_output=True, text=True, timeout=600, env=env)
+            if done.returncode != 0:
+                pytest.fail(f"{' '.join(step)} failed:\n{done.stdout}{done.stderr}")
     found = shutil.which(command)
     if found is None:
         pytest.fail(f"{package} is installed but `{command}` is not on PATH")

@@ -55,6 +55,10 @@ _READY = re.compile(r"gRPC \(TLS\) on [^ ]+:(\d+), HTTP on [^ ]+:(\d+)")
 #: Ports this process has handed out, so two servers of one test never get the same one.
 _HANDED_OUT: set[int] = set()
 _PORTS = random.Random()  # its own generator: a test that seeds `random` doesn't repeat ports
+#: Under pytest-xdist each worker process hands out only its own share of the ports
+#: (every _WORKERS-th, from its index), since _HANDED_OUT cannot see the others'.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 
 
 def free_port() -> int:
@@ -65,10 +69,12 @@ def free_port() -> int:
     comes from the kernel's ephemeral range, so between the probe and the server's bind
     any outgoing connection on the machine may be given it as its local port, and the
     server then fails with "Address already in use". Ports below that range are never
-    handed out by the kernel.
+    handed out by the kernel. Parallel test processes (pytest-xdist workers) draw from
+    disjoint shares of the range.
     """
     low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     outside = range(10_000, low) if low > 11_000 else range(high + 1, 65_536)
+    outside = outside[_WORKER::_WORKERS]
     for _ in range(1000):
         port = _PORTS.choice(outside)
         if port in _HANDED_OUT:
@@ -274,6 +280,16 @@ def wait_for_line(
         raise AssertionError(f"{what} did not start:\n" + "".join(seen))
     threading.Thread(target=seen.extend, args=(process.stderr,), daemon=True).start()
     return match
+
+
+def waited_for_a_cpu(pid: int | None = None, tid: int | None = None) -> float:
+    """Seconds a thread has spent runnable but not running (Linux schedstat): on a busy
+    machine, the time the scheduler took from it, not time its own code, a blocking call
+    or a lock held it. Default: the calling thread; a process's main thread is `tid=pid`."""
+    if pid is None:
+        pid, tid = os.getpid(), threading.get_native_id()
+    with open(f"/proc/{pid}/task/{tid or pid}/schedstat", "rb") as stat:
+        return int(stat.read().split()[1]) / 1e9
 
 
 def soft_fd_limit(soft: int | None) -> Callable[[], None] | None:

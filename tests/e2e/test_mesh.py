@@ -14,7 +14,7 @@ import signal
 import time
 import urllib.error
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,12 +77,14 @@ class Load:
 
     async def run(self, seconds: float, clients: int = 4) -> None:
         stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(seconds, stop.set)
+        await self.run_until(stop, clients)
+
+    async def run_until(self, stop: asyncio.Event, clients: int = 4) -> None:
         tasks = [
             asyncio.create_task(self.client(stop, new_connection=i % 2 == 1))
             for i in range(clients)
         ]
-        await asyncio.sleep(seconds)
-        stop.set()
         await asyncio.gather(*tasks)
 
 
@@ -158,14 +160,23 @@ async def test_a_request_crosses_the_mesh_with_the_callers_identity(tmp_path: Pa
             assert m.backend.certs()["spiffe_id"] == str(workload("backend"))
 
 
+#: The SVIDs' life in the rotation test: each agent renews about every 2 s (half of it), so
+#: LOAD_SECONDS of load span at least 6 SVIDs each, and what the test asserts takes 16 s.
+ROTATING_TTL = "4s"
+LOAD_SECONDS = 16
+
+
 async def test_rotation_under_load_fails_no_request(tmp_path: Path) -> None:
     async with backend_app() as app_port:
-        with mesh(tmp_path, app_port, ttl="10s") as m:
+        with mesh(tmp_path, app_port, ttl=ROTATING_TTL) as m:
             serials = {m.frontend.certs()["serial"], m.backend.certs()["serial"]}
             load = Load(m.url)
-            await load.run(60)
+            await load.run(LOAD_SECONDS)
             issued = f"frontend {rotations(m.frontend)}, backend {rotations(m.backend)}"
-            print(f"60 s of load: {load.ok} requests ok, {load.failed} failed; SVIDs {issued}")
+            print(
+                f"{LOAD_SECONDS} s of load: {load.ok} requests ok, {load.failed} failed;"
+                f" SVIDs {issued}"
+            )
             assert load.failed == 0, load.errors[:5]
             assert load.ok > 1000
             assert rotations(m.frontend) >= 6 and rotations(m.backend) >= 6  # 5 after the first
@@ -175,20 +186,29 @@ async def test_rotation_under_load_fails_no_request(tmp_path: Path) -> None:
 async def test_ca_outage_is_ridden_out_on_the_current_svid(tmp_path: Path) -> None:
     ca_port = free_port()
     async with backend_app() as app_port:
-        with mesh(tmp_path, app_port, ttl="30s", ca_port=ca_port) as m:
+        # SVIDs of 26 s, renewed 12-14 s after they arrive (a second or two before the load
+        # starts): the CA is away from 1 s to 16 s, so those renewals fail, and the SVIDs,
+        # valid until 24 s at least, carry on until the CA is back.
+        with mesh(tmp_path, app_port, ttl="26s", ca_port=ca_port) as m:
             load = Load(m.url)
-            running = asyncio.create_task(load.run(40))
+            stop = asyncio.Event()
+            running = asyncio.create_task(load.run_until(stop))
             await asyncio.sleep(1)
             before = rotations(m.frontend)
-            # Take the CA away for 20 s: every renewal in that window fails.
+            # Take the CA away for 15 s: every renewal in that window fails.
             m.ca.process.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(m.ca.process.wait, 10) == 0
-            await asyncio.sleep(20)
+            await asyncio.sleep(15)
             failures = metric(m.frontend, "outrider_svid_rotations_total", result="ca_unavailable")
             with ca_process(m.setup.config):
+                # The load goes on until rotation resumes, and a second longer.
+                with suppress(AssertionError):
+                    await _until(lambda: rotations(m.frontend) > before, timeout=10)
+                await asyncio.sleep(1)
+                stop.set()
                 await running
                 after = rotations(m.frontend)
-            print(f"CA down 20 s: {load.ok} requests ok, {load.failed} failed; renewals failed")
+            print(f"CA down 15 s: {load.ok} requests ok, {load.failed} failed; renewals failed")
             print(f"{failures:.0f}; SVIDs issued {before} before the outage, {after} after it")
             assert load.failed == 0, load.errors[:5]
             assert failures >= 1, "no renewal was attempted during the outage"

@@ -82,9 +82,12 @@ def terminate(agent: AgentProcess) -> None:
         except urllib.error.HTTPError as exc:
             if exc.code == 503:
                 return
-        except urllib.error.URLError as exc:
-            if isinstance(exc.reason, ConnectionRefusedError):
-                return  # drained and stopped already
+        except (urllib.error.URLError, ConnectionResetError) as exc:
+            # Drained and stopped already; or stopping as it was asked, the probe cut off.
+            if isinstance(
+                getattr(exc, "reason", exc), ConnectionRefusedError | ConnectionResetError
+            ):
+                return
         time.sleep(0.01)
     raise AssertionError("the agent never started draining")
 

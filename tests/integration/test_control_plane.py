@@ -16,10 +16,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
@@ -76,13 +78,31 @@ async def proxy_status(url: str) -> Ran:
     return await outrider("proxy-status", "--control", url)
 
 
-@pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[FakeApiServer]:
-    async with fake_api_server(tmp_path / "api") as server:
+@asynccontextmanager
+async def shop_api(root: Path) -> AsyncIterator[FakeApiServer]:
+    """The namespaces, shop/web and shop's default-deny."""
+    async with fake_api_server(root) as server:
         server.apply(NAMESPACES)
         server.apply(pod("shop", "web", "web"))
         server.apply(DEFAULT_DENY)
         yield server
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[FakeApiServer]:
+    async with shop_api(tmp_path / "api") as server:
+        yield server
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_api(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[FakeApiServer]:
+    """For `shared_control`: the refusal tests below share one control plane."""
+    async with shop_api(tmp_path_factory.mktemp("api")) as server:
+        yield server
+
+
+#: The tests of `shared_control`, which run on the module's event loop.
+on_shared_control = pytest.mark.asyncio(loop_scope="module")
 
 
 async def test_an_agent_gets_its_pods_configuration_and_its_ack_is_recorded(
@@ -189,47 +209,59 @@ async def test_an_agent_that_reconnects_with_the_running_version_is_sent_nothing
             await again.next(timeout=0.5)
 
 
+@on_shared_control
 async def test_an_svid_of_another_namespace_cannot_subscribe_for_a_pod_there(
-    control: ControlProcess, api: FakeApiServer
+    shared_control: ControlProcess, shared_api: FakeApiServer
 ) -> None:
-    api.apply(pod("billing", "ledger", "ledger"))
+    shared_api.apply(pod("billing", "ledger", "ledger"))
     # shop's SVID names "ledger": the namespace is the SVID's, so shop/ledger, which is no pod.
     started = time.monotonic()
     with pytest.raises(GRPCError) as refused:
-        async with subscribed(control, control.ca.workload("shop", "web"), "ledger") as agent:
+        async with subscribed(
+            shared_control, shared_control.ca.workload("shop", "web"), "ledger"
+        ) as agent:
             await agent.next(timeout=10)
     assert refused.value.status == Status.PERMISSION_DENIED
     assert "no pod shop/ledger" in str(refused.value.message)
     assert time.monotonic() - started >= 4.0  # the watch might have lagged: it waited
 
 
+@on_shared_control
 async def test_a_pod_of_another_service_account_is_refused_at_once(
-    control: ControlProcess,
+    shared_control: ControlProcess,
 ) -> None:
     started = time.monotonic()
     with pytest.raises(GRPCError) as refused:
-        async with subscribed(control, control.ca.workload("shop", "intruder"), "web") as agent:
+        async with subscribed(
+            shared_control, shared_control.ca.workload("shop", "intruder"), "web"
+        ) as agent:
             await agent.next()
     assert refused.value.status == Status.PERMISSION_DENIED
     assert "runs as service account web, not intruder" in str(refused.value.message)
     assert time.monotonic() - started < 2.0
 
 
+@on_shared_control
 @pytest.mark.parametrize("name", ["", "web\n2026-01-01 INFO forged line", "Web", "w" * 254])
-async def test_a_hello_that_names_no_pod_is_refused(control: ControlProcess, name: str) -> None:
+async def test_a_hello_that_names_no_pod_is_refused(
+    shared_control: ControlProcess, name: str
+) -> None:
     with pytest.raises(GRPCError) as refused:
-        async with subscribed(control, control.ca.workload("shop", "web"), name) as agent:
+        async with subscribed(
+            shared_control, shared_control.ca.workload("shop", "web"), name
+        ) as agent:
             await agent.next()
     assert refused.value.status == Status.INVALID_ARGUMENT
     assert "is not a pod name" in str(refused.value.message)
-    assert not any("forged line" in line for line in control.log)
+    assert not any("forged line" in line for line in shared_control.log)
 
 
+@on_shared_control
 async def test_a_client_without_a_certificate_is_refused_in_the_handshake(
-    control: ControlProcess,
+    shared_control: ControlProcess,
 ) -> None:
     with pytest.raises((ConnectionError, StreamTerminatedError, OSError)):
-        async with subscribed(control, None, "web") as agent:
+        async with subscribed(shared_control, None, "web") as agent:
             await agent.next()
 
 

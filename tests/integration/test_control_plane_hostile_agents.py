@@ -114,8 +114,9 @@ async def test_a_subscription_ends_when_the_svid_it_was_opened_with_expires(
             async with asyncio.timeout(8):  # until the stream ends (a newer snapshot may
                 while await agent.stream.recv_message() is not None:  # come first)
                     pass
-                # The status comes with the trailers: raised here whether they came with the
-                # end of the stream or just after it (grpclib reads them once we end ours).
+                # The stream ended in trailers before the connection went: raise their
+                # status (`subscribed` cancels the stream, trailers unread), or, if the
+                # connection is gone by now, the stream's exit raises it from them.
                 await agent.stream.end()
                 await agent.stream.recv_trailing_metadata()
     assert ended.value.status == Status.UNAUTHENTICATED

@@ -44,7 +44,7 @@ def processes_mentioning(text: str) -> list[str]:
 
 @pytest.mark.slow
 def test_demo_serves_traffic_across_rotations_and_cleans_up() -> None:
-    result = run_demo("--duration", "12")
+    result = run_demo("--duration", "8")
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
 
