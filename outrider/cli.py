@@ -450,11 +450,14 @@ def _capture_remove(args: argparse.Namespace) -> None:
     from agent.adapters.nft import Nft, NftError
     from identity.capture import remove_script
 
+    nft = Nft()
     try:
-        Nft().apply(remove_script())
+        present = nft.listing() is not None
+        nft.apply(remove_script())  # removes it even if it appeared since
     except NftError as exc:
         raise CommandError(str(exc)) from None
-    print("capture off: table inet outrider removed")
+    done = "table inet outrider removed" if present else "no table inet outrider to remove"
+    print(f"capture off: {done}")
 
 
 def _demo(args: argparse.Namespace) -> None:

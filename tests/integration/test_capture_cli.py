@@ -60,6 +60,8 @@ def test_apply_with_the_init_containers_capabilities_show_and_remove(
     assert outrider(pod, "remove")[:2] == (0, "capture off: table inet outrider removed\n")
     assert pod.run([nft, "list", "ruleset"]).stdout.strip() == ""
     assert outrider(pod, "show")[:2] == (0, "capture off: no table inet outrider\n")
+    # Removing again is fine, and does not claim to have removed anything.
+    assert outrider(pod, "remove")[:2] == (0, "capture off: no table inet outrider to remove\n")
 
 
 def test_without_net_admin_apply_says_how_to_run_it_and_changes_nothing(
