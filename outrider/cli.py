@@ -509,7 +509,9 @@ def parser() -> argparse.ArgumentParser:
     agent_run.set_defaults(func=_agent_run)
 
     inject = commands.add_parser("inject", help="add the agent to the pods of manifest files")
-    inject.add_argument("-f", "--file", required=True, help="multi-document YAML, or - for stdin")
+    inject.add_argument(
+        "-f", "--file", required=True, help="multi-document YAML or a kind: List, or - for stdin"
+    )
     inject.add_argument("-o", "--output", help="write here instead of stdout")
     inject.add_argument("--config", help="injector.yaml (default: the built-in defaults)")
     inject.add_argument(
