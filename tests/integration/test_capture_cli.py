@@ -75,6 +75,18 @@ def test_without_net_admin_apply_says_how_to_run_it_and_changes_nothing(
     assert pod.run([nft, "list", "ruleset"]).stdout.strip() == ""
 
 
+@pytest.mark.usefixtures("nft")
+def test_without_net_admin_show_and_remove_say_where_to_look_instead(pods: PodNetwork) -> None:
+    pod = pods.add_pod("app")
+    for command, doing in (("show", "reading"), ("remove", "removing")):
+        code, out, err = outrider(pod, command, user=1000)
+        assert code == 1 and out == ""
+        assert f"nft was not permitted: {doing} the rules needs NET_ADMIN" in err
+        assert "kubectl logs POD -c outrider-capture" in err
+        assert "run it as the outrider-capture init container" not in err
+        assert "Operation not permitted" in err and "Traceback" not in err
+
+
 @pytest.mark.usefixtures("no_nft")
 @pytest.mark.parametrize("command", [["apply"], ["show"], ["remove"]])
 def test_without_nft_each_command_says_to_install_nftables(
