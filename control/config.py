@@ -133,8 +133,13 @@ class _Reader(ConfigReader):
             top, "outbound_traffic_policy", "outbound_traffic_policy", d.outbound_traffic_policy
         )
         if outbound not in OUTBOUND_TRAFFIC_POLICIES:
+            ours = str(outbound).lower().replace("_", "-")
+            hint = (
+                f" (Istio's {outbound} is {ours} here)" if ours in OUTBOUND_TRAFFIC_POLICIES else ""
+            )
             self.fail(
-                "outbound_traffic_policy", f"must be one of {', '.join(OUTBOUND_TRAFFIC_POLICIES)}"
+                "outbound_traffic_policy",
+                f"must be one of {', '.join(OUTBOUND_TRAFFIC_POLICIES)}{hint}",
             )
         limits = self.limits(self.section(top, "limits", _LIMITS))
         if trust_domain is None or tls is None:

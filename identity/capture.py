@@ -93,7 +93,9 @@ class CaptureRules:
 
 
 def _check_port(port: object, name: str, errors: list[tuple[str, str]]) -> None:
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+    if isinstance(port, str) and port.strip().isdigit():  # `["9090"]` in injector.yaml
+        errors.append((name, f"{port!r} is a string: write the port as a number, {port.strip()}"))
+    elif isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         errors.append((name, f"{port!r} is not a TCP port (1-65535)"))
 
 

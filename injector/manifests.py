@@ -2,7 +2,8 @@
 
 A multi-document YAML stream goes in and comes out in the same order. Pods,
 Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs and CronJobs get the
-agent in their pod template; every other document, and every workload left
+agent in their pod template, also as the items of a `kind: List` (what
+`kubectl get -o yaml` prints); every other document, and every workload left
 alone (opted out, already injected, ...), is copied through as the very text
 it was, comments included. Only injected documents are written out anew.
 """
@@ -35,6 +36,13 @@ class ManifestError(Exception):
     """The stream is not YAML, or a workload has no pod template to inject."""
 
 
+class _Dumper(yaml.SafeDumper):
+    """Plain YAML: an object the mutation shares (the agent's probes) is written out twice."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 class _Loader(yaml.SafeLoader):
     """YAML as kubectl reads it: a timestamp stays the string it was written as."""
 
@@ -63,14 +71,30 @@ def inject_stream(text: str, settings: Settings, namespace: str) -> tuple[str, l
             document = yaml.load(chunk, Loader=_Loader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as exc:
             raise ManifestError(f"document {index}: not YAML: {exc}") from None
-        injected = _inject(document, index, settings, namespace)
-        if injected is None or not injected.mutation.patch:
-            out.append(chunk)
+        injected = [
+            result
+            for item in _listed(document)
+            if (result := _inject(item, index, settings, namespace)) is not None
+        ]
+        if any(result.mutation.patch for result in injected):
+            dumped = yaml.dump(document, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+            out.append("---\n" + dumped)
         else:
-            out.append("---\n" + yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
-        if injected is not None:
-            results.append(injected)
+            out.append(chunk)
+        results.extend(injected)
     return "".join(_separated(out)), results
+
+
+def _listed(document: Any) -> list[Any]:
+    """The items of a `kind: List` (`kubectl get -o yaml`), else the document itself."""
+    if (
+        isinstance(document, dict)
+        and document.get("apiVersion") == "v1"
+        and document.get("kind") == "List"
+        and isinstance(document.get("items"), list)
+    ):
+        return list(document["items"])
+    return [document]
 
 
 def _inject(document: Any, index: int, settings: Settings, default: str) -> Injected | None:

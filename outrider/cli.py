@@ -436,13 +436,26 @@ def _capture_apply(args: argparse.Namespace) -> None:
         raise CommandError(str(exc)) from None
 
 
+def _not_permitted_to(doing: str, exc: Exception) -> CommandError:
+    """`show` and `remove` without NET_ADMIN: not the init container's advice, but how an
+    operator gets there (or reads what the init container did)."""
+    said = getattr(exc, "not_permitted", None)
+    if said is None:
+        return CommandError(str(exc))
+    return CommandError(
+        f"nft was not permitted: {doing} the rules needs NET_ADMIN, as root, in the pod's"
+        " network namespace; in a cluster, `kubectl logs POD -c outrider-capture` shows"
+        f" what the init container applied (nft said: {said})"
+    )
+
+
 def _capture_show(args: argparse.Namespace) -> None:
     from agent.adapters.nft import Nft, NftError
 
     try:
         listing = Nft().listing()
     except NftError as exc:
-        raise CommandError(str(exc)) from None
+        raise _not_permitted_to("reading", exc) from None
     sys.stdout.write(listing if listing is not None else "capture off: no table inet outrider\n")
 
 
@@ -450,11 +463,14 @@ def _capture_remove(args: argparse.Namespace) -> None:
     from agent.adapters.nft import Nft, NftError
     from identity.capture import remove_script
 
+    nft = Nft()
     try:
-        Nft().apply(remove_script())
+        present = nft.listing() is not None
+        nft.apply(remove_script())  # removes it even if it appeared since
     except NftError as exc:
-        raise CommandError(str(exc)) from None
-    print("capture off: table inet outrider removed")
+        raise _not_permitted_to("removing", exc) from None
+    done = "table inet outrider removed" if present else "no table inet outrider to remove"
+    print(f"capture off: {done}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -506,7 +522,9 @@ def parser() -> argparse.ArgumentParser:
     agent_run.set_defaults(func=_agent_run)
 
     inject = commands.add_parser("inject", help="add the agent to the pods of manifest files")
-    inject.add_argument("-f", "--file", required=True, help="multi-document YAML, or - for stdin")
+    inject.add_argument(
+        "-f", "--file", required=True, help="multi-document YAML or a kind: List, or - for stdin"
+    )
     inject.add_argument("-o", "--output", help="write here instead of stdout")
     inject.add_argument("--config", help="injector.yaml (default: the built-in defaults)")
     inject.add_argument(

@@ -22,7 +22,14 @@ NOT_PERMITTED = (
 
 
 class NftError(Exception):
-    """nft is missing, not permitted, or refused the script; the message says which."""
+    """nft is missing, not permitted, or refused the script; the message says which.
+
+    `not_permitted` holds what nft said when it lacked the capabilities, so that a
+    command other than `apply` can say what to do instead."""
+
+    def __init__(self, message: str, not_permitted: str | None = None) -> None:
+        super().__init__(message)
+        self.not_permitted = not_permitted
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,7 @@ class Nft:
         said = done.stderr.strip()
         if "Operation not permitted" in said:
             line = next(line for line in said.splitlines() if "Operation not permitted" in line)
-            raise NftError(f"{NOT_PERMITTED} (nft said: {line.strip()})")
+            raise NftError(f"{NOT_PERMITTED} (nft said: {line.strip()})", line.strip())
         if done.returncode == 127:  # a prefix (nsenter, env) found no nft to run
             raise NftError(NOT_INSTALLED)
         raise NftError(f"`{' '.join(argv)}` failed: {said}")

@@ -60,6 +60,8 @@ def test_apply_with_the_init_containers_capabilities_show_and_remove(
     assert outrider(pod, "remove")[:2] == (0, "capture off: table inet outrider removed\n")
     assert pod.run([nft, "list", "ruleset"]).stdout.strip() == ""
     assert outrider(pod, "show")[:2] == (0, "capture off: no table inet outrider\n")
+    # Removing again is fine, and does not claim to have removed anything.
+    assert outrider(pod, "remove")[:2] == (0, "capture off: no table inet outrider to remove\n")
 
 
 def test_without_net_admin_apply_says_how_to_run_it_and_changes_nothing(
@@ -71,6 +73,18 @@ def test_without_net_admin_apply_says_how_to_run_it_and_changes_nothing(
     assert "needs NET_ADMIN and NET_RAW" in err and "outrider-capture init container" in err
     assert "Operation not permitted" in err and "Traceback" not in err
     assert pod.run([nft, "list", "ruleset"]).stdout.strip() == ""
+
+
+@pytest.mark.usefixtures("nft")
+def test_without_net_admin_show_and_remove_say_where_to_look_instead(pods: PodNetwork) -> None:
+    pod = pods.add_pod("app")
+    for command, doing in (("show", "reading"), ("remove", "removing")):
+        code, out, err = outrider(pod, command, user=1000)
+        assert code == 1 and out == ""
+        assert f"nft was not permitted: {doing} the rules needs NET_ADMIN" in err
+        assert "kubectl logs POD -c outrider-capture" in err
+        assert "run it as the outrider-capture init container" not in err
+        assert "Operation not permitted" in err and "Traceback" not in err
 
 
 @pytest.mark.usefixtures("no_nft")

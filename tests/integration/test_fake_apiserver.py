@@ -665,5 +665,12 @@ def test_the_shipped_examples_apply_as_kubectl_would(tmp_path: Path) -> None:
             for name in sorted((p.name for p in examples.glob("*.yaml")), key="shop.yaml".__ne__)
             for obj in api.apply((examples / name).read_text())
         ]
-    expected = {"Deployment", "Service", "AuthorizationPolicy", "HTTPRoute", "TrafficPolicy"}
+    expected = {
+        "Deployment",
+        "Service",
+        "AuthorizationPolicy",
+        "PeerAuthentication",
+        "HTTPRoute",
+        "TrafficPolicy",
+    }
     assert expected <= set(kinds)

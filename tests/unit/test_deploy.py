@@ -1269,6 +1269,13 @@ def test_the_examples_hold_what_the_guide_walks_through() -> None:
     assert services["backend"]["spec"]["ports"][0]["appProtocol"] == "http"
     deployments = {o["metadata"]["name"] for o in examples_of("Deployment")}
     assert {"backend-v1", "backend-v2", "frontend"} <= deployments
+    # Captured (the injector's default), the frontend calls the Service by name, unchanged.
+    (frontend,) = [o for o in examples_of("Deployment") if o["metadata"]["name"] == "frontend"]
+    template = frontend["spec"]["template"]
+    assert "outrider.io/upstreams" not in template["metadata"].get("annotations", {})
+    assert {"name": "BACKEND_URL", "value": "http://backend:8080"} in (
+        template["spec"]["containers"][0]["env"]
+    )
     (route,) = examples_of("HTTPRoute")
     assert route["spec"]["parentRefs"] == [
         {"group": "", "kind": "Service", "name": "backend", "port": 8080}
@@ -1476,7 +1483,10 @@ def test_the_control_config_is_one_control_serve_accepts(
         pytest.skip("control.config is not there yet: the control plane lands with this issue")
     path = tmp_path / "control.yaml"
     path.write_text(one(overlay, "ConfigMap", "outrider-control-config")["data"]["control.yaml"])
-    control_config.load(path)
+    config = control_config.load(path)
+    # Shown where an operator looks for it, with the default's value.
+    assert "outbound_traffic_policy: allow-any" in path.read_text()
+    assert config.outbound_traffic_policy == "allow-any"
 
 
 # --- what docs/control-plane.md shows -------------------------------------------------

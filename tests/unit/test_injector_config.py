@@ -199,7 +199,14 @@ def test_every_capture_key_is_read() -> None:
     ("capture", "error"),
     [
         ({"inbound_port": 0}, "capture.inbound_port: 0 is not a TCP port (1-65535)"),
-        ({"outbound_port": "15007"}, "capture.outbound_port: '15007' is not a TCP port (1-65535)"),
+        (
+            {"outbound_port": "15007"},
+            "capture.outbound_port: '15007' is a string: write the port as a number, 15007",
+        ),
+        (
+            {"exclude_inbound_ports": ["9090"]},
+            "capture.exclude_inbound_ports: '9090' is a string: write the port as a number, 9090",
+        ),
         (
             {"inbound_port": 15000},
             "capture.inbound_port: 15000 is the agent's admin or status port",

@@ -172,3 +172,34 @@ def test_a_stream_that_cannot_be_injected_is_an_error(stream: str, message: str)
 def test_empty_streams_and_documents_pass_through(stream: str) -> None:
     output, results = inject_stream(stream, SETTINGS, "default")
     assert (output, results) == (stream, [])
+
+
+def test_the_workloads_of_a_list_are_injected_as_kubectl_get_prints_them() -> None:
+    # `kubectl get deploy -o yaml` prints one `kind: List`: its items are the workloads.
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}}
+    listed = {
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [WORKLOADS["Deployment"], service, WORKLOADS["Job"]],
+        "metadata": {"resourceVersion": ""},
+    }
+    output, results = inject_stream(yaml.safe_dump(listed, sort_keys=False), SETTINGS, "default")
+    [document] = yaml.safe_load_all(output)
+    deployment, kept, job = document["items"]
+    assert agents(deployment) == agents(job) == [AGENT]
+    assert kept == service
+    assert [(r.index, r.workload, r.mutation.reason) for r in results] == [
+        (1, "Deployment shop/web", "injected"),
+        (1, "Job default/once", "injected"),
+    ]
+    again, results = inject_stream(output, SETTINGS, "default")
+    assert again == output
+    assert {r.mutation.reason for r in results} == {"already_injected"}
+
+
+def test_an_injected_document_is_plain_yaml_without_anchors() -> None:
+    # The agent's two probes share one httpGet; `&id001` / `*id001` in the output
+    # would be valid YAML, but surprising to read and to diff.
+    output, _ = inject_stream(yaml.safe_dump(WORKLOADS["Pod"]), SETTINGS, "default")
+    assert "&id" not in output
+    assert "*id" not in output

@@ -130,3 +130,19 @@ def test_the_status_port_cannot_share_the_debug_ports_address() -> None:
     with pytest.raises(ConfigError) as raised:
         parse(raw, base=Path("/"))
     assert raised.value.errors == ["status: 0.0.0.0:9 is also the address of debug or listen"]
+
+
+@pytest.mark.parametrize("istio", ["REGISTRY_ONLY", "ALLOW_ANY"])
+def test_istios_spelling_of_the_outbound_policy_is_refused_with_ours(istio: str) -> None:
+    raw = {
+        "trust_domain": "cluster.local",
+        "tls": {"cert_file": "c", "key_file": "k", "bundle_file": "b"},
+        "outbound_traffic_policy": istio,
+    }
+    with pytest.raises(ConfigError) as raised:
+        parse(raw, base=Path("/"))
+    ours = istio.lower().replace("_", "-")
+    assert raised.value.errors == [
+        "outbound_traffic_policy: must be one of allow-any, registry-only"
+        f" (Istio's {istio} is {ours} here)"
+    ]

@@ -4,12 +4,14 @@ applies and the other says Conflicted; an invalid edit keeps the last valid vers
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from control.core.mesh import Mesh, MeshSettings, compile_mesh
+from injector.core import Settings, apply_patch, mutate
 from tests.cluster import ApiServer, Objects, check_shape, pod, world, write_statuses
 
 SETTINGS = MeshSettings("example.org")
@@ -411,3 +413,42 @@ def test_a_field_the_api_server_would_drop_never_widens_a_policy(text: str, erro
     )
     for namespace, name in (("shop", "web-0"), ("shop", "api-0"), ("billing", "db-0")):
         assert _inbound(mesh, name, namespace)["mtls"] == "strict"
+
+
+def test_the_shipped_migration_example_does_what_its_comment_says() -> None:
+    """deploy/examples/shop.yaml's pods as the injector makes them (captured), with
+    permissive-migration.yaml: the frontend takes plaintext, the backend's 8080 does not,
+    and the frontend's call to http://backend:8080 goes to the backends over mTLS."""
+    examples = Path(__file__).parents[3] / "deploy" / "examples"
+    shop = [o for o in yaml.safe_load_all((examples / "shop.yaml").read_text()) if o]
+    objects = [o for o in shop if o["kind"] in ("Namespace", "ServiceAccount", "Service")]
+    for i, service in enumerate(o for o in objects if o["kind"] == "Service"):
+        service["spec"]["clusterIP"] = f"10.96.0.{20 + i}"  # as the API server assigns
+    pods = []
+    for i, deployment in enumerate(o for o in shop if o["kind"] == "Deployment"):
+        template = deployment["spec"]["template"]
+        apply_patch(template, mutate(template, "shop", Settings()).patch)
+        name = f"{deployment['metadata']['name']}-0"
+        template["metadata"] |= {"name": name, "namespace": "shop"}
+        template["metadata"].setdefault("annotations", {})["test/ip"] = f"10.0.0.{7 + i}"
+        pods.append(name)
+        objects.append({"apiVersion": "v1", "kind": "Pod", **template})
+    migration = (examples / "permissive-migration.yaml").read_text()
+    mesh = compile_mesh(
+        world(yaml.safe_dump_all(objects), migration), MeshSettings("cluster.local")
+    )
+    assert pods == ["backend-v1-0", "backend-v2-0", "frontend-0"]
+    assert _inbound(mesh, "frontend-0")["mtls"] == "permissive"
+    for backend in ("backend-v1-0", "backend-v2-0"):
+        assert _inbound(mesh, backend) == {
+            "mtls": "permissive",
+            "ports": {"8080": {"mtls": "strict", "protocol": "http"}},
+        }
+    assert _condition(mesh, "migration")[0] == _condition(mesh, "backend-strict")[0] == "True"
+    config = mesh.config_for("shop", "frontend-0")
+    assert config is not None
+    (backend,) = [o for o in config["outbound"] if o["name"] == "backend.shop:8080"]
+    assert "listen" not in backend
+    assert backend["destinations"] == ["10.96.0.20:8080"]
+    assert sorted(backend["endpoints"]) == ["10.0.0.7:8080", "10.0.0.8:8080"]
+    assert backend["server_ids"] == ["spiffe://cluster.local/ns/shop/sa/backend"]

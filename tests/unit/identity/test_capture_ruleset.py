@@ -131,7 +131,11 @@ def test_equal_settings_written_differently_are_equal_rules_and_one_script() -> 
         ({"inbound_port": 0}, [("inbound_port", "0 is not a TCP port (1-65535)")]),
         ({"outbound_port": 65536}, [("outbound_port", "65536 is not a TCP port (1-65535)")]),
         ({"inbound_port": True}, [("inbound_port", "True is not a TCP port (1-65535)")]),
-        ({"inbound_port": "15006"}, [("inbound_port", "'15006' is not a TCP port (1-65535)")]),
+        (
+            {"inbound_port": "15006"},
+            [("inbound_port", "'15006' is a string: write the port as a number, 15006")],
+        ),
+        ({"inbound_port": "http"}, [("inbound_port", "'http' is not a TCP port (1-65535)")]),
         (
             {"inbound_port": 15007},
             [
