@@ -29,6 +29,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from identity.ports import AGENT_UID, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, STATUS_PORT
+
 TABLE = "outrider"
 FAMILY = "inet"
 #: UIDs are 32-bit; (uid_t)-1 means "no UID" to the kernel.
@@ -52,10 +54,10 @@ class CaptureRules:
     (10.0.0.0/8, fd00::/8), so two equal settings give the same script.
     """
 
-    inbound_port: int = 15006
-    outbound_port: int = 15007
-    agent_uid: int = 1337
-    exclude_inbound_ports: tuple[int, ...] = (15020,)
+    inbound_port: int = INBOUND_CAPTURE_PORT
+    outbound_port: int = OUTBOUND_CAPTURE_PORT
+    agent_uid: int = AGENT_UID
+    exclude_inbound_ports: tuple[int, ...] = (STATUS_PORT,)
     exclude_outbound_ports: tuple[int, ...] = ()
     exclude_outbound_cidrs: tuple[str, ...] = ()
 
@@ -105,7 +107,7 @@ def _check_uid(uid: object, errors: list[tuple[str, str]]) -> None:
             (
                 "agent_uid",
                 "0 would leave every root process of the pod uncaptured;"
-                " run the agent as a UID of its own (1337)",
+                f" run the agent as a UID of its own ({AGENT_UID})",
             )
         )
 

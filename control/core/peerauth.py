@@ -36,7 +36,8 @@ from typing import Any, Literal
 from control.core.conditions import Meta, condition, previous_conditions, summary
 from control.core.inforce import Verdict, policy_status
 from control.core.selectors import Selector
-from control.core.services import AGENT_PORTS, PodIndex, Workload
+from control.core.services import PodIndex, Workload
+from identity.ports import AGENT_PORTS
 
 __all__ = [
     "DEFAULT_MODE",

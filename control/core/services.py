@@ -49,6 +49,7 @@ from agent.core.discovery import SERVICE_NAME_LABEL, endpoint_address, endpoint_
 from control.core.conditions import meta
 from control.core.selectors import Selector
 from identity.capture import CaptureRulesError, rules_from_flags
+from identity.ports import AGENT_PORTS
 
 __all__ = [
     "AGENT_CONTAINER",
@@ -68,8 +69,6 @@ AGENT_CONTAINER = "outrider-agent"
 #: The init container that writes the pod's capture rules (injector/core/sidecar.py): a
 #: pod with it has every inbound and outbound TCP connection redirected to its agent.
 CAPTURE_CONTAINER = "outrider-capture"
-#: Ports the agent itself may use in the pod: never an app's inbound port.
-AGENT_PORTS = range(15000, 16000)
 
 Protocol = Literal["tcp", "http"]
 
