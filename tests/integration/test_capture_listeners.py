@@ -19,7 +19,6 @@ import asyncio
 import signal
 import socket
 import sys
-import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -30,15 +29,15 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from tests.mesh import AgentProcess, agent_process, agent_yaml, workload
+from identity.ports import AGENT_UID, STATUS_PORT
+from tests.mesh import AgentProcess, agent_process, agent_yaml, echo, workload
+from tests.mesh_cluster import metric
 from tests.netns import Pod, PodNetwork, pod_network
-from tests.support import CaSetup, ca_process, make_ca_setup, scraped
+from tests.support import CaSetup, ca_process, make_ca_setup
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
-AGENT_UID = 1337
 SERVICE = "198.51.100.20:8080"  # TEST-NET-2: routed nowhere, captured in the pod first
-STATUS = 15020
 
 
 # -- the capture rules ---------------------------------------------------------------------
@@ -111,13 +110,6 @@ def body(response: bytes) -> str:
 # -- agents --------------------------------------------------------------------------------
 
 
-def metric(pod: Pod, name: str, **labels: str) -> float:
-    """One sample of the agent's /metrics, read from the node on the status port (which the
-    capture rules leave alone)."""
-    with urllib.request.urlopen(f"http://{pod.ip}:{STATUS}/metrics", timeout=5) as page:
-        return scraped(page.read().decode(), name, **labels)
-
-
 async def eventually(pod: Pod, name: str, value: float, **labels: str) -> None:
     for _ in range(500):  # 10 s at most
         if metric(pod, name, **labels) == value:
@@ -177,7 +169,7 @@ def server_config(setup: CaSetup, root: Path, ca: str, pod: Pod) -> dict[str, An
         token=setup.issuer.token("demo", pod.name),
         capture={},
         captured={"inbound": {"ports": {"8080": {"protocol": "http"}}}},
-        status=f"0.0.0.0:{STATUS}",
+        status=f"0.0.0.0:{STATUS_PORT}",
     )
 
 
@@ -196,7 +188,7 @@ def client_config(setup: CaSetup, root: Path, ca: str, pod: Pod, server: Pod) ->
         token=setup.issuer.token("demo", pod.name),
         capture={},
         outbound=[upstream],
-        status=f"0.0.0.0:{STATUS}",
+        status=f"0.0.0.0:{STATUS_PORT}",
     )
 
 
@@ -315,13 +307,7 @@ async def test_destinations_outside_the_mesh_are_passed_through_or_refused_and_c
     port = node.sockets[0].getsockname()[1]
 
     async def call(host: str, port: int) -> bytes:
-        reader, writer = await client.open_connection(host, port)
-        try:
-            return await asyncio.wait_for(reader.read(), 5)
-        except ConnectionError:
-            return b""
-        finally:
-            writer.close()
+        return await exchange(await client.open_connection(host, port), b"")
 
     def passed(reason: str) -> float:
         return metric(client, "outrider_outbound_passthrough_total", reason=reason)
@@ -385,18 +371,6 @@ async def test_the_agents_own_listeners_are_never_reached_through_the_capture_po
         assert await exchange(await asyncio.open_connection(client.ip, 15001), FORGED) == b""
         assert mesh.app.requests == requests + 1
         assert metric(client, "outrider_connections_refused_total", **loops) == looped + 1
-
-
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """A tcp app: echoes until the other side closes."""
-    try:
-        while data := await reader.read(4096):
-            writer.write(data)
-            await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
 
 
 async def test_switching_a_port_to_strict_stops_plaintext_already_connected(
