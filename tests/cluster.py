@@ -205,6 +205,20 @@ def pod(
     return yaml.safe_dump(obj, sort_keys=False) + "---\n"
 
 
+def service(name: str, ports: str, namespace: str = "shop", selector: str = "") -> str:
+    """A Service as YAML selecting app=`selector` (its own name unless told); `ports` as
+    written in its flow list: "{port: 80, targetPort: 8080}"."""
+    return f"""\
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  selector: {{app: {selector or name}}}
+  ports: [{ports}]
+---
+"""
+
+
 #: A shop: a frontend calling a backend that runs as v1 and v2, each port HTTP.
 SHOP = (
     pod(

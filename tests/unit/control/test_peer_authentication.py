@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from control.core.mesh import Mesh, MeshSettings, compile_mesh
-from tests.cluster import ApiServer, Objects, check_shape, pod, world, write_statuses
+from tests.cluster import ApiServer, Objects, check_shape, pod, service, world, write_statuses
 
 SETTINGS = MeshSettings("example.org")
 #: web-0 (app=web, ports 8080 and 9090) and api-0 (app=api) in shop, db-0 in billing;
@@ -19,15 +19,7 @@ PODS = (
     pod("web-0", ports=[8080, 9090], captured=True)
     + pod("api-0", captured=True)
     + pod("db-0", "billing", captured=True)
-    + """\
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec:
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: 8080, appProtocol: http}]
----
-"""
+    + service("web", "{name: http, port: 80, targetPort: 8080, appProtocol: http}")
 )
 
 
