@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from agent.core.captured import MTLS_MODES, MtlsMode
 from control.core.conditions import Meta, condition, previous_conditions, summary
 from control.core.inforce import Verdict, policy_status
 from control.core.selectors import Selector
@@ -48,13 +49,13 @@ __all__ = [
     "compile_peer_authentication",
 ]
 
-Mode = Literal["strict", "permissive"]
+Mode = MtlsMode
 Level = Literal["mesh", "namespace", "workload"]
 Key = tuple[str, str]
 
 #: What a pod gets that no PeerAuthentication selects.
 DEFAULT_MODE: Mode = "strict"
-_MODES: Mapping[str, Mode] = {"STRICT": "strict", "PERMISSIVE": "permissive"}
+_MODES: Mapping[str, Mode] = {mode.upper(): mode for mode in MTLS_MODES}
 _SPEC_KEYS = ("selector", "mtls", "portLevelMtls")
 
 
