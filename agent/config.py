@@ -85,8 +85,8 @@ from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.backoff import Backoff
 from identity.configfile import ConfigError, Listen, parse_yaml, read_yaml
+from identity.injected import ADMIN_PORT, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, STATUS_PORT
 from identity.jsonbounds import brackets, deeper_than
-from identity.ports import ADMIN_PORT, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, STATUS_PORT
 from identity.probes import (
     AppProbe,
     Grpc,

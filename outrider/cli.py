@@ -21,7 +21,7 @@ from typing import Any, Literal
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.configfile import ConfigError, parse_duration
 from identity.files import PRIVATE, write_atomic
-from identity.ports import AGENT_UID, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, STATUS_PORT
+from identity.injected import AGENT_UID, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, STATUS_PORT
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 DEBUG_URL = "http://127.0.0.1:15014"  # the control plane's debug port

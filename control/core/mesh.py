@@ -70,7 +70,7 @@ from control.core.services import (
 )
 from control.core.traffic import CompiledTraffic, TrafficState, attach_traffic, compile_traffic
 from control.core.upstreams import ANNOTATION, PortKey, Upstreams, encode
-from identity.ports import (
+from identity.injected import (
     AGENT_PORTS,
     INBOUND_CAPTURE_PORT,
     OUTBOUND_CAPTURE_PORT,

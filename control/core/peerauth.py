@@ -38,7 +38,7 @@ from control.core.conditions import Meta, condition, previous_conditions, summar
 from control.core.inforce import Verdict, policy_status
 from control.core.selectors import Selector
 from control.core.services import PodIndex, Workload
-from identity.ports import AGENT_PORTS
+from identity.injected import AGENT_PORTS
 
 __all__ = [
     "DEFAULT_MODE",

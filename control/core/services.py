@@ -49,11 +49,9 @@ from agent.core.discovery import SERVICE_NAME_LABEL, endpoint_address, endpoint_
 from control.core.conditions import meta
 from control.core.selectors import Selector
 from identity.capture import CaptureRulesError, rules_from_flags
-from identity.ports import AGENT_PORTS
+from identity.injected import AGENT_CONTAINER, AGENT_PORTS, CAPTURE_CONTAINER
 
 __all__ = [
-    "AGENT_CONTAINER",
-    "CAPTURE_CONTAINER",
     "Backend",
     "Service",
     "ServicePort",
@@ -64,11 +62,6 @@ __all__ = [
     "slice_backends",
 ]
 
-#: The agent's container, as injector/core/sidecar.py names it (control may not import it).
-AGENT_CONTAINER = "outrider-agent"
-#: The init container that writes the pod's capture rules (injector/core/sidecar.py): a
-#: pod with it has every inbound and outbound TCP connection redirected to its agent.
-CAPTURE_CONTAINER = "outrider-capture"
 
 Protocol = Literal["tcp", "http"]
 

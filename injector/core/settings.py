@@ -13,7 +13,7 @@ from decimal import Decimal
 
 from identity import TrustDomain
 from identity.capture import CaptureRules
-from identity.ports import (
+from identity.injected import (
     ADMIN_PORT,
     AGENT_UID,
     INBOUND_CAPTURE_PORT,

@@ -28,12 +28,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from identity import SpiffeId
+from identity.injected import AGENT_CONTAINER, CAPTURE_CONTAINER
 from injector.core.annotations import AgentOptions
 from injector.core.settings import ADMIN_PORT, CONTROL_ACCOUNT, STATUS_PORT, Settings
 
-AGENT = "outrider-agent"
-#: The capture init container; the control plane reads a pod as captured by this name.
-CAPTURE = "outrider-capture"
+AGENT = AGENT_CONTAINER
+CAPTURE = CAPTURE_CONTAINER
 CONFIG_ENV = "OUTRIDER_AGENT_CONFIG"
 LOG_LEVEL_ENV = "OUTRIDER_LOG_LEVEL"
 AUDIENCE = "outrider-ca"

@@ -29,7 +29,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from identity.ports import AGENT_UID, STATUS_PORT
+from identity.injected import AGENT_UID, STATUS_PORT
 from tests.mesh import AgentProcess, agent_process, agent_yaml, echo, workload
 from tests.mesh_cluster import metric
 from tests.netns import Pod, PodNetwork, pod_network

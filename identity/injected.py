@@ -1,22 +1,30 @@
-"""The agent's own ports in every injected pod, and the UID it runs as.
+"""What every injected pod has: the agent's containers, its own ports and its UID.
 
-The injector writes them into each pod, the agent listens on them, the capture
-rules keep them apart from the app's and the control plane hands out the
-listeners between them: four parts that may not import each other, so the
-numbers live here, once.
+The injector writes them into each pod, the agent listens on the ports, the
+capture rules keep them apart from the app's, and the control plane finds the
+containers and hands out the listeners between the ports: four parts that may
+not import each other, so each name and number lives here, once.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "ADMIN_PORT",
+    "AGENT_CONTAINER",
     "AGENT_PORTS",
     "AGENT_UID",
+    "CAPTURE_CONTAINER",
     "INBOUND_CAPTURE_PORT",
     "OUTBOUND_CAPTURE_PORT",
     "OUTBOUND_LISTENER_PORTS",
     "STATUS_PORT",
 ]
+
+#: The agent's container (a native sidecar: an init container with restartPolicy Always).
+AGENT_CONTAINER = "outrider-agent"
+#: The init container that writes the pod's capture rules: a pod with it has every inbound
+#: and outbound TCP connection redirected to its agent.
+CAPTURE_CONTAINER = "outrider-capture"
 
 #: On the pod's loopback: every admin route.
 ADMIN_PORT = 15000
