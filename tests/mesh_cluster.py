@@ -36,6 +36,7 @@ import yaml
 from aiohttp import web
 
 from identity import SpiffeId, TrustDomain
+from identity.injected import STATUS_PORT
 from injector.core.mutate import INJECTED, apply_patch, mutate
 from injector.core.settings import CaSettings, ControlSettings, Settings
 from injector.core.sidecar import AGENT, CONFIG_ENV, agent_config
@@ -102,7 +103,7 @@ def endpoint_slice(
     )
 
 
-def status(pod: Pod, path: str, port: int = 15020) -> tuple[int, str]:
+def status(pod: Pod, path: str, port: int = STATUS_PORT) -> tuple[int, str]:
     """GET from the pod IP, as the kubelet's probes and Prometheus do (the agent's status
     port unless told): (status, body). Blocking: from an event loop that serves an app
     the agent may call, use `asyncio.to_thread`."""
@@ -433,7 +434,8 @@ def agent_container(
 SERVICE_CIDR = "10.32.0.0/16"
 BACKEND_VIP = "10.32.0.10"
 
-CAPTURE_NAMESPACES = """\
+#: The users' namespace, injected, and the mesh's own.
+NAMESPACES = """\
 apiVersion: v1
 kind: Namespace
 metadata: {name: shop, labels: {outrider.io/inject: enabled}}
@@ -442,10 +444,15 @@ apiVersion: v1
 kind: Namespace
 metadata: {name: outrider-system}
 ---
+"""
+CAPTURE_NAMESPACES = (
+    NAMESPACES
+    + """\
 apiVersion: v1
 kind: Namespace
 metadata: {name: outside}
 """
+)
 BACKEND_SERVICE = yaml.safe_dump(
     {
         "apiVersion": "v1",
