@@ -30,7 +30,7 @@ import pytest_asyncio
 import yaml
 
 from identity.injected import AGENT_UID, STATUS_PORT
-from tests.mesh import AgentProcess, agent_process, agent_yaml, echo, workload
+from tests.mesh import AgentProcess, agent_process, agent_yaml, echo, eventually, workload
 from tests.mesh_cluster import metric
 from tests.netns import Pod, PodNetwork, pod_network
 from tests.support import CaSetup, ca_process, make_ca_setup
@@ -110,11 +110,9 @@ def body(response: bytes) -> str:
 # -- agents --------------------------------------------------------------------------------
 
 
-async def eventually(pod: Pod, name: str, value: float, **labels: str) -> None:
-    for _ in range(500):  # 10 s at most
-        if metric(pod, name, **labels) == value:
-            return
-        await asyncio.sleep(0.02)
+async def reaches(pod: Pod, name: str, value: float, **labels: str) -> None:
+    """The agent's metric `name` is `value` within 10 s."""
+    await eventually(lambda: metric(pod, name, **labels) == value, 10)
     assert metric(pod, name, **labels) == value
 
 
@@ -148,7 +146,7 @@ class Captured:
             yaml.safe_dump({k: v for k, v in config.items() if v is not None})
         )
         self.agents[pod.name].process.send_signal(signal.SIGHUP)
-        await eventually(pod, "outrider_config_reloads_total", done + 1, kind="agent", result="ok")
+        await reaches(pod, "outrider_config_reloads_total", done + 1, kind="agent", result="ok")
 
     @asynccontextmanager
     async def reconfigured(self, pod: Pod, **sections: Any) -> AsyncIterator[None]:
@@ -161,19 +159,26 @@ class Captured:
             await self.reload(pod)
 
 
-def server_config(setup: CaSetup, root: Path, ca: str, pod: Pod) -> dict[str, Any]:
+def captured_config(setup: CaSetup, ca: str, pod: Pod, **sections: Any) -> dict[str, Any]:
+    """A captured pod's agent: its capture listeners, and its status port on the pod IP
+    (which the capture rules leave alone) for the metrics."""
     return agent_yaml(
-        root,
+        setup.root,
         pod.name,
         ca_address=ca,
         token=setup.issuer.token("demo", pod.name),
         capture={},
-        captured={"inbound": {"ports": {"8080": {"protocol": "http"}}}},
         status=f"0.0.0.0:{STATUS_PORT}",
+        **sections,
     )
 
 
-def client_config(setup: CaSetup, root: Path, ca: str, pod: Pod, server: Pod) -> dict[str, Any]:
+def server_config(setup: CaSetup, ca: str, server: Pod) -> dict[str, Any]:
+    inbound = {"ports": {"8080": {"protocol": "http"}}}
+    return captured_config(setup, ca, server, captured={"inbound": inbound})
+
+
+def client_config(setup: CaSetup, ca: str, client: Pod, server: Pod) -> dict[str, Any]:
     upstream = {
         "name": "server.demo:8080",
         "protocol": "http",
@@ -181,15 +186,7 @@ def client_config(setup: CaSetup, root: Path, ca: str, pod: Pod, server: Pod) ->
         "endpoints": [f"{server.ip}:8080"],  # a captured pod: its IP and app port
         "server_ids": [str(workload(server.name))],
     }
-    return agent_yaml(
-        root,
-        pod.name,
-        ca_address=ca,
-        token=setup.issuer.token("demo", pod.name),
-        capture={},
-        outbound=[upstream],
-        status=f"0.0.0.0:{STATUS_PORT}",
-    )
+    return captured_config(setup, ca, client, outbound=[upstream])
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -208,8 +205,8 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, nft: str) -> AsyncItera
                 root = setup.root
                 address = f"{network.node_ip}:{ca.grpc_port}"
                 configs = {
-                    "server": server_config(setup, root, address, server),
-                    "client": client_config(setup, root, address, client, server),
+                    "server": server_config(setup, address, server),
+                    "client": client_config(setup, address, client, server),
                 }
                 agents = {}
                 for pod in (server, client):
@@ -433,7 +430,7 @@ async def test_a_flood_of_refused_connections_is_counted_each_and_logged_a_line_
     for port in (8080, admin):  # plaintext to a strict port; the agent's admin port
         for _ in range(flood):
             assert await exchange(await asyncio.open_connection(server.ip, port)) == b""
-    await eventually(server, "outrider_connections_refused_total", looped + flood, **loops)
+    await reaches(server, "outrider_connections_refused_total", looped + flood, **loops)
     refusals = [line for line in log[said:] if "capture: refused" in line]
     assert len(refusals) <= 2, refusals  # at most one per kind (none: said just before)
     # What the lines say (here, or said by an earlier test within the interval):
@@ -474,7 +471,7 @@ async def test_ipv6_is_captured_too_mtls_between_pods_and_no_plaintext_in(
         unknown = {"direction": "inbound", "reason": "no_original_destination"}
         before = metric(server, "outrider_connections_refused_total", **unknown)
         assert await call(intruder, REQUEST, 15006) == b""
-        await eventually(server, "outrider_connections_refused_total", before + 1, **unknown)
+        await reaches(server, "outrider_connections_refused_total", before + 1, **unknown)
         assert mesh.app.requests == requests + 1
         assert counted(server, "inbound", "true", str(workload("client"))) == verified + 1
         assert counted(server, "inbound", "false") == plaintext
@@ -522,7 +519,7 @@ async def test_a_flood_of_plaintext_denied_by_policy_is_a_line_a_while_not_one_e
             for _ in range(50):
                 opened = await asyncio.open_connection(server.ip, 9090)
                 assert await exchange(opened, b"plain") == b""
-            await eventually(server, "outrider_authz_decisions_total", before + 50, **denied)
+            await reaches(server, "outrider_authz_decisions_total", before + 50, **denied)
             lines = [line for line in log[said:] if "denied" in line]
             assert len(lines) <= 2, lines
             await logged(log, lambda line: "from a plaintext caller" in line)
@@ -544,7 +541,7 @@ async def test_a_scan_of_the_pods_ports_in_plaintext_is_a_line_a_while_not_one_e
         for port in ports:
             assert await exchange(await asyncio.open_connection(server.ip, port)) == b""
         total = before + len(ports)
-        await eventually(server, "outrider_connections_refused_total", total, **unreachable)
+        await reaches(server, "outrider_connections_refused_total", total, **unreachable)
         lines = [line for line in log[said:] if "unreachable" in line]
         assert len(lines) <= 2, lines  # (none, if an earlier test said it just before)
         await logged(log, lambda line: "app 127.0.0.1:200" in line)
@@ -561,7 +558,7 @@ async def test_a_flood_past_a_limit_is_said_a_line_a_while(mesh: Captured) -> No
         before = metric(server, "outrider_connections_refused_total", **evicted)
         said = len(log)
         silent = [await asyncio.open_connection(server.ip, 8080) for _ in range(20)]
-        await eventually(server, "outrider_connections_refused_total", before + 19, **evicted)
+        await reaches(server, "outrider_connections_refused_total", before + 19, **evicted)
         lines = [line for line in log[said:] if "limits.max_pending_handshakes" in line]
         assert len(lines) <= 2, lines
         await logged(log, lambda line: "limits.max_pending_handshakes (1) reached" in line)
@@ -581,7 +578,7 @@ async def test_an_app_dialing_an_unreachable_address_in_a_loop_is_a_line_a_while
     said = len(log)
     for _ in range(30):
         assert await exchange(await client.open_connection(mesh.network.node_ip, port)) == b""
-    await eventually(client, "outrider_connections_refused_total", before + 30, **failed)
+    await reaches(client, "outrider_connections_refused_total", before + 30, **failed)
     lines = [line for line in log[said:] if "unreachable" in line]
     assert len(lines) <= 2, lines
     await logged(log, lambda line: f"{mesh.network.node_ip}:{port} unreachable" in line)
