@@ -200,9 +200,11 @@ class Listener(Generic[ConfigT]):
 
     async def _serve(self, listening: socket.socket) -> None:
         """Start accepting on `listening`, each connection to `_admit`."""
-        # Our own accept loop rather than loop.create_server: connect_accepted_socket
-        # takes a TLS context per connection (the SVID rotates) and raises the
-        # handshake's error, so every refusal is counted with its reason.
+        # Our own accept loop rather than loop.create_server: each connection is looked
+        # at before anything serves it. mTLS in: connect_accepted_socket takes a TLS
+        # context per connection (the SVID rotates) and raises the handshake's error, so
+        # every refusal is counted with its reason. Outbound capture: the connection's
+        # original destination picks the upstream.
         self._acceptor = asyncio.get_running_loop().create_task(self._accept_loop(listening))
 
     async def _accept_loop(self, listening: socket.socket) -> None:
