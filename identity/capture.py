@@ -172,6 +172,37 @@ def rules_from_flags(
     return rules
 
 
+def flag(name: str) -> str:
+    """The command line's flag for setting `name`: inbound_port is --inbound-port."""
+    return "--" + name.replace("_", "-")
+
+
+def to_flags(rules: CaptureRules) -> list[str]:
+    """The flags that give `rules` to `outrider capture apply` (what the injector writes into
+    the init container; rules_from_flags reads them back). Every setting is written but
+    an empty outbound exclusion, which is the default."""
+    args: list[str] = []
+    for name in ("inbound_port", "outbound_port", "agent_uid"):
+        args += [flag(name), str(getattr(rules, name))]
+    args += [flag("exclude_inbound_ports"), ",".join(map(str, rules.exclude_inbound_ports))]
+    for name in ("exclude_outbound_ports", "exclude_outbound_cidrs"):
+        if values := getattr(rules, name):
+            args += [flag(name), ",".join(map(str, values))]
+    return args
+
+
+def flag_text(args: Sequence[str], name: str) -> str | None:
+    """The text `args` give setting `name` (`--name V` or `--name=V`; the last one, as the
+    command's parser takes it); None when they give none."""
+    option, text = flag(name), None
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            text = args[i + 1]
+        elif arg.startswith(option + "="):
+            text = arg.partition("=")[2]
+    return text
+
+
 def _items(name: str, text: str, errors: list[tuple[str, str]]) -> tuple[str, ...]:
     if not text.strip():
         return ()

@@ -411,7 +411,7 @@ def _live_policies(
 
 def _capture_apply(args: argparse.Namespace) -> None:
     from agent.adapters.nft import Nft, NftError
-    from identity.capture import CaptureRulesError, rules_from_flags, ruleset, summary
+    from identity.capture import CaptureRulesError, flag, rules_from_flags, ruleset, summary
 
     try:
         rules = rules_from_flags(
@@ -423,7 +423,7 @@ def _capture_apply(args: argparse.Namespace) -> None:
             exclude_outbound_cidrs=args.exclude_outbound_cidrs,
         )
     except CaptureRulesError as exc:
-        lines = "\n".join(f"  --{name.replace('_', '-')}: {why}" for name, why in exc.problems)
+        lines = "\n".join(f"  {flag(name)}: {why}" for name, why in exc.problems)
         raise CommandError(f"invalid capture settings:\n{lines}") from None
     script = ruleset(rules)
     if args.dry_run:
