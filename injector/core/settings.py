@@ -144,8 +144,8 @@ class CaptureSettings:
 
     def __post_init__(self) -> None:
         for port in (self.inbound_port, self.outbound_port):
-            if agent_port_error(port):
-                raise ValueError(f"{port} {agent_port_error(port)}")
+            if why := agent_port_error(port):
+                raise ValueError(f"{port} {why}")
         rules_for(self, CaptureRules.agent_uid)  # CaptureRulesError (a ValueError) if not
 
 
