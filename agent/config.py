@@ -85,6 +85,7 @@ from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.backoff import Backoff
 from identity.configfile import ConfigError, Listen, parse_yaml, read_yaml
+from identity.injected import ADMIN_PORT, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, STATUS_PORT
 from identity.jsonbounds import brackets, deeper_than
 from identity.probes import (
     AppProbe,
@@ -211,8 +212,8 @@ class ControlEndpoint:
 class CapturePorts:
     """`capture:` (the injector's): the pod's TCP is redirected to these ports of the agent."""
 
-    inbound_port: int = 15006
-    outbound_port: int = 15007
+    inbound_port: int = INBOUND_CAPTURE_PORT
+    outbound_port: int = OUTBOUND_CAPTURE_PORT
 
     @property
     def inbound(self) -> Listen:
@@ -230,7 +231,7 @@ class AgentConfig:
     inbound: tuple[Inbound, ...] = ()
     outbound: tuple[Outbound, ...] = ()
     limits: Limits = field(default_factory=Limits)
-    admin: Listen = Listen("127.0.0.1", 15000)
+    admin: Listen = Listen("127.0.0.1", ADMIN_PORT)
     policy: PolicyConfig = PolicyConfig()
     status: Listen | None = None  # probes and metrics only, for the pod network
     control: ControlEndpoint | None = None
@@ -478,7 +479,7 @@ class _Reader(OutboundReader):
         admin = self.listen(top, "admin", "admin", AgentConfig.admin)
         status = None  # off unless asked for: two agents on one host would share its port
         if top.get("status") is not None:
-            status = self.listen(top, "status", "status", Listen("0.0.0.0", 15020))  # noqa: S104
+            status = self.listen(top, "status", "status", Listen("0.0.0.0", STATUS_PORT))  # noqa: S104
         policy = self.policy(self.section(top, "policy", _POLICY_KEYS))
         control = None
         if top.get("control") is not None:

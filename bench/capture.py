@@ -27,24 +27,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import statistics
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import report  # noqa: E402
 from bench.control_plane import percentile  # noqa: E402
 from tests.mesh_cluster import BACKEND_VIP, App, capture_cluster, wait_until  # noqa: E402
 from tests.netns import pod_network  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 PATHS = ("captured", "explicit")
 #: keepalive: one connection each way for every request (what capture costs per request);
 #: new_connection: a connection per request (what it costs per connection: the redirect,
@@ -168,10 +166,7 @@ def main() -> None:
     samples = uvloop.run(measure(requests))
     result = summarize(samples)
     print("\n".join(table(result)))
-    RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (RESULTS / f"capture-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print("RESULT " + json.dumps(result))
+    report.save("capture", result)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,6 @@ from tests.apiserver import FakeApiServer, fake_api_server_thread  # noqa: E402
 from tests.certs import Shape, SigningCa, issue  # noqa: E402
 from tests.support import free_port  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 TRUST_DOMAIN = "example.org"
 NAMESPACE = "bench"
 POLICY = "bench-reads"
@@ -506,10 +505,7 @@ def main() -> None:
     print("\n".join(report.control_table(rows)))
     print(report.rival_line(RIVAL))
     result = {"rows": rows, "rival": RIVAL, "aim": {"agents": AIM_AGENTS, "p99_ms": AIM_P99_MS}}
-    RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (RESULTS / f"control-plane-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print("RESULT " + json.dumps(result))
+    report.save("control-plane", result)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import statistics
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bench.dataplane import NOT_MEASURED
 
 Record = dict[str, Any]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def save(kind: str, result: Record) -> Path:
+    """`result` in bench/results/<kind>-<UTC time>.json, and as the `RESULT {json}` line
+    bench/run.py reads from a benchmark's output."""
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    saved = RESULTS / f"{kind}-{stamp}.json"
+    saved.write_text(json.dumps(result, indent=2) + "\n")
+    print("RESULT " + json.dumps(result))
+    return saved
 
 
 def _rate(row: dict[str, Any]) -> str:

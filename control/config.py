@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.core.captured import OUTBOUND_POLICIES
 from identity import InvalidSpiffeId, TrustDomain
 from identity.configfile import ConfigError, ConfigReader, Listen, read_yaml
 from identity.grpcserving import GrpcLimits
@@ -36,8 +37,9 @@ __all__ = ["ConfigError", "ControlConfig", "ControlLimits", "TlsFiles", "load", 
 
 DEFAULT_ACTIONS = ("allow-authenticated", "deny")
 #: What a captured pod's agent does with a connection to an address that is neither a
-#: Service of the cluster nor a pod of the mesh: pass it through, or refuse it.
-OUTBOUND_TRAFFIC_POLICIES = ("allow-any", "registry-only")
+#: Service of the cluster nor a pod of the mesh: pass it through, or refuse it (the
+#: agent's own list: it is the agent that reads the value).
+OUTBOUND_TRAFFIC_POLICIES = OUTBOUND_POLICIES
 MIN_MESSAGE_BYTES = 4096  # a Nack's error text is cut to fit; below this nothing useful would
 
 

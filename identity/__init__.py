@@ -10,10 +10,11 @@ bounded accept loop, the TLS server context and the fd limit of every
 server), `grpcserving` (grpclib bounded before authentication: the CA's and
 the control plane's) and `kubewatch` (blocking Kubernetes client calls in
 daemon threads: the agent's discovery and the control plane's informers).
-Two contracts between the injector and the agent live here too, pure:
+Three contracts between the injector and the agent live here too, pure:
 `capture` (the nft rules the init container applies, whose flags the
-injector writes) and `probes` (the app's probes the injector moves into the
-agent's bootstrap and the agent performs).
+injector writes), `probes` (the app's probes the injector moves into the
+agent's bootstrap and the agent performs) and `injected` (the agent's
+containers, ports and UID in every pod, which the control plane reads too).
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from identity.injected import AGENT_UID, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, STATUS_PORT
+
 TABLE = "outrider"
 FAMILY = "inet"
 #: UIDs are 32-bit; (uid_t)-1 means "no UID" to the kernel.
@@ -52,10 +54,10 @@ class CaptureRules:
     (10.0.0.0/8, fd00::/8), so two equal settings give the same script.
     """
 
-    inbound_port: int = 15006
-    outbound_port: int = 15007
-    agent_uid: int = 1337
-    exclude_inbound_ports: tuple[int, ...] = (15020,)
+    inbound_port: int = INBOUND_CAPTURE_PORT
+    outbound_port: int = OUTBOUND_CAPTURE_PORT
+    agent_uid: int = AGENT_UID
+    exclude_inbound_ports: tuple[int, ...] = (STATUS_PORT,)
     exclude_outbound_ports: tuple[int, ...] = ()
     exclude_outbound_cidrs: tuple[str, ...] = ()
 
@@ -107,7 +109,7 @@ def _check_uid(uid: object, errors: list[tuple[str, str]]) -> None:
             (
                 "agent_uid",
                 "0 would leave every root process of the pod uncaptured;"
-                " run the agent as a UID of its own (1337)",
+                f" run the agent as a UID of its own ({AGENT_UID})",
             )
         )
 
@@ -170,6 +172,37 @@ def rules_from_flags(
     if errors:
         raise CaptureRulesError(errors)
     return rules
+
+
+def flag(name: str) -> str:
+    """The command line's flag for setting `name`: inbound_port is --inbound-port."""
+    return "--" + name.replace("_", "-")
+
+
+def to_flags(rules: CaptureRules) -> list[str]:
+    """The flags that give `rules` to `outrider capture apply` (what the injector writes into
+    the init container; rules_from_flags reads them back). Every setting is written but
+    an empty outbound exclusion, which is the default."""
+    args: list[str] = []
+    for name in ("inbound_port", "outbound_port", "agent_uid"):
+        args += [flag(name), str(getattr(rules, name))]
+    args += [flag("exclude_inbound_ports"), ",".join(map(str, rules.exclude_inbound_ports))]
+    for name in ("exclude_outbound_ports", "exclude_outbound_cidrs"):
+        if values := getattr(rules, name):
+            args += [flag(name), ",".join(map(str, values))]
+    return args
+
+
+def flag_text(args: Sequence[str], name: str) -> str | None:
+    """The text `args` give setting `name` (`--name V` or `--name=V`; the last one, as the
+    command's parser takes it); None when they give none."""
+    option, text = flag(name), None
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            text = args[i + 1]
+        elif arg.startswith(option + "="):
+            text = arg.partition("=")[2]
+    return text
 
 
 def _items(name: str, text: str, errors: list[tuple[str, str]]) -> tuple[str, ...]:

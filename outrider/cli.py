@@ -21,6 +21,7 @@ from typing import Any, Literal
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.configfile import ConfigError, parse_duration
 from identity.files import PRIVATE, write_atomic
+from identity.injected import AGENT_UID, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, STATUS_PORT
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 DEBUG_URL = "http://127.0.0.1:15014"  # the control plane's debug port
@@ -410,7 +411,7 @@ def _live_policies(
 
 def _capture_apply(args: argparse.Namespace) -> None:
     from agent.adapters.nft import Nft, NftError
-    from identity.capture import CaptureRulesError, rules_from_flags, ruleset, summary
+    from identity.capture import CaptureRulesError, flag, rules_from_flags, ruleset, summary
 
     try:
         rules = rules_from_flags(
@@ -422,7 +423,7 @@ def _capture_apply(args: argparse.Namespace) -> None:
             exclude_outbound_cidrs=args.exclude_outbound_cidrs,
         )
     except CaptureRulesError as exc:
-        lines = "\n".join(f"  --{name.replace('_', '-')}: {why}" for name, why in exc.problems)
+        lines = "\n".join(f"  {flag(name)}: {why}" for name, why in exc.problems)
         raise CommandError(f"invalid capture settings:\n{lines}") from None
     script = ruleset(rules)
     if args.dry_run:
@@ -633,18 +634,24 @@ def parser() -> argparse.ArgumentParser:
         " Exit 1 on bad values, a missing nft, or no permission",
     )
     capture_apply.add_argument(
-        "--inbound-port", metavar="N", help="where inbound TCP goes (default 15006)"
+        "--inbound-port",
+        metavar="N",
+        help=f"where inbound TCP goes (default {INBOUND_CAPTURE_PORT})",
     )
     capture_apply.add_argument(
-        "--outbound-port", metavar="N", help="where the app's outbound TCP goes (default 15007)"
+        "--outbound-port",
+        metavar="N",
+        help=f"where the app's outbound TCP goes (default {OUTBOUND_CAPTURE_PORT})",
     )
     capture_apply.add_argument(
-        "--agent-uid", metavar="N", help="whose connections are never captured (default 1337)"
+        "--agent-uid",
+        metavar="N",
+        help=f"whose connections are never captured (default {AGENT_UID})",
     )
     capture_apply.add_argument(
         "--exclude-inbound-ports",
         metavar="P,...",
-        help="inbound ports left to the app (default 15020, the status port)",
+        help=f"inbound ports left to the app (default {STATUS_PORT}, the status port)",
     )
     capture_apply.add_argument(
         "--exclude-outbound-ports", metavar="P,...", help="destination ports never captured"

@@ -205,6 +205,42 @@ def pod(
     return yaml.safe_dump(obj, sort_keys=False) + "---\n"
 
 
+def service(name: str, ports: str, namespace: str = "shop", selector: str = "") -> str:
+    """A Service as YAML selecting app=`selector` (its own name unless told); `ports` as
+    written in its flow list: "{port: 80, targetPort: 8080}"."""
+    return f"""\
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  selector: {{app: {selector or name}}}
+  ports: [{ports}]
+---
+"""
+
+
+_API_VERSIONS = {
+    "AuthorizationPolicy": "security.outrider.io/v1alpha1",
+    "PeerAuthentication": "security.outrider.io/v1alpha1",
+    "TrafficPolicy": "networking.outrider.io/v1alpha1",
+}
+
+
+def policy_object(
+    kind: str, name: str, spec: str, namespace: str = "shop", **metadata: object
+) -> str:
+    """An Outrider policy of `kind` as YAML, its `spec` in flow style ("{action: DENY}");
+    `metadata` adds fields (uid, generation) after the name and namespace."""
+    extra = "".join(f", {key}: {value}" for key, value in metadata.items())
+    return f"""\
+apiVersion: {_API_VERSIONS[kind]}
+kind: {kind}
+metadata: {{name: {name}, namespace: {namespace}{extra}}}
+spec: {spec}
+---
+"""
+
+
 #: A shop: a frontend calling a backend that runs as v1 and v2, each port HTTP.
 SHOP = (
     pod(

@@ -155,23 +155,28 @@ async def eventually(check: Callable[[], bool], seconds: float = 2.0) -> bool:
     return check()
 
 
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A plain TCP app's connection: echoes until the other side closes."""
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
 @asynccontextmanager
 async def echo_server(accepted: list[int] | None = None) -> AsyncIterator[int]:
     """A plain TCP app that echoes; yields its port. Appends 1 to `accepted` per connection."""
 
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if accepted is not None:
             accepted.append(1)
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+        await echo(reader, writer)
 
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    server = await asyncio.start_server(counted, "127.0.0.1", 0)
     try:
         yield server.sockets[0].getsockname()[1]
     finally:

@@ -36,6 +36,7 @@ import yaml
 from aiohttp import web
 
 from identity import SpiffeId, TrustDomain
+from identity.injected import STATUS_PORT
 from injector.core.mutate import INJECTED, apply_patch, mutate
 from injector.core.settings import CaSettings, ControlSettings, Settings
 from injector.core.sidecar import AGENT, CONFIG_ENV, agent_config
@@ -65,36 +66,29 @@ def running(pod: Pod) -> dict[str, Any]:
     }
 
 
-def endpoint_slice(
-    service: str,
-    pods: list[Pod],
-    ready: bool = True,
-    *,
-    namespace: str = "shop",
-    port: int = 8080,
-    port_name: str = "http",
-) -> str:
-    """The slice the EndpointSlice controller writes for `service`, behind `pods` (their
-    `port`: the Service port's targetPort, resolved in the pods)."""
+def endpoint_slice(service: str, pods: list[Pod]) -> str:
+    """The slice the EndpointSlice controller writes for `service` of the shop, behind
+    `pods`, all ready (their port 8080, named http: the Service port's targetPort,
+    resolved in the pods)."""
     return yaml.safe_dump(
         {
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
             "metadata": {
                 "name": f"{service}-abcde",
-                "namespace": namespace,
+                "namespace": "shop",
                 "labels": {
                     "kubernetes.io/service-name": service,
                     "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
                 },
             },
             "addressType": "IPv4",
-            "ports": [{"name": port_name, "port": port, "protocol": "TCP"}],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
             "endpoints": [
                 {
                     "addresses": [pod.ip],
-                    "conditions": {"ready": ready, "serving": ready, "terminating": False},
-                    "targetRef": {"kind": "Pod", "namespace": namespace, "name": pod.name},
+                    "conditions": {"ready": True, "serving": True, "terminating": False},
+                    "targetRef": {"kind": "Pod", "namespace": "shop", "name": pod.name},
                 }
                 for pod in pods
             ],
@@ -102,7 +96,7 @@ def endpoint_slice(
     )
 
 
-def status(pod: Pod, path: str, port: int = 15020) -> tuple[int, str]:
+def status(pod: Pod, path: str, port: int = STATUS_PORT) -> tuple[int, str]:
     """GET from the pod IP, as the kubelet's probes and Prometheus do (the agent's status
     port unless told): (status, body). Blocking: from an event loop that serves an app
     the agent may call, use `asyncio.to_thread`."""
@@ -144,12 +138,10 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what:
 
 
 @asynccontextmanager
-async def app_in(
-    pod: Pod, application: web.Application, host: str = "127.0.0.1", port: int = 8080
-) -> AsyncIterator[None]:
-    """The pod's app on its own `host`:`port`, served from this process's event loop."""
+async def app_in(pod: Pod, application: web.Application) -> AsyncIterator[None]:
+    """The pod's app on its own 127.0.0.1:8080, served from this process's event loop."""
     sock = pod.socket()
-    sock.bind((host, port))
+    sock.bind(("127.0.0.1", 8080))
     sock.listen(128)
     sock.setblocking(False)
     runner = web.AppRunner(application, access_log=None, shutdown_timeout=1)
@@ -162,14 +154,12 @@ async def app_in(
 
 
 @contextmanager
-def threaded_app_in(
-    pod: Pod, application: web.Application, host: str = "0.0.0.0", port: int = 8080
-) -> Iterator[None]:
-    """The pod's app on `host`:`port`, served from a thread of its own: the test may block
-    (a kubelet's probe through the agent) without starving it."""
+def threaded_app_in(pod: Pod, application: web.Application) -> Iterator[None]:
+    """The pod's app on 0.0.0.0:8080 (as a captured pod's app listens), served from a thread
+    of its own: the test may block (a kubelet's probe through the agent) without starving it."""
     sock = pod.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock.bind(("0.0.0.0", 8080))
     sock.listen(128)
     with threaded_app(application, sock=sock):
         yield
@@ -433,7 +423,8 @@ def agent_container(
 SERVICE_CIDR = "10.32.0.0/16"
 BACKEND_VIP = "10.32.0.10"
 
-CAPTURE_NAMESPACES = """\
+#: The users' namespace, injected, and the mesh's own.
+NAMESPACES = """\
 apiVersion: v1
 kind: Namespace
 metadata: {name: shop, labels: {outrider.io/inject: enabled}}
@@ -442,10 +433,15 @@ apiVersion: v1
 kind: Namespace
 metadata: {name: outrider-system}
 ---
+"""
+CAPTURE_NAMESPACES = (
+    NAMESPACES
+    + """\
 apiVersion: v1
 kind: Namespace
 metadata: {name: outside}
 """
+)
 BACKEND_SERVICE = yaml.safe_dump(
     {
         "apiVersion": "v1",

@@ -215,9 +215,9 @@ class Server:
         name: str,
         handlers: dict[str, Handler],
         listen: Listen,
-        prober: Prober | None = None,
+        prober: Prober,
     ) -> Server:
-        server = cls(agent, name, handlers, prober or Prober())
+        server = cls(agent, name, handlers, prober)
         loop = asyncio.get_running_loop()
         try:
             server._server = await loop.create_server(server.accepted, listen.host, listen.port)

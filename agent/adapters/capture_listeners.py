@@ -30,7 +30,7 @@ import socket
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.adapters.capture import original_destination
 from agent.adapters.listeners import (
@@ -62,7 +62,6 @@ from agent.core.upstream import Endpoint
 from identity.configfile import Listen
 
 log = logging.getLogger("outrider.agent")
-AcceptLoop = Callable[[socket.socket], Coroutine[Any, Any, None]]
 
 
 def capture_configs(config: AgentConfig) -> tuple[InboundCapture, OutboundCapture] | None:
@@ -153,7 +152,10 @@ def _refuse(
         log.warning("%s capture: refused %s%s", direction, why, held_back(held))
 
 
-class _AlsoIpv6:
+CaptureT = TypeVar("CaptureT", InboundCapture, OutboundCapture)
+
+
+class _AlsoIpv6(Listener[CaptureT]):
     """The capture ports on IPv6 too: the rules redirect a pod's IPv6 TCP as well (inbound
     to [pod IPv6]:<inbound_port>, the app's outbound to [::1]:<outbound_port>), and with
     nobody there the app's IPv6 would be refused (closed, but broken). Where the kernel
@@ -161,10 +163,32 @@ class _AlsoIpv6:
     """
 
     IPV6_HOST: str  # "::" inbound (every address of the pod), "::1" outbound (the app's own)
-    _socket: socket.socket | None
     _v6: socket.socket | None = None
     _v6_acceptor: asyncio.Task[None] | None = None
-    address: str
+
+    def bind(self, listen: Listen) -> None:
+        super().bind(listen)
+        self._bind_ipv6()
+
+    async def _serve(self, listening: socket.socket) -> None:
+        await super()._serve(listening)
+        if self._v6 is not None:
+            self._v6_acceptor = asyncio.get_running_loop().create_task(self._accept_loop(self._v6))
+            log.info(
+                "%s listening on [%s]:%d too",
+                self.address,
+                self.IPV6_HOST,
+                self._v6.getsockname()[1],
+            )
+
+    def release(self) -> None:
+        super().release()
+        if self._v6_acceptor is not None:
+            self._v6_acceptor.cancel()
+            self._v6_acceptor = None
+        if self._v6 is not None:
+            self._v6.close()
+            self._v6 = None
 
     def _bind_ipv6(self) -> None:
         assert self._socket is not None
@@ -188,46 +212,14 @@ class _AlsoIpv6:
         sock.setblocking(False)
         self._v6 = sock
 
-    def _serve_ipv6(
-        self, accept_loop: Callable[[socket.socket], Coroutine[Any, Any, None]]
-    ) -> None:
-        if self._v6 is not None:
-            self._v6_acceptor = asyncio.get_running_loop().create_task(accept_loop(self._v6))
-            log.info(
-                "%s listening on [%s]:%d too",
-                self.address,
-                self.IPV6_HOST,
-                self._v6.getsockname()[1],
-            )
 
-    def _release_ipv6(self) -> None:
-        if self._v6_acceptor is not None:
-            self._v6_acceptor.cancel()
-            self._v6_acceptor = None
-        if self._v6 is not None:
-            self._v6.close()
-            self._v6 = None
-
-
-class InboundCaptureListener(_AlsoIpv6, InboundMtls[InboundCapture]):
+class InboundCaptureListener(_AlsoIpv6[InboundCapture], InboundMtls[InboundCapture]):
     """0.0.0.0:<inbound_port>: every port of the pod, mTLS (strict) or either (permissive)."""
 
     #: Every port the agent has bound, as bound (the agent keeps it current): with
     #: `agent_ports` of the config, which may name a port 0 the kernel chose.
     bound_ports: frozenset[int] = frozenset()
     IPV6_HOST = "::"
-
-    def bind(self, listen: Listen) -> None:
-        super().bind(listen)
-        self._bind_ipv6()
-
-    async def _serve(self, listening: socket.socket) -> None:
-        await super()._serve(listening)
-        self._serve_ipv6(self._accept_loop)
-
-    def release(self) -> None:
-        super().release()
-        self._release_ipv6()
 
     def _admit(self, sock: socket.socket, port: int = 0) -> None:
         destination = original_destination(sock)
@@ -259,20 +251,12 @@ class InboundCaptureListener(_AlsoIpv6, InboundMtls[InboundCapture]):
         return inbound, mode.mtls == "permissive"
 
 
-class OutboundCaptureListener(_AlsoIpv6, Listener[OutboundCapture]):
+class OutboundCaptureListener(_AlsoIpv6[OutboundCapture]):
     """127.0.0.1:<outbound_port> (and [::1]): the app's connections, routed by original
     destination."""
 
     direction = OUTBOUND
     IPV6_HOST = "::1"
-
-    def bind(self, listen: Listen) -> None:
-        super().bind(listen)
-        self._bind_ipv6()
-
-    def release(self) -> None:
-        super().release()
-        self._release_ipv6()
 
     def __init__(self, config: OutboundCapture, runtime: Runtime, connections: Connections) -> None:
         super().__init__(config, runtime, connections)
@@ -330,22 +314,8 @@ class OutboundCaptureListener(_AlsoIpv6, Listener[OutboundCapture]):
             live.start()
         return live
 
-    async def _serve(self, listening: socket.socket) -> None:
-        self._acceptor = asyncio.get_running_loop().create_task(self._accept_loop(listening))
-        self._serve_ipv6(self._accept_loop)
-
-    async def _accept_loop(self, listening: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, _ = await loop.sock_accept(listening)
-            except OSError as exc:  # EMFILE and friends: back off, keep the listener
-                log.warning("outbound capture %s: accept failed: %s", self.address, exc)
-                await asyncio.sleep(0.1)
-                continue
-            self._route(sock)
-
-    def _route(self, sock: socket.socket) -> None:
+    def _admit(self, sock: socket.socket) -> None:
+        """Route the app's connection by where it was going."""
         runtime = self.runtime
         destination = original_destination(sock)
         if destination is None:

@@ -199,7 +199,27 @@ class Listener(Generic[ConfigT]):
         log.info("%s listening on %s", self.direction, self.address)
 
     async def _serve(self, listening: socket.socket) -> None:
-        """Start accepting on `listening`."""
+        """Start accepting on `listening`, each connection to `_admit`."""
+        # Our own accept loop rather than loop.create_server: each connection is looked
+        # at before anything serves it. mTLS in: connect_accepted_socket takes a TLS
+        # context per connection (the SVID rotates) and raises the handshake's error, so
+        # every refusal is counted with its reason. Outbound capture: the connection's
+        # original destination picks the upstream.
+        self._acceptor = asyncio.get_running_loop().create_task(self._accept_loop(listening))
+
+    async def _accept_loop(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listening)
+            except OSError as exc:  # EMFILE and friends: back off, keep the listener
+                log.warning("%s %s: accept failed: %s", self.direction, self.address, exc)
+                await asyncio.sleep(0.1)
+                continue
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        """Take one accepted connection (an accepting `_serve` calls it)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -292,23 +312,6 @@ class InboundMtls(Listener[InboundT]):
         """The inbound a connection to original `port` is served as now, and whether
         plaintext is let through (permissive); an explicit listener has one, strict."""
         raise NotImplementedError
-
-    async def _serve(self, listening: socket.socket) -> None:
-        # Our own accept loop rather than loop.create_server: connect_accepted_socket
-        # takes a TLS context per connection (the SVID rotates) and raises the
-        # handshake's error, so every refusal is counted with its reason.
-        self._acceptor = asyncio.get_running_loop().create_task(self._accept_loop(listening))
-
-    async def _accept_loop(self, listening: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, _ = await loop.sock_accept(listening)
-            except OSError as exc:  # EMFILE and friends: back off, keep the listener
-                log.warning("%s %s: accept failed: %s", self.direction, self.address, exc)
-                await asyncio.sleep(0.1)
-                continue
-            self._admit(sock)
 
     def _admit(self, sock: socket.socket, port: int = 0) -> None:
         """Set up a new connection, or close it at once past max_connections.

@@ -61,7 +61,6 @@ from control.core.peerauth import (
 from control.core.policies import CompiledPolicy, Misfit, compile_policy, fit_to_ports, misfits
 from control.core.routes import CompiledRoute, RouteKind, attach_routes, compile_route
 from control.core.services import (
-    AGENT_PORTS,
     PodIndex,
     Service,
     Workload,
@@ -71,6 +70,13 @@ from control.core.services import (
 )
 from control.core.traffic import CompiledTraffic, TrafficState, attach_traffic, compile_traffic
 from control.core.upstreams import ANNOTATION, PortKey, Upstreams, encode
+from identity.injected import (
+    AGENT_PORTS,
+    INBOUND_CAPTURE_PORT,
+    OUTBOUND_CAPTURE_PORT,
+    OUTBOUND_LISTENER_PORTS,
+    STATUS_PORT,
+)
 
 __all__ = [
     "KINDS",
@@ -111,9 +117,11 @@ class MeshSettings:
     #: The agent's inbound mTLS listener for a pod's i-th container port is this + i.
     inbound_base: int = 15443
     #: Outbound listeners on 127.0.0.1, in the order the pod's annotation names them: 32,
-    #: around the agent's capture ports (15006 inbound, 15007 outbound) and status port.
+    #: around the agent's capture ports and status port.
     outbound_ports: tuple[int, ...] = tuple(
-        p for p in range(15001, 15036) if p not in (15006, 15007, 15020)
+        p
+        for p in OUTBOUND_LISTENER_PORTS
+        if p not in (INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, STATUS_PORT)
     )
     #: What a captured pod's agent does with a connection to an address outside the mesh
     #: and the registry: pass it through (allow-any) or refuse it (registry-only).

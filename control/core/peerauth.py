@@ -33,10 +33,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from agent.core.captured import MTLS_MODES, MtlsMode
 from control.core.conditions import Meta, condition, previous_conditions, summary
 from control.core.inforce import Verdict, policy_status
 from control.core.selectors import Selector
-from control.core.services import AGENT_PORTS, PodIndex, Workload
+from control.core.services import PodIndex, Workload
+from identity.injected import AGENT_PORTS
 
 __all__ = [
     "DEFAULT_MODE",
@@ -47,13 +49,13 @@ __all__ = [
     "compile_peer_authentication",
 ]
 
-Mode = Literal["strict", "permissive"]
+Mode = MtlsMode
 Level = Literal["mesh", "namespace", "workload"]
 Key = tuple[str, str]
 
 #: What a pod gets that no PeerAuthentication selects.
 DEFAULT_MODE: Mode = "strict"
-_MODES: Mapping[str, Mode] = {"STRICT": "strict", "PERMISSIVE": "permissive"}
+_MODES: Mapping[str, Mode] = {mode.upper(): mode for mode in MTLS_MODES}
 _SPEC_KEYS = ("selector", "mtls", "portLevelMtls")
 
 

@@ -48,11 +48,10 @@ from typing import Any, Literal, TypeGuard
 from agent.core.discovery import SERVICE_NAME_LABEL, endpoint_address, endpoint_state
 from control.core.conditions import meta
 from control.core.selectors import Selector
-from identity.capture import CaptureRulesError, rules_from_flags
+from identity.capture import CaptureRulesError, flag_text, rules_from_flags
+from identity.injected import AGENT_CONTAINER, AGENT_PORTS, CAPTURE_CONTAINER
 
 __all__ = [
-    "AGENT_CONTAINER",
-    "CAPTURE_CONTAINER",
     "Backend",
     "Service",
     "ServicePort",
@@ -63,13 +62,6 @@ __all__ = [
     "slice_backends",
 ]
 
-#: The agent's container, as injector/core/sidecar.py names it (control may not import it).
-AGENT_CONTAINER = "outrider-agent"
-#: The init container that writes the pod's capture rules (injector/core/sidecar.py): a
-#: pod with it has every inbound and outbound TCP connection redirected to its agent.
-CAPTURE_CONTAINER = "outrider-capture"
-#: Ports the agent itself may use in the pod: never an app's inbound port.
-AGENT_PORTS = range(15000, 16000)
 
 Protocol = Literal["tcp", "http"]
 
@@ -171,12 +163,7 @@ def _uncaptured(capture: Mapping[str, Any] | None) -> frozenset[int]:
     if capture is None:
         return frozenset()
     args = [a for a in _list(capture.get("args")) if isinstance(a, str)]
-    flag, text = "--exclude-inbound-ports", None
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            text = args[i + 1]
-        elif arg.startswith(flag + "="):
-            text = arg.partition("=")[2]
+    text = flag_text(args, "exclude_inbound_ports")
     if text is None:
         return frozenset()
     try:

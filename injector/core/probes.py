@@ -28,17 +28,15 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from identity.probes import header_error, request_path_error
+from identity.probes import APP_HEALTH, DEFAULT_TIMEOUT, header_error, request_path_error
 from injector.core.settings import STATUS_PORT, Settings, is_dns_label
 from injector.core.sidecar import MAX_ENV_BYTES, encode
 
-__all__ = ["APP_HEALTH", "KINDS", "Rewrite", "rewrite"]
+__all__ = ["KINDS", "Rewrite", "rewrite"]
 
-APP_HEALTH = "/app-health"
 #: The pod spec's probe fields and the last part of the path the kubelet now asks.
 KINDS = {"livenessProbe": "livez", "readinessProbe": "readyz", "startupProbe": "startupz"}
 HANDLERS = ("httpGet", "tcpSocket", "grpc", "exec")
-DEFAULT_TIMEOUT = 1  # seconds, as Kubernetes' own default
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,7 @@ def rewrite(
                     continue
                 if original is None:
                     continue
-                path = f"{APP_HEALTH}/{name}/{kind}"
+                path = f"{APP_HEALTH}{name}/{kind}"
                 size = len(encode({path: original}))  # its braces: the comma between entries
                 if size > budget:
                     warnings.append(
@@ -109,7 +107,7 @@ def _original(
         return None
     handler: str = handlers[0]
     action: dict[str, Any] = probe[handler]
-    timeout = probe.get("timeoutSeconds", DEFAULT_TIMEOUT)
+    timeout = probe.get("timeoutSeconds", DEFAULT_TIMEOUT.seconds)
     if not _positive(timeout):
         return None
     if action.get("host"):

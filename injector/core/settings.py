@@ -13,6 +13,14 @@ from decimal import Decimal
 
 from identity import TrustDomain
 from identity.capture import CaptureRules
+from identity.injected import (
+    ADMIN_PORT,
+    AGENT_UID,
+    INBOUND_CAPTURE_PORT,
+    OUTBOUND_CAPTURE_PORT,
+    OUTBOUND_LISTENER_PORTS,
+    STATUS_PORT,
+)
 
 __all__ = [
     "ADMIN_PORT",
@@ -94,7 +102,7 @@ class Resources:
 @dataclass(frozen=True)
 class AgentSettings:
     image: str = "ghcr.io/outrider/agent:0.1.0"
-    uid: int = 1337
+    uid: int = AGENT_UID
     log_level: str = "info"
     resources: Resources = Resources()
     token_expiration_seconds: int = 3600
@@ -113,12 +121,7 @@ class ControlSettings:
     address: str = "outrider-control.outrider-system.svc:15012"
 
 
-ADMIN_PORT = 15000  # on the pod's loopback: every admin route
-STATUS_PORT = 15020  # on the pod IP: probes (the app's too, rewritten) and metrics only
-#: The control plane's explicit outbound listeners (control/core/mesh.py
-#: MeshSettings.outbound_ports): every port of this range but the two capture ports.
-OUTBOUND_LISTENER_PORTS = range(15001, 15036)
-_DEFAULT_CAPTURE_PORTS = (15006, 15007)
+_DEFAULT_CAPTURE_PORTS = (INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT)
 
 
 @dataclass(frozen=True)
@@ -133,16 +136,16 @@ class CaptureSettings:
     """
 
     enabled: bool = True
-    inbound_port: int = 15006
-    outbound_port: int = 15007
+    inbound_port: int = INBOUND_CAPTURE_PORT
+    outbound_port: int = OUTBOUND_CAPTURE_PORT
     exclude_inbound_ports: tuple[int, ...] = ()  # beyond the status port, always excluded
     exclude_outbound_ports: tuple[int, ...] = ()
     exclude_outbound_cidrs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for port in (self.inbound_port, self.outbound_port):
-            if agent_port_error(port):
-                raise ValueError(f"{port} {agent_port_error(port)}")
+            if why := agent_port_error(port):
+                raise ValueError(f"{port} {why}")
         rules_for(self, CaptureRules.agent_uid)  # CaptureRulesError (a ValueError) if not
 
 
@@ -153,7 +156,8 @@ def agent_port_error(port: object) -> str | None:
     if port in OUTBOUND_LISTENER_PORTS and port not in _DEFAULT_CAPTURE_PORTS:
         return (
             f"is in {OUTBOUND_LISTENER_PORTS.start}-{OUTBOUND_LISTENER_PORTS.stop - 1}, "
-            "the agent's explicit outbound listeners (only 15006 and 15007 are kept out of it)"
+            "the agent's explicit outbound listeners"
+            f" (only {INBOUND_CAPTURE_PORT} and {OUTBOUND_CAPTURE_PORT} are kept out of it)"
         )
     return None
 

@@ -28,12 +28,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from identity import SpiffeId
+from identity.capture import to_flags
+from identity.injected import AGENT_CONTAINER, CAPTURE_CONTAINER
 from injector.core.annotations import AgentOptions
 from injector.core.settings import ADMIN_PORT, CONTROL_ACCOUNT, STATUS_PORT, Settings
 
-AGENT = "outrider-agent"
-#: The capture init container; the control plane reads a pod as captured by this name.
-CAPTURE = "outrider-capture"
+AGENT = AGENT_CONTAINER
+CAPTURE = CAPTURE_CONTAINER
 CONFIG_ENV = "OUTRIDER_AGENT_CONFIG"
 LOG_LEVEL_ENV = "OUTRIDER_LOG_LEVEL"
 AUDIENCE = "outrider-ca"
@@ -159,16 +160,8 @@ def security_context(uid: int) -> dict[str, Any]:
 
 def capture_container(settings: Settings) -> dict[str, Any]:
     """`outrider capture apply` with the settings' rules: the pod's nftables rules."""
-    rules = settings.capture_rules()
-    uid = settings.agent.uid
-    args = ["capture", "apply", "--inbound-port", str(rules.inbound_port)]
-    args += ["--outbound-port", str(rules.outbound_port), "--agent-uid", str(uid)]
-    args += ["--exclude-inbound-ports", ",".join(map(str, rules.exclude_inbound_ports))]
-    if rules.exclude_outbound_ports:
-        args += ["--exclude-outbound-ports", ",".join(map(str, rules.exclude_outbound_ports))]
-    if rules.exclude_outbound_cidrs:
-        args += ["--exclude-outbound-cidrs", ",".join(rules.exclude_outbound_cidrs)]
-    hardening = security_context(uid)
+    args = ["capture", "apply", *to_flags(settings.capture_rules())]
+    hardening = security_context(settings.agent.uid)
     return {
         "name": CAPTURE,
         "image": settings.agent.image,

@@ -34,6 +34,7 @@ from tests.apiserver import fake_api_server_thread
 from tests.control_process import ControlProcess
 from tests.mesh import agent_process
 from tests.mesh_cluster import (
+    NAMESPACES,
     App,
     Mesh,
     app_in,
@@ -48,15 +49,9 @@ from tests.support import ca_process, make_ca_setup, scraped
 pytestmark = pytest.mark.slow
 
 #: What the users apply: the namespace, its Services, the route and the policies.
-SHOP = """\
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {outrider.io/inject: enabled}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: outrider-system}
----
+SHOP = (
+    NAMESPACES
+    + """\
 apiVersion: v1
 kind: Service
 metadata: {name: backend, namespace: shop}
@@ -88,6 +83,7 @@ spec:
         - {name: backend-v1, port: 8080, weight: 90}
         - {name: backend-v2, port: 8080, weight: 10}
 """
+)
 DEFAULT_DENY = """\
 apiVersion: security.outrider.io/v1alpha1
 kind: AuthorizationPolicy

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent import futures
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -44,6 +45,34 @@ SERVING, NOT_SERVING = (
     health_pb2.HealthCheckResponse.SERVING,
     health_pb2.HealthCheckResponse.NOT_SERVING,
 )
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def app_server(handler: Handler) -> AsyncIterator[int]:
+    """An app on 127.0.0.1 that `handler` serves: yields its port."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+class HeldApp:
+    """An HTTP app whose every answer, 200, waits for `answer`: counts its connections
+    (the probes waiting on it)."""
+
+    def __init__(self) -> None:
+        self.answer = asyncio.Event()
+        self.connections = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        await self.answer.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
 
 
 @dataclass
@@ -314,38 +343,20 @@ async def test_a_flood_of_one_probe_costs_the_app_one_request_and_never_fails_th
     """Anyone on the pod network can ask /app-health: asked 100 times at once, the
     probe runs once, and the kubelet's own request, among them, gets its outcome,
     never "in flight" (or a flood would fail the liveness probe and restart the pod)."""
-    answer = asyncio.Event()
-    connections = 0
-
-    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        await answer.wait()
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(app, "127.0.0.1", 0)
-    try:
+    app = HeldApp()
+    async with app_server(app) as port:
         prober = Prober(max_in_flight=2)
-        probe = AppProbe(
-            "/app-health/web/livez",
-            HttpGet(server.sockets[0].getsockname()[1]),
-            timedelta(seconds=5),
-        )
+        probe = AppProbe("/app-health/web/livez", HttpGet(port), timedelta(seconds=5))
         flood = [asyncio.create_task(prober.check(probe)) for _ in range(100)]
         await asyncio.sleep(0.05)
         kubelet = asyncio.create_task(prober.check(probe))
         flood[0].cancel()  # one caller going away stops nobody else's answer
         await asyncio.sleep(0.01)
-        answer.set()
+        app.answer.set()
         outcomes = await asyncio.gather(*flood[1:], kubelet)
         assert {(o.passed, o.reason) for o in outcomes} == {(True, "HTTP 200")}
-        assert connections == 1
+        assert app.connections == 1
         assert prober.in_flight == 0
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 @pytest.mark.parametrize(
@@ -378,15 +389,10 @@ async def test_informational_answers_are_skipped_as_the_kubelet_skips_them(
         await reader.read(1)  # until the agent closes
         writer.close()
 
-    server = await asyncio.start_server(app, "127.0.0.1", 0)
-    try:
-        port = server.sockets[0].getsockname()[1]
+    async with app_server(app) as port:
         probe = AppProbe("/app-health/web/readyz", HttpGet(port), timedelta(seconds=2))
         checked = await Prober().check(probe)
         assert (checked.passed, checked.reason) == outcome
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 async def test_every_probe_of_a_pod_with_many_containers_can_run_at_once(
@@ -396,27 +402,17 @@ async def test_every_probe_of_a_pod_with_many_containers_can_run_at_once(
     containers overlap, and none may fail for want of a place (a liveness probe so
     refused restarts the container). Each probe runs once at a time, so the bound is
     the pod's own probes."""
-    answer = asyncio.Event()
-    waiting = 0
-
-    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal waiting
-        waiting += 1
-        await answer.wait()
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(app, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    app = HeldApp()
     paths = [f"/app-health/c{i}/readyz" for i in range(20)]
-    raw = agent_yaml(
-        setup.root,
-        "many",  # not "web": that one's token file is the served agent's
-        status="127.0.0.1:0",
-        probes={p: {"httpGet": {"path": "/", "port": port}, "timeoutSeconds": 5} for p in paths},
-    )
-    try:
+    async with app_server(app) as port:
+        raw = agent_yaml(
+            setup.root,
+            "many",  # not "web": that one's token file is the served agent's
+            status="127.0.0.1:0",
+            probes={
+                p: {"httpGet": {"path": "/", "port": port}, "timeoutSeconds": 5} for p in paths
+            },
+        )
         async with running_agent(raw, local_sign(setup), setup.root) as agent:
             host, status = agent.bound["status"].rsplit(":", 1)
 
@@ -428,9 +424,8 @@ async def test_every_probe_of_a_pod_with_many_containers_can_run_at_once(
                 return line
 
             asked = [asyncio.create_task(kubelet(p)) for p in paths]
-            assert await eventually(lambda: waiting == len(paths) or any(t.done() for t in asked))
-            answer.set()
+            assert await eventually(
+                lambda: app.connections == len(paths) or any(t.done() for t in asked)
+            )
+            app.answer.set()
             assert {await t for t in asked} == {b"HTTP/1.1 200 OK\r\n"}
-    finally:
-        server.close()
-        await server.wait_closed()

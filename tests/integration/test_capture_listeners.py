@@ -19,7 +19,6 @@ import asyncio
 import signal
 import socket
 import sys
-import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -30,15 +29,15 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from tests.mesh import AgentProcess, agent_process, agent_yaml, workload
+from identity.injected import AGENT_UID, STATUS_PORT
+from tests.mesh import AgentProcess, agent_process, agent_yaml, echo, eventually, workload
+from tests.mesh_cluster import metric
 from tests.netns import Pod, PodNetwork, pod_network
-from tests.support import CaSetup, ca_process, make_ca_setup, scraped
+from tests.support import CaSetup, ca_process, make_ca_setup
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
-AGENT_UID = 1337
 SERVICE = "198.51.100.20:8080"  # TEST-NET-2: routed nowhere, captured in the pod first
-STATUS = 15020
 
 
 # -- the capture rules ---------------------------------------------------------------------
@@ -111,18 +110,9 @@ def body(response: bytes) -> str:
 # -- agents --------------------------------------------------------------------------------
 
 
-def metric(pod: Pod, name: str, **labels: str) -> float:
-    """One sample of the agent's /metrics, read from the node on the status port (which the
-    capture rules leave alone)."""
-    with urllib.request.urlopen(f"http://{pod.ip}:{STATUS}/metrics", timeout=5) as page:
-        return scraped(page.read().decode(), name, **labels)
-
-
-async def eventually(pod: Pod, name: str, value: float, **labels: str) -> None:
-    for _ in range(500):  # 10 s at most
-        if metric(pod, name, **labels) == value:
-            return
-        await asyncio.sleep(0.02)
+async def reaches(pod: Pod, name: str, value: float, **labels: str) -> None:
+    """The agent's metric `name` is `value` within 10 s."""
+    await eventually(lambda: metric(pod, name, **labels) == value, 10)
     assert metric(pod, name, **labels) == value
 
 
@@ -156,7 +146,7 @@ class Captured:
             yaml.safe_dump({k: v for k, v in config.items() if v is not None})
         )
         self.agents[pod.name].process.send_signal(signal.SIGHUP)
-        await eventually(pod, "outrider_config_reloads_total", done + 1, kind="agent", result="ok")
+        await reaches(pod, "outrider_config_reloads_total", done + 1, kind="agent", result="ok")
 
     @asynccontextmanager
     async def reconfigured(self, pod: Pod, **sections: Any) -> AsyncIterator[None]:
@@ -169,19 +159,26 @@ class Captured:
             await self.reload(pod)
 
 
-def server_config(setup: CaSetup, root: Path, ca: str, pod: Pod) -> dict[str, Any]:
+def captured_config(setup: CaSetup, ca: str, pod: Pod, **sections: Any) -> dict[str, Any]:
+    """A captured pod's agent: its capture listeners, and its status port on the pod IP
+    (which the capture rules leave alone) for the metrics."""
     return agent_yaml(
-        root,
+        setup.root,
         pod.name,
         ca_address=ca,
         token=setup.issuer.token("demo", pod.name),
         capture={},
-        captured={"inbound": {"ports": {"8080": {"protocol": "http"}}}},
-        status=f"0.0.0.0:{STATUS}",
+        status=f"0.0.0.0:{STATUS_PORT}",
+        **sections,
     )
 
 
-def client_config(setup: CaSetup, root: Path, ca: str, pod: Pod, server: Pod) -> dict[str, Any]:
+def server_config(setup: CaSetup, ca: str, server: Pod) -> dict[str, Any]:
+    inbound = {"ports": {"8080": {"protocol": "http"}}}
+    return captured_config(setup, ca, server, captured={"inbound": inbound})
+
+
+def client_config(setup: CaSetup, ca: str, client: Pod, server: Pod) -> dict[str, Any]:
     upstream = {
         "name": "server.demo:8080",
         "protocol": "http",
@@ -189,15 +186,7 @@ def client_config(setup: CaSetup, root: Path, ca: str, pod: Pod, server: Pod) ->
         "endpoints": [f"{server.ip}:8080"],  # a captured pod: its IP and app port
         "server_ids": [str(workload(server.name))],
     }
-    return agent_yaml(
-        root,
-        pod.name,
-        ca_address=ca,
-        token=setup.issuer.token("demo", pod.name),
-        capture={},
-        outbound=[upstream],
-        status=f"0.0.0.0:{STATUS}",
-    )
+    return captured_config(setup, ca, client, outbound=[upstream])
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -216,8 +205,8 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, nft: str) -> AsyncItera
                 root = setup.root
                 address = f"{network.node_ip}:{ca.grpc_port}"
                 configs = {
-                    "server": server_config(setup, root, address, server),
-                    "client": client_config(setup, root, address, client, server),
+                    "server": server_config(setup, address, server),
+                    "client": client_config(setup, address, client, server),
                 }
                 agents = {}
                 for pod in (server, client):
@@ -315,13 +304,7 @@ async def test_destinations_outside_the_mesh_are_passed_through_or_refused_and_c
     port = node.sockets[0].getsockname()[1]
 
     async def call(host: str, port: int) -> bytes:
-        reader, writer = await client.open_connection(host, port)
-        try:
-            return await asyncio.wait_for(reader.read(), 5)
-        except ConnectionError:
-            return b""
-        finally:
-            writer.close()
+        return await exchange(await client.open_connection(host, port), b"")
 
     def passed(reason: str) -> float:
         return metric(client, "outrider_outbound_passthrough_total", reason=reason)
@@ -387,18 +370,6 @@ async def test_the_agents_own_listeners_are_never_reached_through_the_capture_po
         assert metric(client, "outrider_connections_refused_total", **loops) == looped + 1
 
 
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """A tcp app: echoes until the other side closes."""
-    try:
-        while data := await reader.read(4096):
-            writer.write(data)
-            await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
-
-
 async def test_switching_a_port_to_strict_stops_plaintext_already_connected(
     mesh: Captured,
 ) -> None:
@@ -459,7 +430,7 @@ async def test_a_flood_of_refused_connections_is_counted_each_and_logged_a_line_
     for port in (8080, admin):  # plaintext to a strict port; the agent's admin port
         for _ in range(flood):
             assert await exchange(await asyncio.open_connection(server.ip, port)) == b""
-    await eventually(server, "outrider_connections_refused_total", looped + flood, **loops)
+    await reaches(server, "outrider_connections_refused_total", looped + flood, **loops)
     refusals = [line for line in log[said:] if "capture: refused" in line]
     assert len(refusals) <= 2, refusals  # at most one per kind (none: said just before)
     # What the lines say (here, or said by an earlier test within the interval):
@@ -500,7 +471,7 @@ async def test_ipv6_is_captured_too_mtls_between_pods_and_no_plaintext_in(
         unknown = {"direction": "inbound", "reason": "no_original_destination"}
         before = metric(server, "outrider_connections_refused_total", **unknown)
         assert await call(intruder, REQUEST, 15006) == b""
-        await eventually(server, "outrider_connections_refused_total", before + 1, **unknown)
+        await reaches(server, "outrider_connections_refused_total", before + 1, **unknown)
         assert mesh.app.requests == requests + 1
         assert counted(server, "inbound", "true", str(workload("client"))) == verified + 1
         assert counted(server, "inbound", "false") == plaintext
@@ -548,7 +519,7 @@ async def test_a_flood_of_plaintext_denied_by_policy_is_a_line_a_while_not_one_e
             for _ in range(50):
                 opened = await asyncio.open_connection(server.ip, 9090)
                 assert await exchange(opened, b"plain") == b""
-            await eventually(server, "outrider_authz_decisions_total", before + 50, **denied)
+            await reaches(server, "outrider_authz_decisions_total", before + 50, **denied)
             lines = [line for line in log[said:] if "denied" in line]
             assert len(lines) <= 2, lines
             await logged(log, lambda line: "from a plaintext caller" in line)
@@ -570,7 +541,7 @@ async def test_a_scan_of_the_pods_ports_in_plaintext_is_a_line_a_while_not_one_e
         for port in ports:
             assert await exchange(await asyncio.open_connection(server.ip, port)) == b""
         total = before + len(ports)
-        await eventually(server, "outrider_connections_refused_total", total, **unreachable)
+        await reaches(server, "outrider_connections_refused_total", total, **unreachable)
         lines = [line for line in log[said:] if "unreachable" in line]
         assert len(lines) <= 2, lines  # (none, if an earlier test said it just before)
         await logged(log, lambda line: "app 127.0.0.1:200" in line)
@@ -587,7 +558,7 @@ async def test_a_flood_past_a_limit_is_said_a_line_a_while(mesh: Captured) -> No
         before = metric(server, "outrider_connections_refused_total", **evicted)
         said = len(log)
         silent = [await asyncio.open_connection(server.ip, 8080) for _ in range(20)]
-        await eventually(server, "outrider_connections_refused_total", before + 19, **evicted)
+        await reaches(server, "outrider_connections_refused_total", before + 19, **evicted)
         lines = [line for line in log[said:] if "limits.max_pending_handshakes" in line]
         assert len(lines) <= 2, lines
         await logged(log, lambda line: "limits.max_pending_handshakes (1) reached" in line)
@@ -607,7 +578,7 @@ async def test_an_app_dialing_an_unreachable_address_in_a_loop_is_a_line_a_while
     said = len(log)
     for _ in range(30):
         assert await exchange(await client.open_connection(mesh.network.node_ip, port)) == b""
-    await eventually(client, "outrider_connections_refused_total", before + 30, **failed)
+    await reaches(client, "outrider_connections_refused_total", before + 30, **failed)
     lines = [line for line in log[said:] if "unreachable" in line]
     assert len(lines) <= 2, lines
     await logged(log, lambda line: f"{mesh.network.node_ip}:{port} unreachable" in line)

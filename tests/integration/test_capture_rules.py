@@ -19,9 +19,9 @@ from contextlib import contextmanager
 from agent.adapters.capture import original_destination
 from agent.adapters.nft import Nft
 from identity.capture import CaptureRules, remove_script, ruleset
+from identity.injected import AGENT_UID
 from tests.netns import Pod, PodNetwork
 
-AGENT_UID = 1337
 TIMEOUT = 5.0
 
 

@@ -19,7 +19,7 @@ from control.core.mesh import Mesh, MeshSettings, compile_mesh, encode
 from control.core.services import read_service, read_workload
 from injector.core import Settings
 from injector.core.settings import CaptureSettings
-from tests.cluster import SHOP, agent_accepts, check_shape, pod, world
+from tests.cluster import SHOP, agent_accepts, check_shape, pod, service, world
 from tests.unit.test_injector_core import injected
 from tests.unit.test_injector_core import pod as injector_pod
 
@@ -132,33 +132,19 @@ def test_a_captured_backend_is_an_endpoint_at_its_own_ip_and_app_port() -> None:
     text = pod("api-0", ports=[(8080, "web")], ip="10.0.0.7", captured=True) + pod(
         "api-1", ports=[(8080, "web")], ip="10.0.0.8"
     )
-    service = """\
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: shop}
-spec:
-  selector: {app: api}
-  ports: [{name: http, port: 80, targetPort: web}]
----
-"""
+    api = service("api", "{name: http, port: 80, targetPort: web}")
     caller = pod("web-0", upstreams="api:80")
-    config = _config(compile_mesh(world(text, service, caller), SETTINGS), "web-0")
+    config = _config(compile_mesh(world(text, api, caller), SETTINGS), "web-0")
     assert config["outbound"][0]["endpoints"] == ["10.0.0.7:8080", "10.0.0.8:15443"]
 
 
 def test_a_captured_backend_needs_no_declared_container_port() -> None:
     """Capture redirects every port, so a numeric targetPort the pod spec does not list
     is still served; one in the agent's own range is not, and the pod says why."""
-    service = """\
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: shop}
-spec:
-  selector: {app: api}
-  ports: [{name: a, port: 80, targetPort: 9000}, {name: b, port: 81, targetPort: 15020}]
----
-"""
-    objects = world(pod("api-0", ports=[], ip="10.0.0.7", captured=True), service)
+    api = service(
+        "api", "{name: a, port: 80, targetPort: 9000}, {name: b, port: 81, targetPort: 15020}"
+    )
+    objects = world(pod("api-0", ports=[], ip="10.0.0.7", captured=True), api)
     objects["EndpointSlice"][("shop", "api-0")] = {
         "metadata": {
             "name": "api-0",
@@ -227,7 +213,7 @@ def test_an_explicit_listener_of_a_captured_pod_is_one_entry_with_its_destinatio
 
 
 def test_every_cluster_ip_of_a_dual_stack_service_is_a_destination() -> None:
-    objects = world(pod("api-0", captured=True), _service("api", "{port: 80, targetPort: 8080}"))
+    objects = world(pod("api-0", captured=True), service("api", "{port: 80, targetPort: 8080}"))
     objects["Service"][("shop", "api")]["spec"]["clusterIPs"] = ["10.96.0.9", "fd00::9"]
     (entry,) = _config(compile_mesh(objects, SETTINGS), "api-0")["outbound"]
     assert entry["destinations"] == ["10.96.0.9:80", "[fd00::9]:80"]
@@ -237,16 +223,16 @@ def test_services_outside_the_mesh_are_passed_through_and_headless_ones_are_not_
     """A Service without injected endpoints (the API server's own, a database outside the
     mesh, one whose pods are not ready) is in the registry: plain TCP to its ClusterIP:port,
     under either outbound policy. A headless one has no address to capture."""
-    headless = _service("cache", "{port: 6379}").replace("spec:\n", "spec:\n  clusterIP: None\n")
+    headless = service("cache", "{port: 6379}").replace("spec:\n", "spec:\n  clusterIP: None\n")
     objects = world(
         pod("web-0", captured=True),
         pod("cache-0", ip="10.0.0.6", captured=True),
         pod("db-0", injected=False, ip="10.0.0.9"),
         pod("api-0", ip="10.0.0.4", state="unready"),
-        _service("kubernetes", "{name: https, port: 443, targetPort: 6443}", "default", "none"),
-        _service("db", "{port: 5432}"),
-        _service("api", "{port: 80, targetPort: 8080}"),
-        _service("web", "{name: a, port: 80, targetPort: 8080}, {name: b, port: 81}"),
+        service("kubernetes", "{name: https, port: 443, targetPort: 6443}", "default", "none"),
+        service("db", "{port: 5432}"),
+        service("api", "{port: 80, targetPort: 8080}"),
+        service("web", "{name: a, port: 80, targetPort: 8080}, {name: b, port: 81}"),
         headless,
     )
     for name, ip in [(("default", "kubernetes"), "10.96.0.1"), (("shop", "db"), "10.96.0.2")]:
@@ -282,23 +268,11 @@ def test_every_captured_pod_shares_the_mesh_wide_entries_built_once() -> None:
         )
         for i in range(40)
     )
-    services = "".join(_service(f"app{i}", "{port: 80, targetPort: 8080}") for i in range(40))
+    services = "".join(service(f"app{i}", "{port: 80, targetPort: 8080}") for i in range(40))
     mesh = compile_mesh(world(pods, services), SETTINGS)
     first, second = (_config(mesh, f"app{i}-0")["outbound"] for i in (0, 1))
     assert len(first) == len(second) == 40
     assert all(a is b for a, b in zip(first, second, strict=True))
-
-
-def _service(name: str, ports: str, namespace: str = "shop", selector: str = "") -> str:
-    return f"""\
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: {namespace}}}
-spec:
-  selector: {{app: {selector or name}}}
-  ports: [{ports}]
----
-"""
 
 
 def test_policies_are_fitted_to_every_port_a_captured_pods_snapshot_names() -> None:
@@ -306,7 +280,7 @@ def test_policies_are_fitted_to_every_port_a_captured_pods_snapshot_names() -> N
     pod. A DENY with HTTP fields keeps applying, with them, on each HTTP port, and denies
     on each TCP port the snapshot names (the agent refuses HTTP fields on those, as on a
     TCP inbound listener); a TCP port never loses a DENY."""
-    text = pod("api-0", ports=[9090], captured=True) + _service(
+    text = pod("api-0", ports=[9090], captured=True) + service(
         "api", "{port: 80, targetPort: 8000, appProtocol: http}"
     )
     deny = """\
@@ -363,9 +337,9 @@ def test_one_huge_service_cannot_push_every_captured_pods_snapshot_past_the_agen
         pod("web-0", captured=True, ip="10.0.0.5"),
         pod("api-0", captured=True, ip="10.0.0.4"),
         pod("wide-0", "evil", captured=True, ip="10.0.1.1"),
-        _service("api", "{port: 80, targetPort: 8080}"),
-        _service("db", "{port: 5432}"),  # no pod: passed through
-        _service("wide", wide, "evil"),
+        service("api", "{port: 80, targetPort: 8080}"),
+        service("db", "{port: 5432}"),  # no pod: passed through
+        service("wide", wide, "evil"),
     )
     everything = _config(compile_mesh(objects, SETTINGS), "web-0")
     assert len(everything["outbound"]) == 61
@@ -387,7 +361,7 @@ def test_one_huge_service_cannot_push_every_captured_pods_snapshot_past_the_agen
         " the most, the largest first): evil/wide."
     )
     # Without capture, nothing is measured or left out.
-    plain = world(pod("web-0"), _service("wide", wide, "evil"), pod("wide-0", "evil"))
+    plain = world(pod("web-0"), service("wide", wide, "evil"), pod("wide-0", "evil"))
     assert compile_mesh(plain, SETTINGS).warnings == ()
 
 
@@ -431,19 +405,19 @@ def test_many_small_services_of_one_namespace_cannot_push_another_namespaces_ser
     bound, the namespace that takes the most of every snapshot loses its largest Service
     first, not the largest Service of the mesh, which may be another team's."""
     wide = ", ".join(f"{{name: p{i}, port: {2000 + i}}}" for i in range(12))
-    small = "".join(_service(f"s{i}", "{port: 80}", "evil", "small") for i in range(20))
+    small = "".join(service(f"s{i}", "{port: 80}", "evil", "small") for i in range(20))
     objects = world(
         pod("web-0", captured=True, ip="10.0.0.5"),
         pod("big-0", captured=True, ip="10.0.0.4"),
         pod("small-0", "evil", captured=True, ip="10.0.1.1", ports=[80]),
-        _service("big", wide),
+        service("big", wide),
         small,
     )
     everything = _config(compile_mesh(objects, SETTINGS), "web-0")["outbound"]
     sizes: dict[str, int] = {}
     for entry in everything:
-        service = entry["name"].split(":")[0]
-        sizes[service] = sizes.get(service, 0) + len(encode(entry)) + 1
+        name = entry["name"].split(":")[0]
+        sizes[name] = sizes.get(name, 0) + len(encode(entry)) + 1
     big = sizes.pop("big.shop")
     evil = sum(sizes.values())
     assert big > max(sizes.values())  # the largest Service
@@ -464,8 +438,8 @@ def test_a_port_the_capture_rules_leave_alone_is_no_mtls_endpoint() -> None:
     objects = world(
         pod("web-0", captured=True, ports=[8080, 9090], ip="10.0.0.7"),
         pod("client-0", captured=True, ip="10.0.0.5"),
-        _service("web", "{port: 80, targetPort: 8080}"),
-        _service("metrics", "{port: 9090}", selector="web"),
+        service("web", "{port: 80, targetPort: 8080}"),
+        service("metrics", "{port: 9090}", selector="web"),
     )
     (capture, _) = objects["Pod"][("shop", "web-0")]["spec"]["initContainers"]
     capture["args"] = ["capture", "apply", "--exclude-inbound-ports", "15020,9090"]

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from control.core.mesh import Mesh, MeshSettings, compile_mesh
-from tests.cluster import SHOP, world, write_statuses
+from tests.cluster import SHOP, policy_object, world, write_statuses
 
 SETTINGS = MeshSettings("example.org")
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -17,13 +17,7 @@ T1 = datetime(2024, 5, 1, 12, 5, tzinfo=UTC)
 
 
 def _policy(spec: str, *, generation: int = 1, uid: str = "uid-1", name: str = "api") -> str:
-    return f"""\
-apiVersion: security.outrider.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: {name}, namespace: shop, uid: {uid}, generation: {generation}}}
-spec: {spec}
----
-"""
+    return policy_object("AuthorizationPolicy", name, spec, uid=uid, generation=generation)
 
 
 BACKEND = "selector: {matchLabels: {app: backend}}"

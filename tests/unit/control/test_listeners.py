@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from control.core.mesh import Mesh, MeshSettings, compile_mesh
-from tests.cluster import SHOP, agent_accepts, pod, world
+from tests.cluster import SHOP, agent_accepts, pod, service, world
 
 SETTINGS = MeshSettings("example.org")
 
@@ -22,18 +22,6 @@ def _config(mesh: Mesh, name: str, namespace: str = "shop") -> dict[str, Any]:
     assert config is not None
     agent_accepts(config)
     return config
-
-
-def _service(name: str, port: str, namespace: str = "shop", selector: str = "") -> str:
-    return f"""\
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: {namespace}}}
-spec:
-  selector: {{app: {selector or name}}}
-  ports: [{port}]
----
-"""
 
 
 # -- inbound -------------------------------------------------------------------------------
@@ -72,13 +60,13 @@ def test_inbound_one_listener_per_tcp_container_port_in_spec_order() -> None:
 def test_a_port_speaks_http_when_a_selecting_service_says_so(
     port: str, protocols: list[str]
 ) -> None:
-    mesh = _mesh(pod("app-0", ports=[(8080, "web"), 9090]), _service("app", port))
+    mesh = _mesh(pod("app-0", ports=[(8080, "web"), 9090]), service("app", port))
     assert [i["protocol"] for i in _config(mesh, "app-0")["inbound"]] == protocols
 
 
 def test_a_service_that_does_not_select_the_pod_does_not_change_its_ports() -> None:
-    elsewhere = _service("app", "{port: 80, targetPort: 8080, appProtocol: http}", "other")
-    other_app = _service("other", "{port: 80, targetPort: 8080, appProtocol: http}")
+    elsewhere = service("app", "{port: 80, targetPort: 8080, appProtocol: http}", "other")
+    other_app = service("other", "{port: 80, targetPort: 8080, appProtocol: http}")
     mesh = _mesh(pod("app-0"), elsewhere, other_app)
     assert _config(mesh, "app-0")["inbound"][0]["protocol"] == "tcp"
 
@@ -108,8 +96,8 @@ def test_upstreams_take_the_outbound_ports_in_annotation_order() -> None:
         pod("client-0", upstreams="db:5432, nope:1,backend.shop:http,cache.infra:6379")
         + pod("db-0", labels={"app": "db"}, ports=[5432], account="db", ip="10.0.1.1")
         + pod("cache-0", "infra", labels={"app": "cache"}, ports=[6379], account="cache")
-        + _service("db", "{port: 5432}")
-        + _service("cache", "{name: redis, port: 6379}", "infra")
+        + service("db", "{port: 5432}")
+        + service("cache", "{name: redis, port: 6379}", "infra")
     )
     mesh = _mesh(SHOP, text)
     outbound = _config(mesh, "client-0")["outbound"]
@@ -179,7 +167,7 @@ def test_ready_endpoints_or_else_those_serving_while_terminating(
         pod("client-0", upstreams="api:80")
         + pod("api-0", ip="10.0.0.7", state=states[0])
         + pod("api-1", ip="10.0.0.8", state=states[1])
-        + _service("api", "{port: 80, targetPort: 8080}")
+        + service("api", "{port: 80, targetPort: 8080}")
     )
     mesh = _mesh(text)
     outbound = _config(mesh, "client-0")["outbound"]
@@ -195,20 +183,20 @@ def test_pods_without_an_agent_are_not_endpoints() -> None:
         pod("client-0", upstreams="api:80")
         + pod("api-0", ip="10.0.0.7", account="api")
         + pod("api-1", ip="10.0.0.8", account="plain", injected=False)
-        + _service("api", "{port: 80, targetPort: 8080}")
+        + service("api", "{port: 80, targetPort: 8080}")
     )
     (outbound,) = _config(_mesh(text), "client-0")["outbound"]
     assert outbound["endpoints"] == ["10.0.0.7:15443"]
     assert outbound["server_ids"] == ["spiffe://example.org/ns/shop/sa/api"]
 
 
-def test_server_ids_are_the_accounts_of_the_pods_behind_the_service() -> None:
+def test_server_ids_are_the_accounts_of_the_pods_behind_theservice() -> None:
     text = (
         pod("client-0", upstreams="api:80")
         + pod("api-0", ip="10.0.0.7", account="api-blue")
         + pod("api-1", ip="10.0.0.8", account="api-green")
         + pod("api-2", ip="10.0.0.9", account="api-red", state="unready")
-        + _service("api", "{port: 80, targetPort: 8080}")
+        + service("api", "{port: 80, targetPort: 8080}")
     )
     (outbound,) = _config(_mesh(text), "client-0")["outbound"]
     assert outbound["server_ids"] == [
@@ -221,7 +209,7 @@ def test_a_target_port_the_pod_does_not_declare_has_no_listener_and_is_said() ->
     text = (
         pod("client-0", upstreams="api:80")
         + pod("api-0", ip="10.0.0.7", ports=[9090])
-        + _service("api", "{port: 80, targetPort: 8080}")
+        + service("api", "{port: 80, targetPort: 8080}")
     )
     mesh = _mesh(text)
     assert _config(mesh, "client-0")["outbound"] == []
@@ -235,7 +223,7 @@ def test_ipv6_endpoints_are_bracketed() -> None:
     text = (
         pod("client-0", upstreams="api:80")
         + pod("api-0", ip="fd00::7")
-        + _service("api", "{port: 80, targetPort: 8080}")
+        + service("api", "{port: 80, targetPort: 8080}")
     )
     (outbound,) = _config(_mesh(text), "client-0")["outbound"]
     assert outbound["endpoints"] == ["[fd00::7]:15443"]
@@ -245,7 +233,7 @@ def test_finished_pods_are_neither_configured_nor_endpoints() -> None:
     objects = world(
         pod("client-0", upstreams="api:80"),
         pod("api-0", ip="10.0.0.7"),
-        _service("api", "{port: 80, targetPort: 8080}"),
+        service("api", "{port: 80, targetPort: 8080}"),
     )
     objects["Pod"][("shop", "api-0")]["status"] = {"phase": "Succeeded"}
     mesh = compile_mesh(objects, SETTINGS)
@@ -285,7 +273,7 @@ def test_a_port_past_the_agents_range_is_no_endpoint() -> None:
     objects = world(
         pod("client-0", upstreams="wide:8080"),
         pod("wide-0", ports=ports),
-        _service("wide", "{port: 8080}"),
+        service("wide", "{port: 8080}"),
     )
     mesh = compile_mesh(objects, SETTINGS)
     assert _config(mesh, "client-0")["outbound"] == []

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from control.core.mesh import Mesh, MeshSettings, compile_mesh
-from tests.cluster import SHOP, ApiServer, world
+from tests.cluster import SHOP, ApiServer, policy_object, world
 
 SETTINGS = MeshSettings("example.org")
 FRONTEND = "spiffe://example.org/ns/shop/sa/frontend"
@@ -18,23 +18,11 @@ BACKEND = "{matchLabels: {app: backend}}"
 
 
 def _policy(spec: str) -> str:
-    return f"""\
-apiVersion: security.outrider.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: api, namespace: shop}}
-spec: {spec}
----
-"""
+    return policy_object("AuthorizationPolicy", "api", spec)
 
 
 def _traffic(spec: str) -> str:
-    return f"""\
-apiVersion: networking.outrider.io/v1alpha1
-kind: TrafficPolicy
-metadata: {{name: backend, namespace: shop}}
-spec: {spec}
----
-"""
+    return policy_object("TrafficPolicy", "backend", spec)
 
 
 def _accepted(mesh: Mesh, kind: str, name: str) -> tuple[str, str, str]:

@@ -12,7 +12,7 @@ import yaml
 
 from control.core.mesh import Mesh, MeshSettings, compile_mesh
 from injector.core import Settings, apply_patch, mutate
-from tests.cluster import ApiServer, Objects, check_shape, pod, world, write_statuses
+from tests.cluster import ApiServer, Objects, check_shape, pod, service, world, write_statuses
 
 SETTINGS = MeshSettings("example.org")
 #: web-0 (app=web, ports 8080 and 9090) and api-0 (app=api) in shop, db-0 in billing;
@@ -21,15 +21,7 @@ PODS = (
     pod("web-0", ports=[8080, 9090], captured=True)
     + pod("api-0", captured=True)
     + pod("db-0", "billing", captured=True)
-    + """\
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec:
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: 8080, appProtocol: http}]
----
-"""
+    + service("web", "{name: http, port: 80, targetPort: 8080, appProtocol: http}")
 )
 
 
@@ -422,8 +414,8 @@ def test_the_shipped_migration_example_does_what_its_comment_says() -> None:
     examples = Path(__file__).parents[3] / "deploy" / "examples"
     shop = [o for o in yaml.safe_load_all((examples / "shop.yaml").read_text()) if o]
     objects = [o for o in shop if o["kind"] in ("Namespace", "ServiceAccount", "Service")]
-    for i, service in enumerate(o for o in objects if o["kind"] == "Service"):
-        service["spec"]["clusterIP"] = f"10.96.0.{20 + i}"  # as the API server assigns
+    for i, svc in enumerate(o for o in objects if o["kind"] == "Service"):
+        svc["spec"]["clusterIP"] = f"10.96.0.{20 + i}"  # as the API server assigns
     pods = []
     for i, deployment in enumerate(o for o in shop if o["kind"] == "Deployment"):
         template = deployment["spec"]["template"]

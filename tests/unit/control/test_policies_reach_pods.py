@@ -10,7 +10,7 @@ from agent.core.policy import PolicySet, Request
 from agent.core.policyfile import parse_policy_list
 from control.core.mesh import Mesh, MeshSettings, compile_mesh
 from identity import SpiffeId, TrustDomain
-from tests.cluster import SHOP, agent_accepts, pod, world
+from tests.cluster import SHOP, agent_accepts, pod, policy_object, world
 
 SETTINGS = MeshSettings("example.org")
 FRONTEND = SpiffeId.parse("spiffe://example.org/ns/shop/sa/frontend")
@@ -27,13 +27,7 @@ def _names(mesh: Mesh, namespace: str, name: str) -> list[str]:
 
 
 def _policy(name: str, namespace: str = "shop", spec: str = "{}") -> str:
-    return f"""\
-apiVersion: security.outrider.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: {name}, namespace: {namespace}}}
-spec: {spec}
----
-"""
+    return policy_object("AuthorizationPolicy", name, spec, namespace)
 
 
 OTHERS = pod("batch-0", "jobs", labels={"app": "batch"}) + pod(

@@ -7,6 +7,7 @@ which settings are refused, and why.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -14,10 +15,12 @@ import pytest
 from identity.capture import (
     CaptureRules,
     CaptureRulesError,
+    flag_text,
     redirects,
     rules_from_flags,
     ruleset,
     summary,
+    to_flags,
 )
 
 DEFAULT_SCRIPT = """\
@@ -255,3 +258,25 @@ def test_the_summary_checks_what_the_kernel_holds_against_the_rules() -> None:
         summary(rules, {"nftables": []})
     with pytest.raises(CaptureRulesError, match=r"redirects \{'prerouting': 15006\}"):
         summary(rules, listed(prerouting=15006))
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        CaptureRules(),
+        CaptureRules(exclude_inbound_ports=()),
+        CaptureRules(
+            inbound_port=16006,
+            agent_uid=1000,
+            exclude_outbound_ports=(53, 5432),
+            exclude_outbound_cidrs=("10.96.0.0/12", "fd00::/8"),
+        ),
+    ],
+)
+def test_the_flags_the_injector_writes_give_the_command_the_same_rules(
+    rules: CaptureRules,
+) -> None:
+    args = to_flags(rules)
+    names = [f.name for f in dataclasses.fields(CaptureRules)]
+    assert rules_from_flags(**{name: flag_text(args, name) for name in names}) == rules
+    assert flag_text([*args, "--agent-uid=7"], "agent_uid") == "7"  # the last one counts
