@@ -1,5 +1,6 @@
-"""The agent's accept loop (agent/adapters/listeners.py), in process over loopback sockets:
-out of file descriptors it backs off, says so a line a while, and keeps its listener."""
+"""The agent's listening sockets (agent/adapters/listeners.py, capture_listeners.py), in
+process over loopback: out of file descriptors the accept loop backs off, says so a line a
+while, and keeps its listener; a capture listener holds its IPv4 and IPv6 sockets together."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Any, cast
 
 import pytest
 
-from agent.adapters.listeners import Listener
+from agent.adapters.capture_listeners import OutboundCaptureListener
+from agent.adapters.listeners import Connections, Listener
 from agent.core.throttle import LogThrottle
 from identity.configfile import Listen
 from tests.mesh import eventually
@@ -78,3 +80,21 @@ async def test_out_of_descriptors_the_loop_backs_off_says_it_once_and_accepts_ag
         listener.close()
         for sock in [*clients, *listener.taken]:
             sock.close()
+
+
+def test_a_capture_listener_that_cannot_take_its_ipv6_port_holds_no_ipv4_port_either() -> None:
+    """As at a refused reload's retake, [::1]:P taken meanwhile: 127.0.0.1:P is let go too,
+    not left queueing the app's connections with nobody accepting them."""
+    free = socket.create_server(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    taken = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    taken.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    with taken:
+        taken.bind(("::1", port))
+        taken.listen()
+        config, runtime = cast(Any, None), cast(Any, SimpleNamespace())
+        listener = OutboundCaptureListener(config, runtime, cast(Connections, None))
+        with pytest.raises(OSError, match=rf"cannot listen on \[::1\]:{port}"):
+            listener.bind(Listen("127.0.0.1", port))
+        socket.create_server(("127.0.0.1", port)).close()  # free: nobody holds it
