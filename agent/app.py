@@ -534,6 +534,8 @@ class Agent:
         for listener in [*opened[3].values(), *self.capture_outbound.values()]:
             assert isinstance(listener, OutboundCaptureListener)
             listener.explicit = explicit  # before configure: it keeps only what these lack
+        _hand_over(self.capture_inbound, opened[2], capture_in)
+        _hand_over(self.capture_outbound, opened[3], capture_out)
         self.bound.update(_commit(self.capture_inbound, opened[2], capture_in))
         self.bound.update(_commit(self.capture_outbound, opened[3], capture_out))
         # The ports as bound (a config may say :0): never relayed to as an app's.
@@ -567,6 +569,25 @@ async def _retake(listener: Listener[Any]) -> None:
         await listener.retake()
     except OSError as exc:  # taken meanwhile: the reload is refused all the same
         log.error("%s listener %s lost: %s", listener.direction, listener.config.listen, exc)
+
+
+def _hand_over(
+    running: dict[Listen, Listener[ConfigT]],
+    opened: dict[Listen, Listener[ConfigT]],
+    wanted: Mapping[Listen, object],
+) -> None:
+    """A capture port moved (a new listener, the old one closing): the new one takes the
+    plain connections the old one let through, so that a port made strict, or an outbound
+    policy made registry-only, closes them too; its configure would not see them else."""
+    leaving = [running[listen] for listen in set(running) - set(wanted)]
+    for listener in opened.values():
+        for old in leaving:
+            if isinstance(listener, InboundCaptureListener):
+                assert isinstance(old, InboundCaptureListener)
+                listener.plaintext.update(old.plaintext)
+            elif isinstance(listener, OutboundCaptureListener):
+                assert isinstance(old, OutboundCaptureListener)
+                listener.passed.update(old.passed)
 
 
 def _commit(

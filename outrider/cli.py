@@ -632,6 +632,9 @@ def parser() -> argparse.ArgumentParser:
         description="replaces table inet outrider in one transaction (applying twice is"
         " applying once), reads it back and prints a summary. Needs NET_ADMIN and NET_RAW."
         " Exit 1 on bad values, a missing nft, or no permission",
+        # Flags only in full: the control plane reads the exclusions from the pod's args
+        # as written (identity.capture.flag_text); an abbreviation it would not see.
+        allow_abbrev=False,
     )
     capture_apply.add_argument(
         "--inbound-port",

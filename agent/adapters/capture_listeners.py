@@ -167,8 +167,14 @@ class _AlsoIpv6(Listener[CaptureT]):
     _v6_acceptor: asyncio.Task[None] | None = None
 
     def bind(self, listen: Listen) -> None:
+        """Both sockets, or neither: an IPv4 socket left bound without its IPv6 one (taken
+        meanwhile, at a refused reload's retake) would queue callers nobody accepts."""
         super().bind(listen)
-        self._bind_ipv6()
+        try:
+            self._bind_ipv6()
+        except OSError:
+            self.release()
+            raise
 
     async def _serve(self, listening: socket.socket) -> None:
         await super()._serve(listening)

@@ -213,7 +213,18 @@ class Listener(Generic[ConfigT]):
             try:
                 sock, _ = await loop.sock_accept(listening)
             except OSError as exc:  # EMFILE and friends: back off, keep the listener
-                log.warning("%s %s: accept failed: %s", self.direction, self.address, exc)
+                # A line a while, not one per retry: out of file descriptors, every retry
+                # fails alike (10 a second a socket, for as long as it lasts).
+                key = (self.direction, "accept_failed", exc.errno)
+                held = self.runtime.refusal_lines.admit(key, loop.time())
+                if held is not None:
+                    log.warning(
+                        "%s %s: accept failed: %s%s",
+                        self.direction,
+                        self.address,
+                        exc,
+                        held_back(held),
+                    )
                 await asyncio.sleep(0.1)
                 continue
             self._admit(sock)

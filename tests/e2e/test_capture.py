@@ -272,11 +272,18 @@ async def test_a_destination_outside_the_mesh_passes_with_allow_any_is_refused_w
     app = App(a, 8080, BACKEND_VIP)
     try:
         assert await outside(True), "allow-any (the default) passes it through"
+        applied = metric(a, "outrider_control_plane_updates_total", result="applied")
         await mesh.stop_control()
         await mesh.start_control(outbound_traffic_policy="registry-only")
         try:
-            await wait_until(lambda: outside(False), 20, "registry-only refuses it")
-            assert await outside(False)
+            # No connection of the app's in flight as registry-only lands: the switch
+            # closes the plain connections it no longer passes, and one passed through a
+            # moment before would reach the outside and be cut (neither answer nor refusal).
+            async def switched() -> bool:
+                return metric(a, "outrider_control_plane_updates_total", result="applied") > applied
+
+            await wait_until(switched, 20, "registry-only applied")
+            assert await outside(False), "registry-only refuses it"
             # The mesh's own Services still answer, and the agent's own connections (the
             # control plane it reconnected to) were never taken for the app's.
             assert await reached(app, "/api/registry-only")

@@ -110,6 +110,20 @@ def test_dry_run_prints_the_script_and_runs_nothing(capsys: pytest.CaptureFixtur
 
 
 @pytest.mark.usefixtures("no_nft")
+def test_a_flag_is_taken_only_in_full_as_the_control_plane_reads_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--exclude-inbound 8080` would leave 8080 uncaptured with no flag the control plane
+    reads (identity.capture.flag_text) saying so: a usage error, and nothing runs."""
+    with pytest.raises(SystemExit) as exited:
+        main(["capture", "apply", "--dry-run", "--exclude-inbound", "8080"])
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "unrecognized arguments: --exclude-inbound 8080" in captured.err
+
+
+@pytest.mark.usefixtures("no_nft")
 def test_bad_values_are_all_named_by_their_flag_and_nothing_runs(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

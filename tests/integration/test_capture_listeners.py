@@ -582,3 +582,33 @@ async def test_an_app_dialing_an_unreachable_address_in_a_loop_is_a_line_a_while
     lines = [line for line in log[said:] if "unreachable" in line]
     assert len(lines) <= 2, lines
     await logged(log, lambda line: f"{mesh.network.node_ip}:{port} unreachable" in line)
+
+
+async def test_plain_connections_let_through_before_a_capture_port_moved_still_close(
+    mesh: Captured,
+) -> None:
+    """A reload that moves the capture ports opens new listeners: the plain connections
+    the old ones let through still close when their port turns strict (inbound) or the
+    outbound policy registry-only."""
+    server, client, node = mesh.server, mesh.client, mesh.network.node_ip
+    moved = {"inbound_port": 15016, "outbound_port": 15017}
+    permissive = {"inbound": {"mtls": "permissive"}}
+    tcp_app = await server.start_server(echo, "0.0.0.0", 9090)
+    outside = await asyncio.start_server(echo, node, 0)
+    try:
+        async with mesh.reconfigured(server, captured=permissive):
+            inbound = await asyncio.open_connection(server.ip, 9090)
+            outbound = await client.open_connection(node, outside.sockets[0].getsockname()[1])
+            for reader, writer in (inbound, outbound):
+                writer.write(b"a")
+                assert await asyncio.wait_for(reader.readexactly(1), 5) == b"a"
+            await mesh.reload(server, captured=permissive, capture=moved)
+            await mesh.reload(server, capture=moved)  # strict, the port still moved
+            assert await exchange(inbound, b"b") == b""
+        async with mesh.reconfigured(client, capture=moved):
+            registry_only = {"outbound": {"policy": "registry-only"}}
+            await mesh.reload(client, capture=moved, captured=registry_only)
+            assert await exchange(outbound, b"b") == b""
+    finally:
+        tcp_app.close()
+        outside.close()
