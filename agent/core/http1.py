@@ -314,7 +314,8 @@ def h2_refusal(advice: str = H2_ADVICE) -> bytes:
 
 
 class _Stop(Exception):
-    """Raised from a callback to stop llhttp: the message was refused."""
+    """Raised from a callback to stop llhttp (which reports it as HttpParserCallbackError,
+    after the callback has recorded why)."""
 
 
 class RequestParser:
@@ -355,8 +356,6 @@ class RequestParser:
         except httptools.HttpParserUpgrade as upgrade:
             self.upgrading = True
             self._held.append(data[upgrade.args[0] :])
-        except _Stop:
-            pass
         except httptools.HttpParserError as exc:
             if str(exc) == "Pause on PRI/Upgrade" and self._messages == 1:
                 self.stopped = True  # the connection's first bytes: a client speaking h2
@@ -512,10 +511,9 @@ class ResponseParser:
                 events.append(Switched(data[upgrade.args[0] :]))
             else:
                 events.append(Broken("101 to a request that asked for no Upgrade"))
-        except _Stop:
-            events.append(Broken("a response nobody asked for"))
         except httptools.HttpParserError as exc:
-            events.append(Broken(str(exc) or type(exc).__name__))
+            stray = self.done  # on_message_begin stopped a second response
+            events.append(Broken("a response nobody asked for" if stray else str(exc)))
         return events
 
     def eof(self) -> list[ResponseEvent]:
