@@ -156,7 +156,6 @@ class Try(Generic[C, P]):
             if slot is not None:
                 slot.retry_finished()
         connection, self.connection = self.connection, None
-        self.parser = None
         if connection is not None:
             connection.abort()
         if isinstance(self.step, Deliver) and self.outcome is not None:
