@@ -68,9 +68,13 @@ def _quoted(value: str) -> str:
     return value
 
 
+_IDENTITY_LENGTHS = frozenset(map(len, IDENTITY_HEADERS))
+
+
 def _identity(name: bytes) -> bool:
     """One of the headers the agent sets, in any spelling an app server may fold onto it."""
-    return name.lower().replace(b"_", b"-") in IDENTITY_HEADERS
+    # Called for every header both ways: the length rules out nearly all at once.
+    return len(name) in _IDENTITY_LENGTHS and name.lower().replace(b"_", b"-") in IDENTITY_HEADERS
 
 
 def error_body(error: str, detail: str = "") -> dict[str, str]:
@@ -251,7 +255,7 @@ class HttpExchange:
         forwarded = path + ("?" + query if query else "")
         extra = [(b"x-forwarded-client-cert", self.identity)] if self.identity else []
         head = http1.request_head(
-            request, forwarded.encode("latin-1"), extra=extra, dropped=_identity
+            request, forwarded.encode("latin-1"), extra=extra, dropped=IDENTITY_HEADERS
         )
         upgrade = request.upgrade is not None
         self._enqueue(
@@ -359,7 +363,7 @@ class HttpExchange:
                 self.outgoing,
                 http10=request.http10,
                 keep_alive=self.keep,
-                dropped=_identity,
+                dropped=IDENTITY_HEADERS,
             )
         )
 

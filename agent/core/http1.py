@@ -31,7 +31,7 @@ so a ResponseParser serves one request and ends that response at its head.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -43,6 +43,8 @@ import httptools
 from agent.core.headers import UnderscoreAction, screen, underscore_refusal
 
 Fields = list[tuple[bytes, bytes]]
+#: The fields the rules read (`_RULED`), by lower-case name, their values in order.
+Scanned = dict[bytes, list[bytes]]
 #: How a body is delimited on the wire.
 Framing = Literal["none", "length", "chunked", "close"]
 
@@ -57,6 +59,7 @@ HOP_BY_HOP: Final = frozenset(
 #: Never dropped because a Connection header names them: they frame the message (or name
 #: its authority), and a body sent without its framing is read as the next message.
 END_TO_END: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
+_RULED = frozenset({b"host", b"transfer-encoding", b"content-length", b"connection", b"upgrade"})
 #: Kept on an Upgrade to h2c: the server must see the client's SETTINGS (RFC 7540 3.2.1).
 _UPGRADE_KEPT = frozenset({b"upgrade", b"http2-settings"})
 
@@ -85,6 +88,7 @@ class Request:
     framing: Framing
     keep_alive: bool  # the client keeps its connection after this exchange
     upgrade: bytes | None = None  # the Upgrade it asks for (`Connection: upgrade` too)
+    connection: frozenset[bytes] = frozenset()  # its Connection header's tokens
 
 
 @dataclass(slots=True)
@@ -97,6 +101,7 @@ class Response:
     headers: Fields
     framing: Framing
     keep_alive: bool  # the server keeps its connection after this response
+    connection: frozenset[bytes] = frozenset()  # its Connection header's tokens
 
 
 @dataclass(slots=True)
@@ -144,37 +149,45 @@ ResponseEvent = Response | Data | EndOfMessage | Switched | Broken
 # -- decisions -------------------------------------------------------------------------
 
 
-def _values(headers: Fields, name: bytes) -> list[bytes]:
-    return [v for n, v in headers if n.lower() == name]
+def scan(headers: Fields) -> Scanned:
+    """The fields the rules read, by lower-case name (the parsers build it as they go)."""
+    scanned: Scanned = {}
+    for name, value in headers:
+        key = name.lower()
+        if key in _RULED:
+            scanned.setdefault(key, []).append(value)
+    return scanned
 
 
-def _tokens(headers: Fields, name: bytes) -> set[bytes]:
-    """The comma-separated tokens of every `name` field, lower-case."""
-    return {t.strip().lower() for v in _values(headers, name) for t in v.split(b",")} - {b""}
+def _tokens(values: list[bytes] | None) -> frozenset[bytes]:
+    """The comma-separated tokens of a field's values, lower-case."""
+    if not values:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in values for t in v.split(b",")) - {b""}
 
 
-def _chunked(headers: Fields) -> bool:
+def _chunked(scanned: Scanned) -> bool:
     """Transfer-Encoding ends in chunked (llhttp refuses a request where it does not)."""
-    values = _values(headers, b"transfer-encoding")
+    values = scanned.get(b"transfer-encoding", ())
     codings = [t.strip().lower() for v in values for t in v.split(b",")]
     return bool(codings) and codings[-1] == b"chunked"
 
 
-def request_framing(headers: Fields) -> Framing:
+def request_framing(scanned: Scanned) -> Framing:
     """RFC 9112 6.3: chunked, a Content-Length, or no body (never until close)."""
-    if _values(headers, b"transfer-encoding"):
-        return "chunked"  # llhttp refuses any other last coding, and a length beside it
-    return "length" if _values(headers, b"content-length") else "none"
+    if b"transfer-encoding" in scanned:
+        return "chunked"  # _check refuses any other last coding, and a length beside it
+    return "length" if b"content-length" in scanned else "none"
 
 
-def response_framing(method: bytes, status: int, headers: Fields) -> Framing:
+def response_framing(method: bytes, status: int, scanned: Scanned) -> Framing:
     """RFC 9112 6.3 for a response to `method`: no body for HEAD, 1xx, 204 and 304 whatever
     the headers say; else chunked, a length, or until the server closes."""
     if method == b"HEAD" or status < 200 or status in (204, 304):
         return "none"
-    if _values(headers, b"transfer-encoding"):
-        return "chunked" if _chunked(headers) else "close"
-    return "length" if _values(headers, b"content-length") else "close"
+    if b"transfer-encoding" in scanned:
+        return "chunked" if _chunked(scanned) else "close"
+    return "length" if b"content-length" in scanned else "close"
 
 
 def relay_framing(incoming: Framing, *, http10: bool, ends_with_sender: bool) -> Framing:
@@ -192,21 +205,26 @@ def relay_framing(incoming: Framing, *, http10: bool, ends_with_sender: bool) ->
     return incoming
 
 
-def persistent(version: str, headers: Fields) -> bool:
-    """Whether the sender keeps its connection after this message (RFC 9112 9.3)."""
-    connection = _tokens(headers, b"connection")
+def persistent(version: str, connection: frozenset[bytes]) -> bool:
+    """Whether the sender keeps its connection after this message (RFC 9112 9.3), from the
+    tokens of its Connection header."""
     if version == "1.0":
         return b"keep-alive" in connection
     return b"close" not in connection
 
 
-def hop_by_hop(headers: Fields, *, upgrade: bool = False) -> set[bytes]:
-    """The headers that end at this hop: the fixed ones, and the ones Connection names.
-    On an upgrade, Upgrade (and h2c's HTTP2-Settings) go on with it."""
-    hop = set(HOP_BY_HOP) | _tokens(headers, b"connection")
+def hop_by_hop(connection: frozenset[bytes], *, upgrade: bool = False) -> frozenset[bytes]:
+    """The headers that end at this hop: the fixed ones, and the ones Connection names
+    (its tokens). On an upgrade, Upgrade (and h2c's HTTP2-Settings) go on with it."""
+    hop = HOP_BY_HOP | connection if connection else HOP_BY_HOP
     if upgrade:
         hop -= _UPGRADE_KEPT
     return hop - END_TO_END
+
+
+def connection_tokens(headers: Fields) -> frozenset[bytes]:
+    """The tokens of the Connection header(s) in `headers`."""
+    return _tokens(scan(headers).get(b"connection"))
 
 
 def body(framing: Framing, data: bytes) -> bytes:
@@ -221,22 +239,25 @@ def end(framing: Framing) -> bytes:
 
 def _fields(
     headers: Fields,
+    connection: frozenset[bytes],
     incoming: Framing,
     outgoing: Framing,
     *,
     upgrade: bool,
-    dropped: Callable[[bytes], bool] | None,
+    dropped: frozenset[bytes],
 ) -> list[bytes]:
-    """Header lines passed on: hop-by-hop names out, and those `dropped` says; framing
-    as sent."""
-    hop = hop_by_hop(headers, upgrade=upgrade)
+    """Header lines passed on: hop-by-hop names out, and `dropped` ones in any spelling an
+    app server folds onto them (`_` for `-`); framing as sent."""
+    hop = hop_by_hop(connection, upgrade=upgrade)
     if incoming == "chunked" and outgoing == "close":
-        hop.add(b"transfer-encoding")
-    lines = [
-        b"%s: %s" % (n, v)
-        for n, v in headers
-        if n.lower() not in hop and (dropped is None or not dropped(n))
-    ]
+        hop |= {b"transfer-encoding"}
+    lengths = {len(name) for name in dropped}
+    lines = []
+    for name, value in headers:
+        key = name.lower()
+        if key in hop or (len(key) in lengths and key.replace(b"_", b"-") in dropped):
+            continue
+        lines.append(b"%s: %s" % (name, value))
     if incoming == "close" and outgoing == "chunked":
         lines.append(b"transfer-encoding: chunked")
     return lines
@@ -259,7 +280,7 @@ def request_head(
     version: str | None = None,
     keep_alive: bool | None = None,
     extra: Sequence[tuple[bytes, bytes]] = (),
-    dropped: Callable[[bytes], bool] | None = None,
+    dropped: frozenset[bytes] = frozenset(),
 ) -> bytes:
     """The head the agent sends on for `request`: its normalized `target`, the same
     framing (llhttp de-chunks; `body` chunks again), hop-by-hop headers out."""
@@ -268,6 +289,7 @@ def request_head(
     lines = [b"%s %s HTTP/%s" % (request.method, target, version.encode())]
     lines += _fields(
         request.headers,
+        request.connection,
         request.framing,
         request.framing,
         upgrade=request.upgrade is not None,
@@ -284,7 +306,7 @@ def response_head(
     *,
     http10: bool,
     keep_alive: bool,
-    dropped: Callable[[bytes], bool] | None = None,
+    dropped: frozenset[bytes] = frozenset(),
 ) -> bytes:
     """The head the agent sends a client for `response`, as HTTP/1.1 (RFC 9110 6.2: a
     server sends its own version), its body framed `outgoing` (`relay_framing`), with
@@ -292,7 +314,12 @@ def response_head(
     switching = response.status == 101
     lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
     lines += _fields(
-        response.headers, response.framing, outgoing, upgrade=switching, dropped=dropped
+        response.headers,
+        response.connection,
+        response.framing,
+        outgoing,
+        upgrade=switching,
+        dropped=dropped,
     )
     if response.status >= 200 or switching:
         lines += _connection("1.0" if http10 else "1.1", keep_alive, switching, [])
@@ -332,6 +359,7 @@ class RequestParser:
         self._events: list[RequestEvent] = []
         self._url = b""
         self._headers: Fields = []
+        self._scanned: Scanned = {}
         self._size = 0
         self._fields = 0  # received, dropped ones included
         # Bytes fed since llhttp last handed any on (a body piece, a complete head):
@@ -392,7 +420,7 @@ class RequestParser:
     # llhttp's callbacks
 
     def on_message_begin(self) -> None:
-        self._url, self._headers, self._size, self._fields = b"", [], 0, 0
+        self._url, self._headers, self._scanned, self._size, self._fields = b"", [], {}, 0, 0
         self._messages += 1
 
     def on_url(self, url: bytes) -> None:
@@ -405,6 +433,9 @@ class RequestParser:
         verdict = screen(name, self.underscores)
         if verdict == "keep":
             self._headers.append((name, value))
+            key = name.lower()
+            if key in _RULED:
+                self._scanned.setdefault(key, []).append(value)
         elif verdict == "reject":  # trailers too: one rule for every field
             self._refuse(400, "bad_request", underscore_refusal(name))
             raise _Stop
@@ -414,30 +445,33 @@ class RequestParser:
         parser = self._parser
         method = parser.get_method()
         version = parser.get_http_version()
-        headers = self._headers
+        headers, scanned = self._headers, self._scanned
         if method == b"CONNECT":
             self._refuse(501, "connect_not_supported", "CONNECT tunnels are not relayed")
             raise _Stop
-        refusal = _check(version, headers)
+        refusal = _check(version, scanned)
         upgrade = None
+        framing = request_framing(scanned)
         if refusal is None and parser.should_upgrade():
-            upgrade = b", ".join(_values(headers, b"upgrade"))
-            if request_framing(headers) != "none":
+            upgrade = b", ".join(scanned.get(b"upgrade", ()))
+            if framing != "none":
                 # llhttp takes the body for the new protocol's bytes: were the answer
                 # not 101, it would be read as the next request.
                 refusal = "an Upgrade request with a body"
         if refusal is not None:
             self._refuse(400, "bad_request", refusal)
             raise _Stop
+        connection = _tokens(scanned.get(b"connection"))
         self._events.append(
             Request(
                 method,
                 self._url,
                 version,
                 headers,
-                request_framing(headers),
-                persistent(version, headers),
+                framing,
+                persistent(version, connection),
                 upgrade,
+                connection,
             )
         )
 
@@ -450,20 +484,20 @@ class RequestParser:
         self._events.append(END)
 
 
-def _check(version: str, headers: Fields) -> str | None:
+def _check(version: str, scanned: Scanned) -> str | None:
     """Why a request head is refused (400), or None."""
-    hosts = _values(headers, b"host")
+    hosts = scanned.get(b"host", ())
     if len(hosts) > 1:
         return "more than one Host"
     if not hosts and version == "1.1":
         return "no Host"
-    codings = _values(headers, b"transfer-encoding")
+    codings = scanned.get(b"transfer-encoding")
     if codings and version == "1.0":
         # RFC 9112 6.1: faulty framing; the app may read the body as close-delimited.
         return "chunked in HTTP/1.0"
-    if codings and not _chunked(headers):  # RFC 9112 6.3: the length cannot be known
+    if codings and not _chunked(scanned):  # RFC 9112 6.3: the length cannot be known
         return "Transfer-Encoding does not end in chunked"
-    if codings and _values(headers, b"content-length"):  # the smuggler's favourite
+    if codings and b"content-length" in scanned:  # the smuggler's favourite
         return "Content-Length beside Transfer-Encoding"
     # llhttp keeps trailing whitespace; the app drops it (RFC 9110 5.5), so must we.
     if hosts and not _HOST_FIELD.fullmatch(hosts[0].strip(b" \t")):
@@ -493,6 +527,7 @@ class ResponseParser:
         self._events: list[ResponseEvent] = []
         self._reason = b""
         self._headers: Fields = []
+        self._scanned: Scanned = {}
         self.framing: Framing = "none"
         self.status = 0
         self.done = False  # the final response is whole
@@ -530,13 +565,16 @@ class ResponseParser:
     def on_message_begin(self) -> None:
         if self.done:  # the final response was whole (a HEAD response, its parser retired)
             raise _Stop
-        self._reason, self._headers = b"", []
+        self._reason, self._headers, self._scanned = b"", [], {}
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        key = name.lower()
+        if key in _RULED:
+            self._scanned.setdefault(key, []).append(value)
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -545,9 +583,13 @@ class ResponseParser:
         headers = self._headers
         if status == 101 and not self.upgrade:
             return  # llhttp raises HttpParserUpgrade next: Broken there
-        framing = self.framing = response_framing(self.method, status, headers)
-        keep_alive = framing != "close" and persistent(version, headers)
-        self._events.append(Response(status, self._reason, version, headers, framing, keep_alive))
+        scanned = self._scanned
+        connection = _tokens(scanned.get(b"connection"))
+        framing = self.framing = response_framing(self.method, status, scanned)
+        keep_alive = framing != "close" and persistent(version, connection)
+        self._events.append(
+            Response(status, self._reason, version, headers, framing, keep_alive, connection)
+        )
         if status >= 200 and framing == "none":
             # llhttp would wait for a HEAD response's body: the response is whole here.
             self.done = True

@@ -58,7 +58,7 @@ REQUEST_FRAMING = [
 def test_a_request_body_is_framed_by_length_or_chunks_and_never_by_the_close(
     headers: tuple[str, ...], framing: str
 ) -> None:
-    assert http1.request_framing(fields(*headers)) == framing
+    assert http1.request_framing(http1.scan(fields(*headers))) == framing
 
 
 RESPONSE_FRAMING = [
@@ -83,7 +83,7 @@ RESPONSE_FRAMING = [
 def test_a_response_has_no_body_after_head_1xx_204_and_304_whatever_its_headers_say(
     method: bytes, status: int, headers: tuple[str, ...], framing: str
 ) -> None:
-    assert http1.response_framing(method, status, fields(*headers)) == framing
+    assert http1.response_framing(method, status, http1.scan(fields(*headers))) == framing
 
 
 RELAY_FRAMING = [
@@ -121,17 +121,18 @@ PERSISTENT = [
 def test_a_connection_persists_by_version_and_connection_tokens(
     version: str, headers: tuple[str, ...], keeps: bool
 ) -> None:
-    assert http1.persistent(version, fields(*headers)) is keeps
+    assert http1.persistent(version, http1.connection_tokens(fields(*headers))) is keeps
 
 
 def test_hop_by_hop_headers_are_the_fixed_ones_and_those_connection_names() -> None:
-    hop = http1.hop_by_hop(fields("Connection: X-Trace, keep-alive", "X-Trace: 1"))
+    tokens = http1.connection_tokens(fields("Connection: X-Trace, keep-alive", "X-Trace: 1"))
+    hop = http1.hop_by_hop(tokens)
     assert hop == set(http1.HOP_BY_HOP) | {b"x-trace"}
 
 
 @given(st.lists(st.sampled_from(["content-length", "Transfer-Encoding", "HOST", "x-a", ""])))
 def test_connection_never_strips_the_framing_or_the_host(names: list[str]) -> None:
-    hop = http1.hop_by_hop(fields("Connection: " + ", ".join(names)))
+    hop = http1.hop_by_hop(http1.connection_tokens(fields("Connection: " + ", ".join(names))))
     assert not hop & {b"content-length", b"transfer-encoding", b"host"}
 
 
@@ -266,6 +267,7 @@ def test_a_request_head_carries_its_framing_keep_alive_and_upgrade() -> None:
         "none",
         True,
         b"websocket",
+        frozenset({b"upgrade"}),
     )
     assert end is END
     # An Upgrade header without Connection: upgrade asks for nothing.
