@@ -40,7 +40,7 @@ import h2.connection
 import h2.errors
 import httptools
 
-from agent.core.headers import UnderscoreAction, screen, underscore_refusal
+from agent.core.headers import UnderscoreAction, plain, underscore_refusal
 
 Fields = list[tuple[bytes, bytes]]
 #: The fields the rules read (`_RULED`), by lower-case name, their values in order.
@@ -428,17 +428,20 @@ class RequestParser:
         self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # The hot path: every field of every request (the limits inline, not _count).
         self._fields += 1
-        self._count(len(name) + len(value))
-        verdict = screen(name, self.underscores)
-        if verdict == "keep":
+        self._size += len(name) + len(value)
+        if self._size > MAX_HEADER_BYTES or self._fields > MAX_HEADERS:
+            self._count(0)
+        if plain(name):
             self._headers.append((name, value))
             key = name.lower()
             if key in _RULED:
                 self._scanned.setdefault(key, []).append(value)
-        elif verdict == "reject":  # trailers too: one rule for every field
+        elif self.underscores == "reject":  # trailers too: one rule for every field
             self._refuse(400, "bad_request", underscore_refusal(name))
             raise _Stop
+        # else dropped (headers.screen's "drop")
 
     def on_headers_complete(self) -> None:
         self._unparsed = 0
