@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import h2.config
 import h2.connection
 import h2.errors
 import h2.events
@@ -74,7 +75,32 @@ class Pair:
 
 
 @asynccontextmanager
+async def agents_in_front_of(root: Path, setup: CaSetup, port: int) -> AsyncIterator[Pair]:
+    """The app on `port` behind a backend agent (POLICY), and a client agent's outbound."""
+    policy = root / "upgrade-policy.yaml"
+    policy.write_text(POLICY)
+    backend_raw = agent_yaml(
+        root,
+        "backend",
+        inbound=inbound(port, protocol="http"),
+        policy={"files": [str(policy)]},
+    )
+    async with running_agent(backend_raw, local_sign(setup), root) as backend:
+        upstream = {
+            "name": "backend",
+            "listen": "127.0.0.1:0",
+            "protocol": "http",
+            "server_ids": [BACKEND],
+            "endpoints": [backend.bound["inbound[0]"]],
+        }
+        frontend_raw = agent_yaml(root, "frontend", outbound=[upstream])
+        async with running_agent(frontend_raw, local_sign(setup), root) as frontend:
+            yield Pair(Echo(port), backend, frontend)
+
+
+@asynccontextmanager
 async def agent_pair(root: Path, setup: CaSetup) -> AsyncIterator[Pair]:
+    """The WebSocket echo behind an agent pair."""
     echo = Echo()
     application = web.Application()
     application.router.add_get("/ws/{tail:.*}", echo.handle)
@@ -82,26 +108,10 @@ async def agent_pair(root: Path, setup: CaSetup) -> AsyncIterator[Pair]:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     echo.port = runner.addresses[0][1]
-    policy = root / "upgrade-policy.yaml"
-    policy.write_text(POLICY)
-    backend_raw = agent_yaml(
-        root,
-        "backend",
-        inbound=inbound(echo.port, protocol="http"),
-        policy={"files": [str(policy)]},
-    )
     try:
-        async with running_agent(backend_raw, local_sign(setup), root) as backend:
-            upstream = {
-                "name": "backend",
-                "listen": "127.0.0.1:0",
-                "protocol": "http",
-                "server_ids": [BACKEND],
-                "endpoints": [backend.bound["inbound[0]"]],
-            }
-            frontend_raw = agent_yaml(root, "frontend", outbound=[upstream])
-            async with running_agent(frontend_raw, local_sign(setup), root) as frontend:
-                yield Pair(echo, backend, frontend)
+        async with agents_in_front_of(root, setup, echo.port) as pair:
+            pair.echo = echo
+            yield pair
     finally:
         await runner.cleanup()
 
@@ -173,3 +183,90 @@ async def test_an_h2_app_on_an_http_outbound_is_told_to_change_the_port_protocol
             )
             == 1
         )
+
+
+class H2cApp(asyncio.Protocol):
+    """An app that takes `Upgrade: h2c` (RFC 7540 3.2), then answers each h2 stream with
+    its path: the first, stream 1, is the upgraded request itself."""
+
+    def __init__(self) -> None:
+        self.head = b""
+        self.h2: h2.connection.H2Connection | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.h2 is None:
+            self.head += data
+            if b"\r\n\r\n" not in self.head:
+                return
+            head, _, data = self.head.partition(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            fields = {n.lower(): v for n, _, v in (line.partition(b": ") for line in lines[1:])}
+            self.transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+            )
+            self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+            self.h2.initiate_upgrade_connection(fields[b"http2-settings"])
+            self._answer(1, lines[0].split(b" ")[1])
+        for event in self.h2.receive_data(data) if data else []:
+            if isinstance(event, h2.events.RequestReceived):
+                path = dict(event.headers)[b":path"]
+                self._answer(event.stream_id, path)
+        self.transport.write(self.h2.data_to_send())
+
+    def _answer(self, stream_id: int, path: bytes) -> None:
+        assert self.h2 is not None
+        self.h2.send_headers(stream_id, [(":status", "200")])
+        self.h2.send_data(stream_id, b"h2c " + path, end_stream=True)
+
+
+async def _h2_response(
+    client: h2.connection.H2Connection, reader: asyncio.StreamReader, stream_id: int
+) -> bytes:
+    body = b""
+    while True:
+        data = await reader.read(65536)
+        assert data, "closed before the response ended"
+        for event in client.receive_data(data):
+            if isinstance(event, h2.events.DataReceived) and event.stream_id == stream_id:
+                body += event.data
+            if isinstance(event, h2.events.StreamEnded) and event.stream_id == stream_id:
+                return body
+
+
+async def test_an_h2c_upgrade_is_decided_by_policy_then_relayed_through_both_agents(
+    root: Path, setup: CaSetup
+) -> None:
+    server = await asyncio.get_running_loop().create_server(H2cApp, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with asyncio.timeout(10), agents_in_front_of(root, setup, port) as pair:
+            host, outbound_port = pair.frontend.bound["outbound[backend]"].rsplit(":", 1)
+            for path, status in ((b"/ws/admin", b"403"), (b"/h2c/one", b"101")):
+                reader, writer = await asyncio.open_connection(host, int(outbound_port))
+                client = h2.connection.H2Connection()
+                settings = client.initiate_upgrade_connection()
+                writer.write(
+                    b"GET %s HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                    b"Upgrade: h2c\r\nHTTP2-Settings: %s\r\n\r\n" % (path, settings)
+                )
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.split(b" ")[1] == status, head
+                if status == b"101":
+                    writer.write(client.data_to_send())  # the preface, then h2 both ways
+                    assert await _h2_response(client, reader, 1) == b"h2c /h2c/one"
+                    client.send_headers(
+                        3,
+                        [(":method", "GET"), (":path", "/h2c/two"), (":scheme", "http"),
+                         (":authority", "backend")],
+                        end_stream=True,
+                    )  # fmt: skip
+                    writer.write(client.data_to_send())
+                    assert await _h2_response(client, reader, 3) == b"h2c /h2c/two"
+                writer.close()
+    finally:
+        server.close()
