@@ -239,10 +239,17 @@ class H2Server(asyncio.Protocol):
             self._flush()
             self.close()
             return
-        for event in events:
-            self._event(event)
-            if self.closed:
-                return
+        try:
+            for event in events:
+                self._event(event)
+                if self.closed:
+                    return
+        except h2.exceptions.ProtocolError as exc:  # a frame h2 took, then we could not act on
+            self.hit(_limit_of(exc))
+            self.conn.close_connection(ErrorCodes.PROTOCOL_ERROR)
+            self._flush()
+            self.close()
+            return
         if self._continuing():
             return
         self._flush()
@@ -303,19 +310,25 @@ class H2Server(asyncio.Protocol):
     def _request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
         if self._closing:
-            self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._refuse(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         if len(self.streams) >= self.limits.max_concurrent_streams:
             # Handlers of streams the client reset count until they are done, so resets
             # cannot put more than the limit to work at once.
             self.hit("concurrent_streams")
-            self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._refuse(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         headers = cast(Headers, list(event.headers or []))
         ended = event.stream_ended is not None
         stream = H2Stream(self, stream_id, headers, ended)
         self.streams[stream_id] = stream
         stream.task = asyncio.get_running_loop().create_task(self._serve(stream))
+
+    def _refuse(self, stream_id: int, code: int) -> None:
+        """RST_STREAM, unless the stream is closed already (the client reset it in the same
+        read: h2 has processed every frame of a read before its events are handled)."""
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            self.conn.reset_stream(stream_id, code)
 
     async def _serve(self, stream: H2Stream) -> None:
         try:
@@ -336,8 +349,7 @@ class H2Server(asyncio.Protocol):
             # Answered before the request was whole: the rest of it is not wanted
             # (RFC 9113 8.1), so the client stops sending rather than stall on its window.
             stream._gone(ErrorCodes.NO_ERROR)
-            with contextlib.suppress(h2.exceptions.StreamClosedError):
-                self.conn.reset_stream(stream.id, ErrorCodes.NO_ERROR)
+            self._refuse(stream.id, ErrorCodes.NO_ERROR)
         if held:
             self.credit(stream.id, held)
         if self._closing and not self.streams:
@@ -435,8 +447,7 @@ class H2Server(asyncio.Protocol):
             stream._gone(code)
             return
         stream._gone(code)
-        with contextlib.suppress(h2.exceptions.StreamClosedError):
-            self.conn.reset_stream(stream.id, code)
+        self._refuse(stream.id, code)
         self._flush()
 
     def credit(self, stream_id: int, length: int) -> None:
