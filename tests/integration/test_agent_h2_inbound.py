@@ -20,6 +20,7 @@ from agent.adapters.h2server import H2Stream
 from agent.adapters.http import xfcc
 from agent.core.grpc import Code
 from tests.h2raw import H2Client, h2_connect, request_headers, threaded_h2_app, tls_socket
+from tests.integration.test_agent_http import PATHS
 from tests.mesh import AgentProcess, agent_process, served_agent_yaml, workload
 from tests.support import CaProcess, CaSetup, free_port
 
@@ -183,3 +184,20 @@ def test_a_client_that_does_not_offer_h2_is_refused(setup: CaSetup, agent: Agent
             assert tls.recv(100) == b""  # closed, never answered
     after = agent.total("outrider_connections_refused_total", reason="protocol_mismatch")
     assert after == before + 1
+
+
+# --- the path tricks: the decisions HTTP/1.1 makes, made on h2 -------------------------
+
+
+@pytest.mark.parametrize(("target", "status", "received"), PATHS)
+def test_a_path_trick_gets_the_decision_it_gets_over_http1(
+    client: H2Client, target: str, status: int, received: str | None
+) -> None:
+    response = client.get(target)
+    assert response.status == status, response.body
+    if received is None:
+        if status == 403:
+            assert json.loads(response.body)["error"] == "denied"
+        return
+    assert seen(response)["target"] == received
+    assert client.get(received).status == 200  # the path the app got, sent as is
