@@ -63,8 +63,9 @@ _RULED = frozenset({b"host", b"transfer-encoding", b"content-length", b"connecti
 #: Kept on an Upgrade to h2c: the server must see the client's SETTINGS (RFC 7540 3.2.1).
 _UPGRADE_KEPT = frozenset({b"upgrade", b"http2-settings"})
 
-#: A Host the agent can match the way the app will read it: a name or IP literal, a port.
-_HOST_FIELD = re.compile(rb"(?:[A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
+#: A Host the agent can match the way the app will read it: a name or IP literal, a port
+#: (HTTP/1.1's Host and HTTP/2's :authority alike).
+HOST_FIELD = re.compile(r"(?:[A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 H2_ADVICE = (
@@ -503,7 +504,7 @@ def _check(version: str, scanned: Scanned) -> str | None:
     if codings and b"content-length" in scanned:  # the smuggler's favourite
         return "Content-Length beside Transfer-Encoding"
     # llhttp keeps trailing whitespace; the app drops it (RFC 9110 5.5), so must we.
-    if hosts and not _HOST_FIELD.fullmatch(hosts[0].strip(b" \t")):
+    if hosts and not HOST_FIELD.fullmatch(hosts[0].strip(b" \t").decode("latin-1")):
         return "malformed Host"
     return None
 
