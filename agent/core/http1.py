@@ -217,7 +217,9 @@ def persistent(version: str, connection: frozenset[bytes]) -> bool:
 def hop_by_hop(connection: frozenset[bytes], *, upgrade: bool = False) -> frozenset[bytes]:
     """The headers that end at this hop: the fixed ones, and the ones Connection names
     (its tokens). On an upgrade, Upgrade (and h2c's HTTP2-Settings) go on with it."""
-    hop = HOP_BY_HOP | connection if connection else HOP_BY_HOP
+    if not connection and not upgrade:
+        return HOP_BY_HOP  # the usual case, with no set to build
+    hop = HOP_BY_HOP | connection
     if upgrade:
         hop -= _UPGRADE_KEPT
     return hop - END_TO_END
@@ -238,6 +240,10 @@ def end(framing: Framing) -> bytes:
     return LAST_CHUNK if framing == "chunked" else b""
 
 
+#: The name lengths of each `dropped` set: a name of another length needs no folding.
+_LENGTHS: dict[frozenset[bytes], frozenset[int]] = {}
+
+
 def _fields(
     headers: Fields,
     connection: frozenset[bytes],
@@ -252,7 +258,9 @@ def _fields(
     hop = hop_by_hop(connection, upgrade=upgrade)
     if incoming == "chunked" and outgoing == "close":
         hop |= {b"transfer-encoding"}
-    lengths = {len(name) for name in dropped}
+    lengths = _LENGTHS.get(dropped)
+    if lengths is None:
+        lengths = _LENGTHS[dropped] = frozenset(map(len, dropped))
     lines = []
     for name, value in headers:
         key = name.lower()
