@@ -142,9 +142,11 @@ class HttpExchange:
         self.refused = refused  # told why a connection was refused (protocol_mismatch)
 
     def release(self) -> None:
-        """Both connections are gone: drop the parsers, whose callbacks refer back to
-        them, so reference counting frees this exchange and its transports' TLS state."""
-        del self.requests, self.responses
+        """Both connections are gone: let go of the parsers and what they hold (a request
+        held behind an Upgrade) at once."""
+        self.requests = http1.RequestParser()
+        self.responses = None
+        self.queue.clear()
 
     # -- bytes in ----------------------------------------------------------------------
 
