@@ -160,10 +160,13 @@ def scan(headers: Fields) -> Scanned:
     return scanned
 
 
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+
+
 def _tokens(values: list[bytes] | None) -> frozenset[bytes]:
     """The comma-separated tokens of a field's values, lower-case."""
     if not values:
-        return frozenset()
+        return _NO_TOKENS
     return frozenset(t.strip().lower() for v in values for t in v.split(b",")) - {b""}
 
 
