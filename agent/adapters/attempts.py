@@ -128,11 +128,25 @@ class Try(Generic[C, P]):
             self._decided.set_result(None)
         return step
 
-    async def decided(self) -> None:
-        """Wait until `decide` has been called (by a callback of the protocol's)."""
-        if self.step is None:
-            self._decided = asyncio.get_running_loop().create_future()
+    async def decided(self, per_try: float | None = None) -> Outcome | None:
+        """Wait until `decide` has been called (by a callback of the protocol's): None; or
+        "timeout" if `per_try` seconds (None: no limit) pass first, for `run` to return.
+
+        The per-try timeout runs from here: call it once the request is sent, so
+        that a dial's time is the connect timeout's, not the try's.
+        """
+        if self.step is not None:
+            return None
+        self._decided = asyncio.get_running_loop().create_future()
+        if per_try is None:  # the usual case: no timer to arm
             await self._decided
+            return None
+        try:
+            async with asyncio.timeout(per_try):
+                await self._decided
+        except TimeoutError:  # only the per-try timeout: the request's ends as a cancel here
+            return "timeout"
+        return None
 
     def release(self) -> C | None:
         """Take the connection back from this try, whole (to pool it): `end` will not drop it."""
@@ -181,16 +195,15 @@ async def attempts(
     grpc: bool = False,
     key: bytes | None = None,
     replayable: Callable[[], bool] = _always,
-    per_try: float | None = None,
 ) -> Try[C, P]:
     """Try endpoints of `live` until one delivers; that try, still running, is returned.
 
     `run(try_)` makes one try on `try_.endpoint`: it returns the outcome,
     or None once it has called `try_.decide` itself (from a callback, as a
-    response head arrives: await `try_.decided()`). A try that takes longer
-    than `per_try` seconds (None: no limit) to be decided fails "timeout".
-    The returned try's step is Deliver: the caller ends it (`end(status)`)
-    when the response is over, or the connection linked. Raises LocalAnswer
+    response head arrives: `return await try_.decided(per_try)`, which
+    returns "timeout" when the per-try timeout passes first). The returned
+    try's step is Deliver: the caller ends it (`end(status)`) when the
+    response is over, or the connection linked. Raises LocalAnswer
     when the agent must answer instead: no endpoint, or the last try's
     failure. Cancelled, the try in progress ends (its connection dropped).
 
@@ -214,14 +227,7 @@ async def attempts(
                 live, endpoint, tried, slot, method=method, grpc=grpc, replayable=replayable
             )
             slot = None
-            try:
-                if per_try is None:
-                    outcome = await run(current)
-                else:
-                    async with asyncio.timeout(per_try):
-                        outcome = await run(current)
-            except TimeoutError:  # only the per-try timeout: the request's ends as a cancel here
-                outcome = "timeout"
+            outcome = await run(current)
             step = current.step if outcome is None else current.decide(outcome)
             assert step is not None, "run returned None without deciding its try"
             if isinstance(step, Deliver):

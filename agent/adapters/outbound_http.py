@@ -349,7 +349,6 @@ class OutboundHttp(asyncio.Protocol):
             method=request.method,
             key=request.key,
             replayable=lambda: request.replayable,
-            per_try=live.config.timeouts.per_try or None,
         )
         assert attempt.parser is not None
         status = await attempt.parser.done
@@ -377,8 +376,7 @@ class OutboundHttp(asyncio.Protocol):
             request.body.clear()
         self._unhold(request)
         self._flush()
-        await attempt.decided()
-        return None
+        return await attempt.decided(self.live.config.timeouts.per_try or None)
 
     async def _connection(self, endpoint: Endpoint) -> UpstreamConnection | None:
         """An idle pooled connection to `endpoint`, or a new one; None if it cannot be had."""

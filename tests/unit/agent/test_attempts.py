@@ -72,10 +72,10 @@ Run = Callable[[Try[Connection, None]], Awaitable[Outcome | None]]
 
 
 def scripted(
-    *outcomes: Outcome | None, hanging: asyncio.Event | None = None
+    *outcomes: Outcome | None, hanging: asyncio.Event | None = None, per_try: float | None = None
 ) -> tuple[Run, list[Connection]]:
-    """A run that gives each try a connection and ends it in the next outcome (None: never,
-    `hanging` set once it waits)."""
+    """A run that gives each try a connection and ends it in the next outcome (None: never
+    decided, `hanging` set once it waits, up to `per_try` seconds)."""
     connections: list[Connection] = []
     left = list(outcomes)
 
@@ -86,7 +86,7 @@ def scripted(
         if outcome is None:
             if hanging is not None:
                 hanging.set()
-            await asyncio.Event().wait()  # until cancelled, or the per-try timeout
+            return await attempt.decided(per_try)  # until cancelled, or the per-try timeout
         return outcome
 
     return run, connections
@@ -186,8 +186,7 @@ async def test_a_response_head_decided_in_a_callback() -> None:
         attempt.connection = Connection()
         loop = asyncio.get_running_loop()
         loop.call_soon(lambda: attempt.decide(Response(next(heads))))  # the parser's callback
-        await attempt.decided()
-        return None
+        return await attempt.decided()
 
     delivered = await attempt(live, run)
     assert (delivered.endpoint, delivered.number) == (B, 2)
@@ -210,8 +209,8 @@ async def test_decided_once_a_late_timeout_changes_nothing() -> None:
 
 async def test_a_per_try_timeout_is_a_failure_the_policy_may_retry() -> None:
     live = FakeLive([A, B], EVERYTHING)
-    run, connections = scripted(None, Response(200))
-    delivered = await attempt(live, run, per_try=0.01)
+    run, connections = scripted(None, Response(200), per_try=0.01)
+    delivered = await attempt(live, run)
     assert delivered.endpoint == B
     delivered.end(200)
     assert live.records == [(A, "timeout"), (B, "success")]
@@ -220,9 +219,9 @@ async def test_a_per_try_timeout_is_a_failure_the_policy_may_retry() -> None:
 
 async def test_a_timeout_not_retried_is_answered_504() -> None:
     live = FakeLive([A, B])
-    run, _ = scripted(None)
+    run, _ = scripted(None, per_try=0.01)
     with pytest.raises(LocalAnswer) as answer:
-        await attempt(live, run, per_try=0.01)
+        await attempt(live, run)
     assert (answer.value.status, answer.value.error, answer.value.grpc_status) == (
         504,
         "upstream_timeout",
