@@ -87,6 +87,8 @@ class Try(Generic[C, P]):
         self._slot = slot  # the budget this try's retry slot came from
         self.grant: RetryBudget | None = None  # the slot taken for the next try (Retry)
         self._decided: asyncio.Future[None] | None = None
+        self._timer: asyncio.Timeout | None = None  # the per-try timeout, armed by the loop
+        self._per_try: float | None = None
         self._load = live.core.load  # a reload carries the dict over: this one is counted in
         self._load[endpoint] = self._load.get(endpoint, 0) + 1
 
@@ -128,25 +130,17 @@ class Try(Generic[C, P]):
             self._decided.set_result(None)
         return step
 
-    async def decided(self, per_try: float | None = None) -> Outcome | None:
-        """Wait until `decide` has been called (by a callback of the protocol's): None; or
-        "timeout" if `per_try` seconds (None: no limit) pass first, for `run` to return.
-
-        The per-try timeout runs from here: call it once the request is sent, so
-        that a dial's time is the connect timeout's, not the try's.
-        """
-        if self.step is not None:
-            return None
-        self._decided = asyncio.get_running_loop().create_future()
-        if per_try is None:  # the usual case: no timer to arm
+    async def decided(self) -> None:
+        """Wait until `decide` has been called (by a callback of the protocol's)."""
+        if self.step is None:
+            self._decided = asyncio.get_running_loop().create_future()
             await self._decided
-            return None
-        try:
-            async with asyncio.timeout(per_try):
-                await self._decided
-        except TimeoutError:  # only the per-try timeout: the request's ends as a cancel here
-            return "timeout"
-        return None
+
+    def sent(self) -> None:
+        """The request went out (on a connection or stream had): the per-try timeout runs
+        from now, so that a dial's time is the connect timeout's, not the try's."""
+        if self._timer is not None and self._per_try is not None:
+            self._timer.reschedule(asyncio.get_running_loop().time() + self._per_try)
 
     def release(self) -> C | None:
         """Take the connection back from this try, whole (to pool it): `end` will not drop it."""
@@ -195,13 +189,16 @@ async def attempts(
     grpc: bool = False,
     key: bytes | None = None,
     replayable: Callable[[], bool] = _always,
+    per_try: float | None = None,
 ) -> Try[C, P]:
     """Try endpoints of `live` until one delivers; that try, still running, is returned.
 
     `run(try_)` makes one try on `try_.endpoint`: it returns the outcome,
     or None once it has called `try_.decide` itself (from a callback, as a
-    response head arrives: `return await try_.decided(per_try)`, which
-    returns "timeout" when the per-try timeout passes first). The returned
+    response head arrives: await `try_.decided()`). A try not decided
+    within `per_try` seconds (None: no limit) of `try_.sent()`, which run
+    calls as the request goes out, fails "timeout" (the dial before has a
+    timeout of its own: Envoy's per_try_timeout counts the same). The returned
     try's step is Deliver: the caller ends it (`end(status)`) when the
     response is over, or the connection linked. Raises LocalAnswer
     when the agent must answer instead: no endpoint, or the last try's
@@ -227,7 +224,16 @@ async def attempts(
                 live, endpoint, tried, slot, method=method, grpc=grpc, replayable=replayable
             )
             slot = None
-            outcome = await run(current)
+            if per_try is None:  # the usual case: no timer to arm
+                outcome = await run(current)
+            else:
+                try:
+                    async with asyncio.timeout(None) as timer:  # armed by current.sent()
+                        current._timer, current._per_try = timer, per_try
+                        outcome = await run(current)
+                except TimeoutError:  # only the per-try one: the request's ends as a cancel here
+                    outcome = "timeout"
+                current._timer = None
             step = current.step if outcome is None else current.decide(outcome)
             assert step is not None, "run returned None without deciding its try"
             if isinstance(step, Deliver):

@@ -349,6 +349,7 @@ class OutboundHttp(asyncio.Protocol):
             method=request.method,
             key=request.key,
             replayable=lambda: request.replayable,
+            per_try=live.config.timeouts.per_try or None,
         )
         assert attempt.parser is not None
         status = await attempt.parser.done
@@ -376,7 +377,9 @@ class OutboundHttp(asyncio.Protocol):
             request.body.clear()
         self._unhold(request)
         self._flush()
-        return await attempt.decided(self.live.config.timeouts.per_try or None)
+        attempt.sent()
+        await attempt.decided()
+        return None
 
     async def _connection(self, endpoint: Endpoint) -> UpstreamConnection | None:
         """An idle pooled connection to `endpoint`, or a new one; None if it cannot be had."""

@@ -72,10 +72,10 @@ Run = Callable[[Try[Connection, None]], Awaitable[Outcome | None]]
 
 
 def scripted(
-    *outcomes: Outcome | None, hanging: asyncio.Event | None = None, per_try: float | None = None
+    *outcomes: Outcome | None, hanging: asyncio.Event | None = None
 ) -> tuple[Run, list[Connection]]:
     """A run that gives each try a connection and ends it in the next outcome (None: never
-    decided, `hanging` set once it waits, up to `per_try` seconds)."""
+    decided, `hanging` set once it waits)."""
     connections: list[Connection] = []
     left = list(outcomes)
 
@@ -84,9 +84,11 @@ def scripted(
         connections.append(attempt.connection)
         outcome = left.pop(0)
         if outcome is None:
+            attempt.sent()
             if hanging is not None:
                 hanging.set()
-            return await attempt.decided(per_try)  # until cancelled, or the per-try timeout
+            await attempt.decided()  # until cancelled, or the per-try timeout
+            return None
         return outcome
 
     return run, connections
@@ -209,8 +211,8 @@ async def test_decided_once_a_late_timeout_changes_nothing() -> None:
 
 async def test_a_per_try_timeout_is_a_failure_the_policy_may_retry() -> None:
     live = FakeLive([A, B], EVERYTHING)
-    run, connections = scripted(None, Response(200), per_try=0.01)
-    delivered = await attempt(live, run)
+    run, connections = scripted(None, Response(200))
+    delivered = await attempt(live, run, per_try=0.01)
     assert delivered.endpoint == B
     delivered.end(200)
     assert live.records == [(A, "timeout"), (B, "success")]
@@ -219,9 +221,9 @@ async def test_a_per_try_timeout_is_a_failure_the_policy_may_retry() -> None:
 
 async def test_a_timeout_not_retried_is_answered_504() -> None:
     live = FakeLive([A, B])
-    run, _ = scripted(None, per_try=0.01)
+    run, _ = scripted(None)
     with pytest.raises(LocalAnswer) as answer:
-        await attempt(live, run)
+        await attempt(live, run, per_try=0.01)
     assert (answer.value.status, answer.value.error, answer.value.grpc_status) == (
         504,
         "upstream_timeout",
@@ -266,3 +268,25 @@ async def test_a_request_that_cannot_be_replayed_is_tried_once() -> None:
         await attempt(live, run, replayable=lambda: False)
     assert answer.value.error == "upstream_reset"
     assert live.counted.retries.value == 0
+
+
+async def test_the_per_try_timeout_runs_from_the_request_sent_not_from_the_dial() -> None:
+    live = FakeLive([A])
+    dialled = asyncio.Event()
+
+    async def run(attempt: Try[Connection, None]) -> Outcome | None:
+        loop = asyncio.get_running_loop()
+        await dialled.wait()  # a dial longer than the per-try timeout
+        started = loop.time()
+        attempt.sent()
+        loop.call_later(0.01, attempt.decide, Response(200))  # a head within the per-try
+        await attempt.decided()
+        assert loop.time() - started < 0.05
+        return None
+
+    task = asyncio.create_task(attempt(live, run, per_try=0.05))
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.08, dialled.set)
+    delivered = await task
+    assert delivered.step == Deliver()
+    delivered.end(200)
