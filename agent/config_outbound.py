@@ -46,6 +46,7 @@ from typing import Any, Literal, TypeVar, cast
 
 from agent.core.balancer import BALANCERS, BalancerKind
 from agent.core.discovery import DnsSource, KubernetesSource, Source, StaticSource
+from agent.core.grpc import Code
 from agent.core.health import ActiveCheck, HealthSettings, OutlierDetection
 from agent.core.resilience import FAILURES, BreakerLimits, RetryPolicy
 from agent.core.upstream import Endpoint
@@ -58,11 +59,11 @@ HashOn = tuple[Literal["header", "cookie", "source"], str]
 _CHECKS: tuple[Literal["tcp", "http"], ...] = ("tcp", "http")
 #: retry_on's gRPC statuses, by the names Envoy's config gives them.
 GRPC_RETRY_ON: dict[str, int] = {
-    "cancelled": 1,
-    "deadline-exceeded": 4,
-    "resource-exhausted": 8,
-    "internal": 13,
-    "unavailable": 14,
+    "cancelled": Code.CANCELLED,
+    "deadline-exceeded": Code.DEADLINE_EXCEEDED,
+    "resource-exhausted": Code.RESOURCE_EXHAUSTED,
+    "internal": Code.INTERNAL,
+    "unavailable": Code.UNAVAILABLE,
 }
 _SOURCES = ("endpoints", "dns", "kubernetes")
 
