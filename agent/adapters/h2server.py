@@ -67,6 +67,7 @@ class H2Stream:
         self.finished = False  # END_STREAM (or RST_STREAM) sent: nothing more goes out
         self._chunks: deque[tuple[bytes, int]] = deque()  # (data, flow-controlled length)
         self._ended = ended  # the client's END_STREAM arrived
+        self.bodiless = ended  # it came on the HEADERS: no body, no trailers
         self._credit = 0  # flow-controlled bytes handed to the handler, not yet credited
         self.buffered = 0  # flow-controlled bytes held in `_chunks`
         self._changed = asyncio.Event()  # data, end, reset, or a window opened
@@ -331,6 +332,12 @@ class H2Server(asyncio.Protocol):
             return
         if not stream.finished:  # the handler ended without ending its stream
             self.reset(stream, ErrorCodes.INTERNAL_ERROR)
+        elif not stream._ended and stream.reset_code is None:
+            # Answered before the request was whole: the rest of it is not wanted
+            # (RFC 9113 8.1), so the client stops sending rather than stall on its window.
+            stream._gone(ErrorCodes.NO_ERROR)
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self.conn.reset_stream(stream.id, ErrorCodes.NO_ERROR)
         if held:
             self.credit(stream.id, held)
         if self._closing and not self.streams:
