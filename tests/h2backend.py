@@ -22,6 +22,8 @@ import h2.events
 import h2.settings
 from h2.errors import ErrorCodes
 
+from agent.adapters import h2client
+
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -229,3 +231,67 @@ class _Server(asyncio.Protocol):
         data = self.h2.data_to_send()
         if data and self.transport is not None:
             self.transport.write(data)
+
+
+@dataclass
+class Answered:
+    """What an h2 client got for one request."""
+
+    status: int
+    headers: Headers
+    body: bytes
+    trailers: Headers
+    reset: str | None = None  # the stream's failure, if it was reset
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((v for n, v in [*self.headers, *self.trailers] if n == name), None)
+
+    @property
+    def grpc_status(self) -> int | None:
+        value = self.header(b"grpc-status")
+        return None if value is None else int(value)
+
+    @property
+    def backend(self) -> str:
+        return (self.header(b"x-backend") or b"").decode()
+
+
+def grpc_head(path: str = "/demo.Greeter/SayHello", **extra: str) -> Headers:
+    """A gRPC call's request head, as grpcio sends it (extra headers by keyword)."""
+    head = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":authority", b"backend"),
+        (b":path", path.encode()),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    return head + [(k.replace("_", "-").encode(), v.encode()) for k, v in extra.items()]
+
+
+async def exchange(
+    connection: h2client.H2ClientConnection,
+    head: Headers,
+    body: bytes = b"\0\0\0\0\0",
+    within: float = 10.0,
+) -> Answered:
+    """Send one request on `connection` (the agent's h2c outbound, say) and read it whole."""
+    stream = connection.open(head, end=not body)
+    try:
+        async with asyncio.timeout(within):
+            if body:
+                await stream.send(body, end=True)
+            answered = Answered(0, [], b"", [])
+            async for event in stream:
+                if isinstance(event, h2client.Response) and event.status >= 200:
+                    answered.status, answered.headers = event.status, event.headers
+                elif isinstance(event, h2client.Data):
+                    answered.body += event.data
+                    stream.consumed(event.flow)
+                elif isinstance(event, h2client.Trailers):
+                    answered.trailers = event.headers
+                elif isinstance(event, h2client.Reset):
+                    answered.reset = event.failure
+            return answered
+    finally:
+        stream.release()

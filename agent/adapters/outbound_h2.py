@@ -264,7 +264,9 @@ class OutboundH2:
             release()
             raise
         try:
-            await h2client.handshake(connection, live.runtime.limits.handshake_timeout.total_seconds())
+            await h2client.handshake(
+                connection, live.runtime.limits.handshake_timeout.total_seconds()
+            )
         except (OSError, TimeoutError, ConnectionError) as exc:
             connection.abort()  # its loss releases the slot
             log.warning("outbound %s: %s: no HTTP/2: %s", live.name, endpoint, exc)

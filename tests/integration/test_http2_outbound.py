@@ -1,0 +1,255 @@
+"""HTTP/2 and gRPC outbound through real agents: per-call balancing, weights, retries,
+deadlines, and pooled h2 connections.
+
+The app side is one h2c connection to a `protocol: grpc` (or `http2`) outbound
+listener, as one grpcio channel would be; every backend is an h2c app
+(tests/h2backend.py) behind its own agent's `protocol: http2` inbound, all
+in this test's event loop. Each backend says its name in `x-backend`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from agent.adapters import h2client
+from agent.adapters.listeners import OutboundListener
+from agent.app import Agent
+from agent.core.grpc import Code
+from tests.h2backend import (
+    Answer,
+    GoAway,
+    H2Backend,
+    Reply,
+    Request,
+    Reset,
+    exchange,
+    grpc_error,
+    grpc_head,
+    h2_backend,
+)
+from tests.mesh import agent_yaml, eventually, inbound, local_sign, running_agent, sample, workload
+from tests.support import CaSetup
+
+BACKEND = str(workload("backend"))
+
+
+@asynccontextmanager
+async def backends(
+    setup: CaSetup, *names: str, replies: dict[str, Reply] | None = None
+) -> AsyncIterator[list[tuple[H2Backend, str]]]:
+    """Each h2c app behind its own agent: the app and its agent's inbound address."""
+    async with AsyncExitStack() as stack:
+        pairs = []
+        for name in names:
+            reply = (replies or {}).get(name)
+            app = await stack.enter_async_context(h2_backend(name, reply))
+            raw = agent_yaml(setup.root, "backend", inbound=inbound(app.port, protocol="http2"))
+            agent = await stack.enter_async_context(
+                running_agent(raw, local_sign(setup), setup.root)
+            )
+            pairs.append((app, agent.bound["inbound[0]"]))
+        yield pairs
+
+
+@asynccontextmanager
+async def client_agent(setup: CaSetup, **upstream: Any) -> AsyncIterator[Agent]:
+    item = {
+        "name": "backend",
+        "listen": "127.0.0.1:0",
+        "protocol": "grpc",
+        "server_ids": [BACKEND],
+        **upstream,
+    }
+    raw = agent_yaml(setup.root, "frontend", outbound=[item])
+    async with running_agent(raw, local_sign(setup), setup.root) as agent:
+        yield agent
+
+
+@asynccontextmanager
+async def channel(agent: Agent) -> AsyncIterator[h2client.H2ClientConnection]:
+    """One h2c connection to the outbound, as one grpcio channel is."""
+    host, port = agent.bound["outbound[backend]"].rsplit(":", 1)
+    connection = await h2client.connect(host, int(port))
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+async def calls(
+    connection: h2client.H2ClientConnection, count: int, concurrency: int = 20, **extra: str
+) -> list[Any]:
+    """`count` unary calls on one connection, `concurrency` at a time."""
+    results: list[Any] = []
+
+    async def worker(share: int) -> None:
+        for _ in range(share):
+            results.append(await exchange(connection, grpc_head(**extra)))
+
+    shares = [count // concurrency + (i < count % concurrency) for i in range(concurrency)]
+    await asyncio.gather(*(worker(share) for share in shares))
+    return results
+
+
+def metric(agent: Agent, name: str, **labels: str) -> float:
+    return sample(agent, f"outrider_{name}", upstream="backend", **labels)
+
+
+def ok(answered: Any) -> bool:
+    return bool(answered.status == 200 and answered.grpc_status == 0)
+
+
+async def test_one_channels_calls_spread_evenly_over_three_backends_on_pooled_connections(
+    setup: CaSetup,
+) -> None:
+    async with (
+        backends(setup, "a", "b", "c") as pairs,
+        client_agent(setup, endpoints=[address for _, address in pairs]) as agent,
+        channel(agent) as connection,
+    ):
+        results = await calls(connection, 300)
+        assert all(map(ok, results))
+        spread = collections.Counter(r.backend for r in results)
+        assert all(95 <= spread[name] <= 105 for name in "abc"), spread
+        # One h2 connection per backend agent, every other call multiplexed on it.
+        assert metric(agent, "upstream_connections_total", kind="new") == 3
+        assert metric(agent, "upstream_connections_total", kind="reused") == 297
+        assert metric(agent, "upstream_requests_total", code="200") == 300
+        assert metric(agent, "upstream_grpc_requests_total", grpc_status="0") == 300
+        assert [app.connections for app, _ in pairs] == [1, 1, 1]  # the backend agents pool too
+
+
+async def test_calls_follow_the_subset_weights(setup: CaSetup) -> None:
+    async with (
+        backends(setup, "v1", "v2") as pairs,
+        client_agent(
+            setup,
+            subsets=[
+                {"name": "v1", "weight": 90, "endpoints": [pairs[0][1]]},
+                {"name": "v2", "weight": 10, "endpoints": [pairs[1][1]]},
+            ],
+        ) as agent,
+        channel(agent) as connection,
+    ):
+        results = await calls(connection, 500, concurrency=25)
+    spread = collections.Counter(r.backend for r in results)
+    assert all(map(ok, results))
+    assert 0.85 <= spread["v1"] / 500 <= 0.95, spread
+
+
+async def test_unavailable_is_retried_on_another_backend(setup: CaSetup) -> None:
+    async def unavailable(request: Request) -> Answer:
+        return grpc_error(Code.UNAVAILABLE, "shutting down")
+
+    async with (
+        backends(setup, "down", "up", replies={"down": unavailable}) as pairs,
+        client_agent(setup, endpoints=[address for _, address in pairs]) as agent,
+        channel(agent) as connection,
+    ):
+        results = await calls(connection, 40, concurrency=4)
+        assert all(map(ok, results)) and {r.backend for r in results} == {"up"}
+        # Each of its UNAVAILABLEs was retried, until outlier detection took it out.
+        assert metric(agent, "upstream_retries_total") == len(pairs[0][0].requests) == 5
+        assert metric(agent, "upstream_ejections_total") == 1
+
+
+async def test_a_refused_stream_and_a_goaway_are_retried_for_any_method(setup: CaSetup) -> None:
+    turn = iter(range(1000))
+
+    async def refusing(request: Request) -> Reset | GoAway:
+        return GoAway() if next(turn) % 2 else Reset()
+
+    async with (
+        backends(setup, "refusing", "up", replies={"refusing": refusing}) as pairs,
+        client_agent(setup, endpoints=[address for _, address in pairs]) as agent,
+        channel(agent) as connection,
+    ):
+        results = await calls(connection, 20, concurrency=2)
+    # The backend agent passes the app's refusal on as UNAVAILABLE, retried here.
+    assert all(map(ok, results)) and {r.backend for r in results} == {"up"}
+
+
+async def test_a_killed_backend_loses_no_call(setup: CaSetup) -> None:
+    async with (
+        backends(setup, "a", "b", "c") as pairs,
+        client_agent(setup, endpoints=[address for _, address in pairs]) as agent,
+        channel(agent) as connection,
+    ):
+        first = await calls(connection, 60)
+        victim = pairs[0][0]
+        victim.kill()
+        victim.reply = _never_again  # as good as gone: nothing it gets is answered well
+        # Three at a time: within the retry budget's minimum, each retry is granted.
+        after = await calls(connection, 120, concurrency=3)
+    assert [r for r in first + after if not ok(r)] == []
+    assert {r.backend for r in after} == {"b", "c"}
+
+
+async def _never_again(request: Request) -> Answer:
+    return grpc_error(Code.UNAVAILABLE, "killed")
+
+
+async def test_a_deadline_is_passed_on_reduced_and_answered_deadline_exceeded(
+    setup: CaSetup,
+) -> None:
+    async def slow(request: Request) -> Answer:
+        await asyncio.sleep(float(request.header(b"x-sleep") or b"0"))
+        return Answer(
+            [(b":status", b"200"), (b"content-type", b"application/grpc")],
+            b"",
+            [(b"grpc-status", b"0"), (b"x-timeout", request.header(b"grpc-timeout") or b"")],
+        )
+
+    async with (
+        backends(setup, "slow", replies={"slow": slow}) as pairs,
+        client_agent(setup, endpoints=[pairs[0][1]]) as agent,
+        channel(agent) as connection,
+    ):
+        quick = await exchange(connection, grpc_head(grpc_timeout="2S", x_sleep="0"))
+        late = await exchange(connection, grpc_head(grpc_timeout="200m", x_sleep="1"))
+        count = metric(agent, "upstream_grpc_requests_total", grpc_status="4")
+    assert quick.grpc_status == 0
+    passed_on = quick.header(b"x-timeout") or b""
+    assert passed_on.endswith(b"m") and 0 < int(passed_on[:-1]) <= 2000
+    assert late.status == 200 and late.grpc_status == Code.DEADLINE_EXCEEDED
+    assert count == 1
+
+
+async def test_a_rotation_retires_pooled_connections_for_new_ones(setup: CaSetup) -> None:
+    async with (
+        backends(setup, "a") as pairs,
+        client_agent(setup, endpoints=[pairs[0][1]]) as agent,
+        channel(agent) as connection,
+    ):
+        assert all(map(ok, await calls(connection, 10, concurrency=2)))
+        listener = next(iter(agent.outbound.values()))
+        assert isinstance(listener, OutboundListener)
+        live = listener.live
+        (old,) = live.h2pool.connections[next(iter(live.h2pool.connections))]
+        agent.identity.install(await agent.identity.renew())
+        assert all(map(ok, await calls(connection, 10, concurrency=2)))
+        assert metric(agent, "upstream_connections_total", kind="new") == 2
+        assert await eventually(lambda: old.closed)
+
+
+async def test_plain_http2_requests_get_json_answers_from_the_agent(setup: CaSetup) -> None:
+    async with (
+        client_agent(setup, protocol="http2", endpoints=["127.0.0.1:1"]) as agent,
+        channel(agent) as connection,
+    ):
+        head = [
+            (b":method", b"GET"),
+            (b":scheme", b"http"),
+            (b":authority", b"backend"),
+            (b":path", b"/items"),
+        ]
+        refused = await exchange(connection, head, b"")
+        grpc_refused = await exchange(connection, grpc_head())
+    assert refused.status == 503
+    assert json.loads(refused.body) == {"error": "upstream_connect_failure"}
+    assert grpc_refused.status == 200 and grpc_refused.grpc_status == Code.UNAVAILABLE
