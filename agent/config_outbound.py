@@ -52,7 +52,7 @@ from agent.core.health import ActiveCheck, HealthSettings, OutlierDetection
 from agent.core.resilience import FAILURES, BreakerLimits, RetryPolicy
 from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId
-from identity.appprotocol import L7, PROTOCOLS, Protocol
+from identity.appprotocol import H2, L7, PROTOCOLS, Protocol
 from identity.configfile import ConfigReader, Listen
 
 T = TypeVar("T")
@@ -170,6 +170,13 @@ class OutboundReader(ConfigReader):
             self.fail(f"{path}.hash_on", f"only ring_hash and maglev hash; balancer is {balancer}")
         if hash_on is not None and hash_on[0] != "source" and protocol not in L7:
             self.fail(f"{path}.hash_on", "a header or cookie needs protocol http, http2 or grpc")
+        health = self.health(self.section(item, f"{path}.health", _HEALTH_KEYS), f"{path}.health")
+        if protocol in H2 and health.active is not None and health.active.kind == "http":
+            self.fail(
+                f"{path}.health.active.kind",
+                f"an http check speaks HTTP/1.1, which a protocol: {protocol} upstream refuses; "
+                "use kind: tcp",
+            )
         outbound = Outbound(
             name or "",
             listen,
@@ -178,7 +185,7 @@ class OutboundReader(ConfigReader):
             protocol,
             balancer,
             hash_on,
-            self.health(self.section(item, f"{path}.health", _HEALTH_KEYS), f"{path}.health"),
+            health,
             self.timeouts(
                 self.section(item, f"{path}.timeouts", _TIMEOUT_KEYS), f"{path}.timeouts"
             ),

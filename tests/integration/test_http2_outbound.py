@@ -253,3 +253,74 @@ async def test_plain_http2_requests_get_json_answers_from_the_agent(setup: CaSet
     assert refused.status == 503
     assert json.loads(refused.body) == {"error": "upstream_connect_failure"}
     assert grpc_refused.status == 200 and grpc_refused.grpc_status == Code.UNAVAILABLE
+
+
+async def test_large_streamed_bodies_go_both_ways_and_are_not_replayed(setup: CaSetup) -> None:
+    async def unavailable(request: Request) -> Answer:
+        return grpc_error(Code.UNAVAILABLE, "try elsewhere")
+
+    big = bytes(range(256)) * 4096  # 1 MiB: past REPLAY_BYTES and every window
+    async with (
+        backends(setup, "down", "up", replies={"down": unavailable}) as pairs,
+        client_agent(setup, endpoints=[address for _, address in pairs]) as agent,
+        channel(agent) as connection,
+    ):
+        results = [await exchange(connection, grpc_head(), big) for _ in range(2)]
+    # Round robin gives each backend one: the echo comes back whole; the refusal cannot be
+    # retried (the body was sent on, not held), so the app gets it.
+    echoed = [r for r in results if r.backend == "up"]
+    assert len(echoed) == 1 and echoed[0].body == big and echoed[0].grpc_status == 0
+    assert sorted(r.grpc_status for r in results) == [0, Code.UNAVAILABLE]
+    assert len(pairs[0][0].requests) == 1 and pairs[0][0].requests[0].body == big
+
+
+async def test_a_call_the_app_cancels_is_cancelled_upstream_and_leaves_nothing_held(
+    setup: CaSetup,
+) -> None:
+    async with (
+        backends(setup, "a") as pairs,
+        client_agent(setup, endpoints=[pairs[0][1]]) as agent,
+        channel(agent) as connection,
+    ):
+        listener = next(iter(agent.outbound.values()))
+        assert isinstance(listener, OutboundListener)
+        live = listener.live
+        stream = connection.open(grpc_head())
+        await stream.send(b"\0\0\0\0\x10half a message")  # and never the rest
+        pool = live.h2pool
+
+        def upstream_streams() -> int:
+            return sum(len(c.streams) for cs in pool.connections.values() for c in cs)
+
+        assert await eventually(lambda: upstream_streams() == 1)
+        stream.reset()
+        assert await eventually(lambda: upstream_streams() == 0)
+        assert live.breaker.in_use("max_requests") == 0
+        assert live.budget.requests == 0 and set(live.core.load.values()) == {0}
+        assert all(map(ok, await calls(connection, 3, concurrency=1)))  # all still works
+
+
+async def test_past_max_requests_a_call_is_answered_unavailable_at_once(setup: CaSetup) -> None:
+    gate = asyncio.Event()
+
+    async def held(request: Request) -> Answer:
+        await gate.wait()
+        return Answer(
+            [(b":status", b"200"), (b"content-type", b"application/grpc")],
+            b"",
+            [(b"grpc-status", b"0")],
+        )
+
+    async with (
+        backends(setup, "a", replies={"a": held}) as pairs,
+        client_agent(setup, endpoints=[pairs[0][1]], circuit_breaker={"max_requests": 1}) as agent,
+        channel(agent) as connection,
+    ):
+        first = asyncio.create_task(exchange(connection, grpc_head()))
+        assert await eventually(lambda: len(pairs[0][0].requests) == 1)
+        second = await exchange(connection, grpc_head())
+        gate.set()
+        assert ok(await first)
+        assert second.grpc_status == Code.UNAVAILABLE
+        assert (second.header(b"grpc-message") or b"").startswith(b"overflow")
+        assert metric(agent, "upstream_overflows_total", reason="max_requests") == 1

@@ -300,3 +300,13 @@ def test_a_header_or_cookie_hash_works_on_every_l7_protocol(protocol: str) -> No
             endpoints=["a:1"], protocol=protocol, balancer="ring_hash", hash_on=hash_on
         )
         assert parsed.protocol == protocol and parsed.hash_on is not None
+
+
+def test_an_http_health_check_is_refused_on_an_h2_upstream() -> None:
+    check = {"active": {"kind": "http", "path": "/healthz"}}
+    assert errors(endpoints=["a:1"], protocol="grpc", health=check) == [
+        "outbound[0].health.active.kind: an http check speaks HTTP/1.1, which a "
+        "protocol: grpc upstream refuses; use kind: tcp"
+    ]
+    tcp = outbound(endpoints=["a:1"], protocol="grpc", health={"active": {"kind": "tcp"}})
+    assert tcp.health.active is not None
