@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -108,12 +109,16 @@ class H2Backend:
 
 @asynccontextmanager
 async def h2_backend(
-    name: str, reply: Reply | None = None, max_streams: int = 100
+    name: str, reply: Reply | None = None, max_streams: int = 100, sock: socket.socket | None = None
 ) -> AsyncIterator[H2Backend]:
-    """An H2Backend listening on 127.0.0.1 (its `port`) for the block."""
+    """An H2Backend listening on 127.0.0.1 (its `port`), or on the listening `sock` (a
+    pod's, say), for the block."""
     backend = H2Backend(name, reply, max_streams)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Server(backend), "127.0.0.1", 0)
+    if sock is None:
+        server = await loop.create_server(lambda: _Server(backend), "127.0.0.1", 0)
+    else:
+        server = await loop.create_server(lambda: _Server(backend), sock=sock)
     backend.port = server.sockets[0].getsockname()[1]
     try:
         yield backend

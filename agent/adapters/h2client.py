@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -566,20 +567,29 @@ class H2ClientConnection(asyncio.Protocol):
 
 
 async def connect(
-    host: str,
-    port: int,
+    host: str | None,
+    port: int | None,
     *,
     ssl_context: ssl.SSLContext | None = None,
     within: float = SETTINGS_TIMEOUT,
     factory: Callable[[], H2ClientConnection] = H2ClientConnection,
+    sock: socket.socket | None = None,
 ) -> H2ClientConnection:
     """An h2 connection (h2c with prior knowledge, or TLS with ALPN h2), once the peer's
-    SETTINGS arrived; OSError / TimeoutError / ConnectionError otherwise."""
+    SETTINGS arrived; OSError / TimeoutError / ConnectionError otherwise. `sock`: a
+    connected socket to use (host and port None)."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(within):
-        transport, connection = await loop.create_connection(
-            factory, host, port, ssl=ssl_context, server_hostname="" if ssl_context else None
-        )
+        hostname = "" if ssl_context else None
+        if sock is None:
+            assert host is not None and port is not None, "an address, or a socket"
+            transport, connection = await loop.create_connection(
+                factory, host, port, ssl=ssl_context, server_hostname=hostname
+            )
+        else:
+            transport, connection = await loop.create_connection(
+                factory, sock=sock, ssl=ssl_context, server_hostname=hostname
+            )
         try:
             await handshake(connection, within)
         except BaseException:

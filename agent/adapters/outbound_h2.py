@@ -142,7 +142,7 @@ class OutboundH2:
         budget.request_started()
         loop = asyncio.get_running_loop()
         request = _Request(
-            _upstream_head(stream.headers),
+            _upstream_head(stream.headers, call.grpc),
             (stream.header(b":method") or b"").decode("latin-1"),
             call.grpc,
             None if deadline is None else loop.time() + deadline,
@@ -352,8 +352,9 @@ class _Request:
     deadline: float | None  # the loop's time the call must be over by
 
     def head_now(self) -> Headers:
-        """The head for a try starting now: grpc-timeout is what is left of the deadline."""
-        if self.deadline is None:
+        """The head for a try starting now: a gRPC call's grpc-timeout is what is left of
+        its deadline."""
+        if self.deadline is None or not self.grpc:
             return self.head
         left = self.deadline - asyncio.get_running_loop().time()
         return [*self.head, (b"grpc-timeout", grpc.timeout_value(left).encode())]
@@ -487,10 +488,12 @@ class _Call:
         return grpc.Code.UNKNOWN if status == 200 else grpc.from_http_status(status)
 
 
-def _upstream_head(headers: Headers) -> Headers:
+def _upstream_head(headers: Headers, is_grpc: bool) -> Headers:
     """The app's request head as it goes upstream: no identity header (the peer's inbound
-    sets ours), no grpc-timeout (each try sends what is left)."""
-    return [(n, v) for n, v in headers if not _identity(n) and n != b"grpc-timeout"]
+    sets ours), and for a gRPC call no grpc-timeout (each try sends what is left)."""
+    return [
+        (n, v) for n, v in headers if not _identity(n) and not (is_grpc and n == b"grpc-timeout")
+    ]
 
 
 def _outward(headers: Headers) -> Headers:
