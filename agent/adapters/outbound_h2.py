@@ -105,6 +105,11 @@ class OutboundH2:
                 await self._refuse(stream, refused, call)
             else:
                 await self._exchange(stream, call)
+        except (StreamReset, asyncio.CancelledError):
+            raise  # the app reset its stream, or left: H2Server's to handle
+        except Exception:  # a bug: the app must not wait on a stream nobody serves
+            log.exception("outbound %s: a stream failed unexpectedly; resetting it", self.live.name)
+            stream.reset(ErrorCodes.INTERNAL_ERROR)
         finally:
             if call.status is not None:  # else the app left before anything was answered
                 counted = self.live.counted
@@ -147,7 +152,7 @@ class OutboundH2:
             call.grpc,
             None if deadline is None else loop.time() + deadline,
         )
-        body = _Body(stream, _bodiless(stream))
+        body = _Body(stream, stream.bodiless)
         reader = loop.create_task(body.read()) if not body.ended else None
         attempt: Try[_Upstream, h2client.Response] | None = None
         try:
@@ -503,10 +508,6 @@ def _outward(headers: Headers) -> Headers:
 
 def _text(headers: Headers) -> list[tuple[str, str]]:
     return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
-
-
-def _bodiless(stream: H2Stream) -> bool:
-    return bool(getattr(stream, "bodiless", False))
 
 
 def _overflow_answer(live: LiveUpstream, reason: str) -> tuple[int, str]:
