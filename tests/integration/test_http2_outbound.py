@@ -39,10 +39,10 @@ BACKEND = str(workload("backend"))
 
 
 @asynccontextmanager
-async def backends(
+async def backend_agents(
     setup: CaSetup, *names: str, replies: dict[str, Reply] | None = None
-) -> AsyncIterator[list[tuple[H2Backend, str]]]:
-    """Each h2c app behind its own agent: the app and its agent's inbound address."""
+) -> AsyncIterator[list[tuple[H2Backend, Agent]]]:
+    """Each h2c app behind its own agent (`protocol: http2` inbound)."""
     async with AsyncExitStack() as stack:
         pairs = []
         for name in names:
@@ -52,8 +52,17 @@ async def backends(
             agent = await stack.enter_async_context(
                 running_agent(raw, local_sign(setup), setup.root)
             )
-            pairs.append((app, agent.bound["inbound[0]"]))
+            pairs.append((app, agent))
         yield pairs
+
+
+@asynccontextmanager
+async def backends(
+    setup: CaSetup, *names: str, replies: dict[str, Reply] | None = None
+) -> AsyncIterator[list[tuple[H2Backend, str]]]:
+    """Each h2c app and its agent's inbound address."""
+    async with backend_agents(setup, *names, replies=replies) as pairs:
+        yield [(app, agent.bound["inbound[0]"]) for app, agent in pairs]
 
 
 @asynccontextmanager
@@ -336,3 +345,25 @@ async def test_past_max_requests_a_call_is_answered_unavailable_at_once(setup: C
         assert second.grpc_status == Code.UNAVAILABLE
         assert (second.header(b"grpc-message") or b"").startswith(b"overflow")
         assert metric(agent, "upstream_overflows_total", reason="max_requests") == 1
+
+
+async def test_a_backend_agent_that_drains_finishes_its_calls_and_loses_none(
+    setup: CaSetup,
+) -> None:
+    async def slow(request: Request) -> Answer:
+        await asyncio.sleep(0.05)
+        name = (b"x-backend", request.header(b"x-name") or b"")
+        head = [(b":status", b"200"), (b"content-type", b"application/grpc"), name]
+        return Answer(head, b"", [(b"grpc-status", b"0")])
+
+    async with (
+        backend_agents(setup, "a", "b", replies={"a": slow, "b": slow}) as pairs,
+        client_agent(setup, endpoints=[agent.bound["inbound[0]"] for _, agent in pairs]) as agent,
+        channel(agent) as connection,
+    ):
+        running = asyncio.create_task(calls(connection, 200, concurrency=10))
+        assert await eventually(lambda: len(pairs[0][0].requests) >= 10)
+        await pairs[0][1].drain()  # GOAWAY: its calls in flight finish, new ones go to b
+        results = await running
+    assert [r for r in results if not ok(r)] == []
+    assert len(pairs[1][0].requests) > 100
