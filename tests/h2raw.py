@@ -24,6 +24,7 @@ import hpack
 from h2.errors import ErrorCodes
 from hyperframe.frame import Frame, SettingsFrame
 
+from agent.adapters.h2client import _Connection
 from agent.adapters.h2server import H2Server, Handler
 from tests import certs
 from tests.mesh import AgentProcess, workload
@@ -92,9 +93,8 @@ class H2Client:
 
     def __init__(self, sock: socket.socket, window: int | None = None) -> None:
         self.sock = sock
-        self.conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
-        )
+        # h2client's connection: one that lets the streams below a graceful GOAWAY finish.
+        self.conn = _Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
         if window is not None:
             self.conn.local_settings = h2.settings.Settings(
                 client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}

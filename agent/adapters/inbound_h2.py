@@ -158,13 +158,11 @@ class InboundH2:
         values: dict[str, tuple[str, ...]] = {}
         kept: Headers = []
         for name, value in regular:
-            if _identity(name):
-                continue
-            verdict = screen(name, self.underscores)
+            verdict = screen(name, self.underscores)  # first, as HTTP/1.1 reads a field
             if verdict == "reject":
                 detail = underscore_refusal(name)
                 return refusal(400, "bad_request", detail, grpc.Code.INTERNAL)
-            if verdict == "drop":
+            if verdict == "drop" or _identity(name):
                 continue
             kept.append((name, value))
             key = name.decode("latin-1")  # h2 has lower-cased it (or refused the stream)

@@ -8,10 +8,13 @@ header back in its head and its trailers, to show the agent never lets it out.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import socket
 import ssl
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +22,19 @@ import pytest
 from agent.adapters.h2server import H2Stream
 from agent.adapters.http import xfcc
 from agent.core.grpc import Code
-from tests.h2raw import H2Client, h2_connect, request_headers, threaded_h2_app, tls_socket
-from tests.mesh import AgentProcess, agent_process, served_agent_yaml, workload
+from tests.h2raw import H2Client, Response, h2_connect, request_headers, threaded_h2_app, tls_socket
+from tests.integration.test_agent_http import PATHS
+from tests.mesh import (
+    AgentProcess,
+    agent_process,
+    agent_yaml,
+    inbound,
+    local_sign,
+    running_agent,
+    sample,
+    served_agent_yaml,
+    workload,
+)
 from tests.support import CaProcess, CaSetup, free_port
 
 POLICY = """\
@@ -183,3 +197,61 @@ def test_a_client_that_does_not_offer_h2_is_refused(setup: CaSetup, agent: Agent
             assert tls.recv(100) == b""  # closed, never answered
     after = agent.total("outrider_connections_refused_total", reason="protocol_mismatch")
     assert after == before + 1
+
+
+# --- the path tricks: the decisions HTTP/1.1 makes, made on h2 -------------------------
+
+
+@pytest.mark.parametrize(("target", "status", "received"), PATHS)
+def test_a_path_trick_gets_the_decision_it_gets_over_http1(
+    client: H2Client, target: str, status: int, received: str | None
+) -> None:
+    response = client.get(target)
+    assert response.status == status, response.body
+    if received is None:
+        if status == 403:
+            assert json.loads(response.body)["error"] == "denied"
+        return
+    assert seen(response)["target"] == received
+    assert client.get(received).status == 200  # the path the app got, sent as is
+
+
+# --- plaintext h2c on a permissive port ------------------------------------------------
+
+
+async def test_a_plaintext_h2c_client_is_decided_per_stream_and_names_no_one(
+    setup: CaSetup, tmp_path: Path, app: int
+) -> None:
+    """A permissive captured port lets a plaintext client in (here an explicit listener told
+    so, the one thing capture adds): it speaks h2c, each stream is authorized as
+    unauthenticated, and the app gets no x-forwarded-client-cert, not even a forged one."""
+    open_api = {"name": "open", "action": "ALLOW", "rules": [{"to": {"paths": ["/api/*"]}}]}
+    raw = agent_yaml(
+        setup.root,
+        "h2c-app",
+        inbound=inbound(app, protocol="http2"),
+        policy={"policies": [open_api]},
+    )
+    async with running_agent(raw, local_sign(setup), tmp_path) as agent:
+        listener = next(iter(agent.inbound.values()))
+        listener.serving = lambda port: (listener.config, True)  # type: ignore[method-assign]
+        host, port = agent.bound["inbound[0]"].rsplit(":", 1)
+
+        def ask() -> tuple[Response, Response]:
+            client = H2Client(socket.create_connection((host, int(port)), timeout=5))
+            try:
+                allowed = client.get("/api/items", x_forwarded_client_cert="By=me;URI=forged")
+                return allowed, client.get("/admin")
+            finally:
+                client.close()
+
+        allowed, denied = await asyncio.to_thread(ask)
+        assert (
+            sample(
+                agent, "outrider_connections_total", direction="inbound", mtls="false", peer_id=""
+            )
+            == 1
+        )
+    assert allowed.status == 200
+    assert seen(allowed)["xfcc"] == []
+    assert denied.status == 403

@@ -143,3 +143,32 @@ def test_window_counts_only_events_within_it() -> None:
     assert not window.hit(0.0) and not window.hit(1.0)
     assert window.hit(2.0)
     assert not window.hit(12.5)  # 0.0, 1.0 and 2.0 have left it
+
+
+async def held(stream: H2Stream) -> None:
+    """Answers once the test lets it (the drain test's request in flight)."""
+    STARTED.set()
+    await RELEASE.wait()
+    await stream.respond([(b":status", b"200")], end=True)
+
+
+STARTED, RELEASE = asyncio.Event(), asyncio.Event()
+
+
+@pytest.mark.parametrize("served", [held], indirect=True)
+async def test_a_drain_finishes_the_streams_open_and_takes_no_new_one(served: Served) -> None:
+    STARTED.clear()
+    RELEASE.clear()
+    client = await asyncio.to_thread(H2Client, dial(served.port))
+    first = await asyncio.to_thread(client.send, request_headers("/"))
+    await asyncio.wait_for(STARTED.wait(), 5)
+    server = served.servers[0]
+    server.finish()  # GOAWAY: the stream open goes on
+    assert not server.closed
+    RELEASE.set()
+    answer = await asyncio.to_thread(client.wait, first)
+    assert answer.status == 200
+    await asyncio.to_thread(client.drain, 2)
+    assert client.goaway is not None and client.closed
+    assert server.closed
+    client.close()
