@@ -361,9 +361,11 @@ async def test_a_backend_agent_that_drains_finishes_its_calls_and_loses_none(
         client_agent(setup, endpoints=[agent.bound["inbound[0]"] for _, agent in pairs]) as agent,
         channel(agent) as connection,
     ):
-        running = asyncio.create_task(calls(connection, 200, concurrency=10))
-        assert await eventually(lambda: len(pairs[0][0].requests) >= 10)
+        # Three at a time: the calls that find its listener gone are all retried within the
+        # retry budget's minimum (more at once would be over budget, and answered).
+        running = asyncio.create_task(calls(connection, 120, concurrency=3))
+        assert await eventually(lambda: len(pairs[0][0].requests) >= 6)
         await pairs[0][1].drain()  # GOAWAY: its calls in flight finish, new ones go to b
         results = await running
     assert [r for r in results if not ok(r)] == []
-    assert len(pairs[1][0].requests) > 100
+    assert len(pairs[1][0].requests) > 60
