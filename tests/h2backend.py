@@ -82,6 +82,7 @@ class H2Backend:
     name: str
     reply: Reply | None = None
     max_streams: int = 100
+    early: bool = False  # answer on the request head, without waiting for its body
     port: int = 0
     requests: list[Request] = field(default_factory=list)
     connections: int = 0  # accepted so far
@@ -109,11 +110,15 @@ class H2Backend:
 
 @asynccontextmanager
 async def h2_backend(
-    name: str, reply: Reply | None = None, max_streams: int = 100, sock: socket.socket | None = None
+    name: str,
+    reply: Reply | None = None,
+    max_streams: int = 100,
+    sock: socket.socket | None = None,
+    early: bool = False,
 ) -> AsyncIterator[H2Backend]:
     """An H2Backend listening on 127.0.0.1 (its `port`), or on the listening `sock` (a
-    pod's, say), for the block."""
-    backend = H2Backend(name, reply, max_streams)
+    pod's, say), for the block; `early`: it answers on the request head."""
+    backend = H2Backend(name, reply, max_streams, early)
     loop = asyncio.get_running_loop()
     if sock is None:
         server = await loop.create_server(lambda: _Server(backend), "127.0.0.1", 0)
@@ -169,21 +174,28 @@ class _Server(asyncio.Protocol):
             if isinstance(event, h2.events.RequestReceived):
                 self.heads[event.stream_id] = list(event.headers)
                 self.bodies[event.stream_id] = bytearray()
+                if self.backend.early:
+                    self.start(event.stream_id)
             elif isinstance(event, h2.events.DataReceived):
-                self.bodies[event.stream_id] += event.data
+                if event.stream_id in self.bodies:
+                    self.bodies[event.stream_id] += event.data
                 self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, h2.events.TrailersReceived):
                 self.trailers[event.stream_id] = list(event.headers)
             elif isinstance(event, h2.events.StreamEnded):
-                task = asyncio.get_running_loop().create_task(self.serve(event.stream_id))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                if event.stream_id in self.heads:
+                    self.start(event.stream_id)
             elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
                 for window in self.windows.values():
                     window.set()
             elif isinstance(event, h2.events.StreamReset):
                 self.windows.pop(event.stream_id, asyncio.Event()).set()
         self.flush()
+
+    def start(self, stream_id: int) -> None:
+        task = asyncio.get_running_loop().create_task(self.serve(stream_id))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def serve(self, stream_id: int) -> None:
         request = Request(

@@ -40,14 +40,18 @@ BACKEND = str(workload("backend"))
 
 @asynccontextmanager
 async def backend_agents(
-    setup: CaSetup, *names: str, replies: dict[str, Reply] | None = None
+    setup: CaSetup,
+    *names: str,
+    replies: dict[str, Reply] | None = None,
+    early: frozenset[str] = frozenset(),
 ) -> AsyncIterator[list[tuple[H2Backend, Agent]]]:
-    """Each h2c app behind its own agent (`protocol: http2` inbound)."""
+    """Each h2c app behind its own agent (`protocol: http2` inbound); those in `early`
+    answer on the request head."""
     async with AsyncExitStack() as stack:
         pairs = []
         for name in names:
             reply = (replies or {}).get(name)
-            app = await stack.enter_async_context(h2_backend(name, reply))
+            app = await stack.enter_async_context(h2_backend(name, reply, early=name in early))
             raw = agent_yaml(setup.root, "backend", inbound=inbound(app.port, protocol="http2"))
             agent = await stack.enter_async_context(
                 running_agent(raw, local_sign(setup), setup.root)
@@ -58,10 +62,13 @@ async def backend_agents(
 
 @asynccontextmanager
 async def backends(
-    setup: CaSetup, *names: str, replies: dict[str, Reply] | None = None
+    setup: CaSetup,
+    *names: str,
+    replies: dict[str, Reply] | None = None,
+    early: frozenset[str] = frozenset(),
 ) -> AsyncIterator[list[tuple[H2Backend, str]]]:
     """Each h2c app and its agent's inbound address."""
-    async with backend_agents(setup, *names, replies=replies) as pairs:
+    async with backend_agents(setup, *names, replies=replies, early=early) as pairs:
         yield [(app, agent.bound["inbound[0]"]) for app, agent in pairs]
 
 
@@ -369,3 +376,40 @@ async def test_a_backend_agent_that_drains_finishes_its_calls_and_loses_none(
         results = await running
     assert [r for r in results if not ok(r)] == []
     assert len(pairs[1][0].requests) > 60
+
+
+async def test_a_streaming_call_refused_midway_is_replayed_whole_on_the_next_backend(
+    setup: CaSetup,
+) -> None:
+    async def unavailable(request: Request) -> Answer:
+        return grpc_error(Code.UNAVAILABLE, "draining")
+
+    async with (
+        backends(
+            setup, "down", "up", replies={"down": unavailable}, early=frozenset({"down"})
+        ) as pairs,
+        client_agent(
+            setup,  # every call goes to `down` first; `up` is where a retry falls back to
+            subsets=[
+                {"name": "first", "weight": 1, "endpoints": [pairs[0][1]]},
+                {"name": "fallback", "weight": 0, "endpoints": [pairs[1][1]]},
+            ],
+        ) as agent,
+        channel(agent) as connection,
+    ):
+        stream = connection.open(grpc_head())
+        await stream.send(b"\0\0\0\0\x05first")
+        # `down` refuses on the head: the retry replays what was sent so far ...
+        assert await eventually(lambda: len(pairs[0][0].requests) == 1)
+        assert await eventually(lambda: metric(agent, "upstream_retries_total") == 1)
+        await stream.send(b"\0\0\0\0\x06second", end=True)  # ... and goes on with the rest
+        answered = []
+        async for event in stream:
+            answered.append(event)
+            if isinstance(event, h2client.Data):
+                stream.consumed(event.flow)
+        stream.release()
+    trailers = [e for e in answered if isinstance(e, h2client.Trailers)]
+    assert trailers and (b"grpc-status", b"0") in trailers[0].headers
+    (request,) = pairs[1][0].requests
+    assert request.body == b"\0\0\0\0\x05first\0\0\0\0\x06second"
