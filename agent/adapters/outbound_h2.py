@@ -440,7 +440,10 @@ class _Body:
                 return
             while True:
                 while position < self.base + len(self.chunks):
-                    await up.send(self.chunks[position - self.base])
+                    last = position + 1 == self.base + len(self.chunks)
+                    # The last chunk of a body read whole carries END_STREAM: one frame less.
+                    ending = last and self.ended and self.trailers is None
+                    await up.send(self.chunks[position - self.base], end=ending)
                     position += 1
                     if self._sender is me:
                         self.sent = position
@@ -448,6 +451,8 @@ class _Body:
                             del self.chunks[: position - self.base]
                             self.base = position
                         self._notify()
+                    if ending:
+                        return
                 if self.ended:
                     up.end(self.trailers)
                     return
