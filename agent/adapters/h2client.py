@@ -18,8 +18,8 @@ A GOAWAY stops new streams at once. Streams above its last-stream-id were
 never processed: they end `Reset("refused-stream")`, which retries any
 method, as a connect failure does. A graceful GOAWAY (NO_ERROR) lets the
 streams at or below it finish (h2 itself would close the connection on any
-GOAWAY: `_Connection` keeps it open for them); an error GOAWAY, a protocol
-error or a lost transport ends every stream `Reset("reset")`.
+GOAWAY: `_Connection` keeps it open for them); an error GOAWAY ends them
+`Reset("reset")`, as a protocol error or a lost transport ends every stream.
 
 `H2Pool` keeps these connections per endpoint and hands out the one with
 room, up to the peer's SETTINGS_MAX_CONCURRENT_STREAMS (and our own
@@ -539,14 +539,16 @@ class H2ClientConnection(asyncio.Protocol):
             self._goaway(int(event.error_code or 0), event.last_stream_id or 0)
 
     def _goaway(self, code: int, last_stream_id: int) -> None:
+        """No new stream; those above `last_stream_id` were never processed, whatever the
+        code (RFC 9113 6.8); after an error, the others are lost too."""
         self.goaway = True
-        if code != ErrorCodes.NO_ERROR:
-            self._fail_all("reset", code)
         for stream_id in [i for i in self.streams if i > last_stream_id]:
             stream = self.streams[stream_id]
             stream.local_closed = True
             stream._push(Reset("refused-stream", ErrorCodes.REFUSED_STREAM))
             self._finished(stream)
+        if code != ErrorCodes.NO_ERROR:
+            self._fail_all("reset", code)
         if not self.streams:
             self.close()
         if not self.ready.done():

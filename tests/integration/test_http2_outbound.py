@@ -284,6 +284,12 @@ async def test_plain_http2_requests_get_answers_and_json_refusals(setup: CaSetup
     ):
         refused = await exchange(connection, head, b"")
         grpc_refused = await exchange(connection, grpc_head())
+        crowded = grpc_head(**{f"x_{i}": "1" for i in range(101)})
+        too_many = await exchange(connection, crowded)
+        limited = sample(
+            agent, "outrider_http2_limits_total", direction="outbound", limit="header_list"
+        )
+    assert too_many.grpc_status == Code.RESOURCE_EXHAUSTED and limited == 1
     assert refused.status == 503
     assert json.loads(refused.body) == {"error": "upstream_connect_failure"}
     assert grpc_refused.status == 200 and grpc_refused.grpc_status == Code.UNAVAILABLE
