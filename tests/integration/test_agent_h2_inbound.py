@@ -13,6 +13,7 @@ import contextlib
 import json
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ async def answer(stream: H2Stream) -> None:
     body = b""
     while chunk := await stream.read():
         body += chunk
+    if stream.header(b":path") == b"/demo.Greeter/Slow":
+        await asyncio.sleep(5)  # an app slower than the call's deadline
     seen = {
         "target": (stream.header(b":path") or b"").decode(),
         "xfcc": [v.decode() for n, v in stream.headers if n == b"x-forwarded-client-cert"],
@@ -173,6 +176,16 @@ def test_a_refused_grpc_call_gets_a_grpc_status_not_a_dropped_stream(
     assert response.body == b""
     after = agent.total("outrider_grpc_requests_total", grpc_status=str(int(code)))
     assert after == before + 1
+
+
+def test_a_call_past_its_grpc_timeout_is_deadline_exceeded(client: H2Client) -> None:
+    started = time.monotonic()
+    sid = client.send(
+        request_headers("/demo.Greeter/Slow", "POST", grpc_timeout="200m", **GRPC), b"hi"
+    )
+    response = client.wait(sid)
+    assert response.header(b"grpc-status") == str(int(Code.DEADLINE_EXCEEDED)).encode()
+    assert time.monotonic() - started < 2
 
 
 def test_an_unreachable_app_is_unavailable_to_a_grpc_client(
