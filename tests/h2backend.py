@@ -83,6 +83,7 @@ class H2Backend:
     reply: Reply | None = None
     max_streams: int = 100
     early: bool = False  # answer on the request head, without waiting for its body
+    stall: bool = False  # read no body: give no flow-control credit back
     port: int = 0
     requests: list[Request] = field(default_factory=list)
     connections: int = 0  # accepted so far
@@ -179,7 +180,8 @@ class _Server(asyncio.Protocol):
             elif isinstance(event, h2.events.DataReceived):
                 if event.stream_id in self.bodies:
                     self.bodies[event.stream_id] += event.data
-                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if not self.backend.stall:
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, h2.events.TrailersReceived):
                 self.trailers[event.stream_id] = list(event.headers)
             elif isinstance(event, h2.events.StreamEnded):

@@ -467,3 +467,33 @@ async def test_a_grpcio_bidi_stream_is_relayed_message_by_message(setup: CaSetup
     finally:
         server.stop(0)
     assert heard == [b"echo:m%d" % i for i in range(20)]
+
+
+async def test_a_backend_that_reads_nothing_holds_the_app_back_not_the_agents_memory(
+    setup: CaSetup,
+) -> None:
+    async with (
+        backend_agents(setup, "stalled") as pairs,
+        client_agent(setup, endpoints=[pairs[0][1].bound["inbound[0]"]]) as agent,
+        channel(agent) as connection,
+    ):
+        pairs[0][0].stall = True
+        stream = connection.open(grpc_head())
+        sent = 0
+
+        async def upload() -> None:
+            nonlocal sent
+            for _ in range(1024):  # 16 MiB at most
+                await stream.send(b"x" * 16384)
+                sent += 16384
+
+        uploading = asyncio.create_task(upload())
+        previous = -1
+        while sent != previous:  # until the app can send no more: every window is shut
+            previous = sent
+            await asyncio.sleep(0.2)
+        blocked = not uploading.done()
+        stream.release()
+        uploading.cancel()
+    # Each hop holds what the windows it advertised let in, and a chunk: no more.
+    assert blocked and 0 < sent <= 512 * 1024, sent  # 176 KiB when written
