@@ -407,6 +407,7 @@ class OutboundHttp(asyncio.Protocol):
             request.body.clear()
         self._unhold(request)
         self._flush()
+        attempt.sent()
         await attempt.decided()
         return None
 
