@@ -12,6 +12,8 @@ how a body is delimited in one place):
   peer when the sender gave none, close-delimited for an HTTP/1.0 peer;
 - which headers end at this hop (`hop_by_hop`), and the head written in their
   place (`request_head`, `response_head`) with the agent's own `Connection`;
+  a chunked body's trailers end here too (screened and counted like any field,
+  never joined to the head: a trailer Host would be one the policy never saw);
 - whether a connection stays open after a message (`persistent`);
 - what a request may not be (two Hosts, no Host on HTTP/1.1, chunked on
   HTTP/1.0, a Host no app reads alike, an Upgrade with a body, CONNECT),
@@ -382,6 +384,7 @@ class RequestParser:
         self.stopped = False
         self.upgrading = False  # an Upgrade request is whole: what follows is held
         self._held: list[bytes] = []
+        self._trailers = False  # the head is out: fields now are a chunked body's trailers
 
     def feed(self, data: bytes) -> list[RequestEvent]:
         if self.stopped:
@@ -434,6 +437,7 @@ class RequestParser:
     def on_message_begin(self) -> None:
         self._url, self._headers, self._scanned, self._size, self._fields = b"", [], {}, 0, 0
         self._messages += 1
+        self._trailers = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -446,6 +450,11 @@ class RequestParser:
         if self._size > MAX_HEADER_BYTES or self._fields > MAX_HEADERS:
             self._count(0)
         if plain(name):
+            if self._trailers:
+                # A chunked body's trailer fields: counted and screened like any field,
+                # then dropped (never passed on). Added to the head, they would reach
+                # the app as header fields the policy never saw, or a second Host.
+                return
             self._headers.append((name, value))
             key = name.lower()
             if key in _RULED:
@@ -457,6 +466,7 @@ class RequestParser:
 
     def on_headers_complete(self) -> None:
         self._unparsed = 0
+        self._trailers = True
         parser = self._parser
         method = parser.get_method()
         version = parser.get_http_version()
@@ -546,6 +556,7 @@ class ResponseParser:
         self.framing: Framing = "none"
         self.status = 0
         self.done = False  # the final response is whole
+        self._trailers = False  # the head is out: fields now are trailers, dropped
 
     def feed(self, data: bytes) -> list[ResponseEvent]:
         events = self._events = []
@@ -581,17 +592,21 @@ class ResponseParser:
         if self.done:  # the final response was whole (a HEAD response, its parser retired)
             raise _Stop
         self._reason, self._headers, self._scanned = b"", [], {}
+        self._trailers = False
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._trailers:  # a chunked body's trailers: never joined to the head sent on
+            return
         self._headers.append((name, value))
         key = name.lower()
         if key in _RULED:
             self._scanned.setdefault(key, []).append(value)
 
     def on_headers_complete(self) -> None:
+        self._trailers = True
         parser = self._parser
         status = self.status = parser.get_status_code()
         version = parser.get_http_version()

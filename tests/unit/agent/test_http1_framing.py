@@ -536,3 +536,39 @@ def test_a_malformed_response_breaks_the_connection() -> None:
         b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
     assert isinstance(events[-1], Broken)
+
+
+# -- trailers ------------------------------------------------------------------------------
+
+TRAILED = (
+    b"POST / HTTP/1.1\r\nHost: backend\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n"
+    b"Host: internal.example.org\r\nX-Role: admin\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("cut", [0, TRAILED.index(b"0\r\nHost"), len(TRAILED) - 3])
+def test_a_requests_trailers_never_join_its_head(cut: int) -> None:
+    """The head is authorized and passed on as it came; trailer fields arriving with it
+    (in the same read or later) must not become a second Host the policy never saw."""
+    parser = RequestParser()
+    events = parser.feed(TRAILED[:cut]) + parser.feed(TRAILED[cut:]) if cut else requests(TRAILED)
+    head = events[0]
+    assert isinstance(head, Request) and events[-1] is END
+    assert head.headers == fields("Host: backend", "Transfer-Encoding: chunked")
+    written = http1.request_head(head, b"/")
+    assert written.count(b"Host") == 1 and b"X-Role" not in written
+
+
+def test_trailers_are_screened_like_any_field() -> None:
+    found = refusal(TRAILED.replace(b"X-Role", b"X_Role"))
+    assert found is not None and found[0] == 400 and "'X_Role'" in found[1]
+
+
+def test_a_responses_trailers_never_join_its_head() -> None:
+    events = _response(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n"
+        b"X-Forwarded-Client-Cert: leak\r\nSet-Cookie: a=b\r\n\r\n"
+    )
+    head = events[0]
+    assert isinstance(head, Response) and events[-1] is END
+    assert head.headers == fields("Transfer-Encoding: chunked")

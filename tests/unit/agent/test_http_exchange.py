@@ -229,3 +229,12 @@ def test_a_drained_connection_answers_what_it_read_with_connection_close() -> No
     x.exchange.finish()
     written = x.answer(OK)
     assert b"connection: close" in written and x.client.closed
+
+
+def test_a_trailer_cannot_give_the_app_a_host_the_policy_never_saw() -> None:
+    x = Exchange()
+    sent = x.send(
+        b"POST /api/items HTTP/1.1\r\nHost: backend\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\nHost: internal.example.org\r\n\r\n"
+    )
+    assert sent.count(b"Host:") == 1 and b"internal.example.org" not in sent
