@@ -155,6 +155,10 @@ class HttpExchange:
             self.app.write(data)
         elif not self.stopped:
             self._requests(self.requests.feed(data))
+            if self.requests.upgrading:
+                # Held in memory until the app answers the Upgrade: whatever resumed
+                # reading (the app's write buffer drained), one read is all it gets.
+                self.client.pause_reading()
             self._flush()
 
     def _requests(self, events: list[http1.RequestEvent]) -> None:
