@@ -16,7 +16,8 @@ how a body is delimited in one place):
   never joined to the head: a trailer Host would be one the policy never saw);
 - whether a connection stays open after a message (`persistent`);
 - what a request may not be (two Hosts, no Host on HTTP/1.1, chunked on
-  HTTP/1.0, a Host no app reads alike, an Upgrade with a body, CONNECT),
+  HTTP/1.0, a Host no app reads alike, an Upgrade with a body, CONNECT, a
+  version other than 1.0 and 1.1),
   header limits, and header names app servers fold (agent/core/headers.py);
 - an Upgrade (`Request.upgrade`): the request is passed on and the parser
   holds what follows until the answer says whether the connection switched
@@ -473,6 +474,11 @@ class RequestParser:
         headers, scanned = self._headers, self._scanned
         if method == b"CONNECT":
             self._refuse(501, "connect_not_supported", "CONNECT tunnels are not relayed")
+            raise _Stop
+        if version != "1.1" and version != "1.0":
+            # llhttp takes HTTP/0.9 (no headers, no Host) and a request line saying 2.0:
+            # neither is HTTP/1.x, and the app would read either its own way.
+            self._refuse(505, "version_not_supported", f"HTTP/{version}")
             raise _Stop
         refusal = _check(version, scanned)
         upgrade = None

@@ -182,6 +182,9 @@ SMUGGLING = [
         "Upgrade request with a body",
     ),
     (GET + b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, "HTTP/2 preface"),
+    # llhttp takes these versions; passed on, the app would read them its own way.
+    (b"GET /\r\n\r\n", 505, "HTTP/0.9"),
+    (b"GET / HTTP/2.0\r\nHost: b\r\n\r\n", 505, "HTTP/2.0"),
 ]
 
 
