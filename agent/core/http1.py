@@ -548,7 +548,8 @@ class ResponseParser:
     """The response to one request, as events: its 1xx heads, then the final response.
 
     Anything after the final response is `Broken`: a server that answers what nobody
-    asked cannot be trusted with the next request.
+    asked cannot be trusted with the next request. So is a head over the request
+    limits (MAX_HEADER_BYTES, MAX_HEADERS), and a status below 100.
     """
 
     def __init__(self, method: bytes, upgrade: bool = False) -> None:
@@ -563,6 +564,12 @@ class ResponseParser:
         self.status = 0
         self.done = False  # the final response is whole
         self._trailers = False  # the head is out: fields now are trailers, dropped
+        # The request limits, for a hostile upstream or a broken app: bytes of the
+        # head so far, its fields, and bytes fed since llhttp last handed any on.
+        self._size = 0
+        self._fields = 0
+        self._unparsed = 0
+        self._broken = ""  # why a callback stopped llhttp
 
     def feed(self, data: bytes) -> list[ResponseEvent]:
         events = self._events = []
@@ -570,6 +577,7 @@ class ResponseParser:
             if data:
                 events.append(Broken("a response nobody asked for"))
             return events
+        self._unparsed += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -580,7 +588,12 @@ class ResponseParser:
                 events.append(Broken("101 to a request that asked for no Upgrade"))
         except httptools.HttpParserError as exc:
             stray = self.done  # on_message_begin stopped a second response
-            events.append(Broken("a response nobody asked for" if stray else str(exc)))
+            why = self._broken or ("a response nobody asked for" if stray else str(exc))
+            events.append(Broken(why))
+            return events
+        if self._unparsed > MAX_HEADER_BYTES:  # a head (or a field) without end
+            self.done = True
+            events.append(Broken("response headers too large"))
         return events
 
     def eof(self) -> list[ResponseEvent]:
@@ -599,11 +612,17 @@ class ResponseParser:
             raise _Stop
         self._reason, self._headers, self._scanned = b"", [], {}
         self._trailers = False
+        self._size = self._fields = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields += 1
+        self._size += len(name) + len(value)
+        if self._size > MAX_HEADER_BYTES or self._fields > MAX_HEADERS:
+            self._broken = "response headers too large"
+            raise _Stop
         if self._trailers:  # a chunked body's trailers: never joined to the head sent on
             return
         self._headers.append((name, value))
@@ -613,8 +632,12 @@ class ResponseParser:
 
     def on_headers_complete(self) -> None:
         self._trailers = True
+        self._unparsed = 0
         parser = self._parser
         status = self.status = parser.get_status_code()
+        if status < 100:  # llhttp takes any three digits; no client knows what 0xx means
+            self._broken = f"status {status}"
+            raise _Stop
         version = parser.get_http_version()
         headers = self._headers
         if status == 101 and not self.upgrade:
@@ -632,10 +655,12 @@ class ResponseParser:
             self._events.append(END)
 
     def on_body(self, data: bytes) -> None:
+        self._unparsed = 0
         if not self.done:
             self._events.append(Data(data))
 
     def on_message_complete(self) -> None:
+        self._unparsed = 0
         if self.status >= 200 and not self.done:
             self.done = True
             self._events.append(END)

@@ -539,6 +539,7 @@ def test_a_malformed_response_breaks_the_connection() -> None:
         b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
     assert isinstance(events[-1], Broken)
+    assert _response(b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n") == [Broken("status 99")]
 
 
 # -- trailers ------------------------------------------------------------------------------
@@ -575,3 +576,27 @@ def test_a_responses_trailers_never_join_its_head() -> None:
     head = events[0]
     assert isinstance(head, Response) and events[-1] is END
     assert head.headers == fields("Transfer-Encoding: chunked")
+
+
+def test_a_response_head_over_the_header_limits_breaks_the_connection() -> None:
+    """A hostile upstream (or a broken app) cannot make the agent hold a head without end:
+    the request limits apply to responses too."""
+    many = b"".join(b"x-h%d: v\r\n" % i for i in range(http1.MAX_HEADERS + 1))
+    events = _response(b"HTTP/1.1 200 OK\r\n" + many + b"\r\n")
+    assert events == [Broken("response headers too large")]
+    parser = ResponseParser(b"GET")
+    events = parser.feed(b"HTTP/1.1 200 OK\r\nX-Big: ")
+    fed = 0
+    while not events and fed < 4 << 20:
+        events = parser.feed(b"a" * 4096)
+        fed += 4096
+    assert events == [Broken("response headers too large")]
+    assert fed <= http1.MAX_HEADER_BYTES
+
+
+def test_a_long_body_and_many_interim_responses_are_within_the_limits() -> None:
+    parser = ResponseParser(b"GET")
+    interim = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 200
+    events = parser.feed(interim + b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n")
+    events += parser.feed(b"x" * 200000)
+    assert not [e for e in events if isinstance(e, Broken)] and events[-1] is END
