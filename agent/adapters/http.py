@@ -126,6 +126,7 @@ class HttpExchange:
         self.on_response = on_response
         self.requests = http1.RequestParser(underscores)
         self.responses: http1.ResponseParser | None = None  # to the request in flight
+        self.spare: http1.ResponseParser | None = None  # the last one, for `next` to reuse
         self.queue: deque[_Request] = deque()  # queue[0] is in flight when it goes to the app
         self.held = 0
         self.stopped = False  # a local answer is queued: later requests are ignored
@@ -145,7 +146,7 @@ class HttpExchange:
         """Both connections are gone: let go of the parsers and what they hold (a request
         held behind an Upgrade) at once."""
         self.requests = http1.RequestParser()
-        self.responses = None
+        self.responses = self.spare = None
         self.queue.clear()
 
     # -- bytes in ----------------------------------------------------------------------
@@ -334,7 +335,12 @@ class HttpExchange:
             self.to_client.append(request.answer)
             self.closing = True
             return
-        self.responses = http1.ResponseParser(request.method, request.upgrade)
+        spare = self.spare
+        if spare is None:
+            self.responses = http1.ResponseParser(request.method, request.upgrade)
+        else:
+            self.responses = spare.next(request.method, request.upgrade)
+            self.spare = None
         self.to_app += [request.head, *request.body]
         self.held -= request.held
         request.held = 0
@@ -378,7 +384,7 @@ class HttpExchange:
         assert responses is not None
         self.on_response(responses.status)
         request = self.queue.popleft()
-        self.responses = None
+        self.spare, self.responses = responses, None
         self.to_client.append(http1.end(self.outgoing))
         if not self.keep:
             self.stopped = self.closing = True

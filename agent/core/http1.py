@@ -43,7 +43,7 @@ import h2.connection
 import h2.errors
 import httptools
 
-from agent.core.headers import UnderscoreAction, plain, underscore_refusal
+from agent.core.headers import PLAIN, UnderscoreAction, underscore_refusal
 
 Fields = list[tuple[bytes, bytes]]
 #: The fields the rules read (`_RULED`), by lower-case name, their values in order.
@@ -251,6 +251,7 @@ _LENGTHS: dict[frozenset[bytes], frozenset[int]] = {}
 
 
 def _fields(
+    parts: list[bytes],
     headers: Fields,
     connection: frozenset[bytes],
     incoming: Framing,
@@ -258,34 +259,36 @@ def _fields(
     *,
     upgrade: bool,
     dropped: frozenset[bytes],
-) -> list[bytes]:
-    """Header lines passed on: hop-by-hop names out, and `dropped` ones in any spelling an
-    app server folds onto them (`_` for `-`); framing as sent."""
+) -> None:
+    """Add the header lines passed on to `parts`: hop-by-hop names out, and `dropped`
+    ones in any spelling an app server folds onto them (`_` for `-`); framing as sent.
+    (Pieces of lines, joined once by the caller: no bytes object per line.)"""
     hop = hop_by_hop(connection, upgrade=upgrade)
     if incoming == "chunked" and outgoing == "close":
         hop |= {b"transfer-encoding"}
     lengths = _LENGTHS.get(dropped)
     if lengths is None:
         lengths = _LENGTHS[dropped] = frozenset(map(len, dropped))
-    lines = []
     for name, value in headers:
         key = name.lower()
         if key in hop or (len(key) in lengths and key.replace(b"_", b"-") in dropped):
             continue
-        lines.append(b"%s: %s" % (name, value))
+        parts += (name, b": ", value, b"\r\n")
     if incoming == "close" and outgoing == "chunked":
-        lines.append(b"transfer-encoding: chunked")
-    return lines
+        parts.append(b"transfer-encoding: chunked\r\n")
 
 
-def _connection(version: str, keep_alive: bool, upgrade: bool, headers: Fields) -> list[bytes]:
-    """The agent's own Connection header for the next hop."""
+def _connection(version: str, keep_alive: bool, upgrade: bool, headers: Fields) -> bytes:
+    """The agent's own Connection header line for the next hop (b"": none)."""
     if upgrade:
         kept = [n for n, _ in headers if n.lower() == b"http2-settings"][:1]
-        return [b"connection: " + b", ".join([b"Upgrade", *kept])]
+        return b"connection: " + b", ".join([b"Upgrade", *kept]) + b"\r\n"
     if version == "1.0":
-        return [b"connection: keep-alive"] if keep_alive else []
-    return [] if keep_alive else [b"connection: close"]
+        return b"connection: keep-alive\r\n" if keep_alive else b""
+    return b"" if keep_alive else b"connection: close\r\n"
+
+
+_VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 
 
 def request_head(
@@ -301,8 +304,9 @@ def request_head(
     framing (llhttp de-chunks; `body` chunks again), hop-by-hop headers out."""
     version = version or request.version
     keep = request.keep_alive if keep_alive is None else keep_alive
-    lines = [b"%s %s HTTP/%s" % (request.method, target, version.encode())]
-    lines += _fields(
+    parts = [request.method, b" ", target, b" HTTP/", _VERSIONS[version], b"\r\n"]
+    _fields(
+        parts,
         request.headers,
         request.connection,
         request.framing,
@@ -310,9 +314,10 @@ def request_head(
         upgrade=request.upgrade is not None,
         dropped=dropped,
     )
-    lines += [b"%s: %s" % field for field in extra]
-    lines += _connection(version, keep, request.upgrade is not None, request.headers)
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+    for name, value in extra:
+        parts += (name, b": ", value, b"\r\n")
+    parts += (_connection(version, keep, request.upgrade is not None, request.headers), b"\r\n")
+    return b"".join(parts)
 
 
 def response_head(
@@ -327,8 +332,9 @@ def response_head(
     server sends its own version), its body framed `outgoing` (`relay_framing`), with
     the agent's own decision on the client's connection (`keep_alive`)."""
     switching = response.status == 101
-    lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
-    lines += _fields(
+    parts = [b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason)]
+    _fields(
+        parts,
         response.headers,
         response.connection,
         response.framing,
@@ -337,8 +343,9 @@ def response_head(
         dropped=dropped,
     )
     if response.status >= 200 or switching:
-        lines += _connection("1.0" if http10 else "1.1", keep_alive, switching, [])
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+        parts.append(_connection("1.0" if http10 else "1.1", keep_alive, switching, []))
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def h2_refusal(advice: str = H2_ADVICE) -> bytes:
@@ -367,6 +374,23 @@ class RequestParser:
     what follows is held until `switched()` (the new protocol's first bytes) or
     `resume()` (the server said no: HTTP goes on).
     """
+
+    __slots__ = (
+        "_events",
+        "_fields",
+        "_headers",
+        "_held",
+        "_messages",
+        "_parser",
+        "_scanned",
+        "_size",
+        "_trailers",
+        "_unparsed",
+        "_url",
+        "stopped",
+        "underscores",
+        "upgrading",
+    )
 
     def __init__(self, underscores: UnderscoreAction = "reject") -> None:
         self.underscores = underscores
@@ -442,7 +466,9 @@ class RequestParser:
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count(len(url))
+        self._size += len(url)
+        if self._size > MAX_HEADER_BYTES:
+            self._count(0)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # The hot path: every field of every request (the limits inline, not _count).
@@ -450,7 +476,7 @@ class RequestParser:
         self._size += len(name) + len(value)
         if self._size > MAX_HEADER_BYTES or self._fields > MAX_HEADERS:
             self._count(0)
-        if plain(name):
+        if name and not name.translate(None, PLAIN):  # headers.plain, inline: every field
             if self._trailers:
                 # A chunked body's trailer fields: counted and screened like any field,
                 # then dropped (never passed on). Added to the head, they would reach
@@ -552,6 +578,25 @@ class ResponseParser:
     limits (MAX_HEADER_BYTES, MAX_HEADERS), and a status below 100.
     """
 
+    __slots__ = (
+        "_between",
+        "_broken",
+        "_events",
+        "_fields",
+        "_headers",
+        "_parser",
+        "_reason",
+        "_scanned",
+        "_size",
+        "_trailers",
+        "_unparsed",
+        "done",
+        "framing",
+        "method",
+        "status",
+        "upgrade",
+    )
+
     def __init__(self, method: bytes, upgrade: bool = False) -> None:
         self.method = method
         self.upgrade = upgrade  # the request asked for an Upgrade: a 101 may switch
@@ -570,6 +615,19 @@ class ResponseParser:
         self._fields = 0
         self._unparsed = 0
         self._broken = ""  # why a callback stopped llhttp
+        self._between = False  # llhttp ended the final response itself: `next` may reuse it
+
+    def next(self, method: bytes, upgrade: bool = False) -> ResponseParser:
+        """The parser for the next response on this connection: this one, reset, when
+        llhttp itself ended the last response (it stands between two messages); else a
+        new one (a response to HEAD, whose body llhttp would still wait for). One
+        llhttp parser per connection, not per request, on the usual path."""
+        if not self._between:
+            return ResponseParser(method, upgrade)
+        self._between = False
+        self.method, self.upgrade = method, upgrade
+        self.framing, self.status, self.done = "none", 0, False
+        return self
 
     def feed(self, data: bytes) -> list[ResponseEvent]:
         events = self._events = []
@@ -590,9 +648,11 @@ class ResponseParser:
             stray = self.done  # on_message_begin stopped a second response
             why = self._broken or ("a response nobody asked for" if stray else str(exc))
             events.append(Broken(why))
+            self._between = False
             return events
         if self._unparsed > MAX_HEADER_BYTES:  # a head (or a field) without end
             self.done = True
+            self._between = False
             events.append(Broken("response headers too large"))
         return events
 
@@ -609,6 +669,7 @@ class ResponseParser:
 
     def on_message_begin(self) -> None:
         if self.done:  # the final response was whole (a HEAD response, its parser retired)
+            self._between = False  # the parser was stopped mid-message: never reused
             raise _Stop
         self._reason, self._headers, self._scanned = b"", [], {}
         self._trailers = False
@@ -661,6 +722,8 @@ class ResponseParser:
 
     def on_message_complete(self) -> None:
         self._unparsed = 0
-        if self.status >= 200 and not self.done:
-            self.done = True
-            self._events.append(END)
+        if self.status >= 200:
+            self._between = self._parser.should_keep_alive()  # else llhttp takes no more
+            if not self.done:
+                self.done = True
+                self._events.append(END)

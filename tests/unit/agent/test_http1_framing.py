@@ -600,3 +600,26 @@ def test_a_long_body_and_many_interim_responses_are_within_the_limits() -> None:
     events = parser.feed(interim + b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n")
     events += parser.feed(b"x" * 200000)
     assert not [e for e in events if isinstance(e, Broken)] and events[-1] is END
+
+
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [(m, r) for m, r, _, _ in RESPONSES if not r.startswith(b"HTTP/1.1 200 OK\r\n\r\n")],
+)
+def test_a_parser_reused_for_the_next_response_reads_it_as_a_new_one_would(
+    method: bytes, raw: bytes
+) -> None:
+    """`next` keeps llhttp's parser between responses only where llhttp ended the last one
+    (never after a HEAD response, whose body it would still wait for)."""
+    first = ResponseParser(b"GET")
+    first.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+    again = first.next(method)
+    assert again is first
+    assert _summary(again.feed(raw)) == _summary(_response(raw, method))
+    follow = again.next(b"GET")
+    if method == b"HEAD" and b"Content-Length: 2" in raw:
+        assert follow is not again
+    assert _summary(follow.feed(GET_OK)) == [200, b"x", END]
+
+
+GET_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"
