@@ -246,11 +246,13 @@ class HttpExchange:
             return self.answer(400, {"error": "bad_path", "detail": str(exc)})
         values: dict[str, tuple[str, ...]] = {}
         for name, value in request.headers:
-            if _identity(name):
+            if len(name) in _IDENTITY_LENGTHS and _identity(name):  # the length: at once
                 continue
             key = name.lower().decode("latin-1")
             # llhttp keeps trailing whitespace; the app drops it (RFC 9110 5.5), so must we.
-            values[key] = (*values.get(key, ()), value.decode("latin-1").strip(" \t"))
+            text = value.decode("latin-1").strip(" \t")
+            found = values.get(key)
+            values[key] = (text,) if found is None else (*found, text)
         hosts = values.get("host", ())
         host = normalize_host(hosts[0]) if hosts else None
         method = request.method.decode("ascii")
