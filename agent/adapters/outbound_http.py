@@ -605,12 +605,16 @@ class _Responses:
 
     def apply(self, events: list[http1.ResponseEvent]) -> bool:
         """Deliver what the upstream sent; False if it broke HTTP."""
+        # Broken comes last: a response whole before it (then a second one, unasked) is
+        # delivered, but its connection is never pooled again.
+        broken = bool(events) and isinstance(events[-1], http1.Broken)
         for event in events:
             if isinstance(event, Data):
                 if self.delivering and not self.finished:
                     self.exchange.to_client.append(http1.body(self.outgoing, event.data))
             elif event is END:
                 if self.delivering and not self.finished:
+                    self.keep_alive = self.keep_alive and not broken
                     self.finish()
             elif isinstance(event, http1.Response):
                 self.head(event)
