@@ -12,9 +12,10 @@ one protobuf descriptor pool cannot hold twice.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator
@@ -134,12 +135,34 @@ def leaf_serial(chain_der: bytes) -> str:
     return f"{certificates(chain_der)[0].serial_number:x}"
 
 
-def spiffe_client(socket_path: Path, rotations: int, timeout: float = 30) -> subprocess.Popen[str]:
-    """py-spiffe's X509Source on the socket, in a process of its own: it prints a JSON line
-    per SVID it holds ({"serial", "spiffe_id", "verified", "at"}), `rotations` + 1 of them."""
-    return subprocess.Popen(
-        [sys.executable, str(SPIFFE_CLIENT), str(socket_path), str(rotations), str(timeout)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+@asynccontextmanager
+async def spiffe_client(
+    socket_path: Path, updates: int, timeout: float = 20
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """py-spiffe's X509Source on the socket, in a process of its own (tests/spiffe_client.py):
+    a JSON line on stdout for its first SVID and each of `updates` updates."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(SPIFFE_CLIENT),
+        str(socket_path),
+        str(updates),
+        str(timeout),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+async def next_line(process: asyncio.subprocess.Process, timeout: float = 20) -> dict[str, Any]:
+    """The client's next JSON line; AssertionError with its stderr if it has none."""
+    assert process.stdout is not None and process.stderr is not None
+    line = await asyncio.wait_for(process.stdout.readline(), timeout)
+    if not line:
+        error = await process.stderr.read()
+        raise AssertionError(f"the client ended: {error.decode(errors='replace')}")
+    return json.loads(line)  # type: ignore[no-any-return]

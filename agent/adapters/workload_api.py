@@ -90,6 +90,11 @@ class HandedOut:
         self._wake = asyncio.Event()
         self.minted = 0
 
+    @property
+    def svid(self) -> Svid | None:
+        """The SVID handed out now (None before the first is minted)."""
+        return self._handout.svid if self._handout else None
+
     def on_identity_changed(self) -> None:
         """IdentityManager.changed: a rotation (mint anew) or new roots (re-bundle)."""
         agent = self._identity.svid
