@@ -188,7 +188,7 @@ class Agent:
         self.workload_api: WorkloadApiServer | None = None
         if config.workload_api is not None:
             self.workload_api = WorkloadApiServer(
-                config.workload_api.socket, self.identity, self.metrics, config.ca.backoff
+                config.workload_api, self.identity, self.metrics, config.ca.backoff
             )
         self.control: ControlPlaneSubscription | None = None
         self._control_task: asyncio.Task[None] | None = None

@@ -53,6 +53,7 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
       timeout: 10s                                     # connect, handshake, first config
     workload_api:                                      # optional: docs/workload-api.md
       socket: /var/run/outrider/workload/socket        # SPIFFE Workload API + Envoy SDS
+      uids: [1000]                                     # optional: only these callers (SO_PEERCRED)
 
 With `control:` the control plane streams snapshots holding `inbound`,
 `outbound`, `policy` and `captured`; each replaces those keys of this file (the bootstrap)
@@ -232,9 +233,14 @@ MAX_SOCKET_PATH = 107
 
 @dataclass(frozen=True)
 class WorkloadApiConfig:
-    """`workload_api:`: serve the SPIFFE Workload API and Envoy SDS on `socket`."""
+    """`workload_api:`: serve the SPIFFE Workload API and Envoy SDS on `socket`.
+
+    `uids`: the only callers' UIDs (as the kernel gives them, SO_PEERCRED) that are
+    served; empty: every process of the pod that reaches the socket.
+    """
 
     socket: Path
+    uids: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -505,7 +511,7 @@ class _Reader(OutboundReader):
         captured = self.captured(self.section(top, "captured", {"inbound", "outbound"}))
         workload_api = None
         if top.get("workload_api") is not None:
-            workload_api = self.workload_api(self.section(top, "workload_api", {"socket"}))
+            workload_api = self.workload_api(self.section(top, "workload_api", {"socket", "uids"}))
         self.unique_listeners(admin, status, inbound, outbound, capture)
         self.unique_destinations(outbound)
         if self.errors or identity is None or ca is None:
@@ -537,7 +543,13 @@ class _Reader(OutboundReader):
                 f"{str(socket)[:64]}...: a Unix socket's path is at most {MAX_SOCKET_PATH} bytes",
             )
             return None
-        return WorkloadApiConfig(socket)
+        uids = []
+        for i, uid in enumerate(self.items(raw, "uids", "workload_api.uids")):
+            if not isinstance(uid, int) or isinstance(uid, bool) or not 0 <= uid < 2**32 - 1:
+                self.fail(f"workload_api.uids[{i}]", "a UID: an integer from 0 to 4294967294")
+                continue
+            uids.append(uid)
+        return WorkloadApiConfig(socket, frozenset(uids))
 
     def capture(self, raw: Mapping[str, Any]) -> CapturePorts:
         d = CapturePorts()

@@ -42,13 +42,16 @@ SPIFFE_CLIENT = Path(__file__).with_name("spiffe_client.py")
 
 @asynccontextmanager
 async def workload_agent(
-    setup: CaSetup, name: str = "web", **sections: Any
+    setup: CaSetup, name: str = "web", *, uids: list[int] | None = None
 ) -> AsyncIterator[tuple[Agent, Path]]:
     """An agent with `workload_api:` on a socket in a short temporary directory (a Unix
     socket's path has at most 107 bytes: pytest's tmp_path can be longer)."""
     directory = Path(tempfile.mkdtemp(prefix="wl-"))
     socket_path = directory / "socket"
-    raw = agent_yaml(setup.root, name, workload_api={"socket": str(socket_path)}, **sections)
+    section: dict[str, Any] = {"socket": str(socket_path)}
+    if uids is not None:
+        section["uids"] = uids
+    raw = agent_yaml(setup.root, name, workload_api=section)
     try:
         async with running_agent(raw, local_sign(setup), setup.root) as agent:
             yield agent, socket_path

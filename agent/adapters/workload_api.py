@@ -35,6 +35,7 @@ from grpclib.exceptions import GRPCError
 
 from agent.adapters.metrics import AgentMetrics
 from agent.adapters.rotator import IdentityManager, RenewalFailed
+from agent.config import WorkloadApiConfig
 from agent.core import workload
 from agent.core.svid import Svid
 from identity.backoff import Backoff
@@ -159,11 +160,12 @@ def peer_credentials(stream: AnyStream) -> workload.PeerCredentials | None:
 
 
 class _Caller:
-    """What every call does first: attest the caller, then keep its connection alive."""
+    """What every call does first: attest the caller (the header, then SO_PEERCRED)."""
 
-    def __init__(self, api: str, metrics: AgentMetrics) -> None:
+    def __init__(self, api: str, metrics: AgentMetrics, uids: frozenset[int]) -> None:
         self.api = api
         self.metrics = metrics
+        self.uids = uids
 
     def attest(self, stream: AnyStream, *, header: bool) -> workload.PeerCredentials:
         if header:
@@ -172,9 +174,11 @@ class _Caller:
                 self.metrics.workload_api_refusals.labels(self.api, "missing_header").inc()
                 raise GRPCError(Status.INVALID_ARGUMENT, refusal)
         credentials = peer_credentials(stream)
-        refusal = workload.caller_refusal(credentials)
+        refusal = workload.caller_refusal(credentials, self.uids)
         if refusal is not None:
-            self.metrics.workload_api_refusals.labels(self.api, "no_credentials").inc()
+            reason = "no_credentials" if credentials is None else "uid"
+            self.metrics.workload_api_refusals.labels(self.api, reason).inc()
+            log.warning("refused a %s caller: %s", self.api, refusal)
             raise GRPCError(Status.PERMISSION_DENIED, refusal)
         assert credentials is not None
         return credentials
@@ -210,9 +214,9 @@ async def _changes(
 class WorkloadApi(SpiffeWorkloadAPIBase):
     """The SPIFFE Workload API's X.509 calls; the JWT calls are not served (UNIMPLEMENTED)."""
 
-    def __init__(self, handed_out: HandedOut, metrics: AgentMetrics) -> None:
+    def __init__(self, handed_out: HandedOut, caller: _Caller) -> None:
         self._handed_out = handed_out
-        self._caller = _Caller("workload", metrics)
+        self._caller = caller
 
     async def FetchX509SVID(self, stream: SvidStream) -> None:
         credentials = self._caller.attest(stream, header=True)
@@ -236,9 +240,9 @@ class SecretDiscovery(SecretDiscoveryServiceBase):
     request for other names (or the first) is answered. A NACK is logged.
     """
 
-    def __init__(self, handed_out: HandedOut, metrics: AgentMetrics) -> None:
+    def __init__(self, handed_out: HandedOut, caller: _Caller) -> None:
         self._handed_out = handed_out
-        self._caller = _Caller("sds", metrics)
+        self._caller = caller
 
     async def FetchSecrets(self, stream: SecretsStream) -> None:
         self._caller.attest(stream, header=False)
@@ -322,14 +326,20 @@ class WorkloadApiServer:
     """Both services on `path`; `start` binds (replacing a stale socket), `close` unlinks."""
 
     def __init__(
-        self, path: Path, identity: IdentityManager, metrics: AgentMetrics, backoff: Backoff
+        self,
+        config: WorkloadApiConfig,
+        identity: IdentityManager,
+        metrics: AgentMetrics,
+        backoff: Backoff,
     ) -> None:
-        self.path = path
+        self.path = config.socket
         self.metrics = metrics
         self.handed_out = HandedOut(identity, backoff)
         identity.changed.append(self.handed_out.on_identity_changed)
+        workload_api = WorkloadApi(self.handed_out, _Caller("workload", metrics, config.uids))
+        sds = SecretDiscovery(self.handed_out, _Caller("sds", metrics, config.uids))
         self._server = BoundedServer(
-            [WorkloadApi(self.handed_out, metrics), SecretDiscovery(self.handed_out, metrics)],
+            [workload_api, sds],
             LIMITS,
             control_frames_per_second=CONTROL_FRAMES_PER_SECOND,
         )

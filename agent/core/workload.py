@@ -62,16 +62,21 @@ class PeerCredentials:
     gid: int
 
 
-def caller_refusal(credentials: PeerCredentials | None) -> str | None:
+def caller_refusal(
+    credentials: PeerCredentials | None, uids: frozenset[int] = frozenset()
+) -> str | None:
     """Why a connection's caller is refused; None when it may call.
 
     One pod, one identity: whoever reaches the socket is in the pod (the socket
-    lives in a volume only the pod's containers mount) and gets the pod's SVID.
-    A caller the kernel gives no credentials for did not come through a Unix
-    socket of this host at all.
+    lives in a volume only the pod's containers mount) and gets the pod's SVID,
+    unless `uids` names the only UIDs to serve (a pod whose log shipper or debug
+    container runs as another user than its app). A caller the kernel gives no
+    credentials for did not come through a Unix socket of this host at all.
     """
     if credentials is None:
         return "no peer credentials: only a process on the pod's Unix socket may call"
+    if uids and credentials.uid not in uids:
+        return f"uid {credentials.uid} is not one of workload_api.uids"
     return None
 
 

@@ -116,6 +116,22 @@ async def test_a_call_without_the_security_header_is_refused_invalid_argument(
         assert sample(agent, "outrider_workload_api_refusals_total", **labels) == 2
 
 
+async def test_a_caller_whose_uid_is_not_listed_is_refused_permission_denied(
+    setup: CaSetup,
+) -> None:
+    async with workload_agent(setup, uids=[os.getuid() + 1]) as (agent, path):
+        with pytest.raises(GRPCError) as refused:
+            async with svid_stream(path) as stream:
+                await asyncio.wait_for(stream.recv_message(), STEP)
+        assert refused.value.status == Status.PERMISSION_DENIED
+        assert f"uid {os.getuid()}" in str(refused.value.message)
+        assert keys_handed_out(agent, "workload") == 0
+        labels = {"api": "workload", "reason": "uid"}
+        assert sample(agent, "outrider_workload_api_refusals_total", **labels) == 1
+    async with workload_agent(setup, uids=[os.getuid()]) as (_, path), svid_stream(path) as stream:
+        assert (await asyncio.wait_for(stream.recv_message(), STEP)).svids
+
+
 async def test_fetch_x509_bundles_names_the_trust_domain(setup: CaSetup) -> None:
     async with workload_agent(setup) as (agent, path), channel(path) as chan:
         stub = SpiffeWorkloadAPIStub(chan)

@@ -28,9 +28,22 @@ def test_the_security_header_must_say_true(metadata: dict[str, str], refused: bo
     assert (workload.header_refusal(metadata) == workload.MISSING_HEADER) is refused
 
 
-def test_a_caller_without_peer_credentials_is_refused() -> None:
-    assert workload.caller_refusal(None) is not None
-    assert workload.caller_refusal(workload.PeerCredentials(pid=0, uid=1000, gid=1000)) is None
+APP = workload.PeerCredentials(pid=0, uid=1000, gid=1000)  # pid 0: another PID namespace
+
+
+@pytest.mark.parametrize(
+    ("credentials", "uids", "refused"),
+    [
+        (None, frozenset(), True),  # not a Unix socket's caller
+        (APP, frozenset(), False),  # one pod, one identity: every process of the pod
+        (APP, frozenset({1000}), False),
+        (APP, frozenset({1001, 0}), True),  # only the UIDs listed
+    ],
+)
+def test_callers_are_attested_by_their_peer_credentials(
+    credentials: workload.PeerCredentials | None, uids: frozenset[int], refused: bool
+) -> None:
+    assert (workload.caller_refusal(credentials, uids) is not None) is refused
 
 
 def test_the_x509_svid_answer_carries_the_chain_its_key_and_the_roots(svid: Svid) -> None:
@@ -86,6 +99,9 @@ def test_a_discovery_response_is_typed_as_envoys_secret(svid: Svid) -> None:
 def test_workload_api_is_read_with_its_socket_relative_to_the_config() -> None:
     config = parse({**minimal(), "workload_api": {"socket": "run/socket"}}, base=Path("/etc/o"))
     assert config.workload_api == WorkloadApiConfig(Path("/etc/o/run/socket"))
+    section = {"socket": "/run/socket", "uids": [1000, 0]}
+    config = parse({**minimal(), "workload_api": section}, base=Path("/etc/o"))
+    assert config.workload_api == WorkloadApiConfig(Path("/run/socket"), frozenset({0, 1000}))
     assert parse(minimal(), base=Path("/etc/o")).workload_api is None
 
 
@@ -95,6 +111,9 @@ def test_workload_api_is_read_with_its_socket_relative_to_the_config() -> None:
         ({}, "workload_api.socket: required"),
         ({"socket": "/" + "s" * 120}, "workload_api.socket: /sss"),
         ({"socket": "/run/s", "mode": "0777"}, "workload_api.mode"),
+        ({"socket": "/run/s", "uids": [1000, "app"]}, "workload_api.uids[1]: a UID"),
+        ({"socket": "/run/s", "uids": [-1]}, "workload_api.uids[0]: a UID"),
+        ({"socket": "/run/s", "uids": 1000}, "workload_api.uids: must be a list"),
     ],
 )
 def test_a_bad_workload_api_section_is_refused_with_its_key_path(
