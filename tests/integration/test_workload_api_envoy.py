@@ -58,6 +58,20 @@ async def served_serial(setup: CaSetup, proxy: EnvoyProcess) -> str:
         writer.close()
 
 
+async def serial_other_than(setup: CaSetup, proxy: EnvoyProcess, old: str | None) -> str:
+    """The serial Envoy presents once it is not `old`, polled for up to 10 s. Envoy opens
+    its listener once SDS has answered (it warms first): until then it refuses."""
+    deadline = time.perf_counter() + 10
+    serial = old
+    while serial == old and time.perf_counter() < deadline:
+        try:
+            serial = await served_serial(setup, proxy)
+        except ConnectionRefusedError:
+            await asyncio.sleep(0.01)
+    assert serial is not None, "Envoy never served"
+    return serial
+
+
 def handed_out(agent: Agent) -> str:
     assert agent.workload_api is not None and agent.workload_api.handed_out.svid is not None
     return agent.workload_api.handed_out.svid.serial
@@ -76,15 +90,13 @@ async def test_envoy_serves_the_svid_from_sds_and_the_rotated_one_without_a_rest
             async with running_agent(raw, local_sign(setup), setup.root) as client:
                 address = client.bound["outbound[backend]"]
                 first = handed_out(web)
-                assert await served_serial(setup, proxy) == first
+                assert await serial_other_than(setup, proxy, None) == first
                 assert web.identity.svid is not None and first != web.identity.svid.serial
                 assert await round_trip(address, PAYLOAD) == PAYLOAD  # accepted as web
 
                 rotate(web)
                 started = time.perf_counter()
-                serial = first
-                while serial == first and time.perf_counter() - started < 10:
-                    serial = await served_serial(setup, proxy)
+                serial = await serial_other_than(setup, proxy, first)
                 latency = time.perf_counter() - started
                 assert serial != first and serial == handed_out(web)
                 print(
