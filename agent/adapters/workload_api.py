@@ -368,6 +368,7 @@ class WorkloadApiServer:
 def _bind_unix(path: Path) -> socket.socket:
     """A listening socket at `path`, connectable by every UID in the pod (its apps run as
     their own); a socket left by an agent that died is replaced, any other file is not."""
+    path.parent.mkdir(parents=True, exist_ok=True)  # an emptyDir has it; a file config may not
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise OSError(f"{path} exists and is not a socket: not replacing it")
