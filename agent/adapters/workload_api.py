@@ -222,15 +222,17 @@ class WorkloadApi(SpiffeWorkloadAPIBase):
         credentials = self._caller.attest(stream, header=True)
         await stream.recv_message()
         log.info("FetchX509SVID from pid %d uid %d", credentials.pid, credentials.uid)
-        async for handout in _changes(stream, self._handed_out):
-            await stream.send_message(workload.x509_svid_response(handout.svid))
-            self._caller.handed_out(1)
+        async with contextlib.aclosing(_changes(stream, self._handed_out)) as changes:
+            async for handout in changes:
+                await stream.send_message(workload.x509_svid_response(handout.svid))
+                self._caller.handed_out(1)
 
     async def FetchX509Bundles(self, stream: BundlesStream) -> None:
         self._caller.attest(stream, header=True)
         await stream.recv_message()
-        async for handout in _changes(stream, self._handed_out):
-            await stream.send_message(workload.x509_bundles_response(handout.svid))
+        async with contextlib.aclosing(_changes(stream, self._handed_out)) as changes:
+            async for handout in changes:
+                await stream.send_message(workload.x509_bundles_response(handout.svid))
 
 
 class SecretDiscovery(SecretDiscoveryServiceBase):
@@ -247,7 +249,8 @@ class SecretDiscovery(SecretDiscoveryServiceBase):
     async def FetchSecrets(self, stream: SecretsStream) -> None:
         self._caller.attest(stream, header=False)
         request = await stream.recv_message()
-        assert request is not None
+        if request is None:
+            raise GRPCError(Status.INVALID_ARGUMENT, "FetchSecrets takes a DiscoveryRequest")
         handout = await self._handed_out.current()
         await stream.send_message(self._response(request.resource_names, handout))
 

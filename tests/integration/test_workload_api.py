@@ -72,7 +72,9 @@ def x509_ders(concatenated: bytes) -> list[bytes]:
     return [c.public_bytes(serialization.Encoding.DER) for c in certificates(concatenated)]
 
 
-async def test_a_rotation_reaches_an_open_stream_with_a_new_key(setup: CaSetup) -> None:
+async def test_a_rotation_reaches_an_open_stream_with_a_new_key(
+    setup: CaSetup, watchdog: None
+) -> None:
     async with workload_agent(setup) as (agent, path), svid_stream(path) as stream:
         first = (await asyncio.wait_for(stream.recv_message(), STEP)).svids[0]
         rotate(agent)
