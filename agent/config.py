@@ -68,7 +68,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast, get_args
 
-from agent.config_outbound import PROTOCOLS, Outbound, OutboundReader, Protocol
+from agent.config_outbound import Outbound, OutboundReader
 from agent.core.authz import AllowList
 from agent.core.captured import (
     MTLS_MODES,
@@ -76,13 +76,13 @@ from agent.core.captured import (
     Captured,
     MtlsMode,
     PortOverride,
-    PortProtocol,
 )
 from agent.core.headers import UNDERSCORE_ACTIONS, UnderscoreAction
 from agent.core.policy import DefaultAction, Policy
 from agent.core.policyfile import PolicyError, parse_policy_list
 from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
+from identity.appprotocol import PROTOCOLS, Protocol
 from identity.backoff import Backoff
 from identity.configfile import ConfigError, Listen, parse_yaml, read_yaml
 from identity.injected import ADMIN_PORT, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, STATUS_PORT
@@ -541,7 +541,7 @@ class _Reader(OutboundReader):
             mode: MtlsMode | None = None
             if "mtls" in item:
                 mode = self.choice(item, "mtls", f"{path}.mtls", MTLS_MODES)
-            protocol: PortProtocol = self.choice(item, "protocol", f"{path}.protocol", PROTOCOLS)
+            protocol: Protocol = self.choice(item, "protocol", f"{path}.protocol", PROTOCOLS)
             overrides.append((int(key), PortOverride(mode, protocol)))
         outbound = self.section(raw, "captured.outbound", {"policy", "passthrough"})
         policy = self.choice(outbound, "policy", "captured.outbound.policy", OUTBOUND_POLICIES)

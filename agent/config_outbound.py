@@ -40,7 +40,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal, TypeVar, cast, get_args
+from typing import Any, Literal, TypeVar, cast
 
 from agent.core.balancer import BALANCERS, BalancerKind
 from agent.core.discovery import DnsSource, KubernetesSource, Source, StaticSource
@@ -48,10 +48,9 @@ from agent.core.health import ActiveCheck, HealthSettings, OutlierDetection
 from agent.core.resilience import BreakerLimits, RetryPolicy
 from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId
+from identity.appprotocol import PROTOCOLS, Protocol
 from identity.configfile import ConfigReader, Listen
 
-Protocol = Literal["tcp", "http"]
-PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
 T = TypeVar("T")
 HashOn = tuple[Literal["header", "cookie", "source"], str]
 _CHECKS: tuple[Literal["tcp", "http"], ...] = ("tcp", "http")

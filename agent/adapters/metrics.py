@@ -125,6 +125,27 @@ class AgentMetrics:
             ["upstream", "code"],
             registry=r,
         )
+        self.grpc_requests = Counter(
+            "outrider_grpc_requests",
+            "gRPC calls on inbound L7 ports by the peer that made them and the grpc-status "
+            "the caller got (the agent's own refusals included)",
+            ["direction", "peer_id", "grpc_status"],
+            registry=r,
+        )
+        self.upstream_grpc_requests = Counter(
+            "outrider_upstream_grpc_requests",
+            "gRPC calls on outbound listeners by upstream and the grpc-status the app got",
+            ["upstream", "grpc_status"],
+            registry=r,
+        )
+        self.http2_limits = Counter(
+            "outrider_http2_limits",
+            "HTTP/2 connections or streams stopped at a limit, by the limit: rapid_reset, "
+            "continuation, header_list, concurrent_streams, flow_control, settings_flood, "
+            "ping_flood, protocol_error",
+            ["direction", "limit"],
+            registry=r,
+        )
         self.upstream_request_duration = Histogram(
             "outrider_upstream_request_duration_seconds",
             "Time from a request's head to the end of its response, retries included",

@@ -27,12 +27,12 @@ from typing import Literal, get_args
 
 from agent.core.endpoint import Endpoint
 from agent.core.policy import DEFAULT_POLICY, Decision
+from identity.appprotocol import Protocol
 
 MtlsMode = Literal["strict", "permissive"]
 MTLS_MODES: tuple[MtlsMode, ...] = get_args(MtlsMode)
 OutboundPolicy = Literal["allow-any", "registry-only"]
 OUTBOUND_POLICIES: tuple[OutboundPolicy, ...] = get_args(OutboundPolicy)
-PortProtocol = Literal["tcp", "http"]
 
 #: The record type of a TLS handshake (RFC 8446 5.1): every ClientHello starts with it, and
 #: neither HTTP/1 (a method's letter) nor h2c (`P` of its preface) nor most TCP protocols do.
@@ -49,7 +49,7 @@ class CapturedPort:
     """How inbound traffic to one original port is served."""
 
     mtls: MtlsMode = "strict"
-    protocol: PortProtocol = "tcp"
+    protocol: Protocol = "tcp"
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class PortOverride:
     """A port's settings that differ from the default (`captured.inbound.ports`)."""
 
     mtls: MtlsMode | None = None
-    protocol: PortProtocol = "tcp"
+    protocol: Protocol = "tcp"
 
 
 @dataclass(frozen=True)

@@ -43,11 +43,12 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeGuard
+from typing import Any, TypeGuard
 
 from agent.core.discovery import SERVICE_NAME_LABEL, endpoint_address, endpoint_state
 from control.core.conditions import meta
 from control.core.selectors import Selector
+from identity.appprotocol import Protocol
 from identity.capture import CaptureRulesError, flag_text, rules_from_flags
 from identity.injected import AGENT_CONTAINER, AGENT_PORTS, CAPTURE_CONTAINER
 
@@ -61,9 +62,6 @@ __all__ = [
     "read_workload",
     "slice_backends",
 ]
-
-
-Protocol = Literal["tcp", "http"]
 
 
 @dataclass(frozen=True)

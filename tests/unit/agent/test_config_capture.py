@@ -87,7 +87,7 @@ def test_every_capture_error_at_once_with_its_key_path() -> None:
         "capture.outbound_port: must be an integer >= 1",
         "captured.inbound.mtls: 'lenient' is not one of strict, permissive",
         "captured.inbound.ports.http: not a port: a number 1 to 65535 (in quotes in JSON)",
-        "captured.inbound.ports.8080.protocol: 'udp' is not one of tcp, http",
+        "captured.inbound.ports.8080.protocol: 'udp' is not one of tcp, http, http2, grpc",
         "captured.outbound.policy: 'deny' is not one of allow-any, registry-only",
         "captured.outbound.passthrough[0]: 'backend.shop.svc:443' is not ip:port or [v6]:port "
         "(an IP literal, no name)",

@@ -228,8 +228,8 @@ def test_outlier_detection_can_be_turned_off() -> None:
             id="pool-key",
         ),
         pytest.param(
-            {"endpoints": ["a:1"], "protocol": "grpc"},
-            "outbound[0].protocol: 'grpc' is not one of tcp, http",
+            {"endpoints": ["a:1"], "protocol": "h2"},
+            "outbound[0].protocol: 'h2' is not one of tcp, http, http2, grpc",
             id="protocol",
         ),
     ],
