@@ -28,8 +28,10 @@ outbound:
       panic_threshold: 50                  # percent healthy below which all are used
     timeouts: {connect: 0s, per_try: 0s, request: 0s}   # 0s: no limit (connect:
                                            # limits' connect + handshake timeouts)
-    retries: {max: 2, retry_on: [connect-failure, reset, 503],
+    retries: {max: 2, retry_on: [connect-failure, refused-stream, reset, 503, unavailable],
               non_idempotent: false, budget: {percent: 20, min_concurrency: 3}}
+                                           # retry_on: failures (and timeout), HTTP
+                                           # statuses, gRPC statuses by Envoy's names
     circuit_breaker: {max_connections: 1024, max_pending: 1024, max_requests: 1024}
     pool: {idle_timeout: 60s}              # protocol http: idle upstream connections
 """
@@ -45,7 +47,7 @@ from typing import Any, Literal, TypeVar, cast
 from agent.core.balancer import BALANCERS, BalancerKind
 from agent.core.discovery import DnsSource, KubernetesSource, Source, StaticSource
 from agent.core.health import ActiveCheck, HealthSettings, OutlierDetection
-from agent.core.resilience import BreakerLimits, RetryPolicy
+from agent.core.resilience import FAILURES, BreakerLimits, RetryPolicy
 from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId
 from identity.appprotocol import PROTOCOLS, Protocol
@@ -54,7 +56,14 @@ from identity.configfile import ConfigReader, Listen
 T = TypeVar("T")
 HashOn = tuple[Literal["header", "cookie", "source"], str]
 _CHECKS: tuple[Literal["tcp", "http"], ...] = ("tcp", "http")
-_FAILURES = ("connect-failure", "reset", "timeout")
+#: retry_on's gRPC statuses, by the names Envoy's config gives them.
+GRPC_RETRY_ON: dict[str, int] = {
+    "cancelled": 1,
+    "deadline-exceeded": 4,
+    "resource-exhausted": 8,
+    "internal": 13,
+    "unavailable": 14,
+}
 _SOURCES = ("endpoints", "dns", "kubernetes")
 
 
@@ -385,16 +394,19 @@ class OutboundReader(ConfigReader):
 
     def retries(self, raw: Mapping[str, Any], path: str) -> RetryPolicy:
         d = RetryPolicy()
-        on, statuses = set(), set()
+        on, statuses, grpc_statuses = set(), set(), set()
         for i, value in enumerate(self.items(raw, "retry_on", f"{path}.retry_on")):
-            if value in _FAILURES:
+            if value in FAILURES:
                 on.add(value)
+            elif isinstance(value, str) and value in GRPC_RETRY_ON:
+                grpc_statuses.add(GRPC_RETRY_ON[value])
             elif isinstance(value, int) and 100 <= value <= 599 and not isinstance(value, bool):
                 statuses.add(value)
             else:
                 self.fail(
                     f"{path}.retry_on[{i}]",
-                    f"{value!r} is not one of {', '.join(_FAILURES)} or an HTTP status code",
+                    f"{value!r} is not one of {', '.join(FAILURES)}, a gRPC status "
+                    f"({', '.join(sorted(GRPC_RETRY_ON))}) or an HTTP status code (100-599)",
                 )
         non_idempotent = raw.get("non_idempotent", False)
         if not isinstance(non_idempotent, bool):
@@ -418,6 +430,7 @@ class OutboundReader(ConfigReader):
                 d.min_retry_concurrency,
                 minimum=0,
             ),
+            frozenset(grpc_statuses) if given else d.grpc_statuses,
         )
 
     def breaker(self, raw: Mapping[str, Any], path: str) -> BreakerLimits:

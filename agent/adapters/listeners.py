@@ -20,10 +20,12 @@ import ssl
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from prometheus_client import Counter, Gauge
 
+from agent.adapters.attempts import Droppable, LocalAnswer, Try, attempts
 from agent.adapters.http import HttpExchange, xfcc
 from agent.adapters.metrics import AgentMetrics, clock
 from agent.adapters.outbound_http import OutboundHttp
@@ -35,8 +37,8 @@ from agent.config import Inbound, Outbound
 from agent.core.authz import AllowList
 from agent.core.captured import Captured, OutboundRoutes, admit_plaintext, looks_like_tls
 from agent.core.policy import Decision, Request
-from agent.core.resilience import RetryBudget, should_retry
 from agent.core.throttle import held_back
+from agent.core.tries import DELIVERED, Outcome
 from agent.core.upstream import Endpoint
 from identity import SpiffeId
 from identity.configfile import Listen
@@ -656,71 +658,53 @@ class OutboundPath:
         return relay.down
 
     async def _connect(self, relay: Relay, live: LiveUpstream, linked: list[Endpoint]) -> None:
-        """Dial an endpoint for a TCP connection from the app, then relay; retried elsewhere.
+        """Dial an endpoint for a TCP connection from the app, then relay; retried elsewhere
+        (agent/adapters/attempts.py) on connect failures only: nothing was sent yet.
 
         Once relayed, the connection counts as load on its endpoint (in `linked`) until it closes.
         """
-        loop = asyncio.get_running_loop()
         assert relay.down.transport is not None
         peer = relay.down.transport.get_extra_info("peername")
         key = str(peer[0]).encode() if peer and live.config.hash_on else None
-        subset = live.core.subset(self.rng)
-        tried: list[Endpoint] = []
         budget = live.budget
         budget.request_started()
-        retrying = False  # a slot of `budget` is held by the dial in progress
         try:
-            while subset is not None and not relay.closed:
-                now = loop.time()
-                endpoint = live.core.choose(subset, tried, now, self.rng, key)
-                if endpoint is None:
-                    break
-                tried.append(endpoint)
-                side = relay.new_upstream()
-                try:
-                    await live.dial(endpoint, lambda side=side: side)  # type: ignore[misc]
-                except DialError as exc:
-                    log.warning("outbound %s: %s", live.name, exc)
-                    # Its transport is aborted; left as the relay's upstream, the relay's
-                    # close would linger on it (and its TLS buffers) for LINGER seconds.
-                    relay.new_upstream()
-                    live.record(endpoint, "connect_failure")
-                    if retrying:
-                        budget.retry_finished()
-                        retrying = False
-                    if relay.closed or not self._may_retry(live, budget, tried):
-                        break  # the app left, or nowhere else to go
-                    retrying = True
-                    continue
-                live.counted.new.inc()
-                live.record(endpoint, "success")
-                relay.link()
-                if not relay.closed:  # else the app left during the dial: nothing to count
-                    live.core.load[endpoint] = live.core.load.get(endpoint, 0) + 1
-                    linked.append(endpoint)
+            if relay.closed:  # the app left before its upstream was even chosen
                 return
+            linked_try = await attempts(
+                live, partial(self._dial, relay), self.rng, method=None, key=key
+            )
+            linked_try.end()  # the dial's try is over; the connection counts in `linked` now
+            if not relay.closed:  # else the app left during the dial: nothing to count
+                endpoint = linked_try.endpoint
+                live.core.load[endpoint] = live.core.load.get(endpoint, 0) + 1
+                linked.append(endpoint)
+            return
+        except LocalAnswer:
+            pass  # nowhere (else) to go
         finally:
-            if retrying:
-                budget.retry_finished()
             budget.request_finished()
         if not relay.closed:  # else the app left during the dial: not an upstream's failure
             self.runtime.metrics.connections_refused.labels(OUTBOUND, "no_endpoint").inc()
         relay.close()
 
-    def _may_retry(self, live: LiveUpstream, budget: RetryBudget, tried: list[Endpoint]) -> bool:
-        """A connection is retried on connect failures only: nothing was sent yet.
-
-        The retry holds a slot of the budget until its dial ends (the caller gives it back).
-        """
-        if not should_retry(live.config.retries, None, "connect-failure", len(tried)):
-            return False
-        if not live.core.untried(tried, asyncio.get_running_loop().time()):
-            return False  # nowhere else to go: no retry, none counted
-        if not budget.try_retry():
-            live.counted.overflow("retry_budget")
-            return False
-        live.counted.retries.inc()
-        return True
+    async def _dial(self, relay: Relay, attempt: Try[Droppable, None]) -> Outcome | None:
+        """One try of a TCP connection: dial `attempt.endpoint` and link the relay to it."""
+        live = attempt.live
+        side = relay.new_upstream()
+        try:
+            await live.dial(attempt.endpoint, lambda: side)
+        except DialError as exc:
+            log.warning("outbound %s: %s", live.name, exc)
+            # Its transport is aborted; left as the relay's upstream, the relay's
+            # close would linger on it (and its TLS buffers) for LINGER seconds.
+            relay.new_upstream()
+            # An app that left cannot be replayed: the failure is recorded, not retried.
+            attempt.decide("connect-failure", replayable=not relay.closed)
+            return None
+        live.counted.new.inc()
+        relay.link()
+        return DELIVERED
 
 
 class OutboundListener(Listener[Outbound]):

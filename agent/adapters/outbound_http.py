@@ -10,14 +10,16 @@ the app's own connection only. The response comes back the same way, its
 body re-chunked when the app's connection needs framing the upstream did
 not give (a close-delimited body).
 
-A try fails on a connect failure, a reset before the response head, a
-per-try timeout, or a status in the retry list. The request is tried again
-on another endpoint when the retry policy allows it for this method and
-failure, the retry budget has room, and its body is still held in memory
-(up to REPLAY_BYTES; past that the request is sent once). Circuit breaker
-limits (requests in flight, requests waiting for a connection, connections)
-answer 503 at once and are counted by reason. Every outcome goes to the
-upstream's health table for outlier detection.
+Each request's tries run through the attempts loop every outbound protocol
+shares (agent/adapters/attempts.py): a try fails on a connect failure, a
+reset before the response head, a per-try timeout, or a status in the retry
+list, and agent/core/tries.py decides whether it is tried again on another
+endpoint (the retry policy, for this method and failure; the retry budget;
+and its body still held in memory, up to REPLAY_BYTES: past that the
+request is sent once). Circuit breaker limits (requests in flight, requests
+waiting for a connection, connections) answer 503 at once and are counted
+by reason. Every outcome goes to the upstream's health table for outlier
+detection.
 
 One request is in flight per app connection; pipelined requests wait,
 bounded like the inbound side (HOLD_BYTES).
@@ -31,10 +33,12 @@ import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import cast
 
 import httptools
 
+from agent.adapters.attempts import LocalAnswer, Try, attempts
 from agent.adapters.http import (
     HOLD_BYTES,
     MAX_HEADER_BYTES,
@@ -46,8 +50,7 @@ from agent.adapters.http import (
 from agent.adapters.metrics import clock, since
 from agent.adapters.pool import UpstreamConnection
 from agent.adapters.upstreams import DialError, LiveUpstream
-from agent.core.health import Event
-from agent.core.resilience import Failure, RetryBudget, should_retry
+from agent.core.tries import Deliver, Outcome, Response
 from agent.core.upstream import Endpoint
 
 log = logging.getLogger("outrider.agent")
@@ -60,14 +63,6 @@ _HOP_BY_HOP = frozenset(
 #: Never dropped because a Connection header names them: they frame the message (or name
 #: its authority), and a body sent without its framing is read as the next message.
 _END_TO_END = frozenset({b"content-length", b"transfer-encoding", b"host"})
-_FAILURE_STATUS = {"connect-failure": 503, "reset": 502, "timeout": 504}
-
-
-class LocalAnswer(Exception):
-    """The agent answers the request itself: no endpoint could, or a limit was reached."""
-
-    def __init__(self, status: int, error: str) -> None:
-        self.status, self.error = status, error
 
 
 @dataclass
@@ -84,6 +79,15 @@ class _Request:
     held: int = 0  # bytes of it held in memory until it goes out
     done: bool = False  # the whole request has been read
     answer: bytes = b""  # a refusal queued behind earlier requests
+
+
+@dataclass
+class _Parsing:
+    """A try's response state: llhttp fed what the upstream sends, and how it ended."""
+
+    events: _Responses
+    parser: httptools.HttpResponseParser
+    done: asyncio.Future[int]  # the status the app got, once the response is over
 
 
 class OutboundHttp(asyncio.Protocol):
@@ -111,16 +115,8 @@ class OutboundHttp(asyncio.Protocol):
         self.active = False  # bytes moved either way since the idle timer last looked
         self.idle: asyncio.TimerHandle | None = None
         self.writing_paused = False  # the app is not reading what it is owed
-        # The try in progress:
-        self.connection: UpstreamConnection | None = None
-        self.responses: httptools.HttpResponseParser | None = None
-        self.events: _Responses | None = None
-        self.tried: list[Endpoint] = []
-        # None: the response is being delivered; a Failure; or a status to retry on
-        # (its retry already granted by the budget).
-        self.head: asyncio.Future[Failure | int | None] | None = None
-        self.done: asyncio.Future[int] | None = None  # the status the app got
-        self.granted: RetryBudget | None = None  # the budget a retry slot is held from
+        # The try in progress (or the last one): it owns its connection and response state.
+        self.attempt: Try[UpstreamConnection, _Parsing] | None = None
 
     # -- the app's connection ------------------------------------------------------------
 
@@ -301,7 +297,7 @@ class OutboundHttp(asyncio.Protocol):
     async def _forward(self, request: _Request) -> None:
         live = self.live
         started = clock()
-        self.events = self.responses = self.head = self.done = None  # the last request's
+        self.attempt = None  # the last request's
         try:
             status = await self._exchange(request)
         except Exception:  # a bug: the app must not wait on a connection nobody serves
@@ -340,69 +336,40 @@ class OutboundHttp(asyncio.Protocol):
         finally:
             budget.request_finished()
             breaker.release("max_requests")
-            self._drop_connection()
+            if self.attempt is not None:
+                self.attempt.end()  # if the response did not: mid-exchange, it is dropped
 
     async def _tries(self, request: _Request) -> int:
+        """The attempts loop, then the delivered response to its end: the status the app got."""
         live = self.live
-        subset = live.core.subset(self.rng)
-        if subset is None:
-            raise LocalAnswer(503, "no_endpoints")
-        tried = self.tried = []
-        try:
-            while True:
-                now = asyncio.get_running_loop().time()
-                endpoint = live.core.choose(subset, tried, now, self.rng, request.key)
-                if endpoint is None:
-                    raise LocalAnswer(
-                        503, "no_healthy_endpoint" if not tried else "no_endpoint_left"
-                    )
-                tried.append(endpoint)
-                delivered, outcome = await self._try(request, endpoint)
-                self._retry_finished()
-                if delivered:
-                    return cast(int, outcome)
-                # A status comes back only with its retry granted (see _Responses).
-                if not (isinstance(outcome, int) or self.may_retry(request, outcome)):
-                    raise LocalAnswer(*_answer_for(outcome))
-                live.counted.retries.inc()
-        finally:
-            self._retry_finished()
+        attempt: Try[UpstreamConnection, _Parsing] = await attempts(
+            live,
+            partial(self._try, request),
+            self.rng,
+            method=request.method,
+            key=request.key,
+            replayable=lambda: request.replayable,
+            per_try=live.config.timeouts.per_try or None,
+        )
+        assert attempt.parser is not None
+        status = await attempt.parser.done
+        attempt.end(status)
+        return status
 
-    def _retry_finished(self) -> None:
-        """Give the retry slot back to the budget it came from (a reload may have replaced it)."""
-        granted, self.granted = self.granted, None
-        if granted is not None:
-            granted.retry_finished()
-
-    def may_retry(self, request: _Request, failure: Failure | int) -> bool:
-        """Whether to try `request` again after `failure`; takes a slot of the retry budget."""
-        live = self.live
-        if not (
-            request.replayable
-            and should_retry(live.config.retries, request.method, failure, len(self.tried))
-            and live.core.untried(self.tried, asyncio.get_running_loop().time())
-        ):
-            return False
-        budget = live.budget
-        if not budget.try_retry():
-            live.counted.overflow("retry_budget")
-            return False
-        self.granted = budget
-        return True
-
-    async def _try(self, request: _Request, endpoint: Endpoint) -> tuple[bool, Failure | int]:
-        """One try: (True, the status delivered to the app) or (False, why it failed)."""
-        live = self.live
-        connection = await self._connection(endpoint)
+    async def _try(
+        self, request: _Request, attempt: Try[UpstreamConnection, _Parsing]
+    ) -> Outcome | None:
+        """One try: a connection to its endpoint, the request sent, until its response head
+        (or its failure) decides it."""
+        self.attempt = attempt
+        connection = await self._connection(attempt.endpoint)
         if connection is None:
-            live.record(endpoint, "connect_failure")
-            return False, "connect-failure"
-        loop = asyncio.get_running_loop()
-        self.connection = connection
+            return "connect-failure"
+        attempt.connection = connection
         connection.user = self
-        self.events = _Responses(self, request, connection)
-        self.responses = httptools.HttpResponseParser(self.events)
-        self.head, self.done = loop.create_future(), loop.create_future()
+        events = _Responses(self, request, connection)
+        done = asyncio.get_running_loop().create_future()
+        attempt.parser = _Parsing(events, httptools.HttpResponseParser(events), done)
         if self.writing_paused:  # the app still has not read the last response
             self._upstream_reading(False)
         self.to_upstream += [request.head, *request.body]
@@ -410,26 +377,8 @@ class OutboundHttp(asyncio.Protocol):
             request.body.clear()
         self._unhold(request)
         self._flush()
-        load = live.core.load
-        load[endpoint] = load.get(endpoint, 0) + 1
-        try:
-            try:
-                if not live.config.timeouts.per_try:
-                    outcome = await self.head
-                else:
-                    async with asyncio.timeout(live.config.timeouts.per_try):
-                        outcome = await self.head
-            except TimeoutError:  # only the per-try timeout: the request's ends as a cancel here
-                outcome = "timeout"
-            if outcome is not None:
-                self._drop_connection()
-                live.record(endpoint, _event(outcome))
-                return False, outcome
-            status = await self.done
-            live.record(endpoint, "server_error" if status >= 500 else "success")
-            return True, status
-        finally:
-            load[endpoint] -= 1
+        await attempt.decided()
+        return None
 
     async def _connection(self, endpoint: Endpoint) -> UpstreamConnection | None:
         """An idle pooled connection to `endpoint`, or a new one; None if it cannot be had."""
@@ -483,43 +432,38 @@ class OutboundHttp(asyncio.Protocol):
             self.upstream_lost()  # it broke HTTP: as good as a reset
         self._flush()
 
-    def delivered(self) -> None:
-        """The response head went to the app: no retry from here on."""
-        if self.head is not None and not self.head.done():
-            self.head.set_result(None)
-
-    def give_up(self, outcome: Failure | int) -> None:
-        """This try failed before anything reached the app."""
-        if self.head is not None and not self.head.done():
-            self.head.set_result(outcome)
-
     def response_done(self, status: int, keep_alive: bool) -> None:
         """The response ended; its connection goes back to the pool if it can carry another."""
-        connection, self.connection = self.connection, None
+        attempt = self.attempt
+        assert attempt is not None and attempt.parser is not None
+        connection = attempt.release()
         request = self.queue[0]
         if connection is not None:
             if keep_alive and request.done and self.live.keeps(connection.endpoint):
                 self.live.pool.put(connection)
             else:
                 connection.close()
-        if self.done is not None and not self.done.done():
-            self.done.set_result(status)
+        if not attempt.parser.done.done():
+            attempt.parser.done.set_result(status)
 
     def upstream_lost(self) -> None:
         """The connection in use is gone: a reset before the head, or the end of the body."""
-        self.connection = None
+        attempt = self.attempt
+        if attempt is None:
+            return
+        attempt.release()  # gone already: nothing to drop
         events = self.events
         if events is None or events.finished:
             return
         if not events.delivering:
-            self.give_up("reset")
+            attempt.decide("reset")
         elif events.until_close:
             events.finish(keep_alive=False)
             self._flush()  # the last chunk: nothing else will write it
         else:  # truncated: the app must not take it for the whole response
             self.abort()
-            if self.done is not None and not self.done.done():
-                self.done.set_result(502)
+            if attempt.parser is not None and not attempt.parser.done.done():
+                attempt.parser.done.set_result(502)
 
     def upstream_paused(self, paused: bool) -> None:
         if self.client is not None and not self.stopped:
@@ -530,8 +474,24 @@ class OutboundHttp(asyncio.Protocol):
         if connection is not None and connection.transport is not None:
             (connection.transport.resume_reading if on else connection.transport.pause_reading)()
 
+    @property
+    def connection(self) -> UpstreamConnection | None:
+        """The upstream connection the try in progress holds."""
+        return self.attempt.connection if self.attempt is not None else None
+
+    @property
+    def events(self) -> _Responses | None:
+        """The response of the try in progress (or of the last one)."""
+        parsing = self.attempt.parser if self.attempt is not None else None
+        return parsing.events if parsing is not None else None
+
+    @property
+    def responses(self) -> httptools.HttpResponseParser | None:
+        parsing = self.attempt.parser if self.attempt is not None else None
+        return parsing.parser if parsing is not None else None
+
     def _drop_connection(self) -> None:
-        connection, self.connection = self.connection, None
+        connection = self.attempt.release() if self.attempt is not None else None
         if connection is not None:
             connection.abort()
 
@@ -598,8 +558,7 @@ class _Responses:
                 x.to_client.append(self._head())
             return
         if self._retry_granted(status):
-            x.give_up(status)
-            return
+            return  # tried again elsewhere: the attempts loop drops this connection
         names = {n.lower() for n, _ in self.headers}
         chunked = any(
             n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in self.headers
@@ -615,7 +574,6 @@ class _Responses:
             extra.append(b"connection: close")
         x.to_client.append(self._head(extra, drop_te=self.request.http10))
         self.delivering = True
-        x.delivered()
         if bodyless:
             self.finish(x.responses.should_keep_alive())
 
@@ -637,15 +595,15 @@ class _Responses:
         self.exchange.response_done(self.status, keep_alive and not self.until_close)
 
     def _retry_granted(self, status: int) -> bool:
-        x = self.exchange
+        """Whether this response is not delivered: the try is decided (agent/core/tries.py)
+        as the head arrives, before any of it reaches the app."""
+        attempt = self.exchange.attempt
+        assert attempt is not None
         request = self.request
-        return (
-            status in x.live.config.retries.statuses
-            and request.done
-            and x.head is not None
-            and not x.head.done()  # the try is not over (a per-try timeout): no slot to take
-            and x.may_retry(request, status)
-        )
+        # A response that came before the whole request was read is delivered: what is
+        # left of the request would follow it.
+        step = attempt.decide(Response(status), replayable=request.replayable and request.done)
+        return not isinstance(step, Deliver)
 
     def _head(self, extra: Sequence[bytes] = (), *, drop_te: bool = False) -> bytes:
         hop = _hop_by_hop(self.headers)
@@ -690,16 +648,3 @@ def _key(
 def _overflow(live: LiveUpstream, reason: str) -> tuple[int, str]:
     live.counted.overflow(reason)
     return 503, f"overflow_{reason}"
-
-
-def _answer_for(failure: Failure | int) -> tuple[int, str]:
-    if isinstance(failure, int):
-        return failure, "upstream_status"
-    return _FAILURE_STATUS[failure], f"upstream_{failure.replace('-', '_')}"
-
-
-def _event(outcome: Failure | int) -> Event:
-    """What a failed try tells outlier detection about its endpoint."""
-    if isinstance(outcome, int):
-        return "server_error" if outcome >= 500 else "success"
-    return {"connect-failure": "connect_failure", "reset": "reset", "timeout": "timeout"}[outcome]  # type: ignore[return-value]

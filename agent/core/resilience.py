@@ -1,12 +1,9 @@
-"""Retries, the retry budget and the circuit breaker of an upstream: when to try again, when not to.
+"""Retry policy, the retry budget and the circuit breaker of an upstream.
 
-`should_retry` decides whether a failed try may be repeated: within the
-policy's count, for the failures and status codes it names, and only for a
-request that can be replayed. A connect failure retries any method, since
-nothing reached the server; after a reset, a timeout or a response, only an
-idempotent method (RFC 9110 9.2.2) is replayed unless the policy says
-`non_idempotent`. TCP mode (method None) counts as idempotent: whether a
-connection can be replayed at all is the caller's to know.
+`RetryPolicy` is what an outbound's `retries` config says: how many tries
+after the first, on which failures, HTTP statuses and gRPC statuses, and
+whether non-idempotent requests are replayed too. Whether a given try is
+retried is decided in one place, agent/core/tries.py.
 
 `RetryBudget` is Envoy's retry budget: retries in flight may be at most
 budget_percent of the requests in flight, or min_retry_concurrency, whichever
@@ -28,18 +25,22 @@ from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-Failure = Literal["connect-failure", "reset", "timeout"]
+#: How a try can fail before anything reached the app. refused-stream: RST_STREAM
+#: REFUSED_STREAM, or a stream above a GOAWAY's last id (HTTP/2): like a connect failure,
+#: nothing was processed.
+Failure = Literal["connect-failure", "refused-stream", "reset", "timeout"]
 FAILURES: Final[tuple[Failure, ...]] = get_args(Failure)
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
     retries: int = 2  # tries after the first
-    on: frozenset[str] = frozenset({"connect-failure", "reset"})  # subset of Failure names
+    on: frozenset[str] = frozenset({"connect-failure", "refused-stream", "reset"})  # Failures
     statuses: frozenset[int] = frozenset({503})  # response codes that retry
     non_idempotent: bool = False  # also retry POST/PATCH/... (reset, timeout, status)
     budget_percent: float = 20.0  # retries in flight <= this % of requests in flight ...
     min_retry_concurrency: int = 3  # ... or this many, whichever is more
+    grpc_statuses: frozenset[int] = frozenset({14})  # gRPC statuses that retry (UNAVAILABLE)
 
     def __post_init__(self) -> None:
         if self.retries < 0:
@@ -48,28 +49,10 @@ class RetryPolicy:
             raise ValueError(f"unknown retry_on failure(s): {', '.join(sorted(unknown))}")
         if not all(100 <= status <= 599 for status in self.statuses):
             raise ValueError("retry statuses must be HTTP status codes (100-599)")
+        if not all(0 <= status <= 16 for status in self.grpc_statuses):
+            raise ValueError("retry gRPC statuses must be gRPC status codes (0-16)")
         if self.budget_percent < 0 or self.min_retry_concurrency < 0:
             raise ValueError("the retry budget's percent and min concurrency must be at least 0")
-
-
-def should_retry(
-    policy: RetryPolicy, method: str | None, failure: Failure | int, tries: int
-) -> bool:
-    """Whether to try again after `tries` attempts (1 after the first) ended in `failure`.
-
-    `failure` is a Failure name or the response's status code. `method` is the
-    request's, case-sensitive as HTTP methods are; None in TCP mode.
-    """
-    if tries < 1:
-        raise ValueError("should_retry is for after a try: tries >= 1")
-    if tries > policy.retries:
-        return False
-    if failure == "connect-failure":
-        return failure in policy.on
-    replayable = policy.non_idempotent or method is None or method in IDEMPOTENT
-    if isinstance(failure, int):
-        return replayable and failure in policy.statuses
-    return replayable and failure in policy.on
 
 
 class RetryBudget:
@@ -94,6 +77,10 @@ class RetryBudget:
         if self.requests == 0:
             raise RuntimeError("request_finished without request_started")
         self.requests -= 1
+
+    def room(self) -> bool:
+        """Whether a retry could take a slot now (try_retry takes it)."""
+        return self.retries < self.limit()
 
     def try_retry(self) -> bool:
         """Take a retry slot if the budget allows (then call retry_finished when it ends)."""

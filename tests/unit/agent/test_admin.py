@@ -95,11 +95,12 @@ def test_the_config_as_plain_data() -> None:
                 "timeouts": {"connect": 0.0, "per_try": 0.0, "request": 0.0},
                 "retries": {
                     "retries": 2,
-                    "on": ["connect-failure", "reset"],
+                    "on": ["connect-failure", "refused-stream", "reset"],
                     "statuses": ["503"],
                     "non_idempotent": False,
                     "budget_percent": 20.0,
                     "min_retry_concurrency": 3,
+                    "grpc_statuses": ["14"],
                 },
                 "circuit_breaker": {
                     "max_connections": 1024,

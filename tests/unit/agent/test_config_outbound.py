@@ -60,7 +60,7 @@ def test_everything_given() -> None:
         timeouts={"connect": "1s", "per_try": "250ms", "request": "2s"},
         retries={
             "max": 3,
-            "retry_on": ["reset", 502, 503],
+            "retry_on": ["reset", 502, 503, "unavailable", "resource-exhausted"],
             "non_idempotent": True,
             "budget": {"percent": 10, "min_concurrency": 1},
         },
@@ -85,7 +85,9 @@ def test_everything_given() -> None:
             0,
         ),
         Timeouts(1.0, 0.25, 2.0),
-        RetryPolicy(3, frozenset({"reset"}), frozenset({502, 503}), True, 10.0, 1),
+        RetryPolicy(
+            3, frozenset({"reset"}), frozenset({502, 503}), True, 10.0, 1, frozenset({14, 8})
+        ),
         BreakerLimits(10, 20, 30),
         5.0,
     )
@@ -95,7 +97,8 @@ def test_defaults_are_istio_like() -> None:
     parsed = outbound(endpoints=["a:15443"])
     assert parsed.subsets == (Subset("default", 1, StaticSource(((Endpoint("a", 15443), 1),))),)
     assert (parsed.protocol, parsed.balancer, parsed.hash_on) == ("tcp", "round_robin", None)
-    assert parsed.retries == RetryPolicy()  # 2 retries on connect-failure, reset and 503
+    # 2 retries on connect-failure, refused-stream, reset, 503 and gRPC UNAVAILABLE
+    assert parsed.retries == RetryPolicy()
     assert parsed.health == HealthSettings()  # outlier detection on, no active checks
     assert parsed.timeouts == Timeouts()
 
@@ -208,6 +211,23 @@ def test_outlier_detection_can_be_turned_off() -> None:
             id="retry-on",
         ),
         pytest.param(
+            {"endpoints": ["a:1"], "retries": {"retry_on": ["reset", "UNAVAILABLE"]}},
+            "outbound[0].retries.retry_on[1]: 'UNAVAILABLE' is not one of connect-failure, "
+            "refused-stream, reset, timeout, a gRPC status (cancelled, deadline-exceeded, "
+            "internal, resource-exhausted, unavailable) or an HTTP status code (100-599)",
+            id="retry-on-grpc-name-as-envoy-spells-it",
+        ),
+        pytest.param(
+            {"endpoints": ["a:1"], "retries": {"retry_on": [{"grpc": 14}]}},
+            "outbound[0].retries.retry_on[0]: {'grpc': 14} is not one of",
+            id="retry-on-not-a-name",
+        ),
+        pytest.param(
+            {"endpoints": ["a:1"], "retries": {"retry_on": [14]}},
+            "outbound[0].retries.retry_on[0]: 14 is not one of",
+            id="retry-on-grpc-code-as-a-number",
+        ),
+        pytest.param(
             {"endpoints": ["a:1"], "retries": {"max": -1}},
             "outbound[0].retries.max: must be an integer >= 0",
             id="retries-negative",
@@ -247,3 +267,27 @@ def test_every_mistake_at_once() -> None:
         circuit_breaker={"max_pending": -1},
     )
     assert len(found) == 4, found
+
+
+@pytest.mark.parametrize(
+    ("retry_on", "on", "statuses", "grpc_statuses"),
+    [
+        pytest.param(["unavailable"], set(), set(), {14}, id="grpc-only"),
+        pytest.param(
+            ["cancelled", "deadline-exceeded", "resource-exhausted", "internal", "unavailable"],
+            set(),
+            set(),
+            {1, 4, 8, 13, 14},
+            id="every-grpc-name",
+        ),
+        pytest.param(
+            ["refused-stream", 503], {"refused-stream"}, {503}, set(), id="given-means-only-these"
+        ),
+        pytest.param([], set(), set(), set(), id="empty-retries-nothing"),
+    ],
+)
+def test_retry_on_takes_failures_http_statuses_and_envoys_grpc_names(
+    retry_on: list[object], on: set[str], statuses: set[int], grpc_statuses: set[int]
+) -> None:
+    retries = outbound(endpoints=["a:1"], retries={"retry_on": retry_on}).retries
+    assert (retries.on, retries.statuses, retries.grpc_statuses) == (on, statuses, grpc_statuses)

@@ -1,0 +1,243 @@
+"""The attempts loop: one request (or TCP connection) tried on endpoints until one delivers.
+
+Every outbound protocol (TCP in agent/adapters/listeners.py, HTTP/1.1 in
+agent/adapters/outbound_http.py, HTTP/2 and gRPC) runs its tries through
+`attempts`, so that balancing, outlier detection records, endpoint load,
+the retry budget and the retry decision (agent/core/tries.py) are done one
+way. What a protocol brings is `run`: one try on the endpoint it is given,
+from getting a connection (or stream) to the response head.
+
+A `Try` owns, until it ends, what one attempt holds: its connection (or
+stream: anything with `abort()`), its response parser's state, its place in
+its endpoint's load, and the retry-budget slot it runs on (a retry holds
+one, taken when the try before it was decided; the first try none). It
+ends exactly once, whichever comes first of its decision to retry or
+answer, the end of the response it delivered, or a cancellation (the app
+left, the request timed out, a drain): `end()` again does nothing, so a
+slot goes back exactly once, to the budget it came from even after a reload
+replaced the upstream's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from typing import Generic, Protocol, TypeVar
+
+from agent.adapters.upstreams import LiveUpstream
+from agent.core.resilience import RetryBudget
+from agent.core.tries import (
+    UNAVAILABLE,
+    Answer,
+    Deliver,
+    Outcome,
+    Retry,
+    Step,
+    event_of,
+    next_step,
+    status_event,
+)
+from agent.core.upstream import Endpoint
+
+
+class Droppable(Protocol):
+    """What a try holds upstream: a connection, or a stream of a shared one."""
+
+    def abort(self) -> None:
+        """Drop it mid-exchange: its state is unknown, so it carries nothing else."""
+
+
+C = TypeVar("C", bound=Droppable)
+P = TypeVar("P")
+
+
+class LocalAnswer(Exception):
+    """The agent answers the request itself: no endpoint could, or a limit was reached."""
+
+    def __init__(self, status: int, error: str, grpc_status: int = UNAVAILABLE) -> None:
+        super().__init__(status, error)
+        self.status, self.error, self.grpc_status = status, error, grpc_status
+
+
+class Try(Generic[C, P]):
+    """One attempt on one endpoint; see the module's docstring for what it owns."""
+
+    def __init__(
+        self,
+        live: LiveUpstream,
+        endpoint: Endpoint,
+        tried: list[Endpoint],
+        slot: RetryBudget | None,
+        *,
+        method: str | None,
+        grpc: bool,
+        replayable: Callable[[], bool],
+    ) -> None:
+        self.live = live
+        self.endpoint = endpoint
+        self.number = len(tried)  # 1 for the first try
+        self.connection: C | None = None  # the protocol's, set by `run`
+        self.parser: P | None = None  # the protocol's response state, set by `run`
+        self.step: Step | None = None  # once decided
+        self.outcome: Outcome | None = None
+        self.ended = False
+        self._tried = tried
+        self._method, self._grpc, self._replayable = method, grpc, replayable
+        self._slot = slot  # the budget this try's retry slot came from
+        self.grant: RetryBudget | None = None  # the slot taken for the next try (Retry)
+        self._decided: asyncio.Future[None] | None = None
+        self._load = live.core.load  # a reload carries the dict over: this one is counted in
+        self._load[endpoint] = self._load.get(endpoint, 0) + 1
+
+    def decide(self, outcome: Outcome, *, replayable: bool | None = None) -> Step:
+        """What follows `outcome` (agent/core/tries.py); decided once, later calls return it.
+
+        Call it the moment the outcome is known, before anything of the
+        response reaches the app (a response head's status decides whether
+        it is delivered). A Retry takes its budget slot here, for the next
+        try; a retry due that the budget refuses is counted as an overflow.
+        `replayable` overrides the request's own (False: a response that
+        came before the whole request was sent is not retried).
+        """
+        if self.step is not None:
+            return self.step  # e.g. a per-try timeout that lost the race to the head
+        live = self.live
+        budget = live.budget
+        step = next_step(
+            live.config.retries,
+            method=self._method,
+            grpc=self._grpc,
+            outcome=outcome,
+            tries=self.number,
+            replayable=self._replayable() if replayable is None else replayable,
+            untried=lambda: live.core.untried(self._tried, _now()),
+            budget_room=budget.room,
+        )
+        self.step, self.outcome = step, outcome
+        if isinstance(step, Retry):
+            granted = budget.try_retry()
+            assert granted, "budget.room() said there was room"
+            self.grant = budget
+            live.counted.retries.inc()
+        elif step.over_budget:
+            live.counted.overflow("retry_budget")
+        if not isinstance(step, Deliver):
+            live.record(self.endpoint, event_of(outcome))
+        if self._decided is not None and not self._decided.done():
+            self._decided.set_result(None)
+        return step
+
+    async def decided(self) -> None:
+        """Wait until `decide` has been called (by a callback of the protocol's)."""
+        if self.step is None:
+            self._decided = asyncio.get_running_loop().create_future()
+            await self._decided
+
+    def release(self) -> C | None:
+        """Take the connection back from this try, whole (to pool it): `end` will not drop it."""
+        connection, self.connection = self.connection, None
+        return connection
+
+    def end(self, status: int | None = None, grpc_status: int | None = None) -> None:
+        """End this try, once: give back its slot and its load, drop a connection it holds.
+
+        A delivered try is recorded for outlier detection here, by the
+        status the app got (`status`; None: as decided, e.g. a TCP
+        connection linked); a try that ended undecided (cancelled) is not.
+        """
+        if self.ended:
+            return
+        self.ended = True
+        self._load[self.endpoint] -= 1
+        slots = [self._slot, self.grant]
+        self._slot = self.grant = None
+        for slot in slots:
+            if slot is not None:
+                slot.retry_finished()
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.abort()
+        if isinstance(self.step, Deliver) and self.outcome is not None:
+            event = event_of(self.outcome) if status is None else status_event(status, grpc_status)
+            self.live.record(self.endpoint, event)
+
+    def hand_over(self) -> RetryBudget | None:
+        """The slot this try took for the next one (the loop moves it there)."""
+        grant, self.grant = self.grant, None
+        return grant
+
+
+def _always() -> bool:
+    return True
+
+
+async def attempts(
+    live: LiveUpstream,
+    run: Callable[[Try[C, P]], Awaitable[Outcome | None]],
+    rng: random.Random,
+    *,
+    method: str | None,
+    grpc: bool = False,
+    key: bytes | None = None,
+    replayable: Callable[[], bool] = _always,
+    per_try: float | None = None,
+) -> Try[C, P]:
+    """Try endpoints of `live` until one delivers; that try, still running, is returned.
+
+    `run(try_)` makes one try on `try_.endpoint`: it returns the outcome,
+    or None once it has called `try_.decide` itself (from a callback, as a
+    response head arrives: await `try_.decided()`). A try that takes longer
+    than `per_try` seconds (None: no limit) to be decided fails "timeout".
+    The returned try's step is Deliver: the caller ends it (`end(status)`)
+    when the response is over, or the connection linked. Raises LocalAnswer
+    when the agent must answer instead: no endpoint, or the last try's
+    failure. Cancelled, the try in progress ends (its connection dropped).
+
+    `method` is the request's (None for TCP), `grpc` whether it is a gRPC
+    call, `key` what a consistent-hash balancer hashes, `replayable()`
+    whether the request can still be sent again.
+    """
+    subset = live.core.subset(rng)
+    if subset is None:
+        raise LocalAnswer(503, "no_endpoints")
+    tried: list[Endpoint] = []
+    slot: RetryBudget | None = None  # taken by the last try's Retry, for the next one
+    current: Try[C, P] | None = None
+    try:
+        while True:
+            endpoint = live.core.choose(subset, tried, _now(), rng, key)
+            if endpoint is None:
+                raise LocalAnswer(503, "no_healthy_endpoint" if not tried else "no_endpoint_left")
+            tried.append(endpoint)
+            current = Try(
+                live, endpoint, tried, slot, method=method, grpc=grpc, replayable=replayable
+            )
+            slot = None
+            try:
+                if per_try is None:
+                    outcome = await run(current)
+                else:
+                    async with asyncio.timeout(per_try):
+                        outcome = await run(current)
+            except TimeoutError:  # only the per-try timeout: the request's ends as a cancel here
+                outcome = "timeout"
+            step = current.step if outcome is None else current.decide(outcome)
+            assert step is not None, "run returned None without deciding its try"
+            if isinstance(step, Deliver):
+                delivered, current = current, None
+                return delivered
+            slot = current.hand_over()
+            current.end()
+            current = None
+            if isinstance(step, Answer):
+                raise LocalAnswer(step.status, step.error, step.grpc_status)
+    finally:
+        if current is not None:
+            current.end()
+        if slot is not None:
+            slot.retry_finished()
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()

@@ -1,0 +1,145 @@
+"""The h2 server connection over a loopback socket: streams, flow control both ways, and
+the limits that end a connection, each counted."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+from h2.errors import ErrorCodes
+from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, PingFrame, RstStreamFrame
+
+from agent.adapters.h2server import H2Server, H2Stream
+from agent.core.h2limits import H2Limits, Limit, Window
+from tests.h2raw import H2Client, RawFrames, request_headers
+
+
+async def echo(stream: H2Stream) -> None:
+    """Answers with the request's body (and its path when it has none)."""
+    body = b""
+    while chunk := await stream.read():
+        body += chunk
+    await stream.respond([(b":status", b"200")])
+    await stream.send(body or (stream.header(b":path") or b""))
+    await stream.end([(b"x-trailer", b"yes")])
+
+
+class Served:
+    def __init__(self) -> None:
+        self.hits: list[Limit] = []
+        self.servers: list[H2Server] = []
+        self.port = 0
+
+
+@pytest.fixture
+async def served(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+    handler = getattr(request, "param", echo)
+    state = Served()
+
+    def make() -> H2Server:
+        server = H2Server(
+            handler,
+            state.hits.append,
+            idle_timeout=30,
+            limits=H2Limits(max_resets=20, max_pings=20, max_settings=20),
+        )
+        state.servers.append(server)
+        return server
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(make, "127.0.0.1", 0)
+    state.port = server.sockets[0].getsockname()[1]
+    yield state
+    for s in state.servers:
+        s.abort()
+    server.close()
+
+
+def dial(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+async def test_requests_on_one_connection_are_answered_with_trailers(served: Served) -> None:
+    def run() -> list[tuple[int, bytes, bytes | None]]:
+        client = H2Client(dial(served.port))
+        ids = [client.send(request_headers(f"/{i}")) for i in range(5)]
+        ids.append(client.send(request_headers("/post", "POST"), b"x" * 200_000))
+        out = [client.wait(i) for i in ids]
+        client.close()
+        return [(r.status, r.body[:10], r.header(b"x-trailer")) for r in out]
+
+    answers = await asyncio.to_thread(run)
+    assert answers[:5] == [(200, f"/{i}".encode(), b"yes") for i in range(5)]
+    assert answers[5] == (200, b"x" * 10, b"yes")
+    assert served.hits == []
+
+
+async def big(stream: H2Stream) -> None:
+    await stream.respond([(b":status", b"200")])
+    for _ in range(100):  # 10 MB, far beyond any window the client opens
+        await stream.send(b"y" * 100_000)
+    await stream.end()
+
+
+@pytest.mark.parametrize("served", [big], indirect=True)
+async def test_a_client_that_opens_no_window_gets_no_more_than_it_advertised(
+    served: Served,
+) -> None:
+    def run() -> int:
+        client = H2Client(dial(served.port), window=0)
+        sid = client.send(request_headers("/"))
+        client.drain(0.5)
+        got = len(client.responses[sid].body)
+        client.close()
+        return got
+
+    assert await asyncio.to_thread(run) == 0
+    server = served.servers[0]
+    assert server.transport is None or server.transport.get_write_buffer_size() < 64 * 1024
+
+
+async def test_rapid_reset_ends_the_connection_with_enhance_your_calm(served: Served) -> None:
+    def run() -> bool:
+        raw = RawFrames(dial(served.port))
+        frames: list[Frame] = []
+        for i in range(100):
+            sid = 2 * i + 1
+            frames.append(HeadersFrame(sid, raw.block(request_headers("/")), flags={"END_HEADERS"}))
+            rst = RstStreamFrame(sid)
+            rst.error_code = ErrorCodes.CANCEL
+            frames.append(rst)
+        raw.send(frames)
+        return raw.closed_within(3)
+
+    assert await asyncio.to_thread(run)
+    assert "rapid_reset" in served.hits
+
+
+async def test_an_endless_header_block_ends_the_connection(served: Served) -> None:
+    def run() -> bool:
+        raw = RawFrames(dial(served.port))
+        raw.send([HeadersFrame(1, raw.block(request_headers("/")))])
+        raw.send(ContinuationFrame(1, raw.block([(b"x-a", b"b" * 100)])) for _ in range(40))
+        return raw.closed_within(3)
+
+    assert await asyncio.to_thread(run)
+    assert served.hits == ["continuation"]
+
+
+async def test_a_ping_flood_ends_the_connection(served: Served) -> None:
+    def run() -> bool:
+        raw = RawFrames(dial(served.port))
+        raw.send(PingFrame(0, opaque_data=b"12345678") for _ in range(50))
+        return raw.closed_within(3)
+
+    assert await asyncio.to_thread(run)
+    assert served.hits == ["ping_flood"]
+
+
+def test_window_counts_only_events_within_it() -> None:
+    window = Window(2, 10.0)
+    assert not window.hit(0.0) and not window.hit(1.0)
+    assert window.hit(2.0)
+    assert not window.hit(12.5)  # 0.0, 1.0 and 2.0 have left it
