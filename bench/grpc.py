@@ -26,7 +26,6 @@ server answering a fixed message, so the proxies are what is measured.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import statistics
 import subprocess
@@ -43,13 +42,6 @@ from tests.support import free_port
 MESSAGE = b"\x00\x00\x00\x00\x07" + b"\x0a\x05bench"
 PATH = "/demo.Greeter/SayHello"
 STREAMS = 50
-
-
-def agents_speak_h2() -> bool:
-    """Whether this tree's agents serve `protocol: grpc` as HTTP/2 (issue 17's h2server and
-    h2client); until then the `outrider grpc` pair is not measured."""
-    modules = ("agent.adapters.h2server", "agent.adapters.h2client")
-    return all(importlib.util.find_spec(name) is not None for name in modules)
 
 
 def backend(stack: ExitStack, workdir: Path) -> tuple[int, int]:

@@ -14,7 +14,6 @@ mapping); the client uses ONE channel per test, as a gRPC app does.
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
 from collections import Counter
@@ -32,16 +31,12 @@ from tests.grpcdemo import ADMIN, CHAT, SAY_HELLO, Backend
 from tests.mesh import AgentProcess, agent_process, agent_yaml, workload
 from tests.support import ca_process, free_port, make_ca_setup
 
-#: Until the agents' HTTP/2 data plane is on main, a `protocol: grpc` port has nothing to
-#: serve it: the tests wait for it rather than fail.
-_WAITS_FOR = [
-    name
-    for name in ("agent.adapters.h2server", "agent.adapters.h2client")
-    if importlib.util.find_spec(name) is None
-]
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(bool(_WAITS_FOR), reason=f"waits for {', '.join(_WAITS_FOR)}"),
+    pytest.mark.skipif(
+        not grpcdemo.agents_serve_h2(),
+        reason="waits for the agents' HTTP/2 data plane (h2server and h2client wired in)",
+    ),
 ]
 
 FRONTEND, BACKEND = workload("frontend"), workload("backend")
