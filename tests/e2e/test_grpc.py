@@ -158,9 +158,18 @@ def test_the_policy_allows_say_hello_and_denies_admin_as_permission_denied(
         with pytest.raises(grpc.RpcError) as denied:
             stub.Admin(mesh.pb2.HelloRequest(name="root"), timeout=5)
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED, denied.value
-    # Counted by the backend's agent that refused it, with the gRPC status it answered.
-    refused = sum(a.sample("outrider_grpc_requests_total", grpc_status="7") for a in mesh.inbound)
-    assert refused == 1
+
+    # Counted by the backend's agent that refused it, with the gRPC status it answered (once
+    # the answer is written: the client may have it first).
+    labels = {"direction": "inbound", "peer_id": str(FRONTEND), "grpc_status": "7"}
+
+    def refused() -> float:
+        return sum(a.sample("outrider_grpc_requests_total", **labels) for a in mesh.inbound)
+
+    deadline = time.monotonic() + 5
+    while refused() < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert refused() == 1
 
 
 def test_one_channel_spreads_unary_calls_evenly_over_three_backends(mesh: GrpcMesh) -> None:
