@@ -13,11 +13,12 @@ headers) are checked on every L7 port (`identity.appprotocol.L7`): HTTP/1.1,
 HTTP/2 and gRPC alike, where a gRPC call's path is `/package.Service/Method`.
 The agent refuses a policy whose rule uses an HTTP field and applies to a
 TCP port: there the field can never be checked, so in an ALLOW the rule
-never allows and in a DENY it denies every connection its other fields match. A policy selecting
-pods by label cannot know every pod's ports, so the control plane does not
-drop such a policy (dropping a DENY, or the only ALLOW, would open the
-pod). `fit_to_ports` rewrites it, per pod, into the policy the agent's engine
-would enforce anyway, fail-closed, that the agent accepts:
+never allows and in a DENY it denies every connection its other fields
+match. A policy selecting pods by label cannot know every pod's ports, so
+the control plane does not drop such a policy (dropping a DENY, or the only
+ALLOW, would open the pod). `fit_to_ports` rewrites it, per pod, into the
+policy the agent's engine would enforce anyway, fail-closed, that the agent
+accepts:
 
 - the rule keeps its name and applies to the pod's L7 ports only;
 - ALLOW: on the TCP ports the policy still applies and matches nothing,
