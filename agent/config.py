@@ -17,7 +17,7 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
     inbound:                                           # mTLS in, plain to the app
       - listen: 0.0.0.0:15443
         app: 127.0.0.1:8080
-        protocol: http                                 # tcp (default) or http: per request
+        protocol: http                                 # or tcp (default), http2, grpc
         allow: {spiffe_ids: [], trust_domains: [example.org]}  # default: own domain
     outbound:                                          # plain in, mTLS out
       - name: backend                                  # agent/config_outbound.py: all keys

@@ -7,10 +7,13 @@ against an agent process.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import h2.config
@@ -19,7 +22,13 @@ import h2.events
 import h2.settings
 import hpack
 from h2.errors import ErrorCodes
-from hyperframe.frame import Frame
+from hyperframe.frame import Frame, SettingsFrame
+
+from agent.adapters.h2client import _Connection
+from agent.adapters.h2server import H2Server, Handler
+from tests import certs
+from tests.mesh import AgentProcess, workload
+from tests.support import CaSetup
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -57,15 +66,35 @@ def request_headers(
     return headers + [(k.replace("_", "-").encode(), v.encode()) for k, v in extra.items()]
 
 
+def tls_socket(
+    setup: CaSetup,
+    agent: AgentProcess,
+    who: str = "frontend",
+    listener: str = "inbound[0]",
+    alpn: tuple[str, ...] = ("h2",),
+) -> ssl.SSLSocket:
+    """An mTLS connection to one of the agent's listeners, as `who`, offering `alpn`."""
+    context = certs.client_context(setup.bundle_pem, certs.valid_svid(setup, workload(who)))
+    context.set_alpn_protocols(list(alpn))
+    host, port = agent.bound[listener].rsplit(":", 1)
+    return context.wrap_socket(socket.create_connection((host, int(port)), timeout=5))
+
+
+def h2_connect(
+    setup: CaSetup, agent: AgentProcess, who: str = "frontend", listener: str = "inbound[0]"
+) -> H2Client:
+    """A well-behaved h2 client over mTLS to one of the agent's listeners, as `who`."""
+    return H2Client(tls_socket(setup, agent, who, listener))
+
+
 class H2Client:
     """A well-behaved h2 client on a blocking socket: it reads what it is sent, credits
     data as it arrives, and answers PINGs and SETTINGS (h2 does)."""
 
     def __init__(self, sock: socket.socket, window: int | None = None) -> None:
         self.sock = sock
-        self.conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
-        )
+        # h2client's connection: one that lets the streams below a graceful GOAWAY finish.
+        self.conn = _Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
         if window is not None:
             self.conn.local_settings = h2.settings.Settings(
                 client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
@@ -178,8 +207,6 @@ class RawFrames:
         self.encoder = hpack.Encoder()
         self.sock.sendall(PREFACE)
         if settings:
-            from hyperframe.frame import SettingsFrame
-
             self.send([SettingsFrame(0)])
 
     def send(self, frames: Iterable[Frame]) -> None:
@@ -204,3 +231,35 @@ class RawFrames:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@contextmanager
+def threaded_h2_app(handler: Handler) -> Iterator[int]:
+    """An h2c app (prior knowledge) on an event loop of its own in a thread, each stream
+    served by `handler` on the agent's own H2Server; yields its port."""
+    loop = asyncio.new_event_loop()
+    servers: set[H2Server] = set()
+
+    def make() -> H2Server:
+        server = H2Server(handler, lambda _: None, idle_timeout=600, on_closed=servers.discard)
+        servers.add(server)
+        return server
+
+    async def start() -> asyncio.Server:
+        return await loop.create_server(make, "127.0.0.1", 0)
+
+    async def stop(server: asyncio.Server) -> None:
+        server.close()
+        for connection in list(servers):
+            connection.abort()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        asyncio.run_coroutine_threadsafe(stop(server), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()

@@ -31,6 +31,7 @@ import yaml
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent import config as agent_config
 from agent.adapters.rotator import SignFn
@@ -312,6 +313,15 @@ class AgentProcess:
     def sample(self, name: str, **labels: str) -> float:
         """One sample of /metrics (`name` as exposed, e.g. with _total); 0 when absent."""
         return scraped(self.metrics(), name, **labels)
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of the samples of `name` whose labels include `labels` (0 when none)."""
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(self.metrics())
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
 
     def threads(self) -> int:
         """The process's threads now (Linux)."""

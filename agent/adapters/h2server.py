@@ -29,18 +29,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, cast
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 
 from agent.core.h2limits import H2Limits, Limit, Window
+
+log = logging.getLogger("outrider.agent")
 
 Headers = list[tuple[bytes, bytes]]
 Handler = Callable[["H2Stream"], Awaitable[None]]
@@ -67,6 +71,7 @@ class H2Stream:
         self.finished = False  # END_STREAM (or RST_STREAM) sent: nothing more goes out
         self._chunks: deque[tuple[bytes, int]] = deque()  # (data, flow-controlled length)
         self._ended = ended  # the client's END_STREAM arrived
+        self.bodiless = ended  # it came on the HEADERS: no body, no trailers
         self._credit = 0  # flow-controlled bytes handed to the handler, not yet credited
         self.buffered = 0  # flow-controlled bytes held in `_chunks`
         self._changed = asyncio.Event()  # data, end, reset, or a window opened
@@ -160,6 +165,19 @@ class H2Stream:
         self.server.reset(self, code)
 
 
+class _Connection(h2.connection.H2Connection):
+    """h2's server connection, except that a client's graceful GOAWAY lets the streams it
+    opened before it finish (RFC 9113 6.8): h2 would close at once and refuse their
+    responses. No new stream is taken once it came (`H2Server._closing`)."""
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        state = self.state_machine.state
+        result = super()._receive_goaway_frame(frame)
+        if frame.error_code == ErrorCodes.NO_ERROR and state == ConnectionState.SERVER_OPEN:
+            self.state_machine.state = state
+        return result
+
+
 class H2Server(asyncio.Protocol):
     """One h2 server connection: limits, flow control, and a handler task per stream."""
 
@@ -185,7 +203,7 @@ class H2Server(asyncio.Protocol):
             validate_inbound_headers=True,
             normalize_inbound_headers=True,
         )
-        self.conn = h2.connection.H2Connection(config=config)
+        self.conn = _Connection(config=config)
         # Our SETTINGS as the first frame says them; h2 applies them once acknowledged,
         # and our own checks below hold from the first byte.
         self.conn.local_settings = h2.settings.Settings(
@@ -238,10 +256,17 @@ class H2Server(asyncio.Protocol):
             self._flush()
             self.close()
             return
-        for event in events:
-            self._event(event)
-            if self.closed:
-                return
+        try:
+            for event in events:
+                self._event(event)
+                if self.closed:
+                    return
+        except h2.exceptions.ProtocolError as exc:  # a frame h2 took, then we could not act on
+            self.hit(_limit_of(exc))
+            self.conn.close_connection(ErrorCodes.PROTOCOL_ERROR)
+            self._flush()
+            self.close()
+            return
         if self._continuing():
             return
         self._flush()
@@ -302,13 +327,13 @@ class H2Server(asyncio.Protocol):
     def _request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
         if self._closing:
-            self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._refuse(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         if len(self.streams) >= self.limits.max_concurrent_streams:
             # Handlers of streams the client reset count until they are done, so resets
             # cannot put more than the limit to work at once.
             self.hit("concurrent_streams")
-            self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._refuse(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         headers = cast(Headers, list(event.headers or []))
         ended = event.stream_ended is not None
@@ -316,11 +341,19 @@ class H2Server(asyncio.Protocol):
         self.streams[stream_id] = stream
         stream.task = asyncio.get_running_loop().create_task(self._serve(stream))
 
+    def _refuse(self, stream_id: int, code: int) -> None:
+        """RST_STREAM, unless the stream is closed already (the client reset it in the same
+        read: h2 has processed every frame of a read before its events are handled)."""
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            self.conn.reset_stream(stream_id, code)
+
     async def _serve(self, stream: H2Stream) -> None:
         try:
             await self.handler(stream)
         except (StreamReset, asyncio.CancelledError):
             pass
+        except Exception:  # a handler's bug: its stream is reset, the connection goes on
+            log.exception("HTTP/2 stream %d: the handler failed", stream.id)
         finally:
             self._done(stream)
 
@@ -331,6 +364,11 @@ class H2Server(asyncio.Protocol):
             return
         if not stream.finished:  # the handler ended without ending its stream
             self.reset(stream, ErrorCodes.INTERNAL_ERROR)
+        elif not stream._ended and stream.reset_code is None:
+            # Answered before the request was whole: the rest of it is not wanted
+            # (RFC 9113 8.1), so the client stops sending rather than stall on its window.
+            stream._gone(ErrorCodes.NO_ERROR)
+            self._refuse(stream.id, ErrorCodes.NO_ERROR)
         if held:
             self.credit(stream.id, held)
         if self._closing and not self.streams:
@@ -417,7 +455,7 @@ class H2Server(asyncio.Protocol):
     def _send(self, stream: H2Stream, write: Callable[[], None]) -> None:
         try:
             write()
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:  # the stream or the connection has closed
             stream._gone(ErrorCodes.STREAM_CLOSED)
             raise StreamReset(ErrorCodes.STREAM_CLOSED) from None
         self._pings.clear()  # the peer got more than PING answers: its PINGs are no flood
@@ -428,8 +466,7 @@ class H2Server(asyncio.Protocol):
             stream._gone(code)
             return
         stream._gone(code)
-        with contextlib.suppress(h2.exceptions.StreamClosedError):
-            self.conn.reset_stream(stream.id, code)
+        self._refuse(stream.id, code)
         self._flush()
 
     def credit(self, stream_id: int, length: int) -> None:
@@ -452,7 +489,11 @@ class H2Server(asyncio.Protocol):
             return
         if not self._closing:
             self._closing = True
+            # h2 takes its own GOAWAY as the end of the connection and would refuse the
+            # responses still owed; RFC 9113 6.8 lets the streams below it finish.
+            state = self.conn.state_machine.state
             self.conn.close_connection(ErrorCodes.NO_ERROR)
+            self.conn.state_machine.state = state
             self._flush()
         if not self.streams:
             self.close()

@@ -26,7 +26,9 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 from prometheus_client import Counter, Gauge
 
 from agent.adapters.attempts import Droppable, LocalAnswer, Try, attempts
+from agent.adapters.h2server import H2Server
 from agent.adapters.http import HttpExchange, xfcc
+from agent.adapters.inbound_h2 import InboundH2
 from agent.adapters.metrics import AgentMetrics, clock
 from agent.adapters.outbound_http import OutboundHttp
 from agent.adapters.relay import Relay
@@ -36,11 +38,14 @@ from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.config import Inbound, Outbound
 from agent.core.authz import AllowList
 from agent.core.captured import Captured, OutboundRoutes, admit_plaintext, looks_like_tls
+from agent.core.h2limits import Limit
 from agent.core.policy import Decision, Request
 from agent.core.throttle import held_back
 from agent.core.tries import DELIVERED, Outcome
 from agent.core.upstream import Endpoint
 from identity import SpiffeId
+from identity.appprotocol import H2, L7
+from identity.appprotocol import Protocol as PortProtocol
 from identity.configfile import Listen
 
 log = logging.getLogger("outrider.agent")
@@ -299,7 +304,9 @@ class InboundMtls(Listener[InboundT]):
         super().__init__(cast(Any, config), runtime, connections)
         #: Plaintext connections let in (a permissive port), by original port: those a
         #: reconfigure makes strict are closed (weak: a closed relay leaves by itself).
-        self.plaintext: weakref.WeakKeyDictionary[Relay, int] = weakref.WeakKeyDictionary()
+        self.plaintext: weakref.WeakKeyDictionary[Relay | H2Server, int] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def configure(self, config: InboundT) -> None:
         """Connections accepted from now on follow `config`; plaintext ones already let in
@@ -385,13 +392,15 @@ class InboundMtls(Listener[InboundT]):
             # As of the first byte, not the accept: a port made strict while its client
             # said nothing yet is strict for that client too.
             config, permissive = self.serving(port)
-            # An HTTP port offers no h2 in ALPN, so every request on it is parsed: h2
-            # relayed at L4 would hand the app the client's own identity header and skip
-            # the paths.
-            http = config.protocol == "http"
+            # Each port's ALPN is what it parses (tls.Contexts): an HTTP port offers no h2,
+            # so h2 relayed at L4 cannot hand the app the client's own identity header and
+            # skip the paths; an h2 port takes h2 only.
+            protocol = config.protocol
             plaintext = permissive and not _tls_first(sock)
             if not plaintext:
-                authenticated = await self._authenticate(relay, sock, started, http, port, deadline)
+                authenticated = await self._authenticate(
+                    relay, sock, started, protocol, port, deadline
+                )
         finally:
             self.runtime.not_pending(relay)
         if plaintext:
@@ -400,7 +409,8 @@ class InboundMtls(Listener[InboundT]):
         if authenticated is None:
             return
         peer, config = authenticated
-        if not http and not self._authorize(Request(peer, config.app.port), config).allowed:
+        l7 = config.protocol in L7
+        if not l7 and not self._authorize(Request(peer, config.app.port), config).allowed:
             self.runtime.metrics.connections_refused.labels(INBOUND, "policy_denied").inc()
             relay.abort()
             return
@@ -410,11 +420,11 @@ class InboundMtls(Listener[InboundT]):
         """A permissive port's plaintext client: authorized as unauthenticated (per
         connection, or per request on an HTTP port), counted, relayed to the app.
 
-        On an HTTP port every request is parsed as on the mTLS path and every
-        x-forwarded-client-cert it carries is taken out: a plaintext client
-        cannot name itself to the app; none is added.
+        On an L7 port (HTTP/1.1, or h2c on an http2/grpc port) every request is parsed
+        as on the mTLS path and every x-forwarded-client-cert it carries is taken out:
+        a plaintext client cannot name itself to the app; none is added.
         """
-        tcp = config.protocol != "http"
+        tcp = config.protocol not in L7
         if tcp and not self._authorize(Request(None, config.app.port), config).allowed:
             self.runtime.metrics.connections_refused.labels(INBOUND, "policy_denied").inc()
             sock.close()
@@ -437,6 +447,9 @@ class InboundMtls(Listener[InboundT]):
 
         A plaintext client is counted (`connections_total{mtls="false"}`) once the app
         has its connection: one the app never got was not let in."""
+        if config.protocol in H2:
+            self._serve_h2(relay, peer, config)
+            return
         loop = asyncio.get_running_loop()
         limits = self.runtime.limits
         app = config.app
@@ -446,19 +459,7 @@ class InboundMtls(Listener[InboundT]):
             async with asyncio.timeout(limits.connect_timeout.total_seconds()):
                 await loop.create_connection(lambda: up, app.host, app.port)
         except (OSError, TimeoutError) as exc:
-            # A line a while: on a captured pod a caller can try every port, most with no app.
-            held = self.runtime.refusal_lines.admit(
-                (INBOUND, "app_unreachable"), asyncio.get_running_loop().time()
-            )
-            if held is not None:
-                log.warning(
-                    "inbound %s: app %s unreachable: %s%s",
-                    config.listen,
-                    app,
-                    exc,
-                    held_back(held),
-                )
-            self.runtime.metrics.connections_refused.labels(INBOUND, "app_unreachable").inc()
+            self._app_unreachable(config, exc)
             relay.close()
             return
         if peer is None:  # plaintext, let in: counted once the app has it, not before
@@ -491,6 +492,103 @@ class InboundMtls(Listener[InboundT]):
         relay.link(exchange.from_client, exchange.from_app)
         relay.drained_by(exchange.finish)
 
+    def _app_unreachable(self, config: Inbound, exc: BaseException) -> None:
+        """Counted; a line a while: on a captured pod a caller can try every port, most with
+        no app."""
+        held = self.runtime.refusal_lines.admit(
+            (INBOUND, "app_unreachable"), asyncio.get_running_loop().time()
+        )
+        if held is not None:
+            log.warning(
+                "inbound %s: app %s unreachable: %s%s",
+                config.listen,
+                config.app,
+                exc or type(exc).__name__,
+                held_back(held),
+            )
+        self.runtime.metrics.connections_refused.labels(INBOUND, "app_unreachable").inc()
+
+    def _serve_h2(self, relay: Relay, peer: SpiffeId | None, config: Inbound) -> None:
+        """Serve the client's connection with an H2Server (agent/adapters/inbound_h2.py):
+        each stream decided and sent to the app over h2c; the relay that set it up is done.
+
+        A plaintext client is counted at once: its app connections are per stream.
+        """
+        transport = relay.down.transport
+        assert transport is not None
+        metrics, limits = self.runtime.metrics, self.runtime.limits
+        app = config.app
+        requests, calls = metrics.requests, metrics.grpc_requests
+        limit_hits = metrics.http2_limits
+
+        def authorize(
+            method: str, path: str, host: str | None, headers: dict[str, tuple[str, ...]]
+        ) -> Decision:
+            return self._authorize(Request(peer, app.port, method, path, host, headers), config)
+
+        def answered(code: int, grpc_status: int | None) -> None:
+            requests.labels(INBOUND, str(peer or ""), str(code)).inc()
+            if grpc_status is not None:
+                calls.labels(INBOUND, str(peer or ""), str(grpc_status)).inc()
+
+        def hit(limit: Limit) -> None:
+            limit_hits.labels(INBOUND, limit).inc()
+            self._limit_line(limit, peer)
+
+        streams = InboundH2(
+            Endpoint(app.host, app.port),
+            authorize,
+            xfcc(str(self.runtime.spiffe_id), str(peer)) if peer else b"",
+            answered,
+            hit,
+            underscores=limits.headers_with_underscores,
+            connect_timeout=limits.connect_timeout.total_seconds(),
+            idle_timeout=limits.idle_timeout.total_seconds(),
+            unreachable=lambda exc: self._app_unreachable(config, exc),
+        )
+
+        def closed(server: H2Server) -> None:
+            streams.close()
+            self.connections.closed(server)
+
+        server = H2Server(
+            streams.handle,
+            hit,
+            idle_timeout=limits.idle_timeout.total_seconds(),
+            on_closed=closed,
+        )
+        # The relay hands its connection over: it lets go of the transport (so closing it
+        # closes nothing) and leaves the registry, which now holds the h2 server.
+        early = b"".join(relay.down.pending)
+        relay.down.pending.clear()
+        relay.down.transport = None
+        relay.close()
+        self.connections.add(server, INBOUND)
+        if peer is None:
+            self.plaintext[server] = app.port
+            self.connections.established(INBOUND, None, mtls=False)
+        transport.set_protocol(server)
+        server.connection_made(transport)
+        if early:
+            server.data_received(early)
+        if relay.draining:
+            server.finish()
+        if not transport.is_closing():
+            transport.resume_reading()
+
+    def _limit_line(self, limit: Limit, peer: SpiffeId | None) -> None:
+        """A line per limit a while: a flood reaches one per connection."""
+        key = (INBOUND, "http2_limit", limit)
+        held = self.runtime.refusal_lines.admit(key, asyncio.get_running_loop().time())
+        if held is not None:
+            log.warning(
+                "inbound %s: an HTTP/2 client (%s) reached the %s limit%s",
+                self.address,
+                peer or "plaintext",
+                limit,
+                held_back(held),
+            )
+
     async def _spoke(self, relay: Relay, sock: socket.socket) -> float | None:
         """The client sent its first bytes within limits.handshake_timeout: the handshake's
         deadline (the loop's time); else None (counted, closed)."""
@@ -513,7 +611,7 @@ class InboundMtls(Listener[InboundT]):
         relay: Relay,
         sock: socket.socket,
         started: float,
-        http: bool,
+        protocol: PortProtocol,
         port: int,
         deadline: float,
     ) -> tuple[SpiffeId, Inbound] | None:
@@ -521,7 +619,7 @@ class InboundMtls(Listener[InboundT]):
         that admitted it, or None (counted, the relay closed) within limits.handshake_timeout.
         """
         loop = asyncio.get_running_loop()
-        context = self.runtime.contexts.http_server if http else self.runtime.contexts.server
+        context = self.runtime.contexts.server_for(protocol)
         assert context is not None, "listeners start after the first SVID"
         try:
             tls, _ = await loop.connect_accepted_socket(
@@ -549,8 +647,27 @@ class InboundMtls(Listener[InboundT]):
             relay.abort()
             return None
         self.runtime.verified(INBOUND, ssl_object, peer, started)
+        if protocol in H2 and ssl_object.selected_alpn_protocol() != "h2":
+            # CPython goes on without ALPN when the client offers no h2: this port is h2.
+            self.runtime.metrics.connections_refused.labels(INBOUND, "protocol_mismatch").inc()
+            self._mismatch_line(config, peer)
+            relay.abort()
+            return None
         self.connections.established(INBOUND, peer)
         return peer, config
+
+    def _mismatch_line(self, config: Inbound, peer: SpiffeId) -> None:
+        key = (INBOUND, "protocol_mismatch")
+        held = self.runtime.refusal_lines.admit(key, asyncio.get_running_loop().time())
+        if held is not None:
+            log.warning(
+                "inbound %s: refused %s: it did not offer ALPN h2 and this port is protocol:"
+                " %s (h2 only)%s",
+                config.listen,
+                peer,
+                config.protocol,
+                held_back(held),
+            )
 
     def _handshake_refused(self, port: int, reason: str) -> None:
         """A client's handshake failed (counted already): an explicit listener says nothing

@@ -27,7 +27,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from agent.adapters.ca_client import CaClient, tls_context
 from agent.adapters.metrics import AgentMetrics
-from agent.adapters.tls import Contexts, client_context, http_server_context, server_context
+from agent.adapters.tls import Contexts
 from agent.config import AgentConfig
 from agent.core.svid import Svid, SvidRejected, accept_svid
 from identity import TrustBundle
@@ -135,7 +135,8 @@ class IdentityManager:
         all. New connections still present it, and peers refuse them.
         """
         if self.svid is not None:
-            self.contexts.client = client_context(self.svid)
+            fresh = Contexts.of(self.svid)
+            self.contexts.client, self.contexts.h2_client = fresh.client, fresh.h2_client
             log.warning("the SVID expired: closing pooled connections made with it")
 
     async def renew(self) -> Svid:
@@ -203,12 +204,10 @@ class IdentityManager:
         ca_bundle = svid.bundle
         svid = dataclasses.replace(svid, bundle=self.peer_roots(ca_bundle))
         try:
-            server, client = server_context(svid), client_context(svid)
-            http_server = http_server_context(svid)
+            contexts = Contexts.of(svid)
         except ssl.SSLError as exc:
             raise RenewalFailed("bad_answer", f"ssl cannot use the new SVID: {exc}") from None
-        self.contexts.server, self.contexts.client = server, client
-        self.contexts.http_server = http_server
+        self.contexts.use(contexts)
         self.svid, self.ca_bundle = svid, ca_bundle
         self.metrics.rotations.labels("success").inc()
         self.metrics.svid_expiry.set(svid.not_after.timestamp())
@@ -302,8 +301,7 @@ class IdentityManager:
         if self.svid is None:
             return
         svid = dataclasses.replace(self.svid, bundle=bundle)
-        server, client, http = server_context(svid), client_context(svid), http_server_context(svid)
-        self.contexts.server, self.contexts.client, self.contexts.http_server = server, client, http
+        self.contexts.use(Contexts.of(svid))
         self.svid = svid
         self.metrics.bundle_expiry.set(bundle.earliest_expiry.timestamp())
         self._write_files(svid)  # an app reading output_dir verifies its peers by it too

@@ -28,6 +28,7 @@ from cryptography import x509
 
 from agent.core.svid import Svid
 from identity import SpiffeId, SvidError, TrustDomain, check_leaf
+from identity.appprotocol import H2, Protocol
 from identity.tlsfiles import load_cert_chain
 
 # TLS 1.2 only for peers that cannot do 1.3: forward secrecy and AEAD only.
@@ -57,11 +58,48 @@ _ALERT_REASONS = {
 
 
 class Contexts:
-    """The TLS contexts of the SVID in use; both replaced at once on every rotation."""
+    """The TLS contexts of the SVID in use, one per side and port protocol; all replaced at
+    once on every rotation.
+
+    ALPN is what keeps an L7 port parsed: a `tcp` port offers h2 and http/1.1 (relayed as
+    bytes either way), an `http` port only http/1.1 (h2 relayed at L4 would skip the
+    per-request decisions), an `http2` or `grpc` port only h2 (CPython's server goes on
+    without ALPN when nothing overlaps, so the listener refuses a connection on such a port
+    whose ALPN is not h2).
+    """
 
     server: ssl.SSLContext | None = None
     http_server: ssl.SSLContext | None = None  # `protocol: http` inbounds: no h2 in ALPN
+    h2_server: ssl.SSLContext | None = None  # `protocol: http2|grpc` inbounds: h2 only
     client: ssl.SSLContext | None = None
+    h2_client: ssl.SSLContext | None = None  # to `http2|grpc` upstreams: offers h2 only
+
+    @classmethod
+    def of(cls, svid: Svid) -> Contexts:
+        """Every context for `svid`; ssl.SSLError if ssl cannot use it."""
+        contexts = cls()
+        contexts.server = _context(svid, "server")
+        contexts.http_server = _context(svid, "server", alpn=("http/1.1",))
+        contexts.h2_server = _context(svid, "server", alpn=("h2",))
+        contexts.client = _context(svid, "client")
+        contexts.h2_client = _context(svid, "client")
+        contexts.h2_client.set_alpn_protocols(["h2"])
+        return contexts
+
+    def use(self, new: Contexts) -> None:
+        """New connections take `new`'s contexts from now on (all of them at once)."""
+        self.server, self.http_server, self.h2_server = new.server, new.http_server, new.h2_server
+        self.client, self.h2_client = new.client, new.h2_client
+
+    def server_for(self, protocol: Protocol) -> ssl.SSLContext | None:
+        """The server context of an inbound port of `protocol`."""
+        if protocol in H2:
+            return self.h2_server
+        return self.http_server if protocol == "http" else self.server
+
+    def client_for(self, protocol: Protocol) -> ssl.SSLContext | None:
+        """The client context to an upstream of `protocol`."""
+        return self.h2_client if protocol in H2 else self.client
 
 
 def _context(
@@ -79,24 +117,8 @@ def _context(
     load_cert_chain(context, svid.chain_pem(), svid.key_pem())
     if side == "server":
         context.num_tickets = 0  # TLS 1.3: no resumption tickets
-        # A TCP port relays h2 (gRPC) like any bytes; an HTTP port parses HTTP/1.1 only.
-        context.set_alpn_protocols(list(alpn))
+        context.set_alpn_protocols(list(alpn))  # what the port speaks: see Contexts
     return context
-
-
-def server_context(svid: Svid) -> ssl.SSLContext:
-    """Inbound: require and verify a client certificate."""
-    return _context(svid, "server")
-
-
-def http_server_context(svid: Svid) -> ssl.SSLContext:
-    """Inbound on an HTTP port: HTTP/1.1 only, so every request is parsed and decided."""
-    return _context(svid, "server", alpn=("http/1.1",))
-
-
-def client_context(svid: Svid) -> ssl.SSLContext:
-    """Outbound: present the SVID, verify the server against the bundle."""
-    return _context(svid, "client")
 
 
 def control_plane_context(svid: Svid) -> ssl.SSLContext:

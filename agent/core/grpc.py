@@ -21,6 +21,7 @@ __all__ = [
     "Code",
     "from_http_status",
     "is_grpc",
+    "malformed_method",
     "parse_timeout",
     "percent_encode",
     "status_of",
@@ -132,3 +133,26 @@ def trailers_only(code: Code, message: str = "") -> list[tuple[str, str]]:
 def from_http_status(status: int) -> Code:
     """The status a gRPC client reads from an HTTP response that carries no grpc-status."""
     return _FROM_HTTP.get(status, Code.UNKNOWN)
+
+
+#: `/Service/Method` as grpc-go accepts it: one leading `/`, two non-empty parts.
+_METHOD: Final = re.compile(r"/([^/]+)/([^/]+)")
+
+
+def malformed_method(path: str) -> str | None:
+    """Why a gRPC call's `:path` is not a plain `/Service/Method`, or None.
+
+    Refused with UNIMPLEMENTED ("malformed method name", grpc-go's answer) before any
+    policy: a path a policy matches after normalization (dot segments, `//`, escapes)
+    could reach a server that routes on the raw one (the class of grpc-go
+    CVE-2026-33186), so a gRPC path must already be what it means.
+    """
+    match = _METHOD.fullmatch(path)
+    if match is None:
+        return "a gRPC path is /Service/Method"
+    for part in match.groups():
+        if part in (".", ".."):
+            return "a gRPC path has no dot segments"
+        if any(c in part for c in "%?#\\") or not part.isprintable() or " " in part:
+            return "a gRPC service or method name has no escapes or special characters"
+    return None

@@ -401,8 +401,8 @@ class PolicySet:
                         f"{at}policy {policy.name!r} rule {rule.name!r} uses"
                         f" {', '.join(rule.http_fields)} but applies to TCP port"
                         f" {', '.join(map(str, ports))}, where HTTP fields never match;"
-                        " set `protocol: http` on that inbound port, or list the rule's"
-                        " HTTP ports in to.ports"
+                        " set `protocol: http` on that inbound port (http2 or grpc if it"
+                        " speaks h2), or list the rule's HTTP ports in to.ports"
                     )
         return errors
 

@@ -173,6 +173,23 @@ def test_a_policy_with_http_fields_on_a_captured_tcp_port_is_refused_as_on_an_in
     assert load_policies(config).policies
 
 
+@pytest.mark.parametrize("protocol", ["http2", "grpc"])
+def test_a_grpc_method_rule_is_accepted_on_an_h2_port(protocol: str) -> None:
+    greeter = {
+        "name": "greeter",
+        "action": "ALLOW",
+        "rules": [
+            {"to": {"ports": [9090], "methods": ["POST"], "paths": ["/demo.Greeter/SayHello"]}}
+        ],
+    }
+    captured = {"inbound": {"ports": {"9090": {"protocol": protocol}}}}
+    config = parse(raw(capture={}, captured=captured, policy={"policies": [greeter]}), base=BASE)
+    assert [p.name for p in load_policies(config).policies] == ["greeter"]
+    explicit = [{"listen": "127.0.0.1:15443", "app": "127.0.0.1:9090", "protocol": protocol}]
+    config = parse(raw(inbound=explicit, policy={"policies": [greeter]}), base=BASE)
+    assert [p.name for p in load_policies(config).policies] == ["greeter"]
+
+
 def test_every_port_the_agent_listens_on_is_its_own_never_an_apps() -> None:
     """The inbound capture listener refuses these as original ports: relayed to
     127.0.0.1:<port> they would reach the agent (an outbound listener: the mesh, as

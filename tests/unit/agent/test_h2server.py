@@ -143,3 +143,70 @@ def test_window_counts_only_events_within_it() -> None:
     assert not window.hit(0.0) and not window.hit(1.0)
     assert window.hit(2.0)
     assert not window.hit(12.5)  # 0.0, 1.0 and 2.0 have left it
+
+
+async def held(stream: H2Stream) -> None:
+    """Answers once the test lets it (the drain test's request in flight)."""
+    STARTED.set()
+    await RELEASE.wait()
+    await stream.respond([(b":status", b"200")], end=True)
+
+
+STARTED, RELEASE = asyncio.Event(), asyncio.Event()
+
+
+@pytest.mark.parametrize("served", [held], indirect=True)
+async def test_a_drain_finishes_the_streams_open_and_takes_no_new_one(served: Served) -> None:
+    STARTED.clear()
+    RELEASE.clear()
+    client = await asyncio.to_thread(H2Client, dial(served.port))
+    first = await asyncio.to_thread(client.send, request_headers("/"))
+    await asyncio.wait_for(STARTED.wait(), 5)
+    server = served.servers[0]
+    server.finish()  # GOAWAY: the stream open goes on
+    assert not server.closed
+    RELEASE.set()
+    answer = await asyncio.to_thread(client.wait, first)
+    assert answer.status == 200
+    await asyncio.to_thread(client.drain, 2)
+    assert client.goaway is not None and client.closed
+    assert server.closed
+    client.close()
+
+
+async def early(stream: H2Stream) -> None:
+    """Answers at once, reading none of the body (a refusal does so)."""
+    await stream.respond([(b":status", b"403")], end=True)
+
+
+@pytest.mark.parametrize("served", [early], indirect=True)
+async def test_an_answer_before_the_body_tells_the_client_to_stop_sending(served: Served) -> None:
+    def run() -> tuple[int, int | None, int]:
+        client = H2Client(dial(served.port))
+        sid = client.send(request_headers("/", "POST"), end=False)
+        answer = client.wait(sid)
+        client.drain(0.2)  # the RST_STREAM after the response
+        again = client.get("/")  # the connection goes on
+        client.close()
+        return answer.status, client.responses[sid].reset, again.status
+
+    assert await asyncio.to_thread(run) == (403, ErrorCodes.NO_ERROR, 403)
+
+
+async def test_an_idle_connection_gets_a_goaway_and_is_closed() -> None:
+    loop = asyncio.get_running_loop()
+    listening = await loop.create_server(
+        lambda: H2Server(echo, lambda _: None, idle_timeout=0.1), "127.0.0.1", 0
+    )
+    port = listening.sockets[0].getsockname()[1]
+
+    def run() -> bool:
+        client = H2Client(dial(port))
+        client.drain(2)
+        client.close()
+        return client.goaway is not None and client.closed
+
+    try:
+        assert await asyncio.to_thread(run)
+    finally:
+        listening.close()

@@ -10,10 +10,11 @@ from typing import cast
 import pytest
 
 from agent.adapters import tls
-from agent.adapters.tls import client_context, peer_id, refusal_reason, server_context
+from agent.adapters.tls import Contexts, peer_id, refusal_reason
 from agent.core.svid import Svid
 from ca.signers.local import LocalSigner
 from identity import SvidError, TrustDomain
+from identity.appprotocol import Protocol
 from tests.unit.agent.pki import NOW, WEB, der, new_key, sign_leaf
 
 TD = WEB.trust_domain
@@ -96,9 +97,12 @@ def test_peer_controlled_text_never_becomes_a_label(reason: str) -> None:
     assert refusal_reason(ConnectionError(reason)) in LABELS
 
 
-@pytest.mark.parametrize("make", [server_context, client_context], ids=["server", "client"])
-def test_contexts_require_and_verify_a_peer_certificate(make: object, svid: Svid) -> None:
-    context = make(svid)  # type: ignore[operator]
+SIDES = ["server", "http_server", "h2_server", "client", "h2_client"]
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_contexts_require_and_verify_a_peer_certificate(side: str, svid: Svid) -> None:
+    context = getattr(Contexts.of(svid), side)
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
     assert context.verify_mode == ssl.CERT_REQUIRED
     assert context.verify_flags & ssl.VERIFY_X509_STRICT
@@ -107,20 +111,69 @@ def test_contexts_require_and_verify_a_peer_certificate(make: object, svid: Svid
     assert context.options & ssl.OP_NO_COMPRESSION
     assert context.check_hostname is False  # the SPIFFE ID is checked after the handshake
     assert len(context.get_ca_certs()) == len(svid.bundle.roots)
+    client = side.endswith("client")
+    assert context.protocol == (ssl.PROTOCOL_TLS_CLIENT if client else ssl.PROTOCOL_TLS_SERVER)
+    if not client:
+        assert context.num_tickets == 0
 
 
-def test_the_server_context_issues_no_session_tickets(svid: Svid) -> None:
-    context = server_context(svid)
-    assert context.protocol == ssl.PROTOCOL_TLS_SERVER
-    assert context.num_tickets == 0
+def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, offer: list[str]) -> str | None:
+    """A handshake in memory: the ALPN protocol chosen; ssl.SSLError if refused. (The test
+    SVID is valid at NOW, not today: certificates are not verified here, ALPN is the point.)"""
+    client.set_alpn_protocols(offer)
+    server.verify_mode = client.verify_mode = ssl.CERT_NONE
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(c_in, c_out, server_side=False)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    done = set()
+    for _ in range(10):
+        for name, side, out, into in (("c", c, c_out, s_in), ("s", s, s_out, c_in)):
+            if name not in done:
+                try:
+                    side.do_handshake()
+                    done.add(name)
+                except ssl.SSLWantReadError:
+                    pass
+            into.write(out.read())
+        if done == {"c", "s"}:
+            return s.selected_alpn_protocol()
+    raise AssertionError("handshake did not finish")
 
 
-def test_the_client_context_is_a_client(svid: Svid) -> None:
-    assert client_context(svid).protocol == ssl.PROTOCOL_TLS_CLIENT
+@pytest.mark.parametrize(
+    ("protocol", "offer", "chosen"),
+    [
+        ("tcp", ["h2", "http/1.1"], "h2"),
+        ("http", ["h2", "http/1.1"], "http/1.1"),
+        ("http2", ["h2", "http/1.1"], "h2"),
+        ("grpc", ["h2"], "h2"),
+    ],
+)
+def test_each_port_protocol_offers_its_own_alpn(
+    protocol: Protocol, offer: list[str], chosen: str, svid: Svid
+) -> None:
+    server = Contexts.of(svid).server_for(protocol)
+    assert server is not None
+    assert _handshake(server, cast(ssl.SSLContext, Contexts.of(svid).client), offer) == chosen
+
+
+def test_an_h2_port_agrees_on_nothing_with_a_client_that_cannot_speak_h2(svid: Svid) -> None:
+    """CPython's server goes on without ALPN when nothing overlaps: the listener refuses a
+    connection whose ALPN is not h2 once the handshake is done."""
+    server = Contexts.of(svid).server_for("grpc")
+    assert server is not None
+    assert _handshake(server, cast(ssl.SSLContext, Contexts.of(svid).client), ["http/1.1"]) is None
+
+
+def test_h2_upstreams_get_a_client_context_offering_h2_only(svid: Svid) -> None:
+    contexts = Contexts.of(svid)
+    assert contexts.client_for("grpc") is contexts.h2_client
+    assert contexts.client_for("http") is contexts.client is not contexts.h2_client
 
 
 def test_tls12_ciphers_are_forward_secret_aead_only(svid: Svid) -> None:
-    for context in (server_context(svid), client_context(svid)):
+    for side in SIDES:
+        context = getattr(Contexts.of(svid), side)
         tls12 = [c for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"]
         assert tls12
         for cipher in tls12:
@@ -129,8 +182,9 @@ def test_tls12_ciphers_are_forward_secret_aead_only(svid: Svid) -> None:
 
 
 def test_every_svid_gets_fresh_contexts(svid: Svid) -> None:
-    assert server_context(svid) is not server_context(svid)
-    assert client_context(svid) is not client_context(svid)
+    first, second = Contexts.of(svid), Contexts.of(svid)
+    for side in SIDES:
+        assert getattr(first, side) is not getattr(second, side)
 
 
 class PeerObject:

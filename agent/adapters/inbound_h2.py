@@ -1,0 +1,336 @@
+"""HTTP/2 and gRPC inbound (L7): every stream screened, authorized, and sent to the app
+over h2c.
+
+A `protocol: http2|grpc` port serves h2 (ALPN h2 from a peer agent; h2c from a
+plaintext client a permissive captured port lets in) with an `H2Server`
+(agent/adapters/h2server.py, which holds the connection to the HTTP/2 limits).
+Each request stream gets the decisions an HTTP/1.1 request gets
+(agent/adapters/http.py): the same path normalization, header-name screening,
+Host checks, authorization by the same engine with the same `Request`, and the
+peer's own x-forwarded-client-cert in place of any the client sent (none for a
+plaintext client). The app gets the normalized `:path` with the original query.
+
+gRPC (content-type `application/grpc*`, on either protocol) adds its own rules
+(agent/core/grpc.py): a `:path` that is not a plain `/Service/Method` is refused
+UNIMPLEMENTED before any policy; refusals are trailers-only gRPC errors a client
+shows (PERMISSION_DENIED, UNAVAILABLE, DEADLINE_EXCEEDED), never dropped
+streams; `grpc-timeout` is the call's deadline here and is passed on reduced by
+the time spent. Other requests get the JSON answers HTTP/1.1 gets.
+
+The app is reached over h2c on connections of this client connection's own
+(`H2Pool`, dialled when the first allowed stream needs one), so one peer's
+streams never queue behind another's, and a connection's streams end with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from h2.errors import ErrorCodes
+
+from agent.adapters import h2client
+from agent.adapters.h2client import H2Pool, NoRoom, StreamError
+from agent.adapters.h2server import H2Stream, Headers, StreamReset
+from agent.adapters.http import _HOST_FIELD, Authorize, _identity, error_body
+from agent.core import grpc
+from agent.core.endpoint import Endpoint
+from agent.core.h2limits import H2Limits, Limit
+from agent.core.headers import UnderscoreAction, screen, underscore_refusal
+from agent.core.httppath import BadPath, normalize_host, normalize_target
+
+log = logging.getLogger("outrider.agent")
+
+#: (the :status the client got, its grpc-status or None for a request that is not gRPC)
+Answered = Callable[[int, int | None], None]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The agent's own answer to a stream: an HTTP status and JSON body, or, for a gRPC
+    call, a gRPC status and message."""
+
+    status: int
+    body: dict[str, str]
+    code: grpc.Code
+    message: str
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A request allowed through: the head the app gets, and the call's deadline."""
+
+    headers: Headers
+    deadline: float | None  # seconds from now (grpc-timeout), or None
+
+
+def refusal(status: int, error: str, detail: str, code: grpc.Code) -> Refusal:
+    return Refusal(status, error_body(error, detail), code, detail or error.replace("_", " "))
+
+
+class InboundH2:
+    """The streams of one h2 client connection to one app."""
+
+    def __init__(
+        self,
+        app: Endpoint,
+        authorize: Authorize,
+        identity: bytes,
+        answered: Answered,
+        hit: Callable[[Limit], None],
+        *,
+        underscores: UnderscoreAction,
+        connect_timeout: float,
+        idle_timeout: float,
+        unreachable: Callable[[BaseException], None],
+        limits: H2Limits | None = None,
+    ) -> None:
+        self.app = app
+        self.authorize = authorize
+        self.identity = identity  # x-forwarded-client-cert for this peer; b"": none
+        self.answered = answered
+        self.hit = hit
+        self.underscores = underscores
+        self.connect_timeout = connect_timeout
+        self.unreachable = unreachable  # told (to count and log) when the app cannot be dialled
+        self.limits = limits or H2Limits()
+        self.pool = H2Pool(idle_timeout)
+
+    def close(self) -> None:
+        """The client connection is gone: the app connections close once their streams end
+        (each stream's handler has been cancelled, which resets it)."""
+        self.pool.close()
+
+    # -- a stream ------------------------------------------------------------------------
+
+    async def handle(self, stream: H2Stream) -> None:
+        """H2Server's handler: screen, authorize, forward; every refusal answered."""
+        is_grpc = grpc.is_grpc(
+            (n.decode("latin-1"), v.decode("latin-1")) for n, v in stream.headers
+        )
+        decided = self.screen(stream.headers, is_grpc)
+        if isinstance(decided, Refusal):
+            await self.refuse(stream, decided, is_grpc)
+            return
+        call = _Call(is_grpc)
+        try:
+            async with asyncio.timeout(decided.deadline):
+                await self.forward(stream, decided, call)
+        except TimeoutError:
+            if stream.responded:  # too late for a status: the client sees the reset
+                stream.reset(ErrorCodes.CANCEL)
+                call.code = grpc.Code.DEADLINE_EXCEEDED
+            else:
+                why = refusal(504, "deadline_exceeded", "", grpc.Code.DEADLINE_EXCEEDED)
+                await self.refuse(stream, why, is_grpc)
+                return
+        finally:
+            if call.status:  # else refused (counted there), or the client left first
+                self.answered(call.status, call.outcome())
+
+    def screen(self, headers: Headers, is_grpc: bool) -> Refusal | Forward:
+        """The decisions HTTP/1.1 makes on a request head, made on an h2 one."""
+        pseudo: dict[bytes, bytes] = {}
+        regular: Headers = []
+        for name, value in headers:
+            if name.startswith(b":"):
+                pseudo[name] = value  # h2 has refused duplicates and unknown ones
+            else:
+                regular.append((name, value))
+        method = pseudo.get(b":method", b"").decode("latin-1")
+        if method == "CONNECT":  # an h2 tunnel carries bytes no policy sees
+            return refusal(501, "upgrade_not_supported", "", grpc.Code.UNIMPLEMENTED)
+        if len(regular) > self.limits.max_headers:
+            self.hit("header_list")
+            return refusal(431, "headers_too_large", "", grpc.Code.RESOURCE_EXHAUSTED)
+        target = pseudo.get(b":path", b"").decode("latin-1")
+        if is_grpc:
+            problem = grpc.malformed_method(target)
+            if problem is not None:
+                return refusal(400, "bad_path", problem, grpc.Code.UNIMPLEMENTED)
+        try:
+            path, query = normalize_target(target)
+        except BadPath as exc:
+            return refusal(400, "bad_path", str(exc), grpc.Code.UNIMPLEMENTED)
+        values: dict[str, tuple[str, ...]] = {}
+        kept: Headers = []
+        for name, value in regular:
+            verdict = screen(name, self.underscores)  # first, as HTTP/1.1 reads a field
+            if verdict == "reject":
+                detail = underscore_refusal(name)
+                return refusal(400, "bad_request", detail, grpc.Code.INTERNAL)
+            if verdict == "drop" or _identity(name):
+                continue
+            kept.append((name, value))
+            key = name.decode("latin-1")  # h2 has lower-cased it (or refused the stream)
+            values[key] = (*values.get(key, ()), value.decode("latin-1"))
+        host_problem = self._host(pseudo.get(b":authority"), values)
+        if host_problem is not None:
+            return refusal(400, "bad_request", host_problem, grpc.Code.INTERNAL)
+        hosts = values.get("host", ())
+        host = normalize_host(hosts[0]) if hosts else None
+        decision = self.authorize(method, path, host, values)
+        if not decision.allowed:
+            body = {"error": "denied", "policy": decision.policy, "rule": decision.rule}
+            message = f"denied by policy {decision.policy!r} rule {decision.rule!r}"
+            return Refusal(403, body, grpc.Code.PERMISSION_DENIED, message)
+        deadline = None
+        if is_grpc and "grpc-timeout" in values:
+            try:
+                deadline = grpc.parse_timeout(values["grpc-timeout"][0])
+            except ValueError as exc:
+                return refusal(400, "bad_request", str(exc), grpc.Code.INTERNAL)
+            kept = [(n, v) for n, v in kept if n != b"grpc-timeout"]
+        head: Headers = [
+            (b":method", method.encode("latin-1")),
+            (b":scheme", b"http"),
+            *([(b":authority", pseudo[b":authority"])] if b":authority" in pseudo else []),
+            (b":path", (path + ("?" + query if query else "")).encode("latin-1")),
+            *kept,
+        ]
+        if self.identity:
+            head.append((b"x-forwarded-client-cert", self.identity))
+        return Forward(head, deadline)
+
+    @staticmethod
+    def _host(authority: bytes | None, values: dict[str, tuple[str, ...]]) -> str | None:
+        """What is wrong with the request's host, or None; `values` gets its `host` (from
+        :authority when no Host header came) for the policy, as an HTTP/1.1 request has."""
+        hosts = values.get("host", ())
+        if len(hosts) > 1:
+            return "more than one Host"
+        if authority is not None:
+            text = authority.decode("latin-1")
+            if hosts and hosts[0] != text:
+                return "Host and :authority differ"
+            values["host"] = (text,)
+            hosts = (text,)
+        if hosts and not _HOST_FIELD.fullmatch(hosts[0]):
+            return "malformed Host"
+        return None
+
+    async def refuse(self, stream: H2Stream, why: Refusal, is_grpc: bool) -> None:
+        """The agent's own answer: trailers-only for a gRPC call, else JSON."""
+        try:
+            if is_grpc:
+                answer = grpc.trailers_only(why.code, why.message)
+                await stream.respond([(n.encode(), v.encode()) for n, v in answer], end=True)
+                self.answered(200, why.code)
+                return
+            payload = json.dumps(why.body).encode() + b"\n"
+            head = [
+                (b":status", str(why.status).encode()),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ]
+            await stream.respond(head)
+            await stream.send(payload, end=True)
+            self.answered(why.status, None)
+        except StreamReset:
+            pass
+
+    async def forward(self, stream: H2Stream, request: Forward, call: _Call) -> None:
+        """Send the request to the app and relay its response; the app unreachable or
+        resetting the stream before its head is answered 503 / UNAVAILABLE."""
+        if request.deadline is not None:  # passed on, less what was spent (nothing yet)
+            request.headers.append((b"grpc-timeout", grpc.timeout_value(request.deadline).encode()))
+        try:
+            app = await self._open(request.headers, stream)
+        except (OSError, TimeoutError, ConnectionError, NoRoom) as exc:
+            self.unreachable(exc)
+            why = refusal(503, "app_unreachable", "", grpc.Code.UNAVAILABLE)
+            await self.refuse(stream, why, call.grpc)
+            return
+        upload = asyncio.get_running_loop().create_task(self._upload(stream, app))
+        try:
+            await self._download(stream, app, call)
+        finally:
+            upload.cancel()
+            app.release()
+
+    async def _open(self, headers: Headers, stream: H2Stream) -> h2client.H2Stream:
+        endpoint = self.app
+
+        async def dial() -> h2client.H2ClientConnection:
+            connection = await h2client.connect(
+                endpoint.host, endpoint.port, within=self.connect_timeout
+            )
+            connection.endpoint = endpoint
+            return connection
+
+        connection, _ = await self.pool.connection(endpoint, None, dial)
+        return connection.open(headers, end=stream.bodiless)
+
+    async def _upload(self, stream: H2Stream, app: h2client.H2Stream) -> None:
+        """The request body and trailers, as the app's windows take them."""
+        if stream.bodiless:
+            return
+        try:
+            while chunk := await stream.read():
+                await app.send(chunk)
+            trailers = [(n, v) for n, v in stream.trailers or [] if not _identity(n)]
+            app.end(trailers or None)
+        except (StreamError, StreamReset):
+            pass  # either side is gone: the response side sees it
+
+    async def _download(self, stream: H2Stream, app: h2client.H2Stream, call: _Call) -> None:
+        """The app's response, as the client's windows take it; `call` learns its status."""
+        async for event in app:
+            if isinstance(event, h2client.Response):
+                headers = _outward(event.headers)
+                if event.status >= 200:
+                    call.status = event.status
+                    call.heard(headers)
+                await stream.respond(headers, end=event.end)
+            elif isinstance(event, h2client.Data):
+                await stream.send(event.data)
+                app.consumed(event.flow)
+            elif isinstance(event, h2client.Trailers):
+                trailers = _outward(event.headers)
+                call.heard(trailers)
+                await stream.end(trailers)
+            elif isinstance(event, h2client.End):
+                if not stream.finished:
+                    await stream.end()
+            elif call.status is None:  # Reset before the head: the app gave up on it
+                await self.refuse(
+                    stream, refusal(503, "app_reset", "", grpc.Code.UNAVAILABLE), call.grpc
+                )
+                return
+            else:  # Reset mid-response: so is the client's stream
+                stream.reset(ErrorCodes.INTERNAL_ERROR)
+                call.code = call.code if call.code is not None else grpc.Code.INTERNAL
+                return
+
+
+@dataclass
+class _Call:
+    """What a forwarded request's counting needs to know: its status, and its grpc-status."""
+
+    grpc: bool
+    status: int | None = None
+    code: int | None = None
+
+    def heard(self, headers: Headers) -> None:
+        if self.grpc and self.code is None:
+            self.code = grpc.status_of(
+                (n.decode("latin-1"), v.decode("latin-1")) for n, v in headers
+            )
+
+    def outcome(self) -> int | None:
+        """The grpc-status the client got (None: not gRPC). An app that answered a gRPC call
+        without one: what a client makes of the HTTP status."""
+        if not self.grpc:
+            return None
+        if self.code is not None:
+            return self.code
+        status = self.status or 0
+        return grpc.Code.UNKNOWN if status == 200 else grpc.from_http_status(status)
+
+
+def _outward(headers: Headers) -> Headers:
+    """A response's headers or trailers as the client gets them: no identity header."""
+    return [(n, v) for n, v in headers if not _identity(n)]
