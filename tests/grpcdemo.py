@@ -38,18 +38,11 @@ _SERVING = re.compile(r"greeter (\S+) serving on 127\.0\.0\.1:(\d+)")
 
 
 def agents_serve_h2() -> bool:
-    """Whether this tree's agents serve `protocol: grpc` over HTTP/2: some listener code uses
-    both agent/adapters/h2server.py and h2client.py (issue 17, landing in steps). Until then
-    the gRPC acceptance test waits, and the bench leaves `outrider grpc` not measured."""
+    """Whether this tree's agents serve `protocol: grpc` over HTTP/2 both ways (issue 17,
+    landing in steps: agent/adapters/inbound_h2.py and outbound_h2.py). Until then the
+    gRPC acceptance test waits, and the bench leaves `outrider grpc` not measured."""
     adapters = Path(__file__).resolve().parent.parent / "agent" / "adapters"
-    users = [
-        path.read_text()
-        for path in adapters.glob("*.py")
-        if path.stem not in ("h2server", "h2client", "__init__")
-    ]
-    return all(
-        any(f"adapters.{name}" in text for text in users) for name in ("h2server", "h2client")
-    )
+    return all((adapters / f"{side}_h2.py").exists() for side in ("inbound", "outbound"))
 
 
 def generate(directory: Path) -> tuple[ModuleType, ModuleType]:
