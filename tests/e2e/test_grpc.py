@@ -35,7 +35,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         not grpcdemo.agents_serve_h2(),
-        reason="waits for the agents' HTTP/2 data plane (h2server and h2client wired in)",
+        reason="waits for the agents' HTTP/2 data plane both ways (inbound_h2, outbound_h2)",
     ),
 ]
 
