@@ -42,6 +42,11 @@ def test_wrk_output_gives_rate_percentiles_and_every_error() -> None:
     assert load.errors == 12
 
 
+def test_a_percentile_of_a_second_or_more_is_read_as_wrk_pads_it() -> None:
+    slow = WRK.replace("     99%   23.63ms", "     99%    1.30s ")
+    assert parse_wrk(slow).p99_ms == 1300.0
+
+
 def test_output_that_is_not_wrk_is_an_error_not_a_zero() -> None:
     with pytest.raises(RuntimeError, match="unexpected wrk output"):
         parse_wrk("unable to connect to 127.0.0.1:1 Connection refused\n")
