@@ -7,7 +7,7 @@
     rotation    Outrider agents whose SVIDs live 20 s (so rotate every ~10 s) under
                 new-connection load: errors must be 0
     grpc_unary, grpc_streams
-                gRPC on one connection, one call or 50 at a time (bench/grpc.py)
+                gRPC on one connection, one call or 50 at a time (bench/grpc_calls.py)
 
 L4 scenarios run the L4 pairs; the L7 ones (`l7_keepalive` with Envoy's 10-rule RBAC
 policy, `l7_new_conn` where the upstream side is pooled) run the L7 pairs.
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import grpc, peers
+from bench import grpc_calls, peers
 from bench.load import Load, fixed_rate, wrk
 from bench.peers import Pair
 from bench.procs import cpu_seconds, machine_busy_seconds, peak_rss_mib, rss_mib
@@ -94,14 +94,15 @@ def scenarios(connections: int) -> list[Scenario]:
             "grpc_unary",
             "gRPC with a 10-rule policy, unary calls one at a time on one connection",
             h2,
-            lambda port, s: grpc.load(port, s, 1),
+            lambda port, s: grpc_calls.load(port, s, 1),
             unit="calls/s",
         ),
         Scenario(
             "grpc_streams",
-            f"gRPC with a 10-rule policy, {grpc.STREAMS} concurrent streams on one connection",
+            f"gRPC with a 10-rule policy, {grpc_calls.STREAMS} concurrent streams on one"
+            " connection",
             h2,
-            lambda port, s: grpc.load(port, s, grpc.STREAMS),
+            lambda port, s: grpc_calls.load(port, s, grpc_calls.STREAMS),
             unit="calls/s",
         ),
     ]
@@ -172,7 +173,7 @@ def start_pairs(stack: ExitStack, root: Path) -> tuple[dict[str, Pair], int]:
     setup = make_ca_setup(root)
     ca = stack.enter_context(ca_process(setup.config))
     backend_port, backend_pid = peers.backend(stack, root / "backend")
-    grpc_port, _ = grpc.backend(stack, root / "grpc-backend")
+    grpc_port, _ = grpc_calls.backend(stack, root / "grpc-backend")
     pairs = [
         Pair("direct", "l4", backend_port),
         peers.outrider(stack, setup, ca, backend_port),
@@ -203,7 +204,7 @@ def run(
         idle = {name: {r: rss_mib(pid) for r, pid in p.pids.items()} for name, p in pairs.items()}
         for pair in pairs.values():  # first connections and handshakes, not counted
             if pair.layer == "grpc":
-                grpc.load(pair.port, 1, 10)
+                grpc_calls.load(pair.port, 1, 10)
             else:
                 wrk(pair.port, 1, 10)
         runs: list[Run] = []

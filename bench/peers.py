@@ -19,7 +19,7 @@ At L7 the server-side proxies parse HTTP; Envoy also enforces a 10-rule RBAC
 policy equal to the one Outrider's L7 policy will be given (POLICY_RULES).
 The gRPC pairs (layer `grpc`: Outrider and Envoy only) speak h2c to the load
 generator and the backend and h2 over mTLS (ALPN h2) between the proxies; the
-server side checks each call's method against GRPC_POLICY_RULES (bench/grpc.py).
+server side checks each call's method against GRPC_POLICY_RULES (bench/grpc_calls.py).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     python -m bench.run [--quick] [--rounds 3] [--seconds 10] [--connections 50]
 
 Installs what it needs (bench/procs.py), runs the data-plane scenarios
-(bench/dataplane.py; gRPC's in bench/grpc.py), then CA issuance over gRPC, in
+(bench/dataplane.py; gRPC's in bench/grpc_calls.py), then CA issuance over gRPC, in
 process and from OpenBao (bench/ca_issuance.py, bench/ca_vault.py) and admission latency
 (bench/admission.py), then how fast an API change reaches 1, 100 and 2,000 agents
 through the control plane (bench/control_plane.py), then transparent capture's added

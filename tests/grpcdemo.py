@@ -1,5 +1,5 @@
 """The `demo.Greeter` gRPC service (tests/fixtures/grpc/demo.proto), for the gRPC acceptance
-test (tests/e2e/test_grpc.py) and the gRPC bench (bench/grpc.py).
+test (tests/e2e/test_grpc.py) and the gRPC bench (bench/grpc_calls.py).
 
 Its Python code is generated at test time with grpcio-tools into a directory of the caller's
 (`generate`), so nothing generated is committed and nothing can drift from the .proto.

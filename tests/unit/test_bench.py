@@ -8,7 +8,7 @@ from dataclasses import asdict
 import pytest
 import yaml
 
-from bench import capture, dataplane, grpc
+from bench import capture, dataplane, grpc_calls
 from bench.control_plane import PATHS, percentile, pods_yaml, policy_yaml, summarize
 from bench.dataplane import NOT_MEASURED
 from bench.load import Load, parse_wrk
@@ -165,7 +165,7 @@ def test_capture_is_judged_against_the_explicit_path_of_the_same_run() -> None:
     assert "Transparent capture" not in markdown(record({}))
 
 
-# h2load 1.52 with gRPC framing (bench/grpc.py), 12-byte messages echoed: 3 of the 20
+# h2load 1.52 with gRPC framing (bench/grpc_calls.py), 12-byte messages echoed: 3 of the 20
 # answered calls were refusals (trailers-only, no message), 1 call got a 503.
 H2LOAD = """\
 finished in 1.00s, 21.00 req/s, 1.20KB/s
@@ -176,7 +176,7 @@ traffic: 1.20KB (1230) total, 1.00KB (1020) headers (space savings 90.00%), 204B
 
 
 def test_a_grpc_call_counts_as_answered_only_with_its_message() -> None:
-    load = grpc.parse_h2load(H2LOAD, [1.0] * 19 + [9.0], seconds=1.0)
+    load = grpc_calls.parse_h2load(H2LOAD, [1.0] * 19 + [9.0], seconds=1.0)
     assert (load.requests, load.per_s) == (17, 17.0)
     assert load.detail == {"no_message": 3, "not_2xx": 1}
     assert load.errors == 4
@@ -185,10 +185,10 @@ def test_a_grpc_call_counts_as_answered_only_with_its_message() -> None:
 
 def test_h2load_output_without_a_call_is_an_error_not_a_zero() -> None:
     with pytest.raises(RuntimeError, match="unexpected h2load output"):
-        grpc.parse_h2load("connect to 127.0.0.1:1 failed\n", [], 1.0)
+        grpc_calls.parse_h2load("connect to 127.0.0.1:1 failed\n", [], 1.0)
     nothing = H2LOAD.replace("(204) data", "(0) data")
     with pytest.raises(RuntimeError, match="completed no call"):
-        grpc.parse_h2load(nothing, [1.0], 1.0)
+        grpc_calls.parse_h2load(nothing, [1.0], 1.0)
 
 
 def test_the_grpc_scenarios_compare_the_agents_with_envoy_in_the_same_run() -> None:

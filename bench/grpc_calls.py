@@ -22,6 +22,9 @@ trailers-only response with none. `errors` counts the calls answered without it.
 
 The backend is nghttpd (Debian's nghttp2-server), as the HTTP scenarios' is nginx: a C
 server answering a fixed message, so the proxies are what is measured.
+
+(Not `bench/grpc.py`: a script run by its path from bench/, as bench/admission.py is, would
+import it instead of grpcio.)
 """
 
 from __future__ import annotations
