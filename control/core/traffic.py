@@ -10,9 +10,9 @@ field paths (`spec.health.outlier.consecutive5xx: ...`).
 
 One key depends on the port: `hashOn` a header or a cookie needs a protocol
 whose requests the agent reads headers of to hash (the agent's reader says
-which: `protocols_taking`; HTTP/1.1 today). On another port of the target
-(TCP, or HTTP/2 and gRPC until the agent hashes their requests) it is left
-out (calls are then spread as by `random`) and the policy's status says so.
+which: `protocols_taking`; the L7 ones). On another port of the target (TCP)
+it is left out (connections are then spread as by `random`) and the policy's
+status says so.
 
 When two TrafficPolicies target one Service port, the older one applies
 (creationTimestamp, then namespace/name, as Gateway API breaks ties), and
@@ -318,10 +318,11 @@ def _accepted(
     for namespace, service, number in won if policy.http_only else ():
         port = services[(namespace, service)].port(str(number))
         if port is not None and port.protocol not in policy.taken_on:
-            taking = " or ".join(sorted(policy.taken_on))
+            taking = [p for p in PROTOCOLS if p in policy.taken_on]
+            said = ", ".join(taking[:-1]) + " or " + taking[-1] if len(taking) > 1 else taking[0]
             notes.append(
                 f"Service {service} port {number} is {_SPOKEN[port.protocol]}: hashOn a header"
-                f" or cookie is left out there (set appProtocol: {taking} to hash on it)"
+                f" or cookie is left out there (set appProtocol: {said} to hash on it)"
             )
     if not ports:
         return False, "TargetNotFound", summary(notes)

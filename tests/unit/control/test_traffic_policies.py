@@ -182,7 +182,7 @@ def test_hashing_on_a_header_is_left_out_on_a_tcp_port_and_said() -> None:
         "True",
         "Accepted",
         "Service backend port 8080 is TCP: hashOn a header or cookie is left out there (set"
-        " appProtocol: http to hash on it)",
+        " appProtocol: http, http2 or grpc to hash on it)",
     )
 
 
