@@ -30,7 +30,6 @@ from bench import grpc_calls, peers
 from bench.load import Load, fixed_rate, wrk
 from bench.peers import Pair
 from bench.procs import cpu_seconds, machine_busy_seconds, peak_rss_mib, rss_mib
-from tests.grpcdemo import agents_serve_h2
 from tests.support import ca_process, make_ca_setup
 
 NOT_MEASURED = "not measured"
@@ -185,7 +184,7 @@ def start_pairs(stack: ExitStack, root: Path) -> tuple[dict[str, Pair], int]:
             for layer in ("l4", "l7")
         ),
         Pair("direct", "grpc", grpc_port),
-        *([peers.outrider(stack, setup, ca, grpc_port, layer="grpc")] if agents_serve_h2() else []),
+        peers.outrider(stack, setup, ca, grpc_port, layer="grpc"),
         peers.envoy(stack, setup, grpc_port, "grpc"),
     ]
     pairs[2].proxy, pairs[2].layer = "outrider", "rotating"

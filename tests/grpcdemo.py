@@ -37,14 +37,6 @@ SAY_HELLO, ADMIN, CHAT = (f"/{SERVICE}/{m}" for m in ("SayHello", "Admin", "Chat
 _SERVING = re.compile(r"greeter (\S+) serving on 127\.0\.0\.1:(\d+)")
 
 
-def agents_serve_h2() -> bool:
-    """Whether this tree's agents serve `protocol: grpc` over HTTP/2 both ways (issue 17,
-    landing in steps: agent/adapters/inbound_h2.py and outbound_h2.py). Until then the
-    gRPC acceptance test waits, and the bench leaves `outrider grpc` not measured."""
-    adapters = Path(__file__).resolve().parent.parent / "agent" / "adapters"
-    return all((adapters / f"{side}_h2.py").exists() for side in ("inbound", "outbound"))
-
-
 def generate(directory: Path) -> tuple[ModuleType, ModuleType]:
     """demo_pb2 and demo_pb2_grpc, generated into `directory` (once) and imported from it."""
     from grpc_tools import protoc

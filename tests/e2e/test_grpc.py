@@ -31,13 +31,7 @@ from tests.grpcdemo import ADMIN, CHAT, SAY_HELLO, Backend
 from tests.mesh import AgentProcess, agent_process, agent_yaml, workload
 from tests.support import ca_process, free_port, make_ca_setup
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not grpcdemo.agents_serve_h2(),
-        reason="waits for the agents' HTTP/2 data plane both ways (inbound_h2, outbound_h2)",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 FRONTEND, BACKEND = workload("frontend"), workload("backend")
 #: Each SVID lives 4 s and is renewed at about half of that: the stream test sees both
