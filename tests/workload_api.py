@@ -28,6 +28,7 @@ from grpclib.client import Channel
 from grpclib.exceptions import StreamTerminatedError
 from h2.exceptions import ProtocolError
 
+from agent.adapters.rotator import SignFn
 from agent.app import Agent
 from agent.core.workload import SECURITY_HEADER
 from identity.proto import envoy_discovery_pb2, workload_pb2
@@ -42,18 +43,26 @@ SPIFFE_CLIENT = Path(__file__).with_name("spiffe_client.py")
 
 @asynccontextmanager
 async def workload_agent(
-    setup: CaSetup, name: str = "web", *, uids: list[int] | None = None
+    setup: CaSetup,
+    name: str = "web",
+    *,
+    uids: list[int] | None = None,
+    sign: SignFn | None = None,
+    ca_backoff: dict[str, str] | None = None,
 ) -> AsyncIterator[tuple[Agent, Path]]:
     """An agent with `workload_api:` on a socket in a short temporary directory (a Unix
-    socket's path has at most 107 bytes: pytest's tmp_path can be longer)."""
+    socket's path has at most 107 bytes: pytest's tmp_path can be longer); its SVIDs
+    from `sign` (default: `local_sign`)."""
     directory = Path(tempfile.mkdtemp(prefix="wl-"))
     socket_path = directory / "socket"
     section: dict[str, Any] = {"socket": str(socket_path)}
     if uids is not None:
         section["uids"] = uids
     raw = agent_yaml(setup.root, name, workload_api=section)
+    if ca_backoff is not None:
+        raw["ca"]["backoff"] = ca_backoff
     try:
-        async with running_agent(raw, local_sign(setup), setup.root) as agent:
+        async with running_agent(raw, sign or local_sign(setup), setup.root) as agent:
             yield agent, socket_path
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -97,14 +97,19 @@ class HandedOut:
         return self._handout.svid if self._handout else None
 
     def on_identity_changed(self) -> None:
-        """IdentityManager.changed: a rotation (mint anew) or new roots (re-bundle)."""
+        """IdentityManager.changed: a rotation (mint anew) or new roots (re-bundle).
+
+        New roots go out at once, even while a mint waits on the CA: a root removed
+        must stop being trusted by the pod's apps when the agent stops trusting it.
+        """
         agent = self._identity.svid
         if agent is None:
             return
         if agent.serial != self._minted_under:
             self._wake.set()  # `run` mints, off this callback
-        elif self._handout is not None:
-            self._publish(dataclasses.replace(self._handout.svid, bundle=agent.bundle))
+        handout = self._handout
+        if handout is not None and handout.svid.bundle != agent.bundle:
+            self._publish(dataclasses.replace(handout.svid, bundle=agent.bundle))
 
     async def current(self, after: int = 0) -> Handout:
         while self._handout is None or self._handout.version <= after:

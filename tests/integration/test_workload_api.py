@@ -8,6 +8,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -22,7 +23,7 @@ from identity import TrustBundle
 from identity.proto import envoy_discovery_pb2, envoy_tls_pb2, workload_pb2
 from identity.proto.workload_grpc import SpiffeWorkloadAPIStub
 from tests.certs import foreign_ca
-from tests.mesh import sample, workload
+from tests.mesh import eventually, local_sign, sample, workload
 from tests.support import CaSetup
 from tests.workload_api import (
     HEADER,
@@ -87,17 +88,51 @@ async def test_a_rotation_reaches_an_open_stream_with_a_new_key(
         assert keys_handed_out(agent, "workload") == 2
 
 
+async def test_while_the_ca_cannot_mint_the_last_svid_stays_and_the_next_one_follows(
+    setup: CaSetup, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    signed = local_sign(setup)
+    plan: list[bool] = []  # the next calls' fates: True fails; empty: all succeed
+
+    async def sign(*args: Any) -> Any:
+        if plan and plan.pop(0):
+            raise GRPCError(Status.UNAVAILABLE, "the CA is restarting")
+        return await signed(*args)
+
+    backoff = {"initial": "20ms", "max": "40ms"}
+    async with workload_agent(setup, sign=sign, ca_backoff=backoff) as (agent, path):
+        async with svid_stream(path) as stream:
+            first = (await asyncio.wait_for(stream.recv_message(), STEP)).svids[0]
+            plan[:] = [False] + [True] * 10_000  # the agent's renewal goes; the mints fail
+            old = rotate(agent)
+            assert await eventually(lambda: "cannot mint the SVID to hand out" in caplog.text)
+            assert agent.identity.svid is not None and agent.identity.svid.serial != old
+            # New roots go out meanwhile, with the last SVID.
+            install_extra_root(agent, tmp_path)
+            rebundled = (await asyncio.wait_for(stream.recv_message(), STEP)).svids[0]
+            assert rebundled.x509_svid == first.x509_svid
+            assert len(x509_ders(rebundled.bundle)) == len(x509_ders(first.bundle)) + 1
+            plan.clear()  # the CA is back
+            second = (await asyncio.wait_for(stream.recv_message(), STEP)).svids[0]
+        assert leaf_serial(second.x509_svid) != leaf_serial(first.x509_svid)
+        assert second.bundle == rebundled.bundle
+
+
+def install_extra_root(agent: Agent, directory: Path) -> None:
+    """A second root of the trust domain, in the agent's bundle (as BundleSync would)."""
+    own = agent.identity.svid
+    assert own is not None
+    foreign_ca(directory, own.bundle.trust_domain)
+    extra = x509.load_pem_x509_certificate((directory / "root.pem").read_bytes())
+    agent.identity.install_bundle(TrustBundle(own.bundle.trust_domain, (*own.bundle.roots, extra)))
+
+
 async def test_a_bundle_change_reaches_an_open_stream_with_the_same_svid(
     setup: CaSetup, tmp_path: Path
 ) -> None:
     async with workload_agent(setup) as (agent, path), svid_stream(path) as stream:
         first = (await asyncio.wait_for(stream.recv_message(), STEP)).svids[0]
-        own = agent.identity.svid
-        assert own is not None
-        foreign_ca(tmp_path, own.bundle.trust_domain)  # a second root of the trust domain
-        extra = x509.load_pem_x509_certificate((tmp_path / "root.pem").read_bytes())
-        roots = TrustBundle(own.bundle.trust_domain, (*own.bundle.roots, extra))
-        agent.identity.install_bundle(roots)
+        install_extra_root(agent, tmp_path)
         second = (await asyncio.wait_for(stream.recv_message(), STEP)).svids[0]
         assert second.x509_svid == first.x509_svid
         assert len(x509_ders(second.bundle)) == len(x509_ders(first.bundle)) + 1
@@ -200,7 +235,7 @@ async def test_sds_answers_a_new_set_of_names_and_leaves_out_unknown_ones(
         assert [secret(second, i).name for i in range(len(second.resources))] == [str(WEB)]
 
 
-async def test_a_stale_socket_is_replaced_and_the_socket_is_removed_at_stop(
+async def test_the_socket_is_removed_at_stop(
     setup: CaSetup,
 ) -> None:
     async with workload_agent(setup) as (_, path):
@@ -208,7 +243,7 @@ async def test_a_stale_socket_is_replaced_and_the_socket_is_removed_at_stop(
     assert not path.exists()
 
 
-def test_another_file_at_the_socket_path_is_not_replaced(tmp_path: Path) -> None:
+def test_a_stale_socket_is_replaced_and_any_other_file_is_not(tmp_path: Path) -> None:
     from agent.adapters.workload_api import _bind_unix
 
     path = tmp_path / "socket"
