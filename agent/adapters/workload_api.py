@@ -89,7 +89,6 @@ class HandedOut:
         self._changed = asyncio.Event()
         self._minted_under: str | None = None  # the agent's serial the handout was minted under
         self._wake = asyncio.Event()
-        self.minted = 0
 
     @property
     def svid(self) -> Svid | None:
@@ -129,7 +128,9 @@ class HandedOut:
                 continue
             try:
                 minted = await self._identity.renew()
-            except RenewalFailed as exc:
+            except Exception as exc:  # RenewalFailed, or a bug: the loop must outlive either
+                if not isinstance(exc, RenewalFailed):
+                    log.exception("minting the SVID to hand out: unexpected error")
                 failures += 1
                 delay = self._backoff.delay(failures, self._identity.rng).total_seconds()
                 log.warning("cannot mint the SVID to hand out (%s); retrying in %.1fs", exc, delay)
@@ -138,9 +139,9 @@ class HandedOut:
                 continue
             failures = 0
             self._minted_under = agent.serial
-            self.minted += 1
+            roots = (self._identity.svid or agent).bundle  # as of now: it may have changed since
             # Verified against the roots the agent uses, not the CA's alone.
-            self._publish(dataclasses.replace(minted, bundle=self._identity.svid.bundle))  # type: ignore[union-attr]
+            self._publish(dataclasses.replace(minted, bundle=roots))
             log.info("handing out SVID serial %s (the agent's is %s)", minted.serial, agent.serial)
 
     def _publish(self, svid: Svid) -> None:
