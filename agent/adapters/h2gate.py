@@ -34,12 +34,14 @@ class H2Gate(asyncio.Protocol):
         refused: Callable[[], None],
         on_closed: Callable[[H2Gate], None],
         timeout: float,
+        admitted: Callable[[], None] = lambda: None,
     ) -> None:
         self.server = server
         self.protocol = protocol  # the port's, for the advice
         self.refused = refused  # an HTTP/1.x client was answered: count it, log it
         self.on_closed = on_closed
         self.timeout = timeout  # for the first bytes: the server's idle timeout
+        self.admitted = admitted  # told once h2 is let through (a plaintext one is counted)
         self.transport: asyncio.Transport | None = None
         self.held = b""
         self.handed = False  # the server has the connection
@@ -77,6 +79,7 @@ class H2Gate(asyncio.Protocol):
             self._timer.cancel()
         self.handed = True
         held, self.held = self.held, b""
+        self.admitted()
         transport.set_protocol(self.server)
         self.server.connection_made(transport)
         if held:

@@ -531,7 +531,10 @@ class InboundMtls(Listener[InboundT]):
         """Serve the client's connection with an H2Server (agent/adapters/inbound_h2.py):
         each stream decided and sent to the app over h2c; the relay that set it up is done.
 
-        A plaintext client is counted at once: its app connections are per stream.
+        A plaintext client is counted once its first bytes are the h2 preface (its app
+        connections are per stream); an HTTP/1.x one is told what this port speaks
+        (agent/adapters/h2gate.py). An `http` port's h2 peer gets the same decisions,
+        its streams sent to the app as HTTP/1.1 (agent/adapters/inbound_h2h1.py).
         """
         transport = relay.down.transport
         assert transport is not None
@@ -587,18 +590,18 @@ class InboundMtls(Listener[InboundT]):
         protocol: asyncio.Protocol = server
         held: H2Server | H2Gate = server
         if peer is None:  # plaintext: an HTTP/1.x client is told what this port speaks
-            where = f"inbound {config.listen or self.address}"
             held = protocol = h2_gate(
                 self.runtime,
                 self.connections,
                 INBOUND,
                 server,
                 config.protocol,
-                where,
+                f"inbound {self.address}",
                 streams.close,
+                # counted once let in as h2, not before (connections_total{mtls="false"})
+                lambda: self.connections.established(INBOUND, None, mtls=False),
             )
             self.plaintext[held] = app.port
-            self.connections.established(INBOUND, None, mtls=False)
         self.connections.add(held, INBOUND)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
@@ -753,6 +756,7 @@ def h2_gate(
     protocol: str,
     where: str,
     on_closed: Callable[[], None] = lambda: None,
+    admitted: Callable[[], None] = lambda: None,
 ) -> H2Gate:
     """An h2c connection's gate (agent/adapters/h2gate.py): an HTTP/1.x client is answered,
     counted `protocol_mismatch`, and logged a line a while; the registry holds the gate."""
@@ -774,7 +778,7 @@ def h2_gate(
         connections.closed(gate)
 
     idle = runtime.limits.idle_timeout.total_seconds()
-    return H2Gate(server, protocol, refused, closed, idle)
+    return H2Gate(server, protocol, refused, closed, idle, admitted)
 
 
 def _alpn(relay: Relay) -> str | None:
