@@ -396,9 +396,9 @@ class InboundMtls(Listener[InboundT]):
             # As of the first byte, not the accept: a port made strict while its client
             # said nothing yet is strict for that client too.
             config, permissive = self.serving(port)
-            # Each port's ALPN is what it parses (tls.Contexts): an HTTP port offers no h2,
-            # so h2 relayed at L4 cannot hand the app the client's own identity header and
-            # skip the paths; an h2 port takes h2 only.
+            # Each port's ALPN is what it parses (tls.Contexts): an HTTP port parses h2 as
+            # well as HTTP/1.1 (never relays it at L4, which would hand the app the
+            # client's own identity header and skip the paths); an h2 port takes h2 only.
             protocol = config.protocol
             plaintext = permissive and not _tls_first(sock)
             if not plaintext:
