@@ -11,7 +11,8 @@ to the app, which speaks HTTP/1.1: each allowed stream becomes one HTTP/1.1
 request framed by agent/core/http1.py (`from_h2`, `request_head`: its body by
 its content-length, else chunked), sent on a keep-alive connection of a small
 pool this client connection keeps (one request at a time on each; at most
-IDLE_APP_CONNECTIONS kept idle, the rest closed once answered), and its
+MAX_APP_CONNECTIONS at once, further streams waiting for one, and
+IDLE_APP_CONNECTIONS kept idle), and its
 response carried back (`to_h2`: the status, the headers minus hop-by-hop ones
 and the identity header, the body). Chunked trailers from the app are dropped,
 as the HTTP/1.1 path drops them; so are request trailers (an HTTP/1.1 app
@@ -42,6 +43,8 @@ from agent.core.http1 import END, Broken, Data, Framing, Response
 
 #: Idle keep-alive connections to the app kept per client connection.
 IDLE_APP_CONNECTIONS = 4
+#: Connections to the app per client connection at once (streams beyond wait for one).
+MAX_APP_CONNECTIONS = 16
 #: Response bytes read from the app ahead of the client's window before reading pauses.
 READ_AHEAD = 256 * 1024
 #: Sends of one bodiless request on connections that turned out closed.
@@ -148,36 +151,73 @@ class AppConnection(asyncio.Protocol):
 
 
 class AppConnections:
-    """The keep-alive connections one client connection has to the app."""
+    """The keep-alive connections one client connection has to the app: at most
+    MAX_APP_CONNECTIONS at once (streams beyond wait for one to be free), so a peer's
+    100 streams cannot become 100 connections to the app."""
 
     def __init__(self, app: Endpoint, connect_timeout: float) -> None:
         self.app = app
         self.connect_timeout = connect_timeout
         self.idle: list[AppConnection] = []
+        self.busy = 0  # connections carrying a request (or being dialled for one)
+        self.waiting: deque[asyncio.Future[None]] = deque()
         self.closed = False
 
     async def take(self) -> tuple[AppConnection, bool]:
-        """An idle connection (True: it was used before) or a new one; OSError/TimeoutError
-        if the app cannot be reached."""
-        while self.idle:
-            connection = self.idle.pop()
-            transport = connection.transport
-            if not connection.lost and transport is not None and not transport.is_closing():
-                return connection, True
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self.connect_timeout):
-            _, connection = await loop.create_connection(
-                AppConnection, self.app.host, self.app.port
-            )
+        """An idle connection (True: it was used before) or a new one, once one is free;
+        OSError/TimeoutError if the app cannot be reached."""
+        while True:
+            while self.idle:
+                connection = self.idle.pop()
+                transport = connection.transport
+                if not connection.lost and transport is not None and not transport.is_closing():
+                    self.busy += 1
+                    return connection, True
+            if self.busy < MAX_APP_CONNECTIONS:
+                break
+            free = asyncio.get_running_loop().create_future()
+            self.waiting.append(free)
+            try:
+                await free
+            except asyncio.CancelledError:
+                if free.done() and not free.cancelled():
+                    self._wake()  # woken as it was cancelled: the next one takes the turn
+                raise
+            finally:
+                if free in self.waiting:
+                    self.waiting.remove(free)
+        self.busy += 1
+        try:
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(self.connect_timeout):
+                _, connection = await loop.create_connection(
+                    AppConnection, self.app.host, self.app.port
+                )
+        except BaseException:
+            self.busy -= 1
+            self._wake()
+            raise
         return connection, False
 
-    def give(self, connection: AppConnection) -> None:
-        """An answered request's connection: kept for the next, or closed."""
+    def done(self, connection: AppConnection, kept: bool) -> None:
+        """A request's connection is free: kept for the next one (`kept`: its response was
+        whole and both sides keep it), or closed."""
+        self.busy -= 1
         connection.idle()
-        if self.closed or connection.lost or len(self.idle) >= IDLE_APP_CONNECTIONS:
-            connection.close()
-        else:
+        room = len(self.idle) < IDLE_APP_CONNECTIONS or self.waiting
+        if kept and room and not self.closed and not connection.lost:
             self.idle.append(connection)
+            self._wake()
+            return
+        connection.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        while self.waiting:
+            free = self.waiting.popleft()
+            if not free.done():
+                free.set_result(None)
+                return
 
     def close(self) -> None:
         self.closed = True
@@ -233,10 +273,7 @@ class InboundH2ToHttp1(InboundH2):
             finally:
                 if upload is not None:
                     upload.cancel()
-                if kept:
-                    self.apps.give(app)
-                else:
-                    app.close()
+                self.apps.done(app, kept)
         why = refusal(503, "app_unreachable", "", grpc.Code.UNAVAILABLE)
         await self.refuse(stream, why, call.grpc)
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from agent.adapters.inbound_h2h1 import MAX_APP_CONNECTIONS
 from tests import certs
 from tests.h2raw import H2Client, Response, request_headers
 from tests.mesh import agent_yaml, local_sign, running_agent, sample, workload
@@ -33,8 +34,11 @@ async def keep_alive_app() -> AsyncIterator[tuple[int, list[int]]]:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                if b" /stale" in head.split(b"\r\n", 1)[0] and answered:
+                line = head.split(b"\r\n", 1)[0]
+                if b" /stale" in line and answered:
                     return
+                if b" /busy" in line:  # long enough for the streams to overlap
+                    await asyncio.sleep(0.05)
                 body = b""
                 if b"transfer-encoding: chunked" in head.lower():
                     while (size := int((await reader.readline()).strip(), 16)) > 0:
@@ -114,3 +118,29 @@ async def test_a_closed_keep_alive_connection_costs_a_bodiless_request_nothing(
     assert len(accepted) == 3  # /first and the stale try; the retry and the POST; /last
     assert nobody.status == 503 and b"app_unreachable" in nobody.body
     assert unreachable == 1
+
+
+async def test_a_peers_streams_share_a_bounded_number_of_app_connections(
+    setup: CaSetup, tmp_path: Path
+) -> None:
+    """One h2 connection's 60 concurrent streams reach the HTTP/1.1 app on at most
+    MAX_APP_CONNECTIONS connections (the rest wait their turn), and all are answered."""
+    async with keep_alive_app() as (port, accepted):
+        inbounds = [
+            {"listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{port}", "protocol": "http"}
+        ]
+        raw = agent_yaml(setup.root, "backend", inbound=inbounds, policy=OPEN)
+        async with running_agent(raw, local_sign(setup), tmp_path) as agent:
+
+            def ask() -> list[Response]:
+                client = h2_to(setup, agent.bound["inbound[0]"])
+                try:
+                    sent = [client.send(request_headers(f"/busy/{i}")) for i in range(60)]
+                    return [client.wait(stream_id) for stream_id in sent]
+                finally:
+                    client.close()
+
+            answers = await asyncio.to_thread(ask)
+    assert [a.status for a in answers] == [200] * 60
+    assert answers[7].body == b"GET /busy/7 HTTP/1.1 "
+    assert 1 < len(accepted) <= MAX_APP_CONNECTIONS
