@@ -41,8 +41,9 @@ import h2.exceptions
 import h2.settings
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
+from hyperframe.frame import DataFrame, Frame, PriorityFrame, RstStreamFrame, WindowUpdateFrame
 
-from agent.core.h2limits import H2Limits, Limit, Window
+from agent.core.h2limits import FrameBudget, H2Limits, Limit, Window
 
 log = logging.getLogger("outrider.agent")
 
@@ -165,10 +166,63 @@ class H2Stream:
         self.server.reset(self, code)
 
 
+class Flood(h2.exceptions.ProtocolError):
+    """The peer broke a frame budget: h2 answers it with GOAWAY ENHANCE_YOUR_CALM."""
+
+    error_code = ErrorCodes.ENHANCE_YOUR_CALM
+
+    def __init__(self, limit: Limit) -> None:
+        super().__init__(f"HTTP/2 limit reached: {limit}")
+        self.limit = limit
+
+
 class _Connection(h2.connection.H2Connection):
-    """h2's server connection, except that a client's graceful GOAWAY lets the streams it
-    opened before it finish (RFC 9113 6.8): h2 would close at once and refuse their
-    responses. No new stream is taken once it came (`H2Server._closing`)."""
+    """h2's server connection, with two changes.
+
+    A client's graceful GOAWAY lets the streams it opened before it finish (RFC 9113
+    6.8): h2 would close at once and refuse their responses. No new stream is taken once
+    it came (`H2Server._closing`).
+
+    Every frame received is held to the connection's `FrameBudget` as h2 takes it: the
+    frames that carry nothing never reach us as events (h2 drops an empty DATA frame's
+    nothing, answers a frame on a reset stream with RST_STREAM itself), so they are
+    counted here, and a frame over budget stops the read with GOAWAY ENHANCE_YOUR_CALM
+    (`Flood`).
+    """
+
+    def __init__(
+        self, config: h2.config.H2Configuration, budget: FrameBudget, now: Callable[[], float]
+    ) -> None:
+        super().__init__(config=config)
+        self.budget = budget
+        self._now = now
+        self._provoked = -1  # RST_STREAMs h2 queued while taking a frame; -1: not taking one
+
+    def _receive_frame(self, frame: Frame) -> Any:
+        self._provoked = 0
+        try:
+            events = super()._receive_frame(frame)
+        finally:
+            provoked, self._provoked = self._provoked, -1
+        budget = self.budget
+        limit: Limit | None = None
+        if isinstance(frame, DataFrame):
+            limit = budget.received_data(bool(frame.data) or "END_STREAM" in frame.flags)
+        elif isinstance(frame, PriorityFrame):
+            limit = budget.received_priority()
+        elif isinstance(frame, WindowUpdateFrame):
+            limit = budget.received_window_update()
+        budget.streams += sum(isinstance(e, h2.events.RequestReceived) for e in events)
+        for _ in range(provoked):
+            limit = limit or budget.provoked_reset(self._now())
+        if limit is not None:
+            raise Flood(limit)
+        return events
+
+    def _prepare_for_sending(self, frames: list[Frame]) -> None:
+        if self._provoked >= 0:  # h2 answers the frame it is taking with these
+            self._provoked += sum(isinstance(f, RstStreamFrame) for f in frames)
+        super()._prepare_for_sending(frames)
 
     def _receive_goaway_frame(self, frame: Any) -> Any:
         state = self.state_machine.state
@@ -203,7 +257,8 @@ class H2Server(asyncio.Protocol):
             validate_inbound_headers=True,
             normalize_inbound_headers=True,
         )
-        self.conn = _Connection(config=config)
+        self.budget = FrameBudget(limits)
+        self.conn = _Connection(config, self.budget, self._now)
         # Our SETTINGS as the first frame says them; h2 applies them once acknowledged,
         # and our own checks below hold from the first byte.
         self.conn.local_settings = h2.settings.Settings(
@@ -228,6 +283,13 @@ class H2Server(asyncio.Protocol):
         self.closed = False
         self._active = False  # a frame moved since the idle timer last looked
         self._idle: asyncio.TimerHandle | None = None
+        self._unread: asyncio.TimerHandle | None = None  # the peer has stopped taking writes
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def paused(self) -> bool:
+        """The peer is not taking what is written (the transport's buffer is full)."""
+        return not self._can_write.is_set()
 
     def _now(self) -> float:
         return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
@@ -236,6 +298,7 @@ class H2Server(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self._loop = asyncio.get_running_loop()
         # The transport's own flow control: pause_writing past write_high.
         self.transport.set_write_buffer_limits(high=self.limits.write_high)
         self.conn.initiate_connection()
@@ -285,9 +348,14 @@ class H2Server(asyncio.Protocol):
         self._can_write.clear()
         if self.transport is not None:
             self.transport.pause_reading()
+        if self._unread is None and self._loop is not None and not self.closed:
+            self._unread = self._loop.call_later(self.limits.send_timeout, self._slow_read)
 
     def resume_writing(self) -> None:
         self._can_write.set()
+        if self._unread is not None:
+            self._unread.cancel()
+            self._unread = None
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
@@ -334,6 +402,9 @@ class H2Server(asyncio.Protocol):
             # cannot put more than the limit to work at once.
             self.hit("concurrent_streams")
             self._refuse(stream_id, ErrorCodes.REFUSED_STREAM)
+            limit = self.budget.provoked_reset(self._now())
+            if limit is not None:
+                self._calm(limit)
             return
         headers = cast(Headers, list(event.headers or []))
         ended = event.stream_ended is not None
@@ -443,6 +514,7 @@ class H2Server(asyncio.Protocol):
 
     def send_data(self, stream: H2Stream, data: bytes, end: bool) -> None:
         self._send(stream, lambda: self.conn.send_data(stream.id, data, end_stream=end))
+        self.budget.data_sent += 1
         stream.finished = stream.finished or end
 
     def end(self, stream: H2Stream, trailers: Headers | None) -> None:
@@ -509,13 +581,30 @@ class H2Server(asyncio.Protocol):
         self.closed = True
         if self._idle is not None:
             self._idle.cancel()
+        if self._unread is not None:
+            self._unread.cancel()
         for stream in list(self.streams.values()):
             stream._gone(ErrorCodes.CANCEL)
             if stream.task is not None:
                 stream.task.cancel()
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            if self.paused:
+                # The peer is not taking what was written: it would not read a GOAWAY
+                # either, and a close would wait on it for ever.
+                transport.abort()
+            else:
+                transport.close()  # flushes what is written (the GOAWAY), then closes
+                if transport.get_write_buffer_size() and self._loop is not None:
+                    self._loop.call_later(self.limits.send_timeout, transport.abort)
         self.on_closed(self)
+
+    def _slow_read(self) -> None:
+        """The peer took nothing written for `send_timeout`: drop the connection."""
+        self._unread = None
+        if not self.closed:
+            self.hit("slow_read")
+            self.abort()
 
     def _check_idle(self) -> None:
         if self.closed:
@@ -533,6 +622,8 @@ class H2Server(asyncio.Protocol):
 
 def _limit_of(exc: h2.exceptions.ProtocolError) -> Limit:
     """Which limit a protocol error h2 raised stands for."""
+    if isinstance(exc, Flood):
+        return exc.limit
     if isinstance(exc, h2.exceptions.DenialOfServiceError):
         return "header_list"  # the decoded header list outgrew max_header_list_size
     if isinstance(exc, h2.exceptions.TooManyStreamsError):

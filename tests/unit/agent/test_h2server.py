@@ -4,15 +4,17 @@ the limits that end a connection, each counted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, PingFrame, RstStreamFrame
 
 from agent.adapters.h2server import H2Server, H2Stream
-from agent.core.h2limits import H2Limits, Limit, Window
+from agent.core.h2limits import FrameBudget, H2Limits, Limit, Window
 from tests.h2raw import H2Client, RawFrames, request_headers
 
 
@@ -210,3 +212,101 @@ async def test_an_idle_connection_gets_a_goaway_and_is_closed() -> None:
         assert await asyncio.to_thread(run)
     finally:
         listening.close()
+
+
+def test_frame_budgets_grow_with_what_the_connection_does() -> None:
+    limits = H2Limits(max_empty_frames=2, max_priority_per_stream=3, max_window_updates_per_data=2)
+    budget = FrameBudget(limits)
+    # Empty DATA frames: only in a row; one that carries data (or END_STREAM) starts again.
+    assert [budget.received_data(False) for _ in range(2)] == [None, None]
+    assert budget.received_data(True) is None
+    assert [budget.received_data(False) for _ in range(3)] == [None, None, "empty_frames"]
+    # PRIORITY: 3 per stream opened, plus one stream's worth.
+    assert [budget.received_priority() for _ in range(4)] == [None, None, None, "priority_flood"]
+    budget.streams += 1
+    assert [budget.received_priority() for _ in range(2)] == [None, None]
+    assert budget.received_priority() == "priority_flood"
+    # WINDOW_UPDATE: 5, plus 2 per stream (1 opened), plus 2 per 2 DATA frames sent.
+    assert all(budget.received_window_update() is None for _ in range(7))
+    assert budget.received_window_update() == "window_update_flood"
+    budget.data_sent += 1
+    assert all(budget.received_window_update() is None for _ in range(3))
+    assert budget.received_window_update() == "window_update_flood"
+
+
+def test_resets_the_peer_provokes_are_counted_in_a_window() -> None:
+    budget = FrameBudget(H2Limits(max_provoked_resets=2, window=10.0))
+    assert budget.provoked_reset(0.0) is None and budget.provoked_reset(1.0) is None
+    assert budget.provoked_reset(2.0) == "reset_flood"
+    assert budget.provoked_reset(12.5) is None
+
+
+@contextlib.asynccontextmanager
+async def listening(limits: H2Limits) -> AsyncIterator[Served]:
+    """H2Servers answering `big` under `limits` on a loopback port."""
+    state = Served()
+
+    def make() -> H2Server:
+        state.servers.append(H2Server(big, state.hits.append, idle_timeout=30, limits=limits))
+        return state.servers[-1]
+
+    server = await asyncio.get_running_loop().create_server(make, "127.0.0.1", 0)
+    state.port = server.sockets[0].getsockname()[1]
+    try:
+        yield state
+    finally:
+        for s in state.servers:
+            s.abort()
+        server.close()
+
+
+def reading_nothing(port: int, stop: threading.Event) -> None:
+    """A client that asks for `big` with its windows wide open, then reads nothing (a
+    small receive buffer, so the server's writes back up soon) until `stop`."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+    sock.connect(("127.0.0.1", port))
+    client = H2Client(sock, window=2**31 - 1)
+    client.conn.increment_flow_control_window(2**31 - 1 - 65_535)
+    client.send(request_headers("/"))
+    stop.wait(5)
+    sock.close()
+
+
+async def until(condition: Callable[[], bool], seconds: float = 3) -> bool:
+    """Polls: a transport's buffer and a connection's end have no event to await."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition() and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+    return condition()
+
+
+async def test_a_peer_that_reads_nothing_is_dropped_after_the_send_timeout() -> None:
+    """It asked for 10 MB and takes none of it: the server's writes stay unread, so after
+    `send_timeout` the connection is aborted, counted `slow_read`."""
+    async with listening(H2Limits(send_timeout=0.3, write_high=16 * 1024)) as served:
+        stop = threading.Event()
+        client = asyncio.create_task(asyncio.to_thread(reading_nothing, served.port, stop))
+        try:
+            assert await until(lambda: bool(served.servers) and served.servers[0].closed)
+            assert served.hits == ["slow_read"]
+        finally:
+            stop.set()
+            await client
+
+
+async def test_a_closing_connection_is_not_held_by_a_peer_that_reads_nothing() -> None:
+    """A connection closed (at a limit, idle, drained) while its peer takes none of the
+    server's writes is aborted at once: a close would wait for the peer to read for ever."""
+    async with listening(H2Limits(send_timeout=60, write_high=16 * 1024)) as served:
+        stop = threading.Event()
+        client = asyncio.create_task(asyncio.to_thread(reading_nothing, served.port, stop))
+        try:
+            assert await until(lambda: bool(served.servers) and served.servers[0].paused)
+            server = served.servers[0]
+            server.close()
+            assert await until(lambda: server.transport is None)  # connection_lost came
+            assert served.hits == []
+        finally:
+            stop.set()
+            await client
