@@ -41,7 +41,16 @@ import h2.exceptions
 import h2.settings
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
-from hyperframe.frame import DataFrame, Frame, PriorityFrame, RstStreamFrame, WindowUpdateFrame
+from hyperframe.frame import (
+    DataFrame,
+    ExtensionFrame,
+    Frame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 
 from agent.core.h2limits import FrameBudget, H2Limits, Limit, Window
 
@@ -212,6 +221,8 @@ class _Connection(h2.connection.H2Connection):
             limit = budget.received_priority()
         elif isinstance(frame, WindowUpdateFrame):
             limit = budget.received_window_update()
+        elif _inert(frame, events):
+            limit = budget.received_inert()
         budget.streams += sum(isinstance(e, h2.events.RequestReceived) for e in events)
         for _ in range(provoked):
             limit = limit or budget.provoked_reset(self._now())
@@ -384,6 +395,7 @@ class H2Server(asyncio.Protocol):
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             if isinstance(event, h2.events.RemoteSettingsChanged):
                 self._flood(self._settings, "settings_flood")
+                self._cap_encoder()
             self._opened(event)
         elif isinstance(event, h2.events.PingReceived):
             self._flood(self._pings, "ping_flood")
@@ -392,15 +404,21 @@ class H2Server(asyncio.Protocol):
             if not self.streams:
                 self.close()
 
+    def _cap_encoder(self) -> None:
+        """h2 sizes the table it compresses headers with to whatever the peer allows; it
+        never needs more than `max_encoder_table` (a smaller one is signalled in-band)."""
+        encoder = self.conn.encoder
+        if encoder.header_table_size > self.limits.max_encoder_table:
+            encoder.header_table_size = self.limits.max_encoder_table
+
     def _request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
-        if self._closing:
-            self._refuse(stream_id, ErrorCodes.REFUSED_STREAM)
-            return
-        if len(self.streams) >= self.limits.max_concurrent_streams:
-            # Handlers of streams the client reset count until they are done, so resets
-            # cannot put more than the limit to work at once.
-            self.hit("concurrent_streams")
+        if self._closing or len(self.streams) >= self.limits.max_concurrent_streams:
+            # After a GOAWAY either way, or past the limit (handlers of streams the client
+            # reset count until they are done, so resets cannot put more than the limit to
+            # work at once): refused, and each refusal is one the peer provoked.
+            if not self._closing:
+                self.hit("concurrent_streams")
             self._refuse(stream_id, ErrorCodes.REFUSED_STREAM)
             limit = self.budget.provoked_reset(self._now())
             if limit is not None:
@@ -618,6 +636,17 @@ class H2Server(asyncio.Protocol):
         self.conn.close_connection(ErrorCodes.NO_ERROR)
         self._flush()
         self.close()
+
+
+def _inert(frame: Frame, events: list[h2.events.Event]) -> bool:
+    """A frame h2 took without a word that does nothing here: an RST_STREAM for a stream
+    not open (h2 ignores those, idle streams' included), an extension frame, an ACK of a
+    PING (the server sends none) or of SETTINGS (it sends one)."""
+    if isinstance(frame, RstStreamFrame):
+        return not any(isinstance(e, h2.events.StreamReset) for e in events)
+    if isinstance(frame, PingFrame | SettingsFrame):
+        return "ACK" in frame.flags
+    return isinstance(frame, ExtensionFrame)
 
 
 def _limit_of(exc: h2.exceptions.ProtocolError) -> Limit:

@@ -25,8 +25,10 @@ agree. Pure: time is an argument.
   the connection window it advertised; it sends no more than the peer's windows.
 - Frames that cost work but carry nothing (the 2019 set, CVE-2019-9511..9518):
   they are held to budgets proportional to what the connection does, Envoy's
-  model (`FrameBudget`): empty DATA frames in a row (CVE-2019-9518), PRIORITY
-  frames per stream opened (9513), WINDOW_UPDATE frames per stream opened and
+  model (`FrameBudget`): empty DATA frames in a row (CVE-2019-9518), frames
+  that do nothing (an RST_STREAM for no open stream, an unknown type, an ACK of
+  nothing asked: h2 drops them silently) and PRIORITY frames per stream opened
+  (9513), WINDOW_UPDATE frames per stream opened and
   DATA frame sent, and the RST_STREAMs the peer makes the agent send (frames on
   streams already reset, streams past the concurrent limit: 9514) in a window;
   past any of them, GOAWAY ENHANCE_YOUR_CALM.
@@ -92,10 +94,17 @@ class H2Limits:
     max_empty_frames: int = 10
     #: PRIORITY frames per stream the peer opened (plus one), over the connection's life.
     max_priority_per_stream: int = 100
+    #: Frames that do nothing (RST_STREAM for no open stream, unknown types, ACKs of
+    #: nothing asked) per stream the peer opened (plus one), over the connection's life.
+    max_inert_per_stream: int = 100
     #: WINDOW_UPDATE frames per DATA frame the agent sent (plus 2 per stream, plus 5).
     max_window_updates_per_data: int = 10
     #: RST_STREAMs the peer made the agent send, per `window`.
     max_provoked_resets: int = 200
+    #: The HPACK table the agent compresses what it sends with, whatever larger one the
+    #: peer allows (SETTINGS_HEADER_TABLE_SIZE): h2 would keep every header sent on the
+    #: connection in it. 4 KiB, as Go and nghttp2 cap theirs.
+    max_encoder_table: int = 4096
 
 
 class Window:
@@ -125,6 +134,7 @@ class FrameBudget:
 
     __slots__ = (
         "_empty",
+        "_inert",
         "_limits",
         "_priority",
         "_provoked",
@@ -138,6 +148,7 @@ class FrameBudget:
         self.streams = 0  # streams the peer opened
         self.data_sent = 0  # DATA frames the agent sent
         self._empty = 0  # empty DATA frames in a row
+        self._inert = 0
         self._priority = 0
         self._window_updates = 0
         self._provoked = Window(limits.max_provoked_resets, limits.window)
@@ -150,6 +161,12 @@ class FrameBudget:
             return None
         self._empty += 1
         return "empty_frames" if self._empty > self._limits.max_empty_frames else None
+
+    def received_inert(self) -> Limit | None:
+        """A frame that did nothing (counted with the empty ones, past its own budget)."""
+        self._inert += 1
+        allowed = self._limits.max_inert_per_stream * (1 + self.streams)
+        return "empty_frames" if self._inert > allowed else None
 
     def received_priority(self) -> Limit | None:
         self._priority += 1

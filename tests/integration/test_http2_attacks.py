@@ -28,6 +28,7 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
+    ExtensionFrame,
     Frame,
     HeadersFrame,
     PingFrame,
@@ -330,6 +331,33 @@ def test_empty_continuation_frames_flood(setup: CaSetup, agent: AgentProcess, ap
         raw.close()
     assert limit_count(agent, "continuation") == before + 1
     still_serving(agent, app, "empty_continuation")
+
+
+INERT: dict[str, Frame] = {
+    "rst_stream_for_no_stream": RstStreamFrame(1, error_code=8),
+    "unknown_type": ExtensionFrame(0x20, 0),
+    "settings_ack": SettingsFrame(0, flags={"ACK"}),
+    "ping_ack": PingFrame(0, b"12345678", flags={"ACK"}),
+}
+
+
+@pytest.mark.parametrize("kind", list(INERT))
+def test_frames_that_do_nothing_flood(
+    setup: CaSetup, agent: AgentProcess, app: App, kind: str
+) -> None:
+    """Frames h2 takes without a word or an event: an RST_STREAM for a stream no longer
+    open, an unknown frame type, ACKs of PINGs and SETTINGS never sent. Each costs a
+    parse and carries nothing: 100 per stream the client opened, plus 100."""
+    before = limit_count(agent, "empty_frames")
+    with bystander(setup, agent):
+        raw = attacker(setup, agent)
+        get = raw.block(request_headers("/"))
+        raw.send([HeadersFrame(1, get, flags={"END_HEADERS"}), RstStreamFrame(1, error_code=8)])
+        flood(raw, [INERT[kind]] * 10_000)
+        assert raw.closed_within(3)
+        raw.close()
+    assert limit_count(agent, "empty_frames") == before + 1
+    still_serving(agent, app, kind)
 
 
 def test_window_update_flood(setup: CaSetup, agent: AgentProcess, app: App) -> None:

@@ -9,8 +9,10 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 
+import h2.settings
 import pytest
 from h2.errors import ErrorCodes
+from hpack.table import table_entry_size
 from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, PingFrame, RstStreamFrame
 
 from agent.adapters.h2server import H2Server, H2Stream
@@ -215,7 +217,12 @@ async def test_an_idle_connection_gets_a_goaway_and_is_closed() -> None:
 
 
 def test_frame_budgets_grow_with_what_the_connection_does() -> None:
-    limits = H2Limits(max_empty_frames=2, max_priority_per_stream=3, max_window_updates_per_data=2)
+    limits = H2Limits(
+        max_empty_frames=2,
+        max_priority_per_stream=3,
+        max_inert_per_stream=3,
+        max_window_updates_per_data=2,
+    )
     budget = FrameBudget(limits)
     # Empty DATA frames: only in a row; one that carries data (or END_STREAM) starts again.
     assert [budget.received_data(False) for _ in range(2)] == [None, None]
@@ -226,6 +233,9 @@ def test_frame_budgets_grow_with_what_the_connection_does() -> None:
     budget.streams += 1
     assert [budget.received_priority() for _ in range(2)] == [None, None]
     assert budget.received_priority() == "priority_flood"
+    # Frames that do nothing: as PRIORITY, counted with the empty ones.
+    assert all(budget.received_inert() is None for _ in range(2 * 3))
+    assert budget.received_inert() == "empty_frames"
     # WINDOW_UPDATE: 5, plus 2 per stream (1 opened), plus 2 per 2 DATA frames sent.
     assert all(budget.received_window_update() is None for _ in range(7))
     assert budget.received_window_update() == "window_update_flood"
@@ -310,3 +320,32 @@ async def test_a_closing_connection_is_not_held_by_a_peer_that_reads_nothing() -
         finally:
             stop.set()
             await client
+
+
+async def named(stream: H2Stream) -> None:
+    """Answers with a header of its own per request (as a date, an id or a length is)."""
+    await stream.respond([(b":status", b"200"), (b"x-path", (stream.header(b":path") or b"") * 20)])
+    await stream.end()
+
+
+@pytest.mark.parametrize("served", [named], indirect=True)
+async def test_a_peer_cannot_grow_the_table_the_server_compresses_its_headers_with(
+    served: Served,
+) -> None:
+    """A client allowing a 2 GB HPACK table (SETTINGS_HEADER_TABLE_SIZE): h2 would let the
+    server's encoder keep every header it ever sent on the connection; it keeps 4 KiB."""
+
+    def run() -> set[int]:
+        client = H2Client(dial(served.port))
+        client.conn.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 2**31})
+        statuses = set()
+        for start in range(0, 300, 50):
+            ids = [client.send(request_headers(f"/{start + i:05}")) for i in range(50)]
+            statuses |= {client.wait(i).status for i in ids}
+        client.close()
+        return statuses
+
+    assert await asyncio.to_thread(run) == {200}
+    table = served.servers[0].conn.encoder.header_table
+    held = sum(table_entry_size(name, value) for name, value in table.dynamic_entries)
+    assert table.maxsize <= 4096 and held <= 4096, held
