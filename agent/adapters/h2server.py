@@ -186,7 +186,10 @@ class Flood(h2.exceptions.ProtocolError):
 
 
 class _Connection(h2.connection.H2Connection):
-    """h2's server connection, with two changes.
+    """h2's server connection, with three changes.
+
+    h2 remembers `max_closed_streams` closed streams, not its 65,536 (about 11 MB a
+    long-lived connection).
 
     A client's graceful GOAWAY lets the streams it opened before it finish (RFC 9113
     6.8): h2 would close at once and refuse their responses. No new stream is taken once
@@ -200,8 +203,13 @@ class _Connection(h2.connection.H2Connection):
     """
 
     def __init__(
-        self, config: h2.config.H2Configuration, budget: FrameBudget, now: Callable[[], float]
+        self,
+        config: h2.config.H2Configuration,
+        budget: FrameBudget,
+        now: Callable[[], float],
+        closed_streams: int,
     ) -> None:
+        self.MAX_CLOSED_STREAMS = closed_streams  # read by h2's __init__
         super().__init__(config=config)
         self.budget = budget
         self._now = now
@@ -269,7 +277,7 @@ class H2Server(asyncio.Protocol):
             normalize_inbound_headers=True,
         )
         self.budget = FrameBudget(limits)
-        self.conn = _Connection(config, self.budget, self._now)
+        self.conn = _Connection(config, self.budget, self._now, limits.max_closed_streams)
         # Our SETTINGS as the first frame says them; h2 applies them once acknowledged,
         # and our own checks below hold from the first byte.
         self.conn.local_settings = h2.settings.Settings(

@@ -105,6 +105,9 @@ class H2Limits:
     #: peer allows (SETTINGS_HEADER_TABLE_SIZE): h2 would keep every header sent on the
     #: connection in it. 4 KiB, as Go and nghttp2 cap theirs.
     max_encoder_table: int = 4096
+    #: Closed streams h2 remembers (to answer a late frame on one rather than end the
+    #: connection): its own 65,536 cost a long-lived connection about 11 MB.
+    max_closed_streams: int = 4096
 
 
 class Window:

@@ -15,7 +15,7 @@ from h2.errors import ErrorCodes
 from hpack.table import table_entry_size
 from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, PingFrame, RstStreamFrame
 
-from agent.adapters.h2server import H2Server, H2Stream
+from agent.adapters.h2server import H2Server, H2Stream, Handler
 from agent.core.h2limits import FrameBudget, H2Limits, Limit, Window
 from tests.h2raw import H2Client, RawFrames, request_headers
 
@@ -252,13 +252,14 @@ def test_resets_the_peer_provokes_are_counted_in_a_window() -> None:
 
 
 @contextlib.asynccontextmanager
-async def listening(limits: H2Limits) -> AsyncIterator[Served]:
-    """H2Servers answering `big` under `limits` on a loopback port."""
+async def listening(limits: H2Limits, handler: Handler = big) -> AsyncIterator[Served]:
+    """H2Servers answering with `handler` under `limits` on a loopback port."""
     state = Served()
 
     def make() -> H2Server:
-        state.servers.append(H2Server(big, state.hits.append, idle_timeout=30, limits=limits))
-        return state.servers[-1]
+        server = H2Server(handler, state.hits.append, idle_timeout=30, limits=limits)
+        state.servers.append(server)
+        return server
 
     server = await asyncio.get_running_loop().create_server(make, "127.0.0.1", 0)
     state.port = server.sockets[0].getsockname()[1]
@@ -349,3 +350,25 @@ async def test_a_peer_cannot_grow_the_table_the_server_compresses_its_headers_wi
     table = served.servers[0].conn.encoder.header_table
     held = sum(table_entry_size(name, value) for name, value in table.dynamic_entries)
     assert table.maxsize <= 4096 and held <= 4096, held
+
+
+async def test_a_long_lived_connection_remembers_a_bounded_number_of_closed_streams() -> None:
+    """h2 keeps 65,536 closed streams by default (about 11 MB a connection that served
+    that many); the server keeps `max_closed_streams`, and a late RST_STREAM for a stream
+    it still remembers is no error."""
+    async with listening(H2Limits(max_closed_streams=50), echo) as served:
+
+        def run() -> tuple[set[int], int | None]:
+            client = H2Client(dial(served.port))
+            statuses: set[int] = set()
+            for _ in range(6):
+                ids = [client.send(request_headers("/")) for _ in range(50)]
+                statuses |= {client.wait(i).status for i in ids}
+            # A late RST_STREAM for the last (closed on both sides, so sent raw).
+            client.sock.sendall(RstStreamFrame(ids[-1], error_code=ErrorCodes.CANCEL).serialize())
+            again = client.get("/again")
+            client.close()
+            return statuses | {again.status}, client.goaway and client.goaway.error_code
+
+        assert await asyncio.to_thread(run) == ({200}, None)
+        assert len(served.servers[0].conn._closed_streams) <= 50
