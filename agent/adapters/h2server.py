@@ -158,7 +158,7 @@ class H2Stream:
             size = self.server.room(self)
             if size <= 0:
                 self._changed.clear()
-                await self._changed.wait()
+                await self.server.window_opened(self)
                 continue
             self.server.send_data(self, bytes(view[:size]), False)
             view = view[size:]
@@ -524,6 +524,17 @@ class H2Server(asyncio.Protocol):
             if self._can_write.is_set():
                 return
             await self._can_write.wait()
+
+    async def window_opened(self, stream: H2Stream) -> None:
+        """Wait for something to change on a stream whose window is shut: one that stays
+        shut for `stall_timeout` is reset (counted `slow_read`), as StreamReset."""
+        try:
+            async with asyncio.timeout(self.limits.stall_timeout):
+                await stream._changed.wait()
+        except TimeoutError:
+            self.hit("slow_read")
+            self.reset(stream, ErrorCodes.CANCEL)
+            raise StreamReset(ErrorCodes.CANCEL) from None
 
     def room(self, stream: H2Stream) -> int:
         """Bytes `stream` may send now: the client's windows, one frame at most."""

@@ -35,7 +35,8 @@ agree. Pure: time is an argument.
 - A peer that does not read (9512/9514/9517's common core, and slow reads): the
   connection stops reading while its writes are not taken (above), and one
   whose writes stay untaken for `send_timeout` is dropped, so a peer cannot
-  hold a connection's buffers by never reading.
+  hold a connection's buffers by never reading; a stream whose window stays
+  shut for `stall_timeout` is reset, so it cannot hold the app's work either.
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ class H2Limits:
     #: Seconds the peer may leave those bytes untaken before the connection is dropped
     #: (nginx's send_timeout); also how long a closing connection may wait to flush.
     send_timeout: float = 60.0
+    #: Seconds a stream may wait for the peer to open its window before it is reset
+    #: (Envoy's stream_idle_timeout): a client cannot hold a stream, and the app's work
+    #: behind it, open for ever by never taking the answer.
+    stall_timeout: float = 300.0
     #: DATA frames in a row that carry nothing (no data, or padding only) and end nothing.
     max_empty_frames: int = 10
     #: PRIORITY frames per stream the peer opened (plus one), over the connection's life.

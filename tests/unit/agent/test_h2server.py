@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 
 import h2.settings
@@ -372,3 +373,27 @@ async def test_a_long_lived_connection_remembers_a_bounded_number_of_closed_stre
 
         assert await asyncio.to_thread(run) == ({200}, None)
         assert len(served.servers[0].conn._closed_streams) <= 50
+
+
+async def test_a_stream_whose_window_stays_shut_is_reset_after_the_stall_timeout() -> None:
+    """A client that opens no window and keeps its connection alive (it pings): the
+    stream is reset after `stall_timeout`, counted `slow_read`, the connection goes on."""
+    async with listening(H2Limits(stall_timeout=0.3), echo) as served:
+
+        def run() -> tuple[int | None, int]:
+            client = H2Client(dial(served.port), window=0)
+            sid = client.send(request_headers("/"))
+            deadline, pinged = time.monotonic() + 3, 0.0
+            while client.responses[sid].reset is None and time.monotonic() < deadline:
+                if time.monotonic() - pinged > 0.1:  # a keepalive, not a flood
+                    client.conn.ping(b"12345678")
+                    pinged = time.monotonic()
+                client.pump(0.05)
+            stalled = client.responses[sid].reset
+            client.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 65_535})
+            status = client.get("/", seconds=3).status  # stream-level: the connection lives
+            client.close()
+            return stalled, status
+
+        assert await asyncio.to_thread(run) == (ErrorCodes.CANCEL, 200)
+        assert served.hits == ["slow_read"]
