@@ -30,12 +30,14 @@ from agent.adapters.h2server import H2Server
 from agent.adapters.http import HttpExchange, xfcc
 from agent.adapters.inbound_h2 import InboundH2
 from agent.adapters.metrics import AgentMetrics, clock
+from agent.adapters.outbound_h2 import OutboundH2
 from agent.adapters.outbound_http import OutboundHttp
 from agent.adapters.relay import Relay
 from agent.adapters.runtime import Runtime
 from agent.adapters.tls import refusal_reason
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.config import Inbound, Outbound
+from agent.core import http1
 from agent.core.authz import AllowList
 from agent.core.captured import Captured, OutboundRoutes, admit_plaintext, looks_like_tls
 from agent.core.h2limits import Limit
@@ -477,6 +479,20 @@ class InboundMtls(Listener[InboundT]):
         def answered(code: int) -> None:
             requests.labels(INBOUND, str(peer or ""), str(code)).inc()
 
+        def refused(reason: str) -> None:
+            self.runtime.metrics.connections_refused.labels(INBOUND, reason).inc()
+            held = self.runtime.refusal_lines.admit(
+                (INBOUND, reason), asyncio.get_running_loop().time()
+            )
+            if held is not None:
+                log.warning(
+                    "inbound %s: refused a connection from %s: %s%s",
+                    config.listen,
+                    peer or "a plaintext caller",
+                    http1.H2_ADVICE if reason == "protocol_mismatch" else reason,
+                    held_back(held),
+                )
+
         assert relay.down.transport is not None and up.transport is not None
         identity = xfcc(str(self.runtime.spiffe_id), str(peer)) if peer else b""
         exchange = HttpExchange(
@@ -487,6 +503,7 @@ class InboundMtls(Listener[InboundT]):
             answered,
             limits.headers_with_underscores,
             relay.close,
+            refused,
         )
         relay.on_released = exchange.release
         relay.link(exchange.from_client, exchange.from_app)
@@ -727,7 +744,8 @@ class OutboundPath:
     outbound listener and the outbound capture listener (a Service address) both use it.
 
     `protocol: tcp` balances and retries each connection; `protocol: http`
-    each request (agent/adapters/outbound_http.py).
+    each request (agent/adapters/outbound_http.py); `http2` and `grpc` each
+    stream (agent/adapters/outbound_h2.py).
     """
 
     def __init__(self, runtime: Runtime, connections: Connections, rng: random.Random) -> None:
@@ -747,6 +765,11 @@ class OutboundPath:
             self.connections.add(exchange, OUTBOUND)
             self.connections.established(OUTBOUND, None)
             return exchange
+        if live.config.protocol in H2:  # h2c from the app: each stream its own request
+            server = OutboundH2(live, self.rng).serve(self.connections.closed)
+            self.connections.add(server, OUTBOUND)
+            self.connections.established(OUTBOUND, None)
+            return server
         breaker = live.breaker  # one upstream connection per app connection
         if not breaker.acquire("max_connections"):
             live.counted.overflow("max_connections")
