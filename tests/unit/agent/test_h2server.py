@@ -397,3 +397,33 @@ async def test_a_stream_whose_window_stays_shut_is_reset_after_the_stall_timeout
 
         assert await asyncio.to_thread(run) == (ErrorCodes.CANCEL, 200)
         assert served.hits == ["slow_read"]
+
+
+async def grpc_echo(stream: H2Stream) -> None:
+    """A gRPC server's answer: the request's message back (or 1 MB), then grpc-status 0."""
+    body = b""
+    while chunk := await stream.read():
+        body += chunk
+    await stream.respond([(b":status", b"200"), (b"content-type", b"application/grpc")])
+    if stream.header(b":path") == b"/demo.Echo/Big":  # one message of 1 MB
+        body = b"\x00" + (1_000_000).to_bytes(4, "big") + bytes(1_000_000)
+    await stream.send(body)
+    await stream.end([(b"grpc-status", b"0")])
+
+
+@pytest.mark.parametrize("served", [grpc_echo], indirect=True)
+async def test_a_grpc_clients_ordinary_traffic_reaches_no_limit(served: Served) -> None:
+    """grpcio (its window updates, BDP pings, resets of finished calls) on one channel:
+    300 unary calls and large messages both ways break none of the budgets."""
+    import grpc
+
+    def run() -> tuple[int, int]:
+        with grpc.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+            echo_call = channel.unary_unary("/demo.Echo/Say")
+            big_call = channel.unary_unary("/demo.Echo/Big")
+            small = sum(len(echo_call(b"hello", timeout=5)) for _ in range(300))
+            large = sum(len(big_call(b"x" * 100_000, timeout=10)) for _ in range(5))
+        return small, large
+
+    assert await asyncio.to_thread(run) == (1500, 5 * 1_000_000)
+    assert served.hits == []
