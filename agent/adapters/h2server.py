@@ -41,6 +41,7 @@ import h2.exceptions
 import h2.settings
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
+from h2.stream import StreamClosedBy
 from hyperframe.frame import (
     DataFrame,
     ExtensionFrame,
@@ -240,7 +241,14 @@ class _Connection(h2.connection.H2Connection):
 
     def _prepare_for_sending(self, frames: list[Frame]) -> None:
         if self._provoked >= 0:  # h2 answers the frame it is taking with these
-            self._provoked += sum(isinstance(f, RstStreamFrame) for f in frames)
+            # Counted only for a stream the peer reset itself: frames it sends on one after
+            # that are never in flight by accident, while those on a stream the agent reset
+            # (an early answer, a deadline) may have been sent before the peer knew.
+            self._provoked += sum(
+                isinstance(f, RstStreamFrame)
+                and self._stream_closed_by(f.stream_id) == StreamClosedBy.RECV_RST_STREAM
+                for f in frames
+            )
         super()._prepare_for_sending(frames)
 
     def _receive_goaway_frame(self, frame: Any) -> Any:

@@ -30,7 +30,7 @@ agree. Pure: time is an argument.
   nothing asked: h2 drops them silently) and PRIORITY frames per stream opened
   (9513), WINDOW_UPDATE frames per stream opened and
   DATA frame sent, and the RST_STREAMs the peer makes the agent send (frames on
-  streams already reset, streams past the concurrent limit: 9514) in a window;
+  streams it reset itself, streams past the concurrent limit: 9514) in a window;
   past any of them, GOAWAY ENHANCE_YOUR_CALM.
 - A peer that does not read (9512/9514/9517's common core, and slow reads): the
   connection stops reading while its writes are not taken (above), and one
@@ -188,6 +188,6 @@ class FrameBudget:
         return "window_update_flood" if self._window_updates > allowed else None
 
     def provoked_reset(self, now: float) -> Limit | None:
-        """The peer made the agent send a RST_STREAM (a frame on a stream it reset, a
-        stream past the concurrent limit)."""
+        """The peer made the agent send a RST_STREAM (a frame on a stream it reset itself,
+        a stream past the concurrent limit or after a GOAWAY)."""
         return "reset_flood" if self._provoked.hit(now) else None

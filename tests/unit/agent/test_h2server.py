@@ -14,7 +14,14 @@ import h2.settings
 import pytest
 from h2.errors import ErrorCodes
 from hpack.table import table_entry_size
-from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, PingFrame, RstStreamFrame
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    Frame,
+    HeadersFrame,
+    PingFrame,
+    RstStreamFrame,
+)
 
 from agent.adapters.h2server import H2Server, H2Stream, Handler
 from agent.core.h2limits import FrameBudget, H2Limits, Limit, Window
@@ -426,4 +433,28 @@ async def test_a_grpc_clients_ordinary_traffic_reaches_no_limit(served: Served) 
         return small, large
 
     assert await asyncio.to_thread(run) == (1500, 5 * 1_000_000)
+    assert served.hits == []
+
+
+@pytest.mark.parametrize("served", [early], indirect=True)
+async def test_data_in_flight_after_the_servers_own_reset_is_no_reset_flood(
+    served: Served,
+) -> None:
+    """100 uploads answered (403) and reset (NO_ERROR) before their bodies: the DATA the
+    client had in flight meanwhile gets an RST_STREAM each from h2, which the client did
+    not provoke. Only frames on streams the client itself reset count."""
+
+    def run() -> bool:
+        client = H2Client(dial(served.port))
+        ids = [client.send(request_headers("/", "POST"), end=False) for _ in range(100)]
+        assert {client.wait(i).status for i in ids} == {403}
+        client.drain(0.2)  # and the RST_STREAMs after them
+        # What the client had sent meanwhile, within its windows (raw: its h2 knows better).
+        late = (DataFrame(i, bytes(2048)) for i in ids for _ in range(4))
+        client.sock.sendall(b"".join(frame.serialize() for frame in late))
+        client.drain(0.5)
+        client.close()
+        return client.goaway is None
+
+    assert await asyncio.to_thread(run)
     assert served.hits == []
