@@ -154,13 +154,15 @@ class H2Stream:
     async def send(self, data: bytes, end: bool = False) -> None:
         """Send body data as the client's windows allow; waits while they are shut."""
         view = memoryview(data)
+        stalled: float | None = None  # since when the windows have been shut
         while view:
             await self.server.writable(self)
             size = self.server.room(self)
             if size <= 0:
                 self._changed.clear()
-                await self.server.window_opened(self)
+                stalled = await self.server.window_opened(self, stalled)
                 continue
+            stalled = None
             self.server.send_data(self, bytes(view[:size]), False)
             view = view[size:]
         if end:
@@ -533,12 +535,17 @@ class H2Server(asyncio.Protocol):
                 return
             await self._can_write.wait()
 
-    async def window_opened(self, stream: H2Stream) -> None:
-        """Wait for something to change on a stream whose window is shut: one that stays
-        shut for `stall_timeout` is reset (counted `slow_read`), as StreamReset."""
+    async def window_opened(self, stream: H2Stream, since: float | None) -> float:
+        """Wait for something to change on a stream whose windows are shut (since `since`,
+        or now); returns since when. Shut for `stall_timeout`, whatever else came meanwhile
+        (a window update for another stream), it is reset (counted `slow_read`), as
+        StreamReset."""
+        loop = asyncio.get_running_loop()
+        since = loop.time() if since is None else since
         try:
-            async with asyncio.timeout(self.limits.stall_timeout):
+            async with asyncio.timeout_at(since + self.limits.stall_timeout):
                 await stream._changed.wait()
+            return since
         except TimeoutError:
             self.hit("slow_read")
             self.reset(stream, ErrorCodes.CANCEL)

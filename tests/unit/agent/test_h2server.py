@@ -383,8 +383,10 @@ async def test_a_long_lived_connection_remembers_a_bounded_number_of_closed_stre
 
 
 async def test_a_stream_whose_window_stays_shut_is_reset_after_the_stall_timeout() -> None:
-    """A client that opens no window and keeps its connection alive (it pings): the
-    stream is reset after `stall_timeout`, counted `slow_read`, the connection goes on."""
+    """A client that opens no window for its stream and keeps its connection alive (it
+    pings, and opens the connection's window a byte at a time, which wakes the stream
+    each time): the stream is reset `stall_timeout` after its window shut, counted
+    `slow_read`, and the connection goes on."""
     async with listening(H2Limits(stall_timeout=0.3), echo) as served:
 
         def run() -> tuple[int | None, int]:
@@ -394,6 +396,8 @@ async def test_a_stream_whose_window_stays_shut_is_reset_after_the_stall_timeout
             while client.responses[sid].reset is None and time.monotonic() < deadline:
                 if time.monotonic() - pinged > 0.1:  # a keepalive, not a flood
                     client.conn.ping(b"12345678")
+                    client.conn.increment_flow_control_window(1)  # wakes every stream
+                    client._flush()
                     pinged = time.monotonic()
                 client.pump(0.05)
             stalled = client.responses[sid].reset
@@ -452,7 +456,7 @@ async def test_data_in_flight_after_the_servers_own_reset_is_no_reset_flood(
         # What the client had sent meanwhile, within its windows (raw: its h2 knows better).
         late = (DataFrame(i, bytes(2048)) for i in ids for _ in range(4))
         client.sock.sendall(b"".join(frame.serialize() for frame in late))
-        client.drain(0.5)
+        client.drain(0.3)
         client.close()
         return client.goaway is None
 
