@@ -23,6 +23,9 @@ from agent.adapters.h2server import H2Server
 from agent.adapters.http import error_body, local_response
 from agent.core import http1
 
+#: Seconds a refused client has to read the answer and close before the agent closes.
+LINGER = 2.0
+
 
 class H2Gate(asyncio.Protocol):
     """One connection to an h2-only port until its first bytes say it speaks h2."""
@@ -45,6 +48,7 @@ class H2Gate(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.held = b""
         self.handed = False  # the server has the connection
+        self.refusing = False  # answered 505: waiting for the client to close
         self.closed = False
         self._timer: asyncio.TimerHandle | None = None
         server.on_closed = lambda _: self._close()  # the registry learns it from the gate
@@ -57,20 +61,33 @@ class H2Gate(asyncio.Protocol):
         if self.handed:  # only until set_protocol takes effect
             self.server.data_received(data)
             return
+        if self.refusing:  # the rest of a refused request: dropped
+            return
         self.held += data
         seen = http1.opening(self.held)
         if seen == "wait":
             return
         if seen == "http1":
-            advice = http1.h1_advice(self.protocol)
-            transport = self.transport
-            assert transport is not None
-            transport.write(local_response(505, error_body("protocol_mismatch", advice)))
-            transport.close()
-            self.refused()
-            self._close()
+            self._refuse()
             return
         self._hand_over()
+
+    def _refuse(self) -> None:
+        """Answer 505 and half-close; what the client still sends is read and dropped until
+        it closes (or LINGER passes): closing with its request unread would send a reset,
+        which can destroy the answer before the client reads it."""
+        transport = self.transport
+        assert transport is not None
+        advice = http1.h1_advice(self.protocol)
+        self.refusing = True
+        self.held = b""
+        transport.write(local_response(505, error_body("protocol_mismatch", advice)))
+        if transport.can_write_eof():
+            transport.write_eof()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(LINGER, transport.close)
+        self.refused()
 
     def _hand_over(self) -> None:
         transport = self.transport
