@@ -24,6 +24,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -38,6 +39,7 @@ from agent.adapters.rotator import IdentityManager, RenewalFailed
 from agent.config import WorkloadApiConfig
 from agent.core import workload
 from agent.core.svid import Svid
+from agent.core.throttle import LogThrottle, held_back
 from identity.backoff import Backoff
 from identity.grpcserving import BoundedServer, GrpcLimits
 from identity.proto import envoy_discovery_pb2, workload_pb2
@@ -166,28 +168,37 @@ def peer_credentials(stream: AnyStream) -> workload.PeerCredentials | None:
 
 
 class _Caller:
-    """What every call does first: attest the caller (the header, then SO_PEERCRED)."""
+    """What every call does first: attest the caller (the header, then SO_PEERCRED).
+
+    Each refusal is counted; the log says it at most once a while per kind
+    (agent/core/throttle.py): a process of the pod can call as fast as it likes.
+    """
 
     def __init__(self, api: str, metrics: AgentMetrics, uids: frozenset[int]) -> None:
         self.api = api
         self.metrics = metrics
         self.uids = uids
+        self._lines = LogThrottle()
 
     def attest(self, stream: AnyStream, *, header: bool) -> workload.PeerCredentials:
         if header:
             refusal = workload.header_refusal(stream.metadata or {})  # type: ignore[arg-type]
             if refusal is not None:
-                self.metrics.workload_api_refusals.labels(self.api, "missing_header").inc()
+                self._refuse("missing_header", refusal)
                 raise GRPCError(Status.INVALID_ARGUMENT, refusal)
         credentials = peer_credentials(stream)
         refusal = workload.caller_refusal(credentials, self.uids)
         if refusal is not None:
-            reason = "no_credentials" if credentials is None else "uid"
-            self.metrics.workload_api_refusals.labels(self.api, reason).inc()
-            log.warning("refused a %s caller: %s", self.api, refusal)
+            self._refuse("no_credentials" if credentials is None else "uid", refusal)
             raise GRPCError(Status.PERMISSION_DENIED, refusal)
         assert credentials is not None
         return credentials
+
+    def _refuse(self, reason: str, refusal: str) -> None:
+        self.metrics.workload_api_refusals.labels(self.api, reason).inc()
+        held = self._lines.admit(reason, time.monotonic())
+        if held is not None:
+            log.warning("refused a %s call: %s%s", self.api, refusal, held_back(held))
 
     def handed_out(self, keys: int) -> None:
         self.metrics.workload_keys_handed_out.labels(self.api).inc(keys)

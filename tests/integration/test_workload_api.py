@@ -139,7 +139,7 @@ async def test_a_bundle_change_reaches_an_open_stream_with_the_same_svid(
 
 
 async def test_a_call_without_the_security_header_is_refused_invalid_argument(
-    setup: CaSetup,
+    setup: CaSetup, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with workload_agent(setup) as (agent, path):
         for metadata in ({}, {"workload.spiffe.io": "false"}):
@@ -151,6 +151,7 @@ async def test_a_call_without_the_security_header_is_refused_invalid_argument(
         assert keys_handed_out(agent, "workload") == 0
         labels = {"api": "workload", "reason": "missing_header"}
         assert sample(agent, "outrider_workload_api_refusals_total", **labels) == 2
+        assert caplog.text.count("refused a workload call") == 1  # counted each, said once
 
 
 async def test_a_caller_whose_uid_is_not_listed_is_refused_permission_denied(
