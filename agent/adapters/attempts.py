@@ -240,7 +240,9 @@ async def attempts(
     redialled = False
     try:
         while True:
-            endpoint = live.core.choose(subset, tried, _now(), rng, key) or stale
+            endpoint = live.core.choose(subset, tried, _now(), rng, key)
+            if endpoint is None:  # a redial with no other endpoint left goes to the same one
+                endpoint = stale
             if endpoint is None:
                 raise LocalAnswer(503, "no_healthy_endpoint" if not tried else "no_endpoint_left")
             tried.append(endpoint)
