@@ -20,11 +20,12 @@ A denied request gets 403 with a short JSON body naming the policy and rule;
 a bad path 400; a header name with an underscore 400, or the header is
 dropped (agent/core/headers.py decides, for both directions); headers over
 the limits 431; CONNECT 501. Each such answer closes the connection once
-earlier responses are out. An Upgrade (WebSocket, h2c) is authorized like any
-request; if the app answers 101 the connection is relayed as bytes both ways
-from then on, else HTTP goes on. An HTTP/2 preface gets a GOAWAY saying which
-port protocol to use. The framing rules themselves live in agent/core/http1.py;
-this module applies its events to the two transports.
+earlier responses are out. A WebSocket Upgrade is authorized like any request;
+if the app answers 101 the connection is relayed as bytes both ways from then
+on, else HTTP goes on. Any other Upgrade (h2c) is dropped: http1 decides.
+An HTTP/2 preface gets a GOAWAY saying which port protocol to use. The
+framing rules themselves live in agent/core/http1.py; this module applies
+its events to the two transports.
 
 Draining (SIGTERM): an idle connection closes at once; one with requests
 already read gets their responses, the last with `Connection: close`, and

@@ -24,10 +24,10 @@ detection.
 One request is in flight per app connection; pipelined requests wait,
 bounded like the inbound side (HOLD_BYTES). The framing rules (what a request
 may be, its head upstream, the response's framing back to the app) are
-agent/core/http1.py's. An Upgrade (WebSocket, h2c) goes upstream like any
-request; if the answer is 101 the app's connection and that upstream
-connection are relayed as bytes from then on (never pooled again). An HTTP/2
-preface gets a GOAWAY saying which port protocol to use.
+agent/core/http1.py's. A WebSocket Upgrade goes upstream like any request
+(any other, h2c, is dropped: http1 decides); if the answer is 101 the app's
+connection and that upstream connection are relayed as bytes from then on
+(never pooled again). An HTTP/2 preface gets a GOAWAY saying which port protocol to use.
 """
 
 from __future__ import annotations

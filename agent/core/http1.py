@@ -19,9 +19,14 @@ how a body is delimited in one place):
   HTTP/1.0, a Host no app reads alike, an Upgrade with a body, CONNECT, a
   version other than 1.0 and 1.1),
   header limits, and header names app servers fold (agent/core/headers.py);
-- an Upgrade (`Request.upgrade`): the request is passed on and the parser
-  holds what follows until the answer says whether the connection switched
-  (`RequestParser.switched`) or goes on as HTTP (`RequestParser.resume`);
+- an Upgrade (`Request.upgrade`): only to WebSocket. The request is passed
+  on and the parser holds what follows until the answer says whether the
+  connection switched (`RequestParser.switched`) or goes on as HTTP
+  (`RequestParser.resume`). Any other Upgrade (h2c above all) is dropped
+  and the request passed on as plain HTTP/1.1: after a 101 to h2c, every
+  later request would be an h2 stream no policy sees ("h2c smuggling"), so
+  the app answers in HTTP/1.1, as behind Envoy; HTTP/2 to an app is
+  `appProtocol: kubernetes.io/h2c`, where each stream is authorized;
 - an HTTP/2 preface on an HTTP/1.1 port (`H2Preface`, answered by
   `h2_refusal`, a GOAWAY written with the `h2` library), and the mirror: an
   HTTP/1.x request on an h2-only port (`opening`; `h1_advice` says what to do);
@@ -66,8 +71,11 @@ HOP_BY_HOP: Final = frozenset(
 #: its authority), and a body sent without its framing is read as the next message.
 END_TO_END: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
 _RULED = frozenset({b"host", b"transfer-encoding", b"content-length", b"connection", b"upgrade"})
-#: Kept on an Upgrade to h2c: the server must see the client's SETTINGS (RFC 7540 3.2.1).
-_UPGRADE_KEPT = frozenset({b"upgrade", b"http2-settings"})
+#: Kept on an Upgrade (the one relayed: to WebSocket).
+_UPGRADE_KEPT = frozenset({b"upgrade"})
+#: The protocols a connection may switch to once the policy allowed the request: those
+#: whose bytes after the switch carry no requests of their own for a policy to miss.
+RELAYED_UPGRADES: Final = frozenset({b"websocket"})
 
 #: A Host the agent can match the way the app will read it: a name or IP literal, a port
 #: (HTTP/1.1's Host and HTTP/2's :authority alike).
@@ -229,7 +237,7 @@ def persistent(version: str, connection: frozenset[bytes]) -> bool:
 
 def hop_by_hop(connection: frozenset[bytes], *, upgrade: bool = False) -> frozenset[bytes]:
     """The headers that end at this hop: the fixed ones, and the ones Connection names
-    (its tokens). On an upgrade, Upgrade (and h2c's HTTP2-Settings) go on with it."""
+    (its tokens). On an upgrade, Upgrade goes on with it."""
     if not connection and not upgrade:
         return HOP_BY_HOP  # the usual case, with no set to build
     hop = HOP_BY_HOP | connection
@@ -288,8 +296,7 @@ def _fields(
 def _connection(version: str, keep_alive: bool, upgrade: bool, headers: Fields) -> bytes:
     """The agent's own Connection header line for the next hop (b"": none)."""
     if upgrade:
-        kept = [n for n, _ in headers if n.lower() == b"http2-settings"][:1]
-        return b"connection: " + b", ".join([b"Upgrade", *kept]) + b"\r\n"
+        return b"connection: Upgrade\r\n"
     if version == "1.0":
         return b"connection: keep-alive\r\n" if keep_alive else b""
     return b"" if keep_alive else b"connection: close\r\n"
@@ -458,6 +465,7 @@ class RequestParser:
         "_parser",
         "_scanned",
         "_size",
+        "_switchable",
         "_trailers",
         "_unparsed",
         "_url",
@@ -484,6 +492,7 @@ class RequestParser:
         self.upgrading = False  # an Upgrade request is whole: what follows is held
         self._held: list[bytes] = []
         self._trailers = False  # the head is out: fields now are a chunked body's trailers
+        self._switchable = False  # the last request asked for an Upgrade that is relayed
 
     def feed(self, data: bytes) -> list[RequestEvent]:
         if self.stopped:
@@ -494,10 +503,7 @@ class RequestParser:
         events = self._events = []
         self._unparsed += len(data)
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            self.upgrading = True
-            self._held.append(data[upgrade.args[0] :])
+            self._feed(data)
         except httptools.HttpParserError as exc:
             if str(exc) == "Pause on PRI/Upgrade" and self._messages == 1:
                 self.stopped = True  # the connection's first bytes: a client speaking h2
@@ -507,6 +513,24 @@ class RequestParser:
         if not self.stopped and self._unparsed > MAX_HEADER_BYTES:
             self._refuse(431, "headers_too_large")
         return events
+
+    def _feed(self, data: bytes) -> None:
+        while True:
+            try:
+                self._parser.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                rest = data[upgrade.args[0] :]
+                if self._switchable:
+                    self.upgrading = True
+                    self._held.append(rest)
+                    return
+                # An Upgrade not relayed: llhttp stopped at its end all the same, so a
+                # fresh parser takes what follows as the next request.
+                self._parser = httptools.HttpRequestParser(self)
+                if not rest:
+                    return
+                data = rest
 
     def switched(self) -> bytes:
         """The server switched protocols: the bytes held since the request, for the tunnel."""
@@ -584,11 +608,14 @@ class RequestParser:
         upgrade = None
         framing = request_framing(scanned)
         if refusal is None and parser.should_upgrade():
-            upgrade = b", ".join(scanned.get(b"upgrade", ()))
             if framing != "none":
                 # llhttp takes the body for the new protocol's bytes: were the answer
                 # not 101, it would be read as the next request.
                 refusal = "an Upgrade request with a body"
+            elif _tokens(scanned.get(b"upgrade")) <= RELAYED_UPGRADES:
+                upgrade = b", ".join(scanned.get(b"upgrade", ()))
+            # else (h2c, anything else): passed on as a plain request, its Upgrade dropped
+        self._switchable = upgrade is not None
         if refusal is not None:
             self._refuse(400, "bad_request", refusal)
             raise _Stop

@@ -368,15 +368,32 @@ def test_an_http10_request_keeps_its_keep_alive_only_by_saying_so() -> None:
     assert http1.request_head(head, b"/") == b"GET / HTTP/1.0\r\n\r\n"
 
 
-def test_an_upgrade_goes_on_with_its_upgrade_headers() -> None:
+def test_a_websocket_upgrade_goes_on_with_its_upgrade_header() -> None:
     head = _head(
-        b"GET / HTTP/1.1\r\nHost: b\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
-        b"HTTP2-Settings: AAMAAABkAAQAAP__\r\nKeep-Alive: 5\r\n\r\n"
+        b"GET / HTTP/1.1\r\nHost: b\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nKeep-Alive: 5\r\n\r\n"
     )
+    assert head.upgrade == b"websocket"
     assert http1.request_head(head, b"/") == (
-        b"GET / HTTP/1.1\r\nHost: b\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
-        b"connection: Upgrade, HTTP2-Settings\r\n\r\n"
+        b"GET / HTTP/1.1\r\nHost: b\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nconnection: Upgrade\r\n\r\n"
     )
+
+
+@pytest.mark.parametrize("protocol", [b"h2c", b"h2c, websocket", b"TLS/1.2", b"foo"])
+def test_any_other_upgrade_is_dropped_and_the_request_goes_on_as_http(protocol: bytes) -> None:
+    """h2c smuggling: after a 101 to h2c every later request would be an h2 stream that
+    no policy sees. The app gets a plain request and answers it in HTTP/1.1."""
+    ask = (
+        b"GET /public HTTP/1.1\r\nHost: b\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: %s\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n" % protocol
+    )
+    parser = RequestParser()
+    events = parser.feed(ask + b"GET /admin HTTP/1.1\r\nHost: b\r\n\r\n")
+    heads = [e for e in events if isinstance(e, Request)]
+    assert [h.target for h in heads] == [b"/public", b"/admin"]  # each one authorized
+    assert heads[0].upgrade is None and not parser.upgrading
+    assert http1.request_head(heads[0], b"/public") == (b"GET /public HTTP/1.1\r\nHost: b\r\n\r\n")
 
 
 def _response(raw: bytes, method: bytes = b"GET", upgrade: bool = False) -> list[object]:
