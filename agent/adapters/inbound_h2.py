@@ -235,7 +235,8 @@ class InboundH2:
 
     async def forward(self, stream: H2Stream, request: Forward, call: _Call) -> None:
         """Send the request to the app and relay its response; the app unreachable or
-        resetting the stream before its head is answered 503 / UNAVAILABLE."""
+        refusing the stream (or lost) before its head is answered 503 / UNAVAILABLE; any
+        other reset before the head, 502 / INTERNAL (agent.core.grpc.reset_before_head)."""
         if request.deadline is not None:  # passed on, less what was spent (nothing yet)
             request.headers.append((b"grpc-timeout", grpc.timeout_value(request.deadline).encode()))
         try:
@@ -297,9 +298,9 @@ class InboundH2:
                 if not stream.finished:
                     await stream.end()
             elif call.status is None:  # Reset before the head: the app gave up on it
-                await self.refuse(
-                    stream, refusal(503, "app_reset", "", grpc.Code.UNAVAILABLE), call.grpc
-                )
+                code = grpc.reset_before_head(event.code)
+                status = 503 if code == grpc.Code.UNAVAILABLE else 502
+                await self.refuse(stream, refusal(status, "app_reset", "", code), call.grpc)
                 return
             else:  # Reset mid-response: so is the client's stream
                 stream.reset(ErrorCodes.INTERNAL_ERROR)

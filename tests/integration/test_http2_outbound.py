@@ -21,6 +21,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import grpc
+from h2.errors import ErrorCodes
 
 from agent.adapters import h2client
 from agent.adapters.listeners import OutboundListener
@@ -194,6 +195,25 @@ async def test_a_refused_stream_and_a_goaway_are_retried_for_any_method(setup: C
         results = await calls(connection, 20, concurrency=2)
     # The backend agent passes the app's refusal on as UNAVAILABLE, retried here.
     assert all(map(ok, results)) and {r.backend for r in results} == {"up"}
+
+
+async def test_a_call_an_app_reset_before_answering_is_not_replayed(setup: CaSetup) -> None:
+    """An app that resets a call with INTERNAL_ERROR may have acted on it: its agent answers
+    INTERNAL (what a gRPC client reads from that reset), never UNAVAILABLE, which the
+    caller's agent would retry on another backend for any call."""
+
+    async def failing(request: Request) -> Reset:
+        return Reset(ErrorCodes.INTERNAL_ERROR)
+
+    async with (
+        backends(setup, "a", "b", replies={"a": failing, "b": failing}) as pairs,
+        client_agent(setup, endpoints=[address for _, address in pairs]) as agent,
+        channel(agent) as connection,
+    ):
+        answered = await exchange(connection, grpc_head())
+        assert metric(agent, "upstream_retries_total") == 0
+    assert answered.status == 200 and answered.grpc_status == Code.INTERNAL
+    assert sum(len(app.requests) for app, _ in pairs) == 1
 
 
 async def test_a_killed_backend_loses_no_call(setup: CaSetup) -> None:
