@@ -39,7 +39,7 @@ from agent.adapters.http import Authorize, _identity, error_body
 from agent.core import grpc
 from agent.core.endpoint import Endpoint
 from agent.core.h2limits import H2Limits, Limit
-from agent.core.headers import UnderscoreAction, screen, underscore_refusal
+from agent.core.headers import UnderscoreAction, plain, screen, underscore_refusal
 from agent.core.http1 import HOST_FIELD
 from agent.core.httppath import BadPath, normalize_host, normalize_target
 
@@ -273,8 +273,7 @@ class InboundH2:
         try:
             while chunk := await stream.read():
                 await app.send(chunk)
-            trailers = [(n, v) for n, v in stream.trailers or [] if not _identity(n)]
-            app.end(trailers or None)
+            app.end(_onward(stream.trailers or []) or None)
         except (StreamError, StreamReset):
             pass  # either side is gone: the response side sees it
 
@@ -331,6 +330,13 @@ class _Call:
             return self.code
         status = self.status or 0
         return grpc.Code.UNKNOWN if status == 200 else grpc.from_http_status(status)
+
+
+def _onward(trailers: Headers) -> Headers:
+    """A request's trailers as the app gets them: no identity header, and only names no app
+    server folds onto another (agent.core.headers). Unlike a head, they cannot be refused:
+    the request has gone on, so the rest are dropped, whatever `headers_with_underscores`."""
+    return [(n, v) for n, v in trailers if plain(n) and not _identity(n)]
 
 
 def _outward(headers: Headers) -> Headers:
