@@ -315,6 +315,36 @@ async def test_plain_http2_requests_get_answers_and_json_refusals(setup: CaSetup
     assert grpc_refused.status == 200 and grpc_refused.grpc_status == Code.UNAVAILABLE
 
 
+async def test_a_header_name_an_app_server_folds_is_refused_before_it_leaves(
+    setup: CaSetup,
+) -> None:
+    """`x_role` is `HTTP_X_ROLE` to a CGI/WSGI server, as `x-role` is: as on an HTTP/1.1
+    outbound, a call naming it is refused here (headers_with_underscores: reject), never
+    sent to an upstream that may not screen it."""
+    async with (
+        backend_agents(setup, "a") as pairs,
+        client_agent(setup, endpoints=[pairs[0][1].bound["inbound[0]"]]) as agent,
+        channel(agent) as connection,
+    ):
+        refused = await exchange(connection, [*grpc_head(), (b"x_role", b"admin")])
+        allowed = await exchange(connection, [*grpc_head(), (b"x-role", b"viewer")])
+        backend, frontend = pairs[0][1], str(workload("frontend"))
+        answered = {
+            code: sample(
+                backend,
+                "outrider_grpc_requests_total",
+                direction="inbound",
+                peer_id=frontend,
+                grpc_status=str(code),
+            )
+            for code in (Code.OK, Code.INTERNAL)
+        }
+    assert refused.status == 200 and refused.grpc_status == Code.INTERNAL
+    assert b"underscore" in (refused.header(b"grpc-message") or b"")
+    assert ok(allowed)
+    assert answered == {Code.OK: 1, Code.INTERNAL: 0}  # the backend's agent never saw it
+
+
 async def test_large_streamed_bodies_go_both_ways_and_are_not_replayed(setup: CaSetup) -> None:
     async def unavailable(request: Request) -> Answer:
         return grpc_error(Code.UNAVAILABLE, "try elsewhere")
