@@ -30,6 +30,7 @@ so a ResponseParser serves one request and ends that response at its head.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,6 +73,12 @@ H2_ADVICE = (
     "this port is protocol: http (HTTP/1.1); set appProtocol: kubernetes.io/h2c or grpc"
     " on the Service port"
 )
+H1_ADVICE = (
+    "this port is protocol: http2 or grpc (HTTP/2 with prior knowledge, h2c); set"
+    " appProtocol: http on the Service port for an HTTP/1.1 client, or speak h2c"
+)
+#: How an HTTP/1.x request starts: a method (upper-case letters) and a space.
+_REQUEST_START = re.compile(rb"[A-Z]{3,20} [!-~]")
 LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -347,6 +354,19 @@ def h2_refusal(advice: str = H2_ADVICE) -> bytes:
         error_code=h2.errors.ErrorCodes.HTTP_1_1_REQUIRED, additional_data=advice.encode()
     )
     return connection.data_to_send()
+
+
+def h1_refusal(first: bytes, advice: str = H1_ADVICE) -> bytes | None:
+    """What an HTTP/2 port answers a connection whose first bytes are an HTTP/1.x request
+    (the mirror of `h2_refusal`): a 505 an HTTP/1.1 client shows, saying what to change;
+    None for anything else (the HTTP/2 preface, or bytes h2 refuses on its own)."""
+    if H2_PREFACE.startswith(first[: len(H2_PREFACE)]) or not _REQUEST_START.match(first):
+        return None
+    payload = json.dumps({"error": "protocol_mismatch", "detail": advice}).encode() + b"\n"
+    return (
+        b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(payload), payload)
+    )
 
 
 # -- parsers ---------------------------------------------------------------------------

@@ -345,6 +345,23 @@ async def test_a_header_name_an_app_server_folds_is_refused_before_it_leaves(
     assert answered == {Code.OK: 1, Code.INTERNAL: 0}  # the backend's agent never saw it
 
 
+async def test_an_http1_client_on_a_grpc_port_is_told_what_the_port_speaks(
+    setup: CaSetup,
+) -> None:
+    """An app whose HTTP/1.1 client reaches a grpc port (a Service port's appProtocol says
+    grpc, say) gets an HTTP/1.1 answer it can show, not binary HTTP/2 frames."""
+    async with client_agent(setup, endpoints=["127.0.0.1:1"]) as agent:
+        host, port = agent.bound["outbound[backend]"].rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /items HTTP/1.1\r\nHost: backend\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 505 "), answer[:64]
+    assert json.loads(body)["error"] == "protocol_mismatch"
+    assert b"appProtocol" in body
+
+
 async def test_large_streamed_bodies_go_both_ways_and_are_not_replayed(setup: CaSetup) -> None:
     async def unavailable(request: Request) -> Answer:
         return grpc_error(Code.UNAVAILABLE, "try elsewhere")

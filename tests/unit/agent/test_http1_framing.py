@@ -7,6 +7,8 @@ two readers could read two ways is refused before anything is passed on.
 
 from __future__ import annotations
 
+import json
+
 import h2.connection
 import h2.events
 import pytest
@@ -250,6 +252,31 @@ def test_the_answer_to_an_http2_preface_is_a_goaway_saying_what_to_set() -> None
     assert goaway.error_code == h2.errors.ErrorCodes.HTTP_1_1_REQUIRED
     assert goaway.additional_data is not None
     assert b"appProtocol: kubernetes.io/h2c or grpc" in goaway.additional_data
+
+
+@pytest.mark.parametrize(
+    "first",
+    [b"GET / HTTP/1.1\r\nHost: b\r\n\r\n", b"POST /demo.Greeter/SayHello HTTP/1.1\r\n", b"GET /"],
+)
+def test_an_http1_request_on_an_http2_port_gets_an_http1_answer_saying_what_to_set(
+    first: bytes,
+) -> None:
+    answer = http1.h1_refusal(first)
+    assert answer is not None
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n")
+    assert b"Connection: close" in head and b"Content-Length: %d" % len(body) in head
+    assert json.loads(body)["error"] == "protocol_mismatch"
+    assert "appProtocol: http " in json.loads(body)["detail"]
+
+
+@pytest.mark.parametrize(
+    "first", [http1.H2_PREFACE, http1.H2_PREFACE[:3], b"PRI * HTTP/2.0", b"\x16\x03\x01", b"GE"]
+)
+def test_an_http2_preface_or_bytes_that_are_no_request_line_get_no_http1_answer(
+    first: bytes,
+) -> None:
+    assert http1.h1_refusal(first) is None
 
 
 # -- requests: events ----------------------------------------------------------------------
