@@ -170,7 +170,9 @@ def malformed_method(path: str) -> str | None:
     Refused with UNIMPLEMENTED ("malformed method name", grpc-go's answer) before any
     policy: a path a policy matches after normalization (dot segments, `//`, escapes)
     could reach a server that routes on the raw one (the class of grpc-go
-    CVE-2026-33186), so a gRPC path must already be what it means.
+    CVE-2026-33186), so a gRPC path must already be what it means. A `;` is refused
+    too: no proto name has one, and servlet containers strip `;` path parameters before
+    routing, so a gRPC server on one may read `/S/Admin;x` as `/S/Admin`, past a DENY.
     """
     match = _METHOD.fullmatch(path)
     if match is None:
@@ -178,6 +180,6 @@ def malformed_method(path: str) -> str | None:
     for part in match.groups():
         if part in (".", ".."):
             return "a gRPC path has no dot segments"
-        if any(c in part for c in "%?#\\") or not part.isprintable() or " " in part:
+        if any(c in part for c in "%?#;\\") or not part.isprintable() or " " in part:
             return "a gRPC service or method name has no escapes or special characters"
     return None

@@ -164,6 +164,7 @@ def test_a_grpc_call_is_relayed_with_its_trailers_and_counted(
         ("//demo.Greeter/SayHello", Code.UNIMPLEMENTED),
         ("/demo.Greeter/Say%48ello", Code.UNIMPLEMENTED),
         ("/demo.Greeter/SayHello/", Code.UNIMPLEMENTED),
+        ("/demo.Greeter/Admin;x", Code.UNIMPLEMENTED),  # else past the DENY on .../Admin
     ],
 )
 def test_a_refused_grpc_call_gets_a_grpc_status_not_a_dropped_stream(

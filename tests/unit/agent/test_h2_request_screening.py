@@ -124,6 +124,8 @@ def test_a_denied_request_names_the_policy_and_rule() -> None:
         "/",
         "/demo.Greeter/Say Hello",
         "/demo.Greeter/Say\\Hello",
+        "/demo.Greeter/Admin;x",  # a path parameter: servlet containers route it as Admin
+        "/demo.Greeter;v=1/Admin",
     ],
 )
 def test_a_grpc_path_that_is_not_plainly_service_and_method_is_unimplemented(path: str) -> None:
