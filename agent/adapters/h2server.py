@@ -53,7 +53,6 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from agent.core import http1
 from agent.core.h2limits import FrameBudget, H2Limits, Limit, Window
 
 log = logging.getLogger("outrider.agent")
@@ -312,7 +311,6 @@ class H2Server(asyncio.Protocol):
         self._closing = False  # GOAWAY sent or received: no new streams
         self.closed = False
         self._active = False  # a frame moved since the idle timer last looked
-        self._heard = False  # the client's first bytes have come
         self._idle: asyncio.TimerHandle | None = None
         self._unread: asyncio.TimerHandle | None = None  # the peer has stopped taking writes
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -336,22 +334,13 @@ class H2Server(asyncio.Protocol):
         extra = self.limits.connection_window - 65_535
         if extra > 0:
             self.conn.increment_flow_control_window(extra)
-        # Our preface waits for the client's first bytes (RFC 9113 3.4 allows it): a client
-        # speaking HTTP/1.1 to this port then reads an HTTP/1.1 answer, not binary frames.
+        self._flush()
         self._idle = asyncio.get_running_loop().call_later(self.idle_timeout, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
         self._active = True
-        if not self._heard:
-            self._heard = True
-            refusal = http1.h1_refusal(data)
-            if refusal is not None and self.transport is not None:
-                self.hit("protocol_error")
-                self.transport.write(refusal)
-                self.close()
-                return
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:  # h2 queued the GOAWAY

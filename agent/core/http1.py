@@ -12,15 +12,21 @@ how a body is delimited in one place):
   peer when the sender gave none, close-delimited for an HTTP/1.0 peer;
 - which headers end at this hop (`hop_by_hop`), and the head written in their
   place (`request_head`, `response_head`) with the agent's own `Connection`;
+  a chunked body's trailers end here too (screened and counted like any field,
+  never joined to the head: a trailer Host would be one the policy never saw);
 - whether a connection stays open after a message (`persistent`);
 - what a request may not be (two Hosts, no Host on HTTP/1.1, chunked on
-  HTTP/1.0, a Host no app reads alike, an Upgrade with a body, CONNECT),
+  HTTP/1.0, a Host no app reads alike, an Upgrade with a body, CONNECT, a
+  version other than 1.0 and 1.1),
   header limits, and header names app servers fold (agent/core/headers.py);
 - an Upgrade (`Request.upgrade`): the request is passed on and the parser
   holds what follows until the answer says whether the connection switched
   (`RequestParser.switched`) or goes on as HTTP (`RequestParser.resume`);
 - an HTTP/2 preface on an HTTP/1.1 port (`H2Preface`, answered by
-  `h2_refusal`, a GOAWAY written with the `h2` library).
+  `h2_refusal`, a GOAWAY written with the `h2` library), and the mirror: an
+  HTTP/1.x request on an h2-only port (`opening`; `h1_advice` says what to do);
+- an h2 stream carried to an HTTP/1.1 app (`from_h2`) and its response carried
+  back (`to_h2`): an `http` port takes h2 from peer agents too.
 
 llhttp (httptools) stays the tokenizer: it is strict where it matters (a
 Content-Length beside a Transfer-Encoding, bare LF, bad chunk sizes are
@@ -30,7 +36,6 @@ so a ResponseParser serves one request and ends that response at its head.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,7 +46,7 @@ import h2.connection
 import h2.errors
 import httptools
 
-from agent.core.headers import UnderscoreAction, plain, underscore_refusal
+from agent.core.headers import PLAIN, UnderscoreAction, underscore_refusal
 
 Fields = list[tuple[bytes, bytes]]
 #: The fields the rules read (`_RULED`), by lower-case name, their values in order.
@@ -73,13 +78,11 @@ H2_ADVICE = (
     "this port is protocol: http (HTTP/1.1); set appProtocol: kubernetes.io/h2c or grpc"
     " on the Service port"
 )
-H1_ADVICE = (
-    "this port is protocol: http2 or grpc (HTTP/2 with prior knowledge, h2c); set"
-    " appProtocol: http on the Service port for an HTTP/1.1 client, or speak h2c"
-)
-#: How an HTTP/1.x request starts: a method (upper-case letters) and a space.
-_REQUEST_START = re.compile(rb"[A-Z]{3,20} [!-~]")
 LAST_CHUNK = b"0\r\n\r\n"
+
+#: An HTTP/1.x request line's start: a method token, then a space.
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,20} ")
+_METHOD_SO_FAR = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,20}")
 
 
 # -- events ----------------------------------------------------------------------------
@@ -255,6 +258,7 @@ _LENGTHS: dict[frozenset[bytes], frozenset[int]] = {}
 
 
 def _fields(
+    parts: list[bytes],
     headers: Fields,
     connection: frozenset[bytes],
     incoming: Framing,
@@ -262,34 +266,36 @@ def _fields(
     *,
     upgrade: bool,
     dropped: frozenset[bytes],
-) -> list[bytes]:
-    """Header lines passed on: hop-by-hop names out, and `dropped` ones in any spelling an
-    app server folds onto them (`_` for `-`); framing as sent."""
+) -> None:
+    """Add the header lines passed on to `parts`: hop-by-hop names out, and `dropped`
+    ones in any spelling an app server folds onto them (`_` for `-`); framing as sent.
+    (Pieces of lines, joined once by the caller: no bytes object per line.)"""
     hop = hop_by_hop(connection, upgrade=upgrade)
     if incoming == "chunked" and outgoing == "close":
         hop |= {b"transfer-encoding"}
     lengths = _LENGTHS.get(dropped)
     if lengths is None:
         lengths = _LENGTHS[dropped] = frozenset(map(len, dropped))
-    lines = []
     for name, value in headers:
         key = name.lower()
         if key in hop or (len(key) in lengths and key.replace(b"_", b"-") in dropped):
             continue
-        lines.append(b"%s: %s" % (name, value))
+        parts += (name, b": ", value, b"\r\n")
     if incoming == "close" and outgoing == "chunked":
-        lines.append(b"transfer-encoding: chunked")
-    return lines
+        parts.append(b"transfer-encoding: chunked\r\n")
 
 
-def _connection(version: str, keep_alive: bool, upgrade: bool, headers: Fields) -> list[bytes]:
-    """The agent's own Connection header for the next hop."""
+def _connection(version: str, keep_alive: bool, upgrade: bool, headers: Fields) -> bytes:
+    """The agent's own Connection header line for the next hop (b"": none)."""
     if upgrade:
         kept = [n for n, _ in headers if n.lower() == b"http2-settings"][:1]
-        return [b"connection: " + b", ".join([b"Upgrade", *kept])]
+        return b"connection: " + b", ".join([b"Upgrade", *kept]) + b"\r\n"
     if version == "1.0":
-        return [b"connection: keep-alive"] if keep_alive else []
-    return [] if keep_alive else [b"connection: close"]
+        return b"connection: keep-alive\r\n" if keep_alive else b""
+    return b"" if keep_alive else b"connection: close\r\n"
+
+
+_VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 
 
 def request_head(
@@ -305,8 +311,9 @@ def request_head(
     framing (llhttp de-chunks; `body` chunks again), hop-by-hop headers out."""
     version = version or request.version
     keep = request.keep_alive if keep_alive is None else keep_alive
-    lines = [b"%s %s HTTP/%s" % (request.method, target, version.encode())]
-    lines += _fields(
+    parts = [request.method, b" ", target, b" HTTP/", _VERSIONS[version], b"\r\n"]
+    _fields(
+        parts,
         request.headers,
         request.connection,
         request.framing,
@@ -314,9 +321,10 @@ def request_head(
         upgrade=request.upgrade is not None,
         dropped=dropped,
     )
-    lines += [b"%s: %s" % field for field in extra]
-    lines += _connection(version, keep, request.upgrade is not None, request.headers)
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+    for name, value in extra:
+        parts += (name, b": ", value, b"\r\n")
+    parts += (_connection(version, keep, request.upgrade is not None, request.headers), b"\r\n")
+    return b"".join(parts)
 
 
 def response_head(
@@ -331,8 +339,9 @@ def response_head(
     server sends its own version), its body framed `outgoing` (`relay_framing`), with
     the agent's own decision on the client's connection (`keep_alive`)."""
     switching = response.status == 101
-    lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
-    lines += _fields(
+    parts = [b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason)]
+    _fields(
+        parts,
         response.headers,
         response.connection,
         response.framing,
@@ -341,8 +350,9 @@ def response_head(
         dropped=dropped,
     )
     if response.status >= 200 or switching:
-        lines += _connection("1.0" if http10 else "1.1", keep_alive, switching, [])
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+        parts.append(_connection("1.0" if http10 else "1.1", keep_alive, switching, []))
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def h2_refusal(advice: str = H2_ADVICE) -> bytes:
@@ -356,17 +366,71 @@ def h2_refusal(advice: str = H2_ADVICE) -> bytes:
     return connection.data_to_send()
 
 
-def h1_refusal(first: bytes, advice: str = H1_ADVICE) -> bytes | None:
-    """What an HTTP/2 port answers a connection whose first bytes are an HTTP/1.x request
-    (the mirror of `h2_refusal`): a 505 an HTTP/1.1 client shows, saying what to change;
-    None for anything else (the HTTP/2 preface, or bytes h2 refuses on its own)."""
-    if H2_PREFACE.startswith(first[: len(H2_PREFACE)]) or not _REQUEST_START.match(first):
-        return None
-    payload = json.dumps({"error": "protocol_mismatch", "detail": advice}).encode() + b"\n"
+def h1_advice(protocol: str) -> str:
+    """What an h2-only port tells an HTTP/1.x client: what the app (or the port) must change."""
     return (
-        b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(payload), payload)
+        f"this port is protocol: {protocol} (HTTP/2 only); the app must speak h2c"
+        " (HTTP/2 with prior knowledge), or set appProtocol: http"
     )
+
+
+Opening = Literal["h2", "http1", "other", "wait"]
+
+
+def opening(data: bytes) -> Opening:
+    """What a connection to an h2-only port opened with, from its first bytes: the HTTP/2
+    preface ("h2"), an HTTP/1.x request line ("http1": answer it in HTTP/1.1 with
+    `h1_advice`, rather than let h2 fail with a protocol error the client cannot read),
+    something else ("other": h2's to refuse), or too few bytes to tell ("wait")."""
+    if data.startswith(H2_PREFACE):
+        return "h2"
+    if H2_PREFACE.startswith(data):
+        return "wait"
+    if _REQUEST_LINE.match(data):
+        return "http1"
+    if _METHOD_SO_FAR.fullmatch(data):
+        return "wait"  # a method token still arriving
+    return "other"
+
+
+# -- h2 streams to an HTTP/1.1 app -----------------------------------------------------
+
+#: Never passed from an HTTP/1.1 response to h2 (RFC 9113 8.2.2): h2 frames the body.
+_NOT_ON_H2: Final = frozenset({b"transfer-encoding"})
+
+
+def from_h2(method: bytes, target: bytes, fields: Fields, *, bodiless: bool) -> Request:
+    """An h2 request (its regular fields, :authority already as `host`) as the HTTP/1.1
+    request the app gets: its body framed by its content-length, else chunked unless it
+    has none (END_STREAM on its HEADERS); h2's split cookies joined again (RFC 9113
+    8.2.3). Connection-specific fields never arrive on h2 (h2 refuses them); `te` ends
+    here like every hop-by-hop field (`request_head`)."""
+    cookies = [v for n, v in fields if n == b"cookie"]
+    headers = [(n, v) for n, v in fields if n != b"cookie"]
+    if cookies:
+        headers.append((b"cookie", b"; ".join(cookies)))
+    if bodiless:
+        framing: Framing = "none"
+    elif any(n == b"content-length" for n, _ in headers):
+        framing = "length"
+    else:
+        framing = "chunked"
+        headers.append((b"transfer-encoding", b"chunked"))
+    return Request(method, target, "1.1", headers, framing, True)
+
+
+def to_h2(response: Response, dropped: frozenset[bytes] = frozenset()) -> Fields:
+    """An HTTP/1.1 response head as h2 fields: `:status`, names lower-case, minus the
+    hop-by-hop ones, Transfer-Encoding (h2 frames the body itself) and `dropped` (in any
+    spelling an app server folds onto them)."""
+    hop = hop_by_hop(response.connection) | _NOT_ON_H2
+    out = [(b":status", b"%d" % response.status)]
+    for name, value in response.headers:
+        key = name.lower()
+        if key in hop or key.replace(b"_", b"-") in dropped:
+            continue
+        out.append((key, value.strip(b" \t")))
+    return out
 
 
 # -- parsers ---------------------------------------------------------------------------
@@ -385,6 +449,23 @@ class RequestParser:
     `resume()` (the server said no: HTTP goes on).
     """
 
+    __slots__ = (
+        "_events",
+        "_fields",
+        "_headers",
+        "_held",
+        "_messages",
+        "_parser",
+        "_scanned",
+        "_size",
+        "_trailers",
+        "_unparsed",
+        "_url",
+        "stopped",
+        "underscores",
+        "upgrading",
+    )
+
     def __init__(self, underscores: UnderscoreAction = "reject") -> None:
         self.underscores = underscores
         self._parser = httptools.HttpRequestParser(self)
@@ -402,6 +483,7 @@ class RequestParser:
         self.stopped = False
         self.upgrading = False  # an Upgrade request is whole: what follows is held
         self._held: list[bytes] = []
+        self._trailers = False  # the head is out: fields now are a chunked body's trailers
 
     def feed(self, data: bytes) -> list[RequestEvent]:
         if self.stopped:
@@ -454,10 +536,13 @@ class RequestParser:
     def on_message_begin(self) -> None:
         self._url, self._headers, self._scanned, self._size, self._fields = b"", [], {}, 0, 0
         self._messages += 1
+        self._trailers = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count(len(url))
+        self._size += len(url)
+        if self._size > MAX_HEADER_BYTES:
+            self._count(0)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # The hot path: every field of every request (the limits inline, not _count).
@@ -465,7 +550,12 @@ class RequestParser:
         self._size += len(name) + len(value)
         if self._size > MAX_HEADER_BYTES or self._fields > MAX_HEADERS:
             self._count(0)
-        if plain(name):
+        if name and not name.translate(None, PLAIN):  # headers.plain, inline: every field
+            if self._trailers:
+                # A chunked body's trailer fields: counted and screened like any field,
+                # then dropped (never passed on). Added to the head, they would reach
+                # the app as header fields the policy never saw, or a second Host.
+                return
             self._headers.append((name, value))
             key = name.lower()
             if key in _RULED:
@@ -477,12 +567,18 @@ class RequestParser:
 
     def on_headers_complete(self) -> None:
         self._unparsed = 0
+        self._trailers = True
         parser = self._parser
         method = parser.get_method()
         version = parser.get_http_version()
         headers, scanned = self._headers, self._scanned
         if method == b"CONNECT":
             self._refuse(501, "connect_not_supported", "CONNECT tunnels are not relayed")
+            raise _Stop
+        if version != "1.1" and version != "1.0":
+            # llhttp takes HTTP/0.9 (no headers, no Host) and a request line saying 2.0:
+            # neither is HTTP/1.x, and the app would read either its own way.
+            self._refuse(505, "version_not_supported", f"HTTP/{version}")
             raise _Stop
         refusal = _check(version, scanned)
         upgrade = None
@@ -552,8 +648,28 @@ class ResponseParser:
     """The response to one request, as events: its 1xx heads, then the final response.
 
     Anything after the final response is `Broken`: a server that answers what nobody
-    asked cannot be trusted with the next request.
+    asked cannot be trusted with the next request. So is a head over the request
+    limits (MAX_HEADER_BYTES, MAX_HEADERS), and a status below 100.
     """
+
+    __slots__ = (
+        "_between",
+        "_broken",
+        "_events",
+        "_fields",
+        "_headers",
+        "_parser",
+        "_reason",
+        "_scanned",
+        "_size",
+        "_trailers",
+        "_unparsed",
+        "done",
+        "framing",
+        "method",
+        "status",
+        "upgrade",
+    )
 
     def __init__(self, method: bytes, upgrade: bool = False) -> None:
         self.method = method
@@ -566,6 +682,26 @@ class ResponseParser:
         self.framing: Framing = "none"
         self.status = 0
         self.done = False  # the final response is whole
+        self._trailers = False  # the head is out: fields now are trailers, dropped
+        # The request limits, for a hostile upstream or a broken app: bytes of the
+        # head so far, its fields, and bytes fed since llhttp last handed any on.
+        self._size = 0
+        self._fields = 0
+        self._unparsed = 0
+        self._broken = ""  # why a callback stopped llhttp
+        self._between = False  # llhttp ended the final response itself: `next` may reuse it
+
+    def next(self, method: bytes, upgrade: bool = False) -> ResponseParser:
+        """The parser for the next response on this connection: this one, reset, when
+        llhttp itself ended the last response (it stands between two messages); else a
+        new one (a response to HEAD, whose body llhttp would still wait for). One
+        llhttp parser per connection, not per request, on the usual path."""
+        if not self._between:
+            return ResponseParser(method, upgrade)
+        self._between = False
+        self.method, self.upgrade = method, upgrade
+        self.framing, self.status, self.done = "none", 0, False
+        return self
 
     def feed(self, data: bytes) -> list[ResponseEvent]:
         events = self._events = []
@@ -573,6 +709,7 @@ class ResponseParser:
             if data:
                 events.append(Broken("a response nobody asked for"))
             return events
+        self._unparsed += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -583,7 +720,14 @@ class ResponseParser:
                 events.append(Broken("101 to a request that asked for no Upgrade"))
         except httptools.HttpParserError as exc:
             stray = self.done  # on_message_begin stopped a second response
-            events.append(Broken("a response nobody asked for" if stray else str(exc)))
+            why = self._broken or ("a response nobody asked for" if stray else str(exc))
+            events.append(Broken(why))
+            self._between = False
+            return events
+        if self._unparsed > MAX_HEADER_BYTES:  # a head (or a field) without end
+            self.done = True
+            self._between = False
+            events.append(Broken("response headers too large"))
         return events
 
     def eof(self) -> list[ResponseEvent]:
@@ -599,21 +743,36 @@ class ResponseParser:
 
     def on_message_begin(self) -> None:
         if self.done:  # the final response was whole (a HEAD response, its parser retired)
+            self._between = False  # the parser was stopped mid-message: never reused
             raise _Stop
         self._reason, self._headers, self._scanned = b"", [], {}
+        self._trailers = False
+        self._size = self._fields = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields += 1
+        self._size += len(name) + len(value)
+        if self._size > MAX_HEADER_BYTES or self._fields > MAX_HEADERS:
+            self._broken = "response headers too large"
+            raise _Stop
+        if self._trailers:  # a chunked body's trailers: never joined to the head sent on
+            return
         self._headers.append((name, value))
         key = name.lower()
         if key in _RULED:
             self._scanned.setdefault(key, []).append(value)
 
     def on_headers_complete(self) -> None:
+        self._trailers = True
+        self._unparsed = 0
         parser = self._parser
         status = self.status = parser.get_status_code()
+        if status < 100:  # llhttp takes any three digits; no client knows what 0xx means
+            self._broken = f"status {status}"
+            raise _Stop
         version = parser.get_http_version()
         headers = self._headers
         if status == 101 and not self.upgrade:
@@ -631,10 +790,14 @@ class ResponseParser:
             self._events.append(END)
 
     def on_body(self, data: bytes) -> None:
+        self._unparsed = 0
         if not self.done:
             self._events.append(Data(data))
 
     def on_message_complete(self) -> None:
-        if self.status >= 200 and not self.done:
-            self.done = True
-            self._events.append(END)
+        self._unparsed = 0
+        if self.status >= 200:
+            self._between = self._parser.should_keep_alive()  # else llhttp takes no more
+            if not self.done:
+                self.done = True
+                self._events.append(END)

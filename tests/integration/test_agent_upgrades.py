@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import aiohttp
 import h2.config
@@ -268,5 +269,56 @@ async def test_an_h2c_upgrade_is_decided_by_policy_then_relayed_through_both_age
                     writer.write(client.data_to_send())
                     assert await _h2_response(client, reader, 3) == b"h2c /h2c/two"
                 writer.close()
+    finally:
+        server.close()
+
+
+class Unanswering(asyncio.Protocol):
+    """An app that reads an Upgrade request and answers only when told to."""
+
+    transports: ClassVar[list[asyncio.Transport]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transports.append(transport)  # type: ignore[arg-type]
+
+
+async def test_bytes_sent_before_the_101_are_bounded_then_parsed_as_http_if_refused(
+    root: Path, setup: CaSetup
+) -> None:
+    """What follows an Upgrade is held until the answer says what it is: an app that
+    streams meanwhile is paused, not buffered without bound in the agent; answered
+    without a 101, what was held is HTTP again (here: not HTTP, so a 400)."""
+    server = await asyncio.get_running_loop().create_server(Unanswering, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    piece = b"\x82" * (1 << 20)
+    try:
+        async with asyncio.timeout(20), agents_in_front_of(root, setup, port) as pair:
+            host, outbound_port = pair.frontend.bound["outbound[backend]"].rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(outbound_port))
+            writer.write(
+                b"GET /ws/chat HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade\r\n"
+                b"Upgrade: websocket\r\n\r\n"
+            )
+            sent = 0
+            for _ in range(64):  # 64 MiB at most
+                writer.write(piece)
+                try:
+                    await asyncio.wait_for(writer.drain(), 1.0)
+                except TimeoutError:
+                    break  # the agent stopped reading: what it holds is bounded
+                sent += len(piece)
+            assert sent < 16 << 20, f"{sent >> 20} MiB taken before any answer"
+            [app] = Unanswering.transports
+            app.write(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 426 ")
+            answers = b""
+            try:  # the agent closes with our unread megabytes in its buffers: a reset
+                while chunk := await reader.read(65536):
+                    answers += chunk
+            except ConnectionResetError:
+                pass
+            # The held bytes were read as HTTP, never relayed (if the reset let it through).
+            assert not answers or answers.startswith(b"HTTP/1.1 400 Bad Request")
+            writer.close()
     finally:
         server.close()

@@ -7,8 +7,6 @@ two readers could read two ways is refused before anything is passed on.
 
 from __future__ import annotations
 
-import json
-
 import h2.connection
 import h2.events
 import pytest
@@ -184,6 +182,9 @@ SMUGGLING = [
         "Upgrade request with a body",
     ),
     (GET + b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, "HTTP/2 preface"),
+    # llhttp takes these versions; passed on, the app would read them its own way.
+    (b"GET /\r\n\r\n", 505, "HTTP/0.9"),
+    (b"GET / HTTP/2.0\r\nHost: b\r\n\r\n", 505, "HTTP/2.0"),
 ]
 
 
@@ -252,31 +253,6 @@ def test_the_answer_to_an_http2_preface_is_a_goaway_saying_what_to_set() -> None
     assert goaway.error_code == h2.errors.ErrorCodes.HTTP_1_1_REQUIRED
     assert goaway.additional_data is not None
     assert b"appProtocol: kubernetes.io/h2c or grpc" in goaway.additional_data
-
-
-@pytest.mark.parametrize(
-    "first",
-    [b"GET / HTTP/1.1\r\nHost: b\r\n\r\n", b"POST /demo.Greeter/SayHello HTTP/1.1\r\n", b"GET /"],
-)
-def test_an_http1_request_on_an_http2_port_gets_an_http1_answer_saying_what_to_set(
-    first: bytes,
-) -> None:
-    answer = http1.h1_refusal(first)
-    assert answer is not None
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n")
-    assert b"Connection: close" in head and b"Content-Length: %d" % len(body) in head
-    assert json.loads(body)["error"] == "protocol_mismatch"
-    assert "appProtocol: http " in json.loads(body)["detail"]
-
-
-@pytest.mark.parametrize(
-    "first", [http1.H2_PREFACE, http1.H2_PREFACE[:3], b"PRI * HTTP/2.0", b"\x16\x03\x01", b"GE"]
-)
-def test_an_http2_preface_or_bytes_that_are_no_request_line_get_no_http1_answer(
-    first: bytes,
-) -> None:
-    assert http1.h1_refusal(first) is None
 
 
 # -- requests: events ----------------------------------------------------------------------
@@ -563,3 +539,87 @@ def test_a_malformed_response_breaks_the_connection() -> None:
         b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
     assert isinstance(events[-1], Broken)
+    assert _response(b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n") == [Broken("status 99")]
+
+
+# -- trailers ------------------------------------------------------------------------------
+
+TRAILED = (
+    b"POST / HTTP/1.1\r\nHost: backend\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n"
+    b"Host: internal.example.org\r\nX-Role: admin\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("cut", [0, TRAILED.index(b"0\r\nHost"), len(TRAILED) - 3])
+def test_a_requests_trailers_never_join_its_head(cut: int) -> None:
+    """The head is authorized and passed on as it came; trailer fields arriving with it
+    (in the same read or later) must not become a second Host the policy never saw."""
+    parser = RequestParser()
+    events = parser.feed(TRAILED[:cut]) + parser.feed(TRAILED[cut:]) if cut else requests(TRAILED)
+    head = events[0]
+    assert isinstance(head, Request) and events[-1] is END
+    assert head.headers == fields("Host: backend", "Transfer-Encoding: chunked")
+    written = http1.request_head(head, b"/")
+    assert written.count(b"Host") == 1 and b"X-Role" not in written
+
+
+def test_trailers_are_screened_like_any_field() -> None:
+    found = refusal(TRAILED.replace(b"X-Role", b"X_Role"))
+    assert found is not None and found[0] == 400 and "'X_Role'" in found[1]
+
+
+def test_a_responses_trailers_never_join_its_head() -> None:
+    events = _response(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n"
+        b"X-Forwarded-Client-Cert: leak\r\nSet-Cookie: a=b\r\n\r\n"
+    )
+    head = events[0]
+    assert isinstance(head, Response) and events[-1] is END
+    assert head.headers == fields("Transfer-Encoding: chunked")
+
+
+def test_a_response_head_over_the_header_limits_breaks_the_connection() -> None:
+    """A hostile upstream (or a broken app) cannot make the agent hold a head without end:
+    the request limits apply to responses too."""
+    many = b"".join(b"x-h%d: v\r\n" % i for i in range(http1.MAX_HEADERS + 1))
+    events = _response(b"HTTP/1.1 200 OK\r\n" + many + b"\r\n")
+    assert events == [Broken("response headers too large")]
+    parser = ResponseParser(b"GET")
+    events = parser.feed(b"HTTP/1.1 200 OK\r\nX-Big: ")
+    fed = 0
+    while not events and fed < 4 << 20:
+        events = parser.feed(b"a" * 4096)
+        fed += 4096
+    assert events == [Broken("response headers too large")]
+    assert fed <= http1.MAX_HEADER_BYTES
+
+
+def test_a_long_body_and_many_interim_responses_are_within_the_limits() -> None:
+    parser = ResponseParser(b"GET")
+    interim = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 200
+    events = parser.feed(interim + b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n")
+    events += parser.feed(b"x" * 200000)
+    assert not [e for e in events if isinstance(e, Broken)] and events[-1] is END
+
+
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [(m, r) for m, r, _, _ in RESPONSES if not r.startswith(b"HTTP/1.1 200 OK\r\n\r\n")],
+)
+def test_a_parser_reused_for_the_next_response_reads_it_as_a_new_one_would(
+    method: bytes, raw: bytes
+) -> None:
+    """`next` keeps llhttp's parser between responses only where llhttp ended the last one
+    (never after a HEAD response, whose body it would still wait for)."""
+    first = ResponseParser(b"GET")
+    first.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+    again = first.next(method)
+    assert again is first
+    assert _summary(again.feed(raw)) == _summary(_response(raw, method))
+    follow = again.next(b"GET")
+    if method == b"HEAD" and b"Content-Length: 2" in raw:
+        assert follow is not again
+    assert _summary(follow.feed(GET_OK)) == [200, b"x", END]
+
+
+GET_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"
