@@ -34,6 +34,7 @@ __all__ = [
     "ResourceList",
     "Resources",
     "Settings",
+    "WorkloadApiSettings",
     "is_dns_label",
     "is_dns_subdomain",
 ]
@@ -175,6 +176,19 @@ def rules_for(capture: CaptureSettings, agent_uid: int) -> CaptureRules:
     )
 
 
+@dataclass(frozen=True)
+class WorkloadApiSettings:
+    """Whether pods get the agent's SPIFFE Workload API socket without asking.
+
+    Off by default: the socket hands the pod's private key to any process of the
+    pod that asks, so a pod has it only when its author (the annotation
+    outrider.io/workload-api: "enabled") or the operator (this) wants it; with it
+    on, a pod opts out with "disabled".
+    """
+
+    enabled: bool = False
+
+
 #: The control plane's service account in the system namespace: its SVID is the one
 #: identity the agents take config from.
 CONTROL_ACCOUNT = "outrider-control"
@@ -191,6 +205,7 @@ class Settings:
     ca: CaSettings = CaSettings()
     control: ControlSettings = ControlSettings()
     capture: CaptureSettings = CaptureSettings()
+    workload_api: WorkloadApiSettings = WorkloadApiSettings()
 
     @property
     def agent_ports(self) -> frozenset[int]:
