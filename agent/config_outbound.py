@@ -7,7 +7,9 @@ outbound:
                                            # (a Service's ClusterIP:port) come here too;
                                            # an entry needs listen, destinations or both
     protocol: http                         # tcp (default): per connection;
-                                           # http: per request, pooled mTLS upstream
+                                           # http: per request, pooled mTLS upstream;
+                                           # http2, grpc: h2c from the app, per stream,
+                                           # multiplexed on pooled h2 mTLS connections
     server_ids: [spiffe://example.org/ns/shop/sa/backend]
     # Where the endpoints come from, one of:
     endpoints: [10.0.0.7:15443, {address: 10.0.0.8:15443, weight: 3}]
@@ -33,7 +35,7 @@ outbound:
                                            # retry_on: failures (and timeout), HTTP
                                            # statuses, gRPC statuses by Envoy's names
     circuit_breaker: {max_connections: 1024, max_pending: 1024, max_requests: 1024}
-    pool: {idle_timeout: 60s}              # protocol http: idle upstream connections
+    pool: {idle_timeout: 60s}              # http, http2, grpc: idle upstream connections
 """
 
 from __future__ import annotations
@@ -46,11 +48,12 @@ from typing import Any, Literal, TypeVar, cast
 
 from agent.core.balancer import BALANCERS, BalancerKind
 from agent.core.discovery import DnsSource, KubernetesSource, Source, StaticSource
+from agent.core.grpc import Code
 from agent.core.health import ActiveCheck, HealthSettings, OutlierDetection
 from agent.core.resilience import FAILURES, BreakerLimits, RetryPolicy
 from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId
-from identity.appprotocol import PROTOCOLS, Protocol
+from identity.appprotocol import H2, L7, PROTOCOLS, Protocol
 from identity.configfile import ConfigReader, Listen
 
 T = TypeVar("T")
@@ -58,11 +61,11 @@ HashOn = tuple[Literal["header", "cookie", "source"], str]
 _CHECKS: tuple[Literal["tcp", "http"], ...] = ("tcp", "http")
 #: retry_on's gRPC statuses, by the names Envoy's config gives them.
 GRPC_RETRY_ON: dict[str, int] = {
-    "cancelled": 1,
-    "deadline-exceeded": 4,
-    "resource-exhausted": 8,
-    "internal": 13,
-    "unavailable": 14,
+    "cancelled": Code.CANCELLED,
+    "deadline-exceeded": Code.DEADLINE_EXCEEDED,
+    "resource-exhausted": Code.RESOURCE_EXHAUSTED,
+    "internal": Code.INTERNAL,
+    "unavailable": Code.UNAVAILABLE,
 }
 _SOURCES = ("endpoints", "dns", "kubernetes")
 
@@ -166,8 +169,15 @@ class OutboundReader(ConfigReader):
         hash_on = self.hash_on(item.get("hash_on"), f"{path}.hash_on")
         if hash_on is not None and balancer not in ("ring_hash", "maglev"):
             self.fail(f"{path}.hash_on", f"only ring_hash and maglev hash; balancer is {balancer}")
-        if hash_on is not None and hash_on[0] != "source" and protocol != "http":
-            self.fail(f"{path}.hash_on", "a header or cookie needs protocol: http")
+        if hash_on is not None and hash_on[0] != "source" and protocol not in L7:
+            self.fail(f"{path}.hash_on", "a header or cookie needs protocol http, http2 or grpc")
+        health = self.health(self.section(item, f"{path}.health", _HEALTH_KEYS), f"{path}.health")
+        if protocol in H2 and health.active is not None and health.active.kind == "http":
+            self.fail(
+                f"{path}.health.active.kind",
+                f"an http check speaks HTTP/1.1, which a protocol: {protocol} upstream refuses; "
+                "use kind: tcp",
+            )
         outbound = Outbound(
             name or "",
             listen,
@@ -176,7 +186,7 @@ class OutboundReader(ConfigReader):
             protocol,
             balancer,
             hash_on,
-            self.health(self.section(item, f"{path}.health", _HEALTH_KEYS), f"{path}.health"),
+            health,
             self.timeouts(
                 self.section(item, f"{path}.timeouts", _TIMEOUT_KEYS), f"{path}.timeouts"
             ),

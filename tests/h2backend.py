@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ import h2.connection
 import h2.events
 import h2.settings
 from h2.errors import ErrorCodes
+
+from agent.adapters import h2client
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -79,6 +82,8 @@ class H2Backend:
     name: str
     reply: Reply | None = None
     max_streams: int = 100
+    early: bool = False  # answer on the request head, without waiting for its body
+    stall: bool = False  # read no body: give no flow-control credit back
     port: int = 0
     requests: list[Request] = field(default_factory=list)
     connections: int = 0  # accepted so far
@@ -106,12 +111,20 @@ class H2Backend:
 
 @asynccontextmanager
 async def h2_backend(
-    name: str, reply: Reply | None = None, max_streams: int = 100
+    name: str,
+    reply: Reply | None = None,
+    max_streams: int = 100,
+    sock: socket.socket | None = None,
+    early: bool = False,
 ) -> AsyncIterator[H2Backend]:
-    """An H2Backend listening on 127.0.0.1 (its `port`) for the block."""
-    backend = H2Backend(name, reply, max_streams)
+    """An H2Backend listening on 127.0.0.1 (its `port`), or on the listening `sock` (a
+    pod's, say), for the block; `early`: it answers on the request head."""
+    backend = H2Backend(name, reply, max_streams, early)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Server(backend), "127.0.0.1", 0)
+    if sock is None:
+        server = await loop.create_server(lambda: _Server(backend), "127.0.0.1", 0)
+    else:
+        server = await loop.create_server(lambda: _Server(backend), sock=sock)
     backend.port = server.sockets[0].getsockname()[1]
     try:
         yield backend
@@ -162,21 +175,29 @@ class _Server(asyncio.Protocol):
             if isinstance(event, h2.events.RequestReceived):
                 self.heads[event.stream_id] = list(event.headers)
                 self.bodies[event.stream_id] = bytearray()
+                if self.backend.early:
+                    self.start(event.stream_id)
             elif isinstance(event, h2.events.DataReceived):
-                self.bodies[event.stream_id] += event.data
-                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if event.stream_id in self.bodies:
+                    self.bodies[event.stream_id] += event.data
+                if not self.backend.stall:
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, h2.events.TrailersReceived):
                 self.trailers[event.stream_id] = list(event.headers)
             elif isinstance(event, h2.events.StreamEnded):
-                task = asyncio.get_running_loop().create_task(self.serve(event.stream_id))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                if event.stream_id in self.heads:
+                    self.start(event.stream_id)
             elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
                 for window in self.windows.values():
                     window.set()
             elif isinstance(event, h2.events.StreamReset):
                 self.windows.pop(event.stream_id, asyncio.Event()).set()
         self.flush()
+
+    def start(self, stream_id: int) -> None:
+        task = asyncio.get_running_loop().create_task(self.serve(stream_id))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def serve(self, stream_id: int) -> None:
         request = Request(
@@ -229,3 +250,67 @@ class _Server(asyncio.Protocol):
         data = self.h2.data_to_send()
         if data and self.transport is not None:
             self.transport.write(data)
+
+
+@dataclass
+class Answered:
+    """What an h2 client got for one request."""
+
+    status: int
+    headers: Headers
+    body: bytes
+    trailers: Headers
+    reset: str | None = None  # the stream's failure, if it was reset
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((v for n, v in [*self.headers, *self.trailers] if n == name), None)
+
+    @property
+    def grpc_status(self) -> int | None:
+        value = self.header(b"grpc-status")
+        return None if value is None else int(value)
+
+    @property
+    def backend(self) -> str:
+        return (self.header(b"x-backend") or b"").decode()
+
+
+def grpc_head(path: str = "/demo.Greeter/SayHello", **extra: str) -> Headers:
+    """A gRPC call's request head, as grpcio sends it (extra headers by keyword)."""
+    head = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":authority", b"backend"),
+        (b":path", path.encode()),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    return head + [(k.replace("_", "-").encode(), v.encode()) for k, v in extra.items()]
+
+
+async def exchange(
+    connection: h2client.H2ClientConnection,
+    head: Headers,
+    body: bytes = b"\0\0\0\0\0",
+    within: float = 10.0,
+) -> Answered:
+    """Send one request on `connection` (the agent's h2c outbound, say) and read it whole."""
+    stream = connection.open(head, end=not body)
+    try:
+        async with asyncio.timeout(within):
+            if body:
+                await stream.send(body, end=True)
+            answered = Answered(0, [], b"", [])
+            async for event in stream:
+                if isinstance(event, h2client.Response) and event.status >= 200:
+                    answered.status, answered.headers = event.status, event.headers
+                elif isinstance(event, h2client.Data):
+                    answered.body += event.data
+                    stream.consumed(event.flow)
+                elif isinstance(event, h2client.Trailers):
+                    answered.trailers = event.headers
+                elif isinstance(event, h2client.Reset):
+                    answered.reset = event.failure
+            return answered
+    finally:
+        stream.release()

@@ -73,6 +73,7 @@ class Try(Generic[C, P]):
         method: str | None,
         grpc: bool,
         replayable: Callable[[], bool],
+        per_try: float | None = None,
     ) -> None:
         self.live = live
         self.endpoint = endpoint
@@ -85,8 +86,10 @@ class Try(Generic[C, P]):
         self._tried = tried
         self._method, self._grpc, self._replayable = method, grpc, replayable
         self._slot = slot  # the budget this try's retry slot came from
-        self.grant: RetryBudget | None = None  # the slot taken for the next try (Retry)
+        self._grant: RetryBudget | None = None  # the slot taken for the next try (Retry)
         self._decided: asyncio.Future[None] | None = None
+        self._per_try = per_try
+        self.timer: asyncio.Timeout | None = None  # the loop's per-try timer, started by sent()
         self._load = live.core.load  # a reload carries the dict over: this one is counted in
         self._load[endpoint] = self._load.get(endpoint, 0) + 1
 
@@ -118,7 +121,7 @@ class Try(Generic[C, P]):
         if isinstance(step, Retry):
             granted = budget.try_retry()
             assert granted, "budget.room() said there was room"
-            self.grant = budget
+            self._grant = budget
             live.counted.retries.inc()
         elif step.over_budget:
             live.counted.overflow("retry_budget")
@@ -133,6 +136,12 @@ class Try(Generic[C, P]):
         if self.step is None:
             self._decided = asyncio.get_running_loop().create_future()
             await self._decided
+
+    def sent(self) -> None:
+        """The request went out (on a connection or stream had): the per-try timeout runs
+        from now, so that a dial's time is the connect timeout's, not the try's."""
+        if self.timer is not None and self._per_try is not None:
+            self.timer.reschedule(asyncio.get_running_loop().time() + self._per_try)
 
     def release(self) -> C | None:
         """Take the connection back from this try, whole (to pool it): `end` will not drop it."""
@@ -150,8 +159,8 @@ class Try(Generic[C, P]):
             return
         self.ended = True
         self._load[self.endpoint] -= 1
-        slots = [self._slot, self.grant]
-        self._slot = self.grant = None
+        slots = [self._slot, self._grant]
+        self._slot = self._grant = None
         for slot in slots:
             if slot is not None:
                 slot.retry_finished()
@@ -164,7 +173,7 @@ class Try(Generic[C, P]):
 
     def hand_over(self) -> RetryBudget | None:
         """The slot this try took for the next one (the loop moves it there)."""
-        grant, self.grant = self.grant, None
+        grant, self._grant = self._grant, None
         return grant
 
 
@@ -187,10 +196,12 @@ async def attempts(
 
     `run(try_)` makes one try on `try_.endpoint`: it returns the outcome,
     or None once it has called `try_.decide` itself (from a callback, as a
-    response head arrives: await `try_.decided()`). A try that takes longer
-    than `per_try` seconds (None: no limit) to be decided fails "timeout".
-    The returned try's step is Deliver: the caller ends it (`end(status)`)
-    when the response is over, or the connection linked. Raises LocalAnswer
+    response head arrives: await `try_.decided()`). A try not decided
+    within `per_try` seconds (None: no limit) of `try_.sent()`, which run
+    calls as the request goes out, fails "timeout" (the dial before has a
+    timeout of its own: Envoy's per_try_timeout counts the same). The returned
+    try's step is Deliver: the caller ends it (`end(status)`) when the
+    response is over, or the connection linked. Raises LocalAnswer
     when the agent must answer instead: no endpoint, or the last try's
     failure. Cancelled, the try in progress ends (its connection dropped).
 
@@ -211,17 +222,26 @@ async def attempts(
                 raise LocalAnswer(503, "no_healthy_endpoint" if not tried else "no_endpoint_left")
             tried.append(endpoint)
             current = Try(
-                live, endpoint, tried, slot, method=method, grpc=grpc, replayable=replayable
+                live,
+                endpoint,
+                tried,
+                slot,
+                method=method,
+                grpc=grpc,
+                replayable=replayable,
+                per_try=per_try,
             )
             slot = None
-            try:
-                if per_try is None:
-                    outcome = await run(current)
-                else:
-                    async with asyncio.timeout(per_try):
+            if per_try is None:  # the usual case: no timer to arm
+                outcome = await run(current)
+            else:
+                try:
+                    async with asyncio.timeout(None) as timer:  # armed by current.sent()
+                        current.timer = timer
                         outcome = await run(current)
-            except TimeoutError:  # only the per-try timeout: the request's ends as a cancel here
-                outcome = "timeout"
+                except TimeoutError:  # only the per-try one: the request's ends as a cancel here
+                    outcome = "timeout"
+                current.timer = None
             step = current.step if outcome is None else current.decide(outcome)
             assert step is not None, "run returned None without deciding its try"
             if isinstance(step, Deliver):

@@ -18,8 +18,8 @@ A GOAWAY stops new streams at once. Streams above its last-stream-id were
 never processed: they end `Reset("refused-stream")`, which retries any
 method, as a connect failure does. A graceful GOAWAY (NO_ERROR) lets the
 streams at or below it finish (h2 itself would close the connection on any
-GOAWAY: `_Connection` keeps it open for them); an error GOAWAY, a protocol
-error or a lost transport ends every stream `Reset("reset")`.
+GOAWAY: `_Connection` keeps it open for them); an error GOAWAY ends them
+`Reset("reset")`, as a protocol error or a lost transport ends every stream.
 
 `H2Pool` keeps these connections per endpoint and hands out the one with
 room, up to the peer's SETTINGS_MAX_CONCURRENT_STREAMS (and our own
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -538,14 +539,16 @@ class H2ClientConnection(asyncio.Protocol):
             self._goaway(int(event.error_code or 0), event.last_stream_id or 0)
 
     def _goaway(self, code: int, last_stream_id: int) -> None:
+        """No new stream; those above `last_stream_id` were never processed, whatever the
+        code (RFC 9113 6.8); after an error, the others are lost too."""
         self.goaway = True
-        if code != ErrorCodes.NO_ERROR:
-            self._fail_all("reset", code)
         for stream_id in [i for i in self.streams if i > last_stream_id]:
             stream = self.streams[stream_id]
             stream.local_closed = True
             stream._push(Reset("refused-stream", ErrorCodes.REFUSED_STREAM))
             self._finished(stream)
+        if code != ErrorCodes.NO_ERROR:
+            self._fail_all("reset", code)
         if not self.streams:
             self.close()
         if not self.ready.done():
@@ -566,20 +569,29 @@ class H2ClientConnection(asyncio.Protocol):
 
 
 async def connect(
-    host: str,
-    port: int,
+    host: str | None,
+    port: int | None,
     *,
     ssl_context: ssl.SSLContext | None = None,
     within: float = SETTINGS_TIMEOUT,
     factory: Callable[[], H2ClientConnection] = H2ClientConnection,
+    sock: socket.socket | None = None,
 ) -> H2ClientConnection:
     """An h2 connection (h2c with prior knowledge, or TLS with ALPN h2), once the peer's
-    SETTINGS arrived; OSError / TimeoutError / ConnectionError otherwise."""
+    SETTINGS arrived; OSError / TimeoutError / ConnectionError otherwise. `sock`: a
+    connected socket to use (host and port None)."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(within):
-        transport, connection = await loop.create_connection(
-            factory, host, port, ssl=ssl_context, server_hostname="" if ssl_context else None
-        )
+        hostname = "" if ssl_context else None
+        if sock is None:
+            assert host is not None and port is not None, "an address, or a socket"
+            transport, connection = await loop.create_connection(
+                factory, host, port, ssl=ssl_context, server_hostname=hostname
+            )
+        else:
+            transport, connection = await loop.create_connection(
+                factory, sock=sock, ssl=ssl_context, server_hostname=hostname
+            )
         try:
             await handshake(connection, within)
         except BaseException:

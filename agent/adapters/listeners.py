@@ -30,6 +30,7 @@ from agent.adapters.h2server import H2Server
 from agent.adapters.http import HttpExchange, xfcc
 from agent.adapters.inbound_h2 import InboundH2
 from agent.adapters.metrics import AgentMetrics, clock
+from agent.adapters.outbound_h2 import OutboundH2
 from agent.adapters.outbound_http import OutboundHttp
 from agent.adapters.relay import Relay
 from agent.adapters.runtime import Runtime
@@ -727,7 +728,8 @@ class OutboundPath:
     outbound listener and the outbound capture listener (a Service address) both use it.
 
     `protocol: tcp` balances and retries each connection; `protocol: http`
-    each request (agent/adapters/outbound_http.py).
+    each request (agent/adapters/outbound_http.py); `http2` and `grpc` each
+    stream (agent/adapters/outbound_h2.py).
     """
 
     def __init__(self, runtime: Runtime, connections: Connections, rng: random.Random) -> None:
@@ -747,6 +749,11 @@ class OutboundPath:
             self.connections.add(exchange, OUTBOUND)
             self.connections.established(OUTBOUND, None)
             return exchange
+        if live.config.protocol in H2:  # h2c from the app: each stream its own request
+            server = OutboundH2(live, self.rng).serve(self.connections.closed)
+            self.connections.add(server, OUTBOUND)
+            self.connections.established(OUTBOUND, None)
+            return server
         breaker = live.breaker  # one upstream connection per app connection
         if not breaker.acquire("max_connections"):
             live.counted.overflow("max_connections")

@@ -377,6 +377,7 @@ class OutboundHttp(asyncio.Protocol):
             request.body.clear()
         self._unhold(request)
         self._flush()
+        attempt.sent()
         await attempt.decided()
         return None
 

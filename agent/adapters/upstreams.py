@@ -29,6 +29,7 @@ from typing import TypeVar
 from prometheus_client import Counter
 
 from agent.adapters import discovery
+from agent.adapters.h2client import H2Pool
 from agent.adapters.metrics import AgentMetrics, clock
 from agent.adapters.pool import Pool
 from agent.adapters.runtime import Runtime
@@ -74,6 +75,7 @@ class LiveUpstream:
             config.retries.budget_percent, config.retries.min_retry_concurrency
         )
         self.pool = Pool(config.pool_idle_timeout)
+        self.h2pool = H2Pool(config.pool_idle_timeout)  # http2 and grpc: shared connections
         self.published: dict[Source, dict[Endpoint, int]] = {}
         self._watches: dict[Source, asyncio.Task[None]] = {}
         self._restart: asyncio.TimerHandle | None = None
@@ -109,6 +111,7 @@ class LiveUpstream:
             self._restart.cancel()
             self._restart = None
         self.pool.close()
+        self.h2pool.close()
 
     def reconfigure(self, config: Outbound) -> None:
         """Follow a new config (a running upstream); what it does not change carries over."""
@@ -137,7 +140,9 @@ class LiveUpstream:
         gone = self.core.endpoints() - core.endpoints()
         self.core = core
         self.pool.drop(gone)
+        self.h2pool.drop(gone)
         self.pool.set_idle_timeout(config.pool_idle_timeout)
+        self.h2pool.set_idle_timeout(config.pool_idle_timeout)
         if self._running:
             self._watch_sources()
             if config.health.active != old.health.active:
@@ -196,6 +201,7 @@ class LiveUpstream:
                 gone |= self.core.update(subset.name, members)
         gone -= self.core.endpoints()
         self.pool.drop(gone)
+        self.h2pool.drop(gone)
         log.info(
             "upstream %s: %d endpoint(s): %s",
             self.name,
@@ -223,6 +229,7 @@ class LiveUpstream:
         if transition.new == "ejected":
             self.counted.ejections.inc()
             self.pool.drop({transition.endpoint})
+            self.h2pool.drop({transition.endpoint})
         log.warning(
             "upstream %s: %s %s -> %s (%s)",
             self.name,
@@ -244,8 +251,11 @@ class LiveUpstream:
 
     async def _refresh(self) -> None:
         while True:
-            if self.runtime.contexts.client is not None:  # the SVID or bundle rotated
-                self.pool.retire(self.runtime.contexts.client)
+            contexts = self.runtime.contexts
+            if contexts.client is not None:  # the SVID or bundle rotated
+                self.pool.retire(contexts.client)
+            if contexts.h2_client is not None:
+                self.h2pool.retire(contexts.h2_client)
             for transition in self.core.health.expired(self._now()):
                 self._transitioned(transition)
             self._count_states()
@@ -300,7 +310,7 @@ class LiveUpstream:
         Active health checks count theirs under "health": they are not traffic.
         """
         runtime, loop = self.runtime, asyncio.get_running_loop()
-        context, limits = runtime.contexts.client, runtime.limits
+        context, limits = runtime.contexts.client_for(self.config.protocol), runtime.limits
         assert context is not None, "upstreams start after the first SVID"
         started = clock()
         deadline = (
@@ -350,6 +360,7 @@ class Counted:
         self.new = metrics.upstream_connections.labels(name, "new")
         self.reused = metrics.upstream_connections.labels(name, "reused")
         self._codes: dict[int, Counter] = {}
+        self._grpc: dict[int, Counter] = {}
 
     def request(self, status: int, seconds: float) -> None:
         counter = self._codes.get(status)
@@ -360,6 +371,15 @@ class Counted:
         counter.inc()
         self.duration.observe(seconds)
 
+    def grpc(self, code: int) -> None:
+        """A gRPC call's grpc-status, as the app got it."""
+        counter = self._grpc.get(code)
+        if counter is None:
+            counter = self._grpc[code] = self.metrics.upstream_grpc_requests.labels(
+                self.name, str(code)
+            )
+        counter.inc()
+
     def overflow(self, reason: str) -> None:
         self.metrics.upstream_overflows.labels(self.name, reason).inc()
 
@@ -367,6 +387,7 @@ class Counted:
 #: The metrics with an `upstream` label, and their other labels in order.
 _PER_UPSTREAM = {
     "upstream_requests": ("code",),
+    "upstream_grpc_requests": ("grpc_status",),
     "upstream_request_duration": (),
     "upstream_endpoints": ("state",),
     "upstream_retries": (),

@@ -24,6 +24,9 @@ import math
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
+from agent.core.grpc import Code
+
+_CODES: Final = frozenset(Code)
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 #: How a try can fail before anything reached the app. refused-stream: RST_STREAM
 #: REFUSED_STREAM, or a stream above a GOAWAY's last id (HTTP/2): like a connect failure,
@@ -40,7 +43,7 @@ class RetryPolicy:
     non_idempotent: bool = False  # also retry POST/PATCH/... (reset, timeout, status)
     budget_percent: float = 20.0  # retries in flight <= this % of requests in flight ...
     min_retry_concurrency: int = 3  # ... or this many, whichever is more
-    grpc_statuses: frozenset[int] = frozenset({14})  # gRPC statuses that retry (UNAVAILABLE)
+    grpc_statuses: frozenset[int] = frozenset({Code.UNAVAILABLE})  # gRPC statuses that retry
 
     def __post_init__(self) -> None:
         if self.retries < 0:
@@ -49,7 +52,7 @@ class RetryPolicy:
             raise ValueError(f"unknown retry_on failure(s): {', '.join(sorted(unknown))}")
         if not all(100 <= status <= 599 for status in self.statuses):
             raise ValueError("retry statuses must be HTTP status codes (100-599)")
-        if not all(0 <= status <= 16 for status in self.grpc_statuses):
+        if not all(status in _CODES for status in self.grpc_statuses):
             raise ValueError("retry gRPC statuses must be gRPC status codes (0-16)")
         if self.budget_percent < 0 or self.min_retry_concurrency < 0:
             raise ValueError("the retry budget's percent and min concurrency must be at least 0")

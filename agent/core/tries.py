@@ -33,12 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from agent.core.grpc import Code
 from agent.core.health import TrafficEvent
 from agent.core.resilience import IDEMPOTENT, Failure, RetryPolicy
 
-#: gRPC status codes the answers use (agent.core.grpc.Code has them all).
-UNAVAILABLE: Final = 14
-DEADLINE_EXCEEDED: Final = 4
+UNAVAILABLE: Final = Code.UNAVAILABLE
+DEADLINE_EXCEEDED: Final = Code.DEADLINE_EXCEEDED
 
 #: The agent's own answer to a failure no retry recovers: (HTTP status, error, gRPC code).
 _FAILURE_ANSWER: Final[dict[Failure, tuple[int, str, int]]] = {
@@ -56,7 +56,9 @@ _FAILURE_EVENT: Final[dict[Failure, TrafficEvent]] = {
 #: Failures after which nothing was processed upstream: any method may be replayed.
 _UNPROCESSED: Final = frozenset({"connect-failure", "refused-stream"})
 #: gRPC codes that say the server failed (as 5xx do), for outlier detection.
-_GRPC_SERVER_ERRORS: Final = frozenset({2, 13, 14, 15})  # UNKNOWN INTERNAL UNAVAILABLE DATA_LOSS
+_GRPC_SERVER_ERRORS: Final = frozenset(
+    {Code.UNKNOWN, Code.INTERNAL, Code.UNAVAILABLE, Code.DATA_LOSS}
+)
 
 Delivered = Literal["delivered"]
 DELIVERED: Final[Delivered] = "delivered"

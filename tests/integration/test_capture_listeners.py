@@ -29,7 +29,10 @@ import pytest
 import pytest_asyncio
 import yaml
 
+from agent.adapters import h2client
 from identity.injected import AGENT_UID, STATUS_PORT
+from tests.h2backend import exchange as h2_exchange
+from tests.h2backend import grpc_head, h2_backend
 from tests.mesh import AgentProcess, agent_process, agent_yaml, echo, eventually, workload
 from tests.mesh_cluster import metric
 from tests.netns import Pod, PodNetwork, pod_network
@@ -38,6 +41,7 @@ from tests.support import CaSetup, ca_process, make_ca_setup
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 SERVICE = "198.51.100.20:8080"  # TEST-NET-2: routed nowhere, captured in the pod first
+GRPC_SERVICE = "198.51.100.21:8081"
 
 
 # -- the capture rules ---------------------------------------------------------------------
@@ -612,3 +616,40 @@ async def test_plain_connections_let_through_before_a_capture_port_moved_still_c
     finally:
         tcp_app.close()
         outside.close()
+
+
+async def test_a_captured_grpc_service_is_served_call_by_call_over_mtls(mesh: Captured) -> None:
+    """A Service port with `protocol: grpc` on both sides: the client pod's h2c to the
+    Service address is taken by its agent, each call sent over h2 mTLS to the server pod,
+    whose agent serves the captured port as grpc to an h2c app with the caller's identity."""
+    server, client = mesh.server, mesh.client
+    listening = server.socket()
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listening.bind(("0.0.0.0", 8081))
+    listening.listen(16)
+    listening.setblocking(False)
+    ports = {"8080": {"protocol": "http"}, "8081": {"protocol": "grpc"}}
+    upstream = {
+        "name": "greeter.demo:8081",
+        "protocol": "grpc",
+        "destinations": [GRPC_SERVICE],
+        "endpoints": [f"{server.ip}:8081"],
+        "server_ids": [str(workload(server.name))],
+    }
+    async with (
+        h2_backend("greeter", sock=listening) as app,
+        mesh.reconfigured(server, captured={"inbound": {"ports": ports}}),
+        mesh.reconfigured(client, outbound=[upstream]),
+    ):
+        sock = client.socket()
+        sock.setblocking(False)
+        host, port = GRPC_SERVICE.split(":")
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, int(port))), 5)
+        connection = await h2client.connect(None, None, sock=sock)
+        try:
+            answers = [await h2_exchange(connection, grpc_head()) for _ in range(3)]
+        finally:
+            connection.close()
+    assert [(a.status, a.grpc_status, a.backend) for a in answers] == [(200, 0, "greeter")] * 3
+    claims = [v for n, v in app.requests[0].headers if n == b"x-forwarded-client-cert"]
+    assert len(claims) == 1 and f"URI={workload('client')}".encode() in claims[0]

@@ -74,8 +74,8 @@ Run = Callable[[Try[Connection, None]], Awaitable[Outcome | None]]
 def scripted(
     *outcomes: Outcome | None, hanging: asyncio.Event | None = None
 ) -> tuple[Run, list[Connection]]:
-    """A run that gives each try a connection and ends it in the next outcome (None: never,
-    `hanging` set once it waits)."""
+    """A run that gives each try a connection and ends it in the next outcome (None: never
+    decided, `hanging` set once it waits)."""
     connections: list[Connection] = []
     left = list(outcomes)
 
@@ -84,9 +84,11 @@ def scripted(
         connections.append(attempt.connection)
         outcome = left.pop(0)
         if outcome is None:
+            attempt.sent()
             if hanging is not None:
                 hanging.set()
-            await asyncio.Event().wait()  # until cancelled, or the per-try timeout
+            await attempt.decided()  # until cancelled, or the per-try timeout
+            return None
         return outcome
 
     return run, connections
@@ -186,8 +188,7 @@ async def test_a_response_head_decided_in_a_callback() -> None:
         attempt.connection = Connection()
         loop = asyncio.get_running_loop()
         loop.call_soon(lambda: attempt.decide(Response(next(heads))))  # the parser's callback
-        await attempt.decided()
-        return None
+        return await attempt.decided()
 
     delivered = await attempt(live, run)
     assert (delivered.endpoint, delivered.number) == (B, 2)
@@ -267,3 +268,25 @@ async def test_a_request_that_cannot_be_replayed_is_tried_once() -> None:
         await attempt(live, run, replayable=lambda: False)
     assert answer.value.error == "upstream_reset"
     assert live.counted.retries.value == 0
+
+
+async def test_the_per_try_timeout_runs_from_the_request_sent_not_from_the_dial() -> None:
+    live = FakeLive([A])
+    dialled = asyncio.Event()
+
+    async def run(attempt: Try[Connection, None]) -> Outcome | None:
+        loop = asyncio.get_running_loop()
+        await dialled.wait()  # a dial longer than the per-try timeout
+        started = loop.time()
+        attempt.sent()
+        loop.call_later(0.01, attempt.decide, Response(200))  # a head within the per-try
+        await attempt.decided()
+        assert loop.time() - started < 0.05
+        return None
+
+    task = asyncio.create_task(attempt(live, run, per_try=0.05))
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.08, dialled.set)
+    delivered = await task
+    assert delivered.step == Deliver()
+    delivered.end(200)

@@ -167,7 +167,7 @@ def test_outlier_detection_can_be_turned_off() -> None:
         ),
         pytest.param(
             {"endpoints": ["a:1"], "balancer": "ring_hash", "hash_on": {"cookie": "s"}},
-            "outbound[0].hash_on: a header or cookie needs protocol: http",
+            "outbound[0].hash_on: a header or cookie needs protocol http, http2 or grpc",
             id="cookie-on-tcp",
         ),
         pytest.param(
@@ -291,3 +291,22 @@ def test_retry_on_takes_failures_http_statuses_and_envoys_grpc_names(
 ) -> None:
     retries = outbound(endpoints=["a:1"], retries={"retry_on": retry_on}).retries
     assert (retries.on, retries.statuses, retries.grpc_statuses) == (on, statuses, grpc_statuses)
+
+
+@pytest.mark.parametrize("protocol", ["http", "http2", "grpc"])
+def test_a_header_or_cookie_hash_works_on_every_l7_protocol(protocol: str) -> None:
+    for hash_on in ({"header": "x-user"}, {"cookie": "session"}):
+        parsed = outbound(
+            endpoints=["a:1"], protocol=protocol, balancer="ring_hash", hash_on=hash_on
+        )
+        assert parsed.protocol == protocol and parsed.hash_on is not None
+
+
+def test_an_http_health_check_is_refused_on_an_h2_upstream() -> None:
+    check = {"active": {"kind": "http", "path": "/healthz"}}
+    assert errors(endpoints=["a:1"], protocol="grpc", health=check) == [
+        "outbound[0].health.active.kind: an http check speaks HTTP/1.1, which a "
+        "protocol: grpc upstream refuses; use kind: tcp"
+    ]
+    tcp = outbound(endpoints=["a:1"], protocol="grpc", health={"active": {"kind": "tcp"}})
+    assert tcp.health.active is not None

@@ -156,6 +156,29 @@ async def test_a_graceful_goaway_lets_the_streams_below_it_finish() -> None:
     assert body == b"done" and events[-1] == End()
 
 
+async def test_an_error_goaway_ends_every_stream_refusing_those_above_its_last_id() -> None:
+    gate = asyncio.Event()
+
+    async def held(request: Request) -> Answer | GoAway:
+        if request.header(b":path") == b"/goaway":
+            return GoAway(ErrorCodes.INTERNAL_ERROR)
+        await gate.wait()
+        return Answer([(b":status", b"200")], b"late")
+
+    async with h2_backend("a", reply=held) as backend:
+        connection = await connect("127.0.0.1", backend.port)
+        first = connection.open(_head("/slow"), end=True)
+        assert await eventually(lambda: len(backend.requests) == 1)
+        second = connection.open(_head("/goaway"), end=True)
+        events = [(await _read(stream))[0][-1] for stream in (first, second)]
+        gate.set()
+    assert events == [
+        Reset("reset", ErrorCodes.INTERNAL_ERROR),  # it was being processed: lost
+        Reset("refused-stream", ErrorCodes.REFUSED_STREAM),  # above the last id: never seen
+    ]
+    assert not connection.available()
+
+
 async def test_a_lost_connection_resets_its_streams() -> None:
     async def never(request: Request) -> Answer:
         await asyncio.Event().wait()

@@ -34,7 +34,8 @@ EVERY_KEY = """\
               maxEjectionPercent: 50}
     panicThreshold: 40
   timeouts: {connect: 1s, perTry: 1s, request: 5s}
-  retries: {max: 2, retryOn: [connect-failure, "503"], nonIdempotent: false,
+  retries: {max: 2, retryOn: [connect-failure, refused-stream, "503", unavailable],
+            nonIdempotent: false,
             budget: {percent: 20, minConcurrency: 3}}
   circuitBreaker: {maxConnections: 1024, maxPending: 512, maxRequests: 256}
   pool: {idleTimeout: 60s}
@@ -83,7 +84,7 @@ def test_every_key_reaches_the_clients_outbound_in_the_agents_spelling() -> None
         "timeouts": {"connect": "1s", "per_try": "1s", "request": "5s"},
         "retries": {
             "max": 2,
-            "retry_on": ["connect-failure", 503],
+            "retry_on": ["connect-failure", "refused-stream", 503, "unavailable"],
             "non_idempotent": False,
             "budget": {"percent": 20, "min_concurrency": 3},
         },

@@ -1,0 +1,524 @@
+"""HTTP/2 and gRPC outbound (L7): each stream of the app balanced, retried, and sent on pooled
+h2 mTLS connections.
+
+The app speaks h2c with prior knowledge (what grpcio's insecure channel
+does) to a `protocol: http2|grpc` outbound; an `H2Server`
+(agent/adapters/h2server.py) holds its connection to the HTTP/2 limits and
+hands each stream here. Every stream is a request of its own: it gets a
+subset, then per try an endpoint (`live.core.choose`), so one channel's
+calls spread over the endpoints by the balancer and the weights, not by
+connection. A try takes a stream on a pooled h2 connection to its endpoint
+(agent/adapters/h2client.py: ALPN h2, multiplexed up to the peer's stream
+limit), or dials one; the attempts loop (agent/adapters/attempts.py)
+decides after each try whether to retry, answer, or deliver:
+
+- a connect failure or a refused stream (RST_STREAM REFUSED_STREAM, above
+  a GOAWAY's last-stream-id) retries any method: nothing was processed;
+- a reset before the response head retries what the policy replays;
+- a response head is delivered, unless its status is one the policy
+  retries; for a gRPC call, a trailers-only response whose grpc-status is
+  in `retry_on` (UNAVAILABLE by default) is retried like a 503.
+
+The request body goes upstream as it arrives (a streaming call streams),
+and is held for a retry while the whole is within REPLAY_BYTES; past that,
+the call is sent once. `grpc-timeout` is the call's deadline (the smaller of
+it and `timeouts.request`) and goes upstream reduced by the time spent. The
+circuit breaker's limits apply per stream (max_requests), per stream waiting
+for a connection (max_pending) and per h2 connection (max_connections).
+
+The agent's own answers are trailers-only gRPC errors for a gRPC call
+(UNAVAILABLE, DEADLINE_EXCEEDED: what a gRPC client shows), JSON otherwise,
+as HTTP/1.1 outbounds answer. x-forwarded-client-cert is stripped both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from h2.errors import ErrorCodes
+
+from agent.adapters import h2client
+from agent.adapters.attempts import LocalAnswer, Try, attempts
+from agent.adapters.h2client import H2ClientConnection, NoRoom, StreamError
+from agent.adapters.h2server import H2Server, H2Stream, Headers, StreamReset
+from agent.adapters.http import _identity, error_body
+from agent.adapters.metrics import clock, since
+from agent.adapters.outbound_http import REPLAY_BYTES, _key
+from agent.adapters.upstreams import DialError, LiveUpstream
+from agent.core import grpc
+from agent.core.h2limits import H2Limits, Limit
+from agent.core.tries import Outcome, Response
+from agent.core.upstream import Endpoint
+
+log = logging.getLogger("outrider.agent")
+
+OUTBOUND = "outbound"
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    status: int  # for an HTTP client
+    error: str
+    code: int  # for a gRPC call
+    detail: str = ""
+
+
+class OutboundH2:
+    """The streams of an app's h2c connections to one outbound's upstream."""
+
+    def __init__(self, live: LiveUpstream, rng: random.Random) -> None:
+        self.live = live
+        self.rng = rng
+        self.limits = H2Limits()
+
+    def serve(self, on_closed: Callable[[H2Server], None]) -> H2Server:
+        """The protocol for one app connection just accepted."""
+        runtime = self.live.runtime
+        limits = runtime.metrics.http2_limits
+
+        def hit(limit: Limit) -> None:
+            limits.labels(OUTBOUND, limit).inc()
+
+        return H2Server(
+            self.handle,
+            hit,
+            idle_timeout=runtime.limits.idle_timeout.total_seconds(),
+            limits=self.limits,
+            on_closed=on_closed,
+        )
+
+    # -- a stream ------------------------------------------------------------------------
+
+    async def handle(self, stream: H2Stream) -> None:
+        """H2Server's handler: one request, tried until delivered or answered; counted."""
+        started = clock()
+        call = _Call(grpc.is_grpc(_text(stream.headers)))
+        try:
+            refused = self._screen(stream)
+            if refused is not None:
+                await self._refuse(stream, refused, call)
+            else:
+                await self._exchange(stream, call)
+        except (StreamReset, asyncio.CancelledError):
+            raise  # the app reset its stream, or left: H2Server's to handle
+        except Exception:  # a bug: the app must not wait on a stream nobody serves
+            log.exception("outbound %s: a stream failed unexpectedly; resetting it", self.live.name)
+            stream.reset(ErrorCodes.INTERNAL_ERROR)
+        finally:
+            if call.status is not None:  # else the app left before anything was answered
+                counted = self.live.counted
+                counted.request(call.status, since(started))
+                code = call.outcome()
+                if code is not None:
+                    counted.grpc(code)
+
+    def _screen(self, stream: H2Stream) -> _Refusal | None:
+        """What the agent refuses before any try: a tunnel, or too many headers."""
+        if stream.header(b":method") == b"CONNECT":  # an h2 tunnel: bytes nobody would see
+            return _Refusal(501, "upgrade_not_supported", grpc.Code.UNIMPLEMENTED)
+        if sum(not n.startswith(b":") for n, _ in stream.headers) > self.limits.max_headers:
+            self.live.runtime.metrics.http2_limits.labels(OUTBOUND, "header_list").inc()
+            return _Refusal(431, "headers_too_large", grpc.Code.RESOURCE_EXHAUSTED)
+        return None
+
+    async def _exchange(self, stream: H2Stream, call: _Call) -> None:
+        live = self.live
+        config = live.config
+        deadline = config.timeouts.request or None
+        if call.grpc and (value := stream.header(b"grpc-timeout")) is not None:
+            try:
+                timeout = grpc.parse_timeout(value.decode("latin-1"))
+            except ValueError as exc:
+                await self._refuse(
+                    stream, _Refusal(400, "bad_request", grpc.Code.INTERNAL, str(exc)), call
+                )
+                return
+            deadline = timeout if deadline is None else min(deadline, timeout)
+        breaker, budget = live.breaker, live.budget
+        if not breaker.acquire("max_requests"):
+            await self._refuse(stream, _overflow(live, "max_requests"), call)
+            return
+        budget.request_started()
+        loop = asyncio.get_running_loop()
+        request = _Request(
+            _upstream_head(stream.headers, call.grpc),
+            (stream.header(b":method") or b"").decode("latin-1"),
+            call.grpc,
+            None if deadline is None else loop.time() + deadline,
+        )
+        body = _Body(stream, stream.bodiless)
+        reader = loop.create_task(body.read()) if not body.ended else None
+        attempt: Try[_Upstream, h2client.Response] | None = None
+        try:
+            async with asyncio.timeout(deadline):
+                attempt = await attempts(
+                    live,
+                    partial(self._try, request, body),
+                    self.rng,
+                    method=request.method,
+                    grpc=call.grpc,
+                    key=self._key(stream),
+                    replayable=lambda: body.replayable,
+                    per_try=config.timeouts.per_try or None,
+                )
+                await self._deliver(stream, attempt, call)
+        except LocalAnswer as answer:
+            why = _Refusal(answer.status, answer.error, answer.grpc_status)
+            await self._refuse(stream, why, call)
+        except TimeoutError:
+            await self._timed_out(stream, call)
+        finally:
+            if reader is not None:
+                reader.cancel()
+            budget.request_finished()
+            breaker.release("max_requests")
+            if attempt is not None:  # if the response did not end it: dropped mid-exchange
+                attempt.end(call.status, call.outcome())
+
+    def _key(self, stream: H2Stream) -> bytes | None:
+        hash_on = self.live.config.hash_on
+        if hash_on is None:
+            return None
+        source = b""
+        if hash_on[0] == "source" and stream.server.transport is not None:
+            peer = stream.server.transport.get_extra_info("peername")
+            source = str(peer[0]).encode() if peer else b""
+        return _key(hash_on, stream.headers, source)
+
+    async def _try(
+        self, request: _Request, body: _Body, attempt: Try[_Upstream, h2client.Response]
+    ) -> Outcome:
+        """One try: a stream on a connection to its endpoint, the request sent as the app
+        sends it, until the response head (or the stream's failure) decides it."""
+        connection = await self._connection(attempt.endpoint)
+        if connection is None:
+            return "connect-failure"
+        try:
+            up = connection.open(request.head_now(), end=body.empty)
+        except NoRoom:  # it went away between the pool's answer and now
+            return "refused-stream"
+        upstream = attempt.connection = _Upstream(up)
+        if not up.local_closed:
+            upstream.sender = asyncio.get_running_loop().create_task(body.send(up))
+        while True:
+            event = await up.event()
+            if isinstance(event, h2client.Reset):
+                return event.failure
+            if isinstance(event, h2client.Response) and event.status >= 200:
+                attempt.parser = event
+                code = None
+                if event.end and request.grpc:  # trailers-only: its grpc-status may retry
+                    code = grpc.status_of(_text(event.headers))
+                return Response(event.status, code)
+            # 1xx: the final head follows (h2 allows nothing else before it)
+
+    async def _connection(self, endpoint: Endpoint) -> H2ClientConnection | None:
+        """A pooled h2 connection to `endpoint` with room for a stream, or a new one; None
+        if it cannot be had (LocalAnswer past a breaker limit)."""
+        live = self.live
+        context = live.runtime.contexts.client_for(live.config.protocol)
+        assert context is not None, "upstreams start after the first SVID"
+        pool = live.h2pool
+        connection = pool.take(endpoint, context)
+        if connection is not None:
+            live.counted.reused.inc()
+            return connection
+        breaker = live.breaker
+        if not breaker.acquire("max_pending"):
+            raise LocalAnswer(*_overflow_answer(live, "max_pending"))
+        try:
+            connection, new = await pool.connection(
+                endpoint, context, partial(self._dial, endpoint, context)
+            )
+        except DialError:
+            return None
+        finally:
+            breaker.release("max_pending")
+        (live.counted.new if new else live.counted.reused).inc()
+        return connection
+
+    async def _dial(self, endpoint: Endpoint, context: object) -> H2ClientConnection:
+        """A new h2 connection to `endpoint` under the circuit breaker's max_connections."""
+        live = self.live
+        breaker = live.breaker
+        if not breaker.acquire("max_connections"):
+            raise LocalAnswer(*_overflow_answer(live, "max_connections"))
+        released = False
+
+        def release() -> None:  # once: by a failed dial, or by the connection's loss
+            nonlocal released
+            if not released:
+                released = True
+                breaker.release("max_connections")
+
+        try:
+            _, connection = await live.dial(
+                endpoint,
+                lambda: H2ClientConnection(endpoint, context, release),  # type: ignore[arg-type]
+            )
+        except DialError:
+            release()
+            raise
+        except asyncio.CancelledError:  # the app left, or the call's deadline, mid-dial
+            release()
+            raise
+        try:
+            await h2client.handshake(
+                connection, live.runtime.limits.handshake_timeout.total_seconds()
+            )
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            connection.abort()  # its loss releases the slot
+            log.warning("outbound %s: %s: no HTTP/2: %s", live.name, endpoint, exc)
+            raise DialError(f"{endpoint}: no HTTP/2 ({exc or type(exc).__name__})") from None
+        except asyncio.CancelledError:
+            connection.abort()
+            raise
+        return connection
+
+    async def _deliver(
+        self, stream: H2Stream, attempt: Try[_Upstream, h2client.Response], call: _Call
+    ) -> None:
+        """Relay the delivered response to the app, as the app's windows take it."""
+        head, upstream = attempt.parser, attempt.connection
+        assert head is not None and upstream is not None
+        up = upstream.stream
+        headers = _outward(head.headers)
+        call.status = head.status
+        call.heard(headers)
+        await stream.respond(headers, end=head.end)
+        async for event in up:
+            if isinstance(event, h2client.Data):
+                await stream.send(event.data)
+                up.consumed(event.flow)
+            elif isinstance(event, h2client.Trailers):
+                trailers = _outward(event.headers)
+                call.heard(trailers)
+                await stream.end(trailers)
+            elif isinstance(event, h2client.End):
+                if not stream.finished:
+                    await stream.end()
+            elif isinstance(event, h2client.Reset):  # mid-response: so is the app's stream
+                stream.reset(ErrorCodes.INTERNAL_ERROR)
+                call.broken = True
+        attempt.end(call.status, call.outcome())
+
+    async def _timed_out(self, stream: H2Stream, call: _Call) -> None:
+        """The call's deadline passed: DEADLINE_EXCEEDED / 504 if the head has not gone out;
+        else a gRPC call ends with that status in its trailers, anything else is reset."""
+        if not stream.responded:
+            why = _Refusal(504, "upstream_timeout", grpc.Code.DEADLINE_EXCEEDED)
+            await self._refuse(stream, why, call)
+            return
+        call.code = grpc.Code.DEADLINE_EXCEEDED
+        if call.grpc and not stream.finished:
+            try:
+                await stream.end([(b"grpc-status", b"4"), (b"grpc-message", b"deadline exceeded")])
+                return
+            except StreamReset:
+                return
+        stream.reset(ErrorCodes.CANCEL)
+
+    async def _refuse(self, stream: H2Stream, why: _Refusal, call: _Call) -> None:
+        """The agent's own answer: trailers-only for a gRPC call, else JSON."""
+        try:
+            if call.grpc:
+                message = why.detail or why.error.replace("_", " ")
+                head = grpc.trailers_only(grpc.Code(why.code), message)
+                call.status, call.code = 200, why.code
+                await stream.respond([(n.encode(), v.encode()) for n, v in head], end=True)
+                return
+            payload = json.dumps(error_body(why.error, why.detail)).encode() + b"\n"
+            call.status = why.status
+            await stream.respond(
+                [
+                    (b":status", str(why.status).encode()),
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                ]
+            )
+            await stream.send(payload, end=True)
+        except StreamReset:
+            pass  # the app left first
+
+
+@dataclass
+class _Request:
+    """What every try of one call sends upstream."""
+
+    head: Headers
+    method: str
+    grpc: bool
+    deadline: float | None  # the loop's time the call must be over by
+
+    def head_now(self) -> Headers:
+        """The head for a try starting now: a gRPC call's grpc-timeout is what is left of
+        its deadline."""
+        if self.deadline is None or not self.grpc:
+            return self.head
+        left = self.deadline - asyncio.get_running_loop().time()
+        return [*self.head, (b"grpc-timeout", grpc.timeout_value(left).encode())]
+
+
+class _Upstream:
+    """A try's stream upstream and the task sending the request body on it."""
+
+    __slots__ = ("sender", "stream")
+
+    def __init__(self, stream: h2client.H2Stream) -> None:
+        self.stream = stream
+        self.sender: asyncio.Task[None] | None = None
+
+    def abort(self) -> None:
+        """The try is over: stop sending; the stream is reset unless it is over too."""
+        if self.sender is not None:
+            self.sender.cancel()
+            self.sender = None
+        self.stream.release()
+
+
+class _Body:
+    """The request body as the app sends it, shared by the tries of its call.
+
+    One chunk is read ahead of what the try in progress has sent, no more:
+    h2server credits a chunk to the app only when the next is read, so the
+    app's windows close while upstream is slow. Chunks are held for a retry
+    while the whole body is within REPLAY_BYTES; past that, each is dropped
+    once sent and the call is no longer replayable.
+    """
+
+    def __init__(self, stream: H2Stream, bodiless: bool) -> None:
+        self.stream = stream
+        self.chunks: list[bytes] = []
+        self.base = 0  # the index (in the whole body) of chunks[0]
+        self.size = 0
+        self.replayable = True
+        self.ended = bodiless
+        self.trailers: Headers | None = None
+        self.sent = 0  # chunks the try in progress has sent
+        self._sender: object | None = None  # which try's sender sets `sent`
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def empty(self) -> bool:
+        """The whole request was its head: the stream ends with it."""
+        return self.ended and not self.chunks and not self.base and self.trailers is None
+
+    async def read(self) -> None:
+        """Read the app's body into `chunks`, each once the try in progress caught up."""
+        try:
+            while True:
+                while self.sent < self.base + len(self.chunks):
+                    await self._changed()
+                chunk = await self.stream.read()
+                if not chunk:
+                    self.trailers = _outward(self.stream.trailers or []) or None
+                    self.ended = True
+                    self._notify()
+                    return
+                self.size += len(chunk)
+                if self.size > REPLAY_BYTES:
+                    self.replayable = False
+                self.chunks.append(chunk)
+                self._notify()
+        except StreamReset:
+            return  # the app reset its stream: the handler is cancelled
+
+    async def send(self, up: h2client.H2Stream) -> None:
+        """Send the body on one try's stream: what was read so far, then what follows."""
+        me = object()
+        self._sender, self.sent = me, 0
+        position = 0
+        try:
+            if self.base:  # its start was dropped: not replayable (no retry gets here)
+                up.reset(ErrorCodes.CANCEL)
+                return
+            while True:
+                while position < self.base + len(self.chunks):
+                    last = position + 1 == self.base + len(self.chunks)
+                    # The last chunk of a body read whole carries END_STREAM: one frame less.
+                    ending = last and self.ended and self.trailers is None
+                    await up.send(self.chunks[position - self.base], end=ending)
+                    position += 1
+                    if self._sender is me:
+                        self.sent = position
+                        if not self.replayable:  # sent for good: not held
+                            del self.chunks[: position - self.base]
+                            self.base = position
+                        self._notify()
+                    if ending:
+                        return
+                if self.ended:
+                    up.end(self.trailers)
+                    return
+                await self._changed()
+        except StreamError:
+            return  # the try fails on its response side
+
+    async def _changed(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+@dataclass
+class _Call:
+    """What counting a call needs: the status the app got, and its grpc-status."""
+
+    grpc: bool
+    status: int | None = None
+    code: int | None = None
+    broken: bool = False  # reset mid-response
+
+    def heard(self, headers: Headers) -> None:
+        if self.grpc and self.code is None:
+            self.code = grpc.status_of(_text(headers))
+
+    def outcome(self) -> int | None:
+        """The grpc-status the app got (None: not gRPC): a response without one is read as
+        a gRPC client reads it (an HTTP status mapped; a reset stream INTERNAL)."""
+        if not self.grpc:
+            return None
+        if self.code is not None:
+            return self.code
+        if self.broken:
+            return grpc.Code.INTERNAL
+        status = self.status or 0
+        return grpc.Code.UNKNOWN if status == 200 else grpc.from_http_status(status)
+
+
+def _upstream_head(headers: Headers, is_grpc: bool) -> Headers:
+    """The app's request head as it goes upstream: no identity header (the peer's inbound
+    sets ours), and for a gRPC call no grpc-timeout (each try sends what is left)."""
+    return [
+        (n, v) for n, v in headers if not _identity(n) and not (is_grpc and n == b"grpc-timeout")
+    ]
+
+
+def _outward(headers: Headers) -> Headers:
+    """Response headers or trailers as the app gets them: no identity header."""
+    return [(n, v) for n, v in headers if not _identity(n)]
+
+
+def _text(headers: Headers) -> list[tuple[str, str]]:
+    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+
+
+def _overflow_answer(live: LiveUpstream, reason: str) -> tuple[int, str]:
+    live.counted.overflow(reason)
+    return 503, f"overflow_{reason}"
+
+
+def _overflow(live: LiveUpstream, reason: str) -> _Refusal:
+    return _Refusal(*_overflow_answer(live, reason), grpc.Code.UNAVAILABLE)
