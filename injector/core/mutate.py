@@ -21,7 +21,7 @@ from typing import Any
 from identity import SpiffeId
 from injector.core import probes, sidecar, workload
 from injector.core.annotations import INJECT, STATUS, read_options
-from injector.core.settings import Settings
+from injector.core.settings import Settings, described
 
 __all__ = ["INJECTED", "SKIPS", "Mutation", "apply_patch", "mutate", "pointer"]
 
@@ -186,7 +186,7 @@ def _around_capture(spec: Mapping[str, Any], agent_uid: int) -> list[str]:
         for container in containers if isinstance(containers, list) else []:
             if not isinstance(container, dict):
                 continue
-            name = workload.described(container)
+            name = described(container)
             context = container.get("securityContext")
             context = context if isinstance(context, dict) else {}
             uid = context.get("runAsUser", pod_uid)

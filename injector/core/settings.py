@@ -8,8 +8,10 @@ grammars, matched against the whole value: a trailing newline is not a name.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from typing import Any
 
 from identity import TrustDomain
 from identity.capture import CaptureRules
@@ -35,6 +37,7 @@ __all__ = [
     "Resources",
     "Settings",
     "WorkloadApiSettings",
+    "described",
     "is_dns_label",
     "is_dns_subdomain",
 ]
@@ -57,6 +60,14 @@ _MAX_QUANTITY_CHARS = 24  # "1000000000000Gi" is 15; longer is a typo or an atta
 def is_dns_label(name: str) -> bool:
     """RFC 1123 label: namespaces, container and upstream names."""
     return _DNS_LABEL.fullmatch(name) is not None
+
+
+def described(container: Mapping[str, Any]) -> str:
+    """A container as a warning names it: never the author's text unless it is a name."""
+    name = container.get("name")
+    if isinstance(name, str) and is_dns_label(name):
+        return f"container {name}"
+    return "a container"  # the API server refuses it anyway
 
 
 def is_dns_subdomain(name: str) -> bool:

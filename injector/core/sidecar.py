@@ -6,11 +6,11 @@ agent's config is built as data and serialized with json.dumps, so no
 annotation text is ever spliced into YAML or JSON.
 
 The config is a bootstrap: who the agent is, where its CA and its control
-plane are, its admin and status addresses and, with capture on, its capture
-ports and the app's original probes and, when the pod asks for it, the
-socket of the SPIFFE Workload API (core/workload.py). Listeners, upstreams and policy come
-from the control plane, which the agent asks as the pod ($POD_NAME, from the
-downward API).
+plane are, its admin and status addresses, with capture on its capture ports
+and the app's original probes, and in a pod that asks for it the socket of
+the SPIFFE Workload API (core/workload.py). Listeners, upstreams and policy
+come from the control plane, which the agent asks as the pod ($POD_NAME, from
+the downward API).
 
 With capture on, the `outrider-capture` init container (the agent's image,
 `outrider capture apply`) writes the pod's nftables rules before the agent

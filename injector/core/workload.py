@@ -33,9 +33,9 @@ from identity.injected import (
     WORKLOAD_API_DIR,
     WORKLOAD_API_VOLUME,
 )
-from injector.core.settings import is_dns_label
+from injector.core.settings import described
 
-__all__ = ["Served", "described", "serve"]
+__all__ = ["Served", "serve"]
 
 
 @dataclass(frozen=True)
@@ -79,14 +79,6 @@ def serve(spec: Mapping[str, Any]) -> Served:
                 f"the agent's Workload API is {SPIFFE_ENDPOINT_SOCKET}"
             )
     return Served(tuple(patch), tuple(warnings))
-
-
-def described(container: Mapping[str, Any]) -> str:
-    """A container as a warning may name it: never the author's text unless it is a name."""
-    name = container.get("name")
-    if isinstance(name, str) and is_dns_label(name):
-        return f"container {name}"
-    return "a container"  # the API server refuses it anyway
 
 
 def _listed(container: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
