@@ -19,9 +19,12 @@ whole message, and the next response gets a fresh parser.
 A denied request gets 403 with a short JSON body naming the policy and rule;
 a bad path 400; a header name with an underscore 400, or the header is
 dropped (agent/core/headers.py decides, for both directions); headers over
-the limits 431; an Upgrade or CONNECT 501 (an upgraded stream would carry
-bytes no policy sees: use a TCP port for WebSockets). Each such answer
-closes the connection once earlier responses are out.
+the limits 431; CONNECT 501. Each such answer closes the connection once
+earlier responses are out. An Upgrade (WebSocket, h2c) is authorized like any
+request; if the app answers 101 the connection is relayed as bytes both ways
+from then on, else HTTP goes on. An HTTP/2 preface gets a GOAWAY saying which
+port protocol to use. The framing rules themselves live in agent/core/http1.py;
+this module applies its events to the two transports.
 
 Draining (SIGTERM): an idle connection closes at once; one with requests
 already read gets their responses, the last with `Connection: close`, and
@@ -34,28 +37,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Protocol
 
-import httptools
-
-from agent.core.headers import UnderscoreAction, screen, underscore_refusal
+from agent.core import http1
+from agent.core.headers import UnderscoreAction
+from agent.core.http1 import END, Data, Framing, Refused, Request, Response, Switched
 from agent.core.httppath import BadPath, normalize_host, normalize_target
 from agent.core.policy import Decision
 
-#: Envoy's defaults: 60 KiB of request line and headers, 100 headers.
-MAX_HEADER_BYTES = 60 * 1024
-MAX_HEADERS = 100
 #: Bytes of pipelined requests held while an earlier one is in flight.
 HOLD_BYTES = 256 * 1024
 
 IDENTITY_HEADERS = frozenset({b"x-forwarded-client-cert"})
-#: A Host the agent can match the way the app will read it: a name or IP literal, a port.
-_HOST_FIELD = re.compile(r"(?:[A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
 
 #: method, normalized path, normalized host (or None), headers -> the decision
 Authorize = Callable[[str, str, str | None, dict[str, tuple[str, ...]]], Decision]
@@ -72,9 +68,13 @@ def _quoted(value: str) -> str:
     return value
 
 
+_IDENTITY_LENGTHS = frozenset(map(len, IDENTITY_HEADERS))
+
+
 def _identity(name: bytes) -> bool:
     """One of the headers the agent sets, in any spelling an app server may fold onto it."""
-    return name.lower().replace(b"_", b"-") in IDENTITY_HEADERS
+    # Called for every header both ways: the length rules out nearly all at once.
+    return len(name) in _IDENTITY_LENGTHS and name.lower().replace(b"_", b"-") in IDENTITY_HEADERS
 
 
 def error_body(error: str, detail: str = "") -> dict[str, str]:
@@ -97,7 +97,10 @@ class _Request:
     method: bytes
     head: bytes = b""
     answer: bytes = b""  # a local response: nothing goes to the app
-    chunked: bool = False
+    framing: Framing = "none"  # its body's, as sent to the app
+    http10: bool = False  # the client speaks HTTP/1.0
+    keep_alive: bool = True  # the client keeps its connection after it
+    upgrade: bool = False  # it asks for an Upgrade: HTTP may end with its answer
     body: list[bytes] = field(default_factory=list)  # held until the request is in flight
     held: int = 0  # bytes of head and body held in memory while it waits
     done: bool = False
@@ -115,18 +118,14 @@ class HttpExchange:
         on_response: Callable[[int], None],
         underscores: UnderscoreAction = "reject",
         drained: Callable[[], None] = lambda: None,
+        refused: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.client, self.app = client, app
         self.authorize = authorize
-        self.underscores = underscores  # what a header name with an underscore gets
         self.identity = identity  # the x-forwarded-client-cert value for this peer; b"": none
         self.on_response = on_response
-        self.requests = httptools.HttpRequestParser(RequestEvents(self))
-        # Bytes fed to the request parser since it last handed any on (a body piece,
-        # a complete head): httptools buffers a header name or value whole before
-        # calling on_header, so this is what bounds that buffer.
-        self.unparsed = 0
-        self.responses = httptools.HttpResponseParser(_AppEvents(self))
+        self.requests = http1.RequestParser(underscores)
+        self.responses: http1.ResponseParser | None = None  # to the request in flight
         self.queue: deque[_Request] = deque()  # queue[0] is in flight when it goes to the app
         self.held = 0
         self.stopped = False  # a local answer is queued: later requests are ignored
@@ -134,40 +133,73 @@ class HttpExchange:
         # head and body in one TLS record, not two (a quarter more requests/s).
         self.to_client: list[bytes] = []
         self.to_app: list[bytes] = []
+        self.outgoing: Framing = "none"  # the response's body, as written to the client
+        self.keep = True  # the client's connection stays after the response in flight
+        self.tunnel = False  # the app switched protocols: bytes both ways, no HTTP
         self.closing = False  # close the client once what is owed to it is written
         self.draining = False  # take no new request; close once what was read is answered
         self.drained = drained  # told when a drained connection has been sent all it is owed
+        self.refused = refused  # told why a connection was refused (protocol_mismatch)
 
     def release(self) -> None:
-        """Both connections are gone: drop the parsers, whose callbacks refer back to this
-        exchange, so reference counting frees it and the TLS state of its transports."""
-        del self.requests, self.responses
+        """Both connections are gone: let go of the parsers and what they hold (a request
+        held behind an Upgrade) at once."""
+        self.requests = http1.RequestParser()
+        self.responses = None
+        self.queue.clear()
 
     # -- bytes in ----------------------------------------------------------------------
 
     def from_client(self, data: bytes) -> None:
-        if self.stopped:
-            return
-        self.unparsed += len(data)
-        try:
-            self.requests.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self.answer(501, {"error": "upgrade_not_supported"})
-        except httptools.HttpParserError as exc:
-            if not self.stopped:  # a callback's own refusal is already queued
-                self.answer(400, {"error": "bad_request", "detail": _reason(exc)})
-        if not self.stopped and self.unparsed > MAX_HEADER_BYTES:
-            self.answer(431, {"error": "headers_too_large"})
-        self._flush()
+        if self.tunnel:
+            self.app.write(data)
+        elif not self.stopped:
+            self._requests(self.requests.feed(data))
+            self._flush()
+
+    def _requests(self, events: list[http1.RequestEvent]) -> None:
+        for event in events:
+            if self.stopped:
+                return
+            if isinstance(event, Request):
+                self.request(event)
+            elif isinstance(event, Data):
+                self.body(event.data)
+            elif event is END:
+                self.request_done()
+            elif isinstance(event, Refused):
+                self.answer(event.status, error_body(event.error, event.detail))
+            else:  # an HTTP/2 preface: the client must be told which protocol this port is
+                self.stopped = self.closing = True
+                self.to_client.append(http1.h2_refusal())
+                self.refused("protocol_mismatch")
 
     def from_app(self, data: bytes) -> None:
-        try:
-            self.responses.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # 101: not relayed
+        if self.tunnel:
+            self.client.write(data)
+            return
+        responses = self.responses
+        events = responses.feed(data) if responses is not None else None
+        if events is None or not self._responses(events):
             self.client.abort()  # the app broke HTTP: nothing sane can follow
             self.app.abort()
             return
         self._flush()
+
+    def _responses(self, events: list[http1.ResponseEvent]) -> bool:
+        """Apply the app's response events; False if it broke HTTP."""
+        for event in events:
+            if isinstance(event, Data):
+                self.to_client.append(http1.body(self.outgoing, event.data))
+            elif event is END:
+                self.response_done()
+            elif isinstance(event, Response):
+                self.response_head(event)
+            elif isinstance(event, Switched):
+                self.switch(event.rest)
+            else:
+                return False
+        return True
 
     def _flush(self) -> None:
         if self.to_app:
@@ -185,8 +217,11 @@ class HttpExchange:
                 self.drained()
 
     def finish(self) -> None:
-        """Draining: close now if nothing was asked, else once what was read is answered."""
+        """Draining: close now if nothing was asked, else once what was read is answered.
+        A switched connection is a byte stream now: it goes on, as a TCP relay does."""
         self.draining = True
+        if self.tunnel:
+            return
         if not self.queue:
             self.stopped = self.closing = True
             self._flush()
@@ -195,65 +230,63 @@ class HttpExchange:
 
     # -- requests ----------------------------------------------------------------------
 
-    def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def request(self, request: Request) -> None:
         """A request head is complete: authorize it and send or hold it."""
         if self.draining:  # begun after the drain: not taken (the close tells the client)
             self.stopped = True
             return
         try:
-            path, query = normalize_target(target.decode("latin-1"))
+            path, query = normalize_target(request.target.decode("latin-1"))
         except BadPath as exc:
             return self.answer(400, {"error": "bad_path", "detail": str(exc)})
         values: dict[str, tuple[str, ...]] = {}
-        for name, value in headers:
+        for name, value in request.headers:
             if _identity(name):
                 continue
             key = name.lower().decode("latin-1")
             # llhttp keeps trailing whitespace; the app drops it (RFC 9110 5.5), so must we.
             values[key] = (*values.get(key, ()), value.decode("latin-1").strip(" \t"))
         hosts = values.get("host", ())
-        if len(hosts) > 1:
-            return self.answer(400, {"error": "bad_request", "detail": "more than one Host"})
-        version = self.requests.get_http_version()
-        if not hosts and version == "1.1":
-            return self.answer(400, {"error": "bad_request", "detail": "no Host"})
-        if "transfer-encoding" in values and version == "1.0":
-            # RFC 9112 6.1: faulty framing; the app may read the body as close-delimited.
-            return self.answer(400, {"error": "bad_request", "detail": "chunked in HTTP/1.0"})
-        if hosts and not _HOST_FIELD.fullmatch(hosts[0]):
-            return self.answer(400, {"error": "bad_request", "detail": "malformed Host"})
         host = normalize_host(hosts[0]) if hosts else None
-        decision = self.authorize(method.decode("ascii"), path, host, values)
+        method = request.method.decode("ascii")
+        decision = self.authorize(method, path, host, values)
         if not decision.allowed:
             return self.answer(
                 403, {"error": "denied", "policy": decision.policy, "rule": decision.rule}
             )
         forwarded = path + ("?" + query if query else "")
-        lines = [f"{method.decode('ascii')} {forwarded} HTTP/{version}".encode("latin-1")]
-        lines += [b"%s: %s" % (n, v) for n, v in headers if not _identity(n)]
-        if self.identity:  # none for a plaintext caller that permissive capture let in
-            lines.append(b"x-forwarded-client-cert: " + self.identity)
-        chunked = any("chunked" in v.lower() for v in values.get("transfer-encoding", ()))
-        self._enqueue(_Request(method, b"\r\n".join(lines) + b"\r\n\r\n", chunked=chunked))
+        extra = [(b"x-forwarded-client-cert", self.identity)] if self.identity else []
+        head = http1.request_head(
+            request, forwarded.encode("latin-1"), extra=extra, dropped=IDENTITY_HEADERS
+        )
+        upgrade = request.upgrade is not None
+        self._enqueue(
+            _Request(
+                request.method,
+                head,
+                framing=request.framing,
+                http10=request.version == "1.0",
+                keep_alive=request.keep_alive,
+                upgrade=upgrade,
+            )
+        )
+        if upgrade:  # nothing follows it but the new protocol, once the app agrees
+            self.client.pause_reading()
 
     def body(self, data: bytes) -> None:
         request = self.queue[-1] if self.queue else None
         if request is None or request.answer:
             return
-        piece = _chunk(data) if request.chunked else data
-        self._send(request, piece)
+        self._send(request, http1.body(request.framing, data))
 
     def request_done(self) -> None:
         request = self.queue[-1] if self.queue else None
         if request is None or request.answer:
             return
-        self._send(request, b"0\r\n\r\n" if request.chunked else b"")
+        self._send(request, http1.end(request.framing))
         request.done = True
         if self.draining:
             self.stopped = True
-
-    def refuse(self, status: int, error: str, detail: str = "") -> None:
-        self.answer(status, error_body(error, detail))
 
     def answer(self, status: int, body: dict[str, str]) -> None:
         """Answer the latest request ourselves, after every earlier response; then close."""
@@ -297,169 +330,72 @@ class HttpExchange:
             self.to_client.append(request.answer)
             self.closing = True
             return
+        self.responses = http1.ResponseParser(request.method, request.upgrade)
         self.to_app += [request.head, *request.body]
         self.held -= request.held
         request.held = 0
         request.body.clear()
-        if self.held <= HOLD_BYTES and not self.client.is_closing():
+        if self.held <= HOLD_BYTES and not request.upgrade and not self.client.is_closing():
             self.client.resume_reading()
 
     # -- responses ---------------------------------------------------------------------
 
-    def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
-        """Write the head of the app's response; True when it is the whole response (HEAD)."""
-        version = self.responses.get_http_version()
-        lines = [b"HTTP/%s %d %s" % (version.encode(), status, reason)]
-        last = self.draining and status >= 200 and len(self.queue) == 1
-        if last:  # the client learns from this response not to send another
-            headers = [(n, v) for n, v in headers if n.lower() != b"connection"]
-            headers.append((b"Connection", b"close"))
-        lines += [b"%s: %s" % (n, v) for n, v in headers if not _identity(n)]
-        self.to_client.append(b"\r\n".join(lines) + b"\r\n\r\n")
-        if self.queue and self.queue[0].method == b"HEAD" and status >= 200:
-            # No body follows, whatever the headers say: this parser would wait for
-            # one, so the next response gets a fresh parser.
-            keep_alive = self.responses.should_keep_alive()
-            self.responses = httptools.HttpResponseParser(_AppEvents(self))
-            self.response_done(status, keep_alive)
-            return True
-        return False
-
-    def response_done(self, status: int, keep_alive: bool) -> None:
-        if status < 200 or not self.queue:  # 1xx: the final response is still to come
+    def response_head(self, response: Response) -> None:
+        """Write the head of the app's response, decide the client connection's fate."""
+        request = self.queue[0]
+        if response.status < 200 and response.status != 101:
+            if not request.http10:  # 100 Continue and friends: the final one follows
+                self.to_client.append(
+                    http1.response_head(response, "none", http10=False, keep_alive=True)
+                )
             return
-        self.on_response(status)
+        self.outgoing = http1.relay_framing(
+            response.framing, http10=request.http10, ends_with_sender=True
+        )
+        self.keep = (
+            response.keep_alive
+            and request.keep_alive
+            and request.done  # else the app may still be reading a body it answered early
+            and self.outgoing != "close"
+            and not (self.draining and len(self.queue) == 1)  # the last before the close
+        )
+        self.to_client.append(
+            http1.response_head(
+                response,
+                self.outgoing,
+                http10=request.http10,
+                keep_alive=self.keep,
+                dropped=IDENTITY_HEADERS,
+            )
+        )
+
+    def response_done(self) -> None:
+        responses = self.responses
+        assert responses is not None
+        self.on_response(responses.status)
         request = self.queue.popleft()
-        if not keep_alive or not request.done or (self.draining and not self.queue):
-            # Answered before its body was all read: the app may still be reading
-            # that body, so nothing else can follow on this connection.
-            self.stopped = True
-            self.closing = True
+        self.responses = None
+        self.to_client.append(http1.end(self.outgoing))
+        if not self.keep:
+            self.stopped = self.closing = True
+        elif request.upgrade:  # answered without switching: HTTP goes on
+            if not self.client.is_closing():
+                self.client.resume_reading()
+            self._requests(self.requests.resume())
         elif self.queue:
             self._start(self.queue[0])
 
-
-class RequestReader(Protocol):
-    """An exchange that reads requests with `RequestEvents` (inbound here, outbound too)."""
-
-    requests: httptools.HttpRequestParser
-    unparsed: int
-    stopped: bool
-    underscores: UnderscoreAction
-
-    def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
-    def body(self, data: bytes) -> None: ...
-    def request_done(self) -> None: ...
-    def refuse(self, status: int, error: str, detail: str = "") -> None: ...
-
-
-class RequestEvents:
-    """llhttp's request callbacks, collecting one head at a time within the limits."""
-
-    def __init__(self, exchange: RequestReader) -> None:
-        self.exchange = exchange
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []  # the fields passed on
-        self.size = 0
-        self.fields = 0  # received, dropped ones included
-
-    def on_message_begin(self) -> None:
-        self.url, self.headers, self.size, self.fields = b"", [], 0, 0
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        self._count(len(url))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.fields += 1
-        self._count(len(name) + len(value))
-        verdict = screen(name, self.exchange.underscores)
-        if verdict == "keep":
-            self.headers.append((name, value))
-        elif verdict == "reject":  # trailers too: one rule for every field
-            self.exchange.refuse(400, "bad_request", underscore_refusal(name))
-            raise Refused
-
-    def _count(self, size: int) -> None:
-        self.size += size
-        if self.size > MAX_HEADER_BYTES or self.fields > MAX_HEADERS:
-            self.exchange.refuse(431, "headers_too_large")
-            raise Refused  # stops the parser: nothing after this is read
-
-    def on_headers_complete(self) -> None:
-        parser = self.exchange.requests
-        if parser.should_upgrade():
-            return  # feed_data raises HttpParserUpgrade next: answered there
-        self.exchange.unparsed = 0
-        self.exchange.request(parser.get_method(), self.url, self.headers)
-        if self.exchange.stopped:
-            raise Refused
-
-    def on_body(self, body: bytes) -> None:
-        self.exchange.unparsed = 0
-        self.exchange.body(body)
-
-    def on_message_complete(self) -> None:
-        self.exchange.unparsed = 0
-        self.exchange.request_done()
-
-
-class _AppEvents:
-    """llhttp's response callbacks."""
-
-    def __init__(self, exchange: HttpExchange) -> None:
-        self.exchange = exchange
-        self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.chunked = False
-        self.finished = False  # a response to HEAD: its parser is retired
-
-    def on_message_begin(self) -> None:
-        self.reason, self.headers = b"", []
-
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        status = self.exchange.responses.get_status_code()
-        # 1xx, 204 and 304 have no body, whatever their Transfer-Encoding says.
-        self.chunked = (
-            status >= 200
-            and status not in (204, 304)
-            and any(
-                n.lower() == b"transfer-encoding" and b"chunked" in v.lower()
-                for n, v in self.headers
-            )
-        )
-        self.finished = self.exchange.response_head(status, self.reason, self.headers)
-
-    def on_body(self, body: bytes) -> None:
-        if not self.finished:
-            self.exchange.to_client.append(
-                b"%x\r\n%s\r\n" % (len(body), body) if self.chunked else body
-            )
-
-    def on_message_complete(self) -> None:
-        if self.finished:
-            return
-        if self.chunked:
-            self.exchange.to_client.append(b"0\r\n\r\n")
-        responses = self.exchange.responses
-        self.exchange.response_done(responses.get_status_code(), responses.should_keep_alive())
-
-
-def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-class Refused(Exception):
-    """Raised from a callback to stop parsing after the agent has answered."""
-
-
-def _reason(exc: httptools.HttpParserError) -> str:
-    """llhttp's own words for what is wrong, e.g. 'Invalid header value char'."""
-    text = str(exc)
-    return text.split(": ", 1)[-1] if ": " in text else text or type(exc).__name__
+    def switch(self, rest: bytes) -> None:
+        """The app answered 101: from here on the connection is the upgraded stream, relayed
+        as bytes both ways (the request that asked was authorized like any other)."""
+        self.on_response(101)
+        self.queue.clear()
+        self.responses = None
+        self.tunnel = True
+        held = self.requests.switched()
+        if held:
+            self.to_app.append(held)
+        if rest:
+            self.to_client.append(rest)
+        if not self.client.is_closing():
+            self.client.resume_reading()

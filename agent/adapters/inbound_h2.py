@@ -35,11 +35,12 @@ from h2.errors import ErrorCodes
 from agent.adapters import h2client
 from agent.adapters.h2client import H2Pool, NoRoom, StreamError
 from agent.adapters.h2server import H2Stream, Headers, StreamReset
-from agent.adapters.http import _HOST_FIELD, Authorize, _identity, error_body
+from agent.adapters.http import Authorize, _identity, error_body
 from agent.core import grpc
 from agent.core.endpoint import Endpoint
 from agent.core.h2limits import H2Limits, Limit
 from agent.core.headers import UnderscoreAction, screen, underscore_refusal
+from agent.core.http1 import HOST_FIELD
 from agent.core.httppath import BadPath, normalize_host, normalize_target
 
 log = logging.getLogger("outrider.agent")
@@ -208,7 +209,7 @@ class InboundH2:
                 return "Host and :authority differ"
             values["host"] = (text,)
             hosts = (text,)
-        if hosts and not _HOST_FIELD.fullmatch(hosts[0]):
+        if hosts and not HOST_FIELD.fullmatch(hosts[0]):
             return "malformed Host"
         return None
 

@@ -37,6 +37,7 @@ from agent.adapters.runtime import Runtime
 from agent.adapters.tls import refusal_reason
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.config import Inbound, Outbound
+from agent.core import http1
 from agent.core.authz import AllowList
 from agent.core.captured import Captured, OutboundRoutes, admit_plaintext, looks_like_tls
 from agent.core.h2limits import Limit
@@ -478,6 +479,20 @@ class InboundMtls(Listener[InboundT]):
         def answered(code: int) -> None:
             requests.labels(INBOUND, str(peer or ""), str(code)).inc()
 
+        def refused(reason: str) -> None:
+            self.runtime.metrics.connections_refused.labels(INBOUND, reason).inc()
+            held = self.runtime.refusal_lines.admit(
+                (INBOUND, reason), asyncio.get_running_loop().time()
+            )
+            if held is not None:
+                log.warning(
+                    "inbound %s: refused a connection from %s: %s%s",
+                    config.listen,
+                    peer or "a plaintext caller",
+                    http1.H2_ADVICE if reason == "protocol_mismatch" else reason,
+                    held_back(held),
+                )
+
         assert relay.down.transport is not None and up.transport is not None
         identity = xfcc(str(self.runtime.spiffe_id), str(peer)) if peer else b""
         exchange = HttpExchange(
@@ -488,6 +503,7 @@ class InboundMtls(Listener[InboundT]):
             answered,
             limits.headers_with_underscores,
             relay.close,
+            refused,
         )
         relay.on_released = exchange.release
         relay.link(exchange.from_client, exchange.from_app)

@@ -22,7 +22,12 @@ by reason. Every outcome goes to the upstream's health table for outlier
 detection.
 
 One request is in flight per app connection; pipelined requests wait,
-bounded like the inbound side (HOLD_BYTES).
+bounded like the inbound side (HOLD_BYTES). The framing rules (what a request
+may be, its head upstream, the response's framing back to the app) are
+agent/core/http1.py's. An Upgrade (WebSocket, h2c) goes upstream like any
+request; if the answer is 101 the app's connection and that upstream
+connection are relayed as bytes from then on (never pooled again). An HTTP/2
+preface gets a GOAWAY saying which port protocol to use.
 """
 
 from __future__ import annotations
@@ -31,25 +36,19 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import cast
 
-import httptools
-
 from agent.adapters.attempts import LocalAnswer, Try, attempts
-from agent.adapters.http import (
-    HOLD_BYTES,
-    MAX_HEADER_BYTES,
-    Refused,
-    RequestEvents,
-    error_body,
-    local_response,
-)
+from agent.adapters.http import HOLD_BYTES, error_body, local_response
 from agent.adapters.metrics import clock, since
 from agent.adapters.pool import UpstreamConnection
 from agent.adapters.upstreams import DialError, LiveUpstream
+from agent.core import http1
+from agent.core.http1 import END, Data, Framing, Refused, Request, Switched
+from agent.core.throttle import held_back
 from agent.core.tries import Deliver, Outcome, Response
 from agent.core.upstream import Endpoint
 
@@ -57,12 +56,6 @@ log = logging.getLogger("outrider.agent")
 
 #: Request body bytes kept for a retry; a longer body is sent once, never replayed.
 REPLAY_BYTES = 64 * 1024
-_HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
-)
-#: Never dropped because a Connection header names them: they frame the message (or name
-#: its authority), and a body sent without its framing is read as the next message.
-_END_TO_END = frozenset({b"content-length", b"transfer-encoding", b"host"})
 
 
 @dataclass
@@ -72,7 +65,8 @@ class _Request:
     key: bytes | None  # what ring_hash and maglev hash
     keep_alive: bool  # the app keeps its connection after this request
     http10: bool
-    chunked: bool
+    framing: Framing  # its body's, as sent upstream
+    upgrade: bool = False  # it asks for an Upgrade: a 101 makes the connection a tunnel
     body: list[bytes] = field(default_factory=list)  # held until sent; kept while replayable
     size: int = 0
     replayable: bool = True
@@ -83,10 +77,11 @@ class _Request:
 
 @dataclass
 class _Parsing:
-    """A try's response state: llhttp fed what the upstream sends, and how it ended."""
+    """A try's response state: the core's parser fed what the upstream sends, its events
+    applied, and how it ended."""
 
     events: _Responses
-    parser: httptools.HttpResponseParser
+    parser: http1.ResponseParser
     done: asyncio.Future[int]  # the status the app got, once the response is over
 
 
@@ -101,9 +96,7 @@ class OutboundHttp(asyncio.Protocol):
         self.rng = rng
         self.client: asyncio.Transport | None = None
         self.source = b""
-        self.underscores = live.runtime.limits.headers_with_underscores
-        self.requests = httptools.HttpRequestParser(RequestEvents(self))
-        self.unparsed = 0  # bytes fed since the parser last handed some on
+        self.requests = http1.RequestParser(live.runtime.limits.headers_with_underscores)
         self.queue: deque[_Request] = deque()  # queue[0] is in flight
         self.held = 0
         self.task: asyncio.Task[None] | None = None
@@ -117,6 +110,8 @@ class OutboundHttp(asyncio.Protocol):
         self.writing_paused = False  # the app is not reading what it is owed
         # The try in progress (or the last one): it owns its connection and response state.
         self.attempt: Try[UpstreamConnection, _Parsing] | None = None
+        # The upstream connection after a 101: bytes both ways, no HTTP.
+        self.tunnel: UpstreamConnection | None = None
 
     # -- the app's connection ------------------------------------------------------------
 
@@ -141,19 +136,45 @@ class OutboundHttp(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.active = True
-        if self.stopped:
-            return
-        self.unparsed += len(data)
-        try:
-            self.requests.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self.refuse(501, "upgrade_not_supported")
-        except httptools.HttpParserError:
-            if not self.stopped:
-                self.refuse(400, "bad_request")
-        if not self.stopped and self.unparsed > MAX_HEADER_BYTES:
-            self.refuse(431, "headers_too_large")
-        self._flush()
+        tunnel = self.tunnel
+        if tunnel is not None:
+            if tunnel.transport is not None:
+                tunnel.transport.write(data)
+        elif not self.stopped:
+            self._requests(self.requests.feed(data))
+            self._flush()
+
+    def _requests(self, events: list[http1.RequestEvent]) -> None:
+        for event in events:
+            if self.stopped:
+                return
+            if isinstance(event, Request):
+                self.request(event)
+            elif isinstance(event, Data):
+                self.body(event.data)
+            elif event is END:
+                self.request_done()
+            elif isinstance(event, Refused):
+                self.refuse(event.status, event.error, event.detail)
+            else:
+                self._h2_preface()
+
+    def _h2_preface(self) -> None:
+        """The app spoke HTTP/2 to an HTTP/1.1 upstream: a GOAWAY says what to change."""
+        self.stopped = True
+        self.to_client.append(http1.h2_refusal())
+        self._close_client()
+        runtime = self.live.runtime
+        runtime.metrics.connections_refused.labels("outbound", "protocol_mismatch").inc()
+        key = ("outbound", "protocol_mismatch")
+        held = runtime.refusal_lines.admit(key, asyncio.get_running_loop().time())
+        if held is not None:
+            log.warning(
+                "outbound %s: refused an HTTP/2 connection: %s%s",
+                self.live.name,
+                http1.H2_ADVICE,
+                held_back(held),
+            )
 
     def eof_received(self) -> bool:
         self.stopped = True
@@ -173,6 +194,8 @@ class OutboundHttp(asyncio.Protocol):
         if self.task is not None:
             self.task.cancel()
         self._drop_connection()  # mid-exchange: its state is unknown
+        if self.tunnel is not None:
+            self.tunnel.close()
         self.on_closed(self)
 
     def pause_writing(self) -> None:
@@ -187,6 +210,8 @@ class OutboundHttp(asyncio.Protocol):
         """Draining: close now if nothing was asked, else once what was read is answered
         (as the inbound does), the last response with `Connection: close`."""
         self.draining = True
+        if self.tunnel is not None:
+            return  # a byte stream now: it goes on, as a TCP relay does
         if not self.queue:
             self.closing = True
             self._close_client()
@@ -214,7 +239,7 @@ class OutboundHttp(asyncio.Protocol):
                 self._answer(status, error, detail)
                 self._close_client()
             return
-        refusal = _Request("", b"", None, False, False, False, done=True)
+        refusal = _Request("", b"", None, False, False, "none", done=True)
         refusal.answer = local_response(status, error_body(error, detail))
         self.queue.append(refusal)
         if len(self.queue) == 1:
@@ -222,45 +247,47 @@ class OutboundHttp(asyncio.Protocol):
 
     # -- requests ------------------------------------------------------------------------
 
-    def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        """A request head is complete: queue it, and send it when it is first in line."""
+    def request(self, head: Request) -> None:
+        """A request head is complete: queue it, and send it when it is first in line.
+        It goes upstream as HTTP/1.1 on a pooled connection: its hop-by-hop headers (the
+        app's `Connection: close`, say) end here."""
         if self.draining:  # begun after the drain: not taken (the close tells the app)
             self.stopped = True
             return
-        parser = self.requests
-        hop = _hop_by_hop(headers)
+        headers = head.headers
         host = any(name.lower() == b"host" for name, _ in headers)
-        lines = [b"%s %s HTTP/1.1" % (method, target)]
-        lines += [b"%s: %s" % (n, v) for n, v in headers if n.lower() not in hop]
-        if not host:  # an HTTP/1.0 app may leave it out; the upstream wants one
-            lines.append(b"host: " + self.live.name.encode())
-        http10 = parser.get_http_version() == "1.0"
+        # An HTTP/1.0 app may leave Host out; the upstream wants one.
+        extra = [] if host else [(b"host", self.live.name.encode())]
         request = _Request(
-            method.decode("ascii"),
-            b"\r\n".join(lines) + b"\r\n\r\n",
+            head.method.decode("ascii"),
+            http1.request_head(head, head.target, version="1.1", keep_alive=True, extra=extra),
             _key(self.live.config.hash_on, headers, self.source),
-            parser.should_keep_alive() and not http10,
-            http10,
-            any(n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in headers),
+            head.keep_alive,
+            head.version == "1.0",
+            head.framing,
+            head.upgrade is not None,
         )
         self.queue.append(request)
         self._hold(request, len(request.head))
         if len(self.queue) == 1:
             self._next()
+        if request.upgrade and self.client is not None:
+            self.client.pause_reading()  # nothing follows it but the new protocol, if agreed
 
     def body(self, data: bytes) -> None:
         request = self.queue[-1]
-        self._add(request, b"%x\r\n%s\r\n" % (len(data), data) if request.chunked else data)
+        self._add(request, http1.body(request.framing, data))
 
     def request_done(self) -> None:
         request = self.queue[-1]
-        if request.chunked:
-            self._add(request, b"0\r\n\r\n")
+        self._add(request, http1.end(request.framing))
         request.done = True
         if self.draining:
             self.stopped = True
 
     def _add(self, request: _Request, piece: bytes) -> None:
+        if not piece:
+            return
         sending = request is self.queue[0] and self.connection is not None
         request.size += len(piece)
         if request.size > REPLAY_BYTES:
@@ -307,6 +334,8 @@ class OutboundHttp(asyncio.Protocol):
         live.counted.request(status, since(started))
         self.task = None
         self.queue.popleft()
+        if self.tunnel is not None:  # switched protocols: no more HTTP on this connection
+            return
         last = self.draining and not self.queue
         if self.closing or last or not request.keep_alive or not request.done:
             # Answered before the body was all read: the rest would be taken for a request.
@@ -369,7 +398,8 @@ class OutboundHttp(asyncio.Protocol):
         connection.user = self
         events = _Responses(self, request, connection)
         done = asyncio.get_running_loop().create_future()
-        attempt.parser = _Parsing(events, httptools.HttpResponseParser(events), done)
+        parser = http1.ResponseParser(request.method.encode(), request.upgrade)
+        attempt.parser = _Parsing(events, parser, done)
         if self.writing_paused:  # the app still has not read the last response
             self._upstream_reading(False)
         self.to_upstream += [request.head, *request.body]
@@ -424,11 +454,13 @@ class OutboundHttp(asyncio.Protocol):
 
     def from_upstream(self, data: bytes) -> None:
         self.active = True
-        responses = self.responses
-        assert responses is not None
-        try:
-            responses.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        if self.tunnel is not None:
+            if self.client is not None:
+                self.client.write(data)
+            return
+        responses, events = self.responses, self.events
+        assert responses is not None and events is not None
+        if not events.apply(responses.feed(data)):
             self._drop_connection()
             self.upstream_lost()  # it broke HTTP: as good as a reset
         self._flush()
@@ -444,11 +476,36 @@ class OutboundHttp(asyncio.Protocol):
                 self.live.pool.put(connection)
             else:
                 connection.close()
+        if request.upgrade and not self.closing:  # answered without switching: HTTP goes on
+            if self.client is not None:
+                self.client.resume_reading()
+            self._requests(self.requests.resume())
         if not attempt.parser.done.done():
             attempt.parser.done.set_result(status)
 
+    def switch(self, rest: bytes) -> None:
+        """The upstream answered 101: the app's connection and this upstream connection are
+        one byte stream from now on (the request that asked was sent like any other)."""
+        attempt = self.attempt
+        assert attempt is not None and attempt.parser is not None
+        tunnel = attempt.release()  # the try ends without dropping it
+        assert tunnel is not None
+        self.tunnel = tunnel  # still its user: its bytes and its close come here
+        held = self.requests.switched()
+        if held and tunnel.transport is not None:
+            tunnel.transport.write(held)
+        if rest:
+            self.to_client.append(rest)
+        if self.client is not None:
+            self.client.resume_reading()
+        if not attempt.parser.done.done():
+            attempt.parser.done.set_result(101)
+
     def upstream_lost(self) -> None:
         """The connection in use is gone: a reset before the head, or the end of the body."""
+        if self.tunnel is not None:  # the upgraded stream ended upstream: so it does here
+            self._close_client()
+            return
         attempt = self.attempt
         if attempt is None:
             return
@@ -459,7 +516,7 @@ class OutboundHttp(asyncio.Protocol):
         if not events.delivering:
             attempt.decide("reset")
         elif events.until_close:
-            events.finish(keep_alive=False)
+            events.finish()
             self._flush()  # the last chunk: nothing else will write it
         else:  # truncated: the app must not take it for the whole response
             self.abort()
@@ -471,7 +528,7 @@ class OutboundHttp(asyncio.Protocol):
             (self.client.pause_reading if paused else self.client.resume_reading)()
 
     def _upstream_reading(self, on: bool) -> None:
-        connection = self.connection
+        connection = self.connection or self.tunnel
         if connection is not None and connection.transport is not None:
             (connection.transport.resume_reading if on else connection.transport.pause_reading)()
 
@@ -487,7 +544,7 @@ class OutboundHttp(asyncio.Protocol):
         return parsing.events if parsing is not None else None
 
     @property
-    def responses(self) -> httptools.HttpResponseParser | None:
+    def responses(self) -> http1.ResponseParser | None:
         parsing = self.attempt.parser if self.attempt is not None else None
         return parsing.parser if parsing is not None else None
 
@@ -522,7 +579,7 @@ class OutboundHttp(asyncio.Protocol):
 
 
 class _Responses:
-    """llhttp's callbacks for one response: decide whether to retry on it, else deliver it."""
+    """One response's events: decide whether to retry on it, else deliver it to the app."""
 
     def __init__(
         self, exchange: OutboundHttp, request: _Request, connection: UpstreamConnection
@@ -530,70 +587,61 @@ class _Responses:
         self.exchange = exchange
         self.request = request
         self.connection = connection
-        self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
         self.status = 0
+        self.keep_alive = False  # the upstream keeps the connection after this response
         self.delivering = False
         self.finished = False
-        self.rechunk = False  # llhttp hands the body de-chunked: frame it again
+        self.outgoing: Framing = "none"  # the body's framing as written to the app
         self.until_close = False  # no length: the body ends when the connection does
 
-    def on_message_begin(self) -> None:
-        if self.finished:  # a second response nobody asked for: the server cannot be trusted
-            self.connection.abort()
-            raise Refused
-        self.reason, self.headers = b"", []
+    def apply(self, events: list[http1.ResponseEvent]) -> bool:
+        """Deliver what the upstream sent; False if it broke HTTP."""
+        for event in events:
+            if isinstance(event, Data):
+                if self.delivering and not self.finished:
+                    self.exchange.to_client.append(http1.body(self.outgoing, event.data))
+            elif event is END:
+                if self.delivering and not self.finished:
+                    self.finish()
+            elif isinstance(event, http1.Response):
+                self.head(event)
+            elif isinstance(event, Switched):
+                if self.delivering:
+                    self.exchange.switch(event.rest)
+            else:
+                return False
+        return True
 
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
+    def head(self, response: http1.Response) -> None:
         x = self.exchange
-        assert x.responses is not None
-        status = self.status = x.responses.get_status_code()
-        if status < 200:  # 100 Continue and friends: pass on, the final response follows
-            if status != 101 and not self.request.http10:
-                x.to_client.append(self._head())
+        request = self.request
+        status = self.status = response.status
+        if status < 200 and status != 101:  # 100 Continue and friends: the final one follows
+            if not request.http10:
+                x.to_client.append(
+                    http1.response_head(response, "none", http10=False, keep_alive=True)
+                )
             return
         if self._retry_granted(status):
             return  # tried again elsewhere: the attempts loop drops this connection
-        names = {n.lower() for n, _ in self.headers}
-        chunked = any(
-            n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in self.headers
+        self.keep_alive = response.keep_alive
+        self.until_close = response.framing == "close"
+        self.outgoing = http1.relay_framing(
+            response.framing, http10=request.http10, ends_with_sender=False
         )
-        bodyless = self.request.method == "HEAD" or status in (204, 304)
-        self.until_close = not bodyless and not chunked and b"content-length" not in names
-        self.rechunk = not self.request.http10 and (chunked or self.until_close) and not bodyless
-        closing = x.closing or (x.draining and len(x.queue) == 1) or not self.request.keep_alive
-        extra = []
-        if self.until_close and self.rechunk:
-            extra.append(b"transfer-encoding: chunked")
-        if closing:
-            extra.append(b"connection: close")
-        x.to_client.append(self._head(extra, drop_te=self.request.http10))
+        if self.outgoing == "close" or not request.done:
+            # Answered before the body was all read: the rest would be taken for a request.
+            x.closing = True
+        keep = not (x.closing or (x.draining and len(x.queue) == 1) or not request.keep_alive)
+        x.to_client.append(
+            http1.response_head(response, self.outgoing, http10=request.http10, keep_alive=keep)
+        )
         self.delivering = True
-        if bodyless:
-            self.finish(x.responses.should_keep_alive())
 
-    def on_body(self, body: bytes) -> None:
-        if self.delivering and not self.finished:
-            self.exchange.to_client.append(
-                b"%x\r\n%s\r\n" % (len(body), body) if self.rechunk else body
-            )
-
-    def on_message_complete(self) -> None:
-        if self.delivering and not self.finished and self.status >= 200:
-            responses = self.exchange.responses
-            self.finish(responses is not None and responses.should_keep_alive())
-
-    def finish(self, keep_alive: bool) -> None:
+    def finish(self) -> None:
         self.finished = True
-        if self.rechunk:
-            self.exchange.to_client.append(b"0\r\n\r\n")
-        self.exchange.response_done(self.status, keep_alive and not self.until_close)
+        self.exchange.to_client.append(http1.end(self.outgoing))
+        self.exchange.response_done(self.status, self.keep_alive)
 
     def _retry_granted(self, status: int) -> bool:
         """Whether this response is not delivered: the try is decided (agent/core/tries.py)
@@ -605,23 +653,6 @@ class _Responses:
         # left of the request would follow it.
         step = attempt.decide(Response(status), replayable=request.replayable and request.done)
         return not isinstance(step, Deliver)
-
-    def _head(self, extra: Sequence[bytes] = (), *, drop_te: bool = False) -> bytes:
-        hop = _hop_by_hop(self.headers)
-        if drop_te:
-            hop.add(b"transfer-encoding")
-        lines = [b"HTTP/1.1 %d %s" % (self.status, self.reason)]
-        lines += [b"%s: %s" % (n, v) for n, v in self.headers if n.lower() not in hop]
-        return b"\r\n".join([*lines, *extra]) + b"\r\n\r\n"
-
-
-def _hop_by_hop(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:
-    """The headers that end at this hop: the fixed ones, and the ones Connection names."""
-    hop = set(_HOP_BY_HOP)
-    for name, value in headers:
-        if name.lower() == b"connection":
-            hop.update(v.strip().lower() for v in value.split(b","))
-    return hop - _END_TO_END
 
 
 def _key(

@@ -117,33 +117,6 @@ def test_the_hyphen_spelling_is_denied(setup: CaSetup, backend: AgentProcess) ->
     assert one(setup, backend, get("/", "X-Role: viewer")).status == 200
 
 
-@pytest.mark.parametrize("name", ROLE_SPELLINGS + PHP_SPELLINGS)
-def test_a_spelling_an_app_server_folds_is_refused_and_never_reaches_the_app(
-    setup: CaSetup, backend: AgentProcess, app: WsgiApp, name: str
-) -> None:
-    seen = len(app.seen)
-    reply = one(setup, backend, get("/", f"{name}: admin"))
-    assert reply.status == 400
-    body = reply.json()
-    assert body["error"] == "bad_request"
-    assert name in body["detail"]
-    assert ("underscore" in body["detail"]) == ("_" in name)
-    assert reply.headers["connection"] == "close"
-    assert len(app.seen) == seen
-
-
-@pytest.mark.parametrize(
-    "header", ["Transfer_Encoding: chunked", "Content_Length: 5", "Host_: other", "X_Other: 1"]
-)
-def test_every_header_name_with_an_underscore_is_refused(
-    setup: CaSetup, backend: AgentProcess, app: WsgiApp, header: str
-) -> None:
-    seen = len(app.seen)
-    raw = get("/", header).replace(b"\r\n\r\n", b"\r\nContent-Length: 5\r\n\r\nhello")
-    assert one(setup, backend, raw).status == 400
-    assert len(app.seen) == seen
-
-
 def test_dropping_instead_passes_the_request_on_without_the_header(
     setup: CaSetup, dropping: AgentProcess, app: WsgiApp
 ) -> None:

@@ -147,60 +147,6 @@ def listener(agent: Agent) -> str:
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: backend\r\n\r\n"
 
 
-@pytest.mark.parametrize(
-    ("named", "framed"),
-    [
-        (b"content-length", b"Content-Length: %d\r\n\r\n%s" % (len(SMUGGLED), SMUGGLED)),
-        (
-            b"transfer-encoding",
-            b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED),
-        ),
-    ],
-    ids=["content-length", "transfer-encoding"],
-)
-async def test_a_connection_header_naming_the_framing_cannot_smuggle_a_request(
-    root: Path, setup: CaSetup, named: bytes, framed: bytes
-) -> None:
-    """`Connection: content-length` must not strip the length off a request whose body is sent.
-
-    The body then reaches the upstream with no framing: on the pooled
-    connection it is read as a second request, sent with this agent's
-    identity. The same for `Connection: transfer-encoding` and a chunked body.
-    """
-    request = b"POST /upload HTTP/1.1\r\nHost: backend\r\nConnection: %s\r\n%s" % (named, framed)
-    async with asyncio.timeout(5), backends(root, setup, "a") as pairs:
-        app, address = pairs[0]
-        async with client_agent(root, setup, endpoints=[address]) as agent:
-            [(status, body)] = await exchange(listener(agent), request)
-            await asyncio.sleep(0.2)  # the smuggled request would arrive right behind
-    assert app.paths["/smuggled"] == 0
-    assert (status, body) == (200, b"a POST %d" % len(SMUGGLED))
-
-
-async def test_a_response_keeps_its_length_when_its_connection_header_names_it(
-    root: Path, setup: CaSetup
-) -> None:
-    """The same from the other side: the app must still be able to tell where the body ends."""
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await reader.readuntil(b"\r\n\r\n"):
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello"
-            )
-
-    async with (
-        raw_backend(root, setup, answer) as address,
-        client_agent(root, setup, endpoints=[address]) as agent,
-    ):
-        get = b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n"
-        try:
-            async with asyncio.timeout(1.5):
-                answers = await exchange(listener(agent), get, get)
-        except TimeoutError:
-            answers = []  # the app could not find the end of the first response
-    assert answers == [(200, b"hello"), (200, b"hello")]
-
-
 async def test_a_close_delimited_response_reaches_a_keep_alive_app_whole(
     root: Path, setup: CaSetup
 ) -> None:

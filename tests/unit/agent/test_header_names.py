@@ -21,34 +21,10 @@ from agent.core.policy import Decision, PolicySet, Request
 from agent.core.policyfile import parse_policies
 from identity import SpiffeId
 from tests.support import DENY_ADMIN_ROLE
+from tests.transports import Sent
 
 POLICIES = PolicySet(parse_policies(DENY_ADMIN_ROLE, "test"))
 PEER = SpiffeId.parse("spiffe://example.org/ns/demo/sa/frontend")
-
-
-class Sent:
-    """A transport that keeps what it is sent."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    abort = close
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 def authorize(

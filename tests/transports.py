@@ -1,0 +1,39 @@
+"""A fake asyncio transport for the sans-IO HTTP exchanges: it keeps what it is sent."""
+
+from __future__ import annotations
+
+
+class Sent:
+    """A transport that keeps what it is written, and whether it was closed or paused."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed = False
+        self.aborted = False
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def take(self) -> bytes:
+        """What was written since the last take."""
+        data, self.data = self.data, b""
+        return data
