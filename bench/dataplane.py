@@ -6,6 +6,8 @@
     new_conn    a new connection per request (full mTLS handshakes): conn/s
     rotation    Outrider agents whose SVIDs live 20 s (so rotate every ~10 s) under
                 new-connection load: errors must be 0
+    grpc_unary, grpc_streams
+                gRPC on one connection, one call or 50 at a time (bench/grpc_calls.py)
 
 L4 scenarios run the L4 pairs; the L7 ones (`l7_keepalive` with Envoy's 10-rule RBAC
 policy, `l7_new_conn` where the upstream side is pooled) run the L7 pairs.
@@ -24,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import peers
+from bench import grpc_calls, peers
 from bench.load import Load, fixed_rate, wrk
 from bench.peers import Pair
 from bench.procs import cpu_seconds, machine_busy_seconds, peak_rss_mib, rss_mib
@@ -45,6 +47,7 @@ class Scenario:
 def scenarios(connections: int) -> list[Scenario]:
     l4 = ("direct", "outrider l4", "envoy l4", "haproxy l4", "nginx l4")
     l7 = ("direct", "outrider l7", "envoy l7", "haproxy l7", "nginx l7")
+    h2 = ("direct grpc", "outrider grpc", "envoy grpc")
     return [
         Scenario(
             "keepalive",
@@ -85,6 +88,21 @@ def scenarios(connections: int) -> list[Scenario]:
             ("outrider rotating",),
             lambda port, s: wrk(port, s, connections, close=True),
             unit="conn/s",
+        ),
+        Scenario(
+            "grpc_unary",
+            "gRPC with a 10-rule policy, unary calls one at a time on one connection",
+            h2,
+            lambda port, s: grpc_calls.load(port, s, 1),
+            unit="calls/s",
+        ),
+        Scenario(
+            "grpc_streams",
+            f"gRPC with a 10-rule policy, {grpc_calls.STREAMS} concurrent streams on one"
+            " connection",
+            h2,
+            lambda port, s: grpc_calls.load(port, s, grpc_calls.STREAMS),
+            unit="calls/s",
         ),
     ]
 
@@ -154,6 +172,7 @@ def start_pairs(stack: ExitStack, root: Path) -> tuple[dict[str, Pair], int]:
     setup = make_ca_setup(root)
     ca = stack.enter_context(ca_process(setup.config))
     backend_port, backend_pid = peers.backend(stack, root / "backend")
+    grpc_port, _ = grpc_calls.backend(stack, root / "grpc-backend")
     pairs = [
         Pair("direct", "l4", backend_port),
         peers.outrider(stack, setup, ca, backend_port),
@@ -164,6 +183,9 @@ def start_pairs(stack: ExitStack, root: Path) -> tuple[dict[str, Pair], int]:
             for start in (peers.envoy, peers.haproxy, peers.nginx)
             for layer in ("l4", "l7")
         ),
+        Pair("direct", "grpc", grpc_port),
+        peers.outrider(stack, setup, ca, grpc_port, layer="grpc"),
+        peers.envoy(stack, setup, grpc_port, "grpc"),
     ]
     pairs[2].proxy, pairs[2].layer = "outrider", "rotating"
     for pair in pairs[1:4]:
@@ -180,7 +202,10 @@ def run(
         pairs, backend_pid = start_pairs(stack, root)
         idle = {name: {r: rss_mib(pid) for r, pid in p.pids.items()} for name, p in pairs.items()}
         for pair in pairs.values():  # first connections and handshakes, not counted
-            wrk(pair.port, 1, 10)
+            if pair.layer == "grpc":
+                grpc_calls.load(pair.port, 1, 10)
+            else:
+                wrk(pair.port, 1, 10)
         runs: list[Run] = []
         for number in range(1, rounds + 1):
             for scenario in chosen:

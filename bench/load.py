@@ -34,7 +34,8 @@ def _ms(text: str) -> float:
 
 
 def parse_wrk(output: str) -> Load:
-    percentile = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", output, re.M))
+    # wrk pads a time of a second or more: "99%    1.30s ".
+    percentile = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", output, re.M))
     requests = re.search(r"^\s*(\d+) requests in", output, re.M)
     per_s = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
     if not (requests and per_s and "50" in percentile and "99" in percentile):

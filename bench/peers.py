@@ -17,6 +17,9 @@ What each side checks of its peer:
 
 At L7 the server-side proxies parse HTTP; Envoy also enforces a 10-rule RBAC
 policy equal to the one Outrider's L7 policy will be given (POLICY_RULES).
+The gRPC pairs (layer `grpc`: Outrider and Envoy only) speak h2c to the load
+generator and the backend and h2 over mTLS (ALPN h2) between the proxies; the
+server side checks each call's method against GRPC_POLICY_RULES (bench/grpc_calls.py).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ class Pair:
     """What the load generator targets, and the proxy processes to watch (role -> pid)."""
 
     proxy: str  # outrider, envoy, haproxy, nginx, or direct (no proxy)
-    layer: str  # l4, l7
+    layer: str  # l4, l7, grpc
     port: int
     pids: dict[str, int] = field(default_factory=dict)
     agents: list[AgentProcess] = field(default_factory=list)
@@ -61,7 +64,9 @@ class Pair:
 
     @property
     def name(self) -> str:
-        return self.proxy if self.proxy == "direct" else f"{self.proxy} {self.layer}"
+        if self.proxy == "direct" and self.layer != "grpc":
+            return "direct"  # the HTTP/1.1 backend, the first baseline
+        return f"{self.proxy} {self.layer}"
 
 
 def mint(setup: CaSetup, name: str, out: Path) -> Svid:
@@ -135,6 +140,7 @@ def outrider(
     At L7 the server side parses HTTP and enforces the 10-rule policy, and the
     client side parses it too and sends each request over pooled upstream
     connections (`protocol: http`), as Envoy's HTTP connection manager does.
+    Layer `grpc`: the same with `protocol: grpc` and the gRPC policy.
     """
     root, address = setup.root / f"outrider-{ttl}-{layer}", f"127.0.0.1:{ca.grpc_port}"
     (root / "ca").mkdir(parents=True, exist_ok=True)
@@ -144,12 +150,14 @@ def outrider(
         (root / f"{name}.token").write_text(token)
     common = {"ca_address": address, "limits": {"drain_timeout": "2s"}}
     identity = {"ttl": ttl}
-    if layer == "l7":
-        (root / "policy.yaml").write_text(yaml.safe_dump(outrider_policy()))
+    protocol = _PROTOCOLS[layer]
+    if layer != "l4":
+        rules = GRPC_POLICY_RULES if layer == "grpc" else POLICY_RULES
+        (root / "policy.yaml").write_text(yaml.safe_dump(outrider_policy(rules)))
         server_yaml = agent_yaml(
             root,
             "server",
-            inbound=inbound(backend_port, protocol="http"),
+            inbound=inbound(backend_port, protocol=protocol),
             policy={"files": [str(root / "policy.yaml")]},
             **common,
         )
@@ -158,8 +166,7 @@ def outrider(
     server_yaml["identity"].update(identity)
     server = stack.enter_context(agent_process(root, "server", server_yaml))
     upstream = outbound(server.bound["inbound[0]"], SERVER)
-    if layer == "l7":
-        upstream[0]["protocol"] = "http"
+    upstream[0]["protocol"] = protocol
     client_yaml = agent_yaml(root, "client", outbound=upstream, **common)
     client_yaml["identity"].update(identity)
     client = stack.enter_context(agent_process(root, "client", client_yaml))
@@ -184,28 +191,37 @@ _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_man
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _RBAC = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
 _TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+_HTTP_OPTIONS_NAME = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_HTTP_OPTIONS = "type.googleapis.com/" + _HTTP_OPTIONS_NAME
 
 # The 10-rule policy: nine rules for other callers and paths, then the one that lets
 # the benchmark's client GET /api/*; every request is checked against all ten.
-POLICY_RULES = [(str(workload(f"svc{n}")), "GET", f"/v{n}/") for n in range(1, 10)] + [
-    (str(CLIENT), "GET", "/api/")
+PolicyRules = list[tuple[str, str, str]]  # (principal, method, path prefix)
+POLICY_RULES: PolicyRules = [(str(workload(f"svc{n}")), "GET", f"/v{n}/") for n in range(1, 10)]
+POLICY_RULES.append((str(CLIENT), "GET", "/api/"))
+# The same for gRPC: nine other callers' services, then every method of demo.Greeter for
+# the benchmark's client (a gRPC call is a POST to /package.Service/Method).
+GRPC_POLICY_RULES: PolicyRules = [
+    (str(workload(f"svc{n}")), "POST", f"/demo.Service{n}/") for n in range(1, 10)
 ]
+GRPC_POLICY_RULES.append((str(CLIENT), "POST", "/demo.Greeter/"))
+_PROTOCOLS = {"l4": "tcp", "l7": "http", "grpc": "grpc"}
 
 
-def outrider_policy() -> dict[str, Any]:
-    """POLICY_RULES as an Outrider policy: one ALLOW policy, ten rules."""
+def outrider_policy(policy_rules: PolicyRules = POLICY_RULES) -> dict[str, Any]:
+    """The rules as an Outrider policy: one ALLOW policy, ten rules."""
     rules = [
         {
             "name": f"rule-{n}",
             "from": {"principals": [principal]},
             "to": {"methods": [method], "paths": [prefix + "*"]},
         }
-        for n, (principal, method, prefix) in enumerate(POLICY_RULES, 1)
+        for n, (principal, method, prefix) in enumerate(policy_rules, 1)
     ]
     return {"policies": [{"name": "bench", "action": "ALLOW", "rules": rules}]}
 
 
-def _envoy_rbac() -> dict[str, Any]:
+def _envoy_rbac(policy_rules: PolicyRules) -> dict[str, Any]:
     policies = {
         f"rule-{n}": {
             "principals": [{"authenticated": {"principal_name": {"exact": principal}}}],
@@ -220,7 +236,7 @@ def _envoy_rbac() -> dict[str, Any]:
                 }
             ],
         }
-        for n, (principal, method, prefix) in enumerate(POLICY_RULES, 1)
+        for n, (principal, method, prefix) in enumerate(policy_rules, 1)
     }
     rules = {"action": "ALLOW", "policies": policies}
     return {"name": "envoy.filters.http.rbac", "typed_config": {"@type": _RBAC, "rules": rules}}
@@ -232,12 +248,13 @@ def _envoy_filters(name: str, layer: str, cluster: str, *, policy: bool) -> list
         return [{"name": "envoy.filters.network.tcp_proxy", "typed_config": config}]
     router = {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}
     route = {"match": {"prefix": "/"}, "route": {"cluster": cluster}}
+    rules = GRPC_POLICY_RULES if layer == "grpc" else POLICY_RULES
     manager = {
         "@type": _HCM + "HttpConnectionManager",
         "stat_prefix": name,
-        "codec_type": "HTTP1",
+        "codec_type": "HTTP2" if layer == "grpc" else "HTTP1",
         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
-        "http_filters": [_envoy_rbac(), router] if policy else [router],
+        "http_filters": [_envoy_rbac(rules), router] if policy else [router],
     }
     if policy:  # the server side tells the app who called, as Outrider's L7 will
         manager["forward_client_cert_details"] = "SANITIZE_SET"
@@ -245,34 +262,47 @@ def _envoy_filters(name: str, layer: str, cluster: str, *, policy: bool) -> list
     return [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]
 
 
+def _h2(cluster: dict[str, Any]) -> dict[str, Any]:
+    """The cluster speaking HTTP/2 to its endpoints (h2c, or h2 with ALPN over TLS)."""
+    options = {"@type": _HTTP_OPTIONS, "explicit_http_config": {"http2_protocol_options": {}}}
+    cluster["typed_extension_protocol_options"] = {_HTTP_OPTIONS_NAME: options}
+    return cluster
+
+
 def envoy(stack: ExitStack, setup: CaSetup, backend_port: int, layer: str) -> Pair:
+    """Two Envoys; layer `grpc`: HTTP/2 on every hop (ALPN h2 between them), RBAC on the
+    gRPC method, as `outrider grpc` does."""
     workdir = setup.root / f"envoy-{layer}"
     client_svid = mint(setup, "client", workdir / "client-svid")
     server_svid = mint(setup, "server", workdir / "server-svid")
+    h2 = layer == "grpc"
+    alpn = {"alpn_protocols": ["h2"]} if h2 else {}
     downstream = tls_socket(
         "DownstreamTlsContext",
         {
             "require_client_certificate": True,
-            "common_tls_context": common_tls(server_svid, [str(CLIENT)]),
+            "common_tls_context": {**common_tls(server_svid, [str(CLIENT)]), **alpn},
             "disable_stateless_session_resumption": True,
             "disable_stateful_session_resumption": True,
         },
     )
+    backend = static_cluster("backend", backend_port, None)
     server_boot = bootstrap(
         "inbound",
-        _envoy_filters("inbound", layer, "backend", policy=layer == "l7"),
-        [static_cluster("backend", backend_port, None)],
+        _envoy_filters("inbound", layer, "backend", policy=layer != "l4"),
+        [_h2(backend) if h2 else backend],
         downstream,
     )
     server = stack.enter_context(envoy_process(server_boot, workdir, name="server"))
+    upstream_tls = {**common_tls(client_svid, [str(SERVER)]), **alpn}
     upstream = tls_socket(
-        "UpstreamTlsContext",
-        {"common_tls_context": common_tls(client_svid, [str(SERVER)]), "max_session_keys": 0},
+        "UpstreamTlsContext", {"common_tls_context": upstream_tls, "max_session_keys": 0}
     )
+    cluster = static_cluster("upstream", server.listener_port, upstream)
     client_boot = bootstrap(
         "outbound",
         _envoy_filters("outbound", layer, "upstream", policy=False),
-        [static_cluster("upstream", server.listener_port, upstream)],
+        [_h2(cluster) if h2 else cluster],
         None,
     )
     client = stack.enter_context(envoy_process(client_boot, workdir, name="client"))

@@ -16,6 +16,7 @@ from pathlib import Path
 PACKAGES = {
     "wrk": "wrk",
     "h2load": "nghttp2-client",
+    "nghttpd": "nghttp2-server",  # the gRPC scenarios' backend (bench/grpc_calls.py)
     "nginx": "nginx-light",
     "haproxy": "haproxy",
     "taskset": "util-linux",

@@ -197,6 +197,12 @@ def goals(record: Record) -> list[tuple[str, str, bool | None]]:
             "{:.2f}x",
         ),
         check(
+            "L7 keep-alive no worse than before issue 17: ≥ 0.65x Envoy",
+            ratio("l7_keepalive", "outrider l7", "envoy l7"),
+            0.65,
+            "{:.2f}x",
+        ),
+        check(
             "L7 req/s ≥ 0.8x HAProxy",
             ratio("l7_keepalive", "outrider l7", "haproxy l7"),
             0.8,

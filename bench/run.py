@@ -3,8 +3,8 @@
     python -m bench.run [--quick] [--rounds 3] [--seconds 10] [--connections 50]
 
 Installs what it needs (bench/procs.py), runs the data-plane scenarios
-(bench/dataplane.py), then CA issuance over gRPC, in process and from OpenBao
-(bench/ca_issuance.py, bench/ca_vault.py) and admission latency
+(bench/dataplane.py; gRPC's in bench/grpc_calls.py), then CA issuance over gRPC, in
+process and from OpenBao (bench/ca_issuance.py, bench/ca_vault.py) and admission latency
 (bench/admission.py), then how fast an API change reaches 1, 100 and 2,000 agents
 through the control plane (bench/control_plane.py), then transparent capture's added
 latency beside the explicit 127.0.0.1:15001 path on one pod pair (bench/capture.py).

@@ -28,6 +28,7 @@ import yaml
 from agent.config import AgentConfig, ConfigError, parse
 from agent.core.policy import PolicySet
 from agent.core.policyfile import PolicyError, parse_policy_list
+from identity.appprotocol import L7
 from tests.apistore import Store
 
 Key = tuple[str, str]
@@ -353,7 +354,7 @@ def check_shape(config: Mapping[str, Any]) -> None:
     for port, overrides in captured["inbound"]["ports"].items():
         assert port.isdecimal() and 0 < int(port) < 65536
         assert overrides and set(overrides) <= {"protocol", "mtls"}
-        assert overrides.get("protocol", "http") == "http"
+        assert overrides.get("protocol", "http") in L7  # a TCP port is never named
         assert overrides.get("mtls") != captured["inbound"]["mtls"]  # only what differs
     assert captured["outbound"]["policy"] in ("allow-any", "registry-only")
     for address in captured["outbound"]["passthrough"]:

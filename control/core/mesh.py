@@ -20,7 +20,8 @@ Each pod's config holds (CONTRACT.md, "Which listeners a pod gets"):
 
 A captured pod (services.py) gets no inbound listeners; instead:
 - `captured.inbound`: its default mTLS mode and the ports that differ, from
-  the PeerAuthentications that apply to it (peerauth.py), and its HTTP ports;
+  the PeerAuthentications that apply to it (peerauth.py), and its L7 ports
+  (HTTP/1.1, HTTP/2, gRPC: services.port_protocols);
 - `captured.outbound`: the mesh's `outbound_traffic_policy`, and the
   ClusterIP:port of every Service port without injected endpoints (passed
   through as plain TCP);
@@ -64,12 +65,14 @@ from control.core.services import (
     PodIndex,
     Service,
     Workload,
+    port_protocols,
     read_service,
     read_workload,
     slice_service,
 )
 from control.core.traffic import CompiledTraffic, TrafficState, attach_traffic, compile_traffic
 from control.core.upstreams import ANNOTATION, PortKey, Upstreams, encode
+from identity.appprotocol import Protocol
 from identity.injected import (
     AGENT_PORTS,
     INBOUND_CAPTURE_PORT,
@@ -318,17 +321,8 @@ class _Compiler:
             if name is not None:
                 namespace = (obj.get("metadata") or {}).get("namespace") or key[0]
                 self.slices[(namespace, name)].append(obj)
-        # Which of a pod's ports speak HTTP: an `appProtocol: http` Service port targets it.
-        self.http_ports: dict[Key, set[int]] = defaultdict(set)
-        for service in self.services.values():
-            http = [p for p in service.ports if p.protocol == "http"]
-            if not http or service.selector is None:
-                continue
-            for workload in self.index.select(service.selector, service.namespace):
-                for port in http:
-                    target = workload.target(port.target)
-                    if target is not None:
-                        self.http_ports[workload.key].add(target)
+        # What each of a pod's L7 ports speaks: its Service ports' appProtocol.
+        self.l7_ports = port_protocols(self.services.values(), self.index, self.warnings)
 
     def recall(self, kind: str, key: Key, obj: Mapping[str, Any], make: Any) -> Any:
         """`make()`, or what it gave for this very object in the previous compile.
@@ -384,28 +378,29 @@ class _Compiler:
         selected: Sequence[CompiledPolicy],
         inbound: Sequence[tuple[int, str]],
     ) -> tuple[list[Mapping[str, Any]], list[tuple[Key, Misfit]]]:
-        """The policies as sent to the pod, and the rules fitted to its TCP ports."""
+        """The policies as sent to the pod, and the rules fitted to its TCP ports (a rule's
+        paths and methods are checked on every L7 port: HTTP/1.1, HTTP/2 and gRPC alike)."""
         tcp = frozenset(port for port, protocol in inbound if protocol == "tcp")
-        http = frozenset(port for port, protocol in inbound if protocol == "http")
+        l7 = frozenset(port for port, protocol in inbound if protocol != "tcp")
         documents = []
         fitted: list[tuple[Key, Misfit]] = []
         for policy in selected:
             if not (tcp and policy.http_rules):
                 documents.append(policy.document)
                 continue
-            document, found = self.fit(policy, tcp, http)
+            document, found = self.fit(policy, tcp, l7)
             documents.append(document)
             fitted += [((policy.namespace, policy.name), misfit) for misfit in found]
         return documents, fitted
 
     def fit(
-        self, policy: CompiledPolicy, tcp: frozenset[int], http: frozenset[int]
+        self, policy: CompiledPolicy, tcp: frozenset[int], l7: frozenset[int]
     ) -> tuple[Mapping[str, Any], tuple[Misfit, ...]]:
         """The policy as sent to a pod with these ports; pods of one Deployment share it."""
-        key = (policy.namespace, policy.name, tcp, http)
+        key = (policy.namespace, policy.name, tcp, l7)
         if key not in self.fitted:
             found = misfits(policy.policy, tcp)
-            document = fit_to_ports(policy, tcp, http) if found else policy.document
+            document = fit_to_ports(policy, tcp, l7) if found else policy.document
             self.fitted[key] = (document, found)
         return self.fitted[key]
 
@@ -426,8 +421,8 @@ class _Compiler:
                 message = (
                     f"{_misfit_summary(notes[key])}. HTTP fields never match on TCP, so there"
                     f" {_ON_TCP[action]}."
-                    " Set appProtocol: http on the Service port that targets it, or list the"
-                    " rule's HTTP ports in to.ports"
+                    " Set appProtocol (http, kubernetes.io/h2c or grpc) on the Service port"
+                    " that targets it, or list the rule's HTTP ports in to.ports"
                 )
             else:
                 ok, reason, message = (
@@ -521,17 +516,17 @@ class _Compiler:
     def build_config(
         self, workload: Workload, policies: Mapping[Key, list[CompiledPolicy]]
     ) -> tuple[Mapping[str, Any], list[str], list[tuple[Key, Misfit]]]:
-        http = self.http_ports.get(workload.key, set())
+        l7 = self.l7_ports.get(workload.key, {})
         base = self.settings.inbound_base
         mtls = self.peer.mtls_for(workload) if workload.captured else None
         if mtls is not None:  # the agent takes every port: listeners are not counted
-            # The ports its snapshot names count too (an HTTP port or a mode override need
+            # The ports its snapshot names count too (an L7 port or a mode override need
             # not be a declared containerPort): the policies are fitted to each, as the
             # agent checks them (an HTTP rule on a TCP port).
-            served = list(dict.fromkeys([*workload.ports, *sorted(http), *mtls.ports]))
+            served = list(dict.fromkeys([*workload.ports, *sorted(l7), *mtls.ports]))
         else:
             served = [port for port in workload.ports if workload.listener(port, base) is not None]
-        inbound = [(port, "http" if port in http else "tcp") for port in served]
+        inbound: list[tuple[int, Protocol]] = [(port, l7.get(port, "tcp")) for port in served]
         if workload.captured:
             outbound, warnings = self.upstreams.captured(workload)
         else:
@@ -555,13 +550,13 @@ class _Compiler:
         }
         if mtls is not None:
             config["inbound"] = []  # the inbound capture port serves them all
-            config["captured"] = self.captured(mtls, http)
+            config["captured"] = self.captured(mtls, l7)
         return config, warnings, fitted
 
-    def captured(self, mtls: Mtls, http: set[int]) -> dict[str, Any]:
-        """The `captured` section: the pod's inbound modes and HTTP ports, and what its
+    def captured(self, mtls: Mtls, l7: Mapping[int, Protocol]) -> dict[str, Any]:
+        """The `captured` section: the pod's inbound modes and L7 ports, and what its
         agent does with a destination outside the mesh."""
-        ports: dict[int, dict[str, str]] = {port: {"protocol": "http"} for port in http}
+        ports: dict[int, dict[str, str]] = {port: {"protocol": p} for port, p in l7.items()}
         for port, mode in mtls.ports.items():
             ports.setdefault(port, {})["mtls"] = mode
         return {

@@ -8,27 +8,30 @@ validated with `agent.core.policyfile.parse_policy_list`, the function the
 agent reads it with, so the agent can never refuse what was accepted here;
 its errors come back as field paths (`spec.rules[0].to.paths[0]: ...`).
 
-HTTP rules on TCP ports. The agent refuses a policy whose rule uses an HTTP
-field (methods, paths, hosts, headers) and applies to a TCP port: there the
-field can never be checked, so in an ALLOW the rule never allows and in a
-DENY it denies every connection its other fields match. A policy selecting
-pods by label cannot know every pod's ports, so the control plane does not
-drop such a policy (dropping a DENY, or the only ALLOW, would open the
-pod). `fit_to_ports` rewrites it, per pod, into the policy the agent's engine
-would enforce anyway, fail-closed, that the agent accepts:
+HTTP rules on TCP ports. A rule's HTTP fields (methods, paths, hosts,
+headers) are checked on every L7 port (`identity.appprotocol.L7`): HTTP/1.1,
+HTTP/2 and gRPC alike, where a gRPC call's path is `/package.Service/Method`.
+The agent refuses a policy whose rule uses an HTTP field and applies to a
+TCP port: there the field can never be checked, so in an ALLOW the rule
+never allows and in a DENY it denies every connection its other fields
+match. A policy selecting pods by label cannot know every pod's ports, so
+the control plane does not drop such a policy (dropping a DENY, or the only
+ALLOW, would open the pod). `fit_to_ports` rewrites it, per pod, into the
+policy the agent's engine would enforce anyway, fail-closed, that the agent
+accepts:
 
-- the rule keeps its name and applies to the pod's HTTP ports only;
+- the rule keeps its name and applies to the pod's L7 ports only;
 - ALLOW: on the TCP ports the policy still applies and matches nothing,
   through a rule `{to: {ports: [P], not_ports: [P]}}` (named `tcp-ports`);
 - DENY: a rule without the HTTP fields denies on the TCP ports (named
   `<rule>-tcp`, or `rules-<i>-tcp` for an unnamed rule);
-- AUDIT: the rule records on HTTP ports only (it never matched on TCP).
+- AUDIT: the rule records on L7 ports only (it never matched on TCP).
 
 That is what Istio does with such rules. The policy's status stays
 Accepted=True, with reason `HTTPRulesOnTCPPorts` and a message naming the
 workloads (a pod's ReplicaSet, or the pod) and ports, and the fix:
-`appProtocol: http` on the Service port, or the rule's HTTP ports in
-`to.ports`.
+`appProtocol` (`http`, `kubernetes.io/h2c` or `grpc`) on the Service port,
+or the rule's L7 ports in `to.ports`.
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ def misfits(policy: Policy, tcp_ports: frozenset[int]) -> tuple[Misfit, ...]:
 
 
 def fit_to_ports(
-    compiled: CompiledPolicy, tcp_ports: frozenset[int], http_ports: frozenset[int]
+    compiled: CompiledPolicy, tcp_ports: frozenset[int], l7_ports: frozenset[int]
 ) -> Mapping[str, Any]:
     """The policy as the agent would enforce it on a pod with these ports, fail-closed,
     in a form the agent accepts (see the module's docstring)."""
@@ -161,7 +164,7 @@ def fit_to_ports(
         if not on_tcp:
             rules.append(raw)
             continue
-        on_http = sorted(p for p in http_ports if rule.applies_to_port(p))
+        on_http = sorted(p for p in l7_ports if rule.applies_to_port(p))
         tcp_rule = _without_http(raw, on_tcp)
         if policy.action == "DENY" and on_http:
             tcp_rule["name"] = _unique(f"{raw.get('name') or f'rules-{index}'}-tcp", taken)

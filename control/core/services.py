@@ -4,14 +4,15 @@ Only injected pods count: those with the agent's container (`outrider-agent`,
 as the injector names it) among their containers or init containers (the
 native sidecar). A pod's inbound listeners are its TCP container ports, the
 agent's own and 15000-15999 aside, in spec order: the i-th listens on
-`inbound_base + i` and forwards to `127.0.0.1:<containerPort>`. A port speaks
-HTTP when a Service of its namespace selecting the pod has a port with
-`appProtocol: http` whose targetPort (number or name) is that container port;
-everything else is TCP until the agent parses HTTP/2 (issue 17).
+`inbound_base + i` and forwards to `127.0.0.1:<containerPort>`. A port's
+protocol is its Services': a Service port's `appProtocol` read by
+`identity.appprotocol.from_app_protocol` (`http`; `kubernetes.io/h2c`, `h2c`,
+`http2`; `grpc`; anything else TCP), given to the container port its
+targetPort (number or name) names in each pod it selects (`port_protocols`).
 
 A captured pod (one with the capture init container, `outrider-capture`)
 has every inbound connection redirected to its agent, whatever the port: it
-gets no inbound listeners, and its HTTP ports are listed in its snapshot's
+gets no inbound listeners, and its L7 ports are listed in its snapshot's
 `captured` section instead (mesh.py).
 
 An upstream's endpoints are the addresses of its Service's EndpointSlices
@@ -48,7 +49,7 @@ from typing import Any, TypeGuard
 from agent.core.discovery import SERVICE_NAME_LABEL, endpoint_address, endpoint_state
 from control.core.conditions import meta
 from control.core.selectors import Selector
-from identity.appprotocol import Protocol
+from identity.appprotocol import H2, L7, Protocol, from_app_protocol
 from identity.capture import CaptureRulesError, flag_text, rules_from_flags
 from identity.injected import AGENT_CONTAINER, AGENT_PORTS, CAPTURE_CONTAINER
 
@@ -58,6 +59,7 @@ __all__ = [
     "ServicePort",
     "Workload",
     "host_port",
+    "port_protocols",
     "read_service",
     "read_workload",
     "slice_backends",
@@ -240,9 +242,45 @@ def read_service(obj: Mapping[str, Any], key: tuple[str, str]) -> Service:
         target = item.get("targetPort", number)
         if not (_is_port(target) or (isinstance(target, str) and target)):
             target = number
-        protocol: Protocol = "http" if item.get("appProtocol") == "http" else "tcp"
+        app_protocol = item.get("appProtocol")
+        protocol = from_app_protocol(app_protocol if isinstance(app_protocol, str) else None)
         ports.append(ServicePort(str(item.get("name") or ""), number, target, protocol))
     return Service(m.namespace, m.name, selector, tuple(ports), _cluster_ips(spec))
+
+
+def port_protocols(
+    services: Iterable[Service], index: PodIndex, warn: dict[tuple[str, str], list[str]]
+) -> dict[tuple[str, str], dict[int, Protocol]]:
+    """pod -> its L7 container ports (`identity.appprotocol.L7`) and what each speaks, from
+    the Service ports that target them; every other port is TCP.
+
+    Services are read in namespace/name order, so when two give one port different L7
+    protocols the first one's holds, the same on every compile. `http2` and `grpc` are
+    the same on the wire, so only HTTP/1.1 against h2c is a conflict: `warn[pod]` says
+    which Service lost, since one of them describes the app wrongly.
+    """
+    found: dict[tuple[str, str], dict[int, Protocol]] = {}
+    first: dict[tuple[tuple[str, str], int], str] = {}
+    for service in sorted(services, key=lambda s: (s.namespace, s.name)):
+        l7 = [p for p in service.ports if p.protocol in L7]
+        if not l7 or service.selector is None:
+            continue
+        for workload in index.select(service.selector, service.namespace):
+            ports = found.setdefault(workload.key, {})
+            for port in l7:
+                target = workload.target(port.target)
+                if target is None:
+                    continue
+                where = f"Service {service.namespace}/{service.name} port {port.port}"
+                held = ports.setdefault(target, port.protocol)
+                first.setdefault((workload.key, target), f"{where} ({held})")
+                if (held in H2) != (port.protocol in H2):
+                    warn.setdefault(workload.key, []).append(
+                        f"containerPort {target}: {where} says it speaks {port.protocol}, but"
+                        f" {first[(workload.key, target)]} came first and holds; HTTP/1.1 and"
+                        " h2c cannot share a port: fix the appProtocol of one of them"
+                    )
+    return found
 
 
 def _cluster_ips(spec: Mapping[str, Any]) -> tuple[str, ...]:

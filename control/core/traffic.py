@@ -8,9 +8,11 @@ building a throwaway outbound with `agent.config_outbound.OutboundReader`,
 so the agent accepts whatever was accepted here; its errors come back as
 field paths (`spec.health.outlier.consecutive5xx: ...`).
 
-One key depends on the port: `hashOn` a header or a cookie needs HTTP. On a
-TCP port of the target it is left out (connections are then spread as by
-`random`) and the policy's status says so.
+One key depends on the port: `hashOn` a header or a cookie needs a protocol
+whose requests the agent reads headers of to hash (the agent's reader says
+which: `protocols_taking`; the L7 ones). On another port of the target (TCP)
+it is left out (connections are then spread as by `random`) and the policy's
+status says so.
 
 When two TrafficPolicies target one Service port, the older one applies
 (creationTimestamp, then namespace/name, as Gateway API breaks ties), and
@@ -30,6 +32,7 @@ from agent.config_outbound import OutboundReader
 from control.core.conditions import Meta, condition, previous_conditions, summary
 from control.core.inforce import Verdict, policy_status
 from control.core.services import Service
+from identity.appprotocol import PROTOCOLS, Protocol
 
 __all__ = [
     "CompiledTraffic",
@@ -62,15 +65,16 @@ class CompiledTraffic:
     targets: tuple[Target, ...]
     #: agent.yaml outbound keys (snake_case), merged into each target's outbound.
     keys: Mapping[str, Any]
+    #: The ports' protocols the agent takes every key on (`protocols_taking`).
+    taken_on: frozenset[Protocol] = frozenset(PROTOCOLS)
 
     @property
     def http_only(self) -> bool:
-        """Whether a key here needs an HTTP port (a header or cookie to hash on)."""
-        hash_on = self.keys.get("hash_on")
-        return isinstance(hash_on, Mapping) and bool({"header", "cookie"} & set(hash_on))
+        """Whether a key here is taken on some protocols only (a header or cookie to hash on)."""
+        return self.taken_on != frozenset(PROTOCOLS)
 
-    def keys_for(self, protocol: str) -> Mapping[str, Any]:
-        if protocol == "http" or not self.http_only:
+    def keys_for(self, protocol: Protocol) -> Mapping[str, Any]:
+        if protocol in self.taken_on:
             return self.keys
         return {key: value for key, value in self.keys.items() if key != "hash_on"}
 
@@ -114,7 +118,9 @@ def compile_traffic(obj: Mapping[str, Any], m: Meta) -> CompiledTraffic | list[s
     errors += _check(keys)
     if errors:
         return errors
-    return CompiledTraffic(m.namespace, m.name, m.uid, m.generation, m.created, targets, keys)
+    return CompiledTraffic(
+        m.namespace, m.name, m.uid, m.generation, m.created, targets, keys, protocols_taking(keys)
+    )
 
 
 def _targets(raw: object, errors: list[str]) -> tuple[Target, ...]:
@@ -204,6 +210,22 @@ def _check(keys: Mapping[str, Any]) -> list[str]:
     return errors
 
 
+def protocols_taking(keys: Mapping[str, Any]) -> frozenset[Protocol]:
+    """The protocols whose outbounds the agent's reader takes these keys on: all of them,
+    but for a hashOn header or cookie, which it takes only where it reads requests' headers
+    to hash. Asked of the reader itself, so the two never disagree."""
+    hash_on = keys.get("hash_on")
+    if not (isinstance(hash_on, Mapping) and {"header", "cookie"} & set(hash_on)):
+        return frozenset(PROTOCOLS)
+    taking = set()
+    for protocol in PROTOCOLS:
+        reader = OutboundReader(Path("."))
+        reader.outbound({**_PROBE, **keys, "protocol": protocol}, "outbound[0]")
+        if not reader.errors:
+            taking.add(protocol)
+    return frozenset(taking)
+
+
 def _field_path(error: str) -> str:
     path, _, problem = error.partition(": ")
     parts = path.removeprefix("outbound[0].").split(".")
@@ -215,6 +237,7 @@ def _field_path(error: str) -> str:
 
 
 PortKey = tuple[str, str, int]  # (namespace, Service, port number)
+_SPOKEN: dict[Protocol, str] = {"tcp": "TCP", "http": "HTTP", "http2": "HTTP/2", "grpc": "gRPC"}
 
 
 @dataclass(frozen=True)
@@ -294,10 +317,12 @@ def _accepted(
             )
     for namespace, service, number in won if policy.http_only else ():
         port = services[(namespace, service)].port(str(number))
-        if port is not None and port.protocol == "tcp":
+        if port is not None and port.protocol not in policy.taken_on:
+            taking = [p for p in PROTOCOLS if p in policy.taken_on]
+            said = ", ".join(taking[:-1]) + " or " + taking[-1] if len(taking) > 1 else taking[0]
             notes.append(
-                f"Service {service} port {number} is TCP: hashOn a header or cookie is"
-                " left out there (set appProtocol: http to hash on it)"
+                f"Service {service} port {number} is {_SPOKEN[port.protocol]}: hashOn a header"
+                f" or cookie is left out there (set appProtocol: {said} to hash on it)"
             )
     if not ports:
         return False, "TargetNotFound", summary(notes)

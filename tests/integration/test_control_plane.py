@@ -140,6 +140,61 @@ async def test_a_policy_applied_in_the_api_reaches_the_agent_within_2_seconds(
         assert "shop/frontend-reads-api" in names
 
 
+GREETER = """\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  ports: [{name: grpc, port: 9090, targetPort: 8080, appProtocol: grpc}]
+---
+apiVersion: security.outrider.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: greeter-callers, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+    - from: {principals: ["spiffe://example.org/ns/shop/sa/frontend"]}
+      to: {paths: [/demo.Greeter/SayHello]}
+"""
+
+
+async def test_a_grpc_service_port_and_a_policy_on_its_methods_reach_the_agent(
+    control: ControlProcess, api: FakeApiServer
+) -> None:
+    """`appProtocol: grpc` makes the pod's port a gRPC listener, where a rule on a gRPC
+    method applies as written: the status says Accepted, not HTTPRulesOnTCPPorts."""
+    async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
+        first, config = await agent.next()
+        await agent.ack(first)
+        assert [i["protocol"] for i in config["inbound"]] == ["tcp"]
+        api.apply(GREETER)
+
+        async def served_as_grpc() -> bool:
+            nonlocal config
+            version, config = await agent.next(timeout=2.0)
+            await agent.ack(version)
+            names = [p["name"] for p in config["policy"]["policies"]]
+            return config["inbound"][0]["protocol"] == "grpc" and "shop/greeter-callers" in names
+
+        await eventually(served_as_grpc)
+        (sent,) = [p for p in config["policy"]["policies"] if p["name"] == "shop/greeter-callers"]
+        assert sent["rules"] == [
+            {
+                "from": {"principals": ["spiffe://example.org/ns/shop/sa/frontend"]},
+                "to": {"paths": ["/demo.Greeter/SayHello"]},
+            }
+        ]
+
+        async def accepted() -> bool:
+            status = policy(api, "greeter-callers").get("status") or {}
+            return [(c["status"], c["reason"]) for c in status.get("conditions", [])] == [
+                ("True", "Accepted")
+            ]
+
+        await eventually(accepted)
+
+
 PERMISSIVE = """\
 apiVersion: security.outrider.io/v1alpha1
 kind: PeerAuthentication

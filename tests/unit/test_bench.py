@@ -3,13 +3,15 @@ rewrites."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import yaml
 
-from bench import capture
+from bench import capture, dataplane, grpc_calls
 from bench.control_plane import PATHS, percentile, pods_yaml, policy_yaml, summarize
 from bench.dataplane import NOT_MEASURED
-from bench.load import parse_wrk
+from bench.load import Load, parse_wrk
 from bench.report import END, START, control_table, goals, into_readme, markdown
 
 # wrk 4.1.0 with --latency, as printed through a proxy that dropped some requests.
@@ -38,6 +40,11 @@ def test_wrk_output_gives_rate_percentiles_and_every_error() -> None:
     assert (load.p50_ms, load.p99_ms) == (0.99, 23.63)
     assert load.detail == {"read": 3, "timeout": 2, "non_2xx": 7}
     assert load.errors == 12
+
+
+def test_a_percentile_of_a_second_or_more_is_read_as_wrk_pads_it() -> None:
+    slow = WRK.replace("     99%   23.63ms", "     99%    1.30s ")
+    assert parse_wrk(slow).p99_ms == 1300.0
 
 
 def test_output_that_is_not_wrk_is_an_error_not_a_zero() -> None:
@@ -156,3 +163,43 @@ def test_capture_is_judged_against_the_explicit_path_of_the_same_run() -> None:
         " | 2.000 | - | - |"
     ) in text
     assert "Transparent capture" not in markdown(record({}))
+
+
+# h2load 1.52 with gRPC framing (bench/grpc_calls.py), 12-byte messages echoed: 3 of the 20
+# answered calls were refusals (trailers-only, no message), 1 call got a 503.
+H2LOAD = """\
+finished in 1.00s, 21.00 req/s, 1.20KB/s
+requests: 21 total, 21 started, 21 done, 20 succeeded, 1 failed, 0 errored, 0 timeout
+status codes: 20 2xx, 0 3xx, 0 4xx, 1 5xx
+traffic: 1.20KB (1230) total, 1.00KB (1020) headers (space savings 90.00%), 204B (204) data
+"""
+
+
+def test_a_grpc_call_counts_as_answered_only_with_its_message() -> None:
+    load = grpc_calls.parse_h2load(H2LOAD, [1.0] * 19 + [9.0], seconds=1.0)
+    assert (load.requests, load.per_s) == (17, 17.0)
+    assert load.detail == {"no_message": 3, "not_2xx": 1}
+    assert load.errors == 4
+    assert (load.p50_ms, round(load.p99_ms, 2)) == (1.0, 7.48)  # interpolated: 1 + 0.81 * 8
+
+
+def test_h2load_output_without_a_call_is_an_error_not_a_zero() -> None:
+    with pytest.raises(RuntimeError, match="unexpected h2load output"):
+        grpc_calls.parse_h2load("connect to 127.0.0.1:1 failed\n", [], 1.0)
+    nothing = H2LOAD.replace("(204) data", "(0) data")
+    with pytest.raises(RuntimeError, match="completed no call"):
+        grpc_calls.parse_h2load(nothing, [1.0], 1.0)
+
+
+def test_the_grpc_scenarios_compare_the_agents_with_envoy_in_the_same_run() -> None:
+    (unary, streams) = [s for s in dataplane.scenarios(50) if s.name.startswith("grpc")]
+    assert unary.pairs == streams.pairs == ("direct grpc", "outrider grpc", "envoy grpc")
+    runs = [
+        {"scenario": "grpc_streams", "pair": pair, "load": asdict(Load(n, n, 1.0, 2.0, 0)),
+         "costs": {}, "machine_cores": 1.0, "handshakes": None, "rotations": None}
+        for pair, n in (("direct grpc", 9000), ("outrider grpc", 3000), ("envoy grpc", 4000))
+    ]  # fmt: skip
+    record = {"scenarios": [{"name": "grpc_streams", "pairs": streams.pairs}], "runs": runs}
+    (summary,) = dataplane.summarize(record)
+    rows = {row["pair"]: row for row in summary["rows"]}
+    assert rows["outrider grpc"]["per_s_vs_envoy"] == 0.75

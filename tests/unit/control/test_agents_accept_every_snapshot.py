@@ -15,6 +15,8 @@ from control.core.mesh import MeshSettings, compile_mesh, encode, version_of
 from tests.cluster import agent_accepts, check_shape, complete, endpoint_slices, pod
 
 SETTINGS = MeshSettings("example.org", outbound_ports=(15001, 15002, 15003))
+#: Service appProtocols: each of the agent's protocols, and one it serves as TCP.
+APP_PROTOCOLS = ["http", "grpc", "kubernetes.io/h2c", "kubernetes.io/ws"]
 NAMESPACES = ["shop", "billing", "outrider-system"]
 APPS = ["web", "api", "db"]
 PORTS = [(8080, "http"), (9090, "metrics"), (5432, "pg")]
@@ -109,7 +111,7 @@ def _worlds(draw: st.DrawFn) -> dict[str, dict[tuple[str, str], dict[str, Any]]]
                 "port": 80,
                 "targetPort": draw(st.sampled_from([8080, "http", "metrics"])),
                 **(
-                    {"appProtocol": draw(st.sampled_from(["http", "grpc"]))}
+                    {"appProtocol": draw(st.sampled_from(APP_PROTOCOLS))}
                     if draw(st.booleans())
                     else {}
                 ),

@@ -1,5 +1,5 @@
 """What a captured pod's agent is told: no inbound listeners, how captured traffic is served
-(its inbound modes and HTTP ports, the mesh's outbound policy, what is passed through), and
+(its inbound modes and L7 ports, the mesh's outbound policy, what is passed through), and
 an outbound entry for every Service of the mesh, addressed by its ClusterIPs. A pod without
 capture gets what it always got. (CONTRACT.md, "Control plane".)"""
 
@@ -90,6 +90,22 @@ def test_a_captured_pod_serves_no_inbound_listeners_and_says_how_captured_calls_
     }
     # The policies are those of a pod with these ports, as before.
     assert config["policy"] == {"default_action": "allow-authenticated", "policies": []}
+
+
+def test_a_captured_pods_grpc_and_h2c_ports_are_named_with_their_protocols() -> None:
+    text = (
+        pod("api-0", ports=[8000, 9090, 9091], captured=True)
+        + service("api", "{port: 80, targetPort: 8000, appProtocol: http}")
+        + service("api-rpc", "{port: 90, targetPort: 9090, appProtocol: grpc}", selector="api")
+        + service("api-h2", "{port: 91, targetPort: 9091, appProtocol: h2c}", selector="api")
+    )
+    config = _config(compile_mesh(world(text), SETTINGS), "api-0")
+    agent_accepts(config)
+    assert config["captured"]["inbound"]["ports"] == {
+        "8000": {"protocol": "http"},
+        "9090": {"protocol": "grpc"},
+        "9091": {"protocol": "http2"},
+    }
 
 
 def test_the_mesh_wide_outbound_traffic_policy_reaches_every_captured_pod() -> None:

@@ -20,7 +20,7 @@ from control.core.conditions import meta
 from control.core.mesh import MeshSettings, compile_mesh
 from control.core.policies import CompiledPolicy, compile_policy, fit_to_ports
 from identity import SpiffeId, TrustDomain
-from tests.cluster import agent_accepts, pod, world
+from tests.cluster import agent_accepts, pod, service, world
 
 TRUSTED = frozenset({TrustDomain("example.org")})
 SOURCES = [
@@ -167,8 +167,8 @@ def test_the_status_names_the_pods_and_ports_and_the_fix() -> None:
     assert accepted["message"] == (
         "rule 'rules[0]' uses paths and applies to TCP port 5432 of pod shop/db-0. HTTP fields"
         " never match on TCP, so there the rule denies every connection its other fields"
-        " match. Set appProtocol: http on the Service port that targets it, or list the"
-        " rule's HTTP ports in to.ports"
+        " match. Set appProtocol (http, kubernetes.io/h2c or grpc) on the Service port that"
+        " targets it, or list the rule's HTTP ports in to.ports"
     )
 
 
@@ -187,3 +187,49 @@ def test_the_pods_of_a_replica_set_are_named_once_by_it() -> None:
     assert accepted["message"].startswith(
         "rule 'rules[0]' uses paths and applies to TCP port 5432 of ReplicaSet shop/db-5c9f."
     )
+
+
+GRPC_POLICY = """\
+apiVersion: security.outrider.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: greeter-callers, namespace: shop}
+spec:
+  selector: {matchLabels: {app: greeter}}
+  action: ALLOW
+  rules:
+    - from: {principals: ["spiffe://example.org/ns/shop/sa/frontend"]}
+      to: {paths: [/demo.Greeter/SayHello]}
+---
+apiVersion: security.outrider.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: shop}
+spec:
+  selector: {matchLabels: {app: greeter}}
+  action: DENY
+  rules:
+    - to: {paths: [/demo.Greeter/Admin]}
+"""
+
+
+def test_rules_on_grpc_methods_apply_as_written_on_grpc_and_h2c_ports() -> None:
+    for app_protocol in ("grpc", "kubernetes.io/h2c"):
+        port = f"{{name: grpc, port: 9090, appProtocol: {app_protocol}}}"
+        mesh = compile_mesh(
+            world(GRPC_POLICY, service("greeter", port), pod("greeter-0", ports=[9090])),
+            MeshSettings("example.org"),
+        )
+        config = mesh.config_for("shop", "greeter-0")
+        assert config is not None
+        agent_accepts(config)
+        assert [p["rules"] for p in config["policy"]["policies"]] == [
+            [
+                {
+                    "from": {"principals": ["spiffe://example.org/ns/shop/sa/frontend"]},
+                    "to": {"paths": ["/demo.Greeter/SayHello"]},
+                }
+            ],
+            [{"to": {"paths": ["/demo.Greeter/Admin"]}}],
+        ]
+        for name in ("greeter-callers", "no-admin"):
+            (accepted,) = mesh.statuses[("AuthorizationPolicy", "shop", name)]["conditions"]
+            assert (accepted["status"], accepted["reason"]) == ("True", "Accepted"), accepted

@@ -52,16 +52,55 @@ def test_inbound_one_listener_per_tcp_container_port_in_spec_order() -> None:
         ("{port: 80, targetPort: web, appProtocol: http}", ["http", "tcp"]),
         ("{port: 9090, appProtocol: http}", ["tcp", "http"]),
         ("{port: 80, targetPort: 8080}", ["tcp", "tcp"]),
-        ("{port: 80, targetPort: 8080, appProtocol: kubernetes.io/h2c}", ["tcp", "tcp"]),
-        ("{port: 80, targetPort: 8080, appProtocol: grpc}", ["tcp", "tcp"]),
+        ("{port: 80, targetPort: 8080, appProtocol: kubernetes.io/h2c}", ["http2", "tcp"]),
+        ("{port: 80, targetPort: 8080, appProtocol: h2c}", ["http2", "tcp"]),
+        ("{port: 80, targetPort: web, appProtocol: grpc}", ["grpc", "tcp"]),
+        ("{port: 9090, appProtocol: GRPC}", ["tcp", "grpc"]),
+        ("{port: 80, targetPort: 8080, appProtocol: kubernetes.io/ws}", ["tcp", "tcp"]),
+        ("{port: 80, targetPort: 8080, appProtocol: mysql}", ["tcp", "tcp"]),
         ("{port: 80, targetPort: nope, appProtocol: http}", ["tcp", "tcp"]),
     ],
 )
-def test_a_port_speaks_http_when_a_selecting_service_says_so(
+def test_a_port_speaks_what_a_selecting_services_app_protocol_says(
     port: str, protocols: list[str]
 ) -> None:
     mesh = _mesh(pod("app-0", ports=[(8080, "web"), 9090]), service("app", port))
     assert [i["protocol"] for i in _config(mesh, "app-0")["inbound"]] == protocols
+
+
+def test_services_that_disagree_on_a_port_the_first_by_name_holds_and_the_pod_says_so() -> None:
+    texts = [
+        pod("app-0", ports=[8080, 9090]),
+        service("app-grpc", "{port: 80, targetPort: 8080, appProtocol: grpc}", selector="app"),
+        service("app-web", "{port: 80, targetPort: 8080, appProtocol: http}", selector="app"),
+        # h2c and gRPC are the same on the wire: no conflict.
+        service(
+            "app-h2", "{port: 90, targetPort: 9090, appProtocol: kubernetes.io/h2c}", selector="app"
+        ),
+        service("app-rpc", "{port: 90, targetPort: 9090, appProtocol: grpc}", selector="app"),
+        # TCP (no appProtocol) never takes a port from another Service's L7 protocol.
+        service("app-a", "{port: 91, targetPort: 9090}", selector="app"),
+    ]
+    mesh = _mesh(*texts)
+    assert [i["protocol"] for i in _config(mesh, "app-0")["inbound"]] == ["grpc", "http2"]
+    assert mesh.pod_warnings[("shop", "app-0")] == (
+        "containerPort 8080: Service shop/app-web port 80 says it speaks http, but Service"
+        " shop/app-grpc port 80 (grpc) came first and holds; HTTP/1.1 and h2c cannot share a"
+        " port: fix the appProtocol of one of them",
+    )
+
+
+def test_a_grpc_service_port_gives_its_callers_grpc_upstreams() -> None:
+    texts = [
+        pod("client-0", labels={"app": "client"}, upstreams="greeter:grpc"),
+        pod("greeter-0", labels={"app": "greeter"}, ports=[(9090, "grpc")], ip="10.0.0.7"),
+        service("greeter", "{name: grpc, port: 9090, targetPort: grpc, appProtocol: grpc}"),
+    ]
+    objects = world(*texts)
+    outbound = _config(compile_mesh(objects, SETTINGS), "client-0")["outbound"]
+    assert [(o["name"], o["protocol"], o["endpoints"]) for o in outbound] == [
+        ("greeter.shop:9090", "grpc", ["10.0.0.7:15443"])
+    ]
 
 
 def test_a_service_that_does_not_select_the_pod_does_not_change_its_ports() -> None:

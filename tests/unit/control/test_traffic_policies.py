@@ -182,8 +182,31 @@ def test_hashing_on_a_header_is_left_out_on_a_tcp_port_and_said() -> None:
         "True",
         "Accepted",
         "Service backend port 8080 is TCP: hashOn a header or cookie is left out there (set"
-        " appProtocol: http to hash on it)",
+        " appProtocol: http, http2 or grpc to hash on it)",
     )
+
+
+@pytest.mark.parametrize("app_protocol", ["grpc", "kubernetes.io/h2c"])
+def test_hashing_on_a_header_on_an_h2c_port_is_what_the_agent_takes_and_said(
+    app_protocol: str,
+) -> None:
+    """Kept where the agent hashes those requests, else left out with the reason: never a
+    snapshot the agent refuses."""
+    h2c = SHOP.replace("appProtocol: http}]", f"appProtocol: {app_protocol}}}]")
+    mesh = compile_mesh(
+        world(h2c, _traffic("  balancer: ring_hash\n  hashOn: {header: x-user}\n")), SETTINGS
+    )
+    outbound = _outbound(mesh)  # the agent takes it
+    spoken = {"grpc": "gRPC", "kubernetes.io/h2c": "HTTP/2"}[app_protocol]
+    if "hash_on" in outbound:
+        assert _accepted(mesh) == ("True", "Accepted", "applied to the clients of its targets")
+    else:
+        status, reason, message = _accepted(mesh)
+        assert (status, reason) == ("True", "Accepted")
+        assert message.startswith(
+            f"Service backend port 8080 is {spoken}: hashOn a header or cookie is left out"
+            " there (set appProtocol: http"
+        ), message
 
 
 def test_a_routes_timeouts_win_over_the_traffic_policys() -> None:
