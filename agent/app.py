@@ -55,6 +55,7 @@ from agent.adapters.rotator import IdentityManager, SignFn
 from agent.adapters.runtime import Runtime
 from agent.adapters.tls import Contexts
 from agent.adapters.upstreams import prune_series
+from agent.adapters.workload_api import WorkloadApiServer
 from agent.config import (
     AgentConfig,
     ControlEndpoint,
@@ -183,6 +184,12 @@ class Agent:
             sign=sign,
         )
         self.bundle_sync = BundleSync(self.identity)
+        #: `workload_api:`: the SPIFFE Workload API and SDS for the pod's processes.
+        self.workload_api: WorkloadApiServer | None = None
+        if config.workload_api is not None:
+            self.workload_api = WorkloadApiServer(
+                config.workload_api, self.identity, self.metrics, config.ca.backoff
+            )
         self.control: ControlPlaneSubscription | None = None
         self._control_task: asyncio.Task[None] | None = None
         if config.control is not None:
@@ -264,6 +271,8 @@ class Agent:
         self._tasks.append(asyncio.create_task(churn, name="memory"))
         await self.identity.has_svid.wait()
         self._tasks.append(asyncio.create_task(self.bundle_sync.run(), name="bundle"))
+        if self.workload_api is not None:
+            await self.workload_api.start()
         if self.control is not None:
             assert self.config.control is not None
             self._control_task = asyncio.create_task(self.control.run(), name="control")
@@ -411,6 +420,8 @@ class Agent:
             self.control.resubscribe("control: changed in the bootstrap")
         if (new.config.admin, new.config.status) != (old.admin, old.status):
             log.warning("admin and status address changes take a restart")
+        if new.config.workload_api != old.workload_api:
+            log.warning("workload_api changes take a restart")
 
     async def drain(self) -> None:
         """Stop accepting, let open connections finish up to the drain timeout."""
@@ -436,6 +447,8 @@ class Agent:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.workload_api is not None:
+            await self.workload_api.close()
         if self._admin is not None:
             self._admin.close()
 

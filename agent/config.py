@@ -51,6 +51,9 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
       pod: web-7d9c-x2x4z                              # default: $POD_NAME
       backoff: {initial: 1s, max: 5s}                  # while the control plane is away
       timeout: 10s                                     # connect, handshake, first config
+    workload_api:                                      # optional: docs/workload-api.md
+      socket: /var/run/outrider/workload/socket        # SPIFFE Workload API + Envoy SDS
+      uids: [1000]                                     # optional: only these callers (SO_PEERCRED)
 
 With `control:` the control plane streams snapshots holding `inbound`,
 `outbound`, `policy` and `captured`; each replaces those keys of this file (the bootstrap)
@@ -224,6 +227,22 @@ class CapturePorts:
         return Listen("127.0.0.1", self.outbound_port)  # the app's own traffic only
 
 
+#: A Unix socket's path must fit `sockaddr_un.sun_path` (108 bytes, NUL included).
+MAX_SOCKET_PATH = 107
+
+
+@dataclass(frozen=True)
+class WorkloadApiConfig:
+    """`workload_api:`: serve the SPIFFE Workload API and Envoy SDS on `socket`.
+
+    `uids`: the only callers' UIDs (as the kernel gives them, SO_PEERCRED) that are
+    served; empty: every process of the pod that reaches the socket.
+    """
+
+    socket: Path
+    uids: frozenset[int] = frozenset()
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     identity: IdentityConfig
@@ -238,6 +257,7 @@ class AgentConfig:
     capture: CapturePorts | None = None  # None: nothing captured, no capture listeners
     captured: Captured = field(default_factory=Captured)
     probes: tuple[AppProbe, ...] = ()  # the app's, served at /app-health/...
+    workload_api: WorkloadApiConfig | None = None  # None: neither API is served
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -452,6 +472,7 @@ _TOP = {
     "capture",
     "captured",
     "probes",
+    "workload_api",
 }
 _HTTP_GET = {"path", "port", "scheme", "httpHeaders"}
 DEFAULT_ACTIONS: tuple[DefaultAction, ...] = get_args(DefaultAction)
@@ -488,6 +509,9 @@ class _Reader(OutboundReader):
         if top.get("capture") is not None:
             capture = self.capture(self.section(top, "capture", _CAPTURE_KEYS))
         captured = self.captured(self.section(top, "captured", {"inbound", "outbound"}))
+        workload_api = None
+        if top.get("workload_api") is not None:
+            workload_api = self.workload_api(self.section(top, "workload_api", {"socket", "uids"}))
         self.unique_listeners(admin, status, inbound, outbound, capture)
         self.unique_destinations(outbound)
         if self.errors or identity is None or ca is None:
@@ -505,7 +529,27 @@ class _Reader(OutboundReader):
             capture,
             captured,
             probes=self.app_probes(top.get("probes")),
+            workload_api=workload_api,
         )
+
+    def workload_api(self, raw: Mapping[str, Any]) -> WorkloadApiConfig | None:
+        socket = self.file(raw, "socket", "workload_api.socket")
+        if socket is None:
+            self.fail("workload_api.socket", "required: the Unix socket to serve the APIs on")
+            return None
+        if len(str(socket).encode()) > MAX_SOCKET_PATH:
+            self.fail(
+                "workload_api.socket",
+                f"{str(socket)[:64]}...: a Unix socket's path is at most {MAX_SOCKET_PATH} bytes",
+            )
+            return None
+        uids = []
+        for i, uid in enumerate(self.items(raw, "uids", "workload_api.uids")):
+            if not isinstance(uid, int) or isinstance(uid, bool) or not 0 <= uid < 2**32 - 1:
+                self.fail(f"workload_api.uids[{i}]", "a UID: an integer from 0 to 4294967294")
+                continue
+            uids.append(uid)
+        return WorkloadApiConfig(socket, frozenset(uids))
 
     def capture(self, raw: Mapping[str, Any]) -> CapturePorts:
         d = CapturePorts()

@@ -22,7 +22,9 @@ caller, so the connection is not displaced to make room for another; the
 idle timeout still applies, in case an answer never comes.
 
 It hands each connection to the server's own protocol (grpclib's, aiohttp's)
-and quacks like the `asyncio.AbstractServer` those expect. Also here, for
+and quacks like the `asyncio.AbstractServer` those expect (aiohttp's handlers
+report their progress through identity/webserving.py, which keeps aiohttp out
+of the agent, a user of this module too). Also here, for
 every server the `outrider` command runs: the file-descriptor limit, and a
 TLS server context that keeps no sessions.
 """
@@ -33,12 +35,10 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
-
-from aiohttp import web
 
 from identity.configfile import ConfigReader
 
@@ -48,7 +48,6 @@ __all__ = [
     "Progress",
     "progress_of",
     "read_limits",
-    "reports_progress",
     "tls_server_context",
 ]
 
@@ -126,34 +125,6 @@ def progress_of(transport: asyncio.BaseTransport | None) -> Progress | None:
     """The progress record of a connection an `Acceptor` accepted, else None."""
     protocol = transport.get_protocol() if transport is not None else None
     return protocol if isinstance(protocol, _Guard) else None
-
-
-@web.middleware
-async def reports_progress(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """aiohttp middleware: each request's handler reports to its connection's acceptor.
-
-    aiohttp calls the handler once the request's head has arrived. A request
-    whose body is still to come is not yet owed an answer: its sender could
-    trickle the body for as long as the handler waits, so it stays idle, and
-    displaceable, until it is answered.
-    """
-    progress = progress_of(request.transport)
-    if progress is None or not _body_arrived(request):
-        return await handler(request)
-    progress.received()
-    try:
-        return await handler(request)
-    finally:
-        progress.answered()
-
-
-def _body_arrived(request: web.Request) -> bool:
-    if not request.body_exists:
-        return True
-    length = request.content_length
-    return length is not None and request.content.total_bytes >= length
 
 
 class Acceptor:

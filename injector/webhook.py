@@ -31,7 +31,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from identity.serving import CLOSE_REASONS, reports_progress
+from identity.serving import CLOSE_REASONS
+from identity.webserving import reports_progress
 from injector.config import Limits
 from injector.core import (
     INJECTED,

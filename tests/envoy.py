@@ -34,6 +34,7 @@ from typing import Any
 
 Bootstrap = dict[str, Any]
 _TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 # Without a global connection limit Envoy warns at every start; this one is never reached.
 _CONNECTION_LIMIT = {
@@ -157,6 +158,63 @@ def outbound_mtls(svid: Svid, server_ids: list[str], upstream_port: int) -> Boot
     return _tcp_proxy_bootstrap("outbound", static_cluster("upstream", upstream_port, tls), None)
 
 
+def sds_config() -> dict[str, Any]:
+    """Secrets from the cluster `sds` (sds_cluster()), over Envoy's own gRPC client."""
+    return {
+        "resource_api_version": "V3",
+        "api_config_source": {
+            "api_type": "GRPC",
+            "transport_api_version": "V3",
+            "grpc_services": [{"envoy_grpc": {"cluster_name": "sds"}}],
+        },
+    }
+
+
+def sds_cluster(socket_path: Path) -> Bootstrap:
+    """The cluster `sds`: HTTP/2 to the Unix socket an agent serves SDS on."""
+    return {
+        "name": "sds",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": "sds",
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(socket_path)}}}}]}
+            ],
+        },
+        "typed_extension_protocol_options": {
+            _HTTP_OPTIONS: {
+                "@type": f"type.googleapis.com/{_HTTP_OPTIONS}",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+    }
+
+
+def inbound_mtls_sds(socket_path: Path, allowed_ids: list[str], backend_port: int) -> Bootstrap:
+    """inbound_mtls(), with its SVID ("default") and roots ("ROOTCA") from SDS on `socket_path`,
+    the names SPIRE's agent and Outrider's serve them under."""
+    context = {
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+        "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": sds_config()}],
+        "combined_validation_context": {
+            "default_validation_context": {
+                "match_typed_subject_alt_names": [
+                    {"san_type": "URI", "matcher": {"exact": peer}} for peer in allowed_ids
+                ]
+            },
+            "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": sds_config()},
+        },
+    }
+    tls = tls_socket(
+        "DownstreamTlsContext", {"require_client_certificate": True, "common_tls_context": context}
+    )
+    config = _tcp_proxy_bootstrap("inbound", static_cluster("backend", backend_port, None), tls)
+    config["static_resources"]["clusters"].append(sds_cluster(socket_path))
+    config["node"] = {"id": "envoy-sds", "cluster": "envoy-sds"}  # SDS requires a node
+    return config
+
+
 @dataclass
 class EnvoyProcess:
     process: subprocess.Popen[bytes]
@@ -267,6 +325,7 @@ __all__ = [
     "envoy_binary",
     "envoy_process",
     "inbound_mtls",
+    "inbound_mtls_sds",
     "outbound_mtls",
     "running_envoy",
 ]

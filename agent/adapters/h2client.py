@@ -112,6 +112,10 @@ class Reset:
 
     failure: StreamFailure
     code: int = ErrorCodes.CANCEL
+    # Its connection went away under it, not the peer's RST_STREAM: a GOAWAY refused it, or
+    # the connection was lost with nothing heard on it since the stream opened. On a pooled
+    # connection, the stream most likely went out on one the peer had closed: redialled.
+    stale: bool = False
 
 
 Event = Response | Data | Trailers | End | Reset
@@ -164,6 +168,7 @@ class H2Stream:
         "_waiter",
         "_window",
         "connection",
+        "heard_at",
         "id",
         "local_closed",
         "remote_closed",
@@ -173,6 +178,7 @@ class H2Stream:
     def __init__(self, connection: H2ClientConnection, stream_id: int) -> None:
         self.connection = connection
         self.id = stream_id
+        self.heard_at = connection.heard  # the connection's reads when it opened
         self._events: deque[Event] = deque()
         self._waiter: asyncio.Future[None] | None = None  # a reader waiting for an event
         self._window: asyncio.Future[None] | None = None  # a writer waiting for room
@@ -319,6 +325,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.goaway = False  # the peer sent GOAWAY: no new stream
         self.retiring = False  # ours: no new stream, close when the last one ends
         self.closed = False
+        self.heard = 0  # reads from the peer so far (a stream's loss with none since is stale)
         self.writing_paused = False
         self.idle_since = asyncio.get_running_loop().time()
         self.on_idle: Callable[[H2ClientConnection], None] | None = None  # the pool's
@@ -342,6 +349,7 @@ class H2ClientConnection(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
+        self.heard += 1
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError:
@@ -362,7 +370,7 @@ class H2ClientConnection(asyncio.Protocol):
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(f"lost before its SETTINGS: {exc}"))
             self.ready.exception()  # retrieved: nobody may be waiting
-        self._fail_all("reset", ErrorCodes.CANCEL)
+        self._fail_all("reset", ErrorCodes.CANCEL, lost=True)
         if self.on_lost is not None:
             on_lost, self.on_lost = self.on_lost, None
             on_lost()
@@ -545,7 +553,7 @@ class H2ClientConnection(asyncio.Protocol):
         for stream_id in [i for i in self.streams if i > last_stream_id]:
             stream = self.streams[stream_id]
             stream.local_closed = True
-            stream._push(Reset("refused-stream", ErrorCodes.REFUSED_STREAM))
+            stream._push(Reset("refused-stream", ErrorCodes.REFUSED_STREAM, stale=True))
             self._finished(stream)
         if code != ErrorCodes.NO_ERROR:
             self._fail_all("reset", code)
@@ -555,12 +563,14 @@ class H2ClientConnection(asyncio.Protocol):
             self.ready.set_exception(ConnectionError("GOAWAY before its SETTINGS"))
             self.ready.exception()
 
-    def _fail_all(self, failure: StreamFailure, code: int) -> None:
+    def _fail_all(self, failure: StreamFailure, code: int, *, lost: bool = False) -> None:
+        """End every stream; `lost`: the connection is gone (a stream that heard nothing
+        since it opened is stale)."""
         streams = list(self.streams.values())
         self.streams.clear()
         for stream in streams:
             stream.local_closed = True
-            stream._push(Reset(failure, code))
+            stream._push(Reset(failure, code, stale=lost and stream.heard_at == self.heard))
 
     def _flush(self) -> None:
         data = self.h2.data_to_send()
@@ -644,13 +654,16 @@ class H2Pool:
         endpoint: Endpoint,
         context: ssl.SSLContext | None,
         dial: Callable[[], Awaitable[H2ClientConnection]],
+        *,
+        fresh: bool = False,
     ) -> tuple[H2ClientConnection, bool]:
         """A connection with room for a stream now, and whether it was dialled for this
         caller (False: reused). Callers that find none while a dial to `endpoint` is under
         way wait for it (and raise its error if it fails); else `dial` (its error propagates).
-        Open the stream before the next await: the room is not reserved.
+        `fresh`: dial one for this caller, whatever the pool holds (a redial after a stream
+        lost on a stale one). Open the stream before the next await: the room is not reserved.
         """
-        while True:
+        while not fresh:
             connection = self.take(endpoint, context)
             if connection is not None:
                 return connection, False

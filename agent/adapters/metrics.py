@@ -102,6 +102,19 @@ class AgentMetrics:
         self.rotations = Counter(
             "outrider_svid_rotations", "SVID renewals by result", ["result"], registry=r
         )
+        self.workload_keys_handed_out = Counter(
+            "outrider_workload_keys_handed_out",
+            "Private keys sent to the pod's processes over the Workload API socket (`workload_api:`"
+            "), by API: the only keys that leave the agent's memory (docs/workload-api.md)",
+            ["api"],
+            registry=r,
+        )
+        self.workload_api_refusals = Counter(
+            "outrider_workload_api_refusals",
+            "Calls and connections on the Workload API socket refused, by API and reason",
+            ["api", "reason"],
+            registry=r,
+        )
         self.bundle_expiry = Gauge(
             "outrider_trust_bundle_expiry_timestamp_seconds",
             "Earliest NotAfter among the trust bundle's roots (Unix time)",

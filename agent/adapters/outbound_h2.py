@@ -15,6 +15,10 @@ decides after each try whether to retry, answer, or deliver:
 - a connect failure or a refused stream (RST_STREAM REFUSED_STREAM, above
   a GOAWAY's last-stream-id) retries any method: nothing was processed;
 - a reset before the response head retries what the policy replays;
+- a stream its pooled connection's end failed (refused by a GOAWAY, or lost
+  with the connection with nothing heard since it opened) is redialled once
+  on a new connection, outside the retry budget (agent/core/tries.py);
+  a peer's RST_STREAM REFUSED_STREAM (at capacity) is a retry on the budget;
 - a response head is delivered, unless its status is one the policy
   retries; for a gRPC call, a trailers-only response whose grpc-status is
   in `retry_on` (UNAVAILABLE by default) is retried like a 503.
@@ -193,23 +197,28 @@ class OutboundH2:
 
     async def _try(
         self, request: _Request, body: _Body, attempt: Try[_Upstream, h2client.Response]
-    ) -> Outcome:
+    ) -> Outcome | None:
         """One try: a stream on a connection to its endpoint, the request sent as the app
-        sends it, until the response head (or the stream's failure) decides it."""
-        connection = await self._connection(attempt.endpoint)
-        if connection is None:
+        sends it, until the response head (or the stream's failure) decides it. A stream
+        its pooled connection's end failed (GOAWAY, or a loss with nothing heard) is stale:
+        redialled (agent/core/tries.py)."""
+        had = await self._connection(attempt.endpoint, fresh=attempt.fresh)
+        if had is None:
             return "connect-failure"
+        connection, reused = had
         try:
             up = connection.open(request.head_now(), end=body.empty)
-        except NoRoom:  # it went away between the pool's answer and now
-            return "refused-stream"
+        except NoRoom:  # it went away between the pool's answer and now: nothing was sent
+            attempt.decide("refused-stream", stale=reused)
+            return None
         upstream = attempt.connection = _Upstream(up)
         if not up.local_closed:
             upstream.sender = asyncio.get_running_loop().create_task(body.send(up))
         while True:
             event = await up.event()
             if isinstance(event, h2client.Reset):
-                return event.failure
+                attempt.decide(event.failure, stale=reused and event.stale)
+                return None
             if isinstance(event, h2client.Response) and event.status >= 200:
                 attempt.parser = event
                 code = None
@@ -218,30 +227,33 @@ class OutboundH2:
                 return Response(event.status, code)
             # 1xx: the final head follows (h2 allows nothing else before it)
 
-    async def _connection(self, endpoint: Endpoint) -> H2ClientConnection | None:
-        """A pooled h2 connection to `endpoint` with room for a stream, or a new one; None
-        if it cannot be had (LocalAnswer past a breaker limit)."""
+    async def _connection(
+        self, endpoint: Endpoint, *, fresh: bool = False
+    ) -> tuple[H2ClientConnection, bool] | None:
+        """A pooled h2 connection to `endpoint` with room for a stream (unless `fresh`: a
+        redial), or a new one, and whether it was reused; None if it cannot be had
+        (LocalAnswer past a breaker limit)."""
         live = self.live
         context = live.runtime.contexts.client_for(live.config.protocol)
         assert context is not None, "upstreams start after the first SVID"
         pool = live.h2pool
-        connection = pool.take(endpoint, context)
+        connection = None if fresh else pool.take(endpoint, context)
         if connection is not None:
             live.counted.reused.inc()
-            return connection
+            return connection, True
         breaker = live.breaker
         if not breaker.acquire("max_pending"):
             raise LocalAnswer(*_overflow_answer(live, "max_pending"))
         try:
             connection, new = await pool.connection(
-                endpoint, context, partial(self._dial, endpoint, context)
+                endpoint, context, partial(self._dial, endpoint, context), fresh=fresh
             )
         except DialError:
             return None
         finally:
             breaker.release("max_pending")
         (live.counted.new if new else live.counted.reused).inc()
-        return connection
+        return connection, not new
 
     async def _dial(self, endpoint: Endpoint, context: object) -> H2ClientConnection:
         """A new h2 connection to `endpoint` under the circuit breaker's max_connections."""

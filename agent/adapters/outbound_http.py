@@ -391,7 +391,7 @@ class OutboundHttp(asyncio.Protocol):
         """One try: a connection to its endpoint, the request sent, until its response head
         (or its failure) decides it."""
         self.attempt = attempt
-        connection = await self._connection(attempt.endpoint)
+        connection = await self._connection(attempt.endpoint, pooled=not attempt.fresh)
         if connection is None:
             return "connect-failure"
         attempt.connection = connection
@@ -411,12 +411,15 @@ class OutboundHttp(asyncio.Protocol):
         await attempt.decided()
         return None
 
-    async def _connection(self, endpoint: Endpoint) -> UpstreamConnection | None:
-        """An idle pooled connection to `endpoint`, or a new one; None if it cannot be had."""
+    async def _connection(
+        self, endpoint: Endpoint, *, pooled: bool = True
+    ) -> UpstreamConnection | None:
+        """An idle pooled connection to `endpoint` (unless not `pooled`: a redial after a
+        stale one), or a new one; None if it cannot be had."""
         live = self.live
         context = live.runtime.contexts.client
         assert context is not None, "upstreams start after the first SVID"
-        connection = live.pool.take(endpoint, context)
+        connection = live.pool.take(endpoint, context) if pooled else None
         if connection is not None:
             live.counted.reused.inc()
             return connection
@@ -509,12 +512,12 @@ class OutboundHttp(asyncio.Protocol):
         attempt = self.attempt
         if attempt is None:
             return
-        attempt.release()  # gone already: nothing to drop
+        lost = attempt.release()  # gone already: nothing to drop
         events = self.events
         if events is None or events.finished:
             return
         if not events.delivering:
-            attempt.decide("reset")
+            attempt.decide("reset", stale=lost is not None and lost.stale)
         elif events.until_close:
             events.finish()
             self._flush()  # the last chunk: nothing else will write it

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ca.metrics import CaMetrics
 from identity import TrustBundle
-from identity.serving import reports_progress
+from identity.webserving import reports_progress
 
 SPIFFE_BUNDLE_TYPE = "application/json"
 

@@ -130,6 +130,7 @@ def test_the_config_as_plain_data() -> None:
         "capture": None,
         "captured": {"mtls": "strict", "ports": [], "policy": "allow-any", "passthrough": []},
         "probes": [],
+        "workload_api": None,
     }
 
 

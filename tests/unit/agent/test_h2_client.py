@@ -128,9 +128,9 @@ async def test_refused_stream_and_streams_above_goaway_fail_as_refused() -> None
         assert not connection.available()  # a GOAWAY: no new stream
         assert await eventually(lambda: connection.closed)
     assert outcomes == [
-        Reset("refused-stream", ErrorCodes.REFUSED_STREAM),
+        Reset("refused-stream", ErrorCodes.REFUSED_STREAM),  # at capacity: not stale
         Reset("reset", ErrorCodes.INTERNAL_ERROR),
-        Reset("refused-stream", ErrorCodes.REFUSED_STREAM),
+        Reset("refused-stream", ErrorCodes.REFUSED_STREAM, stale=True),  # its connection's end
     ]
 
 
@@ -149,7 +149,7 @@ async def test_a_graceful_goaway_lets_the_streams_below_it_finish() -> None:
         assert await eventually(lambda: len(backend.requests) == 1)
         second = connection.open(_head("/goaway"), end=True)  # GOAWAY, last-stream-id = 1
         events, _ = await _read(second)
-        assert events == [Reset("refused-stream", ErrorCodes.REFUSED_STREAM)]
+        assert events == [Reset("refused-stream", ErrorCodes.REFUSED_STREAM, stale=True)]
         release.set()
         events, body = await _read(first)
         assert await eventually(lambda: connection.closed)
@@ -174,7 +174,7 @@ async def test_an_error_goaway_ends_every_stream_refusing_those_above_its_last_i
         gate.set()
     assert events == [
         Reset("reset", ErrorCodes.INTERNAL_ERROR),  # it was being processed: lost
-        Reset("refused-stream", ErrorCodes.REFUSED_STREAM),  # above the last id: never seen
+        Reset("refused-stream", ErrorCodes.REFUSED_STREAM, stale=True),  # above the last id
     ]
     assert not connection.available()
 
@@ -191,6 +191,30 @@ async def test_a_lost_connection_resets_its_streams() -> None:
         backend.kill()
         event = await asyncio.wait_for(stream.event(), 2)
     assert isinstance(event, Reset) and event.failure == "reset"
+
+
+async def test_a_stream_lost_with_its_connection_unheard_since_it_opened_is_stale() -> None:
+    async def head_then_hang(request: Request) -> Answer:
+        if request.header(b":path") == b"/talk":
+            return Answer([(b":status", b"200")], b"")
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    async with h2_backend("a", reply=head_then_hang) as backend:
+        connection = await connect("127.0.0.1", backend.port)
+        quiet = connection.open(_head("/hang"), end=True)
+        assert await eventually(lambda: len(backend.requests) == 1)
+        talked = connection.open(_head("/talk"), end=True)
+        events, _ = await _read(talked)  # the peer answered this one: it was alive then
+        assert events[-1] == End()
+        late = connection.open(_head("/hang"), end=True)  # opened after the last word
+        assert await eventually(lambda: len(backend.requests) == 3)
+        backend.kill()
+        lost = [await asyncio.wait_for(s.event(), 2) for s in (quiet, late)]
+    assert lost == [
+        Reset("reset", ErrorCodes.CANCEL),
+        Reset("reset", ErrorCodes.CANCEL, stale=True),
+    ]
 
 
 async def test_the_pool_multiplexes_up_to_the_peers_limit_then_dials_once_more() -> None:

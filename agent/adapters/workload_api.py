@@ -1,0 +1,404 @@
+"""The SPIFFE Workload API and Envoy SDS, on one Unix socket in the pod (`workload_api:`).
+
+The SVID handed out is the pod's identity with a key of its own: after every
+rotation of the agent's SVID, `HandedOut` asks the CA for a second one (a
+fresh P-256 key, the agent's new SVID as the credential, the answer checked
+as the agent's own is) and pushes it, with the roots in use, to every open
+stream; a trust-bundle change pushes the same SVID with the new roots. The
+agent's own key never leaves its memory by this way: a caller that holds the
+handed-out key can be the pod to its peers (it is the pod's app), but cannot
+be the agent, decrypt its connections, or renew the agent's SVID.
+
+Both services run on grpclib behind the `BoundedServer` the CA and control
+plane use (identity/grpcserving.py), with its connection and message bounds.
+Which calls go with which rules is agent/core/workload.py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from agent.adapters.metrics import AgentMetrics
+from agent.adapters.rotator import IdentityManager, RenewalFailed
+from agent.config import WorkloadApiConfig
+from agent.core import workload
+from agent.core.svid import Svid
+from agent.core.throttle import LogThrottle, held_back
+from identity.backoff import Backoff
+from identity.grpcserving import BoundedServer, GrpcLimits
+from identity.proto import envoy_discovery_pb2, workload_pb2
+from identity.proto.envoy_sds_grpc import SecretDiscoveryServiceBase
+from identity.proto.workload_grpc import SpiffeWorkloadAPIBase
+from identity.serving import ConnectionLimits, progress_of
+
+if TYPE_CHECKING:
+    from grpclib.server import Stream
+
+    SvidStream = Stream[workload_pb2.X509SVIDRequest, workload_pb2.X509SVIDResponse]
+    BundlesStream = Stream[workload_pb2.X509BundlesRequest, workload_pb2.X509BundlesResponse]
+    SecretsStream = Stream[
+        envoy_discovery_pb2.DiscoveryRequest, envoy_discovery_pb2.DiscoveryResponse
+    ]
+    AnyStream = Stream[Any, Any]
+
+log = logging.getLogger("outrider.agent.workload_api")
+
+#: Envoy's DiscoveryRequest carries its node, with every extension it was built with: ~20 KB.
+LIMITS = GrpcLimits(max_message_bytes=262_144, max_concurrent_streams=16)
+#: The pod's own processes: a few clients, each with a stream or two for hours.
+CONNECTIONS = ConnectionLimits(max_connections=64, idle_timeout=timedelta(seconds=60))
+#: How often an open stream tells the acceptor it is not idle (a third of its timeout).
+KEEPALIVE = CONNECTIONS.idle_timeout.total_seconds() / 3
+#: Long-lived calls: window updates and acks come back for every push.
+CONTROL_FRAMES_PER_SECOND = 10.0
+
+
+@dataclass(frozen=True)
+class Handout:
+    """The SVID handed out now (its bundle: the roots in use) and its version, from 1."""
+
+    version: int
+    svid: Svid
+
+
+class HandedOut:
+    """The SVID the APIs hand out: minted after each rotation, re-bundled on each root change.
+
+    `current(after)` waits for a version newer than `after` (0: the first), so every
+    stream pushes each change exactly once, however late it looks.
+    """
+
+    def __init__(self, identity: IdentityManager, backoff: Backoff) -> None:
+        self._identity = identity
+        self._backoff = backoff
+        self._handout: Handout | None = None
+        self._changed = asyncio.Event()
+        self._minted_under: str | None = None  # the agent's serial the handout was minted under
+        self._wake = asyncio.Event()
+
+    @property
+    def svid(self) -> Svid | None:
+        """The SVID handed out now (None before the first is minted)."""
+        return self._handout.svid if self._handout else None
+
+    def on_identity_changed(self) -> None:
+        """IdentityManager.changed: a rotation (mint anew) or new roots (re-bundle).
+
+        New roots go out at once, even while a mint waits on the CA: a root removed
+        must stop being trusted by the pod's apps when the agent stops trusting it.
+        """
+        agent = self._identity.svid
+        if agent is None:
+            return
+        if agent.serial != self._minted_under:
+            self._wake.set()  # `run` mints, off this callback
+        handout = self._handout
+        if handout is not None and handout.svid.bundle != agent.bundle:
+            self._publish(dataclasses.replace(handout.svid, bundle=agent.bundle))
+
+    async def current(self, after: int = 0) -> Handout:
+        while self._handout is None or self._handout.version <= after:
+            changed = self._changed
+            await changed.wait()
+        return self._handout
+
+    async def run(self) -> None:
+        """Mint after each rotation; while the CA fails, back off and keep the last one."""
+        self._wake.set()  # the agent has its first SVID by now: mint at once
+        failures = 0
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            agent = self._identity.svid
+            if agent is None or agent.serial == self._minted_under:
+                continue
+            try:
+                minted = await self._identity.renew()
+            except Exception as exc:  # RenewalFailed, or a bug: the loop must outlive either
+                if not isinstance(exc, RenewalFailed):
+                    log.exception("minting the SVID to hand out: unexpected error")
+                failures += 1
+                delay = self._backoff.delay(failures, self._identity.rng).total_seconds()
+                log.warning("cannot mint the SVID to hand out (%s); retrying in %.1fs", exc, delay)
+                self._wake.set()
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            self._minted_under = agent.serial
+            roots = (self._identity.svid or agent).bundle  # as of now: it may have changed since
+            # Verified against the roots the agent uses, not the CA's alone.
+            self._publish(dataclasses.replace(minted, bundle=roots))
+            log.info("handing out SVID serial %s (the agent's is %s)", minted.serial, agent.serial)
+
+    def _publish(self, svid: Svid) -> None:
+        version = self._handout.version + 1 if self._handout else 1
+        self._handout = Handout(version, svid)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+
+def peer_credentials(stream: AnyStream) -> workload.PeerCredentials | None:
+    """SO_PEERCRED of the caller's connection; None when the kernel has none to give."""
+    transport = stream.peer._transport  # grpclib keeps the transport there alone
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("3i", raw)
+    return workload.PeerCredentials(pid, uid, gid)
+
+
+class _Caller:
+    """What every call does first: attest the caller (the header, then SO_PEERCRED).
+
+    Each refusal is counted; the log says it at most once a while per kind
+    (agent/core/throttle.py): a process of the pod can call as fast as it likes.
+    """
+
+    def __init__(self, api: str, metrics: AgentMetrics, uids: frozenset[int]) -> None:
+        self.api = api
+        self.metrics = metrics
+        self.uids = uids
+        self._lines = LogThrottle()
+
+    def attest(self, stream: AnyStream, *, header: bool) -> workload.PeerCredentials:
+        if header:
+            refusal = workload.header_refusal(stream.metadata or {})  # type: ignore[arg-type]
+            if refusal is not None:
+                self._refuse("missing_header", refusal)
+                raise GRPCError(Status.INVALID_ARGUMENT, refusal)
+        credentials = peer_credentials(stream)
+        refusal = workload.caller_refusal(credentials, self.uids)
+        if refusal is not None:
+            self._refuse("no_credentials" if credentials is None else "uid", refusal)
+            raise GRPCError(Status.PERMISSION_DENIED, refusal)
+        assert credentials is not None
+        return credentials
+
+    def _refuse(self, reason: str, refusal: str) -> None:
+        self.metrics.workload_api_refusals.labels(self.api, reason).inc()
+        held = self._lines.admit(reason, time.monotonic())
+        if held is not None:
+            log.warning("refused a %s call: %s%s", self.api, refusal, held_back(held))
+
+    def handed_out(self, keys: int) -> None:
+        self.metrics.workload_keys_handed_out.labels(self.api).inc(keys)
+
+
+async def _changes(
+    stream: AnyStream, handed_out: HandedOut, after: int = 0
+) -> AsyncGenerator[Handout, None]:
+    """Each new handout, as it comes; the connection kept alive meanwhile."""
+    progress = progress_of(stream.peer._transport)
+    if progress is not None:
+        progress.received()  # owed answers for as long as the stream lasts
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(KEEPALIVE):
+                    handout = await handed_out.current(after)
+            except TimeoutError:
+                if progress is not None:
+                    progress.answered()
+                    progress.received()
+                continue
+            after = handout.version
+            yield handout
+    finally:
+        if progress is not None:
+            progress.answered()
+
+
+class WorkloadApi(SpiffeWorkloadAPIBase):
+    """The SPIFFE Workload API's X.509 calls; the JWT calls are not served (UNIMPLEMENTED)."""
+
+    def __init__(self, handed_out: HandedOut, caller: _Caller) -> None:
+        self._handed_out = handed_out
+        self._caller = caller
+
+    async def FetchX509SVID(self, stream: SvidStream) -> None:
+        credentials = self._caller.attest(stream, header=True)
+        await stream.recv_message()
+        log.info("FetchX509SVID from pid %d uid %d", credentials.pid, credentials.uid)
+        async with contextlib.aclosing(_changes(stream, self._handed_out)) as changes:
+            async for handout in changes:
+                await stream.send_message(workload.x509_svid_response(handout.svid))
+                self._caller.handed_out(1)
+
+    async def FetchX509Bundles(self, stream: BundlesStream) -> None:
+        self._caller.attest(stream, header=True)
+        await stream.recv_message()
+        async with contextlib.aclosing(_changes(stream, self._handed_out)) as changes:
+            async for handout in changes:
+                await stream.send_message(workload.x509_bundles_response(handout.svid))
+
+
+class SecretDiscovery(SecretDiscoveryServiceBase):
+    """Envoy's SDS, state of the world: a response per change, and per new set of names.
+
+    Envoy acknowledges each response with a request naming its nonce; only a
+    request for other names (or the first) is answered. A NACK is logged.
+    """
+
+    def __init__(self, handed_out: HandedOut, caller: _Caller) -> None:
+        self._handed_out = handed_out
+        self._caller = caller
+
+    async def FetchSecrets(self, stream: SecretsStream) -> None:
+        self._caller.attest(stream, header=False)
+        request = await stream.recv_message()
+        if request is None:
+            raise GRPCError(Status.INVALID_ARGUMENT, "FetchSecrets takes a DiscoveryRequest")
+        handout = await self._handed_out.current()
+        await stream.send_message(self._response(request.resource_names, handout))
+
+    async def StreamSecrets(self, stream: SecretsStream) -> None:
+        credentials = self._caller.attest(stream, header=False)
+        names: list[str] | None = None
+        asked = asyncio.Event()
+
+        async def read() -> None:
+            nonlocal names
+            async for request in stream:
+                if request.error_detail.message:
+                    log.warning(
+                        "SDS client %r refused version %s: %s",
+                        request.node.id,
+                        request.version_info,
+                        request.error_detail.message,
+                    )
+                if names is None or list(request.resource_names) != names:
+                    names = list(request.resource_names)
+                    log.info(
+                        "SDS: %r (pid %d uid %d) asks for %s",
+                        request.node.id,
+                        credentials.pid,
+                        credentials.uid,
+                        names or "every secret",
+                    )
+                    asked.set()
+
+        reader = asyncio.create_task(read())
+        try:
+            await self._serve(stream, reader, asked, lambda: names)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def _serve(
+        self, stream: SecretsStream, reader: asyncio.Task[None], asked: asyncio.Event, names: Any
+    ) -> None:
+        changes = _changes(stream, self._handed_out)
+        handout: Handout | None = None
+        sent: tuple[int, list[str]] | None = None
+        next_change = asyncio.ensure_future(anext(changes))
+        try:
+            while not reader.done():
+                waiting = asyncio.ensure_future(asked.wait())
+                await asyncio.wait(
+                    {reader, next_change, waiting}, return_when=asyncio.FIRST_COMPLETED
+                )
+                waiting.cancel()
+                asked.clear()
+                if next_change.done():
+                    handout = next_change.result()
+                    next_change = asyncio.ensure_future(anext(changes))
+                wanted = names()
+                if handout is None or wanted is None or sent == (handout.version, wanted):
+                    continue
+                await stream.send_message(self._response(wanted, handout))
+                sent = (handout.version, wanted)
+            reader.result()  # the client's error, if any, ends the call
+        finally:
+            next_change.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await next_change
+            await changes.aclose()
+
+    def _response(self, names: Any, handout: Handout) -> envoy_discovery_pb2.DiscoveryResponse:
+        found = workload.secrets(list(names), handout.svid)
+        self._caller.handed_out(workload.keys_in(found))
+        version = f"{handout.version}-{handout.svid.serial}"
+        return workload.discovery_response(found, version, nonce=os.urandom(8).hex())
+
+
+class WorkloadApiServer:
+    """Both services on `path`; `start` binds (replacing a stale socket), `close` unlinks."""
+
+    def __init__(
+        self,
+        config: WorkloadApiConfig,
+        identity: IdentityManager,
+        metrics: AgentMetrics,
+        backoff: Backoff,
+    ) -> None:
+        self.path = config.socket
+        self.metrics = metrics
+        self.handed_out = HandedOut(identity, backoff)
+        identity.changed.append(self.handed_out.on_identity_changed)
+        workload_api = WorkloadApi(self.handed_out, _Caller("workload", metrics, config.uids))
+        sds = SecretDiscovery(self.handed_out, _Caller("sds", metrics, config.uids))
+        self._server = BoundedServer(
+            [workload_api, sds],
+            LIMITS,
+            control_frames_per_second=CONTROL_FRAMES_PER_SECOND,
+        )
+        self._minting: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        sock = _bind_unix(self.path)
+        await self._server.serve(sock, None, CONNECTIONS, self._closed)  # type: ignore[arg-type]
+        self._minting = asyncio.create_task(self.handed_out.run(), name="workload-svid")
+        log.info("serving the SPIFFE Workload API and Envoy SDS on unix:%s", self.path)
+
+    def _closed(self, reason: str) -> None:
+        self.metrics.workload_api_refusals.labels("connection", reason).inc()
+
+    async def close(self) -> None:
+        if self._minting is not None:
+            self._minting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._minting
+        self._server.close()
+        await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _bind_unix(path: Path) -> socket.socket:
+    """A listening socket at `path`, connectable by every UID in the pod (its apps run as
+    their own); a socket left by an agent that died is replaced, any other file is not."""
+    path.parent.mkdir(parents=True, exist_ok=True)  # an emptyDir has it; a file config may not
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise OSError(f"{path} exists and is not a socket: not replacing it")
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o666)  # noqa: S103 (the volume, mounted in this pod alone, is the gate)
+        sock.listen(64)
+    except OSError:
+        sock.close()
+        raise
+    return sock

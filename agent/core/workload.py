@@ -1,0 +1,174 @@
+"""What the Workload API and SDS answer, and whom: plain functions over the SVID handed out.
+
+The agent hands its pod's app an SVID of the pod's identity with a key of its
+own (never the agent's: agent/adapters/workload_api.py mints it), over a Unix
+socket only the pod's containers can reach. Both APIs say the same thing in
+two vocabularies:
+
+- the SPIFFE Workload API (`X509SVIDResponse`, `X509BundlesResponse`): DER,
+  certificates concatenated, the key as PKCS#8;
+- Envoy's SDS: `Secret`s by name, PEM inline, the SVID as a `tls_certificate`
+  and the bundle as a `validation_context`, named as SPIRE's agent names them
+  ("default" and the SPIFFE ID for the SVID, "ROOTCA" and the trust domain's
+  ID for the bundle), so an Envoy set up for SPIRE works unchanged.
+
+Who may ask: the SPIFFE spec's security header on every Workload API call, and
+peer credentials (SO_PEERCRED) the kernel vouches for on every connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from google.protobuf import any_pb2
+
+from agent.core.svid import Svid
+from identity.proto import envoy_core_pb2, envoy_discovery_pb2, envoy_tls_pb2, workload_pb2
+
+#: The SPIFFE Workload API spec: every call carries `workload.spiffe.io: true`, so that a
+#: server-side request forgery through some HTTP client cannot reach the API.
+SECURITY_HEADER = "workload.spiffe.io"
+#: The spec's words for the refusal (its status: INVALID_ARGUMENT).
+MISSING_HEADER = "security header missing from request"
+
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"  # noqa: S105
+#: SPIRE's default names: an Envoy configured for SPIRE's SDS asks for these.
+SVID_SECRET, BUNDLE_SECRET = "default", "ROOTCA"
+
+Kind = Literal["tls_certificate", "validation_context"]
+
+
+def header_refusal(metadata: Mapping[str, str]) -> str | None:
+    """Why a Workload API call is refused for its metadata; None when it may go on."""
+    if metadata.get(SECURITY_HEADER) != "true":
+        return MISSING_HEADER
+    return None
+
+
+@dataclass(frozen=True)
+class PeerCredentials:
+    """SO_PEERCRED of a caller's connection, as the agent's namespaces see them.
+
+    `pid` is 0 for a caller in another container's PID namespace (the usual case
+    in a pod without shareProcessNamespace); `uid` and `gid` are the caller's.
+    """
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def caller_refusal(
+    credentials: PeerCredentials | None, uids: frozenset[int] = frozenset()
+) -> str | None:
+    """Why a connection's caller is refused; None when it may call.
+
+    One pod, one identity: whoever reaches the socket is in the pod (the socket
+    lives in a volume only the pod's containers mount) and gets the pod's SVID,
+    unless `uids` names the only UIDs to serve (a pod whose log shipper or debug
+    container runs as another user than its app). A caller the kernel gives no
+    credentials for did not come through a Unix socket of this host at all.
+    """
+    if credentials is None:
+        return "no peer credentials: only a process on the pod's Unix socket may call"
+    if uids and credentials.uid not in uids:
+        return f"uid {credentials.uid} is not one of workload_api.uids"
+    return None
+
+
+def x509_svid_response(svid: Svid) -> workload_pb2.X509SVIDResponse:
+    """FetchX509SVID's answer: the one SVID, its key, and the roots of its trust domain."""
+    return workload_pb2.X509SVIDResponse(
+        svids=[
+            workload_pb2.X509SVID(
+                spiffe_id=str(svid.spiffe_id),
+                x509_svid=b"".join(_der(cert) for cert in svid.chain),
+                x509_svid_key=svid.key.private_bytes(
+                    serialization.Encoding.DER,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                ),
+                bundle=b"".join(svid.bundle.to_der()),
+            )
+        ]
+    )
+
+
+def x509_bundles_response(svid: Svid) -> workload_pb2.X509BundlesResponse:
+    """FetchX509Bundles' answer: the roots, by trust domain ID (one: no federation)."""
+    return workload_pb2.X509BundlesResponse(
+        bundles={_trust_domain_id(svid): b"".join(svid.bundle.to_der())}
+    )
+
+
+def secret_kind(name: str, svid: Svid) -> Kind | None:
+    """What the SDS secret `name` is, for this SVID; None for a name the agent does not serve."""
+    if name in (SVID_SECRET, str(svid.spiffe_id)):
+        return "tls_certificate"
+    if name in (BUNDLE_SECRET, _trust_domain_id(svid)):
+        return "validation_context"
+    return None
+
+
+def secrets(names: Sequence[str], svid: Svid) -> list[envoy_tls_pb2.Secret]:
+    """The secrets asked for (none asked: the SVID and the bundle, by their default names).
+
+    A name the agent does not serve is left out of the answer, as SPIRE does: the
+    client waits for it, and its other secrets are served meanwhile.
+    """
+    wanted = list(names) or [SVID_SECRET, BUNDLE_SECRET]
+    found: list[envoy_tls_pb2.Secret] = []
+    for name in dict.fromkeys(wanted):
+        kind = secret_kind(name, svid)
+        if kind == "tls_certificate":
+            found.append(
+                envoy_tls_pb2.Secret(
+                    name=name,
+                    tls_certificate=envoy_tls_pb2.TlsCertificate(
+                        certificate_chain=_inline(svid.chain_pem()),
+                        private_key=_inline(svid.key_pem()),
+                    ),
+                )
+            )
+        elif kind == "validation_context":
+            found.append(
+                envoy_tls_pb2.Secret(
+                    name=name,
+                    validation_context=envoy_tls_pb2.CertificateValidationContext(
+                        trusted_ca=_inline(svid.bundle.to_pem())
+                    ),
+                )
+            )
+    return found
+
+
+def keys_in(found: Sequence[envoy_tls_pb2.Secret]) -> int:
+    """How many private keys an SDS answer hands out."""
+    return sum(1 for secret in found if secret.HasField("tls_certificate"))
+
+
+def discovery_response(
+    found: Sequence[envoy_tls_pb2.Secret], version: str, nonce: str
+) -> envoy_discovery_pb2.DiscoveryResponse:
+    resources = [
+        any_pb2.Any(type_url=SECRET_TYPE, value=secret.SerializeToString()) for secret in found
+    ]
+    return envoy_discovery_pb2.DiscoveryResponse(
+        version_info=version, resources=resources, type_url=SECRET_TYPE, nonce=nonce
+    )
+
+
+def _inline(data: bytes) -> envoy_core_pb2.DataSource:
+    return envoy_core_pb2.DataSource(inline_bytes=data)
+
+
+def _trust_domain_id(svid: Svid) -> str:
+    return f"spiffe://{svid.spiffe_id.trust_domain}"
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)

@@ -1,0 +1,264 @@
+"""The agent's Workload API and SDS socket, with grpclib as the client: what is handed out,
+to whom, and that every rotation and bundle change reaches an open stream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from agent.app import Agent
+from agent.core.workload import MISSING_HEADER, SECRET_TYPE
+from identity import TrustBundle
+from identity.proto import envoy_discovery_pb2, envoy_tls_pb2, workload_pb2
+from identity.proto.workload_grpc import SpiffeWorkloadAPIStub
+from tests.certs import foreign_ca
+from tests.mesh import eventually, local_sign, sample, workload
+from tests.support import CaSetup
+from tests.workload_api import (
+    HEADER,
+    certificates,
+    channel,
+    discovery_request,
+    keys_handed_out,
+    leaf_serial,
+    rotate,
+    secrets_stream,
+    svid_stream,
+    workload_agent,
+)
+
+WEB = workload("web")
+STEP = 5.0  # seconds: the longest any push may take here
+
+
+def public_der(key: object) -> bytes:
+    return key.public_key().public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+async def test_fetch_x509_svid_hands_out_the_pods_id_with_a_key_that_is_not_the_agents(
+    setup: CaSetup,
+) -> None:
+    async with workload_agent(setup) as (agent, path), svid_stream(path) as stream:
+        response = await asyncio.wait_for(stream.recv_message(), STEP)
+        (handed,) = response.svids
+        assert handed.spiffe_id == str(WEB)
+        chain = certificates(handed.x509_svid)
+        key = serialization.load_der_private_key(handed.x509_svid_key, None)
+        assert public_der(key) == chain[0].public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        own = agent.identity.svid
+        assert own is not None
+        assert public_der(key) != public_der(own.key)  # the agent's own key never leaves
+        assert chain[0].serial_number != own.leaf.serial_number
+        roots = TrustBundle.from_der(WEB.trust_domain, x509_ders(handed.bundle))
+        assert roots == own.bundle
+        assert keys_handed_out(agent, "workload") == 1
+
+
+def x509_ders(concatenated: bytes) -> list[bytes]:
+    return [c.public_bytes(serialization.Encoding.DER) for c in certificates(concatenated)]
+
+
+async def test_a_rotation_reaches_an_open_stream_with_a_new_key(
+    setup: CaSetup, watchdog: None
+) -> None:
+    async with workload_agent(setup) as (agent, path), svid_stream(path) as stream:
+        first = (await asyncio.wait_for(stream.recv_message(), STEP)).svids[0]
+        rotate(agent)
+        started = time.perf_counter()
+        second = (await asyncio.wait_for(stream.recv_message(), STEP)).svids[0]
+        latency = time.perf_counter() - started
+        assert leaf_serial(second.x509_svid) != leaf_serial(first.x509_svid)
+        assert second.x509_svid_key != first.x509_svid_key
+        print(f"workload API: rotation to delivery {latency * 1000:.1f} ms")
+        assert keys_handed_out(agent, "workload") == 2
+
+
+async def test_while_the_ca_cannot_mint_the_last_svid_stays_and_the_next_one_follows(
+    setup: CaSetup, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    signed = local_sign(setup)
+    plan: list[bool] = []  # the next calls' fates: True fails; empty: all succeed
+
+    async def sign(*args: Any) -> Any:
+        if plan and plan.pop(0):
+            raise GRPCError(Status.UNAVAILABLE, "the CA is restarting")
+        return await signed(*args)
+
+    backoff = {"initial": "20ms", "max": "40ms"}
+    async with workload_agent(setup, sign=sign, ca_backoff=backoff) as (agent, path):
+        async with svid_stream(path) as stream:
+            first = (await asyncio.wait_for(stream.recv_message(), STEP)).svids[0]
+            plan[:] = [False] + [True] * 10_000  # the agent's renewal goes; the mints fail
+            old = rotate(agent)
+            assert await eventually(lambda: "cannot mint the SVID to hand out" in caplog.text)
+            assert agent.identity.svid is not None and agent.identity.svid.serial != old
+            # New roots go out meanwhile, with the last SVID.
+            install_extra_root(agent, tmp_path)
+            rebundled = (await asyncio.wait_for(stream.recv_message(), STEP)).svids[0]
+            assert rebundled.x509_svid == first.x509_svid
+            assert len(x509_ders(rebundled.bundle)) == len(x509_ders(first.bundle)) + 1
+            plan.clear()  # the CA is back
+            second = (await asyncio.wait_for(stream.recv_message(), STEP)).svids[0]
+        assert leaf_serial(second.x509_svid) != leaf_serial(first.x509_svid)
+        assert second.bundle == rebundled.bundle
+
+
+def install_extra_root(agent: Agent, directory: Path) -> None:
+    """A second root of the trust domain, in the agent's bundle (as BundleSync would)."""
+    own = agent.identity.svid
+    assert own is not None
+    foreign_ca(directory, own.bundle.trust_domain)
+    extra = x509.load_pem_x509_certificate((directory / "root.pem").read_bytes())
+    agent.identity.install_bundle(TrustBundle(own.bundle.trust_domain, (*own.bundle.roots, extra)))
+
+
+async def test_a_bundle_change_reaches_an_open_stream_with_the_same_svid(
+    setup: CaSetup, tmp_path: Path
+) -> None:
+    async with workload_agent(setup) as (agent, path), svid_stream(path) as stream:
+        first = (await asyncio.wait_for(stream.recv_message(), STEP)).svids[0]
+        install_extra_root(agent, tmp_path)
+        second = (await asyncio.wait_for(stream.recv_message(), STEP)).svids[0]
+        assert second.x509_svid == first.x509_svid
+        assert len(x509_ders(second.bundle)) == len(x509_ders(first.bundle)) + 1
+
+
+async def test_a_call_without_the_security_header_is_refused_invalid_argument(
+    setup: CaSetup, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with workload_agent(setup) as (agent, path):
+        for metadata in ({}, {"workload.spiffe.io": "false"}):
+            with pytest.raises(GRPCError) as refused:
+                async with svid_stream(path, metadata) as stream:
+                    await asyncio.wait_for(stream.recv_message(), STEP)
+            assert refused.value.status == Status.INVALID_ARGUMENT
+            assert refused.value.message == MISSING_HEADER
+        assert keys_handed_out(agent, "workload") == 0
+        labels = {"api": "workload", "reason": "missing_header"}
+        assert sample(agent, "outrider_workload_api_refusals_total", **labels) == 2
+        assert caplog.text.count("refused a workload call") == 1  # counted each, said once
+
+
+async def test_a_caller_whose_uid_is_not_listed_is_refused_permission_denied(
+    setup: CaSetup,
+) -> None:
+    async with workload_agent(setup, uids=[os.getuid() + 1]) as (agent, path):
+        with pytest.raises(GRPCError) as refused:
+            async with svid_stream(path) as stream:
+                await asyncio.wait_for(stream.recv_message(), STEP)
+        assert refused.value.status == Status.PERMISSION_DENIED
+        assert f"uid {os.getuid()}" in str(refused.value.message)
+        assert keys_handed_out(agent, "workload") == 0
+        labels = {"api": "workload", "reason": "uid"}
+        assert sample(agent, "outrider_workload_api_refusals_total", **labels) == 1
+    async with workload_agent(setup, uids=[os.getuid()]) as (_, path), svid_stream(path) as stream:
+        assert (await asyncio.wait_for(stream.recv_message(), STEP)).svids
+
+
+async def test_fetch_x509_bundles_names_the_trust_domain(setup: CaSetup) -> None:
+    async with workload_agent(setup) as (agent, path), channel(path) as chan:
+        stub = SpiffeWorkloadAPIStub(chan)
+        async with stub.FetchX509Bundles.open(metadata=HEADER) as stream:
+            await stream.send_message(workload_pb2.X509BundlesRequest(), end=True)
+            response = await asyncio.wait_for(stream.recv_message(), STEP)
+            await stream.cancel()
+        assert list(response.bundles) == [f"spiffe://{WEB.trust_domain}"]
+        assert keys_handed_out(agent, "workload") == 0
+
+
+async def test_the_jwt_calls_are_not_served(setup: CaSetup) -> None:
+    """grpcio, the transport of py-spiffe and of go-spiffe's peers, sees UNIMPLEMENTED."""
+    async with workload_agent(setup) as (_, path):
+        async with grpc.aio.insecure_channel(f"unix:{path}") as chan:
+            call = chan.unary_unary("/SpiffeWorkloadAPI/FetchJWTSVID")
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call(b"", metadata=tuple(HEADER.items()), timeout=STEP)
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def secret(response: envoy_discovery_pb2.DiscoveryResponse, index: int) -> envoy_tls_pb2.Secret:
+    any_ = response.resources[index]
+    assert any_.type_url == SECRET_TYPE
+    return envoy_tls_pb2.Secret.FromString(any_.value)
+
+
+async def test_sds_serves_the_svid_and_the_bundle_and_pushes_a_rotation(setup: CaSetup) -> None:
+    async with workload_agent(setup) as (agent, path), secrets_stream(path) as stream:
+        await stream.send_message(discovery_request("default", "ROOTCA"))
+        first = await asyncio.wait_for(stream.recv_message(), STEP)
+        assert first.type_url == SECRET_TYPE
+        svid, roots = secret(first, 0), secret(first, 1)
+        assert (svid.name, roots.name) == ("default", "ROOTCA")
+        chain = x509.load_pem_x509_certificates(svid.tls_certificate.certificate_chain.inline_bytes)
+        assert chain[0].serial_number != agent.identity.svid.leaf.serial_number  # type: ignore[union-attr]
+        assert (
+            roots.validation_context.trusted_ca.inline_bytes == agent.identity.svid.bundle.to_pem()
+        )  # type: ignore[union-attr]
+        # The ACK asks for nothing new: no answer to it.
+        await stream.send_message(
+            discovery_request("default", "ROOTCA", version=first.version_info, nonce=first.nonce)
+        )
+        rotate(agent)
+        started = time.perf_counter()
+        second = await asyncio.wait_for(stream.recv_message(), STEP)
+        latency = time.perf_counter() - started
+        print(f"SDS: rotation to delivery {latency * 1000:.1f} ms")
+        assert second.version_info != first.version_info
+        new_chain = secret(second, 0).tls_certificate.certificate_chain.inline_bytes
+        assert x509.load_pem_x509_certificates(new_chain)[0].serial_number != chain[0].serial_number
+        assert keys_handed_out(agent, "sds") == 2
+
+
+async def test_sds_answers_a_new_set_of_names_and_leaves_out_unknown_ones(
+    setup: CaSetup,
+) -> None:
+    async with workload_agent(setup) as (_, path), secrets_stream(path) as stream:
+        await stream.send_message(discovery_request("ROOTCA"))
+        first = await asyncio.wait_for(stream.recv_message(), STEP)
+        assert [secret(first, 0).name] == ["ROOTCA"]
+        await stream.send_message(discovery_request(str(WEB), "nonsense", nonce=first.nonce))
+        second = await asyncio.wait_for(stream.recv_message(), STEP)
+        assert [secret(second, i).name for i in range(len(second.resources))] == [str(WEB)]
+
+
+async def test_the_socket_is_removed_at_stop(
+    setup: CaSetup,
+) -> None:
+    async with workload_agent(setup) as (_, path):
+        pass
+    assert not path.exists()
+
+
+def test_a_stale_socket_is_replaced_and_any_other_file_is_not(tmp_path: Path) -> None:
+    from agent.adapters.workload_api import _bind_unix
+
+    path = tmp_path / "socket"
+    path.write_text("mine")
+    with pytest.raises(OSError, match="not a socket"):
+        _bind_unix(path)
+    assert path.read_text() == "mine"
+    path.unlink()
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    sock = _bind_unix(path)
+    sock.close()
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666)
+
+
+__all__ = ["Agent"]
