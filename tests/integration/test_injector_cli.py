@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -87,11 +86,10 @@ def test_inject_no_capture_leaves_out_the_capture_container_and_the_probes(
 def workload_api_of(spec: dict[str, Any]) -> tuple[object, list[str]]:
     """The agent's `workload_api:` and the app containers given SPIFFE_ENDPOINT_SOCKET."""
     agent = next(c for c in spec["initContainers"] if c["name"] == "outrider-agent")
-    config = json.loads(agent["env"][0]["value"])
+    config = parse_text(agent["env"][0]["value"], source="OUTRIDER_AGENT_CONFIG")
     socket = {"name": "SPIFFE_ENDPOINT_SOCKET", "value": "unix://" + WORKLOAD_API_SOCKET}
-    return config.get("workload_api"), [
-        c["name"] for c in spec["containers"] if socket in c.get("env", [])
-    ]
+    served = None if config.workload_api is None else str(config.workload_api.socket)
+    return served, [c["name"] for c in spec["containers"] if socket in c.get("env", [])]
 
 
 def test_inject_gives_the_workload_api_to_the_workloads_that_ask_or_to_all(
@@ -105,14 +103,14 @@ def test_inject_gives_the_workload_api_to_the_workloads_that_ask_or_to_all(
     source.write_text(asks + "---\n" + opts_out)
     assert main(["inject", "-f", str(source), "-o", str(out)]) == 0
     web, api = (d["spec"]["template"]["spec"] for d in yaml.safe_load_all(out.read_text()))
-    assert workload_api_of(web) == ({"socket": WORKLOAD_API_SOCKET}, ["web"])
+    assert workload_api_of(web) == (WORKLOAD_API_SOCKET, ["web"])
     assert workload_api_of(api) == (None, [])
     # injector.yaml turns it on for every workload but those that opt out.
     source.write_text(DEPLOYMENT + "---\n" + opts_out)
     config.write_text(yaml.safe_dump({"workload_api": {"enabled": True}}))
     assert main(["inject", "-f", str(source), "-o", str(out), "--config", str(config)]) == 0
     web, api = (d["spec"]["template"]["spec"] for d in yaml.safe_load_all(out.read_text()))
-    assert workload_api_of(web) == ({"socket": WORKLOAD_API_SOCKET}, ["web"])
+    assert workload_api_of(web) == (WORKLOAD_API_SOCKET, ["web"])
     assert workload_api_of(api) == (None, [])
     # And its own output again is left as it is.
     again = tmp_path / "again.yaml"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import jsonpatch
@@ -18,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.config import WorkloadApiConfig, parse_text
 from identity.injected import (
     SPIFFE_ENDPOINT_SOCKET,
     WORKLOAD_API_ANNOTATION,
@@ -40,8 +42,13 @@ APP_ENV = {"name": "SPIFFE_ENDPOINT_SOCKET", "value": SPIFFE_ENDPOINT_SOCKET}
 
 
 def config_of(patched: dict[str, Any]) -> dict[str, Any]:
+    """The agent's config as JSON, after checking the agent itself reads the socket there."""
     raw = next(e["value"] for e in agent_of(patched)["env"] if e["name"] == CONFIG_ENV)
+    read = parse_text(raw, source=CONFIG_ENV).workload_api
     config: dict[str, Any] = json.loads(raw)
+    assert read == (
+        WorkloadApiConfig(Path(WORKLOAD_API_SOCKET)) if "workload_api" in config else None
+    )
     return config
 
 
