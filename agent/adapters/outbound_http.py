@@ -45,10 +45,10 @@ from agent.adapters.attempts import LocalAnswer, Try, attempts, dial_within_limi
 from agent.adapters.http import HOLD_BYTES, deliver_requests, error_body, local_response
 from agent.adapters.metrics import clock, since
 from agent.adapters.pool import UpstreamConnection
+from agent.adapters.runtime import refusal_line
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.core import http1
 from agent.core.http1 import END, Data, Framing, Request, Switched
-from agent.core.throttle import held_back
 from agent.core.tries import Deliver, Outcome, Response
 from agent.core.upstream import Endpoint
 
@@ -155,15 +155,14 @@ class OutboundHttp(asyncio.Protocol):
         self._close_client()
         runtime = self.live.runtime
         runtime.metrics.connections_refused.labels("outbound", "protocol_mismatch").inc()
-        key = ("outbound", "protocol_mismatch")
-        held = runtime.refusal_lines.admit(key, asyncio.get_running_loop().time())
-        if held is not None:
-            log.warning(
-                "outbound %s: refused an HTTP/2 connection: %s%s",
-                self.live.name,
-                http1.H2_ADVICE,
-                held_back(held),
-            )
+        refusal_line(
+            runtime.refusal_lines,
+            log,
+            ("outbound", "protocol_mismatch"),
+            "outbound %s: refused an HTTP/2 connection: %s",
+            self.live.name,
+            http1.H2_ADVICE,
+        )
 
     def eof_received(self) -> bool:
         self.stopped = True
