@@ -112,6 +112,10 @@ class HandedOut:
         if handout is not None and handout.svid.bundle != agent.bundle:
             self._publish(dataclasses.replace(handout.svid, bundle=agent.bundle))
 
+    def expired_refusal(self, handout: Handout) -> str | None:
+        """Why `handout`'s SVID cannot go out now (it has expired); None while it may."""
+        return workload.expired_refusal(handout.svid, self._identity.now())
+
     async def current(self, after: int = 0) -> Handout:
         while self._handout is None or self._handout.version <= after:
             changed = self._changed
@@ -200,6 +204,11 @@ class _Caller:
         if held is not None:
             log.warning("refused a %s call: %s%s", self.api, refusal, held_back(held))
 
+    def unavailable(self, refusal: str) -> GRPCError:
+        """The call's end while there is no valid SVID to hand out (retriable: UNAVAILABLE)."""
+        self._refuse("expired", refusal)
+        return GRPCError(Status.UNAVAILABLE, refusal)
+
     def handed_out(self, keys: int) -> None:
         self.metrics.workload_keys_handed_out.labels(self.api).inc(keys)
 
@@ -241,6 +250,8 @@ class WorkloadApi(SpiffeWorkloadAPIBase):
         log.info("FetchX509SVID from pid %d uid %d", credentials.pid, credentials.uid)
         async with contextlib.aclosing(_changes(stream, self._handed_out)) as changes:
             async for handout in changes:
+                if (refusal := self._handed_out.expired_refusal(handout)) is not None:
+                    raise self._caller.unavailable(refusal)
                 await stream.send_message(workload.x509_svid_response(handout.svid))
                 self._caller.handed_out(1)
 
@@ -337,6 +348,8 @@ class SecretDiscovery(SecretDiscoveryServiceBase):
 
     def _response(self, names: Any, handout: Handout) -> envoy_discovery_pb2.DiscoveryResponse:
         found = workload.secrets(list(names), handout.svid)
+        if workload.keys_in(found) and (refusal := self._handed_out.expired_refusal(handout)):
+            raise self._caller.unavailable(refusal)
         self._caller.handed_out(workload.keys_in(found))
         version = f"{handout.version}-{handout.svid.serial}"
         return workload.discovery_response(found, version, nonce=os.urandom(8).hex())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 from cryptography import x509
@@ -77,6 +78,19 @@ def caller_refusal(
         return "no peer credentials: only a process on the pod's Unix socket may call"
     if uids and credentials.uid not in uids:
         return f"uid {credentials.uid} is not one of workload_api.uids"
+    return None
+
+
+def expired_refusal(svid: Svid, now: datetime) -> str | None:
+    """Why the SVID cannot be handed out now (it has expired); None while it is valid.
+
+    An app handed a dead SVID fails every handshake it makes and cannot tell why;
+    refused with UNAVAILABLE it retries (the spec's clients back off and call again)
+    and gets the next one the CA signs. The bundle does not expire with it.
+    """
+    if now >= svid.not_after:
+        expired = svid.not_after.isoformat(timespec="seconds")
+        return f"no valid SVID to hand out: the last expired at {expired}, none signed since"
     return None
 
 

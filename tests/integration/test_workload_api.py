@@ -7,6 +7,7 @@ import asyncio
 import os
 import socket
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from agent.app import Agent
 from agent.core.workload import MISSING_HEADER, SECRET_TYPE
 from identity import TrustBundle
 from identity.proto import envoy_discovery_pb2, envoy_tls_pb2, workload_pb2
+from identity.proto.envoy_sds_grpc import SecretDiscoveryServiceStub
 from identity.proto.workload_grpc import SpiffeWorkloadAPIStub
 from tests.certs import foreign_ca
 from tests.mesh import eventually, local_sign, sample, workload
@@ -262,3 +264,45 @@ def test_a_stale_socket_is_replaced_and_any_other_file_is_not(tmp_path: Path) ->
 
 
 __all__ = ["Agent"]
+
+
+async def test_an_expired_svid_is_never_handed_out_the_call_is_unavailable(
+    setup: CaSetup,
+) -> None:
+    """The CA refuses every mint after the first until the SVID handed out has expired: a
+    new caller gets UNAVAILABLE (the spec's retriable status), not a dead SVID."""
+    ttl = 2.0
+    signed = local_sign(setup, ttl=timedelta(seconds=ttl))
+    calls = 0
+
+    async def sign(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 2:  # the agent's first SVID, then the first one handed out
+            raise GRPCError(Status.UNAVAILABLE, "the CA is down")
+        return await signed(*args)
+
+    backoff = {"initial": "200ms", "max": "400ms"}
+    async with workload_agent(setup, sign=sign, ca_backoff=backoff) as (agent, path):
+        handed = agent.workload_api.handed_out  # type: ignore[union-attr]
+        assert await eventually(lambda: handed.svid is not None, STEP)
+        assert handed.svid is not None
+        expiry = handed.svid.not_after.timestamp()
+        await asyncio.sleep(max(0.0, expiry - time.time()) + 0.1)  # its expiry: real time
+        async with svid_stream(path) as stream:
+            with pytest.raises(GRPCError) as refused:
+                response = await asyncio.wait_for(stream.recv_message(), STEP)
+                leaf = certificates(response.svids[0].x509_svid)[0]
+                raise AssertionError(
+                    f"handed out an SVID that expired at {leaf.not_valid_after_utc}"
+                )
+            assert refused.value.status is Status.UNAVAILABLE
+        async with channel(path) as chan:
+            with pytest.raises(GRPCError) as refused:
+                await SecretDiscoveryServiceStub(chan).FetchSecrets(discovery_request("default"))
+            assert refused.value.status is Status.UNAVAILABLE
+            # The bundle alone is still served: it does not expire with the SVID.
+            answer = await SecretDiscoveryServiceStub(chan).FetchSecrets(
+                discovery_request("ROOTCA")
+            )
+            assert len(answer.resources) == 1
