@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import socket
@@ -400,11 +401,15 @@ class WorkloadApiServer:
 
 def _bind_unix(path: Path) -> socket.socket:
     """A listening socket at `path`, connectable by every UID in the pod (its apps run as
-    their own); a socket left by an agent that died is replaced, any other file is not."""
+    their own); a socket left by an agent that died is replaced, any other file is not,
+    nor a socket some process still listens on (another agent's: taking it would cut
+    that agent's callers off)."""
     path.parent.mkdir(parents=True, exist_ok=True)  # an emptyDir has it; a file config may not
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise OSError(f"{path} exists and is not a socket: not replacing it")
+        if _listened_on(path):
+            raise OSError(f"{path} is in use: another process listens on it; not replacing it")
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -415,3 +420,13 @@ def _bind_unix(path: Path) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _listened_on(path: Path) -> bool:
+    """Some process accepts connections on the socket at `path` (a full backlog counts)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        return probe.connect_ex(str(path)) in (0, errno.EAGAIN)
+    finally:
+        probe.close()

@@ -263,6 +263,23 @@ def test_a_stale_socket_is_replaced_and_any_other_file_is_not(tmp_path: Path) ->
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o666)
 
 
+def test_a_socket_another_agent_still_serves_is_not_taken_from_it(tmp_path: Path) -> None:
+    """Two agents on one path (a restart overlapping the old one, a copied config): the
+    second must not unlink the first's live socket, which would cut off its callers."""
+    from agent.adapters.workload_api import _bind_unix
+
+    path = tmp_path / "socket"
+    live = _bind_unix(path)
+    try:
+        with pytest.raises(OSError, match="in use"):
+            _bind_unix(path)
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(str(path))  # still the first one's
+        client.close()
+    finally:
+        live.close()
+
+
 __all__ = ["Agent"]
 
 
