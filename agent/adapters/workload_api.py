@@ -189,17 +189,17 @@ class _Caller:
         if header:
             refusal = workload.header_refusal(stream.metadata or {})  # type: ignore[arg-type]
             if refusal is not None:
-                self._refuse("missing_header", refusal)
+                self.refuse("missing_header", refusal)
                 raise GRPCError(Status.INVALID_ARGUMENT, refusal)
         credentials = peer_credentials(stream)
         refusal = workload.caller_refusal(credentials, self.uids)
         if refusal is not None:
-            self._refuse("no_credentials" if credentials is None else "uid", refusal)
+            self.refuse("no_credentials" if credentials is None else "uid", refusal)
             raise GRPCError(Status.PERMISSION_DENIED, refusal)
         assert credentials is not None
         return credentials
 
-    def _refuse(self, reason: str, refusal: str) -> None:
+    def refuse(self, reason: str, refusal: str) -> None:
         self.metrics.workload_api_refusals.labels(self.api, reason).inc()
         held = self._lines.admit(reason, time.monotonic())
         if held is not None:
@@ -207,7 +207,7 @@ class _Caller:
 
     def unavailable(self, refusal: str) -> GRPCError:
         """The call's end while there is no valid SVID to hand out (retriable: UNAVAILABLE)."""
-        self._refuse("expired", refusal)
+        self.refuse("expired", refusal)
         return GRPCError(Status.UNAVAILABLE, refusal)
 
     def handed_out(self, keys: int) -> None:
@@ -348,6 +348,10 @@ class SecretDiscovery(SecretDiscoveryServiceBase):
             await changes.aclose()
 
     def _response(self, names: Any, handout: Handout) -> envoy_discovery_pb2.DiscoveryResponse:
+        if unserved := workload.unserved(list(names), handout.svid):
+            said = workload.unserved_refusal(unserved, handout.svid)
+            self._caller.refuse("unknown_secret", said)
+            raise GRPCError(Status.INVALID_ARGUMENT, said)
         found = workload.secrets(list(names), handout.svid)
         if workload.keys_in(found) and (refusal := self._handed_out.expired_refusal(handout)):
             raise self._caller.unavailable(refusal)

@@ -128,13 +128,25 @@ def secret_kind(name: str, svid: Svid) -> Kind | None:
     return None
 
 
-def secrets(names: Sequence[str], svid: Svid) -> list[envoy_tls_pb2.Secret]:
-    """The secrets asked for (none asked: the SVID and the bundle, by their default names).
+def unserved(names: Sequence[str], svid: Svid) -> list[str]:
+    """The names asked for that the agent does not serve (each once, in order; "" ignored).
 
-    A name the agent does not serve is left out of the answer, as SPIRE does: the
-    client waits for it, and its other secrets are served meanwhile.
+    SPIRE's SDS refuses such a request (INVALID_ARGUMENT, "workload is not authorized
+    for the requested identities"), and so does the agent: a typo or another
+    workload's ID is said to Envoy, which logs it, rather than left for it to wait on.
     """
-    wanted = list(names) or [SVID_SECRET, BUNDLE_SECRET]
+    return [name for name in dict.fromkeys(names) if name and secret_kind(name, svid) is None]
+
+
+def unserved_refusal(names: Sequence[str], svid: Svid) -> str:
+    served = f"{SVID_SECRET} or {svid.spiffe_id}, {BUNDLE_SECRET} or {_trust_domain_id(svid)}"
+    return f"secrets not served here: {', '.join(map(repr, names))} (served: {served})"
+
+
+def secrets(names: Sequence[str], svid: Svid) -> list[envoy_tls_pb2.Secret]:
+    """The secrets asked for (none asked: the SVID and the bundle, by their default names);
+    a name it does not serve (see `unserved`) is not in the answer."""
+    wanted = [name for name in names if name] or [SVID_SECRET, BUNDLE_SECRET]
     found: list[envoy_tls_pb2.Secret] = []
     for name in dict.fromkeys(wanted):
         kind = secret_kind(name, svid)

@@ -226,16 +226,36 @@ async def test_sds_serves_the_svid_and_the_bundle_and_pushes_a_rotation(setup: C
         assert keys_handed_out(agent, "sds") == 2
 
 
-async def test_sds_answers_a_new_set_of_names_and_leaves_out_unknown_ones(
+async def test_sds_answers_a_new_set_of_names_and_refuses_unknown_ones(
     setup: CaSetup,
 ) -> None:
-    async with workload_agent(setup) as (_, path), secrets_stream(path) as stream:
-        await stream.send_message(discovery_request("ROOTCA"))
-        first = await asyncio.wait_for(stream.recv_message(), STEP)
-        assert [secret(first, 0).name] == ["ROOTCA"]
-        await stream.send_message(discovery_request(str(WEB), "nonsense", nonce=first.nonce))
-        second = await asyncio.wait_for(stream.recv_message(), STEP)
-        assert [secret(second, i).name for i in range(len(second.resources))] == [str(WEB)]
+    """A name the agent does not serve (a typo, another workload's ID) ends the call with
+    INVALID_ARGUMENT naming it, as SPIRE's SDS does: Envoy logs it and retries, where an
+    answer without it would leave Envoy waiting with nothing said."""
+    async with workload_agent(setup) as (agent, path):
+        async with secrets_stream(path) as stream:
+            await stream.send_message(discovery_request("ROOTCA"))
+            first = await asyncio.wait_for(stream.recv_message(), STEP)
+            assert [secret(first, 0).name] == ["ROOTCA"]
+            names = (str(WEB), "nonsense")
+            # Half-closed, so that grpclib reads the trailers (Envoy does without).
+            await stream.send_message(discovery_request(*names, nonce=first.nonce), end=True)
+            with pytest.raises(GRPCError) as refused:
+                await asyncio.wait_for(stream.recv_message(), STEP)
+                await asyncio.wait_for(stream.recv_trailing_metadata(), STEP)
+        assert refused.value.status is Status.INVALID_ARGUMENT
+        assert "'nonsense'" in str(refused.value.message)
+        async with channel(path) as chan:
+            sds = SecretDiscoveryServiceStub(chan)
+            with pytest.raises(GRPCError) as refused:
+                await sds.FetchSecrets(discovery_request("default", str(workload("other"))))
+            assert refused.value.status is Status.INVALID_ARGUMENT
+        assert (
+            sample(
+                agent, "outrider_workload_api_refusals_total", api="sds", reason="unknown_secret"
+            )
+            == 2
+        )
 
 
 async def test_the_socket_is_removed_at_stop(
