@@ -226,6 +226,34 @@ async def test_sds_serves_the_svid_and_the_bundle_and_pushes_a_rotation(setup: C
         assert keys_handed_out(agent, "sds") == 2
 
 
+async def test_sds_pushes_a_bundle_change_to_the_validation_context_and_a_nack_changes_nothing(
+    setup: CaSetup, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A root added, then removed: Envoy's validation context follows each, with the same
+    SVID; a NACK is logged and answered with nothing (the next change still comes)."""
+    async with workload_agent(setup) as (agent, path), secrets_stream(path) as stream:
+        await stream.send_message(discovery_request("ROOTCA"))
+        first = await asyncio.wait_for(stream.recv_message(), STEP)
+        own = agent.identity.svid
+        assert own is not None
+        install_extra_root(agent, tmp_path)
+        added = await asyncio.wait_for(stream.recv_message(), STEP)
+        trusted = secret(added, 0).validation_context.trusted_ca.inline_bytes
+        assert len(x509.load_pem_x509_certificates(trusted)) == len(own.bundle.roots) + 1
+        assert added.version_info != first.version_info and added.nonce != first.nonce
+        nack = envoy_discovery_pb2.DiscoveryRequest(
+            resource_names=["ROOTCA"], version_info=first.version_info, response_nonce=added.nonce
+        )
+        nack.error_detail.message = "bad roots"
+        await stream.send_message(nack)
+        assert await eventually(lambda: "refused version" in caplog.text)
+        agent.identity.install_bundle(own.bundle)  # the extra root removed
+        removed = await asyncio.wait_for(stream.recv_message(), STEP)
+        trusted = secret(removed, 0).validation_context.trusted_ca.inline_bytes
+        assert trusted == own.bundle.to_pem()
+        assert removed.version_info not in (first.version_info, added.version_info)
+
+
 async def test_sds_answers_a_new_set_of_names_and_refuses_unknown_ones(
     setup: CaSetup,
 ) -> None:
