@@ -113,9 +113,9 @@ class HandedOut:
         if handout is not None and handout.svid.bundle != agent.bundle:
             self._publish(dataclasses.replace(handout.svid, bundle=agent.bundle))
 
-    def expired_refusal(self, handout: Handout) -> str | None:
-        """Why `handout`'s SVID cannot go out now (it has expired); None while it may."""
-        return workload.expired_refusal(handout.svid, self._identity.now())
+    def unusable_refusal(self, handout: Handout) -> str | None:
+        """Why `handout`'s SVID cannot go out now (expired, or its roots gone); None if it may."""
+        return workload.unusable_refusal(handout.svid, self._identity.now())
 
     async def current(self, after: int = 0) -> Handout:
         while self._handout is None or self._handout.version <= after:
@@ -207,7 +207,7 @@ class _Caller:
 
     def unavailable(self, refusal: str) -> GRPCError:
         """The call's end while there is no valid SVID to hand out (retriable: UNAVAILABLE)."""
-        self.refuse("expired", refusal)
+        self.refuse("no_valid_svid", refusal)
         return GRPCError(Status.UNAVAILABLE, refusal)
 
     def handed_out(self, keys: int) -> None:
@@ -251,7 +251,7 @@ class WorkloadApi(SpiffeWorkloadAPIBase):
         log.info("FetchX509SVID from pid %d uid %d", credentials.pid, credentials.uid)
         async with contextlib.aclosing(_changes(stream, self._handed_out)) as changes:
             async for handout in changes:
-                if (refusal := self._handed_out.expired_refusal(handout)) is not None:
+                if (refusal := self._handed_out.unusable_refusal(handout)) is not None:
                     raise self._caller.unavailable(refusal)
                 await stream.send_message(workload.x509_svid_response(handout.svid))
                 self._caller.handed_out(1)
@@ -353,7 +353,7 @@ class SecretDiscovery(SecretDiscoveryServiceBase):
             self._caller.refuse("unknown_secret", said)
             raise GRPCError(Status.INVALID_ARGUMENT, said)
         found = workload.secrets(list(names), handout.svid)
-        if workload.keys_in(found) and (refusal := self._handed_out.expired_refusal(handout)):
+        if workload.keys_in(found) and (refusal := self._handed_out.unusable_refusal(handout)):
             raise self._caller.unavailable(refusal)
         self._caller.handed_out(workload.keys_in(found))
         version = f"{handout.version}-{handout.svid.serial}"

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from google.protobuf import any_pb2
 
 from agent.core.svid import Svid
+from identity.chain import ChainError, check_chain
 from identity.proto import envoy_core_pb2, envoy_discovery_pb2, envoy_tls_pb2, workload_pb2
 
 #: The SPIFFE Workload API spec: every call carries `workload.spiffe.io: true`, so that a
@@ -81,16 +82,22 @@ def caller_refusal(
     return None
 
 
-def expired_refusal(svid: Svid, now: datetime) -> str | None:
-    """Why the SVID cannot be handed out now (it has expired); None while it is valid.
+def unusable_refusal(svid: Svid, now: datetime) -> str | None:
+    """Why the SVID cannot be handed out now; None while it may.
 
-    An app handed a dead SVID fails every handshake it makes and cannot tell why;
-    refused with UNAVAILABLE it retries (the spec's clients back off and call again)
-    and gets the next one the CA signs. The bundle does not expire with it.
+    Expired, or not leading to the roots it goes out with (its root removed from
+    the bundle while the CA signed no new one): no peer would accept it, and an
+    app handed it fails every handshake without knowing why. Refused with
+    UNAVAILABLE, the spec's clients back off, call again, and get the next one the
+    CA signs. The bundle alone still goes out: it does not depend on the SVID.
     """
     if now >= svid.not_after:
         expired = svid.not_after.isoformat(timespec="seconds")
         return f"no valid SVID to hand out: the last expired at {expired}, none signed since"
+    try:
+        check_chain(svid.chain, svid.bundle)
+    except ChainError as exc:
+        return f"no valid SVID to hand out: the last does not lead to the trust bundle ({exc})"
     return None
 
 

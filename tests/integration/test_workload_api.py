@@ -294,6 +294,47 @@ async def test_the_socket_is_removed_at_stop(
     assert not path.exists()
 
 
+async def test_an_svid_the_new_roots_do_not_verify_is_not_handed_out(
+    setup: CaSetup, tmp_path: Path
+) -> None:
+    """Its root removed from the bundle while the CA signs nothing: the SVID handed out
+    verifies against no root the pod trusts, and no peer would accept it. An open stream
+    ends UNAVAILABLE rather than pushing it with roots that contradict it; the bundles
+    still go out."""
+    signed = local_sign(setup)
+    calls = 0
+
+    async def sign(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 2:  # the agent's first SVID, then the first one handed out
+            raise GRPCError(Status.UNAVAILABLE, "the CA is down")
+        return await signed(*args)
+
+    backoff = {"initial": "1s", "max": "2s"}
+    async with workload_agent(setup, sign=sign, ca_backoff=backoff) as (agent, path):
+        own = agent.identity.svid
+        assert own is not None
+        async with svid_stream(path) as stream:
+            await asyncio.wait_for(stream.recv_message(), STEP)
+            foreign_ca(tmp_path, own.bundle.trust_domain)
+            other = x509.load_pem_x509_certificate((tmp_path / "root.pem").read_bytes())
+            agent.identity.install_bundle(TrustBundle(own.bundle.trust_domain, (other,)))
+            with pytest.raises(GRPCError) as refused:
+                response = await asyncio.wait_for(stream.recv_message(), STEP)
+                assert response is None, "pushed an SVID its roots do not verify"
+                await asyncio.wait_for(stream.recv_trailing_metadata(), STEP)
+            assert refused.value.status is Status.UNAVAILABLE
+        async with channel(path) as chan:
+            stub = SpiffeWorkloadAPIStub(chan)
+            async with stub.FetchX509Bundles.open(metadata=HEADER) as bundles:
+                await bundles.send_message(workload_pb2.X509BundlesRequest(), end=True)
+                answer = await asyncio.wait_for(bundles.recv_message(), STEP)
+                await bundles.cancel()
+        (roots,) = answer.bundles.values()
+        assert x509_ders(roots) == [other.public_bytes(serialization.Encoding.DER)]
+
+
 def test_a_stale_socket_is_replaced_and_any_other_file_is_not(tmp_path: Path) -> None:
     from agent.adapters.workload_api import _bind_unix
 
