@@ -158,6 +158,10 @@ class HandedOut:
         changed.set()
 
 
+#: struct ucred: pid_t, then uid_t and gid_t, unsigned (a UID may be above 2**31).
+_UCRED = "iII"
+
+
 def peer_credentials(stream: AnyStream) -> workload.PeerCredentials | None:
     """SO_PEERCRED of the caller's connection; None when the kernel has none to give."""
     transport = stream.peer._transport  # grpclib keeps the transport there alone
@@ -165,10 +169,10 @@ def peer_credentials(stream: AnyStream) -> workload.PeerCredentials | None:
     if sock is None or sock.family != socket.AF_UNIX:
         return None
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(_UCRED))
     except OSError:
         return None
-    pid, uid, gid = struct.unpack("3i", raw)
+    pid, uid, gid = struct.unpack(_UCRED, raw)
     return workload.PeerCredentials(pid, uid, gid)
 
 

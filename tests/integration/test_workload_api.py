@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -170,6 +174,39 @@ async def test_a_caller_whose_uid_is_not_listed_is_refused_permission_denied(
         assert sample(agent, "outrider_workload_api_refusals_total", **labels) == 1
     async with workload_agent(setup, uids=[os.getuid()]) as (_, path), svid_stream(path) as stream:
         assert (await asyncio.wait_for(stream.recv_message(), STEP)).svids
+
+
+def test_a_uid_above_2_to_the_31_is_read_as_the_kernel_gives_it() -> None:
+    """uid_t is unsigned: workload_api.uids takes up to 4294967294, and a caller with such
+    a UID (user namespaces map pods' users high) must be read as that, not as negative."""
+    from types import SimpleNamespace
+
+    from agent.adapters.workload_api import peer_credentials
+
+    high = 3_000_000_000
+    directory = Path(tempfile.mkdtemp(prefix="wl-"))  # pytest's tmp_path: not for other UIDs
+    directory.chmod(0o777)
+    path = directory / "socket"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    path.chmod(0o777)
+    server.listen(1)
+    server.settimeout(STEP)
+    code = "import os, socket, sys; os.setgid({0}); os.setuid({0})"
+    code += "; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.recv(1)"
+    caller = subprocess.Popen([sys.executable, "-c", code.format(high), str(path)])
+    try:
+        conn, _ = server.accept()
+        with conn:
+            transport = SimpleNamespace(get_extra_info=lambda name: conn)
+            stream = SimpleNamespace(peer=SimpleNamespace(_transport=transport))
+            credentials = peer_credentials(stream)  # type: ignore[arg-type]
+        assert credentials is not None
+        assert (credentials.uid, credentials.gid) == (high, high)
+    finally:
+        server.close()
+        caller.wait(STEP)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 async def test_fetch_x509_bundles_names_the_trust_domain(setup: CaSetup) -> None:
