@@ -39,7 +39,7 @@ from agent.adapters.http import Authorize, _identity, error_body
 from agent.core import grpc
 from agent.core.endpoint import Endpoint
 from agent.core.h2limits import H2Limits, Limit
-from agent.core.headers import UnderscoreAction, screen, underscore_refusal
+from agent.core.headers import UnderscoreAction, plain, screen, underscore_refusal
 from agent.core.http1 import HOST_FIELD
 from agent.core.httppath import BadPath, normalize_host, normalize_target
 
@@ -235,7 +235,8 @@ class InboundH2:
 
     async def forward(self, stream: H2Stream, request: Forward, call: _Call) -> None:
         """Send the request to the app and relay its response; the app unreachable or
-        resetting the stream before its head is answered 503 / UNAVAILABLE."""
+        refusing the stream (or lost) before its head is answered 503 / UNAVAILABLE; any
+        other reset before the head, 502 / INTERNAL (agent.core.grpc.reset_before_head)."""
         if request.deadline is not None:  # passed on, less what was spent (nothing yet)
             request.headers.append((b"grpc-timeout", grpc.timeout_value(request.deadline).encode()))
         try:
@@ -272,8 +273,7 @@ class InboundH2:
         try:
             while chunk := await stream.read():
                 await app.send(chunk)
-            trailers = [(n, v) for n, v in stream.trailers or [] if not _identity(n)]
-            app.end(trailers or None)
+            app.end(_onward(stream.trailers or []) or None)
         except (StreamError, StreamReset):
             pass  # either side is gone: the response side sees it
 
@@ -297,9 +297,9 @@ class InboundH2:
                 if not stream.finished:
                     await stream.end()
             elif call.status is None:  # Reset before the head: the app gave up on it
-                await self.refuse(
-                    stream, refusal(503, "app_reset", "", grpc.Code.UNAVAILABLE), call.grpc
-                )
+                code = grpc.reset_before_head(event.code)
+                status = 503 if code == grpc.Code.UNAVAILABLE else 502
+                await self.refuse(stream, refusal(status, "app_reset", "", code), call.grpc)
                 return
             else:  # Reset mid-response: so is the client's stream
                 stream.reset(ErrorCodes.INTERNAL_ERROR)
@@ -330,6 +330,13 @@ class _Call:
             return self.code
         status = self.status or 0
         return grpc.Code.UNKNOWN if status == 200 else grpc.from_http_status(status)
+
+
+def _onward(trailers: Headers) -> Headers:
+    """A request's trailers as the app gets them: no identity header, and only names no app
+    server folds onto another (agent.core.headers). Unlike a head, they cannot be refused:
+    the request has gone on, so the rest are dropped, whatever `headers_with_underscores`."""
+    return [(n, v) for n, v in trailers if plain(n) and not _identity(n)]
 
 
 def _outward(headers: Headers) -> Headers:

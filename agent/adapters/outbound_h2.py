@@ -57,6 +57,7 @@ from agent.adapters.outbound_http import REPLAY_BYTES, _key
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.core import grpc
 from agent.core.h2limits import H2Limits, Limit
+from agent.core.headers import plain, screen, underscore_refusal
 from agent.core.tries import Outcome, Response
 from agent.core.upstream import Endpoint
 
@@ -123,12 +124,19 @@ class OutboundH2:
                     counted.grpc(code)
 
     def _screen(self, stream: H2Stream) -> _Refusal | None:
-        """What the agent refuses before any try: a tunnel, or too many headers."""
+        """What the agent refuses before any try: a tunnel, too many headers, or a header
+        name an app server folds onto another (`headers_with_underscores: reject`, as on an
+        HTTP/1.1 outbound; `drop`: _upstream_head leaves it out)."""
         if stream.header(b":method") == b"CONNECT":  # an h2 tunnel: bytes nobody would see
             return _Refusal(501, "upgrade_not_supported", grpc.Code.UNIMPLEMENTED)
         if sum(not n.startswith(b":") for n, _ in stream.headers) > self.limits.max_headers:
             self.live.runtime.metrics.http2_limits.labels(OUTBOUND, "header_list").inc()
             return _Refusal(431, "headers_too_large", grpc.Code.RESOURCE_EXHAUSTED)
+        action = self.live.runtime.limits.headers_with_underscores
+        for name, _ in stream.headers:
+            if not name.startswith(b":") and screen(name, action) == "reject":
+                detail = underscore_refusal(name)
+                return _Refusal(400, "bad_request", grpc.Code.INTERNAL, detail)
         return None
 
     async def _exchange(self, stream: H2Stream, call: _Call) -> None:
@@ -429,7 +437,7 @@ class _Body:
                     await self._changed()
                 chunk = await self.stream.read()
                 if not chunk:
-                    self.trailers = _outward(self.stream.trailers or []) or None
+                    self.trailers = _onward(self.stream.trailers or []) or None
                     self.ended = True
                     self._notify()
                     return
@@ -512,10 +520,21 @@ class _Call:
 
 def _upstream_head(headers: Headers, is_grpc: bool) -> Headers:
     """The app's request head as it goes upstream: no identity header (the peer's inbound
-    sets ours), and for a gRPC call no grpc-timeout (each try sends what is left)."""
+    sets ours), no name an app server folds onto another (_screen refused those unless
+    told to drop them), and for a gRPC call no grpc-timeout (each try sends what is left)."""
     return [
-        (n, v) for n, v in headers if not _identity(n) and not (is_grpc and n == b"grpc-timeout")
+        (n, v)
+        for n, v in headers
+        if (n.startswith(b":") or plain(n))
+        and not _identity(n)
+        and not (is_grpc and n == b"grpc-timeout")
     ]
+
+
+def _onward(trailers: Headers) -> Headers:
+    """The app's request trailers as they go upstream: no identity header, and no name an
+    app server folds onto another (the head has gone: they are dropped, not refused)."""
+    return [(n, v) for n, v in trailers if plain(n) and not _identity(n)]
 
 
 def _outward(headers: Headers) -> Headers:
