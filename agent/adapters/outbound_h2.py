@@ -98,7 +98,7 @@ class OutboundH2:
     async def handle(self, stream: H2Stream) -> None:
         """H2Server's handler: one request, tried until delivered or answered; counted."""
         started = clock()
-        call = _Call(grpc.is_grpc(_text(stream.headers)))
+        call = _Call(grpc.is_grpc(_field(stream.headers, b"content-type")))
         try:
             refused = self._screen(stream)
             if refused is not None:
@@ -153,7 +153,6 @@ class OutboundH2:
             None if deadline is None else loop.time() + deadline,
         )
         body = _Body(stream, stream.bodiless)
-        reader = loop.create_task(body.read()) if not body.ended else None
         attempt: Try[_Upstream, h2client.Response] | None = None
         try:
             async with asyncio.timeout(deadline):
@@ -174,8 +173,6 @@ class OutboundH2:
         except TimeoutError:
             await self._timed_out(stream, call)
         finally:
-            if reader is not None:
-                reader.cancel()
             budget.request_finished()
             breaker.release("max_requests")
             if attempt is not None:  # if the response did not end it: dropped mid-exchange
@@ -214,7 +211,7 @@ class OutboundH2:
                 attempt.parser = event
                 code = None
                 if event.end and request.grpc:  # trailers-only: its grpc-status may retry
-                    code = grpc.status_of(_text(event.headers))
+                    code = grpc.status_of(_field(event.headers, b"grpc-status"))
                 return Response(event.status, code)
             # 1xx: the final head follows (h2 allows nothing else before it)
 
@@ -260,7 +257,9 @@ class OutboundH2:
         try:
             _, connection = await live.dial(
                 endpoint,
-                lambda: H2ClientConnection(endpoint, context, release),  # type: ignore[arg-type]
+                # The heads sent on it are the app's, which the H2Server facing it had
+                # h2 validate, less a header or two, plus grpc-timeout (h2client).
+                lambda: H2ClientConnection(endpoint, context, release, checked_heads=True),  # type: ignore[arg-type]
             )
         except DialError:
             release()
@@ -385,11 +384,12 @@ class _Upstream:
 class _Body:
     """The request body as the app sends it, shared by the tries of its call.
 
-    One chunk is read ahead of what the try in progress has sent, no more:
-    h2server credits a chunk to the app only when the next is read, so the
-    app's windows close while upstream is slow. Chunks are held for a retry
-    while the whole body is within REPLAY_BYTES; past that, each is dropped
-    once sent and the call is no longer replayable.
+    The try in progress reads it from the app as it sends it upstream, one
+    chunk at a time: h2server credits a chunk to the app only when the next is
+    read, so the app's windows close while upstream is slow, and nothing is
+    read while no try is sending. Chunks are held for a retry while the whole
+    body is within REPLAY_BYTES; past that, each is dropped once sent and the
+    call is no longer replayable.
     """
 
     def __init__(self, stream: H2Stream, bodiless: bool) -> None:
@@ -400,76 +400,46 @@ class _Body:
         self.replayable = True
         self.ended = bodiless
         self.trailers: Headers | None = None
-        self.sent = 0  # chunks the try in progress has sent
-        self._sender: object | None = None  # which try's sender sets `sent`
-        self._waiters: list[asyncio.Future[None]] = []
 
     @property
     def empty(self) -> bool:
         """The whole request was its head: the stream ends with it."""
         return self.ended and not self.chunks and not self.base and self.trailers is None
 
-    async def read(self) -> None:
-        """Read the app's body into `chunks`, each once the try in progress caught up."""
-        try:
-            while True:
-                while self.sent < self.base + len(self.chunks):
-                    await self._changed()
-                chunk = await self.stream.read()
-                if not chunk:
-                    self.trailers = _outward(self.stream.trailers or []) or None
-                    self.ended = True
-                    self._notify()
-                    return
-                self.size += len(chunk)
-                if self.size > REPLAY_BYTES:
-                    self.replayable = False
-                self.chunks.append(chunk)
-                self._notify()
-        except StreamReset:
-            return  # the app reset its stream: the handler is cancelled
-
     async def send(self, up: h2client.H2Stream) -> None:
         """Send the body on one try's stream: what was read so far, then what follows."""
-        me = object()
-        self._sender, self.sent = me, 0
+        if self.base:  # its start was dropped: not replayable (no retry gets here)
+            up.reset(ErrorCodes.CANCEL)
+            return
         position = 0
         try:
-            if self.base:  # its start was dropped: not replayable (no retry gets here)
-                up.reset(ErrorCodes.CANCEL)
-                return
             while True:
-                while position < self.base + len(self.chunks):
-                    last = position + 1 == self.base + len(self.chunks)
-                    # The last chunk of a body read whole carries END_STREAM: one frame less.
-                    ending = last and self.ended and self.trailers is None
-                    await up.send(self.chunks[position - self.base], end=ending)
-                    position += 1
-                    if self._sender is me:
-                        self.sent = position
-                        if not self.replayable:  # sent for good: not held
-                            del self.chunks[: position - self.base]
-                            self.base = position
-                        self._notify()
-                    if ending:
+                if position == self.base + len(self.chunks):  # sent all there is
+                    if self.ended:
+                        up.end(self.trailers)
                         return
-                if self.ended:
-                    up.end(self.trailers)
-                    return
-                await self._changed()
-        except StreamError:
-            return  # the try fails on its response side
+                    if not await self._read():
+                        continue
+                await up.send(self.chunks[position - self.base])
+                position += 1
+                if not self.replayable:  # sent for good: not held
+                    del self.chunks[: position - self.base]
+                    self.base = position
+        except (StreamError, StreamReset):
+            return  # upstream: the try fails on its response side; the app: it left
 
-    async def _changed(self) -> None:
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        await waiter
-
-    def _notify(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+    async def _read(self) -> bool:
+        """The app's next chunk into `chunks` (True), or its end (False)."""
+        chunk = await self.stream.read()
+        if not chunk:
+            self.trailers = _outward(self.stream.trailers or []) or None
+            self.ended = True
+            return False
+        self.size += len(chunk)
+        if self.size > REPLAY_BYTES:
+            self.replayable = False
+        self.chunks.append(chunk)
+        return True
 
 
 @dataclass
@@ -483,7 +453,7 @@ class _Call:
 
     def heard(self, headers: Headers) -> None:
         if self.grpc and self.code is None:
-            self.code = grpc.status_of(_text(headers))
+            self.code = grpc.status_of(_field(headers, b"grpc-status"))
 
     def outcome(self) -> int | None:
         """The grpc-status the app got (None: not gRPC): a response without one is read as
@@ -511,8 +481,13 @@ def _outward(headers: Headers) -> Headers:
     return [(n, v) for n, v in headers if not _identity(n)]
 
 
-def _text(headers: Headers) -> list[tuple[str, str]]:
-    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+def _field(headers: Headers, name: bytes) -> list[tuple[str, str]]:
+    """The first `name` field of `headers`, as the text agent.core.grpc reads: that one
+    decoded, not the whole list (this runs on every call)."""
+    for n, v in headers:
+        if n == name:
+            return [(n.decode("latin-1"), v.decode("latin-1"))]
+    return []
 
 
 def _overflow_answer(live: LiveUpstream, reason: str) -> tuple[int, str]:
