@@ -41,8 +41,19 @@ import h2.exceptions
 import h2.settings
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
+from h2.stream import StreamClosedBy
+from hyperframe.frame import (
+    DataFrame,
+    ExtensionFrame,
+    Frame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 
-from agent.core.h2limits import H2Limits, Limit, Window
+from agent.core.h2limits import FrameBudget, H2Limits, Limit, Window
 
 log = logging.getLogger("outrider.agent")
 
@@ -143,13 +154,15 @@ class H2Stream:
     async def send(self, data: bytes, end: bool = False) -> None:
         """Send body data as the client's windows allow; waits while they are shut."""
         view = memoryview(data)
+        stalled: float | None = None  # since when the windows have been shut
         while view:
             await self.server.writable(self)
             size = self.server.room(self)
             if size <= 0:
                 self._changed.clear()
-                await self._changed.wait()
+                stalled = await self.server.window_opened(self, stalled)
                 continue
+            stalled = None
             self.server.send_data(self, bytes(view[:size]), False)
             view = view[size:]
         if end:
@@ -165,10 +178,80 @@ class H2Stream:
         self.server.reset(self, code)
 
 
+class Flood(h2.exceptions.ProtocolError):
+    """The peer broke a frame budget: h2 answers it with GOAWAY ENHANCE_YOUR_CALM."""
+
+    error_code = ErrorCodes.ENHANCE_YOUR_CALM
+
+    def __init__(self, limit: Limit) -> None:
+        super().__init__(f"HTTP/2 limit reached: {limit}")
+        self.limit = limit
+
+
 class _Connection(h2.connection.H2Connection):
-    """h2's server connection, except that a client's graceful GOAWAY lets the streams it
-    opened before it finish (RFC 9113 6.8): h2 would close at once and refuse their
-    responses. No new stream is taken once it came (`H2Server._closing`)."""
+    """h2's server connection, with three changes.
+
+    h2 remembers `max_closed_streams` closed streams, not its 65,536 (about 11 MB a
+    long-lived connection).
+
+    A client's graceful GOAWAY lets the streams it opened before it finish (RFC 9113
+    6.8): h2 would close at once and refuse their responses. No new stream is taken once
+    it came (`H2Server._closing`).
+
+    Every frame received is held to the connection's `FrameBudget` as h2 takes it: the
+    frames that carry nothing never reach us as events (h2 drops an empty DATA frame's
+    nothing, answers a frame on a reset stream with RST_STREAM itself), so they are
+    counted here, and a frame over budget stops the read with GOAWAY ENHANCE_YOUR_CALM
+    (`Flood`).
+    """
+
+    def __init__(
+        self,
+        config: h2.config.H2Configuration,
+        budget: FrameBudget,
+        now: Callable[[], float],
+        closed_streams: int,
+    ) -> None:
+        self.MAX_CLOSED_STREAMS = closed_streams  # read by h2's __init__
+        super().__init__(config=config)
+        self.budget = budget
+        self._now = now
+        self._provoked = -1  # RST_STREAMs h2 queued while taking a frame; -1: not taking one
+
+    def _receive_frame(self, frame: Frame) -> Any:
+        self._provoked = 0
+        try:
+            events = super()._receive_frame(frame)
+        finally:
+            provoked, self._provoked = self._provoked, -1
+        budget = self.budget
+        limit: Limit | None = None
+        if isinstance(frame, DataFrame):
+            limit = budget.received_data(bool(frame.data) or "END_STREAM" in frame.flags)
+        elif isinstance(frame, PriorityFrame):
+            limit = budget.received_priority()
+        elif isinstance(frame, WindowUpdateFrame):
+            limit = budget.received_window_update()
+        elif _inert(frame, events):
+            limit = budget.received_inert()
+        budget.streams += sum(isinstance(e, h2.events.RequestReceived) for e in events)
+        for _ in range(provoked):
+            limit = limit or budget.provoked_reset(self._now())
+        if limit is not None:
+            raise Flood(limit)
+        return events
+
+    def _prepare_for_sending(self, frames: list[Frame]) -> None:
+        if self._provoked >= 0:  # h2 answers the frame it is taking with these
+            # Counted only for a stream the peer reset itself: frames it sends on one after
+            # that are never in flight by accident, while those on a stream the agent reset
+            # (an early answer, a deadline) may have been sent before the peer knew.
+            self._provoked += sum(
+                isinstance(f, RstStreamFrame)
+                and self._stream_closed_by(f.stream_id) == StreamClosedBy.RECV_RST_STREAM
+                for f in frames
+            )
+        super()._prepare_for_sending(frames)
 
     def _receive_goaway_frame(self, frame: Any) -> Any:
         state = self.state_machine.state
@@ -203,7 +286,8 @@ class H2Server(asyncio.Protocol):
             validate_inbound_headers=True,
             normalize_inbound_headers=True,
         )
-        self.conn = _Connection(config=config)
+        self.budget = FrameBudget(limits)
+        self.conn = _Connection(config, self.budget, self._now, limits.max_closed_streams)
         # Our SETTINGS as the first frame says them; h2 applies them once acknowledged,
         # and our own checks below hold from the first byte.
         self.conn.local_settings = h2.settings.Settings(
@@ -228,6 +312,13 @@ class H2Server(asyncio.Protocol):
         self.closed = False
         self._active = False  # a frame moved since the idle timer last looked
         self._idle: asyncio.TimerHandle | None = None
+        self._unread: asyncio.TimerHandle | None = None  # the peer has stopped taking writes
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def paused(self) -> bool:
+        """The peer is not taking what is written (the transport's buffer is full)."""
+        return not self._can_write.is_set()
 
     def _now(self) -> float:
         return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
@@ -236,6 +327,7 @@ class H2Server(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self._loop = asyncio.get_running_loop()
         # The transport's own flow control: pause_writing past write_high.
         self.transport.set_write_buffer_limits(high=self.limits.write_high)
         self.conn.initiate_connection()
@@ -285,9 +377,14 @@ class H2Server(asyncio.Protocol):
         self._can_write.clear()
         if self.transport is not None:
             self.transport.pause_reading()
+        if self._unread is None and self._loop is not None and not self.closed:
+            self._unread = self._loop.call_later(self.limits.send_timeout, self._slow_read)
 
     def resume_writing(self) -> None:
         self._can_write.set()
+        if self._unread is not None:
+            self._unread.cancel()
+            self._unread = None
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
@@ -316,6 +413,7 @@ class H2Server(asyncio.Protocol):
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             if isinstance(event, h2.events.RemoteSettingsChanged):
                 self._flood(self._settings, "settings_flood")
+                self._cap_encoder()
             self._opened(event)
         elif isinstance(event, h2.events.PingReceived):
             self._flood(self._pings, "ping_flood")
@@ -324,16 +422,25 @@ class H2Server(asyncio.Protocol):
             if not self.streams:
                 self.close()
 
+    def _cap_encoder(self) -> None:
+        """h2 sizes the table it compresses headers with to whatever the peer allows; it
+        never needs more than `max_encoder_table` (a smaller one is signalled in-band)."""
+        encoder = self.conn.encoder
+        if encoder.header_table_size > self.limits.max_encoder_table:
+            encoder.header_table_size = self.limits.max_encoder_table
+
     def _request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
-        if self._closing:
+        if self._closing or len(self.streams) >= self.limits.max_concurrent_streams:
+            # After a GOAWAY either way, or past the limit (handlers of streams the client
+            # reset count until they are done, so resets cannot put more than the limit to
+            # work at once): refused, and each refusal is one the peer provoked.
+            if not self._closing:
+                self.hit("concurrent_streams")
             self._refuse(stream_id, ErrorCodes.REFUSED_STREAM)
-            return
-        if len(self.streams) >= self.limits.max_concurrent_streams:
-            # Handlers of streams the client reset count until they are done, so resets
-            # cannot put more than the limit to work at once.
-            self.hit("concurrent_streams")
-            self._refuse(stream_id, ErrorCodes.REFUSED_STREAM)
+            limit = self.budget.provoked_reset(self._now())
+            if limit is not None:
+                self._calm(limit)
             return
         headers = cast(Headers, list(event.headers or []))
         ended = event.stream_ended is not None
@@ -428,6 +535,22 @@ class H2Server(asyncio.Protocol):
                 return
             await self._can_write.wait()
 
+    async def window_opened(self, stream: H2Stream, since: float | None) -> float:
+        """Wait for something to change on a stream whose windows are shut (since `since`,
+        or now); returns since when. Shut for `stall_timeout`, whatever else came meanwhile
+        (a window update for another stream), it is reset (counted `slow_read`), as
+        StreamReset."""
+        loop = asyncio.get_running_loop()
+        since = loop.time() if since is None else since
+        try:
+            async with asyncio.timeout_at(since + self.limits.stall_timeout):
+                await stream._changed.wait()
+            return since
+        except TimeoutError:
+            self.hit("slow_read")
+            self.reset(stream, ErrorCodes.CANCEL)
+            raise StreamReset(ErrorCodes.CANCEL) from None
+
     def room(self, stream: H2Stream) -> int:
         """Bytes `stream` may send now: the client's windows, one frame at most."""
         try:
@@ -443,6 +566,7 @@ class H2Server(asyncio.Protocol):
 
     def send_data(self, stream: H2Stream, data: bytes, end: bool) -> None:
         self._send(stream, lambda: self.conn.send_data(stream.id, data, end_stream=end))
+        self.budget.data_sent += 1
         stream.finished = stream.finished or end
 
     def end(self, stream: H2Stream, trailers: Headers | None) -> None:
@@ -509,13 +633,30 @@ class H2Server(asyncio.Protocol):
         self.closed = True
         if self._idle is not None:
             self._idle.cancel()
+        if self._unread is not None:
+            self._unread.cancel()
         for stream in list(self.streams.values()):
             stream._gone(ErrorCodes.CANCEL)
             if stream.task is not None:
                 stream.task.cancel()
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            if self.paused:
+                # The peer is not taking what was written: it would not read a GOAWAY
+                # either, and a close would wait on it for ever.
+                transport.abort()
+            else:
+                transport.close()  # flushes what is written (the GOAWAY), then closes
+                if transport.get_write_buffer_size() and self._loop is not None:
+                    self._loop.call_later(self.limits.send_timeout, transport.abort)
         self.on_closed(self)
+
+    def _slow_read(self) -> None:
+        """The peer took nothing written for `send_timeout`: drop the connection."""
+        self._unread = None
+        if not self.closed:
+            self.hit("slow_read")
+            self.abort()
 
     def _check_idle(self) -> None:
         if self.closed:
@@ -531,8 +672,21 @@ class H2Server(asyncio.Protocol):
         self.close()
 
 
+def _inert(frame: Frame, events: list[h2.events.Event]) -> bool:
+    """A frame h2 took without a word that does nothing here: an RST_STREAM for a stream
+    not open (h2 ignores those, idle streams' included), an extension frame, an ACK of a
+    PING (the server sends none) or of SETTINGS (it sends one)."""
+    if isinstance(frame, RstStreamFrame):
+        return not any(isinstance(e, h2.events.StreamReset) for e in events)
+    if isinstance(frame, PingFrame | SettingsFrame):
+        return "ACK" in frame.flags
+    return isinstance(frame, ExtensionFrame)
+
+
 def _limit_of(exc: h2.exceptions.ProtocolError) -> Limit:
     """Which limit a protocol error h2 raised stands for."""
+    if isinstance(exc, Flood):
+        return exc.limit
     if isinstance(exc, h2.exceptions.DenialOfServiceError):
         return "header_list"  # the decoded header list outgrew max_header_list_size
     if isinstance(exc, h2.exceptions.TooManyStreamsError):

@@ -18,7 +18,7 @@ import random
 import socket
 import ssl
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar, cast
@@ -26,9 +26,11 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 from prometheus_client import Counter, Gauge
 
 from agent.adapters.attempts import Droppable, LocalAnswer, Try, attempts
+from agent.adapters.h2gate import H2Gate
 from agent.adapters.h2server import H2Server
 from agent.adapters.http import HttpExchange, xfcc
 from agent.adapters.inbound_h2 import InboundH2
+from agent.adapters.inbound_h2h1 import InboundH2ToHttp1
 from agent.adapters.metrics import AgentMetrics, clock
 from agent.adapters.outbound_h2 import OutboundH2
 from agent.adapters.outbound_http import OutboundHttp
@@ -306,7 +308,7 @@ class InboundMtls(Listener[InboundT]):
         super().__init__(cast(Any, config), runtime, connections)
         #: Plaintext connections let in (a permissive port), by original port: those a
         #: reconfigure makes strict are closed (weak: a closed relay leaves by itself).
-        self.plaintext: weakref.WeakKeyDictionary[Relay | H2Server, int] = (
+        self.plaintext: weakref.WeakKeyDictionary[Relay | H2Server | H2Gate, int] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -394,9 +396,9 @@ class InboundMtls(Listener[InboundT]):
             # As of the first byte, not the accept: a port made strict while its client
             # said nothing yet is strict for that client too.
             config, permissive = self.serving(port)
-            # Each port's ALPN is what it parses (tls.Contexts): an HTTP port offers no h2,
-            # so h2 relayed at L4 cannot hand the app the client's own identity header and
-            # skip the paths; an h2 port takes h2 only.
+            # Each port's ALPN is what it parses (tls.Contexts): an HTTP port parses h2 as
+            # well as HTTP/1.1 (never relays it at L4, which would hand the app the
+            # client's own identity header and skip the paths); an h2 port takes h2 only.
             protocol = config.protocol
             plaintext = permissive and not _tls_first(sock)
             if not plaintext:
@@ -449,7 +451,7 @@ class InboundMtls(Listener[InboundT]):
 
         A plaintext client is counted (`connections_total{mtls="false"}`) once the app
         has its connection: one the app never got was not let in."""
-        if config.protocol in H2:
+        if config.protocol in H2 or _alpn(relay) == "h2":  # h2 on an http port: h2 too
             self._serve_h2(relay, peer, config)
             return
         loop = asyncio.get_running_loop()
@@ -529,7 +531,10 @@ class InboundMtls(Listener[InboundT]):
         """Serve the client's connection with an H2Server (agent/adapters/inbound_h2.py):
         each stream decided and sent to the app over h2c; the relay that set it up is done.
 
-        A plaintext client is counted at once: its app connections are per stream.
+        A plaintext client is counted once its first bytes are the h2 preface (its app
+        connections are per stream); an HTTP/1.x one is told what this port speaks
+        (agent/adapters/h2gate.py). An `http` port's h2 peer gets the same decisions,
+        its streams sent to the app as HTTP/1.1 (agent/adapters/inbound_h2h1.py).
         """
         transport = relay.down.transport
         assert transport is not None
@@ -552,7 +557,9 @@ class InboundMtls(Listener[InboundT]):
             limit_hits.labels(INBOUND, limit).inc()
             self._limit_line(limit, peer)
 
-        streams = InboundH2(
+        # An http port's app speaks HTTP/1.1: each stream goes to it as an HTTP/1.1 request.
+        kind = InboundH2 if config.protocol in H2 else InboundH2ToHttp1
+        streams = kind(
             Endpoint(app.host, app.port),
             authorize,
             xfcc(str(self.runtime.spiffe_id), str(peer)) if peer else b"",
@@ -580,16 +587,28 @@ class InboundMtls(Listener[InboundT]):
         relay.down.pending.clear()
         relay.down.transport = None
         relay.close()
-        self.connections.add(server, INBOUND)
-        if peer is None:
-            self.plaintext[server] = app.port
-            self.connections.established(INBOUND, None, mtls=False)
-        transport.set_protocol(server)
-        server.connection_made(transport)
+        protocol: asyncio.Protocol = server
+        held: H2Server | H2Gate = server
+        if peer is None:  # plaintext: an HTTP/1.x client is told what this port speaks
+            held = protocol = h2_gate(
+                self.runtime,
+                self.connections,
+                INBOUND,
+                server,
+                config.protocol,
+                f"inbound {self.address}",
+                streams.close,
+                # counted once let in as h2, not before (connections_total{mtls="false"})
+                lambda: self.connections.established(INBOUND, None, mtls=False),
+            )
+            self.plaintext[held] = app.port
+        self.connections.add(held, INBOUND)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
         if early:
-            server.data_received(early)
+            protocol.data_received(early)
         if relay.draining:
-            server.finish()
+            held.finish()
         if not transport.is_closing():
             transport.resume_reading()
 
@@ -729,6 +748,46 @@ class InboundListener(InboundMtls[Inbound]):
         return self.config, False
 
 
+def h2_gate(
+    runtime: Runtime,
+    connections: Connections,
+    direction: str,
+    server: H2Server,
+    protocol: str,
+    where: str,
+    on_closed: Callable[[], None] = lambda: None,
+    admitted: Callable[[], None] = lambda: None,
+) -> H2Gate:
+    """An h2c connection's gate (agent/adapters/h2gate.py): an HTTP/1.x client is answered,
+    counted `protocol_mismatch`, and logged a line a while; the registry holds the gate."""
+
+    def refused() -> None:
+        runtime.metrics.connections_refused.labels(direction, "protocol_mismatch").inc()
+        key = (direction, "protocol_mismatch", "http1")
+        held = runtime.refusal_lines.admit(key, asyncio.get_running_loop().time())
+        if held is not None:
+            log.warning(
+                "%s: refused an HTTP/1.x request: %s%s",
+                where,
+                http1.h1_advice(protocol),
+                held_back(held),
+            )
+
+    def closed(gate: H2Gate) -> None:
+        on_closed()
+        connections.closed(gate)
+
+    idle = runtime.limits.idle_timeout.total_seconds()
+    return H2Gate(server, protocol, refused, closed, idle, admitted)
+
+
+def _alpn(relay: Relay) -> str | None:
+    """The protocol the client's TLS handshake agreed on (None: plaintext, or none)."""
+    transport = relay.down.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    return ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+
+
 def _tls_first(sock: socket.socket) -> bool:
     """Whether the client's first byte (read, not taken) opens a TLS handshake. A client
     that left, or a read that fails, is taken as TLS: the handshake then fails, counted."""
@@ -766,10 +825,11 @@ class OutboundPath:
             self.connections.established(OUTBOUND, None)
             return exchange
         if live.config.protocol in H2:  # h2c from the app: each stream its own request
-            server = OutboundH2(live, self.rng).serve(self.connections.closed)
-            self.connections.add(server, OUTBOUND)
+            server = OutboundH2(live, self.rng).serve(lambda _: None)
+            gate = self.gate(server, live.config.protocol, f"outbound {live.name}")
+            self.connections.add(gate, OUTBOUND)
             self.connections.established(OUTBOUND, None)
-            return server
+            return gate
         breaker = live.breaker  # one upstream connection per app connection
         if not breaker.acquire("max_connections"):
             live.counted.overflow("max_connections")
@@ -796,6 +856,10 @@ class OutboundPath:
 
         relay.down.made = made
         return relay.down
+
+    def gate(self, server: H2Server, protocol: str, where: str) -> H2Gate:
+        """`server`, once the app's first bytes are h2c; an HTTP/1.x app is told what to do."""
+        return h2_gate(self.runtime, self.connections, OUTBOUND, server, protocol, where)
 
     async def _connect(self, relay: Relay, live: LiveUpstream, linked: list[Endpoint]) -> None:
         """Dial an endpoint for a TCP connection from the app, then relay; retried elsewhere

@@ -17,6 +17,8 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from agent.core.h2limits import LIMITS
+
 # The *_created series double every counter and tell an auditor nothing.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -140,9 +142,7 @@ class AgentMetrics:
         )
         self.http2_limits = Counter(
             "outrider_http2_limits",
-            "HTTP/2 connections or streams stopped at a limit, by the limit: rapid_reset, "
-            "continuation, header_list, concurrent_streams, flow_control, settings_flood, "
-            "ping_flood, protocol_error",
+            "HTTP/2 connections or streams stopped at a limit, by the limit: " + ", ".join(LIMITS),
             ["direction", "limit"],
             registry=r,
         )

@@ -61,15 +61,18 @@ class Contexts:
     """The TLS contexts of the SVID in use, one per side and port protocol; all replaced at
     once on every rotation.
 
-    ALPN is what keeps an L7 port parsed: a `tcp` port offers h2 and http/1.1 (relayed as
-    bytes either way), an `http` port only http/1.1 (h2 relayed at L4 would skip the
-    per-request decisions), an `http2` or `grpc` port only h2 (CPython's server goes on
-    without ALPN when nothing overlaps, so the listener refuses a connection on such a port
-    whose ALPN is not h2).
+    ALPN says how a port's bytes are read: a `tcp` port offers h2 and http/1.1 (relayed as
+    bytes either way); an `http` port offers both too, and parses both: an h2 peer's
+    streams are each decided like an HTTP/1.1 request and sent to the app as one
+    (agent/adapters/inbound_h2h1.py), a peer that picks http/1.1 or no ALPN speaks
+    HTTP/1.1; an `http2` or `grpc` port offers only h2 (CPython's server goes on without
+    ALPN when nothing overlaps, so the listener refuses a connection on such a port whose
+    ALPN is not h2). Clients offer h2 only to `http2|grpc` upstreams, and no ALPN to the
+    others: HTTP/1.1 from the app goes between agents as HTTP/1.1.
     """
 
     server: ssl.SSLContext | None = None
-    http_server: ssl.SSLContext | None = None  # `protocol: http` inbounds: no h2 in ALPN
+    http_server: ssl.SSLContext | None = None  # `protocol: http` inbounds: h2, http/1.1
     h2_server: ssl.SSLContext | None = None  # `protocol: http2|grpc` inbounds: h2 only
     client: ssl.SSLContext | None = None
     h2_client: ssl.SSLContext | None = None  # to `http2|grpc` upstreams: offers h2 only
@@ -79,7 +82,7 @@ class Contexts:
         """Every context for `svid`; ssl.SSLError if ssl cannot use it."""
         contexts = cls()
         contexts.server = _context(svid, "server")
-        contexts.http_server = _context(svid, "server", alpn=("http/1.1",))
+        contexts.http_server = _context(svid, "server", alpn=("h2", "http/1.1"))
         contexts.h2_server = _context(svid, "server", alpn=("h2",))
         contexts.client = _context(svid, "client")
         contexts.h2_client = _context(svid, "client")

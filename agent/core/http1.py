@@ -20,7 +20,10 @@ how a body is delimited in one place):
   holds what follows until the answer says whether the connection switched
   (`RequestParser.switched`) or goes on as HTTP (`RequestParser.resume`);
 - an HTTP/2 preface on an HTTP/1.1 port (`H2Preface`, answered by
-  `h2_refusal`, a GOAWAY written with the `h2` library).
+  `h2_refusal`, a GOAWAY written with the `h2` library), and the mirror: an
+  HTTP/1.x request on an h2-only port (`opening`; `h1_advice` says what to do);
+- an h2 stream carried to an HTTP/1.1 app (`from_h2`) and its response carried
+  back (`to_h2`): an `http` port takes h2 from peer agents too.
 
 llhttp (httptools) stays the tokenizer: it is strict where it matters (a
 Content-Length beside a Transfer-Encoding, bare LF, bad chunk sizes are
@@ -73,6 +76,10 @@ H2_ADVICE = (
     " on the Service port"
 )
 LAST_CHUNK = b"0\r\n\r\n"
+
+#: An HTTP/1.x request line's start: a method token, then a space.
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,20} ")
+_METHOD_SO_FAR = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,20}")
 
 
 # -- events ----------------------------------------------------------------------------
@@ -347,6 +354,73 @@ def h2_refusal(advice: str = H2_ADVICE) -> bytes:
         error_code=h2.errors.ErrorCodes.HTTP_1_1_REQUIRED, additional_data=advice.encode()
     )
     return connection.data_to_send()
+
+
+def h1_advice(protocol: str) -> str:
+    """What an h2-only port tells an HTTP/1.x client: what the app (or the port) must change."""
+    return (
+        f"this port is protocol: {protocol} (HTTP/2 only); the app must speak h2c"
+        " (HTTP/2 with prior knowledge), or set appProtocol: http"
+    )
+
+
+Opening = Literal["h2", "http1", "other", "wait"]
+
+
+def opening(data: bytes) -> Opening:
+    """What a connection to an h2-only port opened with, from its first bytes: the HTTP/2
+    preface ("h2"), an HTTP/1.x request line ("http1": answer it in HTTP/1.1 with
+    `h1_advice`, rather than let h2 fail with a protocol error the client cannot read),
+    something else ("other": h2's to refuse), or too few bytes to tell ("wait")."""
+    if data.startswith(H2_PREFACE):
+        return "h2"
+    if H2_PREFACE.startswith(data):
+        return "wait"
+    if _REQUEST_LINE.match(data):
+        return "http1"
+    if _METHOD_SO_FAR.fullmatch(data):
+        return "wait"  # a method token still arriving
+    return "other"
+
+
+# -- h2 streams to an HTTP/1.1 app -----------------------------------------------------
+
+#: Never passed from an HTTP/1.1 response to h2 (RFC 9113 8.2.2): h2 frames the body.
+_NOT_ON_H2: Final = frozenset({b"transfer-encoding"})
+
+
+def from_h2(method: bytes, target: bytes, fields: Fields, *, bodiless: bool) -> Request:
+    """An h2 request (its regular fields, :authority already as `host`) as the HTTP/1.1
+    request the app gets: its body framed by its content-length, else chunked unless it
+    has none (END_STREAM on its HEADERS); h2's split cookies joined again (RFC 9113
+    8.2.3). Connection-specific fields never arrive on h2 (h2 refuses them); `te` ends
+    here like every hop-by-hop field (`request_head`)."""
+    cookies = [v for n, v in fields if n == b"cookie"]
+    headers = [(n, v) for n, v in fields if n != b"cookie"]
+    if cookies:
+        headers.append((b"cookie", b"; ".join(cookies)))
+    if bodiless:
+        framing: Framing = "none"
+    elif any(n == b"content-length" for n, _ in headers):
+        framing = "length"
+    else:
+        framing = "chunked"
+        headers.append((b"transfer-encoding", b"chunked"))
+    return Request(method, target, "1.1", headers, framing, True)
+
+
+def to_h2(response: Response, dropped: frozenset[bytes] = frozenset()) -> Fields:
+    """An HTTP/1.1 response head as h2 fields: `:status`, names lower-case, minus the
+    hop-by-hop ones, Transfer-Encoding (h2 frames the body itself) and `dropped` (in any
+    spelling an app server folds onto them)."""
+    hop = hop_by_hop(response.connection) | _NOT_ON_H2
+    out = [(b":status", b"%d" % response.status)]
+    for name, value in response.headers:
+        key = name.lower()
+        if key in hop or key.replace(b"_", b"-") in dropped:
+            continue
+        out.append((key, value.strip(b" \t")))
+    return out
 
 
 # -- parsers ---------------------------------------------------------------------------

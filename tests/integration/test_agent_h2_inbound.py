@@ -258,7 +258,23 @@ async def test_a_plaintext_h2c_client_is_decided_per_stream_and_names_no_one(
             finally:
                 client.close()
 
+        def ask_http1() -> bytes:
+            with socket.create_connection((host, int(port)), timeout=5) as plain:
+                plain.sendall(b"GET /api/items HTTP/1.1\r\nHost: app\r\n\r\n")
+                return plain.makefile("rb").read()
+
         allowed, denied = await asyncio.to_thread(ask)
+        # HTTP/1.1 on this h2-only port: an HTTP/1.1 answer saying what to change.
+        told = await asyncio.to_thread(ask_http1)
+        assert told.startswith(b"HTTP/1.1 505 ")
+        assert b"this port is protocol: http2 (HTTP/2 only)" in told
+        mismatched = sample(
+            agent,
+            "outrider_connections_refused_total",
+            direction="inbound",
+            reason="protocol_mismatch",
+        )
+        assert mismatched == 1
         assert (
             sample(
                 agent, "outrider_connections_total", direction="inbound", mtls="false", peer_id=""

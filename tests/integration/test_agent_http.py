@@ -10,6 +10,7 @@ bytes, so every path and header trick reaches the agent exactly as written.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import ssl
 import time
@@ -25,6 +26,7 @@ import pytest
 from aiohttp import web
 
 from tests import certs
+from tests.h2raw import H2Client, request_headers, tls_socket
 from tests.httpraw import connect, get, one
 from tests.mesh import (
     AgentProcess,
@@ -276,8 +278,8 @@ def test_pipelined_requests_held_behind_a_slow_one_are_bounded(
 def test_an_h2_client_on_an_http_port_is_told_to_change_the_port_protocol(
     setup: CaSetup, agent: AgentProcess, app: App
 ) -> None:
-    # h2 relayed unparsed would hand the app the client's own identity header and
-    # escape every path rule: the port offers http/1.1 only, and h2 gets a GOAWAY
+    # h2 the port did not agree to in ALPN, relayed unparsed, would hand the app the
+    # client's own identity header and escape every path rule: it gets a GOAWAY
     # HTTP_1_1_REQUIRED whose debug data a client logs: what to change.
     before = len(app.seen)
     refused = agent.sample(
@@ -287,7 +289,7 @@ def test_an_h2_client_on_an_http_port_is_told_to_change_the_port_protocol(
     client.initiate_connection()
     client.send_headers(1, [(":method", "GET"), (":path", "/api/admin"), (":scheme", "https"),
                             (":authority", "backend")], end_stream=True)  # fmt: skip
-    with connect(setup, agent, alpn=["h2"]) as tls:
+    with connect(setup, agent) as tls:  # prior knowledge: h2 without asking for it in ALPN
         assert tls.selected_alpn_protocol() is None
         tls.sendall(client.data_to_send())
         events = client.receive_data(tls.recv(4096))
@@ -306,6 +308,83 @@ def test_an_h2_client_on_an_http_port_is_told_to_change_the_port_protocol(
         )
     )
     assert agent.logged("set appProtocol: kubernetes.io/h2c or grpc on the Service port")
+
+
+# --- h2 from a peer on the same port: each stream an HTTP/1.1 request to the app -------
+
+
+@pytest.fixture(scope="module")
+def h2_client(setup: CaSetup, agent: AgentProcess) -> Iterator[H2Client]:
+    """An h2 client (ALPN h2) to the same `protocol: http` port the HTTP/1.1 tests use."""
+    sock = tls_socket(setup, agent, alpn=("h2", "http/1.1"))
+    assert sock.selected_alpn_protocol() == "h2"
+    client = H2Client(sock)
+    yield client
+    client.close()
+
+
+@pytest.mark.parametrize(("target", "status", "received"), PATHS)
+def test_an_h2_and_an_http1_client_get_the_same_decision_on_one_http_port(
+    setup: CaSetup,
+    agent: AgentProcess,
+    app: App,
+    h2_client: H2Client,
+    target: str,
+    status: int,
+    received: str | None,
+) -> None:
+    before = len(app.seen)
+    over_http1 = one(setup, agent, get(target))
+    assert over_http1.status == status, over_http1.body
+    http1_seen = app.seen[before:]
+    over_h2 = h2_client.get(target, authority="backend")
+    assert over_h2.status == status, over_h2.body
+    h2_seen = app.seen[before + len(http1_seen) :]
+    if received is None:
+        assert http1_seen == h2_seen == [], "a refused request reached the app"
+        assert json.loads(over_h2.body) == over_http1.json()
+        return
+    # The app got the same HTTP/1.1 request either way: the same normalized target.
+    assert [s["target"] for s in http1_seen] == [s["target"] for s in h2_seen] == [received]
+    assert h2_seen[0]["method"] == "GET"
+
+
+def test_an_h2_stream_reaches_the_http1_app_with_the_peers_identity_only(
+    app: App, h2_client: H2Client
+) -> None:
+    forged = "By=spiffe://example.org/ns/demo/sa/backend;URI=spiffe://example.org/ns/demo/sa/admin"
+    response = h2_client.get("/api/items", authority="backend", x_forwarded_client_cert=forged)
+    assert response.status == 200
+    backend, frontend = workload("backend"), workload("frontend")
+    assert app.seen[-1]["xfcc"] == [f"By={backend};URI={frontend}"]
+    # The app echoed it, in two spellings: neither goes back, nor does any hop-by-hop field.
+    names = {n.lower() for n, _ in response.headers}
+    assert not {b"x-forwarded-client-cert", b"x_forwarded-client-cert"} & names
+    assert not {b"connection", b"keep-alive", b"transfer-encoding"} & names
+    # A spelling an app server folds onto it is refused, as over HTTP/1.1.
+    folded = request_headers("/api/items", authority="backend")
+    folded.append((b"x_forwarded_client_cert", b"By=x;URI=spiffe://example.org/ns/demo/sa/admin"))
+    assert h2_client.wait(h2_client.send(folded)).status == 400
+
+
+def test_concurrent_h2_streams_with_bodies_reach_the_http1_app_whole(
+    app: App, h2_client: H2Client
+) -> None:
+    """Bodies without a length go to the app chunked, with one Content-Length as they came;
+    twenty streams at once share the client connection's few keep-alive app connections."""
+    bodies = {f"/api/upload/{i}": (b"%d-" % i) * (1000 * i + 1) for i in range(20)}
+    streams = {}
+    for path, body in bodies.items():
+        head = request_headers(path, "POST", "backend")
+        if path.endswith("0"):
+            head.append((b"content-length", str(len(body)).encode()))
+        streams[h2_client.send(head, body)] = path
+    for stream_id, path in streams.items():
+        response = h2_client.wait(stream_id)
+        assert response.status == 200, response.body
+        assert json.loads(response.body)["body"] == bodies[path].decode()
+    head = h2_client.wait(h2_client.send(request_headers("/api/items", "HEAD", "backend")))
+    assert head.status == 200 and head.body == b""
 
 
 # --- hot reload -------------------------------------------------------------------------

@@ -5,6 +5,12 @@ with hyperframe, HPACK with hpack), from a peer with a valid SVID, the worst
 case: authentication is no defence here. While it runs, a well-behaved client
 on another connection keeps asking; afterwards the agent is up, its resident
 memory under 100 MB, and the limit counted in outrider_http2_limits_total.
+
+The 2019 set (CVE-2019-9511..9518) and its successors: frames that cost work
+but carry nothing (empty DATA, empty CONTINUATION, WINDOW_UPDATE, PRIORITY),
+the RST_STREAMs a client makes the agent send while it does not read, empty
+header names and values, and clients that never read or never open their
+windows while the app streams to them.
 """
 
 from __future__ import annotations
@@ -22,11 +28,14 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
+    ExtensionFrame,
     Frame,
     HeadersFrame,
     PingFrame,
+    PriorityFrame,
     RstStreamFrame,
     SettingsFrame,
+    WindowUpdateFrame,
 )
 
 from agent.adapters.h2server import H2Stream
@@ -274,3 +283,207 @@ def test_settings_and_ping_floods(
         raw.close()
     assert limit_count(agent, limit) == before + 1
     still_serving(agent, app, limit)
+
+
+def flood(raw: RawFrames, frames: list[Frame], batch: int = 500) -> None:
+    """Send `frames` in batches, reading nothing; the agent may close mid-flood."""
+    with contextlib.suppress(OSError):
+        for start in range(0, len(frames), batch):
+            raw.send(frames[start : start + batch])
+
+
+def settled(app: App, seconds: float = 5) -> bool:
+    """The app's handlers have all ended (the agent let go of every stream it opened)."""
+    deadline = time.monotonic() + seconds
+    while app.at_work and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return app.at_work == 0
+
+
+@pytest.mark.parametrize("padding", [False, True], ids=["empty", "padding_only"])
+def test_empty_data_frames_flood(
+    setup: CaSetup, agent: AgentProcess, app: App, padding: bool
+) -> None:
+    """CVE-2019-9518: endless DATA frames with nothing in them (or padding only) on a
+    request that never ends. h2 takes each without a word; the agent counts them."""
+    before = limit_count(agent, "empty_frames")
+    with bystander(setup, agent):
+        raw = attacker(setup, agent)
+        post = request_headers("/", "POST")
+        raw.send([HeadersFrame(1, raw.block(post), flags={"END_HEADERS"})])
+        empty = DataFrame(1, b"", flags={"PADDED"}, pad_length=16) if padding else DataFrame(1, b"")
+        flood(raw, [empty] * 10_000)
+        assert raw.closed_within(3)
+        raw.close()
+    assert limit_count(agent, "empty_frames") == before + 1
+    still_serving(agent, app, "empty_frames_padding" if padding else "empty_frames")
+
+
+def test_empty_continuation_frames_flood(setup: CaSetup, agent: AgentProcess, app: App) -> None:
+    """CVE-2019-9518's header half: a HEADERS frame, then empty CONTINUATIONs for ever.
+    h2 holds up to 64 of them itself; the agent's bound (16) ends it first."""
+    before = limit_count(agent, "continuation")
+    with bystander(setup, agent):
+        raw = attacker(setup, agent)
+        raw.send([HeadersFrame(1, raw.block(request_headers("/")))])  # no END_HEADERS
+        flood(raw, [ContinuationFrame(1, b"")] * 10_000)
+        assert raw.closed_within(3)
+        raw.close()
+    assert limit_count(agent, "continuation") == before + 1
+    still_serving(agent, app, "empty_continuation")
+
+
+INERT: dict[str, Frame] = {
+    "rst_stream_for_no_stream": RstStreamFrame(1, error_code=8),
+    "unknown_type": ExtensionFrame(0x20, 0),
+    "settings_ack": SettingsFrame(0, flags={"ACK"}),
+    "ping_ack": PingFrame(0, b"12345678", flags={"ACK"}),
+}
+
+
+@pytest.mark.parametrize("kind", list(INERT))
+def test_frames_that_do_nothing_flood(
+    setup: CaSetup, agent: AgentProcess, app: App, kind: str
+) -> None:
+    """Frames h2 takes without a word or an event: an RST_STREAM for a stream no longer
+    open, an unknown frame type, ACKs of PINGs and SETTINGS never sent. Each costs a
+    parse and carries nothing: 100 per stream the client opened, plus 100."""
+    before = limit_count(agent, "empty_frames")
+    with bystander(setup, agent):
+        raw = attacker(setup, agent)
+        get = raw.block(request_headers("/"))
+        raw.send([HeadersFrame(1, get, flags={"END_HEADERS"}), RstStreamFrame(1, error_code=8)])
+        flood(raw, [INERT[kind]] * 10_000)
+        assert raw.closed_within(3)
+        raw.close()
+    assert limit_count(agent, "empty_frames") == before + 1
+    still_serving(agent, app, kind)
+
+
+def test_window_update_flood(setup: CaSetup, agent: AgentProcess, app: App) -> None:
+    """WINDOW_UPDATEs that open the connection's window a byte at a time, with nothing
+    asked: each wakes the connection's senders, and nothing pays for it."""
+    before = limit_count(agent, "window_update_flood")
+    with bystander(setup, agent):
+        raw = attacker(setup, agent)
+        flood(raw, [WindowUpdateFrame(0, window_increment=1)] * 10_000)
+        assert raw.closed_within(3)
+        raw.close()
+    assert limit_count(agent, "window_update_flood") == before + 1
+    still_serving(agent, app, "window_update_flood")
+
+
+def test_priority_flood(setup: CaSetup, agent: AgentProcess, app: App) -> None:
+    """CVE-2019-9513's frames: PRIORITY on streams never opened, reshuffling a tree the
+    agent does not keep (h2 4 keeps none either), 100 per stream opened at most."""
+    before = limit_count(agent, "priority_flood")
+    with bystander(setup, agent):
+        raw = attacker(setup, agent)
+        frames: list[Frame] = [
+            PriorityFrame(2 * i + 3, depends_on=2 * i + 1, stream_weight=i % 256)
+            for i in range(10_000)
+        ]
+        flood(raw, frames)
+        assert raw.closed_within(3)
+        raw.close()
+    assert limit_count(agent, "priority_flood") == before + 1
+    still_serving(agent, app, "priority_flood")
+
+
+def test_reset_flood_by_a_client_that_does_not_read(
+    setup: CaSetup, agent: AgentProcess, app: App
+) -> None:
+    """CVE-2019-9514: a stream the client reset, then DATA on it for ever, reading
+    nothing: h2 answers each frame with a RST_STREAM of its own, which would queue in
+    the agent for a client that takes none. Past 200 such resets, GOAWAY."""
+    before = limit_count(agent, "reset_flood")
+    with bystander(setup, agent):
+        raw = attacker(setup, agent)
+        post = raw.block(request_headers("/", "POST"))
+        raw.send([HeadersFrame(1, post, flags={"END_HEADERS"}), RstStreamFrame(1, error_code=8)])
+        flood(raw, [DataFrame(1, b"x")] * 20_000)
+        assert raw.closed_within(3)
+        raw.close()
+    assert limit_count(agent, "reset_flood") == before + 1
+    still_serving(agent, app, "reset_flood")
+
+
+def test_empty_header_names_and_values(setup: CaSetup, agent: AgentProcess, app: App) -> None:
+    """CVE-2019-9516: header fields of zero length. An empty name is malformed (h2 refuses
+    it: GOAWAY PROTOCOL_ERROR); empty values are allowed, cost 32 bytes each in the
+    decoded list like any field, past 100 fields a request is refused 431, and
+    requests full of them on one connection leave nothing behind."""
+    before = {limit: limit_count(agent, limit) for limit in ("protocol_error", "header_list")}
+    with bystander(setup, agent):
+        raw = attacker(setup, agent)
+        block = raw.block([*request_headers("/"), (b"", b"")], huffman=False)
+        raw.send([HeadersFrame(1, block, flags={"END_HEADERS", "END_STREAM"})])
+        assert raw.closed_within(3)
+        raw.close()
+
+        client = h2_connect(setup, agent)
+        empties = {f"x-empty-{i}": "" for i in range(99)}
+        for start in range(0, 200, 50):
+            ids = [client.send(request_headers("/", **empties)) for _ in range(50)]
+            assert {client.wait(i).status for i in ids} == {200}, start
+        assert client.get("/", **{f"x-empty-{i}": "" for i in range(150)}).status == 431
+        client.close()
+    assert limit_count(agent, "protocol_error") == before["protocol_error"] + 1
+    assert limit_count(agent, "header_list") == before["header_list"] + 1
+    still_serving(agent, app, "empty_headers")
+
+
+def test_a_client_that_never_reads_what_the_app_streams(
+    setup: CaSetup, agent: AgentProcess, app: App
+) -> None:
+    """CVE-2019-9517 (internal data buffering): 20 streams of 8 MB answers to a client
+    that opens its windows wide and then reads nothing. The agent stops taking from the
+    app as its socket fills (it reads from the app only as it sends on), so the app is
+    held at what the windows and kernel buffers take, not the 160 MB asked for; once
+    the client goes, every stream at the app ends."""
+    with bystander(setup, agent):
+        client = H2Client(tls_socket(setup, agent), window=2**31 - 1)
+        client.conn.increment_flow_control_window(2**31 - 1 - 65_535)
+        client._flush()
+        app.sent = 0
+        for _ in range(20):
+            client.send(request_headers("/big"))
+        deadline, last = time.monotonic() + 5, -1
+        while app.sent != last and time.monotonic() < deadline:  # until it stops moving
+            last = app.sent
+            time.sleep(0.5)
+        held = app.sent
+        still_serving(agent, app, "never_reads")
+        client.close()
+    # The app's h2c windows to the agent (1 MiB), the agent's buffer (256 KiB) and
+    # loopback's socket buffers: far from 160 MB.
+    assert held <= 24 * 1024 * 1024, held
+    assert settled(app)
+
+
+def test_slow_readers_holding_many_streams(setup: CaSetup, agent: AgentProcess, app: App) -> None:
+    """Five clients with 100 streams of 8 MB answers each, none opening a window (a
+    slow-read / data-dribble client at its limit): each stream costs the agent its
+    state and what the app's window to it holds, so 500 of them stay well under the
+    bound; when they go, so does every stream at the app."""
+    with bystander(setup, agent):
+        stalled = [H2Client(tls_socket(setup, agent), window=0) for _ in range(5)]
+        app.sent = 0
+        for client in stalled:
+            for _ in range(100):
+                client.send(request_headers("/big"))
+        deadline = time.monotonic() + 5
+        while app.at_work < 500 and time.monotonic() < deadline:
+            for client in stalled:
+                client.pump(0.01)
+        assert app.at_work >= 500
+        for client in stalled:
+            client.drain(0.2)
+        assert all(r.body == b"" for client in stalled for r in client.responses.values())
+        still_serving(agent, app, "slow_readers")
+        for client in stalled:
+            client.close()
+    # The app's windows to the agent: 1 MiB an h2c connection to the app, and a client's
+    # 100 streams take one or two of them (the pool dials another while one is full).
+    assert app.sent <= 5 * 2 * 1024 * 1024, app.sent
+    assert settled(app)

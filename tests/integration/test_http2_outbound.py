@@ -21,6 +21,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import grpc
+import pytest
 
 from agent.adapters import h2client
 from agent.adapters.listeners import OutboundListener
@@ -497,3 +498,38 @@ async def test_a_backend_that_reads_nothing_holds_the_app_back_not_the_agents_me
         uploading.cancel()
     # Each hop holds what the windows it advertised let in, and a chunk: no more.
     assert blocked and 0 < sent <= 512 * 1024, sent  # 176 KiB when written
+
+
+async def test_an_http1_app_on_a_grpc_outbound_is_told_to_speak_h2c(
+    setup: CaSetup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The mirror of the GOAWAY an `http` port sends an h2 preface: an app speaking
+    HTTP/1.1 to an h2c-only port gets an HTTP/1.1 answer it can show, not h2's SETTINGS
+    and a protocol error; counted and logged once a while."""
+    async with client_agent(setup, endpoints=["127.0.0.1:1"]) as agent:
+        host, port = agent.bound["outbound[backend]"].rsplit(":", 1)
+        answers = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST /demo.Greeter/SayHello HTTP/1.1\r\nHost: backend\r\n\r\n")
+            answers.append(await asyncio.wait_for(reader.read(), 5))
+            writer.close()
+        refused = sample(
+            agent,
+            "outrider_connections_refused_total",
+            direction="outbound",
+            reason="protocol_mismatch",
+        )
+        async with channel(agent) as connection:  # h2c on the same port is served as ever
+            unavailable = await exchange(connection, grpc_head())
+    head, _, body = answers[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 505 ") and answers[1] == answers[0]
+    assert json.loads(body) == {
+        "error": "protocol_mismatch",
+        "detail": "this port is protocol: grpc (HTTP/2 only); the app must speak h2c"
+        " (HTTP/2 with prior knowledge), or set appProtocol: http",
+    }
+    assert refused == 2
+    lines = [r for r in caplog.records if "refused an HTTP/1.x request" in r.getMessage()]
+    assert len(lines) == 1  # a line a while, not one per connection
+    assert unavailable.grpc_status == Code.UNAVAILABLE

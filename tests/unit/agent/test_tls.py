@@ -144,7 +144,8 @@ def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, offer: list[str])
     ("protocol", "offer", "chosen"),
     [
         ("tcp", ["h2", "http/1.1"], "h2"),
-        ("http", ["h2", "http/1.1"], "http/1.1"),
+        ("http", ["h2", "http/1.1"], "h2"),
+        ("http", ["http/1.1"], "http/1.1"),
         ("http2", ["h2", "http/1.1"], "h2"),
         ("grpc", ["h2"], "h2"),
     ],
