@@ -28,6 +28,7 @@ from agent.adapters.h2client import (
 from agent.core.upstream import Endpoint
 from tests.h2backend import Answer, GoAway, Request, grpc_error, h2_backend
 from tests.h2backend import Reset as BackendReset
+from tests.h2raw import Wire, turns
 from tests.mesh import eventually
 
 
@@ -304,20 +305,6 @@ async def test_a_failed_dial_fails_every_request_waiting_for_it() -> None:
     assert all(isinstance(r, ConnectionRefusedError) for r in results)
 
 
-class _Wire(asyncio.Transport):
-    """A transport that keeps each write apart, to count them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.writes.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return False
-
-
 def _server() -> h2.connection.H2Connection:
     server = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=False, header_encoding=None)
@@ -326,21 +313,16 @@ def _server() -> h2.connection.H2Connection:
     return server
 
 
-async def _turns(n: int) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
-
-
 async def test_a_calls_head_body_and_end_leave_in_one_write() -> None:
     # One write (one TLS record, one syscall) per call, not one per frame, even when a
     # task started after `open` sends the body; calls made in one turn share it.
-    wire, peer = _Wire(), _server()
+    wire, peer = Wire(), _server()
     connection = H2ClientConnection()
     connection.connection_made(wire)
     peer.receive_data(b"".join(wire.writes))
     wire.writes.clear()
     connection.data_received(peer.data_to_send())  # its SETTINGS
-    await _turns(3)
+    await turns(3)
     peer.receive_data(b"".join(wire.writes))
     wire.writes.clear()
     streams = [connection.open(_head(grpc=True)) for _ in range(3)]
@@ -351,7 +333,7 @@ async def test_a_calls_head_body_and_end_leave_in_one_write() -> None:
 
     for stream in streams:
         asyncio.get_running_loop().create_task(call(stream))
-    await _turns(3)
+    await turns(3)
     assert len(wire.writes) == 1
     events = peer.receive_data(wire.writes[0])
     assert sum(isinstance(e, h2.events.StreamEnded) for e in events) == 3
@@ -360,11 +342,11 @@ async def test_a_calls_head_body_and_end_leave_in_one_write() -> None:
 async def test_credentials_stay_never_indexed_when_h2_does_not_check_the_heads() -> None:
     # checked_heads skips h2's outbound checks and normalization, not its HPACK rule: an
     # Authorization value never enters the compression context that requests share.
-    wire = _Wire()
+    wire = Wire()
     connection = H2ClientConnection(checked_heads=True)
     connection.connection_made(wire)
     connection.open([*_head(), (b"authorization", b"Bearer abc"), (b"cookie", b"id=1")])
-    await _turns(2)
+    await turns(2)
     events = _server().receive_data(b"".join(wire.writes))
     request = next(e for e in events if isinstance(e, h2.events.RequestReceived))
     kinds = {field[0]: type(field) for field in request.headers or []}
