@@ -257,7 +257,7 @@ class InboundH2:
 
         async def dial() -> h2client.H2ClientConnection:
             connection = await h2client.connect(
-                endpoint.host, endpoint.port, within=self.connect_timeout
+                endpoint.host, endpoint.port, within=self.connect_timeout, factory=_checked
             )
             connection.endpoint = endpoint
             return connection
@@ -335,3 +335,9 @@ class _Call:
 def _outward(headers: Headers) -> Headers:
     """A response's headers or trailers as the client gets them: no identity header."""
     return [(n, v) for n, v in headers if not _identity(n)]
+
+
+def _checked() -> h2client.H2ClientConnection:
+    """An app connection whose request heads h2 does not check again: `screen` built them
+    from the client's, which h2 checked on receipt, and the agent's own fields."""
+    return h2client.H2ClientConnection(checked_heads=True)

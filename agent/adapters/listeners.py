@@ -580,6 +580,8 @@ class InboundMtls(Listener[InboundT]):
             hit,
             idle_timeout=limits.idle_timeout.total_seconds(),
             on_closed=closed,
+            # An h2 app's responses were h2-checked on receipt; an HTTP/1.1 app's are not.
+            checked_heads=kind is InboundH2,
         )
         # The relay hands its connection over: it lets go of the transport (so closing it
         # closes nothing) and leaves the registry, which now holds the h2 server.

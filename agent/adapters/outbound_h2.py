@@ -91,6 +91,7 @@ class OutboundH2:
             idle_timeout=runtime.limits.idle_timeout.total_seconds(),
             limits=self.limits,
             on_closed=on_closed,
+            checked_heads=True,  # what it answers: upstream's responses, h2-checked, or ours
         )
 
     # -- a stream ------------------------------------------------------------------------
