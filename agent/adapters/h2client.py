@@ -52,6 +52,7 @@ from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from hpack import NeverIndexedHeaderTuple
 
+from agent.core.h2limits import H2Limits
 from agent.core.upstream import Endpoint
 
 #: Streams at once on one connection, whatever the peer allows (RFC 9113 suggests >= 100).
@@ -64,6 +65,10 @@ CONNECTION_WINDOW = 1024 * 1024
 MAX_HEADER_LIST = 64 * 1024
 #: Seconds for the peer's first SETTINGS after the transport is up (part of the dial).
 SETTINGS_TIMEOUT = 10.0
+#: The HPACK table we compress requests with, whatever larger one the peer allows, and
+#: the closed streams h2 remembers: the bounds H2Server keeps (agent/core/h2limits.py).
+MAX_ENCODER_TABLE = H2Limits.max_encoder_table
+MAX_CLOSED_STREAMS = H2Limits.max_closed_streams
 
 Header = tuple[bytes, bytes]
 #: Why a stream ended without a whole response: `refused-stream` means the peer never
@@ -152,13 +157,23 @@ _HEADS = (h2.events.ResponseReceived, h2.events.InformationalResponseReceived)
 
 
 class _Connection(h2.connection.H2Connection):
-    """h2's connection, except that a graceful GOAWAY lets the streams below it finish.
+    """h2's connection, with two changes (as h2server's).
 
-    h2 moves the connection to CLOSED on any GOAWAY, and then takes every later
-    frame (the rest of those streams' responses) as a protocol error. RFC 9113
-    6.8: streams at or below the last-stream-id may still complete. We keep
-    the state open; the owner opens no new stream once it saw the GOAWAY.
+    h2 remembers `closed_streams` closed streams, not its 65,536 (about 11 MB a
+    long-lived connection: a pooled upstream connection is one).
+
+    A graceful GOAWAY lets the streams below it finish. h2 moves the connection
+    to CLOSED on any GOAWAY, and then takes every later frame (the rest of those
+    streams' responses) as a protocol error. RFC 9113 6.8: streams at or below
+    the last-stream-id may still complete. We keep the state open; the owner
+    opens no new stream once it saw the GOAWAY.
     """
+
+    def __init__(
+        self, config: h2.config.H2Configuration, closed_streams: int = MAX_CLOSED_STREAMS
+    ) -> None:
+        self.MAX_CLOSED_STREAMS = closed_streams  # read by h2's __init__
+        super().__init__(config=config)
 
     def _receive_goaway_frame(self, frame: Any) -> Any:
         state = self.state_machine.state
@@ -318,6 +333,7 @@ class H2ClientConnection(asyncio.Protocol):
         *,
         max_streams: int = MAX_STREAMS,
         checked_heads: bool = False,
+        closed_streams: int = MAX_CLOSED_STREAMS,
     ) -> None:
         self.endpoint = endpoint
         self.context = context  # the one it was made with: stale after a rotation
@@ -336,7 +352,8 @@ class H2ClientConnection(asyncio.Protocol):
                 normalize_outbound_headers=not checked_heads,
                 validate_inbound_headers=True,
                 normalize_inbound_headers=False,
-            )
+            ),
+            closed_streams,
         )
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
@@ -562,6 +579,12 @@ class H2ClientConnection(asyncio.Protocol):
             elif (stream := self.streams.get(event.stream_id)) is not None:
                 stream._wake_writer()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
+            # h2 sizes the table it compresses heads with to whatever the peer allows,
+            # and would keep every header sent on the connection in it: MAX_ENCODER_TABLE
+            # is all it needs (a smaller table is signalled in-band).
+            encoder = self.h2.encoder
+            if encoder.header_table_size > MAX_ENCODER_TABLE:
+                encoder.header_table_size = MAX_ENCODER_TABLE
             if not self.ready.done():
                 self.ready.set_result(None)
             for stream in list(self.streams.values()):  # the initial window may have grown

@@ -11,8 +11,10 @@ from collections.abc import Awaitable, Callable
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 from h2.errors import ErrorCodes
 from hpack import NeverIndexedHeaderTuple
+from hpack.table import table_entry_size
 
 from agent.adapters.h2client import (
     Data,
@@ -353,3 +355,36 @@ async def test_credentials_stay_never_indexed_when_h2_does_not_check_the_heads()
     assert kinds[b"authorization"] is NeverIndexedHeaderTuple
     assert kinds[b"cookie"] is NeverIndexedHeaderTuple  # a short one: guessable
     assert kinds[b":path"] is not NeverIndexedHeaderTuple
+
+
+async def test_a_peer_cannot_grow_the_table_requests_are_compressed_with() -> None:
+    # A peer allowing a 2 GB HPACK table (SETTINGS_HEADER_TABLE_SIZE): h2 would keep every
+    # header sent on the connection in it; the client keeps 4 KiB, as H2Server does.
+    wire, peer = Wire(), _server()
+    connection = H2ClientConnection()
+    connection.connection_made(wire)
+    peer.receive_data(wire.taken())
+    peer.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 2**31})
+    connection.data_received(peer.data_to_send())
+    for n in range(90):
+        connection.open([*_head(f"/{n:05}"), (b"x-id", b"%d" % n * 40)], end=True)
+    await turns(3)
+    peer.receive_data(wire.taken())  # the peer decodes them all: the table was signalled
+    table = connection.h2.encoder.header_table
+    held = sum(table_entry_size(name, value) for name, value in table.dynamic_entries)
+    assert table.maxsize <= 4096 and held <= 4096, held
+
+
+async def test_a_long_lived_connection_remembers_a_bounded_number_of_closed_streams() -> None:
+    # h2 keeps 65,536 closed streams by default (about 11 MB a pooled connection that
+    # carried that many); the client keeps `closed_streams`.
+    async with h2_backend("a") as backend:
+        connection = await connect(
+            "127.0.0.1", backend.port, factory=lambda: H2ClientConnection(closed_streams=50)
+        )
+        for _ in range(4):
+            streams = [connection.open(_head(), end=True) for _ in range(50)]
+            answers = [await _read(stream) for stream in streams]
+            assert all(isinstance(events[-1], End) for events, _ in answers)
+        assert len(connection.h2._closed_streams) <= 50
+        connection.close()
