@@ -268,6 +268,15 @@ class H2Stream:
         if end and not data:
             self.end()
 
+    def send_now(self, data: bytes, end: bool = False) -> bool:
+        """`send` without waiting: all of `data` (in one frame) if the windows and the
+        transport take it now, else nothing (False); StreamError if the stream ended."""
+        self._check()
+        if self.connection._room(self, len(data)) < len(data):
+            return False
+        self.connection._send_data(self, data, end)
+        return True
+
     def end(self, trailers: Sequence[Header] | None = None) -> None:
         """The request is complete (with its trailers, if any)."""
         self._check()
@@ -365,7 +374,8 @@ class H2ClientConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.idle_since = self._loop.time()
         self.on_idle: Callable[[H2ClientConnection], None] | None = None  # the pool's
-        self._write_due = False  # a `_write` is scheduled for this turn of the loop
+        self._write_due = False  # a `_write` is scheduled
+        self._queued: list[bytes] = []  # taken from h2, for that `_write`
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -625,13 +635,19 @@ class H2ClientConnection(asyncio.Protocol):
         h2 queues meanwhile is bounded: DATA by the peer's windows, the rest by what the
         streams do in two turns.
         """
+        data = self.h2.data_to_send()
+        if not data:  # nothing to send (a read that asks no answer): no turn spent on it
+            return
+        self._queued.append(data)
         if not self._write_due:
             self._write_due = True
             self._loop.call_soon(self._loop.call_soon, self._write)
 
     def _write(self) -> None:
         self._write_due = False
-        data = self.h2.data_to_send()
+        self._queued.append(self.h2.data_to_send())
+        data = b"".join(self._queued)
+        self._queued.clear()
         if data and self.transport is not None:
             self.transport.write(data)
 

@@ -113,6 +113,21 @@ class H2Stream:
         self._credit = length
         return data
 
+    def read_now(self) -> bytes | None:
+        """`read` without waiting: None when it would wait (nothing has come yet). A
+        handler that forwards what is at hand at once needs no task to wait for it."""
+        if not self._chunks and not self._ended and self.reset_code is None:
+            return None
+        self._give_credit()
+        if not self._chunks:
+            if self.reset_code is not None:
+                raise StreamReset(self.reset_code)
+            return b""
+        data, length = self._chunks.popleft()
+        self.buffered -= length
+        self._credit = length
+        return data
+
     def _give_credit(self) -> None:
         if self._credit:
             self.server.credit(self.id, self._credit)
@@ -325,6 +340,7 @@ class H2Server(asyncio.Protocol):
         self._unread: asyncio.TimerHandle | None = None  # the peer has stopped taking writes
         self._loop: asyncio.AbstractEventLoop | None = None
         self._write_due = False  # a `_write` is scheduled
+        self._queued: list[bytes] = []  # taken from h2, for that `_write`
 
     @property
     def paused(self) -> bool:
@@ -619,6 +635,10 @@ class H2Server(asyncio.Protocol):
         syscall, not one each. What h2 queues meanwhile is bounded: DATA by the client's
         windows, the rest by what the streams do in two turns. `close` writes it at once.
         """
+        data = self.conn.data_to_send()
+        if not data:  # nothing to send (a read that asks no answer): no turn spent on it
+            return
+        self._queued.append(data)
         if self._write_due:
             return
         if self._loop is None:
@@ -629,7 +649,9 @@ class H2Server(asyncio.Protocol):
 
     def _write(self) -> None:
         self._write_due = False
-        data = self.conn.data_to_send()
+        self._queued.append(self.conn.data_to_send())
+        data = b"".join(self._queued)
+        self._queued.clear()
         if data and self.transport is not None and not self.transport.is_closing():
             self._active = True
             self.transport.write(data)

@@ -201,9 +201,14 @@ class OutboundH2:
             up = connection.open(request.head_now(), end=body.empty)
         except NoRoom:  # it went away between the pool's answer and now
             return "refused-stream"
+        attempt.sent()
         upstream = attempt.connection = _Upstream(up)
         if not up.local_closed:
-            upstream.sender = asyncio.get_running_loop().create_task(body.send(up))
+            # What the app has sent goes at once, with the head; a task sends the rest
+            # only if more is to come (a streaming call) or the windows are shut.
+            position = body.send_ready(up)
+            if position is not None:
+                upstream.sender = asyncio.get_running_loop().create_task(body.send(up, position))
         while True:
             event = await up.event()
             if isinstance(event, h2client.Reset):
@@ -407,12 +412,38 @@ class _Body:
         """The whole request was its head: the stream ends with it."""
         return self.ended and not self.chunks and not self.base and self.trailers is None
 
-    async def send(self, up: h2client.H2Stream) -> None:
-        """Send the body on one try's stream: what was read so far, then what follows."""
-        if self.base:  # its start was dropped: not replayable (no retry gets here)
+    def send_ready(self, up: h2client.H2Stream) -> int | None:
+        """Send on one try's stream, without waiting, what is at hand: the chunks held and
+        those the app has sent already, the last with END_STREAM if the body is whole.
+        None once there is nothing more to send; else the chunk `send` goes on from."""
+        if self.base:
+            return 0  # `send` refuses it
+        try:
+            while not self.ended and (chunk := self.stream.read_now()) is not None:
+                self._took(chunk)
+            sent = 0
+            for chunk in self.chunks:
+                last = sent + 1 == len(self.chunks) and self.ended and self.trailers is None
+                if not up.send_now(chunk, end=last):
+                    break
+                sent += 1
+            if sent == len(self.chunks) and self.ended:
+                if not up.local_closed:  # else END_STREAM went with the last chunk
+                    up.end(self.trailers)
+                return None
+        except (StreamError, StreamReset):
+            return None  # upstream: the try fails on its response side; the app: it left
+        if not self.replayable:  # sent for good: not held
+            del self.chunks[:sent]
+            self.base = sent
+        return sent
+
+    async def send(self, up: h2client.H2Stream, position: int = 0) -> None:
+        """Send the body on one try's stream from chunk `position`: what was read so far,
+        then what follows."""
+        if self.base > position:  # its start was dropped: not replayable (no retry gets here)
             up.reset(ErrorCodes.CANCEL)
             return
-        position = 0
         try:
             while True:
                 if position == self.base + len(self.chunks):  # sent all there is
@@ -431,7 +462,9 @@ class _Body:
 
     async def _read(self) -> bool:
         """The app's next chunk into `chunks` (True), or its end (False)."""
-        chunk = await self.stream.read()
+        return self._took(await self.stream.read())
+
+    def _took(self, chunk: bytes) -> bool:
         if not chunk:
             self.trailers = _outward(self.stream.trailers or []) or None
             self.ended = True

@@ -27,7 +27,7 @@ from hyperframe.frame import (
     RstStreamFrame,
 )
 
-from agent.adapters.h2server import H2Server, H2Stream, Handler
+from agent.adapters.h2server import H2Server, H2Stream, Handler, StreamReset
 from agent.core.h2limits import FrameBudget, H2Limits, Limit, Window
 from tests.h2raw import H2Client, RawFrames, Wire, request_headers, turns
 
@@ -495,3 +495,26 @@ async def test_a_response_leaves_in_one_write_with_credentials_never_indexed() -
     assert kinds[b"authorization"] is NeverIndexedHeaderTuple
     assert any(isinstance(e, h2.events.StreamEnded) for e in events)
     server.abort()
+
+
+async def test_read_now_takes_what_came_without_waiting_and_credits_as_read_does() -> None:
+    class Credits:
+        def __init__(self) -> None:
+            self.given: list[int] = []
+
+        def credit(self, stream_id: int, length: int) -> None:
+            self.given.append(length)
+
+    server = Credits()
+    stream = H2Stream(server, 1, request_headers("/", "POST"), ended=False)  # type: ignore[arg-type]
+    assert stream.read_now() is None  # nothing yet: a caller would wait
+    stream._data(b"abc", 3)
+    stream._data(b"de", 2)
+    assert stream.read_now() == b"abc" and server.given == []
+    assert stream.read_now() == b"de" and server.given == [3]  # the chunk before, credited
+    assert stream.read_now() is None
+    stream._end()
+    assert stream.read_now() == b"" and server.given == [3, 2]
+    stream._gone(ErrorCodes.CANCEL)
+    with pytest.raises(StreamReset):
+        stream.read_now()
