@@ -627,13 +627,11 @@ class H2ClientConnection(asyncio.Protocol):
             stream._push(Reset(failure, code))
 
     def _flush(self) -> None:
-        """Send what h2 queued, one turn of the event loop later: the frames of every
-        stream that moves meanwhile go out in one write (one TLS record, one syscall),
-        not one each. One turn later, not at the end of this one, so that a task started
-        in this turn (the one sending a request's body after `open` sent its head) has
-        taken its first step: a call's HEADERS, DATA and END_STREAM leave together. What
-        h2 queues meanwhile is bounded: DATA by the peer's windows, the rest by what the
-        streams do in two turns.
+        """Send what h2 queued at the next turn of the event loop: a call's HEADERS, DATA
+        and END_STREAM (sent in one step: `send_now`), and the frames of every stream
+        that moved in this turn (50 calls in flight wake together), go out in one write,
+        one TLS record and one syscall, not one each. What h2 queues meanwhile is
+        bounded: DATA by the peer's windows, the rest by what the streams do in a turn.
         """
         data = self.h2.data_to_send()
         if not data:  # nothing to send (a read that asks no answer): no turn spent on it
@@ -641,7 +639,7 @@ class H2ClientConnection(asyncio.Protocol):
         self._queued.append(data)
         if not self._write_due:
             self._write_due = True
-            self._loop.call_soon(self._loop.call_soon, self._write)
+            self._loop.call_soon(self._write)
 
     def _write(self) -> None:
         self._write_due = False

@@ -629,11 +629,11 @@ class H2Server(asyncio.Protocol):
             self._flush()
 
     def _flush(self) -> None:
-        """Send what h2 queued, one turn of the event loop later: the frames of every
-        stream that moves meanwhile (a response's head, body and trailers; the answers
-        of every call that woke in that turn) go out in one write, one TLS record and one
+        """Send what h2 queued at the next turn of the event loop: the frames of every
+        stream that moved in this turn (a response's head, body and trailers; the answers
+        of every call that woke together) go out in one write, one TLS record and one
         syscall, not one each. What h2 queues meanwhile is bounded: DATA by the client's
-        windows, the rest by what the streams do in two turns. `close` writes it at once.
+        windows, the rest by what the streams do in a turn. `close` writes it at once.
         """
         data = self.conn.data_to_send()
         if not data:  # nothing to send (a read that asks no answer): no turn spent on it
@@ -645,7 +645,7 @@ class H2Server(asyncio.Protocol):
             self._write()
             return
         self._write_due = True
-        self._loop.call_soon(self._loop.call_soon, self._write)
+        self._loop.call_soon(self._write)
 
     def _write(self) -> None:
         self._write_due = False

@@ -316,29 +316,25 @@ def _server() -> h2.connection.H2Connection:
 
 
 async def test_a_calls_head_body_and_end_leave_in_one_write() -> None:
-    # One write (one TLS record, one syscall) per call, not one per frame, even when a
-    # task started after `open` sends the body; calls made in one turn share it.
+    # One write (one TLS record, one syscall) per call, not one per frame; calls made in
+    # one turn of the loop share it; a body the windows cannot take now waits, unsent.
     wire, peer = Wire(), _server()
     connection = H2ClientConnection()
     connection.connection_made(wire)
-    peer.receive_data(b"".join(wire.writes))
-    wire.writes.clear()
+    peer.receive_data(wire.taken())
     connection.data_received(peer.data_to_send())  # its SETTINGS
-    await turns(3)
-    peer.receive_data(b"".join(wire.writes))
-    wire.writes.clear()
-    streams = [connection.open(_head(grpc=True)) for _ in range(3)]
-
-    async def call(stream: H2Stream) -> None:
-        await stream.send(b"\0\0\0\0\x05hello")
+    await turns(2)
+    peer.receive_data(wire.taken())
+    for _ in range(3):
+        stream = connection.open(_head(grpc=True))
+        assert stream.send_now(b"\0\0\0\0\x05hello")
         stream.end([(b"grpc-trailer", b"1")])
-
-    for stream in streams:
-        asyncio.get_running_loop().create_task(call(stream))
-    await turns(3)
+    assert not connection.open(_head()).send_now(b"x" * 70_000)  # more than a frame and the window
+    await turns(2)
     assert len(wire.writes) == 1
-    events = peer.receive_data(wire.writes[0])
+    events = peer.receive_data(wire.taken())
     assert sum(isinstance(e, h2.events.StreamEnded) for e in events) == 3
+    assert not any(isinstance(e, h2.events.DataReceived) and e.stream_id == 7 for e in events)
 
 
 async def test_credentials_stay_never_indexed_when_h2_does_not_check_the_heads() -> None:
