@@ -4,6 +4,10 @@ The injector writes them into each pod, the agent listens on the ports, the
 capture rules keep them apart from the app's, and the control plane finds the
 containers and hands out the listeners between the ports: four parts that may
 not import each other, so each name and number lives here, once.
+
+The SPIFFE Workload API socket is the same kind of meeting point: the injector
+mounts its directory in the agent and the app containers and tells both where
+it is, the agent serves on it, and SPIFFE clients find it by the variable.
 """
 
 from __future__ import annotations
@@ -17,7 +21,13 @@ __all__ = [
     "INBOUND_CAPTURE_PORT",
     "OUTBOUND_CAPTURE_PORT",
     "OUTBOUND_LISTENER_PORTS",
+    "SPIFFE_ENDPOINT_SOCKET",
+    "SPIFFE_ENDPOINT_SOCKET_ENV",
     "STATUS_PORT",
+    "WORKLOAD_API_ANNOTATION",
+    "WORKLOAD_API_DIR",
+    "WORKLOAD_API_SOCKET",
+    "WORKLOAD_API_VOLUME",
 ]
 
 #: The agent's container (a native sidecar: an init container with restartPolicy Always).
@@ -43,3 +53,19 @@ AGENT_PORTS = range(15000, 16000)
 #: The agent's UID: its connections are never captured (a loop otherwise), and 0 would
 #: leave every root process of the pod uncaptured.
 AGENT_UID = 1337
+
+#: The pod annotation that asks for the Workload API ("enabled" or "disabled"; the
+#: injector's `workload_api:` setting decides for a pod without it).
+WORKLOAD_API_ANNOTATION = "outrider.io/workload-api"
+#: The emptyDir volume that holds the agent's Workload API socket: one per pod, so
+#: the socket reaches the pod's containers and nothing else.
+WORKLOAD_API_VOLUME = "outrider-workload-api"
+#: Where that volume is mounted, in the agent and in every app container.
+WORKLOAD_API_DIR = "/var/run/outrider/workload"
+#: The one Unix socket in it: the SPIFFE Workload API and Envoy SDS (agent config
+#: `workload_api: {socket: ...}`).
+WORKLOAD_API_SOCKET = WORKLOAD_API_DIR + "/socket"
+#: The variable SPIFFE clients (go-spiffe, py-spiffe, spiffe-helper) read, and its value
+#: in the app containers.
+SPIFFE_ENDPOINT_SOCKET_ENV = "SPIFFE_ENDPOINT_SOCKET"
+SPIFFE_ENDPOINT_SOCKET = "unix://" + WORKLOAD_API_SOCKET

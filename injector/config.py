@@ -27,6 +27,9 @@ Every key has a default; `tls` is required by `outrider injector serve` only.
       exclude_inbound_ports: []      # reach the app directly, in plain (15020 always does)
       exclude_outbound_ports: []     # the app's calls to these ports are not captured
       exclude_outbound_cidrs: []     # nor to these networks, e.g. [169.254.169.254/32]
+    workload_api:                    # the agent's SPIFFE Workload API socket in the pod
+      enabled: false                 # true: every pod, but those annotated
+                                     #   outrider.io/workload-api: "disabled"
     limits:
       max_body_bytes: 3145728        # per AdmissionReview; at least 65536
       max_json_depth: 64             # at least 32
@@ -56,6 +59,7 @@ from injector.core.settings import (
     ResourceList,
     Resources,
     Settings,
+    WorkloadApiSettings,
     agent_port_error,
     is_dns_label,
     is_dns_subdomain,
@@ -111,6 +115,7 @@ _TOP = {
     "ca",
     "control",
     "capture",
+    "workload_api",
     "limits",
 }
 _LIMITS = {"max_body_bytes", "max_json_depth"} | set(ConnectionLimits.__annotations__)
@@ -130,6 +135,7 @@ class _Reader(ConfigReader):
             ca=self.ca(self.section(top, "ca", {"address", "bundle_configmap"})),
             control=self.control(self.section(top, "control", {"address"})),
             capture=self.capture(self.section(top, "capture", _CAPTURE)),
+            workload_api=self.workload_api(self.section(top, "workload_api", {"enabled"})),
         )
         return InjectorConfig(
             settings,
@@ -253,6 +259,10 @@ class _Reader(ConfigReader):
             rules.exclude_outbound_ports,
             rules.exclude_outbound_cidrs,
         )
+
+    def workload_api(self, raw: Mapping[str, Any]) -> WorkloadApiSettings:
+        d = WorkloadApiSettings()
+        return WorkloadApiSettings(self.boolean(raw, "enabled", d.enabled, "workload_api.enabled"))
 
     def address(self, raw: Mapping[str, Any], path: str, default: str) -> str:
         """host:port to connect to, under the last part of `path`."""

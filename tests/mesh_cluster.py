@@ -13,6 +13,9 @@ injector's own `mutate`, then runs what the injected spec says, as the kubelet w
 the `outrider-capture` init container's command as root in the pod, then the agent
 container's command as its UID (1337) with its environment (the bootstrap in
 $OUTRIDER_AGENT_CONFIG) and its mounts (token and trust bundle) as files of the pod.
+A pod with emptyDir volumes (the Workload API's) runs its containers as the
+container runtime would (tests/netns.py `Pod.container_command`): each its own
+mount namespace with the pod's volumes at their paths and no other pod's in sight.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +46,7 @@ from injector.core.sidecar import AGENT, CONFIG_ENV, agent_config
 from tests.apiserver import FakeApiServer, fake_api_server_thread
 from tests.control_process import ControlProcess, control_plane, ready
 from tests.mesh import AgentProcess, agent_process, threaded_app
-from tests.netns import Pod, PodNetwork
+from tests.netns import Mount, Pod, PodNetwork
 from tests.support import (
     TRUST_DOMAIN,
     CaProcess,
@@ -340,22 +343,49 @@ def _localized(value: Any, mounts: Mapping[str, Path]) -> Any:
 @dataclass
 class PodFiles:
     """What the kubelet mounts for the agent: the projected token and the bundle ConfigMap,
-    owned by the agent's UID (as fsGroup makes them)."""
+    owned by the agent's UID (as fsGroup makes them); and each pod's emptyDirs, under
+    `empty_dirs`, mounted into the containers themselves (`container_mounts`)."""
 
     root: Path
     setup: CaSetup
 
+    @property
+    def empty_dirs(self) -> Path:
+        """The kubelet's directory of every pod's emptyDirs: no container sees it."""
+        return self.root / "empty"
+
+    def empty_dir(self, pod: Mapping[str, Any], volume: str) -> Path:
+        """The node's directory for the emptyDir `volume` of `pod`: made on first use,
+        mode 0777, as the kubelet makes it."""
+        directory = self.empty_dirs / pod["metadata"]["name"] / volume
+        if not directory.exists():
+            directory.mkdir(parents=True)
+            directory.chmod(0o777)
+        return directory
+
+    def container_mounts(self, pod: Mapping[str, Any], spec: Mapping[str, Any]) -> list[Mount]:
+        """The emptyDir mounts of the container `spec` of `pod`, as its runtime makes them."""
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        return [
+            Mount(self.empty_dir(pod, m["name"]), m["mountPath"], m.get("readOnly", False))
+            for m in spec.get("volumeMounts", [])
+            if "emptyDir" in volumes[m["name"]]
+        ]
+
     def mount(self, pod: Mapping[str, Any], agent: Mapping[str, Any]) -> dict[str, Path]:
-        """Each of the agent's mount paths -> the directory holding that volume's files."""
+        """Each of the agent's mount paths -> the directory holding that volume's files
+        (emptyDirs aside: `container_mounts`)."""
         uid = agent["securityContext"]["runAsUser"]
         namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
         account = pod["spec"].get("serviceAccountName", "default")
         volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
         mounts = {}
         for mount in agent.get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            if "emptyDir" in volume:
+                continue
             directory = self.root / name / mount["name"]
             directory.mkdir(parents=True, exist_ok=True)
-            volume = volumes[mount["name"]]
             if "projected" in volume:
                 for source in volume["projected"]["sources"]:
                     token = source["serviceAccountToken"]
@@ -405,15 +435,36 @@ def agent_container(
     # The CA's and the control plane's serving certificates name localhost, not the node.
     bootstrap["ca"]["server_name"] = bootstrap["control"]["server_name"] = "localhost"
     assert agent["args"] == ["agent", "run", "--config-env", CONFIG_ENV], agent["args"]
+    # As the container's runAsUser; with emptyDirs, in a mount namespace of its own.
+    own = files.container_mounts(injected, agent)
+    prefix = (
+        pod.container_command([], user=uid, mounts=own, hidden=[files.empty_dirs])
+        if own
+        else pod.command([], user=uid)
+    )
     with agent_process(
-        root,
-        pod.name,
-        bootstrap,
-        env=env,
-        config_env=CONFIG_ENV,
-        prefix=pod.command([], user=uid),  # as the container's runAsUser
+        root, pod.name, bootstrap, env=env, config_env=CONFIG_ENV, prefix=prefix
     ) as process:
         yield process
+
+
+def app_container(
+    pod: Pod,
+    injected: Mapping[str, Any],
+    name: str,
+    files: PodFiles,
+    args: Sequence[str],
+    user: int = 1000,
+) -> list[str]:
+    """The command line of the app container `name` of `injected` running `args` in `pod`,
+    as the container runtime would run it: as `user` (an app's UID, not the agent's), in
+    namespaces of its own (mounts, with its emptyDirs; PIDs) but the pod's network. Its
+    environment: `container_env`."""
+    spec = container(injected, name)
+    mounts = files.container_mounts(injected, spec)
+    return pod.container_command(
+        args, user=user, mounts=mounts, hidden=[files.empty_dirs], own_pids=True
+    )
 
 
 #: The Services' ClusterIPs: written out (users may), from a range the pods' /24s never
@@ -562,18 +613,10 @@ async def capture_cluster(root: Path, network: PodNetwork) -> AsyncIterator[Capt
     """The shop with capture on: a frontend (A) and a backend (B) injected, a client outside
     the mesh (C), the CA and the control plane on the node; yields once every agent is ready."""
     async with AsyncExitStack() as stack:
-        listen = {"grpc": f"{network.node_ip}:0", "http": "127.0.0.1:0"}
-        setup = make_ca_setup(root, listen=listen)
-        # The CA starts while the API server and the control plane do (it needs neither).
-        ca_running = ca_process(setup.config)
-        starting_ca = asyncio.create_task(asyncio.to_thread(ca_running.__enter__))
-        stack.push_async_callback(_stop_ca, ca_running, starting_ca)
-        api = stack.enter_context(fake_api_server_thread(root / "api"))
-        api.apply(CAPTURE_NAMESPACES + "---\n" + BACKEND_SERVICE)
-        mesh = Mesh(root, api, network, setup)
-        await mesh.start_control()
-        stack.push_async_callback(mesh.stop_control)
-        ca = await starting_ca
+        mesh, ca = await start_node(
+            stack, root, network, CAPTURE_NAMESPACES + "---\n" + BACKEND_SERVICE
+        )
+        api, setup = mesh.api, mesh.setup
         settings = mesh.settings(ca)
         specs: dict[str, dict[str, Any]] = {}
         for text in (FRONTEND, BACKEND):
@@ -604,6 +647,25 @@ async def capture_cluster(root: Path, network: PodNetwork) -> AsyncIterator[Capt
         app = Backend()
         stack.enter_context(threaded_app_in(backend, app.application()))
         yield CaptureCluster(mesh, ca, frontend, backend, outsider, app, specs)
+
+
+async def start_node(
+    stack: AsyncExitStack, root: Path, network: PodNetwork, manifests: str
+) -> tuple[Mesh, CaProcess]:
+    """What runs on the node, until `stack` closes: the CA, a fake API server holding
+    `manifests`, and the control plane, ready."""
+    listen = {"grpc": f"{network.node_ip}:0", "http": "127.0.0.1:0"}
+    setup = make_ca_setup(root, listen=listen)
+    # The CA starts while the API server and the control plane do (it needs neither).
+    ca_running = ca_process(setup.config)
+    starting_ca = asyncio.create_task(asyncio.to_thread(ca_running.__enter__))
+    stack.push_async_callback(_stop_ca, ca_running, starting_ca)
+    api = stack.enter_context(fake_api_server_thread(root / "api"))
+    api.apply(manifests)
+    mesh = Mesh(root, api, network, setup)
+    await mesh.start_control()
+    stack.push_async_callback(mesh.stop_control)
+    return mesh, await starting_ca
 
 
 async def _stop_ca(

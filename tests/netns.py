@@ -38,6 +38,7 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -212,6 +213,16 @@ def _free_subnet(rng: random.Random) -> ipaddress.IPv4Network:
     raise PodNetworkError(f"no free /24 among 10.64-254.*.0/24: the machine routes {taken}")
 
 
+@dataclass(frozen=True)
+class Mount:
+    """A volume of the pod's as one container mounts it: the node's directory `source`
+    (where the kubelet keeps the volume) at `target`, under /run (the container's own)."""
+
+    source: Path
+    target: str
+    read_only: bool = False
+
+
 @dataclass
 class Pod:
     """A network namespace with `lo` and `eth0` (the pod IP); its default route is the node."""
@@ -245,21 +256,44 @@ class Pod:
         on the network the process is `user` and nothing more (setpriv, like
         `nsenter --setuid/--setgid`, with the two ambient capabilities).
         """
-        if user is None:
-            return [*self.prefix, *args]
-        if isinstance(user, bool) or not 0 <= user < 2**32 - 1:
-            raise ValueError(f"user {user!r}: a UID is 0 to 4294967294")
-        caps = "+dac_override,+dac_read_search"
-        setpriv = (
-            "setpriv",
-            f"--reuid={user}",
-            f"--regid={user}",
-            "--clear-groups",
-            f"--inh-caps={caps}",
-            f"--ambient-caps={caps}",
-            "--",
-        )
-        return [*self.prefix, *setpriv, *args]
+        return [*self.prefix, *_as_user(user), *args]
+
+    def container_command(
+        self,
+        args: Sequence[str],
+        *,
+        user: int | None = None,
+        mounts: Sequence[Mount] = (),
+        hidden: Sequence[Path] = (),
+        own_pids: bool = False,
+    ) -> list[str]:
+        """`args` run as a container of this pod: its network, and a mount namespace of
+        its own, as the container runtime makes one: a /run of its own (a tmpfs) with
+        `mounts` in it, and each of `hidden` covered by an empty tmpfs (what the node
+        holds that no container sees: the kubelet's directory of every pod's volumes).
+        `own_pids`: a PID namespace of its own too (a pod's, without
+        shareProcessNamespace), whose /proc shows none of the node's processes.
+
+        Without `own_pids` the process keeps its PID (the mounts are made by a shell
+        that then execs `args`): a server's Popen is the server. With it, `args` run as
+        PID 1 of the new namespace, killed when the command is (for short runs).
+        """
+        steps = ["set -e", "mount -t tmpfs -o mode=0755,size=1m tmpfs /run"]
+        for mount in mounts:
+            if not mount.target.startswith("/run/") and not mount.target.startswith("/var/run/"):
+                raise ValueError(f"{mount.target}: a container's mounts go under /run here")
+            target = shlex.quote(mount.target)
+            source = shlex.quote(str(mount.source))
+            steps += [f"mkdir -p {target}", f"mount --bind {source} {target}"]
+            if mount.read_only:
+                steps.append(f"mount -o remount,bind,ro {target}")
+        empty = "mount -t tmpfs -o mode=0755,size=1m tmpfs"
+        steps += [f"{empty} {shlex.quote(str(path))}" for path in hidden]
+        steps.append('exec "$@"')
+        pids = ("--pid", "--fork", "--kill-child", "--mount-proc") if own_pids else ()
+        unshare = ("unshare", "--mount", "--propagation", "private", *pids, "--")
+        shell = ("sh", "-c", "\n".join(steps), "container")
+        return [*self.prefix, *unshare, *shell, *_as_user(user), *args]
 
     def popen(
         self, args: Sequence[str], *, user: int | None = None, **kw: Any
@@ -320,6 +354,25 @@ class Pod:
             sock.close()
             raise
         return await asyncio.start_server(client_connected, sock=sock)
+
+
+def _as_user(user: int | None) -> tuple[str, ...]:
+    """What runs a command as UID and GID `user` (Pod.command says which capabilities it
+    keeps); nothing for None (root)."""
+    if user is None:
+        return ()
+    if isinstance(user, bool) or not 0 <= user < 2**32 - 1:
+        raise ValueError(f"user {user!r}: a UID is 0 to 4294967294")
+    caps = "+dac_override,+dac_read_search"
+    return (
+        "setpriv",
+        f"--reuid={user}",
+        f"--regid={user}",
+        "--clear-groups",
+        f"--inh-caps={caps}",
+        f"--ambient-caps={caps}",
+        "--",
+    )
 
 
 @dataclass

@@ -16,6 +16,13 @@ answer, the end of the response it delivered, or a cancellation (the app
 left, the request timed out, a drain): `end()` again does nothing, so a
 slot goes back exactly once, to the budget it came from even after a reload
 replaced the upstream's.
+
+A try whose request went out on a reused pooled connection that was lost
+with nothing heard back (`decide(..., stale=True)`) is redialled
+(agent/core/tries.py `Redial`): the next try is `fresh` (its `run` must dial
+a new connection, not take a pooled one), goes to an endpoint not tried yet
+if one is left, else to the same one, keeps the slot the stale try ran on
+(if it was a retry) and takes none; nothing is recorded for the stale try.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from agent.core.tries import (
     Answer,
     Deliver,
     Outcome,
+    Redial,
     Retry,
     Step,
     event_of,
@@ -74,10 +82,14 @@ class Try(Generic[C, P]):
         grpc: bool,
         replayable: Callable[[], bool],
         per_try: float | None = None,
+        redialled: bool = False,
     ) -> None:
         self.live = live
         self.endpoint = endpoint
-        self.number = len(tried)  # 1 for the first try
+        # The policy's count, 1 for the first try: a redial is not one of them.
+        self.number = len(tried) - redialled
+        self.redialled = redialled  # this request was redialled (this try, or one before)
+        self.fresh = False  # this try is the redial: `run` dials a new connection for it
         self.connection: C | None = None  # the protocol's, set by `run`
         self.parser: P | None = None  # the protocol's response state, set by `run`
         self.step: Step | None = None  # once decided
@@ -93,7 +105,9 @@ class Try(Generic[C, P]):
         self._load = live.core.load  # a reload carries the dict over: this one is counted in
         self._load[endpoint] = self._load.get(endpoint, 0) + 1
 
-    def decide(self, outcome: Outcome, *, replayable: bool | None = None) -> Step:
+    def decide(
+        self, outcome: Outcome, *, replayable: bool | None = None, stale: bool = False
+    ) -> Step:
         """What follows `outcome` (agent/core/tries.py); decided once, later calls return it.
 
         Call it the moment the outcome is known, before anything of the
@@ -101,7 +115,9 @@ class Try(Generic[C, P]):
         it is delivered). A Retry takes its budget slot here, for the next
         try; a retry due that the budget refuses is counted as an overflow.
         `replayable` overrides the request's own (False: a response that
-        came before the whole request was sent is not retried).
+        came before the whole request was sent is not retried). `stale`: the
+        connection was reused from the pool and lost with nothing heard back
+        on it (a Redial then takes no slot and records nothing).
         """
         if self.step is not None:
             return self.step  # e.g. a per-try timeout that lost the race to the head
@@ -116,16 +132,20 @@ class Try(Generic[C, P]):
             replayable=self._replayable() if replayable is None else replayable,
             untried=lambda: live.core.untried(self._tried, _now()),
             budget_room=budget.room,
+            stale=stale,
+            redialled=self.redialled,
         )
         self.step, self.outcome = step, outcome
-        if isinstance(step, Retry):
+        if isinstance(step, Redial):  # the same try, again: it carries this one's slot on
+            self._grant, self._slot = self._slot, None
+        elif isinstance(step, Retry):
             granted = budget.try_retry()
             assert granted, "budget.room() said there was room"
             self._grant = budget
             live.counted.retries.inc()
         elif step.over_budget:
             live.counted.overflow("retry_budget")
-        if not isinstance(step, Deliver):
+        if not isinstance(step, Deliver | Redial):
             live.record(self.endpoint, event_of(outcome))
         if self._decided is not None and not self._decided.done():
             self._decided.set_result(None)
@@ -172,7 +192,8 @@ class Try(Generic[C, P]):
             self.live.record(self.endpoint, event)
 
     def hand_over(self) -> RetryBudget | None:
-        """The slot this try took for the next one (the loop moves it there)."""
+        """The slot this try took for the next one, or (redialled) its own: the loop moves
+        it there."""
         grant, self._grant = self._grant, None
         return grant
 
@@ -215,9 +236,13 @@ async def attempts(
     tried: list[Endpoint] = []
     slot: RetryBudget | None = None  # taken by the last try's Retry, for the next one
     current: Try[C, P] | None = None
+    stale: Endpoint | None = None  # the endpoint of the try just redialled
+    redialled = False
     try:
         while True:
             endpoint = live.core.choose(subset, tried, _now(), rng, key)
+            if endpoint is None:  # a redial with no other endpoint left goes to the same one
+                endpoint = stale
             if endpoint is None:
                 raise LocalAnswer(503, "no_healthy_endpoint" if not tried else "no_endpoint_left")
             tried.append(endpoint)
@@ -230,7 +255,9 @@ async def attempts(
                 grpc=grpc,
                 replayable=replayable,
                 per_try=per_try,
+                redialled=redialled,
             )
+            current.fresh, stale = stale is not None, None
             slot = None
             if per_try is None:  # the usual case: no timer to arm
                 outcome = await run(current)
@@ -249,6 +276,8 @@ async def attempts(
                 return delivered
             slot = current.hand_over()
             current.end()
+            if isinstance(step, Redial):
+                stale, redialled = current.endpoint, True
             current = None
             if isinstance(step, Answer):
                 raise LocalAnswer(step.status, step.error, step.grpc_status)

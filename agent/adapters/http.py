@@ -20,11 +20,12 @@ A denied request gets 403 with a short JSON body naming the policy and rule;
 a bad path 400; a header name with an underscore 400, or the header is
 dropped (agent/core/headers.py decides, for both directions); headers over
 the limits 431; CONNECT 501. Each such answer closes the connection once
-earlier responses are out. An Upgrade (WebSocket, h2c) is authorized like any
-request; if the app answers 101 the connection is relayed as bytes both ways
-from then on, else HTTP goes on. An HTTP/2 preface gets a GOAWAY saying which
-port protocol to use. The framing rules themselves live in agent/core/http1.py;
-this module applies its events to the two transports.
+earlier responses are out. A WebSocket Upgrade is authorized like any request;
+if the app answers 101 the connection is relayed as bytes both ways from then
+on, else HTTP goes on. Any other Upgrade (h2c) is dropped: http1 decides.
+An HTTP/2 preface gets a GOAWAY saying which port protocol to use. The
+framing rules themselves live in agent/core/http1.py; this module applies
+its events to the two transports.
 
 Draining (SIGTERM): an idle connection closes at once; one with requests
 already read gets their responses, the last with `Connection: close`, and
@@ -126,6 +127,7 @@ class HttpExchange:
         self.on_response = on_response
         self.requests = http1.RequestParser(underscores)
         self.responses: http1.ResponseParser | None = None  # to the request in flight
+        self.spare: http1.ResponseParser | None = None  # the last one, for `next` to reuse
         self.queue: deque[_Request] = deque()  # queue[0] is in flight when it goes to the app
         self.held = 0
         self.stopped = False  # a local answer is queued: later requests are ignored
@@ -145,7 +147,7 @@ class HttpExchange:
         """Both connections are gone: let go of the parsers and what they hold (a request
         held behind an Upgrade) at once."""
         self.requests = http1.RequestParser()
-        self.responses = None
+        self.responses = self.spare = None
         self.queue.clear()
 
     # -- bytes in ----------------------------------------------------------------------
@@ -155,6 +157,10 @@ class HttpExchange:
             self.app.write(data)
         elif not self.stopped:
             self._requests(self.requests.feed(data))
+            if self.requests.upgrading:
+                # Held in memory until the app answers the Upgrade: whatever resumed
+                # reading (the app's write buffer drained), one read is all it gets.
+                self.client.pause_reading()
             self._flush()
 
     def _requests(self, events: list[http1.RequestEvent]) -> None:
@@ -241,11 +247,13 @@ class HttpExchange:
             return self.answer(400, {"error": "bad_path", "detail": str(exc)})
         values: dict[str, tuple[str, ...]] = {}
         for name, value in request.headers:
-            if _identity(name):
+            if len(name) in _IDENTITY_LENGTHS and _identity(name):  # the length: at once
                 continue
             key = name.lower().decode("latin-1")
             # llhttp keeps trailing whitespace; the app drops it (RFC 9110 5.5), so must we.
-            values[key] = (*values.get(key, ()), value.decode("latin-1").strip(" \t"))
+            text = value.decode("latin-1").strip(" \t")
+            found = values.get(key)
+            values[key] = (text,) if found is None else (*found, text)
         hosts = values.get("host", ())
         host = normalize_host(hosts[0]) if hosts else None
         method = request.method.decode("ascii")
@@ -330,7 +338,12 @@ class HttpExchange:
             self.to_client.append(request.answer)
             self.closing = True
             return
-        self.responses = http1.ResponseParser(request.method, request.upgrade)
+        spare = self.spare
+        if spare is None:
+            self.responses = http1.ResponseParser(request.method, request.upgrade)
+        else:
+            self.responses = spare.next(request.method, request.upgrade)
+            self.spare = None
         self.to_app += [request.head, *request.body]
         self.held -= request.held
         request.held = 0
@@ -374,7 +387,7 @@ class HttpExchange:
         assert responses is not None
         self.on_response(responses.status)
         request = self.queue.popleft()
-        self.responses = None
+        self.spare, self.responses = responses, None
         self.to_client.append(http1.end(self.outgoing))
         if not self.keep:
             self.stopped = self.closing = True

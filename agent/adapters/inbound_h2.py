@@ -39,7 +39,7 @@ from agent.adapters.http import Authorize, _identity, error_body
 from agent.core import grpc
 from agent.core.endpoint import Endpoint
 from agent.core.h2limits import H2Limits, Limit
-from agent.core.headers import UnderscoreAction, screen, underscore_refusal
+from agent.core.headers import UnderscoreAction, plain, screen, underscore_refusal
 from agent.core.http1 import HOST_FIELD
 from agent.core.httppath import BadPath, normalize_host, normalize_target
 
@@ -235,7 +235,8 @@ class InboundH2:
 
     async def forward(self, stream: H2Stream, request: Forward, call: _Call) -> None:
         """Send the request to the app and relay its response; the app unreachable or
-        resetting the stream before its head is answered 503 / UNAVAILABLE."""
+        refusing the stream (or lost) before its head is answered 503 / UNAVAILABLE; any
+        other reset before the head, 502 / INTERNAL (agent.core.grpc.reset_before_head)."""
         if request.deadline is not None:  # passed on, less what was spent (nothing yet)
             request.headers.append((b"grpc-timeout", grpc.timeout_value(request.deadline).encode()))
         try:
@@ -245,11 +246,17 @@ class InboundH2:
             why = refusal(503, "app_unreachable", "", grpc.Code.UNAVAILABLE)
             await self.refuse(stream, why, call.grpc)
             return
-        upload = asyncio.get_running_loop().create_task(self._upload(stream, app))
+        # What the client has sent goes at once, with the head; a task sends the rest only
+        # if more is to come (a streaming call) or the app's windows are shut.
+        pending = self._upload_ready(stream, app)
+        upload = None
+        if pending is not None:
+            upload = asyncio.get_running_loop().create_task(self._upload(stream, app, pending))
         try:
             await self._download(stream, app, call)
         finally:
-            upload.cancel()
+            if upload is not None:
+                upload.cancel()
             app.release()
 
     async def _open(self, headers: Headers, stream: H2Stream) -> h2client.H2Stream:
@@ -257,7 +264,7 @@ class InboundH2:
 
         async def dial() -> h2client.H2ClientConnection:
             connection = await h2client.connect(
-                endpoint.host, endpoint.port, within=self.connect_timeout
+                endpoint.host, endpoint.port, within=self.connect_timeout, factory=_checked
             )
             connection.endpoint = endpoint
             return connection
@@ -265,15 +272,31 @@ class InboundH2:
         connection, _ = await self.pool.connection(endpoint, None, dial)
         return connection.open(headers, end=stream.bodiless)
 
-    async def _upload(self, stream: H2Stream, app: h2client.H2Stream) -> None:
-        """The request body and trailers, as the app's windows take them."""
+    def _upload_ready(self, stream: H2Stream, app: h2client.H2Stream) -> bytes | None:
+        """Send, without waiting, what the client has sent already: None once the whole
+        request went; else what `_upload` starts with (a chunk the windows did not take
+        now, or b"")."""
         if stream.bodiless:
-            return
+            return None
         try:
+            while (chunk := stream.read_now()) is not None:
+                if not chunk:
+                    _end_upload(stream, app)
+                    return None
+                if not app.send_now(chunk):
+                    return chunk
+        except (StreamError, StreamReset):
+            return None  # either side is gone: the response side sees it
+        return b""
+
+    async def _upload(self, stream: H2Stream, app: h2client.H2Stream, pending: bytes) -> None:
+        """The rest of the request body and its trailers, as the app's windows take them."""
+        try:
+            if pending:
+                await app.send(pending)
             while chunk := await stream.read():
                 await app.send(chunk)
-            trailers = [(n, v) for n, v in stream.trailers or [] if not _identity(n)]
-            app.end(trailers or None)
+            _end_upload(stream, app)
         except (StreamError, StreamReset):
             pass  # either side is gone: the response side sees it
 
@@ -297,9 +320,9 @@ class InboundH2:
                 if not stream.finished:
                     await stream.end()
             elif call.status is None:  # Reset before the head: the app gave up on it
-                await self.refuse(
-                    stream, refusal(503, "app_reset", "", grpc.Code.UNAVAILABLE), call.grpc
-                )
+                code = grpc.reset_before_head(event.code)
+                status = 503 if code == grpc.Code.UNAVAILABLE else 502
+                await self.refuse(stream, refusal(status, "app_reset", "", code), call.grpc)
                 return
             else:  # Reset mid-response: so is the client's stream
                 stream.reset(ErrorCodes.INTERNAL_ERROR)
@@ -332,6 +355,24 @@ class _Call:
         return grpc.Code.UNKNOWN if status == 200 else grpc.from_http_status(status)
 
 
+def _onward(trailers: Headers) -> Headers:
+    """A request's trailers as the app gets them: no identity header, and only names no app
+    server folds onto another (agent.core.headers). Unlike a head, they cannot be refused:
+    the request has gone on, so the rest are dropped, whatever `headers_with_underscores`."""
+    return [(n, v) for n, v in trailers if plain(n) and not _identity(n)]
+
+
 def _outward(headers: Headers) -> Headers:
     """A response's headers or trailers as the client gets them: no identity header."""
     return [(n, v) for n, v in headers if not _identity(n)]
+
+
+def _checked() -> h2client.H2ClientConnection:
+    """An app connection whose request heads h2 does not check again: `screen` built them
+    from the client's, which h2 checked on receipt, and the agent's own fields."""
+    return h2client.H2ClientConnection(checked_heads=True)
+
+
+def _end_upload(stream: H2Stream, app: h2client.H2Stream) -> None:
+    """The request is whole: its trailers (`_onward`) or END_STREAM to the app."""
+    app.end(_onward(stream.trailers or []) or None)

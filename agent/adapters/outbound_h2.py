@@ -15,6 +15,10 @@ decides after each try whether to retry, answer, or deliver:
 - a connect failure or a refused stream (RST_STREAM REFUSED_STREAM, above
   a GOAWAY's last-stream-id) retries any method: nothing was processed;
 - a reset before the response head retries what the policy replays;
+- a stream its pooled connection's end failed (refused by a GOAWAY, or lost
+  with the connection with nothing heard since it opened) is redialled once
+  on a new connection, outside the retry budget (agent/core/tries.py);
+  a peer's RST_STREAM REFUSED_STREAM (at capacity) is a retry on the budget;
 - a response head is delivered, unless its status is one the policy
   retries; for a gRPC call, a trailers-only response whose grpc-status is
   in `retry_on` (UNAVAILABLE by default) is retried like a 503.
@@ -53,6 +57,7 @@ from agent.adapters.outbound_http import REPLAY_BYTES, _key
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.core import grpc
 from agent.core.h2limits import H2Limits, Limit
+from agent.core.headers import plain, screen, underscore_refusal
 from agent.core.tries import Outcome, Response
 from agent.core.upstream import Endpoint
 
@@ -91,6 +96,7 @@ class OutboundH2:
             idle_timeout=runtime.limits.idle_timeout.total_seconds(),
             limits=self.limits,
             on_closed=on_closed,
+            checked_heads=True,  # what it answers: upstream's responses, h2-checked, or ours
         )
 
     # -- a stream ------------------------------------------------------------------------
@@ -98,7 +104,7 @@ class OutboundH2:
     async def handle(self, stream: H2Stream) -> None:
         """H2Server's handler: one request, tried until delivered or answered; counted."""
         started = clock()
-        call = _Call(grpc.is_grpc(_text(stream.headers)))
+        call = _Call(grpc.is_grpc(_field(stream.headers, b"content-type")))
         try:
             refused = self._screen(stream)
             if refused is not None:
@@ -119,12 +125,19 @@ class OutboundH2:
                     counted.grpc(code)
 
     def _screen(self, stream: H2Stream) -> _Refusal | None:
-        """What the agent refuses before any try: a tunnel, or too many headers."""
+        """What the agent refuses before any try: a tunnel, too many headers, or a header
+        name an app server folds onto another (`headers_with_underscores: reject`, as on an
+        HTTP/1.1 outbound; `drop`: _upstream_head leaves it out)."""
         if stream.header(b":method") == b"CONNECT":  # an h2 tunnel: bytes nobody would see
             return _Refusal(501, "upgrade_not_supported", grpc.Code.UNIMPLEMENTED)
         if sum(not n.startswith(b":") for n, _ in stream.headers) > self.limits.max_headers:
             self.live.runtime.metrics.http2_limits.labels(OUTBOUND, "header_list").inc()
             return _Refusal(431, "headers_too_large", grpc.Code.RESOURCE_EXHAUSTED)
+        action = self.live.runtime.limits.headers_with_underscores
+        for name, _ in stream.headers:
+            if not name.startswith(b":") and screen(name, action) == "reject":
+                detail = underscore_refusal(name)
+                return _Refusal(400, "bad_request", grpc.Code.INTERNAL, detail)
         return None
 
     async def _exchange(self, stream: H2Stream, call: _Call) -> None:
@@ -153,7 +166,6 @@ class OutboundH2:
             None if deadline is None else loop.time() + deadline,
         )
         body = _Body(stream, stream.bodiless)
-        reader = loop.create_task(body.read()) if not body.ended else None
         attempt: Try[_Upstream, h2client.Response] | None = None
         try:
             async with asyncio.timeout(deadline):
@@ -174,8 +186,6 @@ class OutboundH2:
         except TimeoutError:
             await self._timed_out(stream, call)
         finally:
-            if reader is not None:
-                reader.cancel()
             budget.request_finished()
             breaker.release("max_requests")
             if attempt is not None:  # if the response did not end it: dropped mid-exchange
@@ -193,55 +203,68 @@ class OutboundH2:
 
     async def _try(
         self, request: _Request, body: _Body, attempt: Try[_Upstream, h2client.Response]
-    ) -> Outcome:
+    ) -> Outcome | None:
         """One try: a stream on a connection to its endpoint, the request sent as the app
-        sends it, until the response head (or the stream's failure) decides it."""
-        connection = await self._connection(attempt.endpoint)
-        if connection is None:
+        sends it, until the response head (or the stream's failure) decides it. A stream
+        its pooled connection's end failed (GOAWAY, or a loss with nothing heard) is stale:
+        redialled (agent/core/tries.py)."""
+        had = await self._connection(attempt.endpoint, fresh=attempt.fresh)
+        if had is None:
             return "connect-failure"
+        connection, reused = had
         try:
             up = connection.open(request.head_now(), end=body.empty)
-        except NoRoom:  # it went away between the pool's answer and now
-            return "refused-stream"
+        except NoRoom:  # it went away between the pool's answer and now: nothing was sent
+            attempt.decide("refused-stream", stale=reused)
+            return None
+        attempt.sent()
         upstream = attempt.connection = _Upstream(up)
         if not up.local_closed:
-            upstream.sender = asyncio.get_running_loop().create_task(body.send(up))
+            # What the app has sent goes at once, with the head; a task sends the rest
+            # only if more is to come (a streaming call) or the windows are shut.
+            position = body.send_ready(up)
+            if position is not None:
+                upstream.sender = asyncio.get_running_loop().create_task(body.send(up, position))
         while True:
             event = await up.event()
             if isinstance(event, h2client.Reset):
-                return event.failure
+                attempt.decide(event.failure, stale=reused and event.stale)
+                return None
             if isinstance(event, h2client.Response) and event.status >= 200:
                 attempt.parser = event
                 code = None
                 if event.end and request.grpc:  # trailers-only: its grpc-status may retry
-                    code = grpc.status_of(_text(event.headers))
+                    code = grpc.status_of(_field(event.headers, b"grpc-status"))
                 return Response(event.status, code)
             # 1xx: the final head follows (h2 allows nothing else before it)
 
-    async def _connection(self, endpoint: Endpoint) -> H2ClientConnection | None:
-        """A pooled h2 connection to `endpoint` with room for a stream, or a new one; None
-        if it cannot be had (LocalAnswer past a breaker limit)."""
+    async def _connection(
+        self, endpoint: Endpoint, *, fresh: bool = False
+    ) -> tuple[H2ClientConnection, bool] | None:
+        """A pooled h2 connection to `endpoint` with room for a stream (unless `fresh`: a
+        redial), or a new one, and whether it was reused; None if it cannot be had
+        (LocalAnswer past a breaker limit)."""
         live = self.live
         context = live.runtime.contexts.client_for(live.config.protocol)
         assert context is not None, "upstreams start after the first SVID"
         pool = live.h2pool
-        connection = pool.take(endpoint, context)
+        connection = None if fresh else pool.take(endpoint, context)
         if connection is not None:
             live.counted.reused.inc()
-            return connection
+            return connection, True
         breaker = live.breaker
         if not breaker.acquire("max_pending"):
             raise LocalAnswer(*_overflow_answer(live, "max_pending"))
         try:
             connection, new = await pool.connection(
-                endpoint, context, partial(self._dial, endpoint, context)
+                endpoint, context, partial(self._dial, endpoint, context), fresh=fresh
             )
         except DialError:
             return None
         finally:
             breaker.release("max_pending")
         (live.counted.new if new else live.counted.reused).inc()
-        return connection
+        return connection, not new
 
     async def _dial(self, endpoint: Endpoint, context: object) -> H2ClientConnection:
         """A new h2 connection to `endpoint` under the circuit breaker's max_connections."""
@@ -260,7 +283,9 @@ class OutboundH2:
         try:
             _, connection = await live.dial(
                 endpoint,
-                lambda: H2ClientConnection(endpoint, context, release),  # type: ignore[arg-type]
+                # The heads sent on it are the app's, which the H2Server facing it had
+                # h2 validate, less a header or two, plus grpc-timeout (h2client).
+                lambda: H2ClientConnection(endpoint, context, release, checked_heads=True),  # type: ignore[arg-type]
             )
         except DialError:
             release()
@@ -385,11 +410,12 @@ class _Upstream:
 class _Body:
     """The request body as the app sends it, shared by the tries of its call.
 
-    One chunk is read ahead of what the try in progress has sent, no more:
-    h2server credits a chunk to the app only when the next is read, so the
-    app's windows close while upstream is slow. Chunks are held for a retry
-    while the whole body is within REPLAY_BYTES; past that, each is dropped
-    once sent and the call is no longer replayable.
+    The try in progress reads it from the app as it sends it upstream, one
+    chunk at a time: h2server credits a chunk to the app only when the next is
+    read, so the app's windows close while upstream is slow, and nothing is
+    read while no try is sending. Chunks are held for a retry while the whole
+    body is within REPLAY_BYTES; past that, each is dropped once sent and the
+    call is no longer replayable.
     """
 
     def __init__(self, stream: H2Stream, bodiless: bool) -> None:
@@ -400,76 +426,74 @@ class _Body:
         self.replayable = True
         self.ended = bodiless
         self.trailers: Headers | None = None
-        self.sent = 0  # chunks the try in progress has sent
-        self._sender: object | None = None  # which try's sender sets `sent`
-        self._waiters: list[asyncio.Future[None]] = []
 
     @property
     def empty(self) -> bool:
         """The whole request was its head: the stream ends with it."""
         return self.ended and not self.chunks and not self.base and self.trailers is None
 
-    async def read(self) -> None:
-        """Read the app's body into `chunks`, each once the try in progress caught up."""
+    def send_ready(self, up: h2client.H2Stream) -> int | None:
+        """Send on one try's stream, without waiting, what is at hand: the chunks held and
+        those the app has sent already, the last with END_STREAM if the body is whole.
+        None once there is nothing more to send; else the chunk `send` goes on from."""
+        if self.base:
+            return 0  # `send` refuses it
         try:
-            while True:
-                while self.sent < self.base + len(self.chunks):
-                    await self._changed()
-                chunk = await self.stream.read()
-                if not chunk:
-                    self.trailers = _outward(self.stream.trailers or []) or None
-                    self.ended = True
-                    self._notify()
-                    return
-                self.size += len(chunk)
-                if self.size > REPLAY_BYTES:
-                    self.replayable = False
-                self.chunks.append(chunk)
-                self._notify()
-        except StreamReset:
-            return  # the app reset its stream: the handler is cancelled
-
-    async def send(self, up: h2client.H2Stream) -> None:
-        """Send the body on one try's stream: what was read so far, then what follows."""
-        me = object()
-        self._sender, self.sent = me, 0
-        position = 0
-        try:
-            if self.base:  # its start was dropped: not replayable (no retry gets here)
-                up.reset(ErrorCodes.CANCEL)
-                return
-            while True:
-                while position < self.base + len(self.chunks):
-                    last = position + 1 == self.base + len(self.chunks)
-                    # The last chunk of a body read whole carries END_STREAM: one frame less.
-                    ending = last and self.ended and self.trailers is None
-                    await up.send(self.chunks[position - self.base], end=ending)
-                    position += 1
-                    if self._sender is me:
-                        self.sent = position
-                        if not self.replayable:  # sent for good: not held
-                            del self.chunks[: position - self.base]
-                            self.base = position
-                        self._notify()
-                    if ending:
-                        return
-                if self.ended:
+            while not self.ended and (chunk := self.stream.read_now()) is not None:
+                self._took(chunk)
+            sent = 0
+            for chunk in self.chunks:
+                last = sent + 1 == len(self.chunks) and self.ended and self.trailers is None
+                if not up.send_now(chunk, end=last):
+                    break
+                sent += 1
+            if sent == len(self.chunks) and self.ended:
+                if not up.local_closed:  # else END_STREAM went with the last chunk
                     up.end(self.trailers)
-                    return
-                await self._changed()
-        except StreamError:
-            return  # the try fails on its response side
+                return None
+        except (StreamError, StreamReset):
+            return None  # upstream: the try fails on its response side; the app: it left
+        if not self.replayable:  # sent for good: not held
+            del self.chunks[:sent]
+            self.base = sent
+        return sent
 
-    async def _changed(self) -> None:
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        await waiter
+    async def send(self, up: h2client.H2Stream, position: int = 0) -> None:
+        """Send the body on one try's stream from chunk `position`: what was read so far,
+        then what follows."""
+        if self.base > position:  # its start was dropped: not replayable (no retry gets here)
+            up.reset(ErrorCodes.CANCEL)
+            return
+        try:
+            while True:
+                if position == self.base + len(self.chunks):  # sent all there is
+                    if self.ended:
+                        up.end(self.trailers)
+                        return
+                    if not await self._read():
+                        continue
+                await up.send(self.chunks[position - self.base])
+                position += 1
+                if not self.replayable:  # sent for good: not held
+                    del self.chunks[: position - self.base]
+                    self.base = position
+        except (StreamError, StreamReset):
+            return  # upstream: the try fails on its response side; the app: it left
 
-    def _notify(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+    async def _read(self) -> bool:
+        """The app's next chunk into `chunks` (True), or its end (False)."""
+        return self._took(await self.stream.read())
+
+    def _took(self, chunk: bytes) -> bool:
+        if not chunk:
+            self.trailers = _onward(self.stream.trailers or []) or None
+            self.ended = True
+            return False
+        self.size += len(chunk)
+        if self.size > REPLAY_BYTES:
+            self.replayable = False
+        self.chunks.append(chunk)
+        return True
 
 
 @dataclass
@@ -483,7 +507,7 @@ class _Call:
 
     def heard(self, headers: Headers) -> None:
         if self.grpc and self.code is None:
-            self.code = grpc.status_of(_text(headers))
+            self.code = grpc.status_of(_field(headers, b"grpc-status"))
 
     def outcome(self) -> int | None:
         """The grpc-status the app got (None: not gRPC): a response without one is read as
@@ -500,10 +524,21 @@ class _Call:
 
 def _upstream_head(headers: Headers, is_grpc: bool) -> Headers:
     """The app's request head as it goes upstream: no identity header (the peer's inbound
-    sets ours), and for a gRPC call no grpc-timeout (each try sends what is left)."""
+    sets ours), no name an app server folds onto another (_screen refused those unless
+    told to drop them), and for a gRPC call no grpc-timeout (each try sends what is left)."""
     return [
-        (n, v) for n, v in headers if not _identity(n) and not (is_grpc and n == b"grpc-timeout")
+        (n, v)
+        for n, v in headers
+        if (n.startswith(b":") or plain(n))
+        and not _identity(n)
+        and not (is_grpc and n == b"grpc-timeout")
     ]
+
+
+def _onward(trailers: Headers) -> Headers:
+    """The app's request trailers as they go upstream: no identity header, and no name an
+    app server folds onto another (the head has gone: they are dropped, not refused)."""
+    return [(n, v) for n, v in trailers if plain(n) and not _identity(n)]
 
 
 def _outward(headers: Headers) -> Headers:
@@ -511,8 +546,13 @@ def _outward(headers: Headers) -> Headers:
     return [(n, v) for n, v in headers if not _identity(n)]
 
 
-def _text(headers: Headers) -> list[tuple[str, str]]:
-    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+def _field(headers: Headers, name: bytes) -> list[tuple[str, str]]:
+    """The first `name` field of `headers`, as the text agent.core.grpc reads: that one
+    decoded, not the whole list (this runs on every call)."""
+    for n, v in headers:
+        if n == name:
+            return [(n.decode("latin-1"), v.decode("latin-1"))]
+    return []
 
 
 def _overflow_answer(live: LiveUpstream, reason: str) -> tuple[int, str]:

@@ -24,10 +24,10 @@ detection.
 One request is in flight per app connection; pipelined requests wait,
 bounded like the inbound side (HOLD_BYTES). The framing rules (what a request
 may be, its head upstream, the response's framing back to the app) are
-agent/core/http1.py's. An Upgrade (WebSocket, h2c) goes upstream like any
-request; if the answer is 101 the app's connection and that upstream
-connection are relayed as bytes from then on (never pooled again). An HTTP/2
-preface gets a GOAWAY saying which port protocol to use.
+agent/core/http1.py's. A WebSocket Upgrade goes upstream like any request
+(any other, h2c, is dropped: http1 decides); if the answer is 101 the app's
+connection and that upstream connection are relayed as bytes from then on
+(never pooled again). An HTTP/2 preface gets a GOAWAY saying which port protocol to use.
 """
 
 from __future__ import annotations
@@ -142,6 +142,10 @@ class OutboundHttp(asyncio.Protocol):
                 tunnel.transport.write(data)
         elif not self.stopped:
             self._requests(self.requests.feed(data))
+            if self.requests.upgrading and self.client is not None:
+                # Held in memory until the upstream answers the Upgrade: whatever
+                # resumed reading, one read is all it gets.
+                self.client.pause_reading()
             self._flush()
 
     def _requests(self, events: list[http1.RequestEvent]) -> None:
@@ -308,7 +312,12 @@ class OutboundHttp(asyncio.Protocol):
     def _unhold(self, request: _Request) -> None:
         self.held -= request.held
         request.held = 0
-        if self.held <= HOLD_BYTES and self.client is not None and not self.stopped:
+        if (
+            self.held <= HOLD_BYTES
+            and self.client is not None
+            and not self.stopped
+            and not self.requests.upgrading  # what follows it waits for the answer
+        ):
             self.client.resume_reading()
 
     def _next(self) -> None:
@@ -391,7 +400,7 @@ class OutboundHttp(asyncio.Protocol):
         """One try: a connection to its endpoint, the request sent, until its response head
         (or its failure) decides it."""
         self.attempt = attempt
-        connection = await self._connection(attempt.endpoint)
+        connection = await self._connection(attempt.endpoint, pooled=not attempt.fresh)
         if connection is None:
             return "connect-failure"
         attempt.connection = connection
@@ -411,12 +420,15 @@ class OutboundHttp(asyncio.Protocol):
         await attempt.decided()
         return None
 
-    async def _connection(self, endpoint: Endpoint) -> UpstreamConnection | None:
-        """An idle pooled connection to `endpoint`, or a new one; None if it cannot be had."""
+    async def _connection(
+        self, endpoint: Endpoint, *, pooled: bool = True
+    ) -> UpstreamConnection | None:
+        """An idle pooled connection to `endpoint` (unless not `pooled`: a redial after a
+        stale one), or a new one; None if it cannot be had."""
         live = self.live
         context = live.runtime.contexts.client
         assert context is not None, "upstreams start after the first SVID"
-        connection = live.pool.take(endpoint, context)
+        connection = live.pool.take(endpoint, context) if pooled else None
         if connection is not None:
             live.counted.reused.inc()
             return connection
@@ -509,12 +521,12 @@ class OutboundHttp(asyncio.Protocol):
         attempt = self.attempt
         if attempt is None:
             return
-        attempt.release()  # gone already: nothing to drop
+        lost = attempt.release()  # gone already: nothing to drop
         events = self.events
         if events is None or events.finished:
             return
         if not events.delivering:
-            attempt.decide("reset")
+            attempt.decide("reset", stale=lost is not None and lost.stale)
         elif events.until_close:
             events.finish()
             self._flush()  # the last chunk: nothing else will write it
@@ -596,12 +608,16 @@ class _Responses:
 
     def apply(self, events: list[http1.ResponseEvent]) -> bool:
         """Deliver what the upstream sent; False if it broke HTTP."""
+        # Broken comes last: a response whole before it (then a second one, unasked) is
+        # delivered, but its connection is never pooled again.
+        broken = bool(events) and isinstance(events[-1], http1.Broken)
         for event in events:
             if isinstance(event, Data):
                 if self.delivering and not self.finished:
                     self.exchange.to_client.append(http1.body(self.outgoing, event.data))
             elif event is END:
                 if self.delivering and not self.finished:
+                    self.keep_alive = self.keep_alive and not broken
                     self.finish()
             elif isinstance(event, http1.Response):
                 self.head(event)

@@ -10,6 +10,12 @@ with is no longer the current one (`take` compares the TLS context), so no
 pooled connection outlives the trust it was verified under. The identity
 manager gives the current SVID a fresh context when it expires, so that
 retires them too.
+
+A connection taken from the pool may have been closed by the server just
+before (its idle timeout, or its end) without the close having been read
+yet: a request sent on it is lost with nothing heard back. `stale` says so
+when the loss comes, and the request is sent again on a new connection
+(agent/core/tries.py `Redial`).
 """
 
 from __future__ import annotations
@@ -35,9 +41,11 @@ class UpstreamConnection(asyncio.Protocol):
         "closed",
         "context",
         "endpoint",
+        "heard",
         "idle_since",
         "on_lost",
         "pool",
+        "reused",
         "transport",
         "user",
     )
@@ -53,6 +61,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.user: User | None = None
         self.idle_since = 0.0
         self.closed = False
+        self.reused = False  # taken from the pool: it carried a request before this one
+        self.heard = False  # bytes came back since it was last taken
+
+    @property
+    def stale(self) -> bool:
+        """Whether, lost now, it was most likely closed by the server before the request in
+        flight went out: reused from the pool, and nothing heard back on it since."""
+        return self.reused and not self.heard
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -63,6 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
             assert self.transport is not None
             self.transport.abort()
             return
+        self.heard = True
         user.from_upstream(data)
 
     def eof_received(self) -> bool:
@@ -122,6 +139,7 @@ class Pool:
                 and transport is not None
                 and not transport.is_closing()
             ):
+                connection.reused, connection.heard = True, False
                 return connection
             connection.close()  # made under an earlier SVID or bundle
         return None

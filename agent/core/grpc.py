@@ -24,6 +24,7 @@ __all__ = [
     "malformed_method",
     "parse_timeout",
     "percent_encode",
+    "reset_before_head",
     "status_of",
     "timeout_value",
     "trailers_only",
@@ -130,6 +131,30 @@ def trailers_only(code: Code, message: str = "") -> list[tuple[str, str]]:
     return headers
 
 
+#: RST_STREAM error codes (RFC 9113 7) a proxy reads apart: REFUSED_STREAM, CANCEL, and the
+#: two the gRPC spec maps to statuses of their own (ENHANCE_YOUR_CALM, INADEQUATE_SECURITY).
+_REFUSED_STREAM, _CANCEL = 0x7, 0x8
+_FROM_RESET: Final = {
+    _REFUSED_STREAM: Code.UNAVAILABLE,
+    _CANCEL: Code.UNAVAILABLE,
+    0xB: Code.RESOURCE_EXHAUSTED,
+    0xC: Code.PERMISSION_DENIED,
+}
+
+
+def reset_before_head(code: int) -> Code:
+    """The status for a call whose app stream was reset with `code` before any response head.
+
+    UNAVAILABLE only where a retry cannot repeat what the app did: REFUSED_STREAM (RFC
+    9113 8.7: nothing was processed) and CANCEL (what a lost app connection reads as,
+    the killed-pod case; grpc-go reports a lost transport as UNAVAILABLE too). Any other
+    reset is the app failing the call, maybe after acting on it: INTERNAL, as the gRPC
+    spec maps it (PROTOCOL-HTTP2.md, "Errors"), never UNAVAILABLE, which an outbound
+    retries for any call.
+    """
+    return _FROM_RESET.get(code, Code.INTERNAL)
+
+
 def from_http_status(status: int) -> Code:
     """The status a gRPC client reads from an HTTP response that carries no grpc-status."""
     return _FROM_HTTP.get(status, Code.UNKNOWN)
@@ -145,7 +170,9 @@ def malformed_method(path: str) -> str | None:
     Refused with UNIMPLEMENTED ("malformed method name", grpc-go's answer) before any
     policy: a path a policy matches after normalization (dot segments, `//`, escapes)
     could reach a server that routes on the raw one (the class of grpc-go
-    CVE-2026-33186), so a gRPC path must already be what it means.
+    CVE-2026-33186), so a gRPC path must already be what it means. A `;` is refused
+    too: no proto name has one, and servlet containers strip `;` path parameters before
+    routing, so a gRPC server on one may read `/S/Admin;x` as `/S/Admin`, past a DENY.
     """
     match = _METHOD.fullmatch(path)
     if match is None:
@@ -153,6 +180,6 @@ def malformed_method(path: str) -> str | None:
     for part in match.groups():
         if part in (".", ".."):
             return "a gRPC path has no dot segments"
-        if any(c in part for c in "%?#\\") or not part.isprintable() or " " in part:
+        if any(c in part for c in "%?#;\\") or not part.isprintable() or " " in part:
             return "a gRPC service or method name has no escapes or special characters"
     return None

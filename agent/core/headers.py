@@ -28,12 +28,12 @@ UNDERSCORE_ACTIONS: tuple[UnderscoreAction, ...] = get_args(UnderscoreAction)  #
 Verdict = Literal["keep", "reject", "drop"]
 
 #: The characters of a name every app server reads as itself.
-_PLAIN = (string.ascii_letters + string.digits + "-").encode()
+PLAIN = (string.ascii_letters + string.digits + "-").encode()
 
 
 def plain(name: bytes) -> bool:
     """True if `name` is letters, digits and `-` only: no app server folds it onto another."""
-    return bool(name) and not name.translate(None, _PLAIN)
+    return bool(name) and not name.translate(None, PLAIN)
 
 
 def screen(name: bytes, action: UnderscoreAction) -> Verdict:
@@ -44,7 +44,7 @@ def screen(name: bytes, action: UnderscoreAction) -> Verdict:
 def underscore_refusal(name: bytes) -> str:
     """Why a request was refused, for the caller: the name, and what to send instead."""
     shown = name[:64].decode("latin-1")
-    odd = name.translate(None, _PLAIN)[:1].decode("latin-1")
+    odd = name.translate(None, PLAIN)[:1].decode("latin-1")
     what = "has an underscore" if odd == "_" else f"has {odd!r}"
     return (
         f"header name {shown!r} {what}; app servers read it as the same header as its "

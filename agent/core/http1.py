@@ -12,13 +12,21 @@ how a body is delimited in one place):
   peer when the sender gave none, close-delimited for an HTTP/1.0 peer;
 - which headers end at this hop (`hop_by_hop`), and the head written in their
   place (`request_head`, `response_head`) with the agent's own `Connection`;
+  a chunked body's trailers end here too (screened and counted like any field,
+  never joined to the head: a trailer Host would be one the policy never saw);
 - whether a connection stays open after a message (`persistent`);
 - what a request may not be (two Hosts, no Host on HTTP/1.1, chunked on
-  HTTP/1.0, a Host no app reads alike, an Upgrade with a body, CONNECT),
+  HTTP/1.0, a Host no app reads alike, an Upgrade with a body, CONNECT, a
+  version other than 1.0 and 1.1),
   header limits, and header names app servers fold (agent/core/headers.py);
-- an Upgrade (`Request.upgrade`): the request is passed on and the parser
-  holds what follows until the answer says whether the connection switched
-  (`RequestParser.switched`) or goes on as HTTP (`RequestParser.resume`);
+- an Upgrade (`Request.upgrade`): only to WebSocket. The request is passed
+  on and the parser holds what follows until the answer says whether the
+  connection switched (`RequestParser.switched`) or goes on as HTTP
+  (`RequestParser.resume`). Any other Upgrade (h2c above all) is dropped
+  and the request passed on as plain HTTP/1.1: after a 101 to h2c, every
+  later request would be an h2 stream no policy sees ("h2c smuggling"), so
+  the app answers in HTTP/1.1, as behind Envoy; HTTP/2 to an app is
+  `appProtocol: kubernetes.io/h2c`, where each stream is authorized;
 - an HTTP/2 preface on an HTTP/1.1 port (`H2Preface`, answered by
   `h2_refusal`, a GOAWAY written with the `h2` library), and the mirror: an
   HTTP/1.x request on an h2-only port (`opening`; `h1_advice` says what to do);
@@ -43,7 +51,7 @@ import h2.connection
 import h2.errors
 import httptools
 
-from agent.core.headers import UnderscoreAction, plain, underscore_refusal
+from agent.core.headers import PLAIN, UnderscoreAction, underscore_refusal
 
 Fields = list[tuple[bytes, bytes]]
 #: The fields the rules read (`_RULED`), by lower-case name, their values in order.
@@ -63,8 +71,11 @@ HOP_BY_HOP: Final = frozenset(
 #: its authority), and a body sent without its framing is read as the next message.
 END_TO_END: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
 _RULED = frozenset({b"host", b"transfer-encoding", b"content-length", b"connection", b"upgrade"})
-#: Kept on an Upgrade to h2c: the server must see the client's SETTINGS (RFC 7540 3.2.1).
-_UPGRADE_KEPT = frozenset({b"upgrade", b"http2-settings"})
+#: Kept on an Upgrade (the one relayed: to WebSocket).
+_UPGRADE_KEPT = frozenset({b"upgrade"})
+#: The protocols a connection may switch to once the policy allowed the request: those
+#: whose bytes after the switch carry no requests of their own for a policy to miss.
+RELAYED_UPGRADES: Final = frozenset({b"websocket"})
 
 #: A Host the agent can match the way the app will read it: a name or IP literal, a port
 #: (HTTP/1.1's Host and HTTP/2's :authority alike).
@@ -226,7 +237,7 @@ def persistent(version: str, connection: frozenset[bytes]) -> bool:
 
 def hop_by_hop(connection: frozenset[bytes], *, upgrade: bool = False) -> frozenset[bytes]:
     """The headers that end at this hop: the fixed ones, and the ones Connection names
-    (its tokens). On an upgrade, Upgrade (and h2c's HTTP2-Settings) go on with it."""
+    (its tokens). On an upgrade, Upgrade goes on with it."""
     if not connection and not upgrade:
         return HOP_BY_HOP  # the usual case, with no set to build
     hop = HOP_BY_HOP | connection
@@ -255,6 +266,7 @@ _LENGTHS: dict[frozenset[bytes], frozenset[int]] = {}
 
 
 def _fields(
+    parts: list[bytes],
     headers: Fields,
     connection: frozenset[bytes],
     incoming: Framing,
@@ -262,34 +274,35 @@ def _fields(
     *,
     upgrade: bool,
     dropped: frozenset[bytes],
-) -> list[bytes]:
-    """Header lines passed on: hop-by-hop names out, and `dropped` ones in any spelling an
-    app server folds onto them (`_` for `-`); framing as sent."""
+) -> None:
+    """Add the header lines passed on to `parts`: hop-by-hop names out, and `dropped`
+    ones in any spelling an app server folds onto them (`_` for `-`); framing as sent.
+    (Pieces of lines, joined once by the caller: no bytes object per line.)"""
     hop = hop_by_hop(connection, upgrade=upgrade)
     if incoming == "chunked" and outgoing == "close":
         hop |= {b"transfer-encoding"}
     lengths = _LENGTHS.get(dropped)
     if lengths is None:
         lengths = _LENGTHS[dropped] = frozenset(map(len, dropped))
-    lines = []
     for name, value in headers:
         key = name.lower()
         if key in hop or (len(key) in lengths and key.replace(b"_", b"-") in dropped):
             continue
-        lines.append(b"%s: %s" % (name, value))
+        parts += (name, b": ", value, b"\r\n")
     if incoming == "close" and outgoing == "chunked":
-        lines.append(b"transfer-encoding: chunked")
-    return lines
+        parts.append(b"transfer-encoding: chunked\r\n")
 
 
-def _connection(version: str, keep_alive: bool, upgrade: bool, headers: Fields) -> list[bytes]:
-    """The agent's own Connection header for the next hop."""
+def _connection(version: str, keep_alive: bool, upgrade: bool, headers: Fields) -> bytes:
+    """The agent's own Connection header line for the next hop (b"": none)."""
     if upgrade:
-        kept = [n for n, _ in headers if n.lower() == b"http2-settings"][:1]
-        return [b"connection: " + b", ".join([b"Upgrade", *kept])]
+        return b"connection: Upgrade\r\n"
     if version == "1.0":
-        return [b"connection: keep-alive"] if keep_alive else []
-    return [] if keep_alive else [b"connection: close"]
+        return b"connection: keep-alive\r\n" if keep_alive else b""
+    return b"" if keep_alive else b"connection: close\r\n"
+
+
+_VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 
 
 def request_head(
@@ -305,8 +318,9 @@ def request_head(
     framing (llhttp de-chunks; `body` chunks again), hop-by-hop headers out."""
     version = version or request.version
     keep = request.keep_alive if keep_alive is None else keep_alive
-    lines = [b"%s %s HTTP/%s" % (request.method, target, version.encode())]
-    lines += _fields(
+    parts = [request.method, b" ", target, b" HTTP/", _VERSIONS[version], b"\r\n"]
+    _fields(
+        parts,
         request.headers,
         request.connection,
         request.framing,
@@ -314,9 +328,10 @@ def request_head(
         upgrade=request.upgrade is not None,
         dropped=dropped,
     )
-    lines += [b"%s: %s" % field for field in extra]
-    lines += _connection(version, keep, request.upgrade is not None, request.headers)
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+    for name, value in extra:
+        parts += (name, b": ", value, b"\r\n")
+    parts += (_connection(version, keep, request.upgrade is not None, request.headers), b"\r\n")
+    return b"".join(parts)
 
 
 def response_head(
@@ -331,8 +346,9 @@ def response_head(
     server sends its own version), its body framed `outgoing` (`relay_framing`), with
     the agent's own decision on the client's connection (`keep_alive`)."""
     switching = response.status == 101
-    lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
-    lines += _fields(
+    parts = [b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason)]
+    _fields(
+        parts,
         response.headers,
         response.connection,
         response.framing,
@@ -341,8 +357,9 @@ def response_head(
         dropped=dropped,
     )
     if response.status >= 200 or switching:
-        lines += _connection("1.0" if http10 else "1.1", keep_alive, switching, [])
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+        parts.append(_connection("1.0" if http10 else "1.1", keep_alive, switching, []))
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def h2_refusal(advice: str = H2_ADVICE) -> bytes:
@@ -439,6 +456,24 @@ class RequestParser:
     `resume()` (the server said no: HTTP goes on).
     """
 
+    __slots__ = (
+        "_events",
+        "_fields",
+        "_headers",
+        "_held",
+        "_messages",
+        "_parser",
+        "_scanned",
+        "_size",
+        "_switchable",
+        "_trailers",
+        "_unparsed",
+        "_url",
+        "stopped",
+        "underscores",
+        "upgrading",
+    )
+
     def __init__(self, underscores: UnderscoreAction = "reject") -> None:
         self.underscores = underscores
         self._parser = httptools.HttpRequestParser(self)
@@ -456,6 +491,8 @@ class RequestParser:
         self.stopped = False
         self.upgrading = False  # an Upgrade request is whole: what follows is held
         self._held: list[bytes] = []
+        self._trailers = False  # the head is out: fields now are a chunked body's trailers
+        self._switchable = False  # the last request asked for an Upgrade that is relayed
 
     def feed(self, data: bytes) -> list[RequestEvent]:
         if self.stopped:
@@ -466,10 +503,7 @@ class RequestParser:
         events = self._events = []
         self._unparsed += len(data)
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            self.upgrading = True
-            self._held.append(data[upgrade.args[0] :])
+            self._feed(data)
         except httptools.HttpParserError as exc:
             if str(exc) == "Pause on PRI/Upgrade" and self._messages == 1:
                 self.stopped = True  # the connection's first bytes: a client speaking h2
@@ -479,6 +513,24 @@ class RequestParser:
         if not self.stopped and self._unparsed > MAX_HEADER_BYTES:
             self._refuse(431, "headers_too_large")
         return events
+
+    def _feed(self, data: bytes) -> None:
+        while True:
+            try:
+                self._parser.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                rest = data[upgrade.args[0] :]
+                if self._switchable:
+                    self.upgrading = True
+                    self._held.append(rest)
+                    return
+                # An Upgrade not relayed: llhttp stopped at its end all the same, so a
+                # fresh parser takes what follows as the next request.
+                self._parser = httptools.HttpRequestParser(self)
+                if not rest:
+                    return
+                data = rest
 
     def switched(self) -> bytes:
         """The server switched protocols: the bytes held since the request, for the tunnel."""
@@ -508,10 +560,13 @@ class RequestParser:
     def on_message_begin(self) -> None:
         self._url, self._headers, self._scanned, self._size, self._fields = b"", [], {}, 0, 0
         self._messages += 1
+        self._trailers = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count(len(url))
+        self._size += len(url)
+        if self._size > MAX_HEADER_BYTES:
+            self._count(0)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # The hot path: every field of every request (the limits inline, not _count).
@@ -519,7 +574,12 @@ class RequestParser:
         self._size += len(name) + len(value)
         if self._size > MAX_HEADER_BYTES or self._fields > MAX_HEADERS:
             self._count(0)
-        if plain(name):
+        if name and not name.translate(None, PLAIN):  # headers.plain, inline: every field
+            if self._trailers:
+                # A chunked body's trailer fields: counted and screened like any field,
+                # then dropped (never passed on). Added to the head, they would reach
+                # the app as header fields the policy never saw, or a second Host.
+                return
             self._headers.append((name, value))
             key = name.lower()
             if key in _RULED:
@@ -531,6 +591,7 @@ class RequestParser:
 
     def on_headers_complete(self) -> None:
         self._unparsed = 0
+        self._trailers = True
         parser = self._parser
         method = parser.get_method()
         version = parser.get_http_version()
@@ -538,15 +599,23 @@ class RequestParser:
         if method == b"CONNECT":
             self._refuse(501, "connect_not_supported", "CONNECT tunnels are not relayed")
             raise _Stop
+        if version != "1.1" and version != "1.0":
+            # llhttp takes HTTP/0.9 (no headers, no Host) and a request line saying 2.0:
+            # neither is HTTP/1.x, and the app would read either its own way.
+            self._refuse(505, "version_not_supported", f"HTTP/{version}")
+            raise _Stop
         refusal = _check(version, scanned)
         upgrade = None
         framing = request_framing(scanned)
         if refusal is None and parser.should_upgrade():
-            upgrade = b", ".join(scanned.get(b"upgrade", ()))
             if framing != "none":
                 # llhttp takes the body for the new protocol's bytes: were the answer
                 # not 101, it would be read as the next request.
                 refusal = "an Upgrade request with a body"
+            elif _tokens(scanned.get(b"upgrade")) <= RELAYED_UPGRADES:
+                upgrade = b", ".join(scanned.get(b"upgrade", ()))
+            # else (h2c, anything else): passed on as a plain request, its Upgrade dropped
+        self._switchable = upgrade is not None
         if refusal is not None:
             self._refuse(400, "bad_request", refusal)
             raise _Stop
@@ -606,8 +675,28 @@ class ResponseParser:
     """The response to one request, as events: its 1xx heads, then the final response.
 
     Anything after the final response is `Broken`: a server that answers what nobody
-    asked cannot be trusted with the next request.
+    asked cannot be trusted with the next request. So is a head over the request
+    limits (MAX_HEADER_BYTES, MAX_HEADERS), and a status below 100.
     """
+
+    __slots__ = (
+        "_between",
+        "_broken",
+        "_events",
+        "_fields",
+        "_headers",
+        "_parser",
+        "_reason",
+        "_scanned",
+        "_size",
+        "_trailers",
+        "_unparsed",
+        "done",
+        "framing",
+        "method",
+        "status",
+        "upgrade",
+    )
 
     def __init__(self, method: bytes, upgrade: bool = False) -> None:
         self.method = method
@@ -620,6 +709,26 @@ class ResponseParser:
         self.framing: Framing = "none"
         self.status = 0
         self.done = False  # the final response is whole
+        self._trailers = False  # the head is out: fields now are trailers, dropped
+        # The request limits, for a hostile upstream or a broken app: bytes of the
+        # head so far, its fields, and bytes fed since llhttp last handed any on.
+        self._size = 0
+        self._fields = 0
+        self._unparsed = 0
+        self._broken = ""  # why a callback stopped llhttp
+        self._between = False  # llhttp ended the final response itself: `next` may reuse it
+
+    def next(self, method: bytes, upgrade: bool = False) -> ResponseParser:
+        """The parser for the next response on this connection: this one, reset, when
+        llhttp itself ended the last response (it stands between two messages); else a
+        new one (a response to HEAD, whose body llhttp would still wait for). One
+        llhttp parser per connection, not per request, on the usual path."""
+        if not self._between:
+            return ResponseParser(method, upgrade)
+        self._between = False
+        self.method, self.upgrade = method, upgrade
+        self.framing, self.status, self.done = "none", 0, False
+        return self
 
     def feed(self, data: bytes) -> list[ResponseEvent]:
         events = self._events = []
@@ -627,6 +736,7 @@ class ResponseParser:
             if data:
                 events.append(Broken("a response nobody asked for"))
             return events
+        self._unparsed += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -637,7 +747,14 @@ class ResponseParser:
                 events.append(Broken("101 to a request that asked for no Upgrade"))
         except httptools.HttpParserError as exc:
             stray = self.done  # on_message_begin stopped a second response
-            events.append(Broken("a response nobody asked for" if stray else str(exc)))
+            why = self._broken or ("a response nobody asked for" if stray else str(exc))
+            events.append(Broken(why))
+            self._between = False
+            return events
+        if self._unparsed > MAX_HEADER_BYTES:  # a head (or a field) without end
+            self.done = True
+            self._between = False
+            events.append(Broken("response headers too large"))
         return events
 
     def eof(self) -> list[ResponseEvent]:
@@ -653,21 +770,36 @@ class ResponseParser:
 
     def on_message_begin(self) -> None:
         if self.done:  # the final response was whole (a HEAD response, its parser retired)
+            self._between = False  # the parser was stopped mid-message: never reused
             raise _Stop
         self._reason, self._headers, self._scanned = b"", [], {}
+        self._trailers = False
+        self._size = self._fields = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields += 1
+        self._size += len(name) + len(value)
+        if self._size > MAX_HEADER_BYTES or self._fields > MAX_HEADERS:
+            self._broken = "response headers too large"
+            raise _Stop
+        if self._trailers:  # a chunked body's trailers: never joined to the head sent on
+            return
         self._headers.append((name, value))
         key = name.lower()
         if key in _RULED:
             self._scanned.setdefault(key, []).append(value)
 
     def on_headers_complete(self) -> None:
+        self._trailers = True
+        self._unparsed = 0
         parser = self._parser
         status = self.status = parser.get_status_code()
+        if status < 100:  # llhttp takes any three digits; no client knows what 0xx means
+            self._broken = f"status {status}"
+            raise _Stop
         version = parser.get_http_version()
         headers = self._headers
         if status == 101 and not self.upgrade:
@@ -685,10 +817,14 @@ class ResponseParser:
             self._events.append(END)
 
     def on_body(self, data: bytes) -> None:
+        self._unparsed = 0
         if not self.done:
             self._events.append(Data(data))
 
     def on_message_complete(self) -> None:
-        if self.status >= 200 and not self.done:
-            self.done = True
-            self._events.append(END)
+        self._unparsed = 0
+        if self.status >= 200:
+            self._between = self._parser.should_keep_alive()  # else llhttp takes no more
+            if not self.done:
+                self.done = True
+                self._events.append(END)

@@ -25,6 +25,19 @@ endpoint not tried yet, and room in the retry budget.
 A failure that is not retried is answered by the agent (502/503/504, or
 the gRPC code a gRPC client understands); a response that is not retried
 is delivered as it is.
+
+A stale connection is not the endpoint's failure: a request sent on a
+REUSED pooled connection that was lost before anything of its response came
+back (a reset, or an h2 stream refused as its connection went away) was
+most likely sent into a connection the server had already closed (an idle
+timeout, or a server that just died). It is redialled: sent again once, on
+a NEW connection, without a retry-budget slot, without an outlier record
+and without counting as one of the policy's tries (Go's net/http
+`shouldRetryRequest`, what browsers do). The same idempotency rule applies
+as to a retry after a reset (a refused stream: any method); a request that
+fails it (a POST without `non_idempotent`) gets what a reset gets. An
+endpoint that is really gone is still ejected: the dials to it fail as
+connect failures, and those are recorded and retried as usual.
 """
 
 from __future__ import annotations
@@ -55,6 +68,8 @@ _FAILURE_EVENT: Final[dict[Failure, TrafficEvent]] = {
 }
 #: Failures after which nothing was processed upstream: any method may be replayed.
 _UNPROCESSED: Final = frozenset({"connect-failure", "refused-stream"})
+#: Failures that, on a reused connection with nothing heard back, say it was stale.
+_STALE: Final = frozenset({"reset", "refused-stream"})
 #: gRPC codes that say the server failed (as 5xx do), for outlier detection.
 _GRPC_SERVER_ERRORS: Final = frozenset(
     {Code.UNKNOWN, Code.INTERNAL, Code.UNAVAILABLE, Code.DATA_LOSS}
@@ -81,6 +96,13 @@ class Retry:
 
 
 @dataclass(frozen=True)
+class Redial:
+    """Send the request again on a NEW connection: the pooled one it went out on was closed
+    under it. Not a retry: no budget slot, no outlier record, not one of the policy's
+    tries; once per request (to an endpoint not tried yet if one is left, else the same)."""
+
+
+@dataclass(frozen=True)
 class Answer:
     """The agent answers the app itself: the failure is what it gets."""
 
@@ -97,7 +119,7 @@ class Deliver:
     over_budget: bool = False  # a retry was due but the budget had no room (count it)
 
 
-Step = Retry | Answer | Deliver
+Step = Retry | Redial | Answer | Deliver
 
 
 def next_step(
@@ -110,6 +132,8 @@ def next_step(
     replayable: bool,
     untried: Callable[[], bool],
     budget_room: Callable[[], bool],
+    stale: bool = False,
+    redialled: bool = False,
 ) -> Step:
     """What follows a try that ended in `outcome`.
 
@@ -119,12 +143,16 @@ def next_step(
     (its body still held); `untried()` whether an endpoint not tried yet is
     left; `budget_room()` whether the retry budget has a slot free now. Those
     two are asked only when a retry is otherwise due: each is a look-up that
-    the usual response (a 200) does without.
+    the usual response (a 200) does without. `stale`: the try went out on a
+    reused pooled connection and nothing of its response came back before it
+    was lost; `redialled`: this request was redialled once already.
     """
     if tries < 1:
         raise ValueError("next_step is for after a try: tries >= 1")
     if outcome == DELIVERED:
         return Deliver()
+    if _redials(policy, method, outcome, stale and not redialled and replayable):
+        return Redial()
     fallback: Answer | Deliver = (
         Deliver() if isinstance(outcome, Response) else Answer(*_FAILURE_ANSWER[outcome])
     )
@@ -148,6 +176,14 @@ def _retries(policy: RetryPolicy, method: str | None, grpc: bool, outcome: Outco
     if outcome in _UNPROCESSED:
         return outcome in policy.on
     return _replays(policy, method) and outcome in policy.on
+
+
+def _redials(policy: RetryPolicy, method: str | None, outcome: Outcome, stale: bool) -> bool:
+    """Whether a try lost on a stale connection is sent again on a new one (the retry
+    policy's count, failures and budget aside: it was not the endpoint's failure)."""
+    if not stale or outcome not in _STALE:
+        return False
+    return outcome in _UNPROCESSED or _replays(policy, method)
 
 
 def _replays(policy: RetryPolicy, method: str | None) -> bool:

@@ -8,12 +8,15 @@ never the value (it may hold newlines or terminal escapes). The pod is never
 refused for an annotation.
 
 What is left to pod authors is what is safe to leave to them: the agent's
-resources and its log level. Listeners, upstreams and policy come from the
-control plane (agent.yaml's `control:`), so no annotation can weaken policy.
+resources, its log level, and whether the pod's containers get the agent's
+SPIFFE Workload API socket (the pod's own SVID). Listeners, upstreams and
+policy come from the control plane (agent.yaml's `control:`), so no
+annotation can weaken policy.
 
     outrider.io/agent-cpu: "200m"              the agent's CPU request, capped at the limit
     outrider.io/agent-memory: "128Mi"          the agent's memory request, capped at the limit
     outrider.io/log-level: "debug"             debug, info, warning or error
+    outrider.io/workload-api: "enabled"        or "disabled"; default: injector.yaml workload_api
     outrider.io/upstreams: "backend:8080"      read by the control plane, not here (no warning)
 """
 
@@ -24,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from identity.injected import WORKLOAD_API_ANNOTATION
 from injector.core.settings import (
     ADMIN_PORT,
     LOG_LEVELS,
@@ -42,6 +46,9 @@ UPSTREAMS = PREFIX + "upstreams"  # the control plane's to read: docs/injector.m
 AGENT_CPU = PREFIX + "agent-cpu"
 AGENT_MEMORY = PREFIX + "agent-memory"
 LOG_LEVEL = PREFIX + "log-level"
+WORKLOAD_API = WORKLOAD_API_ANNOTATION
+#: The values of a switch annotation, and what each means.
+SWITCH = {"enabled": True, "disabled": False}
 
 #: Annotations that used to configure the agent, and what took their place: a pod
 #: author who still writes one is told, rather than left to believe it works.
@@ -82,6 +89,7 @@ _SHOWN_KEY = re.compile(r"[A-Za-z0-9./_-]{1,100}")
 class AgentOptions:
     resources: Resources
     log_level: str
+    workload_api: bool = False  # the Workload API socket in the pod (core/workload.py)
 
 
 def read_options(
@@ -89,13 +97,14 @@ def read_options(
 ) -> tuple[AgentOptions, list[str]]:
     """The agent's options and a warning for each annotation that was not usable."""
     agent = settings.agent
-    options = AgentOptions(agent.resources, agent.log_level)
+    options = AgentOptions(agent.resources, agent.log_level, settings.workload_api.enabled)
     warnings: list[str] = []
     limits = agent.resources.limits
     parsers: dict[str, tuple[Callable[[str], Any], str, str]] = {
         LOG_LEVEL: (parse_log_level, "log_level", agent.log_level),
         AGENT_CPU: (Quantity.parse, "cpu", agent.resources.requests.cpu.text),
         AGENT_MEMORY: (Quantity.parse, "memory", agent.resources.requests.memory.text),
+        WORKLOAD_API: (parse_switch, "workload_api", switch_text(options.workload_api)),
     }
     for key, raw in annotations.items():
         if key in GONE or key in REFUSED:
@@ -131,6 +140,16 @@ def parse_log_level(text: str) -> str:
     if text not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
     return text
+
+
+def parse_switch(text: str) -> bool:
+    if text not in SWITCH:
+        raise ValueError('must be "enabled" or "disabled"')
+    return SWITCH[text]
+
+
+def switch_text(value: bool) -> str:
+    return "enabled" if value else "disabled"
 
 
 def _shown(key: str) -> str:

@@ -4,8 +4,9 @@ The same function serves the webhook (an AdmissionReview's pod) and
 `outrider inject` (the pod template of a Deployment, a Job, ...). It never
 changes its input. The patch only adds: the agent container, with capture on
 the `outrider-capture` init container before it and the app's probes sent
-through the agent (core/probes.py: `add` replaces each), its volumes and the
-`outrider.io/status: injected` annotation that marks the pod as done, so
+through the agent (core/probes.py: `add` replaces each), its volumes, the
+Workload API socket in the app containers when the pod asks (core/workload.py),
+and the `outrider.io/status: injected` annotation that marks the pod as done, so
 running it again on its own output changes nothing.
 """
 
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from identity import SpiffeId
-from injector.core import probes, sidecar
+from injector.core import probes, sidecar, workload
 from injector.core.annotations import INJECT, STATUS, read_options
-from injector.core.settings import Settings, is_dns_label
+from injector.core.settings import Settings, described
 
 __all__ = ["INJECTED", "SKIPS", "Mutation", "apply_patch", "mutate", "pointer"]
 
@@ -35,7 +36,7 @@ SKIPS: dict[str, str | None] = {
     "host_network": "hostNetwork pods share the node's network, where the agent cannot listen",
     "name_conflict": (
         "the pod already has a container named outrider-capture or a volume named "
-        "outrider-token or outrider-bundle"
+        "outrider-token, outrider-bundle or outrider-workload-api"
     ),
 }
 
@@ -55,8 +56,8 @@ def mutate(pod: Mapping[str, Any], namespace: str, settings: Settings) -> Mutati
     spec = pod.get("spec") or {}
     annotations = metadata.get("annotations") or {}
     reason = _skip(annotations, spec, namespace, settings)
-    if reason == "already_injected" and settings.capture.enabled:
-        return _late_probes(spec, settings)
+    if reason == "already_injected":
+        return _again(spec, settings)
     if reason is not None:
         message = SKIPS[reason]
         return Mutation(reason, (), (f"outrider: not injected: {message}",) if message else ())
@@ -66,16 +67,19 @@ def mutate(pod: Mapping[str, Any], namespace: str, settings: Settings) -> Mutati
         warnings.insert(0, f'{INJECT}: expected "true" or "false"; injecting')
     account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
     spiffe_id = SpiffeId.for_workload(settings.trust_domain, namespace, account)
-    # Probes first: their paths count the containers as they were.
+    # Probes and the Workload API first: their paths count the containers as they were.
+    budget = sidecar.probes_budget(spiffe_id, settings, workload_api=options.workload_api)
     rewrite = (
-        probes.rewrite(spec, settings.agent_ports, sidecar.probes_budget(spiffe_id, settings))
+        probes.rewrite(spec, settings.agent_ports, budget)
         if settings.capture.enabled
         else probes.Rewrite()
     )
     warnings += rewrite.warnings
     if settings.capture.enabled:
         warnings += _around_capture(spec, settings.agent.uid)
-    patch = list(rewrite.patch)
+    served = workload.serve(spec) if options.workload_api else workload.Served()
+    warnings += served.warnings
+    patch = [*rewrite.patch, *served.patch]
     agent = sidecar.container(options, spiffe_id, settings, rewrite.originals)
     capture = [sidecar.capture_container(settings)] if settings.capture.enabled else []
     added = {STATUS: INJECTED}
@@ -87,7 +91,7 @@ def mutate(pod: Mapping[str, Any], namespace: str, settings: Settings) -> Mutati
         patch += _prepend(spec, "containers", [agent])
         if containers and DEFAULT_CONTAINER not in annotations:
             added[DEFAULT_CONTAINER] = containers[0]["name"]  # or `kubectl logs` shows ours
-    patch += _extend(spec, "volumes", sidecar.volumes(settings))
+    patch += _extend(spec, "volumes", sidecar.volumes(settings, workload_api=options.workload_api))
     patch += _annotate(pod, added)
     return Mutation(INJECTED, tuple(patch), tuple(f"outrider: {w}" for w in warnings))
 
@@ -113,23 +117,36 @@ def _skip(
     return None
 
 
-def _late_probes(spec: Mapping[str, Any], settings: Settings) -> Mutation:
+def _again(spec: Mapping[str, Any], settings: Settings) -> Mutation:
     """An injected pod again (reinvocationPolicy: IfNeeded, after another webhook added a
-    container): the probes not yet through the agent go through it, their originals
-    added to the agent's config. Those already rewritten are on the status port, which
-    core/probes.py leaves alone, so once is enough. Quietly: the probes it leaves were
-    warned of the first time, and reinvocation is routine, not news."""
+    container, or `outrider inject` of its own output): what the first injection did for
+    every container is done for the new ones. Quietly: what it leaves was warned of the
+    first time, and reinvocation is routine, not news."""
     found = _agent_config(spec)
-    init = spec.get("initContainers") or []
-    captured = any(isinstance(c, dict) and c.get("name") == sidecar.CAPTURE for c in init)
-    if found is None or not captured:
+    if found is None:
         return Mutation("already_injected")
-    where, config = found
+    patch: list[dict[str, Any]] = []
+    if "workload_api" in found[1]:
+        patch += workload.serve(spec).patch
+    if settings.capture.enabled:
+        patch += _late_probes(spec, settings, *found)
+    return Mutation("already_injected", tuple(patch))
+
+
+def _late_probes(
+    spec: Mapping[str, Any], settings: Settings, where: str, config: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The probes not yet through the agent go through it, their originals added to the
+    agent's config (at `where`). Those already rewritten are on the status port, which
+    core/probes.py leaves alone, so once is enough."""
+    init = spec.get("initContainers") or []
+    if not any(isinstance(c, dict) and c.get("name") == sidecar.CAPTURE for c in init):
+        return []
     rewrite = probes.rewrite(spec, settings.agent_ports, sidecar.budget_left(config))
     if not rewrite.originals:
-        return Mutation("already_injected")
+        return []
     config = {**config, "probes": {**(config.get("probes") or {}), **rewrite.originals}}
-    return Mutation("already_injected", (*rewrite.patch, _add(where, sidecar.encode(config))))
+    return [*rewrite.patch, _add(where, sidecar.encode(config))]
 
 
 def _agent_config(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
@@ -169,14 +186,7 @@ def _around_capture(spec: Mapping[str, Any], agent_uid: int) -> list[str]:
         for container in containers if isinstance(containers, list) else []:
             if not isinstance(container, dict):
                 continue
-            name = container.get("name")
-            name = (
-                f"container {name}"
-                if isinstance(name, str) and is_dns_label(name)
-                else (
-                    "a container"  # the API server refuses it; never quote the author's text
-                )
-            )
+            name = described(container)
             context = container.get("securityContext")
             context = context if isinstance(context, dict) else {}
             uid = context.get("runAsUser", pod_uid)

@@ -8,8 +8,10 @@ grammars, matched against the whole value: a trailing newline is not a name.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from typing import Any
 
 from identity import TrustDomain
 from identity.capture import CaptureRules
@@ -34,6 +36,8 @@ __all__ = [
     "ResourceList",
     "Resources",
     "Settings",
+    "WorkloadApiSettings",
+    "described",
     "is_dns_label",
     "is_dns_subdomain",
 ]
@@ -56,6 +60,14 @@ _MAX_QUANTITY_CHARS = 24  # "1000000000000Gi" is 15; longer is a typo or an atta
 def is_dns_label(name: str) -> bool:
     """RFC 1123 label: namespaces, container and upstream names."""
     return _DNS_LABEL.fullmatch(name) is not None
+
+
+def described(container: Mapping[str, Any]) -> str:
+    """A container as a warning names it: never the author's text unless it is a name."""
+    name = container.get("name")
+    if isinstance(name, str) and is_dns_label(name):
+        return f"container {name}"
+    return "a container"  # the API server refuses it anyway
 
 
 def is_dns_subdomain(name: str) -> bool:
@@ -175,6 +187,19 @@ def rules_for(capture: CaptureSettings, agent_uid: int) -> CaptureRules:
     )
 
 
+@dataclass(frozen=True)
+class WorkloadApiSettings:
+    """Whether pods get the agent's SPIFFE Workload API socket without asking.
+
+    Off by default: the socket hands the pod's private key to any process of the
+    pod that asks, so a pod has it only when its author (the annotation
+    outrider.io/workload-api: "enabled") or the operator (this) wants it; with it
+    on, a pod opts out with "disabled".
+    """
+
+    enabled: bool = False
+
+
 #: The control plane's service account in the system namespace: its SVID is the one
 #: identity the agents take config from.
 CONTROL_ACCOUNT = "outrider-control"
@@ -191,6 +216,7 @@ class Settings:
     ca: CaSettings = CaSettings()
     control: ControlSettings = ControlSettings()
     capture: CaptureSettings = CaptureSettings()
+    workload_api: WorkloadApiSettings = WorkloadApiSettings()
 
     @property
     def agent_ports(self) -> frozenset[int]:

@@ -6,10 +6,11 @@ agent's config is built as data and serialized with json.dumps, so no
 annotation text is ever spliced into YAML or JSON.
 
 The config is a bootstrap: who the agent is, where its CA and its control
-plane are, its admin and status addresses and, with capture on, its capture
-ports and the app's original probes. Listeners, upstreams and policy come
-from the control plane, which the agent asks as the pod ($POD_NAME, from the
-downward API).
+plane are, its admin and status addresses, with capture on its capture ports
+and the app's original probes, and in a pod that asks for it the socket of
+the SPIFFE Workload API (core/workload.py). Listeners, upstreams and policy
+come from the control plane, which the agent asks as the pod ($POD_NAME, from
+the downward API).
 
 With capture on, the `outrider-capture` init container (the agent's image,
 `outrider capture apply`) writes the pod's nftables rules before the agent
@@ -29,7 +30,13 @@ from typing import Any
 
 from identity import SpiffeId
 from identity.capture import to_flags
-from identity.injected import AGENT_CONTAINER, CAPTURE_CONTAINER
+from identity.injected import (
+    AGENT_CONTAINER,
+    CAPTURE_CONTAINER,
+    WORKLOAD_API_DIR,
+    WORKLOAD_API_SOCKET,
+    WORKLOAD_API_VOLUME,
+)
 from injector.core.annotations import AgentOptions
 from injector.core.settings import ADMIN_PORT, CONTROL_ACCOUNT, STATUS_PORT, Settings
 
@@ -41,7 +48,8 @@ AUDIENCE = "outrider-ca"
 STATUS_PORT_NAME = "outrider-status"  # at most 15 characters, as every port name
 TOKEN_VOLUME, TOKEN_DIR = "outrider-token", "/var/run/secrets/outrider"
 BUNDLE_VOLUME, BUNDLE_DIR = "outrider-bundle", "/etc/outrider/bundle"
-VOLUMES = (TOKEN_VOLUME, BUNDLE_VOLUME)
+#: Ours in every pod, whether it has them or not: a pod of its own with one is not injected.
+VOLUMES = (TOKEN_VOLUME, BUNDLE_VOLUME, WORKLOAD_API_VOLUME)
 #: Linux's bound on one environment string, "NAME=value" and its NUL (MAX_ARG_STRLEN):
 #: past it the container runtime cannot exec the agent, and the pod never starts.
 MAX_ENV_BYTES = 128 * 1024
@@ -51,9 +59,12 @@ def agent_config(
     spiffe_id: SpiffeId,
     settings: Settings,
     probes: Mapping[str, dict[str, Any]] | None = None,
+    *,
+    workload_api: bool = False,
 ) -> dict[str, Any]:
     """The agent's bootstrap (the keys agent/config.py documents) as plain data; `probes`
-    are the app's original probes by the path the kubelet now asks (core/probes.py)."""
+    are the app's original probes by the path the kubelet now asks (core/probes.py);
+    `workload_api`: the agent serves the Workload API in the pod's shared volume."""
     control_id = SpiffeId.for_workload(
         settings.trust_domain, settings.system_namespace, CONTROL_ACCOUNT
     )
@@ -74,6 +85,8 @@ def agent_config(
             "inbound_port": capture.inbound_port,
             "outbound_port": capture.outbound_port,
         }
+    if workload_api:
+        config["workload_api"] = {"socket": WORKLOAD_API_SOCKET}
     if probes:
         config["probes"] = dict(probes)
     return config
@@ -84,10 +97,10 @@ def encode(value: object) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def probes_budget(spiffe_id: SpiffeId, settings: Settings) -> int:
+def probes_budget(spiffe_id: SpiffeId, settings: Settings, *, workload_api: bool = False) -> int:
     """The bytes left in the agent's config variable for the entries of `probes:`, each
     `"<path>":<probe>` and a comma (core/probes.py spends them)."""
-    return budget_left(agent_config(spiffe_id, settings))
+    return budget_left(agent_config(spiffe_id, settings, workload_api=workload_api))
 
 
 def budget_left(config: Mapping[str, Any]) -> int:
@@ -103,7 +116,7 @@ def container(
     settings: Settings,
     probes: Mapping[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    config = encode(agent_config(spiffe_id, settings, probes))
+    config = encode(agent_config(spiffe_id, settings, probes, workload_api=options.workload_api))
     probe = {"httpGet": {"path": "/ready", "port": STATUS_PORT}}
     agent: dict[str, Any] = {
         "name": AGENT,
@@ -124,6 +137,12 @@ def container(
         "volumeMounts": [
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
             {"name": BUNDLE_VOLUME, "mountPath": BUNDLE_DIR, "readOnly": True},
+            # Writable: the agent makes its socket there (the app containers' are read-only).
+            *(
+                [{"name": WORKLOAD_API_VOLUME, "mountPath": WORKLOAD_API_DIR}]
+                if options.workload_api
+                else []
+            ),
         ],
         # The app starts once the agent holds an SVID (native sidecars only).
         "startupProbe": {**probe, "periodSeconds": 1, "failureThreshold": 120},
@@ -181,8 +200,13 @@ def capture_container(settings: Settings) -> dict[str, Any]:
     }
 
 
-def volumes(settings: Settings) -> list[dict[str, Any]]:
-    """The token (for the agent alone) and the trust bundle."""
+def volumes(settings: Settings, *, workload_api: bool = False) -> list[dict[str, Any]]:
+    """The token (for the agent alone), the trust bundle and, with `workload_api`, the
+    directory of the Workload API socket.
+
+    That one is an emptyDir: the kubelet makes one per pod, so the socket reaches the
+    pod's containers and nothing else (no hostPath, no node-wide socket as SPIRE's),
+    and it goes with the pod. In memory, and small: it holds one socket, never a file."""
     token = {
         "audience": AUDIENCE,
         "expirationSeconds": settings.agent.token_expiration_seconds,
@@ -192,4 +216,8 @@ def volumes(settings: Settings) -> list[dict[str, Any]]:
         {"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": token}]}},
         {"name": BUNDLE_VOLUME, "configMap": {"name": settings.ca.bundle_configmap}},
     ]
+    if workload_api:
+        result.append(
+            {"name": WORKLOAD_API_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
+        )
     return result

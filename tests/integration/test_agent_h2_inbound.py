@@ -71,6 +71,7 @@ async def answer(stream: H2Stream) -> None:
         "xfcc": [v.decode() for n, v in stream.headers if n == b"x-forwarded-client-cert"],
         "timeout": (stream.header(b"grpc-timeout") or b"").decode(),
         "body": body.decode(),
+        "trailers": [[n.decode(), v.decode()] for n, v in stream.trailers or []],
     }
     leak = (b"x-forwarded-client-cert", b"leak")
     if stream.header(b"content-type") == b"application/grpc":
@@ -163,6 +164,7 @@ def test_a_grpc_call_is_relayed_with_its_trailers_and_counted(
         ("//demo.Greeter/SayHello", Code.UNIMPLEMENTED),
         ("/demo.Greeter/Say%48ello", Code.UNIMPLEMENTED),
         ("/demo.Greeter/SayHello/", Code.UNIMPLEMENTED),
+        ("/demo.Greeter/Admin;x", Code.UNIMPLEMENTED),  # else past the DENY on .../Admin
     ],
 )
 def test_a_refused_grpc_call_gets_a_grpc_status_not_a_dropped_stream(
@@ -210,6 +212,29 @@ def test_a_client_that_does_not_offer_h2_is_refused(setup: CaSetup, agent: Agent
             assert tls.recv(100) == b""  # closed, never answered
     after = agent.total("outrider_connections_refused_total", reason="protocol_mismatch")
     assert after == before + 1
+
+
+def test_request_trailers_pass_on_only_names_no_app_server_folds(client: H2Client) -> None:
+    """A trailer named `x_role` is `HTTP_X_ROLE` to a CGI/WSGI app as a header is, and HTTP/1.1
+    refuses it in trailers too; on h2 the head has already gone on, so such a field (and any
+    identity header) is dropped from the trailers, the others kept."""
+    sid = client.send(request_headers("/api/items", "POST"), b"abc", end=False)
+    client.conn.send_headers(
+        sid,
+        [
+            (b"x_role", b"admin"),
+            (b"x.role", b"admin"),
+            (b"x_forwarded_client_cert", b"By=me;URI=spiffe://evil"),
+            (b"x-checksum", b"abc"),
+        ],
+        end_stream=True,
+    )
+    client._flush()
+    response = client.wait(sid)
+    assert response.status == 200
+    got = seen(response)
+    assert got["body"] == "abc"
+    assert got["trailers"] == [["x-checksum", "abc"]]
 
 
 # --- the path tricks: the decisions HTTP/1.1 makes, made on h2 -------------------------

@@ -78,6 +78,7 @@ async def _answer(request: web.Request) -> web.Response:
         "target": request.raw_path,
         "xfcc": request.headers.getall("x-forwarded-client-cert", []),
         "xfcc_underscore": request.headers.getall("x_forwarded_client_cert", []),
+        "hosts": request.headers.getall("host", []),
         "body": (await request.read()).decode(),
     }
     request.app[SEEN].append(seen)
@@ -213,6 +214,21 @@ def test_identity_headers_from_the_client_are_replaced_and_never_leak_back(
     assert not {"x-forwarded-client-cert", "x_forwarded-client-cert"} & {
         k.lower() for k in reply.headers
     }
+
+
+def test_a_trailer_never_reaches_the_app_as_a_header_the_policy_did_not_see(
+    setup: CaSetup, agent: AgentProcess, app: App
+) -> None:
+    # The guard denies Host internal.example.org; a trailer must not smuggle it in as a
+    # second Host (aiohttp refuses two; other servers route by either one).
+    reply = one(
+        setup,
+        agent,
+        b"POST /api/items HTTP/1.1\r\nHost: backend\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nhi\r\n0\r\nHost: internal.example.org\r\n\r\n",
+    )
+    assert reply.status == 200
+    assert app.seen[-1]["hosts"] == ["backend"] and app.seen[-1]["body"] == "hi"
 
 
 def test_identity_header_spellings_an_app_server_may_fold_are_refused(

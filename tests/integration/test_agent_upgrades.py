@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import aiohttp
 import h2.config
@@ -186,12 +187,11 @@ async def test_an_h2_app_on_an_http_outbound_is_told_to_change_the_port_protocol
 
 
 class H2cApp(asyncio.Protocol):
-    """An app that takes `Upgrade: h2c` (RFC 7540 3.2), then answers each h2 stream with
-    its path: the first, stream 1, is the upgraded request itself."""
+    """An app that takes `Upgrade: h2c` (RFC 7540 3.2) whenever it is asked, and otherwise
+    answers in HTTP/1.1 with the path it was asked for."""
 
     def __init__(self) -> None:
         self.head = b""
-        self.h2: h2.connection.H2Connection | None = None
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -199,74 +199,97 @@ class H2cApp(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
-        if self.h2 is None:
-            self.head += data
-            if b"\r\n\r\n" not in self.head:
-                return
-            head, _, data = self.head.partition(b"\r\n\r\n")
+        self.head += data
+        while b"\r\n\r\n" in self.head:
+            head, _, self.head = self.head.partition(b"\r\n\r\n")
             lines = head.split(b"\r\n")
-            fields = {n.lower(): v for n, _, v in (line.partition(b": ") for line in lines[1:])}
+            fields = {n.lower() for n, _, _ in (line.partition(b": ") for line in lines[1:])}
+            if b"upgrade" in fields:
+                self.transport.write(
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                    b"Upgrade: h2c\r\n\r\n"
+                )
+                return
+            body = b"h1 " + lines[0].split(b" ")[1]
             self.transport.write(
-                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
             )
-            self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-            self.h2.initiate_upgrade_connection(fields[b"http2-settings"])
-            self._answer(1, lines[0].split(b" ")[1])
-        for event in self.h2.receive_data(data) if data else []:
-            if isinstance(event, h2.events.RequestReceived):
-                path = dict(event.headers)[b":path"]
-                self._answer(event.stream_id, path)
-        self.transport.write(self.h2.data_to_send())
-
-    def _answer(self, stream_id: int, path: bytes) -> None:
-        assert self.h2 is not None
-        self.h2.send_headers(stream_id, [(":status", "200")])
-        self.h2.send_data(stream_id, b"h2c " + path, end_stream=True)
 
 
-async def _h2_response(
-    client: h2.connection.H2Connection, reader: asyncio.StreamReader, stream_id: int
-) -> bytes:
-    body = b""
-    while True:
-        data = await reader.read(65536)
-        assert data, "closed before the response ended"
-        for event in client.receive_data(data):
-            if isinstance(event, h2.events.DataReceived) and event.stream_id == stream_id:
-                body += event.data
-            if isinstance(event, h2.events.StreamEnded) and event.stream_id == stream_id:
-                return body
-
-
-async def test_an_h2c_upgrade_is_decided_by_policy_then_relayed_through_both_agents(
+async def test_an_h2c_upgrade_is_never_relayed_so_every_request_stays_authorized(
     root: Path, setup: CaSetup
 ) -> None:
+    """h2c smuggling: were a 101 to h2c relayed, every later request would be an h2 stream
+    no policy sees. The Upgrade is dropped; the app answers each request in HTTP/1.1,
+    and a later request on the same connection is authorized like the first."""
     server = await asyncio.get_running_loop().create_server(H2cApp, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
         async with asyncio.timeout(10), agents_in_front_of(root, setup, port) as pair:
             host, outbound_port = pair.frontend.bound["outbound[backend]"].rsplit(":", 1)
-            for path, status in ((b"/ws/admin", b"403"), (b"/h2c/one", b"101")):
-                reader, writer = await asyncio.open_connection(host, int(outbound_port))
-                client = h2.connection.H2Connection()
-                settings = client.initiate_upgrade_connection()
-                writer.write(
-                    b"GET %s HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade, HTTP2-Settings\r\n"
-                    b"Upgrade: h2c\r\nHTTP2-Settings: %s\r\n\r\n" % (path, settings)
-                )
-                head = await reader.readuntil(b"\r\n\r\n")
-                assert head.split(b" ")[1] == status, head
-                if status == b"101":
-                    writer.write(client.data_to_send())  # the preface, then h2 both ways
-                    assert await _h2_response(client, reader, 1) == b"h2c /h2c/one"
-                    client.send_headers(
-                        3,
-                        [(":method", "GET"), (":path", "/h2c/two"), (":scheme", "http"),
-                         (":authority", "backend")],
-                        end_stream=True,
-                    )  # fmt: skip
-                    writer.write(client.data_to_send())
-                    assert await _h2_response(client, reader, 3) == b"h2c /h2c/two"
-                writer.close()
+            reader, writer = await asyncio.open_connection(host, int(outbound_port))
+            settings = h2.connection.H2Connection().initiate_upgrade_connection()
+            writer.write(
+                b"GET /h2c/one HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                b"Upgrade: h2c\r\nHTTP2-Settings: %s\r\n\r\n" % settings
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            assert await reader.readexactly(len(b"h1 /h2c/one")) == b"h1 /h2c/one"
+            writer.write(b"GET /ws/admin HTTP/1.1\r\nHost: backend\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 403 "), head  # denied, as on its own connection
+            writer.close()
+    finally:
+        server.close()
+
+
+class Unanswering(asyncio.Protocol):
+    """An app that reads an Upgrade request and answers only when told to."""
+
+    transports: ClassVar[list[asyncio.Transport]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transports.append(transport)  # type: ignore[arg-type]
+
+
+async def test_bytes_sent_before_the_101_are_bounded_then_parsed_as_http_if_refused(
+    root: Path, setup: CaSetup
+) -> None:
+    """What follows an Upgrade is held until the answer says what it is: an app that
+    streams meanwhile is paused, not buffered without bound in the agent; answered
+    without a 101, what was held is HTTP again (here: not HTTP, so a 400)."""
+    server = await asyncio.get_running_loop().create_server(Unanswering, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    piece = b"\x82" * (1 << 20)
+    try:
+        async with asyncio.timeout(20), agents_in_front_of(root, setup, port) as pair:
+            host, outbound_port = pair.frontend.bound["outbound[backend]"].rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(outbound_port))
+            writer.write(
+                b"GET /ws/chat HTTP/1.1\r\nHost: backend\r\nConnection: Upgrade\r\n"
+                b"Upgrade: websocket\r\n\r\n"
+            )
+            sent = 0
+            for _ in range(64):  # 64 MiB at most
+                writer.write(piece)
+                try:
+                    await asyncio.wait_for(writer.drain(), 1.0)
+                except TimeoutError:
+                    break  # the agent stopped reading: what it holds is bounded
+                sent += len(piece)
+            assert sent < 16 << 20, f"{sent >> 20} MiB taken before any answer"
+            [app] = Unanswering.transports
+            app.write(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 426 ")
+            answers = b""
+            try:  # the agent closes with our unread megabytes in its buffers: a reset
+                while chunk := await reader.read(65536):
+                    answers += chunk
+            except ConnectionResetError:
+                pass
+            # The held bytes were read as HTTP, never relayed (if the reset let it through).
+            assert not answers or answers.startswith(b"HTTP/1.1 400 Bad Request")
+            writer.close()
     finally:
         server.close()

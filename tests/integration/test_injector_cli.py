@@ -5,11 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from agent.config import parse_text
+from identity.injected import WORKLOAD_API_SOCKET
 from outrider.cli import main
 
 DEPLOYMENT = """\
@@ -79,6 +81,42 @@ def test_inject_no_capture_leaves_out_the_capture_container_and_the_probes(
     assert spec["containers"][0]["readinessProbe"] == probe
     config = parse_text(agent["env"][0]["value"], source="OUTRIDER_AGENT_CONFIG")
     assert config.probes == ()
+
+
+def workload_api_of(spec: dict[str, Any]) -> tuple[object, list[str]]:
+    """The agent's `workload_api:` and the app containers given SPIFFE_ENDPOINT_SOCKET."""
+    agent = next(c for c in spec["initContainers"] if c["name"] == "outrider-agent")
+    config = parse_text(agent["env"][0]["value"], source="OUTRIDER_AGENT_CONFIG")
+    socket = {"name": "SPIFFE_ENDPOINT_SOCKET", "value": "unix://" + WORKLOAD_API_SOCKET}
+    served = None if config.workload_api is None else str(config.workload_api.socket)
+    return served, [c["name"] for c in spec["containers"] if socket in c.get("env", [])]
+
+
+def test_inject_gives_the_workload_api_to_the_workloads_that_ask_or_to_all(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, out, config = tmp_path / "in.yaml", tmp_path / "out.yaml", tmp_path / "inj.yaml"
+    asks = DEPLOYMENT.replace("outrider.io/log-level: loud", "outrider.io/workload-api: enabled")
+    opts_out = asks.replace("name: web, namespace", "name: api, namespace").replace(
+        "workload-api: enabled", "workload-api: disabled"
+    )
+    source.write_text(asks + "---\n" + opts_out)
+    assert main(["inject", "-f", str(source), "-o", str(out)]) == 0
+    web, api = (d["spec"]["template"]["spec"] for d in yaml.safe_load_all(out.read_text()))
+    assert workload_api_of(web) == (WORKLOAD_API_SOCKET, ["web"])
+    assert workload_api_of(api) == (None, [])
+    # injector.yaml turns it on for every workload but those that opt out.
+    source.write_text(DEPLOYMENT + "---\n" + opts_out)
+    config.write_text(yaml.safe_dump({"workload_api": {"enabled": True}}))
+    assert main(["inject", "-f", str(source), "-o", str(out), "--config", str(config)]) == 0
+    web, api = (d["spec"]["template"]["spec"] for d in yaml.safe_load_all(out.read_text()))
+    assert workload_api_of(web) == (WORKLOAD_API_SOCKET, ["web"])
+    assert workload_api_of(api) == (None, [])
+    # And its own output again is left as it is.
+    again = tmp_path / "again.yaml"
+    assert main(["inject", "-f", str(out), "-o", str(again), "--config", str(config)]) == 0
+    assert again.read_text() == out.read_text()
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.mesh import agent_process, agent_yaml, workload
-from tests.netns import NETNS_DIR, Pod, PodNetwork, pod_network, running
+from tests.netns import NETNS_DIR, Mount, Pod, PodNetwork, pod_network, running
 from tests.support import CaSetup, ca_process, make_ca_setup
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
@@ -130,6 +130,46 @@ def test_a_process_started_as_a_user_is_that_uid_without_network_privileges(
     assert refused.returncode != 0 and "Operation not permitted" in refused.stderr
     with pytest.raises(ValueError, match="a UID is 0 to 4294967294"):
         pod.command(["id"], user=-1)
+
+
+def test_a_container_sees_its_pods_volumes_and_no_other_pods(
+    pods: PodNetwork, tmp_path: Path
+) -> None:
+    """As the container runtime mounts them: a volume of the pod's at its path (read-only
+    if so mounted), the kubelet's directory of every pod's volumes out of sight, and
+    (`own_pids`) none of the node's processes."""
+    pod = pods.add_pod("web")
+    kubelet = tmp_path / "kubelet"
+    ours, theirs = kubelet / "web" / "data", kubelet / "other" / "data"
+    for directory in (ours, theirs):
+        directory.mkdir(parents=True)
+        (directory / "file").write_text(directory.parent.name)
+    look = (
+        "import os, sys\n"
+        "print(open('/run/app/data/file').read())\n"
+        "print(os.path.exists(sys.argv[1]), os.path.exists(sys.argv[2]))\n"
+        "try:\n"
+        "    open('/run/app/data/new', 'w')\n"
+        "except OSError as exc:\n"
+        "    print(exc.strerror)\n"
+        "print(sorted(p for p in os.listdir('/proc') if p.isdigit()) == ['1'])\n"
+    )
+    argv = [sys.executable, "-c", look, str(theirs / "file"), str(ours / "file")]
+    command = pod.container_command(
+        argv,
+        user=1000,
+        mounts=[Mount(ours, "/run/app/data", read_only=True)],
+        hidden=[kubelet],
+        own_pids=True,
+    )
+    done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True)
+    assert done.stdout.splitlines() == ["web", "False False", "Read-only file system", "True"]
+    assert not (ours / "new").exists()
+    # Without those: the node's files, by their path (a network namespace is no wall).
+    print_it = [sys.executable, "-c", "import sys; print(open(sys.argv[1]).read())"]
+    assert pod.run([*print_it, str(theirs / "file")], user=1000).stdout == "other\n"
+    with pytest.raises(ValueError, match="under /run"):
+        pod.container_command(["true"], mounts=[Mount(ours, "/etc/data")])
 
 
 def test_closing_removes_everything_even_when_the_test_fails() -> None:

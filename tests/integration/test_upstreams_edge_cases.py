@@ -173,6 +173,30 @@ async def test_a_close_delimited_response_reaches_a_keep_alive_app_whole(
     assert answers == [(200, b"until the close")]
 
 
+async def test_an_upstream_that_answers_twice_is_never_pooled(root: Path, setup: CaSetup) -> None:
+    """A second response after the final one (what a desynchronized server sends for a
+    request it read as two) ends the upstream connection: pooled, what it sends next
+    would be taken for the answer to another request of the app."""
+    carried: list[int] = []  # requests per upstream connection
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        carried.append(0)
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            carried[-1] += 1
+            ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            writer.write(ok + b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\npoisoned")
+
+    async with (
+        raw_backend(root, setup, answer) as address,
+        client_agent(root, setup, endpoints=[address]) as agent,
+    ):
+        get = b"GET / HTTP/1.1\r\nHost: b\r\n\r\n"
+        answers = await exchange(listener(agent), get, get)
+    assert answers == [(200, b"ok"), (200, b"ok")]
+    assert carried == [1, 1]
+
+
 # -- circuit breaker and retry budget counters -----------------------------------------------
 
 

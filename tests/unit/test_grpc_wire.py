@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from h2.errors import ErrorCodes
 
 from agent.core.grpc import (
     Code,
@@ -10,6 +11,7 @@ from agent.core.grpc import (
     is_grpc,
     parse_timeout,
     percent_encode,
+    reset_before_head,
     status_of,
     timeout_value,
     trailers_only,
@@ -82,6 +84,25 @@ def test_http_statuses_map_as_the_grpc_spec_says() -> None:
     assert from_http_status(503) is Code.UNAVAILABLE
     assert from_http_status(404) is Code.UNIMPLEMENTED
     assert from_http_status(500) is Code.UNKNOWN
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        (ErrorCodes.REFUSED_STREAM, Code.UNAVAILABLE),  # never processed: retried anywhere
+        (ErrorCodes.CANCEL, Code.UNAVAILABLE),  # what a lost app connection reads as
+        (ErrorCodes.INTERNAL_ERROR, Code.INTERNAL),  # the app failed it, maybe after acting
+        (ErrorCodes.PROTOCOL_ERROR, Code.INTERNAL),
+        (ErrorCodes.NO_ERROR, Code.INTERNAL),
+        (ErrorCodes.ENHANCE_YOUR_CALM, Code.RESOURCE_EXHAUSTED),
+        (ErrorCodes.INADEQUATE_SECURITY, Code.PERMISSION_DENIED),
+        (0x1234, Code.INTERNAL),
+    ],
+)
+def test_an_app_stream_reset_before_its_head_is_unavailable_only_if_it_may_be_retried(
+    code: int, status: Code
+) -> None:
+    assert reset_before_head(code) is status
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         },
         "ca": {"address": "ca.mesh.svc:443", "bundle_configmap": "bundle"},
         "control": {"address": "cp.mesh.svc:15012"},
+        "workload_api": {"enabled": True},
         "limits": {
             "max_body_bytes": 65536,
             "max_json_depth": 32,
@@ -76,6 +77,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert s.agent.token_expiration_seconds == 600
     assert (s.ca.address, s.ca.bundle_configmap) == ("ca.mesh.svc:443", "bundle")
     assert s.control.address == "cp.mesh.svc:15012"
+    assert s.workload_api.enabled is True
     assert config.limits == Limits(
         65536, 32, ConnectionLimits(50, timedelta(seconds=2), timedelta(milliseconds=500))
     )
@@ -99,6 +101,7 @@ def test_every_error_is_reported_at_once_with_its_key_path() -> None:
         "ca": {"address": "no-port", "bundle_configmap": "Bad_Name"},
         "control": {"address": "cp:0", "spiffe_id": "x"},
         "capture": {"enabled": "yes", "inbound_port": 15020, "exclude_outbound_cidrs": ["x"]},
+        "workload_api": {"enabled": "enabled", "socket": "/tmp/s"},
         "limits": {
             "max_body_bytes": 10,
             "max_json_depth": 5,
@@ -129,6 +132,8 @@ def test_every_error_is_reported_at_once_with_its_key_path() -> None:
         "capture.enabled",
         "capture.inbound_port",
         "capture.exclude_outbound_cidrs",
+        "workload_api.socket",  # the agent's socket is where the injector mounts it, always
+        "workload_api.enabled",
         "tls.cert_file",
         "tls.key_file",
         "limits.max_body_bytes",

@@ -37,6 +37,7 @@ OUTCOMES = {
     "opted_out": ("skipped", "opted_out", None),
     "already_injected": ("skipped", "already_injected", None),
     "kube_system": ("skipped", "namespace_excluded", None),
+    "workload_api": ("injected", "injected", "spiffe://cluster.local/ns/shop/sa/ledger"),
 }
 
 

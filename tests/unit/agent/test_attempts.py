@@ -290,3 +290,106 @@ async def test_the_per_try_timeout_runs_from_the_request_sent_not_from_the_dial(
     delivered = await task
     assert delivered.step == Deliver()
     delivered.end(200)
+
+
+def stale_then(*outcomes: Outcome) -> tuple[Run, list[Try[Connection, None]]]:
+    """A run whose first try is lost on a stale pooled connection; the next tries end in
+    `outcomes`. It keeps the tries, to see which were fresh."""
+    tries: list[Try[Connection, None]] = []
+    left = list(outcomes)
+
+    async def run(attempt: Try[Connection, None]) -> Outcome | None:
+        tries.append(attempt)
+        attempt.connection = Connection()
+        if len(tries) == 1:
+            attempt.decide("reset", stale=True)
+            return None
+        return left.pop(0)
+
+    return run, tries
+
+
+async def test_a_request_lost_on_a_stale_connection_is_redialled_elsewhere_for_free() -> None:
+    live = FakeLive([A, B])
+    run, tries = stale_then(Response(200))
+    delivered = await attempt(live, run)
+    assert [(t.endpoint, t.fresh, t.number) for t in tries] == [(A, False, 1), (B, True, 1)]
+    assert live.budget.retries == 0  # no slot taken
+    assert live.counted.retries.value == 0  # not one of the policy's retries
+    delivered.end(200)
+    assert live.records == [(B, "success")]  # nothing recorded against A
+    assert live.load() == {}
+
+
+async def test_a_redial_goes_to_the_same_endpoint_when_none_other_is_left() -> None:
+    live = FakeLive([A])
+    run, tries = stale_then(Response(200))
+    delivered = await attempt(live, run)
+    assert [(t.endpoint, t.fresh) for t in tries] == [(A, False), (A, True)]
+    delivered.end(200)
+    assert live.records == [(A, "success")]
+
+
+async def test_a_dead_endpoints_redial_fails_as_a_connect_failure_recorded_and_retried() -> None:
+    live = FakeLive([A])
+    run, _ = stale_then("connect-failure")
+    with pytest.raises(LocalAnswer) as answer:
+        await attempt(live, run)
+    assert (answer.value.status, answer.value.error) == (503, "upstream_connect_failure")
+    assert live.records == [(A, "connect_failure")]  # what ejects it
+
+
+async def test_a_redial_is_made_once_and_the_policys_retries_are_still_there() -> None:
+    live = FakeLive([A, B, C])
+    run, tries = stale_then("reset", Response(200))
+    delivered = await attempt(live, run)
+    # the redial's reset is retried as any reset: a budget slot, on an endpoint not tried
+    assert [(t.endpoint, t.fresh, t.number) for t in tries] == [
+        (A, False, 1),
+        (B, True, 1),
+        (C, False, 2),
+    ]
+    assert live.budget.retries == 1
+    delivered.end(200)
+    assert live.budget.retries == 0
+    assert live.records == [(B, "reset"), (C, "success")]
+
+
+async def test_a_redial_with_no_budget_room_still_goes_out() -> None:
+    live = FakeLive([A, B])
+    live.budget = RetryBudget(0, 0)  # no retry at all
+    run, _ = stale_then(Response(200))
+    delivered = await attempt(live, run)
+    delivered.end(200)
+    assert live.counted.overflows == []
+
+
+async def test_a_retry_redialled_keeps_its_slot_until_it_ends() -> None:
+    live = FakeLive([A, B, C])
+    tries: list[Try[Connection, None]] = []
+
+    async def run(attempt: Try[Connection, None]) -> Outcome | None:
+        tries.append(attempt)
+        attempt.connection = Connection()
+        if len(tries) == 1:
+            return "connect-failure"  # a retry, on a slot
+        if len(tries) == 2:
+            attempt.decide("reset", stale=True)
+            return None
+        return Response(200)
+
+    delivered = await attempt(live, run)
+    assert [t.endpoint for t in tries] == [A, B, C]
+    assert live.budget.retries == 1  # the retry's one slot, carried to its redial
+    delivered.end(200)
+    assert live.budget.retries == 0
+
+
+async def test_a_post_lost_on_a_stale_connection_is_answered_as_a_reset() -> None:
+    live = FakeLive([A, B])
+    run, tries = stale_then(Response(200))
+    with pytest.raises(LocalAnswer) as answer:
+        await attempt(live, run, method="POST")
+    assert (answer.value.status, answer.value.error) == (502, "upstream_reset")
+    assert len(tries) == 1
+    assert live.records == [(A, "reset")]

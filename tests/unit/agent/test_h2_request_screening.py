@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from agent.adapters.inbound_h2 import Forward, InboundH2, Refusal
+from agent.adapters.outbound_h2 import _onward, _upstream_head
 from agent.core import grpc
 from agent.core.endpoint import Endpoint
 from agent.core.grpc import Code, malformed_method
@@ -123,6 +124,8 @@ def test_a_denied_request_names_the_policy_and_rule() -> None:
         "/",
         "/demo.Greeter/Say Hello",
         "/demo.Greeter/Say\\Hello",
+        "/demo.Greeter/Admin;x",  # a path parameter: servlet containers route it as Admin
+        "/demo.Greeter;v=1/Admin",
     ],
 )
 def test_a_grpc_path_that_is_not_plainly_service_and_method_is_unimplemented(path: str) -> None:
@@ -153,3 +156,22 @@ def test_grpc_timeout_is_the_deadline_and_a_malformed_one_is_refused() -> None:
         head("/demo.Greeter/SayHello", "POST", GRPC, (b"grpc-timeout", b"soon")), True
     )
     assert isinstance(refusal, Refusal) and refusal.code == grpc.Code.INTERNAL
+
+
+def test_an_apps_outbound_call_goes_upstream_without_folded_names_or_identity() -> None:
+    """An h2 outbound's head and trailers: what `headers_with_underscores: drop` leaves, the
+    identity header never (the peer's agent sets it), grpc-timeout per try."""
+    sent = head(
+        "/demo.Greeter/SayHello",
+        "POST",
+        GRPC,
+        (b"x_role", b"admin"),
+        (b"x.role", b"admin"),
+        (b"x-role", b"viewer"),
+        (b"x-forwarded-client-cert", b"By=me"),
+        (b"grpc-timeout", b"1S"),
+    )
+    upstream = _upstream_head(sent, is_grpc=True)
+    assert upstream == [*head("/demo.Greeter/SayHello", "POST", GRPC), (b"x-role", b"viewer")]
+    trailers = [(b"x_role", b"admin"), (b"X_Forwarded_Client_Cert", b"x"), (b"x-sum", b"1")]
+    assert _onward(trailers) == [(b"x-sum", b"1")]

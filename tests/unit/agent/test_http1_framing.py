@@ -182,6 +182,9 @@ SMUGGLING = [
         "Upgrade request with a body",
     ),
     (GET + b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, "HTTP/2 preface"),
+    # llhttp takes these versions; passed on, the app would read them its own way.
+    (b"GET /\r\n\r\n", 505, "HTTP/0.9"),
+    (b"GET / HTTP/2.0\r\nHost: b\r\n\r\n", 505, "HTTP/2.0"),
 ]
 
 
@@ -365,15 +368,32 @@ def test_an_http10_request_keeps_its_keep_alive_only_by_saying_so() -> None:
     assert http1.request_head(head, b"/") == b"GET / HTTP/1.0\r\n\r\n"
 
 
-def test_an_upgrade_goes_on_with_its_upgrade_headers() -> None:
+def test_a_websocket_upgrade_goes_on_with_its_upgrade_header() -> None:
     head = _head(
-        b"GET / HTTP/1.1\r\nHost: b\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
-        b"HTTP2-Settings: AAMAAABkAAQAAP__\r\nKeep-Alive: 5\r\n\r\n"
+        b"GET / HTTP/1.1\r\nHost: b\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nKeep-Alive: 5\r\n\r\n"
     )
+    assert head.upgrade == b"websocket"
     assert http1.request_head(head, b"/") == (
-        b"GET / HTTP/1.1\r\nHost: b\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
-        b"connection: Upgrade, HTTP2-Settings\r\n\r\n"
+        b"GET / HTTP/1.1\r\nHost: b\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nconnection: Upgrade\r\n\r\n"
     )
+
+
+@pytest.mark.parametrize("protocol", [b"h2c", b"h2c, websocket", b"TLS/1.2", b"foo"])
+def test_any_other_upgrade_is_dropped_and_the_request_goes_on_as_http(protocol: bytes) -> None:
+    """h2c smuggling: after a 101 to h2c every later request would be an h2 stream that
+    no policy sees. The app gets a plain request and answers it in HTTP/1.1."""
+    ask = (
+        b"GET /public HTTP/1.1\r\nHost: b\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: %s\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n" % protocol
+    )
+    parser = RequestParser()
+    events = parser.feed(ask + b"GET /admin HTTP/1.1\r\nHost: b\r\n\r\n")
+    heads = [e for e in events if isinstance(e, Request)]
+    assert [h.target for h in heads] == [b"/public", b"/admin"]  # each one authorized
+    assert heads[0].upgrade is None and not parser.upgrading
+    assert http1.request_head(heads[0], b"/public") == (b"GET /public HTTP/1.1\r\nHost: b\r\n\r\n")
 
 
 def _response(raw: bytes, method: bytes = b"GET", upgrade: bool = False) -> list[object]:
@@ -536,3 +556,87 @@ def test_a_malformed_response_breaks_the_connection() -> None:
         b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
     assert isinstance(events[-1], Broken)
+    assert _response(b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n") == [Broken("status 99")]
+
+
+# -- trailers ------------------------------------------------------------------------------
+
+TRAILED = (
+    b"POST / HTTP/1.1\r\nHost: backend\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n"
+    b"Host: internal.example.org\r\nX-Role: admin\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("cut", [0, TRAILED.index(b"0\r\nHost"), len(TRAILED) - 3])
+def test_a_requests_trailers_never_join_its_head(cut: int) -> None:
+    """The head is authorized and passed on as it came; trailer fields arriving with it
+    (in the same read or later) must not become a second Host the policy never saw."""
+    parser = RequestParser()
+    events = parser.feed(TRAILED[:cut]) + parser.feed(TRAILED[cut:]) if cut else requests(TRAILED)
+    head = events[0]
+    assert isinstance(head, Request) and events[-1] is END
+    assert head.headers == fields("Host: backend", "Transfer-Encoding: chunked")
+    written = http1.request_head(head, b"/")
+    assert written.count(b"Host") == 1 and b"X-Role" not in written
+
+
+def test_trailers_are_screened_like_any_field() -> None:
+    found = refusal(TRAILED.replace(b"X-Role", b"X_Role"))
+    assert found is not None and found[0] == 400 and "'X_Role'" in found[1]
+
+
+def test_a_responses_trailers_never_join_its_head() -> None:
+    events = _response(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n"
+        b"X-Forwarded-Client-Cert: leak\r\nSet-Cookie: a=b\r\n\r\n"
+    )
+    head = events[0]
+    assert isinstance(head, Response) and events[-1] is END
+    assert head.headers == fields("Transfer-Encoding: chunked")
+
+
+def test_a_response_head_over_the_header_limits_breaks_the_connection() -> None:
+    """A hostile upstream (or a broken app) cannot make the agent hold a head without end:
+    the request limits apply to responses too."""
+    many = b"".join(b"x-h%d: v\r\n" % i for i in range(http1.MAX_HEADERS + 1))
+    events = _response(b"HTTP/1.1 200 OK\r\n" + many + b"\r\n")
+    assert events == [Broken("response headers too large")]
+    parser = ResponseParser(b"GET")
+    events = parser.feed(b"HTTP/1.1 200 OK\r\nX-Big: ")
+    fed = 0
+    while not events and fed < 4 << 20:
+        events = parser.feed(b"a" * 4096)
+        fed += 4096
+    assert events == [Broken("response headers too large")]
+    assert fed <= http1.MAX_HEADER_BYTES
+
+
+def test_a_long_body_and_many_interim_responses_are_within_the_limits() -> None:
+    parser = ResponseParser(b"GET")
+    interim = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 200
+    events = parser.feed(interim + b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n")
+    events += parser.feed(b"x" * 200000)
+    assert not [e for e in events if isinstance(e, Broken)] and events[-1] is END
+
+
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [(m, r) for m, r, _, _ in RESPONSES if not r.startswith(b"HTTP/1.1 200 OK\r\n\r\n")],
+)
+def test_a_parser_reused_for_the_next_response_reads_it_as_a_new_one_would(
+    method: bytes, raw: bytes
+) -> None:
+    """`next` keeps llhttp's parser between responses only where llhttp ended the last one
+    (never after a HEAD response, whose body it would still wait for)."""
+    first = ResponseParser(b"GET")
+    first.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+    again = first.next(method)
+    assert again is first
+    assert _summary(again.feed(raw)) == _summary(_response(raw, method))
+    follow = again.next(b"GET")
+    if method == b"HEAD" and b"Content-Length: 2" in raw:
+        assert follow is not again
+    assert _summary(follow.feed(GET_OK)) == [200, b"x", END]
+
+
+GET_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"

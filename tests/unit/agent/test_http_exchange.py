@@ -229,3 +229,25 @@ def test_a_drained_connection_answers_what_it_read_with_connection_close() -> No
     x.exchange.finish()
     written = x.answer(OK)
     assert b"connection: close" in written and x.client.closed
+
+
+def test_a_trailer_cannot_give_the_app_a_host_the_policy_never_saw() -> None:
+    x = Exchange()
+    sent = x.send(
+        b"POST /api/items HTTP/1.1\r\nHost: backend\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\nHost: internal.example.org\r\n\r\n"
+    )
+    assert sent.count(b"Host:") == 1 and b"internal.example.org" not in sent
+
+
+def test_reading_stays_paused_while_an_upgrade_waits_for_its_answer() -> None:
+    """What follows an Upgrade is held in memory until the app answers: flow control
+    resuming the client (the app's write buffer drained) must not let it grow unbounded."""
+    x = Exchange()
+    x.send(UPGRADE)
+    assert x.client.paused
+    x.client.resume_reading()  # Relay: the app's transport drained its write buffer
+    assert x.send(b"\x81\x85early") == b""
+    assert x.client.paused  # at most one read is held per resume
+    x.answer(SWITCHING)
+    assert x.app.take() == b"\x81\x85early" and not x.client.paused

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,7 @@ from agent.core.tries import (
     Answer,
     Deliver,
     Outcome,
+    Redial,
     Response,
     Retry,
     Step,
@@ -48,6 +50,8 @@ def step(
     replayable: bool = True,
     untried: bool = True,
     room: bool = True,
+    stale: bool = False,
+    redialled: bool = False,
 ) -> Step:
     return next_step(
         policy,
@@ -58,6 +62,8 @@ def step(
         replayable=replayable,
         untried=lambda: untried,
         budget_room=lambda: room,
+        stale=stale,
+        redialled=redialled,
     )
 
 
@@ -255,3 +261,58 @@ def test_tries_counts_the_attempts_made() -> None:
 )
 def test_what_a_try_tells_outlier_detection(outcome: Outcome, event: str) -> None:
     assert event_of(outcome) == event
+
+
+REDIAL = Redial()
+NO_RETRIES = replace(DEFAULT, retries=0, on=frozenset())
+
+
+@pytest.mark.parametrize(
+    ("policy", "method", "outcome", "kwargs", "expected"),
+    [
+        # A reused connection lost with nothing heard back: sent again on a new one, whatever
+        # the budget, the endpoints left, the tries made or the policy's failures say.
+        pytest.param(DEFAULT, "GET", "reset", {}, REDIAL, id="get-reset"),
+        pytest.param(DEFAULT, "GET", "reset", {"room": False}, REDIAL, id="no-budget-room"),
+        pytest.param(DEFAULT, "GET", "reset", {"untried": False}, REDIAL, id="no-endpoint-left"),
+        pytest.param(DEFAULT, "GET", "reset", {"tries": 3}, REDIAL, id="past-the-retries"),
+        pytest.param(NO_RETRIES, "GET", "reset", {}, REDIAL, id="policy-retries-nothing"),
+        pytest.param(DEFAULT, "POST", "refused-stream", {}, REDIAL, id="post-refused-stream"),
+        # a POST may have been processed: what a reset gets (today's behaviour)
+        pytest.param(DEFAULT, "POST", "reset", {}, RESET, id="post-reset-answered"),
+        pytest.param(POST_TOO, "POST", "reset", {}, REDIAL, id="post-with-non-idempotent"),
+        # once per request: a second stale loss is a reset like any other
+        pytest.param(DEFAULT, "GET", "reset", {"redialled": True}, RETRY, id="second-retried"),
+        pytest.param(
+            DEFAULT,
+            "GET",
+            "reset",
+            {"redialled": True, "room": False},
+            replace(RESET, over_budget=True),
+            id="second-over-budget",
+        ),
+        # a body no longer held cannot be sent again
+        pytest.param(DEFAULT, "GET", "reset", {"replayable": False}, RESET, id="not-replayable"),
+        # not signs of a stale connection: the server had it, or it was never had
+        pytest.param(DEFAULT, "GET", "timeout", {}, TIMEOUT, id="timeout"),
+        pytest.param(DEFAULT, "GET", "connect-failure", {}, RETRY, id="connect-failure"),
+        pytest.param(DEFAULT, "GET", S503, {}, RETRY, id="a-503-came-back"),
+        pytest.param(DEFAULT, "GET", OK, {}, DELIVER, id="a-200-came-back"),
+        pytest.param(DEFAULT, None, DELIVERED, {}, DELIVER, id="tcp-delivered"),
+    ],
+)
+def test_a_request_lost_on_a_stale_pooled_connection_is_redialled_once(
+    policy: RetryPolicy,
+    method: str | None,
+    outcome: Outcome,
+    kwargs: dict[str, Any],
+    expected: Step,
+) -> None:
+    assert step(policy, method, outcome, stale=True, **kwargs) == expected
+
+
+def test_a_loss_on_a_new_connection_is_a_reset_as_before() -> None:
+    assert step(DEFAULT, "GET", "reset", stale=False) == RETRY
+    assert step(DEFAULT, "GET", "reset", stale=False, room=False) == replace(
+        RESET, over_budget=True
+    )
