@@ -92,6 +92,7 @@ class HandedOut:
         self._changed = asyncio.Event()
         self._minted_under: str | None = None  # the agent's serial the handout was minted under
         self._wake = asyncio.Event()
+        self._failure: str | None = None  # why the last mint failed (None: it did not)
 
     @property
     def svid(self) -> Svid | None:
@@ -118,7 +119,15 @@ class HandedOut:
         return workload.unusable_refusal(handout.svid, self._identity.now())
 
     async def current(self, after: int = 0) -> Handout:
+        """The handout newer than `after`, once there is one.
+
+        Before the first: GRPCError UNAVAILABLE once a mint has failed (a caller is
+        told at once, as the spec asks of a first answer, and retries), a wait while
+        the first mint is on its way.
+        """
         while self._handout is None or self._handout.version <= after:
+            if self._handout is None and self._failure is not None:
+                raise GRPCError(Status.UNAVAILABLE, f"no SVID to hand out yet: {self._failure}")
             changed = self._changed
             await changed.wait()
         return self._handout
@@ -139,12 +148,16 @@ class HandedOut:
                 if not isinstance(exc, RenewalFailed):
                     log.exception("minting the SVID to hand out: unexpected error")
                 failures += 1
+                self._failure = str(exc)
+                if self._handout is None:
+                    self._wake_waiters()  # they are told, not left waiting
                 delay = self._backoff.delay(failures, self._identity.rng).total_seconds()
                 log.warning("cannot mint the SVID to hand out (%s); retrying in %.1fs", exc, delay)
                 self._wake.set()
                 await asyncio.sleep(delay)
                 continue
             failures = 0
+            self._failure = None
             self._minted_under = agent.serial
             roots = (self._identity.svid or agent).bundle  # as of now: it may have changed since
             # Verified against the roots the agent uses, not the CA's alone.
@@ -154,6 +167,9 @@ class HandedOut:
     def _publish(self, svid: Svid) -> None:
         version = self._handout.version + 1 if self._handout else 1
         self._handout = Handout(version, svid)
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 

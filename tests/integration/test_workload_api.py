@@ -331,6 +331,36 @@ async def test_the_socket_is_removed_at_stop(
     assert not path.exists()
 
 
+async def test_while_the_first_mint_fails_callers_are_told_unavailable_not_left_waiting(
+    setup: CaSetup,
+) -> None:
+    """The agent has its SVID, the CA then refuses the one to hand out: a caller gets
+    UNAVAILABLE at once (the spec: the first answer without delay), not a silent hang."""
+    signed = local_sign(setup)
+    calls = 0
+
+    async def sign(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 1:  # the agent's own SVID only
+            raise GRPCError(Status.UNAVAILABLE, "the CA is down")
+        return await signed(*args)
+
+    backoff = {"initial": "1s", "max": "2s"}
+    async with workload_agent(setup, sign=sign, ca_backoff=backoff) as (_, path):
+        assert await eventually(lambda: calls > 1, STEP)
+        async with svid_stream(path) as stream:
+            with pytest.raises(GRPCError) as refused:
+                await asyncio.wait_for(stream.recv_message(), STEP)
+            assert refused.value.status is Status.UNAVAILABLE
+            assert "the CA is down" in str(refused.value.message)
+        async with channel(path) as chan:
+            with pytest.raises(GRPCError) as refused:
+                sds = SecretDiscoveryServiceStub(chan)
+                await asyncio.wait_for(sds.FetchSecrets(discovery_request("default")), STEP)
+            assert refused.value.status is Status.UNAVAILABLE
+
+
 async def test_an_svid_the_new_roots_do_not_verify_is_not_handed_out(
     setup: CaSetup, tmp_path: Path
 ) -> None:
