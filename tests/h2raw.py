@@ -260,3 +260,42 @@ def threaded_h2_app(handler: Handler) -> Iterator[int]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+class Wire(asyncio.Transport):
+    """A transport that keeps each write apart (to count them) and sends nothing: an h2
+    connection object under test writes to it, and the test feeds its peer by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def taken(self) -> bytes:
+        """Everything written since the last call."""
+        data, self.writes = b"".join(self.writes), []
+        return data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+async def turns(n: int) -> None:
+    """Let the event loop go round `n` times."""
+    for _ in range(n):
+        await asyncio.sleep(0)

@@ -50,7 +50,9 @@ import h2.exceptions
 import h2.settings
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
+from hpack import NeverIndexedHeaderTuple
 
+from agent.core.h2limits import H2Limits
 from agent.core.upstream import Endpoint
 
 #: Streams at once on one connection, whatever the peer allows (RFC 9113 suggests >= 100).
@@ -63,6 +65,10 @@ CONNECTION_WINDOW = 1024 * 1024
 MAX_HEADER_LIST = 64 * 1024
 #: Seconds for the peer's first SETTINGS after the transport is up (part of the dial).
 SETTINGS_TIMEOUT = 10.0
+#: The HPACK table we compress requests with, whatever larger one the peer allows, and
+#: the closed streams h2 remembers: the bounds H2Server keeps (agent/core/h2limits.py).
+MAX_ENCODER_TABLE = H2Limits.max_encoder_table
+MAX_CLOSED_STREAMS = H2Limits.max_closed_streams
 
 Header = tuple[bytes, bytes]
 #: Why a stream ended without a whole response: `refused-stream` means the peer never
@@ -121,6 +127,23 @@ class Reset:
 Event = Response | Data | Trailers | End | Reset
 _END = End()
 
+#: Fields HPACK must never index (h2's own rule, `h2.utilities._secure_headers`): a
+#: compression context shared by many requests must not let one guess another's secret.
+_NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization"})
+
+
+def sensitive(headers: Sequence[Header]) -> Sequence[Header]:
+    """`headers` with credentials marked never-indexed, as h2's outbound normalization
+    marks them (for a connection that skips it: see `checked_heads`)."""
+    if not any(n in _NEVER_INDEXED or (n == b"cookie" and len(v) < 20) for n, v in headers):
+        return headers
+    return [
+        NeverIndexedHeaderTuple(n, v)
+        if n in _NEVER_INDEXED or (n == b"cookie" and len(v) < 20)
+        else (n, v)
+        for n, v in headers
+    ]
+
 
 class StreamError(Exception):
     """Sending on a stream that ended (reset by the peer, refused, or its connection lost)."""
@@ -138,13 +161,23 @@ _HEADS = (h2.events.ResponseReceived, h2.events.InformationalResponseReceived)
 
 
 class _Connection(h2.connection.H2Connection):
-    """h2's connection, except that a graceful GOAWAY lets the streams below it finish.
+    """h2's connection, with two changes (as h2server's).
 
-    h2 moves the connection to CLOSED on any GOAWAY, and then takes every later
-    frame (the rest of those streams' responses) as a protocol error. RFC 9113
-    6.8: streams at or below the last-stream-id may still complete. We keep
-    the state open; the owner opens no new stream once it saw the GOAWAY.
+    h2 remembers `closed_streams` closed streams, not its 65,536 (about 11 MB a
+    long-lived connection: a pooled upstream connection is one).
+
+    A graceful GOAWAY lets the streams below it finish. h2 moves the connection
+    to CLOSED on any GOAWAY, and then takes every later frame (the rest of those
+    streams' responses) as a protocol error. RFC 9113 6.8: streams at or below
+    the last-stream-id may still complete. We keep the state open; the owner
+    opens no new stream once it saw the GOAWAY.
     """
+
+    def __init__(
+        self, config: h2.config.H2Configuration, closed_streams: int = MAX_CLOSED_STREAMS
+    ) -> None:
+        self.MAX_CLOSED_STREAMS = closed_streams  # read by h2's __init__
+        super().__init__(config=config)
 
     def _receive_goaway_frame(self, frame: Any) -> Any:
         state = self.state_machine.state
@@ -241,6 +274,15 @@ class H2Stream:
         if end and not data:
             self.end()
 
+    def send_now(self, data: bytes, end: bool = False) -> bool:
+        """`send` without waiting: all of `data` (in one frame) if the windows and the
+        transport take it now, else nothing (False); StreamError if the stream ended."""
+        self._check()
+        if self.connection._room(self, len(data)) < len(data):
+            return False
+        self.connection._send_data(self, data, end)
+        return True
+
     def end(self, trailers: Sequence[Header] | None = None) -> None:
         """The request is complete (with its trailers, if any)."""
         self._check()
@@ -305,19 +347,28 @@ class H2ClientConnection(asyncio.Protocol):
         on_lost: Callable[[], None] | None = None,
         *,
         max_streams: int = MAX_STREAMS,
+        checked_heads: bool = False,
+        closed_streams: int = MAX_CLOSED_STREAMS,
     ) -> None:
         self.endpoint = endpoint
         self.context = context  # the one it was made with: stale after a rotation
         self.on_lost = on_lost  # gives back its slot under the circuit breaker
         self.max_streams = max_streams
+        # `checked_heads`: every head and trailer block given to `open` and `end` is one
+        # h2 validated on receipt (a request an H2Server took) or one the agent built, so
+        # h2's outbound checks and normalization would only repeat work (about half of
+        # what sending a head costs); `sensitive` keeps its never-indexed rule.
+        self.checked_heads = checked_heads
         self.h2 = _Connection(
             h2.config.H2Configuration(
                 client_side=True,
                 header_encoding=None,
-                validate_outbound_headers=True,
+                validate_outbound_headers=not checked_heads,
+                normalize_outbound_headers=not checked_heads,
                 validate_inbound_headers=True,
                 normalize_inbound_headers=False,
-            )
+            ),
+            closed_streams,
         )
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
@@ -327,8 +378,11 @@ class H2ClientConnection(asyncio.Protocol):
         self.closed = False
         self.heard = 0  # reads from the peer so far (a stream's loss with none since is stale)
         self.writing_paused = False
-        self.idle_since = asyncio.get_running_loop().time()
+        self._loop = asyncio.get_running_loop()
+        self.idle_since = self._loop.time()
         self.on_idle: Callable[[H2ClientConnection], None] | None = None  # the pool's
+        self._write_due = False  # a `_write` is scheduled
+        self._queued: list[bytes] = []  # taken from h2, for that `_write`
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -346,14 +400,14 @@ class H2ClientConnection(asyncio.Protocol):
         )
         h2c.initiate_connection()
         h2c.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        self._flush()
+        self._write()
 
     def data_received(self, data: bytes) -> None:
         self.heard += 1
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError:
-            self._flush()  # h2 queued the GOAWAY that says why
+            self._write()  # h2 queued the GOAWAY that says why
             self._fail_all("reset", ErrorCodes.PROTOCOL_ERROR)
             self.abort()
             return
@@ -408,6 +462,8 @@ class H2ClientConnection(asyncio.Protocol):
             raise NoRoom
         stream_id = self.h2.get_next_available_stream_id()
         stream = H2Stream(self, stream_id)
+        if self.checked_heads:
+            headers = sensitive(headers)
         self.h2.send_headers(stream_id, headers, end_stream=end)
         stream.local_closed = end
         self.streams[stream_id] = stream
@@ -419,7 +475,7 @@ class H2ClientConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             try:
                 self.h2.close_connection()
-                self._flush()
+                self._write()
             except h2.exceptions.ProtocolError:
                 pass
             self.transport.close()
@@ -456,6 +512,8 @@ class H2ClientConnection(asyncio.Protocol):
 
     def _end(self, stream: H2Stream, trailers: Sequence[Header] | None) -> None:
         if trailers:
+            if self.checked_heads:
+                trailers = sensitive(trailers)
             self.h2.send_headers(stream.id, trailers, end_stream=True)
         else:
             self.h2.end_stream(stream.id)
@@ -539,6 +597,12 @@ class H2ClientConnection(asyncio.Protocol):
             elif (stream := self.streams.get(event.stream_id)) is not None:
                 stream._wake_writer()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
+            # h2 sizes the table it compresses heads with to whatever the peer allows,
+            # and would keep every header sent on the connection in it: MAX_ENCODER_TABLE
+            # is all it needs (a smaller table is signalled in-band).
+            encoder = self.h2.encoder
+            if encoder.header_table_size > MAX_ENCODER_TABLE:
+                encoder.header_table_size = MAX_ENCODER_TABLE
             if not self.ready.done():
                 self.ready.set_result(None)
             for stream in list(self.streams.values()):  # the initial window may have grown
@@ -573,7 +637,25 @@ class H2ClientConnection(asyncio.Protocol):
             stream._push(Reset(failure, code, stale=lost and stream.heard_at == self.heard))
 
     def _flush(self) -> None:
+        """Send what h2 queued at the next turn of the event loop: a call's HEADERS, DATA
+        and END_STREAM (sent in one step: `send_now`), and the frames of every stream
+        that moved in this turn (50 calls in flight wake together), go out in one write,
+        one TLS record and one syscall, not one each. What h2 queues meanwhile is
+        bounded: DATA by the peer's windows, the rest by what the streams do in a turn.
+        """
         data = self.h2.data_to_send()
+        if not data:  # nothing to send (a read that asks no answer): no turn spent on it
+            return
+        self._queued.append(data)
+        if not self._write_due:
+            self._write_due = True
+            self._loop.call_soon(self._write)
+
+    def _write(self) -> None:
+        self._write_due = False
+        self._queued.append(self.h2.data_to_send())
+        data = b"".join(self._queued)
+        self._queued.clear()
         if data and self.transport is not None:
             self.transport.write(data)
 

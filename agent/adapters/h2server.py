@@ -53,6 +53,7 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
+from agent.adapters.h2client import sensitive
 from agent.core.h2limits import FrameBudget, H2Limits, Limit, Window
 
 log = logging.getLogger("outrider.agent")
@@ -107,6 +108,21 @@ class H2Stream:
                 return b""
             self._changed.clear()
             await self._changed.wait()
+        data, length = self._chunks.popleft()
+        self.buffered -= length
+        self._credit = length
+        return data
+
+    def read_now(self) -> bytes | None:
+        """`read` without waiting: None when it would wait (nothing has come yet). A
+        handler that forwards what is at hand at once needs no task to wait for it."""
+        if not self._chunks and not self._ended and self.reset_code is None:
+            return None
+        self._give_credit()
+        if not self._chunks:
+            if self.reset_code is not None:
+                raise StreamReset(self.reset_code)
+            return b""
         data, length = self._chunks.popleft()
         self.buffered -= length
         self._credit = length
@@ -273,6 +289,7 @@ class H2Server(asyncio.Protocol):
         limits: H2Limits | None = None,
         on_closed: Callable[[H2Server], None] = lambda _: None,
         clock: Callable[[], float] | None = None,
+        checked_heads: bool = False,
     ) -> None:
         self.handler = handler
         self.hit = hit  # a limit was reached: counted by the caller
@@ -280,11 +297,19 @@ class H2Server(asyncio.Protocol):
         self.idle_timeout = idle_timeout
         self.on_closed = on_closed
         self._clock = clock
+        # `checked_heads`: the handler only sends heads and trailers that h2 validated on
+        # receipt (a response an H2ClientConnection took) or that the agent built, so
+        # h2's outbound checks and normalization would only repeat work (about half of
+        # what sending a head costs); h2client.sensitive keeps its never-indexed rule.
+        # Not for a handler that sends what an HTTP/1.1 app answered: h2 checks those.
+        self.checked_heads = checked_heads
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,
             validate_inbound_headers=True,
             normalize_inbound_headers=True,
+            validate_outbound_headers=not checked_heads,
+            normalize_outbound_headers=not checked_heads,
         )
         self.budget = FrameBudget(limits)
         self.conn = _Connection(config, self.budget, self._now, limits.max_closed_streams)
@@ -314,6 +339,8 @@ class H2Server(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
         self._unread: asyncio.TimerHandle | None = None  # the peer has stopped taking writes
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._write_due = False  # a `_write` is scheduled
+        self._queued: list[bytes] = []  # taken from h2, for that `_write`
 
     @property
     def paused(self) -> bool:
@@ -334,7 +361,7 @@ class H2Server(asyncio.Protocol):
         extra = self.limits.connection_window - 65_535
         if extra > 0:
             self.conn.increment_flow_control_window(extra)
-        self._flush()
+        self._write()
         self._idle = asyncio.get_running_loop().call_later(self.idle_timeout, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
@@ -561,7 +588,8 @@ class H2Server(asyncio.Protocol):
         return min(window, self.conn.max_outbound_frame_size)
 
     def send_headers(self, stream: H2Stream, headers: Headers, end: bool) -> None:
-        self._send(stream, lambda: self.conn.send_headers(stream.id, headers, end_stream=end))
+        head = sensitive(headers) if self.checked_heads else headers
+        self._send(stream, lambda: self.conn.send_headers(stream.id, head, end_stream=end))
         stream.finished = stream.finished or end
 
     def send_data(self, stream: H2Stream, data: bytes, end: bool) -> None:
@@ -571,7 +599,8 @@ class H2Server(asyncio.Protocol):
 
     def end(self, stream: H2Stream, trailers: Headers | None) -> None:
         if trailers:
-            self._send(stream, lambda: self.conn.send_headers(stream.id, trailers, end_stream=True))
+            tail = sensitive(trailers) if self.checked_heads else trailers
+            self._send(stream, lambda: self.conn.send_headers(stream.id, tail, end_stream=True))
         else:
             self._send(stream, lambda: self.conn.end_stream(stream.id))
         stream.finished = True
@@ -600,7 +629,29 @@ class H2Server(asyncio.Protocol):
             self._flush()
 
     def _flush(self) -> None:
+        """Send what h2 queued at the next turn of the event loop: the frames of every
+        stream that moved in this turn (a response's head, body and trailers; the answers
+        of every call that woke together) go out in one write, one TLS record and one
+        syscall, not one each. What h2 queues meanwhile is bounded: DATA by the client's
+        windows, the rest by what the streams do in a turn. `close` writes it at once.
+        """
         data = self.conn.data_to_send()
+        if not data:  # nothing to send (a read that asks no answer): no turn spent on it
+            return
+        self._queued.append(data)
+        if self._write_due:
+            return
+        if self._loop is None:
+            self._write()
+            return
+        self._write_due = True
+        self._loop.call_soon(self._write)
+
+    def _write(self) -> None:
+        self._write_due = False
+        self._queued.append(self.conn.data_to_send())
+        data = b"".join(self._queued)
+        self._queued.clear()
         if data and self.transport is not None and not self.transport.is_closing():
             self._active = True
             self.transport.write(data)
@@ -641,6 +692,7 @@ class H2Server(asyncio.Protocol):
                 stream.task.cancel()
         transport = self.transport
         if transport is not None:
+            self._write()  # what h2 queued (a GOAWAY that says why) goes before the close
             if self.paused:
                 # The peer is not taking what was written: it would not read a GOAWAY
                 # either, and a close would wait on it for ever.

@@ -246,11 +246,17 @@ class InboundH2:
             why = refusal(503, "app_unreachable", "", grpc.Code.UNAVAILABLE)
             await self.refuse(stream, why, call.grpc)
             return
-        upload = asyncio.get_running_loop().create_task(self._upload(stream, app))
+        # What the client has sent goes at once, with the head; a task sends the rest only
+        # if more is to come (a streaming call) or the app's windows are shut.
+        pending = self._upload_ready(stream, app)
+        upload = None
+        if pending is not None:
+            upload = asyncio.get_running_loop().create_task(self._upload(stream, app, pending))
         try:
             await self._download(stream, app, call)
         finally:
-            upload.cancel()
+            if upload is not None:
+                upload.cancel()
             app.release()
 
     async def _open(self, headers: Headers, stream: H2Stream) -> h2client.H2Stream:
@@ -258,7 +264,7 @@ class InboundH2:
 
         async def dial() -> h2client.H2ClientConnection:
             connection = await h2client.connect(
-                endpoint.host, endpoint.port, within=self.connect_timeout
+                endpoint.host, endpoint.port, within=self.connect_timeout, factory=_checked
             )
             connection.endpoint = endpoint
             return connection
@@ -266,14 +272,31 @@ class InboundH2:
         connection, _ = await self.pool.connection(endpoint, None, dial)
         return connection.open(headers, end=stream.bodiless)
 
-    async def _upload(self, stream: H2Stream, app: h2client.H2Stream) -> None:
-        """The request body and trailers, as the app's windows take them."""
+    def _upload_ready(self, stream: H2Stream, app: h2client.H2Stream) -> bytes | None:
+        """Send, without waiting, what the client has sent already: None once the whole
+        request went; else what `_upload` starts with (a chunk the windows did not take
+        now, or b"")."""
         if stream.bodiless:
-            return
+            return None
         try:
+            while (chunk := stream.read_now()) is not None:
+                if not chunk:
+                    _end_upload(stream, app)
+                    return None
+                if not app.send_now(chunk):
+                    return chunk
+        except (StreamError, StreamReset):
+            return None  # either side is gone: the response side sees it
+        return b""
+
+    async def _upload(self, stream: H2Stream, app: h2client.H2Stream, pending: bytes) -> None:
+        """The rest of the request body and its trailers, as the app's windows take them."""
+        try:
+            if pending:
+                await app.send(pending)
             while chunk := await stream.read():
                 await app.send(chunk)
-            app.end(_onward(stream.trailers or []) or None)
+            _end_upload(stream, app)
         except (StreamError, StreamReset):
             pass  # either side is gone: the response side sees it
 
@@ -342,3 +365,14 @@ def _onward(trailers: Headers) -> Headers:
 def _outward(headers: Headers) -> Headers:
     """A response's headers or trailers as the client gets them: no identity header."""
     return [(n, v) for n, v in headers if not _identity(n)]
+
+
+def _checked() -> h2client.H2ClientConnection:
+    """An app connection whose request heads h2 does not check again: `screen` built them
+    from the client's, which h2 checked on receipt, and the agent's own fields."""
+    return h2client.H2ClientConnection(checked_heads=True)
+
+
+def _end_upload(stream: H2Stream, app: h2client.H2Stream) -> None:
+    """The request is whole: its trailers (`_onward`) or END_STREAM to the app."""
+    app.end(_onward(stream.trailers or []) or None)

@@ -540,10 +540,23 @@ class InboundMtls(Listener[InboundT]):
         ) -> Decision:
             return self._authorize(Request(peer, app.port, method, path, host, headers), config)
 
+        # The connection's metric children, bound once each (`labels()` takes a lock and
+        # a lookup per call): its peer is fixed, its codes few (3 digits at most).
+        source = str(peer or "")
+        by_code: dict[int, Counter] = {}
+        by_grpc_status: dict[int, Counter] = {}
+
         def answered(code: int, grpc_status: int | None) -> None:
-            requests.labels(INBOUND, str(peer or ""), str(code)).inc()
+            counter = by_code.get(code)
+            if counter is None:
+                counter = by_code[code] = requests.labels(INBOUND, source, str(code))
+            counter.inc()
             if grpc_status is not None:
-                calls.labels(INBOUND, str(peer or ""), str(grpc_status)).inc()
+                counter = by_grpc_status.get(grpc_status)
+                if counter is None:
+                    counter = calls.labels(INBOUND, source, str(grpc_status))
+                    by_grpc_status[grpc_status] = counter
+                counter.inc()
 
         def hit(limit: Limit) -> None:
             limit_hits.labels(INBOUND, limit).inc()
@@ -572,6 +585,8 @@ class InboundMtls(Listener[InboundT]):
             hit,
             idle_timeout=limits.idle_timeout.total_seconds(),
             on_closed=closed,
+            # An h2 app's responses were h2-checked on receipt; an HTTP/1.1 app's are not.
+            checked_heads=kind is InboundH2,
         )
         # The relay hands its connection over: it lets go of the transport (so closing it
         # closes nothing) and leaves the registry, which now holds the h2 server.

@@ -96,6 +96,7 @@ class OutboundH2:
             idle_timeout=runtime.limits.idle_timeout.total_seconds(),
             limits=self.limits,
             on_closed=on_closed,
+            checked_heads=True,  # what it answers: upstream's responses, h2-checked, or ours
         )
 
     # -- a stream ------------------------------------------------------------------------
@@ -103,7 +104,7 @@ class OutboundH2:
     async def handle(self, stream: H2Stream) -> None:
         """H2Server's handler: one request, tried until delivered or answered; counted."""
         started = clock()
-        call = _Call(grpc.is_grpc(_text(stream.headers)))
+        call = _Call(grpc.is_grpc(_field(stream.headers, b"content-type")))
         try:
             refused = self._screen(stream)
             if refused is not None:
@@ -165,7 +166,6 @@ class OutboundH2:
             None if deadline is None else loop.time() + deadline,
         )
         body = _Body(stream, stream.bodiless)
-        reader = loop.create_task(body.read()) if not body.ended else None
         attempt: Try[_Upstream, h2client.Response] | None = None
         try:
             async with asyncio.timeout(deadline):
@@ -186,8 +186,6 @@ class OutboundH2:
         except TimeoutError:
             await self._timed_out(stream, call)
         finally:
-            if reader is not None:
-                reader.cancel()
             budget.request_finished()
             breaker.release("max_requests")
             if attempt is not None:  # if the response did not end it: dropped mid-exchange
@@ -219,9 +217,14 @@ class OutboundH2:
         except NoRoom:  # it went away between the pool's answer and now: nothing was sent
             attempt.decide("refused-stream", stale=reused)
             return None
+        attempt.sent()
         upstream = attempt.connection = _Upstream(up)
         if not up.local_closed:
-            upstream.sender = asyncio.get_running_loop().create_task(body.send(up))
+            # What the app has sent goes at once, with the head; a task sends the rest
+            # only if more is to come (a streaming call) or the windows are shut.
+            position = body.send_ready(up)
+            if position is not None:
+                upstream.sender = asyncio.get_running_loop().create_task(body.send(up, position))
         while True:
             event = await up.event()
             if isinstance(event, h2client.Reset):
@@ -231,7 +234,7 @@ class OutboundH2:
                 attempt.parser = event
                 code = None
                 if event.end and request.grpc:  # trailers-only: its grpc-status may retry
-                    code = grpc.status_of(_text(event.headers))
+                    code = grpc.status_of(_field(event.headers, b"grpc-status"))
                 return Response(event.status, code)
             # 1xx: the final head follows (h2 allows nothing else before it)
 
@@ -280,7 +283,9 @@ class OutboundH2:
         try:
             _, connection = await live.dial(
                 endpoint,
-                lambda: H2ClientConnection(endpoint, context, release),  # type: ignore[arg-type]
+                # The heads sent on it are the app's, which the H2Server facing it had
+                # h2 validate, less a header or two, plus grpc-timeout (h2client).
+                lambda: H2ClientConnection(endpoint, context, release, checked_heads=True),  # type: ignore[arg-type]
             )
         except DialError:
             release()
@@ -405,11 +410,12 @@ class _Upstream:
 class _Body:
     """The request body as the app sends it, shared by the tries of its call.
 
-    One chunk is read ahead of what the try in progress has sent, no more:
-    h2server credits a chunk to the app only when the next is read, so the
-    app's windows close while upstream is slow. Chunks are held for a retry
-    while the whole body is within REPLAY_BYTES; past that, each is dropped
-    once sent and the call is no longer replayable.
+    The try in progress reads it from the app as it sends it upstream, one
+    chunk at a time: h2server credits a chunk to the app only when the next is
+    read, so the app's windows close while upstream is slow, and nothing is
+    read while no try is sending. Chunks are held for a retry while the whole
+    body is within REPLAY_BYTES; past that, each is dropped once sent and the
+    call is no longer replayable.
     """
 
     def __init__(self, stream: H2Stream, bodiless: bool) -> None:
@@ -420,76 +426,74 @@ class _Body:
         self.replayable = True
         self.ended = bodiless
         self.trailers: Headers | None = None
-        self.sent = 0  # chunks the try in progress has sent
-        self._sender: object | None = None  # which try's sender sets `sent`
-        self._waiters: list[asyncio.Future[None]] = []
 
     @property
     def empty(self) -> bool:
         """The whole request was its head: the stream ends with it."""
         return self.ended and not self.chunks and not self.base and self.trailers is None
 
-    async def read(self) -> None:
-        """Read the app's body into `chunks`, each once the try in progress caught up."""
+    def send_ready(self, up: h2client.H2Stream) -> int | None:
+        """Send on one try's stream, without waiting, what is at hand: the chunks held and
+        those the app has sent already, the last with END_STREAM if the body is whole.
+        None once there is nothing more to send; else the chunk `send` goes on from."""
+        if self.base:
+            return 0  # `send` refuses it
         try:
-            while True:
-                while self.sent < self.base + len(self.chunks):
-                    await self._changed()
-                chunk = await self.stream.read()
-                if not chunk:
-                    self.trailers = _onward(self.stream.trailers or []) or None
-                    self.ended = True
-                    self._notify()
-                    return
-                self.size += len(chunk)
-                if self.size > REPLAY_BYTES:
-                    self.replayable = False
-                self.chunks.append(chunk)
-                self._notify()
-        except StreamReset:
-            return  # the app reset its stream: the handler is cancelled
-
-    async def send(self, up: h2client.H2Stream) -> None:
-        """Send the body on one try's stream: what was read so far, then what follows."""
-        me = object()
-        self._sender, self.sent = me, 0
-        position = 0
-        try:
-            if self.base:  # its start was dropped: not replayable (no retry gets here)
-                up.reset(ErrorCodes.CANCEL)
-                return
-            while True:
-                while position < self.base + len(self.chunks):
-                    last = position + 1 == self.base + len(self.chunks)
-                    # The last chunk of a body read whole carries END_STREAM: one frame less.
-                    ending = last and self.ended and self.trailers is None
-                    await up.send(self.chunks[position - self.base], end=ending)
-                    position += 1
-                    if self._sender is me:
-                        self.sent = position
-                        if not self.replayable:  # sent for good: not held
-                            del self.chunks[: position - self.base]
-                            self.base = position
-                        self._notify()
-                    if ending:
-                        return
-                if self.ended:
+            while not self.ended and (chunk := self.stream.read_now()) is not None:
+                self._took(chunk)
+            sent = 0
+            for chunk in self.chunks:
+                last = sent + 1 == len(self.chunks) and self.ended and self.trailers is None
+                if not up.send_now(chunk, end=last):
+                    break
+                sent += 1
+            if sent == len(self.chunks) and self.ended:
+                if not up.local_closed:  # else END_STREAM went with the last chunk
                     up.end(self.trailers)
-                    return
-                await self._changed()
-        except StreamError:
-            return  # the try fails on its response side
+                return None
+        except (StreamError, StreamReset):
+            return None  # upstream: the try fails on its response side; the app: it left
+        if not self.replayable:  # sent for good: not held
+            del self.chunks[:sent]
+            self.base = sent
+        return sent
 
-    async def _changed(self) -> None:
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        await waiter
+    async def send(self, up: h2client.H2Stream, position: int = 0) -> None:
+        """Send the body on one try's stream from chunk `position`: what was read so far,
+        then what follows."""
+        if self.base > position:  # its start was dropped: not replayable (no retry gets here)
+            up.reset(ErrorCodes.CANCEL)
+            return
+        try:
+            while True:
+                if position == self.base + len(self.chunks):  # sent all there is
+                    if self.ended:
+                        up.end(self.trailers)
+                        return
+                    if not await self._read():
+                        continue
+                await up.send(self.chunks[position - self.base])
+                position += 1
+                if not self.replayable:  # sent for good: not held
+                    del self.chunks[: position - self.base]
+                    self.base = position
+        except (StreamError, StreamReset):
+            return  # upstream: the try fails on its response side; the app: it left
 
-    def _notify(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+    async def _read(self) -> bool:
+        """The app's next chunk into `chunks` (True), or its end (False)."""
+        return self._took(await self.stream.read())
+
+    def _took(self, chunk: bytes) -> bool:
+        if not chunk:
+            self.trailers = _onward(self.stream.trailers or []) or None
+            self.ended = True
+            return False
+        self.size += len(chunk)
+        if self.size > REPLAY_BYTES:
+            self.replayable = False
+        self.chunks.append(chunk)
+        return True
 
 
 @dataclass
@@ -503,7 +507,7 @@ class _Call:
 
     def heard(self, headers: Headers) -> None:
         if self.grpc and self.code is None:
-            self.code = grpc.status_of(_text(headers))
+            self.code = grpc.status_of(_field(headers, b"grpc-status"))
 
     def outcome(self) -> int | None:
         """The grpc-status the app got (None: not gRPC): a response without one is read as
@@ -542,8 +546,13 @@ def _outward(headers: Headers) -> Headers:
     return [(n, v) for n, v in headers if not _identity(n)]
 
 
-def _text(headers: Headers) -> list[tuple[str, str]]:
-    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+def _field(headers: Headers, name: bytes) -> list[tuple[str, str]]:
+    """The first `name` field of `headers`, as the text agent.core.grpc reads: that one
+    decoded, not the whole list (this runs on every call)."""
+    for n, v in headers:
+        if n == name:
+            return [(n.decode("latin-1"), v.decode("latin-1"))]
+    return []
 
 
 def _overflow_answer(live: LiveUpstream, reason: str) -> tuple[int, str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import socket
@@ -91,6 +92,7 @@ class HandedOut:
         self._changed = asyncio.Event()
         self._minted_under: str | None = None  # the agent's serial the handout was minted under
         self._wake = asyncio.Event()
+        self._failure: str | None = None  # why the last mint failed (None: it did not)
 
     @property
     def svid(self) -> Svid | None:
@@ -112,8 +114,20 @@ class HandedOut:
         if handout is not None and handout.svid.bundle != agent.bundle:
             self._publish(dataclasses.replace(handout.svid, bundle=agent.bundle))
 
+    def unusable_refusal(self, handout: Handout) -> str | None:
+        """Why `handout`'s SVID cannot go out now (expired, or its roots gone); None if it may."""
+        return workload.unusable_refusal(handout.svid, self._identity.now())
+
     async def current(self, after: int = 0) -> Handout:
+        """The handout newer than `after`, once there is one.
+
+        Before the first: GRPCError UNAVAILABLE once a mint has failed (a caller is
+        told at once, as the spec asks of a first answer, and retries), a wait while
+        the first mint is on its way.
+        """
         while self._handout is None or self._handout.version <= after:
+            if self._handout is None and self._failure is not None:
+                raise GRPCError(Status.UNAVAILABLE, f"no SVID to hand out yet: {self._failure}")
             changed = self._changed
             await changed.wait()
         return self._handout
@@ -134,12 +148,16 @@ class HandedOut:
                 if not isinstance(exc, RenewalFailed):
                     log.exception("minting the SVID to hand out: unexpected error")
                 failures += 1
+                self._failure = str(exc)
+                if self._handout is None:
+                    self._wake_waiters()  # they are told, not left waiting
                 delay = self._backoff.delay(failures, self._identity.rng).total_seconds()
                 log.warning("cannot mint the SVID to hand out (%s); retrying in %.1fs", exc, delay)
                 self._wake.set()
                 await asyncio.sleep(delay)
                 continue
             failures = 0
+            self._failure = None
             self._minted_under = agent.serial
             roots = (self._identity.svid or agent).bundle  # as of now: it may have changed since
             # Verified against the roots the agent uses, not the CA's alone.
@@ -149,8 +167,15 @@ class HandedOut:
     def _publish(self, svid: Svid) -> None:
         version = self._handout.version + 1 if self._handout else 1
         self._handout = Handout(version, svid)
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+
+#: struct ucred: pid_t, then uid_t and gid_t, unsigned (a UID may be above 2**31).
+_UCRED = "iII"
 
 
 def peer_credentials(stream: AnyStream) -> workload.PeerCredentials | None:
@@ -160,10 +185,10 @@ def peer_credentials(stream: AnyStream) -> workload.PeerCredentials | None:
     if sock is None or sock.family != socket.AF_UNIX:
         return None
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(_UCRED))
     except OSError:
         return None
-    pid, uid, gid = struct.unpack("3i", raw)
+    pid, uid, gid = struct.unpack(_UCRED, raw)
     return workload.PeerCredentials(pid, uid, gid)
 
 
@@ -184,21 +209,26 @@ class _Caller:
         if header:
             refusal = workload.header_refusal(stream.metadata or {})  # type: ignore[arg-type]
             if refusal is not None:
-                self._refuse("missing_header", refusal)
+                self.refuse("missing_header", refusal)
                 raise GRPCError(Status.INVALID_ARGUMENT, refusal)
         credentials = peer_credentials(stream)
         refusal = workload.caller_refusal(credentials, self.uids)
         if refusal is not None:
-            self._refuse("no_credentials" if credentials is None else "uid", refusal)
+            self.refuse("no_credentials" if credentials is None else "uid", refusal)
             raise GRPCError(Status.PERMISSION_DENIED, refusal)
         assert credentials is not None
         return credentials
 
-    def _refuse(self, reason: str, refusal: str) -> None:
+    def refuse(self, reason: str, refusal: str) -> None:
         self.metrics.workload_api_refusals.labels(self.api, reason).inc()
         held = self._lines.admit(reason, time.monotonic())
         if held is not None:
             log.warning("refused a %s call: %s%s", self.api, refusal, held_back(held))
+
+    def unavailable(self, refusal: str) -> GRPCError:
+        """The call's end while there is no valid SVID to hand out (retriable: UNAVAILABLE)."""
+        self.refuse("no_valid_svid", refusal)
+        return GRPCError(Status.UNAVAILABLE, refusal)
 
     def handed_out(self, keys: int) -> None:
         self.metrics.workload_keys_handed_out.labels(self.api).inc(keys)
@@ -241,6 +271,8 @@ class WorkloadApi(SpiffeWorkloadAPIBase):
         log.info("FetchX509SVID from pid %d uid %d", credentials.pid, credentials.uid)
         async with contextlib.aclosing(_changes(stream, self._handed_out)) as changes:
             async for handout in changes:
+                if (refusal := self._handed_out.unusable_refusal(handout)) is not None:
+                    raise self._caller.unavailable(refusal)
                 await stream.send_message(workload.x509_svid_response(handout.svid))
                 self._caller.handed_out(1)
 
@@ -336,7 +368,13 @@ class SecretDiscovery(SecretDiscoveryServiceBase):
             await changes.aclose()
 
     def _response(self, names: Any, handout: Handout) -> envoy_discovery_pb2.DiscoveryResponse:
+        if unserved := workload.unserved(list(names), handout.svid):
+            said = workload.unserved_refusal(unserved, handout.svid)
+            self._caller.refuse("unknown_secret", said)
+            raise GRPCError(Status.INVALID_ARGUMENT, said)
         found = workload.secrets(list(names), handout.svid)
+        if workload.keys_in(found) and (refusal := self._handed_out.unusable_refusal(handout)):
+            raise self._caller.unavailable(refusal)
         self._caller.handed_out(workload.keys_in(found))
         version = f"{handout.version}-{handout.svid.serial}"
         return workload.discovery_response(found, version, nonce=os.urandom(8).hex())
@@ -387,11 +425,15 @@ class WorkloadApiServer:
 
 def _bind_unix(path: Path) -> socket.socket:
     """A listening socket at `path`, connectable by every UID in the pod (its apps run as
-    their own); a socket left by an agent that died is replaced, any other file is not."""
+    their own); a socket left by an agent that died is replaced, any other file is not,
+    nor a socket some process still listens on (another agent's: taking it would cut
+    that agent's callers off)."""
     path.parent.mkdir(parents=True, exist_ok=True)  # an emptyDir has it; a file config may not
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise OSError(f"{path} exists and is not a socket: not replacing it")
+        if _listened_on(path):
+            raise OSError(f"{path} is in use: another process listens on it; not replacing it")
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -402,3 +444,13 @@ def _bind_unix(path: Path) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _listened_on(path: Path) -> bool:
+    """Some process accepts connections on the socket at `path` (a full backlog counts)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        return probe.connect_ex(str(path)) in (0, errno.EAGAIN)
+    finally:
+        probe.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 from cryptography import x509
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from google.protobuf import any_pb2
 
 from agent.core.svid import Svid
+from identity.chain import ChainError, check_chain
 from identity.proto import envoy_core_pb2, envoy_discovery_pb2, envoy_tls_pb2, workload_pb2
 
 #: The SPIFFE Workload API spec: every call carries `workload.spiffe.io: true`, so that a
@@ -80,6 +82,25 @@ def caller_refusal(
     return None
 
 
+def unusable_refusal(svid: Svid, now: datetime) -> str | None:
+    """Why the SVID cannot be handed out now; None while it may.
+
+    Expired, or not leading to the roots it goes out with (its root removed from
+    the bundle while the CA signed no new one): no peer would accept it, and an
+    app handed it fails every handshake without knowing why. Refused with
+    UNAVAILABLE, the spec's clients back off, call again, and get the next one the
+    CA signs. The bundle alone still goes out: it does not depend on the SVID.
+    """
+    if now >= svid.not_after:
+        expired = svid.not_after.isoformat(timespec="seconds")
+        return f"no valid SVID to hand out: the last expired at {expired}, none signed since"
+    try:
+        check_chain(svid.chain, svid.bundle)
+    except ChainError as exc:
+        return f"no valid SVID to hand out: the last does not lead to the trust bundle ({exc})"
+    return None
+
+
 def x509_svid_response(svid: Svid) -> workload_pb2.X509SVIDResponse:
     """FetchX509SVID's answer: the one SVID, its key, and the roots of its trust domain."""
     return workload_pb2.X509SVIDResponse(
@@ -114,13 +135,25 @@ def secret_kind(name: str, svid: Svid) -> Kind | None:
     return None
 
 
-def secrets(names: Sequence[str], svid: Svid) -> list[envoy_tls_pb2.Secret]:
-    """The secrets asked for (none asked: the SVID and the bundle, by their default names).
+def unserved(names: Sequence[str], svid: Svid) -> list[str]:
+    """The names asked for that the agent does not serve (each once, in order; "" ignored).
 
-    A name the agent does not serve is left out of the answer, as SPIRE does: the
-    client waits for it, and its other secrets are served meanwhile.
+    SPIRE's SDS refuses such a request (INVALID_ARGUMENT, "workload is not authorized
+    for the requested identities"), and so does the agent: a typo or another
+    workload's ID is said to Envoy, which logs it, rather than left for it to wait on.
     """
-    wanted = list(names) or [SVID_SECRET, BUNDLE_SECRET]
+    return [name for name in dict.fromkeys(names) if name and secret_kind(name, svid) is None]
+
+
+def unserved_refusal(names: Sequence[str], svid: Svid) -> str:
+    served = f"{SVID_SECRET} or {svid.spiffe_id}, {BUNDLE_SECRET} or {_trust_domain_id(svid)}"
+    return f"secrets not served here: {', '.join(map(repr, names))} (served: {served})"
+
+
+def secrets(names: Sequence[str], svid: Svid) -> list[envoy_tls_pb2.Secret]:
+    """The secrets asked for (none asked: the SVID and the bundle, by their default names);
+    a name it does not serve (see `unserved`) is not in the answer."""
+    wanted = [name for name in names if name] or [SVID_SECRET, BUNDLE_SECRET]
     found: list[envoy_tls_pb2.Secret] = []
     for name in dict.fromkeys(wanted):
         kind = secret_kind(name, svid)

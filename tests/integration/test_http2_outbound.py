@@ -177,8 +177,11 @@ async def test_unavailable_is_retried_on_another_backend(setup: CaSetup) -> None
     ):
         results = await calls(connection, 40, concurrency=4)
         assert all(map(ok, results)) and {r.backend for r in results} == {"up"}
-        # Each of its UNAVAILABLEs was retried, until outlier detection took it out.
-        assert metric(agent, "upstream_retries_total") == len(pairs[0][0].requests) == 5
+        # Each of its UNAVAILABLEs was retried, until outlier detection took it out after
+        # 5 in a row; calls already on their way to it then (3 more at most, 4 at a time)
+        # got theirs too, and were retried as well.
+        down = len(pairs[0][0].requests)
+        assert metric(agent, "upstream_retries_total") == down and 5 <= down <= 5 + 3
         assert metric(agent, "upstream_ejections_total") == 1
 
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,7 @@ from agent.app import Agent
 from agent.core.workload import MISSING_HEADER, SECRET_TYPE
 from identity import TrustBundle
 from identity.proto import envoy_discovery_pb2, envoy_tls_pb2, workload_pb2
+from identity.proto.envoy_sds_grpc import SecretDiscoveryServiceStub
 from identity.proto.workload_grpc import SpiffeWorkloadAPIStub
 from tests.certs import foreign_ca
 from tests.mesh import eventually, local_sign, sample, workload
@@ -170,6 +176,39 @@ async def test_a_caller_whose_uid_is_not_listed_is_refused_permission_denied(
         assert (await asyncio.wait_for(stream.recv_message(), STEP)).svids
 
 
+def test_a_uid_above_2_to_the_31_is_read_as_the_kernel_gives_it() -> None:
+    """uid_t is unsigned: workload_api.uids takes up to 4294967294, and a caller with such
+    a UID (user namespaces map pods' users high) must be read as that, not as negative."""
+    from types import SimpleNamespace
+
+    from agent.adapters.workload_api import peer_credentials
+
+    high = 3_000_000_000
+    directory = Path(tempfile.mkdtemp(prefix="wl-"))  # pytest's tmp_path: not for other UIDs
+    directory.chmod(0o777)
+    path = directory / "socket"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    path.chmod(0o777)
+    server.listen(1)
+    server.settimeout(STEP)
+    code = "import os, socket, sys; os.setgid({0}); os.setuid({0})"
+    code += "; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.recv(1)"
+    caller = subprocess.Popen([sys.executable, "-c", code.format(high), str(path)])
+    try:
+        conn, _ = server.accept()
+        with conn:
+            transport = SimpleNamespace(get_extra_info=lambda name: conn)
+            stream = SimpleNamespace(peer=SimpleNamespace(_transport=transport))
+            credentials = peer_credentials(stream)  # type: ignore[arg-type]
+        assert credentials is not None
+        assert (credentials.uid, credentials.gid) == (high, high)
+    finally:
+        server.close()
+        caller.wait(STEP)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 async def test_fetch_x509_bundles_names_the_trust_domain(setup: CaSetup) -> None:
     async with workload_agent(setup) as (agent, path), channel(path) as chan:
         stub = SpiffeWorkloadAPIStub(chan)
@@ -224,16 +263,64 @@ async def test_sds_serves_the_svid_and_the_bundle_and_pushes_a_rotation(setup: C
         assert keys_handed_out(agent, "sds") == 2
 
 
-async def test_sds_answers_a_new_set_of_names_and_leaves_out_unknown_ones(
-    setup: CaSetup,
+async def test_sds_pushes_a_bundle_change_to_the_validation_context_and_a_nack_changes_nothing(
+    setup: CaSetup, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with workload_agent(setup) as (_, path), secrets_stream(path) as stream:
+    """A root added, then removed: Envoy's validation context follows each, with the same
+    SVID; a NACK is logged and answered with nothing (the next change still comes)."""
+    async with workload_agent(setup) as (agent, path), secrets_stream(path) as stream:
         await stream.send_message(discovery_request("ROOTCA"))
         first = await asyncio.wait_for(stream.recv_message(), STEP)
-        assert [secret(first, 0).name] == ["ROOTCA"]
-        await stream.send_message(discovery_request(str(WEB), "nonsense", nonce=first.nonce))
-        second = await asyncio.wait_for(stream.recv_message(), STEP)
-        assert [secret(second, i).name for i in range(len(second.resources))] == [str(WEB)]
+        own = agent.identity.svid
+        assert own is not None
+        install_extra_root(agent, tmp_path)
+        added = await asyncio.wait_for(stream.recv_message(), STEP)
+        trusted = secret(added, 0).validation_context.trusted_ca.inline_bytes
+        assert len(x509.load_pem_x509_certificates(trusted)) == len(own.bundle.roots) + 1
+        assert added.version_info != first.version_info and added.nonce != first.nonce
+        nack = envoy_discovery_pb2.DiscoveryRequest(
+            resource_names=["ROOTCA"], version_info=first.version_info, response_nonce=added.nonce
+        )
+        nack.error_detail.message = "bad roots"
+        await stream.send_message(nack)
+        assert await eventually(lambda: "refused version" in caplog.text)
+        agent.identity.install_bundle(own.bundle)  # the extra root removed
+        removed = await asyncio.wait_for(stream.recv_message(), STEP)
+        trusted = secret(removed, 0).validation_context.trusted_ca.inline_bytes
+        assert trusted == own.bundle.to_pem()
+        assert removed.version_info not in (first.version_info, added.version_info)
+
+
+async def test_sds_answers_a_new_set_of_names_and_refuses_unknown_ones(
+    setup: CaSetup,
+) -> None:
+    """A name the agent does not serve (a typo, another workload's ID) ends the call with
+    INVALID_ARGUMENT naming it, as SPIRE's SDS does: Envoy logs it and retries, where an
+    answer without it would leave Envoy waiting with nothing said."""
+    async with workload_agent(setup) as (agent, path):
+        async with secrets_stream(path) as stream:
+            await stream.send_message(discovery_request("ROOTCA"))
+            first = await asyncio.wait_for(stream.recv_message(), STEP)
+            assert [secret(first, 0).name] == ["ROOTCA"]
+            names = (str(WEB), "nonsense")
+            # Half-closed, so that grpclib reads the trailers (Envoy does without).
+            await stream.send_message(discovery_request(*names, nonce=first.nonce), end=True)
+            with pytest.raises(GRPCError) as refused:
+                await asyncio.wait_for(stream.recv_message(), STEP)
+                await asyncio.wait_for(stream.recv_trailing_metadata(), STEP)
+        assert refused.value.status is Status.INVALID_ARGUMENT
+        assert "'nonsense'" in str(refused.value.message)
+        async with channel(path) as chan:
+            sds = SecretDiscoveryServiceStub(chan)
+            with pytest.raises(GRPCError) as refused:
+                await sds.FetchSecrets(discovery_request("default", str(workload("other"))))
+            assert refused.value.status is Status.INVALID_ARGUMENT
+        assert (
+            sample(
+                agent, "outrider_workload_api_refusals_total", api="sds", reason="unknown_secret"
+            )
+            == 2
+        )
 
 
 async def test_the_socket_is_removed_at_stop(
@@ -242,6 +329,77 @@ async def test_the_socket_is_removed_at_stop(
     async with workload_agent(setup) as (_, path):
         pass
     assert not path.exists()
+
+
+async def test_while_the_first_mint_fails_callers_are_told_unavailable_not_left_waiting(
+    setup: CaSetup,
+) -> None:
+    """The agent has its SVID, the CA then refuses the one to hand out: a caller gets
+    UNAVAILABLE at once (the spec: the first answer without delay), not a silent hang."""
+    signed = local_sign(setup)
+    calls = 0
+
+    async def sign(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 1:  # the agent's own SVID only
+            raise GRPCError(Status.UNAVAILABLE, "the CA is down")
+        return await signed(*args)
+
+    backoff = {"initial": "1s", "max": "2s"}
+    async with workload_agent(setup, sign=sign, ca_backoff=backoff) as (_, path):
+        assert await eventually(lambda: calls > 1, STEP)
+        async with svid_stream(path) as stream:
+            with pytest.raises(GRPCError) as refused:
+                await asyncio.wait_for(stream.recv_message(), STEP)
+            assert refused.value.status is Status.UNAVAILABLE
+            assert "the CA is down" in str(refused.value.message)
+        async with channel(path) as chan:
+            with pytest.raises(GRPCError) as refused:
+                sds = SecretDiscoveryServiceStub(chan)
+                await asyncio.wait_for(sds.FetchSecrets(discovery_request("default")), STEP)
+            assert refused.value.status is Status.UNAVAILABLE
+
+
+async def test_an_svid_the_new_roots_do_not_verify_is_not_handed_out(
+    setup: CaSetup, tmp_path: Path
+) -> None:
+    """Its root removed from the bundle while the CA signs nothing: the SVID handed out
+    verifies against no root the pod trusts, and no peer would accept it. An open stream
+    ends UNAVAILABLE rather than pushing it with roots that contradict it; the bundles
+    still go out."""
+    signed = local_sign(setup)
+    calls = 0
+
+    async def sign(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 2:  # the agent's first SVID, then the first one handed out
+            raise GRPCError(Status.UNAVAILABLE, "the CA is down")
+        return await signed(*args)
+
+    backoff = {"initial": "1s", "max": "2s"}
+    async with workload_agent(setup, sign=sign, ca_backoff=backoff) as (agent, path):
+        own = agent.identity.svid
+        assert own is not None
+        async with svid_stream(path) as stream:
+            await asyncio.wait_for(stream.recv_message(), STEP)
+            foreign_ca(tmp_path, own.bundle.trust_domain)
+            other = x509.load_pem_x509_certificate((tmp_path / "root.pem").read_bytes())
+            agent.identity.install_bundle(TrustBundle(own.bundle.trust_domain, (other,)))
+            with pytest.raises(GRPCError) as refused:
+                response = await asyncio.wait_for(stream.recv_message(), STEP)
+                assert response is None, "pushed an SVID its roots do not verify"
+                await asyncio.wait_for(stream.recv_trailing_metadata(), STEP)
+            assert refused.value.status is Status.UNAVAILABLE
+        async with channel(path) as chan:
+            stub = SpiffeWorkloadAPIStub(chan)
+            async with stub.FetchX509Bundles.open(metadata=HEADER) as bundles:
+                await bundles.send_message(workload_pb2.X509BundlesRequest(), end=True)
+                answer = await asyncio.wait_for(bundles.recv_message(), STEP)
+                await bundles.cancel()
+        (roots,) = answer.bundles.values()
+        assert x509_ders(roots) == [other.public_bytes(serialization.Encoding.DER)]
 
 
 def test_a_stale_socket_is_replaced_and_any_other_file_is_not(tmp_path: Path) -> None:
@@ -261,4 +419,63 @@ def test_a_stale_socket_is_replaced_and_any_other_file_is_not(tmp_path: Path) ->
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o666)
 
 
+def test_a_socket_another_agent_still_serves_is_not_taken_from_it(tmp_path: Path) -> None:
+    """Two agents on one path (a restart overlapping the old one, a copied config): the
+    second must not unlink the first's live socket, which would cut off its callers."""
+    from agent.adapters.workload_api import _bind_unix
+
+    path = tmp_path / "socket"
+    live = _bind_unix(path)
+    try:
+        with pytest.raises(OSError, match="in use"):
+            _bind_unix(path)
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(str(path))  # still the first one's
+        client.close()
+    finally:
+        live.close()
+
+
 __all__ = ["Agent"]
+
+
+async def test_an_expired_svid_is_never_handed_out_the_call_is_unavailable(
+    setup: CaSetup,
+) -> None:
+    """The CA refuses every mint after the first until the SVID handed out has expired: a
+    new caller gets UNAVAILABLE (the spec's retriable status), not a dead SVID."""
+    ttl = 2.0
+    signed = local_sign(setup, ttl=timedelta(seconds=ttl))
+    calls = 0
+
+    async def sign(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 2:  # the agent's first SVID, then the first one handed out
+            raise GRPCError(Status.UNAVAILABLE, "the CA is down")
+        return await signed(*args)
+
+    backoff = {"initial": "200ms", "max": "400ms"}
+    async with workload_agent(setup, sign=sign, ca_backoff=backoff) as (agent, path):
+        handed = agent.workload_api.handed_out  # type: ignore[union-attr]
+        assert await eventually(lambda: handed.svid is not None, STEP)
+        assert handed.svid is not None
+        expiry = handed.svid.not_after.timestamp()
+        await asyncio.sleep(max(0.0, expiry - time.time()) + 0.1)  # its expiry: real time
+        async with svid_stream(path) as stream:
+            with pytest.raises(GRPCError) as refused:
+                response = await asyncio.wait_for(stream.recv_message(), STEP)
+                leaf = certificates(response.svids[0].x509_svid)[0]
+                raise AssertionError(
+                    f"handed out an SVID that expired at {leaf.not_valid_after_utc}"
+                )
+            assert refused.value.status is Status.UNAVAILABLE
+        async with channel(path) as chan:
+            with pytest.raises(GRPCError) as refused:
+                await SecretDiscoveryServiceStub(chan).FetchSecrets(discovery_request("default"))
+            assert refused.value.status is Status.UNAVAILABLE
+            # The bundle alone is still served: it does not expire with the SVID.
+            answer = await SecretDiscoveryServiceStub(chan).FetchSecrets(
+                discovery_request("ROOTCA")
+            )
+            assert len(answer.resources) == 1

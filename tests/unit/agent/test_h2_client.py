@@ -8,7 +8,13 @@ import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
 from h2.errors import ErrorCodes
+from hpack import NeverIndexedHeaderTuple
+from hpack.table import table_entry_size
 
 from agent.adapters.h2client import (
     Data,
@@ -24,6 +30,7 @@ from agent.adapters.h2client import (
 from agent.core.upstream import Endpoint
 from tests.h2backend import Answer, GoAway, Request, grpc_error, h2_backend
 from tests.h2backend import Reset as BackendReset
+from tests.h2raw import Wire, turns
 from tests.mesh import eventually
 
 
@@ -322,3 +329,82 @@ async def test_a_failed_dial_fails_every_request_waiting_for_it() -> None:
     )
     assert dials == 1
     assert all(isinstance(r, ConnectionRefusedError) for r in results)
+
+
+def _server() -> h2.connection.H2Connection:
+    server = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    server.initiate_connection()
+    return server
+
+
+async def test_a_calls_head_body_and_end_leave_in_one_write() -> None:
+    # One write (one TLS record, one syscall) per call, not one per frame; calls made in
+    # one turn of the loop share it; a body the windows cannot take now waits, unsent.
+    wire, peer = Wire(), _server()
+    connection = H2ClientConnection()
+    connection.connection_made(wire)
+    peer.receive_data(wire.taken())
+    connection.data_received(peer.data_to_send())  # its SETTINGS
+    await turns(2)
+    peer.receive_data(wire.taken())
+    for _ in range(3):
+        stream = connection.open(_head(grpc=True))
+        assert stream.send_now(b"\0\0\0\0\x05hello")
+        stream.end([(b"grpc-trailer", b"1")])
+    assert not connection.open(_head()).send_now(b"x" * 70_000)  # more than a frame and the window
+    await turns(2)
+    assert len(wire.writes) == 1
+    events = peer.receive_data(wire.taken())
+    assert sum(isinstance(e, h2.events.StreamEnded) for e in events) == 3
+    assert not any(isinstance(e, h2.events.DataReceived) and e.stream_id == 7 for e in events)
+
+
+async def test_credentials_stay_never_indexed_when_h2_does_not_check_the_heads() -> None:
+    # checked_heads skips h2's outbound checks and normalization, not its HPACK rule: an
+    # Authorization value never enters the compression context that requests share.
+    wire = Wire()
+    connection = H2ClientConnection(checked_heads=True)
+    connection.connection_made(wire)
+    connection.open([*_head(), (b"authorization", b"Bearer abc"), (b"cookie", b"id=1")])
+    await turns(2)
+    events = _server().receive_data(b"".join(wire.writes))
+    request = next(e for e in events if isinstance(e, h2.events.RequestReceived))
+    kinds = {field[0]: type(field) for field in request.headers or []}
+    assert kinds[b"authorization"] is NeverIndexedHeaderTuple
+    assert kinds[b"cookie"] is NeverIndexedHeaderTuple  # a short one: guessable
+    assert kinds[b":path"] is not NeverIndexedHeaderTuple
+
+
+async def test_a_peer_cannot_grow_the_table_requests_are_compressed_with() -> None:
+    # A peer allowing a 2 GB HPACK table (SETTINGS_HEADER_TABLE_SIZE): h2 would keep every
+    # header sent on the connection in it; the client keeps 4 KiB, as H2Server does.
+    wire, peer = Wire(), _server()
+    connection = H2ClientConnection()
+    connection.connection_made(wire)
+    peer.receive_data(wire.taken())
+    peer.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 2**31})
+    connection.data_received(peer.data_to_send())
+    for n in range(90):
+        connection.open([*_head(f"/{n:05}"), (b"x-id", b"%d" % n * 40)], end=True)
+    await turns(3)
+    peer.receive_data(wire.taken())  # the peer decodes them all: the table was signalled
+    table = connection.h2.encoder.header_table
+    held = sum(table_entry_size(name, value) for name, value in table.dynamic_entries)
+    assert table.maxsize <= 4096 and held <= 4096, held
+
+
+async def test_a_long_lived_connection_remembers_a_bounded_number_of_closed_streams() -> None:
+    # h2 keeps 65,536 closed streams by default (about 11 MB a pooled connection that
+    # carried that many); the client keeps `closed_streams`.
+    async with h2_backend("a") as backend:
+        connection = await connect(
+            "127.0.0.1", backend.port, factory=lambda: H2ClientConnection(closed_streams=50)
+        )
+        for _ in range(4):
+            streams = [connection.open(_head(), end=True) for _ in range(50)]
+            answers = [await _read(stream) for stream in streams]
+            assert all(isinstance(events[-1], End) for events, _ in answers)
+        assert len(connection.h2._closed_streams) <= 50
+        connection.close()

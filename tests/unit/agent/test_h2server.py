@@ -10,9 +10,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
+import h2.config
+import h2.connection
+import h2.events
 import h2.settings
 import pytest
 from h2.errors import ErrorCodes
+from hpack import NeverIndexedHeaderTuple
 from hpack.table import table_entry_size
 from hyperframe.frame import (
     ContinuationFrame,
@@ -23,9 +27,9 @@ from hyperframe.frame import (
     RstStreamFrame,
 )
 
-from agent.adapters.h2server import H2Server, H2Stream, Handler
+from agent.adapters.h2server import H2Server, H2Stream, Handler, StreamReset
 from agent.core.h2limits import FrameBudget, H2Limits, Limit, Window
-from tests.h2raw import H2Client, RawFrames, request_headers
+from tests.h2raw import H2Client, RawFrames, Wire, request_headers, turns
 
 
 async def echo(stream: H2Stream) -> None:
@@ -462,3 +466,55 @@ async def test_data_in_flight_after_the_servers_own_reset_is_no_reset_flood(
 
     assert await asyncio.to_thread(run)
     assert served.hits == []
+
+
+async def test_a_response_leaves_in_one_write_with_credentials_never_indexed() -> None:
+    # Head, body and trailers in one write (one TLS record, one syscall), not one each;
+    # and a server that leaves heads unchecked by h2 (checked_heads) still keeps
+    # credentials out of the HPACK table its responses share.
+    async def answer(stream: H2Stream) -> None:
+        await stream.respond([(b":status", b"200"), (b"authorization", b"Basic eA==")])
+        await stream.send(b"hello")
+        await stream.end([(b"grpc-status", b"0")])
+
+    wire = Wire()
+    server = H2Server(answer, lambda _: None, idle_timeout=30, checked_heads=True)
+    server.connection_made(wire)
+    client = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    client.initiate_connection()
+    client.receive_data(wire.taken())
+    client.send_headers(1, request_headers("/"), end_stream=True)
+    server.data_received(client.data_to_send())
+    await turns(4)
+    assert len(wire.writes) == 1
+    events = client.receive_data(wire.taken())
+    head = next(e for e in events if isinstance(e, h2.events.ResponseReceived))
+    kinds = {field[0]: type(field) for field in head.headers or []}
+    assert kinds[b"authorization"] is NeverIndexedHeaderTuple
+    assert any(isinstance(e, h2.events.StreamEnded) for e in events)
+    server.abort()
+
+
+async def test_read_now_takes_what_came_without_waiting_and_credits_as_read_does() -> None:
+    class Credits:
+        def __init__(self) -> None:
+            self.given: list[int] = []
+
+        def credit(self, stream_id: int, length: int) -> None:
+            self.given.append(length)
+
+    server = Credits()
+    stream = H2Stream(server, 1, request_headers("/", "POST"), ended=False)  # type: ignore[arg-type]
+    assert stream.read_now() is None  # nothing yet: a caller would wait
+    stream._data(b"abc", 3)
+    stream._data(b"de", 2)
+    assert stream.read_now() == b"abc" and server.given == []
+    assert stream.read_now() == b"de" and server.given == [3]  # the chunk before, credited
+    assert stream.read_now() is None
+    stream._end()
+    assert stream.read_now() == b"" and server.given == [3, 2]
+    stream._gone(ErrorCodes.CANCEL)
+    with pytest.raises(StreamReset):
+        stream.read_now()

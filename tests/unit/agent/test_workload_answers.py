@@ -67,8 +67,7 @@ def test_the_bundles_answer_is_keyed_by_the_trust_domain_id(svid: Svid) -> None:
         ([], ["default", "ROOTCA"]),  # none asked: both, by their default names
         (["default"], ["default"]),
         (["spiffe://example.org/ns/shop/sa/web", "spiffe://example.org"], None),
-        (["ROOTCA", "unknown", "ROOTCA"], ["ROOTCA"]),  # unknown left out, repeats once
-        (["spiffe://example.org/ns/shop/sa/other"], []),  # another workload's: not ours
+        (["ROOTCA", "ROOTCA"], ["ROOTCA"]),  # repeats once
     ],
 )
 def test_sds_serves_the_names_spire_serves(
@@ -76,6 +75,22 @@ def test_sds_serves_the_names_spire_serves(
 ) -> None:
     found = workload.secrets(names, svid)
     assert [s.name for s in found] == (names if served is None else served)
+
+
+@pytest.mark.parametrize(
+    ("names", "unserved"),
+    [
+        ([], []),
+        (["default", "ROOTCA", ""], []),
+        (["ROOTCA", "unknown", "unknown"], ["unknown"]),
+        (["spiffe://example.org/ns/shop/sa/other"], ["spiffe://example.org/ns/shop/sa/other"]),
+        (["spiffe://example.org.evil", "DEFAULT"], ["spiffe://example.org.evil", "DEFAULT"]),
+    ],
+)
+def test_sds_names_the_agent_does_not_serve_are_found(
+    svid: Svid, names: list[str], unserved: list[str]
+) -> None:
+    assert workload.unserved(names, svid) == unserved
 
 
 def test_sds_secrets_hold_pem_inline_and_only_the_svid_holds_a_key(svid: Svid) -> None:
