@@ -26,8 +26,8 @@ from hyperframe.frame import Frame, SettingsFrame
 
 from agent.adapters.h2client import _Connection
 from agent.adapters.h2server import H2Server, Handler
-from tests import certs
-from tests.mesh import AgentProcess, workload
+from tests.httpraw import mtls_socket
+from tests.mesh import AgentProcess
 from tests.support import CaSetup
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -74,10 +74,7 @@ def tls_socket(
     alpn: tuple[str, ...] = ("h2",),
 ) -> ssl.SSLSocket:
     """An mTLS connection to one of the agent's listeners, as `who`, offering `alpn`."""
-    context = certs.client_context(setup.bundle_pem, certs.valid_svid(setup, workload(who)))
-    context.set_alpn_protocols(list(alpn))
-    host, port = agent.bound[listener].rsplit(":", 1)
-    return context.wrap_socket(socket.create_connection((host, int(port)), timeout=5))
+    return mtls_socket(setup, agent.bound[listener], who, alpn)
 
 
 def h2_connect(

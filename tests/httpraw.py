@@ -6,6 +6,7 @@ import http.client
 import json
 import socket
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,15 +25,22 @@ class Reply:
         return json.loads(self.body)
 
 
+def mtls_socket(
+    setup: CaSetup, address: str, who: str = "frontend", alpn: Sequence[str] = ()
+) -> ssl.SSLSocket:
+    """An mTLS connection to `address` ("host:port") with `who`'s SVID, offering `alpn`."""
+    context = certs.client_context(setup.bundle_pem, certs.valid_svid(setup, workload(who)))
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
+    host, port = address.rsplit(":", 1)
+    return context.wrap_socket(socket.create_connection((host, int(port)), timeout=5))
+
+
 def connect(
     setup: CaSetup, agent: AgentProcess, who: str = "frontend", alpn: list[str] | None = None
 ) -> ssl.SSLSocket:
     """An mTLS connection to the agent's first inbound port, as `who`."""
-    context = certs.client_context(setup.bundle_pem, certs.valid_svid(setup, workload(who)))
-    if alpn:
-        context.set_alpn_protocols(alpn)
-    host, port = agent.bound["inbound[0]"].rsplit(":", 1)
-    return context.wrap_socket(socket.create_connection((host, int(port)), timeout=5))
+    return mtls_socket(setup, agent.bound["inbound[0]"], who, alpn or ())
 
 
 class Responses:

@@ -32,7 +32,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
 
-from agent.adapters.upstreams import LiveUpstream
+from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.core.resilience import RetryBudget
 from agent.core.tries import (
     UNAVAILABLE,
@@ -58,6 +58,7 @@ class Droppable(Protocol):
 
 C = TypeVar("C", bound=Droppable)
 P = TypeVar("P")
+Proto = TypeVar("Proto", bound=asyncio.BaseProtocol)
 
 
 class LocalAnswer(Exception):
@@ -66,6 +67,40 @@ class LocalAnswer(Exception):
     def __init__(self, status: int, error: str, grpc_status: int = UNAVAILABLE) -> None:
         super().__init__(status, error)
         self.status, self.error, self.grpc_status = status, error, grpc_status
+
+
+def overflow(live: LiveUpstream, reason: str) -> tuple[int, str]:
+    """The circuit breaker's `reason` limit is reached: counted, and answered by the agent."""
+    live.counted.overflow(reason)
+    return 503, f"overflow_{reason}"
+
+
+async def dial_within_limit(
+    live: LiveUpstream, endpoint: Endpoint, factory: Callable[[Callable[[], None]], Proto]
+) -> Proto:
+    """A new connection to `endpoint` under the circuit breaker's max_connections.
+
+    `factory(release)` builds the connection's protocol: its loss calls `release`,
+    which gives the slot back once however often it is called; a dial that fails
+    (DialError) or is cancelled (the app left, the request's deadline) gives it back here.
+    """
+    breaker = live.breaker
+    if not breaker.acquire("max_connections"):
+        raise LocalAnswer(*overflow(live, "max_connections"))
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            breaker.release("max_connections")
+
+    try:
+        _, connection = await live.dial(endpoint, lambda: factory(release))
+    except (DialError, asyncio.CancelledError):
+        release()
+        raise
+    return connection
 
 
 class Try(Generic[C, P]):

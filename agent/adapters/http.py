@@ -42,6 +42,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Protocol
 
 from agent.core import http1
 from agent.core.headers import UnderscoreAction
@@ -89,6 +90,36 @@ def local_response(status: int, body: dict[str, str]) -> bytes:
         f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
         "Connection: close\r\n\r\n"
     ).encode() + payload
+
+
+class RequestSink(Protocol):
+    """What takes a client's HTTP/1.1 requests off the parser: the inbound exchange
+    (HttpExchange) and the outbound one (agent/adapters/outbound_http.py)."""
+
+    stopped: bool  # a local answer is queued: nothing more is taken
+
+    def request(self, head: Request, /) -> None: ...
+    def body(self, data: bytes, /) -> None: ...
+    def request_done(self) -> None: ...
+    def refuse(self, status: int, error: str, detail: str = "", /) -> None: ...
+    def h2_preface(self) -> None: ...
+
+
+def deliver_requests(events: list[http1.RequestEvent], sink: RequestSink) -> None:
+    """Hand the parser's events to `sink` in order, until it stops taking them."""
+    for event in events:
+        if sink.stopped:
+            return
+        if isinstance(event, Request):
+            sink.request(event)
+        elif isinstance(event, Data):
+            sink.body(event.data)
+        elif event is END:
+            sink.request_done()
+        elif isinstance(event, Refused):
+            sink.refuse(event.status, event.error, event.detail)
+        else:
+            sink.h2_preface()
 
 
 @dataclass
@@ -156,29 +187,12 @@ class HttpExchange:
         if self.tunnel:
             self.app.write(data)
         elif not self.stopped:
-            self._requests(self.requests.feed(data))
+            deliver_requests(self.requests.feed(data), self)
             if self.requests.upgrading:
                 # Held in memory until the app answers the Upgrade: whatever resumed
                 # reading (the app's write buffer drained), one read is all it gets.
                 self.client.pause_reading()
             self._flush()
-
-    def _requests(self, events: list[http1.RequestEvent]) -> None:
-        for event in events:
-            if self.stopped:
-                return
-            if isinstance(event, Request):
-                self.request(event)
-            elif isinstance(event, Data):
-                self.body(event.data)
-            elif event is END:
-                self.request_done()
-            elif isinstance(event, Refused):
-                self.answer(event.status, error_body(event.error, event.detail))
-            else:  # an HTTP/2 preface: the client must be told which protocol this port is
-                self.stopped = self.closing = True
-                self.to_client.append(http1.h2_refusal())
-                self.refused("protocol_mismatch")
 
     def from_app(self, data: bytes) -> None:
         if self.tunnel:
@@ -296,6 +310,16 @@ class HttpExchange:
         if self.draining:
             self.stopped = True
 
+    def refuse(self, status: int, error: str, detail: str = "") -> None:
+        """The request being read breaks a rule (http1 said which): answered, then close."""
+        self.answer(status, error_body(error, detail))
+
+    def h2_preface(self) -> None:
+        """The client spoke HTTP/2 to an HTTP/1.1 port: a GOAWAY says what to change."""
+        self.stopped = self.closing = True
+        self.to_client.append(http1.h2_refusal())
+        self.refused("protocol_mismatch")
+
     def answer(self, status: int, body: dict[str, str]) -> None:
         """Answer the latest request ourselves, after every earlier response; then close."""
         self.stopped = True
@@ -394,7 +418,7 @@ class HttpExchange:
         elif request.upgrade:  # answered without switching: HTTP goes on
             if not self.client.is_closing():
                 self.client.resume_reading()
-            self._requests(self.requests.resume())
+            deliver_requests(self.requests.resume(), self)
         elif self.queue:
             self._start(self.queue[0])
 

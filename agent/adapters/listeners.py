@@ -35,7 +35,7 @@ from agent.adapters.metrics import AgentMetrics, clock
 from agent.adapters.outbound_h2 import OutboundH2
 from agent.adapters.outbound_http import OutboundHttp
 from agent.adapters.relay import Relay
-from agent.adapters.runtime import Runtime
+from agent.adapters.runtime import Runtime, refusal_line
 from agent.adapters.tls import refusal_reason
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.config import Inbound, Outbound
@@ -44,7 +44,6 @@ from agent.core.authz import AllowList
 from agent.core.captured import Captured, OutboundRoutes, admit_plaintext, looks_like_tls
 from agent.core.h2limits import Limit
 from agent.core.policy import Decision, Request
-from agent.core.throttle import held_back
 from agent.core.tries import DELIVERED, Outcome
 from agent.core.upstream import Endpoint
 from identity import SpiffeId
@@ -226,16 +225,15 @@ class Listener(Generic[ConfigT]):
             except OSError as exc:  # EMFILE and friends: back off, keep the listener
                 # A line a while, not one per retry: out of file descriptors, every retry
                 # fails alike (10 a second a socket, for as long as it lasts).
-                key = (self.direction, "accept_failed", exc.errno)
-                held = self.runtime.refusal_lines.admit(key, loop.time())
-                if held is not None:
-                    log.warning(
-                        "%s %s: accept failed: %s%s",
-                        self.direction,
-                        self.address,
-                        exc,
-                        held_back(held),
-                    )
+                refusal_line(
+                    self.runtime.refusal_lines,
+                    log,
+                    (self.direction, "accept_failed", exc.errno),
+                    "%s %s: accept failed: %s",
+                    self.direction,
+                    self.address,
+                    exc,
+                )
                 await asyncio.sleep(0.1)
                 continue
             self._admit(sock)
@@ -372,19 +370,17 @@ class InboundMtls(Listener[InboundT]):
 
     def _over_limit(self, limit: str, done: str) -> None:
         """A line a while: a flood reaches a limit once per connection."""
-        key = (INBOUND, limit)
-        held = self.runtime.refusal_lines.admit(key, asyncio.get_running_loop().time())
-        if held is not None:
-            value = getattr(self.runtime.limits, limit)
-            log.warning(
-                "%s %s: limits.%s (%d) reached: %s%s",
-                self.direction,
-                self.address,
-                limit,
-                value,
-                done,
-                held_back(held),
-            )
+        refusal_line(
+            self.runtime.refusal_lines,
+            log,
+            (INBOUND, limit),
+            "%s %s: limits.%s (%d) reached: %s",
+            self.direction,
+            self.address,
+            limit,
+            getattr(self.runtime.limits, limit),
+            done,
+        )
 
     async def _setup(self, relay: Relay, sock: socket.socket, port: int) -> None:
         started = clock()
@@ -483,17 +479,15 @@ class InboundMtls(Listener[InboundT]):
 
         def refused(reason: str) -> None:
             self.runtime.metrics.connections_refused.labels(INBOUND, reason).inc()
-            held = self.runtime.refusal_lines.admit(
-                (INBOUND, reason), asyncio.get_running_loop().time()
+            refusal_line(
+                self.runtime.refusal_lines,
+                log,
+                (INBOUND, reason),
+                "inbound %s: refused a connection from %s: %s",
+                config.listen,
+                peer or "a plaintext caller",
+                http1.H2_ADVICE if reason == "protocol_mismatch" else reason,
             )
-            if held is not None:
-                log.warning(
-                    "inbound %s: refused a connection from %s: %s%s",
-                    config.listen,
-                    peer or "a plaintext caller",
-                    http1.H2_ADVICE if reason == "protocol_mismatch" else reason,
-                    held_back(held),
-                )
 
         assert relay.down.transport is not None and up.transport is not None
         identity = xfcc(str(self.runtime.spiffe_id), str(peer)) if peer else b""
@@ -514,17 +508,15 @@ class InboundMtls(Listener[InboundT]):
     def _app_unreachable(self, config: Inbound, exc: BaseException) -> None:
         """Counted; a line a while: on a captured pod a caller can try every port, most with
         no app."""
-        held = self.runtime.refusal_lines.admit(
-            (INBOUND, "app_unreachable"), asyncio.get_running_loop().time()
+        refusal_line(
+            self.runtime.refusal_lines,
+            log,
+            (INBOUND, "app_unreachable"),
+            "inbound %s: app %s unreachable: %s",
+            config.listen,
+            config.app,
+            exc or type(exc).__name__,
         )
-        if held is not None:
-            log.warning(
-                "inbound %s: app %s unreachable: %s%s",
-                config.listen,
-                config.app,
-                exc or type(exc).__name__,
-                held_back(held),
-            )
         self.runtime.metrics.connections_refused.labels(INBOUND, "app_unreachable").inc()
 
     def _serve_h2(self, relay: Relay, peer: SpiffeId | None, config: Inbound) -> None:
@@ -629,16 +621,15 @@ class InboundMtls(Listener[InboundT]):
 
     def _limit_line(self, limit: Limit, peer: SpiffeId | None) -> None:
         """A line per limit a while: a flood reaches one per connection."""
-        key = (INBOUND, "http2_limit", limit)
-        held = self.runtime.refusal_lines.admit(key, asyncio.get_running_loop().time())
-        if held is not None:
-            log.warning(
-                "inbound %s: an HTTP/2 client (%s) reached the %s limit%s",
-                self.address,
-                peer or "plaintext",
-                limit,
-                held_back(held),
-            )
+        refusal_line(
+            self.runtime.refusal_lines,
+            log,
+            (INBOUND, "http2_limit", limit),
+            "inbound %s: an HTTP/2 client (%s) reached the %s limit",
+            self.address,
+            peer or "plaintext",
+            limit,
+        )
 
     async def _spoke(self, relay: Relay, sock: socket.socket) -> float | None:
         """The client sent its first bytes within limits.handshake_timeout: the handshake's
@@ -708,17 +699,16 @@ class InboundMtls(Listener[InboundT]):
         return peer, config
 
     def _mismatch_line(self, config: Inbound, peer: SpiffeId) -> None:
-        key = (INBOUND, "protocol_mismatch")
-        held = self.runtime.refusal_lines.admit(key, asyncio.get_running_loop().time())
-        if held is not None:
-            log.warning(
-                "inbound %s: refused %s: it did not offer ALPN h2 and this port is protocol:"
-                " %s (h2 only)%s",
-                config.listen,
-                peer,
-                config.protocol,
-                held_back(held),
-            )
+        refusal_line(
+            self.runtime.refusal_lines,
+            log,
+            (INBOUND, "protocol_mismatch"),
+            "inbound %s: refused %s: it did not offer ALPN h2 and this port is protocol: %s"
+            " (h2 only)",
+            config.listen,
+            peer,
+            config.protocol,
+        )
 
     def _handshake_refused(self, port: int, reason: str) -> None:
         """A client's handshake failed (counted already): an explicit listener says nothing
@@ -740,19 +730,18 @@ class InboundMtls(Listener[InboundT]):
             # A line per caller a while, not per denial: a caller (a plaintext one on a
             # permissive port, above all) can be denied as fast as it connects.
             caller = str(request.source) if request.source else "a plaintext caller"
-            key = (INBOUND, "denied", caller)
-            held = self.runtime.refusal_lines.admit(key, asyncio.get_running_loop().time())
-            if held is not None:
-                what = f"{request.method} {request.path}" if request.method else "a connection"
-                log.info(
-                    "inbound %s: denied %s to port %d from %s: %s%s",
-                    config.listen,
-                    what,
-                    request.port,
-                    caller,
-                    decision.reason,
-                    held_back(held),
-                )
+            refusal_line(
+                self.runtime.refusal_lines,
+                log,
+                (INBOUND, "denied", caller),
+                "inbound %s: denied %s to port %d from %s: %s",
+                config.listen,
+                f"{request.method} {request.path}" if request.method else "a connection",
+                request.port,
+                caller,
+                decision.reason,
+                level=logging.INFO,
+            )
         return decision
 
 
@@ -778,15 +767,14 @@ def h2_gate(
 
     def refused() -> None:
         runtime.metrics.connections_refused.labels(direction, "protocol_mismatch").inc()
-        key = (direction, "protocol_mismatch", "http1")
-        held = runtime.refusal_lines.admit(key, asyncio.get_running_loop().time())
-        if held is not None:
-            log.warning(
-                "%s: refused an HTTP/1.x request: %s%s",
-                where,
-                http1.h1_advice(protocol),
-                held_back(held),
-            )
+        refusal_line(
+            runtime.refusal_lines,
+            log,
+            (direction, "protocol_mismatch", "http1"),
+            "%s: refused an HTTP/1.x request: %s",
+            where,
+            http1.h1_advice(protocol),
+        )
 
     def closed(gate: H2Gate) -> None:
         on_closed()

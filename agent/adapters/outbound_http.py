@@ -41,14 +41,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import cast
 
-from agent.adapters.attempts import LocalAnswer, Try, attempts
-from agent.adapters.http import HOLD_BYTES, error_body, local_response
+from agent.adapters.attempts import LocalAnswer, Try, attempts, dial_within_limit, overflow
+from agent.adapters.http import HOLD_BYTES, deliver_requests, error_body, local_response
 from agent.adapters.metrics import clock, since
 from agent.adapters.pool import UpstreamConnection
+from agent.adapters.runtime import refusal_line
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.core import http1
-from agent.core.http1 import END, Data, Framing, Refused, Request, Switched
-from agent.core.throttle import held_back
+from agent.core.http1 import END, Data, Framing, Request, Switched
 from agent.core.tries import Deliver, Outcome, Response
 from agent.core.upstream import Endpoint
 
@@ -141,44 +141,28 @@ class OutboundHttp(asyncio.Protocol):
             if tunnel.transport is not None:
                 tunnel.transport.write(data)
         elif not self.stopped:
-            self._requests(self.requests.feed(data))
+            deliver_requests(self.requests.feed(data), self)
             if self.requests.upgrading and self.client is not None:
                 # Held in memory until the upstream answers the Upgrade: whatever
                 # resumed reading, one read is all it gets.
                 self.client.pause_reading()
             self._flush()
 
-    def _requests(self, events: list[http1.RequestEvent]) -> None:
-        for event in events:
-            if self.stopped:
-                return
-            if isinstance(event, Request):
-                self.request(event)
-            elif isinstance(event, Data):
-                self.body(event.data)
-            elif event is END:
-                self.request_done()
-            elif isinstance(event, Refused):
-                self.refuse(event.status, event.error, event.detail)
-            else:
-                self._h2_preface()
-
-    def _h2_preface(self) -> None:
+    def h2_preface(self) -> None:
         """The app spoke HTTP/2 to an HTTP/1.1 upstream: a GOAWAY says what to change."""
         self.stopped = True
         self.to_client.append(http1.h2_refusal())
         self._close_client()
         runtime = self.live.runtime
         runtime.metrics.connections_refused.labels("outbound", "protocol_mismatch").inc()
-        key = ("outbound", "protocol_mismatch")
-        held = runtime.refusal_lines.admit(key, asyncio.get_running_loop().time())
-        if held is not None:
-            log.warning(
-                "outbound %s: refused an HTTP/2 connection: %s%s",
-                self.live.name,
-                http1.H2_ADVICE,
-                held_back(held),
-            )
+        refusal_line(
+            runtime.refusal_lines,
+            log,
+            ("outbound", "protocol_mismatch"),
+            "outbound %s: refused an HTTP/2 connection: %s",
+            self.live.name,
+            http1.H2_ADVICE,
+        )
 
     def eof_received(self) -> bool:
         self.stopped = True
@@ -357,7 +341,7 @@ class OutboundHttp(asyncio.Protocol):
         live = self.live
         breaker, budget = live.breaker, live.budget
         if not breaker.acquire("max_requests"):
-            return self._answer(*_overflow(live, "max_requests"))
+            return self._answer(*overflow(live, "max_requests"))
         budget.request_started()
         try:
             if not live.config.timeouts.request:  # the usual case: no timer to arm
@@ -434,29 +418,15 @@ class OutboundHttp(asyncio.Protocol):
             return connection
         breaker = live.breaker
         if not breaker.acquire("max_pending"):
-            raise LocalAnswer(*_overflow(live, "max_pending"))
+            raise LocalAnswer(*overflow(live, "max_pending"))
         try:
-            if not breaker.acquire("max_connections"):
-                raise LocalAnswer(*_overflow(live, "max_connections"))
-
-            released = False
-
-            def release() -> None:  # once: by a failed dial, or by the connection's loss
-                nonlocal released
-                if not released:
-                    released = True
-                    breaker.release("max_connections")
-
-            try:
-                _, connection = await live.dial(
-                    endpoint, lambda: UpstreamConnection(live.pool, endpoint, context, release)
-                )
-            except DialError:
-                release()
-                return None
-            except asyncio.CancelledError:  # the app left, or the request timed out, mid-dial
-                release()
-                raise
+            connection = await dial_within_limit(
+                live,
+                endpoint,
+                lambda release: UpstreamConnection(live.pool, endpoint, context, release),
+            )
+        except DialError:
+            return None
         finally:
             breaker.release("max_pending")
         live.counted.new.inc()
@@ -491,7 +461,7 @@ class OutboundHttp(asyncio.Protocol):
         if request.upgrade and not self.closing:  # answered without switching: HTTP goes on
             if self.client is not None:
                 self.client.resume_reading()
-            self._requests(self.requests.resume())
+            deliver_requests(self.requests.resume(), self)
         if not attempt.parser.done.done():
             attempt.parser.done.set_result(status)
 
@@ -691,8 +661,3 @@ def _key(
             if cookie_name == name.encode():
                 return found
     return None
-
-
-def _overflow(live: LiveUpstream, reason: str) -> tuple[int, str]:
-    live.counted.overflow(reason)
-    return 503, f"overflow_{reason}"

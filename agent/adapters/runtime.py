@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,7 +14,7 @@ from agent.adapters.metrics import AgentMetrics, since
 from agent.adapters.tls import Contexts, peer_id
 from agent.config import Limits
 from agent.core.policy import PolicySet
-from agent.core.throttle import LogThrottle
+from agent.core.throttle import LogThrottle, held_back
 from identity import SpiffeId, SvidError
 
 
@@ -75,3 +77,18 @@ class Runtime:
         metrics.handshakes.labels(direction, "ok", "", version, cipher).inc()
         metrics.handshake_duration.labels(direction).observe(since(started))
         metrics.peer_connections.labels(direction, str(peer), version).inc()
+
+
+def refusal_line(
+    lines: LogThrottle,
+    logger: logging.Logger,
+    key: tuple[object, ...],
+    message: str,
+    *args: object,
+    level: int = logging.WARNING,
+) -> None:
+    """Log `message % args` at most once a while per `key` (`Runtime.refusal_lines`), saying
+    how many it stands for: a caller can cause one per connection, or faster."""
+    held = lines.admit(key, asyncio.get_running_loop().time())
+    if held is not None:
+        logger.log(level, message + "%s", *args, held_back(held), stacklevel=2)

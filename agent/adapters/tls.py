@@ -71,8 +71,7 @@ class Contexts:
     others: HTTP/1.1 from the app goes between agents as HTTP/1.1.
     """
 
-    server: ssl.SSLContext | None = None
-    http_server: ssl.SSLContext | None = None  # `protocol: http` inbounds: h2, http/1.1
+    server: ssl.SSLContext | None = None  # `protocol: tcp|http` inbounds: h2, http/1.1
     h2_server: ssl.SSLContext | None = None  # `protocol: http2|grpc` inbounds: h2 only
     client: ssl.SSLContext | None = None
     h2_client: ssl.SSLContext | None = None  # to `http2|grpc` upstreams: offers h2 only
@@ -81,24 +80,20 @@ class Contexts:
     def of(cls, svid: Svid) -> Contexts:
         """Every context for `svid`; ssl.SSLError if ssl cannot use it."""
         contexts = cls()
-        contexts.server = _context(svid, "server")
-        contexts.http_server = _context(svid, "server", alpn=("h2", "http/1.1"))
+        contexts.server = _context(svid, "server", alpn=("h2", "http/1.1"))
         contexts.h2_server = _context(svid, "server", alpn=("h2",))
         contexts.client = _context(svid, "client")
-        contexts.h2_client = _context(svid, "client")
-        contexts.h2_client.set_alpn_protocols(["h2"])
+        contexts.h2_client = _context(svid, "client", alpn=("h2",))
         return contexts
 
     def use(self, new: Contexts) -> None:
         """New connections take `new`'s contexts from now on (all of them at once)."""
-        self.server, self.http_server, self.h2_server = new.server, new.http_server, new.h2_server
+        self.server, self.h2_server = new.server, new.h2_server
         self.client, self.h2_client = new.client, new.h2_client
 
     def server_for(self, protocol: Protocol) -> ssl.SSLContext | None:
         """The server context of an inbound port of `protocol`."""
-        if protocol in H2:
-            return self.h2_server
-        return self.http_server if protocol == "http" else self.server
+        return self.h2_server if protocol in H2 else self.server
 
     def client_for(self, protocol: Protocol) -> ssl.SSLContext | None:
         """The client context to an upstream of `protocol`."""
@@ -106,7 +101,7 @@ class Contexts:
 
 
 def _context(
-    svid: Svid, side: Literal["server", "client"], alpn: tuple[str, ...] = ("h2", "http/1.1")
+    svid: Svid, side: Literal["server", "client"], alpn: tuple[str, ...] = ()
 ) -> ssl.SSLContext:
     protocol = ssl.PROTOCOL_TLS_SERVER if side == "server" else ssl.PROTOCOL_TLS_CLIENT
     context = ssl.SSLContext(protocol)
@@ -120,6 +115,7 @@ def _context(
     load_cert_chain(context, svid.chain_pem(), svid.key_pem())
     if side == "server":
         context.num_tickets = 0  # TLS 1.3: no resumption tickets
+    if alpn:
         context.set_alpn_protocols(list(alpn))  # what the port speaks: see Contexts
     return context
 
@@ -127,9 +123,7 @@ def _context(
 def control_plane_context(svid: Svid) -> ssl.SSLContext:
     """To the control plane: present the SVID, verify its chain against the bundle, speak h2
     (gRPC); the SPIFFE ID is checked after the handshake, as every peer's is."""
-    context = _context(svid, "client")
-    context.set_alpn_protocols(["h2"])
-    return context
+    return _context(svid, "client", alpn=("h2",))
 
 
 def peer_id(

@@ -24,7 +24,6 @@ from agent.adapters.h2server import H2Stream
 from agent.adapters.http import xfcc
 from agent.core.grpc import Code
 from tests.h2raw import H2Client, Response, h2_connect, request_headers, threaded_h2_app, tls_socket
-from tests.integration.test_agent_http import PATHS
 from tests.mesh import (
     AgentProcess,
     agent_process,
@@ -36,6 +35,7 @@ from tests.mesh import (
     served_agent_yaml,
     workload,
 )
+from tests.path_tricks import PATHS
 from tests.support import CaProcess, CaSetup, free_port
 
 POLICY = """\

@@ -25,7 +25,6 @@ import h2.events
 import pytest
 from aiohttp import web
 
-from tests import certs
 from tests.h2raw import H2Client, request_headers, tls_socket
 from tests.httpraw import connect, get, one
 from tests.mesh import (
@@ -37,6 +36,7 @@ from tests.mesh import (
     threaded_app,
     workload,
 )
+from tests.path_tricks import PATHS
 from tests.support import CaProcess, CaSetup, whole_milliseconds
 
 POLICY = """\
@@ -114,39 +114,7 @@ def agent(setup: CaSetup, ca: CaProcess, app: App) -> Iterator[AgentProcess]:
         yield process
 
 
-def metric(agent: AgentProcess, name: str, **labels: str) -> float:
-    wanted = [f'{key}="{value}"' for key, value in labels.items()]
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in agent.metrics().splitlines()
-        if line.startswith(name + "{") and all(w in line for w in wanted)
-    )
-
-
-# --- paths ----------------------------------------------------------------------------
-
-# raw target -> (status, what the app receives). The app gets the very path the policy saw.
-PATHS = [
-    ("/api/items", 200, "/api/items"),
-    ("/api//items", 200, "/api/items"),
-    ("/api/./items", 200, "/api/items"),
-    ("/api/%69tems", 200, "/api/items"),  # an encoded unreserved letter
-    ("/api/items?next=../../admin", 200, "/api/items?next=../../admin"),
-    ("/api/%252e%252e/admin", 200, "/api/%252e%252e/admin"),  # decoded once, by nobody else
-    ("/api/../admin", 403, None),
-    ("/api/%2e%2e/admin", 403, None),
-    ("/api/%2E%2e/%2e%2E/admin", 403, None),
-    ("/api\\..\\admin", 403, None),
-    ("/api/admin", 403, None),
-    ("/api/./admin", 403, None),
-    ("//api/admin/../admin", 403, None),
-    ("/API/items", 403, None),  # paths are case-sensitive
-    ("/api/%2fadmin", 400, None),  # an encoded / could become a separator in the app
-    ("/api/%5cadmin", 400, None),
-    ("/api/items%00.json", 400, None),
-    ("/api/%zz", 400, None),
-    ("/api/%4", 400, None),
-]
+# --- paths (the table: tests/path_tricks.py) ------------------------------------------
 
 
 @pytest.mark.parametrize(("target", "status", "received"), PATHS)
@@ -169,16 +137,16 @@ def test_a_path_trick_is_decided_on_the_path_the_app_receives(
 def test_a_denied_request_names_the_policy_and_rule_and_is_counted(
     setup: CaSetup, agent: AgentProcess
 ) -> None:
-    before = metric(agent, "outrider_authz_decisions_total", decision="deny", policy="guard")
+    before = agent.total("outrider_authz_decisions_total", decision="deny", policy="guard")
     reply = one(setup, agent, get("/api/admin/users"))
     assert reply.status == 403
     assert reply.headers["content-type"] == "application/json"
     assert reply.json() == {"error": "denied", "policy": "guard", "rule": "admin"}
-    after = metric(agent, "outrider_authz_decisions_total", decision="deny", policy="guard")
+    after = agent.total("outrider_authz_decisions_total", decision="deny", policy="guard")
     assert after == before + 1
     frontend = str(workload("frontend"))
-    assert metric(agent, "outrider_requests_total", peer_id=frontend, code="403") >= 1
-    assert metric(agent, "outrider_requests_total", peer_id=frontend, code="200") >= 1
+    assert agent.total("outrider_requests_total", peer_id=frontend, code="403") >= 1
+    assert agent.total("outrider_requests_total", peer_id=frontend, code="200") >= 1
 
 
 def test_another_caller_is_not_allowed_by_the_frontends_rule(
@@ -247,7 +215,7 @@ def test_handshake_latency_is_measured_below_a_millisecond(
 ) -> None:
     for _ in range(3):
         assert one(setup, agent, get("/api/items")).status == 200
-    total = metric(agent, "outrider_tls_handshake_duration_seconds_sum", direction="inbound")
+    total = agent.total("outrider_tls_handshake_duration_seconds_sum", direction="inbound")
     assert total > 0
     assert not whole_milliseconds(total), "handshakes timed on a millisecond clock"
 
@@ -277,9 +245,7 @@ def test_pipelined_requests_held_behind_a_slow_one_are_bounded(
 
     before = rss()
     head = get("/api/items", "x-pad: " + "a" * 50_000)
-    context = certs.client_context(setup.bundle_pem, certs.valid_svid(setup, workload("frontend")))
-    host, port = agent.bound["inbound[0]"].rsplit(":", 1)
-    with context.wrap_socket(socket.create_connection((host, int(port)), timeout=5)) as tls:
+    with connect(setup, agent) as tls:
         tls.sendall(get("/api/slow"))  # the app takes 3 s over this one
         tls.settimeout(0.5)
         try:
@@ -415,12 +381,11 @@ def test_a_new_policy_applies_at_once_and_a_broken_one_is_refused(
         assert one(setup, agent, get("/public/page")).status == 403
         policy.write_text(opened)
         assert _eventually(lambda: one(setup, agent, get("/public/page")).status == 200)
-        errors = metric(agent, "outrider_config_reloads_total", kind="policy", result="error")
+        errors = agent.total("outrider_config_reloads_total", kind="policy", result="error")
         policy.write_text("policies:\n  - name: broken\n    action: PERMIT\n")
         assert _eventually(
             lambda: (
-                metric(agent, "outrider_config_reloads_total", kind="policy", result="error")
-                > errors
+                agent.total("outrider_config_reloads_total", kind="policy", result="error") > errors
             )
         )
         assert one(setup, agent, get("/public/page")).status == 200  # the last good policy

@@ -6,15 +6,14 @@ HTTP/1.1)."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from agent.adapters.inbound_h2h1 import MAX_APP_CONNECTIONS
-from tests import certs
 from tests.h2raw import H2Client, Response, request_headers
-from tests.mesh import agent_yaml, local_sign, running_agent, sample, workload
+from tests.httpraw import mtls_socket
+from tests.mesh import agent_yaml, local_sign, running_agent, sample
 from tests.support import CaSetup, free_port
 
 OPEN = {"policies": [{"name": "open", "action": "ALLOW", "rules": [{"to": {"paths": ["/*"]}}]}]}
@@ -62,10 +61,7 @@ async def keep_alive_app() -> AsyncIterator[tuple[int, list[int]]]:
 
 
 def h2_to(setup: CaSetup, address: str) -> H2Client:
-    context = certs.client_context(setup.bundle_pem, certs.valid_svid(setup, workload("frontend")))
-    context.set_alpn_protocols(["h2", "http/1.1"])
-    host, port = address.rsplit(":", 1)
-    sock = context.wrap_socket(socket.create_connection((host, int(port)), timeout=5))
+    sock = mtls_socket(setup, address, alpn=("h2", "http/1.1"))
     assert sock.selected_alpn_protocol() == "h2"
     return H2Client(sock)
 

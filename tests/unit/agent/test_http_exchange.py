@@ -1,8 +1,8 @@
 """The inbound HTTP exchange (agent/adapters/http.py) over fake transports: the client's
 bytes in, what the app and the client are sent out; the app's answers fed by hand.
 
-These were subprocess tests once (pipelining, HEAD, early answers, ordering of
-refusals); the shell is thin enough now that the fake transports show it all.
+The shell is thin: pipelining, HEAD, early answers and the ordering of refusals
+all show over fake transports, with no agent process to start.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def test_peer_controlled_text_never_becomes_a_label(reason: str) -> None:
     assert refusal_reason(ConnectionError(reason)) in LABELS
 
 
-SIDES = ["server", "http_server", "h2_server", "client", "h2_client"]
+SIDES = ["server", "h2_server", "client", "h2_client"]
 
 
 @pytest.mark.parametrize("side", SIDES)
