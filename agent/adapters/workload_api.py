@@ -68,6 +68,17 @@ CONNECTIONS = ConnectionLimits(max_connections=64, idle_timeout=timedelta(second
 KEEPALIVE = CONNECTIONS.idle_timeout.total_seconds() / 3
 #: Long-lived calls: window updates and acks come back for every push.
 CONTROL_FRAMES_PER_SECOND = 10.0
+#: How long a push may wait for the caller to take it (its stream's flow-control window
+#: full: it reads nothing). Then its connection is closed, so that a process that opens
+#: streams and never reads cannot hold slots forever: an open stream is owed answers, so
+#: the acceptor never displaces it. Closed rather than the stream ended with a status: the
+#: status would queue behind the very bytes the caller does not read, and never arrive;
+#: a closed connection is what a gRPC client sees as UNAVAILABLE and reconnects after.
+PUSH_TIMEOUT = 30.0
+#: Connections with calls one UID may hold: half the slots, so that a process of one UID
+#: (stuck or hostile) leaves the other half to the pod's other users (Envoy, usually a
+#: UID of its own). Containers that share one UID share the whole.
+MAX_CONNECTIONS_PER_UID = CONNECTIONS.max_connections // 2
 
 
 @dataclass(frozen=True)
@@ -192,6 +203,25 @@ def peer_credentials(stream: AnyStream) -> workload.PeerCredentials | None:
     return workload.PeerCredentials(pid, uid, gid)
 
 
+class _Slots:
+    """Connections with calls, by the caller's UID (both APIs share one count)."""
+
+    def __init__(self) -> None:
+        self._by_uid: dict[int, set[Any]] = {}
+
+    def admit(self, uid: int, transport: Any) -> bool:
+        """Whether a call on `transport` by `uid` may go on (its connection counted)."""
+        held = {t for t in self._by_uid.get(uid, ()) if not t.is_closing()}
+        admitted = transport in held or len(held) < MAX_CONNECTIONS_PER_UID
+        if admitted:
+            held.add(transport)
+        if held:
+            self._by_uid[uid] = held
+        else:
+            self._by_uid.pop(uid, None)
+        return admitted
+
+
 class _Caller:
     """What every call does first: attest the caller (the header, then SO_PEERCRED).
 
@@ -199,10 +229,13 @@ class _Caller:
     (agent/core/throttle.py): a process of the pod can call as fast as it likes.
     """
 
-    def __init__(self, api: str, metrics: AgentMetrics, uids: frozenset[int]) -> None:
+    def __init__(
+        self, api: str, metrics: AgentMetrics, uids: frozenset[int], slots: _Slots
+    ) -> None:
         self.api = api
         self.metrics = metrics
         self.uids = uids
+        self.slots = slots
         self._lines = LogThrottle()
 
     def attest(self, stream: AnyStream, *, header: bool) -> workload.PeerCredentials:
@@ -217,7 +250,26 @@ class _Caller:
             self.refuse("no_credentials" if credentials is None else "uid", refusal)
             raise GRPCError(Status.PERMISSION_DENIED, refusal)
         assert credentials is not None
+        if not self.slots.admit(credentials.uid, stream.peer._transport):
+            refusal = (
+                f"uid {credentials.uid} holds {MAX_CONNECTIONS_PER_UID} connections with calls"
+                " already: close one, or make calls on those"
+            )
+            self.refuse("uid_connections", refusal)
+            raise GRPCError(Status.RESOURCE_EXHAUSTED, refusal)
         return credentials
+
+    async def push(self, stream: AnyStream, message: Any) -> None:
+        """Send `message`; a caller that does not take it within PUSH_TIMEOUT loses its
+        connection (see PUSH_TIMEOUT)."""
+        try:
+            async with asyncio.timeout(PUSH_TIMEOUT):
+                await stream.send_message(message)
+        except TimeoutError:
+            refusal = f"a push not taken in {PUSH_TIMEOUT:g}s: closing the caller's connection"
+            self.refuse("push_timeout", refusal)
+            stream.peer._transport.abort()
+            raise GRPCError(Status.UNAVAILABLE, refusal) from None
 
     def refuse(self, reason: str, refusal: str) -> None:
         self.metrics.workload_api_refusals.labels(self.api, reason).inc()
@@ -273,7 +325,7 @@ class WorkloadApi(SpiffeWorkloadAPIBase):
             async for handout in changes:
                 if (refusal := self._handed_out.unusable_refusal(handout)) is not None:
                     raise self._caller.unavailable(refusal)
-                await stream.send_message(workload.x509_svid_response(handout.svid))
+                await self._caller.push(stream, workload.x509_svid_response(handout.svid))
                 self._caller.handed_out(1)
 
     async def FetchX509Bundles(self, stream: BundlesStream) -> None:
@@ -281,7 +333,7 @@ class WorkloadApi(SpiffeWorkloadAPIBase):
         await stream.recv_message()
         async with contextlib.aclosing(_changes(stream, self._handed_out)) as changes:
             async for handout in changes:
-                await stream.send_message(workload.x509_bundles_response(handout.svid))
+                await self._caller.push(stream, workload.x509_bundles_response(handout.svid))
 
 
 class SecretDiscovery(SecretDiscoveryServiceBase):
@@ -358,7 +410,7 @@ class SecretDiscovery(SecretDiscoveryServiceBase):
                 wanted = names()
                 if handout is None or wanted is None or sent == (handout.version, wanted):
                     continue
-                await stream.send_message(self._response(wanted, handout))
+                await self._caller.push(stream, self._response(wanted, handout))
                 sent = (handout.version, wanted)
             reader.result()  # the client's error, if any, ends the call
         finally:
@@ -394,8 +446,11 @@ class WorkloadApiServer:
         self.metrics = metrics
         self.handed_out = HandedOut(identity, backoff)
         identity.changed.append(self.handed_out.on_identity_changed)
-        workload_api = WorkloadApi(self.handed_out, _Caller("workload", metrics, config.uids))
-        sds = SecretDiscovery(self.handed_out, _Caller("sds", metrics, config.uids))
+        slots = _Slots()
+        workload_api = WorkloadApi(
+            self.handed_out, _Caller("workload", metrics, config.uids, slots)
+        )
+        sds = SecretDiscovery(self.handed_out, _Caller("sds", metrics, config.uids, slots))
         self._server = BoundedServer(
             [workload_api, sds],
             LIMITS,

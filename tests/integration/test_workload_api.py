@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
+from agent.adapters import workload_api
 from agent.app import Agent
 from agent.core.workload import MISSING_HEADER, SECRET_TYPE
 from identity import TrustBundle
@@ -41,6 +42,7 @@ from tests.workload_api import (
     rotate,
     secrets_stream,
     svid_stream,
+    unread_svid_stream,
     workload_agent,
 )
 
@@ -479,3 +481,54 @@ async def test_an_expired_svid_is_never_handed_out_the_call_is_unavailable(
                 discovery_request("ROOTCA")
             )
             assert len(answer.resources) == 1
+
+
+async def test_a_push_a_caller_never_takes_frees_its_connection(
+    setup: CaSetup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller whose stream window is too small for a push and who never reads holds its
+    connection only for PUSH_TIMEOUT: then it is closed, and counted."""
+    monkeypatch.setattr(workload_api, "PUSH_TIMEOUT", 0.3)
+    async with workload_agent(setup) as (agent, path):
+        async with unread_svid_stream(path) as connection:
+
+            async def closed() -> bytes:
+                while chunk := await connection.read(65_536):
+                    del chunk
+                return b""
+
+            await asyncio.wait_for(closed(), STEP)  # EOF: the agent closed it
+        refused = sample(
+            agent, "outrider_workload_api_refusals_total", api="workload", reason="push_timeout"
+        )
+        assert refused == 1
+        async with svid_stream(path) as other:  # the socket still serves everyone else
+            assert (await asyncio.wait_for(other.recv_message(), STEP)).svids
+
+
+async def test_one_uid_cannot_take_every_connection_slot(
+    setup: CaSetup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streams held open by one UID on more than MAX_CONNECTIONS_PER_UID connections: the
+    next connection's call is refused RESOURCE_EXHAUSTED; one that closes frees its slot."""
+    monkeypatch.setattr(workload_api, "MAX_CONNECTIONS_PER_UID", 2)
+    async with (
+        workload_agent(setup) as (agent, path),
+        svid_stream(path) as first,
+        svid_stream(path) as second,
+    ):
+        await asyncio.wait_for(first.recv_message(), STEP)
+        await asyncio.wait_for(second.recv_message(), STEP)
+        async with svid_stream(path) as third:
+            with pytest.raises(GRPCError) as refused:
+                await asyncio.wait_for(third.recv_message(), STEP)
+            assert refused.value.status is Status.RESOURCE_EXHAUSTED
+        assert (
+            sample(
+                agent,
+                "outrider_workload_api_refusals_total",
+                api="workload",
+                reason="uid_connections",
+            )
+            == 1
+        )
