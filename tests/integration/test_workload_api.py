@@ -333,11 +333,12 @@ async def test_the_socket_is_removed_at_stop(
     assert not path.exists()
 
 
-async def test_while_the_first_mint_fails_callers_are_told_unavailable_not_left_waiting(
+async def test_while_the_first_mint_fails_svid_callers_are_told_unavailable_bundles_go_out(
     setup: CaSetup,
 ) -> None:
-    """The agent has its SVID, the CA then refuses the one to hand out: a caller gets
-    UNAVAILABLE at once (the spec: the first answer without delay), not a silent hang."""
+    """The agent has its SVID, the CA then refuses the one to hand out: an SVID caller gets
+    UNAVAILABLE at once (the spec: the first answer without delay), not a silent hang; the
+    bundle, the agent's alone, goes out all the same (FetchX509Bundles, SDS's ROOTCA)."""
     signed = local_sign(setup)
     calls = 0
 
@@ -349,8 +350,10 @@ async def test_while_the_first_mint_fails_callers_are_told_unavailable_not_left_
         return await signed(*args)
 
     backoff = {"initial": "1s", "max": "2s"}
-    async with workload_agent(setup, sign=sign, ca_backoff=backoff) as (_, path):
+    async with workload_agent(setup, sign=sign, ca_backoff=backoff) as (agent, path):
         assert await eventually(lambda: calls > 1, STEP)
+        assert agent.identity.svid is not None
+        own_bundle = agent.identity.svid.bundle
         async with svid_stream(path) as stream:
             with pytest.raises(GRPCError) as refused:
                 await asyncio.wait_for(stream.recv_message(), STEP)
@@ -360,6 +363,25 @@ async def test_while_the_first_mint_fails_callers_are_told_unavailable_not_left_
             with pytest.raises(GRPCError) as refused:
                 sds = SecretDiscoveryServiceStub(chan)
                 await asyncio.wait_for(sds.FetchSecrets(discovery_request("default")), STEP)
+            assert refused.value.status is Status.UNAVAILABLE
+            roots = await asyncio.wait_for(sds.FetchSecrets(discovery_request("ROOTCA")), STEP)
+            (secret,) = [envoy_tls_pb2.Secret.FromString(r.value) for r in roots.resources]
+            assert secret.validation_context.trusted_ca.inline_bytes == own_bundle.to_pem()
+            bundles = SpiffeWorkloadAPIStub(chan).FetchX509Bundles.open(metadata=HEADER)
+            async with bundles as stream:
+                await stream.send_message(workload_pb2.X509BundlesRequest(), end=True)
+                answer = await asyncio.wait_for(stream.recv_message(), STEP)
+                await stream.cancel()
+            assert answer.bundles[f"spiffe://{WEB.trust_domain}"] == b"".join(own_bundle.to_der())
+        async with secrets_stream(path) as sds_stream:
+            await sds_stream.send_message(discovery_request("ROOTCA"))
+            pushed = await asyncio.wait_for(sds_stream.recv_message(), STEP)
+            assert [r.type_url for r in pushed.resources] == [SECRET_TYPE]
+        async with secrets_stream(path) as sds_stream:
+            # Half-closed, so that grpclib reads the trailers (Envoy does without).
+            await sds_stream.send_message(discovery_request("default"), end=True)
+            with pytest.raises(GRPCError) as refused:
+                await asyncio.wait_for(sds_stream.recv_message(), STEP)
             assert refused.value.status is Status.UNAVAILABLE
 
 
