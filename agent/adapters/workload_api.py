@@ -109,6 +109,7 @@ class HandedOut:
         self._minted_under: str | None = None  # the agent's serial the handout was minted under
         self._wake = asyncio.Event()
         self._failure: str | None = None  # why the last mint failed (None: it did not)
+        self._expiry: asyncio.TimerHandle | None = None  # at the SVID's not_after: see _expired
 
     @property
     def svid(self) -> Svid | None:
@@ -199,10 +200,39 @@ class HandedOut:
             self._publish(minted.spiffe_id, roots, dataclasses.replace(minted, bundle=roots))
             log.info("handing out SVID serial %s (the agent's is %s)", minted.serial, agent.serial)
 
+    def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
     def _publish(self, spiffe_id: SpiffeId, bundle: TrustBundle, svid: Svid | None) -> None:
         version = self._handout.version + 1 if self._handout else 1
         self._handout = Handout(version, spiffe_id, bundle, svid)
         self._wake_waiters()
+        self._watch_expiry()
+
+    def _watch_expiry(self) -> None:
+        """Have `_expired` run when the SVID handed out expires (none minted by then)."""
+        self.close()
+        svid = self._handout.svid if self._handout else None
+        if svid is None:
+            return
+        left = (svid.not_after - self._identity.now()).total_seconds()
+        if left > 0:  # expired already: each caller is refused as it comes
+            self._expiry = asyncio.get_running_loop().call_later(left, self._expired)
+
+    def _expired(self) -> None:
+        """The SVID handed out expired with no new one minted: the same, as a new version,
+        so that every open stream checks it again and ends UNAVAILABLE now, as a new call
+        would, rather than at the next change (hours away while the CA is down)."""
+        self._expiry = None
+        handout = self._handout
+        if handout is None or handout.svid is None:
+            return
+        if self._identity.now() < handout.svid.not_after:  # the loop's clock ran ahead
+            self._watch_expiry()
+            return
+        self._publish(handout.spiffe_id, handout.bundle, handout.svid)
 
     def _wake_waiters(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -348,11 +378,15 @@ class WorkloadApi(SpiffeWorkloadAPIBase):
         await stream.recv_message()
         log.info("FetchX509SVID from pid %d uid %d", credentials.pid, credentials.uid)
         async with contextlib.aclosing(_changes(stream, self._handed_out)) as changes:
+            sent = None
             async for handout in changes:
                 if (refusal := self._handed_out.unusable_refusal(handout)) is not None:
                     raise self._caller.unavailable(refusal)
                 assert handout.svid is not None
+                if (handout.svid, handout.bundle) == sent:
+                    continue  # nothing new (a version that only had it checked again)
                 await self._caller.push(stream, workload.x509_svid_response(handout.svid))
+                sent = (handout.svid, handout.bundle)
                 self._caller.handed_out(1)
 
     async def FetchX509Bundles(self, stream: BundlesStream) -> None:
@@ -446,8 +480,11 @@ class SecretDiscovery(SecretDiscoveryServiceBase):
                 wanted = names()
                 if handout is None or wanted is None:
                     continue
-                if sent == (handout.bundle, handout.svid, wanted):
-                    continue  # nothing new for these names
+                if sent == (handout.bundle, handout.svid, wanted) and not (
+                    workload.needs_svid(wanted, handout.spiffe_id)
+                    and self._handed_out.unusable_refusal(handout)
+                ):
+                    continue  # nothing new for these names (an SVID that expired is news)
                 response = self._response(wanted, handout)
                 if response is None:
                     continue  # the SVID asked for is not minted yet: the next change
@@ -522,6 +559,7 @@ class WorkloadApiServer:
             self._minting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._minting
+        self.handed_out.close()
         self._server.close()
         await self._server.wait_closed()
         with contextlib.suppress(FileNotFoundError):

@@ -466,8 +466,9 @@ __all__ = ["Agent"]
 async def test_an_expired_svid_is_never_handed_out_the_call_is_unavailable(
     setup: CaSetup,
 ) -> None:
-    """The CA refuses every mint after the first until the SVID handed out has expired: a
-    new caller gets UNAVAILABLE (the spec's retriable status), not a dead SVID."""
+    """The CA refuses every mint after the first until the SVID handed out has expired: an
+    open stream is told UNAVAILABLE (the spec's retriable status) at the expiry, and a new
+    caller gets it at once, not a dead SVID."""
     ttl = 2.0
     signed = local_sign(setup, ttl=timedelta(seconds=ttl))
     calls = 0
@@ -484,8 +485,22 @@ async def test_an_expired_svid_is_never_handed_out_the_call_is_unavailable(
         handed = agent.workload_api.handed_out  # type: ignore[union-attr]
         assert await eventually(lambda: handed.svid is not None, STEP)
         assert handed.svid is not None
-        expiry = handed.svid.not_after.timestamp()
-        await asyncio.sleep(max(0.0, expiry - time.time()) + 0.1)  # its expiry: real time
+        async with svid_stream(path) as open_before, secrets_stream(path) as sds_before:
+            await asyncio.wait_for(open_before.recv_message(), STEP)
+            await sds_before.send_message(discovery_request("default"))
+            await asyncio.wait_for(sds_before.recv_message(), STEP)
+            # An open stream is told at the expiry itself, not at the next change: no sleep.
+            with pytest.raises(GRPCError) as refused:
+                assert await asyncio.wait_for(open_before.recv_message(), ttl + STEP) is None
+                await asyncio.wait_for(open_before.recv_trailing_metadata(), STEP)
+            assert refused.value.status is Status.UNAVAILABLE
+
+            def sds_told() -> bool:
+                labels = {"api": "sds", "reason": "no_valid_svid"}
+                return sample(agent, "outrider_workload_api_refusals_total", **labels) == 1
+
+            assert await eventually(sds_told, STEP)  # Envoy's stream too, at the expiry
+        assert agent.identity.now() >= handed.svid.not_after
         async with svid_stream(path) as stream:
             with pytest.raises(GRPCError) as refused:
                 response = await asyncio.wait_for(stream.recv_message(), STEP)
