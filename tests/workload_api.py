@@ -23,6 +23,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.settings
 from cryptography import x509
 from grpclib.client import Channel
 from grpclib.exceptions import StreamTerminatedError
@@ -178,3 +181,29 @@ async def next_line(process: asyncio.subprocess.Process, timeout: float = 20) ->
         error = await process.stderr.read()
         raise AssertionError(f"the client ended: {error.decode(errors='replace')}")
     return json.loads(line)  # type: ignore[no-any-return]
+
+
+@asynccontextmanager
+async def unread_svid_stream(socket_path: Path) -> AsyncIterator[asyncio.StreamReader]:
+    """FetchX509SVID from a caller that gives the server no window to push in (initial window
+    0, never updated): every push is stuck. Yields the connection's reader (EOF: closed)."""
+    reader, writer = await asyncio.open_unix_connection(str(socket_path))
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.initiate_connection()
+    connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/SpiffeWorkloadAPI/FetchX509SVID"),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        (SECURITY_HEADER, "true"),
+    ]
+    connection.send_headers(1, headers)
+    connection.send_data(1, b"\0\0\0\0\0", end_stream=True)  # an empty X509SVIDRequest
+    writer.write(connection.data_to_send())
+    try:
+        yield reader
+    finally:
+        writer.close()

@@ -41,6 +41,7 @@ from agent.config import WorkloadApiConfig
 from agent.core import workload
 from agent.core.svid import Svid
 from agent.core.throttle import LogThrottle, held_back
+from identity import SpiffeId, TrustBundle
 from identity.backoff import Backoff
 from identity.grpcserving import BoundedServer, GrpcLimits
 from identity.proto import envoy_discovery_pb2, workload_pb2
@@ -68,21 +69,36 @@ CONNECTIONS = ConnectionLimits(max_connections=64, idle_timeout=timedelta(second
 KEEPALIVE = CONNECTIONS.idle_timeout.total_seconds() / 3
 #: Long-lived calls: window updates and acks come back for every push.
 CONTROL_FRAMES_PER_SECOND = 10.0
+#: How long a push may wait for the caller to take it (its stream's flow-control window
+#: full: it reads nothing). Then its connection is closed, so that a process that opens
+#: streams and never reads cannot hold slots forever: an open stream is owed answers, so
+#: the acceptor never displaces it. Closed rather than the stream ended with a status: the
+#: status would queue behind the very bytes the caller does not read, and never arrive;
+#: a closed connection is what a gRPC client sees as UNAVAILABLE and reconnects after.
+PUSH_TIMEOUT = 30.0
+#: Connections with calls one UID may hold: half the slots, so that a process of one UID
+#: (stuck or hostile) leaves the other half to the pod's other users (Envoy, usually a
+#: UID of its own). Containers that share one UID share the whole.
+MAX_CONNECTIONS_PER_UID = CONNECTIONS.max_connections // 2
 
 
 @dataclass(frozen=True)
 class Handout:
-    """The SVID handed out now (its bundle: the roots in use) and its version, from 1."""
+    """What goes out now, and its version, from 1: the roots in use (the agent's bundle),
+    and the SVID handed out (its bundle those roots), None before the first is minted."""
 
     version: int
-    svid: Svid
+    spiffe_id: SpiffeId
+    bundle: TrustBundle
+    svid: Svid | None
 
 
 class HandedOut:
     """The SVID the APIs hand out: minted after each rotation, re-bundled on each root change.
 
     `current(after)` waits for a version newer than `after` (0: the first), so every
-    stream pushes each change exactly once, however late it looks.
+    stream pushes each change exactly once, however late it looks. The roots go out
+    from the agent's bundle alone, before the first SVID is minted too.
     """
 
     def __init__(self, identity: IdentityManager, backoff: Backoff) -> None:
@@ -93,11 +109,17 @@ class HandedOut:
         self._minted_under: str | None = None  # the agent's serial the handout was minted under
         self._wake = asyncio.Event()
         self._failure: str | None = None  # why the last mint failed (None: it did not)
+        self._expiry: asyncio.TimerHandle | None = None  # at the SVID's not_after: see _expired
 
     @property
     def svid(self) -> Svid | None:
         """The SVID handed out now (None before the first is minted)."""
         return self._handout.svid if self._handout else None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the last mint failed; None when it did not."""
+        return self._failure
 
     def on_identity_changed(self) -> None:
         """IdentityManager.changed: a rotation (mint anew) or new roots (re-bundle).
@@ -111,30 +133,42 @@ class HandedOut:
         if agent.serial != self._minted_under:
             self._wake.set()  # `run` mints, off this callback
         handout = self._handout
-        if handout is not None and handout.svid.bundle != agent.bundle:
-            self._publish(dataclasses.replace(handout.svid, bundle=agent.bundle))
+        if handout is None:
+            self._publish(agent.spiffe_id, agent.bundle, None)
+        elif handout.bundle != agent.bundle:
+            svid = handout.svid and dataclasses.replace(handout.svid, bundle=agent.bundle)
+            self._publish(agent.spiffe_id, agent.bundle, svid)
 
     def unusable_refusal(self, handout: Handout) -> str | None:
         """Why `handout`'s SVID cannot go out now (expired, or its roots gone); None if it may."""
+        if handout.svid is None:
+            return self.not_yet()
         return workload.unusable_refusal(handout.svid, self._identity.now())
 
-    async def current(self, after: int = 0) -> Handout:
-        """The handout newer than `after`, once there is one.
+    def not_yet(self) -> str:
+        return f"no SVID to hand out yet: {self._failure or 'the first is being minted'}"
 
-        Before the first: GRPCError UNAVAILABLE once a mint has failed (a caller is
+    async def current(self, after: int = 0, *, svid: bool = True) -> Handout:
+        """The handout newer than `after` (with an SVID, unless `svid` is False), once there is.
+
+        Before the first SVID: GRPCError UNAVAILABLE once a mint has failed (a caller is
         told at once, as the spec asks of a first answer, and retries), a wait while
         the first mint is on its way.
         """
-        while self._handout is None or self._handout.version <= after:
-            if self._handout is None and self._failure is not None:
-                raise GRPCError(Status.UNAVAILABLE, f"no SVID to hand out yet: {self._failure}")
+        while (
+            (handout := self._handout) is None
+            or handout.version <= after
+            or (svid and handout.svid is None)
+        ):
+            if svid and (handout is None or handout.svid is None) and self._failure is not None:
+                raise GRPCError(Status.UNAVAILABLE, self.not_yet())
             changed = self._changed
             await changed.wait()
-        return self._handout
+        return handout
 
     async def run(self) -> None:
         """Mint after each rotation; while the CA fails, back off and keep the last one."""
-        self._wake.set()  # the agent has its first SVID by now: mint at once
+        self.on_identity_changed()  # the agent has its first SVID by now: its roots, a mint
         failures = 0
         while True:
             await self._wake.wait()
@@ -149,8 +183,10 @@ class HandedOut:
                     log.exception("minting the SVID to hand out: unexpected error")
                 failures += 1
                 self._failure = str(exc)
-                if self._handout is None:
-                    self._wake_waiters()  # they are told, not left waiting
+                if (handout := self._handout) is not None and handout.svid is None:
+                    # A new version, the same roots: streams waiting on the first SVID are
+                    # told (UNAVAILABLE), not left waiting; the roots go out once only.
+                    self._publish(handout.spiffe_id, handout.bundle, None)
                 delay = self._backoff.delay(failures, self._identity.rng).total_seconds()
                 log.warning("cannot mint the SVID to hand out (%s); retrying in %.1fs", exc, delay)
                 self._wake.set()
@@ -161,13 +197,42 @@ class HandedOut:
             self._minted_under = agent.serial
             roots = (self._identity.svid or agent).bundle  # as of now: it may have changed since
             # Verified against the roots the agent uses, not the CA's alone.
-            self._publish(dataclasses.replace(minted, bundle=roots))
+            self._publish(minted.spiffe_id, roots, dataclasses.replace(minted, bundle=roots))
             log.info("handing out SVID serial %s (the agent's is %s)", minted.serial, agent.serial)
 
-    def _publish(self, svid: Svid) -> None:
+    def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    def _publish(self, spiffe_id: SpiffeId, bundle: TrustBundle, svid: Svid | None) -> None:
         version = self._handout.version + 1 if self._handout else 1
-        self._handout = Handout(version, svid)
+        self._handout = Handout(version, spiffe_id, bundle, svid)
         self._wake_waiters()
+        self._watch_expiry()
+
+    def _watch_expiry(self) -> None:
+        """Have `_expired` run when the SVID handed out expires (none minted by then)."""
+        self.close()
+        svid = self._handout.svid if self._handout else None
+        if svid is None:
+            return
+        left = (svid.not_after - self._identity.now()).total_seconds()
+        if left > 0:  # expired already: each caller is refused as it comes
+            self._expiry = asyncio.get_running_loop().call_later(left, self._expired)
+
+    def _expired(self) -> None:
+        """The SVID handed out expired with no new one minted: the same, as a new version,
+        so that every open stream checks it again and ends UNAVAILABLE now, as a new call
+        would, rather than at the next change (hours away while the CA is down)."""
+        self._expiry = None
+        handout = self._handout
+        if handout is None or handout.svid is None:
+            return
+        if self._identity.now() < handout.svid.not_after:  # the loop's clock ran ahead
+            self._watch_expiry()
+            return
+        self._publish(handout.spiffe_id, handout.bundle, handout.svid)
 
     def _wake_waiters(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -192,6 +257,25 @@ def peer_credentials(stream: AnyStream) -> workload.PeerCredentials | None:
     return workload.PeerCredentials(pid, uid, gid)
 
 
+class _Slots:
+    """Connections with calls, by the caller's UID (both APIs share one count)."""
+
+    def __init__(self) -> None:
+        self._by_uid: dict[int, set[Any]] = {}
+
+    def admit(self, uid: int, transport: Any) -> bool:
+        """Whether a call on `transport` by `uid` may go on (its connection counted)."""
+        held = {t for t in self._by_uid.get(uid, ()) if not t.is_closing()}
+        admitted = transport in held or len(held) < MAX_CONNECTIONS_PER_UID
+        if admitted:
+            held.add(transport)
+        if held:
+            self._by_uid[uid] = held
+        else:
+            self._by_uid.pop(uid, None)
+        return admitted
+
+
 class _Caller:
     """What every call does first: attest the caller (the header, then SO_PEERCRED).
 
@@ -199,10 +283,13 @@ class _Caller:
     (agent/core/throttle.py): a process of the pod can call as fast as it likes.
     """
 
-    def __init__(self, api: str, metrics: AgentMetrics, uids: frozenset[int]) -> None:
+    def __init__(
+        self, api: str, metrics: AgentMetrics, uids: frozenset[int], slots: _Slots
+    ) -> None:
         self.api = api
         self.metrics = metrics
         self.uids = uids
+        self.slots = slots
         self._lines = LogThrottle()
 
     def attest(self, stream: AnyStream, *, header: bool) -> workload.PeerCredentials:
@@ -217,7 +304,26 @@ class _Caller:
             self.refuse("no_credentials" if credentials is None else "uid", refusal)
             raise GRPCError(Status.PERMISSION_DENIED, refusal)
         assert credentials is not None
+        if not self.slots.admit(credentials.uid, stream.peer._transport):
+            refusal = (
+                f"uid {credentials.uid} holds {MAX_CONNECTIONS_PER_UID} connections with calls"
+                " already: close one, or make calls on those"
+            )
+            self.refuse("uid_connections", refusal)
+            raise GRPCError(Status.RESOURCE_EXHAUSTED, refusal)
         return credentials
+
+    async def push(self, stream: AnyStream, message: Any) -> None:
+        """Send `message`; a caller that does not take it within PUSH_TIMEOUT loses its
+        connection (see PUSH_TIMEOUT)."""
+        try:
+            async with asyncio.timeout(PUSH_TIMEOUT):
+                await stream.send_message(message)
+        except TimeoutError:
+            refusal = f"a push not taken in {PUSH_TIMEOUT:g}s: closing the caller's connection"
+            self.refuse("push_timeout", refusal)
+            stream.peer._transport.abort()
+            raise GRPCError(Status.UNAVAILABLE, refusal) from None
 
     def refuse(self, reason: str, refusal: str) -> None:
         self.metrics.workload_api_refusals.labels(self.api, reason).inc()
@@ -235,9 +341,11 @@ class _Caller:
 
 
 async def _changes(
-    stream: AnyStream, handed_out: HandedOut, after: int = 0
+    stream: AnyStream, handed_out: HandedOut, *, svid: bool = True
 ) -> AsyncGenerator[Handout, None]:
-    """Each new handout, as it comes; the connection kept alive meanwhile."""
+    """Each new handout (with an SVID, unless `svid` is False), as it comes; the connection
+    kept alive meanwhile."""
+    after = 0
     progress = progress_of(stream.peer._transport)
     if progress is not None:
         progress.received()  # owed answers for as long as the stream lasts
@@ -245,7 +353,7 @@ async def _changes(
         while True:
             try:
                 async with asyncio.timeout(KEEPALIVE):
-                    handout = await handed_out.current(after)
+                    handout = await handed_out.current(after, svid=svid)
             except TimeoutError:
                 if progress is not None:
                     progress.answered()
@@ -270,18 +378,27 @@ class WorkloadApi(SpiffeWorkloadAPIBase):
         await stream.recv_message()
         log.info("FetchX509SVID from pid %d uid %d", credentials.pid, credentials.uid)
         async with contextlib.aclosing(_changes(stream, self._handed_out)) as changes:
+            sent = None
             async for handout in changes:
                 if (refusal := self._handed_out.unusable_refusal(handout)) is not None:
                     raise self._caller.unavailable(refusal)
-                await stream.send_message(workload.x509_svid_response(handout.svid))
+                assert handout.svid is not None
+                if (handout.svid, handout.bundle) == sent:
+                    continue  # nothing new (a version that only had it checked again)
+                await self._caller.push(stream, workload.x509_svid_response(handout.svid))
+                sent = (handout.svid, handout.bundle)
                 self._caller.handed_out(1)
 
     async def FetchX509Bundles(self, stream: BundlesStream) -> None:
         self._caller.attest(stream, header=True)
         await stream.recv_message()
-        async with contextlib.aclosing(_changes(stream, self._handed_out)) as changes:
+        sent = None
+        changes = _changes(stream, self._handed_out, svid=False)  # the agent's roots alone
+        async with contextlib.aclosing(changes):
             async for handout in changes:
-                await stream.send_message(workload.x509_bundles_response(handout.svid))
+                if handout.bundle != sent:
+                    await self._caller.push(stream, workload.x509_bundles_response(handout.bundle))
+                    sent = handout.bundle
 
 
 class SecretDiscovery(SecretDiscoveryServiceBase):
@@ -300,8 +417,13 @@ class SecretDiscovery(SecretDiscoveryServiceBase):
         request = await stream.recv_message()
         if request is None:
             raise GRPCError(Status.INVALID_ARGUMENT, "FetchSecrets takes a DiscoveryRequest")
-        handout = await self._handed_out.current()
-        await stream.send_message(self._response(request.resource_names, handout))
+        handout = await self._handed_out.current(svid=False)
+        response = self._response(request.resource_names, handout)
+        if response is None:  # it asks for the SVID: wait for the first (or UNAVAILABLE)
+            handout = await self._handed_out.current()
+            response = self._response(request.resource_names, handout)
+        assert response is not None
+        await stream.send_message(response)
 
     async def StreamSecrets(self, stream: SecretsStream) -> None:
         credentials = self._caller.attest(stream, header=False)
@@ -340,9 +462,9 @@ class SecretDiscovery(SecretDiscoveryServiceBase):
     async def _serve(
         self, stream: SecretsStream, reader: asyncio.Task[None], asked: asyncio.Event, names: Any
     ) -> None:
-        changes = _changes(stream, self._handed_out)
+        changes = _changes(stream, self._handed_out, svid=False)
         handout: Handout | None = None
-        sent: tuple[int, list[str]] | None = None
+        sent: tuple[TrustBundle, Svid | None, list[str]] | None = None
         next_change = asyncio.ensure_future(anext(changes))
         try:
             while not reader.done():
@@ -356,10 +478,18 @@ class SecretDiscovery(SecretDiscoveryServiceBase):
                     handout = next_change.result()
                     next_change = asyncio.ensure_future(anext(changes))
                 wanted = names()
-                if handout is None or wanted is None or sent == (handout.version, wanted):
+                if handout is None or wanted is None:
                     continue
-                await stream.send_message(self._response(wanted, handout))
-                sent = (handout.version, wanted)
+                if sent == (handout.bundle, handout.svid, wanted) and not (
+                    workload.needs_svid(wanted, handout.spiffe_id)
+                    and self._handed_out.unusable_refusal(handout)
+                ):
+                    continue  # nothing new for these names (an SVID that expired is news)
+                response = self._response(wanted, handout)
+                if response is None:
+                    continue  # the SVID asked for is not minted yet: the next change
+                await self._caller.push(stream, response)
+                sent = (handout.bundle, handout.svid, wanted)
             reader.result()  # the client's error, if any, ends the call
         finally:
             next_change.cancel()
@@ -367,16 +497,25 @@ class SecretDiscovery(SecretDiscoveryServiceBase):
                 await next_change
             await changes.aclose()
 
-    def _response(self, names: Any, handout: Handout) -> envoy_discovery_pb2.DiscoveryResponse:
-        if unserved := workload.unserved(list(names), handout.svid):
-            said = workload.unserved_refusal(unserved, handout.svid)
+    def _response(
+        self, names: Any, handout: Handout
+    ) -> envoy_discovery_pb2.DiscoveryResponse | None:
+        """The answer for `names`; None while the SVID they ask for is not minted yet
+        (UNAVAILABLE once a mint has failed)."""
+        names = list(names)
+        if unserved := workload.unserved(names, handout.spiffe_id):
+            said = workload.unserved_refusal(unserved, handout.spiffe_id)
             self._caller.refuse("unknown_secret", said)
             raise GRPCError(Status.INVALID_ARGUMENT, said)
-        found = workload.secrets(list(names), handout.svid)
-        if workload.keys_in(found) and (refusal := self._handed_out.unusable_refusal(handout)):
-            raise self._caller.unavailable(refusal)
+        if workload.needs_svid(names, handout.spiffe_id):
+            if handout.svid is None and self._handed_out.failure is None:
+                return None
+            if refusal := self._handed_out.unusable_refusal(handout):
+                raise self._caller.unavailable(refusal)
+        found = workload.secrets(names, handout.spiffe_id, handout.bundle, handout.svid)
         self._caller.handed_out(workload.keys_in(found))
-        version = f"{handout.version}-{handout.svid.serial}"
+        serial = handout.svid.serial if handout.svid else "none"
+        version = f"{handout.version}-{serial}"
         return workload.discovery_response(found, version, nonce=os.urandom(8).hex())
 
 
@@ -394,8 +533,11 @@ class WorkloadApiServer:
         self.metrics = metrics
         self.handed_out = HandedOut(identity, backoff)
         identity.changed.append(self.handed_out.on_identity_changed)
-        workload_api = WorkloadApi(self.handed_out, _Caller("workload", metrics, config.uids))
-        sds = SecretDiscovery(self.handed_out, _Caller("sds", metrics, config.uids))
+        slots = _Slots()
+        workload_api = WorkloadApi(
+            self.handed_out, _Caller("workload", metrics, config.uids, slots)
+        )
+        sds = SecretDiscovery(self.handed_out, _Caller("sds", metrics, config.uids, slots))
         self._server = BoundedServer(
             [workload_api, sds],
             LIMITS,
@@ -417,6 +559,7 @@ class WorkloadApiServer:
             self._minting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._minting
+        self.handed_out.close()
         self._server.close()
         await self._server.wait_closed()
         with contextlib.suppress(FileNotFoundError):

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from google.protobuf import any_pb2
 
 from agent.core.svid import Svid
+from identity import SpiffeId, TrustBundle, TrustDomain
 from identity.chain import ChainError, check_chain
 from identity.proto import envoy_core_pb2, envoy_discovery_pb2, envoy_tls_pb2, workload_pb2
 
@@ -119,45 +120,61 @@ def x509_svid_response(svid: Svid) -> workload_pb2.X509SVIDResponse:
     )
 
 
-def x509_bundles_response(svid: Svid) -> workload_pb2.X509BundlesResponse:
-    """FetchX509Bundles' answer: the roots, by trust domain ID (one: no federation)."""
+def x509_bundles_response(bundle: TrustBundle) -> workload_pb2.X509BundlesResponse:
+    """FetchX509Bundles' answer: the roots, by trust domain ID (one: no federation).
+
+    The agent's bundle alone: it goes out before any SVID is handed out, and after
+    the last one expired."""
     return workload_pb2.X509BundlesResponse(
-        bundles={_trust_domain_id(svid): b"".join(svid.bundle.to_der())}
+        bundles={_trust_domain_id(bundle.trust_domain): b"".join(bundle.to_der())}
     )
 
 
-def secret_kind(name: str, svid: Svid) -> Kind | None:
-    """What the SDS secret `name` is, for this SVID; None for a name the agent does not serve."""
-    if name in (SVID_SECRET, str(svid.spiffe_id)):
+def secret_kind(name: str, spiffe_id: SpiffeId) -> Kind | None:
+    """What the SDS secret `name` is, for the pod `spiffe_id`; None for a name not served."""
+    if name in (SVID_SECRET, str(spiffe_id)):
         return "tls_certificate"
-    if name in (BUNDLE_SECRET, _trust_domain_id(svid)):
+    if name in (BUNDLE_SECRET, _trust_domain_id(spiffe_id.trust_domain)):
         return "validation_context"
     return None
 
 
-def unserved(names: Sequence[str], svid: Svid) -> list[str]:
+def unserved(names: Sequence[str], spiffe_id: SpiffeId) -> list[str]:
     """The names asked for that the agent does not serve (each once, in order; "" ignored).
 
     SPIRE's SDS refuses such a request (INVALID_ARGUMENT, "workload is not authorized
     for the requested identities"), and so does the agent: a typo or another
     workload's ID is said to Envoy, which logs it, rather than left for it to wait on.
     """
-    return [name for name in dict.fromkeys(names) if name and secret_kind(name, svid) is None]
+    return [name for name in dict.fromkeys(names) if name and secret_kind(name, spiffe_id) is None]
 
 
-def unserved_refusal(names: Sequence[str], svid: Svid) -> str:
-    served = f"{SVID_SECRET} or {svid.spiffe_id}, {BUNDLE_SECRET} or {_trust_domain_id(svid)}"
+def unserved_refusal(names: Sequence[str], spiffe_id: SpiffeId) -> str:
+    bundle_id = _trust_domain_id(spiffe_id.trust_domain)
+    served = f"{SVID_SECRET} or {spiffe_id}, {BUNDLE_SECRET} or {bundle_id}"
     return f"secrets not served here: {', '.join(map(repr, names))} (served: {served})"
 
 
-def secrets(names: Sequence[str], svid: Svid) -> list[envoy_tls_pb2.Secret]:
+def _wanted(names: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys([name for name in names if name] or [SVID_SECRET, BUNDLE_SECRET]))
+
+
+def needs_svid(names: Sequence[str], spiffe_id: SpiffeId) -> bool:
+    """Whether an SDS answer for `names` holds the SVID (a bundle alone does not wait on it)."""
+    return any(secret_kind(name, spiffe_id) == "tls_certificate" for name in _wanted(names))
+
+
+def secrets(
+    names: Sequence[str], spiffe_id: SpiffeId, bundle: TrustBundle, svid: Svid | None
+) -> list[envoy_tls_pb2.Secret]:
     """The secrets asked for (none asked: the SVID and the bundle, by their default names);
-    a name it does not serve (see `unserved`) is not in the answer."""
-    wanted = [name for name in names if name] or [SVID_SECRET, BUNDLE_SECRET]
+    a name it does not serve (see `unserved`) is not in the answer. `svid` may be None
+    only when no name asks for it (see `needs_svid`)."""
     found: list[envoy_tls_pb2.Secret] = []
-    for name in dict.fromkeys(wanted):
-        kind = secret_kind(name, svid)
+    for name in _wanted(names):
+        kind = secret_kind(name, spiffe_id)
         if kind == "tls_certificate":
+            assert svid is not None, "secrets() asked for the SVID without one"
             found.append(
                 envoy_tls_pb2.Secret(
                     name=name,
@@ -172,7 +189,7 @@ def secrets(names: Sequence[str], svid: Svid) -> list[envoy_tls_pb2.Secret]:
                 envoy_tls_pb2.Secret(
                     name=name,
                     validation_context=envoy_tls_pb2.CertificateValidationContext(
-                        trusted_ca=_inline(svid.bundle.to_pem())
+                        trusted_ca=_inline(bundle.to_pem())
                     ),
                 )
             )
@@ -199,8 +216,8 @@ def _inline(data: bytes) -> envoy_core_pb2.DataSource:
     return envoy_core_pb2.DataSource(inline_bytes=data)
 
 
-def _trust_domain_id(svid: Svid) -> str:
-    return f"spiffe://{svid.spiffe_id.trust_domain}"
+def _trust_domain_id(trust_domain: TrustDomain) -> str:
+    return f"spiffe://{trust_domain}"
 
 
 def _der(cert: x509.Certificate) -> bytes:

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
+from agent.adapters import workload_api
 from agent.app import Agent
 from agent.core.workload import MISSING_HEADER, SECRET_TYPE
 from identity import TrustBundle
@@ -41,6 +42,7 @@ from tests.workload_api import (
     rotate,
     secrets_stream,
     svid_stream,
+    unread_svid_stream,
     workload_agent,
 )
 
@@ -331,11 +333,12 @@ async def test_the_socket_is_removed_at_stop(
     assert not path.exists()
 
 
-async def test_while_the_first_mint_fails_callers_are_told_unavailable_not_left_waiting(
+async def test_while_the_first_mint_fails_svid_callers_are_told_unavailable_bundles_go_out(
     setup: CaSetup,
 ) -> None:
-    """The agent has its SVID, the CA then refuses the one to hand out: a caller gets
-    UNAVAILABLE at once (the spec: the first answer without delay), not a silent hang."""
+    """The agent has its SVID, the CA then refuses the one to hand out: an SVID caller gets
+    UNAVAILABLE at once (the spec: the first answer without delay), not a silent hang; the
+    bundle, the agent's alone, goes out all the same (FetchX509Bundles, SDS's ROOTCA)."""
     signed = local_sign(setup)
     calls = 0
 
@@ -347,8 +350,10 @@ async def test_while_the_first_mint_fails_callers_are_told_unavailable_not_left_
         return await signed(*args)
 
     backoff = {"initial": "1s", "max": "2s"}
-    async with workload_agent(setup, sign=sign, ca_backoff=backoff) as (_, path):
+    async with workload_agent(setup, sign=sign, ca_backoff=backoff) as (agent, path):
         assert await eventually(lambda: calls > 1, STEP)
+        assert agent.identity.svid is not None
+        own_bundle = agent.identity.svid.bundle
         async with svid_stream(path) as stream:
             with pytest.raises(GRPCError) as refused:
                 await asyncio.wait_for(stream.recv_message(), STEP)
@@ -358,6 +363,25 @@ async def test_while_the_first_mint_fails_callers_are_told_unavailable_not_left_
             with pytest.raises(GRPCError) as refused:
                 sds = SecretDiscoveryServiceStub(chan)
                 await asyncio.wait_for(sds.FetchSecrets(discovery_request("default")), STEP)
+            assert refused.value.status is Status.UNAVAILABLE
+            roots = await asyncio.wait_for(sds.FetchSecrets(discovery_request("ROOTCA")), STEP)
+            (secret,) = [envoy_tls_pb2.Secret.FromString(r.value) for r in roots.resources]
+            assert secret.validation_context.trusted_ca.inline_bytes == own_bundle.to_pem()
+            bundles = SpiffeWorkloadAPIStub(chan).FetchX509Bundles.open(metadata=HEADER)
+            async with bundles as stream:
+                await stream.send_message(workload_pb2.X509BundlesRequest(), end=True)
+                answer = await asyncio.wait_for(stream.recv_message(), STEP)
+                await stream.cancel()
+            assert answer.bundles[f"spiffe://{WEB.trust_domain}"] == b"".join(own_bundle.to_der())
+        async with secrets_stream(path) as sds_stream:
+            await sds_stream.send_message(discovery_request("ROOTCA"))
+            pushed = await asyncio.wait_for(sds_stream.recv_message(), STEP)
+            assert [r.type_url for r in pushed.resources] == [SECRET_TYPE]
+        async with secrets_stream(path) as sds_stream:
+            # Half-closed, so that grpclib reads the trailers (Envoy does without).
+            await sds_stream.send_message(discovery_request("default"), end=True)
+            with pytest.raises(GRPCError) as refused:
+                await asyncio.wait_for(sds_stream.recv_message(), STEP)
             assert refused.value.status is Status.UNAVAILABLE
 
 
@@ -442,8 +466,9 @@ __all__ = ["Agent"]
 async def test_an_expired_svid_is_never_handed_out_the_call_is_unavailable(
     setup: CaSetup,
 ) -> None:
-    """The CA refuses every mint after the first until the SVID handed out has expired: a
-    new caller gets UNAVAILABLE (the spec's retriable status), not a dead SVID."""
+    """The CA refuses every mint after the first until the SVID handed out has expired: an
+    open stream is told UNAVAILABLE (the spec's retriable status) at the expiry, and a new
+    caller gets it at once, not a dead SVID."""
     ttl = 2.0
     signed = local_sign(setup, ttl=timedelta(seconds=ttl))
     calls = 0
@@ -460,8 +485,22 @@ async def test_an_expired_svid_is_never_handed_out_the_call_is_unavailable(
         handed = agent.workload_api.handed_out  # type: ignore[union-attr]
         assert await eventually(lambda: handed.svid is not None, STEP)
         assert handed.svid is not None
-        expiry = handed.svid.not_after.timestamp()
-        await asyncio.sleep(max(0.0, expiry - time.time()) + 0.1)  # its expiry: real time
+        async with svid_stream(path) as open_before, secrets_stream(path) as sds_before:
+            await asyncio.wait_for(open_before.recv_message(), STEP)
+            await sds_before.send_message(discovery_request("default"))
+            await asyncio.wait_for(sds_before.recv_message(), STEP)
+            # An open stream is told at the expiry itself, not at the next change: no sleep.
+            with pytest.raises(GRPCError) as refused:
+                assert await asyncio.wait_for(open_before.recv_message(), ttl + STEP) is None
+                await asyncio.wait_for(open_before.recv_trailing_metadata(), STEP)
+            assert refused.value.status is Status.UNAVAILABLE
+
+            def sds_told() -> bool:
+                labels = {"api": "sds", "reason": "no_valid_svid"}
+                return sample(agent, "outrider_workload_api_refusals_total", **labels) == 1
+
+            assert await eventually(sds_told, STEP)  # Envoy's stream too, at the expiry
+        assert agent.identity.now() >= handed.svid.not_after
         async with svid_stream(path) as stream:
             with pytest.raises(GRPCError) as refused:
                 response = await asyncio.wait_for(stream.recv_message(), STEP)
@@ -479,3 +518,59 @@ async def test_an_expired_svid_is_never_handed_out_the_call_is_unavailable(
                 discovery_request("ROOTCA")
             )
             assert len(answer.resources) == 1
+
+
+async def test_a_push_a_caller_never_takes_frees_its_connection(
+    setup: CaSetup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller whose stream window is too small for a push and who never reads holds its
+    connection only for PUSH_TIMEOUT: then it is closed, and counted."""
+    monkeypatch.setattr(workload_api, "PUSH_TIMEOUT", 0.3)
+    async with workload_agent(setup) as (agent, path):
+        async with unread_svid_stream(path) as connection:
+
+            async def closed() -> bytes:
+                while chunk := await connection.read(65_536):
+                    del chunk
+                return b""
+
+            await asyncio.wait_for(closed(), STEP)  # EOF: the agent closed it
+        refused = sample(
+            agent, "outrider_workload_api_refusals_total", api="workload", reason="push_timeout"
+        )
+        assert refused == 1
+        async with svid_stream(path) as other:  # the socket still serves everyone else
+            assert (await asyncio.wait_for(other.recv_message(), STEP)).svids
+
+
+async def test_one_uid_cannot_take_every_connection_slot(
+    setup: CaSetup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streams held open by one UID on more than MAX_CONNECTIONS_PER_UID connections: the
+    next connection's call is refused RESOURCE_EXHAUSTED; one that closes frees its slot."""
+    monkeypatch.setattr(workload_api, "MAX_CONNECTIONS_PER_UID", 2)
+    async with workload_agent(setup) as (agent, path), svid_stream(path) as first:
+        await asyncio.wait_for(first.recv_message(), STEP)
+        async with svid_stream(path) as second:
+            await asyncio.wait_for(second.recv_message(), STEP)
+            async with svid_stream(path) as third:
+                with pytest.raises(GRPCError) as refused:
+                    await asyncio.wait_for(third.recv_message(), STEP)
+                assert refused.value.status is Status.RESOURCE_EXHAUSTED
+        labels = {"api": "workload", "reason": "uid_connections"}
+        assert sample(agent, "outrider_workload_api_refusals_total", **labels) == 1
+
+        async def served() -> bool:
+            async with svid_stream(path) as after_a_close:
+                try:
+                    return bool((await asyncio.wait_for(after_a_close.recv_message(), STEP)).svids)
+                except GRPCError as exc:  # the agent may not have seen the close yet
+                    assert exc.status is Status.RESOURCE_EXHAUSTED
+                    return False
+
+        for _ in range(100):  # `second`'s connection is closed: its slot comes free
+            if await served():
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("a closed connection's slot never came free")

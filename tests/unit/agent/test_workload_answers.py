@@ -57,7 +57,7 @@ def test_the_x509_svid_answer_carries_the_chain_its_key_and_the_roots(svid: Svid
 
 
 def test_the_bundles_answer_is_keyed_by_the_trust_domain_id(svid: Svid) -> None:
-    answer = workload.x509_bundles_response(svid)
+    answer = workload.x509_bundles_response(svid.bundle)
     assert dict(answer.bundles) == {"spiffe://example.org": b"".join(svid.bundle.to_der())}
 
 
@@ -73,7 +73,7 @@ def test_the_bundles_answer_is_keyed_by_the_trust_domain_id(svid: Svid) -> None:
 def test_sds_serves_the_names_spire_serves(
     svid: Svid, names: list[str], served: list[str] | None
 ) -> None:
-    found = workload.secrets(names, svid)
+    found = workload.secrets(names, svid.spiffe_id, svid.bundle, svid)
     assert [s.name for s in found] == (names if served is None else served)
 
 
@@ -90,11 +90,11 @@ def test_sds_serves_the_names_spire_serves(
 def test_sds_names_the_agent_does_not_serve_are_found(
     svid: Svid, names: list[str], unserved: list[str]
 ) -> None:
-    assert workload.unserved(names, svid) == unserved
+    assert workload.unserved(names, svid.spiffe_id) == unserved
 
 
 def test_sds_secrets_hold_pem_inline_and_only_the_svid_holds_a_key(svid: Svid) -> None:
-    found = workload.secrets([], svid)
+    found = workload.secrets([], svid.spiffe_id, svid.bundle, svid)
     certificate, roots = found
     assert certificate.tls_certificate.certificate_chain.inline_bytes == svid.chain_pem()
     assert certificate.tls_certificate.private_key.inline_bytes == svid.key_pem()
@@ -104,7 +104,9 @@ def test_sds_secrets_hold_pem_inline_and_only_the_svid_holds_a_key(svid: Svid) -
 
 
 def test_a_discovery_response_is_typed_as_envoys_secret(svid: Svid) -> None:
-    response = workload.discovery_response(workload.secrets([], svid), "1-ab", "n1")
+    response = workload.discovery_response(
+        workload.secrets([], svid.spiffe_id, svid.bundle, svid), "1-ab", "n1"
+    )
     assert response.type_url == workload.SECRET_TYPE
     assert {r.type_url for r in response.resources} == {workload.SECRET_TYPE}
     assert envoy_tls_pb2.Secret.FromString(response.resources[0].value).name == "default"
@@ -137,3 +139,12 @@ def test_a_bad_workload_api_section_is_refused_with_its_key_path(
     with pytest.raises(ConfigError) as refused:
         parse({**minimal(), "workload_api": section}, base=Path("/etc/o"))
     assert any(line.startswith(error) for line in refused.value.errors), refused.value.errors
+
+
+def test_the_bundle_alone_is_served_without_an_svid(svid: Svid) -> None:
+    """Before the first SVID is minted: an SDS answer that names only the bundle needs none."""
+    assert not workload.needs_svid(["ROOTCA"], svid.spiffe_id)
+    assert workload.needs_svid([], svid.spiffe_id)  # none named: both, the SVID among them
+    assert workload.needs_svid([str(svid.spiffe_id)], svid.spiffe_id)
+    (roots,) = workload.secrets(["ROOTCA"], svid.spiffe_id, svid.bundle, None)
+    assert roots.validation_context.trusted_ca.inline_bytes == svid.bundle.to_pem()
