@@ -20,6 +20,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ import h2.connection
 import h2.settings
 from cryptography import x509
 from grpclib.client import Channel
-from grpclib.exceptions import StreamTerminatedError
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 from h2.exceptions import ProtocolError
 
 from agent.adapters.rotator import SignFn
@@ -69,6 +71,22 @@ async def workload_agent(
             yield agent, socket_path
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+class CaDownAfter:
+    """A CA that signs the first `signs` requests (as `local_sign`) and refuses every one
+    after (UNAVAILABLE); `calls` counts them all."""
+
+    def __init__(self, setup: CaSetup, signs: int, ttl: timedelta = timedelta(hours=1)) -> None:
+        self._signed = local_sign(setup, ttl)
+        self._signs = signs
+        self.calls = 0
+
+    async def __call__(self, *args: Any) -> Any:
+        self.calls += 1
+        if self.calls > self._signs:
+            raise GRPCError(Status.UNAVAILABLE, "the CA is down")
+        return await self._signed(*args)
 
 
 def rotate(agent: Agent) -> str:

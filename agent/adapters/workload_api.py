@@ -26,7 +26,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -366,51 +366,64 @@ async def _changes(
             progress.answered()
 
 
-class WorkloadApi(SpiffeWorkloadAPIBase):
-    """The SPIFFE Workload API's X.509 calls; the JWT calls are not served (UNIMPLEMENTED)."""
+class _Service:
+    """What both services answer from: the SVID handed out, and the caller's checks."""
 
     def __init__(self, handed_out: HandedOut, caller: _Caller) -> None:
         self._handed_out = handed_out
         self._caller = caller
 
+
+class WorkloadApi(_Service, SpiffeWorkloadAPIBase):
+    """The SPIFFE Workload API's X.509 calls; the JWT calls are not served (UNIMPLEMENTED)."""
+
     async def FetchX509SVID(self, stream: SvidStream) -> None:
-        credentials = self._caller.attest(stream, header=True)
-        await stream.recv_message()
-        log.info("FetchX509SVID from pid %d uid %d", credentials.pid, credentials.uid)
-        async with contextlib.aclosing(_changes(stream, self._handed_out)) as changes:
-            sent = None
-            async for handout in changes:
-                if (refusal := self._handed_out.unusable_refusal(handout)) is not None:
-                    raise self._caller.unavailable(refusal)
-                assert handout.svid is not None
-                if (handout.svid, handout.bundle) == sent:
-                    continue  # nothing new (a version that only had it checked again)
-                await self._caller.push(stream, workload.x509_svid_response(handout.svid))
-                sent = (handout.svid, handout.bundle)
-                self._caller.handed_out(1)
+        await self._push_changes(stream, self._svid_response, svid=True)
 
     async def FetchX509Bundles(self, stream: BundlesStream) -> None:
-        self._caller.attest(stream, header=True)
+        # The agent's roots alone: they go out before the first SVID is minted too.
+        await self._push_changes(
+            stream, lambda handout: workload.x509_bundles_response(handout.bundle), svid=False
+        )
+
+    async def _push_changes(
+        self, stream: AnyStream, response: Callable[[Handout], Any], *, svid: bool
+    ) -> None:
+        """Attest, take the request, then push `response` of each change that differs from
+        the last sent (a version that only had the SVID checked again does not).
+
+        `svid`: the call hands out the SVID's key, so it waits for the first SVID, and
+        its caller is logged and counted.
+        """
+        credentials = self._caller.attest(stream, header=True)
         await stream.recv_message()
+        if svid:
+            log.info("FetchX509SVID from pid %d uid %d", credentials.pid, credentials.uid)
         sent = None
-        changes = _changes(stream, self._handed_out, svid=False)  # the agent's roots alone
-        async with contextlib.aclosing(changes):
+        async with contextlib.aclosing(_changes(stream, self._handed_out, svid=svid)) as changes:
             async for handout in changes:
-                if handout.bundle != sent:
-                    await self._caller.push(stream, workload.x509_bundles_response(handout.bundle))
-                    sent = handout.bundle
+                answer = response(handout)
+                if answer == sent:
+                    continue
+                await self._caller.push(stream, answer)
+                sent = answer
+                if svid:
+                    self._caller.handed_out(1)
+
+    def _svid_response(self, handout: Handout) -> workload_pb2.X509SVIDResponse:
+        """The SVID handed out; UNAVAILABLE when it cannot go out (expired, its roots gone)."""
+        if (refusal := self._handed_out.unusable_refusal(handout)) is not None:
+            raise self._caller.unavailable(refusal)
+        assert handout.svid is not None
+        return workload.x509_svid_response(handout.svid)
 
 
-class SecretDiscovery(SecretDiscoveryServiceBase):
+class SecretDiscovery(_Service, SecretDiscoveryServiceBase):
     """Envoy's SDS, state of the world: a response per change, and per new set of names.
 
     Envoy acknowledges each response with a request naming its nonce; only a
     request for other names (or the first) is answered. A NACK is logged.
     """
-
-    def __init__(self, handed_out: HandedOut, caller: _Caller) -> None:
-        self._handed_out = handed_out
-        self._caller = caller
 
     async def FetchSecrets(self, stream: SecretsStream) -> None:
         self._caller.attest(stream, header=False)
@@ -460,7 +473,11 @@ class SecretDiscovery(SecretDiscoveryServiceBase):
                 await reader
 
     async def _serve(
-        self, stream: SecretsStream, reader: asyncio.Task[None], asked: asyncio.Event, names: Any
+        self,
+        stream: SecretsStream,
+        reader: asyncio.Task[None],
+        asked: asyncio.Event,
+        names: Callable[[], list[str] | None],
     ) -> None:
         changes = _changes(stream, self._handed_out, svid=False)
         handout: Handout | None = None
@@ -498,11 +515,10 @@ class SecretDiscovery(SecretDiscoveryServiceBase):
             await changes.aclose()
 
     def _response(
-        self, names: Any, handout: Handout
+        self, names: Sequence[str], handout: Handout
     ) -> envoy_discovery_pb2.DiscoveryResponse | None:
         """The answer for `names`; None while the SVID they ask for is not minted yet
         (UNAVAILABLE once a mint has failed)."""
-        names = list(names)
         if unserved := workload.unserved(names, handout.spiffe_id):
             said = workload.unserved_refusal(unserved, handout.spiffe_id)
             self._caller.refuse("unknown_secret", said)

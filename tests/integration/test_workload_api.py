@@ -34,6 +34,7 @@ from tests.mesh import eventually, local_sign, sample, workload
 from tests.support import CaSetup
 from tests.workload_api import (
     HEADER,
+    CaDownAfter,
     certificates,
     channel,
     discovery_request,
@@ -339,19 +340,11 @@ async def test_while_the_first_mint_fails_svid_callers_are_told_unavailable_bund
     """The agent has its SVID, the CA then refuses the one to hand out: an SVID caller gets
     UNAVAILABLE at once (the spec: the first answer without delay), not a silent hang; the
     bundle, the agent's alone, goes out all the same (FetchX509Bundles, SDS's ROOTCA)."""
-    signed = local_sign(setup)
-    calls = 0
-
-    async def sign(*args: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls > 1:  # the agent's own SVID only
-            raise GRPCError(Status.UNAVAILABLE, "the CA is down")
-        return await signed(*args)
+    sign = CaDownAfter(setup, 1)  # the agent's own SVID only
 
     backoff = {"initial": "1s", "max": "2s"}
     async with workload_agent(setup, sign=sign, ca_backoff=backoff) as (agent, path):
-        assert await eventually(lambda: calls > 1, STEP)
+        assert await eventually(lambda: sign.calls > 1, STEP)
         assert agent.identity.svid is not None
         own_bundle = agent.identity.svid.bundle
         async with svid_stream(path) as stream:
@@ -392,15 +385,7 @@ async def test_an_svid_the_new_roots_do_not_verify_is_not_handed_out(
     verifies against no root the pod trusts, and no peer would accept it. An open stream
     ends UNAVAILABLE rather than pushing it with roots that contradict it; the bundles
     still go out."""
-    signed = local_sign(setup)
-    calls = 0
-
-    async def sign(*args: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls > 2:  # the agent's first SVID, then the first one handed out
-            raise GRPCError(Status.UNAVAILABLE, "the CA is down")
-        return await signed(*args)
+    sign = CaDownAfter(setup, 2)  # the agent's first SVID, then the first one handed out
 
     backoff = {"initial": "1s", "max": "2s"}
     async with workload_agent(setup, sign=sign, ca_backoff=backoff) as (agent, path):
@@ -470,15 +455,8 @@ async def test_an_expired_svid_is_never_handed_out_the_call_is_unavailable(
     open stream is told UNAVAILABLE (the spec's retriable status) at the expiry, and a new
     caller gets it at once, not a dead SVID."""
     ttl = 2.0
-    signed = local_sign(setup, ttl=timedelta(seconds=ttl))
-    calls = 0
-
-    async def sign(*args: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls > 2:  # the agent's first SVID, then the first one handed out
-            raise GRPCError(Status.UNAVAILABLE, "the CA is down")
-        return await signed(*args)
+    # The agent's first SVID, then the first one handed out.
+    sign = CaDownAfter(setup, 2, ttl=timedelta(seconds=ttl))
 
     backoff = {"initial": "200ms", "max": "400ms"}
     async with workload_agent(setup, sign=sign, ca_backoff=backoff) as (agent, path):
