@@ -190,6 +190,31 @@ def test_a_call_past_its_grpc_timeout_is_deadline_exceeded(client: H2Client) -> 
     assert time.monotonic() - started < 2
 
 
+def test_a_call_its_client_cancels_is_counted_cancelled(
+    client: H2Client, agent: AgentProcess
+) -> None:
+    """A call reset by its client before the app answered is counted, as Envoy records a
+    client's reset: grpc-status CANCELLED, and the HTTP status 499 (the client went away)."""
+    frontend = str(workload("frontend"))
+    labels = {"peer_id": frontend}
+    before = (
+        agent.total("outrider_grpc_requests_total", grpc_status="1", **labels),
+        agent.total("outrider_requests_total", code="499", **labels),
+    )
+    sid = client.send(request_headers("/demo.Greeter/Slow", "POST", **GRPC), b"hi")
+    client.pump(0.2)  # the app has it, and sleeps on it
+    client.reset(sid)
+    deadline = time.monotonic() + 5
+    after = before
+    while after == before and time.monotonic() < deadline:
+        client.pump(0.05)
+        after = (
+            agent.total("outrider_grpc_requests_total", grpc_status="1", **labels),
+            agent.total("outrider_requests_total", code="499", **labels),
+        )
+    assert after == (before[0] + 1, before[1] + 1)
+
+
 def test_an_unreachable_app_is_unavailable_to_a_grpc_client(
     setup: CaSetup, agent: AgentProcess
 ) -> None:

@@ -372,10 +372,11 @@ async def test_a_call_the_app_cancels_is_cancelled_upstream_and_leaves_nothing_h
     setup: CaSetup,
 ) -> None:
     async with (
-        backends(setup, "a") as pairs,
-        client_agent(setup, endpoints=[pairs[0][1]]) as agent,
+        backend_agents(setup, "a") as pairs,
+        client_agent(setup, endpoints=[pairs[0][1].bound["inbound[0]"]]) as agent,
         channel(agent) as connection,
     ):
+        backend, frontend = pairs[0][1], str(workload("frontend"))
         listener = next(iter(agent.outbound.values()))
         assert isinstance(listener, OutboundListener)
         live = listener.live
@@ -391,6 +392,19 @@ async def test_a_call_the_app_cancels_is_cancelled_upstream_and_leaves_nothing_h
         assert await eventually(lambda: upstream_streams() == 0)
         assert live.breaker.in_use("max_requests") == 0
         assert live.budget.requests == 0 and set(live.core.load.values()) == {0}
+        # Counted on both sides as Envoy records a client's reset: CANCELLED, and 499 for
+        # the HTTP counters (the client went away before an answer).
+        assert metric(agent, "upstream_grpc_requests_total", grpc_status="1") == 1
+        assert metric(agent, "upstream_requests_total", code="499") == 1
+        inbound = {"direction": "inbound", "peer_id": frontend}
+
+        def backend_counted() -> bool:
+            return (
+                sample(backend, "outrider_grpc_requests_total", grpc_status="1", **inbound),
+                sample(backend, "outrider_requests_total", code="499", **inbound),
+            ) == (1, 1)
+
+        assert await eventually(backend_counted)
         assert all(map(ok, await calls(connection, 3, concurrency=1)))  # all still works
 
 
