@@ -256,7 +256,11 @@ def test_a_backend_killed_mid_run_fails_no_call(mesh: GrpcMesh) -> None:
             thread.start()
         for thread in callers:
             thread.join(60)
-    print(f"600 calls, {victim.name} killed after 200: {dict(answered)}, {len(failed)} failed")
+    budget = mesh.frontend.total("outrider_upstream_overflows_total", reason="retry_budget")
+    print(
+        f"600 calls, {victim.name} killed after 200: {dict(answered)}, {len(failed)} failed,"
+        f" {budget:.0f} retries over budget"
+    )
     victim.start()  # back for the other tests of this module
     assert failed == [], failed[:5]
     assert sum(answered.values()) == 600
