@@ -52,6 +52,7 @@ from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from hpack import NeverIndexedHeaderTuple
 
+from agent.adapters.h2malformed import StreamErrors
 from agent.core.h2limits import H2Limits
 from agent.core.upstream import Endpoint
 
@@ -160,8 +161,11 @@ class NoRoom(Exception):
 _HEADS = (h2.events.ResponseReceived, h2.events.InformationalResponseReceived)
 
 
-class _Connection(h2.connection.H2Connection):
-    """h2's connection, with two changes (as h2server's).
+class _Connection(StreamErrors):
+    """h2's connection, with three changes (as h2server's).
+
+    A malformed response resets its stream, not the connection (agent/adapters/
+    h2malformed.py): the stream fails as a reset (PROTOCOL_ERROR).
 
     h2 remembers `closed_streams` closed streams, not its 65,536 (about 11 MB a
     long-lived connection: a pooled upstream connection is one).

@@ -9,7 +9,9 @@ HTTP/1.x request line gets an HTTP/1.1 505 whose JSON body says what to change
 (agent.core.http1.h1_advice), counted as a `protocol_mismatch` refusal with a
 throttled log line: the mirror of the GOAWAY HTTP_1_1_REQUIRED an `http` port
 gives an h2 preface. Anything else goes to the H2Server, whose protocol error
-it is. The gate is what the connection registry holds: it drains and aborts the
+it is. (A peer agent's `http` outbound pointed at an h2-only inbound, TLS
+without ALPN h2, gets the same answer: `advise_peer`.) The gate is what the
+connection registry holds: it drains and aborts the
 server once it has it, the bare connection before.
 """
 
@@ -21,10 +23,33 @@ from typing import cast
 
 from agent.adapters.h2server import H2Server
 from agent.adapters.http import error_body, local_response
+from agent.adapters.relay import Relay
 from agent.core import http1
 
 #: Seconds a refused client has to read the answer and close before the agent closes.
 LINGER = 2.0
+
+
+def advice(protocol: str) -> bytes:
+    """The HTTP/1.1 505 an h2-only port answers an HTTP/1.x client with: what to change."""
+    return local_response(505, error_body("protocol_mismatch", http1.h1_advice(protocol)))
+
+
+def advise_peer(relay: Relay, transport: asyncio.Transport, protocol: str) -> None:
+    """A peer agent reached an h2-only inbound over TLS without ALPN h2 (its outbound says
+    `http`): its HTTP/1.1 request gets `advice`, which that agent relays to its app, rather
+    than a reset only this agent would explain. What the peer sends is read and dropped
+    until it closes or LINGER passes: closing with its request unread would reset the
+    connection, which can destroy the answer before the peer reads it."""
+    relay.down.sink = _dropped
+    relay.down.pending.clear()
+    transport.write(advice(protocol))
+    transport.resume_reading()
+    asyncio.get_running_loop().call_later(LINGER, relay.close)
+
+
+def _dropped(data: bytes) -> None:
+    """The rest of a refused request."""
 
 
 class H2Gate(asyncio.Protocol):
@@ -78,10 +103,9 @@ class H2Gate(asyncio.Protocol):
         which can destroy the answer before the client reads it."""
         transport = self.transport
         assert transport is not None
-        advice = http1.h1_advice(self.protocol)
         self.refusing = True
         self.held = b""
-        transport.write(local_response(505, error_body("protocol_mismatch", advice)))
+        transport.write(advice(self.protocol))
         if transport.can_write_eof():
             transport.write_eof()
         if self._timer is not None:

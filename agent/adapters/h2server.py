@@ -54,6 +54,7 @@ from hyperframe.frame import (
 )
 
 from agent.adapters.h2client import sensitive
+from agent.adapters.h2malformed import MalformedReset, StreamErrors
 from agent.core.h2limits import FrameBudget, H2Limits, Limit, Window
 
 log = logging.getLogger("outrider.agent")
@@ -204,8 +205,11 @@ class Flood(h2.exceptions.ProtocolError):
         self.limit = limit
 
 
-class _Connection(h2.connection.H2Connection):
-    """h2's server connection, with three changes.
+class _Connection(StreamErrors):
+    """h2's server connection, with four changes.
+
+    A malformed request resets its stream, not the connection (agent/adapters/
+    h2malformed.py); each such reset is one the peer provoked (the reset budget).
 
     h2 remembers `max_closed_streams` closed streams, not its 65,536 (about 11 MB a
     long-lived connection).
@@ -256,6 +260,10 @@ class _Connection(h2.connection.H2Connection):
         if limit is not None:
             raise Flood(limit)
         return events
+
+    def malformed(self, stream_id: int) -> None:
+        if self._provoked >= 0:
+            self._provoked += 1
 
     def _prepare_for_sending(self, frames: list[Frame]) -> None:
         if self._provoked >= 0:  # h2 answers the frame it is taking with these
@@ -436,6 +444,8 @@ class H2Server(asyncio.Protocol):
             if stream is not None:
                 stream.trailers = list(event.headers or [])
         elif isinstance(event, h2.events.StreamReset):
+            if isinstance(event, MalformedReset):
+                self.hit("protocol_error")
             self._reset(event)
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             if isinstance(event, h2.events.RemoteSettingsChanged):

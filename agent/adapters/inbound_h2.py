@@ -36,6 +36,7 @@ from agent.adapters import h2client
 from agent.adapters.h2client import H2Pool, NoRoom, StreamError
 from agent.adapters.h2server import H2Stream, Headers, StreamReset
 from agent.adapters.http import Authorize, _identity, error_body
+from agent.adapters.metrics import CLIENT_CLOSED
 from agent.core import grpc
 from agent.core.endpoint import Endpoint
 from agent.core.h2limits import H2Limits, Limit
@@ -128,8 +129,11 @@ class InboundH2:
                 why = refusal(504, "deadline_exceeded", "", grpc.Code.DEADLINE_EXCEEDED)
                 await self.refuse(stream, why, is_grpc)
                 return
+        except (StreamReset, asyncio.CancelledError):
+            call.left()  # the client reset its stream or dropped its connection
+            raise
         finally:
-            if call.status:  # else refused (counted there), or the client left first
+            if call.status:  # else refused (counted there)
                 self.answered(call.status, call.outcome())
 
     def screen(self, headers: Headers, is_grpc: bool) -> Refusal | Forward:
@@ -343,6 +347,14 @@ class _Call:
             self.code = grpc.status_of(
                 (n.decode("latin-1"), v.decode("latin-1")) for n, v in headers
             )
+
+    def left(self) -> None:
+        """The client went away before the call was over: CLIENT_CLOSED unless a head went
+        out, and CANCELLED unless a grpc-status did (what Envoy records for a client's
+        reset)."""
+        self.status = self.status or CLIENT_CLOSED
+        if self.grpc and self.code is None:
+            self.code = grpc.Code.CANCELLED
 
     def outcome(self) -> int | None:
         """The grpc-status the client got (None: not gRPC). An app that answered a gRPC call

@@ -26,7 +26,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 from prometheus_client import Counter, Gauge
 
 from agent.adapters.attempts import Droppable, LocalAnswer, Try, attempts
-from agent.adapters.h2gate import H2Gate
+from agent.adapters.h2gate import H2Gate, advise_peer
 from agent.adapters.h2server import H2Server
 from agent.adapters.http import HttpExchange, xfcc
 from agent.adapters.inbound_h2 import InboundH2
@@ -691,9 +691,10 @@ class InboundMtls(Listener[InboundT]):
         self.runtime.verified(INBOUND, ssl_object, peer, started)
         if protocol in H2 and ssl_object.selected_alpn_protocol() != "h2":
             # CPython goes on without ALPN when the client offers no h2: this port is h2.
+            # The client is a peer's `http` outbound: its app is told what to change.
             self.runtime.metrics.connections_refused.labels(INBOUND, "protocol_mismatch").inc()
             self._mismatch_line(config, peer)
-            relay.abort()
+            advise_peer(relay, tls, config.protocol)
             return None
         self.connections.established(INBOUND, peer)
         return peer, config

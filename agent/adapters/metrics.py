@@ -37,6 +37,12 @@ _REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0)
 
 
+#: The status counted in the HTTP request counters for a request whose client went away
+#: (reset its stream, or closed its connection) before any answer went out: nginx's 499,
+#: as Envoy and nginx log it; a gRPC call so ended is counted CANCELLED.
+CLIENT_CLOSED = 499
+
+
 class AgentMetrics:
     def __init__(self, *, control_plane: bool = False) -> None:
         """`control_plane`: the agent subscribes to one (`control:`), so /metrics shows the

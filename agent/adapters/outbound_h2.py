@@ -52,7 +52,7 @@ from agent.adapters.attempts import LocalAnswer, Try, attempts
 from agent.adapters.h2client import H2ClientConnection, NoRoom, StreamError
 from agent.adapters.h2server import H2Server, H2Stream, Headers, StreamReset
 from agent.adapters.http import _identity, error_body
-from agent.adapters.metrics import clock, since
+from agent.adapters.metrics import CLIENT_CLOSED, clock, since
 from agent.adapters.outbound_http import REPLAY_BYTES, _key
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.core import grpc
@@ -112,12 +112,13 @@ class OutboundH2:
             else:
                 await self._exchange(stream, call)
         except (StreamReset, asyncio.CancelledError):
-            raise  # the app reset its stream, or left: H2Server's to handle
+            call.left()  # the app reset its stream, or left: counted, H2Server's to handle
+            raise
         except Exception:  # a bug: the app must not wait on a stream nobody serves
             log.exception("outbound %s: a stream failed unexpectedly; resetting it", self.live.name)
             stream.reset(ErrorCodes.INTERNAL_ERROR)
         finally:
-            if call.status is not None:  # else the app left before anything was answered
+            if call.status is not None:  # else a bug: logged above
                 counted = self.live.counted
                 counted.request(call.status, since(started))
                 code = call.outcome()
@@ -508,6 +509,14 @@ class _Call:
     def heard(self, headers: Headers) -> None:
         if self.grpc and self.code is None:
             self.code = grpc.status_of(_field(headers, b"grpc-status"))
+
+    def left(self) -> None:
+        """The app went away before the call was over: CLIENT_CLOSED unless a head went
+        out, and CANCELLED unless a grpc-status did (what Envoy records for a client's
+        reset)."""
+        self.status = self.status or CLIENT_CLOSED
+        if self.grpc and self.code is None:
+            self.code = grpc.Code.CANCELLED
 
     def outcome(self) -> int | None:
         """The grpc-status the app got (None: not gRPC): a response without one is read as

@@ -228,9 +228,11 @@ def test_a_stream_stays_up_across_both_agents_svid_rotations(mesh: GrpcMesh) -> 
 
 
 def test_a_backend_killed_mid_run_fails_no_call(mesh: GrpcMesh) -> None:
-    """SIGKILL one of three backends while four callers share one channel, calls in flight:
+    """SIGKILL one of three backends while three callers share one channel, calls in flight:
     its agent answers UNAVAILABLE, the frontend's agent retries each such call on another
-    backend, and the client sees no failure."""
+    backend, and the client sees no failure. Three callers, not more: the retry budget
+    (Envoy's default, 3 retries in flight at least) is not what is tested, and with a
+    fourth caller a loaded machine can have four retries overlap, the fourth refused."""
     victim = mesh.backends[2]
     failed: list[str] = []
     answered: Counter[str] = Counter()
@@ -239,7 +241,7 @@ def test_a_backend_killed_mid_run_fails_no_call(mesh: GrpcMesh) -> None:
         stub = mesh.stub(channel)
 
         def caller(n: int) -> None:
-            for i in range(150):
+            for i in range(200):
                 try:
                     backend = mesh.hello(stub, f"caller-{n}-{i}")
                 except grpc.RpcError as exc:
@@ -251,12 +253,16 @@ def test_a_backend_killed_mid_run_fails_no_call(mesh: GrpcMesh) -> None:
                 if kill:  # the other callers' calls are in flight meanwhile
                     victim.kill()
 
-        callers = [threading.Thread(target=caller, args=(n,)) for n in range(4)]
+        callers = [threading.Thread(target=caller, args=(n,)) for n in range(3)]
         for thread in callers:
             thread.start()
         for thread in callers:
             thread.join(60)
-    print(f"600 calls, {victim.name} killed after 200: {dict(answered)}, {len(failed)} failed")
+    budget = mesh.frontend.total("outrider_upstream_overflows_total", reason="retry_budget")
+    print(
+        f"600 calls, {victim.name} killed after 200: {dict(answered)}, {len(failed)} failed,"
+        f" {budget:.0f} retries over budget"
+    )
     victim.start()  # back for the other tests of this module
     assert failed == [], failed[:5]
     assert sum(answered.values()) == 600

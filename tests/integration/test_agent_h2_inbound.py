@@ -190,6 +190,31 @@ def test_a_call_past_its_grpc_timeout_is_deadline_exceeded(client: H2Client) -> 
     assert time.monotonic() - started < 2
 
 
+def test_a_call_its_client_cancels_is_counted_cancelled(
+    client: H2Client, agent: AgentProcess
+) -> None:
+    """A call reset by its client before the app answered is counted, as Envoy records a
+    client's reset: grpc-status CANCELLED, and the HTTP status 499 (the client went away)."""
+    frontend = str(workload("frontend"))
+    labels = {"peer_id": frontend}
+    before = (
+        agent.total("outrider_grpc_requests_total", grpc_status="1", **labels),
+        agent.total("outrider_requests_total", code="499", **labels),
+    )
+    sid = client.send(request_headers("/demo.Greeter/Slow", "POST", **GRPC), b"hi")
+    client.pump(0.2)  # the app has it, and sleeps on it
+    client.reset(sid)
+    deadline = time.monotonic() + 5
+    after = before
+    while after == before and time.monotonic() < deadline:
+        client.pump(0.05)
+        after = (
+            agent.total("outrider_grpc_requests_total", grpc_status="1", **labels),
+            agent.total("outrider_requests_total", code="499", **labels),
+        )
+    assert after == (before[0] + 1, before[1] + 1)
+
+
 def test_an_unreachable_app_is_unavailable_to_a_grpc_client(
     setup: CaSetup, agent: AgentProcess
 ) -> None:
@@ -204,12 +229,26 @@ def test_an_unreachable_app_is_unavailable_to_a_grpc_client(
     assert json.loads(plain.body) == {"error": "app_unreachable"}
 
 
-def test_a_client_that_does_not_offer_h2_is_refused(setup: CaSetup, agent: AgentProcess) -> None:
+@pytest.mark.parametrize("alpn", [("http/1.1",), ()])
+def test_a_client_that_does_not_offer_h2_is_told_in_http1_what_to_change(
+    setup: CaSetup, agent: AgentProcess, alpn: tuple[str, ...]
+) -> None:
+    """A peer agent's `http` outbound pointed at this h2-only port: its app gets an answer
+    that says what to change (relayed by that agent), not a reset nobody logs there."""
     before = agent.total("outrider_connections_refused_total", reason="protocol_mismatch")
-    with tls_socket(setup, agent, alpn=("http/1.1",)) as tls:
+    with tls_socket(setup, agent, alpn=alpn) as tls:
         tls.sendall(b"GET /api/items HTTP/1.1\r\nHost: backend\r\n\r\n")
+        answer = b""
         with contextlib.suppress(TimeoutError, ConnectionError, ssl.SSLError):
-            assert tls.recv(100) == b""  # closed, never answered
+            while chunk := tls.recv(4096):
+                answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 505 ")
+    assert json.loads(body) == {
+        "error": "protocol_mismatch",
+        "detail": "this port is protocol: http2 (HTTP/2 only); the app must speak h2c"
+        " (HTTP/2 with prior knowledge), or set appProtocol: http",
+    }
     after = agent.total("outrider_connections_refused_total", reason="protocol_mismatch")
     assert after == before + 1
 

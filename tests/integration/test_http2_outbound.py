@@ -372,10 +372,11 @@ async def test_a_call_the_app_cancels_is_cancelled_upstream_and_leaves_nothing_h
     setup: CaSetup,
 ) -> None:
     async with (
-        backends(setup, "a") as pairs,
-        client_agent(setup, endpoints=[pairs[0][1]]) as agent,
+        backend_agents(setup, "a") as pairs,
+        client_agent(setup, endpoints=[pairs[0][1].bound["inbound[0]"]]) as agent,
         channel(agent) as connection,
     ):
+        backend, frontend = pairs[0][1], str(workload("frontend"))
         listener = next(iter(agent.outbound.values()))
         assert isinstance(listener, OutboundListener)
         live = listener.live
@@ -391,6 +392,19 @@ async def test_a_call_the_app_cancels_is_cancelled_upstream_and_leaves_nothing_h
         assert await eventually(lambda: upstream_streams() == 0)
         assert live.breaker.in_use("max_requests") == 0
         assert live.budget.requests == 0 and set(live.core.load.values()) == {0}
+        # Counted on both sides as Envoy records a client's reset: CANCELLED, and 499 for
+        # the HTTP counters (the client went away before an answer).
+        assert metric(agent, "upstream_grpc_requests_total", grpc_status="1") == 1
+        assert metric(agent, "upstream_requests_total", code="499") == 1
+        inbound = {"direction": "inbound", "peer_id": frontend}
+
+        def backend_counted() -> bool:
+            return (
+                sample(backend, "outrider_grpc_requests_total", grpc_status="1", **inbound),
+                sample(backend, "outrider_requests_total", code="499", **inbound),
+            ) == (1, 1)
+
+        assert await eventually(backend_counted)
         assert all(map(ok, await calls(connection, 3, concurrency=1)))  # all still works
 
 
@@ -586,3 +600,30 @@ async def test_an_http1_app_on_a_grpc_outbound_is_told_to_speak_h2c(
     lines = [r for r in caplog.records if "refused an HTTP/1.x request" in r.getMessage()]
     assert len(lines) == 1  # a line a while, not one per connection
     assert unavailable.grpc_status == Code.UNAVAILABLE
+
+
+async def test_an_http_outbound_pointed_at_an_h2_inbound_relays_what_to_change(
+    setup: CaSetup,
+) -> None:
+    """The outbound says `http`, the peer's port `http2`: the peer's agent answers the
+    HTTP/1.1 request with the advice an h2c port gives an HTTP/1.1 app, and this agent
+    relays it, so the app shows why instead of a bare upstream reset."""
+    async with (
+        backend_agents(setup, "a") as pairs,
+        client_agent(setup, protocol="http", endpoints=[pairs[0][1].bound["inbound[0]"]]) as agent,
+    ):
+        host, port = agent.bound["outbound[backend]"].rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /items HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        refused = sample(
+            pairs[0][1],
+            "outrider_connections_refused_total",
+            direction="inbound",
+            reason="protocol_mismatch",
+        )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 505 ")
+    assert json.loads(body)["detail"].startswith("this port is protocol: http2 (HTTP/2 only)")
+    assert refused == 1

@@ -408,3 +408,35 @@ async def test_a_long_lived_connection_remembers_a_bounded_number_of_closed_stre
             assert all(isinstance(events[-1], End) for events, _ in answers)
         assert len(connection.h2._closed_streams) <= 50
         connection.close()
+
+
+async def test_a_malformed_response_resets_its_stream_and_the_connection_goes_on() -> None:
+    """RFC 9113 8.1.1: a malformed response (here an uppercase field name, and a body
+    longer than its content-length) is a stream error: that stream is reset
+    PROTOCOL_ERROR, and the connection's other streams go on."""
+    backend_box: list[object] = []
+
+    async def reply(request: Request) -> Answer:
+        for server in backend_box[0].open:  # type: ignore[attr-defined]
+            server.h2.config.validate_outbound_headers = False  # answers as a faulty app would
+            server.h2.config.normalize_outbound_headers = False
+        path = request.header(b":path")
+        if path == b"/upper":
+            return Answer([(b":status", b"200"), (b"X-Upper", b"1")], b"")
+        if path == b"/long":
+            return Answer([(b":status", b"200"), (b"content-length", b"2")], b"longer")
+        return Answer([(b":status", b"200")], b"fine")
+
+    async with h2_backend("a", reply) as backend:
+        backend_box.append(backend)
+        connection = await connect("127.0.0.1", backend.port)
+        results = []
+        for path in ("/upper", "/long", "/ok"):
+            stream = connection.open(_head(path), end=True)
+            results.append(await _read(stream))
+        connection.close()
+    (upper, _), (long, _), (ok, body) = results
+    assert upper == [Reset("reset", ErrorCodes.PROTOCOL_ERROR)]
+    assert long[-1] == Reset("reset", ErrorCodes.PROTOCOL_ERROR)
+    assert isinstance(ok[0], Response) and body == b"fine" and ok[-1] == End()
+    assert backend.connections == 1

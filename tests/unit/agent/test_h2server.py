@@ -518,3 +518,67 @@ async def test_read_now_takes_what_came_without_waiting_and_credits_as_read_does
     stream._gone(ErrorCodes.CANCEL)
     with pytest.raises(StreamReset):
         stream.read_now()
+
+
+MALFORMED: dict[str, tuple[list[tuple[bytes, bytes]], bytes]] = {
+    "host_differs_from_authority": ([*request_headers("/"), (b"host", b"other")], b""),
+    "uppercase_name": ([*request_headers("/"), (b"X-Upper", b"1")], b""),
+    "te_not_trailers": ([*request_headers("/"), (b"te", b"gzip")], b""),
+    "content_length_disagrees": (
+        [*request_headers("/", "POST"), (b"content-length", b"10")],
+        b"abc",
+    ),
+    "duplicate_pseudo_header": ([*request_headers("/"), (b":path", b"/again")], b""),
+    "late_pseudo_header": (
+        [*request_headers("/")[:3], (b"x-early", b"1"), request_headers("/")[3]],
+        b"",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+async def test_a_malformed_request_resets_its_stream_and_the_connection_goes_on(
+    served: Served, case: str
+) -> None:
+    """RFC 9113 8.1.1: a malformed request is a stream error (RST_STREAM PROTOCOL_ERROR),
+    not a connection error: the client's other streams are answered."""
+    headers, body = MALFORMED[case]
+
+    def run() -> tuple[int | None, int, bool]:
+        client = H2Client(dial(served.port))
+        client.conn.config.validate_outbound_headers = False  # sent as a faulty client would
+        client.conn.config.normalize_outbound_headers = False
+        before = client.send(request_headers("/before"), end=False)
+        bad = client.send(headers, body)
+        after = client.wait(client.send(request_headers("/after")))
+        client.send_body(before, b"/before", end=True)
+        first = client.wait(before)
+        reset = client.wait(bad).reset
+        ok = after.ended and after.body == b"/after" and first.ended and first.reset is None
+        goaway = client.goaway is not None or client.closed
+        client.close()
+        return reset, int(ok), goaway
+
+    assert await asyncio.to_thread(run) == (ErrorCodes.PROTOCOL_ERROR, 1, False)
+    assert served.hits == ["protocol_error"]
+
+
+async def test_a_flood_of_malformed_requests_still_ends_the_connection() -> None:
+    """Each malformed request's reset is one the peer provoked: past the reset budget, the
+    connection ends (GOAWAY ENHANCE_YOUR_CALM), as for any other reset flood."""
+    async with listening(H2Limits(max_provoked_resets=20), echo) as served:
+
+        def run() -> bool:
+            client = H2Client(dial(served.port))
+            client.conn.config.validate_outbound_headers = False
+            client.conn.config.normalize_outbound_headers = False
+            with contextlib.suppress(OSError):  # the server may have closed already
+                for _ in range(25):
+                    client.send([*request_headers("/"), (b"te", b"gzip")])
+            client.drain(3)
+            closed = client.closed
+            client.close()
+            return closed
+
+        assert await asyncio.to_thread(run)
+        assert served.hits[-1] == "reset_flood"
