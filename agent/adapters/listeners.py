@@ -309,6 +309,9 @@ class InboundMtls(Listener[InboundT]):
         self.plaintext: weakref.WeakKeyDictionary[Relay | H2Server | H2Gate, int] = (
             weakref.WeakKeyDictionary()
         )
+        #: The authz counter's children by labels, bound once: `labels()` takes a lock
+        #: and builds a key on every call, and this one is counted on every request.
+        self._decisions: dict[tuple[str, str, str], Counter] = {}
 
     def configure(self, config: InboundT) -> None:
         """Connections accepted from now on follow `config`; plaintext ones already let in
@@ -474,8 +477,13 @@ class InboundMtls(Listener[InboundT]):
         ) -> Decision:
             return self._authorize(Request(peer, app.port, method, path, host, headers), config)
 
+        answers: dict[int, Counter] = {}  # this connection's counter children, by status
+
         def answered(code: int) -> None:
-            requests.labels(INBOUND, str(peer or ""), str(code)).inc()
+            child = answers.get(code)
+            if child is None:
+                child = answers[code] = requests.labels(INBOUND, str(peer or ""), str(code))
+            child.inc()
 
         def refused(reason: str) -> None:
             self.runtime.metrics.connections_refused.labels(INBOUND, reason).inc()
@@ -716,17 +724,23 @@ class InboundMtls(Listener[InboundT]):
         more (its clients are agents); the capture listener tells a plaintext caller's
         owner why (a strict port)."""
 
+    def _count_decision(self, kind: str, policy: str, rule: str) -> None:
+        key = (kind, policy, rule)
+        child = self._decisions.get(key)
+        if child is None:
+            child = self._decisions[key] = self.runtime.metrics.authz_decisions.labels(*key)
+        child.inc()
+
     def _authorize(self, request: Request, config: Inbound) -> Decision:
         """The policy's decision on a connection (L4) or a request (L7), counted."""
         decision = self.runtime.policies.decide(request, config.allow.trusted_domains)
         if request.source is None:  # only a permissive captured port lets one come this far
             decision = admit_plaintext(decision)
-        counter = self.runtime.metrics.authz_decisions
-        counter.labels(
+        self._count_decision(
             "allow" if decision.allowed else "deny", decision.policy, decision.rule
-        ).inc()
+        )
         for record in decision.records:
-            counter.labels(record.kind, record.policy, record.rule).inc()
+            self._count_decision(record.kind, record.policy, record.rule)
         if not decision.allowed:
             # A line per caller a while, not per denial: a caller (a plaintext one on a
             # permissive port, above all) can be denied as fast as it connects.

@@ -391,7 +391,12 @@ class OutboundHttp(asyncio.Protocol):
         connection.user = self
         events = _Responses(self, request, connection)
         done = asyncio.get_running_loop().create_future()
-        parser = http1.ResponseParser(request.method.encode(), request.upgrade)
+        spare, method = connection.spare, request.method.encode()
+        if spare is None:
+            parser = http1.ResponseParser(method, request.upgrade)
+        else:
+            parser = spare.next(method, request.upgrade)
+        connection.spare = parser
         attempt.parser = _Parsing(events, parser, done)
         if self.writing_paused:  # the app still has not read the last response
             self._upstream_reading(False)

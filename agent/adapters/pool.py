@@ -25,6 +25,7 @@ import ssl
 from collections.abc import Callable, Iterable
 from typing import Protocol, cast
 
+from agent.core.http1 import ResponseParser
 from agent.core.upstream import Endpoint
 
 
@@ -46,6 +47,7 @@ class UpstreamConnection(asyncio.Protocol):
         "on_lost",
         "pool",
         "reused",
+        "spare",
         "transport",
         "user",
     )
@@ -63,6 +65,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.reused = False  # taken from the pool: it carried a request before this one
         self.heard = False  # bytes came back since it was last taken
+        # The last response's parser, for the next request on this connection
+        # (ResponseParser.next: one llhttp parser per connection, not per request).
+        self.spare: ResponseParser | None = None
 
     @property
     def stale(self) -> bool:
