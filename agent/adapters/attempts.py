@@ -254,7 +254,9 @@ async def attempts(
 
     `run(try_)` makes one try on `try_.endpoint`: it returns the outcome,
     or None once it has called `try_.decide` itself (from a callback, as a
-    response head arrives: await `try_.decided()`). A try not decided
+    response head arrives: await `try_.decided()`; with no per-try timeout it
+    may wait longer, e.g. for a delivered response's end, as nothing runs
+    between the decision and the loop's return). A try not decided
     within `per_try` seconds (None: no limit) of `try_.sent()`, which run
     calls as the request goes out, fails "timeout" (the dial before has a
     timeout of its own: Envoy's per_try_timeout counts the same). The returned

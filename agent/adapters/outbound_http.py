@@ -420,7 +420,7 @@ class OutboundHttp(asyncio.Protocol):
         if attempt.timer is None:
             # No per-try timeout (the usual case): nothing needs the loop to wake at the
             # decision, so it wakes once, when the response is over (or the try decided
-            # not to deliver it: `_undelivered`), and `_tries` finds it done.
+            # not to deliver it: `_undelivered`), and `_exchange` finds it done.
             await done
         else:
             await attempt.decided()
