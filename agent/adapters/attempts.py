@@ -214,15 +214,17 @@ class Try(Generic[C, P]):
             return
         self.ended = True
         self._load[self.endpoint] -= 1
-        slots = [self._slot, self._grant]
-        self._slot = self._grant = None
-        for slot in slots:
-            if slot is not None:
-                slot.retry_finished()
-        connection, self.connection = self.connection, None
+        slot, grant = self._slot, self._grant
+        if slot is not None or grant is not None:
+            self._slot = self._grant = None
+            for taken in (slot, grant):
+                if taken is not None:
+                    taken.retry_finished()
+        connection = self.connection
         if connection is not None:
+            self.connection = None
             connection.abort()
-        if isinstance(self.step, Deliver) and self.outcome is not None:
+        if self.outcome is not None and isinstance(self.step, Deliver):
             event = event_of(self.outcome) if status is None else status_event(status, grpc_status)
             self.live.record(self.endpoint, event)
 
@@ -252,7 +254,9 @@ async def attempts(
 
     `run(try_)` makes one try on `try_.endpoint`: it returns the outcome,
     or None once it has called `try_.decide` itself (from a callback, as a
-    response head arrives: await `try_.decided()`). A try not decided
+    response head arrives: await `try_.decided()`; with no per-try timeout it
+    may wait longer, e.g. for a delivered response's end, as nothing runs
+    between the decision and the loop's return). A try not decided
     within `per_try` seconds (None: no limit) of `try_.sent()`, which run
     calls as the request goes out, fails "timeout" (the dial before has a
     timeout of its own: Envoy's per_try_timeout counts the same). The returned

@@ -36,7 +36,7 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
 from typing import cast
@@ -82,7 +82,9 @@ class _Parsing:
 
     events: _Responses
     parser: http1.ResponseParser
-    done: asyncio.Future[int]  # the status the app got, once the response is over
+    # The status the app got, once the response is over; 0 once the try was decided not
+    # to deliver it (retried, or answered by the agent).
+    done: asyncio.Future[int]
 
 
 class OutboundHttp(asyncio.Protocol):
@@ -344,10 +346,17 @@ class OutboundHttp(asyncio.Protocol):
             return self._answer(*overflow(live, "max_requests"))
         budget.request_started()
         try:
-            if not live.config.timeouts.request:  # the usual case: no timer to arm
-                return await self._tries(request)
-            async with asyncio.timeout(live.config.timeouts.request):
-                return await self._tries(request)
+            # The attempts loop, then the delivered response to its end: the status the app got.
+            timeout = live.config.timeouts.request
+            if not timeout:  # the usual case: no timer to arm
+                attempt = await self._attempts(request)
+                status = await _response_end(attempt)
+            else:
+                async with asyncio.timeout(timeout):
+                    attempt = await self._attempts(request)
+                    status = await _response_end(attempt)
+            attempt.end(status)
+            return status
         except LocalAnswer as answer:
             return self._answer(answer.status, answer.error)
         except TimeoutError:
@@ -361,10 +370,12 @@ class OutboundHttp(asyncio.Protocol):
             if self.attempt is not None:
                 self.attempt.end()  # if the response did not: mid-exchange, it is dropped
 
-    async def _tries(self, request: _Request) -> int:
-        """The attempts loop, then the delivered response to its end: the status the app got."""
+    def _attempts(
+        self, request: _Request
+    ) -> Coroutine[None, None, Try[UpstreamConnection, _Parsing]]:
+        """The attempts loop for `request` (its coroutine, awaited by `_exchange` itself)."""
         live = self.live
-        attempt: Try[UpstreamConnection, _Parsing] = await attempts(
+        return attempts(
             live,
             partial(self._try, request),
             self.rng,
@@ -373,10 +384,6 @@ class OutboundHttp(asyncio.Protocol):
             replayable=lambda: request.replayable,
             per_try=live.config.timeouts.per_try or None,
         )
-        assert attempt.parser is not None
-        status = await attempt.parser.done
-        attempt.end(status)
-        return status
 
     async def _try(
         self, request: _Request, attempt: Try[UpstreamConnection, _Parsing]
@@ -384,9 +391,13 @@ class OutboundHttp(asyncio.Protocol):
         """One try: a connection to its endpoint, the request sent, until its response head
         (or its failure) decides it."""
         self.attempt = attempt
-        connection = await self._connection(attempt.endpoint, pooled=not attempt.fresh)
+        endpoint = attempt.endpoint
+        # A redial after a stale pooled connection (`fresh`) dials a new one.
+        connection = None if attempt.fresh else self._pooled(endpoint)
         if connection is None:
-            return "connect-failure"
+            connection = await self._dial(endpoint)
+            if connection is None:
+                return "connect-failure"
         attempt.connection = connection
         connection.user = self
         events = _Responses(self, request, connection)
@@ -406,21 +417,31 @@ class OutboundHttp(asyncio.Protocol):
         self._unhold(request)
         self._flush()
         attempt.sent()
-        await attempt.decided()
+        if attempt.timer is None:
+            # No per-try timeout (the usual case): nothing needs the loop to wake at the
+            # decision, so it wakes once, when the response is over (or the try decided
+            # not to deliver it: `_undelivered`), and `_exchange` finds it done.
+            await done
+        else:
+            await attempt.decided()
         return None
 
-    async def _connection(
-        self, endpoint: Endpoint, *, pooled: bool = True
-    ) -> UpstreamConnection | None:
-        """An idle pooled connection to `endpoint` (unless not `pooled`: a redial after a
-        stale one), or a new one; None if it cannot be had."""
+    def _pooled(self, endpoint: Endpoint) -> UpstreamConnection | None:
+        """An idle pooled connection to `endpoint`, if there is one (a plain call: the usual
+        case takes no coroutine of its own)."""
         live = self.live
         context = live.runtime.contexts.client
         assert context is not None, "upstreams start after the first SVID"
-        connection = live.pool.take(endpoint, context) if pooled else None
+        connection = live.pool.take(endpoint, context)
         if connection is not None:
             live.counted.reused.inc()
-            return connection
+        return connection
+
+    async def _dial(self, endpoint: Endpoint) -> UpstreamConnection | None:
+        """A new connection to `endpoint`; None if it cannot be had."""
+        live = self.live
+        context = live.runtime.contexts.client
+        assert context is not None, "upstreams start after the first SVID"
         breaker = live.breaker
         if not breaker.acquire("max_pending"):
             raise LocalAnswer(*overflow(live, "max_pending"))
@@ -502,6 +523,7 @@ class OutboundHttp(asyncio.Protocol):
             return
         if not events.delivering:
             attempt.decide("reset", stale=lost is not None and lost.stale)
+            _undelivered(attempt.parser)
         elif events.until_close:
             events.finish()
             self._flush()  # the last chunk: nothing else will write it
@@ -643,7 +665,22 @@ class _Responses:
         # A response that came before the whole request was read is delivered: what is
         # left of the request would follow it.
         step = attempt.decide(Response(status), replayable=request.replayable and request.done)
-        return not isinstance(step, Deliver)
+        if isinstance(step, Deliver):
+            return False
+        _undelivered(attempt.parser)
+        return True
+
+
+def _response_end(attempt: Try[UpstreamConnection, _Parsing]) -> asyncio.Future[int]:
+    """The delivered try's response, done with the status the app got."""
+    assert attempt.parser is not None
+    return attempt.parser.done
+
+
+def _undelivered(parsing: _Parsing | None) -> None:
+    """The try is decided, not delivered: its `run`, waiting on its response's end, returns."""
+    if parsing is not None and not parsing.done.done():
+        parsing.done.set_result(0)
 
 
 def _key(
