@@ -316,7 +316,9 @@ class _Counters:
         for series in evidence.series:
             if not series.samples:
                 continue
-            ours = not wanted or series.name in CA_SERIES or series.label("namespace") in wanted
+            # The CA lives in its own namespace, and every instance's start anchors its counters.
+            everywhere = series.name in CA_SERIES or series.name in ANCHOR_SERIES
+            ours = not wanted or everywhere or series.label("namespace") in wanted
             if not ours:
                 continue
             self.by_name[series.name].append(series)
@@ -339,10 +341,10 @@ class _Counters:
 
 def build(evidence: Evidence) -> Audit:
     counters = _Counters(evidence)
-    if not any(counters.of(name) for name in AGENT_SERIES + CA_SERIES) and not evidence.ca_log:
-        where = ", ".join(evidence.namespaces) or "any namespace"
+    if not any(counters.of(name) for name in AGENT_SERIES):
+        where = "namespace " + ", ".join(evidence.namespaces) if evidence.namespaces else "any"
         raise AuditInputError(
-            f"no outrider series in {evidence.source or 'the evidence'} for {where} between"
+            f"no outrider agent series in {evidence.source or 'the evidence'} for {where} between"
             f" {evidence.start.isoformat()} and {evidence.end.isoformat()}: check that"
             " Prometheus scrapes the agents' /metrics (port 15020) and the CA's, and the"
             " --namespace and --since you gave"

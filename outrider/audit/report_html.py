@@ -83,7 +83,8 @@ def bars(chart_id: str, values: Mapping[str, int], color: str = BAR) -> str:
 
 
 def graph(edges: Sequence[Edge]) -> str:
-    """Identities on a circle, an arrow per edge (red: unauthenticated or denied)."""
+    """Identities on an ellipse from its left end, an arrow per edge (red: unauthenticated or
+    denied), its label the connection, request and deny counts."""
     if not edges:
         return '<p class=meta id="chart-edges-empty">no connections in this range</p>'
     nodes = sorted({edge.source for edge in edges} | {edge.destination for edge in edges})
@@ -91,8 +92,8 @@ def graph(edges: Sequence[Edge]) -> str:
     cx, cy = width / 2, height / 2
     place = {
         node: (
-            cx + radius * 1.6 * math.cos(2 * math.pi * i / len(nodes) - math.pi / 2),
-            cy + radius * math.sin(2 * math.pi * i / len(nodes) - math.pi / 2),
+            cx - radius * 2.1 * math.cos(2 * math.pi * i / len(nodes)),
+            cy - radius * math.sin(2 * math.pi * i / len(nodes)),
         )
         for i, node in enumerate(nodes)
     }

@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from outrider.audit.model import ALL_SERIES, CA_SERIES, Series, namespace_of
+from outrider.audit.model import ALL_SERIES, ANCHOR_SERIES, CA_SERIES, Series, namespace_of
 
 TIMEOUT = 30.0
 
@@ -29,7 +29,7 @@ class SourceError(Exception):
 
 
 def _selector(name: str, namespaces: Sequence[str]) -> str:
-    if not namespaces or name in CA_SERIES:
+    if not namespaces or name in CA_SERIES or name in ANCHOR_SERIES:
         return name
     wanted = "|".join(_quote_regex(ns) for ns in namespaces)
     return f'{name}{{namespace=~"{wanted}"}}'

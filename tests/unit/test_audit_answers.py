@@ -306,7 +306,7 @@ def test_the_namespaces_asked_for_bound_the_agents_read() -> None:
 
 
 def test_no_outrider_series_is_an_error_that_says_what_to_check() -> None:
-    with pytest.raises(AuditInputError, match=r"no outrider series .* scrapes the agents"):
+    with pytest.raises(AuditInputError, match=r"no outrider agent series .* scrapes the agents"):
         audit_of([], namespaces=("shop",))
     with pytest.raises(AuditInputError, match="range is empty"):
         Evidence(END, START, (), ())
