@@ -270,3 +270,29 @@ def test_the_html_renders_in_chromium_with_its_charts_painted(
         assert count > 500, f"{color}: {count} pixels; a chart did not render"
     if keep := os.environ.get("OUTRIDER_AUDIT_SCREENSHOT"):
         shutil.copyfile(png, keep)
+
+
+def test_the_dashboards_queries_run_and_its_who_talks_to_whom_table_answers(mesh: Mesh) -> None:
+    """Every PromQL of deploy/grafana/outrider.json parses in a real Prometheus, with its
+    variables as Grafana fills them for "All"; the audit panels answer from the series."""
+    from tests.unit.test_dashboard import queries
+
+    filled = {"$namespace": ".*", "$pod": ".*", "$__range": "10m", "$__rate_interval": "1m"}
+    answers: dict[str, list[dict[str, Any]]] = {}
+    for title, expr in queries():
+        for variable, value in filled.items():
+            expr = expr.replace(variable, value)
+        answers.setdefault(title, []).extend(mesh.prometheus.query(expr))
+    labels = ("peer_id", "spiffe_id", "mtls")  # Prometheus drops a label whose value is ""
+    edges = {
+        tuple(row["metric"].get(n, "") for n in labels) for row in answers["Who talks to whom"]
+    }
+    assert edges == {
+        (FRONTEND, BACKEND, "true"),
+        (INTRUDER, BACKEND, "true"),
+        ("", LEGACY, "false"),
+    }
+    (deny,) = answers["Denies by policy, rule and caller"]
+    assert (deny["metric"]["peer_id"], deny["metric"]["spiffe_id"]) == (INTRUDER, BACKEND)
+    serials = {row["metric"]["serial"] for row in answers["Certificate timeline"]}
+    assert serials == {"b2", "c3", "e5"}  # the current SVIDs: a1 went stale on rotation
