@@ -128,7 +128,8 @@ def graph(edges: Sequence[Edge]) -> str:
 
 
 def timeline(histories: Sequence[CertificateHistory], start: datetime, end: datetime) -> str:
-    """A row per identity, a bar per certificate's validity (clipped to the range), gaps red."""
+    """A row per identity: a bar while each certificate was in use, a thin line under it for
+    its validity (both clipped to the range), a red bar for each gap."""
     if not histories:
         return '<p class=meta id="chart-certificates-empty">no certificates in this range</p>'
     label_w, plot_w, row = 260, 620, 30
@@ -149,14 +150,26 @@ def timeline(histories: Sequence[CertificateHistory], start: datetime, end: date
         for n, cert in enumerate(history.certificates):
             if cert.start is None or cert.not_after is None:
                 continue
-            left, right = x(cert.start), x(cert.not_after)
             shade = BAR if n % 2 == 0 else "#63b3ed"
-            parts.append(
-                f'<rect class="certificate" x="{left:.1f}" y="{y + 4}"'
-                f' width="{max(right - left, 2.0):.1f}" height="{row - 10}" fill="{shade}">'
-                f"<title>serial {escape(cert.serial)}: {_when(cert.start)} → "
-                f"{_when(cert.not_after)}</title></rect>"
+            tip = (
+                f"<title>serial {escape(cert.serial)}: valid {_when(cert.start)} → "
+                f"{_when(cert.not_after)}; served {_when(cert.first_seen)} → "
+                f"{_when(cert.last_seen)}</title>"
             )
+            left, right = x(cert.start), x(cert.not_after)
+            parts.append(
+                f'<rect class="validity" x="{left:.1f}" y="{y + row - 10}"'
+                f' width="{max(right - left, 2.0):.1f}" height="4" fill="{shade}"'
+                f' opacity="0.45">{tip}</rect>'
+            )
+            served = _served(history, n)
+            if served is not None:
+                left, right = x(served[0]), x(served[1])
+                parts.append(
+                    f'<rect class="certificate" x="{left:.1f}" y="{y + 3}"'
+                    f' width="{max(right - left, 2.0):.1f}" height="{row - 16}"'
+                    f' fill="{shade}">{tip}</rect>'
+                )
         for gap in history.gaps:
             left, right = x(gap.start), x(gap.end)
             parts.append(
@@ -173,6 +186,22 @@ def timeline(histories: Sequence[CertificateHistory], start: datetime, end: date
             f' fill="{MUTED}">{_when(when)}</text>'
         )
     return "".join(parts) + "</svg>"
+
+
+def _served(history: CertificateHistory, n: int) -> tuple[datetime, datetime] | None:
+    """When the n-th certificate was the one in use: from its first sample (or its start)
+    until the next one was first seen (or started), or its own last sample; never past its
+    NotAfter, which the gaps show."""
+    cert = history.certificates[n]
+    begin = cert.first_seen or cert.start
+    if begin is None:
+        return None
+    later = [c.first_seen or c.start for c in history.certificates[n + 1 :]]
+    taken_over = next((when for when in later if when is not None), None)
+    end = taken_over or cert.last_seen or cert.not_after
+    if end is None:
+        return None
+    return begin, max(begin, min(end, cert.not_after or end))
 
 
 def _verdict(audit: Audit) -> str:

@@ -179,7 +179,7 @@ def audit(
     code = cli.main(
         [
             *("audit", "--prometheus", mesh.prometheus.url, "--ca-audit-log", str(mesh.ca_log)),
-            *("--since", (mesh.began - timedelta(minutes=2)).isoformat(), "--out", str(out)),
+            *("--since", (mesh.began - timedelta(seconds=2)).isoformat(), "--out", str(out)),
             *flags,
         ]
     )
