@@ -51,7 +51,12 @@ def _get(base: str, path: str, params: dict[str, str]) -> Any:
         except ValueError:
             said = exc.reason
         raise SourceError(f"Prometheus at {base} answered {exc.code}: {said}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except ValueError:
+        raise SourceError(
+            f"{base} answered {path} with something other than the Prometheus API's JSON:"
+            " is --prometheus the server's base URL (no path)?"
+        ) from None
+    except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise SourceError(
             f"cannot reach Prometheus at {base}: {reason} (is it running, and is --prometheus"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -93,6 +95,33 @@ def test_an_unreachable_prometheus_is_exit_2_saying_what_to_check(
     said = capsys.readouterr().err
     assert f"cannot reach Prometheus at {url}" in said and "--metrics FILE" in said
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_url_that_is_not_prometheus_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<html>a login page</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/graph"
+        assert cli.main(["audit", "--prometheus", url, "--out", str(tmp_path)]) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert "other than the Prometheus API's JSON" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
