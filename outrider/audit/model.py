@@ -358,6 +358,12 @@ def build(evidence: Evidence) -> Audit:
             "no outrider_listener_info series: strict and permissive ports cannot be told"
             " apart, so zero plaintext cannot be proved"
         )
+    unnamed = sorted(agent.instance for agent in agents if not agent.spiffe_id)
+    if unnamed:
+        notes.append(
+            f"no outrider_agent_info for {', '.join(unnamed)}: what they counted is left out"
+            " of the graph (their callers' counts still name them)"
+        )
     denies = _denies(counters, identity, notes)
     logged = _ca_log(evidence)
     return Audit(

@@ -162,6 +162,16 @@ def test_without_listener_info_zero_plaintext_is_not_claimed_as_proved() -> None
     assert any("listener_info" in note for note in audit.notes)
 
 
+def test_an_agent_that_does_not_say_who_it_is_is_named_in_a_note() -> None:
+    found = [
+        s for s in mesh() if not (s.name == "outrider_agent_info" and s.label("instance") == BACK)
+    ]
+    audit = audit_of(found)
+    (edge,) = audit.edges  # seen from the frontend's side only
+    assert (edge.destination, edge.inbound, edge.outbound) == (BACKEND, 0, 5)
+    assert any(BACK in note and "agent_info" in note for note in audit.notes)
+
+
 def test_the_tls_mix_counts_handshakes_in_the_range_only() -> None:
     audit = audit_of(mesh())
     assert audit.tls.versions == {"TLSv1.3": 5}
