@@ -316,16 +316,17 @@ class _Counters:
         for series in evidence.series:
             if not series.samples:
                 continue
-            # The CA lives in its own namespace, and every instance's start anchors its counters.
-            everywhere = series.name in CA_SERIES or series.name in ANCHOR_SERIES
+            # The CA lives in its own namespace; a process's start anchors its counters.
+            everywhere = series.name in CA_SERIES or series.name == "process_start_time_seconds"
             ours = not wanted or everywhere or series.label("namespace") in wanted
             if not ours:
                 continue
             self.by_name[series.name].append(series)
             instance = series.label("instance")
+            if series.name == "process_start_time_seconds":  # its earliest value in the range
+                started[instance] = min(value for _, value in series.samples)
+                continue
             first[instance] = min(first.get(instance, series.samples[0][0]), series.samples[0][0])
-            if series.name == "process_start_time_seconds":
-                started[instance] = series.samples[0][1]
         self._first, self._started = first, started
         self._from_zero = evidence.counters_from_zero
 

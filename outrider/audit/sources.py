@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from outrider.audit.model import ALL_SERIES, ANCHOR_SERIES, CA_SERIES, Series, namespace_of
+from outrider.audit.model import ALL_SERIES, CA_SERIES, Series, namespace_of
 
 TIMEOUT = 30.0
 
@@ -28,8 +28,13 @@ class SourceError(Exception):
     """The evidence could not be read; the message says what to do."""
 
 
+# One number per target instead of every sample: the earliest start of its process in the
+# range is all the core needs (model._Counters), and every target in Prometheus has one.
+PROCESS_START = "process_start_time_seconds"
+
+
 def _selector(name: str, namespaces: Sequence[str]) -> str:
-    if not namespaces or name in CA_SERIES or name in ANCHOR_SERIES:
+    if not namespaces or name in CA_SERIES or name == PROCESS_START:
         return name
     wanted = "|".join(_quote_regex(ns) for ns in namespaces)
     return f'{name}{{namespace=~"{wanted}"}}'
@@ -77,15 +82,15 @@ def from_prometheus(
     seconds = max(math.ceil((end - start).total_seconds()), 1)
     found: list[Series] = []
     for name in ALL_SERIES:
-        data = _get(
-            base,
-            "/api/v1/query",
-            {"query": f"{_selector(name, namespaces)}[{seconds}s]", "time": f"{end.timestamp()}"},
-        )
+        query = f"{_selector(name, namespaces)}[{seconds}s]"
+        if name == PROCESS_START:
+            query = f"min_over_time({query})"
+        data = _get(base, "/api/v1/query", {"query": query, "time": f"{end.timestamp()}"})
         for item in data.get("result", []):
             labels = dict(item["metric"])
             labels.pop("__name__", None)
-            samples = tuple((float(t), float(v)) for t, v in item.get("values", []))
+            points = item["values"] if "values" in item else [item["value"]]
+            samples = tuple((float(t), float(v)) for t, v in points)
             found.append(Series(name, labels, samples))
     return tuple(found)
 

@@ -121,6 +121,20 @@ def test_a_counter_grows_by_its_samples_deltas_and_a_restart_counts_from_zero(
     assert increase([(float(i), v) for i, v in enumerate(values)], from_zero) == grew
 
 
+@pytest.mark.parametrize(("started", "counted"), [(T0 - 60, 0), (T0 + 1, 3)])
+def test_a_counter_counts_from_zero_when_its_process_started_inside_the_range(
+    started: float, counted: int
+) -> None:
+    found = [
+        series("process_start_time_seconds", "ca:8080", [started], namespace="outrider-system"),
+        series(
+            "outrider_ca_csr_total", "ca:8080", [3, 3], namespace="outrider-system",
+            result="issued", reason="k8s-token",
+        ),
+    ]  # fmt: skip
+    assert audit_of(mesh(*found), namespaces=("shop",)).ca.issued == counted
+
+
 def test_a_strict_mesh_proves_zero_plaintext_and_lists_the_refused_attempt() -> None:
     audit = audit_of(mesh())
     assert audit.plaintext.proved_zero
