@@ -14,7 +14,7 @@ from pathlib import Path
 
 from identity.configfile import parse_duration
 from identity.files import write_atomic
-from outrider.audit import model, report_html, report_json, sources
+from outrider.audit import build, model, report_html, report_json, sources
 
 EXIT_USAGE = 2
 
@@ -76,7 +76,7 @@ def run(
         evidence = model.Evidence(
             start, end, tuple(namespaces), series, log, source, counters_from_zero=from_zero
         )
-        audit = model.build(evidence)
+        audit = build.build(evidence)
     except (sources.SourceError, model.AuditInputError) as exc:
         raise AuditError(str(exc)) from None
     try:

@@ -1,6 +1,6 @@
 """Where the audit's evidence comes from: a Prometheus server's HTTP API, or saved scrapes.
 
-The thin I/O shell around model.py. From Prometheus, each metric is read as
+The thin I/O shell around build.py. From Prometheus, each metric is read as
 raw samples (an instant query of `name{...}[RANGE]` at the range's end: every
 stored sample, no resolution step to lose a restart between two points). A
 saved `/metrics` scrape is one sample per series at the file's modification
@@ -29,7 +29,7 @@ class SourceError(Exception):
 
 
 # One number per target instead of every sample: the earliest start of its process in the
-# range is all the core needs (model._Counters), and every target in Prometheus has one.
+# range is all the core needs (build._Counters), and every target in Prometheus has one.
 PROCESS_START = "process_start_time_seconds"
 
 

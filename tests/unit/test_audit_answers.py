@@ -14,14 +14,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from outrider.audit import report_html, report_json
-from outrider.audit.model import (
-    Audit,
-    AuditInputError,
-    Evidence,
-    Series,
-    build,
-    increase,
-)
+from outrider.audit.build import build, increase
+from outrider.audit.model import Audit, AuditInputError, Evidence, Series
 
 START = datetime(2026, 12, 6, 14, 0, tzinfo=UTC)
 END = START + timedelta(hours=1)
