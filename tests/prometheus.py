@@ -21,10 +21,11 @@ labels, as Kubernetes service discovery's relabelling would attach them (`namesp
 `instance` (= the address). Scrapes run every `scrape_interval` (1 s by default), so
 a test polls with `wait_for` and a deadline, never sleeps. The first scrape comes ~5 s
 after start (Prometheus hands discovered targets to its scrapers at most every 5 s), so
-share one server per module and start it as soon as the targets' addresses are known. The server listens on a
-free loopback port (`url`), keeps its TSDB under `tmp`, and is stopped (SIGTERM) when
-the `with` block ends or on `stop()`. `promtool_check_metrics(text)` lints one
-/metrics page the way `promtool check metrics` does and returns its complaints.
+share one server per module and start it as soon as the targets' addresses are known.
+The server listens on a free loopback port (`url`), keeps its TSDB under `tmp`, and is
+stopped (SIGTERM) when the `with` block ends or on `stop()`.
+`promtool_check_metrics(text)` lints one /metrics page the way `promtool check metrics`
+does and returns its complaints.
 """
 
 from __future__ import annotations
