@@ -23,10 +23,10 @@ a test polls with `wait_for` and a deadline, never sleeps. The first scrape come
 after start (Prometheus hands discovered targets to its scrapers at most every 5 s), so
 share one server per module and start it as soon as the targets' addresses are known.
 The server listens on a free loopback port (`url`), keeps its TSDB under `tmp`, and is
-stopped (SIGTERM) when the `with` block ends or on `stop()`. `promtool_check_metrics(text)`
-lints one /metrics page the way `promtool check metrics` does and returns its complaints;
-`exposition_problems(text, component)` adds the contract's checks (build info, process
-series, no `*_created`, latency buckets from 100 µs).
+stopped (SIGTERM) when the `with` block ends or on `stop()`.
+`promtool_check_metrics(text)` lints one /metrics page the way `promtool check metrics`
+does and returns its complaints; `exposition_problems(text, component)` adds the
+contract's checks (build info, process series, no `*_created`, latency buckets from 100 µs).
 """
 
 from __future__ import annotations
