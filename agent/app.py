@@ -40,6 +40,7 @@ from agent.adapters.capture_listeners import (
     OutboundCaptureListener,
     capture_configs,
 )
+from agent.adapters.listener_info import listener_rows
 from agent.adapters.listeners import (
     ConfigT,
     Connections,
@@ -166,7 +167,9 @@ class Agent:
         self.snapshot: Snapshot | None = None
         self._switching = asyncio.Lock()  # one reload or snapshot at a time
         self._configured = asyncio.Event()  # the first snapshot runs (with `control:`)
-        self.metrics = AgentMetrics(control_plane=config.control is not None)
+        self.metrics = AgentMetrics(
+            config.identity.spiffe_id, control_plane=config.control is not None
+        )
         contexts = Contexts()
         self.runtime = Runtime(
             config.limits,
@@ -219,6 +222,7 @@ class Agent:
         self.capture_outbound: dict[Listen, Listener[OutboundCapture]] = {}
         self._unused_captured_logged = False
         self.bound: dict[str, str] = {}
+        self.metrics.listening(lambda: listener_rows(self._listeners()))
         self._listening = False
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []

@@ -25,7 +25,8 @@ share one server per module and start it as soon as the targets' addresses are k
 The server listens on a free loopback port (`url`), keeps its TSDB under `tmp`, and is
 stopped (SIGTERM) when the `with` block ends or on `stop()`.
 `promtool_check_metrics(text)` lints one /metrics page the way `promtool check metrics`
-does and returns its complaints.
+does and returns its complaints; `exposition_problems(text, component)` adds the
+contract's checks (build info, process series, no `*_created`, latency buckets from 100 µs).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from types import TracebackType
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.interop import ensure_command
 from tests.support import free_port
@@ -239,3 +241,29 @@ def promtool_check_metrics(text: str) -> str:
     if done.returncode == 0:
         return ""
     return f"exit {done.returncode}: {done.stdout}{done.stderr}".strip()
+
+
+#: Histograms of something other than how long an operation took (an SVID's lifetime).
+NOT_LATENCIES = frozenset({"outrider_ca_issued_ttl_seconds"})
+
+
+def exposition_problems(text: str, component: str) -> list[str]:
+    """What is wrong with one component's /metrics page against the contract: promtool's
+    complaints; no `outrider_build_info{component}` = 1 or no process_/python_ series;
+    a `*_created` series; a latency histogram whose first bucket is above 100 µs."""
+    problems = [p for p in [promtool_check_metrics(text)] if p]
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    build = families.get("outrider_build_info")
+    if build is None or [s.labels.get("component") for s in build.samples] != [component]:
+        problems.append(f"outrider_build_info of {component}: {build and build.samples}")
+    for needed in ("process_start_time_seconds", "process_resident_memory_bytes", "python_info"):
+        if needed not in families:
+            problems.append(f"no {needed}")
+    for family in families.values():
+        names = {sample.name for sample in family.samples}
+        problems += [f"{name} is exposed" for name in sorted(names) if name.endswith("_created")]
+        if family.type == "histogram" and family.name not in NOT_LATENCIES:
+            bounds = [float(s.labels["le"]) for s in family.samples if s.name.endswith("_bucket")]
+            if bounds and min(bounds) > 0.0001:
+                problems.append(f"{family.name}: first bucket {min(bounds)} s, above 100 µs")
+    return problems

@@ -399,7 +399,10 @@ class InboundMtls(Listener[InboundT]):
             # well as HTTP/1.1 (never relays it at L4, which would hand the app the
             # client's own identity header and skip the paths); an h2 port takes h2 only.
             protocol = config.protocol
-            plaintext = permissive and not _tls_first(sock)
+            plaintext = not _tls_first(sock)
+            if plaintext and not permissive:
+                self._strict_refused(relay, sock, port)
+                return
             if not plaintext:
                 authenticated = await self._authenticate(
                     relay, sock, started, protocol, port, deadline
@@ -719,6 +722,15 @@ class InboundMtls(Listener[InboundT]):
             config.protocol,
         )
 
+    def _strict_refused(self, relay: Relay, sock: socket.socket, port: int) -> None:
+        """A plaintext client on a strict port: closed before any handshake, counted
+        `connections_refused_total{reason="plaintext"}`: the first byte decides, as it
+        lets plaintext through on a permissive port, not OpenSSL's error for the bytes."""
+        sock.close()
+        self.runtime.metrics.connections_refused.labels(INBOUND, "plaintext").inc()
+        self._handshake_refused(port, "plaintext")
+        relay.close()
+
     def _handshake_refused(self, port: int, reason: str) -> None:
         """A client's handshake failed (counted already): an explicit listener says nothing
         more (its clients are agents); the capture listener tells a plaintext caller's
@@ -742,6 +754,7 @@ class InboundMtls(Listener[InboundT]):
         for record in decision.records:
             self._count_decision(record.kind, record.policy, record.rule)
         if not decision.allowed:
+            self.runtime.metrics.denied(decision.policy, decision.rule, request.source)
             # A line per caller a while, not per denial: a caller (a plaintext one on a
             # permissive port, above all) can be denied as fast as it connects.
             caller = str(request.source) if request.source else "a plaintext caller"

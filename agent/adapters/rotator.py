@@ -212,7 +212,7 @@ class IdentityManager:
         self.contexts.use(contexts)
         self.svid, self.ca_bundle = svid, ca_bundle
         self.metrics.rotations.labels("success").inc()
-        self.metrics.svid_expiry.set(svid.not_after.timestamp())
+        self.metrics.svid_installed(svid)
         self.metrics.bundle_expiry.set(svid.bundle.earliest_expiry.timestamp())
         self.metrics.ca_backoff.set(0)
         self._write_files(svid)
