@@ -630,6 +630,11 @@ class InboundMtls(Listener[InboundT]):
             connect_timeout=limits.connect_timeout.total_seconds(),
             idle_timeout=limits.idle_timeout.total_seconds(),
             unreachable=lambda exc: self._app_unreachable(config, exc),
+            watch=None
+            if self.runtime.observer is None
+            else self.runtime.observer.watch(
+                "http", INBOUND, source or None, transport.get_extra_info("ssl_object")
+            ),
         )
 
         def closed(server: H2Server) -> None:

@@ -251,8 +251,14 @@ class Watch:
 
         return from_client, to_client
 
-    def finish(self, entry: Entry, status: int | None, error: str | None = None) -> None:
-        entry.status = status
+    def finish(
+        self,
+        entry: Entry,
+        status: int | None,
+        error: str | None = None,
+        grpc_status: int | None = None,
+    ) -> None:
+        entry.status, entry.grpc_status = status, grpc_status
         if error is not None:
             entry.error = error
         self.observer.finish(entry)

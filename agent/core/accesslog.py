@@ -19,8 +19,8 @@ Pure: the clock reading and the sampling draw are arguments.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Literal, get_args
 
 from agent.core.tracecontext import Propagated
@@ -198,10 +198,20 @@ def line(entry: Entry, ended: float) -> str:
         "request_id": entry.request_id,
         "error": entry.error,
     }
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=True)
+    return _ENCODER.encode(record)
+
+
+#: One encoder for every line: json.dumps with arguments builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+_second: list[tuple[int, str]] = [(-1, "")]  # the last second formatted, and its text
 
 
 def _rfc3339(at: float) -> str:
-    """Unix seconds as RFC 3339 UTC with milliseconds: 2026-12-06T14:00:00.123Z."""
-    moment = datetime.fromtimestamp(at, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """Unix seconds as RFC 3339 UTC with milliseconds: 2026-12-06T14:00:00.123Z. The
+    date and time of day are formatted once per second (a burst shares them)."""
+    whole = int(at)
+    second, text = _second[0]
+    if whole != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second[0] = (whole, text)
+    return f"{text}.{int((at - whole) * 1000):03d}Z"

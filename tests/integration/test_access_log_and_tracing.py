@@ -28,7 +28,10 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from agent.adapters import h2client
 from agent.app import Agent
+from agent.core.grpc import Code
+from tests.h2backend import exchange, grpc_head, h2_backend
 from tests.mesh import agent_yaml, inbound, local_sign, running_agent, workload
 from tests.support import CaSetup, free_port
 
@@ -39,13 +42,20 @@ POLICY = {
         {
             "name": "guard",
             "action": "DENY",
-            "rules": [{"name": "admin", "to": {"paths": ["/admin*"]}}],
+            "rules": [
+                {"name": "admin", "to": {"paths": ["/admin*"]}},
+                {"name": "no-farewells", "to": {"paths": ["/demo.Greeter/SayGoodbye"]}},
+            ],
         },
         {
             "name": "frontend-api",
             "action": "ALLOW",
             "rules": [
-                {"name": "api", "from": {"principals": [FRONTEND]}, "to": {"paths": ["/api/*"]}}
+                {
+                    "name": "api",
+                    "from": {"principals": [FRONTEND]},
+                    "to": {"paths": ["/api/*", "/demo.Greeter/*"]},
+                }
             ],
         },
     ]
@@ -79,6 +89,7 @@ class App:
     """Answers with the trace headers it was given; /api/upload reads its body."""
 
     seen: list[dict[str, str]] = field(default_factory=list)
+    h2: Any = None  # the gRPC backend, in a grpc mesh
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -133,18 +144,23 @@ def _observed(agent: Agent, into: list[dict[str, Any]]) -> None:
 
 @asynccontextmanager
 async def mesh(
-    root: Path, setup: CaSetup, endpoints: list[str] | None = None
+    root: Path, setup: CaSetup, endpoints: list[str] | None = None, protocol: str = "http"
 ) -> AsyncIterator[Mesh]:
+    """Two agents, `protocol` on both sides (http: the App; grpc: an h2c gRPC backend)."""
     app, receiver = App(), Receiver()
     async with AsyncExitStack() as stack:
-        app_port = await stack.enter_async_context(http_server(app.handle))
+        if protocol == "http":
+            app_port = await stack.enter_async_context(http_server(app.handle))
+        else:
+            app.h2 = await stack.enter_async_context(h2_backend("backend"))
+            app_port = app.h2.port
         receiver.port = await stack.enter_async_context(http_server(receiver.handle))
         observe = {
             "access_log": {"mode": "all"},
             "tracing": {"otlp_endpoint": f"127.0.0.1:{receiver.port}"},
         }
         backend_raw = agent_yaml(
-            root, "backend", inbound=inbound(app_port, protocol="http"), policy=POLICY, **observe
+            root, "backend", inbound=inbound(app_port, protocol=protocol), policy=POLICY, **observe
         )
         backend = await stack.enter_async_context(
             running_agent(backend_raw, local_sign(setup), root)
@@ -152,7 +168,7 @@ async def mesh(
         outbound = {
             "name": "backend",
             "listen": "127.0.0.1:0",
-            "protocol": "http",
+            "protocol": protocol,
             "server_ids": [BACKEND],
             "endpoints": endpoints or [backend.bound["inbound[0]"]],
             "retries": {"max": 1, "retry_on": ["connect-failure"]},
@@ -280,3 +296,42 @@ async def test_both_spans_arrive_over_otlp_with_the_parent_link(root: Path, setu
     # The app behind the backend agent got the server span as its parent.
     assert m.app.seen[0]["traceparent"] == f"00-{parent_trace}-{server.span_id.hex()}-01"
     assert m.lines["backend"][0]["trace_id"] == parent_trace
+
+
+async def test_grpc_calls_are_logged_with_their_grpc_status_and_traced_end_to_end(
+    root: Path, setup: CaSetup
+) -> None:
+    async with mesh(root, setup, protocol="grpc") as m:
+        host, port = m.frontend.bound["outbound[backend]"].rsplit(":", 1)
+        connection = await h2client.connect(host, int(port))
+        try:
+            ok = await exchange(connection, grpc_head(authorization="Bearer header-s3cret"))
+            denied = await exchange(connection, grpc_head("/demo.Greeter/SayGoodbye"))
+        finally:
+            connection.close()
+        assert (ok.grpc_status, denied.grpc_status) == (Code.OK, Code.PERMISSION_DENIED)
+        await wait_for(lambda: len(m.lines["frontend"]) == 2 and len(m.lines["backend"]) == 2)
+        await m.flush_spans()
+        await wait_for(lambda: len(m.receiver.spans) >= 4)
+    out = {line["path"]: line for line in m.lines["frontend"]}
+    into = {line["path"]: line for line in m.lines["backend"]}
+    hello, bye = "/demo.Greeter/SayHello", "/demo.Greeter/SayGoodbye"
+    for line in (out[hello], into[hello], out[bye], into[bye]):
+        assert line["kind"] == "grpc" and line["method"] == "POST" and line["status"] == 200
+    assert into[hello]["grpc_status"] == out[hello]["grpc_status"] == Code.OK
+    assert into[bye]["grpc_status"] == out[bye]["grpc_status"] == Code.PERMISSION_DENIED
+    assert (into[bye]["decision"], into[bye]["rule"]) == ("deny", "no-farewells")
+    assert (into[hello]["decision"], into[hello]["peer_id"]) == ("allow", FRONTEND)
+    assert out[hello]["tries"] == 1 and out[hello]["upstream"] == "backend"
+    assert out[hello]["trace_id"] == into[hello]["trace_id"]
+    (request,) = m.app.h2.requests  # the denied call never reached it
+    traceparent = request.header(b"traceparent").decode()
+    assert traceparent.split("-")[1] == into[hello]["trace_id"]
+    assert request.header(b"x-request-id").decode() == into[hello]["request_id"]
+    assert "header-s3cret" not in m.raw_lines()
+    spans = [span for _, span in m.receiver.spans]
+    by_id = {span.span_id: span for span in spans}
+    servers = [s for s in spans if s.kind == trace_pb2.Span.SPAN_KIND_SERVER]
+    assert len(servers) == 2
+    for server in servers:  # each inbound span hangs under its outbound one
+        assert by_id[server.parent_span_id].kind == trace_pb2.Span.SPAN_KIND_CLIENT
