@@ -77,9 +77,9 @@ def scenarios(connections: int) -> list[Scenario]:
         ),
         Scenario(
             "l7_observed",
-            f"L7 as l7_keepalive, access log (all) and tracing (OTLP) off and on, {connections}"
-            " keep-alive connections",
-            ("outrider l7", "outrider l7 observed"),
+            f"L7 as l7_keepalive: off, access log (all) alone, access log and tracing (OTLP);"
+            f" {connections} keep-alive connections",
+            ("outrider l7", "outrider l7 logged", "outrider l7 observed"),
             lambda port, s: wrk(port, s, connections),
         ),
         Scenario(
@@ -185,7 +185,8 @@ def start_pairs(stack: ExitStack, root: Path) -> tuple[dict[str, Pair], int]:
         peers.outrider(stack, setup, ca, backend_port),
         peers.outrider(stack, setup, ca, backend_port, ttl="20s"),
         peers.outrider(stack, setup, ca, backend_port, layer="l7"),
-        observed(stack, setup, ca, root, backend_port),
+        observed(stack, setup, ca, root, backend_port, tracing=False),
+        observed(stack, setup, ca, root, backend_port, tracing=True),
         *(
             start(stack, setup, backend_port, layer)
             for start in (peers.envoy, peers.haproxy, peers.nginx)
@@ -202,16 +203,18 @@ def start_pairs(stack: ExitStack, root: Path) -> tuple[dict[str, Pair], int]:
 
 
 def observed(
-    stack: ExitStack, setup: CaSetup, ca: CaProcess, root: Path, backend_port: int
+    stack: ExitStack, setup: CaSetup, ca: CaProcess, root: Path, backend_port: int, *, tracing: bool
 ) -> Pair:
-    """The L7 pair with access log and tracing on, for `l7_observed`: every request
-    logged (to the agents' stdout, /dev/null here) and every span sent to an OTLP/HTTP
-    receiver that decodes and counts them (bench/otlp_sink.py)."""
+    """An L7 pair for `l7_observed`: every request logged (to the agents' stdout,
+    /dev/null here; "logged"), and with `tracing` every span also sent to an OTLP/HTTP
+    receiver that decodes and counts them (bench/otlp_sink.py; "observed")."""
+    observe: dict[str, Any] = {"access_log": {"mode": "all"}}
+    if not tracing:
+        return peers.outrider(
+            stack, setup, ca, backend_port, layer="l7", observe=observe, variant="logged"
+        )
     port, spans = peers.otlp_sink(stack, root / "otlp")
-    observe = {
-        "access_log": {"mode": "all"},
-        "tracing": {"otlp_endpoint": f"127.0.0.1:{port}"},
-    }
+    observe["tracing"] = {"otlp_endpoint": f"127.0.0.1:{port}"}
     pair = peers.outrider(stack, setup, ca, backend_port, layer="l7", observe=observe)
     pair.spans = spans
     return pair

@@ -138,6 +138,7 @@ def outrider(
     ttl: str = "1h",
     layer: str = "l4",
     observe: dict[str, Any] | None = None,
+    variant: str = "observed",
 ) -> Pair:
     """Two `outrider agent run` processes with SVIDs (of lifetime `ttl`) from the running CA.
 
@@ -145,9 +146,9 @@ def outrider(
     client side parses it too and sends each request over pooled upstream
     connections (`protocol: http`), as Envoy's HTTP connection manager does.
     Layer `grpc`: the same with `protocol: grpc` and the gRPC policy. `observe`: both
-    agents' access_log and tracing sections (the pair's layer gets " observed").
+    agents' access_log and tracing sections (the pair's layer gets " <variant>").
     """
-    named = f"{layer}-observed" if observe else layer
+    named = f"{layer}-{variant}" if observe else layer
     root, address = setup.root / f"outrider-{ttl}-{named}", f"127.0.0.1:{ca.grpc_port}"
     (root / "ca").mkdir(parents=True, exist_ok=True)
     (root / "ca" / "bundle.pem").write_bytes((setup.ca_dir / "bundle.pem").read_bytes())
@@ -178,7 +179,9 @@ def outrider(
     client = stack.enter_context(agent_process(root, "client", client_yaml))
     port = int(client.bound["outbound[backend]"].rsplit(":", 1)[1])
     pids = {"client": client.process.pid, "server": server.process.pid}
-    return Pair("outrider", f"{layer} observed" if observe else layer, port, pids, [client, server])
+    return Pair(
+        "outrider", f"{layer} {variant}" if observe else layer, port, pids, [client, server]
+    )
 
 
 def otlp_sink(stack: ExitStack, workdir: Path) -> tuple[int, Callable[[], int]]:

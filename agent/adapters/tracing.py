@@ -36,6 +36,22 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 
+#: A span's attributes (OpenTelemetry's semantic conventions where they have one) and the
+#: access log entry's fields they come from; a field that is None is left out.
+_SPAN_ATTRIBUTES = (
+    ("http.request.method", "method"),
+    ("url.path", "path"),
+    ("http.response.status_code", "status"),
+    ("rpc.grpc.status_code", "grpc_status"),
+    ("outrider.peer_id", "peer_id"),
+    ("outrider.decision", "decision"),
+    ("outrider.upstream", "upstream"),
+    ("outrider.endpoint", "endpoint"),
+    ("outrider.tries", "tries"),
+    ("outrider.request_id", "request_id"),
+)
+
+
 def _stdout(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -155,18 +171,8 @@ class Observer:
         start = int(entry.at * 1e9)
         kind = SpanKind.SERVER if entry.direction == "inbound" else SpanKind.CLIENT
         attributes: dict[str, Any] = {"outrider.direction": entry.direction}
-        for key, value in (
-            ("http.request.method", entry.method),
-            ("url.path", entry.path),
-            ("http.response.status_code", entry.status),
-            ("rpc.grpc.status_code", entry.grpc_status),
-            ("outrider.peer_id", entry.peer_id),
-            ("outrider.decision", entry.decision),
-            ("outrider.upstream", entry.upstream),
-            ("outrider.endpoint", entry.endpoint),
-            ("outrider.tries", entry.tries),
-            ("outrider.request_id", entry.request_id),
-        ):
+        for key, field in _SPAN_ATTRIBUTES:
+            value = getattr(entry, field)
             if value is not None:
                 attributes[key] = value
         readable = ReadableSpan(

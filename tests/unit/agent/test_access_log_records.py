@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -95,3 +97,19 @@ def test_an_observer_writes_one_line_per_finished_request_and_no_header_value() 
     assert record["path"] == "/p" and record["upstream"] == "backend"
     assert record["trace_id"] == entry.trace.span.trace_id  # type: ignore[union-attr]
     assert "secret" not in text
+
+
+def test_with_both_off_there_is_no_observer_and_the_sdk_is_never_imported() -> None:
+    script = """
+import sys
+from pathlib import Path
+from agent.app import observer
+from agent.config import parse
+raw = {"identity": {"spiffe_id": "spiffe://example.org/ns/a/sa/b"},
+       "ca": {"address": "ca:1", "bundle_file": "b.pem"}}
+assert observer(parse(raw, base=Path("/"))) is None
+logged = observer(parse({**raw, "access_log": {"mode": "all"}}, base=Path("/")))
+assert logged is not None and logged.spans is None
+assert not [m for m in sys.modules if m.startswith("opentelemetry")], "imported"
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
