@@ -58,6 +58,7 @@ log = logging.getLogger("outrider.agent")
 
 #: Request body bytes kept for a retry; a longer body is sent once, never replayed.
 REPLAY_BYTES = 64 * 1024
+_KEPT: frozenset[bytes] = frozenset()  # no header of the app's dropped (tracing off)
 
 
 @dataclass
@@ -256,7 +257,7 @@ class OutboundHttp(asyncio.Protocol):
         host = any(name.lower() == b"host" for name, _ in headers)
         # An HTTP/1.0 app may leave Host out; the upstream wants one.
         extra = [] if host else [(b"host", self.live.name.encode())]
-        method, entry, dropped = head.method.decode("ascii"), None, frozenset[bytes]()
+        method, entry, dropped = head.method.decode("ascii"), None, _KEPT
         if self.watch is not None:  # access log or tracing on: the request is propagated
             entry = self.watch.request(method, head.target.decode("latin-1"), headers)
             assert entry.trace is not None
