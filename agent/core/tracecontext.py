@@ -22,6 +22,7 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 #: The headers the agent sets on a request it sends on (lowercase, as bytes compare).
 TRACEPARENT, TRACESTATE, REQUEST_ID = "traceparent", "tracestate", "x-request-id"
@@ -34,6 +35,7 @@ _VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 _HEX = frozenset("0123456789abcdef")
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 _TRACESTATE_MAX = 512
+_VERSION_00 = re.compile(r"[ \t]*00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})[ \t]*\Z")
 _MEMBER = re.compile(
     r"^(?:[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13})"
     r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]$"
@@ -52,9 +54,10 @@ class TracingConfig:
     service_name: str = ""  # default: the agent's SPIFFE ID
 
 
-@dataclass(frozen=True, slots=True)
-class SpanContext:
-    """One span's place in a trace: ids as lowercase hex, as the header writes them."""
+class SpanContext(NamedTuple):
+    """One span's place in a trace: ids as lowercase hex, as the header writes them.
+    (Immutable; a tuple because one is made per request and hop: a frozen dataclass
+    costs a setattr call per field.)"""
 
     trace_id: str  # 32 hex digits, not all zero
     span_id: str  # 16 hex digits, not all zero
@@ -77,6 +80,12 @@ def parse(traceparent: str | None, tracestate: str | None = None) -> SpanContext
     """The caller's span from its headers; None when absent or malformed (a new trace)."""
     if traceparent is None:
         return None
+    usual = _VERSION_00.match(traceparent)  # the usual header, in one call
+    if usual is not None:
+        trace_id, span_id, flags = usual.groups()
+        if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+            return None
+        return SpanContext(trace_id, span_id, int(flags, 16) & SAMPLED, _state(tracestate))
     value = traceparent.strip(" \t")
     version = value[:2]
     if not _hex(version, 2) or version == "ff":
@@ -134,8 +143,7 @@ def request_id(received: str | None, rng: random.Random) -> str:
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
-@dataclass(frozen=True, slots=True)
-class Propagated:
+class Propagated(NamedTuple):
     """What a hop decided for one request: its own span, its parent, its request ID."""
 
     span: SpanContext
