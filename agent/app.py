@@ -54,6 +54,7 @@ from agent.adapters.metrics import AgentMetrics
 from agent.adapters.rotator import IdentityManager, SignFn
 from agent.adapters.runtime import Runtime
 from agent.adapters.tls import Contexts
+from agent.adapters.tracing import Observer
 from agent.adapters.upstreams import prune_series
 from agent.config import (
     AgentConfig,
@@ -143,6 +144,13 @@ def pod_name(config: AgentConfig, environ: Mapping[str, str], source: str = "con
     return pod
 
 
+def observer(config: AgentConfig) -> Observer | None:
+    """Access logs and tracing as configured; None when both are off (nothing to pay)."""
+    if not config.access_log.on and not config.tracing.otlp_endpoint:
+        return None
+    return Observer(config.access_log, config.tracing, str(config.identity.spiffe_id))
+
+
 class Agent:
     def __init__(
         self,
@@ -178,6 +186,7 @@ class Agent:
             now,
             config.identity.spiffe_id,
             settings.policies,
+            observer=observer(config),
         )
         self.connections = Connections(self.metrics)
         self.identity = IdentityManager(
@@ -461,6 +470,8 @@ class Agent:
             await self.workload_api.close()
         if self._admin is not None:
             self._admin.close()
+        if self.runtime.observer is not None:  # its last lines; queued spans, bounded
+            await asyncio.to_thread(self.runtime.observer.close)
 
     async def _open(self, config: AgentConfig) -> Opened:
         """A listener for each of `config`'s addresses not served yet: built, bound, started.
