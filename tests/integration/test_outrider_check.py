@@ -357,3 +357,13 @@ async def test_an_unreachable_api_server_says_so(tmp_path: Path) -> None:
     ran = await outrider("check", "--kubeconfig", str(kubeconfig))
     assert ran.returncode == 1
     assert "cannot reach the API server at https://127.0.0.1:" in ran.stderr
+
+
+async def test_proxy_status_prints_its_rows_as_json(installed: Installed) -> None:
+    async with synced_agent(installed.control):
+        ran = await outrider("proxy-status", "--control", installed.control.debug_url, "-o", "json")
+    assert ran.returncode == 0, ran.stderr
+    (row,) = json.loads(ran.stdout)
+    assert row["pod"] == "shop/web" and row["state"] == "SYNCED"
+    assert row["spiffe_id"] == "spiffe://example.org/ns/shop/sa/web"
+    assert "1 agents, 0 not in sync" in ran.stderr
