@@ -261,6 +261,10 @@ def webhook(
         )
     ]
     answer = "the injector's webhook answers"
+    url = _webhook_url(configuration)
+    if health is None and url:
+        detail = f"it calls {url}, which is not probed from here"
+        return [*checks, Check("post-install", answer, "warn", detail, "check it from the cluster")]
     if health is not None and health.status == 200:
         checks.append(Check("post-install", answer, "ok", "/healthz: 200"))
     else:
@@ -291,6 +295,15 @@ def _webhook_problems(
     if port not in [p.get("port") for p in (found.get("spec") or {}).get("ports") or []]:
         problems.append(f"{named}: Service {service['name']} has no port {port}")
     return problems
+
+
+def _webhook_url(configuration: Mapping[str, Any]) -> str:
+    """The URL a webhook calls instead of a Service (`clientConfig.url`), if any."""
+    for hook in configuration.get("webhooks") or []:
+        url = (hook.get("clientConfig") or {}).get("url")
+        if url:
+            return str(url)
+    return ""
 
 
 def webhook_target(
@@ -423,10 +436,10 @@ class Cluster:
         except (config.ConfigException, OSError) as exc:
             raise ApiUnreachable(f"cannot load the kubeconfig: {exc}") from None
         api = client.ApiClient(configuration)
-        self._core: Any = client.CoreV1Api(api)
-        self._version: Any = client.VersionApi(api)
-        self._extensions: Any = client.ApiextensionsV1Api(api)
-        self._admission: Any = client.AdmissionregistrationV1Api(api)
+        self.core: Any = client.CoreV1Api(api)
+        self.version_api: Any = client.VersionApi(api)
+        self.extensions: Any = client.ApiextensionsV1Api(api)
+        self.admission: Any = client.AdmissionregistrationV1Api(api)
         self._error: type[Exception] = client.ApiException
         self.timeout = timeout
         self.server = configuration.host
@@ -440,7 +453,12 @@ class Cluster:
         except self._error as exc:
             if getattr(exc, "status", None) == 404:
                 return None
-            raise ApiUnreachable(f"the API server at {self.server} said: {exc}") from None
+            said = _said(Probe(getattr(exc, "status", None), str(getattr(exc, "body", "") or "")))
+            raise ApiUnreachable(
+                f"the API server at {self.server} refused {getattr(call, '__name__', 'a read')}:"
+                f" {said} (403: your kubeconfig's user may not read it; docs/cli.md lists what"
+                " `outrider check` reads)"
+            ) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise ApiUnreachable(
                 f"cannot reach the API server at {self.server}: {exc} (does `kubectl version`"
@@ -453,7 +471,7 @@ class Cluster:
         import urllib3
 
         try:
-            response = self._core.connect_get_namespaced_service_proxy_with_path(
+            response = self.core.connect_get_namespaced_service_proxy_with_path(
                 service, namespace, path, _preload_content=False, _request_timeout=self.timeout
             )
         except self._error as exc:
@@ -471,31 +489,31 @@ def _in_cluster() -> bool:
 
 def observe(cluster: Cluster, control: str, *, pre: bool = False) -> Observed:
     """Ask the API server (and, after install, the control plane) what the checks need."""
-    version = cluster.read(cluster._version.get_code) or {}
+    version = cluster.read(cluster.version_api.get_code) or {}
     crds = frozenset(
         item["metadata"]["name"]
-        for item in (cluster.read(cluster._extensions.list_custom_resource_definition) or {}).get(
+        for item in (cluster.read(cluster.extensions.list_custom_resource_definition) or {}).get(
             "items", []
         )
     )
-    pods = cluster.read(cluster._core.list_namespaced_pod, "kube-system") or {}
+    pods = cluster.read(cluster.core.list_namespaced_pod, "kube-system") or {}
     kube_system = tuple(item["metadata"]["name"] for item in pods.get("items", []))
     if pre:
         return Observed(version, crds, kube_system)
     namespaces = {
         item["metadata"]["name"]: item["metadata"].get("labels") or {}
-        for item in (cluster.read(cluster._core.list_namespace) or {}).get("items", [])
+        for item in (cluster.read(cluster.core.list_namespace) or {}).get("items", [])
     }
     listed = cluster.read(
-        cluster._core.list_config_map_for_all_namespaces,
+        cluster.core.list_config_map_for_all_namespaces,
         field_selector=f"metadata.name={BUNDLE_CONFIGMAP}",
     )
     bundles = {item["metadata"]["namespace"]: item for item in (listed or {}).get("items", [])}
-    configuration = cluster.read(cluster._admission.read_mutating_webhook_configuration, WEBHOOK)
+    configuration = cluster.read(cluster.admission.read_mutating_webhook_configuration, WEBHOOK)
     services = {
         item["metadata"]["name"]: item
         for item in (
-            cluster.read(cluster._core.list_namespaced_service, SYSTEM_NAMESPACE) or {}
+            cluster.read(cluster.core.list_namespaced_service, SYSTEM_NAMESPACE) or {}
         ).get("items", [])
     }
     ca_health = ca_bundle = webhook_health = None

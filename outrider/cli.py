@@ -24,7 +24,7 @@ from identity.configfile import ConfigError, parse_duration
 from identity.files import PRIVATE, write_atomic
 from identity.injected import AGENT_UID, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, STATUS_PORT
 from outrider import debugapi
-from outrider.debugapi import DEBUG_URL, ack_state
+from outrider.debugapi import DEBUG_URL
 from outrider.output import add_output_flag, emit
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
@@ -271,9 +271,6 @@ def _control_get(base: str, path: str) -> Any:
         return debugapi.get(base, path)
     except debugapi.Unreachable as exc:
         raise CommandError(str(exc)) from None
-
-
-__all__ = ["ack_state", "main", "parser"]  # ack_state: proxy-status's, from outrider.debugapi
 
 
 def _proxy_status(args: argparse.Namespace) -> None:

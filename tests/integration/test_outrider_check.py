@@ -367,3 +367,11 @@ async def test_proxy_status_prints_its_rows_as_json(installed: Installed) -> Non
     assert row["pod"] == "shop/web" and row["state"] == "SYNCED"
     assert row["spiffe_id"] == "spiffe://example.org/ns/shop/sa/web"
     assert "1 agents, 0 not in sync" in ran.stderr
+
+
+async def test_a_read_the_user_may_not_make_is_named_with_the_answer(installed: Installed) -> None:
+    installed.api.fail_next(1, 403, verbs=("list",), kinds=("CustomResourceDefinition",))
+    ran = await installed.check()
+    assert ran.returncode == 1
+    assert "refused list_custom_resource_definition: 403 injected fault" in ran.stderr
+    assert "your kubeconfig's user may not read it" in ran.stderr

@@ -20,6 +20,7 @@ from outrider.check import (
     network_policy,
     result,
     text,
+    webhook,
 )
 
 PEM = "-----BEGIN CERTIFICATE-----\nMIIBroot\n-----END CERTIFICATE-----\n"
@@ -100,3 +101,13 @@ def test_the_text_marks_each_line_and_fails_only_on_a_cross() -> None:
     failed = result([Check("post-install", "x", "fail", "broken", "do this")])
     assert failed["ok"] is False
     assert "✗ x: broken\n    fix: do this\n\n1 check(s) failed" in text(failed)
+
+
+def test_a_webhook_called_by_url_is_not_probed_and_says_so() -> None:
+    configuration = {
+        "webhooks": [{"name": "inject.outrider.io", "clientConfig": {"url": "https://x/mutate"}}]
+    }
+    configured, answers = webhook(configuration, {}, None)
+    assert configured.status == "fail" and "no caBundle" in configured.detail
+    assert answers.status == "warn"
+    assert answers.detail == "it calls https://x/mutate, which is not probed from here"
