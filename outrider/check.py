@@ -180,8 +180,7 @@ def ca_serving(health: Probe | None, bundle: Probe | None) -> Check:
     if not roots:
         said = "no answer" if bundle is None else _said(bundle)
         return Check("post-install", name, "fail", f"/bundle holds no certificate ({said})", fix)
-    plural = "s" if len(roots) > 1 else ""
-    return Check("post-install", name, "ok", f"healthy, bundle of {len(roots)} root{plural}")
+    return Check("post-install", name, "ok", f"healthy, bundle of {_count(len(roots), 'root')}")
 
 
 def bundle_configmaps(
@@ -226,7 +225,9 @@ def _bundle(namespace: str, configmap: Mapping[str, Any] | None, served: set[str
     if served and not served <= held:
         detail = f"{BUNDLE_CONFIGMAP} lacks a root the CA serves: its agents refuse their peers"
         return Check("post-install", name, "fail", detail, f"copy the CA's bundle again: {fix}")
-    return Check("post-install", name, "ok", f"{BUNDLE_CONFIGMAP} holds {len(held)} root(s)")
+    return Check(
+        "post-install", name, "ok", f"{BUNDLE_CONFIGMAP} holds {_count(len(held), 'root')}"
+    )
 
 
 def webhook(
@@ -344,7 +345,9 @@ def agents_in_sync(agents: Sequence[Mapping[str, Any]] | None, error: str) -> li
         for row in lagging
     ]
     if not lagging:
-        checks.append(Check("post-install", name, "ok", f"{len(rows)} agents, all SYNCED"))
+        checks.append(
+            Check("post-install", name, "ok", f"{_count(len(rows), 'agent')}, all SYNCED")
+        )
     return checks
 
 
@@ -383,11 +386,16 @@ def text(shown: Mapping[str, Any]) -> str:
             lines.append(f"    fix: {check['fix']}")
     failed = sum(1 for c in shown["checks"] if c["status"] == "fail")
     lines.append("")
-    lines.append("all checks passed" if not failed else f"{failed} check(s) failed")
+    plural = "check failed" if failed == 1 else "checks failed"
+    lines.append(f"{failed} {plural}" if failed else "all checks passed")
     return "\n".join(lines) + "\n"
 
 
 # --- the shell --------------------------------------------------------------------------
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _labelled(labels: Mapping[str, str]) -> bool:

@@ -195,7 +195,7 @@ async def test_a_working_install_passes_every_check(installed: Installed) -> Non
         "the CA is reachable and serving: healthy, bundle of 1 root",
         "trust bundle in namespace shop",
         "the injector's webhook answers: /healthz: 200",
-        "agents connected and in sync: 1 agents, all SYNCED",
+        "agents connected and in sync: 1 agent, all SYNCED",
     ):
         assert seen in passed, ran.stdout
     assert ran.stdout.rstrip().endswith("all checks passed")

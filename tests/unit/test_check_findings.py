@@ -100,7 +100,7 @@ def test_the_text_marks_each_line_and_fails_only_on_a_cross() -> None:
     assert printed.rstrip().endswith("all checks passed")
     failed = result([Check("post-install", "x", "fail", "broken", "do this")])
     assert failed["ok"] is False
-    assert "✗ x: broken\n    fix: do this\n\n1 check(s) failed" in text(failed)
+    assert "✗ x: broken\n    fix: do this\n\n1 check failed" in text(failed)
 
 
 def test_a_webhook_called_by_url_is_not_probed_and_says_so() -> None:
