@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 DEBUG_URL = "http://127.0.0.1:15014"  # the control plane's debug port
-PORT_FORWARD = "kubectl -n outrider-system port-forward deploy/outrider-control 15014"
+PORT_FORWARD = "kubectl -n outrider-system port-forward deployment/outrider-control 15014:15014"
 
 
 class Unreachable(Exception):

@@ -334,7 +334,10 @@ async def test_an_unreachable_control_plane_fails_with_the_port_forward(
     assert ran.returncode == 1
     (failed,) = lines(ran, "✗")
     assert failed.startswith("✗ agents connected and in sync: cannot reach the control plane")
-    assert "kubectl -n outrider-system port-forward deploy/outrider-control 15014" in ran.stdout
+    assert (
+        "kubectl -n outrider-system port-forward deployment/outrider-control 15014:15014"
+        in ran.stdout
+    )
 
 
 async def test_pre_install_on_a_cluster_without_native_sidecars_fails(tmp_path: Path) -> None:
