@@ -12,7 +12,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +20,17 @@ import yaml
 __all__ = ["ConfigError", "ConfigReader", "Listen", "parse_duration", "parse_yaml", "read_yaml"]
 
 #: Go's time.ParseDuration units (`µs` in either spelling), plus `d`, which configs
-#: have always taken, in microseconds.
+#: have always taken, in nanoseconds: integers, so `0.1s` is exact, as in Go.
 _UNITS = {
-    "ns": Fraction(1, 1000),
-    "us": Fraction(1),
-    "µs": Fraction(1),  # U+00B5 MICRO SIGN
-    "μs": Fraction(1),  # U+03BC GREEK SMALL LETTER MU
-    "ms": Fraction(1000),
-    "s": Fraction(1_000_000),
-    "m": Fraction(60_000_000),
-    "h": Fraction(3_600_000_000),
-    "d": Fraction(86_400_000_000),
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,  # U+00B5 MICRO SIGN
+    "μs": 1_000,  # U+03BC GREEK SMALL LETTER MU
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
+    "d": 86_400_000_000_000,
 }
 _PART = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h|d)")
 
@@ -85,10 +84,17 @@ def parse_duration(value: object) -> timedelta:
     parts = _PART.findall(text) if text else []
     if not parts or "".join(number + unit for number, unit in parts) != text:
         raise ValueError(f"{value!r} is not a duration like 90s, 1h30m, 1.5s, 500ms or 2d")
-    micros = sum(Fraction(number) * _UNITS[unit] for number, unit in parts)
-    if micros and micros < 1:
+    nanos = sum(_nanoseconds(number, _UNITS[unit]) for number, unit in parts)
+    if 0 < nanos < 1000:
         raise ValueError(f"{value!r} is shorter than a microsecond")
-    return timedelta(microseconds=round(micros))
+    return timedelta(microseconds=(nanos + 500) // 1000)
+
+
+def _nanoseconds(number: str, unit: int) -> int:
+    """`1.5` of `unit` nanoseconds, in whole nanoseconds (a finer fraction dropped, as Go)."""
+    whole, _, fraction = number.partition(".")
+    scale: int = 10 ** len(fraction)
+    return int(whole or 0) * unit + int(fraction or 0) * unit // scale
 
 
 def _is_int(value: object) -> bool:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
-from identity.build import VERSION
 from identity.configfile import ConfigError, parse_duration
 from identity.files import PRIVATE, write_atomic
 from identity.injected import AGENT_UID, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, STATUS_PORT
@@ -566,10 +565,20 @@ def _audit(args: argparse.Namespace) -> None:
         raise CommandError("a strict port accepted plaintext (audit.html, section a)")
 
 
+class _Version(argparse.Action):
+    """`--version`: identity.build (importlib.metadata) is read only when asked."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from identity.build import VERSION
+
+        sys.stdout.write(f"outrider {VERSION}\n")  # stdout, as argparse's own version action
+        parser.exit()
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="outrider", description="SPIFFE mTLS for Kubernetes")
     top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    top.add_argument("--version", action="version", version=f"outrider {VERSION}")
+    top.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     commands = top.add_subparsers(dest="command", required=True)
 
     ca = commands.add_parser("ca", help="the certificate authority").add_subparsers(

@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,6 +16,10 @@ class Unreachable(Exception):
 
 def get(base: str, path: str, timeout: float = 10.0) -> Any:
     """GET a JSON document from the control plane's debug port."""
+    import json  # here: an agent's process imports this module, and needs none of these
+    import urllib.error
+    import urllib.request
+
     url = base.rstrip("/") + path
     try:
         with urllib.request.urlopen(url, timeout=timeout) as answer:  # noqa: S310 - http(s) only
