@@ -710,7 +710,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as exc:
         print(f"outrider: {exc}", file=sys.stderr)
         return exc.code
+    except ModuleNotFoundError as exc:
+        # An install without the command's dependency group (the agent image has only
+        # what `agent` and `capture` need): which group, rather than a traceback.
+        group = _GROUPS.get(args.command, "all")
+        print(
+            f"outrider {args.command}: the {exc.name} package is not installed: this install "
+            f"lacks the {group} dependency group (pip install 'outrider[{group}]')",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     return 0
+
+
+#: The optional-dependency group (pyproject.toml) each command needs beyond the core.
+_GROUPS = {"agent": "agent", "capture": "agent", "ca": "ca", "control": "control"}
+_GROUPS |= {"injector": "injector", "inject": "injector", "demo": "all"}
 
 
 if __name__ == "__main__":
