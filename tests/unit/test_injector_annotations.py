@@ -302,3 +302,25 @@ def test_the_annotations_example_in_the_docs_is_valid() -> None:
     assert warnings == ()
     assert agent_of(pod) != agent_of(BASELINE)  # the example sets something
     assert config_of(pod) == config_of(BASELINE)  # but nothing of the config
+
+
+def test_the_install_guide_lists_every_annotation_the_code_reads() -> None:
+    """install.md §6 is where a user looks them up, not the source: an annotation (or a
+    refused or retired one) that the code knows and the guide does not fails here."""
+    import identity.injected
+    from control.core.upstreams import ANNOTATION as UPSTREAMS_ANNOTATION
+    from injector.core import annotations as module
+    from injector.core.mutate import DEFAULT_CONTAINER
+
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "install.md").read_text()
+    section = guide[guide.index("### The labels and annotations") :]
+    section = section[: section.index("\n## ")]
+    named = {
+        value
+        for source in (module, identity.injected)
+        for value in vars(source).values()
+        if isinstance(value, str) and value.startswith("outrider.io/") and value != module.PREFIX
+    }
+    named |= {*module.GONE, *module.REFUSED, UPSTREAMS_ANNOTATION, DEFAULT_CONTAINER}
+    missing = sorted(key for key in named if f"`{key}`" not in section)
+    assert not missing, f"docs/install.md §6 does not list {missing}"
