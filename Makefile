@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench proto lock clean
+.PHONY: demo test lint bench proto lock audit-screenshot clean
 
 # The dev dependencies as locked (requirements/dev.txt: every version pinned, every
 # file hashed), then the project itself, editable, without resolving anything more.
@@ -59,6 +59,12 @@ lock: $(STAMP)
 	$(LOCK) --extra all -c requirements/dev.txt -o requirements/all.txt pyproject.toml
 	$(LOCK) --extra agent -c requirements/dev.txt -o requirements/agent.txt pyproject.toml
 	$(BIN)/python -c 'import pathlib, re; [p.write_text(re.sub(r"\n*# The following packages are considered to be unsafe.*", "\n", p.read_text(), flags=re.S)) for p in pathlib.Path("requirements").glob("*.txt")]'
+
+# docs/audit.png, the README's picture of `outrider audit`: the acceptance test's own
+# report (a real Prometheus, headless Chromium), kept instead of thrown away.
+audit-screenshot: $(STAMP)
+	OUTRIDER_AUDIT_SCREENSHOT=docs/audit.png $(BIN)/pytest -q -p no:xdist \
+		tests/integration/test_audit_report.py -k chromium
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -30,7 +30,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent import config as agent_config
 from agent.adapters import admin, memory
@@ -40,7 +40,6 @@ from agent.adapters.capture_listeners import (
     OutboundCaptureListener,
     capture_configs,
 )
-from agent.adapters.control_plane import ControlPlaneSubscription
 from agent.adapters.listeners import (
     ConfigT,
     Connections,
@@ -55,7 +54,6 @@ from agent.adapters.rotator import IdentityManager, SignFn
 from agent.adapters.runtime import Runtime
 from agent.adapters.tls import Contexts
 from agent.adapters.upstreams import prune_series
-from agent.adapters.workload_api import WorkloadApiServer
 from agent.config import (
     AgentConfig,
     ControlEndpoint,
@@ -70,6 +68,10 @@ from agent.core.policy import PolicySet, duplicates
 from agent.core.policyfile import PolicyError, load_policy_files
 from agent.core.svid import Svid
 from identity.configfile import ConfigError, Listen
+
+if TYPE_CHECKING:  # imported where configured: an agent without them loads neither
+    from agent.adapters.control_plane import ControlPlaneSubscription
+    from agent.adapters.workload_api import WorkloadApiServer
 
 log = logging.getLogger("outrider.agent")
 
@@ -187,6 +189,8 @@ class Agent:
         #: `workload_api:`: the SPIFFE Workload API and SDS for the pod's processes.
         self.workload_api: WorkloadApiServer | None = None
         if config.workload_api is not None:
+            from agent.adapters.workload_api import WorkloadApiServer
+
             self.workload_api = WorkloadApiServer(
                 config.workload_api, self.identity, self.metrics, config.ca.backoff
             )
@@ -197,6 +201,8 @@ class Agent:
             if pod is None:
                 raise ValueError("an agent with control: needs its pod's name")
             initial = config.control
+            from agent.adapters.control_plane import ControlPlaneSubscription
+
             self.control = ControlPlaneSubscription(
                 lambda: self.config.control or initial,
                 pod,

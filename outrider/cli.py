@@ -489,6 +489,27 @@ def _demo(args: argparse.Namespace) -> None:
     demo.run(duration=args.duration)
 
 
+def _audit(args: argparse.Namespace) -> None:
+    from outrider.audit.command import AuditError, run, summary
+
+    try:
+        written = run(
+            now=datetime.now(UTC),
+            out=Path(args.out),
+            prometheus=args.prometheus,
+            metrics=[Path(name) for name in args.metrics or ()],
+            ca_audit_log=Path(args.ca_audit_log) if args.ca_audit_log else None,
+            since=args.since,
+            until=args.until,
+            namespaces=args.namespace,
+        )
+    except AuditError as exc:
+        raise CommandError(str(exc), exc.code) from None
+    print(summary(written))
+    if written.audit.exit_code:
+        raise CommandError("a strict port accepted plaintext (audit.html, section a)")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="outrider", description="SPIFFE mTLS for Kubernetes")
     top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -692,6 +713,27 @@ def parser() -> argparse.ArgumentParser:
         "--duration", type=float, default=20.0, help="seconds of traffic (default 20)"
     )
     demo.set_defaults(func=_demo)
+
+    audit = commands.add_parser(
+        "audit",
+        help="an mTLS compliance report (HTML and JSON) from Prometheus or saved scrapes",
+        description="answers: was plaintext accepted, the TLS mix, who talked to whom, each"
+        " identity's certificates, every deny, the CA's issuances and refusals. Exit 0 clean,"
+        " 1 when a strict port accepted plaintext, 2 when no report could be made",
+    )
+    evidence = audit.add_mutually_exclusive_group(required=True)
+    evidence.add_argument("--prometheus", metavar="URL", help="e.g. http://prometheus:9090")
+    evidence.add_argument(
+        "--metrics", nargs="+", metavar="FILE", help="saved /metrics scrapes, one per process"
+    )
+    audit.add_argument("--ca-audit-log", metavar="FILE", help="the CA's audit log (JSON lines)")
+    audit.add_argument("--since", help="24h (default with --prometheus) or RFC 3339")
+    audit.add_argument("--until", help="a duration back from now or RFC 3339 (default: now)")
+    audit.add_argument(
+        "--namespace", action="append", default=[], metavar="NS", help="repeatable (default all)"
+    )
+    audit.add_argument("--out", required=True, metavar="DIR", help="writes audit.html, audit.json")
+    audit.set_defaults(func=_audit)
     return top
 
 

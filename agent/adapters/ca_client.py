@@ -8,7 +8,6 @@ checked by the identity manager (chain, SPIFFE ID, expiry), not here.
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
 from types import TracebackType
 
 from grpclib.client import Channel
@@ -29,34 +28,6 @@ def tls_context(
     if client_chain_pem is not None and client_key_pem is not None:
         load_cert_chain(context, client_chain_pem, client_key_pem)
     return context
-
-
-#: OpenSSL's verify codes: the CA's certificate names another host, or chains to a root
-#: the agent does not trust.
-_NAME_MISMATCH = {62, 64}  # hostname mismatch, IP address mismatch
-_UNTRUSTED = {2, 18, 19, 20, 21}  # no issuer, self-signed, unable to get local issuer
-
-
-def unreachable(exc: BaseException, server_name: str, bundle_file: Path) -> str:
-    """Why the CA could not be reached, with what to change when the agent's config is
-    the cause: OpenSSL's `IP address mismatch` or `unable to get local issuer
-    certificate` alone names neither the setting nor the file."""
-    code = exc.verify_code if isinstance(exc, ssl.SSLCertVerificationError) else None
-    said = exc.verify_message if isinstance(exc, ssl.SSLCertVerificationError) else repr(exc)
-    if code in _NAME_MISMATCH:
-        return (
-            f"the CA's certificate is not valid for {server_name!r} ({said}): set "
-            "ca.server_name to a name in the CA's serving certificate (its serving_cert.names; "
-            "outrider-ca.outrider-system.svc in a cluster), or add that name there; "
-            "ca.server_name defaults to the host of ca.address, an IP address when it is one"
-        )
-    if code in _UNTRUSTED:
-        return (
-            f"the CA's certificate does not chain to a root in ca.bundle_file {bundle_file} "
-            f"({said}): point ca.bundle_file at this CA's trust bundle (bundle.pem of "
-            "`outrider ca init`, or the outrider-trust-bundle ConfigMap in a cluster)"
-        )
-    return said
 
 
 class CaClient:

@@ -44,7 +44,7 @@ from agent.core import http1
 from agent.core.authz import AllowList
 from agent.core.captured import Captured, OutboundRoutes, admit_plaintext, looks_like_tls
 from agent.core.h2limits import Limit
-from agent.core.policy import Decision, Request
+from agent.core.policy import Decision, Explanation, Request
 from agent.core.tries import DELIVERED, Outcome
 from agent.core.upstream import Endpoint
 from identity import SpiffeId
@@ -755,7 +755,7 @@ class InboundMtls(Listener[InboundT]):
                 f"{request.method} {request.path}" if request.method else "a connection",
                 request.port,
                 caller,
-                decision.reason,
+                Explanation(decision),  # worded only if the line is written
                 level=logging.INFO,
             )
         return decision
