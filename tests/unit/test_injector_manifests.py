@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -365,3 +366,11 @@ def test_a_directory_without_manifests_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("kind: Pod\n")
     with pytest.raises(ManifestError, match=r"no \.yaml, \.yml, \.json files"):
         inject_files([tmp_path], SETTINGS, "default")
+
+
+def test_without_ruamel_yaml_it_says_which_group_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "ruamel.yaml", None)  # as if not installed
+    with pytest.raises(ManifestError, match=r"pip install 'outrider\[injector\]'"):
+        inject_stream(yaml.safe_dump(WORKLOADS["Pod"]), SETTINGS, "default")
