@@ -9,12 +9,12 @@ only take turns on the same CPUs, each paying its own memory.
 
 from __future__ import annotations
 
-import math
-
 
 def cpu_quota(cpu_max: str | None) -> int | None:
-    """The whole CPUs a cgroup v2 `cpu.max` line allows (rounded up, at least 1); None
-    when it sets no limit ("max ...") or cannot be read as one."""
+    """The whole CPUs a cgroup v2 `cpu.max` line allows (rounded down, at least 1: with
+    1.5 CPUs a second worker would only share the first's CPU time, and add its memory;
+    the injector counts the same); None when it sets no limit ("max ...") or cannot be
+    read as one."""
     if not cpu_max:
         return None
     parts = cpu_max.split()
@@ -26,7 +26,7 @@ def cpu_quota(cpu_max: str | None) -> int | None:
         return None
     if quota <= 0 or period <= 0:
         return None
-    return max(1, math.ceil(quota / period))
+    return max(1, quota // period)
 
 
 def usable_cpus(affinity: int, cpu_max: str | None) -> int:

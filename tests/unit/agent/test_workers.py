@@ -18,7 +18,7 @@ from tests.unit.agent.test_config import BASE, errors_of, minimal
     ("cpu_max", "quota"),
     [
         ("200000 100000\n", 2),  # a Kubernetes limit of 2
-        ("150000 100000", 2),  # 1500m: a second worker has half a CPU's time
+        ("150000 100000", 1),  # 1500m: a second worker would have half a CPU's time
         ("50000 100000", 1),  # 500m
         ("max 100000\n", None),  # no limit
         (None, None),  # cgroup v1, or no cgroup file
