@@ -449,6 +449,8 @@ class Agent:
             log.warning("admin and status address changes take a restart")
         if new.config.workload_api != old.workload_api:
             log.warning("workload_api changes take a restart")
+        if new.config.workers != old.workers:
+            log.warning("workers changes take a restart")
 
     async def drain(self) -> None:
         """Stop accepting, let open connections finish up to the drain timeout."""
@@ -706,11 +708,22 @@ def worker_count(config: AgentConfig) -> int:
         return config.workers
     from agent.core.workers import usable_cpus
 
+    return usable_cpus(len(os.sched_getaffinity(0)), _cpu_max(Path("/sys/fs/cgroup")))
+
+
+def _cpu_max(cgroup: Path) -> str | None:
+    """The cgroup's CPU quota as cgroup v2's `cpu.max` says it ("max 100000": none), read
+    from v2 or from v1's cpu controller; None when neither is mounted."""
     try:
-        cpu_max: str | None = Path("/sys/fs/cgroup/cpu.max").read_text()
-    except OSError:  # cgroup v1, or none mounted: the affinity mask alone
-        cpu_max = None
-    return usable_cpus(len(os.sched_getaffinity(0)), cpu_max)
+        return (cgroup / "cpu.max").read_text()
+    except OSError:
+        pass
+    try:
+        quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+        period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+    except OSError:
+        return None
+    return f"{'max' if quota == '-1' else quota} {period}"
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, object], stop: asyncio.Event) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.adapters.workers import Merged, families, merge
+from agent.app import _cpu_max
 from agent.config import MAX_WORKERS, parse
 from agent.core.workers import cpu_quota, usable_cpus
 from tests.unit.agent.test_config import BASE, errors_of, minimal
@@ -36,6 +38,18 @@ def test_auto_is_the_smaller_of_the_affinity_mask_and_the_quota() -> None:
     assert usable_cpus(2, "800000 100000") == 2
     assert usable_cpus(4, "max 100000") == 4
     assert usable_cpus(3, None) == 3
+
+
+def test_the_quota_is_read_from_cgroup_v2_or_v1(tmp_path: Path) -> None:
+    assert _cpu_max(tmp_path) is None  # neither mounted: the affinity mask alone
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_quota(_cpu_max(tmp_path)) is None
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    assert cpu_quota(_cpu_max(tmp_path)) == 3
+    (tmp_path / "cpu.max").write_text("200000 100000\n")  # v2 first
+    assert cpu_quota(_cpu_max(tmp_path)) == 2
 
 
 def test_workers_default_to_one_and_take_a_count_or_auto() -> None:
