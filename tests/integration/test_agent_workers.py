@@ -1,7 +1,8 @@
 """`workers: 2` in a real `outrider agent run` against a real `ca serve`: both worker
 processes serve the port, the agent makes one CSR per rotation whatever its workers,
 no key reaches the disk, /metrics adds the workers up, a reload and a rotation reach
-every worker, a worker that dies is started again, and SIGTERM drains them all.
+every worker, as does a control plane's snapshot (over the one stream of the agent),
+a worker that dies is started again, and SIGTERM drains them all.
 
 The agent's SVID lives 2 s, so it rotates about every second through the module.
 """
@@ -21,11 +22,21 @@ import yaml
 from aiohttp import web
 from cryptography import x509
 
+from tests.control import bootstrap, control_plane
 from tests.httpraw import Responses, connect, get
-from tests.mesh import AgentProcess, agent_process, inbound, served_agent_yaml, threaded_app
+from tests.integration.test_agent_control_plane import DENY_ALL, frontend, snapshot
+from tests.mesh import (
+    AgentProcess,
+    agent_process,
+    echo_server,
+    inbound,
+    mtls_exchange,
+    served_agent_yaml,
+    threaded_app,
+)
 from tests.support import CaProcess, CaSetup
 
-NAME = "workers"
+NAME, ROTATING = "workers", "rotating"
 CONNECTIONS = 24  # each lands on a worker by the kernel's hash: all on one is 2**-23
 
 
@@ -40,17 +51,26 @@ def app() -> Iterator[int]:
         yield port
 
 
-def workers_yaml(setup: CaSetup, ca: CaProcess, app: int, **sections: Any) -> dict[str, Any]:
-    raw = served_agent_yaml(
-        setup, ca, NAME, inbound=inbound(app, protocol="http"), workers=2, **sections
+def workers_yaml(
+    setup: CaSetup, ca: CaProcess, app: int, name: str = NAME, **sections: Any
+) -> dict[str, Any]:
+    return served_agent_yaml(
+        setup, ca, name, inbound=inbound(app, protocol="http"), workers=2, **sections
     )
-    raw["identity"]["ttl"] = "2s"
-    return raw
 
 
 @pytest.fixture(scope="module")
 def agent(setup: CaSetup, ca: CaProcess, app: int) -> Iterator[AgentProcess]:
     with agent_process(setup.root, NAME, workers_yaml(setup, ca, app)) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def rotating(setup: CaSetup, ca: CaProcess, app: int) -> Iterator[AgentProcess]:
+    """An agent whose SVID lives 2 s: it rotates about every second."""
+    raw = workers_yaml(setup, ca, app, ROTATING)
+    raw["identity"]["ttl"] = "2s"
+    with agent_process(setup.root, ROTATING, raw) as process:
         yield process
 
 
@@ -81,7 +101,7 @@ def test_both_workers_serve_and_metrics_add_them_up(setup: CaSetup, agent: Agent
     before = agent.total("outrider_connections_total", direction="inbound")
     statuses = [request(setup, agent)[0] for _ in range(CONNECTIONS)]
     assert statuses == [200] * CONNECTIONS
-    each = [agent.sample("outrider_worker_connections_total", worker=str(i)) for i in (0, 1)]
+    each = accepted(agent)
     assert all(n > 0 for n in each), each  # the kernel spread them over both
     total = agent.total("outrider_connections_total", direction="inbound")
     assert total - before == CONNECTIONS  # one count per connection, summed over workers
@@ -93,12 +113,12 @@ def test_both_workers_serve_and_metrics_add_them_up(setup: CaSetup, agent: Agent
     assert len(children(agent)) == 2
 
 
-def test_one_csr_per_rotation_for_the_whole_agent(setup: CaSetup, agent: AgentProcess) -> None:
+def test_one_csr_per_rotation_for_the_whole_agent(setup: CaSetup, rotating: AgentProcess) -> None:
     def rotations() -> float:
-        return agent.sample("outrider_svid_rotations_total", result="success")
+        return rotating.sample("outrider_svid_rotations_total", result="success")
 
     eventually(lambda: rotations() >= 3)
-    ours = f"/sa/{NAME}"
+    ours = f"/sa/{ROTATING}"
     issued = [e for e in setup.audit() if e["result"] == "issued" and e["spiffe_id"].endswith(ours)]
     done = rotations()
     # Three processes each renewing would be three CSRs a rotation; one in flight may
@@ -107,11 +127,14 @@ def test_one_csr_per_rotation_for_the_whole_agent(setup: CaSetup, agent: AgentPr
 
 
 def test_every_worker_serves_the_svid_of_the_latest_rotation(
-    setup: CaSetup, agent: AgentProcess
+    setup: CaSetup, rotating: AgentProcess
 ) -> None:
     def all_current() -> bool:
-        current = int(agent.certs()["serial"], 16)
-        met = {request(setup, agent)[1] for _ in range(8)}
+        current = int(rotating.certs()["serial"], 16)
+        try:
+            met = {request(setup, rotating)[1] for _ in range(8)}
+        except ssl.SSLError:  # rotated, and the one we met expired, as we connected
+            return False
         return met == {current}
 
     eventually(all_current)
@@ -139,7 +162,7 @@ def test_no_key_is_written_to_disk(setup: CaSetup, agent: AgentProcess) -> None:
 
 
 def test_a_reload_reaches_every_worker(setup: CaSetup, ca: CaProcess, app: int) -> None:
-    raw = workers_yaml(setup, ca, app)
+    raw = workers_yaml(setup, ca, app, "reloaded")
     with agent_process(setup.root, "reloaded", raw) as agent:
         raw["policy"] = {
             "default_action": "deny",
@@ -149,11 +172,33 @@ def test_a_reload_reaches_every_worker(setup: CaSetup, ca: CaProcess, app: int) 
         eventually(
             lambda: agent.sample("outrider_config_reloads_total", kind="agent", result="ok") == 1
         )
-        before = [agent.sample("outrider_worker_connections_total", worker=str(i)) for i in (0, 1)]
+        before = accepted(agent)
         statuses = {request(setup, agent)[0] for _ in range(CONNECTIONS)}
-        after = [agent.sample("outrider_worker_connections_total", worker=str(i)) for i in (0, 1)]
         assert statuses == {403}
-        assert all(a > b for a, b in zip(after, before, strict=True))  # both took some
+        assert all(a > b for a, b in zip(accepted(agent), before, strict=True))  # both took some
+
+
+def accepted(agent: AgentProcess) -> list[float]:
+    return [agent.sample("outrider_worker_connections_total", worker=str(i)) for i in (0, 1)]
+
+
+async def test_one_stream_to_the_control_plane_and_its_snapshots_reach_every_worker(
+    setup: CaSetup, ca: CaProcess
+) -> None:
+    async with echo_server() as app_port:
+        with control_plane(setup, snapshot(app_port)) as plane:
+            control = bootstrap(plane.address, pod="subscribed-0")
+            raw = served_agent_yaml(setup, ca, "subscribed", control=control, workers=2)
+            with agent_process(setup.root, "subscribed", raw) as agent:
+                address = agent.bound["inbound[0]"]
+                assert await mtls_exchange(address, frontend(setup)) != b""
+                version = plane.publish(snapshot(app_port, DENY_ALL))
+                assert plane.answer(version).kind == "ack"
+                before = accepted(agent)
+                denied = [await mtls_exchange(address, frontend(setup)) for _ in range(CONNECTIONS)]
+                assert denied == [b""] * CONNECTIONS
+                assert all(a > b for a, b in zip(accepted(agent), before, strict=True))
+                assert len(plane.wait_for_streams(1)) == 1  # one stream for the whole agent
 
 
 def test_a_worker_that_dies_is_started_again(setup: CaSetup, agent: AgentProcess) -> None:
@@ -167,7 +212,7 @@ def test_a_worker_that_dies_is_started_again(setup: CaSetup, agent: AgentProcess
 
 
 def test_sigterm_drains_every_worker(setup: CaSetup, ca: CaProcess, app: int) -> None:
-    with agent_process(setup.root, "drained", workers_yaml(setup, ca, app)) as agent:
+    with agent_process(setup.root, "drained", workers_yaml(setup, ca, app, "drained")) as agent:
         workers = children(agent)
         held = [connect(setup, agent) for _ in range(8)]  # idle keep-alive, on both workers
         try:
