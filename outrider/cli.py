@@ -140,12 +140,31 @@ def _ca_mint(args: argparse.Namespace) -> None:
     print(f"  {out / 'svid.pem'}, {out / 'svid.key'}, {out / 'bundle.pem'}")
 
 
+def _ca_dev_token(args: argparse.Namespace) -> None:
+    from ca.authn.dev import DevIssuer, DevModeError, workload_names
+    from ca.signers.local import CaDirectoryError, LocalSigner
+
+    try:
+        spiffe_id = SpiffeId.parse(args.spiffe_id)
+        workload_names(spiffe_id)
+        lifetime = parse_duration(args.ttl)
+        trust_domain = LocalSigner.load(Path(args.dir)).trust_domain
+        if not spiffe_id.member_of(trust_domain):
+            raise ValueError(f"{spiffe_id} is not in trust domain {trust_domain}")
+        token = DevIssuer.open(Path(args.dir)).token(spiffe_id, lifetime=lifetime)
+    except (ValueError, CaDirectoryError, DevModeError) as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    write_atomic(Path(args.out), token.encode() + b"\n", PRIVATE)
+    print(f"dev token for {spiffe_id} in {args.out}, valid for {args.ttl}")
+    print("  only `outrider ca serve --dev` with this CA directory accepts it")
+
+
 def _ca_serve(args: argparse.Namespace) -> None:
     from ca import app as ca_app
     from ca import config as ca_config
 
     try:
-        config = ca_config.load(Path(args.config))
+        config = ca_config.load(Path(args.config), dev=args.dev)
     except ConfigError as exc:
         raise _invalid(exc) from None
     try:
@@ -477,7 +496,7 @@ def _capture_remove(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from outrider import demo
 
-    demo.run(duration=args.duration)
+    demo.run(duration=args.duration, keep=Path(args.keep) if args.keep else None)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -509,7 +528,22 @@ def parser() -> argparse.ArgumentParser:
 
     serve = ca.add_parser("serve", help="serve the Sign RPC, the bundle and metrics")
     serve.add_argument("--config", required=True, help="ca.yaml")
+    serve.add_argument(
+        "--dev",
+        action="store_true",
+        help="UNSAFE, a laptop only: issue to holders of `ca dev-token` tokens, without "
+        "Kubernetes; loopback only, refused in a pod (docs/operations.md#dev-mode)",
+    )
     serve.set_defaults(func=_ca_serve)
+
+    dev_token = ca.add_parser(
+        "dev-token", help="a token `ca serve --dev` accepts as a workload (no cluster needed)"
+    )
+    dev_token.add_argument("--dir", required=True, help="the directory made by `ca init`")
+    dev_token.add_argument("--spiffe-id", required=True, help="spiffe://<td>/ns/<ns>/sa/<sa>")
+    dev_token.add_argument("--ttl", default="7d", help="lifetime, e.g. 7d (default), 12h")
+    dev_token.add_argument("--out", required=True, help="the token file (mode 0600)")
+    dev_token.set_defaults(func=_ca_dev_token)
 
     agent = commands.add_parser("agent", help="the sidecar").add_subparsers(
         dest="agent_command", required=True
@@ -676,6 +710,12 @@ def parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the mesh on loopback and show what it does")
     demo.add_argument(
         "--duration", type=float, default=20.0, help="seconds of traffic (default 20)"
+    )
+    demo.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="run in DIR (new or empty) and leave its configs, keys, tokens and a README.md"
+        " with the commands that start the same mesh by hand",
     )
     demo.set_defaults(func=_demo)
     return top

@@ -307,14 +307,17 @@ def ca_process(
     *,
     fd_limit: int | None = None,
     prefix: Sequence[str] = (),
+    dev: bool = False,
 ) -> Iterator[CaProcess]:
     """`outrider ca serve` as a real process; stopped with SIGTERM, which must exit 0.
 
     `fd_limit` is the soft open-file limit it starts with (default: ours).
     `prefix` goes before the command line: `Pod.prefix` (tests.netns) runs it in a pod.
+    `dev`: `ca serve --dev`.
     """
+    serve = ["ca", "serve", "--config", str(config), *(["--dev"] if dev else [])]
     process = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "outrider", "ca", "serve", "--config", str(config)],
+        [*prefix, sys.executable, "-m", "outrider", *serve],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
