@@ -14,6 +14,7 @@ import pytest
 
 FRONTEND = "spiffe://demo.outrider.local/ns/demo/sa/frontend"
 BACKEND = "spiffe://demo.outrider.local/ns/demo/sa/backend"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_demo(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
@@ -122,6 +123,7 @@ def until_it_answers(command: list[str], cwd: Path, timeout: float = 30.0) -> st
 
 @pytest.mark.slow
 def test_the_kept_demo_starts_by_hand_with_the_commands_of_its_readme(tmp_path: Path) -> None:
+    assert "outrider demo --keep ./mesh" in (REPO / "README.md").read_text()  # what users read
     kept = tmp_path / "mesh"
     result = run_demo("--keep", str(kept), "--duration", "6")
     assert result.returncode == 0, result.stdout + result.stderr
