@@ -141,18 +141,12 @@ def _ca_mint(args: argparse.Namespace) -> None:
 
 
 def _ca_dev_token(args: argparse.Namespace) -> None:
-    from ca.authn.dev import DevIssuer, DevModeError, workload_names
-    from ca.signers.local import CaDirectoryError, LocalSigner
+    from ca.authn.dev import DevModeError, mint_token
 
     try:
         spiffe_id = SpiffeId.parse(args.spiffe_id)
-        workload_names(spiffe_id)
-        lifetime = parse_duration(args.ttl)
-        trust_domain = LocalSigner.load(Path(args.dir)).trust_domain
-        if not spiffe_id.member_of(trust_domain):
-            raise ValueError(f"{spiffe_id} is not in trust domain {trust_domain}")
-        token = DevIssuer.open(Path(args.dir)).token(spiffe_id, lifetime=lifetime)
-    except (ValueError, CaDirectoryError, DevModeError) as exc:
+        token = mint_token(Path(args.dir), spiffe_id, parse_duration(args.ttl))
+    except (ValueError, DevModeError) as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
     write_atomic(Path(args.out), token.encode() + b"\n", PRIVATE)
     print(f"dev token for {spiffe_id} in {args.out}, valid for {args.ttl}")

@@ -25,6 +25,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import re
 import shlex
 import shutil
@@ -44,6 +45,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from ca.authn.dev import DEFAULT_TOKEN_LIFETIME, DevIssuer
+from ca.authn.dev import refusal as dev_refusal
 from ca.signers.local import init_ca
 from identity import SpiffeId, TrustDomain
 from identity.files import PRIVATE, write_atomic
@@ -190,14 +192,29 @@ class Ports:
     backend_app: int = 0
 
     @classmethod
-    def free(cls) -> Ports:
-        """Ports free now, for configs a user starts again later (port 0 would move)."""
-        sockets = [socket.create_server(("127.0.0.1", 0)) for _ in cls.__annotations__]
+    def free(cls, rng: random.Random) -> Ports:
+        """Ports free now, for configs a user starts again later (port 0 would move).
+
+        Outside the kernel's ephemeral range: a port from there could be given to any
+        outgoing connection (an agent's, to the CA) before its server binds it.
+        """
         try:
-            return cls(*(sock.getsockname()[1] for sock in sockets))
-        finally:
-            for sock in sockets:
-                sock.close()
+            text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+            low, high = (int(n) for n in text.split())
+        except (OSError, ValueError):  # not Linux: IANA's dynamic range, macOS's too
+            low, high = 49152, 65535
+        outside = range(10_000, low) if low > 11_000 else range(high + 1, 65_536)
+        ports: list[int] = []
+        for port in rng.sample(outside, min(len(outside), 1000)):
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            ports.append(port)
+            if len(ports) == len(cls.__annotations__):
+                return cls(*ports)
+        raise DemoFailed(f"no {len(cls.__annotations__)} free loopback ports in {outside}")
 
 
 def local(port: int) -> str:
@@ -592,8 +609,13 @@ def run(duration: float = 20.0, keep: Path | None = None) -> None:
     With `keep`, run in that directory on fixed ports and leave it, README.md and all."""
     if duration <= 0:
         raise SystemExit("outrider demo: --duration must be more than 0 seconds")
+    if (refused := dev_refusal(os.environ)) is not None:  # before a directory is made
+        raise SystemExit(f"outrider demo: its CA runs in dev mode, so: {refused}")
     workdir = keep_dir(keep) if keep else Path(tempfile.mkdtemp(prefix="outrider-demo-"))
-    ports = Ports.free() if keep else Ports()
+    try:
+        ports = Ports.free(random.SystemRandom()) if keep else Ports()
+    except DemoFailed as exc:
+        raise SystemExit(f"outrider demo: {exc}") from None
     children: list[Child] = []
     try:
         lines, problems = asyncio.run(demo(workdir, children, duration, ports))

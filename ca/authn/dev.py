@@ -39,6 +39,7 @@ from jwt.algorithms import ECAlgorithm
 
 from ca.authn.jwks import Clock, StaticJwks
 from ca.authn.kubernetes import KubernetesCaller, TokenPolicy, TokenVerifier
+from ca.signers.local import CaDirectoryError, LocalSigner
 from identity import SpiffeId
 from identity.files import PRIVATE, write_atomic
 
@@ -196,3 +197,16 @@ class DevIssuer:
             pod_name=None,
         )
         return jwt.encode(claims, self._key, algorithm="ES256", headers={"kid": "dev"})
+
+
+def mint_token(ca_dir: Path, spiffe_id: SpiffeId, lifetime: timedelta) -> str:
+    """`outrider ca dev-token`: a token for `spiffe_id`, which must be one the CA in
+    `ca_dir` issues; ValueError or DevModeError saying why not."""
+    workload_names(spiffe_id)
+    try:
+        trust_domain = LocalSigner.load(ca_dir).trust_domain
+    except CaDirectoryError as exc:
+        raise DevModeError(str(exc)) from None
+    if not spiffe_id.member_of(trust_domain):
+        raise ValueError(f"{spiffe_id} is not in trust domain {trust_domain}")
+    return DevIssuer.open(ca_dir).token(spiffe_id, lifetime=lifetime)

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from identity import SpiffeId, check_leaf
-from tests.support import ca_process
+from tests.support import ca_process, needs_dev_mode
 
 CA_FILES = ("root.pem", "root.key", "intermediate.pem", "intermediate.key", "bundle.pem")
 
@@ -207,6 +207,7 @@ def test_serve_dev_refuses_to_start_in_a_pod_and_says_what_to_do(ca_dir: Path, t
     assert not (ca_dir / "dev-issuer.key").exists()  # refused before anything was made
 
 
+@needs_dev_mode
 def test_serve_dev_warns_that_it_is_unsafe(ca_dir: Path, tmp_path: Path):
     with ca_process(dev_config(tmp_path, ca_dir), dev=True) as ca:
         said = "".join(ca.stderr)

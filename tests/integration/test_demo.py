@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -12,17 +13,25 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import needs_dev_mode
+
+# The demo's CA runs in dev mode, which refuses to start in a pod.
+pytestmark = needs_dev_mode
+
 FRONTEND = "spiffe://demo.outrider.local/ns/demo/sa/frontend"
 BACKEND = "spiffe://demo.outrider.local/ns/demo/sa/backend"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_demo(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def run_demo(
+    *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "outrider", "demo", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     try:
         out, err = process.communicate(timeout=timeout)
@@ -110,14 +119,14 @@ def runnable(command: list[str]) -> list[str]:
     return [*interpreter.get(head, [head]), *rest]
 
 
-def until_it_answers(command: list[str], cwd: Path, timeout: float = 30.0) -> str:
-    """Run `command` until it exits 0 (the agents may still be fetching their SVIDs)."""
+def until_it_answers(command: list[str], cwd: Path, expected: str, timeout: float = 30.0) -> str:
+    """Run `command` until it prints `expected`: until both agents hold SVIDs and
+    listen, the frontend's agent answers 503 (upstream_connect_failure)."""
     deadline = time.monotonic() + timeout
     while True:
         result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=10)
-        if result.returncode == 0 or time.monotonic() > deadline:
-            assert result.returncode == 0, result.stderr
-            return result.stdout
+        if result.stdout.strip() == expected or time.monotonic() > deadline:
+            return result.stdout.strip()
         time.sleep(0.2)
 
 
@@ -148,9 +157,9 @@ def test_the_kept_demo_starts_by_hand_with_the_commands_of_its_readme(tmp_path: 
                 started.append(
                     subprocess.Popen(runnable(command), cwd=kept, stdout=log, stderr=log)
                 )
-        hello = until_it_answers(runnable(requests[0]), kept)
-        assert json.loads(hello) == {"app": "backend", "says": "hello from the backend"}
-        assert until_it_answers(runnable(requests[1]), kept).strip() == "403"
+        hello = json.dumps({"app": "backend", "says": "hello from the backend"})
+        assert until_it_answers(runnable(requests[0]), kept, hello) == hello
+        assert until_it_answers(runnable(requests[1]), kept, "403") == "403"
     finally:
         for process in started:
             process.terminate()
@@ -170,3 +179,14 @@ def test_demo_keep_refuses_a_directory_with_files_in_it(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "the directory is not empty; give a new one" in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_demo_refuses_to_run_in_a_pod_before_making_anything(tmp_path: Path) -> None:
+    kept = tmp_path / "mesh"
+    in_a_pod = {**os.environ, "KUBERNETES_SERVICE_HOST": "10.96.0.1"}
+    result = run_demo("--keep", str(kept), timeout=20, env=in_a_pod)
+    assert result.returncode != 0
+    assert "its CA runs in dev mode, so: refusing --dev: this looks like a Kubernetes pod" in (
+        result.stderr
+    )
+    assert not kept.exists()
