@@ -138,6 +138,7 @@ def _ca_mint(args: argparse.Namespace) -> None:
     write_atomic(out / "bundle.pem", issued.bundle.to_pem())
     print(f"minted {spiffe_id}, valid until {issued.leaf.not_valid_after_utc.isoformat()}")
     print(f"  {out / 'svid.pem'}, {out / 'svid.key'}, {out / 'bundle.pem'}")
+    print("  an agent starts from it with identity.svid_file and identity.key_file")
 
 
 def _ca_dev_token(args: argparse.Namespace) -> None:
