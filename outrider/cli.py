@@ -149,7 +149,10 @@ def _ca_dev_token(args: argparse.Namespace) -> None:
         token = mint_token(Path(args.dir), spiffe_id, parse_duration(args.ttl))
     except (ValueError, DevModeError) as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
-    write_atomic(Path(args.out), token.encode() + b"\n", PRIVATE)
+    try:
+        write_atomic(Path(args.out), token.encode() + b"\n", PRIVATE)
+    except OSError as exc:
+        raise CommandError(f"cannot write {args.out}: {exc.strerror or exc}", EXIT_USAGE) from None
     print(f"dev token for {spiffe_id} in {args.out}, valid for {args.ttl}")
     print("  only `outrider ca serve --dev` with this CA directory accepts it")
 

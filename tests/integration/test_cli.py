@@ -159,6 +159,14 @@ def test_dev_token_writes_a_private_token_for_a_workload(ca_dir: Path, tmp_path:
     assert out.read_text().count(".") == 2  # a JWS, checked by the CA's verifier in unit tests
 
 
+def test_dev_token_into_a_missing_directory_says_so(ca_dir: Path, tmp_path: Path):
+    out = tmp_path / "nowhere" / "web.token"
+    spiffe_id = "spiffe://example.org/ns/shop/sa/web"
+    result = outrider("ca", "dev-token", "--dir", ca_dir, "--spiffe-id", spiffe_id, "--out", out)
+    assert result.returncode == 2
+    assert f"cannot write {out}: No such file or directory" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("spiffe_id", "message"),
     [

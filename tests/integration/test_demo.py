@@ -139,7 +139,9 @@ def test_the_kept_demo_starts_by_hand_with_the_commands_of_its_readme(tmp_path: 
     assert f"kept in {kept}" in result.stdout
     assert processes_mentioning(str(kept)) == []  # the demo's own processes are gone
 
-    commands = readme_commands((kept / "README.md").read_text())
+    readme = (kept / "README.md").read_text()
+    assert "**DEV MODE: UNSAFE OUTSIDE A LAPTOP.**" in readme
+    commands = readme_commands(readme)
     servers = [c for c in commands if c[0] != "curl"]
     requests = [c for c in commands if c[0] == "curl"]
     assert [c[:3] for c in servers] == [
