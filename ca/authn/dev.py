@@ -199,9 +199,9 @@ class DevIssuer:
         return jwt.encode(claims, self._key, algorithm="ES256", headers={"kid": "dev"})
 
 
-def mint_token(ca_dir: Path, spiffe_id: SpiffeId, lifetime: timedelta) -> str:
+def mint_token(ca_dir: Path, spiffe_id: SpiffeId, lifetime: timedelta) -> tuple[str, datetime]:
     """`outrider ca dev-token`: a token for `spiffe_id`, which must be one the CA in
-    `ca_dir` issues; ValueError or DevModeError saying why not."""
+    `ca_dir` issues, and when it expires; ValueError or DevModeError saying why not."""
     workload_names(spiffe_id)
     try:
         trust_domain = LocalSigner.load(ca_dir).trust_domain
@@ -209,4 +209,5 @@ def mint_token(ca_dir: Path, spiffe_id: SpiffeId, lifetime: timedelta) -> str:
         raise DevModeError(str(exc)) from None
     if not spiffe_id.member_of(trust_domain):
         raise ValueError(f"{spiffe_id} is not in trust domain {trust_domain}")
-    return DevIssuer.open(ca_dir).token(spiffe_id, lifetime=lifetime)
+    now = datetime.now(UTC)
+    return DevIssuer.open(ca_dir).token(spiffe_id, now=now, lifetime=lifetime), now + lifetime

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -151,9 +153,14 @@ def test_dev_token_writes_a_private_token_for_a_workload(ca_dir: Path, tmp_path:
     out = tmp_path / "web.token"
     spiffe_id = "spiffe://example.org/ns/shop/sa/web"
     result = outrider(
-        "ca", "dev-token", "--dir", ca_dir, "--spiffe-id", spiffe_id, "--ttl", "1d", "--out", out
-    )
+        "ca", "dev-token", "--dir", ca_dir, "--spiffe-id", spiffe_id, "--ttl", "1d12h",
+        "--out", out, "-o", "json",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    made = json.loads(result.stdout)
+    assert made["spiffe_id"] == spiffe_id and made["token_file"] == str(out)
+    lifetime = datetime.fromisoformat(made["not_after"]) - datetime.now(UTC)
+    assert timedelta(hours=35) < lifetime <= timedelta(hours=36)
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     assert stat.S_IMODE((ca_dir / "dev-issuer.key").stat().st_mode) == 0o600
     assert out.read_text().count(".") == 2  # a JWS, checked by the CA's verifier in unit tests
@@ -213,6 +220,14 @@ def test_serve_dev_refuses_to_start_in_a_pod_and_says_what_to_do(ca_dir: Path, t
     assert "refusing --dev: this looks like a Kubernetes pod" in result.stderr
     assert "run `outrider ca serve` without --dev and with authn.kubernetes" in result.stderr
     assert not (ca_dir / "dev-issuer.key").exists()  # refused before anything was made
+
+
+def test_validate_reads_a_dev_config_as_serve_dev_does(ca_dir: Path, tmp_path: Path):
+    config = dev_config(tmp_path, ca_dir)
+    assert outrider("ca", "validate", "--config", config, "--dev").returncode == 0
+    without = outrider("ca", "validate", "--config", config)
+    assert without.returncode == 2
+    assert "authn.kubernetes: required" in without.stderr and "--dev" in without.stderr
 
 
 @needs_dev_mode
