@@ -43,10 +43,10 @@ proto: $(STAMP)
 	$(BIN)/python -m identity.proto.generate
 
 # docs/audit.png, the README's picture of `outrider audit`: the acceptance test's own
-# report (a real Prometheus, headless Chromium), kept instead of thrown away.
+# report (a running mesh, a real Prometheus, headless Chromium), kept instead of thrown away.
 audit-screenshot: $(STAMP)
 	OUTRIDER_AUDIT_SCREENSHOT=docs/audit.png $(BIN)/pytest -q -p no:xdist \
-		tests/integration/test_audit_report.py -k chromium
+		tests/e2e/test_audit_questions.py -k chromium
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
