@@ -44,6 +44,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Final, Literal
 
 import h2.config
@@ -54,7 +55,7 @@ import httptools
 from agent.core.headers import PLAIN, UnderscoreAction, underscore_refusal
 
 Fields = list[tuple[bytes, bytes]]
-#: The fields the rules read (`_RULED`), by lower-case name, their values in order.
+#: The fields the rules read (`_NOTED`), by lower-case name, their values in order.
 Scanned = dict[bytes, list[bytes]]
 #: How a body is delimited on the wire.
 Framing = Literal["none", "length", "chunked", "close"]
@@ -71,6 +72,9 @@ HOP_BY_HOP: Final = frozenset(
 #: its authority), and a body sent without its framing is read as the next message.
 END_TO_END: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
 _RULED = frozenset({b"host", b"transfer-encoding", b"content-length", b"connection", b"upgrade"})
+#: The names a parser notes as they come: the ruled ones, the other hop-by-hop ones, and
+#: `close` (which `Connection: close` would make one): what `_plain` needs.
+_NOTED = _RULED | HOP_BY_HOP | {b"close"}
 #: Kept on an Upgrade (the one relayed: to WebSocket).
 _UPGRADE_KEPT = frozenset({b"upgrade"})
 #: The protocols a connection may switch to once the policy allowed the request: those
@@ -80,6 +84,7 @@ RELAYED_UPGRADES: Final = frozenset({b"websocket"})
 #: A Host the agent can match the way the app will read it: a name or IP literal, a port
 #: (HTTP/1.1's Host and HTTP/2's :authority alike).
 HOST_FIELD = re.compile(r"(?:[A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
+_HOST_BYTES = re.compile(HOST_FIELD.pattern.encode())  # the same rule, on a field as received
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 H2_ADVICE = (
@@ -108,6 +113,9 @@ class Request:
     keep_alive: bool  # the client keeps its connection after this exchange
     upgrade: bytes | None = None  # the Upgrade it asks for (`Connection: upgrade` too)
     connection: frozenset[bytes] = frozenset()  # its Connection header's tokens
+    # No hop-by-hop field, no Transfer-Encoding (the parser saw): its fields pass on as
+    # they are, unless one folds onto a name dropped (`_fields`). False: look at each.
+    plain: bool = False
 
 
 @dataclass(slots=True)
@@ -121,6 +129,7 @@ class Response:
     framing: Framing
     keep_alive: bool  # the server keeps its connection after this response
     connection: frozenset[bytes] = frozenset()  # its Connection header's tokens
+    plain: bool = False  # as Request.plain
 
 
 @dataclass(slots=True)
@@ -173,18 +182,43 @@ def scan(headers: Fields) -> Scanned:
     scanned: Scanned = {}
     for name, value in headers:
         key = name.lower()
-        if key in _RULED:
+        if key in _NOTED:
             scanned.setdefault(key, []).append(value)
     return scanned
 
 
+def _plain(scanned: Scanned, connection: frozenset[bytes]) -> bool:
+    """Whether a message's fields pass on as they are but for its Connection: the noted ones
+    are at most Host, Content-Length and a Connection of `keep-alive` or `close` alone
+    (which names no other field: a field named `close` is noted too). No Transfer-Encoding,
+    no Upgrade, no other hop-by-hop field."""
+    others = len(scanned) - (b"host" in scanned) - (b"content-length" in scanned)
+    return others == 0 or (others == 1 and (connection is _KEEP_ALIVE or connection is _CLOSE))
+
+
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+_KEEP_ALIVE: Final = frozenset({b"keep-alive"})
+_CLOSE: Final = frozenset({b"close"})
+_UPGRADE: Final = frozenset({b"upgrade"})
+#: The usual Connection values, their tokens made once (and known by identity: `_plain`).
+_USUAL_TOKENS: Final = {
+    b"keep-alive": _KEEP_ALIVE,
+    b"Keep-Alive": _KEEP_ALIVE,
+    b"close": _CLOSE,
+    b"Close": _CLOSE,
+    b"upgrade": _UPGRADE,
+    b"Upgrade": _UPGRADE,
+}
 
 
 def _tokens(values: list[bytes] | None) -> frozenset[bytes]:
     """The comma-separated tokens of a field's values, lower-case."""
     if not values:
         return _NO_TOKENS
+    if len(values) == 1:
+        usual = _USUAL_TOKENS.get(values[0])
+        if usual is not None:
+            return usual
     return frozenset(t.strip().lower() for v in values for t in v.split(b",")) - {b""}
 
 
@@ -263,6 +297,7 @@ def end(framing: Framing) -> bytes:
 
 #: The name lengths of each `dropped` set: a name of another length needs no folding.
 _LENGTHS: dict[frozenset[bytes], frozenset[int]] = {}
+_NAME = itemgetter(0)
 
 
 def _fields(
@@ -274,16 +309,29 @@ def _fields(
     *,
     upgrade: bool,
     dropped: frozenset[bytes],
+    plain: bool = False,
 ) -> None:
     """Add the header lines passed on to `parts`: hop-by-hop names out, and `dropped`
     ones in any spelling an app server folds onto them (`_` for `-`); framing as sent.
-    (Pieces of lines, joined once by the caller: no bytes object per line.)"""
-    hop = hop_by_hop(connection, upgrade=upgrade)
-    if incoming == "chunked" and outgoing == "close":
-        hop |= {b"transfer-encoding"}
+    (Pieces of lines, joined once by the caller: no bytes object per line.)
+
+    `plain` (the parser's `_plain`): no hop-by-hop field but a usual Connection, and no
+    Transfer-Encoding; so unless a name has the length of a dropped one, every line but
+    Connection passes as it is, joined at once."""
     lengths = _LENGTHS.get(dropped)
     if lengths is None:
         lengths = _LENGTHS[dropped] = frozenset(map(len, dropped))
+    if plain and (not lengths or lengths.isdisjoint(map(len, map(_NAME, headers)))):
+        if connection:  # the one field to leave out
+            headers = [f for f in headers if len(f[0]) != 10 or f[0].lower() != b"connection"]
+        if headers:
+            parts += (b"\r\n".join(map(b": ".join, headers)), b"\r\n")
+        if incoming == "close" and outgoing == "chunked":
+            parts.append(b"transfer-encoding: chunked\r\n")
+        return
+    hop = hop_by_hop(connection, upgrade=upgrade)
+    if incoming == "chunked" and outgoing == "close":
+        hop |= {b"transfer-encoding"}
     for name, value in headers:
         key = name.lower()
         if key in hop or (len(key) in lengths and key.replace(b"_", b"-") in dropped):
@@ -327,6 +375,7 @@ def request_head(
         request.framing,
         upgrade=request.upgrade is not None,
         dropped=dropped,
+        plain=request.plain,
     )
     for name, value in extra:
         parts += (name, b": ", value, b"\r\n")
@@ -355,6 +404,7 @@ def response_head(
         outgoing,
         upgrade=switching,
         dropped=dropped,
+        plain=response.plain,
     )
     if response.status >= 200 or switching:
         parts.append(_connection("1.0" if http10 else "1.1", keep_alive, switching, []))
@@ -582,7 +632,7 @@ class RequestParser:
                 return
             self._headers.append((name, value))
             key = name.lower()
-            if key in _RULED:
+            if key in _NOTED:
                 self._scanned.setdefault(key, []).append(value)
         elif self.underscores == "reject":  # trailers too: one rule for every field
             self._refuse(400, "bad_request", underscore_refusal(name))
@@ -630,6 +680,7 @@ class RequestParser:
                 persistent(version, connection),
                 upgrade,
                 connection,
+                _plain(scanned, connection),
             )
         )
 
@@ -658,7 +709,7 @@ def _check(version: str, scanned: Scanned) -> str | None:
     if codings and b"content-length" in scanned:  # the smuggler's favourite
         return "Content-Length beside Transfer-Encoding"
     # llhttp keeps trailing whitespace; the app drops it (RFC 9110 5.5), so must we.
-    if hosts and not HOST_FIELD.fullmatch(hosts[0].strip(b" \t").decode("latin-1")):
+    if hosts and not _HOST_BYTES.fullmatch(hosts[0].strip(b" \t")):
         return "malformed Host"
     return None
 
@@ -789,7 +840,7 @@ class ResponseParser:
             return
         self._headers.append((name, value))
         key = name.lower()
-        if key in _RULED:
+        if key in _NOTED:
             self._scanned.setdefault(key, []).append(value)
 
     def on_headers_complete(self) -> None:
@@ -809,7 +860,16 @@ class ResponseParser:
         framing = self.framing = response_framing(self.method, status, scanned)
         keep_alive = framing != "close" and persistent(version, connection)
         self._events.append(
-            Response(status, self._reason, version, headers, framing, keep_alive, connection)
+            Response(
+                status,
+                self._reason,
+                version,
+                headers,
+                framing,
+                keep_alive,
+                connection,
+                _plain(scanned, connection),
+            )
         )
         if status >= 200 and framing == "none":
             # llhttp would wait for a HEAD response's body: the response is whole here.
