@@ -449,6 +449,8 @@ class OutboundHttp(asyncio.Protocol):
         flight = self.flight
         if parsing.over or flight is None or flight.tries is None:
             return  # told already, or abandoned (the app left)
+        if flight.tries.current is not attempt:
+            return  # not this request's try in progress: nothing of it to go on with
         parsing.over = True
         assert attempt.step is not None
         try:
