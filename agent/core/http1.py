@@ -44,7 +44,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Final, Literal
 
 import h2.config
@@ -55,7 +54,7 @@ import httptools
 from agent.core.headers import PLAIN, UnderscoreAction, underscore_refusal
 
 Fields = list[tuple[bytes, bytes]]
-#: The fields the rules read (`_NOTED`), by lower-case name, their values in order.
+#: The fields the rules read (`_RULED`), by lower-case name, their values in order.
 Scanned = dict[bytes, list[bytes]]
 #: How a body is delimited on the wire.
 Framing = Literal["none", "length", "chunked", "close"]
@@ -72,9 +71,6 @@ HOP_BY_HOP: Final = frozenset(
 #: its authority), and a body sent without its framing is read as the next message.
 END_TO_END: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
 _RULED = frozenset({b"host", b"transfer-encoding", b"content-length", b"connection", b"upgrade"})
-#: The names a parser notes as they come: the ruled ones, the other hop-by-hop ones, and
-#: `close` (which `Connection: close` would make one): what `_plain` needs.
-_NOTED = _RULED | HOP_BY_HOP | {b"close"}
 #: Kept on an Upgrade (the one relayed: to WebSocket).
 _UPGRADE_KEPT = frozenset({b"upgrade"})
 #: The protocols a connection may switch to once the policy allowed the request: those
@@ -113,9 +109,6 @@ class Request:
     keep_alive: bool  # the client keeps its connection after this exchange
     upgrade: bytes | None = None  # the Upgrade it asks for (`Connection: upgrade` too)
     connection: frozenset[bytes] = frozenset()  # its Connection header's tokens
-    # No hop-by-hop field, no Transfer-Encoding (the parser saw): its fields pass on as
-    # they are, unless one folds onto a name dropped (`_fields`). False: look at each.
-    plain: bool = False
 
 
 @dataclass(slots=True)
@@ -129,7 +122,6 @@ class Response:
     framing: Framing
     keep_alive: bool  # the server keeps its connection after this response
     connection: frozenset[bytes] = frozenset()  # its Connection header's tokens
-    plain: bool = False  # as Request.plain
 
 
 @dataclass(slots=True)
@@ -182,32 +174,17 @@ def scan(headers: Fields) -> Scanned:
     scanned: Scanned = {}
     for name, value in headers:
         key = name.lower()
-        if key in _NOTED:
+        if key in _RULED:
             scanned.setdefault(key, []).append(value)
     return scanned
 
 
-def _plain(scanned: Scanned, connection: frozenset[bytes]) -> bool:
-    """Whether a message's fields pass on as they are but for its Connection: the noted ones
-    are at most Host, Content-Length and a Connection of `keep-alive` or `close` alone
-    (which names no other field: a field named `close` is noted too). No Transfer-Encoding,
-    no Upgrade, no other hop-by-hop field."""
-    others = len(scanned) - (b"host" in scanned) - (b"content-length" in scanned)
-    return others == 0 or (others == 1 and (connection is _KEEP_ALIVE or connection is _CLOSE))
-
-
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
-_KEEP_ALIVE: Final = frozenset({b"keep-alive"})
-_CLOSE: Final = frozenset({b"close"})
-_UPGRADE: Final = frozenset({b"upgrade"})
-#: The usual Connection values, their tokens made once (and known by identity: `_plain`).
+#: The usual Connection values (nginx says keep-alive on every response), their tokens
+#: made once.
 _USUAL_TOKENS: Final = {
-    b"keep-alive": _KEEP_ALIVE,
-    b"Keep-Alive": _KEEP_ALIVE,
-    b"close": _CLOSE,
-    b"Close": _CLOSE,
-    b"upgrade": _UPGRADE,
-    b"Upgrade": _UPGRADE,
+    value: frozenset({value.lower()})
+    for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
 }
 
 
@@ -297,7 +274,6 @@ def end(framing: Framing) -> bytes:
 
 #: The name lengths of each `dropped` set: a name of another length needs no folding.
 _LENGTHS: dict[frozenset[bytes], frozenset[int]] = {}
-_NAME = itemgetter(0)
 
 
 def _fields(
@@ -309,29 +285,16 @@ def _fields(
     *,
     upgrade: bool,
     dropped: frozenset[bytes],
-    plain: bool = False,
 ) -> None:
     """Add the header lines passed on to `parts`: hop-by-hop names out, and `dropped`
     ones in any spelling an app server folds onto them (`_` for `-`); framing as sent.
-    (Pieces of lines, joined once by the caller: no bytes object per line.)
-
-    `plain` (the parser's `_plain`): no hop-by-hop field but a usual Connection, and no
-    Transfer-Encoding; so unless a name has the length of a dropped one, every line but
-    Connection passes as it is, joined at once."""
-    lengths = _LENGTHS.get(dropped)
-    if lengths is None:
-        lengths = _LENGTHS[dropped] = frozenset(map(len, dropped))
-    if plain and (not lengths or lengths.isdisjoint(map(len, map(_NAME, headers)))):
-        if connection:  # the one field to leave out
-            headers = [f for f in headers if len(f[0]) != 10 or f[0].lower() != b"connection"]
-        if headers:
-            parts += (b"\r\n".join(map(b": ".join, headers)), b"\r\n")
-        if incoming == "close" and outgoing == "chunked":
-            parts.append(b"transfer-encoding: chunked\r\n")
-        return
+    (Pieces of lines, joined once by the caller: no bytes object per line.)"""
     hop = hop_by_hop(connection, upgrade=upgrade)
     if incoming == "chunked" and outgoing == "close":
         hop |= {b"transfer-encoding"}
+    lengths = _LENGTHS.get(dropped)
+    if lengths is None:
+        lengths = _LENGTHS[dropped] = frozenset(map(len, dropped))
     for name, value in headers:
         key = name.lower()
         if key in hop or (len(key) in lengths and key.replace(b"_", b"-") in dropped):
@@ -375,7 +338,6 @@ def request_head(
         request.framing,
         upgrade=request.upgrade is not None,
         dropped=dropped,
-        plain=request.plain,
     )
     for name, value in extra:
         parts += (name, b": ", value, b"\r\n")
@@ -404,7 +366,6 @@ def response_head(
         outgoing,
         upgrade=switching,
         dropped=dropped,
-        plain=response.plain,
     )
     if response.status >= 200 or switching:
         parts.append(_connection("1.0" if http10 else "1.1", keep_alive, switching, []))
@@ -632,7 +593,7 @@ class RequestParser:
                 return
             self._headers.append((name, value))
             key = name.lower()
-            if key in _NOTED:
+            if key in _RULED:
                 self._scanned.setdefault(key, []).append(value)
         elif self.underscores == "reject":  # trailers too: one rule for every field
             self._refuse(400, "bad_request", underscore_refusal(name))
@@ -680,7 +641,6 @@ class RequestParser:
                 persistent(version, connection),
                 upgrade,
                 connection,
-                _plain(scanned, connection),
             )
         )
 
@@ -840,7 +800,7 @@ class ResponseParser:
             return
         self._headers.append((name, value))
         key = name.lower()
-        if key in _NOTED:
+        if key in _RULED:
             self._scanned.setdefault(key, []).append(value)
 
     def on_headers_complete(self) -> None:
@@ -860,16 +820,7 @@ class ResponseParser:
         framing = self.framing = response_framing(self.method, status, scanned)
         keep_alive = framing != "close" and persistent(version, connection)
         self._events.append(
-            Response(
-                status,
-                self._reason,
-                version,
-                headers,
-                framing,
-                keep_alive,
-                connection,
-                _plain(scanned, connection),
-            )
+            Response(status, self._reason, version, headers, framing, keep_alive, connection)
         )
         if status >= 200 and framing == "none":
             # llhttp would wait for a HEAD response's body: the response is whole here.

@@ -7,12 +7,10 @@ two readers could read two ways is refused before anything is passed on.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import h2.connection
 import h2.events
 import pytest
-from hypothesis import example, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.core import http1
@@ -457,76 +455,6 @@ def test_a_response_head_passed_on_is_framed_for_the_client(
     assert isinstance(head, Response)
     outgoing = http1.relay_framing(head.framing, http10=http10, ends_with_sender=False)
     assert http1.response_head(head, outgoing, http10=http10, keep_alive=keep) == written
-
-
-# A message whose fields pass on whole (`plain`: no hop-by-hop field but a usual Connection,
-# no Transfer-Encoding) has them joined at once; the head must be what looking at each field
-# gives, for any fields, any framing out, with names dropped or not.
-_NAMES = [
-    "Host", "host", "Content-Length", "Connection", "connection", "Keep-Alive", "close",
-    "Close", "TE", "Trailer", "Upgrade", "Proxy-Connection", "Transfer-Encoding", "Server",
-    "x-a", "X-Forwarded-Client-Cert", "x_forwarded_client_cert", "x-forwarded-client-cerx",
-]  # fmt: skip
-_VALUES = ["keep-alive", "Keep-Alive", "close", "Close", "upgrade", "x-a", "chunked", "0", ""]
-_FIELDS = st.lists(st.tuples(st.sampled_from(_NAMES), st.sampled_from(_VALUES)), max_size=6)
-_DROPPED = st.sampled_from([frozenset(), frozenset({b"x-forwarded-client-cert"})])
-
-
-def _fields_raw(fields: list[tuple[str, str]]) -> bytes:
-    return b"".join(f"{name}: {value}\r\n".encode() for name, value in fields)
-
-
-@given(_FIELDS, _DROPPED, st.booleans())
-@example([("Host", "x-a"), ("Connection", "close"), ("Close", "0")], frozenset(), True)
-def test_a_request_heads_fields_joined_whole_are_those_looked_at_one_by_one(
-    fields: list[tuple[str, str]], dropped: frozenset[bytes], keep: bool
-) -> None:
-    raw = b"GET / HTTP/1.1\r\n" + _fields_raw(fields) + b"\r\n"
-    head = requests(raw)[0]
-    if not isinstance(head, Request):
-        return  # refused: nothing passed on
-    slow = replace(head, plain=False)
-    extra = [(b"x-forwarded-client-cert", b"By=a")]
-    for version in ("1.1", "1.0"):
-        assert http1.request_head(
-            head, b"/", version=version, keep_alive=keep, extra=extra, dropped=dropped
-        ) == http1.request_head(
-            slow, b"/", version=version, keep_alive=keep, extra=extra, dropped=dropped
-        )
-
-
-@given(_FIELDS, _DROPPED, st.booleans(), st.sampled_from([200, 101, 100, 204]))
-@example([("Connection", "Close"), ("close", "x-a")], frozenset(), True, 200)
-def test_a_response_heads_fields_joined_whole_are_those_looked_at_one_by_one(
-    fields: list[tuple[str, str]], dropped: frozenset[bytes], keep: bool, status: int
-) -> None:
-    raw = b"HTTP/1.1 %d X\r\n" % status + _fields_raw(fields) + b"\r\n"
-    events = _response(raw, upgrade=True)
-    head = events[0] if events else None
-    if not isinstance(head, Response):
-        return  # broken: nothing passed on
-    slow = replace(head, plain=False)
-    for http10 in (False, True):
-        for outgoing in ("none", "length", "chunked", "close"):
-            assert http1.response_head(
-                head, outgoing, http10=http10, keep_alive=keep, dropped=dropped
-            ) == http1.response_head(
-                slow, outgoing, http10=http10, keep_alive=keep, dropped=dropped
-            )
-
-
-def test_the_usual_heads_are_joined_whole() -> None:
-    """wrk's request and nginx's keep-alive response take the joined path."""
-    assert _head(b"GET /api/items HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n").plain
-    nginx = _response(
-        b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nhi"
-    )[0]
-    assert isinstance(nginx, Response) and nginx.plain
-    assert http1.response_head(nginx, "length", http10=False, keep_alive=True) == (
-        b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 2\r\n\r\n"
-    )
-    trailer = _response(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nTE: x\r\n\r\n")[0]
-    assert isinstance(trailer, Response) and not trailer.plain
 
 
 # -- responses -------------------------------------------------------------------------------
