@@ -67,6 +67,18 @@ def _normalized(path: str) -> str:
 
 def normalize_host(host: str) -> str:
     """The Host (or :authority) as matched: lower-case, without port or trailing dot."""
+    name, colon, port = host.rpartition(":") if ":" in host else (host, "", "")
+    if (
+        ":" not in name
+        and not name.endswith(".")
+        and (not colon or (port.isascii() and (not port or port.isdigit())))
+    ):
+        return name.lower()  # a name (or IPv4) and maybe a port: what the loop would give
+    return _stripped(host)
+
+
+def _stripped(host: str) -> str:
+    """Ports and trailing dots off until none is left (`normalize_host`, step by step)."""
     while True:
         shorter = _PORT.sub("", host).rstrip(".")
         if shorter == host:
