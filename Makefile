@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench proto clean
+.PHONY: demo test lint bench proto audit-screenshot clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ bench: $(BENCH_STAMP)
 # the committed code and identity/proto/*.proto disagree.
 proto: $(STAMP)
 	$(BIN)/python -m identity.proto.generate
+
+# docs/audit.png, the README's picture of `outrider audit`: the acceptance test's own
+# report (a real Prometheus, headless Chromium), kept instead of thrown away.
+audit-screenshot: $(STAMP)
+	OUTRIDER_AUDIT_SCREENSHOT=docs/audit.png $(BIN)/pytest -q -p no:xdist \
+		tests/integration/test_audit_report.py -k chromium
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -30,7 +30,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent import config as agent_config
 from agent.adapters import admin, memory
@@ -40,7 +40,7 @@ from agent.adapters.capture_listeners import (
     OutboundCaptureListener,
     capture_configs,
 )
-from agent.adapters.control_plane import ControlPlaneSubscription
+from agent.adapters.listener_info import listener_rows
 from agent.adapters.listeners import (
     ConfigT,
     Connections,
@@ -54,8 +54,8 @@ from agent.adapters.metrics import AgentMetrics
 from agent.adapters.rotator import IdentityManager, SignFn
 from agent.adapters.runtime import Runtime
 from agent.adapters.tls import Contexts
+from agent.adapters.tracing import Observer
 from agent.adapters.upstreams import prune_series
-from agent.adapters.workload_api import WorkloadApiServer
 from agent.config import (
     AgentConfig,
     ControlEndpoint,
@@ -70,6 +70,10 @@ from agent.core.policy import PolicySet, duplicates
 from agent.core.policyfile import PolicyError, load_policy_files
 from agent.core.svid import Svid
 from identity.configfile import ConfigError, Listen
+
+if TYPE_CHECKING:  # imported where configured: an agent without them loads neither
+    from agent.adapters.control_plane import ControlPlaneSubscription
+    from agent.adapters.workload_api import WorkloadApiServer
 
 log = logging.getLogger("outrider.agent")
 
@@ -140,6 +144,13 @@ def pod_name(config: AgentConfig, environ: Mapping[str, str], source: str = "con
     return pod
 
 
+def observer(config: AgentConfig) -> Observer | None:
+    """Access logs and tracing as configured; None when both are off (nothing to pay)."""
+    if not config.access_log.on and not config.tracing.otlp_endpoint:
+        return None
+    return Observer(config.access_log, config.tracing, str(config.identity.spiffe_id))
+
+
 class Agent:
     def __init__(
         self,
@@ -164,7 +175,9 @@ class Agent:
         self.snapshot: Snapshot | None = None
         self._switching = asyncio.Lock()  # one reload or snapshot at a time
         self._configured = asyncio.Event()  # the first snapshot runs (with `control:`)
-        self.metrics = AgentMetrics(control_plane=config.control is not None)
+        self.metrics = AgentMetrics(
+            config.identity.spiffe_id, control_plane=config.control is not None
+        )
         contexts = Contexts()
         self.runtime = Runtime(
             config.limits,
@@ -173,6 +186,7 @@ class Agent:
             now,
             config.identity.spiffe_id,
             settings.policies,
+            observer=observer(config),
         )
         self.connections = Connections(self.metrics)
         self.identity = IdentityManager(
@@ -187,6 +201,8 @@ class Agent:
         #: `workload_api:`: the SPIFFE Workload API and SDS for the pod's processes.
         self.workload_api: WorkloadApiServer | None = None
         if config.workload_api is not None:
+            from agent.adapters.workload_api import WorkloadApiServer
+
             self.workload_api = WorkloadApiServer(
                 config.workload_api, self.identity, self.metrics, config.ca.backoff
             )
@@ -197,6 +213,8 @@ class Agent:
             if pod is None:
                 raise ValueError("an agent with control: needs its pod's name")
             initial = config.control
+            from agent.adapters.control_plane import ControlPlaneSubscription
+
             self.control = ControlPlaneSubscription(
                 lambda: self.config.control or initial,
                 pod,
@@ -213,6 +231,7 @@ class Agent:
         self.capture_outbound: dict[Listen, Listener[OutboundCapture]] = {}
         self._unused_captured_logged = False
         self.bound: dict[str, str] = {}
+        self.metrics.listening(lambda: listener_rows(self._listeners()))
         self._listening = False
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -451,6 +470,8 @@ class Agent:
             await self.workload_api.close()
         if self._admin is not None:
             self._admin.close()
+        if self.runtime.observer is not None:  # its last lines; queued spans, bounded
+            await asyncio.to_thread(self.runtime.observer.close)
 
     async def _open(self, config: AgentConfig) -> Opened:
         """A listener for each of `config`'s addresses not served yet: built, bound, started.

@@ -54,6 +54,8 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
     workload_api:                                      # optional: docs/workload-api.md
       socket: /var/run/outrider/workload/socket        # SPIFFE Workload API + Envoy SDS
       uids: [1000]                                     # optional: only these callers (SO_PEERCRED)
+    access_log: {mode: off, sample: 1.0, query: false} # or denied, all: JSON lines on stdout
+    tracing: {otlp_endpoint: "", sample: 1.0, service_name: ""}  # OTLP/HTTP; off when ""
 
 With `control:` the control plane streams snapshots holding `inbound`,
 `outbound`, `policy` and `captured`; each replaces those keys of this file (the bootstrap)
@@ -72,6 +74,8 @@ from pathlib import Path
 from typing import Any, cast, get_args
 
 from agent.config_outbound import Outbound, OutboundReader
+from agent.core.accesslog import MODES as ACCESS_LOG_MODES
+from agent.core.accesslog import AccessLogConfig
 from agent.core.authz import AllowList
 from agent.core.captured import (
     MTLS_MODES,
@@ -83,6 +87,7 @@ from agent.core.captured import (
 from agent.core.headers import UNDERSCORE_ACTIONS, UnderscoreAction
 from agent.core.policy import DefaultAction, Policy
 from agent.core.policyfile import PolicyError, parse_policy_list
+from agent.core.tracecontext import TracingConfig
 from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.appprotocol import PROTOCOLS, Protocol
@@ -258,6 +263,8 @@ class AgentConfig:
     captured: Captured = field(default_factory=Captured)
     probes: tuple[AppProbe, ...] = ()  # the app's, served at /app-health/...
     workload_api: WorkloadApiConfig | None = None  # None: neither API is served
+    access_log: AccessLogConfig = field(default_factory=AccessLogConfig)  # docs/observability.md
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -473,6 +480,8 @@ _TOP = {
     "captured",
     "probes",
     "workload_api",
+    "access_log",
+    "tracing",
 }
 _HTTP_GET = {"path", "port", "scheme", "httpHeaders"}
 DEFAULT_ACTIONS: tuple[DefaultAction, ...] = get_args(DefaultAction)
@@ -530,7 +539,51 @@ class _Reader(OutboundReader):
             captured,
             probes=self.app_probes(top.get("probes")),
             workload_api=workload_api,
+            access_log=self.access_log(
+                self.section(top, "access_log", {"mode", "sample", "query"})
+            ),
+            tracing=self.tracing(
+                self.section(top, "tracing", {"otlp_endpoint", "sample", "service_name"})
+            ),
         )
+
+    def access_log(self, raw: Mapping[str, Any]) -> AccessLogConfig:
+        if raw.get("mode") is False:  # YAML 1.1 reads a bare `off` as false
+            raw = {**raw, "mode": "off"}
+        return AccessLogConfig(
+            self.choice(raw, "mode", "access_log.mode", ACCESS_LOG_MODES),
+            self.share(raw, "sample", "access_log.sample"),
+            self.flag(raw, "query", "access_log.query"),
+        )
+
+    def tracing(self, raw: Mapping[str, Any]) -> TracingConfig:
+        endpoint = raw.get("otlp_endpoint") or ""
+        if not isinstance(endpoint, str):
+            self.fail("tracing.otlp_endpoint", "host:port of an OTLP/HTTP receiver, or a URL")
+            endpoint = ""
+        elif endpoint and "://" not in endpoint:
+            if self.endpoint(endpoint, "tracing.otlp_endpoint") is None:
+                endpoint = ""
+        elif endpoint and not endpoint.startswith(("http://", "https://")):
+            self.fail("tracing.otlp_endpoint", "a URL must be http:// or https://")
+            endpoint = ""
+        name = self.string(raw, "service_name", "tracing.service_name", None)
+        return TracingConfig(endpoint, self.share(raw, "sample", "tracing.sample"), name or "")
+
+    def share(self, raw: Mapping[str, Any], key: str, path: str) -> float:
+        """A probability: a number from 0 to 1 (default 1: everything)."""
+        value = raw.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            self.fail(path, "must be a number from 0 to 1")
+            return 1.0
+        return float(value)
+
+    def flag(self, raw: Mapping[str, Any], key: str, path: str) -> bool:
+        value = raw.get(key, False)
+        if not isinstance(value, bool):
+            self.fail(path, "must be true or false")
+            return False
+        return value
 
     def workload_api(self, raw: Mapping[str, Any]) -> WorkloadApiConfig | None:
         socket = self.file(raw, "socket", "workload_api.socket")

@@ -30,7 +30,7 @@ from bench import grpc_calls, peers
 from bench.load import Load, fixed_rate, wrk
 from bench.peers import Pair
 from bench.procs import cpu_seconds, machine_busy_seconds, peak_rss_mib, rss_mib
-from tests.support import ca_process, make_ca_setup
+from tests.support import CaProcess, CaSetup, ca_process, make_ca_setup
 
 NOT_MEASURED = "not measured"
 
@@ -73,6 +73,13 @@ def scenarios(connections: int) -> list[Scenario]:
             "l7_keepalive",
             f"L7 with a 10-rule policy, {connections} keep-alive connections",
             l7,
+            lambda port, s: wrk(port, s, connections),
+        ),
+        Scenario(
+            "l7_observed",
+            f"L7 as l7_keepalive: off, access log (all) alone, access log and tracing (OTLP);"
+            f" {connections} keep-alive connections",
+            ("outrider l7", "outrider l7 logged", "outrider l7 observed"),
             lambda port, s: wrk(port, s, connections),
         ),
         Scenario(
@@ -178,6 +185,8 @@ def start_pairs(stack: ExitStack, root: Path) -> tuple[dict[str, Pair], int]:
         peers.outrider(stack, setup, ca, backend_port),
         peers.outrider(stack, setup, ca, backend_port, ttl="20s"),
         peers.outrider(stack, setup, ca, backend_port, layer="l7"),
+        observed(stack, setup, ca, root, backend_port, tracing=False),
+        observed(stack, setup, ca, root, backend_port, tracing=True),
         *(
             start(stack, setup, backend_port, layer)
             for start in (peers.envoy, peers.haproxy, peers.nginx)
@@ -191,6 +200,24 @@ def start_pairs(stack: ExitStack, root: Path) -> tuple[dict[str, Pair], int]:
     for pair in pairs[1:4]:
         pair.handshakes = agent_handshakes(pair)
     return {pair.name: pair for pair in pairs}, backend_pid
+
+
+def observed(
+    stack: ExitStack, setup: CaSetup, ca: CaProcess, root: Path, backend_port: int, *, tracing: bool
+) -> Pair:
+    """An L7 pair for `l7_observed`: every request logged (to the agents' stdout,
+    /dev/null here; "logged"), and with `tracing` every span also sent to an OTLP/HTTP
+    receiver that decodes and counts them (bench/otlp_sink.py; "observed")."""
+    observe: dict[str, Any] = {"access_log": {"mode": "all"}}
+    if not tracing:
+        return peers.outrider(
+            stack, setup, ca, backend_port, layer="l7", observe=observe, variant="logged"
+        )
+    port, spans = peers.otlp_sink(stack, root / "otlp")
+    observe["tracing"] = {"otlp_endpoint": f"127.0.0.1:{port}"}
+    pair = peers.outrider(stack, setup, ca, backend_port, layer="l7", observe=observe)
+    pair.spans = spans
+    return pair
 
 
 def run(
@@ -217,6 +244,7 @@ def run(
             name: {r: peak_rss_mib(pid) for r, pid in p.pids.items()} for name, p in pairs.items()
         }
         backend_ms = sum(cpu_seconds(backend_pid)) * 1000
+        spans = {n: p.spans() for n, p in pairs.items() if p.spans is not None}
     return {
         "scenarios": [
             {"name": s.name, "title": s.title, "pairs": s.pairs, "unit": s.unit} for s in chosen
@@ -225,6 +253,7 @@ def run(
         "rss_idle_mib": idle,
         "rss_peak_mib": peak,
         "backend_cpu_ms": backend_ms,
+        "otlp_spans": spans,  # received by the observed pair's receiver, warm-up included
         "available": sorted(pairs),
     }
 
@@ -281,9 +310,12 @@ def summarize(record: dict[str, Any]) -> list[dict[str, Any]]:
             (p for n, p in by_pair.items() if n.startswith("envoy") and "per_s" in p), None
         )
         direct = by_pair.get("direct")
+        first = by_pair.get(scenario["pairs"][0], {})
         for row in by_pair.values():
             if "per_s" not in row:
                 continue
+            if scenario["name"] == "l7_observed" and "per_s" in first:
+                row["per_s_vs_off"] = row["per_s"] / first["per_s"]  # the same run's
             if envoy:
                 row["per_s_vs_envoy"] = row["per_s"] / envoy["per_s"]
                 row["p99_vs_envoy"] = row["p99_ms"] / envoy["p99_ms"]

@@ -24,8 +24,10 @@ server side checks each call's method against GRPC_POLICY_RULES (bench/grpc_call
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -61,6 +63,7 @@ class Pair:
     pids: dict[str, int] = field(default_factory=dict)
     agents: list[AgentProcess] = field(default_factory=list)
     handshakes: Callable[[], int] | None = None  # full TLS handshakes so far, both sides
+    spans: Callable[[], int] | None = None  # spans its OTLP receiver has taken (observed)
 
     @property
     def name(self) -> str:
@@ -134,21 +137,25 @@ def outrider(
     backend_port: int,
     ttl: str = "1h",
     layer: str = "l4",
+    observe: dict[str, Any] | None = None,
+    variant: str = "observed",
 ) -> Pair:
     """Two `outrider agent run` processes with SVIDs (of lifetime `ttl`) from the running CA.
 
     At L7 the server side parses HTTP and enforces the 10-rule policy, and the
     client side parses it too and sends each request over pooled upstream
     connections (`protocol: http`), as Envoy's HTTP connection manager does.
-    Layer `grpc`: the same with `protocol: grpc` and the gRPC policy.
+    Layer `grpc`: the same with `protocol: grpc` and the gRPC policy. `observe`: both
+    agents' access_log and tracing sections (the pair's layer gets " <variant>").
     """
-    root, address = setup.root / f"outrider-{ttl}-{layer}", f"127.0.0.1:{ca.grpc_port}"
+    named = f"{layer}-{variant}" if observe else layer
+    root, address = setup.root / f"outrider-{ttl}-{named}", f"127.0.0.1:{ca.grpc_port}"
     (root / "ca").mkdir(parents=True, exist_ok=True)
     (root / "ca" / "bundle.pem").write_bytes((setup.ca_dir / "bundle.pem").read_bytes())
     for name in ("client", "server"):  # real ServiceAccount tokens for the real CA
         token = setup.issuer.token("demo", name, lifetime=timedelta(hours=4))
         (root / f"{name}.token").write_text(token)
-    common = {"ca_address": address, "limits": {"drain_timeout": "2s"}}
+    common = {"ca_address": address, "limits": {"drain_timeout": "2s"}, **(observe or {})}
     identity = {"ttl": ttl}
     protocol = _PROTOCOLS[layer]
     if layer != "l4":
@@ -172,7 +179,23 @@ def outrider(
     client = stack.enter_context(agent_process(root, "client", client_yaml))
     port = int(client.bound["outbound[backend]"].rsplit(":", 1)[1])
     pids = {"client": client.process.pid, "server": server.process.pid}
-    return Pair("outrider", layer, port, pids, agents=[client, server])
+    return Pair(
+        "outrider", f"{layer} {variant}" if observe else layer, port, pids, [client, server]
+    )
+
+
+def otlp_sink(stack: ExitStack, workdir: Path) -> tuple[int, Callable[[], int]]:
+    """bench/otlp_sink.py as a process: its port, and how many spans it has received."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "bench.otlp_sink", str(port)]
+    stack.enter_context(started(command, port, "OTLP sink", workdir / "otlp-sink.log"))
+
+    def spans() -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/count", timeout=5) as answer:
+            return int(json.load(answer)["spans"])
+
+    return port, spans
 
 
 def agent_counter(agent: AgentProcess, metric: str, **labels: str) -> float:

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
+from identity.registry import SUB_MILLISECOND, component_registry
 from identity.serving import CLOSE_REASONS
 
 _TTL_BUCKETS = (300, 900, 1800, 3600, 7200, 14400, 43200, 86400)
 LISTENERS = ("grpc", "http")
-_SIGN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+_SIGN_BUCKETS = (*SUB_MILLISECOND, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 class CaMetrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = component_registry("ca")
         r = self.registry
         self.csr = Counter(
             "outrider_ca_csr",

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from control.core.mesh import KINDS
+from identity.registry import SUB_MILLISECOND, component_registry
 from identity.serving import CLOSE_REASONS
 
 #: What became of a snapshot sent: the agent applied it, refused it, was sent a
 #: newer one before answering, or went away without answering.
 PUSH_RESULTS = ("acked", "nacked", "superseded", "abandoned")
 STATUS_RESULTS = ("written", "conflict", "failed", "refused", "gone")
-_ACK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_COMPILE_BUCKETS = (*SUB_MILLISECOND, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_ACK_BUCKETS = (*_COMPILE_BUCKETS, 2.5, 5.0, 10.0)
 
 
 class ControlMetrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = component_registry("control")
         r = self.registry
         self.agents = Gauge(
             "outrider_control_agents_connected", "Agents subscribed now", registry=r
@@ -52,7 +54,7 @@ class ControlMetrics:
         self.compiles = Histogram(
             "outrider_control_compile_seconds",
             "Time to compile the mesh from every object held",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            buckets=_COMPILE_BUCKETS,
             registry=r,
         )
         self.status_writes = Counter(

@@ -92,7 +92,7 @@ class Agent:
     acked: str | None = None
     nack: Nack | None = None
     latest: str | None = None
-    sent_at: float | None = field(default=None, repr=False)  # monotonic; None once answered
+    sent_at: float | None = field(default=None, repr=False)  # perf_counter; None once answered
     #: The versions sent on this stream, newest last (the running version of the Hello
     #: first): an Ack or Nack of any other is no answer to anything sent.
     sent_before: list[str] = field(default_factory=list, repr=False)
@@ -325,7 +325,7 @@ class ControlPlaneService(ControlPlaneBase):
             self._metrics.pushes.labels("superseded").inc()
         snapshot = control_pb2.Snapshot(version=version, config_json=self._encode(mesh, agent))
         await stream.send_message(snapshot)
-        agent.sent, agent.sent_at = version, time.monotonic()
+        agent.sent, agent.sent_at = version, time.perf_counter()
         agent.sent_before = [*agent.sent_before[1 - SENT_REMEMBERED :], version]
         log.debug("sent %s version %s", agent.pod, version)
 
@@ -366,6 +366,6 @@ class ControlPlaneService(ControlPlaneBase):
 
     def _answered(self, agent: Agent, version: str, result: str) -> None:
         if version == agent.sent and agent.sent_at is not None:
-            self._metrics.push_ack.observe(time.monotonic() - agent.sent_at)
+            self._metrics.push_ack.observe(time.perf_counter() - agent.sent_at)
             self._metrics.pushes.labels(result).inc()
             agent.sent_at = None

@@ -20,27 +20,36 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
-from jwt.exceptions import InvalidKeyError
 
 from identity.spiffe_id import TrustDomain
+
+if TYPE_CHECKING:
+    from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 __all__ = ["BundleError", "TrustBundle"]
 
 X509_SVID_USE = "x509-svid"
 
-# JWK key types we can turn into public keys, by ``kty``. Unknown types are
+# JWK key types we can turn into public keys (`_algorithm`). Unknown types are
 # skipped rather than rejected, as the bundle spec (section 4.2.1) requires.
-_KEY_TYPES: dict[str, type[ECAlgorithm | RSAAlgorithm | OKPAlgorithm]] = {
-    "EC": ECAlgorithm,
-    "RSA": RSAAlgorithm,
-    "OKP": OKPAlgorithm,
-}
+_KEY_TYPES = frozenset({"EC", "RSA", "OKP"})
+
+
+def _algorithm(kty: str) -> type[ECAlgorithm | RSAAlgorithm | OKPAlgorithm]:
+    """PyJWT's codec for a key type, imported on first use: only the SPIFFE bundle
+    format (federation, the Workload API) needs it, and an agent mostly never does."""
+    from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+    if kty == "EC":
+        return ECAlgorithm
+    return RSAAlgorithm if kty == "RSA" else OKPAlgorithm
+
+
 # JWK members that hold private key material (RFC 7518 section 6). A bundle is
 # published to other trust domains, so one of these in it is a leak, not a key.
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth")
@@ -218,7 +227,9 @@ def _certificate_from_x5c(index: int, x5c: object) -> x509.Certificate:
 
 
 def _public_key_from_jwk(index: int, jwk: dict[str, Any]) -> Any:
-    algorithm = _KEY_TYPES[jwk["kty"]]
+    from jwt.exceptions import InvalidKeyError
+
+    algorithm = _algorithm(jwk["kty"])
     try:
         return algorithm.from_jwk(jwk)
     except (InvalidKeyError, ValueError, TypeError, AttributeError) as exc:
@@ -242,6 +253,9 @@ def _jwk_for_root(root: x509.Certificate) -> dict[str, Any]:
 
 def _public_jwk(root: x509.Certificate) -> dict[str, Any]:
     """The JWK members for the root's public key, encoded by PyJWT."""
+    from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+    from jwt.exceptions import InvalidKeyError
+
     public_key = root.public_key()
     try:
         if isinstance(public_key, ec.EllipticCurvePublicKey):

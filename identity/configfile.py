@@ -19,8 +19,20 @@ import yaml
 
 __all__ = ["ConfigError", "ConfigReader", "Listen", "parse_duration", "parse_yaml", "read_yaml"]
 
-_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+#: Go's time.ParseDuration units (`µs` in either spelling), plus `d`, which configs
+#: have always taken, in nanoseconds: integers, so `0.1s` is exact, as in Go.
+_UNITS = {
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,  # U+00B5 MICRO SIGN
+    "μs": 1_000,  # U+03BC GREEK SMALL LETTER MU
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
+    "d": 86_400_000_000_000,
+}
+_PART = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h|d)")
 
 
 class ConfigError(Exception):
@@ -61,11 +73,32 @@ class Listen:
 
 
 def parse_duration(value: object) -> timedelta:
-    """'90s', '5m', '1h', '2d', '250ms' -> timedelta."""
-    match = _DURATION.match(str(value).strip()) if isinstance(value, str | int) else None
-    if match is None:
-        raise ValueError(f"{value!r} is not a duration like 90s, 5m, 1h or 2d")
-    return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+    """A Go duration (`time.ParseDuration`: `1h30m`, `1.5s`, `500ms`, `0`) or days (`2d`)
+    -> timedelta. The one parser of durations: every config key, flag and route timeout
+    reads through it. Never negative; exact to the microsecond (`1.5s` is not a float),
+    and a value that is not zero but shorter than a microsecond is refused, not rounded
+    to nothing."""
+    text = value.strip() if isinstance(value, str) else str(value) if _is_int(value) else None
+    if text == "0":
+        return timedelta(0)
+    parts = _PART.findall(text) if text else []
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        raise ValueError(f"{value!r} is not a duration like 90s, 1h30m, 1.5s, 500ms or 2d")
+    nanos = sum(_nanoseconds(number, _UNITS[unit]) for number, unit in parts)
+    if 0 < nanos < 1000:
+        raise ValueError(f"{value!r} is shorter than a microsecond")
+    return timedelta(microseconds=(nanos + 500) // 1000)
+
+
+def _nanoseconds(number: str, unit: int) -> int:
+    """`1.5` of `unit` nanoseconds, in whole nanoseconds (a finer fraction dropped, as Go)."""
+    whole, _, fraction = number.partition(".")
+    scale: int = 10 ** len(fraction)
+    return int(whole or 0) * unit + int(fraction or 0) * unit // scale
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_yaml(path: Path) -> object:

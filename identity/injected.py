@@ -13,6 +13,7 @@ it is, the agent serves on it, and SPIFFE clients find it by the variable.
 from __future__ import annotations
 
 __all__ = [
+    "ACCESS_LOG_ANNOTATION",
     "ADMIN_PORT",
     "AGENT_CONTAINER",
     "AGENT_PORTS",
@@ -24,6 +25,7 @@ __all__ = [
     "SPIFFE_ENDPOINT_SOCKET",
     "SPIFFE_ENDPOINT_SOCKET_ENV",
     "STATUS_PORT",
+    "TRACING_ENDPOINT_ANNOTATION",
     "WORKLOAD_API_ANNOTATION",
     "WORKLOAD_API_DIR",
     "WORKLOAD_API_SOCKET",
@@ -57,6 +59,11 @@ AGENT_UID = 1337
 #: The pod annotation that asks for the Workload API ("enabled" or "disabled"; the
 #: injector's `workload_api:` setting decides for a pod without it).
 WORKLOAD_API_ANNOTATION = "outrider.io/workload-api"
+#: The pod annotations that turn on the agent's access log (off, denied or all: agent
+#: config `access_log: {mode: ...}`) and span export (host:port of an OTLP/HTTP receiver:
+#: `tracing: {otlp_endpoint: ...}`), docs/observability.md.
+ACCESS_LOG_ANNOTATION = "outrider.io/access-log"
+TRACING_ENDPOINT_ANNOTATION = "outrider.io/tracing-endpoint"
 #: The emptyDir volume that holds the agent's Workload API socket: one per pod, so
 #: the socket reaches the pod's containers and nothing else.
 WORKLOAD_API_VOLUME = "outrider-workload-api"

@@ -21,16 +21,9 @@ import time
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
+from identity.registry import SUB_MILLISECOND, component_registry
 from identity.serving import CLOSE_REASONS
 from identity.webserving import reports_progress
 from injector.config import Limits
@@ -48,16 +41,14 @@ from injector.core import (
 
 log = logging.getLogger("outrider.injector")
 
-disable_created_metrics()  # type: ignore[no-untyped-call]
-
 #: The API server sends a review in one go and waits at most 30 s for the answer.
 BODY_TIMEOUT = 10.0
-_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_BUCKETS = (*SUB_MILLISECOND, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class InjectorMetrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = component_registry("injector")
         self.admissions = Counter(
             "outrider_injector_admissions",
             "AdmissionReviews answered, by result (injected, skipped, error, bad_request) "

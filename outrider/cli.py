@@ -22,9 +22,11 @@ from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.configfile import ConfigError, parse_duration
 from identity.files import PRIVATE, write_atomic
 from identity.injected import AGENT_UID, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, STATUS_PORT
+from outrider import debugapi
+from outrider.debugapi import DEBUG_URL
+from outrider.output import add_output_flag, emit
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
-DEBUG_URL = "http://127.0.0.1:15014"  # the control plane's debug port
 
 log = logging.getLogger("outrider")
 
@@ -136,8 +138,21 @@ def _ca_mint(args: argparse.Namespace) -> None:
     write_atomic(out / "svid.key", key_pem, PRIVATE)
     write_atomic(out / "svid.pem", b"".join(c.public_bytes(pem) for c in issued.chain))
     write_atomic(out / "bundle.pem", issued.bundle.to_pem())
-    print(f"minted {spiffe_id}, valid until {issued.leaf.not_valid_after_utc.isoformat()}")
-    print(f"  {out / 'svid.pem'}, {out / 'svid.key'}, {out / 'bundle.pem'}")
+    minted = {
+        "spiffe_id": str(spiffe_id),
+        "not_after": issued.leaf.not_valid_after_utc.isoformat(),
+        "svid": str(out / "svid.pem"),
+        "key": str(out / "svid.key"),
+        "bundle": str(out / "bundle.pem"),
+    }
+    emit(
+        minted,
+        args.output,
+        lambda m: (
+            f"minted {m['spiffe_id']}, valid until {m['not_after']}\n"
+            f"  {m['svid']}, {m['key']}, {m['bundle']}"
+        ),
+    )
 
 
 def _ca_serve(args: argparse.Namespace) -> None:
@@ -251,52 +266,65 @@ def _control_serve(args: argparse.Namespace) -> None:
 
 def _control_get(base: str, path: str) -> Any:
     """GET a JSON document from the control plane's debug port; CommandError if unreachable."""
-    import json
-    import urllib.error
-    import urllib.request
-
-    url = base.rstrip("/") + path
     try:
-        with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 - http(s) only
-            return json.loads(answer.read())
-    except urllib.error.HTTPError as exc:
-        why = exc.read().decode(errors="replace").strip() or exc.reason
-        raise CommandError(f"{url}: {exc.code} {why}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise CommandError(
-            f"cannot reach the control plane at {base}: {reason} (is `outrider control serve`"
-            " running, and is --control its debug address?)"
-        ) from None
-
-
-def ack_state(agent: dict[str, Any]) -> str:
-    """SYNCED: the agent runs the latest version; NACK (why): it refused what it was sent;
-    STALE: it has not acknowledged the latest yet."""
-    nack = agent.get("nack")
-    if nack and nack.get("version") == agent.get("sent"):
-        return f"NACK ({nack.get('error', '')})"
-    if agent.get("acked") is not None and agent.get("acked") == agent.get("latest"):
-        return "SYNCED"
-    return "STALE"
+        return debugapi.get(base, path)
+    except debugapi.Unreachable as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _proxy_status(args: argparse.Namespace) -> None:
     if not args.control.startswith(("http://", "https://")):
         raise CommandError(f"--control {args.control!r} is not an http:// URL", EXIT_USAGE)
-    agents = _control_get(args.control, "/debug/agents")
-    rows = [("POD", "SPIFFE ID", "VERSION", "ACK STATE")]
-    rows += [
-        (a["pod"], a["spiffe_id"], a.get("acked") or a.get("sent") or "-", ack_state(a))
-        for a in agents
-    ]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
-    lagging = sum(1 for a in agents if ack_state(a) != "SYNCED")
-    print(f"{len(agents)} agents, {lagging} not in sync", file=sys.stderr)
+    rows = debugapi.agent_rows(_control_get(args.control, "/debug/agents"))
+    emit(rows, args.output, debugapi.status_table)
+    lagging = sum(1 for row in rows if row["state"] != "SYNCED")
+    print(f"{len(rows)} agents, {lagging} not in sync", file=sys.stderr)
+
+
+def _check(args: argparse.Namespace) -> None:
+    from outrider import check
+
+    if not args.control.startswith(("http://", "https://")):
+        raise CommandError(f"--control {args.control!r} is not an http:// URL", EXIT_USAGE)
+    kubeconfig = Path(args.kubeconfig) if args.kubeconfig else None
+    try:
+        cluster = check.Cluster(kubeconfig, args.context)
+        seen = check.observe(cluster, args.control, pre=args.pre)
+    except check.ApiUnreachable as exc:
+        raise CommandError(str(exc)) from None
+    shown = check.result(check.evaluate(seen, pre=args.pre))
+    emit(shown, args.output, check.text)
+    if not shown["ok"]:
+        raise CommandError("a check failed: see its fix above", EXIT_FAILURE)
+
+
+def _completion(args: argparse.Namespace) -> None:
+    import shtab
+
+    sys.stdout.write(shtab.complete(parser(), shell=args.shell))
+
+
+def _validate(component: str) -> Callable[[argparse.Namespace], None]:
+    """`outrider COMPONENT validate --config FILE`: read it as the server would, run nothing."""
+
+    def handler(args: argparse.Namespace) -> None:
+        from agent.core.policyfile import PolicyError
+        from outrider import validate
+
+        path = Path(args.config)
+        try:
+            if component == "control":
+                kubeconfig = Path(args.kubeconfig) if args.kubeconfig else None
+                print(validate.control(path, kubeconfig))
+            else:
+                print(getattr(validate, component)(path))
+        except ConfigError as exc:
+            raise _invalid(exc) from None
+        except PolicyError as exc:
+            lines = "\n".join(f"  {error}" for error in exc.errors)
+            raise CommandError(f"invalid policy:\n{lines}", EXIT_USAGE) from None
+
+    return handler
 
 
 def _policy_lint(args: argparse.Namespace) -> None:
@@ -314,11 +342,28 @@ def _policy_lint(args: argparse.Namespace) -> None:
             load_policy_files(paths)  # names must also be unique across the files
         except PolicyError as exc:
             errors.extend(exc.errors)
+    if not errors and args.agent_config:
+        errors.extend(_lint_for_agent(paths, Path(args.agent_config)))
     for error in errors:
         print(error, file=sys.stderr)
     if errors:
         plural = "s" if len(errors) > 1 else ""
         raise CommandError(f"{len(errors)} error{plural} in policy files", EXIT_USAGE)
+
+
+def _lint_for_agent(paths: list[Path], agent_config: Path) -> list[str]:
+    """What this agent would refuse the files with, beside its own config's policies."""
+    from agent.core.policyfile import PolicyError
+    from outrider import validate
+
+    try:
+        count = validate.policies_for_agent(paths, agent_config)
+    except ConfigError as exc:
+        raise _invalid(exc) from None
+    except PolicyError as exc:
+        return list(exc.errors)
+    print(f"{agent_config}: the agent would load {count} policies OK")
+    return []
 
 
 def _policy_check(args: argparse.Namespace) -> None:
@@ -353,17 +398,16 @@ def _policy_check(args: argparse.Namespace) -> None:
         if not equals or not name:
             raise CommandError(f"--header {header!r} is not NAME=VALUE", EXIT_USAGE)
         if "_" in name:  # as the agent does by default (limits.headers_with_underscores)
-            why = underscore_refusal(name.encode())
-            print(f"deny\nstatus: 400 (refused before any policy)\nwhy: {why}")
-            raise CommandError("denied", EXIT_FAILURE)
+            _verdict(
+                args, {"decision": "deny", "status": 400, "why": underscore_refusal(name.encode())}
+            )
         headers[name.lower()] = (*headers.get(name.lower(), ()), value)
     path = None
     if args.method is not None:
         try:
             path, _ = normalize_target(args.path or "/")
         except BadPath as exc:
-            print(f"deny\nstatus: 400 (refused before any policy)\nwhy: {exc}")
-            raise CommandError("denied", EXIT_FAILURE) from None
+            _verdict(args, {"decision": "deny", "status": 400, "why": str(exc)})
     request = Request(
         source=source,
         port=args.port,
@@ -375,16 +419,36 @@ def _policy_check(args: argparse.Namespace) -> None:
     if not trust_domains and source is not None:
         trust_domains = frozenset({source.trust_domain})
     decision = policies.decide(request, trust_domains)
-    print("allow" if decision.allowed else "deny")
+    verdict: dict[str, Any] = {"decision": "allow" if decision.allowed else "deny"}
     if path is not None and path != args.path:
-        print(f"path: {path} (normalized from {args.path or '(none)'})")
-    print(f"policy: {decision.policy}")
-    print(f"rule: {decision.rule}")
-    print(f"why: {decision.reason}")
-    for record in decision.records:
-        print(f"record: {record.kind} policy={record.policy} rule={record.rule}")
-    if not decision.allowed:
+        verdict["path"] = path
+        verdict["normalized_from"] = args.path or "(none)"
+    verdict |= {"policy": decision.policy, "rule": decision.rule, "why": decision.reason}
+    verdict["records"] = [
+        {"kind": r.kind, "policy": r.policy, "rule": r.rule} for r in decision.records
+    ]
+    _verdict(args, verdict)
+
+
+def _verdict(args: argparse.Namespace, verdict: dict[str, Any]) -> None:
+    """Print a `policy check` decision; a deny exits 1."""
+    emit(verdict, args.output, _verdict_text)
+    if verdict["decision"] != "allow":
         raise CommandError("denied", EXIT_FAILURE)
+
+
+def _verdict_text(verdict: dict[str, Any]) -> str:
+    lines = [verdict["decision"]]
+    if "status" in verdict:  # refused before any policy was asked
+        lines.append(f"status: {verdict['status']} (refused before any policy)")
+        return "\n".join([*lines, f"why: {verdict['why']}"])
+    if "path" in verdict:
+        lines.append(f"path: {verdict['path']} (normalized from {verdict['normalized_from']})")
+    lines += [f"policy: {verdict['policy']}", f"rule: {verdict['rule']}", f"why: {verdict['why']}"]
+    lines += [
+        f"record: {r['kind']} policy={r['policy']} rule={r['rule']}" for r in verdict["records"]
+    ]
+    return "\n".join(lines)
 
 
 def _live_policies(
@@ -480,9 +544,41 @@ def _demo(args: argparse.Namespace) -> None:
     demo.run(duration=args.duration)
 
 
+def _audit(args: argparse.Namespace) -> None:
+    from outrider.audit.command import AuditError, run, summary
+
+    try:
+        written = run(
+            now=datetime.now(UTC),
+            out=Path(args.out),
+            prometheus=args.prometheus,
+            metrics=[Path(name) for name in args.metrics or ()],
+            ca_audit_log=Path(args.ca_audit_log) if args.ca_audit_log else None,
+            since=args.since,
+            until=args.until,
+            namespaces=args.namespace,
+        )
+    except AuditError as exc:
+        raise CommandError(str(exc), exc.code) from None
+    print(summary(written))
+    if written.audit.exit_code:
+        raise CommandError("a strict port accepted plaintext (audit.html, section a)")
+
+
+class _Version(argparse.Action):
+    """`--version`: identity.build (importlib.metadata) is read only when asked."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from identity.build import VERSION
+
+        sys.stdout.write(f"outrider {VERSION}\n")  # stdout, as argparse's own version action
+        parser.exit()
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="outrider", description="SPIFFE mTLS for Kubernetes")
     top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    top.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     commands = top.add_subparsers(dest="command", required=True)
 
     ca = commands.add_parser("ca", help="the certificate authority").add_subparsers(
@@ -503,13 +599,17 @@ def parser() -> argparse.ArgumentParser:
     mint = ca.add_parser("mint", help="issue an SVID offline from the local CA key")
     mint.add_argument("--dir", required=True, help="the directory made by `ca init`")
     mint.add_argument("--spiffe-id", required=True, help="spiffe://<td>/ns/<ns>/sa/<sa>")
-    mint.add_argument("--ttl", default="1h", help="lifetime, e.g. 1h (default), 30m, 2d")
+    mint.add_argument("--ttl", default="1h", help="lifetime, e.g. 1h (default), 30m, 1h30m, 2d")
     mint.add_argument("--out", required=True, help="writes svid.pem, svid.key, bundle.pem")
+    add_output_flag(mint)
     mint.set_defaults(func=_ca_mint)
 
     serve = ca.add_parser("serve", help="serve the Sign RPC, the bundle and metrics")
     serve.add_argument("--config", required=True, help="ca.yaml")
     serve.set_defaults(func=_ca_serve)
+    ca_validate = ca.add_parser("validate", help="read ca.yaml as `ca serve` would; run nothing")
+    ca_validate.add_argument("--config", required=True, help="ca.yaml")
+    ca_validate.set_defaults(func=_validate("ca"))
 
     agent = commands.add_parser("agent", help="the sidecar").add_subparsers(
         dest="agent_command", required=True
@@ -521,6 +621,11 @@ def parser() -> argparse.ArgumentParser:
         "--config-env", metavar="VAR", help="read the YAML from this environment variable"
     )
     agent_run.set_defaults(func=_agent_run)
+    agent_validate = agent.add_parser(
+        "validate", help="read agent.yaml and its policies as `agent run` would; run nothing"
+    )
+    agent_validate.add_argument("--config", required=True, help="agent.yaml")
+    agent_validate.set_defaults(func=_validate("agent"))
 
     inject = commands.add_parser("inject", help="add the agent to the pods of manifest files")
     inject.add_argument(
@@ -545,6 +650,11 @@ def parser() -> argparse.ArgumentParser:
     injector_serve = injector.add_parser("serve", help="serve /mutate over HTTPS")
     injector_serve.add_argument("--config", required=True, help="injector.yaml")
     injector_serve.set_defaults(func=_injector_serve)
+    injector_validate = injector.add_parser(
+        "validate", help="read injector.yaml as `injector serve` would; run nothing"
+    )
+    injector_validate.add_argument("--config", required=True, help="injector.yaml")
+    injector_validate.set_defaults(func=_validate("injector"))
 
     policy = commands.add_parser("policy", help="check authorization policy files").add_subparsers(
         dest="policy_command", required=True
@@ -553,6 +663,12 @@ def parser() -> argparse.ArgumentParser:
         "lint", help="validate policy files", description="exit 0 if valid, 2 with every error"
     )
     lint.add_argument("files", nargs="+", metavar="FILE", help="policy YAML files")
+    lint.add_argument(
+        "--agent-config",
+        metavar="FILE",
+        help="also check them as this agent would load them: its ports' protocols"
+        " (no HTTP field on a TCP port) and its own policies' names",
+    )
     lint.set_defaults(func=_policy_lint)
 
     check = policy.add_parser(
@@ -595,6 +711,7 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         help="allowed by allow-authenticated; repeatable (default: the source's)",
     )
+    add_output_flag(check)
     check.set_defaults(func=_policy_check)
 
     control = commands.add_parser("control", help="the control plane").add_subparsers(
@@ -608,6 +725,12 @@ def parser() -> argparse.ArgumentParser:
         "--kubeconfig", help="reach the API server with this file (default: in-cluster)"
     )
     control_serve.set_defaults(func=_control_serve)
+    control_validate = control.add_parser(
+        "validate", help="read control.yaml as `control serve` would; run nothing"
+    )
+    control_validate.add_argument("--config", required=True, help="control.yaml")
+    control_validate.add_argument("--kubeconfig", help="as for serve")
+    control_validate.set_defaults(func=_validate("control"))
 
     status = commands.add_parser(
         "proxy-status",
@@ -621,7 +744,41 @@ def parser() -> argparse.ArgumentParser:
         metavar="URL",
         help=f"its debug address (default {DEBUG_URL})",
     )
+    add_output_flag(status)
     status.set_defaults(func=_proxy_status)
+
+    cluster_check = commands.add_parser(
+        "check",
+        help="can the cluster run Outrider, and does the installed one work",
+        description="one line per check: ✓ fine, ‼ worth a look, ✗ broken, each ‼ and ✗"
+        " with what to do. Exit 0 when nothing is ✗, 1 when something is",
+    )
+    cluster_check.add_argument(
+        "--pre", action="store_true", help="only what matters before installing"
+    )
+    cluster_check.add_argument(
+        "--kubeconfig", help="default: $KUBECONFIG or ~/.kube/config, as kubectl"
+    )
+    cluster_check.add_argument("--context", help="the kubeconfig context (default: current)")
+    cluster_check.add_argument(
+        "--control",
+        default=DEBUG_URL,
+        metavar="URL",
+        help=f"the control plane's debug address, for the agents (default {DEBUG_URL}:"
+        f" {debugapi.PORT_FORWARD})",
+    )
+    add_output_flag(cluster_check)
+    cluster_check.set_defaults(func=_check)
+
+    completion = commands.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description="bash: `source <(outrider completion bash)`, or save it in"
+        " /etc/bash_completion.d/outrider. zsh: save it as _outrider in a directory of"
+        " $fpath",
+    )
+    completion.add_argument("shell", choices=["bash", "zsh"])
+    completion.set_defaults(func=_completion)
 
     capture = commands.add_parser(
         "capture", help="the pod's traffic capture rules (nftables)"
@@ -678,6 +835,27 @@ def parser() -> argparse.ArgumentParser:
         "--duration", type=float, default=20.0, help="seconds of traffic (default 20)"
     )
     demo.set_defaults(func=_demo)
+
+    audit = commands.add_parser(
+        "audit",
+        help="an mTLS compliance report (HTML and JSON) from Prometheus or saved scrapes",
+        description="answers: was plaintext accepted, the TLS mix, who talked to whom, each"
+        " identity's certificates, every deny, the CA's issuances and refusals. Exit 0 clean,"
+        " 1 when a strict port accepted plaintext, 2 when no report could be made",
+    )
+    evidence = audit.add_mutually_exclusive_group(required=True)
+    evidence.add_argument("--prometheus", metavar="URL", help="e.g. http://prometheus:9090")
+    evidence.add_argument(
+        "--metrics", nargs="+", metavar="FILE", help="saved /metrics scrapes, one per process"
+    )
+    audit.add_argument("--ca-audit-log", metavar="FILE", help="the CA's audit log (JSON lines)")
+    audit.add_argument("--since", help="24h (default with --prometheus) or RFC 3339")
+    audit.add_argument("--until", help="a duration back from now or RFC 3339 (default: now)")
+    audit.add_argument(
+        "--namespace", action="append", default=[], metavar="NS", help="repeatable (default all)"
+    )
+    audit.add_argument("--out", required=True, metavar="DIR", help="writes audit.html, audit.json")
+    audit.set_defaults(func=_audit)
     return top
 
 

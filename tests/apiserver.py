@@ -13,7 +13,8 @@ Covered:
   `kubeconfig(path)` for `kubernetes.config.load_kube_config` /
   `new_client_from_config`; discovery at /api, /apis, /version, /healthz.
 - Resources: core v1 pods, services, namespaces, configmaps, serviceaccounts; apps/v1
-  deployments (stored, no controller);
+  deployments and admissionregistration.k8s.io/v1 mutatingwebhookconfigurations
+  (stored, no controller, no webhook called);
   discovery.k8s.io/v1 endpointslices; apiextensions.k8s.io/v1
   customresourcedefinitions. Creating a CRD serves its resource at every served
   version (status subresource, scope, selectableFields); deleting it deletes its
@@ -51,6 +52,9 @@ Covered:
   containers, EndpointSlice addresses, CRD names/versions/structural schemas).
   422 Invalid with `details.causes[].field`; a wrong JSON type in a built-in kind
   is 400 BadRequest, as from the server's decoder.
+- The service proxy (`/api/v1/namespaces/NS/services/[https:]NAME[:PORT]/proxy/PATH`):
+  to the first ready endpoint of the Service's EndpointSlices, 503 when there is none
+  or it does not answer.
 - Faults: `fail_next(n, code)` makes the next n requests of some verbs fail;
   `drop_watches()` ends every open watch; `requests` logs every request.
 
@@ -75,6 +79,7 @@ import contextlib
 import copy
 import functools
 import json
+import re
 import secrets
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -83,6 +88,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 from aiohttp import web
 
@@ -109,6 +115,7 @@ DEFAULT_CRDS: tuple[Path, ...] = tuple(
     for path in sorted((_ROOT / "deploy" / "base" / "crds").glob("*.yaml"))
     if path.name != "kustomization.yaml"
 ) + tuple(sorted((_ROOT / "tests" / "fixtures" / "gateway-api").glob("*.yaml")))
+_SERVICE_PROXY = re.compile(r"/api/v1/namespaces/([^/]+)/services/([^/]+)/proxy(?:/(.*))?")
 _PUBLIC = ("/healthz", "/livez", "/readyz", "/version")
 _TRUE = ("1", "t", "T", "true", "True", "TRUE")
 
@@ -143,6 +150,9 @@ class FakeApiServer:
     bookmark_interval: float = 1.0
     history: int = 10_000
     namespace_lifecycle: bool = True
+    #: What /version reports (the schemas stay KUBERNETES_VERSION's): a test of an older
+    #: cluster sets it.
+    kubernetes_version: str = KUBERNETES_VERSION
     url: str = ""
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     requests: list[LoggedRequest] = field(default_factory=list)
@@ -284,6 +294,12 @@ class FakeApiServer:
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         path = request.path.rstrip("/") or "/"
         query = dict(request.query)
+        proxied = _SERVICE_PROXY.fullmatch(request.path)
+        if proxied is not None:
+            self.requests.append(LoggedRequest(request.method, path, query, "proxy"))
+            if not self._authorized(request.headers.get("Authorization")):
+                raise ApiError(401, "Unauthorized")
+            return await self._proxy(request, *proxied.groups())
         target = self._route(path)
         verb = _verb(request.method, target, query)
         self.requests.append(LoggedRequest(request.method, path, query, verb))
@@ -386,6 +402,52 @@ class FakeApiServer:
             raise ApiError(404, "the server could not find the requested resource")
         return resource, namespace, name, subresource
 
+    async def _proxy(
+        self, request: web.Request, namespace: str, target: str, path: str | None
+    ) -> web.Response:
+        """The service proxy (`kubectl get --raw .../services/https:NAME:PORT/proxy/PATH`):
+        to the first ready endpoint of the Service's EndpointSlices, on the slice's port of
+        that Service port's name. Like kube-apiserver it does not verify an https
+        endpoint's certificate, and answers 503 when there is no endpoint or no answer."""
+        scheme, name, port = _proxy_target(target)
+        service = self.get("v1", "Service", namespace, name)
+        ports = service["spec"].get("ports") or []
+        chosen = next((p for p in ports if port in ("", p.get("name"), str(p["port"]))), None)
+        if chosen is None:
+            raise ApiError(503, f'no endpoints available for service "{name}"')
+        address = self._ready_endpoint(namespace, name, chosen.get("name", ""))
+        if address is None:
+            raise ApiError(503, f'no endpoints available for service "{name}"')
+
+        url = f"{scheme}://{address}/{path or ''}"
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                session.request(request.method, url, ssl=False) as answer,
+            ):
+                body = await answer.read()
+                kind = answer.headers.get("Content-Type", "text/plain")
+                return web.Response(
+                    status=answer.status, body=body, content_type=kind.split(";")[0]
+                )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise ApiError(503, f"error trying to reach service: {exc}") from None
+
+    def _ready_endpoint(self, namespace: str, service: str, port_name: str) -> str | None:
+        """host:port of the first ready endpoint of the Service's slices, or None."""
+        resource = self.store.resource_of("discovery.k8s.io/v1", "EndpointSlice")
+        selector = Selector.parse(resource, namespace, f"kubernetes.io/service-name={service}", "")
+        for item in self.store.list_objects(resource, selector)[0]:
+            port = next(
+                (p["port"] for p in item.get("ports") or [] if p.get("name", "") == port_name),
+                None,
+            )
+            for endpoint in item.get("endpoints") or []:
+                if port is not None and (endpoint.get("conditions") or {}).get("ready", True):
+                    host = endpoint["addresses"][0]
+                    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return None
+
     def _inject_fault(self, verb: str, kind: str | None) -> None:
         with self._lock:
             for fault in self._faults:
@@ -468,12 +530,12 @@ class FakeApiServer:
         return response
 
     def _discovery(self, path: str) -> Json:
-        major, minor = KUBERNETES_VERSION.split(".")
+        major, minor = self.kubernetes_version.split(".")
         if path == "/version":
             return {
                 "major": major,
                 "minor": minor,
-                "gitVersion": f"v{KUBERNETES_VERSION}.0",
+                "gitVersion": f"v{self.kubernetes_version}.0",
                 "gitCommit": "0" * 40,
                 "gitTreeState": "clean",
                 "buildDate": "2024-08-13T07:28:49Z",
@@ -568,6 +630,16 @@ async def _write_event(response: web.StreamResponse, event: Json) -> bool:
     except (ConnectionError, RuntimeError):
         return False
     return True
+
+
+def _proxy_target(target: str) -> tuple[str, str, str]:
+    """`https:NAME:PORT`, `NAME:PORT` or `NAME` -> (scheme, name, port name or number)."""
+    parts = target.split(":")
+    if parts[0] in ("http", "https"):
+        scheme, rest = parts[0], parts[1:]
+    else:
+        scheme, rest = "http", parts
+    return scheme, rest[0], rest[1] if len(rest) > 1 else ""
 
 
 def _not_allowed(method: str) -> ApiError:

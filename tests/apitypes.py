@@ -208,6 +208,18 @@ BUILTINS = (
         ("deploy",),
         "io.k8s.api.apps.v1.Deployment",
     ),
+    # Stored and validated only: no API server calls it (`outrider check` reads it).
+    Resource(
+        "admissionregistration.k8s.io",
+        "v1",
+        "mutatingwebhookconfigurations",
+        "MutatingWebhookConfiguration",
+        False,
+        False,
+        "mutatingwebhookconfiguration",
+        (),
+        "io.k8s.api.admissionregistration.v1.MutatingWebhookConfiguration",
+    ),
     Resource(
         "apiextensions.k8s.io",
         "v1",

@@ -8,6 +8,7 @@ function; tests of the CA protocol itself use a real `ca serve` process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -42,7 +43,17 @@ from ca.issuer import Issuer
 from ca.signers.local import LocalSigner
 from identity import SpiffeId
 from identity.proto import ca_pb2
-from tests.support import TRUST_DOMAIN, CaProcess, CaSetup, scraped, wait_for_line
+from tests.prometheus import Prometheus, Target, start_prometheus
+from tests.support import (
+    TRUST_DOMAIN,
+    CaProcess,
+    CaSetup,
+    ca_process,
+    free_port,
+    make_ca_setup,
+    scraped,
+    wait_for_line,
+)
 
 _READY = re.compile(r"ready as (\S+): (.*)$")
 _ADMIN = re.compile(r"admin listening on (\S+)$")
@@ -417,3 +428,125 @@ def agent_process(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# --- a mesh for the audit questions (issue 18), scraped by a real Prometheus ----------
+
+#: The server agent's policy: one DENY rule, so a deny has a policy, a rule and a caller.
+AUDITED_POLICY = {
+    "policies": [
+        {
+            "name": "guard",
+            "action": "DENY",
+            "rules": [{"name": "no-admin", "to": {"paths": ["/admin*"]}}],
+        }
+    ]
+}
+#: Paths, query strings and header values the audited mesh's traffic carries: none may
+#: ever show up in a label value (or a log an auditor ships).
+ODD_STRINGS = ("hunter2", "etc/passwd", "%2e%2e", "x-secret-header-value", "zzzz")
+
+
+@dataclass
+class AuditedMesh:
+    """`audited_mesh`'s parts: the CA, its setup (audit log), two agents, Prometheus."""
+
+    setup: CaSetup
+    ca: CaProcess
+    server: AgentProcess
+    client: AgentProcess
+    prometheus: Prometheus
+    server_port: str  # the server's inbound listener's port
+    odd_strings: tuple[str, ...] = ODD_STRINGS
+
+
+@contextmanager
+def audited_mesh(root: Path) -> Iterator[AuditedMesh]:
+    """A real `ca serve`, agents `server` (an HTTP app behind a strict inbound, the
+    AUDITED_POLICY) and `client` (an HTTP outbound to it; an SVID of 4 s, backdated 1 s:
+    it rotates every 2-3 s), scraped every second by a real Prometheus (jobs `agent`
+    with namespace demo, `ca` with namespace outrider-system); then the traffic an audit
+    looks for: allowed requests, one denied (GET /admin), one plaintext caller on the
+    strict port, one TLS caller without a certificate, odd paths (ODD_STRINGS).
+
+    Prometheus starts first, with every address chosen in advance: its first scrape
+    comes ~5 s after it starts, while the CA and the agents start.
+    """
+    setup = make_ca_setup(
+        root,
+        listen={"grpc": "127.0.0.1:0", "http": f"127.0.0.1:{free_port()}"},
+        issuance={"backdate": "1s"},
+    )
+    ca_http = yaml.safe_load(setup.config.read_text())["listen"]["http"]
+    admins = {name: f"127.0.0.1:{free_port()}" for name in ("server", "client")}
+    targets = {
+        "agent": [Target(address, {"namespace": "demo"}) for address in admins.values()],
+        "ca": [Target(ca_http, {"namespace": "outrider-system"})],
+    }
+    with (
+        start_prometheus(targets, root / "prometheus") as prometheus,
+        threaded_app(_audited_app()) as app_port,
+        ca_process(setup.config) as ca,
+    ):
+        server_raw = served_agent_yaml(
+            setup, ca, "server", inbound=inbound(app_port, protocol="http"), policy=AUDITED_POLICY
+        )
+        server_raw["admin"] = admins["server"]
+        with agent_process(root, "server", server_raw) as server:
+            server_address = server.bound["inbound[0]"]
+            client_raw = served_agent_yaml(
+                setup, ca, "client", outbound=outbound(server_address, workload("server"))
+            )
+            client_raw["outbound"][0]["protocol"] = "http"
+            client_raw["identity"]["ttl"] = "4s"
+            client_raw["admin"] = admins["client"]
+            with agent_process(root, "client", client_raw) as client:
+                _audited_traffic(client.bound["outbound[backend]"], server_address, setup)
+                prometheus.wait_for_targets()
+                yield AuditedMesh(
+                    setup, ca, server, client, prometheus, server_address.rsplit(":", 1)[1]
+                )
+
+
+def _audited_app() -> web.Application:
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    application = web.Application()
+    application.router.add_route("*", "/{tail:.*}", answer)
+    return application
+
+
+def _audited_traffic(outbound_address: str, server_address: str, setup: CaSetup) -> None:
+    """Allowed and odd requests through the client agent, one denied; a plaintext caller
+    and a TLS caller without a certificate straight at the server's strict port."""
+
+    def get(path: str, **headers: str) -> int:
+        request = urllib.request.Request(f"http://{outbound_address}{path}", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
+    assert get("/api/orders") == 200
+    assert get("/api/orders?token=hunter2", authorization="Bearer hunter2") == 200
+    assert get("/api/../../etc/passwd") in (200, 400, 404)
+    assert get("/%2e%2e/api", **{"x-secret": "x-secret-header-value"}) in (200, 400, 404)
+    assert get("/" + "zzzz" * 200) in (200, 400, 414, 431)
+    assert get("/admin/users?token=hunter2") == 403
+    host, port = server_address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as plaintext:
+        plaintext.sendall(b"GET /etc/passwd?token=hunter2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        plaintext.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            assert plaintext.recv(1024) == b""  # closed: no byte of the app's
+    anonymous = ssl.create_default_context(cadata=setup.bundle_pem.decode())
+    anonymous.check_hostname = False
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        try:
+            with anonymous.wrap_socket(raw, server_hostname="server") as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert tls.recv(1024) == b""
+        except (ssl.SSLError, ConnectionError):
+            pass  # refused: no certificate

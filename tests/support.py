@@ -347,6 +347,11 @@ def scraped(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def ca_metric(ca: CaProcess, name: str, **labels: str) -> float:
+def ca_metrics_page(ca: CaProcess) -> str:
+    """The CA's /metrics, as Prometheus scrapes it."""
     with urllib.request.urlopen(f"http://127.0.0.1:{ca.http_port}/metrics", timeout=5) as page:
-        return scraped(page.read().decode(), name, **labels)
+        return str(page.read().decode())
+
+
+def ca_metric(ca: CaProcess, name: str, **labels: str) -> float:
+    return scraped(ca_metrics_page(ca), name, **labels)

@@ -27,15 +27,18 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from typing import TYPE_CHECKING
 
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
-from agent.adapters.ca_client import CaClient, tls_context
 from agent.adapters.rotator import IdentityManager
 from agent.config import CaEndpoint
 from agent.core.svid import Svid
 from agent.core.trust import peer_bundle
 from identity import BundleError, TrustBundle, TrustDomain
+
+if TYPE_CHECKING:
+    from agent.adapters.ca_client import CaClient
 
 log = logging.getLogger("outrider.agent.bundle")
 
@@ -156,6 +159,8 @@ class BundleSync:
 
     def _client(self, ca: CaEndpoint) -> CaClient:
         """A channel to the CA, verified by every bundle known (closed after one ask)."""
+        from agent.adapters.ca_client import CaClient, tls_context  # with the first CA call
+
         svid = self.identity.svid
         trusted = [self._file[1], self._from_ca, svid.bundle if svid else None]
         pem = b"".join(dict.fromkeys(b.to_pem() for b in trusted if b is not None))

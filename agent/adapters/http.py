@@ -42,18 +42,25 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from agent.core import http1
+from agent.core.accesslog import Entry
 from agent.core.headers import UnderscoreAction
 from agent.core.http1 import END, Data, Framing, Refused, Request, Response, Switched
 from agent.core.httppath import BadPath, normalize_host, normalize_target
 from agent.core.policy import Decision
+from agent.core.tracecontext import HEADERS as TRACE_HEADERS
+
+if TYPE_CHECKING:
+    from agent.adapters.tracing import Watch
 
 #: Bytes of pipelined requests held while an earlier one is in flight.
 HOLD_BYTES = 256 * 1024
 
 IDENTITY_HEADERS = frozenset({b"x-forwarded-client-cert"})
+#: Dropped from a request the agent traces: it sets its own (agent/core/tracecontext.py).
+TRACED_HEADERS = IDENTITY_HEADERS | TRACE_HEADERS
 
 #: method, normalized path, normalized host (or None), headers -> the decision
 Authorize = Callable[[str, str, str | None, dict[str, tuple[str, ...]]], Decision]
@@ -138,6 +145,7 @@ class _Request:
     body: list[bytes] = field(default_factory=list)  # held until the request is in flight
     held: int = 0  # bytes of head and body held in memory while it waits
     done: bool = False
+    entry: Entry | None = None  # its access log entry and span (an observer is on)
 
 
 class HttpExchange:
@@ -153,8 +161,10 @@ class HttpExchange:
         underscores: UnderscoreAction = "reject",
         drained: Callable[[], None] = lambda: None,
         refused: Callable[[str], None] = lambda reason: None,
+        watch: Watch | None = None,
     ) -> None:
         self.client, self.app = client, app
+        self.watch = watch  # None: no access log, no tracing (agent/adapters/tracing.py)
         self.authorize = authorize
         self.identity = identity  # the x-forwarded-client-cert value for this peer; b"": none
         # What every request's head gets for it (made once per connection).
@@ -217,6 +227,8 @@ class HttpExchange:
         for event in events:
             if isinstance(event, Data):
                 self.to_client.append(http1.body(self.outgoing, event.data))
+                if self.watch is not None:
+                    self._sent(len(event.data))
             elif event is END:
                 self.response_done()
             elif isinstance(event, Response):
@@ -278,13 +290,21 @@ class HttpExchange:
         host = normalize_host(hosts[0]) if hosts else None
         method = METHOD_NAMES.get(request.method) or request.method.decode("ascii")
         decision = self.authorize(method, path, host, values)
+        forwarded = path + ("?" + query if query else "")
+        entry = None
+        if self.watch is not None:
+            entry = self.watch.request(method, forwarded, request.headers)
+            self.watch.decided(entry, decision)
         if not decision.allowed:
             return self.answer(
-                403, {"error": "denied", "policy": decision.policy, "rule": decision.rule}
+                403, {"error": "denied", "policy": decision.policy, "rule": decision.rule}, entry
             )
-        forwarded = path + ("?" + query if query else "")
+        extra, dropped = self.extra, IDENTITY_HEADERS
+        if entry is not None and entry.trace is not None:
+            extra += tuple(entry.trace.headers())
+            dropped = TRACED_HEADERS
         head = http1.request_head(
-            request, forwarded.encode("latin-1"), extra=self.extra, dropped=IDENTITY_HEADERS
+            request, forwarded.encode("latin-1"), extra=extra, dropped=dropped
         )
         upgrade = request.upgrade is not None
         self._enqueue(
@@ -297,6 +317,9 @@ class HttpExchange:
                 request.keep_alive,
                 upgrade,
                 [],
+                0,
+                False,
+                entry,
             )
         )
         if upgrade:  # nothing follows it but the new protocol, once the app agrees
@@ -306,6 +329,8 @@ class HttpExchange:
         request = self.queue[-1] if self.queue else None
         if request is None or request.answer:
             return
+        if request.entry is not None:
+            request.entry.bytes_in += len(data)
         self._send(request, http1.body(request.framing, data))
 
     def request_done(self) -> None:
@@ -327,7 +352,7 @@ class HttpExchange:
         self.to_client.append(http1.h2_refusal())
         self.refused("protocol_mismatch")
 
-    def answer(self, status: int, body: dict[str, str]) -> None:
+    def answer(self, status: int, body: dict[str, str], entry: Entry | None = None) -> None:
         """Answer the latest request ourselves, after every earlier response; then close."""
         self.stopped = True
         if self.queue and not self.queue[-1].done:
@@ -340,6 +365,21 @@ class HttpExchange:
                 self.app.abort()
         self._enqueue(_Request(b"", answer=local_response(status, body), done=True))
         self.on_response(status)
+        if self.watch is not None:
+            self._answered(status, body["error"], entry)
+
+    def _answered(self, status: int, error: str, entry: Entry | None) -> None:
+        """The access log entry of a request the agent answered itself."""
+        assert self.watch is not None
+        if entry is None:  # refused before it was a request: a bad path, a head too big
+            entry = self.watch.begin()
+        entry.bytes_out = len(self.queue[-1].answer)
+        self.watch.finish(entry, status, error if status != 403 else None)
+
+    def _sent(self, size: int) -> None:
+        entry = self.queue[0].entry if self.queue else None
+        if entry is not None:
+            entry.bytes_out += size
 
     def _enqueue(self, request: _Request) -> None:
         self.queue.append(request)
@@ -418,6 +458,8 @@ class HttpExchange:
         assert responses is not None
         self.on_response(responses.status)
         request = self.queue.popleft()
+        if request.entry is not None and self.watch is not None:
+            self.watch.finish(request.entry, responses.status)
         self.spare, self.responses = responses, None
         self.to_client.append(http1.end(self.outgoing))
         if not self.keep:
@@ -433,6 +475,8 @@ class HttpExchange:
         """The app answered 101: from here on the connection is the upgraded stream, relayed
         as bytes both ways (the request that asked was authorized like any other)."""
         self.on_response(101)
+        if self.watch is not None and self.queue and self.queue[0].entry is not None:
+            self.watch.finish(self.queue[0].entry, 101)
         self.queue.clear()
         self.responses = None
         self.tunnel = True

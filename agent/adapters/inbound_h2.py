@@ -29,6 +29,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from h2.errors import ErrorCodes
 
@@ -38,11 +39,16 @@ from agent.adapters.h2server import H2Stream, Headers, StreamReset
 from agent.adapters.http import Authorize, _identity, error_body
 from agent.adapters.metrics import CLIENT_CLOSED
 from agent.core import grpc
+from agent.core.accesslog import Entry
 from agent.core.endpoint import Endpoint
 from agent.core.h2limits import H2Limits, Limit
 from agent.core.headers import UnderscoreAction, plain, screen, underscore_refusal
 from agent.core.http1 import HOST_FIELD
 from agent.core.httppath import BadPath, normalize_host, normalize_target
+from agent.core.tracecontext import HEADERS as TRACE_HEADERS
+
+if TYPE_CHECKING:
+    from agent.adapters.tracing import Watch
 
 log = logging.getLogger("outrider.agent")
 
@@ -59,6 +65,7 @@ class Refusal:
     body: dict[str, str]
     code: grpc.Code
     message: str
+    entry: Entry | None = None  # its access log entry, once it was authorized
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,7 @@ class Forward:
 
     headers: Headers
     deadline: float | None  # seconds from now (grpc-timeout), or None
+    entry: Entry | None = None  # its access log entry and span (an observer is on)
 
 
 def refusal(status: int, error: str, detail: str, code: grpc.Code) -> Refusal:
@@ -89,8 +97,10 @@ class InboundH2:
         idle_timeout: float,
         unreachable: Callable[[BaseException], None],
         limits: H2Limits | None = None,
+        watch: Watch | None = None,
     ) -> None:
         self.app = app
+        self.watch = watch  # None: no access log, no tracing (agent/adapters/tracing.py)
         self.authorize = authorize
         self.identity = identity  # x-forwarded-client-cert for this peer; b"": none
         self.answered = answered
@@ -127,7 +137,7 @@ class InboundH2:
                 call.code = grpc.Code.DEADLINE_EXCEEDED
             else:
                 why = refusal(504, "deadline_exceeded", "", grpc.Code.DEADLINE_EXCEEDED)
-                await self.refuse(stream, why, is_grpc)
+                await self.refuse(stream, why, is_grpc, decided.entry)
                 return
         except (StreamReset, asyncio.CancelledError):
             call.left()  # the client reset its stream or dropped its connection
@@ -135,6 +145,8 @@ class InboundH2:
         finally:
             if call.status:  # else refused (counted there)
                 self.answered(call.status, call.outcome())
+                if decided.entry is not None and self.watch is not None:
+                    self.watch.finish(decided.entry, call.status, None, call.outcome())
 
     def screen(self, headers: Headers, is_grpc: bool) -> Refusal | Forward:
         """The decisions HTTP/1.1 makes on a request head, made on an h2 one."""
@@ -178,10 +190,18 @@ class InboundH2:
         hosts = values.get("host", ())
         host = normalize_host(hosts[0]) if hosts else None
         decision = self.authorize(method, path, host, values)
+        entry = None
+        if self.watch is not None:
+            target = path + ("?" + query if query else "")
+            entry = self.watch.request(method, target, regular, "grpc" if is_grpc else "http")
+            self.watch.decided(entry, decision)
+            if entry.trace is not None:
+                kept = [(n, v) for n, v in kept if n not in TRACE_HEADERS]
+                kept += entry.trace.headers()
         if not decision.allowed:
             body = {"error": "denied", "policy": decision.policy, "rule": decision.rule}
             message = f"denied by policy {decision.policy!r} rule {decision.rule!r}"
-            return Refusal(403, body, grpc.Code.PERMISSION_DENIED, message)
+            return Refusal(403, body, grpc.Code.PERMISSION_DENIED, message, entry)
         deadline = None
         if is_grpc and "grpc-timeout" in values:
             try:
@@ -198,7 +218,7 @@ class InboundH2:
         ]
         if self.identity:
             head.append((b"x-forwarded-client-cert", self.identity))
-        return Forward(head, deadline)
+        return Forward(head, deadline, entry)
 
     @staticmethod
     def _host(authority: bytes | None, values: dict[str, tuple[str, ...]]) -> str | None:
@@ -217,8 +237,12 @@ class InboundH2:
             return "malformed Host"
         return None
 
-    async def refuse(self, stream: H2Stream, why: Refusal, is_grpc: bool) -> None:
+    async def refuse(
+        self, stream: H2Stream, why: Refusal, is_grpc: bool, entry: Entry | None = None
+    ) -> None:
         """The agent's own answer: trailers-only for a gRPC call, else JSON."""
+        if self.watch is not None:
+            self._logged(why, is_grpc, entry or why.entry)
         try:
             if is_grpc:
                 answer = grpc.trailers_only(why.code, why.message)
@@ -237,6 +261,15 @@ class InboundH2:
         except StreamReset:
             pass
 
+    def _logged(self, why: Refusal, is_grpc: bool, entry: Entry | None) -> None:
+        """The access log line of a stream the agent answered itself."""
+        assert self.watch is not None
+        if entry is None:  # refused before it was authorized: a bad path, a header limit
+            entry = self.watch.begin("grpc" if is_grpc else "http")
+        error = None if why.status == 403 else why.body.get("error")
+        status, code = (200, why.code) if is_grpc else (why.status, None)
+        self.watch.finish(entry, status, error, code)
+
     async def forward(self, stream: H2Stream, request: Forward, call: _Call) -> None:
         """Send the request to the app and relay its response; the app unreachable or
         refusing the stream (or lost) before its head is answered 503 / UNAVAILABLE; any
@@ -248,7 +281,7 @@ class InboundH2:
         except (OSError, TimeoutError, ConnectionError, NoRoom) as exc:
             self.unreachable(exc)
             why = refusal(503, "app_unreachable", "", grpc.Code.UNAVAILABLE)
-            await self.refuse(stream, why, call.grpc)
+            await self.refuse(stream, why, call.grpc, request.entry)
             return
         # What the client has sent goes at once, with the head; a task sends the rest only
         # if more is to come (a streaming call) or the app's windows are shut.

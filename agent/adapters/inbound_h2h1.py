@@ -268,14 +268,14 @@ class InboundH2ToHttp1(InboundH2):
             except _Stale:
                 if not (reused and stream.bodiless):  # the app may have begun it
                     why = refusal(503, "app_reset", "", grpc.Code.UNAVAILABLE)
-                    await self.refuse(stream, why, call.grpc)
+                    await self.refuse(stream, why, call.grpc, request.entry)
                     return
             finally:
                 if upload is not None:
                     upload.cancel()
                 self.apps.done(app, kept)
         why = refusal(503, "app_unreachable", "", grpc.Code.UNAVAILABLE)
-        await self.refuse(stream, why, call.grpc)
+        await self.refuse(stream, why, call.grpc, request.entry)
 
     async def _relay(self, stream: H2Stream, app: AppConnection, call: _Call) -> bool:
         """The app's response, as the client's windows take it; whether the connection

@@ -43,7 +43,7 @@ from agent.core import http1
 from agent.core.authz import AllowList
 from agent.core.captured import Captured, OutboundRoutes, admit_plaintext, looks_like_tls
 from agent.core.h2limits import Limit
-from agent.core.policy import Decision, Request
+from agent.core.policy import Decision, Explanation, Request
 from agent.core.tries import DELIVERED, Outcome
 from agent.core.upstream import Endpoint
 from identity import SpiffeId
@@ -399,7 +399,10 @@ class InboundMtls(Listener[InboundT]):
             # well as HTTP/1.1 (never relays it at L4, which would hand the app the
             # client's own identity header and skip the paths); an h2 port takes h2 only.
             protocol = config.protocol
-            plaintext = permissive and not _tls_first(sock)
+            plaintext = not _tls_first(sock)
+            if plaintext and not permissive:
+                self._strict_refused(relay, sock, port)
+                return
             if not plaintext:
                 authenticated = await self._authenticate(
                     relay, sock, started, protocol, port, deadline
@@ -413,11 +416,16 @@ class InboundMtls(Listener[InboundT]):
             return
         peer, config = authenticated
         l7 = config.protocol in L7
-        if not l7 and not self._authorize(Request(peer, config.app.port), config).allowed:
-            self.runtime.metrics.connections_refused.labels(INBOUND, "policy_denied").inc()
-            relay.abort()
-            return
-        await self._to_app(relay, peer, config)
+        decision = None
+        if not l7:
+            decision = self._authorize(Request(peer, config.app.port), config)
+            if not decision.allowed:
+                self.runtime.metrics.connections_refused.labels(INBOUND, "policy_denied").inc()
+                if self.runtime.observer is not None:
+                    self._tcp_denied(relay, peer, decision)
+                relay.abort()
+                return
+        await self._to_app(relay, peer, config, decision)
 
     async def _plaintext(self, relay: Relay, sock: socket.socket, config: Inbound) -> None:
         """A permissive port's plaintext client: authorized as unauthenticated (per
@@ -428,8 +436,11 @@ class InboundMtls(Listener[InboundT]):
         a plaintext client cannot name itself to the app; none is added.
         """
         tcp = config.protocol not in L7
-        if tcp and not self._authorize(Request(None, config.app.port), config).allowed:
+        decision = self._authorize(Request(None, config.app.port), config) if tcp else None
+        if decision is not None and not decision.allowed:
             self.runtime.metrics.connections_refused.labels(INBOUND, "policy_denied").inc()
+            if self.runtime.observer is not None:
+                self._tcp_denied(relay, None, decision)
             sock.close()
             relay.close()
             return
@@ -442,9 +453,15 @@ class InboundMtls(Listener[InboundT]):
             return
         down.pause_reading()
         self.plaintext[relay] = config.app.port
-        await self._to_app(relay, None, config)
+        await self._to_app(relay, None, config, decision)
 
-    async def _to_app(self, relay: Relay, peer: SpiffeId | None, config: Inbound) -> None:
+    async def _to_app(
+        self,
+        relay: Relay,
+        peer: SpiffeId | None,
+        config: Inbound,
+        decision: Decision | None = None,
+    ) -> None:
         """Connect to the app and relay: bytes (tcp) or parsed requests (http) with the
         peer's x-forwarded-client-cert (none for a plaintext client).
 
@@ -467,8 +484,12 @@ class InboundMtls(Listener[InboundT]):
             return
         if peer is None:  # plaintext, let in: counted once the app has it, not before
             self.connections.established(INBOUND, None, mtls=False)
+        observer = self.runtime.observer
         if not http:
-            relay.link()
+            if observer is None:
+                relay.link()
+            else:
+                self._tcp_logged(relay, peer, decision)
             return
         requests = self.runtime.metrics.requests
 
@@ -499,6 +520,10 @@ class InboundMtls(Listener[InboundT]):
 
         assert relay.down.transport is not None and up.transport is not None
         identity = xfcc(str(self.runtime.spiffe_id), str(peer)) if peer else b""
+        watch = None
+        if observer is not None:
+            ssl_object = relay.down.transport.get_extra_info("ssl_object")
+            watch = observer.watch("http", INBOUND, str(peer) if peer else None, ssl_object)
         exchange = HttpExchange(
             relay.down.transport,
             up.transport,
@@ -508,10 +533,36 @@ class InboundMtls(Listener[InboundT]):
             limits.headers_with_underscores,
             relay.close,
             refused,
+            watch,
         )
         relay.on_released = exchange.release
         relay.link(exchange.from_client, exchange.from_app)
         relay.drained_by(exchange.finish)
+
+    def _tcp_logged(self, relay: Relay, peer: SpiffeId | None, decision: Decision | None) -> None:
+        """Link an access-logged TCP connection: its bytes counted, its line when it closes."""
+        observer = self.runtime.observer
+        down, up = relay.down.transport, relay.up.transport
+        assert observer is not None and down is not None and up is not None
+        watch = observer.watch(
+            "tcp", INBOUND, str(peer) if peer else None, down.get_extra_info("ssl_object")
+        )
+        entry = watch.begin()
+        if decision is not None:
+            watch.decided(entry, decision)
+        relay.ended = lambda: watch.finish(entry, None)
+        relay.link(*watch.relayed(entry, up.write, down.write))
+
+    def _tcp_denied(self, relay: Relay, peer: SpiffeId | None, decision: Decision) -> None:
+        """The access log line of a TCP connection the policy refused."""
+        observer = self.runtime.observer
+        assert observer is not None
+        down = relay.down.transport
+        ssl_object = down.get_extra_info("ssl_object") if down is not None else None
+        watch = observer.watch("tcp", INBOUND, str(peer) if peer else None, ssl_object)
+        entry = watch.begin()
+        watch.decided(entry, decision)
+        watch.finish(entry, None)
 
     def _app_unreachable(self, config: Inbound, exc: BaseException) -> None:
         """Counted; a line a while: on a captured pod a caller can try every port, most with
@@ -582,6 +633,11 @@ class InboundMtls(Listener[InboundT]):
             connect_timeout=limits.connect_timeout.total_seconds(),
             idle_timeout=limits.idle_timeout.total_seconds(),
             unreachable=lambda exc: self._app_unreachable(config, exc),
+            watch=None
+            if self.runtime.observer is None
+            else self.runtime.observer.watch(
+                "http", INBOUND, source or None, transport.get_extra_info("ssl_object")
+            ),
         )
 
         def closed(server: H2Server) -> None:
@@ -719,6 +775,15 @@ class InboundMtls(Listener[InboundT]):
             config.protocol,
         )
 
+    def _strict_refused(self, relay: Relay, sock: socket.socket, port: int) -> None:
+        """A plaintext client on a strict port: closed before any handshake, counted
+        `connections_refused_total{reason="plaintext"}`: the first byte decides, as it
+        lets plaintext through on a permissive port, not OpenSSL's error for the bytes."""
+        sock.close()
+        self.runtime.metrics.connections_refused.labels(INBOUND, "plaintext").inc()
+        self._handshake_refused(port, "plaintext")
+        relay.close()
+
     def _handshake_refused(self, port: int, reason: str) -> None:
         """A client's handshake failed (counted already): an explicit listener says nothing
         more (its clients are agents); the capture listener tells a plaintext caller's
@@ -742,6 +807,7 @@ class InboundMtls(Listener[InboundT]):
         for record in decision.records:
             self._count_decision(record.kind, record.policy, record.rule)
         if not decision.allowed:
+            self.runtime.metrics.denied(decision.policy, decision.rule, request.source)
             # A line per caller a while, not per denial: a caller (a plaintext one on a
             # permissive port, above all) can be denied as fast as it connects.
             caller = str(request.source) if request.source else "a plaintext caller"
@@ -754,7 +820,7 @@ class InboundMtls(Listener[InboundT]):
                 f"{request.method} {request.path}" if request.method else "a connection",
                 request.port,
                 caller,
-                decision.reason,
+                Explanation(decision),  # worded only if the line is written
                 level=logging.INFO,
             )
         return decision

@@ -2,25 +2,33 @@
 
 Label values are bounded: directions, results, reasons from fixed lists,
 TLS versions and ciphers from OpenSSL, and peer SPIFFE IDs, which only the CA
-can mint. Children with fixed labels are bound once here, off the hot path.
+can mint (only verified peers', `""` for none). Children with fixed labels are
+bound once here, off the hot path.
+
+The info series say what an auditor cannot infer from counters: which
+identity this agent is (`outrider_agent_info`), which SVID it holds now
+(`outrider_svid_info`: one series per SVID, the previous one gone on rotation,
+so Prometheus keeps the history) and how each port it listens on takes
+plaintext (`outrider_listener_info`, read from the running listeners at scrape
+time: a reload or a control-plane snapshot shows at the next scrape).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import NamedTuple
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-)
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from agent.core.h2limits import LIMITS
-
-# The *_created series double every counter and tell an auditor nothing.
-disable_created_metrics()  # type: ignore[no-untyped-call]
+from agent.core.svid import Svid
+from identity import SpiffeId
+from identity.build import VERSION
+from identity.registry import SUB_MILLISECOND, component_registry
 
 #: The clock every measured duration is read on: monotonic and sub-microsecond. The event
 #: loop's clock is for scheduling only: uvloop's is cached once per loop iteration in whole
@@ -33,8 +41,48 @@ def since(started: float) -> float:
     return clock() - started
 
 
-_REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0)
+_REQUEST_BUCKETS = (
+    *SUB_MILLISECOND,
+    *(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+_HANDSHAKE_BUCKETS = (
+    *SUB_MILLISECOND,
+    *(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0),
+)
+
+
+class ListenerRow(NamedTuple):
+    """One port the agent serves: `port` is the port number, or `*` for every port of the
+    pod the capture listener serves by its default mode; mtls_mode is strict (mTLS only)
+    or permissive (plaintext let through too)."""
+
+    direction: str
+    port: str
+    protocol: str
+    mtls_mode: str
+
+
+def rfc3339(moment: datetime) -> str:
+    """`2026-12-06T14:00:00Z`: UTC, whole seconds (a label value, compared as text)."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _ListenerInfo(Collector):
+    """outrider_listener_info, from the listeners running at scrape time."""
+
+    def __init__(self) -> None:
+        self.rows: Callable[[], Iterable[ListenerRow]] = tuple
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "outrider_listener_info",
+            "1 per port the agent listens on or serves by capture, with its mTLS mode: "
+            "strict (mTLS only) or permissive (plaintext let through too)",
+            labels=list(ListenerRow._fields),
+        )
+        for row in sorted(set(self.rows())):
+            family.add_metric(list(row), 1)
+        yield family
 
 
 #: The status counted in the HTTP request counters for a request whose client went away
@@ -44,12 +92,37 @@ CLIENT_CLOSED = 499
 
 
 class AgentMetrics:
-    def __init__(self, *, control_plane: bool = False) -> None:
-        """`control_plane`: the agent subscribes to one (`control:`), so /metrics shows the
-        control-plane series; an agent of files alone shows none (not a "disconnected" 0)."""
-        self.registry = CollectorRegistry()
+    def __init__(self, spiffe_id: SpiffeId | None = None, *, control_plane: bool = False) -> None:
+        """`spiffe_id`: the agent's own, for outrider_agent_info. `control_plane`: the agent
+        subscribes to one (`control:`), so /metrics shows the control-plane series; an agent
+        of files alone shows none (not a "disconnected" 0)."""
+        self.registry = component_registry("agent")
         r = self.registry
         subscribed = r if control_plane else None
+        self.agent_info = Gauge(
+            "outrider_agent_info",
+            "1, labelled with the agent's own SPIFFE ID and version",
+            ["spiffe_id", "version"],
+            registry=r,
+        )
+        if spiffe_id is not None:
+            self.agent_info.labels(str(spiffe_id), VERSION).set(1)
+        self.svid_info = Gauge(
+            "outrider_svid_info",
+            "1 for the SVID in use: its SPIFFE ID, serial (hex) and validity (RFC 3339 UTC); "
+            "a new series per rotation, the previous one removed",
+            ["spiffe_id", "serial", "not_before", "not_after"],
+            registry=r,
+        )
+        self.listeners = _ListenerInfo()
+        r.register(self.listeners)
+        self.authz_denials = Counter(
+            "outrider_authz_denials",
+            "Enforced denies by policy, rule and the caller's verified SPIFFE ID "
+            '("" for a plaintext caller)',
+            ["policy", "rule", "peer_id"],
+            registry=r,
+        )
         self.handshakes = Counter(
             "outrider_tls_handshakes",
             "TLS handshakes and the peer checks after them, by result and reason",
@@ -230,3 +303,18 @@ class AgentMetrics:
         )
         for result in ("applied", "rejected"):
             self.control_plane_updates.labels(result)  # 0 from the start, for rate()
+
+    def svid_installed(self, svid: Svid) -> None:
+        """`svid` is in use from now on: its expiry, and its info series replacing the last."""
+        self.svid_expiry.set(svid.not_after.timestamp())
+        self.svid_info.clear()
+        labels = (str(svid.spiffe_id), svid.serial, rfc3339(svid.not_before))
+        self.svid_info.labels(*labels, rfc3339(svid.not_after)).set(1)
+
+    def denied(self, policy: str, rule: str, peer: SpiffeId | None) -> None:
+        """An enforced deny of `peer` (verified; None for a plaintext caller)."""
+        self.authz_denials.labels(policy, rule, str(peer or "")).inc()
+
+    def listening(self, rows: Callable[[], Iterable[ListenerRow]]) -> None:
+        """outrider_listener_info is `rows()` at each scrape."""
+        self.listeners.rows = rows

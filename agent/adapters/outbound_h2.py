@@ -56,8 +56,10 @@ from agent.adapters.metrics import CLIENT_CLOSED, clock, since
 from agent.adapters.outbound_http import REPLAY_BYTES, _key
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.core import grpc
+from agent.core.accesslog import Entry
 from agent.core.h2limits import H2Limits, Limit
 from agent.core.headers import plain, screen, underscore_refusal
+from agent.core.tracecontext import HEADERS as TRACE_HEADERS
 from agent.core.tries import Outcome, Response
 from agent.core.upstream import Endpoint
 
@@ -81,6 +83,10 @@ class OutboundH2:
         self.live = live
         self.rng = rng
         self.limits = H2Limits()
+        observer = live.runtime.observer  # None: no access log, no tracing
+        self.watch = (
+            None if observer is None else observer.watch("http", OUTBOUND, None, None, live.name)
+        )
 
     def serve(self, on_closed: Callable[[H2Server], None]) -> H2Server:
         """The protocol for one app connection just accepted."""
@@ -105,6 +111,8 @@ class OutboundH2:
         """H2Server's handler: one request, tried until delivered or answered; counted."""
         started = clock()
         call = _Call(grpc.is_grpc(_field(stream.headers, b"content-type")))
+        if self.watch is not None:
+            call.entry = self._entry(stream, call.grpc)
         try:
             refused = self._screen(stream)
             if refused is not None:
@@ -124,6 +132,16 @@ class OutboundH2:
                 code = call.outcome()
                 if code is not None:
                     counted.grpc(code)
+                if call.entry is not None and self.watch is not None:
+                    self.watch.finish(call.entry, call.status, None, code)
+
+    def _entry(self, stream: H2Stream, is_grpc: bool) -> Entry:
+        """The stream's access log entry, its trace propagated from the app's headers."""
+        assert self.watch is not None
+        method = (stream.header(b":method") or b"").decode("latin-1")
+        target = (stream.header(b":path") or b"").decode("latin-1")
+        fields = [(n, v) for n, v in stream.headers if not n.startswith(b":")]
+        return self.watch.request(method, target, fields, "grpc" if is_grpc else "http")
 
     def _screen(self, stream: H2Stream) -> _Refusal | None:
         """What the agent refuses before any try: a tunnel, too many headers, or a header
@@ -160,8 +178,11 @@ class OutboundH2:
             return
         budget.request_started()
         loop = asyncio.get_running_loop()
+        head = _upstream_head(stream.headers, call.grpc)
+        if call.entry is not None and call.entry.trace is not None:
+            head = [(n, v) for n, v in head if n not in TRACE_HEADERS] + call.entry.trace.headers()
         request = _Request(
-            _upstream_head(stream.headers, call.grpc),
+            head,
             (stream.header(b":method") or b"").decode("latin-1"),
             call.grpc,
             None if deadline is None else loop.time() + deadline,
@@ -191,6 +212,8 @@ class OutboundH2:
             breaker.release("max_requests")
             if attempt is not None:  # if the response did not end it: dropped mid-exchange
                 attempt.end(call.status, call.outcome())
+                if call.entry is not None:
+                    call.entry.endpoint, call.entry.tries = str(attempt.endpoint), attempt.number
 
     def _key(self, stream: H2Stream) -> bytes | None:
         hash_on = self.live.config.hash_on
@@ -352,6 +375,8 @@ class OutboundH2:
 
     async def _refuse(self, stream: H2Stream, why: _Refusal, call: _Call) -> None:
         """The agent's own answer: trailers-only for a gRPC call, else JSON."""
+        if call.entry is not None:
+            call.entry.error = why.error
         try:
             if call.grpc:
                 message = why.detail or why.error.replace("_", " ")
@@ -505,6 +530,7 @@ class _Call:
     status: int | None = None
     code: int | None = None
     broken: bool = False  # reset mid-response
+    entry: Entry | None = None  # its access log entry and span (an observer is on)
 
     def heard(self, headers: Headers) -> None:
         if self.grpc and self.code is None:

@@ -54,8 +54,10 @@ from agent.adapters.pool import UpstreamConnection
 from agent.adapters.runtime import refusal_line
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.core import http1
+from agent.core.accesslog import Entry
 from agent.core.http1 import END, Data, Framing, Request, Switched
 from agent.core.resilience import CircuitBreaker, RetryBudget
+from agent.core.tracecontext import HEADERS as TRACE_HEADERS
 from agent.core.tries import Deliver, Outcome, Response
 from agent.core.upstream import Endpoint
 
@@ -63,6 +65,7 @@ log = logging.getLogger("outrider.agent")
 
 #: Request body bytes kept for a retry; a longer body is sent once, never replayed.
 REPLAY_BYTES = 64 * 1024
+_KEPT: frozenset[bytes] = frozenset()  # no header of the app's dropped (tracing off)
 
 
 @dataclass(slots=True)
@@ -80,6 +83,7 @@ class _Request:
     held: int = 0  # bytes of it held in memory until it goes out
     done: bool = False  # the whole request has been read
     answer: bytes = b""  # a refusal queued behind earlier requests
+    entry: Entry | None = None  # its access log entry and span (an observer is on)
 
 
 @dataclass(slots=True)
@@ -146,6 +150,11 @@ class OutboundHttp(asyncio.Protocol):
         self.writing_paused = False  # the app is not reading what it is owed
         # The try in progress (or the last one): it owns its connection and response state.
         self.attempt: Try[UpstreamConnection, _Parsing] | None = None
+        # None: no access log, no tracing (agent/adapters/tracing.py).
+        observer = live.runtime.observer
+        self.watch = (
+            None if observer is None else observer.watch("http", "outbound", None, None, live.name)
+        )
         # The upstream connection after a 101: bytes both ways, no HTTP.
         self.tunnel: UpstreamConnection | None = None
 
@@ -282,15 +291,27 @@ class OutboundHttp(asyncio.Protocol):
         # An HTTP/1.0 app may leave Host out (HTTP/1.1 without one is refused: http1); the
         # upstream wants one.
         host = head.version == "1.1" or any(name.lower() == b"host" for name, _ in headers)
-        extra = () if host else ((b"host", self.live.name.encode()),)
+        extra: tuple[tuple[bytes, bytes], ...] = (
+            () if host else ((b"host", self.live.name.encode()),)
+        )
+        method = METHOD_NAMES.get(head.method) or head.method.decode("ascii")
+        entry, dropped = None, _KEPT
+        if self.watch is not None:  # access log or tracing on: the request is propagated
+            entry = self.watch.request(method, head.target.decode("latin-1"), headers)
+            assert entry.trace is not None
+            extra += tuple(entry.trace.headers())
+            dropped = TRACE_HEADERS
         request = _Request(
-            METHOD_NAMES.get(head.method) or head.method.decode("ascii"),
-            http1.request_head(head, head.target, version="1.1", keep_alive=True, extra=extra),
+            method,
+            http1.request_head(
+                head, head.target, version="1.1", keep_alive=True, extra=extra, dropped=dropped
+            ),
             _key(self.live.config.hash_on, headers, self.source),
             head.keep_alive,
             head.version == "1.0",
             head.framing,
             head.upgrade is not None,
+            entry=entry,
         )
         self.queue.append(request)
         self._hold(request, len(request.head))
@@ -476,6 +497,8 @@ class OutboundHttp(asyncio.Protocol):
     def _answered(self, request: _Request, started: float, status: int) -> None:
         """Count the request answered, and go on to the next one (or close)."""
         self.live.counted.request(status, since(started))
+        if request.entry is not None:
+            self._logged(request.entry, request.size, status)
         self.flight = self.task = None
         self.queue.popleft()
         if self.tunnel is not None:  # switched protocols: no more HTTP on this connection
@@ -486,6 +509,15 @@ class OutboundHttp(asyncio.Protocol):
             self._close_client()
         elif self.queue and self.client is not None and not self.client.is_closing():
             self._next()  # a pipelined request (not for an app dropped: a truncated response)
+
+    def _logged(self, entry: Entry, size: int, status: int) -> None:
+        """A finished request's access log line and span: where its tries went."""
+        assert self.watch is not None
+        attempt = self.attempt
+        if attempt is not None:
+            entry.endpoint, entry.tries = str(attempt.endpoint), attempt.number
+        entry.bytes_in = size
+        self.watch.finish(entry, status)
 
     def _abandon(self) -> None:
         """The request in flight will not be answered (the app left, or broke it off):
@@ -690,6 +722,8 @@ class OutboundHttp(asyncio.Protocol):
     # -- to the app ----------------------------------------------------------------------
 
     def _answer(self, status: int, error: str, detail: str = "") -> int:
+        if self.watch is not None and self.queue and self.queue[0].entry is not None:
+            self.queue[0].entry.error = error
         self.to_client.append(local_response(status, error_body(error, detail)))
         self.closing = True
         self._flush()
@@ -737,6 +771,8 @@ class _Responses:
             if isinstance(event, Data):
                 if self.delivering and not self.finished:
                     self.exchange.to_client.append(http1.body(self.outgoing, event.data))
+                    if self.request.entry is not None:
+                        self.request.entry.bytes_out += len(event.data)
             elif event is END:
                 if self.delivering and not self.finished:
                     self.keep_alive = self.keep_alive and not broken

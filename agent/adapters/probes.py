@@ -25,9 +25,6 @@ import asyncio
 import ssl
 from dataclasses import dataclass
 
-from grpclib.client import Channel
-from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
-
 from identity.probes import (
     HOST,
     MAX_REDIRECTS,
@@ -41,7 +38,6 @@ from identity.probes import (
     request_head,
     status_code,
 )
-from identity.proto import health_grpc, health_pb2
 
 __all__ = ["MAX_IN_FLIGHT", "Outcome", "Prober"]
 
@@ -51,7 +47,6 @@ MAX_STATUS_LINE = 8 * 1024
 #: Informational answers skipped before the final one (Go's client: 5, then an error),
 #: and the header lines of each read past.
 MAX_INFORMATIONAL, MAX_HEADER_LINES = 5, 100
-_SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 @dataclass
@@ -207,6 +202,13 @@ async def _location(reader: asyncio.StreamReader) -> str | None:
 
 
 async def _grpc(probe: Grpc) -> Outcome:
+    # gRPC's client and the health protos load with the first gRPC probe: most
+    # pods probe over HTTP or TCP, and an agent's memory is per pod.
+    from grpclib.client import Channel
+    from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+
+    from identity.proto import health_grpc, health_pb2
+
     channel = Channel(HOST, probe.port)
     try:
         stub = health_grpc.HealthStub(channel)
@@ -218,4 +220,4 @@ async def _grpc(probe: Grpc) -> Outcome:
     finally:
         channel.close()
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    return Outcome(reply.status == _SERVING, name)
+    return Outcome(reply.status == health_pb2.HealthCheckResponse.SERVING, name)

@@ -94,6 +94,8 @@ class Relay:
         self._drain: Callable[[], None] | None = None  # how an L7 relay drains
         #: Called once both sides' transports are gone: an L7 sink lets go of them too.
         self.on_released: Callable[[], None] | None = None
+        #: Called once when the relay closes: an access-logged L4 connection's line.
+        self.ended: Callable[[], None] | None = None
 
     def link(self, down_sink: Sink | None = None, up_sink: Sink | None = None) -> None:
         """Start relaying: flush what arrived early, resume reading, arm the idle timer.
@@ -150,6 +152,9 @@ class Relay:
         if lingering:
             asyncio.get_running_loop().call_later(LINGER, _abort_all, lingering)
         self._on_closed(self)
+        if self.ended is not None:
+            self.ended()
+            self.ended = None
 
     def finish(self) -> None:
         """Draining: at L4 an idle connection looks like a slow request, so it goes on;

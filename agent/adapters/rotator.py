@@ -18,6 +18,7 @@ import random
 import ssl
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -25,7 +26,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
-from agent.adapters.ca_client import CaClient, tls_context
 from agent.adapters.metrics import AgentMetrics
 from agent.adapters.tls import Contexts
 from agent.config import AgentConfig
@@ -33,13 +33,15 @@ from agent.core.svid import Svid, SvidRejected, accept_svid
 from identity import TrustBundle
 from identity.chain import ChainError, check_chain
 from identity.files import PRIVATE, PUBLIC, write_set
-from identity.proto import ca_pb2
 from identity.renewal import Clock, RenewalPolicy, Renewer, SystemClock, Validity
+
+if TYPE_CHECKING:
+    from identity.proto import ca_pb2
 
 log = logging.getLogger("outrider.agent.identity")
 
 #: Sends one CSR: (csr, trusted bundle PEM, current SVID or None, token or None).
-SignFn = Callable[[bytes, bytes, Svid | None, str | None], Awaitable[ca_pb2.SignResponse]]
+SignFn = Callable[[bytes, bytes, Svid | None, str | None], Awaitable["ca_pb2.SignResponse"]]
 
 _UNAUTHORIZED = {Status.UNAUTHENTICATED, Status.PERMISSION_DENIED}
 #: How a CA that refuses the client certificate shows: under TLS 1.3 the client's
@@ -210,7 +212,7 @@ class IdentityManager:
         self.contexts.use(contexts)
         self.svid, self.ca_bundle = svid, ca_bundle
         self.metrics.rotations.labels("success").inc()
-        self.metrics.svid_expiry.set(svid.not_after.timestamp())
+        self.metrics.svid_installed(svid)
         self.metrics.bundle_expiry.set(svid.bundle.earliest_expiry.timestamp())
         self.metrics.ca_backoff.set(0)
         self._write_files(svid)
@@ -266,6 +268,10 @@ class IdentityManager:
     async def _sign_with_ca(
         self, csr: bytes, trusted: bytes, svid: Svid | None, token: str | None
     ) -> ca_pb2.SignResponse:
+        # gRPC's client and the CA's protos load with the first CA call (an agent whose
+        # identity comes from files never makes one).
+        from agent.adapters.ca_client import CaClient, tls_context
+
         ca = self.config.ca
         tls = (
             tls_context(trusted, svid.chain_pem(), svid.key_pem()) if svid else tls_context(trusted)

@@ -12,6 +12,7 @@ from typing import Literal
 
 from agent.adapters.metrics import AgentMetrics, since
 from agent.adapters.tls import Contexts, peer_id
+from agent.adapters.tracing import Observer
 from agent.config import Limits
 from agent.core.policy import PolicySet
 from agent.core.throttle import LogThrottle, held_back
@@ -37,6 +38,9 @@ class Runtime:
     handshaking: dict[object, Callable[[], None]] = field(default_factory=dict)
     #: Lines about refusals a caller can cause at will: bounded (agent/core/throttle.py).
     refusal_lines: LogThrottle = field(default_factory=LogThrottle)
+    #: Access log and tracing (agent/adapters/tracing.py); None when both are off, so each
+    #: request pays one `if` for them.
+    observer: Observer | None = None
 
     def not_pending(self, connection: object) -> Callable[[], None] | None:
         """`connection` is verified, refused, evicted or cancelled: what would have closed it

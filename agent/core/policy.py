@@ -8,6 +8,13 @@ means the same thing on either layer and a table test covers both.
 Policies are read from YAML (docs/policy.md) by agent.core.policyfile, in one
 pass that reports every error as `FILE:LINE:COLUMN: key.path: problem`.
 
+`decide` runs per request, so it takes a fast path: per (caller, port) the set
+remembers which rules can apply there at all (their `from` and `to.ports`
+conditions hold), and checks only their other conditions; and a decision's
+`reason` is put into words only when something reads it (a denial's log line,
+`outrider policy check`). `explain` is the full evaluation, the reference the
+fast path is tested against, and what writes every reason.
+
 Matching is literal: a value matches a pattern that is the same string, or
 has one leading or trailing `*`. No regex, no glob: `a.b` never matches `aXb`
 and trust domain `td` never matches `td.evil`. A source that is not
@@ -25,7 +32,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Literal, get_args
 
 from agent.core.httppath import BadPath, normalize_host, normalize_target
@@ -36,6 +43,7 @@ __all__ = [
     "Condition",
     "Decision",
     "DefaultAction",
+    "Explanation",
     "Field",
     "Pattern",
     "Policy",
@@ -104,13 +112,41 @@ class Record:
     rule: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
+    """The answer, and why: `reason`, one sentence, written on first use.
+
+    `explanation` is that sentence, or what writes it: an allowed request is
+    usually never explained, and wording one costs more than deciding it.
+    Two decisions are equal when they decide the same way (the reason aside).
+    """
+
     allowed: bool
     policy: str  # the deciding policy, or "default" when default_action decided
     rule: str  # the deciding rule, NO_ALLOW_MATCHED, or the default action
-    reason: str  # one sentence: why
+    explanation: str | Callable[[], str] = field(compare=False, repr=False)
     records: tuple[Record, ...] = ()
+
+    @property
+    def reason(self) -> str:
+        """One sentence: why."""
+        explanation = self.explanation
+        if not isinstance(explanation, str):
+            explanation = explanation()
+            object.__setattr__(self, "explanation", explanation)  # written once
+        return explanation
+
+
+class Explanation:
+    """A decision's reason as a log argument: worded only if the line is written."""
+
+    __slots__ = ("decision",)
+
+    def __init__(self, decision: Decision) -> None:
+        self.decision = decision
+
+    def __str__(self) -> str:
+        return self.decision.reason
 
 
 # -- patterns and conditions ----------------------------------------------------------------
@@ -171,12 +207,15 @@ class Condition:
         return self.any_match(values) != self.negated
 
     def any_match(self, values: tuple[str, ...]) -> bool:
-        """Whether any value matches any pattern (negation aside)."""
-        exact = self._exact
+        """Whether any value matches any pattern (negation aside): Pattern.matches of
+        each, by one set lookup and one startswith / endswith per value."""
+        exact, prefixes, suffixes = self._exact, self._prefixes, self._suffixes
         for value in values:
-            if value in exact:
+            if value in exact or value.startswith(prefixes) or value.endswith(suffixes):
                 return True
-        return any(pattern.matches(value) for pattern in self._wildcards for value in values)
+            if self._anything:
+                return True
+        return False
 
     # Every request walks these: literal patterns are one set lookup, not a loop.
     @cached_property
@@ -184,8 +223,16 @@ class Condition:
         return frozenset(p.text for p in self.patterns if not _wild(p.text))
 
     @cached_property
-    def _wildcards(self) -> tuple[Pattern, ...]:
-        return tuple(p for p in self.patterns if _wild(p.text))
+    def _prefixes(self) -> tuple[str, ...]:
+        return tuple(p.text[:-1] for p in self.patterns if p.text != "*" and p.text.endswith("*"))
+
+    @cached_property
+    def _suffixes(self) -> tuple[str, ...]:
+        return tuple(p.text[1:] for p in self.patterns if p.text != "*" and p.text.startswith("*"))
+
+    @cached_property
+    def _anything(self) -> bool:
+        return any(p.text == "*" for p in self.patterns)
 
     def explain(self, request: Request, l4_http: bool = False) -> str:
         """Why this condition does or does not match, for Decision.reason."""
@@ -357,10 +404,35 @@ _RECORD_KIND: dict[Action, Literal["audit", "dry_run_allow", "dry_run_deny"]] = 
 }
 
 
+# What can decide a request from one caller on one port: a policy's rules whose
+# `from` and `to.ports` conditions hold there, in order, each with the conditions
+# left to check on every request (none: it matches).
+_Candidates = tuple[tuple[Policy, Rule, tuple[Condition, ...]], ...]
+_STATIC_FIELDS = frozenset({*SOURCE_FIELDS, "ports"})
+MAX_PLANS = 1024  # (caller, port) pairs remembered per PolicySet; the oldest goes first
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """`PolicySet.decide`'s shortcut for one (caller, port); see `PolicySet._plan`."""
+
+    denies: _Candidates  # enforced DENY policies
+    allows: _Candidates  # enforced ALLOW policies
+    allow_applies: bool  # an enforced ALLOW governs the port: no match means deny
+    # dry-run and AUDIT policies, each with its candidates, and whether a miss is
+    # recorded (a dry-run ALLOW that governs the port: dry_run_deny)
+    noted: tuple[tuple[Policy, _Candidates, bool], ...]
+
+
 @dataclass(frozen=True)
 class PolicySet:
     policies: tuple[Policy, ...] = ()
     default_action: DefaultAction = "allow-authenticated"
+    # (caller, port) -> _Plan: a memo of pure functions of this frozen set, so a new
+    # PolicySet (a reload) starts with none.
+    _plans: dict[tuple[SpiffeId | None, int], _Plan] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         if self.default_action not in get_args(DefaultAction):
@@ -370,7 +442,34 @@ class PolicySet:
             raise ValueError("; ".join(problems))
 
     def decide(self, request: Request, trust_domains: frozenset[TrustDomain]) -> Decision:
-        """Enforced DENY first, then enforced ALLOW for the port, then default_action."""
+        """Enforced DENY first, then enforced ALLOW for the port, then default_action.
+
+        The same answer as `explain` (a property test holds them to it), by the
+        caller's and port's plan; the reason is worded only if read.
+        """
+        plan = self._plans.get((request.source, request.port))
+        if plan is None:
+            plan = self._plan(request)
+        records = _noted(plan.noted, request) if plan.noted else ()
+        why = partial(self._reason, request, trust_domains)
+        for policy, rule, rest in plan.denies:
+            if _all_match(rest, request, True):
+                return Decision(False, policy.name, rule.name, why, records)
+        for policy, rule, rest in plan.allows:
+            if _all_match(rest, request, False):
+                return Decision(True, policy.name, rule.name, why, records)
+        if plan.allow_applies:
+            return Decision(False, DEFAULT_POLICY, NO_ALLOW_MATCHED, why, records)
+        source = request.source
+        allowed = (
+            self.default_action == "allow-authenticated"
+            and source is not None
+            and source.trust_domain in trust_domains
+        )
+        return Decision(allowed, DEFAULT_POLICY, self.default_action, why, records)
+
+    def explain(self, request: Request, trust_domains: frozenset[TrustDomain]) -> Decision:
+        """`decide` by every rule of every policy, the reason written at once."""
         records = tuple(self._records(request))
         if hit := _first_match(self._enforced("DENY"), request):
             return Decision(False, hit[0].name, hit[1].name, _matched(*hit, request), records)
@@ -406,6 +505,48 @@ class PolicySet:
                     )
         return errors
 
+    def _reason(self, request: Request, trust_domains: frozenset[TrustDomain]) -> str:
+        return self.explain(request, trust_domains).reason
+
+    def _plan(self, request: Request) -> _Plan:
+        """Which rules can apply to `request`'s caller on its port, remembered (bounded).
+
+        `from` and `to.ports` conditions depend on nothing else, so each is checked
+        once here; a rule one of them rules out is left out, and the rest keep their
+        other conditions. A miss of the memo costs one full pass over the rules.
+        """
+
+        def candidates(policy: Policy) -> _Candidates:
+            found = []
+            for rule in policy.rules:
+                static = [c for c in rule.conditions if c.field in _STATIC_FIELDS]
+                if all(c.matches(request, policy.l4_http) for c in static):
+                    rest = tuple(c for c in rule.conditions if c.field not in _STATIC_FIELDS)
+                    found.append((policy, rule, rest))
+            return tuple(found)
+
+        enforced = [policy for policy in self.policies if not policy.dry_run]
+        denies = [p for p in enforced if p.action == "DENY"]
+        allows = [p for p in enforced if p.action == "ALLOW" and p.applies_to(request.port)]
+        plan = _Plan(
+            denies=tuple(c for policy in denies for c in candidates(policy)),
+            allows=tuple(c for policy in allows for c in candidates(policy)),
+            allow_applies=bool(allows),
+            noted=tuple(
+                (
+                    policy,
+                    candidates(policy),
+                    policy.action == "ALLOW" and policy.applies_to(request.port),
+                )
+                for policy in self.policies
+                if policy.dry_run or policy.action == "AUDIT"
+            ),
+        )
+        if len(self._plans) >= MAX_PLANS:
+            del self._plans[next(iter(self._plans))]
+        self._plans[(request.source, request.port)] = plan
+        return plan
+
     def _enforced(self, action: Action) -> Iterator[Policy]:
         return (p for p in self.policies if p.action == action and not p.dry_run)
 
@@ -436,6 +577,29 @@ class PolicySet:
 
 
 _ACTIONS = ", ".join(get_args(DefaultAction))
+
+
+def _all_match(conditions: tuple[Condition, ...], request: Request, l4_http: bool) -> bool:
+    for condition in conditions:  # noqa: SIM110 - per request: no generator
+        if not condition.matches(request, l4_http):
+            return False
+    return True
+
+
+def _noted(
+    noted: tuple[tuple[Policy, _Candidates, bool], ...], request: Request
+) -> tuple[Record, ...]:
+    """The records of dry-run and AUDIT policies, as `PolicySet._records` makes them."""
+    records = []
+    for policy, candidates, miss_recorded in noted:
+        for _, rule, rest in candidates:
+            if _all_match(rest, request, policy.l4_http):
+                records.append(Record(_RECORD_KIND[policy.action], policy.name, rule.name))
+                break
+        else:
+            if miss_recorded:
+                records.append(Record("dry_run_deny", policy.name, NO_ALLOW_MATCHED))
+    return tuple(records)
 
 
 def _first_match(policies: Iterable[Policy], request: Request) -> tuple[Policy, Rule] | None:

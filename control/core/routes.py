@@ -27,10 +27,12 @@ import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal, TypeGuard
 
 from control.core.conditions import Meta, condition, summary
 from control.core.services import Service
+from identity.configfile import parse_duration
 
 __all__ = [
     "CONTROLLER",
@@ -53,8 +55,7 @@ _RULE_KEYS: dict[str, tuple[str, ...]] = {
     "GRPCRoute": ("name", "matches", "filters", "backendRefs"),
 }
 _BACKEND_KEYS = ("group", "kind", "name", "namespace", "port", "weight", "filters")
-_DURATION = re.compile(r"([0-9]{1,5})(h|ms|m|s)")
-_MS = {"h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
+_GATEWAY_DURATION = re.compile(r"([0-9]{1,5}(h|ms|m|s)){1,4}")
 
 
 @dataclass(frozen=True)
@@ -248,13 +249,13 @@ def _timeouts(
 
 
 def duration(value: object) -> int | None:
-    """A Gateway API duration (GEP-2257: `1h`, `1m30s`, `500ms`) in milliseconds."""
-    if not isinstance(value, str) or not value:
+    """A Gateway API duration (GEP-2257: `1h`, `1m30s`, `500ms`) in milliseconds.
+
+    GEP-2257 allows a subset of Go's durations (whole numbers, at most four parts,
+    h/m/s/ms): that shape is checked here, the value read by the one parser."""
+    if not isinstance(value, str) or not _GATEWAY_DURATION.fullmatch(value):
         return None
-    parts = _DURATION.findall(value)
-    if not 1 <= len(parts) <= 4 or "".join(n + u for n, u in parts) != value:
-        return None
-    return sum(int(number) * _MS[unit] for number, unit in parts)
+    return parse_duration(value) // timedelta(milliseconds=1)
 
 
 def _backend(item: object, path: str, namespace: str, problems: list[str]) -> BackendRef | None:

@@ -18,6 +18,8 @@ annotation can weaken policy.
     outrider.io/log-level: "debug"             debug, info, warning or error
     outrider.io/workload-api: "enabled"        or "disabled"; default: injector.yaml workload_api
     outrider.io/upstreams: "backend:8080"      read by the control plane, not here (no warning)
+    outrider.io/access-log: "denied"           off, denied or all: JSON lines on stdout
+    outrider.io/tracing-endpoint: "otel-collector.obs:4318"   OTLP/HTTP receiver for spans
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from identity.injected import WORKLOAD_API_ANNOTATION
+from identity.injected import (
+    ACCESS_LOG_ANNOTATION,
+    TRACING_ENDPOINT_ANNOTATION,
+    WORKLOAD_API_ANNOTATION,
+)
 from injector.core.settings import (
     ADMIN_PORT,
     LOG_LEVELS,
@@ -47,6 +53,13 @@ AGENT_CPU = PREFIX + "agent-cpu"
 AGENT_MEMORY = PREFIX + "agent-memory"
 LOG_LEVEL = PREFIX + "log-level"
 WORKLOAD_API = WORKLOAD_API_ANNOTATION
+ACCESS_LOG = ACCESS_LOG_ANNOTATION
+TRACING_ENDPOINT = TRACING_ENDPOINT_ANNOTATION
+ACCESS_LOG_MODES = ("off", "denied", "all")
+#: host:port: a DNS name or an IPv4 address, or [IPv6]; nothing else reaches the config.
+_HOST_PORT = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]):(\d{1,5})"
+)
 #: The values of a switch annotation, and what each means.
 SWITCH = {"enabled": True, "disabled": False}
 
@@ -90,6 +103,18 @@ class AgentOptions:
     resources: Resources
     log_level: str
     workload_api: bool = False  # the Workload API socket in the pod (core/workload.py)
+    access_log: str = "off"  # access_log.mode
+    tracing_endpoint: str = ""  # tracing.otlp_endpoint; "": no spans
+
+    @property
+    def observe(self) -> dict[str, Any]:
+        """The agent config's access_log and tracing sections these options ask for."""
+        sections: dict[str, Any] = {}
+        if self.access_log != "off":
+            sections["access_log"] = {"mode": self.access_log}
+        if self.tracing_endpoint:
+            sections["tracing"] = {"otlp_endpoint": self.tracing_endpoint}
+        return sections
 
 
 def read_options(
@@ -105,6 +130,8 @@ def read_options(
         AGENT_CPU: (Quantity.parse, "cpu", agent.resources.requests.cpu.text),
         AGENT_MEMORY: (Quantity.parse, "memory", agent.resources.requests.memory.text),
         WORKLOAD_API: (parse_switch, "workload_api", switch_text(options.workload_api)),
+        ACCESS_LOG: (parse_access_log, "access_log", "off"),
+        TRACING_ENDPOINT: (parse_host_port, "tracing_endpoint", "no spans"),
     }
     for key, raw in annotations.items():
         if key in GONE or key in REFUSED:
@@ -139,6 +166,19 @@ def _with(options: AgentOptions, attribute: str, value: Any) -> AgentOptions:
 def parse_log_level(text: str) -> str:
     if text not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return text
+
+
+def parse_access_log(text: str) -> str:
+    if text not in ACCESS_LOG_MODES:
+        raise ValueError(f"must be one of {', '.join(ACCESS_LOG_MODES)}")
+    return text
+
+
+def parse_host_port(text: str) -> str:
+    match = _HOST_PORT.fullmatch(text)
+    if match is None or not 0 < int(match[1]) < 65536:
+        raise ValueError("must be host:port (a DNS name, an IPv4 address or [IPv6])")
     return text
 
 

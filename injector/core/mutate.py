@@ -68,7 +68,9 @@ def mutate(pod: Mapping[str, Any], namespace: str, settings: Settings) -> Mutati
     account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
     spiffe_id = SpiffeId.for_workload(settings.trust_domain, namespace, account)
     # Probes and the Workload API first: their paths count the containers as they were.
-    budget = sidecar.probes_budget(spiffe_id, settings, workload_api=options.workload_api)
+    budget = sidecar.probes_budget(
+        spiffe_id, settings, workload_api=options.workload_api, observe=options.observe
+    )
     rewrite = (
         probes.rewrite(spec, settings.agent_ports, budget)
         if settings.capture.enabled

@@ -61,10 +61,12 @@ def agent_config(
     probes: Mapping[str, dict[str, Any]] | None = None,
     *,
     workload_api: bool = False,
+    observe: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The agent's bootstrap (the keys agent/config.py documents) as plain data; `probes`
     are the app's original probes by the path the kubelet now asks (core/probes.py);
-    `workload_api`: the agent serves the Workload API in the pod's shared volume."""
+    `workload_api`: the agent serves the Workload API in the pod's shared volume;
+    `observe`: its access_log and tracing sections (annotations.AgentOptions.observe)."""
     control_id = SpiffeId.for_workload(
         settings.trust_domain, settings.system_namespace, CONTROL_ACCOUNT
     )
@@ -87,6 +89,7 @@ def agent_config(
         }
     if workload_api:
         config["workload_api"] = {"socket": WORKLOAD_API_SOCKET}
+    config.update(observe or {})
     if probes:
         config["probes"] = dict(probes)
     return config
@@ -97,10 +100,18 @@ def encode(value: object) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def probes_budget(spiffe_id: SpiffeId, settings: Settings, *, workload_api: bool = False) -> int:
+def probes_budget(
+    spiffe_id: SpiffeId,
+    settings: Settings,
+    *,
+    workload_api: bool = False,
+    observe: Mapping[str, Any] | None = None,
+) -> int:
     """The bytes left in the agent's config variable for the entries of `probes:`, each
     `"<path>":<probe>` and a comma (core/probes.py spends them)."""
-    return budget_left(agent_config(spiffe_id, settings, workload_api=workload_api))
+    return budget_left(
+        agent_config(spiffe_id, settings, workload_api=workload_api, observe=observe)
+    )
 
 
 def budget_left(config: Mapping[str, Any]) -> int:
@@ -116,7 +127,11 @@ def container(
     settings: Settings,
     probes: Mapping[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    config = encode(agent_config(spiffe_id, settings, probes, workload_api=options.workload_api))
+    config = encode(
+        agent_config(
+            spiffe_id, settings, probes, workload_api=options.workload_api, observe=options.observe
+        )
+    )
     probe = {"httpGet": {"path": "/ready", "port": STATUS_PORT}}
     agent: dict[str, Any] = {
         "name": AGENT,

@@ -137,6 +137,7 @@ def test_a_path_trick_is_decided_on_the_path_the_app_receives(
 def test_a_denied_request_names_the_policy_and_rule_and_is_counted(
     setup: CaSetup, agent: AgentProcess
 ) -> None:
+    assert one(setup, agent, get("/api/items")).status == 200
     before = agent.total("outrider_authz_decisions_total", decision="deny", policy="guard")
     reply = one(setup, agent, get("/api/admin/users"))
     assert reply.status == 403

@@ -254,11 +254,14 @@ async def test_strict_capture_lets_only_mtls_reach_the_app_with_the_callers_iden
     assert first_use or requests > 0  # (not the first use if another test ran first)
 
     # A plaintext caller without an agent (the node): not a byte from the app, and a
-    # forged identity header never reaches it.
+    # forged identity header never reaches it; each attempt is counted as refused.
+    plaintext = {"direction": "inbound", "reason": "plaintext"}
+    refused = metric(server, "outrider_connections_refused_total", **plaintext)
     for request in (REQUEST, FORGED):
         opened = await asyncio.open_connection(server.ip, 8080)
         assert await exchange(opened, request) == b""
     assert app.requests == requests + 2
+    assert metric(server, "outrider_connections_refused_total", **plaintext) == refused + 2
 
     # Counted once each, after the handshake; no plaintext was accepted.
     assert counted(server, "inbound", "true", str(workload("client"))) == verified + 2

@@ -8,6 +8,7 @@ kubernetes.watch.Watch, configured from the kubeconfig the fake writes.
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import ssl
 import threading
@@ -674,3 +675,77 @@ def test_the_shipped_examples_apply_as_kubectl_would(tmp_path: Path) -> None:
         "TrafficPolicy",
     }
     assert expected <= set(kinds)
+
+
+def test_the_service_proxy_reaches_a_ready_endpoint_or_answers_503(
+    api: FakeApiServer, kube: client.ApiClient, ns: str
+) -> None:
+    """As `kubectl get --raw /api/v1/namespaces/NS/services/NAME:PORT/proxy/PATH`."""
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = f"you asked for {self.path}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    core = client.CoreV1Api(kube)
+
+    def get(target: str, path: str) -> tuple[int, str]:
+        try:
+            answer = core.connect_get_namespaced_service_proxy_with_path(
+                target, ns, path, _preload_content=False
+            )
+        except ApiException as error:
+            return error.status, error_body(error)["message"]
+        return answer.status, answer.data.decode()
+
+    try:
+        api.apply(
+            f"apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {ns}}}\n"
+            "spec: {selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}\n"
+        )
+        assert get("web:http", "healthz") == (503, 'no endpoints available for service "web"')
+        slice_ = {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "web-1",
+                "namespace": ns,
+                "labels": {"kubernetes.io/service-name": "web"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": upstream.server_address[1]}],
+            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}],
+        }
+        api.apply(yaml.safe_dump(slice_))
+        assert get("web:http", "healthz") == (200, "you asked for /healthz\n")
+        assert get("http:web:80", "a/b") == (200, "you asked for /a/b\n")
+        slice_["endpoints"][0]["conditions"]["ready"] = False
+        api.apply(yaml.safe_dump(slice_))
+        assert get("web:http", "healthz")[0] == 503
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+
+
+def test_mutating_webhook_configurations_are_stored_cluster_wide(
+    api: FakeApiServer, kube: client.ApiClient
+) -> None:
+    webhook = (Path(__file__).parents[2] / "deploy" / "base" / "webhook.yaml").read_text()
+    api.apply(webhook)
+    admission = client.AdmissionregistrationV1Api(kube)
+    stored = admission.read_mutating_webhook_configuration("outrider-injector")
+    assert [hook.name for hook in stored.webhooks] == [
+        "inject.outrider.io",
+        "inject-without-capture.outrider.io",
+    ]
+    api.delete(
+        "admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration", "", "outrider-injector"
+    )

@@ -171,6 +171,12 @@ INVALID = [
     ("outrider.io/agent-memory", "1" * 40),
     ("outrider.io/log-level", "DEBUG"),
     ("outrider.io/log-level", "trace"),
+    ("outrider.io/access-log", "everything"),
+    ("outrider.io/access-log", "Off"),
+    ("outrider.io/tracing-endpoint", "collector"),  # no port
+    ("outrider.io/tracing-endpoint", "collector:99999"),
+    ("outrider.io/tracing-endpoint", "http://collector:4318/v1/traces"),
+    ("outrider.io/tracing-endpoint", "collector:4318\nmode: all"),
 ]
 
 
@@ -302,3 +308,17 @@ def test_the_annotations_example_in_the_docs_is_valid() -> None:
     assert warnings == ()
     assert agent_of(pod) != agent_of(BASELINE)  # the example sets something
     assert config_of(pod) == config_of(BASELINE)  # but nothing of the config
+
+
+def test_access_log_and_tracing_annotations_reach_the_agent_config() -> None:
+    pod, warnings = inject(
+        {"outrider.io/access-log": "denied", "outrider.io/tracing-endpoint": "otel.obs:4318"}
+    )
+    assert warnings == ()
+    config = config_of(pod)  # the agent accepts it (config_of parses it)
+    assert config["access_log"] == {"mode": "denied"}
+    assert config["tracing"] == {"otlp_endpoint": "otel.obs:4318"}
+    parsed = parse_text(json.dumps(config), source="env")
+    assert (parsed.access_log.mode, parsed.tracing.otlp_endpoint) == ("denied", "otel.obs:4318")
+    off, _ = inject({"outrider.io/access-log": "off"})
+    assert "access_log" not in config_of(off) and "tracing" not in config_of(off)

@@ -131,6 +131,8 @@ def test_the_config_as_plain_data() -> None:
         "captured": {"mtls": "strict", "ports": [], "policy": "allow-any", "passthrough": []},
         "probes": [],
         "workload_api": None,
+        "access_log": {"mode": "off", "sample": 1.0, "query": False},
+        "tracing": {"otlp_endpoint": "", "sample": 1.0, "service_name": ""},
     }
 
 

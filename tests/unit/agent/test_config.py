@@ -23,6 +23,7 @@ from agent.config import (
 from agent.config_outbound import Subset
 from agent.core.authz import AllowList
 from agent.core.discovery import StaticSource
+from agent.core.tracecontext import TracingConfig
 from agent.core.upstream import Endpoint
 from identity import SpiffeId, TrustDomain
 from identity.backoff import Backoff
@@ -514,3 +515,42 @@ def test_a_wildcard_listener_clashes_with_every_address_on_its_port(wildcard: st
 
 def test_listeners_on_one_port_of_different_addresses_do_not_clash() -> None:
     parse(_with("status", "127.0.0.2:9001"), base=BASE)
+
+
+def test_access_log_and_tracing_are_off_by_default_and_read_with_their_key_paths() -> None:
+    config = parse(minimal(), base=BASE)
+    assert not config.access_log.on and config.tracing.otlp_endpoint == ""
+    raw = minimal() | {
+        "access_log": {"mode": "denied", "sample": 0.5, "query": True},
+        "tracing": {"otlp_endpoint": "collector.obs:4318", "sample": 0.1, "service_name": "web"},
+    }
+    config = parse(raw, base=BASE)
+    assert (config.access_log.mode, config.access_log.sample, config.access_log.query) == (
+        "denied",
+        0.5,
+        True,
+    )
+    assert config.tracing == TracingConfig("collector.obs:4318", 0.1, "web")
+    assert parse(minimal() | {"access_log": {"mode": False}}, base=BASE).access_log.mode == "off"
+
+
+def test_bad_access_log_and_tracing_keys_are_all_reported() -> None:
+    raw = minimal() | {
+        "access_log": {"mode": "some", "sample": 2, "query": "yes", "format": "text"},
+        "tracing": {"otlp_endpoint": "no-port", "sample": -1},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse(raw, base=BASE)
+    text = str(info.value)
+    for key in (
+        "access_log.mode",
+        "access_log.sample",
+        "access_log.query",
+        "access_log.format: unknown key",
+        "tracing.otlp_endpoint",
+        "tracing.sample",
+    ):
+        assert key in text
+    bad_url = minimal() | {"tracing": {"otlp_endpoint": "grpc://collector:4317"}}
+    with pytest.raises(ConfigError, match="http:// or https://"):
+        parse(bad_url, base=BASE)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 
@@ -28,3 +30,33 @@ async def test_the_heap_is_trimmed_only_after_connections_came_and_went(
 def test_glibc_malloc_trim_is_found_here() -> None:
     trim = memory._malloc_trim()
     assert trim is not None and trim(0) in (0, 1)
+
+
+def test_the_agent_loads_what_its_configuration_uses_when_it_uses_it() -> None:
+    """Everything `outrider agent run` imports before it reads its configuration leaves
+    out what only some agents use (each module stays in memory for good): the Workload
+    API, the control-plane client, gRPC health probes, PyJWT, the CA's gRPC client until
+    the first CA call, and Kubernetes never."""
+    script = (
+        "import sys, outrider.cli\n"
+        "from agent import app, config\n"
+        "from agent.core.policyfile import PolicyError\n"
+        "print(' '.join(sys.modules))\n"
+    )
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
+    assert "agent.app" in loaded
+    later = {
+        "agent.adapters.workload_api",
+        "agent.adapters.control_plane",
+        "agent.adapters.ca_client",
+        "identity.proto.health_pb2",
+        "grpclib.client",
+        "google.protobuf",
+        "jwt",
+        "kubernetes",
+    }
+    assert loaded & later == set()

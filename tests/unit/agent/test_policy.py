@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from agent.core.httppath import normalize_target
 from agent.core.policy import (
+    MAX_PLANS,
     Action,
     Condition,
     Decision,
@@ -436,6 +437,62 @@ def _requests(draw: st.DrawFn) -> Request:
     host = draw(st.sampled_from([None, "api.example.org", "example.org"]))
     values = draw(_HEADER_VALUES)
     return Request(source, port, method, path, host, {"x-role": tuple(values)} if values else {})
+
+
+# An ALLOW without rules (default-deny) as well: it governs every port.
+_ANY_SETS = st.builds(
+    lambda policies, default: PolicySet(_unique(policies), default),
+    st.lists(
+        st.one_of(
+            _policies(),
+            st.builds(lambda dry: Policy("deny-all", "ALLOW", (), dry_run=dry), st.booleans()),
+        ),
+        max_size=4,
+    ),
+    st.sampled_from(["allow-authenticated", "deny"]),
+)
+
+
+@settings(max_examples=300)
+@given(
+    _ANY_SETS,
+    st.lists(_requests(), min_size=1, max_size=6),
+    st.sampled_from([frozenset(), TRUSTED, frozenset({TD, TrustDomain("partner.net")})]),
+)
+def test_the_fast_path_decides_as_the_full_evaluation(
+    policies: PolicySet, requests: list[Request], trusted: frozenset[TrustDomain]
+) -> None:
+    """decide (by the remembered plan of each caller and port) and explain (every rule)
+    agree on the outcome, the deciding policy and rule, the records and the reason;
+    twice each, so that repeated callers and ports take the remembered plan."""
+    for request in requests * 2:
+        fast, full = policies.decide(request, trusted), policies.explain(request, trusted)
+        assert (fast.allowed, fast.policy, fast.rule, fast.records) == (
+            full.allowed,
+            full.policy,
+            full.rule,
+            full.records,
+        )
+        assert fast.reason == full.reason
+
+
+def test_an_allowed_request_is_put_into_words_only_when_asked() -> None:
+    allowed = decide(policy("ALLOW", (cond("paths", "/api/*"),)))
+    assert allowed.allowed and not isinstance(allowed.explanation, str)
+    why = "ALLOW policy 'p' rule 'r0' matched: path '/api/orders' matches paths [/api/*]"
+    assert allowed.reason == why
+    assert allowed.explanation == allowed.reason  # worded once
+
+
+def test_plans_are_remembered_for_a_bounded_number_of_callers_and_ports() -> None:
+    """A caller per port, more than are remembered: every decision is still right."""
+    policies = PolicySet((policy("ALLOW", (cond("ports", 8080), cond("paths", "/api/*"))),))
+    for port in [8080, *range(1000, 1000 + MAX_PLANS + 10), 8080]:
+        other = policies.decide(replace(HTTP, port=port, path="/other"), TRUSTED)
+        assert other.allowed == (port != 8080)  # the ALLOW governs port 8080 only
+    assert policies.decide(replace(HTTP, port=8080, path="/api/x"), TRUSTED).allowed
+    assert len(policies._plans) == MAX_PLANS
+    assert replace(policies)._plans == {}  # a new set (a reload) plans afresh
 
 
 @settings(max_examples=300)

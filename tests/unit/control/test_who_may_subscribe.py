@@ -9,7 +9,7 @@ import pytest
 from control.core.mesh import Mesh, PodIdentity
 from control.server import refusal, workload
 from identity import SpiffeId
-from outrider.cli import ack_state
+from outrider.debugapi import ack_state
 
 MESH = Mesh(pods={("shop", "web-0"): PodIdentity("shop", "web-0", "web")})
 

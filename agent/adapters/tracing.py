@@ -1,0 +1,270 @@
+"""The access log's writer and the OTLP span exporter, behind one object the data plane calls.
+
+`Observer` is built only when `access_log.mode` is not off or a tracing
+endpoint is configured; otherwise the runtime holds None and every hook is a
+single `if` on it. With an observer, each request is propagated (W3C trace
+context, agent/core/tracecontext.py) and, once finished, gets ONE call,
+`finish`, where its metrics are counted: the access log line (if the mode
+and sampling want it, agent/core/accesslog.py) and the span (if sampled and
+an endpoint is set).
+
+Lines go to stdout, batched per turn of the event loop (one write for all
+the lines a burst of requests finished, not one syscall per request). Spans
+go through the OpenTelemetry SDK's batch processor to an OTLP/HTTP receiver
+(protobuf, POST /v1/traces): its own thread, a bounded queue (spans are
+dropped, not held, when the receiver is away). The SDK is imported only here,
+and this module's exporter only when an endpoint is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from agent.adapters.metrics import clock
+from agent.core import accesslog, tracecontext
+from agent.core.accesslog import AccessLogConfig, Entry, Kind
+from agent.core.policy import Decision
+from agent.core.tracecontext import Propagated, TracingConfig
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+
+#: A span's attributes (OpenTelemetry's semantic conventions where they have one) and the
+#: access log entry's fields they come from; a field that is None is left out.
+_SPAN_ATTRIBUTES = (
+    ("http.request.method", "method"),
+    ("url.path", "path"),
+    ("http.response.status_code", "status"),
+    ("rpc.grpc.status_code", "grpc_status"),
+    ("outrider.peer_id", "peer_id"),
+    ("outrider.decision", "decision"),
+    ("outrider.upstream", "upstream"),
+    ("outrider.endpoint", "endpoint"),
+    ("outrider.tries", "tries"),
+    ("outrider.request_id", "request_id"),
+)
+
+
+def _stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+class Observer:
+    """Access logging and tracing for one agent (see the module's docstring)."""
+
+    def __init__(
+        self,
+        access: AccessLogConfig,
+        tracing: TracingConfig,
+        local_id: str,
+        *,
+        write: Callable[[str], None] = _stdout,
+        rng: random.Random | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.access = access
+        self.tracing = tracing
+        self.local_id = local_id
+        self.write = write
+        self.rng = rng or random.Random()  # noqa: S311 (trace ids and sampling, not secrets)
+        self.wall = wall
+        self.logging = access.on
+        self.lines: list[str] = []
+        self.spans: BatchSpanProcessor | None = None
+        self._span_parts: tuple[Any, ...] = ()
+        if tracing.otlp_endpoint:
+            self._start_exporter()
+
+    # -- per request -----------------------------------------------------------------------
+
+    def propagate(
+        self, traceparent: str | None, tracestate: str | None, request_id: str | None
+    ) -> Propagated:
+        return tracecontext.propagate(
+            traceparent, tracestate, request_id, self.rng, self.tracing.sample
+        )
+
+    def watch(
+        self,
+        kind: Kind,
+        direction: str,
+        peer_id: str | None,
+        ssl_object: ssl.SSLObject | ssl.SSLSocket | None = None,
+        upstream: str | None = None,
+    ) -> Watch:
+        """What one connection's requests (or the connection itself) are logged with."""
+        version = cipher = None
+        if ssl_object is not None:
+            version = ssl_object.version()
+            described = ssl_object.cipher()
+            cipher = described[0] if described else None
+        return Watch(self, kind, direction, peer_id, version, cipher, upstream)
+
+    def begin(self, kind: Kind, direction: str, peer_id: str | None) -> Entry:
+        return Entry(kind, direction, self.wall(), clock(), peer_id, self.local_id)
+
+    def finish(self, entry: Entry, name: str = "") -> None:
+        """The request (or connection) is over: its line and its span, as configured."""
+        ended = clock()
+        trace = entry.trace
+        if trace is not None:
+            entry.trace_id = trace.span.trace_id
+            entry.request_id = trace.request_id
+            if self.spans is not None and trace.span.sampled:
+                self._export(entry, trace, name, ended)
+        if self.logging and accesslog.logged(self.access, entry.denied, self.rng.random()):
+            if not self.lines:
+                try:
+                    asyncio.get_running_loop().call_soon(self.flush)
+                except RuntimeError:  # no loop (a unit test): at once
+                    self.lines.append(accesslog.line(entry, ended))
+                    self.flush()
+                    return
+            self.lines.append(accesslog.line(entry, ended))
+
+    def flush(self) -> None:
+        if self.lines:
+            text = "\n".join(self.lines) + "\n"
+            self.lines.clear()
+            self.write(text)
+
+    def close(self) -> None:
+        """Write what is pending; send the spans still queued (bounded by the SDK's timeout)."""
+        self.flush()
+        if self.spans is not None:
+            self.spans.shutdown()  # type: ignore[no-untyped-call]
+            self.spans = None
+
+    # -- spans -------------------------------------------------------------------------------
+
+    def _start_exporter(self) -> None:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+        from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
+
+        from identity.build import VERSION
+
+        endpoint = self.tracing.otlp_endpoint
+        url = endpoint if "://" in endpoint else f"http://{endpoint}/v1/traces"
+        self.spans = BatchSpanProcessor(OTLPSpanExporter(endpoint=url, timeout=5))
+        resource = Resource.create(
+            {"service.name": self.tracing.service_name or self.local_id or "outrider-agent"}
+        )
+        scope = InstrumentationScope("outrider.agent", VERSION)
+        self._span_parts = (ReadableSpan, SpanContext, SpanKind, TraceFlags, resource, scope)
+
+    def _export(self, entry: Entry, trace: Propagated, name: str, ended: float) -> None:
+        ReadableSpan, SpanContext, SpanKind, TraceFlags, resource, scope = self._span_parts
+        span, parent = trace.span, trace.parent
+        flags = TraceFlags(span.flags)
+        start = int(entry.at * 1e9)
+        kind = SpanKind.SERVER if entry.direction == "inbound" else SpanKind.CLIENT
+        attributes: dict[str, Any] = {"outrider.direction": entry.direction}
+        for key, field in _SPAN_ATTRIBUTES:
+            value = getattr(entry, field)
+            if value is not None:
+                attributes[key] = value
+        readable = ReadableSpan(
+            name or f"{entry.direction} {entry.method or entry.kind}",
+            context=SpanContext(int(span.trace_id, 16), int(span.span_id, 16), False, flags),
+            parent=(
+                SpanContext(int(parent.trace_id, 16), int(parent.span_id, 16), True, flags)
+                if parent is not None
+                else None
+            ),
+            resource=resource,
+            attributes=attributes,
+            kind=kind,
+            start_time=start,
+            end_time=start + int(max(ended - entry.started, 0.0) * 1e9),
+            instrumentation_scope=scope,
+        )
+        assert self.spans is not None
+        self.spans.on_end(readable)
+
+
+class Watch:
+    """One connection's side of the observer: the fields its requests share, bound once."""
+
+    __slots__ = ("cipher", "direction", "kind", "observer", "peer_id", "tls_version", "upstream")
+
+    def __init__(
+        self,
+        observer: Observer,
+        kind: Kind,
+        direction: str,
+        peer_id: str | None,
+        tls_version: str | None,
+        cipher: str | None,
+        upstream: str | None,
+    ) -> None:
+        self.observer = observer
+        self.kind, self.direction, self.peer_id = kind, direction, peer_id
+        self.tls_version, self.cipher, self.upstream = tls_version, cipher, upstream
+
+    def begin(self, kind: Kind | None = None) -> Entry:
+        entry = self.observer.begin(kind or self.kind, self.direction, self.peer_id)
+        entry.tls_version, entry.cipher, entry.upstream = (
+            self.tls_version,
+            self.cipher,
+            self.upstream,
+        )
+        return entry
+
+    def request(
+        self,
+        method: str,
+        target: str,
+        fields: Sequence[tuple[bytes, bytes]],
+        kind: Kind | None = None,
+    ) -> Entry:
+        """A request's entry, its trace propagated from the received header `fields`;
+        `target` is logged as the config says (agent/core/accesslog.py)."""
+        entry = self.begin(kind)
+        entry.method = method
+        entry.path = accesslog.logged_path(target, self.observer.access.query)
+        entry.trace = self.observer.propagate(*tracecontext.received(fields))
+        return entry
+
+    def decided(self, entry: Entry, decision: Decision) -> None:
+        entry.decision = "allow" if decision.allowed else "deny"
+        entry.policy, entry.rule = decision.policy, decision.rule
+
+    def relayed(
+        self, entry: Entry, up: Callable[[bytes], object], down: Callable[[bytes], object]
+    ) -> tuple[Callable[[bytes], None], Callable[[bytes], None]]:
+        """An L4 relay's sinks (client's bytes to `up`, the other side's to `down`) that
+        count the bytes each way into `entry`."""
+
+        def from_client(data: bytes) -> None:
+            entry.bytes_in += len(data)
+            up(data)
+
+        def to_client(data: bytes) -> None:
+            entry.bytes_out += len(data)
+            down(data)
+
+        return from_client, to_client
+
+    def finish(
+        self,
+        entry: Entry,
+        status: int | None,
+        error: str | None = None,
+        grpc_status: int | None = None,
+    ) -> None:
+        entry.status, entry.grpc_status = status, grpc_status
+        if error is not None:
+            entry.error = error
+        self.observer.finish(entry)

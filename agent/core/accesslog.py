@@ -1,0 +1,217 @@
+"""Access log records: which requests are logged, what a line holds, and what it never holds.
+
+One JSON line per finished request (L7) or connection (L4), on stdout, as
+Kubernetes collects a container's logs. The fields are fixed (FIELDS, in
+this order, null where they do not apply) so a log pipeline can rely on
+them. What a line never holds, whatever the request carried: a header's
+value (only the trace ID and the request ID the agent itself checked or
+made), a cookie, a token, or the query string, unless `query: true` asks for
+it, and even then the values of parameters whose names say they are secret
+(token, password, signature ...) are replaced by "REDACTED".
+
+Which requests: `mode` off (none: the default), denied (every request or
+connection the policy denied) or all; `sample` thins the rest, never the
+denials, which an auditor counts one by one.
+
+Pure: the clock reading and the sampling draw are arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from agent.core.tracecontext import Propagated
+
+Mode = Literal["off", "denied", "all"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+Kind = Literal["http", "grpc", "tcp"]
+
+FIELDS = (
+    "time",
+    "kind",
+    "direction",
+    "peer_id",
+    "local_id",
+    "method",
+    "path",
+    "status",
+    "grpc_status",
+    "decision",
+    "policy",
+    "rule",
+    "bytes_in",
+    "bytes_out",
+    "duration_ms",
+    "tls_version",
+    "cipher",
+    "upstream",
+    "endpoint",
+    "tries",
+    "trace_id",
+    "request_id",
+    "error",
+)
+
+#: A logged path is cut here: a path is the caller's to choose, a log line's size is not.
+MAX_PATH = 2048
+REDACTED = "REDACTED"
+#: Query parameters whose values are never logged, even with `query: true` (lowercase;
+#: matched on the whole name and on its last `_`/`-`/`.` separated word).
+SECRET_PARAMS = frozenset(
+    {
+        "token",
+        "access_token",
+        "id_token",
+        "refresh_token",
+        "auth",
+        "authorization",
+        "code",
+        "key",
+        "apikey",
+        "api_key",
+        "password",
+        "passwd",
+        "pwd",
+        "secret",
+        "client_secret",
+        "signature",
+        "sig",
+        "session",
+        "sessionid",
+        "credential",
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+    }
+)
+
+
+@dataclass(frozen=True)
+class AccessLogConfig:
+    """`access_log:` in agent.yaml."""
+
+    mode: Mode = "off"
+    sample: float = 1.0  # the share of logged requests that are not denials
+    query: bool = False  # log the query string (its secret-named values redacted)
+
+    @property
+    def on(self) -> bool:
+        return self.mode != "off"
+
+
+def logged(config: AccessLogConfig, denied: bool, draw: float) -> bool:
+    """Whether a finished request gets a line; `draw` uniform in [0, 1)."""
+    if denied:
+        return config.mode != "off"
+    return config.mode == "all" and (config.sample >= 1.0 or draw < config.sample)
+
+
+@dataclass(slots=True)
+class Entry:
+    """One request's (or connection's) line, filled in as it goes. `started` is the
+    monotonic clock's reading at its start; `at` the wall clock's (Unix seconds)."""
+
+    kind: Kind
+    direction: str
+    at: float
+    started: float
+    peer_id: str | None = None
+    local_id: str | None = None
+    method: str | None = None
+    path: str | None = None
+    status: int | None = None
+    grpc_status: int | None = None
+    decision: str | None = None
+    policy: str | None = None
+    rule: str | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    tls_version: str | None = None
+    cipher: str | None = None
+    upstream: str | None = None
+    endpoint: str | None = None
+    tries: int | None = None
+    trace_id: str | None = None
+    request_id: str | None = None
+    error: str | None = None
+    trace: Propagated | None = None  # this hop's span, when the request was propagated
+
+    @property
+    def denied(self) -> bool:
+        return self.decision == "deny"
+
+
+def logged_path(target: str, query: bool) -> str:
+    """A request target as logged: the path alone, or with its query redacted (`query`)."""
+    path, sep, rest = target.partition("?")
+    path = path[:MAX_PATH]
+    if not query or not sep:
+        return path
+    return f"{path}?{redact_query(rest)}"[: MAX_PATH * 2]
+
+
+def redact_query(query: str) -> str:
+    """`query` with the values of secret-named parameters replaced by REDACTED."""
+    parts = []
+    for pair in query.split("&"):
+        name, eq, _ = pair.partition("=")
+        parts.append(f"{name}={REDACTED}" if eq and _secret(name) else pair)
+    return "&".join(parts)
+
+
+def _secret(name: str) -> bool:
+    lowered = name.lower()
+    if lowered in SECRET_PARAMS:
+        return True
+    for sep in "_-.":
+        lowered = lowered.rpartition(sep)[2]
+    return lowered in SECRET_PARAMS
+
+
+def line(entry: Entry, ended: float) -> str:
+    """The JSON line for `entry`, finished at `ended` (the monotonic clock), no newline."""
+    record = {
+        "time": _rfc3339(entry.at),
+        "kind": entry.kind,
+        "direction": entry.direction,
+        "peer_id": entry.peer_id,
+        "local_id": entry.local_id,
+        "method": entry.method,
+        "path": entry.path,
+        "status": entry.status,
+        "grpc_status": entry.grpc_status,
+        "decision": entry.decision,
+        "policy": entry.policy,
+        "rule": entry.rule,
+        "bytes_in": entry.bytes_in,
+        "bytes_out": entry.bytes_out,
+        "duration_ms": round(max(ended - entry.started, 0.0) * 1000, 3),
+        "tls_version": entry.tls_version,
+        "cipher": entry.cipher,
+        "upstream": entry.upstream,
+        "endpoint": entry.endpoint,
+        "tries": entry.tries,
+        "trace_id": entry.trace_id,
+        "request_id": entry.request_id,
+        "error": entry.error,
+    }
+    return _ENCODER.encode(record)
+
+
+#: One encoder for every line: json.dumps with arguments builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+_second: list[tuple[int, str]] = [(-1, "")]  # the last second formatted, and its text
+
+
+def _rfc3339(at: float) -> str:
+    """Unix seconds as RFC 3339 UTC with milliseconds: 2026-12-06T14:00:00.123Z. The
+    date and time of day are formatted once per second (a burst shares them)."""
+    whole = int(at)
+    second, text = _second[0]
+    if whole != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second[0] = (whole, text)
+    return f"{text}.{int((at - whole) * 1000):03d}Z"

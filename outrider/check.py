@@ -1,0 +1,553 @@
+"""`outrider check`: can this cluster run Outrider, and does the installed one work?
+
+Like `linkerd check`: each finding is one line, ✓ (fine), ‼ (worth a look, not a
+failure) or ✗ (broken), and every ‼ and ✗ says what to do. The decisions are
+plain functions over what the API server and the control plane said
+(`Observed`, the API's own JSON); `observe` is the thin shell that asks them,
+through the user's kubeconfig as kubectl would. The CA and the injector are
+reached through the API server's service proxy (`kubectl get --raw
+/api/v1/namespaces/.../services/...:PORT/proxy/healthz`), so the check works
+from a workstation without port-forwards; the control plane's debug API stays
+on loopback in its pod, so agents come from `--control` as for `proxy-status`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from outrider import debugapi
+
+Status = Literal["ok", "warn", "fail"]
+SYMBOL: dict[Status, str] = {"ok": "✓", "warn": "‼", "fail": "✗"}
+
+SYSTEM_NAMESPACE = "outrider-system"
+INJECT_LABEL = ("outrider.io/inject", "enabled")
+BUNDLE_CONFIGMAP, BUNDLE_KEY = "outrider-trust-bundle", "bundle.pem"
+WEBHOOK = "outrider-injector"
+CA_SERVICE, CA_HTTP_PORT = "outrider-ca", "http"
+#: Native sidecars (init containers with restartPolicy: Always) are on by default from here.
+NATIVE_SIDECARS = (1, 29)
+OUTRIDER_CRDS = (
+    "authorizationpolicies.security.outrider.io",
+    "peerauthentications.security.outrider.io",
+    "trafficpolicies.networking.outrider.io",
+)
+GATEWAY_CRDS = ("httproutes.gateway.networking.k8s.io", "grpcroutes.gateway.networking.k8s.io")
+#: CNIs whose pods a kube-system listing shows, and whether they enforce NetworkPolicy.
+CNIS = {
+    "calico": True,
+    "cilium": True,
+    "antrea": True,
+    "weave-net": True,
+    "kube-router": True,
+    "canal": True,
+    "flannel": False,
+    "kindnet": False,
+}
+APPLY = "kubectl apply -k deploy/overlays/local (or your overlay)"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One finding: what was checked, how it went, what was seen, and what to do."""
+
+    phase: Literal["pre-install", "post-install"]
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "fail"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """An HTTP answer through the API server: its status (None: no answer) and body."""
+
+    status: int | None
+    body: str
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the cluster said. Objects are the API's JSON; None where there was none."""
+
+    version: Mapping[str, Any]
+    crds: frozenset[str]
+    kube_system_pods: tuple[str, ...] = ()
+    namespaces: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    bundles: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    webhook: Mapping[str, Any] | None = None
+    services: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    ca_health: Probe | None = None
+    ca_bundle: Probe | None = None
+    webhook_health: Probe | None = None
+    agents: Sequence[Mapping[str, Any]] | None = None
+    agents_error: str = ""
+
+
+# --- pre-install ------------------------------------------------------------------------
+
+
+def kubernetes_version(version: Mapping[str, Any]) -> Check:
+    name = "Kubernetes runs native sidecars"
+    major = int(re.sub(r"\D", "", str(version.get("major", ""))) or 0)
+    minor = int(re.sub(r"\D", "", str(version.get("minor", ""))) or 0)
+    shown = version.get("gitVersion") or f"{major}.{minor}"
+    if (major, minor) >= NATIVE_SIDECARS:
+        return Check("pre-install", name, "ok", f"Kubernetes {shown}")
+    return Check(
+        "pre-install",
+        name,
+        "fail",
+        f"Kubernetes {shown}: native sidecars need 1.29 or newer",
+        "upgrade the cluster, or set native_sidecar: false in deploy/base/injector.yaml"
+        " (the app may then start before its agent; docs/install.md, Prerequisites)",
+    )
+
+
+def gateway_crds(crds: frozenset[str]) -> Check:
+    name = "Gateway API CRDs (routes)"
+    missing = [crd for crd in GATEWAY_CRDS if crd not in crds]
+    if not missing:
+        return Check("pre-install", name, "ok", "HTTPRoute and GRPCRoute are served")
+    return Check(
+        "pre-install",
+        name,
+        "warn",
+        f"not installed: {', '.join(missing)}; routes are not read",
+        "kubectl apply -f https://github.com/kubernetes-sigs/gateway-api/releases/download/"
+        "v1.3.0/standard-install.yaml",
+    )
+
+
+def network_policy(kube_system_pods: Sequence[str]) -> Check:
+    """What a pod listing can tell: a known CNI's pods, and whether that CNI enforces."""
+    name = "the CNI enforces NetworkPolicy"
+    found = sorted({cni for cni in CNIS for pod in kube_system_pods if pod.startswith(cni)})
+    enforcing = [cni for cni in found if CNIS[cni]]
+    if enforcing:
+        return Check("pre-install", name, "ok", f"{', '.join(enforcing)} runs in kube-system")
+    fix = "use a CNI that enforces NetworkPolicy (Calico, Cilium); deploy/'s policies need one"
+    if found:
+        return Check("pre-install", name, "warn", f"{', '.join(found)} does not enforce it", fix)
+    return Check("pre-install", name, "warn", "cannot tell: no known CNI in kube-system", fix)
+
+
+def pre_install(seen: Observed) -> list[Check]:
+    return [
+        kubernetes_version(seen.version),
+        gateway_crds(seen.crds),
+        network_policy(seen.kube_system_pods),
+    ]
+
+
+# --- post-install -----------------------------------------------------------------------
+
+
+def outrider_crds(crds: frozenset[str]) -> Check:
+    name = "Outrider's CRDs"
+    missing = [crd for crd in OUTRIDER_CRDS if crd not in crds]
+    if not missing:
+        return Check("post-install", name, "ok", f"{len(OUTRIDER_CRDS)} installed")
+    return Check(
+        "post-install",
+        name,
+        "fail",
+        f"not installed: {', '.join(missing)}",
+        f"{APPLY}; it installs deploy/base/crds",
+    )
+
+
+def ca_serving(health: Probe | None, bundle: Probe | None) -> Check:
+    name = "the CA is reachable and serving"
+    fix = (
+        f"kubectl -n {SYSTEM_NAMESPACE} get pods -l app.kubernetes.io/name=outrider-ca;"
+        f" kubectl -n {SYSTEM_NAMESPACE} logs deploy/outrider-ca"
+    )
+    if health is None or health.status != 200:
+        said = "no Service outrider-ca" if health is None else _said(health)
+        return Check("post-install", name, "fail", f"/healthz: {said}", fix)
+    roots = _certificates(bundle.body) if bundle is not None and bundle.status == 200 else []
+    if not roots:
+        said = "no answer" if bundle is None else _said(bundle)
+        return Check("post-install", name, "fail", f"/bundle holds no certificate ({said})", fix)
+    return Check("post-install", name, "ok", f"healthy, bundle of {_count(len(roots), 'root')}")
+
+
+def bundle_configmaps(
+    namespaces: Mapping[str, Mapping[str, str]],
+    bundles: Mapping[str, Mapping[str, Any]],
+    ca_bundle: Probe | None,
+) -> list[Check]:
+    """Every labelled namespace holds outrider-trust-bundle/bundle.pem, with the CA's roots."""
+    labelled = sorted(n for n, labels in namespaces.items() if _labelled(labels))
+    if not labelled:
+        key, value = INJECT_LABEL
+        return [
+            Check(
+                "post-install",
+                "trust bundle in labelled namespaces",
+                "warn",
+                f"no namespace is labelled {key}={value}: nothing is injected",
+                f"kubectl label namespace NAMESPACE {key}={value}",
+            )
+        ]
+    served = (
+        set(_certificates(ca_bundle.body))
+        if ca_bundle is not None and ca_bundle.status == 200
+        else set()
+    )
+    return [_bundle(namespace, bundles.get(namespace), served) for namespace in labelled]
+
+
+def _bundle(namespace: str, configmap: Mapping[str, Any] | None, served: set[str]) -> Check:
+    name = f"trust bundle in namespace {namespace}"
+    fix = (
+        f"kubectl create configmap {BUNDLE_CONFIGMAP} -n {namespace}"
+        f" --from-file={BUNDLE_KEY}=bundle.pem (or trust-manager: docs/install.md, section 5)"
+    )
+    if configmap is None:
+        detail = f"no ConfigMap {BUNDLE_CONFIGMAP}: injected pods stay in ContainerCreating"
+        return Check("post-install", name, "fail", detail, fix)
+    held = set(_certificates(str((configmap.get("data") or {}).get(BUNDLE_KEY, ""))))
+    if not held:
+        detail = f"ConfigMap {BUNDLE_CONFIGMAP} has no certificate under {BUNDLE_KEY}"
+        return Check("post-install", name, "fail", detail, fix)
+    if served and not served <= held:
+        detail = f"{BUNDLE_CONFIGMAP} lacks a root the CA serves: its agents refuse their peers"
+        return Check("post-install", name, "fail", detail, f"copy the CA's bundle again: {fix}")
+    return Check(
+        "post-install", name, "ok", f"{BUNDLE_CONFIGMAP} holds {_count(len(held), 'root')}"
+    )
+
+
+def webhook(
+    configuration: Mapping[str, Any] | None,
+    services: Mapping[str, Mapping[str, Any]],
+    health: Probe | None,
+) -> list[Check]:
+    """Configured (each webhook with a caBundle and a Service port that exists) and answering."""
+    name = "the injector's webhook is configured"
+    if configuration is None:
+        return [
+            Check(
+                "post-install",
+                name,
+                "fail",
+                f"no MutatingWebhookConfiguration {WEBHOOK}: pods are not injected",
+                APPLY,
+            )
+        ]
+    problems = []
+    for hook in configuration.get("webhooks") or []:
+        problems += _webhook_problems(hook, services)
+    checks = [
+        Check(
+            "post-install",
+            name,
+            "fail" if problems else "ok",
+            "; ".join(problems) if problems else f"{WEBHOOK}: every webhook has a caBundle",
+            "docs/install.md, section 4: the webhook's certificate and caBundle"
+            if problems
+            else "",
+        )
+    ]
+    answer = "the injector's webhook answers"
+    url = _webhook_url(configuration)
+    if health is None and url:
+        detail = f"it calls {url}, which is not probed from here"
+        return [*checks, Check("post-install", answer, "warn", detail, "check it from the cluster")]
+    if health is not None and health.status == 200:
+        checks.append(Check("post-install", answer, "ok", "/healthz: 200"))
+    else:
+        said = "no Service to call" if health is None else _said(health)
+        fix = (
+            f"kubectl -n {SYSTEM_NAMESPACE} get pods,endpointslices -l"
+            f" app.kubernetes.io/name=outrider-injector; kubectl -n {SYSTEM_NAMESPACE} logs"
+            " deploy/outrider-injector"
+        )
+        checks.append(Check("post-install", answer, "fail", f"/healthz: {said}", fix))
+    return checks
+
+
+def _webhook_problems(
+    hook: Mapping[str, Any], services: Mapping[str, Mapping[str, Any]]
+) -> list[str]:
+    named = hook.get("name", "?")
+    client = hook.get("clientConfig") or {}
+    problems = [] if client.get("caBundle") else [f"{named}: no caBundle"]
+    service = client.get("service")
+    if service is None:
+        return problems
+    found = services.get(service.get("name", ""))
+    if found is None or service.get("namespace") != SYSTEM_NAMESPACE:
+        problems.append(f"{named}: no Service {service.get('namespace')}/{service.get('name')}")
+        return problems
+    port = service.get("port", 443)
+    if port not in [p.get("port") for p in (found.get("spec") or {}).get("ports") or []]:
+        problems.append(f"{named}: Service {service['name']} has no port {port}")
+    return problems
+
+
+def _webhook_url(configuration: Mapping[str, Any]) -> str:
+    """The URL a webhook calls instead of a Service (`clientConfig.url`), if any."""
+    for hook in configuration.get("webhooks") or []:
+        url = (hook.get("clientConfig") or {}).get("url")
+        if url:
+            return str(url)
+    return ""
+
+
+def webhook_target(
+    configuration: Mapping[str, Any] | None,
+) -> tuple[str, str, int] | None:
+    """(namespace, Service, port) the first webhook calls, or None: what to probe."""
+    for hook in (configuration or {}).get("webhooks") or []:
+        service = (hook.get("clientConfig") or {}).get("service")
+        if service:
+            return service["namespace"], service["name"], int(service.get("port", 443))
+    return None
+
+
+def agents_in_sync(agents: Sequence[Mapping[str, Any]] | None, error: str) -> list[Check]:
+    name = "agents connected and in sync"
+    if agents is None:
+        return [Check("post-install", name, "fail", error, debugapi.PORT_FORWARD)]
+    if not agents:
+        detail = "no agent is connected to the control plane"
+        fix = "inject a workload (kubectl label namespace NAMESPACE outrider.io/inject=enabled)"
+        return [Check("post-install", name, "warn", detail, fix)]
+    rows = debugapi.agent_rows(agents)
+    lagging = [row for row in rows if row["state"] != "SYNCED"]
+    checks = [
+        Check(
+            "post-install",
+            f"agent {row['pod']} in sync",
+            "fail",
+            f"{row['state']} at version {row['version']}",
+            f"kubectl logs -n {row['pod'].partition('/')[0]} {row['pod'].partition('/')[2]}"
+            " -c outrider-agent; `outrider proxy-status` shows every agent"
+            + (
+                "; STALE for more than a few seconds means it is not answering"
+                if row["state"] == "STALE"
+                else ""
+            ),
+        )
+        for row in lagging
+    ]
+    if not lagging:
+        checks.append(
+            Check("post-install", name, "ok", f"{_count(len(rows), 'agent')}, all SYNCED")
+        )
+    return checks
+
+
+def post_install(seen: Observed) -> list[Check]:
+    return [
+        outrider_crds(seen.crds),
+        ca_serving(seen.ca_health, seen.ca_bundle),
+        *bundle_configmaps(seen.namespaces, seen.bundles, seen.ca_bundle),
+        *webhook(seen.webhook, seen.services, seen.webhook_health),
+        *agents_in_sync(seen.agents, seen.agents_error),
+    ]
+
+
+def evaluate(seen: Observed, *, pre: bool = False) -> list[Check]:
+    """Every check; with `pre`, those that matter before installing only."""
+    return pre_install(seen) if pre else [*pre_install(seen), *post_install(seen)]
+
+
+# --- rendering --------------------------------------------------------------------------
+
+
+def result(checks: Sequence[Check]) -> dict[str, Any]:
+    """What `-o json|yaml` prints: the checks, and whether any failed."""
+    return {"ok": not any(c.failed for c in checks), "checks": [asdict(c) for c in checks]}
+
+
+def text(shown: Mapping[str, Any]) -> str:
+    lines: list[str] = []
+    phase = None
+    for check in shown["checks"]:
+        if check["phase"] != phase:
+            phase = check["phase"]
+            lines.append(f"{'' if not lines else chr(10)}{phase}")
+        lines.append(f"{SYMBOL[check['status']]} {check['name']}: {check['detail']}")
+        if check["fix"] and check["status"] != "ok":
+            lines.append(f"    fix: {check['fix']}")
+    failed = sum(1 for c in shown["checks"] if c["status"] == "fail")
+    lines.append("")
+    plural = "check failed" if failed == 1 else "checks failed"
+    lines.append(f"{failed} {plural}" if failed else "all checks passed")
+    return "\n".join(lines) + "\n"
+
+
+# --- the shell --------------------------------------------------------------------------
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _labelled(labels: Mapping[str, str]) -> bool:
+    key, value = INJECT_LABEL
+    return labels.get(key) == value
+
+
+def _said(probe: Probe) -> str:
+    if probe.status is None:
+        return probe.body
+    body = probe.body.strip()
+    with contextlib.suppress(ValueError, AttributeError):  # a Status: its message
+        body = json.loads(body).get("message", body)
+    return f"{probe.status} {body[:200]}".strip()
+
+
+_PEM = re.compile(r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----")
+
+
+def _certificates(pem: str) -> list[str]:
+    """The certificates of a PEM bundle, whitespace-normalized, for comparing sets."""
+    return ["".join(block.split()) for block in _PEM.findall(pem)]
+
+
+class ApiUnreachable(Exception):
+    """The API server did not answer; the message says what to do."""
+
+
+class Cluster:
+    """The API server, through a kubeconfig (or the pod's in-cluster config) as kubectl
+    reaches it. Every read is raw JSON, as the core takes it."""
+
+    def __init__(self, kubeconfig: Path | None, context: str | None, timeout: float = 10) -> None:
+        from kubernetes import client, config
+
+        configuration = client.Configuration()
+        try:
+            if kubeconfig is None and context is None and _in_cluster():
+                config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            else:
+                config.load_kube_config(  # type: ignore[no-untyped-call]
+                    config_file=None if kubeconfig is None else str(kubeconfig),
+                    context=context,
+                    client_configuration=configuration,
+                )
+        except (config.ConfigException, OSError) as exc:
+            raise ApiUnreachable(f"cannot load the kubeconfig: {exc}") from None
+        api = client.ApiClient(configuration)
+        self.core: Any = client.CoreV1Api(api)
+        self.version_api: Any = client.VersionApi(api)
+        self.extensions: Any = client.ApiextensionsV1Api(api)
+        self.admission: Any = client.AdmissionregistrationV1Api(api)
+        self._error: type[Exception] = client.ApiException
+        self.timeout = timeout
+        self.server = configuration.host
+
+    def read(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """The JSON `call` answers; None for 404; ApiUnreachable when there is no answer."""
+        import urllib3
+
+        try:
+            response = call(*args, _preload_content=False, _request_timeout=self.timeout, **kwargs)
+        except self._error as exc:
+            if getattr(exc, "status", None) == 404:
+                return None
+            said = _said(Probe(getattr(exc, "status", None), str(getattr(exc, "body", "") or "")))
+            raise ApiUnreachable(
+                f"the API server at {self.server} refused {getattr(call, '__name__', 'a read')}:"
+                f" {said} (403: your kubeconfig's user may not read it; docs/cli.md lists what"
+                " `outrider check` reads)"
+            ) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ApiUnreachable(
+                f"cannot reach the API server at {self.server}: {exc} (does `kubectl version`"
+                " work with this kubeconfig and context?)"
+            ) from None
+        return json.loads(response.data)
+
+    def proxy(self, namespace: str, service: str, path: str) -> Probe:
+        """GET `path` of a Service through the API server's service proxy."""
+        import urllib3
+
+        try:
+            response = self.core.connect_get_namespaced_service_proxy_with_path(
+                service, namespace, path, _preload_content=False, _request_timeout=self.timeout
+            )
+        except self._error as exc:
+            return Probe(getattr(exc, "status", None), str(getattr(exc, "body", "") or exc))
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            return Probe(None, f"no answer: {exc}")
+        return Probe(response.status, response.data.decode(errors="replace"))
+
+
+def _in_cluster() -> bool:
+    import os
+
+    return "KUBERNETES_SERVICE_HOST" in os.environ
+
+
+def observe(cluster: Cluster, control: str, *, pre: bool = False) -> Observed:
+    """Ask the API server (and, after install, the control plane) what the checks need."""
+    version = cluster.read(cluster.version_api.get_code) or {}
+    crds = frozenset(
+        item["metadata"]["name"]
+        for item in (cluster.read(cluster.extensions.list_custom_resource_definition) or {}).get(
+            "items", []
+        )
+    )
+    pods = cluster.read(cluster.core.list_namespaced_pod, "kube-system") or {}
+    kube_system = tuple(item["metadata"]["name"] for item in pods.get("items", []))
+    if pre:
+        return Observed(version, crds, kube_system)
+    namespaces = {
+        item["metadata"]["name"]: item["metadata"].get("labels") or {}
+        for item in (cluster.read(cluster.core.list_namespace) or {}).get("items", [])
+    }
+    listed = cluster.read(
+        cluster.core.list_config_map_for_all_namespaces,
+        field_selector=f"metadata.name={BUNDLE_CONFIGMAP}",
+    )
+    bundles = {item["metadata"]["namespace"]: item for item in (listed or {}).get("items", [])}
+    configuration = cluster.read(cluster.admission.read_mutating_webhook_configuration, WEBHOOK)
+    services = {
+        item["metadata"]["name"]: item
+        for item in (
+            cluster.read(cluster.core.list_namespaced_service, SYSTEM_NAMESPACE) or {}
+        ).get("items", [])
+    }
+    ca_health = ca_bundle = webhook_health = None
+    if CA_SERVICE in services:
+        ca_health = cluster.proxy(SYSTEM_NAMESPACE, f"{CA_SERVICE}:{CA_HTTP_PORT}", "healthz")
+        ca_bundle = cluster.proxy(SYSTEM_NAMESPACE, f"{CA_SERVICE}:{CA_HTTP_PORT}", "bundle")
+    target = webhook_target(configuration)
+    if target is not None and target[1] in services:
+        namespace, name, port = target
+        webhook_health = cluster.proxy(namespace, f"https:{name}:{port}", "healthz")
+    agents, agents_error = None, ""
+    try:
+        agents = debugapi.get(control, "/debug/agents")
+    except debugapi.Unreachable as exc:
+        agents_error = str(exc)
+    return Observed(
+        version,
+        crds,
+        kube_system,
+        namespaces,
+        bundles,
+        configuration,
+        services,
+        ca_health,
+        ca_bundle,
+        webhook_health,
+        agents,
+        agents_error,
+    )

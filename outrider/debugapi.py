@@ -1,0 +1,71 @@
+"""The control plane's debug API as its commands read it: `proxy-status`, `policy check
+--live` and `check` ask the same questions and say the same things about the answers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+DEBUG_URL = "http://127.0.0.1:15014"  # the control plane's debug port
+PORT_FORWARD = "kubectl -n outrider-system port-forward deployment/outrider-control 15014:15014"
+
+
+class Unreachable(Exception):
+    """The debug API did not answer, or answered with an error; the message says what to do."""
+
+
+def get(base: str, path: str, timeout: float = 10.0) -> Any:
+    """GET a JSON document from the control plane's debug port."""
+    import json  # here: an agent's process imports this module, and needs none of these
+    import urllib.error
+    import urllib.request
+
+    url = base.rstrip("/") + path
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:  # noqa: S310 - http(s) only
+            return json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        why = exc.read().decode(errors="replace").strip() or exc.reason
+        raise Unreachable(f"{url}: {exc.code} {why}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise Unreachable(
+            f"cannot reach the control plane at {base}: {reason} (is `outrider control serve`"
+            f" running, and is --control its debug address? From a workstation: {PORT_FORWARD})"
+        ) from None
+
+
+def ack_state(agent: Mapping[str, Any]) -> str:
+    """SYNCED: the agent runs the latest version; NACK (why): it refused what it was sent;
+    STALE: it has not acknowledged the latest yet."""
+    nack = agent.get("nack")
+    if nack and nack.get("version") == agent.get("sent"):
+        return f"NACK ({nack.get('error', '')})"
+    if agent.get("acked") is not None and agent.get("acked") == agent.get("latest"):
+        return "SYNCED"
+    return "STALE"
+
+
+def agent_rows(agents: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """One row per agent: pod, SPIFFE ID, the version it runs (or was sent), ACK state."""
+    return [
+        {
+            "pod": a["pod"],
+            "spiffe_id": a["spiffe_id"],
+            "version": a.get("acked") or a.get("sent") or "-",
+            "state": ack_state(a),
+        }
+        for a in agents
+    ]
+
+
+def status_table(rows: Sequence[Mapping[str, str]]) -> str:
+    """`proxy-status` for a person: aligned columns."""
+    table = [("POD", "SPIFFE ID", "VERSION", "ACK STATE")]
+    table += [(r["pod"], r["spiffe_id"], r["version"], r["state"]) for r in rows]
+    widths = [max(len(row[column]) for row in table) for column in range(len(table[0]))]
+    return "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        + "\n"
+        for row in table
+    )

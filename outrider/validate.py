@@ -1,0 +1,61 @@
+"""Configs and policies checked without running anything: `outrider agent|ca|control|
+injector validate --config` and `policy lint --agent-config`.
+
+Each reads its file with the same function its server starts with, so "valid" here
+means the server would start with it (as far as the file can tell: a port in use or
+an unreachable CA shows only at start). Errors come back as raised, every one with
+its key path; the command prints them and exits 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+
+def agent(path: Path) -> str:
+    """agent.yaml as `agent run` reads it, its policy files and inline policies included
+    (names unique, no HTTP field on a TCP port). ConfigError or PolicyError."""
+    from agent import app as agent_app
+    from agent import config as agent_config
+
+    config = agent_config.read(path).parse()
+    policies = agent_app.load_policies(config)
+    return (
+        f"{path}: valid agent config ({config.identity.spiffe_id}, {len(config.inbound)}"
+        f" inbound, {len(config.outbound)} outbound, {len(policies.policies)} policies)"
+    )
+
+
+def ca(path: Path) -> str:
+    from ca import config as ca_config
+
+    config = ca_config.load(path)
+    domain = config.trust_domain or "from its CA directory"
+    return f"{path}: valid CA config (trust domain {domain})"
+
+
+def control(path: Path, kubeconfig: Path | None = None) -> str:
+    from control import config as control_config
+
+    config = control_config.load(path, kubeconfig=kubeconfig)
+    return f"{path}: valid control plane config (trust domain {config.trust_domain})"
+
+
+def injector(path: Path) -> str:
+    from injector import config as injector_config
+
+    injector_config.load(path, require_tls=True)  # as `injector serve` reads it
+    return f"{path}: valid injector config"
+
+
+def policies_for_agent(files: list[Path], agent_config: Path) -> int:
+    """The policy files as this agent would load them beside its own policies: every
+    PolicyError the agent would refuse them with (an HTTP field on one of its TCP ports,
+    a name its config already uses). Returns how many policies that makes."""
+    from agent import app as agent_app
+    from agent import config as agent_config_module
+
+    config = agent_config_module.read(agent_config).parse()
+    given = replace(config, policy=replace(config.policy, files=(*config.policy.files, *files)))
+    return len(agent_app.load_policies(given).policies)

@@ -1,0 +1,210 @@
+"""What a user expects of any CLI: --version, -o json|yaml, shell completion, a way to
+validate a config without running it, and a lint that knows what the agent refuses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from identity.build import VERSION
+from tests.interop import ensure_command
+
+FRONTEND = "spiffe://example.org/ns/shop/sa/frontend"
+#: An agent with a TCP inbound port (the default protocol) and an HTTP one.
+AGENT = {
+    "identity": {"spiffe_id": "spiffe://example.org/ns/shop/sa/db", "token_file": "token"},
+    "ca": {"address": "outrider-ca.outrider-system.svc:8443", "bundle_file": "bundle.pem"},
+    "inbound": [
+        {"listen": "0.0.0.0:15432", "app": "127.0.0.1:5432"},
+        {"listen": "0.0.0.0:15443", "app": "127.0.0.1:8080", "protocol": "http"},
+    ],
+}
+#: Lints clean on its own; the agent above refuses it (paths on its TCP port 5432).
+HTTP_ON_TCP = """\
+policies:
+  - name: reads-only
+    action: ALLOW
+    rules:
+      - name: get
+        to: {ports: [5432], methods: [GET]}
+"""
+
+
+def outrider(*args: str | Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "outrider", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        input=stdin,
+    )
+
+
+def test_version_prints_the_build_version() -> None:
+    ran = outrider("--version")
+    assert ran.returncode == 0
+    assert ran.stdout == f"outrider {VERSION}\n"
+
+
+def _complete(script: Path, line: str) -> list[str]:
+    """What bash offers for TAB at the end of `line`, with the script loaded."""
+    words = line.split(" ")
+    program = f"""
+source {script}
+COMP_WORDS=({" ".join(repr(w) for w in words)})
+COMP_CWORD={len(words) - 1}
+COMP_LINE={line!r}
+COMP_POINT=${{#COMP_LINE}}
+_shtab_outrider
+printf '%s\\n' "${{COMPREPLY[@]}}"
+"""
+    ran = subprocess.run(["bash", "-c", program], capture_output=True, text=True, timeout=30)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stderr == ""
+    return sorted(set(ran.stdout.split()))
+
+
+@pytest.fixture(scope="module")
+def bash_completion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ran = outrider("completion", "bash")
+    assert ran.returncode == 0, ran.stderr
+    script = tmp_path_factory.mktemp("completion") / "outrider.bash"
+    script.write_text(ran.stdout)
+    return script
+
+
+def test_bash_completion_loads_and_completes_subcommands(bash_completion: Path) -> None:
+    assert "proxy-status" in _complete(bash_completion, "outrider pro")
+    assert _complete(bash_completion, "outrider ca ") == ["init", "mint", "serve", "validate"]
+    assert _complete(bash_completion, "outrider check -o ") == ["json", "text", "yaml"]
+    assert "--agent-config" in _complete(bash_completion, "outrider policy lint --a")
+
+
+def test_zsh_completion_is_a_zsh_script_defining_the_completer(tmp_path: Path) -> None:
+    zsh = ensure_command("zsh", "zsh")
+    ran = outrider("completion", "zsh")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.startswith("#compdef outrider")
+    script = tmp_path / "_outrider"
+    script.write_text(ran.stdout)
+    checked = subprocess.run([zsh, "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    assert "proxy-status" in ran.stdout and "validate" in ran.stdout
+
+
+def _ca_init(directory: Path) -> None:
+    ran = outrider("ca", "init", "--trust-domain", "example.org", "--dir", directory)
+    assert ran.returncode == 0, ran.stderr
+
+
+def _ca_init(directory: Path) -> None:
+    ran = outrider("ca", "init", "--trust-domain", "example.org", "--dir", directory)
+    assert ran.returncode == 0, ran.stderr
+
+
+def test_ca_mint_prints_json_and_yaml_with_the_same_facts(tmp_path: Path) -> None:
+    _ca_init(tmp_path)
+    minted = {}
+    for fmt in ("json", "yaml"):
+        mint = ("ca", "mint", "--dir", tmp_path, "--spiffe-id", FRONTEND, "--ttl", "1h30m")
+        ran = outrider(*mint, "--out", tmp_path / fmt, "-o", fmt)
+        assert ran.returncode == 0, ran.stderr
+        minted[fmt] = json.loads(ran.stdout) if fmt == "json" else yaml.safe_load(ran.stdout)
+        assert Path(minted[fmt]["svid"]).exists() and Path(minted[fmt]["key"]).exists()
+    assert minted["json"]["spiffe_id"] == minted["yaml"]["spiffe_id"] == FRONTEND
+    assert set(minted["json"]) == {"spiffe_id", "not_after", "svid", "key", "bundle"}
+
+
+def test_policy_check_prints_its_decision_as_json_and_keeps_its_exit_code(
+    tmp_path: Path,
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(HTTP_ON_TCP.replace("5432", "8080"))
+    base = ("policy", "check", "--policy", policy, "--port", "8080", "-o", "json")
+    allowed = outrider(*base, "--source", FRONTEND, "--method", "GET", "--path", "/a/../b")
+    assert allowed.returncode == 0, allowed.stderr
+    shown = json.loads(allowed.stdout)
+    assert shown["decision"] == "allow" and shown["policy"] == "reads-only"
+    assert shown["path"] == "/b" and shown["normalized_from"] == "/a/../b"
+    denied = outrider(*base, "--source", FRONTEND, "--method", "POST")
+    assert denied.returncode == 1
+    assert json.loads(denied.stdout)["decision"] == "deny"
+    refused = outrider(*base, "--plaintext", "--method", "GET", "--header", "x_a=1")
+    assert refused.returncode == 1
+    assert json.loads(refused.stdout) == {
+        "decision": "deny",
+        "status": 400,
+        "why": json.loads(refused.stdout)["why"],
+    }
+
+
+@pytest.fixture
+def agent_config(tmp_path: Path) -> Path:
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(AGENT))
+    return path
+
+
+def test_policy_lint_with_the_agent_config_refuses_what_the_agent_would(
+    tmp_path: Path, agent_config: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(HTTP_ON_TCP)
+    assert outrider("policy", "lint", policy).returncode == 0  # alone, it cannot tell
+    ran = outrider("policy", "lint", policy, "--agent-config", agent_config)
+    assert ran.returncode == 2
+    assert "policy 'reads-only' rule 'get' uses methods but applies to TCP port 5432" in ran.stderr
+    assert "set `protocol: http` on that inbound port" in ran.stderr
+    policy.write_text(HTTP_ON_TCP.replace("5432", "8080"))
+    ran = outrider("policy", "lint", policy, "--agent-config", agent_config)
+    assert ran.returncode == 0, ran.stderr
+    assert f"{agent_config}: the agent would load 1 policies OK" in ran.stdout
+
+
+def test_agent_validate_loads_the_config_and_its_policies_without_running(
+    tmp_path: Path, agent_config: Path
+) -> None:
+    ran = outrider("agent", "validate", "--config", agent_config)
+    assert ran.returncode == 0, ran.stderr
+    assert "valid agent config (spiffe://example.org/ns/shop/sa/db, 2 inbound" in ran.stdout
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(HTTP_ON_TCP)
+    with_policy = {**AGENT, "policy": {"files": [str(policy)]}}
+    agent_config.write_text(yaml.safe_dump(with_policy))
+    ran = outrider("agent", "validate", "--config", agent_config)
+    assert ran.returncode == 2
+    assert "invalid policy:" in ran.stderr and "TCP port 5432" in ran.stderr
+
+
+def test_validate_lists_every_error_of_each_components_config(tmp_path: Path) -> None:
+    bad = {
+        "agent": "identity: {spiffe_id: nope}\nca: {timeout: soon}\n",
+        "ca": "trust_domain: Bad_Domain\nissuance: {max_ttl: soon}\n",
+        "injector": "listen: nowhere\n",
+        "control": "trust_domain: example.org\nlisten: nowhere\n",
+    }
+    for component, text in bad.items():
+        config = tmp_path / f"{component}.yaml"
+        config.write_text(text)
+        ran = outrider(component, "validate", "--config", config)
+        assert ran.returncode == 2, (component, ran.stdout, ran.stderr)
+        assert ran.stderr.startswith(f"outrider: invalid config {config}:"), ran.stderr
+        assert len(ran.stderr.splitlines()) >= 3, ran.stderr  # more than one error, each told
+
+
+def test_ca_validate_accepts_a_config_ca_serve_would_start_with(tmp_path: Path) -> None:
+    _ca_init(tmp_path)
+    config = tmp_path / "ca.yaml"
+    config.write_text(
+        f"trust_domain: example.org\nsigner: {{kind: local, dir: {tmp_path}}}\n"
+        "authn: {kubernetes: {issuer: https://kubernetes.default.svc, "
+        "jwks_url: https://kubernetes.default.svc/openid/v1/jwks}}\n"
+    )
+    ran = outrider("ca", "validate", "--config", config)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == f"{config}: valid CA config (trust domain example.org)\n"

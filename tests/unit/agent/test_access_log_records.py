@@ -1,0 +1,115 @@
+"""Access log records: which requests get a line, the line's fields, and no secret in it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from agent.adapters.tracing import Observer
+from agent.core.accesslog import (
+    FIELDS,
+    MAX_PATH,
+    REDACTED,
+    AccessLogConfig,
+    Entry,
+    line,
+    logged,
+    logged_path,
+)
+from agent.core.tracecontext import TracingConfig
+
+
+@pytest.mark.parametrize(
+    ("mode", "sample", "denied", "draw", "expected"),
+    [
+        ("off", 1.0, False, 0.0, False),
+        ("off", 1.0, True, 0.0, False),
+        ("denied", 1.0, False, 0.0, False),
+        ("denied", 1.0, True, 0.99, True),
+        ("all", 1.0, False, 0.99, True),
+        ("all", 0.1, False, 0.05, True),
+        ("all", 0.1, False, 0.5, False),
+        ("all", 0.0, False, 0.0, False),
+        ("all", 0.0, True, 0.99, True),  # a denial is never sampled away
+        ("denied", 0.0, True, 0.99, True),
+    ],
+)
+def test_which_requests_get_a_line(
+    mode: str, sample: float, denied: bool, draw: float, expected: bool
+) -> None:
+    config = AccessLogConfig(mode, sample)  # type: ignore[arg-type]
+    assert logged(config, denied, draw) is expected
+
+
+@pytest.mark.parametrize(
+    ("target", "query", "expected"),
+    [
+        ("/api/items?token=s3cret&page=2", False, "/api/items"),
+        ("/api/items", True, "/api/items"),
+        ("/api/items?page=2&sort=asc", True, "/api/items?page=2&sort=asc"),
+        ("/a?token=s3cret&page=2", True, f"/a?token={REDACTED}&page=2"),
+        (
+            "/a?access_token=s&X-Amz-Signature=s&user.password=s",
+            True,
+            f"/a?access_token={REDACTED}&X-Amz-Signature={REDACTED}&user.password={REDACTED}",
+        ),
+        ("/a?api-key=s&flag&keyboard=us", True, f"/a?api-key={REDACTED}&flag&keyboard=us"),
+        ("/" + "p" * (MAX_PATH + 10) + "?q=1", False, "/" + "p" * (MAX_PATH - 1)),
+    ],
+)
+def test_the_query_is_left_out_unless_asked_and_then_its_secrets_are_redacted(
+    target: str, query: bool, expected: str
+) -> None:
+    assert logged_path(target, query) == expected
+
+
+def test_a_line_has_every_field_in_order_and_null_where_it_does_not_apply() -> None:
+    entry = Entry("tcp", "inbound", at=1796569200.1234, started=10.0, peer_id="spiffe://a/b")
+    record = json.loads(line(entry, ended=10.0025))
+    assert tuple(record) == FIELDS
+    assert record["time"] == "2026-12-06T15:00:00.123Z"
+    assert record["duration_ms"] == 2.5
+    assert record["method"] is None and record["status"] is None and record["tries"] is None
+    assert record["bytes_in"] == 0
+
+
+def test_an_observer_writes_one_line_per_finished_request_and_no_header_value() -> None:
+    written: list[str] = []
+    observer = Observer(
+        AccessLogConfig("all"),
+        TracingConfig(),
+        "spiffe://example.org/ns/a/sa/me",
+        write=written.append,
+        wall=lambda: 0.0,
+    )
+    watch = observer.watch("http", "outbound", None, upstream="backend")
+    entry = watch.request(
+        "GET",
+        "/p?token=secret-in-query",
+        [(b"authorization", b"Bearer secret-in-header"), (b"cookie", b"sid=secret-cookie")],
+    )
+    watch.finish(entry, 200)
+    (text,) = written
+    record = json.loads(text)
+    assert record["path"] == "/p" and record["upstream"] == "backend"
+    assert record["trace_id"] == entry.trace.span.trace_id  # type: ignore[union-attr]
+    assert "secret" not in text
+
+
+def test_with_both_off_there_is_no_observer_and_the_sdk_is_never_imported() -> None:
+    script = """
+import sys
+from pathlib import Path
+from agent.app import observer
+from agent.config import parse
+raw = {"identity": {"spiffe_id": "spiffe://example.org/ns/a/sa/b"},
+       "ca": {"address": "ca:1", "bundle_file": "b.pem"}}
+assert observer(parse(raw, base=Path("/"))) is None
+logged = observer(parse({**raw, "access_log": {"mode": "all"}}, base=Path("/")))
+assert logged is not None and logged.spans is None
+assert not [m for m in sys.modules if m.startswith("opentelemetry")], "imported"
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
