@@ -4,12 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench proto audit-screenshot clean
+.PHONY: demo test lint bench proto lock audit-screenshot clean
 
-$(STAMP): pyproject.toml
+# The dev dependencies as locked (requirements/dev.txt: every version pinned, every
+# file hashed), then the project itself, editable, without resolving anything more.
+$(STAMP): pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 demo: $(STAMP)
@@ -31,7 +33,7 @@ lint: $(STAMP)
 BENCH_STAMP := $(VENV)/.bench
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -e '.[bench]'
 	touch $@
 
 bench: $(BENCH_STAMP)
@@ -42,11 +44,27 @@ bench: $(BENCH_STAMP)
 proto: $(STAMP)
 	$(BIN)/python -m identity.proto.generate
 
+# The lock files, from pyproject.toml (pip-tools): dev.txt for make, all.txt for
+# Dockerfile.ca, agent.txt for Dockerfile.agent. The two images' locks are
+# constrained by dev.txt, so a package has one version in all three. Every
+# distribution file of a pinned version is hashed: the locks hold on any platform
+# the pinned versions have wheels for. `outrider` itself (dev and all name it, as
+# outrider[all]) is left out of the files: it is the project, not a dependency.
+LOCK = CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes \
+	--strip-extras --allow-unsafe --unsafe-package outrider \
+	--no-emit-index-url --no-emit-find-links
+
+lock: $(STAMP)
+	$(LOCK) --extra dev -o requirements/dev.txt pyproject.toml
+	$(LOCK) --extra all -c requirements/dev.txt -o requirements/all.txt pyproject.toml
+	$(LOCK) --extra agent -c requirements/dev.txt -o requirements/agent.txt pyproject.toml
+	$(BIN)/python -c 'import pathlib, re; [p.write_text(re.sub(r"\n*# The following packages are considered to be unsafe.*", "\n", p.read_text(), flags=re.S)) for p in pathlib.Path("requirements").glob("*.txt")]'
+
 # docs/audit.png, the README's picture of `outrider audit`: the acceptance test's own
-# report (a real Prometheus, headless Chromium), kept instead of thrown away.
+# report (a running mesh, a real Prometheus, headless Chromium), kept instead of thrown away.
 audit-screenshot: $(STAMP)
 	OUTRIDER_AUDIT_SCREENSHOT=docs/audit.png $(BIN)/pytest -q -p no:xdist \
-		tests/integration/test_audit_report.py -k chromium
+		tests/e2e/test_audit_questions.py -k chromium
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

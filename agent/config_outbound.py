@@ -40,6 +40,7 @@ outbound:
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -55,6 +56,19 @@ from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId
 from identity.appprotocol import H2, L7, PROTOCOLS, Protocol
 from identity.configfile import ConfigReader, Listen
+
+#: Why an agent without the Kubernetes client refuses a `kubernetes:` endpoint source.
+KUBERNETES_MISSING = (
+    "needs the kubernetes package, which the agent's image and dependency group leave out "
+    "(an injected agent gets its endpoints from the control plane): list endpoints: or "
+    "dns:, or install it beside the agent (pip install 'outrider[agent,control]')"
+)
+
+
+def kubernetes_installed() -> bool:
+    """Whether the Kubernetes client can be imported (without importing it: tens of MB)."""
+    return importlib.util.find_spec("kubernetes") is not None
+
 
 T = TypeVar("T")
 HashOn = tuple[Literal["header", "cookie", "source"], str]
@@ -301,6 +315,8 @@ class OutboundReader(ConfigReader):
         return DnsSource(address.host, address.port, refresh) if address else None
 
     def kubernetes(self, raw: Mapping[str, Any], path: str) -> KubernetesSource | None:
+        """A Service's EndpointSlices, watched with the pod's token: it needs the Kubernetes
+        client, which the agent image leaves out (an injected agent has no API access)."""
         service = self.string(raw, "service", f"{path}.kubernetes.service", None)
         namespace = self.string(raw, "namespace", f"{path}.kubernetes.namespace", None)
         port = self.integer(raw, "port", f"{path}.kubernetes.port", 15443)
@@ -310,6 +326,9 @@ class OutboundReader(ConfigReader):
             if value is None:
                 self.fail(f"{path}.kubernetes.{key}", "required: the Service whose slices to watch")
         if service is None or namespace is None or port > 65535:
+            return None
+        if not kubernetes_installed():
+            self.fail(f"{path}.kubernetes", KUBERNETES_MISSING)
             return None
         return KubernetesSource(service, namespace, port)
 

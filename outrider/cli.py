@@ -206,7 +206,7 @@ def _environ(name: str) -> str:
 
 def _inject(args: argparse.Namespace) -> None:
     from injector import config as injector_config
-    from injector.manifests import ManifestError, inject_stream
+    from injector.manifests import INVALID, Injected, ManifestError, inject_files, inject_stream
 
     try:
         config = (
@@ -216,23 +216,32 @@ def _inject(args: argparse.Namespace) -> None:
         )
     except ConfigError as exc:
         raise _invalid(exc) from None
-    try:
-        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CommandError(f"cannot read {args.file}: {exc}", EXIT_USAGE) from None
     settings = config.settings.without_capture() if args.no_capture else config.settings
+    results: list[tuple[str, Injected]]
     try:
-        output, results = inject_stream(text, settings, args.namespace)
+        if "-" in args.file and len(args.file) > 1:
+            raise CommandError("-f -: stdin is read alone, not with files", EXIT_USAGE)
+        if args.file == ["-"]:
+            output, injected = inject_stream(sys.stdin.read(), settings, args.namespace)
+            results = [("-", result) for result in injected]
+        else:
+            paths = [Path(file) for file in args.file]
+            output, found = inject_files(paths, settings, args.namespace)
+            results = [(str(path), result) for path, result in found]
     except ManifestError as exc:
-        raise CommandError(f"{args.file}: {exc}", EXIT_USAGE) from None
-    for result in results:
-        print(f"{result.workload}: {result.mutation.reason}", file=sys.stderr)
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    for file, result in results:
+        where = "" if file == "-" else f"{file}: "
+        print(f"{where}{result.workload}: {result.mutation.reason}", file=sys.stderr)
         for warning in result.mutation.warnings:
             print(f"  {warning}", file=sys.stderr)
     if args.output:
         write_atomic(Path(args.output), output.encode())
     else:
         sys.stdout.write(output)
+    invalid = [result for _, result in results if result.mutation.reason == INVALID]
+    if invalid:
+        raise CommandError(f"{len(invalid)} workload(s) left as written: see above")
 
 
 def _injector_serve(args: argparse.Namespace) -> None:
@@ -629,7 +638,12 @@ def parser() -> argparse.ArgumentParser:
 
     inject = commands.add_parser("inject", help="add the agent to the pods of manifest files")
     inject.add_argument(
-        "-f", "--file", required=True, help="multi-document YAML or a kind: List, or - for stdin"
+        "-f",
+        "--file",
+        required=True,
+        action="append",
+        help="a manifest file (multi-document YAML, a kind: List, JSON), a directory (its "
+        ".yaml, .yml and .json files, recursively), or - for stdin; repeatable",
     )
     inject.add_argument("-o", "--output", help="write here instead of stdout")
     inject.add_argument("--config", help="injector.yaml (default: the built-in defaults)")
@@ -874,7 +888,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as exc:
         print(f"outrider: {exc}", file=sys.stderr)
         return exc.code
+    except ModuleNotFoundError as exc:
+        # An install without the command's dependency group (the agent image has only
+        # what `agent` and `capture` need): which group, rather than a traceback.
+        group = _GROUPS.get(args.command, "all")
+        print(
+            f"outrider {args.command}: the {exc.name} package is not installed: this install "
+            f"lacks the {group} dependency group (pip install 'outrider[{group}]')",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     return 0
+
+
+#: The optional-dependency group (pyproject.toml) each command needs beyond the core.
+_GROUPS = {"agent": "agent", "capture": "agent", "ca": "ca", "control": "control"}
+_GROUPS |= {"injector": "injector", "inject": "injector", "demo": "all"}
 
 
 if __name__ == "__main__":

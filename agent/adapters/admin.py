@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives import hashes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.adapters.metrics import AgentMetrics
+from agent.adapters.ports import cannot_listen
 from agent.adapters.probes import MAX_IN_FLIGHT, Prober
 from agent.config import AgentConfig, Limits
 from agent.core.svid import Svid
@@ -222,7 +223,7 @@ class Server:
         try:
             server._server = await loop.create_server(server.accepted, listen.host, listen.port)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from None
+            raise cannot_listen(exc, str(listen)) from None
         host, port = server._server.sockets[0].getsockname()[:2]
         server.address, server.port = str(Listen(host, port)), port
         log.info("%s listening on %s", name, server.address)

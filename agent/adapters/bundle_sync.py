@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from agent.adapters.rotator import IdentityManager
+from agent.adapters.tls import unreachable
 from agent.config import CaEndpoint
 from agent.core.svid import Svid
 from agent.core.trust import peer_bundle
@@ -152,7 +153,8 @@ class BundleSync:
                 ders = await client.get_bundle(deadline=ca.timeout.total_seconds())
             bundle = TrustBundle.from_der(self._trust_domain, ders)
         except _CA_TROUBLE as exc:
-            self._problem("ca", f"cannot get the CA's trust bundle ({exc!r}); asking again")
+            why = unreachable(exc, ca.server_name, ca.bundle_file)
+            self._problem("ca", f"cannot get the CA's trust bundle ({why}); asking again")
             return
         self._problem("ca", None)
         self._from_ca = bundle

@@ -43,6 +43,7 @@ from agent.adapters.listeners import (
     OutboundCapture,
     OutboundPath,
 )
+from agent.adapters.ports import cannot_listen
 from agent.adapters.relay import Relay
 from agent.adapters.runtime import Runtime
 from agent.adapters.upstreams import DialError, LiveUpstream
@@ -212,9 +213,7 @@ class _AlsoIpv6(Listener[CaptureT]):
             if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                 log.info("%s: no IPv6 here (%s): IPv4 only", self.address, exc.strerror)
                 return
-            raise OSError(
-                exc.errno, f"cannot listen on [{self.IPV6_HOST}]:{port}: {exc.strerror}"
-            ) from None
+            raise cannot_listen(exc, f"[{self.IPV6_HOST}]:{port}") from None
         sock.setblocking(False)
         self._v6 = sock
 

@@ -34,6 +34,7 @@ from agent.adapters.inbound_h2h1 import InboundH2ToHttp1
 from agent.adapters.metrics import AgentMetrics, clock
 from agent.adapters.outbound_h2 import OutboundH2
 from agent.adapters.outbound_http import OutboundHttp
+from agent.adapters.ports import cannot_listen
 from agent.adapters.relay import Relay
 from agent.adapters.runtime import Runtime, refusal_line
 from agent.adapters.tls import refusal_reason
@@ -197,7 +198,7 @@ class Listener(Generic[ConfigT]):
                 (listen.host, listen.port), family=family, backlog=1024
             )
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from None
+            raise cannot_listen(exc, str(listen)) from None
         self._socket.setblocking(False)
         host, port = self._socket.getsockname()[:2]
         self.address = str(Listen(host, port))

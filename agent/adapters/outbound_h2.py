@@ -283,7 +283,8 @@ class OutboundH2:
             connection, new = await pool.connection(
                 endpoint, context, partial(self._dial, endpoint, context), fresh=fresh
             )
-        except DialError:
+        except DialError as exc:
+            log.warning("outbound %s: %s", live.name, exc)  # as the TCP outbound says it
             return None
         finally:
             breaker.release("max_pending")

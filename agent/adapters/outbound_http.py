@@ -609,7 +609,8 @@ class OutboundHttp(asyncio.Protocol):
                 endpoint,
                 lambda release: UpstreamConnection(live.pool, endpoint, context, release),
             )
-        except DialError:
+        except DialError as exc:
+            log.warning("outbound %s: %s", live.name, exc)  # as the TCP outbound says it
             return None
         finally:
             breaker.release("max_pending")

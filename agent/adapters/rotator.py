@@ -27,7 +27,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from agent.adapters.metrics import AgentMetrics
-from agent.adapters.tls import Contexts
+from agent.adapters.tls import Contexts, unreachable
 from agent.config import AgentConfig
 from agent.core.svid import Svid, SvidRejected, accept_svid
 from identity import TrustBundle
@@ -171,7 +171,9 @@ class IdentityManager:
             raise RenewalFailed(result, f"CA answered {exc.status.name}: {exc.message}") from None
         except (OSError, TimeoutError, StreamTerminatedError, ProtocolError) as exc:
             # StreamTerminatedError: the connection to the CA dropped mid-call (a CA restart).
-            raise RenewalFailed("ca_unavailable", f"cannot reach the CA: {exc!r}") from None
+            ca = self.config.ca
+            why = unreachable(exc, ca.server_name, ca.bundle_file)
+            raise RenewalFailed("ca_unavailable", f"cannot reach the CA: {why}") from None
         try:
             svid = accept_svid(
                 response.cert_chain,

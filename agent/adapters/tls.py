@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ssl
 from datetime import datetime
+from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
@@ -178,3 +179,31 @@ def refusal_reason(exc: BaseException) -> str:
     if isinstance(exc, ConnectionError | EOFError):
         return "connection_reset"
     return "handshake_error"
+
+
+#: OpenSSL's verify codes: the CA's certificate names another host, or chains to a root
+#: the agent does not trust.
+_NAME_MISMATCH = {62, 64}  # hostname mismatch, IP address mismatch
+_UNTRUSTED = {2, 18, 19, 20, 21}  # no issuer, self-signed, unable to get local issuer
+
+
+def unreachable(exc: BaseException, server_name: str, bundle_file: Path) -> str:
+    """Why the CA could not be reached, with what to change when the agent's config is
+    the cause: OpenSSL's `IP address mismatch` or `unable to get local issuer
+    certificate` alone names neither the setting nor the file."""
+    code = exc.verify_code if isinstance(exc, ssl.SSLCertVerificationError) else None
+    said = exc.verify_message if isinstance(exc, ssl.SSLCertVerificationError) else repr(exc)
+    if code in _NAME_MISMATCH:
+        return (
+            f"the CA's certificate is not valid for {server_name!r} ({said}): set "
+            "ca.server_name to a name in the CA's serving certificate (its serving_cert.names; "
+            "outrider-ca.outrider-system.svc in a cluster), or add that name there; "
+            "ca.server_name defaults to the host of ca.address, an IP address when it is one"
+        )
+    if code in _UNTRUSTED:
+        return (
+            f"the CA's certificate does not chain to a root in ca.bundle_file {bundle_file} "
+            f"({said}): point ca.bundle_file at this CA's trust bundle (bundle.pem of "
+            "`outrider ca init`, or the outrider-trust-bundle ConfigMap in a cluster)"
+        )
+    return said

@@ -92,7 +92,9 @@ def test_before_the_first_svid_sighup_is_harmless_and_sigterm_exits_0(
     assert process.returncode == 0, stderr
 
 
-def test_an_address_in_use_is_a_clear_error(setup: CaSetup, tmp_path: Path) -> None:
+def test_an_address_in_use_is_a_clear_error_saying_why_it_may_be(
+    setup: CaSetup, tmp_path: Path
+) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -101,6 +103,9 @@ def test_an_address_in_use_is_a_clear_error(setup: CaSetup, tmp_path: Path) -> N
         _, stderr = process.communicate(timeout=20)
     assert process.returncode == 1
     assert "address already in use" in stderr
+    # Most often the agent's own previous process, still draining after a restart.
+    assert "if it is this agent's previous process, still draining" in stderr
+    assert "start this one after that process has exited" in stderr
     assert "Traceback" not in stderr
 
 

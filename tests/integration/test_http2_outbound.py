@@ -319,6 +319,22 @@ async def test_plain_http2_requests_get_answers_and_json_refusals(setup: CaSetup
     assert grpc_refused.status == 200 and grpc_refused.grpc_status == Code.UNAVAILABLE
 
 
+async def test_a_wrong_server_id_is_answered_unavailable_and_logged(
+    setup: CaSetup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the TCP and HTTP/1.1 outbounds say it: which ID the endpoint presented."""
+    other = "spiffe://example.org/ns/demo/sa/payments"
+    async with (
+        backends(setup, "a") as pairs,
+        client_agent(setup, endpoints=[pairs[0][1]], server_ids=[other]) as agent,
+        channel(agent) as connection,
+    ):
+        refused = await exchange(connection, grpc_head())
+    assert refused.status == 200 and refused.grpc_status == Code.UNAVAILABLE
+    said = [r.getMessage() for r in caplog.records if r.name == "outrider.agent"]
+    assert f"outbound backend: {pairs[0][1]} presented {BACKEND}, not an ID of the upstream" in said
+
+
 async def test_a_header_name_an_app_server_folds_is_refused_before_it_leaves(
     setup: CaSetup,
 ) -> None:

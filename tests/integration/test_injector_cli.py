@@ -124,7 +124,6 @@ def test_inject_gives_the_workload_api_to_the_workloads_that_ask_or_to_all(
     [
         ("kind: [", None, "not YAML"),
         (DEPLOYMENT, {"agent": {"uid": 0}}, "agent.uid: must be an integer >= 1"),
-        ("kind: Pod\napiVersion: v1\nmetadata: {namespace: a.b/c}\nspec: {}\n", None, "a.b/c"),
     ],
 )
 def test_inject_refuses_what_it_cannot_do_with_exit_2(
@@ -142,6 +141,44 @@ def test_inject_refuses_what_it_cannot_do_with_exit_2(
         argv += ["--config", str(tmp_path / "inj.yaml")]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_inject_of_a_directory_injects_every_manifest_and_names_a_bad_one_with_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kubectl apply -f DIR`, recursively: all of it comes out, what could not be injected
+    as written, and the exit status says so."""
+    source, out = tmp_path / "manifests", tmp_path / "out.yaml"
+    (source / "shop").mkdir(parents=True)
+    listed = {
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            yaml.safe_load(DEPLOYMENT.replace("name: web,", "name: api,")),
+            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}, "spec": {}},
+        ],
+    }
+    (source / "shop" / "list.yaml").write_text(yaml.safe_dump(listed, sort_keys=False))
+    (source / "web.yaml").write_text("# the web tier\n" + SERVICE + "---\n" + DEPLOYMENT)
+    assert main(["inject", "-f", str(source), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    text = out.read_text()
+    first, kept, _ = yaml.safe_load_all(text)
+    assert [c["name"] for c in first["items"][0]["spec"]["template"]["spec"]["initContainers"]] == [
+        "outrider-capture",
+        "outrider-agent",
+    ]
+    assert first["items"][1]["spec"] == {}
+    assert kept["kind"] == "Service"
+    assert "# the web tier\n" in text and "# kept\n" in text
+    assert f"{source / 'shop' / 'list.yaml'}: Deployment default/x: invalid\n" in err
+    assert "(document 1, items[1]): no pod template at spec.template" in err
+    assert f"{source / 'web.yaml'}: Deployment shop/web: injected\n" in err
+    assert "1 workload(s) left as written" in err
+    # Its own output again: nothing changes, and the bad one is still named.
+    again = tmp_path / "again.yaml"
+    assert main(["inject", "-f", str(out), "-o", str(again)]) == 1
+    assert again.read_text() == text
 
 
 def test_inject_of_a_missing_file_exits_2(

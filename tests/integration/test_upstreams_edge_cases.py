@@ -25,6 +25,7 @@ from agent.app import Agent
 from agent.core.discovery import Source
 from agent.core.endpoint import Endpoint
 from tests.integration.test_upstreams import (
+    BACKEND,
     App,
     backend_agents,
     backends,
@@ -258,6 +259,26 @@ async def test_a_dial_to_the_wrong_server_id_releases_its_connection_slot_once(
     # One takes the pooled connection; a second connection would break max_connections: 1.
     assert sorted(status for [(status, _)] in answers) == [200, 503]
     assert intruder_app.hits == 0
+
+
+async def test_a_wrong_server_id_is_logged_as_the_tcp_outbound_logs_it(
+    root: Path, setup: CaSetup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An HTTP outbound whose server_ids do not hold the endpoint's ID answers 503
+    upstream_connect_failure, and the log says which ID the endpoint presented: from
+    the 503 alone a wrong server_ids looks like a dead upstream."""
+    other = "spiffe://example.org/ns/demo/sa/payments"
+    async with (
+        asyncio.timeout(5),
+        backends(root, setup, "a") as pairs,
+        client_agent(root, setup, endpoints=[pairs[0][1]], server_ids=[other]) as agent,
+    ):
+        get = b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n"
+        [(status, body)] = await exchange(listener(agent), get)
+    assert (status, b"upstream_connect_failure" in body) == (503, True)
+    assert pairs[0][0].hits == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "outrider.agent"]
+    assert f"outbound backend: {pairs[0][1]} presented {BACKEND}, not an ID of the upstream" in said
 
 
 async def test_a_reload_during_a_retry_leaves_the_app_connection_working(

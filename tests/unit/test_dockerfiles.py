@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = {"Dockerfile.ca": 1338, "Dockerfile.agent": 1337}
+#: The optional-dependency group (and lock file, requirements/GROUP.txt) each installs.
+GROUPS = {"Dockerfile.ca": "all", "Dockerfile.agent": "agent"}
 PACKAGES = ("identity", "ca", "agent", "injector", "control", "outrider")
 BUILD_TOOLS = re.compile(r"\b(gcc|g\+\+|make|build-essential|clang|[\w.+-]+-dev)\b")
 PINNED = re.compile(r"python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}")
@@ -58,8 +61,8 @@ def stages(path: Path) -> list[list[Instruction]]:
     return grouped
 
 
-def base_image(path: Path, from_args: str) -> str:
-    """A FROM's image with the global ARGs before the first FROM substituted."""
+def global_args(path: Path) -> dict[str, str]:
+    """The ARGs before the first FROM, with their defaults."""
     args = {}
     for instruction in instructions(path):
         if instruction.keyword == "FROM":
@@ -67,6 +70,12 @@ def base_image(path: Path, from_args: str) -> str:
         if instruction.keyword == "ARG" and "=" in instruction.args:
             name, _, value = instruction.args.partition("=")
             args[name] = value
+    return args
+
+
+def base_image(path: Path, from_args: str) -> str:
+    """A FROM's image with the global ARGs before the first FROM substituted."""
+    args = global_args(path)
     image = from_args.split()[0]
     return re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], image)
 
@@ -91,6 +100,55 @@ def test_the_image_runs_as_its_fixed_non_root_uid(name: str) -> None:
     uid, _, gid = users[-1].partition(":")
     assert uid.isdigit() and int(uid) == IMAGES[name] != 0
     assert gid == uid
+
+
+def test_both_images_share_one_install_recipe_differing_in_the_group() -> None:
+    """The builder stages are the same instructions; the group is a global ARG."""
+    builders = {name: stages(ROOT / name)[0] for name in IMAGES}
+    assert builders["Dockerfile.ca"] == builders["Dockerfile.agent"]
+    for name, group in GROUPS.items():
+        assert global_args(ROOT / name)["GROUP"] == group
+
+
+def test_the_install_recipe_takes_the_locked_group_hashed_and_the_project_without_deps() -> None:
+    runs = [i.args for i in stages(ROOT / "Dockerfile.agent")[0] if i.keyword == "RUN"]
+    installs = [
+        command.strip() for run in runs for command in run.split("&&") if " install " in command
+    ]
+    assert len(installs) == 2, installs
+    locked, project = installs
+    assert "--require-hashes" in locked.split()
+    assert "-r requirements/${GROUP}.txt" in locked
+    assert "--no-deps" in project.split() and "/wheels/outrider-*.whl" in project
+    # No pip in the image: the base image's pip installs into the venv from outside.
+    assert any("python -m venv --without-pip /opt/outrider" in run for run in runs)
+    for group in GROUPS.values():
+        assert (ROOT / "requirements" / f"{group}.txt").is_file()
+
+
+def test_make_installs_the_dev_lock() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    assert "$(BIN)/pip install --quiet --require-hashes -r requirements/dev.txt" in makefile
+    assert "$(BIN)/pip install --quiet --no-deps -e ." in makefile
+    stamp = next(line for line in makefile.splitlines() if line.startswith("$(STAMP):"))
+    assert "requirements/dev.txt" in stamp.split()
+
+
+OCI = ("title", "description", "source", "licenses", "version", "revision")
+
+
+@dockerfiles
+def test_the_image_carries_the_oci_labels(name: str) -> None:
+    final = stages(ROOT / name)[-1]
+    labels = dict(
+        item.split("=", 1) for i in final if i.keyword == "LABEL" for item in shlex.split(i.args)
+    )
+    assert {f"org.opencontainers.image.{key}" for key in OCI} <= set(labels)
+    args = dict(i.args.split("=", 1) for i in final if i.keyword == "ARG" and "=" in i.args)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert labels["org.opencontainers.image.version"] == "${VERSION}"
+    assert args["VERSION"] == project["version"]
+    assert labels["org.opencontainers.image.licenses"] == project["license"]
 
 
 def test_the_uids_are_the_ones_kubernetes_runs_them_as() -> None:
@@ -199,6 +257,7 @@ def build_context() -> list[str]:
     ("path", "sent"),
     [
         ("pyproject.toml", True),
+        ("requirements/agent.txt", True),
         ("README.md", True),
         ("ca/config.py", True),
         ("identity/proto/ca.proto", True),
@@ -220,7 +279,8 @@ def test_dockerignore_sends_the_sources_and_never_a_key(path: str, sent: bool) -
 def test_the_build_context_holds_every_package_and_nothing_else() -> None:
     context = build_context()
     tops = {path.split("/")[0] for path in context}
-    assert tops <= {*PACKAGES, "pyproject.toml", "README.md"}
+    assert tops <= {*PACKAGES, "pyproject.toml", "README.md", "requirements"}
+    assert {f"requirements/{group}.txt" for group in GROUPS.values()} <= set(context)
     for package in PACKAGES:
         assert f"{package}/__init__.py" in context
     assert not [path for path in context if path.endswith((".key", ".pem", ".pyc"))]
@@ -240,7 +300,7 @@ def copied_sources(name: str) -> list[str]:
 @dockerfiles
 def test_the_builder_copies_every_package_and_only_what_the_context_has(name: str) -> None:
     sources = copied_sources(name)
-    assert set(sources) == {*PACKAGES, "pyproject.toml", "README.md"}
+    assert set(sources) == {*PACKAGES, "pyproject.toml", "README.md", "requirements"}
     for source in sources:
         assert not ignored(source), f"{name} copies {source}, which .dockerignore leaves out"
 

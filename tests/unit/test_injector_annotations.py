@@ -322,3 +322,25 @@ def test_access_log_and_tracing_annotations_reach_the_agent_config() -> None:
     assert (parsed.access_log.mode, parsed.tracing.otlp_endpoint) == ("denied", "otel.obs:4318")
     off, _ = inject({"outrider.io/access-log": "off"})
     assert "access_log" not in config_of(off) and "tracing" not in config_of(off)
+
+
+def test_the_install_guide_lists_every_annotation_the_code_reads() -> None:
+    """install.md §6 is where a user looks them up, not the source: an annotation (or a
+    refused or retired one) that the code knows and the guide does not fails here."""
+    import identity.injected
+    from control.core.upstreams import ANNOTATION as UPSTREAMS_ANNOTATION
+    from injector.core import annotations as module
+    from injector.core.mutate import DEFAULT_CONTAINER
+
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "install.md").read_text()
+    section = guide[guide.index("### The labels and annotations") :]
+    section = section[: section.index("\n## ")]
+    named = {
+        value
+        for source in (module, identity.injected)
+        for value in vars(source).values()
+        if isinstance(value, str) and value.startswith("outrider.io/") and value != module.PREFIX
+    }
+    named |= {*module.GONE, *module.REFUSED, UPSTREAMS_ANNOTATION, DEFAULT_CONTAINER}
+    missing = sorted(key for key in named if f"`{key}`" not in section)
+    assert not missing, f"docs/install.md §6 does not list {missing}"

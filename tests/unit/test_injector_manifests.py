@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,7 +13,14 @@ import yaml
 
 from injector.core import Settings
 from injector.core.sidecar import AGENT
-from injector.manifests import TEMPLATES, ManifestError, inject_stream
+from injector.manifests import (
+    INVALID,
+    TEMPLATES,
+    ManifestError,
+    inject_files,
+    inject_stream,
+    manifest_files,
+)
 from tests.k8s import to_model
 
 SETTINGS = Settings()
@@ -140,30 +150,52 @@ def test_a_skipped_workload_is_left_as_written_and_reported() -> None:
     assert result.mutation.warnings
 
 
-def test_a_timestamp_stays_the_string_it_was_in_an_injected_document() -> None:
-    # kubectl reads an unquoted timestamp as a string; so must we, or it comes out
-    # as `2026-11-22 09:00:00+00:00`, which the API server refuses where it wants RFC 3339.
+def test_a_timestamp_stays_as_written_in_an_injected_document() -> None:
+    # kubectl reads an unquoted timestamp as a string; a YAML library that reads it as a
+    # date writes `2026-11-22 09:00:00+00:00`, which the API server refuses where it wants
+    # RFC 3339. The round trip writes every scalar as it was: 0777 and yes too.
     deployment = WORKLOADS["Deployment"] | {
-        "metadata": {"name": "web", "annotations": {"deployed": "2026-11-22T09:00:00Z"}}
+        "metadata": {
+            "name": "web",
+            "annotations": {"deployed": "2026-11-22T09:00:00Z", "mode": "0777", "on": "yes"},
+        }
     }
-    stream = yaml.safe_dump(deployment).replace("'2026-11-22T09:00:00Z'", "2026-11-22T09:00:00Z")
+    stream = yaml.safe_dump(deployment).replace("'", "")
     assert "deployed: 2026-11-22T09:00:00Z\n" in stream
+    assert "mode: 0777\n" in stream
     output, _ = inject_stream(stream, SETTINGS, "default")
-    assert "deployed: '2026-11-22T09:00:00Z'\n" in output
+    assert agents(yaml.safe_load(output)) == [AGENT]
+    for line in ("deployed: 2026-11-22T09:00:00Z\n", "mode: 0777\n", "on: yes\n"):
+        assert line in output
+
+
+def test_a_workload_that_cannot_be_injected_is_left_as_written_and_named() -> None:
+    bad = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\nspec: {}\n"
+    slash = "apiVersion: v1\nkind: Pod\nmetadata: {namespace: a/b}\nspec: {containers: []}\n"
+    stream = bad + "---\n" + slash + "---\n" + yaml.safe_dump(WORKLOADS["Pod"])
+    output, results = inject_stream(stream, SETTINGS, "default")
+    first, second, third = output.split("---\n")
+    assert (first, second) == (bad, slash)
+    assert agents(yaml.safe_load(third)) == [AGENT]
+    assert [(r.where, r.workload, r.mutation.reason) for r in results] == [
+        ("document 1", "Deployment default/x", INVALID),
+        ("document 2", "Pod a/b/?", INVALID),
+        ("document 3", "Pod default/web", "injected"),
+    ]
+    assert results[0].mutation.warnings == (
+        "outrider: not injected, left as written (document 1): no pod template at spec.template",
+    )
+    assert "a/b" in results[1].mutation.warnings[0]
 
 
 @pytest.mark.parametrize(
     ("stream", "message"),
     [
         ("kind: [unclosed", "not YAML"),
-        (
-            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\nspec: {}\n",
-            "no pod template",
-        ),
-        ("apiVersion: v1\nkind: Pod\nmetadata: {namespace: a/b}\nspec: {containers: []}\n", "a/b"),
+        ("apiVersion: v1\nkind: Pod\n---\nmetadata: {a: [}\n", "not YAML"),
     ],
 )
-def test_a_stream_that_cannot_be_injected_is_an_error(stream: str, message: str) -> None:
+def test_a_stream_that_is_not_yaml_is_an_error(stream: str, message: str) -> None:
     with pytest.raises(ManifestError, match=message):
         inject_stream(stream, SETTINGS, "default")
 
@@ -203,3 +235,142 @@ def test_an_injected_document_is_plain_yaml_without_anchors() -> None:
     output, _ = inject_stream(yaml.safe_dump(WORKLOADS["Pod"]), SETTINGS, "default")
     assert "&id" not in output
     assert "*id" not in output
+
+
+COMMENTED = """\
+# web: the shop's front end
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+    name: web   # the Service selects it
+    namespace: shop
+    labels: {app: web, tier: "front"}
+spec:
+    # two, for the rolling update
+    replicas: 2
+    selector:
+        matchLabels: {app: web}
+    template:
+        metadata:
+            labels: {app: web}
+        spec:
+            containers:
+              - name: web  # the app
+                image: 'web:1'
+                ports: [{containerPort: 8080}]
+                env:
+                  - name: MODE
+                    value: "on"
+            # no volumes yet
+# the end of web
+"""
+
+
+def comment_lines(text: str) -> list[str]:
+    return [line.split("#", 1)[1] for line in text.splitlines() if "#" in line]
+
+
+def test_an_injected_document_keeps_its_comments_key_order_quotes_and_indentation() -> None:
+    output, [result] = inject_stream(COMMENTED, SETTINGS, "default")
+    assert result.mutation.reason == "injected"
+    assert comment_lines(output) == comment_lines(COMMENTED)
+    document = yaml.safe_load(output)
+    assert agents(document) == [AGENT]
+    to_model(document)
+    assert list(document) == ["apiVersion", "kind", "metadata", "spec"]
+    assert list(document["spec"]) == ["replicas", "selector", "template"]
+    # Every line of the input is still there, as written: only the agent's are new.
+    lines = output.splitlines()
+    kept = iter(lines)
+    for line in COMMENTED.splitlines():
+        if "#" not in line:  # an end-of-line comment may move to one space after its value
+            assert line in kept, line
+    assert '    labels: {app: web, tier: "front"}' in lines
+    assert "                ports: [{containerPort: 8080}]" in lines
+    assert "            initContainers:" in lines  # the document's four-space indent
+    # A comment that ended the document still ends it, after the agent's additions.
+    assert output.endswith("\n# the end of web\n")
+    assert "&id" not in output and "*id" not in output
+    again, [result] = inject_stream(output, SETTINGS, "default")
+    assert (again, result.mutation.reason) == (output, "already_injected")
+
+
+def test_an_alias_of_the_input_becomes_a_copy_and_only_the_copy_is_annotated() -> None:
+    # `annotations: *labels` is one object twice: the agent's annotation must not become
+    # a label too (kubectl reads an alias as a copy).
+    stream = (
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  labels: &labels {app: web}\n"
+        "  annotations: *labels\nspec:\n  containers:\n  - {name: web, image: web:1}\n"
+    )
+    output, _ = inject_stream(stream, SETTINGS, "default")
+    assert "&" not in output and "*" not in output
+    assert "  labels: {app: web}\n" in output
+    metadata = yaml.safe_load(output)["metadata"]
+    assert metadata["labels"] == {"app": "web"}
+    assert metadata["annotations"] == {"app": "web", "outrider.io/status": "injected"}
+
+
+def test_a_bad_item_of_a_list_is_left_as_written_and_the_others_injected() -> None:
+    bad = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}, "spec": {}}
+    listed = {
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [WORKLOADS["Job"], bad, WORKLOADS["Pod"]],
+    }
+    output, results = inject_stream(yaml.safe_dump(listed, sort_keys=False), SETTINGS, "default")
+    job, kept, pod = yaml.safe_load(output)["items"]
+    assert agents(job) == agents(pod) == [AGENT]
+    assert kept == bad
+    assert [(r.where, r.workload, r.mutation.reason) for r in results] == [
+        ("document 1, items[0]", "Job default/once", "injected"),
+        ("document 1, items[1]", "Deployment default/x", INVALID),
+        ("document 1, items[2]", "Pod default/web", "injected"),
+    ]
+    assert "(document 1, items[1]): no pod template" in results[1].mutation.warnings[0]
+
+
+def test_a_directory_is_every_manifest_under_it_in_path_order(tmp_path: Path) -> None:
+    (tmp_path / "apps" / "web").mkdir(parents=True)
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "apps" / "web" / "deploy.yaml").write_text(COMMENTED)
+    (tmp_path / "apps" / "job.yml").write_text(yaml.safe_dump(WORKLOADS["Job"]))
+    (tmp_path / "pod.json").write_text(json.dumps(WORKLOADS["Pod"]))
+    (tmp_path / "service.yaml").write_text(OTHERS)
+    (tmp_path / "README.md").write_text("kind: Pod\n")
+    (tmp_path / ".git" / "x.yaml").write_text("kind: Pod\n")
+    assert [p.relative_to(tmp_path).as_posix() for p in manifest_files(tmp_path)] == [
+        "apps/job.yml",
+        "apps/web/deploy.yaml",
+        "pod.json",
+        "service.yaml",
+    ]
+    output, results = inject_files([tmp_path], SETTINGS, "default")
+    assert [(p.name, r.workload, r.mutation.reason) for p, r in results] == [
+        ("job.yml", "Job default/once", "injected"),
+        ("deploy.yaml", "Deployment shop/web", "injected"),
+        ("pod.json", "Pod default/web", "injected"),
+    ]
+    documents = list(yaml.safe_load_all(output))
+    assert [d["kind"] for d in documents] == ["Job", "Deployment", "Pod", "Service", "ConfigMap"]
+    assert output.endswith(OTHERS)
+    assert set(comment_lines(COMMENTED)) <= set(comment_lines(output))
+    assert "&id" not in output
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "all.yaml").write_text(output)
+    again, results = inject_files([tmp_path / "out"], SETTINGS, "default")
+    assert again == output
+    assert {r.mutation.reason for _, r in results} == {"already_injected"}
+
+
+def test_a_directory_without_manifests_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("kind: Pod\n")
+    with pytest.raises(ManifestError, match=r"no \.yaml, \.yml, \.json files"):
+        inject_files([tmp_path], SETTINGS, "default")
+
+
+def test_without_ruamel_yaml_it_says_which_group_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "ruamel.yaml", None)  # as if not installed
+    with pytest.raises(ManifestError, match=r"pip install 'outrider\[injector\]'"):
+        inject_stream(yaml.safe_dump(WORKLOADS["Pod"]), SETTINGS, "default")

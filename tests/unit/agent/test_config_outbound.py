@@ -310,3 +310,14 @@ def test_an_http_health_check_is_refused_on_an_h2_upstream() -> None:
     ]
     tcp = outbound(endpoints=["a:1"], protocol="grpc", health={"active": {"kind": "tcp"}})
     assert tcp.health.active is not None
+
+
+def test_a_kubernetes_source_without_the_kubernetes_client_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The agent image leaves the client out: the config is refused at start, not later."""
+    monkeypatch.setattr("agent.config_outbound.kubernetes_installed", lambda: False)
+    [error] = errors(kubernetes={"service": "b", "namespace": "shop"})
+    assert error.startswith("outbound[0].kubernetes: needs the kubernetes package")
+    assert "endpoints: or dns:" in error
+    assert "pip install 'outrider[agent,control]'" in error
