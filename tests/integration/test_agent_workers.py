@@ -232,3 +232,11 @@ def test_sigterm_drains_every_worker(setup: CaSetup, ca: CaProcess, app: int) ->
 
 def _zombie(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
+def test_one_worker_is_one_process_as_ever(setup: CaSetup, ca: CaProcess, app: int) -> None:
+    raw = served_agent_yaml(setup, ca, "single", inbound=inbound(app, protocol="http"))
+    with agent_process(setup.root, "single", raw) as agent:
+        assert request(setup, agent)[0] == 200
+        assert children(agent) == set()
+        assert "outrider_workers" not in agent.metrics()
