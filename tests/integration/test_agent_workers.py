@@ -240,3 +240,13 @@ def test_one_worker_is_one_process_as_ever(setup: CaSetup, ca: CaProcess, app: i
         assert request(setup, agent)[0] == 200
         assert children(agent) == set()
         assert "outrider_workers" not in agent.metrics()
+
+
+def test_workers_end_when_their_main_process_is_killed(
+    setup: CaSetup, ca: CaProcess, app: int
+) -> None:
+    with agent_process(setup.root, "orphaned", workers_yaml(setup, ca, app, "orphaned")) as agent:
+        workers = children(agent)
+        agent.process.kill()
+        agent.process.wait()
+        eventually(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers))
