@@ -568,7 +568,9 @@ class _Reader(OutboundReader):
                 "connection stands on a chain check made up to this long ago",
             )
             lifetime = default.ticket_lifetime
-        return Resumption(self.flag(raw, "resumption", "tls.resumption", default.enabled), lifetime)
+        return Resumption(
+            self.flag(raw, "resumption", "tls.resumption", default.resumption), lifetime
+        )
 
     def access_log(self, raw: Mapping[str, Any]) -> AccessLogConfig:
         if raw.get("mode") is False:  # YAML 1.1 reads a bare `off` as false

@@ -49,7 +49,7 @@ from identity.tlsfiles import load_cert_chain
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 #: Contexts that send no tickets and offer no sessions (the control plane's, tests').
-NO_RESUMPTION = Resumption(enabled=False)
+NO_RESUMPTION = Resumption(resumption=False)
 
 # OpenSSL's X509_V_ERR_* codes worth a label of their own.
 _VERIFY_REASONS = {
@@ -115,7 +115,7 @@ class Contexts:
         assert svid is not None, "built by Contexts.of"
         self.server = _context(svid, "server", alpn=("h2", "http/1.1"), resumption=resumption)
         self.h2_server = _context(svid, "server", alpn=("h2",), resumption=resumption)
-        if resumption.enabled:
+        if resumption.resumption:
             self.tickets_until = self.clock() + resumption.ticket_lifetime.total_seconds()
 
     def use(self, new: Contexts) -> None:
@@ -221,7 +221,7 @@ def _context(
     resumption: Resumption = NO_RESUMPTION,
 ) -> ssl.SSLContext:
     protocol = ssl.PROTOCOL_TLS_SERVER if side == "server" else ssl.PROTOCOL_TLS_CLIENT
-    resuming = resumption.enabled
+    resuming = resumption.resumption
     context = _resuming_client(resumption) if resuming and side == "client" else None
     context = context or ssl.SSLContext(protocol)
     context.minimum_version = ssl.TLSVersion.TLSv1_2

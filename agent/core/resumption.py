@@ -39,7 +39,7 @@ class Resumption:
     """`tls:` in agent.yaml: whether agents resume sessions with each other, and how long
     a ticket may be used."""
 
-    enabled: bool = True
+    resumption: bool = True
     ticket_lifetime: timedelta = timedelta(minutes=5)
 
 

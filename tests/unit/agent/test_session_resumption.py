@@ -23,7 +23,7 @@ from tests.unit.agent.pki import TD, bundle_der, der, make_signer, new_key
 
 SERVER = SpiffeId.for_workload(TD, "shop", "backend")
 CLIENT = SpiffeId.for_workload(TD, "shop", "web")
-RESUMING = Resumption(enabled=True, ticket_lifetime=timedelta(minutes=5))
+RESUMING = Resumption(resumption=True, ticket_lifetime=timedelta(minutes=5))
 ENDPOINT = ("127.0.0.1", 15443)
 
 
@@ -154,7 +154,7 @@ def test_the_ticket_keys_are_renewed_every_ticket_lifetime(
 
 
 def test_off_no_tickets_and_no_sessions_kept(server_svid: Svid) -> None:
-    contexts = Contexts.of(server_svid, Resumption(enabled=False))
+    contexts = Contexts.of(server_svid, Resumption(resumption=False))
     assert contexts.server is not None and contexts.server.num_tickets == 0
     assert contexts.server.options & ssl.OP_NO_TICKET
     assert not isinstance(contexts.client, ResumingContext)
