@@ -158,6 +158,8 @@ class _ResumableObject(ssl.SSLObject):
         if cache is None or peer is None:
             return
         try:
+            if self.session_reused and not cache.wants(self.endpoint, time.time()):
+                return  # the saved session serves on: see SessionCache.wants
             session = self.session
             if session is not None and session.has_ticket and self.version() == "TLSv1.3":
                 cache.save(self.endpoint, peer, session, float(session.time))

@@ -223,3 +223,12 @@ def test_the_newest_ticket_wins_and_the_cache_is_bounded() -> None:
         cache.save(("10.0.0.1", port), SERVER, f"s{port}", issued_at=1011.0)
     assert len(cache) == 2
     assert cache.offer(("10.0.0.1", 0), {SERVER}, now=1012.0) is None  # the oldest went
+
+
+def test_a_resumed_connection_gives_its_session_only_once_the_saved_one_is_half_aged() -> None:
+    cache: SessionCache[str] = SessionCache(timedelta(minutes=5))
+    assert cache.wants(ENDPOINT, now=1000.0)
+    cache.save(ENDPOINT, SERVER, "ticket", issued_at=1000.0)
+    assert not cache.wants(ENDPOINT, now=1149.0)
+    assert cache.wants(ENDPOINT, now=1150.0)
+    assert cache.wants(ENDPOINT, now=999.0)  # the clock went back
