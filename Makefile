@@ -61,10 +61,10 @@ lock: $(STAMP)
 	$(BIN)/python -c 'import pathlib, re; [p.write_text(re.sub(r"\n*# The following packages are considered to be unsafe.*", "\n", p.read_text(), flags=re.S)) for p in pathlib.Path("requirements").glob("*.txt")]'
 
 # docs/audit.png, the README's picture of `outrider audit`: the acceptance test's own
-# report (a real Prometheus, headless Chromium), kept instead of thrown away.
+# report (a running mesh, a real Prometheus, headless Chromium), kept instead of thrown away.
 audit-screenshot: $(STAMP)
 	OUTRIDER_AUDIT_SCREENSHOT=docs/audit.png $(BIN)/pytest -q -p no:xdist \
-		tests/integration/test_audit_report.py -k chromium
+		tests/e2e/test_audit_questions.py -k chromium
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -32,6 +32,7 @@ import yaml
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from grpclib.exceptions import GRPCError
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import config as agent_config
@@ -48,9 +49,11 @@ from tests.support import (
     TRUST_DOMAIN,
     CaProcess,
     CaSetup,
+    ca_client,
     ca_process,
     free_port,
     make_ca_setup,
+    make_csr,
     scraped,
     wait_for_line,
 )
@@ -457,6 +460,7 @@ class AuditedMesh:
     client: AgentProcess
     prometheus: Prometheus
     server_port: str  # the server's inbound listener's port
+    began: datetime  # before the CA and the agents started: an audit's --since
     odd_strings: tuple[str, ...] = ODD_STRINGS
 
 
@@ -467,11 +471,13 @@ def audited_mesh(root: Path) -> Iterator[AuditedMesh]:
     it rotates every 2-3 s), scraped every second by a real Prometheus (jobs `agent`
     with namespace demo, `ca` with namespace outrider-system); then the traffic an audit
     looks for: allowed requests, one denied (GET /admin), one plaintext caller on the
-    strict port, one TLS caller without a certificate, odd paths (ODD_STRINGS).
+    strict port, one TLS caller without a certificate, odd paths (ODD_STRINGS), and one
+    CSR the CA refuses (`intruder`'s token, meant for another audience).
 
     Prometheus starts first, with every address chosen in advance: its first scrape
     comes ~5 s after it starts, while the CA and the agents start.
     """
+    began = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
     setup = make_ca_setup(
         root,
         listen={"grpc": "127.0.0.1:0", "http": f"127.0.0.1:{free_port()}"},
@@ -502,10 +508,10 @@ def audited_mesh(root: Path) -> Iterator[AuditedMesh]:
             client_raw["admin"] = admins["client"]
             with agent_process(root, "client", client_raw) as client:
                 _audited_traffic(client.bound["outbound[backend]"], server_address, setup)
+                asyncio.run(_refused_csr(setup, ca))
                 prometheus.wait_for_targets()
-                yield AuditedMesh(
-                    setup, ca, server, client, prometheus, server_address.rsplit(":", 1)[1]
-                )
+                port = server_address.rsplit(":", 1)[1]
+                yield AuditedMesh(setup, ca, server, client, prometheus, port, began)
 
 
 def _audited_app() -> web.Application:
@@ -550,3 +556,14 @@ def _audited_traffic(outbound_address: str, server_address: str, setup: CaSetup)
                 assert tls.recv(1024) == b""
         except (ssl.SSLError, ConnectionError):
             pass  # refused: no certificate
+
+
+async def _refused_csr(setup: CaSetup, ca: CaProcess) -> None:
+    """A CSR with a token for another audience: the CA refuses it and logs the refusal."""
+    token = setup.issuer.token("demo", "intruder", audience="someone-else")
+    async with ca_client(setup, ca) as client:
+        try:
+            await client.sign(make_csr(), token=token)
+        except GRPCError:
+            return
+    raise AssertionError("the CA signed a CSR whose token was meant for another audience")

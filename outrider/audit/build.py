@@ -264,10 +264,15 @@ def _edges(
 ) -> tuple[Edge, ...]:
     counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for series in counters.of("outrider_connections_total"):
-        me, peer = identity.get(series.label("instance"), ""), series.label("peer_id")
         if series.label("direction") == "inbound":
+            me, peer = identity.get(series.label("instance"), ""), series.label("peer_id")
             counts[(peer, me)][0] += counters.increase(series)
-        elif series.label("mtls") == "true":
+    # The source's side: an agent counts an outbound connection in connections_total when
+    # it routes the app's connection, before any upstream (peer_id ""); the mTLS
+    # connections it made, by the server it verified, are peer_connections_total.
+    for series in counters.of("outrider_peer_connections_total"):
+        if series.label("direction") == "outbound":
+            me, peer = identity.get(series.label("instance"), ""), series.label("peer_id")
             counts[(me, peer)][1] += counters.increase(series)
     for series in counters.of("outrider_requests_total"):
         if series.label("direction") == "inbound":

@@ -16,6 +16,7 @@ AGENT_SERIES = (
     "outrider_svid_info",
     "outrider_listener_info",
     "outrider_connections_total",
+    "outrider_peer_connections_total",
     "outrider_connections_refused_total",
     "outrider_tls_handshakes_total",
     "outrider_authz_denials_total",

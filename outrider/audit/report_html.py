@@ -32,6 +32,17 @@ def _when(value: datetime | None) -> str:
     return "—" if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def duration(seconds: float) -> str:
+    """A lifetime in the unit that shows it: SVIDs live seconds (a short ttl) to days."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
 def _who(spiffe_id: str) -> str:
     return spiffe_id if spiffe_id else "(unauthenticated)"
 
@@ -88,12 +99,14 @@ def graph(edges: Sequence[Edge]) -> str:
     if not edges:
         return '<p class=meta id="chart-edges-empty">no connections in this range</p>'
     nodes = sorted({edge.source for edge in edges} | {edge.destination for edge in edges})
-    width, height, radius = 900, 460, 170
+    width, rx = 900, 357
+    # Two identities sit on one line (the ellipse's ends): no ellipse's height of white.
+    height, ry = (460, 170) if len(nodes) > 2 else (110, 0)
     cx, cy = width / 2, height / 2
     place = {
         node: (
-            cx - radius * 2.1 * math.cos(2 * math.pi * i / len(nodes)),
-            cy - radius * math.sin(2 * math.pi * i / len(nodes)),
+            cx - rx * math.cos(2 * math.pi * i / len(nodes)),
+            cy - ry * math.sin(2 * math.pi * i / len(nodes)),
         )
         for i, node in enumerate(nodes)
     }
@@ -225,7 +238,7 @@ def _certificate_rows(audit: Audit) -> list[list[object]]:
             cert.serial,
             _when(cert.not_before),
             _when(cert.not_after),
-            "—" if cert.lifetime_seconds is None else f"{cert.lifetime_seconds / 3600:.2f} h",
+            "—" if cert.lifetime_seconds is None else duration(cert.lifetime_seconds),
             ", ".join(cert.sources),
         ]
         for history in audit.certificates

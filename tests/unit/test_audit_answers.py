@@ -9,13 +9,14 @@ CA's issuances and refusals.
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from outrider.audit import report_html, report_json
 from outrider.audit.build import build, increase
-from outrider.audit.model import Audit, AuditInputError, Evidence, Series
+from outrider.audit.model import Audit, AuditInputError, Edge, Evidence, Series
 
 START = datetime(2026, 12, 6, 14, 0, tzinfo=UTC)
 END = START + timedelta(hours=1)
@@ -64,13 +65,24 @@ def mesh(*extra: Series, back_mode: str = "strict") -> list[Series]:
             mtls="true",
             peer_id=FRONTEND,
         ),
+        # The frontend's side, as an agent counts it: the app's connections routed to an
+        # upstream (no peer yet: pooled, one may use many mTLS connections or none) and
+        # the mTLS connections whose server it verified, by peer.
         series(
             "outrider_connections_total",
             FRONT,
-            [10, 10, 12, 15, 15, 15, 15],
+            [20, 20, 25, 31, 31, 31, 31],
             direction="outbound",
             mtls="true",
+            peer_id="",
+        ),
+        series(
+            "outrider_peer_connections_total",
+            FRONT,
+            [10, 10, 12, 15, 15, 15, 15],
+            direction="outbound",
             peer_id=BACKEND,
+            tls_version="TLSv1.3",
         ),
         series(
             "outrider_connections_refused_total",
@@ -351,3 +363,21 @@ def test_the_html_holds_its_charts_and_escapes_what_the_series_say() -> None:
         assert f'<svg id="{chart}"' in page
     assert "<script" not in page and "&lt;script&gt;" in page
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "reads"),
+    [(5.0, "5 s"), (900.0, "15 min"), (3601.0, "1.00 h"), (90 * 86400.0, "90.0 d")],
+)
+def test_a_certificates_lifetime_reads_in_a_unit_that_shows_it(seconds: float, reads: str) -> None:
+    """A 5-second SVID (a test mesh, or a short ttl) is not "0.00 h"."""
+    assert report_html.duration(seconds) == reads
+
+
+def test_a_graph_of_two_identities_is_one_arrow_high() -> None:
+    """Two nodes sit on one line: the picture is not an ellipse's height of white."""
+    page = report_html.graph([Edge(FRONTEND, BACKEND, 1, 1, 2, 0)])
+    height = float(re.search(r'<svg id="chart-edges" width="\d+" height="(\d+)"', page)[1])  # type: ignore[index]
+    assert height <= 160
+    ys = {float(y) for y in re.findall(r'<circle class="node" cx="[\d.]+" cy="([\d.]+)"', page)}
+    assert len(ys) == 1 and all(22 < y < height - 38 for y in ys)  # the labels fit under
