@@ -9,7 +9,12 @@ and sampling want it, agent/core/accesslog.py) and the span (if sampled and
 an endpoint is set).
 
 Lines go to stdout, batched per turn of the event loop (one write for all
-the lines a burst of requests finished, not one syscall per request). Spans
+the lines a burst of requests finished, not one syscall per request), and
+written by a thread of their own (`LineWriter`): a log reader that stops
+reading (a stalled container runtime, a full disk behind it) fills a pipe,
+and a write from the event loop would then stop every connection of the
+agent. At most MAX_PENDING bytes wait; lines beyond are dropped and counted
+(outrider_access_log_dropped_lines_total), never held. Spans
 go through the OpenTelemetry SDK's batch processor to an OTLP/HTTP receiver
 (protobuf, POST /v1/traces): its own thread, a bounded queue (spans are
 dropped, not held, when the receiver is away). The SDK is imported only here,
@@ -19,9 +24,11 @@ and this module's exporter only when an endpoint is configured.
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -57,6 +64,67 @@ def _stdout(text: str) -> None:
     sys.stdout.flush()
 
 
+#: The bytes of lines that may wait for a slow stdout before lines are dropped.
+MAX_PENDING = 4 << 20
+
+
+class LineWriter:
+    """Text handed over at once and written to `sink` by a thread of its own, which alone
+    blocks when the reader is slow; `dropped(n)` counts the lines that did not fit in
+    `limit` bytes of waiting text (or that a broken sink lost)."""
+
+    def __init__(
+        self,
+        sink: Callable[[str], None] = _stdout,
+        dropped: Callable[[int], None] = lambda lines: None,
+        limit: int = MAX_PENDING,
+    ) -> None:
+        self.sink, self.dropped, self.limit = sink, dropped, limit
+        self.pending: collections.deque[str] = collections.deque()
+        self.size = 0
+        self.closing = False
+        self.ready = threading.Condition(threading.Lock())
+        self.thread: threading.Thread | None = None
+
+    def __call__(self, text: str) -> None:
+        with self.ready:
+            if self.size + len(text) > self.limit or self.closing:
+                self.dropped(text.count("\n"))
+                return
+            self.pending.append(text)
+            self.size += len(text)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+                self.thread.start()
+            self.ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.ready:
+                while not self.pending and not self.closing:
+                    self.ready.wait()
+                if not self.pending:
+                    return
+                text = "".join(self.pending)
+                self.pending.clear()
+            try:
+                self.sink(text)
+            except (OSError, ValueError):  # stdout gone (closed, a broken pipe): lost
+                self.dropped(text.count("\n"))
+            with self.ready:
+                self.size -= len(text)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what waits, for at most `timeout` seconds (a stalled reader is not waited
+        for longer: the agent's shutdown is bounded by its drain timeout)."""
+        with self.ready:
+            self.closing = True
+            self.ready.notify()
+            thread = self.thread
+        if thread is not None:
+            thread.join(timeout)
+
+
 class Observer:
     """Access logging and tracing for one agent (see the module's docstring)."""
 
@@ -66,13 +134,19 @@ class Observer:
         tracing: TracingConfig,
         local_id: str,
         *,
-        write: Callable[[str], None] = _stdout,
+        write: Callable[[str], None] | None = None,
+        dropped: Callable[[int], None] = lambda lines: None,
         rng: random.Random | None = None,
         wall: Callable[[], float] = time.time,
     ) -> None:
+        """`write` takes each batch of lines (default: a LineWriter to stdout, which
+        reports each line it drops to `dropped`)."""
         self.access = access
         self.tracing = tracing
         self.local_id = local_id
+        self.writer: LineWriter | None = None
+        if write is None:
+            write = self.writer = LineWriter(dropped=dropped)
         self.write = write
         self.rng = rng or random.Random()  # noqa: S311 (trace ids and sampling, not secrets)
         self.wall = wall
@@ -139,6 +213,8 @@ class Observer:
     def close(self) -> None:
         """Write what is pending; send the spans still queued (bounded by the SDK's timeout)."""
         self.flush()
+        if self.writer is not None:
+            self.writer.close()
         if self.spans is not None:
             self.spans.shutdown()  # type: ignore[no-untyped-call]
             self.spans = None
