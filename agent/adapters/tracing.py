@@ -17,7 +17,8 @@ agent. At most MAX_PENDING bytes wait; lines beyond are dropped and counted
 (outrider_access_log_dropped_lines_total), never held. Spans
 go through the OpenTelemetry SDK's batch processor to an OTLP/HTTP receiver
 (protobuf, POST /v1/traces): its own thread, a bounded queue (spans are
-dropped, not held, when the receiver is away). The SDK is imported only here,
+dropped, not held, when the receiver is away), and at exit at most
+SPAN_FLUSH_SECONDS for what is queued. The SDK is imported only here,
 and this module's exporter only when an endpoint is configured.
 """
 
@@ -64,6 +65,8 @@ def _stdout(text: str) -> None:
     sys.stdout.flush()
 
 
+#: How long the agent's exit waits for the spans still queued to reach the receiver.
+SPAN_FLUSH_SECONDS = 1.0
 #: The bytes of lines that may wait for a slow stdout before lines are dropped.
 MAX_PENDING = 4 << 20
 
@@ -211,13 +214,20 @@ class Observer:
             self.write(text)
 
     def close(self) -> None:
-        """Write what is pending; send the spans still queued (bounded by the SDK's timeout)."""
+        """Write what is pending (bounded); send the spans still queued (SPAN_FLUSH_SECONDS)."""
         self.flush()
         if self.writer is not None:
             self.writer.close()
         if self.spans is not None:
-            self.spans.shutdown()  # type: ignore[no-untyped-call]
+            # The SDK's shutdown exports every queued batch, each up to the exporter's
+            # timeout: ~5 s a batch from a receiver that never answers, up to 30 s. The
+            # agent's exit is not held up for it: the spans get SPAN_FLUSH_SECONDS.
+            closing = threading.Thread(
+                target=self.spans.shutdown, name="otlp-shutdown", daemon=True
+            )
             self.spans = None
+            closing.start()
+            closing.join(SPAN_FLUSH_SECONDS)
 
     # -- spans -------------------------------------------------------------------------------
 

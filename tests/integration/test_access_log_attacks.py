@@ -10,12 +10,15 @@ target) leaves no secret in a line.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,3 +198,61 @@ def test_no_secret_in_an_outbound_target_reaches_a_line(logged: Logged, target: 
     assert not any(SECRET in json.dumps(line) for line in seen), seen
     (line,) = [line for line in seen if line["direction"] == "outbound"]
     assert line["path"] is None or line["path"].startswith("/api/a"), line
+
+
+@contextmanager
+def blackhole() -> Iterator[int]:
+    """A TCP port that accepts and never answers: an OTLP receiver gone silent."""
+    server = socket.create_server(("127.0.0.1", 0), backlog=64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                held.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        for sock in held:
+            sock.close()
+        server.close()
+
+
+def test_a_silent_otlp_receiver_neither_slows_requests_nor_holds_up_the_shutdown(
+    setup: CaSetup, ca: CaProcess
+) -> None:
+    """Spans wait in a bounded queue for a receiver that never answers; requests go on at
+    their pace, and SIGTERM ends the agent within its drain timeout and a short flush."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    application = web.Application()
+    application.router.add_route("*", "/{tail:.*}", answer)
+    with blackhole() as port, threaded_app(application) as app_port:
+        raw = served_agent_yaml(
+            setup,
+            ca,
+            "backend",
+            inbound=inbound(app_port, protocol="http"),
+            tracing={"otlp_endpoint": f"127.0.0.1:{port}"},
+            limits={"drain_timeout": "1s"},
+        )
+        with agent_process(setup.root, "traced", raw) as agent:
+            started = time.monotonic()
+            with connect(setup, agent) as tls:
+                tls.settimeout(5)
+                tls.sendall(get("/api/items") * 600)  # more than one export batch (512)
+                responses = Responses(tls)
+                assert all(responses.next() is not None for _ in range(600))
+            assert time.monotonic() - started < 10
+            stopping = time.monotonic()
+            assert agent.stop(timeout=30) == 0
+            assert time.monotonic() - stopping < 4.0  # drain (1 s) and the span flush bound
