@@ -329,6 +329,9 @@ async def test_grpc_calls_are_logged_with_their_grpc_status_and_traced_end_to_en
     assert (into[bye]["decision"], into[bye]["rule"]) == ("deny", "no-farewells")
     assert (into[hello]["decision"], into[hello]["peer_id"]) == ("allow", FRONTEND)
     assert out[hello]["tries"] == 1 and out[hello]["upstream"] == "backend"
+    # Bytes each way: the call's message (5 bytes, echoed) on both agents' lines.
+    for line in (out[hello], into[hello]):
+        assert (line["bytes_in"], line["bytes_out"]) == (5, 5), line
     assert out[hello]["trace_id"] == into[hello]["trace_id"]
     (request,) = m.app.h2.requests  # the denied call never reached it
     traceparent = request.header(b"traceparent").decode()

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from tests.h2raw import H2Client, request_headers, tls_socket
 from tests.httpraw import Responses, connect, get, one
 from tests.mesh import AgentProcess, agent_process, inbound, served_agent_yaml, threaded_app
 from tests.support import CaProcess, CaSetup, free_port
@@ -161,6 +162,27 @@ def test_no_secret_in_an_inbound_target_reaches_a_line(
     one(setup, logged.agent, get(target, f"Authorization: Bearer {SECRET}", f"Cookie: s={SECRET}"))
     seen = logged.wait_for(lambda line: (line["path"] or "").partition(";")[0] == "/api/a")
     assert not any(SECRET in json.dumps(line) for line in seen), seen
+
+
+def test_an_h2_stream_on_the_http_port_is_logged_with_its_bytes_and_no_secret(
+    setup: CaSetup, logged: Logged
+) -> None:
+    """h2 picked by ALPN on the `protocol: http` port (each stream an HTTP/1.1 request to
+    the app): the line counts the body each way, and its :path leaves no secret."""
+    logged.lines()
+    client = H2Client(tls_socket(setup, logged.agent, alpn=("h2", "http/1.1")))
+    try:
+        target = f"/api/upload;jsessionid={SECRET}?token={SECRET}"
+        headers = request_headers(target, "POST", "backend", authorization=f"Bearer {SECRET}")
+        reply = client.wait(client.send(headers, b"x" * 1000))
+    finally:
+        client.close()
+    assert reply.status == 200
+    seen = logged.wait_for(lambda line: (line["path"] or "").startswith("/api/upload"))
+    (line,) = [line for line in seen if (line["path"] or "").startswith("/api/upload")]
+    assert (line["bytes_in"], line["bytes_out"]) == (1000, len("ok")), line
+    assert line["path"] == "/api/upload;jsessionid=REDACTED"
+    assert not any(SECRET in json.dumps(line) for line in seen)
 
 
 def _plain(address: str, raw: bytes) -> bytes:
