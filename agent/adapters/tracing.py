@@ -318,7 +318,7 @@ class Watch:
         """A request's entry, its trace propagated from the received header `fields`;
         `target` is logged as the config says (agent/core/accesslog.py)."""
         entry = self.begin(kind)
-        entry.method = method
+        entry.method = method[: accesslog.MAX_METHOD]
         entry.path = accesslog.logged_path(target, self.observer.access.query)
         entry.trace = self.observer.propagate(*tracecontext.received(fields))
         return entry

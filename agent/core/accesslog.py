@@ -59,6 +59,9 @@ FIELDS = (
 
 #: A logged path is cut here: a path is the caller's to choose, a log line's size is not.
 MAX_PATH = 2048
+#: And a method here (h2 lets a caller send any token as :method; the longest registered
+#: one, UPDATEREDIRECTREF, has 17 characters).
+MAX_METHOD = 32
 REDACTED = "REDACTED"
 #: Query parameters whose values are never logged, even with `query: true` (lowercase;
 #: matched on the whole name and on its last `_`/`-`/`.` separated word).

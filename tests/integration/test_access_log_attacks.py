@@ -207,6 +207,7 @@ def _plain(address: str, raw: bytes) -> bytes:
         f"/api/a?x=1#{SECRET}",
         f"/api/a;jsessionid={SECRET}",
         f"/api/a;jsessionid={SECRET}?page=1",
+        '/api/a"},{"forged":"line',  # quotes: escaped, one line with the path as sent
     ],
 )
 def test_no_secret_in_an_outbound_target_reaches_a_line(logged: Logged, target: str) -> None:
@@ -278,3 +279,19 @@ def test_a_silent_otlp_receiver_neither_slows_requests_nor_holds_up_the_shutdown
             stopping = time.monotonic()
             assert agent.stop(timeout=30) == 0
             assert time.monotonic() - stopping < 4.0  # drain (1 s) and the span flush bound
+
+
+def test_a_line_stays_bounded_whatever_the_method_and_path_sizes(
+    setup: CaSetup, logged: Logged
+) -> None:
+    logged.lines()
+    client = H2Client(tls_socket(setup, logged.agent, alpn=("h2", "http/1.1")))
+    try:
+        headers = request_headers("/api/big/" + "p" * 6000, "M" * 6000, "backend")
+        reply = client.wait(client.send(headers))
+    finally:
+        client.close()
+    seen = logged.wait_for(lambda line: (line["path"] or "").startswith("/api/big/"))
+    raw = [json.dumps(line) for line in seen if (line["path"] or "").startswith("/api/big/")]
+    assert reply.status in (200, 400, 405, 501) and len(raw) == 1
+    assert len(raw[0]) < 4096, (reply.status, len(raw[0]))
