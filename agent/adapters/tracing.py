@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import random
+import select
 import ssl
 import sys
 import threading
@@ -61,8 +63,31 @@ _SPAN_ATTRIBUTES = (
 
 
 def _stdout(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    """Lines to stdout's file descriptor in writes of at most PIPE_BUF bytes, each ending
+    at a line's end: a pipe takes such a write whole, so the lines of processes sharing
+    it (workers of one agent) never interleave mid-line. A stdout without a descriptor
+    (a test's capture) gets the text as it is."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    sys.stdout.flush()  # anything written through sys.stdout first
+    write_lines(fd, text.encode("ascii", "replace"))
+
+
+def write_lines(fd: int, data: bytes) -> None:
+    """`data` (whole lines) to `fd`, PIPE_BUF bytes at most per write, cut at line ends (a
+    longer line goes alone, as one write)."""
+    view, start, size = memoryview(data), 0, len(data)
+    while start < size:
+        end = min(start + select.PIPE_BUF, size)
+        if end < size:
+            cut = data.rfind(b"\n", start, end)
+            end = cut + 1 if cut >= 0 else data.find(b"\n", end) + 1 or size
+        while start < end:
+            start += os.write(fd, view[start:end])
 
 
 #: How long the agent's exit waits for the spans still queued to reach the receiver.

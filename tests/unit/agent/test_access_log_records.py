@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from agent.adapters.tracing import LineWriter, Observer
+from agent.adapters.tracing import LineWriter, Observer, write_lines
 from agent.core.accesslog import (
     FIELDS,
     MAX_PATH,
@@ -189,3 +190,33 @@ def test_a_broken_stdout_loses_its_lines_counted_and_the_writer_goes_on() -> Non
     writer("three\n")
     writer.close()
     assert dropped == [2] and calls[-1] == "three\n"
+
+
+def test_writers_sharing_one_pipe_never_interleave_inside_a_line() -> None:
+    """Agent workers share the pod's stdout pipe: each write is whole lines of at most
+    PIPE_BUF bytes, which a pipe never mixes with another writer's."""
+    read_fd, write_fd = os.pipe()
+    received: list[bytes] = []
+    reader = threading.Thread(
+        target=lambda: received.extend(iter(lambda: os.read(read_fd, 1 << 16), b""))
+    )
+    reader.start()
+
+    def burst(who: int) -> None:
+        for batch in range(40):
+            lines = (
+                json.dumps({"who": who, "batch": batch, "n": n, "pad": "x" * (n * 53 % 700)})
+                for n in range(30)
+            )
+            write_lines(write_fd, ("\n".join(lines) + "\n").encode())
+
+    writers = [threading.Thread(target=burst, args=(who,)) for who in range(3)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(30)
+    os.close(write_fd)
+    reader.join(30)
+    os.close(read_fd)
+    records = [json.loads(text) for text in b"".join(received).splitlines()]
+    assert len(records) == 3 * 40 * 30
