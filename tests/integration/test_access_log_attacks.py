@@ -26,7 +26,7 @@ import pytest
 from aiohttp import web
 
 from tests.h2raw import H2Client, request_headers, tls_socket
-from tests.httpraw import Responses, connect, get, one
+from tests.httpraw import Responses, connect, exchange, get, one
 from tests.mesh import AgentProcess, agent_process, inbound, served_agent_yaml, threaded_app
 from tests.support import CaProcess, CaSetup, free_port
 
@@ -183,6 +183,29 @@ def test_an_h2_stream_on_the_http_port_is_logged_with_its_bytes_and_no_secret(
     assert (line["bytes_in"], line["bytes_out"]) == (1000, len("ok")), line
     assert line["path"] == "/api/upload;jsessionid=REDACTED"
     assert not any(SECRET in json.dumps(line) for line in seen)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        'a"},{"forged":"1',
+        "a\\u0000b",
+        "caf\xe9\xff\xfe",  # not UTF-8 (obs-text, which HTTP/1.1 allows in a value)
+        "x" * 4000,
+    ],
+)
+def test_trace_headers_a_caller_forges_are_replaced_and_leave_one_plain_line(
+    setup: CaSetup, logged: Logged, value: str
+) -> None:
+    logged.lines()
+    forged = [f"X-Request-Id: {value}", f"traceparent: 00-{value}", f"tracestate: k={value}"]
+    raw = get("/api/forged", *forged)
+    replies = exchange(setup, logged.agent, raw)
+    assert replies and replies[0].status == 200
+    seen = logged.wait_for(lambda line: line["path"] == "/api/forged")
+    (line,) = [line for line in seen if line["path"] == "/api/forged"]
+    assert len(line["request_id"]) == 36 and line["request_id"][14] == "4"  # a new UUID 4
+    assert len(line["trace_id"]) == 32 and value not in json.dumps(line)
 
 
 def _plain(address: str, raw: bytes) -> bytes:
