@@ -5,9 +5,12 @@ Kubernetes collects a container's logs. The fields are fixed (FIELDS, in
 this order, null where they do not apply) so a log pipeline can rely on
 them. What a line never holds, whatever the request carried: a header's
 value (only the trace ID and the request ID the agent itself checked or
-made), a cookie, a token, or the query string, unless `query: true` asks for
-it, and even then the values of parameters whose names say they are secret
-(token, password, signature ...) are replaced by "REDACTED".
+made), a cookie, a token, a fragment, the userinfo or host of an
+absolute-form target, the values of path parameters (`;jsessionid=...`), or
+the query string, unless `query: true` asks for it, and even then the values
+of parameters whose names say they are secret (token, password, signature
+...) are replaced by "REDACTED". Path and method are cut (MAX_PATH,
+MAX_METHOD): a caller chooses them, not a line's size.
 
 Which requests: `mode` off (none: the default), denied (every request or
 connection the policy denied) or all; `sample` thins the rest, never the
