@@ -286,7 +286,7 @@ class OutboundH2:
                 endpoint, context, partial(self._dial, endpoint, context), fresh=fresh
             )
         except DialError as exc:
-            log.warning("outbound %s: %s", live.name, exc)  # as the TCP outbound says it
+            live.runtime.dial_failed(live.name, endpoint, exc)  # as the TCP outbound says it
             return None
         finally:
             breaker.release("max_pending")

@@ -318,3 +318,18 @@ def test_a_line_stays_bounded_whatever_the_method_and_path_sizes(
     raw = [json.dumps(line) for line in seen if (line["path"] or "").startswith("/api/big/")]
     assert reply.status in (200, 400, 405, 501) and len(raw) == 1
     assert len(raw[0]) < 4096, (reply.status, len(raw[0]))
+
+
+def test_an_app_calling_a_dead_upstream_gets_a_line_a_while_not_one_per_request(
+    logged: Logged,
+) -> None:
+    """Every try's dial failure was a warning line: an app in a retry loop wrote the
+    agent's stderr as fast as it could call."""
+    address = logged.agent.bound["outbound[elsewhere]"]
+    before = sum("outbound elsewhere:" in line for line in logged.agent.log)
+    for _ in range(20):
+        assert _plain(address, b"GET /api/x HTTP/1.1\r\nHost: elsewhere\r\n\r\n").startswith(
+            b"HTTP/1.1 503"
+        )
+    assert logged.agent.logged("outbound elsewhere:")
+    assert sum("outbound elsewhere:" in line for line in logged.agent.log) - before <= 1
