@@ -7,6 +7,8 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
       token_file: /var/run/secrets/outrider/token      # projected SA token
       ttl: 1h                                          # asked of the CA; 0s = its default
       output_dir: /var/run/outrider                    # optional: write svid.pem/key
+      svid_file: web-svid/svid.pem                     # optional: start from this SVID
+      key_file: web-svid/svid.key                      # (`outrider ca mint`), then renew with it
     ca:
       address: outrider-ca.outrider-system.svc:8443
       server_name: outrider-ca.outrider-system.svc     # default: the address's host
@@ -131,6 +133,10 @@ class IdentityConfig:
     token_file: Path = DEFAULT_TOKEN
     ttl: timedelta = timedelta(0)
     output_dir: Path | None = None
+    #: An SVID to start from (`ca mint`, or output_dir's own), read once at start; the
+    #: token is asked for only when it is missing, expired or not this workload's.
+    svid_file: Path | None = None
+    key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -663,9 +669,18 @@ class _Reader(OutboundReader):
         token_file = self.file(raw, "token_file", "identity.token_file") or DEFAULT_TOKEN
         ttl = self.duration(raw, "ttl", "identity.ttl", timedelta(0), zero_ok=True)
         output_dir = self.file(raw, "output_dir", "identity.output_dir")
+        svid_file = self.file(raw, "svid_file", "identity.svid_file")
+        key_file = self.file(raw, "key_file", "identity.key_file")
+        if (svid_file is None) != (key_file is None):
+            missing = "key_file" if key_file is None else "svid_file"
+            self.fail(
+                f"identity.{missing}",
+                "svid_file and key_file go together: the SVID's chain and its key"
+                " (`outrider ca mint --out DIR` writes DIR/svid.pem and DIR/svid.key)",
+            )
         if spiffe_id is None:
             return None
-        return IdentityConfig(spiffe_id, token_file, ttl, output_dir)
+        return IdentityConfig(spiffe_id, token_file, ttl, output_dir, svid_file, key_file)
 
     def ca(self, raw: Mapping[str, Any]) -> CaEndpoint | None:
         address = self.endpoint(raw.get("address"), "ca.address")

@@ -207,6 +207,25 @@ def test_relative_paths_resolve_against_the_config_directory_and_absolute_ones_s
     assert config.ca.bundle_file == BASE / "../bundle.pem"
 
 
+def test_an_svid_file_comes_with_its_key_file() -> None:
+    raw = minimal()
+    raw["identity"].update(svid_file="web-svid/svid.pem", key_file="web-svid/svid.key")
+    identity = parse(raw, base=BASE).identity
+    assert (identity.svid_file, identity.key_file) == (
+        BASE / "web-svid/svid.pem",
+        BASE / "web-svid/svid.key",
+    )
+    for given, missing in (("svid_file", "key_file"), ("key_file", "svid_file")):
+        raw = minimal()
+        raw["identity"][given] = "x.pem"
+        with pytest.raises(ConfigError) as caught:
+            parse(raw, base=BASE)
+        assert caught.value.errors == [
+            f"identity.{missing}: svid_file and key_file go together: the SVID's chain and its"
+            " key (`outrider ca mint --out DIR` writes DIR/svid.pem and DIR/svid.key)"
+        ]
+
+
 def test_load_resolves_paths_against_the_files_own_directory(tmp_path: Path) -> None:
     (tmp_path / "conf").mkdir()
     path = tmp_path / "conf" / "agent.yaml"
