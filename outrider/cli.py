@@ -284,7 +284,10 @@ def _control_get(base: str, path: str) -> Any:
 def _proxy_status(args: argparse.Namespace) -> None:
     if not args.control.startswith(("http://", "https://")):
         raise CommandError(f"--control {args.control!r} is not an http:// URL", EXIT_USAGE)
-    rows = debugapi.agent_rows(_control_get(args.control, "/debug/agents"))
+    try:
+        rows = debugapi.agent_rows(debugapi.agents(args.control))
+    except debugapi.Unreachable as exc:
+        raise CommandError(str(exc)) from None
     emit(rows, args.output, debugapi.status_table)
     lagging = sum(1 for row in rows if row["state"] != "SYNCED")
     print(f"{len(rows)} agents, {lagging} not in sync", file=sys.stderr)
