@@ -102,11 +102,6 @@ def _ca_init(directory: Path) -> None:
     assert ran.returncode == 0, ran.stderr
 
 
-def _ca_init(directory: Path) -> None:
-    ran = outrider("ca", "init", "--trust-domain", "example.org", "--dir", directory)
-    assert ran.returncode == 0, ran.stderr
-
-
 def test_ca_mint_prints_json_and_yaml_with_the_same_facts(tmp_path: Path) -> None:
     _ca_init(tmp_path)
     minted = {}
