@@ -92,8 +92,17 @@ class Injected:
 
 
 def inject_stream(text: str, settings: Settings, namespace: str) -> tuple[str, list[Injected]]:
-    """The stream with the agent added; `namespace` is for documents that name none."""
+    """The stream with the agent added; `namespace` is for documents that name none.
+    A stream written with CRLF line ends comes out with them throughout."""
     text = text.removeprefix("\ufeff")
+    crlf = "\r\n" in text and text.count("\r\n") == text.count("\n")
+    output, results = _inject_text(
+        text.replace("\r\n", "\n") if crlf else text, settings, namespace
+    )
+    return (output.replace("\n", "\r\n") if crlf else output), results
+
+
+def _inject_text(text: str, settings: Settings, namespace: str) -> tuple[str, list[Injected]]:
     whole = _json_document(text)
     if whole is not None:
         return _inject_json(text, whole, settings, namespace)
@@ -108,7 +117,9 @@ def inject_stream(text: str, settings: Settings, namespace: str) -> tuple[str, l
         try:
             document = yaml_rt.load(body)
         except Exception as exc:  # ruamel's errors share no base class with a message
-            raise ManifestError(f"document {index}: not YAML: {exc}") from None
+            # Not ruamel's advice to suppress its duplicate-key check: kubectl refuses them too.
+            said = str(exc).split("\n\nTo suppress this check")[0].strip()
+            raise ManifestError(f"document {index}: not YAML: {said}") from None
         _unshared(document)
         injected = [
             _inject(entry, index, item, settings, namespace) for item, entry in _workloads(document)

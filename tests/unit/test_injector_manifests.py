@@ -193,11 +193,13 @@ def test_a_workload_that_cannot_be_injected_is_left_as_written_and_named() -> No
     [
         ("kind: [unclosed", "not YAML"),
         ("apiVersion: v1\nkind: Pod\n---\nmetadata: {a: [}\n", "not YAML"),
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: a, name: b}\n", 'duplicate key "name"'),
     ],
 )
 def test_a_stream_that_is_not_yaml_is_an_error(stream: str, message: str) -> None:
-    with pytest.raises(ManifestError, match=message):
+    with pytest.raises(ManifestError, match=message) as refused:
         inject_stream(stream, SETTINGS, "default")
+    assert "suppress" not in str(refused.value)  # kubectl refuses a duplicate key too
 
 
 @pytest.mark.parametrize("stream", ["", "# only a comment\n", "---\n", "--- null\n"])
@@ -508,3 +510,13 @@ def test_a_large_document_that_is_not_a_workload_is_copied_without_the_round_tri
     output, results = inject_stream(document, SETTINGS, "default")
     assert (output, results) == (document, [])
     assert time.monotonic() - started < 5
+
+
+def test_a_crlf_stream_comes_out_crlf_throughout() -> None:
+    # The agent's lines were LF among the document's CRLF ones: a file of mixed line ends.
+    stream = (OTHERS + "---\n" + POD_TEXT).replace("\n", "\r\n")
+    output, [result] = inject_stream(stream, SETTINGS, "default")
+    assert result.mutation.reason == "injected"
+    assert output.count("\n") == output.count("\r\n") > stream.count("\n")
+    assert output.startswith(OTHERS.replace("\n", "\r\n"))
+    assert inject_stream(output, SETTINGS, "default")[0] == output
