@@ -354,7 +354,11 @@ def _policy_lint(args: argparse.Namespace) -> None:
             load_policy_files(paths)  # names must also be unique across the files
         except PolicyError as exc:
             errors.extend(exc.errors)
-    if not errors and args.agent_config:
+    if args.agent_config and errors:  # still read, so that a bad one is told now too
+        from outrider import validate
+
+        errors.extend(validate.agent_config_errors(Path(args.agent_config)))
+    elif args.agent_config:
         errors.extend(_lint_for_agent(paths, Path(args.agent_config)))
     for error in errors:
         print(error, file=sys.stderr)
