@@ -453,6 +453,9 @@ class Cluster:
                 )
         except (config.ConfigException, OSError) as exc:
             raise ApiUnreachable(f"cannot load the kubeconfig: {exc}") from None
+        # One try per read, as kubectl: urllib3 would try three times, a timeout taking
+        # three timeouts and each retry a warning among the check's lines.
+        configuration.retries = 0
         api = client.ApiClient(configuration)
         self.core: Any = client.CoreV1Api(api)
         self.version_api: Any = client.VersionApi(api)

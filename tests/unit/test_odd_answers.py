@@ -10,6 +10,7 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -155,3 +156,43 @@ def test_odd_api_objects_are_findings_not_a_traceback(answers: dict[str, Any]) -
     assert check.result(checks)["ok"] is False
     assert all(c.fix for c in checks if c.status != "ok")
     check.text(check.result(checks))
+
+
+def test_an_api_server_that_never_answers_is_told_after_one_timeout_not_three(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # urllib3 retried every read twice more: a 10 s timeout took 30 s, and printed
+    # "Retrying (Retry(total=1 ...))" warnings between the user's lines.
+    import socket
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # accepts (the kernel does), never answers
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {
+                        "name": "c",
+                        "cluster": {"server": f"https://127.0.0.1:{listener.getsockname()[1]}"},
+                    }
+                ],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    try:
+        cluster = check.Cluster(kubeconfig, None, timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(check.ApiUnreachable, match="cannot reach the API server"):
+            check.observe(cluster, "http://127.0.0.1:9", pre=True)
+        assert time.monotonic() - started < 0.8
+        assert "Retrying" not in caplog.text
+    finally:
+        listener.close()
