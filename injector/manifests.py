@@ -304,6 +304,11 @@ def _misshapen(template: dict[str, Any], path: str) -> str | None:
             continue
         if not isinstance(value, shape):
             return f"{name} is not a {'mapping' if shape is dict else 'list'}"
+        if isinstance(value, dict) and key in ("annotations", "labels"):  # kubectl refuses
+            # `inject: false` unquoted too: it is a boolean, not the opt-out
+            for entry, text in value.items():
+                if text is not None and not isinstance(text, str):  # null reads as ""
+                    return f"{name}[{entry}] is not a string: quote it"
         if isinstance(value, list):
             for i, entry in enumerate(value):
                 if not isinstance(entry, dict):

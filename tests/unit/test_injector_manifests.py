@@ -410,6 +410,16 @@ POD_TEXT = yaml.safe_dump(WORKLOADS["Pod"], sort_keys=False)
             "spec: {template: {spec: {volumes: 3}}}\n",
             "spec.template.spec.volumes is not a list",
         ),
+        (  # an unquoted false is a boolean: the opt-out was read as "inject, with a warning"
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n  annotations:\n"
+            "    outrider.io/inject: false\nspec: {containers: []}\n",
+            "metadata.annotations[outrider.io/inject] is not a string: quote it",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, labels: {port: 8080}}\n"
+            "spec: {containers: []}\n",
+            "metadata.labels[port] is not a string: quote it",
+        ),
     ],
 )
 def test_a_workload_of_the_wrong_shape_is_named_with_the_field_and_the_rest_injected(
