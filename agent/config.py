@@ -7,6 +7,8 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
       token_file: /var/run/secrets/outrider/token      # projected SA token
       ttl: 1h                                          # asked of the CA; 0s = its default
       output_dir: /var/run/outrider                    # optional: write svid.pem/key
+      svid_file: web-svid/svid.pem                     # optional: start from this SVID
+      key_file: web-svid/svid.key                      # (`outrider ca mint`), then renew with it
     ca:
       address: outrider-ca.outrider-system.svc:8443
       server_name: outrider-ca.outrider-system.svc     # default: the address's host
@@ -56,6 +58,7 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
       uids: [1000]                                     # optional: only these callers (SO_PEERCRED)
     access_log: {mode: off, sample: 1.0, query: false} # or denied, all: JSON lines on stdout
     tracing: {otlp_endpoint: "", sample: 1.0, service_name: ""}  # OTLP/HTTP; off when ""
+    tls: {resumption: true, ticket_lifetime: 5m}       # TLS 1.3 resumption between agents
 
 With `control:` the control plane streams snapshots holding `inbound`,
 `outbound`, `policy` and `captured`; each replaces those keys of this file (the bootstrap)
@@ -87,6 +90,7 @@ from agent.core.captured import (
 from agent.core.headers import UNDERSCORE_ACTIONS, UnderscoreAction
 from agent.core.policy import DefaultAction, Policy
 from agent.core.policyfile import PolicyError, parse_policy_list
+from agent.core.resumption import MAX_TICKET_LIFETIME, Resumption
 from agent.core.tracecontext import TracingConfig
 from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
@@ -131,6 +135,10 @@ class IdentityConfig:
     token_file: Path = DEFAULT_TOKEN
     ttl: timedelta = timedelta(0)
     output_dir: Path | None = None
+    #: An SVID to start from (`ca mint`, or output_dir's own), read once at start; the
+    #: token is asked for only when it is missing, expired or not this workload's.
+    svid_file: Path | None = None
+    key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -265,6 +273,7 @@ class AgentConfig:
     workload_api: WorkloadApiConfig | None = None  # None: neither API is served
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)  # docs/observability.md
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    tls: Resumption = field(default_factory=Resumption)  # agent/core/resumption.py, docs/agent.md
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -482,6 +491,7 @@ _TOP = {
     "workload_api",
     "access_log",
     "tracing",
+    "tls",
 }
 _HTTP_GET = {"path", "port", "scheme", "httpHeaders"}
 DEFAULT_ACTIONS: tuple[DefaultAction, ...] = get_args(DefaultAction)
@@ -489,6 +499,10 @@ _CA_KEYS = {"address", "server_name", "bundle_file", "timeout", "backoff", "bund
 _CONTROL_KEYS = {"address", "server_name", "spiffe_id", "pod", "backoff", "timeout"}
 _POLICY_KEYS = {"files", "policies", "default_action"}
 _CAPTURE_KEYS = {"inbound_port", "outbound_port"}
+
+
+def _hours(duration: timedelta) -> str:
+    return f"{duration.total_seconds() / 3600:g}h"
 
 
 class _Reader(OutboundReader):
@@ -545,6 +559,23 @@ class _Reader(OutboundReader):
             tracing=self.tracing(
                 self.section(top, "tracing", {"otlp_endpoint", "sample", "service_name"})
             ),
+            tls=self.tls(self.section(top, "tls", {"resumption", "ticket_lifetime"})),
+        )
+
+    def tls(self, raw: Mapping[str, Any]) -> Resumption:
+        default = Resumption()
+        lifetime = self.duration(
+            raw, "ticket_lifetime", "tls.ticket_lifetime", default.ticket_lifetime
+        )
+        if not timedelta(0) < lifetime <= MAX_TICKET_LIFETIME:
+            self.fail(
+                "tls.ticket_lifetime",
+                f"must be more than 0s and at most {_hours(MAX_TICKET_LIFETIME)}: a resumed "
+                "connection stands on a chain check made up to this long ago",
+            )
+            lifetime = default.ticket_lifetime
+        return Resumption(
+            self.flag(raw, "resumption", "tls.resumption", default.resumption), lifetime
         )
 
     def access_log(self, raw: Mapping[str, Any]) -> AccessLogConfig:
@@ -578,8 +609,8 @@ class _Reader(OutboundReader):
             return 1.0
         return float(value)
 
-    def flag(self, raw: Mapping[str, Any], key: str, path: str) -> bool:
-        value = raw.get(key, False)
+    def flag(self, raw: Mapping[str, Any], key: str, path: str, default: bool = False) -> bool:
+        value = raw.get(key, default)
         if not isinstance(value, bool):
             self.fail(path, "must be true or false")
             return False
@@ -663,9 +694,18 @@ class _Reader(OutboundReader):
         token_file = self.file(raw, "token_file", "identity.token_file") or DEFAULT_TOKEN
         ttl = self.duration(raw, "ttl", "identity.ttl", timedelta(0), zero_ok=True)
         output_dir = self.file(raw, "output_dir", "identity.output_dir")
+        svid_file = self.file(raw, "svid_file", "identity.svid_file")
+        key_file = self.file(raw, "key_file", "identity.key_file")
+        if (svid_file is None) != (key_file is None):
+            missing = "key_file" if key_file is None else "svid_file"
+            self.fail(
+                f"identity.{missing}",
+                "svid_file and key_file go together: the SVID's chain and its key"
+                " (`outrider ca mint --out DIR` writes DIR/svid.pem and DIR/svid.key)",
+            )
         if spiffe_id is None:
             return None
-        return IdentityConfig(spiffe_id, token_file, ttl, output_dir)
+        return IdentityConfig(spiffe_id, token_file, ttl, output_dir, svid_file, key_file)
 
     def ca(self, raw: Mapping[str, Any]) -> CaEndpoint | None:
         address = self.endpoint(raw.get("address"), "ca.address")

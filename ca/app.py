@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import socket
 import ssl
@@ -19,7 +20,9 @@ from ca.api.grpc import CertificateAuthorityService
 from ca.api.http import make_app
 from ca.api.tls import load_credentials, server_context
 from ca.audit import AuditLog
+from ca.authn import dev
 from ca.authn.callers import Authenticator, TokenAuthenticator
+from ca.authn.dev import DevIssuer, DevModeError
 from ca.authn.jwks import FileJwks, HttpsJwks, JwksSource
 from ca.authn.kubernetes import TokenPolicy, TokenVerifier
 from ca.authn.tokenreview import ReviewPolicy, TokenReviewer
@@ -78,6 +81,7 @@ async def open_signer(config: CaConfig, clock: Clock) -> Signer:
 
 def jwks_source(config: CaConfig, clock: Clock) -> JwksSource:
     k8s = config.kubernetes
+    assert k8s is not None  # not in dev mode
     if k8s.jwks_file is not None:
         return FileJwks(k8s.jwks_file)
     assert k8s.jwks_url is not None  # config guarantees exactly one
@@ -88,8 +92,14 @@ def jwks_source(config: CaConfig, clock: Clock) -> JwksSource:
 def token_authenticator(
     config: CaConfig, clock: Clock
 ) -> tuple[TokenAuthenticator, Callable[[], Awaitable[None]]]:
-    """Offline JWKS verification, or TokenReview; and what to close at shutdown."""
+    """Offline JWKS verification, TokenReview, or dev tokens; and what to close at shutdown."""
     k8s = config.kubernetes
+    if k8s is None:  # dev mode: config guarantees a local signer
+        assert config.dev and config.signer_dir is not None
+        try:
+            return DevIssuer.open(config.signer_dir).verifier(clock), _nothing
+        except DevModeError as exc:
+            raise StartupError(str(exc)) from None
     if k8s.tokenreview is None:
         jwks = jwks_source(config, clock)
         policy = TokenPolicy(k8s.issuer, k8s.audience, k8s.leeway)
@@ -124,6 +134,11 @@ async def serve(
     on_ready: asyncio.Future[Bound] | None = None,
 ) -> None:
     """Serve until `stop` is set; `on_ready` learns the bound addresses."""
+    if config.dev:
+        refused = dev.refusal(os.environ)
+        if refused is not None:
+            raise StartupError(refused)
+        log.warning(dev.WARNING, dev.DEV_ISSUER)
     signer = await open_signer(config, clock)
     metrics = CaMetrics()
     # Read at every scrape: a Vault intermediate is replaced while the CA runs.
@@ -157,10 +172,11 @@ async def serve(
     metrics.connections_open.labels("http").set_function(http.held)
     bound = Bound(grpc_sock.getsockname()[:2], http_sock.getsockname()[:2])
     log.info(
-        "serving trust domain %s: gRPC (TLS) on %s:%d, HTTP on %s:%d",
+        "serving trust domain %s: gRPC (TLS) on %s:%d, HTTP on %s:%d%s",
         signer.trust_domain,
         *bound.grpc,
         *bound.http,
+        " (DEV MODE: unsafe outside a laptop)" if config.dev else "",
     )
     if on_ready is not None:
         on_ready.set_result(bound)

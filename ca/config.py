@@ -35,10 +35,15 @@ Example (every key but signer.dir and authn.kubernetes has a default):
       idle_timeout: 60s                # a connection with no request answered this long
       max_message_bytes: 16384         # one gRPC message (a CSR is at most ~2.3 KB)
       max_concurrent_streams: 4        # per connection
+
+With `outrider ca serve --dev` (a laptop only: ca/authn/dev.py) there is no
+`authn` section: the CA trusts the dev token issuer of `signer.dir`, and
+listens on loopback addresses only.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -117,7 +122,7 @@ MIN_MESSAGE_BYTES = 4096  # below this the largest CSR the CA accepts would not 
 @dataclass(frozen=True)
 class CaConfig:
     signer_dir: Path | None
-    kubernetes: KubernetesAuthn
+    kubernetes: KubernetesAuthn | None  # None only in dev mode
     trust_domain: TrustDomain | None = None
     grpc: Listen = Listen("0.0.0.0", 8443)  # noqa: S104 - a CA serves the cluster
     http: Listen = Listen("0.0.0.0", 8080)  # noqa: S104
@@ -127,6 +132,8 @@ class CaConfig:
     audit_log: str = "-"
     vault: VaultSettings | None = None
     limits: CaLimits = field(default_factory=CaLimits)
+    #: `ca serve --dev`: dev tokens (ca/authn/dev.py) instead of Kubernetes authn.
+    dev: bool = False
 
 
 _VAULT_KEYS = set(VaultSettings.__annotations__)
@@ -134,13 +141,15 @@ _VAULT_AUTH_KEYS = set(VaultAuth.__annotations__)
 _LIMIT_KEYS = set(ConnectionLimits.__annotations__) | set(GrpcLimits.__annotations__)
 
 
-def load(path: Path) -> CaConfig:
-    """Read and validate `path`; raise ConfigError listing every problem."""
-    return parse(read_yaml(path), base=path.parent, source=str(path))
+def load(path: Path, *, dev: bool = False) -> CaConfig:
+    """Read and validate `path`; raise ConfigError listing every problem.
+
+    `dev`: for `ca serve --dev`, which has no `authn` and serves loopback only."""
+    return parse(read_yaml(path), base=path.parent, source=str(path), dev=dev)
 
 
-def parse(raw: object, *, base: Path, source: str = "config") -> CaConfig:
-    reader = _Reader(base)
+def parse(raw: object, *, base: Path, source: str = "config", dev: bool = False) -> CaConfig:
+    reader = _Reader(base, dev)
     config = reader.config(raw)
     if reader.errors or config is None:
         raise ConfigError(source, reader.errors)
@@ -148,6 +157,10 @@ def parse(raw: object, *, base: Path, source: str = "config") -> CaConfig:
 
 
 class _Reader(ConfigReader):
+    def __init__(self, base: Path, dev: bool) -> None:
+        super().__init__(base)
+        self.dev = dev
+
     def config(self, raw: object) -> CaConfig | None:
         if not isinstance(raw, Mapping):
             self.fail("(top)", "the config must be a YAML mapping")
@@ -182,10 +195,16 @@ class _Reader(ConfigReader):
         issuance = self.issuance(
             self.section(raw, "issuance", {"default_ttl", "max_ttl", "backdate"})
         )
-        kubernetes = self.kubernetes(self.section(raw, "authn", {"kubernetes"}))
+        kubernetes = None
+        if self.dev:
+            self.dev_mode(raw, kind, grpc, http)
+        else:
+            kubernetes = self.kubernetes(self.section(raw, "authn", {"kubernetes"}))
         audit_log = self.string(raw, "audit_log", "audit_log", "-") or "-"
         limits = self.limits(self.section(raw, "limits", _LIMIT_KEYS))
-        if self.errors or (signer_dir is None and vault is None) or kubernetes is None:
+        if self.errors or (signer_dir is None and vault is None):
+            return None
+        if kubernetes is None and not self.dev:
             return None
         return CaConfig(
             signer_dir=signer_dir,
@@ -199,7 +218,26 @@ class _Reader(ConfigReader):
             audit_log=audit_log if audit_log == "-" else str(self.base / audit_log),
             vault=vault,
             limits=limits,
+            dev=self.dev,
         )
+
+    def dev_mode(self, raw: Mapping[str, Any], kind: object, grpc: Listen, http: Listen) -> None:
+        """What --dev asks of the rest of the file: no authn, the local key, loopback only."""
+        if "authn" in raw:
+            self.fail(
+                "authn",
+                "not read with --dev, which trusts dev tokens (`outrider ca dev-token`) only:"
+                " remove it, or run without --dev",
+            )
+        if kind != "local":
+            self.fail("signer.kind", "--dev needs kind: local (the dev issuer's key is in its dir)")
+        for name, listen in (("grpc", grpc), ("http", http)):
+            if not _loopback(listen.host):
+                self.fail(
+                    f"listen.{name}",
+                    f"{listen} is not a loopback address: --dev serves this machine only"
+                    " (127.0.0.1, ::1 or localhost)",
+                )
 
     def limits(self, raw: Mapping[str, Any]) -> CaLimits:
         d = GrpcLimits()
@@ -319,7 +357,11 @@ class _Reader(ConfigReader):
             "tokenreview",
         }
         if "kubernetes" not in authn:
-            self.fail("authn.kubernetes", "required: the token issuer and its JWKS")
+            self.fail(
+                "authn.kubernetes",
+                "required: the token issuer and its JWKS (on a laptop without a cluster:"
+                " `outrider ca serve --dev`, docs/operations.md#dev-mode)",
+            )
             return None
         raw = self.section(authn, "authn.kubernetes", known)
         path = "authn.kubernetes"
@@ -361,3 +403,12 @@ class _Reader(ConfigReader):
             cache_ttl=self.duration(raw, "cache_ttl", f"{path}.cache_ttl", d.cache_ttl),
             require_pod_binding=binding is True,
         )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -162,7 +162,35 @@ def _ca_mint(args: argparse.Namespace) -> None:
         args.output,
         lambda m: (
             f"minted {m['spiffe_id']}, valid until {m['not_after']}\n"
-            f"  {m['svid']}, {m['key']}, {m['bundle']}"
+            f"  {m['svid']}, {m['key']}, {m['bundle']}\n"
+            "  an agent starts from it with identity.svid_file and identity.key_file"
+        ),
+    )
+
+
+def _ca_dev_token(args: argparse.Namespace) -> None:
+    from ca.authn.dev import DevModeError, mint_token
+
+    try:
+        spiffe_id = SpiffeId.parse(args.spiffe_id)
+        token, not_after = mint_token(Path(args.dir), spiffe_id, parse_duration(args.ttl))
+    except (ValueError, DevModeError) as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    try:
+        write_atomic(Path(args.out), token.encode() + b"\n", PRIVATE)
+    except OSError as exc:
+        raise CommandError(f"cannot write {args.out}: {exc.strerror or exc}", EXIT_USAGE) from None
+    made = {
+        "spiffe_id": str(spiffe_id),
+        "token_file": args.out,
+        "not_after": not_after.isoformat(timespec="seconds"),
+    }
+    emit(
+        made,
+        args.output,
+        lambda m: (
+            f"dev token for {m['spiffe_id']} in {m['token_file']}, valid until {m['not_after']}\n"
+            "  only `outrider ca serve --dev` with this CA directory accepts it"
         ),
     )
 
@@ -172,7 +200,7 @@ def _ca_serve(args: argparse.Namespace) -> None:
     from ca import config as ca_config
 
     try:
-        config = ca_config.load(Path(args.config))
+        config = ca_config.load(Path(args.config), dev=args.dev)
     except ConfigError as exc:
         raise _invalid(exc) from None
     try:
@@ -341,6 +369,8 @@ def _validate(component: str) -> Callable[[argparse.Namespace], None]:
             if component == "control":
                 kubeconfig = Path(args.kubeconfig) if args.kubeconfig else None
                 print(validate.control(path, kubeconfig))
+            elif component == "ca":
+                print(validate.ca(path, dev=args.dev))
             else:
                 print(getattr(validate, component)(path))
         except ConfigError as exc:
@@ -570,7 +600,7 @@ def _capture_remove(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from outrider import demo
 
-    demo.run(duration=args.duration)
+    demo.run(duration=args.duration, keep=Path(args.keep) if args.keep else None)
 
 
 def _audit(args: argparse.Namespace) -> None:
@@ -635,10 +665,27 @@ def parser() -> argparse.ArgumentParser:
 
     serve = ca.add_parser("serve", help="serve the Sign RPC, the bundle and metrics")
     serve.add_argument("--config", required=True, help="ca.yaml")
+    serve.add_argument(
+        "--dev",
+        action="store_true",
+        help="UNSAFE, a laptop only: issue to holders of `ca dev-token` tokens, without "
+        "Kubernetes; loopback only, refused in a pod (docs/operations.md#dev-mode)",
+    )
     serve.set_defaults(func=_ca_serve)
     ca_validate = ca.add_parser("validate", help="read ca.yaml as `ca serve` would; run nothing")
     ca_validate.add_argument("--config", required=True, help="ca.yaml")
+    ca_validate.add_argument("--dev", action="store_true", help="as `ca serve --dev` reads it")
     ca_validate.set_defaults(func=_validate("ca"))
+
+    dev_token = ca.add_parser(
+        "dev-token", help="a token `ca serve --dev` accepts as a workload (no cluster needed)"
+    )
+    dev_token.add_argument("--dir", required=True, help="the directory made by `ca init`")
+    dev_token.add_argument("--spiffe-id", required=True, help="spiffe://<td>/ns/<ns>/sa/<sa>")
+    dev_token.add_argument("--ttl", default="7d", help="lifetime, e.g. 7d (default), 12h")
+    dev_token.add_argument("--out", required=True, help="the token file (mode 0600)")
+    add_output_flag(dev_token)
+    dev_token.set_defaults(func=_ca_dev_token)
 
     agent = commands.add_parser("agent", help="the sidecar").add_subparsers(
         dest="agent_command", required=True
@@ -867,6 +914,12 @@ def parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the mesh on loopback and show what it does")
     demo.add_argument(
         "--duration", type=float, default=20.0, help="seconds of traffic (default 20)"
+    )
+    demo.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="run in DIR (new or empty) and leave its configs, keys, tokens and a README.md"
+        " with the commands that start the same mesh by hand",
     )
     demo.set_defaults(func=_demo)
 

@@ -27,12 +27,13 @@ def agent(path: Path) -> str:
     )
 
 
-def ca(path: Path) -> str:
+def ca(path: Path, dev: bool = False) -> str:
     from ca import config as ca_config
 
-    config = ca_config.load(path)
+    config = ca_config.load(path, dev=dev)  # `dev`: as `ca serve --dev` reads it
     domain = config.trust_domain or "from its CA directory"
-    return f"{path}: valid CA config (trust domain {domain})"
+    mode = " for --dev" if dev else ""
+    return f"{path}: valid CA config{mode} (trust domain {domain})"
 
 
 def control(path: Path, kubeconfig: Path | None = None) -> str:

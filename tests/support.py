@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -32,6 +33,7 @@ from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.adapters.ca_client import CaClient, tls_context
+from ca.authn.dev import refusal as dev_refusal
 from ca.authn.fake_issuer import FakeTokenIssuer
 from ca.signers.local import init_ca
 from identity import TrustDomain
@@ -49,6 +51,11 @@ policies:
       - name: no-admins
         when: [{header: x-role, values: [admin]}]
 """
+#: `ca serve --dev` (and `outrider demo`, whose CA runs in dev mode) refuses to start
+#: where the machine looks like a pod, as it must: a CI job run in a pod skips its tests.
+needs_dev_mode = pytest.mark.skipif(
+    dev_refusal(os.environ) is not None, reason=str(dev_refusal(os.environ))
+)
 _READY = re.compile(r"gRPC \(TLS\) on [^ ]+:(\d+), HTTP on [^ ]+:(\d+)")
 
 
@@ -307,14 +314,17 @@ def ca_process(
     *,
     fd_limit: int | None = None,
     prefix: Sequence[str] = (),
+    dev: bool = False,
 ) -> Iterator[CaProcess]:
     """`outrider ca serve` as a real process; stopped with SIGTERM, which must exit 0.
 
     `fd_limit` is the soft open-file limit it starts with (default: ours).
     `prefix` goes before the command line: `Pod.prefix` (tests.netns) runs it in a pod.
+    `dev`: `ca serve --dev`.
     """
+    serve = ["ca", "serve", "--config", str(config), *(["--dev"] if dev else [])]
     process = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "outrider", "ca", "serve", "--config", str(config)],
+        [*prefix, sys.executable, "-m", "outrider", *serve],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,

@@ -3,10 +3,13 @@
 Every renewal makes a new P-256 key in memory and sends a CSR: with the
 current SVID as the TLS client certificate while it is valid, otherwise with
 the projected ServiceAccount token, read from its file each time (the
-kubelet rotates it). The answer is checked before use. When to renew, how to
-back off while the CA cannot be reached (keeping the current SVID until it
-expires) and how fast to retry once it has expired are `identity.renewal`'s
-decisions, shared with every other credential Outrider keeps fresh.
+kubelet rotates it). With `identity.svid_file` the first SVID comes from
+files instead (`outrider ca mint`, or the agent's own output_dir), so an
+agent starts without a token. The answer is checked before use. When to
+renew, how to back off while the CA cannot be reached (keeping the current
+SVID until it expires) and how fast to retry once it has expired are
+`identity.renewal`'s decisions, shared with every other credential Outrider
+keeps fresh.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from agent.adapters.metrics import AgentMetrics
 from agent.adapters.tls import Contexts, unreachable
 from agent.config import AgentConfig
-from agent.core.svid import Svid, SvidRejected, accept_svid
+from agent.core.svid import Svid, SvidRejected, accept_svid, svid_from_pem
 from identity import TrustBundle
 from identity.chain import ChainError, check_chain
 from identity.files import PRIVATE, PUBLIC, write_set
@@ -80,6 +83,7 @@ class IdentityManager:
         #: The roots to verify peers against, given the CA's bundle (`BundleSync.peer_roots`).
         self.peer_roots: Callable[[TrustBundle], TrustBundle] = lambda bundle: bundle
         self.has_svid = asyncio.Event()
+        self._files_tried = False  # identity.svid_file is read once, before the first CSR
         #: Called after every change of the SVID or of its roots: what holds a connection
         #: made with the old ones (the control-plane stream) makes a new one.
         self.changed: list[Callable[[], None]] = []
@@ -137,12 +141,17 @@ class IdentityManager:
         all. New connections still present it, and peers refuse them.
         """
         if self.svid is not None:
-            fresh = Contexts.of(self.svid)
+            fresh = Contexts.of(self.svid, self.config.tls)
             self.contexts.client, self.contexts.h2_client = fresh.client, fresh.h2_client
             log.warning("the SVID expired: closing pooled connections made with it")
 
     async def renew(self) -> Svid:
-        """One CSR to the CA; the checked SVID, or RenewalFailed."""
+        """One CSR to the CA (or, the first time, identity.svid_file); the checked SVID,
+        or RenewalFailed."""
+        if not self._files_tried:
+            self._files_tried = True
+            if (from_files := self._from_files()) is not None:
+                return from_files
         key = ec.generate_private_key(ec.SECP256R1())
         csr = (
             x509.CertificateSigningRequestBuilder()
@@ -187,6 +196,32 @@ class IdentityManager:
             raise RenewalFailed("bad_answer", message) from None
         return svid
 
+    def _from_files(self) -> Svid | None:
+        """identity.svid_file and key_file, if set and usable now; else None, said why."""
+        identity = self.config.identity
+        if identity.svid_file is None or identity.key_file is None:
+            return None
+        try:
+            svid = svid_from_pem(
+                identity.svid_file.read_bytes(),
+                identity.key_file.read_bytes(),
+                self._trusted_pem(),
+                identity.spiffe_id,
+                self.now(),
+            )
+        except (OSError, SvidRejected, RenewalFailed) as exc:
+            log.warning(
+                "cannot start from svid_file %s and key_file %s (%s); asking the CA with the"
+                " token %s",
+                identity.svid_file,
+                identity.key_file,
+                exc,
+                identity.token_file,
+            )
+            return None
+        log.info("starting from the SVID in %s", identity.svid_file)
+        return svid
+
     def _presentable(self) -> Svid | None:
         """The SVID to renew with: valid now and chaining to the roots trusted now.
 
@@ -208,7 +243,7 @@ class IdentityManager:
         ca_bundle = svid.bundle
         svid = dataclasses.replace(svid, bundle=self.peer_roots(ca_bundle))
         try:
-            contexts = Contexts.of(svid)
+            contexts = Contexts.of(svid, self.config.tls)
         except ssl.SSLError as exc:
             raise RenewalFailed("bad_answer", f"ssl cannot use the new SVID: {exc}") from None
         self.contexts.use(contexts)
@@ -226,6 +261,12 @@ class IdentityManager:
             svid.serial,
             svid.not_after.isoformat(timespec="seconds"),
         )
+
+    def reconfigured(self) -> None:
+        """A reload may have changed `tls`: new contexts then (the ticket keys and saved
+        sessions go with the old ones)."""
+        if self.svid is not None and self.contexts.resumption != self.config.tls:
+            self.contexts.use(Contexts.of(self.svid, self.config.tls))
 
     def _tell_changed(self) -> None:
         for callback in self.changed:
@@ -309,7 +350,7 @@ class IdentityManager:
         if self.svid is None:
             return
         svid = dataclasses.replace(self.svid, bundle=bundle)
-        self.contexts.use(Contexts.of(svid))
+        self.contexts.use(Contexts.of(svid, self.config.tls))
         self.svid = svid
         self.metrics.bundle_expiry.set(bundle.earliest_expiry.timestamp())
         self._write_files(svid)  # an app reading output_dir verifies its peers by it too

@@ -33,7 +33,7 @@ from agent.adapters.h2client import H2Pool
 from agent.adapters.metrics import AgentMetrics, clock
 from agent.adapters.pool import Pool
 from agent.adapters.runtime import Runtime
-from agent.adapters.tls import refusal_reason
+from agent.adapters.tls import dialling, kept, refusal_reason
 from agent.config import Outbound
 from agent.core.discovery import Source
 from agent.core.health import ActiveCheck, Event, Transition
@@ -82,6 +82,9 @@ class LiveUpstream:
         self._tick: asyncio.Task[None] | None = None
         self._checks: asyncio.Task[None] | None = None
         self._running = False
+        # The loop it runs on, from start(): every request reads its clock, and each
+        # get_running_loop() is a getpid() system call on Python 3.11.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def name(self) -> str:
@@ -94,6 +97,7 @@ class LiveUpstream:
 
     def start(self) -> None:
         self._running = True
+        self._loop = asyncio.get_running_loop()
         self.counted = Counted(self.runtime.metrics, self.name)
         self._watch_sources()
         self._tick = asyncio.create_task(self._refresh(), name=f"upstream {self.name}")
@@ -319,14 +323,15 @@ class LiveUpstream:
         )
         try:
             async with asyncio.timeout(deadline):
-                transport, protocol = await loop.create_connection(
-                    factory,
-                    endpoint.host,
-                    endpoint.port,
-                    ssl=context,
-                    server_hostname="",
-                    ssl_handshake_timeout=limits.handshake_timeout.total_seconds(),
-                )
+                with dialling(context, endpoint, self.config.server_ids):  # a saved session
+                    transport, protocol = await loop.create_connection(
+                        factory,
+                        endpoint.host,
+                        endpoint.port,
+                        ssl=context,
+                        server_hostname="",
+                        ssl_handshake_timeout=limits.handshake_timeout.total_seconds(),
+                    )
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
             if not _before_tls(exc):
                 runtime.refused(direction, refusal_reason(exc))
@@ -342,10 +347,12 @@ class LiveUpstream:
             del transport, protocol, ssl_object
             raise DialError(f"{endpoint} presented {peer or 'no SVID'}, not an ID of the upstream")
         runtime.verified(direction, ssl_object, peer, started)
+        kept(ssl_object, peer)  # its session may be offered to this endpoint again
         return transport, protocol
 
     def _now(self) -> float:
-        return asyncio.get_running_loop().time()
+        loop = self._loop
+        return (loop or asyncio.get_running_loop()).time()
 
 
 class Counted:

@@ -91,3 +91,28 @@ def accept_svid(
     if chain[0].public_key() != key.public_key():
         raise SvidRejected("wrong_key", "the CA's certificate is not for this agent's key")
     return Svid(spiffe_id, chain, key, bundle)
+
+
+def svid_from_pem(
+    chain_pem: bytes, key_pem: bytes, bundle_pem: bytes, expected: SpiffeId, now: datetime
+) -> Svid:
+    """An SVID kept in files (`outrider ca mint`, or an agent's output_dir), checked as
+    strictly as the CA's answer: SvidRejected if it is not a usable SVID for `expected`."""
+    try:
+        chain = x509.load_pem_x509_certificates(chain_pem)
+        roots = x509.load_pem_x509_certificates(bundle_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except ValueError as exc:
+        raise SvidRejected(
+            "malformed", f"not PEM certificates and an unencrypted key: {exc}"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise SvidRejected("malformed", "the key is not an EC key (outrider ca mint makes P-256)")
+    der = serialization.Encoding.DER
+    return accept_svid(
+        [cert.public_bytes(der) for cert in chain],
+        [root.public_bytes(der) for root in roots],
+        key,
+        expected,
+        now,
+    )

@@ -1,15 +1,16 @@
 """A fake Kubernetes API server, as far as ServiceAccount tokens go.
 
 It mints tokens with the exact claim shape of a projected token and
-publishes the matching JWKS, so tests and ``outrider demo`` exercise the
-real verifier without a cluster. Its key lives only in memory.
+publishes the matching JWKS, so tests exercise the real verifier without a
+cluster, with any claim a test wants to forge. Its key lives only in memory.
 
-Test and demo code only: no production path may import this module.
+Test code only: no production path may import this module. The supported way
+to issue without a cluster is dev mode (ca/authn/dev.py), which shares the
+claim shape (`projected_claims`).
 """
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,12 +18,9 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
+from ca.authn.dev import projected_claims
+
 DEFAULT_ISSUER = "https://kubernetes.default.svc.cluster.local"
-
-
-def _uid(*parts: str) -> str:
-    # Stable per name, like a real object that keeps its UID.
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, "/".join(parts)))
 
 
 class FakeTokenIssuer:
@@ -54,25 +52,15 @@ class FakeTokenIssuer:
     ) -> dict[str, Any]:
         """The claims of a projected token. An override of ``None`` removes
         the claim; nested ``kubernetes.io`` values are replaced whole."""
-        issued = int((now or datetime.now(UTC)).timestamp())
-        k8s: dict[str, Any] = {
-            "namespace": namespace,
-            "serviceaccount": {
-                "name": service_account,
-                "uid": _uid(namespace, "sa", service_account),
-            },
-        }
-        if pod_name is not None:
-            k8s["pod"] = {"name": pod_name, "uid": _uid(namespace, "pod", pod_name)}
-        claims: dict[str, Any] = {
-            "aud": [audience] if isinstance(audience, str) else list(audience),
-            "exp": issued + int(lifetime.total_seconds()),
-            "iat": issued,
-            "nbf": issued,
-            "iss": self.issuer,
-            "sub": f"system:serviceaccount:{namespace}:{service_account}",
-            "kubernetes.io": k8s,
-        }
+        claims = projected_claims(
+            self.issuer,
+            namespace,
+            service_account,
+            audience=audience,
+            lifetime=lifetime,
+            now=now or datetime.now(UTC),
+            pod_name=pod_name,
+        )
         claims.update(claim_overrides)
         return {name: value for name, value in claims.items() if value is not None}
 

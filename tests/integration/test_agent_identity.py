@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
@@ -20,6 +21,7 @@ from agent.adapters.tls import Contexts
 from agent.app import utcnow
 from agent.core.svid import Svid
 from identity.proto import ca_pb2
+from outrider import cli
 from tests.clock import FakeClock
 from tests.mesh import agent_yaml, local_sign, workload
 from tests.support import CaSetup
@@ -251,3 +253,39 @@ async def test_a_30s_svid_recovers_within_seconds_of_a_clock_step_past_expiry_an
         assert m.renewal.standing.failures == 0
     finally:
         task.cancel()
+
+
+async def minted(setup: CaSetup, name: str, ttl: str = "1h") -> dict[str, str]:
+    """`outrider ca mint` for workload `name`: the identity keys that start an agent from it."""
+    out = setup.root / f"{name}-minted"
+    spiffe_id = str(workload(name))
+    args = ["ca", "mint", "--dir", str(setup.ca_dir), "--spiffe-id", spiffe_id, "--ttl", ttl]
+    assert await asyncio.to_thread(cli.main, [*args, "--out", str(out)]) == 0
+    return {"svid_file": str(out / "svid.pem"), "key_file": str(out / "svid.key")}
+
+
+async def test_an_agent_starts_from_a_minted_svid_and_renews_with_it(setup: CaSetup) -> None:
+    files = await minted(setup, "web")
+    recorder = Recorder(local_sign(setup))
+    identity = manager(setup, recorder, **files)
+    first = await identity.renew()
+    identity.install(first)
+    assert recorder.calls == []  # no token, no CA: the files
+    minted_leaf = x509.load_pem_x509_certificates(Path(files["svid_file"]).read_bytes())[0]
+    assert first.leaf == minted_leaf and first.spiffe_id == workload("web")
+    identity.install(await identity.renew())
+    assert recorder.calls == ["svid"]  # renewed over mTLS with the minted SVID
+    assert identity.svid is not None and identity.svid.leaf != minted_leaf
+
+
+async def test_a_minted_svid_for_another_workload_is_passed_over_for_the_token(
+    setup: CaSetup, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = await minted(setup, "other")
+    recorder = Recorder(local_sign(setup))
+    identity = manager(setup, recorder, **files)
+    svid = await identity.renew()
+    assert svid.spiffe_id == workload("web")
+    assert recorder.calls == [f"token:{workload('web')}"]
+    assert f"cannot start from svid_file {files['svid_file']}" in caplog.text
+    assert f"but this agent is {workload('web')}" in caplog.text

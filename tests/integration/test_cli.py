@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import stat
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from identity import SpiffeId, check_leaf
+from tests.support import ca_process, needs_dev_mode
 
 CA_FILES = ("root.pem", "root.key", "intermediate.pem", "intermediate.key", "bundle.pem")
 
@@ -143,3 +147,92 @@ def test_serve_with_a_missing_ca_directory_says_what_to_do(tmp_path: Path):
     result = outrider("ca", "serve", "--config", config)
     assert result.returncode == 2
     assert "outrider ca init" in result.stderr
+
+
+def test_dev_token_writes_a_private_token_for_a_workload(ca_dir: Path, tmp_path: Path):
+    out = tmp_path / "web.token"
+    spiffe_id = "spiffe://example.org/ns/shop/sa/web"
+    result = outrider(
+        "ca", "dev-token", "--dir", ca_dir, "--spiffe-id", spiffe_id, "--ttl", "1d12h",
+        "--out", out, "-o", "json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    made = json.loads(result.stdout)
+    assert made["spiffe_id"] == spiffe_id and made["token_file"] == str(out)
+    lifetime = datetime.fromisoformat(made["not_after"]) - datetime.now(UTC)
+    assert timedelta(hours=35) < lifetime <= timedelta(hours=36)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert stat.S_IMODE((ca_dir / "dev-issuer.key").stat().st_mode) == 0o600
+    assert out.read_text().count(".") == 2  # a JWS, checked by the CA's verifier in unit tests
+
+
+def test_dev_token_into_a_missing_directory_says_so(ca_dir: Path, tmp_path: Path):
+    out = tmp_path / "nowhere" / "web.token"
+    spiffe_id = "spiffe://example.org/ns/shop/sa/web"
+    result = outrider("ca", "dev-token", "--dir", ca_dir, "--spiffe-id", spiffe_id, "--out", out)
+    assert result.returncode == 2
+    assert f"cannot write {out}: No such file or directory" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("spiffe_id", "message"),
+    [
+        ("spiffe://evil.example/ns/a/sa/b", "not in trust domain"),
+        ("spiffe://example.org/web", "/ns/<namespace>/sa/<service account>"),
+    ],
+)
+def test_dev_token_refuses_ids_the_ca_would_not_issue(
+    ca_dir: Path, tmp_path: Path, spiffe_id: str, message: str
+):
+    out = tmp_path / "x.token"
+    result = outrider("ca", "dev-token", "--dir", ca_dir, "--spiffe-id", spiffe_id, "--out", out)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not out.exists()
+
+
+def dev_config(tmp_path: Path, ca_dir: Path) -> Path:
+    config = tmp_path / "dev.yaml"
+    config.write_text(
+        f"signer: {{dir: {ca_dir}}}\nlisten: {{grpc: 127.0.0.1:0, http: 127.0.0.1:0}}\n"
+    )
+    return config
+
+
+def test_serve_dev_refuses_to_start_in_a_pod_and_says_what_to_do(ca_dir: Path, tmp_path: Path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "outrider",
+            "ca",
+            "serve",
+            "--dev",
+            "--config",
+            str(dev_config(tmp_path, ca_dir)),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KUBERNETES_SERVICE_HOST": "10.96.0.1"},
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "refusing --dev: this looks like a Kubernetes pod" in result.stderr
+    assert "run `outrider ca serve` without --dev and with authn.kubernetes" in result.stderr
+    assert not (ca_dir / "dev-issuer.key").exists()  # refused before anything was made
+
+
+def test_validate_reads_a_dev_config_as_serve_dev_does(ca_dir: Path, tmp_path: Path):
+    config = dev_config(tmp_path, ca_dir)
+    assert outrider("ca", "validate", "--config", config, "--dev").returncode == 0
+    without = outrider("ca", "validate", "--config", config)
+    assert without.returncode == 2
+    assert "authn.kubernetes: required" in without.stderr and "--dev" in without.stderr
+
+
+@needs_dev_mode
+def test_serve_dev_warns_that_it_is_unsafe(ca_dir: Path, tmp_path: Path):
+    with ca_process(dev_config(tmp_path, ca_dir), dev=True) as ca:
+        said = "".join(ca.stderr)
+    assert "WARNING outrider.ca: DEV MODE: this CA issues an SVID to anyone holding" in said
+    assert "(DEV MODE: unsafe outside a laptop)" in said

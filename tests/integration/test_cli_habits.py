@@ -80,7 +80,8 @@ def bash_completion(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_bash_completion_loads_and_completes_subcommands(bash_completion: Path) -> None:
     assert "proxy-status" in _complete(bash_completion, "outrider pro")
-    assert _complete(bash_completion, "outrider ca ") == ["init", "mint", "serve", "validate"]
+    ca_commands = ["dev-token", "init", "mint", "serve", "validate"]
+    assert _complete(bash_completion, "outrider ca ") == ca_commands
     assert _complete(bash_completion, "outrider check -o ") == ["json", "text", "yaml"]
     assert "--agent-config" in _complete(bash_completion, "outrider policy lint --a")
 

@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.support import needs_dev_mode
+
+# The demo's CA runs in dev mode, which refuses to start in a pod.
+pytestmark = needs_dev_mode
+
 FRONTEND = "spiffe://demo.outrider.local/ns/demo/sa/frontend"
 BACKEND = "spiffe://demo.outrider.local/ns/demo/sa/backend"
+REPO = Path(__file__).resolve().parents[2]
 
 
-def run_demo(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def run_demo(
+    *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "outrider", "demo", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     try:
         out, err = process.communicate(timeout=timeout)
@@ -90,3 +103,92 @@ def test_demo_refuses_a_duration_it_cannot_run() -> None:
     result = run_demo("--duration", "0", timeout=20)
     assert result.returncode != 0
     assert "--duration must be more than 0 seconds" in result.stderr
+
+
+def readme_commands(readme: str) -> list[list[str]]:
+    """Every command of the README's ```sh blocks, split as a shell would."""
+    blocks = re.findall(r"^```sh\n(.*?)^```$", readme, re.M | re.S)
+    return [shlex.split(line) for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def runnable(command: list[str]) -> list[str]:
+    """The command as written, run by this checkout's interpreter: `outrider` and
+    `python3` on a user's PATH are this repository's venv after `make demo`."""
+    head, *rest = command
+    interpreter = {"outrider": [sys.executable, "-m", "outrider"], "python3": [sys.executable]}
+    return [*interpreter.get(head, [head]), *rest]
+
+
+def until_it_answers(command: list[str], cwd: Path, expected: str, timeout: float = 30.0) -> str:
+    """Run `command` until it prints `expected`: until both agents hold SVIDs and
+    listen, the frontend's agent answers 503 (upstream_connect_failure)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=10)
+        if result.stdout.strip() == expected or time.monotonic() > deadline:
+            return result.stdout.strip()
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_the_kept_demo_starts_by_hand_with_the_commands_of_its_readme(tmp_path: Path) -> None:
+    assert "outrider demo --keep ./mesh" in (REPO / "README.md").read_text()  # what users read
+    kept = tmp_path / "mesh"
+    result = run_demo("--keep", str(kept), "--duration", "6")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"kept in {kept}" in result.stdout
+    assert processes_mentioning(str(kept)) == []  # the demo's own processes are gone
+
+    readme = (kept / "README.md").read_text()
+    assert "**DEV MODE: UNSAFE OUTSIDE A LAPTOP.**" in readme
+    commands = readme_commands(readme)
+    servers = [c for c in commands if c[0] != "curl"]
+    requests = [c for c in commands if c[0] == "curl"]
+    assert [c[:3] for c in servers] == [
+        ["outrider", "ca", "serve"],
+        ["outrider", "agent", "run"],
+        ["outrider", "agent", "run"],
+        ["python3", "-m", "http.server"],
+    ]
+    assert "--dev" in servers[0] and len(requests) == 2
+
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, command in enumerate(servers):
+            with (tmp_path / f"by-hand-{i}.log").open("wb") as log:
+                started.append(
+                    subprocess.Popen(runnable(command), cwd=kept, stdout=log, stderr=log)
+                )
+        hello = json.dumps({"app": "backend", "says": "hello from the backend"})
+        assert until_it_answers(runnable(requests[0]), kept, hello) == hello
+        assert until_it_answers(runnable(requests[1]), kept, "403") == "403"
+    finally:
+        for process in started:
+            process.terminate()
+        for process in started:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    ca_log = (tmp_path / "by-hand-0.log").read_text()
+    assert "DEV MODE" in ca_log, ca_log
+
+
+def test_demo_keep_refuses_a_directory_with_files_in_it(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    result = run_demo("--keep", str(tmp_path), timeout=20)
+    assert result.returncode != 0
+    assert "the directory is not empty; give a new one" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_demo_refuses_to_run_in_a_pod_before_making_anything(tmp_path: Path) -> None:
+    kept = tmp_path / "mesh"
+    in_a_pod = {**os.environ, "KUBERNETES_SERVICE_HOST": "10.96.0.1"}
+    result = run_demo("--keep", str(kept), timeout=20, env=in_a_pod)
+    assert result.returncode != 0
+    assert "its CA runs in dev mode, so: refusing --dev: this looks like a Kubernetes pod" in (
+        result.stderr
+    )
+    assert not kept.exists()

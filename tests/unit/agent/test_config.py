@@ -23,6 +23,7 @@ from agent.config import (
 from agent.config_outbound import Subset
 from agent.core.authz import AllowList
 from agent.core.discovery import StaticSource
+from agent.core.resumption import Resumption
 from agent.core.tracecontext import TracingConfig
 from agent.core.upstream import Endpoint
 from identity import SpiffeId, TrustDomain
@@ -205,6 +206,25 @@ def test_relative_paths_resolve_against_the_config_directory_and_absolute_ones_s
     assert config.identity.token_file == BASE / "secrets/token"
     assert config.identity.output_dir == Path("/run/outrider")
     assert config.ca.bundle_file == BASE / "../bundle.pem"
+
+
+def test_an_svid_file_comes_with_its_key_file() -> None:
+    raw = minimal()
+    raw["identity"].update(svid_file="web-svid/svid.pem", key_file="web-svid/svid.key")
+    identity = parse(raw, base=BASE).identity
+    assert (identity.svid_file, identity.key_file) == (
+        BASE / "web-svid/svid.pem",
+        BASE / "web-svid/svid.key",
+    )
+    for given, missing in (("svid_file", "key_file"), ("key_file", "svid_file")):
+        raw = minimal()
+        raw["identity"][given] = "x.pem"
+        with pytest.raises(ConfigError) as caught:
+            parse(raw, base=BASE)
+        assert caught.value.errors == [
+            f"identity.{missing}: svid_file and key_file go together: the SVID's chain and its"
+            " key (`outrider ca mint --out DIR` writes DIR/svid.pem and DIR/svid.key)"
+        ]
 
 
 def test_load_resolves_paths_against_the_files_own_directory(tmp_path: Path) -> None:
@@ -554,3 +574,24 @@ def test_bad_access_log_and_tracing_keys_are_all_reported() -> None:
     bad_url = minimal() | {"tracing": {"otlp_endpoint": "grpc://collector:4317"}}
     with pytest.raises(ConfigError, match="http:// or https://"):
         parse(bad_url, base=BASE)
+
+
+def test_tls_resumption_is_on_by_default_with_five_minute_tickets() -> None:
+    assert parse(minimal(), base=BASE).tls == Resumption(True, timedelta(minutes=5))
+    raw = minimal() | {"tls": {"resumption": False, "ticket_lifetime": "90s"}}
+    assert parse(raw, base=BASE).tls == Resumption(False, timedelta(seconds=90))
+
+
+def test_bad_tls_keys_are_all_reported() -> None:
+    raw = minimal() | {"tls": {"resumption": "yes", "ticket_lifetime": "2h", "tickets": 2}}
+    with pytest.raises(ConfigError) as info:
+        parse(raw, base=BASE)
+    text = str(info.value)
+    for said in (
+        "tls.resumption: must be true or false",
+        "tls.ticket_lifetime: must be more than 0s and at most 1h",
+        "tls.tickets: unknown key",
+    ):
+        assert said in text
+    with pytest.raises(ConfigError, match=r"tls\.ticket_lifetime"):
+        parse(minimal() | {"tls": {"ticket_lifetime": "0s"}}, base=BASE)
