@@ -258,7 +258,7 @@ class _Tags(HTMLParser):
         (["--since", "1h", "--until", "2h"], "the range is empty"),
         (["--since", "last week"], "is neither a duration"),
         (["--prometheus", "prometheus:9090"], "is not an http:// or https:// URL"),
-        (["--since", "99999999999h"], "reaches back further than a date can"),
+        (["--since", "99999999999h"], "give an RFC 3339 time instead"),
     ],
 )
 def test_bad_flags_are_exit_2_with_the_reason(
@@ -281,3 +281,8 @@ def test_prometheus_or_saved_scrapes_are_required(capsys: pytest.CaptureFixture[
         cli.main(["audit", "--out", "x"])
     assert exited.value.code == 2
     assert "--prometheus" in capsys.readouterr().err
+
+
+def test_a_duration_back_beyond_the_calendar_is_a_usage_error_not_a_traceback() -> None:
+    with pytest.raises(AuditError, match=r"--since '999999999d'"):
+        parse_time("999999999d", NOW, "--since")
