@@ -610,7 +610,7 @@ class OutboundHttp(asyncio.Protocol):
                 lambda release: UpstreamConnection(live.pool, endpoint, context, release),
             )
         except DialError as exc:
-            log.warning("outbound %s: %s", live.name, exc)  # as the TCP outbound says it
+            live.runtime.dial_failed(live.name, endpoint, exc)  # as the TCP outbound says it
             return None
         finally:
             breaker.release("max_pending")

@@ -33,7 +33,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from agent.adapters import h2client
 from agent.app import Agent
 from agent.core.grpc import Code
-from tests.h2backend import exchange, grpc_head, h2_backend
+from tests.h2backend import Answer, exchange, grpc_head, h2_backend
 from tests.mesh import agent_yaml, inbound, local_sign, running_agent, workload
 from tests.support import CaSetup, free_port
 
@@ -329,6 +329,9 @@ async def test_grpc_calls_are_logged_with_their_grpc_status_and_traced_end_to_en
     assert (into[bye]["decision"], into[bye]["rule"]) == ("deny", "no-farewells")
     assert (into[hello]["decision"], into[hello]["peer_id"]) == ("allow", FRONTEND)
     assert out[hello]["tries"] == 1 and out[hello]["upstream"] == "backend"
+    # Bytes each way: the call's message (5 bytes, echoed) on both agents' lines.
+    for line in (out[hello], into[hello]):
+        assert (line["bytes_in"], line["bytes_out"]) == (5, 5), line
     assert out[hello]["trace_id"] == into[hello]["trace_id"]
     (request,) = m.app.h2.requests  # the denied call never reached it
     traceparent = request.header(b"traceparent").decode()
@@ -341,3 +344,32 @@ async def test_grpc_calls_are_logged_with_their_grpc_status_and_traced_end_to_en
     assert len(servers) == 2
     for server in servers:  # each inbound span hangs under its outbound one
         assert by_id[server.parent_span_id].kind == trace_pb2.Span.SPAN_KIND_CLIENT
+
+
+@pytest.mark.parametrize("trailers_only", [True, False])
+async def test_a_grpc_status_that_is_no_number_is_read_as_a_client_reads_it_on_both_agents(
+    root: Path, setup: CaSetup, caplog: pytest.LogCaptureFixture, trailers_only: bool
+) -> None:
+    """`grpc-status: ²` (a digit to str.isdigit, not to int): the call ends as a gRPC client
+    reads a status it cannot parse (UNKNOWN), logged and counted, no stream failing."""
+    bogus = [(b"grpc-status", "\u00b2".encode("latin-1"))]
+
+    async def reply(request: Any) -> Answer:
+        head = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+        if trailers_only:
+            return Answer(head + bogus)
+        return Answer(head, request.body, bogus)
+
+    async with mesh(root, setup, protocol="grpc") as m:
+        m.app.h2.reply = reply
+        host, port = m.frontend.bound["outbound[backend]"].rsplit(":", 1)
+        connection = await h2client.connect(host, int(port))
+        try:
+            answered = await exchange(connection, grpc_head())
+        finally:
+            connection.close()
+        await wait_for(lambda: m.lines["frontend"] and m.lines["backend"])
+    assert answered.reset is None and answered.status == 200
+    (out,), (into,) = m.lines["frontend"], m.lines["backend"]
+    assert into["grpc_status"] == out["grpc_status"] == Code.UNKNOWN
+    assert "failed unexpectedly" not in caplog.text
