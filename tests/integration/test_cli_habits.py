@@ -209,3 +209,23 @@ def test_ca_validate_accepts_a_config_ca_serve_would_start_with(tmp_path: Path) 
     ran = outrider("ca", "validate", "--config", config)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout == f"{config}: valid CA config (trust domain example.org)\n"
+
+
+def test_policy_lint_of_a_file_the_agent_config_already_loads_reads_it_once(
+    tmp_path: Path,
+) -> None:
+    """Linting the agent's own policy file with its config (the natural check before a
+    reload) is not a duplicate-name error: the same file is loaded once, as the agent
+    loads it, so a real refusal (HTTP fields on its TCP port) is what gets reported."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(HTTP_ON_TCP.replace("5432", "8080"))
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump({**AGENT, "policy": {"files": ["policy.yaml"]}}))
+    ran = outrider("policy", "lint", policy, "--agent-config", config)
+    assert ran.returncode == 0, ran.stderr
+    assert f"{config}: the agent would load 1 policies OK" in ran.stdout
+    policy.write_text(HTTP_ON_TCP)
+    ran = outrider("policy", "lint", policy, "--agent-config", config)
+    assert ran.returncode == 2
+    assert "duplicate policy name" not in ran.stderr
+    assert "rule 'get' uses methods but applies to TCP port 5432" in ran.stderr
