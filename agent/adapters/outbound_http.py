@@ -42,7 +42,13 @@ from functools import partial
 from typing import cast
 
 from agent.adapters.attempts import LocalAnswer, Try, attempts, dial_within_limit, overflow
-from agent.adapters.http import HOLD_BYTES, deliver_requests, error_body, local_response
+from agent.adapters.http import (
+    HOLD_BYTES,
+    deliver_requests,
+    error_body,
+    local_body_size,
+    local_response,
+)
 from agent.adapters.metrics import clock, since
 from agent.adapters.pool import UpstreamConnection
 from agent.adapters.runtime import refusal_line
@@ -595,9 +601,11 @@ class OutboundHttp(asyncio.Protocol):
     # -- to the app ----------------------------------------------------------------------
 
     def _answer(self, status: int, error: str, detail: str = "") -> int:
+        answer = local_response(status, error_body(error, detail))
         if self.watch is not None and self.queue and self.queue[0].entry is not None:
             self.queue[0].entry.error = error
-        self.to_client.append(local_response(status, error_body(error, detail)))
+            self.queue[0].entry.bytes_out = local_body_size(answer)
+        self.to_client.append(answer)
         self.closing = True
         self._flush()
         return status
