@@ -239,6 +239,126 @@ def _always() -> bool:
     return True
 
 
+class Attempts(Generic[C, P]):
+    """The attempts loop's state for one request (or TCP connection): the subset it was
+    given, the endpoints tried, the slot taken for the next try, a redial pending.
+
+    `run` is the loop (what `attempts` runs). A protocol that can make a try without
+    waiting (HTTP/1.1 on an idle pooled connection) takes its first one itself, with
+    `next_try` and then `decided` from the callback that decides it, and hands the loop
+    on to `run` only when it must wait: a dial, a retry, a timer. The state is the same
+    either way, so the tries are the same. `close` ends what is left (a try in progress,
+    a slot taken); called again it does nothing.
+    """
+
+    def __init__(
+        self,
+        live: LiveUpstream,
+        rng: random.Random,
+        *,
+        method: str | None,
+        grpc: bool = False,
+        key: bytes | None = None,
+        replayable: Callable[[], bool] = _always,
+        per_try: float | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        subset = live.core.subset(rng)
+        if subset is None:
+            raise LocalAnswer(503, "no_endpoints")
+        self.live, self.rng, self.subset = live, rng, subset
+        self.method, self.grpc, self.key = method, grpc, key
+        self.replayable, self.per_try = replayable, per_try
+        self._loop = loop
+        self.tried: list[Endpoint] = []
+        self.slot: RetryBudget | None = None  # taken by the last try's Retry, for the next one
+        self.current: Try[C, P] | None = None  # the try in progress
+        self._stale: Endpoint | None = None  # the endpoint of the try just redialled
+        self._redialled = False
+
+    def next_try(self) -> Try[C, P]:
+        """The next try: on an endpoint not tried yet (a redial: the same one if none is
+        left), carrying the slot the last one took; LocalAnswer when there is none."""
+        live = self.live
+        loop = self._loop or asyncio.get_running_loop()
+        endpoint = live.core.choose(self.subset, self.tried, loop.time(), self.rng, self.key)
+        if endpoint is None:  # a redial with no other endpoint left goes to the same one
+            endpoint = self._stale
+        if endpoint is None:
+            raise LocalAnswer(503, "no_healthy_endpoint" if not self.tried else "no_endpoint_left")
+        self.tried.append(endpoint)
+        current = self.current = Try(
+            live,
+            endpoint,
+            self.tried,
+            self.slot,
+            method=self.method,
+            grpc=self.grpc,
+            replayable=self.replayable,
+            per_try=self.per_try,
+            redialled=self._redialled,
+        )
+        current.fresh, self._stale = self._stale is not None, None
+        self.slot = None
+        return current
+
+    def decided(self, step: Step) -> Try[C, P] | None:
+        """The try in progress was decided `step`: Deliver returns it, still running (the
+        caller ends it); else it ends here, its slot (if it took one) kept for the next
+        try, and None says to go on, or LocalAnswer says what the agent answers."""
+        current = self.current
+        assert current is not None, "decided() without a try in progress"
+        self.current = None
+        if isinstance(step, Deliver):
+            return current
+        self.slot = current.hand_over()
+        current.end()
+        if isinstance(step, Redial):
+            self._stale, self._redialled = current.endpoint, True
+        if isinstance(step, Answer):
+            raise LocalAnswer(step.status, step.error, step.grpc_status)
+        return None
+
+    async def run(
+        self, run: Callable[[Try[C, P]], Awaitable[Outcome | None]], first: Try[C, P] | None = None
+    ) -> Try[C, P]:
+        """Try until one delivers (see `attempts`), starting with `first` when the caller
+        made it (`next_try`) without running it."""
+        try:
+            current = first
+            while True:
+                if current is None:
+                    current = self.next_try()
+                per_try = self.per_try
+                if per_try is None:  # the usual case: no timer to arm
+                    outcome = await run(current)
+                else:
+                    try:
+                        async with asyncio.timeout(None) as timer:  # armed by current.sent()
+                            current.timer = timer
+                            outcome = await run(current)
+                    except TimeoutError:  # the per-try one only: the request's ends as a cancel
+                        outcome = "timeout"
+                    current.timer = None
+                step = current.step if outcome is None else current.decide(outcome)
+                assert step is not None, "run returned None without deciding its try"
+                delivered = self.decided(step)
+                if delivered is not None:
+                    return delivered
+                current = None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """End the try in progress (its connection dropped) and give back a slot taken."""
+        current, self.current = self.current, None
+        if current is not None:
+            current.end()
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            slot.retry_finished()
+
+
 async def attempts(
     live: LiveUpstream,
     run: Callable[[Try[C, P]], Awaitable[Outcome | None]],
@@ -269,62 +389,10 @@ async def attempts(
     call, `key` what a consistent-hash balancer hashes, `replayable()`
     whether the request can still be sent again.
     """
-    subset = live.core.subset(rng)
-    if subset is None:
-        raise LocalAnswer(503, "no_endpoints")
-    tried: list[Endpoint] = []
-    slot: RetryBudget | None = None  # taken by the last try's Retry, for the next one
-    current: Try[C, P] | None = None
-    stale: Endpoint | None = None  # the endpoint of the try just redialled
-    redialled = False
-    try:
-        while True:
-            endpoint = live.core.choose(subset, tried, _now(), rng, key)
-            if endpoint is None:  # a redial with no other endpoint left goes to the same one
-                endpoint = stale
-            if endpoint is None:
-                raise LocalAnswer(503, "no_healthy_endpoint" if not tried else "no_endpoint_left")
-            tried.append(endpoint)
-            current = Try(
-                live,
-                endpoint,
-                tried,
-                slot,
-                method=method,
-                grpc=grpc,
-                replayable=replayable,
-                per_try=per_try,
-                redialled=redialled,
-            )
-            current.fresh, stale = stale is not None, None
-            slot = None
-            if per_try is None:  # the usual case: no timer to arm
-                outcome = await run(current)
-            else:
-                try:
-                    async with asyncio.timeout(None) as timer:  # armed by current.sent()
-                        current.timer = timer
-                        outcome = await run(current)
-                except TimeoutError:  # only the per-try one: the request's ends as a cancel here
-                    outcome = "timeout"
-                current.timer = None
-            step = current.step if outcome is None else current.decide(outcome)
-            assert step is not None, "run returned None without deciding its try"
-            if isinstance(step, Deliver):
-                delivered, current = current, None
-                return delivered
-            slot = current.hand_over()
-            current.end()
-            if isinstance(step, Redial):
-                stale, redialled = current.endpoint, True
-            current = None
-            if isinstance(step, Answer):
-                raise LocalAnswer(step.status, step.error, step.grpc_status)
-    finally:
-        if current is not None:
-            current.end()
-        if slot is not None:
-            slot.retry_finished()
+    tries: Attempts[C, P] = Attempts(
+        live, rng, method=method, grpc=grpc, key=key, replayable=replayable, per_try=per_try
+    )
+    return await tries.run(run)
 
 
 def _now() -> float:

@@ -78,6 +78,8 @@ def _quoted(value: str) -> str:
 
 
 _IDENTITY_LENGTHS = frozenset(map(len, IDENTITY_HEADERS))
+#: The usual methods as the policy reads them, decoded once.
+METHOD_NAMES = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 
 def _identity(name: bytes) -> bool:
@@ -135,7 +137,7 @@ def deliver_requests(events: list[http1.RequestEvent], sink: RequestSink) -> Non
             sink.h2_preface()
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
     """One client request: what goes to the app, or the answer the agent gives itself."""
 
@@ -171,6 +173,10 @@ class HttpExchange:
         self.watch = watch  # None: no access log, no tracing (agent/adapters/tracing.py)
         self.authorize = authorize
         self.identity = identity  # the x-forwarded-client-cert value for this peer; b"": none
+        # What every request's head gets for it (made once per connection).
+        self.extra: tuple[tuple[bytes, bytes], ...] = (
+            ((b"x-forwarded-client-cert", identity),) if identity else ()
+        )
         self.on_response = on_response
         self.requests = http1.RequestParser(underscores)
         self.responses: http1.ResponseParser | None = None  # to the request in flight
@@ -288,7 +294,7 @@ class HttpExchange:
             values[key] = (text,) if found is None else (*found, text)
         hosts = values.get("host", ())
         host = normalize_host(hosts[0]) if hosts else None
-        method = request.method.decode("ascii")
+        method = METHOD_NAMES.get(request.method) or request.method.decode("ascii")
         decision = self.authorize(method, path, host, values)
         forwarded = path + ("?" + query if query else "")
         entry = None
@@ -299,10 +305,9 @@ class HttpExchange:
             return self.answer(
                 403, {"error": "denied", "policy": decision.policy, "rule": decision.rule}, entry
             )
-        extra = [(b"x-forwarded-client-cert", self.identity)] if self.identity else []
-        dropped = IDENTITY_HEADERS
+        extra, dropped = self.extra, IDENTITY_HEADERS
         if entry is not None and entry.trace is not None:
-            extra += entry.trace.headers()
+            extra += tuple(entry.trace.headers())
             dropped = TRACED_HEADERS
         head = http1.request_head(
             request, forwarded.encode("latin-1"), extra=extra, dropped=dropped
@@ -312,11 +317,15 @@ class HttpExchange:
             _Request(
                 request.method,
                 head,
-                framing=request.framing,
-                http10=request.version == "1.0",
-                keep_alive=request.keep_alive,
-                upgrade=upgrade,
-                entry=entry,
+                b"",
+                request.framing,
+                request.version == "1.0",
+                request.keep_alive,
+                upgrade,
+                [],
+                0,
+                False,
+                entry,
             )
         )
         if upgrade:  # nothing follows it but the new protocol, once the app agrees

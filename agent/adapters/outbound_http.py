@@ -36,14 +36,15 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import cast
 
-from agent.adapters.attempts import LocalAnswer, Try, attempts, dial_within_limit, overflow
+from agent.adapters.attempts import Attempts, LocalAnswer, Try, dial_within_limit, overflow
 from agent.adapters.http import (
     HOLD_BYTES,
+    METHOD_NAMES,
     deliver_requests,
     error_body,
     local_body_size,
@@ -56,6 +57,7 @@ from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.core import http1
 from agent.core.accesslog import Entry
 from agent.core.http1 import END, Data, Framing, Request, Switched
+from agent.core.resilience import CircuitBreaker, RetryBudget
 from agent.core.tracecontext import HEADERS as TRACE_HEADERS
 from agent.core.tries import Deliver, Outcome, Response
 from agent.core.upstream import Endpoint
@@ -67,7 +69,7 @@ REPLAY_BYTES = 64 * 1024
 _KEPT: frozenset[bytes] = frozenset()  # no header of the app's dropped (tracing off)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
     method: str
     head: bytes
@@ -85,16 +87,41 @@ class _Request:
     entry: Entry | None = None  # its access log entry and span (an observer is on)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Parsing:
     """A try's response state: the core's parser fed what the upstream sends, its events
     applied, and how it ended."""
 
     events: _Responses
     parser: http1.ResponseParser
-    # The status the app got, once the response is over; 0 once the try was decided not
-    # to deliver it (retried, or answered by the agent).
-    done: asyncio.Future[int]
+    # A try run by the attempts loop in a task: the status the app got, once the response
+    # is over; 0 once the try was decided not to deliver it (retried, or answered by the
+    # agent). None: a try made without a task (`OutboundHttp._next`), `_try_over` goes on.
+    done: asyncio.Future[int] | None
+    over: bool = False  # `_try_over` was told, once
+
+
+@dataclass(slots=True)
+class _Flight:
+    """The request in flight and what it holds until it is answered: its place under the
+    circuit breaker's max_requests and in the retry budget (those it was taken from: a
+    reload may replace either meanwhile), and its tries. `end` gives them back, once."""
+
+    request: _Request
+    started: float  # clock()
+    breaker: CircuitBreaker
+    budget: RetryBudget
+    tries: Attempts[UpstreamConnection, _Parsing] | None = None
+    ended: bool = False
+
+    def end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if self.tries is not None:
+            self.tries.close()  # a try still in progress: its connection dropped
+        self.budget.request_finished()
+        self.breaker.release("max_requests")
 
 
 class OutboundHttp(asyncio.Protocol):
@@ -111,7 +138,9 @@ class OutboundHttp(asyncio.Protocol):
         self.requests = http1.RequestParser(live.runtime.limits.headers_with_underscores)
         self.queue: deque[_Request] = deque()  # queue[0] is in flight
         self.held = 0
-        self.task: asyncio.Task[None] | None = None
+        self.flight: _Flight | None = None  # queue[0]'s, once it started
+        self.task: asyncio.Task[None] | None = None  # its attempts loop, when it must wait
+        self.loop: asyncio.AbstractEventLoop | None = None  # the running one, from connection_made
         self.stopped = False  # read no more requests: refused, or the app is leaving
         self.closing = False  # close the app's connection after the response in flight
         self.draining = False  # take no new request; close once what was read is answered
@@ -134,6 +163,7 @@ class OutboundHttp(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.client = cast(asyncio.Transport, transport)
+        self.loop = asyncio.get_running_loop()  # once: each call is a getpid() (Python 3.11)
         hash_on = self.live.config.hash_on
         if hash_on is not None and hash_on[0] == "source":
             peer = transport.get_extra_info("peername")
@@ -142,7 +172,8 @@ class OutboundHttp(asyncio.Protocol):
 
     def _arm_idle(self) -> None:
         seconds = self.live.runtime.limits.idle_timeout.total_seconds()
-        self.idle = asyncio.get_running_loop().call_later(seconds, self._check_idle)
+        assert self.loop is not None
+        self.idle = self.loop.call_later(seconds, self._check_idle)
 
     def _check_idle(self) -> None:
         if self.active:
@@ -196,8 +227,7 @@ class OutboundHttp(asyncio.Protocol):
         self.client = None
         if self.idle is not None:
             self.idle.cancel()
-        if self.task is not None:
-            self.task.cancel()
+        self._abandon()
         self._drop_connection()  # mid-exchange: its state is unknown
         if self.tunnel is not None:
             self.tunnel.close()
@@ -235,8 +265,7 @@ class OutboundHttp(asyncio.Protocol):
         if partial and len(self.queue) > 1:
             self.queue.pop()  # broke off behind the one in flight: it was never sent
         elif partial:  # the request in flight is incomplete: its response cannot be relied on
-            if self.task is not None:
-                self.task.cancel()
+            self._abandon()
             self._drop_connection()
             if self.events is not None and self.events.delivering:
                 self.abort()
@@ -260,14 +289,18 @@ class OutboundHttp(asyncio.Protocol):
             self.stopped = True
             return
         headers = head.headers
-        host = any(name.lower() == b"host" for name, _ in headers)
-        # An HTTP/1.0 app may leave Host out; the upstream wants one.
-        extra = [] if host else [(b"host", self.live.name.encode())]
-        method, entry, dropped = head.method.decode("ascii"), None, _KEPT
+        # An HTTP/1.0 app may leave Host out (HTTP/1.1 without one is refused: http1); the
+        # upstream wants one.
+        host = head.version == "1.1" or any(name.lower() == b"host" for name, _ in headers)
+        extra: tuple[tuple[bytes, bytes], ...] = (
+            () if host else ((b"host", self.live.name.encode()),)
+        )
+        method = METHOD_NAMES.get(head.method) or head.method.decode("ascii")
+        entry, dropped = None, _KEPT
         if self.watch is not None:  # access log or tracing on: the request is propagated
             entry = self.watch.request(method, head.target.decode("latin-1"), headers)
             assert entry.trace is not None
-            extra += entry.trace.headers()
+            extra += tuple(entry.trace.headers())
             dropped = TRACE_HEADERS
         request = _Request(
             method,
@@ -331,64 +364,83 @@ class OutboundHttp(asyncio.Protocol):
             self.client.resume_reading()
 
     def _next(self) -> None:
-        """Start the first request in line: forward it, or give the refusal queued for it."""
+        """Start the first request in line: forward it, or give the refusal queued for it.
+
+        The usual request (an idle pooled connection to the endpoint chosen, no timeouts)
+        goes out from here and is ended by its response's callbacks (`_try_over`): no
+        task, no future, no coroutine. What must wait (a dial, a retry, a timer) runs the
+        attempts loop in a task (`_forward`), from the same state (`Attempts`)."""
         request = self.queue[0]
         if request.answer:
             self.to_client.append(request.answer)
             self.closing = True
             self._close_client()
             return
-        self.task = asyncio.get_running_loop().create_task(self._forward(request))
-
-    async def _forward(self, request: _Request) -> None:
         live = self.live
         started = clock()
         self.attempt = None  # the last request's
-        try:
-            status = await self._exchange(request)
-        except Exception:  # a bug: the app must not wait on a connection nobody serves
-            log.exception("outbound %s: request failed unexpectedly; closing the app's", live.name)
-            self.abort()
-            return
-        live.counted.request(status, since(started))
-        if request.entry is not None:
-            self._logged(request.entry, request.size, status)
-        self.task = None
-        self.queue.popleft()
-        if self.tunnel is not None:  # switched protocols: no more HTTP on this connection
-            return
-        last = self.draining and not self.queue
-        if self.closing or last or not request.keep_alive or not request.done:
-            # Answered before the body was all read: the rest would be taken for a request.
-            self._close_client()
-        elif self.queue:
-            self._next()
-
-    def _logged(self, entry: Entry, size: int, status: int) -> None:
-        """A finished request's access log line and span: where its tries went."""
-        assert self.watch is not None
-        attempt = self.attempt
-        if attempt is not None:
-            entry.endpoint, entry.tries = str(attempt.endpoint), attempt.number
-        entry.bytes_in = size
-        self.watch.finish(entry, status)
-
-    async def _exchange(self, request: _Request) -> int:
-        """Try until a response is delivered or the agent answers; the status the app got."""
-        live = self.live
         breaker, budget = live.breaker, live.budget
         if not breaker.acquire("max_requests"):
-            return self._answer(*overflow(live, "max_requests"))
+            self._answered(request, started, self._answer(*overflow(live, "max_requests")))
+            return
         budget.request_started()
+        flight = self.flight = _Flight(request, started, breaker, budget)
+        timeouts = live.config.timeouts
+        first = None
+        try:
+            tries = flight.tries = Attempts(
+                live,
+                self.rng,
+                method=request.method,
+                key=request.key,
+                replayable=lambda: request.replayable,
+                per_try=timeouts.per_try or None,
+                loop=self.loop,
+            )
+            if not (timeouts.request or timeouts.per_try):  # no timer: no task needed
+                first = tries.next_try()
+                connection = self._pooled(first.endpoint)
+                if connection is not None:
+                    self._send(request, first, connection, None)
+                    return
+        except LocalAnswer as answer:
+            self._conclude(flight, self._answer(answer.status, answer.error))
+            return
+        assert self.loop is not None
+        self.task = self.loop.create_task(self._forward(flight, first))
+
+    async def _forward(
+        self, flight: _Flight, first: Try[UpstreamConnection, _Parsing] | None
+    ) -> None:
+        """The request's attempts loop, from `first` (made, not run) or the next try."""
+        try:
+            status = await self._exchange(flight, first)
+        except Exception:  # a bug: the app must not wait on a connection nobody serves
+            log.exception(
+                "outbound %s: request failed unexpectedly; closing the app's", self.live.name
+            )
+            self.abort()
+            return
+        self._conclude(flight, status)
+        self._flush()  # the next request's, if it went out
+
+    async def _exchange(
+        self, flight: _Flight, first: Try[UpstreamConnection, _Parsing] | None
+    ) -> int:
+        """Try until a response is delivered or the agent answers; the status the app got."""
+        live = self.live
+        tries = flight.tries
+        assert tries is not None
         try:
             # The attempts loop, then the delivered response to its end: the status the app got.
+            run = partial(self._try, flight.request)
             timeout = live.config.timeouts.request
-            if not timeout:  # the usual case: no timer to arm
-                attempt = await self._attempts(request)
+            if not timeout:  # no timer to arm
+                attempt = await tries.run(run, first)
                 status = await _response_end(attempt)
             else:
                 async with asyncio.timeout(timeout):
-                    attempt = await self._attempts(request)
+                    attempt = await tries.run(run, first)
                     status = await _response_end(attempt)
             attempt.end(status)
             return status
@@ -400,31 +452,89 @@ class OutboundHttp(asyncio.Protocol):
                 return 504
             return self._answer(504, "upstream_timeout")
         finally:
-            budget.request_finished()
-            breaker.release("max_requests")
+            flight.end()
             if self.attempt is not None:
                 self.attempt.end()  # if the response did not: mid-exchange, it is dropped
 
-    def _attempts(
-        self, request: _Request
-    ) -> Coroutine[None, None, Try[UpstreamConnection, _Parsing]]:
-        """The attempts loop for `request` (its coroutine, awaited by `_exchange` itself)."""
-        live = self.live
-        return attempts(
-            live,
-            partial(self._try, request),
-            self.rng,
-            method=request.method,
-            key=request.key,
-            replayable=lambda: request.replayable,
-            per_try=live.config.timeouts.per_try or None,
-        )
+    def _try_over(self, attempt: Try[UpstreamConnection, _Parsing], status: int) -> None:
+        """`attempt` is over: its response delivered whole (`status`, what the app got), or
+        (0) decided not to be delivered (retried, redialled, or answered by the agent).
+
+        A task waiting on it (`_try`) is woken; else (made by `_next`) the request ends
+        here, or its attempts loop goes on in a task."""
+        parsing = attempt.parser
+        assert parsing is not None
+        if parsing.done is not None:
+            if not parsing.done.done():
+                parsing.done.set_result(status)
+            return
+        flight = self.flight
+        if parsing.over or flight is None or flight.tries is None:
+            return  # told already, or abandoned (the app left)
+        if flight.tries.current is not attempt:
+            return  # not this request's try in progress: nothing of it to go on with
+        parsing.over = True
+        assert attempt.step is not None
+        try:
+            delivered = flight.tries.decided(attempt.step)
+        except LocalAnswer as answer:
+            self._conclude(flight, self._answer(answer.status, answer.error))
+            return
+        if delivered is None:  # another try: a dial, perhaps, so a task
+            assert self.loop is not None
+            self.task = self.loop.create_task(self._forward(flight, None))
+            return
+        delivered.end(status)
+        self._conclude(flight, status)
+
+    def _conclude(self, flight: _Flight, status: int) -> None:
+        """The request in flight was answered, `status` what the app got: what it held
+        goes back (a try the response did not end is dropped mid-exchange)."""
+        flight.end()
+        if self.attempt is not None:
+            self.attempt.end()
+        self._answered(flight.request, flight.started, status)
+
+    def _answered(self, request: _Request, started: float, status: int) -> None:
+        """Count the request answered, and go on to the next one (or close)."""
+        self.live.counted.request(status, since(started))
+        if request.entry is not None:
+            self._logged(request.entry, request.size, status)
+        self.flight = self.task = None
+        self.queue.popleft()
+        if self.tunnel is not None:  # switched protocols: no more HTTP on this connection
+            return
+        last = self.draining and not self.queue
+        if self.closing or last or not request.keep_alive or not request.done:
+            # Answered before the body was all read: the rest would be taken for a request.
+            self._close_client()
+        elif self.queue and self.client is not None and not self.client.is_closing():
+            self._next()  # a pipelined request (not for an app dropped: a truncated response)
+
+    def _logged(self, entry: Entry, size: int, status: int) -> None:
+        """A finished request's access log line and span: where its tries went."""
+        assert self.watch is not None
+        attempt = self.attempt
+        if attempt is not None:
+            entry.endpoint, entry.tries = str(attempt.endpoint), attempt.number
+        entry.bytes_in = size
+        self.watch.finish(entry, status)
+
+    def _abandon(self) -> None:
+        """The request in flight will not be answered (the app left, or broke it off):
+        its task is cancelled, what it holds given back now."""
+        flight, task = self.flight, self.task
+        self.flight = self.task = None
+        if task is not None:
+            task.cancel()
+        if flight is not None:
+            flight.end()
 
     async def _try(
         self, request: _Request, attempt: Try[UpstreamConnection, _Parsing]
     ) -> Outcome | None:
-        """One try: a connection to its endpoint, the request sent, until its response head
-        (or its failure) decides it."""
+        """One try in the attempts loop's task: a connection to its endpoint, the request
+        sent, until its response head (or its failure) decides it."""
         self.attempt = attempt
         endpoint = attempt.endpoint
         # A redial after a stale pooled connection (`fresh`) dials a new one.
@@ -433,33 +543,47 @@ class OutboundHttp(asyncio.Protocol):
             connection = await self._dial(endpoint)
             if connection is None:
                 return "connect-failure"
+        assert self.loop is not None
+        done: asyncio.Future[int] = self.loop.create_future()
+        self._send(request, attempt, connection, done)
+        self._flush()
+        if attempt.timer is None:
+            # No per-try timeout: nothing needs the loop to wake at the decision, so it
+            # wakes once, when the response is over (or the try decided not to deliver
+            # it: `_try_over`), and `_exchange` finds it done.
+            await done
+        else:
+            await attempt.decided()
+        return None
+
+    def _send(
+        self,
+        request: _Request,
+        attempt: Try[UpstreamConnection, _Parsing],
+        connection: UpstreamConnection,
+        done: asyncio.Future[int] | None,
+    ) -> None:
+        """Send `request` on `connection` for `attempt`: the response's callbacks decide
+        the try (`_Responses`), and say when it is over (`_try_over`). Written by the
+        caller's `_flush`: a callback's, once it has applied all it read (a body read with
+        the head goes in the same write)."""
+        self.attempt = attempt
         attempt.connection = connection
         connection.user = self
-        events = _Responses(self, request, connection)
-        done = asyncio.get_running_loop().create_future()
         spare, method = connection.spare, request.method.encode()
         if spare is None:
             parser = http1.ResponseParser(method, request.upgrade)
         else:
             parser = spare.next(method, request.upgrade)
         connection.spare = parser
-        attempt.parser = _Parsing(events, parser, done)
+        attempt.parser = _Parsing(_Responses(self, request, connection), parser, done)
         if self.writing_paused:  # the app still has not read the last response
             self._upstream_reading(False)
         self.to_upstream += [request.head, *request.body]
         if not request.replayable:
             request.body.clear()
         self._unhold(request)
-        self._flush()
         attempt.sent()
-        if attempt.timer is None:
-            # No per-try timeout (the usual case): nothing needs the loop to wake at the
-            # decision, so it wakes once, when the response is over (or the try decided
-            # not to deliver it: `_undelivered`), and `_exchange` finds it done.
-            await done
-        else:
-            await attempt.decided()
-        return None
 
     def _pooled(self, endpoint: Endpoint) -> UpstreamConnection | None:
         """An idle pooled connection to `endpoint`, if there is one (a plain call: the usual
@@ -504,7 +628,9 @@ class OutboundHttp(asyncio.Protocol):
             return
         responses, events = self.responses, self.events
         assert responses is not None and events is not None
-        if not events.apply(responses.feed(data)):
+        # A response whole before the break was delivered, its connection closed, and the
+        # next request may be out already: nothing of that one is dropped.
+        if not events.apply(responses.feed(data)) and self.events is events:
             self._drop_connection()
             self.upstream_lost()  # it broke HTTP: as good as a reset
         self._flush()
@@ -524,8 +650,7 @@ class OutboundHttp(asyncio.Protocol):
             if self.client is not None:
                 self.client.resume_reading()
             deliver_requests(self.requests.resume(), self)
-        if not attempt.parser.done.done():
-            attempt.parser.done.set_result(status)
+        self._try_over(attempt, status)
 
     def switch(self, rest: bytes) -> None:
         """The upstream answered 101: the app's connection and this upstream connection are
@@ -542,8 +667,7 @@ class OutboundHttp(asyncio.Protocol):
             self.to_client.append(rest)
         if self.client is not None:
             self.client.resume_reading()
-        if not attempt.parser.done.done():
-            attempt.parser.done.set_result(101)
+        self._try_over(attempt, 101)
 
     def upstream_lost(self) -> None:
         """The connection in use is gone: a reset before the head, or the end of the body."""
@@ -559,14 +683,13 @@ class OutboundHttp(asyncio.Protocol):
             return
         if not events.delivering:
             attempt.decide("reset", stale=lost is not None and lost.stale)
-            _undelivered(attempt.parser)
+            self._try_over(attempt, 0)
         elif events.until_close:
             events.finish()
             self._flush()  # the last chunk: nothing else will write it
         else:  # truncated: the app must not take it for the whole response
             self.abort()
-            if attempt.parser is not None and not attempt.parser.done.done():
-                attempt.parser.done.set_result(502)
+            self._try_over(attempt, 502)
 
     def upstream_paused(self, paused: bool) -> None:
         if self.client is not None and not self.stopped:
@@ -709,20 +832,14 @@ class _Responses:
         step = attempt.decide(Response(status), replayable=request.replayable and request.done)
         if isinstance(step, Deliver):
             return False
-        _undelivered(attempt.parser)
+        self.exchange._try_over(attempt, 0)
         return True
 
 
 def _response_end(attempt: Try[UpstreamConnection, _Parsing]) -> asyncio.Future[int]:
     """The delivered try's response, done with the status the app got."""
-    assert attempt.parser is not None
+    assert attempt.parser is not None and attempt.parser.done is not None
     return attempt.parser.done
-
-
-def _undelivered(parsing: _Parsing | None) -> None:
-    """The try is decided, not delivered: its `run`, waiting on its response's end, returns."""
-    if parsing is not None and not parsing.done.done():
-        parsing.done.set_result(0)
 
 
 def _key(

@@ -129,6 +129,9 @@ class Pool:
         self.idle: dict[Endpoint, list[UpstreamConnection]] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self.closed = False
+        # The loop of the first `put`, for its clock: a pool serves one loop, and each
+        # get_running_loop() is a getpid() system call on Python 3.11.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
         return sum(map(len, self.idle.values()))
@@ -159,7 +162,9 @@ class Pool:
         if connection.closed or transport is None or transport.is_closing():
             return
         transport.resume_reading()  # paused for a slow app, perhaps: idle, it must see a close
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         connection.idle_since = loop.time()
         self.idle.setdefault(connection.endpoint, []).append(connection)
         if self._sweep is None:

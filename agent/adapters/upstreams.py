@@ -82,6 +82,9 @@ class LiveUpstream:
         self._tick: asyncio.Task[None] | None = None
         self._checks: asyncio.Task[None] | None = None
         self._running = False
+        # The loop it runs on, from start(): every request reads its clock, and each
+        # get_running_loop() is a getpid() system call on Python 3.11.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def name(self) -> str:
@@ -94,6 +97,7 @@ class LiveUpstream:
 
     def start(self) -> None:
         self._running = True
+        self._loop = asyncio.get_running_loop()
         self.counted = Counted(self.runtime.metrics, self.name)
         self._watch_sources()
         self._tick = asyncio.create_task(self._refresh(), name=f"upstream {self.name}")
@@ -345,7 +349,8 @@ class LiveUpstream:
         return transport, protocol
 
     def _now(self) -> float:
-        return asyncio.get_running_loop().time()
+        loop = self._loop
+        return (loop or asyncio.get_running_loop()).time()
 
 
 class Counted:

@@ -80,6 +80,7 @@ RELAYED_UPGRADES: Final = frozenset({b"websocket"})
 #: A Host the agent can match the way the app will read it: a name or IP literal, a port
 #: (HTTP/1.1's Host and HTTP/2's :authority alike).
 HOST_FIELD = re.compile(r"(?:[A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
+_HOST_BYTES = re.compile(HOST_FIELD.pattern.encode())  # the same rule, on a field as received
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 H2_ADVICE = (
@@ -179,12 +180,22 @@ def scan(headers: Fields) -> Scanned:
 
 
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+#: The usual Connection values (nginx says keep-alive on every response), their tokens
+#: made once.
+_USUAL_TOKENS: Final = {
+    value: frozenset({value.lower()})
+    for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
+}
 
 
 def _tokens(values: list[bytes] | None) -> frozenset[bytes]:
     """The comma-separated tokens of a field's values, lower-case."""
     if not values:
         return _NO_TOKENS
+    if len(values) == 1:
+        usual = _USUAL_TOKENS.get(values[0])
+        if usual is not None:
+            return usual
     return frozenset(t.strip().lower() for v in values for t in v.split(b",")) - {b""}
 
 
@@ -658,7 +669,7 @@ def _check(version: str, scanned: Scanned) -> str | None:
     if codings and b"content-length" in scanned:  # the smuggler's favourite
         return "Content-Length beside Transfer-Encoding"
     # llhttp keeps trailing whitespace; the app drops it (RFC 9110 5.5), so must we.
-    if hosts and not HOST_FIELD.fullmatch(hosts[0].strip(b" \t").decode("latin-1")):
+    if hosts and not _HOST_BYTES.fullmatch(hosts[0].strip(b" \t")):
         return "malformed Host"
     return None
 

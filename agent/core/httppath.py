@@ -29,6 +29,10 @@ _FORBIDDEN = re.compile(r"[^\x21-\x7e]")
 _NOT_URI = re.compile(r'["<>^`{|}]')
 _DOT_PARAMS = re.compile(r"/\.\.?;")
 _PORT = re.compile(r":[0-9]*\Z")
+#: A path normalization leaves as it is: segments of unreserved characters, none empty,
+#: none starting with a dot (so none is `.` or `..`), maybe a trailing `/`. No escape,
+#: no `\\`, no `;`: nothing to decode, merge or remove. Most requests' paths.
+_NORMAL = re.compile(r"(?:/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)+/?|/")
 
 
 class BadPath(ValueError):
@@ -43,6 +47,13 @@ def normalize_target(target: str) -> tuple[str, str]:
     """
     target = target.partition("#")[0]
     path, _, query = target.partition("?")
+    if _NORMAL.fullmatch(path):
+        return path, query  # what `_normalized` would give, for less
+    return _normalized(path), query
+
+
+def _normalized(path: str) -> str:
+    """The steps: escapes made canonical, `\\` as `/`, `..;` refused, dot segments removed."""
     if not path.startswith("/"):
         raise BadPath(f"request-target {_shown(path)} must start with '/'")
     path = _canonical_escapes(path).replace("\\", "/")
@@ -51,11 +62,23 @@ def normalize_target(target: str) -> tuple[str, str]:
             "path has a dot segment with parameters ('..;' or '.;'); refused because some"
             " app servers (Tomcat, for one) read it as '..'"
         )
-    return _merge_and_remove_dot_segments(path), query
+    return _merge_and_remove_dot_segments(path)
 
 
 def normalize_host(host: str) -> str:
     """The Host (or :authority) as matched: lower-case, without port or trailing dot."""
+    name, colon, port = host.rpartition(":") if ":" in host else (host, "", "")
+    if (
+        ":" not in name
+        and not name.endswith(".")
+        and (not colon or (port.isascii() and (not port or port.isdigit())))
+    ):
+        return name.lower()  # a name (or IPv4) and maybe a port: what the loop would give
+    return _stripped(host)
+
+
+def _stripped(host: str) -> str:
+    """Ports and trailing dots off until none is left (`normalize_host`, step by step)."""
     while True:
         shorter = _PORT.sub("", host).rstrip(".")
         if shorter == host:

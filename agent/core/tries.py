@@ -120,6 +120,7 @@ class Deliver:
 
 
 Step = Retry | Redial | Answer | Deliver
+_DELIVER: Final = Deliver()  # the usual step, made once
 
 
 def next_step(
@@ -150,11 +151,11 @@ def next_step(
     if tries < 1:
         raise ValueError("next_step is for after a try: tries >= 1")
     if outcome == DELIVERED:
-        return Deliver()
+        return _DELIVER
     if _redials(policy, method, outcome, stale and not redialled and replayable):
         return Redial()
     fallback: Answer | Deliver = (
-        Deliver() if isinstance(outcome, Response) else Answer(*_FAILURE_ANSWER[outcome])
+        _DELIVER if isinstance(outcome, Response) else Answer(*_FAILURE_ANSWER[outcome])
     )
     if not (_retries(policy, method, grpc, outcome) and tries <= policy.retries):
         return fallback

@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.core.httppath import BadPath, normalize_host, normalize_target
+from agent.core.httppath import (
+    BadPath,
+    _normalized,
+    _stripped,
+    normalize_host,
+    normalize_target,
+)
 
 NORMALIZED = [
     ("/a/b", "/a/b", ""),
@@ -109,6 +115,28 @@ def test_normalization_is_idempotent(target: str) -> None:
     except BadPath:
         return
     assert normalize_target(path) == (path, "")
+
+
+@settings(max_examples=400)
+@given(st.text("/.aZ09-_~%;\\", max_size=20))
+def test_a_path_taken_as_it_is_is_what_the_steps_give(path: str) -> None:
+    """normalize_target takes most paths as they are (nothing to decode, merge or remove):
+    exactly those the steps would give back unchanged."""
+    try:
+        steps = _normalized(path)
+    except BadPath:
+        steps = None
+    try:
+        taken = normalize_target(path)[0]
+    except BadPath:
+        taken = None
+    assert taken == steps
+
+
+@settings(max_examples=400)
+@given(st.text(":.[]aZ09\u0661", max_size=12))
+def test_a_host_taken_at_once_is_what_stripping_step_by_step_gives(host: str) -> None:
+    assert normalize_host(host) == _stripped(host)
 
 
 @given(st.text(st.characters(codec="ascii"), max_size=20))

@@ -1,0 +1,190 @@
+"""The HTTP/1.1 hot path's CPU per request, without sockets, TLS or a load generator.
+
+    python -m bench.l7_micro [--requests 10000] [--rounds 5] [--profile outbound|inbound]
+
+`l7_keepalive` (bench/dataplane.py) measures whole agents: most of their CPU is
+TLS and the event loop's I/O, and the machine's noise is as large as a change
+to the agents' own per-request work. This isolates that work: one keep-alive
+GET (as wrk sends it) and its 200 (as nginx answers it) through
+
+- outbound: an `OutboundHttp` (the app's connection) and a pooled
+  `UpstreamConnection`, both on fake transports, on a real event loop (the
+  exchange runs as the agent runs it: its tasks and futures included);
+- inbound: an `HttpExchange` (a peer agent's connection to the app), its
+  policy an allow-everything stub (the policy's cost is bench/ and
+  agent/core/policy.py's own).
+
+It prints process_time per request, the best of `rounds` (the least disturbed
+by whatever else the machine runs); `--profile` prints a cProfile of one path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import random
+import ssl
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import uvloop
+
+from agent.adapters.http import HttpExchange, xfcc
+from agent.adapters.metrics import AgentMetrics
+from agent.adapters.outbound_http import OutboundHttp
+from agent.adapters.pool import UpstreamConnection
+from agent.adapters.runtime import Runtime
+from agent.adapters.tls import Contexts
+from agent.adapters.upstreams import LiveUpstream
+from agent.config import Limits
+from agent.config_outbound import Outbound, Subset
+from agent.core.discovery import StaticSource
+from agent.core.policy import Decision
+from agent.core.upstream import Endpoint
+from identity import SpiffeId
+
+#: What wrk sends, and what the nginx backend answers (bench/peers.py).
+REQUEST = b"GET /api/items HTTP/1.1\r\nHost: 127.0.0.1:15001\r\n\r\n"
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 06 Dec 2026 14:00:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 13\r\nConnection: keep-alive\r\n\r\n"
+    b"hello, mesh!\n"
+)
+ENDPOINT = Endpoint("127.0.0.1", 15443)
+SERVER = SpiffeId.parse("spiffe://bench.example/ns/bench/sa/server")
+CLIENT = SpiffeId.parse("spiffe://bench.example/ns/bench/sa/client")
+
+
+class _Transport:
+    """A fake transport that counts the messages it is written (keeping them all would cost
+    more than the agent's work; tests/transports.py's keeps them)."""
+
+    def __init__(self, count: bytes) -> None:
+        self.count, self.counted = count, 0
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.counted += data.count(self.count)
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    resume_reading = pause_reading
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+
+async def _upstream() -> tuple[LiveUpstream, UpstreamConnection, _Transport]:
+    """An `http` upstream with one endpoint (published once started) and one pooled
+    connection to it."""
+    contexts = Contexts()
+    contexts.client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # compared, never used
+    runtime = Runtime(Limits(), contexts, AgentMetrics(), lambda: datetime.now(UTC), CLIENT)
+    config = Outbound(
+        "server",
+        None,
+        frozenset({SERVER}),
+        (Subset("default", 1, StaticSource(((ENDPOINT, 1),))),),
+        protocol="http",
+    )
+    live = LiveUpstream(config, runtime, random.Random(1))
+    live.start()  # its static source publishes the endpoint at the next loop iteration
+    connection = UpstreamConnection(live.pool, ENDPOINT, contexts.client, lambda: None)
+    transport = _Transport(b"GET /api/items HTTP/1.1")
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    live.pool.put(connection)
+    return live, connection, transport
+
+
+async def outbound(requests: int) -> float:
+    """Seconds of process time per request through OutboundHttp, request to response."""
+    live, connection, upstream = await _upstream()
+    for _ in range(100):  # bounded: a static source publishes at once
+        if live.core.endpoints():
+            break
+        await asyncio.sleep(0)
+    app = _Transport(b"HTTP/1.1 200 OK")
+    exchange = OutboundHttp(live, lambda _: None, random.Random(1))
+    exchange.connection_made(app)  # type: ignore[arg-type]
+    pause = asyncio.sleep
+    started = time.process_time()
+    for _ in range(requests):
+        exchange.data_received(REQUEST)
+        await pause(0)  # the request's task runs up to its wait for the response
+        connection.data_received(RESPONSE)
+        while exchange.task is not None:
+            await pause(0)
+    used = time.process_time() - started
+    assert app.counted == requests, "every response reached the app"
+    assert upstream.counted == requests, "every request went upstream"
+    exchange.connection_lost(None)
+    live.close()
+    return used / requests
+
+
+def _allow(method: str, path: str, host: str | None, headers: object) -> Decision:
+    return Decision(True, "bench", "allow", "")
+
+
+def inbound(requests: int) -> float:
+    """Seconds of process time per request through HttpExchange, request to response."""
+    client, app = _Transport(b"HTTP/1.1 200 OK"), _Transport(b"GET /api/items HTTP/1.1")
+    answered: list[int] = []
+    exchange = HttpExchange(
+        client,  # type: ignore[arg-type]
+        app,  # type: ignore[arg-type]
+        _allow,
+        xfcc(str(SERVER), str(CLIENT)),
+        answered.append,
+    )
+    started = time.process_time()
+    for _ in range(requests):
+        exchange.from_client(REQUEST)
+        exchange.from_app(RESPONSE)
+    used = time.process_time() - started
+    assert client.counted == requests == len(answered), "every response reached the client"
+    assert app.counted == requests, "every request reached the app"
+    return used / requests
+
+
+def _run(path: str, requests: int) -> float:
+    if path == "outbound":
+        return uvloop.run(outbound(requests))  # the agent runs on uvloop (outrider/cli.py)
+    return inbound(requests)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.l7_micro", description=__doc__)
+    parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--profile", choices=("outbound", "inbound"))
+    args = parser.parse_args(argv)
+    if args.profile:
+        profile = cProfile.Profile()
+        run: Callable[[], float] = lambda: _run(args.profile, args.requests)  # noqa: E731
+        profile.runcall(run)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+        return
+    for path in ("outbound", "inbound"):
+        _run(path, min(args.requests, 1000))  # warm up: imports, caches, metric children
+        best = min(_run(path, args.requests) for _ in range(args.rounds))
+        print(f"{path:9} {best * 1e6:6.1f} us/request (best of {args.rounds} x {args.requests})")
+
+
+if __name__ == "__main__":
+    main()
