@@ -79,6 +79,8 @@ class Runtime:
         version = ssl_object.version() or ""
         cipher = (ssl_object.cipher() or ("",))[0]
         metrics.handshakes.labels(direction, "ok", "", version, cipher).inc()
+        if ssl_object.session_reused:
+            metrics.resumed_handshakes.labels(direction).inc()
         metrics.handshake_duration.labels(direction).observe(since(started))
         metrics.peer_connections.labels(direction, str(peer), version).inc()
 
