@@ -254,7 +254,7 @@ async def test_a_denied_and_a_failed_request_are_logged_with_why(
     root: Path, setup: CaSetup
 ) -> None:
     async with mesh(root, setup) as m:
-        status, _ = await call(m.url("/admin/users?key=query-s3cret"))
+        status, denial = await call(m.url("/admin/users?key=query-s3cret"))
         assert status == 403
         await wait_for(lambda: m.lines["frontend"] and m.lines["backend"])
     (out,), (into,) = m.lines["frontend"], m.lines["backend"]
@@ -266,18 +266,22 @@ async def test_a_denied_and_a_failed_request_are_logged_with_why(
     )
     assert into["path"] == "/admin/users" and into["peer_id"] == FRONTEND
     assert out["status"] == 403 and out["trace_id"] == into["trace_id"]
+    # Body bytes, as for the app's answers: the agent's own 403 counts its JSON body, not
+    # its head, so both agents log the same size for the one response.
+    assert into["bytes_out"] == out["bytes_out"] == len(denial.encode())
     assert m.app.seen == []  # the app never saw it
     assert "query-s3cret" not in m.raw_lines()
 
     dead = f"127.0.0.1:{free_port()}"  # nothing listens: every try fails to connect
     async with mesh(root, setup, endpoints=[dead]) as m:
-        status, _ = await call(m.url("/api/items"))
+        status, failure = await call(m.url("/api/items"))
         assert status == 503
         await wait_for(lambda: m.lines["frontend"])
     (failed,) = m.lines["frontend"]
     assert (failed["status"], failed["endpoint"], failed["upstream"]) == (503, dead, "backend")
     assert failed["tries"] == 1  # one endpoint: nowhere else to retry
     assert failed["error"] == "upstream_connect_failure"
+    assert failed["bytes_out"] == len(failure.encode())
     assert m.lines["backend"] == []
 
 
