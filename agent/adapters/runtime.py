@@ -18,6 +18,8 @@ from agent.core.policy import PolicySet
 from agent.core.throttle import LogThrottle, held_back
 from identity import SpiffeId, SvidError
 
+log = logging.getLogger("outrider.agent")
+
 
 @dataclass
 class Runtime:
@@ -70,6 +72,18 @@ class Runtime:
         except SvidError as exc:
             self.refused(direction, exc.reason)
             return None
+
+    def dial_failed(self, upstream: str, endpoint: object, exc: BaseException) -> None:
+        """An upstream endpoint could not be dialled: a line a while per endpoint, not one
+        per try (an app calling a dead upstream makes one a request, or more)."""
+        refusal_line(
+            self.refusal_lines,
+            log,
+            ("dial_failed", upstream, str(endpoint)),
+            "outbound %s: %s",
+            upstream,
+            exc,
+        )
 
     def refused(self, direction: str, reason: str) -> None:
         self.metrics.handshakes.labels(direction, "refused", reason, "", "").inc()
