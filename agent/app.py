@@ -26,7 +26,7 @@ import os
 import random
 import signal
 import threading
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -241,6 +241,10 @@ class Agent:
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
         self._admin: admin.Servers | None = None
+        #: /metrics, when more than this process's registry answers it (`workers:`).
+        self.scrape: Callable[[], Awaitable[bytes]] | None = None
+        #: Why the agent ended on its own, to exit non-zero (workers that would not stay up).
+        self.failure: str | None = None
 
     @property
     def settings(self) -> Settings:
@@ -288,7 +292,7 @@ class Agent:
         return self.identity.next_renewal
 
     async def start(self) -> None:
-        self._admin = await admin.serve(self)
+        self._admin = await admin.serve(self, self.scrape)
         self.bound.update(self._admin.bound)
         self._tasks.append(asyncio.create_task(self.identity.run(), name="identity"))
         churn = memory.return_freed_memory(lambda: self.connections.accepted)
@@ -311,7 +315,7 @@ class Agent:
             )
             await self._configured.wait()  # its listeners are open: take_snapshot opened them
         else:
-            self._switch(self.settings, await self._open(self.config))
+            await self._run(self.settings)
         # What start-up built lives as long as the process: leave it out of every
         # later collection, whose full passes otherwise stall the loop for tens of ms.
         gc.freeze()
@@ -433,9 +437,13 @@ class Agent:
         async with self._switching:
             await self._apply(new)
 
+    async def _run(self, new: Settings) -> None:
+        """Serve `new`: its listeners opened, then switched to; OSError changes nothing."""
+        self._switch(new, await self._open(new.config))
+
     async def _apply(self, new: Settings) -> None:
         old = self.config
-        self._switch(new, await self._open(new.config))
+        await self._run(new)
         if (new.config.identity, new.config.ca) != (old.identity, old.ca):
             self.identity.renew_now()
         if new.config.control != old.control and self.control is not None:
@@ -446,6 +454,8 @@ class Agent:
             log.warning("admin and status address changes take a restart")
         if new.config.workload_api != old.workload_api:
             log.warning("workload_api changes take a restart")
+        if new.config.workers != old.workers:
+            log.warning("workers changes take a restart")
 
     async def drain(self) -> None:
         """Stop accepting, let open connections finish up to the drain timeout."""
@@ -560,9 +570,8 @@ class Agent:
         captures = capture_configs(config)
         capture_in = {c.listen: ("capture[inbound]", c) for c in captures[:1]} if captures else {}
         capture_out = {c.listen: ("capture[outbound]", c) for c in captures[1:]} if captures else {}
-        assert self._admin is not None
         self.bound = {
-            **self._admin.bound,
+            **(self._admin.bound if self._admin is not None else {}),  # a worker has none
             **_commit(self.inbound, opened[0], inbound),
             **_commit(self.outbound, opened[1], outbound),
         }
@@ -667,7 +676,15 @@ async def serve(
     read = _fingerprint([path] if path else [])  # what the caller just loaded `config` from
     if document is None and path is not None:
         document = agent_config.read(path)
-    agent = Agent(config, document=document, pod=pod or pod_name(config, os.environ))
+    pod = pod or pod_name(config, os.environ)
+    count = worker_count(config)
+    agent: Agent
+    if count == 1:  # one process, as ever: nothing of the workers' is loaded
+        agent = Agent(config, document=document, pod=pod)
+    else:
+        from agent.supervisor import Supervisor
+
+        agent = Supervisor(config, count, stop, document=document, pod=pod)
     agent.read.update(read)
     loop = asyncio.get_running_loop()
     reload = asyncio.Event()
@@ -686,6 +703,33 @@ async def serve(
         await agent.stop()
         loop.remove_signal_handler(signal.SIGHUP)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not the default (exit) as it ends
+    if agent.failure:  # exit non-zero: the kubelet restarts the container, and shows it
+        raise SystemExit(f"agent: {agent.failure}")
+
+
+def worker_count(config: AgentConfig) -> int:
+    """`workers:` as a number: "auto" is the CPUs this process may use (its affinity mask,
+    and its cgroup's CPU quota, which a Kubernetes CPU limit becomes)."""
+    if config.workers != "auto":
+        return config.workers
+    from agent.core.workers import usable_cpus
+
+    return usable_cpus(len(os.sched_getaffinity(0)), _cpu_max(Path("/sys/fs/cgroup")))
+
+
+def _cpu_max(cgroup: Path) -> str | None:
+    """The cgroup's CPU quota as cgroup v2's `cpu.max` says it ("max 100000": none), read
+    from v2 or from v1's cpu controller; None when neither is mounted."""
+    try:
+        return (cgroup / "cpu.max").read_text()
+    except OSError:
+        pass
+    try:
+        quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+        period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+    except OSError:
+        return None
+    return f"{'max' if quota == '-1' else quota} {period}"
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, object], stop: asyncio.Event) -> bool:

@@ -74,7 +74,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, cast, get_args
+from typing import Any, Literal, cast, get_args
 
 from agent.config_outbound import Outbound, OutboundReader
 from agent.core.accesslog import MODES as ACCESS_LOG_MODES
@@ -242,6 +242,8 @@ class CapturePorts:
 
 #: A Unix socket's path must fit `sockaddr_un.sun_path` (108 bytes, NUL included).
 MAX_SOCKET_PATH = 107
+#: The most worker processes `workers:` may ask for (each one a whole interpreter).
+MAX_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -273,6 +275,10 @@ class AgentConfig:
     workload_api: WorkloadApiConfig | None = None  # None: neither API is served
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)  # docs/observability.md
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    #: Processes serving the listeners (docs/agent.md#workers): a count, or "auto" for the
+    #: CPUs the agent may use. 1: one process, as ever; more: a main process keeping the
+    #: identity, admin and config, and that many workers sharing each port (SO_REUSEPORT).
+    workers: int | Literal["auto"] = 1
     tls: Resumption = field(default_factory=Resumption)  # agent/core/resumption.py, docs/agent.md
 
     @property
@@ -491,6 +497,7 @@ _TOP = {
     "workload_api",
     "access_log",
     "tracing",
+    "workers",
     "tls",
 }
 _HTTP_GET = {"path", "port", "scheme", "httpHeaders"}
@@ -559,6 +566,7 @@ class _Reader(OutboundReader):
             tracing=self.tracing(
                 self.section(top, "tracing", {"otlp_endpoint", "sample", "service_name"})
             ),
+            workers=self.workers(top),
             tls=self.tls(self.section(top, "tls", {"resumption", "ticket_lifetime"})),
         )
 
@@ -577,6 +585,16 @@ class _Reader(OutboundReader):
         return Resumption(
             self.flag(raw, "resumption", "tls.resumption", default.resumption), lifetime
         )
+
+    def workers(self, top: Mapping[str, Any]) -> int | Literal["auto"]:
+        """`workers:` a count of at most MAX_WORKERS, or "auto"."""
+        value = top.get("workers", 1)
+        if value == "auto":
+            return "auto"
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_WORKERS:
+            self.fail("workers", f'must be "auto" or an integer from 1 to {MAX_WORKERS}')
+            return 1
+        return value
 
     def access_log(self, raw: Mapping[str, Any]) -> AccessLogConfig:
         if raw.get("mode") is False:  # YAML 1.1 reads a bare `off` as false

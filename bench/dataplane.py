@@ -1,6 +1,9 @@
 """The data-plane scenarios: every pair under the same load, pairs alternating.
 
     keepalive   50 keep-alive connections, closed loop (wrk): req/s, p50, p99
+    keepalive_workers
+                the same, Outrider's agents of one process beside agents of
+                `workers: 2` (docs/agent.md#workers says what it can show on 2 CPUs)
     floor       one connection, closed loop: the latency floor
     fixed_rate  1000 req/s open loop (h2load): latency added over the direct path
     new_conn    a new connection per request (full mTLS handshakes): conn/s
@@ -55,6 +58,13 @@ def scenarios(connections: int) -> list[Scenario]:
             "keepalive",
             f"L4, {connections} keep-alive connections",
             l4,
+            lambda port, s: wrk(port, s, connections),
+        ),
+        Scenario(
+            "keepalive_workers",
+            f"L4, {connections} keep-alive connections: agents of one process, and of"
+            " `workers: 2` (both sides)",
+            ("outrider l4", "outrider l4 2 workers"),
             lambda port, s: wrk(port, s, connections),
         ),
         Scenario("floor", "L4, one connection (latency floor)", l4, lambda p, s: wrk(p, s, 1)),
@@ -194,6 +204,7 @@ def start_pairs(stack: ExitStack, root: Path) -> tuple[dict[str, Pair], int]:
         peers.outrider(stack, setup, ca, backend_port),
         peers.outrider(stack, setup, ca, backend_port, ttl="20s"),
         peers.outrider(stack, setup, ca, backend_port, layer="l7"),
+        peers.outrider(stack, setup, ca, backend_port, workers=2),
         peers.outrider(stack, setup, ca, backend_port, resumed=True),
         peers.envoy(stack, setup, backend_port, "l4", resumed=True),
         observed(stack, setup, ca, root, backend_port, tracing=False),

@@ -140,6 +140,7 @@ def outrider(
     layer: str = "l4",
     observe: dict[str, Any] | None = None,
     variant: str = "observed",
+    workers: int = 1,
     resumed: bool = False,
 ) -> Pair:
     """Two `outrider agent run` processes with SVIDs (of lifetime `ttl`) from the running CA.
@@ -149,12 +150,16 @@ def outrider(
     connections (`protocol: http`), as Envoy's HTTP connection manager does.
     Layer `grpc`: the same with `protocol: grpc` and the gRPC policy. `observe`: both
     agents' access_log and tracing sections (the pair's layer gets " <variant>").
+    `workers`: both agents' `workers:` (the pair's layer gets " N workers"); each worker
+    process is watched too, as "<role> worker <n>".
     `resumed`: the agents resume TLS 1.3 sessions (`tls.resumption`, their default);
     every other pair turns it off, so a new connection is a full handshake.
     """
     if resumed:
         observe, variant = {}, "resumed"
-    named = f"{layer}-{variant}" if observe is not None else layer
+    if workers > 1:
+        observe, variant = {**(observe or {}), "workers": workers}, f"{workers} workers"
+    named = f"{layer}-{variant}".replace(" ", "-") if observe is not None else layer
     root, address = setup.root / f"outrider-{ttl}-{named}", f"127.0.0.1:{ca.grpc_port}"
     (root / "ca").mkdir(parents=True, exist_ok=True)
     (root / "ca" / "bundle.pem").write_bytes((setup.ca_dir / "bundle.pem").read_bytes())
@@ -191,6 +196,11 @@ def outrider(
     client = stack.enter_context(agent_process(root, "client", client_yaml))
     port = int(client.bound["outbound[backend]"].rsplit(":", 1)[1])
     pids = {"client": client.process.pid, "server": server.process.pid}
+    for role, agent in (("client", client), ("server", server)):
+        pid = agent.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        for index, child in enumerate(sorted(children, key=int)):
+            pids[f"{role} worker {index}"] = int(child)
     return Pair(
         "outrider",
         f"{layer} {variant}" if observe is not None else layer,

@@ -37,7 +37,7 @@ import dataclasses
 import ipaddress
 import json
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
 from http import HTTPStatus
 from pathlib import Path
@@ -70,7 +70,8 @@ STATUS_PATHS = ("/ready", "/healthz", "/metrics")
 MAX_QUEUED_ANSWERS = 64
 
 Response = tuple[int, str, bytes]  # status, content type, body
-Handler = Callable[[], Response]
+#: An answer now, or one being made (a probe of the app; /metrics of several workers).
+Handler = Callable[[], "Response | asyncio.Task[Response]"]
 TEXT, JSON = "text/plain; charset=utf-8", "application/json"
 
 
@@ -92,8 +93,11 @@ class AgentView(Protocol):
     def control_state(self) -> dict[str, Any] | None: ...
 
 
-def routes(agent: AgentView) -> dict[str, Handler]:
-    """Path -> handler; each handler answers from the agent's state at that moment."""
+def routes(
+    agent: AgentView, scrape: Callable[[], Awaitable[bytes]] | None = None
+) -> dict[str, Handler]:
+    """Path -> handler; each handler answers from the agent's state at that moment.
+    `scrape`: what /metrics serves, when not this process's registry alone (`workers:`)."""
 
     def ready() -> Response:
         return (200, TEXT, b"ready\n") if agent.ready else (503, TEXT, b"not ready\n")
@@ -101,7 +105,9 @@ def routes(agent: AgentView) -> dict[str, Handler]:
     def healthz() -> Response:
         return 200, TEXT, b"ok\n"
 
-    def metrics() -> Response:
+    def metrics() -> Response | asyncio.Task[Response]:
+        if scrape is not None:
+            return _task(_exposition(scrape))
         return 200, CONTENT_TYPE_LATEST, generate_latest(agent.metrics.registry)
 
     def config_dump() -> Response:
@@ -137,6 +143,14 @@ def routes(agent: AgentView) -> dict[str, Handler]:
     }
 
 
+async def _exposition(scrape: Callable[[], Awaitable[bytes]]) -> Response:
+    try:
+        return 200, CONTENT_TYPE_LATEST, await scrape()
+    except Exception:  # a bug of ours: a 500 the scraper records, not a hung connection
+        log.exception("/metrics failed")
+        return 500, TEXT, b"the agent could not collect its metrics\n"
+
+
 def _json(value: object, status: int = 200) -> Response:
     return status, JSON, json.dumps(value, indent=2).encode()
 
@@ -157,9 +171,9 @@ class Servers:
             server.close()
 
 
-async def serve(agent: AgentView) -> Servers:
+async def serve(agent: AgentView, scrape: Callable[[], Awaitable[bytes]] | None = None) -> Servers:
     """Start the admin server, and the status server if the config asks for one."""
-    handlers = routes(agent)
+    handlers = routes(agent, scrape)
     # One bound on probes in flight, for both servers. Each probe runs once at a time,
     # so the pod's own probes are all that can be in flight: the kubelet runs each on
     # its own clock and, with slow apps, every one of them may overlap the others.
@@ -340,6 +354,8 @@ class AdminProtocol(asyncio.Protocol):
         else:
             assert handler is not None
             answer = handler()
+            if isinstance(answer, asyncio.Task):
+                answer.add_done_callback(self._answered)
         self.url, self.received = b"", 0
         self._wait(self.server.limits.admin_idle_timeout, "")
         if len(self.answers) >= MAX_QUEUED_ANSWERS:

@@ -195,7 +195,10 @@ class Listener(Generic[ConfigT]):
         try:
             family = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM)[0][0]
             self._socket = socket.create_server(
-                (listen.host, listen.port), family=family, backlog=1024
+                (listen.host, listen.port),
+                family=family,
+                backlog=1024,
+                reuse_port=self.runtime.reuse_port,
             )
         except OSError as exc:
             raise cannot_listen(exc, str(listen)) from None

@@ -94,7 +94,7 @@ class IdentityManager:
             rng=rng,
             policy=RenewalPolicy(config.ca.backoff),
             on_failure=self._failed,
-            on_expired=self._expired,
+            on_expired=self.expired,
         )
 
     @property
@@ -132,13 +132,14 @@ class IdentityManager:
             self._standing(),
         )
 
-    def _expired(self) -> None:
+    def expired(self) -> None:
         """Once the SVID has expired, no pooled connection may carry traffic on it.
 
         Pools close the connections made under any context but the current one
         (at once when a connection is taken, within a second when idle), as they
         do after every rotation: a fresh context for the expired SVID retires them
-        all. New connections still present it, and peers refuse them.
+        all. New connections still present it, and peers refuse them. (A worker of
+        `workers:` calls it at the NotAfter of the SVID the main process sent.)
         """
         if self.svid is not None:
             fresh = Contexts.of(self.svid, self.config.tls)

@@ -43,6 +43,8 @@ class Runtime:
     #: Access log and tracing (agent/adapters/tracing.py); None when both are off, so each
     #: request pays one `if` for them.
     observer: Observer | None = None
+    #: Listeners bind with SO_REUSEPORT: one of `workers:` processes sharing each port.
+    reuse_port: bool = False
 
     def not_pending(self, connection: object) -> Callable[[], None] | None:
         """`connection` is verified, refused, evicted or cancelled: what would have closed it

@@ -107,9 +107,18 @@ class AgentOptions:
     tracing_endpoint: str = ""  # tracing.otlp_endpoint; "": no spans
 
     @property
+    def workers(self) -> int:
+        """The agent's `workers:`: one per whole CPU of its container's limit (1500m: 1; a
+        second worker would share the first's CPU time and add its memory)."""
+        return max(1, int(self.resources.limits.cpu.value))
+
+    @property
     def observe(self) -> dict[str, Any]:
-        """The agent config's access_log and tracing sections these options ask for."""
+        """The agent config's sections these options ask for: access_log and tracing, and
+        `workers` when its CPU limit is 2 or more (one process below: as ever)."""
         sections: dict[str, Any] = {}
+        if self.workers > 1:
+            sections["workers"] = self.workers
         if self.access_log != "off":
             sections["access_log"] = {"mode": self.access_log}
         if self.tracing_endpoint:

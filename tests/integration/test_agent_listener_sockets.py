@@ -30,7 +30,7 @@ class Taking(Listener[Any]):
     direction = "inbound"
 
     def __init__(self) -> None:
-        runtime = SimpleNamespace(refusal_lines=LogThrottle())
+        runtime = SimpleNamespace(refusal_lines=LogThrottle(), reuse_port=False)
         super().__init__(cast(Any, None), cast(Any, runtime), cast(Any, None))
         self.taken: list[socket.socket] = []
 
@@ -93,7 +93,7 @@ def test_a_capture_listener_that_cannot_take_its_ipv6_port_holds_no_ipv4_port_ei
     with taken:
         taken.bind(("::1", port))
         taken.listen()
-        config, runtime = cast(Any, None), cast(Any, SimpleNamespace())
+        config, runtime = cast(Any, None), cast(Any, SimpleNamespace(reuse_port=False))
         listener = OutboundCaptureListener(config, runtime, cast(Connections, None))
         with pytest.raises(OSError, match=rf"cannot listen on \[::1\]:{port}"):
             listener.bind(Listen("127.0.0.1", port))

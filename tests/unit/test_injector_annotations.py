@@ -7,6 +7,7 @@ upstreams and policy come from the control plane, never from an annotation.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from agent.config import ControlEndpoint, parse_text
 from identity import SpiffeId, TrustDomain
 from injector.core import Settings, mutate
 from injector.core.annotations import UPSTREAMS, read_options
-from injector.core.settings import ControlSettings
+from injector.core.settings import ControlSettings, Quantity
 from injector.core.sidecar import AGENT, CONFIG_ENV
 from tests.k8s import to_model
 
@@ -322,6 +323,18 @@ def test_access_log_and_tracing_annotations_reach_the_agent_config() -> None:
     assert (parsed.access_log.mode, parsed.tracing.otlp_endpoint) == ("denied", "otel.obs:4318")
     off, _ = inject({"outrider.io/access-log": "off"})
     assert "access_log" not in config_of(off) and "tracing" not in config_of(off)
+
+
+@pytest.mark.parametrize(("cpu", "workers"), [("1", None), ("1500m", None), ("2", 2), ("4", 4)])
+def test_the_agents_workers_follow_its_cpu_limit(cpu: str, workers: int | None) -> None:
+    """One worker per whole CPU of the agent container's limit; under 2, one process and
+    no `workers` key (the config as it always was)."""
+    resources = SETTINGS.agent.resources
+    limits = replace(resources.limits, cpu=Quantity.parse(cpu))
+    agent = replace(SETTINGS.agent, resources=replace(resources, limits=limits))
+    pod, _ = inject({}, replace(SETTINGS, agent=agent))
+    assert agent_of(pod)["resources"]["limits"]["cpu"] == cpu
+    assert config_of(pod).get("workers") == workers
 
 
 def test_the_install_guide_lists_every_annotation_the_code_reads() -> None:

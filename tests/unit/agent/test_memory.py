@@ -36,7 +36,8 @@ def test_the_agent_loads_what_its_configuration_uses_when_it_uses_it() -> None:
     """Everything `outrider agent run` imports before it reads its configuration leaves
     out what only some agents use (each module stays in memory for good): the Workload
     API, the control-plane client, gRPC health probes, PyJWT, the CA's gRPC client until
-    the first CA call, and Kubernetes never."""
+    the first CA call, the workers' main process and channel (`workers:` above 1), and
+    Kubernetes never."""
     script = (
         "import sys, outrider.cli\n"
         "from agent import app, config\n"
@@ -53,6 +54,8 @@ def test_the_agent_loads_what_its_configuration_uses_when_it_uses_it() -> None:
         "agent.adapters.workload_api",
         "agent.adapters.control_plane",
         "agent.adapters.ca_client",
+        "agent.supervisor",
+        "agent.adapters.workers",
         "identity.proto.health_pb2",
         "grpclib.client",
         "google.protobuf",

@@ -1,0 +1,252 @@
+"""`workers: 2` in a real `outrider agent run` against a real `ca serve`: both worker
+processes serve the port, the agent makes one CSR per rotation whatever its workers,
+no key reaches the disk, /metrics adds the workers up, a reload and a rotation reach
+every worker, as does a control plane's snapshot (over the one stream of the agent),
+a worker that dies is started again, and SIGTERM drains them all.
+
+The agent's SVID lives 2 s, so it rotates about every second through the module.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+from cryptography import x509
+
+from tests.control import bootstrap, control_plane
+from tests.httpraw import Responses, connect, get
+from tests.integration.test_agent_control_plane import DENY_ALL, frontend, snapshot
+from tests.mesh import (
+    AgentProcess,
+    agent_process,
+    echo_server,
+    inbound,
+    mtls_exchange,
+    served_agent_yaml,
+    threaded_app,
+)
+from tests.support import CaProcess, CaSetup
+
+NAME, ROTATING = "workers", "rotating"
+CONNECTIONS = 24  # each lands on a worker by the kernel's hash: all on one is 2**-23
+
+
+@pytest.fixture(scope="module")
+def app() -> Iterator[int]:
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    application = web.Application()
+    application.router.add_get("/{tail:.*}", answer)
+    with threaded_app(application) as port:
+        yield port
+
+
+def workers_yaml(
+    setup: CaSetup, ca: CaProcess, app: int, name: str = NAME, **sections: Any
+) -> dict[str, Any]:
+    return served_agent_yaml(
+        setup, ca, name, inbound=inbound(app, protocol="http"), workers=2, **sections
+    )
+
+
+@pytest.fixture(scope="module")
+def agent(setup: CaSetup, ca: CaProcess, app: int) -> Iterator[AgentProcess]:
+    with agent_process(setup.root, NAME, workers_yaml(setup, ca, app)) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def rotating(setup: CaSetup, ca: CaProcess, app: int) -> Iterator[AgentProcess]:
+    """An agent whose SVID lives 2 s: it rotates about every second."""
+    raw = workers_yaml(setup, ca, app, ROTATING)
+    raw["identity"]["ttl"] = "2s"
+    with agent_process(setup.root, ROTATING, raw) as process:
+        yield process
+
+
+def children(agent: AgentProcess) -> set[int]:
+    """The worker processes: the agent's children."""
+    pid = agent.process.pid
+    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def eventually(check: Any, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"not within {seconds}s"
+        time.sleep(0.05)
+
+
+def request(setup: CaSetup, agent: AgentProcess, path: str = "/") -> tuple[int, int]:
+    """One request on a new connection: the status, and the serial of the SVID it met."""
+    with connect(setup, agent) as tls:
+        tls.sendall(get(path))
+        reply = Responses(tls).next()
+        der = tls.getpeercert(binary_form=True)
+    assert reply is not None and der is not None
+    return reply.status, x509.load_der_x509_certificate(der).serial_number
+
+
+def test_both_workers_serve_and_metrics_add_them_up(setup: CaSetup, agent: AgentProcess) -> None:
+    before = agent.total("outrider_connections_total", direction="inbound")
+    statuses = [request(setup, agent)[0] for _ in range(CONNECTIONS)]
+    assert statuses == [200] * CONNECTIONS
+    each = accepted(agent)
+    assert all(n > 0 for n in each), each  # the kernel spread them over both
+    total = agent.total("outrider_connections_total", direction="inbound")
+    assert total - before == CONNECTIONS  # one count per connection, summed over workers
+    assert total == sum(each)
+    metrics = agent.metrics()
+    assert metrics.count("outrider_build_info{") == 1  # one agent, however many processes
+    assert agent.total("outrider_listener_info") == 1  # the port once, not once a worker
+    assert agent.sample("outrider_workers") == 2
+    assert len(children(agent)) == 2
+
+
+def test_one_csr_per_rotation_for_the_whole_agent(setup: CaSetup, rotating: AgentProcess) -> None:
+    def rotations(**result: str) -> float:
+        return rotating.total("outrider_svid_rotations_total", **result)
+
+    eventually(lambda: rotations(result="success") >= 3)
+    installed = rotations(result="success")
+    ours = f"/sa/{ROTATING}"
+    issued = [e for e in setup.audit() if e["result"] == "issued" and e["spiffe_id"].endswith(ours)]
+    tried = rotations()  # every renewal, failed ones too (one the CA issued may time out here)
+    # Three processes each renewing would be three CSRs a rotation; one in flight may
+    # be issued and not yet counted.
+    assert installed <= len(issued) <= tried + 1
+
+
+def test_every_worker_serves_the_svid_of_the_latest_rotation(
+    setup: CaSetup, rotating: AgentProcess
+) -> None:
+    def all_current() -> bool:
+        current = int(rotating.certs()["serial"], 16)
+        try:
+            met = {request(setup, rotating)[1] for _ in range(8)}
+        except ssl.SSLError:  # rotated, and the one we met expired, as we connected
+            return False
+        return met == {current}
+
+    eventually(all_current)
+
+
+def test_no_key_is_written_to_disk(setup: CaSetup, agent: AgentProcess) -> None:
+    """Every file any of the agent's processes holds open, and every file in the temporary
+    directories since it started, is free of a private key."""
+    started = Path(f"/proc/{agent.process.pid}").stat().st_mtime
+    opened: set[Path] = set()
+    for pid in {agent.process.pid, *children(agent)}:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            target = Path(os.readlink(fd)) if fd.is_symlink() else None
+            if target is not None and target.is_file():
+                opened.add(target)
+    temporary = {
+        path
+        for directory in (Path("/tmp"), Path("/dev/shm"), Path(os.environ.get("TMPDIR", "/tmp")))
+        for path in directory.glob("*")
+        if path.is_file() and path.stat().st_mtime >= started
+    }
+    for path in opened | temporary | set(setup.root.rglob("*")):
+        if path.is_file() and path.name != "root.key" and path.parent.name != "ca":
+            assert b"PRIVATE KEY" not in path.read_bytes(), path
+
+
+def test_a_reload_reaches_every_worker(setup: CaSetup, ca: CaProcess, app: int) -> None:
+    raw = workers_yaml(setup, ca, app, "reloaded")
+    with agent_process(setup.root, "reloaded", raw) as agent:
+        raw["policy"] = {
+            "default_action": "deny",
+            "policies": [],
+        }
+        (setup.root / "reloaded.yaml").write_text(yaml.safe_dump(raw))
+        eventually(
+            lambda: agent.sample("outrider_config_reloads_total", kind="agent", result="ok") == 1
+        )
+        before = accepted(agent)
+        statuses = {request(setup, agent)[0] for _ in range(CONNECTIONS)}
+        assert statuses == {403}
+        assert all(a > b for a, b in zip(accepted(agent), before, strict=True))  # both took some
+
+
+def accepted(agent: AgentProcess) -> list[float]:
+    return [agent.sample("outrider_worker_connections_total", worker=str(i)) for i in (0, 1)]
+
+
+async def test_one_stream_to_the_control_plane_and_its_snapshots_reach_every_worker(
+    setup: CaSetup, ca: CaProcess
+) -> None:
+    async with echo_server() as app_port:
+        with control_plane(setup, snapshot(app_port)) as plane:
+            control = bootstrap(plane.address, pod="subscribed-0")
+            raw = served_agent_yaml(setup, ca, "subscribed", control=control, workers=2)
+            with agent_process(setup.root, "subscribed", raw) as agent:
+                address = agent.bound["inbound[0]"]
+                assert await mtls_exchange(address, frontend(setup)) != b""
+                version = plane.publish(snapshot(app_port, DENY_ALL))
+                assert plane.answer(version).kind == "ack"
+                before = accepted(agent)
+                denied = [await mtls_exchange(address, frontend(setup)) for _ in range(CONNECTIONS)]
+                assert denied == [b""] * CONNECTIONS
+                assert all(a > b for a, b in zip(accepted(agent), before, strict=True))
+                assert len(plane.wait_for_streams(1)) == 1  # one stream for the whole agent
+
+
+def test_a_worker_that_dies_is_started_again(setup: CaSetup, agent: AgentProcess) -> None:
+    first = children(agent)
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+    eventually(lambda: agent.sample("outrider_worker_restarts_total") == 1)
+    eventually(lambda: agent.status("/ready") == 200 and len(children(agent)) == 2)
+    assert victim not in children(agent)
+    assert [request(setup, agent)[0] for _ in range(8)] == [200] * 8
+
+
+def test_sigterm_drains_every_worker(setup: CaSetup, ca: CaProcess, app: int) -> None:
+    with agent_process(setup.root, "drained", workers_yaml(setup, ca, app, "drained")) as agent:
+        workers = children(agent)
+        held = [connect(setup, agent) for _ in range(8)]  # idle keep-alive, on both workers
+        try:
+            agent.process.send_signal(signal.SIGTERM)
+            assert agent.process.wait(timeout=10) == 0
+            for pid in workers:
+                assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
+            for tls in held:
+                with pytest.raises((ssl.SSLError, OSError, AssertionError)):
+                    tls.sendall(get("/"))
+                    assert Responses(tls).next() is not None
+        finally:
+            for tls in held:
+                tls.close()
+
+
+def _zombie(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
+def test_one_worker_is_one_process_as_ever(setup: CaSetup, ca: CaProcess, app: int) -> None:
+    raw = served_agent_yaml(setup, ca, "single", inbound=inbound(app, protocol="http"))
+    with agent_process(setup.root, "single", raw) as agent:
+        assert request(setup, agent)[0] == 200
+        assert children(agent) == set()
+        assert "outrider_workers" not in agent.metrics()
+
+
+def test_workers_end_when_their_main_process_is_killed(
+    setup: CaSetup, ca: CaProcess, app: int
+) -> None:
+    with agent_process(setup.root, "orphaned", workers_yaml(setup, ca, app, "orphaned")) as agent:
+        workers = children(agent)
+        agent.process.kill()
+        agent.process.wait()
+        eventually(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers))

@@ -1,0 +1,95 @@
+"""`workers:`: what "auto" counts, what the config takes, how the workers' metrics add up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.adapters.workers import Merged, families, merge
+from agent.app import _cpu_max
+from agent.config import MAX_WORKERS, parse
+from agent.core.workers import cpu_quota, usable_cpus
+from tests.unit.agent.test_config import BASE, errors_of, minimal
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "quota"),
+    [
+        ("200000 100000\n", 2),  # a Kubernetes limit of 2
+        ("150000 100000", 1),  # 1500m: a second worker would have half a CPU's time
+        ("50000 100000", 1),  # 500m
+        ("max 100000\n", None),  # no limit
+        (None, None),  # cgroup v1, or no cgroup file
+        ("", None),
+        ("garbage", None),
+        ("0 100000", None),
+    ],
+)
+def test_the_cgroup_quota_in_whole_cpus(cpu_max: str | None, quota: int | None) -> None:
+    assert cpu_quota(cpu_max) == quota
+
+
+def test_auto_is_the_smaller_of_the_affinity_mask_and_the_quota() -> None:
+    assert usable_cpus(8, "200000 100000") == 2
+    assert usable_cpus(2, "800000 100000") == 2
+    assert usable_cpus(4, "max 100000") == 4
+    assert usable_cpus(3, None) == 3
+
+
+def test_the_quota_is_read_from_cgroup_v2_or_v1(tmp_path: Path) -> None:
+    assert _cpu_max(tmp_path) is None  # neither mounted: the affinity mask alone
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_quota(_cpu_max(tmp_path)) is None
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    assert cpu_quota(_cpu_max(tmp_path)) == 3
+    (tmp_path / "cpu.max").write_text("200000 100000\n")  # v2 first
+    assert cpu_quota(_cpu_max(tmp_path)) == 2
+
+
+def test_workers_default_to_one_and_take_a_count_or_auto() -> None:
+    assert parse(minimal(), base=BASE).workers == 1
+    assert parse({**minimal(), "workers": 4}, base=BASE).workers == 4
+    assert parse({**minimal(), "workers": "auto"}, base=BASE).workers == "auto"
+
+
+@pytest.mark.parametrize("value", [0, -1, MAX_WORKERS + 1, "two", True, 1.5])
+def test_a_bad_worker_count_says_what_it_takes(value: Any) -> None:
+    assert errors_of({**minimal(), "workers": value}) == [
+        f'workers: must be "auto" or an integer from 1 to {MAX_WORKERS}'
+    ]
+
+
+def _process(connections: float, listeners: int, rotations: float) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    counter = Counter("outrider_connections", "", ["direction"], registry=registry)
+    counter.labels("inbound").inc(connections)
+    info = Gauge("outrider_listener_info", "", ["port"], registry=registry)
+    if listeners:
+        info.labels("8443").set(1)
+    Counter("outrider_svid_rotations", "", ["result"], registry=registry).labels("success").inc(
+        rotations
+    )
+    return registry
+
+
+def test_metrics_add_the_workers_up_and_keep_the_main_process_identity_series() -> None:
+    main = _process(0, 0, 3)  # the main process renews; it serves no connection
+    workers = [_process(5, 1, 7), _process(2, 1, 7)]  # each counts its installs
+    text = generate_latest(
+        Merged(merge(families(main), [families(w) for w in workers]))  # type: ignore[arg-type]
+    ).decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("outrider_connections_total", (("direction", "inbound"),))] == 7
+    assert samples[("outrider_listener_info", (("port", "8443"),))] == 1  # not 2
+    assert samples[("outrider_svid_rotations_total", (("result", "success"),))] == 3
+    assert text.count("# TYPE outrider_connections_total counter") == 1
