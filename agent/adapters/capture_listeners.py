@@ -341,13 +341,14 @@ class OutboundCaptureListener(_AlsoIpv6[OutboundCapture]):
         else:
             relay = Relay(runtime.limits.idle_timeout.total_seconds(), self.connections.closed)
             self.connections.add(relay, OUTBOUND)
-            if isinstance(route, ToEndpoint):
-                self.connections.established(OUTBOUND, None)
+            if isinstance(route, ToEndpoint):  # established: by the dial, once verified
+                runtime.metrics.routed["endpoint"].inc()
                 dial = self._pinned(relay, self.upstream(route.name, start=False), target)
             else:
                 assert isinstance(route, Passthrough)
                 runtime.metrics.outbound_passthrough.labels(route.reason).inc()
-                self.connections.established(OUTBOUND, None, mtls=False)
+                runtime.metrics.routed["passthrough"].inc()
+                runtime.established(OUTBOUND, None)
                 self.passed[relay] = target
                 dial = self._plain(relay, target)
             refused = runtime.metrics.connections_refused.labels(OUTBOUND, "no_endpoint").inc

@@ -104,7 +104,6 @@ class Connections:
         self._tasks: set[asyncio.Task[None]] = set()
         self._metrics = metrics
         self._active: dict[str, Gauge] = {}  # connections_active by direction, bound once
-        self._routed: Counter | None = None  # connections_total of outbound mTLS, bound once
         self.accepted = 0  # connections ever added
         self._empty = asyncio.Event()
         self._empty.set()
@@ -113,26 +112,12 @@ class Connections:
         return len(self._open)
 
     def add(self, connection: Closable, direction: str) -> None:
-        """From accept: active, and under the caps; not counted as established yet."""
+        """From accept: active, and under the caps; not counted as established yet
+        (`Runtime.established`)."""
         self._open[connection] = direction
         self.accepted += 1
         self._empty.clear()
         self._gauge(direction).inc()
-
-    def established(self, direction: str, peer: SpiffeId | None, *, mtls: bool = True) -> None:
-        """Count a connection once, when established (item 5 of issue 16): inbound once its
-        peer is verified, or its plaintext let through; outbound once it is routed.
-
-        `outrider_connections_total{mtls="false"}` staying 0 is how an auditor sees that no
-        plaintext came in, so nothing refused before this point is counted here.
-        """
-        if direction == OUTBOUND and mtls:  # the hot path of every outbound connection
-            if self._routed is None:
-                self._routed = self._metrics.connections.labels(OUTBOUND, "true", "")
-            self._routed.inc()
-            return
-        mode = "true" if mtls else "false"
-        self._metrics.connections.labels(direction, mode, str(peer or "")).inc()
 
     def _gauge(self, direction: str) -> Gauge:
         gauge = self._active.get(direction)
@@ -484,7 +469,7 @@ class InboundMtls(Listener[InboundT]):
             relay.close()
             return
         if peer is None:  # plaintext, let in: counted once the app has it, not before
-            self.connections.established(INBOUND, None, mtls=False)
+            self.runtime.established(INBOUND, None)
         observer = self.runtime.observer
         if not http:
             if observer is None:
@@ -492,20 +477,12 @@ class InboundMtls(Listener[InboundT]):
             else:
                 self._tcp_logged(relay, peer, decision)
             return
-        requests = self.runtime.metrics.requests
+        answered = self.runtime.series(INBOUND, peer).answered  # requests_total, bound once
 
         def authorize(
             method: str, path: str, host: str | None, headers: dict[str, tuple[str, ...]]
         ) -> Decision:
             return self._authorize(Request(peer, app.port, method, path, host, headers), config)
-
-        answers: dict[int, Counter] = {}  # this connection's counter children, by status
-
-        def answered(code: int) -> None:
-            child = answers.get(code)
-            if child is None:
-                child = answers[code] = requests.labels(INBOUND, str(peer or ""), str(code))
-            child.inc()
 
         def refused(reason: str) -> None:
             self.runtime.metrics.connections_refused.labels(INBOUND, reason).inc()
@@ -592,31 +569,20 @@ class InboundMtls(Listener[InboundT]):
         assert transport is not None
         metrics, limits = self.runtime.metrics, self.runtime.limits
         app = config.app
-        requests, calls = metrics.requests, metrics.grpc_requests
         limit_hits = metrics.http2_limits
+        series = self.runtime.series(INBOUND, peer)  # the peer's children, bound once
 
         def authorize(
             method: str, path: str, host: str | None, headers: dict[str, tuple[str, ...]]
         ) -> Decision:
             return self._authorize(Request(peer, app.port, method, path, host, headers), config)
 
-        # The connection's metric children, bound once each (`labels()` takes a lock and
-        # a lookup per call): its peer is fixed, its codes few (3 digits at most).
         source = str(peer or "")
-        by_code: dict[int, Counter] = {}
-        by_grpc_status: dict[int, Counter] = {}
 
         def answered(code: int, grpc_status: int | None) -> None:
-            counter = by_code.get(code)
-            if counter is None:
-                counter = by_code[code] = requests.labels(INBOUND, source, str(code))
-            counter.inc()
+            series.answered(code)
             if grpc_status is not None:
-                counter = by_grpc_status.get(grpc_status)
-                if counter is None:
-                    counter = calls.labels(INBOUND, source, str(grpc_status))
-                    by_grpc_status[grpc_status] = counter
-                counter.inc()
+                series.grpc(grpc_status)
 
         def hit(limit: Limit) -> None:
             limit_hits.labels(INBOUND, limit).inc()
@@ -671,7 +637,7 @@ class InboundMtls(Listener[InboundT]):
                 f"inbound {self.address}",
                 streams.close,
                 # counted once let in as h2, not before (connections_total{mtls="false"})
-                lambda: self.connections.established(INBOUND, None, mtls=False),
+                lambda: self.runtime.established(INBOUND, None),
             )
             self.plaintext[held] = app.port
         self.connections.add(held, INBOUND)
@@ -761,7 +727,7 @@ class InboundMtls(Listener[InboundT]):
             self._mismatch_line(config, peer)
             advise_peer(relay, tls, config.protocol)
             return None
-        self.connections.established(INBOUND, peer)
+        self.runtime.established(INBOUND, peer)
         return peer, config
 
     def _mismatch_line(self, config: Inbound, peer: SpiffeId) -> None:
@@ -898,8 +864,12 @@ class OutboundPath:
         self.rng = rng
 
     def protocol(self, live: LiveUpstream) -> asyncio.BaseProtocol:
-        """The protocol for a connection just accepted for `live`, as its config is now;
-        counted as established (routed into the mesh) unless over a limit."""
+        """The protocol for a connection just accepted for `live`, as its config is now.
+
+        Counted in outbound_app_connections_total{route="upstream"} unless over a limit;
+        not in connections_total: what is established is each mTLS connection to an
+        endpoint, counted by `LiveUpstream.dial` once its server's SVID verified (a pool
+        makes one serve many of the app's connections)."""
         metrics = self.runtime.metrics
         if len(self.connections) >= self.runtime.limits.max_connections:
             metrics.connections_refused.labels(OUTBOUND, "max_connections").inc()
@@ -907,13 +877,13 @@ class OutboundPath:
         if live.config.protocol == "http":
             exchange = OutboundHttp(live, self.connections.closed, self.rng)
             self.connections.add(exchange, OUTBOUND)
-            self.connections.established(OUTBOUND, None)
+            metrics.routed["upstream"].inc()
             return exchange
         if live.config.protocol in H2:  # h2c from the app: each stream its own request
             server = OutboundH2(live, self.rng).serve(lambda _: None)
             gate = self.gate(server, live.config.protocol, f"outbound {live.name}")
             self.connections.add(gate, OUTBOUND)
-            self.connections.established(OUTBOUND, None)
+            metrics.routed["upstream"].inc()
             return gate
         breaker = live.breaker  # one upstream connection per app connection
         if not breaker.acquire("max_connections"):
@@ -931,7 +901,7 @@ class OutboundPath:
 
         relay = Relay(self.runtime.limits.idle_timeout.total_seconds(), closed)
         self.connections.add(relay, OUTBOUND)
-        self.connections.established(OUTBOUND, None)
+        metrics.routed["upstream"].inc()
 
         def made() -> None:
             assert relay.down.transport is not None
