@@ -104,6 +104,7 @@ class Runtime:
     _series: dict[tuple[str, SpiffeId | None], PeerSeries] = field(default_factory=dict, repr=False)
     _durations: dict[str, Histogram] = field(default_factory=dict, repr=False)
     _refusals: dict[tuple[str, str], Counter] = field(default_factory=dict, repr=False)
+    _closed: dict[tuple[str, str], Counter] = field(default_factory=dict, repr=False)
 
     def series(self, direction: str, peer: SpiffeId | None) -> PeerSeries:
         """`peer`'s metric children for `direction`, bound on first use (PEER_SERIES at most)."""
@@ -153,6 +154,15 @@ class Runtime:
         except SvidError as exc:
             self.refused(direction, exc.reason)
             return None
+
+    def connection_refused(self, direction: str, reason: str) -> None:
+        """connections_refused_total: a connection closed before relaying, for `reason` (a
+        word from a fixed list); bound once: a flood is refused once per connection."""
+        child = self._closed.get((direction, reason))
+        if child is None:
+            labels = (direction, reason)
+            child = self._closed[labels] = self.metrics.connections_refused.labels(*labels)
+        child.inc()
 
     def refused(self, direction: str, reason: str) -> None:
         """A handshake or peer check failed for `reason` (a word from a fixed list)."""
