@@ -45,8 +45,9 @@ proto: $(STAMP)
 	$(BIN)/python -m identity.proto.generate
 
 # The lock files, from pyproject.toml (pip-tools): dev.txt for make, all.txt for
-# Dockerfile.ca, agent.txt for Dockerfile.agent. The two images' locks are
-# constrained by dev.txt, so a package has one version in all three. Every
+# Dockerfile.ca, agent.txt for Dockerfile.agent, build.txt (the build backend) for the
+# wheel both images build of the project. The images' locks are
+# constrained by dev.txt, so a package has one version in all of them. Every
 # distribution file of a pinned version is hashed: the locks hold on any platform
 # the pinned versions have wheels for. `outrider` itself (dev and all name it, as
 # outrider[all]) is left out of the files: it is the project, not a dependency.
@@ -58,6 +59,8 @@ lock: $(STAMP)
 	$(LOCK) --extra dev -o requirements/dev.txt pyproject.toml
 	$(LOCK) --extra all -c requirements/dev.txt -o requirements/all.txt pyproject.toml
 	$(LOCK) --extra agent -c requirements/dev.txt -o requirements/agent.txt pyproject.toml
+	$(LOCK) --only-build-deps --all-build-deps -c requirements/dev.txt \
+		-o requirements/build.txt pyproject.toml
 	$(BIN)/python -c 'import pathlib, re; [p.write_text(re.sub(r"\n*# The following packages are considered to be unsafe.*", "\n", p.read_text(), flags=re.S)) for p in pathlib.Path("requirements").glob("*.txt")]'
 
 # docs/audit.png, the README's picture of `outrider audit`: the acceptance test's own

@@ -549,6 +549,7 @@ class Agent:
         self.runtime.policies = new.policies
         self.runtime.spiffe_id = config.identity.spiffe_id  # as start derived it
         self.identity.config = config
+        self.identity.reconfigured()  # tls: resumption
         inbound = {c.listen: (f"inbound[{i}]", c) for i, c in enumerate(config.inbound)}
         outbound = {_address(c): (f"outbound[{c.name}]", c) for c in _listened(config)}
         captures = capture_configs(config)

@@ -58,6 +58,7 @@ Example (only identity.spiffe_id, ca.address and ca.bundle_file are required):
       uids: [1000]                                     # optional: only these callers (SO_PEERCRED)
     access_log: {mode: off, sample: 1.0, query: false} # or denied, all: JSON lines on stdout
     tracing: {otlp_endpoint: "", sample: 1.0, service_name: ""}  # OTLP/HTTP; off when ""
+    tls: {resumption: true, ticket_lifetime: 5m}       # TLS 1.3 resumption between agents
 
 With `control:` the control plane streams snapshots holding `inbound`,
 `outbound`, `policy` and `captured`; each replaces those keys of this file (the bootstrap)
@@ -89,6 +90,7 @@ from agent.core.captured import (
 from agent.core.headers import UNDERSCORE_ACTIONS, UnderscoreAction
 from agent.core.policy import DefaultAction, Policy
 from agent.core.policyfile import PolicyError, parse_policy_list
+from agent.core.resumption import MAX_TICKET_LIFETIME, Resumption
 from agent.core.tracecontext import TracingConfig
 from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
@@ -271,6 +273,7 @@ class AgentConfig:
     workload_api: WorkloadApiConfig | None = None  # None: neither API is served
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)  # docs/observability.md
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    tls: Resumption = field(default_factory=Resumption)  # agent/core/resumption.py, docs/agent.md
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -488,6 +491,7 @@ _TOP = {
     "workload_api",
     "access_log",
     "tracing",
+    "tls",
 }
 _HTTP_GET = {"path", "port", "scheme", "httpHeaders"}
 DEFAULT_ACTIONS: tuple[DefaultAction, ...] = get_args(DefaultAction)
@@ -495,6 +499,10 @@ _CA_KEYS = {"address", "server_name", "bundle_file", "timeout", "backoff", "bund
 _CONTROL_KEYS = {"address", "server_name", "spiffe_id", "pod", "backoff", "timeout"}
 _POLICY_KEYS = {"files", "policies", "default_action"}
 _CAPTURE_KEYS = {"inbound_port", "outbound_port"}
+
+
+def _hours(duration: timedelta) -> str:
+    return f"{duration.total_seconds() / 3600:g}h"
 
 
 class _Reader(OutboundReader):
@@ -551,6 +559,23 @@ class _Reader(OutboundReader):
             tracing=self.tracing(
                 self.section(top, "tracing", {"otlp_endpoint", "sample", "service_name"})
             ),
+            tls=self.tls(self.section(top, "tls", {"resumption", "ticket_lifetime"})),
+        )
+
+    def tls(self, raw: Mapping[str, Any]) -> Resumption:
+        default = Resumption()
+        lifetime = self.duration(
+            raw, "ticket_lifetime", "tls.ticket_lifetime", default.ticket_lifetime
+        )
+        if not timedelta(0) < lifetime <= MAX_TICKET_LIFETIME:
+            self.fail(
+                "tls.ticket_lifetime",
+                f"must be more than 0s and at most {_hours(MAX_TICKET_LIFETIME)}: a resumed "
+                "connection stands on a chain check made up to this long ago",
+            )
+            lifetime = default.ticket_lifetime
+        return Resumption(
+            self.flag(raw, "resumption", "tls.resumption", default.resumption), lifetime
         )
 
     def access_log(self, raw: Mapping[str, Any]) -> AccessLogConfig:
@@ -584,8 +609,8 @@ class _Reader(OutboundReader):
             return 1.0
         return float(value)
 
-    def flag(self, raw: Mapping[str, Any], key: str, path: str) -> bool:
-        value = raw.get(key, False)
+    def flag(self, raw: Mapping[str, Any], key: str, path: str, default: bool = False) -> bool:
+        value = raw.get(key, default)
         if not isinstance(value, bool):
             self.fail(path, "must be true or false")
             return False

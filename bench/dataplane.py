@@ -4,6 +4,8 @@
     floor       one connection, closed loop: the latency floor
     fixed_rate  1000 req/s open loop (h2load): latency added over the direct path
     new_conn    a new connection per request (full mTLS handshakes): conn/s
+    new_conn_resumed
+                the same with TLS 1.3 session resumption on (Outrider and Envoy only)
     rotation    Outrider agents whose SVIDs live 20 s (so rotate every ~10 s) under
                 new-connection load: errors must be 0
     grpc_unary, grpc_streams
@@ -66,6 +68,13 @@ def scenarios(connections: int) -> list[Scenario]:
             "new_conn",
             "L4, new connection per request (full mTLS handshakes)",
             l4,
+            lambda port, s: wrk(port, s, connections, close=True),
+            unit="conn/s",
+        ),
+        Scenario(
+            "new_conn_resumed",
+            "L4, new connection per request, TLS 1.3 sessions resumed between the proxies",
+            ("outrider l4 resumed", "envoy l4 resumed"),
             lambda port, s: wrk(port, s, connections, close=True),
             unit="conn/s",
         ),
@@ -185,6 +194,8 @@ def start_pairs(stack: ExitStack, root: Path) -> tuple[dict[str, Pair], int]:
         peers.outrider(stack, setup, ca, backend_port),
         peers.outrider(stack, setup, ca, backend_port, ttl="20s"),
         peers.outrider(stack, setup, ca, backend_port, layer="l7"),
+        peers.outrider(stack, setup, ca, backend_port, resumed=True),
+        peers.envoy(stack, setup, backend_port, "l4", resumed=True),
         observed(stack, setup, ca, root, backend_port, tracing=False),
         observed(stack, setup, ca, root, backend_port, tracing=True),
         *(
@@ -197,7 +208,7 @@ def start_pairs(stack: ExitStack, root: Path) -> tuple[dict[str, Pair], int]:
         peers.envoy(stack, setup, grpc_port, "grpc"),
     ]
     pairs[2].proxy, pairs[2].layer = "outrider", "rotating"
-    for pair in pairs[1:4]:
+    for pair in pairs[1:5]:
         pair.handshakes = agent_handshakes(pair)
     return {pair.name: pair for pair in pairs}, backend_pid
 

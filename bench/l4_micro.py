@@ -85,7 +85,9 @@ async def accept(connections: int) -> float:
 
 
 class _Verified:
-    """What `Runtime.verified` reads of a handshake."""
+    """What `Runtime.verified` reads of a handshake (a full one)."""
+
+    session_reused = False
 
     def version(self) -> str:
         return "TLSv1.3"

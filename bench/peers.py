@@ -7,7 +7,8 @@ Every proxy presents an SVID from the same Outrider CA and trusts only its bundl
 the agents get theirs over gRPC from a running `outrider ca serve`, the others
 from `outrider ca mint`. Each proxy runs one worker on one core, as an agent
 (one event loop) does. Session resumption is off everywhere, so a new connection
-is a full handshake for all of them, as it is for the agent.
+is a full handshake for all of them; except in the `resumed` pairs (Outrider and
+Envoy only), where each side resumes TLS 1.3 sessions with tickets that live 5 minutes.
 
 What each side checks of its peer:
   outrider, envoy  the chain to the bundle and the peer's SPIFFE ID (URI SAN)
@@ -139,6 +140,7 @@ def outrider(
     layer: str = "l4",
     observe: dict[str, Any] | None = None,
     variant: str = "observed",
+    resumed: bool = False,
 ) -> Pair:
     """Two `outrider agent run` processes with SVIDs (of lifetime `ttl`) from the running CA.
 
@@ -147,15 +149,25 @@ def outrider(
     connections (`protocol: http`), as Envoy's HTTP connection manager does.
     Layer `grpc`: the same with `protocol: grpc` and the gRPC policy. `observe`: both
     agents' access_log and tracing sections (the pair's layer gets " <variant>").
+    `resumed`: the agents resume TLS 1.3 sessions (`tls.resumption`, their default);
+    every other pair turns it off, so a new connection is a full handshake.
     """
-    named = f"{layer}-{variant}" if observe else layer
+    if resumed:
+        observe, variant = {}, "resumed"
+    named = f"{layer}-{variant}" if observe is not None else layer
     root, address = setup.root / f"outrider-{ttl}-{named}", f"127.0.0.1:{ca.grpc_port}"
     (root / "ca").mkdir(parents=True, exist_ok=True)
     (root / "ca" / "bundle.pem").write_bytes((setup.ca_dir / "bundle.pem").read_bytes())
     for name in ("client", "server"):  # real ServiceAccount tokens for the real CA
         token = setup.issuer.token("demo", name, lifetime=timedelta(hours=4))
         (root / f"{name}.token").write_text(token)
-    common = {"ca_address": address, "limits": {"drain_timeout": "2s"}, **(observe or {})}
+    tls = {"resumption": resumed, "ticket_lifetime": "5m"}
+    common = {
+        "ca_address": address,
+        "limits": {"drain_timeout": "2s"},
+        "tls": tls,
+        **(observe or {}),
+    }
     identity = {"ttl": ttl}
     protocol = _PROTOCOLS[layer]
     if layer != "l4":
@@ -180,7 +192,11 @@ def outrider(
     port = int(client.bound["outbound[backend]"].rsplit(":", 1)[1])
     pids = {"client": client.process.pid, "server": server.process.pid}
     return Pair(
-        "outrider", f"{layer} {variant}" if observe else layer, port, pids, [client, server]
+        "outrider",
+        f"{layer} {variant}" if observe is not None else layer,
+        port,
+        pids,
+        [client, server],
     )
 
 
@@ -292,10 +308,14 @@ def _h2(cluster: dict[str, Any]) -> dict[str, Any]:
     return cluster
 
 
-def envoy(stack: ExitStack, setup: CaSetup, backend_port: int, layer: str) -> Pair:
+def envoy(
+    stack: ExitStack, setup: CaSetup, backend_port: int, layer: str, *, resumed: bool = False
+) -> Pair:
     """Two Envoys; layer `grpc`: HTTP/2 on every hop (ALPN h2 between them), RBAC on the
-    gRPC method, as `outrider grpc` does."""
-    workdir = setup.root / f"envoy-{layer}"
+    gRPC method, as `outrider grpc` does. `resumed`: the server issues stateless tickets
+    (5 minutes) and the client keeps up to _SESSION_KEYS sessions to offer; otherwise
+    neither resumes."""
+    workdir = setup.root / f"envoy-{layer}{'-resumed' if resumed else ''}"
     client_svid = mint(setup, "client", workdir / "client-svid")
     server_svid = mint(setup, "server", workdir / "server-svid")
     h2 = layer == "grpc"
@@ -305,8 +325,7 @@ def envoy(stack: ExitStack, setup: CaSetup, backend_port: int, layer: str) -> Pa
         {
             "require_client_certificate": True,
             "common_tls_context": {**common_tls(server_svid, [str(CLIENT)]), **alpn},
-            "disable_stateless_session_resumption": True,
-            "disable_stateful_session_resumption": True,
+            **(_ENVOY_RESUMING if resumed else _ENVOY_NOT_RESUMING),
         },
     )
     backend = static_cluster("backend", backend_port, None)
@@ -319,7 +338,8 @@ def envoy(stack: ExitStack, setup: CaSetup, backend_port: int, layer: str) -> Pa
     server = stack.enter_context(envoy_process(server_boot, workdir, name="server"))
     upstream_tls = {**common_tls(client_svid, [str(SERVER)]), **alpn}
     upstream = tls_socket(
-        "UpstreamTlsContext", {"common_tls_context": upstream_tls, "max_session_keys": 0}
+        "UpstreamTlsContext",
+        {"common_tls_context": upstream_tls, "max_session_keys": _SESSION_KEYS if resumed else 0},
     )
     cluster = static_cluster("upstream", server.listener_port, upstream)
     client_boot = bootstrap(
@@ -342,7 +362,19 @@ def envoy(stack: ExitStack, setup: CaSetup, backend_port: int, layer: str) -> Pa
         )  # each connection is counted once by each side
 
     pids = {"client": client.process.pid, "server": server.process.pid}
-    return Pair("envoy", layer, client.listener_port, pids, handshakes=handshakes)
+    named = f"{layer} resumed" if resumed else layer
+    return Pair("envoy", named, client.listener_port, pids, handshakes=handshakes)
+
+
+_ENVOY_NOT_RESUMING = {
+    "disable_stateless_session_resumption": True,
+    "disable_stateful_session_resumption": True,
+}
+_ENVOY_RESUMING = {"session_timeout": "300s"}  # stateless tickets, as the agents'
+#: Envoy's client uses each TLS 1.3 session once (RFC 8446's advice) and keeps one by
+#: default, which resumes about 1 connection in 12 under 50 at once: keep a session per
+#: connection the load holds open.
+_SESSION_KEYS = 128
 
 
 # --- HAProxy --------------------------------------------------------------------------

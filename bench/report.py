@@ -221,6 +221,12 @@ def goals(record: Record) -> list[tuple[str, str, bool | None]]:
             "{:.2f}x",
         ),
         check(
+            "resumed handshakes/s ≥ 1.0x Envoy's resumed",
+            ratio("new_conn_resumed", "outrider l4 resumed", "envoy l4 resumed"),
+            1.0,
+            "{:.2f}x",
+        ),
+        check(
             "agent RSS ≤ 35 MB idle and under load",
             max(rss) * 1.048576 if rss else None,
             35,

@@ -32,6 +32,9 @@ _UNITS = {
     "h": 3_600_000_000_000,
     "d": 86_400_000_000_000,
 }
+#: Go's longest duration, int64 nanoseconds (2562047h47m16.854775807s): a longer one is
+#: refused, as Go refuses it, rather than overflow timedelta or a datetime later on.
+_LONGEST_NANOS = 2**63 - 1
 _PART = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h|d)")
 
 
@@ -84,8 +87,13 @@ def parse_duration(value: object) -> timedelta:
     parts = _PART.findall(text) if text else []
     if not parts or "".join(number + unit for number, unit in parts) != text:
         raise ValueError(f"{value!r} is not a duration like 90s, 1h30m, 1.5s, 500ms or 2d")
+    too_long = ValueError(f"{value!r} is longer than 2562047h (about 292 years)")
+    if any(len(number.partition(".")[0]) > len(str(_LONGEST_NANOS)) for number, _ in parts):
+        raise too_long  # before int() reads thousands of digits
     nanos = sum(_nanoseconds(number, _UNITS[unit]) for number, unit in parts)
-    if 0 < nanos < 1000:
+    if nanos > _LONGEST_NANOS:
+        raise too_long
+    if nanos < 1000 and any(digit in "123456789" for number, _ in parts for digit in number):
         raise ValueError(f"{value!r} is shorter than a microsecond")
     return timedelta(microseconds=(nanos + 500) // 1000)
 
@@ -93,6 +101,7 @@ def parse_duration(value: object) -> timedelta:
 def _nanoseconds(number: str, unit: int) -> int:
     """`1.5` of `unit` nanoseconds, in whole nanoseconds (a finer fraction dropped, as Go)."""
     whole, _, fraction = number.partition(".")
+    fraction = fraction[:20]  # finer than a nanosecond of a day: dropped, as Go drops it
     scale: int = 10 ** len(fraction)
     return int(whole or 0) * unit + int(fraction or 0) * unit // scale
 

@@ -3,29 +3,33 @@
 A multi-document YAML stream goes in and comes out in the same order. Pods,
 Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs and CronJobs get the
 agent in their pod template, also as the items of a `kind: List` (what
-`kubectl get -o yaml` prints). A directory is read as `kubectl apply -f DIR`
-would, but recursively: every .yaml, .yml and .json file under it, in path
-order, one stream after the other.
+`kubectl get -o yaml` prints), of a typed list (PodList) and of a List in a List,
+as `kubectl apply -f` flattens them. A JSON manifest comes out as JSON (kubectl
+reads a stream that starts with `{` as JSON), in its key order and indentation.
+A directory is read as `kubectl apply -f DIR` would, but recursively: every .yaml,
+.yml and .json file under it, in path order, one stream after the other.
 
 Every document left alone (not a workload, opted out, already injected, ...)
-is copied through as the very text it was. An injected document is read and
-written with ruamel.yaml's round trip, so it keeps its comments, key order,
-quoting and indentation, and only the agent's additions are new text. It has no
-YAML anchors: an alias of the input becomes a copy (as kubectl reads it, and so
-that the agent's annotation lands only where it is added), and an object the
-mutation shares (the agent's probes) is written out twice. Running it on its
-own output changes nothing.
+is copied through as the very text it was; one that holds no workload is not
+even built (its `kind` is read from the parser's events), so a large ConfigMap
+costs little. An injected document is read and written with ruamel.yaml's round
+trip, so it keeps its comments, key order, quoting and indentation, and only the
+agent's additions are new text. It has no YAML anchors: an alias of the input
+becomes a copy (as kubectl reads it, and so that the agent's annotation lands
+only where it is added), and an object the mutation shares (the agent's probes)
+is written out twice. Running it on its own output changes nothing.
 
-A workload that cannot be injected (no pod template, a bad namespace) is left
-as written and reported with where it is (`document 2, items[3]`); the rest of
-the stream, and of its List, is still injected. Only a stream that is not YAML
-is an error.
+A workload that cannot be injected (no pod template, a field of the wrong shape
+named by its path, a bad namespace) is left as written and reported with where
+it is (`document 2, items[3]`); the rest of the stream, and of its List, is still
+injected. Only a stream that is not YAML is an error.
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -73,37 +77,52 @@ class _Loader(yaml.SafeLoader):
 @dataclass(frozen=True)
 class Injected:
     """What happened to one workload: `index` is its document in the stream (1-based),
-    `item` its place among a List's items (None outside a List)."""
+    `item` its place in a List (`items[3]`, `items[0].items[2]`; None outside one)."""
 
     index: int
     workload: str  # "Deployment shop/web"
     mutation: Mutation
-    item: int | None = None
+    item: str | None = None
 
     @property
     def where(self) -> str:
         """`document 2` or `document 2, items[3]`: where to look in the input."""
-        item = "" if self.item is None else f", items[{self.item}]"
+        item = "" if self.item is None else f", {self.item}"
         return f"document {self.index}{item}"
 
 
 def inject_stream(text: str, settings: Settings, namespace: str) -> tuple[str, list[Injected]]:
-    """The stream with the agent added; `namespace` is for documents that name none."""
+    """The stream with the agent added; `namespace` is for documents that name none.
+    A stream written with CRLF line ends comes out with them throughout."""
+    text = text.removeprefix("\ufeff")
+    crlf = "\r\n" in text and text.count("\r\n") == text.count("\n")
+    output, results = _inject_text(
+        text.replace("\r\n", "\n") if crlf else text, settings, namespace
+    )
+    return (output.replace("\n", "\r\n") if crlf else output), results
+
+
+def _inject_text(text: str, settings: Settings, namespace: str) -> tuple[str, list[Injected]]:
+    whole = _json_document(text)
+    if whole is not None:
+        return _inject_json(text, whole, settings, namespace)
     out: list[str] = []
     results: list[Injected] = []
-    for index, chunk in enumerate(_documents(text), 1):
+    for index, (chunk, candidate) in enumerate(_documents(text), 1):
+        if not candidate:  # no workload in it: the text as it was, without the round trip
+            out.append(chunk)
+            continue
         head, body, tail = _parts(chunk)
         yaml_rt = _round_trip(body)
         try:
             document = yaml_rt.load(body)
         except Exception as exc:  # ruamel's errors share no base class with a message
-            raise ManifestError(f"document {index}: not YAML: {exc}") from None
+            # Not ruamel's advice to suppress its duplicate-key check: kubectl refuses them too.
+            said = str(exc).split("\n\nTo suppress this check")[0].strip()
+            raise ManifestError(f"document {index}: not YAML: {said}") from None
         _unshared(document)
-        listed = _listed(document)
         injected = [
-            _inject(entry, index, None if listed is None else item, settings, namespace)
-            for item, entry in enumerate([document] if listed is None else listed)
-            if _template_path(entry) is not None
+            _inject(entry, index, item, settings, namespace) for item, entry in _workloads(document)
         ]
         if any(result.mutation.patch for result in injected):
             dumped = io.StringIO()
@@ -113,6 +132,32 @@ def inject_stream(text: str, settings: Settings, namespace: str) -> tuple[str, l
             out.append(chunk)
         results.extend(injected)
     return "".join(_separated(out)), results
+
+
+def _json_document(text: str) -> Any:
+    """The stream's one JSON object, or None when it is YAML. kubectl reads a stream that
+    starts with `{` as JSON; so must what comes out of it be."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _inject_json(
+    text: str, document: dict[str, Any], settings: Settings, namespace: str
+) -> tuple[str, list[Injected]]:
+    """A JSON manifest injected and written as JSON, in its key order and indentation."""
+    injected = [
+        _inject(entry, 1, item, settings, namespace) for item, entry in _workloads(document)
+    ]
+    if not any(result.mutation.patch for result in injected):
+        return text, injected
+    lines = [line for line in text.strip().splitlines()[1:] if line.strip()]
+    indent = lines[0][: len(lines[0]) - len(lines[0].lstrip())] if lines else None
+    return json.dumps(document, indent=indent or None, ensure_ascii=False) + "\n", injected
 
 
 def inject_files(
@@ -178,26 +223,37 @@ def _unshared(node: Any, seen: set[int] | None = None) -> None:
         _unshared(child, seen)
 
 
-def _listed(document: Any) -> list[Any] | None:
-    """The items of a `kind: List` (`kubectl get -o yaml`); None for any other document."""
-    if (
+def _workloads(document: Any, where: str | None = None) -> Iterator[tuple[str | None, Any]]:
+    """The workloads of a document with where they are: itself, or the items of a List,
+    as `kubectl apply -f` flattens them (`kind: List` from `kubectl get -o yaml`, typed
+    lists such as PodList, a List in a List)."""
+    if _template_path(document) is not None:
+        yield where, document
+    elif _is_list(document):
+        for i, item in enumerate(document["items"]):
+            yield from _workloads(item, f"{where}.items[{i}]" if where else f"items[{i}]")
+
+
+def _is_list(document: Any) -> bool:
+    return (
         isinstance(document, dict)
-        and document.get("apiVersion") == "v1"
-        and document.get("kind") == "List"
+        and isinstance(document.get("kind"), str)
+        and document["kind"].endswith("List")
         and isinstance(document.get("items"), list)
-    ):
-        return list(document["items"])
-    return None
+    )
 
 
 def _template_path(document: Any) -> tuple[str, ...] | None:
     if not isinstance(document, dict):
         return None
-    return TEMPLATES.get((document.get("apiVersion"), document.get("kind")))  # type: ignore[arg-type]
+    api_version, kind = document.get("apiVersion"), document.get("kind")
+    if not isinstance(api_version, str) or not isinstance(kind, str):
+        return None
+    return TEMPLATES.get((api_version, kind))
 
 
 def _inject(
-    document: dict[str, Any], index: int, item: int | None, settings: Settings, default: str
+    document: dict[str, Any], index: int, item: str | None, settings: Settings, default: str
 ) -> Injected:
     path = _template_path(document) or ()
     metadata = document.get("metadata")
@@ -209,6 +265,9 @@ def _inject(
         template = template.get(key) if isinstance(template, dict) else None
     if not isinstance(template, dict):
         return _invalid(index, item, workload, f"no pod template at {'.'.join(path)}")
+    problem = _misshapen(template, ".".join(path))
+    if problem is not None:
+        return _invalid(index, item, workload, problem)
     try:
         mutation = mutate(template, str(namespace), settings)
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
@@ -217,7 +276,47 @@ def _inject(
     return Injected(index, workload, mutation, item)
 
 
-def _invalid(index: int, item: int | None, workload: str, problem: str) -> Injected:
+#: What the mutation reads and adds to, by shape: a mapping, or a list of mappings. The
+#: API server checks this before the webhook sees a pod; a file is checked here.
+_SHAPES: tuple[tuple[str, str, type], ...] = (
+    ("metadata", "", dict),
+    ("metadata", "annotations", dict),
+    ("metadata", "labels", dict),
+    ("spec", "containers", list),
+    ("spec", "initContainers", list),
+    ("spec", "volumes", list),
+)
+
+
+def _misshapen(template: dict[str, Any], path: str) -> str | None:
+    """The first field of the pod template the agent cannot be added to, named by its
+    path (`spec.template.spec.containers is not a list`); None when all is well."""
+    prefix = f"{path}." if path else ""
+    if not isinstance(template.get("spec"), dict):
+        return f"{prefix}spec is not a mapping"
+    for section, key, shape in _SHAPES:
+        value = template.get(section)
+        name = f"{prefix}{section}"
+        if key:
+            value = value.get(key) if isinstance(value, dict) else None
+            name = f"{name}.{key}"
+        if value is None:
+            continue
+        if not isinstance(value, shape):
+            return f"{name} is not a {'mapping' if shape is dict else 'list'}"
+        if isinstance(value, dict) and key in ("annotations", "labels"):  # kubectl refuses
+            # `inject: false` unquoted too: it is a boolean, not the opt-out
+            for entry, text in value.items():
+                if text is not None and not isinstance(text, str):  # null reads as ""
+                    return f"{name}[{entry}] is not a string: quote it"
+        if isinstance(value, list):
+            for i, entry in enumerate(value):
+                if not isinstance(entry, dict):
+                    return f"{name}[{i}] is not a mapping"
+    return None
+
+
+def _invalid(index: int, item: str | None, workload: str, problem: str) -> Injected:
     where = Injected(index, workload, Mutation(INVALID), item).where
     warning = f"outrider: not injected, left as written ({where}): {problem}"
     return Injected(index, workload, Mutation(INVALID, (), (warning,)), item)
@@ -254,6 +353,8 @@ def _round_trip(chunk: str) -> Any:
     return yaml_rt
 
 
+#: A block scalar that keeps its trailing blank lines (`|+`, `>+`, `|2+`, `|+2`).
+_KEEP = re.compile(r"[|>](?:[1-9]?\+|\+[1-9])[ \t]*(?:#.*)?$", re.MULTILINE)
 _KEY = re.compile(r"^( *)(- +)?[^\s#-][^:#]*:(\s|$)")
 
 
@@ -290,25 +391,64 @@ def _parts(chunk: str) -> tuple[str, str, str]:
     end = len(lines)
     while end > start and (lines[end - 1].startswith("#") or not lines[end - 1].strip()):
         end -= 1
+    if _KEEP.search("".join(lines[start:end])):  # `|+`: the blank lines after it are its own
+        while end < len(lines) and not lines[end].strip():
+            end += 1
     return "".join(lines[:start]), "".join(lines[start:end]), "".join(lines[end:])
 
 
-def _documents(text: str) -> Iterator[str]:
-    """The stream's documents as text, each from its start (`---`, directives) to the next."""
+def _documents(text: str) -> Iterator[tuple[str, bool]]:
+    """The stream's documents as text, each from its start (`---`, directives) to the next,
+    and whether it may hold a workload: its top-level `kind` names one, or a List. Read
+    from the parser's events (libyaml's when installed), so a document that holds none (a
+    large ConfigMap) is never built, let alone round-tripped."""
     try:
-        starts = [
-            event.start_mark.index
-            for event in yaml.parse(text, Loader=_Loader)
-            if isinstance(event, yaml.DocumentStartEvent) and event.start_mark is not None
-        ]
+        found = _starts(text, getattr(yaml, "CSafeLoader", _Loader))
+        if any(not text.startswith(("---", "%"), start) for start, _ in found[1:]):
+            found = _starts(text, _Loader)  # libyaml counts otherwise: read it again
     except yaml.YAMLError as exc:
         raise ManifestError(f"not YAML: {exc}") from None
-    if not starts:
-        yield text
+    if not found:
+        yield text, False
         return
+    starts = [start for start, _ in found]
     starts[0] = 0  # comments before the first document stay with it
-    for start, end in zip(starts, [*starts[1:], len(text)], strict=True):
-        yield text[start:end]
+    for (_, candidate), start, end in zip(found, starts, [*starts[1:], len(text)], strict=True):
+        yield text[start:end], candidate
+
+
+def _starts(text: str, loader: Any) -> list[tuple[int, bool]]:
+    """Each document's start and whether it may hold a workload, from the parse events."""
+    found: list[tuple[int, bool]] = []
+    stack: list[list[Any]] = []  # per open collection: [is a mapping, next is a key, key]
+    top: dict[str, Any] = {}
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, yaml.DocumentStartEvent):
+            stack, top = [], {}
+            found.append((event.start_mark.index if event.start_mark else 0, False))
+        elif isinstance(event, yaml.DocumentEndEvent):
+            kind, api_version = top.get("kind"), top.get("apiVersion")
+            candidate = "<<" in top or (
+                isinstance(kind, str)
+                and ((api_version, kind) in TEMPLATES or kind.endswith("List"))
+            )
+            found[-1] = (found[-1][0], candidate)
+        elif isinstance(event, (yaml.CollectionEndEvent,)):
+            stack.pop()
+        elif isinstance(event, yaml.NodeEvent):
+            if stack and stack[-1][0]:
+                mapping = stack[-1]
+                scalar = event.value if isinstance(event, yaml.ScalarEvent) else None
+                if mapping[1]:
+                    mapping[2] = scalar if len(stack) == 1 else None
+                elif mapping[2] is not None:
+                    top[mapping[2]] = scalar
+                mapping[1] = not mapping[1]
+            if isinstance(event, yaml.MappingStartEvent):
+                stack.append([True, True, None])
+            elif isinstance(event, yaml.SequenceStartEvent):
+                stack.append([False, False, None])
+    return found
 
 
 def _separated(chunks: Sequence[str]) -> Iterator[str]:

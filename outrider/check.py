@@ -218,7 +218,7 @@ def _bundle(namespace: str, configmap: Mapping[str, Any] | None, served: set[str
     if configmap is None:
         detail = f"no ConfigMap {BUNDLE_CONFIGMAP}: injected pods stay in ContainerCreating"
         return Check("post-install", name, "fail", detail, fix)
-    held = set(_certificates(str((configmap.get("data") or {}).get(BUNDLE_KEY, ""))))
+    held = set(_certificates(str(_mapping(configmap.get("data")).get(BUNDLE_KEY, ""))))
     if not held:
         detail = f"ConfigMap {BUNDLE_CONFIGMAP} has no certificate under {BUNDLE_KEY}"
         return Check("post-install", name, "fail", detail, fix)
@@ -248,7 +248,7 @@ def webhook(
             )
         ]
     problems = []
-    for hook in configuration.get("webhooks") or []:
+    for hook in _hooks(configuration):
         problems += _webhook_problems(hook, services)
     checks = [
         Check(
@@ -283,25 +283,33 @@ def _webhook_problems(
     hook: Mapping[str, Any], services: Mapping[str, Mapping[str, Any]]
 ) -> list[str]:
     named = hook.get("name", "?")
-    client = hook.get("clientConfig") or {}
+    client = hook["clientConfig"]
     problems = [] if client.get("caBundle") else [f"{named}: no caBundle"]
     service = client.get("service")
     if service is None:
         return problems
+    if not isinstance(service, Mapping):
+        return [*problems, f"{named}: clientConfig.service is not an object"]
     found = services.get(service.get("name", ""))
     if found is None or service.get("namespace") != SYSTEM_NAMESPACE:
         problems.append(f"{named}: no Service {service.get('namespace')}/{service.get('name')}")
         return problems
     port = service.get("port", 443)
-    if port not in [p.get("port") for p in (found.get("spec") or {}).get("ports") or []]:
+    if not isinstance(port, int):
+        problems.append(f"{named}: Service port {port!r} is not a number")
+    elif port not in [
+        p.get("port")
+        for p in _listed(_mapping(found.get("spec")).get("ports"))
+        if isinstance(p, Mapping)
+    ]:
         problems.append(f"{named}: Service {service['name']} has no port {port}")
     return problems
 
 
 def _webhook_url(configuration: Mapping[str, Any]) -> str:
     """The URL a webhook calls instead of a Service (`clientConfig.url`), if any."""
-    for hook in configuration.get("webhooks") or []:
-        url = (hook.get("clientConfig") or {}).get("url")
+    for hook in _hooks(configuration):
+        url = hook["clientConfig"].get("url")
         if url:
             return str(url)
     return ""
@@ -311,10 +319,12 @@ def webhook_target(
     configuration: Mapping[str, Any] | None,
 ) -> tuple[str, str, int] | None:
     """(namespace, Service, port) the first webhook calls, or None: what to probe."""
-    for hook in (configuration or {}).get("webhooks") or []:
-        service = (hook.get("clientConfig") or {}).get("service")
-        if service:
-            return service["namespace"], service["name"], int(service.get("port", 443))
+    for hook in _hooks(configuration):
+        service = hook["clientConfig"].get("service")
+        if isinstance(service, Mapping):
+            namespace, name, port = (service.get(k) for k in ("namespace", "name", "port"))
+            if isinstance(namespace, str) and isinstance(name, str):
+                return namespace, name, port if isinstance(port, int) else 443
     return None
 
 
@@ -443,6 +453,9 @@ class Cluster:
                 )
         except (config.ConfigException, OSError) as exc:
             raise ApiUnreachable(f"cannot load the kubeconfig: {exc}") from None
+        # One try per read, as kubectl: urllib3 would try three times, a timeout taking
+        # three timeouts and each retry a warning among the check's lines.
+        configuration.retries = 0
         api = client.ApiClient(configuration)
         self.core: Any = client.CoreV1Api(api)
         self.version_api: Any = client.VersionApi(api)
@@ -489,6 +502,38 @@ class Cluster:
         return Probe(response.status, response.data.decode(errors="replace"))
 
 
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _items(listing: Any) -> list[Mapping[str, Any]]:
+    """A list's items that are API objects (a mapping with metadata); what else an odd
+    answer holds is no object the cluster serves, and is left out."""
+    return [
+        item
+        for item in _listed(_mapping(listing).get("items"))
+        if isinstance(item, Mapping) and isinstance(item.get("metadata"), Mapping)
+    ]
+
+
+def _meta(item: Mapping[str, Any], key: str) -> str:
+    value = item["metadata"].get(key)
+    return value if isinstance(value, str) else ""
+
+
+def _hooks(configuration: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
+    """The webhooks of a configuration, each with a `clientConfig` mapping (maybe empty)."""
+    return [
+        {**hook, "clientConfig": _mapping(hook.get("clientConfig"))}
+        for hook in _listed(_mapping(configuration).get("webhooks"))
+        if isinstance(hook, Mapping)
+    ]
+
+
 def _in_cluster() -> bool:
     import os
 
@@ -497,32 +542,29 @@ def _in_cluster() -> bool:
 
 def observe(cluster: Cluster, control: str, *, pre: bool = False) -> Observed:
     """Ask the API server (and, after install, the control plane) what the checks need."""
-    version = cluster.read(cluster.version_api.get_code) or {}
+    version = _mapping(cluster.read(cluster.version_api.get_code))
     crds = frozenset(
-        item["metadata"]["name"]
-        for item in (cluster.read(cluster.extensions.list_custom_resource_definition) or {}).get(
-            "items", []
-        )
+        _meta(item, "name")
+        for item in _items(cluster.read(cluster.extensions.list_custom_resource_definition))
     )
-    pods = cluster.read(cluster.core.list_namespaced_pod, "kube-system") or {}
-    kube_system = tuple(item["metadata"]["name"] for item in pods.get("items", []))
+    pods = _items(cluster.read(cluster.core.list_namespaced_pod, "kube-system"))
+    kube_system = tuple(_meta(item, "name") for item in pods)
     if pre:
         return Observed(version, crds, kube_system)
     namespaces = {
-        item["metadata"]["name"]: item["metadata"].get("labels") or {}
-        for item in (cluster.read(cluster.core.list_namespace) or {}).get("items", [])
+        _meta(item, "name"): _mapping(item["metadata"].get("labels"))
+        for item in _items(cluster.read(cluster.core.list_namespace))
     }
     listed = cluster.read(
         cluster.core.list_config_map_for_all_namespaces,
         field_selector=f"metadata.name={BUNDLE_CONFIGMAP}",
     )
-    bundles = {item["metadata"]["namespace"]: item for item in (listed or {}).get("items", [])}
+    bundles = {_meta(item, "namespace"): item for item in _items(listed)}
     configuration = cluster.read(cluster.admission.read_mutating_webhook_configuration, WEBHOOK)
+    configuration = configuration if isinstance(configuration, Mapping) else None
     services = {
-        item["metadata"]["name"]: item
-        for item in (
-            cluster.read(cluster.core.list_namespaced_service, SYSTEM_NAMESPACE) or {}
-        ).get("items", [])
+        _meta(item, "name"): item
+        for item in _items(cluster.read(cluster.core.list_namespaced_service, SYSTEM_NAMESPACE))
     }
     ca_health = ca_bundle = webhook_health = None
     if CA_SERVICE in services:
@@ -534,7 +576,7 @@ def observe(cluster: Cluster, control: str, *, pre: bool = False) -> Observed:
         webhook_health = cluster.proxy(namespace, f"https:{name}:{port}", "healthz")
     agents, agents_error = None, ""
     try:
-        agents = debugapi.get(control, "/debug/agents")
+        agents = debugapi.agents(control)
     except debugapi.Unreachable as exc:
         agents_error = str(exc)
     return Observed(

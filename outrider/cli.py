@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import resource
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +85,16 @@ def _no_reload() -> None:
     log.warning("SIGHUP: nothing is reloaded; restart this server to apply a changed config")
 
 
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An output path the command cannot write (a directory, a missing parent, no
+    permission): exit 2 naming it, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise CommandError(f"cannot write {path}: {exc.strerror or exc}", EXIT_USAGE) from None
+
+
 def _invalid(exc: ConfigError) -> CommandError:
     lines = "\n".join(f"  {error}" for error in exc.errors)
     return CommandError(f"invalid config {exc.source}:\n{lines}", EXIT_USAGE)
@@ -130,14 +141,15 @@ def _ca_mint(args: argparse.Namespace) -> None:
     issuer = Issuer(signer, IssuancePolicy(default_ttl=ttl, max_ttl=ttl), lambda: datetime.now(UTC))
     issued = asyncio.run(issuer.issue(spiffe_id, key.public_key()))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     pem = serialization.Encoding.PEM
     key_pem = key.private_bytes(
         pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    write_atomic(out / "svid.key", key_pem, PRIVATE)
-    write_atomic(out / "svid.pem", b"".join(c.public_bytes(pem) for c in issued.chain))
-    write_atomic(out / "bundle.pem", issued.bundle.to_pem())
+    with _writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "svid.key", key_pem, PRIVATE)
+        write_atomic(out / "svid.pem", b"".join(c.public_bytes(pem) for c in issued.chain))
+        write_atomic(out / "bundle.pem", issued.bundle.to_pem())
     minted = {
         "spiffe_id": str(spiffe_id),
         "not_after": issued.leaf.not_valid_after_utc.isoformat(),
@@ -264,7 +276,8 @@ def _inject(args: argparse.Namespace) -> None:
         for warning in result.mutation.warnings:
             print(f"  {warning}", file=sys.stderr)
     if args.output:
-        write_atomic(Path(args.output), output.encode())
+        with _writing(Path(args.output)):
+            write_atomic(Path(args.output), output.encode())
     else:
         sys.stdout.write(output)
     invalid = [result for _, result in results if result.mutation.reason == INVALID]
@@ -312,7 +325,10 @@ def _control_get(base: str, path: str) -> Any:
 def _proxy_status(args: argparse.Namespace) -> None:
     if not args.control.startswith(("http://", "https://")):
         raise CommandError(f"--control {args.control!r} is not an http:// URL", EXIT_USAGE)
-    rows = debugapi.agent_rows(_control_get(args.control, "/debug/agents"))
+    try:
+        rows = debugapi.agent_rows(debugapi.agents(args.control))
+    except debugapi.Unreachable as exc:
+        raise CommandError(str(exc)) from None
     emit(rows, args.output, debugapi.status_table)
     lagging = sum(1 for row in rows if row["state"] != "SYNCED")
     print(f"{len(rows)} agents, {lagging} not in sync", file=sys.stderr)
@@ -381,7 +397,11 @@ def _policy_lint(args: argparse.Namespace) -> None:
             load_policy_files(paths)  # names must also be unique across the files
         except PolicyError as exc:
             errors.extend(exc.errors)
-    if not errors and args.agent_config:
+    if args.agent_config and errors:  # still read, so that a bad one is told now too
+        from outrider import validate
+
+        errors.extend(validate.agent_config_errors(Path(args.agent_config)))
+    elif args.agent_config:
         errors.extend(_lint_for_agent(paths, Path(args.agent_config)))
     for error in errors:
         print(error, file=sys.stderr)

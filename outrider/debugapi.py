@@ -35,28 +35,46 @@ def get(base: str, path: str, timeout: float = 10.0) -> Any:
         ) from None
 
 
+def agents(base: str, timeout: float = 10.0) -> list[Mapping[str, Any]]:
+    """The agents /debug/agents lists; Unreachable when the answer is not a list of them
+    (another service on the port, a proxy's page, a control plane of another shape)."""
+    answer = get(base, "/debug/agents", timeout)
+    if not isinstance(answer, list) or not all(isinstance(a, Mapping) for a in answer):
+        shape = type(answer).__name__ if not isinstance(answer, list) else "a list of other things"
+        raise Unreachable(
+            f"{base.rstrip('/')}/debug/agents answered {shape}, not a list of agents (is"
+            f" --control the control plane's debug address? From a workstation: {PORT_FORWARD})"
+        )
+    return answer
+
+
 def ack_state(agent: Mapping[str, Any]) -> str:
     """SYNCED: the agent runs the latest version; NACK (why): it refused what it was sent;
     STALE: it has not acknowledged the latest yet."""
     nack = agent.get("nack")
-    if nack and nack.get("version") == agent.get("sent"):
-        return f"NACK ({nack.get('error', '')})"
+    if isinstance(nack, Mapping) and nack.get("version") == agent.get("sent"):
+        return f"NACK ({nack.get('error') or ''})"
     if agent.get("acked") is not None and agent.get("acked") == agent.get("latest"):
         return "SYNCED"
     return "STALE"
 
 
 def agent_rows(agents: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    """One row per agent: pod, SPIFFE ID, the version it runs (or was sent), ACK state."""
+    """One row per agent: pod, SPIFFE ID, the version it runs (or was sent), ACK state;
+    every cell text (`?` for what the answer left out), whatever the answer held."""
     return [
         {
-            "pod": a["pod"],
-            "spiffe_id": a["spiffe_id"],
-            "version": a.get("acked") or a.get("sent") or "-",
+            "pod": _cell(a.get("pod"), "?"),
+            "spiffe_id": _cell(a.get("spiffe_id"), "?"),
+            "version": _cell(a.get("acked") or a.get("sent"), "-"),
             "state": ack_state(a),
         }
         for a in agents
     ]
+
+
+def _cell(value: Any, missing: str) -> str:
+    return missing if value is None or value == "" else str(value)
 
 
 def status_table(rows: Sequence[Mapping[str, str]]) -> str:

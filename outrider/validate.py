@@ -60,3 +60,16 @@ def policies_for_agent(files: list[Path], agent_config: Path) -> int:
     config = agent_config_module.read(agent_config).parse()
     given = replace(config, policy=replace(config.policy, files=(*config.policy.files, *files)))
     return len(agent_app.load_policies(given).policies)
+
+
+def agent_config_errors(path: Path) -> list[str]:
+    """What is wrong with agent.yaml itself (`FILE: key: problem`), for `policy lint` to
+    tell beside its policies' errors when it cannot go on to load them together."""
+    from agent import config as agent_config_module
+    from identity.configfile import ConfigError
+
+    try:
+        agent_config_module.read(path).parse()
+    except ConfigError as exc:
+        return [f"{exc.source}: {error}" for error in exc.errors]
+    return []

@@ -129,6 +129,13 @@ class AgentMetrics:
             ["direction", "result", "reason", "tls_version", "cipher"],
             registry=r,
         )
+        self.resumed_handshakes = Counter(
+            "outrider_tls_resumed_handshakes",
+            "Handshakes counted ok in outrider_tls_handshakes_total that resumed a TLS 1.3 "
+            "session (tls.resumption), the peer checked as on a full one",
+            ["direction"],
+            registry=r,
+        )
         self.handshake_duration = Histogram(
             "outrider_tls_handshake_duration_seconds",
             "Time from TCP accept or connect to a verified peer",

@@ -141,7 +141,7 @@ class IdentityManager:
         all. New connections still present it, and peers refuse them.
         """
         if self.svid is not None:
-            fresh = Contexts.of(self.svid)
+            fresh = Contexts.of(self.svid, self.config.tls)
             self.contexts.client, self.contexts.h2_client = fresh.client, fresh.h2_client
             log.warning("the SVID expired: closing pooled connections made with it")
 
@@ -243,7 +243,7 @@ class IdentityManager:
         ca_bundle = svid.bundle
         svid = dataclasses.replace(svid, bundle=self.peer_roots(ca_bundle))
         try:
-            contexts = Contexts.of(svid)
+            contexts = Contexts.of(svid, self.config.tls)
         except ssl.SSLError as exc:
             raise RenewalFailed("bad_answer", f"ssl cannot use the new SVID: {exc}") from None
         self.contexts.use(contexts)
@@ -261,6 +261,12 @@ class IdentityManager:
             svid.serial,
             svid.not_after.isoformat(timespec="seconds"),
         )
+
+    def reconfigured(self) -> None:
+        """A reload may have changed `tls`: new contexts then (the ticket keys and saved
+        sessions go with the old ones)."""
+        if self.svid is not None and self.contexts.resumption != self.config.tls:
+            self.contexts.use(Contexts.of(self.svid, self.config.tls))
 
     def _tell_changed(self) -> None:
         for callback in self.changed:
@@ -344,7 +350,7 @@ class IdentityManager:
         if self.svid is None:
             return
         svid = dataclasses.replace(self.svid, bundle=bundle)
-        self.contexts.use(Contexts.of(svid))
+        self.contexts.use(Contexts.of(svid, self.config.tls))
         self.svid = svid
         self.metrics.bundle_expiry.set(bundle.earliest_expiry.timestamp())
         self._write_files(svid)  # an app reading output_dir verifies its peers by it too

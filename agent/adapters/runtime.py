@@ -103,6 +103,7 @@ class Runtime:
     #: by direction.
     _series: dict[tuple[str, SpiffeId | None], PeerSeries] = field(default_factory=dict, repr=False)
     _durations: dict[str, Histogram] = field(default_factory=dict, repr=False)
+    _resumed: dict[str, Counter] = field(default_factory=dict, repr=False)
     _refusals: dict[tuple[str, str], Counter] = field(default_factory=dict, repr=False)
     _closed: dict[tuple[str, str], Counter] = field(default_factory=dict, repr=False)
 
@@ -179,6 +180,12 @@ class Runtime:
         version = ssl_object.version() or ""
         cipher = (ssl_object.cipher() or ("",))[0]
         self.series(direction, peer).handshake(version, cipher)
+        if ssl_object.session_reused:
+            resumed = self._resumed.get(direction)
+            if resumed is None:
+                labels = direction
+                resumed = self._resumed[labels] = self.metrics.resumed_handshakes.labels(labels)
+            resumed.inc()
         duration = self._durations.get(direction)
         if duration is None:
             duration = self._durations[direction] = self.metrics.handshake_duration.labels(

@@ -9,24 +9,37 @@ a root vouches for its own domain's IDs only, whatever names its
 intermediates may sign (go-spiffe and Envoy's SPIFFE validator do the same).
 Contexts are built anew for every SVID and bundle and never changed
 afterwards: a connection keeps the context it started with, and a new one
-picks up the new SVID. Session tickets are off; a TLS 1.2
-client can still resume by session ID within one context (CPython sets a
-session ID context and offers no way to turn the server cache off), which
-skips OpenSSL's chain check but not ours: the leaf's SPIFFE ID, validity and
-the allow-list are checked on every connection, resumed or not. A new context
-starts with an empty session cache, so a rotation or bundle change
-invalidates every session that came before it.
+picks up the new SVID.
+
+TLS 1.3 session resumption between agents (`tls.resumption`, agent/core/resumption.py
+says what makes it safe): a server context issues one stateless ticket per handshake,
+sealed with the context's own random ticket keys, so a ticket is good only with the
+contexts of the SVID and bundle it was issued under; the server contexts are built
+again every `ticket_lifetime` (new keys), so no ticket is taken longer than that. A
+client context keeps the sessions of its verified servers (`ResumingContext`) and
+offers one to the same endpoint within the ticket's lifetime. A resumed handshake
+skips OpenSSL's chain check, which was made with the same roots, never ours: the
+leaf's SPIFFE ID, validity and the allow-list are checked on every connection,
+resumed or not (the peer's certificate is in the session; without one the peer is
+refused). With resumption off the server sends no tickets; a TLS 1.2 client can
+still resume by session ID within one context (CPython sets a session ID context and
+offers no way to turn the server cache off), under the same checks.
 """
 
 from __future__ import annotations
 
 import ssl
+import time
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
 
+from agent.core.resumption import Resumption, SessionCache
 from agent.core.svid import Svid
 from identity import SpiffeId, SvidError, TrustDomain, check_leaf
 from identity.appprotocol import H2, Protocol
@@ -34,6 +47,9 @@ from identity.tlsfiles import load_cert_chain
 
 # TLS 1.2 only for peers that cannot do 1.3: forward secrecy and AEAD only.
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+#: Contexts that send no tickets and offer no sessions (the control plane's, tests').
+NO_RESUMPTION = Resumption(resumption=False)
 
 # OpenSSL's X509_V_ERR_* codes worth a label of their own.
 _VERIFY_REASONS = {
@@ -76,24 +92,43 @@ class Contexts:
     h2_server: ssl.SSLContext | None = None  # `protocol: http2|grpc` inbounds: h2 only
     client: ssl.SSLContext | None = None
     h2_client: ssl.SSLContext | None = None  # to `http2|grpc` upstreams: offers h2 only
+    #: What the server contexts are built of again when their ticket keys are due.
+    svid: Svid | None = None
+    resumption: Resumption = NO_RESUMPTION
+    #: When the server contexts' ticket keys are due (`clock`'s time), None: no tickets.
+    tickets_until: float | None = None
+    clock: Callable[[], float] = staticmethod(time.monotonic)
 
     @classmethod
-    def of(cls, svid: Svid) -> Contexts:
+    def of(cls, svid: Svid, resumption: Resumption = NO_RESUMPTION) -> Contexts:
         """Every context for `svid`; ssl.SSLError if ssl cannot use it."""
         contexts = cls()
-        contexts.server = _context(svid, "server", alpn=("h2", "http/1.1"))
-        contexts.h2_server = _context(svid, "server", alpn=("h2",))
-        contexts.client = _context(svid, "client")
-        contexts.h2_client = _context(svid, "client", alpn=("h2",))
+        contexts.svid, contexts.resumption = svid, resumption
+        contexts._new_servers()
+        contexts.client = _context(svid, "client", resumption=resumption)
+        contexts.h2_client = _context(svid, "client", alpn=("h2",), resumption=resumption)
         return contexts
+
+    def _new_servers(self) -> None:
+        """Server contexts, with new ticket keys when resumption is on."""
+        svid, resumption = self.svid, self.resumption
+        assert svid is not None, "built by Contexts.of"
+        self.server = _context(svid, "server", alpn=("h2", "http/1.1"), resumption=resumption)
+        self.h2_server = _context(svid, "server", alpn=("h2",), resumption=resumption)
+        if resumption.resumption:
+            self.tickets_until = self.clock() + resumption.ticket_lifetime.total_seconds()
 
     def use(self, new: Contexts) -> None:
         """New connections take `new`'s contexts from now on (all of them at once)."""
         self.server, self.h2_server = new.server, new.h2_server
         self.client, self.h2_client = new.client, new.h2_client
+        self.svid, self.resumption, self.tickets_until = new.svid, new.resumption, new.tickets_until
 
     def server_for(self, protocol: Protocol) -> ssl.SSLContext | None:
-        """The server context of an inbound port of `protocol`."""
+        """The server context of an inbound port of `protocol` (new ticket keys when the
+        last ones have been issuing tickets for `ticket_lifetime`)."""
+        if self.tickets_until is not None and self.clock() >= self.tickets_until:
+            self._new_servers()
         return self.h2_server if protocol in H2 else self.server
 
     def client_for(self, protocol: Protocol) -> ssl.SSLContext | None:
@@ -101,23 +136,118 @@ class Contexts:
         return self.h2_client if protocol in H2 else self.client
 
 
+#: Set around a dial's `create_connection`: the cache the connection's session goes to
+#: once its server is verified, the endpoint, and the session to offer (asyncio and
+#: uvloop wrap the connection in the dialling task's context: `ResumingContext.wrap_bio`).
+_DIALLING: ContextVar[tuple[SessionCache[ssl.SSLSession], object, ssl.SSLSession | None]] = (
+    ContextVar("outrider_dialling")
+)
+
+
+class _ResumableObject(ssl.SSLObject):
+    """A client connection of a `ResumingContext`: once its server is verified (`kept`),
+    its latest session is saved for the next dial when the connection is freed (a TLS 1.3
+    ticket comes after the handshake, with the first bytes the server sends)."""
+
+    cache: SessionCache[ssl.SSLSession] | None = None
+    endpoint: object = None
+    peer: SpiffeId | None = None
+
+    def __del__(self) -> None:
+        cache, peer = self.cache, self.peer
+        if cache is None or peer is None:
+            return
+        try:
+            if self.session_reused and not cache.wants(self.endpoint, time.time()):
+                return  # the saved session serves on: see SessionCache.wants
+            session = self.session
+            if session is not None and session.has_ticket and self.version() == "TLSv1.3":
+                cache.save(self.endpoint, peer, session, float(session.time))
+        except (AttributeError, ValueError, ssl.SSLError):  # not saved: a full one next time
+            pass
+
+
+class ResumingContext(ssl.SSLContext):
+    """A client context that offers a saved session to the endpoint it came from."""
+
+    sslobject_class = _ResumableObject
+    sessions: SessionCache[ssl.SSLSession]
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        dialling = _DIALLING.get(None)
+        if dialling is None or server_side or dialling[0] is not self.sessions:
+            return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        cache, endpoint, offered = dialling
+        ssl_object = super().wrap_bio(
+            incoming, outgoing, server_side, server_hostname, session or offered
+        )
+        assert isinstance(ssl_object, _ResumableObject)
+        ssl_object.cache, ssl_object.endpoint = cache, endpoint
+        return ssl_object
+
+
+@contextmanager
+def dialling(
+    context: ssl.SSLContext, endpoint: object, server_ids: Collection[SpiffeId]
+) -> Iterator[None]:
+    """Around the `create_connection` of a dial to `endpoint`: offer its saved session,
+    if `context` resumes and one is fresh for a server of `server_ids`."""
+    if not isinstance(context, ResumingContext):
+        yield
+        return
+    cache = context.sessions
+    token = _DIALLING.set((cache, endpoint, cache.offer(endpoint, server_ids, time.time())))
+    try:
+        yield
+    finally:
+        _DIALLING.reset(token)
+
+
+def kept(ssl_object: ssl.SSLObject, peer: SpiffeId) -> None:
+    """`ssl_object`'s server passed every check as `peer`: its session may be saved."""
+    if isinstance(ssl_object, _ResumableObject):
+        ssl_object.peer = peer
+
+
 def _context(
-    svid: Svid, side: Literal["server", "client"], alpn: tuple[str, ...] = ()
+    svid: Svid,
+    side: Literal["server", "client"],
+    alpn: tuple[str, ...] = (),
+    resumption: Resumption = NO_RESUMPTION,
 ) -> ssl.SSLContext:
     protocol = ssl.PROTOCOL_TLS_SERVER if side == "server" else ssl.PROTOCOL_TLS_CLIENT
-    context = ssl.SSLContext(protocol)
+    resuming = resumption.resumption
+    context = _resuming_client(resumption) if resuming and side == "client" else None
+    context = context or ssl.SSLContext(protocol)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(_TLS12_CIPHERS)
-    context.options |= ssl.OP_NO_TICKET | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    if not resuming:
+        context.options |= ssl.OP_NO_TICKET
     context.check_hostname = False  # SPIFFE names are URI SANs, checked after the handshake
     context.verify_mode = ssl.CERT_REQUIRED
     context.verify_flags |= ssl.VERIFY_X509_STRICT
     context.load_verify_locations(cadata=svid.bundle.to_pem().decode())
     load_cert_chain(context, svid.chain_pem(), svid.key_pem())
     if side == "server":
-        context.num_tickets = 0  # TLS 1.3: no resumption tickets
+        # TLS 1.3: one stateless ticket per handshake when resuming (the server keeps no
+        # session: the ticket holds it, sealed with this context's keys), else none.
+        context.num_tickets = 1 if resuming else 0
     if alpn:
         context.set_alpn_protocols(list(alpn))  # what the port speaks: see Contexts
+    return context
+
+
+def _resuming_client(resumption: Resumption) -> ssl.SSLContext:
+    context = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.sessions = SessionCache(resumption.ticket_lifetime)
     return context
 
 

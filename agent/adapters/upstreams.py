@@ -33,7 +33,7 @@ from agent.adapters.h2client import H2Pool
 from agent.adapters.metrics import AgentMetrics, clock
 from agent.adapters.pool import Pool
 from agent.adapters.runtime import Runtime
-from agent.adapters.tls import refusal_reason
+from agent.adapters.tls import dialling, kept, refusal_reason
 from agent.config import Outbound
 from agent.core.discovery import Source
 from agent.core.health import ActiveCheck, Event, Transition
@@ -325,14 +325,15 @@ class LiveUpstream:
         )
         try:
             async with asyncio.timeout(deadline):
-                transport, protocol = await loop.create_connection(
-                    factory,
-                    endpoint.host,
-                    endpoint.port,
-                    ssl=context,
-                    server_hostname="",
-                    ssl_handshake_timeout=limits.handshake_timeout.total_seconds(),
-                )
+                with dialling(context, endpoint, self.config.server_ids):  # a saved session
+                    transport, protocol = await loop.create_connection(
+                        factory,
+                        endpoint.host,
+                        endpoint.port,
+                        ssl=context,
+                        server_hostname="",
+                        ssl_handshake_timeout=limits.handshake_timeout.total_seconds(),
+                    )
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
             if not _before_tls(exc):
                 runtime.refused(direction, refusal_reason(exc))
@@ -349,6 +350,7 @@ class LiveUpstream:
             raise DialError(f"{endpoint} presented {peer or 'no SVID'}, not an ID of the upstream")
         runtime.verified(direction, ssl_object, peer, started)
         runtime.established(direction, peer)
+        kept(ssl_object, peer)  # its session may be offered to this endpoint again
         return transport, protocol
 
     def _now(self) -> float:

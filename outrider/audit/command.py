@@ -36,8 +36,9 @@ def parse_time(text: str, now: datetime, flag: str) -> datetime:
     """A duration back from now (24h, 90m) or an RFC 3339 time (2026-12-06T14:00:00Z)."""
     try:
         return now - parse_duration(text)
-    except ValueError:
-        pass
+    except ValueError as exc:
+        if "is longer than" in str(exc):
+            raise AuditError(f"{flag} {exc}: give an RFC 3339 time instead") from None
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

@@ -103,11 +103,6 @@ def _ca_init(directory: Path) -> None:
     assert ran.returncode == 0, ran.stderr
 
 
-def _ca_init(directory: Path) -> None:
-    ran = outrider("ca", "init", "--trust-domain", "example.org", "--dir", directory)
-    assert ran.returncode == 0, ran.stderr
-
-
 def test_ca_mint_prints_json_and_yaml_with_the_same_facts(tmp_path: Path) -> None:
     _ca_init(tmp_path)
     minted = {}
@@ -165,6 +160,18 @@ def test_policy_lint_with_the_agent_config_refuses_what_the_agent_would(
     ran = outrider("policy", "lint", policy, "--agent-config", agent_config)
     assert ran.returncode == 0, ran.stderr
     assert f"{agent_config}: the agent would load 1 policies OK" in ran.stdout
+
+
+def test_policy_lint_tells_a_bad_agent_config_with_the_policies_errors(tmp_path: Path) -> None:
+    # The agent config was read only when the policies had no error: a wrong path or key
+    # in it went untold, and the next run failed on it.
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("policies:\n- name: p\n")
+    missing = tmp_path / "absent.yaml"
+    ran = outrider("policy", "lint", policy, "--agent-config", missing)
+    assert ran.returncode == 2
+    assert "policies[0]: missing key 'action'" in ran.stderr
+    assert f"{missing}: cannot read" in ran.stderr
 
 
 def test_agent_validate_loads_the_config_and_its_policies_without_running(

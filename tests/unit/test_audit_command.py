@@ -152,3 +152,8 @@ def test_prometheus_or_saved_scrapes_are_required(capsys: pytest.CaptureFixture[
         cli.main(["audit", "--out", "x"])
     assert exited.value.code == 2
     assert "--prometheus" in capsys.readouterr().err
+
+
+def test_a_duration_back_beyond_the_calendar_is_a_usage_error_not_a_traceback() -> None:
+    with pytest.raises(AuditError, match=r"--since '999999999d'"):
+        parse_time("999999999d", NOW, "--since")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = {"Dockerfile.ca": 1338, "Dockerfile.agent": 1337}
@@ -113,7 +114,10 @@ def test_both_images_share_one_install_recipe_differing_in_the_group() -> None:
 def test_the_install_recipe_takes_the_locked_group_hashed_and_the_project_without_deps() -> None:
     runs = [i.args for i in stages(ROOT / "Dockerfile.agent")[0] if i.keyword == "RUN"]
     installs = [
-        command.strip() for run in runs for command in run.split("&&") if " install " in command
+        command.strip()
+        for run in runs
+        for command in run.split("&&")
+        if " install " in command and "requirements/build.txt" not in command  # the backend's
     ]
     assert len(installs) == 2, installs
     locked, project = installs
@@ -349,3 +353,24 @@ def test_the_wheel_built_from_the_copied_sources_runs_outrider(tmp_path: Path) -
     first, *usage = run.stdout.splitlines()
     assert first.startswith(str(wheel))
     assert any("agent" in line and "ca" in line for line in usage)
+
+
+def test_the_build_backend_is_locked_and_hashed_too() -> None:
+    """`pip wheel .` with build isolation fetches `setuptools>=77` unpinned and unhashed at
+    every build: two builds of one commit may build with different backends, and the one
+    download the hashes do not cover is the one that runs code at build time."""
+    runs = [i.args for i in stages(ROOT / "Dockerfile.agent")[0] if i.keyword == "RUN"]
+    commands = [command.strip() for run in runs for command in run.split("&&")]
+    (build,) = [c for c in commands if "requirements/build.txt" in c]
+    (wheel,) = [c for c in commands if " wheel " in c]
+    assert commands.index(build) < commands.index(wheel)
+    assert "--require-hashes" in build.split() and "--only-binary" in build.split()
+    assert "--no-build-isolation" in wheel.split()
+    lock = (ROOT / "requirements" / "build.txt").read_text()
+    backend = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    for requirement in map(Requirement, backend):
+        pinned = re.search(rf"^{re.escape(requirement.name)}==(\S+) \\$", lock, re.MULTILINE)
+        assert pinned, f"build.txt lacks {requirement}: run make lock"
+        assert requirement.specifier.contains(pinned[1])
+    assert "--hash=sha256:" in lock
+    assert "-o requirements/build.txt" in (ROOT / "Makefile").read_text()

@@ -193,11 +193,13 @@ def test_a_workload_that_cannot_be_injected_is_left_as_written_and_named() -> No
     [
         ("kind: [unclosed", "not YAML"),
         ("apiVersion: v1\nkind: Pod\n---\nmetadata: {a: [}\n", "not YAML"),
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: a, name: b}\n", 'duplicate key "name"'),
     ],
 )
 def test_a_stream_that_is_not_yaml_is_an_error(stream: str, message: str) -> None:
-    with pytest.raises(ManifestError, match=message):
+    with pytest.raises(ManifestError, match=message) as refused:
         inject_stream(stream, SETTINGS, "default")
+    assert "suppress" not in str(refused.value)  # kubectl refuses a duplicate key too
 
 
 @pytest.mark.parametrize("stream", ["", "# only a comment\n", "---\n", "--- null\n"])
@@ -374,3 +376,157 @@ def test_without_ruamel_yaml_it_says_which_group_to_install(
     monkeypatch.setitem(sys.modules, "ruamel.yaml", None)  # as if not installed
     with pytest.raises(ManifestError, match=r"pip install 'outrider\[injector\]'"):
         inject_stream(yaml.safe_dump(WORKLOADS["Pod"]), SETTINGS, "default")
+
+
+# --- hostile and unusual inputs: each workload is injected or named, nothing else lost ---
+
+POD_TEXT = yaml.safe_dump(WORKLOADS["Pod"], sort_keys=False)
+
+
+@pytest.mark.parametrize(
+    ("document", "problem"),
+    [
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n", "spec is not a mapping"),
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: [1]\n", "spec is not a mapping"),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {containers: web}\n",
+            "spec.containers is not a list",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {containers: [web]}\n",
+            "spec.containers[0] is not a mapping",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: [a]\nspec: {containers: []}\n",
+            "metadata is not a mapping",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, annotations: [x]}\n"
+            "spec: {containers: []}\n",
+            "metadata.annotations is not a mapping",
+        ),
+        (
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: a}\n"
+            "spec: {template: {spec: {volumes: 3}}}\n",
+            "spec.template.spec.volumes is not a list",
+        ),
+        (  # an unquoted false is a boolean: the opt-out was read as "inject, with a warning"
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n  annotations:\n"
+            "    outrider.io/inject: false\nspec: {containers: []}\n",
+            "metadata.annotations[outrider.io/inject] is not a string: quote it",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, labels: {port: 8080}}\n"
+            "spec: {containers: []}\n",
+            "metadata.labels[port] is not a string: quote it",
+        ),
+    ],
+)
+def test_a_workload_of_the_wrong_shape_is_named_with_the_field_and_the_rest_injected(
+    document: str, problem: str
+) -> None:
+    output, results = inject_stream(document + "---\n" + POD_TEXT, SETTINGS, "default")
+    kept, injected = output.split("---\n")
+    assert kept == document
+    assert agents(yaml.safe_load(injected)) == [AGENT]
+    assert [r.mutation.reason for r in results] == [INVALID, "injected"]
+    assert problem in results[0].mutation.warnings[0]
+    assert "(document 1)" in results[0].mutation.warnings[0]
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        "apiVersion: v1\nkind: [Pod]\n",
+        "apiVersion: {v: 1}\nkind: Pod\n",
+        "apiVersion: v1\nkind: {List: 1}\nitems: []\n",
+    ],
+)
+def test_a_document_whose_kind_is_not_a_string_passes_through(document: str) -> None:
+    output, results = inject_stream(document + "---\n" + POD_TEXT, SETTINGS, "default")
+    assert output.split("---\n")[0] == document
+    assert [r.mutation.reason for r in results] == ["injected"]
+
+
+def test_lists_in_lists_and_typed_lists_are_injected_as_kubectl_apply_flattens_them() -> None:
+    # `kubectl apply -f` reads any kind with `items` (PodList, DeploymentList, a List in
+    # a List) as its items; a workload in one must not pass through silently.
+    inner = {"apiVersion": "v1", "kind": "List", "items": [WORKLOADS["Job"]]}
+    typed = {"apiVersion": "apps/v1", "kind": "DeploymentList", "items": [WORKLOADS["Deployment"]]}
+    listed = {"apiVersion": "v1", "kind": "List", "items": [WORKLOADS["Pod"], inner]}
+    stream = yaml.safe_dump_all([listed, typed], sort_keys=False)
+    output, results = inject_stream(stream, SETTINGS, "default")
+    first, second = yaml.safe_load_all(output)
+    pod, nested = first["items"]
+    assert agents(pod) == agents(nested["items"][0]) == [AGENT]
+    assert agents(second["items"][0]) == [AGENT]
+    assert [(r.where, r.mutation.reason) for r in results] == [
+        ("document 1, items[0]", "injected"),
+        ("document 1, items[1].items[0]", "injected"),
+        ("document 2, items[0]", "injected"),
+    ]
+    assert inject_stream(output, SETTINGS, "default")[0] == output
+
+
+@pytest.mark.parametrize("indent", [None, 2, 4, "\t"])
+def test_json_in_is_json_out_as_kubectl_reads_a_stream_that_starts_with_a_brace(
+    indent: int | str | None,
+) -> None:
+    # kubectl decodes a stream that starts with `{` as JSON: YAML flow style added to it
+    # (`annotations: {outrider.io/status: injected}`) is not JSON, and neither jq nor
+    # kubectl reads it.
+    for workload in (
+        WORKLOADS["Deployment"],
+        {"apiVersion": "v1", "kind": "List", "items": [WORKLOADS["Pod"]]},
+    ):
+        text = json.dumps(workload, indent=indent) + "\n"
+        output, [result] = inject_stream(text, SETTINGS, "default")
+        assert result.mutation.reason == "injected"
+        document = json.loads(output)
+        assert list(document) == list(workload)
+        template = document["items"][0] if document["kind"] == "List" else document
+        assert agents(template) == [AGENT]
+        assert output.endswith("}\n")
+        if indent is not None:
+            assert output.startswith(
+                "{\n" + (indent if isinstance(indent, str) else " " * indent) + '"apiVersion"'
+            )
+        else:
+            assert output.count("\n") == 1
+        again, [result] = inject_stream(output, SETTINGS, "default")
+        assert (again, result.mutation.reason) == (output, "already_injected")
+
+
+def test_a_kept_block_scalar_at_the_end_keeps_its_trailing_lines() -> None:
+    # `|+` keeps the blank lines after it: they are the value's, not the document's.
+    document = POD_TEXT.replace(
+        "    image: app:1\n", "    image: app:1\n    command:\n    - |+\n      echo hi\n\n\n"
+    )
+    assert yaml.safe_load(document)["spec"]["containers"][0]["command"] == ["echo hi\n\n\n"]
+    output, _ = inject_stream(document + "---\n" + POD_TEXT, SETTINGS, "default")
+    first = next(yaml.safe_load_all(output))
+    assert first["spec"]["containers"][0]["command"] == ["echo hi\n\n\n"]
+    assert inject_stream(output, SETTINGS, "default")[0] == output
+
+
+def test_a_large_document_that_is_not_a_workload_is_copied_without_the_round_trip() -> None:
+    # A 4 MB ConfigMap (a dashboard, a bundle) is no workload: reading it with the
+    # pure-Python round trip took ~30 s; it is text to copy.
+    import time
+
+    data = "".join(f"  key{i}: value{i}\n" for i in range(100_000))
+    document = f"apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: big}}\ndata:\n{data}"
+    started = time.monotonic()
+    output, results = inject_stream(document, SETTINGS, "default")
+    assert (output, results) == (document, [])
+    assert time.monotonic() - started < 5
+
+
+def test_a_crlf_stream_comes_out_crlf_throughout() -> None:
+    # The agent's lines were LF among the document's CRLF ones: a file of mixed line ends.
+    stream = (OTHERS + "---\n" + POD_TEXT).replace("\n", "\r\n")
+    output, [result] = inject_stream(stream, SETTINGS, "default")
+    assert result.mutation.reason == "injected"
+    assert output.count("\n") == output.count("\r\n") > stream.count("\n")
+    assert output.startswith(OTHERS.replace("\n", "\r\n"))
+    assert inject_stream(output, SETTINGS, "default")[0] == output

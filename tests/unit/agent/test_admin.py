@@ -135,6 +135,7 @@ def test_the_config_as_plain_data() -> None:
         "workload_api": None,
         "access_log": {"mode": "off", "sample": 1.0, "query": False},
         "tracing": {"otlp_endpoint": "", "sample": 1.0, "service_name": ""},
+        "tls": {"resumption": True, "ticket_lifetime": 300.0},
     }
 
 

@@ -23,6 +23,7 @@ from agent.config import (
 from agent.config_outbound import Subset
 from agent.core.authz import AllowList
 from agent.core.discovery import StaticSource
+from agent.core.resumption import Resumption
 from agent.core.tracecontext import TracingConfig
 from agent.core.upstream import Endpoint
 from identity import SpiffeId, TrustDomain
@@ -573,3 +574,24 @@ def test_bad_access_log_and_tracing_keys_are_all_reported() -> None:
     bad_url = minimal() | {"tracing": {"otlp_endpoint": "grpc://collector:4317"}}
     with pytest.raises(ConfigError, match="http:// or https://"):
         parse(bad_url, base=BASE)
+
+
+def test_tls_resumption_is_on_by_default_with_five_minute_tickets() -> None:
+    assert parse(minimal(), base=BASE).tls == Resumption(True, timedelta(minutes=5))
+    raw = minimal() | {"tls": {"resumption": False, "ticket_lifetime": "90s"}}
+    assert parse(raw, base=BASE).tls == Resumption(False, timedelta(seconds=90))
+
+
+def test_bad_tls_keys_are_all_reported() -> None:
+    raw = minimal() | {"tls": {"resumption": "yes", "ticket_lifetime": "2h", "tickets": 2}}
+    with pytest.raises(ConfigError) as info:
+        parse(raw, base=BASE)
+    text = str(info.value)
+    for said in (
+        "tls.resumption: must be true or false",
+        "tls.ticket_lifetime: must be more than 0s and at most 1h",
+        "tls.tickets: unknown key",
+    ):
+        assert said in text
+    with pytest.raises(ConfigError, match=r"tls\.ticket_lifetime"):
+        parse(minimal() | {"tls": {"ticket_lifetime": "0s"}}, base=BASE)

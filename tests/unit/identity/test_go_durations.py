@@ -49,9 +49,11 @@ def test_what_is_not_a_duration_is_refused_with_examples(text: object) -> None:
         parse_duration(text)
 
 
-def test_a_duration_shorter_than_a_microsecond_is_refused_not_rounded_to_zero() -> None:
-    with pytest.raises(ValueError, match="'1ns' is shorter than a microsecond"):
-        parse_duration("1ns")
+@pytest.mark.parametrize("text", ["1ns", "0.5ns", "0.0000000001s", "0." + "0" * 5000 + "1s"])
+def test_a_duration_shorter_than_a_microsecond_is_refused_not_rounded_to_zero(text: str) -> None:
+    with pytest.raises(ValueError, match="is shorter than a microsecond"):
+        parse_duration(text)
+    assert parse_duration("0.000s") == parse_duration("0ns") == timedelta(0)
 
 
 @given(
@@ -88,3 +90,20 @@ def test_route_timeouts_read_gateway_durations_with_the_one_parser(text: str, ms
 def test_route_timeouts_keep_to_the_shape_gateway_api_allows(text: str) -> None:
     """GEP-2257: whole numbers of at most 5 digits, h/m/s/ms, at most four parts."""
     assert gateway_duration(text) is None
+
+
+@pytest.mark.parametrize(
+    "text", ["2562048h", "99999999999999h", "9" * 40 + "s", "9" * 5000 + "ns", "106752d1s"]
+)
+def test_a_duration_longer_than_go_allows_is_refused_not_an_overflow(text: str) -> None:
+    # Go refuses more than 2562047h47m16.854775807s (int64 nanoseconds); Python's
+    # timedelta or datetime arithmetic would raise OverflowError, which no caller expects.
+    with pytest.raises(ValueError, match=r"is longer than 2562047h \(about 292 years\)"):
+        parse_duration(text)
+    reader = ConfigReader(Path("."))
+    assert reader.duration({"ttl": text}, "ttl", "identity.ttl", timedelta(0)) == timedelta(0)
+    assert reader.errors and reader.errors[0].startswith("identity.ttl: ")
+
+
+def test_the_longest_go_duration_is_read() -> None:
+    assert parse_duration("2562047h") == timedelta(hours=2562047)

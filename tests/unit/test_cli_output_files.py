@@ -1,0 +1,48 @@
+"""A command told to write where it cannot (`inject -o DIR`, `ca mint --out FILE`, a
+missing parent directory) says so and exits 2, without a traceback or a stray file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from outrider import cli
+
+POD = {
+    "apiVersion": "v1",
+    "kind": "Pod",
+    "metadata": {"name": "web"},
+    "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+}
+
+
+@pytest.mark.parametrize("where", ["a directory", "a missing directory"])
+def test_inject_to_where_it_cannot_write_exits_2_and_names_it(
+    tmp_path: Path, where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = tmp_path / "pod.yaml"
+    manifest.write_text(yaml.safe_dump(POD))
+    target = tmp_path / "out" if where == "a directory" else tmp_path / "absent" / "out.yaml"
+    if where == "a directory":
+        target.mkdir()
+    assert cli.main(["inject", "-f", str(manifest), "-o", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {target}" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["pod.yaml", *(["out"] if where == "a directory" else [])]
+    )
+
+
+def test_ca_mint_into_a_file_exits_2_and_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = tmp_path / "ca"
+    assert cli.main(["ca", "init", "--trust-domain", "example.org", "--dir", str(ca)]) == 0
+    occupied = tmp_path / "occupied"
+    occupied.write_text("not a directory")
+    spiffe_id = "spiffe://example.org/ns/shop/sa/web"
+    argv = ["ca", "mint", "--dir", str(ca), "--spiffe-id", spiffe_id, "--out", str(occupied)]
+    assert cli.main(argv) == 2
+    assert f"cannot write {occupied}" in capsys.readouterr().err
