@@ -144,11 +144,16 @@ def pod_name(config: AgentConfig, environ: Mapping[str, str], source: str = "con
     return pod
 
 
-def observer(config: AgentConfig) -> Observer | None:
+def observer(config: AgentConfig, metrics: AgentMetrics) -> Observer | None:
     """Access logs and tracing as configured; None when both are off (nothing to pay)."""
     if not config.access_log.on and not config.tracing.otlp_endpoint:
         return None
-    return Observer(config.access_log, config.tracing, str(config.identity.spiffe_id))
+    return Observer(
+        config.access_log,
+        config.tracing,
+        str(config.identity.spiffe_id),
+        dropped=metrics.access_log_dropped.inc,
+    )
 
 
 class Agent:
@@ -186,7 +191,7 @@ class Agent:
             now,
             config.identity.spiffe_id,
             settings.policies,
-            observer=observer(config),
+            observer=observer(config, self.metrics),
         )
         self.connections = Connections(self.metrics)
         self.identity = IdentityManager(

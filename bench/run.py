@@ -52,6 +52,29 @@ def machine() -> str:
     )
 
 
+def commit() -> str | None:
+    """The checkout's commit (short, `+` when it has uncommitted changes): the README's
+    table names it, since the table outlives the code it measured."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None  # not a git checkout (a tarball): the date alone
+    return head + ("+" if dirty else "")
+
+
 def ca_rows(quick: bool) -> list[tuple[str, list[float], str, str]]:
     """CA issuance (ours over gRPC, raw in process, OpenBao's pki/sign) and admission."""
     seconds, rounds = (1.0, 1) if quick else (5.0, 3)
@@ -164,6 +187,7 @@ def main() -> None:
         sys.exit("interrupted; every process started here has been stopped")
     record: dict[str, Any] = {
         "date": started.strftime("%Y-%m-%d"),
+        "commit": commit(),
         "machine": machine(),
         "command": "make bench QUICK=1" if args.quick else "make bench",
         "rounds": rounds,

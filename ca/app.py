@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import random
@@ -161,7 +162,7 @@ async def serve(
         keepalive_timeout=limits.connections.idle_timeout.total_seconds(),
     )
     await http_runner.setup()
-    grpc_sock, http_sock = _bind(config.grpc), _bind(config.http)
+    grpc_sock, http_sock = _bind(config.grpc, "listen.grpc"), _bind(config.http, "listen.http")
     assert http_runner.server is not None
     connections = limits.connections
     closed = metrics.connection_closed
@@ -238,9 +239,16 @@ async def _rotate_serving(
     await renewer.run()
 
 
-def _bind(listen: Listen) -> socket.socket:
+def _bind(listen: Listen, key: str) -> socket.socket:
+    """The listening socket of `key` (`listen.grpc`): a port in use names the key."""
     family = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM)[0][0]
     try:
         return socket.create_server((listen.host, listen.port), family=family, backlog=1024)
     except OSError as exc:
-        raise StartupError(f"cannot listen on {listen}: {exc.strerror}") from None
+        said = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            said += (
+                ": another process listens there (another `outrider ca serve`?): stop it,"
+                f" or change {key} in the config"
+            )
+        raise StartupError(f"cannot listen on {listen} ({key}): {said}") from None

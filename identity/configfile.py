@@ -123,9 +123,22 @@ def parse_yaml(text: str, source: str) -> object:
     """The parsed document (empty text is an empty mapping); ConfigError if malformed."""
     try:
         raw = yaml.safe_load(text)
+    except yaml.composer.ComposerError as exc:
+        if exc.problem and "but found another document" in exc.problem:
+            raise ConfigError(source, [f"cannot read: {SEVERAL_DOCUMENTS}"]) from None
+        raise ConfigError(source, [f"cannot read: {exc}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(source, [f"cannot read: {exc}"]) from None
     return raw if raw is not None else {}
+
+
+#: A Kubernetes manifest given as a config (deploy/base/injector.yaml is the first a user
+#: finds): what is wrong and how to take the config out of it.
+SEVERAL_DOCUMENTS = (
+    "several YAML documents (---), a config is one: in a Kubernetes manifest the config"
+    " is the text under a ConfigMap's data (from a cluster: kubectl get configmap NAME"
+    " -o jsonpath='{.data.KEY}' > FILE, with KEY's dots escaped as \\.)"
+)
 
 
 class ConfigReader:

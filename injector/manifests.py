@@ -181,10 +181,17 @@ def inject_files(
     return "".join(_separated([s for s in streams if s.strip()])), results
 
 
+#: kustomize's own file names: inputs to `kustomize build`, not manifests.
+KUSTOMIZATIONS = frozenset({"kustomization.yaml", "kustomization.yml", "Kustomization"})
+
+
 def manifest_files(path: Path) -> list[Path]:
     """The manifests at `path`: the file itself, or every .yaml/.yml/.json file under the
-    directory (recursively, hidden ones skipped), in path order."""
+    directory (recursively, hidden ones skipped), in path order. A kustomization is
+    refused with the command that builds it: copied through, it is a document without a
+    kind that `kubectl apply` refuses, and its patches would never be applied."""
     if not path.is_dir():
+        _not_a_kustomization(path)
         return [path]
     found = sorted(
         file
@@ -195,7 +202,17 @@ def manifest_files(path: Path) -> list[Path]:
     )
     if not found:
         raise ManifestError(f"{path}: no {', '.join(MANIFEST_SUFFIXES)} files in the directory")
+    for file in found:
+        _not_a_kustomization(file)
     return found
+
+
+def _not_a_kustomization(file: Path) -> None:
+    if file.name in KUSTOMIZATIONS:
+        raise ManifestError(
+            f"{file}: a kustomization, not a manifest: inject what it builds,"
+            f" `kustomize build {file.parent} | outrider inject -f -`"
+        )
 
 
 def _unshared(node: Any, seen: set[int] | None = None) -> None:

@@ -442,8 +442,9 @@ class Cluster:
         from kubernetes import client, config
 
         configuration = client.Configuration()
+        in_cluster = kubeconfig is None and context is None and _in_cluster()
         try:
-            if kubeconfig is None and context is None and _in_cluster():
+            if in_cluster:
                 config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
             else:
                 config.load_kube_config(  # type: ignore[no-untyped-call]
@@ -452,7 +453,9 @@ class Cluster:
                     client_configuration=configuration,
                 )
         except (config.ConfigException, OSError) as exc:
-            raise ApiUnreachable(f"cannot load the kubeconfig: {exc}") from None
+            if in_cluster:
+                raise ApiUnreachable(f"cannot load the in-cluster config: {exc}") from None
+            raise ApiUnreachable(_unusable_kubeconfig(kubeconfig, exc)) from None
         # One try per read, as kubectl: urllib3 would try three times, a timeout taking
         # three timeouts and each retry a warning among the check's lines.
         configuration.retries = 0
@@ -500,6 +503,25 @@ class Cluster:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             return Probe(None, f"no answer: {exc}")
         return Probe(response.status, response.data.decode(errors="replace"))
+
+
+def _unusable_kubeconfig(kubeconfig: Path | None, error: Exception) -> str:
+    """Which file(s) were tried, as kubectl picks them (the flag, else $KUBECONFIG's list,
+    else ~/.kube/config), why they did not do, and how to give one."""
+    import os
+
+    if kubeconfig is not None:
+        files = [kubeconfig]
+    elif os.environ.get("KUBECONFIG"):
+        files = [Path(f) for f in os.environ["KUBECONFIG"].split(os.pathsep) if f]
+    else:
+        files = [Path("~/.kube/config").expanduser()]
+    why = str(error) if any(f.exists() for f in files) else "no such file"
+    return (
+        f"cannot load the kubeconfig {os.pathsep.join(map(str, files))}: {why}"
+        " (give the cluster's with --kubeconfig FILE or $KUBECONFIG, as for kubectl;"
+        " `kubectl config view` shows the one kubectl uses)"
+    )
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:

@@ -645,3 +645,8 @@ def run(duration: float = 20.0, keep: Path | None = None) -> None:
     )
     if keep is not None:
         print(f"kept in {workdir}: start it by hand with the commands in {workdir}/README.md")
+    else:
+        print(
+            "its files are gone: `outrider demo --keep DIR` keeps them, with a README.md of"
+            " the commands that start this mesh by hand"
+        )

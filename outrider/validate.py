@@ -53,12 +53,16 @@ def injector(path: Path) -> str:
 def policies_for_agent(files: list[Path], agent_config: Path) -> int:
     """The policy files as this agent would load them beside its own policies: every
     PolicyError the agent would refuse them with (an HTTP field on one of its TCP ports,
-    a name its config already uses). Returns how many policies that makes."""
+    a name its config already uses). A file its config already names is the same file,
+    loaded once: linting the agent's own policy file is not a clash with itself.
+    Returns how many policies that makes."""
     from agent import app as agent_app
     from agent import config as agent_config_module
 
     config = agent_config_module.read(agent_config).parse()
-    given = replace(config, policy=replace(config.policy, files=(*config.policy.files, *files)))
+    loaded = {path.resolve() for path in config.policy.files}
+    added = tuple(path for path in files if path.resolve() not in loaded)
+    given = replace(config, policy=replace(config.policy, files=(*config.policy.files, *added)))
     return len(agent_app.load_policies(given).policies)
 
 

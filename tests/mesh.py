@@ -394,6 +394,7 @@ def agent_process(
     ready: bool = True,
     prefix: Sequence[str] = (),
     config_env: str | None = None,
+    stdout: int = subprocess.DEVNULL,
 ) -> Iterator[AgentProcess]:
     """`outrider agent run` as a real process; yields once it logs that it is ready
     (`ready` False: once its admin server listens, `bound` holding only that).
@@ -402,6 +403,7 @@ def agent_process(
     `prefix` goes before the command line: `Pod.prefix` (tests.netns) runs it in a
     pod's network namespace. `config_env`: `raw` goes in that environment variable
     (`--config-env`, as the injector's container passes it), not in a file.
+    `stdout`: where its stdout goes (a pipe's write end: its access log).
     """
     extra = dict(env or {})
     if config_env is None:
@@ -414,7 +416,7 @@ def agent_process(
     process = subprocess.Popen(
         [*prefix, sys.executable, *launcher, "agent", "run", *arguments],
         stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
+        stdout=stdout,
         text=True,
         env={**os.environ, **extra, "PYTHONUNBUFFERED": "1"},
     )

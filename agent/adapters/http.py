@@ -101,6 +101,12 @@ def local_response(status: int, body: dict[str, str]) -> bytes:
     ).encode() + payload
 
 
+def local_body_size(response: bytes) -> int:
+    """The body bytes of a `local_response`: what an access log line counts as sent,
+    as it counts an app's responses (bodies, not heads)."""
+    return len(response.partition(b"\r\n\r\n")[2])
+
+
 class RequestSink(Protocol):
     """What takes a client's HTTP/1.1 requests off the parser: the inbound exchange
     (HttpExchange) and the outbound one (agent/adapters/outbound_http.py)."""
@@ -373,7 +379,7 @@ class HttpExchange:
         assert self.watch is not None
         if entry is None:  # refused before it was a request: a bad path, a head too big
             entry = self.watch.begin()
-        entry.bytes_out = len(self.queue[-1].answer)
+        entry.bytes_out = local_body_size(self.queue[-1].answer)
         self.watch.finish(entry, status, error if status != 403 else None)
 
     def _sent(self, size: int) -> None:

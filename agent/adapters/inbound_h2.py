@@ -146,6 +146,7 @@ class InboundH2:
             if call.status:  # else refused (counted there)
                 self.answered(call.status, call.outcome())
                 if decided.entry is not None and self.watch is not None:
+                    decided.entry.bytes_in, decided.entry.bytes_out = call.bytes_in, call.bytes_out
                     self.watch.finish(decided.entry, call.status, None, call.outcome())
 
     def screen(self, headers: Headers, is_grpc: bool) -> Refusal | Forward:
@@ -285,10 +286,12 @@ class InboundH2:
             return
         # What the client has sent goes at once, with the head; a task sends the rest only
         # if more is to come (a streaming call) or the app's windows are shut.
-        pending = self._upload_ready(stream, app)
+        pending = self._upload_ready(stream, app, call)
         upload = None
         if pending is not None:
-            upload = asyncio.get_running_loop().create_task(self._upload(stream, app, pending))
+            upload = asyncio.get_running_loop().create_task(
+                self._upload(stream, app, pending, call)
+            )
         try:
             await self._download(stream, app, call)
         finally:
@@ -309,7 +312,7 @@ class InboundH2:
         connection, _ = await self.pool.connection(endpoint, None, dial)
         return connection.open(headers, end=stream.bodiless)
 
-    def _upload_ready(self, stream: H2Stream, app: h2client.H2Stream) -> bytes | None:
+    def _upload_ready(self, stream: H2Stream, app: h2client.H2Stream, call: _Call) -> bytes | None:
         """Send, without waiting, what the client has sent already: None once the whole
         request went; else what `_upload` starts with (a chunk the windows did not take
         now, or b"")."""
@@ -320,18 +323,22 @@ class InboundH2:
                 if not chunk:
                     _end_upload(stream, app)
                     return None
+                call.bytes_in += len(chunk)
                 if not app.send_now(chunk):
                     return chunk
         except (StreamError, StreamReset):
             return None  # either side is gone: the response side sees it
         return b""
 
-    async def _upload(self, stream: H2Stream, app: h2client.H2Stream, pending: bytes) -> None:
+    async def _upload(
+        self, stream: H2Stream, app: h2client.H2Stream, pending: bytes, call: _Call
+    ) -> None:
         """The rest of the request body and its trailers, as the app's windows take them."""
         try:
             if pending:
                 await app.send(pending)
             while chunk := await stream.read():
+                call.bytes_in += len(chunk)
                 await app.send(chunk)
             _end_upload(stream, app)
         except (StreamError, StreamReset):
@@ -347,6 +354,7 @@ class InboundH2:
                     call.heard(headers)
                 await stream.respond(headers, end=event.end)
             elif isinstance(event, h2client.Data):
+                call.bytes_out += len(event.data)
                 await stream.send(event.data)
                 app.consumed(event.flow)
             elif isinstance(event, h2client.Trailers):
@@ -374,6 +382,8 @@ class _Call:
     grpc: bool
     status: int | None = None
     code: int | None = None
+    bytes_in: int = 0  # body bytes from the client, for its access log line
+    bytes_out: int = 0  # body bytes to it
 
     def heard(self, headers: Headers) -> None:
         if self.grpc and self.code is None:

@@ -260,7 +260,7 @@ class InboundH2ToHttp1(InboundH2):
                 app.begin(message.method, head)
                 if not stream.bodiless:
                     upload = asyncio.get_running_loop().create_task(
-                        _upload(stream, app, message.framing)
+                        _upload(stream, app, message.framing, call)
                     )
                 kept = await self._relay(stream, app, call)
                 kept = kept and (upload is None or (upload.done() and upload.result()))
@@ -294,6 +294,7 @@ class InboundH2ToHttp1(InboundH2):
                 keep = event.keep_alive
                 await stream.respond(headers, end=event.framing == "none")
             elif isinstance(event, Data):
+                call.bytes_out += len(event.data)
                 await stream.send(event.data)
             elif event is END:
                 if not stream.finished:
@@ -319,11 +320,12 @@ def _message(request: Forward, bodiless: bool) -> tuple[http1.Request, bytes]:
     return message, http1.request_head(message, target)
 
 
-async def _upload(stream: H2Stream, app: AppConnection, framing: Framing) -> bool:
+async def _upload(stream: H2Stream, app: AppConnection, framing: Framing, call: _Call) -> bool:
     """The request body, as the app takes it; True once it was sent whole (trailers are
     dropped: see the module's docstring)."""
     try:
         while chunk := await stream.read():
+            call.bytes_in += len(chunk)
             await app.write(http1.body(framing, chunk))
         await app.write(http1.end(framing))
     except (StreamReset, ConnectionError):

@@ -771,7 +771,15 @@ class InboundMtls(Listener[InboundT]):
             relay.abort()
             return None
         if config.allow.decide(peer) == "deny":
-            log.info("inbound %s: refused %s: not on the allow-list", config.listen, peer)
+            refusal_line(  # a line a while: any workload of the mesh may keep trying
+                self.runtime.refusal_lines,
+                log,
+                (INBOUND, "not_allowed", config.listen, peer),
+                "inbound %s: refused %s: not on the allow-list",
+                config.listen,
+                peer,
+                level=logging.INFO,
+            )
             self._refused("not_allowed")
             relay.abort()
             return None
@@ -1010,7 +1018,7 @@ class OutboundPath:
         try:
             await live.dial(attempt.endpoint, lambda: side)
         except DialError as exc:
-            log.warning("outbound %s: %s", live.name, exc)
+            self.runtime.dial_failed(live.name, attempt.endpoint, exc)
             # Its transport is aborted; left as the relay's upstream, the relay's
             # close would linger on it (and its TLS buffers) for LINGER seconds.
             relay.new_upstream()

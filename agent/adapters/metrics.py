@@ -299,6 +299,13 @@ class AgentMetrics:
             ["upstream", "kind"],
             registry=r,
         )
+        self.access_log_dropped = Counter(
+            "outrider_access_log_dropped_lines",
+            "Access log lines dropped because stdout's reader fell behind (more than 4 MiB "
+            "of lines waiting) or stdout was gone: lines are never written from the data "
+            "plane's event loop, nor held without bound",
+            registry=r,
+        )
         self.config_reloads = Counter(
             "outrider_config_reloads",
             "Config reloads by kind and result",

@@ -210,6 +210,8 @@ class OutboundH2:
         finally:
             budget.request_finished()
             breaker.release("max_requests")
+            if call.entry is not None:
+                call.entry.bytes_in = body.size  # what the app sent (read, at least)
             if attempt is not None:  # if the response did not end it: dropped mid-exchange
                 attempt.end(call.status, call.outcome())
                 if call.entry is not None:
@@ -284,7 +286,7 @@ class OutboundH2:
                 endpoint, context, partial(self._dial, endpoint, context), fresh=fresh
             )
         except DialError as exc:
-            log.warning("outbound %s: %s", live.name, exc)  # as the TCP outbound says it
+            live.runtime.dial_failed(live.name, endpoint, exc)  # as the TCP outbound says it
             return None
         finally:
             breaker.release("max_pending")
@@ -344,6 +346,8 @@ class OutboundH2:
         await stream.respond(headers, end=head.end)
         async for event in up:
             if isinstance(event, h2client.Data):
+                if call.entry is not None:
+                    call.entry.bytes_out += len(event.data)
                 await stream.send(event.data)
                 up.consumed(event.flow)
             elif isinstance(event, h2client.Trailers):

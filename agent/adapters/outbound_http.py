@@ -47,6 +47,7 @@ from agent.adapters.http import (
     METHOD_NAMES,
     deliver_requests,
     error_body,
+    local_body_size,
     local_response,
 )
 from agent.adapters.metrics import clock, since
@@ -610,7 +611,7 @@ class OutboundHttp(asyncio.Protocol):
                 lambda release: UpstreamConnection(live.pool, endpoint, context, release),
             )
         except DialError as exc:
-            log.warning("outbound %s: %s", live.name, exc)  # as the TCP outbound says it
+            live.runtime.dial_failed(live.name, endpoint, exc)  # as the TCP outbound says it
             return None
         finally:
             breaker.release("max_pending")
@@ -723,9 +724,11 @@ class OutboundHttp(asyncio.Protocol):
     # -- to the app ----------------------------------------------------------------------
 
     def _answer(self, status: int, error: str, detail: str = "") -> int:
+        answer = local_response(status, error_body(error, detail))
         if self.watch is not None and self.queue and self.queue[0].entry is not None:
             self.queue[0].entry.error = error
-        self.to_client.append(local_response(status, error_body(error, detail)))
+            self.queue[0].entry.bytes_out = local_body_size(answer)
+        self.to_client.append(answer)
         self.closing = True
         self._flush()
         return status

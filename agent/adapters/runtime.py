@@ -21,6 +21,9 @@ from agent.core.policy import PolicySet
 from agent.core.throttle import LogThrottle, held_back
 from identity import SpiffeId, SvidError
 
+log = logging.getLogger("outrider.agent")
+
+
 #: At most this many (direction, peer) bindings stay in `Runtime.series`: peers are SPIFFE
 #: IDs only the CA can mint, so a mesh has few; past it the oldest binding is dropped (its
 #: series stay in /metrics: only the shortcut to them goes).
@@ -164,6 +167,18 @@ class Runtime:
             labels = (direction, reason)
             child = self._closed[labels] = self.metrics.connections_refused.labels(*labels)
         child.inc()
+
+    def dial_failed(self, upstream: str, endpoint: object, exc: BaseException) -> None:
+        """An upstream endpoint could not be dialled: a line a while per endpoint, not one
+        per try (an app calling a dead upstream makes one a request, or more)."""
+        refusal_line(
+            self.refusal_lines,
+            log,
+            ("dial_failed", upstream, str(endpoint)),
+            "outbound %s: %s",
+            upstream,
+            exc,
+        )
 
     def refused(self, direction: str, reason: str) -> None:
         """A handshake or peer check failed for `reason` (a word from a fixed list)."""

@@ -9,19 +9,29 @@ and sampling want it, agent/core/accesslog.py) and the span (if sampled and
 an endpoint is set).
 
 Lines go to stdout, batched per turn of the event loop (one write for all
-the lines a burst of requests finished, not one syscall per request). Spans
+the lines a burst of requests finished, not one syscall per request), and
+written by a thread of their own (`LineWriter`): a log reader that stops
+reading (a stalled container runtime, a full disk behind it) fills a pipe,
+and a write from the event loop would then stop every connection of the
+agent. At most MAX_PENDING bytes wait; lines beyond are dropped and counted
+(outrider_access_log_dropped_lines_total), never held. Spans
 go through the OpenTelemetry SDK's batch processor to an OTLP/HTTP receiver
 (protobuf, POST /v1/traces): its own thread, a bounded queue (spans are
-dropped, not held, when the receiver is away). The SDK is imported only here,
+dropped, not held, when the receiver is away), and at exit at most
+SPAN_FLUSH_SECONDS for what is queued. The SDK is imported only here,
 and this module's exporter only when an endpoint is configured.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import os
 import random
+import select
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -53,8 +63,94 @@ _SPAN_ATTRIBUTES = (
 
 
 def _stdout(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    """Lines to stdout's file descriptor in writes of at most PIPE_BUF bytes, each ending
+    at a line's end: a pipe takes such a write whole, so the lines of processes sharing
+    it (workers of one agent) never interleave mid-line. A stdout without a descriptor
+    (a test's capture) gets the text as it is."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    sys.stdout.flush()  # anything written through sys.stdout first
+    write_lines(fd, text.encode("ascii", "replace"))
+
+
+def write_lines(fd: int, data: bytes) -> None:
+    """`data` (whole lines) to `fd`, PIPE_BUF bytes at most per write, cut at line ends (a
+    longer line goes alone, as one write)."""
+    view, start, size = memoryview(data), 0, len(data)
+    while start < size:
+        end = min(start + select.PIPE_BUF, size)
+        if end < size:
+            cut = data.rfind(b"\n", start, end)
+            end = cut + 1 if cut >= 0 else data.find(b"\n", end) + 1 or size
+        while start < end:
+            start += os.write(fd, view[start:end])
+
+
+#: How long the agent's exit waits for the spans still queued to reach the receiver.
+SPAN_FLUSH_SECONDS = 1.0
+#: The bytes of lines that may wait for a slow stdout before lines are dropped.
+MAX_PENDING = 4 << 20
+
+
+class LineWriter:
+    """Text handed over at once and written to `sink` by a thread of its own, which alone
+    blocks when the reader is slow; `dropped(n)` counts the lines that did not fit in
+    `limit` bytes of waiting text (or that a broken sink lost)."""
+
+    def __init__(
+        self,
+        sink: Callable[[str], None] = _stdout,
+        dropped: Callable[[int], None] = lambda lines: None,
+        limit: int = MAX_PENDING,
+    ) -> None:
+        self.sink, self.dropped, self.limit = sink, dropped, limit
+        self.pending: collections.deque[str] = collections.deque()
+        self.size = 0
+        self.closing = False
+        self.ready = threading.Condition(threading.Lock())
+        self.thread: threading.Thread | None = None
+
+    def __call__(self, text: str) -> None:
+        with self.ready:
+            if self.size + len(text) > self.limit or self.closing:
+                self.dropped(text.count("\n"))
+                return
+            self.pending.append(text)
+            self.size += len(text)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+                self.thread.start()
+            self.ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.ready:
+                while not self.pending and not self.closing:
+                    self.ready.wait()
+                if not self.pending:
+                    return
+                text = "".join(self.pending)
+                self.pending.clear()
+            try:
+                self.sink(text)
+            except (OSError, ValueError):  # stdout gone (closed, a broken pipe): lost
+                self.dropped(text.count("\n"))
+            with self.ready:
+                self.size -= len(text)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what waits, for at most `timeout` seconds (a stalled reader is not waited
+        for longer: the agent's shutdown is bounded by its drain timeout)."""
+        with self.ready:
+            self.closing = True
+            self.ready.notify()
+            thread = self.thread
+        if thread is not None:
+            thread.join(timeout)
 
 
 class Observer:
@@ -66,13 +162,19 @@ class Observer:
         tracing: TracingConfig,
         local_id: str,
         *,
-        write: Callable[[str], None] = _stdout,
+        write: Callable[[str], None] | None = None,
+        dropped: Callable[[int], None] = lambda lines: None,
         rng: random.Random | None = None,
         wall: Callable[[], float] = time.time,
     ) -> None:
+        """`write` takes each batch of lines (default: a LineWriter to stdout, which
+        reports each line it drops to `dropped`)."""
         self.access = access
         self.tracing = tracing
         self.local_id = local_id
+        self.writer: LineWriter | None = None
+        if write is None:
+            write = self.writer = LineWriter(dropped=dropped)
         self.write = write
         self.rng = rng or random.Random()  # noqa: S311 (trace ids and sampling, not secrets)
         self.wall = wall
@@ -137,11 +239,20 @@ class Observer:
             self.write(text)
 
     def close(self) -> None:
-        """Write what is pending; send the spans still queued (bounded by the SDK's timeout)."""
+        """Write what is pending (bounded); send the spans still queued (SPAN_FLUSH_SECONDS)."""
         self.flush()
+        if self.writer is not None:
+            self.writer.close()
         if self.spans is not None:
-            self.spans.shutdown()  # type: ignore[no-untyped-call]
+            # The SDK's shutdown exports every queued batch, each up to the exporter's
+            # timeout: ~5 s a batch from a receiver that never answers, up to 30 s. The
+            # agent's exit is not held up for it: the spans get SPAN_FLUSH_SECONDS.
+            closing = threading.Thread(
+                target=self.spans.shutdown, name="otlp-shutdown", daemon=True
+            )
             self.spans = None
+            closing.start()
+            closing.join(SPAN_FLUSH_SECONDS)
 
     # -- spans -------------------------------------------------------------------------------
 
@@ -232,7 +343,7 @@ class Watch:
         """A request's entry, its trace propagated from the received header `fields`;
         `target` is logged as the config says (agent/core/accesslog.py)."""
         entry = self.begin(kind)
-        entry.method = method
+        entry.method = method[: accesslog.MAX_METHOD]
         entry.path = accesslog.logged_path(target, self.observer.access.query)
         entry.trace = self.observer.propagate(*tracecontext.received(fields))
         return entry

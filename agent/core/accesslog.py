@@ -5,9 +5,12 @@ Kubernetes collects a container's logs. The fields are fixed (FIELDS, in
 this order, null where they do not apply) so a log pipeline can rely on
 them. What a line never holds, whatever the request carried: a header's
 value (only the trace ID and the request ID the agent itself checked or
-made), a cookie, a token, or the query string, unless `query: true` asks for
-it, and even then the values of parameters whose names say they are secret
-(token, password, signature ...) are replaced by "REDACTED".
+made), a cookie, a token, a fragment, the userinfo or host of an
+absolute-form target, the values of path parameters (`;jsessionid=...`), or
+the query string, unless `query: true` asks for it, and even then the values
+of parameters whose names say they are secret (token, password, signature
+...) are replaced by "REDACTED". Path and method are cut (MAX_PATH,
+MAX_METHOD): a caller chooses them, not a line's size.
 
 Which requests: `mode` off (none: the default), denied (every request or
 connection the policy denied) or all; `sample` thins the rest, never the
@@ -19,9 +22,11 @@ Pure: the clock reading and the sampling draw are arguments.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Literal, get_args
+from urllib.parse import unquote_plus
 
 from agent.core.tracecontext import Propagated
 
@@ -57,6 +62,9 @@ FIELDS = (
 
 #: A logged path is cut here: a path is the caller's to choose, a log line's size is not.
 MAX_PATH = 2048
+#: And a method here (h2 lets a caller send any token as :method; the longest registered
+#: one, UPDATEREDIRECTREF, has 17 characters).
+MAX_METHOD = 32
 REDACTED = "REDACTED"
 #: Query parameters whose values are never logged, even with `query: true` (lowercase;
 #: matched on the whole name and on its last `_`/`-`/`.` separated word).
@@ -81,10 +89,16 @@ SECRET_PARAMS = frozenset(
         "sig",
         "session",
         "sessionid",
+        "jsessionid",
+        "phpsessid",
+        "aspsessionid",
+        "sid",
         "credential",
         "x-amz-signature",
         "x-amz-credential",
         "x-amz-security-token",
+        "x-goog-signature",
+        "x-goog-credential",
     }
 )
 
@@ -145,25 +159,67 @@ class Entry:
 
 
 def logged_path(target: str, query: bool) -> str:
-    """A request target as logged: the path alone, or with its query redacted (`query`)."""
+    """A request target as logged: its path, the values of its path parameters
+    (`;jsessionid=...`) redacted, and its query only when `query` asks (redacted too).
+    Any form a client may send is reduced to this: a fragment is dropped, and an
+    absolute-form target (`http://user:pass@host/p`, as an app may write to a proxy)
+    loses its scheme, userinfo and host; another form keeps only what follows a `@`."""
+    target = target.partition("#")[0]
+    if not target.startswith("/"):
+        target = _origin_form(target)
     path, sep, rest = target.partition("?")
     path = path[:MAX_PATH]
+    if ";" in path:
+        path = _redact_parameters(path, query)
     if not query or not sep:
         return path
     return f"{path}?{redact_query(rest)}"[: MAX_PATH * 2]
 
 
+def _origin_form(target: str) -> str:
+    """`http://user:pass@host:80/p?q` as `/p?q`; `user@host:443` as `host:443`."""
+    _, scheme, rest = target.partition("://")
+    if not scheme:
+        return target.rpartition("@")[2]
+    slash = rest.find("/")
+    query = rest.find("?")
+    if slash < 0 or 0 <= query < slash:
+        return "/" + (rest[query:] if query >= 0 else "")
+    return rest[slash:]
+
+
+def _redact_parameters(path: str, query: bool) -> str:
+    """`path` with each segment's `;` parameters' values replaced by REDACTED: all of them,
+    or with `query` those whose names say they are secret (a session ID in the path)."""
+    segments = []
+    for segment in path.split("/"):
+        name, *parameters = segment.split(";")
+        for parameter in parameters:
+            key, eq, _ = parameter.partition("=")
+            kept = query and not _secret(key)
+            name += ";" + (parameter if kept else f"{key}={REDACTED}" if eq else REDACTED)
+        segments.append(name)
+    return "/".join(segments)
+
+
 def redact_query(query: str) -> str:
-    """`query` with the values of secret-named parameters replaced by REDACTED."""
-    parts = []
-    for pair in query.split("&"):
-        name, eq, _ = pair.partition("=")
-        parts.append(f"{name}={REDACTED}" if eq and _secret(name) else pair)
-    return "&".join(parts)
+    """`query` with the values of secret-named parameters replaced by REDACTED. Pairs are
+    split on `&` and on `;` (which some servers take as a separator too)."""
+    parts = _PAIRS.split(query)
+    for n in range(0, len(parts), 2):
+        name, eq, _ = parts[n].partition("=")
+        if eq and _secret(name):
+            parts[n] = f"{name}={REDACTED}"
+    return "".join(parts)
+
+
+_PAIRS = re.compile(r"([&;])")
 
 
 def _secret(name: str) -> bool:
-    lowered = name.lower()
+    """Whether a parameter's name says its value is secret: as the app reads the name
+    (percent-decoded, `+` a space, a PHP-style `[...]` suffix dropped)."""
+    lowered = unquote_plus(name).lower().partition("[")[0].strip()
     if lowered in SECRET_PARAMS:
         return True
     for sep in "_-.":

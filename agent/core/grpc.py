@@ -100,10 +100,12 @@ def timeout_value(seconds: float) -> str:
 
 
 def status_of(headers: Headers) -> int | None:
-    """The `grpc-status` in headers or trailers; None when absent or not a number."""
+    """The `grpc-status` in headers or trailers; None when absent or not a number (ASCII
+    digits only: str.isdigit also takes `²`, which int refuses, from a hostile peer)."""
     for name, value in headers:
         if name == "grpc-status":
-            return int(value) if value.isdigit() and len(value) <= 3 else None
+            plain = value.isascii() and value.isdigit() and len(value) <= 3
+            return int(value) if plain else None
     return None
 
 

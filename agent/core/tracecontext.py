@@ -38,11 +38,11 @@ _TRACESTATE_MAX = 512
 _VERSION_00 = re.compile(r"[ \t]*00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})[ \t]*\Z")
 _MEMBER = re.compile(
     r"^(?:[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13})"
-    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]$"
+    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]\Z"
 )
 #: An incoming x-request-id is kept when it is this plain: anything else is replaced, so a
 #: caller cannot put a log line's worth of text (or a secret) into every hop's logs.
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}\Z")  # \Z: `$` would take a final "\n"
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Exit codes (the contract's): 0 clean, 1 when a strict port accepted plaintext,
 2 when the audit could not be made (a bad range, Prometheus unreachable, no
-outrider series), with what to do in the message.
+outrider series, evidence that is not what it should be), with what to do in
+the message. Only the verdict exits 1: an exception no check foresaw is a 2.
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ def run(
         audit = build.build(evidence)
     except (sources.SourceError, model.AuditInputError) as exc:
         raise AuditError(str(exc)) from None
+    except AuditError:
+        raise
+    except Exception as exc:  # evidence no check foresaw: never exit 1, which is a verdict
+        raise AuditError(
+            f"the audit could not be made from this evidence ({type(exc).__name__}: {exc});"
+            " please report it with the input that caused it"
+        ) from exc
     try:
         out.mkdir(parents=True, exist_ok=True)
         html, data = out / "audit.html", out / "audit.json"
@@ -100,7 +108,11 @@ def _check_range(start: datetime, end: datetime) -> None:
 
 def _earliest(series: Sequence[model.Series], end: datetime) -> datetime:
     """A scrape's range starts when its earliest process did (its counters count from then)."""
-    started = [s.samples[0][1] for s in series if s.name == "process_start_time_seconds"]
+    started = [
+        s.samples[0][1]
+        for s in series
+        if s.name == "process_start_time_seconds" and 0 < s.samples[0][1] < end.timestamp()
+    ]
     seen = [s.samples[0][0] for s in series if s.samples]
     first = min(started or seen or [end.timestamp() - 1])
     return min(datetime.fromtimestamp(first, UTC), end).replace(microsecond=0) - _SECOND

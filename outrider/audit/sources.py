@@ -86,13 +86,51 @@ def from_prometheus(
         if name == PROCESS_START:
             query = f"min_over_time({query})"
         data = _get(base, "/api/v1/query", {"query": query, "time": f"{end.timestamp()}"})
-        for item in data.get("result", []):
-            labels = dict(item["metric"])
-            labels.pop("__name__", None)
-            points = item["values"] if "values" in item else [item["value"]]
-            samples = tuple((float(t), float(v)) for t, v in points)
-            found.append(Series(name, labels, samples))
+        result = data.get("result") if isinstance(data, dict) else None
+        if not isinstance(result, list):
+            raise SourceError(f"Prometheus at {base} answered {query} without a result list")
+        found.extend(_series(name, item, base) for item in result)
     return tuple(found)
+
+
+#: Sample times an audit can place: the Unix epoch to the end of year 9999.
+_LATEST = 253402300799.0
+
+
+def _series(name: str, item: object, base: str) -> Series:
+    """One element of the API's vector or matrix result. SourceError for anything else, so
+    a hostile or broken server is a usage error (exit 2), never a verdict. Samples whose
+    time or value is not a finite number in range are left out (a counter cannot be one)."""
+    try:
+        element = _typed(item, dict)
+        metric = _typed(element["metric"], dict)
+        labels = {k: _typed(v, str) for k, v in metric.items() if k != "__name__"}
+        points = _typed(element["values"] if "values" in element else [element["value"]], list)
+        samples = tuple(
+            (float(t), float(v))
+            for t, v in points
+            if _finite(t, 0.0, _LATEST) and _finite(v, -math.inf, math.inf)
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SourceError(
+            f"Prometheus at {base} answered {name} with a result that is not the API's"
+            f" vector or matrix ({type(exc).__name__} {exc}): {str(item)[:200]}"
+        ) from None
+    return Series(name, labels, samples)
+
+
+def _typed(value: Any, kind: type) -> Any:
+    if not isinstance(value, kind):
+        raise TypeError(f"{str(value)[:40]!r} is not a {kind.__name__}")
+    return value
+
+
+def _finite(number: object, low: float, high: float) -> bool:
+    """A JSON number or numeric string, finite and within [low, high]."""
+    if isinstance(number, bool) or not isinstance(number, int | float | str):
+        raise TypeError(f"{number!r} is not a number")
+    value = float(number)  # ValueError for text that is not one
+    return math.isfinite(value) and low <= value <= high
 
 
 def from_scrapes(paths: Sequence[Path]) -> tuple[Series, ...]:
@@ -109,9 +147,11 @@ def from_scrapes(paths: Sequence[Path]) -> tuple[Series, ...]:
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise SourceError(f"cannot read the scrape {path}: {exc}") from None
         samples = [s for family in families for s in family.samples if s.name in wanted]
-        agent = [s.labels["spiffe_id"] for s in samples if s.name == "outrider_agent_info"]
+        agent = [s.labels.get("spiffe_id", "") for s in samples if s.name == "outrider_agent_info"]
         own_id = agent[0] if agent else ""
         for sample in samples:
+            if not math.isfinite(sample.value):  # a counter or an info series cannot be one
+                continue
             labels = {"instance": str(path), "namespace": namespace_of(own_id), **sample.labels}
             found.append(Series(sample.name, labels, ((when, float(sample.value)),)))
     return tuple(found)

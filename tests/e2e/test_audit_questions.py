@@ -150,8 +150,11 @@ def test_d_certificates_their_serials_validity_and_rotations(mesh: AuditedMesh) 
 
 
 def test_e_every_deny_by_policy_rule_and_caller(mesh: AuditedMesh) -> None:
-    denials = mesh.prometheus.query("sum by (policy, rule, peer_id) (outrider_authz_denials_total)")
-    assert by(denials, "policy", "rule", "peer_id") == {("guard", "no-admin", CLIENT): 1.0}
+    denied = {("guard", "no-admin", CLIENT): 1.0}
+    mesh.prometheus.wait_for(  # the deny may be newer than the last scrape
+        "sum by (policy, rule, peer_id) (outrider_authz_denials_total)",
+        lambda result: by(result, "policy", "rule", "peer_id") == denied,
+    )
     decisions = mesh.prometheus.value(
         'sum(outrider_authz_decisions_total{decision="deny",policy="guard",rule="no-admin"})'
     )

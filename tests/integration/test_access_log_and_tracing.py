@@ -33,7 +33,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from agent.adapters import h2client
 from agent.app import Agent
 from agent.core.grpc import Code
-from tests.h2backend import exchange, grpc_head, h2_backend
+from tests.h2backend import Answer, exchange, grpc_head, h2_backend
 from tests.mesh import agent_yaml, inbound, local_sign, running_agent, workload
 from tests.support import CaSetup, free_port
 
@@ -254,7 +254,7 @@ async def test_a_denied_and_a_failed_request_are_logged_with_why(
     root: Path, setup: CaSetup
 ) -> None:
     async with mesh(root, setup) as m:
-        status, _ = await call(m.url("/admin/users?key=query-s3cret"))
+        status, denial = await call(m.url("/admin/users?key=query-s3cret"))
         assert status == 403
         await wait_for(lambda: m.lines["frontend"] and m.lines["backend"])
     (out,), (into,) = m.lines["frontend"], m.lines["backend"]
@@ -266,18 +266,22 @@ async def test_a_denied_and_a_failed_request_are_logged_with_why(
     )
     assert into["path"] == "/admin/users" and into["peer_id"] == FRONTEND
     assert out["status"] == 403 and out["trace_id"] == into["trace_id"]
+    # Body bytes, as for the app's answers: the agent's own 403 counts its JSON body, not
+    # its head, so both agents log the same size for the one response.
+    assert into["bytes_out"] == out["bytes_out"] == len(denial.encode())
     assert m.app.seen == []  # the app never saw it
     assert "query-s3cret" not in m.raw_lines()
 
     dead = f"127.0.0.1:{free_port()}"  # nothing listens: every try fails to connect
     async with mesh(root, setup, endpoints=[dead]) as m:
-        status, _ = await call(m.url("/api/items"))
+        status, failure = await call(m.url("/api/items"))
         assert status == 503
         await wait_for(lambda: m.lines["frontend"])
     (failed,) = m.lines["frontend"]
     assert (failed["status"], failed["endpoint"], failed["upstream"]) == (503, dead, "backend")
     assert failed["tries"] == 1  # one endpoint: nowhere else to retry
     assert failed["error"] == "upstream_connect_failure"
+    assert failed["bytes_out"] == len(failure.encode())
     assert m.lines["backend"] == []
 
 
@@ -329,6 +333,9 @@ async def test_grpc_calls_are_logged_with_their_grpc_status_and_traced_end_to_en
     assert (into[bye]["decision"], into[bye]["rule"]) == ("deny", "no-farewells")
     assert (into[hello]["decision"], into[hello]["peer_id"]) == ("allow", FRONTEND)
     assert out[hello]["tries"] == 1 and out[hello]["upstream"] == "backend"
+    # Bytes each way: the call's message (5 bytes, echoed) on both agents' lines.
+    for line in (out[hello], into[hello]):
+        assert (line["bytes_in"], line["bytes_out"]) == (5, 5), line
     assert out[hello]["trace_id"] == into[hello]["trace_id"]
     (request,) = m.app.h2.requests  # the denied call never reached it
     traceparent = request.header(b"traceparent").decode()
@@ -341,3 +348,32 @@ async def test_grpc_calls_are_logged_with_their_grpc_status_and_traced_end_to_en
     assert len(servers) == 2
     for server in servers:  # each inbound span hangs under its outbound one
         assert by_id[server.parent_span_id].kind == trace_pb2.Span.SPAN_KIND_CLIENT
+
+
+@pytest.mark.parametrize("trailers_only", [True, False])
+async def test_a_grpc_status_that_is_no_number_is_read_as_a_client_reads_it_on_both_agents(
+    root: Path, setup: CaSetup, caplog: pytest.LogCaptureFixture, trailers_only: bool
+) -> None:
+    """`grpc-status: ²` (a digit to str.isdigit, not to int): the call ends as a gRPC client
+    reads a status it cannot parse (UNKNOWN), logged and counted, no stream failing."""
+    bogus = [(b"grpc-status", "\u00b2".encode("latin-1"))]
+
+    async def reply(request: Any) -> Answer:
+        head = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+        if trailers_only:
+            return Answer(head + bogus)
+        return Answer(head, request.body, bogus)
+
+    async with mesh(root, setup, protocol="grpc") as m:
+        m.app.h2.reply = reply
+        host, port = m.frontend.bound["outbound[backend]"].rsplit(":", 1)
+        connection = await h2client.connect(host, int(port))
+        try:
+            answered = await exchange(connection, grpc_head())
+        finally:
+            connection.close()
+        await wait_for(lambda: m.lines["frontend"] and m.lines["backend"])
+    assert answered.reset is None and answered.status == 200
+    (out,), (into,) = m.lines["frontend"], m.lines["backend"]
+    assert into["grpc_status"] == out["grpc_status"] == Code.UNKNOWN
+    assert "failed unexpectedly" not in caplog.text

@@ -8,6 +8,7 @@ refused before it sees a byte of the app's.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -165,6 +166,20 @@ async def test_a_valid_svid_not_on_the_allow_list(
     setup: CaSetup, app_and_agent: tuple[list[int], Agent]
 ) -> None:
     await assert_refused(setup, app_and_agent, certs.valid_svid(setup, INTRUDER), "not_allowed")
+
+
+async def test_a_peer_refused_again_and_again_is_logged_a_line_a_while(
+    setup: CaSetup, app_and_agent: tuple[list[int], Agent], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any workload of the mesh can connect: one refused 30 times in a row gets one line
+    (and the count), not 30: a log line per connection is the caller's to multiply."""
+    _, agent = app_and_agent
+    caplog.set_level(logging.INFO)
+    context = certs.client_context(setup.bundle_pem, certs.valid_svid(setup, INTRUDER))
+    for _ in range(30):
+        assert await mtls_exchange(agent.bound["inbound[0]"], context) == b""
+    assert await eventually(lambda: refusals(agent, "inbound").get("not_allowed") == 30)
+    assert caplog.text.count("not on the allow-list") == 1
 
 
 # --- outbound ----------------------------------------------------------------------

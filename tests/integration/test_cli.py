@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from identity import SpiffeId, check_leaf
-from tests.support import ca_process, needs_dev_mode
+from tests.support import ca_process, free_port, needs_dev_mode
 
 CA_FILES = ("root.pem", "root.key", "intermediate.pem", "intermediate.key", "bundle.pem")
 
@@ -236,3 +237,21 @@ def test_serve_dev_warns_that_it_is_unsafe(ca_dir: Path, tmp_path: Path):
         said = "".join(ca.stderr)
     assert "WARNING outrider.ca: DEV MODE: this CA issues an SVID to anyone holding" in said
     assert "(DEV MODE: unsafe outside a laptop)" in said
+
+
+@needs_dev_mode
+def test_serve_on_a_port_in_use_names_the_key_to_change(ca_dir: Path, tmp_path: Path):
+    """A second `ca serve` by hand (or anything else on 8443): the error says which
+    config key holds the port and what to do, not only `Address already in use`."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = tmp_path / "ca.yaml"
+        config.write_text(
+            f"signer: {{dir: {ca_dir}}}\n"
+            f"listen: {{grpc: 127.0.0.1:{port}, http: 127.0.0.1:{free_port()}}}\n"
+        )
+        result = outrider("ca", "serve", "--dev", "--config", config)
+    assert result.returncode == 2
+    said = result.stderr.strip().splitlines()[-1]
+    assert said.startswith(f"outrider: cannot listen on 127.0.0.1:{port} (listen.grpc):"), said
+    assert "another process listens there" in said and "change listen.grpc" in said

@@ -4,6 +4,7 @@ validate a config without running it, and a lint that knows what the agent refus
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,13 +36,16 @@ policies:
 """
 
 
-def outrider(*args: str | Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def outrider(
+    *args: str | Path, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "outrider", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=30,
         input=stdin,
+        env=env,
     )
 
 
@@ -216,3 +220,44 @@ def test_ca_validate_accepts_a_config_ca_serve_would_start_with(tmp_path: Path) 
     ran = outrider("ca", "validate", "--config", config)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout == f"{config}: valid CA config (trust domain example.org)\n"
+
+
+def test_policy_lint_of_a_file_the_agent_config_already_loads_reads_it_once(
+    tmp_path: Path,
+) -> None:
+    """Linting the agent's own policy file with its config (the natural check before a
+    reload) is not a duplicate-name error: the same file is loaded once, as the agent
+    loads it, so a real refusal (HTTP fields on its TCP port) is what gets reported."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(HTTP_ON_TCP.replace("5432", "8080"))
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump({**AGENT, "policy": {"files": ["policy.yaml"]}}))
+    ran = outrider("policy", "lint", policy, "--agent-config", config)
+    assert ran.returncode == 0, ran.stderr
+    assert f"{config}: the agent would load 1 policies OK" in ran.stdout
+    policy.write_text(HTTP_ON_TCP)
+    ran = outrider("policy", "lint", policy, "--agent-config", config)
+    assert ran.returncode == 2
+    assert "duplicate policy name" not in ran.stderr
+    assert "rule 'get' uses methods but applies to TCP port 5432" in ran.stderr
+
+
+def test_check_without_a_kubeconfig_names_where_it_looked_and_how_to_give_one(
+    tmp_path: Path,
+) -> None:
+    """A laptop with no cluster configured: the error names the file it tried (the
+    flag's, $KUBECONFIG's or ~/.kube/config) and says how to point it at one."""
+    home = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"} | {"HOME": str(tmp_path)}
+    ran = outrider("check", env=home)
+    assert ran.returncode == 1
+    assert f"{tmp_path}/.kube/config" in ran.stderr and "no such file" in ran.stderr
+    assert "--kubeconfig FILE" in ran.stderr and "KUBECONFIG" in ran.stderr
+    missing = tmp_path / "nowhere.yaml"
+    ran = outrider("check", "--kubeconfig", missing)
+    assert ran.returncode == 1
+    assert f"cannot load the kubeconfig {missing}: no such file" in ran.stderr
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    ran = outrider("check", "--kubeconfig", empty, env=home | {"KUBECONFIG": str(missing)})
+    assert f"cannot load the kubeconfig {empty}:" in ran.stderr  # the flag wins
+    assert "file is empty" in ran.stderr  # the client's reason, kept

@@ -96,6 +96,11 @@ def test_demo_serves_traffic_across_rotations_and_cleans_up() -> None:
     logs = re.search(r"^logs\s+(/\S+)/\{", out, re.M)
     assert logs is not None, out
     assert not Path(logs[1]).exists(), "the demo's temp dir outlived a successful run"
+    # Its files are gone, so it says how to get a set that stays (README, "Run it by hand").
+    assert out.rstrip().endswith(
+        "its files are gone: `outrider demo --keep DIR` keeps them, with a README.md of the"
+        " commands that start this mesh by hand"
+    ), out
     assert processes_mentioning(logs[1]) == []
 
 

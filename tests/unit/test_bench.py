@@ -203,3 +203,11 @@ def test_the_grpc_scenarios_compare_the_agents_with_envoy_in_the_same_run() -> N
     (summary,) = dataplane.summarize(record)
     rows = {row["pair"]: row for row in summary["rows"]}
     assert rows["outrider grpc"]["per_s_vs_envoy"] == 0.75
+
+
+def test_the_table_says_which_commit_it_measured() -> None:
+    """The README's table outlives the code it measured: its first line names the commit,
+    so a reader can tell how far the code has moved since (`git log COMMIT..`)."""
+    text = markdown({**record({}), "commit": "a6ffccd"})
+    assert text.startswith("Measured 2026-12-06 at commit a6ffccd on 2 CPUs;")
+    assert markdown(record({})).startswith("Measured 2026-12-06 on 2 CPUs;")  # older results

@@ -63,6 +63,8 @@ def test_status_is_read_from_headers_or_trailers() -> None:
     assert status_of([("grpc-status", "14"), ("grpc-message", "down")]) == Code.UNAVAILABLE
     assert status_of([("content-type", "application/grpc")]) is None
     assert status_of([("grpc-status", "x1")]) is None
+    for odd in ("\u00b2", "1\u00b3", "\u0663", " 1", "1234"):  # digits to isdigit, not to int
+        assert status_of([("grpc-status", odd)]) is None
 
 
 def test_a_trailers_only_refusal_names_its_status_and_reason() -> None:

@@ -171,6 +171,17 @@ def test_a_file_that_is_not_yaml_is_a_config_error(tmp_path: Path) -> None:
         injector_config.load(path)
 
 
+def test_the_deploy_manifest_given_as_config_says_where_the_config_is() -> None:
+    """deploy/base/injector.yaml is what a user finds first: several documents, the config
+    a ConfigMap's text. The error says so and how to take the config out of it."""
+    manifest = Path(__file__).resolve().parents[2] / "deploy" / "base" / "injector.yaml"
+    with pytest.raises(ConfigError) as raised:
+        injector_config.load(manifest)
+    (said,) = raised.value.errors
+    assert said.startswith("cannot read: several YAML documents (---), a config is one:"), said
+    assert "under a ConfigMap's data" in said and "-o jsonpath=" in said
+
+
 def test_the_example_in_the_docs_parses(tmp_path: Path) -> None:
     docs = Path(__file__).resolve().parents[2] / "docs" / "injector.md"
     section = docs.read_text().split("## injector.yaml", 1)[1]

@@ -370,6 +370,19 @@ def test_a_directory_without_manifests_is_an_error(tmp_path: Path) -> None:
         inject_files([tmp_path], SETTINGS, "default")
 
 
+def test_a_kustomization_is_refused_with_the_command_that_builds_it(tmp_path: Path) -> None:
+    """kustomization.yaml is not a manifest: copied through, it made `kubectl apply -f -`
+    fail on the output (no kind) far from its cause, and its patches were never applied."""
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "deploy.yaml").write_text(COMMENTED)
+    (tmp_path / "app" / "kustomization.yaml").write_text("resources: [deploy.yaml]\n")
+    with pytest.raises(ManifestError) as raised:
+        inject_files([tmp_path], SETTINGS, "default")
+    said = str(raised.value)
+    assert f"{tmp_path / 'app' / 'kustomization.yaml'}: a kustomization, not a manifest" in said
+    assert f"kustomize build {tmp_path / 'app'} | outrider inject -f -" in said
+
+
 def test_without_ruamel_yaml_it_says_which_group_to_install(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
-from agent.adapters.tracing import Observer
+from agent.adapters.tracing import LineWriter, Observer, write_lines
 from agent.core.accesslog import (
     FIELDS,
     MAX_PATH,
@@ -58,6 +61,26 @@ def test_which_requests_get_a_line(
         ),
         ("/a?api-key=s&flag&keyboard=us", True, f"/a?api-key={REDACTED}&flag&keyboard=us"),
         ("/" + "p" * (MAX_PATH + 10) + "?q=1", False, "/" + "p" * (MAX_PATH - 1)),
+        # Separators and spellings an app server reads a secret's name through.
+        ("/a?x=1;token=s&b=2", True, f"/a?x=1;token={REDACTED}&b=2"),
+        ("/a?%74oken=s&api%5Fkey=s", True, f"/a?%74oken={REDACTED}&api%5Fkey={REDACTED}"),
+        ("/a?token[]=s&pass+word=x", True, f"/a?token[]={REDACTED}&pass+word=x"),
+        # Path parameters (a session ID in the path): values redacted, always by name.
+        ("/a;jsessionid=s/b", False, f"/a;jsessionid={REDACTED}/b"),
+        ("/a;JSESSIONID=s?x=1", False, f"/a;JSESSIONID={REDACTED}"),
+        ("/a;v=2;sid=s", False, f"/a;v={REDACTED};sid={REDACTED}"),
+        ("/a;v=2;sid=s;bare", True, f"/a;v=2;sid={REDACTED};bare"),
+        ("/a;s3cret/b", False, f"/a;{REDACTED}/b"),
+        # A fragment is never sent on, nor logged (OAuth puts tokens there).
+        ("/cb#access_token=s", False, "/cb"),
+        ("/cb?x=1#access_token=s", True, "/cb?x=1"),
+        # Absolute-form (an app writing to a proxy): no scheme, userinfo or host.
+        ("http://user:s@host:80/api?token=s", False, "/api"),
+        ("http://user:s@host:80/api?token=s", True, f"/api?token={REDACTED}"),
+        ("http://user:s@host?token=s", True, f"/?token={REDACTED}"),
+        ("https://user:s@host", False, "/"),
+        ("user:s@host:443", False, "host:443"),
+        ("*", False, "*"),
     ],
 )
 def test_the_query_is_left_out_unless_asked_and_then_its_secrets_are_redacted(
@@ -107,9 +130,93 @@ from agent.app import observer
 from agent.config import parse
 raw = {"identity": {"spiffe_id": "spiffe://example.org/ns/a/sa/b"},
        "ca": {"address": "ca:1", "bundle_file": "b.pem"}}
-assert observer(parse(raw, base=Path("/"))) is None
-logged = observer(parse({**raw, "access_log": {"mode": "all"}}, base=Path("/")))
+from agent.adapters.metrics import AgentMetrics
+metrics = AgentMetrics()
+assert observer(parse(raw, base=Path("/")), metrics) is None
+logged = observer(parse({**raw, "access_log": {"mode": "all"}}, base=Path("/")), metrics)
 assert logged is not None and logged.spans is None
 assert not [m for m in sys.modules if m.startswith("opentelemetry")], "imported"
 """
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+
+
+def test_a_stalled_stdout_never_holds_the_caller_and_lines_beyond_the_bound_are_counted() -> None:
+    """The writer's thread alone waits for a reader that stopped; the event loop hands a
+    batch over and goes on, and a reader that never comes back costs `limit` bytes."""
+    reading = threading.Event()
+    written: list[str] = []
+
+    def stalled(text: str) -> None:
+        reading.wait(10)
+        written.append(text)
+
+    dropped: list[int] = []
+    writer = LineWriter(stalled, dropped.append, limit=100)
+    started = time.perf_counter()
+    for n in range(10):
+        writer(f'{{"n":{n:>3}}}\n' * 2)  # 2 lines, 20 bytes
+    assert time.perf_counter() - started < 0.5  # never waited for the reader
+    assert sum(dropped) == 10  # 5 batches (100 bytes) wait; the other 5 (10 lines) are dropped
+    reading.set()
+    writer.close()
+    lines = "".join(written).splitlines()
+    assert [json.loads(text)["n"] for text in lines[::2]] == [0, 1, 2, 3, 4]
+
+
+def test_closing_waits_for_a_stalled_reader_a_bounded_time() -> None:
+    never = threading.Event()
+    writer = LineWriter(lambda text: never.wait(30) and None)
+    writer("a line\n")
+    started = time.perf_counter()
+    writer.close(timeout=0.2)
+    assert time.perf_counter() - started < 1.0
+    never.set()
+
+
+def test_a_broken_stdout_loses_its_lines_counted_and_the_writer_goes_on() -> None:
+    dropped: list[int] = []
+    calls: list[str] = []
+
+    def broken(text: str) -> None:
+        calls.append(text)
+        if len(calls) == 1:
+            raise BrokenPipeError
+
+    writer = LineWriter(broken, dropped.append)
+    writer("one\ntwo\n")
+    deadline = time.monotonic() + 5
+    while not dropped and time.monotonic() < deadline:
+        time.sleep(0.005)
+    writer("three\n")
+    writer.close()
+    assert dropped == [2] and calls[-1] == "three\n"
+
+
+def test_writers_sharing_one_pipe_never_interleave_inside_a_line() -> None:
+    """Agent workers share the pod's stdout pipe: each write is whole lines of at most
+    PIPE_BUF bytes, which a pipe never mixes with another writer's."""
+    read_fd, write_fd = os.pipe()
+    received: list[bytes] = []
+    reader = threading.Thread(
+        target=lambda: received.extend(iter(lambda: os.read(read_fd, 1 << 16), b""))
+    )
+    reader.start()
+
+    def burst(who: int) -> None:
+        for batch in range(40):
+            lines = (
+                json.dumps({"who": who, "batch": batch, "n": n, "pad": "x" * (n * 53 % 700)})
+                for n in range(30)
+            )
+            write_lines(write_fd, ("\n".join(lines) + "\n").encode())
+
+    writers = [threading.Thread(target=burst, args=(who,)) for who in range(3)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(30)
+    os.close(write_fd)
+    reader.join(30)
+    os.close(read_fd)
+    records = [json.loads(text) for text in b"".join(received).splitlines()]
+    assert len(records) == 3 * 40 * 30

@@ -613,6 +613,6 @@ def test_http_only_errors_cost_the_rules_not_rules_times_ports() -> None:
     l7 = [Rule(f"l7-{i}", (cond("ports", 1), cond("paths", f"/{i}"))) for i in range(20_000)]
     policies = PolicySet((Policy("l4", "ALLOW", tuple(l4)), Policy("l7", "ALLOW", tuple(l7))))
     tcp_ports = frozenset(range(20_000, 21_000))
-    started = time.perf_counter()
+    started = time.process_time()  # CPU, not wall clock: a loaded machine doesn't fail it
     assert policies.http_only_errors(tcp_ports) == []
-    assert time.perf_counter() - started < 0.5
+    assert time.process_time() - started < 3  # rules x ports took 17 s; rules alone ~0.05

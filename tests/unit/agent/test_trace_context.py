@@ -56,6 +56,8 @@ def test_a_traceparent_is_read_as_the_spec_says(header: str | None, expected: ob
         ("novalue", ""),
         ("a=" + "x" * 600, ""),  # over 512: dropped whole, never cut
         (",".join(f"k{i}=v" for i in range(33)), ""),  # over 32 members
+        ("a=1\n", ""),  # a final newline is no member's
+        ("a=1,b=2\n", ""),
         (None, ""),
     ],
 )
@@ -90,6 +92,7 @@ def test_a_new_trace_is_sampled_with_the_configured_share() -> None:
         ("has space", False),
         ("a" * 129, False),
         ("line\nbreak", False),
+        ("trailing-newline\n", False),  # a header line of its own on an HTTP/1.1 hop
         (None, False),
     ],
 )
