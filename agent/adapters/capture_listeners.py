@@ -30,12 +30,16 @@ import socket
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Mapping
+from functools import partial
 from typing import Any, TypeVar
+
+from prometheus_client import Counter
 
 from agent.adapters.capture import original_destination
 from agent.adapters.listeners import (
     INBOUND,
     OUTBOUND,
+    Acceptor,
     Connections,
     InboundCapture,
     InboundMtls,
@@ -145,7 +149,7 @@ def _refuse(
 ) -> None:
     """Closed and counted; said in the log, at most once a while per kind (a caller can
     cause these as fast as it connects: agent/core/throttle.py)."""
-    runtime.metrics.connections_refused.labels(direction, reason).inc()
+    runtime.connection_refused(direction, reason)
     sock.close()
     held = runtime.refusal_lines.admit((direction, reason), time.monotonic())
     if held is not None:
@@ -165,7 +169,7 @@ class _AlsoIpv6(Listener[CaptureT]):
 
     IPV6_HOST: str  # "::" inbound (every address of the pod), "::1" outbound (the app's own)
     _v6: socket.socket | None = None
-    _v6_acceptor: asyncio.Task[None] | None = None
+    _v6_acceptor: Acceptor | None = None
 
     def bind(self, listen: Listen) -> None:
         """Both sockets, or neither: an IPv4 socket left bound without its IPv6 one (taken
@@ -180,7 +184,7 @@ class _AlsoIpv6(Listener[CaptureT]):
     async def _serve(self, listening: socket.socket) -> None:
         await super()._serve(listening)
         if self._v6 is not None:
-            self._v6_acceptor = asyncio.get_running_loop().create_task(self._accept_loop(self._v6))
+            self._v6_acceptor = self._accept(self._v6)
             log.info(
                 "%s listening on [%s]:%d too",
                 self.address,
@@ -275,6 +279,7 @@ class OutboundCaptureListener(_AlsoIpv6[OutboundCapture]):
         #: would not pass them (registry-only, or the address joined the mesh). Weak: a
         #: closed relay leaves by itself.
         self.passed: weakref.WeakKeyDictionary[Relay, Endpoint] = weakref.WeakKeyDictionary()
+        self._passthrough: dict[str, Counter] = {}
 
     def configure(self, config: OutboundCapture) -> None:
         self.config = config
@@ -341,16 +346,17 @@ class OutboundCaptureListener(_AlsoIpv6[OutboundCapture]):
         else:
             relay = Relay(runtime.limits.idle_timeout.total_seconds(), self.connections.closed)
             self.connections.add(relay, OUTBOUND)
-            if isinstance(route, ToEndpoint):
-                self.connections.established(OUTBOUND, None)
+            if isinstance(route, ToEndpoint):  # established: by the dial, once verified
+                runtime.metrics.routed["endpoint"].inc()
                 dial = self._pinned(relay, self.upstream(route.name, start=False), target)
             else:
                 assert isinstance(route, Passthrough)
-                runtime.metrics.outbound_passthrough.labels(route.reason).inc()
-                self.connections.established(OUTBOUND, None, mtls=False)
+                self._passed_through(route.reason)
+                runtime.metrics.routed["passthrough"].inc()
+                runtime.established(OUTBOUND, None)
                 self.passed[relay] = target
                 dial = self._plain(relay, target)
-            refused = runtime.metrics.connections_refused.labels(OUTBOUND, "no_endpoint").inc
+            refused = partial(runtime.connection_refused, OUTBOUND, "no_endpoint")
             task = loop.create_task(_relayed(loop, sock, relay, dial, refused))
         self.connections.setting_up(task)
 
@@ -377,6 +383,15 @@ class OutboundCaptureListener(_AlsoIpv6[OutboundCapture]):
             relay.new_upstream()
             return False
         return True
+
+    def _passed_through(self, reason: str) -> None:
+        """outbound_passthrough_total, its children bound once (one per connection)."""
+        child = self._passthrough.get(reason)
+        if child is None:
+            child = self._passthrough[reason] = self.runtime.metrics.outbound_passthrough.labels(
+                reason
+            )
+        child.inc()
 
     def _say(self, kind: tuple[str], message: str, *args: object) -> None:
         """A failed dial, in the log a line a while: an app in a retry loop dials as fast as

@@ -104,7 +104,6 @@ class Connections:
         self._tasks: set[asyncio.Task[None]] = set()
         self._metrics = metrics
         self._active: dict[str, Gauge] = {}  # connections_active by direction, bound once
-        self._routed: Counter | None = None  # connections_total of outbound mTLS, bound once
         self.accepted = 0  # connections ever added
         self._empty = asyncio.Event()
         self._empty.set()
@@ -113,26 +112,12 @@ class Connections:
         return len(self._open)
 
     def add(self, connection: Closable, direction: str) -> None:
-        """From accept: active, and under the caps; not counted as established yet."""
+        """From accept: active, and under the caps; not counted as established yet
+        (`Runtime.established`)."""
         self._open[connection] = direction
         self.accepted += 1
         self._empty.clear()
         self._gauge(direction).inc()
-
-    def established(self, direction: str, peer: SpiffeId | None, *, mtls: bool = True) -> None:
-        """Count a connection once, when established (item 5 of issue 16): inbound once its
-        peer is verified, or its plaintext let through; outbound once it is routed.
-
-        `outrider_connections_total{mtls="false"}` staying 0 is how an auditor sees that no
-        plaintext came in, so nothing refused before this point is counted here.
-        """
-        if direction == OUTBOUND and mtls:  # the hot path of every outbound connection
-            if self._routed is None:
-                self._routed = self._metrics.connections.labels(OUTBOUND, "true", "")
-            self._routed.inc()
-            return
-        mode = "true" if mtls else "false"
-        self._metrics.connections.labels(direction, mode, str(peer or "")).inc()
 
     def _gauge(self, direction: str) -> Gauge:
         gauge = self._active.get(direction)
@@ -166,6 +151,66 @@ class Connections:
         return len(left)
 
 
+#: At most this many connections taken each time a listening socket is readable: a burst
+#: is accepted without a trip through the event loop for each (uvloop's own servers
+#: accept until EAGAIN), and a flood still leaves the loop to serve between batches.
+ACCEPT_BATCH = 64
+#: Seconds an acceptor rests after an accept failed for want of resources (EMFILE...).
+ACCEPT_BACKOFF = 0.1
+
+
+class Acceptor:
+    """Accepts on a listening socket in batches, each connection to `admit`.
+
+    The socket stays registered for reading, and each time it is readable up to
+    ACCEPT_BATCH connections are taken in one callback. `loop.sock_accept` in a loop
+    (what this replaces) registered and unregistered the socket, made a future and
+    resumed a task for every connection: bench/l4_micro.py measures the difference.
+    An accept that fails for want of resources (`failed` is told) unregisters it for
+    ACCEPT_BACKOFF seconds: every retry meanwhile would fail alike.
+    """
+
+    def __init__(
+        self,
+        listening: socket.socket,
+        admit: Callable[[socket.socket], None],
+        failed: Callable[[OSError], None],
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._listening = listening
+        self._admit = admit
+        self._failed = failed
+        self._resume: asyncio.TimerHandle | None = None
+        self._loop.add_reader(listening, self._ready)
+
+    def _ready(self) -> None:
+        accept, admit = self._listening.accept, self._admit
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._loop.remove_reader(self._listening)
+                self._resume = self._loop.call_later(ACCEPT_BACKOFF, self._rearm)
+                self._failed(exc)
+                return
+            sock.setblocking(False)
+            admit(sock)
+
+    def _rearm(self) -> None:
+        self._resume = None
+        self._loop.add_reader(self._listening, self._ready)
+
+    def cancel(self) -> None:
+        """Stop accepting (before the socket is closed)."""
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        else:
+            self._loop.remove_reader(self._listening)
+
+
 class Listener(Generic[ConfigT]):
     """A listen address and what serves it, in three steps that each undo in `close()`.
 
@@ -183,7 +228,7 @@ class Listener(Generic[ConfigT]):
         self.connections = connections
         self.address = ""
         self._socket: socket.socket | None = None
-        self._acceptor: asyncio.Task[None] | None = None
+        self._acceptor: Acceptor | None = None
         self._server: asyncio.Server | None = None
 
     def configure(self, config: ConfigT) -> None:
@@ -214,33 +259,29 @@ class Listener(Generic[ConfigT]):
 
     async def _serve(self, listening: socket.socket) -> None:
         """Start accepting on `listening`, each connection to `_admit`."""
-        # Our own accept loop rather than loop.create_server: each connection is looked
-        # at before anything serves it. mTLS in: connect_accepted_socket takes a TLS
+        # Our own accept rather than loop.create_server: each connection is looked at
+        # before anything serves it. mTLS in: connect_accepted_socket takes a TLS
         # context per connection (the SVID rotates) and raises the handshake's error, so
         # every refusal is counted with its reason. Outbound capture: the connection's
         # original destination picks the upstream.
-        self._acceptor = asyncio.get_running_loop().create_task(self._accept_loop(listening))
+        self._acceptor = self._accept(listening)
 
-    async def _accept_loop(self, listening: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, _ = await loop.sock_accept(listening)
-            except OSError as exc:  # EMFILE and friends: back off, keep the listener
-                # A line a while, not one per retry: out of file descriptors, every retry
-                # fails alike (10 a second a socket, for as long as it lasts).
-                refusal_line(
-                    self.runtime.refusal_lines,
-                    log,
-                    (self.direction, "accept_failed", exc.errno),
-                    "%s %s: accept failed: %s",
-                    self.direction,
-                    self.address,
-                    exc,
-                )
-                await asyncio.sleep(0.1)
-                continue
-            self._admit(sock)
+    def _accept(self, listening: socket.socket) -> Acceptor:
+        return Acceptor(listening, self._admit, self._accept_failed)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """EMFILE and friends: the acceptor backs off and keeps the listener. A line a
+        while, not one per retry: out of file descriptors, every retry fails alike (10 a
+        second a socket, for as long as it lasts)."""
+        refusal_line(
+            self.runtime.refusal_lines,
+            log,
+            (self.direction, "accept_failed", exc.errno),
+            "%s %s: accept failed: %s",
+            self.direction,
+            self.address,
+            exc,
+        )
 
     def _admit(self, sock: socket.socket) -> None:
         """Take one accepted connection (an accepting `_serve` calls it)."""
@@ -352,14 +393,14 @@ class InboundMtls(Listener[InboundT]):
         """
         runtime = self.runtime
         if len(self.connections) >= runtime.limits.max_connections:
-            runtime.metrics.connections_refused.labels(INBOUND, "max_connections").inc()
+            runtime.connection_refused(INBOUND, "max_connections")
             sock.close()
             self._over_limit("max_connections", "refused a new connection")
             return
         if len(runtime.handshaking) >= runtime.limits.max_pending_handshakes:
             evict = self.runtime.not_pending(next(iter(runtime.handshaking)))
             assert evict is not None
-            runtime.metrics.connections_refused.labels(INBOUND, "max_pending_handshakes").inc()
+            runtime.connection_refused(INBOUND, "max_pending_handshakes")
             evict()
             self._over_limit("max_pending_handshakes", "closed the oldest")
         relay = Relay(runtime.limits.idle_timeout.total_seconds(), self.connections.closed)
@@ -424,7 +465,7 @@ class InboundMtls(Listener[InboundT]):
         if not l7:
             decision = self._authorize(Request(peer, config.app.port), config)
             if not decision.allowed:
-                self.runtime.metrics.connections_refused.labels(INBOUND, "policy_denied").inc()
+                self.runtime.connection_refused(INBOUND, "policy_denied")
                 if self.runtime.observer is not None:
                     self._tcp_denied(relay, peer, decision)
                 relay.abort()
@@ -442,7 +483,7 @@ class InboundMtls(Listener[InboundT]):
         tcp = config.protocol not in L7
         decision = self._authorize(Request(None, config.app.port), config) if tcp else None
         if decision is not None and not decision.allowed:
-            self.runtime.metrics.connections_refused.labels(INBOUND, "policy_denied").inc()
+            self.runtime.connection_refused(INBOUND, "policy_denied")
             if self.runtime.observer is not None:
                 self._tcp_denied(relay, None, decision)
             sock.close()
@@ -487,7 +528,7 @@ class InboundMtls(Listener[InboundT]):
             relay.close()
             return
         if peer is None:  # plaintext, let in: counted once the app has it, not before
-            self.connections.established(INBOUND, None, mtls=False)
+            self.runtime.established(INBOUND, None)
         observer = self.runtime.observer
         if not http:
             if observer is None:
@@ -495,23 +536,15 @@ class InboundMtls(Listener[InboundT]):
             else:
                 self._tcp_logged(relay, peer, decision)
             return
-        requests = self.runtime.metrics.requests
+        answered = self.runtime.series(INBOUND, peer).answered  # requests_total, bound once
 
         def authorize(
             method: str, path: str, host: str | None, headers: dict[str, tuple[str, ...]]
         ) -> Decision:
             return self._authorize(Request(peer, app.port, method, path, host, headers), config)
 
-        answers: dict[int, Counter] = {}  # this connection's counter children, by status
-
-        def answered(code: int) -> None:
-            child = answers.get(code)
-            if child is None:
-                child = answers[code] = requests.labels(INBOUND, str(peer or ""), str(code))
-            child.inc()
-
         def refused(reason: str) -> None:
-            self.runtime.metrics.connections_refused.labels(INBOUND, reason).inc()
+            self.runtime.connection_refused(INBOUND, reason)
             refusal_line(
                 self.runtime.refusal_lines,
                 log,
@@ -580,7 +613,7 @@ class InboundMtls(Listener[InboundT]):
             config.app,
             exc or type(exc).__name__,
         )
-        self.runtime.metrics.connections_refused.labels(INBOUND, "app_unreachable").inc()
+        self.runtime.connection_refused(INBOUND, "app_unreachable")
 
     def _serve_h2(self, relay: Relay, peer: SpiffeId | None, config: Inbound) -> None:
         """Serve the client's connection with an H2Server (agent/adapters/inbound_h2.py):
@@ -595,31 +628,20 @@ class InboundMtls(Listener[InboundT]):
         assert transport is not None
         metrics, limits = self.runtime.metrics, self.runtime.limits
         app = config.app
-        requests, calls = metrics.requests, metrics.grpc_requests
         limit_hits = metrics.http2_limits
+        series = self.runtime.series(INBOUND, peer)  # the peer's children, bound once
 
         def authorize(
             method: str, path: str, host: str | None, headers: dict[str, tuple[str, ...]]
         ) -> Decision:
             return self._authorize(Request(peer, app.port, method, path, host, headers), config)
 
-        # The connection's metric children, bound once each (`labels()` takes a lock and
-        # a lookup per call): its peer is fixed, its codes few (3 digits at most).
         source = str(peer or "")
-        by_code: dict[int, Counter] = {}
-        by_grpc_status: dict[int, Counter] = {}
 
         def answered(code: int, grpc_status: int | None) -> None:
-            counter = by_code.get(code)
-            if counter is None:
-                counter = by_code[code] = requests.labels(INBOUND, source, str(code))
-            counter.inc()
+            series.answered(code)
             if grpc_status is not None:
-                counter = by_grpc_status.get(grpc_status)
-                if counter is None:
-                    counter = calls.labels(INBOUND, source, str(grpc_status))
-                    by_grpc_status[grpc_status] = counter
-                counter.inc()
+                series.grpc(grpc_status)
 
         def hit(limit: Limit) -> None:
             limit_hits.labels(INBOUND, limit).inc()
@@ -674,7 +696,7 @@ class InboundMtls(Listener[InboundT]):
                 f"inbound {self.address}",
                 streams.close,
                 # counted once let in as h2, not before (connections_total{mtls="false"})
-                lambda: self.connections.established(INBOUND, None, mtls=False),
+                lambda: self.runtime.established(INBOUND, None),
             )
             self.plaintext[held] = app.port
         self.connections.add(held, INBOUND)
@@ -768,11 +790,11 @@ class InboundMtls(Listener[InboundT]):
         if protocol in H2 and ssl_object.selected_alpn_protocol() != "h2":
             # CPython goes on without ALPN when the client offers no h2: this port is h2.
             # The client is a peer's `http` outbound: its app is told what to change.
-            self.runtime.metrics.connections_refused.labels(INBOUND, "protocol_mismatch").inc()
+            self.runtime.connection_refused(INBOUND, "protocol_mismatch")
             self._mismatch_line(config, peer)
             advise_peer(relay, tls, config.protocol)
             return None
-        self.connections.established(INBOUND, peer)
+        self.runtime.established(INBOUND, peer)
         return peer, config
 
     def _mismatch_line(self, config: Inbound, peer: SpiffeId) -> None:
@@ -792,7 +814,7 @@ class InboundMtls(Listener[InboundT]):
         `connections_refused_total{reason="plaintext"}`: the first byte decides, as it
         lets plaintext through on a permissive port, not OpenSSL's error for the bytes."""
         sock.close()
-        self.runtime.metrics.connections_refused.labels(INBOUND, "plaintext").inc()
+        self.runtime.connection_refused(INBOUND, "plaintext")
         self._handshake_refused(port, "plaintext")
         relay.close()
 
@@ -859,7 +881,7 @@ def h2_gate(
     counted `protocol_mismatch`, and logged a line a while; the registry holds the gate."""
 
     def refused() -> None:
-        runtime.metrics.connections_refused.labels(direction, "protocol_mismatch").inc()
+        runtime.connection_refused(direction, "protocol_mismatch")
         refusal_line(
             runtime.refusal_lines,
             log,
@@ -909,27 +931,31 @@ class OutboundPath:
         self.rng = rng
 
     def protocol(self, live: LiveUpstream) -> asyncio.BaseProtocol:
-        """The protocol for a connection just accepted for `live`, as its config is now;
-        counted as established (routed into the mesh) unless over a limit."""
+        """The protocol for a connection just accepted for `live`, as its config is now.
+
+        Counted in outbound_app_connections_total{route="upstream"} unless over a limit;
+        not in connections_total: what is established is each mTLS connection to an
+        endpoint, counted by `LiveUpstream.dial` once its server's SVID verified (a pool
+        makes one serve many of the app's connections)."""
         metrics = self.runtime.metrics
         if len(self.connections) >= self.runtime.limits.max_connections:
-            metrics.connections_refused.labels(OUTBOUND, "max_connections").inc()
+            self.runtime.connection_refused(OUTBOUND, "max_connections")
             return _OverLimit()
         if live.config.protocol == "http":
             exchange = OutboundHttp(live, self.connections.closed, self.rng)
             self.connections.add(exchange, OUTBOUND)
-            self.connections.established(OUTBOUND, None)
+            metrics.routed["upstream"].inc()
             return exchange
         if live.config.protocol in H2:  # h2c from the app: each stream its own request
             server = OutboundH2(live, self.rng).serve(lambda _: None)
             gate = self.gate(server, live.config.protocol, f"outbound {live.name}")
             self.connections.add(gate, OUTBOUND)
-            self.connections.established(OUTBOUND, None)
+            metrics.routed["upstream"].inc()
             return gate
         breaker = live.breaker  # one upstream connection per app connection
         if not breaker.acquire("max_connections"):
             live.counted.overflow("max_connections")
-            metrics.connections_refused.labels(OUTBOUND, "max_connections").inc()
+            self.runtime.connection_refused(OUTBOUND, "max_connections")
             return _OverLimit()
         load = live.core.load  # connections open per endpoint, for least_request (reloads keep it)
         linked: list[Endpoint] = []  # the endpoint this connection is relayed to, once linked
@@ -942,7 +968,7 @@ class OutboundPath:
 
         relay = Relay(self.runtime.limits.idle_timeout.total_seconds(), closed)
         self.connections.add(relay, OUTBOUND)
-        self.connections.established(OUTBOUND, None)
+        metrics.routed["upstream"].inc()
 
         def made() -> None:
             assert relay.down.transport is not None
@@ -985,7 +1011,7 @@ class OutboundPath:
         finally:
             budget.request_finished()
         if not relay.closed:  # else the app left during the dial: not an upstream's failure
-            self.runtime.metrics.connections_refused.labels(OUTBOUND, "no_endpoint").inc()
+            self.runtime.connection_refused(OUTBOUND, "no_endpoint")
         relay.close()
 
     async def _dial(self, relay: Relay, attempt: Try[Droppable, None]) -> Outcome | None:

@@ -148,12 +148,27 @@ class AgentMetrics:
         )
         self.connections = Counter(
             "outrider_connections",
-            "Connections established, counted once each: inbound once the peer's SVID is "
-            "verified (mtls true, its ID) or a permissive port let plaintext through (mtls "
-            "false); outbound once the app's connection is routed (mtls false: passed through)",
+            "Connections established, counted once each after the handshake: mtls true (with "
+            "its peer_id) once the peer's SVID is verified, inbound or on each mTLS "
+            "connection this agent makes (pooled ones serve many of the app's); mtls false "
+            "when a permissive port let plaintext through (inbound) or the app's connection "
+            "was passed through outside the mesh (outbound)",
             ["direction", "mtls", "peer_id"],
             registry=r,
         )
+        self.outbound_app_connections = Counter(
+            "outrider_outbound_app_connections",
+            "The app's connections taken by outbound listeners, by route: upstream (served "
+            "over the upstream's mTLS connections), endpoint (a captured pod address: an mTLS "
+            "connection to it) or passthrough (plain TCP outside the mesh)",
+            ["route"],
+            registry=r,
+        )
+        #: Its children by route, bound once: one is counted per app connection.
+        self.routed = {
+            route: self.outbound_app_connections.labels(route)
+            for route in ("upstream", "endpoint", "passthrough")
+        }
         self.outbound_passthrough = Counter(
             "outrider_outbound_passthrough",
             "Captured outbound connections sent on in plain TCP, by reason: registry (a "

@@ -202,7 +202,7 @@ class OutboundHttp(asyncio.Protocol):
         self.to_client.append(http1.h2_refusal())
         self._close_client()
         runtime = self.live.runtime
-        runtime.metrics.connections_refused.labels("outbound", "protocol_mismatch").inc()
+        runtime.connection_refused("outbound", "protocol_mismatch")
         refusal_line(
             runtime.refusal_lines,
             log,

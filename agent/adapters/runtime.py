@@ -1,4 +1,5 @@
-"""What every connection and request reads when it starts, and the counting of peer checks."""
+"""What every connection and request reads when it starts, and the counting of peer checks
+and of established connections."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
+from prometheus_client import Counter, Histogram
+
 from agent.adapters.metrics import AgentMetrics, since
 from agent.adapters.tls import Contexts, peer_id
 from agent.adapters.tracing import Observer
@@ -19,6 +22,62 @@ from agent.core.throttle import LogThrottle, held_back
 from identity import SpiffeId, SvidError
 
 log = logging.getLogger("outrider.agent")
+
+
+#: At most this many (direction, peer) bindings stay in `Runtime.series`: peers are SPIFFE
+#: IDs only the CA can mint, so a mesh has few; past it the oldest binding is dropped (its
+#: series stay in /metrics: only the shortcut to them goes).
+PEER_SERIES = 512
+
+
+class PeerSeries:
+    """One (direction, peer)'s metric children, bound once: prometheus_client's `labels()`
+    takes a lock, makes a string of every value and builds a key on each call, and these
+    are counted on every connection, and the request ones on every request.
+
+    `peer` is a verified SPIFFE ID, or None (a plaintext client let in, or an app's
+    connection passed through outside the mesh): the label values are as `labels()`
+    was given them before (`peer_id` "" for None, `mtls` "true" only with a peer).
+    """
+
+    __slots__ = ("_grpc", "_labels", "_metrics", "_requests", "_tls", "connections")
+
+    def __init__(self, metrics: AgentMetrics, direction: str, peer: SpiffeId | None) -> None:
+        self._metrics = metrics
+        self._labels = (direction, str(peer or ""))
+        self.connections: Counter = metrics.connections.labels(
+            direction, "true" if peer is not None else "false", self._labels[1]
+        )
+        self._tls: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+        self._requests: dict[int, Counter] = {}
+        self._grpc: dict[int, Counter] = {}
+
+    def handshake(self, version: str, cipher: str) -> None:
+        """A verified handshake: tls_handshakes_total (ok) and peer_connections_total."""
+        children = self._tls.get((version, cipher))
+        if children is None:
+            direction, peer = self._labels
+            children = self._tls[(version, cipher)] = (
+                self._metrics.handshakes.labels(direction, "ok", "", version, cipher),
+                self._metrics.peer_connections.labels(direction, peer, version),
+            )
+        children[0].inc()
+        children[1].inc()
+
+    def answered(self, code: int) -> None:
+        """requests_total: a request of this peer's answered `code`."""
+        child = self._requests.get(code)
+        if child is None:
+            child = self._requests[code] = self._metrics.requests.labels(*self._labels, str(code))
+        child.inc()
+
+    def grpc(self, status: int) -> None:
+        """grpc_requests_total: a call of this peer's ended with grpc-status `status`."""
+        child = self._grpc.get(status)
+        if child is None:
+            labels = (*self._labels, str(status))
+            child = self._grpc[status] = self._metrics.grpc_requests.labels(*labels)
+        child.inc()
 
 
 @dataclass
@@ -45,6 +104,35 @@ class Runtime:
     observer: Observer | None = None
     #: Listeners bind with SO_REUSEPORT: one of `workers:` processes sharing each port.
     reuse_port: bool = False
+    #: Metric children bound once (PeerSeries), by (direction, peer); handshake durations
+    #: by direction.
+    _series: dict[tuple[str, SpiffeId | None], PeerSeries] = field(default_factory=dict, repr=False)
+    _durations: dict[str, Histogram] = field(default_factory=dict, repr=False)
+    _resumed: dict[str, Counter] = field(default_factory=dict, repr=False)
+    _refusals: dict[tuple[str, str], Counter] = field(default_factory=dict, repr=False)
+    _closed: dict[tuple[str, str], Counter] = field(default_factory=dict, repr=False)
+
+    def series(self, direction: str, peer: SpiffeId | None) -> PeerSeries:
+        """`peer`'s metric children for `direction`, bound on first use (PEER_SERIES at most)."""
+        key = (direction, peer)
+        found = self._series.get(key)
+        if found is None:
+            if len(self._series) >= PEER_SERIES:
+                del self._series[next(iter(self._series))]
+            found = self._series[key] = PeerSeries(self.metrics, direction, peer)
+        return found
+
+    def established(self, direction: str, peer: SpiffeId | None) -> None:
+        """Count a connection once, when established (issue 18): `connections_total`
+        {mtls="true", peer_id} once `peer`'s SVID is verified on it (inbound: and the
+        allow-list let it in; outbound: it is one the upstream expects); {mtls="false",
+        peer_id=""} (`peer` None) when a permissive port let a plaintext client through to
+        its app, or the app's connection was passed through outside the mesh.
+
+        `outrider_connections_total{mtls="false"}` staying 0 is how an auditor sees that no
+        plaintext came in, so nothing refused before this point is counted here.
+        """
+        self.series(direction, peer).connections.inc()
 
     def not_pending(self, connection: object) -> Callable[[], None] | None:
         """`connection` is verified, refused, evicted or cancelled: what would have closed it
@@ -73,6 +161,15 @@ class Runtime:
             self.refused(direction, exc.reason)
             return None
 
+    def connection_refused(self, direction: str, reason: str) -> None:
+        """connections_refused_total: a connection closed before relaying, for `reason` (a
+        word from a fixed list); bound once: a flood is refused once per connection."""
+        child = self._closed.get((direction, reason))
+        if child is None:
+            labels = (direction, reason)
+            child = self._closed[labels] = self.metrics.connections_refused.labels(*labels)
+        child.inc()
+
     def dial_failed(self, upstream: str, endpoint: object, exc: BaseException) -> None:
         """An upstream endpoint could not be dialled: a line a while per endpoint, not one
         per try (an app calling a dead upstream makes one a request, or more)."""
@@ -86,19 +183,32 @@ class Runtime:
         )
 
     def refused(self, direction: str, reason: str) -> None:
-        self.metrics.handshakes.labels(direction, "refused", reason, "", "").inc()
+        """A handshake or peer check failed for `reason` (a word from a fixed list)."""
+        child = self._refusals.get((direction, reason))
+        if child is None:  # bound once: a flood of bad handshakes counts one per connection
+            labels = (direction, "refused", reason, "", "")
+            child = self._refusals[(direction, reason)] = self.metrics.handshakes.labels(*labels)
+        child.inc()
 
     def verified(
         self, direction: str, ssl_object: ssl.SSLObject, peer: SpiffeId, started: float
     ) -> None:
-        metrics = self.metrics
+        """`peer`'s SVID verified on a handshake that started at `started` (`clock`)."""
         version = ssl_object.version() or ""
         cipher = (ssl_object.cipher() or ("",))[0]
-        metrics.handshakes.labels(direction, "ok", "", version, cipher).inc()
+        self.series(direction, peer).handshake(version, cipher)
         if ssl_object.session_reused:
-            metrics.resumed_handshakes.labels(direction).inc()
-        metrics.handshake_duration.labels(direction).observe(since(started))
-        metrics.peer_connections.labels(direction, str(peer), version).inc()
+            resumed = self._resumed.get(direction)
+            if resumed is None:
+                labels = direction
+                resumed = self._resumed[labels] = self.metrics.resumed_handshakes.labels(labels)
+            resumed.inc()
+        duration = self._durations.get(direction)
+        if duration is None:
+            duration = self._durations[direction] = self.metrics.handshake_duration.labels(
+                direction
+            )
+        duration.observe(since(started))
 
 
 def refusal_line(

@@ -309,7 +309,9 @@ class LiveUpstream:
     async def dial(
         self, endpoint: Endpoint, factory: Callable[[], P], *, direction: str = OUTBOUND
     ) -> tuple[asyncio.Transport, P]:
-        """A verified mTLS connection to `endpoint`, or DialError; counted under `direction`.
+        """A verified mTLS connection to `endpoint`, or DialError; counted under `direction`,
+        in connections_total by the server's SPIFFE ID once it is one the upstream expects:
+        the one place an outbound mTLS connection is made, pooled or not.
 
         Active health checks count theirs under "health": they are not traffic.
         """
@@ -347,6 +349,7 @@ class LiveUpstream:
             del transport, protocol, ssl_object
             raise DialError(f"{endpoint} presented {peer or 'no SVID'}, not an ID of the upstream")
         runtime.verified(direction, ssl_object, peer, started)
+        runtime.established(direction, peer)
         kept(ssl_object, peer)  # its session may be offered to this endpoint again
         return transport, protocol
 

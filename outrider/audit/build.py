@@ -267,9 +267,8 @@ def _edges(
         if series.label("direction") == "inbound":
             me, peer = identity.get(series.label("instance"), ""), series.label("peer_id")
             counts[(peer, me)][0] += counters.increase(series)
-    # The source's side: an agent counts an outbound connection in connections_total when
-    # it routes the app's connection, before any upstream (peer_id ""); the mTLS
-    # connections it made, by the server it verified, are peer_connections_total.
+    # The source's side: the mTLS connections it made, by the server it verified
+    # (peer_connections_total; its outbound connections_total{mtls="true"} counts the same).
     for series in counters.of("outrider_peer_connections_total"):
         if series.label("direction") == "outbound":
             me, peer = identity.get(series.label("instance"), ""), series.label("peer_id")

@@ -110,8 +110,9 @@ def plaintext_accepted(pod: Pod) -> float:
 
 
 def captured_outbound(pod: Pod) -> float:
-    """Every connection the pod's outbound capture took: routed, or refused for a reason."""
-    routed = metric(pod, "outrider_connections_total", direction="outbound")
+    """Every connection the pod's outbound capture took: routed (into the mesh, or passed
+    through), or refused for a reason."""
+    routed = metric(pod, "outrider_outbound_app_connections_total")
     return routed + metric(pod, "outrider_connections_refused_total", direction="outbound")
 
 

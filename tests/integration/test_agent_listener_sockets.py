@@ -1,6 +1,7 @@
 """The agent's listening sockets (agent/adapters/listeners.py, capture_listeners.py), in
-process over loopback: out of file descriptors the accept loop backs off, says so a line a
-while, and keeps its listener; a capture listener holds its IPv4 and IPv6 sockets together."""
+process over loopback: a burst is accepted whole, in batches; out of file descriptors the
+acceptor backs off, says so a line a while, and keeps its listener; a capture listener
+holds its IPv4 and IPv6 sockets together."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any, cast
 import pytest
 
 from agent.adapters.capture_listeners import OutboundCaptureListener
-from agent.adapters.listeners import Connections, Listener
+from agent.adapters.listeners import ACCEPT_BATCH, Connections, Listener
 from agent.core.throttle import LogThrottle
 from identity.configfile import Listen
 from tests.mesh import eventually
@@ -76,6 +77,22 @@ async def test_out_of_descriptors_the_loop_backs_off_says_it_once_and_accepts_ag
         failed = [r for r in caplog.records if "accept failed" in r.getMessage()]
         assert len(failed) == 1, [r.getMessage() for r in failed]
         assert await eventually(lambda: len(listener.taken) == 1)  # the listener kept
+    finally:
+        listener.close()
+        for sock in [*clients, *listener.taken]:
+            sock.close()
+
+
+async def test_a_burst_larger_than_a_batch_is_accepted_whole_and_each_socket_non_blocking() -> None:
+    listener = Taking()
+    listener.bind(Listen("127.0.0.1", 0))
+    port = int(listener.address.rsplit(":", 1)[1])
+    burst = 3 * ACCEPT_BATCH + 1  # queued by the kernel before the listener accepts
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(burst)]
+    try:
+        await listener.start()
+        assert await eventually(lambda: len(listener.taken) == burst)
+        assert not any(sock.getblocking() for sock in listener.taken)
     finally:
         listener.close()
         for sock in [*clients, *listener.taken]:

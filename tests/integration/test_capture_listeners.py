@@ -239,7 +239,13 @@ async def test_strict_capture_lets_only_mtls_reach_the_app_with_the_callers_iden
     assert mesh.agents["client"].bound["capture[outbound]"] == "127.0.0.1:15007"
     caller = f"By={workload('server')};URI={workload('client')}"
     requests, verified = app.requests, counted(server, "inbound", "true", str(workload("client")))
-    routed = counted(client, "outbound", "true")
+    # The client's mTLS connections to the server's agent, counted by the server's ID once
+    # verified: one pinned to the pod IP, and what the Service's upstream dialled (its pool
+    # may hold one already, from another test).
+    server_id = str(workload("server"))
+    made = counted(client, "outbound", "true", server_id)
+    dialled = {"upstream": "server.demo:8080", "kind": "new"}
+    dialled_before = metric(client, "outrider_upstream_connections_total", **dialled)
 
     # The client app calls the server's pod IP, unchanged: mTLS pinned to that pod.
     assert body(await exchange(await client.open_connection(server.ip, 8080))) == caller
@@ -266,7 +272,9 @@ async def test_strict_capture_lets_only_mtls_reach_the_app_with_the_callers_iden
     # Counted once each, after the handshake; no plaintext was accepted.
     assert counted(server, "inbound", "true", str(workload("client"))) == verified + 2
     assert counted(server, "inbound", "false") == 0
-    assert counted(client, "outbound", "true") == routed + 2
+    new = metric(client, "outrider_upstream_connections_total", **dialled) - dialled_before
+    assert counted(client, "outbound", "true", server_id) == made + 1 + new
+    assert counted(client, "outbound", "true") == 0  # never before a verified server
     # The agents' own connections (to the CA on the node, to the server pod) were never
     # captured: none came back through a capture port as a passthrough or a loop.
     for pod in (server, client):
