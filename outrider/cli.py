@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.configfile import ConfigError, parse_duration
@@ -26,6 +26,9 @@ from identity.injected import AGENT_UID, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_
 from outrider import debugapi
 from outrider.debugapi import DEBUG_URL
 from outrider.output import add_output_flag, emit
+
+if TYPE_CHECKING:
+    from agent.core.policyfile import PolicyError
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 
@@ -98,6 +101,11 @@ def _writing(path: Path) -> Iterator[None]:
 def _invalid(exc: ConfigError) -> CommandError:
     lines = "\n".join(f"  {error}" for error in exc.errors)
     return CommandError(f"invalid config {exc.source}:\n{lines}", EXIT_USAGE)
+
+
+def _invalid_policy(exc: PolicyError) -> CommandError:
+    lines = "\n".join(f"  {error}" for error in exc.errors)
+    return CommandError(f"invalid policy:\n{lines}", EXIT_USAGE)
 
 
 def _ca_init(args: argparse.Namespace) -> None:
@@ -176,10 +184,8 @@ def _ca_dev_token(args: argparse.Namespace) -> None:
         token, not_after = mint_token(Path(args.dir), spiffe_id, parse_duration(args.ttl))
     except (ValueError, DevModeError) as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
-    try:
+    with _writing(Path(args.out)):
         write_atomic(Path(args.out), token.encode() + b"\n", PRIVATE)
-    except OSError as exc:
-        raise CommandError(f"cannot write {args.out}: {exc.strerror or exc}", EXIT_USAGE) from None
     made = {
         "spiffe_id": str(spiffe_id),
         "token_file": args.out,
@@ -227,8 +233,7 @@ def _agent_run(args: argparse.Namespace) -> None:
     try:
         agent_app.load_policies(config)
     except PolicyError as exc:
-        lines = "\n".join(f"  {error}" for error in exc.errors)
-        raise CommandError(f"invalid policy:\n{lines}", EXIT_USAGE) from None
+        raise _invalid_policy(exc) from None
     try:
         _until_signalled(
             lambda stop: agent_app.serve(path, config, stop, document=document, pod=pod)
@@ -314,21 +319,25 @@ def _control_serve(args: argparse.Namespace) -> None:
         raise CommandError(str(exc), EXIT_USAGE) from None
 
 
-def _control_get(base: str, path: str) -> Any:
-    """GET a JSON document from the control plane's debug port; CommandError if unreachable."""
+@contextlib.contextmanager
+def _asking_control() -> Iterator[None]:
+    """The control plane's debug API did not answer as one: exit 1 with what to do."""
     try:
-        return debugapi.get(base, path)
+        yield
     except debugapi.Unreachable as exc:
         raise CommandError(str(exc)) from None
+
+
+def _control_url(args: argparse.Namespace) -> str:
+    if not args.control.startswith(("http://", "https://")):
+        raise CommandError(f"--control {args.control!r} is not an http:// URL", EXIT_USAGE)
+    return str(args.control)
 
 
 def _proxy_status(args: argparse.Namespace) -> None:
-    if not args.control.startswith(("http://", "https://")):
-        raise CommandError(f"--control {args.control!r} is not an http:// URL", EXIT_USAGE)
-    try:
-        rows = debugapi.agent_rows(debugapi.agents(args.control))
-    except debugapi.Unreachable as exc:
-        raise CommandError(str(exc)) from None
+    control = _control_url(args)
+    with _asking_control():
+        rows = debugapi.agent_rows(debugapi.agents(control))
     emit(rows, args.output, debugapi.status_table)
     lagging = sum(1 for row in rows if row["state"] != "SYNCED")
     print(f"{len(rows)} agents, {lagging} not in sync", file=sys.stderr)
@@ -337,12 +346,11 @@ def _proxy_status(args: argparse.Namespace) -> None:
 def _check(args: argparse.Namespace) -> None:
     from outrider import check
 
-    if not args.control.startswith(("http://", "https://")):
-        raise CommandError(f"--control {args.control!r} is not an http:// URL", EXIT_USAGE)
+    control = _control_url(args)
     kubeconfig = Path(args.kubeconfig) if args.kubeconfig else None
     try:
         cluster = check.Cluster(kubeconfig, args.context)
-        seen = check.observe(cluster, args.control, pre=args.pre)
+        seen = check.observe(cluster, control, pre=args.pre)
     except check.ApiUnreachable as exc:
         raise CommandError(str(exc)) from None
     shown = check.result(check.evaluate(seen, pre=args.pre))
@@ -376,8 +384,7 @@ def _validate(component: str) -> Callable[[argparse.Namespace], None]:
         except ConfigError as exc:
             raise _invalid(exc) from None
         except PolicyError as exc:
-            lines = "\n".join(f"  {error}" for error in exc.errors)
-            raise CommandError(f"invalid policy:\n{lines}", EXIT_USAGE) from None
+            raise _invalid_policy(exc) from None
 
     return handler
 
@@ -445,8 +452,7 @@ def _policy_check(args: argparse.Namespace) -> None:
     except InvalidSpiffeId as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
     except PolicyError as exc:
-        lines = "\n".join(f"  {error}" for error in exc.errors)
-        raise CommandError(f"invalid policy:\n{lines}", EXIT_USAGE) from None
+        raise _invalid_policy(exc) from None
     if args.method is None and (args.path or args.host or args.header):
         raise CommandError(
             "--path, --host and --header describe an HTTP request: add --method", EXIT_USAGE
@@ -522,7 +528,8 @@ def _live_policies(
     if not slash or not namespace or not name:
         raise CommandError("--live needs --pod NAMESPACE/NAME", EXIT_USAGE)
     query = urllib.parse.urlencode({"pod": args.pod})
-    answer = _control_get(args.control, f"/debug/config?{query}")
+    with _asking_control():
+        answer = debugapi.get(args.control, f"/debug/config?{query}")
     policy = answer.get("config", {}).get("policy") or {}
     source = f"{args.control} pod {args.pod} version {answer.get('version')}"
     policies = parse_policy_list(policy.get("policies") or [], source)  # as the agent reads them
@@ -632,6 +639,13 @@ class _Version(argparse.Action):
 
         sys.stdout.write(f"outrider {VERSION}\n")  # stdout, as argparse's own version action
         parser.exit()
+
+
+def _add_control_flag(command: argparse.ArgumentParser, what: str, after: str = "") -> None:
+    """`--control URL`: every command that reads the control plane's debug API."""
+    command.add_argument(
+        "--control", default=DEBUG_URL, metavar="URL", help=f"{what} (default {DEBUG_URL}{after})"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -765,12 +779,7 @@ def parser() -> argparse.ArgumentParser:
         help="decide with the policies the control plane gives --pod now, not files",
     )
     check.add_argument("--pod", metavar="NS/NAME", help="with --live: the workload asked about")
-    check.add_argument(
-        "--control",
-        default=DEBUG_URL,
-        metavar="URL",
-        help=f"with --live: the control plane's debug address (default {DEBUG_URL})",
-    )
+    _add_control_flag(check, "with --live: the control plane's debug address")
     who = check.add_mutually_exclusive_group(required=True)
     who.add_argument("--source", metavar="SPIFFE_ID", help="the authenticated caller")
     who.add_argument("--plaintext", action="store_true", help="an unauthenticated caller")
@@ -819,12 +828,7 @@ def parser() -> argparse.ArgumentParser:
         description="SYNCED: runs the latest version; STALE: not acknowledged yet;"
         " NACK: refused what it was sent (and why). Exit 1 if the control plane is unreachable",
     )
-    status.add_argument(
-        "--control",
-        default=DEBUG_URL,
-        metavar="URL",
-        help=f"its debug address (default {DEBUG_URL})",
-    )
+    _add_control_flag(status, "its debug address")
     add_output_flag(status)
     status.set_defaults(func=_proxy_status)
 
@@ -841,12 +845,10 @@ def parser() -> argparse.ArgumentParser:
         "--kubeconfig", help="default: $KUBECONFIG or ~/.kube/config, as kubectl"
     )
     cluster_check.add_argument("--context", help="the kubeconfig context (default: current)")
-    cluster_check.add_argument(
-        "--control",
-        default=DEBUG_URL,
-        metavar="URL",
-        help=f"the control plane's debug address, for the agents (default {DEBUG_URL}:"
-        f" {debugapi.PORT_FORWARD})",
+    _add_control_flag(
+        cluster_check,
+        "the control plane's debug address, for the agents",
+        f": {debugapi.PORT_FORWARD}",
     )
     add_output_flag(cluster_check)
     cluster_check.set_defaults(func=_check)
