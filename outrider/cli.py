@@ -23,7 +23,7 @@ from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.configfile import ConfigError, parse_duration
 from identity.files import PRIVATE, write_atomic
 from identity.injected import AGENT_UID, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, STATUS_PORT
-from outrider import debugapi
+from outrider import debugapi, validate
 from outrider.debugapi import DEBUG_URL
 from outrider.output import add_output_flag, emit
 
@@ -251,7 +251,7 @@ def _environ(name: str) -> str:
 
 def _inject(args: argparse.Namespace) -> None:
     from injector import config as injector_config
-    from injector.manifests import INVALID, Injected, ManifestError, inject_files, inject_stream
+    from injector.manifests import INVALID, ManifestError, inject_sources
 
     try:
         config = (
@@ -262,21 +262,12 @@ def _inject(args: argparse.Namespace) -> None:
     except ConfigError as exc:
         raise _invalid(exc) from None
     settings = config.settings.without_capture() if args.no_capture else config.settings
-    results: list[tuple[str, Injected]]
     try:
-        if "-" in args.file and len(args.file) > 1:
-            raise CommandError("-f -: stdin is read alone, not with files", EXIT_USAGE)
-        if args.file == ["-"]:
-            output, injected = inject_stream(sys.stdin.read(), settings, args.namespace)
-            results = [("-", result) for result in injected]
-        else:
-            paths = [Path(file) for file in args.file]
-            output, found = inject_files(paths, settings, args.namespace)
-            results = [(str(path), result) for path, result in found]
+        output, results = inject_sources(args.file, sys.stdin, settings, args.namespace)
     except ManifestError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
     for file, result in results:
-        where = "" if file == "-" else f"{file}: "
+        where = f"{file}: " if file else ""
         print(f"{where}{result.workload}: {result.mutation.reason}", file=sys.stderr)
         for warning in result.mutation.warnings:
             print(f"  {warning}", file=sys.stderr)
@@ -365,22 +356,16 @@ def _completion(args: argparse.Namespace) -> None:
     sys.stdout.write(shtab.complete(parser(), shell=args.shell))
 
 
-def _validate(component: str) -> Callable[[argparse.Namespace], None]:
+def _validate(
+    read: Callable[[argparse.Namespace], str],
+) -> Callable[[argparse.Namespace], None]:
     """`outrider COMPONENT validate --config FILE`: read it as the server would, run nothing."""
 
     def handler(args: argparse.Namespace) -> None:
         from agent.core.policyfile import PolicyError
-        from outrider import validate
 
-        path = Path(args.config)
         try:
-            if component == "control":
-                kubeconfig = Path(args.kubeconfig) if args.kubeconfig else None
-                print(validate.control(path, kubeconfig))
-            elif component == "ca":
-                print(validate.ca(path, dev=args.dev))
-            else:
-                print(getattr(validate, component)(path))
+            print(read(args))
         except ConfigError as exc:
             raise _invalid(exc) from None
         except PolicyError as exc:
@@ -405,8 +390,6 @@ def _policy_lint(args: argparse.Namespace) -> None:
         except PolicyError as exc:
             errors.extend(exc.errors)
     if args.agent_config and errors:  # still read, so that a bad one is told now too
-        from outrider import validate
-
         errors.extend(validate.agent_config_errors(Path(args.agent_config)))
     elif args.agent_config:
         errors.extend(_lint_for_agent(paths, Path(args.agent_config)))
@@ -420,7 +403,6 @@ def _policy_lint(args: argparse.Namespace) -> None:
 def _lint_for_agent(paths: list[Path], agent_config: Path) -> list[str]:
     """What this agent would refuse the files with, beside its own config's policies."""
     from agent.core.policyfile import PolicyError
-    from outrider import validate
 
     try:
         count = validate.policies_for_agent(paths, agent_config)
@@ -689,7 +671,7 @@ def parser() -> argparse.ArgumentParser:
     ca_validate = ca.add_parser("validate", help="read ca.yaml as `ca serve` would; run nothing")
     ca_validate.add_argument("--config", required=True, help="ca.yaml")
     ca_validate.add_argument("--dev", action="store_true", help="as `ca serve --dev` reads it")
-    ca_validate.set_defaults(func=_validate("ca"))
+    ca_validate.set_defaults(func=_validate(lambda a: validate.ca(Path(a.config), dev=a.dev)))
 
     dev_token = ca.add_parser(
         "dev-token", help="a token `ca serve --dev` accepts as a workload (no cluster needed)"
@@ -715,7 +697,7 @@ def parser() -> argparse.ArgumentParser:
         "validate", help="read agent.yaml and its policies as `agent run` would; run nothing"
     )
     agent_validate.add_argument("--config", required=True, help="agent.yaml")
-    agent_validate.set_defaults(func=_validate("agent"))
+    agent_validate.set_defaults(func=_validate(lambda a: validate.agent(Path(a.config))))
 
     inject = commands.add_parser("inject", help="add the agent to the pods of manifest files")
     inject.add_argument(
@@ -749,7 +731,7 @@ def parser() -> argparse.ArgumentParser:
         "validate", help="read injector.yaml as `injector serve` would; run nothing"
     )
     injector_validate.add_argument("--config", required=True, help="injector.yaml")
-    injector_validate.set_defaults(func=_validate("injector"))
+    injector_validate.set_defaults(func=_validate(lambda a: validate.injector(Path(a.config))))
 
     policy = commands.add_parser("policy", help="check authorization policy files").add_subparsers(
         dest="policy_command", required=True
@@ -820,7 +802,11 @@ def parser() -> argparse.ArgumentParser:
     )
     control_validate.add_argument("--config", required=True, help="control.yaml")
     control_validate.add_argument("--kubeconfig", help="as for serve")
-    control_validate.set_defaults(func=_validate("control"))
+    control_validate.set_defaults(
+        func=_validate(
+            lambda a: validate.control(Path(a.config), Path(a.kubeconfig) if a.kubeconfig else None)
+        )
+    )
 
     status = commands.add_parser(
         "proxy-status",
