@@ -599,13 +599,6 @@ class _Reader(OutboundReader):
             return 1.0
         return float(value)
 
-    def flag(self, raw: Mapping[str, Any], key: str, path: str, default: bool = False) -> bool:
-        value = raw.get(key, default)
-        if not isinstance(value, bool):
-            self.fail(path, "must be true or false")
-            return False
-        return value
-
     def workload_api(self, raw: Mapping[str, Any]) -> WorkloadApiConfig | None:
         socket = self.file(raw, "socket", "workload_api.socket")
         if socket is None:

@@ -394,11 +394,11 @@ class _Reader(ConfigReader):
         path = "authn.kubernetes.tokenreview"
         raw = self.section(authn, path, set(TokenReviewSettings.__annotations__))
         d = TokenReviewSettings()
-        binding = raw.get("require_pod_binding", d.require_pod_binding)
-        if not isinstance(binding, bool):
-            self.fail(f"{path}.require_pod_binding", "must be true or false")
+        binding = self.flag(
+            raw, "require_pod_binding", f"{path}.require_pod_binding", d.require_pod_binding
+        )
         return TokenReviewSettings(
             kubeconfig=self.file(raw, "kubeconfig", f"{path}.kubeconfig"),
             cache_ttl=self.duration(raw, "cache_ttl", f"{path}.cache_ttl", d.cache_ttl),
-            require_pod_binding=binding is True,
+            require_pod_binding=binding,
         )

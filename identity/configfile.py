@@ -211,6 +211,13 @@ class ConfigReader:
             return default
         return value
 
+    def flag(self, raw: Mapping[str, Any], key: str, path: str, default: bool = False) -> bool:
+        value = raw.get(key, default)
+        if not isinstance(value, bool):
+            self.fail(path, "must be true or false")
+            return default
+        return value
+
     def file(self, raw: Mapping[str, Any], key: str, path: str) -> Path | None:
         value = self.string(raw, key, path, None)
         return None if value is None else self.base / value
