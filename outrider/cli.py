@@ -89,7 +89,7 @@ def _no_reload() -> None:
 
 
 @contextlib.contextmanager
-def _writing(path: Path) -> Iterator[None]:
+def _writing(path: str | Path) -> Iterator[None]:
     """An output path the command cannot write (a directory, a missing parent, no
     permission): exit 2 naming it, not a traceback."""
     try:
@@ -184,7 +184,7 @@ def _ca_dev_token(args: argparse.Namespace) -> None:
         token, not_after = mint_token(Path(args.dir), spiffe_id, parse_duration(args.ttl))
     except (ValueError, DevModeError) as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
-    with _writing(Path(args.out)):
+    with _writing(args.out):  # named as given
         write_atomic(Path(args.out), token.encode() + b"\n", PRIVATE)
     made = {
         "spiffe_id": str(spiffe_id),
