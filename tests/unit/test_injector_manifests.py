@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from dataclasses import replace
@@ -18,6 +19,7 @@ from injector.manifests import (
     TEMPLATES,
     ManifestError,
     inject_files,
+    inject_sources,
     inject_stream,
     manifest_files,
 )
@@ -368,6 +370,20 @@ def test_a_directory_without_manifests_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("kind: Pod\n")
     with pytest.raises(ManifestError, match=r"no \.yaml, \.yml, \.json files"):
         inject_files([tmp_path], SETTINGS, "default")
+
+
+def test_stdin_is_read_alone_and_its_workloads_name_no_file(tmp_path: Path) -> None:
+    (tmp_path / "pod.yaml").write_text(yaml.safe_dump(WORKLOADS["Pod"]))
+    with pytest.raises(ManifestError, match="stdin is read alone, not with files"):
+        inject_sources(["-", str(tmp_path)], io.StringIO(""), SETTINGS, "default")
+    stdin = io.StringIO(yaml.safe_dump(WORKLOADS["Pod"]))
+    from_stdin, results = inject_sources(["-"], stdin, SETTINGS, "default")
+    assert [(where, r.workload) for where, r in results] == [("", "Pod default/web")]
+    from_file, results = inject_sources([str(tmp_path)], io.StringIO(""), SETTINGS, "default")
+    assert [(where, r.workload) for where, r in results] == [
+        (str(tmp_path / "pod.yaml"), "Pod default/web")
+    ]
+    assert from_stdin == from_file
 
 
 def test_without_ruamel_yaml_it_says_which_group_to_install(
