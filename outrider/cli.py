@@ -415,10 +415,10 @@ def _lint_for_agent(paths: list[Path], agent_config: Path) -> list[str]:
 
 
 def _policy_check(args: argparse.Namespace) -> None:
-    from agent.core.headers import underscore_refusal
     from agent.core.httppath import BadPath, normalize_host, normalize_target
     from agent.core.policy import PolicySet, Request
     from agent.core.policyfile import PolicyError, load_policy_files
+    from outrider import policycheck
 
     if bool(args.policy) == bool(args.live):
         raise CommandError("give --policy FILE, or --live with --pod and --control", EXIT_USAGE)
@@ -439,22 +439,18 @@ def _policy_check(args: argparse.Namespace) -> None:
         raise CommandError(
             "--path, --host and --header describe an HTTP request: add --method", EXIT_USAGE
         )
-    headers: dict[str, tuple[str, ...]] = {}
-    for header in args.header:
-        name, equals, value = header.partition("=")
-        if not equals or not name:
-            raise CommandError(f"--header {header!r} is not NAME=VALUE", EXIT_USAGE)
-        if "_" in name:  # as the agent does by default (limits.headers_with_underscores)
-            _verdict(
-                args, {"decision": "deny", "status": 400, "why": underscore_refusal(name.encode())}
-            )
-        headers[name.lower()] = (*headers.get(name.lower(), ()), value)
+    try:
+        headers, refusal = policycheck.request_headers(args.header)
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    if refusal is not None:
+        _verdict(args, refusal)
     path = None
     if args.method is not None:
         try:
             path, _ = normalize_target(args.path or "/")
         except BadPath as exc:
-            _verdict(args, {"decision": "deny", "status": 400, "why": str(exc)})
+            _verdict(args, policycheck.refused(str(exc)))
     request = Request(
         source=source,
         port=args.port,
@@ -466,36 +462,16 @@ def _policy_check(args: argparse.Namespace) -> None:
     if not trust_domains and source is not None:
         trust_domains = frozenset({source.trust_domain})
     decision = policies.decide(request, trust_domains)
-    verdict: dict[str, Any] = {"decision": "allow" if decision.allowed else "deny"}
-    if path is not None and path != args.path:
-        verdict["path"] = path
-        verdict["normalized_from"] = args.path or "(none)"
-    verdict |= {"policy": decision.policy, "rule": decision.rule, "why": decision.reason}
-    verdict["records"] = [
-        {"kind": r.kind, "policy": r.policy, "rule": r.rule} for r in decision.records
-    ]
-    _verdict(args, verdict)
+    _verdict(args, policycheck.decided(decision, path, args.path))
 
 
 def _verdict(args: argparse.Namespace, verdict: dict[str, Any]) -> None:
-    """Print a `policy check` decision; a deny exits 1."""
-    emit(verdict, args.output, _verdict_text)
+    """Print a `policy check` verdict; a deny exits 1."""
+    from outrider import policycheck
+
+    emit(verdict, args.output, policycheck.text)
     if verdict["decision"] != "allow":
         raise CommandError("denied", EXIT_FAILURE)
-
-
-def _verdict_text(verdict: dict[str, Any]) -> str:
-    lines = [verdict["decision"]]
-    if "status" in verdict:  # refused before any policy was asked
-        lines.append(f"status: {verdict['status']} (refused before any policy)")
-        return "\n".join([*lines, f"why: {verdict['why']}"])
-    if "path" in verdict:
-        lines.append(f"path: {verdict['path']} (normalized from {verdict['normalized_from']})")
-    lines += [f"policy: {verdict['policy']}", f"rule: {verdict['rule']}", f"why: {verdict['why']}"]
-    lines += [
-        f"record: {r['kind']} policy={r['policy']} rule={r['rule']}" for r in verdict["records"]
-    ]
-    return "\n".join(lines)
 
 
 def _live_policies(
