@@ -67,7 +67,6 @@ and the whole is read again by `parse`, the one reader of every source.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -96,7 +95,7 @@ from agent.core.upstream import Endpoint
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.appprotocol import PROTOCOLS, Protocol
 from identity.backoff import Backoff
-from identity.configfile import ConfigError, Listen, parse_yaml, read_yaml
+from identity.configfile import ConfigError, Listen, is_loopback, parse_yaml, read_yaml
 from identity.injected import ADMIN_PORT, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, STATUS_PORT
 from identity.jsonbounds import brackets, deeper_than
 from identity.probes import (
@@ -419,24 +418,15 @@ def loopback_errors(config: AgentConfig) -> list[str]:
         "outbound listeners take plain text, so only the pod itself may reach them "
         "(127.0.0.1, ::1 or localhost)"
         for i, item in enumerate(config.outbound)
-        if item.listen is not None and not _loopback(item.listen.host)
+        if item.listen is not None and not is_loopback(item.listen.host)
     ]
     errors += [
         f"inbound[{i}].app: {item.app} is not a loopback address; a snapshot sends "
         "decrypted traffic only to the pod's own app (127.0.0.1, ::1 or localhost)"
         for i, item in enumerate(config.inbound)
-        if not _loopback(item.app.host)
+        if not is_loopback(item.app.host)
     ]
     return errors
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def with_snapshot(bootstrap: Document, snapshot: object, *, source: str) -> Document:
@@ -626,13 +616,6 @@ class _Reader(OutboundReader):
             self.fail(path, "must be a number from 0 to 1")
             return 1.0
         return float(value)
-
-    def flag(self, raw: Mapping[str, Any], key: str, path: str, default: bool = False) -> bool:
-        value = raw.get(key, default)
-        if not isinstance(value, bool):
-            self.fail(path, "must be true or false")
-            return False
-        return value
 
     def workload_api(self, raw: Mapping[str, Any]) -> WorkloadApiConfig | None:
         socket = self.file(raw, "socket", "workload_api.socket")

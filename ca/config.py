@@ -43,7 +43,6 @@ listens on loopback addresses only.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -52,7 +51,7 @@ from typing import Any, Literal, get_args
 
 from ca.core.issuance import IssuancePolicy
 from identity import InvalidSpiffeId, TrustDomain
-from identity.configfile import ConfigError, ConfigReader, Listen, read_yaml
+from identity.configfile import ConfigError, ConfigReader, Listen, is_loopback, read_yaml
 from identity.grpcserving import GrpcLimits
 from identity.serving import ConnectionLimits, read_limits
 
@@ -232,7 +231,7 @@ class _Reader(ConfigReader):
         if kind != "local":
             self.fail("signer.kind", "--dev needs kind: local (the dev issuer's key is in its dir)")
         for name, listen in (("grpc", grpc), ("http", http)):
-            if not _loopback(listen.host):
+            if not is_loopback(listen.host):
                 self.fail(
                     f"listen.{name}",
                     f"{listen} is not a loopback address: --dev serves this machine only"
@@ -395,20 +394,11 @@ class _Reader(ConfigReader):
         path = "authn.kubernetes.tokenreview"
         raw = self.section(authn, path, set(TokenReviewSettings.__annotations__))
         d = TokenReviewSettings()
-        binding = raw.get("require_pod_binding", d.require_pod_binding)
-        if not isinstance(binding, bool):
-            self.fail(f"{path}.require_pod_binding", "must be true or false")
+        binding = self.flag(
+            raw, "require_pod_binding", f"{path}.require_pod_binding", d.require_pod_binding
+        )
         return TokenReviewSettings(
             kubeconfig=self.file(raw, "kubeconfig", f"{path}.kubeconfig"),
             cache_ttl=self.duration(raw, "cache_ttl", f"{path}.cache_ttl", d.cache_ttl),
-            require_pod_binding=binding is True,
+            require_pod_binding=binding,
         )
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

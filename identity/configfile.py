@@ -8,6 +8,7 @@ whole file in one pass instead of one error per restart.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -73,6 +74,17 @@ class Listen:
         if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"{value!r} is not host:port")
         return cls(host.strip("[]"), int(port))
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach `host`: where a listener that takes plain text (an agent
+    snapshot's outbound) or a `--dev` CA must be bound, and where decrypted traffic may go."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_duration(value: object) -> timedelta:
@@ -209,6 +221,13 @@ class ConfigReader:
         value = raw.get(key, default)
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             self.fail(path, f"must be an integer >= {minimum}")
+            return default
+        return value
+
+    def flag(self, raw: Mapping[str, Any], key: str, path: str, default: bool = False) -> bool:
+        value = raw.get(key, default)
+        if not isinstance(value, bool):
+            self.fail(path, "must be true or false")
             return default
         return value
 

@@ -34,7 +34,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 
@@ -183,6 +183,20 @@ def inject_files(
 
 #: kustomize's own file names: inputs to `kustomize build`, not manifests.
 KUSTOMIZATIONS = frozenset({"kustomization.yaml", "kustomization.yml", "Kustomization"})
+
+
+def inject_sources(
+    sources: Sequence[str], stdin: TextIO, settings: Settings, namespace: str
+) -> tuple[str, list[tuple[str, Injected]]]:
+    """`outrider inject -f`: `-` (stdin, read alone) or files and directories, injected as
+    one stream, each workload with the file it came from ("" for stdin)."""
+    if "-" in sources and len(sources) > 1:
+        raise ManifestError("-f -: stdin is read alone, not with files")
+    if list(sources) == ["-"]:
+        output, injected = inject_stream(stdin.read(), settings, namespace)
+        return output, [("", result) for result in injected]
+    output, found = inject_files([Path(source) for source in sources], settings, namespace)
+    return output, [(str(path), result) for path, result in found]
 
 
 def manifest_files(path: Path) -> list[Path]:

@@ -18,6 +18,7 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,15 +99,13 @@ class Observed:
 
 
 def kubernetes_version(version: Mapping[str, Any]) -> Check:
-    name = "Kubernetes runs native sidecars"
+    found = partial(Check, "pre-install", "Kubernetes runs native sidecars")
     major = int(re.sub(r"\D", "", str(version.get("major", ""))) or 0)
     minor = int(re.sub(r"\D", "", str(version.get("minor", ""))) or 0)
     shown = version.get("gitVersion") or f"{major}.{minor}"
     if (major, minor) >= NATIVE_SIDECARS:
-        return Check("pre-install", name, "ok", f"Kubernetes {shown}")
-    return Check(
-        "pre-install",
-        name,
+        return found("ok", f"Kubernetes {shown}")
+    return found(
         "fail",
         f"Kubernetes {shown}: native sidecars need 1.29 or newer",
         "upgrade the cluster, or set native_sidecar: false in deploy/base/injector.yaml"
@@ -115,13 +114,11 @@ def kubernetes_version(version: Mapping[str, Any]) -> Check:
 
 
 def gateway_crds(crds: frozenset[str]) -> Check:
-    name = "Gateway API CRDs (routes)"
+    found = partial(Check, "pre-install", "Gateway API CRDs (routes)")
     missing = [crd for crd in GATEWAY_CRDS if crd not in crds]
     if not missing:
-        return Check("pre-install", name, "ok", "HTTPRoute and GRPCRoute are served")
-    return Check(
-        "pre-install",
-        name,
+        return found("ok", "HTTPRoute and GRPCRoute are served")
+    return found(
         "warn",
         f"not installed: {', '.join(missing)}; routes are not read",
         "kubectl apply -f https://github.com/kubernetes-sigs/gateway-api/releases/download/"
@@ -131,15 +128,15 @@ def gateway_crds(crds: frozenset[str]) -> Check:
 
 def network_policy(kube_system_pods: Sequence[str]) -> Check:
     """What a pod listing can tell: a known CNI's pods, and whether that CNI enforces."""
-    name = "the CNI enforces NetworkPolicy"
-    found = sorted({cni for cni in CNIS for pod in kube_system_pods if pod.startswith(cni)})
-    enforcing = [cni for cni in found if CNIS[cni]]
+    found = partial(Check, "pre-install", "the CNI enforces NetworkPolicy")
+    cnis = sorted({cni for cni in CNIS for pod in kube_system_pods if pod.startswith(cni)})
+    enforcing = [cni for cni in cnis if CNIS[cni]]
     if enforcing:
-        return Check("pre-install", name, "ok", f"{', '.join(enforcing)} runs in kube-system")
+        return found("ok", f"{', '.join(enforcing)} runs in kube-system")
     fix = "use a CNI that enforces NetworkPolicy (Calico, Cilium); deploy/'s policies need one"
-    if found:
-        return Check("pre-install", name, "warn", f"{', '.join(found)} does not enforce it", fix)
-    return Check("pre-install", name, "warn", "cannot tell: no known CNI in kube-system", fix)
+    if cnis:
+        return found("warn", f"{', '.join(cnis)} does not enforce it", fix)
+    return found("warn", "cannot tell: no known CNI in kube-system", fix)
 
 
 def pre_install(seen: Observed) -> list[Check]:
@@ -154,33 +151,29 @@ def pre_install(seen: Observed) -> list[Check]:
 
 
 def outrider_crds(crds: frozenset[str]) -> Check:
-    name = "Outrider's CRDs"
+    found = partial(Check, "post-install", "Outrider's CRDs")
     missing = [crd for crd in OUTRIDER_CRDS if crd not in crds]
     if not missing:
-        return Check("post-install", name, "ok", f"{len(OUTRIDER_CRDS)} installed")
-    return Check(
-        "post-install",
-        name,
-        "fail",
-        f"not installed: {', '.join(missing)}",
-        f"{APPLY}; it installs deploy/base/crds",
+        return found("ok", f"{len(OUTRIDER_CRDS)} installed")
+    return found(
+        "fail", f"not installed: {', '.join(missing)}", f"{APPLY}; it installs deploy/base/crds"
     )
 
 
 def ca_serving(health: Probe | None, bundle: Probe | None) -> Check:
-    name = "the CA is reachable and serving"
+    found = partial(Check, "post-install", "the CA is reachable and serving")
     fix = (
         f"kubectl -n {SYSTEM_NAMESPACE} get pods -l app.kubernetes.io/name=outrider-ca;"
         f" kubectl -n {SYSTEM_NAMESPACE} logs deploy/outrider-ca"
     )
     if health is None or health.status != 200:
         said = "no Service outrider-ca" if health is None else _said(health)
-        return Check("post-install", name, "fail", f"/healthz: {said}", fix)
+        return found("fail", f"/healthz: {said}", fix)
     roots = _certificates(bundle.body) if bundle is not None and bundle.status == 200 else []
     if not roots:
         said = "no answer" if bundle is None else _said(bundle)
-        return Check("post-install", name, "fail", f"/bundle holds no certificate ({said})", fix)
-    return Check("post-install", name, "ok", f"healthy, bundle of {_count(len(roots), 'root')}")
+        return found("fail", f"/bundle holds no certificate ({said})", fix)
+    return found("ok", f"healthy, bundle of {_count(len(roots), 'root')}")
 
 
 def bundle_configmaps(
@@ -210,24 +203,23 @@ def bundle_configmaps(
 
 
 def _bundle(namespace: str, configmap: Mapping[str, Any] | None, served: set[str]) -> Check:
-    name = f"trust bundle in namespace {namespace}"
+    found = partial(Check, "post-install", f"trust bundle in namespace {namespace}")
     fix = (
         f"kubectl create configmap {BUNDLE_CONFIGMAP} -n {namespace}"
         f" --from-file={BUNDLE_KEY}=bundle.pem (or trust-manager: docs/install.md, section 5)"
     )
     if configmap is None:
         detail = f"no ConfigMap {BUNDLE_CONFIGMAP}: injected pods stay in ContainerCreating"
-        return Check("post-install", name, "fail", detail, fix)
+        return found("fail", detail, fix)
     held = set(_certificates(str(_mapping(configmap.get("data")).get(BUNDLE_KEY, ""))))
     if not held:
-        detail = f"ConfigMap {BUNDLE_CONFIGMAP} has no certificate under {BUNDLE_KEY}"
-        return Check("post-install", name, "fail", detail, fix)
+        return found(
+            "fail", f"ConfigMap {BUNDLE_CONFIGMAP} has no certificate under {BUNDLE_KEY}", fix
+        )
     if served and not served <= held:
         detail = f"{BUNDLE_CONFIGMAP} lacks a root the CA serves: its agents refuse their peers"
-        return Check("post-install", name, "fail", detail, f"copy the CA's bundle again: {fix}")
-    return Check(
-        "post-install", name, "ok", f"{BUNDLE_CONFIGMAP} holds {_count(len(held), 'root')}"
-    )
+        return found("fail", detail, f"copy the CA's bundle again: {fix}")
+    return found("ok", f"{BUNDLE_CONFIGMAP} holds {_count(len(held), 'root')}")
 
 
 def webhook(
@@ -236,38 +228,25 @@ def webhook(
     health: Probe | None,
 ) -> list[Check]:
     """Configured (each webhook with a caBundle and a Service port that exists) and answering."""
-    name = "the injector's webhook is configured"
+    configured = partial(Check, "post-install", "the injector's webhook is configured")
     if configuration is None:
-        return [
-            Check(
-                "post-install",
-                name,
-                "fail",
-                f"no MutatingWebhookConfiguration {WEBHOOK}: pods are not injected",
-                APPLY,
-            )
-        ]
+        detail = f"no MutatingWebhookConfiguration {WEBHOOK}: pods are not injected"
+        return [configured("fail", detail, APPLY)]
     problems = []
     for hook in _hooks(configuration):
         problems += _webhook_problems(hook, services)
-    checks = [
-        Check(
-            "post-install",
-            name,
-            "fail" if problems else "ok",
-            "; ".join(problems) if problems else f"{WEBHOOK}: every webhook has a caBundle",
-            "docs/install.md, section 4: the webhook's certificate and caBundle"
-            if problems
-            else "",
-        )
-    ]
-    answer = "the injector's webhook answers"
+    if problems:
+        fix = "docs/install.md, section 4: the webhook's certificate and caBundle"
+        checks = [configured("fail", "; ".join(problems), fix)]
+    else:
+        checks = [configured("ok", f"{WEBHOOK}: every webhook has a caBundle")]
+    answers = partial(Check, "post-install", "the injector's webhook answers")
     url = _webhook_url(configuration)
     if health is None and url:
         detail = f"it calls {url}, which is not probed from here"
-        return [*checks, Check("post-install", answer, "warn", detail, "check it from the cluster")]
+        return [*checks, answers("warn", detail, "check it from the cluster")]
     if health is not None and health.status == 200:
-        checks.append(Check("post-install", answer, "ok", "/healthz: 200"))
+        checks.append(answers("ok", "/healthz: 200"))
     else:
         said = "no Service to call" if health is None else _said(health)
         fix = (
@@ -275,7 +254,7 @@ def webhook(
             f" app.kubernetes.io/name=outrider-injector; kubectl -n {SYSTEM_NAMESPACE} logs"
             " deploy/outrider-injector"
         )
-        checks.append(Check("post-install", answer, "fail", f"/healthz: {said}", fix))
+        checks.append(answers("fail", f"/healthz: {said}", fix))
     return checks
 
 
@@ -329,13 +308,13 @@ def webhook_target(
 
 
 def agents_in_sync(agents: Sequence[Mapping[str, Any]] | None, error: str) -> list[Check]:
-    name = "agents connected and in sync"
+    found = partial(Check, "post-install", "agents connected and in sync")
     if agents is None:
-        return [Check("post-install", name, "fail", error, debugapi.PORT_FORWARD)]
+        return [found("fail", error, debugapi.PORT_FORWARD)]
     if not agents:
         detail = "no agent is connected to the control plane"
         fix = "inject a workload (kubectl label namespace NAMESPACE outrider.io/inject=enabled)"
-        return [Check("post-install", name, "warn", detail, fix)]
+        return [found("warn", detail, fix)]
     rows = debugapi.agent_rows(agents)
     lagging = [row for row in rows if row["state"] != "SYNCED"]
     checks = [
@@ -355,9 +334,7 @@ def agents_in_sync(agents: Sequence[Mapping[str, Any]] | None, error: str) -> li
         for row in lagging
     ]
     if not lagging:
-        checks.append(
-            Check("post-install", name, "ok", f"{_count(len(rows), 'agent')}, all SYNCED")
-        )
+        checks.append(found("ok", f"{_count(len(rows), 'agent')}, all SYNCED"))
     return checks
 
 

@@ -17,15 +17,18 @@ import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from identity import InvalidSpiffeId, SpiffeId, TrustDomain
 from identity.configfile import ConfigError, parse_duration
 from identity.files import PRIVATE, write_atomic
 from identity.injected import AGENT_UID, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, STATUS_PORT
-from outrider import debugapi
+from outrider import debugapi, validate
 from outrider.debugapi import DEBUG_URL
 from outrider.output import add_output_flag, emit
+
+if TYPE_CHECKING:
+    from agent.core.policyfile import PolicyError
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 
@@ -86,7 +89,7 @@ def _no_reload() -> None:
 
 
 @contextlib.contextmanager
-def _writing(path: Path) -> Iterator[None]:
+def _writing(path: str | Path) -> Iterator[None]:
     """An output path the command cannot write (a directory, a missing parent, no
     permission): exit 2 naming it, not a traceback."""
     try:
@@ -98,6 +101,11 @@ def _writing(path: Path) -> Iterator[None]:
 def _invalid(exc: ConfigError) -> CommandError:
     lines = "\n".join(f"  {error}" for error in exc.errors)
     return CommandError(f"invalid config {exc.source}:\n{lines}", EXIT_USAGE)
+
+
+def _invalid_policy(exc: PolicyError) -> CommandError:
+    lines = "\n".join(f"  {error}" for error in exc.errors)
+    return CommandError(f"invalid policy:\n{lines}", EXIT_USAGE)
 
 
 def _ca_init(args: argparse.Namespace) -> None:
@@ -176,10 +184,8 @@ def _ca_dev_token(args: argparse.Namespace) -> None:
         token, not_after = mint_token(Path(args.dir), spiffe_id, parse_duration(args.ttl))
     except (ValueError, DevModeError) as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
-    try:
+    with _writing(args.out):  # named as given
         write_atomic(Path(args.out), token.encode() + b"\n", PRIVATE)
-    except OSError as exc:
-        raise CommandError(f"cannot write {args.out}: {exc.strerror or exc}", EXIT_USAGE) from None
     made = {
         "spiffe_id": str(spiffe_id),
         "token_file": args.out,
@@ -227,8 +233,7 @@ def _agent_run(args: argparse.Namespace) -> None:
     try:
         agent_app.load_policies(config)
     except PolicyError as exc:
-        lines = "\n".join(f"  {error}" for error in exc.errors)
-        raise CommandError(f"invalid policy:\n{lines}", EXIT_USAGE) from None
+        raise _invalid_policy(exc) from None
     try:
         _until_signalled(
             lambda stop: agent_app.serve(path, config, stop, document=document, pod=pod)
@@ -246,7 +251,7 @@ def _environ(name: str) -> str:
 
 def _inject(args: argparse.Namespace) -> None:
     from injector import config as injector_config
-    from injector.manifests import INVALID, Injected, ManifestError, inject_files, inject_stream
+    from injector.manifests import INVALID, ManifestError, inject_sources
 
     try:
         config = (
@@ -257,21 +262,12 @@ def _inject(args: argparse.Namespace) -> None:
     except ConfigError as exc:
         raise _invalid(exc) from None
     settings = config.settings.without_capture() if args.no_capture else config.settings
-    results: list[tuple[str, Injected]]
     try:
-        if "-" in args.file and len(args.file) > 1:
-            raise CommandError("-f -: stdin is read alone, not with files", EXIT_USAGE)
-        if args.file == ["-"]:
-            output, injected = inject_stream(sys.stdin.read(), settings, args.namespace)
-            results = [("-", result) for result in injected]
-        else:
-            paths = [Path(file) for file in args.file]
-            output, found = inject_files(paths, settings, args.namespace)
-            results = [(str(path), result) for path, result in found]
+        output, results = inject_sources(args.file, sys.stdin, settings, args.namespace)
     except ManifestError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
     for file, result in results:
-        where = "" if file == "-" else f"{file}: "
+        where = f"{file}: " if file else ""
         print(f"{where}{result.workload}: {result.mutation.reason}", file=sys.stderr)
         for warning in result.mutation.warnings:
             print(f"  {warning}", file=sys.stderr)
@@ -314,21 +310,25 @@ def _control_serve(args: argparse.Namespace) -> None:
         raise CommandError(str(exc), EXIT_USAGE) from None
 
 
-def _control_get(base: str, path: str) -> Any:
-    """GET a JSON document from the control plane's debug port; CommandError if unreachable."""
+@contextlib.contextmanager
+def _asking_control() -> Iterator[None]:
+    """The control plane's debug API did not answer as one: exit 1 with what to do."""
     try:
-        return debugapi.get(base, path)
+        yield
     except debugapi.Unreachable as exc:
         raise CommandError(str(exc)) from None
+
+
+def _control_url(args: argparse.Namespace) -> str:
+    if not args.control.startswith(("http://", "https://")):
+        raise CommandError(f"--control {args.control!r} is not an http:// URL", EXIT_USAGE)
+    return str(args.control)
 
 
 def _proxy_status(args: argparse.Namespace) -> None:
-    if not args.control.startswith(("http://", "https://")):
-        raise CommandError(f"--control {args.control!r} is not an http:// URL", EXIT_USAGE)
-    try:
-        rows = debugapi.agent_rows(debugapi.agents(args.control))
-    except debugapi.Unreachable as exc:
-        raise CommandError(str(exc)) from None
+    control = _control_url(args)
+    with _asking_control():
+        rows = debugapi.agent_rows(debugapi.agents(control))
     emit(rows, args.output, debugapi.status_table)
     lagging = sum(1 for row in rows if row["state"] != "SYNCED")
     print(f"{len(rows)} agents, {lagging} not in sync", file=sys.stderr)
@@ -337,12 +337,11 @@ def _proxy_status(args: argparse.Namespace) -> None:
 def _check(args: argparse.Namespace) -> None:
     from outrider import check
 
-    if not args.control.startswith(("http://", "https://")):
-        raise CommandError(f"--control {args.control!r} is not an http:// URL", EXIT_USAGE)
+    control = _control_url(args)
     kubeconfig = Path(args.kubeconfig) if args.kubeconfig else None
     try:
         cluster = check.Cluster(kubeconfig, args.context)
-        seen = check.observe(cluster, args.control, pre=args.pre)
+        seen = check.observe(cluster, control, pre=args.pre)
     except check.ApiUnreachable as exc:
         raise CommandError(str(exc)) from None
     shown = check.result(check.evaluate(seen, pre=args.pre))
@@ -357,27 +356,20 @@ def _completion(args: argparse.Namespace) -> None:
     sys.stdout.write(shtab.complete(parser(), shell=args.shell))
 
 
-def _validate(component: str) -> Callable[[argparse.Namespace], None]:
+def _validate(
+    read: Callable[[argparse.Namespace], str],
+) -> Callable[[argparse.Namespace], None]:
     """`outrider COMPONENT validate --config FILE`: read it as the server would, run nothing."""
 
     def handler(args: argparse.Namespace) -> None:
         from agent.core.policyfile import PolicyError
-        from outrider import validate
 
-        path = Path(args.config)
         try:
-            if component == "control":
-                kubeconfig = Path(args.kubeconfig) if args.kubeconfig else None
-                print(validate.control(path, kubeconfig))
-            elif component == "ca":
-                print(validate.ca(path, dev=args.dev))
-            else:
-                print(getattr(validate, component)(path))
+            print(read(args))
         except ConfigError as exc:
             raise _invalid(exc) from None
         except PolicyError as exc:
-            lines = "\n".join(f"  {error}" for error in exc.errors)
-            raise CommandError(f"invalid policy:\n{lines}", EXIT_USAGE) from None
+            raise _invalid_policy(exc) from None
 
     return handler
 
@@ -398,8 +390,6 @@ def _policy_lint(args: argparse.Namespace) -> None:
         except PolicyError as exc:
             errors.extend(exc.errors)
     if args.agent_config and errors:  # still read, so that a bad one is told now too
-        from outrider import validate
-
         errors.extend(validate.agent_config_errors(Path(args.agent_config)))
     elif args.agent_config:
         errors.extend(_lint_for_agent(paths, Path(args.agent_config)))
@@ -413,7 +403,6 @@ def _policy_lint(args: argparse.Namespace) -> None:
 def _lint_for_agent(paths: list[Path], agent_config: Path) -> list[str]:
     """What this agent would refuse the files with, beside its own config's policies."""
     from agent.core.policyfile import PolicyError
-    from outrider import validate
 
     try:
         count = validate.policies_for_agent(paths, agent_config)
@@ -426,10 +415,10 @@ def _lint_for_agent(paths: list[Path], agent_config: Path) -> list[str]:
 
 
 def _policy_check(args: argparse.Namespace) -> None:
-    from agent.core.headers import underscore_refusal
     from agent.core.httppath import BadPath, normalize_host, normalize_target
     from agent.core.policy import PolicySet, Request
     from agent.core.policyfile import PolicyError, load_policy_files
+    from outrider import policycheck
 
     if bool(args.policy) == bool(args.live):
         raise CommandError("give --policy FILE, or --live with --pod and --control", EXIT_USAGE)
@@ -445,28 +434,23 @@ def _policy_check(args: argparse.Namespace) -> None:
     except InvalidSpiffeId as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
     except PolicyError as exc:
-        lines = "\n".join(f"  {error}" for error in exc.errors)
-        raise CommandError(f"invalid policy:\n{lines}", EXIT_USAGE) from None
+        raise _invalid_policy(exc) from None
     if args.method is None and (args.path or args.host or args.header):
         raise CommandError(
             "--path, --host and --header describe an HTTP request: add --method", EXIT_USAGE
         )
-    headers: dict[str, tuple[str, ...]] = {}
-    for header in args.header:
-        name, equals, value = header.partition("=")
-        if not equals or not name:
-            raise CommandError(f"--header {header!r} is not NAME=VALUE", EXIT_USAGE)
-        if "_" in name:  # as the agent does by default (limits.headers_with_underscores)
-            _verdict(
-                args, {"decision": "deny", "status": 400, "why": underscore_refusal(name.encode())}
-            )
-        headers[name.lower()] = (*headers.get(name.lower(), ()), value)
+    try:
+        headers, refusal = policycheck.request_headers(args.header)
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    if refusal is not None:
+        _verdict(args, refusal)
     path = None
     if args.method is not None:
         try:
             path, _ = normalize_target(args.path or "/")
         except BadPath as exc:
-            _verdict(args, {"decision": "deny", "status": 400, "why": str(exc)})
+            _verdict(args, policycheck.refused(str(exc)))
     request = Request(
         source=source,
         port=args.port,
@@ -478,36 +462,16 @@ def _policy_check(args: argparse.Namespace) -> None:
     if not trust_domains and source is not None:
         trust_domains = frozenset({source.trust_domain})
     decision = policies.decide(request, trust_domains)
-    verdict: dict[str, Any] = {"decision": "allow" if decision.allowed else "deny"}
-    if path is not None and path != args.path:
-        verdict["path"] = path
-        verdict["normalized_from"] = args.path or "(none)"
-    verdict |= {"policy": decision.policy, "rule": decision.rule, "why": decision.reason}
-    verdict["records"] = [
-        {"kind": r.kind, "policy": r.policy, "rule": r.rule} for r in decision.records
-    ]
-    _verdict(args, verdict)
+    _verdict(args, policycheck.decided(decision, path, args.path))
 
 
 def _verdict(args: argparse.Namespace, verdict: dict[str, Any]) -> None:
-    """Print a `policy check` decision; a deny exits 1."""
-    emit(verdict, args.output, _verdict_text)
+    """Print a `policy check` verdict; a deny exits 1."""
+    from outrider import policycheck
+
+    emit(verdict, args.output, policycheck.text)
     if verdict["decision"] != "allow":
         raise CommandError("denied", EXIT_FAILURE)
-
-
-def _verdict_text(verdict: dict[str, Any]) -> str:
-    lines = [verdict["decision"]]
-    if "status" in verdict:  # refused before any policy was asked
-        lines.append(f"status: {verdict['status']} (refused before any policy)")
-        return "\n".join([*lines, f"why: {verdict['why']}"])
-    if "path" in verdict:
-        lines.append(f"path: {verdict['path']} (normalized from {verdict['normalized_from']})")
-    lines += [f"policy: {verdict['policy']}", f"rule: {verdict['rule']}", f"why: {verdict['why']}"]
-    lines += [
-        f"record: {r['kind']} policy={r['policy']} rule={r['rule']}" for r in verdict["records"]
-    ]
-    return "\n".join(lines)
 
 
 def _live_policies(
@@ -522,7 +486,8 @@ def _live_policies(
     if not slash or not namespace or not name:
         raise CommandError("--live needs --pod NAMESPACE/NAME", EXIT_USAGE)
     query = urllib.parse.urlencode({"pod": args.pod})
-    answer = _control_get(args.control, f"/debug/config?{query}")
+    with _asking_control():
+        answer = debugapi.get(args.control, f"/debug/config?{query}")
     policy = answer.get("config", {}).get("policy") or {}
     source = f"{args.control} pod {args.pod} version {answer.get('version')}"
     policies = parse_policy_list(policy.get("policies") or [], source)  # as the agent reads them
@@ -634,6 +599,13 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+def _add_control_flag(command: argparse.ArgumentParser, what: str, after: str = "") -> None:
+    """`--control URL`: every command that reads the control plane's debug API."""
+    command.add_argument(
+        "--control", default=DEBUG_URL, metavar="URL", help=f"{what} (default {DEBUG_URL}{after})"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="outrider", description="SPIFFE mTLS for Kubernetes")
     top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -675,7 +647,7 @@ def parser() -> argparse.ArgumentParser:
     ca_validate = ca.add_parser("validate", help="read ca.yaml as `ca serve` would; run nothing")
     ca_validate.add_argument("--config", required=True, help="ca.yaml")
     ca_validate.add_argument("--dev", action="store_true", help="as `ca serve --dev` reads it")
-    ca_validate.set_defaults(func=_validate("ca"))
+    ca_validate.set_defaults(func=_validate(lambda a: validate.ca(Path(a.config), dev=a.dev)))
 
     dev_token = ca.add_parser(
         "dev-token", help="a token `ca serve --dev` accepts as a workload (no cluster needed)"
@@ -701,7 +673,7 @@ def parser() -> argparse.ArgumentParser:
         "validate", help="read agent.yaml and its policies as `agent run` would; run nothing"
     )
     agent_validate.add_argument("--config", required=True, help="agent.yaml")
-    agent_validate.set_defaults(func=_validate("agent"))
+    agent_validate.set_defaults(func=_validate(lambda a: validate.agent(Path(a.config))))
 
     inject = commands.add_parser("inject", help="add the agent to the pods of manifest files")
     inject.add_argument(
@@ -735,7 +707,7 @@ def parser() -> argparse.ArgumentParser:
         "validate", help="read injector.yaml as `injector serve` would; run nothing"
     )
     injector_validate.add_argument("--config", required=True, help="injector.yaml")
-    injector_validate.set_defaults(func=_validate("injector"))
+    injector_validate.set_defaults(func=_validate(lambda a: validate.injector(Path(a.config))))
 
     policy = commands.add_parser("policy", help="check authorization policy files").add_subparsers(
         dest="policy_command", required=True
@@ -765,12 +737,7 @@ def parser() -> argparse.ArgumentParser:
         help="decide with the policies the control plane gives --pod now, not files",
     )
     check.add_argument("--pod", metavar="NS/NAME", help="with --live: the workload asked about")
-    check.add_argument(
-        "--control",
-        default=DEBUG_URL,
-        metavar="URL",
-        help=f"with --live: the control plane's debug address (default {DEBUG_URL})",
-    )
+    _add_control_flag(check, "with --live: the control plane's debug address")
     who = check.add_mutually_exclusive_group(required=True)
     who.add_argument("--source", metavar="SPIFFE_ID", help="the authenticated caller")
     who.add_argument("--plaintext", action="store_true", help="an unauthenticated caller")
@@ -811,7 +778,11 @@ def parser() -> argparse.ArgumentParser:
     )
     control_validate.add_argument("--config", required=True, help="control.yaml")
     control_validate.add_argument("--kubeconfig", help="as for serve")
-    control_validate.set_defaults(func=_validate("control"))
+    control_validate.set_defaults(
+        func=_validate(
+            lambda a: validate.control(Path(a.config), Path(a.kubeconfig) if a.kubeconfig else None)
+        )
+    )
 
     status = commands.add_parser(
         "proxy-status",
@@ -819,12 +790,7 @@ def parser() -> argparse.ArgumentParser:
         description="SYNCED: runs the latest version; STALE: not acknowledged yet;"
         " NACK: refused what it was sent (and why). Exit 1 if the control plane is unreachable",
     )
-    status.add_argument(
-        "--control",
-        default=DEBUG_URL,
-        metavar="URL",
-        help=f"its debug address (default {DEBUG_URL})",
-    )
+    _add_control_flag(status, "its debug address")
     add_output_flag(status)
     status.set_defaults(func=_proxy_status)
 
@@ -841,12 +807,10 @@ def parser() -> argparse.ArgumentParser:
         "--kubeconfig", help="default: $KUBECONFIG or ~/.kube/config, as kubectl"
     )
     cluster_check.add_argument("--context", help="the kubeconfig context (default: current)")
-    cluster_check.add_argument(
-        "--control",
-        default=DEBUG_URL,
-        metavar="URL",
-        help=f"the control plane's debug address, for the agents (default {DEBUG_URL}:"
-        f" {debugapi.PORT_FORWARD})",
+    _add_control_flag(
+        cluster_check,
+        "the control plane's debug address, for the agents",
+        f": {debugapi.PORT_FORWARD}",
     )
     add_output_flag(cluster_check)
     cluster_check.set_defaults(func=_check)

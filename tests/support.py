@@ -341,6 +341,23 @@ def ca_process(
         assert code == 0, f"CA exited {code} on SIGTERM"
 
 
+def run_outrider(
+    *args: str | Path,
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """`outrider ARGS` as a user runs it, in a process of its own: exit code, stdout, stderr."""
+    return subprocess.run(
+        [sys.executable, "-m", "outrider", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=stdin,
+        env=env,
+    )
+
+
 def whole_milliseconds(seconds: float) -> bool:
     """`seconds` (a histogram's sum) is a whole number of milliseconds, as it is when every
     observation it adds up came from a millisecond clock such as uvloop's `loop.time()`."""

@@ -117,6 +117,12 @@ def projected_claims(
     }
 
 
+def es256_jwks(key: ec.EllipticCurvePrivateKey, kid: str) -> dict[str, Any]:
+    """The JWKS that verifies tokens `key` signs, as the API server serves /openid/v1/jwks."""
+    jwk = ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    return {"keys": [{**jwk, "kid": kid, "use": "sig", "alg": "ES256"}]}
+
+
 def workload_names(spiffe_id: SpiffeId) -> tuple[str, str]:
     """(namespace, service account) of ``spiffe://<td>/ns/<ns>/sa/<sa>``; ValueError if not that."""
     segments = spiffe_id.segments
@@ -171,8 +177,7 @@ class DevIssuer:
         return cls(loaded)
 
     def jwks(self) -> dict[str, Any]:
-        jwk = ECAlgorithm.to_jwk(self._key.public_key(), as_dict=True)
-        return {"keys": [{**jwk, "kid": "dev", "use": "sig", "alg": "ES256"}]}
+        return es256_jwks(self._key, "dev")
 
     def verifier(self, clock: Clock) -> TokenVerifier:
         """What `ca serve --dev` checks tokens with: the cluster's verifier, this key only."""

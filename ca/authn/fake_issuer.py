@@ -6,7 +6,7 @@ cluster, with any claim a test wants to forge. Its key lives only in memory.
 
 Test code only: no production path may import this module. The supported way
 to issue without a cluster is dev mode (ca/authn/dev.py), which shares the
-claim shape (`projected_claims`).
+claim shape (`projected_claims`) and the JWKS (`es256_jwks`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
-from jwt.algorithms import ECAlgorithm
 
-from ca.authn.dev import projected_claims
+from ca.authn.dev import es256_jwks, projected_claims
 
 DEFAULT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
@@ -36,8 +35,7 @@ class FakeTokenIssuer:
 
     def jwks(self) -> dict[str, Any]:
         """The public JWKS, as the API server serves it at /openid/v1/jwks."""
-        jwk = ECAlgorithm.to_jwk(self._key.public_key(), as_dict=True)
-        return {"keys": [{**jwk, "kid": self.kid, "use": "sig", "alg": "ES256"}]}
+        return es256_jwks(self._key, self.kid)
 
     def claims(
         self,

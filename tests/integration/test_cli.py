@@ -7,7 +7,6 @@ import os
 import socket
 import stat
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,14 +16,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from identity import SpiffeId, check_leaf
 from tests.support import ca_process, free_port, needs_dev_mode
+from tests.support import run_outrider as outrider
 
 CA_FILES = ("root.pem", "root.key", "intermediate.pem", "intermediate.key", "bundle.pem")
-
-
-def outrider(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "outrider", *map(str, args)], capture_output=True, text=True
-    )
 
 
 @pytest.fixture
@@ -201,21 +195,13 @@ def dev_config(tmp_path: Path, ca_dir: Path) -> Path:
 
 
 def test_serve_dev_refuses_to_start_in_a_pod_and_says_what_to_do(ca_dir: Path, tmp_path: Path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "outrider",
-            "ca",
-            "serve",
-            "--dev",
-            "--config",
-            str(dev_config(tmp_path, ca_dir)),
-        ],
-        capture_output=True,
-        text=True,
+    result = outrider(
+        "ca",
+        "serve",
+        "--dev",
+        "--config",
+        dev_config(tmp_path, ca_dir),
         env={**os.environ, "KUBERNETES_SERVICE_HOST": "10.96.0.1"},
-        timeout=30,
     )
     assert result.returncode == 2
     assert "refusing --dev: this looks like a Kubernetes pod" in result.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import yaml
 
 from identity.build import VERSION
 from tests.interop import ensure_command
+from tests.support import run_outrider as outrider
 
 FRONTEND = "spiffe://example.org/ns/shop/sa/frontend"
 #: An agent with a TCP inbound port (the default protocol) and an HTTP one.
@@ -34,19 +34,6 @@ policies:
       - name: get
         to: {ports: [5432], methods: [GET]}
 """
-
-
-def outrider(
-    *args: str | Path, stdin: str | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "outrider", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        input=stdin,
-        env=env,
-    )
 
 
 def test_version_prints_the_build_version() -> None:

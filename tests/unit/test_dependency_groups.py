@@ -126,12 +126,12 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize(
-    "argv", [["agent", "run", "--help"], ["capture", "apply", "--help"], ["--help"]]
-)
-def test_the_agent_runs_without_the_packages_its_image_leaves_out(argv: list[str]) -> None:
+def _outrider_without_the_agents_missing_packages(
+    argv: list[str],
+) -> subprocess.CompletedProcess[str]:
+    """`outrider ARGV` where the packages the agent image leaves out cannot be imported."""
     blocked = {name.split(".")[0] for name in (*NOT_IN_THE_AGENT, *ONLY_FOR_TRACING)}
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", _BLOCK.format(blocked=sorted(blocked)), *argv],
         capture_output=True,
         text=True,
@@ -139,29 +139,20 @@ def test_the_agent_runs_without_the_packages_its_image_leaves_out(argv: list[str
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+
+
+@pytest.mark.parametrize(
+    "argv", [["agent", "run", "--help"], ["capture", "apply", "--help"], ["--help"]]
+)
+def test_the_agent_runs_without_the_packages_its_image_leaves_out(argv: list[str]) -> None:
+    done = _outrider_without_the_agents_missing_packages(argv)
     assert done.returncode == 0, done.stderr
     assert "usage: outrider" in done.stdout
 
 
 def test_a_command_whose_group_is_not_installed_names_the_group() -> None:
     """`outrider ca serve` in the agent image: which extra to install, not a traceback."""
-    blocked = {name.split(".")[0] for name in (*NOT_IN_THE_AGENT, *ONLY_FOR_TRACING)}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _BLOCK.format(blocked=sorted(blocked)),
-            "ca",
-            "serve",
-            "--config",
-            "absent.yaml",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    done = _outrider_without_the_agents_missing_packages(["ca", "serve", "--config", "absent.yaml"])
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     assert "outrider ca: the " in done.stderr

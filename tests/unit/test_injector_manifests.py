@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from dataclasses import replace
@@ -18,6 +19,7 @@ from injector.manifests import (
     TEMPLATES,
     ManifestError,
     inject_files,
+    inject_sources,
     inject_stream,
     manifest_files,
 )
@@ -381,6 +383,20 @@ def test_a_kustomization_is_refused_with_the_command_that_builds_it(tmp_path: Pa
     said = str(raised.value)
     assert f"{tmp_path / 'app' / 'kustomization.yaml'}: a kustomization, not a manifest" in said
     assert f"kustomize build {tmp_path / 'app'} | outrider inject -f -" in said
+
+
+def test_stdin_is_read_alone_and_its_workloads_name_no_file(tmp_path: Path) -> None:
+    (tmp_path / "pod.yaml").write_text(yaml.safe_dump(WORKLOADS["Pod"]))
+    with pytest.raises(ManifestError, match="stdin is read alone, not with files"):
+        inject_sources(["-", str(tmp_path)], io.StringIO(""), SETTINGS, "default")
+    stdin = io.StringIO(yaml.safe_dump(WORKLOADS["Pod"]))
+    from_stdin, results = inject_sources(["-"], stdin, SETTINGS, "default")
+    assert [(where, r.workload) for where, r in results] == [("", "Pod default/web")]
+    from_file, results = inject_sources([str(tmp_path)], io.StringIO(""), SETTINGS, "default")
+    assert [(where, r.workload) for where, r in results] == [
+        (str(tmp_path / "pod.yaml"), "Pod default/web")
+    ]
+    assert from_stdin == from_file
 
 
 def test_without_ruamel_yaml_it_says_which_group_to_install(
