@@ -8,9 +8,12 @@ context, agent/core/tracecontext.py) and, once finished, gets ONE call,
 and sampling want it, agent/core/accesslog.py) and the span (if sampled and
 an endpoint is set).
 
-Lines go to stdout, batched per turn of the event loop (one write for all
-the lines a burst of requests finished, not one syscall per request), and
-written by a thread of their own (`LineWriter`): a log reader that stops
+Lines go to stdout in batches: held by the event loop for at most
+FLUSH_SECONDS or FLUSH_BYTES, whichever comes first (as Envoy's file access
+log holds its lines for a flush interval), then handed over at once to a
+thread of their own (`LineWriter`). A hand-over per turn of the loop (each
+waking the thread, which then contends for the GIL with the loop) cost
+more than building the lines. The thread exists because a log reader that stops
 reading (a stalled container runtime, a full disk behind it) fills a pipe,
 and a write from the event loop would then stop every connection of the
 agent. At most MAX_PENDING bytes wait; lines beyond are dropped and counted
@@ -90,6 +93,9 @@ def write_lines(fd: int, data: bytes) -> None:
             start += os.write(fd, view[start:end])
 
 
+#: Lines wait in the event loop at most this long, or until FLUSH_BYTES of them wait.
+FLUSH_SECONDS = 0.05
+FLUSH_BYTES = 64 << 10
 #: How long the agent's exit waits for the spans still queued to reach the receiver.
 SPAN_FLUSH_SECONDS = 1.0
 #: The bytes of lines that may wait for a slow stdout before lines are dropped.
@@ -180,6 +186,8 @@ class Observer:
         self.wall = wall
         self.logging = access.on
         self.lines: list[str] = []
+        self.waiting = 0  # the bytes of `lines`
+        self.timer: asyncio.TimerHandle | None = None
         self.spans: BatchSpanProcessor | None = None
         self._span_parts: tuple[Any, ...] = ()
         if tracing.otlp_endpoint:
@@ -223,19 +231,27 @@ class Observer:
             if self.spans is not None and trace.span.sampled:
                 self._export(entry, trace, name, ended)
         if self.logging and accesslog.logged(self.access, entry.denied, self.rng.random()):
-            if not self.lines:
+            text = accesslog.line(entry, ended)
+            self.lines.append(text)
+            self.waiting += len(text) + 1
+            if self.waiting >= FLUSH_BYTES:
+                self.flush()
+            elif self.timer is None:
                 try:
-                    asyncio.get_running_loop().call_soon(self.flush)
+                    loop = asyncio.get_running_loop()
                 except RuntimeError:  # no loop (a unit test): at once
-                    self.lines.append(accesslog.line(entry, ended))
                     self.flush()
-                    return
-            self.lines.append(accesslog.line(entry, ended))
+                else:
+                    self.timer = loop.call_later(FLUSH_SECONDS, self.flush)
 
     def flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.lines:
             text = "\n".join(self.lines) + "\n"
             self.lines.clear()
+            self.waiting = 0
             self.write(text)
 
     def close(self) -> None:
