@@ -237,6 +237,9 @@ class Observer:
             self.lines.append(text)
             self.waiting += len(text) + 1
             if self.waiting >= FLUSH_BYTES:
+                if self.timer is not None:
+                    self.timer.cancel()
+                    self.timer = None
                 self.flush()
             elif self.timer is None:
                 try:
@@ -244,17 +247,20 @@ class Observer:
                 except RuntimeError:  # no loop (a unit test): at once
                     self.flush()
                 else:
-                    self.timer = loop.call_later(FLUSH_SECONDS, self.flush)
+                    self.timer = loop.call_later(FLUSH_SECONDS, self._due)
+
+    def _due(self) -> None:
+        self.timer = None
+        self.flush()
 
     def flush(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        """Hand the waiting lines to `write`. Safe from another thread (the agent's exit
+        closes the observer in one): the list is swapped, never cleared after a join,
+        and the loop's timer is left to the loop (it then finds nothing waiting)."""
         if self.lines:
-            text = "\n".join(self.lines) + "\n"
-            self.lines.clear()
+            lines, self.lines = self.lines, []
             self.waiting = 0
-            self.write(text)
+            self.write("\n".join(lines) + "\n")
 
     def close(self) -> None:
         """Write what is pending (bounded); send the spans still queued (SPAN_FLUSH_SECONDS)."""
