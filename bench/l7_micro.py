@@ -1,6 +1,7 @@
 """The HTTP/1.1 hot path's CPU per request, without sockets, TLS or a load generator.
 
-    python -m bench.l7_micro [--requests 10000] [--rounds 5] [--profile outbound|inbound]
+    python -m bench.l7_micro [--requests 10000] [--rounds 5] [--logged]
+                             [--profile outbound|inbound]
 
 `l7_keepalive` (bench/dataplane.py) measures whole agents: most of their CPU is
 TLS and the event loop's I/O, and the machine's noise is as large as a change
@@ -14,6 +15,8 @@ GET (as wrk sends it) and its 200 (as nginx answers it) through
   policy an allow-everything stub (the policy's cost is bench/ and
   agent/core/policy.py's own).
 
+`--logged` adds the access log (`mode: all`) to both: its lines written, as the
+agent writes them, to a descriptor (/dev/null here), the writer's CPU counted.
 It prints process_time per request, the best of `rounds` (the least disturbed
 by whatever else the machine runs); `--profile` prints a cProfile of one path.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import pstats
 import random
 import ssl
@@ -38,11 +42,14 @@ from agent.adapters.outbound_http import OutboundHttp
 from agent.adapters.pool import UpstreamConnection
 from agent.adapters.runtime import Runtime
 from agent.adapters.tls import Contexts
+from agent.adapters.tracing import LineWriter, Observer, write_lines
 from agent.adapters.upstreams import LiveUpstream
 from agent.config import Limits
 from agent.config_outbound import Outbound, Subset
+from agent.core.accesslog import AccessLogConfig
 from agent.core.discovery import StaticSource
 from agent.core.policy import Decision
+from agent.core.tracecontext import TracingConfig
 from agent.core.upstream import Endpoint
 from identity import SpiffeId
 
@@ -89,12 +96,26 @@ class _Transport:
         return default
 
 
-async def _upstream() -> tuple[LiveUpstream, UpstreamConnection, _Transport]:
+def _observer(logged: bool) -> Observer | None:
+    """The access log of an agent with `access_log: {mode: all}`, to /dev/null; None: off."""
+    if not logged:
+        return None
+    null = os.open(os.devnull, os.O_WRONLY)
+    writer = LineWriter(sink=lambda text: write_lines(null, text.encode("ascii", "replace")))
+    observer = Observer(AccessLogConfig("all"), TracingConfig(), str(SERVER), write=writer)
+    observer.writer = writer  # closed with it
+    return observer
+
+
+async def _upstream(
+    observer: Observer | None = None,
+) -> tuple[LiveUpstream, UpstreamConnection, _Transport]:
     """An `http` upstream with one endpoint (published once started) and one pooled
     connection to it."""
     contexts = Contexts()
     contexts.client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # compared, never used
     runtime = Runtime(Limits(), contexts, AgentMetrics(), lambda: datetime.now(UTC), CLIENT)
+    runtime.observer = observer
     config = Outbound(
         "server",
         None,
@@ -111,9 +132,10 @@ async def _upstream() -> tuple[LiveUpstream, UpstreamConnection, _Transport]:
     return live, connection, transport
 
 
-async def outbound(requests: int) -> float:
+async def outbound(requests: int, logged: bool = False) -> float:
     """Seconds of process time per request through OutboundHttp, request to response."""
-    live, connection, upstream = await _upstream()
+    observer = _observer(logged)
+    live, connection, upstream = await _upstream(observer)
     for _ in range(100):  # bounded: a static source publishes at once
         if live.core.endpoints():
             break
@@ -129,6 +151,9 @@ async def outbound(requests: int) -> float:
         connection.data_received(RESPONSE)
         while exchange.task is not None:
             await pause(0)
+    if observer is not None:
+        await pause(0)
+        observer.close()  # its lines written: their CPU counted
     used = time.process_time() - started
     assert app.counted == requests, "every response reached the app"
     assert upstream.counted == requests, "every request went upstream"
@@ -141,8 +166,10 @@ def _allow(method: str, path: str, host: str | None, headers: object) -> Decisio
     return Decision(True, "bench", "allow", "")
 
 
-def inbound(requests: int) -> float:
-    """Seconds of process time per request through HttpExchange, request to response."""
+async def inbound(requests: int, logged: bool = False) -> float:
+    """Seconds of process time per request through HttpExchange, request to response (a
+    turn of the event loop after each, as a connection's next request comes)."""
+    observer = _observer(logged)
     client, app = _Transport(b"HTTP/1.1 200 OK"), _Transport(b"GET /api/items HTTP/1.1")
     answered: list[int] = []
     exchange = HttpExchange(
@@ -151,39 +178,45 @@ def inbound(requests: int) -> float:
         _allow,
         xfcc(str(SERVER), str(CLIENT)),
         answered.append,
+        watch=None if observer is None else observer.watch("http", "inbound", str(CLIENT)),
     )
+    pause = asyncio.sleep
     started = time.process_time()
     for _ in range(requests):
         exchange.from_client(REQUEST)
         exchange.from_app(RESPONSE)
+        await pause(0)
+    if observer is not None:
+        observer.close()
     used = time.process_time() - started
     assert client.counted == requests == len(answered), "every response reached the client"
     assert app.counted == requests, "every request reached the app"
     return used / requests
 
 
-def _run(path: str, requests: int) -> float:
-    if path == "outbound":
-        return uvloop.run(outbound(requests))  # the agent runs on uvloop (outrider/cli.py)
-    return inbound(requests)
+def _run(path: str, requests: int, logged: bool = False) -> float:
+    run = outbound if path == "outbound" else inbound
+    return uvloop.run(run(requests, logged))  # the agent runs on uvloop (outrider/cli.py)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.l7_micro", description=__doc__)
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--logged", action="store_true", help="access_log: {mode: all}")
     parser.add_argument("--profile", choices=("outbound", "inbound"))
     args = parser.parse_args(argv)
     if args.profile:
         profile = cProfile.Profile()
-        run: Callable[[], float] = lambda: _run(args.profile, args.requests)  # noqa: E731
+        run: Callable[[], float] = lambda: _run(args.profile, args.requests, args.logged)  # noqa: E731
         profile.runcall(run)
         pstats.Stats(profile).sort_stats("tottime").print_stats(30)
         return
     for path in ("outbound", "inbound"):
-        _run(path, min(args.requests, 1000))  # warm up: imports, caches, metric children
-        best = min(_run(path, args.requests) for _ in range(args.rounds))
-        print(f"{path:9} {best * 1e6:6.1f} us/request (best of {args.rounds} x {args.requests})")
+        _run(path, min(args.requests, 1000), args.logged)  # warm up: imports, caches, children
+        best = min(_run(path, args.requests, args.logged) for _ in range(args.rounds))
+        name = f"{path}{' logged' if args.logged else ''}"
+        print(f"{name:16} {best * 1e6:6.1f} us/request (best of {args.rounds} x {args.requests})")
 
 
 if __name__ == "__main__":

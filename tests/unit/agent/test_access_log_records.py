@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import time
 
 import pytest
 
+from agent.adapters import tracing
 from agent.adapters.tracing import LineWriter, Observer, write_lines
 from agent.core.accesslog import (
     FIELDS,
@@ -97,6 +99,48 @@ def test_a_line_has_every_field_in_order_and_null_where_it_does_not_apply() -> N
     assert record["duration_ms"] == 2.5
     assert record["method"] is None and record["status"] is None and record["tries"] is None
     assert record["bytes_in"] == 0
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["plain", 'quote " and \\ backslash', "tab\tnew\nline\x00\x1f\x7f", "é ü 中 😀", "</script>"],
+)
+def test_a_line_is_exactly_what_json_dumps_writes_for_its_fields(text: str) -> None:
+    """The line is formatted, not encoded from a dict: it must still be the same JSON,
+    byte for byte (ASCII only), whatever a caller put in the strings it chooses."""
+    entry = Entry("http", "outbound", at=1796569200.5, started=1.0, peer_id=text, method=text)
+    entry.path, entry.status, entry.grpc_status, entry.tries = text, 503, 14, 2
+    entry.bytes_in, entry.bytes_out, entry.error, entry.request_id = 7, 1 << 40, text, text
+    written = line(entry, ended=1.0123456)
+    record = {name: getattr(entry, name, None) for name in FIELDS}
+    record["time"], record["duration_ms"] = "2026-12-06T15:00:00.500Z", 12.346
+    assert written == json.dumps(record, separators=(",", ":"), ensure_ascii=True)
+
+
+def test_lines_wait_in_the_loop_and_go_out_together_within_the_flush_interval() -> None:
+    """One hand-over to the writer for a burst of requests, not one per turn of the loop;
+    none waits longer than FLUSH_SECONDS, and FLUSH_BYTES of lines go at once."""
+    written: list[str] = []
+    observer = Observer(AccessLogConfig("all"), TracingConfig(), "me", write=written.append)
+    watch = observer.watch("http", "inbound", None)
+
+    async def burst() -> None:
+        for _ in range(20):
+            watch.finish(watch.request("GET", "/p", []), 200)
+            await asyncio.sleep(0)
+        assert written == []  # held
+        deadline = time.monotonic() + 5
+        while not written:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(tracing.FLUSH_SECONDS / 5)
+        assert len(written) == 1 and written[0].count("\n") == 20
+        big = "/" + "x" * 2000
+        while len(written) == 1:  # FLUSH_BYTES waiting: written at once, no timer
+            watch.finish(watch.request("GET", big, []), 200)
+        assert tracing.FLUSH_BYTES <= len(written[1]) < tracing.FLUSH_BYTES + 4000
+        observer.close()
+
+    asyncio.run(burst())
 
 
 def test_an_observer_writes_one_line_per_finished_request_and_no_header_value() -> None:
