@@ -228,8 +228,9 @@ def observed(
     stack: ExitStack, setup: CaSetup, ca: CaProcess, root: Path, backend_port: int, *, tracing: bool
 ) -> Pair:
     """An L7 pair for `l7_observed`: every request logged (to the agents' stdout, a
-    regular file here, `<role>.log`, shared with stderr; "logged"), and with `tracing` every span also sent to an OTLP/HTTP
-    receiver that decodes and counts them (bench/otlp_sink.py; "observed")."""
+    regular file here, `<role>.log`, shared with stderr; "logged"), and with `tracing`
+    every span also sent to an OTLP/HTTP receiver that decodes and counts them
+    (bench/otlp_sink.py; "observed")."""
     observe: dict[str, Any] = {"access_log": {"mode": "all"}}
     if not tracing:
         return peers.outrider(
