@@ -4,6 +4,10 @@
     keepalive_workers
                 the same, Outrider's agents of one process beside agents of
                 `workers: 2` (docs/agent.md#workers says what it can show on 2 CPUs)
+    workers_capped
+                the same, each agent held to CAPPED_CORES of CPU per worker (a cgroup
+                quota), so the load generator and the backend always have CPU left:
+                how throughput scales with workers where cores are free
     floor       one connection, closed loop: the latency floor
     fixed_rate  1000 req/s open loop (h2load): latency added over the direct path
     new_conn    a new connection per request (full mTLS handshakes): conn/s
@@ -34,10 +38,19 @@ from typing import Any
 from bench import grpc_calls, peers
 from bench.load import Load, fixed_rate, wrk
 from bench.peers import Pair
-from bench.procs import cpu_seconds, machine_busy_seconds, peak_rss_mib, rss_mib
+from bench.procs import (
+    cpu_quota_unavailable,
+    cpu_seconds,
+    machine_busy_seconds,
+    peak_rss_mib,
+    rss_mib,
+)
 from tests.support import CaProcess, CaSetup, ca_process, make_ca_setup
 
 NOT_MEASURED = "not measured"
+#: CPUs per worker in `workers_capped`: with 2 workers both agents take 1.2 of 2 CPUs,
+#: and wrk and the backend need about 0.4 at the throughput that gives.
+CAPPED_CORES = 0.3
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,13 @@ def scenarios(connections: int) -> list[Scenario]:
             f"L4, {connections} keep-alive connections: agents of one process, and of"
             " `workers: 2` (both sides)",
             ("outrider l4", "outrider l4 2 workers"),
+            lambda port, s: wrk(port, s, connections),
+        ),
+        Scenario(
+            "workers_capped",
+            f"L4, {connections} keep-alive connections: each agent held to {CAPPED_CORES} CPU"
+            " per worker (cgroup quota), one worker and `workers: 2`",
+            ("outrider l4 capped", "outrider l4 2 workers capped"),
             lambda port, s: wrk(port, s, connections),
         ),
         Scenario("floor", "L4, one connection (latency floor)", l4, lambda p, s: wrk(p, s, 1)),
@@ -218,6 +238,13 @@ def start_pairs(stack: ExitStack, root: Path) -> tuple[dict[str, Pair], int]:
         peers.outrider(stack, setup, ca, grpc_port, layer="grpc"),
         peers.envoy(stack, setup, grpc_port, "grpc"),
     ]
+    if cpu_quota_unavailable() is None:
+        pairs += [
+            peers.outrider(stack, setup, ca, backend_port, workers=n, cores_per_worker=CAPPED_CORES)
+            for n in (1, 2)
+        ]
+    else:
+        print(f"workers_capped not measured: {cpu_quota_unavailable()}", file=sys.stderr)
     pairs[2].proxy, pairs[2].layer = "outrider", "rotating"
     for pair in pairs[1:5]:
         pair.handshakes = agent_handshakes(pair)

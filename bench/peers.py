@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from bench.procs import NGINX_STREAM, started
+from bench.procs import NGINX_STREAM, cpu_capped, started
 from tests.envoy import (
     Svid,
     bootstrap,
@@ -142,6 +142,7 @@ def outrider(
     variant: str = "observed",
     workers: int = 1,
     resumed: bool = False,
+    cores_per_worker: float | None = None,
 ) -> Pair:
     """Two `outrider agent run` processes with SVIDs (of lifetime `ttl`) from the running CA.
 
@@ -154,11 +155,16 @@ def outrider(
     process is watched too, as "<role> worker <n>".
     `resumed`: the agents resume TLS 1.3 sessions (`tls.resumption`, their default);
     every other pair turns it off, so a new connection is a full handshake.
+    `cores_per_worker`: each agent's processes share a CPU quota of that many CPUs per
+    worker (bench/procs.py cpu_capped; the pair's layer gets " capped").
     """
     if resumed:
         observe, variant = {}, "resumed"
     if workers > 1:
         observe, variant = {**(observe or {}), "workers": workers}, f"{workers} workers"
+    if cores_per_worker is not None:
+        observe = observe or {}
+        variant = f"{variant} capped" if workers > 1 else "capped"
     named = f"{layer}-{variant}".replace(" ", "-") if observe is not None else layer
     root, address = setup.root / f"outrider-{ttl}-{named}", f"127.0.0.1:{ca.grpc_port}"
     (root / "ca").mkdir(parents=True, exist_ok=True)
@@ -201,6 +207,9 @@ def outrider(
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         for index, child in enumerate(sorted(children, key=int)):
             pids[f"{role} worker {index}"] = int(child)
+        if cores_per_worker is not None:
+            mine = [p for r, p in pids.items() if r.split()[0] == role]
+            stack.enter_context(cpu_capped(f"{named}-{role}", mine, cores_per_worker * workers))
     return Pair(
         "outrider",
         f"{layer} {variant}" if observe is not None else layer,

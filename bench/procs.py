@@ -8,8 +8,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 # Debian packages the harness needs, by the command each provides.
@@ -109,3 +109,61 @@ def started(command: list[str], port: int, what: str, log: Path) -> Iterator[int
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+# Where a CPU quota can be set: cgroup v2's unified tree (cpu.max), or v1's cpu controller.
+_CGROUP_V2 = Path("/sys/fs/cgroup")
+_CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+CFS_PERIOD_US = 100_000
+
+
+def _cpu_cgroup_root() -> Path | None:
+    controllers = _CGROUP_V2 / "cgroup.controllers"
+    if controllers.exists() and "cpu" in controllers.read_text().split():
+        return _CGROUP_V2
+    if (_CGROUP_V1_CPU / "cpu.cfs_quota_us").exists():
+        return _CGROUP_V1_CPU
+    return None
+
+
+def cpu_quota_unavailable() -> str | None:
+    """Why `cpu_capped` cannot work here, or None when it can."""
+    if os.geteuid() != 0:
+        return "a CPU quota needs root (a cgroup of our own)"
+    if _cpu_cgroup_root() is None:
+        return "no cgroup CPU controller (cgroup v2 cpu.max or v1 cpu.cfs_quota_us)"
+    return None
+
+
+@contextmanager
+def cpu_capped(name: str, pids: Iterable[int], cores: float) -> Iterator[None]:
+    """`pids` (whole processes, every thread, and children they start later) share a
+    CPU quota of `cores` CPUs, a cgroup's CFS bandwidth limit, until the block exits.
+
+    What it is for: on a small machine, a proxy of N workers can be given N x `cores`
+    of CPU while the load generator and the backend always have CPU left, which is
+    what "N workers on N free cores" asks and 2 CPUs cannot give otherwise.
+    """
+    root = _cpu_cgroup_root()
+    if root is None or os.geteuid() != 0:
+        raise RuntimeError(cpu_quota_unavailable())
+    group = root / f"outrider-bench-{name}-{os.getpid()}"
+    group.mkdir()
+    try:
+        quota = round(cores * CFS_PERIOD_US)
+        if root == _CGROUP_V2:
+            subtree = root / "cgroup.subtree_control"
+            if "cpu" not in subtree.read_text().split():
+                subtree.write_text("+cpu")
+            (group / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
+        else:
+            (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+            (group / "cpu.cfs_quota_us").write_text(str(quota))
+        for pid in pids:
+            (group / "cgroup.procs").write_text(str(pid))
+        yield
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():
+            with suppress(OSError):  # exited meanwhile
+                (root / "cgroup.procs").write_text(pid)
+        group.rmdir()

@@ -138,6 +138,24 @@ def test_the_aim_is_judged_at_two_thousand_agents_only() -> None:
     assert "Control plane" not in markdown(record({}))
 
 
+def test_memory_is_judged_on_every_outrider_process_and_workers_on_the_capped_pair() -> None:
+    rec = record({})
+    rec["dataplane"] = {
+        "rss_idle_mib": {"outrider l4": {"client": 40.0}, "outrider l7 observed": {"server": 44.0},
+                         "envoy l4": {"client": 90.0}},
+        "rss_peak_mib": {"outrider l4 2 workers": {"server worker 1": 58.0},
+                         "envoy l4": {"client": 99.0}},
+    }  # fmt: skip
+    pairs = [{"pair": "outrider l4 capped", "per_s": 1000.0},
+             {"pair": "outrider l4 2 workers capped", "per_s": 1650.0}]  # fmt: skip
+    rec["summary"] = [{"name": "workers_capped", "rows": pairs}]
+    judged = {g: (m, ok) for g, m, ok in goals(rec)}
+    assert judged["agent RSS ≤ 45 MB idle"] == ("46.1 MB max", False)  # 44 MiB, in MB
+    assert judged["agent RSS ≤ 60 MB peak"] == ("60.8 MB max", False)
+    workers = "`workers: 2` ≥ 1.7x one worker, each held to the same CPU per worker"
+    assert judged[workers] == ("1.65x", False)
+
+
 def test_capture_is_judged_against_the_explicit_path_of_the_same_run() -> None:
     samples = {
         "keepalive": {
