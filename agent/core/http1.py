@@ -71,6 +71,8 @@ HOP_BY_HOP: Final = frozenset(
 #: its authority), and a body sent without its framing is read as the next message.
 END_TO_END: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
 _RULED = frozenset({b"host", b"transfer-encoding", b"content-length", b"connection", b"upgrade"})
+#: Their name lengths: a field of another length is none of them, and needs no lower().
+_RULED_LENGTHS = frozenset(map(len, _RULED))
 #: Kept on an Upgrade (the one relayed: to WebSocket).
 _UPGRADE_KEPT = frozenset({b"upgrade"})
 #: The protocols a connection may switch to once the policy allowed the request: those
@@ -251,10 +253,24 @@ def hop_by_hop(connection: frozenset[bytes], *, upgrade: bool = False) -> frozen
     (its tokens). On an upgrade, Upgrade goes on with it."""
     if not connection and not upgrade:
         return HOP_BY_HOP  # the usual case, with no set to build
+    usual = _USUAL_HOPS.get((connection, upgrade))
+    if usual is not None:  # `Connection: keep-alive` (nginx's every response): made once
+        return usual
+    return _hop_by_hop(connection, upgrade)
+
+
+def _hop_by_hop(connection: frozenset[bytes], upgrade: bool) -> frozenset[bytes]:
     hop = HOP_BY_HOP | connection
     if upgrade:
         hop -= _UPGRADE_KEPT
     return hop - END_TO_END
+
+
+_USUAL_HOPS: Final = {
+    (tokens, upgrade): _hop_by_hop(tokens, upgrade)
+    for tokens in {*_USUAL_TOKENS.values(), _NO_TOKENS}
+    for upgrade in (False, True)
+}
 
 
 def connection_tokens(headers: Fields) -> frozenset[bytes]:
@@ -272,8 +288,10 @@ def end(framing: Framing) -> bytes:
     return LAST_CHUNK if framing == "chunked" else b""
 
 
-#: The name lengths of each `dropped` set: a name of another length needs no folding.
-_LENGTHS: dict[frozenset[bytes], frozenset[int]] = {}
+#: The name lengths of the headers each (hop-by-hop set, `dropped` set) removes: a name of
+#: another length is passed on without a lower() (bounded: a client names its own hop set).
+_LENGTHS: dict[tuple[frozenset[bytes], frozenset[bytes]], frozenset[int]] = {}
+_MAX_LENGTHS = 64
 
 
 def _fields(
@@ -292,13 +310,16 @@ def _fields(
     hop = hop_by_hop(connection, upgrade=upgrade)
     if incoming == "chunked" and outgoing == "close":
         hop |= {b"transfer-encoding"}
-    lengths = _LENGTHS.get(dropped)
+    lengths = _LENGTHS.get((hop, dropped))
     if lengths is None:
-        lengths = _LENGTHS[dropped] = frozenset(map(len, dropped))
+        lengths = frozenset(map(len, hop | dropped))  # folding keeps a name's length
+        if len(_LENGTHS) < _MAX_LENGTHS:
+            _LENGTHS[hop, dropped] = lengths
     for name, value in headers:
-        key = name.lower()
-        if key in hop or (len(key) in lengths and key.replace(b"_", b"-") in dropped):
-            continue
+        if len(name) in lengths:
+            key = name.lower()
+            if key in hop or key.replace(b"_", b"-") in dropped:
+                continue
         parts += (name, b": ", value, b"\r\n")
     if incoming == "close" and outgoing == "chunked":
         parts.append(b"transfer-encoding: chunked\r\n")
@@ -592,9 +613,10 @@ class RequestParser:
                 # the app as header fields the policy never saw, or a second Host.
                 return
             self._headers.append((name, value))
-            key = name.lower()
-            if key in _RULED:
-                self._scanned.setdefault(key, []).append(value)
+            if len(name) in _RULED_LENGTHS:
+                key = name.lower()
+                if key in _RULED:
+                    self._scanned.setdefault(key, []).append(value)
         elif self.underscores == "reject":  # trailers too: one rule for every field
             self._refuse(400, "bad_request", underscore_refusal(name))
             raise _Stop
@@ -799,9 +821,10 @@ class ResponseParser:
         if self._trailers:  # a chunked body's trailers: never joined to the head sent on
             return
         self._headers.append((name, value))
-        key = name.lower()
-        if key in _RULED:
-            self._scanned.setdefault(key, []).append(value)
+        if len(name) in _RULED_LENGTHS:
+            key = name.lower()
+            if key in _RULED:
+                self._scanned.setdefault(key, []).append(value)
 
     def on_headers_complete(self) -> None:
         self._trailers = True
