@@ -493,6 +493,7 @@ class RequestParser:
         "_fields",
         "_headers",
         "_held",
+        "_host",
         "_messages",
         "_parser",
         "_scanned",
@@ -523,6 +524,7 @@ class RequestParser:
         self.stopped = False
         self.upgrading = False  # an Upgrade request is whole: what follows is held
         self._held: list[bytes] = []
+        self._host = b""  # the last Host found well-formed: a client sends the same one
         self._trailers = False  # the head is out: fields now are a chunked body's trailers
         self._switchable = False  # the last request asked for an Upgrade that is relayed
 
@@ -535,7 +537,10 @@ class RequestParser:
         events = self._events = []
         self._unparsed += len(data)
         try:
-            self._feed(data)
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                self._upgrade(data, upgrade.args[0])
         except httptools.HttpParserError as exc:
             if str(exc) == "Pause on PRI/Upgrade" and self._messages == 1:
                 self.stopped = True  # the connection's first bytes: a client speaking h2
@@ -546,23 +551,24 @@ class RequestParser:
             self._refuse(431, "headers_too_large")
         return events
 
-    def _feed(self, data: bytes) -> None:
+    def _upgrade(self, data: bytes, offset: int) -> None:
+        """llhttp stopped after an Upgrade request's head, at `offset` of `data`."""
         while True:
+            rest = data[offset:]
+            if self._switchable:
+                self.upgrading = True
+                self._held.append(rest)
+                return
+            # An Upgrade not relayed: llhttp stopped at its end all the same, so a
+            # fresh parser takes what follows as the next request.
+            self._parser = httptools.HttpRequestParser(self)
+            if not rest:
+                return
             try:
-                self._parser.feed_data(data)
+                self._parser.feed_data(rest)
                 return
             except httptools.HttpParserUpgrade as upgrade:
-                rest = data[upgrade.args[0] :]
-                if self._switchable:
-                    self.upgrading = True
-                    self._held.append(rest)
-                    return
-                # An Upgrade not relayed: llhttp stopped at its end all the same, so a
-                # fresh parser takes what follows as the next request.
-                self._parser = httptools.HttpRequestParser(self)
-                if not rest:
-                    return
-                data = rest
+                data, offset = rest, upgrade.args[0]
 
     def switched(self) -> bytes:
         """The server switched protocols: the bytes held since the request, for the tunnel."""
@@ -637,7 +643,9 @@ class RequestParser:
             # neither is HTTP/1.x, and the app would read either its own way.
             self._refuse(505, "version_not_supported", f"HTTP/{version}")
             raise _Stop
-        refusal = _check(version, scanned)
+        refusal = _check(version, scanned, self._host)
+        if refusal is None and b"host" in scanned:
+            self._host = scanned[b"host"][0]
         upgrade = None
         framing = request_framing(scanned)
         if refusal is None and parser.should_upgrade():
@@ -675,8 +683,9 @@ class RequestParser:
         self._events.append(END)
 
 
-def _check(version: str, scanned: Scanned) -> str | None:
-    """Why a request head is refused (400), or None."""
+def _check(version: str, scanned: Scanned, known_host: bytes = b"") -> str | None:
+    """Why a request head is refused (400), or None. `known_host`: a Host value found
+    well-formed before (its pattern not matched again)."""
     hosts = scanned.get(b"host", ())
     if len(hosts) > 1:
         return "more than one Host"
@@ -691,7 +700,8 @@ def _check(version: str, scanned: Scanned) -> str | None:
     if codings and b"content-length" in scanned:  # the smuggler's favourite
         return "Content-Length beside Transfer-Encoding"
     # llhttp keeps trailing whitespace; the app drops it (RFC 9110 5.5), so must we.
-    if hosts and not _HOST_BYTES.fullmatch(hosts[0].strip(b" \t")):
+    host = hosts[0] if hosts else None
+    if host is not None and host != known_host and not _HOST_BYTES.fullmatch(host.strip(b" \t")):
         return "malformed Host"
     return None
 
