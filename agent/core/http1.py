@@ -289,8 +289,16 @@ def end(framing: Framing) -> bytes:
 
 
 #: The name lengths of the headers each (hop-by-hop set, `dropped` set) removes: a name of
-#: another length is passed on without a lower() (bounded: a client names its own hop set).
+#: another length is passed on without a lower(). Kept for the usual hop sets only (a
+#: client's Connection header names its own), and the agent's own `dropped` sets.
 _LENGTHS: dict[tuple[frozenset[bytes], frozenset[bytes]], frozenset[int]] = {}
+_KEPT_HOPS: Final = frozenset(
+    {
+        hop | extra
+        for hop in (HOP_BY_HOP, *_USUAL_HOPS.values())
+        for extra in (frozenset(), frozenset({b"transfer-encoding"}))
+    }
+)
 _MAX_LENGTHS = 64
 
 
@@ -313,7 +321,7 @@ def _fields(
     lengths = _LENGTHS.get((hop, dropped))
     if lengths is None:
         lengths = frozenset(map(len, hop | dropped))  # folding keeps a name's length
-        if len(_LENGTHS) < _MAX_LENGTHS:
+        if hop in _KEPT_HOPS and len(_LENGTHS) < _MAX_LENGTHS:
             _LENGTHS[hop, dropped] = lengths
     for name, value in headers:
         if len(name) in lengths:
