@@ -758,6 +758,18 @@ class OutboundHttp(asyncio.Protocol):
 class _Responses:
     """One response's events: decide whether to retry on it, else deliver it to the app."""
 
+    __slots__ = (
+        "connection",
+        "delivering",
+        "exchange",
+        "finished",
+        "keep_alive",
+        "outgoing",
+        "request",
+        "status",
+        "until_close",
+    )
+
     def __init__(
         self, exchange: OutboundHttp, request: _Request, connection: UpstreamConnection
     ) -> None:
