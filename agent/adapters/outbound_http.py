@@ -330,7 +330,8 @@ class OutboundHttp(asyncio.Protocol):
 
     def request_done(self) -> None:
         request = self.queue[-1]
-        self._add(request, http1.end(request.framing))
+        if request.framing == "chunked":
+            self._add(request, http1.LAST_CHUNK)
         request.done = True
         if self.draining:
             self.stopped = True
@@ -791,7 +792,10 @@ class _Responses:
         for event in events:
             if isinstance(event, Data):
                 if self.delivering and not self.finished:
-                    self.exchange.to_client.append(http1.body(self.outgoing, event.data))
+                    data = event.data
+                    self.exchange.to_client.append(
+                        data if self.outgoing != "chunked" else http1.body("chunked", data)
+                    )
                     if self.request.entry is not None:
                         self.request.entry.bytes_out += len(event.data)
             elif event is END:
@@ -835,7 +839,8 @@ class _Responses:
 
     def finish(self) -> None:
         self.finished = True
-        self.exchange.to_client.append(http1.end(self.outgoing))
+        if self.outgoing == "chunked":
+            self.exchange.to_client.append(http1.LAST_CHUNK)
         self.exchange.response_done(self.status, self.keep_alive)
 
     def _retry_granted(self, status: int) -> bool:
