@@ -106,6 +106,30 @@ async def dial_within_limit(
 class Try(Generic[C, P]):
     """One attempt on one endpoint; see the module's docstring for what it owns."""
 
+    # One made per request: no instance dict.
+    __slots__ = (
+        "_decided",
+        "_grant",
+        "_grpc",
+        "_load",
+        "_method",
+        "_per_try",
+        "_replayable",
+        "_slot",
+        "_tried",
+        "connection",
+        "ended",
+        "endpoint",
+        "fresh",
+        "live",
+        "number",
+        "outcome",
+        "parser",
+        "redialled",
+        "step",
+        "timer",
+    )
+
     def __init__(
         self,
         live: LiveUpstream,
@@ -250,6 +274,23 @@ class Attempts(Generic[C, P]):
     either way, so the tries are the same. `close` ends what is left (a try in progress,
     a slot taken); called again it does nothing.
     """
+
+    __slots__ = (
+        "_loop",
+        "_redialled",
+        "_stale",
+        "current",
+        "grpc",
+        "key",
+        "live",
+        "method",
+        "per_try",
+        "replayable",
+        "rng",
+        "slot",
+        "subset",
+        "tried",
+    )
 
     def __init__(
         self,

@@ -232,7 +232,10 @@ class HttpExchange:
         """Apply the app's response events; False if it broke HTTP."""
         for event in events:
             if isinstance(event, Data):
-                self.to_client.append(http1.body(self.outgoing, event.data))
+                data = event.data
+                self.to_client.append(
+                    data if self.outgoing != "chunked" else http1.body("chunked", data)
+                )
                 if self.watch is not None:
                     self._sent(len(event.data))
             elif event is END:
@@ -343,7 +346,8 @@ class HttpExchange:
         request = self.queue[-1] if self.queue else None
         if request is None or request.answer:
             return
-        self._send(request, http1.end(request.framing))
+        if request.framing == "chunked":
+            self._send(request, http1.LAST_CHUNK)
         request.done = True
         if self.draining:
             self.stopped = True
@@ -421,10 +425,12 @@ class HttpExchange:
         else:
             self.responses = spare.next(request.method, request.upgrade)
             self.spare = None
-        self.to_app += [request.head, *request.body]
+        self.to_app.append(request.head)
+        if request.body:
+            self.to_app += request.body
+            request.body.clear()
         self.held -= request.held
         request.held = 0
-        request.body.clear()
         if self.held <= HOLD_BYTES and not request.upgrade and not self.client.is_closing():
             self.client.resume_reading()
 
@@ -467,7 +473,8 @@ class HttpExchange:
         if request.entry is not None and self.watch is not None:
             self.watch.finish(request.entry, responses.status)
         self.spare, self.responses = responses, None
-        self.to_client.append(http1.end(self.outgoing))
+        if self.outgoing == "chunked":
+            self.to_client.append(http1.LAST_CHUNK)
         if not self.keep:
             self.stopped = self.closing = True
         elif request.upgrade:  # answered without switching: HTTP goes on

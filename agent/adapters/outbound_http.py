@@ -85,6 +85,7 @@ class _Request:
     done: bool = False  # the whole request has been read
     answer: bytes = b""  # a refusal queued behind earlier requests
     entry: Entry | None = None  # its access log entry and span (an observer is on)
+    wire_method: bytes = b""  # `method` as received, for the response's parser
 
 
 @dataclass(slots=True)
@@ -302,17 +303,19 @@ class OutboundHttp(asyncio.Protocol):
             assert entry.trace is not None
             extra += tuple(entry.trace.headers())
             dropped = TRACE_HEADERS
+        hash_on = self.live.config.hash_on
         request = _Request(
             method,
             http1.request_head(
                 head, head.target, version="1.1", keep_alive=True, extra=extra, dropped=dropped
             ),
-            _key(self.live.config.hash_on, headers, self.source),
+            None if hash_on is None else _key(hash_on, headers, self.source),
             head.keep_alive,
             head.version == "1.0",
             head.framing,
             head.upgrade is not None,
             entry=entry,
+            wire_method=head.method,
         )
         self.queue.append(request)
         self._hold(request, len(request.head))
@@ -327,7 +330,8 @@ class OutboundHttp(asyncio.Protocol):
 
     def request_done(self) -> None:
         request = self.queue[-1]
-        self._add(request, http1.end(request.framing))
+        if request.framing == "chunked":
+            self._add(request, http1.LAST_CHUNK)
         request.done = True
         if self.draining:
             self.stopped = True
@@ -570,7 +574,7 @@ class OutboundHttp(asyncio.Protocol):
         self.attempt = attempt
         attempt.connection = connection
         connection.user = self
-        spare, method = connection.spare, request.method.encode()
+        spare, method = connection.spare, request.wire_method or request.method.encode()
         if spare is None:
             parser = http1.ResponseParser(method, request.upgrade)
         else:
@@ -579,9 +583,11 @@ class OutboundHttp(asyncio.Protocol):
         attempt.parser = _Parsing(_Responses(self, request, connection), parser, done)
         if self.writing_paused:  # the app still has not read the last response
             self._upstream_reading(False)
-        self.to_upstream += [request.head, *request.body]
-        if not request.replayable:
-            request.body.clear()
+        self.to_upstream.append(request.head)
+        if request.body:
+            self.to_upstream += request.body
+            if not request.replayable:
+                request.body.clear()
         self._unhold(request)
         attempt.sent()
 
@@ -753,6 +759,18 @@ class OutboundHttp(asyncio.Protocol):
 class _Responses:
     """One response's events: decide whether to retry on it, else deliver it to the app."""
 
+    __slots__ = (
+        "connection",
+        "delivering",
+        "exchange",
+        "finished",
+        "keep_alive",
+        "outgoing",
+        "request",
+        "status",
+        "until_close",
+    )
+
     def __init__(
         self, exchange: OutboundHttp, request: _Request, connection: UpstreamConnection
     ) -> None:
@@ -774,7 +792,10 @@ class _Responses:
         for event in events:
             if isinstance(event, Data):
                 if self.delivering and not self.finished:
-                    self.exchange.to_client.append(http1.body(self.outgoing, event.data))
+                    data = event.data
+                    self.exchange.to_client.append(
+                        data if self.outgoing != "chunked" else http1.body("chunked", data)
+                    )
                     if self.request.entry is not None:
                         self.request.entry.bytes_out += len(event.data)
             elif event is END:
@@ -818,7 +839,8 @@ class _Responses:
 
     def finish(self) -> None:
         self.finished = True
-        self.exchange.to_client.append(http1.end(self.outgoing))
+        if self.outgoing == "chunked":
+            self.exchange.to_client.append(http1.LAST_CHUNK)
         self.exchange.response_done(self.status, self.keep_alive)
 
     def _retry_granted(self, status: int) -> bool:

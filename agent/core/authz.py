@@ -9,6 +9,7 @@ exact: `td` never matches `td.evil`, and an ID matches only the very same ID.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 from identity import SpiffeId, TrustDomain
@@ -21,9 +22,10 @@ class AllowList:
     spiffe_ids: frozenset[SpiffeId] = frozenset()
     trust_domains: frozenset[TrustDomain] = frozenset()
 
-    @property
+    @cached_property
     def trusted_domains(self) -> frozenset[TrustDomain]:
-        """The listed trust domains and those of the listed IDs."""
+        """The listed trust domains and those of the listed IDs (made once: every request
+        the policy decides reads it)."""
         return self.trust_domains | {peer.trust_domain for peer in self.spiffe_ids}
 
     def decide(self, peer: SpiffeId) -> Decision:

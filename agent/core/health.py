@@ -356,6 +356,8 @@ class HealthTable:
         self._available = None
 
     def _end_ejections(self, now: float) -> None:
+        if not self._ejected:  # the usual case, on every request: no list to copy
+            return
         for endpoint in list(self._ejected):
             health = self._endpoints[endpoint]
             if health.ejected_until is not None and health.ejected_until <= now:

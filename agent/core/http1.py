@@ -71,6 +71,8 @@ HOP_BY_HOP: Final = frozenset(
 #: its authority), and a body sent without its framing is read as the next message.
 END_TO_END: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
 _RULED = frozenset({b"host", b"transfer-encoding", b"content-length", b"connection", b"upgrade"})
+#: Their name lengths: a field of another length is none of them, and needs no lower().
+_RULED_LENGTHS = frozenset(map(len, _RULED))
 #: Kept on an Upgrade (the one relayed: to WebSocket).
 _UPGRADE_KEPT = frozenset({b"upgrade"})
 #: The protocols a connection may switch to once the policy allowed the request: those
@@ -251,10 +253,24 @@ def hop_by_hop(connection: frozenset[bytes], *, upgrade: bool = False) -> frozen
     (its tokens). On an upgrade, Upgrade goes on with it."""
     if not connection and not upgrade:
         return HOP_BY_HOP  # the usual case, with no set to build
+    usual = _USUAL_HOPS.get((connection, upgrade))
+    if usual is not None:  # `Connection: keep-alive` (nginx's every response): made once
+        return usual
+    return _hop_by_hop(connection, upgrade)
+
+
+def _hop_by_hop(connection: frozenset[bytes], upgrade: bool) -> frozenset[bytes]:
     hop = HOP_BY_HOP | connection
     if upgrade:
         hop -= _UPGRADE_KEPT
     return hop - END_TO_END
+
+
+_USUAL_HOPS: Final = {
+    (tokens, upgrade): _hop_by_hop(tokens, upgrade)
+    for tokens in {*_USUAL_TOKENS.values(), _NO_TOKENS}
+    for upgrade in (False, True)
+}
 
 
 def connection_tokens(headers: Fields) -> frozenset[bytes]:
@@ -272,8 +288,18 @@ def end(framing: Framing) -> bytes:
     return LAST_CHUNK if framing == "chunked" else b""
 
 
-#: The name lengths of each `dropped` set: a name of another length needs no folding.
-_LENGTHS: dict[frozenset[bytes], frozenset[int]] = {}
+#: The name lengths of the headers each (hop-by-hop set, `dropped` set) removes: a name of
+#: another length is passed on without a lower(). Kept for the usual hop sets only (a
+#: client's Connection header names its own), and the agent's own `dropped` sets.
+_LENGTHS: dict[tuple[frozenset[bytes], frozenset[bytes]], frozenset[int]] = {}
+_KEPT_HOPS: Final = frozenset(
+    {
+        hop | extra
+        for hop in (HOP_BY_HOP, *_USUAL_HOPS.values())
+        for extra in (frozenset(), frozenset({b"transfer-encoding"}))
+    }
+)
+_MAX_LENGTHS = 64
 
 
 def _fields(
@@ -292,13 +318,16 @@ def _fields(
     hop = hop_by_hop(connection, upgrade=upgrade)
     if incoming == "chunked" and outgoing == "close":
         hop |= {b"transfer-encoding"}
-    lengths = _LENGTHS.get(dropped)
+    lengths = _LENGTHS.get((hop, dropped))
     if lengths is None:
-        lengths = _LENGTHS[dropped] = frozenset(map(len, dropped))
+        lengths = frozenset(map(len, hop | dropped))  # folding keeps a name's length
+        if hop in _KEPT_HOPS and len(_LENGTHS) < _MAX_LENGTHS:
+            _LENGTHS[hop, dropped] = lengths
     for name, value in headers:
-        key = name.lower()
-        if key in hop or (len(key) in lengths and key.replace(b"_", b"-") in dropped):
-            continue
+        if len(name) in lengths:
+            key = name.lower()
+            if key in hop or key.replace(b"_", b"-") in dropped:
+                continue
         parts += (name, b": ", value, b"\r\n")
     if incoming == "close" and outgoing == "chunked":
         parts.append(b"transfer-encoding: chunked\r\n")
@@ -472,6 +501,7 @@ class RequestParser:
         "_fields",
         "_headers",
         "_held",
+        "_host",
         "_messages",
         "_parser",
         "_scanned",
@@ -502,6 +532,7 @@ class RequestParser:
         self.stopped = False
         self.upgrading = False  # an Upgrade request is whole: what follows is held
         self._held: list[bytes] = []
+        self._host = b""  # the last Host found well-formed: a client sends the same one
         self._trailers = False  # the head is out: fields now are a chunked body's trailers
         self._switchable = False  # the last request asked for an Upgrade that is relayed
 
@@ -514,7 +545,10 @@ class RequestParser:
         events = self._events = []
         self._unparsed += len(data)
         try:
-            self._feed(data)
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                self._upgrade(data, upgrade.args[0])
         except httptools.HttpParserError as exc:
             if str(exc) == "Pause on PRI/Upgrade" and self._messages == 1:
                 self.stopped = True  # the connection's first bytes: a client speaking h2
@@ -525,23 +559,24 @@ class RequestParser:
             self._refuse(431, "headers_too_large")
         return events
 
-    def _feed(self, data: bytes) -> None:
+    def _upgrade(self, data: bytes, offset: int) -> None:
+        """llhttp stopped after an Upgrade request's head, at `offset` of `data`."""
         while True:
+            rest = data[offset:]
+            if self._switchable:
+                self.upgrading = True
+                self._held.append(rest)
+                return
+            # An Upgrade not relayed: llhttp stopped at its end all the same, so a
+            # fresh parser takes what follows as the next request.
+            self._parser = httptools.HttpRequestParser(self)
+            if not rest:
+                return
             try:
-                self._parser.feed_data(data)
+                self._parser.feed_data(rest)
                 return
             except httptools.HttpParserUpgrade as upgrade:
-                rest = data[upgrade.args[0] :]
-                if self._switchable:
-                    self.upgrading = True
-                    self._held.append(rest)
-                    return
-                # An Upgrade not relayed: llhttp stopped at its end all the same, so a
-                # fresh parser takes what follows as the next request.
-                self._parser = httptools.HttpRequestParser(self)
-                if not rest:
-                    return
-                data = rest
+                data, offset = rest, upgrade.args[0]
 
     def switched(self) -> bytes:
         """The server switched protocols: the bytes held since the request, for the tunnel."""
@@ -592,9 +627,10 @@ class RequestParser:
                 # the app as header fields the policy never saw, or a second Host.
                 return
             self._headers.append((name, value))
-            key = name.lower()
-            if key in _RULED:
-                self._scanned.setdefault(key, []).append(value)
+            if len(name) in _RULED_LENGTHS:
+                key = name.lower()
+                if key in _RULED:
+                    self._scanned.setdefault(key, []).append(value)
         elif self.underscores == "reject":  # trailers too: one rule for every field
             self._refuse(400, "bad_request", underscore_refusal(name))
             raise _Stop
@@ -615,7 +651,9 @@ class RequestParser:
             # neither is HTTP/1.x, and the app would read either its own way.
             self._refuse(505, "version_not_supported", f"HTTP/{version}")
             raise _Stop
-        refusal = _check(version, scanned)
+        refusal = _check(version, scanned, self._host)
+        if refusal is None and b"host" in scanned:
+            self._host = scanned[b"host"][0]
         upgrade = None
         framing = request_framing(scanned)
         if refusal is None and parser.should_upgrade():
@@ -653,8 +691,9 @@ class RequestParser:
         self._events.append(END)
 
 
-def _check(version: str, scanned: Scanned) -> str | None:
-    """Why a request head is refused (400), or None."""
+def _check(version: str, scanned: Scanned, known_host: bytes = b"") -> str | None:
+    """Why a request head is refused (400), or None. `known_host`: a Host value found
+    well-formed before (its pattern not matched again)."""
     hosts = scanned.get(b"host", ())
     if len(hosts) > 1:
         return "more than one Host"
@@ -669,7 +708,8 @@ def _check(version: str, scanned: Scanned) -> str | None:
     if codings and b"content-length" in scanned:  # the smuggler's favourite
         return "Content-Length beside Transfer-Encoding"
     # llhttp keeps trailing whitespace; the app drops it (RFC 9110 5.5), so must we.
-    if hosts and not _HOST_BYTES.fullmatch(hosts[0].strip(b" \t")):
+    host = hosts[0] if hosts else None
+    if host is not None and host != known_host and not _HOST_BYTES.fullmatch(host.strip(b" \t")):
         return "malformed Host"
     return None
 
@@ -799,9 +839,10 @@ class ResponseParser:
         if self._trailers:  # a chunked body's trailers: never joined to the head sent on
             return
         self._headers.append((name, value))
-        key = name.lower()
-        if key in _RULED:
-            self._scanned.setdefault(key, []).append(value)
+        if len(name) in _RULED_LENGTHS:
+            key = name.lower()
+            if key in _RULED:
+                self._scanned.setdefault(key, []).append(value)
 
     def on_headers_complete(self) -> None:
         self._trailers = True

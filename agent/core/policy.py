@@ -206,6 +206,49 @@ class Condition:
             return l4_http and self.field in HTTP_FIELDS
         return self.any_match(values) != self.negated
 
+    def test(self, l4_http: bool) -> Callable[[Request], bool]:
+        """`matches(request, l4_http)` as one call, for `PolicySet.decide`'s plans: a
+        method or path condition (one value per request) reads its field directly."""
+        field_name, negated = self.field, self.negated
+        if field_name not in ("methods", "paths"):
+            return partial(_matches, self, l4_http)
+        exact, prefixes, suffixes = self._exact, self._prefixes, self._suffixes
+        anything = self._anything
+        absent = l4_http  # an L4 request (no method, no path): HTTP_FIELDS both
+
+        if field_name == "methods":
+
+            def test(request: Request) -> bool:
+                method = request.method
+                if method is None:
+                    return absent
+                value = method.upper()  # as _values gives it
+                found = (
+                    value in exact
+                    or value.startswith(prefixes)
+                    or value.endswith(suffixes)
+                    or anything
+                )
+                return found != negated
+
+        else:
+
+            def test(request: Request) -> bool:
+                if request.method is None:
+                    return absent
+                value = request.path
+                if value is None:
+                    return absent
+                found = (
+                    value in exact
+                    or value.startswith(prefixes)
+                    or value.endswith(suffixes)
+                    or anything
+                )
+                return found != negated
+
+        return test
+
     def any_match(self, values: tuple[str, ...]) -> bool:
         """Whether any value matches any pattern (negation aside): Pattern.matches of
         each, by one set lookup and one startswith / endswith per value."""
@@ -262,6 +305,10 @@ _LABELS: dict[Field, str] = {
     "hosts": "host",
     "headers": "header ",
 }
+
+
+def _matches(condition: Condition, l4_http: bool, request: Request) -> bool:
+    return condition.matches(request, l4_http)
 
 
 def _values(condition: Condition, request: Request) -> tuple[str, ...] | None:
@@ -406,8 +453,8 @@ _RECORD_KIND: dict[Action, Literal["audit", "dry_run_allow", "dry_run_deny"]] = 
 
 # What can decide a request from one caller on one port: a policy's rules whose
 # `from` and `to.ports` conditions hold there, in order, each with the conditions
-# left to check on every request (none: it matches).
-_Candidates = tuple[tuple[Policy, Rule, tuple[Condition, ...]], ...]
+# left to check on every request (none: it matches), as tests (`Condition.test`).
+_Candidates = tuple[tuple[Policy, Rule, tuple[Callable[[Request], bool], ...]], ...]
 _STATIC_FIELDS = frozenset({*SOURCE_FIELDS, "ports"})
 MAX_PLANS = 1024  # (caller, port) pairs remembered per PolicySet; the oldest goes first
 
@@ -453,10 +500,10 @@ class PolicySet:
         records = _noted(plan.noted, request) if plan.noted else ()
         why = partial(self._reason, request, trust_domains)
         for policy, rule, rest in plan.denies:
-            if _all_match(rest, request, True):
+            if _passes(rest, request):
                 return Decision(False, policy.name, rule.name, why, records)
         for policy, rule, rest in plan.allows:
-            if _all_match(rest, request, False):
+            if _passes(rest, request):
                 return Decision(True, policy.name, rule.name, why, records)
         if plan.allow_applies:
             return Decision(False, DEFAULT_POLICY, NO_ALLOW_MATCHED, why, records)
@@ -521,7 +568,11 @@ class PolicySet:
             for rule in policy.rules:
                 static = [c for c in rule.conditions if c.field in _STATIC_FIELDS]
                 if all(c.matches(request, policy.l4_http) for c in static):
-                    rest = tuple(c for c in rule.conditions if c.field not in _STATIC_FIELDS)
+                    rest = tuple(
+                        c.test(policy.l4_http)
+                        for c in rule.conditions
+                        if c.field not in _STATIC_FIELDS
+                    )
                     found.append((policy, rule, rest))
             return tuple(found)
 
@@ -579,9 +630,9 @@ class PolicySet:
 _ACTIONS = ", ".join(get_args(DefaultAction))
 
 
-def _all_match(conditions: tuple[Condition, ...], request: Request, l4_http: bool) -> bool:
-    for condition in conditions:  # noqa: SIM110 - per request: no generator
-        if not condition.matches(request, l4_http):
+def _passes(tests: tuple[Callable[[Request], bool], ...], request: Request) -> bool:
+    for test in tests:  # noqa: SIM110 - per request: no generator
+        if not test(request):
             return False
     return True
 
@@ -593,7 +644,7 @@ def _noted(
     records = []
     for policy, candidates, miss_recorded in noted:
         for _, rule, rest in candidates:
-            if _all_match(rest, request, policy.l4_http):
+            if _passes(rest, request):
                 records.append(Record(_RECORD_KIND[policy.action], policy.name, rule.name))
                 break
         else:

@@ -361,6 +361,19 @@ def test_a_request_head_passed_on_drops_hop_by_hop_headers_but_never_its_framing
     )
 
 
+def test_headers_a_client_names_in_connection_are_dropped_and_nothing_of_them_is_kept() -> None:
+    """Each request's own hop-by-hop names are honoured, in any case, and the agent keeps
+    nothing of them after the head is written (no cache a client can fill)."""
+    kept = len(http1._LENGTHS)
+    for n in range(200):
+        head = _head(
+            b"GET / HTTP/1.1\r\nHost: b\r\nConnection: x-hop-%d\r\nX-Hop-%d: 1\r\n"
+            b"X-Kept: 2\r\n\r\n" % (n, n)
+        )
+        assert http1.request_head(head, b"/") == b"GET / HTTP/1.1\r\nHost: b\r\nX-Kept: 2\r\n\r\n"
+    assert len(http1._LENGTHS) == kept
+
+
 def test_an_http10_request_keeps_its_keep_alive_only_by_saying_so() -> None:
     head = _head(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
     assert http1.request_head(head, b"/") == b"GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n"
