@@ -1,12 +1,17 @@
 """An idle agent's memory, and what its imports cost in RSS and in time.
 
-    python -m bench.agent_memory [--top 25] [--settle 2]
+    python -m bench.agent_memory [--top 25] [--settle 2] [--workers 2]
 
 Starts `outrider ca serve` and the two agents of the L7 bench pair (bench/peers.py:
 the server with an inbound `protocol: http` port and the 10-rule policy, the client
 with an outbound `protocol: http` upstream), each as `outrider agent run` the way
 tests/mesh.py starts one, with its SVID from the CA. Once each is ready and has sat
-idle `--settle` seconds: its VmRSS. Then the server agent twice more, once under
+idle `--settle` seconds: its footprint (`footprint`): VmRSS, split into anonymous
+memory (the heap, Python's objects) and file pages (the interpreter and the shared
+libraries, which every agent on a node shares), PSS (each shared page divided among
+the processes mapping it), USS (pages of its own) and threads. With `--workers N`,
+the server agent again with `workers: N`, and each worker's footprint beside the
+main process's. Then the server agent twice more, once under
 `python -X importtime` and once with every import's RSS noted (bench/import_rss.py),
 and prints the top entries of each table: RSS by top-level package (each module's own
 share, summed), RSS and time of the biggest imports (with what they pulled in).
@@ -33,7 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.peers import POLICY_RULES, SERVER, outrider_policy  # noqa: E402
-from bench.procs import rss_mib  # noqa: E402
 from tests.mesh import agent_process, inbound, outbound, served_agent_yaml  # noqa: E402
 from tests.support import CaProcess, CaSetup, ca_process, free_port, make_ca_setup  # noqa: E402
 
@@ -59,6 +63,55 @@ def agent_configs(setup: CaSetup, ca: CaProcess) -> dict[str, dict[str, Any]]:
     return {"server": server, "client": client}
 
 
+def footprint(pid: int) -> dict[str, float]:
+    """A process's memory in MiB (rss = anon + file; pss; uss) and its thread count.
+
+    RSS counts every page mapped, shared or not; PSS divides each shared page among
+    the processes that map it, so PSS summed over processes is what they take
+    together; USS is what ending this process alone would give back.
+    """
+    status = _fields(Path(f"/proc/{pid}/status").read_text().splitlines())
+    rollup = _fields(Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+    return {
+        "rss": int(status["VmRSS"].split()[0]) / 1024,
+        "anon": int(status["RssAnon"].split()[0]) / 1024,
+        "file": int(status["RssFile"].split()[0]) / 1024,
+        "pss": int(rollup["Pss"].split()[0]) / 1024,
+        "uss": sum(int(rollup[key].split()[0]) for key in ("Private_Clean", "Private_Dirty"))
+        / 1024,
+        "threads": int(status["Threads"]),
+    }
+
+
+def _fields(lines: list[str]) -> dict[str, str]:
+    return dict(line.split(":", 1) for line in lines if ":" in line)
+
+
+def children(pid: int) -> list[int]:
+    """A process's child processes (an agent's workers), oldest first."""
+    return sorted(int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+
+
+def idle_footprints(
+    root: Path,
+    name: str,
+    raw: dict[str, Any],
+    settle: float,
+    launcher: Sequence[str] = ("-m", "outrider"),
+    env: dict[str, str] | None = None,
+) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Once ready and idle `settle` seconds: the footprint of the agent (`name`) and of
+    each of its workers (`name worker N`), and the agent's log."""
+    with agent_process(root, name, raw, launcher=launcher, env=env) as agent:
+        time.sleep(settle)  # idle on purpose: what a quiet sidecar holds
+        pid = agent.process.pid
+        found = {name: footprint(pid)}
+        for index, child in enumerate(children(pid)):
+            found[f"{name} worker {index}"] = footprint(child)
+        agent.stop()
+        return found, list(agent.log)
+
+
 def idle_rss(
     root: Path,
     name: str,
@@ -68,11 +121,8 @@ def idle_rss(
     env: dict[str, str] | None = None,
 ) -> tuple[float, list[str]]:
     """An agent's VmRSS (MiB) once ready and idle `settle` seconds, and its log."""
-    with agent_process(root, name, raw, launcher=launcher, env=env) as agent:
-        time.sleep(settle)  # idle on purpose: what a quiet sidecar holds
-        rss = rss_mib(agent.process.pid)
-        agent.stop()
-        return rss, list(agent.log)
+    found, log = idle_footprints(root, name, raw, settle, launcher, env)
+    return found[name]["rss"], log
 
 
 def import_times(log: list[str]) -> list[tuple[str, int, int, int]]:
@@ -92,9 +142,15 @@ def by_package(records: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def report(
-    rss: dict[str, float], times: list[tuple[str, int, int, int]], hook: Any, top: int
+    rss: dict[str, dict[str, float]], times: list[tuple[str, int, int, int]], hook: Any, top: int
 ) -> None:
-    print("idle VmRSS (MiB): " + ", ".join(f"{name} {value:.1f}" for name, value in rss.items()))
+    print("idle footprint (MiB):")
+    print(f"  {'process':24} {'RSS':>6} {'anon':>6} {'file':>6} {'PSS':>6} {'USS':>6} threads")
+    for name, f in rss.items():
+        print(
+            f"  {name:24} {f['rss']:6.1f} {f['anon']:6.1f} {f['file']:6.1f}"
+            f" {f['pss']:6.1f} {f['uss']:6.1f} {f['threads']:7d}"
+        )
     records = hook["records"]
     loaded = sum(r["new_modules"] for r in records if r["depth"] == 0)
     print(
@@ -120,13 +176,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--settle", type=float, default=2.0)
+    parser.add_argument(
+        "--workers", type=int, default=0, help="also the server agent with `workers: N`"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         root = Path(tmp)
         setup = make_ca_setup(root)
         ca = stack.enter_context(ca_process(setup.config))
         configs = agent_configs(setup, ca)
-        rss = {name: idle_rss(root, name, raw, args.settle)[0] for name, raw in configs.items()}
+        rss: dict[str, dict[str, float]] = {}
+        for name, raw in configs.items():
+            rss.update(idle_footprints(root, name, raw, args.settle)[0])
+        if args.workers > 1:
+            raw = {**configs["server"], "workers": args.workers}
+            named = f"server.workers{args.workers}"
+            rss.update(idle_footprints(root, named, raw, args.settle)[0])
         _, log = idle_rss(
             root, "server", configs["server"], 0, ("-X", "importtime", "-m", "outrider")
         )

@@ -103,10 +103,11 @@ class Relay:
         Bytes go straight to the other side (L4) unless a sink takes them (L7).
         """
         down, up = self.down.transport, self.up.transport
-        assert down is not None and up is not None
-        if self.closed:  # the client left while the upstream was being connected
-            up.close()
+        if self.closed or down is None:  # the client left while the upstream was being
+            if up is not None:  # connected: its side let go of its transport already
+                up.close()
             return
+        assert up is not None
         self.down.other, self.up.other = up, down
         sinks = ((self.down, down_sink or up.write), (self.up, up_sink or down.write))
         for side, sink in sinks:
