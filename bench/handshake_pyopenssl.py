@@ -1,0 +1,179 @@
+"""The memory handshakes of bench/handshake_micro.py through pyOpenSSL: the OpenSSL that
+cryptography bundles (4.x) instead of the system's (stdlib ssl, 3.0 here).
+
+Only for measuring what a switch would save: pyOpenSSL is not a dependency of the agent
+(`pip install pyOpenSSL`, with `--no-deps` so cryptography stays as pinned, or into a
+separate `--target` on PYTHONPATH). The contexts are the agent's (agent/adapters/tls.py)
+as far as pyOpenSSL can say them: TLS 1.2 at least, the same TLS 1.2 ciphers, no
+renegotiation or compression, peer certificate required and verified against the bundle's
+roots with X509_STRICT, the same chains and keys; and after each handshake the same
+SPIFFE check (`peer_id`, fed the peer's DER), not counted (nor is it in the stdlib
+figures: the loopback part counts it).
+
+What pyOpenSSL cannot say, and how it leans: it has no `SSL_CTX_set_num_tickets`, so the
+server sends OpenSSL's default two TLS 1.3 tickets per handshake (stateful ones with
+resumption off: SSL_OP_NO_TICKET, no session cache), where the agent sends one or none:
+its figures are if anything too high.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib  # pyOpenSSL has no session_reused()
+
+from agent.adapters.tls import _TLS12_CIPHERS, peer_id
+from agent.core.svid import Svid
+
+
+def context(svid: Svid, server: bool, resumed: bool, groups: bytes | None = None) -> SSL.Context:
+    """The agent's context for `svid` in pyOpenSSL's words; `groups`: the key exchange
+    groups (OpenSSL's list syntax), None for OpenSSL's default (4.x: X25519MLKEM768 first,
+    post-quantum hybrid, where the stdlib agent does X25519)."""
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    if groups is not None:
+        assert _lib.SSL_CTX_set1_curves_list(ctx._context, groups) == 1, groups
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_cipher_list(_TLS12_CIPHERS.encode())
+    options = SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION
+    if not resumed:
+        options |= SSL.OP_NO_TICKET
+    ctx.set_options(options)
+    ctx.set_session_cache_mode(
+        SSL.SESS_CACHE_OFF if server or not resumed else SSL.SESS_CACHE_CLIENT
+    )
+    if server:
+        ctx.set_session_id(b"outrider-bench")
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, None)
+    store = ctx.get_cert_store()
+    assert store is not None
+    for root in svid.bundle.roots:
+        store.add_cert(crypto.X509.from_cryptography(root))
+    store.set_flags(crypto.X509StoreFlags.X509_STRICT)
+    ctx.use_certificate(crypto.X509.from_cryptography(svid.leaf))
+    for cert in svid.chain[1:]:
+        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
+    ctx.use_privatekey(crypto.PKey.from_cryptography_key(svid.key))
+    ctx.check_privatekey()
+    return ctx
+
+
+def _pump(client: SSL.Connection, server: SSL.Connection, spent: list[int]) -> None:
+    done = [False, False]
+    tick = time.thread_time_ns
+    sides = ((0, client, server), (1, server, client))
+    for _ in range(10):
+        for i, side, other in sides:
+            if not done[i]:
+                started = tick()
+                try:
+                    side.do_handshake()
+                    done[i] = True
+                    if i == 1:
+                        side.send(b"x")
+                except SSL.WantReadError:
+                    pass
+                spent[i] += tick() - started
+            started = tick()
+            try:
+                data = side.bio_read(65536)
+            except SSL.WantReadError:
+                data = b""
+            spent[i] += tick() - started
+            if data:
+                other.bio_write(data)
+        if done[0] and done[1]:
+            break
+    else:
+        raise AssertionError("handshake did not finish")
+    started = tick()
+    try:
+        assert client.recv(1) == b"x"
+    except SSL.WantReadError:
+        raise AssertionError("no byte from the server") from None
+    spent[0] += tick() - started
+
+
+def _check(conn: SSL.Connection, usage: Any) -> None:
+    """The agent's SPIFFE check on the peer's leaf (its DER, as peer_id reads it)."""
+    cert = conn.get_peer_certificate()
+    assert cert is not None
+    der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+    peer_id(_Der(der), usage, datetime.now(UTC), _td(conn))
+
+
+class _Der:
+    def __init__(self, der: bytes) -> None:
+        self.der = der
+
+    def getpeercert(self, binary_form: bool = False) -> bytes:
+        return self.der
+
+
+_TRUST: dict[int, Any] = {}
+
+
+def _td(conn: SSL.Connection) -> Any:
+    return _TRUST[id(conn.get_context())]
+
+
+def memory(
+    server_svid: Svid,
+    client_svid: Svid,
+    handshakes: int,
+    resumed: bool,
+    groups: bytes | None = None,
+) -> tuple[float, float, float]:
+    """Microseconds of CPU per handshake: the client's, the server's, the client's session
+    read (`get_session`: a reference, no copy)."""
+    server_ctx = context(server_svid, True, resumed, groups)
+    client_ctx = context(client_svid, False, resumed, groups)
+    _TRUST[id(server_ctx)] = server_svid.spiffe_id.trust_domain
+    _TRUST[id(client_ctx)] = client_svid.spiffe_id.trust_domain
+    session = None
+    spent = [0, 0]
+    reads = 0
+    tick = time.thread_time_ns
+    for _ in range(handshakes + 1):
+        these = [0, 0]
+        started = tick()
+        c = SSL.Connection(client_ctx, None)
+        c.set_connect_state()
+        if session is not None:
+            c.set_session(session)
+        these[0] += tick() - started
+        started = tick()
+        s = SSL.Connection(server_ctx, None)
+        s.set_accept_state()
+        these[1] += tick() - started
+        _pump(c, s, these)
+        _check(s, "client")  # not counted: nor is it in the stdlib figures
+        _check(c, "server")
+        # Freed without a shutdown, a connection marks its session not resumable (OpenSSL's
+        # ssl_clear_bad_session; CPython gives out copies, so it never shows there): a
+        # pyOpenSSL data plane must mark every closed connection shut down, as here.
+        started = tick()
+        c.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
+        these[0] += tick() - started
+        if resumed and session is None:
+            session = c.get_session()
+            continue
+        if resumed:
+            assert _lib.SSL_session_reused(c._ssl), "the saved session was taken"
+            if groups is not None:
+                group = _ffi.string(_lib.SSL_get0_group_name(c._ssl)).decode()
+                assert group.lower() == groups.decode().lower(), group
+            # The newest ticket's session, for the next: a reference (SSL_get1_session),
+            # not a copy; an offered one is not offered twice (OpenSSL's client does not
+            # resume a TLS 1.3 session it resumed already).
+            started = tick()
+            session = c.get_session()
+            reads += tick() - started
+            assert session is not None
+        spent[0] += these[0]
+        spent[1] += these[1]
+    return spent[0] / handshakes / 1e3, spent[1] / handshakes / 1e3, reads / handshakes / 1e3
