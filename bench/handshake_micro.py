@@ -17,8 +17,9 @@ CPUs, where conn/s is set by the CPU one connection costs each agent. This split
   own code: the inbound side's `InboundMtls._authenticate` (uvloop's TLS transport, the
   peer check, the allow-list, the metrics) and the outbound side's `LiveUpstream.dial`
   (the session offered and saved, the peer check, the metrics). Process time per
-  connection, both sides (one process): what it costs above `memory` is the agent's own
-  Python and uvloop's transport, and the kernel's loopback.
+  connection, both sides (one process); and `bare`, the same over uvloop's TLS transport
+  alone: the agent's own Python is what `agent` costs above `bare`, uvloop's transport
+  and the kernel's loopback what `bare` costs above `memory`.
 - pyopenssl (with `--pyopenssl`, when pyOpenSSL is installed): the memory handshakes
   through pyOpenSSL, i.e. the OpenSSL that cryptography bundles, with the same
   certificates, keys, roots, ciphers and checks.
@@ -58,7 +59,7 @@ from agent.adapters import listeners
 from agent.adapters.metrics import AgentMetrics, clock
 from agent.adapters.relay import Relay
 from agent.adapters.runtime import Runtime
-from agent.adapters.tls import Contexts
+from agent.adapters.tls import Contexts, dialling, kept
 from agent.adapters.upstreams import LiveUpstream
 from agent.config import Inbound, Limits
 from agent.config_outbound import Outbound, Subset
@@ -189,9 +190,13 @@ class _FirstByte(asyncio.Protocol):
 
 
 async def loopback(
-    server_svid: Svid, client_svid: Svid, resumption: Resumption, count: int
+    server_svid: Svid, client_svid: Svid, resumption: Resumption, count: int, bare: bool = False
 ) -> float:
-    """Process time per connection, client and server side together (µs)."""
+    """Process time per connection, client and server side together (µs).
+
+    `bare`: uvloop's TLS transport alone on both sides, with only the session offered
+    and saved (`dialling`, `kept`): no peer check, allow-list, timeout, relay or metrics.
+    What the agent's way costs above it is the agent's own Python."""
     now = lambda: datetime.now(UTC)  # noqa: E731
     server_rt = Runtime(Limits(), Contexts.of(server_svid, resumption), AgentMetrics(), now, SERVER)
     client_rt = Runtime(Limits(), Contexts.of(client_svid, resumption), AgentMetrics(), now, CLIENT)
@@ -226,9 +231,28 @@ async def loopback(
         transport.write(b"x")  # as the app's first answer would be
         return relay
 
+    async def serve_bare() -> asyncio.Transport:
+        nonlocal verified
+        sock, _ = await loop.sock_accept(listening)
+        context = server_rt.contexts.server_for("tcp")
+        transport, _ = await loop.connect_accepted_socket(_FirstByte, sock, ssl=context)
+        verified += 1
+        transport.write(b"x")
+        return transport
+
+    async def dial_bare() -> tuple[asyncio.Transport, _FirstByte]:
+        context = client_rt.contexts.client_for("tcp")
+        assert context is not None
+        with dialling(context, endpoint, {SERVER}):
+            transport, client = await loop.create_connection(
+                _FirstByte, "127.0.0.1", port, ssl=context, server_hostname=""
+            )
+        kept(transport.get_extra_info("ssl_object"), SERVER)
+        return transport, client
+
     async def one() -> None:
-        serving = loop.create_task(serve())
-        transport, client = await live.dial(endpoint, _FirstByte)
+        serving = loop.create_task(serve_bare() if bare else serve())
+        transport, client = await (dial_bare() if bare else live.dial(endpoint, _FirstByte))
         relay = await serving
         await client.got
         transport.abort()
@@ -290,8 +314,16 @@ def main(argv: list[str] | None = None) -> None:
             print(f"memory   {name:8} {sides} us/handshake (best of {args.rounds})")
     if "loopback" in parts:
         for name, resumption in (("full", OFF), ("resumed", ON)):
-            took = best(lambda r=resumption: uvloop.run(loopback(server_svid, client_svid, r, n)))
-            print(f"loopback {name:8} both sides {took:6.0f} us/connection (best of {args.rounds})")
+            for way, bare in (("agent", False), ("bare", True)):
+                took = best(
+                    lambda r=resumption, b=bare: uvloop.run(
+                        loopback(server_svid, client_svid, r, n, b)
+                    )
+                )
+                print(
+                    f"loopback {name:8} {way:5} both sides {took:6.0f} us/connection"
+                    f" (best of {args.rounds})"
+                )
     if args.pyopenssl:
         for groups in (b"X25519", None):  # the agent's, and OpenSSL 4's default (hybrid PQ)
             said = (groups or b"default").decode()

@@ -13,7 +13,40 @@ figures: the loopback part counts it).
 What pyOpenSSL cannot say, and how it leans: it has no `SSL_CTX_set_num_tickets`, so the
 server sends OpenSSL's default two TLS 1.3 tickets per handshake (stateful ones with
 resumption off: SSL_OP_NO_TICKET, no session cache), where the agent sends one or none:
-its figures are if anything too high.
+its figures are if anything too high. The key exchange group is the agent's X25519, or
+OpenSSL 4's default (X25519MLKEM768 first: post-quantum hybrid, ~25% more CPU a handshake).
+
+What a pyOpenSSL data plane would take (not built; for the round that decides):
+
+- uvloop's TLS (`ssl=` on create_connection / connect_accepted_socket) takes only an
+  ssl.SSLContext, so the agent would dial and accept plain TCP and run TLS itself: a
+  protocol of its own between the TCP transport and the relay / HTTP / h2 protocols,
+  owning an `SSL.Connection(ctx, None)` (memory BIOs): data_received -> bio_write ->
+  do_handshake or recv until WantRead -> bio_read -> transport.write; an
+  asyncio.Transport to the protocol above (write, writelines, pause/resume_reading,
+  write-buffer limits and pause/resume_writing passed through, close with close_notify,
+  abort, get_extra_info), the handshake timeout, and the byte accounting.
+- What the agent reads of a handshake today through `ssl_object` (version, cipher,
+  session_reused, selected_alpn_protocol, getpeercert(binary_form=True)) through an
+  adapter: pyOpenSSL has get_protocol_version_name, get_cipher_name,
+  get_alpn_proto_negotiated and get_peer_certificate, but no session_reused (only the
+  private binding `OpenSSL._util.lib`, as here), no SSL_CTX_set_num_tickets and no
+  TLS 1.3 ciphersuite setter; refusal_reason's labels from pyOpenSSL's error tuples and
+  the verify result instead of ssl.SSLError / SSLCertVerificationError.
+- Sessions: `get_session` is a reference, not a DER copy (3 us against ~150, and the
+  offer is free where CPython copies again on every offer); but a connection freed
+  without a shutdown marks its session not resumable (OpenSSL's ssl_clear_bad_session:
+  CPython never shows it, as it copies), so every close, abort included, must call
+  set_shutdown; and OpenSSL's own client session cache must stay off (with it, a
+  resumed connection's new ticket marks the offered session not resumable), the agent's
+  SessionCache doing that job as now. The server's session cache can be turned off too
+  (SESS_CACHE_OFF), which closes the TLS 1.2 resume-by-ID gap docs/agent.md documents.
+- Dependencies: pyOpenSSL 26.4 pins cryptography < 51 (installed: 51.0.1; it runs with
+  --no-deps); PyCA keeps pyOpenSSL for compatibility and no longer recommends it for
+  new code; its private bindings shrink between releases.
+- Cost to check first: the record layer through cffi calls per read and write, against
+  uvloop's Cython SSLProtocol over the stdlib SSLObject, on the keep-alive scenarios
+  (bench/l4_micro.py style), where the agent is at 1.00x Envoy today.
 """
 
 from __future__ import annotations
@@ -43,9 +76,9 @@ def context(svid: Svid, server: bool, resumed: bool, groups: bytes | None = None
     if not resumed:
         options |= SSL.OP_NO_TICKET
     ctx.set_options(options)
-    ctx.set_session_cache_mode(
-        SSL.SESS_CACHE_OFF if server or not resumed else SSL.SESS_CACHE_CLIENT
-    )
+    # No OpenSSL cache either side: the agent keeps its own (a client-side OpenSSL cache
+    # marks a TLS 1.3 session not resumable once a resumed connection replaces it).
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     if server:
         ctx.set_session_id(b"outrider-bench")
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, None)
@@ -167,13 +200,9 @@ def memory(
             if groups is not None:
                 group = _ffi.string(_lib.SSL_get0_group_name(c._ssl)).decode()
                 assert group.lower() == groups.decode().lower(), group
-            # The newest ticket's session, for the next: a reference (SSL_get1_session),
-            # not a copy; an offered one is not offered twice (OpenSSL's client does not
-            # resume a TLS 1.3 session it resumed already).
-            started = tick()
-            session = c.get_session()
+            started = tick()  # a reference (SSL_get1_session), not a copy
+            assert c.get_session() is not None
             reads += tick() - started
-            assert session is not None
         spent[0] += these[0]
         spent[1] += these[1]
     return spent[0] / handshakes / 1e3, spent[1] / handshakes / 1e3, reads / handshakes / 1e3

@@ -35,3 +35,4 @@ def test_loopback_connections_reach_a_verified_peer(
     svids: tuple[Svid, Svid], resumption: micro.Resumption
 ) -> None:
     assert uvloop.run(micro.loopback(*svids, resumption, 2)) > 0
+    assert uvloop.run(micro.loopback(*svids, resumption, 2, bare=True)) > 0
