@@ -22,7 +22,9 @@ CPUs, where conn/s is set by the CPU one connection costs each agent. This split
   and the kernel's loopback what `bare` costs above `memory`.
 - pyopenssl (with `--pyopenssl`, when pyOpenSSL is installed): the memory handshakes
   through pyOpenSSL, i.e. the OpenSSL that cryptography bundles, with the same
-  certificates, keys, roots, ciphers and checks.
+  certificates, keys, roots, ciphers and checks; and the loopback ones over uvloop's plain
+  TCP with TLS run by a least-of TLS-over-transport protocol of its own
+  (bench/handshake_pyopenssl.py), to set beside `bare`.
 
 Where OpenSSL 3.0's time goes (callgrind, `--part memory`, per handshake, both sides):
 a full one is ~17 M instructions in SSL_do_handshake: ~39% decoding the peer's two
@@ -333,6 +335,18 @@ def main(argv: list[str] | None = None) -> None:
                     print("pyopenssl: not installed (pip install --no-deps pyOpenSSL)")
                     return
                 print(f"pyopenssl {name:7} {said:7} {got} us/handshake (best of {args.rounds})")
+        from bench import handshake_pyopenssl
+
+        for name, resumed in (("full", False), ("resumed", True)):
+            took = best(
+                lambda r=resumed: uvloop.run(
+                    handshake_pyopenssl.loopback(server_svid, client_svid, r, n, b"X25519")
+                )
+            )
+            print(
+                f"pyopenssl loopback {name:8} both sides {took:6.0f} us/connection"
+                f" (best of {args.rounds})"
+            )
 
 
 if __name__ == "__main__":

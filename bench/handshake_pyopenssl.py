@@ -51,6 +51,8 @@ What a pyOpenSSL data plane would take (not built; for the round that decides):
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -206,3 +208,118 @@ def memory(
         spent[0] += these[0]
         spent[1] += these[1]
     return spent[0] / handshakes / 1e3, spent[1] / handshakes / 1e3, reads / handshakes / 1e3
+
+
+class TlsOverTransport(asyncio.Protocol):
+    """The least of a pyOpenSSL TLS layer over a plain uvloop TCP transport: the
+    handshake, then the first application bytes (what a data plane of its own would
+    build on; see the module's docstring). `done` resolves with the first bytes read."""
+
+    def __init__(self, conn: SSL.Connection, first: bytes | None = None) -> None:
+        self.conn = conn
+        self.first = first  # written once the handshake is done (the server's answer)
+        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.handshaken = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport
+        self._step()
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.bio_write(data)
+        self._step()
+
+    def _step(self) -> None:
+        conn = self.conn
+        try:
+            if not self.handshaken:
+                conn.do_handshake()
+                self.handshaken = True
+                if self.first is not None:
+                    conn.send(self.first)
+            if not self.done.done() and self.first is None:
+                self.done.set_result(conn.recv(65536))
+        except SSL.WantReadError:
+            pass
+        except SSL.Error as exc:
+            if not self.done.done():
+                self.done.set_exception(exc)
+        self._flush()
+        if self.first is not None and self.handshaken and not self.done.done():
+            self.done.set_result(b"")
+
+    def _flush(self) -> None:
+        assert self.transport is not None
+        while True:
+            try:
+                out = self.conn.bio_read(65536)
+            except SSL.WantReadError:
+                return
+            if not out:
+                return
+            self.transport.write(out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc or ConnectionError("closed"))
+
+    def close(self) -> None:
+        """As a data plane must on every close: else OpenSSL marks the session not
+        resumable."""
+        self.conn.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
+        assert self.transport is not None
+        self.transport.abort()
+
+
+async def loopback(
+    server_svid: Svid, client_svid: Svid, resumed: bool, count: int, groups: bytes | None
+) -> float:
+    """Process time per connection, both sides (µs): TCP from uvloop, TLS from pyOpenSSL
+    (`TlsOverTransport`), the same peer check as the agent's (`peer_id`), the client's
+    session offered again as the agent's SessionCache would."""
+    loop = asyncio.get_running_loop()
+    server_ctx = context(server_svid, True, resumed, groups)
+    client_ctx = context(client_svid, False, resumed, groups)
+    _TRUST[id(server_ctx)] = server_svid.spiffe_id.trust_domain
+    _TRUST[id(client_ctx)] = client_svid.spiffe_id.trust_domain
+    listening = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    listening.setblocking(False)
+    port = listening.getsockname()[1]
+    session: SSL.Session | None = None
+
+    async def serve() -> TlsOverTransport:
+        sock, _ = await loop.sock_accept(listening)
+        conn = SSL.Connection(server_ctx, None)
+        conn.set_accept_state()
+        _, tls = await loop.connect_accepted_socket(lambda: TlsOverTransport(conn, b"x"), sock)
+        await tls.done
+        _check(conn, "client")
+        return tls
+
+    async def one() -> None:
+        nonlocal session
+        serving = loop.create_task(serve())
+        conn = SSL.Connection(client_ctx, None)
+        conn.set_connect_state()
+        if session is not None:
+            conn.set_session(session)
+        _, tls = await loop.create_connection(lambda: TlsOverTransport(conn), "127.0.0.1", port)
+        assert await tls.done == b"x"
+        _check(conn, "server")
+        if resumed and session is None:
+            session = conn.get_session()
+        elif resumed:
+            assert _lib.SSL_session_reused(conn._ssl), "the saved session was taken"
+        server = await serving
+        tls.close()
+        server.close()
+        await asyncio.sleep(0)
+
+    await one()
+    started = time.process_time()
+    for _ in range(count):
+        await one()
+    took = time.process_time() - started
+    listening.close()
+    return took / count * 1e6

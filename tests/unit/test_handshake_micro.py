@@ -36,3 +36,13 @@ def test_loopback_connections_reach_a_verified_peer(
 ) -> None:
     assert uvloop.run(micro.loopback(*svids, resumption, 2)) > 0
     assert uvloop.run(micro.loopback(*svids, resumption, 2, bare=True)) > 0
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["full", "resumed"])
+def test_pyopenssl_handshakes_when_installed(svids: tuple[Svid, Svid], resumed: bool) -> None:
+    """Only where pyOpenSSL is installed (a measurement, not a dependency)."""
+    pytest.importorskip("OpenSSL")
+    from bench import handshake_pyopenssl
+
+    assert min(handshake_pyopenssl.memory(*svids, 2, resumed, b"X25519")[:2]) > 0
+    assert uvloop.run(handshake_pyopenssl.loopback(*svids, resumed, 2, b"X25519")) > 0
