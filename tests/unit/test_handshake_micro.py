@@ -46,3 +46,11 @@ def test_pyopenssl_handshakes_when_installed(svids: tuple[Svid, Svid], resumed: 
 
     assert min(handshake_pyopenssl.memory(*svids, 2, resumed, b"X25519")[:2]) > 0
     assert uvloop.run(handshake_pyopenssl.loopback(*svids, resumed, 2, b"X25519")) > 0
+
+
+def test_records_are_timed_both_ways(svids: tuple[Svid, Svid]) -> None:
+    assert micro.stdlib_record(*svids, 10) > 0
+    pytest.importorskip("OpenSSL")
+    from bench import handshake_pyopenssl
+
+    assert min(handshake_pyopenssl.records(*svids, 10)) > 0
