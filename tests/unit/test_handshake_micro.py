@@ -38,19 +38,5 @@ def test_loopback_connections_reach_a_verified_peer(
     assert uvloop.run(micro.loopback(*svids, resumption, 2, bare=True)) > 0
 
 
-@pytest.mark.parametrize("resumed", [False, True], ids=["full", "resumed"])
-def test_pyopenssl_handshakes_when_installed(svids: tuple[Svid, Svid], resumed: bool) -> None:
-    """Only where pyOpenSSL is installed (a measurement, not a dependency)."""
-    pytest.importorskip("OpenSSL")
-    from bench import handshake_pyopenssl
-
-    assert min(handshake_pyopenssl.memory(*svids, 2, resumed, b"X25519")[:2]) > 0
-    assert uvloop.run(handshake_pyopenssl.loopback(*svids, resumed, 2, b"X25519")) > 0
-
-
-def test_records_are_timed_both_ways(svids: tuple[Svid, Svid]) -> None:
+def test_a_record_is_timed_both_ways(svids: tuple[Svid, Svid]) -> None:
     assert micro.stdlib_record(*svids, 10) > 0
-    pytest.importorskip("OpenSSL")
-    from bench import handshake_pyopenssl
-
-    assert min(handshake_pyopenssl.records(*svids, 10)) > 0
