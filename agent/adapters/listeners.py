@@ -971,8 +971,8 @@ class OutboundPath:
         metrics.routed["upstream"].inc()
 
         def made() -> None:
-            assert relay.down.transport is not None
-            relay.down.transport.pause_reading()  # until the upstream is connected
+            # The app's first bytes are read while the upstream is dialled, and kept
+            # (up to relay.EARLY): they go out as soon as it is linked.
             task = asyncio.get_running_loop().create_task(self._connect(relay, live, linked))
             self.connections.setting_up(task)
 
