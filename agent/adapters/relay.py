@@ -130,12 +130,10 @@ class Relay:
 
         Bytes go straight to the other side (L4) unless a sink takes them (L7).
         """
-        down, up = self.down.transport, self.up.transport
-        if self.closed or down is None:  # the client left while the upstream was being
-            if up is not None:  # connected: its side let go of its transport already
-                up.close()
+        if not self.dialled():
             return
-        assert up is not None
+        down, up = self.down.transport, self.up.transport
+        assert down is not None and up is not None
         self.down.other, self.up.other = up, down
         sinks = ((self.down, down_sink or up.write), (self.up, up_sink or down.write))
         for side, sink in sinks:
@@ -150,6 +148,20 @@ class Relay:
             if not transport.is_closing():
                 transport.resume_reading()
         self._arm_idle()
+
+    def dialled(self) -> bool:
+        """Whether the relay can go on now that its upstream is connected: not if its
+        client left during the dial. That upstream is closed then: the relay's close
+        came before it was there to close, and nothing else would.
+
+        Every path that dials before it links (or hands the transports to an L7 parser)
+        asks this first."""
+        if not self.closed and self.down.transport is not None:
+            return True
+        up = self.up.transport
+        if up is not None:
+            up.close()
+        return False
 
     def new_upstream(self) -> Side:
         """A fresh upstream side for one connection attempt; earlier attempts are forgotten."""
