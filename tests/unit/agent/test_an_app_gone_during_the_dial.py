@@ -32,6 +32,9 @@ class Transport:
     def resume_reading(self) -> None:
         self.reading = True
 
+    def get_extra_info(self, name: str) -> object:
+        return object()  # any ssl_object: a TLS transport, read as it comes
+
     def abort(self) -> None:
         self.closed = True
 
