@@ -320,7 +320,19 @@ async def _first_bytes(sock: socket.socket, deadline: float) -> None:
     No TLS state exists for a connection until then (uvloop's SSL transport: an
     SSLObject, OpenSSL's state and buffers, ~50 KiB once used): a caller that
     connects and says nothing holds a socket and a few small objects.
+
+    Bytes there already (a client's ClientHello comes right after its connect) are
+    not waited for: a trip through the event loop, under a burst of new
+    connections, waits behind every handshake the burst brought.
     """
+    try:
+        sock.recv(1, socket.MSG_PEEK)  # b"" (it left) is readable too: the handshake says so
+    except (BlockingIOError, InterruptedError):
+        pass  # nothing yet
+    except OSError:
+        return  # readable, with an error the handshake meets and counts, as it would anyway
+    else:
+        return
     loop = asyncio.get_running_loop()
     readable: asyncio.Future[None] = loop.create_future()
 
@@ -971,8 +983,8 @@ class OutboundPath:
         metrics.routed["upstream"].inc()
 
         def made() -> None:
-            assert relay.down.transport is not None
-            relay.down.transport.pause_reading()  # until the upstream is connected
+            # The app's first bytes are read while the upstream is dialled, and kept
+            # (up to relay.EARLY): they go out as soon as it is linked.
             task = asyncio.get_running_loop().create_task(self._connect(relay, live, linked))
             self.connections.setting_up(task)
 

@@ -8,6 +8,15 @@ that writes to it (L7, agent/adapters/http.py). The transports' own flow control
 side's buffer is full. Idle connections are found by a timer per connection
 that looks at a flag the data path sets.
 
+Before the two sides are linked (an app's connection while its upstream is
+dialled) a side goes on reading, up to EARLY bytes, and keeps what it reads:
+the app's first request is taken in as it arrives and goes out the moment the
+upstream is ready, not one trip through the event loop later. Under a burst of
+new connections every trip through the loop waits behind the burst's
+handshakes, and a first request that waited for its upstream's handshake
+waited long enough. An EOF that comes this early is kept until the link, so
+the bytes that came before it still go out.
+
 Half-close is not kept: an EOF from either side closes both once what was
 received before it has been written out. Every relay has a TLS side, and
 the TLS transports of asyncio and uvloop cannot send a close_notify and go
@@ -27,19 +36,24 @@ Sink = Callable[[bytes], None]
 #: A peer that stops reading would otherwise keep the socket and its buffer
 #: forever, no longer counted against max_connections nor reached by a drain.
 LINGER = 10.0
+#: Bytes a side takes in before its relay is linked; past them it stops reading until
+#: then (the kernel holds the rest). An app's first request fits.
+EARLY = 16 * 1024
 
 
 class Side(asyncio.Protocol):
     """One end of a relayed connection."""
 
-    __slots__ = ("active", "made", "other", "pending", "relay", "sink", "transport")
+    __slots__ = ("active", "early", "eof", "made", "other", "pending", "relay", "sink", "transport")
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.transport: asyncio.Transport | None = None
         self.other: asyncio.Transport | None = None
         self.sink: Sink | None = None  # where received bytes go: the other side, or a parser
-        self.pending: list[bytes] = []
+        self.pending: list[bytes] = []  # what came before the link
+        self.early = 0  # its size
+        self.eof = False  # an EOF came before the link
         self.active = False
         self.made: Callable[[], None] | None = None  # told when the connection is made
 
@@ -51,13 +65,27 @@ class Side(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         sink = self.sink
-        if sink is None:  # before the relay is linked: a handshake's first bytes
+        if sink is None:  # before the relay is linked: an app's first request, say
             self.pending.append(data)
+            self.early += len(data)
+            if self.early >= EARLY and self.transport is not None:
+                self.transport.pause_reading()  # link() resumes it
             return
         sink(data)
         self.active = True
 
     def eof_received(self) -> bool:
+        # Bytes, then an EOF, before the link: the relay ends once they went out. An app
+        # that leaves without a byte is owed nothing (the dial stops); a TLS transport
+        # cannot stay half-open (it closes whatever this returns).
+        if (
+            self.pending
+            and self.sink is None
+            and _half_open(self.transport)
+            and not self.relay.closed
+        ):
+            self.eof = True
+            return True
         self.relay.lost(self)
         return False
 
@@ -115,6 +143,9 @@ class Relay:
             if side.pending:
                 sink(b"".join(side.pending))
                 side.pending.clear()
+        if self.down.eof or self.up.eof:  # the early bytes were all there is
+            self.close()
+            return
         for transport in (down, up):
             if not transport.is_closing():
                 transport.resume_reading()
@@ -185,6 +216,11 @@ class Relay:
             self._arm_idle()
         else:  # nothing moved either way: what is still buffered is not being read
             self.abort()
+
+
+def _half_open(transport: asyncio.Transport | None) -> bool:
+    """Whether `transport` can stay open after an EOF: plain TCP, not TLS."""
+    return transport is not None and transport.get_extra_info("ssl_object") is None
 
 
 def _abort_all(transports: list[asyncio.Transport]) -> None:

@@ -831,14 +831,21 @@ class ResponseParser:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._fields += 1
-        self._size += len(name) + len(value)
-        if self._size > MAX_HEADER_BYTES or self._fields > MAX_HEADERS:
+        if self._trailers:  # a chunked body's trailers: never joined to the head sent on
+            self._fields += 1
+            self._size += len(name) + len(value)
+            if self._size > MAX_HEADER_BYTES or self._fields > MAX_HEADERS:
+                self._broken = "response headers too large"
+                raise _Stop
+            return
+        # The hot path: every field of every response. The head's fields are counted
+        # by the list that holds them (`_fields` takes over for trailers).
+        headers = self._headers
+        headers.append((name, value))
+        size = self._size = self._size + len(name) + len(value)
+        if size > MAX_HEADER_BYTES or len(headers) > MAX_HEADERS:
             self._broken = "response headers too large"
             raise _Stop
-        if self._trailers:  # a chunked body's trailers: never joined to the head sent on
-            return
-        self._headers.append((name, value))
         if len(name) in _RULED_LENGTHS:
             key = name.lower()
             if key in _RULED:
@@ -846,6 +853,7 @@ class ResponseParser:
 
     def on_headers_complete(self) -> None:
         self._trailers = True
+        self._fields = len(self._headers)
         self._unparsed = 0
         parser = self._parser
         status = self.status = parser.get_status_code()

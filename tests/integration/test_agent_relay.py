@@ -72,3 +72,36 @@ async def test_ready_only_while_the_svid_is_valid(pair: tuple[Agent, Agent]) -> 
     assert svid is not None
     client.runtime.now = lambda: svid.not_after  # the CA stayed away too long
     assert not client.ready
+
+
+async def test_a_client_that_sends_and_closes_at_once_still_delivers_its_bytes_to_the_app(
+    setup: CaSetup,
+) -> None:
+    """Its bytes and its EOF can both come before the upstream is dialled: the outbound side
+    reads them early (agent/adapters/relay.py) and relays them once linked, then closes."""
+    received: list[bytes] = []
+    ended = asyncio.Event()
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.read())  # to EOF
+        ended.set()
+        writer.close()
+
+    sign, root = local_sign(setup), setup.root
+    app_server = await asyncio.start_server(app, "127.0.0.1", 0)
+    app_port = app_server.sockets[0].getsockname()[1]
+    try:
+        server_raw = agent_yaml(root, "backend", inbound=inbound(app_port))
+        async with running_agent(server_raw, sign, root) as server:
+            upstream = outbound(server.bound["inbound[0]"], workload("backend"))
+            client_raw = agent_yaml(root, "frontend", outbound=upstream)
+            async with running_agent(client_raw, sign, root) as client:
+                host, port = client.bound["outbound[backend]"].rsplit(":", 1)
+                _, writer = await asyncio.open_connection(host, int(port))
+                writer.write(b"fire and forget")
+                writer.write_eof()
+                await asyncio.wait_for(ended.wait(), 5)
+                writer.close()
+    finally:
+        app_server.close()
+    assert received == [b"fire and forget"]

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import pytest
 import yaml
 
-from bench import capture, dataplane, grpc_calls
+from bench import capture, dataplane, grpc_calls, l4_tail
 from bench.control_plane import PATHS, percentile, pods_yaml, policy_yaml, summarize
 from bench.dataplane import NOT_MEASURED
 from bench.load import Load, parse_wrk
@@ -229,3 +229,20 @@ def test_the_table_says_which_commit_it_measured() -> None:
     text = markdown({**record({}), "commit": "a6ffccd"})
     assert text.startswith("Measured 2026-12-06 at commit a6ffccd on 2 CPUs;")
     assert markdown(record({})).startswith("Measured 2026-12-06 on 2 CPUs;")  # older results
+
+
+def test_the_l4_tail_p99_is_wrks_with_its_coordinated_omission_correction() -> None:
+    """One request in a hundred took 21 ms, the rest 1 ms, over 1 connection in 1.2 s (an
+    interval of 10 ms): wrk adds a sample at 11 ms for it, and its p99 is that (uncorrected,
+    1 ms); without the long request, 1 ms."""
+    latencies = [21_000] + [1_000] * 119
+    assert l4_tail.wrk_p99(latencies, 1, 1_200_000) == 11.0
+    assert l4_tail.wrk_p99(latencies[1:], 1, 1_200_000) == 1.0
+
+
+def test_the_l4_tail_p99_counts_a_burst_of_long_first_requests() -> None:
+    """50 connections whose first requests waited 100 ms, in a run of 10,000 requests of
+    1 ms over 0.2 s (an interval of 1 ms): 98 synthetic samples each, 4,900 in all, set
+    the p99 near the first requests' wait, not the steady state's 1 ms."""
+    latencies = [100_000] * 50 + [1_000] * 9_950
+    assert l4_tail.wrk_p99(latencies, 50, 200_000) > 50

@@ -9,6 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.core.svid import Svid, accept_svid
 from ca.core.template import LeafRequest
 from ca.signers.local import LocalSigner, init_ca
 from identity import SpiffeId, TrustDomain
@@ -50,3 +51,17 @@ def sign_leaf(
 
 def bundle_der(signer: LocalSigner) -> tuple[bytes, ...]:
     return tuple(der(root) for root in signer.bundle.roots)
+
+
+def svid_now(signer: LocalSigner, spiffe_id: SpiffeId) -> Svid:
+    """An SVID valid now (OpenSSL verifies chains against the real clock)."""
+    key, now = new_key(), datetime.now(UTC)
+    request = LeafRequest(
+        spiffe_id,
+        key.public_key(),
+        now - timedelta(minutes=1),
+        now + timedelta(hours=1),
+        x509.random_serial_number(),
+    )
+    chain = tuple(der(cert) for cert in signer.sign_leaf_now(request))
+    return accept_svid(chain, bundle_der(signer), key, spiffe_id, now)

@@ -7,38 +7,22 @@ from __future__ import annotations
 import dataclasses
 import gc
 import ssl
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 
 from agent.adapters.tls import Contexts, ResumingContext, dialling, kept
 from agent.core.resumption import Resumption, SessionCache
-from agent.core.svid import Svid, accept_svid
-from ca.core.template import LeafRequest
+from agent.core.svid import Svid
 from ca.signers.local import LocalSigner
 from identity import SpiffeId, TrustBundle
-from tests.unit.agent.pki import TD, bundle_der, der, make_signer, new_key
+from tests.unit.agent.pki import TD, bundle_der, der, make_signer, svid_now
 
 SERVER = SpiffeId.for_workload(TD, "shop", "backend")
 CLIENT = SpiffeId.for_workload(TD, "shop", "web")
 RESUMING = Resumption(resumption=True, ticket_lifetime=timedelta(minutes=5))
 ENDPOINT = ("127.0.0.1", 15443)
-
-
-def svid_now(signer: LocalSigner, spiffe_id: SpiffeId) -> Svid:
-    """An SVID valid now (OpenSSL verifies chains against the real clock)."""
-    key, now = new_key(), datetime.now(UTC)
-    request = LeafRequest(
-        spiffe_id,
-        key.public_key(),
-        now - timedelta(minutes=1),
-        now + timedelta(hours=1),
-        x509.random_serial_number(),
-    )
-    chain = tuple(der(cert) for cert in signer.sign_leaf_now(request))
-    return accept_svid(chain, bundle_der(signer), key, spiffe_id, now)
 
 
 @pytest.fixture(scope="module")
