@@ -108,12 +108,24 @@ class H2Client:
         if data:
             self.sock.sendall(data)
 
-    def send(self, headers: Headers, body: bytes = b"", end: bool = True) -> int:
+    def send(
+        self,
+        headers: Headers,
+        body: bytes = b"",
+        end: bool = True,
+        trailers: Headers | None = None,
+    ) -> int:
+        """Open a stream: its head, then `body`; `trailers` end it (else END_STREAM on the
+        last frame, with `end`)."""
         stream_id = self.conn.get_next_available_stream_id()
-        self.conn.send_headers(stream_id, headers, end_stream=end and not body)
+        end_body = end and trailers is None
+        self.conn.send_headers(stream_id, headers, end_stream=end_body and not body)
         self.responses[stream_id] = Response(stream_id)
         self._flush()
-        self.send_body(stream_id, body, end)
+        self.send_body(stream_id, body, end_body)
+        if trailers is not None:
+            self.conn.send_headers(stream_id, trailers, end_stream=True)
+            self._flush()
         return stream_id
 
     def send_body(self, stream_id: int, body: bytes, end: bool = True, seconds: float = 5) -> None:

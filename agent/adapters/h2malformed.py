@@ -5,7 +5,9 @@ RFC 9113 8.1.1: a request or response that breaks HTTP/2's rules on fields
 Host differing from :authority, a pseudo-header repeated, unknown or after a
 regular field) or whose DATA disagrees with its content-length is malformed,
 and "MUST be treated as a stream error of type PROTOCOL_ERROR". h2 checks all
-of these (validate_inbound_headers), but raises a bare ProtocolError that
+of these (validate_inbound_headers; a request's content-length only when a DATA
+frame ends it, so `_Stream.receive_headers` checks a request ended on its HEADERS
+or by trailers), but raises a bare ProtocolError that
 carries no stream id, which its connection answers with GOAWAY PROTOCOL_ERROR:
 one bad request would end every other stream of the connection (a peer
 agent's, multiplexing many apps' calls). `StreamErrors` makes h2 reset just
@@ -60,6 +62,24 @@ class _Stream(h2.stream.H2Stream):
             return super()._track_content_length(*args)
         except h2.exceptions.ProtocolError as exc:
             raise Malformed(self.stream_id, str(exc)) from exc
+
+    def receive_headers(self, headers: Any, end_stream: bool, header_encoding: Any) -> Any:
+        """h2 holds a request's DATA to its content-length only when a DATA frame ends the
+        stream: a request ended on its HEADERS, or by trailers, is checked here. Passed on
+        to an HTTP/1.1 app with a length its body falls short of, the app would read the
+        next request's head as the rest (request smuggling). Requests only: a response
+        to HEAD, a 204 or a 304 may declare a length it has no body for (RFC 9113 8.1.1)."""
+        declared = self._expected_content_length  # the head's: trailers would replace it
+        trailers = bool(self.state_machine.headers_received)
+        result = super().receive_headers(headers, end_stream, header_encoding)
+        if end_stream and not self.state_machine.client:
+            if not trailers:
+                declared = self._expected_content_length
+            received = self._actual_content_length
+            if declared is not None and declared != received:
+                why = f"content-length {declared}, but the request's body has {received} bytes"
+                raise Malformed(self.stream_id, why)
+        return result
 
 
 class StreamErrors(h2.connection.H2Connection):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -51,6 +52,9 @@ if TYPE_CHECKING:
     from agent.adapters.tracing import Watch
 
 log = logging.getLogger("outrider.agent")
+
+#: An HTTP method: a token (RFC 9110 9.1, 5.6.2), as llhttp holds an HTTP/1.1 one to.
+_METHOD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 #: (the :status the client got, its grpc-status or None for a request that is not gRPC)
 Answered = Callable[[int, int | None], None]
@@ -158,7 +162,14 @@ class InboundH2:
                 pseudo[name] = value  # h2 has refused duplicates and unknown ones
             else:
                 regular.append((name, value))
-        method = pseudo.get(b":method", b"").decode("latin-1")
+        raw_method = pseudo.get(b":method", b"")
+        if not _METHOD.fullmatch(raw_method):
+            # It becomes an HTTP/1.1 request line's first word (an `http` port's app): a
+            # space would put a second target there, `GET /admin /api/x HTTP/1.1`, which
+            # a lenient app may route while the policy decided on /api/x.
+            detail = f"method {raw_method.decode('latin-1')!r} is not a token"
+            return refusal(400, "bad_request", detail, grpc.Code.INTERNAL)
+        method = raw_method.decode("latin-1")
         if method == "CONNECT":  # an h2 tunnel carries bytes no policy sees
             return refusal(501, "upgrade_not_supported", "", grpc.Code.UNIMPLEMENTED)
         if len(regular) > self.limits.max_headers:

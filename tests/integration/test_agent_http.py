@@ -370,6 +370,45 @@ def test_concurrent_h2_streams_with_bodies_reach_the_http1_app_whole(
     assert head.status == 200 and head.body == b""
 
 
+@pytest.mark.parametrize("ending", ["on its headers", "by trailers"])
+def test_an_h2_stream_whose_body_falls_short_of_its_content_length_never_reaches_the_app(
+    setup: CaSetup, agent: AgentProcess, app: App, ending: str
+) -> None:
+    """RFC 9113 8.1.1: a content-length that the DATA does not add up to is malformed.
+
+    Sent on, the app would read that many bytes more as its body: the head of the next
+    stream on the same keep-alive app connection, whose own body then reaches the app
+    as a request no policy saw (here a denied path, which could carry a forged identity
+    header too). The stream is reset PROTOCOL_ERROR instead; the app never sees it."""
+    smuggled = b"GET /api/admin/users HTTP/1.1\r\nHost: backend\r\nContent-Length: 0\r\n\r\n"
+    backend, frontend = workload("backend"), workload("frontend")
+    # The next stream's head as the app gets it: what the first one's length swallows.
+    next_head = (
+        f"POST /api/items HTTP/1.1\r\nhost: backend\r\ncontent-length: {len(smuggled)}\r\n"
+        f"x-forwarded-client-cert: By={backend};URI={frontend}\r\n\r\n"
+    ).encode()
+    sent = b"" if ending == "on its headers" else b"0123456789"
+    client = H2Client(tls_socket(setup, agent, alpn=("h2",)))
+    try:
+        length = str(len(sent) + len(next_head))
+        # /api/early answers before reading the body, as many apps do.
+        first = client.send(
+            request_headers("/api/early", "POST", "backend", content_length=length),
+            sent,
+            trailers=[(b"x-checksum", b"1")] if sent else None,
+        )
+        answer = client.wait(first)
+        assert answer.reset == h2.errors.ErrorCodes.PROTOCOL_ERROR and not answer.headers
+        before = len(app.seen)
+        head = request_headers("/api/items", "POST", "backend", content_length=str(len(smuggled)))
+        second = client.wait(client.send(head, smuggled))
+        assert second.status == 200, second.body
+    finally:
+        client.close()
+    assert [s["target"] for s in app.seen[before:]] == ["/api/items"]
+    assert app.seen[-1]["body"] == smuggled.decode()
+
+
 # --- hot reload -------------------------------------------------------------------------
 
 

@@ -85,6 +85,12 @@ def test_an_allowed_request_goes_on_normalized_with_the_peers_identity_only() ->
         (head("/api/x", "GET", (b"host", b"other")), 400, "bad_request"),  # :authority differs
         (head("/api/x", "GET", (b"host", b"a"), (b"host", b"a")), 400, "bad_request"),
         (head("/api/x", "CONNECT"), 501, "upgrade_not_supported"),
+        # The method goes into an HTTP/1.1 request line: one that is not a token would put
+        # a second target there ("GET /admin /api/x HTTP/1.1") that an app may route.
+        (head("/api/x", "GET /admin"), 400, "bad_request"),
+        (head("/api/x", "GET\t/admin"), 400, "bad_request"),
+        (head("/api/x", "GET\x01"), 400, "bad_request"),
+        (head("/api/x", ""), 400, "bad_request"),
         (head("/api/x", "GET", *[(b"x-n", b"v")] * 101), 431, "headers_too_large"),
     ],
 )

@@ -388,7 +388,7 @@ _VOCABULARY: dict[Field, list[str]] = {
     "namespaces": ["shop", "lab"],
     "trust_domains": ["example.org", "partner.net"],
     "ports": ["8080", "9090"],
-    "methods": ["GET", "POST"],
+    "methods": ["GET", "POST", "DELETE"],
     "paths": ["/api/*", "/admin", "/admin/*", "*.json", "*"],
     "hosts": ["api.example.org", "*.example.org"],
     "headers": ["reader", "admin", "adm*", "*"],
@@ -430,7 +430,9 @@ _HEADER_VALUES = st.lists(st.sampled_from(["reader", "admin", "adminx", " guest 
 def _requests(draw: st.DrawFn) -> Request:
     source = draw(st.sampled_from([*_IDS, None]))
     port = draw(st.sampled_from([8080, 9090]))
-    method = draw(st.sampled_from([None, "GET", "POST"]))
+    # Methods as h2 peers may send them too: upper-cased before matching (a plan's
+    # compiled method test must do the same).
+    method = draw(st.sampled_from([None, "GET", "POST", "get", "Delete", "PROPFIND"]))
     if method is None:
         return Request(source, port)
     path = draw(st.sampled_from(["/api/a.json", "/admin", "/admin/x", "/", "/other"]))
