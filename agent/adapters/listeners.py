@@ -501,6 +501,9 @@ class InboundMtls(Listener[InboundT]):
             sock.close()
             relay.close()
             return
+        # Registered before the wrap: a reconfigure to strict while it runs closes this
+        # relay too (configure), and the wrapped socket is then let go of at once.
+        self.plaintext[relay] = config.app.port
         loop = asyncio.get_running_loop()
         try:
             down, _ = await loop.connect_accepted_socket(lambda: relay.down, sock)
@@ -508,8 +511,10 @@ class InboundMtls(Listener[InboundT]):
             sock.close()
             relay.close()
             return
+        if relay.closed:  # the port became strict meanwhile
+            down.abort()
+            return
         down.pause_reading()
-        self.plaintext[relay] = config.app.port
         await self._to_app(relay, None, config, decision)
 
     async def _to_app(
