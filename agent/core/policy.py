@@ -15,6 +15,11 @@ conditions hold), and checks only their other conditions; and a decision's
 `outrider policy check`). `explain` is the full evaluation, the reference the
 fast path is tested against, and what writes every reason.
 
+A path with `;` parameters is matched twice, as sent and as Java servlet
+containers route it (`/admin;x/users` as `/admin/users`), and allowed only if
+both are (`PolicySet._both_forms`): the app receives it as sent, but may route
+it without them.
+
 Matching is literal: a value matches a pattern that is the same string, or
 has one leading or trailing `*`. No regex, no glob: `a.b` never matches `aXb`
 and trust domain `td` never matches `td.evil`. A source that is not
