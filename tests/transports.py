@@ -11,6 +11,7 @@ class Sent:
         self.closed = False
         self.aborted = False
         self.paused = False
+        self.protocol: object = None  # the last set_protocol's
 
     def write(self, data: bytes) -> None:
         self.data += data
@@ -32,6 +33,12 @@ class Sent:
 
     def resume_reading(self) -> None:
         self.paused = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default  # plain TCP: no ssl_object, no peer
+
+    def set_protocol(self, protocol: object) -> None:
+        self.protocol = protocol
 
     def take(self) -> bytes:
         """What was written since the last take."""

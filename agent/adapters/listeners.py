@@ -539,6 +539,8 @@ class InboundMtls(Listener[InboundT]):
             self._app_unreachable(config, exc)
             relay.close()
             return
+        if not relay.dialled():  # the client left meanwhile: the app's connection is closed
+            return
         if peer is None:  # plaintext, let in: counted once the app has it, not before
             self.runtime.established(INBOUND, None)
         observer = self.runtime.observer

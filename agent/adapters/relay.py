@@ -44,7 +44,18 @@ EARLY = 16 * 1024
 class Side(asyncio.Protocol):
     """One end of a relayed connection."""
 
-    __slots__ = ("active", "early", "eof", "made", "other", "pending", "relay", "sink", "transport")
+    __slots__ = (
+        "active",
+        "early",
+        "eof",
+        "made",
+        "other",
+        "pending",
+        "read_early",
+        "relay",
+        "sink",
+        "transport",
+    )
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -54,12 +65,18 @@ class Side(asyncio.Protocol):
         self.pending: list[bytes] = []  # what came before the link
         self.early = 0  # its size
         self.eof = False  # an EOF came before the link
+        self.read_early = False  # its transport reads through Early until the link
         self.active = False
         self.made: Callable[[], None] | None = None  # told when the connection is made
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
+        if self is self.relay.down and self.sink is None and _half_open(self.transport):
+            # The side read while the other is dialled (an app's, or a permissive port's
+            # plaintext client): into at most what EARLY leaves, until the link sets it back.
+            transport.set_protocol(Early(self))
+            self.read_early = True
         if self.made is not None:
             self.made()
 
@@ -108,6 +125,44 @@ class Side(asyncio.Protocol):
             self.other.resume_reading()
 
 
+class Early(asyncio.BufferedProtocol):
+    """A plain TCP side's protocol until its relay is linked: the loop reads into a buffer
+    no larger than what EARLY leaves, so a side holds at most EARLY bytes. Handed every
+    read as it comes (a Protocol), a side would hold whatever one read took past EARLY:
+    on uvloop up to 256 KB, for as long as a dial takes, per connection.
+
+    A TLS side needs none: its transport is paused as soon as its handshake is done.
+    """
+
+    __slots__ = ("buffer", "side")
+
+    def __init__(self, side: Side) -> None:
+        self.side = side
+        self.buffer = bytearray()
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        # Never empty (the loop takes an empty buffer for an error); a side that reached
+        # EARLY paused its reading, so the loop asks no more until the link.
+        self.buffer = bytearray(max(EARLY - self.side.early, 1))
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        buffer, self.buffer = self.buffer, bytearray()
+        self.side.data_received(bytes(memoryview(buffer)[:nbytes]))  # the loop holds `buffer`
+
+    def eof_received(self) -> bool:
+        return self.side.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.side.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.side.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.side.resume_writing()
+
+
 class Relay:
     """A downstream and an upstream Side, linked once both are connected."""
 
@@ -130,16 +185,17 @@ class Relay:
 
         Bytes go straight to the other side (L4) unless a sink takes them (L7).
         """
-        down, up = self.down.transport, self.up.transport
-        if self.closed or down is None:  # the client left while the upstream was being
-            if up is not None:  # connected: its side let go of its transport already
-                up.close()
+        if not self.dialled():
             return
-        assert up is not None
+        down, up = self.down.transport, self.up.transport
+        assert down is not None and up is not None
         self.down.other, self.up.other = up, down
         sinks = ((self.down, down_sink or up.write), (self.up, up_sink or down.write))
         for side, sink in sinks:
             side.sink = sink
+            if side.read_early and side.transport is not None:
+                side.transport.set_protocol(side)  # read as it comes from now on
+                side.read_early = False
             if side.pending:
                 sink(b"".join(side.pending))
                 side.pending.clear()
@@ -150,6 +206,20 @@ class Relay:
             if not transport.is_closing():
                 transport.resume_reading()
         self._arm_idle()
+
+    def dialled(self) -> bool:
+        """Whether the relay can go on now that its upstream is connected: not if its
+        client left during the dial. That upstream is closed then: the relay's close
+        came before it was there to close, and nothing else would.
+
+        Every path that dials before it links (or hands the transports to an L7 parser)
+        asks this first."""
+        if not self.closed and self.down.transport is not None:
+            return True
+        up = self.up.transport
+        if up is not None:
+            up.close()
+        return False
 
     def new_upstream(self) -> Side:
         """A fresh upstream side for one connection attempt; earlier attempts are forgotten."""

@@ -409,6 +409,27 @@ async def test_switching_a_port_to_strict_stops_plaintext_already_connected(
         tcp_app.close()
 
 
+async def test_a_plaintext_request_larger_than_what_is_read_early_arrives_whole(
+    mesh: Captured,
+) -> None:
+    """A permissive port's plaintext client that sends more than the agent reads before its
+    app is connected (agent/adapters/relay.py EARLY), all at once: paused, then resumed at
+    the link, it arrives whole and in order, and comes back so."""
+    server = mesh.server
+    tcp_app = await server.start_server(echo, "0.0.0.0", 9090)
+    sent = bytes(range(256)) * 4096  # 1 MiB
+    try:
+        async with mesh.reconfigured(server, captured={"inbound": {"mtls": "permissive"}}):
+            reader, writer = await asyncio.open_connection(server.ip, 9090)
+            writer.write(sent)
+            try:
+                assert await asyncio.wait_for(reader.readexactly(len(sent)), 10) == sent
+            finally:
+                writer.close()
+    finally:
+        tcp_app.close()
+
+
 async def test_a_pod_calling_a_service_it_serves_itself_reaches_its_own_app_over_mtls(
     mesh: Captured,
 ) -> None:

@@ -80,6 +80,20 @@ async def test_past_early_bytes_before_the_link_the_app_is_not_read_until_linked
         assert await eventually(lambda: recorder.received == sent, 5)
 
 
+async def test_an_app_that_sends_a_lot_before_the_link_has_at_most_early_bytes_held() -> None:
+    """The bound is EARLY, not EARLY plus whatever one read takes (uvloop reads up to
+    256 KB at a time: 16 times EARLY, held per connection for as long as a dial takes)."""
+    relay = Relay(30, lambda _: None)
+    sent = bytes(range(256)) * (64 * EARLY // 256)
+    async with accepted(relay) as (app, recorder):
+        app.write(sent)
+        assert await eventually(lambda: relay.down.early >= EARLY)
+        assert relay.down.early == EARLY
+        assert sum(map(len, relay.down.pending)) == EARLY
+        await link(relay)
+        assert await eventually(lambda: recorder.received == sent, 5)
+
+
 async def test_an_app_that_sends_and_closes_before_the_link_still_delivers_its_bytes() -> None:
     closed: list[Relay] = []
     relay = Relay(30, closed.append)
