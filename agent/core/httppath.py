@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import string
 
-__all__ = ["BadPath", "normalize_host", "normalize_target"]
+__all__ = ["BadPath", "normalize_host", "normalize_target", "without_parameters"]
 
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 _MALFORMED = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -63,6 +63,20 @@ def _normalized(path: str) -> str:
             " app servers (Tomcat, for one) read it as '..'"
         )
     return _merge_and_remove_dot_segments(path)
+
+
+def without_parameters(path: str) -> str:
+    """A normalized path as Java servlet containers (Tomcat, Jetty, Spring) route it: each
+    segment's parameters removed (`/a;x/b;y=1` -> `/a/b`, RFC 3986 3.3), and the empty
+    segments that leaves merged (`/;x/admin` -> `/admin`).
+
+    The app receives the path with its parameters (a `;jsessionid=` is the app's
+    business), so the policy matches this form as well as the path as sent
+    (agent.core.policy). Only a raw `;` separates: `%3B` is data. A segment that
+    would become `.` or `..` cannot occur: `normalize_target` refuses `.;` and `..;`.
+    """
+    stripped = "/".join(segment.partition(";")[0] for segment in path.split("/"))
+    return _merge_and_remove_dot_segments(stripped)
 
 
 def normalize_host(host: str) -> str:

@@ -15,6 +15,11 @@ conditions hold), and checks only their other conditions; and a decision's
 `outrider policy check`). `explain` is the full evaluation, the reference the
 fast path is tested against, and what writes every reason.
 
+A path with `;` parameters is matched twice, as sent and as Java servlet
+containers route it (`/admin;x/users` as `/admin/users`), and allowed only if
+both are (`PolicySet._both_forms`): the app receives it as sent, but may route
+it without them.
+
 Matching is literal: a value matches a pattern that is the same string, or
 has one leading or trailing `*`. No regex, no glob: `a.b` never matches `aXb`
 and trust domain `td` never matches `td.evil`. A source that is not
@@ -31,11 +36,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property, partial
 from typing import Literal, get_args
 
-from agent.core.httppath import BadPath, normalize_host, normalize_target
+from agent.core.httppath import BadPath, normalize_host, normalize_target, without_parameters
 from identity import SpiffeId, TrustDomain
 
 __all__ = [
@@ -488,12 +493,20 @@ class PolicySet:
         if problems:
             raise ValueError("; ".join(problems))
 
-    def decide(self, request: Request, trust_domains: frozenset[TrustDomain]) -> Decision:
+    def decide(
+        self, request: Request, trust_domains: frozenset[TrustDomain], _one_form: bool = False
+    ) -> Decision:
         """Enforced DENY first, then enforced ALLOW for the port, then default_action.
 
         The same answer as `explain` (a property test holds them to it), by the
-        caller's and port's plan; the reason is worded only if read.
+        caller's and port's plan; the reason is worded only if read. A path with
+        `;` parameters is decided in both its forms (`_both_forms`); any other
+        path pays one `in` for that: `_one_form`, which only `_planned` sets, spares
+        it a call (a positional default costs nothing; a keyword-only one, ~1%).
         """
+        path = request.path
+        if path and ";" in path and not _one_form:
+            return self._both_forms(request, trust_domains, self._planned, worded=False)
         plan = self._plans.get((request.source, request.port))
         if plan is None:
             plan = self._plan(request)
@@ -517,6 +530,13 @@ class PolicySet:
 
     def explain(self, request: Request, trust_domains: frozenset[TrustDomain]) -> Decision:
         """`decide` by every rule of every policy, the reason written at once."""
+        path = request.path
+        if path and ";" in path:
+            return self._both_forms(request, trust_domains, self._explained, worded=True)
+        return self._explained(request, trust_domains)
+
+    def _explained(self, request: Request, trust_domains: frozenset[TrustDomain]) -> Decision:
+        """`explain` for one form of the path."""
         records = tuple(self._records(request))
         if hit := _first_match(self._enforced("DENY"), request):
             return Decision(False, hit[0].name, hit[1].name, _matched(*hit, request), records)
@@ -551,6 +571,62 @@ class PolicySet:
                         " speaks h2), or list the rule's HTTP ports in to.ports"
                     )
         return errors
+
+    def _both_forms(
+        self,
+        request: Request,
+        trust_domains: frozenset[TrustDomain],
+        decide_form: Callable[[Request, frozenset[TrustDomain]], Decision],
+        worded: bool,
+    ) -> Decision:
+        """A path with parameters (`/admin;x/users`), allowed only if allowed both as sent
+        and as Java servlet containers route it (`/admin/users`, httppath.without_parameters).
+
+        The app receives the path as sent, and an app that strips parameters before
+        routing would otherwise get past a DENY on `/admin/*` or an ALLOW of `/public*`
+        alone: so a DENY that matches either form denies, and what ALLOWs must allow
+        both. A denial names the form that decided (`_deciding_form`); the
+        records are each dry-run and AUDIT policy's as if it decided both forms alone.
+        `decide` and `explain` both combine here, with their own `decide_form`.
+        """
+        assert request.path is not None  # a `;` in it brought the request here
+        stripped_path = without_parameters(request.path)
+        as_sent = decide_form(request, trust_domains)
+        stripped = decide_form(replace(request, path=stripped_path), trust_domains)
+        deciding = _deciding_form(as_sent, stripped)
+        why: str | Callable[[], str]
+        if worded:
+            why = _both_reasons(stripped_path, deciding is stripped, deciding)
+        else:
+            why = partial(self._reason, request, trust_domains)
+        records = self._both_records(as_sent.records, stripped.records)
+        allowed = as_sent.allowed and stripped.allowed
+        return Decision(allowed, deciding.policy, deciding.rule, why, records)
+
+    def _both_records(
+        self, as_sent: tuple[Record, ...], stripped: tuple[Record, ...]
+    ) -> tuple[Record, ...]:
+        """Per dry-run or AUDIT policy, in order: an AUDIT or a DENY dry run records the
+        rule that matched either form (as sent first); an ALLOW dry run records an allow
+        only if it allows both forms, else the deny it would have made."""
+        if as_sent == stripped:
+            return as_sent
+        first = {record.policy: record for record in as_sent}
+        second = {record.policy: record for record in stripped}
+        records: list[Record] = []
+        for policy in self.policies:
+            one, other = first.get(policy.name), second.get(policy.name)
+            if one is None or other is None:
+                records.extend(r for r in (one, other) if r is not None)
+            elif policy.action == "ALLOW" and "dry_run_deny" in (one.kind, other.kind):
+                records.append(Record("dry_run_deny", policy.name, NO_ALLOW_MATCHED))
+            else:
+                records.append(one)
+        return tuple(records)
+
+    def _planned(self, request: Request, trust_domains: frozenset[TrustDomain]) -> Decision:
+        """`decide` for the one form of the path `request` has, parameters or not."""
+        return self.decide(request, trust_domains, True)
 
     def _reason(self, request: Request, trust_domains: frozenset[TrustDomain]) -> str:
         return self.explain(request, trust_domains).reason
@@ -628,6 +704,26 @@ class PolicySet:
 
 
 _ACTIONS = ", ".join(get_args(DefaultAction))
+
+
+def _deciding_form(as_sent: Decision, stripped: Decision) -> Decision:
+    """Which form's decision stands for both: a denial by a DENY policy first (as in one
+    evaluation, where DENY comes first), then any denial, the path as sent before the
+    path without parameters; when both are allowed, the path as sent."""
+    denials = [decision for decision in (as_sent, stripped) if not decision.allowed]
+    by_deny = [decision for decision in denials if decision.policy != DEFAULT_POLICY]
+    return (by_deny or denials or [as_sent])[0]
+
+
+def _both_reasons(stripped_path: str, by_stripped: bool, deciding: Decision) -> str:
+    """Which form of a path with parameters decided, and why. The path as sent is not
+    repeated: its parameters may hold a session ID (the access log redacts them)."""
+    routed = f"without its ';' parameters ({stripped_path!r}, as Java servlet containers route it)"
+    if by_stripped:
+        return f"the path {routed} is denied: {deciding.reason}"
+    if not deciding.allowed:
+        return f"the path as sent is denied: {deciding.reason}"
+    return f"the path is allowed as sent and {routed}: {deciding.reason}"
 
 
 def _passes(tests: tuple[Callable[[Request], bool], ...], request: Request) -> bool:

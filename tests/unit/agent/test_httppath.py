@@ -14,6 +14,7 @@ from agent.core.httppath import (
     _stripped,
     normalize_host,
     normalize_target,
+    without_parameters,
 )
 
 NORMALIZED = [
@@ -242,3 +243,37 @@ def test_the_reference_model_agrees_with_the_rfc_examples() -> None:
     # RFC 3986 5.2.4's own examples, so the model the property trusts is right.
     assert rfc3986_remove_dot_segments("/a/b/c/./../../g") == "/a/g"
     assert rfc3986_remove_dot_segments("mid/content=5/../6") == "mid/6"
+
+
+@pytest.mark.parametrize(
+    ("path", "routed"),
+    [
+        ("/a;x/b;y=1", "/a/b"),
+        ("/secret;", "/secret"),
+        ("/index.php;x", "/index.php"),
+        ("/admin;x/users", "/admin/users"),
+        ("/app/page;jsessionid=abc", "/app/page"),
+        ("/;x/admin", "/admin"),  # the empty segment left is merged, as Tomcat does
+        ("/admin/;x/users", "/admin/users"),
+        ("/admin/;x", "/admin/"),
+        ("/a;x/", "/a/"),
+        ("/;x", "/"),
+        ("/a;b;c/d", "/a/d"),
+        ("/a%3Bx/b", "/a%3Bx/b"),  # an encoded ';' is data, not a separator
+        ("/a/b", "/a/b"),
+    ],
+)
+def test_without_parameters_is_the_path_servlet_containers_route(path: str, routed: str) -> None:
+    assert without_parameters(normalize_target(path)[0]) == routed
+
+
+@settings(max_examples=300)
+@given(st.text(alphabet="/;.a=%3B", max_size=20).map(lambda text: "/" + text))
+def test_a_path_without_parameters_is_normalized_and_has_no_separator(target: str) -> None:
+    try:
+        path, _ = normalize_target(target)
+    except BadPath:
+        return
+    routed = without_parameters(path)
+    assert ";" not in routed
+    assert normalize_target(routed)[0] == routed

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.core.httppath import normalize_target
+from agent.core.httppath import normalize_target, without_parameters
 from agent.core.policy import (
     MAX_PLANS,
     Action,
@@ -341,6 +341,82 @@ def test_a_dry_run_allow_records_both_outcomes_where_it_applies() -> None:
     assert decide(trial, default="deny").records == (Record("dry_run_allow", "t", "r0"),)
 
 
+# -- path parameters: `/admin;x/users` is `/admin/users` to a Java app ----------------------
+
+NO_ADMIN = policy("DENY", (cond("paths", "/admin/*"),), name="no-admin")
+
+
+@pytest.mark.parametrize(
+    ("deny", "path"),
+    [
+        (cond("paths", "/admin/*"), "/admin;x/users"),
+        (cond("paths", "/admin/*"), "/;x/admin/users"),
+        (cond("paths", "/secret"), "/secret;"),
+        (cond("paths", "*.php"), "/index.php;x"),
+        (cond("paths", "/admin"), "/admin;jsessionid=1"),
+    ],
+)
+def test_a_deny_matching_the_path_without_parameters_denies(deny: Condition, path: str) -> None:
+    normalized, _ = normalize_target(path)
+    decision = decide(policy("DENY", (deny,), name="d"), request=replace(HTTP, path=normalized))
+    assert (decision.allowed, decision.policy, decision.rule) == (False, "d", "r0")
+    stripped = without_parameters(normalized)
+    assert f"without its ';' parameters ({stripped!r}" in decision.reason
+
+
+def test_a_deny_matching_the_path_as_sent_denies_and_says_so() -> None:
+    deny = policy("DENY", (cond("paths", "/admin;*"),), name="d")
+    decision = decide(deny, NO_ADMIN, request=replace(HTTP, path="/admin;x/users"))
+    assert (decision.allowed, decision.policy) == (False, "d")  # as sent decides first
+    assert decision.reason.startswith("the path as sent is denied: DENY policy 'd'")
+    assert ";x" not in decision.reason.partition(":")[0]  # the parameters are not repeated
+
+
+def test_an_allow_must_allow_both_forms() -> None:
+    app = policy("ALLOW", (cond("paths", "/app/*"),), name="app")
+    session = decide(app, NO_ADMIN, request=replace(HTTP, path="/app/page;jsessionid=abc"))
+    assert (session.allowed, session.policy, session.rule) == (True, "app", "r0")
+    assert session.reason.startswith(
+        "the path is allowed as sent and without its ';' parameters ('/app/page', as Java"
+        " servlet containers route it): ALLOW policy 'app'"
+    )
+    pages = policy("ALLOW", (cond("paths", "*.html"),), name="pages")
+    sneaky = decide(pages, request=replace(HTTP, path="/admin;x.html"))  # routed as /admin
+    assert (sneaky.allowed, sneaky.rule) == (False, "no ALLOW rule matched")
+    assert "without its ';' parameters ('/admin'" in sneaky.reason
+
+
+def test_a_deny_policy_names_the_denial_whichever_form_it_matched() -> None:
+    """As in one evaluation, where DENY comes first: the metrics and the log line name
+    `no-admin`, not the ALLOW that the path as sent missed."""
+    app = policy("ALLOW", (cond("paths", "/app/*", "/admin/*"),), name="app")
+    decision = decide(app, NO_ADMIN, request=replace(HTTP, path="/admin;x/users"))
+    assert (decision.allowed, decision.policy, decision.rule) == (False, "no-admin", "r0")
+    assert decision.reason.startswith("the path without its ';' parameters ('/admin/users'")
+
+
+def test_paths_with_parameters_leave_other_decisions_alone() -> None:
+    assert decide(NO_ADMIN, request=replace(HTTP, path="/api;v=2/orders")).allowed
+    assert decide(NO_ADMIN, request=replace(HTTP, path="/api/orders%3B/admin/x")).allowed
+    assert not decide(NO_ADMIN, request=replace(HTTP, path="/admin/x")).allowed
+    assert not decide(NO_ADMIN, request=TCP).allowed  # L4 fails closed, as before
+
+
+def test_dry_runs_and_audits_record_what_either_form_would_do() -> None:
+    trial = replace(NO_ADMIN, name="trial", dry_run=True)
+    watch = policy("AUDIT", (cond("paths", "/admin/*"),), name="watch")
+    pages = policy("ALLOW", (cond("paths", "*.html"),), name="pages", dry_run=True)
+    hidden = decide(trial, watch, pages, request=replace(HTTP, path="/admin;x/a.html"))
+    assert hidden.allowed  # nothing enforced
+    assert hidden.records == (
+        Record("dry_run_deny", "trial", "r0"),
+        Record("audit", "watch", "r0"),
+        Record("dry_run_allow", "pages", "r0"),
+    )
+    sneaky = decide(pages, request=replace(HTTP, path="/admin;x.html"))
+    assert sneaky.records == (Record("dry_run_deny", "pages", "no ALLOW rule matched"),)
+
+
 def test_http_only_errors_name_rules_that_could_never_match_on_a_tcp_port() -> None:
     everywhere = Policy(
         "web", "ALLOW", (Rule("paths", (cond("paths", "/api/*"),)), Rule("any", ())), source="f:1:1"
@@ -396,8 +472,8 @@ _VOCABULARY: dict[Field, list[str]] = {
 
 
 @st.composite
-def _conditions(draw: st.DrawFn) -> Condition:
-    field = draw(st.sampled_from(list(_VOCABULARY)))
+def _conditions(draw: st.DrawFn, fields: tuple[Field, ...] = tuple(_VOCABULARY)) -> Condition:
+    field = draw(st.sampled_from(fields))
     texts = draw(st.lists(st.sampled_from(_VOCABULARY[field]), min_size=1, max_size=2))
     header = "x-role" if field == "headers" else ""
     return Condition(field, tuple(map(Pattern, texts)), draw(st.booleans()), header)
@@ -407,8 +483,12 @@ _RULES = st.lists(_conditions(), max_size=3).map(tuple)
 
 
 @st.composite
-def _policies(draw: st.DrawFn, action: Action | None = None) -> Policy:
-    rules = draw(st.lists(_RULES, min_size=1, max_size=3))
+def _policies(
+    draw: st.DrawFn,
+    action: Action | None = None,
+    conditions: st.SearchStrategy[tuple[Condition, ...]] = _RULES,
+) -> Policy:
+    rules = draw(st.lists(conditions, min_size=1, max_size=3))
     chosen = action or draw(st.sampled_from(["ALLOW", "DENY", "AUDIT"]))
     dry_run = chosen != "AUDIT" and draw(st.booleans())
     return policy(chosen, *rules, name=f"p{draw(st.integers(0, 10**6))}", dry_run=dry_run)
@@ -426,8 +506,19 @@ _SETS = st.builds(
 _HEADER_VALUES = st.lists(st.sampled_from(["reader", "admin", "adminx", " guest "]), max_size=3)
 
 
+# Paths with parameters, which Java apps strip before routing: each differs from its routed form.
+_WITH_PARAMETERS = [
+    "/admin;x/y",
+    "/admin;jsessionid=1",
+    "/api;v=1/a.json",
+    "/;x/admin",
+    "/o;x.json",
+]
+_PATHS = ["/api/a.json", "/admin", "/admin/x", "/", "/other", *_WITH_PARAMETERS]
+
+
 @st.composite
-def _requests(draw: st.DrawFn) -> Request:
+def _requests(draw: st.DrawFn, paths: list[str] = _PATHS) -> Request:
     source = draw(st.sampled_from([*_IDS, None]))
     port = draw(st.sampled_from([8080, 9090]))
     # Methods as h2 peers may send them too: upper-cased before matching (a plan's
@@ -435,7 +526,7 @@ def _requests(draw: st.DrawFn) -> Request:
     method = draw(st.sampled_from([None, "GET", "POST", "get", "Delete", "PROPFIND"]))
     if method is None:
         return Request(source, port)
-    path = draw(st.sampled_from(["/api/a.json", "/admin", "/admin/x", "/", "/other"]))
+    path = draw(st.sampled_from(paths))
     host = draw(st.sampled_from([None, "api.example.org", "example.org"]))
     values = draw(_HEADER_VALUES)
     return Request(source, port, method, path, host, {"x-role": tuple(values)} if values else {})
@@ -454,10 +545,20 @@ _ANY_SETS = st.builds(
     st.sampled_from(["allow-authenticated", "deny"]),
 )
 
+# Policies on paths alone: where a path with parameters and the path an app routes differ.
+_PATH_SETS = st.builds(
+    lambda policies, default: PolicySet(_unique(policies), default),
+    st.lists(
+        _policies(conditions=st.lists(_conditions(("paths",)), max_size=2).map(tuple)),
+        max_size=4,
+    ),
+    st.sampled_from(["allow-authenticated", "deny"]),
+)
+
 
 @settings(max_examples=300)
 @given(
-    _ANY_SETS,
+    st.one_of(_ANY_SETS, _PATH_SETS),
     st.lists(_requests(), min_size=1, max_size=6),
     st.sampled_from([frozenset(), TRUSTED, frozenset({TD, TrustDomain("partner.net")})]),
 )
@@ -476,6 +577,25 @@ def test_the_fast_path_decides_as_the_full_evaluation(
             full.records,
         )
         assert fast.reason == full.reason
+
+
+@settings(max_examples=300)
+@given(
+    st.one_of(_ANY_SETS, _PATH_SETS),
+    st.one_of(_requests(), _requests(_WITH_PARAMETERS)).filter(lambda r: r.method is not None),
+)
+def test_parameters_only_ever_deny_what_the_path_as_sent_allows(
+    policies: PolicySet, request: Request
+) -> None:
+    """Strictly more restrictive than matching the path as sent alone (what the agent did
+    before): allowed means allowed as sent and without parameters; nothing else changes."""
+    decision = policies.decide(request, TRUSTED)
+    as_sent = policies.decide(request, TRUSTED, True)  # the path as sent alone
+    if request.path is None or ";" not in request.path:
+        assert decision == as_sent
+        return
+    routed = policies.decide(replace(request, path=without_parameters(request.path)), TRUSTED)
+    assert decision.allowed == (as_sent.allowed and routed.allowed)
 
 
 def test_an_allowed_request_is_put_into_words_only_when_asked() -> None:
