@@ -143,15 +143,19 @@ class Decision:
 
 
 class Explanation:
-    """A decision's reason as a log argument: worded only if the line is written."""
+    """A decision's reason as a log argument: worded only if the line is written, with
+    the request's path (quoted in the reason) as `shown` says, when it says."""
 
-    __slots__ = ("decision",)
+    __slots__ = ("decision", "path", "shown")
 
-    def __init__(self, decision: Decision) -> None:
-        self.decision = decision
+    def __init__(self, decision: Decision, path: str | None = None, shown: str = "") -> None:
+        self.decision, self.path, self.shown = decision, path, shown
 
     def __str__(self) -> str:
-        return self.decision.reason
+        reason = self.decision.reason
+        if self.path and self.path != self.shown:
+            return reason.replace(self.path, self.shown)
+        return reason
 
 
 # -- patterns and conditions ----------------------------------------------------------------

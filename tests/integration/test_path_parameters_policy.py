@@ -150,3 +150,18 @@ def test_the_access_log_still_redacts_the_parameter(setup: CaSetup, served: Serv
     (line,) = served.lines("/app/logged;jsessionid=REDACTED")
     assert line["status"] == 200
     assert "abc" not in json.dumps(line)
+
+
+def test_a_denied_request_logs_its_path_without_the_parameters_values(
+    setup: CaSetup, served: Served
+) -> None:
+    """The agent's own denial line (one per caller a while: a caller of its own here)
+    shows the path as the access log does: a session ID is a secret there too."""
+    path = "/admin;jsessionid=s3cr3t/users"
+    assert one(setup, served.agent, get(path), who="java-prober").status == 403
+    end = time.monotonic() + 10
+    while not (lines := [line for line in served.agent.log if "java-prober" in line]):
+        assert time.monotonic() < end, "no denial line for the caller"
+        time.sleep(0.02)
+    assert "/admin;jsessionid=REDACTED/users" in lines[0]
+    assert "s3cr3t" not in "".join(served.agent.log)
