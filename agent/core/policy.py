@@ -297,6 +297,10 @@ class Condition:
         listed = ", ".join(pattern.text for pattern in self.patterns)
         verb = "matches" if self.any_match(values) else "does not match"
         shown = ", ".join(map(repr, values)) if values else "(none)"
+        if values and self.field == "headers":
+            # A header's value may be a secret (an API key, a cookie, a token) and the
+            # reason goes to the agent's log, which never holds one (as the access log).
+            shown = f"({len(values)} value{'s' if len(values) > 1 else ''}, not shown)"
         return f"{_LABELS[self.field]}{self.header} {shown} {verb} {self.key} [{listed}]"
 
 

@@ -30,7 +30,17 @@ from tests.support import CaProcess, CaSetup, free_port
 POLICY = {
     "policies": [
         {"name": "no-admin", "action": "DENY", "rules": [{"to": {"paths": ["/admin/*"]}}]},
-        {"name": "app", "action": "ALLOW", "rules": [{"to": {"paths": ["/app/*", "/admin*"]}}]},
+        {
+            "name": "app",
+            "action": "ALLOW",
+            "rules": [
+                {"to": {"paths": ["/app/*", "/admin*"]}},
+                {
+                    "to": {"paths": ["/keyed/*"]},
+                    "when": [{"header": "x-api-key", "values": ["k1"]}],
+                },
+            ],
+        },
     ]
 }
 SESSION = "/app/page;jsessionid=abc"
@@ -165,3 +175,24 @@ def test_a_denied_request_logs_its_path_without_the_parameters_values(
         time.sleep(0.02)
     assert "/admin;jsessionid=REDACTED/users" in lines[0]
     assert "s3cr3t" not in "".join(served.agent.log)
+
+
+def _denial_line(served: Served, who: str) -> str:
+    end = time.monotonic() + 10
+    while not (lines := [line for line in served.agent.log if who in line]):
+        assert time.monotonic() < end, f"no denial line for {who}"
+        time.sleep(0.02)
+    return lines[0]
+
+
+def test_a_denial_line_never_holds_a_header_value_the_policy_read(
+    setup: CaSetup, served: Served
+) -> None:
+    """A wrong API key (or any header a `when` reads) is denied; the agent's line says which
+    header missed which rule, as the access log, without the value: it may be a secret."""
+    raw = get("/keyed/x;jsessionid=s3ss", "X-Api-Key: wr0ng-key", "Cookie: JSESSIONID=c00k")
+    assert one(setup, served.agent, raw, who="key-prober").status == 403
+    line = _denial_line(served, "key-prober")
+    assert "x-api-key" in line  # still says which condition missed
+    for secret in ("wr0ng-key", "s3ss", "c00k"):
+        assert secret not in "".join(served.agent.log)

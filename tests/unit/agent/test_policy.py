@@ -237,6 +237,21 @@ def test_rules_are_ored_and_fields_in_a_rule_are_anded() -> None:
     assert decide(values).allowed  # values in one field are ORed
 
 
+@pytest.mark.parametrize(
+    ("condition", "allowed"),
+    [(cond("when.x-role", "admin"), False), (cond("when.x-role.not", "admin"), True)],
+)
+def test_a_reason_names_the_header_but_never_shows_its_values(
+    condition: Condition, allowed: bool
+) -> None:
+    """The reason is the agent's denial line: a header may hold an API key or a cookie."""
+    secret = replace(HTTP, headers={"x-role": ("t0ken-1, t0ken-2",)})
+    decision = decide(policy("ALLOW", (condition,)), request=secret, default="deny")
+    assert decision.allowed is allowed
+    assert "header x-role (2 values, not shown)" in decision.reason
+    assert "t0ken" not in decision.reason
+
+
 def test_an_allow_policy_governs_only_the_ports_it_applies_to() -> None:
     on_8080 = policy("ALLOW", (cond("ports", 8080), cond("paths", "/health")))
     denied = decide(on_8080)
