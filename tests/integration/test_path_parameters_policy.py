@@ -22,6 +22,8 @@ import pytest
 from aiohttp import web
 
 from agent.adapters.h2server import H2Stream
+from agent.core.accesslog import MAX_PATH
+from agent.core.policy import MAX_REASON
 from tests.h2raw import H2Client, request_headers, threaded_h2_app, tls_socket
 from tests.httpraw import get, one
 from tests.mesh import AgentProcess, agent_process, served_agent_yaml, threaded_app
@@ -196,3 +198,14 @@ def test_a_denial_line_never_holds_a_header_value_the_policy_read(
     assert "x-api-key" in line  # still says which condition missed
     for secret in ("wr0ng-key", "s3ss", "c00k"):
         assert secret not in "".join(served.agent.log)
+
+
+def test_a_long_path_makes_a_denial_line_of_bounded_size(setup: CaSetup, served: Served) -> None:
+    """The reason quotes the path without parameters (40 KB here) in each form and rule
+    that decided: the line is cut, not a copy of the path per rule (a log pipeline splits
+    or drops long lines)."""
+    path = "/admin;x/" + "z" * 40_000
+    assert one(setup, served.agent, get(path), who="long-prober").status == 403
+    line = _denial_line(served, "long-prober")
+    assert "no-admin" in line  # the line still says what denied it
+    assert len(line) < 3 * MAX_PATH + MAX_REASON
