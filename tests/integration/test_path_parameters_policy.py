@@ -209,3 +209,22 @@ def test_a_long_path_makes_a_denial_line_of_bounded_size(setup: CaSetup, served:
     line = _denial_line(served, "long-prober")
     assert "no-admin" in line  # the line still says what denied it
     assert len(line) < 3 * MAX_PATH + MAX_REASON
+
+
+@pytest.mark.parametrize(("listener", "alpn"), [("inbound[0]", ("h2",)), ("inbound[1]", ("h2",))])
+def test_one_connection_gets_each_request_decided_in_both_forms(
+    setup: CaSetup, served: Served, listener: str, alpn: tuple[str, ...]
+) -> None:
+    """Streams with and without parameters, interleaved on one h2 connection (one caller,
+    one port: the policy's fast path for them is planned once), are decided one by one
+    (HTTP/1.1 closes its connection after a denial)."""
+    paths = ["/app/a", "/admin;x/users", "/app/b;x", "/;x/admin/users", "/admin;x", "/app/c"]
+    client = H2Client(tls_socket(setup, served.agent, listener=listener, alpn=alpn))
+    try:
+        statuses = [
+            client.wait(client.send(request_headers(path, authority="backend"))).status
+            for path in paths
+        ]
+    finally:
+        client.close()
+    assert statuses == [200, 403, 200, 403, 200, 200]
