@@ -228,3 +228,17 @@ def test_one_connection_gets_each_request_decided_in_both_forms(
     finally:
         client.close()
     assert statuses == [200, 403, 200, 403, 200, 200]
+
+
+def test_a_long_h2_method_makes_a_denial_line_of_bounded_size(
+    setup: CaSetup, served: Served
+) -> None:
+    """h2 lets a caller send any token as :method; the line shows it cut, as the access log."""
+    client = H2Client(tls_socket(setup, served.agent, who="method-prober"))
+    try:
+        headers = request_headers("/nowhere;x", method="Q" * 12_000, authority="backend")
+        assert client.wait(client.send(headers)).status == 403
+    finally:
+        client.close()
+    line = _denial_line(served, "method-prober")
+    assert len(line) < 3 * MAX_PATH + MAX_REASON
