@@ -41,7 +41,7 @@ from agent.adapters.tls import refusal_reason
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.config import Inbound, Outbound
 from agent.core import http1
-from agent.core.accesslog import logged_path
+from agent.core.accesslog import MAX_METHOD, logged_path
 from agent.core.authz import AllowList
 from agent.core.captured import Captured, OutboundRoutes, admit_plaintext, looks_like_tls
 from agent.core.h2limits import Limit
@@ -865,8 +865,9 @@ class InboundMtls(Listener[InboundT]):
             # A line per caller a while, not per denial: a caller (a plaintext one on a
             # permissive port, above all) can be denied as fast as it connects.
             caller = str(request.source) if request.source else "a plaintext caller"
-            # The path as the access log shows it: a `;jsessionid=` value is a secret.
-            path = request.path
+            # The method and path as the access log shows them: cut (h2 lets a caller send
+            # any token as :method), and a `;jsessionid=` value is a secret.
+            path, method = request.path, (request.method or "")[:MAX_METHOD]
             shown = logged_path(path, query=False) if path else ""
             refusal_line(
                 self.runtime.refusal_lines,
@@ -874,7 +875,7 @@ class InboundMtls(Listener[InboundT]):
                 (INBOUND, "denied", caller),
                 "inbound %s: denied %s to port %d from %s: %s",
                 config.listen,
-                f"{request.method} {shown}" if request.method else "a connection",
+                f"{method} {shown}" if method else "a connection",
                 request.port,
                 caller,
                 Explanation(decision, path, shown),  # worded only if the line is written

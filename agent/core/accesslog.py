@@ -169,8 +169,8 @@ def logged_path(target: str, query: bool) -> str:
         target = _origin_form(target)
     path, sep, rest = target.partition("?")
     path = path[:MAX_PATH]
-    if ";" in path:
-        path = _redact_parameters(path, query)
+    if ";" in path:  # cut again: each `;` of the caller's may be logged as `;REDACTED`
+        path = _redact_parameters(path, query)[:MAX_PATH]
     if not query or not sep:
         return path
     return f"{path}?{redact_query(rest)}"[: MAX_PATH * 2]

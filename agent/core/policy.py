@@ -68,6 +68,9 @@ DESTINATION_FIELDS: tuple[Field, ...] = ("ports", "methods", "paths", "hosts")
 HTTP_FIELDS = frozenset({"methods", "paths", "hosts", "headers"})
 NO_ALLOW_MATCHED = "no ALLOW rule matched"
 DEFAULT_POLICY = "default"
+#: A reason as logged (Explanation) is cut here: it quotes the path, up to 60 KB, once per
+#: rule that missed, and a log pipeline splits or drops long lines.
+MAX_REASON = 4096
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 # `<namespace>/<name>`: what the control plane names an AuthorizationPolicy; each
@@ -144,7 +147,8 @@ class Decision:
 
 class Explanation:
     """A decision's reason as a log argument: worded only if the line is written, with
-    the request's path (quoted in the reason) as `shown` says, when it says."""
+    the request's path (quoted in the reason) as `shown` says, when it says, and cut at
+    MAX_REASON."""
 
     __slots__ = ("decision", "path", "shown")
 
@@ -154,7 +158,11 @@ class Explanation:
     def __str__(self) -> str:
         reason = self.decision.reason
         if self.path and self.path != self.shown:
-            return reason.replace(self.path, self.shown)
+            reason = reason.replace(self.path, self.shown)  # first: the cut may split a path
+        if len(reason) > MAX_REASON:  # the deciding policy first: the cut may drop its name
+            decision = self.decision
+            cut = f"{reason[:MAX_REASON]}... ({len(reason)} characters, cut)"
+            return f"policy {decision.policy!r} rule {decision.rule!r}: {cut}"
         return reason
 
 
@@ -297,6 +305,10 @@ class Condition:
         listed = ", ".join(pattern.text for pattern in self.patterns)
         verb = "matches" if self.any_match(values) else "does not match"
         shown = ", ".join(map(repr, values)) if values else "(none)"
+        if values and self.field == "headers":
+            # A header's value may be a secret (an API key, a cookie, a token) and the
+            # reason goes to the agent's log, which never holds one (as the access log).
+            shown = f"({len(values)} value{'s' if len(values) > 1 else ''}, not shown)"
         return f"{_LABELS[self.field]}{self.header} {shown} {verb} {self.key} [{listed}]"
 
 

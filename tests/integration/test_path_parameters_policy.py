@@ -22,6 +22,8 @@ import pytest
 from aiohttp import web
 
 from agent.adapters.h2server import H2Stream
+from agent.core.accesslog import MAX_PATH
+from agent.core.policy import MAX_REASON
 from tests.h2raw import H2Client, request_headers, threaded_h2_app, tls_socket
 from tests.httpraw import get, one
 from tests.mesh import AgentProcess, agent_process, served_agent_yaml, threaded_app
@@ -30,7 +32,17 @@ from tests.support import CaProcess, CaSetup, free_port
 POLICY = {
     "policies": [
         {"name": "no-admin", "action": "DENY", "rules": [{"to": {"paths": ["/admin/*"]}}]},
-        {"name": "app", "action": "ALLOW", "rules": [{"to": {"paths": ["/app/*", "/admin*"]}}]},
+        {
+            "name": "app",
+            "action": "ALLOW",
+            "rules": [
+                {"to": {"paths": ["/app/*", "/admin*"]}},
+                {
+                    "to": {"paths": ["/keyed/*"]},
+                    "when": [{"header": "x-api-key", "values": ["k1"]}],
+                },
+            ],
+        },
     ]
 }
 SESSION = "/app/page;jsessionid=abc"
@@ -165,3 +177,68 @@ def test_a_denied_request_logs_its_path_without_the_parameters_values(
         time.sleep(0.02)
     assert "/admin;jsessionid=REDACTED/users" in lines[0]
     assert "s3cr3t" not in "".join(served.agent.log)
+
+
+def _denial_line(served: Served, who: str) -> str:
+    end = time.monotonic() + 10
+    while not (lines := [line for line in served.agent.log if who in line]):
+        assert time.monotonic() < end, f"no denial line for {who}"
+        time.sleep(0.02)
+    return lines[0]
+
+
+def test_a_denial_line_never_holds_a_header_value_the_policy_read(
+    setup: CaSetup, served: Served
+) -> None:
+    """A wrong API key (or any header a `when` reads) is denied; the agent's line says which
+    header missed which rule, as the access log, without the value: it may be a secret."""
+    raw = get("/keyed/x;jsessionid=s3ss", "X-Api-Key: wr0ng-key", "Cookie: JSESSIONID=c00k")
+    assert one(setup, served.agent, raw, who="key-prober").status == 403
+    line = _denial_line(served, "key-prober")
+    assert "x-api-key" in line  # still says which condition missed
+    for secret in ("wr0ng-key", "s3ss", "c00k"):
+        assert secret not in "".join(served.agent.log)
+
+
+def test_a_long_path_makes_a_denial_line_of_bounded_size(setup: CaSetup, served: Served) -> None:
+    """The reason quotes the path without parameters (40 KB here) in each form and rule
+    that decided: the line is cut, not a copy of the path per rule (a log pipeline splits
+    or drops long lines)."""
+    path = "/admin;x/" + "z" * 40_000
+    assert one(setup, served.agent, get(path), who="long-prober").status == 403
+    line = _denial_line(served, "long-prober")
+    assert "no-admin" in line  # the line still says what denied it
+    assert len(line) < 3 * MAX_PATH + MAX_REASON
+
+
+@pytest.mark.parametrize(("listener", "alpn"), [("inbound[0]", ("h2",)), ("inbound[1]", ("h2",))])
+def test_one_connection_gets_each_request_decided_in_both_forms(
+    setup: CaSetup, served: Served, listener: str, alpn: tuple[str, ...]
+) -> None:
+    """Streams with and without parameters, interleaved on one h2 connection (one caller,
+    one port: the policy's fast path for them is planned once), are decided one by one
+    (HTTP/1.1 closes its connection after a denial)."""
+    paths = ["/app/a", "/admin;x/users", "/app/b;x", "/;x/admin/users", "/admin;x", "/app/c"]
+    client = H2Client(tls_socket(setup, served.agent, listener=listener, alpn=alpn))
+    try:
+        statuses = [
+            client.wait(client.send(request_headers(path, authority="backend"))).status
+            for path in paths
+        ]
+    finally:
+        client.close()
+    assert statuses == [200, 403, 200, 403, 200, 200]
+
+
+def test_a_long_h2_method_makes_a_denial_line_of_bounded_size(
+    setup: CaSetup, served: Served
+) -> None:
+    """h2 lets a caller send any token as :method; the line shows it cut, as the access log."""
+    client = H2Client(tls_socket(setup, served.agent, who="method-prober"))
+    try:
+        headers = request_headers("/nowhere;x", method="Q" * 12_000, authority="backend")
+        assert client.wait(client.send(headers)).status == 403
+    finally:
+        client.close()
+    line = _denial_line(served, "method-prober")
+    assert len(line) < 3 * MAX_PATH + MAX_REASON

@@ -91,6 +91,13 @@ def test_the_query_is_left_out_unless_asked_and_then_its_secrets_are_redacted(
     assert logged_path(target, query) == expected
 
 
+@pytest.mark.parametrize("query", [False, True])
+def test_a_path_of_parameters_is_cut_at_max_path_once_redacted(query: bool) -> None:
+    """Each `;` costs the caller a byte and the line `;REDACTED`: the cut is on what is logged."""
+    shown = logged_path("/" + ";" * (MAX_PATH * 4) + "?q=1", query)
+    assert len(shown.partition("?")[0]) <= MAX_PATH
+
+
 def test_a_line_has_every_field_in_order_and_null_where_it_does_not_apply() -> None:
     entry = Entry("tcp", "inbound", at=1796569200.1234, started=10.0, peer_id="spiffe://a/b")
     record = json.loads(line(entry, ended=10.0025))

@@ -5,12 +5,13 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import replace
+from urllib.parse import unquote
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.core.httppath import normalize_target, without_parameters
+from agent.core.httppath import BadPath, normalize_target, without_parameters
 from agent.core.policy import (
     MAX_PLANS,
     Action,
@@ -235,6 +236,21 @@ def test_rules_are_ored_and_fields_in_a_rule_are_anded() -> None:
     assert not decide(both).allowed  # the path matches, the principal does not
     values = policy("ALLOW", (cond("principals", str(BACKEND), str(FRONTEND)),))
     assert decide(values).allowed  # values in one field are ORed
+
+
+@pytest.mark.parametrize(
+    ("condition", "allowed"),
+    [(cond("when.x-role", "admin"), False), (cond("when.x-role.not", "admin"), True)],
+)
+def test_a_reason_names_the_header_but_never_shows_its_values(
+    condition: Condition, allowed: bool
+) -> None:
+    """The reason is the agent's denial line: a header may hold an API key or a cookie."""
+    secret = replace(HTTP, headers={"x-role": ("t0ken-1, t0ken-2",)})
+    decision = decide(policy("ALLOW", (condition,)), request=secret, default="deny")
+    assert decision.allowed is allowed
+    assert "header x-role (2 values, not shown)" in decision.reason
+    assert "t0ken" not in decision.reason
 
 
 def test_an_allow_policy_governs_only_the_ports_it_applies_to() -> None:
@@ -596,6 +612,74 @@ def test_parameters_only_ever_deny_what_the_path_as_sent_allows(
         return
     routed = policies.decide(replace(request, path=without_parameters(request.path)), TRUSTED)
     assert decision.allowed == (as_sent.allowed and routed.allowed)
+
+
+def _servlet_route(path: str) -> str | None:
+    """The path a servlet container (Tomcat, as its CoyoteAdapter does) routes, modelled on
+    its own, not with httppath: each segment's raw `;...` removed, then percent-decoded,
+    then dot segments removed and `//` merged; None where it refuses an encoded `/`."""
+    stripped = "/".join(segment.partition(";")[0] for segment in path.split("/"))
+    if "%2f" in stripped.lower() or "%5c" in stripped.lower():
+        return None
+    decoded = unquote(stripped)
+    kept: list[str] = []
+    for segment in decoded[1:].split("/"):
+        if segment == "..":
+            if kept:
+                kept.pop()
+        elif segment not in (".", ""):
+            kept.append(segment)
+    trailing = kept and decoded.rsplit("/", 1)[-1] in ("", ".", "..")
+    return "/" + "/".join(kept) + ("/" if trailing else "")
+
+
+_ROUTED_SETS = st.sampled_from(
+    [
+        PolicySet((policy("DENY", (cond("paths", "/admin/*"),)),)),
+        PolicySet((policy("DENY", (cond("paths", "*.jsp"),)),)),
+        PolicySet((policy("DENY", (cond("not_paths", "/public*"),)),)),
+        PolicySet((policy("ALLOW", (cond("paths", "/public/*"),)),), "deny"),
+        PolicySet((policy("ALLOW", (cond("paths", "*.php"),)),), "deny"),
+        PolicySet((policy("ALLOW", (cond("not_paths", "/admin*"),)),), "deny"),
+        PolicySet((policy("ALLOW", (cond("paths", "/public/x"),)),), "deny"),
+    ]
+)
+_ROUTED_ATOMS = [
+    "/",
+    ";",
+    "=1",
+    "admin",
+    "%61dmin",
+    "public",
+    "x",
+    "x.php",
+    "x.jsp",
+    ".",
+    "..",
+    "%2e",
+    "%3b",
+    "%2f",
+]
+
+
+@settings(max_examples=500)
+@given(_ROUTED_SETS, st.lists(st.sampled_from(_ROUTED_ATOMS), max_size=8))
+def test_what_the_path_a_servlet_container_routes_is_denied_the_agent_denies(
+    policies: PolicySet, atoms: list[str]
+) -> None:
+    """The property THREATS asks, against an independent model of the app: the decision on
+    the path as the agent forwards it is never more permissive than on the path a Java app
+    routes it to (a `%3B` decodes to a `;` that is data, so that route is left out)."""
+    try:
+        forwarded, _ = normalize_target("/" + "".join(atoms))
+    except BadPath:
+        return  # a 400: the app never sees it
+    routed = _servlet_route(forwarded)
+    if routed is None or ";" in routed:
+        return
+    request = replace(HTTP, path=forwarded)
+    if not policies.decide(replace(request, path=routed), TRUSTED).allowed:
+        assert not policies.decide(request, TRUSTED).allowed
 
 
 def test_an_allowed_request_is_put_into_words_only_when_asked() -> None:
