@@ -485,6 +485,46 @@ async def test_an_upgrade_read_before_the_app_is_connected_holds_what_follows_in
         app.close()
 
 
+async def test_bytes_sent_with_an_upgrade_before_the_app_is_connected_reach_it_after_the_101(
+    mesh: Captured,
+) -> None:
+    """A permissive `http` port's plaintext client that sends its Upgrade request and the
+    new protocol's first bytes at once, more than the agent reads before its app is
+    connected (agent/adapters/relay.py EARLY): the app answers 101 and gets those bytes
+    whole, after the request, and what it echoes comes back after the 101."""
+    server = mesh.server
+
+    async def switching(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n")
+            writer.write(b"Upgrade: websocket\r\n\r\n")
+            await echo(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    app = await server.start_server(switching, "0.0.0.0", 9095)
+    upgrade = (
+        b"GET /ws HTTP/1.1\r\nHost: server\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    stream = bytes(range(256)) * 256  # 64 KiB: past EARLY
+    permissive = {"mtls": "permissive", "ports": {"9095": {"protocol": "http"}}}
+    try:
+        async with mesh.reconfigured(server, captured={"inbound": permissive}):
+            for _ in range(5):
+                reader, writer = await asyncio.open_connection(server.ip, 9095)
+                try:
+                    writer.write(upgrade + stream)
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                    assert head.startswith(b"HTTP/1.1 101 "), head
+                    assert await asyncio.wait_for(reader.readexactly(len(stream)), 10) == stream
+                finally:
+                    writer.close()
+    finally:
+        app.close()
+
+
 async def test_a_flood_of_plain_connections_around_what_is_read_early_all_echo_whole(
     mesh: Captured,
 ) -> None:
