@@ -39,6 +39,9 @@ LINGER = 10.0
 #: Bytes a side takes in before its relay is linked; past them it stops reading until
 #: then (the kernel holds the rest). An app's first request fits.
 EARLY = 16 * 1024
+#: Pieces a side keeps before the link before it joins them into one: a read is an
+#: object (~40 bytes for one byte read), so many small reads would hold many times EARLY.
+PIECES = 16
 
 
 class Side(asyncio.Protocol):
@@ -83,7 +86,10 @@ class Side(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         sink = self.sink
         if sink is None:  # before the relay is linked: an app's first request, say
-            self.pending.append(data)
+            pending = self.pending
+            pending.append(data)
+            if len(pending) > PIECES:  # read a few bytes at a time: held as one piece
+                pending[:] = [b"".join(pending)]
             self.early += len(data)
             if self.early >= EARLY and self.transport is not None:
                 self.transport.pause_reading()  # link() resumes it

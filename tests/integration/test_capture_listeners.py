@@ -19,17 +19,21 @@ import asyncio
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import pytest_asyncio
 import yaml
 
 from agent.adapters import h2client
+from agent.adapters.relay import EARLY
 from identity.injected import AGENT_UID, STATUS_PORT
 from tests.h2backend import exchange as h2_exchange
 from tests.h2backend import grpc_head, h2_backend
@@ -42,6 +46,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 SERVICE = "198.51.100.20:8080"  # TEST-NET-2: routed nowhere, captured in the pod first
 GRPC_SERVICE = "198.51.100.21:8081"
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 # -- the capture rules ---------------------------------------------------------------------
@@ -430,6 +435,139 @@ async def test_a_plaintext_request_larger_than_what_is_read_early_arrives_whole(
         tcp_app.close()
 
 
+async def test_an_upgrade_read_before_the_app_is_connected_holds_what_follows_in_the_kernel(
+    mesh: Captured,
+) -> None:
+    """A permissive `http` port's plaintext client whose Upgrade request is read before its
+    app is connected (agent/adapters/relay.py EARLY), and that streams on while the app has
+    not answered: what follows waits in the kernel, not in the agent's memory. The link
+    resumes reading after it hands the early bytes to the HTTP parser, which paused it; the
+    parser pauses again on the one read that lets in.
+    """
+    server = mesh.server
+    answer = asyncio.Event()
+
+    async def unanswering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await answer.wait()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    app = await server.start_server(unanswering, "0.0.0.0", 9092)
+    flood = 64 * 1024 * 1024
+    upgrade = (
+        b"GET /ws HTTP/1.1\r\nHost: server\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    permissive = {"mtls": "permissive", "ports": {"9092": {"protocol": "http"}}}
+    try:
+        async with mesh.reconfigured(server, captured={"inbound": permissive}):
+            _, writer = await asyncio.open_connection(server.ip, 9092)
+            try:
+                writer.write(upgrade + bytes(flood))
+                left, steady = writer.transport.get_write_buffer_size(), 0
+                for _ in range(200):  # settled: unchanged for half a second, within 20 s
+                    await asyncio.sleep(0.1)
+                    now = writer.transport.get_write_buffer_size()
+                    steady = steady + 1 if now == left else 0
+                    left = now
+                    if steady == 5 or not left:
+                        break
+                # The kernel's buffers take a few MB; the agent holds at most what it read.
+                assert left > flood // 2, f"the agent read {flood - left} bytes of the stream"
+            finally:
+                writer.close()
+                answer.set()
+    finally:
+        app.close()
+
+
+async def test_bytes_sent_with_an_upgrade_before_the_app_is_connected_reach_it_after_the_101(
+    mesh: Captured,
+) -> None:
+    """A permissive `http` port's plaintext client that sends its Upgrade request and the
+    new protocol's first bytes at once, more than the agent reads before its app is
+    connected (agent/adapters/relay.py EARLY): the app answers 101 and gets those bytes
+    whole, after the request, and what it echoes comes back after the 101."""
+    server = mesh.server
+
+    async def switching(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n")
+            writer.write(b"Upgrade: websocket\r\n\r\n")
+            await echo(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    app = await server.start_server(switching, "0.0.0.0", 9095)
+    upgrade = (
+        b"GET /ws HTTP/1.1\r\nHost: server\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    stream = bytes(range(256)) * 256  # 64 KiB: past EARLY
+    permissive = {"mtls": "permissive", "ports": {"9095": {"protocol": "http"}}}
+    try:
+        async with mesh.reconfigured(server, captured={"inbound": permissive}):
+            for _ in range(5):
+                reader, writer = await asyncio.open_connection(server.ip, 9095)
+                try:
+                    writer.write(upgrade + stream)
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                    assert head.startswith(b"HTTP/1.1 101 "), head
+                    assert await asyncio.wait_for(reader.readexactly(len(stream)), 10) == stream
+                finally:
+                    writer.close()
+    finally:
+        app.close()
+
+
+async def test_a_flood_of_plain_connections_around_what_is_read_early_all_echo_whole(
+    mesh: Captured,
+) -> None:
+    """Plain connections that send EARLY - 1, EARLY and EARLY + 1 bytes at once (what a
+    side reads before its link, agent/adapters/relay.py), many at a time, on both plain
+    paths that read early: a permissive port's plaintext client, and an app's connection
+    passed through to an address outside the mesh. Each comes back whole and in order,
+    and each plaintext client is counted once."""
+    server, client, network = mesh.server, mesh.client, mesh.network
+    sizes = [EARLY - 1, EARLY, EARLY + 1] * 30
+    inside = await server.start_server(echo, "0.0.0.0", 9094)
+    outside = await asyncio.start_server(echo, network.node_ip, 0)
+    port = outside.sockets[0].getsockname()[1]
+
+    async def echoed(opened: Awaitable[Stream], size: int) -> bool:
+        reader, writer = await opened
+        sent = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        try:
+            writer.write(sent)
+            return await asyncio.wait_for(reader.readexactly(size), 10) == sent
+        finally:
+            writer.close()
+
+    try:
+        async with mesh.reconfigured(server, captured={"inbound": {"mtls": "permissive"}}):
+            let_in = counted(server, "inbound", "false")
+            plain = [echoed(asyncio.open_connection(server.ip, 9094), n) for n in sizes]
+            assert all(await asyncio.gather(*plain))
+            await reaches(
+                server,
+                "outrider_connections_total",
+                let_in + len(sizes),
+                direction="inbound",
+                mtls="false",
+                peer_id="",
+            )
+        passed = [echoed(client.open_connection(network.node_ip, port), n) for n in sizes]
+        assert all(await asyncio.gather(*passed))
+    finally:
+        inside.close()
+        outside.close()
+
+
 async def test_a_pod_calling_a_service_it_serves_itself_reaches_its_own_app_over_mtls(
     mesh: Captured,
 ) -> None:
@@ -648,6 +786,52 @@ async def test_plain_connections_let_through_before_a_capture_port_moved_still_c
     finally:
         tcp_app.close()
         outside.close()
+
+
+async def test_a_plaintext_grpc_call_larger_than_what_is_read_early_arrives_whole(
+    mesh: Captured,
+) -> None:
+    """A permissive grpc port's plaintext client whose preface, request and 40 KB of body
+    are in the socket at once: the agent reads EARLY of them before it hands the
+    connection to its HTTP/2 server (agent/adapters/relay.py), the rest after; the app gets
+    the body whole."""
+    server = mesh.server
+    listening = server.socket()
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listening.bind(("0.0.0.0", 8082))
+    listening.listen(16)
+    listening.setblocking(False)
+    permissive = {"mtls": "permissive", "ports": {"8082": {"protocol": "grpc"}}}
+    message = bytes(range(256)) * 160  # 40 KiB: past EARLY, within h2's first window
+    body = b"\0" + len(message).to_bytes(4, "big") + message
+    async with (
+        h2_backend("greeter", sock=listening) as app,
+        mesh.reconfigured(server, captured={"inbound": permissive}),
+    ):
+        for _ in range(5):
+            reader, writer = await asyncio.open_connection(server.ip, 8082)
+            caller = h2.connection.H2Connection(
+                h2.config.H2Configuration(client_side=True, header_encoding=None)
+            )
+            caller.initiate_connection()
+            caller.send_headers(1, grpc_head())
+            for at in range(0, len(body), 16384):  # the largest frame h2 allows by default
+                caller.send_data(1, body[at : at + 16384], end_stream=at + 16384 >= len(body))
+            writer.write(caller.data_to_send())  # all of it in the socket at once
+            status, trailers = None, None
+            try:
+                async with asyncio.timeout(10):
+                    while trailers is None and (data := await reader.read(65536)):
+                        for event in caller.receive_data(data):
+                            if isinstance(event, h2.events.ResponseReceived):
+                                status = dict(event.headers)[b":status"]
+                            elif isinstance(event, h2.events.TrailersReceived):
+                                trailers = dict(event.headers)
+                        writer.write(caller.data_to_send())
+            finally:
+                writer.close()
+            assert (status, trailers and trailers.get(b"grpc-status")) == (b"200", b"0")
+            assert app.requests[-1].body == body
 
 
 async def test_a_captured_grpc_service_is_served_call_by_call_over_mtls(mesh: Captured) -> None:

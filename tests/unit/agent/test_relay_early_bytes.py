@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import sys
 from collections.abc import AsyncIterator
 
 from agent.adapters.relay import EARLY, Relay
@@ -90,6 +91,30 @@ async def test_an_app_that_sends_a_lot_before_the_link_has_at_most_early_bytes_h
         assert await eventually(lambda: relay.down.early >= EARLY)
         assert relay.down.early == EARLY
         assert sum(map(len, relay.down.pending)) == EARLY
+        await link(relay)
+        assert await eventually(lambda: recorder.received == sent, 5)
+
+
+async def test_an_app_that_dribbles_bytes_before_the_link_holds_about_what_it_sent() -> None:
+    """Read a byte at a time (an app that writes each byte on its own, without Nagle, while
+    its upstream is dialled), a side holds about what it read, not an object per read: a
+    list of 4096 one-byte pieces is ~40 times the bytes (at EARLY of them, 650 KB per
+    connection, for as long as the dial takes), and the bound is EARLY."""
+    relay = Relay(30, lambda _: None)
+    sent = bytes(range(256)) * 16  # 4096 bytes, one read each
+    async with accepted(relay) as (app, recorder):
+        app.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for count, byte in enumerate(sent, 1):
+            app.write(bytes([byte]))
+            for _ in range(1000):  # read before the next is sent: an iteration or two
+                if relay.down.early >= count:
+                    break
+                await asyncio.sleep(0)
+            else:
+                raise AssertionError(f"byte {count} was not read")
+        pending = relay.down.pending
+        held = sys.getsizeof(pending) + sum(map(sys.getsizeof, pending))
+        assert held < 2 * len(sent), f"{held} bytes held for {len(sent)} read"
         await link(relay)
         assert await eventually(lambda: recorder.received == sent, 5)
 
