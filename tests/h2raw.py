@@ -114,18 +114,24 @@ class H2Client:
         body: bytes = b"",
         end: bool = True,
         trailers: Headers | None = None,
+        together: bool = False,
     ) -> int:
         """Open a stream: its head, then `body`; `trailers` end it (else END_STREAM on the
-        last frame, with `end`)."""
+        last frame, with `end`). `together` sends a small stream's frames in one write, so
+        the server takes them all at once (else each part is written when it is ready)."""
         stream_id = self.conn.get_next_available_stream_id()
         end_body = end and trailers is None
         self.conn.send_headers(stream_id, headers, end_stream=end_body and not body)
         self.responses[stream_id] = Response(stream_id)
-        self._flush()
-        self.send_body(stream_id, body, end_body)
+        if together:
+            if body:
+                self.conn.send_data(stream_id, body, end_stream=end_body)
+        else:
+            self._flush()
+            self.send_body(stream_id, body, end_body)
         if trailers is not None:
             self.conn.send_headers(stream_id, trailers, end_stream=True)
-            self._flush()
+        self._flush()
         return stream_id
 
     def send_body(self, stream_id: int, body: bytes, end: bool = True, seconds: float = 5) -> None:
