@@ -236,6 +236,10 @@ async def test_an_allowed_request_is_logged_by_both_agents_field_by_field(
         1,
     )
     assert into["tls_version"] == "TLSv1.3" and into["cipher"]
+    # The outbound line names the peer it reached and the TLS it reached it over: what the
+    # inbound line of the same connection says from the other end.
+    assert out["peer_id"] == BACKEND
+    assert (out["tls_version"], out["cipher"]) == (into["tls_version"], into["cipher"])
     assert into["bytes_in"] == 1000 and into["bytes_out"] == len("ok 1000")
     assert out["bytes_out"] == len("ok 1000") and out["bytes_in"] >= 1000
     assert 0 < into["duration_ms"] <= out["duration_ms"] < 10_000
@@ -281,6 +285,7 @@ async def test_a_denied_and_a_failed_request_are_logged_with_why(
     assert (failed["status"], failed["endpoint"], failed["upstream"]) == (503, dead, "backend")
     assert failed["tries"] == 1  # one endpoint: nowhere else to retry
     assert failed["error"] == "upstream_connect_failure"
+    assert failed["peer_id"] is failed["tls_version"] is failed["cipher"] is None  # none reached
     assert failed["bytes_out"] == len(failure.encode())
     assert m.lines["backend"] == []
 
@@ -303,6 +308,9 @@ async def test_both_spans_arrive_over_otlp_with_the_parent_link(root: Path, setu
     attributes = {a.key: a.value for a in server.attributes}
     assert attributes["http.response.status_code"].int_value == 200
     assert attributes["outrider.peer_id"].string_value == FRONTEND
+    # The client span names the peer its request reached, as its line does.
+    client_attributes = {a.key: a.value for a in client.attributes}
+    assert client_attributes["outrider.peer_id"].string_value == BACKEND
     # The app behind the backend agent got the server span as its parent.
     assert m.app.seen[0]["traceparent"] == f"00-{parent_trace}-{server.span_id.hex()}-01"
     assert m.lines["backend"][0]["trace_id"] == parent_trace
@@ -333,6 +341,12 @@ async def test_grpc_calls_are_logged_with_their_grpc_status_and_traced_end_to_en
     assert (into[bye]["decision"], into[bye]["rule"]) == ("deny", "no-farewells")
     assert (into[hello]["decision"], into[hello]["peer_id"]) == ("allow", FRONTEND)
     assert out[hello]["tries"] == 1 and out[hello]["upstream"] == "backend"
+    for path in (hello, bye):  # each call names the peer and TLS of the h2 connection it took
+        assert out[path]["peer_id"] == BACKEND
+        assert (out[path]["tls_version"], out[path]["cipher"]) == (
+            into[path]["tls_version"],
+            into[path]["cipher"],
+        )
     # Bytes each way: the call's message (5 bytes, echoed) on both agents' lines.
     for line in (out[hello], into[hello]):
         assert (line["bytes_in"], line["bytes_out"]) == (5, 5), line
