@@ -117,10 +117,18 @@ async def mesh(setup: CaSetup, ca: CaProcess) -> AsyncIterator[Mesh]:
 
 
 async def relayed(address: str, payload: bytes) -> bytes:
-    """`payload` through a TCP outbound and back (an echo), then the app's close, and what
-    came back; returns once the agent closed its side: the connection's line is made."""
+    """`payload` through the TCP outbound at `address` to an echo (`echoed`)."""
     host, port = address.rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    return await echoed(await asyncio.open_connection(host, int(port)), payload)
+
+
+async def echoed(
+    opened: tuple[asyncio.StreamReader, asyncio.StreamWriter], payload: bytes
+) -> bytes:
+    """`payload` sent on an app's connection to an echo and read back, then the app's close;
+    what came back. Returns once the agent closed its side too: the connection's line is
+    made by then (it is written as the relay closes)."""
+    reader, writer = opened
     try:
         writer.write(payload)
         echoed = await asyncio.wait_for(reader.readexactly(len(payload)), 5)
@@ -133,7 +141,7 @@ async def relayed(address: str, payload: bytes) -> bytes:
         writer.close()
 
 
-def outbound_lines(lines: list[dict[str, Any]], upstream: str) -> list[dict[str, Any]]:
+def outbound_lines(lines: list[dict[str, Any]], upstream: str | None) -> list[dict[str, Any]]:
     return [
         line for line in lines if line["direction"] == "outbound" and line["upstream"] == upstream
     ]
