@@ -46,6 +46,7 @@ from agent.core import accesslog, tracecontext
 from agent.core.accesslog import AccessLogConfig, Entry, Kind, Tls
 from agent.core.policy import Decision
 from agent.core.tracecontext import Propagated, TracingConfig
+from identity import SpiffeId
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
@@ -218,7 +219,7 @@ class Observer:
         version, cipher = (None, None) if ssl_object is None else _agreed(ssl_object)
         return Watch(self, kind, direction, peer_id, version, cipher, upstream)
 
-    def tls(self, peer: object, ssl_object: ssl.SSLObject | ssl.SSLSocket) -> Tls:
+    def tls(self, peer: SpiffeId, ssl_object: ssl.SSLObject | ssl.SSLSocket) -> Tls:
         """An outbound connection's verified `peer` and its TLS, as its lines give them:
         made once, when it is dialled (agent/adapters/upstreams.py), for every request
         it carries (`Entry.over`)."""
