@@ -6,7 +6,8 @@ and CPU per operation of two such builds compared in one run.
     python -m bench.compiled_ab ab A_SPEC B_SPEC [--micro l7,l7log,l4,hs] [--pairs l4,l7,grpc]
                                 [--rounds 5] [--seconds 3] [--work DIR]
 
-SPEC is a comma-separated list of module groups (below) and .py paths; `pure` is none.
+SPEC is a comma-separated list of module groups (below) and .py paths; `pure` is none;
+a path to a directory (with a `/`) is taken as a build already made.
 `http` is bench/l7_compiled.py's HTTP_MODULES, the per-request modules measured last round
 (bench.l7_compiled builds exactly that list; this is its sibling for other lists). Each
 build is `git archive HEAD` of this checkout with SPEC's modules compiled by mypyc as one
@@ -100,6 +101,16 @@ MICRO: dict[str, list[str]] = {
     "l4": ["bench.l4_micro", "--connections", "500", "--rounds", "3"],
     "hs": ["bench.handshake_micro", "--part", "loopback", "--handshakes", "150", "--rounds", "2"],
 }
+#: Runs `python -m MODULE ARGS` with the build's code and this checkout's bench/ (the same
+#: bench in every build, whatever commit the build is of).
+_RUN_HERE = f"""
+import runpy, sys
+import bench
+bench.__path__.insert(0, {str(ROOT / "bench")!r})
+module = sys.argv[1]
+sys.argv[:] = [module, *sys.argv[2:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
 _FIGURE = re.compile(r"^(?P<label>\S.*?)\s+(?P<value>\d+(?:\.\d+)?) us", re.M)
 
 
@@ -153,6 +164,9 @@ def build(out: Path, compiled: tuple[str, ...]) -> Path:
 
 
 def built(work: Path, spec: str) -> Path:
+    """The build of `spec` in `work` (made if missing); `spec` may name a build's directory."""
+    if os.sep in spec and Path(spec).is_dir():
+        return Path(spec).resolve()
     compiled = modules(spec)
     digest = hashlib.sha1("\n".join(compiled).encode()).hexdigest()[:8]
     name = re.sub(r"[^A-Za-z0-9]+", "-", spec)[:40].strip("-") or "pure"
@@ -162,9 +176,10 @@ def built(work: Path, spec: str) -> Path:
 def micro(tree: Path, name: str) -> dict[str, float]:
     """One run of micro bench `name` in `tree`: its figures (µs) by label."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
+    module, *args = MICRO[name]
     run = subprocess.run(
-        [PYTHON, "-m", *MICRO[name]], cwd=tree, env=env, capture_output=True, text=True,
-        timeout=600,
+        [PYTHON, "-c", _RUN_HERE, module, *args], cwd=tree, env=env, capture_output=True,
+        text=True, timeout=600,
     )  # fmt: skip
     if run.returncode != 0:
         raise RuntimeError(f"{name} in {tree} exited {run.returncode}:\n{run.stderr[-3000:]}")
@@ -174,7 +189,8 @@ def micro(tree: Path, name: str) -> dict[str, float]:
 
 def _row(label: str, a: list[float], b: list[float]) -> str:
     ma, mb = statistics.median(a), statistics.median(b)
-    return f"{label:46} {ma:9.1f} {mb:9.1f} {100 * (mb - ma) / ma:+7.1f}%  (n={len(a)})"
+    n = f"n={len(a)}" if len(a) == len(b) else f"n={len(a)}/{len(b)}"
+    return f"{label:46} {ma:9.1f} {mb:9.1f} {100 * (mb - ma) / ma:+7.1f}%  ({n})"
 
 
 def ab(a: Path, b: Path, micros: list[str], pairs: list[str], rounds: int, seconds: float) -> None:
@@ -185,8 +201,14 @@ def ab(a: Path, b: Path, micros: list[str], pairs: list[str], rounds: int, secon
         runs: dict[Path, list[dict[str, float]]] = {a: [], b: []}
         for number in range(rounds):
             for tree in (a, b) if number % 2 == 0 else (b, a):
-                runs[tree].append(micro(tree, name))
+                try:
+                    runs[tree].append(micro(tree, name))
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    print(exc, flush=True)
             print(f"micro {name}: round {number + 1}/{rounds}", flush=True)
+        if not (runs[a] and runs[b]):
+            table.append(f"{'micro ' + name + ': failed (above)':46}")
+            continue
         for label in runs[a][0]:
             table.append(_row(label, [r[label] for r in runs[a]], [r[label] for r in runs[b]]))
     for layer in pairs:
