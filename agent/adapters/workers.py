@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import io
 import json
 import logging
 import os
@@ -156,7 +158,34 @@ def send(writer: asyncio.StreamWriter, payload: bytes) -> None:
 
 
 def to_worker(message: tuple[Any, ...]) -> bytes:
-    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(message)
+    return buffer.getvalue()
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles a frozen dataclass that has no `__dict__` (compiled by mypyc: its
+    attributes are native, and pickle's default restores them through the class's
+    `__setattr__`, which a frozen class refuses) as Python pickles any other: its
+    fields, set as they were, without running `__init__` again."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        cls = type(obj)
+        if (
+            dataclasses.is_dataclass(cls)
+            and cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
+            and not hasattr(obj, "__dict__")
+        ):
+            state = tuple((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+            return _frozen, (cls, state)
+        return NotImplemented
+
+
+def _frozen(cls: Any, state: tuple[tuple[str, Any], ...]) -> Any:
+    obj = cls.__new__(cls)
+    for name, value in state:
+        object.__setattr__(obj, name, value)
+    return obj
 
 
 def from_main(frame: bytes) -> tuple[Any, ...]:
