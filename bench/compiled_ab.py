@@ -3,10 +3,13 @@ and CPU per operation of two such builds compared in one run.
 
     python -m bench.compiled_ab build OUT_DIR SPEC        # one build, e.g. http,l4
     python -m bench.compiled_ab test SPEC [PYTEST_ARGS]   # tests/unit/agent against it
+    python -m bench.compiled_ab check SPEC                # Python subclasses of its classes
     python -m bench.compiled_ab ab A_SPEC B_SPEC [--micro l7,l7log,l4,hs] [--pairs l4,l7,grpc]
                                 [--rounds 5] [--seconds 3] [--work DIR]
 
-SPEC is a comma-separated list of module groups (below) and .py paths; `pure` is none;
+SPEC is a comma-separated list of module groups (below) and .py paths; `pure` is none,
+`shipped` pyproject.toml's `[tool.outrider] compiled` (what setup.py builds), `proposed`
+what this round's measurements add to it (PROPOSED);
 a path to a directory (with a `/`) is taken as a build already made.
 `http` is bench/l7_compiled.py's HTTP_MODULES, the per-request modules measured last round
 (bench.l7_compiled builds exactly that list; this is its sibling for other lists). Each
@@ -32,13 +35,23 @@ Each micro prints its best of a few rounds; `ab` prints the median over `--round
 those, per build, and B's change against A. Process time, not throughput: on a shared
 2-CPU machine, CPU per operation is what noise moves least.
 
-Groups beyond `http`, as far as mypyc compiles them at this commit (what keeps the
-others out is said beside each; NOTES below):
+The groups beyond `http` hold each path's modules that mypyc compiles (beside each: what
+keeps the others out, and what the group measured). Compiled code differs where a
+module is used from Python: a class of a compiled module cannot be subclassed by Python
+code (bench/l4_micro.py and handshake_micro.py no longer do; capture_listeners.py does,
+so listeners.py compiled alone breaks capture mode), its instances take no attribute
+it does not declare (tests/unit/agent/test_relay_early_bytes.py sets one on a Relay),
+its dataclass defaults are not readable through the class (h2client.py read
+H2Limits's so), and an argument of the wrong type is a TypeError (a test's stand-in
+for an H2Server). bench/interp_share.py says how much of a real pair's CPU each
+module's interpreter time is: the most that compiling it can save.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
 import hashlib
 import os
 import re
@@ -46,6 +59,8 @@ import statistics
 import subprocess
 import sys
 import time
+import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench.l7_compiled import HTTP_MODULES
@@ -55,7 +70,10 @@ PYTHON = sys.executable
 
 #: The L4 relay path: listeners accept and hand off, the relay copies, the runtime and
 #: metrics count. capture_listeners.py does not compile: `InboundCaptureListener` has two
-#: bases (mypyc supports one, plus traits).
+#: bases (mypyc supports one, plus traits). Measured: the relay's interpreter time is 1-2%
+#: of an L4 agent's CPU (Side.data_received: 35 -> 10 ns a call compiled, two calls per
+#: request); listeners' 2.6% of an L7 server agent's (the per-request authorize closure);
+#: all four under 1% of a handshake's. Under the pairs' noise.
 L4_MODULES = (
     "agent/adapters/relay.py",
     "agent/adapters/listeners.py",
@@ -66,6 +84,8 @@ L4_MODULES = (
 #: attributes read through the class, H2Limits.max_encoder_table; a local inferred None),
 #: h2malformed.py (compiles, but `_begin_new_stream` sets `stream.__class__` to its own
 #: H2Stream subclass, which a native class's layout refuses: TypeError on every stream).
+#: Measured: the group cut a gRPC call's CPU 9-12% per agent; h2server, inbound_h2,
+#: outbound_h2 and grpc are nearly all of its interpreter share (PROPOSED).
 H2_MODULES = (
     "agent/adapters/h2server.py",
     "agent/adapters/inbound_h2.py",
@@ -77,16 +97,40 @@ H2_MODULES = (
     "agent/core/headers.py",
 )
 #: The access log and trace context. Left out: agent/adapters/tracing.py (a class
-#: defined inside a function, `_hashed_once`).
+#: defined inside a function, `_hashed_once`). Measured: no saving with the log on
+#: (bench.l7_micro --logged: outbound +1%, inbound +26%, compiled against pure).
 LOG_MODULES = ("agent/core/accesslog.py", "agent/core/tracecontext.py")
 #: Around a handshake. Left out: tls.py (ResumingContext subclasses ssl.SSLContext:
 #: mypyc fails with an internal error on its `__new__`), agent/core/resumption.py (a
 #: frozen dataclass that is Generic: "attribute '__dict__' of 'type' objects is not
-#: writable" at import).
+#: writable" at import). trust.py runs when bundles change, not per connection; the
+#: agent's own Python is 2-4% of a loopback handshake's CPU, tls.py half of it.
 HS_MODULES = ("agent/core/trust.py",)
+
+#: What this round's measurements propose adding to the shipped list: the h2/gRPC path's
+#: modules with an interpreter share of a gRPC call's CPU of 0.5% or more
+#: (bench.interp_share), and inbound_h2h1.py, whose InboundH2ToHttp1 subclasses
+#: inbound_h2's InboundH2 (a Python subclass of a compiled class cannot be made).
+PROPOSED = (
+    "agent/adapters/h2server.py",
+    "agent/adapters/inbound_h2.py",
+    "agent/adapters/inbound_h2h1.py",
+    "agent/adapters/outbound_h2.py",
+    "agent/core/grpc.py",
+)
+
+
+def shipped() -> tuple[str, ...]:
+    """pyproject.toml's `[tool.outrider] compiled`: what setup.py compiles."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        listed = tomllib.load(f).get("tool", {}).get("outrider", {}).get("compiled", [])
+    return tuple(listed)
+
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "pure": (),
+    "shipped": shipped(),
+    "proposed": PROPOSED,
     "http": HTTP_MODULES,
     "l4": L4_MODULES,
     "h2": H2_MODULES,
@@ -125,6 +169,59 @@ def modules(spec: str) -> tuple[str, ...]:
         else:
             raise SystemExit(f"{part!r}: neither a group ({', '.join(GROUPS)}) nor a .py file")
     return tuple(dict.fromkeys(chosen))
+
+
+#: Where Python code that may subclass an agent class lives.
+PACKAGES = ("agent", "identity", "outrider", "ca", "control", "injector", "bench", "tests")
+
+
+def python_subclasses(compiled: tuple[str, ...], packages: Sequence[str] = PACKAGES) -> list[str]:
+    """Classes in Python files (of `packages` of this checkout) that subclass a class of a
+    module in `compiled`: mypyc refuses to make their instances ("interpreted classes
+    cannot inherit from compiled"), so each is a break once the list ships."""
+    dotted = {path.removesuffix(".py").replace("/", ".") for path in compiled}
+    return [
+        f"{where}:{line}: {name} subclasses {base}"
+        for package in packages
+        for where, line, name, base in _class_bases(package)
+        if where not in compiled and base.rpartition(".")[0] in dotted
+    ]
+
+
+@functools.cache
+def _class_bases(package: str) -> tuple[tuple[str, int, str, str], ...]:
+    """(file, line, class, the dotted name of a base) for every class `package` defines
+    (each base resolved through the file's imports)."""
+    return tuple(_bases_in(sorted((ROOT / package).glob("**/*.py"))))
+
+
+def _bases_in(files: list[Path]) -> list[tuple[str, int, str, str]]:
+    found = []
+    for file in files:
+        where = str(file.relative_to(ROOT))
+        try:
+            tree = ast.parse(file.read_text(), where)
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        names: dict[str, str] = {}  # a local name -> the dotted name it stands for
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for alias in node.names:
+                    names[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    local = alias.asname or alias.name.split(".")[0]
+                    names[local] = alias.name if alias.asname else local
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            for base in node.bases:
+                while isinstance(base, ast.Subscript):  # Generic[...]
+                    base = base.value
+                head, _, rest = ast.unparse(base).partition(".")
+                full = names.get(head, head) + (f".{rest}" if rest else "")
+                found.append((where, node.lineno, node.name, full))
+    return found
 
 
 def _head() -> str:
@@ -233,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     one = commands.add_parser("build", help="one build in OUT_DIR")
     one.add_argument("out", type=Path)
     one.add_argument("spec")
+    check = commands.add_parser("check", help="Python classes that subclass a compiled one")
+    check.add_argument("spec")
     test = commands.add_parser("test", help="tests/unit/agent (or PYTEST_ARGS) against a build")
     test.add_argument("spec")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
@@ -246,6 +345,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "build":
         build(args.out.resolve(), modules(args.spec))
+    elif args.command == "check":
+        found = python_subclasses(modules(args.spec))
+        print("\n".join(found) or "no Python class subclasses a compiled one")
+        raise SystemExit(1 if found else 0)
     elif args.command == "test":
         tree = built(args.work, args.spec)
         command = [PYTHON, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider"]

@@ -16,6 +16,8 @@ def test_a_spec_names_groups_and_files_each_once_in_order() -> None:
     assert chosen.count("agent/adapters/relay.py") == 1
     assert chosen[-1] == "agent/core/headers.py"
     assert compiled_ab.modules("pure") == ()
+    assert compiled_ab.modules("shipped") == compiled_ab.shipped()  # pyproject's list
+    assert set(compiled_ab.PROPOSED) <= set(compiled_ab.H2_MODULES)
 
 
 def test_a_spec_naming_nothing_known_is_refused_with_the_groups() -> None:
@@ -58,3 +60,15 @@ def test_a_sample_is_a_modules_own_only_while_the_interpreter_runs_below_it() ->
     total, mine = interp_share.shares(raw + "\n")
     assert total == 20
     assert mine == {"agent/adapters/relay.py": 5, "C": 11, "other python": 4}
+
+
+def test_no_agent_class_subclasses_a_class_the_shipped_or_proposed_list_compiles() -> None:
+    assert compiled_ab.python_subclasses(compiled_ab.modules("shipped,proposed"), ["agent"]) == []
+
+
+def test_a_python_subclass_of_a_compiled_class_is_found() -> None:
+    found = compiled_ab.python_subclasses(("agent/adapters/inbound_h2.py",), ["agent"])
+    assert found == [
+        "agent/adapters/inbound_h2h1.py:229: InboundH2ToHttp1 subclasses "
+        "agent.adapters.inbound_h2.InboundH2"
+    ]
