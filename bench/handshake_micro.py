@@ -172,13 +172,6 @@ def memory(client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext, handshakes: i
 # -- loopback --------------------------------------------------------------------------
 
 
-class _Inbound(listeners.InboundMtls[Inbound]):
-    """An explicit inbound listener's handshake path (`_authenticate`), without the app."""
-
-    def serving(self, port: int) -> tuple[Inbound, bool]:
-        return self.config, False
-
-
 class _FirstByte(asyncio.Protocol):
     """The client's side: done at the server's first byte (its TLS 1.3 ticket is read
     with it, as a relayed connection reads it with the app's first answer)."""
@@ -208,7 +201,8 @@ async def loopback(
     config = Inbound(
         Listen("127.0.0.1", port), Endpoint("127.0.0.1", 9), AllowList(frozenset({CLIENT}))
     )
-    inbound = _Inbound(config, server_rt, listeners.Connections(server_rt.metrics))
+    # An explicit inbound listener's handshake path (`_authenticate`), without the app.
+    inbound = listeners.InboundListener(config, server_rt, listeners.Connections(server_rt.metrics))
     endpoint = Endpoint("127.0.0.1", port)
     upstream = Outbound(
         "server", None, frozenset({SERVER}), (Subset("default", 1, StaticSource(((endpoint, 1),))),)

@@ -8,8 +8,9 @@ microseconds of the agent's own per-connection work. This isolates two parts:
 
 - accept: `connections` TCP connections queued on an inbound listener's socket
   (connected beforehand: the client's cost is not counted), then taken by the
-  listener's own accept path (`Listener.start`) and handed to an `_admit` that
-  closes each: process time per connection accepted;
+  listener's own accept path (the `Acceptor` that `Listener.start` makes) and handed
+  to an admit that closes each: process time per connection accepted (the Acceptor
+  alone, not a Listener subclass: compiled by mypyc, Listener takes none from here);
 - count: what one mTLS connection counts once its peer is verified, inbound
   (handshake, duration, peer, established, and its first request's status on an
   L7 port) and outbound (the same after a dial): process time per connection.
@@ -46,38 +47,45 @@ def _runtime() -> Runtime:
     return Runtime(Limits(), Contexts(), AgentMetrics(), lambda: datetime.now(UTC), SERVER)
 
 
-class _Closing(listeners.Listener[Any]):
-    """A listener whose every accepted connection is closed at once."""
+class _Closing:
+    """What a listener admits to: every accepted connection closed at once."""
 
-    direction = "inbound"
-
-    def __init__(self, runtime: Runtime, expected: int) -> None:
-        super().__init__(None, runtime, listeners.Connections(runtime.metrics))
+    def __init__(self, expected: int) -> None:
         self.expected, self.taken = expected, 0
         self.done = asyncio.Event()
 
-    def _admit(self, sock: socket.socket, port: int = 0) -> None:
+    def admit(self, sock: socket.socket) -> None:
         sock.close()
         self.taken += 1
         if self.taken == self.expected:
             self.done.set()
 
+    def failed(self, exc: OSError) -> None:
+        raise exc
+
 
 async def accept(connections: int) -> float:
     """Seconds of process time per connection accepted."""
-    listener = _Closing(_runtime(), connections)
+    no_config: Any = None  # bind reads only the runtime
+    listener = listeners.Listener(no_config, _runtime(), listeners.Connections(AgentMetrics()))
     listener.bind(Listen("127.0.0.1", 0))
+    listening = listener._socket
+    assert listening is not None
     host, port = listener.address.rsplit(":", 1)
+    closing = _Closing(connections)
     clients = []
+    acceptor = None
     try:
         for _ in range(connections):  # queued in the backlog (1024), none accepted yet
             client = socket.create_connection((host, int(port)))
             clients.append(client)
         started = time.process_time()
-        await listener.start()
-        await asyncio.wait_for(listener.done.wait(), 30)
+        acceptor = listeners.Acceptor(listening, closing.admit, closing.failed)
+        await asyncio.wait_for(closing.done.wait(), 30)
         took = time.process_time() - started
     finally:
+        if acceptor is not None:
+            acceptor.cancel()
         listener.close()
         for client in clients:
             client.close()

@@ -1,6 +1,7 @@
-"""CPU per request of the real L7 agent pair, two checkouts compared in the same run.
+"""CPU per request of the real agent pair, two checkouts compared in the same run.
 
     python -m bench.l7_pair_ab BEFORE_DIR AFTER_DIR [--rounds 8] [--seconds 4]
+                               [--layer l7|l4|grpc]
 
 Each DIR is a checkout of this repository (e.g. `git worktree add /tmp/before main`).
 For each, a child process started in that checkout runs the `l7_keepalive` setup
@@ -14,6 +15,11 @@ median CPU (user + system, and user alone) per request of each agent.
 machine that moves with everything else running, and CPU per request moves with the
 request rate too (fewer requests per wake-up cost more each). Alternating two
 checkouts in one run is what tells a change to the agents' own cost from that noise.
+
+`--layer l4`: the `l4_keepalive` pair instead (TCP relayed over mTLS, wrk's keep-alive
+requests through it); `--layer grpc`: the `grpc_streams` pair (bench/grpc_calls.py:
+nghttpd behind two agents with `protocol: grpc` and the gRPC policy, h2load's 50 calls in
+flight on one connection), CPU per call.
 """
 
 from __future__ import annotations
@@ -32,10 +38,10 @@ from typing import IO
 ROLES = ("client", "server")
 
 
-def serve() -> None:
+def serve(layer: str) -> None:
     """The child: start the pair from this checkout, then answer `go SECONDS` lines."""
     from bench import peers
-    from bench.load import wrk
+    from bench.load import Load, wrk
     from bench.procs import cpu_seconds
     from tests.support import ca_process, make_ca_setup
 
@@ -43,14 +49,27 @@ def serve() -> None:
         root = Path(tmp)
         setup = make_ca_setup(root)
         ca = stack.enter_context(ca_process(setup.config))
-        backend_port, _ = peers.backend(stack, root / "backend")
-        pair = peers.outrider(stack, setup, ca, backend_port, layer="l7")
-        wrk(pair.port, 1, 50)  # warm: the pool's connections made
+        if layer == "grpc":
+            from bench import grpc_calls
+
+            backend_port, _ = grpc_calls.backend(stack, root / "grpc-backend")
+
+            def run(port: int, seconds: float) -> Load:
+                return grpc_calls.load(port, seconds, grpc_calls.STREAMS)
+
+        else:
+            backend_port, _ = peers.backend(stack, root / "backend")
+
+            def run(port: int, seconds: float) -> Load:
+                return wrk(port, seconds, 50)
+
+        pair = peers.outrider(stack, setup, ca, backend_port, layer=layer)
+        run(pair.port, 1)  # warm: the pool's connections made
         print("ready", flush=True)
         for line in sys.stdin:
             seconds = float(line.split()[1])
             before = {role: cpu_seconds(pair.pids[role]) for role in ROLES}
-            load = wrk(pair.port, seconds, 50)
+            load = run(pair.port, seconds)
             result: dict[str, float] = {"per_s": load.per_s, "errors": load.errors}
             for role in ROLES:
                 user, system = cpu_seconds(pair.pids[role])
@@ -60,11 +79,11 @@ def serve() -> None:
             print(json.dumps(result), flush=True)
 
 
-def _child(checkout: Path) -> subprocess.Popen[str]:
+def _child(checkout: Path, layer: str) -> subprocess.Popen[str]:
     # This file, run as a script, so a checkout from before it existed can be compared:
     # everything it imports comes from `checkout`.
     env = {**os.environ, "PYTHONPATH": str(checkout)}
-    command = [sys.executable, str(Path(__file__).resolve()), "--serve"]
+    command = [sys.executable, str(Path(__file__).resolve()), "--serve", "--layer", layer]
     return subprocess.Popen(
         command, cwd=checkout, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -75,9 +94,12 @@ def _line(stream: IO[str] | None) -> str:
     return stream.readline()
 
 
-def compare(checkouts: list[Path], rounds: int, seconds: float) -> None:
+def compare(
+    checkouts: list[Path], rounds: int, seconds: float, layer: str = "l7"
+) -> dict[str, dict[str, float]]:
+    """Print each run and the medians; return the medians, by checkout's name then key."""
     names = [f"{i}:{c.name}" for i, c in enumerate(checkouts)]
-    children = [_child(c) for c in checkouts]
+    children = [_child(c, layer) for c in checkouts]
     try:
         for name, child in zip(names, children, strict=True):
             if not _line(child.stdout).startswith("ready"):
@@ -97,15 +119,17 @@ def compare(checkouts: list[Path], rounds: int, seconds: float) -> None:
                     f" (user {run['server_user']:5.1f})  errors {run['errors']:.0f}",
                     flush=True,
                 )
+        keys = ("client", "server", "client_user", "server_user", "per_s")
+        medians = {n: {k: statistics.median(r[k] for r in runs[n]) for k in keys} for n in names}
         first = names[0]
-        for key in ("client", "server", "client_user", "server_user", "per_s"):
-            base = statistics.median(run[key] for run in runs[first])
+        for key in keys:
+            base = medians[first][key]
             cells = [
-                f"{name} {statistics.median(r[key] for r in runs[name]):8.1f}"
-                f" ({statistics.median(r[key] for r in runs[name]) / base:.3f})"
+                f"{name} {medians[name][key]:8.1f} ({medians[name][key] / base:.3f})"
                 for name in names
             ]
             print(f"median {key:12} " + "  ".join(cells))
+        return medians
     finally:
         for child in children:
             if child.stdin is not None:
@@ -121,14 +145,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkouts", nargs="*", type=Path)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--layer", choices=("l7", "l4", "grpc"), default="l7")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        serve()
+        serve(args.layer)
         return
     if len(args.checkouts) < 2:
         parser.error("give two checkouts (or more) to compare")
-    compare([c.resolve() for c in args.checkouts], args.rounds, args.seconds)
+    compare([c.resolve() for c in args.checkouts], args.rounds, args.seconds, args.layer)
 
 
 if __name__ == "__main__":

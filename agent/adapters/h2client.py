@@ -69,8 +69,10 @@ MAX_HEADER_LIST = 64 * 1024
 SETTINGS_TIMEOUT = 10.0
 #: The HPACK table we compress requests with, whatever larger one the peer allows, and
 #: the closed streams h2 remembers: the bounds H2Server keeps (agent/core/h2limits.py).
-MAX_ENCODER_TABLE = H2Limits.max_encoder_table
-MAX_CLOSED_STREAMS = H2Limits.max_closed_streams
+#: (Read from an instance: compiled by mypyc, H2Limits's class holds descriptors, not the
+#: defaults.)
+MAX_ENCODER_TABLE = H2Limits().max_encoder_table
+MAX_CLOSED_STREAMS = H2Limits().max_closed_streams
 
 Header = tuple[bytes, bytes]
 #: Why a stream ended without a whole response: `refused-stream` means the peer never

@@ -218,8 +218,8 @@ class InboundH2:
         if is_grpc and "grpc-timeout" in values:
             try:
                 deadline = grpc.parse_timeout(values["grpc-timeout"][0])
-            except ValueError as exc:
-                return refusal(400, "bad_request", str(exc), grpc.Code.INTERNAL)
+            except ValueError as bad:  # not `exc`: compiled, that name is a BadPath here
+                return refusal(400, "bad_request", str(bad), grpc.Code.INTERNAL)
             kept = [(n, v) for n, v in kept if n != b"grpc-timeout"]
         head: Headers = [
             (b":method", method.encode("latin-1")),
