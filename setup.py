@@ -2,7 +2,7 @@
 
 The agent's per-request modules (pyproject.toml, `[tool.outrider] compiled`) are
 compiled to C extensions by mypyc: the same code, type-checked as it is, run without
-the interpreter's per-call cost (bench/l7_compiled.py measures what that saves). An
+the interpreter's per-call cost (bench/compiled_ab.py measures what that saves). An
 extension imports in place of its .py file, which ships beside it. The build needs mypy
 (it brings mypyc) and a C compiler; OUTRIDER_PURE=1 builds pure Python, as does a
 machine without a C compiler (with a warning: the agent works, at more CPU per request).

@@ -1,7 +1,7 @@
 """Which modules are worth compiling: builds of this checkout with a chosen module list,
 and CPU per operation of two such builds compared in one run.
 
-    python -m bench.compiled_ab build OUT_DIR SPEC        # one build, e.g. http,l4
+    python -m bench.compiled_ab build OUT_DIR SPEC        # one build, e.g. shipped,l4
     python -m bench.compiled_ab test SPEC [PYTEST_ARGS]   # tests/unit/agent against it
     python -m bench.compiled_ab check SPEC                # Python subclasses of its classes
     python -m bench.compiled_ab ab A_SPEC B_SPEC [--micro l7,l7log,l4,hs] [--pairs l4,l7,grpc]
@@ -11,8 +11,7 @@ SPEC is a comma-separated list of module groups (below) and .py paths; `pure` is
 `shipped` pyproject.toml's `[tool.outrider] compiled` (what setup.py builds), `proposed`
 what this round's measurements add to it (PROPOSED);
 a path to a directory (with a `/`) is taken as a build already made.
-`http` is bench/l7_compiled.py's HTTP_MODULES, the per-request modules measured last round
-(bench.l7_compiled builds exactly that list; this is its sibling for other lists). Each
+`shipped` is the per-request HTTP modules (measured last round as `http`). Each
 build is `git archive HEAD` of this checkout with SPEC's modules compiled by mypyc as one
 group (as setup.py's `mypycify` does), kept in --work (default /tmp/outrider-compiled-ab)
 under a name of its own and reused while HEAD's agent/, identity/, outrider/ and tests/
@@ -35,7 +34,7 @@ Each micro prints its best of a few rounds; `ab` prints the median over `--round
 those, per build, and B's change against A. Process time, not throughput: on a shared
 2-CPU machine, CPU per operation is what noise moves least.
 
-The groups beyond `http` hold each path's modules that mypyc compiles (beside each: what
+The groups beyond `shipped` hold each path's modules that mypyc compiles (beside each: what
 keeps the others out, and what the group measured). Compiled code differs where a
 module is used from Python: a class of a compiled module cannot be subclassed by Python
 code (bench/l4_micro.py and handshake_micro.py no longer do; capture_listeners.py does,
@@ -62,8 +61,6 @@ import time
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-
-from bench.l7_compiled import HTTP_MODULES
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -133,7 +130,6 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "pure": (),
     "shipped": shipped(),
     "proposed": PROPOSED,
-    "http": HTTP_MODULES,
     "l4": L4_MODULES,
     "h2": H2_MODULES,
     "log": LOG_MODULES,

@@ -7,12 +7,11 @@ from __future__ import annotations
 import pytest
 
 from bench import compiled_ab, interp_share
-from bench.l7_compiled import HTTP_MODULES
 
 
 def test_a_spec_names_groups_and_files_each_once_in_order() -> None:
-    chosen = compiled_ab.modules("http,l4,agent/adapters/relay.py,agent/core/headers.py")
-    assert chosen[: len(HTTP_MODULES)] == HTTP_MODULES
+    chosen = compiled_ab.modules("shipped,l4,agent/adapters/relay.py,agent/core/headers.py")
+    assert chosen[: len(compiled_ab.shipped())] == compiled_ab.shipped()
     assert chosen.count("agent/adapters/relay.py") == 1
     assert chosen[-1] == "agent/core/headers.py"
     assert compiled_ab.modules("pure") == ()
@@ -21,8 +20,8 @@ def test_a_spec_names_groups_and_files_each_once_in_order() -> None:
 
 
 def test_a_spec_naming_nothing_known_is_refused_with_the_groups() -> None:
-    with pytest.raises(SystemExit, match=r"neither a group .*http.*nor a \.py file"):
-        compiled_ab.modules("http,relay")
+    with pytest.raises(SystemExit, match=r"neither a group .*shipped.*nor a \.py file"):
+        compiled_ab.modules("shipped,relay")
 
 
 def test_every_micro_figure_is_read_with_its_label() -> None:
