@@ -256,8 +256,9 @@ def goal_lines(record: Record) -> list[str]:
 def markdown(record: Record) -> str:
     machine = record["machine"]
     at = f" at commit {record['commit']}" if record.get("commit") else ""
+    build = f", the agent's hot path {record['agent']}" if record.get("agent") else ""
     head = [
-        f"Measured {record['date']}{at} on {machine}; `{record['command']}`"
+        f"Measured {record['date']}{at}{build} on {machine}; `{record['command']}`"
         f" ({record['rounds']} round(s) of {record['seconds']:.0f} s per scenario and pair,"
         " pairs alternating, load generator pinned to CPU 0; medians with min-max).",
     ]

@@ -52,6 +52,16 @@ def machine() -> str:
     )
 
 
+def agent_build() -> str:
+    """How the agents measured here run their hot path: compiled (`make compiled`) or not."""
+    import agent.core.http1
+
+    if str(agent.core.http1.__file__).endswith(".so"):
+        return "compiled by mypyc"
+    print("bench: the agent's hot path runs as pure Python (`make compiled` builds it)")
+    return "pure Python"
+
+
 def commit() -> str | None:
     """The checkout's commit (short, `+` when it has uncommitted changes): the README's
     table names it, since the table outlives the code it measured."""
@@ -189,6 +199,7 @@ def main() -> None:
         "date": started.strftime("%Y-%m-%d"),
         "commit": commit(),
         "machine": machine(),
+        "agent": agent_build(),
         "command": "make bench QUICK=1" if args.quick else "make bench",
         "rounds": rounds,
         "seconds": seconds,
