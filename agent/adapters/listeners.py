@@ -996,8 +996,15 @@ class OutboundPath:
 
         def made() -> None:
             # The app's first bytes are read while the upstream is dialled, and kept
-            # (up to relay.EARLY): they go out as soon as it is linked.
-            task = asyncio.get_running_loop().create_task(self._connect(relay, live, linked))
+            # (up to relay.EARLY): they go out as soon as it is linked. Its access log
+            # line runs from now (the app's connection) to the relay's close: begun here,
+            # before the app can leave, so that even an app that leaves at once gets one.
+            observer = self.runtime.observer
+            line = None
+            if observer is not None:
+                watch = observer.watch("tcp", OUTBOUND, None, None, live.name)
+                line = ConnectionLine(watch, relay)
+            task = asyncio.get_running_loop().create_task(self._connect(relay, live, linked, line))
             self.connections.setting_up(task)
 
         relay.down.made = made
@@ -1007,25 +1014,27 @@ class OutboundPath:
         """`server`, once the app's first bytes are h2c; an HTTP/1.x app is told what to do."""
         return h2_gate(self.runtime, self.connections, OUTBOUND, server, protocol, where)
 
-    async def _connect(self, relay: Relay, live: LiveUpstream, linked: list[Endpoint]) -> None:
+    async def _connect(
+        self,
+        relay: Relay,
+        live: LiveUpstream,
+        linked: list[Endpoint],
+        line: ConnectionLine | None,
+    ) -> None:
         """Dial an endpoint for a TCP connection from the app, then relay; retried elsewhere
         (agent/adapters/attempts.py) on connect failures only: nothing was sent yet.
 
-        Once relayed, the connection counts as load on its endpoint (in `linked`) until it closes.
+        Once relayed, the connection counts as load on its endpoint (in `linked`) until it
+        closes. `line`: its access log line (when logged), told where it went.
         """
-        assert relay.down.transport is not None
-        peer = relay.down.transport.get_extra_info("peername")
+        if relay.closed:  # the app left before its upstream was even chosen
+            return
+        transport = relay.down.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
         key = str(peer[0]).encode() if peer and live.config.hash_on else None
-        observer = self.runtime.observer
-        # Its access log line: from now (the app's connection) to the relay's close.
-        line = None
-        if observer is not None:
-            line = ConnectionLine(observer.watch("tcp", OUTBOUND, None, None, live.name), relay)
         budget = live.budget
         budget.request_started()
         try:
-            if relay.closed:  # the app left before its upstream was even chosen
-                return
             linked_try = await attempts(
                 live, partial(self._dial, relay, line), self.rng, method=None, key=key
             )

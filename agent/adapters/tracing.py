@@ -424,18 +424,27 @@ class ConnectionLine:
     """One L4 connection's line, inbound or outbound, captured or not, in one way: begun
     with the connection, its bytes counted each way once it is linked, written once when
     its relay closes, linked or not (one refused or never connected gets its line too,
-    with the `error` set before the close)."""
+    with the `error` set before the close). A relay closed already (the client left before
+    its line was begun) has its line written at once: every connection gets its one."""
 
     __slots__ = ("entry", "watch")
 
     def __init__(self, watch: Watch, relay: Relay) -> None:
         self.watch = watch
         self.entry = watch.begin()
-        relay.ended = partial(watch.finish, self.entry, None)
+        ended = partial(watch.finish, self.entry, None)
+        if relay.closed:
+            ended()
+        else:
+            relay.ended = ended
 
     def link(self, relay: Relay) -> None:
         """Link `relay` through sinks that count the client's (inbound: the peer's;
-        outbound: the app's) bytes in `bytes_in` and the other side's in `bytes_out`."""
+        outbound: the app's) bytes in `bytes_in` and the other side's in `bytes_out`;
+        unless its client left while its other side was dialled (`Relay.dialled`: that
+        side is closed, the line was written at the relay's close)."""
+        if not relay.dialled():
+            return
         down, up = relay.down.transport, relay.up.transport
         assert down is not None and up is not None
         entry, to_upstream, to_client = self.entry, up.write, down.write

@@ -1,0 +1,184 @@
+"""Outbound access log lines under faults, from real agent processes: a line never names a
+peer its request or connection did not reach, each connection gets exactly one, and the
+agent keeps nothing of a connection whose line is written.
+
+The mesh: a `ca serve`; two server agents, `backend` and `other` (two SPIFFE IDs), each with
+an HTTP app, a TCP echo and an h2 (gRPC) app behind it; and `frontend` (mode all), whose
+upstreams spread over both servers and an endpoint nobody serves: a compliance auditor
+reads from its lines which peer each request reached, over which TLS, after any retry.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, ExitStack
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from agent.core.grpc import Code
+from tests.floods import left_at_once, open_fds
+from tests.h2backend import Answer, Reset, grpc_error, h2_backend
+from tests.h2backend import Request as H2Request
+from tests.integration.test_access_log_and_tracing import http_server
+from tests.integration.test_access_log_outbound import outbound_lines
+from tests.mesh import Logged, echo_server, eventually, logged_agent, served_agent_yaml, workload
+from tests.support import CaProcess, CaSetup, free_port
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+BACKEND, OTHER = str(workload("backend")), str(workload("other"))
+
+
+@dataclass
+class Mesh:
+    backend: Logged
+    other: Logged
+    frontend: Logged
+    dead: str  # an endpoint nobody listens on
+    peers: dict[str, str | None]  # endpoint -> the SPIFFE ID that serves it
+
+    def outbound(self, name: str) -> str:
+        return self.frontend.agent.bound[f"outbound[{name}]"]
+
+
+async def _http_app(name: str, request: web.Request) -> web.Response:
+    await request.read()
+    if request.path == "/flaky" and name == "backend":  # retried on the other server
+        return web.Response(status=503, text="unavailable")
+    return web.Response(text=name)
+
+
+def _h2_reply(name: str) -> Any:
+    async def reply(request: H2Request) -> Answer | Reset:
+        path = request.header(b":path") or b""
+        if path.endswith(b"/Reset"):
+            return Reset(8)  # CANCEL: before any head
+        if path.endswith(b"/Flaky") and name == "backend":
+            return grpc_error(Code.UNAVAILABLE, "busy")
+        return Answer(
+            [(b":status", b"200"), (b"content-type", b"application/grpc")],
+            request.body,
+            [(b"grpc-status", b"0")],
+        )
+
+    return reply
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mesh(setup: CaSetup, ca: CaProcess) -> AsyncIterator[Mesh]:
+    async with AsyncExitStack() as apps:
+        servers: dict[str, Logged] = {}
+        addresses: dict[str, dict[str, str]] = {}
+        with ExitStack() as stack:
+            for name in ("backend", "other"):
+                http_port = await apps.enter_async_context(http_server(partial(_http_app, name)))
+                echo_port = await apps.enter_async_context(echo_server())
+                grpc_app = await apps.enter_async_context(h2_backend(name, _h2_reply(name)))
+                ports = [
+                    {
+                        "listen": f"127.0.0.1:{free_port()}",  # (told apart by address)
+                        "app": f"127.0.0.1:{port}",
+                        "protocol": kind,
+                    }
+                    for port, kind in (
+                        (http_port, "http"),
+                        (echo_port, "tcp"),
+                        (grpc_app.port, "grpc"),
+                    )
+                ]
+                raw = served_agent_yaml(setup, ca, name, inbound=ports, access_log={"mode": "all"})
+                servers[name] = stack.enter_context(logged_agent(setup.root, name, raw))
+                bound = servers[name].agent.bound
+                addresses[name] = {
+                    kind: bound[f"inbound[{n}]"] for n, kind in enumerate(("http", "tcp", "grpc"))
+                }
+            dead = f"127.0.0.1:{free_port()}"
+
+            def upstream(name: str, protocol: str, *endpoints: str, **extra: Any) -> Any:
+                return {
+                    "name": name,
+                    "listen": f"127.0.0.1:{free_port()}",
+                    "protocol": protocol,
+                    "endpoints": list(endpoints),
+                    "server_ids": [BACKEND, OTHER],
+                    **extra,
+                }
+
+            both = {
+                kind: (addresses["backend"][kind], addresses["other"][kind])
+                for kind in addresses["backend"]
+            }
+            upstreams = [
+                upstream("echo", "tcp", addresses["backend"]["tcp"]),
+                upstream(
+                    "echoes",
+                    "tcp",
+                    dead,
+                    *both["tcp"],
+                    retries={"max": 2, "retry_on": ["connect-failure"]},
+                ),
+                upstream(
+                    "web",
+                    "http",
+                    *both["http"],
+                    retries={"max": 1, "retry_on": ["connect-failure", 503]},
+                ),
+                upstream(
+                    "greeters",
+                    "grpc",
+                    *both["grpc"],
+                    retries={"max": 1, "retry_on": ["connect-failure", "unavailable"]},
+                ),
+                upstream("resetting", "grpc", addresses["backend"]["grpc"]),
+                upstream("h2nowhere", "grpc", dead),
+            ]
+            raw = served_agent_yaml(
+                setup, ca, "frontend", outbound=upstreams, access_log={"mode": "all"}
+            )
+            frontend = stack.enter_context(logged_agent(setup.root, "frontend", raw))
+            peers: dict[str, str | None] = {dead: None}
+            for name, spiffe in (("backend", BACKEND), ("other", OTHER)):
+                for address in addresses[name].values():
+                    peers[address] = spiffe
+            yield Mesh(servers["backend"], servers["other"], frontend, dead, peers)
+
+
+async def test_an_app_that_leaves_during_the_dial_leaves_no_upstream_connection_open(
+    mesh: Mesh,
+) -> None:
+    """Apps that close their TCP connection at once, before the upstream's mTLS dial is
+    done: each gets its one line, and the agent keeps no upstream connection (nor its file
+    descriptor) for any: none reaches the backend's app either."""
+    frontend, backend = mesh.frontend, mesh.backend
+    frontend.lines()
+    pid = frontend.agent.process.pid
+    before = open_fds(pid)
+    backend_before = backend.agent.sample("outrider_connections_active", direction="inbound")
+    count = 20
+    for n in range(count):
+        await left_at_once(socket.socket(), mesh.outbound("echo"), reset=n % 2 == 1)
+    lines: list[dict[str, Any]] = []
+
+    def all_logged() -> bool:
+        lines.extend(outbound_lines(frontend.lines(), "echo"))
+        return len(lines) >= count
+
+    assert await eventually(all_logged, 10), f"{len(lines)} lines of {count}"
+    assert len(lines) == count
+    assert await eventually(lambda: open_fds(pid) <= before, 10), (open_fds(pid), before)
+    assert await eventually(
+        lambda: (
+            backend.agent.sample("outrider_connections_active", direction="inbound")
+            <= backend_before
+        ),
+        10,
+    )
+    assert not any("Traceback" in line for line in frontend.agent.log), "".join(
+        frontend.agent.log[-20:]
+    )
