@@ -10,6 +10,7 @@ reads from its lines which peer each request reached, over which TLS, after any 
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, ExitStack
@@ -21,9 +22,10 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from agent.adapters import h2client
 from agent.core.grpc import Code
 from tests.floods import left_at_once, open_fds
-from tests.h2backend import Answer, Reset, grpc_error, h2_backend
+from tests.h2backend import Answer, Reset, exchange, grpc_error, grpc_head, h2_backend
 from tests.h2backend import Request as H2Request
 from tests.integration.test_access_log_and_tracing import http_server
 from tests.integration.test_access_log_outbound import outbound_lines
@@ -42,9 +44,14 @@ class Mesh:
     frontend: Logged
     dead: str  # an endpoint nobody listens on
     peers: dict[str, str | None]  # endpoint -> the SPIFFE ID that serves it
+    endpoints: dict[str, dict[str, str]]  # SPIFFE ID -> kind -> its endpoint
 
     def outbound(self, name: str) -> str:
         return self.frontend.agent.bound[f"outbound[{name}]"]
+
+    def peers_at(self, peer: str, kind: str) -> str:
+        """The endpoint of `peer`'s inbound port for `kind` (http, tcp or grpc)."""
+        return self.endpoints[peer][kind]
 
 
 async def _http_app(name: str, request: web.Request) -> web.Response:
@@ -57,8 +64,8 @@ async def _http_app(name: str, request: web.Request) -> web.Response:
 def _h2_reply(name: str) -> Any:
     async def reply(request: H2Request) -> Answer | Reset:
         path = request.header(b":path") or b""
-        if path.endswith(b"/Reset"):
-            return Reset(8)  # CANCEL: before any head
+        if path.endswith(b"/Slow"):  # past the per-try timeout
+            await asyncio.sleep(1)
         if path.endswith(b"/Flaky") and name == "backend":
             return grpc_error(Code.UNAVAILABLE, "busy")
         return Answer(
@@ -135,7 +142,13 @@ async def mesh(setup: CaSetup, ca: CaProcess) -> AsyncIterator[Mesh]:
                     *both["grpc"],
                     retries={"max": 1, "retry_on": ["connect-failure", "unavailable"]},
                 ),
-                upstream("resetting", "grpc", addresses["backend"]["grpc"]),
+                upstream(
+                    "slow",
+                    "grpc",
+                    addresses["backend"]["grpc"],
+                    timeouts={"per_try": "200ms"},
+                    retries={"max": 0},
+                ),
                 upstream("h2nowhere", "grpc", dead),
             ]
             raw = served_agent_yaml(
@@ -146,7 +159,8 @@ async def mesh(setup: CaSetup, ca: CaProcess) -> AsyncIterator[Mesh]:
             for name, spiffe in (("backend", BACKEND), ("other", OTHER)):
                 for address in addresses[name].values():
                     peers[address] = spiffe
-            yield Mesh(servers["backend"], servers["other"], frontend, dead, peers)
+            endpoints = {BACKEND: addresses["backend"], OTHER: addresses["other"]}
+            yield Mesh(servers["backend"], servers["other"], frontend, dead, peers, endpoints)
 
 
 async def test_an_app_that_leaves_during_the_dial_leaves_no_upstream_connection_open(
@@ -182,3 +196,41 @@ async def test_an_app_that_leaves_during_the_dial_leaves_no_upstream_connection_
     assert not any("Traceback" in line for line in frontend.agent.log), "".join(
         frontend.agent.log[-20:]
     )
+
+
+async def _h2_call(address: str, path: str) -> Any:
+    host, port = address.rsplit(":", 1)
+    connection = await h2client.connect(host, int(port))
+    try:
+        return await exchange(connection, grpc_head(path))
+    finally:
+        connection.close()
+
+
+async def test_an_h2_call_the_agent_answered_names_its_last_try_as_an_http1_request_does(
+    mesh: Mesh,
+) -> None:
+    """A gRPC call the backend did not answer within its try's timeout (the agent answers
+    it) went out on a connection to the backend: its line names that endpoint, the try, the
+    peer and the TLS. A call whose every try failed to connect names the last endpoint it tried, how
+    many tries, and no peer."""
+    frontend = mesh.frontend
+    frontend.lines()
+    answered = await _h2_call(mesh.outbound("slow"), "/demo.Greeter/Slow")
+    assert answered.grpc_status == Code.DEADLINE_EXCEEDED, answered
+    (reset,) = outbound_lines(
+        await frontend.arrived(lambda line: line["upstream"] == "slow"), "slow"
+    )
+    assert reset["error"] == "upstream_timeout", reset
+    assert (reset["endpoint"], reset["tries"]) == (mesh.peers_at(BACKEND, "grpc"), 1), reset
+    assert reset["peer_id"] == BACKEND and reset["tls_version"] == "TLSv1.3", reset
+    assert reset["cipher"], reset
+
+    answered = await _h2_call(mesh.outbound("h2nowhere"), "/demo.Greeter/SayHello")
+    assert answered.grpc_status == Code.UNAVAILABLE
+    (failed,) = outbound_lines(
+        await frontend.arrived(lambda line: line["upstream"] == "h2nowhere"), "h2nowhere"
+    )
+    assert (failed["error"], failed["endpoint"]) == ("upstream_connect_failure", mesh.dead)
+    assert failed["tries"] is not None and failed["tries"] >= 1, failed
+    assert failed["peer_id"] is failed["tls_version"] is failed["cipher"] is None
