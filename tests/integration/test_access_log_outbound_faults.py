@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -25,10 +26,10 @@ from aiohttp import web
 from agent.adapters import h2client
 from agent.core.grpc import Code
 from tests.floods import left_at_once, open_fds
-from tests.h2backend import Answer, Reset, exchange, grpc_error, grpc_head, h2_backend
+from tests.h2backend import Answer, exchange, grpc_error, grpc_head, h2_backend
 from tests.h2backend import Request as H2Request
 from tests.integration.test_access_log_and_tracing import http_server
-from tests.integration.test_access_log_outbound import outbound_lines
+from tests.integration.test_access_log_outbound import outbound_lines, relayed
 from tests.mesh import Logged, echo_server, eventually, logged_agent, served_agent_yaml, workload
 from tests.support import CaProcess, CaSetup, free_port
 
@@ -62,7 +63,7 @@ async def _http_app(name: str, request: web.Request) -> web.Response:
 
 
 def _h2_reply(name: str) -> Any:
-    async def reply(request: H2Request) -> Answer | Reset:
+    async def reply(request: H2Request) -> Answer:
         path = request.header(b":path") or b""
         if path.endswith(b"/Slow"):  # past the per-try timeout
             await asyncio.sleep(1)
@@ -234,3 +235,67 @@ async def test_an_h2_call_the_agent_answered_names_its_last_try_as_an_http1_requ
     assert (failed["error"], failed["endpoint"]) == ("upstream_connect_failure", mesh.dead)
     assert failed["tries"] is not None and failed["tries"] >= 1, failed
     assert failed["peer_id"] is failed["tls_version"] is failed["cipher"] is None
+
+
+async def test_no_line_names_a_peer_other_than_its_endpoints_under_retries_and_pooling(
+    mesh: Mesh,
+) -> None:
+    """Concurrent HTTP/1.1 requests on pooled keep-alive connections to both servers (the
+    backend answers /flaky 503: retried on the other), gRPC calls multiplexed on h2
+    connections to both (the backend answers /Flaky UNAVAILABLE: retried), TCP connections
+    whose first try may be an endpoint nobody serves: every line names exactly the peer
+    that serves its endpoint (none for the dead one), with TLS fields iff a peer."""
+    frontend = mesh.frontend
+    frontend.lines()
+    rounds = 6
+
+    async def http_client() -> list[int]:
+        statuses = []
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as client:
+            for n in range(rounds):
+                path = "/flaky" if n % 2 else "/plain"
+                async with client.get(f"http://{mesh.outbound('web')}{path}") as response:
+                    await response.read()
+                    statuses.append(response.status)
+        return statuses
+
+    async def grpc_client() -> list[int | None]:
+        host, port = mesh.outbound("greeters").rsplit(":", 1)
+        connection = await h2client.connect(host, int(port))
+        try:
+            calls = [
+                exchange(connection, grpc_head("/demo.Greeter/Flaky" if n % 2 else "/x/Hi"))
+                for n in range(rounds)
+            ]
+            return [answered.grpc_status for answered in await asyncio.gather(*calls)]
+        finally:
+            connection.close()
+
+    async def tcp_client() -> list[bytes]:
+        return [await relayed(mesh.outbound("echoes"), b"ping %d" % n) for n in range(rounds)]
+
+    results = await asyncio.wait_for(
+        asyncio.gather(*(http_client() for _ in range(3)), grpc_client(), tcp_client()), 30
+    )
+    assert all(status == 200 for statuses in results[:3] for status in statuses)
+    assert results[3] == [Code.OK] * rounds
+    assert results[4] == [b"ping %d" % n for n in range(rounds)]
+    expected = {"web": 3 * rounds, "greeters": rounds, "echoes": rounds}
+    lines: list[dict[str, Any]] = []
+
+    def all_logged() -> bool:
+        lines.extend(line for line in frontend.lines() if line["upstream"] in expected)
+        return len(lines) >= sum(expected.values())
+
+    assert await eventually(all_logged, 10), lines
+    for name, count in expected.items():
+        assert len(outbound_lines(lines, name)) == count, name
+    retried = 0
+    for line in lines:
+        peer = mesh.peers[line["endpoint"]]
+        assert line["peer_id"] == peer, line
+        assert (line["tls_version"] == "TLSv1.3") is (peer is not None), line
+        assert bool(line["cipher"]) is (peer is not None), line
+        retried += line["tries"] > 1
+    assert retried  # some request or connection was retried elsewhere
