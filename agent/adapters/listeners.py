@@ -552,10 +552,11 @@ class InboundMtls(Listener[InboundT]):
             self.runtime.established(INBOUND, None)
         observer = self.runtime.observer
         if not http:
-            if observer is None:
+            line = None if observer is None else self._tcp_line(relay, peer, decision)
+            if line is None:
                 relay.link()
             else:
-                self._tcp_logged(relay, peer, decision)
+                line.link(relay)
             return
         answered = self.runtime.series(INBOUND, peer).answered  # requests_total, bound once
 
@@ -597,18 +598,19 @@ class InboundMtls(Listener[InboundT]):
         relay.link(exchange.from_client, exchange.from_app)
         relay.drained_by(exchange.finish)
 
-    def _tcp_logged(self, relay: Relay, peer: SpiffeId | None, decision: Decision | None) -> None:
-        """Link an access-logged TCP connection: its bytes counted, its line when it closes."""
+    def _tcp_line(
+        self, relay: Relay, peer: SpiffeId | None, decision: Decision | None
+    ) -> ConnectionLine | None:
+        """An allowed TCP connection's access log line, its decision in it, written when it
+        closes (its bytes counted once linked); None if no line of it could be written."""
         observer = self.runtime.observer
         down = relay.down.transport
         assert observer is not None and down is not None
-        watch = observer.watch(
-            "tcp", INBOUND, str(peer) if peer else None, down.get_extra_info("ssl_object")
-        )
-        line = ConnectionLine(watch, relay)
-        if decision is not None:
-            watch.decided(line.entry, decision)
-        line.link(relay)
+        peer_id = str(peer) if peer else None
+        line = observer.connection(relay, INBOUND, peer_id, down.get_extra_info("ssl_object"))
+        if line is not None and decision is not None:
+            line.watch.decided(line.entry, decision)
+        return line
 
     def _tcp_denied(self, relay: Relay, peer: SpiffeId | None, decision: Decision) -> None:
         """The access log line of a TCP connection the policy refused."""
@@ -1002,8 +1004,7 @@ class OutboundPath:
             observer = self.runtime.observer
             line = None
             if observer is not None:
-                watch = observer.watch("tcp", OUTBOUND, None, None, live.name)
-                line = ConnectionLine(watch, relay)
+                line = observer.connection(relay, OUTBOUND, upstream=live.name)
             task = asyncio.get_running_loop().create_task(self._connect(relay, live, linked, line))
             self.connections.setting_up(task)
 

@@ -190,6 +190,11 @@ class Observer:
         self.rng = rng or random.Random()  # noqa: S311 (trace ids and sampling, not secrets)
         self.wall = wall
         self.logging = access.on
+        # Lines for what no policy denied (`mode: all`): an outbound request or connection,
+        # an allowed one. Else an L4 connection's line could never be written (nor has it
+        # a span), and an outbound connection's peer is named only on spans.
+        self.every = access.mode == "all"
+        self.names_peers = self.every or bool(tracing.otlp_endpoint)
         self.lines: list[str] = []
         self.waiting = 0  # the bytes of `lines`
         self.timer: asyncio.TimerHandle | None = None
@@ -219,11 +224,29 @@ class Observer:
         version, cipher = (None, None) if ssl_object is None else _agreed(ssl_object)
         return Watch(self, kind, direction, peer_id, version, cipher, upstream)
 
-    def tls(self, peer: SpiffeId, ssl_object: ssl.SSLObject | ssl.SSLSocket) -> Tls:
+    def tls(self, peer: SpiffeId, ssl_object: ssl.SSLObject | ssl.SSLSocket) -> Tls | None:
         """An outbound connection's verified `peer` and its TLS, as its lines give them:
         made once, when it is dialled (agent/adapters/upstreams.py), for every request
-        it carries (`Entry.over`)."""
+        it carries (`Entry.over`); None when no line or span of it would name them."""
+        if not self.names_peers:
+            return None
         return Tls(str(peer), *_agreed(ssl_object))
+
+    def connection(
+        self,
+        relay: Relay,
+        direction: str,
+        peer_id: str | None = None,
+        ssl_object: ssl.SSLObject | ssl.SSLSocket | None = None,
+        upstream: str | None = None,
+    ) -> ConnectionLine | None:
+        """An allowed (or outbound) L4 connection's line, begun now, written when `relay`
+        closes; None when it could never be written (`mode: denied`, or tracing alone: a
+        TCP connection has no span): then nothing is begun, counted or held for it, and
+        its bytes go straight across (`Relay.link`), as with both off."""
+        if not self.every:
+            return None
+        return ConnectionLine(self.watch("tcp", direction, peer_id, ssl_object, upstream), relay)
 
     def begin(self, kind: Kind, direction: str, peer_id: str | None) -> Entry:
         return Entry(kind, direction, self.wall(), clock(), peer_id, self.local_id)
