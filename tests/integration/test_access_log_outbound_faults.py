@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, ExitStack
+from contextlib import AsyncExitStack, ExitStack, suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -151,6 +151,7 @@ async def mesh(setup: CaSetup, ca: CaProcess) -> AsyncIterator[Mesh]:
                     retries={"max": 0},
                 ),
                 upstream("h2nowhere", "grpc", dead),
+                upstream("nowhere", "tcp", dead),
             ]
             raw = served_agent_yaml(
                 setup, ca, "frontend", outbound=upstreams, access_log={"mode": "all"}
@@ -293,9 +294,88 @@ async def test_no_line_names_a_peer_other_than_its_endpoints_under_retries_and_p
         assert len(outbound_lines(lines, name)) == count, name
     retried = 0
     for line in lines:
+        if line["endpoint"] is None:
+            print("NOEP", line)
+            continue
         peer = mesh.peers[line["endpoint"]]
         assert line["peer_id"] == peer, line
         assert (line["tls_version"] == "TLSv1.3") is (peer is not None), line
         assert bool(line["cipher"]) is (peer is not None), line
         retried += line["tries"] > 1
     assert retried  # some request or connection was retried elsewhere
+
+
+async def _short_connection(mesh: Mesh, n: int) -> str:
+    """One of several ways an app's TCP connection goes, by `n`; the upstream it used."""
+    way = n % 5
+    if way == 0:  # echoed whole, closed by the app's EOF
+        assert await relayed(mesh.outbound("echo"), b"x" * (n % 700 + 1)) == b"x" * (n % 700 + 1)
+        return "echo"
+    if way == 1:  # retried past the endpoint nobody serves, maybe
+        assert await relayed(mesh.outbound("echoes"), b"hello") == b"hello"
+        return "echoes"
+    if way == 2:  # left at once (FIN or RST)
+        await left_at_once(socket.socket(), mesh.outbound("echo"), reset=n % 2 == 0)
+        return "echo"
+    if way == 3:  # bytes, then a half-close without waiting for anything
+        host, port = mesh.outbound("echo").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"half")
+        writer.write_eof()
+        with suppress(ConnectionError):
+            await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return "echo"
+    host, port = mesh.outbound("nowhere").rsplit(":", 1)  # reaches no endpoint
+    reader, writer = await asyncio.open_connection(host, int(port))
+    with suppress(ConnectionError):
+        await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return "nowhere"
+
+
+async def test_each_of_many_short_connections_gets_exactly_one_line_and_leaves_nothing(
+    mesh: Mesh,
+) -> None:
+    """300 short TCP connections, 20 at a time, in every way an app ends one (echoed, retried,
+    left at once by FIN or RST, half-closed, reaching no endpoint): exactly one line each,
+    and the agent's open connections and descriptors back where they were."""
+    frontend = mesh.frontend
+    frontend.lines()
+    pid = frontend.agent.process.pid
+    fds_before = open_fds(pid)
+    active_before = frontend.agent.sample("outrider_connections_active", direction="outbound")
+    count, at_once = 300, 20
+    used: dict[str, int] = {}
+    for start in range(0, count, at_once):
+        names = await asyncio.wait_for(
+            asyncio.gather(*(_short_connection(mesh, n) for n in range(start, start + at_once))),
+            30,
+        )
+        for name in names:
+            used[name] = used.get(name, 0) + 1
+    lines: list[dict[str, Any]] = []
+
+    def all_logged() -> bool:
+        lines.extend(line for line in frontend.lines() if line["upstream"] in used)
+        return len(lines) >= count
+
+    assert await eventually(all_logged, 15), (len(lines), used)
+    await asyncio.sleep(0.2)  # (a line more than one per connection would show now)
+    lines.extend(line for line in frontend.lines() if line["upstream"] in used)
+    assert {name: len(outbound_lines(lines, name)) for name in used} == used
+    for line in lines:  # an app gone before its dial was done (or began) reached no peer
+        peer = mesh.peers[line["endpoint"]] if line["endpoint"] is not None else None
+        assert line["peer_id"] == (peer if line["bytes_in"] else line["peer_id"]), line
+        assert line["peer_id"] in (None, peer), line
+    nowhere = outbound_lines(lines, "nowhere")
+    assert {line["error"] for line in nowhere} == {"upstream_connect_failure"}
+    assert await eventually(
+        lambda: (
+            frontend.agent.sample("outrider_connections_active", direction="outbound")
+            <= active_before
+        ),
+        10,
+    )
+    assert await eventually(lambda: open_fds(pid) <= fds_before, 10), (open_fds(pid), fds_before)
+    assert not any("Traceback" in line for line in frontend.agent.log)
