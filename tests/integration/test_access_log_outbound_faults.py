@@ -379,3 +379,52 @@ async def test_each_of_many_short_connections_gets_exactly_one_line_and_leaves_n
     )
     assert await eventually(lambda: open_fds(pid) <= fds_before, 10), (open_fds(pid), fds_before)
     assert not any("Traceback" in line for line in frontend.agent.log)
+
+
+async def test_connections_closed_by_the_idle_timeout_and_by_a_drain_each_get_their_line(
+    mesh: Mesh, setup: CaSetup, ca: CaProcess
+) -> None:
+    """An idle TCP connection the agent aborts, and two still open when it is told to stop
+    (SIGTERM: drained, then aborted at the drain timeout): each has its line, with its bytes,
+    on the agent's stdout before it exits."""
+    echo = mesh.endpoints[BACKEND]["tcp"]
+    outbound = [
+        {
+            "name": "echo",
+            "listen": "127.0.0.1:0",
+            "protocol": "tcp",
+            "endpoints": [echo],
+            "server_ids": [BACKEND],
+        }
+    ]
+    raw = served_agent_yaml(
+        setup,
+        ca,
+        "frontend",
+        outbound=outbound,
+        access_log={"mode": "all"},
+        limits={"idle_timeout": "1s", "drain_timeout": "1s"},
+    )
+    with logged_agent(setup.root, "frontend", raw) as frontend:
+        listen = frontend.agent.bound["outbound[echo]"]
+        opened = []
+        for n in range(3):
+            reader, writer = await asyncio.open_connection(*listen.rsplit(":", 1))
+            writer.write(b"%d" % n * (n + 1))
+            assert await asyncio.wait_for(reader.readexactly(n + 1), 5) == b"%d" % n * (n + 1)
+            opened.append(writer)
+        # The idle timeout (1-2 s) closes all three: keep two busy meanwhile.
+        for _ in range(10):
+            for writer in opened[1:]:
+                writer.write(b"k")
+            await asyncio.sleep(0.15)
+        (idle,) = outbound_lines(
+            await frontend.arrived(lambda line: line["bytes_in"] == 1, 5), "echo"
+        )
+        assert idle["peer_id"] == BACKEND and idle["bytes_out"] == 1
+        assert frontend.agent.stop() == 0
+        lines = outbound_lines(frontend.lines(), "echo")
+        assert sorted(line["bytes_in"] for line in lines) == [2 + 10, 3 + 10], lines
+        assert all(line["peer_id"] == BACKEND for line in lines)
+        for writer in opened:
+            writer.close()
