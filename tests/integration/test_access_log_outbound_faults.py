@@ -11,6 +11,7 @@ reads from its lines which peer each request reached, over which TLS, after any 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, ExitStack, suppress
@@ -428,3 +429,68 @@ async def test_connections_closed_by_the_idle_timeout_and_by_a_drain_each_get_th
         assert all(line["peer_id"] == BACKEND for line in lines)
         for writer in opened:
             writer.close()
+
+
+SECRET = "s3cret-value"
+
+
+async def _plain_request(address: str, raw: bytes) -> bytes:
+    """`raw` sent on an app's plain connection to an HTTP outbound; what came back (once
+    the response's head arrived, or the agent closed)."""
+    reader, writer = await asyncio.open_connection(*address.rsplit(":", 1))
+    try:
+        writer.write(raw)
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_outbound_lines_hold_no_secret_and_stay_bounded_whatever_the_app_sends(
+    mesh: Mesh,
+) -> None:
+    """What an app chooses (an absolute-form target with userinfo, a query and path
+    parameters with secrets, headers, a 6,000-byte path, an h2 path and method of any
+    size) never puts a secret in an outbound line, nor one longer than a few KB."""
+    frontend = mesh.frontend
+    frontend.lines()
+    long_path = "/" + "%ff" * 2000
+    targets = [
+        f"http://user:{SECRET}@backend/p;jsessionid={SECRET}?token={SECRET}",
+        f"/cart;jsessionid={SECRET}/x?code={SECRET}&a=1",
+        long_path,
+    ]
+    for target in targets:
+        raw = (
+            f"GET {target} HTTP/1.1\r\nHost: {SECRET}.example\r\n"
+            f"Authorization: Bearer {SECRET}\r\nCookie: sid={SECRET}\r\n"
+            f"x-request-id: {SECRET}/not-a-token\r\nConnection: close\r\n\r\n"
+        ).encode()
+        answered = await _plain_request(mesh.outbound("web"), raw)
+        # (an absolute-form target with userinfo may be refused: 400, said why)
+        assert answered.startswith((b"HTTP/1.1 200", b"HTTP/1.1 400")), (target, answered)
+    host, port = mesh.outbound("greeters").rsplit(":", 1)
+    connection = await h2client.connect(host, int(port))
+    try:
+        head = grpc_head(f"/x/y;session={SECRET}?" + "q" * 9000, authorization=SECRET)
+        head[0] = (b":method", b"M" * 3000)
+        await exchange(connection, head)
+    finally:
+        connection.close()
+    lines: list[dict[str, Any]] = []
+
+    def all_logged() -> bool:
+        lines.extend(frontend.lines())
+        return len(outbound_lines(lines, "web")) >= 2 and bool(outbound_lines(lines, "greeters"))
+
+    assert await eventually(all_logged, 10), lines
+    await asyncio.sleep(0.1)  # (the lines of every request are out by now)
+    lines.extend(frontend.lines())
+    for line in lines:
+        text = json.dumps(line, separators=(",", ":"))
+        assert SECRET not in text, text
+        assert len(text) < 16_000, len(text)
+        assert line["request_id"] != f"{SECRET}/not-a-token"
+    (greeter,) = outbound_lines(lines, "greeters")
+    assert len(greeter["method"]) <= 32 and "?" not in greeter["path"]
