@@ -25,7 +25,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 
 from prometheus_client import Counter, Gauge
 
-from agent.adapters.attempts import Droppable, LocalAnswer, Try, attempts
+from agent.adapters.attempts import Droppable, LocalAnswer, Try, attempts, overflow
 from agent.adapters.h2gate import H2Gate, advise_peer
 from agent.adapters.h2server import H2Server
 from agent.adapters.http import HttpExchange, xfcc
@@ -980,8 +980,12 @@ class OutboundPath:
             return gate
         breaker = live.breaker  # one upstream connection per app connection
         if not breaker.acquire("max_connections"):
-            live.counted.overflow("max_connections")
+            _, error = overflow(live, "max_connections")
             self.runtime.connection_refused(OUTBOUND, "max_connections")
+            observer = self.runtime.observer
+            if observer is not None and observer.every:  # its line, as a refused request's
+                watch = observer.watch("tcp", OUTBOUND, None, None, live.name)
+                watch.finish(watch.begin(), None, error)
             return _OverLimit()
         load = live.core.load  # connections open per endpoint, for least_request (reloads keep it)
         linked: list[Endpoint] = []  # the endpoint this connection is relayed to, once linked

@@ -30,7 +30,7 @@ from tests.floods import left_at_once, open_fds
 from tests.h2backend import Answer, exchange, grpc_error, grpc_head, h2_backend
 from tests.h2backend import Request as H2Request
 from tests.integration.test_access_log_and_tracing import http_server
-from tests.integration.test_access_log_outbound import outbound_lines, relayed
+from tests.integration.test_access_log_outbound import echoed, outbound_lines, relayed
 from tests.mesh import Logged, echo_server, eventually, logged_agent, served_agent_yaml, workload
 from tests.support import CaProcess, CaSetup, free_port
 
@@ -153,6 +153,12 @@ async def mesh(setup: CaSetup, ca: CaProcess) -> AsyncIterator[Mesh]:
                 ),
                 upstream("h2nowhere", "grpc", dead),
                 upstream("nowhere", "tcp", dead),
+                upstream(
+                    "capped",
+                    "tcp",
+                    addresses["backend"]["tcp"],
+                    circuit_breaker={"max_connections": 1},
+                ),
             ]
             raw = served_agent_yaml(
                 setup, ca, "frontend", outbound=upstreams, access_log={"mode": "all"}
@@ -398,15 +404,15 @@ async def test_connections_closed_by_the_idle_timeout_and_by_a_drain_each_get_th
             "server_ids": [BACKEND],
         }
     ]
-    raw = served_agent_yaml(
+    raw = served_agent_yaml(  # (a name of its own: an agent reloads its file when it changes)
         setup,
         ca,
-        "frontend",
+        "stopping",
         outbound=outbound,
         access_log={"mode": "all"},
         limits={"idle_timeout": "1s", "drain_timeout": "1s"},
     )
-    with logged_agent(setup.root, "frontend", raw) as frontend:
+    with logged_agent(setup.root, "stopping", raw) as frontend:
         listen = frontend.agent.bound["outbound[echo]"]
         opened = []
         for n in range(3):
@@ -494,3 +500,30 @@ async def test_outbound_lines_hold_no_secret_and_stay_bounded_whatever_the_app_s
         assert line["request_id"] != f"{SECRET}/not-a-token"
     (greeter,) = outbound_lines(lines, "greeters")
     assert len(greeter["method"]) <= 32 and "?" not in greeter["path"]
+
+
+async def test_a_tcp_connection_past_the_circuit_breaker_is_logged_with_why(mesh: Mesh) -> None:
+    """The upstream's circuit breaker allows one connection: a second, refused while the
+    first is open, reached no endpoint and gets its line saying why, as an HTTP request
+    the breaker refuses does; the first gets its own when it ends."""
+    frontend = mesh.frontend
+    frontend.lines()
+    host, port = mesh.outbound("capped").rsplit(":", 1)
+    first = await asyncio.open_connection(host, int(port))
+    first[1].write(b"one")
+    assert await asyncio.wait_for(first[0].readexactly(3), 5) == b"one"
+    reader, writer = await asyncio.open_connection(host, int(port))
+    with suppress(ConnectionError):
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # refused: closed at once
+    writer.close()
+    (refused,) = outbound_lines(
+        await frontend.arrived(lambda line: line["upstream"] == "capped"), "capped"
+    )
+    assert refused["error"] == "overflow_max_connections", refused
+    assert refused["peer_id"] is refused["endpoint"] is refused["tls_version"] is None
+    assert refused["bytes_in"] == refused["bytes_out"] == 0
+    assert await echoed(first, b"two") == b"two"
+    (ended,) = outbound_lines(
+        await frontend.arrived(lambda line: line["upstream"] == "capped"), "capped"
+    )
+    assert (ended["error"], ended["peer_id"], ended["bytes_in"]) == (None, BACKEND, 6)
