@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, ExitStack, suppress
@@ -22,6 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+import yaml
 from aiohttp import web
 
 from agent.adapters import h2client
@@ -527,3 +529,46 @@ async def test_a_tcp_connection_past_the_circuit_breaker_is_logged_with_why(mesh
         await frontend.arrived(lambda line: line["upstream"] == "capped"), "capped"
     )
     assert (ended["error"], ended["peer_id"], ended["bytes_in"]) == (None, BACKEND, 6)
+
+
+async def test_a_pooled_connection_to_a_peer_a_reload_no_longer_trusts_carries_no_request(
+    mesh: Mesh, setup: CaSetup, ca: CaProcess
+) -> None:
+    """A reload takes the backend out of an upstream's server_ids (only `other` now): a
+    keep-alive app's next request must not go out on the connection pooled to the backend
+    before, as no new connection to it would be made; no line names the backend after."""
+    web = mesh.endpoints[BACKEND]["http"]
+    outbound = [
+        {
+            "name": "web",
+            "listen": "127.0.0.1:0",
+            "protocol": "http",
+            "endpoints": [web],
+            "server_ids": [BACKEND],
+        }
+    ]
+    raw = served_agent_yaml(setup, ca, "reloading", outbound=outbound, access_log={"mode": "all"})
+    with logged_agent(setup.root, "reloading", raw) as frontend:
+        url = f"http://{frontend.agent.bound['outbound[web]']}/api"
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as client:
+            async with client.get(url) as response:
+                assert response.status == 200
+            (first,) = outbound_lines(await frontend.arrived(lambda line: True), "web")
+            assert first["peer_id"] == BACKEND
+            raw["outbound"][0]["server_ids"] = [OTHER]
+            (setup.root / "reloading.yaml").write_text(yaml.safe_dump(raw))
+            frontend.agent.process.send_signal(signal.SIGHUP)
+            assert await eventually(
+                lambda: (
+                    frontend.agent.sample(
+                        "outrider_config_reloads_total", kind="agent", result="ok"
+                    )
+                    == 1
+                ),
+                10,
+            ), "".join(frontend.agent.log[-10:])
+            async with client.get(url) as response:
+                assert response.status == 503, await response.text()
+            (after,) = outbound_lines(await frontend.arrived(lambda line: True), "web")
+            assert after["peer_id"] is None and after["error"] is not None, after
