@@ -534,29 +534,34 @@ async def test_a_tcp_connection_past_the_circuit_breaker_is_logged_with_why(mesh
 async def test_a_pooled_connection_to_a_peer_a_reload_no_longer_trusts_carries_no_request(
     mesh: Mesh, setup: CaSetup, ca: CaProcess
 ) -> None:
-    """A reload takes the backend out of an upstream's server_ids (only `other` now): a
-    keep-alive app's next request must not go out on the connection pooled to the backend
-    before, as no new connection to it would be made; no line names the backend after."""
-    web = mesh.endpoints[BACKEND]["http"]
+    """A reload takes the backend out of two upstreams' server_ids (only `other` now): a
+    keep-alive app's next request (HTTP/1.1) or call (gRPC, on its open h2c connection)
+    must not go out on the connection pooled to the backend before, as no new connection
+    to it would be made; no line names the backend after."""
     outbound = [
         {
-            "name": "web",
-            "listen": "127.0.0.1:0",
-            "protocol": "http",
-            "endpoints": [web],
+            "name": name,
+            "listen": f"127.0.0.1:{free_port()}",
+            "protocol": kind,
+            "endpoints": [mesh.endpoints[BACKEND][kind]],
             "server_ids": [BACKEND],
         }
+        for name, kind in (("web", "http"), ("greeter", "grpc"))
     ]
     raw = served_agent_yaml(setup, ca, "reloading", outbound=outbound, access_log={"mode": "all"})
     with logged_agent(setup.root, "reloading", raw) as frontend:
         url = f"http://{frontend.agent.bound['outbound[web]']}/api"
+        host, port = frontend.agent.bound["outbound[greeter]"].rsplit(":", 1)
         timeout = aiohttp.ClientTimeout(total=10)
+        h2 = await h2client.connect(host, int(port))
         async with aiohttp.ClientSession(timeout=timeout) as client:
             async with client.get(url) as response:
                 assert response.status == 200
-            (first,) = outbound_lines(await frontend.arrived(lambda line: True), "web")
-            assert first["peer_id"] == BACKEND
-            raw["outbound"][0]["server_ids"] = [OTHER]
+            assert (await exchange(h2, grpc_head())).grpc_status == Code.OK
+            lines = await frontend.arrived(lambda line: line["upstream"] == "greeter")
+            assert [line["peer_id"] for line in lines] == [BACKEND, BACKEND]
+            for upstream in raw["outbound"]:
+                upstream["server_ids"] = [OTHER]
             (setup.root / "reloading.yaml").write_text(yaml.safe_dump(raw))
             frontend.agent.process.send_signal(signal.SIGHUP)
             assert await eventually(
@@ -570,5 +575,9 @@ async def test_a_pooled_connection_to_a_peer_a_reload_no_longer_trusts_carries_n
             ), "".join(frontend.agent.log[-10:])
             async with client.get(url) as response:
                 assert response.status == 503, await response.text()
-            (after,) = outbound_lines(await frontend.arrived(lambda line: True), "web")
-            assert after["peer_id"] is None and after["error"] is not None, after
+            assert (await exchange(h2, grpc_head())).grpc_status == Code.UNAVAILABLE
+            lines = await frontend.arrived(lambda line: line["upstream"] == "greeter")
+            assert len(lines) == 2
+            for after in lines:
+                assert after["peer_id"] is None and after["error"] is not None, after
+        h2.close()
