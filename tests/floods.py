@@ -9,6 +9,7 @@ open file descriptors). `python -m tests.measure_floods` runs them by hand.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import select
@@ -41,6 +42,20 @@ def peak_rss_kib(pid: int) -> int:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def left_at_once(sock: socket.socket, address: str, reset: bool = False) -> None:
+    """A connection on `sock` (a pod's, say) to `address` (host:port), closed the moment it
+    is made, before a byte: with a FIN, or (`reset`) an RST, as an app that gives up at once
+    or crashes leaves it."""
+    host, port = address.rsplit(":", 1)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        sock.close()
 
 
 def _status(pid: int, key: str) -> int:

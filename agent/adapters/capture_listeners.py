@@ -369,10 +369,9 @@ class OutboundCaptureListener(_AlsoIpv6[OutboundCapture]):
         `target`, the one endpoint it is dialled once (of `upstream`, if pinned). A
         passed-through one is plain TCP: no peer and no TLS, its line says so with nulls."""
         observer = self.runtime.observer
-        if observer is None:
-            return None
-        line = ConnectionLine(observer.watch("tcp", OUTBOUND, None, None, upstream), relay)
-        line.entry.endpoint, line.entry.tries = str(target), 1
+        line = None if observer is None else observer.connection(relay, OUTBOUND, upstream=upstream)
+        if line is not None:
+            line.entry.endpoint, line.entry.tries = str(target), 1
         return line
 
     async def _pinned(

@@ -25,7 +25,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 
 from prometheus_client import Counter, Gauge
 
-from agent.adapters.attempts import Droppable, LocalAnswer, Try, attempts
+from agent.adapters.attempts import Droppable, LocalAnswer, Try, attempts, overflow
 from agent.adapters.h2gate import H2Gate, advise_peer
 from agent.adapters.h2server import H2Server
 from agent.adapters.http import HttpExchange, xfcc
@@ -552,10 +552,11 @@ class InboundMtls(Listener[InboundT]):
             self.runtime.established(INBOUND, None)
         observer = self.runtime.observer
         if not http:
-            if observer is None:
+            line = None if observer is None else self._tcp_line(relay, peer, decision)
+            if line is None:
                 relay.link()
             else:
-                self._tcp_logged(relay, peer, decision)
+                line.link(relay)
             return
         answered = self.runtime.series(INBOUND, peer).answered  # requests_total, bound once
 
@@ -597,18 +598,19 @@ class InboundMtls(Listener[InboundT]):
         relay.link(exchange.from_client, exchange.from_app)
         relay.drained_by(exchange.finish)
 
-    def _tcp_logged(self, relay: Relay, peer: SpiffeId | None, decision: Decision | None) -> None:
-        """Link an access-logged TCP connection: its bytes counted, its line when it closes."""
+    def _tcp_line(
+        self, relay: Relay, peer: SpiffeId | None, decision: Decision | None
+    ) -> ConnectionLine | None:
+        """An allowed TCP connection's access log line, its decision in it, written when it
+        closes (its bytes counted once linked); None if no line of it could be written."""
         observer = self.runtime.observer
         down = relay.down.transport
         assert observer is not None and down is not None
-        watch = observer.watch(
-            "tcp", INBOUND, str(peer) if peer else None, down.get_extra_info("ssl_object")
-        )
-        line = ConnectionLine(watch, relay)
-        if decision is not None:
-            watch.decided(line.entry, decision)
-        line.link(relay)
+        peer_id = str(peer) if peer else None
+        line = observer.connection(relay, INBOUND, peer_id, down.get_extra_info("ssl_object"))
+        if line is not None and decision is not None:
+            line.watch.decided(line.entry, decision)
+        return line
 
     def _tcp_denied(self, relay: Relay, peer: SpiffeId | None, decision: Decision) -> None:
         """The access log line of a TCP connection the policy refused."""
@@ -978,8 +980,12 @@ class OutboundPath:
             return gate
         breaker = live.breaker  # one upstream connection per app connection
         if not breaker.acquire("max_connections"):
-            live.counted.overflow("max_connections")
+            _, error = overflow(live, "max_connections")
             self.runtime.connection_refused(OUTBOUND, "max_connections")
+            observer = self.runtime.observer
+            if observer is not None and observer.every:  # its line, as a refused request's
+                watch = observer.watch("tcp", OUTBOUND, None, None, live.name)
+                watch.finish(watch.begin(), None, error)
             return _OverLimit()
         load = live.core.load  # connections open per endpoint, for least_request (reloads keep it)
         linked: list[Endpoint] = []  # the endpoint this connection is relayed to, once linked
@@ -996,8 +1002,14 @@ class OutboundPath:
 
         def made() -> None:
             # The app's first bytes are read while the upstream is dialled, and kept
-            # (up to relay.EARLY): they go out as soon as it is linked.
-            task = asyncio.get_running_loop().create_task(self._connect(relay, live, linked))
+            # (up to relay.EARLY): they go out as soon as it is linked. Its access log
+            # line runs from now (the app's connection) to the relay's close: begun here,
+            # before the app can leave, so that even an app that leaves at once gets one.
+            observer = self.runtime.observer
+            line = None
+            if observer is not None:
+                line = observer.connection(relay, OUTBOUND, upstream=live.name)
+            task = asyncio.get_running_loop().create_task(self._connect(relay, live, linked, line))
             self.connections.setting_up(task)
 
         relay.down.made = made
@@ -1007,25 +1019,27 @@ class OutboundPath:
         """`server`, once the app's first bytes are h2c; an HTTP/1.x app is told what to do."""
         return h2_gate(self.runtime, self.connections, OUTBOUND, server, protocol, where)
 
-    async def _connect(self, relay: Relay, live: LiveUpstream, linked: list[Endpoint]) -> None:
+    async def _connect(
+        self,
+        relay: Relay,
+        live: LiveUpstream,
+        linked: list[Endpoint],
+        line: ConnectionLine | None,
+    ) -> None:
         """Dial an endpoint for a TCP connection from the app, then relay; retried elsewhere
         (agent/adapters/attempts.py) on connect failures only: nothing was sent yet.
 
-        Once relayed, the connection counts as load on its endpoint (in `linked`) until it closes.
+        Once relayed, the connection counts as load on its endpoint (in `linked`) until it
+        closes. `line`: its access log line (when logged), told where it went.
         """
-        assert relay.down.transport is not None
-        peer = relay.down.transport.get_extra_info("peername")
+        if relay.closed:  # the app left before its upstream was even chosen
+            return
+        transport = relay.down.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
         key = str(peer[0]).encode() if peer and live.config.hash_on else None
-        observer = self.runtime.observer
-        # Its access log line: from now (the app's connection) to the relay's close.
-        line = None
-        if observer is not None:
-            line = ConnectionLine(observer.watch("tcp", OUTBOUND, None, None, live.name), relay)
         budget = live.budget
         budget.request_started()
         try:
-            if relay.closed:  # the app left before its upstream was even chosen
-                return
             linked_try = await attempts(
                 live, partial(self._dial, relay, line), self.rng, method=None, key=key
             )

@@ -193,7 +193,7 @@ class OutboundH2:
             async with asyncio.timeout(deadline):
                 attempt = await attempts(
                     live,
-                    partial(self._try, request, body),
+                    partial(self._try, request, body, call.entry),
                     self.rng,
                     method=request.method,
                     grpc=call.grpc,
@@ -214,8 +214,6 @@ class OutboundH2:
                 call.entry.bytes_in = body.size  # what the app sent (read, at least)
             if attempt is not None:  # if the response did not end it: dropped mid-exchange
                 attempt.end(call.status, call.outcome())
-                if call.entry is not None:
-                    call.entry.endpoint, call.entry.tries = str(attempt.endpoint), attempt.number
 
     def _key(self, stream: H2Stream) -> bytes | None:
         hash_on = self.live.config.hash_on
@@ -228,12 +226,24 @@ class OutboundH2:
         return _key(hash_on, stream.headers, source)
 
     async def _try(
-        self, request: _Request, body: _Body, attempt: Try[_Upstream, h2client.Response]
+        self,
+        request: _Request,
+        body: _Body,
+        entry: Entry | None,
+        attempt: Try[_Upstream, h2client.Response],
     ) -> Outcome | None:
         """One try: a stream on a connection to its endpoint, the request sent as the app
         sends it, until the response head (or the stream's failure) decides it. A stream
         its pooled connection's end failed (GOAWAY, or a loss with nothing heard) is stale:
-        redialled (agent/core/tries.py)."""
+        redialled (agent/core/tries.py).
+
+        Its line (`entry`, when logged) names each try as it starts, so that it ends naming
+        the last, delivered or not (as an HTTP/1.1 request's does): its endpoint, its
+        number, and the peer and TLS of the connection its stream went out on (none if it
+        got none)."""
+        if entry is not None:
+            entry.endpoint, entry.tries = str(attempt.endpoint), attempt.number
+            entry.over(None)
         had = await self._connection(attempt.endpoint, fresh=attempt.fresh)
         if had is None:
             return "connect-failure"
@@ -243,6 +253,8 @@ class OutboundH2:
         except NoRoom:  # it went away between the pool's answer and now: nothing was sent
             attempt.decide("refused-stream", stale=reused)
             return None
+        if entry is not None:
+            entry.over(connection.tls)
         attempt.sent()
         upstream = attempt.connection = _Upstream(up)
         if not up.local_closed:
@@ -341,8 +353,6 @@ class OutboundH2:
         head, upstream = attempt.parser, attempt.connection
         assert head is not None and upstream is not None
         up = upstream.stream
-        if call.entry is not None:  # the peer and TLS of the connection it was delivered on
-            call.entry.over(up.connection.tls)
         headers = _outward(head.headers)
         call.status = head.status
         call.heard(headers)

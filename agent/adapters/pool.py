@@ -43,6 +43,7 @@ class UpstreamConnection(asyncio.Protocol):
         "closed",
         "context",
         "endpoint",
+        "epoch",
         "heard",
         "idle_since",
         "on_lost",
@@ -60,6 +61,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.endpoint = endpoint
         self.context = context  # the one it was made with: stale after a rotation
+        self.epoch = pool.epoch  # the pool's when it was made: stale once the pool retires it
         self.on_lost = on_lost  # gives back its slot under the circuit breaker
         self.transport: asyncio.Transport | None = None
         self.user: User | None = None
@@ -134,6 +136,8 @@ class Pool:
         self.idle: dict[Endpoint, list[UpstreamConnection]] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self.closed = False
+        # Bumped by `retire_all`: a connection made before carries no further request.
+        self.epoch = 0
         # The loop of the first `put`, for its clock: a pool serves one loop, and each
         # get_running_loop() is a getpid() system call on Python 3.11.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -161,7 +165,7 @@ class Pool:
         """`connection` finished a request cleanly and may carry the next."""
         connection.user = None
         transport = connection.transport
-        if self.closed:
+        if self.closed or connection.epoch != self.epoch:
             connection.close()
             return
         if connection.closed or transport is None or transport.is_closing():
@@ -190,6 +194,13 @@ class Pool:
                 self.idle[endpoint] = [c for c in idle if c.context is context]
                 for connection in stale:
                     connection.close()
+
+    def retire_all(self) -> None:
+        """No connection made so far carries another request: the idle ones close now, those
+        in use once their request ends (a reload changed the server IDs the upstream trusts:
+        each was verified against the old ones, and a dial verifies against the new)."""
+        self.epoch += 1
+        self.drop(list(self.idle))
 
     def forget(self, connection: UpstreamConnection) -> None:
         """An idle connection closed on its own."""

@@ -190,6 +190,11 @@ class Observer:
         self.rng = rng or random.Random()  # noqa: S311 (trace ids and sampling, not secrets)
         self.wall = wall
         self.logging = access.on
+        # Lines for what no policy denied (`mode: all`): an outbound request or connection,
+        # an allowed one. Else an L4 connection's line could never be written (nor has it
+        # a span), and an outbound connection's peer is named only on spans.
+        self.every = access.mode == "all"
+        self.names_peers = self.every or bool(tracing.otlp_endpoint)
         self.lines: list[str] = []
         self.waiting = 0  # the bytes of `lines`
         self.timer: asyncio.TimerHandle | None = None
@@ -219,11 +224,29 @@ class Observer:
         version, cipher = (None, None) if ssl_object is None else _agreed(ssl_object)
         return Watch(self, kind, direction, peer_id, version, cipher, upstream)
 
-    def tls(self, peer: SpiffeId, ssl_object: ssl.SSLObject | ssl.SSLSocket) -> Tls:
+    def tls(self, peer: SpiffeId, ssl_object: ssl.SSLObject | ssl.SSLSocket) -> Tls | None:
         """An outbound connection's verified `peer` and its TLS, as its lines give them:
         made once, when it is dialled (agent/adapters/upstreams.py), for every request
-        it carries (`Entry.over`)."""
+        it carries (`Entry.over`); None when no line or span of it would name them."""
+        if not self.names_peers:
+            return None
         return Tls(str(peer), *_agreed(ssl_object))
+
+    def connection(
+        self,
+        relay: Relay,
+        direction: str,
+        peer_id: str | None = None,
+        ssl_object: ssl.SSLObject | ssl.SSLSocket | None = None,
+        upstream: str | None = None,
+    ) -> ConnectionLine | None:
+        """An allowed (or outbound) L4 connection's line, begun now, written when `relay`
+        closes; None when it could never be written (`mode: denied`, or tracing alone: a
+        TCP connection has no span): then nothing is begun, counted or held for it, and
+        its bytes go straight across (`Relay.link`), as with both off."""
+        if not self.every:
+            return None
+        return ConnectionLine(self.watch("tcp", direction, peer_id, ssl_object, upstream), relay)
 
     def begin(self, kind: Kind, direction: str, peer_id: str | None) -> Entry:
         return Entry(kind, direction, self.wall(), clock(), peer_id, self.local_id)
@@ -424,18 +447,27 @@ class ConnectionLine:
     """One L4 connection's line, inbound or outbound, captured or not, in one way: begun
     with the connection, its bytes counted each way once it is linked, written once when
     its relay closes, linked or not (one refused or never connected gets its line too,
-    with the `error` set before the close)."""
+    with the `error` set before the close). A relay closed already (the client left before
+    its line was begun) has its line written at once: every connection gets its one."""
 
     __slots__ = ("entry", "watch")
 
     def __init__(self, watch: Watch, relay: Relay) -> None:
         self.watch = watch
         self.entry = watch.begin()
-        relay.ended = partial(watch.finish, self.entry, None)
+        ended = partial(watch.finish, self.entry, None)
+        if relay.closed:
+            ended()
+        else:
+            relay.ended = ended
 
     def link(self, relay: Relay) -> None:
         """Link `relay` through sinks that count the client's (inbound: the peer's;
-        outbound: the app's) bytes in `bytes_in` and the other side's in `bytes_out`."""
+        outbound: the app's) bytes in `bytes_in` and the other side's in `bytes_out`;
+        unless its client left while its other side was dialled (`Relay.dialled`: that
+        side is closed, the line was written at the relay's close)."""
+        if not relay.dialled():
+            return
         down, up = relay.down.transport, relay.up.transport
         assert down is not None and up is not None
         entry, to_upstream, to_client = self.entry, up.write, down.write

@@ -146,6 +146,11 @@ class LiveUpstream:
         self.core = core
         self.pool.drop(gone)
         self.h2pool.drop(gone)
+        if config.server_ids != old.server_ids:
+            # Its pooled connections were verified against the IDs it trusted before: none
+            # carries a new request (in-flight ones finish), as none would be dialled now.
+            self.pool.retire_all()
+            self.h2pool.drop(list(self.h2pool.connections))
         self.pool.set_idle_timeout(config.pool_idle_timeout)
         self.h2pool.set_idle_timeout(config.pool_idle_timeout)
         if self._running:

@@ -26,6 +26,7 @@ import pytest
 import pytest_asyncio
 
 from identity.injected import AGENT_UID
+from tests.floods import left_at_once, open_fds
 from tests.integration.test_access_log_outbound import TLS_FIELDS, echoed, outbound_lines
 from tests.integration.test_capture_listeners import (
     SERVICE,
@@ -35,7 +36,7 @@ from tests.integration.test_capture_listeners import (
     captured_config,
     exchange,
 )
-from tests.mesh import Logged, echo, logged_agent, workload
+from tests.mesh import Logged, echo, eventually, logged_agent, workload
 from tests.netns import Pod, PodNetwork, pod_network
 from tests.support import ca_process, free_port, make_ca_setup
 
@@ -181,3 +182,31 @@ async def test_a_passed_through_connection_says_it_is_plaintext_and_where_it_wen
         None,
         0,
     )
+
+
+async def test_apps_that_leave_during_the_dial_each_get_a_line_and_leave_nothing_open(
+    pods: Pods,
+) -> None:
+    """Captured connections to the mesh pod (pinned mTLS) and outside it (plain) that the
+    app closes at once, while the agent dials: one line each, and the agent keeps no
+    upstream connection (nor its descriptor) of any."""
+    client = pods.agents["client"]
+    client.lines()
+    pid = client.agent.process.pid
+    before = open_fds(pid)
+    targets = [f"{pods.server.ip}:9090", pods.outside]
+    count = 10
+    for n in range(count):
+        await left_at_once(pods.client.socket(), targets[n % 2], reset=n % 4 >= 2)
+    lines: list[dict[str, Any]] = []
+
+    def all_logged() -> bool:
+        lines.extend(line for line in client.lines() if line["endpoint"] in targets)
+        return len(lines) >= count
+
+    assert await eventually(all_logged, 10), lines
+    assert sorted(line["endpoint"] for line in lines) == sorted(
+        targets[n % 2] for n in range(count)
+    )
+    assert await eventually(lambda: open_fds(pid) <= before, 10), (open_fds(pid), before)
+    assert not any("Traceback" in line for line in client.agent.log)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.adapters import tracing
+from agent.adapters.relay import Relay
 from agent.adapters.tracing import LineWriter, Observer, write_lines
 from agent.core.accesslog import (
     FIELDS,
@@ -305,3 +306,33 @@ def test_writers_sharing_one_pipe_never_interleave_inside_a_line() -> None:
     os.close(read_fd)
     records = [json.loads(text) for text in b"".join(received).splitlines()]
     assert len(records) == 3 * 40 * 30
+
+
+@pytest.mark.parametrize(
+    ("mode", "otlp", "lined"),
+    [("all", "", True), ("denied", "", False), ("off", "127.0.0.1:9", False)],
+)
+def test_a_connection_line_is_begun_only_where_one_can_be_written(
+    mode: str, otlp: str, lined: bool
+) -> None:
+    """`mode: denied` writes no line for an outbound or allowed connection, and a TCP
+    connection has no span: then nothing is begun, counted or held for it (its relay's
+    bytes go straight across, as with both off), nor is a dialled connection's peer read."""
+    written: list[str] = []
+    observer = Observer(
+        AccessLogConfig(mode),  # type: ignore[arg-type]
+        TracingConfig(otlp),
+        "me",
+        write=written.append,
+    )
+    try:
+        relay = Relay(60.0, lambda _: None)
+        line = observer.connection(relay, "outbound", upstream="backend")
+        assert (line is not None) is lined
+        assert (relay.ended is not None) is lined
+        relay.close()
+        observer.flush()
+        assert len(written) == lined
+        assert (observer.names_peers) is (mode == "all" or bool(otlp))
+    finally:
+        observer.close()

@@ -76,3 +76,21 @@ async def test_bytes_on_an_idle_connection_end_it_and_say_nothing_of_staleness()
     assert connection.transport is not None and connection.transport.is_closing()
     assert pool.take(ENDPOINT, context) is None
     pool.close()
+
+
+async def test_a_retired_pool_takes_back_no_connection_made_before_idle_or_in_use() -> None:
+    """After `retire_all` (a reload changed whom the upstream trusts) neither an idle
+    connection nor one whose request was in flight carries another request; one made
+    after goes back to the pool as usual."""
+    pool, context = Pool(idle_timeout=60), ssl.create_default_context()
+    idle, busy = _connection(pool, context), _connection(pool, context)
+    pool.put(idle)
+    busy.user = User()
+    pool.retire_all()
+    assert idle.transport is not None and idle.transport.is_closing()
+    pool.put(busy)  # its request ended
+    assert busy.transport is not None and busy.transport.is_closing()
+    assert pool.take(ENDPOINT, context) is None
+    fresh = _connection(pool, context)
+    pool.put(fresh)
+    assert pool.take(ENDPOINT, context) is fresh
