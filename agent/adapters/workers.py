@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from prometheus_client.metrics_core import Metric
@@ -156,7 +157,32 @@ def send(writer: asyncio.StreamWriter, payload: bytes) -> None:
 
 
 def to_worker(message: tuple[Any, ...]) -> bytes:
-    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(message)
+    return buffer.getvalue()
+
+
+class _Pickler(pickle.Pickler):
+    """Frozen dataclasses travel as the arguments of their constructor, which rebuilds them.
+
+    Pickle's default sets an object's fields one by one after creating it; a class
+    compiled by mypyc (the agent's per-request modules: Policy, Rule, HealthSettings,
+    RetryPolicy ...) does that through its own `__setattr__`, which a frozen dataclass
+    refuses, so a worker could not take the settings. Built by the constructor, they
+    are checked again by it, and caches (fields outside `__init__`) start empty.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        cls = type(obj)
+        params = getattr(cls, "__dataclass_params__", None)
+        if params is None or not params.frozen or isinstance(obj, type):
+            return NotImplemented
+        values = {f.name: getattr(obj, f.name) for f in fields(obj) if f.init}
+        return _construct, (cls, values)
+
+
+def _construct(cls: type[Any], values: dict[str, Any]) -> Any:
+    return cls(**values)
 
 
 def from_main(frame: bytes) -> tuple[Any, ...]:
