@@ -7,9 +7,10 @@ exec and never named in the filesystem: the SVID's key, chain and bundle travel 
 it in memory, never on disk. Messages are length-prefixed frames. What the main process
 sends (the settings: a checked config and its policies; the SVID) is pickled: both ends
 are this program, under one UID, on a socketpair nobody else holds, and a config's
-checked dataclasses then arrive as they were checked. What a worker sends (its answers
-and its metrics) is JSON: the main process keeps the identity and the CA channel, and a
-worker, which faces the network, can tell it no more than data.
+checked dataclasses then arrive as they were checked (frozen ones rebuilt by their own
+constructors, as a build compiled by mypyc needs: `_Pickler`). What a worker sends (its
+answers and its metrics) is JSON: the main process keeps the identity and the CA channel,
+and a worker, which faces the network, can tell it no more than data.
 
 Metrics: the main process asks every worker for its registry's samples at each scrape
 and merges them with its own (`merge`), rather than prometheus_client's multiprocess
