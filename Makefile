@@ -4,22 +4,42 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench proto lock audit-screenshot clean
+.PHONY: demo test lint bench proto lock audit-screenshot clean compiled pure
 
 # The dev dependencies as locked (requirements/dev.txt: every version pinned, every
-# file hashed), then the project itself, editable, without resolving anything more.
+# file hashed), then the project itself, editable, without resolving anything more
+# (and built with them: setup.py needs the locked mypy).
 $(STAMP): pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --require-hashes -r requirements/dev.txt
-	$(BIN)/pip install --quiet --no-deps -e .
+	OUTRIDER_PURE=1 $(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-demo: $(STAMP)
+# The agent's hot path, compiled by mypyc in place (setup.py; the list is pyproject's
+# `[tool.outrider] compiled`): each extension imports instead of its .py file. Built
+# again when any agent or identity module changes, since mypyc compiles against their
+# types; tests/conftest.py stops a run whose extensions are older than their sources.
+# `make pure` removes them: everything then runs as Python.
+COMPILED := $(VENV)/.compiled
+SOURCES  := $(shell find agent identity -name '*.py' -not -path '*/proto/*')
+
+$(COMPILED): $(STAMP) setup.py pyproject.toml $(SOURCES)
+	@echo "compiling the agent's hot path with mypyc (about a minute)"
+	$(BIN)/python setup.py --quiet build_ext --inplace --parallel 2
+	touch $@
+
+compiled: $(COMPILED)
+
+pure:
+	rm -f $(COMPILED)
+	find agent -name '*.so' -delete
+
+demo: $(COMPILED)
 	$(BIN)/outrider demo
 
 # Two test processes (pytest-xdist): the suite is mostly real processes waiting on
 # the clock, so two workers fit in 2 cores and overlap the waits.
-test: lint
+test: lint $(COMPILED)
 	$(BIN)/pytest -q -n 2
 
 lint: $(STAMP)
@@ -32,8 +52,8 @@ lint: $(STAMP)
 # matplotlib and py-spy from the bench extra. QUICK=1 finishes in under 3 minutes.
 BENCH_STAMP := $(VENV)/.bench
 
-$(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[bench]'
+$(BENCH_STAMP): $(COMPILED)
+	OUTRIDER_PURE=1 $(BIN)/pip install --quiet --no-build-isolation -e '.[bench]'
 	touch $@
 
 bench: $(BENCH_STAMP)
@@ -59,7 +79,7 @@ lock: $(STAMP)
 	$(LOCK) --extra dev -o requirements/dev.txt pyproject.toml
 	$(LOCK) --extra all -c requirements/dev.txt -o requirements/all.txt pyproject.toml
 	$(LOCK) --extra agent -c requirements/dev.txt -o requirements/agent.txt pyproject.toml
-	$(LOCK) --only-build-deps --all-build-deps -c requirements/dev.txt \
+	OUTRIDER_PURE=1 $(LOCK) --only-build-deps --all-build-deps -c requirements/dev.txt \
 		-o requirements/build.txt pyproject.toml
 	$(BIN)/python -c 'import pathlib, re; [p.write_text(re.sub(r"\n*# The following packages are considered to be unsafe.*", "\n", p.read_text(), flags=re.S)) for p in pathlib.Path("requirements").glob("*.txt")]'
 
@@ -69,5 +89,5 @@ audit-screenshot: $(STAMP)
 	OUTRIDER_AUDIT_SCREENSHOT=docs/audit.png $(BIN)/pytest -q -p no:xdist \
 		tests/e2e/test_audit_questions.py -k chromium
 
-clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+clean: pure
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build

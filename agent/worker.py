@@ -31,7 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.adapters import memory
+from agent.adapters import logs, memory
 from agent.adapters.workers import families, from_main, receive, send, to_main
 from agent.app import Agent, Settings
 from agent.config import AgentConfig, PolicyConfig
@@ -165,6 +165,7 @@ def main(argv: list[str]) -> None:
         format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s",
         stream=sys.stderr,
     )
+    logs.off_the_loop()
     # The main process forwards what concerns the workers: a terminal's Ctrl-C reaches
     # the whole process group, and a SIGHUP is the main's to reload.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

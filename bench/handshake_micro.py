@@ -242,7 +242,7 @@ async def loopback(
         transport.write(b"x")
         return transport
 
-    async def dial_bare() -> tuple[asyncio.Transport, _FirstByte]:
+    async def dial_bare() -> tuple[asyncio.Transport, _FirstByte, None]:
         context = client_rt.contexts.client_for("tcp")
         assert context is not None
         with dialling(context, endpoint, {SERVER}):
@@ -250,11 +250,11 @@ async def loopback(
                 _FirstByte, "127.0.0.1", port, ssl=context, server_hostname=""
             )
         kept(transport.get_extra_info("ssl_object"), SERVER)
-        return transport, client
+        return transport, client, None
 
     async def one() -> None:
         serving = loop.create_task(serve_bare() if bare else serve())
-        transport, client = await (dial_bare() if bare else live.dial(endpoint, _FirstByte))
+        transport, client, _ = await (dial_bare() if bare else live.dial(endpoint, _FirstByte))
         relay = await serving
         await client.got
         transport.abort()

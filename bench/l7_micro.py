@@ -46,7 +46,7 @@ from agent.adapters.tracing import LineWriter, Observer, write_lines
 from agent.adapters.upstreams import LiveUpstream
 from agent.config import Limits
 from agent.config_outbound import Outbound, Subset
-from agent.core.accesslog import AccessLogConfig
+from agent.core.accesslog import AccessLogConfig, Tls
 from agent.core.discovery import StaticSource
 from agent.core.policy import Decision
 from agent.core.tracecontext import TracingConfig
@@ -126,6 +126,8 @@ async def _upstream(
     live = LiveUpstream(config, runtime, random.Random(1))
     live.start()  # its static source publishes the endpoint at the next loop iteration
     connection = UpstreamConnection(live.pool, ENDPOINT, contexts.client, lambda: None)
+    if observer is not None:  # its peer and TLS, as the dial reads them: on each line
+        connection.tls = Tls(str(SERVER), "TLSv1.3", "TLS_AES_256_GCM_SHA384")
     transport = _Transport(b"GET /api/items HTTP/1.1")
     connection.connection_made(transport)  # type: ignore[arg-type]
     live.pool.put(connection)

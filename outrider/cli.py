@@ -218,6 +218,7 @@ def _ca_serve(args: argparse.Namespace) -> None:
 def _agent_run(args: argparse.Namespace) -> None:
     from agent import app as agent_app
     from agent import config as agent_config
+    from agent.adapters import logs
     from agent.core.policyfile import PolicyError
 
     path = Path(args.config) if args.config else None
@@ -234,6 +235,7 @@ def _agent_run(args: argparse.Namespace) -> None:
         agent_app.load_policies(config)
     except PolicyError as exc:
         raise _invalid_policy(exc) from None
+    logs.off_the_loop()
     try:
         _until_signalled(
             lambda stop: agent_app.serve(path, config, stop, document=document, pod=pod)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
 
 import pytest
 import uvloop
@@ -21,6 +23,25 @@ from tests.support import waited_for_a_cpu
 # measured in bench/, not asserted in tests.
 settings.register_profile("outrider", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("outrider")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stops a run that would test stale compiled modules: an extension built by `make`
+    (setup.py) imports instead of its .py file, so an edit since would go untested."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        compiled = tomllib.load(f)["tool"]["outrider"]["compiled"]
+    for name in compiled:
+        source = ROOT / name
+        for built in source.parent.glob(f"{source.stem}.*.so"):
+            if built.stat().st_mtime < source.stat().st_mtime:
+                pytest.exit(
+                    f"{name} changed after it was compiled: run `make compiled` to build it "
+                    "again (or `make pure` to test everything as Python)",
+                    returncode=4,
+                )
 
 
 def pytest_asyncio_loop_factories(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -433,6 +434,74 @@ def agent_process(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@dataclass
+class Logged:
+    """An agent process and the read end of its stdout (its access log), read only when
+    asked: `lines()` takes what waits, without blocking."""
+
+    agent: AgentProcess
+    read_fd: int
+    rest: bytes = b""  # a line read in part
+
+    def lines(self) -> list[dict[str, Any]]:
+        """Every whole line waiting in the pipe now, parsed (each must be JSON)."""
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(self.read_fd, 1 << 16)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        whole, _, self.rest = (self.rest + b"".join(chunks)).rpartition(b"\n")
+        text = whole.decode("ascii")  # ensure_ascii: any byte beyond is a defect
+        return [json.loads(line) for line in text.splitlines()]
+
+    def wait_for(self, predicate: Any, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Lines read until one satisfies `predicate`; all of them."""
+        seen: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen += self.lines()
+            if any(predicate(line) for line in seen):
+                return seen
+            time.sleep(0.02)
+        raise AssertionError(f"no such line in {len(seen)} lines: {seen[-3:]}")
+
+    async def arrived(self, predicate: Any, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """`wait_for` for a test whose servers run on its own event loop (never blocked)."""
+        seen: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen += self.lines()
+            if any(predicate(line) for line in seen):
+                return seen
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no such line in {len(seen)} lines: {seen[-3:]}")
+
+
+@contextmanager
+def logged_agent(
+    root: Path, name: str, raw: dict[str, Any], *, pipe_size: int = 0, **options: Any
+) -> Iterator[Logged]:
+    """`agent_process` (`options` as it takes them) whose stdout is a pipe the test reads:
+    its access log (`pipe_size`: the pipe's capacity in bytes, if not the default)."""
+    read_fd, write_fd = os.pipe()
+    if pipe_size:
+        fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, pipe_size)
+    os.set_blocking(read_fd, False)
+    try:
+        with agent_process(root, name, raw, stdout=write_fd, **options) as agent:
+            os.close(write_fd)
+            write_fd = -1
+            yield Logged(agent, read_fd)
+    finally:
+        if write_fd >= 0:
+            os.close(write_fd)
+        os.close(read_fd)
 
 
 # --- a mesh for the audit questions (issue 18), scraped by a real Prometheus ----------

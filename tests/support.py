@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import queue
 import random
 import re
 import resource
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import IO
 
 import grpc
 import pytest
@@ -271,22 +273,32 @@ def wait_for_line(
     timeout: float,
     what: str,
 ) -> re.Match[str]:
-    """Read `process`'s stderr into `seen` until a line matches; then keep draining it.
-
-    The reading goes on in a thread so a chatty process never blocks on a full pipe.
-    """
+    """Read `process`'s stderr into `seen` until a line matches, for at most `timeout`
+    seconds (a process that says nothing, or stops mid-line, fails then: it never hangs
+    the suite); the reading goes on in a thread, which keeps draining the pipe after, so
+    a chatty process never blocks on a full one."""
     assert process.stderr is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read(stream: IO[str]) -> None:
+        for line in stream:
+            seen.append(line)
+            lines.put(line)
+        lines.put(None)  # the pipe closed: the process ended
+
+    threading.Thread(target=read, args=(process.stderr,), daemon=True).start()
     deadline = time.monotonic() + timeout
-    match = None
-    for line in process.stderr:
-        seen.append(line)
-        if (match := pattern.search(line)) or time.monotonic() > deadline:
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
             break
-    if match is None:
-        process.kill()
-        raise AssertionError(f"{what} did not start:\n" + "".join(seen))
-    threading.Thread(target=seen.extend, args=(process.stderr,), daemon=True).start()
-    return match
+        if line is None:
+            break
+        if match := pattern.search(line):
+            return match
+    process.kill()
+    raise AssertionError(f"{what} did not start in {timeout:g}s:\n" + "".join(seen))
 
 
 def waited_for_a_cpu(pid: int | None = None, tid: int | None = None) -> float:

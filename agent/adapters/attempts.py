@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
 
 from agent.adapters.upstreams import DialError, LiveUpstream
+from agent.core.accesslog import Tls
 from agent.core.resilience import RetryBudget
 from agent.core.tries import (
     UNAVAILABLE,
@@ -77,8 +78,9 @@ def overflow(live: LiveUpstream, reason: str) -> tuple[int, str]:
 
 async def dial_within_limit(
     live: LiveUpstream, endpoint: Endpoint, factory: Callable[[Callable[[], None]], Proto]
-) -> Proto:
-    """A new connection to `endpoint` under the circuit breaker's max_connections.
+) -> tuple[Proto, Tls | None]:
+    """A new connection to `endpoint` under the circuit breaker's max_connections, and its
+    peer and TLS for access log lines (None when they are off: `LiveUpstream.dial`).
 
     `factory(release)` builds the connection's protocol: its loss calls `release`,
     which gives the slot back once however often it is called; a dial that fails
@@ -96,11 +98,11 @@ async def dial_within_limit(
             breaker.release("max_connections")
 
     try:
-        _, connection = await live.dial(endpoint, lambda: factory(release))
+        _, connection, tls = await live.dial(endpoint, lambda: factory(release))
     except (DialError, asyncio.CancelledError):
         release()
         raise
-    return connection
+    return connection, tls
 
 
 class Try(Generic[C, P]):

@@ -50,6 +50,7 @@ from agent.adapters.listeners import (
 from agent.adapters.ports import cannot_listen
 from agent.adapters.relay import Relay
 from agent.adapters.runtime import Runtime
+from agent.adapters.tracing import ConnectionLine
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.config import AgentConfig, Inbound
 from agent.core.authz import AllowList
@@ -346,9 +347,12 @@ class OutboundCaptureListener(_AlsoIpv6[OutboundCapture]):
         else:
             relay = Relay(runtime.limits.idle_timeout.total_seconds(), self.connections.closed)
             self.connections.add(relay, OUTBOUND)
+            pinned = route.name if isinstance(route, ToEndpoint) else None
+            line = self._line(relay, pinned, target)
             if isinstance(route, ToEndpoint):  # established: by the dial, once verified
                 runtime.metrics.routed["endpoint"].inc()
-                dial = self._pinned(relay, self.upstream(route.name, start=False), target)
+                live = self.upstream(route.name, start=False)
+                dial = self._pinned(relay, live, target, line)
             else:
                 assert isinstance(route, Passthrough)
                 self._passed_through(route.reason)
@@ -357,18 +361,33 @@ class OutboundCaptureListener(_AlsoIpv6[OutboundCapture]):
                 self.passed[relay] = target
                 dial = self._plain(relay, target)
             refused = partial(runtime.connection_refused, OUTBOUND, "no_endpoint")
-            task = loop.create_task(_relayed(loop, sock, relay, dial, refused))
+            task = loop.create_task(_relayed(loop, sock, relay, dial, refused, line))
         self.connections.setting_up(task)
 
-    async def _pinned(self, relay: Relay, live: LiveUpstream, target: Endpoint) -> bool:
+    def _line(self, relay: Relay, upstream: str | None, target: Endpoint) -> ConnectionLine | None:
+        """A pinned or passed-through connection's access log line (when logged): to
+        `target`, the one endpoint it is dialled once (of `upstream`, if pinned). A
+        passed-through one is plain TCP: no peer and no TLS, its line says so with nulls."""
+        observer = self.runtime.observer
+        if observer is None:
+            return None
+        line = ConnectionLine(observer.watch("tcp", OUTBOUND, None, None, upstream), relay)
+        line.entry.endpoint, line.entry.tries = str(target), 1
+        return line
+
+    async def _pinned(
+        self, relay: Relay, live: LiveUpstream, target: Endpoint, line: ConnectionLine | None
+    ) -> bool:
         """mTLS to `target` itself, a pod of upstream `live`, checked against its IDs."""
         side = relay.new_upstream()
         try:
-            await live.dial(target, lambda: side)
+            _, _, tls = await live.dial(target, lambda: side)
         except DialError as exc:
             self._say(("pinned",), "outbound capture %s (%s): %s", target, live.name, exc)
             relay.new_upstream()  # the aborted side must not linger in the relay's close
             return False
+        if line is not None:
+            line.entry.over(tls)
         return True
 
     async def _plain(self, relay: Relay, target: Endpoint) -> bool:
@@ -418,8 +437,10 @@ async def _relayed(
     relay: Relay,
     dial: Coroutine[Any, Any, bool],
     refused: Callable[[], None],
+    line: ConnectionLine | None,
 ) -> None:
-    """The app's socket as the relay's downstream, then `dial` the upstream, then relay."""
+    """The app's socket as the relay's downstream, then `dial` the upstream, then relay
+    (its bytes counted in `line`, when it is logged)."""
     try:
         down, _ = await loop.connect_accepted_socket(lambda: relay.down, sock)
     except OSError:
@@ -431,6 +452,11 @@ async def _relayed(
     if not await dial:
         if not relay.closed:  # else the app left during the dial: nobody's failure
             refused()
+            if line is not None:
+                line.entry.error = "upstream_connect_failure"  # as agent/core/tries.py says it
         relay.close()
         return
-    relay.link()
+    if line is None:
+        relay.link()
+    else:
+        line.link(relay)

@@ -53,6 +53,7 @@ from h2.errors import ErrorCodes
 from hpack import NeverIndexedHeaderTuple
 
 from agent.adapters.h2malformed import StreamErrors
+from agent.core.accesslog import Tls
 from agent.core.h2limits import H2Limits
 from agent.core.upstream import Endpoint
 
@@ -385,6 +386,9 @@ class H2ClientConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.idle_since = self._loop.time()
         self.on_idle: Callable[[H2ClientConnection], None] | None = None  # the pool's
+        # Its peer and TLS, read once when it was dialled, for the lines of the streams it
+        # carries (agent/core/accesslog.py); None while access logs and tracing are off.
+        self.tls: Tls | None = None
         self._write_due = False  # a `_write` is scheduled
         self._queued: list[bytes] = []  # taken from h2, for that `_write`
 

@@ -38,6 +38,7 @@ from agent.adapters.ports import cannot_listen
 from agent.adapters.relay import Relay
 from agent.adapters.runtime import Runtime, refusal_line
 from agent.adapters.tls import refusal_reason
+from agent.adapters.tracing import ConnectionLine
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.config import Inbound, Outbound
 from agent.core import http1
@@ -599,16 +600,15 @@ class InboundMtls(Listener[InboundT]):
     def _tcp_logged(self, relay: Relay, peer: SpiffeId | None, decision: Decision | None) -> None:
         """Link an access-logged TCP connection: its bytes counted, its line when it closes."""
         observer = self.runtime.observer
-        down, up = relay.down.transport, relay.up.transport
-        assert observer is not None and down is not None and up is not None
+        down = relay.down.transport
+        assert observer is not None and down is not None
         watch = observer.watch(
             "tcp", INBOUND, str(peer) if peer else None, down.get_extra_info("ssl_object")
         )
-        entry = watch.begin()
+        line = ConnectionLine(watch, relay)
         if decision is not None:
-            watch.decided(entry, decision)
-        relay.ended = lambda: watch.finish(entry, None)
-        relay.link(*watch.relayed(entry, up.write, down.write))
+            watch.decided(line.entry, decision)
+        line.link(relay)
 
     def _tcp_denied(self, relay: Relay, peer: SpiffeId | None, decision: Decision) -> None:
         """The access log line of a TCP connection the policy refused."""
@@ -1016,13 +1016,18 @@ class OutboundPath:
         assert relay.down.transport is not None
         peer = relay.down.transport.get_extra_info("peername")
         key = str(peer[0]).encode() if peer and live.config.hash_on else None
+        observer = self.runtime.observer
+        # Its access log line: from now (the app's connection) to the relay's close.
+        line = None
+        if observer is not None:
+            line = ConnectionLine(observer.watch("tcp", OUTBOUND, None, None, live.name), relay)
         budget = live.budget
         budget.request_started()
         try:
             if relay.closed:  # the app left before its upstream was even chosen
                 return
             linked_try = await attempts(
-                live, partial(self._dial, relay), self.rng, method=None, key=key
+                live, partial(self._dial, relay, line), self.rng, method=None, key=key
             )
             linked_try.end()  # the dial's try is over; the connection counts in `linked` now
             if not relay.closed:  # else the app left during the dial: nothing to count
@@ -1030,20 +1035,27 @@ class OutboundPath:
                 live.core.load[endpoint] = live.core.load.get(endpoint, 0) + 1
                 linked.append(endpoint)
             return
-        except LocalAnswer:
-            pass  # nowhere (else) to go
+        except LocalAnswer as answer:  # nowhere (else) to go
+            if line is not None:
+                line.entry.error = answer.error
         finally:
             budget.request_finished()
         if not relay.closed:  # else the app left during the dial: not an upstream's failure
             self.runtime.connection_refused(OUTBOUND, "no_endpoint")
         relay.close()
 
-    async def _dial(self, relay: Relay, attempt: Try[Droppable, None]) -> Outcome | None:
-        """One try of a TCP connection: dial `attempt.endpoint` and link the relay to it."""
+    async def _dial(
+        self, relay: Relay, line: ConnectionLine | None, attempt: Try[Droppable, None]
+    ) -> Outcome | None:
+        """One try of a TCP connection: dial `attempt.endpoint` and link the relay to it
+        (its line, if logged, says where: the endpoint, the tries, the peer and its TLS)."""
         live = attempt.live
         side = relay.new_upstream()
+        if line is not None:
+            entry = line.entry
+            entry.endpoint, entry.tries = str(attempt.endpoint), attempt.number
         try:
-            await live.dial(attempt.endpoint, lambda: side)
+            _, _, tls = await live.dial(attempt.endpoint, lambda: side)
         except DialError as exc:
             self.runtime.dial_failed(live.name, attempt.endpoint, exc)
             # Its transport is aborted; left as the relay's upstream, the relay's
@@ -1053,7 +1065,11 @@ class OutboundPath:
             attempt.decide("connect-failure", replayable=not relay.closed)
             return None
         live.counted.new.inc()
-        relay.link()
+        if line is None:
+            relay.link()
+        else:
+            line.entry.over(tls)
+            line.link(relay)
         return DELIVERED
 
 

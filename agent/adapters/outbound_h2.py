@@ -308,7 +308,7 @@ class OutboundH2:
                 breaker.release("max_connections")
 
         try:
-            _, connection = await live.dial(
+            _, connection, tls = await live.dial(
                 endpoint,
                 # The heads sent on it are the app's, which the H2Server facing it had
                 # h2 validate, less a header or two, plus grpc-timeout (h2client).
@@ -320,6 +320,7 @@ class OutboundH2:
         except asyncio.CancelledError:  # the app left, or the call's deadline, mid-dial
             release()
             raise
+        connection.tls = tls
         try:
             await h2client.handshake(
                 connection, live.runtime.limits.handshake_timeout.total_seconds()
@@ -340,6 +341,8 @@ class OutboundH2:
         head, upstream = attempt.parser, attempt.connection
         assert head is not None and upstream is not None
         up = upstream.stream
+        if call.entry is not None:  # the peer and TLS of the connection it was delivered on
+            call.entry.over(up.connection.tls)
         headers = _outward(head.headers)
         call.status = head.status
         call.heard(headers)

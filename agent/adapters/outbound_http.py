@@ -516,11 +516,15 @@ class OutboundHttp(asyncio.Protocol):
             self._next()  # a pipelined request (not for an app dropped: a truncated response)
 
     def _logged(self, entry: Entry, size: int, status: int) -> None:
-        """A finished request's access log line and span: where its tries went."""
+        """A finished request's access log line and span: where its tries went, and the peer
+        and TLS of the connection its last try went out on (none if it got none). That
+        connection is back in the pool by now: what it says was read when it was dialled."""
         assert self.watch is not None
         attempt = self.attempt
         if attempt is not None:
             entry.endpoint, entry.tries = str(attempt.endpoint), attempt.number
+            parsing = attempt.parser
+            entry.over(parsing.events.connection.tls if parsing is not None else None)
         entry.bytes_in = size
         self.watch.finish(entry, status)
 
@@ -611,7 +615,7 @@ class OutboundHttp(asyncio.Protocol):
         if not breaker.acquire("max_pending"):
             raise LocalAnswer(*overflow(live, "max_pending"))
         try:
-            connection = await dial_within_limit(
+            connection, tls = await dial_within_limit(
                 live,
                 endpoint,
                 lambda release: UpstreamConnection(live.pool, endpoint, context, release),
@@ -622,6 +626,7 @@ class OutboundHttp(asyncio.Protocol):
         finally:
             breaker.release("max_pending")
         live.counted.new.inc()
+        connection.tls = tls
         return connection
 
     # -- responses -----------------------------------------------------------------------

@@ -25,6 +25,7 @@ import ssl
 from collections.abc import Callable, Iterable
 from typing import Protocol, cast
 
+from agent.core.accesslog import Tls
 from agent.core.http1 import ResponseParser
 from agent.core.upstream import Endpoint
 
@@ -48,6 +49,7 @@ class UpstreamConnection(asyncio.Protocol):
         "pool",
         "reused",
         "spare",
+        "tls",
         "transport",
         "user",
     )
@@ -68,6 +70,9 @@ class UpstreamConnection(asyncio.Protocol):
         # The last response's parser, for the next request on this connection
         # (ResponseParser.next: one llhttp parser per connection, not per request).
         self.spare: ResponseParser | None = None
+        # Its peer and TLS, read once when it was dialled, for the lines of the requests it
+        # carries (agent/core/accesslog.py); None while access logs and tracing are off.
+        self.tls: Tls | None = None
 
     @property
     def stale(self) -> bool:

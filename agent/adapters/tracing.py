@@ -37,13 +37,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from agent.adapters.metrics import clock
+from agent.adapters.relay import Relay
 from agent.core import accesslog, tracecontext
-from agent.core.accesslog import AccessLogConfig, Entry, Kind
+from agent.core.accesslog import AccessLogConfig, Entry, Kind, Tls
 from agent.core.policy import Decision
 from agent.core.tracecontext import Propagated, TracingConfig
+from identity import SpiffeId
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
@@ -213,12 +216,14 @@ class Observer:
         upstream: str | None = None,
     ) -> Watch:
         """What one connection's requests (or the connection itself) are logged with."""
-        version = cipher = None
-        if ssl_object is not None:
-            version = ssl_object.version()
-            described = ssl_object.cipher()
-            cipher = described[0] if described else None
+        version, cipher = (None, None) if ssl_object is None else _agreed(ssl_object)
         return Watch(self, kind, direction, peer_id, version, cipher, upstream)
+
+    def tls(self, peer: SpiffeId, ssl_object: ssl.SSLObject | ssl.SSLSocket) -> Tls:
+        """An outbound connection's verified `peer` and its TLS, as its lines give them:
+        made once, when it is dialled (agent/adapters/upstreams.py), for every request
+        it carries (`Entry.over`)."""
+        return Tls(str(peer), *_agreed(ssl_object))
 
     def begin(self, kind: Kind, direction: str, peer_id: str | None) -> Entry:
         return Entry(kind, direction, self.wall(), clock(), peer_id, self.local_id)
@@ -332,6 +337,13 @@ class Observer:
         self.spans.on_end(readable)
 
 
+def _agreed(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[str | None, str | None]:
+    """The TLS version and cipher suite a connection's handshake agreed, as lines name them
+    (`TLSv1.3`, `TLS_AES_256_GCM_SHA384`): one reading for inbound and outbound lines."""
+    described = ssl_object.cipher()
+    return ssl_object.version(), described[0] if described else None
+
+
 def _hashed_once(base: type[Resource], resource: Resource) -> Resource:
     """`resource` with its hash computed once: the exporter groups every span by its
     resource, and the SDK's Resource hashes by writing its attributes out as JSON each
@@ -395,22 +407,6 @@ class Watch:
         entry.decision = "allow" if decision.allowed else "deny"
         entry.policy, entry.rule = decision.policy, decision.rule
 
-    def relayed(
-        self, entry: Entry, up: Callable[[bytes], object], down: Callable[[bytes], object]
-    ) -> tuple[Callable[[bytes], None], Callable[[bytes], None]]:
-        """An L4 relay's sinks (client's bytes to `up`, the other side's to `down`) that
-        count the bytes each way into `entry`."""
-
-        def from_client(data: bytes) -> None:
-            entry.bytes_in += len(data)
-            up(data)
-
-        def to_client(data: bytes) -> None:
-            entry.bytes_out += len(data)
-            down(data)
-
-        return from_client, to_client
-
     def finish(
         self,
         entry: Entry,
@@ -422,3 +418,34 @@ class Watch:
         if error is not None:
             entry.error = error
         self.observer.finish(entry)
+
+
+class ConnectionLine:
+    """One L4 connection's line, inbound or outbound, captured or not, in one way: begun
+    with the connection, its bytes counted each way once it is linked, written once when
+    its relay closes, linked or not (one refused or never connected gets its line too,
+    with the `error` set before the close)."""
+
+    __slots__ = ("entry", "watch")
+
+    def __init__(self, watch: Watch, relay: Relay) -> None:
+        self.watch = watch
+        self.entry = watch.begin()
+        relay.ended = partial(watch.finish, self.entry, None)
+
+    def link(self, relay: Relay) -> None:
+        """Link `relay` through sinks that count the client's (inbound: the peer's;
+        outbound: the app's) bytes in `bytes_in` and the other side's in `bytes_out`."""
+        down, up = relay.down.transport, relay.up.transport
+        assert down is not None and up is not None
+        entry, to_upstream, to_client = self.entry, up.write, down.write
+
+        def from_client(data: bytes) -> None:
+            entry.bytes_in += len(data)
+            to_upstream(data)
+
+        def from_upstream(data: bytes) -> None:
+            entry.bytes_out += len(data)
+            to_client(data)
+
+        relay.link(from_client, from_upstream)

@@ -35,6 +35,7 @@ from agent.adapters.pool import Pool
 from agent.adapters.runtime import Runtime
 from agent.adapters.tls import dialling, kept, refusal_reason
 from agent.config import Outbound
+from agent.core.accesslog import Tls
 from agent.core.discovery import Source
 from agent.core.health import ActiveCheck, Event, Transition
 from agent.core.resilience import CircuitBreaker, RetryBudget
@@ -293,7 +294,7 @@ class LiveUpstream:
 
     async def _http_check(self, endpoint: Endpoint, path: str) -> bool:
         reader = asyncio.StreamReader(limit=16 * 1024)
-        transport, _ = await self.dial(
+        transport, _, _ = await self.dial(
             endpoint, lambda: asyncio.StreamReaderProtocol(reader), direction=HEALTH
         )
         try:
@@ -308,10 +309,12 @@ class LiveUpstream:
 
     async def dial(
         self, endpoint: Endpoint, factory: Callable[[], P], *, direction: str = OUTBOUND
-    ) -> tuple[asyncio.Transport, P]:
+    ) -> tuple[asyncio.Transport, P, Tls | None]:
         """A verified mTLS connection to `endpoint`, or DialError; counted under `direction`,
         in connections_total by the server's SPIFFE ID once it is one the upstream expects:
-        the one place an outbound mTLS connection is made, pooled or not.
+        the one place an outbound mTLS connection is made, pooled or not. With it, when
+        access logs or tracing are on, its peer and TLS as lines give them (else None):
+        read once here, for every request the connection carries.
 
         Active health checks count theirs under "health": they are not traffic.
         """
@@ -351,7 +354,9 @@ class LiveUpstream:
         runtime.verified(direction, ssl_object, peer, started)
         runtime.established(direction, peer)
         kept(ssl_object, peer)  # its session may be offered to this endpoint again
-        return transport, protocol
+        observer = runtime.observer
+        tls = None if observer is None else observer.tls(peer, ssl_object)
+        return transport, protocol, tls
 
     def _now(self) -> float:
         loop = self._loop

@@ -7,10 +7,9 @@ exec and never named in the filesystem: the SVID's key, chain and bundle travel 
 it in memory, never on disk. Messages are length-prefixed frames. What the main process
 sends (the settings: a checked config and its policies; the SVID) is pickled: both ends
 are this program, under one UID, on a socketpair nobody else holds, and a config's
-checked dataclasses then arrive as they were checked (frozen ones rebuilt by their own
-constructors, as a build compiled by mypyc needs: `_Pickler`). What a worker sends (its
-answers and its metrics) is JSON: the main process keeps the identity and the CA channel,
-and a worker, which faces the network, can tell it no more than data.
+checked dataclasses then arrive as they were checked. What a worker sends (its answers
+and its metrics) is JSON: the main process keeps the identity and the CA channel, and a
+worker, which faces the network, can tell it no more than data.
 
 Metrics: the main process asks every worker for its registry's samples at each scrape
 and merges them with its own (`merge`), rather than prometheus_client's multiprocess
@@ -24,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -35,7 +35,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.metrics_core import Metric
@@ -164,26 +164,28 @@ def to_worker(message: tuple[Any, ...]) -> bytes:
 
 
 class _Pickler(pickle.Pickler):
-    """Frozen dataclasses travel as the arguments of their constructor, which rebuilds them.
-
-    Pickle's default sets an object's fields one by one after creating it; a class
-    compiled by mypyc (the agent's per-request modules: Policy, Rule, HealthSettings,
-    RetryPolicy ...) does that through its own `__setattr__`, which a frozen dataclass
-    refuses, so a worker could not take the settings. Built by the constructor, they
-    are checked again by it, and caches (fields outside `__init__`) start empty.
-    """
+    """Pickles a frozen dataclass that has no `__dict__` (compiled by mypyc: its
+    attributes are native, and pickle's default restores them through the class's
+    `__setattr__`, which a frozen class refuses) as Python pickles any other: its
+    fields, set as they were, without running `__init__` again."""
 
     def reducer_override(self, obj: Any) -> Any:
         cls = type(obj)
-        params = getattr(cls, "__dataclass_params__", None)
-        if params is None or not params.frozen or isinstance(obj, type):
-            return NotImplemented
-        values = {f.name: getattr(obj, f.name) for f in fields(obj) if f.init}
-        return _construct, (cls, values)
+        if (
+            dataclasses.is_dataclass(cls)
+            and cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
+            and not hasattr(obj, "__dict__")
+        ):
+            state = tuple((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+            return _frozen, (cls, state)
+        return NotImplemented
 
 
-def _construct(cls: type[Any], values: dict[str, Any]) -> Any:
-    return cls(**values)
+def _frozen(cls: Any, state: tuple[tuple[str, Any], ...]) -> Any:
+    obj = cls.__new__(cls)
+    for name, value in state:
+        object.__setattr__(obj, name, value)
+    return obj
 
 
 def from_main(frame: bytes) -> tuple[Any, ...]:

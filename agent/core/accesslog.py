@@ -123,6 +123,17 @@ def logged(config: AccessLogConfig, denied: bool, draw: float) -> bool:
     return config.mode == "all" and (config.sample >= 1.0 or draw < config.sample)
 
 
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """The verified peer of a connection and its TLS, as a line gives them: made once per
+    connection (an outbound one is pooled: each request it carries shares this), never per
+    request. A plaintext connection has none: its lines say so with nulls."""
+
+    peer_id: str
+    version: str | None
+    cipher: str | None
+
+
 @dataclass(slots=True)
 class Entry:
     """One request's (or connection's) line, filled in as it goes. `started` is the
@@ -156,6 +167,14 @@ class Entry:
     @property
     def denied(self) -> bool:
         return self.decision == "deny"
+
+    def over(self, tls: Tls | None) -> None:
+        """The connection this request (or connection) went out on: its peer and TLS, or
+        (None) none: plaintext, or no connection was had."""
+        if tls is None:
+            self.peer_id = self.tls_version = self.cipher = None
+        else:
+            self.peer_id, self.tls_version, self.cipher = tls.peer_id, tls.version, tls.cipher
 
 
 def logged_path(target: str, query: bool) -> str:

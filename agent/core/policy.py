@@ -409,7 +409,7 @@ class Rule:
 
     @property
     def http_fields(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(c.key for c in self.conditions if c.field in HTTP_FIELDS))
+        return tuple(dict.fromkeys([c.key for c in self.conditions if c.field in HTTP_FIELDS]))
 
     def explain(self, request: Request, l4_http: bool = False) -> str:
         if not self.conditions:
@@ -690,8 +690,8 @@ class PolicySet:
         self._plans[(request.source, request.port)] = plan
         return plan
 
-    def _enforced(self, action: Action) -> Iterator[Policy]:
-        return (p for p in self.policies if p.action == action and not p.dry_run)
+    def _enforced(self, action: Action) -> list[Policy]:
+        return [p for p in self.policies if p.action == action and not p.dry_run]
 
     def _records(self, request: Request) -> Iterator[Record]:
         for policy in self.policies:

@@ -38,6 +38,7 @@ from tests.mesh import agent_yaml, inbound, local_sign, running_agent, workload
 from tests.support import CaSetup, free_port
 
 FRONTEND, BACKEND = str(workload("frontend")), str(workload("backend"))
+BACKEND_ENDPOINT = "backend"  # in `mesh(endpoints=...)`: the backend agent's inbound address
 SECRETS = ("query-s3cret", "header-s3cret", "cookie-s3cret")
 POLICY = {
     "policies": [
@@ -96,6 +97,8 @@ class App:
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         self.seen.append({k.lower(): v for k, v in request.headers.items()})
+        if request.path == "/api/unavailable":
+            return web.Response(status=503, text="unavailable")
         return web.Response(text=f"ok {len(body)}")
 
 
@@ -151,8 +154,10 @@ async def mesh(
     endpoints: list[str] | None = None,
     protocol: str = "http",
     otlp: str | None = None,
+    retry_on: tuple[str | int, ...] = ("connect-failure",),
 ) -> AsyncIterator[Mesh]:
-    """Two agents, `protocol` on both sides (http: the App; grpc: an h2c gRPC backend)."""
+    """Two agents, `protocol` on both sides (http: the App; grpc: an h2c gRPC backend). The
+    frontend's upstream has `endpoints` (`BACKEND_ENDPOINT` stands for the backend's)."""
     app, receiver = App(), Receiver()
     async with AsyncExitStack() as stack:
         if protocol == "http":
@@ -176,8 +181,11 @@ async def mesh(
             "listen": "127.0.0.1:0",
             "protocol": protocol,
             "server_ids": [BACKEND],
-            "endpoints": endpoints or [backend.bound["inbound[0]"]],
-            "retries": {"max": 1, "retry_on": ["connect-failure"]},
+            "endpoints": [
+                backend.bound["inbound[0]"] if e == BACKEND_ENDPOINT else e
+                for e in endpoints or [BACKEND_ENDPOINT]
+            ],
+            "retries": {"max": 1, "retry_on": list(retry_on)},
         }
         frontend_raw = agent_yaml(root, "frontend", outbound=[outbound], **observe)
         frontend = await stack.enter_async_context(
@@ -236,6 +244,10 @@ async def test_an_allowed_request_is_logged_by_both_agents_field_by_field(
         1,
     )
     assert into["tls_version"] == "TLSv1.3" and into["cipher"]
+    # The outbound line names the peer it reached and the TLS it reached it over: what the
+    # inbound line of the same connection says from the other end.
+    assert out["peer_id"] == BACKEND
+    assert (out["tls_version"], out["cipher"]) == (into["tls_version"], into["cipher"])
     assert into["bytes_in"] == 1000 and into["bytes_out"] == len("ok 1000")
     assert out["bytes_out"] == len("ok 1000") and out["bytes_in"] >= 1000
     assert 0 < into["duration_ms"] <= out["duration_ms"] < 10_000
@@ -281,8 +293,33 @@ async def test_a_denied_and_a_failed_request_are_logged_with_why(
     assert (failed["status"], failed["endpoint"], failed["upstream"]) == (503, dead, "backend")
     assert failed["tries"] == 1  # one endpoint: nowhere else to retry
     assert failed["error"] == "upstream_connect_failure"
+    assert failed["peer_id"] is failed["tls_version"] is failed["cipher"] is None  # none reached
     assert failed["bytes_out"] == len(failure.encode())
     assert m.lines["backend"] == []
+
+
+async def test_a_retried_request_names_the_peer_of_its_last_try_or_none_if_it_reached_none(
+    root: Path, setup: CaSetup
+) -> None:
+    """The backend answers 503, retried on the other endpoint: one nobody serves. A line
+    names the backend's ID and TLS only if its last try (its `endpoint`) went to the
+    backend: a request the backend answered first and whose retry reached nothing has
+    none (its connection to the backend was not the one it ended on)."""
+    dead = f"127.0.0.1:{free_port()}"
+    endpoints = [BACKEND_ENDPOINT, dead]
+    async with mesh(root, setup, endpoints, retry_on=("connect-failure", 503)) as m:
+        for _ in range(8):  # the balancer's choice: the backend first, at least once
+            status, _ = await call(m.url("/api/unavailable"))
+            assert status == 503
+        await wait_for(lambda: len(m.lines["frontend"]) == 8)
+    live = m.backend.bound["inbound[0]"]
+    assert m.app.seen  # the backend answered some first
+    assert any(line["tries"] == 2 and line["endpoint"] == dead for line in m.lines["frontend"])
+    for line in m.lines["frontend"]:
+        reached = line["endpoint"] == live
+        assert (line["peer_id"] == BACKEND) is reached, line
+        assert (line["tls_version"] == "TLSv1.3") is reached and bool(line["cipher"]) is reached
+        assert line["error"] == (None if reached else "upstream_connect_failure")
 
 
 async def test_both_spans_arrive_over_otlp_with_the_parent_link(root: Path, setup: CaSetup) -> None:
@@ -303,6 +340,9 @@ async def test_both_spans_arrive_over_otlp_with_the_parent_link(root: Path, setu
     attributes = {a.key: a.value for a in server.attributes}
     assert attributes["http.response.status_code"].int_value == 200
     assert attributes["outrider.peer_id"].string_value == FRONTEND
+    # The client span names the peer its request reached, as its line does.
+    client_attributes = {a.key: a.value for a in client.attributes}
+    assert client_attributes["outrider.peer_id"].string_value == BACKEND
     # The app behind the backend agent got the server span as its parent.
     assert m.app.seen[0]["traceparent"] == f"00-{parent_trace}-{server.span_id.hex()}-01"
     assert m.lines["backend"][0]["trace_id"] == parent_trace
@@ -333,6 +373,12 @@ async def test_grpc_calls_are_logged_with_their_grpc_status_and_traced_end_to_en
     assert (into[bye]["decision"], into[bye]["rule"]) == ("deny", "no-farewells")
     assert (into[hello]["decision"], into[hello]["peer_id"]) == ("allow", FRONTEND)
     assert out[hello]["tries"] == 1 and out[hello]["upstream"] == "backend"
+    for path in (hello, bye):  # each call names the peer and TLS of the h2 connection it took
+        assert out[path]["peer_id"] == BACKEND
+        assert (out[path]["tls_version"], out[path]["cipher"]) == (
+            into[path]["tls_version"],
+            into[path]["cipher"],
+        )
     # Bytes each way: the call's message (5 bytes, echoed) on both agents' lines.
     for line in (out[hello], into[hello]):
         assert (line["bytes_in"], line["bytes_out"]) == (5, 5), line

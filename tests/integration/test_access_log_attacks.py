@@ -11,23 +11,26 @@ target) leaves no secret in a line.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
 from aiohttp import web
 
 from tests.h2raw import H2Client, request_headers, tls_socket
 from tests.httpraw import Responses, connect, exchange, get, one
-from tests.mesh import AgentProcess, agent_process, inbound, served_agent_yaml, threaded_app
+from tests.mesh import (
+    Logged,
+    agent_process,
+    inbound,
+    logged_agent,
+    served_agent_yaml,
+    threaded_app,
+)
 from tests.support import CaProcess, CaSetup, free_port
 
 POLICY = {
@@ -42,41 +45,6 @@ POLICY = {
 SECRET = "s3cret-value"
 
 
-@dataclass
-class Logged:
-    """The agent and the read end of its stdout (its access log), read only when asked."""
-
-    agent: AgentProcess
-    read_fd: int
-    rest: bytes = b""  # a line read in part
-
-    def lines(self) -> list[dict[str, Any]]:
-        """Every whole line waiting in the pipe now, parsed (each must be JSON)."""
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(self.read_fd, 1 << 16)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        whole, _, self.rest = (self.rest + b"".join(chunks)).rpartition(b"\n")
-        text = whole.decode("ascii")  # ensure_ascii: any byte beyond is a defect
-        return [json.loads(line) for line in text.splitlines()]
-
-    def wait_for(self, predicate: Any, timeout: float = 10.0) -> list[dict[str, Any]]:
-        """Lines read until one satisfies `predicate`; all of them."""
-        seen: list[dict[str, Any]] = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            seen += self.lines()
-            if any(predicate(line) for line in seen):
-                return seen
-            time.sleep(0.02)
-        raise AssertionError(f"no such line in {len(seen)} lines")
-
-
 @pytest.fixture(scope="module")
 def logged(setup: CaSetup, ca: CaProcess) -> Iterator[Logged]:
     async def answer(request: web.Request) -> web.Response:
@@ -84,9 +52,6 @@ def logged(setup: CaSetup, ca: CaProcess) -> Iterator[Logged]:
 
     application = web.Application()
     application.router.add_route("*", "/{tail:.*}", answer)
-    read_fd, write_fd = os.pipe()
-    fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, 4096)  # a small pipe: full after a few lines
-    os.set_blocking(read_fd, False)
     dead = f"127.0.0.1:{free_port()}"  # an upstream nobody serves: each request a 503
     with threaded_app(application) as app_port:
         raw = served_agent_yaml(
@@ -106,15 +71,9 @@ def logged(setup: CaSetup, ca: CaProcess) -> Iterator[Logged]:
             policy=POLICY,
             access_log={"mode": "all"},
         )
-        try:
-            with agent_process(setup.root, "backend", raw, stdout=write_fd) as agent:
-                os.close(write_fd)
-                write_fd = -1
-                yield Logged(agent, read_fd)
-        finally:
-            if write_fd >= 0:
-                os.close(write_fd)
-            os.close(read_fd)
+        # A small pipe: full after a few lines.
+        with logged_agent(setup.root, "backend", raw, pipe_size=4096) as logged:
+            yield logged
 
 
 def test_a_log_reader_that_stops_reading_never_stalls_requests(

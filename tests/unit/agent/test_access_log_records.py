@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +22,7 @@ from agent.core.accesslog import (
     REDACTED,
     AccessLogConfig,
     Entry,
+    Tls,
     line,
     logged,
     logged_path,
@@ -106,6 +109,37 @@ def test_a_line_has_every_field_in_order_and_null_where_it_does_not_apply() -> N
     assert record["duration_ms"] == 2.5
     assert record["method"] is None and record["status"] is None and record["tries"] is None
     assert record["bytes_in"] == 0
+
+
+def test_an_outbound_line_names_the_peer_and_tls_of_its_connection_or_none() -> None:
+    """The connection's facts, read once when it was dialled, go on each request's line;
+    a request that reached no connection (or a plaintext one) has nulls."""
+    tls = Tls("spiffe://example.org/ns/demo/sa/backend", "TLSv1.3", "TLS_AES_256_GCM_SHA384")
+    entry = Entry("http", "outbound", at=1796569200.0, started=1.0)
+    entry.over(tls)
+    record = json.loads(line(entry, ended=1.0))
+    assert (record["peer_id"], record["tls_version"], record["cipher"]) == (
+        tls.peer_id,
+        "TLSv1.3",
+        "TLS_AES_256_GCM_SHA384",
+    )
+    entry.over(None)  # a retry on a connection it could not have
+    record = json.loads(line(entry, ended=1.0))
+    assert record["peer_id"] is record["tls_version"] is record["cipher"] is None
+
+
+def test_the_documented_fields_and_example_lines_are_the_lines_fields_in_order() -> None:
+    """docs/observability.md is what a log pipeline is built from: its table names every
+    field in the order a line has them, and each example line has exactly those."""
+    text = (Path(__file__).parents[3] / "docs" / "observability.md").read_text()
+    table = text.partition("## The access log line")[2].partition("```json")[0]
+    rows = [row for row in table.splitlines() if row.startswith("| `")]
+    named = [name for row in rows for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])]
+    assert tuple(named) == FIELDS
+    examples = re.findall(r"```json\n(.*?)\n```", text, re.DOTALL)
+    assert len(examples) >= 3
+    for example in examples:
+        assert tuple(json.loads(example)) == FIELDS
 
 
 @pytest.mark.parametrize(

@@ -142,6 +142,14 @@ def test_outlier_detection_can_be_turned_off() -> None:
             "outbound[0].endpoints[0].weight: must be an integer >= 1",
             id="endpoint-weight-0",
         ),
+        *(
+            pytest.param(
+                {"endpoints": [{"address": "a:1", "weight": weight}]},
+                "outbound[0].endpoints[0].weight: must be an integer >= 1",
+                id=f"endpoint-weight-{kind}",
+            )
+            for kind, weight in [("bool", True), ("float", 1.5), ("string", "3"), ("null", None)]
+        ),
         pytest.param(
             {"endpoints": [{"address": "a"}]},
             "outbound[0].endpoints[0].address: 'a' is not",

@@ -9,11 +9,16 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.adapters.workers import Merged, families, merge
-from agent.app import _cpu_max
+from agent.adapters.workers import Merged, families, from_main, merge, to_worker
+from agent.app import Settings, _cpu_max
 from agent.config import MAX_WORKERS, parse
+from agent.core.health import HealthSettings, OutlierDetection
+from agent.core.policy import PolicySet, Request
+from agent.core.policyfile import parse_policies
+from agent.core.resilience import BreakerLimits, RetryPolicy
 from agent.core.workers import cpu_quota, usable_cpus
-from tests.unit.agent.test_config import BASE, errors_of, minimal
+from tests.unit.agent.test_config import BASE, errors_of, full, minimal
+from tests.unit.agent.test_policy_parse import EVERY_KEY
 
 
 @pytest.mark.parametrize(
@@ -93,3 +98,15 @@ def test_metrics_add_the_workers_up_and_keep_the_main_process_identity_series() 
     assert samples[("outrider_listener_info", (("port", "8443"),))] == 1  # not 2
     assert samples[("outrider_svid_rotations_total", (("result", "success"),))] == 3
     assert text.count("# TYPE outrider_connections_total counter") == 1
+
+
+def test_the_settings_reach_a_worker_as_the_main_process_checked_them() -> None:
+    """A worker gets the config and policies as checked values (pickled, agent/adapters/
+    workers.py), the compiled hot path's frozen classes among them: mypyc's refuse
+    pickle's default way back in (their `__setattr__`), so they must still arrive whole."""
+    policies = PolicySet(parse_policies(EVERY_KEY, "p.yaml"), default_action="deny")
+    policies.decide(Request(None, 8080, "GET", "/api/x"), frozenset())  # a memo to carry
+    settings = Settings(parse(full(), base=BASE), policies)
+    resilience = (RetryPolicy(), BreakerLimits(), OutlierDetection(), HealthSettings())
+    message = ("settings", 7, settings, *resilience)
+    assert from_main(to_worker(message)) == message
