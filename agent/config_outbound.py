@@ -162,7 +162,7 @@ class OutboundReader(ConfigReader):
     def outbound(self, raw: object, path: str) -> Outbound | None:
         item = self.mapping(raw, path, _KEYS)
         name = self.label(item, "name", f"{path}.name")
-        if name is None and "name" not in item:
+        if item.get("name") is None:  # absent or `name:` with no value (YAML null)
             self.fail(f"{path}.name", "required: names the upstream in logs and metrics")
         destinations = self.addresses(item, "destinations", f"{path}.destinations")
         listen = None
@@ -266,7 +266,7 @@ class OutboundReader(ConfigReader):
     def subset(self, raw: object, path: str) -> Subset | None:
         item = self.mapping(raw, path, {"name", "weight", *_SOURCES})
         name = self.label(item, "name", f"{path}.name")
-        if name is None and "name" not in item:
+        if item.get("name") is None:  # absent or null: else the upstream would go unsaid
             self.fail(f"{path}.name", "required: names the subset in logs")
         weight = self.integer(item, "weight", f"{path}.weight", 1, minimum=0)
         source = self.source(item, path)
