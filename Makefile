@@ -25,7 +25,7 @@ SOURCES  := $(shell find agent identity -name '*.py' -not -path '*/proto/*')
 
 $(COMPILED): $(STAMP) setup.py pyproject.toml $(SOURCES)
 	@echo "compiling the agent's hot path with mypyc (about a minute)"
-	$(BIN)/python setup.py --quiet build_ext --inplace --parallel 2
+	$(BIN)/python setup.py --quiet build_ext --inplace --force --parallel 2
 	touch $@
 
 compiled: $(COMPILED)
