@@ -10,6 +10,9 @@ where the app was going, no peer and no TLS. The app can refuse itself as fast a
 connects: a flood leaves the agent serving, every refusal counted, and every one logged or
 counted as a dropped line.
 
+A caller's inbound connection to one of the agent's own ports of the pod is refused and
+logged the same way.
+
 The pods: `audited` (mode denied) and `quiet` (mode off), both registry-only with one
 registry address outside the mesh (a plain echo on the node) passed through.
 """
@@ -196,3 +199,28 @@ async def test_a_flood_of_refusals_is_logged_or_counted_dropped_and_the_agent_se
 def _split(address: str) -> tuple[str, int]:
     host, port = address.rsplit(":", 1)
     return host, int(port)
+
+
+async def test_an_inbound_capture_loop_refusal_is_logged_with_the_port_it_asked_for(
+    pods: Pods,
+) -> None:
+    """A caller's connection to one of the agent's own ports of the pod (its admin port),
+    captured: never relayed to the agent itself; a denial's line naming that address."""
+    audited = pods.agents["audited"]
+    audited.lines()
+    port = int(audited.agent.bound["admin"].rsplit(":", 1)[1])
+    asked = f"{pods.audited.ip}:{port}"
+    reader, writer = await asyncio.open_connection(pods.audited.ip, port)  # from the node
+    try:
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+    (line,) = refusal_lines(
+        await audited.arrived(lambda line: line["endpoint"] == asked), "capture_loop"
+    )
+    assert (line["direction"], line["decision"], line["peer_id"], line["tls_version"]) == (
+        "inbound",
+        "deny",
+        None,
+        None,
+    )
