@@ -146,12 +146,20 @@ _WHY = {
 
 
 def _refuse(
-    runtime: Runtime, direction: str, reason: str, sock: socket.socket, where: object = ""
+    runtime: Runtime,
+    direction: str,
+    reason: str,
+    sock: socket.socket,
+    where: object = "",
+    destination: Endpoint | None = None,
 ) -> None:
-    """Closed and counted; said in the log, at most once a while per kind (a caller can
-    cause these as fast as it connects: agent/core/throttle.py)."""
+    """Closed and counted; an access log line (to `destination`, when known) in mode
+    denied and all, as a denial's; said in the agent's log at most once a while per kind
+    (a caller can cause these as fast as it connects: agent/core/throttle.py)."""
     runtime.connection_refused(direction, reason)
     sock.close()
+    if runtime.observer is not None:
+        runtime.observer.refused(direction, reason, destination)
     held = runtime.refusal_lines.admit((direction, reason), time.monotonic())
     if held is not None:
         why = _WHY.get((direction, reason), reason).format(where)
@@ -237,7 +245,8 @@ class InboundCaptureListener(_AlsoIpv6[InboundCapture], InboundMtls[InboundCaptu
             _refuse(self.runtime, INBOUND, "no_original_destination", sock)
             return
         if destination[1] in self.config.agent_ports or destination[1] in self.bound_ports:
-            _refuse(self.runtime, INBOUND, "capture_loop", sock, destination[1])
+            where = Endpoint(*destination)
+            _refuse(self.runtime, INBOUND, "capture_loop", sock, destination[1], where)
             return
         super()._admit(sock, destination[1])
 
@@ -335,10 +344,10 @@ class OutboundCaptureListener(_AlsoIpv6[OutboundCapture]):
         target = Endpoint(*destination)
         route = self.config.routes.route(target)
         if isinstance(route, Refused):
-            _refuse(runtime, OUTBOUND, route.reason, sock, target)
+            _refuse(runtime, OUTBOUND, route.reason, sock, target, target)
             return
         if len(self.connections) >= runtime.limits.max_connections:
-            _refuse(runtime, OUTBOUND, "max_connections", sock, target)
+            _refuse(runtime, OUTBOUND, "max_connections", sock, target, target)
             return
         loop = asyncio.get_running_loop()
         if isinstance(route, ToUpstream):

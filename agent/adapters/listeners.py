@@ -409,6 +409,8 @@ class InboundMtls(Listener[InboundT]):
         if len(self.connections) >= runtime.limits.max_connections:
             runtime.connection_refused(INBOUND, "max_connections")
             sock.close()
+            if runtime.observer is not None:  # a denial's line: no peer yet, nor a port
+                runtime.observer.refused(INBOUND, "max_connections")
             self._over_limit("max_connections", "refused a new connection")
             return
         if len(runtime.handshaking) >= runtime.limits.max_pending_handshakes:
@@ -544,6 +546,12 @@ class InboundMtls(Listener[InboundT]):
                 await loop.create_connection(lambda: up, app.host, app.port)
         except (OSError, TimeoutError) as exc:
             self._app_unreachable(config, exc)
+            if not http and self.runtime.observer is not None and not relay.closed:
+                # Allowed, but never relayed: its line (mode all) says why, as an outbound
+                # connection that reached nothing says it; not a denial (mode denied).
+                line = self._tcp_line(relay, peer, decision)
+                if line is not None:
+                    line.entry.error = "app_unreachable"
             relay.close()
             return
         if not relay.dialled():  # the client left meanwhile: the app's connection is closed

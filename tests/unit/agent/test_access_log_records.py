@@ -28,6 +28,7 @@ from agent.core.accesslog import (
     logged,
     logged_path,
 )
+from agent.core.endpoint import Endpoint
 from agent.core.tracecontext import TracingConfig
 
 
@@ -334,5 +335,47 @@ def test_a_connection_line_is_begun_only_where_one_can_be_written(
         observer.flush()
         assert len(written) == lined
         assert (observer.names_peers) is (mode == "all" or bool(otlp))
+    finally:
+        observer.close()
+
+
+@pytest.mark.parametrize(("mode", "lined"), [("off", False), ("denied", True), ("all", True)])
+def test_a_refused_connection_is_a_denial_line_naming_why_and_where_it_was_going(
+    mode: str, lined: bool
+) -> None:
+    """A connection the agent refused before relaying it (registry-only, a capture loop,
+    max_connections): in mode denied and all, never off; L4, no peer, no TLS."""
+    written: list[str] = []
+    observer = Observer(
+        AccessLogConfig(mode, sample=0.0),  # type: ignore[arg-type]
+        TracingConfig("127.0.0.1:9" if mode == "off" else ""),
+        "me",
+        write=written.append,
+    )
+    try:
+        observer.refused("outbound", "registry_only", Endpoint("2001:db8::7", 443))
+        observer.refused("inbound", "max_connections")
+        observer.flush()
+        if not lined:
+            assert written == []
+            return
+        first, second = (json.loads(text) for text in "".join(written).splitlines())
+        assert (first["kind"], first["direction"], first["decision"], first["error"]) == (
+            "tcp",
+            "outbound",
+            "deny",
+            "registry_only",
+        )
+        assert (first["endpoint"], first["local_id"], first["tries"]) == (
+            "[2001:db8::7]:443",
+            "me",
+            None,
+        )
+        assert first["peer_id"] is first["tls_version"] is first["cipher"] is None
+        assert (second["direction"], second["error"], second["endpoint"]) == (
+            "inbound",
+            "max_connections",
+            None,
+        )
     finally:
         observer.close()

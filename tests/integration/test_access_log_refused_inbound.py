@@ -1,0 +1,72 @@
+"""Access log lines of inbound connections the agent could not relay, on a real agent
+process whose stdout is a real pipe: one past `limits.max_connections` is refused before
+its handshake (a denial's line, in mode denied and all, no peer, no TLS); an allowed TCP
+connection whose app is unreachable gets its line in mode all, with why (not a denial: the
+policy allowed it, as an outbound connection that reached nothing is logged).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from agent.core.accesslog import FIELDS
+from tests.httpraw import mtls_socket
+from tests.mesh import Logged, inbound, logged_agent, served_agent_yaml, workload
+from tests.support import CaProcess, CaSetup, free_port
+
+
+@pytest.fixture(scope="module")
+def logged(setup: CaSetup, ca: CaProcess) -> Iterator[Logged]:
+    """An agent whose tcp inbound's app never listens, one connection at most."""
+    raw = served_agent_yaml(
+        setup,
+        ca,
+        "backend",
+        inbound=inbound(free_port(), protocol="tcp"),
+        limits={"max_connections": 1},
+        access_log={"mode": "all"},
+    )
+    with logged_agent(setup.root, "backend", raw) as logged:
+        yield logged
+
+
+def _closed_unread(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionError:
+        return True
+
+
+def test_an_allowed_connection_whose_app_is_unreachable_says_why(
+    setup: CaSetup, logged: Logged
+) -> None:
+    logged.lines()
+    with mtls_socket(setup, logged.agent.bound["inbound[0]"]) as tls:
+        assert _closed_unread(tls)
+    lines = logged.wait_for(lambda line: line["error"] == "app_unreachable")
+    (line,) = [line for line in lines if line["error"] == "app_unreachable"]
+    assert list(line) == list(FIELDS)
+    assert (line["kind"], line["direction"], line["decision"]) == ("tcp", "inbound", "allow")
+    assert line["peer_id"] == str(workload("frontend")) and line["tls_version"] == "TLSv1.3"
+    assert line["bytes_in"] == line["bytes_out"] == 0
+
+
+def test_a_connection_past_max_connections_is_logged_as_a_denial(logged: Logged) -> None:
+    """Refused at accept, before any handshake: no peer, no TLS, no address of the
+    caller's choosing; the first connection (silent, in its handshake) stays."""
+    logged.lines()
+    address = logged.agent.bound["inbound[0]"]
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), 5):  # held: the one place taken
+        with socket.create_connection((host, int(port)), 5) as refused:
+            assert _closed_unread(refused)
+        lines = logged.wait_for(lambda line: line["error"] == "max_connections")
+        (line,) = [line for line in lines if line["error"] == "max_connections"]
+    assert (line["kind"], line["direction"], line["decision"]) == ("tcp", "inbound", "deny")
+    for name in ("peer_id", "tls_version", "cipher", "endpoint", "upstream", "policy", "rule"):
+        assert line[name] is None, name
+    assert line["local_id"] == str(workload("backend"))
