@@ -498,26 +498,55 @@ async def test_a_response_leaves_in_one_write_with_credentials_never_indexed() -
 
 
 async def test_read_now_takes_what_came_without_waiting_and_credits_as_read_does() -> None:
-    class Credits:
-        def __init__(self) -> None:
-            self.given: list[int] = []
+    """Through a real server: the client's window reopens by what the handler took, one
+    chunk behind (as `read` credits), and never for what it has not taken yet."""
+    streams: list[H2Stream] = []
+    release = asyncio.Event()
 
-        def credit(self, stream_id: int, length: int) -> None:
-            self.given.append(length)
+    async def hold(stream: H2Stream) -> None:
+        streams.append(stream)
+        await release.wait()
 
-    server = Credits()
-    stream = H2Stream(server, 1, request_headers("/", "POST"), ended=False)  # type: ignore[arg-type]
+    wire = Wire()
+    server = H2Server(hold, lambda _: None, idle_timeout=30, limits=H2Limits(stream_window=8))
+    server.connection_made(wire)
+    client = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    client.initiate_connection()
+    client.receive_data(wire.taken())  # the server's SETTINGS: an 8-byte stream window
+    client.send_headers(1, request_headers("/", "POST"))
+    server.data_received(client.data_to_send())
+    await turns(2)
+    (stream,) = streams
     assert stream.read_now() is None  # nothing yet: a caller would wait
-    stream._data(b"abc", 3)
-    stream._data(b"de", 2)
-    assert stream.read_now() == b"abc" and server.given == []
-    assert stream.read_now() == b"de" and server.given == [3]  # the chunk before, credited
-    assert stream.read_now() is None
-    stream._end()
-    assert stream.read_now() == b"" and server.given == [3, 2]
+
+    def window() -> int:
+        client.receive_data(wire.taken())
+        return client.local_flow_control_window(1)
+
+    client.send_data(1, b"abcd")
+    client.send_data(1, b"efgh")
+    server.data_received(client.data_to_send())
+    await turns(2)
+    assert window() == 0
+    assert stream.read_now() == b"abcd"
+    await turns(2)
+    assert window() == 0  # taken, not yet credited
+    assert stream.read_now() == b"efgh"
+    await turns(2)
+    assert window() == 4  # the chunk before, credited
+    client.end_stream(1)
+    server.data_received(client.data_to_send())
+    await turns(2)
+    assert stream.read_now() == b""
+    await turns(2)
+    assert window() == 8
     stream._gone(ErrorCodes.CANCEL)
     with pytest.raises(StreamReset):
         stream.read_now()
+    release.set()
+    server.abort()
 
 
 MALFORMED: dict[str, tuple[list[tuple[bytes, bytes]], bytes]] = {
