@@ -974,6 +974,8 @@ class OutboundPath:
         metrics = self.runtime.metrics
         if len(self.connections) >= self.runtime.limits.max_connections:
             self.runtime.connection_refused(OUTBOUND, "max_connections")
+            if self.runtime.observer is not None:  # a denial's line, as a captured one's
+                self.runtime.observer.refused(OUTBOUND, "max_connections", upstream=live.name)
             return _OverLimit()
         if live.config.protocol == "http":
             exchange = OutboundHttp(live, self.connections.closed, self.rng)

@@ -14,7 +14,7 @@ import pytest
 
 from agent.core.accesslog import FIELDS
 from tests.httpraw import mtls_socket
-from tests.mesh import Logged, inbound, logged_agent, served_agent_yaml, workload
+from tests.mesh import Logged, inbound, logged_agent, outbound, served_agent_yaml, workload
 from tests.support import CaProcess, CaSetup, free_port
 
 
@@ -30,6 +30,24 @@ def logged(setup: CaSetup, ca: CaProcess) -> Iterator[Logged]:
         access_log={"mode": "all"},
     )
     with logged_agent(setup.root, "backend", raw) as logged:
+        yield logged
+
+
+@pytest.fixture(scope="module")
+def calling(setup: CaSetup, ca: CaProcess) -> Iterator[Logged]:
+    """An agent whose http outbound listener takes one of the app's connections at most
+    (mode denied): the app's silent connection holds the one place."""
+    listener = outbound(f"127.0.0.1:{free_port()}", workload("backend"))
+    listener[0]["protocol"] = "http"
+    raw = served_agent_yaml(
+        setup,
+        ca,
+        "frontend",
+        outbound=listener,
+        limits={"max_connections": 1},
+        access_log={"mode": "denied"},
+    )
+    with logged_agent(setup.root, "frontend", raw) as logged:
         yield logged
 
 
@@ -70,3 +88,22 @@ def test_a_connection_past_max_connections_is_logged_as_a_denial(logged: Logged)
     for name in ("peer_id", "tls_version", "cipher", "endpoint", "upstream", "policy", "rule"):
         assert line[name] is None, name
     assert line["local_id"] == str(workload("backend"))
+
+
+def test_an_app_connection_past_max_connections_on_an_outbound_listener_is_logged(
+    calling: Logged,
+) -> None:
+    """The same refusal, counted under the same labels, as a captured one past
+    max_connections: a denial's line in mode denied, naming the upstream it was for."""
+    calling.lines()
+    host, port = calling.agent.bound["outbound[backend]"].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), 5):  # held: the one place taken
+        with socket.create_connection((host, int(port)), 5) as refused:
+            assert _closed_unread(refused)
+        lines = calling.wait_for(lambda line: line["error"] == "max_connections")
+        (line,) = [line for line in lines if line["error"] == "max_connections"]
+    assert list(line) == list(FIELDS)
+    assert (line["kind"], line["direction"], line["decision"]) == ("tcp", "outbound", "deny")
+    assert line["upstream"] == "backend"
+    for name in ("peer_id", "tls_version", "cipher", "endpoint", "policy", "rule"):
+        assert line[name] is None, name
