@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import pytest
 
@@ -31,6 +32,29 @@ def logged(setup: CaSetup, ca: CaProcess) -> Iterator[Logged]:
     )
     with logged_agent(setup.root, "backend", raw) as logged:
         yield logged
+
+
+@pytest.fixture(scope="module")
+def stuck(setup: CaSetup, ca: CaProcess) -> Iterator[Logged]:
+    """An agent whose tcp inbound's app takes no connection: its listener's queue is full,
+    so the agent's dial hangs until `connect_timeout` (1s)."""
+    with ExitStack() as stack:
+        app = stack.enter_context(socket.socket())
+        app.bind(("127.0.0.1", 0))
+        app.listen(0)
+        for _ in range(3):  # the queue filled: further SYNs go unanswered
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex(app.getsockname())
+        raw = served_agent_yaml(
+            setup,
+            ca,
+            "backend",
+            inbound=inbound(app.getsockname()[1], protocol="tcp"),
+            limits={"connect_timeout": "1s"},
+            access_log={"mode": "all"},
+        )
+        yield stack.enter_context(logged_agent(setup.root, "backend", raw))
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +131,28 @@ def test_an_app_connection_past_max_connections_on_an_outbound_listener_is_logge
     assert line["upstream"] == "backend"
     for name in ("peer_id", "tls_version", "cipher", "endpoint", "policy", "rule"):
         assert line[name] is None, name
+
+
+def test_a_caller_that_leaves_while_its_app_is_dialled_still_gets_its_line(
+    setup: CaSetup, stuck: Logged
+) -> None:
+    """Allowed, counted as app_unreachable, never relayed: its one line (mode all) says
+    so, whether the caller waited for the dial to fail or left before."""
+    stuck.lines()
+    address = stuck.agent.bound["inbound[0]"]
+    before = stuck.agent.total("outrider_connections_refused_total", reason="app_unreachable")
+    with mtls_socket(setup, address) as tls:  # leaves at once, the dial under way
+        tls.sendall(b"x")
+    with mtls_socket(setup, address) as tls:  # waits for the dial to fail
+        assert _closed_unread(tls)
+    lines = stuck.wait_for(lambda line: line["error"] == "app_unreachable")
+    if len(lines) < 2:  # the other one's
+        lines += stuck.wait_for(lambda line: True, timeout=3)
+    unreachable = [line for line in lines if line["error"] == "app_unreachable"]
+    assert len(unreachable) == 2 == len(lines), lines
+    after = stuck.agent.total("outrider_connections_refused_total", reason="app_unreachable")
+    assert after == before + 2
+    for line in unreachable:
+        assert (line["decision"], line["peer_id"]) == ("allow", str(workload("frontend")))
+        assert line["tls_version"] == "TLSv1.3" and line["bytes_in"] == line["bytes_out"] == 0
+    assert stuck.agent.total("outrider_connections_active") == 0
