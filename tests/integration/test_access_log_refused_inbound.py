@@ -7,9 +7,12 @@ policy allowed it, as an outbound connection that reached nothing is logged).
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from typing import Any
 
 import pytest
 
@@ -35,9 +38,10 @@ def logged(setup: CaSetup, ca: CaProcess) -> Iterator[Logged]:
 
 
 @pytest.fixture(scope="module")
-def stuck(setup: CaSetup, ca: CaProcess) -> Iterator[Logged]:
+def stuck(setup: CaSetup, ca: CaProcess) -> Iterator[tuple[Logged, socket.socket]]:
     """An agent whose tcp inbound's app takes no connection: its listener's queue is full,
-    so the agent's dial hangs until `connect_timeout` (1s)."""
+    so the agent's dial hangs until `connect_timeout` (3s: the kernel's SYN retried after
+    1s), unless the app (the socket yielded) accepts what waits."""
     with ExitStack() as stack:
         app = stack.enter_context(socket.socket())
         app.bind(("127.0.0.1", 0))
@@ -51,10 +55,10 @@ def stuck(setup: CaSetup, ca: CaProcess) -> Iterator[Logged]:
             ca,
             "backend",
             inbound=inbound(app.getsockname()[1], protocol="tcp"),
-            limits={"connect_timeout": "1s"},
+            limits={"connect_timeout": "3s"},
             access_log={"mode": "all"},
         )
-        yield stack.enter_context(logged_agent(setup.root, "backend", raw))
+        yield stack.enter_context(logged_agent(setup.root, "backend", raw)), app
 
 
 @pytest.fixture(scope="module")
@@ -134,25 +138,59 @@ def test_an_app_connection_past_max_connections_on_an_outbound_listener_is_logge
 
 
 def test_a_caller_that_leaves_while_its_app_is_dialled_still_gets_its_line(
-    setup: CaSetup, stuck: Logged
+    setup: CaSetup, stuck: tuple[Logged, socket.socket]
 ) -> None:
     """Allowed, counted as app_unreachable, never relayed: its one line (mode all) says
     so, whether the caller waited for the dial to fail or left before."""
-    stuck.lines()
-    address = stuck.agent.bound["inbound[0]"]
-    before = stuck.agent.total("outrider_connections_refused_total", reason="app_unreachable")
+    logged, _ = stuck
+    logged.lines()
+    address = logged.agent.bound["inbound[0]"]
+    before = logged.agent.total("outrider_connections_refused_total", reason="app_unreachable")
     with mtls_socket(setup, address) as tls:  # leaves at once, the dial under way
         tls.sendall(b"x")
     with mtls_socket(setup, address) as tls:  # waits for the dial to fail
         assert _closed_unread(tls)
-    lines = stuck.wait_for(lambda line: line["error"] == "app_unreachable")
+    lines = logged.wait_for(lambda line: line["error"] == "app_unreachable")
     if len(lines) < 2:  # the other one's
-        lines += stuck.wait_for(lambda line: True, timeout=3)
+        lines += logged.wait_for(lambda line: True, timeout=3)
     unreachable = [line for line in lines if line["error"] == "app_unreachable"]
     assert len(unreachable) == 2 == len(lines), lines
-    after = stuck.agent.total("outrider_connections_refused_total", reason="app_unreachable")
+    after = logged.agent.total("outrider_connections_refused_total", reason="app_unreachable")
     assert after == before + 2
     for line in unreachable:
         assert (line["decision"], line["peer_id"]) == ("allow", str(workload("frontend")))
         assert line["tls_version"] == "TLSv1.3" and line["bytes_in"] == line["bytes_out"] == 0
-    assert stuck.agent.total("outrider_connections_active") == 0
+    assert logged.agent.total("outrider_connections_active") == 0
+
+
+def test_a_caller_gone_before_its_late_app_answers_gets_its_line(
+    setup: CaSetup, stuck: tuple[Logged, socket.socket]
+) -> None:
+    """The app takes the agent's connection after the caller left: nothing relayed, one
+    line (allowed, no error, no bytes). Last: it unsticks
+    the app."""
+    logged, app = stuck
+    logged.lines()
+    with mtls_socket(setup, logged.agent.bound["inbound[0]"]) as tls:
+        tls.sendall(b"x")
+    app.settimeout(0.2)
+    taken: list[socket.socket] = []
+    lines: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 8
+    try:  # the app takes what waits (the fillers, then the agent's) until the line comes
+        while not lines and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                taken.append(app.accept()[0])
+            lines = logged.lines()
+    finally:
+        for sock in taken:
+            sock.close()
+    (line,) = lines
+    assert (line["decision"], line["error"], line["bytes_in"], line["bytes_out"]) == (
+        "allow",
+        None,
+        0,
+        0,
+    )
+    assert line["peer_id"] == str(workload("frontend")) and line["tls_version"] == "TLSv1.3"
+    assert logged.agent.total("outrider_connections_active") == 0
