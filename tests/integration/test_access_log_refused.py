@@ -167,15 +167,14 @@ async def test_mode_off_logs_no_refusal_and_counts_it(pods: Pods) -> None:
     assert quiet.lines() == []
 
 
-@pytest.mark.parametrize("name", ["audited", "crowd"])
 async def test_a_flood_of_refusals_is_logged_or_counted_dropped_and_the_agent_serves(
-    pods: Pods, name: str
+    pods: Pods,
 ) -> None:
     """FLOOD refusals the app makes as fast as it can: each counted, each either a line or
     a dropped line (never silently lost), the lines bounded (the address the app asked
     for, no more), and the agent still passes the registry's traffic through."""
-    audited = pods.agents[name]
-    pod = pods.network.pods[name]
+    audited = pods.agents["audited"]
+    pod = pods.audited
     audited.lines()
     agent = audited.agent
 
@@ -234,3 +233,25 @@ async def test_an_inbound_capture_loop_refusal_is_logged_with_the_port_it_asked_
         None,
         None,
     )
+
+
+async def test_an_agent_with_workers_serves_a_captured_pod_and_logs_its_refusals(
+    pods: Pods,
+) -> None:
+    """`crowd`'s agent (workers: 2) started: each worker took the capture ports, IPv6 ones
+    too. Its workers' refusals are each logged once, the registry passed through."""
+    crowd = pods.agents["crowd"]
+    crowd.lines()
+    before = pods.refused(pods.crowd, "registry_only")
+    blocked = [f"{pods.network.node_ip}:{port}" for port in range(41000, 41000 + BATCH)]
+    await asyncio.gather(*(closed_at_once(pods.crowd, target) for target in blocked))
+    lines: list[dict[str, Any]] = []
+
+    def arrived() -> bool:
+        lines.extend(refusal_lines(crowd.lines(), "registry_only"))
+        return len(lines) >= BATCH
+
+    assert await eventually(arrived, 10), len(lines)
+    assert sorted(line["endpoint"] for line in lines) == sorted(blocked)
+    assert pods.refused(pods.crowd, "registry_only") == before + BATCH
+    assert await echoed(await pods.crowd.open_connection(*_split(pods.outside)), b"ok") == b"ok"
