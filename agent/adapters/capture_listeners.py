@@ -218,6 +218,8 @@ class _AlsoIpv6(Listener[CaptureT]):
             sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.runtime.reuse_port:  # workers share it, as they share the IPv4 one
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((self.IPV6_HOST, port))
             sock.listen(1024)
         except OSError as exc:

@@ -540,21 +540,24 @@ class InboundMtls(Listener[InboundT]):
         limits = self.runtime.limits
         app = config.app
         http = config.protocol == "http"
+        down = relay.down.transport  # its TLS, named in its line should the caller leave
+        tls = down.get_extra_info("ssl_object") if down is not None and not http else None
         try:
             up = relay.new_upstream()
             async with asyncio.timeout(limits.connect_timeout.total_seconds()):
                 await loop.create_connection(lambda: up, app.host, app.port)
         except (OSError, TimeoutError) as exc:
             self._app_unreachable(config, exc)
-            if not http and self.runtime.observer is not None and not relay.closed:
+            if not http:
                 # Allowed, but never relayed: its line (mode all) says why, as an outbound
-                # connection that reached nothing says it; not a denial (mode denied).
-                line = self._tcp_line(relay, peer, decision)
-                if line is not None:
-                    line.entry.error = "app_unreachable"
+                # connection that reached nothing says it; not a denial (mode denied). The
+                # caller may have left during the dial: its line all the same.
+                self._tcp_unrelayed(peer, tls, decision, "app_unreachable")
             relay.close()
             return
         if not relay.dialled():  # the client left meanwhile: the app's connection is closed
+            if not http:
+                self._tcp_unrelayed(peer, tls, decision, None)
             return
         if peer is None:  # plaintext, let in: counted once the app has it, not before
             self.runtime.established(INBOUND, None)
@@ -619,6 +622,25 @@ class InboundMtls(Listener[InboundT]):
         if line is not None and decision is not None:
             line.watch.decided(line.entry, decision)
         return line
+
+    def _tcp_unrelayed(
+        self,
+        peer: SpiffeId | None,
+        ssl_object: ssl.SSLObject | None,
+        decision: Decision | None,
+        error: str | None,
+    ) -> None:
+        """The line (mode all) of an allowed TCP connection that never carried a byte (its
+        app unreachable, or its caller gone before the app answered), written now, its
+        decision and `error` in it: once, however the relay ended."""
+        observer = self.runtime.observer
+        if observer is None or not observer.every:
+            return
+        watch = observer.watch("tcp", INBOUND, str(peer) if peer else None, ssl_object)
+        entry = watch.begin()
+        if decision is not None:
+            watch.decided(entry, decision)
+        watch.finish(entry, None, error)
 
     def _tcp_denied(self, relay: Relay, peer: SpiffeId | None, decision: Decision) -> None:
         """The access log line of a TCP connection the policy refused."""
@@ -974,6 +996,8 @@ class OutboundPath:
         metrics = self.runtime.metrics
         if len(self.connections) >= self.runtime.limits.max_connections:
             self.runtime.connection_refused(OUTBOUND, "max_connections")
+            if self.runtime.observer is not None:  # a denial's line, as a captured one's
+                self.runtime.observer.refused(OUTBOUND, "max_connections", upstream=live.name)
             return _OverLimit()
         if live.config.protocol == "http":
             exchange = OutboundHttp(live, self.connections.closed, self.rng)

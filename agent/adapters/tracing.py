@@ -248,12 +248,15 @@ class Observer:
             return None
         return ConnectionLine(self.watch("tcp", direction, peer_id, ssl_object, upstream), relay)
 
-    def refused(self, direction: str, reason: str, endpoint: object = None) -> None:
+    def refused(
+        self, direction: str, reason: str, endpoint: object = None, upstream: str | None = None
+    ) -> None:
         """The line of a connection the agent refused before it relayed a byte (a captured
         one `registry_only`, a `capture_loop`, with `no_original_destination`; any past
         `max_connections`): L4, `decision` deny, `error` the reason as
         connections_refused_total labels it, `endpoint` where it was going (an address the
-        kernel gave, `ip:port`: bounded), no peer and no TLS (none was had). Written in
+        kernel gave, `ip:port`: bounded) or the `upstream` an outbound listener is for (its
+        config's name), no peer and no TLS (none was had). Written in
         `mode: denied` and `all`, every one, as every denial is: a caller can cause them as
         fast as it connects, and what bounds them is what bounds every line (a line per
         connection the agent accepted, MAX_PENDING waiting, the rest dropped and counted).
@@ -264,6 +267,7 @@ class Observer:
         entry.decision, entry.error = "deny", reason
         if endpoint is not None:
             entry.endpoint = str(endpoint)
+        entry.upstream = upstream
         self.finish(entry)
 
     def begin(self, kind: Kind, direction: str, peer_id: str | None) -> Entry:

@@ -14,7 +14,8 @@ A caller's inbound connection to one of the agent's own ports of the pod is refu
 logged the same way.
 
 The pods: `audited` (mode denied) and `quiet` (mode off), both registry-only with one
-registry address outside the mesh (a plain echo on the node) passed through.
+registry address outside the mesh (a plain echo on the node) passed through; `crowd` as
+`audited`, its agent with `workers: 2` (each worker's lines and drops add up).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Pods:
     network: PodNetwork
     audited: Pod
     quiet: Pod
+    crowd: Pod
     agents: dict[str, Logged]
     outside: str  # a plain echo on the node, in the registry: passed through
 
@@ -64,6 +66,7 @@ async def pods(tmp_path_factory: pytest.TempPathFactory, nft: str) -> AsyncItera
             tmp_path, listen={"grpc": f"{network.node_ip}:0", "http": "127.0.0.1:0"}
         )
         audited, quiet = network.add_pod("audited"), network.add_pod("quiet")
+        crowd = network.add_pod("crowd")
         outside_app = await asyncio.start_server(echo, network.node_ip, 0)
         outside = f"{network.node_ip}:{outside_app.sockets[0].getsockname()[1]}"
         registry = {"policy": "registry-only", "passthrough": [outside]}
@@ -71,7 +74,11 @@ async def pods(tmp_path_factory: pytest.TempPathFactory, nft: str) -> AsyncItera
             with ca_process(setup.config) as ca, ExitStack() as stack:
                 address = f"{network.node_ip}:{ca.grpc_port}"
                 agents = {}
-                for pod, mode in ((audited, "denied"), (quiet, "off")):
+                for pod, mode, workers in (
+                    (audited, "denied", 1),
+                    (quiet, "off", 1),
+                    (crowd, "denied", 2),
+                ):
                     capture(pod)
                     raw = captured_config(
                         setup,
@@ -79,12 +86,13 @@ async def pods(tmp_path_factory: pytest.TempPathFactory, nft: str) -> AsyncItera
                         pod,
                         access_log={"mode": mode},
                         captured={"outbound": registry},
+                        workers=workers,
                     )
                     prefix = pod.command([], AGENT_UID)
                     agents[pod.name] = stack.enter_context(
                         logged_agent(setup.root, pod.name, raw, prefix=prefix)
                     )
-                yield Pods(network, audited, quiet, agents, outside)
+                yield Pods(network, audited, quiet, crowd, agents, outside)
         finally:
             outside_app.close()
 
@@ -166,18 +174,19 @@ async def test_a_flood_of_refusals_is_logged_or_counted_dropped_and_the_agent_se
     a dropped line (never silently lost), the lines bounded (the address the app asked
     for, no more), and the agent still passes the registry's traffic through."""
     audited = pods.agents["audited"]
+    pod = pods.audited
     audited.lines()
     agent = audited.agent
 
     def dropped() -> float:
-        return metric(pods.audited, "outrider_access_log_dropped_lines_total")
+        return metric(pod, "outrider_access_log_dropped_lines_total")
 
-    refused, lost = pods.refused(pods.audited, "registry_only"), dropped()
+    refused, lost = pods.refused(pod, "registry_only"), dropped()
     node = pods.network.node_ip
     targets = [f"{node}:{port}" for port in range(40000, 40000 + FLOOD)]
     for start in range(0, FLOOD, BATCH):
-        await asyncio.gather(*(closed_at_once(pods.audited, t) for t in targets[start:][:BATCH]))
-    assert pods.refused(pods.audited, "registry_only") == refused + FLOOD
+        await asyncio.gather(*(closed_at_once(pod, t) for t in targets[start:][:BATCH]))
+    assert pods.refused(pod, "registry_only") == refused + FLOOD
     lines: list[dict[str, Any]] = []
 
     def accounted() -> bool:
@@ -191,7 +200,7 @@ async def test_a_flood_of_refusals_is_logged_or_counted_dropped_and_the_agent_se
     )
     assert {line["endpoint"] for line in lines} <= set(targets)
     assert max(len(str(line)) for line in lines) < 1024
-    assert await echoed(await pods.audited.open_connection(*_split(pods.outside)), b"ok") == b"ok"
+    assert await echoed(await pod.open_connection(*_split(pods.outside)), b"ok") == b"ok"
     assert agent.process.poll() is None
     assert not any("Traceback" in line for line in agent.log)
 
@@ -224,3 +233,25 @@ async def test_an_inbound_capture_loop_refusal_is_logged_with_the_port_it_asked_
         None,
         None,
     )
+
+
+async def test_an_agent_with_workers_serves_a_captured_pod_and_logs_its_refusals(
+    pods: Pods,
+) -> None:
+    """`crowd`'s agent (workers: 2) started: each worker took the capture ports, IPv6 ones
+    too. Its workers' refusals are each logged once, the registry passed through."""
+    crowd = pods.agents["crowd"]
+    crowd.lines()
+    before = pods.refused(pods.crowd, "registry_only")
+    blocked = [f"{pods.network.node_ip}:{port}" for port in range(41000, 41000 + BATCH)]
+    await asyncio.gather(*(closed_at_once(pods.crowd, target) for target in blocked))
+    lines: list[dict[str, Any]] = []
+
+    def arrived() -> bool:
+        lines.extend(refusal_lines(crowd.lines(), "registry_only"))
+        return len(lines) >= BATCH
+
+    assert await eventually(arrived, 10), len(lines)
+    assert sorted(line["endpoint"] for line in lines) == sorted(blocked)
+    assert pods.refused(pods.crowd, "registry_only") == before + BATCH
+    assert await echoed(await pods.crowd.open_connection(*_split(pods.outside)), b"ok") == b"ok"
