@@ -407,10 +407,12 @@ class InboundMtls(Listener[InboundT]):
         """
         runtime = self.runtime
         if len(self.connections) >= runtime.limits.max_connections:
+            # Counted and said (throttled), but no access-log line: refused at accept, it
+            # would name nobody, and anyone who can connect, credentials or not, could
+            # write lines far faster than any denial they can cause (Envoy counts listener
+            # overflow the same way, downstream_cx_overflow).
             runtime.connection_refused(INBOUND, "max_connections")
             sock.close()
-            if runtime.observer is not None:  # a denial's line: no peer yet, nor a port
-                runtime.observer.refused(INBOUND, "max_connections")
             self._over_limit("max_connections", "refused a new connection")
             return
         if len(runtime.handshaking) >= runtime.limits.max_pending_handshakes:

@@ -1,6 +1,7 @@
 """Access log lines of inbound connections the agent could not relay, on a real agent
-process whose stdout is a real pipe: one past `limits.max_connections` is refused before
-its handshake (a denial's line, in mode denied and all, no peer, no TLS); an allowed TCP
+process whose stdout is a real pipe: a caller past `limits.max_connections` is refused
+before its handshake, counted and never logged (it would name nobody); an app's connection
+past it on an outbound listener is a denial's line; an allowed TCP
 connection whose app is unreachable gets its line in mode all, with why (not a denial: the
 policy allowed it, as an outbound connection that reached nothing is logged).
 """
@@ -101,21 +102,28 @@ def test_an_allowed_connection_whose_app_is_unreachable_says_why(
     assert line["bytes_in"] == line["bytes_out"] == 0
 
 
-def test_a_connection_past_max_connections_is_logged_as_a_denial(logged: Logged) -> None:
-    """Refused at accept, before any handshake: no peer, no TLS, no address of the
-    caller's choosing; the first connection (silent, in its handshake) stays."""
+def test_a_caller_past_max_connections_is_counted_but_writes_no_line(
+    setup: CaSetup, logged: Logged
+) -> None:
+    """Refused at accept, before any handshake: such a line would name nobody, and anyone
+    who can connect, without credentials, could write lines far faster than any denial
+    they can cause (20,000 connects gave 10,001 lines in 5 s); the metric counts it."""
     logged.lines()
     address = logged.agent.bound["inbound[0]"]
     host, port = address.rsplit(":", 1)
+    refused = "outrider_connections_refused_total"
+    before = logged.agent.sample(refused, direction="inbound", reason="max_connections")
     with socket.create_connection((host, int(port)), 5):  # held: the one place taken
-        with socket.create_connection((host, int(port)), 5) as refused:
-            assert _closed_unread(refused)
-        lines = logged.wait_for(lambda line: line["error"] == "max_connections")
-        (line,) = [line for line in lines if line["error"] == "max_connections"]
-    assert (line["kind"], line["direction"], line["decision"]) == ("tcp", "inbound", "deny")
-    for name in ("peer_id", "tls_version", "cipher", "endpoint", "upstream", "policy", "rule"):
-        assert line[name] is None, name
-    assert line["local_id"] == str(workload("backend"))
+        with socket.create_connection((host, int(port)), 5) as caller:
+            assert _closed_unread(caller)
+        after = logged.agent.sample(refused, direction="inbound", reason="max_connections")
+        assert after == before + 1
+    # A line written after the refusal (an allowed connection's): lines keep their order,
+    # so whatever the refusal wrote has been read by the time this one is.
+    with mtls_socket(setup, logged.agent.bound["inbound[0]"]) as tls:
+        assert _closed_unread(tls)
+    lines = logged.wait_for(lambda line: line["error"] == "app_unreachable")
+    assert not [line for line in lines if line["error"] == "max_connections"]
 
 
 def test_an_app_connection_past_max_connections_on_an_outbound_listener_is_logged(
