@@ -36,7 +36,9 @@ The steady state taken apart (`--detail`, one line per pair and round):
 
 `--bursts N`: the first requests alone, N times per pair: 50 new connections at
 once, one request each (h2load -n50), each request's latency from its connect
-to its answer: the handshakes' share of the p99, measured without the rest.
+to its answer: the handshakes' share of the p99, measured without the rest; and
+what each connection (accepted, two handshakes, a request, closed) cost each
+proxy in CPU, which is what sets those latencies.
 
 On a machine others share, Linux's autogroups give each session an equal share
 of the CPUs, so another session's load takes half of them from this one. Run
@@ -208,14 +210,19 @@ def closed_loop(
 
 @dataclass(frozen=True)
 class Burst:
-    """`connections` new connections at once, one request each: their latencies (ms)."""
+    """`connections` new connections at once, one request each: their latencies (ms), and
+    the CPU (ms) each connection (accepted, two handshakes, a request, closed) cost the
+    client-side and the server-side proxy."""
 
     mean_ms: float
     p50_ms: float
     max_ms: float
+    client_ms: float = 0.0
+    server_ms: float = 0.0
 
 
-def burst(port: int, connections: int = CONNECTIONS) -> Burst:
+def burst(port: int, pids: dict[str, int], connections: int = CONNECTIONS) -> Burst:
+    before = {role: sum(cpu_seconds(pids[role])) for role in ("client", "server")}
     with tempfile.TemporaryDirectory(prefix="outrider-l4-tail-") as tmp:
         log = Path(tmp) / "requests.tsv"
         command = ["h2load", "--h1", f"-c{connections}", f"-n{connections}", "-m1", "-T5"]
@@ -229,7 +236,14 @@ def burst(port: int, connections: int = CONNECTIONS) -> Burst:
     took = sorted(int(row[2]) / 1000 for row in rows if row[1] == "200")
     if len(took) < connections:
         raise RuntimeError(f"h2load answered {len(took)} of {connections}:\n{done.stdout}")
-    return Burst(statistics.mean(took), took[len(took) // 2], took[-1])
+    used = {role: sum(cpu_seconds(pids[role])) - before[role] for role in before}
+    return Burst(
+        statistics.mean(took),
+        took[len(took) // 2],
+        took[-1],
+        used["client"] * 1000 / connections,
+        used["server"] * 1000 / connections,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -269,9 +283,12 @@ def main(argv: list[str] | None = None) -> None:
         bursts: dict[str, list[Burst]] = {name: [] for name in names}
         for number in range(args.bursts):
             for name in names if number % 2 == 0 else names[::-1]:
-                bursts[name].append(burst(pairs[name].port))
-    print("medians:")
+                bursts[name].append(burst(pairs[name].port, pairs[name].pids))
+    if args.rounds:
+        print("medians:")
     for name, done in runs.items():
+        if not done:
+            continue
         fields = Run.__dataclass_fields__
         median = Run(*(statistics.median(getattr(run, f) for run in done) for f in fields))
         print(f"{name:9} {_row(median)}")
@@ -289,15 +306,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"          {_detail(median, cost)}")
     for name, made in bursts.items():
         if made:
-            middle = Burst(
-                *(
-                    statistics.median(getattr(b, f) for b in made)
-                    for f in Burst.__dataclass_fields__
-                )
-            )
+            # Latencies: the median burst. CPU: the mean (clock ticks of 10 ms are coarse
+            # against one burst's; summed over all, they are not).
             print(
                 f"{name:9} {len(made)} bursts of {CONNECTIONS} new connections, one request each:"
-                f" mean {middle.mean_ms:6.1f} p50 {middle.p50_ms:6.1f} max {middle.max_ms:6.1f} ms"
+                f" mean {statistics.median(b.mean_ms for b in made):6.1f}"
+                f" p50 {statistics.median(b.p50_ms for b in made):6.1f}"
+                f" max {statistics.median(b.max_ms for b in made):6.1f} ms; CPU per connection"
+                f" client {statistics.mean(b.client_ms for b in made):.2f}"
+                f" server {statistics.mean(b.server_ms for b in made):.2f} ms"
             )
 
 
