@@ -1068,9 +1068,11 @@ class OutboundPath:
         """
         if relay.closed:  # the app left before its upstream was even chosen
             return
-        transport = relay.down.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
-        key = str(peer[0]).encode() if peer and live.config.hash_on else None
+        key = None
+        if live.config.hash_on:  # the app's address, made into a string only when it is used
+            transport = relay.down.transport
+            peer = transport.get_extra_info("peername") if transport is not None else None
+            key = str(peer[0]).encode() if peer else None
         budget = live.budget
         budget.request_started()
         try:
