@@ -31,8 +31,7 @@ from __future__ import annotations
 import ssl
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -139,9 +138,8 @@ class Contexts:
 #: Set around a dial's `create_connection`: the cache the connection's session goes to
 #: once its server is verified, the endpoint, and the session to offer (asyncio and
 #: uvloop wrap the connection in the dialling task's context: `ResumingContext.wrap_bio`).
-_DIALLING: ContextVar[tuple[SessionCache[ssl.SSLSession], object, ssl.SSLSession | None]] = (
-    ContextVar("outrider_dialling")
-)
+_Dialling = tuple[SessionCache[ssl.SSLSession], object, ssl.SSLSession | None]
+_DIALLING: ContextVar[_Dialling] = ContextVar("outrider_dialling")
 
 
 class _AgentObject(ssl.SSLObject):
@@ -237,21 +235,33 @@ class ResumingContext(ssl.SSLContext):
         return ssl_object
 
 
-@contextmanager
-def dialling(
-    context: ssl.SSLContext, endpoint: object, server_ids: Collection[SpiffeId]
-) -> Iterator[None]:
+class dialling:  # (lower case: a context manager used as a function is)
     """Around the `create_connection` of a dial to `endpoint`: offer its saved session,
-    if `context` resumes and one is fresh for a server of `server_ids`."""
-    if not isinstance(context, ResumingContext):
-        yield
-        return
-    cache = context.sessions
-    token = _DIALLING.set((cache, endpoint, cache.offer(endpoint, server_ids, time.time())))
-    try:
-        yield
-    finally:
-        _DIALLING.reset(token)
+    if `context` resumes and one is fresh for a server of `server_ids`.
+
+    A class, not a @contextmanager generator: every dial enters one, and a generator's
+    frame and its two trips cost more than the offer itself."""
+
+    __slots__ = ("_context", "_endpoint", "_server_ids", "_token")
+
+    def __init__(
+        self, context: ssl.SSLContext, endpoint: object, server_ids: Collection[SpiffeId]
+    ) -> None:
+        self._context, self._endpoint, self._server_ids = context, endpoint, server_ids
+        self._token: Token[_Dialling] | None = None
+
+    def __enter__(self) -> None:
+        context = self._context
+        if isinstance(context, ResumingContext):
+            cache, endpoint = context.sessions, self._endpoint
+            offered = cache.offer(endpoint, self._server_ids, time.time())
+            self._token = _DIALLING.set((cache, endpoint, offered))
+
+    def __exit__(self, *exc_info: object) -> None:
+        token = self._token
+        if token is not None:
+            self._token = None
+            _DIALLING.reset(token)
 
 
 def kept(ssl_object: ssl.SSLObject, peer: SpiffeId) -> None:
