@@ -26,6 +26,7 @@ import logging
 import os
 import random
 import signal
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -447,6 +448,8 @@ class Agent:
 
     async def _apply(self, new: Settings) -> None:
         old = self.config
+        if unimported(new.config):  # settled elsewhere: a worker's settings, from the main
+            await _off_loop(import_used, new.config)
         await self._run(new)
         if (new.config.identity, new.config.ca) != (old.identity, old.ca):
             self.identity.renew_now()
@@ -500,7 +503,6 @@ class Agent:
         reverse, and the running listeners are as they were (one that let go
         of its port for a move takes it back).
         """
-        import_used(config)  # settled elsewhere (a worker's settings): loaded here
         captures = capture_configs(config)
         async with contextlib.AsyncExitStack() as undo:
             undo.callback(self._prune_series)  # last: the running set's series stay
@@ -636,14 +638,24 @@ def capture_configs(config: AgentConfig) -> tuple[InboundCapture, OutboundCaptur
 
 def import_used(config: AgentConfig) -> None:
     """Import the modules of what `config` uses that an agent loads only when one does,
-    as it applies (start, a reload, a control-plane snapshot): the first connection to
-    use one then waits on no import (20-50 ms of the event loop's, once), and an agent
-    that never uses one never pays its memory.
+    before it applies (start, a reload, a control-plane snapshot, a worker's settings):
+    the first connection to use one then waits on no import (the h2 stack is 20-30 ms
+    of CPU), and an agent that never uses one never pays its memory. Each is imported
+    where it is built too, so this only moves the wait: `settle` calls it (at start,
+    and on the thread that checks a reload or a snapshot), `_apply` for what was
+    settled elsewhere (a worker's), off the event loop.
+    """
+    for name in unimported(config):
+        importlib.import_module(name)
+
+
+def unimported(config: AgentConfig) -> list[str]:
+    """The modules `config` uses that are not imported yet.
 
     The h2 stack (agent/adapters/listeners.py, H2_INBOUND and H2_OUTBOUND): an inbound
     (or captured) port that speaks `http2` or `grpc`, or `http`, which an h2 peer may
     pick by ALPN; an upstream that speaks `http2` or `grpc`. The capture listeners with
-    `capture:`. Each is imported where it is built too, so this only moves the wait.
+    `capture:`.
     """
     modules: list[str] = []
     ports = [item.protocol for item in config.inbound]
@@ -654,8 +666,7 @@ def import_used(config: AgentConfig) -> None:
         modules += H2_INBOUND
     if any(item.protocol in H2 for item in config.outbound):
         modules += H2_OUTBOUND
-    for name in modules:
-        importlib.import_module(name)
+    return [name for name in dict.fromkeys(modules) if name not in sys.modules]
 
 
 def _listened(config: AgentConfig) -> tuple[Outbound, ...]:

@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from agent.adapters import h2client
@@ -109,13 +110,15 @@ H2_GET = [
 ]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_a_reload_turns_on_h2_and_capture_in_an_l4_agent_and_each_works_at_once(
-    setup: CaSetup, ca: CaProcess, tmp_path: Path
+    setup: CaSetup, ca: CaProcess, tmp_path: Path, workers: int
 ) -> None:
     """An L4 agent (as the first test's) reloaded: an `http2` inbound port to an h2c app,
     an `http2` upstream that is that port (the agent's own SPIFFE ID), and `capture:`.
     The first h2 request through both reaches the app; the outbound capture listener
-    refuses a connection that was not redirected to it, as it documents."""
+    refuses a connection that was not redirected to it, as it documents. With `workers:
+    2` each worker takes the new settings from the main process and imports as it does."""
     dumped = tmp_path / "l4.modules"
     async with echo_server() as echo_port, h2_backend("app") as app:
         tcp_in, tcp_out = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
@@ -123,7 +126,7 @@ async def test_a_reload_turns_on_h2_and_capture_in_an_l4_agent_and_each_works_at
         tcp[0]["listen"] = tcp_in
         loop = outbound(tcp_in, workload("l4"), name="self")  # to its own inbound: L4 both ways
         loop[0]["listen"] = tcp_out
-        raw = served_agent_yaml(setup, ca, "l4", inbound=tcp, outbound=loop)
+        raw = served_agent_yaml(setup, ca, "l4", inbound=tcp, outbound=loop, workers=workers)
         with agent_process(
             tmp_path, "l4", raw, launcher=MODULES_AT_EXIT, env={MODULES_FILE: str(dumped)}
         ) as agent:
