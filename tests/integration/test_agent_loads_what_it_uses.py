@@ -4,7 +4,8 @@ feature a reload turns on later works from its first connection.
 Real agent processes, each run under tests.mesh.MODULES_AT_EXIT, which writes the
 modules it had loaded as it exits: an L4 agent and an L7 client (the bench's pairs)
 load none of the h2 stack and no capture listener; the same L4 agent, reloaded
-with an `http2` port, an `http2` upstream and `capture:`, serves each at once.
+with an `http2` port, an `http2` upstream and `capture:`, serves each at once, and so
+does an agent whose control plane's next snapshot adds the h2 port and upstream.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 import yaml
 
 from agent.adapters import h2client
+from tests.control import bootstrap, control_plane
 from tests.h2backend import exchange, h2_backend
 from tests.mesh import (
     MODULES_AT_EXIT,
@@ -160,3 +162,40 @@ async def test_a_reload_turns_on_h2_and_capture_in_an_l4_agent_and_each_works_at
             assert await round_trip(tcp_out) == b"ping"  # what ran before runs on
             await asyncio.to_thread(agent.stop)
     assert loaded_modules(dumped) >= H2_STACK | CAPTURE
+
+
+async def test_a_snapshot_turns_on_h2_in_an_l4_agent_and_its_first_request_is_served(
+    setup: CaSetup, ca: CaProcess, tmp_path: Path
+) -> None:
+    """An agent of a control plane (tests/control.py) runs an L4 snapshot, then one that
+    adds an `http2` inbound port and an `http2` upstream to it (its own SPIFFE ID)."""
+    dumped = tmp_path / "subscribed.modules"
+    async with echo_server() as echo_port, h2_backend("app") as app:
+        tcp = inbound(echo_port)
+        with control_plane(setup, {"inbound": tcp}) as plane:
+            control = bootstrap(plane.address, pod="subscribed-0")
+            raw = served_agent_yaml(setup, ca, "subscribed", control=control)
+            with agent_process(
+                tmp_path,
+                "subscribed",
+                raw,
+                launcher=MODULES_AT_EXIT,
+                env={MODULES_FILE: str(dumped)},
+            ) as agent:
+                h2_port, outbound_port = free_port(), free_port()
+                inbound_h2 = inbound(app.port, protocol="http2")
+                inbound_h2[0]["listen"] = f"127.0.0.1:{h2_port}"
+                upstream = outbound(f"127.0.0.1:{h2_port}", workload("subscribed"))
+                upstream[0].update(protocol="http2", listen=f"127.0.0.1:{outbound_port}")
+                version = plane.publish({"inbound": tcp + inbound_h2, "outbound": upstream})
+                answer = await asyncio.to_thread(plane.answer, version)
+                assert answer.kind == "ack", "".join(agent.log)
+
+                connection = await h2client.connect("127.0.0.1", outbound_port)
+                try:
+                    answered = await exchange(connection, H2_GET, body=b"")
+                finally:
+                    connection.close()
+                assert (answered.status, answered.body) == (200, b"app"), "".join(agent.log)
+                await asyncio.to_thread(agent.stop)
+    assert loaded_modules(dumped) >= H2_STACK
