@@ -5,8 +5,8 @@ it here, so a binary never reports two versions.
 
 The version is written here, not looked up in the installed package's metadata:
 `importlib.metadata` brings zipfile, csv, email and importlib.resources with it,
-0.7 MiB of every agent's idle RSS for one string. pyproject.toml's
-`[project] version` must say the same (tests/unit/test_build_version.py).
+0.7 MiB of every agent's idle RSS for one string. pyproject.toml reads it from here
+(`[tool.setuptools.dynamic]`).
 """
 
 from __future__ import annotations
