@@ -541,7 +541,8 @@ class InboundMtls(Listener[InboundT]):
 
         A plaintext client is counted (`connections_total{mtls="false"}`) once the app
         has its connection: one the app never got was not let in."""
-        if config.protocol in H2 or _alpn(relay) == "h2":  # h2 on an http port: h2 too
+        # An h2 peer on an http port: its streams parsed too. On a tcp port: bytes, as any.
+        if config.protocol in H2 or (config.protocol == "http" and _alpn(relay) == "h2"):
             self._serve_h2(relay, peer, config)
             return
         loop = asyncio.get_running_loop()

@@ -349,3 +349,24 @@ async def test_a_plaintext_h2c_client_is_decided_per_stream_and_names_no_one(
     assert allowed.status == 200
     assert seen(allowed)["xfcc"] == []
     assert denied.status == 403
+
+
+def test_a_tcp_port_relays_an_h2_peers_bytes_to_its_h2c_app(
+    setup: CaSetup, ca: CaProcess, app: int
+) -> None:
+    # docs/agent.md: a `tcp` port offers h2 by ALPN and relays either protocol as bytes;
+    # its app (an h2c server here) is the one that speaks h2, not the agent.
+    inbounds = [{"listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app}"}]
+    raw = served_agent_yaml(setup, ca, "backend", inbound=inbounds)
+    with agent_process(setup.root, "h2-over-tcp", raw) as process:
+        client = h2_connect(setup, process)
+        try:
+            response = client.get("/api/admin", x_forwarded_client_cert="By=me")
+        finally:
+            client.close()
+        assert response.status == 200
+        # The app's own head, untouched: an agent that parsed the streams would have
+        # replaced the caller's header and dropped the app's.
+        assert seen(response)["xfcc"] == ["By=me"]
+        assert response.header(b"x-forwarded-client-cert") == b"leak"
+        assert process.total("outrider_requests_total") == 0
