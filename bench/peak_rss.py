@@ -1,7 +1,8 @@
 """One Outrider pair through the bench's scenarios: its RSS idle, after each phase, at peak.
 
     python -m bench.peak_rss [--pair l4|rotating|l7|logged|observed|resumed]
-                             [--rounds 1] [--seconds 5] [--probe basic|objects|tracemalloc]
+                             [--rounds 1] [--seconds 5] [--only new_conn,...]
+                             [--probe basic|objects|tracemalloc]
 
 `make bench` starts every proxy and reports each process's RSS high-water mark (VmHWM)
 once every scenario has run; this starts one pair only (bench/peers.py, as `make
