@@ -10,7 +10,9 @@ own account (mallinfo2: bytes in use, free but kept, mmapped); Python's (blocks
 allocated, tracemalloc's traced bytes when it runs). With OUTRIDER_PEAK_PROBE_MODE
 `objects`, also the live objects the garbage collector tracks, counted by type (the
 list it takes costs memory of its own); with `tracemalloc`, tracemalloc runs from the
-start (one frame) and the top allocation sites are noted too. Snapshots start once the
+start (one frame) and the top allocation sites are noted too; with `collect`, after
+each snapshot the garbage collector runs, then malloc_trim, and RSS after each is
+noted (what of the peak was garbage in reference cycles; this changes what follows). Snapshots start once the
 file OUTRIDER_PEAK_PROBE + ".mark" appears (the driver's word that the agent is idle
 and the load comes next: that one is the `idle` snapshot, and the file goes). The
 last snapshot, the one at the peak, and the idle one go, as JSON, to the file named
@@ -128,6 +130,13 @@ def snapshot(mode: str) -> dict[str, Any]:
     if mode == "tracemalloc":
         top = tracemalloc.take_snapshot().statistics("lineno")[:25]
         found["top"] = [(str(s.traceback[0]), s.size, s.count) for s in top]
+    if mode == "collect":
+        # How much of the peak is garbage in reference cycles: collected, then trimmed.
+        found["collected"] = gc.collect()
+        found["rss_after_collect"] = _rss()
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.malloc_trim(0)
+        found["rss_after_trim"] = _rss()
     return found
 
 

@@ -2,7 +2,7 @@
 
     python -m bench.peak_rss [--pair l4|rotating|l7|logged|observed|resumed]
                              [--rounds 1] [--seconds 5] [--only new_conn,...]
-                             [--probe basic|objects|tracemalloc]
+                             [--probe basic|objects|tracemalloc|collect]
 
 `make bench` starts every proxy and reports each process's RSS high-water mark (VmHWM)
 once every scenario has run; this starts one pair only (bench/peers.py, as `make
@@ -190,6 +190,12 @@ def _print_probe(role: str, record: dict[str, Any]) -> None:
     print(f"  python blocks      {first['python_blocks']} -> {peak['python_blocks']}")
     print(f"  malloc blocks mmapped {first['mallinfo2']['hblks']} -> {peak['mallinfo2']['hblks']}")
     print(f"  threads {first['threads']} -> {peak['threads']}")
+    if "collected" in peak:
+        print(
+            f"  gc.collect() found {peak['collected']} objects: RSS"
+            f" {peak['rss'] / MIB:.2f} -> {peak['rss_after_collect'] / MIB:.2f},"
+            f" then malloc_trim -> {peak['rss_after_trim'] / MIB:.2f}"
+        )
     if "traced" in peak:
         print(
             f"  tracemalloc traced {first.get('traced', 0) / MIB:.2f} -> {peak['traced'] / MIB:.2f}"
@@ -204,7 +210,7 @@ def main() -> None:
     parser.add_argument("--pair", choices=sorted(PHASES), default="l4")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--probe", choices=("basic", "objects", "tracemalloc"))
+    parser.add_argument("--probe", choices=("basic", "objects", "tracemalloc", "collect"))
     parser.add_argument("--only", default="", help="comma-separated phases (e.g. new_conn)")
     args = parser.parse_args()
     started = time.monotonic()
