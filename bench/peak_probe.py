@@ -12,11 +12,12 @@ allocated, tracemalloc's traced bytes when it runs). With OUTRIDER_PEAK_PROBE_MO
 list it takes costs memory of its own); with `tracemalloc`, tracemalloc runs from the
 start (one frame) and the top allocation sites are noted too; with `collect`, after
 each snapshot the garbage collector runs, then malloc_trim, and RSS after each is
-noted (what of the peak was garbage in reference cycles; this changes what follows). Snapshots start once the
-file OUTRIDER_PEAK_PROBE + ".mark" appears (the driver's word that the agent is idle
-and the load comes next: that one is the `idle` snapshot, and the file goes). The
-last snapshot, the one at the peak, and the idle one go, as JSON, to the file named
-by OUTRIDER_PEAK_PROBE, rewritten at each snapshot (SIGKILL loses nothing).
+noted (what of the peak was garbage in reference cycles; this changes what follows).
+Snapshots start once the file OUTRIDER_PEAK_PROBE + ".mark" appears (the driver's
+word that the agent is idle and the load comes next: that one is the `idle` snapshot,
+and the file goes). The last snapshot, the one at the peak, and the idle one go, as
+JSON, to the file named by OUTRIDER_PEAK_PROBE, rewritten at each snapshot (SIGKILL
+loses nothing).
 
 The sampler's thread has a malloc arena of its own (some hundreds of KiB): compare
 RSS with the probe to RSS with the probe, not to a bare agent's.
