@@ -16,7 +16,8 @@ waking the thread, which then contends for the GIL with the loop) cost
 more than building the lines. The thread exists because a log reader that stops
 reading (a stalled container runtime, a full disk behind it) fills a pipe,
 and a write from the event loop would then stop every connection of the
-agent. At most MAX_PENDING bytes wait; lines beyond are dropped and counted
+agent. At most MAX_PENDING bytes wait, each batch written (and encoded) on
+its own; lines beyond are dropped and counted
 (outrider_access_log_dropped_lines_total), never held. Spans
 go through the OpenTelemetry SDK's batch processor to an OTLP/HTTP receiver
 (protobuf, POST /v1/traces): its own thread, a bounded queue (spans are
@@ -148,14 +149,15 @@ class LineWriter:
             self.ready.notify()
 
     def _run(self) -> None:
+        # One batch at a time, as handed over: joined, what waits for a reader that was
+        # slow would be held twice (and, encoded, three times): 12 MiB at MAX_PENDING.
         while True:
             with self.ready:
                 while not self.pending and not self.closing:
                     self.ready.wait()
                 if not self.pending:
                     return
-                text = "".join(self.pending)
-                self.pending.clear()
+                text = self.pending.popleft()
             try:
                 self.sink(text)
             except (OSError, ValueError):  # stdout gone (closed, a broken pipe): lost
