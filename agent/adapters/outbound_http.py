@@ -87,6 +87,42 @@ class _Request:
     entry: Entry | None = None  # its access log entry and span (an observer is on)
     wire_method: bytes = b""  # `method` as received, for the response's parser
 
+    def __init__(
+        self,
+        method: str,
+        head: bytes,
+        key: bytes | None,
+        keep_alive: bool,
+        http10: bool,
+        framing: Framing,
+        upgrade: bool = False,
+        body: list[bytes] | None = None,
+        size: int = 0,
+        replayable: bool = True,
+        held: int = 0,
+        done: bool = False,
+        answer: bytes = b"",
+        entry: Entry | None = None,
+        wire_method: bytes = b"",
+    ) -> None:
+        # Written out, as for each per-request class here: compiled, this is native code,
+        # where the dataclass's own __init__ stays interpreted.
+        self.method = method
+        self.head = head
+        self.key = key
+        self.keep_alive = keep_alive
+        self.http10 = http10
+        self.framing = framing
+        self.upgrade = upgrade
+        self.body = [] if body is None else body
+        self.size = size
+        self.replayable = replayable
+        self.held = held
+        self.done = done
+        self.answer = answer
+        self.entry = entry
+        self.wire_method = wire_method
+
 
 @dataclass(slots=True)
 class _Parsing:
@@ -101,6 +137,18 @@ class _Parsing:
     done: asyncio.Future[int] | None
     over: bool = False  # `_try_over` was told, once
 
+    def __init__(
+        self,
+        events: _Responses,
+        parser: http1.ResponseParser,
+        done: asyncio.Future[int] | None,
+        over: bool = False,
+    ) -> None:
+        self.events = events
+        self.parser = parser
+        self.done = done
+        self.over = over
+
 
 @dataclass(slots=True)
 class _Flight:
@@ -114,6 +162,22 @@ class _Flight:
     budget: RetryBudget
     tries: Attempts[UpstreamConnection, _Parsing] | None = None
     ended: bool = False
+
+    def __init__(
+        self,
+        request: _Request,
+        started: float,
+        breaker: CircuitBreaker,
+        budget: RetryBudget,
+        tries: Attempts[UpstreamConnection, _Parsing] | None = None,
+        ended: bool = False,
+    ) -> None:
+        self.request = request
+        self.started = started
+        self.breaker = breaker
+        self.budget = budget
+        self.tries = tries
+        self.ended = ended
 
     def end(self) -> None:
         if self.ended:

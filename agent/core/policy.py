@@ -98,6 +98,25 @@ class Request:
     # lower-case name -> every field value as received, in order
     headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
+    def __init__(
+        self,
+        source: SpiffeId | None,
+        port: int,
+        method: str | None = None,
+        path: str | None = None,
+        host: str | None = None,
+        headers: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> None:
+        # Written out (as the dataclass writes it): compiled, this is native code, where
+        # the one dataclasses generates stays interpreted, and one is made per request.
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "port", port)
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "host", host)
+        object.__setattr__(self, "headers", {} if headers is None else headers)
+        self.__post_init__()
+
     def __post_init__(self) -> None:
         # A header under an upper-case name would be missed by every rule,
         # which turns `not_values` into a match: refuse the adapter's mistake.
@@ -134,6 +153,21 @@ class Decision:
     rule: str  # the deciding rule, NO_ALLOW_MATCHED, or the default action
     explanation: str | Callable[[], str] = field(compare=False, repr=False)
     records: tuple[Record, ...] = ()
+
+    def __init__(
+        self,
+        allowed: bool,
+        policy: str,
+        rule: str,
+        explanation: str | Callable[[], str],
+        records: tuple[Record, ...] = (),
+    ) -> None:
+        # Written out: compiled, native code (one decision per request; see Request).
+        object.__setattr__(self, "allowed", allowed)
+        object.__setattr__(self, "policy", policy)
+        object.__setattr__(self, "rule", rule)
+        object.__setattr__(self, "explanation", explanation)
+        object.__setattr__(self, "records", records)
 
     @property
     def reason(self) -> str:
