@@ -592,13 +592,24 @@ def _audit(args: argparse.Namespace) -> None:
 
 
 class _Version(argparse.Action):
-    """`--version`: identity.build (importlib.metadata) is read only when asked."""
+    """`--version`: identity.build is read only when asked."""
 
     def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
         from identity.build import VERSION
 
         sys.stdout.write(f"outrider {VERSION}\n")  # stdout, as argparse's own version action
         parser.exit()
+
+
+def _app_port(text: str) -> int:
+    """argparse type for a port the agent could serve: a policy names ports 1-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
 
 
 def _add_control_flag(command: argparse.ArgumentParser, what: str, after: str = "") -> None:
@@ -743,7 +754,9 @@ def parser() -> argparse.ArgumentParser:
     who = check.add_mutually_exclusive_group(required=True)
     who.add_argument("--source", metavar="SPIFFE_ID", help="the authenticated caller")
     who.add_argument("--plaintext", action="store_true", help="an unauthenticated caller")
-    check.add_argument("--port", type=int, default=8080, help="the app port (default 8080)")
+    check.add_argument(
+        "--port", type=_app_port, default=8080, help="the app port, 1-65535 (default 8080)"
+    )
     check.add_argument("--method", help="an HTTP request; without it, an L4 (TCP) connection")
     check.add_argument("--path", help="the raw request-target, normalized as the agent does")
     check.add_argument("--host", help="the Host header")

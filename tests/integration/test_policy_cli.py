@@ -227,3 +227,12 @@ def test_check_help_states_the_exit_codes() -> None:
     result = outrider("check", "--help")
     assert result.returncode == 0
     assert "exit 0 for allow, 1 for deny" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "-1", "http"])
+def test_check_refuses_a_port_no_policy_could_name(policy: Path, port: str) -> None:
+    result = outrider("check", "--policy", policy, "--source", FRONTEND, "--port", port)
+    assert result.returncode == 2
+    assert "argument --port:" in result.stderr
+    assert "is not a port number (1-65535)" in result.stderr
+    assert result.stdout == ""

@@ -254,3 +254,14 @@ def test_the_l4_tail_p99_counts_a_burst_of_long_first_requests() -> None:
     the p99 near the first requests' wait, not the steady state's 1 ms."""
     latencies = [100_000] * 50 + [1_000] * 9_950
     assert l4_tail.wrk_p99(latencies, 50, 200_000) > 50
+
+
+def test_the_l4_tail_tells_a_stall_of_every_connection_from_requests_late_one_by_one() -> None:
+    """10,000 requests of 1 ms on 50 connections; 100 of them took 8 ms. Ending in one 2 ms
+    window (the pipeline held up at once), they are all a stall; ending 10 ms apart (each
+    late on its own), none is."""
+    steady = [(n * 20, 1_000) for n in range(9_900)]
+    together = [(500_000 + n, 8_000) for n in range(100)]
+    apart = [(n * 10_000, 8_000) for n in range(100)]
+    assert l4_tail.stalled_share(steady + together, 50) == 1.0
+    assert l4_tail.stalled_share(steady + apart, 50) == 0.0
