@@ -21,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib
 import logging
 import os
 import random
 import signal
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -35,13 +37,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from agent import config as agent_config
 from agent.adapters import admin, memory
 from agent.adapters.bundle_sync import BundleSync
-from agent.adapters.capture_listeners import (
-    InboundCaptureListener,
-    OutboundCaptureListener,
-    capture_configs,
-)
 from agent.adapters.listener_info import listener_rows
 from agent.adapters.listeners import (
+    H2_INBOUND,
+    H2_OUTBOUND,
     ConfigT,
     Connections,
     InboundCapture,
@@ -69,9 +68,10 @@ from agent.core.captured import Captured
 from agent.core.policy import PolicySet, duplicates
 from agent.core.policyfile import PolicyError, load_policy_files
 from agent.core.svid import Svid
+from identity.appprotocol import H2, L7
 from identity.configfile import ConfigError, Listen
 
-if TYPE_CHECKING:  # imported where configured: an agent without them loads neither
+if TYPE_CHECKING:  # imported where configured: an agent without them loads none
     from agent.adapters.control_plane import ControlPlaneSubscription
     from agent.adapters.workload_api import WorkloadApiServer
 
@@ -110,9 +110,14 @@ def settle(config: AgentConfig) -> Settings:
     """`config` with its policy files, as one whole; PolicyError if they do not fit.
 
     The one check that start and every reload run, so a reload cannot bring
-    in what a restart would refuse.
+    in what a restart would refuse. It imports what `config` uses (`import_used`): at
+    start before anything else is allocated (imported later, amid start-up's
+    short-lived objects, the same modules take more memory), and for a reload or a
+    snapshot on the thread that checks it, not on the event loop.
     """
-    return Settings(config, load_policies(config))
+    settings = Settings(config, load_policies(config))
+    import_used(config)
+    return settings
 
 
 Opened = tuple[
@@ -443,6 +448,8 @@ class Agent:
 
     async def _apply(self, new: Settings) -> None:
         old = self.config
+        if unimported(new.config):  # settled elsewhere: a worker's settings, from the main
+            await _off_loop(import_used, new.config)
         await self._run(new)
         if (new.config.identity, new.config.ca) != (old.identity, old.ca):
             self.identity.renew_now()
@@ -502,18 +509,20 @@ class Agent:
             self._release_moved(undo, config)
             inbound = self._bind(undo, self.inbound, config.inbound, InboundListener)
             outbound = self._bind(undo, self.outbound, _listened(config), OutboundListener)
-            capture_inbound = self._bind(
-                undo,
-                self.capture_inbound,
-                captures[:1] if captures else (),
-                InboundCaptureListener,
-            )
-            capture_outbound = self._bind(
-                undo,
-                self.capture_outbound,
-                captures[1:] if captures else (),
-                OutboundCaptureListener,
-            )
+            capture_inbound: dict[Listen, Listener[InboundCapture]] = {}
+            capture_outbound: dict[Listen, Listener[OutboundCapture]] = {}
+            if captures is not None:
+                from agent.adapters.capture_listeners import (
+                    InboundCaptureListener,
+                    OutboundCaptureListener,
+                )
+
+                capture_inbound = self._bind(
+                    undo, self.capture_inbound, captures[:1], InboundCaptureListener
+                )
+                capture_outbound = self._bind(
+                    undo, self.capture_outbound, captures[1:], OutboundCaptureListener
+                )
             opened = (inbound, outbound, capture_inbound, capture_outbound)
             for listener in [l for running in opened for l in running.values()]:  # noqa: E741
                 await listener.start()
@@ -575,6 +584,25 @@ class Agent:
             **_commit(self.inbound, opened[0], inbound),
             **_commit(self.outbound, opened[1], outbound),
         }
+        if captures is not None or self.capture_inbound or self.capture_outbound:
+            self._switch_captures(opened, capture_in, capture_out)
+        if captures is None and config.captured != Captured() and not self._unused_captured_logged:
+            self._unused_captured_logged = True
+            log.info("captured: is set but capture: is not (no traffic is captured): unused")
+        self._prune_series()
+
+    def _switch_captures(
+        self,
+        opened: Opened,
+        capture_in: dict[Listen, tuple[str, InboundCapture]],
+        capture_out: dict[Listen, tuple[str, OutboundCapture]],
+    ) -> None:
+        """`_switch`'s part for the capture listeners: opened, running or closing now."""
+        from agent.adapters.capture_listeners import (
+            InboundCaptureListener,
+            OutboundCaptureListener,
+        )
+
         explicit = {
             listener.config.name: listener.live
             for listener in self.outbound.values()
@@ -592,14 +620,53 @@ class Agent:
         for capture_listener in self.capture_inbound.values():
             assert isinstance(capture_listener, InboundCaptureListener)
             capture_listener.bound_ports = bound_ports
-        if captures is None and config.captured != Captured() and not self._unused_captured_logged:
-            self._unused_captured_logged = True
-            log.info("captured: is set but capture: is not (no traffic is captured): unused")
-        self._prune_series()
 
     def _prune_series(self) -> None:
         """/metrics shows the upstreams of the running config, and no other."""
         prune_series(self.metrics, {upstream.name for upstream in self.config.outbound})
+
+
+def capture_configs(config: AgentConfig) -> tuple[InboundCapture, OutboundCapture] | None:
+    """What the two capture listeners serve under `config`; None without `capture:`, and
+    then their module (agent/adapters/capture_listeners.py) is not loaded."""
+    if config.capture is None:
+        return None
+    from agent.adapters import capture_listeners
+
+    return capture_listeners.capture_configs(config)
+
+
+def import_used(config: AgentConfig) -> None:
+    """Import the modules of what `config` uses that an agent loads only when one does,
+    before it applies (start, a reload, a control-plane snapshot, a worker's settings):
+    the first connection to use one then waits on no import (the h2 stack is 20-30 ms
+    of CPU), and an agent that never uses one never pays its memory. Each is imported
+    where it is built too, so this only moves the wait: `settle` calls it (at start,
+    and on the thread that checks a reload or a snapshot), `_apply` for what was
+    settled elsewhere (a worker's), off the event loop.
+    """
+    for name in unimported(config):
+        importlib.import_module(name)
+
+
+def unimported(config: AgentConfig) -> list[str]:
+    """The modules `config` uses that are not imported yet.
+
+    The h2 stack (agent/adapters/listeners.py, H2_INBOUND and H2_OUTBOUND): an inbound
+    (or captured) port that speaks `http2` or `grpc`, or `http`, which an h2 peer may
+    pick by ALPN; an upstream that speaks `http2` or `grpc`. The capture listeners with
+    `capture:`.
+    """
+    modules: list[str] = []
+    ports = [item.protocol for item in config.inbound]
+    if config.capture is not None:
+        modules.append("agent.adapters.capture_listeners")
+        ports += [override.protocol for _, override in config.captured.ports]
+    if any(protocol in L7 for protocol in ports):
+        modules += H2_INBOUND
+    if any(item.protocol in H2 for item in config.outbound):
+        modules += H2_OUTBOUND
+    return [name for name in dict.fromkeys(modules) if name not in sys.modules]
 
 
 def _listened(config: AgentConfig) -> tuple[Outbound, ...]:
@@ -628,6 +695,8 @@ def _hand_over(
     """A capture port moved (a new listener, the old one closing): the new one takes the
     plain connections the old one let through, so that a port made strict, or an outbound
     policy made registry-only, closes them too; its configure would not see them else."""
+    from agent.adapters.capture_listeners import InboundCaptureListener, OutboundCaptureListener
+
     leaving = [running[listen] for listen in set(running) - set(wanted)]
     for listener in opened.values():
         for old in leaving:

@@ -43,7 +43,6 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agent.adapters.capture_listeners import capture_configs
 from agent.adapters.ports import cannot_listen
 from agent.adapters.workers import (
     SCRAPE_TIMEOUT,
@@ -55,7 +54,7 @@ from agent.adapters.workers import (
     merge,
     spawn,
 )
-from agent.app import Agent, Settings
+from agent.app import Agent, Settings, capture_configs
 from agent.config import AgentConfig
 from agent.core.svid import Svid
 from identity.configfile import Listen

@@ -4,7 +4,8 @@
 
 Starts `outrider ca serve` and the two agents of the L7 bench pair (bench/peers.py:
 the server with an inbound `protocol: http` port and the 10-rule policy, the client
-with an outbound `protocol: http` upstream), each as `outrider agent run` the way
+with an outbound `protocol: http` upstream), and the L4 pair's server (an inbound
+`protocol: tcp` port), each as `outrider agent run` the way
 tests/mesh.py starts one, with its SVID from the CA. Once each is ready and has sat
 idle `--settle` seconds: its footprint (`footprint`): VmRSS, split into anonymous
 memory (the heap, Python's objects) and file pages (the interpreter and the shared
@@ -47,7 +48,9 @@ _RSS_HOOK = ("-c", "import bench.import_rss as m; m.run()", "-m", "outrider")
 
 
 def agent_configs(setup: CaSetup, ca: CaProcess) -> dict[str, dict[str, Any]]:
-    """The L7 bench pair's agent.yaml files (the app and the upstream need not answer)."""
+    """The L7 bench pair's agent.yaml files (the app and the upstream need not answer), and
+    the L4 pair's server (`protocol: tcp`): what an agent loads depends on what its config
+    uses (h2 for an http port, say: agent.app.import_used)."""
     policy = setup.root / "policy.yaml"
     policy.write_text(yaml.safe_dump(outrider_policy(POLICY_RULES)))
     server = served_agent_yaml(
@@ -60,7 +63,8 @@ def agent_configs(setup: CaSetup, ca: CaProcess) -> dict[str, dict[str, Any]]:
     upstream = outbound(f"127.0.0.1:{free_port()}", SERVER)
     upstream[0]["protocol"] = "http"
     client = served_agent_yaml(setup, ca, "client", outbound=upstream)
-    return {"server": server, "client": client}
+    l4_server = served_agent_yaml(setup, ca, "l4-server", inbound=inbound(free_port()))
+    return {"server": server, "client": client, "l4 server": l4_server}
 
 
 def footprint(pid: int) -> dict[str, float]:

@@ -68,7 +68,15 @@ def _dump() -> None:
     path = os.environ.get("OUTRIDER_IMPORT_RSS")
     if path:
         with open(path, "w") as out:
-            json.dump({"start": _START, "records": _records, "end": _rss()}, out)
+            json.dump(
+                {
+                    "start": _START,
+                    "records": _records,
+                    "end": _rss(),
+                    "modules": sorted(sys.modules),
+                },
+                out,
+            )
 
 
 _START = _rss()

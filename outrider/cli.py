@@ -592,7 +592,7 @@ def _audit(args: argparse.Namespace) -> None:
 
 
 class _Version(argparse.Action):
-    """`--version`: identity.build (importlib.metadata) is read only when asked."""
+    """`--version`: identity.build is read only when asked."""
 
     def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
         from identity.build import VERSION

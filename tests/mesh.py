@@ -62,6 +62,25 @@ from tests.support import (
 _READY = re.compile(r"ready as (\S+): (.*)$")
 _ADMIN = re.compile(r"admin listening on (\S+)$")
 
+#: `agent_process(launcher=MODULES_AT_EXIT, env={MODULES_FILE: path})`: the agent as ever,
+#: and as it exits (SIGTERM: `AgentProcess.stop`) the names of every module it loaded go
+#: to `path`, one a line (`loaded_modules` reads them): what an agent imports when.
+MODULES_FILE = "OUTRIDER_TEST_MODULES"
+MODULES_AT_EXIT = (
+    "-c",
+    "import atexit, os, runpy, sys\n"
+    "def dump():\n"
+    f"    with open(os.environ['{MODULES_FILE}'], 'w') as out:\n"
+    "        out.write('\\n'.join(sorted(sys.modules)))\n"
+    "atexit.register(dump)\n"
+    "runpy.run_module('outrider', run_name='__main__', alter_sys=True)",
+)
+
+
+def loaded_modules(path: Path) -> set[str]:
+    """What a MODULES_AT_EXIT agent that has exited had loaded."""
+    return set(path.read_text().splitlines())
+
 
 def workload(name: str, namespace: str = "demo") -> SpiffeId:
     return SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{name}")

@@ -34,7 +34,6 @@ import random
 import ssl
 from collections.abc import Callable, Coroutine
 from datetime import datetime
-from importlib import metadata
 from typing import Any, Protocol
 
 from grpclib.client import Channel, Stream
@@ -48,6 +47,7 @@ from agent.adapters.tls import control_plane_context, peer_id
 from agent.config import ControlEndpoint
 from agent.core.svid import Svid
 from identity import SvidError
+from identity.build import VERSION
 from identity.proto import control_pb2
 from identity.proto.control_grpc import ControlPlaneStub
 
@@ -90,10 +90,7 @@ SubscribeStream = Stream[control_pb2.AgentMessage, control_pb2.Snapshot]
 
 def agent_version() -> str:
     """This build, for `outrider proxy-status`."""
-    try:
-        return metadata.version("outrider")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    return VERSION
 
 
 class SnapshotTarget(Protocol):

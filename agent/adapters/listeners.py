@@ -21,18 +21,13 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Gauge
 
 from agent.adapters.attempts import Droppable, LocalAnswer, Try, attempts, overflow
-from agent.adapters.h2gate import H2Gate, advise_peer
-from agent.adapters.h2server import H2Server
 from agent.adapters.http import HttpExchange, xfcc
-from agent.adapters.inbound_h2 import InboundH2
-from agent.adapters.inbound_h2h1 import InboundH2ToHttp1
-from agent.adapters.metrics import AgentMetrics, clock
-from agent.adapters.outbound_h2 import OutboundH2
+from agent.adapters.metrics import AgentMetrics, Tally, clock, tallied
 from agent.adapters.outbound_http import OutboundHttp
 from agent.adapters.ports import cannot_listen
 from agent.adapters.relay import Relay
@@ -54,9 +49,20 @@ from identity.appprotocol import H2, L7
 from identity.appprotocol import Protocol as PortProtocol
 from identity.configfile import Listen
 
+if TYPE_CHECKING:  # the h2 stack loads with its first use: see H2_INBOUND
+    from agent.adapters.h2gate import H2Gate
+    from agent.adapters.h2server import H2Server
+
 log = logging.getLogger("outrider.agent")
 
 INBOUND, OUTBOUND = "inbound", "outbound"
+
+#: The h2 stack, which an agent none of whose ports or upstreams speaks h2 never loads
+#: (0.6 MiB of its idle RSS): each is imported where the listener builds it, and
+#: `agent.app.import_used` imports them as a config that uses them applies, so that its
+#: first connection waits on no import.
+H2_INBOUND = ("agent.adapters.inbound_h2h1", "agent.adapters.h2gate")
+H2_OUTBOUND = ("agent.adapters.outbound_h2", "agent.adapters.h2gate")
 
 
 @dataclass(frozen=True)
@@ -371,7 +377,7 @@ class InboundMtls(Listener[InboundT]):
         )
         #: The authz counter's children by labels, bound once: `labels()` takes a lock
         #: and builds a key on every call, and this one is counted on every request.
-        self._decisions: dict[tuple[str, str, str], Counter] = {}
+        self._decisions: dict[tuple[str, str, str], Tally] = {}  # one a request: Tallies
 
     def configure(self, config: InboundT) -> None:
         """Connections accepted from now on follow `config`; plaintext ones already let in
@@ -537,7 +543,8 @@ class InboundMtls(Listener[InboundT]):
 
         A plaintext client is counted (`connections_total{mtls="false"}`) once the app
         has its connection: one the app never got was not let in."""
-        if config.protocol in H2 or _alpn(relay) == "h2":  # h2 on an http port: h2 too
+        # An h2 peer on an http port: its streams parsed too. On a tcp port: bytes, as any.
+        if config.protocol in H2 or (config.protocol == "http" and _alpn(relay) == "h2"):
             self._serve_h2(relay, peer, config)
             return
         loop = asyncio.get_running_loop()
@@ -704,6 +711,10 @@ class InboundMtls(Listener[InboundT]):
             self._limit_line(limit, peer)
 
         # An http port's app speaks HTTP/1.1: each stream goes to it as an HTTP/1.1 request.
+        from agent.adapters.h2server import H2Server
+        from agent.adapters.inbound_h2 import InboundH2
+        from agent.adapters.inbound_h2h1 import InboundH2ToHttp1
+
         kind = InboundH2 if config.protocol in H2 else InboundH2ToHttp1
         streams = kind(
             Endpoint(app.host, app.port),
@@ -882,10 +893,11 @@ class InboundMtls(Listener[InboundT]):
 
     def _count_decision(self, kind: str, policy: str, rule: str) -> None:
         key = (kind, policy, rule)
-        child = self._decisions.get(key)
-        if child is None:
-            child = self._decisions[key] = self.runtime.metrics.authz_decisions.labels(*key)
-        child.inc()
+        tally = self._decisions.get(key)
+        if tally is None:
+            child = self.runtime.metrics.authz_decisions.labels(*key)
+            tally = self._decisions[key] = tallied(child)
+        tally.value += 1.0
 
     def _authorize(self, request: Request, config: Inbound) -> Decision:
         """The policy's decision on a connection (L4) or a request (L7), counted."""
@@ -940,6 +952,7 @@ def h2_gate(
 ) -> H2Gate:
     """An h2c connection's gate (agent/adapters/h2gate.py): an HTTP/1.x client is answered,
     counted `protocol_mismatch`, and logged a line a while; the registry holds the gate."""
+    from agent.adapters.h2gate import H2Gate
 
     def refused() -> None:
         runtime.connection_refused(direction, "protocol_mismatch")
@@ -958,6 +971,14 @@ def h2_gate(
 
     idle = runtime.limits.idle_timeout.total_seconds()
     return H2Gate(server, protocol, refused, closed, idle, admitted)
+
+
+def advise_peer(relay: Relay, transport: asyncio.Transport, protocol: str) -> None:
+    """agent/adapters/h2gate.py's `advise_peer`, its module loaded with the first use (a
+    peer that did not offer h2 to an h2 port, whose config loaded it already)."""
+    from agent.adapters import h2gate
+
+    h2gate.advise_peer(relay, transport, protocol)
 
 
 def _alpn(relay: Relay) -> str | None:
@@ -1012,6 +1033,8 @@ class OutboundPath:
             metrics.routed["upstream"].inc()
             return exchange
         if live.config.protocol in H2:  # h2c from the app: each stream its own request
+            from agent.adapters.outbound_h2 import OutboundH2
+
             server = OutboundH2(live, self.rng).serve(lambda _: None)
             gate = self.gate(server, live.config.protocol, f"outbound {live.name}")
             self.connections.add(gate, OUTBOUND)

@@ -24,13 +24,12 @@ import logging
 import random
 import ssl
 from collections.abc import Callable, Collection, Mapping
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import Counter
 
 from agent.adapters import discovery
-from agent.adapters.h2client import H2Pool
-from agent.adapters.metrics import AgentMetrics, clock
+from agent.adapters.metrics import AgentMetrics, TalliedHistogram, Tally, clock, tallied
 from agent.adapters.pool import Pool
 from agent.adapters.runtime import Runtime
 from agent.adapters.tls import dialling, kept, refusal_reason
@@ -40,6 +39,9 @@ from agent.core.discovery import Source
 from agent.core.health import ActiveCheck, Event, Transition
 from agent.core.resilience import CircuitBreaker, RetryBudget
 from agent.core.upstream import Endpoint, Upstream
+
+if TYPE_CHECKING:  # built with the first h2 stream: see LiveUpstream.h2pool
+    from agent.adapters.h2client import H2Pool
 
 log = logging.getLogger("outrider.agent")
 
@@ -76,7 +78,7 @@ class LiveUpstream:
             config.retries.budget_percent, config.retries.min_retry_concurrency
         )
         self.pool = Pool(config.pool_idle_timeout)
-        self.h2pool = H2Pool(config.pool_idle_timeout)  # http2 and grpc: shared connections
+        self._h2pool: H2Pool | None = None
         self.published: dict[Source, dict[Endpoint, int]] = {}
         self._watches: dict[Source, asyncio.Task[None]] = {}
         self._restart: asyncio.TimerHandle | None = None
@@ -90,6 +92,16 @@ class LiveUpstream:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def h2pool(self) -> H2Pool:
+        """Its shared h2 connections (`http2` and `grpc`), built with its first stream:
+        an upstream that never speaks h2 loads no h2 client (agent/adapters/h2client.py)."""
+        if self._h2pool is None:
+            from agent.adapters.h2client import H2Pool
+
+            self._h2pool = H2Pool(self.config.pool_idle_timeout)
+        return self._h2pool
 
     @property
     def running(self) -> bool:
@@ -116,7 +128,8 @@ class LiveUpstream:
             self._restart.cancel()
             self._restart = None
         self.pool.close()
-        self.h2pool.close()
+        if self._h2pool is not None:
+            self._h2pool.close()
 
     def reconfigure(self, config: Outbound) -> None:
         """Follow a new config (a running upstream); what it does not change carries over."""
@@ -145,14 +158,18 @@ class LiveUpstream:
         gone = self.core.endpoints() - core.endpoints()
         self.core = core
         self.pool.drop(gone)
-        self.h2pool.drop(gone)
+        h2pool = self._h2pool
+        if h2pool is not None:
+            h2pool.drop(gone)
         if config.server_ids != old.server_ids:
             # Its pooled connections were verified against the IDs it trusted before: none
             # carries a new request (in-flight ones finish), as none would be dialled now.
             self.pool.retire_all()
-            self.h2pool.drop(list(self.h2pool.connections))
+            if h2pool is not None:
+                h2pool.drop(list(h2pool.connections))
         self.pool.set_idle_timeout(config.pool_idle_timeout)
-        self.h2pool.set_idle_timeout(config.pool_idle_timeout)
+        if h2pool is not None:
+            h2pool.set_idle_timeout(config.pool_idle_timeout)
         if self._running:
             self._watch_sources()
             if config.health.active != old.health.active:
@@ -211,7 +228,8 @@ class LiveUpstream:
                 gone |= self.core.update(subset.name, members)
         gone -= self.core.endpoints()
         self.pool.drop(gone)
-        self.h2pool.drop(gone)
+        if self._h2pool is not None:
+            self._h2pool.drop(gone)
         log.info(
             "upstream %s: %d endpoint(s): %s",
             self.name,
@@ -239,7 +257,8 @@ class LiveUpstream:
         if transition.new == "ejected":
             self.counted.ejections.inc()
             self.pool.drop({transition.endpoint})
-            self.h2pool.drop({transition.endpoint})
+            if self._h2pool is not None:
+                self._h2pool.drop({transition.endpoint})
         log.warning(
             "upstream %s: %s %s -> %s (%s)",
             self.name,
@@ -264,8 +283,8 @@ class LiveUpstream:
             contexts = self.runtime.contexts
             if contexts.client is not None:  # the SVID or bundle rotated
                 self.pool.retire(contexts.client)
-            if contexts.h2_client is not None:
-                self.h2pool.retire(contexts.h2_client)
+            if contexts.h2_client is not None and self._h2pool is not None:
+                self._h2pool.retire(contexts.h2_client)
             for transition in self.core.health.expired(self._now()):
                 self._transitioned(transition)
             self._count_states()
@@ -369,26 +388,34 @@ class LiveUpstream:
 
 
 class Counted:
-    """An upstream's metric children, bound once: `labels()` takes a lock and a lookup."""
+    """An upstream's metric children, bound once: `labels()` takes a lock and a lookup.
+
+    Those counted on every request (its status, its duration, a pooled connection
+    reused) are Tallies (agent/adapters/metrics.py): the HTTP/1.1 outbound, compiled,
+    counts them with a `+=`; `request` does the same for the other protocols."""
 
     def __init__(self, metrics: AgentMetrics, name: str) -> None:
         self.name = name
         self.metrics = metrics
-        self.duration = metrics.upstream_request_duration.labels(name)
+        self.duration = TalliedHistogram(metrics.upstream_request_duration.labels(name))
         self.retries = metrics.upstream_retries.labels(name)
         self.ejections = metrics.upstream_ejections.labels(name)
         self.new = metrics.upstream_connections.labels(name, "new")
         self.reused = metrics.upstream_connections.labels(name, "reused")
-        self._codes: dict[int, Counter] = {}
+        self.reused_count = tallied(self.reused)
+        self.codes: dict[int, Tally] = {}  # upstream_requests_total's, by status
         self._grpc: dict[int, Counter] = {}
 
+    def code(self, status: int) -> Tally:
+        """upstream_requests_total's child for `status`, bound on first use."""
+        tally = self.codes.get(status)
+        if tally is None:
+            child = self.metrics.upstream_requests.labels(self.name, str(status))
+            tally = self.codes[status] = tallied(child)
+        return tally
+
     def request(self, status: int, seconds: float) -> None:
-        counter = self._codes.get(status)
-        if counter is None:
-            counter = self._codes[status] = self.metrics.upstream_requests.labels(
-                self.name, str(status)
-            )
-        counter.inc()
+        self.code(status).value += 1.0
         self.duration.observe(seconds)
 
     def grpc(self, code: int) -> None:

@@ -24,6 +24,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+from identity.build import VERSION
+
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = {"Dockerfile.ca": 1338, "Dockerfile.agent": 1337}
 #: The optional-dependency group (and lock file, requirements/GROUP.txt) each installs.
@@ -153,7 +155,7 @@ def test_the_image_carries_the_oci_labels(name: str) -> None:
     args = dict(i.args.split("=", 1) for i in final if i.keyword == "ARG" and "=" in i.args)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert labels["org.opencontainers.image.version"] == "${VERSION}"
-    assert args["VERSION"] == project["version"]
+    assert args["VERSION"] == VERSION  # identity/build.py, which pyproject.toml reads
     assert labels["org.opencontainers.image.licenses"] == project["license"]
 
 

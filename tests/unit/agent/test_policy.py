@@ -697,8 +697,20 @@ def test_plans_are_remembered_for_a_bounded_number_of_callers_and_ports() -> Non
         other = policies.decide(replace(HTTP, port=port, path="/other"), TRUSTED)
         assert other.allowed == (port != 8080)  # the ALLOW governs port 8080 only
     assert policies.decide(replace(HTTP, port=8080, path="/api/x"), TRUSTED).allowed
-    assert len(policies._plans) == MAX_PLANS
-    assert replace(policies)._plans == {}  # a new set (a reload) plans afresh
+    assert len(policies._plans) == len(policies._seen) == MAX_PLANS
+    fresh = replace(policies)  # a new set (a reload) plans afresh
+    assert fresh._plans == {} and fresh._seen == {}
+
+
+def test_a_plan_found_by_the_callers_object_is_the_one_its_id_would_find() -> None:
+    """Plans are found by the caller's object first (a connection's requests share it);
+    an equal ID parsed again, or another caller, is decided by its own plan."""
+    policies = PolicySet((policy("ALLOW", (cond("principals", str(FRONTEND)),)),))
+    again = SpiffeId.parse(str(FRONTEND))
+    for source, allowed in [(FRONTEND, True), (again, True), (OTHER_NS, False)] * 2:
+        assert policies.decide(replace(HTTP, source=source), TRUSTED).allowed is allowed
+    assert all(key[0] == id(caller) for key, (caller, _) in policies._seen.items())
+    assert len(policies._seen) == 3 and len(policies._plans) == 2
 
 
 @settings(max_examples=300)
