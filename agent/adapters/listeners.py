@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Gauge
 
 from agent.adapters.attempts import Droppable, LocalAnswer, Try, attempts, overflow
 from agent.adapters.http import HttpExchange, xfcc
-from agent.adapters.metrics import AgentMetrics, clock
+from agent.adapters.metrics import AgentMetrics, Tally, clock, tallied
 from agent.adapters.outbound_http import OutboundHttp
 from agent.adapters.ports import cannot_listen
 from agent.adapters.relay import Relay
@@ -376,7 +376,7 @@ class InboundMtls(Listener[InboundT]):
         )
         #: The authz counter's children by labels, bound once: `labels()` takes a lock
         #: and builds a key on every call, and this one is counted on every request.
-        self._decisions: dict[tuple[str, str, str], Counter] = {}
+        self._decisions: dict[tuple[str, str, str], Tally] = {}  # one a request: Tallies
 
     def configure(self, config: InboundT) -> None:
         """Connections accepted from now on follow `config`; plaintext ones already let in
@@ -890,10 +890,11 @@ class InboundMtls(Listener[InboundT]):
 
     def _count_decision(self, kind: str, policy: str, rule: str) -> None:
         key = (kind, policy, rule)
-        child = self._decisions.get(key)
-        if child is None:
-            child = self._decisions[key] = self.runtime.metrics.authz_decisions.labels(*key)
-        child.inc()
+        tally = self._decisions.get(key)
+        if tally is None:
+            child = self.runtime.metrics.authz_decisions.labels(*key)
+            tally = self._decisions[key] = tallied(child)
+        tally.value += 1.0
 
     def _authorize(self, request: Request, config: Inbound) -> Decision:
         """The policy's decision on a connection (L4) or a request (L7), counted."""
