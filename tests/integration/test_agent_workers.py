@@ -258,7 +258,8 @@ def test_workers_end_when_their_main_process_is_killed(
 
 # -- per-request counts over workers (counted as Tallies: agent/adapters/metrics.py) -------
 
-#: What the counted pair's app answers, by path; `/admin` the server's policy denies.
+#: What the counted pair's app answers, by path; `/admin` the server's policy denies, and
+#: `/missing` an AUDIT policy records.
 STATUSES = {"/": 200, "/missing": 404, "/admin": 403}
 
 
@@ -312,14 +313,20 @@ def test_request_counts_over_workers_are_every_request_once_across_a_reload(
 ) -> None:
     """Both agents of an L7 pair run two workers: /metrics counts each request once, by
     status, on both sides (the duration histogram's count, +Inf bucket and buckets with
-    them); an upstream a reload removes loses its series, and re-added starts from 0."""
+    them), and each decision and audit record once; an upstream a reload removes loses
+    its series, and re-added starts from 0."""
     policy = {
         "policies": [
             {
                 "name": "guard",
                 "action": "DENY",
                 "rules": [{"name": "no-admin", "to": {"paths": ["/admin"]}}],
-            }
+            },
+            {
+                "name": "watch",
+                "action": "AUDIT",
+                "rules": [{"name": "misses", "to": {"paths": ["/missing"]}}],
+            },
         ]
     }
     server_raw = workers_yaml(setup, ca, statuses_app, "counted-server", policy=policy)
@@ -347,6 +354,17 @@ def test_request_counts_over_workers_are_every_request_once_across_a_reload(
                     "outrider_requests_total", direction="inbound", peer_id=caller, code=str(code)
                 )
                 assert counted == n, (code, counted)
+            decided = {
+                (s.labels["decision"], s.labels["policy"], s.labels["rule"]): s.value
+                for family in text_string_to_metric_families(server.metrics())
+                for s in family.samples
+                if s.name == "outrider_authz_decisions_total"
+            }
+            assert decided == {  # each request decided once, its AUDIT record beside it
+                ("allow", "default", "allow-authenticated"): expected[200] + expected[404],
+                ("deny", "guard", "no-admin"): expected[403],
+                ("audit", "watch", "misses"): expected[404],
+            }
             for page in (client.metrics(), server.metrics()):
                 assert "_created" not in page
 
