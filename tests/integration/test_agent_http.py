@@ -332,6 +332,30 @@ def test_an_h2_and_an_http1_client_get_the_same_decision_on_one_http_port(
     assert h2_seen[0]["method"] == "GET"
 
 
+def test_each_h2_stream_and_http1_request_is_counted_once(
+    setup: CaSetup, agent: AgentProcess, h2_client: H2Client
+) -> None:
+    """requests_total and authz_decisions_total (Tallies, added to on the loop) count every
+    request once, over either protocol, allowed or denied."""
+    frontend = str(workload("frontend"))
+
+    def counts() -> tuple[float, ...]:
+        return (
+            agent.total("outrider_requests_total", peer_id=frontend, code="200"),
+            agent.total("outrider_requests_total", peer_id=frontend, code="403"),
+            agent.total("outrider_authz_decisions_total", decision="allow", rule="read-api"),
+            agent.total("outrider_authz_decisions_total", decision="deny", rule="admin"),
+        )
+
+    before = counts()
+    for _ in range(3):
+        assert h2_client.get("/api/items", authority="backend").status == 200
+        assert h2_client.get("/api/admin/x", authority="backend").status == 403
+        assert one(setup, agent, get("/api/items")).status == 200
+        assert one(setup, agent, get("/api/admin/x")).status == 403
+    assert [a - b for a, b in zip(counts(), before, strict=True)] == [6, 6, 6, 6]
+
+
 def test_an_h2_stream_reaches_the_http1_app_with_the_peers_identity_only(
     app: App, h2_client: H2Client
 ) -> None:
