@@ -713,6 +713,45 @@ def test_a_plan_found_by_the_callers_object_is_the_one_its_id_would_find() -> No
     assert len(policies._seen) == 3 and len(policies._plans) == 2
 
 
+def test_a_caller_whose_object_is_gone_never_borrows_the_plan_of_its_memory() -> None:
+    """A plan is found by the caller's object: a connection's ID, parsed by its handshake,
+    freed when it closes, and the next connection's, of another caller, may be made at the
+    same address. More callers and ports than are remembered, each a new object: every
+    decision is the caller's own."""
+    policies = PolicySet((policy("ALLOW", (cond("principals", str(FRONTEND)),)),))
+    addresses = set()
+    for n in range(3 * MAX_PLANS):
+        caller = SpiffeId.parse(str((FRONTEND, OTHER_NS)[n % 2]))
+        addresses.add(id(caller))
+        request = replace(HTTP, source=caller, port=1000 + n % (MAX_PLANS + 7))
+        assert policies.decide(request, TRUSTED).allowed is (n % 2 == 0), n
+        del caller, request
+    assert len(addresses) < 3 * MAX_PLANS  # memory was reused: the case is made
+    assert len(policies._seen) == MAX_PLANS
+
+
+@settings(max_examples=300)
+@given(
+    st.one_of(_ANY_SETS, _PATH_SETS),
+    st.lists(st.tuples(_requests(), st.booleans()), min_size=1, max_size=6),
+)
+def test_the_fast_path_decides_as_the_full_evaluation_for_a_caller_parsed_again(
+    policies: PolicySet, requests: list[tuple[Request, bool]]
+) -> None:
+    """Each caller's ID, the one object or parsed again (a new connection's handshake):
+    equal, not identical, it is decided as the full evaluation decides it."""
+    for request, again in requests * 2:
+        if again and request.source is not None:
+            request = replace(request, source=SpiffeId.parse(str(request.source)))
+        fast, full = policies.decide(request, TRUSTED), policies.explain(request, TRUSTED)
+        assert (fast.allowed, fast.policy, fast.rule, fast.records) == (
+            full.allowed,
+            full.policy,
+            full.rule,
+            full.records,
+        )
+
+
 @settings(max_examples=300)
 @given(_SETS, _policies("DENY"), _requests())
 def test_adding_a_deny_policy_never_allows_what_was_denied(
