@@ -687,10 +687,9 @@ class OutboundHttp(asyncio.Protocol):
         if not breaker.acquire("max_pending"):
             raise LocalAnswer(*overflow(live, "max_pending"))
         try:
+            # A partial, not a closure: compiled, a closure and its environment are a cycle.
             connection, tls = await dial_within_limit(
-                live,
-                endpoint,
-                lambda release: UpstreamConnection(live.pool, endpoint, context, release),
+                live, endpoint, partial(UpstreamConnection, live.pool, endpoint, context)
             )
         except DialError as exc:
             live.runtime.dial_failed(live.name, endpoint, exc)  # as the TCP outbound says it
