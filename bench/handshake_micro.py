@@ -2,6 +2,7 @@
 
     python -m bench.handshake_micro [--handshakes 300] [--rounds 3] [--part memory,loopback]
                                     [--pyopenssl]
+    python -m bench.handshake_micro --part path|path-full|path-resumed
 
 `new_conn` and `new_conn_resumed` (bench/dataplane.py) measure whole agents on 2 shared
 CPUs, where conn/s is set by the CPU one connection costs each agent. This splits it:
@@ -20,6 +21,14 @@ CPUs, where conn/s is set by the CPU one connection costs each agent. This split
   connection, both sides (one process); and `bare`, the same over uvloop's TLS transport
   alone: the agent's own Python is what `agent` costs above `bare`, uvloop's transport
   and the kernel's loopback what `bare` costs above `memory`.
+- path: a new connection's whole way through both agents in one process (the app's
+  connection accepted, an endpoint chosen and dialled, the server agent's accept, checks
+  and app dial, one request relayed, every connection closed), process time per
+  connection. Under callgrind it counts instructions per connection, which a busy
+  machine does not move: `--dump-before=time_process_time` makes the measured
+  connections a part of their own (`callgrind.out.N.2`; divide by `--handshakes`).
+  On OpenSSL 3.0 (valgrind: no AVX-512) a full one is ~18.3 M instructions in user
+  space, 91.6% of them in SSL_do_handshake; a resumed one ~11.0 M.
 - pyopenssl (with `--pyopenssl`, when pyOpenSSL is installed): the memory handshakes
   through pyOpenSSL, i.e. the OpenSSL that cryptography bundles, with the same
   certificates, keys, roots, ciphers and checks; and the loopback ones over uvloop's plain
@@ -53,7 +62,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import uvloop
 
@@ -267,6 +276,101 @@ async def loopback(
     return took / count * 1e6
 
 
+# -- path ------------------------------------------------------------------------------
+
+
+class _Backend(asyncio.Protocol):
+    """The app behind the server agent: answers the first bytes and closes, as nginx
+    answers a `Connection: close` request."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx")
+        self.transport.close()
+
+
+class _App(asyncio.Protocol):
+    """The app calling its client agent: one request, done when the answer's connection
+    closes."""
+
+    def __init__(self) -> None:
+        self.done = asyncio.get_running_loop().create_future()
+        self.got = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).write(b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.got += data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(self.got)
+
+
+async def path(server_svid: Svid, client_svid: Svid, resumption: Resumption, count: int) -> float:
+    """Process time per connection (µs) of the whole way a new connection takes through
+    both agents, in one process: the app's connection accepted by an outbound listener,
+    an endpoint chosen and dialled (`OutboundPath`, `LiveUpstream.dial`), accepted and
+    checked by an inbound listener (`InboundMtls._admit` .. `_to_app`), the app dialled,
+    one request relayed each way, every connection closed. The app and its caller are
+    small asyncio protocols in the same loop (their cost is the same in any build).
+
+    Run under callgrind (`valgrind --tool=callgrind python -m bench.handshake_micro
+    --part path --handshakes N --rounds 1`), two counts' difference gives instructions
+    per connection, which a busy machine does not move."""
+    loop = asyncio.get_running_loop()
+    now = lambda: datetime.now(UTC)  # noqa: E731
+    server_rt = Runtime(Limits(), Contexts.of(server_svid, resumption), AgentMetrics(), now, SERVER)
+    client_rt = Runtime(Limits(), Contexts.of(client_svid, resumption), AgentMetrics(), now, CLIENT)
+    backend = await loop.create_server(_Backend, "127.0.0.1", 0)
+    app = Endpoint("127.0.0.1", backend.sockets[0].getsockname()[1])
+    inbound = listeners.InboundListener(
+        Inbound(Listen("127.0.0.1", 0), app, AllowList(frozenset({CLIENT}))),
+        server_rt,
+        listeners.Connections(server_rt.metrics),
+    )
+    inbound.bind(Listen("127.0.0.1", 0))
+    await inbound.start()
+    server = Endpoint("127.0.0.1", int(inbound.address.rsplit(":", 1)[1]))
+    upstream = Outbound(
+        "server",
+        Listen("127.0.0.1", 0),
+        frozenset({SERVER}),
+        (Subset("default", 1, StaticSource(((server, 1),))),),
+    )
+    outbound = listeners.OutboundListener(
+        upstream, client_rt, listeners.Connections(client_rt.metrics)
+    )
+    outbound.bind(Listen("127.0.0.1", 0))
+    await outbound.start()
+    port = int(outbound.address.rsplit(":", 1)[1])
+    for _ in range(500):  # until the static source has published
+        if outbound.live.core.endpoints():
+            break
+        await asyncio.sleep(0.01)
+
+    async def one() -> None:
+        _, caller = await loop.create_connection(_App, "127.0.0.1", port)
+        got = await caller.done
+        assert got.endswith(b"x"), got
+        for _ in range(3):  # the agents' closes run out
+            await asyncio.sleep(0)
+
+    for _ in range(2):  # the first is full: the others resume when `resumption` is on
+        await one()
+    started = time.process_time()
+    for _ in range(count):
+        await one()
+    took = time.process_time() - started
+    outbound.close()
+    inbound.close()
+    backend.close()
+    return took / count * 1e6
+
+
 # -- pyOpenSSL -------------------------------------------------------------------------
 
 
@@ -341,6 +445,12 @@ def main(argv: list[str] | None = None) -> None:
                     f"loopback {name:8} {way:5} both sides {took:6.0f} us/connection"
                     f" (best of {args.rounds})"
                 )
+    for name, resumption in (("full", OFF), ("resumed", ON)):
+        if "path" in parts or f"path-{name}" in parts:
+            took = best(lambda r=resumption: uvloop.run(path(server_svid, client_svid, r, n)))
+            print(
+                f"path     {name:8} both agents {took:6.0f} us/connection (best of {args.rounds})"
+            )
     if args.pyopenssl:
         for groups in (b"X25519", None):  # the agent's, and OpenSSL 4's default (hybrid PQ)
             said = (groups or b"default").decode()

@@ -1,6 +1,6 @@
 """The HTTP/1.1 hot path's CPU per request, without sockets, TLS or a load generator.
 
-    python -m bench.l7_micro [--requests 10000] [--rounds 5] [--logged]
+    python -m bench.l7_micro [--requests 10000] [--rounds 5] [--logged] [--policy]
                              [--profile outbound|inbound]
 
 `l7_keepalive` (bench/dataplane.py) measures whole agents: most of their CPU is
@@ -13,7 +13,9 @@ GET (as wrk sends it) and its 200 (as nginx answers it) through
   exchange runs as the agent runs it: its tasks and futures included);
 - inbound: an `HttpExchange` (a peer agent's connection to the app), its
   policy an allow-everything stub (the policy's cost is bench/ and
-  agent/core/policy.py's own).
+  agent/core/policy.py's own); with `--policy`, the benchmark's 10-rule policy
+  (bench/peers.py) decides each request as the inbound listener has it decided
+  (a policy Request per request, the caller's SpiffeId the connection's own).
 
 `--logged` adds the access log (`mode: all`) to both: its lines written, as the
 agent writes them, to a descriptor (/dev/null here), the writer's CPU counted.
@@ -48,7 +50,8 @@ from agent.config import Limits
 from agent.config_outbound import Outbound, Subset
 from agent.core.accesslog import AccessLogConfig, Tls
 from agent.core.discovery import StaticSource
-from agent.core.policy import Decision
+from agent.core.policy import Decision, PolicySet, Request
+from agent.core.policyfile import parse_policy_list
 from agent.core.tracecontext import TracingConfig
 from agent.core.upstream import Endpoint
 from identity import SpiffeId
@@ -168,7 +171,25 @@ def _allow(method: str, path: str, host: str | None, headers: object) -> Decisio
     return Decision(True, "bench", "allow", "")
 
 
-async def inbound(requests: int, logged: bool = False) -> float:
+def _policy() -> Callable[[str, str, str | None, dict[str, tuple[str, ...]]], Decision]:
+    """The benchmark pair's 10 rules (bench/peers.py), the last for this CLIENT, deciding as
+    the inbound listener's `authorize` does (its counting and lines aside)."""
+    from bench.peers import POLICY_RULES, outrider_policy
+
+    rules = [*POLICY_RULES[:-1], (str(CLIENT), "GET", "/api/")]
+    policies = PolicySet(parse_policy_list(outrider_policy(rules)["policies"], "bench"))
+    trusted = frozenset({CLIENT.trust_domain})
+    peer = SpiffeId.parse(str(CLIENT))  # the connection's own, as its handshake makes it
+
+    def authorize(
+        method: str, path: str, host: str | None, headers: dict[str, tuple[str, ...]]
+    ) -> Decision:
+        return policies.decide(Request(peer, 8080, method, path, host, headers), trusted)
+
+    return authorize
+
+
+async def inbound(requests: int, logged: bool = False, policy: bool = False) -> float:
     """Seconds of process time per request through HttpExchange, request to response (a
     turn of the event loop after each, as a connection's next request comes)."""
     observer = _observer(logged)
@@ -177,7 +198,7 @@ async def inbound(requests: int, logged: bool = False) -> float:
     exchange = HttpExchange(
         client,  # type: ignore[arg-type]
         app,  # type: ignore[arg-type]
-        _allow,
+        _policy() if policy else _allow,
         xfcc(str(SERVER), str(CLIENT)),
         answered.append,
         watch=None if observer is None else observer.watch("http", "inbound", str(CLIENT)),
@@ -196,9 +217,10 @@ async def inbound(requests: int, logged: bool = False) -> float:
     return used / requests
 
 
-def _run(path: str, requests: int, logged: bool = False) -> float:
-    run = outbound if path == "outbound" else inbound
-    return uvloop.run(run(requests, logged))  # the agent runs on uvloop (outrider/cli.py)
+def _run(path: str, requests: int, logged: bool = False, policy: bool = False) -> float:
+    if path == "outbound":
+        return uvloop.run(outbound(requests, logged))  # the agent runs on uvloop (outrider/cli.py)
+    return uvloop.run(inbound(requests, logged, policy))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -206,18 +228,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--logged", action="store_true", help="access_log: {mode: all}")
+    parser.add_argument("--policy", action="store_true", help="inbound: the 10-rule policy")
     parser.add_argument("--profile", choices=("outbound", "inbound"))
     args = parser.parse_args(argv)
     if args.profile:
         profile = cProfile.Profile()
-        run: Callable[[], float] = lambda: _run(args.profile, args.requests, args.logged)  # noqa: E731
+        run: Callable[[], float] = lambda: _run(  # noqa: E731
+            args.profile, args.requests, args.logged, args.policy
+        )
         profile.runcall(run)
         pstats.Stats(profile).sort_stats("tottime").print_stats(30)
         return
     for path in ("outbound", "inbound"):
-        _run(path, min(args.requests, 1000), args.logged)  # warm up: imports, caches, children
-        best = min(_run(path, args.requests, args.logged) for _ in range(args.rounds))
-        name = f"{path}{' logged' if args.logged else ''}"
+        # Warm up: imports, caches, children.
+        _run(path, min(args.requests, 1000), args.logged, args.policy)
+        best = min(_run(path, args.requests, args.logged, args.policy) for _ in range(args.rounds))
+        policy = " policy" if args.policy and path == "inbound" else ""
+        name = f"{path}{' logged' if args.logged else ''}{policy}"
         print(f"{name:16} {best * 1e6:6.1f} us/request (best of {args.rounds} x {args.requests})")
 
 

@@ -29,7 +29,7 @@ import json
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -143,6 +143,7 @@ def outrider(
     workers: int = 1,
     resumed: bool = False,
     cores_per_worker: float | None = None,
+    launcher: Sequence[str] = ("-m", "outrider"),
 ) -> Pair:
     """Two `outrider agent run` processes with SVIDs (of lifetime `ttl`) from the running CA.
 
@@ -157,6 +158,7 @@ def outrider(
     every other pair turns it off, so a new connection is a full handshake.
     `cores_per_worker`: each agent's processes share a CPU quota of that many CPUs per
     worker (bench/procs.py cpu_capped; the pair's layer gets " capped").
+    `launcher`: how Python runs each agent (bench/peak_rss.py: inside bench/peak_probe.py).
     """
     if resumed:
         observe, variant = {}, "resumed"
@@ -194,12 +196,12 @@ def outrider(
     else:
         server_yaml = agent_yaml(root, "server", inbound=inbound(backend_port), **common)
     server_yaml["identity"].update(identity)
-    server = stack.enter_context(agent_process(root, "server", server_yaml))
+    server = stack.enter_context(agent_process(root, "server", server_yaml, launcher=launcher))
     upstream = outbound(server.bound["inbound[0]"], SERVER)
     upstream[0]["protocol"] = protocol
     client_yaml = agent_yaml(root, "client", outbound=upstream, **common)
     client_yaml["identity"].update(identity)
-    client = stack.enter_context(agent_process(root, "client", client_yaml))
+    client = stack.enter_context(agent_process(root, "client", client_yaml, launcher=launcher))
     port = int(client.bound["outbound[backend]"].rsplit(":", 1)[1])
     pids = {"client": client.process.pid, "server": server.process.pid}
     for role, agent in (("client", client), ("server", server)):

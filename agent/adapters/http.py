@@ -153,6 +153,34 @@ class _Request:
     done: bool = False
     entry: Entry | None = None  # its access log entry and span (an observer is on)
 
+    def __init__(
+        self,
+        method: bytes,
+        head: bytes = b"",
+        answer: bytes = b"",
+        framing: Framing = "none",
+        http10: bool = False,
+        keep_alive: bool = True,
+        upgrade: bool = False,
+        body: list[bytes] | None = None,
+        held: int = 0,
+        done: bool = False,
+        entry: Entry | None = None,
+    ) -> None:
+        # Written out: compiled, this is native code, where the dataclass's own __init__
+        # stays interpreted (one per request).
+        self.method = method
+        self.head = head
+        self.answer = answer
+        self.framing = framing
+        self.http10 = http10
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.body = [] if body is None else body
+        self.held = held
+        self.done = done
+        self.entry = entry
+
 
 class HttpExchange:
     """The requests of one client connection and the app's responses, in order."""

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Gauge
 
 from agent.adapters.attempts import Droppable, LocalAnswer, Try, attempts, overflow
 from agent.adapters.http import HttpExchange, xfcc
-from agent.adapters.metrics import AgentMetrics, clock
+from agent.adapters.metrics import AgentMetrics, Tally, clock, tallied
 from agent.adapters.outbound_http import OutboundHttp
 from agent.adapters.ports import cannot_listen
 from agent.adapters.relay import Relay
@@ -322,8 +322,10 @@ class Listener(Generic[ConfigT]):
         self.runtime.refused(self.direction, reason)
 
 
-async def _first_bytes(sock: socket.socket, deadline: float) -> None:
+async def _first_bytes(sock: socket.socket, deadline: float) -> bytes | None:
     """Wait until `sock` is readable (the client spoke, or left); TimeoutError at `deadline`.
+    The first byte when it was there already (b"": the client left), else None: what
+    `_tls_first` would read again.
 
     No TLS state exists for a connection until then (uvloop's SSL transport: an
     SSLObject, OpenSSL's state and buffers, ~50 KiB once used): a caller that
@@ -334,13 +336,11 @@ async def _first_bytes(sock: socket.socket, deadline: float) -> None:
     connections, waits behind every handshake the burst brought.
     """
     try:
-        sock.recv(1, socket.MSG_PEEK)  # b"" (it left) is readable too: the handshake says so
+        return sock.recv(1, socket.MSG_PEEK)  # b"" (it left): the handshake says so
     except (BlockingIOError, InterruptedError):
         pass  # nothing yet
     except OSError:
-        return  # readable, with an error the handshake meets and counts, as it would anyway
-    else:
-        return
+        return None  # readable, with an error the handshake meets and counts, as ever
     loop = asyncio.get_running_loop()
     readable: asyncio.Future[None] = loop.create_future()
 
@@ -354,6 +354,7 @@ async def _first_bytes(sock: socket.socket, deadline: float) -> None:
             await readable
     finally:
         loop.remove_reader(sock)
+    return None
 
 
 class InboundMtls(Listener[InboundT]):
@@ -376,7 +377,7 @@ class InboundMtls(Listener[InboundT]):
         )
         #: The authz counter's children by labels, bound once: `labels()` takes a lock
         #: and builds a key on every call, and this one is counted on every request.
-        self._decisions: dict[tuple[str, str, str], Counter] = {}
+        self._decisions: dict[tuple[str, str, str], Tally] = {}  # one a request: Tallies
 
     def configure(self, config: InboundT) -> None:
         """Connections accepted from now on follow `config`; plaintext ones already let in
@@ -458,9 +459,10 @@ class InboundMtls(Listener[InboundT]):
         started = clock()
         authenticated, plaintext = None, False
         try:
-            deadline = await self._spoke(relay, sock)
-            if deadline is None:
+            spoke = await self._spoke(relay, sock)
+            if spoke is None:
                 return
+            deadline, first = spoke
             # As of the first byte, not the accept: a port made strict while its client
             # said nothing yet is strict for that client too.
             config, permissive = self.serving(port)
@@ -468,7 +470,7 @@ class InboundMtls(Listener[InboundT]):
             # well as HTTP/1.1 (never relays it at L4, which would hand the app the
             # client's own identity header and skip the paths); an h2 port takes h2 only.
             protocol = config.protocol
-            plaintext = not _tls_first(sock)
+            plaintext = not _tls_first(sock, first)
             if plaintext and not permissive:
                 self._strict_refused(relay, sock, port)
                 return
@@ -786,13 +788,14 @@ class InboundMtls(Listener[InboundT]):
             limit,
         )
 
-    async def _spoke(self, relay: Relay, sock: socket.socket) -> float | None:
+    async def _spoke(self, relay: Relay, sock: socket.socket) -> tuple[float, bytes | None] | None:
         """The client sent its first bytes within limits.handshake_timeout: the handshake's
-        deadline (the loop's time); else None (counted, closed)."""
+        deadline (the loop's time) and the first byte if read (`_first_bytes`); else None
+        (counted, closed)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.runtime.limits.handshake_timeout.total_seconds()
         try:
-            await _first_bytes(sock, deadline)
+            first = await _first_bytes(sock, deadline)
         except (OSError, TimeoutError) as exc:
             sock.close()
             self._refused(refusal_reason(exc))
@@ -801,7 +804,7 @@ class InboundMtls(Listener[InboundT]):
         except asyncio.CancelledError:
             sock.close()  # not a transport's yet: the drain's cancel would leave it open
             raise
-        return deadline
+        return deadline, first
 
     async def _authenticate(
         self,
@@ -890,10 +893,11 @@ class InboundMtls(Listener[InboundT]):
 
     def _count_decision(self, kind: str, policy: str, rule: str) -> None:
         key = (kind, policy, rule)
-        child = self._decisions.get(key)
-        if child is None:
-            child = self._decisions[key] = self.runtime.metrics.authz_decisions.labels(*key)
-        child.inc()
+        tally = self._decisions.get(key)
+        if tally is None:
+            child = self.runtime.metrics.authz_decisions.labels(*key)
+            tally = self._decisions[key] = tallied(child)
+        tally.value += 1.0
 
     def _authorize(self, request: Request, config: Inbound) -> Decision:
         """The policy's decision on a connection (L4) or a request (L7), counted."""
@@ -984,13 +988,15 @@ def _alpn(relay: Relay) -> str | None:
     return ssl_object.selected_alpn_protocol() if ssl_object is not None else None
 
 
-def _tls_first(sock: socket.socket) -> bool:
-    """Whether the client's first byte (read, not taken) opens a TLS handshake. A client
-    that left, or a read that fails, is taken as TLS: the handshake then fails, counted."""
-    try:
-        first = sock.recv(1, socket.MSG_PEEK)
-    except OSError:
-        return True
+def _tls_first(sock: socket.socket, first: bytes | None = None) -> bool:
+    """Whether the client's first byte (read, not taken; `first` if read already) opens a
+    TLS handshake. A client that left, or a read that fails, is taken as TLS: the
+    handshake then fails, counted."""
+    if first is None:
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
     return not first or looks_like_tls(first)
 
 
@@ -1090,9 +1096,11 @@ class OutboundPath:
         """
         if relay.closed:  # the app left before its upstream was even chosen
             return
-        transport = relay.down.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
-        key = str(peer[0]).encode() if peer and live.config.hash_on else None
+        key = None
+        if live.config.hash_on:  # the app's address, made into a string only when it is used
+            transport = relay.down.transport
+            peer = transport.get_extra_info("peername") if transport is not None else None
+            key = str(peer[0]).encode() if peer else None
         budget = live.budget
         budget.request_started()
         try:

@@ -41,6 +41,74 @@ def since(started: float) -> float:
     return clock() - started
 
 
+class Tally:
+    """A metric child's value, counted by the event loop with a plain `+=`.
+
+    prometheus_client keeps each child's value in a MutexValue (a float behind a lock,
+    since any thread may count), and its inc() and observe() are Python calls that take
+    that lock: a few microseconds on every request. The counts the request path makes
+    per request (`tallied`, `TalliedHistogram`) are made only on the event loop's thread,
+    by a `+=` on `value`; a scrape reads them with `get()`, as it reads any child.
+    The family, labels and exposition are prometheus_client's, unchanged.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: float = 0.0) -> None:
+        self.value = value
+
+    # prometheus_client's value protocol (values.MutexValue)
+    def inc(self, amount: float) -> None:
+        self.value += amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self.value = value
+
+    def set_exemplar(self, exemplar: object) -> None:
+        pass  # the agent sets none
+
+    def get(self) -> float:
+        return self.value
+
+    def get_exemplar(self) -> None:
+        return None
+
+
+def tallied(child: Counter) -> Tally:
+    """`child`'s value as a Tally (once: a child bound again keeps it), its count so far kept."""
+    value = child._value  # the value-class extension point (values.py)
+    if not isinstance(value, Tally):
+        value = child._value = Tally(value.get())
+    return value
+
+
+class TalliedHistogram:
+    """A histogram child observed by the event loop (see Tally): `observe` as
+    prometheus_client's Histogram.observe does it (the first bucket whose upper bound
+    holds the amount, and the sum), its values Tallies."""
+
+    __slots__ = ("bounds", "buckets", "sum")
+
+    def __init__(self, child: Histogram) -> None:
+        self.bounds: tuple[float, ...] = tuple(child._upper_bounds)
+        buckets = child._buckets
+        for i, bucket in enumerate(buckets):
+            if not isinstance(bucket, Tally):
+                buckets[i] = Tally(bucket.get())
+        self.buckets: list[Tally] = buckets
+        total = child._sum
+        if not isinstance(total, Tally):
+            total = child._sum = Tally(total.get())
+        self.sum: Tally = total
+
+    def observe(self, amount: float) -> None:
+        self.sum.value += amount
+        for i, bound in enumerate(self.bounds):
+            if amount <= bound:
+                self.buckets[i].value += 1.0
+                return
+
+
 _REQUEST_BUCKETS = (
     *SUB_MILLISECOND,
     *(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),

@@ -13,7 +13,7 @@ from typing import Literal
 
 from prometheus_client import Counter, Histogram
 
-from agent.adapters.metrics import AgentMetrics, since
+from agent.adapters.metrics import AgentMetrics, Tally, since, tallied
 from agent.adapters.tls import Contexts, peer_id
 from agent.adapters.tracing import Observer
 from agent.config import Limits
@@ -49,7 +49,7 @@ class PeerSeries:
             direction, "true" if peer is not None else "false", self._labels[1]
         )
         self._tls: dict[tuple[str, str], tuple[Counter, Counter]] = {}
-        self._requests: dict[int, Counter] = {}
+        self._requests: dict[int, Tally] = {}  # counted on every request: Tallies
         self._grpc: dict[int, Counter] = {}
 
     def handshake(self, version: str, cipher: str) -> None:
@@ -66,10 +66,11 @@ class PeerSeries:
 
     def answered(self, code: int) -> None:
         """requests_total: a request of this peer's answered `code`."""
-        child = self._requests.get(code)
-        if child is None:
-            child = self._requests[code] = self._metrics.requests.labels(*self._labels, str(code))
-        child.inc()
+        tally = self._requests.get(code)
+        if tally is None:
+            child = self._metrics.requests.labels(*self._labels, str(code))
+            tally = self._requests[code] = tallied(child)
+        tally.value += 1.0
 
     def grpc(self, status: int) -> None:
         """grpc_requests_total: a call of this peer's ended with grpc-status `status`."""

@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextvars import ContextVar, Token
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography import x509
 
@@ -139,12 +138,55 @@ class Contexts:
 #: Set around a dial's `create_connection`: the cache the connection's session goes to
 #: once its server is verified, the endpoint, and the session to offer (asyncio and
 #: uvloop wrap the connection in the dialling task's context: `ResumingContext.wrap_bio`).
-_DIALLING: ContextVar[tuple[SessionCache[ssl.SSLSession], object, ssl.SSLSession | None]] = (
-    ContextVar("outrider_dialling")
-)
+_Dialling = tuple[SessionCache[ssl.SSLSession], object, ssl.SSLSession | None]
+_DIALLING: ContextVar[_Dialling] = ContextVar("outrider_dialling")
 
 
-class _ResumableObject(ssl.SSLObject):
+class _AgentObject(ssl.SSLObject):
+    """A connection of the agent's data plane, whose peer is checked from its DER
+    (`peer_id`): the event loop's TLS transport reads `getpeercert()` once per handshake
+    for its `peercert` extra info, and CPython decodes the whole certificate into a dict
+    for it (~11 µs a connection, a side), which nothing here reads. It is decoded when
+    first read instead (`_PeerCert`); OpenSSL's checks and the agent's are unchanged."""
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        if binary_form:
+            return super().getpeercert(True)
+        super().getpeercert(True)  # ValueError before the handshake, as ever
+        return _PeerCert(self)
+
+
+class _PeerCert(Mapping[str, Any]):
+    """`ssl.SSLObject.getpeercert()` of a connection, decoded on first use ({} without a
+    certificate, as CPython gives with CERT_NONE)."""
+
+    __slots__ = ("_decoded", "_ssl_object")
+
+    def __init__(self, ssl_object: ssl.SSLObject) -> None:
+        self._ssl_object: ssl.SSLObject | None = ssl_object
+        self._decoded: dict[str, Any] = {}
+
+    def _cert(self) -> dict[str, Any]:
+        ssl_object = self._ssl_object
+        if ssl_object is not None:
+            self._decoded = dict(ssl.SSLObject.getpeercert(ssl_object) or {})
+            self._ssl_object = None
+        return self._decoded
+
+    def __getitem__(self, key: str) -> Any:
+        return self._cert()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._cert())
+
+    def __len__(self) -> int:
+        return len(self._cert())
+
+    def __repr__(self) -> str:
+        return repr(self._cert())
+
+
+class _ResumableObject(_AgentObject):
     """A client connection of a `ResumingContext`: once its server is verified (`kept`),
     its latest session is saved for the next dial when the connection is freed (a TLS 1.3
     ticket comes after the handshake, with the first bytes the server sends)."""
@@ -193,21 +235,33 @@ class ResumingContext(ssl.SSLContext):
         return ssl_object
 
 
-@contextmanager
-def dialling(
-    context: ssl.SSLContext, endpoint: object, server_ids: Collection[SpiffeId]
-) -> Iterator[None]:
+class dialling:  # (lower case: a context manager used as a function is)
     """Around the `create_connection` of a dial to `endpoint`: offer its saved session,
-    if `context` resumes and one is fresh for a server of `server_ids`."""
-    if not isinstance(context, ResumingContext):
-        yield
-        return
-    cache = context.sessions
-    token = _DIALLING.set((cache, endpoint, cache.offer(endpoint, server_ids, time.time())))
-    try:
-        yield
-    finally:
-        _DIALLING.reset(token)
+    if `context` resumes and one is fresh for a server of `server_ids`.
+
+    A class, not a @contextmanager generator: every dial enters one, and a generator's
+    frame and its two trips cost more than the offer itself."""
+
+    __slots__ = ("_context", "_endpoint", "_server_ids", "_token")
+
+    def __init__(
+        self, context: ssl.SSLContext, endpoint: object, server_ids: Collection[SpiffeId]
+    ) -> None:
+        self._context, self._endpoint, self._server_ids = context, endpoint, server_ids
+        self._token: Token[_Dialling] | None = None
+
+    def __enter__(self) -> None:
+        context = self._context
+        if isinstance(context, ResumingContext):
+            cache, endpoint = context.sessions, self._endpoint
+            offered = cache.offer(endpoint, self._server_ids, time.time())
+            self._token = _DIALLING.set((cache, endpoint, offered))
+
+    def __exit__(self, *exc_info: object) -> None:
+        token = self._token
+        if token is not None:
+            self._token = None
+            _DIALLING.reset(token)
 
 
 def kept(ssl_object: ssl.SSLObject, peer: SpiffeId) -> None:
@@ -221,6 +275,7 @@ def _context(
     side: Literal["server", "client"],
     alpn: tuple[str, ...] = (),
     resumption: Resumption = NO_RESUMPTION,
+    agents: bool = True,
 ) -> ssl.SSLContext:
     protocol = ssl.PROTOCOL_TLS_SERVER if side == "server" else ssl.PROTOCOL_TLS_CLIENT
     resuming = resumption.resumption
@@ -242,6 +297,8 @@ def _context(
         context.num_tickets = 1 if resuming else 0
     if alpn:
         context.set_alpn_protocols(list(alpn))  # what the port speaks: see Contexts
+    if agents and not isinstance(context, ResumingContext):  # (that one's are already)
+        context.sslobject_class = _AgentObject
     return context
 
 
@@ -254,7 +311,8 @@ def _resuming_client(resumption: Resumption) -> ssl.SSLContext:
 def control_plane_context(svid: Svid) -> ssl.SSLContext:
     """To the control plane: present the SVID, verify its chain against the bundle, speak h2
     (gRPC); the SPIFFE ID is checked after the handshake, as every peer's is."""
-    return _context(svid, "client", alpn=("h2",))
+    # Not an agent's: grpclib reads the peer's certificate as getpeercert()'s dict.
+    return _context(svid, "client", alpn=("h2",), agents=False)
 
 
 def peer_id(

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, TypeVar
 from prometheus_client import Counter
 
 from agent.adapters import discovery
-from agent.adapters.metrics import AgentMetrics, clock
+from agent.adapters.metrics import AgentMetrics, TalliedHistogram, Tally, clock, tallied
 from agent.adapters.pool import Pool
 from agent.adapters.runtime import Runtime
 from agent.adapters.tls import dialling, kept, refusal_reason
@@ -394,26 +394,34 @@ class LiveUpstream:
 
 
 class Counted:
-    """An upstream's metric children, bound once: `labels()` takes a lock and a lookup."""
+    """An upstream's metric children, bound once: `labels()` takes a lock and a lookup.
+
+    Those counted on every request (its status, its duration, a pooled connection
+    reused) are Tallies (agent/adapters/metrics.py): the HTTP/1.1 outbound, compiled,
+    counts them with a `+=`; `request` does the same for the other protocols."""
 
     def __init__(self, metrics: AgentMetrics, name: str) -> None:
         self.name = name
         self.metrics = metrics
-        self.duration = metrics.upstream_request_duration.labels(name)
+        self.duration = TalliedHistogram(metrics.upstream_request_duration.labels(name))
         self.retries = metrics.upstream_retries.labels(name)
         self.ejections = metrics.upstream_ejections.labels(name)
         self.new = metrics.upstream_connections.labels(name, "new")
         self.reused = metrics.upstream_connections.labels(name, "reused")
-        self._codes: dict[int, Counter] = {}
+        self.reused_count = tallied(self.reused)
+        self.codes: dict[int, Tally] = {}  # upstream_requests_total's, by status
         self._grpc: dict[int, Counter] = {}
 
+    def code(self, status: int) -> Tally:
+        """upstream_requests_total's child for `status`, bound on first use."""
+        tally = self.codes.get(status)
+        if tally is None:
+            child = self.metrics.upstream_requests.labels(self.name, str(status))
+            tally = self.codes[status] = tallied(child)
+        return tally
+
     def request(self, status: int, seconds: float) -> None:
-        counter = self._codes.get(status)
-        if counter is None:
-            counter = self._codes[status] = self.metrics.upstream_requests.labels(
-                self.name, str(status)
-            )
-        counter.inc()
+        self.code(status).value += 1.0
         self.duration.observe(seconds)
 
     def grpc(self, code: int) -> None:

@@ -98,6 +98,25 @@ class Request:
     # lower-case name -> every field value as received, in order
     headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
+    def __init__(
+        self,
+        source: SpiffeId | None,
+        port: int,
+        method: str | None = None,
+        path: str | None = None,
+        host: str | None = None,
+        headers: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> None:
+        # Written out (as the dataclass writes it): compiled, this is native code, where
+        # the one dataclasses generates stays interpreted, and one is made per request.
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "port", port)
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "host", host)
+        object.__setattr__(self, "headers", {} if headers is None else headers)
+        self.__post_init__()
+
     def __post_init__(self) -> None:
         # A header under an upper-case name would be missed by every rule,
         # which turns `not_values` into a match: refuse the adapter's mistake.
@@ -134,6 +153,21 @@ class Decision:
     rule: str  # the deciding rule, NO_ALLOW_MATCHED, or the default action
     explanation: str | Callable[[], str] = field(compare=False, repr=False)
     records: tuple[Record, ...] = ()
+
+    def __init__(
+        self,
+        allowed: bool,
+        policy: str,
+        rule: str,
+        explanation: str | Callable[[], str],
+        records: tuple[Record, ...] = (),
+    ) -> None:
+        # Written out: compiled, native code (one decision per request; see Request).
+        object.__setattr__(self, "allowed", allowed)
+        object.__setattr__(self, "policy", policy)
+        object.__setattr__(self, "rule", rule)
+        object.__setattr__(self, "explanation", explanation)
+        object.__setattr__(self, "records", records)
 
     @property
     def reason(self) -> str:
@@ -501,6 +535,13 @@ class PolicySet:
     _plans: dict[tuple[SpiffeId | None, int], _Plan] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
+    # The same plans by (id(caller), port), each beside the caller it was found for: a
+    # connection's requests all carry the one SpiffeId object its handshake made, and
+    # hashing that (a dataclass of a dataclass, in Python) cost more than deciding.
+    # Holding the object keeps its id from being reused while its entry stands.
+    _seen: dict[tuple[int, int], tuple[SpiffeId | None, _Plan]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         if self.default_action not in get_args(DefaultAction):
@@ -523,9 +564,16 @@ class PolicySet:
         path = request.path
         if path and ";" in path and not _one_form:
             return self._both_forms(request, trust_domains, self._planned, worded=False)
-        plan = self._plans.get((request.source, request.port))
-        if plan is None:
-            plan = self._plan(request)
+        source, port = request.source, request.port
+        seen = self._seen.get((id(source), port))
+        if seen is not None and seen[0] is source:
+            plan = seen[1]
+        else:
+            found = self._plans.get((source, port))
+            plan = self._plan(request) if found is None else found
+            if len(self._seen) >= MAX_PLANS:
+                del self._seen[next(iter(self._seen))]
+            self._seen[(id(source), port)] = (source, plan)
         records = _noted(plan.noted, request) if plan.noted else ()
         why = partial(self._reason, request, trust_domains)
         for policy, rule, rest in plan.denies:
@@ -536,7 +584,6 @@ class PolicySet:
                 return Decision(True, policy.name, rule.name, why, records)
         if plan.allow_applies:
             return Decision(False, DEFAULT_POLICY, NO_ALLOW_MATCHED, why, records)
-        source = request.source
         allowed = (
             self.default_action == "allow-authenticated"
             and source is not None

@@ -86,6 +86,12 @@ class Response:
     status: int  # its HTTP status
     grpc_status: int | None = None  # a trailers-only gRPC response's grpc-status
 
+    def __init__(self, status: int, grpc_status: int | None = None) -> None:
+        # Written out: compiled, native code (the dataclass's own stays interpreted), and
+        # one is made per request.
+        object.__setattr__(self, "status", status)
+        object.__setattr__(self, "grpc_status", grpc_status)
+
 
 Outcome = Failure | Response | Delivered
 

@@ -26,7 +26,7 @@ import pytest
 from aiohttp import web
 
 from tests.h2raw import H2Client, request_headers, tls_socket
-from tests.httpraw import connect, get, one
+from tests.httpraw import Responses, connect, get, one
 from tests.mesh import (
     AgentProcess,
     agent_process,
@@ -332,6 +332,30 @@ def test_an_h2_and_an_http1_client_get_the_same_decision_on_one_http_port(
     assert h2_seen[0]["method"] == "GET"
 
 
+def test_each_h2_stream_and_http1_request_is_counted_once(
+    setup: CaSetup, agent: AgentProcess, h2_client: H2Client
+) -> None:
+    """requests_total and authz_decisions_total (Tallies, added to on the loop) count every
+    request once, over either protocol, allowed or denied."""
+    frontend = str(workload("frontend"))
+
+    def counts() -> tuple[float, ...]:
+        return (
+            agent.total("outrider_requests_total", peer_id=frontend, code="200"),
+            agent.total("outrider_requests_total", peer_id=frontend, code="403"),
+            agent.total("outrider_authz_decisions_total", decision="allow", rule="read-api"),
+            agent.total("outrider_authz_decisions_total", decision="deny", rule="admin"),
+        )
+
+    before = counts()
+    for _ in range(3):
+        assert h2_client.get("/api/items", authority="backend").status == 200
+        assert h2_client.get("/api/admin/x", authority="backend").status == 403
+        assert one(setup, agent, get("/api/items")).status == 200
+        assert one(setup, agent, get("/api/admin/x")).status == 403
+    assert [a - b for a, b in zip(counts(), before, strict=True)] == [6, 6, 6, 6]
+
+
 def test_an_h2_stream_reaches_the_http1_app_with_the_peers_identity_only(
     app: App, h2_client: H2Client
 ) -> None:
@@ -420,12 +444,20 @@ def test_an_h2_stream_whose_body_falls_short_of_its_content_length_never_reaches
 def test_a_new_policy_applies_at_once_and_a_broken_one_is_refused(
     setup: CaSetup, agent: AgentProcess
 ) -> None:
+    """A connection open across the reload too: its next request is decided by the new
+    policy (its caller's ID is the one object the old set planned for: issue 19's memo)."""
     policy = setup.root / "policy.yaml"
     opened = POLICY.replace('paths: ["/api/*"]', 'paths: ["/api/*", "/public/*"]')
+    held = connect(setup, agent)
+    replies = Responses(held)
     try:
+        held.sendall(get("/api/before"))
+        assert (reply := replies.next()) is not None and reply.status == 200
         assert one(setup, agent, get("/public/page")).status == 403
         policy.write_text(opened)
         assert _eventually(lambda: one(setup, agent, get("/public/page")).status == 200)
+        held.sendall(get("/public/page"))
+        assert (reply := replies.next()) is not None and reply.status == 200
         errors = agent.total("outrider_config_reloads_total", kind="policy", result="error")
         policy.write_text("policies:\n  - name: broken\n    action: PERMIT\n")
         assert _eventually(
@@ -434,7 +466,12 @@ def test_a_new_policy_applies_at_once_and_a_broken_one_is_refused(
             )
         )
         assert one(setup, agent, get("/public/page")).status == 200  # the last good policy
+        policy.write_text(POLICY)
+        assert _eventually(lambda: one(setup, agent, get("/public/page")).status == 403)
+        held.sendall(get("/public/page"))
+        assert (reply := replies.next()) is not None and reply.status == 403
     finally:
+        held.close()
         policy.write_text(POLICY)
         assert _eventually(lambda: one(setup, agent, get("/public/page")).status == 403)
 

@@ -9,6 +9,7 @@ The agent's SVID lives 2 s, so it rotates about every second through the module.
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import ssl
@@ -21,6 +22,7 @@ import pytest
 import yaml
 from aiohttp import web
 from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.control import bootstrap, control_plane
 from tests.httpraw import Responses, connect, get
@@ -31,10 +33,12 @@ from tests.mesh import (
     echo_server,
     inbound,
     mtls_exchange,
+    outbound,
     served_agent_yaml,
     threaded_app,
+    workload,
 )
-from tests.support import CaProcess, CaSetup
+from tests.support import CaProcess, CaSetup, free_port
 
 NAME, ROTATING = "workers", "rotating"
 CONNECTIONS = 24  # each lands on a worker by the kernel's hash: all on one is 2**-23
@@ -250,3 +254,132 @@ def test_workers_end_when_their_main_process_is_killed(
         agent.process.kill()
         agent.process.wait()
         eventually(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers))
+
+
+# -- per-request counts over workers (counted as Tallies: agent/adapters/metrics.py) -------
+
+#: What the counted pair's app answers, by path; `/admin` the server's policy denies, and
+#: `/missing` an AUDIT policy records.
+STATUSES = {"/": 200, "/missing": 404, "/admin": 403}
+
+
+@pytest.fixture(scope="module")
+def statuses_app() -> Iterator[int]:
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(status=404 if request.path == "/missing" else 200, text="ok")
+
+    application = web.Application()
+    application.router.add_get("/{tail:.*}", answer)
+    with threaded_app(application) as port:
+        yield port
+
+
+def _ask(address: str, paths: list[str], keep_alive: bool) -> list[int]:
+    """GET each path through a client agent's outbound; their statuses."""
+    host, port = address.rsplit(":", 1)
+    answered = []
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        for path in paths:
+            headers = {} if keep_alive else {"Connection": "close"}
+            connection.request("GET", path, headers=headers)
+            reply = connection.getresponse()
+            reply.read()
+            answered.append(reply.status)
+            if not keep_alive:
+                connection.close()
+    finally:
+        connection.close()
+    return answered
+
+
+def _upstream_series(agent: AgentProcess, upstream: str) -> dict[str, float]:
+    """The upstream's request series: codes and its duration histogram, summed over workers."""
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(agent.metrics()):
+        for s in family.samples:
+            if s.labels.get("upstream") != upstream:
+                continue
+            if s.name == "outrider_upstream_requests_total":
+                found[f"code {s.labels['code']}"] = s.value
+            elif s.name.startswith("outrider_upstream_request_duration_seconds"):
+                le = s.labels.get("le")
+                found[s.name.rsplit("_", 1)[1] + (f" {le}" if le else "")] = s.value
+    return found
+
+
+def test_request_counts_over_workers_are_every_request_once_across_a_reload(
+    setup: CaSetup, ca: CaProcess, statuses_app: int
+) -> None:
+    """Both agents of an L7 pair run two workers: /metrics counts each request once, by
+    status, on both sides (the duration histogram's count, +Inf bucket and buckets with
+    them), and each decision and audit record once; an upstream a reload removes loses
+    its series, and re-added starts from 0."""
+    policy = {
+        "policies": [
+            {
+                "name": "guard",
+                "action": "DENY",
+                "rules": [{"name": "no-admin", "to": {"paths": ["/admin"]}}],
+            },
+            {
+                "name": "watch",
+                "action": "AUDIT",
+                "rules": [{"name": "misses", "to": {"paths": ["/missing"]}}],
+            },
+        ]
+    }
+    server_raw = workers_yaml(setup, ca, statuses_app, "counted-server", policy=policy)
+    with agent_process(setup.root, "counted-server", server_raw) as server:
+        upstream = outbound(server.bound["inbound[0]"], workload("counted-server"))
+        upstream[0].update(protocol="http", listen=f"127.0.0.1:{free_port()}")  # kept on reload
+        client_raw = served_agent_yaml(setup, ca, "counted-client", workers=2, outbound=upstream)
+        with agent_process(setup.root, "counted-client", client_raw) as client:
+            paths = [*STATUSES] * 10
+            address = client.bound["outbound[backend]"]
+            sent = _ask(address, paths, keep_alive=True) + _ask(address, paths, keep_alive=False)
+            assert sent == [STATUSES[p] for p in paths] * 2
+            assert all(n > 0 for n in accepted(client)), accepted(client)  # both workers counted
+            expected = {code: float(sent.count(code)) for code in STATUSES.values()}
+            series = _upstream_series(client, "backend")
+            assert {k: v for k, v in series.items() if k.startswith("code")} == {
+                f"code {code}": n for code, n in expected.items()
+            }
+            assert series["count"] == series["bucket +Inf"] == len(sent) and series["sum"] > 0
+            buckets = [v for k, v in series.items() if k.startswith("bucket")]
+            assert buckets == sorted(buckets)
+            caller = str(workload("counted-client"))
+            for code, n in expected.items():
+                counted = server.total(
+                    "outrider_requests_total", direction="inbound", peer_id=caller, code=str(code)
+                )
+                assert counted == n, (code, counted)
+            decided = {
+                (s.labels["decision"], s.labels["policy"], s.labels["rule"]): s.value
+                for family in text_string_to_metric_families(server.metrics())
+                for s in family.samples
+                if s.name == "outrider_authz_decisions_total"
+            }
+            assert decided == {  # each request decided once, its AUDIT record beside it
+                ("allow", "default", "allow-authenticated"): expected[200] + expected[404],
+                ("deny", "guard", "no-admin"): expected[403],
+                ("audit", "watch", "misses"): expected[404],
+            }
+            for page in (client.metrics(), server.metrics()):
+                assert "_created" not in page
+
+            removed = {**client_raw, "outbound": []}
+            _reload(setup, client, "counted-client", removed, 1)
+            assert _upstream_series(client, "backend") == {}
+            _reload(setup, client, "counted-client", client_raw, 2)
+            assert _ask(address, ["/"], keep_alive=True) == [200]
+            series = _upstream_series(client, "backend")
+            assert series["code 200"] == series["count"] == series["bucket +Inf"] == 1
+
+
+def _reload(setup: CaSetup, agent: AgentProcess, name: str, raw: dict[str, Any], n: int) -> None:
+    (setup.root / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+    eventually(
+        lambda: agent.sample("outrider_config_reloads_total", kind="agent", result="ok") == n
+    )
+    eventually(lambda: agent.status("/ready") == 200)

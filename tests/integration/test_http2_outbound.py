@@ -146,6 +146,9 @@ async def test_one_channels_calls_spread_evenly_over_three_backends_on_pooled_co
         assert metric(agent, "upstream_connections_total", kind="reused") == 297
         assert metric(agent, "upstream_requests_total", code="200") == 300
         assert metric(agent, "upstream_grpc_requests_total", grpc_status="0") == 300
+        # Each call's duration observed once (the h2 path's Counted.request).
+        assert metric(agent, "upstream_request_duration_seconds_count") == 300
+        assert metric(agent, "upstream_request_duration_seconds_bucket", le="+Inf") == 300
         assert [app.connections for app, _ in pairs] == [1, 1, 1]  # the backend agents pool too
 
 

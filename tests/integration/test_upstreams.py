@@ -161,6 +161,21 @@ def metric(agent: Agent, name: str, **labels: str) -> float:
     return sample(agent, f"outrider_{name}", upstream="backend", **labels)
 
 
+def answered(agent: Agent) -> dict[str, float]:
+    """upstream_requests_total by code: each request once, as the app was answered, and
+    as many durations observed (the histogram's count and its +Inf bucket)."""
+    codes = {
+        s.labels["code"]: s.value
+        for family in agent.metrics.registry.collect()
+        for s in family.samples
+        if s.name == "outrider_upstream_requests_total" and s.labels["upstream"] == "backend"
+    }
+    observed = metric(agent, "upstream_request_duration_seconds_count")
+    assert observed == metric(agent, "upstream_request_duration_seconds_bucket", le="+Inf")
+    assert observed == sum(codes.values()), (observed, codes)
+    return codes
+
+
 # -- balancing and pooling -----------------------------------------------------------------
 
 
@@ -271,6 +286,7 @@ async def test_a_503_is_retried_on_another_endpoint(root: Path, setup: CaSetup) 
             status, _ = await get(client, url(agent))
         assert status == 200
         assert metric(agent, "upstream_retries_total") == 1
+        assert answered(agent) == {"200": 1}  # the request once, as the app got it
         assert a.hits + b.hits == 2 and a.hits == b.hits == 1  # the retry went elsewhere
 
 
@@ -288,6 +304,7 @@ async def test_when_retries_are_spent_the_app_gets_the_upstream_answer(
         # One endpoint: nothing else to try, so its own 503 (body and all) comes back.
         assert (status, body) == (503, "busy")
         assert pairs[0][0].hits == 1
+        assert answered(agent) == {"503": 1}
 
 
 async def test_a_reset_is_retried_for_get_but_not_for_post(root: Path, setup: CaSetup) -> None:
@@ -303,6 +320,7 @@ async def test_a_reset_is_retried_for_get_but_not_for_post(root: Path, setup: Ca
         # POST is not idempotent: one try, and the reset is reported, not replayed.
         assert hits_after_post - hits_after_get == 1
         assert post_status == 502 and "upstream_reset" in post_body
+        assert answered(agent) == {"502": 2}
 
 
 async def test_a_per_try_timeout_moves_on_and_a_request_timeout_answers_504(
@@ -325,6 +343,7 @@ async def test_a_per_try_timeout_moves_on_and_a_request_timeout_answers_504(
         assert status == 504 and "upstream_timeout" in body, body
         assert 0.35 < took < 0.9
         assert metric(agent, "upstream_retries_total") == 1
+        assert answered(agent) == {"504": 1}
         async with (
             client_agent(root, setup, endpoints=endpoints, timeouts={"request": "300ms"}) as agent,
             session() as client,
@@ -405,6 +424,7 @@ async def test_the_circuit_breaker_trips_under_a_flood_and_recovers(
         assert all("overflow_max_requests" in body for body in refused)
         assert metric(agent, "upstream_overflows_total", reason="max_requests") == statuses[503]
         assert [status for status, _ in after] == [200] * 5  # it recovers once the flood ends
+        assert answered(agent) == {"200": statuses[200] + 5, "503": statuses[503]}
         assert pairs[0][0].hits == statuses[200] + 5
 
 

@@ -10,13 +10,14 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from agent.adapters import tracing
 from agent.adapters.relay import Relay
-from agent.adapters.tracing import LineWriter, Observer, write_lines
+from agent.adapters.tracing import MAX_PENDING, LineWriter, Observer, write_lines
 from agent.core.accesslog import (
     FIELDS,
     MAX_PATH,
@@ -379,3 +380,30 @@ def test_a_refused_connection_is_a_denial_line_naming_why_and_where_it_was_going
         )
     finally:
         observer.close()
+
+
+def test_a_backlog_for_a_slow_reader_is_written_without_a_copy_of_it_all() -> None:
+    """MAX_PENDING bytes wait for a reader that was slow; writing them out takes a batch
+    at a time (encoded as stdout's sink does), not the backlog joined: 4 MiB, not 12."""
+    reading = threading.Event()
+    written: list[int] = []
+
+    def slow(text: str) -> None:
+        reading.wait(10)
+        written.append(len(text.encode("ascii", "replace")))
+
+    batch = ('{"line": "' + "x" * 1000 + '"}\n') * 64  # a flush's worth
+    writer = LineWriter(slow, limit=MAX_PENDING)
+    tracemalloc.start()
+    try:
+        for _ in range(MAX_PENDING // len(batch)):
+            writer(batch[:-1] + "\n")  # a string of its own, as each flush hands over
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        reading.set()
+        writer.close(timeout=10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sum(written) == (MAX_PENDING // len(batch)) * len(batch)
+    assert peak - held < 4 * len(batch)  # never the backlog a second time

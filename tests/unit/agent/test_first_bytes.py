@@ -29,7 +29,8 @@ async def test_a_client_that_spoke_already_is_not_waited_for() -> None:
         client.sendall(b"\x16\x03\x01")  # a ClientHello's first bytes
         await asyncio.sleep(0.01)  # in the accepted socket's buffer
         past = asyncio.get_running_loop().time() - 1  # no time left to wait at all
-        await _first_bytes(server, past)
+        # Its first byte, which says TLS or plaintext without another read.
+        assert await _first_bytes(server, past) == b"\x16"
         assert server.recv(3, socket.MSG_PEEK) == b"\x16\x03\x01"  # peeked, not taken
 
 
@@ -37,7 +38,7 @@ async def test_a_client_that_left_is_not_waited_for() -> None:
     with accepted() as (client, server):
         client.shutdown(socket.SHUT_WR)
         await asyncio.sleep(0.01)
-        await _first_bytes(server, asyncio.get_running_loop().time() - 1)
+        assert await _first_bytes(server, asyncio.get_running_loop().time() - 1) == b""
 
 
 async def test_a_client_that_says_nothing_is_waited_for_until_the_deadline() -> None:
@@ -51,4 +52,5 @@ async def test_a_client_that_speaks_later_is_waited_for() -> None:
     with accepted() as (client, server):
         loop = asyncio.get_running_loop()
         loop.call_later(0.02, client.sendall, b"\x16")
-        await _first_bytes(server, loop.time() + 5)
+        assert await _first_bytes(server, loop.time() + 5) is None  # waited: read it again
+        assert server.recv(1, socket.MSG_PEEK) == b"\x16"

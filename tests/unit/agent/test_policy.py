@@ -697,8 +697,59 @@ def test_plans_are_remembered_for_a_bounded_number_of_callers_and_ports() -> Non
         other = policies.decide(replace(HTTP, port=port, path="/other"), TRUSTED)
         assert other.allowed == (port != 8080)  # the ALLOW governs port 8080 only
     assert policies.decide(replace(HTTP, port=8080, path="/api/x"), TRUSTED).allowed
-    assert len(policies._plans) == MAX_PLANS
-    assert replace(policies)._plans == {}  # a new set (a reload) plans afresh
+    assert len(policies._plans) == len(policies._seen) == MAX_PLANS
+    fresh = replace(policies)  # a new set (a reload) plans afresh
+    assert fresh._plans == {} and fresh._seen == {}
+
+
+def test_a_plan_found_by_the_callers_object_is_the_one_its_id_would_find() -> None:
+    """Plans are found by the caller's object first (a connection's requests share it);
+    an equal ID parsed again, or another caller, is decided by its own plan."""
+    policies = PolicySet((policy("ALLOW", (cond("principals", str(FRONTEND)),)),))
+    again = SpiffeId.parse(str(FRONTEND))
+    for source, allowed in [(FRONTEND, True), (again, True), (OTHER_NS, False)] * 2:
+        assert policies.decide(replace(HTTP, source=source), TRUSTED).allowed is allowed
+    assert all(key[0] == id(caller) for key, (caller, _) in policies._seen.items())
+    assert len(policies._seen) == 3 and len(policies._plans) == 2
+
+
+def test_a_caller_whose_object_is_gone_never_borrows_the_plan_of_its_memory() -> None:
+    """A plan is found by the caller's object: a connection's ID, parsed by its handshake,
+    freed when it closes, and the next connection's, of another caller, may be made at the
+    same address. More callers and ports than are remembered, each a new object: every
+    decision is the caller's own."""
+    policies = PolicySet((policy("ALLOW", (cond("principals", str(FRONTEND)),)),))
+    addresses = set()
+    for n in range(3 * MAX_PLANS):
+        caller = SpiffeId.parse(str((FRONTEND, OTHER_NS)[n % 2]))
+        addresses.add(id(caller))
+        request = replace(HTTP, source=caller, port=1000 + n % (MAX_PLANS + 7))
+        assert policies.decide(request, TRUSTED).allowed is (n % 2 == 0), n
+        del caller, request
+    assert len(addresses) < 3 * MAX_PLANS  # memory was reused: the case is made
+    assert len(policies._seen) == MAX_PLANS
+
+
+@settings(max_examples=300)
+@given(
+    st.one_of(_ANY_SETS, _PATH_SETS),
+    st.lists(st.tuples(_requests(), st.booleans()), min_size=1, max_size=6),
+)
+def test_the_fast_path_decides_as_the_full_evaluation_for_a_caller_parsed_again(
+    policies: PolicySet, requests: list[tuple[Request, bool]]
+) -> None:
+    """Each caller's ID, the one object or parsed again (a new connection's handshake):
+    equal, not identical, it is decided as the full evaluation decides it."""
+    for request, again in requests * 2:
+        if again and request.source is not None:
+            request = replace(request, source=SpiffeId.parse(str(request.source)))
+        fast, full = policies.decide(request, TRUSTED), policies.explain(request, TRUSTED)
+        assert (fast.allowed, fast.policy, fast.rule, fast.records) == (
+            full.allowed,
+            full.policy,
+            full.rule,
+            full.records,
+        )
 
 
 @settings(max_examples=300)

@@ -173,6 +173,30 @@ def test_a_session_is_kept_only_once_its_server_passed_the_checks(
     assert not again.session_reused
 
 
+def test_a_session_is_offered_inside_its_dial_only(server_svid: Svid, client_svid: Svid) -> None:
+    """A connection made after a dial (one that failed included) offers nothing and saves
+    nothing: the endpoint and its server IDs are the dial's."""
+    server, client = Contexts.of(server_svid, RESUMING), Contexts.of(client_svid, RESUMING)
+    assert isinstance(client.client, ResumingContext) and server.server is not None
+    with dialling(client.client, ENDPOINT, {SERVER}):
+        first, _ = connect(client.client, server.server)
+    kept(first, SERVER)
+    del first
+    gc.collect()
+    assert len(client.client.sessions) == 1
+    with pytest.raises(OSError), dialling(client.client, ENDPOINT, {SERVER}):
+        raise OSError("connection refused")  # a dial that failed
+    outside, _ = connect(client.client, server.server)
+    assert not outside.session_reused
+    kept(outside, SERVER)
+    assert getattr(outside, "cache", None) is None  # nowhere to save its session
+    with dialling(server.server, ENDPOINT, {SERVER}):  # not a resuming context: a no-op
+        pass
+    with dialling(client.client, ENDPOINT, {SERVER}):
+        resumed, _ = connect(client.client, server.server)
+    assert resumed.session_reused
+
+
 def workload_elsewhere() -> SpiffeId:
     return SpiffeId.for_workload(TD, "shop", "elsewhere")
 

@@ -4,7 +4,8 @@ the peer check that remembers accepted leaves no longer than they are valid."""
 from __future__ import annotations
 
 import ssl
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -13,11 +14,12 @@ from agent.adapters import tls
 from agent.adapters.tls import Contexts, peer_id, refusal_reason
 from agent.core.svid import Svid
 from ca.signers.local import LocalSigner
-from identity import SvidError, TrustDomain
+from identity import SpiffeId, SvidError, TrustDomain
 from identity.appprotocol import Protocol
-from tests.unit.agent.pki import NOW, WEB, der, new_key, sign_leaf
+from tests.unit.agent.pki import NOW, WEB, der, make_signer, new_key, sign_leaf, svid_now
 
 TD = WEB.trust_domain
+API = SpiffeId.for_workload(TD, "shop", "api")
 
 
 def verify_error(code: int) -> ssl.SSLCertVerificationError:
@@ -234,3 +236,71 @@ def test_the_memory_of_peers_is_bounded(
         leaf = sign_leaf(signer, new_key())[0]
         assert peer_id(cast(ssl.SSLObject, PeerObject(leaf)), "client", NOW, TD) == WEB
         assert len(tls._ACCEPTED) <= 3
+
+
+def _verified_pair(
+    server: ssl.SSLContext, client: ssl.SSLContext
+) -> tuple[ssl.SSLObject, ssl.SSLObject]:
+    """A full, verified handshake in memory: (client's object, server's object)."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(c_in, c_out)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    done: set[str] = set()
+    for _ in range(10):
+        for name, side, out, into in (("c", c, c_out, s_in), ("s", s, s_out, c_in)):
+            if name not in done:
+                try:
+                    side.do_handshake()
+                    done.add(name)
+                except ssl.SSLWantReadError:
+                    pass
+            into.write(out.read())
+        if done == {"c", "s"}:
+            return c, s
+    raise AssertionError("handshake did not finish")
+
+
+@pytest.mark.parametrize("resumption", [tls.NO_RESUMPTION, tls.Resumption()], ids=["off", "on"])
+@pytest.mark.parametrize("protocol", ["tcp", "grpc"])
+def test_the_peer_certificate_an_agent_connection_gives_is_the_one_it_verified(
+    tmp_path: Path, protocol: Protocol, resumption: tls.Resumption
+) -> None:
+    """The event loop's transport reads getpeercert() once per handshake (its `peercert`
+    extra info, which the agent never reads): decoded when read, and then what CPython
+    decodes; the DER (what peer_id checks) as ever."""
+    signer = make_signer(tmp_path)
+    server_svid, client_svid = svid_now(signer, WEB), svid_now(signer, API)
+    server = Contexts.of(server_svid, resumption).server_for(protocol)
+    client = Contexts.of(client_svid, resumption).client_for(protocol)
+    assert server is not None and client is not None
+    c, s = _verified_pair(server, client)
+    for ssl_object, peer in ((c, server_svid), (s, client_svid)):
+        decoded = ssl.SSLObject.getpeercert(ssl_object)
+        assert decoded
+        assert dict(ssl_object.getpeercert()) == decoded
+        assert ssl_object.getpeercert()["subjectAltName"] == (("URI", str(peer.spiffe_id)),)
+        assert ssl_object.getpeercert(binary_form=True) == der(peer.leaf)
+    now = datetime.now(UTC)
+    assert peer_id(s, "client", now, TD) == API
+    assert peer_id(c, "server", now, TD) == WEB
+
+
+def test_an_agent_connection_has_no_peer_certificate_before_its_handshake(tmp_path: Path) -> None:
+    client = Contexts.of(svid_now(make_signer(tmp_path), API)).client
+    assert client is not None
+    ssl_object = client.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO())
+    with pytest.raises(ValueError, match="handshake not done"):
+        ssl_object.getpeercert()
+
+
+def test_the_control_planes_connection_gives_the_decoded_certificate_itself(
+    tmp_path: Path,
+) -> None:
+    """grpclib reads the control plane's certificate as getpeercert()'s dict."""
+    signer = make_signer(tmp_path)
+    server_svid, client_svid = svid_now(signer, WEB), svid_now(signer, API)
+    server = Contexts.of(server_svid).server
+    assert server is not None
+    c, _ = _verified_pair(server, tls.control_plane_context(client_svid))
+    assert type(c.getpeercert()) is dict
+    assert c.getpeercert()["subjectAltName"] == (("URI", str(WEB)),)
