@@ -781,10 +781,15 @@ class H2Pool:
         return connection, True
 
     def add(self, connection: H2ClientConnection) -> None:
-        """A connection dialled for the pool (its `endpoint` and `context` set)."""
+        """A connection dialled for the pool (its `endpoint` and `context` set).
+
+        A closed pool keeps none: the connection carries the stream its caller opens
+        now (before the next await) and closes when that ends, retired on the loop's next
+        turn. Retired at once, it refused that stream: a call of a connection taken
+        before a reload closed its upstream was answered UNAVAILABLE."""
         assert connection.endpoint is not None
         if self.closed:
-            connection.retire()
+            asyncio.get_running_loop().call_soon(connection.retire)
             return
         connection.on_idle = self._idle
         self.connections.setdefault(connection.endpoint, []).append(connection)
