@@ -172,7 +172,7 @@ class LiveUpstream:
             # carries a new request (in-flight ones finish), as none would be dialled now.
             self.pool.retire_all()
             if h2pool is not None:
-                h2pool.drop(list(h2pool.connections))
+                h2pool.retire_all()
         self.pool.set_idle_timeout(config.pool_idle_timeout)
         if h2pool is not None:
             h2pool.set_idle_timeout(config.pool_idle_timeout)
