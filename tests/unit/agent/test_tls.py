@@ -304,3 +304,20 @@ def test_the_control_planes_connection_gives_the_decoded_certificate_itself(
     c, _ = _verified_pair(server, tls.control_plane_context(client_svid))
     assert type(c.getpeercert()) is dict
     assert c.getpeercert()["subjectAltName"] == (("URI", str(WEB)),)
+
+
+def test_an_agent_connection_whose_peer_sent_no_certificate_gives_none(tmp_path: Path) -> None:
+    """As CPython's getpeercert() does (None, not an empty certificate): whoever reads the
+    transport's `peercert` tells "no certificate" apart. CERT_REQUIRED never lets such a
+    peer through the handshake; here the server asks for one without requiring it."""
+    server = Contexts.of(svid_now(make_signer(tmp_path), WEB)).server
+    assert server is not None
+    server.verify_mode = ssl.CERT_OPTIONAL
+    anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    anonymous.check_hostname, anonymous.verify_mode = False, ssl.CERT_NONE
+    _, s = _verified_pair(server, anonymous)
+    assert ssl.SSLObject.getpeercert(s) is None
+    assert s.getpeercert() is None
+    assert s.getpeercert(binary_form=True) is None
+    with pytest.raises(SvidError, match="no certificate"):
+        peer_id(s, "client", datetime.now(UTC), TD)
