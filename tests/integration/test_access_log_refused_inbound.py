@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -119,9 +120,18 @@ def test_a_caller_past_max_connections_is_counted_but_writes_no_line(
         after = logged.agent.sample(refused, direction="inbound", reason="max_connections")
         assert after == before + 1
     # A line written after the refusal (an allowed connection's): lines keep their order,
-    # so whatever the refusal wrote has been read by the time this one is.
-    with mtls_socket(setup, logged.agent.bound["inbound[0]"]) as tls:
-        assert _closed_unread(tls)
+    # so whatever the refusal wrote has been read by the time this one is. The held
+    # connection's place comes free once the agent has seen it close: until then this
+    # one is refused too (reset, and counted: still no line).
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with mtls_socket(setup, address) as tls:
+                assert _closed_unread(tls)
+            break
+        except (ConnectionError, ssl.SSLError):  # refused at accept: reset, or shut
+            assert time.monotonic() < deadline, "the held connection's place never came free"
+            time.sleep(0.05)
     lines = logged.wait_for(lambda line: line["error"] == "app_unreachable")
     assert not [line for line in lines if line["error"] == "max_connections"]
 
