@@ -22,7 +22,8 @@ machine runs falls on both alike), each in a fresh process with that build first
 PYTHONPATH:
 
 - micro `l7`: bench.l7_micro, CPU per HTTP/1.1 request outbound and inbound;
-  `l7log`: the same with the access log on (`--logged`);
+  `l7log`: the same with the access log on (`--logged`); `l7policy`: inbound decided
+  by the pair's 10-rule policy and counted as the listener does (`--policy`);
 - micro `l4`: bench.l4_micro, CPU per connection accepted and counted;
 - micro `hs`: bench.handshake_micro's loopback part, both sides' CPU per handshake
   through the agent's code (`agent`) and uvloop's TLS alone (`bare`), full and resumed;
@@ -145,6 +146,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
 MICRO: dict[str, list[str]] = {
     "l7": ["bench.l7_micro", "--requests", "5000", "--rounds", "3"],
     "l7log": ["bench.l7_micro", "--requests", "5000", "--rounds", "3", "--logged"],
+    "l7policy": ["bench.l7_micro", "--requests", "5000", "--rounds", "3", "--policy"],
     "l4": ["bench.l4_micro", "--connections", "500", "--rounds", "3"],
     "hs": ["bench.handshake_micro", "--part", "loopback", "--handshakes", "150", "--rounds", "2"],
 }
