@@ -31,8 +31,9 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from agent import config as agent_config
 from agent.adapters import admin, memory
@@ -106,17 +107,19 @@ class Settings:
     policies: PolicySet
 
 
-def settle(config: AgentConfig) -> Settings:
+def settle(config: AgentConfig, *, imports: bool = True, start: bool = False) -> Settings:
     """`config` with its policy files, as one whole; PolicyError if they do not fit.
 
     The one check that start and every reload run, so a reload cannot bring
-    in what a restart would refuse. It imports what `config` uses (`import_used`): at
-    start before anything else is allocated (imported later, amid start-up's
+    in what a restart would refuse. Unless told not to (`imports`: the main process of
+    `workers: N` serves no traffic), it imports what `config` uses (`import_used`): at
+    `start` before anything else is allocated (imported later, amid start-up's
     short-lived objects, the same modules take more memory), and for a reload or a
     snapshot on the thread that checks it, not on the event loop.
     """
     settings = Settings(config, load_policies(config))
-    import_used(config)
+    if imports:
+        import_used(config, start=start)
     return settings
 
 
@@ -162,6 +165,10 @@ def observer(config: AgentConfig, metrics: AgentMetrics) -> Observer | None:
 
 
 class Agent:
+    #: Whether this process serves the listeners, and so imports what they use: the main
+    #: process of `workers: N` (agent/supervisor.py) does not, its workers do.
+    serves: ClassVar[bool] = True
+
     def __init__(
         self,
         config: AgentConfig,
@@ -175,7 +182,7 @@ class Agent:
         #: The watched files as the last load read them: the watcher's baseline for a file
         #: it has not looked at yet (`serve` adds the config file as it read it at start).
         self.read = _fingerprint(list(config.policy.files))  # as settle reads them next
-        settings = settle(config)  # PolicyError: refuse to start
+        settings = settle(config, imports=self.serves, start=True)  # PolicyError: refuse
         self.config = config
         self.last_read = config  # the config file as last read, refused or not
         if config.control is not None and document is None:
@@ -350,7 +357,7 @@ class Agent:
                 self.last_read = config
                 self.read = {**read, **_fingerprint(list(config.policy.files))}  # as settle reads
                 kind = "agent" if config != self.config else "policy"
-                new = await _off_loop(settle, config)
+                new = await _off_loop(partial(settle, imports=self.serves), config)
                 unchanged = new == self.settings
                 if not unchanged:
                     await self._apply(new)
@@ -397,7 +404,7 @@ class Agent:
                 # read, and the event loop serves traffic and probes meanwhile. Pure work:
                 # a snapshot names no files (policy.files is refused).
                 raw, config, new = await _off_loop(
-                    _check_snapshot, self.bootstrap, config_json, source
+                    _check_snapshot, self.bootstrap, config_json, source, self.serves
                 )
                 if self.snapshot == Snapshot(version, raw):
                     return None  # a resync after a reconnect: nothing changed
@@ -438,7 +445,7 @@ class Agent:
         PolicyError (the policies do not fit it) or OSError (a new listener
         address cannot be bound) changes nothing.
         """
-        new = settle(config)
+        new = settle(config, imports=self.serves)
         async with self._switching:
             await self._apply(new)
 
@@ -448,7 +455,7 @@ class Agent:
 
     async def _apply(self, new: Settings) -> None:
         old = self.config
-        if unimported(new.config):  # settled elsewhere: a worker's settings, from the main
+        if self.serves and unimported(new.config):  # settled elsewhere: a worker's, say
             await _off_loop(import_used, new.config)
         await self._run(new)
         if (new.config.identity, new.config.ca) != (old.identity, old.ca):
@@ -636,7 +643,7 @@ def capture_configs(config: AgentConfig) -> tuple[InboundCapture, OutboundCaptur
     return capture_listeners.capture_configs(config)
 
 
-def import_used(config: AgentConfig) -> None:
+def import_used(config: AgentConfig, *, start: bool = False) -> None:
     """Import the modules of what `config` uses that an agent loads only when one does,
     before it applies (start, a reload, a control-plane snapshot, a worker's settings):
     the first connection to use one then waits on no import (the h2 stack is 20-30 ms
@@ -645,19 +652,24 @@ def import_used(config: AgentConfig) -> None:
     and on the thread that checks a reload or a snapshot), `_apply` for what was
     settled elsewhere (a worker's), off the event loop.
     """
-    for name in unimported(config):
+    for name in unimported(config, start=start):
         importlib.import_module(name)
 
 
-def unimported(config: AgentConfig) -> list[str]:
+def unimported(config: AgentConfig, *, start: bool = False) -> list[str]:
     """The modules `config` uses that are not imported yet.
 
     The h2 stack (agent/adapters/listeners.py, H2_INBOUND and H2_OUTBOUND): an inbound
     (or captured) port that speaks `http2` or `grpc`, or `http`, which an h2 peer may
     pick by ALPN; an upstream that speaks `http2` or `grpc`. The capture listeners with
-    `capture:`.
+    `capture:`. At `start`, the h2 stack for an agent with `control:` too: its ports
+    come with the first snapshot, after start-up, where the same modules took 2.3 MiB
+    of idle RSS rather than 0.5 (the injected sidecar's usual `http` port); an agent
+    whose snapshots never use it pays 0.7 MiB for that.
     """
     modules: list[str] = []
+    if start and config.control is not None:
+        modules += (*H2_INBOUND, *H2_OUTBOUND)
     ports = [item.protocol for item in config.inbound]
     if config.capture is not None:
         modules.append("agent.adapters.capture_listeners")
@@ -861,11 +873,11 @@ def _fingerprint(files: list[Path]) -> dict[Path, bytes | None]:
 
 
 def _check_snapshot(
-    bootstrap: Document, data: bytes, source: str
+    bootstrap: Document, data: bytes, source: str, imports: bool
 ) -> tuple[dict[str, Any], AgentConfig, Settings]:
     """A snapshot merged into `bootstrap` and settled: what take_snapshot switches to."""
     raw, config = agent_config.parse_snapshot(bootstrap, data, source=source)
-    return raw, config, settle(config)
+    return raw, config, settle(config, imports=imports)
 
 
 async def _off_loop(work: Callable[..., T], *args: Any) -> T:

@@ -146,6 +146,8 @@ class _WorkerSeries(Collector):
 class Supervisor(Agent):
     """The agent's main process when `workers:` is more than 1 (module docstring)."""
 
+    serves = False  # its workers do: it imports none of what the listeners use
+
     def __init__(self, config: AgentConfig, count: int, stop: asyncio.Event, **kw: Any) -> None:
         super().__init__(config, **kw)
         self.count = count

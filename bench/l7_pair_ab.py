@@ -1,7 +1,7 @@
 """CPU per request of the real agent pair, two checkouts compared in the same run.
 
     python -m bench.l7_pair_ab BEFORE_DIR AFTER_DIR [--rounds 8] [--seconds 4]
-                               [--layer l7|l4|grpc]
+                               [--layer l7|l4|grpc|full|resumed] [--pids]
 
 Each DIR is a checkout of this repository (e.g. `git worktree add /tmp/before main`).
 For each, a child process started in that checkout runs the `l7_keepalive` setup
@@ -19,7 +19,12 @@ checkouts in one run is what tells a change to the agents' own cost from that no
 `--layer l4`: the `l4_keepalive` pair instead (TCP relayed over mTLS, wrk's keep-alive
 requests through it); `--layer grpc`: the `grpc_streams` pair (bench/grpc_calls.py:
 nghttpd behind two agents with `protocol: grpc` and the gRPC policy, h2load's 50 calls in
-flight on one connection), CPU per call.
+flight on one connection), CPU per call. `--layer full` / `resumed`: the `new_conn` /
+`new_conn_resumed` pair (TLS resumption off / on) and a new connection per request
+(wrk's `Connection: close`), CPU per connection: everything one costs each agent
+(accept, handshake, peer checks, the dial, the relayed request, the close).
+`--pids` prints each pair's agent PIDs as it starts, to profile them meanwhile
+(`py-spy record --native --pid PID`, `perf record -g -p PID`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from pathlib import Path
 from typing import IO
 
 ROLES = ("client", "server")
+#: The layers that open a new connection per request: whether the agents resume sessions.
+NEW_CONNECTIONS = {"full": False, "resumed": True}
 
 
 def serve(layer: str) -> None:
@@ -59,13 +66,16 @@ def serve(layer: str) -> None:
 
         else:
             backend_port, _ = peers.backend(stack, root / "backend")
+            close = layer in NEW_CONNECTIONS
 
             def run(port: int, seconds: float) -> Load:
-                return wrk(port, seconds, 50)
+                return wrk(port, seconds, 50, close=close)
 
-        pair = peers.outrider(stack, setup, ca, backend_port, layer=layer)
-        run(pair.port, 1)  # warm: the pool's connections made
-        print("ready", flush=True)
+        resumed = NEW_CONNECTIONS.get(layer, False)
+        pair_layer = "l4" if layer in NEW_CONNECTIONS else layer
+        pair = peers.outrider(stack, setup, ca, backend_port, layer=pair_layer, resumed=resumed)
+        run(pair.port, 1)  # warm: the pool's connections made, sessions saved
+        print("ready " + json.dumps(pair.pids), flush=True)
         for line in sys.stdin:
             seconds = float(line.split()[1])
             before = {role: cpu_seconds(pair.pids[role]) for role in ROLES}
@@ -95,15 +105,23 @@ def _line(stream: IO[str] | None) -> str:
 
 
 def compare(
-    checkouts: list[Path], rounds: int, seconds: float, layer: str = "l7"
+    checkouts: list[Path],
+    rounds: int,
+    seconds: float,
+    layer: str = "l7",
+    show_pids: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Print each run and the medians; return the medians, by checkout's name then key."""
     names = [f"{i}:{c.name}" for i, c in enumerate(checkouts)]
     children = [_child(c, layer) for c in checkouts]
+    unit = "conn/s" if layer in NEW_CONNECTIONS else "req/s"
     try:
         for name, child in zip(names, children, strict=True):
-            if not _line(child.stdout).startswith("ready"):
+            ready = _line(child.stdout)
+            if not ready.startswith("ready"):
                 raise RuntimeError(f"{name}: the pair did not start")
+            if show_pids:
+                print(f"{name:24} pids {ready.split(maxsplit=1)[1].strip()}", flush=True)
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
         for number in range(rounds):
             order = list(zip(names, children, strict=True))
@@ -114,7 +132,7 @@ def compare(
                 run = json.loads(_line(child.stdout))
                 runs[name].append(run)
                 print(
-                    f"{name:24} {run['per_s']:8.0f} req/s  client {run['client']:6.1f} us"
+                    f"{name:24} {run['per_s']:8.0f} {unit}  client {run['client']:6.1f} us"
                     f" (user {run['client_user']:5.1f})  server {run['server']:6.1f} us"
                     f" (user {run['server_user']:5.1f})  errors {run['errors']:.0f}",
                     flush=True,
@@ -145,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkouts", nargs="*", type=Path)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--layer", choices=("l7", "l4", "grpc"), default="l7")
+    layers = ("l7", "l4", "grpc", *NEW_CONNECTIONS)
+    parser.add_argument("--layer", choices=layers, default="l7")
+    parser.add_argument("--pids", action="store_true", help="print the agents' PIDs")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
@@ -153,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if len(args.checkouts) < 2:
         parser.error("give two checkouts (or more) to compare")
-    compare([c.resolve() for c in args.checkouts], args.rounds, args.seconds, args.layer)
+    checkouts = [c.resolve() for c in args.checkouts]
+    compare(checkouts, args.rounds, args.seconds, args.layer, args.pids)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,12 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Generic, Protocol, TypeVar
 
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.core.accesslog import Tls
-from agent.core.resilience import RetryBudget
+from agent.core.resilience import CircuitBreaker, RetryBudget
 from agent.core.tries import (
     UNAVAILABLE,
     Answer,
@@ -89,20 +90,31 @@ async def dial_within_limit(
     breaker = live.breaker
     if not breaker.acquire("max_connections"):
         raise LocalAnswer(*overflow(live, "max_connections"))
-    released = False
-
-    def release() -> None:
-        nonlocal released
-        if not released:
-            released = True
-            breaker.release("max_connections")
-
+    slot = _Slot(breaker)
     try:
-        _, connection, tls = await live.dial(endpoint, lambda: factory(release))
+        # No closures: compiled, a closure and its environment refer to each other, a
+        # cycle the connection would hold (through `release`) until the collector ran.
+        _, connection, tls = await live.dial(endpoint, partial(factory, slot.release))
     except (DialError, asyncio.CancelledError):
-        release()
+        slot.release()
         raise
     return connection, tls
+
+
+class _Slot:
+    """A connection's place under the circuit breaker's max_connections."""
+
+    __slots__ = ("breaker", "released")
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self.breaker = breaker
+        self.released = False
+
+    def release(self) -> None:
+        """Give the place back, once however often it is called."""
+        if not self.released:
+            self.released = True
+            self.breaker.release("max_connections")
 
 
 class Try(Generic[C, P]):

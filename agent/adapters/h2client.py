@@ -722,6 +722,8 @@ class H2Pool:
         self._dialing: dict[Endpoint, asyncio.Future[BaseException | None]] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self.closed = False
+        # Bumped by `retire_all`: a connection whose dial began before keeps no place.
+        self.epoch = 0
 
     def __len__(self) -> int:
         return sum(map(len, self.connections.values()))
@@ -767,10 +769,10 @@ class H2Pool:
                 raise failed
         loop = asyncio.get_running_loop()
         done = self._dialing[endpoint] = loop.create_future()
-        failed = None
+        failed, epoch = None, self.epoch
         try:
             connection = await dial()
-            self.add(connection)
+            self.add(connection, epoch)
         except Exception as exc:
             failed = exc
             raise
@@ -780,11 +782,18 @@ class H2Pool:
             done.set_result(failed)
         return connection, True
 
-    def add(self, connection: H2ClientConnection) -> None:
-        """A connection dialled for the pool (its `endpoint` and `context` set)."""
+    def add(self, connection: H2ClientConnection, epoch: int | None = None) -> None:
+        """A connection dialled for the pool (its `endpoint` and `context` set; `epoch`
+        the pool's when its dial began).
+
+        A closed pool keeps none, nor one whose dial began before `retire_all`: the
+        connection carries the stream its caller opens now (before the next await) and
+        closes when that ends, retired on the loop's next turn. Retired at once, it
+        refused that stream: a call of a connection taken before a reload closed its
+        upstream was answered UNAVAILABLE."""
         assert connection.endpoint is not None
-        if self.closed:
-            connection.retire()
+        if self.closed or (epoch is not None and epoch != self.epoch):
+            asyncio.get_running_loop().call_soon(connection.retire)
             return
         connection.on_idle = self._idle
         self.connections.setdefault(connection.endpoint, []).append(connection)
@@ -797,6 +806,12 @@ class H2Pool:
             for connection in list(connections):
                 if connection.context is not context:
                     connection.retire()
+
+    def retire_all(self) -> None:
+        """The IDs its connections were verified against changed: none takes a new stream,
+        those being dialled included (their streams in flight finish)."""
+        self.epoch += 1
+        self.drop(list(self.connections))
 
     def drop(self, endpoints: Iterable[Endpoint]) -> None:
         """Endpoints that left or were ejected: their connections retire."""

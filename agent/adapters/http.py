@@ -227,7 +227,10 @@ class HttpExchange:
     def release(self) -> None:
         """Both connections are gone: let go of the parsers and what they hold (a request
         held behind an Upgrade) at once."""
-        self.requests = http1.RequestParser()
+        self.requests.close()
+        for responses in (self.responses, self.spare):
+            if responses is not None:
+                responses.close()
         self.responses = self.spare = None
         self.queue.clear()
 

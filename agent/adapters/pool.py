@@ -108,6 +108,10 @@ class UpstreamConnection(asyncio.Protocol):
         # The user and its parsers refer back to this connection: holding the transport
         # here would keep its TLS state (tens of KB) until the garbage collector runs.
         self.transport = None
+        # llhttp holds its parser's callbacks: a cycle, let go of now that no response comes.
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            spare.close()
 
     def pause_writing(self) -> None:
         if self.user is not None:

@@ -113,14 +113,18 @@ class Side(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.relay.lost(self)
-        # Let go of the transports: the relay and its sides refer to each other, so
-        # whatever a side still holds waits for the garbage collector, and a TLS
-        # transport holds its SSLObject and OpenSSL's buffers (tens of KB). Dropped
-        # here, they are freed by reference counting once the transport is done.
+        relay = self.relay
+        relay.lost(self)
+        # Let go of the transports: whatever a side still holds would wait for the relay,
+        # and a TLS transport holds its SSLObject and OpenSSL's buffers (tens of KB).
+        # Dropped here, they are freed by reference counting once the transport is done.
         self.transport = self.other = self.sink = self.made = None
         self.pending.clear()
-        self.relay.side_gone()
+        relay.side_gone()
+        # The relay and its sides refer to each other: a cycle only the garbage collector
+        # would free (two dozen objects per connection, and its time). No callback comes
+        # after this one, so the side lets go of its relay; the relay, of its idle timer.
+        self.relay = _GONE
 
     def pause_writing(self) -> None:
         if self.other is not None:
@@ -179,6 +183,7 @@ class Relay:
         self._on_closed = on_closed
         self._idle: asyncio.TimerHandle | None = None
         self.closed = False
+        self._gone = False  # closed, both sides' connections gone: they let go of it
         self.draining = False
         self._drain: Callable[[], None] | None = None  # how an L7 relay drains
         #: Called once both sides' transports are gone: an L7 sink lets go of them too.
@@ -228,8 +233,11 @@ class Relay:
         return False
 
     def new_upstream(self) -> Side:
-        """A fresh upstream side for one connection attempt; earlier attempts are forgotten."""
-        self.up = Side(self)
+        """A fresh upstream side for one connection attempt; earlier attempts are forgotten.
+
+        One made once both sides are gone (a dial that failed after its client left) is
+        not tied back to the relay: the relay is over, and the pair would be a cycle."""
+        self.up = Side(_GONE if self._gone else self)
         return self.up
 
     def lost(self, side: Side) -> None:
@@ -238,11 +246,22 @@ class Relay:
             self.close()  # each transport writes out what it holds, then closes
 
     def side_gone(self) -> None:
-        """A side's transport is gone; once both are, what holds them lets go."""
+        """A side's transport is gone; once both are, what holds them lets go, and once the
+        relay is closed too, its sides let go of it (they refer to each other: a cycle)."""
+        down, up = self.down, self.up
+        if down.transport is not None or up.transport is not None:
+            return
         release = self.on_released
-        if release is not None and self.down.transport is None and self.up.transport is None:
+        if release is not None:
             self.on_released = self._drain = None
             release()
+        if self.closed:
+            # A side that never connected (an upstream replaced after its dial failed or
+            # its peer was refused; a client whose handshake failed) has no
+            # connection_lost to let go of the relay. One connecting late finds it
+            # closed all the same: whoever dialled it asks `dialled()` first.
+            down.relay = up.relay = _GONE
+            self._gone = True
 
     def close(self) -> None:
         if self.closed:
@@ -250,9 +269,13 @@ class Relay:
         self.closed = True
         if self._idle is not None:
             self._idle.cancel()
+            self._idle = None  # its callback is this relay's: a cycle
+        # A transport already closing (an L7 exchange closed it) is left to whoever
+        # closed it: closing an asyncio TLS transport twice unhooks it from its protocol.
         transports = [t for t in (self.down.transport, self.up.transport) if t is not None]
         for transport in transports:
-            transport.close()
+            if not transport.is_closing():
+                transport.close()
         # Only a transport still holding bytes lingers; the timer keeps it (and its TLS
         # buffers) alive, so arming it for every close would hold each closed connection
         # in memory for LINGER seconds: at a few hundred connections/s, hundreds of MB.
@@ -263,6 +286,9 @@ class Relay:
         if self.ended is not None:
             self.ended()
             self.ended = None
+        # Closed before either side connected (a client whose handshake failed): no
+        # connection_lost will come to say the sides are gone.
+        self.side_gone()
 
     def finish(self) -> None:
         """Draining: at L4 an idle connection looks like a slow request, so it goes on;
@@ -292,6 +318,12 @@ class Relay:
             self._arm_idle()
         else:  # nothing moved either way: what is still buffered is not being read
             self.abort()
+
+
+#: A side's relay once its connection is lost: closed, its sides not this side, so a
+#: late call (none is made) would do nothing.
+_GONE = Relay(0.0, lambda relay: None)
+_GONE.closed = True
 
 
 def _half_open(transport: asyncio.Transport | None) -> bool:

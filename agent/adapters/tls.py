@@ -152,13 +152,13 @@ class _AgentObject(ssl.SSLObject):
     def getpeercert(self, binary_form: bool = False) -> Any:
         if binary_form:
             return super().getpeercert(True)
-        super().getpeercert(True)  # ValueError before the handshake, as ever
-        return _PeerCert(self)
+        # ValueError before the handshake, as ever; None without a certificate, as ever.
+        return None if super().getpeercert(True) is None else _PeerCert(self)
 
 
 class _PeerCert(Mapping[str, Any]):
-    """`ssl.SSLObject.getpeercert()` of a connection, decoded on first use ({} without a
-    certificate, as CPython gives with CERT_NONE)."""
+    """`ssl.SSLObject.getpeercert()` of a connection whose peer sent a certificate,
+    decoded on first use ({} if it was not verified, as CPython gives with CERT_NONE)."""
 
     __slots__ = ("_decoded", "_ssl_object")
 

@@ -85,6 +85,7 @@ class LiveUpstream:
         self._tick: asyncio.Task[None] | None = None
         self._checks: asyncio.Task[None] | None = None
         self._running = False
+        self._closed = False
         # The loop it runs on, from start(): every request reads its clock, and each
         # get_running_loop() is a getpid() system call on Python 3.11.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -96,11 +97,15 @@ class LiveUpstream:
     @property
     def h2pool(self) -> H2Pool:
         """Its shared h2 connections (`http2` and `grpc`), built with its first stream:
-        an upstream that never speaks h2 loads no h2 client (agent/adapters/h2client.py)."""
+        an upstream that never speaks h2 loads no h2 client (agent/adapters/h2client.py).
+        Built closed once the upstream is (a stream of a connection taken before a reload
+        closed it): what it dials then carries that stream and closes, pooled by nobody."""
         if self._h2pool is None:
             from agent.adapters.h2client import H2Pool
 
             self._h2pool = H2Pool(self.config.pool_idle_timeout)
+            if self._closed:
+                self._h2pool.close()
         return self._h2pool
 
     @property
@@ -119,6 +124,7 @@ class LiveUpstream:
     def close(self) -> None:
         """Stop discovery, ticks and checks; close the idle pool."""
         self._running = False
+        self._closed = True
         for task in [*self._watches.values(), self._tick, self._checks]:
             if task is not None:
                 task.cancel()
@@ -166,7 +172,7 @@ class LiveUpstream:
             # carries a new request (in-flight ones finish), as none would be dialled now.
             self.pool.retire_all()
             if h2pool is not None:
-                h2pool.drop(list(h2pool.connections))
+                h2pool.retire_all()
         self.pool.set_idle_timeout(config.pool_idle_timeout)
         if h2pool is not None:
             h2pool.set_idle_timeout(config.pool_idle_timeout)

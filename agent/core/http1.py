@@ -528,6 +528,11 @@ def to_h2(response: Response, dropped: frozenset[bytes] = frozenset()) -> Fields
 # -- parsers ---------------------------------------------------------------------------
 
 
+#: What a closed parser holds in place of its llhttp parser: one that calls back nobody.
+_SPENT_REQUESTS: Final = httptools.HttpRequestParser(object())
+_SPENT_RESPONSES: Final = httptools.HttpResponseParser(object())
+
+
 class _Stop(Exception):
     """Raised from a callback to stop llhttp (which reports it as HttpParserCallbackError,
     after the callback has recorded why)."""
@@ -622,6 +627,14 @@ class RequestParser:
                 return
             except httptools.HttpParserUpgrade as upgrade:
                 data, offset = rest, upgrade.args[0]
+
+    def close(self) -> None:
+        """The connection is gone: let go of llhttp, which holds this parser's callbacks
+        (a reference cycle only the garbage collector would free), and of what is held."""
+        self.stopped = True
+        self.upgrading = False
+        self._parser = _SPENT_REQUESTS
+        self._events, self._headers, self._held = [], [], []
 
     def switched(self) -> bytes:
         """The server switched protocols: the bytes held since the request, for the tunnel."""
@@ -825,6 +838,14 @@ class ResponseParser:
         self.method, self.upgrade = method, upgrade
         self.framing, self.status, self.done = "none", 0, False
         return self
+
+    def close(self) -> None:
+        """The connection is gone: let go of llhttp, which holds this parser's callbacks
+        (a reference cycle only the garbage collector would free)."""
+        self.done = True
+        self._between = False  # `next` makes a new one
+        self._parser = _SPENT_RESPONSES
+        self._events, self._headers = [], []
 
     def feed(self, data: bytes) -> list[ResponseEvent]:
         events = self._events = []

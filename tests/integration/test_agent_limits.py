@@ -18,6 +18,9 @@ import pytest
 from agent.adapters import relay as relay_mod
 from agent.app import Agent
 from tests import certs
+from tests.h2backend import h2_backend
+from tests.h2raw import H2Client
+from tests.httpraw import mtls_socket
 from tests.mesh import (
     agent_yaml,
     closing_http_server,
@@ -334,3 +337,39 @@ async def test_closed_connections_free_their_tls_state_without_the_collector(
                     await asyncio.sleep(0.2)  # the last closes reach both sides' transports
                     alive = tls_objects() - before
     assert alive < 10, f"{alive} TLS objects of closed connections are still alive"
+
+
+@pytest.mark.parametrize("protocol", ["http2", "http"])
+async def test_closed_h2_connections_free_their_tls_state_without_the_collector(
+    setup: CaSetup, protocol: str
+) -> None:
+    # As above, for an h2 client of an http2 port and of an http port (ALPN h2: its
+    # streams parsed): the TLS object and the peer's certificate, which the event loop's
+    # transport keeps as its `peercert` (tls._PeerCert: decoded only if read), go with it.
+    # The app speaks h2 behind an http2 port, HTTP/1.1 behind an http one.
+    async with h2_backend("backend") as h2_app, closing_http_server() as http_app:
+        app_port = h2_app.port if protocol == "http2" else http_app
+        raw = agent_yaml(
+            setup.root,
+            "backend",
+            inbound=inbound(app_port, protocol=protocol),
+            limits={"drain_timeout": "500ms"},
+        )
+        async with running_agent(raw, local_sign(setup), setup.root) as server:
+            address = server.bound["inbound[0]"]
+
+            def one_request() -> int:
+                client = H2Client(mtls_socket(setup, address, "frontend", ("h2",)))
+                try:
+                    return client.get("/").status
+                finally:
+                    client.close()
+
+            with without_collector():
+                before = tls_objects()
+                for _ in range(100):
+                    assert await asyncio.to_thread(one_request) == 200
+                assert await eventually(lambda: not server.connections)
+                await asyncio.sleep(0.2)  # the last closes reach the transports
+                alive = tls_objects() - before
+    assert alive < 10, f"{alive} TLS objects of closed h2 connections are still alive"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from aiohttp import web
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import certs
 from tests.control import bootstrap, control_plane
 from tests.httpraw import Responses, connect, get
 from tests.integration.test_agent_control_plane import DENY_ALL, frontend, snapshot
@@ -115,6 +117,37 @@ def test_both_workers_serve_and_metrics_add_them_up(setup: CaSetup, agent: Agent
     assert agent.total("outrider_listener_info") == 1  # the port once, not once a worker
     assert agent.sample("outrider_workers") == 2
     assert len(children(agent)) == 2
+
+
+def test_every_worker_waits_for_a_client_that_speaks_late_and_counts_one_that_leaves(
+    setup: CaSetup, agent: AgentProcess
+) -> None:
+    """The first byte is waited for in whichever worker the kernel gave the connection:
+    a client that says nothing for a while and then handshakes is served, one that
+    leaves before a byte is a refused handshake, and neither costs the other."""
+    context = certs.client_context(setup.bundle_pem, certs.valid_svid(setup, workload("frontend")))
+    host, port = agent.bound["inbound[0]"].rsplit(":", 1)
+    refused = agent.total("outrider_tls_handshakes_total", direction="inbound", result="refused")
+    served = agent.total("outrider_connections_total", direction="inbound")
+    silent = [socket.create_connection((host, int(port)), timeout=5) for _ in range(CONNECTIONS)]
+    left = [socket.create_connection((host, int(port)), timeout=5) for _ in range(CONNECTIONS)]
+    for sock in left:
+        sock.close()
+    time.sleep(0.2)  # every connection accepted and waited on, without a byte
+    for sock in silent:
+        with context.wrap_socket(sock) as tls:
+            tls.sendall(get("/"))
+            reply = Responses(tls).next()
+            assert reply is not None and reply.status == 200
+    assert agent.total("outrider_connections_total", direction="inbound") - served == CONNECTIONS
+    eventually(
+        lambda: (
+            agent.total("outrider_tls_handshakes_total", direction="inbound", result="refused")
+            - refused
+            == CONNECTIONS
+        )
+    )
+    assert all(n > 0 for n in accepted(agent))
 
 
 def test_one_csr_per_rotation_for_the_whole_agent(setup: CaSetup, rotating: AgentProcess) -> None:

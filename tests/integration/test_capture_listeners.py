@@ -869,3 +869,44 @@ async def test_a_captured_grpc_service_is_served_call_by_call_over_mtls(mesh: Ca
     assert [(a.status, a.grpc_status, a.backend) for a in answers] == [(200, 0, "greeter")] * 3
     claims = [v for n, v in app.requests[0].headers if n == b"x-forwarded-client-cert"]
     assert len(claims) == 1 and f"URI={workload('client')}".encode() in claims[0]
+
+
+async def test_a_permissive_port_tells_tls_from_plaintext_by_a_first_byte_however_it_comes(
+    mesh: Captured,
+) -> None:
+    """The first byte decides TLS or plaintext whether it was there at the accept or came
+    later, alone: plaintext sent a byte at a time reaches the app; plaintext whose first
+    byte opens a TLS record, a client that leaves unheard or resets, never does, and the
+    port goes on telling the two apart."""
+    server, app = mesh.server, mesh.app
+    process = mesh.agents["server"].process
+    permissive = {"mtls": "permissive", "ports": {"8080": {"protocol": "http"}}}
+    async with mesh.reconfigured(server, captured={"inbound": permissive}):
+        requests, plain = app.requests, counted(server, "inbound", "false")
+        # One byte, then (once the agent surely waited on it) the rest.
+        reader, writer = await asyncio.open_connection(server.ip, 8080)
+        writer.write(REQUEST[:1])
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        assert body(await exchange((reader, writer), REQUEST[1:])) == "-"
+        assert app.requests == requests + 1
+        # A connection that said nothing for a while, then everything.
+        reader, writer = await asyncio.open_connection(server.ip, 8080)
+        await asyncio.sleep(0.2)
+        assert body(await exchange((reader, writer))) == "-"
+        # Plaintext whose first byte is a TLS record's: a handshake that fails, unanswered.
+        tls_like = b"\x16" + REQUEST
+        assert await exchange(await asyncio.open_connection(server.ip, 8080), tls_like) == b""
+        # Gone before a byte: shut, or reset.
+        _, writer = await asyncio.open_connection(server.ip, 8080)
+        writer.close()
+        sock = socket.create_connection((server.ip, 8080), timeout=5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()
+        assert app.requests == requests + 2
+        assert counted(server, "inbound", "false") == plain + 2
+        # Both still told apart.
+        assert body(await exchange(await asyncio.open_connection(server.ip, 8080))) == "-"
+        caller = body(await exchange(await mesh.client.open_connection(server.ip, 8080)))
+        assert caller.endswith(f"URI={workload('client')}")
+    assert process.poll() is None

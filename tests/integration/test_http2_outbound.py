@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import queue
 from collections.abc import AsyncIterator, Iterator
@@ -284,6 +285,29 @@ async def test_a_rotation_retires_pooled_connections_for_new_ones(setup: CaSetup
         assert all(map(ok, await calls(connection, 10, concurrency=2)))
         assert metric(agent, "upstream_connections_total", kind="new") == 2
         assert await eventually(lambda: old.closed)
+
+
+async def test_a_call_on_an_upstream_a_reload_closed_leaves_no_connection_pooled(
+    setup: CaSetup,
+) -> None:
+    """A channel opened before a reload removed its upstream keeps going under the old
+    config; a call that upstream had not carried yet is served, and the connection dialled
+    for it closes with the call, as the closed upstream pools nothing (its h2 pool is
+    built with the first call: built closed once the upstream is)."""
+    async with (
+        backend_agents(setup, "a") as [(_, backend)],
+        client_agent(setup, endpoints=[backend.bound["inbound[0]"]]) as agent,
+        channel(agent) as connection,
+    ):
+        listener = next(iter(agent.outbound.values()))
+        assert isinstance(listener, OutboundListener)
+        await agent.reconfigure(dataclasses.replace(agent.config, outbound=()))
+        assert not listener.live.running
+        assert all(map(ok, await calls(connection, 1, concurrency=1)))
+        assert await eventually(
+            lambda: sample(backend, "outrider_connections_active", direction="inbound") == 0
+        )
+        assert len(listener.live.h2pool) == 0
 
 
 async def test_plain_http2_requests_get_answers_and_json_refusals(setup: CaSetup) -> None:

@@ -270,6 +270,43 @@ async def test_ring_hash_on_a_header_keeps_each_user_on_one_backend(
         assert len({next(iter(b)) for b in landed.values()}) > 1  # and users spread out
 
 
+async def answered_by(listener: str, source: str) -> str:
+    """The backend's name in the answer to one HTTP/1.1 request sent as bytes through a
+    tcp outbound `listener` ("host:port"), from a connection bound to `source`."""
+    host, port = listener.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(
+        host.strip("[]"), int(port), local_addr=(source, 0)
+    )
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    return answer.split(b"\r\n\r\n", 1)[1].split()[0].decode()
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+async def test_ring_hash_on_source_keeps_each_app_address_on_one_backend_over_tcp(
+    root: Path, setup: CaSetup, family: str
+) -> None:
+    """A tcp upstream hashes on the app's address (an IPv6 app's too): each address's
+    connections all reach one backend, and addresses spread over them."""
+    sources = [f"127.0.0.{i}" for i in range(2, 14)] if family == "ipv4" else ["::1"]
+    listen = "127.0.0.1:0" if family == "ipv4" else "[::1]:0"
+    async with backends(root, setup, "a", "b", "c") as pairs:
+        endpoints = [address for _, address in pairs]
+        upstream = {"endpoints": endpoints, "balancer": "ring_hash", "hash_on": "source"}
+        async with client_agent(root, setup, protocol="tcp", listen=listen, **upstream) as agent:
+            listener = agent.bound["outbound[backend]"]
+            landed: dict[str, set[str]] = collections.defaultdict(set)
+            for _ in range(3 if family == "ipv4" else 8):
+                for source in sources:
+                    landed[source].add(await answered_by(listener, source))
+    assert all(len(seen) == 1 for seen in landed.values()), landed
+    if family == "ipv4":
+        assert len({next(iter(seen)) for seen in landed.values()}) > 1  # spread out
+
+
 # -- retries, timeouts, ejection ---------------------------------------------------------------
 
 

@@ -440,3 +440,35 @@ async def test_a_malformed_response_resets_its_stream_and_the_connection_goes_on
     assert long[-1] == Reset("reset", ErrorCodes.PROTOCOL_ERROR)
     assert isinstance(ok[0], Response) and body == b"fine" and ok[-1] == End()
     assert backend.connections == 1
+
+
+async def test_a_connection_dialled_across_retire_all_carries_its_stream_only() -> None:
+    # A reload changed the upstream's server IDs while this dial was in its handshake:
+    # the connection was verified against the IDs of before, so no later stream may take it.
+    async with h2_backend("a") as backend:
+        pool = H2Pool(idle_timeout=60)
+        endpoint = Endpoint("127.0.0.1", backend.port)
+        handshaking, go_on = asyncio.Event(), asyncio.Event()
+
+        async def dial() -> H2ClientConnection:
+            handshaking.set()
+            await go_on.wait()
+            return await connect(
+                "127.0.0.1", backend.port, factory=lambda: H2ClientConnection(endpoint, None)
+            )
+
+        async def request() -> tuple[H2ClientConnection, bool, list[object]]:
+            connection, fresh = await pool.connection(endpoint, None, dial)
+            stream = connection.open(_head(), end=True)  # before the next await, as callers do
+            events, _ = await _read(stream)
+            return connection, fresh, events
+
+        dialled = asyncio.create_task(request())
+        await handshaking.wait()
+        pool.retire_all()
+        go_on.set()
+        connection, fresh, events = await dialled
+        assert fresh and events[-1] == End()
+        assert len(pool) == 0 and pool.take(endpoint, None) is None
+        assert await eventually(lambda: connection.closed)
+        pool.close()

@@ -17,7 +17,7 @@ from agent.core.resumption import Resumption, SessionCache
 from agent.core.svid import Svid
 from ca.signers.local import LocalSigner
 from identity import SpiffeId, TrustBundle
-from tests.unit.agent.pki import TD, bundle_der, der, make_signer, svid_now
+from tests.unit.agent.pki import TD, bundle_der, der, in_memory, make_signer, svid_now
 
 SERVER = SpiffeId.for_workload(TD, "shop", "backend")
 CLIENT = SpiffeId.for_workload(TD, "shop", "web")
@@ -40,34 +40,6 @@ def client_svid(live_signer: LocalSigner) -> Svid:
     return svid_now(live_signer, CLIENT)
 
 
-def connect(
-    client: ssl.SSLContext, server: ssl.SSLContext, session: ssl.SSLSession | None = None
-) -> tuple[ssl.SSLObject, ssl.SSLObject]:
-    """A handshake in memory, then a byte from the server (a TLS 1.3 ticket comes before
-    it); ssl.SSLError if either side refuses."""
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    c = client.wrap_bio(c_in, c_out, server_hostname=None, session=session)
-    s = server.wrap_bio(s_in, s_out, server_side=True)
-    done: set[str] = set()
-    for _ in range(10):
-        for name, side, out, into in (("c", c, c_out, s_in), ("s", s, s_out, c_in)):
-            if name not in done:
-                try:
-                    side.do_handshake()
-                    done.add(name)
-                except ssl.SSLWantReadError:
-                    pass
-            into.write(out.read())
-        if done == {"c", "s"}:
-            break
-    else:
-        raise AssertionError("handshake did not finish")
-    s.write(b"!")
-    c_in.write(s_out.read())
-    assert c.read(1) == b"!"
-    return c, s
-
-
 def test_a_second_handshake_resumes_and_carries_the_peers_certificate(
     server_svid: Svid, client_svid: Svid
 ) -> None:
@@ -75,11 +47,11 @@ def test_a_second_handshake_resumes_and_carries_the_peers_certificate(
     the peer's leaf: a resumed handshake has it from the session, on both sides."""
     server, client = Contexts.of(server_svid, RESUMING), Contexts.of(client_svid, RESUMING)
     assert client.client is not None and server.server is not None
-    first, _ = connect(client.client, server.server)
+    first, _ = in_memory(client.client, server.server)
     assert not first.session_reused and first.version() == "TLSv1.3"
     session = first.session
     assert session is not None and session.has_ticket
-    c, s = connect(client.client, server.server, session)
+    c, s = in_memory(client.client, server.server, session)
     assert c.session_reused and s.session_reused
     assert s.getpeercert(binary_form=True) == der(client_svid.leaf)
     assert c.getpeercert(binary_form=True) == der(server_svid.leaf)
@@ -91,10 +63,10 @@ def test_new_server_contexts_take_no_ticket_from_before(
     """A rotation or bundle change builds new contexts: the old ticket does not open."""
     server, client = Contexts.of(server_svid, RESUMING), Contexts.of(client_svid, RESUMING)
     assert client.client is not None and server.server is not None
-    session = connect(client.client, server.server)[0].session
+    session = in_memory(client.client, server.server)[0].session
     rotated = Contexts.of(server_svid, RESUMING).server
     assert rotated is not None
-    c, s = connect(client.client, rotated, session)
+    c, s = in_memory(client.client, rotated, session)
     assert not c.session_reused and not s.session_reused
 
 
@@ -105,13 +77,13 @@ def test_after_a_bundle_change_a_peer_the_new_roots_do_not_vouch_for_is_refused(
     handshake fails against the new roots."""
     server, client = Contexts.of(server_svid, RESUMING), Contexts.of(client_svid, RESUMING)
     assert client.client is not None and server.server is not None
-    session = connect(client.client, server.server)[0].session
+    session = in_memory(client.client, server.server)[0].session
     other = make_signer(tmp_path / "other-ca")
     roots = TrustBundle.from_der(TD, bundle_der(other))
     changed = Contexts.of(dataclasses.replace(server_svid, bundle=roots), RESUMING).server
     assert changed is not None
     with pytest.raises(ssl.SSLError):
-        connect(client.client, changed, session)
+        in_memory(client.client, changed, session)
 
 
 def test_the_ticket_keys_are_renewed_every_ticket_lifetime(
@@ -126,15 +98,15 @@ def test_the_ticket_keys_are_renewed_every_ticket_lifetime(
     assert client is not None
     issuing = server.server_for("tcp")
     assert issuing is not None
-    session = connect(client, issuing)[0].session
+    session = in_memory(client, issuing)[0].session
     now[0] += 299
     assert server.server_for("tcp") is issuing
-    assert connect(client, issuing, session)[0].session_reused
+    assert in_memory(client, issuing, session)[0].session_reused
     now[0] += 1
     renewed = server.server_for("tcp")
     assert renewed is not None and renewed is not issuing
     assert server.server_for("http2") is server.h2_server
-    assert not connect(client, renewed, session)[0].session_reused
+    assert not in_memory(client, renewed, session)[0].session_reused
 
 
 def test_off_no_tickets_and_no_sessions_kept(server_svid: Svid) -> None:
@@ -155,21 +127,21 @@ def test_a_session_is_kept_only_once_its_server_passed_the_checks(
     assert isinstance(client.client, ResumingContext) and server.server is not None
     sessions = client.client.sessions
     with dialling(client.client, ENDPOINT, {SERVER}):
-        unchecked, _ = connect(client.client, server.server)
+        unchecked, _ = in_memory(client.client, server.server)
     del unchecked
     gc.collect()
     assert len(sessions) == 0
     with dialling(client.client, ENDPOINT, {SERVER}):
-        checked, _ = connect(client.client, server.server)
+        checked, _ = in_memory(client.client, server.server)
     kept(checked, SERVER)
     del checked
     gc.collect()
     assert len(sessions) == 1
     with dialling(client.client, ENDPOINT, {SERVER}):
-        resumed, _ = connect(client.client, server.server)
+        resumed, _ = in_memory(client.client, server.server)
     assert resumed.session_reused
     with dialling(client.client, ENDPOINT, {workload_elsewhere()}):  # server_ids changed
-        again, _ = connect(client.client, server.server)
+        again, _ = in_memory(client.client, server.server)
     assert not again.session_reused
 
 
@@ -179,21 +151,21 @@ def test_a_session_is_offered_inside_its_dial_only(server_svid: Svid, client_svi
     server, client = Contexts.of(server_svid, RESUMING), Contexts.of(client_svid, RESUMING)
     assert isinstance(client.client, ResumingContext) and server.server is not None
     with dialling(client.client, ENDPOINT, {SERVER}):
-        first, _ = connect(client.client, server.server)
+        first, _ = in_memory(client.client, server.server)
     kept(first, SERVER)
     del first
     gc.collect()
     assert len(client.client.sessions) == 1
     with pytest.raises(OSError), dialling(client.client, ENDPOINT, {SERVER}):
         raise OSError("connection refused")  # a dial that failed
-    outside, _ = connect(client.client, server.server)
+    outside, _ = in_memory(client.client, server.server)
     assert not outside.session_reused
     kept(outside, SERVER)
     assert getattr(outside, "cache", None) is None  # nowhere to save its session
     with dialling(server.server, ENDPOINT, {SERVER}):  # not a resuming context: a no-op
         pass
     with dialling(client.client, ENDPOINT, {SERVER}):
-        resumed, _ = connect(client.client, server.server)
+        resumed, _ = in_memory(client.client, server.server)
     assert resumed.session_reused
 
 

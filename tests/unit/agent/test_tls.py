@@ -16,7 +16,16 @@ from agent.core.svid import Svid
 from ca.signers.local import LocalSigner
 from identity import SpiffeId, SvidError, TrustDomain
 from identity.appprotocol import Protocol
-from tests.unit.agent.pki import NOW, WEB, der, make_signer, new_key, sign_leaf, svid_now
+from tests.unit.agent.pki import (
+    NOW,
+    WEB,
+    der,
+    in_memory,
+    make_signer,
+    new_key,
+    sign_leaf,
+    svid_now,
+)
 
 TD = WEB.trust_domain
 API = SpiffeId.for_workload(TD, "shop", "api")
@@ -124,22 +133,7 @@ def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, offer: list[str])
     SVID is valid at NOW, not today: certificates are not verified here, ALPN is the point.)"""
     client.set_alpn_protocols(offer)
     server.verify_mode = client.verify_mode = ssl.CERT_NONE
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    c = client.wrap_bio(c_in, c_out, server_side=False)
-    s = server.wrap_bio(s_in, s_out, server_side=True)
-    done = set()
-    for _ in range(10):
-        for name, side, out, into in (("c", c, c_out, s_in), ("s", s, s_out, c_in)):
-            if name not in done:
-                try:
-                    side.do_handshake()
-                    done.add(name)
-                except ssl.SSLWantReadError:
-                    pass
-            into.write(out.read())
-        if done == {"c", "s"}:
-            return s.selected_alpn_protocol()
-    raise AssertionError("handshake did not finish")
+    return in_memory(client, server)[1].selected_alpn_protocol()
 
 
 @pytest.mark.parametrize(
@@ -238,28 +232,6 @@ def test_the_memory_of_peers_is_bounded(
         assert len(tls._ACCEPTED) <= 3
 
 
-def _verified_pair(
-    server: ssl.SSLContext, client: ssl.SSLContext
-) -> tuple[ssl.SSLObject, ssl.SSLObject]:
-    """A full, verified handshake in memory: (client's object, server's object)."""
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    c = client.wrap_bio(c_in, c_out)
-    s = server.wrap_bio(s_in, s_out, server_side=True)
-    done: set[str] = set()
-    for _ in range(10):
-        for name, side, out, into in (("c", c, c_out, s_in), ("s", s, s_out, c_in)):
-            if name not in done:
-                try:
-                    side.do_handshake()
-                    done.add(name)
-                except ssl.SSLWantReadError:
-                    pass
-            into.write(out.read())
-        if done == {"c", "s"}:
-            return c, s
-    raise AssertionError("handshake did not finish")
-
-
 @pytest.mark.parametrize("resumption", [tls.NO_RESUMPTION, tls.Resumption()], ids=["off", "on"])
 @pytest.mark.parametrize("protocol", ["tcp", "grpc"])
 def test_the_peer_certificate_an_agent_connection_gives_is_the_one_it_verified(
@@ -273,7 +245,7 @@ def test_the_peer_certificate_an_agent_connection_gives_is_the_one_it_verified(
     server = Contexts.of(server_svid, resumption).server_for(protocol)
     client = Contexts.of(client_svid, resumption).client_for(protocol)
     assert server is not None and client is not None
-    c, s = _verified_pair(server, client)
+    c, s = in_memory(client, server)
     for ssl_object, peer in ((c, server_svid), (s, client_svid)):
         decoded = ssl.SSLObject.getpeercert(ssl_object)
         assert decoded
@@ -301,6 +273,23 @@ def test_the_control_planes_connection_gives_the_decoded_certificate_itself(
     server_svid, client_svid = svid_now(signer, WEB), svid_now(signer, API)
     server = Contexts.of(server_svid).server
     assert server is not None
-    c, _ = _verified_pair(server, tls.control_plane_context(client_svid))
+    c, _ = in_memory(tls.control_plane_context(client_svid), server)
     assert type(c.getpeercert()) is dict
     assert c.getpeercert()["subjectAltName"] == (("URI", str(WEB)),)
+
+
+def test_an_agent_connection_whose_peer_sent_no_certificate_gives_none(tmp_path: Path) -> None:
+    """As CPython's getpeercert() does (None, not an empty certificate): whoever reads the
+    transport's `peercert` tells "no certificate" apart. CERT_REQUIRED never lets such a
+    peer through the handshake; here the server asks for one without requiring it."""
+    server = Contexts.of(svid_now(make_signer(tmp_path), WEB)).server
+    assert server is not None
+    server.verify_mode = ssl.CERT_OPTIONAL
+    anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    anonymous.check_hostname, anonymous.verify_mode = False, ssl.CERT_NONE
+    _, s = in_memory(anonymous, server)
+    assert ssl.SSLObject.getpeercert(s) is None
+    assert s.getpeercert() is None
+    assert s.getpeercert(binary_form=True) is None
+    with pytest.raises(SvidError, match="no certificate"):
+        peer_id(s, "client", datetime.now(UTC), TD)
