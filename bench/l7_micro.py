@@ -15,7 +15,8 @@ GET (as wrk sends it) and its 200 (as nginx answers it) through
   policy an allow-everything stub (the policy's cost is bench/ and
   agent/core/policy.py's own); with `--policy`, the benchmark's 10-rule policy
   (bench/peers.py) decides each request as the inbound listener has it decided
-  (a policy Request per request, the caller's SpiffeId the connection's own).
+  (agent/adapters/authorize.py: a policy Request per request, the caller's
+  SpiffeId the connection's own, the decision counted).
 
 `--logged` adds the access log (`mode: all`) to both: its lines written, as the
 agent writes them, to a descriptor (/dev/null here), the writer's CPU counted.
@@ -38,6 +39,7 @@ from datetime import UTC, datetime
 
 import uvloop
 
+from agent.adapters.authorize import Authorizer
 from agent.adapters.http import HttpExchange, xfcc
 from agent.adapters.metrics import AgentMetrics
 from agent.adapters.outbound_http import OutboundHttp
@@ -46,15 +48,17 @@ from agent.adapters.runtime import Runtime
 from agent.adapters.tls import Contexts
 from agent.adapters.tracing import LineWriter, Observer, write_lines
 from agent.adapters.upstreams import LiveUpstream
-from agent.config import Limits
+from agent.config import Inbound, Limits
 from agent.config_outbound import Outbound, Subset
 from agent.core.accesslog import AccessLogConfig, Tls
+from agent.core.authz import AllowList
 from agent.core.discovery import StaticSource
-from agent.core.policy import Decision, PolicySet, Request
+from agent.core.policy import Decision, PolicySet
 from agent.core.policyfile import parse_policy_list
 from agent.core.tracecontext import TracingConfig
 from agent.core.upstream import Endpoint
 from identity import SpiffeId
+from identity.configfile import Listen
 
 #: What wrk sends, and what the nginx backend answers (bench/peers.py).
 REQUEST = b"GET /api/items HTTP/1.1\r\nHost: 127.0.0.1:15001\r\n\r\n"
@@ -173,20 +177,17 @@ def _allow(method: str, path: str, host: str | None, headers: object) -> Decisio
 
 def _policy() -> Callable[[str, str, str | None, dict[str, tuple[str, ...]]], Decision]:
     """The benchmark pair's 10 rules (bench/peers.py), the last for this CLIENT, deciding as
-    the inbound listener's `authorize` does (its counting and lines aside)."""
+    the inbound listener has each request decided (agent/adapters/authorize.py: its
+    decisions counted; the benchmark's requests are all allowed, so no deny line)."""
     from bench.peers import POLICY_RULES, outrider_policy
 
     rules = [*POLICY_RULES[:-1], (str(CLIENT), "GET", "/api/")]
-    policies = PolicySet(parse_policy_list(outrider_policy(rules)["policies"], "bench"))
-    trusted = frozenset({CLIENT.trust_domain})
+    runtime = Runtime(Limits(), Contexts(), AgentMetrics(), lambda: datetime.now(UTC), SERVER)
+    runtime.policies = PolicySet(parse_policy_list(outrider_policy(rules)["policies"], "bench"))
+    allow = AllowList(trust_domains=frozenset({CLIENT.trust_domain}))
+    config = Inbound(Listen("127.0.0.1", 15443), Endpoint("127.0.0.1", 8080), allow, "http")
     peer = SpiffeId.parse(str(CLIENT))  # the connection's own, as its handshake makes it
-
-    def authorize(
-        method: str, path: str, host: str | None, headers: dict[str, tuple[str, ...]]
-    ) -> Decision:
-        return policies.decide(Request(peer, 8080, method, path, host, headers), trusted)
-
-    return authorize
+    return Authorizer(runtime).caller(peer, config)
 
 
 async def inbound(requests: int, logged: bool = False, policy: bool = False) -> float:

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 from prometheus_client import Gauge
 
 from agent.adapters.attempts import Droppable, LocalAnswer, Try, attempts, overflow
+from agent.adapters.authorize import Authorizer
 from agent.adapters.http import HttpExchange, xfcc
-from agent.adapters.metrics import AgentMetrics, Tally, clock, tallied
+from agent.adapters.metrics import AgentMetrics, clock
 from agent.adapters.outbound_http import OutboundHttp
 from agent.adapters.ports import cannot_listen
 from agent.adapters.relay import Relay
@@ -37,11 +38,10 @@ from agent.adapters.tracing import ConnectionLine
 from agent.adapters.upstreams import DialError, LiveUpstream
 from agent.config import Inbound, Outbound
 from agent.core import http1
-from agent.core.accesslog import MAX_METHOD, logged_path
 from agent.core.authz import AllowList
-from agent.core.captured import Captured, OutboundRoutes, admit_plaintext, looks_like_tls
+from agent.core.captured import Captured, OutboundRoutes, looks_like_tls
 from agent.core.h2limits import Limit
-from agent.core.policy import Decision, Explanation, Request
+from agent.core.policy import Decision, Request
 from agent.core.tries import DELIVERED, Outcome
 from agent.core.upstream import Endpoint
 from identity import SpiffeId
@@ -375,9 +375,9 @@ class InboundMtls(Listener[InboundT]):
         self.plaintext: weakref.WeakKeyDictionary[Relay | H2Server | H2Gate, int] = (
             weakref.WeakKeyDictionary()
         )
-        #: The authz counter's children by labels, bound once: `labels()` takes a lock
-        #: and builds a key on every call, and this one is counted on every request.
-        self._decisions: dict[tuple[str, str, str], Tally] = {}  # one a request: Tallies
+        #: Each connection's and request's policy decision, counted and said (compiled:
+        #: it runs on every request; agent/adapters/authorize.py).
+        self.authorizer = Authorizer(runtime)
 
     def configure(self, config: InboundT) -> None:
         """Connections accepted from now on follow `config`; plaintext ones already let in
@@ -489,7 +489,7 @@ class InboundMtls(Listener[InboundT]):
         l7 = config.protocol in L7
         decision = None
         if not l7:
-            decision = self._authorize(Request(peer, config.app.port), config)
+            decision = self.authorizer.decide(Request(peer, config.app.port), config)
             if not decision.allowed:
                 self.runtime.connection_refused(INBOUND, "policy_denied")
                 if self.runtime.observer is not None:
@@ -507,7 +507,7 @@ class InboundMtls(Listener[InboundT]):
         a plaintext client cannot name itself to the app; none is added.
         """
         tcp = config.protocol not in L7
-        decision = self._authorize(Request(None, config.app.port), config) if tcp else None
+        decision = self.authorizer.decide(Request(None, config.app.port), config) if tcp else None
         if decision is not None and not decision.allowed:
             self.runtime.connection_refused(INBOUND, "policy_denied")
             if self.runtime.observer is not None:
@@ -582,11 +582,6 @@ class InboundMtls(Listener[InboundT]):
             return
         answered = self.runtime.series(INBOUND, peer).answered  # requests_total, bound once
 
-        def authorize(
-            method: str, path: str, host: str | None, headers: dict[str, tuple[str, ...]]
-        ) -> Decision:
-            return self._authorize(Request(peer, app.port, method, path, host, headers), config)
-
         def refused(reason: str) -> None:
             self.runtime.connection_refused(INBOUND, reason)
             refusal_line(
@@ -608,7 +603,7 @@ class InboundMtls(Listener[InboundT]):
         exchange = HttpExchange(
             relay.down.transport,
             up.transport,
-            authorize,
+            self.authorizer.caller(peer, config),
             identity,
             answered,
             limits.headers_with_underscores,
@@ -694,11 +689,6 @@ class InboundMtls(Listener[InboundT]):
         limit_hits = metrics.http2_limits
         series = self.runtime.series(INBOUND, peer)  # the peer's children, bound once
 
-        def authorize(
-            method: str, path: str, host: str | None, headers: dict[str, tuple[str, ...]]
-        ) -> Decision:
-            return self._authorize(Request(peer, app.port, method, path, host, headers), config)
-
         source = str(peer or "")
 
         def answered(code: int, grpc_status: int | None) -> None:
@@ -718,7 +708,7 @@ class InboundMtls(Listener[InboundT]):
         kind = InboundH2 if config.protocol in H2 else InboundH2ToHttp1
         streams = kind(
             Endpoint(app.host, app.port),
-            authorize,
+            self.authorizer.caller(peer, config),
             xfcc(str(self.runtime.spiffe_id), str(peer)) if peer else b"",
             answered,
             hit,
@@ -890,47 +880,6 @@ class InboundMtls(Listener[InboundT]):
         """A client's handshake failed (counted already): an explicit listener says nothing
         more (its clients are agents); the capture listener tells a plaintext caller's
         owner why (a strict port)."""
-
-    def _count_decision(self, kind: str, policy: str, rule: str) -> None:
-        key = (kind, policy, rule)
-        tally = self._decisions.get(key)
-        if tally is None:
-            child = self.runtime.metrics.authz_decisions.labels(*key)
-            tally = self._decisions[key] = tallied(child)
-        tally.value += 1.0
-
-    def _authorize(self, request: Request, config: Inbound) -> Decision:
-        """The policy's decision on a connection (L4) or a request (L7), counted."""
-        decision = self.runtime.policies.decide(request, config.allow.trusted_domains)
-        if request.source is None:  # only a permissive captured port lets one come this far
-            decision = admit_plaintext(decision)
-        self._count_decision(
-            "allow" if decision.allowed else "deny", decision.policy, decision.rule
-        )
-        for record in decision.records:
-            self._count_decision(record.kind, record.policy, record.rule)
-        if not decision.allowed:
-            self.runtime.metrics.denied(decision.policy, decision.rule, request.source)
-            # A line per caller a while, not per denial: a caller (a plaintext one on a
-            # permissive port, above all) can be denied as fast as it connects.
-            caller = str(request.source) if request.source else "a plaintext caller"
-            # The method and path as the access log shows them: cut (h2 lets a caller send
-            # any token as :method), and a `;jsessionid=` value is a secret.
-            path, method = request.path, (request.method or "")[:MAX_METHOD]
-            shown = logged_path(path, query=False) if path else ""
-            refusal_line(
-                self.runtime.refusal_lines,
-                log,
-                (INBOUND, "denied", caller),
-                "inbound %s: denied %s to port %d from %s: %s",
-                config.listen,
-                f"{method} {shown}" if method else "a connection",
-                request.port,
-                caller,
-                Explanation(decision, path, shown),  # worded only if the line is written
-                level=logging.INFO,
-            )
-        return decision
 
 
 class InboundListener(InboundMtls[Inbound]):
