@@ -574,8 +574,8 @@ def key_from_pem(data: bytes) -> KeyMaterial:
                 label, headers, der = _next_pem_block(bio)
         finally:
             BIO_free(bio)
-        if headers:
-            raise ValueError(f"the private key has PEM headers (encrypted?): {headers!r}")
+        if headers:  # RFC 1421's Proc-Type: 4,ENCRYPTED and its DEK-Info
+            raise ValueError("the private key is encrypted (it has PEM headers)")
         pkey = _d2i(d2i_AutoPrivateKey, EVP_PKEY_free, der, f"not a {label.decode()}")
         try:
             return _material(pkey)
