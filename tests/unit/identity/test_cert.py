@@ -137,9 +137,10 @@ def oracle(certificate: bytes) -> dict[str, object]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # negative serials: a deprecation warning
         cert = x509.load_der_x509_certificate(certificate)
+        serial = cert.serial_number
     fields: dict[str, object] = {
         "der": certificate,
-        "serial": cert.serial_number,
+        "serial": serial,
         "subject": cert.subject.rfc4514_string(),
         "issuer": cert.issuer.rfc4514_string(),
         "not_before": cert.not_valid_before_utc,
