@@ -8,7 +8,8 @@ on the disk), checked to be the version `ssl` reports.
 
 This is the only module that says ctypes. Every function is declared with its
 argument and result types (pointers as `c_void_p`, never the default int),
-every input is a copy with its length, and every pointer is freed in `finally`.
+every input is a copy with its length (or OpenSSL's own memory with its
+length), and everything OpenSSL allocates for us is freed in `finally`.
 OpenSSL is never handed a Python object's address to keep. What goes out is
 Python values: `bytes`, `int`, `str`, `datetime`. A failing call raises
 ValueError carrying OpenSSL's first error, and each operation clears the
@@ -16,8 +17,9 @@ thread's error queue before and after, so no error of ours leaks into the ssl
 module's next message (nor one of its into ours). ctypes releases the GIL
 around each call; the objects are this thread's own, so that is safe.
 
-The certificate and key operations need OpenSSL 1.1.1 or later; key generation
-and key type names need 3.0 (`EVP_PKEY_generate`, `EVP_PKEY_get0_type_name`).
+Tested with OpenSSL 3.0. Certificates and chains need 1.1.1 or later (whose
+paths here are untested); keys need 3.0 (`EVP_PKEY_generate`,
+`EVP_PKEY_get0_type_name`) and raise ValueError before it.
 """
 
 from __future__ import annotations
@@ -214,9 +216,17 @@ X509_verify_cert = _fn("X509_verify_cert", _INT, _P)
 X509_verify_cert_error_string = _fn("X509_verify_cert_error_string", _STR, _LONG)
 # fmt: on
 
+
+def _item(name: str) -> int:
+    """The ASN1_ITEM of an ASN.1 type: a function's result in 3.x, a variable in 1.1.1."""
+    if ssl.OPENSSL_VERSION_INFO[0] >= 3:
+        return int(_fn(f"{name}_it", _P)())
+    return ctypes.addressof(ctypes.c_char.in_dll(_lib, f"{name}_it"))
+
+
 #: ASN1_ITEM of each type in _EXTENSION_TYPES, by NID.
 _EXTENSION_ITEMS = {
-    nid: (_fn(f"{name}_it", _P)(), non_empty) for nid, (name, non_empty) in _EXTENSION_TYPES.items()
+    nid: (_item(name), non_empty) for nid, (name, non_empty) in _EXTENSION_TYPES.items()
 }
 
 
@@ -331,9 +341,11 @@ def _d2i(
     what: str,
     *,
     into: int | None = None,
+    secret: bool = False,
 ) -> int:
     """`decode` over a copy of `der`, which must be exactly one DER object; `free`
-    releases what it made. `into`, an object `decode` fills, is freed on failure."""
+    releases what it made. `into`, an object `decode` fills, is freed on failure.
+    A `secret`'s copy is wiped after."""
     if not der:
         if into:
             free(into)
@@ -342,7 +354,11 @@ def _d2i(
     start = ctypes.addressof(buffer)
     cursor = _P(start)  # d2i moves it past what it read: a copy of the start
     target = _P(into)
-    obj = decode(ctypes.byref(target) if into else None, ctypes.byref(cursor), len(der))
+    try:
+        obj = decode(ctypes.byref(target) if into else None, ctypes.byref(cursor), len(der))
+    finally:
+        if secret:
+            ctypes.memset(buffer, 0, len(der))
     if not obj:
         if target.value:  # d2i frees a reused object on failure, and says so with NULL
             free(target.value)
@@ -574,9 +590,10 @@ def key_from_pem(data: bytes) -> KeyMaterial:
                 label, headers, der = _next_pem_block(bio)
         finally:
             BIO_free(bio)
+            ctypes.memset(source, 0, len(data))
         if headers:  # RFC 1421's Proc-Type: 4,ENCRYPTED and its DEK-Info
             raise ValueError("the private key is encrypted (it has PEM headers)")
-        pkey = _d2i(d2i_AutoPrivateKey, EVP_PKEY_free, der, f"not a {label.decode()}")
+        pkey = _d2i(d2i_AutoPrivateKey, EVP_PKEY_free, der, f"not a {label.decode()}", secret=True)
         try:
             return _material(pkey)
         finally:
@@ -617,7 +634,7 @@ def _algorithm(pkey: int) -> str:
 
 @contextmanager
 def _pkey(pkcs8: bytes) -> Iterator[int]:
-    p8 = _d2i(d2i_PKCS8_PRIV_KEY_INFO, PKCS8_PRIV_KEY_INFO_free, pkcs8, "not a PKCS#8 private key")
+    p8 = _d2i(d2i_PKCS8_PRIV_KEY_INFO, PKCS8_PRIV_KEY_INFO_free, pkcs8, "not PKCS#8", secret=True)
     try:
         pkey = EVP_PKCS82PKEY(p8)
     finally:
