@@ -567,9 +567,12 @@ def _not_der(value: int, item: int, non_empty: bool) -> str | None:
         ASN1_item_free(decoded, item)
 
 
-def _oid_text(oid: int) -> str:
-    text = ctypes.create_string_buffer(128)
-    OBJ_obj2txt(text, len(text), oid, 1)
+def _oid_text(oid: int, room: int = 128) -> str:
+    """The dotted OID; OBJ_obj2txt says how long it is when it does not fit."""
+    text = ctypes.create_string_buffer(room)
+    size = OBJ_obj2txt(text, room, oid, 1)
+    if size >= room:
+        return _oid_text(oid, size + 1)
     return text.value.decode(errors="replace")
 
 

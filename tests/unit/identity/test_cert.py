@@ -442,6 +442,13 @@ def test_the_extensions_are_read_even_when_openssl_finds_them_invalid() -> None:
     assert cert.extended_key_usage == {"client_auth"}
 
 
+def test_long_unknown_oids_are_told_apart() -> None:
+    prefix = "1.2.3." + ".".join(["16383"] * 25)  # 150 characters, 52 bytes of DER
+    certificate = build([raw(prefix + ".1", b"\x05\x00"), raw(prefix + ".2", b"\x05\x00")])
+    assert Cert.from_der(certificate).malformed is None
+    assert_reads_as_cryptography(certificate)
+
+
 def test_malformed_says_which_extension() -> None:
     assert Cert.from_der(repeated(SAN, 0x11)).malformed == "duplicate extension 2.5.29.17"
     undecodable = Cert.from_der(build([raw("2.5.29.19", b"\x04\x01\xff", True)]))
