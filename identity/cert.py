@@ -1,0 +1,259 @@
+"""X.509 certificates and private keys as plain values, read and made by OpenSSL.
+
+The resident agent's certificate type. :class:`Cert` is what OpenSSL (the
+libcrypto the ssl module loaded, through :mod:`identity.openssl`) reads in a
+DER certificate, taken once at construction: the checks of `identity.svid`
+and `identity.chain` then read fields, never ASN.1. :class:`PrivateKey` is the
+agent's own key as PKCS#8 bytes, and the CSR it sends. Neither imports
+`cryptography`, whose 8.6 MiB an agent does not pay for; the CA, the
+injector and the CLI go on using it, and the tests use it as the oracle.
+
+The fields follow cryptography's reading of the same certificate, with these
+differences, each outside what the X.509-SVID checks act on:
+
+- ``subject`` and ``issuer`` are OpenSSL's RFC 2253 text (X509_NAME_print_ex,
+  UTF-8 kept). For the attributes of RFC 4514 (CN, L, ST, O, OU, C, DC, UID)
+  it is cryptography's ``rfc4514_string()``; other attributes go by OpenSSL's
+  short name (``street=`` for STREET, ``emailAddress=`` where cryptography
+  writes ``1.2.840.113549.1.9.1=``), an OID OpenSSL does not know is dumped as
+  ``#``-hex DER, control characters are escaped as ``\\XX``, and the values of
+  a multi-valued RDN come in reverse order.
+- ``malformed`` is set for what makes cryptography's ``cert.extensions``
+  raise: an extension OID repeated; a value of a type cryptography decodes that
+  is not one DER value of that type (undecodable, bytes after it, an encoded
+  default, a non-zero unused bit) or an empty subjectAltName, issuerAltName,
+  extKeyUsage or certificatePolicies; a keyUsage with encipherOnly or
+  decipherOnly but not keyAgreement; a URI, DNS or email SAN that is not UTF-8. Also for
+  what else makes OpenSSL mark the certificate invalid (a negative
+  pathLenConstraint, which cryptography refuses too, or an undecodable
+  nsCertType or policyMappings, which it ignores), except an empty keyUsage.
+  Not noticed here, and refused by cryptography: damage to a value OpenSSL 3.0
+  has no ASN.1 type for (TLS feature, SCT list, Microsoft certificate
+  template), a non-canonical BOOLEAN (01 for TRUE), a negative
+  inhibitAnyPolicy, an empty nameConstraints or policyConstraints. Nor is the
+  TBS itself held to DER: a certificate cryptography refuses at load may be
+  read here as OpenSSL reads it, as the TLS handshake does.
+- A name attribute that is not a string (an OCTET STRING, say) makes OpenSSL
+  refuse the whole certificate, as it does in a TLS handshake; cryptography
+  reads it.
+- ``spki`` is the certificate's own SubjectPublicKeyInfo bytes; cryptography
+  re-encodes the key it decodes from them (an EC point in hybrid form comes
+  back uncompressed).
+- ``extended_key_usage`` holds the purposes OpenSSL has a flag for: an OID
+  outside ``_EXTENDED_KEY_USAGE`` is not in the set.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from identity import openssl
+
+__all__ = ["Cert", "PrivateKey", "verify_chain"]
+
+#: KU_* bits of X509_get_key_usage, by cryptography's KeyUsage attribute names.
+_KEY_USAGE = (
+    (0x0080, "digital_signature"),
+    (0x0040, "content_commitment"),
+    (0x0020, "key_encipherment"),
+    (0x0010, "data_encipherment"),
+    (0x0008, "key_agreement"),
+    (0x0004, "key_cert_sign"),
+    (0x0002, "crl_sign"),
+    (0x0001, "encipher_only"),
+    (0x8000, "decipher_only"),
+)
+#: OpenSSL's NIDs of the purposes it has an XKU_* flag for, by cryptography's
+#: ExtendedKeyUsageOID names (lower case). Server-gated crypto and DVCS have no name
+#: there; other purposes are left out of the set.
+_EXTENDED_KEY_USAGE = {
+    129: "server_auth",
+    130: "client_auth",
+    131: "code_signing",
+    132: "email_protection",
+    133: "time_stamping",
+    180: "ocsp_signing",
+    910: "any_extended_key_usage",
+}
+#: Meaningful only with keyAgreement: cryptography refuses a keyUsage without it.
+_ONLY = frozenset({"encipher_only", "decipher_only"})
+_CERTIFICATE_LABELS = (b"CERTIFICATE", b"X509 CERTIFICATE")
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END ([A-Z0-9 ]+)-----", re.DOTALL)
+_PEM_BEGIN = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+_WHITESPACE = re.compile(rb"\s+")
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Cert:
+    """A parsed X.509 certificate; equal and hashed by its DER.
+
+    Made by :meth:`from_der` or :meth:`all_from_pem`, which read every field
+    at once: a value that exists parsed.
+    """
+
+    der: bytes
+    serial: int
+    subject: str  # RFC 4514 text
+    issuer: str
+    not_before: datetime  # aware, UTC
+    not_after: datetime
+    ca: bool | None  # BasicConstraints cA; None: no BasicConstraints
+    key_usage: frozenset[str] | None  # cryptography's KeyUsage names that are set; None: absent
+    key_usage_critical: bool
+    extended_key_usage: frozenset[str] | None  # {"server_auth", ...}; None: absent
+    uris: tuple[str, ...]  # URI SANs, in order
+    spki: bytes  # SubjectPublicKeyInfo DER
+    malformed: str | None  # why the extensions are unusable, else None
+
+    @classmethod
+    def from_der(cls, der: bytes) -> Cert:
+        """Read one DER certificate, and nothing after it; ValueError saying why not."""
+        der = bytes(der)
+        parsed = openssl.parse_certificate(der)
+        flags, malformed = parsed.flags, parsed.malformed
+        key_usage = None if parsed.key_usage is None else _names(parsed.key_usage, _KEY_USAGE)
+        if key_usage is not None and _ONLY & key_usage and "key_agreement" not in key_usage:
+            malformed = malformed or "keyUsage has encipherOnly/decipherOnly, no keyAgreement"
+        return cls(
+            der=der,
+            serial=parsed.serial,
+            subject=parsed.subject,
+            issuer=parsed.issuer,
+            not_before=parsed.not_before,
+            not_after=parsed.not_after,
+            ca=bool(flags & openssl.EXFLAG_CA) if flags & openssl.EXFLAG_BCONS else None,
+            key_usage=key_usage,
+            key_usage_critical=parsed.key_usage_critical,
+            extended_key_usage=_purposes(parsed.extended_key_usage),
+            uris=parsed.uris,
+            spki=parsed.spki,
+            malformed=malformed,
+        )
+
+    @classmethod
+    def all_from_pem(cls, data: bytes) -> list[Cert]:
+        """Every CERTIFICATE block of `data`, in order; text around them is skipped,
+        as are blocks of other kinds. ValueError if there is none or one is bad."""
+        blocks = _pem_blocks(data, _CERTIFICATE_LABELS)
+        if not blocks:
+            raise ValueError("no PEM CERTIFICATE block")
+        certs = []
+        for index, der in enumerate(blocks):
+            try:
+                certs.append(cls.from_der(der))
+            except ValueError as exc:
+                raise ValueError(f"PEM certificate {index + 1}: {exc}") from None
+        return certs
+
+    def to_pem(self) -> bytes:
+        return _pem(b"CERTIFICATE", self.der)
+
+    def sha256(self) -> str:
+        """The SHA-256 fingerprint of the DER, in lower-case hex."""
+        return hashlib.sha256(self.der).hexdigest()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Cert):
+            return NotImplemented
+        return self.der == other.der
+
+    def __hash__(self) -> int:
+        return hash(self.der)
+
+    def __repr__(self) -> str:
+        return f"Cert(subject={self.subject!r}, serial={self.serial:#x}, uris={self.uris!r})"
+
+
+@dataclass(frozen=True, repr=False)
+class PrivateKey:
+    """The agent's own private key: PKCS#8 DER, never in a repr or a log."""
+
+    der: bytes  # PKCS#8 DER
+    spki: bytes  # its public key, SubjectPublicKeyInfo DER
+    algorithm: str  # OpenSSL's name of the key type: "EC", "RSA", "ED25519", ...
+
+    @classmethod
+    def generate_p256(cls) -> PrivateKey:
+        return cls(*openssl.generate_p256())
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> PrivateKey:
+        """The first private key of `data`: unencrypted PKCS#8, SEC1 (EC) or PKCS#1 (RSA).
+
+        An encrypted key is a ValueError; no passphrase is ever asked for.
+        """
+        return cls(*openssl.key_from_pem(bytes(data)))
+
+    def to_pem(self) -> bytes:
+        """PKCS#8 PEM."""
+        return _pem(b"PRIVATE KEY", self.der)
+
+    def csr(self) -> bytes:
+        """A DER CSR for this key, what the rotator sends: empty subject, no
+        extensions, signed with SHA-256 (Ed25519 and Ed448 sign without a digest)."""
+        return openssl.sign_csr(self.der, digest=self.algorithm not in ("ED25519", "ED448"))
+
+    def __repr__(self) -> str:
+        return f"PrivateKey({self.algorithm}, ...)"
+
+
+def verify_chain(chain: Sequence[Cert], roots: Sequence[Cert]) -> None:
+    """Raise ValueError with OpenSSL's reason unless `chain` (leaf first) verifies up
+    to one of `roots`.
+
+    OpenSSL's own path validation (X509_verify_cert): each signature, each issuer
+    a CA (basicConstraints cA, keyUsage keyCertSign where present) within its
+    pathLenConstraint, and name constraints, URI ones included. With
+    X509_V_FLAG_X509_STRICT, as the agent's TLS contexts verify: RFC 5280's rules
+    too (a CA's basicConstraints critical and keyUsage present, subjectKeyIdentifier
+    in a CA, authorityKeyIdentifier below the root, no empty subject without a
+    critical SAN, matching signature algorithms...). Not checked: time
+    (X509_V_FLAG_NO_CHECK_TIME; callers check validity against their own clock),
+    purpose (no extended key usage is required of any certificate), policies,
+    revocation. A root is a trust anchor only if it is self-signed, as in TLS
+    here (no X509_V_FLAG_PARTIAL_CHAIN): a chain cannot stop at an intermediate
+    placed among `roots`.
+    """
+    openssl.verify_certificate(
+        [cert.der for cert in chain], [root.der for root in dict.fromkeys(roots)]
+    )
+
+
+def _names(bits: int, table: tuple[tuple[int, str], ...]) -> frozenset[str]:
+    return frozenset(name for bit, name in table if bits & bit)
+
+
+def _purposes(nids: frozenset[int] | None) -> frozenset[str] | None:
+    if nids is None:
+        return None
+    return frozenset(_EXTENDED_KEY_USAGE[nid] for nid in nids if nid in _EXTENDED_KEY_USAGE)
+
+
+def _pem(label: bytes, der: bytes) -> bytes:
+    text = base64.b64encode(der)
+    lines = b"\n".join(text[i : i + 64] for i in range(0, len(text), 64))
+    return b"-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, lines, label)
+
+
+def _pem_blocks(data: bytes, labels: tuple[bytes, ...]) -> list[bytes]:
+    """The DER of each PEM block of `data` whose label is one of `labels`."""
+    blocks = []
+    matches = list(_PEM_BLOCK.finditer(data))
+    if len(matches) != len(_PEM_BEGIN.findall(data)):
+        raise ValueError("a PEM block has no END line")
+    for match in matches:
+        begin, body, end = match.groups()
+        if begin != end:
+            raise ValueError(f"PEM BEGIN {begin.decode()} ends with END {end.decode()}")
+        if begin in labels:
+            try:
+                blocks.append(base64.b64decode(_WHITESPACE.sub(b"", body), validate=True))
+            except binascii.Error as exc:
+                raise ValueError(f"PEM {begin.decode()} block is not base64: {exc}") from None
+    return blocks
