@@ -84,8 +84,8 @@ _EXTENDED_KEY_USAGE = {
 #: Meaningful only with keyAgreement: cryptography refuses a keyUsage without it.
 _ONLY = frozenset({"encipher_only", "decipher_only"})
 _CERTIFICATE_LABELS = (b"CERTIFICATE", b"X509 CERTIFICATE")
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END ([A-Z0-9 ]+)-----", re.DOTALL)
 _PEM_BEGIN = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+_PEM_END = re.compile(rb"-----END ([A-Z0-9 ]+)-----")
 _WHITESPACE = re.compile(rb"\s+")
 
 
@@ -242,18 +242,28 @@ def _pem(label: bytes, der: bytes) -> bytes:
 
 
 def _pem_blocks(data: bytes, labels: tuple[bytes, ...]) -> list[bytes]:
-    """The DER of each PEM block of `data` whose label is one of `labels`."""
+    """The DER of each PEM block of `data` whose label is one of `labels`.
+
+    One pass, each byte looked at a bounded number of times: a BEGIN, then the
+    next END after it (a lazy `BEGIN(.*?)END` regex is quadratic on a BEGIN
+    with no END). A BEGIN without an END, or a second BEGIN before the END, is
+    refused."""
     blocks = []
-    matches = list(_PEM_BLOCK.finditer(data))
-    if len(matches) != len(_PEM_BEGIN.findall(data)):
-        raise ValueError("a PEM block has no END line")
-    for match in matches:
-        begin, body, end = match.groups()
-        if begin != end:
-            raise ValueError(f"PEM BEGIN {begin.decode()} ends with END {end.decode()}")
-        if begin in labels:
+    position = 0
+    while begin := _PEM_BEGIN.search(data, position):
+        end = _PEM_END.search(data, begin.end())
+        if end is None:
+            raise ValueError("a PEM block has no END line")
+        if data.find(b"-----BEGIN ", begin.end(), end.start()) >= 0:
+            raise ValueError("a PEM block begins inside another")
+        label = begin.group(1)
+        if label != end.group(1):
+            raise ValueError(f"PEM BEGIN {label.decode()} ends with END {end.group(1).decode()}")
+        if label in labels:
+            body = data[begin.end() : end.start()]
             try:
                 blocks.append(base64.b64decode(_WHITESPACE.sub(b"", body), validate=True))
             except binascii.Error as exc:
-                raise ValueError(f"PEM {begin.decode()} block is not base64: {exc}") from None
+                raise ValueError(f"PEM {label.decode()} block is not base64: {exc}") from None
+        position = end.end()
     return blocks

@@ -15,6 +15,7 @@ import random
 import ssl
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -597,6 +598,31 @@ def test_all_from_pem_skips_text_and_other_blocks(real_chain: tuple[bytes, ...])
 def test_all_from_pem_refuses(data: bytes) -> None:
     with pytest.raises(ValueError):
         Cert.all_from_pem(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"-----BEGIN CERTIFICATE-----\n" * 80_000,  # BEGINs without END: was quadratic
+        b"-----BEGIN CERTIFICATE-----\n" + b"A" * 2_000_000,
+        b"-----BEGIN " + b"A" * 2_000_000,
+        b"-----BEGIN CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\n" * 40_000
+        + b"-----END CERTIFICATE-----\n",
+    ],
+    ids=["BEGIN lines", "one BEGIN, no END", "an endless label", "a BEGIN inside a block"],
+)
+def test_all_from_pem_refuses_2_mb_of_hostile_pem_at_once(data: bytes) -> None:
+    assert len(data) >= 2_000_000
+    started = time.monotonic()
+    with pytest.raises(ValueError):
+        Cert.all_from_pem(data)
+    assert time.monotonic() - started < 1.0  # linear: milliseconds; quadratic: minutes
+
+
+def test_a_begin_inside_a_block_is_refused(real_chain: tuple[bytes, ...]) -> None:
+    good = Cert.from_der(real_chain[0]).to_pem()
+    with pytest.raises(ValueError, match="begins inside another"):
+        Cert.all_from_pem(b"-----BEGIN CERTIFICATE-----\n" + good)
 
 
 def test_one_bad_block_refuses_all(real_chain: tuple[bytes, ...]) -> None:
