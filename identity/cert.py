@@ -113,7 +113,11 @@ class Cert:
 
     @classmethod
     def from_der(cls, der: bytes) -> Cert:
-        """Read one DER certificate, and nothing after it; ValueError saying why not."""
+        """Read one DER certificate, and nothing after it; ValueError saying why not.
+
+        TypeError unless `der` is bytes-like: bytes(10**10) would allocate 10 GB."""
+        if not isinstance(der, bytes | bytearray | memoryview):
+            raise TypeError(f"a DER certificate is bytes, not {type(der).__name__}")
         der = bytes(der)
         parsed = openssl.parse_certificate(der)
         flags, malformed = parsed.flags, parsed.malformed

@@ -625,6 +625,19 @@ def test_a_begin_inside_a_block_is_refused(real_chain: tuple[bytes, ...]) -> Non
         Cert.all_from_pem(b"-----BEGIN CERTIFICATE-----\n" + good)
 
 
+@pytest.mark.parametrize("value", [10**10, "MIIB", None, [0x30, 0x00], 1.5])
+def test_from_der_takes_only_bytes_like(value: object) -> None:
+    """bytes(10**10) is 10 GB of zeros: no int, str or list ever reaches bytes()."""
+    with pytest.raises(TypeError, match="bytes"):
+        Cert.from_der(value)  # type: ignore[arg-type]
+
+
+def test_from_der_takes_bytearray_and_memoryview(real_chain: tuple[bytes, ...]) -> None:
+    leaf = Cert.from_der(real_chain[0])
+    assert Cert.from_der(bytearray(real_chain[0])) == leaf
+    assert Cert.from_der(memoryview(real_chain[0])) == leaf
+
+
 def test_one_bad_block_refuses_all(real_chain: tuple[bytes, ...]) -> None:
     good = Cert.from_der(real_chain[0]).to_pem()
     bad = b"-----BEGIN CERTIFICATE-----\nMAMCAQE=\n-----END CERTIFICATE-----\n"
