@@ -218,6 +218,7 @@ X509_NAME_new = _fn("X509_NAME_new", _P)
 X509_NAME_free = _fn("X509_NAME_free", None, _P)
 X509_NAME_add_entry = _fn("X509_NAME_add_entry", _INT, _P, _P, _INT, _INT)
 i2d_X509_NAME = _fn("i2d_X509_NAME", _INT, _P, _P)
+X509_NAME_get0_der = _fn("X509_NAME_get0_der", _INT, _P, _P, _P)
 ASN1_PRINTABLE_type = _fn("ASN1_PRINTABLE_type", _INT, _P, _INT)
 ASN1_TYPE_get = _fn("ASN1_TYPE_get", _INT, _P)
 SCT_get_version = _fn("SCT_get_version", _INT, _P)
@@ -555,12 +556,25 @@ def _name(bio: int, name: int) -> str:
 
 
 def _time(asn1_time: int, what: str) -> datetime:
+    """A UTCTime or GeneralizedTime as DER (RFC 5280) writes it, seconds and Z, as
+    cryptography reads it; ValueError otherwise."""
     tm = _Tm()
     if not asn1_time or ASN1_TIME_to_tm(asn1_time, ctypes.byref(tm)) != 1:
         raise _error(f"invalid {what} time")
+    problem = _not_der_time(asn1_time)
+    if problem:
+        raise ValueError(f"{what}: {problem}")
     return datetime(
         tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, tzinfo=UTC
     )
+
+
+def _not_der_time(asn1_time: int) -> str | None:
+    size = {_V_ASN1_UTCTIME: 13, _V_ASN1_GENERALIZEDTIME: 15}.get(ASN1_STRING_type(asn1_time))
+    data = _string(asn1_time)
+    if len(data) != size or not data.endswith(b"Z"):
+        return f"a time not in DER: {data.decode(errors='replace')!r}"
+    return None
 
 
 # X509_get_key_usage and X509_get_extended_key_usage answer 0 for a certificate OpenSSL
@@ -635,6 +649,8 @@ def _malformed(x: int, flags: int, key_usage: int | None) -> str | None:
         if key in seen:
             return f"duplicate extension {_oid_text(oid)}"
         seen.add(key)
+        # critical as 0xFF or absent, for _not_der_certificate to compare the DER with
+        X509_EXTENSION_set_critical(extension, X509_EXTENSION_get_critical(extension))
         if key in _EXTENSION_ITEMS:
             problem = _not_der(X509_EXTENSION_get_data(extension), key)
             if problem:
@@ -807,29 +823,41 @@ def _name_problem(name: int, *, as_text: bool = False) -> str | None:
     copy = X509_NAME_new()
     if not copy:
         raise _error("X509_NAME_new")
+    encoded = _P()
     try:
         previous = -1
         for i in range(X509_NAME_entry_count(name)):
             entry = X509_NAME_get_entry(name, i)
-            value = X509_NAME_ENTRY_get_data(entry)
-            kind, data = ASN1_STRING_type(value), _string(value)
-            if as_text and kind not in _NAME_STRING_TYPES:
-                return f"a name attribute of ASN.1 type {kind}"
-            if kind == _V_ASN1_NUMERICSTRING and data.strip(b"0123456789 "):
-                return "a NumericString name with other characters"
-            if kind == _V_ASN1_PRINTABLESTRING and data:
-                pointer, size = ASN1_STRING_get0_data(value), ASN1_STRING_length(value)
-                if ASN1_PRINTABLE_type(pointer, size) != _V_ASN1_PRINTABLESTRING:
-                    return "a PrintableString name with other characters"
+            problem = _name_value(X509_NAME_ENTRY_get_data(entry), as_text)
+            if problem:
+                return problem
             rdn = X509_NAME_ENTRY_set(entry)
             if X509_NAME_add_entry(copy, entry, -1, -1 if rdn == previous else 0) != 1:
                 raise _error("X509_NAME_add_entry")
             previous = rdn
-        if _i2d(i2d_X509_NAME, copy) != _i2d(i2d_X509_NAME, name):
+        original, size = _P(), ctypes.c_size_t()
+        if X509_NAME_get0_der(name, ctypes.byref(original), ctypes.byref(size)) != 1:
+            raise _error("X509_NAME_get0_der")
+        length = i2d_X509_NAME(copy, ctypes.byref(encoded))
+        if length != size.value or _at(encoded.value, length) != _at(original.value, length):
             return "a name that is not DER"
         return None
     finally:
+        CRYPTO_free(encoded.value, None, 0)
         X509_NAME_free(copy)
+
+
+def _name_value(value: int, as_text: bool) -> str | None:
+    kind = ASN1_STRING_type(value)
+    if as_text and kind not in _NAME_STRING_TYPES:
+        return f"a name attribute of ASN.1 type {kind}"
+    if kind == _V_ASN1_NUMERICSTRING and _string(value).strip(b"0123456789 "):
+        return "a NumericString name with other characters"
+    if kind == _V_ASN1_PRINTABLESTRING:
+        pointer, size = ASN1_STRING_get0_data(value), ASN1_STRING_length(value)
+        if size and ASN1_PRINTABLE_type(pointer, size) != _V_ASN1_PRINTABLESTRING:
+            return "a PrintableString name with other characters"
+    return None
 
 
 def _u64(integer: int | None, what: str) -> str | None:
@@ -927,18 +955,12 @@ def _private_key_usage_period(decoded: int) -> str | None:
 
 
 def _der_time(asn1_time: int | None) -> str | None:
-    """A UTCTime or GeneralizedTime as DER and RFC 5280 write it: seconds, then Z."""
     if not asn1_time:
         return None
-    size = {_V_ASN1_UTCTIME: 13, _V_ASN1_GENERALIZEDTIME: 15}.get(ASN1_STRING_type(asn1_time))
-    data, tm = _string(asn1_time), _Tm()
-    if (
-        len(data) != size
-        or not data.endswith(b"Z")
-        or ASN1_TIME_to_tm(asn1_time, ctypes.byref(tm)) != 1
-    ):
-        return f"a time not in DER: {data.decode(errors='replace')!r}"
-    return None
+    tm = _Tm()
+    if ASN1_TIME_to_tm(asn1_time, ctypes.byref(tm)) != 1:
+        return "an invalid time"
+    return _not_der_time(asn1_time)
 
 
 def _certificate_policies(decoded: int) -> str | None:
@@ -1070,16 +1092,15 @@ def _algorithms(x: int) -> str | None:
 def _not_der_certificate(x: int, der: bytes) -> str | None:
     """What cryptography refuses outside the extensions' values: a version other than
     v1 or v3; a certificate OpenSSL encodes back differently once the version and
-    each extension's criticality are set anew from what it read (an encoded default,
+    (by _malformed, which must come first) each extension's criticality are set
+    anew from what it read (an encoded default,
     a BOOLEAN other than FF for TRUE, a non-zero unused bit, a long-form length...);
-    a time that is not DER; a PrintableString in a name with other characters.
+    a PrintableString or NumericString in a name with other characters. (The
+    validity's times are held to DER by _time.)
     (OpenSSL encodes back the names' bytes as it read them.)"""
     version = X509_get_version(x)
     if version not in (0, 2):
         return f"version field {version}: neither v1 (0) nor v3 (2)"
-    for i in range(X509_get_ext_count(x)):
-        extension = X509_get_ext(x, i)
-        X509_EXTENSION_set_critical(extension, X509_EXTENSION_get_critical(extension))
     # X509_set_version does nothing when the version is unchanged: the round trip
     # drops an INTEGER 0 written for v1. i2d_re_X509_tbs marks the TBS for encoding
     # anew (i2d_X509 would give back the bytes d2i_X509 kept).
@@ -1095,8 +1116,6 @@ def _not_der_certificate(x: int, der: bytes) -> str | None:
         CRYPTO_free(encoded.value, None, 0)
     return (
         _algorithms(x)
-        or _der_time(X509_get0_notBefore(x))
-        or _der_time(X509_get0_notAfter(x))
         or _name_problem(X509_get_subject_name(x))
         or _name_problem(X509_get_issuer_name(x))
     )
