@@ -194,7 +194,6 @@ X509_new_ex = _fn("X509_new_ex", _P, _P, _STR, optional=True)
 X509_get_extension_flags = _fn("X509_get_extension_flags", _U32, _P)
 X509_get_ext_count = _fn("X509_get_ext_count", _INT, _P)
 X509_get_ext = _fn("X509_get_ext", _P, _P, _INT)
-X509_get_ext_d2i = _fn("X509_get_ext_d2i", _P, _P, _INT, _P, _P)
 X509_EXTENSION_get_object = _fn("X509_EXTENSION_get_object", _P, _P)
 X509_EXTENSION_get_data = _fn("X509_EXTENSION_get_data", _P, _P)
 X509_EXTENSION_get_critical = _fn("X509_EXTENSION_get_critical", _INT, _P)
@@ -230,10 +229,6 @@ ASN1_item_i2d = _fn("ASN1_item_i2d", _INT, _P, _P, _P)
 ASN1_item_free = _fn("ASN1_item_free", None, _P, _P)
 OBJ_obj2nid = _fn("OBJ_obj2nid", _INT, _P)
 OBJ_obj2txt = _fn("OBJ_obj2txt", _INT, _P, _INT, _P, _INT)
-GENERAL_NAMES_free = _fn("GENERAL_NAMES_free", None, _P)
-ASN1_BIT_STRING_free = _fn("ASN1_BIT_STRING_free", None, _P)
-ASN1_OBJECT_free = _fn("ASN1_OBJECT_free", None, _P)
-OPENSSL_sk_pop_free = _fn("OPENSSL_sk_pop_free", None, _P, _P)
 GENERAL_NAME_get0_value = _fn("GENERAL_NAME_get0_value", _P, _P, _P)
 OPENSSL_sk_num = _fn("OPENSSL_sk_num", _INT, _P)
 OPENSSL_sk_value = _fn("OPENSSL_sk_value", _P, _P, _INT)
@@ -523,8 +518,7 @@ def parse_certificate(der: bytes) -> ParsedCert:
         with _bio(BIO_s_mem()) as bio:
             subject = _name(bio, X509_get_subject_name(x))
             issuer = _name(bio, X509_get_issuer_name(x))
-        key_usage, key_usage_critical = _key_usage(x)
-        uris, names_problem = _uris(x)
+        extensions = _extensions(x, flags)
         return ParsedCert(
             serial=_serial(x),
             subject=subject,
@@ -532,14 +526,12 @@ def parse_certificate(der: bytes) -> ParsedCert:
             not_before=_time(X509_get0_notBefore(x), "notBefore"),
             not_after=_time(X509_get0_notAfter(x), "notAfter"),
             flags=flags,
-            key_usage=key_usage,
-            key_usage_critical=key_usage_critical,
-            extended_key_usage=_extended_key_usage(x),
-            uris=uris,
+            key_usage=extensions.key_usage,
+            key_usage_critical=extensions.key_usage_critical,
+            extended_key_usage=extensions.extended_key_usage,
+            uris=extensions.uris,
             spki=_i2d(i2d_X509_PUBKEY, X509_get_X509_PUBKEY(x)),
-            malformed=_malformed(x, flags, key_usage)
-            or names_problem
-            or _not_der_certificate(x, der),  # last: it changes x
+            malformed=extensions.malformed or _not_der_certificate(x, der),  # last: it changes x
         )
 
 
@@ -577,92 +569,85 @@ def _not_der_time(asn1_time: int) -> str | None:
     return None
 
 
-# X509_get_key_usage and X509_get_extended_key_usage answer 0 for a certificate OpenSSL
-# finds invalid (EXFLAG_INVALID): these read the extensions whatever else is wrong.
+class _Extensions(NamedTuple):
+    key_usage: int | None
+    key_usage_critical: bool
+    extended_key_usage: frozenset[int] | None
+    uris: tuple[str, ...]
+    malformed: str | None
 
 
-def _key_usage(x: int) -> tuple[int | None, bool]:
-    """The keyUsage bits as OpenSSL numbers them (KU_*), and whether it is critical."""
-    critical = _INT()
-    bits = X509_get_ext_d2i(x, _NID_KEY_USAGE, ctypes.byref(critical), None)
-    if not bits:
-        return None, False
-    try:
-        data = _string(bits)  # named bits 0-7 in the first byte, 8 in the second
-    finally:
-        ASN1_BIT_STRING_free(bits)
-    return int.from_bytes(data[:2], "little"), critical.value == 1
-
-
-def _extended_key_usage(x: int) -> frozenset[int] | None:
-    """The NIDs of the extKeyUsage purposes (NID_undef, 0, for OIDs OpenSSL has none for)."""
-    purposes = X509_get_ext_d2i(x, _NID_EXT_KEY_USAGE, None, None)
-    if not purposes:
-        return None
-    try:
-        return frozenset(
-            OBJ_obj2nid(OPENSSL_sk_value(purposes, i)) for i in range(OPENSSL_sk_num(purposes))
-        )
-    finally:
-        OPENSSL_sk_pop_free(purposes, ctypes.cast(ASN1_OBJECT_free, _P))
-
-
-def _uris(x: int) -> tuple[tuple[str, ...], str | None]:
-    """The URI SANs in order (none when the SAN is absent, repeated or undecodable), and
-    why the SAN is unusable if one of its IA5Strings (URI, DNS, email) is not UTF-8, as
-    cryptography reads them."""
-    names = X509_get_ext_d2i(x, _NID_SUBJECT_ALT_NAME, None, None)
-    if not names:
-        return (), None
-    try:
-        kind = _INT()
-        uris, problem = [], None
-        for i in range(OPENSSL_sk_num(names)):
-            value = GENERAL_NAME_get0_value(OPENSSL_sk_value(names, i), ctypes.byref(kind))
-            if kind.value not in (_GEN_URI, _GEN_DNS, _GEN_EMAIL):
-                continue
-            data = _string(value)
-            try:
-                text = data.decode()
-            except UnicodeDecodeError:
-                text, problem = data.decode(errors="replace"), "a SAN is not UTF-8"
-            if kind.value == _GEN_URI:
-                uris.append(text)
-        return tuple(uris), problem
-    finally:
-        GENERAL_NAMES_free(names)
-
-
-def _malformed(x: int, flags: int, key_usage: int | None) -> str | None:
-    """Why cryptography would refuse the extensions: an OID repeated, or a value of
-    an extension it decodes (`_DECODED_BY_CRYPTOGRAPHY`) that is not one DER value
-    of its type (decoded by OpenSSL, then encoded back to the same bytes) or breaks
-    a rule of cryptography's type for it (`_RULES`). Then what else makes OpenSSL
-    mark the certificate EXFLAG_INVALID (a negative pathLenConstraint, ...),
-    except an empty keyUsage, which cryptography reads as all false."""
+def _extensions(x: int, flags: int) -> _Extensions:
+    """One pass over the extensions: keyUsage, extKeyUsage and the URI SANs read from
+    the values decoded to check them (a fact is absent when its extension is repeated
+    or undecodable), and why cryptography would refuse the extensions: an OID
+    repeated, or a value of an extension it decodes (`_DECODED_BY_CRYPTOGRAPHY`) that
+    is not one DER value of its type (decoded by OpenSSL, then encoded back to the
+    same bytes) or breaks a rule of cryptography's type for it (`_RULES`). Then what
+    else makes OpenSSL mark the certificate EXFLAG_INVALID (a negative
+    pathLenConstraint, ...), except an empty keyUsage, which cryptography reads as
+    all false. X509_get_key_usage and X509_get_extended_key_usage would answer 0 for
+    such a certificate: these facts are read whatever else is wrong."""
+    facts: dict[int, Any] = {}
+    critical: dict[int, bool] = {}
     seen: set[int | str] = set()
+    problem = None
     for i in range(X509_get_ext_count(x)):
         extension = X509_get_ext(x, i)
         oid = X509_EXTENSION_get_object(extension)
         nid = OBJ_obj2nid(oid)
         key: int | str = nid or _oid_text(oid)
-        if key in seen:
-            return f"duplicate extension {_oid_text(oid)}"
-        seen.add(key)
+        is_critical = X509_EXTENSION_get_critical(extension)
         # critical as 0xFF or absent, for _not_der_certificate to compare the DER with
-        X509_EXTENSION_set_critical(extension, X509_EXTENSION_get_critical(extension))
+        X509_EXTENSION_set_critical(extension, is_critical)
+        if key in seen:
+            problem = problem or f"duplicate extension {_oid_text(oid)}"
+            facts[nid] = None
+            continue
+        seen.add(key)
         if key in _EXTENSION_ITEMS:
-            problem = _not_der(X509_EXTENSION_get_data(extension), key)
-            if problem:
-                return f"extension {_oid_text(oid)}: {problem}"
-    if flags & EXFLAG_INVALID and key_usage != 0:
-        return "OpenSSL finds the extensions invalid"
-    return None
+            wrong, facts[nid] = _not_der(X509_EXTENSION_get_data(extension), key)
+            critical[nid] = bool(is_critical)
+            if wrong:
+                problem = problem or f"extension {_oid_text(oid)}: {wrong}"
+    key_usage = facts.get(_NID_KEY_USAGE)
+    if not problem and flags & EXFLAG_INVALID and key_usage != 0:
+        problem = "OpenSSL finds the extensions invalid"
+    return _Extensions(
+        key_usage=key_usage,
+        key_usage_critical=key_usage is not None and critical[_NID_KEY_USAGE],
+        extended_key_usage=facts.get(_NID_EXT_KEY_USAGE),
+        uris=facts.get(_NID_SUBJECT_ALT_NAME) or (),
+        malformed=problem,
+    )
 
 
-def _not_der(value: int, key: int | str) -> str | None:
+def _key_usage(bits: int) -> int:
+    """The keyUsage bits as OpenSSL numbers them (KU_*): named bits 0-7 in the first
+    byte, 8 in the second."""
+    return int.from_bytes(_string(bits)[:2], "little")
+
+
+def _extended_key_usage(purposes: int) -> frozenset[int]:
+    """The NIDs of the extKeyUsage purposes (NID_undef, 0, for OIDs OpenSSL has none for)."""
+    return frozenset(OBJ_obj2nid(purpose) for purpose in _items(purposes))
+
+
+def _uris(names: int) -> tuple[str, ...]:
+    """The URI SANs, in order (one not UTF-8 is refused by the SAN's rule)."""
+    kind = _INT()
+    uris = []
+    for name in _items(names):
+        value = GENERAL_NAME_get0_value(name, ctypes.byref(kind))
+        if kind.value == _GEN_URI:
+            uris.append(_string(value).decode(errors="replace"))
+    return tuple(uris)
+
+
+def _not_der(value: int, key: int | str) -> tuple[str | None, Any]:
     """What keeps the ASN1_OCTET_STRING `value` from holding one DER value of the
-    extension `key`'s type, as cryptography reads that type, if anything."""
+    extension `key`'s type, as cryptography reads that type, if anything; and the
+    fact `_FACTS` reads in the value, if it decodes."""
     item = _EXTENSION_ITEMS[key]
     start, size = ASN1_STRING_get0_data(value), ASN1_STRING_length(value)
     cursor = _P(start)
@@ -671,25 +656,34 @@ def _not_der(value: int, key: int | str) -> str | None:
     else:
         decoded = ASN1_item_d2i(None, ctypes.byref(cursor), size, item)
     if not decoded:
-        return "undecodable"
+        return "undecodable", None
     encoded = _P()
     try:
+        read = _FACTS.get(key)
+        fact = read(decoded) if read else None
         if cursor.value != start + size:
-            return "bytes after the value"
+            return "bytes after the value", fact
         if item is None:
             length = i2d_SCT_LIST(decoded, ctypes.byref(encoded))
         else:
             length = ASN1_item_i2d(decoded, ctypes.byref(encoded), item)
         if length != size or _at(encoded.value, size) != _at(start, size):
-            return "not DER"
+            return "not DER", fact
         rule = _RULES.get(key)
-        return rule(decoded) if rule else None
+        return (rule(decoded) if rule else None), fact
     finally:
         CRYPTO_free(encoded.value, None, 0)  # i2d allocated it
         if item is None:
             SCT_LIST_free(decoded)
         else:
             ASN1_item_free(decoded, item)
+
+
+_FACTS: dict[int | str, Callable[[int], Any]] = {
+    _NID_KEY_USAGE: _key_usage,
+    _NID_EXT_KEY_USAGE: _extended_key_usage,
+    _NID_SUBJECT_ALT_NAME: _uris,
+}
 
 
 # --- cryptography's rules beyond the ASN.1 ------------------------------------------
@@ -1092,7 +1086,7 @@ def _algorithms(x: int) -> str | None:
 def _not_der_certificate(x: int, der: bytes) -> str | None:
     """What cryptography refuses outside the extensions' values: a version other than
     v1 or v3; a certificate OpenSSL encodes back differently once the version and
-    (by _malformed, which must come first) each extension's criticality are set
+    (by _extensions, which must come first) each extension's criticality are set
     anew from what it read (an encoded default,
     a BOOLEAN other than FF for TRUE, a non-zero unused bit, a long-form length...);
     a PrintableString or NumericString in a name with other characters. (The
