@@ -314,8 +314,8 @@ def _extension_items() -> dict[int | str, int | None]:
             items[nid] = int(ctypes.CFUNCTYPE(_P)(it)())  # ASN1_ITEM_EXP: a function in 3.x
         elif method:
             items[nid] = it
-        else:
-            items[oid] = _item("ASN1_SEQUENCE_ANY")
+        else:  # keyed as _extensions looks it up: by NID where OpenSSL has one
+            items[nid or oid] = _item("ASN1_SEQUENCE_ANY")
     return items
 
 
