@@ -18,21 +18,20 @@ differences, each outside what the X.509-SVID checks act on:
   writes ``1.2.840.113549.1.9.1=``), an OID OpenSSL does not know is dumped as
   ``#``-hex DER, control characters are escaped as ``\\XX``, and the values of
   a multi-valued RDN come in reverse order.
-- ``malformed`` is set for what makes cryptography's ``cert.extensions``
-  raise: an extension OID repeated; a value of a type cryptography decodes that
-  is not one DER value of that type (undecodable, bytes after it, an encoded
-  default, a non-zero unused bit) or an empty subjectAltName, issuerAltName,
-  extKeyUsage or certificatePolicies; a keyUsage with encipherOnly or
-  decipherOnly but not keyAgreement; a URI, DNS or email SAN that is not UTF-8. Also for
-  what else makes OpenSSL mark the certificate invalid (a negative
-  pathLenConstraint, which cryptography refuses too, or an undecodable
-  nsCertType or policyMappings, which it ignores), except an empty keyUsage.
-  Not noticed here, and refused by cryptography: damage to a value OpenSSL 3.0
-  has no ASN.1 type for (TLS feature, SCT list, Microsoft certificate
-  template), a non-canonical BOOLEAN (01 for TRUE), a negative
-  inhibitAnyPolicy, an empty nameConstraints or policyConstraints. Nor is the
-  TBS itself held to DER: a certificate cryptography refuses at load may be
-  read here as OpenSSL reads it, as the TLS handshake does.
+- ``malformed`` is set (or from_der raises) exactly where cryptography refuses the
+  certificate: at load (not DER, a version other than v1 or v3, a name or an
+  algorithm's parameters it cannot read) or at ``cert.extensions``. Each extension
+  cryptography decodes is decoded with the ASN.1 item of OpenSSL's own method for
+  it, encoded back to the same bytes, and held to what cryptography's type adds
+  (every GeneralName wherever it appears: no x400Address or ediPartyName, UTF-8
+  IA5 names, an iPAddress of 4 or 16 bytes or a network of 8 or 32; a pathLen
+  only with cA; unsigned integers; non-empty lists ...); the whole certificate is
+  encoded back too. tests/unit/identity/test_cert_parity.py is the differential
+  test, cryptography the oracle. Stricter than cryptography: what makes OpenSSL
+  mark the certificate invalid (an undecodable nsCertType or proxyCertInfo, which
+  cryptography ignores), except an empty keyUsage, which it reads as all false.
+  Not compared: the inside of DSA, DH and RSA-PSS parameters (only their ASN.1
+  type), and of a user notice beyond its strings' types.
 - A name attribute that is not a string (an OCTET STRING, say) makes OpenSSL
   refuse the whole certificate, as it does in a TLS handshake; cryptography
   reads it.
@@ -84,8 +83,8 @@ _EXTENDED_KEY_USAGE = {
 #: Meaningful only with keyAgreement: cryptography refuses a keyUsage without it.
 _ONLY = frozenset({"encipher_only", "decipher_only"})
 _CERTIFICATE_LABELS = (b"CERTIFICATE", b"X509 CERTIFICATE")
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END ([A-Z0-9 ]+)-----", re.DOTALL)
 _PEM_BEGIN = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+_PEM_END = re.compile(rb"-----END ([A-Z0-9 ]+)-----")
 _WHITESPACE = re.compile(rb"\s+")
 
 
@@ -113,7 +112,11 @@ class Cert:
 
     @classmethod
     def from_der(cls, der: bytes) -> Cert:
-        """Read one DER certificate, and nothing after it; ValueError saying why not."""
+        """Read one DER certificate, and nothing after it; ValueError saying why not.
+
+        TypeError unless `der` is bytes-like: bytes(10**10) would allocate 10 GB."""
+        if not isinstance(der, bytes | bytearray | memoryview):
+            raise TypeError(f"a DER certificate is bytes, not {type(der).__name__}")
         der = bytes(der)
         parsed = openssl.parse_certificate(der)
         flags, malformed = parsed.flags, parsed.malformed
@@ -242,18 +245,28 @@ def _pem(label: bytes, der: bytes) -> bytes:
 
 
 def _pem_blocks(data: bytes, labels: tuple[bytes, ...]) -> list[bytes]:
-    """The DER of each PEM block of `data` whose label is one of `labels`."""
+    """The DER of each PEM block of `data` whose label is one of `labels`.
+
+    One pass, each byte looked at a bounded number of times: a BEGIN, then the
+    next END after it (a lazy `BEGIN(.*?)END` regex is quadratic on a BEGIN
+    with no END). A BEGIN without an END, or a second BEGIN before the END, is
+    refused."""
     blocks = []
-    matches = list(_PEM_BLOCK.finditer(data))
-    if len(matches) != len(_PEM_BEGIN.findall(data)):
-        raise ValueError("a PEM block has no END line")
-    for match in matches:
-        begin, body, end = match.groups()
-        if begin != end:
-            raise ValueError(f"PEM BEGIN {begin.decode()} ends with END {end.decode()}")
-        if begin in labels:
+    position = 0
+    while begin := _PEM_BEGIN.search(data, position):
+        end = _PEM_END.search(data, begin.end())
+        if end is None:
+            raise ValueError("a PEM block has no END line")
+        if data.find(b"-----BEGIN ", begin.end(), end.start()) >= 0:
+            raise ValueError("a PEM block begins inside another")
+        label = begin.group(1)
+        if label != end.group(1):
+            raise ValueError(f"PEM BEGIN {label.decode()} ends with END {end.group(1).decode()}")
+        if label in labels:
+            body = data[begin.end() : end.start()]
             try:
                 blocks.append(base64.b64decode(_WHITESPACE.sub(b"", body), validate=True))
             except binascii.Error as exc:
-                raise ValueError(f"PEM {begin.decode()} block is not base64: {exc}") from None
+                raise ValueError(f"PEM {label.decode()} block is not base64: {exc}") from None
+        position = end.end()
     return blocks

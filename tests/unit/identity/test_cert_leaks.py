@@ -2,7 +2,8 @@
 refused, leave the process's resident memory where it was.
 
 A leaked X509 is a few KiB, a leaked EVP_PKEY or store context more: 8,000 parses
-leaking one would grow by about 10 MiB (the control below: 4,000 pass the bound). Bounded in count; no sleeps.
+leaking one would grow by about 10 MiB (the control below: 4,000 pass the bound).
+Bounded in count; no sleeps.
 """
 
 from __future__ import annotations
