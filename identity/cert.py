@@ -23,7 +23,7 @@ differences, each outside what the X.509-SVID checks act on:
   is not one DER value of that type (undecodable, bytes after it, an encoded
   default, a non-zero unused bit) or an empty subjectAltName, issuerAltName,
   extKeyUsage or certificatePolicies; a keyUsage with encipherOnly or
-  decipherOnly but not keyAgreement; a URI SAN that is not UTF-8. Also for
+  decipherOnly but not keyAgreement; a URI, DNS or email SAN that is not UTF-8. Also for
   what else makes OpenSSL mark the certificate invalid (a negative
   pathLenConstraint, which cryptography refuses too, or an undecodable
   nsCertType or policyMappings, which it ignores), except an empty keyUsage.
@@ -33,6 +33,12 @@ differences, each outside what the X.509-SVID checks act on:
   inhibitAnyPolicy, an empty nameConstraints or policyConstraints. Nor is the
   TBS itself held to DER: a certificate cryptography refuses at load may be
   read here as OpenSSL reads it, as the TLS handshake does.
+- A name attribute that is not a string (an OCTET STRING, say) makes OpenSSL
+  refuse the whole certificate, as it does in a TLS handshake; cryptography
+  reads it.
+- ``spki`` is the certificate's own SubjectPublicKeyInfo bytes; cryptography
+  re-encodes the key it decodes from them (an EC point in hybrid form comes
+  back uncompressed).
 - ``extended_key_usage`` holds the purposes OpenSSL has a flag for: an OID
   outside ``_EXTENDED_KEY_USAGE`` is not in the set.
 """
@@ -63,17 +69,18 @@ _KEY_USAGE = (
     (0x0001, "encipher_only"),
     (0x8000, "decipher_only"),
 )
-#: XKU_* bits of X509_get_extended_key_usage, by cryptography's ExtendedKeyUsageOID
-#: names (lower case). Server-gated crypto and DVCS have no name there.
-_EXTENDED_KEY_USAGE = (
-    (0x001, "server_auth"),
-    (0x002, "client_auth"),
-    (0x004, "email_protection"),
-    (0x008, "code_signing"),
-    (0x020, "ocsp_signing"),
-    (0x040, "time_stamping"),
-    (0x100, "any_extended_key_usage"),
-)
+#: OpenSSL's NIDs of the purposes it has an XKU_* flag for, by cryptography's
+#: ExtendedKeyUsageOID names (lower case). Server-gated crypto and DVCS have no name
+#: there; other purposes are left out of the set.
+_EXTENDED_KEY_USAGE = {
+    129: "server_auth",
+    130: "client_auth",
+    131: "code_signing",
+    132: "email_protection",
+    133: "time_stamping",
+    180: "ocsp_signing",
+    910: "any_extended_key_usage",
+}
 #: Meaningful only with keyAgreement: cryptography refuses a keyUsage without it.
 _ONLY = frozenset({"encipher_only", "decipher_only"})
 _CERTIFICATE_LABELS = (b"CERTIFICATE", b"X509 CERTIFICATE")
@@ -110,14 +117,9 @@ class Cert:
         der = bytes(der)
         parsed = openssl.parse_certificate(der)
         flags, malformed = parsed.flags, parsed.malformed
-        key_usage = _names(parsed.key_usage, _KEY_USAGE) if flags & openssl.EXFLAG_KUSAGE else None
+        key_usage = None if parsed.key_usage is None else _names(parsed.key_usage, _KEY_USAGE)
         if key_usage is not None and _ONLY & key_usage and "key_agreement" not in key_usage:
             malformed = malformed or "keyUsage has encipherOnly/decipherOnly, no keyAgreement"
-        try:  # an IA5String, which cryptography reads as UTF-8
-            uris = tuple(uri.decode() for uri in parsed.uris)
-        except UnicodeDecodeError:
-            uris = tuple(uri.decode(errors="replace") for uri in parsed.uris)
-            malformed = malformed or "a URI SAN is not UTF-8"
         return cls(
             der=der,
             serial=parsed.serial,
@@ -128,12 +130,8 @@ class Cert:
             ca=bool(flags & openssl.EXFLAG_CA) if flags & openssl.EXFLAG_BCONS else None,
             key_usage=key_usage,
             key_usage_critical=parsed.key_usage_critical,
-            extended_key_usage=(
-                _names(parsed.extended_key_usage, _EXTENDED_KEY_USAGE)
-                if flags & openssl.EXFLAG_XKUSAGE
-                else None
-            ),
-            uris=uris,
+            extended_key_usage=_purposes(parsed.extended_key_usage),
+            uris=parsed.uris,
             spki=parsed.spki,
             malformed=malformed,
         )
@@ -229,6 +227,12 @@ def verify_chain(chain: Sequence[Cert], roots: Sequence[Cert]) -> None:
 
 def _names(bits: int, table: tuple[tuple[int, str], ...]) -> frozenset[str]:
     return frozenset(name for bit, name in table if bits & bit)
+
+
+def _purposes(nids: frozenset[int] | None) -> frozenset[str] | None:
+    if nids is None:
+        return None
+    return frozenset(_EXTENDED_KEY_USAGE[nid] for nid in nids if nid in _EXTENDED_KEY_USAGE)
 
 
 def _pem(label: bytes, der: bytes) -> bytes:

@@ -8,7 +8,8 @@ on the disk), checked to be the version `ssl` reports.
 
 This is the only module that says ctypes. Every function is declared with its
 argument and result types (pointers as `c_void_p`, never the default int),
-every input is a copy with its length, and every pointer is freed in `finally`.
+every input is a copy with its length (or OpenSSL's own memory with its
+length), and everything OpenSSL allocates for us is freed in `finally`.
 OpenSSL is never handed a Python object's address to keep. What goes out is
 Python values: `bytes`, `int`, `str`, `datetime`. A failing call raises
 ValueError carrying OpenSSL's first error, and each operation clears the
@@ -16,8 +17,9 @@ thread's error queue before and after, so no error of ours leaks into the ssl
 module's next message (nor one of its into ours). ctypes releases the GIL
 around each call; the objects are this thread's own, so that is safe.
 
-The certificate and key operations need OpenSSL 1.1.1 or later; key generation
-and key type names need 3.0 (`EVP_PKEY_generate`, `EVP_PKEY_get0_type_name`).
+Tested with OpenSSL 3.0. Certificates and chains need 1.1.1 or later (whose
+paths here are untested); keys need 3.0 (`EVP_PKEY_generate`,
+`EVP_PKEY_get0_type_name`) and raise ValueError before it.
 """
 
 from __future__ import annotations
@@ -34,8 +36,6 @@ __all__ = [
     "EXFLAG_BCONS",
     "EXFLAG_CA",
     "EXFLAG_INVALID",
-    "EXFLAG_KUSAGE",
-    "EXFLAG_XKUSAGE",
     "KeyMaterial",
     "ParsedCert",
     "generate_p256",
@@ -47,12 +47,11 @@ __all__ = [
 
 # X509_get_extension_flags (x509v3.h)
 EXFLAG_BCONS = 0x1
-EXFLAG_KUSAGE = 0x2
-EXFLAG_XKUSAGE = 0x4
 EXFLAG_CA = 0x10
 EXFLAG_INVALID = 0x80
 
 _NID_KEY_USAGE = 83
+_NID_EXT_KEY_USAGE = 126
 _NID_SUBJECT_ALT_NAME = 85
 #: The extensions cryptography decodes that OpenSSL has an ASN.1 type for, by NID:
 #: (the type, whether cryptography wants at least one element in it).
@@ -74,7 +73,7 @@ _EXTENSION_TYPES = {
     748: ("ASN1_INTEGER", False),  # inhibitAnyPolicy
     369: ("ASN1_NULL", False),  # OCSP noCheck
 }
-_GEN_URI = 6
+_GEN_EMAIL, _GEN_DNS, _GEN_URI = 1, 2, 6  # the IA5String names of a GENERAL_NAME
 _V_ASN1_NEG_INTEGER = 0x102
 _BIO_CTRL_RESET = 1
 _BIO_CTRL_INFO = 3
@@ -143,13 +142,9 @@ d2i_X509 = _fn("d2i_X509", _P, _P, _P, _LONG)
 X509_free = _fn("X509_free", None, _P)
 X509_new_ex = _fn("X509_new_ex", _P, _P, _STR, optional=True)
 X509_get_extension_flags = _fn("X509_get_extension_flags", _U32, _P)
-X509_get_key_usage = _fn("X509_get_key_usage", _U32, _P)
-X509_get_extended_key_usage = _fn("X509_get_extended_key_usage", _U32, _P)
 X509_get_ext_count = _fn("X509_get_ext_count", _INT, _P)
 X509_get_ext = _fn("X509_get_ext", _P, _P, _INT)
-X509_get_ext_by_NID = _fn("X509_get_ext_by_NID", _INT, _P, _INT, _INT)
 X509_get_ext_d2i = _fn("X509_get_ext_d2i", _P, _P, _INT, _P, _P)
-X509_EXTENSION_get_critical = _fn("X509_EXTENSION_get_critical", _INT, _P)
 X509_EXTENSION_get_object = _fn("X509_EXTENSION_get_object", _P, _P)
 X509_EXTENSION_get_data = _fn("X509_EXTENSION_get_data", _P, _P)
 ASN1_item_d2i = _fn("ASN1_item_d2i", _P, _P, _P, _LONG, _P)
@@ -158,6 +153,9 @@ ASN1_item_free = _fn("ASN1_item_free", None, _P, _P)
 OBJ_obj2nid = _fn("OBJ_obj2nid", _INT, _P)
 OBJ_obj2txt = _fn("OBJ_obj2txt", _INT, _P, _INT, _P, _INT)
 GENERAL_NAMES_free = _fn("GENERAL_NAMES_free", None, _P)
+ASN1_BIT_STRING_free = _fn("ASN1_BIT_STRING_free", None, _P)
+ASN1_OBJECT_free = _fn("ASN1_OBJECT_free", None, _P)
+OPENSSL_sk_pop_free = _fn("OPENSSL_sk_pop_free", None, _P, _P)
 GENERAL_NAME_get0_value = _fn("GENERAL_NAME_get0_value", _P, _P, _P)
 OPENSSL_sk_num = _fn("OPENSSL_sk_num", _INT, _P)
 OPENSSL_sk_value = _fn("OPENSSL_sk_value", _P, _P, _INT)
@@ -214,9 +212,17 @@ X509_verify_cert = _fn("X509_verify_cert", _INT, _P)
 X509_verify_cert_error_string = _fn("X509_verify_cert_error_string", _STR, _LONG)
 # fmt: on
 
+
+def _item(name: str) -> int:
+    """The ASN1_ITEM of an ASN.1 type: a function's result in 3.x, a variable in 1.1.1."""
+    if ssl.OPENSSL_VERSION_INFO[0] >= 3:
+        return int(_fn(f"{name}_it", _P)())
+    return ctypes.addressof(ctypes.c_char.in_dll(_lib, f"{name}_it"))
+
+
 #: ASN1_ITEM of each type in _EXTENSION_TYPES, by NID.
 _EXTENSION_ITEMS = {
-    nid: (_fn(f"{name}_it", _P)(), non_empty) for nid, (name, non_empty) in _EXTENSION_TYPES.items()
+    nid: (_item(name), non_empty) for nid, (name, non_empty) in _EXTENSION_TYPES.items()
 }
 
 
@@ -267,10 +273,10 @@ class ParsedCert(NamedTuple):
     not_before: datetime
     not_after: datetime
     flags: int  # X509_get_extension_flags
-    key_usage: int  # X509_get_key_usage: KU_* bits
+    key_usage: int | None  # KU_* bits (x509v3.h); None: absent or unreadable
     key_usage_critical: bool
-    extended_key_usage: int  # X509_get_extended_key_usage: XKU_* bits
-    uris: tuple[bytes, ...]
+    extended_key_usage: frozenset[int] | None  # the purposes' NIDs; None: absent, unreadable
+    uris: tuple[str, ...]
     spki: bytes
     malformed: str | None
 
@@ -331,9 +337,11 @@ def _d2i(
     what: str,
     *,
     into: int | None = None,
+    secret: bool = False,
 ) -> int:
     """`decode` over a copy of `der`, which must be exactly one DER object; `free`
-    releases what it made. `into`, an object `decode` fills, is freed on failure."""
+    releases what it made. `into`, an object `decode` fills, is freed on failure.
+    A `secret`'s copy is wiped after."""
     if not der:
         if into:
             free(into)
@@ -342,7 +350,11 @@ def _d2i(
     start = ctypes.addressof(buffer)
     cursor = _P(start)  # d2i moves it past what it read: a copy of the start
     target = _P(into)
-    obj = decode(ctypes.byref(target) if into else None, ctypes.byref(cursor), len(der))
+    try:
+        obj = decode(ctypes.byref(target) if into else None, ctypes.byref(cursor), len(der))
+    finally:
+        if secret:
+            ctypes.memset(buffer, 0, len(der))
     if not obj:
         if target.value:  # d2i frees a reused object on failure, and says so with NULL
             free(target.value)
@@ -410,6 +422,8 @@ def parse_certificate(der: bytes) -> ParsedCert:
         with _bio(BIO_s_mem()) as bio:
             subject = _name(bio, X509_get_subject_name(x))
             issuer = _name(bio, X509_get_issuer_name(x))
+        key_usage, key_usage_critical = _key_usage(x)
+        uris, names_problem = _uris(x)
         return ParsedCert(
             serial=_serial(x),
             subject=subject,
@@ -417,12 +431,12 @@ def parse_certificate(der: bytes) -> ParsedCert:
             not_before=_time(X509_get0_notBefore(x), "notBefore"),
             not_after=_time(X509_get0_notAfter(x), "notAfter"),
             flags=flags,
-            key_usage=X509_get_key_usage(x),
-            key_usage_critical=_critical(x, _NID_KEY_USAGE),
-            extended_key_usage=X509_get_extended_key_usage(x),
-            uris=_uris(x),
+            key_usage=key_usage,
+            key_usage_critical=key_usage_critical,
+            extended_key_usage=_extended_key_usage(x),
+            uris=uris,
             spki=_i2d(i2d_X509_PUBKEY, X509_get_X509_PUBKEY(x)),
-            malformed=_malformed(x, flags, X509_get_key_usage(x)),
+            malformed=_malformed(x, flags, key_usage) or names_problem,
         )
 
 
@@ -447,29 +461,63 @@ def _time(asn1_time: int, what: str) -> datetime:
     )
 
 
-def _critical(x: int, nid: int) -> bool:
-    index = X509_get_ext_by_NID(x, nid, -1)
-    return index >= 0 and bool(X509_EXTENSION_get_critical(X509_get_ext(x, index)) == 1)
+# X509_get_key_usage and X509_get_extended_key_usage answer 0 for a certificate OpenSSL
+# finds invalid (EXFLAG_INVALID): these read the extensions whatever else is wrong.
 
 
-def _uris(x: int) -> tuple[bytes, ...]:
-    """The URI SANs in order; none when the SAN is absent, repeated or undecodable."""
+def _key_usage(x: int) -> tuple[int | None, bool]:
+    """The keyUsage bits as OpenSSL numbers them (KU_*), and whether it is critical."""
+    critical = _INT()
+    bits = X509_get_ext_d2i(x, _NID_KEY_USAGE, ctypes.byref(critical), None)
+    if not bits:
+        return None, False
+    try:
+        data = _string(bits)  # named bits 0-7 in the first byte, 8 in the second
+    finally:
+        ASN1_BIT_STRING_free(bits)
+    return int.from_bytes(data[:2], "little"), critical.value == 1
+
+
+def _extended_key_usage(x: int) -> frozenset[int] | None:
+    """The NIDs of the extKeyUsage purposes (NID_undef, 0, for OIDs OpenSSL has none for)."""
+    purposes = X509_get_ext_d2i(x, _NID_EXT_KEY_USAGE, None, None)
+    if not purposes:
+        return None
+    try:
+        return frozenset(
+            OBJ_obj2nid(OPENSSL_sk_value(purposes, i)) for i in range(OPENSSL_sk_num(purposes))
+        )
+    finally:
+        OPENSSL_sk_pop_free(purposes, ctypes.cast(ASN1_OBJECT_free, _P))
+
+
+def _uris(x: int) -> tuple[tuple[str, ...], str | None]:
+    """The URI SANs in order (none when the SAN is absent, repeated or undecodable), and
+    why the SAN is unusable if one of its IA5Strings (URI, DNS, email) is not UTF-8, as
+    cryptography reads them."""
     names = X509_get_ext_d2i(x, _NID_SUBJECT_ALT_NAME, None, None)
     if not names:
-        return ()
+        return (), None
     try:
         kind = _INT()
-        uris = []
+        uris, problem = [], None
         for i in range(OPENSSL_sk_num(names)):
             value = GENERAL_NAME_get0_value(OPENSSL_sk_value(names, i), ctypes.byref(kind))
+            if kind.value not in (_GEN_URI, _GEN_DNS, _GEN_EMAIL):
+                continue
+            data = _string(value)
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                text, problem = data.decode(errors="replace"), "a SAN is not UTF-8"
             if kind.value == _GEN_URI:
-                uris.append(_string(value))
-        return tuple(uris)
+                uris.append(text)
+        return tuple(uris), problem
     finally:
         GENERAL_NAMES_free(names)
 
 
-def _malformed(x: int, flags: int, key_usage: int) -> str | None:
+def _malformed(x: int, flags: int, key_usage: int | None) -> str | None:
     """Why the extensions are unusable, as cryptography would refuse them: an OID
     repeated, or a value of a type cryptography decodes (`_EXTENSION_TYPES`) that is
     not one DER value of that type (decoded by OpenSSL, then encoded back to the same
@@ -490,7 +538,7 @@ def _malformed(x: int, flags: int, key_usage: int) -> str | None:
             problem = _not_der(X509_EXTENSION_get_data(extension), item, non_empty)
             if problem:
                 return f"extension {_oid_text(oid)}: {problem}"
-    if flags & EXFLAG_INVALID and not (flags & EXFLAG_KUSAGE and key_usage == 0):
+    if flags & EXFLAG_INVALID and key_usage != 0:
         return "OpenSSL finds the extensions invalid"
     return None
 
@@ -519,9 +567,12 @@ def _not_der(value: int, item: int, non_empty: bool) -> str | None:
         ASN1_item_free(decoded, item)
 
 
-def _oid_text(oid: int) -> str:
-    text = ctypes.create_string_buffer(128)
-    OBJ_obj2txt(text, len(text), oid, 1)
+def _oid_text(oid: int, room: int = 128) -> str:
+    """The dotted OID; OBJ_obj2txt says how long it is when it does not fit."""
+    text = ctypes.create_string_buffer(room)
+    size = OBJ_obj2txt(text, room, oid, 1)
+    if size >= room:
+        return _oid_text(oid, size + 1)
     return text.value.decode(errors="replace")
 
 
@@ -574,9 +625,10 @@ def key_from_pem(data: bytes) -> KeyMaterial:
                 label, headers, der = _next_pem_block(bio)
         finally:
             BIO_free(bio)
+            ctypes.memset(source, 0, len(data))
         if headers:  # RFC 1421's Proc-Type: 4,ENCRYPTED and its DEK-Info
             raise ValueError("the private key is encrypted (it has PEM headers)")
-        pkey = _d2i(d2i_AutoPrivateKey, EVP_PKEY_free, der, f"not a {label.decode()}")
+        pkey = _d2i(d2i_AutoPrivateKey, EVP_PKEY_free, der, f"not a {label.decode()}", secret=True)
         try:
             return _material(pkey)
         finally:
@@ -617,7 +669,7 @@ def _algorithm(pkey: int) -> str:
 
 @contextmanager
 def _pkey(pkcs8: bytes) -> Iterator[int]:
-    p8 = _d2i(d2i_PKCS8_PRIV_KEY_INFO, PKCS8_PRIV_KEY_INFO_free, pkcs8, "not a PKCS#8 private key")
+    p8 = _d2i(d2i_PKCS8_PRIV_KEY_INFO, PKCS8_PRIV_KEY_INFO_free, pkcs8, "not PKCS#8", secret=True)
     try:
         pkey = EVP_PKCS82PKEY(p8)
     finally:

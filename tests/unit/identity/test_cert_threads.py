@@ -14,7 +14,7 @@ from tests.unit.agent import pki
 from tests.unit.identity.test_cert import build, raw
 
 THREADS = 8
-ROUNDS = 150
+ROUNDS = 60
 
 
 def test_threads_get_what_one_thread_gets(tmp_path: Path) -> None:
