@@ -27,16 +27,13 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from agent.adapters import logs, memory
 from agent.adapters.workers import families, from_main, receive, send, to_main
 from agent.app import Agent, Settings
 from agent.config import AgentConfig, PolicyConfig
 from agent.core.svid import Svid
 from identity import SpiffeId, TrustBundle
+from identity.cert import Cert, PrivateKey
 
 log = logging.getLogger("outrider.agent.worker")
 
@@ -58,9 +55,8 @@ def worker_view(config: AgentConfig) -> AgentConfig:
 def rebuilt(key_pem: bytes, chain_pem: bytes, bundle_pem: bytes, spiffe_id: str) -> Svid:
     """The main process's SVID, from what it sent: checked there, as the CA's answer was
     (and kept there, expired or not, as one process keeps it), so taken as it is."""
-    key = serialization.load_pem_private_key(key_pem, None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    chain = tuple(x509.load_pem_x509_certificates(chain_pem))
+    key = PrivateKey.from_pem(key_pem)
+    chain = tuple(Cert.all_from_pem(chain_pem))
     parsed = SpiffeId.parse(spiffe_id)
     return Svid(parsed, chain, key, TrustBundle.from_pem(parsed.trust_domain, bundle_pem))
 

@@ -89,12 +89,12 @@ def context(svid: Svid, server: bool, resumed: bool, groups: bytes | None = None
     store = ctx.get_cert_store()
     assert store is not None
     for root in svid.bundle.roots:
-        store.add_cert(crypto.X509.from_cryptography(root))
+        store.add_cert(crypto.load_certificate(crypto.FILETYPE_ASN1, root.der))
     store.set_flags(crypto.X509StoreFlags.X509_STRICT)
-    ctx.use_certificate(crypto.X509.from_cryptography(svid.leaf))
+    ctx.use_certificate(crypto.load_certificate(crypto.FILETYPE_ASN1, svid.leaf.der))
     for cert in svid.chain[1:]:
-        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
-    ctx.use_privatekey(crypto.PKey.from_cryptography_key(svid.key))
+        ctx.add_extra_chain_cert(crypto.load_certificate(crypto.FILETYPE_ASN1, cert.der))
+    ctx.use_privatekey(crypto.load_privatekey(crypto.FILETYPE_ASN1, svid.key.der))
     ctx.check_privatekey()
     return ctx
 

@@ -26,11 +26,9 @@ import ssl
 from collections.abc import Callable
 from datetime import datetime
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from control.config import TlsFiles
 from identity import SpiffeId, SvidError, TrustDomain, check_leaf
+from identity.cert import Cert
 from identity.serving import tls_server_context
 from identity.tlsfiles import load_cert_chain
 
@@ -62,10 +60,10 @@ def server_context(files: TlsFiles) -> ssl.SSLContext:
 def trusted(files: TlsFiles) -> frozenset[bytes]:
     """The bundle's certificates, DER: what a change of bundle may have removed."""
     try:
-        certs = x509.load_pem_x509_certificates(files.bundle_file.read_bytes())
+        certs = Cert.all_from_pem(files.bundle_file.read_bytes())
     except ValueError:
         return frozenset()
-    return frozenset(cert.public_bytes(Encoding.DER) for cert in certs)
+    return frozenset(cert.der for cert in certs)
 
 
 def stamp(files: TlsFiles) -> Stamp:
@@ -114,7 +112,7 @@ def peer_spiffe_id(
     if der is None:  # CERT_REQUIRED makes this unreachable; refuse rather than assume
         raise SvidError("no_uri_san", "no client certificate")
     try:
-        cert = x509.load_der_x509_certificate(der)
+        cert = Cert.from_der(der)
     except ValueError as exc:
         raise SvidError("malformed_extensions", f"unreadable client certificate: {exc}") from None
     spiffe_id = check_leaf(cert, usage="client", now=now)
@@ -122,4 +120,4 @@ def peer_spiffe_id(
         raise SvidError(
             "foreign_trust_domain", f"{spiffe_id} is not in trust domain {trust_domain}"
         )
-    return spiffe_id, cert.not_valid_after_utc
+    return spiffe_id, cert.not_after

@@ -9,7 +9,9 @@ list of DER blobs (what the CA protocol carries), and the SPIFFE bundle
 format, a JWK Set with ``x509-svid`` keys (what federation endpoints serve).
 All parsing is strict and raises :class:`BundleError`; the bytes come from
 disk or from another trust domain, and a half-understood bundle is worse
-than none.
+than none. PEM and DER are read by OpenSSL (`identity.cert`); the SPIFFE
+format needs `cryptography` and PyJWT, imported by its functions on first
+use, so an agent that never federates never loads them.
 """
 
 from __future__ import annotations
@@ -22,10 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
+from identity.cert import Cert
 from identity.spiffe_id import TrustDomain
 
 if TYPE_CHECKING:
@@ -68,7 +67,7 @@ class TrustBundle:
     """
 
     trust_domain: TrustDomain
-    roots: tuple[x509.Certificate, ...]
+    roots: tuple[Cert, ...]
 
     def __post_init__(self) -> None:
         if not isinstance(self.trust_domain, TrustDomain):
@@ -86,13 +85,13 @@ class TrustBundle:
         if b"PRIVATE KEY" in data:
             raise BundleError("PEM data contains a private key; a trust bundle holds certificates")
         try:
-            roots = x509.load_pem_x509_certificates(data)
+            roots = Cert.all_from_pem(data)
         except ValueError as exc:
             raise BundleError(f"no PEM certificates could be loaded: {exc}") from exc
         return cls(trust_domain, tuple(roots))
 
     def to_pem(self) -> bytes:
-        return b"".join(root.public_bytes(Encoding.PEM) for root in self.roots)
+        return b"".join(root.to_pem() for root in self.roots)
 
     @classmethod
     def from_der(cls, trust_domain: TrustDomain, ders: Iterable[bytes]) -> TrustBundle:
@@ -100,7 +99,7 @@ class TrustBundle:
         return cls(trust_domain, tuple(_load_der(index, der) for index, der in enumerate(ders)))
 
     def to_der(self) -> list[bytes]:
-        return [root.public_bytes(Encoding.DER) for root in self.roots]
+        return [root.der for root in self.roots]
 
     @classmethod
     def from_spiffe_json(cls, trust_domain: TrustDomain, data: bytes | str) -> TrustBundle:
@@ -130,39 +129,29 @@ class TrustBundle:
     @property
     def earliest_expiry(self) -> datetime:
         """When the first root expires: the deadline for rotating it out."""
-        return min(root.not_valid_after_utc for root in self.roots)
+        return min(root.not_after for root in self.roots)
 
 
-def _without_duplicates(roots: Iterable[x509.Certificate]) -> tuple[x509.Certificate, ...]:
-    seen: set[bytes] = set()
-    unique = []
+def _without_duplicates(roots: Iterable[Cert]) -> tuple[Cert, ...]:
     for root in roots:
-        if not isinstance(root, x509.Certificate):
-            raise TypeError(f"trust bundle roots must be x509.Certificate, not {type(root)}")
-        der = root.public_bytes(Encoding.DER)
-        if der not in seen:
-            seen.add(der)
-            unique.append(root)
-    return tuple(unique)
+        if not isinstance(root, Cert):
+            raise TypeError(f"trust bundle roots must be Cert, not {type(root)}")
+    return tuple(dict.fromkeys(roots))  # a Cert is equal to another with its DER
 
 
-def _check_root(index: int, root: x509.Certificate) -> None:
+def _check_root(index: int, root: Cert) -> None:
     subject = _name(root)
-    try:
-        constraints = root.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        raise BundleError(
-            f"root {index} ({subject}) is not a CA certificate: no BasicConstraints"
-        ) from None
-    except (ValueError, x509.DuplicateExtension) as exc:
-        raise BundleError(f"root {index} ({subject}) has malformed extensions: {exc}") from exc
-    if not constraints.ca:
+    if root.malformed is not None:
+        raise BundleError(f"root {index} ({subject}) has malformed extensions: {root.malformed}")
+    if root.ca is None:
+        raise BundleError(f"root {index} ({subject}) is not a CA certificate: no BasicConstraints")
+    if not root.ca:
         raise BundleError(f"root {index} ({subject}) is not a CA certificate: ca=False")
 
 
-def _load_der(index: int, der: bytes) -> x509.Certificate:
+def _load_der(index: int, der: bytes) -> Cert:
     try:
-        return x509.load_der_x509_certificate(der)
+        return Cert.from_der(der)
     except ValueError as exc:
         raise BundleError(f"certificate {index} is not valid DER: {exc}") from exc
 
@@ -183,7 +172,7 @@ def _check_optional_int(document: dict[str, Any], member: str) -> None:
         raise BundleError(f"SPIFFE bundle member {member!r} must be an integer, not {value!r}")
 
 
-def _roots_from_jwks(keys: object) -> Iterator[x509.Certificate]:
+def _roots_from_jwks(keys: object) -> Iterator[Cert]:
     if not isinstance(keys, list):
         raise BundleError("SPIFFE bundle must have a 'keys' array")
     for index, jwk in enumerate(keys):
@@ -203,17 +192,17 @@ def _is_x509_svid_key(index: int, jwk: dict[str, Any]) -> bool:
     return use == X509_SVID_USE and kty in _KEY_TYPES
 
 
-def _root_from_jwk(index: int, jwk: dict[str, Any]) -> x509.Certificate:
+def _root_from_jwk(index: int, jwk: dict[str, Any]) -> Cert:
     leaked = [member for member in _PRIVATE_MEMBERS if member in jwk]
     if leaked:
         raise BundleError(f"key {index} carries private key material {leaked}; refusing it")
     root = _certificate_from_x5c(index, jwk.get("x5c"))
-    if _spki(_public_key_from_jwk(index, jwk)) != _spki(root.public_key()):
+    if _spki(_public_key_from_jwk(index, jwk)) != root.spki:
         raise BundleError(f"key {index}: the x5c certificate's public key does not match the JWK")
     return root
 
 
-def _certificate_from_x5c(index: int, x5c: object) -> x509.Certificate:
+def _certificate_from_x5c(index: int, x5c: object) -> Cert:
     if not isinstance(x5c, list) or len(x5c) != 1:
         count = len(x5c) if isinstance(x5c, list) else 0
         raise BundleError(f"key {index} must have exactly one certificate in 'x5c', has {count}")
@@ -239,24 +228,31 @@ def _public_key_from_jwk(index: int, jwk: dict[str, Any]) -> Any:
 
 
 def _spki(public_key: Any) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     encoded: bytes = public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     return encoded
 
 
-def _jwk_for_root(root: x509.Certificate) -> dict[str, Any]:
+def _jwk_for_root(root: Cert) -> dict[str, Any]:
     members = _public_jwk(root)
     # PyJWT adds "key_ops"; RFC 7517 says not to combine it with "use".
     key_material = {name: value for name, value in members.items() if name != "key_ops"}
-    der = root.public_bytes(Encoding.DER)
-    return {"use": X509_SVID_USE, **key_material, "x5c": [base64.b64encode(der).decode()]}
+    return {"use": X509_SVID_USE, **key_material, "x5c": [base64.b64encode(root.der).decode()]}
 
 
-def _public_jwk(root: x509.Certificate) -> dict[str, Any]:
+def _public_jwk(root: Cert) -> dict[str, Any]:
     """The JWK members for the root's public key, encoded by PyJWT."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
     from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
     from jwt.exceptions import InvalidKeyError
 
-    public_key = root.public_key()
+    try:
+        public_key = load_der_public_key(root.spki)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise BundleError(f"root {_name(root)} has a key this code cannot read: {exc}") from exc
     try:
         if isinstance(public_key, ec.EllipticCurvePublicKey):
             return ECAlgorithm.to_jwk(public_key, as_dict=True)
@@ -269,8 +265,8 @@ def _public_jwk(root: x509.Certificate) -> dict[str, Any]:
     raise BundleError(f"root {_name(root)} has an unsupported key type for a SPIFFE bundle")
 
 
-def _name(cert: x509.Certificate) -> str:
-    return repr(cert.subject.rfc4514_string())
+def _name(cert: Cert) -> str:
+    return repr(cert.subject)
 
 
 def _non_negative(name: str, value: int) -> int:

@@ -1,11 +1,12 @@
 """X.509-SVID leaf checks: what makes a certificate a SPIFFE identity document.
 
 These are the rules of the X.509-SVID specification for leaf certificates,
-written as small pure checks over a parsed certificate. They do not verify a
-signature or build a chain; the TLS stack does that against a
-:class:`~identity.bundle.TrustBundle`. What they add is the part TLS does
-not know about: which name in the certificate *is* the identity, and that the
-certificate cannot be used as a CA to mint other identities.
+written as small pure checks over the facts OpenSSL read from a certificate
+(:class:`~identity.cert.Cert`). They do not verify a signature or build a
+chain; the TLS stack does that against a :class:`~identity.bundle.TrustBundle`.
+What they add is the part TLS does not know about: which name in the
+certificate *is* the identity, and that the certificate cannot be used as a
+CA to mint other identities.
 
 Every failure raises :class:`SvidError` with a short, bounded ``reason``
 (safe as a metrics label) and a message for humans.
@@ -16,9 +17,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal, get_args
 
-from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
-
+from identity.cert import Cert
 from identity.spiffe_id import InvalidSpiffeId, SpiffeId
 
 __all__ = ["SvidError", "SvidErrorReason", "Usage", "check_leaf", "spiffe_id_of"]
@@ -56,7 +55,7 @@ class SvidError(ValueError):
         self.reason: SvidErrorReason = reason
 
 
-def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
+def spiffe_id_of(cert: Cert) -> SpiffeId:
     """The SPIFFE ID carried by ``cert``: its one and only URI SAN.
 
     DNS, email and other SAN types are ignored even when their text looks
@@ -64,13 +63,13 @@ def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
     identity claim, and there must be exactly one so the identity is never
     ambiguous.
     """
-    uris = _uri_sans(cert)
+    uris = _facts(cert).uris
     if not uris:
         raise SvidError("no_uri_san", "certificate has no URI SAN; an X.509-SVID needs exactly one")
     if len(uris) > 1:
         raise SvidError(
             "multiple_uri_sans",
-            f"certificate has {len(uris)} URI SANs {uris!r}; an X.509-SVID has exactly one",
+            f"certificate has {len(uris)} URI SANs {list(uris)!r}; an X.509-SVID has exactly one",
         )
     try:
         return SpiffeId.parse(uris[0])
@@ -81,7 +80,7 @@ def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
 
 
 def check_leaf(
-    cert: x509.Certificate,
+    cert: Cert,
     *,
     usage: Usage = "both",
     now: datetime | None = None,
@@ -114,68 +113,52 @@ def check_leaf(
     return spiffe_id
 
 
-def _extensions(cert: x509.Certificate) -> x509.Extensions:
-    """Parse the extensions, turning cryptography's parse errors into an SvidError."""
-    try:
-        return cert.extensions
-    except (ValueError, x509.DuplicateExtension) as exc:  # undecodable or repeated
-        raise SvidError("malformed_extensions", f"certificate extensions: {exc}") from exc
+def _facts(cert: Cert) -> Cert:
+    """``cert`` itself, once its extensions are known to be usable."""
+    if cert.malformed is not None:  # undecodable or repeated
+        raise SvidError("malformed_extensions", f"certificate extensions: {cert.malformed}")
+    return cert
 
 
-def _uri_sans(cert: x509.Certificate) -> list[str]:
-    try:
-        san = _extensions(cert).get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return []
-    return san.value.get_values_for_type(x509.UniformResourceIdentifier)
-
-
-def _check_basic_constraints(cert: x509.Certificate) -> None:
-    try:
-        constraints = _extensions(cert).get_extension_for_class(x509.BasicConstraints)
-    except x509.ExtensionNotFound:
-        raise SvidError(
-            "missing_basic_constraints", "leaf SVID has no BasicConstraints extension"
-        ) from None
-    if constraints.value.ca:
+def _check_basic_constraints(cert: Cert) -> None:
+    if _facts(cert).ca is None:
+        raise SvidError("missing_basic_constraints", "leaf SVID has no BasicConstraints extension")
+    if cert.ca:
         raise SvidError("is_ca", "leaf SVID must not be a CA (BasicConstraints ca=True)")
 
 
-def _check_key_usage(cert: x509.Certificate) -> None:
-    try:
-        extension = _extensions(cert).get_extension_for_class(x509.KeyUsage)
-    except x509.ExtensionNotFound:
-        raise SvidError("missing_key_usage", "leaf SVID has no KeyUsage extension") from None
-    if not extension.critical:
+def _check_key_usage(cert: Cert) -> None:
+    key_usage = _facts(cert).key_usage
+    if key_usage is None:
+        raise SvidError("missing_key_usage", "leaf SVID has no KeyUsage extension")
+    if not cert.key_usage_critical:
         raise SvidError("key_usage_not_critical", "leaf SVID KeyUsage must be marked critical")
-    key_usage = extension.value
-    if not key_usage.digital_signature:
+    if "digital_signature" not in key_usage:
         raise SvidError("no_digital_signature", "leaf SVID KeyUsage lacks digitalSignature")
-    if key_usage.key_cert_sign or key_usage.crl_sign:
+    if "key_cert_sign" in key_usage or "crl_sign" in key_usage:
         raise SvidError(
             "ca_key_usage", "leaf SVID KeyUsage must not include keyCertSign or cRLSign"
         )
 
 
-def _check_extended_key_usage(cert: x509.Certificate, usage: Usage) -> None:
+def _check_extended_key_usage(cert: Cert, usage: Usage) -> None:
     """An absent EKU allows every use; a present one must allow the requested role."""
-    try:
-        purposes = _extensions(cert).get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
+    purposes = _facts(cert).extended_key_usage
+    if purposes is None:
         return
-    if usage in ("server", "both") and ExtendedKeyUsageOID.SERVER_AUTH not in purposes:
+    if usage in ("server", "both") and "server_auth" not in purposes:
         raise SvidError(
             "missing_server_auth", "leaf SVID ExtendedKeyUsage lacks serverAuth (TLS server)"
         )
-    if usage in ("client", "both") and ExtendedKeyUsageOID.CLIENT_AUTH not in purposes:
+    if usage in ("client", "both") and "client_auth" not in purposes:
         raise SvidError(
             "missing_client_auth", "leaf SVID ExtendedKeyUsage lacks clientAuth (TLS client)"
         )
 
 
-def _check_validity(cert: x509.Certificate, now: datetime) -> None:
-    not_before = cert.not_valid_before_utc
-    not_after = cert.not_valid_after_utc
+def _check_validity(cert: Cert, now: datetime) -> None:
+    not_before = cert.not_before
+    not_after = cert.not_after
     if now < not_before:
         raise SvidError(
             "not_yet_valid",

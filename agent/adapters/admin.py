@@ -44,8 +44,6 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 import httptools
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.adapters.metrics import AgentMetrics
@@ -55,6 +53,7 @@ from agent.config import AgentConfig, Limits
 from agent.core.svid import Svid
 from agent.core.upstream import Endpoint
 from identity import SpiffeId, TrustDomain
+from identity.cert import Cert
 from identity.configfile import Listen
 from identity.probes import APP_HEALTH, AppProbe
 
@@ -418,13 +417,13 @@ def _pending(answer: Response | asyncio.Task[Response]) -> bool:
     return isinstance(answer, asyncio.Task) and not answer.done()
 
 
-def describe(cert: x509.Certificate) -> dict[str, str]:
+def describe(cert: Cert) -> dict[str, str]:
     return {
-        "subject": cert.subject.rfc4514_string(),
-        "serial": f"{cert.serial_number:x}",
-        "not_before": cert.not_valid_before_utc.isoformat(),
-        "not_after": cert.not_valid_after_utc.isoformat(),
-        "sha256": cert.fingerprint(hashes.SHA256()).hex(),
+        "subject": cert.subject,
+        "serial": f"{cert.serial:x}",
+        "not_before": cert.not_before.isoformat(),
+        "not_after": cert.not_after.isoformat(),
+        "sha256": cert.sha256(),
     }
 
 

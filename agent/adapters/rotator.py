@@ -23,9 +23,6 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
@@ -34,6 +31,7 @@ from agent.adapters.tls import Contexts, unreachable
 from agent.config import AgentConfig
 from agent.core.svid import Svid, SvidRejected, accept_svid, svid_from_pem
 from identity import TrustBundle
+from identity.cert import Cert, PrivateKey
 from identity.chain import ChainError, check_chain
 from identity.files import PRIVATE, PUBLIC, write_set
 from identity.renewal import Clock, RenewalPolicy, Renewer, SystemClock, Validity
@@ -153,13 +151,8 @@ class IdentityManager:
             self._files_tried = True
             if (from_files := self._from_files()) is not None:
                 return from_files
-        key = ec.generate_private_key(ec.SECP256R1())
-        csr = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([]))
-            .sign(key, hashes.SHA256())
-            .public_bytes(serialization.Encoding.DER)
-        )
+        key = PrivateKey.generate_p256()
+        csr = key.csr()
         trusted = self._trusted_pem()
         current = self._presentable()
         try:
@@ -299,15 +292,14 @@ class IdentityManager:
         """
         path = self.config.ca.bundle_file
         try:
-            from_file = x509.load_pem_x509_certificates(path.read_bytes())
+            from_file = Cert.all_from_pem(path.read_bytes())
         except (OSError, ValueError) as exc:
             if self.svid is None:
                 raise RenewalFailed("no_credential", f"cannot read {path} as PEM: {exc}") from None
             log.warning("cannot read %s as PEM (%s); trusting the CA's last bundle", path, exc)
             from_file = []
         sent = list(self.svid.bundle.roots) if self.svid else []
-        unique = {cert.fingerprint(hashes.SHA256()): cert for cert in [*from_file, *sent]}
-        return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in unique.values())
+        return b"".join(cert.to_pem() for cert in dict.fromkeys([*from_file, *sent]))
 
     async def _sign_with_ca(
         self, csr: bytes, trusted: bytes, svid: Svid | None, token: str | None

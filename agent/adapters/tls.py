@@ -36,12 +36,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from cryptography import x509
-
 from agent.core.resumption import Resumption, SessionCache
 from agent.core.svid import Svid
 from identity import SpiffeId, SvidError, TrustDomain, check_leaf
 from identity.appprotocol import H2, Protocol
+from identity.cert import Cert
 from identity.tlsfiles import load_cert_chain
 
 # TLS 1.2 only for peers that cannot do 1.3: forward secrecy and AEAD only.
@@ -336,11 +335,11 @@ def peer_id(
     if known is not None and known[1] <= now < known[2]:
         spiffe_id = known[0]
     else:
-        cert = x509.load_der_x509_certificate(der)
+        cert = Cert.from_der(der)
         spiffe_id = check_leaf(cert, usage=usage, now=now)
         if len(_ACCEPTED) >= _ACCEPTED_MAX:
             _ACCEPTED.clear()
-        _ACCEPTED[der, usage] = (spiffe_id, cert.not_valid_before_utc, cert.not_valid_after_utc)
+        _ACCEPTED[der, usage] = (spiffe_id, cert.not_before, cert.not_after)
     if not spiffe_id.member_of(trust_domain):
         raise SvidError(
             "foreign_trust_domain", f"{spiffe_id} is not in trust domain {trust_domain}"

@@ -11,11 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from identity import BundleError, SpiffeId, SvidError, TrustBundle, check_leaf
+from identity.cert import Cert, PrivateKey
 from identity.chain import ChainError, check_chain
 
 
@@ -30,35 +27,31 @@ class SvidRejected(Exception):
 @dataclass(frozen=True, repr=False)
 class Svid:
     spiffe_id: SpiffeId
-    chain: tuple[x509.Certificate, ...]  # leaf first
-    key: ec.EllipticCurvePrivateKey
+    chain: tuple[Cert, ...]  # leaf first
+    key: PrivateKey
     bundle: TrustBundle
 
     @property
-    def leaf(self) -> x509.Certificate:
+    def leaf(self) -> Cert:
         return self.chain[0]
 
     @property
     def not_before(self) -> datetime:
-        return self.leaf.not_valid_before_utc
+        return self.leaf.not_before
 
     @property
     def not_after(self) -> datetime:
-        return self.leaf.not_valid_after_utc
+        return self.leaf.not_after
 
     @property
     def serial(self) -> str:
-        return f"{self.leaf.serial_number:x}"
+        return f"{self.leaf.serial:x}"
 
     def chain_pem(self) -> bytes:
-        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain)
+        return b"".join(c.to_pem() for c in self.chain)
 
     def key_pem(self) -> bytes:
-        return self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        return self.key.to_pem()
 
     def __repr__(self) -> str:  # never the key
         return f"Svid({self.spiffe_id}, serial={self.serial}, not_after={self.not_after}, key=...)"
@@ -67,13 +60,13 @@ class Svid:
 def accept_svid(
     chain_der: Sequence[bytes],
     bundle_der: Sequence[bytes],
-    key: ec.EllipticCurvePrivateKey,
+    key: PrivateKey,
     expected: SpiffeId,
     now: datetime,
 ) -> Svid:
     """The SVID in the CA's answer, or SvidRejected saying what is wrong with it."""
     try:
-        chain = tuple(x509.load_der_x509_certificate(der) for der in chain_der)
+        chain = tuple(Cert.from_der(der) for der in chain_der)
         bundle = TrustBundle.from_der(expected.trust_domain, bundle_der)
     except (ValueError, BundleError) as exc:
         raise SvidRejected("malformed", f"the CA's answer does not parse: {exc}") from None
@@ -88,7 +81,7 @@ def accept_svid(
         raise SvidRejected("untrusted_chain", str(exc)) from None
     if spiffe_id != expected:
         raise SvidRejected("wrong_id", f"the CA issued {spiffe_id}, but this agent is {expected}")
-    if chain[0].public_key() != key.public_key():
+    if chain[0].spki != key.spki:
         raise SvidRejected("wrong_key", "the CA's certificate is not for this agent's key")
     return Svid(spiffe_id, chain, key, bundle)
 
@@ -99,20 +92,15 @@ def svid_from_pem(
     """An SVID kept in files (`outrider ca mint`, or an agent's output_dir), checked as
     strictly as the CA's answer: SvidRejected if it is not a usable SVID for `expected`."""
     try:
-        chain = x509.load_pem_x509_certificates(chain_pem)
-        roots = x509.load_pem_x509_certificates(bundle_pem)
-        key = serialization.load_pem_private_key(key_pem, password=None)
+        chain = Cert.all_from_pem(chain_pem)
+        roots = Cert.all_from_pem(bundle_pem)
+        key = PrivateKey.from_pem(key_pem)
     except ValueError as exc:
         raise SvidRejected(
             "malformed", f"not PEM certificates and an unencrypted key: {exc}"
         ) from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
+    if key.algorithm != "EC":
         raise SvidRejected("malformed", "the key is not an EC key (outrider ca mint makes P-256)")
-    der = serialization.Encoding.DER
     return accept_svid(
-        [cert.public_bytes(der) for cert in chain],
-        [root.public_bytes(der) for root in roots],
-        key,
-        expected,
-        now,
+        [cert.der for cert in chain], [root.der for root in roots], key, expected, now
     )

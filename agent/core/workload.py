@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from google.protobuf import any_pb2
 
 from agent.core.svid import Svid
@@ -108,12 +106,8 @@ def x509_svid_response(svid: Svid) -> workload_pb2.X509SVIDResponse:
         svids=[
             workload_pb2.X509SVID(
                 spiffe_id=str(svid.spiffe_id),
-                x509_svid=b"".join(_der(cert) for cert in svid.chain),
-                x509_svid_key=svid.key.private_bytes(
-                    serialization.Encoding.DER,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                ),
+                x509_svid=b"".join(cert.der for cert in svid.chain),
+                x509_svid_key=svid.key.der,
                 bundle=b"".join(svid.bundle.to_der()),
             )
         ]
@@ -218,7 +212,3 @@ def _inline(data: bytes) -> envoy_core_pb2.DataSource:
 
 def _trust_domain_id(trust_domain: TrustDomain) -> str:
     return f"spiffe://{trust_domain}"
-
-
-def _der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)

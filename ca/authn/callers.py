@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from cryptography import x509
-
 from ca.authn.kubernetes import AuthnError, KubernetesCaller
 from identity import InvalidSpiffeId, SpiffeId, SvidError, TrustDomain, check_leaf
+from identity.cert import Cert
 
 
 class TokenAuthenticator(Protocol):
@@ -65,9 +64,7 @@ class Authenticator:
     def _from_svid(self, der: bytes) -> Caller:
         """Renewal: the TLS layer verified the chain against the bundle; check the SVID."""
         try:
-            spiffe_id = check_leaf(
-                x509.load_der_x509_certificate(der), usage="client", now=self._clock()
-            )
+            spiffe_id = check_leaf(Cert.from_der(der), usage="client", now=self._clock())
         except (SvidError, ValueError) as exc:
             raise AuthnError("bad_svid", f"client certificate is not a valid SVID: {exc}") from None
         if not spiffe_id.member_of(self.trust_domain):

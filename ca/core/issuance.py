@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
+from ca.core.certs import as_certs
 from ca.core.template import LeafRequest
 from identity import SpiffeId, SvidError, TrustBundle, check_leaf
 from identity.chain import ChainError, check_chain
@@ -88,8 +89,9 @@ def check_issued(
     if not chain:
         raise IssuanceError("signer returned an empty chain")
     leaf = chain[0]
+    certs = as_certs(chain)
     try:
-        spiffe_id = check_leaf(leaf, usage="both", now=now)
+        spiffe_id = check_leaf(certs[0], usage="both", now=now)
     except SvidError as exc:
         raise IssuanceError(f"signed certificate is not a valid X.509-SVID: {exc}") from None
     if spiffe_id != request.spiffe_id:
@@ -99,6 +101,6 @@ def check_issued(
     if leaf.not_valid_after_utc > request.not_after:
         raise IssuanceError("signed certificate outlives what was asked for")
     try:
-        check_chain(chain, bundle)
+        check_chain(certs, bundle)
     except ChainError as exc:
         raise IssuanceError(str(exc)) from None

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca.core import template
+from ca.core.certs import as_cert
 from ca.core.template import LeafRequest
 from identity import SpiffeId, TrustBundle, TrustDomain, spiffe_id_of
 from identity.files import PRIVATE, write_atomic
@@ -131,7 +132,7 @@ class LocalSigner:
 
 
 def _trust_domain_of(ca_cert: x509.Certificate) -> TrustDomain:
-    spiffe_id: SpiffeId = spiffe_id_of(ca_cert)
+    spiffe_id: SpiffeId = spiffe_id_of(as_cert(ca_cert))
     return spiffe_id.trust_domain
 
 

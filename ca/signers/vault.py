@@ -39,6 +39,7 @@ from cryptography.x509.oid import NameOID
 
 from ca.config import VaultSettings
 from ca.core import template
+from ca.core.certs import as_certs, bundle_of
 from ca.core.csr import CsrRejected
 from ca.core.template import LeafRequest
 from ca.signers.base import SignerUnavailable
@@ -290,7 +291,7 @@ class VaultIntermediateSigner(VaultSigner):
         above = [cert for cert in above if cert != intermediate]  # ca_chain starts with it
         self._check(intermediate, key, above, roots)
         self._key, self.issuer, self._above = key, intermediate, above
-        self.bundle = TrustBundle(self.trust_domain, tuple(roots))
+        self.bundle = bundle_of(self.trust_domain, roots)
         log.info(
             "intermediate from Vault, serial %x, valid until %s",
             intermediate.serial_number,
@@ -323,7 +324,7 @@ class VaultIntermediateSigner(VaultSigner):
                 "vault_refused", f"Vault's intermediate is not limited to {self.trust_domain}"
             )
         try:
-            check_chain([intermediate, *above], TrustBundle(self.trust_domain, tuple(roots)))
+            check_chain(as_certs([intermediate, *above]), bundle_of(self.trust_domain, roots))
         except (ChainError, ValueError) as exc:
             raise SignerUnavailable(
                 "vault_refused", f"Vault's chain does not link: {exc}"
@@ -396,7 +397,7 @@ class VaultPerCertificateSigner(VaultSigner):
             )
         self.issuer = above[0] if above else roots[0]
         self._above = above
-        self.bundle = TrustBundle(self.trust_domain, tuple(roots))
+        self.bundle = bundle_of(self.trust_domain, roots)
 
     async def sign_leaf(self, request: LeafRequest) -> tuple[x509.Certificate, ...]:
         if request.csr is None:

@@ -10,7 +10,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
@@ -20,6 +19,7 @@ from agent.adapters.rotator import IdentityManager, RenewalFailed, SignFn
 from agent.adapters.tls import Contexts
 from agent.app import utcnow
 from agent.core.svid import Svid
+from identity.cert import Cert
 from identity.proto import ca_pb2
 from outrider import cli
 from tests.clock import FakeClock
@@ -271,7 +271,7 @@ async def test_an_agent_starts_from_a_minted_svid_and_renews_with_it(setup: CaSe
     first = await identity.renew()
     identity.install(first)
     assert recorder.calls == []  # no token, no CA: the files
-    minted_leaf = x509.load_pem_x509_certificates(Path(files["svid_file"]).read_bytes())[0]
+    minted_leaf = Cert.all_from_pem(Path(files["svid_file"]).read_bytes())[0]
     assert first.leaf == minted_leaf and first.spiffe_id == workload("web")
     identity.install(await identity.renew())
     assert recorder.calls == ["svid"]  # renewed over mTLS with the minted SVID

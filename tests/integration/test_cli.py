@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from identity import SpiffeId, check_leaf
+from identity.cert import Cert
 from tests.support import ca_process, free_port, needs_dev_mode
 from tests.support import run_outrider as outrider
 
@@ -79,7 +80,9 @@ def test_mint_writes_a_verifiable_svid(ca_dir: Path, tmp_path: Path):
     assert stat.S_IMODE((out / "svid.key").stat().st_mode) == 0o600
     chain = x509.load_pem_x509_certificates((out / "svid.pem").read_bytes())
     assert chain[1] == x509.load_pem_x509_certificate((ca_dir / "intermediate.pem").read_bytes())
-    assert check_leaf(chain[0]) == SpiffeId.parse(spiffe_id)
+    assert check_leaf(Cert.from_der(chain[0].public_bytes(Encoding.DER))) == SpiffeId.parse(
+        spiffe_id
+    )
     lifetime = chain[0].not_valid_after_utc - chain[0].not_valid_before_utc
     assert lifetime.total_seconds() == 2 * 3600 + 60  # plus the clock-skew backdate
     assert (out / "bundle.pem").read_bytes() == (ca_dir / "bundle.pem").read_bytes()

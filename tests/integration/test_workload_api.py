@@ -26,6 +26,7 @@ from agent.adapters import workload_api
 from agent.app import Agent
 from agent.core.workload import MISSING_HEADER, SECRET_TYPE
 from identity import TrustBundle
+from identity.cert import Cert
 from identity.proto import envoy_discovery_pb2, envoy_tls_pb2, workload_pb2
 from identity.proto.envoy_sds_grpc import SecretDiscoveryServiceStub
 from identity.proto.workload_grpc import SpiffeWorkloadAPIStub
@@ -71,8 +72,8 @@ async def test_fetch_x509_svid_hands_out_the_pods_id_with_a_key_that_is_not_the_
         )
         own = agent.identity.svid
         assert own is not None
-        assert public_der(key) != public_der(own.key)  # the agent's own key never leaves
-        assert chain[0].serial_number != own.leaf.serial_number
+        assert public_der(key) != own.key.spki  # the agent's own key never leaves
+        assert chain[0].serial_number != own.leaf.serial
         roots = TrustBundle.from_der(WEB.trust_domain, x509_ders(handed.bundle))
         assert roots == own.bundle
         assert keys_handed_out(agent, "workload") == 1
@@ -132,7 +133,7 @@ def install_extra_root(agent: Agent, directory: Path) -> None:
     own = agent.identity.svid
     assert own is not None
     foreign_ca(directory, own.bundle.trust_domain)
-    extra = x509.load_pem_x509_certificate((directory / "root.pem").read_bytes())
+    (extra,) = Cert.all_from_pem((directory / "root.pem").read_bytes())
     agent.identity.install_bundle(TrustBundle(own.bundle.trust_domain, (*own.bundle.roots, extra)))
 
 
@@ -247,7 +248,7 @@ async def test_sds_serves_the_svid_and_the_bundle_and_pushes_a_rotation(setup: C
         svid, roots = secret(first, 0), secret(first, 1)
         assert (svid.name, roots.name) == ("default", "ROOTCA")
         chain = x509.load_pem_x509_certificates(svid.tls_certificate.certificate_chain.inline_bytes)
-        assert chain[0].serial_number != agent.identity.svid.leaf.serial_number  # type: ignore[union-attr]
+        assert chain[0].serial_number != agent.identity.svid.leaf.serial  # type: ignore[union-attr]
         assert (
             roots.validation_context.trusted_ca.inline_bytes == agent.identity.svid.bundle.to_pem()
         )  # type: ignore[union-attr]
@@ -394,7 +395,7 @@ async def test_an_svid_the_new_roots_do_not_verify_is_not_handed_out(
         async with svid_stream(path) as stream:
             await asyncio.wait_for(stream.recv_message(), STEP)
             foreign_ca(tmp_path, own.bundle.trust_domain)
-            other = x509.load_pem_x509_certificate((tmp_path / "root.pem").read_bytes())
+            (other,) = Cert.all_from_pem((tmp_path / "root.pem").read_bytes())
             agent.identity.install_bundle(TrustBundle(own.bundle.trust_domain, (other,)))
             with pytest.raises(GRPCError) as refused:
                 response = await asyncio.wait_for(stream.recv_message(), STEP)
@@ -408,7 +409,7 @@ async def test_an_svid_the_new_roots_do_not_verify_is_not_handed_out(
                 answer = await asyncio.wait_for(bundles.recv_message(), STEP)
                 await bundles.cancel()
         (roots,) = answer.bundles.values()
-        assert x509_ders(roots) == [other.public_bytes(serialization.Encoding.DER)]
+        assert x509_ders(roots) == [other.der]
 
 
 def test_a_stale_socket_is_replaced_and_any_other_file_is_not(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from agent.core.svid import Svid, accept_svid
 from ca.signers.local import LocalSigner
-from tests.unit.agent.pki import NOW, WEB, bundle_der, make_signer, new_key, sign_leaf
+from tests.unit.agent.pki import NOW, WEB, agent_key, bundle_der, make_signer, sign_leaf
 
 
 @pytest.fixture(scope="session")
@@ -16,5 +16,5 @@ def signer(tmp_path_factory: pytest.TempPathFactory) -> LocalSigner:
 
 @pytest.fixture(scope="session")
 def svid(signer: LocalSigner) -> Svid:
-    key = new_key()
+    key = agent_key()
     return accept_svid(sign_leaf(signer, key), bundle_der(signer), key, WEB, NOW)

@@ -14,18 +14,33 @@ from agent.core.svid import Svid, accept_svid
 from ca.core.template import LeafRequest
 from ca.signers.local import LocalSigner, init_ca
 from identity import SpiffeId, TrustDomain
+from identity.cert import Cert, PrivateKey
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 TD = TrustDomain("example.org")
 WEB = SpiffeId.for_workload(TD, "shop", "web")
 
 
-def der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)
+def der(cert: x509.Certificate | Cert) -> bytes:
+    return cert.der if isinstance(cert, Cert) else cert.public_bytes(serialization.Encoding.DER)
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
+
+
+def agent_key() -> PrivateKey:
+    """The agent's kind of key: what it generates and holds in its Svid."""
+    return PrivateKey.generate_p256()
+
+
+def public_key(key: ec.EllipticCurvePrivateKey | PrivateKey) -> ec.EllipticCurvePublicKey:
+    """`key`'s public half as the CA's template takes it."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.public_key()
+    public = serialization.load_der_public_key(key.spki)
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    return public
 
 
 def make_signer(directory: Path) -> LocalSigner:
@@ -35,14 +50,14 @@ def make_signer(directory: Path) -> LocalSigner:
 
 def sign_leaf(
     signer: LocalSigner,
-    key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePrivateKey | PrivateKey,
     spiffe_id: SpiffeId = WEB,
     lifetime: timedelta = timedelta(hours=1),
 ) -> tuple[bytes, ...]:
     """The chain (leaf first, DER) the CA would send for `key`, valid from NOW."""
     request = LeafRequest(
         spiffe_id,
-        key.public_key(),
+        public_key(key),
         NOW - timedelta(minutes=1),
         NOW + lifetime,
         x509.random_serial_number(),
@@ -51,15 +66,15 @@ def sign_leaf(
 
 
 def bundle_der(signer: LocalSigner) -> tuple[bytes, ...]:
-    return tuple(der(root) for root in signer.bundle.roots)
+    return tuple(signer.bundle.to_der())
 
 
 def svid_now(signer: LocalSigner, spiffe_id: SpiffeId) -> Svid:
     """An SVID valid now (OpenSSL verifies chains against the real clock)."""
-    key, now = new_key(), datetime.now(UTC)
+    key, now = agent_key(), datetime.now(UTC)
     request = LeafRequest(
         spiffe_id,
-        key.public_key(),
+        public_key(key),
         now - timedelta(minutes=1),
         now + timedelta(hours=1),
         x509.random_serial_number(),

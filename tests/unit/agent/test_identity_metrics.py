@@ -9,11 +9,11 @@ from agent.adapters.metrics import AgentMetrics
 from agent.core.svid import Svid, accept_svid
 from ca.signers.local import LocalSigner
 from identity.build import VERSION
-from tests.unit.agent.pki import NOW, WEB, bundle_der, new_key, sign_leaf
+from tests.unit.agent.pki import NOW, WEB, agent_key, bundle_der, sign_leaf
 
 
 def renewed(signer: LocalSigner) -> Svid:
-    key = new_key()
+    key = agent_key()
     return accept_svid(
         sign_leaf(signer, key, lifetime=timedelta(hours=2)), bundle_der(signer), key, WEB, NOW
     )
@@ -44,7 +44,7 @@ def test_the_svid_in_use_is_one_series_replaced_on_rotation(
     assert series(metrics, "outrider_svid_info") == [
         {
             "spiffe_id": str(WEB),
-            "serial": f"{next_svid.leaf.serial_number:x}",
+            "serial": f"{next_svid.leaf.serial:x}",
             "not_before": next_svid.not_before.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "not_after": next_svid.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
         }

@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.core.svid import Svid, SvidRejected, accept_svid
 from ca.signers.local import LocalSigner
 from identity import SpiffeId
-from tests.unit.agent.pki import NOW, TD, WEB, bundle_der, make_signer, new_key, sign_leaf
+from identity.cert import PrivateKey
+from tests.unit.agent.pki import NOW, TD, WEB, agent_key, bundle_der, make_signer, sign_leaf
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +23,8 @@ def stranger(tmp_path_factory: pytest.TempPathFactory) -> LocalSigner:
 
 
 @pytest.fixture(scope="module")
-def key() -> ec.EllipticCurvePrivateKey:
-    return new_key()
+def key() -> PrivateKey:
+    return agent_key()
 
 
 def refusal(*args: object) -> SvidRejected:
@@ -32,27 +33,27 @@ def refusal(*args: object) -> SvidRejected:
     return info.value
 
 
-def test_a_good_answer_is_accepted(signer: LocalSigner, key: ec.EllipticCurvePrivateKey) -> None:
+def test_a_good_answer_is_accepted(signer: LocalSigner, key: PrivateKey) -> None:
     chain = sign_leaf(signer, key)
     svid = accept_svid(chain, bundle_der(signer), key, WEB, NOW)
     assert svid.spiffe_id == WEB
     assert svid.key is key
     assert svid.bundle == signer.bundle
-    assert [c.public_bytes(serialization.Encoding.DER) for c in svid.chain] == list(chain)
+    assert [c.der for c in svid.chain] == list(chain)
     assert svid.leaf is svid.chain[0]
     assert svid.not_after == NOW + timedelta(hours=1)
-    assert svid.serial == f"{svid.leaf.serial_number:x}"
+    assert svid.serial == f"{svid.leaf.serial:x}"
 
 
-def test_an_answer_is_accepted_until_its_last_second(
-    signer: LocalSigner, key: ec.EllipticCurvePrivateKey
-) -> None:
+def test_an_answer_is_accepted_until_its_last_second(signer: LocalSigner, key: PrivateKey) -> None:
     chain = sign_leaf(signer, key)
     accept_svid(chain, bundle_der(signer), key, WEB, NOW + timedelta(minutes=59))
 
 
 def test_the_repr_never_shows_key_material(svid: Svid) -> None:
-    private = svid.key.private_numbers().private_value
+    loaded = serialization.load_der_private_key(svid.key.der, password=None)
+    assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+    private = loaded.private_numbers().private_value
     secrets = [
         str(private),
         f"{private:x}",
@@ -67,27 +68,37 @@ def test_the_repr_never_shows_key_material(svid: Svid) -> None:
 
 
 def test_chain_and_key_pem_round_trip(svid: Svid) -> None:
-    assert x509.load_pem_x509_certificates(svid.chain_pem()) == list(svid.chain)
+    loaded_chain = x509.load_pem_x509_certificates(svid.chain_pem())
+    assert [c.public_bytes(serialization.Encoding.DER) for c in loaded_chain] == [
+        c.der for c in svid.chain
+    ]
     loaded = serialization.load_pem_private_key(svid.key_pem(), password=None)
-    assert loaded.public_key() == svid.key.public_key()
+    assert (
+        loaded.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        == svid.key.der
+    )
 
 
 def test_a_chain_from_a_foreign_ca_is_refused(
-    signer: LocalSigner, stranger: LocalSigner, key: ec.EllipticCurvePrivateKey
+    signer: LocalSigner, stranger: LocalSigner, key: PrivateKey
 ) -> None:
     chain = sign_leaf(stranger, key)
     assert refusal(chain, bundle_der(signer), key, WEB, NOW).reason == "untrusted_chain"
 
 
 def test_a_leaf_alone_from_a_foreign_ca_is_refused(
-    signer: LocalSigner, stranger: LocalSigner, key: ec.EllipticCurvePrivateKey
+    signer: LocalSigner, stranger: LocalSigner, key: PrivateKey
 ) -> None:
     leaf = sign_leaf(stranger, key)[:1]
     assert refusal(leaf, bundle_der(signer), key, WEB, NOW).reason == "untrusted_chain"
 
 
 def test_a_leaf_spliced_onto_our_intermediate_is_refused(
-    signer: LocalSigner, stranger: LocalSigner, key: ec.EllipticCurvePrivateKey
+    signer: LocalSigner, stranger: LocalSigner, key: PrivateKey
 ) -> None:
     (leaf, _) = sign_leaf(stranger, key)
     (_, ours) = sign_leaf(signer, key)
@@ -103,7 +114,7 @@ def test_a_leaf_spliced_onto_our_intermediate_is_refused(
     ],
 )
 def test_an_svid_for_another_id_is_refused(
-    signer: LocalSigner, key: ec.EllipticCurvePrivateKey, issued: SpiffeId
+    signer: LocalSigner, key: PrivateKey, issued: SpiffeId
 ) -> None:
     chain = sign_leaf(signer, key, issued)
     error = refusal(chain, bundle_der(signer), key, WEB, NOW)
@@ -111,10 +122,8 @@ def test_an_svid_for_another_id_is_refused(
     assert str(issued) in str(error)
 
 
-def test_an_svid_for_another_key_is_refused(
-    signer: LocalSigner, key: ec.EllipticCurvePrivateKey
-) -> None:
-    chain = sign_leaf(signer, new_key())
+def test_an_svid_for_another_key_is_refused(signer: LocalSigner, key: PrivateKey) -> None:
+    chain = sign_leaf(signer, agent_key())
     assert refusal(chain, bundle_der(signer), key, WEB, NOW).reason == "wrong_key"
 
 
@@ -127,15 +136,13 @@ def test_an_svid_for_another_key_is_refused(
     ],
 )
 def test_an_svid_outside_its_validity_is_refused(
-    signer: LocalSigner, key: ec.EllipticCurvePrivateKey, now: datetime, reason: str
+    signer: LocalSigner, key: PrivateKey, now: datetime, reason: str
 ) -> None:
     chain = sign_leaf(signer, key)
     assert refusal(chain, bundle_der(signer), key, WEB, now).reason == reason
 
 
-def test_a_ca_certificate_is_not_an_svid(
-    signer: LocalSigner, key: ec.EllipticCurvePrivateKey
-) -> None:
+def test_a_ca_certificate_is_not_an_svid(signer: LocalSigner, key: PrivateKey) -> None:
     (_, intermediate) = sign_leaf(signer, key)
     error = refusal((intermediate,), bundle_der(signer), key, WEB, NOW)
     assert error.reason == "invalid_spiffe_id"  # a trust domain's own ID, which only a CA has
@@ -154,7 +161,7 @@ def test_a_ca_certificate_is_not_an_svid(
     ],
 )
 def test_an_answer_that_does_not_parse_is_malformed(
-    signer: LocalSigner, key: ec.EllipticCurvePrivateKey, chain: object, bundle: object
+    signer: LocalSigner, key: PrivateKey, chain: object, bundle: object
 ) -> None:
     good = sign_leaf(signer, key)
     if chain is None:
@@ -169,7 +176,7 @@ def test_an_answer_that_does_not_parse_is_malformed(
 
 
 def test_the_bundle_is_read_for_the_expected_trust_domain(
-    signer: LocalSigner, key: ec.EllipticCurvePrivateKey
+    signer: LocalSigner, key: PrivateKey
 ) -> None:
     svid = accept_svid(sign_leaf(signer, key), bundle_der(signer), key, WEB, NOW)
     assert svid.bundle.trust_domain == WEB.trust_domain

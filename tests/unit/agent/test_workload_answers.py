@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.config import ConfigError, WorkloadApiConfig, parse
 from agent.core import workload
@@ -49,10 +50,11 @@ def test_callers_are_attested_by_their_peer_credentials(
 def test_the_x509_svid_answer_carries_the_chain_its_key_and_the_roots(svid: Svid) -> None:
     (answer,) = workload.x509_svid_response(svid).svids
     assert answer.spiffe_id == str(svid.spiffe_id)
-    leaf_der = svid.leaf.public_bytes(serialization.Encoding.DER)
+    leaf_der = svid.leaf.der
     assert answer.x509_svid.startswith(leaf_der) and len(answer.x509_svid) > len(leaf_der)
+    assert answer.x509_svid_key == svid.key.der
     key = serialization.load_der_private_key(answer.x509_svid_key, None)
-    assert key.public_key() == svid.key.public_key()
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
     assert answer.bundle == b"".join(svid.bundle.to_der())
 
 

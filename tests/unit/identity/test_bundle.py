@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.serialization import (
 from cryptography.x509.oid import NameOID
 
 from identity.bundle import BundleError, TrustBundle
+from identity.cert import Cert
 from identity.spiffe_id import TrustDomain
 
 TD = TrustDomain("example.org")
@@ -28,8 +29,9 @@ START = datetime(2030, 1, 1, tzinfo=UTC)
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
-def make_cert(key: SigningKey, *, name: str, days: int = 365, ca: bool = True) -> x509.Certificate:
-    """A self-signed certificate; ``ca`` sets BasicConstraints."""
+def make_cert(key: SigningKey, *, name: str, days: int = 365, ca: bool = True) -> Cert:
+    """A self-signed certificate (built by cryptography, read by OpenSSL); ``ca`` sets
+    BasicConstraints."""
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     builder = (
         x509.CertificateBuilder()
@@ -46,7 +48,7 @@ def make_cert(key: SigningKey, *, name: str, days: int = 365, ca: bool = True) -
         )
     )
     algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-    return builder.sign(key, algorithm)
+    return Cert.from_der(builder.sign(key, algorithm).public_bytes(Encoding.DER))
 
 
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -61,15 +63,15 @@ ED_ROOT = make_cert(ED_KEY, name="ed25519 root", days=300)
 LEAF = make_cert(EC_KEY, name="leaf", ca=False)
 
 
-def b64(cert: x509.Certificate) -> str:
-    return base64.b64encode(cert.public_bytes(Encoding.DER)).decode()
+def b64(cert: Cert) -> str:
+    return base64.b64encode(cert.der).decode()
 
 
 def jwks(*keys: dict[str, Any], **members: Any) -> str:
     return json.dumps({"keys": list(keys), **members})
 
 
-def x509_jwk(root: x509.Certificate) -> dict[str, Any]:
+def x509_jwk(root: Cert) -> dict[str, Any]:
     """The JWK this bundle writes for ``root``, for building test documents."""
     document = json.loads(TrustBundle(TD, (root,)).to_spiffe_json())
     jwk: dict[str, Any] = document["keys"][0]
@@ -88,7 +90,7 @@ def test_several_roots_keep_their_order() -> None:
 
 
 def test_duplicate_roots_are_removed_keeping_order() -> None:
-    copy = x509.load_der_x509_certificate(NEW_ROOT.public_bytes(Encoding.DER))
+    copy = Cert.from_der(NEW_ROOT.der)
     bundle = TrustBundle(TD, (NEW_ROOT, OLD_ROOT, copy, OLD_ROOT))
     assert bundle.roots == (NEW_ROOT, OLD_ROOT)
     assert bundle == TrustBundle(TD, (NEW_ROOT, OLD_ROOT))
@@ -123,7 +125,7 @@ def test_root_without_basic_constraints_rejected() -> None:
         .sign(EC_KEY, hashes.SHA256())
     )
     with pytest.raises(BundleError, match="no BasicConstraints"):
-        TrustBundle(TD, (bare,))
+        TrustBundle(TD, (Cert.from_der(bare.public_bytes(Encoding.DER)),))
 
 
 def test_trust_domain_must_be_a_trust_domain() -> None:
@@ -132,8 +134,8 @@ def test_trust_domain_must_be_a_trust_domain() -> None:
 
 
 def test_roots_must_be_certificates() -> None:
-    with pytest.raises(TypeError, match=r"x509\.Certificate"):
-        TrustBundle(TD, (OLD_ROOT.public_bytes(Encoding.DER),))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must be Cert"):
+        TrustBundle(TD, (OLD_ROOT.der,))  # type: ignore[arg-type]
 
 
 def test_earliest_expiry() -> None:
@@ -157,7 +159,7 @@ def test_pem_round_trip_with_two_roots() -> None:
 def test_der_round_trip() -> None:
     bundle = TrustBundle(TD, (OLD_ROOT, RSA_ROOT))
     ders = bundle.to_der()
-    assert ders == [OLD_ROOT.public_bytes(Encoding.DER), RSA_ROOT.public_bytes(Encoding.DER)]
+    assert ders == [OLD_ROOT.der, RSA_ROOT.der]
     assert TrustBundle.from_der(TD, iter(ders)) == bundle
 
 
@@ -177,12 +179,12 @@ def test_der_round_trip() -> None:
             id="private-key",
         ),
         pytest.param(
-            OLD_ROOT.public_bytes(Encoding.PEM)
+            OLD_ROOT.to_pem()
             + EC_KEY.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()),
             "contains a private key",
             id="certificate-and-private-key",
         ),
-        pytest.param(LEAF.public_bytes(Encoding.PEM), "is not a CA certificate", id="leaf"),
+        pytest.param(LEAF.to_pem(), "is not a CA certificate", id="leaf"),
     ],
 )
 def test_from_pem_rejects(data: bytes, message: str) -> None:
@@ -192,7 +194,7 @@ def test_from_pem_rejects(data: bytes, message: str) -> None:
 
 def test_from_der_rejects_garbage_naming_the_item() -> None:
     with pytest.raises(BundleError, match="certificate 1 is not valid DER"):
-        TrustBundle.from_der(TD, [OLD_ROOT.public_bytes(Encoding.DER), b"\x30\x03abc"])
+        TrustBundle.from_der(TD, [OLD_ROOT.der, b"\x30\x03abc"])
 
 
 def test_from_der_rejects_empty() -> None:
@@ -263,7 +265,7 @@ def test_only_jwt_svid_keys_means_no_roots() -> None:
         TrustBundle.from_spiffe_json(TD, jwks(jwt_key))
 
 
-def _with(root: x509.Certificate, **members: Any) -> dict[str, Any]:
+def _with(root: Cert, **members: Any) -> dict[str, Any]:
     jwk = x509_jwk(root)
     jwk.update(members)
     return {name: value for name, value in jwk.items() if value is not None}

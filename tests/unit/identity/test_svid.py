@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from identity.cert import Cert
 from identity.spiffe_id import SpiffeId
 from identity.svid import SvidError, Usage, check_leaf, spiffe_id_of
 
@@ -45,7 +46,11 @@ class Leaf:
     not_after: datetime = NOT_AFTER
     extra: list[x509.ExtensionType] = field(default_factory=list)
 
-    def build(self) -> x509.Certificate:
+    def build(self) -> Cert:
+        """The certificate as the checks read it: built by cryptography, read by OpenSSL."""
+        return Cert.from_der(self.signed().public_bytes(Encoding.DER))
+
+    def signed(self) -> x509.Certificate:
         name = [x509.NameAttribute(NameOID.COMMON_NAME, self.common_name or "leaf")]
         builder = (
             x509.CertificateBuilder()
@@ -277,12 +282,12 @@ def test_spiffe_id_of_checks_only_the_san() -> None:
 
 def test_malformed_extensions_are_an_svid_error() -> None:
     # Rewrite the SubjectKeyIdentifier OID (2.5.29.14) into a second KeyUsage
-    # OID (2.5.29.15): cryptography refuses duplicate extensions when parsing.
+    # OID (2.5.29.15): a certificate with duplicate extensions is unusable.
     ski = x509.SubjectKeyIdentifier.from_public_key(KEY.public_key())
-    der = replace(VALID, extra=[ski]).build().public_bytes(Encoding.DER)
+    der = replace(VALID, extra=[ski]).build().der
     ski_oid, ku_oid = bytes.fromhex("0603551d0e"), bytes.fromhex("0603551d0f")
     assert der.count(ski_oid) == 1
-    cert = x509.load_der_x509_certificate(der.replace(ski_oid, ku_oid))
+    cert = Cert.from_der(der.replace(ski_oid, ku_oid))
     with pytest.raises(SvidError, match="certificate extensions") as caught:
         check_leaf(cert)
     assert caught.value.reason == "malformed_extensions"
