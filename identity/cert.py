@@ -1,8 +1,11 @@
 """X.509 certificates and private keys as plain values, read and made by OpenSSL.
 
 The resident agent's certificate type. :class:`Cert` is what OpenSSL (the
-libcrypto the ssl module loaded, through :mod:`identity.openssl`) reads in a
-DER certificate, taken once at construction: the checks of `identity.svid`
+libcrypto the ssl module loaded) reads in a DER certificate, taken once at
+construction, through the ctypes binding :mod:`identity.openssl` and the modules
+above it, the only modules that say ctypes: :mod:`identity.x509_parse` (with
+:mod:`identity.x509_rules`), :mod:`identity.openssl_keys` and
+:mod:`identity.x509_verify`. The checks of `identity.svid`
 and `identity.chain` then read fields, never ASN.1. :class:`PrivateKey` is the
 agent's own key as PKCS#8 bytes, and the CSR it sends. Neither imports
 `cryptography`, whose 8.6 MiB an agent does not pay for; the CA, the
@@ -52,7 +55,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from identity import openssl
+from identity import openssl_keys, x509_parse, x509_verify
+from identity.openssl import EXFLAG_BCONS, EXFLAG_CA
 
 __all__ = ["Cert", "PrivateKey", "verify_chain"]
 
@@ -118,7 +122,7 @@ class Cert:
         if not isinstance(der, bytes | bytearray | memoryview):
             raise TypeError(f"a DER certificate is bytes, not {type(der).__name__}")
         der = bytes(der)
-        parsed = openssl.parse_certificate(der)
+        parsed = x509_parse.parse_certificate(der)
         flags, malformed = parsed.flags, parsed.malformed
         key_usage = None if parsed.key_usage is None else _names(parsed.key_usage, _KEY_USAGE)
         if key_usage is not None and _ONLY & key_usage and "key_agreement" not in key_usage:
@@ -130,7 +134,7 @@ class Cert:
             issuer=parsed.issuer,
             not_before=parsed.not_before,
             not_after=parsed.not_after,
-            ca=bool(flags & openssl.EXFLAG_CA) if flags & openssl.EXFLAG_BCONS else None,
+            ca=bool(flags & EXFLAG_CA) if flags & EXFLAG_BCONS else None,
             key_usage=key_usage,
             key_usage_critical=parsed.key_usage_critical,
             extended_key_usage=_purposes(parsed.extended_key_usage),
@@ -183,7 +187,7 @@ class PrivateKey:
 
     @classmethod
     def generate_p256(cls) -> PrivateKey:
-        return cls(*openssl.generate_p256())
+        return cls(*openssl_keys.generate_p256())
 
     @classmethod
     def from_pem(cls, data: bytes) -> PrivateKey:
@@ -191,7 +195,7 @@ class PrivateKey:
 
         An encrypted key is a ValueError; no passphrase is ever asked for.
         """
-        return cls(*openssl.key_from_pem(bytes(data)))
+        return cls(*openssl_keys.key_from_pem(bytes(data)))
 
     def to_pem(self) -> bytes:
         """PKCS#8 PEM."""
@@ -200,7 +204,7 @@ class PrivateKey:
     def csr(self) -> bytes:
         """A DER CSR for this key, what the rotator sends: empty subject, no
         extensions, signed with SHA-256 (Ed25519 and Ed448 sign without a digest)."""
-        return openssl.sign_csr(self.der, digest=self.algorithm not in ("ED25519", "ED448"))
+        return openssl_keys.sign_csr(self.der, digest=self.algorithm not in ("ED25519", "ED448"))
 
     def __repr__(self) -> str:
         return f"PrivateKey({self.algorithm}, ...)"
@@ -223,7 +227,7 @@ def verify_chain(chain: Sequence[Cert], roots: Sequence[Cert]) -> None:
     here (no X509_V_FLAG_PARTIAL_CHAIN): a chain cannot stop at an intermediate
     placed among `roots`.
     """
-    openssl.verify_certificate(
+    x509_verify.verify_certificate(
         [cert.der for cert in chain], [root.der for root in dict.fromkeys(roots)]
     )
 
