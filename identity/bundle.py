@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from identity.cert import Cert
+from identity.cert import Cert, distinct
 from identity.spiffe_id import TrustDomain
 
 if TYPE_CHECKING:
@@ -95,8 +95,13 @@ class TrustBundle:
 
     @classmethod
     def from_der(cls, trust_domain: TrustDomain, ders: Iterable[bytes]) -> TrustBundle:
-        """Load one DER-encoded certificate per item."""
-        return cls(trust_domain, tuple(_load_der(index, der) for index, der in enumerate(ders)))
+        """Load one DER-encoded certificate per item (each different one read once)."""
+        listed = list(ders)
+        try:
+            first = distinct(listed)
+        except ValueError as exc:
+            raise BundleError(f"trust bundle for {trust_domain}: {exc}") from None
+        return cls(trust_domain, tuple(_load_der(index, der) for der, index in first.items()))
 
     def to_der(self) -> list[bytes]:
         return [root.der for root in self.roots]

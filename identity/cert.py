@@ -58,7 +58,7 @@ from datetime import datetime
 from identity import openssl_keys, x509_parse, x509_verify
 from identity.openssl import EXFLAG_BCONS, EXFLAG_CA
 
-__all__ = ["Cert", "PrivateKey", "verify_chain"]
+__all__ = ["MAX_CERTIFICATES", "Cert", "PrivateKey", "distinct", "verify_chain"]
 
 #: KU_* bits of X509_get_key_usage, by cryptography's KeyUsage attribute names.
 _KEY_USAGE = (
@@ -150,13 +150,13 @@ class Cert:
         blocks = _pem_blocks(data, _CERTIFICATE_LABELS)
         if not blocks:
             raise ValueError("no PEM CERTIFICATE block")
-        certs = []
-        for index, der in enumerate(blocks):
+        read: dict[bytes, Cert] = {}  # each certificate read once, however often repeated
+        for der, index in distinct(blocks).items():
             try:
-                certs.append(cls.from_der(der))
+                read[der] = cls.from_der(der)
             except ValueError as exc:
                 raise ValueError(f"PEM certificate {index + 1}: {exc}") from None
-        return certs
+        return [read[der] for der in blocks]
 
     def to_pem(self) -> bytes:
         return _pem(b"CERTIFICATE", self.der)
@@ -246,6 +246,27 @@ def _pem(label: bytes, der: bytes) -> bytes:
     text = base64.b64encode(der)
     lines = b"\n".join(text[i : i + 64] for i in range(0, len(text), 64))
     return b"-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, lines, label)
+
+
+#: More different certificates than this in one PEM or one bundle are refused before
+#: any is read: a trust domain publishes a root or two (a few during rotations), a
+#: chain is a leaf and its CAs. Reading one costs 0.2-0.3 ms with OpenSSL 3.0, on
+#: the event loop when the bundle file changes.
+MAX_CERTIFICATES = 100
+
+
+def distinct(ders: Sequence[bytes]) -> dict[bytes, int]:
+    """Each different DER of `ders` with the index where it first appears; ValueError
+    if there are more than MAX_CERTIFICATES."""
+    first: dict[bytes, int] = {}
+    for index, der in enumerate(ders):
+        first.setdefault(bytes(der), index)
+    if len(first) > MAX_CERTIFICATES:
+        raise ValueError(
+            f"{len(first)} different certificates; at most {MAX_CERTIFICATES} are read"
+            " (a trust bundle holds its trust domain's few roots, a chain a leaf and its CAs)"
+        )
+    return first
 
 
 def _pem_blocks(data: bytes, labels: tuple[bytes, ...]) -> list[bytes]:

@@ -202,6 +202,53 @@ def test_from_der_rejects_empty() -> None:
         TrustBundle.from_der(TD, [])
 
 
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every certificate Cert.from_der reads from here on."""
+    seen: list[bytes] = []
+    read = Cert.from_der
+
+    def counted(cls: type[Cert], der: bytes) -> Cert:
+        seen.append(der)
+        return read(der)
+
+    monkeypatch.setattr(Cert, "from_der", classmethod(counted))
+    return seen
+
+
+def test_a_root_pasted_twenty_thousand_times_is_read_once(reads: list[bytes]) -> None:
+    """A bundle file (1 MiB of ConfigMap holds 1,400 copies) is read on the agent's event
+    loop whenever it changes: each different certificate is read once."""
+    assert TrustBundle.from_pem(TD, OLD_ROOT.to_pem() * 20_000).roots == (OLD_ROOT,)
+    assert TrustBundle.from_der(TD, [NEW_ROOT.der] * 20_000).roots == (NEW_ROOT,)
+    assert reads == [OLD_ROOT.der, NEW_ROOT.der]
+
+
+def test_more_than_a_hundred_different_certificates_are_refused_unread(
+    reads: list[bytes],
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "root")])
+    certs = [
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(START)
+        .not_valid_after(START + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+        for serial in range(1, 102)
+    ]
+    ders = [cert.public_bytes(Encoding.DER) for cert in certs]
+    pem = b"".join(cert.public_bytes(Encoding.PEM) for cert in certs)
+    with pytest.raises(BundleError, match="101 different certificates; at most 100"):
+        TrustBundle.from_pem(TD, pem)
+    with pytest.raises(BundleError, match="101 different certificates; at most 100"):
+        TrustBundle.from_der(TD, ders)
+    assert reads == []
+
+
 # ---------------------------------------------------------------------------
 # SPIFFE bundle JSON
 # ---------------------------------------------------------------------------
