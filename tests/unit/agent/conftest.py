@@ -6,12 +6,7 @@ import pytest
 
 from agent.core.svid import Svid, accept_svid
 from ca.signers.local import LocalSigner
-from tests.unit.agent.pki import NOW, WEB, agent_key, bundle_der, make_signer, sign_leaf
-
-
-@pytest.fixture(scope="session")
-def signer(tmp_path_factory: pytest.TempPathFactory) -> LocalSigner:
-    return make_signer(tmp_path_factory.mktemp("ca"))
+from tests.unit.agent.pki import NOW, WEB, agent_key, bundle_der, sign_leaf
 
 
 @pytest.fixture(scope="session")

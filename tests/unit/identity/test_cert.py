@@ -203,14 +203,6 @@ def assert_reads_as_cryptography(certificate: bytes) -> None:
 
 
 @pytest.fixture(scope="module")
-def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA directory of `outrider ca init`: root, intermediate and their keys."""
-    directory = tmp_path_factory.mktemp("ca")
-    pki.make_signer(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def real_chain(ca_dir: Path) -> tuple[bytes, ...]:
     """A leaf, the intermediate and the root, as the CA makes them."""
     signer = LocalSigner.load(ca_dir)

@@ -45,18 +45,6 @@ def leaf_request(
 
 
 @pytest.fixture(scope="module")
-def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("ca")
-    pki.make_signer(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def signer(ca_dir: Path) -> LocalSigner:
-    return LocalSigner.load(ca_dir)
-
-
-@pytest.fixture(scope="module")
 def roots(signer: LocalSigner) -> list[Cert]:
     return certs(pki.bundle_der(signer))
 

@@ -17,11 +17,6 @@ def certs(ders: tuple[bytes, ...]) -> list[Cert]:
 
 
 @pytest.fixture(scope="module")
-def signer(tmp_path_factory: pytest.TempPathFactory) -> LocalSigner:
-    return pki.make_signer(tmp_path_factory.mktemp("ca"))
-
-
-@pytest.fixture(scope="module")
 def stranger(tmp_path_factory: pytest.TempPathFactory) -> LocalSigner:
     """Another CA of the same trust domain: its certificates bear our CA's names."""
     return pki.make_signer(tmp_path_factory.mktemp("stranger"))
