@@ -50,6 +50,7 @@ class Subscriber:
     running_version: str
     spiffe_id: str
     serial: int
+    opened: float = field(default_factory=time.monotonic)  # when its Hello came
     answers: list[tuple[str, str, str]] = field(default_factory=list)  # (ack|nack, version, error)
     outbox: asyncio.Queue[control_pb2.Snapshot] = field(default_factory=asyncio.Queue)
 
