@@ -11,6 +11,7 @@ bounded reason, and the next good snapshot still runs.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import time
@@ -244,7 +245,7 @@ async def test_a_control_plane_that_refuses_every_stream_is_backed_off_and_logge
             plane.stop()
             plane.start()  # the stream ends: every try from now on is refused
             refused = plane.wait_for_streams(7)[1:]
-            gaps = [b.opened - a.opened for a, b in zip(refused, refused[1:])]
+            gaps = [b.opened - a.opened for a, b in itertools.pairwise(refused)]
             # 100 ms doubling to 500 ms, jittered down to half: never a retry storm, and
             # from the fourth failure on at least half the cap (a reset counter fails this).
             assert min(gaps) >= 0.05 and min(gaps[3:]) >= 0.25, gaps
