@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import ssl
 from typing import TYPE_CHECKING
@@ -97,7 +98,12 @@ class BundleSync:
         try:
             wanted = peer_bundle(self._from_ca, from_file)
         except BundleError as exc:
-            self._problem("bundles", f"keeping the trust bundle in use: {exc}")
+            self._problem(
+                "bundles",
+                f"keeping the trust bundle in use: {exc}: the CA's bundle holds"
+                f" {_roots(self._from_ca)}, the bundle file {self.identity.config.ca.bundle_file}"
+                f" {_roots(from_file)}",
+            )
             return
         self._problem("bundles", None)
         if wanted == svid.bundle:
@@ -118,16 +124,24 @@ class BundleSync:
         """The roots a renewed SVID goes into service with: those both list, as `_apply`
         would choose a second later. If the file cannot be used, those of the roots in
         use the CA still lists (`_apply` keeps them too): a root the file removed before
-        it broke must not come back with the CA's answer."""
-        self._read_file(self.identity.config.ca)
+        it broke must not come back with the CA's answer. BundleError if that leaves
+        none: the CA's answer never brings a root of its own."""
+        ca = self.identity.config.ca
+        self._read_file(ca)
         svid, from_file = self.identity.svid, self._file[1]
-        narrowing = from_file if from_file is not None else svid.bundle if svid else None
-        if narrowing is None:
-            return from_ca
+        if from_file is not None:
+            narrowing, source = from_file, f"the bundle file {ca.bundle_file}"
+        elif svid is not None:
+            narrowing, source = svid.bundle, "the trust bundle in use"
+        else:
+            why = self._problems.get("file", f"{ca.bundle_file} cannot be used")
+            raise BundleError(f"no trust bundle to check it against: {why}")
         try:
             return peer_bundle(from_ca, narrowing)
-        except BundleError:
-            return from_ca  # nothing in common: `_apply` reports it
+        except BundleError as exc:
+            raise BundleError(
+                f"{exc}: the CA's bundle holds {_roots(from_ca)}, {source} {_roots(narrowing)}"
+            ) from None
 
     def _read_file(self, ca: CaEndpoint) -> bool:
         """Read the bundle file; True if its content changed."""
@@ -181,3 +195,13 @@ class BundleSync:
                 log.warning("%s", problem)
         elif before is not None:
             log.info("trust bundle from %s: fine again", source)
+
+
+def _roots(bundle: TrustBundle) -> str:
+    """The roots of `bundle` as a log line names them, for an operator to compare: subject
+    and SHA-256 fingerprint (`openssl x509 -noout -fingerprint -sha256`), whose start tells
+    apart two roots of one name."""
+    return "; ".join(
+        f"'{root.subject}' (SHA-256 {hashlib.sha256(root.der).hexdigest()[:16].upper()}...)"
+        for root in bundle.roots
+    )

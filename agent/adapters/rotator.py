@@ -30,7 +30,7 @@ from agent.adapters.metrics import AgentMetrics
 from agent.adapters.tls import Contexts, unreachable
 from agent.config import AgentConfig
 from agent.core.svid import Svid, SvidRejected, accept_svid, svid_from_pem
-from identity import TrustBundle
+from identity import BundleError, TrustBundle
 from identity.cert import Cert, PrivateKey
 from identity.chain import ChainError, check_chain
 from identity.files import PRIVATE, PUBLIC, write_set
@@ -233,9 +233,21 @@ class IdentityManager:
 
     def install(self, svid: Svid) -> None:
         """Put `svid` in service: new connections use it from now on, verifying peers
-        against `peer_roots` of the CA's bundle, never for a moment the CA's alone."""
+        against `peer_roots` of the CA's bundle, never for a moment the CA's alone.
+        RenewalFailed if those leave no root, or none the new chain leads to: a CA's
+        answer cannot bring a root the agent does not trust already."""
         ca_bundle = svid.bundle
-        svid = dataclasses.replace(svid, bundle=self.peer_roots(ca_bundle))
+        try:
+            roots = self.peer_roots(ca_bundle)
+            check_chain(svid.chain, roots)
+        except BundleError as exc:
+            raise RenewalFailed("bad_answer", f"refused the CA's answer: {exc}") from None
+        except ChainError as exc:
+            raise RenewalFailed(
+                "bad_answer",
+                f"refused the CA's answer: its SVID does not lead to a root trusted now ({exc})",
+            ) from None
+        svid = dataclasses.replace(svid, bundle=roots)
         try:
             contexts = Contexts.of(svid, self.config.tls)
         except ssl.SSLError as exc:

@@ -24,5 +24,5 @@ def peer_bundle(from_ca: TrustBundle, from_file: TrustBundle) -> TrustBundle:
         )
     shared = tuple(root for root in from_ca.roots if root in from_file.roots)
     if not shared:
-        raise BundleError("the bundle file and the CA's bundle share no root")
+        raise BundleError("no root is in both")
     return TrustBundle(from_ca.trust_domain, shared)

@@ -14,6 +14,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from agent import config as agent_config
+from agent.adapters.bundle_sync import BundleSync
 from agent.adapters.metrics import AgentMetrics
 from agent.adapters.rotator import IdentityManager, RenewalFailed, SignFn
 from agent.adapters.tls import Contexts
@@ -24,7 +25,7 @@ from identity.proto import ca_pb2
 from outrider import cli
 from tests.clock import FakeClock
 from tests.mesh import agent_yaml, local_sign, workload
-from tests.support import CaSetup
+from tests.support import CaSetup, make_ca_setup
 
 
 def manager(setup: CaSetup, sign: SignFn, **identity: str) -> IdentityManager:
@@ -143,6 +144,37 @@ async def test_an_answer_for_another_workload_is_refused_and_the_svid_kept(setup
         await identity.renew()
     assert failed.value.result == "bad_answer"
     assert identity.svid is held
+
+
+@pytest.mark.parametrize("with_ours", [False, True], ids=["foreign-only", "foreign-and-ours"])
+async def test_an_answer_under_a_root_the_bundle_file_lacks_is_refused_and_trust_kept(
+    setup: CaSetup, tmp_path: Path, with_ours: bool
+) -> None:
+    """A CA's answer never brings a root of its own: an SVID from another root of the same
+    trust domain, with a bundle of that root (and ours too, or not), is refused; the SVID
+    and the roots in use stay. The bundle file holds our root alone."""
+    identity = manager(setup, local_sign(setup))
+    BundleSync(identity)  # as the agent wires it: renewals go into service with its roots
+    identity.install(await identity.renew())
+    held = identity.svid
+    assert held is not None
+    foreign = local_sign(make_ca_setup(tmp_path / "foreign"))
+
+    async def answer(csr: bytes, trusted: bytes, svid: Svid | None, token: str | None):  # type: ignore[no-untyped-def]
+        response = await foreign(csr, trusted, svid, token)
+        if with_ours:
+            response.trust_bundle.extend(held.bundle.to_der())
+        return response
+
+    identity.sign = answer
+    with pytest.raises(RenewalFailed) as failed:
+        identity.install(await identity.renew())
+    assert failed.value.result == "bad_answer"
+    if with_ours:
+        assert "does not lead to a root trusted now" in str(failed.value)
+    else:  # the roots are named, for an operator to compare
+        assert "no root is in both" in str(failed.value) and "root CA" in str(failed.value)
+    assert identity.svid is held and identity.svid.bundle == held.bundle
 
 
 async def test_a_missing_token_is_a_clear_failure(setup: CaSetup, tmp_path: Path) -> None:

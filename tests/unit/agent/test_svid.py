@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.core.svid import Svid, SvidRejected, accept_svid
 from ca.signers.local import LocalSigner
 from identity import SpiffeId
-from identity.cert import PrivateKey
+from identity.cert import Cert, PrivateKey
 from tests.unit.agent.pki import NOW, TD, WEB, agent_key, bundle_der, make_signer, sign_leaf
 
 
@@ -140,6 +140,20 @@ def test_an_svid_outside_its_validity_is_refused(
 ) -> None:
     chain = sign_leaf(signer, key)
     assert refusal(chain, bundle_der(signer), key, WEB, now).reason == reason
+
+
+def test_a_chain_whose_intermediate_has_expired_is_refused(
+    signer: LocalSigner, key: PrivateKey
+) -> None:
+    """The leaf is valid, its intermediate is not: every peer's handshake would refuse it,
+    so it must not replace the SVID in use (the chain check itself ignores time)."""
+    chain = sign_leaf(signer, key, lifetime=timedelta(days=4000))
+    intermediate = Cert.from_der(chain[1])
+    later = intermediate.not_after + timedelta(days=1)
+    error = refusal(chain, bundle_der(signer), key, WEB, later)
+    assert error.reason == "expired_chain"
+    assert intermediate.subject in str(error)
+    accept_svid(chain, bundle_der(signer), key, WEB, intermediate.not_after - timedelta(days=1))
 
 
 def test_a_ca_certificate_is_not_an_svid(signer: LocalSigner, key: PrivateKey) -> None:
