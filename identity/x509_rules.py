@@ -100,9 +100,18 @@ def read_time(asn1_time: int, what: str) -> datetime:
     problem = _not_der_time(asn1_time)
     if problem:
         raise ValueError(f"{what}: {problem}")
-    return datetime(
-        tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, tzinfo=UTC
-    )
+    try:
+        return datetime(
+            tm.tm_year + 1900,
+            tm.tm_mon + 1,
+            tm.tm_mday,
+            tm.tm_hour,
+            tm.tm_min,
+            tm.tm_sec,
+            tzinfo=UTC,
+        )
+    except ValueError as exc:  # year 0000, which RFC 5280's syntax allows and datetime not
+        raise ValueError(f"{what}: {exc}") from None
 
 
 def _not_der_time(asn1_time: int) -> str | None:
@@ -365,9 +374,12 @@ def _private_key_usage_period(decoded: int) -> str | None:
         return "empty"
     problem = _der_time(period.not_before) or _der_time(period.not_after)
     if not problem and period.not_before and period.not_after:
-        start, end = (
-            read_time(t, "privateKeyUsagePeriod") for t in (period.not_before, period.not_after)
-        )
+        try:
+            start, end = (
+                read_time(t, "privateKeyUsagePeriod") for t in (period.not_before, period.not_after)
+            )
+        except ValueError as exc:
+            return str(exc)
         if start > end:
             return "notBefore after notAfter"
     return problem

@@ -135,6 +135,38 @@ def expired_svid(setup: CaSetup, spiffe_id: SpiffeId) -> Credential:
     return issue(SigningCa.load(setup.ca_dir), shape)
 
 
+def year_zero_svid(setup: CaSetup, spiffe_id: SpiffeId) -> Credential:
+    """A good SVID but for its notBefore, GeneralizedTime 0000-01-01: RFC 5280's syntax and
+    OpenSSL's verifier take it, Python's datetime has no year 0. Signed again after the
+    change, so the chain verifies and the date is all that is left to read."""
+    ca = SigningCa.load(setup.ca_dir)
+    # From 2050 on, times are GeneralizedTime, as long as the year 0000 put in its place.
+    good = issue(ca, Shape(uris=(str(spiffe_id),)), now=datetime(2050, 1, 1, 0, 1, tzinfo=UTC))
+    leaf = x509.load_pem_x509_certificate(good.chain_pem)
+    before = leaf.not_valid_before_utc.strftime("%Y%m%d%H%M%SZ").encode()
+    tbs = leaf.tbs_certificate_bytes
+    assert tbs.count(before) == 1
+    tbs = tbs.replace(before, b"00000101000000Z")
+    signature = ca.key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    ecdsa_with_sha256 = bytes.fromhex("300a06082a8648ce3d040302")
+    der = _tlv(0x30, tbs + ecdsa_with_sha256 + _tlv(0x03, b"\0" + signature))
+    pem = ssl.DER_cert_to_PEM_cert(der).encode()
+    return Credential(pem + ca.cert.public_bytes(serialization.Encoding.PEM), good.key_pem)
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    """One DER element (a length of up to 65,535 bytes)."""
+    size = len(content)
+    length = (
+        bytes([size])
+        if size < 128
+        else b"\x81" + bytes([size])
+        if size < 256
+        else b"\x82" + size.to_bytes(2, "big")
+    )
+    return bytes([tag]) + length + content
+
+
 def two_uri_sans(setup: CaSetup, first: SpiffeId, second: SpiffeId) -> Credential:
     """Two identities in one certificate: which one is it?"""
     return issue(SigningCa.load(setup.ca_dir), Shape(uris=(str(first), str(second))))

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Generic, Protocol, TypeVar
 
-from agent.adapters.upstreams import DialError, LiveUpstream
+from agent.adapters.upstreams import LiveUpstream
 from agent.core.accesslog import Tls
 from agent.core.resilience import CircuitBreaker, RetryBudget
 from agent.core.tries import (
@@ -85,7 +85,8 @@ async def dial_within_limit(
 
     `factory(release)` builds the connection's protocol: its loss calls `release`,
     which gives the slot back once however often it is called; a dial that fails
-    (DialError) or is cancelled (the app left, the request's deadline) gives it back here.
+    (DialError), is cancelled (the app left, the request's deadline) or raises anything
+    else (a bug must not hold the slot for good) gives it back here.
     """
     breaker = live.breaker
     if not breaker.acquire("max_connections"):
@@ -95,7 +96,7 @@ async def dial_within_limit(
         # No closures: compiled, a closure and its environment refer to each other, a
         # cycle the connection would hold (through `release`) until the collector ran.
         _, connection, tls = await live.dial(endpoint, partial(factory, slot.release))
-    except (DialError, asyncio.CancelledError):
+    except BaseException:
         slot.release()
         raise
     return connection, tls

@@ -355,6 +355,7 @@ class OutboundCaptureListener(_AlsoIpv6[OutboundCapture]):
         if isinstance(route, ToUpstream):
             protocol = self.path.protocol(self.upstream(route.name))
             task = loop.create_task(_adopt(loop, sock, protocol))
+            relay = None  # the upstream's protocol owns the connection once adopted
         else:
             relay = Relay(runtime.limits.idle_timeout.total_seconds(), self.connections.closed)
             self.connections.add(relay, OUTBOUND)
@@ -373,7 +374,7 @@ class OutboundCaptureListener(_AlsoIpv6[OutboundCapture]):
                 dial = self._plain(relay, target)
             refused = partial(runtime.connection_refused, OUTBOUND, "no_endpoint")
             task = loop.create_task(_relayed(loop, sock, relay, dial, refused, line))
-        self.connections.setting_up(task)
+        self.connections.setting_up(task, relay)
 
     def _line(self, relay: Relay, upstream: str | None, target: Endpoint) -> ConnectionLine | None:
         """A pinned or passed-through connection's access log line (when logged): to

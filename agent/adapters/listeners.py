@@ -133,10 +133,20 @@ class Connections:
             gauge = self._active[direction] = self._metrics.connections_active.labels(direction)
         return gauge
 
-    def setting_up(self, setup: asyncio.Task[None]) -> None:
-        """A connection's setup (handshake, dial): cancelled if the drain times out."""
+    def setting_up(self, setup: asyncio.Task[None], connection: Closable | None) -> None:
+        """A connection's setup (handshake, dial): cancelled if the drain times out. One
+        that fails with an error nothing expected (a bug) is logged and aborts its
+        `connection`, which would otherwise stay open and counted, served by nothing."""
         self._tasks.add(setup)
-        setup.add_done_callback(self._tasks.discard)
+        setup.add_done_callback(partial(self._set_up, connection))
+
+    def _set_up(self, connection: Closable | None, setup: asyncio.Task[None]) -> None:
+        self._tasks.discard(setup)
+        if setup.cancelled() or (error := setup.exception()) is None:
+            return
+        log.error("a connection's setup failed; closing it", exc_info=error)
+        if connection is not None:
+            connection.abort()
 
     def closed(self, connection: Closable) -> None:
         direction = self._open.pop(connection, None)
@@ -432,7 +442,7 @@ class InboundMtls(Listener[InboundT]):
         self.connections.add(relay, INBOUND)
         setup = asyncio.get_running_loop().create_task(self._setup(relay, sock, port))
         setup.add_done_callback(lambda _: self.runtime.not_pending(relay))
-        self.connections.setting_up(setup)
+        self.connections.setting_up(setup, relay)
 
         def evict_it() -> None:
             setup.cancel()
@@ -1021,7 +1031,7 @@ class OutboundPath:
             if observer is not None:
                 line = observer.connection(relay, OUTBOUND, upstream=live.name)
             task = asyncio.get_running_loop().create_task(self._connect(relay, live, linked, line))
-            self.connections.setting_up(task)
+            self.connections.setting_up(task, relay)
 
         relay.down.made = made
         return relay.down

@@ -335,7 +335,10 @@ def peer_id(
     if known is not None and known[1] <= now < known[2]:
         spiffe_id = known[0]
     else:
-        cert = Cert.from_der(der)
+        try:
+            cert = Cert.from_der(der)
+        except ValueError as exc:  # verified by OpenSSL, yet a field holds no valid value
+            raise SvidError("malformed_extensions", f"unreadable certificate: {exc}") from None
         spiffe_id = check_leaf(cert, usage=usage, now=now)
         if len(_ACCEPTED) >= _ACCEPTED_MAX:
             _ACCEPTED.clear()

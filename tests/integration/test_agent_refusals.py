@@ -138,6 +138,15 @@ async def test_an_expired_svid(setup: CaSetup, app_and_agent: tuple[list[int], A
     await assert_refused(setup, app_and_agent, certs.expired_svid(setup, FRONTEND), "expired")
 
 
+async def test_a_leaf_whose_date_cannot_be_read(
+    setup: CaSetup, app_and_agent: tuple[list[int], Agent]
+) -> None:
+    """Year 0000: OpenSSL verifies it, the agent cannot read it; refused and closed (an
+    agent that failed on it left the connection open and uncounted)."""
+    client = certs.year_zero_svid(setup, FRONTEND)
+    await assert_refused(setup, app_and_agent, client, "malformed_extensions")
+
+
 async def test_two_uri_sans(setup: CaSetup, app_and_agent: tuple[list[int], Agent]) -> None:
     client = certs.two_uri_sans(setup, FRONTEND, INTRUDER)
     await assert_refused(setup, app_and_agent, client, "multiple_uri_sans")
@@ -231,6 +240,26 @@ async def test_a_server_with_our_roots_svid_for_another_trust_domain(setup: CaSe
             assert await eventually(lambda: bool(refusals(agent, "outbound")))
             assert refusals(agent, "outbound") == {"foreign_trust_domain": 1}
         assert b"".join(received) == b"", "the impostor received the app's bytes"
+
+
+async def test_a_server_whose_date_cannot_be_read_is_refused_and_frees_its_slot(
+    setup: CaSetup,
+) -> None:
+    """Each dial to it is refused as any non-SVID is, and gives back its place under
+    max_connections: one held per dial would leave the upstream answering 503 for good."""
+    bad = certs.server_context(setup.bundle_pem, certs.year_zero_svid(setup, workload("backend")))
+    async with tls_server(bad) as (port, received):
+        upstream = outbound(f"127.0.0.1:{port}", workload("backend"))
+        upstream[0]["protocol"] = "http"
+        upstream[0]["circuit_breaker"] = {"max_connections": 2}
+        raw = agent_yaml(setup.root, "frontend", outbound=upstream, limits=LIMITS)
+        async with running_agent(raw, local_sign(setup), setup.root) as agent:
+            address = agent.bound["outbound[backend]"]
+            for _ in range(4):
+                answer = await round_trip(address, b"GET / HTTP/1.1\r\nHost: b\r\n\r\n", 2)
+                assert answer.startswith(b"HTTP/1.1 503") and b"overflow" not in answer, answer
+            assert refusals(agent, "outbound") == {"malformed_extensions": 4}
+        assert b"".join(received) == b"", "the server received the app's bytes"
 
 
 async def test_an_endpoint_where_nothing_listens(setup: CaSetup) -> None:

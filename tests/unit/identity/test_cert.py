@@ -325,6 +325,18 @@ def test_validity_is_aware_utc() -> None:
     assert cert.not_after == datetime(2050, 1, 1, tzinfo=UTC)  # GeneralizedTime from 2050
 
 
+def test_a_year_0000_time_is_refused_naming_its_field() -> None:
+    """RFC 5280's syntax allows year 0000 and OpenSSL's verifier takes it; Python's datetime
+    has no year 0. A ValueError naming the field (a peer's leaf is read this way: anything
+    else escaped the refusal path), and in privateKeyUsagePeriod a malformed extension."""
+    later = build(not_before=datetime(2050, 1, 1, tzinfo=UTC), not_after=datetime(2051, 1, 1))
+    with pytest.raises(ValueError, match="notBefore: year 0 is out of range"):
+        Cert.from_der(patched(later, b"20500101000000Z", b"00000101000000Z"))
+    period = bytes.fromhex("3022800f") + b"00000101000000Z" + bytes.fromhex("810f")
+    cert = Cert.from_der(build([raw("2.5.29.16", period + b"20300101000000Z")]))
+    assert cert.malformed is not None and "year 0 is out of range" in cert.malformed
+
+
 # --- malformed extensions, as cryptography's cert.extensions refuses them -----------
 
 SAN = (x509.SubjectAlternativeName([x509.UniformResourceIdentifier("spiffe://td/w")]), False)
