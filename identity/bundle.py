@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -58,6 +59,11 @@ class BundleError(ValueError):
     """Bytes or certificates that do not form a valid trust bundle."""
 
 
+#: A PEM private key's label (PKCS#8, "EC", "RSA", "ENCRYPTED"): words alone, such as a
+#: comment saying never to put one here, are not a key.
+_PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+
+
 @dataclass(frozen=True)
 class TrustBundle:
     """The CA certificates trusted to issue SVIDs for ``trust_domain``.
@@ -82,7 +88,7 @@ class TrustBundle:
     @classmethod
     def from_pem(cls, trust_domain: TrustDomain, data: bytes) -> TrustBundle:
         """Load concatenated PEM ``CERTIFICATE`` blocks."""
-        if b"PRIVATE KEY" in data:
+        if _PRIVATE_KEY.search(data):
             raise BundleError("PEM data contains a private key; a trust bundle holds certificates")
         try:
             roots = Cert.all_from_pem(data)

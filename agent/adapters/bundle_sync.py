@@ -47,6 +47,9 @@ log = logging.getLogger("outrider.agent.bundle")
 #: How often the bundle file is read (a ConfigMap update swaps a symlink).
 FILE_POLL = 1.0
 
+#: What the agent does while the bundle file cannot be used.
+_KEEPING = "peers are verified against the roots in use until it is fixed"
+
 _CA_TROUBLE = (GRPCError, OSError, TimeoutError, StreamTerminatedError, ProtocolError, BundleError)
 
 
@@ -148,7 +151,9 @@ class BundleSync:
         try:
             data = ca.bundle_file.read_bytes()
         except OSError as exc:
-            self._problem("file", f"cannot read {ca.bundle_file} ({exc}); keeping the bundle")
+            # Unusable until read again: the same bytes back are then a change (and a fix).
+            self._file = (b"", None)
+            self._problem("file", f"cannot read {ca.bundle_file} ({exc}); {_KEEPING}")
             return False
         if data == self._file[0]:
             return False
@@ -157,7 +162,7 @@ class BundleSync:
             parsed = TrustBundle.from_pem(self._trust_domain, data)
             self._problem("file", None)
         except BundleError as exc:
-            self._problem("file", f"{ca.bundle_file} is not a trust bundle ({exc}); keeping it")
+            self._problem("file", f"{ca.bundle_file} is not a trust bundle ({exc}); {_KEEPING}")
         self._file = (data, parsed)
         return True
 

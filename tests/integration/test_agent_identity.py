@@ -177,6 +177,29 @@ async def test_an_answer_under_a_root_the_bundle_file_lacks_is_refused_and_trust
     assert identity.svid is held and identity.svid.bundle == held.bundle
 
 
+async def test_a_bundle_file_deleted_and_restored_is_reported_both_times_every_time(
+    setup: CaSetup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same bytes back after a deletion are a fix, said so; the next deletion is a new
+    problem, said again (each renewal reads the file first)."""
+    identity = manager(setup, local_sign(setup))
+    sync = BundleSync(identity)
+    identity.install(await identity.renew())
+    assert identity.svid is not None
+    ca_bundle, bundle_file = identity.svid.bundle, identity.config.ca.bundle_file
+    kept = bundle_file.read_bytes()
+    caplog.set_level("INFO", logger="outrider.agent.bundle")
+    for _ in range(2):
+        caplog.clear()
+        bundle_file.unlink()
+        assert sync.peer_roots(ca_bundle) == ca_bundle  # the roots in use, meanwhile
+        bundle_file.write_bytes(kept)
+        assert sync.peer_roots(ca_bundle) == ca_bundle
+        said = [record.getMessage() for record in caplog.records]
+        assert len(said) == 2 and f"cannot read {bundle_file}" in said[0], said
+        assert said[1] == "trust bundle from file: fine again"
+
+
 async def test_a_missing_token_is_a_clear_failure(setup: CaSetup, tmp_path: Path) -> None:
     identity = manager(setup, local_sign(setup), token_file=str(tmp_path / "absent"))
     with pytest.raises(RenewalFailed, match="cannot read the token") as failed:

@@ -184,12 +184,24 @@ def test_der_round_trip() -> None:
             "contains a private key",
             id="certificate-and-private-key",
         ),
+        pytest.param(
+            OLD_ROOT.to_pem()
+            + EC_KEY.private_bytes(Encoding.PEM, PrivateFormat.TraditionalOpenSSL, NoEncryption()),
+            "contains a private key",
+            id="certificate-and-ec-private-key",
+        ),
         pytest.param(LEAF.to_pem(), "is not a CA certificate", id="leaf"),
     ],
 )
 def test_from_pem_rejects(data: bytes, message: str) -> None:
     with pytest.raises(BundleError, match=re.escape(message)):
         TrustBundle.from_pem(TD, data)
+
+
+def test_words_about_private_keys_are_not_a_key() -> None:
+    """Text between certificates is ignored: a comment is not a PEM key block."""
+    data = b"# never put a PRIVATE KEY in this ConfigMap\n" + OLD_ROOT.to_pem()
+    assert TrustBundle.from_pem(TD, data).roots == (OLD_ROOT,)
 
 
 def test_from_der_rejects_garbage_naming_the_item() -> None:
