@@ -42,6 +42,7 @@ from identity.openssl import (
     BIO_new,
     BIO_s_mem,
     CRYPTO_free,
+    ERR_clear_error,
     GENERAL_NAME_get0_value,
     NID_ext_key_usage,
     NID_key_usage,
@@ -210,6 +211,10 @@ def parse_certificate(der: bytes) -> ParsedCert:
     """Read one DER certificate (nothing after it); ValueError saying why not."""
     with clean_errors(), x509_to_read(der) as x:
         flags = X509_get_extension_flags(x)
+        # Caching the extensions also hashes the certificate, with a digest the parsing
+        # context lacks: its "unsupported", left queued, would be the reason a later
+        # failure (an impossible date) gives.
+        ERR_clear_error()
         with _bio(BIO_s_mem()) as bio:
             subject = _name(bio, X509_get_subject_name(x))
             issuer = _name(bio, X509_get_issuer_name(x))

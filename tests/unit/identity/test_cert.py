@@ -325,6 +325,14 @@ def test_validity_is_aware_utc() -> None:
     assert cert.not_after == datetime(2050, 1, 1, tzinfo=UTC)  # GeneralizedTime from 2050
 
 
+def test_an_impossible_date_is_refused_with_openssls_reason_for_it() -> None:
+    """Not a reason left queued by an earlier step (the key decoder the parse skips)."""
+    later = build(not_before=datetime(2050, 1, 1, tzinfo=UTC), not_after=datetime(2051, 1, 1))
+    with pytest.raises(ValueError, match="invalid notBefore time") as refused:
+        Cert.from_der(patched(later, b"20500101000000Z", b"20500230000000Z"))
+    assert "unsupported" not in str(refused.value)
+
+
 def test_a_year_0000_time_is_refused_naming_its_field() -> None:
     """RFC 5280's syntax allows year 0000 and OpenSSL's verifier takes it; Python's datetime
     has no year 0. A ValueError naming the field (a peer's leaf is read this way: anything
