@@ -71,7 +71,7 @@ class WorkerAgent(Agent):
         self._expiry: asyncio.TimerHandle | None = None
 
     def take_svid(self, svid: Svid) -> None:
-        self.identity.install(svid)
+        self.identity.use(svid)  # as the main checked it and chose its roots
         if self._expiry is not None:
             self._expiry.cancel()
         # Past its NotAfter no pooled connection may carry traffic on it, as in one process.

@@ -247,13 +247,18 @@ class IdentityManager:
                 "bad_answer",
                 f"refused the CA's answer: its SVID does not lead to a root trusted now ({exc})",
             ) from None
-        svid = dataclasses.replace(svid, bundle=roots)
+        self.use(dataclasses.replace(svid, bundle=roots), ca_bundle)
+
+    def use(self, svid: Svid, ca_bundle: TrustBundle | None = None) -> None:
+        """Put `svid` in service as it is, its bundle the roots peers are verified against:
+        checked already, by `install` here or in the main process (a worker takes the
+        main's SVID with the roots it chose, `ca_bundle` then unknown: the same)."""
         try:
             contexts = Contexts.of(svid, self.config.tls)
         except ssl.SSLError as exc:
             raise RenewalFailed("bad_answer", f"ssl cannot use the new SVID: {exc}") from None
         self.contexts.use(contexts)
-        self.svid, self.ca_bundle = svid, ca_bundle
+        self.svid, self.ca_bundle = svid, ca_bundle or svid.bundle
         self.metrics.rotations.labels("success").inc()
         self.metrics.svid_installed(svid)
         self.metrics.bundle_expiry.set(svid.bundle.earliest_expiry.timestamp())

@@ -79,13 +79,15 @@ def accept_svid(
         raise SvidRejected(exc.reason, f"the CA returned an invalid SVID: {exc}") from None
     except ChainError as exc:
         raise SvidRejected("untrusted_chain", str(exc)) from None
-    for cert in chain[1:]:  # the handshake's verifier checks their times; check_chain does not
-        if not cert.not_before <= now < cert.not_after:
+    # Peers' handshakes check every certificate's time; check_chain does not. An expired
+    # one is refused; one that starts after this agent's now is not (a CA's new
+    # intermediate starts at its creation, and this clock may run behind the peers').
+    for cert in chain[1:]:
+        if now >= cert.not_after:
             raise SvidRejected(
                 "expired_chain",
-                f"the CA's chain holds {cert.subject!r}, valid from"
-                f" {cert.not_before.isoformat(timespec='seconds')} to"
-                f" {cert.not_after.isoformat(timespec='seconds')}: every peer would refuse it now",
+                f"the CA's chain holds {cert.subject!r}, which expired"
+                f" {cert.not_after.isoformat(timespec='seconds')}: every peer would refuse it",
             )
     if spiffe_id != expected:
         raise SvidRejected("wrong_id", f"the CA issued {spiffe_id}, but this agent is {expected}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import ssl
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from agent.core.svid import Svid
 from identity.cert import Cert
 from identity.proto import ca_pb2
 from outrider import cli
+from tests import certs
 from tests.clock import FakeClock
 from tests.mesh import agent_yaml, local_sign, workload
 from tests.support import CaSetup, make_ca_setup
@@ -175,6 +177,26 @@ async def test_an_answer_under_a_root_the_bundle_file_lacks_is_refused_and_trust
     else:  # the roots are named, for an operator to compare
         assert "no root is in both" in str(failed.value) and "root CA" in str(failed.value)
     assert identity.svid is held and identity.svid.bundle == held.bundle
+
+
+async def test_a_first_svid_goes_into_service_with_the_ca_certificates_of_a_lax_bundle_file(
+    setup: CaSetup, tmp_path: Path
+) -> None:
+    """A bundle file with a leaf beside the root is no valid trust bundle, but the channel
+    to the CA was verified against its certificates: the first SVID goes into service with
+    the roots among them the CA lists, rather than never (the file's problem is logged)."""
+    identity = manager(setup, local_sign(setup))
+    lax = tmp_path / "bundle.pem"
+    lax.write_bytes(setup.bundle_pem + certs.valid_svid(setup, workload("web")).chain_pem)
+    identity.config = dataclasses.replace(
+        identity.config, ca=dataclasses.replace(identity.config.ca, bundle_file=lax)
+    )
+    BundleSync(identity)
+    identity.install(await identity.renew())
+    assert identity.svid is not None
+    assert [root.der for root in identity.svid.bundle.roots] == [
+        root.der for root in Cert.all_from_pem(setup.bundle_pem)
+    ]
 
 
 async def test_a_bundle_file_deleted_and_restored_is_reported_both_times_every_time(

@@ -249,6 +249,24 @@ def test_a_worker_that_dies_is_started_again(setup: CaSetup, agent: AgentProcess
     assert [request(setup, agent)[0] for _ in range(8)] == [200] * 8
 
 
+def test_a_worker_started_again_while_the_bundle_file_is_unusable_serves(
+    setup: CaSetup, ca: CaProcess, app: int, tmp_path: Path
+) -> None:
+    """A restarted worker takes the main's SVID with the roots the main chose, as sent: it
+    does not judge the bundle file again (gone, that kept it from ever serving)."""
+    raw = workers_yaml(setup, ca, app, "restarted")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(setup.bundle_pem)
+    raw["ca"]["bundle_file"] = str(bundle)
+    with agent_process(setup.root, "restarted", raw) as agent:
+        bundle.unlink()
+        assert agent.logged(f"cannot read {bundle}", timeout=10)
+        os.kill(min(children(agent)), signal.SIGKILL)
+        eventually(lambda: agent.sample("outrider_worker_restarts_total") == 1)
+        eventually(lambda: agent.status("/ready") == 200 and len(children(agent)) == 2)
+        assert [request(setup, agent)[0] for _ in range(8)] == [200] * 8
+
+
 def test_sigterm_drains_every_worker(setup: CaSetup, ca: CaProcess, app: int) -> None:
     with agent_process(setup.root, "drained", workers_yaml(setup, ca, app, "drained")) as agent:
         workers = children(agent)
