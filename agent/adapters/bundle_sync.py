@@ -38,7 +38,6 @@ from agent.config import CaEndpoint
 from agent.core.svid import Svid
 from agent.core.trust import peer_bundle
 from identity import BundleError, TrustBundle, TrustDomain
-from identity.cert import Cert
 
 if TYPE_CHECKING:
     from agent.adapters.ca_client import CaClient
@@ -128,36 +127,25 @@ class BundleSync:
         """The roots a renewed SVID goes into service with: those both list, as `_apply`
         would choose a second later. If the file cannot be used, those of the roots in
         use the CA still lists (`_apply` keeps them too): a root the file removed before
-        it broke must not come back with the CA's answer; before the first SVID, those of
-        the CA certificates in the file (what the channel to the CA was verified against).
-        BundleError if that leaves none: the CA's answer never brings a root of its own."""
+        it broke must not come back with the CA's answer. BundleError if that leaves none
+        (before the first SVID, the file must be a trust bundle: IdentityManager checks it
+        before asking): the CA's answer never brings a root of its own."""
         ca = self.identity.config.ca
         self._read_file(ca)
-        svid, (data, from_file) = self.identity.svid, self._file
+        svid, from_file = self.identity.svid, self._file[1]
         if from_file is not None:
             narrowing, source = from_file, f"the bundle file {ca.bundle_file}"
         elif svid is not None:
             narrowing, source = svid.bundle, "the trust bundle in use"
         else:
-            narrowing, source = (
-                self._ca_certificates(data),
-                f"the CA certificates in {ca.bundle_file}",
-            )
+            why = self._problems.get("file", f"{ca.bundle_file} cannot be used")
+            raise BundleError(f"no trust bundle to check it against: {why}")
         try:
             return peer_bundle(from_ca, narrowing)
         except BundleError as exc:
             raise BundleError(
                 f"{exc}: the CA's bundle holds {_roots(from_ca)}, {source} {_roots(narrowing)}"
             ) from None
-
-    def _ca_certificates(self, data: bytes) -> TrustBundle:
-        """The CA certificates among those PEM `data` holds, read as the rotator reads them
-        to reach the CA; BundleError if there are none."""
-        try:
-            found = Cert.all_from_pem(data)
-        except ValueError as exc:
-            raise BundleError(f"no trust bundle to check it against: {exc}") from None
-        return TrustBundle(self._trust_domain, tuple(cert for cert in found if cert.ca))
 
     def _read_file(self, ca: CaEndpoint) -> bool:
         """Read the bundle file; True if its content changed."""

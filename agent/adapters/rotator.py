@@ -309,7 +309,16 @@ class IdentityManager:
         """
         path = self.config.ca.bundle_file
         try:
-            from_file = Cert.all_from_pem(path.read_bytes())
+            data = path.read_bytes()
+            if self.svid is None:  # the first SVID's roots come from it: a bundle, or none
+                TrustBundle.from_pem(self.config.identity.spiffe_id.trust_domain, data)
+            from_file = Cert.all_from_pem(data)
+        except BundleError as exc:
+            raise RenewalFailed(
+                "no_credential",
+                f"{path} is not a trust bundle ({exc}): ca.bundle_file must hold the trust"
+                " domain's CA certificates only",
+            ) from None
         except (OSError, ValueError) as exc:
             if self.svid is None:
                 raise RenewalFailed("no_credential", f"cannot read {path} as PEM: {exc}") from None

@@ -179,24 +179,30 @@ async def test_an_answer_under_a_root_the_bundle_file_lacks_is_refused_and_trust
     assert identity.svid is held and identity.svid.bundle == held.bundle
 
 
-async def test_a_first_svid_goes_into_service_with_the_ca_certificates_of_a_lax_bundle_file(
-    setup: CaSetup, tmp_path: Path
+@pytest.mark.parametrize("beside_the_root", ["leaf", "key"])
+async def test_no_first_svid_is_asked_for_while_the_bundle_file_is_no_trust_bundle(
+    setup: CaSetup, tmp_path: Path, beside_the_root: str
 ) -> None:
-    """A bundle file with a leaf beside the root is no valid trust bundle, but the channel
-    to the CA was verified against its certificates: the first SVID goes into service with
-    the roots among them the CA lists, rather than never (the file's problem is logged)."""
-    identity = manager(setup, local_sign(setup))
+    """The first SVID's roots come from the bundle file, which must be a trust bundle: with
+    a leaf or a key beside the root, the agent says so and asks the CA for nothing (it would
+    sign a certificate per try), rather than start on roots it later cannot follow."""
+    extra = certs.valid_svid(setup, workload("web"))
     lax = tmp_path / "bundle.pem"
-    lax.write_bytes(setup.bundle_pem + certs.valid_svid(setup, workload("web")).chain_pem)
+    lax.write_bytes(
+        setup.bundle_pem + (extra.chain_pem if beside_the_root == "leaf" else extra.key_pem)
+    )
+    recorder = Recorder(local_sign(setup))
+    identity = manager(setup, recorder)
     identity.config = dataclasses.replace(
         identity.config, ca=dataclasses.replace(identity.config.ca, bundle_file=lax)
     )
     BundleSync(identity)
+    with pytest.raises(RenewalFailed, match=f"{lax} is not a trust bundle") as failed:
+        await identity.renew()
+    assert failed.value.result == "no_credential" and recorder.calls == []
+    lax.write_bytes(setup.bundle_pem)  # fixed: the next try goes through
     identity.install(await identity.renew())
-    assert identity.svid is not None
-    assert [root.der for root in identity.svid.bundle.roots] == [
-        root.der for root in Cert.all_from_pem(setup.bundle_pem)
-    ]
+    assert identity.svid is not None and recorder.calls == [f"token:{workload('web')}"]
 
 
 async def test_a_bundle_file_deleted_and_restored_is_reported_both_times_every_time(
