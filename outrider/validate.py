@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
 
 
 def agent(path: Path) -> str:
@@ -23,8 +27,28 @@ def agent(path: Path) -> str:
     policies = agent_app.load_policies(config)
     return (
         f"{path}: valid agent config ({config.identity.spiffe_id}, {len(config.inbound)}"
-        f" inbound, {len(config.outbound)} outbound, {len(policies.policies)} policies)"
+        f" inbound, {len(config.outbound)} outbound, {len(policies.policies)} policies;"
+        f" {_trust_bundle(path, config)})"
     )
+
+
+def _trust_bundle(path: Path, config: AgentConfig) -> str:
+    """The bundle file as the agent reads it before its first SVID, if it is here (it is
+    often a ConfigMap mounted only in the pod); ConfigError if it is no trust bundle."""
+    from identity import BundleError, TrustBundle
+    from identity.configfile import ConfigError
+
+    bundle_file = config.ca.bundle_file
+    if not bundle_file.exists():
+        return f"{bundle_file} is not here: read at start"
+    try:
+        bundle = TrustBundle.from_pem(
+            config.identity.spiffe_id.trust_domain, bundle_file.read_bytes()
+        )
+    except (OSError, BundleError) as exc:
+        why = f"ca.bundle_file: {bundle_file} is not a trust bundle ({exc})"
+        raise ConfigError(str(path), [why]) from None
+    return f"{len(bundle.roots)} root(s) in {bundle_file}"
 
 
 def ca(path: Path, dev: bool = False) -> str:

@@ -180,6 +180,26 @@ def test_agent_validate_loads_the_config_and_its_policies_without_running(
     assert "invalid policy:" in ran.stderr and "TCP port 5432" in ran.stderr
 
 
+def test_agent_validate_reads_the_bundle_file_as_the_agent_would_at_start(
+    tmp_path: Path, agent_config: Path
+) -> None:
+    """Not here (a ConfigMap mounted in the pod): said, and valid. Here: a trust bundle, or
+    the error the agent would give before asking for its first SVID."""
+    ran = outrider("agent", "validate", "--config", agent_config)
+    assert ran.returncode == 0 and "bundle.pem is not here: read at start" in ran.stdout
+    _ca_init(tmp_path / "ca")
+    root = (tmp_path / "ca" / "bundle.pem").read_bytes()
+    (tmp_path / "bundle.pem").write_bytes(root)
+    ran = outrider("agent", "validate", "--config", agent_config)
+    assert ran.returncode == 0 and "1 root(s) in" in ran.stdout, ran.stderr
+    (tmp_path / "bundle.pem").write_bytes(
+        root + (tmp_path / "ca" / "intermediate.key").read_bytes()
+    )
+    ran = outrider("agent", "validate", "--config", agent_config)
+    assert ran.returncode == 2
+    assert "ca.bundle_file:" in ran.stderr and "contains a private key" in ran.stderr
+
+
 def test_validate_lists_every_error_of_each_components_config(tmp_path: Path) -> None:
     bad = {
         "agent": "identity: {spiffe_id: nope}\nca: {timeout: soon}\n",
