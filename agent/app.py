@@ -69,6 +69,7 @@ from agent.core.captured import Captured
 from agent.core.policy import PolicySet, duplicates
 from agent.core.policyfile import PolicyError, load_policy_files
 from agent.core.svid import Svid
+from identity import openssl_engine
 from identity.appprotocol import H2, L7
 from identity.configfile import ConfigError, Listen
 
@@ -754,6 +755,7 @@ async def serve(
     unreachable at start) exits at once. `document` is `config` as read (what
     the control plane's snapshots merge into); `pod` the pod's name for it.
     """
+    log.info(openssl_engine.install())  # before any handshake: see identity.openssl_engine
     read = _fingerprint([path] if path else [])  # what the caller just loaded `config` from
     if document is None and path is not None:
         document = agent_config.read(path)

@@ -32,7 +32,7 @@ from agent.adapters.workers import families, from_main, receive, send, to_main
 from agent.app import Agent, Settings
 from agent.config import AgentConfig, PolicyConfig
 from agent.core.svid import Svid
-from identity import SpiffeId, TrustBundle
+from identity import SpiffeId, TrustBundle, openssl_engine
 from identity.cert import Cert, PrivateKey
 
 log = logging.getLogger("outrider.agent.worker")
@@ -92,6 +92,7 @@ class WorkerAgent(Agent):
 
 
 async def run(fd: int, index: int) -> None:
+    openssl_engine.install()  # as the main did, which logged it
     loop = asyncio.get_running_loop()
     ending = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, ending.set)

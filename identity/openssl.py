@@ -11,19 +11,23 @@ name, with its argument and result types (pointers as `c_void_p`, never the
 default int); it holds the constants of OpenSSL's headers that the binding
 uses, under their C names, and the helpers that own OpenSSL's memory and turn
 its error queue into ValueError. The modules above it, each importing only
-from here (and x509_parse from x509_rules), do the work:
+from here (and x509_parse from x509_rules, openssl_keys from openssl_engine), do
+the work:
 
 - `identity.x509_rules`: cryptography's rules beyond the ASN.1, for extensions,
   names and times;
 - `identity.x509_parse`: a certificate's facts, and whether cryptography would
   refuse it;
 - `identity.openssl_keys`: keys (generate, read PEM) and CSRs;
-- `identity.x509_verify`: chain verification.
+- `identity.x509_verify`: chain verification;
+- `identity.openssl_engine`: on OpenSSL 3.0, EC keys through OpenSSL's built-in
+  method, which makes every certificate a handshake reads cheaper to decode.
 
-No module but these five says ctypes. Every input is a copy with its
+No module but these six says ctypes. Every input is a copy with its
 length (or OpenSSL's own memory with its length), and everything OpenSSL
 allocates for us is freed in `finally`. OpenSSL is never handed a Python
-object's address to keep. What goes out is Python values: `bytes`, `int`,
+object's address to keep, but for the engine's one callback, which lives as
+long as the process. What goes out is Python values: `bytes`, `int`,
 `str`, `datetime`. A failing call raises ValueError carrying OpenSSL's first
 error (`openssl_error`), and each operation clears the thread's error queue
 before and after (`clean_errors`), so no error of ours leaks into the ssl
@@ -50,6 +54,7 @@ from typing import Any
 __all__ = [
     "BIO_CTRL_INFO",
     "BIO_CTRL_RESET",
+    "EVP_PKEY_EC",
     "EXFLAG_BCONS",
     "EXFLAG_CA",
     "EXFLAG_INVALID",
@@ -113,6 +118,7 @@ BIO_CTRL_RESET = 1
 BIO_CTRL_INFO = 3
 X509_V_FLAG_X509_STRICT = 0x20
 X509_V_FLAG_NO_CHECK_TIME = 0x200000
+EVP_PKEY_EC = 408  # NID_X9_62_id_ecPublicKey (evp.h, obj_mac.h)
 _MAX_ERROR = 256
 _NOT_A_CERTIFICATE = "not a DER X.509 certificate"
 
@@ -264,6 +270,16 @@ X509_STORE_CTX_get_error = _fn("X509_STORE_CTX_get_error", _INT, _P)
 X509_VERIFY_PARAM_set_flags = _fn("X509_VERIFY_PARAM_set_flags", _INT, _P, _ULONG)
 X509_verify_cert = _fn("X509_verify_cert", _INT, _P)
 X509_verify_cert_error_string = _fn("X509_verify_cert_error_string", _STR, _LONG)
+# Engines (none in 4.0, nor in a build without them)
+ENGINE_new = _fn("ENGINE_new", _P, optional=True)
+ENGINE_set_id = _fn("ENGINE_set_id", _INT, _P, _STR, optional=True)
+ENGINE_set_name = _fn("ENGINE_set_name", _INT, _P, _STR, optional=True)
+ENGINE_set_pkey_meths = _fn("ENGINE_set_pkey_meths", _INT, _P, _P, optional=True)
+ENGINE_register_pkey_meths = _fn("ENGINE_register_pkey_meths", _INT, _P, optional=True)
+ENGINE_unregister_pkey_meths = _fn("ENGINE_unregister_pkey_meths", None, _P, optional=True)
+ENGINE_get_pkey_meth_engine = _fn("ENGINE_get_pkey_meth_engine", _P, _INT, optional=True)
+ENGINE_finish = _fn("ENGINE_finish", _INT, _P, optional=True)
+EVP_PKEY_meth_find = _fn("EVP_PKEY_meth_find", _P, _INT, optional=True)
 # fmt: on
 
 

@@ -2,8 +2,10 @@
 
 What goes out is bytes (`KeyMaterial`: PKCS#8 DER, its SubjectPublicKeyInfo,
 OpenSSL's name of the key type); the ctypes buffers a private key passes
-through on the way are wiped once used. Needs OpenSSL 3.0 (`EVP_PKEY_generate`,
-`EVP_PKEY_get0_type_name`); before it, ValueError.
+through on the way are wiped once used. Keys are made and CSRs signed by OpenSSL's
+providers, also where identity.openssl_engine gives EC keys the built-in method.
+Needs OpenSSL 3.0 (`EVP_PKEY_generate`, `EVP_PKEY_get0_type_name`); before it,
+ValueError.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from identity.openssl import (
     i2d_X509_REQ,
     openssl_error,
 )
+from identity.openssl_engine import providers
 
 __all__ = ["KeyMaterial", "generate_p256", "key_from_pem", "sign_csr"]
 
@@ -64,7 +67,7 @@ def generate_p256() -> KeyMaterial:
     """A fresh P-256 key from OpenSSL's DRBG."""
     if EVP_PKEY_generate is None:
         raise ValueError(f"key generation needs OpenSSL 3.0 or later, not {ssl.OPENSSL_VERSION}")
-    with clean_errors():
+    with clean_errors(), providers():
         ctx = EVP_PKEY_CTX_new_from_name(None, b"EC", None)
         if not ctx:
             raise openssl_error("EVP_PKEY_CTX_new_from_name")
@@ -166,7 +169,7 @@ def _pkey(pkcs8: bytes) -> Iterator[int]:
 def sign_csr(pkcs8: bytes, digest: bool) -> bytes:
     """A DER PKCS#10 request for the key: version 1, empty subject, no attributes,
     signed with SHA-256 (`digest`) or the key's own scheme (Ed25519)."""
-    with clean_errors(), _pkey(pkcs8) as pkey:
+    with clean_errors(), providers(), _pkey(pkcs8) as pkey:
         req = X509_REQ_new()
         if not req:
             raise openssl_error("X509_REQ_new")

@@ -10,6 +10,7 @@ our root naming another trust domain: the refusal is the agent's own.
 from __future__ import annotations
 
 import ssl
+import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -147,11 +148,16 @@ def year_zero_svid(setup: CaSetup, spiffe_id: SpiffeId) -> Credential:
     tbs = leaf.tbs_certificate_bytes
     assert tbs.count(before) == 1
     tbs = tbs.replace(before, b"00000101000000Z")
+    return Credential(_signed(ca, tbs), good.key_pem)
+
+
+def _signed(ca: SigningCa, tbs: bytes) -> bytes:
+    """The chain (PEM) of a certificate made of `tbs` (DER), signed by `ca`."""
     signature = ca.key.sign(tbs, ec.ECDSA(hashes.SHA256()))
     ecdsa_with_sha256 = bytes.fromhex("300a06082a8648ce3d040302")
     der = _tlv(0x30, tbs + ecdsa_with_sha256 + _tlv(0x03, b"\0" + signature))
     pem = ssl.DER_cert_to_PEM_cert(der).encode()
-    return Credential(pem + ca.cert.public_bytes(serialization.Encoding.PEM), good.key_pem)
+    return pem + ca.cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _tlv(tag: int, content: bytes) -> bytes:
@@ -222,3 +228,24 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
         encipher_only=False,
         decipher_only=False,
     )
+
+
+def explicit_curve_svid(setup: CaSetup, spiffe_id: SpiffeId) -> Credential:
+    """A good SVID but for its key's curve, spelt out as explicit parameters instead of
+    P-256's name: RFC 5480 forbids it and OpenSSL's strict verifier refuses it. Signed
+    again after the change, so the chain verifies and the curve is all that is wrong."""
+    ca = SigningCa.load(setup.ca_dir)
+    good = issue(ca, Shape(uris=(str(spiffe_id),)))
+    leaf = x509.load_pem_x509_certificate(good.chain_pem)
+    named = leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    spelt_out = subprocess.run(
+        ["openssl", "pkey", "-pubin", "-inform", "DER", "-pubout", "-outform", "DER",
+         "-ec_param_enc", "explicit"],
+        input=named, capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    tbs = leaf.tbs_certificate_bytes
+    assert tbs.count(named) == 1 and tbs[1] == 0x82  # a SEQUENCE of 256 bytes or more
+    tbs = _tlv(0x30, tbs[4:].replace(named, spelt_out))  # longer: its length again
+    return Credential(_signed(ca, tbs), good.key_pem)

@@ -13,6 +13,7 @@ import pytest
 import uvloop
 from hypothesis import HealthCheck, settings
 
+from identity import openssl_engine
 from tests.interop import ensure_command
 from tests.netns import PodNetwork, pod_network
 from tests.support import waited_for_a_cpu
@@ -30,7 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Stops a run that would test stale compiled modules: an extension built by `make`
-    (setup.py) imports instead of its .py file, so an edit since would go untested."""
+    (setup.py) imports instead of its .py file, so an edit since would go untested.
+    Gives EC keys OpenSSL's built-in method, as every agent process does
+    (identity.openssl_engine), so handshakes in tests are the agent's."""
+    openssl_engine.install()
     with open(ROOT / "pyproject.toml", "rb") as f:
         compiled = tomllib.load(f)["tool"]["outrider"]["compiled"]
     # A module's own .so only loads the group's library (agent/*__mypyc*.so), which holds
