@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml requirements/dev.txt
 # types; tests/conftest.py stops a run whose extensions are older than their sources.
 # `make pure` removes them: everything then runs as Python.
 COMPILED := $(VENV)/.compiled
-SOURCES  := $(shell find agent identity -name '*.py' -not -path '*/proto/*')
+SOURCES  := $(shell find agent identity -name '*.py' -not -path '*/proto/*') identity/_ec_methods.c
 
 $(COMPILED): $(STAMP) setup.py pyproject.toml $(SOURCES)
 	@echo "compiling the agent's hot path with mypyc (about a minute)"
@@ -32,7 +32,7 @@ compiled: $(COMPILED)
 
 pure:
 	rm -f $(COMPILED)
-	find agent -name '*.so' -delete
+	find agent identity -name '*.so' -delete
 
 demo: $(COMPILED)
 	$(BIN)/outrider demo

@@ -3,9 +3,11 @@
 The agent's per-request modules (pyproject.toml, `[tool.outrider] compiled`) are
 compiled to C extensions by mypyc: the same code, type-checked as it is, run without
 the interpreter's per-call cost (bench/compiled_ab.py measures what that saves). An
-extension imports in place of its .py file, which ships beside it. The build needs mypy
-(it brings mypyc) and a C compiler; OUTRIDER_PURE=1 builds pure Python, as does a
-machine without a C compiler (with a warning: the agent works, at more CPU per request).
+extension imports in place of its .py file, which ships beside it. One small C
+extension, identity/_ec_methods.c, is the callback identity.openssl_engine gives
+OpenSSL. The build needs mypy (it brings mypyc) and a C compiler; OUTRIDER_PURE=1
+builds pure Python, as does a machine without a C compiler (with a warning: the agent
+works, at more CPU per request and handshake).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sysconfig
 import tomllib
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 ROOT = Path(__file__).resolve().parent
 
@@ -41,7 +43,9 @@ def extensions() -> list[object]:
         return []
     from mypyc.build import mypycify
 
-    return mypycify(compiled_modules(), group_name="agent.hotpath")  # type: ignore[no-any-return]
+    hot_path: list[object] = mypycify(compiled_modules(), group_name="agent.hotpath")
+    # identity.openssl_engine's callback, which OpenSSL calls without the GIL
+    return [*hot_path, Extension("identity._ec_methods", ["identity/_ec_methods.c"])]
 
 
 setup(ext_modules=extensions())

@@ -23,15 +23,15 @@ the work:
 - `identity.openssl_engine`: on OpenSSL 3.0, EC keys through OpenSSL's built-in
   method, which makes every certificate a handshake reads cheaper to decode.
 
-No module but these six says ctypes. Every input is a copy with its
+No module but these says ctypes. Every input is a copy with its
 length (or OpenSSL's own memory with its length), and everything OpenSSL
 allocates for us is freed in `finally`. OpenSSL is never handed a Python
-object's address to keep, but for the engine's one callback, which lives as
-long as the process. What goes out is Python values: `bytes`, `int`,
-`str`, `datetime`. A failing call raises ValueError carrying OpenSSL's first
-error (`openssl_error`), and each operation clears the thread's error queue
-before and after (`clean_errors`), so no error of ours leaks into the ssl
-module's next message (nor one of its into ours). ctypes releases the GIL
+object's address to keep (the engine's callback is C: identity/_ec_methods.c).
+What goes out is Python values: `bytes`, `int`, `str`, `datetime`. A failing
+call raises ValueError carrying OpenSSL's first error (`openssl_error`), and
+each operation clears the thread's error queue before and after
+(`clean_errors`), so no error of ours leaks into the ssl module's next message
+(nor one of its into ours). ctypes releases the GIL
 around each call; the objects are this thread's own, so that is safe.
 
 `__all__` names the constants and helpers; the declared functions are public
@@ -275,6 +275,7 @@ ENGINE_new = _fn("ENGINE_new", _P, optional=True)
 ENGINE_set_id = _fn("ENGINE_set_id", _INT, _P, _STR, optional=True)
 ENGINE_set_name = _fn("ENGINE_set_name", _INT, _P, _STR, optional=True)
 ENGINE_set_pkey_meths = _fn("ENGINE_set_pkey_meths", _INT, _P, _P, optional=True)
+ENGINE_get_pkey_meths = _fn("ENGINE_get_pkey_meths", _P, _P, optional=True)
 ENGINE_register_pkey_meths = _fn("ENGINE_register_pkey_meths", _INT, _P, optional=True)
 ENGINE_unregister_pkey_meths = _fn("ENGINE_unregister_pkey_meths", None, _P, optional=True)
 ENGINE_get_pkey_meth_engine = _fn("ENGINE_get_pkey_meth_engine", _P, _INT, optional=True)

@@ -13,8 +13,14 @@ registered for the key's type (`x509_pubkey_decode`): 31 µs a certificate. So
 built-in EC method (`EVP_PKEY_meth_find`). Nothing here does cryptography: EC keys
 are then decoded, checked, signed with and derived by that built-in code, the
 code of OpenSSL 1.1.1, which 3.0 keeps for engines and legacy keys. Per handshake
-and side (`python -m bench.handshake_micro --part memory`): full 1,000 → 720 µs,
-resumed 495/710 → 356/430 µs (client/server), a session's copy 188 → 50 µs.
+and side (`python -m bench.handshake_micro --part memory`): full 989/981 → 714/686
+µs (client/server), resumed 495/707 → 344/417 µs, a session's copy 189 → 49 µs.
+
+OpenSSL asks the engine for the method on every EC operation, in the middle of
+handshakes that run without the GIL, so the engine's callback is C
+(identity/_ec_methods.c, built with the agent's compiled hot path): a Python one
+would take the GIL back each time, and wait there behind any busy thread (a
+config check, a tracing exporter). A pure-Python build has no engine.
 
 While the engine is registered, OpenSSL 3.0 gives every EC operation the engine's
 method, and two things only providers do stop working: making a key by a
@@ -27,20 +33,17 @@ Only on 3.0, where it was measured: 1.1.1 has no such cost, 4.0 no engines, and
 the versions between are left as they are. Not when another engine already has
 EC keys (an HSM's, loaded by OPENSSL_CONF), and not with
 OUTRIDER_OPENSSL_EC_ENGINE=off in the agent's environment, the operator's way back
-to OpenSSL's default.
+to OpenSSL's default (`false`, `0` and `no` too; a value it does not know turns it
+off as well, and says so).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import ssl
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from ctypes import c_int as _INT
-from ctypes import c_void_p as _P
-from typing import Any
 
 from identity.openssl import (
     EVP_PKEY_EC,
@@ -56,47 +59,40 @@ from identity.openssl import (
     clean_errors,
 )
 
+try:
+    from identity import _ec_methods
+except ImportError:  # a pure-Python build (`make pure`, OUTRIDER_PURE=1, no C compiler)
+    _ec_methods = None  # type: ignore[assignment]
+
 __all__ = ["SWITCH", "install", "installed", "providers"]
 
 SWITCH = "OUTRIDER_OPENSSL_EC_ENGINE"
-
-# int (*)(ENGINE *, EVP_PKEY_METHOD **, const int **nids, int nid): engine.h
-_NIDS_OUT = ctypes.POINTER(ctypes.POINTER(_INT))
-_Methods = ctypes.CFUNCTYPE(_INT, _P, ctypes.POINTER(_P), _NIDS_OUT, _INT)
-_NIDS = (_INT * 1)(EVP_PKEY_EC)
+_ON, _OFF = ("on", "true", "1", "yes", ""), ("off", "false", "0", "no")
+_DEFAULT = "OpenSSL's own EC key decoding"
+_INSTALLED = (
+    "EC keys through OpenSSL 3.0's built-in method: certificates decode 4x faster"
+    f" in handshakes ({SWITCH}=off to turn off)"
+)
 _lock = threading.Lock()
 _engine: int | None = None
 _lifted = 0  # how many `providers()` blocks are open
-
-
-def _methods(engine: int, method: Any, nids: Any, nid: int) -> int:
-    if not method:  # which key types it has: asked at registration
-        nids[0] = ctypes.cast(_NIDS, ctypes.POINTER(_INT))
-        return 1
-    if nid == EVP_PKEY_EC:
-        method[0] = _EC_METHOD
-        return 1
-    method[0] = None
-    return 0
-
-
-_EC_METHOD = EVP_PKEY_meth_find(EVP_PKEY_EC) if EVP_PKEY_meth_find is not None else None
-# OpenSSL keeps the callback's address for the life of the process, and may call it
-# from any thread: it must never be freed, not even as the interpreter ends.
-_CALLBACK = _Methods(_methods)
-ctypes.pythonapi.Py_IncRef(ctypes.py_object(_CALLBACK))
 
 
 def install(environ: Mapping[str, str] = os.environ) -> str:
     """Register the engine, once, unless it does not apply here; what was done, for
     the start-up log."""
     global _engine
-    if environ.get(SWITCH) == "off":
-        return f"OpenSSL's own EC key decoding ({SWITCH}=off)"
+    switch = environ.get(SWITCH, "").strip().lower()
+    if switch in _OFF:
+        return f"{_DEFAULT} ({SWITCH}={environ[SWITCH].strip()})"
+    if switch not in _ON:
+        return f"{_DEFAULT}: {SWITCH}={environ[SWITCH]!r} is neither on nor off, so off"
     if ssl.OPENSSL_VERSION_INFO[:2] != (3, 0):
-        return f"OpenSSL's own EC key decoding ({ssl.OPENSSL_VERSION}: the engine is for 3.0)"
-    if ENGINE_new is None or not _EC_METHOD:
-        return f"OpenSSL's own EC key decoding ({ssl.OPENSSL_VERSION} has no engines)"
+        return f"{_DEFAULT} ({ssl.OPENSSL_VERSION}: the engine is for 3.0)"
+    if ENGINE_new is None or EVP_PKEY_meth_find is None:
+        return f"{_DEFAULT} ({ssl.OPENSSL_VERSION} has no engines)"
+    if _ec_methods is None:
+        return f"{_DEFAULT} (a pure-Python build: the engine's callback is compiled C)"
     with _lock, clean_errors():
         if _engine is not None:
             return _INSTALLED
@@ -104,23 +100,19 @@ def install(environ: Mapping[str, str] = os.environ) -> str:
         if other:
             ENGINE_finish(other)
             return "OpenSSL's EC keys are another engine's (OPENSSL_CONF): left to it"
+        method = EVP_PKEY_meth_find(EVP_PKEY_EC)
         engine = ENGINE_new()
         if not (
-            engine
+            method
+            and engine
             and ENGINE_set_id(engine, b"outrider-builtin-ec")
             and ENGINE_set_name(engine, b"OpenSSL's built-in EC key method")
-            and ENGINE_set_pkey_meths(engine, ctypes.cast(_CALLBACK, _P))
+            and ENGINE_set_pkey_meths(engine, _ec_methods.callback(method))
             and (_lifted or ENGINE_register_pkey_meths(engine))
         ):
-            return "OpenSSL's own EC key decoding (the engine could not be registered)"
+            return f"{_DEFAULT} (the engine could not be registered)"
         _engine = int(engine)  # never freed: OpenSSL's tables point at it
     return _INSTALLED
-
-
-_INSTALLED = (
-    "EC keys through OpenSSL 3.0's built-in method: certificates decode 4x faster"
-    f" in handshakes ({SWITCH}=off to turn off)"
-)
 
 
 def installed() -> bool:

@@ -13,7 +13,15 @@ from cryptography import x509
 
 from identity import openssl_engine
 from identity.cert import PrivateKey
+from identity.openssl import (
+    EVP_PKEY_EC,
+    ENGINE_finish,
+    ENGINE_get_pkey_meth_engine,
+    ENGINE_get_pkey_meths,
+    EVP_PKEY_meth_find,
+)
 
+_ec_methods = pytest.importorskip("identity._ec_methods", reason="a pure-Python build")
 pytestmark = pytest.mark.skipif(
     not openssl_engine.installed(), reason="the built-in EC method is for OpenSSL 3.0"
 )
@@ -32,14 +40,37 @@ def test_a_process_has_it_once_installed_and_not_before() -> None:
     assert said.splitlines() == ["False", openssl_engine.install(), "True"]
 
 
-def test_the_switch_leaves_openssl_as_it_is() -> None:
+@pytest.mark.parametrize("value", ["off", "OFF", "false", "0", "no", " Off "])
+def test_the_switch_leaves_openssl_as_it_is(value: str) -> None:
     said = in_a_fresh_process("print(e.install()); print(e.installed())", **{
-        openssl_engine.SWITCH: "off"
+        openssl_engine.SWITCH: value
     })  # fmt: skip
     assert said.splitlines() == [
-        f"OpenSSL's own EC key decoding ({openssl_engine.SWITCH}=off)",
+        f"OpenSSL's own EC key decoding ({openssl_engine.SWITCH}={value.strip()})",
         "False",
     ]
+
+
+def test_a_switch_value_it_does_not_know_turns_it_off_and_says_so() -> None:
+    said = in_a_fresh_process("print(e.install()); print(e.installed())", **{
+        openssl_engine.SWITCH: "disabled"
+    })  # fmt: skip
+    assert said.splitlines() == [
+        f"OpenSSL's own EC key decoding: {openssl_engine.SWITCH}='disabled' is neither on nor"
+        " off, so off",
+        "False",
+    ]
+
+
+def test_openssl_calls_back_into_c_never_into_python() -> None:
+    """OpenSSL asks for the method on every EC operation, in handshakes that run without
+    the GIL: a Python callback would wait there behind any busy thread."""
+    engine = ENGINE_get_pkey_meth_engine(EVP_PKEY_EC)
+    try:
+        called = ENGINE_get_pkey_meths(engine)
+    finally:
+        ENGINE_finish(engine)
+    assert called == _ec_methods.callback(EVP_PKEY_meth_find(EVP_PKEY_EC))
 
 
 def test_a_key_made_and_its_csr_signed_meanwhile_are_good() -> None:
