@@ -92,7 +92,7 @@ class WorkerAgent(Agent):
 
 
 async def run(fd: int, index: int) -> None:
-    openssl_engine.install()  # as the main did, which logged it
+    log.info(openssl_engine.install())  # as the main does: before any handshake
     loop = asyncio.get_running_loop()
     ending = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, ending.set)

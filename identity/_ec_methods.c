@@ -8,6 +8,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 
 #define NID_X9_62_id_ecPublicKey 408
 
@@ -33,24 +34,41 @@ pkey_methods(void *engine, void **method, const int **nids, int nid)
 }
 
 static PyObject *
-callback(PyObject *module, PyObject *method)
+set_method(PyObject *module, PyObject *method)
 {
     (void)module;
-    void *given = PyLong_AsVoidPtr(method);
-    if (given == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "the EC method is NULL");
+    /* An address: not an int, negative or beyond 64 bits is an error here */
+    unsigned long long address = PyLong_AsUnsignedLongLong(method);
+    if (PyErr_Occurred())
+        return NULL;
+    void *given = (void *)(uintptr_t)address;
+    if (given == NULL || (unsigned long long)(uintptr_t)given != address) {
+        PyErr_SetString(PyExc_ValueError, "the EC method must be an address");
+        return NULL;
+    }
+    if (ec_method != NULL && ec_method != given) { /* OpenSSL may be reading it now */
+        PyErr_SetString(PyExc_ValueError, "the EC method is set already, to another");
         return NULL;
     }
     ec_method = given;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+callback(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
     return PyLong_FromVoidPtr((void *)pkey_methods);
 }
 
 static PyMethodDef methods[] = {
-    {"callback", callback, METH_O,
-     "callback(ec_method: int) -> int\n\n"
-     "The address of the engine's pkey-methods callback, which answers EC keys\n"
-     "(NID 408) with `ec_method` (an EVP_PKEY_METHOD's address) from now on."},
+    {"set_method", set_method, METH_O,
+     "set_method(ec_method: int) -> True\n\n"
+     "The EVP_PKEY_METHOD (its address) the callback answers EC keys (NID 408)\n"
+     "with. Set once: another address later is a ValueError."},
+    {"callback", callback, METH_NOARGS,
+     "callback() -> int\n\nThe address of the engine's pkey-methods callback."},
     {NULL, NULL, 0, NULL},
 };
 

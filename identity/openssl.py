@@ -23,7 +23,7 @@ the work:
 - `identity.openssl_engine`: on OpenSSL 3.0, EC keys through OpenSSL's built-in
   method, which makes every certificate a handshake reads cheaper to decode.
 
-No module but these says ctypes. Every input is a copy with its
+No other module says ctypes. Every input is a copy with its
 length (or OpenSSL's own memory with its length), and everything OpenSSL
 allocates for us is freed in `finally`. OpenSSL is never handed a Python
 object's address to keep (the engine's callback is C: identity/_ec_methods.c).
@@ -241,6 +241,10 @@ EVP_PKEY_CTX_set_group_name = _fn("EVP_PKEY_CTX_set_group_name", _INT, _P, _STR,
 EVP_PKEY_generate = _fn("EVP_PKEY_generate", _INT, _P, _P, optional=True)
 EVP_PKEY_CTX_free = _fn("EVP_PKEY_CTX_free", None, _P)
 EVP_PKEY_free = _fn("EVP_PKEY_free", None, _P)
+EVP_PKEY_new = _fn("EVP_PKEY_new", _P)
+EVP_PKEY_get1_EC_KEY = _fn("EVP_PKEY_get1_EC_KEY", _P, _P)
+EVP_PKEY_set1_EC_KEY = _fn("EVP_PKEY_set1_EC_KEY", _INT, _P, _P)
+EC_KEY_free = _fn("EC_KEY_free", None, _P)
 EVP_PKEY_get0_type_name = _fn("EVP_PKEY_get0_type_name", _STR, _P, optional=True)
 EVP_PKEY2PKCS8 = _fn("EVP_PKEY2PKCS8", _P, _P)
 EVP_PKCS82PKEY = _fn("EVP_PKCS82PKEY", _P, _P)
@@ -277,7 +281,6 @@ ENGINE_set_name = _fn("ENGINE_set_name", _INT, _P, _STR, optional=True)
 ENGINE_set_pkey_meths = _fn("ENGINE_set_pkey_meths", _INT, _P, _P, optional=True)
 ENGINE_get_pkey_meths = _fn("ENGINE_get_pkey_meths", _P, _P, optional=True)
 ENGINE_register_pkey_meths = _fn("ENGINE_register_pkey_meths", _INT, _P, optional=True)
-ENGINE_unregister_pkey_meths = _fn("ENGINE_unregister_pkey_meths", None, _P, optional=True)
 ENGINE_get_pkey_meth_engine = _fn("ENGINE_get_pkey_meth_engine", _P, _INT, optional=True)
 ENGINE_finish = _fn("ENGINE_finish", _INT, _P, optional=True)
 EVP_PKEY_meth_find = _fn("EVP_PKEY_meth_find", _P, _INT, optional=True)

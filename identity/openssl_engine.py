@@ -13,8 +13,8 @@ registered for the key's type (`x509_pubkey_decode`): 31 µs a certificate. So
 built-in EC method (`EVP_PKEY_meth_find`). Nothing here does cryptography: EC keys
 are then decoded, checked, signed with and derived by that built-in code, the
 code of OpenSSL 1.1.1, which 3.0 keeps for engines and legacy keys. Per handshake
-and side (`python -m bench.handshake_micro --part memory`): full 989/981 → 714/686
-µs (client/server), resumed 495/707 → 344/417 µs, a session's copy 189 → 49 µs.
+and side (`python -m bench.handshake_micro --part memory`): full 991/963 → 698/669
+µs (client/server), resumed 490/701 → 348/417 µs, a session's copy 188 → 49 µs.
 
 OpenSSL asks the engine for the method on every EC operation, in the middle of
 handshakes that run without the GIL, so the engine's callback is C
@@ -23,11 +23,13 @@ would take the GIL back each time, and wait there behind any busy thread (a
 config check, a tracing exporter). A pure-Python build has no engine.
 
 While the engine is registered, OpenSSL 3.0 gives every EC operation the engine's
-method, and two things only providers do stop working: making a key by a
-provider's group name ("P-256") and signing a CSR (`ASN1_item_sign` asks the
-provider for the signature's AlgorithmIdentifier). `providers()` lifts the
-registration around such work (identity.openssl_keys); handshakes running
-meanwhile decode the slow way, nothing else changes for them.
+method, for provider keys too, and two things only providers do stop working with
+it: making a key by a provider-only group name ("P-256", where the built-in method
+knows "prime256v1") and signing a provider key's CSR (`ASN1_item_sign` asks the
+provider for the signature's AlgorithmIdentifier). identity.openssl_keys does
+both the way that works with and without the engine. The engine is never taken
+away again: unregistering it while another thread made a P-256 key share mixed
+the two kinds of key in that handshake, which then failed.
 
 Only on 3.0, where it was measured: 1.1.1 has no such cost, 4.0 no engines, and
 the versions between are left as they are. Not when another engine already has
@@ -42,8 +44,7 @@ from __future__ import annotations
 import os
 import ssl
 import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 
 from identity.openssl import (
     EVP_PKEY_EC,
@@ -54,17 +55,16 @@ from identity.openssl import (
     ENGINE_set_id,
     ENGINE_set_name,
     ENGINE_set_pkey_meths,
-    ENGINE_unregister_pkey_meths,
     EVP_PKEY_meth_find,
     clean_errors,
 )
 
 try:
     from identity import _ec_methods
-except ImportError:  # a pure-Python build (`make pure`, OUTRIDER_PURE=1, no C compiler)
+except ModuleNotFoundError:  # a pure-Python build (`make pure`, OUTRIDER_PURE=1, no C compiler)
     _ec_methods = None  # type: ignore[assignment]
 
-__all__ = ["SWITCH", "install", "installed", "providers"]
+__all__ = ["SWITCH", "install", "installed"]
 
 SWITCH = "OUTRIDER_OPENSSL_EC_ENGINE"
 _ON, _OFF = ("on", "true", "1", "yes", ""), ("off", "false", "0", "no")
@@ -75,7 +75,6 @@ _INSTALLED = (
 )
 _lock = threading.Lock()
 _engine: int | None = None
-_lifted = 0  # how many `providers()` blocks are open
 
 
 def install(environ: Mapping[str, str] = os.environ) -> str:
@@ -107,8 +106,9 @@ def install(environ: Mapping[str, str] = os.environ) -> str:
             and engine
             and ENGINE_set_id(engine, b"outrider-builtin-ec")
             and ENGINE_set_name(engine, b"OpenSSL's built-in EC key method")
-            and ENGINE_set_pkey_meths(engine, _ec_methods.callback(method))
-            and (_lifted or ENGINE_register_pkey_meths(engine))
+            and _ec_methods.set_method(method)
+            and ENGINE_set_pkey_meths(engine, _ec_methods.callback())
+            and ENGINE_register_pkey_meths(engine)
         ):
             return f"{_DEFAULT} (the engine could not be registered)"
         _engine = int(engine)  # never freed: OpenSSL's tables point at it
@@ -124,21 +124,3 @@ def installed() -> bool:
         if engine:
             ENGINE_finish(engine)
     return _engine is not None and engine == _engine
-
-
-@contextmanager
-def providers() -> Iterator[None]:
-    """OpenSSL's providers for EC keys in the block: the engine is unregistered while
-    any thread is in one, and registered again when the last leaves."""
-    global _lifted
-    with _lock:
-        if _engine is not None and _lifted == 0:
-            ENGINE_unregister_pkey_meths(_engine)
-        _lifted += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _lifted -= 1
-            if _engine is not None and _lifted == 0:
-                ENGINE_register_pkey_meths(_engine)

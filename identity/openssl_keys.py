@@ -2,10 +2,10 @@
 
 What goes out is bytes (`KeyMaterial`: PKCS#8 DER, its SubjectPublicKeyInfo,
 OpenSSL's name of the key type); the ctypes buffers a private key passes
-through on the way are wiped once used. Keys are made and CSRs signed by OpenSSL's
-providers, also where identity.openssl_engine gives EC keys the built-in method.
-Needs OpenSSL 3.0 (`EVP_PKEY_generate`, `EVP_PKEY_get0_type_name`); before it,
-ValueError.
+through on the way are wiped once used. Keys are made and CSRs signed the ways
+that work with and without identity.openssl_engine (which gives EC keys OpenSSL's
+built-in method). Needs OpenSSL 3.0 (`EVP_PKEY_generate`,
+`EVP_PKEY_get0_type_name`); before it, ValueError.
 """
 
 from __future__ import annotations
@@ -24,13 +24,17 @@ from identity.openssl import (
     BIO_free,
     BIO_new_mem_buf,
     CRYPTO_free,
+    EC_KEY_free,
     EVP_PKEY_CTX_free,
     EVP_PKEY_CTX_new_from_name,
     EVP_PKEY_CTX_set_group_name,
     EVP_PKEY_free,
     EVP_PKEY_generate,
     EVP_PKEY_get0_type_name,
+    EVP_PKEY_get1_EC_KEY,
     EVP_PKEY_keygen_init,
+    EVP_PKEY_new,
+    EVP_PKEY_set1_EC_KEY,
     EVP_sha256,
     PEM_read_bio,
     PKCS8_PRIV_KEY_INFO_free,
@@ -50,7 +54,6 @@ from identity.openssl import (
     i2d_X509_REQ,
     openssl_error,
 )
-from identity.openssl_engine import providers
 
 __all__ = ["KeyMaterial", "generate_p256", "key_from_pem", "sign_csr"]
 
@@ -67,7 +70,7 @@ def generate_p256() -> KeyMaterial:
     """A fresh P-256 key from OpenSSL's DRBG."""
     if EVP_PKEY_generate is None:
         raise ValueError(f"key generation needs OpenSSL 3.0 or later, not {ssl.OPENSSL_VERSION}")
-    with clean_errors(), providers():
+    with clean_errors():
         ctx = EVP_PKEY_CTX_new_from_name(None, b"EC", None)
         if not ctx:
             raise openssl_error("EVP_PKEY_CTX_new_from_name")
@@ -75,7 +78,9 @@ def generate_p256() -> KeyMaterial:
         try:
             if (
                 EVP_PKEY_keygen_init(ctx) != 1
-                or EVP_PKEY_CTX_set_group_name(ctx, b"P-256") != 1
+                # P-256 by the name that OpenSSL's built-in EC method knows too
+                # (identity.openssl_engine), as its providers do
+                or EVP_PKEY_CTX_set_group_name(ctx, b"prime256v1") != 1
                 or EVP_PKEY_generate(ctx, ctypes.byref(pkey)) != 1
             ):
                 raise openssl_error("cannot generate a P-256 key")
@@ -169,7 +174,7 @@ def _pkey(pkcs8: bytes) -> Iterator[int]:
 def sign_csr(pkcs8: bytes, digest: bool) -> bytes:
     """A DER PKCS#10 request for the key: version 1, empty subject, no attributes,
     signed with SHA-256 (`digest`) or the key's own scheme (Ed25519)."""
-    with clean_errors(), providers(), _pkey(pkcs8) as pkey:
+    with clean_errors(), _pkey(pkcs8) as pkey, _signer(pkey) as signer:
         req = X509_REQ_new()
         if not req:
             raise openssl_error("X509_REQ_new")
@@ -177,9 +182,33 @@ def sign_csr(pkcs8: bytes, digest: bool) -> bytes:
             if (
                 X509_REQ_set_version(req, 0) != 1
                 or X509_REQ_set_pubkey(req, pkey) != 1
-                or X509_REQ_sign(req, pkey, EVP_sha256() if digest else None) <= 0
+                or X509_REQ_sign(req, signer, EVP_sha256() if digest else None) <= 0
             ):
                 raise openssl_error("cannot sign the CSR")
             return i2d(i2d_X509_REQ, req)
         finally:
             X509_REQ_free(req)
+
+
+@contextmanager
+def _signer(pkey: int) -> Iterator[int]:
+    """What signs a CSR for `pkey`: an EC key as a built-in (legacy) EVP_PKEY of its
+    EC_KEY, other keys as they are. Where identity.openssl_engine gives EC keys the
+    built-in method, X509_REQ_sign cannot sign with a provider's EC key (it asks the
+    provider for the AlgorithmIdentifier); with a built-in one it takes it from
+    OpenSSL's table, with the engine or without."""
+    if _algorithm(pkey) != "EC":
+        yield pkey
+        return
+    ec_key = EVP_PKEY_get1_EC_KEY(pkey)
+    if not ec_key:
+        raise openssl_error("EVP_PKEY_get1_EC_KEY")
+    signer = EVP_PKEY_new()
+    try:
+        if not signer or EVP_PKEY_set1_EC_KEY(signer, ec_key) != 1:
+            raise openssl_error("cannot hold the EC key to sign with")
+        yield signer
+    finally:
+        EC_KEY_free(ec_key)  # the signer took a reference of its own
+        if signer:
+            EVP_PKEY_free(signer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import json
 import os
@@ -59,6 +60,14 @@ needs_dev_mode = pytest.mark.skipif(
     dev_refusal(os.environ) is not None, reason=str(dev_refusal(os.environ))
 )
 _READY = re.compile(r"gRPC \(TLS\) on [^ ]+:(\d+), HTTP on [^ ]+:(\d+)")
+
+
+#: Whether agents give EC keys OpenSSL's built-in method here (identity.openssl_engine):
+#: on OpenSSL 3.0 with the compiled build. Tests of it skip only where it does not apply,
+#: and fail where it should be on and is not.
+EC_ENGINE_APPLIES = ssl.OPENSSL_VERSION_INFO[:2] == (3, 0) and (
+    importlib.util.find_spec("identity._ec_methods") is not None
+)
 
 
 #: Ports this process has handed out, so two servers of one test never get the same one.

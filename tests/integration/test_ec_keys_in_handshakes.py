@@ -34,16 +34,15 @@ from tests.mesh import (
     served_agent_yaml,
     workload,
 )
-from tests.support import CaProcess, CaSetup, free_port
+from tests.support import EC_ENGINE_APPLIES, CaProcess, CaSetup, free_port
 
 FRONTEND, BACKEND = workload("frontend"), workload("backend")
 LIMITS = {"drain_timeout": "500ms"}
 
 
-@pytest.fixture(autouse=True)
-def on_openssl_3_0() -> None:
-    if not openssl_engine.installed():
-        pytest.skip("the built-in EC method is for OpenSSL 3.0 (tests/conftest.py installs it)")
+pytestmark = pytest.mark.skipif(
+    not EC_ENGINE_APPLIES, reason="OpenSSL 3.0 and the compiled build only"
+)
 
 
 def written(directory: Path, credential: Credential, bundle_pem: bytes) -> dict[str, Path]:
@@ -171,3 +170,10 @@ def test_an_agent_process_says_how_it_decodes_ec_keys_and_takes_the_switch(
     with agent_process(setup.root, name, served_agent_yaml(setup, ca, name), env=environ) as agent:
         lines = [line for line in agent.log if "EC key" in line]
         assert len(lines) == 1 and said in lines[0], agent.log
+
+
+def test_every_worker_has_it_as_the_main_does(setup: CaSetup, ca: CaProcess) -> None:
+    raw = served_agent_yaml(setup, ca, "workers", workers=2)
+    with agent_process(setup.root, "workers", raw) as agent:
+        for worker in ("[worker 0]", "[worker 1]"):
+            assert agent.logged(f"{worker}: EC keys through OpenSSL 3.0's built-in method")
