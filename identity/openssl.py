@@ -11,8 +11,7 @@ name, with its argument and result types (pointers as `c_void_p`, never the
 default int); it holds the constants of OpenSSL's headers that the binding
 uses, under their C names, and the helpers that own OpenSSL's memory and turn
 its error queue into ValueError. The modules above it, each importing only
-from here (and x509_parse from x509_rules, openssl_keys from openssl_engine), do
-the work:
+from here (and x509_parse from x509_rules), do the work:
 
 - `identity.x509_rules`: cryptography's rules beyond the ASN.1, for extensions,
   names and times;
@@ -21,17 +20,17 @@ the work:
 - `identity.openssl_keys`: keys (generate, read PEM) and CSRs;
 - `identity.x509_verify`: chain verification;
 - `identity.openssl_engine`: on OpenSSL 3.0, EC keys through OpenSSL's built-in
-  method, which makes every certificate a handshake reads cheaper to decode.
+  method, which makes every certificate a handshake reads cheaper to decode (its
+  callback is C: identity/_ec_methods.c).
 
 No other module says ctypes. Every input is a copy with its
 length (or OpenSSL's own memory with its length), and everything OpenSSL
 allocates for us is freed in `finally`. OpenSSL is never handed a Python
-object's address to keep (the engine's callback is C: identity/_ec_methods.c).
-What goes out is Python values: `bytes`, `int`, `str`, `datetime`. A failing
-call raises ValueError carrying OpenSSL's first error (`openssl_error`), and
-each operation clears the thread's error queue before and after
-(`clean_errors`), so no error of ours leaks into the ssl module's next message
-(nor one of its into ours). ctypes releases the GIL
+object's address to keep. What goes out is Python values: `bytes`, `int`,
+`str`, `datetime`. A failing call raises ValueError carrying OpenSSL's first
+error (`openssl_error`), and each operation clears the thread's error queue
+before and after (`clean_errors`), so no error of ours leaks into the ssl
+module's next message (nor one of its into ours). ctypes releases the GIL
 around each call; the objects are this thread's own, so that is safe.
 
 `__all__` names the constants and helpers; the declared functions are public
