@@ -190,13 +190,17 @@ def test_closing_removes_everything_even_when_the_test_fails() -> None:
 
 
 # A test run in a process of its own: makes a pod with a process in it, says what it
-# made, then dies by SIGKILL ("kill") or waits for a line on stdin and ends ("wait").
+# made once that process is in the pod (nsenter has entered: a process still starting
+# is one no sweep can find), then dies by SIGKILL ("kill") or waits for a line on stdin
+# and ends ("wait").
 _RUN = """
-import json, os, signal, sys
+import json, os, signal, subprocess, sys
 from tests.netns import pod_network
 with pod_network() as network:
     pod = network.add_pod("left")
-    sleeper = pod.popen(["sleep", "60"])
+    up = ["sh", "-c", "echo up; exec sleep 60"]
+    sleeper = pod.popen(up, stdout=subprocess.PIPE, text=True)
+    assert sleeper.stdout.readline() == "up\\n"
     print(json.dumps({"tag": network.tag, "pid": sleeper.pid}), flush=True)
     if sys.argv[1] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
