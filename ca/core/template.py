@@ -27,6 +27,10 @@ from identity import SpiffeId, TrustDomain
 ORGANIZATION = "Outrider"
 ROOT_LIFETIME = timedelta(days=3650)
 INTERMEDIATE_LIFETIME = timedelta(days=365)
+#: How far before its making a CA certificate starts, as leaves are backdated
+#: (`issuance.backdate`): a peer whose clock runs behind the CA's would otherwise
+#: refuse every chain through a new root or intermediate until its clock caught up.
+CA_BACKDATE = timedelta(seconds=60)
 
 _LEAF_USAGE = x509.KeyUsage(
     digital_signature=True,
@@ -104,7 +108,9 @@ def root(
         (NameOID.COMMON_NAME, f"{trust_domain} root CA"),
     )
     return (
-        _base(subject, subject, public_key, public_key, now, now + ROOT_LIFETIME, serial)
+        _base(
+            subject, subject, public_key, public_key, now - CA_BACKDATE, now + ROOT_LIFETIME, serial
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
         .add_extension(_CA_USAGE, critical=True)
         .add_extension(_uri_san(trust_domain.id), critical=False)
@@ -129,7 +135,15 @@ def intermediate(
     )
     not_after = min(now + lifetime, issuer.not_valid_after_utc)
     builder = (
-        _base(subject, issuer.subject, public_key, issuer.public_key(), now, not_after, serial)
+        _base(
+            subject,
+            issuer.subject,
+            public_key,
+            issuer.public_key(),
+            now - CA_BACKDATE,
+            not_after,
+            serial,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_CA_USAGE, critical=True)
         .add_extension(_uri_san(trust_domain.id), critical=False)

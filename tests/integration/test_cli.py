@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 import subprocess
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -47,6 +48,21 @@ def test_init_writes_a_p256_hierarchy_without_name_constraints(ca_dir: Path):
     inter_cert = x509.load_pem_x509_certificate((ca_dir / "intermediate.pem").read_bytes())
     assert (root_cert.not_valid_after_utc - root_cert.not_valid_before_utc).days == 3650
     assert (inter_cert.not_valid_after_utc - inter_cert.not_valid_before_utc).days == 365
+
+
+def test_a_new_hierarchy_verifies_for_a_peer_whose_clock_runs_behind(tmp_path: Path):
+    """Root and intermediate start a minute before `ca init` made them, as leaves do
+    (`issuance.backdate`): a peer 30 s behind the CA still takes the chain at once."""
+    made = int(time.time())
+    done = outrider("ca", "init", "--trust-domain", "example.org", "--dir", tmp_path)
+    assert done.returncode == 0, done.stderr
+    behind = str(made - 30)
+    for cert in ("root.pem", "intermediate.pem"):
+        verified = openssl(
+            "verify", "-x509_strict", "-attime", behind, "-CAfile", tmp_path / "root.pem",
+            tmp_path / cert,
+        )  # fmt: skip
+        assert verified.returncode == 0, verified.stderr
 
 
 def test_init_refuses_to_overwrite_without_force(ca_dir: Path):
