@@ -153,6 +153,19 @@ def pod_name(config: AgentConfig, environ: Mapping[str, str], source: str = "con
     return pod
 
 
+def check_tracing(config: AgentConfig, environ: Mapping[str, str], source: str = "config") -> None:
+    """The OTLP exporter's environment variables (agent/adapters/otlp.py), when tracing is
+    on: ConfigError naming one that cannot be used, before the agent starts."""
+    if not config.tracing.otlp_endpoint:
+        return
+    from agent.adapters import otlp
+
+    try:
+        otlp.settings(config.tracing.otlp_endpoint, environ)
+    except ValueError as error:
+        raise ConfigError(source, [f"tracing: {error}"]) from None
+
+
 def observer(config: AgentConfig, metrics: AgentMetrics) -> Observer | None:
     """Access logs and tracing as configured; None when both are off (nothing to pay)."""
     if not config.access_log.on and not config.tracing.otlp_endpoint:

@@ -229,6 +229,7 @@ def _agent_run(args: argparse.Namespace) -> None:
             document = agent_config.read_text(_environ(args.config_env), source=args.config_env)
         config = document.parse()
         pod = agent_app.pod_name(config, os.environ, document.source)  # with control:
+        agent_app.check_tracing(config, os.environ, document.source)
     except ConfigError as exc:
         raise _invalid(exc) from None
     try:

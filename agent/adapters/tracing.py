@@ -19,12 +19,12 @@ and a write from the event loop would then stop every connection of the
 agent. At most MAX_PENDING bytes wait, each batch written (and encoded) on
 its own; lines beyond are dropped and counted
 (outrider_access_log_dropped_lines_total), never held. Spans
-go through the OpenTelemetry SDK's batch processor to an OTLP/HTTP receiver
-(protobuf, POST /v1/traces): its own thread, a bounded queue (spans are
-dropped, not held, when the receiver is away), and at exit at most
-SPAN_FLUSH_SECONDS for what is queued. A batch's body is encoded ENCODE_CHUNK spans
-at a time (`_chunked`), not as one message. The SDK is imported only here,
-and this module's exporter only when an endpoint is configured.
+go to an OTLP/HTTP receiver (protobuf, POST /v1/traces) through
+agent/adapters/otlp.py: its own thread, a bounded queue (spans are dropped, not
+held, when the receiver is away), and at exit at most SPAN_FLUSH_SECONDS for what
+is queued. The event loop hands each span over as plain data (`otlp.Record`); the
+exporter's thread encodes it. otlp.py (and the OTLP classes) are imported only
+when an endpoint is configured.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from agent.adapters.metrics import clock
 from agent.adapters.relay import Relay
@@ -51,27 +51,7 @@ from agent.core.tracecontext import Propagated, TracingConfig
 from identity import SpiffeId
 
 if TYPE_CHECKING:
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import ReadableSpan
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
-
-
-#: A span's attributes (OpenTelemetry's semantic conventions where they have one) and the
-#: access log entry's fields they come from; a field that is None is left out. Each costs
-#: the exporter ~2.5 us a span to encode: the direction is the span's kind, not one more.
-_SPAN_ATTRIBUTES = (
-    ("http.request.method", "method"),
-    ("url.path", "path"),
-    ("http.response.status_code", "status"),
-    ("rpc.grpc.status_code", "grpc_status"),
-    ("outrider.peer_id", "peer_id"),
-    ("outrider.decision", "decision"),
-    ("outrider.upstream", "upstream"),
-    ("outrider.endpoint", "endpoint"),
-    ("outrider.tries", "tries"),
-    ("outrider.request_id", "request_id"),
-)
+    from agent.adapters.otlp import SpanExporter
 
 
 def _stdout(text: str) -> None:
@@ -109,13 +89,6 @@ FLUSH_BYTES = 64 << 10
 SPAN_FLUSH_SECONDS = 1.0
 #: The bytes of lines that may wait for a slow stdout before lines are dropped.
 MAX_PENDING = 4 << 20
-#: Spans encoded into one protobuf message at a time. The SDK's exporter builds one
-#: message of a whole batch (512 spans) before serializing it: ~3.7 KB a span, 1.9 MiB,
-#: on the exporter's thread, which is the largest part of a traced agent's peak above
-#: idle. Serialized one after the other, messages of ENCODE_CHUNK spans make the same
-#: request (protobuf merges concatenated messages: here one ResourceSpans a chunk) for
-#: 0.4 MiB, at the same CPU per span and one POST a batch as before.
-ENCODE_CHUNK = 64
 
 
 class LineWriter:
@@ -210,10 +183,9 @@ class Observer:
         self.lines: list[str] = []
         self.waiting = 0  # the bytes of `lines`
         self.timer: asyncio.TimerHandle | None = None
-        self.spans: BatchSpanProcessor | None = None
-        self._span_parts: tuple[Any, ...] = ()
+        self.spans: SpanExporter | None = None
         if tracing.otlp_endpoint:
-            self._start_exporter()
+            self.spans = self._exporter()
 
     # -- per request -----------------------------------------------------------------------
 
@@ -293,7 +265,7 @@ class Observer:
             entry.trace_id = trace.span.trace_id
             entry.request_id = trace.request_id
             if self.spans is not None and trace.span.sampled:
-                self._export(entry, trace, name, ended)
+                self.spans.finished(entry, trace, name, ended)
         if self.logging and accesslog.logged(self.access, entry.denied, self.rng.random()):
             text = accesslog.line(entry, ended)
             self.lines.append(text)
@@ -330,72 +302,25 @@ class Observer:
         if self.writer is not None:
             self.writer.close()
         if self.spans is not None:
-            # The SDK's shutdown exports every queued batch, each up to the exporter's
-            # timeout: ~5 s a batch from a receiver that never answers, up to 30 s. The
-            # agent's exit is not held up for it: the spans get SPAN_FLUSH_SECONDS.
-            closing = threading.Thread(
-                target=self.spans.shutdown, name="otlp-shutdown", daemon=True
-            )
-            self.spans = None
-            closing.start()
-            closing.join(SPAN_FLUSH_SECONDS)
+            # A receiver that never answers would hold each batch up to otlp.TIMEOUT: the
+            # agent's exit is not held up for it, the spans get SPAN_FLUSH_SECONDS.
+            spans, self.spans = self.spans, None
+            spans.close(SPAN_FLUSH_SECONDS)
 
     # -- spans -------------------------------------------------------------------------------
 
-    def _start_exporter(self) -> None:
-        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import ReadableSpan
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
-        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-        from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
-
+    def _exporter(self) -> SpanExporter:
+        from agent.adapters import otlp
         from identity.build import VERSION
 
-        endpoint = self.tracing.otlp_endpoint
-        url = endpoint if "://" in endpoint else f"http://{endpoint}/v1/traces"
-        exporter = _chunked(OTLPSpanExporter, encode_spans, SpanExportResult)(
-            endpoint=url, timeout=5
+        settings = otlp.settings(self.tracing.otlp_endpoint, os.environ)
+        service = self.tracing.service_name or self.local_id or "outrider-agent"
+        return otlp.SpanExporter(
+            otlp.Client(settings, f"outrider/{VERSION}"),
+            otlp.resource(service, VERSION),
+            otlp.scope(VERSION),
+            target=settings.url,
         )
-        self.spans = BatchSpanProcessor(exporter)
-        resource = _hashed_once(
-            Resource,
-            Resource.create(
-                {"service.name": self.tracing.service_name or self.local_id or "outrider-agent"}
-            ),
-        )
-        scope = InstrumentationScope("outrider.agent", VERSION)
-        self._span_parts = (ReadableSpan, SpanContext, SpanKind, TraceFlags, resource, scope)
-
-    def _export(self, entry: Entry, trace: Propagated, name: str, ended: float) -> None:
-        ReadableSpan, SpanContext, SpanKind, TraceFlags, resource, scope = self._span_parts
-        span, parent = trace.span, trace.parent
-        flags = TraceFlags(span.flags)
-        start = int(entry.at * 1e9)
-        kind = SpanKind.SERVER if entry.direction == "inbound" else SpanKind.CLIENT
-        attributes: dict[str, Any] = {}
-        for key, field in _SPAN_ATTRIBUTES:
-            value = getattr(entry, field)
-            if value is not None:
-                attributes[key] = value
-        readable = ReadableSpan(
-            name or f"{entry.direction} {entry.method or entry.kind}",
-            context=SpanContext(int(span.trace_id, 16), int(span.span_id, 16), False, flags),
-            parent=(
-                SpanContext(int(parent.trace_id, 16), int(parent.span_id, 16), True, flags)
-                if parent is not None
-                else None
-            ),
-            resource=resource,
-            attributes=attributes,
-            kind=kind,
-            start_time=start,
-            end_time=start + int(max(ended - entry.started, 0.0) * 1e9),
-            instrumentation_scope=scope,
-        )
-        assert self.spans is not None
-        self.spans.on_end(readable)
 
 
 def _agreed(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[str | None, str | None]:
@@ -403,50 +328,6 @@ def _agreed(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[str | None, str 
     (`TLSv1.3`, `TLS_AES_256_GCM_SHA384`): one reading for inbound and outbound lines."""
     described = ssl_object.cipher()
     return ssl_object.version(), described[0] if described else None
-
-
-def _chunked(
-    base: type[OTLPSpanExporter],
-    encode: Callable[[Sequence[ReadableSpan]], Any],
-    result: type[SpanExportResult],
-) -> type[OTLPSpanExporter]:
-    """The SDK's OTLP/HTTP exporter (`base`), each batch's body encoded ENCODE_CHUNK spans
-    at a time by `encode` (the SDK's encode_spans), then sent by the SDK's own client
-    (compression, retries, timeout), as its `export` sends it. Only the SDK's self-metrics
-    of exports (off unless OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED) are not kept. The
-    client and `_shutdown` are the SDK's private attributes: tests/unit/agent/
-    test_span_batches.py sends through the SDK installed, so an upgrade that moves them
-    fails there."""
-
-    class Chunked(base):  # type: ignore[valid-type,misc]
-        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-            if self._shutdown:
-                return result.FAILURE
-            # A span that cannot be encoded raises: the batch processor logs it and drops
-            # the batch, as the SDK's own export would.
-            body = b"".join(
-                encode(spans[start : start + ENCODE_CHUNK]).SerializePartialToString()
-                for start in range(0, len(spans), ENCODE_CHUNK)
-            )
-            return result.SUCCESS if self._client.export(body).success else result.FAILURE
-
-    return Chunked
-
-
-def _hashed_once(base: type[Resource], resource: Resource) -> Resource:
-    """`resource` with its hash computed once: the exporter groups every span by its
-    resource, and the SDK's Resource hashes by writing its attributes out as JSON each
-    time (~5 us a span, 15% of the exporter's work). A Resource is immutable."""
-
-    class HashedOnce(base):  # type: ignore[valid-type,misc]
-        def __init__(self) -> None:
-            super().__init__(resource.attributes, resource.schema_url)
-            self._hash = hash(resource)
-
-        def __hash__(self) -> int:
-            return self._hash
-
-    return HashedOnce()
 
 
 class Watch:

@@ -133,7 +133,7 @@ class Mesh:
         for agent in (self.frontend, self.backend):
             observer = agent.runtime.observer
             assert observer is not None and observer.spans is not None
-            await asyncio.to_thread(observer.spans.force_flush)
+            await asyncio.to_thread(observer.spans.flush, 10)
 
 
 def _observed(agent: Agent, into: list[dict[str, Any]]) -> None:

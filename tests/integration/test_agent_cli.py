@@ -58,13 +58,10 @@ def test_a_bad_config_exits_2_and_lists_every_error(tmp_path: Path) -> None:
     assert "Traceback" not in stderr
 
 
-def test_a_control_plane_without_a_pod_name_exits_2_saying_so(
-    setup: CaSetup, tmp_path: Path
-) -> None:
-    raw = agent_yaml(setup.root, "web", control={"address": "127.0.0.1:1"})
-    path = tmp_path / "agent.yaml"
+def refused(path: Path, raw: dict[str, Any], environ: dict[str, str]) -> str:
+    """`outrider agent run` of `raw` in `environ`, which must refuse to start (exit 2,
+    without a traceback): its stderr."""
     path.write_text(yaml.safe_dump(raw))
-    environ = {k: v for k, v in os.environ.items() if k != "POD_NAME"}
     done = subprocess.run(
         [sys.executable, "-m", "outrider", "agent", "run", "--config", str(path)],
         capture_output=True,
@@ -72,9 +69,30 @@ def test_a_control_plane_without_a_pod_name_exits_2_saying_so(
         timeout=20,
         env=environ,
     )
-    assert done.returncode == 2
-    assert "control.pod: required when $POD_NAME is not set" in done.stderr
+    assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
+    return done.stderr
+
+
+def test_a_control_plane_without_a_pod_name_exits_2_saying_so(
+    setup: CaSetup, tmp_path: Path
+) -> None:
+    raw = agent_yaml(setup.root, "web", control={"address": "127.0.0.1:1"})
+    environ = {k: v for k, v in os.environ.items() if k != "POD_NAME"}
+    stderr = refused(tmp_path / "agent.yaml", raw, environ)
+    assert "control.pod: required when $POD_NAME is not set" in stderr
+
+
+def test_an_otlp_exporter_variable_it_cannot_use_exits_2_naming_it(
+    setup: CaSetup, tmp_path: Path
+) -> None:
+    raw = agent_yaml(setup.root, "web", tracing={"otlp_endpoint": "https://otel.obs:4318"})
+    for variable, value in (
+        ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "authorization"),
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", str(tmp_path / "absent.pem")),
+    ):
+        stderr = refused(tmp_path / "agent.yaml", raw, {**os.environ, variable: value})
+        assert f"tracing: {variable}" in stderr
 
 
 def test_before_the_first_svid_sighup_is_harmless_and_sigterm_exits_0(

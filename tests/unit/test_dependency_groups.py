@@ -29,9 +29,9 @@ GROUPS = PYPROJECT["optional-dependencies"]
 LOCKS = {"agent": "agent", "all": "all", "dev": "dev"}
 #: What an injected agent must never carry: no API access, no web framework, no Vault.
 NOT_IN_THE_AGENT = ("kubernetes", "hvac", "aiohttp", "ruamel.yaml")
-#: In the agent image for the OTLP/HTTP span exporter only, so never imported until
-#: tracing is configured: the agent starts without them.
-ONLY_FOR_TRACING = ("requests", "urllib3", "opentelemetry")
+#: In the agent image for the OTLP/HTTP span exporter only (the OTLP messages), so never
+#: imported until tracing is configured: the agent starts without them.
+ONLY_FOR_TRACING = ("opentelemetry",)
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 
 

@@ -1,34 +1,53 @@
 """A batch of spans reaches the OTLP receiver whole, in one POST, though the agent encodes
-it ENCODE_CHUNK spans at a time (agent/adapters/tracing.py): the SDK's one message per
-batch held ~1.9 MiB on the exporter's thread, the largest part of a traced agent's peak."""
+it ENCODE_CHUNK spans at a time (agent/adapters/otlp.py): one message per batch held
+~1.9 MiB on the exporter's thread, the largest part of a traced agent's peak. And what
+the exporter does when the receiver is slow, away, refuses or closes its connections,
+against a real receiver on loopback."""
 
 from __future__ import annotations
 
+import gzip
+import logging
+import ssl
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
 
-from agent.adapters.tracing import ENCODE_CHUNK, Observer
+from agent.adapters import otlp
+from agent.adapters.otlp import ENCODE_CHUNK, Record, SpanExporter
+from agent.adapters.tracing import Observer
 from agent.core.accesslog import AccessLogConfig
 from agent.core.tracecontext import TracingConfig
 
 PEER = "spiffe://example.org/ns/demo/sa/client"
+TRACE, SPAN, PARENT = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", "a3ce929d0e0e4736"
 
 
 class Posted:
-    """What an OTLP/HTTP receiver was sent: one request body per POST."""
+    """What an OTLP/HTTP receiver was sent, and how it answers: `statuses` in turn (then
+    200); with `close` it closes each connection once it answered, without a word (as
+    a receiver's idle timeout does to a kept connection)."""
 
     def __init__(self) -> None:
         self.bodies: list[bytes] = []
+        self.headers: list[dict[str, str]] = []
+        self.statuses: list[int] = []
+        self.close = False
         self.lock = threading.Lock()
+
+    def requests(self) -> list[trace_service_pb2.ExportTraceServiceRequest]:
+        return [trace_service_pb2.ExportTraceServiceRequest.FromString(b) for b in self.bodies]
 
     def spans(self) -> list[tuple[str, str]]:
         found = []
-        for body in self.bodies:
-            export = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+        for export in self.requests():
             for resource_spans in export.resource_spans:
                 for scope_spans in resource_spans.scope_spans:
                     for span in scope_spans.spans:
@@ -39,26 +58,37 @@ class Posted:
         return found
 
 
-@pytest.fixture
-def receiver() -> Iterator[tuple[int, Posted]]:
-    posted = Posted()
-
+def _handler(posted: Posted) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
             with posted.lock:
-                posted.bodies.append(body)
+                status = posted.statuses.pop(0) if posted.statuses else 200
+                if status == 200:
+                    posted.bodies.append(body)
+                posted.headers.append(dict(self.headers))
             answer = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("Content-Type", "application/x-protobuf")
             self.send_header("Content-Length", str(len(answer)))
             self.end_headers()
+            self.close_connection = posted.close
             self.wfile.write(answer)
 
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    return Handler
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[int, Posted]]:
+    posted = Posted()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(posted))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -83,6 +113,22 @@ def traced(port: int, count: int) -> Observer:
     return observer
 
 
+def record(number: int = 0, parent: str | None = PARENT) -> Record:
+    attributes = (("url.path", f"/api/items/{number}"), ("http.response.status_code", 200))
+    return Record("inbound GET", otlp.SERVER, TRACE, SPAN, parent, 1, 10, 25, attributes)
+
+
+def exporter(port: int, environ: dict[str, str] | None = None, **options: float) -> SpanExporter:
+    settings = otlp.settings(f"127.0.0.1:{port}", environ or {})
+    return SpanExporter(
+        otlp.Client(settings, "outrider/test"),
+        otlp.resource("svc", "1.0"),
+        otlp.scope("1.0"),
+        target=settings.url,
+        **options,  # type: ignore[arg-type]
+    )
+
+
 def test_a_batch_goes_in_one_post_with_every_span_encoded_a_chunk_at_a_time(
     receiver: tuple[int, Posted],
 ) -> None:
@@ -90,9 +136,9 @@ def test_a_batch_goes_in_one_post_with_every_span_encoded_a_chunk_at_a_time(
     count = 3 * ENCODE_CHUNK + 5
     observer = traced(port, count)
     assert observer.spans is not None
-    assert observer.spans.force_flush(10_000)
+    assert observer.spans.flush(10)
     observer.close()
-    assert len(posted.bodies) == 1  # one POST for the batch, as the SDK sends it
+    assert len(posted.bodies) == 1  # one POST for the batch
     assert posted.spans() == [("inbound GET", f"/api/items/{n}") for n in range(count)]
     export = trace_service_pb2.ExportTraceServiceRequest.FromString(posted.bodies[0])
     # Each chunk was its own message: no message of the whole batch was built.
@@ -105,3 +151,185 @@ def test_a_batch_goes_in_one_post_with_every_span_encoded_a_chunk_at_a_time(
         if a.key == "service.name"
     }
     assert services == {PEER}
+    assert posted.headers[0]["Content-Type"] == "application/x-protobuf"
+
+
+def test_a_span_arrives_as_the_otlp_schema_reads_it() -> None:
+    resource, scope = otlp.resource("svc", "1.0"), otlp.scope("1.0")
+    body = otlp.encode([record(), record(1, parent=None)], resource, scope)
+    (resource_spans,) = trace_service_pb2.ExportTraceServiceRequest.FromString(body).resource_spans
+    assert {a.key: a.value.string_value for a in resource_spans.resource.attributes} == {
+        "service.name": "svc",
+        "telemetry.sdk.name": "outrider",
+        "telemetry.sdk.language": "python",
+        "telemetry.sdk.version": "1.0",
+    }
+    (scope_spans,) = resource_spans.scope_spans
+    assert (scope_spans.scope.name, scope_spans.scope.version) == ("outrider.agent", "1.0")
+    child, root = scope_spans.spans
+    assert child.trace_id.hex() == TRACE and child.span_id.hex() == SPAN
+    assert child.parent_span_id.hex() == PARENT and root.parent_span_id == b""
+    assert child.kind == trace_pb2.Span.SPAN_KIND_SERVER
+    assert otlp.CLIENT == trace_pb2.Span.SPAN_KIND_CLIENT
+    assert (child.start_time_unix_nano, child.end_time_unix_nano) == (10, 25)
+    assert {a.key: a.value for a in child.attributes}["http.response.status_code"].int_value == 200
+    sampled, remote = 0x01, trace_pb2.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
+    known = trace_pb2.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
+    assert child.flags == sampled | known | remote  # its parent came in the request
+    assert root.flags == sampled | known
+
+
+def test_spans_go_on_their_own_once_a_batch_is_full(receiver: tuple[int, Posted]) -> None:
+    port, posted = receiver
+    spans = exporter(port, batch=4, every=60)
+    for number in range(4):
+        spans.add(record(number))
+    deadline = time.monotonic() + 10
+    while not posted.bodies and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(posted.spans()) == 4
+    spans.close(1)
+
+
+def test_a_busy_receiver_gets_the_batch_again_and_an_unwilling_one_loses_it(
+    receiver: tuple[int, Posted], caplog: pytest.LogCaptureFixture
+) -> None:
+    port, posted = receiver
+    spans = exporter(port, first_wait=0.01)
+    posted.statuses = [503, 429]
+    spans.add(record(1))
+    assert spans.flush(10)
+    assert posted.spans() == [("inbound GET", "/api/items/1")] and len(posted.headers) == 3
+    posted.statuses = [400]  # not a "try again": dropped at once
+    with caplog.at_level(logging.WARNING, "outrider.agent.tracing"):
+        spans.add(record(2))
+        assert spans.flush(10)
+        assert len(posted.headers) == 4 and spans.dropped == 1
+        spans.add(record(3))
+        assert spans.flush(10)
+    assert posted.spans()[-1] == ("inbound GET", "/api/items/3")
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        f"spans to http://127.0.0.1:{port}/v1/traces are dropped: HTTP 400",
+        f"spans reach http://127.0.0.1:{port}/v1/traces again (1 dropped meanwhile)",
+    ]
+    spans.close(1)
+
+
+def test_a_receiver_that_is_away_costs_one_line_and_a_full_queue_drops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket_nobody_listens_on() as port:
+        spans = exporter(port, max_queue=3, batch=100, every=60, timeout=0.2)
+        with caplog.at_level(logging.WARNING, "outrider.agent.tracing"):
+            for number in range(5):
+                spans.add(record(number))
+            assert spans.dropped == 2  # past the queue's 3: dropped, never held
+            assert spans.flush(10)
+        assert spans.dropped == 5 and spans.sent == 0
+        url = f"http://127.0.0.1:{port}/v1/traces"
+        said = [r.getMessage() for r in caplog.records]
+        assert said[0] == f"spans are dropped: 3 wait for {url} already"
+        assert said[1].startswith(f"spans to {url} are dropped: [Errno 111]")
+        assert len(said) == 2
+        spans.close(1)
+
+
+class socket_nobody_listens_on:
+    """A loopback port that refuses connections (bound, never listening)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        return int(self.sock.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+def test_a_receiver_that_closes_its_connections_gets_every_batch_without_a_wait(
+    receiver: tuple[int, Posted],
+) -> None:
+    port, posted = receiver
+    spans = exporter(port, first_wait=30)  # a retry's wait would fail the flush below
+    for number in range(3):
+        spans.add(record(number))
+        assert spans.flush(5)
+        posted.close = True  # the connection the exporter keeps is gone when it sends again
+    assert [path for _, path in posted.spans()] == [f"/api/items/{n}" for n in range(3)]
+    spans.close(1)
+
+
+def test_headers_and_gzip_come_from_the_otlp_exporters_environment(
+    receiver: tuple[int, Posted],
+) -> None:
+    port, posted = receiver
+    environ = {
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=generic",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "authorization=Bearer%20t0ken, x-tenant=a",
+        "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+    }
+    spans = exporter(port, environ)
+    spans.add(record())
+    assert spans.flush(10)
+    (headers,) = posted.headers
+    assert headers["authorization"] == "Bearer t0ken" and headers["x-tenant"] == "a"
+    assert headers["Content-Encoding"] == "gzip" and len(posted.spans()) == 1
+    spans.close(1)
+
+
+@pytest.mark.parametrize(
+    ("environ", "says"),
+    [
+        ({"OTEL_EXPORTER_OTLP_TRACES_HEADERS": "no-equals"}, "OTEL_EXPORTER_OTLP_TRACES_HEADERS"),
+        ({"OTEL_EXPORTER_OTLP_HEADERS": "a=b%0D%0Ainjected: 1"}, "OTEL_EXPORTER_OTLP_HEADERS"),
+        ({"OTEL_EXPORTER_OTLP_HEADERS": "bad name=x"}, "OTEL_EXPORTER_OTLP_HEADERS"),
+        ({"OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"}, "OTEL_EXPORTER_OTLP_COMPRESSION"),
+    ],
+)
+def test_an_exporter_variable_that_cannot_be_used_is_named(
+    environ: dict[str, str], says: str
+) -> None:
+    with pytest.raises(ValueError, match=says):
+        otlp.settings("collector:4318", environ)
+
+
+def test_an_endpoint_is_a_host_and_port_or_a_url() -> None:
+    assert otlp.settings("collector.obs:4318", {}).url == "http://collector.obs:4318/v1/traces"
+    assert otlp.settings("https://c.example/otlp/v1/traces", {}).url.endswith("/otlp/v1/traces")
+    with pytest.raises(ValueError, match="otlp_endpoint"):
+        otlp.settings("grpc://collector:4317", {})
+
+
+def test_an_https_receiver_is_verified_against_the_configured_ca(tmp_path: Path) -> None:
+    cert, key = tmp_path / "receiver.pem", tmp_path / "receiver.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=otlp",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    posted = Posted()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(posted))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/v1/traces"
+    try:
+        for environ, arrives in (
+            ({}, False),
+            ({"OTEL_EXPORTER_OTLP_CERTIFICATE": str(cert)}, True),
+        ):
+            settings = otlp.settings(url, environ)
+            client = otlp.Client(settings, "outrider/test")
+            spans = SpanExporter(client, otlp.resource("s", "1"), otlp.scope("1"), timeout=0.5)
+            spans.add(record())
+            assert spans.flush(10)
+            assert (spans.sent, spans.dropped) == ((1, 0) if arrives else (0, 1))
+            spans.close(1)
+    finally:
+        server.shutdown()
+        server.server_close()
