@@ -28,14 +28,18 @@ dropped meanwhile: a receiver that is away costs a line, not a line per batch.
 from __future__ import annotations
 
 import collections
+import contextlib
 import gzip
 import http.client
 import logging
+import math
 import re
+import socket
 import ssl
 import threading
 import time
 import urllib.parse
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -59,6 +63,8 @@ EVERY = 5.0
 ENCODE_CHUNK = 64
 #: Seconds one batch may take, its tries and their waits included.
 TIMEOUT = 5.0
+#: Seconds between two lines that say spans found the queue full.
+OVERFLOW_EVERY = 60.0
 #: Answers that mean "not now": the batch is tried again (OTLP/HTTP's retryable codes).
 RETRYABLE = frozenset({429, 502, 503, 504})
 #: SpanFlags: the W3C trace flags in bits 0-7, and whether the parent is remote.
@@ -140,9 +146,15 @@ def settings(endpoint: str, environ: Mapping[str, str]) -> Settings:
     HEADERS, CERTIFICATE, CLIENT_CERTIFICATE with CLIENT_KEY, COMPRESSION (gzip or
     none). ValueError, naming the variable, for a value that cannot be used."""
     url = endpoint if "://" in endpoint else f"http://{endpoint}/v1/traces"
-    scheme = urllib.parse.urlsplit(url).scheme
-    if scheme not in ("http", "https"):
-        raise ValueError(f"tracing.otlp_endpoint {endpoint!r}: an http(s) URL or host:port")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (parsed here: out of range or not a number is a ValueError)
+        (parts.hostname or "").encode("idna")  # an empty or overlong label is refused
+    except ValueError as error:  # UnicodeError is one
+        raise ValueError(f"otlp_endpoint {endpoint!r}: {error}") from None
+    scheme = parts.scheme
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"otlp_endpoint {endpoint!r}: an http(s) URL or host:port")
 
     def variable(name: str) -> tuple[str, str]:
         for key in (f"OTEL_EXPORTER_OTLP_TRACES_{name}", f"OTEL_EXPORTER_OTLP_{name}"):
@@ -178,14 +190,29 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
 
+#: Headers the exporter's HTTP itself decides (framing, the connection, the body's type and
+#: coding): set from the environment they would make the receiver misread every body.
+_OWN = frozenset(
+    {
+        "connection", "content-encoding", "content-length", "content-type", "expect", "host",
+        "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+    }
+)  # fmt: skip
+
+
 def _headers(key: str, raw: str) -> dict[str, str]:
-    """`k1=v1,k2=v2`, values percent-decoded (the OTLP exporter's format)."""
-    headers = {}
+    """`k1=v1,k2=v2`, values percent-decoded (the OTLP exporter's format); names are
+    case-insensitive, so each is given once."""
+    headers: dict[str, str] = {}
     for item in raw.split(","):
         name, equals, value = item.partition("=")
         name, value = name.strip(), urllib.parse.unquote(value.strip())
         if not (equals and _TOKEN.fullmatch(name) and _VALUE.fullmatch(value)):
             raise ValueError(f"{key}: {item.strip()!r} is not name=value (an HTTP header)")
+        if name.lower() in _OWN:
+            raise ValueError(f"{key}: {name} is the exporter's own header, not to be set")
+        if name.lower() in (given.lower() for given in headers):
+            raise ValueError(f"{key}: {name} is given twice")
         headers[name] = value
     return headers
 
@@ -233,12 +260,13 @@ def _set(attribute: KeyValue, key: str, value: str | int) -> None:
 
 
 def resource(service_name: str, version: str) -> Resource:
-    """The spans' resource: the service, and the agent that made them."""
+    """The spans' resource: the service, this process of it, and the agent that made them."""
     from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
     described = Resource()
     for key, value in (
         ("service.name", service_name),
+        ("service.instance.id", str(uuid.uuid4())),  # this process: replicas share a name
         ("telemetry.sdk.name", "outrider"),
         ("telemetry.sdk.language", "python"),
         ("telemetry.sdk.version", version),
@@ -253,12 +281,22 @@ def scope(version: str) -> InstrumentationScope:
     return InstrumentationScope(name="outrider.agent", version=version)
 
 
-#: POST a body to the receiver: its HTTP status, or an OSError when none came.
+#: POST a body to the receiver within a time: its HTTP status, or an OSError when none
+#: came in time (ssl.SSLCertVerificationError: the receiver is not who it should be).
 Post = Callable[[bytes, float], int]
+#: What a kept connection the receiver closed meanwhile fails with, at once.
+_STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+#: The most of an answer's body read: an ExportTraceServiceResponse is a few bytes.
+ANSWER_BYTES = 64 << 10
 
 
 class Client:
-    """One keep-alive connection to the receiver, opened again after any failure."""
+    """One keep-alive connection to the receiver, opened again after any failure.
+
+    A POST has one deadline, for its connection, its request and its answer: a watchdog
+    shuts the socket down when it passes, so a receiver that trickles its answer a byte
+    at a time holds the exporter no longer than one that never answers. Of the answer's
+    body (an ExportTraceServiceResponse: a few bytes) at most ANSWER_BYTES are read."""
 
     def __init__(self, settings: Settings, user_agent: str) -> None:
         self.settings = settings
@@ -266,41 +304,59 @@ class Client:
         self.https = parts.scheme == "https"
         self.host, self.port = parts.hostname or "", parts.port
         self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self.headers = {
-            "Content-Type": "application/x-protobuf",
-            "User-Agent": user_agent,
-            **settings.headers,
-        }
+        self.headers = {"Content-Type": "application/x-protobuf"}
         if settings.gzip:
             self.headers["Content-Encoding"] = "gzip"
+        if not any(name.lower() == "user-agent" for name in settings.headers):
+            self.headers["User-Agent"] = user_agent
+        self.headers.update(settings.headers)
         self.connection: http.client.HTTPConnection | None = None
 
     def __call__(self, body: bytes, timeout: float) -> int:
         if self.settings.gzip:
             body = gzip.compress(body)
-        reused = self.connection is not None
-        try:
-            return self._post(body, timeout)
-        except (OSError, http.client.HTTPException) as error:
-            self.close()
-            if not reused:
-                raise OSError(str(error) or type(error).__name__) from error
-        try:  # the receiver may have closed the idle connection: once more on a new one
-            return self._post(body, timeout)
-        except (OSError, http.client.HTTPException) as error:
-            self.close()
-            raise OSError(str(error) or type(error).__name__) from error
+        deadline = time.monotonic() + timeout
+        if self.connection is not None:
+            try:
+                return self._post(body, deadline)
+            except _STALE:  # the receiver closed the idle connection: again, on a new one
+                self.close()
+        return self._post(body, deadline)
 
-    def _post(self, body: bytes, timeout: float) -> int:
-        connection = self.connection or self._connect(timeout)
-        if connection.sock is not None:
-            connection.sock.settimeout(timeout)
-        connection.request("POST", self.target, body, self.headers)
-        answer = connection.getresponse()
-        answer.read()  # the body (an ExportTraceServiceResponse): the connection is kept
-        if answer.will_close:
+    def _post(self, body: bytes, deadline: float) -> int:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no time left for the POST")
+        connection = self.connection or self._connect(left)
+        watchdog = threading.Timer(left, self._expired, (connection,))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            if connection.sock is not None:
+                connection.sock.settimeout(left)
+            connection.request("POST", self.target, body, self.headers)
+            answer = connection.getresponse()
+            answer.read(ANSWER_BYTES)
+            if answer.will_close or not answer.isclosed():  # closing, or more than expected
+                self.close()
+            return answer.status
+        except http.client.HTTPException as error:
             self.close()
-        return answer.status
+            if isinstance(error, ConnectionError):  # RemoteDisconnected: an OSError too
+                raise
+            raise ConnectionError(f"{type(error).__name__}: {error}") from error
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            watchdog.cancel()
+
+    @staticmethod
+    def _expired(connection: http.client.HTTPConnection) -> None:
+        sock = connection.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # the POST's reads and writes end at once
 
     def _connect(self, timeout: float) -> http.client.HTTPConnection:
         if self.https:
@@ -348,17 +404,15 @@ class SpanExporter:
         self.sent = self.dropped = 0
         self.failing = False  # the last batch could not be sent
         self.dropped_while_failing = 0
-        self.overflowed = False  # a span found the queue full since spans last went
+        self.overflowed = 0  # spans that found the queue full since that was last said
+        self.overflow_said = -math.inf  # when it was
 
     def add(self, record: Record) -> None:
         with self.ready:
             if self.closing or len(self.queue) >= self.max_queue:
                 self.dropped += 1
-                if not self.closing and not self.overflowed:
-                    self.overflowed = True  # said once, until spans go through again
-                    log.warning(
-                        "spans are dropped: %d wait for %s already", self.max_queue, self.target
-                    )
+                if not self.closing:
+                    self._overflowed()
                 return
             self.queue.append(record)
             if self.thread is None:
@@ -366,6 +420,22 @@ class SpanExporter:
                 self.thread.start()
             elif len(self.queue) == self.batch:
                 self.ready.notify_all()
+
+    def _overflowed(self) -> None:
+        """A span found the queue full (called with `ready` held): said at once, then at
+        most every OVERFLOW_EVERY seconds while spans keep coming faster than they go."""
+        self.overflowed += 1
+        if self.failing:
+            self.dropped_while_failing += 1
+        now = self.clock()
+        if now >= self.overflow_said + OVERFLOW_EVERY:
+            log.warning(
+                "spans are dropped: %d wait for %s already (%d dropped since this was last said)",
+                self.max_queue,
+                self.target,
+                self.overflowed,
+            )
+            self.overflowed, self.overflow_said = 0, now
 
     def finished(self, entry: Entry, trace: Propagated, name: str, ended: float) -> None:
         """A request's span (`span`), queued."""
@@ -412,6 +482,10 @@ class SpanExporter:
             try:
                 if batch:
                     self._send(batch)
+            except Exception:  # a defect of ours: the thread goes on, the batch is counted
+                log.exception("spans could not be sent, %d dropped", len(batch))
+                with self.ready:
+                    self.dropped += len(batch)
             finally:
                 with self.ready:
                     self.sending = 0
@@ -426,22 +500,26 @@ class SpanExporter:
                 encode(batch[start : start + ENCODE_CHUNK], self.resource, self.scope)
                 for start in range(0, len(batch), ENCODE_CHUNK)
             )
-        except (ValueError, TypeError) as error:  # a span that cannot be encoded: a bug
+        except Exception as error:  # a span that cannot be encoded: a defect of ours
             log.error("spans could not be encoded, %d dropped: %s", len(batch), error)
             with self.ready:
                 self.dropped += len(batch)
             return
         deadline, wait = self.clock() + self.timeout, self.first_wait
         while True:
+            retry = True
             try:
                 status = self.post(body, max(deadline - self.clock(), 0.1))
-                reason = f"HTTP {status}"
-            except OSError as error:
-                status, reason = 0, str(error)
+                reason, retry = f"HTTP {status}", status in RETRYABLE
+            except ssl.SSLCertVerificationError as error:  # not the receiver: never will be
+                status, reason, retry = 0, str(error), False
+            except OSError as error:  # no answer in time, or the connection lost
+                status, reason = 0, str(error) or type(error).__name__
+            except Exception as error:  # anything else the receiver made happen: not again
+                status, reason, retry = 0, f"{type(error).__name__}: {error}", False
             if 200 <= status < 300:
                 self._sent(len(batch))
                 return
-            retry = status == 0 or status in RETRYABLE
             with self.ready:
                 if not retry or self.closing or self.clock() + wait >= deadline:
                     self._drop(len(batch), reason)
@@ -452,7 +530,6 @@ class SpanExporter:
     def _sent(self, count: int) -> None:
         with self.ready:
             self.sent += count
-            self.overflowed = False
             if self.failing:
                 self.failing = False
                 log.warning(

@@ -6,13 +6,15 @@ against a real receiver on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
+import socket
 import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -158,7 +160,9 @@ def test_a_span_arrives_as_the_otlp_schema_reads_it() -> None:
     resource, scope = otlp.resource("svc", "1.0"), otlp.scope("1.0")
     body = otlp.encode([record(), record(1, parent=None)], resource, scope)
     (resource_spans,) = trace_service_pb2.ExportTraceServiceRequest.FromString(body).resource_spans
-    assert {a.key: a.value.string_value for a in resource_spans.resource.attributes} == {
+    described = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+    assert len(described.pop("service.instance.id")) == 36  # a UUID: this process's
+    assert described == {
         "service.name": "svc",
         "telemetry.sdk.name": "outrider",
         "telemetry.sdk.language": "python",
@@ -229,7 +233,9 @@ def test_a_receiver_that_is_away_costs_one_line_and_a_full_queue_drops(
         assert spans.dropped == 5 and spans.sent == 0
         url = f"http://127.0.0.1:{port}/v1/traces"
         said = [r.getMessage() for r in caplog.records]
-        assert said[0] == f"spans are dropped: 3 wait for {url} already"
+        assert said[0] == (
+            f"spans are dropped: 3 wait for {url} already (1 dropped since this was last said)"
+        )
         assert said[1].startswith(f"spans to {url} are dropped: [Errno 111]")
         assert len(said) == 2
         spans.close(1)
@@ -287,6 +293,12 @@ def test_headers_and_gzip_come_from_the_otlp_exporters_environment(
         ({"OTEL_EXPORTER_OTLP_HEADERS": "a=b%0D%0Ainjected: 1"}, "OTEL_EXPORTER_OTLP_HEADERS"),
         ({"OTEL_EXPORTER_OTLP_HEADERS": "bad name=x"}, "OTEL_EXPORTER_OTLP_HEADERS"),
         ({"OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"}, "OTEL_EXPORTER_OTLP_COMPRESSION"),
+        # What the exporter's HTTP decides, whatever the case: the body would be misread.
+        ({"OTEL_EXPORTER_OTLP_HEADERS": "Content-Length=0"}, "exporter's own header"),
+        ({"OTEL_EXPORTER_OTLP_HEADERS": "transfer-encoding=chunked"}, "exporter's own header"),
+        ({"OTEL_EXPORTER_OTLP_HEADERS": "host=elsewhere"}, "exporter's own header"),
+        ({"OTEL_EXPORTER_OTLP_HEADERS": "content-type=text/plain"}, "exporter's own header"),
+        ({"OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=a,X-Tenant=b"}, "X-Tenant is given twice"),
     ],
 )
 def test_an_exporter_variable_that_cannot_be_used_is_named(
@@ -299,8 +311,9 @@ def test_an_exporter_variable_that_cannot_be_used_is_named(
 def test_an_endpoint_is_a_host_and_port_or_a_url() -> None:
     assert otlp.settings("collector.obs:4318", {}).url == "http://collector.obs:4318/v1/traces"
     assert otlp.settings("https://c.example/otlp/v1/traces", {}).url.endswith("/otlp/v1/traces")
-    with pytest.raises(ValueError, match="otlp_endpoint"):
-        otlp.settings("grpc://collector:4317", {})
+    for wrong in ("grpc://collector:4317", "127.0.0.1:99999", "a..b:4318", "http://[::1/v1"):
+        with pytest.raises(ValueError, match="otlp_endpoint"):
+            otlp.settings(wrong, {})
 
 
 def test_an_https_receiver_is_verified_against_the_configured_ca(tmp_path: Path) -> None:
@@ -325,7 +338,9 @@ def test_an_https_receiver_is_verified_against_the_configured_ca(tmp_path: Path)
         ):
             settings = otlp.settings(url, environ)
             client = otlp.Client(settings, "outrider/test")
-            spans = SpanExporter(client, otlp.resource("s", "1"), otlp.scope("1"), timeout=0.5)
+            # An unverified receiver is refused once, not tried again (it never will be).
+            resource, scope = otlp.resource("s", "1"), otlp.scope("1")
+            spans = SpanExporter(client, resource, scope, timeout=60, first_wait=30)
             spans.add(record())
             assert spans.flush(10)
             assert (spans.sent, spans.dropped) == ((1, 0) if arrives else (0, 1))
@@ -333,3 +348,93 @@ def test_an_https_receiver_is_verified_against_the_configured_ca(tmp_path: Path)
     finally:
         server.shutdown()
         server.server_close()
+
+
+class raw_receiver:
+    """A loopback receiver that gives each connection it accepts to `answer` (raw bytes,
+    whatever a broken or hostile receiver would send), on a thread of its own; bounded by
+    the exporter's timeouts and by closing."""
+
+    def __init__(self, answer: Callable[[socket.socket], None]) -> None:
+        self.answer = answer
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self.done.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(5)
+                conn.recv(1 << 20)  # the request (small: one span)
+                self.answer(conn)
+
+    def __enter__(self) -> int:
+        self.thread.start()
+        return int(self.server.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join(5)
+        self.server.close()
+
+
+def _endless_body(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+    for _ in range(4096):  # 256 MiB at most, unless the exporter stops reading first
+        conn.sendall(chunk)
+
+
+def _trickled_status(conn: socket.socket) -> None:
+    for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
+        conn.sendall(bytes([byte]))
+        time.sleep(0.2)  # 7 s for the whole answer, each byte well within a read's timeout
+
+
+def _absurd_length(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\nxx")
+
+
+@pytest.mark.parametrize(
+    ("answer", "sent"),
+    [
+        (_endless_body, 1),  # a 200: its body is not the exporter's business past 64 KiB
+        (_absurd_length, 1),  # read in bounded pieces, not allocated at once
+        (_trickled_status, 0),  # the POST's one deadline, not a read's timeout
+    ],
+)
+def test_a_receiver_cannot_hold_the_exporter_or_its_memory(
+    answer: Callable[[socket.socket], None], sent: int
+) -> None:
+    with raw_receiver(answer) as port:
+        spans = exporter(port, timeout=1.0, first_wait=30)
+        spans.add(record())
+        started = time.monotonic()
+        assert spans.flush(10)
+        assert time.monotonic() - started < 3
+        assert (spans.sent, spans.dropped) == (sent, 1 - sent)
+        assert spans.thread is not None and spans.thread.is_alive()
+        spans.close(1)
+
+
+def test_the_exporter_outlives_whatever_a_send_raises(receiver: tuple[int, Posted]) -> None:
+    port, posted = receiver
+    client = otlp.Client(otlp.settings(f"127.0.0.1:{port}", {}), "outrider/test")
+    failures = [UnicodeError("label empty or too long"), MemoryError()]
+
+    def post(body: bytes, timeout: float) -> int:
+        if failures:
+            raise failures.pop(0)
+        return client(body, timeout)
+
+    spans = SpanExporter(post, otlp.resource("s", "1"), otlp.scope("1"))
+    for number in range(3):
+        spans.add(record(number))
+        assert spans.flush(10)
+    assert (spans.sent, spans.dropped) == (1, 2) and len(posted.spans()) == 1
+    spans.close(1)
