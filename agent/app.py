@@ -175,7 +175,17 @@ def observer(config: AgentConfig, metrics: AgentMetrics) -> Observer | None:
         config.tracing,
         str(config.identity.spiffe_id),
         dropped=metrics.access_log_dropped.inc,
+        spans_counted=_spans_counted(config, metrics),
     )
+
+
+def _spans_counted(config: AgentConfig, metrics: AgentMetrics) -> Callable[[str, int], None]:
+    """outrider_spans_total's children, bound once and shown from the start at 0; none on
+    an agent that sends no spans."""
+    if not config.tracing.otlp_endpoint:
+        return lambda result, spans: None
+    children = {result: metrics.spans.labels(result) for result in ("sent", "dropped")}
+    return lambda result, spans: children[result].inc(spans)
 
 
 class Agent:

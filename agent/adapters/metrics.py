@@ -374,6 +374,14 @@ class AgentMetrics:
             "plane's event loop, nor held without bound",
             registry=r,
         )
+        self.spans = Counter(
+            "outrider_spans",
+            "Spans for the OTLP receiver (tracing.otlp_endpoint) by result: sent (the "
+            "receiver took them), dropped (the queue of 2,048 was full, or the receiver "
+            "refused them, or was away past the retries)",
+            ["result"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "outrider_config_reloads",
             "Config reloads by kind and result",

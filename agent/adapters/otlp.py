@@ -390,11 +390,13 @@ class SpanExporter:
         timeout: float = TIMEOUT,
         first_wait: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        counted: Callable[[str, int], None] = lambda result, spans: None,
     ) -> None:
-        """`first_wait`: seconds before a failed POST's second try, doubled for each next."""
+        """`first_wait`: seconds before a failed POST's second try, doubled for each next.
+        `counted(result, n)`: n spans were "sent" or "dropped" (outrider_spans_total)."""
         self.post, self.resource, self.scope, self.target = post, resource, scope, target
         self.max_queue, self.batch, self.every, self.timeout = max_queue, batch, every, timeout
-        self.first_wait, self.clock = first_wait, clock
+        self.first_wait, self.clock, self.counted = first_wait, clock, counted
         self.queue: collections.deque[Record] = collections.deque()
         self.ready = threading.Condition(threading.Lock())
         self.thread: threading.Thread | None = None
@@ -410,7 +412,7 @@ class SpanExporter:
     def add(self, record: Record) -> None:
         with self.ready:
             if self.closing or len(self.queue) >= self.max_queue:
-                self.dropped += 1
+                self._lost(1)
                 if not self.closing:
                     self._overflowed()
                 return
@@ -485,7 +487,7 @@ class SpanExporter:
             except Exception:  # a defect of ours: the thread goes on, the batch is counted
                 log.exception("spans could not be sent, %d dropped", len(batch))
                 with self.ready:
-                    self.dropped += len(batch)
+                    self._lost(len(batch))
             finally:
                 with self.ready:
                     self.sending = 0
@@ -503,7 +505,7 @@ class SpanExporter:
         except Exception as error:  # a span that cannot be encoded: a defect of ours
             log.error("spans could not be encoded, %d dropped: %s", len(batch), error)
             with self.ready:
-                self.dropped += len(batch)
+                self._lost(len(batch))
             return
         deadline, wait = self.clock() + self.timeout, self.first_wait
         while True:
@@ -530,6 +532,7 @@ class SpanExporter:
     def _sent(self, count: int) -> None:
         with self.ready:
             self.sent += count
+            self.counted("sent", count)
             if self.failing:
                 self.failing = False
                 log.warning(
@@ -541,9 +544,14 @@ class SpanExporter:
     def _drop(self, count: int, reason: str) -> None:
         """Count a batch of `count` spans that could not be sent (called with `ready` held);
         the first failure of a run of them is logged with its `reason`."""
-        self.dropped += count
+        self._lost(count)
         if self.failing:
             self.dropped_while_failing += count
             return
         self.failing, self.dropped_while_failing = True, count
         log.warning("spans to %s are dropped: %s", self.target, reason)
+
+    def _lost(self, count: int) -> None:
+        """`count` spans dropped (called with `ready` held)."""
+        self.dropped += count
+        self.counted("dropped", count)

@@ -160,6 +160,7 @@ class Observer:
         *,
         write: Callable[[str], None] | None = None,
         dropped: Callable[[int], None] = lambda lines: None,
+        spans_counted: Callable[[str, int], None] = lambda result, spans: None,
         rng: random.Random | None = None,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -185,7 +186,7 @@ class Observer:
         self.timer: asyncio.TimerHandle | None = None
         self.spans: SpanExporter | None = None
         if tracing.otlp_endpoint:
-            self.spans = self._exporter()
+            self.spans = self._exporter(spans_counted)
 
     # -- per request -----------------------------------------------------------------------
 
@@ -309,7 +310,7 @@ class Observer:
 
     # -- spans -------------------------------------------------------------------------------
 
-    def _exporter(self) -> SpanExporter:
+    def _exporter(self, counted: Callable[[str, int], None]) -> SpanExporter:
         from agent.adapters import otlp
         from identity.build import VERSION
 
@@ -320,6 +321,7 @@ class Observer:
             otlp.resource(service, VERSION),
             otlp.scope(VERSION),
             target=settings.url,
+            counted=counted,
         )
 
 

@@ -330,6 +330,10 @@ async def test_both_spans_arrive_over_otlp_with_the_parent_link(root: Path, setu
         assert status == 200
         await m.flush_spans()
         await wait_for(lambda: len(m.receiver.spans) >= 2)
+        for agent in (m.frontend, m.backend):  # counted as the receiver took them
+            counted = agent.metrics.registry.get_sample_value
+            assert counted("outrider_spans_total", {"result": "sent"}) == 1
+            assert counted("outrider_spans_total", {"result": "dropped"}) == 0
     spans = {service: span for service, span in m.receiver.spans}
     client, server = spans[FRONTEND], spans[BACKEND]
     assert client.trace_id.hex() == server.trace_id.hex() == parent_trace  # the app's trace

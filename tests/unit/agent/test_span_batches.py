@@ -6,6 +6,7 @@ against a real receiver on loopback."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gzip
 import logging
@@ -120,13 +121,23 @@ def record(number: int = 0, parent: str | None = PARENT) -> Record:
     return Record("inbound GET", otlp.SERVER, TRACE, SPAN, parent, 1, 10, 25, attributes)
 
 
-def exporter(port: int, environ: dict[str, str] | None = None, **options: float) -> SpanExporter:
+class Tally(collections.Counter[str]):
+    """What the exporter counted (outrider_spans_total): result -> spans."""
+
+    def __call__(self, result: str, spans: int) -> None:
+        self[result] += spans
+
+
+def exporter(
+    port: int, environ: dict[str, str] | None = None, tally: Tally | None = None, **options: float
+) -> SpanExporter:
     settings = otlp.settings(f"127.0.0.1:{port}", environ or {})
     return SpanExporter(
         otlp.Client(settings, "outrider/test"),
         otlp.resource("svc", "1.0"),
         otlp.scope("1.0"),
         target=settings.url,
+        counted=Tally() if tally is None else tally,
         **options,  # type: ignore[arg-type]
     )
 
@@ -199,7 +210,8 @@ def test_a_busy_receiver_gets_the_batch_again_and_an_unwilling_one_loses_it(
     receiver: tuple[int, Posted], caplog: pytest.LogCaptureFixture
 ) -> None:
     port, posted = receiver
-    spans = exporter(port, first_wait=0.01)
+    tally = Tally()
+    spans = exporter(port, tally=tally, first_wait=0.01)
     posted.statuses = [503, 429]
     spans.add(record(1))
     assert spans.flush(10)
@@ -212,6 +224,7 @@ def test_a_busy_receiver_gets_the_batch_again_and_an_unwilling_one_loses_it(
         spans.add(record(3))
         assert spans.flush(10)
     assert posted.spans()[-1] == ("inbound GET", "/api/items/3")
+    assert tally == {"sent": 2, "dropped": 1}
     said = [r.getMessage() for r in caplog.records]
     assert said == [
         f"spans to http://127.0.0.1:{port}/v1/traces are dropped: HTTP 400",
@@ -224,13 +237,14 @@ def test_a_receiver_that_is_away_costs_one_line_and_a_full_queue_drops(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with socket_nobody_listens_on() as port:
-        spans = exporter(port, max_queue=3, batch=100, every=60, timeout=0.2)
+        tally = Tally()
+        spans = exporter(port, tally=tally, max_queue=3, batch=100, every=60, timeout=0.2)
         with caplog.at_level(logging.WARNING, "outrider.agent.tracing"):
             for number in range(5):
                 spans.add(record(number))
             assert spans.dropped == 2  # past the queue's 3: dropped, never held
             assert spans.flush(10)
-        assert spans.dropped == 5 and spans.sent == 0
+        assert spans.dropped == 5 and spans.sent == 0 and tally == {"dropped": 5}
         url = f"http://127.0.0.1:{port}/v1/traces"
         said = [r.getMessage() for r in caplog.records]
         assert said[0] == (
