@@ -42,6 +42,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 from agent.core.accesslog import Entry
@@ -63,8 +64,9 @@ EVERY = 5.0
 ENCODE_CHUNK = 64
 #: Seconds one batch may take, its tries and their waits included.
 TIMEOUT = 5.0
-#: Seconds between two lines that say spans found the queue full.
-OVERFLOW_EVERY = 60.0
+#: Seconds between two lines that say spans are dropped (the queue full, the receiver
+#: failing): a receiver that flaps or a service that outruns it says so once a minute.
+SAY_EVERY = 60.0
 #: Answers that mean "not now": the batch is tried again (OTLP/HTTP's retryable codes).
 RETRYABLE = frozenset({429, 502, 503, 504})
 #: SpanFlags: the W3C trace flags in bits 0-7, and whether the parent is remote.
@@ -285,9 +287,68 @@ def scope(version: str) -> InstrumentationScope:
 #: came in time (ssl.SSLCertVerificationError: the receiver is not who it should be).
 Post = Callable[[bytes, float], int]
 #: What a kept connection the receiver closed meanwhile fails with, at once.
-_STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+_STALE = (
+    ConnectionResetError,  # RemoteDisconnected too
+    BrokenPipeError,
+    ConnectionAbortedError,
+    ssl.SSLEOFError,  # a TLS connection closed without close_notify
+    ssl.SSLZeroReturnError,
+)
 #: The most of an answer's body read: an ExportTraceServiceResponse is a few bytes.
 ANSWER_BYTES = 64 << 10
+
+
+def _dial(
+    address: tuple[str, int], timeout: object = None, source: object = None, *, deadline: float
+) -> socket.socket:
+    """socket.create_connection for http.client, each of the host's addresses tried within
+    what is left of the POST's deadline (not each for a whole timeout: an address that
+    swallows SYNs would hold the exporter once per address)."""
+    failed: OSError = TimeoutError("no time left to connect")
+    for family, kind, protocol, _, where in socket.getaddrinfo(*address, 0, socket.SOCK_STREAM):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock = socket.socket(family, kind, protocol)
+        try:
+            sock.settimeout(left)
+            sock.connect(where)
+            return sock
+        except OSError as error:
+            sock.close()
+            failed = error
+    raise failed
+
+
+class _Watchdog:
+    """Shuts a POST's connection down when its time is up, unless the POST ended first: a
+    late timer never touches the next POST on a kept connection."""
+
+    def __init__(self, connection: http.client.HTTPConnection, seconds: float) -> None:
+        self.connection = connection
+        self.lock = threading.Lock()
+        self.ended = self.fired = False
+        self.timer = threading.Timer(seconds, self._fire)
+        self.timer.daemon = True
+
+    def __enter__(self) -> _Watchdog:
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self.lock:
+            self.ended = True
+        self.timer.cancel()
+
+    def _fire(self) -> None:
+        with self.lock:
+            if self.ended:
+                return
+            self.fired = True
+            sock = self.connection.sock  # None while it connects: then _post finds `fired`
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # its reads and writes end at once
 
 
 class Client:
@@ -327,45 +388,43 @@ class Client:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("no time left for the POST")
-        connection = self.connection or self._connect(left)
-        watchdog = threading.Timer(left, self._expired, (connection,))
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            if connection.sock is not None:
-                connection.sock.settimeout(left)
-            connection.request("POST", self.target, body, self.headers)
-            answer = connection.getresponse()
-            answer.read(ANSWER_BYTES)
-            if answer.will_close or not answer.isclosed():  # closing, or more than expected
+        connection = self.connection or self._connect(deadline)
+        with _Watchdog(connection, left) as watchdog:
+            try:
+                if connection.sock is None:
+                    connection.connect()
+                if watchdog.fired:  # the connection took the POST's whole time
+                    raise TimeoutError
+                assert connection.sock is not None
+                connection.sock.settimeout(left)  # a kept one's was its first POST's
+                connection.request("POST", self.target, body, self.headers)
+                answer = connection.getresponse()
+                answer.read(ANSWER_BYTES)
+                if answer.will_close or not answer.isclosed():  # closing, or more than expected
+                    self.close()
+                return answer.status
+            except (OSError, http.client.HTTPException) as error:
                 self.close()
-            return answer.status
-        except http.client.HTTPException as error:
-            self.close()
-            if isinstance(error, ConnectionError):  # RemoteDisconnected: an OSError too
+                if watchdog.fired:
+                    raise TimeoutError(f"no answer within {left:.1f} s") from error
+                if isinstance(error, OSError):  # RemoteDisconnected is one (stale) too
+                    raise
+                raise ConnectionError(f"{type(error).__name__}: {error}") from error
+            except BaseException:
+                self.close()
                 raise
-            raise ConnectionError(f"{type(error).__name__}: {error}") from error
-        except BaseException:
-            self.close()
-            raise
-        finally:
-            watchdog.cancel()
 
-    @staticmethod
-    def _expired(connection: http.client.HTTPConnection) -> None:
-        sock = connection.sock
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # the POST's reads and writes end at once
-
-    def _connect(self, timeout: float) -> http.client.HTTPConnection:
+    def _connect(self, deadline: float) -> http.client.HTTPConnection:
+        connection: http.client.HTTPConnection
         if self.https:
-            self.connection = http.client.HTTPSConnection(
-                self.host, self.port, timeout=timeout, context=self.settings.context
+            connection = http.client.HTTPSConnection(
+                self.host, self.port, context=self.settings.context
             )
         else:
-            self.connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        return self.connection
+            connection = http.client.HTTPConnection(self.host, self.port)
+        connection._create_connection = partial(_dial, deadline=deadline)  # type: ignore[attr-defined]
+        self.connection = connection
+        return connection
 
     def close(self) -> None:
         if self.connection is not None:
@@ -405,7 +464,9 @@ class SpanExporter:
         self.sending = 0  # spans taken from the queue and not yet sent or dropped
         self.sent = self.dropped = 0
         self.failing = False  # the last batch could not be sent
-        self.dropped_while_failing = 0
+        self.failure_said = -math.inf  # when a failure was last said
+        self.said_failing = False  # this run of failures was said: its end will be too
+        self.dropped_while_failing = 0  # since it was said
         self.overflowed = 0  # spans that found the queue full since that was last said
         self.overflow_said = -math.inf  # when it was
 
@@ -425,12 +486,12 @@ class SpanExporter:
 
     def _overflowed(self) -> None:
         """A span found the queue full (called with `ready` held): said at once, then at
-        most every OVERFLOW_EVERY seconds while spans keep coming faster than they go."""
+        most every SAY_EVERY seconds while spans keep coming faster than they go."""
         self.overflowed += 1
-        if self.failing:
+        if self.said_failing:
             self.dropped_while_failing += 1
         now = self.clock()
-        if now >= self.overflow_said + OVERFLOW_EVERY:
+        if now >= self.overflow_said + SAY_EVERY:
             log.warning(
                 "spans are dropped: %d wait for %s already (%d dropped since this was last said)",
                 self.max_queue,
@@ -526,29 +587,37 @@ class SpanExporter:
                 if not retry or self.closing or self.clock() + wait >= deadline:
                     self._drop(len(batch), reason)
                     return
-                self.ready.wait(wait)  # close() cuts it short
+                until = self.clock() + wait
+                while not self.closing and (left := until - self.clock()) > 0:
+                    self.ready.wait(left)  # close() cuts it short: one last try
             wait *= 2
 
     def _sent(self, count: int) -> None:
         with self.ready:
             self.sent += count
             self.counted("sent", count)
-            if self.failing:
-                self.failing = False
+            if self.said_failing:
                 log.warning(
                     "spans reach %s again (%d dropped meanwhile)",
                     self.target,
                     self.dropped_while_failing,
                 )
+            self.failing = self.said_failing = False
 
     def _drop(self, count: int, reason: str) -> None:
         """Count a batch of `count` spans that could not be sent (called with `ready` held);
-        the first failure of a run of them is logged with its `reason`."""
+        the first failure of a run of them is said with its `reason`, at most every
+        SAY_EVERY seconds, and then its end."""
         self._lost(count)
         if self.failing:
-            self.dropped_while_failing += count
+            if self.said_failing:
+                self.dropped_while_failing += count
             return
-        self.failing, self.dropped_while_failing = True, count
+        self.failing = True
+        now = self.clock()
+        if now < self.failure_said + SAY_EVERY:
+            return  # a receiver that flaps: its start and end were said a while ago
+        self.failure_said, self.said_failing, self.dropped_while_failing = now, True, count
         log.warning("spans to %s are dropped: %s", self.target, reason)
 
     def _lost(self, count: int) -> None:

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import gzip
 import logging
+import re
 import socket
 import ssl
 import subprocess
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
@@ -330,7 +332,9 @@ def test_an_endpoint_is_a_host_and_port_or_a_url() -> None:
             otlp.settings(wrong, {})
 
 
-def test_an_https_receiver_is_verified_against_the_configured_ca(tmp_path: Path) -> None:
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A receiver's self-signed certificate for 127.0.0.1, and its key."""
     cert, key = tmp_path / "receiver.pem", tmp_path / "receiver.key"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
@@ -338,6 +342,13 @@ def test_an_https_receiver_is_verified_against_the_configured_ca(tmp_path: Path)
          "-addext", "subjectAltName=IP:127.0.0.1"],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
+    return cert, key
+
+
+def test_an_https_receiver_is_verified_against_the_configured_ca(
+    certificate: tuple[Path, Path],
+) -> None:
+    cert, key = certificate
     posted = Posted()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(posted))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -369,8 +380,8 @@ class raw_receiver:
     whatever a broken or hostile receiver would send), on a thread of its own; bounded by
     the exporter's timeouts and by closing."""
 
-    def __init__(self, answer: Callable[[socket.socket], None]) -> None:
-        self.answer = answer
+    def __init__(self, answer: Callable[[socket.socket], None], read: bool = True) -> None:
+        self.answer, self.read = answer, read
         self.server = socket.create_server(("127.0.0.1", 0))
         self.server.settimeout(0.2)
         self.done = threading.Event()
@@ -384,7 +395,8 @@ class raw_receiver:
                 continue
             with conn, contextlib.suppress(OSError):
                 conn.settimeout(5)
-                conn.recv(1 << 20)  # the request (small: one span)
+                if self.read:
+                    _read_request(conn)
                 self.answer(conn)
 
     def __enter__(self) -> int:
@@ -395,6 +407,17 @@ class raw_receiver:
         self.done.set()
         self.thread.join(5)
         self.server.close()
+
+
+def _read_request(conn: socket.socket) -> None:
+    """The whole request, so that closing the connection sends a FIN, not a reset."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(1 << 16) or b"\r\n\r\n"
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+    while len(body) < length:
+        body += conn.recv(1 << 16) or b"x" * length
 
 
 def _endless_body(conn: socket.socket) -> None:
@@ -452,3 +475,100 @@ def test_the_exporter_outlives_whatever_a_send_raises(receiver: tuple[int, Poste
         assert spans.flush(10)
     assert (spans.sent, spans.dropped) == (1, 2) and len(posted.spans()) == 1
     spans.close(1)
+
+
+def test_a_kept_tls_connection_the_receiver_dropped_is_replaced_at_once(
+    certificate: tuple[Path, Path],
+) -> None:
+    """A receiver's idle timeout closes the TCP connection under TLS, without close_notify
+    (SSLEOFError on the next POST): a new connection at once, not a retry's wait."""
+    cert, key = certificate
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+
+    def answer_then_drop(conn: socket.socket) -> None:
+        tls = context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        tls.do_handshake()
+        tls.recv(1 << 20)
+        tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        time.sleep(0.2)  # idle: then gone, the TLS session never ended
+        conn.shutdown(socket.SHUT_RDWR)
+
+    with raw_receiver(answer_then_drop, read=False) as port:
+        url = f"https://127.0.0.1:{port}/v1/traces"
+        settings = otlp.settings(url, {"OTEL_EXPORTER_OTLP_CERTIFICATE": str(cert)})
+        client = otlp.Client(settings, "outrider/test")
+        spans = SpanExporter(client, otlp.resource("s", "1"), otlp.scope("1"), first_wait=30)
+        for number in range(2):
+            spans.add(record(number))
+            assert spans.flush(3)
+            time.sleep(0.4)  # the receiver has dropped the kept connection by now
+        assert (spans.sent, spans.dropped) == (2, 0)
+        spans.close(1)
+
+
+def test_a_host_whose_first_address_swallows_syns_costs_one_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hole = socket.create_server(("127.0.0.1", 0), backlog=0)  # never accepts: SYNs dropped
+    fillers = [socket.socket() for _ in range(3)]
+    for filler in fillers:
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(hole.getsockname())
+    resolve = socket.getaddrinfo
+
+    def two_addresses(host: str, *rest: object) -> list[Any]:
+        if host != "receiver.test":
+            return resolve(host, *rest)  # type: ignore[arg-type]
+        stream = (socket.AF_INET, socket.SOCK_STREAM, 6, "")
+        return [(*stream, hole.getsockname()), (*stream, ("127.0.0.1", port))]
+
+    with raw_receiver(_trickled_status) as port:
+        monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+        settings = otlp.settings("receiver.test:4318", {})
+        client = otlp.Client(settings, "outrider/test")
+        resource, scope = otlp.resource("s", "1"), otlp.scope("1")
+        spans = SpanExporter(client, resource, scope, timeout=1.0, first_wait=30)
+        spans.add(record())
+        started = time.monotonic()
+        assert spans.flush(10)
+        assert time.monotonic() - started < 2.5  # one POST's time, not one per address
+        assert (spans.sent, spans.dropped) == (0, 1)
+        spans.close(1)
+    for sock in (*fillers, hole):
+        sock.close()
+
+
+def test_a_flapping_receiver_is_said_once_a_minute(
+    receiver: tuple[int, Posted], caplog: pytest.LogCaptureFixture
+) -> None:
+    port, posted = receiver
+    spans = exporter(port, first_wait=0.01)
+    with caplog.at_level(logging.WARNING, "outrider.agent.tracing"):
+        for number in range(10):
+            posted.statuses = [400] if number % 2 == 0 else []
+            spans.add(record(number))
+            assert spans.flush(10)
+    assert (spans.sent, spans.dropped) == (5, 5)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and said[1].endswith("again (1 dropped meanwhile)")
+    spans.close(1)
+
+
+def test_a_watchdog_that_fires_late_leaves_the_next_post_alone(
+    receiver: tuple[int, Posted],
+) -> None:
+    port, posted = receiver
+    client = otlp.Client(otlp.settings(f"127.0.0.1:{port}", {}), "outrider/test")
+    body = otlp.encode([record()], otlp.resource("s", "1"), otlp.scope("1"))
+    assert client(body, 5) == 200
+    kept = client.connection
+    assert kept is not None
+    late = otlp._Watchdog(kept, 60)
+    with late:
+        pass  # the POST ended
+    late._fire()  # as a timer preempted past its own cancel would
+    assert client(body, 5) == 200 and client.connection is kept  # not shut, not replaced
+    assert len(posted.spans()) == 2
+    client.close()
