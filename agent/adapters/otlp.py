@@ -39,7 +39,6 @@ import ssl
 import threading
 import time
 import urllib.parse
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -263,6 +262,8 @@ def _set(attribute: KeyValue, key: str, value: str | int) -> None:
 
 def resource(service_name: str, version: str) -> Resource:
     """The spans' resource: the service, this process of it, and the agent that made them."""
+    import uuid
+
     from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
     described = Resource()
@@ -439,8 +440,8 @@ class SpanExporter:
     def __init__(
         self,
         post: Post,
-        resource: Resource,
-        scope: InstrumentationScope,
+        service: str,
+        version: str,
         *,
         target: str = "the OTLP receiver",
         max_queue: int = MAX_QUEUE,
@@ -451,9 +452,14 @@ class SpanExporter:
         clock: Callable[[], float] = time.monotonic,
         counted: Callable[[str, int], None] = lambda result, spans: None,
     ) -> None:
-        """`first_wait`: seconds before a failed POST's second try, doubled for each next.
-        `counted(result, n)`: n spans were "sent" or "dropped" (outrider_spans_total)."""
-        self.post, self.resource, self.scope, self.target = post, resource, scope, target
+        """Spans of `service` (service.name), made by the agent of `version`.
+        `first_wait`: seconds before a failed POST's second try, doubled for each next.
+        `counted(result, n)`: n spans were "sent" or "dropped" (outrider_spans_total).
+
+        The OTLP classes are loaded by the thread, with the first span: a traced agent
+        that has sent none carries none of them."""
+        self.post, self.service, self.version, self.target = post, service, version, target
+        self.described: tuple[Resource, InstrumentationScope] | None = None
         self.max_queue, self.batch, self.every, self.timeout = max_queue, batch, every, timeout
         self.first_wait, self.clock, self.counted = first_wait, clock, counted
         self.queue: collections.deque[Record] = collections.deque()
@@ -559,8 +565,10 @@ class SpanExporter:
 
     def _send(self, batch: list[Record]) -> None:
         try:
+            if self.described is None:
+                self.described = resource(self.service, self.version), scope(self.version)
             body = b"".join(
-                encode(batch[start : start + ENCODE_CHUNK], self.resource, self.scope)
+                encode(batch[start : start + ENCODE_CHUNK], *self.described)
                 for start in range(0, len(batch), ENCODE_CHUNK)
             )
         except Exception as error:  # a span that cannot be encoded: a defect of ours

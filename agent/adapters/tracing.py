@@ -318,8 +318,8 @@ class Observer:
         service = self.tracing.service_name or self.local_id or "outrider-agent"
         return otlp.SpanExporter(
             otlp.Client(settings, f"outrider/{VERSION}"),
-            otlp.resource(service, VERSION),
-            otlp.scope(VERSION),
+            service,
+            VERSION,
             target=settings.url,
             counted=counted,
         )

@@ -210,7 +210,7 @@ def test_an_observer_writes_one_line_per_finished_request_and_no_header_value() 
     assert "secret" not in text
 
 
-def test_with_both_off_there_is_no_observer_and_the_sdk_is_never_imported() -> None:
+def test_the_otlp_classes_load_with_the_first_span_and_not_before() -> None:
     script = """
 import sys
 from pathlib import Path
@@ -224,6 +224,11 @@ assert observer(parse(raw, base=Path("/")), metrics) is None
 logged = observer(parse({**raw, "access_log": {"mode": "all"}}, base=Path("/")), metrics)
 assert logged is not None and logged.spans is None
 assert not [m for m in sys.modules if m.startswith("opentelemetry")], "imported"
+# Traced, idle: nothing of OTLP but the exporter's own module until a span goes.
+tracing = {"otlp_endpoint": "127.0.0.1:9"}
+traced = observer(parse({**raw, "tracing": tracing}, base=Path("/")), metrics)
+assert traced is not None and traced.spans is not None
+assert not [m for m in sys.modules if m.startswith(("opentelemetry", "uuid"))], "imported"
 """
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
 

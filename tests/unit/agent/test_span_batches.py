@@ -136,8 +136,8 @@ def exporter(
     settings = otlp.settings(f"127.0.0.1:{port}", environ or {})
     return SpanExporter(
         otlp.Client(settings, "outrider/test"),
-        otlp.resource("svc", "1.0"),
-        otlp.scope("1.0"),
+        "svc",
+        "1.0",
         target=settings.url,
         counted=Tally() if tally is None else tally,
         **options,  # type: ignore[arg-type]
@@ -364,8 +364,7 @@ def test_an_https_receiver_is_verified_against_the_configured_ca(
             settings = otlp.settings(url, environ)
             client = otlp.Client(settings, "outrider/test")
             # An unverified receiver is refused once, not tried again (it never will be).
-            resource, scope = otlp.resource("s", "1"), otlp.scope("1")
-            spans = SpanExporter(client, resource, scope, timeout=60, first_wait=30)
+            spans = SpanExporter(client, "s", "1", timeout=60, first_wait=30)
             spans.add(record())
             assert spans.flush(10)
             assert (spans.sent, spans.dropped) == ((1, 0) if arrives else (0, 1))
@@ -469,7 +468,7 @@ def test_the_exporter_outlives_whatever_a_send_raises(receiver: tuple[int, Poste
             raise failures.pop(0)
         return client(body, timeout)
 
-    spans = SpanExporter(post, otlp.resource("s", "1"), otlp.scope("1"))
+    spans = SpanExporter(post, "s", "1")
     for number in range(3):
         spans.add(record(number))
         assert spans.flush(10)
@@ -498,7 +497,7 @@ def test_a_kept_tls_connection_the_receiver_dropped_is_replaced_at_once(
         url = f"https://127.0.0.1:{port}/v1/traces"
         settings = otlp.settings(url, {"OTEL_EXPORTER_OTLP_CERTIFICATE": str(cert)})
         client = otlp.Client(settings, "outrider/test")
-        spans = SpanExporter(client, otlp.resource("s", "1"), otlp.scope("1"), first_wait=30)
+        spans = SpanExporter(client, "s", "1", first_wait=30)
         for number in range(2):
             spans.add(record(number))
             assert spans.flush(3)
@@ -528,8 +527,7 @@ def test_a_host_whose_first_address_swallows_syns_costs_one_deadline(
         monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
         settings = otlp.settings("receiver.test:4318", {})
         client = otlp.Client(settings, "outrider/test")
-        resource, scope = otlp.resource("s", "1"), otlp.scope("1")
-        spans = SpanExporter(client, resource, scope, timeout=1.0, first_wait=30)
+        spans = SpanExporter(client, "s", "1", timeout=1.0, first_wait=30)
         spans.add(record())
         started = time.monotonic()
         assert spans.flush(10)
