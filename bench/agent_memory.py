@@ -38,6 +38,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import procs  # noqa: E402
 from bench.peers import POLICY_RULES, SERVER, outrider_policy  # noqa: E402
 from tests.mesh import agent_process, inbound, outbound, served_agent_yaml  # noqa: E402
 from tests.support import CaProcess, CaSetup, ca_process, free_port, make_ca_setup  # noqa: E402
@@ -184,6 +185,7 @@ def main() -> None:
         "--workers", type=int, default=0, help="also the server agent with `workers: N`"
     )
     args = parser.parse_args()
+    procs.bytecode()
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         root = Path(tmp)
         setup = make_ca_setup(root)

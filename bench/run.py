@@ -185,6 +185,7 @@ def main() -> None:
         parser.error(f"no scenario named {', '.join(sorted(unknown))}")
     seconds, rounds = (3.0, 1) if args.quick else (args.seconds, args.rounds)
     procs.ensure_packages()
+    procs.bytecode()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     started = datetime.now(UTC)
     try:
