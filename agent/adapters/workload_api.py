@@ -229,8 +229,11 @@ class HandedOut:
         handout = self._handout
         if handout is None or handout.svid is None:
             return
-        if self._identity.now() < handout.svid.not_after:  # the loop's clock ran ahead
-            self._watch_expiry()
+        # One reading decides: the loop's clock may run a hair ahead of the wall clock, and
+        # a second reading past the NotAfter would leave no timer and no stream told.
+        left = (handout.svid.not_after - self._identity.now()).total_seconds()
+        if left > 0:
+            self._expiry = asyncio.get_running_loop().call_later(left, self._expired)
             return
         self._publish(handout.spiffe_id, handout.bundle, handout.svid)
 

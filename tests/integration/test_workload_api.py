@@ -4,6 +4,7 @@ to whom, and that every rotation and bundle change reaches an open stream."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import socket
@@ -497,6 +498,28 @@ async def test_an_expired_svid_is_never_handed_out_the_call_is_unavailable(
                 discovery_request("ROOTCA")
             )
             assert len(answer.resources) == 1
+
+
+async def test_a_stream_is_told_at_the_expiry_when_the_loop_clock_runs_ahead(
+    setup: CaSetup,
+) -> None:
+    """The loop's timer may fire a hair before the wall clock reaches the NotAfter: the
+    stream is still told UNAVAILABLE once it is reached, not left open on a dead SVID."""
+    async with workload_agent(setup, sign=CaDownAfter(setup, 2)) as (agent, path):
+        handed = agent.workload_api.handed_out  # type: ignore[union-attr]
+        assert await eventually(lambda: handed.svid is not None, STEP)
+        assert handed.svid is not None
+        async with svid_stream(path) as stream:
+            await asyncio.wait_for(stream.recv_message(), STEP)
+            # A wall clock one tick short of the NotAfter, a tick further at each reading.
+            readings = itertools.count()
+            short = handed.svid.not_after - timedelta(milliseconds=1)
+            agent.identity.now = lambda: short + next(readings) * timedelta(milliseconds=1)
+            handed._expired()  # the timer, as the loop fires it early
+            with pytest.raises(GRPCError) as refused:
+                assert await asyncio.wait_for(stream.recv_message(), STEP) is None
+                await asyncio.wait_for(stream.recv_trailing_metadata(), STEP)
+            assert refused.value.status is Status.UNAVAILABLE
 
 
 async def test_a_push_a_caller_never_takes_frees_its_connection(
