@@ -9,6 +9,7 @@ debug port is plain HTTP, on loopback by default.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 import ssl
@@ -40,6 +41,13 @@ CONTROL_FRAMES_PER_SECOND = 2.0
 #: At exit, how long the threads of the API's calls get to end (interrupted watches
 #: end at once; a list in flight may take up to its request timeout).
 SETTLE_SECONDS = 3.0
+#: The collector's oldest generation is collected on this schedule, not when its own
+#: heuristic says. That generation holds every agent's stream, connection and last
+#: snapshot; at 2,000 agents a full collection took 100-300 ms, and the heuristic ran one
+#: every few seconds while changes were pushed, inside the pushes: a change's p99 went
+#: from 0.5-0.6 s to 0.9-1.2 s. The younger generations are collected as before.
+FULL_COLLECTION_EVERY = 60.0
+_OLDEST = gc.get_threshold()[2]  # the heuristic's, as the interpreter starts
 
 
 class StartupError(Exception):
@@ -160,7 +168,7 @@ async def serve(
     if on_ready is not None:
         on_ready.set_result(bound)
     following = follow(files, acceptor.use_tls, seen, untrusted=acceptor.abort_clients)
-    await _run(stop, informers.run(), writer.run(), following)
+    await _run(stop, informers.run(), writer.run(), following, collect_fully())
     log.info("shutting down")
     grpc_server.close()
     await grpc_server.wait_closed()
@@ -168,6 +176,19 @@ async def serve(
         await runner.cleanup()
     if not await settle(SETTLE_SECONDS):
         log.warning("a call to the API server is still in flight; exiting anyway")
+
+
+async def collect_fully(every: float = FULL_COLLECTION_EVERY) -> None:
+    """Collect the collector's oldest generation every `every` seconds, and only then;
+    its heuristic comes back when this ends."""
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, 2**31 - 1)  # never reached: only the schedule's
+    try:
+        while True:
+            await asyncio.sleep(every)
+            gc.collect()
+    finally:
+        gc.set_threshold(young, middle, _OLDEST)
 
 
 def _log_new_warnings(
