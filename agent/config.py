@@ -886,6 +886,16 @@ class _Reader(OutboundReader):
                 other, taken = earlier[0]
                 where = f"{other} ({taken})" if taken != address else other
                 self.fail(path, f"{address} is already the address of {where}")
+            # The kernel binds any number on port 0, but the agent tells its inbound (and
+            # its outbound) listeners apart by their address, keeping each across reloads.
+            kind = path.partition("[")[0]
+            twins = [p for p, a in listeners[:i] if a == address and p.partition("[")[0] == kind]
+            if address.port == 0 and kind in ("inbound", "outbound") and twins:
+                self.fail(
+                    path,
+                    f"{address} is also {twins[0]}: listeners on port 0 need a host each "
+                    "(the agent tells them apart by their address)",
+                )
         names: dict[str, int] = {}
         for i, item in enumerate(outbound):
             if item is not None and names.setdefault(item.name, i) != i:

@@ -446,9 +446,21 @@ def test_edge_values_that_are_valid(path: str, value: object) -> None:
     parse(_with(path, value), base=BASE)
 
 
-def test_two_listeners_on_port_0_do_not_clash() -> None:
+def test_listeners_on_port_0_of_one_kind_need_a_host_each() -> None:
+    """The kernel binds both, but the agent tells its inbound listeners apart (and keeps
+    each across reloads) by their address: the second would be the first."""
     raw = _with("inbound", [{"listen": "127.0.0.1:0", "app": "a:1"}] * 2)
+    twin = "inbound[1].listen: 127.0.0.1:0 is also inbound[0].listen: listeners on port 0"
+    assert any(error.startswith(twin) for error in errors_of(raw)), errors_of(raw)
+    raw = _with("inbound", [{"listen": f"127.0.0.{i}:0", "app": "a:1"} for i in (1, 2)])
     assert len(parse(raw, base=BASE).inbound) == 2
+
+
+def test_an_inbound_and_an_outbound_on_port_0_of_one_host_do_not_clash() -> None:
+    raw = _with("outbound.0.listen", "127.0.0.1:0")
+    raw["inbound"][0]["listen"] = "127.0.0.1:0"
+    config = parse(raw, base=BASE)
+    assert config.inbound[0].listen == config.outbound[0].listen
 
 
 def test_an_outbound_and_an_inbound_on_the_same_address_clash() -> None:
