@@ -13,6 +13,7 @@ import gc
 import logging
 import socket
 import ssl
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -47,7 +48,14 @@ SETTLE_SECONDS = 3.0
 #: every few seconds while changes were pushed, inside the pushes: a change's p99 went
 #: from 0.5-0.6 s to 0.9-1.2 s. The younger generations are collected as before.
 FULL_COLLECTION_EVERY = 60.0
-_OLDEST = gc.get_threshold()[2]  # the heuristic's, as the interpreter starts
+#: Sooner once Python's allocated blocks have grown by this much since the last: the bound
+#: the heuristic kept on garbage (a fleet reconnecting at once leaves its old connections'
+#: cycles), kept on what is allocated rather than on the objects that outlive a push. Not
+#: the resident set: memory freed stays with the allocators, so it hardly falls after one.
+FULL_COLLECTION_GROWTH = 1.25
+#: One entry per schedule running (tests run serve() twice in one process): the oldest
+#: generation's threshold the first found, which the last to end puts back.
+_schedules: list[int] = []
 
 
 class StartupError(Exception):
@@ -178,17 +186,32 @@ async def serve(
         log.warning("a call to the API server is still in flight; exiting anyway")
 
 
-async def collect_fully(every: float = FULL_COLLECTION_EVERY) -> None:
-    """Collect the collector's oldest generation every `every` seconds, and only then;
-    its heuristic comes back when this ends."""
-    young, middle, _ = gc.get_threshold()
+async def collect_fully(
+    every: float = FULL_COLLECTION_EVERY,
+    *,
+    look: float = 1.0,
+    allocated: Callable[[], int] = sys.getallocatedblocks,
+) -> None:
+    """Collect the collector's oldest generation every `every` seconds, or once
+    `allocated()` has grown by FULL_COLLECTION_GROWTH since the last, and only then; its
+    heuristic comes back when the last schedule ends. (From Python 3.14 the collector is
+    incremental, with no such pauses, and the threshold this sets is ignored.)"""
+    young, middle, oldest = gc.get_threshold()
+    _schedules.append(_schedules[0] if _schedules else oldest)
     gc.set_threshold(young, middle, 2**31 - 1)  # never reached: only the schedule's
+    loop = asyncio.get_running_loop()
     try:
+        last, since = allocated(), loop.time()
         while True:
-            await asyncio.sleep(every)
-            gc.collect()
+            await asyncio.sleep(look)
+            if loop.time() - since >= every or allocated() > last * FULL_COLLECTION_GROWTH:
+                gc.collect()
+                last, since = allocated(), loop.time()
     finally:
-        gc.set_threshold(young, middle, _OLDEST)
+        heuristic = _schedules.pop()
+        if not _schedules:
+            young, middle, _ = gc.get_threshold()
+            gc.set_threshold(young, middle, heuristic)
 
 
 def _log_new_warnings(

@@ -39,7 +39,7 @@ def full_collections() -> Iterator[list[float]]:
 async def test_cycles_are_freed_on_the_schedule_and_by_no_heuristic(
     full_collections: list[float],
 ) -> None:
-    running = asyncio.create_task(collect_fully(every=0.2))
+    running = asyncio.create_task(collect_fully(every=0.2, look=0.01, allocated=lambda: 0))
     await asyncio.sleep(0)  # it has set the thresholds
     try:
         holder = [Node()]
@@ -63,13 +63,47 @@ async def test_cycles_are_freed_on_the_schedule_and_by_no_heuristic(
             await running
 
 
-async def test_the_heuristic_is_back_when_serving_ends() -> None:
+async def test_allocations_grown_by_a_quarter_are_collected_at_once(
+    full_collections: list[float],
+) -> None:
+    """A fleet that reconnects at once leaves its old connections' cycles behind: they go
+    when Python's allocations have grown by a quarter, not a minute later."""
+    blocks = [100_000]
+    running = asyncio.create_task(collect_fully(every=60, look=0.01, allocated=lambda: blocks[0]))
+    try:
+        await asyncio.sleep(0.1)
+        blocks[0] = 124_000
+        await asyncio.sleep(0.1)
+        assert full_collections == []
+        blocks[0] = 126_000
+        for _ in range(100):
+            if full_collections:
+                break
+            await asyncio.sleep(0.01)
+        assert len(full_collections) == 1
+        await asyncio.sleep(0.1)  # counted again after it: 126,000 is the new base
+        assert len(full_collections) == 1
+    finally:
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+
+
+async def test_the_heuristic_is_back_when_the_last_schedule_ends() -> None:
+    """As it was before the first, however many ran at once (serve() twice in a test)."""
     before = gc.get_threshold()
-    running = asyncio.create_task(collect_fully(every=60))
-    await asyncio.sleep(0)
-    assert gc.get_threshold()[:2] == before[:2]  # the younger generations as before
-    assert gc.get_threshold()[2] > 1_000_000
-    running.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await running
-    assert gc.get_threshold() == before
+    gc.set_threshold(*before[:2], 50)
+    try:
+        first = asyncio.create_task(collect_fully(every=60))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(collect_fully(every=60))
+        await asyncio.sleep(0)
+        assert gc.get_threshold()[:2] == before[:2]  # the younger generations as before
+        for running in (first, second):
+            assert gc.get_threshold()[2] > 1_000_000
+            running.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+        assert gc.get_threshold() == (*before[:2], 50)
+    finally:
+        gc.set_threshold(*before)
