@@ -224,11 +224,14 @@ async def test_a_peer_authentication_applied_in_the_api_reaches_a_captured_pod_l
     async with subscribed(control, control.ca.workload("shop", "api"), "api") as agent:
 
         async def snapshot(mode: str) -> dict[str, Any]:
-            version, config = await agent.next(timeout=2.0)
-            await agent.ack(version)
-            if config["captured"]["inbound"]["mtls"] != mode:  # a change before the one awaited
-                return await snapshot(mode)
-            return config
+            """The first snapshot in `mode` (with the Service): each before it, of a change
+            the control plane saw first (the pod before the Service), acked and passed over."""
+            while True:
+                version, config = await agent.next(timeout=2.0)
+                await agent.ack(version)
+                captured = config["captured"]
+                if captured["inbound"]["mtls"] == mode and captured["outbound"]["passthrough"]:
+                    return config
 
         config = await snapshot("strict")
         assert config["inbound"] == []
