@@ -86,10 +86,15 @@ def workload(name: str, namespace: str = "demo") -> SpiffeId:
     return SpiffeId.parse(f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{name}")
 
 
-def local_sign(setup: CaSetup, ttl: timedelta = timedelta(hours=1)) -> SignFn:
-    """Issue straight from the CA directory, as `ca serve` would, without the network."""
+def local_sign(
+    setup: CaSetup,
+    ttl: timedelta = timedelta(hours=1),
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> SignFn:
+    """Issue straight from the CA directory, as `ca serve` would, without the network,
+    by the CA's clock `now`."""
     signer = LocalSigner.load(setup.ca_dir)
-    issuer = Issuer(signer, IssuancePolicy(default_ttl=ttl, max_ttl=ttl), lambda: datetime.now(UTC))
+    issuer = Issuer(signer, IssuancePolicy(default_ttl=ttl, max_ttl=ttl), now)
 
     async def sign(
         csr_der: bytes, trusted: bytes, svid: Svid | None, token: str | None
