@@ -21,9 +21,11 @@ port's business). No WebSocket over h2 (RFC 8441's extended CONNECT): an h2
 CONNECT is refused 501 as on every h2 port.
 
 A pooled connection the app closed while idle (its keep-alive timeout) can
-fail a request before any byte of answer: a bodiless request is then sent
-again on a fresh connection, since the app never began it; one with a body
-is answered 503, as an unreachable app is.
+fail a request before any byte of answer. Nothing tells that race from an app
+that read the request, acted on it and closed without answering, so only a
+request the app may see twice is sent again: bodiless, of an idempotent
+method (as agent/core/tries.py decides for upstreams), once, on a new
+connection. Any other is answered 503 `app_reset`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from agent.adapters.inbound_h2 import Forward, InboundH2, _Call, refusal
 from agent.core import grpc, http1
 from agent.core.endpoint import Endpoint
 from agent.core.http1 import END, Broken, Data, Framing, Response
+from agent.core.resilience import IDEMPOTENT
 
 #: Idle keep-alive connections to the app kept per client connection.
 IDLE_APP_CONNECTIONS = 4
@@ -47,8 +50,6 @@ IDLE_APP_CONNECTIONS = 4
 MAX_APP_CONNECTIONS = 16
 #: Response bytes read from the app ahead of the client's window before reading pauses.
 READ_AHEAD = 256 * 1024
-#: Sends of one bodiless request on connections that turned out closed.
-STALE_TRIES = 3
 
 
 class _Stale(Exception):
@@ -163,11 +164,11 @@ class AppConnections:
         self.waiting: deque[asyncio.Future[None]] = deque()
         self.closed = False
 
-    async def take(self) -> tuple[AppConnection, bool]:
-        """An idle connection (True: it was used before) or a new one, once one is free;
-        OSError/TimeoutError if the app cannot be reached."""
+    async def take(self, new: bool = False) -> tuple[AppConnection, bool]:
+        """An idle connection (True: it was used before) or, with `new` or none idle, a new
+        one, once one is free; OSError/TimeoutError if the app cannot be reached."""
         while True:
-            while self.idle:
+            while self.idle and not new:
                 connection = self.idle.pop()
                 transport = connection.transport
                 if not connection.lost and transport is not None and not transport.is_closing():
@@ -248,9 +249,13 @@ class InboundH2ToHttp1(InboundH2):
         if request.deadline is not None:
             request.headers.append((b"grpc-timeout", grpc.timeout_value(request.deadline).encode()))
         message, head = _message(request, stream.bodiless)
-        for _ in range(STALE_TRIES):
+        # Lost on a reused connection before any answer, it goes once more on a new one if
+        # the app may see it twice (the module's docstring).
+        resend = stream.bodiless and message.method.decode("latin-1") in IDEMPOTENT
+        new = False
+        while True:
             try:
-                app, reused = await self.apps.take()
+                app, reused = await self.apps.take(new)
             except (OSError, TimeoutError) as exc:
                 self.unreachable(exc)
                 break
@@ -266,10 +271,11 @@ class InboundH2ToHttp1(InboundH2):
                 kept = kept and (upload is None or (upload.done() and upload.result()))
                 return
             except _Stale:
-                if not (reused and stream.bodiless):  # the app may have begun it
+                if not (reused and resend):  # the app may have acted on it
                     why = refusal(503, "app_reset", "", grpc.Code.UNAVAILABLE)
                     await self.refuse(stream, why, call.grpc, request.entry)
                     return
+                new = True
             finally:
                 if upload is not None:
                     upload.cancel()

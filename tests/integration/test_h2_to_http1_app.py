@@ -20,11 +20,14 @@ OPEN = {"policies": [{"name": "open", "action": "ALLOW", "rules": [{"to": {"path
 
 
 @asynccontextmanager
-async def keep_alive_app() -> AsyncIterator[tuple[int, list[int]]]:
+async def keep_alive_app(
+    seen: list[bytes] | None = None,
+) -> AsyncIterator[tuple[int, list[int]]]:
     """An HTTP/1.1 app that answers with what it read, and closes a connection it has
     answered once when a request for /stale arrives on it: the race every keep-alive
-    client meets when a server's idle timeout fires as its next request leaves.
-    Yields its port and how many connections it accepted."""
+    client meets when a server's idle timeout fires as its next request leaves (or an
+    app that acted on the request and died). Yields its port and how many connections
+    it accepted; appends each request line it read to `seen`."""
     accepted: list[int] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -34,6 +37,8 @@ async def keep_alive_app() -> AsyncIterator[tuple[int, list[int]]]:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 line = head.split(b"\r\n", 1)[0]
+                if seen is not None:
+                    seen.append(line)
                 if b" /stale" in line and answered:
                     return
                 if b" /busy" in line:  # long enough for the streams to overlap
@@ -140,3 +145,35 @@ async def test_a_peers_streams_share_a_bounded_number_of_app_connections(
     assert [a.status for a in answers] == [200] * 60
     assert answers[7].body == b"GET /busy/7 HTTP/1.1 "
     assert 1 < len(accepted) <= MAX_APP_CONNECTIONS
+
+
+async def test_a_request_the_app_may_have_acted_on_is_never_sent_twice(
+    setup: CaSetup, tmp_path: Path
+) -> None:
+    """Lost with its reused connection before any answer, a bodiless POST is answered 503
+    app_reset, not sent again (the app may have acted on it); a GET is sent once more, on
+    a new connection, though the pool holds other idle ones the app closes as well."""
+    seen: list[bytes] = []
+    async with keep_alive_app(seen) as (port, accepted):
+        inbounds = [
+            {"listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{port}", "protocol": "http"}
+        ]
+        raw = agent_yaml(setup.root, "backend", inbound=inbounds, policy=OPEN)
+        async with running_agent(raw, local_sign(setup), tmp_path) as agent:
+
+            def ask() -> tuple[Response, Response]:
+                client = h2_to(setup, agent.bound["inbound[0]"])
+                try:
+                    busy = [client.send(request_headers(f"/busy/{i}")) for i in range(3)]
+                    assert [client.wait(b).status for b in busy] == [200] * 3  # 3 kept idle
+                    posted = client.wait(client.send(request_headers("/stale", "POST")))
+                    return posted, client.get("/stale")
+                finally:
+                    client.close()
+
+            posted, got = await asyncio.to_thread(ask)
+    assert posted.status == 503 and b"app_reset" in posted.body
+    assert seen.count(b"POST /stale HTTP/1.1") == 1
+    assert (got.status, got.body) == (200, b"GET /stale HTTP/1.1 ")
+    assert seen.count(b"GET /stale HTTP/1.1") == 2  # on a used connection, then a new one
+    assert len(accepted) == 4
