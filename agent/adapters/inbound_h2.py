@@ -43,7 +43,13 @@ from agent.core import grpc
 from agent.core.accesslog import Entry
 from agent.core.endpoint import Endpoint
 from agent.core.h2limits import H2Limits, Limit
-from agent.core.headers import UnderscoreAction, plain, screen, underscore_refusal
+from agent.core.headers import (
+    UnderscoreAction,
+    control_in,
+    plain,
+    screen,
+    underscore_refusal,
+)
 from agent.core.http1 import HOST_FIELD
 from agent.core.httppath import BadPath, normalize_host, normalize_target
 from agent.core.tracecontext import HEADERS as TRACE_HEADERS
@@ -193,9 +199,15 @@ class InboundH2:
                 return refusal(400, "bad_request", detail, grpc.Code.INTERNAL)
             if verdict == "drop" or _identity(name):
                 continue
+            control = control_in(value)
+            if control is not None:
+                detail = f"header {name.decode('latin-1')!r} has the character {control!r}"
+                return refusal(400, "bad_request", detail, grpc.Code.INTERNAL)
             kept.append((name, value))
             key = name.decode("latin-1")  # h2 has lower-cased it (or refused the stream)
             values[key] = (*values.get(key, ()), value.decode("latin-1"))
+        if len(values.get("content-length", ())) > 1:  # h2 lets equal numbers through
+            return refusal(400, "bad_request", "more than one Content-Length", grpc.Code.INTERNAL)
         host_problem = self._host(pseudo.get(b":authority"), values)
         if host_problem is not None:
             return refusal(400, "bad_request", host_problem, grpc.Code.INTERNAL)
@@ -421,11 +433,17 @@ class _Call:
         return grpc.Code.UNKNOWN if status == 200 else grpc.from_http_status(status)
 
 
-def _onward(trailers: Headers) -> Headers:
-    """A request's trailers as the app gets them: no identity header, and only names no app
-    server folds onto another (agent.core.headers). Unlike a head, they cannot be refused:
-    the request has gone on, so the rest are dropped, whatever `headers_with_underscores`."""
-    return [(n, v) for n, v in trailers if plain(n) and not _identity(n)]
+#: Fields no trailer may be (RFC 9110 6.5.1), which an app that merges trailers into the
+#: head would read as the decided head's own: the host it was routed by, its framing.
+_HEAD_ONLY = frozenset({b"host", b"content-length"})
+
+
+def onward(trailers: Headers) -> Headers:
+    """A request's trailers as they go on (to the app, or upstream): no identity header, no
+    `_HEAD_ONLY` field, and only names no app server folds onto another (agent.core.headers).
+    Unlike a head, they cannot be refused: the request has gone on, so the rest are dropped,
+    whatever `headers_with_underscores`. No policy sees them (docs/policy.md)."""
+    return [(n, v) for n, v in trailers if plain(n) and n not in _HEAD_ONLY and not _identity(n)]
 
 
 def _outward(headers: Headers) -> Headers:
@@ -440,5 +458,5 @@ def _checked() -> h2client.H2ClientConnection:
 
 
 def _end_upload(stream: H2Stream, app: h2client.H2Stream) -> None:
-    """The request is whole: its trailers (`_onward`) or END_STREAM to the app."""
-    app.end(_onward(stream.trailers or []) or None)
+    """The request is whole: its trailers (`onward`) or END_STREAM to the app."""
+    app.end(onward(stream.trailers or []) or None)

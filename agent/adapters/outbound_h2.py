@@ -52,6 +52,7 @@ from agent.adapters.attempts import LocalAnswer, Try, attempts
 from agent.adapters.h2client import H2ClientConnection, NoRoom, StreamError
 from agent.adapters.h2server import H2Server, H2Stream, Headers, StreamReset
 from agent.adapters.http import _identity, error_body
+from agent.adapters.inbound_h2 import onward
 from agent.adapters.metrics import CLIENT_CLOSED, clock, since
 from agent.adapters.outbound_http import REPLAY_BYTES, _key
 from agent.adapters.upstreams import DialError, LiveUpstream
@@ -530,7 +531,7 @@ class _Body:
 
     def _took(self, chunk: bytes) -> bool:
         if not chunk:
-            self.trailers = _onward(self.stream.trailers or []) or None
+            self.trailers = onward(self.stream.trailers or []) or None
             self.ended = True
             return False
         self.size += len(chunk)
@@ -586,12 +587,6 @@ def _upstream_head(headers: Headers, is_grpc: bool) -> Headers:
         and not _identity(n)
         and not (is_grpc and n == b"grpc-timeout")
     ]
-
-
-def _onward(trailers: Headers) -> Headers:
-    """The app's request trailers as they go upstream: no identity header, and no name an
-    app server folds onto another (the head has gone: they are dropped, not refused)."""
-    return [(n, v) for n, v in trailers if plain(n) and not _identity(n)]
 
 
 def _outward(headers: Headers) -> Headers:

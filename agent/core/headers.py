@@ -15,10 +15,15 @@ request naming any other header (the token characters llhttp lets through:
 (`limits.headers_with_underscores`), as Envoy's
 `headers_with_underscores_action` does with REJECT_REQUEST and DROP_HEADER
 for `_` alone.
+
+A value is held to what an HTTP/1.1 request line's parser (llhttp) takes in one:
+no control character but HTAB (RFC 9110 5.5), which HTTP/2 lets through but
+NUL, CR and LF. An h2 request carrying one gets the 400 its HTTP/1.1 form gets.
 """
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Literal, get_args
 
@@ -29,6 +34,10 @@ Verdict = Literal["keep", "reject", "drop"]
 
 #: The characters of a name every app server reads as itself.
 PLAIN = (string.ascii_letters + string.digits + "-").encode()
+
+
+#: A control character a field value may not hold (HTAB may).
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def plain(name: bytes) -> bool:
@@ -50,3 +59,9 @@ def underscore_refusal(name: bytes) -> str:
         f"header name {shown!r} {what}; app servers read it as the same header as its "
         "hyphen spelling, so it is refused: send letters, digits and '-' only"
     )
+
+
+def control_in(value: bytes) -> str | None:
+    """The first control character `value` holds that no field value may, or None."""
+    found = _CONTROL.search(value)
+    return None if found is None else found[0].decode("latin-1")

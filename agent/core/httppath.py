@@ -43,10 +43,15 @@ def normalize_target(target: str) -> tuple[str, str]:
     """Split an origin-form request-target into (normalized path, raw query).
 
     The query (the text after the first `?`, without it) is kept verbatim for
-    the app and is never matched; a `#fragment` is dropped. Idempotent.
+    the app and is never matched, but held, as the path is, to printable ASCII
+    (what a request line can carry: an HTTP/2 `:path` could carry more); a
+    `#fragment` is dropped. Idempotent.
     """
     target = target.partition("#")[0]
     path, _, query = target.partition("?")
+    bad = _FORBIDDEN.search(query) if query else None
+    if bad:
+        raise BadPath(f"query has the character {bad[0]!r}; a query may only hold printable ASCII")
     if _NORMAL.fullmatch(path):
         return path, query  # what `_normalized` would give, for less
     return _normalized(path), query

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from agent.adapters.inbound_h2 import Forward, InboundH2, Refusal
-from agent.adapters.outbound_h2 import _onward, _upstream_head
+from agent.adapters.inbound_h2 import Forward, InboundH2, Refusal, onward
+from agent.adapters.outbound_h2 import _upstream_head
 from agent.core import grpc
 from agent.core.endpoint import Endpoint
 from agent.core.grpc import Code, malformed_method
 from agent.core.h2limits import Limit
+from agent.core.http1 import Refused, RequestParser
 from agent.core.policy import Decision
 
 Headers = list[tuple[bytes, bytes]]
@@ -92,6 +93,15 @@ def test_an_allowed_request_goes_on_normalized_with_the_peers_identity_only() ->
         (head("/api/x", "GET\x01"), 400, "bad_request"),
         (head("/api/x", ""), 400, "bad_request"),
         (head("/api/x", "GET", *[(b"x-n", b"v")] * 101), 431, "headers_too_large"),
+        # A request line's third word, or bytes a strict app refuses and a lenient one reads.
+        (head("/api/x?a /api/admin"), 400, "bad_path"),
+        (head("/api/x?a\xff"), 400, "bad_path"),
+        (head("/api/x", "GET", (b"x-role", b"admin\x01")), 400, "bad_request"),
+        (
+            head("/api/x", "GET", (b"content-length", b"5"), (b"content-length", b"05")),
+            400,
+            "bad_request",
+        ),
     ],
 )
 def test_a_bad_head_gets_the_answer_http1_gives_it_before_any_policy(
@@ -103,6 +113,24 @@ def test_a_bad_head_gets_the_answer_http1_gives_it_before_any_policy(
     assert (refusal.status, refusal.body["error"]) == (status, error)
     assert seen.asked == []
     assert seen.hits == (["header_list"] if status == 431 else [])
+
+
+@pytest.mark.parametrize("where", ["query", "value"])
+def test_an_h2_head_is_refused_for_any_byte_the_http1_parser_refuses(where: str) -> None:
+    """Byte for byte, the same request as h2 and as HTTP/1.1: refused by both or by neither,
+    so no h2 request reaches the app in a form the port would refuse over HTTP/1.1."""
+    differ = []
+    for byte in range(256):
+        c = bytes([byte])
+        query, value = (b"a" + c + b"b", b"v") if where == "query" else (b"a", b"x" + c + b"y")
+        as_h2 = head("/api/x?" + query.decode("latin-1"), "GET", (b"x-v", value))
+        http1 = b"GET /api/x?%s HTTP/1.1\r\nhost: backend.shop:8080\r\nx-v: %s\r\n\r\n"
+        events = RequestParser().feed(http1 % (query, value))
+        refused_as_http1 = any(isinstance(event, Refused) for event in events)
+        refused_as_h2 = isinstance(inbound(Seen()).screen(as_h2, False), Refusal)
+        if refused_as_h2 != refused_as_http1:
+            differ.append(byte)
+    assert differ == []
 
 
 def test_a_denied_request_names_the_policy_and_rule() -> None:
@@ -180,4 +208,6 @@ def test_an_apps_outbound_call_goes_upstream_without_folded_names_or_identity() 
     upstream = _upstream_head(sent, is_grpc=True)
     assert upstream == [*head("/demo.Greeter/SayHello", "POST", GRPC), (b"x-role", b"viewer")]
     trailers = [(b"x_role", b"admin"), (b"X_Forwarded_Client_Cert", b"x"), (b"x-sum", b"1")]
-    assert _onward(trailers) == [(b"x-sum", b"1")]
+    assert onward(trailers) == [(b"x-sum", b"1")]
+    # Fields no trailer may be, which an app merging trailers would read as the head's.
+    assert onward([(b"host", b"evil.example"), (b"content-length", b"99")]) == []
