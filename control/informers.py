@@ -100,7 +100,10 @@ class Refused(Exception):
 
 
 #: Answers to a write that the same write would get again.
-_REFUSALS = (400, 403, 422)
+_REFUSALS = (400, 403, 413, 422)
+#: How kube-apiserver passes on etcd's refusal of an object over its size limit (a 500,
+#: which is otherwise a passing fault): the same write would be refused again.
+_TOO_LARGE = "request is too large"
 
 
 class ClusterApi(Protocol):
@@ -379,8 +382,9 @@ class KubernetesClusterApi:
                 raise Conflict(f"{resource.kind} {namespace}/{name}") from None
             if code == 404:
                 raise Gone(f"{resource.kind} {namespace}/{name}") from None
-            if code in _REFUSALS:
-                raise Refused(f"{code} {getattr(error, 'body', '') or error}") from None
+            said = str(getattr(error, "body", "") or error)
+            if code in _REFUSALS or (code == 500 and _TOO_LARGE in said):
+                raise Refused(f"{code} {said}") from None
             raise
 
 

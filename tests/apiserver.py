@@ -55,6 +55,9 @@ Covered:
 - The service proxy (`/api/v1/namespaces/NS/services/[https:]NAME[:PORT]/proxy/PATH`):
   to the first ready endpoint of the Service's EndpointSlices, 503 when there is none
   or it does not answer.
+- Sizes: a request body over 3 MiB is 413; a write that leaves an object over
+  1.5 MiB (etcd's default --max-request-bytes) is 500 "etcdserver: request is too
+  large", as kube-apiserver passes etcd's refusal on.
 - Faults: `fail_next(n, code)` makes the next n requests of some verbs fail;
   `drop_watches()` ends every open watch; `requests` logs every request.
 
@@ -358,7 +361,7 @@ class FakeApiServer:
                 namespace,
                 name,
                 content_type,
-                await request.read(),
+                await _read(request),
                 status=status,
                 **_write_options(query),
             )
@@ -678,8 +681,19 @@ def _write_options(query: dict[str, str]) -> dict[str, bool]:
     return {"strict": validation == "Strict", "dry_run": query.get("dryRun") == "All"}
 
 
-async def _body(request: web.Request) -> Any:
+#: The largest request body kube-apiserver reads (3 MiB; a larger one is a 413).
+MAX_REQUEST_BYTES = 3 * 1024 * 1024
+
+
+async def _read(request: web.Request) -> bytes:
     raw = await request.read()
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise ApiError(413, f"Request entity too large: limit is {MAX_REQUEST_BYTES}")
+    return raw
+
+
+async def _body(request: web.Request) -> Any:
+    raw = await _read(request)
     try:
         if "yaml" in request.headers.get("Content-Type", ""):
             return yaml.safe_load(raw)

@@ -30,6 +30,8 @@ from tests.apitypes import BUILTINS, ApiError, Json, Resource, resources_of_crd
 
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+#: The largest object etcd stores (its default --max-request-bytes, 1.5 MiB).
+ETCD_MAX_OBJECT_BYTES = 1536 * 1024
 
 
 @dataclass(frozen=True)
@@ -583,6 +585,9 @@ class Store:
     # -- history and watch --
 
     def _commit(self, resource: Resource, kind: str, obj: Json, old: Json | None) -> None:
+        if kind != "DELETED" and len(json.dumps(obj)) > ETCD_MAX_OBJECT_BYTES:
+            # What kube-apiserver answers when etcd refuses the write (its --max-request-bytes).
+            raise ApiError(500, "etcdserver: request is too large")
         self._revision += 1
         obj["metadata"]["resourceVersion"] = str(self._revision)
         meta = obj["metadata"]

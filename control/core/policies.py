@@ -46,8 +46,24 @@ from agent.core.policy import Policy
 from agent.core.policyfile import PolicyError, parse_policy_list
 from control.core.conditions import Meta
 from control.core.selectors import Selector, parse_selector
+from control.core.upstreams import (
+    AGENT_SNAPSHOT_BYTES,
+    AGENT_SNAPSHOT_CONTAINERS,
+    SHARED_BYTES,
+    SHARED_CONTAINERS,
+    encode,
+)
 
 __all__ = ["CompiledPolicy", "compile_policy", "fit_to_ports"]
+
+#: The most of an agent's snapshot one policy may take, as sent: a quarter of the part a
+#: pod's own configuration has (its policies, listeners and ports; the mesh's Services may
+#: take the rest). An agent refuses a snapshot past its bounds whole, and keeps the one
+#: before: one policy of 200,000 empty rules accepted here had every agent it selected
+#: refuse every later change. It also keeps the policy's status, which records the
+#: version in force (a copy of the spec), well within the 1.5 MiB etcd keeps of an object.
+POLICY_BYTES = (AGENT_SNAPSHOT_BYTES - SHARED_BYTES) // 4
+POLICY_CONTAINERS = (AGENT_SNAPSHOT_CONTAINERS - SHARED_CONTAINERS) // 4
 
 _SPEC_KEYS = ("action", "mode", "rules", "selector")
 _SOURCE = "AuthorizationPolicy"
@@ -98,6 +114,9 @@ def compile_policy(
     }
     if "mode" in spec:
         document["mode"] = spec["mode"]
+    too_large = _too_large(document)
+    if too_large is not None:  # before the rules are read: they could take seconds
+        return [*errors, too_large]
     try:
         (policy,) = parse_policy_list([document], _SOURCE)
     except PolicyError as exc:
@@ -147,6 +166,23 @@ def misfits(policy: Policy, tcp_ports: frozenset[int]) -> tuple[Misfit, ...]:
             if ports:
                 found.append(Misfit(rule.name, tuple(sorted(rule.http_fields)), ports))
     return tuple(found)
+
+
+def _too_large(document: Mapping[str, Any]) -> str | None:
+    """Why the policy is too large to send (POLICY_BYTES, POLICY_CONTAINERS), or None."""
+    try:
+        encoded = encode(document)
+    except (TypeError, ValueError):  # not JSON: the rules' own checks say what is wrong
+        return None
+    containers = encoded.count(b"{") + encoded.count(b"[")
+    if len(encoded) <= POLICY_BYTES and containers <= POLICY_CONTAINERS:
+        return None
+    return (
+        f"spec.rules: the policy takes {len(encoded)} bytes and {containers} arrays and"
+        f" objects of an agent's configuration; one may take at most {POLICY_BYTES} and"
+        f" {POLICY_CONTAINERS}: write fewer, broader rules (a namespace rather than each of"
+        " its principals, a CIDR rather than each address)"
+    )
 
 
 def fit_to_ports(

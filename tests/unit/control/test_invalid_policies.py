@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from control.core.mesh import Mesh, MeshSettings, compile_mesh
-from tests.cluster import SHOP, policy_object, world, write_statuses
+from tests.cluster import SHOP, agent_accepts, policy_object, world, write_statuses
 
 SETTINGS = MeshSettings("example.org")
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -152,3 +152,44 @@ def test_a_valid_policy_is_accepted() -> None:
             },
         },
     }
+
+
+def _principals(count: int) -> list[dict[str, Any]]:
+    return [
+        {"from": {"principals": [f"spiffe://example.org/ns/shop/sa/c{i}" for i in range(count)]}}
+    ]
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        [{}] * 200_001,  # more arrays and objects than an agent takes in a whole snapshot
+        _principals(8000),  # ~320 KB: four of them would fill a pod's part of one
+    ],
+)
+def test_a_policy_too_large_for_the_agents_is_refused_and_the_others_reach_them(
+    rules: list[dict[str, Any]],
+) -> None:
+    """Accepted, it would have every agent it selects refuse every later snapshot."""
+    objects = world(SHOP, _policy(GOOD, name="guard"), _policy("{rules: [{}]}", name="huge"))
+    objects["AuthorizationPolicy"][("shop", "huge")]["spec"]["rules"] = rules
+    mesh = compile_mesh(objects, SETTINGS, now=T0)
+    accepted = _accepted(mesh, "huge")
+    assert (accepted["status"], accepted["reason"]) == ("False", "Invalid")
+    assert accepted["message"].startswith("spec.rules: the policy takes "), accepted["message"]
+    assert "write fewer, broader rules" in accepted["message"]
+    assert _rules(mesh) == [[{"to": {"paths": ["/admin*"]}}]]
+    config = mesh.config_for("shop", "backend-v1-0")
+    assert config is not None
+    agent_accepts(config)
+
+
+def test_a_policy_within_the_bound_is_enforced_and_the_agents_take_it() -> None:
+    objects = world(SHOP, _policy("{rules: [{}]}", name="large"))
+    objects["AuthorizationPolicy"][("shop", "large")]["spec"]["rules"] = _principals(5000)
+    mesh = compile_mesh(objects, SETTINGS, now=T0)
+    assert _accepted(mesh, "large")["status"] == "True"
+    config = mesh.config_for("shop", "backend-v1-0")
+    assert config is not None
+    agent_accepts(config)
+    assert len(_rules(mesh)[0][0]["from"]["principals"]) == 5000
