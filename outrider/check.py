@@ -32,6 +32,7 @@ INJECT_LABEL = ("outrider.io/inject", "enabled")
 BUNDLE_CONFIGMAP, BUNDLE_KEY = "outrider-trust-bundle", "bundle.pem"
 WEBHOOK = "outrider-injector"
 CA_SERVICE, CA_HTTP_PORT = "outrider-ca", "http"
+CONTROL = "outrider-control"  # its Deployment
 #: Native sidecars (init containers with restartPolicy: Always) are on by default from here.
 NATIVE_SIDECARS = (1, 29)
 OUTRIDER_CRDS = (
@@ -93,6 +94,10 @@ class Observed:
     webhook_health: Probe | None = None
     agents: Sequence[Mapping[str, Any]] | None = None
     agents_error: str = ""
+    #: How many control-plane replicas were asked for agents, and how many the
+    #: Deployment runs (None: unknown); each lists only the agents connected to it.
+    replicas_asked: int = 1
+    replicas: int | None = None
 
 
 # --- pre-install ------------------------------------------------------------------------
@@ -307,10 +312,33 @@ def webhook_target(
     return None
 
 
-def agents_in_sync(agents: Sequence[Mapping[str, Any]] | None, error: str) -> list[Check]:
+def _replicas(deployment: Mapping[str, Any]) -> int | None:
+    """How many replicas a Deployment runs: as its status says, or as its spec asks."""
+    status, spec = deployment.get("status") or {}, deployment.get("spec") or {}
+    for count in (status.get("replicas"), spec.get("replicas", 1)):
+        if isinstance(count, int) and not isinstance(count, bool):
+            return count
+    return None
+
+
+def agents_in_sync(
+    agents: Sequence[Mapping[str, Any]] | None,
+    error: str,
+    asked: int = 1,
+    replicas: int | None = None,
+) -> list[Check]:
     found = partial(Check, "post-install", "agents connected and in sync")
     if agents is None:
         return [found("fail", error, debugapi.PORT_FORWARD)]
+    unseen: list[Check] = []
+    if replicas is not None and replicas > asked:
+        detail = (
+            f"the control plane runs {replicas} replicas and {asked} was asked: the agents"
+            " connected to the others are not shown, in sync or not"
+        )
+        unseen = [found("warn", detail, debugapi.EACH_REPLICA)]
+        if not agents:
+            return unseen
     if not agents:
         detail = "no agent is connected to the control plane"
         fix = "inject a workload (kubectl label namespace NAMESPACE outrider.io/inject=enabled)"
@@ -333,9 +361,9 @@ def agents_in_sync(agents: Sequence[Mapping[str, Any]] | None, error: str) -> li
         )
         for row in lagging
     ]
-    if not lagging:
+    if not lagging and not unseen:
         checks.append(found("ok", f"{_count(len(rows), 'agent')}, all SYNCED"))
-    return checks
+    return [*unseen, *checks]
 
 
 def post_install(seen: Observed) -> list[Check]:
@@ -344,7 +372,7 @@ def post_install(seen: Observed) -> list[Check]:
         ca_serving(seen.ca_health, seen.ca_bundle),
         *bundle_configmaps(seen.namespaces, seen.bundles, seen.ca_bundle),
         *webhook(seen.webhook, seen.services, seen.webhook_health),
-        *agents_in_sync(seen.agents, seen.agents_error),
+        *agents_in_sync(seen.agents, seen.agents_error, seen.replicas_asked, seen.replicas),
     ]
 
 
@@ -441,6 +469,7 @@ class Cluster:
         self.version_api: Any = client.VersionApi(api)
         self.extensions: Any = client.ApiextensionsV1Api(api)
         self.admission: Any = client.AdmissionregistrationV1Api(api)
+        self.apps: Any = client.AppsV1Api(api)
         self._error: type[Exception] = client.ApiException
         self.timeout = timeout
         self.server = configuration.host
@@ -539,7 +568,7 @@ def _in_cluster() -> bool:
     return "KUBERNETES_SERVICE_HOST" in os.environ
 
 
-def observe(cluster: Cluster, control: str, *, pre: bool = False) -> Observed:
+def observe(cluster: Cluster, controls: Sequence[str], *, pre: bool = False) -> Observed:
     """Ask the API server (and, after install, the control plane) what the checks need."""
     version = _mapping(cluster.read(cluster.version_api.get_code))
     crds = frozenset(
@@ -575,9 +604,11 @@ def observe(cluster: Cluster, control: str, *, pre: bool = False) -> Observed:
         webhook_health = cluster.proxy(namespace, f"https:{name}:{port}", "healthz")
     agents, agents_error = None, ""
     try:
-        agents = debugapi.agents(control)
+        agents = debugapi.agents_of(controls)
     except debugapi.Unreachable as exc:
         agents_error = str(exc)
+    control = cluster.read(cluster.apps.read_namespaced_deployment, CONTROL, SYSTEM_NAMESPACE)
+    replicas = _replicas(control) if isinstance(control, Mapping) else None
     return Observed(
         version,
         crds,
@@ -591,4 +622,6 @@ def observe(cluster: Cluster, control: str, *, pre: bool = False) -> Observed:
         webhook_health,
         agents,
         agents_error,
+        len(controls),
+        replicas,
     )

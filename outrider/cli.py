@@ -322,29 +322,34 @@ def _asking_control() -> Iterator[None]:
         raise CommandError(str(exc)) from None
 
 
-def _control_url(args: argparse.Namespace) -> str:
-    if not args.control.startswith(("http://", "https://")):
-        raise CommandError(f"--control {args.control!r} is not an http:// URL", EXIT_USAGE)
-    return str(args.control)
+def _control_urls(args: argparse.Namespace) -> list[str]:
+    """The --control URLs given (repeatable where every replica is asked), checked."""
+    given = args.control
+    urls: list[str] = [given] if isinstance(given, str) else given or [DEBUG_URL]
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise CommandError(f"--control {url!r} is not an http:// URL", EXIT_USAGE)
+    return urls
 
 
 def _proxy_status(args: argparse.Namespace) -> None:
-    control = _control_url(args)
+    controls = _control_urls(args)
     with _asking_control():
-        rows = debugapi.agent_rows(debugapi.agents(control))
+        rows = debugapi.agent_rows(debugapi.agents_of(controls))
     emit(rows, args.output, debugapi.status_table)
     lagging = sum(1 for row in rows if row["state"] != "SYNCED")
-    print(f"{len(rows)} agents, {lagging} not in sync", file=sys.stderr)
+    replicas = f" (of {len(controls)} control-plane replicas)" if len(controls) > 1 else ""
+    print(f"{len(rows)} agents{replicas}, {lagging} not in sync", file=sys.stderr)
 
 
 def _check(args: argparse.Namespace) -> None:
     from outrider import check
 
-    control = _control_url(args)
+    controls = _control_urls(args)
     kubeconfig = Path(args.kubeconfig) if args.kubeconfig else None
     try:
         cluster = check.Cluster(kubeconfig, args.context)
-        seen = check.observe(cluster, control, pre=args.pre)
+        seen = check.observe(cluster, controls, pre=args.pre)
     except check.ApiUnreachable as exc:
         raise CommandError(str(exc)) from None
     shown = check.result(check.evaluate(seen, pre=args.pre))
@@ -613,8 +618,20 @@ def _app_port(text: str) -> int:
     return port
 
 
-def _add_control_flag(command: argparse.ArgumentParser, what: str, after: str = "") -> None:
-    """`--control URL`: every command that reads the control plane's debug API."""
+def _add_control_flag(
+    command: argparse.ArgumentParser, what: str, after: str = "", *, each_replica: bool = False
+) -> None:
+    """`--control URL`: every command that reads the control plane's debug API; with
+    `each_replica`, repeatable (each replica lists only the agents connected to it)."""
+    if each_replica:
+        command.add_argument(
+            "--control",
+            action="append",
+            metavar="URL",
+            help=f"{what}, once per control-plane replica (default {DEBUG_URL}{after})",
+        )
+        command.set_defaults(control=None)
+        return
     command.add_argument(
         "--control", default=DEBUG_URL, metavar="URL", help=f"{what} (default {DEBUG_URL}{after})"
     )
@@ -806,7 +823,7 @@ def parser() -> argparse.ArgumentParser:
         description="SYNCED: runs the latest version; STALE: not acknowledged yet;"
         " NACK: refused what it was sent (and why). Exit 1 if the control plane is unreachable",
     )
-    _add_control_flag(status, "its debug address")
+    _add_control_flag(status, "its debug address", each_replica=True)
     add_output_flag(status)
     status.set_defaults(func=_proxy_status)
 
@@ -827,6 +844,7 @@ def parser() -> argparse.ArgumentParser:
         cluster_check,
         "the control plane's debug address, for the agents",
         f": {debugapi.PORT_FORWARD}",
+        each_replica=True,
     )
     add_output_flag(cluster_check)
     cluster_check.set_defaults(func=_check)

@@ -8,6 +8,11 @@ from typing import Any
 
 DEBUG_URL = "http://127.0.0.1:15014"  # the control plane's debug port
 PORT_FORWARD = "kubectl -n outrider-system port-forward deployment/outrider-control 15014:15014"
+#: Each replica lists only its own agents: every one is asked, through a port-forward each.
+EACH_REPLICA = (
+    "kubectl -n outrider-system port-forward pod/POD 1501N:15014 for each pod of"
+    " deployment/outrider-control, and one --control http://127.0.0.1:1501N for each"
+)
 
 
 class Unreachable(Exception):
@@ -46,6 +51,12 @@ def agents(base: str, timeout: float = 10.0) -> list[Mapping[str, Any]]:
             f" --control the control plane's debug address? From a workstation: {PORT_FORWARD})"
         )
     return answer
+
+
+def agents_of(bases: Sequence[str], timeout: float = 10.0) -> list[Mapping[str, Any]]:
+    """The agents of every control-plane replica in `bases` (each lists the agents
+    connected to it), one list; Unreachable if any replica does not answer."""
+    return [agent for base in bases for agent in agents(base, timeout)]
 
 
 def ack_state(agent: Mapping[str, Any]) -> str:

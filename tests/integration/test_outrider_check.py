@@ -57,18 +57,15 @@ TRAFFIC_POLICY_CRD = next(p for p in DEFAULT_CRDS if p.name == "trafficpolicies.
 class Installed:
     api: FakeApiServer
     control: ControlProcess
+    other: ControlProcess  # deploy/base runs two replicas; each lists its own agents
     kubeconfig: Path
     injector_port: int
 
     async def check(self, *extra: str) -> Ran:
-        return await outrider(
-            "check",
-            "--kubeconfig",
-            str(self.kubeconfig),
-            "--control",
-            self.control.debug_url,
-            *extra,
-        )
+        """`outrider check`, asking both replicas (unless `extra` names a --control)."""
+        asked = [] if "--control" in extra else ["--control", self.control.debug_url]
+        asked += [] if "--control" in extra else ["--control", self.other.debug_url]
+        return await outrider("check", "--kubeconfig", str(self.kubeconfig), *asked, *extra)
 
 
 def install(api: FakeApiServer, bundle_pem: str) -> None:
@@ -157,10 +154,14 @@ async def installed(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[I
         install(api, ca.bundle_pem.decode())
         api.apply(endpoints("outrider-ca", {"grpc": free_port(), "http": ca_port}))
         api.apply(endpoints("outrider-injector", {"https": injector_port}))
-        async with control_plane(root / "control", api, ca_dir=root / "ca") as control:
+        async with (
+            control_plane(root / "control", api, ca_dir=root / "ca") as control,
+            control_plane(root / "control-b", api, ca_dir=root / "ca") as other,
+        ):
             await ready(control)
+            await ready(other)
             kubeconfig = api.kubeconfig(root / "kubeconfig")
-            yield Installed(api, control, kubeconfig, injector_port)
+            yield Installed(api, control, other, kubeconfig, injector_port)
 
 
 @asynccontextmanager
@@ -319,6 +320,44 @@ async def test_an_agent_that_refused_its_config_fails_naming_the_pod(
         f"✗ agent shop/web in sync: NACK (policy.policies[0]: bad path) at version {version}"
     )
     assert "kubectl logs -n shop web -c outrider-agent" in ran.stdout
+
+
+async def test_an_agent_that_refused_its_config_on_the_other_replica_fails_too(
+    installed: Installed,
+) -> None:
+    """Each replica lists only the agents connected to it: asked for both, check sees an
+    agent that refused its config on either."""
+    other = installed.other
+    async with subscribed(other, other.ca.workload("shop", "web"), "web") as agent:
+        version, _ = await agent.next()
+        await agent.nack(version, "policy.policies[0]: bad path")
+
+        async def nacked() -> bool:
+            shown = (await other.debug("/debug/agents"))[1]
+            return any(a.get("nack") for a in shown)
+
+        await eventually(nacked)
+        both = await installed.check()
+        one = await installed.check("--control", installed.control.debug_url)
+        status = await outrider(
+            "proxy-status", "--control", installed.control.debug_url, "--control", other.debug_url
+        )
+    assert both.returncode == 1
+    assert lines(both, "✗")[0].startswith("✗ agent shop/web in sync: NACK")
+    # One replica of two asked: not "all SYNCED", but a warning that says how to ask both.
+    assert one.returncode == 0, one.stdout
+    (warned,) = lines(one, "‼")
+    assert warned == (
+        "‼ agents connected and in sync: the control plane runs 2 replicas and 1 was asked:"
+        " the agents connected to the others are not shown, in sync or not"
+    )
+    assert "port-forward pod/POD 1501N:15014 for each pod of deployment/outrider-control" in (
+        one.stdout
+    )
+    assert "all SYNCED" not in one.stdout
+    assert status.returncode == 0, status.stderr
+    assert "shop/web" in status.stdout and "NACK (policy.policies[0]: bad path)" in status.stdout
+    assert "1 agents (of 2 control-plane replicas), 1 not in sync" in status.stderr
 
 
 async def test_an_unreachable_control_plane_fails_with_the_port_forward(

@@ -91,7 +91,7 @@ class OddCluster:
 
     def __init__(self, answers: dict[str, Any]) -> None:
         self.answers = answers
-        self.core = self.extensions = self.admission = self.version_api = self
+        self.core = self.extensions = self.admission = self.version_api = self.apps = self
 
     def __getattr__(self, name: str) -> str:
         return name  # a "call": its name, which `read` looks up
@@ -151,7 +151,7 @@ ODD_ITEMS = [None, 3, "x", {}, {"metadata": None}, {"metadata": {"name": 7, "lab
     ],
 )
 def test_odd_api_objects_are_findings_not_a_traceback(answers: dict[str, Any]) -> None:
-    seen = check.observe(OddCluster(answers), "http://127.0.0.1:9")  # nothing listens there
+    seen = check.observe(OddCluster(answers), ["http://127.0.0.1:9"])  # nothing listens there
     checks = check.evaluate(seen)
     assert check.result(checks)["ok"] is False
     assert all(c.fix for c in checks if c.status != "ok")
@@ -191,7 +191,7 @@ def test_an_api_server_that_never_answers_is_told_after_one_timeout_not_three(
         cluster = check.Cluster(kubeconfig, None, timeout=0.3)
         started = time.monotonic()
         with pytest.raises(check.ApiUnreachable, match="cannot reach the API server"):
-            check.observe(cluster, "http://127.0.0.1:9", pre=True)
+            check.observe(cluster, ["http://127.0.0.1:9"], pre=True)
         assert time.monotonic() - started < 0.8
         assert "Retrying" not in caplog.text
     finally:
