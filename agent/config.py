@@ -115,6 +115,7 @@ __all__ = [
     "ControlEndpoint",
     "Document",
     "Outbound",
+    "decode_snapshot",
     "load",
     "parse",
     "parse_snapshot",
@@ -363,7 +364,7 @@ def parse_snapshot(
     parser runs, its keys (`with_snapshot`), and listeners that take plain text only on
     loopback (`loopback_errors`).
     """
-    raw = _decode_snapshot(data, source)
+    raw = decode_snapshot(data, source)
     merged = with_snapshot(bootstrap, raw, source=source)
     assert isinstance(raw, dict)  # with_snapshot refused anything else
     # An outbound entry without `listen` (a captured pod's Service, destinations only) opens
@@ -390,7 +391,7 @@ def parse_snapshot(
     return raw, config
 
 
-def _decode_snapshot(data: bytes, source: str) -> object:
+def decode_snapshot(data: bytes, source: str) -> object:
     if len(data) > MAX_SNAPSHOT_BYTES:
         raise ConfigError(
             source, [f"(top): {len(data)} bytes; a snapshot holds at most {MAX_SNAPSHOT_BYTES}"]

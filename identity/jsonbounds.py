@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["brackets", "deeper_than", "nesting_exceeds"]
+__all__ = ["brackets", "containers", "deeper_than", "nesting_exceeds"]
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
@@ -24,6 +24,11 @@ def brackets(body: bytes) -> bytes:
     on its own.
     """
     return _STRING.sub(b"", body).translate(None, _NOT_BRACKET)
+
+
+def containers(body: bytes) -> int:
+    """How many arrays and objects the document holds, as its parser would make them."""
+    return len(brackets(body)) // 2
 
 
 def deeper_than(found: bytes, limit: int) -> bool:

@@ -25,9 +25,10 @@ from typing import Any
 
 import yaml
 
-from agent.config import AgentConfig, ConfigError, parse
+from agent.config import AgentConfig, ConfigError, decode_snapshot, parse
 from agent.core.policy import PolicySet
 from agent.core.policyfile import PolicyError, parse_policy_list
+from control.core.upstreams import encode
 from identity.appprotocol import L7
 from tests.apistore import Store
 
@@ -304,12 +305,14 @@ BOOTSTRAP: dict[str, Any] = {
 def agent_accepts(config: Mapping[str, Any]) -> AgentConfig:
     """Take a snapshot as an agent does; raise what it would NACK with.
 
-    The snapshot goes into the bootstrap and through agent.config.parse; its
-    inline policies through parse_policy_list and, as the agent loads policy,
+    The snapshot's bytes as the control plane sends them go through the agent's
+    size and nesting bounds; it goes into the bootstrap and through agent.config.parse;
+    its inline policies through parse_policy_list and, as the agent loads policy,
     PolicySet.http_only_errors for the TCP inbound ports. (An agent.config that
     does not know `policy.policies` yet is given the rest; the policies are
     checked here all the same.)
     """
+    decode_snapshot(encode(config), "snapshot")
     raw = json.loads(json.dumps({**BOOTSTRAP, **config}))
     inline = (raw.get("policy") or {}).get("policies", [])
     try:

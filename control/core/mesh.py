@@ -59,7 +59,15 @@ from control.core.peerauth import (
     PeerAuthenticationState,
     compile_peer_authentication,
 )
-from control.core.policies import CompiledPolicy, Misfit, compile_policy, fit_to_ports, misfits
+from control.core.policies import (
+    POLICY_BYTES,
+    POLICY_CONTAINERS,
+    CompiledPolicy,
+    Misfit,
+    compile_policy,
+    fit_to_ports,
+    misfits,
+)
 from control.core.routes import CompiledRoute, RouteKind, attach_routes, compile_route
 from control.core.services import (
     PodIndex,
@@ -71,7 +79,14 @@ from control.core.services import (
     slice_service,
 )
 from control.core.traffic import CompiledTraffic, TrafficState, attach_traffic, compile_traffic
-from control.core.upstreams import ANNOTATION, PortKey, Upstreams, encode
+from control.core.upstreams import (
+    AGENT_SNAPSHOT_BYTES,
+    AGENT_SNAPSHOT_CONTAINERS,
+    ANNOTATION,
+    PortKey,
+    Upstreams,
+    encode,
+)
 from identity.appprotocol import Protocol
 from identity.injected import (
     AGENT_PORTS,
@@ -80,6 +95,7 @@ from identity.injected import (
     OUTBOUND_LISTENER_PORTS,
     STATUS_PORT,
 )
+from identity.jsonbounds import containers
 
 __all__ = [
     "KINDS",
@@ -263,7 +279,13 @@ class _Compiler:
         self.services: dict[Key, Service] = {}
         self.slices: dict[Key, list[Mapping[str, Any]]] = defaultdict(list)
         self.fitted: dict[tuple[Any, ...], tuple[Mapping[str, Any], tuple[Misfit, ...]]] = {}
-        self.shapes: dict[tuple[Any, ...], tuple[Mapping[str, Any], list[str], list[Any]]] = {}
+        self.shapes: dict[
+            tuple[Any, ...], tuple[Mapping[str, Any], list[str], list[Any], str | None]
+        ] = {}
+        #: id(policy document as sent) -> (bytes, arrays and objects) encoded
+        self.measured: dict[int, tuple[int, int]] = {}
+        #: policy -> the owners of the pods its agents would refuse a snapshot of
+        self.overflowing: dict[Key, set[str]] = defaultdict(set)
 
     def mesh(self) -> Mesh:
         self.read_world()
@@ -414,6 +436,17 @@ class _Compiler:
                     else "; it is not enforced"
                 )
                 ok, reason, message = False, "Invalid", summary(verdict.errors) + tail
+            elif self.overflowing.get(key):
+                owners = sorted(self.overflowing[key])
+                more = f" and {len(owners) - 3} more" if len(owners) > 3 else ""
+                shown = ", ".join(owners[:3]) + more
+                ok, reason = False, "TooLargeTogether"
+                message = (
+                    f"not enforced on the pods of {shown}: with the other policies that select"
+                    " them, their configuration would be more than an agent takes, so their"
+                    " agents keep the one they had (their warnings in /debug/config say how"
+                    " large). Write fewer, broader rules, or select fewer pods"
+                )
             elif notes.get(key):
                 assert verdict.in_force is not None
                 action = verdict.in_force.policy.action
@@ -507,15 +540,18 @@ class _Compiler:
         )
         if shape not in self.shapes:
             self.shapes[shape] = self.build_config(workload, policies)
-        config, warnings, fitted = self.shapes[shape]
+        config, warnings, fitted, too_large = self.shapes[shape]
         self.warnings[workload.key].extend(warnings)
         for policy, misfit in fitted:  # formatted once per policy, in its status
             notes[policy].add((misfit.rule, misfit.fields, misfit.tcp_ports, workload.owner))
+        if too_large is not None:
+            for selecting in policies.get(workload.key, ()):
+                self.overflowing[(selecting.namespace, selecting.name)].add(workload.owner)
         return config
 
     def build_config(
         self, workload: Workload, policies: Mapping[Key, list[CompiledPolicy]]
-    ) -> tuple[Mapping[str, Any], list[str], list[tuple[Key, Misfit]]]:
+    ) -> tuple[Mapping[str, Any], list[str], list[tuple[Key, Misfit]], str | None]:
         l7 = self.l7_ports.get(workload.key, {})
         base = self.settings.inbound_base
         mtls = self.peer.mtls_for(workload) if workload.captured else None
@@ -551,7 +587,42 @@ class _Compiler:
         if mtls is not None:
             config["inbound"] = []  # the inbound capture port serves them all
             config["captured"] = self.captured(mtls, l7)
-        return config, warnings, fitted
+        too_large = self.too_large(config, documents)
+        if too_large is not None:
+            warnings = [too_large, *warnings]
+        return config, warnings, fitted, too_large
+
+    def too_large(
+        self, config: Mapping[str, Any], documents: Sequence[Mapping[str, Any]]
+    ) -> str | None:
+        """Why the pod's agent would refuse `config` whole (past AGENT_SNAPSHOT_BYTES or
+        _CONTAINERS), or None. Each policy is bounded (POLICY_BYTES), but those selecting
+        one pod add up; the whole config is measured only when they take more than one
+        policy may, since the rest of it is bounded well within the agent's limits."""
+        sizes = [self.measure(document) for document in documents]
+        size, held = sum(s for s, _ in sizes), sum(c for _, c in sizes)
+        if size <= POLICY_BYTES and held <= POLICY_CONTAINERS:
+            return None
+        encoded = encode(config)
+        total = containers(encoded)
+        if len(encoded) <= AGENT_SNAPSHOT_BYTES and total <= AGENT_SNAPSHOT_CONTAINERS:
+            return None
+        largest = sorted(zip(sizes, documents, strict=True), key=lambda pair: -pair[0][0])[:3]
+        named = ", ".join(f"{d['name']} ({s} bytes)" for (s, _), d in largest)
+        return (
+            f"not configured: its configuration would take {len(encoded)} bytes and {total}"
+            f" arrays and objects, and an agent takes at most {AGENT_SNAPSHOT_BYTES} and"
+            f" {AGENT_SNAPSHOT_CONTAINERS}: it refuses the snapshot and keeps the one it has."
+            f" The {len(documents)} policies that select the pod take {size} bytes and"
+            f" {held} arrays and objects; the largest: {named}"
+        )
+
+    def measure(self, document: Mapping[str, Any]) -> tuple[int, int]:
+        """A policy document's (bytes, arrays and objects) as sent; once per document."""
+        if id(document) not in self.measured:
+            encoded = encode(document)
+            self.measured[id(document)] = (len(encoded), containers(encoded))
+        return self.measured[id(document)]
 
     def captured(self, mtls: Mtls, l7: Mapping[int, Protocol]) -> dict[str, Any]:
         """The `captured` section: the pod's inbound modes and L7 ports, and what its

@@ -53,6 +53,7 @@ from control.core.upstreams import (
     SHARED_CONTAINERS,
     encode,
 )
+from identity.jsonbounds import containers
 
 __all__ = ["CompiledPolicy", "compile_policy", "fit_to_ports"]
 
@@ -174,14 +175,17 @@ def _too_large(document: Mapping[str, Any]) -> str | None:
         encoded = encode(document)
     except (TypeError, ValueError):  # not JSON: the rules' own checks say what is wrong
         return None
-    containers = encoded.count(b"{") + encoded.count(b"[")
-    if len(encoded) <= POLICY_BYTES and containers <= POLICY_CONTAINERS:
+    held = containers(encoded)  # as the agent counts them: brackets in strings are not
+    if len(encoded) > POLICY_BYTES:
+        over = f"{len(encoded)} bytes", POLICY_BYTES
+    elif held > POLICY_CONTAINERS:
+        over = f"{held} arrays and objects", POLICY_CONTAINERS
+    else:
         return None
     return (
-        f"spec.rules: the policy takes {len(encoded)} bytes and {containers} arrays and"
-        f" objects of an agent's configuration; one may take at most {POLICY_BYTES} and"
-        f" {POLICY_CONTAINERS}: write fewer, broader rules (a namespace rather than each of"
-        " its principals, a CIDR rather than each address)"
+        f"spec.rules: the policy takes {over[0]} of an agent's configuration; one may take"
+        f" {over[1]}: write fewer, broader rules (a namespace rather than each of its"
+        " principals, a CIDR rather than each address)"
     )
 
 

@@ -193,3 +193,35 @@ def test_a_policy_within_the_bound_is_enforced_and_the_agents_take_it() -> None:
     assert config is not None
     agent_accepts(config)
     assert len(_rules(mesh)[0][0]["from"]["principals"]) == 5000
+
+
+def test_brackets_in_a_policys_strings_are_not_counted_as_arrays_or_objects() -> None:
+    """Counted as the agent counts them (identity.jsonbounds): 3,000 rules on a header
+    value with brackets are some 12,000 arrays and objects, not 21,000."""
+    objects = world(SHOP, _policy("{rules: [{}]}", name="templated"))
+    rule = {"when": [{"header": "x-scope", "values": ["{tenant}[0]{id}"]}]}
+    objects["AuthorizationPolicy"][("shop", "templated")]["spec"]["rules"] = [rule] * 3000
+    mesh = compile_mesh(objects, SETTINGS, now=T0)
+    assert _accepted(mesh, "templated")["status"] == "True", _accepted(mesh, "templated")
+
+
+def test_policies_that_together_are_too_large_for_a_pods_agent_say_so() -> None:
+    """Each under the bound, 17 policies selecting one pod add up past what its agent
+    takes: it would refuse the snapshot and keep the one it has, so none of them, nor a
+    DENY added after them, is enforced there, and their statuses and the pod say so."""
+    pads = [_policy("{rules: [{}]}", name=f"pad-{i}", uid=f"uid-pad-{i}") for i in range(17)]
+    objects = world(SHOP, *pads, _policy(GOOD, name="no-admin", uid="uid-deny"))
+    for i in range(17):
+        objects["AuthorizationPolicy"][("shop", f"pad-{i}")]["spec"]["rules"] = [{}] * 12000
+    mesh = compile_mesh(objects, SETTINGS, now=T0)
+    for name in ("pad-0", "pad-16", "no-admin"):
+        accepted = _accepted(mesh, name)
+        assert (accepted["status"], accepted["reason"]) == ("False", "TooLargeTogether")
+        assert accepted["message"].startswith("not enforced on the pods of "), accepted
+    (warning, *_) = mesh.pod_warnings[("shop", "backend-v1-0")]
+    assert warning.startswith("not configured: its configuration would take ")
+    assert "arrays and objects, and an agent takes at most 4194304 and 200000" in warning
+    config = mesh.config_for("shop", "backend-v1-0")
+    assert config is not None
+    with pytest.raises(Exception, match="more than 200000 arrays and objects"):
+        agent_accepts(config)  # what its agent would say: the status is the truth
