@@ -27,6 +27,7 @@ endpoints many times a second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import time
@@ -44,7 +45,7 @@ from grpclib.protocol import EventsProcessor, H2Protocol, Stream
 from grpclib.server import Server
 from h2.errors import ErrorCodes
 from h2.events import DataReceived, RequestReceived, StreamEnded, StreamReset
-from h2.exceptions import DenialOfServiceError, ProtocolError
+from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from hyperframe.frame import (
@@ -77,6 +78,11 @@ class GrpcLimits:
     # seven times that and one HTTP/2 frame.
     max_message_bytes: int = 16_384
     max_concurrent_streams: int = 4  # an agent sends one Sign at a time
+    #: The MAX_CONCURRENT_STREAMS clients are told, if more (0: the limit itself, and a
+    #: stream past it is reset REFUSED_STREAM). gRPC clients queue calls past the number
+    #: they are told without a word, so a server whose clients are not ours tells them
+    #: more, and answers a call past the limit RESOURCE_EXHAUSTED, which they show.
+    advertised_streams: int = 0
 
 
 class MessageTooLarge(Exception):
@@ -169,10 +175,32 @@ class _BoundedEvents(EventsProcessor):
     def process_request_received(self, event: RequestReceived) -> None:
         # Enforced here because h2 applies our SETTINGS only once the peer acks them.
         if len(self.streams) >= self.limits.max_concurrent_streams:
-            self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+            if self.limits.advertised_streams:
+                self._too_many(event)
+            else:
+                self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
             self.connection.flush()
             return
         super().process_request_received(event)
+
+    def _too_many(self, event: RequestReceived) -> None:
+        """A call past the limit, answered RESOURCE_EXHAUSTED (trailers only), its stream
+        then reset unless the caller ended it: nothing of it is read or kept."""
+        limit = self.limits.max_concurrent_streams
+        message = f"at most {limit} calls at once on one connection; open another connection"
+        self._h2.send_headers(
+            event.stream_id,
+            [
+                (":status", "200"),
+                ("content-type", "application/grpc"),
+                ("grpc-status", str(Status.RESOURCE_EXHAUSTED.value)),
+                ("grpc-message", encode_grpc_message(message)),
+            ],
+            end_stream=True,
+        )
+        # Not if the caller has ended it too (its request may have come in the same read).
+        with contextlib.suppress(StreamClosedError):
+            self._h2.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)
 
     def process_data_received(self, event: DataReceived) -> None:
         framing = self._framing.get(event.stream_id)
@@ -283,7 +311,8 @@ class _BoundedProtocol(H2Protocol):
         h2 = self.connection._connection
         h2.update_settings(
             {
-                SettingCodes.MAX_CONCURRENT_STREAMS: self._limits.max_concurrent_streams,
+                SettingCodes.MAX_CONCURRENT_STREAMS: self._limits.advertised_streams
+                or self._limits.max_concurrent_streams,
                 SettingCodes.MAX_HEADER_LIST_SIZE: HEADER_LIST_BYTES,
             }
         )

@@ -62,7 +62,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("outrider.agent.workload_api")
 
 #: Envoy's DiscoveryRequest carries its node, with every extension it was built with: ~20 KB.
-LIMITS = GrpcLimits(max_message_bytes=262_144, max_concurrent_streams=16)
+#: Clients are told 100 streams a connection (RFC 9113's recommended least), so that a
+#: process with more sources than 16 sees RESOURCE_EXHAUSTED instead of a call grpcio
+#: or py-spiffe queues unseen.
+LIMITS = GrpcLimits(max_message_bytes=262_144, max_concurrent_streams=16, advertised_streams=100)
 #: The pod's own processes: a few clients, each with a stream or two for hours.
 CONNECTIONS = ConnectionLimits(max_connections=64, idle_timeout=timedelta(seconds=60))
 #: How often an open stream tells the acceptor it is not idle (a third of its timeout).

@@ -576,3 +576,39 @@ async def test_one_uid_cannot_take_every_connection_slot(
             await asyncio.sleep(0.02)
         else:
             raise AssertionError("a closed connection's slot never came free")
+
+
+async def test_calls_past_a_connections_stream_limit_are_refused_not_left_queued(
+    setup: CaSetup,
+) -> None:
+    """20 sources in one process share one grpcio connection: 16 streams are served, the
+    rest answered RESOURCE_EXHAUSTED at once. Told the limit itself (16), grpcio queued
+    them unseen and py-spiffe's sources timed out waiting for their first SVID."""
+    async with (
+        workload_agent(setup) as (_, path),
+        grpc.aio.insecure_channel(f"unix:{path}") as chan,
+    ):
+        fetch = chan.unary_stream(
+            "/SpiffeWorkloadAPI/FetchX509SVID",
+            request_serializer=workload_pb2.X509SVIDRequest.SerializeToString,
+            response_deserializer=workload_pb2.X509SVIDResponse.FromString,
+        )
+        calls = [
+            fetch(workload_pb2.X509SVIDRequest(), metadata=tuple(HEADER.items())) for _ in range(20)
+        ]
+
+        async def first(call: Any) -> str:
+            try:
+                response = await asyncio.wait_for(call.read(), STEP)
+                return "served" if response.svids else "empty"
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                assert "at most 16 calls at once on one connection" in (exc.details() or "")
+                return "refused"
+
+        try:
+            seen = await asyncio.gather(*(first(call) for call in calls))
+        finally:
+            for call in calls:
+                call.cancel()
+    assert sorted(seen) == ["refused"] * 4 + ["served"] * 16
