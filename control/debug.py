@@ -14,14 +14,20 @@ the kubelet and Prometheus on the pod network.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from control import REPLICA_HEADER
 from control.metrics import ControlMetrics
 from control.server import ControlPlaneService
 from control.sync import MeshState
+
+#: This replica, as /debug/agents names it: its pod's name (the hostname) and process.
+REPLICA = f"{socket.gethostname()}/{os.getpid()}"
 
 
 def make_app(
@@ -34,7 +40,8 @@ def make_app(
 ) -> web.Application:
     async def agents(request: web.Request) -> web.Response:
         views = sorted((agent.view() for agent in service.agents), key=lambda v: v["pod"])
-        return web.json_response(views)
+        # Each replica lists only its own agents: the CLI counts the replicas it heard.
+        return web.json_response(views, headers={REPLICA_HEADER: REPLICA})
 
     async def config(request: web.Request) -> web.Response:
         namespace, slash, name = request.query.get("pod", "").partition("/")

@@ -94,10 +94,13 @@ class Observed:
     webhook_health: Probe | None = None
     agents: Sequence[Mapping[str, Any]] | None = None
     agents_error: str = ""
-    #: How many control-plane replicas were asked for agents, and how many the
-    #: Deployment runs (None: unknown); each lists only the agents connected to it.
+    #: How many control-plane replicas answered for their agents (each lists only the
+    #: agents connected to it), why the addresses that did not answer did not, and how
+    #: many the Deployment runs (None: unknown; `replicas_error` says why, if it is).
     replicas_asked: int = 1
     replicas: int | None = None
+    unreachable: tuple[str, ...] = ()
+    replicas_error: str = ""
 
 
 # --- pre-install ------------------------------------------------------------------------
@@ -326,19 +329,28 @@ def agents_in_sync(
     error: str,
     asked: int = 1,
     replicas: int | None = None,
+    unreachable: Sequence[str] = (),
+    replicas_error: str = "",
 ) -> list[Check]:
     found = partial(Check, "post-install", "agents connected and in sync")
     if agents is None:
         return [found("fail", error, debugapi.PORT_FORWARD)]
-    unseen: list[Check] = []
+    # Each replica lists only its own agents: one not heard hides its agents.
+    unseen = [found("fail", why, debugapi.EACH_REPLICA) for why in unreachable]
     if replicas is not None and replicas > asked:
         detail = (
-            f"the control plane runs {replicas} replicas and {asked} was asked: the agents"
+            f"the control plane runs {replicas} replicas and {asked} answered: the agents"
             " connected to the others are not shown, in sync or not"
         )
-        unseen = [found("warn", detail, debugapi.EACH_REPLICA)]
-        if not agents:
-            return unseen
+        unseen.append(found("warn", detail, debugapi.EACH_REPLICA))
+    elif replicas is None and replicas_error and asked < 2:
+        detail = (
+            f"cannot tell how many control-plane replicas run ({replicas_error}): each"
+            " lists only the agents connected to it"
+        )
+        unseen.append(found("warn", detail, debugapi.EACH_REPLICA))
+    if unseen and not agents:
+        return unseen
     if not agents:
         detail = "no agent is connected to the control plane"
         fix = "inject a workload (kubectl label namespace NAMESPACE outrider.io/inject=enabled)"
@@ -372,7 +384,14 @@ def post_install(seen: Observed) -> list[Check]:
         ca_serving(seen.ca_health, seen.ca_bundle),
         *bundle_configmaps(seen.namespaces, seen.bundles, seen.ca_bundle),
         *webhook(seen.webhook, seen.services, seen.webhook_health),
-        *agents_in_sync(seen.agents, seen.agents_error, seen.replicas_asked, seen.replicas),
+        *agents_in_sync(
+            seen.agents,
+            seen.agents_error,
+            seen.replicas_asked,
+            seen.replicas,
+            seen.unreachable,
+            seen.replicas_error,
+        ),
     ]
 
 
@@ -602,13 +621,14 @@ def observe(cluster: Cluster, controls: Sequence[str], *, pre: bool = False) -> 
     if target is not None and target[1] in services:
         namespace, name, port = target
         webhook_health = cluster.proxy(namespace, f"https:{name}:{port}", "healthz")
-    agents, agents_error = None, ""
-    try:
-        agents = debugapi.agents_of(controls)
-    except debugapi.Unreachable as exc:
-        agents_error = str(exc)
-    control = cluster.read(cluster.apps.read_namespaced_deployment, CONTROL, SYSTEM_NAMESPACE)
-    replicas = _replicas(control) if isinstance(control, Mapping) else None
+    heard = debugapi.agents_of(controls)
+    agents = heard.agents if heard.answered else None
+    replicas, replicas_error = None, ""
+    try:  # a user whose RBAC cannot read it loses this one finding, not the check
+        control = cluster.read(cluster.apps.read_namespaced_deployment, CONTROL, SYSTEM_NAMESPACE)
+        replicas = _replicas(control) if isinstance(control, Mapping) else None
+    except ApiUnreachable as exc:
+        replicas_error = str(exc)
     return Observed(
         version,
         crds,
@@ -621,7 +641,9 @@ def observe(cluster: Cluster, controls: Sequence[str], *, pre: bool = False) -> 
         ca_bundle,
         webhook_health,
         agents,
-        agents_error,
-        len(controls),
+        "; ".join(heard.unreachable),
+        heard.answered,
         replicas,
+        tuple(heard.unreachable) if heard.answered else (),
+        replicas_error,
     )

@@ -333,13 +333,18 @@ def _control_urls(args: argparse.Namespace) -> list[str]:
 
 
 def _proxy_status(args: argparse.Namespace) -> None:
-    controls = _control_urls(args)
-    with _asking_control():
-        rows = debugapi.agent_rows(debugapi.agents_of(controls))
+    heard = debugapi.agents_of(_control_urls(args))
+    if not heard.answered:
+        raise CommandError("; ".join(heard.unreachable))
+    rows = debugapi.agent_rows(heard.agents)
     emit(rows, args.output, debugapi.status_table)
     lagging = sum(1 for row in rows if row["state"] != "SYNCED")
-    replicas = f" (of {len(controls)} control-plane replicas)" if len(controls) > 1 else ""
+    replicas = f" (of {heard.answered} control-plane replicas)" if heard.answered > 1 else ""
     print(f"{len(rows)} agents{replicas}, {lagging} not in sync", file=sys.stderr)
+    if heard.unreachable:  # their agents are not listed: say so, and fail
+        raise CommandError(
+            "; ".join(heard.unreachable) + "; the agents of those replicas are not listed"
+        )
 
 
 def _check(args: argparse.Namespace) -> None:

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
+
+from control import REPLICA_HEADER  # the package alone: no server is imported
 
 DEBUG_URL = "http://127.0.0.1:15014"  # the control plane's debug port
 PORT_FORWARD = "kubectl -n outrider-system port-forward deployment/outrider-control 15014:15014"
@@ -21,6 +24,11 @@ class Unreachable(Exception):
 
 def get(base: str, path: str, timeout: float = 10.0) -> Any:
     """GET a JSON document from the control plane's debug port."""
+    return _fetch(base, path, timeout)[0]
+
+
+def _fetch(base: str, path: str, timeout: float) -> tuple[Any, str | None]:
+    """The JSON document at `path` and the replica that answered (REPLICA_HEADER)."""
     import json  # here: an agent's process imports this module, and needs none of these
     import urllib.error
     import urllib.request
@@ -28,7 +36,7 @@ def get(base: str, path: str, timeout: float = 10.0) -> Any:
     url = base.rstrip("/") + path
     try:
         with urllib.request.urlopen(url, timeout=timeout) as answer:  # noqa: S310 - http(s) only
-            return json.loads(answer.read())
+            return json.loads(answer.read()), answer.headers.get(REPLICA_HEADER)
     except urllib.error.HTTPError as exc:
         why = exc.read().decode(errors="replace").strip() or exc.reason
         raise Unreachable(f"{url}: {exc.code} {why}") from None
@@ -43,20 +51,46 @@ def get(base: str, path: str, timeout: float = 10.0) -> Any:
 def agents(base: str, timeout: float = 10.0) -> list[Mapping[str, Any]]:
     """The agents /debug/agents lists; Unreachable when the answer is not a list of them
     (another service on the port, a proxy's page, a control plane of another shape)."""
-    answer = get(base, "/debug/agents", timeout)
+    return _agents(base, timeout)[0]
+
+
+def _agents(base: str, timeout: float) -> tuple[list[Mapping[str, Any]], str]:
+    """`agents(base)`, and which replica answered (`base` if it does not say)."""
+    answer, replica = _fetch(base, "/debug/agents", timeout)
     if not isinstance(answer, list) or not all(isinstance(a, Mapping) for a in answer):
         shape = type(answer).__name__ if not isinstance(answer, list) else "a list of other things"
         raise Unreachable(
             f"{base.rstrip('/')}/debug/agents answered {shape}, not a list of agents (is"
             f" --control the control plane's debug address? From a workstation: {PORT_FORWARD})"
         )
-    return answer
+    return answer, replica or base.rstrip("/")
 
 
-def agents_of(bases: Sequence[str], timeout: float = 10.0) -> list[Mapping[str, Any]]:
-    """The agents of every control-plane replica in `bases` (each lists the agents
-    connected to it), one list; Unreachable if any replica does not answer."""
-    return [agent for base in bases for agent in agents(base, timeout)]
+@dataclass(frozen=True)
+class Replicas:
+    """What the control-plane replicas asked said (each lists only the agents connected
+    to it): their agents, how many distinct replicas answered, and why others did not."""
+
+    agents: list[Mapping[str, Any]] = field(default_factory=list)
+    answered: int = 0
+    unreachable: list[str] = field(default_factory=list)
+
+
+def agents_of(bases: Sequence[str], timeout: float = 10.0) -> Replicas:
+    """The agents of every replica in `bases`. One replica reached through two addresses
+    (two port-forwards that landed on one pod) is counted, and its agents listed, once."""
+    found = Replicas()
+    seen: set[str] = set()
+    for base in dict.fromkeys(base.rstrip("/") for base in bases):
+        try:
+            listed, replica = _agents(base, timeout)
+        except Unreachable as exc:
+            found.unreachable.append(str(exc))
+            continue
+        if replica not in seen:
+            seen.add(replica)
+            found.agents.extend(listed)
+    return Replicas(found.agents, len(seen), found.unreachable)
 
 
 def ack_state(agent: Mapping[str, Any]) -> str:

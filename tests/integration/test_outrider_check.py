@@ -339,25 +339,62 @@ async def test_an_agent_that_refused_its_config_on_the_other_replica_fails_too(
         await eventually(nacked)
         both = await installed.check()
         one = await installed.check("--control", installed.control.debug_url)
-        status = await outrider(
-            "proxy-status", "--control", installed.control.debug_url, "--control", other.debug_url
-        )
+        # The same replica twice (two port-forwards that landed on one pod) is one replica.
+        url = installed.control.debug_url
+        twice = await installed.check("--control", url, "--control", url + "/")
+        status = await outrider("proxy-status", "--control", url, "--control", other.debug_url)
     assert both.returncode == 1
     assert lines(both, "✗")[0].startswith("✗ agent shop/web in sync: NACK")
-    # One replica of two asked: not "all SYNCED", but a warning that says how to ask both.
-    assert one.returncode == 0, one.stdout
-    (warned,) = lines(one, "‼")
-    assert warned == (
-        "‼ agents connected and in sync: the control plane runs 2 replicas and 1 was asked:"
-        " the agents connected to the others are not shown, in sync or not"
-    )
-    assert "port-forward pod/POD 1501N:15014 for each pod of deployment/outrider-control" in (
-        one.stdout
-    )
-    assert "all SYNCED" not in one.stdout
+    # One replica of two heard: not "all SYNCED", but a warning that says how to ask both.
+    for ran in (one, twice):
+        assert ran.returncode == 0, ran.stdout
+        (warned,) = lines(ran, "‼")
+        assert warned == (
+            "‼ agents connected and in sync: the control plane runs 2 replicas and 1"
+            " answered: the agents connected to the others are not shown, in sync or not"
+        )
+        assert "port-forward pod/POD 1501N:15014 for each pod of deployment/outrider-control" in (
+            ran.stdout
+        )
+        assert "all SYNCED" not in ran.stdout
     assert status.returncode == 0, status.stderr
     assert "shop/web" in status.stdout and "NACK (policy.policies[0]: bad path)" in status.stdout
     assert "1 agents (of 2 control-plane replicas), 1 not in sync" in status.stderr
+
+
+async def test_a_replica_that_does_not_answer_is_a_failure_and_the_others_agents_show(
+    installed: Installed,
+) -> None:
+    gone = f"http://127.0.0.1:{free_port()}"
+    async with synced_agent(installed.control):
+        ran = await installed.check("--control", installed.control.debug_url, "--control", gone)
+        status = await outrider(
+            "proxy-status", "--control", installed.control.debug_url, "--control", gone
+        )
+    assert ran.returncode == 1
+    (failed,) = lines(ran, "✗")
+    assert failed.startswith(
+        f"✗ agents connected and in sync: cannot reach the control plane at {gone}"
+    )
+    assert status.returncode == 1
+    assert "shop/web" in status.stdout  # the replica that answered: its agents
+    assert f"cannot reach the control plane at {gone}" in status.stderr
+    assert "the agents of those replicas are not listed" in status.stderr
+
+
+async def test_a_user_who_may_not_read_the_deployment_still_gets_every_check(
+    installed: Installed,
+) -> None:
+    installed.api.fail_next(1, 403, verbs=("get",), kinds=("Deployment",))
+    async with synced_agent(installed.control):
+        ran = await installed.check("--control", installed.control.debug_url)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    (warned,) = lines(ran, "‼")
+    assert warned.startswith(
+        "‼ agents connected and in sync: cannot tell how many control-plane replicas run ("
+    )
+    assert "403" in warned
+    assert "the injector's webhook answers" in ran.stdout  # the rest is all there
 
 
 async def test_an_unreachable_control_plane_fails_with_the_port_forward(
