@@ -98,6 +98,12 @@ _NOT_OURS = (INJECT, STATUS, UPSTREAMS)
 _SHOWN_KEY = re.compile(r"[A-Za-z0-9./_-]{1,100}")
 
 
+#: What the agent's main process and each worker take, with room over what the bench
+#: measures idle (54 and 48 MiB RSS: docs/agent.md, "workers").
+MAIN_BYTES = 64 * 1024 * 1024
+WORKER_BYTES = 64 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class AgentOptions:
     resources: Resources
@@ -109,8 +115,12 @@ class AgentOptions:
     @property
     def workers(self) -> int:
         """The agent's `workers:`: one per whole CPU of its container's limit (1500m: 1; a
-        second worker would share the first's CPU time and add its memory)."""
-        return max(1, int(self.resources.limits.cpu.value))
+        second worker would share the first's CPU time and add its memory), as many as
+        its memory limit holds beside the main process (WORKER_BYTES each): 4 CPUs in
+        the default 256Mi are 3 workers, not 4 the kernel would kill the agent for."""
+        by_cpu = int(self.resources.limits.cpu.value)
+        by_memory = int((self.resources.limits.memory.value - MAIN_BYTES) // WORKER_BYTES)
+        return max(1, min(by_cpu, by_memory))
 
     @property
     def observe(self) -> dict[str, Any]:

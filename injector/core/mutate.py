@@ -32,7 +32,7 @@ DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 SKIPS: dict[str, str | None] = {
     "already_injected": None,  # webhook reinvocation; not news to anyone
     "namespace_excluded": "kube-system and Outrider's own namespace are never injected",
-    "opted_out": 'the pod has outrider.io/inject: "false"',
+    "opted_out": 'the pod has outrider.io/inject: "false" (a label or an annotation)',
     "host_network": "hostNetwork pods share the node's network, where the agent cannot listen",
     "name_conflict": (
         "the pod already has a container named outrider-capture or a volume named "
@@ -55,7 +55,8 @@ def mutate(pod: Mapping[str, Any], namespace: str, settings: Settings) -> Mutati
     metadata = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     annotations = metadata.get("annotations") or {}
-    reason = _skip(annotations, spec, namespace, settings)
+    labels = metadata.get("labels") or {}
+    reason = _skip(annotations, labels, spec, namespace, settings)
     if reason == "already_injected":
         return _again(spec, settings)
     if reason is not None:
@@ -99,7 +100,11 @@ def mutate(pod: Mapping[str, Any], namespace: str, settings: Settings) -> Mutati
 
 
 def _skip(
-    annotations: Mapping[str, Any], spec: Mapping[str, Any], namespace: str, settings: Settings
+    annotations: Mapping[str, Any],
+    labels: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    namespace: str,
+    settings: Settings,
 ) -> str | None:
     containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
     if annotations.get(STATUS) == INJECTED or any(
@@ -108,7 +113,9 @@ def _skip(
         return "already_injected"
     if namespace in ("kube-system", settings.system_namespace):
         return "namespace_excluded"
-    if annotations.get(INJECT) == "false":
+    # The label is what the webhook's objectSelector skips on (docs/install.md); read here
+    # too, for `outrider inject` and a webhook configured without the selector.
+    if annotations.get(INJECT) == "false" or labels.get(INJECT) == "false":
         return "opted_out"
     if spec.get("hostNetwork") is True:
         return "host_network"

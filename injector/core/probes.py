@@ -107,7 +107,7 @@ def _original(
         return None
     handler: str = handlers[0]
     action: dict[str, Any] = probe[handler]
-    timeout = probe.get("timeoutSeconds", DEFAULT_TIMEOUT.seconds)
+    timeout = probe.get("timeoutSeconds") or DEFAULT_TIMEOUT.seconds  # 0: the API's default
     if not _positive(timeout):
         return None
     if action.get("host"):

@@ -325,12 +325,25 @@ def test_access_log_and_tracing_annotations_reach_the_agent_config() -> None:
     assert "access_log" not in config_of(off) and "tracing" not in config_of(off)
 
 
-@pytest.mark.parametrize(("cpu", "workers"), [("1", None), ("1500m", None), ("2", 2), ("4", 4)])
-def test_the_agents_workers_follow_its_cpu_limit(cpu: str, workers: int | None) -> None:
-    """One worker per whole CPU of the agent container's limit; under 2, one process and
-    no `workers` key (the config as it always was)."""
+@pytest.mark.parametrize(
+    ("cpu", "memory", "workers"),
+    [
+        ("1", "256Mi", None),
+        ("1500m", "256Mi", None),
+        ("2", "256Mi", 2),
+        ("4", "256Mi", 3),  # 4 workers would not fit: the kernel would kill the agent
+        ("4", "512Mi", 4),
+        ("8", "128Mi", None),
+    ],
+)
+def test_the_agents_workers_follow_its_cpu_limit_as_its_memory_limit_allows(
+    cpu: str, memory: str, workers: int | None
+) -> None:
+    """One worker per whole CPU of the agent container's limit, as many as its memory
+    limit holds beside the main process; under 2, one process and no `workers` key (the
+    config as it always was)."""
     resources = SETTINGS.agent.resources
-    limits = replace(resources.limits, cpu=Quantity.parse(cpu))
+    limits = replace(resources.limits, cpu=Quantity.parse(cpu), memory=Quantity.parse(memory))
     agent = replace(SETTINGS.agent, resources=replace(resources, limits=limits))
     pod, _ = inject({}, replace(SETTINGS, agent=agent))
     assert agent_of(pod)["resources"]["limits"]["cpu"] == cpu

@@ -36,6 +36,12 @@ def annotated(annotations: dict[str, Any], **spec: Any) -> dict[str, Any]:
     return result
 
 
+def labelled(labels: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    result = pod(**spec)
+    result["metadata"]["labels"] = labels
+    return result
+
+
 def injected(source: dict[str, Any], settings: Settings = SETTINGS) -> dict[str, Any]:
     mutation = mutate(source, "shop", settings)
     assert mutation.reason == "injected", mutation
@@ -230,6 +236,8 @@ def test_our_patch_applier_agrees_with_jsonpatch(source: dict[str, Any]) -> None
         (pod(), "kube-system", "namespace_excluded"),
         (pod(), "outrider-system", "namespace_excluded"),
         (annotated({"outrider.io/inject": "false"}), "shop", "opted_out"),
+        # The label the webhook's objectSelector skips on: `outrider inject` skips it too.
+        (labelled({"outrider.io/inject": "false"}), "shop", "opted_out"),
         (pod(hostNetwork=True), "shop", "host_network"),
         (annotated({"outrider.io/status": "injected"}), "shop", "already_injected"),
         (pod(initContainers=[{"name": AGENT}]), "shop", "already_injected"),

@@ -151,7 +151,7 @@ def test_a_header_the_agent_cannot_send_is_left_alone_with_a_warning() -> None:
         {"tcpSocket": {"port": True}},
         {"tcpSocket": {"port": "Not A Name\x1b[2J"}},
         {"grpc": {"port": "grpc"}},  # grpc ports are numbers only, so the API refuses it
-        {"tcpSocket": {"port": 8080}, "timeoutSeconds": 0},
+        {"tcpSocket": {"port": 8080}, "timeoutSeconds": -1},
         {"tcpSocket": {"port": 8080}, "exec": {"command": ["true"]}},
         {"tcpSocket": "8080"},
         {},
@@ -161,6 +161,18 @@ def test_a_malformed_probe_is_left_for_the_api_server_to_refuse(probe: dict[str,
     # Mutating webhooks run before validation: the API server refuses the pod after us.
     result = rewrite(spec(container(readinessProbe=probe)))
     assert (result.patch, result.originals, result.warnings) == ((), None, ())
+
+
+def test_a_timeout_of_0_is_the_apis_default_of_1() -> None:
+    """The API server defaults timeoutSeconds 0 to 1 before the webhook sees the pod;
+    `outrider inject` sees the 0 as written, and must rewrite the probe all the same."""
+    zero = rewrite(
+        spec(container(readinessProbe={"tcpSocket": {"port": 8080}, "timeoutSeconds": 0}))
+    )
+    one = rewrite(
+        spec(container(readinessProbe={"tcpSocket": {"port": 8080}, "timeoutSeconds": 1}))
+    )
+    assert zero.patch and zero.originals == one.originals
 
 
 def test_a_container_whose_name_is_no_dns_label_is_left_alone_and_not_quoted() -> None:
