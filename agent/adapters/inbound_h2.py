@@ -435,15 +435,44 @@ class _Call:
 
 #: Fields no trailer may be (RFC 9110 6.5.1), which an app that merges trailers into the
 #: head would read as the decided head's own: the host it was routed by, its framing.
-_HEAD_ONLY = frozenset({b"host", b"content-length"})
+#: RFC 9110 6.5.1's fields no trailer may be: framing, routing, authentication, request
+#: modifiers and content metadata. Those a policy reads in a head (and a server that merges
+#: trailers would take for the head's) are dropped; gRPC sends none of them as trailers.
+_HEAD_ONLY = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"content-type",
+        b"content-encoding",
+        b"content-range",
+        b"authorization",
+        b"proxy-authorization",
+        b"cookie",
+        b"expect",
+        b"range",
+        b"if-match",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-unmodified-since",
+        b"if-range",
+        b"max-forwards",
+        b"cache-control",
+        b"pragma",
+    }
+)
 
 
 def onward(trailers: Headers) -> Headers:
     """A request's trailers as they go on (to the app, or upstream): no identity header, no
-    `_HEAD_ONLY` field, and only names no app server folds onto another (agent.core.headers).
-    Unlike a head, they cannot be refused: the request has gone on, so the rest are dropped,
-    whatever `headers_with_underscores`. No policy sees them (docs/policy.md)."""
-    return [(n, v) for n, v in trailers if plain(n) and n not in _HEAD_ONLY and not _identity(n)]
+    `_HEAD_ONLY` field, no value with a control character a head could not hold, and only
+    names no app server folds onto another (agent.core.headers). Unlike a head, they cannot
+    be refused: the request has gone on, so the rest are dropped, whatever
+    `headers_with_underscores`. No policy sees them (docs/policy.md)."""
+    return [
+        (n, v)
+        for n, v in trailers
+        if plain(n) and n not in _HEAD_ONLY and not _identity(n) and control_in(v) is None
+    ]
 
 
 def _outward(headers: Headers) -> Headers:

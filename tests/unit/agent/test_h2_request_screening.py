@@ -209,5 +209,7 @@ def test_an_apps_outbound_call_goes_upstream_without_folded_names_or_identity() 
     assert upstream == [*head("/demo.Greeter/SayHello", "POST", GRPC), (b"x-role", b"viewer")]
     trailers = [(b"x_role", b"admin"), (b"X_Forwarded_Client_Cert", b"x"), (b"x-sum", b"1")]
     assert onward(trailers) == [(b"x-sum", b"1")]
-    # Fields no trailer may be, which an app merging trailers would read as the head's.
-    assert onward([(b"host", b"evil.example"), (b"content-length", b"99")]) == []
+    # Fields no trailer may be, which an app merging trailers would read as the head's,
+    # and values no head could hold.
+    head_only = [(b"host", b"evil.example"), (b"content-length", b"99"), (b"cookie", b"a=1")]
+    assert onward([*head_only, (b"authorization", b"Bearer x"), (b"x-sum", b"a\x01b")]) == []
