@@ -213,7 +213,28 @@ def _around_capture(spec: Mapping[str, Any], agent_uid: int) -> list[str]:
                     f"{name} may change the pod's network (privileged, NET_ADMIN): it can "
                     "undo capture, strict mTLS included"
                 )
+            warnings += _hooks_over_the_network(name, container)
     return warnings
+
+
+def _hooks_over_the_network(name: str, container: Mapping[str, Any]) -> list[str]:
+    """Lifecycle hooks the kubelet sends over the pod network (httpGet, tcpSocket): plain
+    from the node, captured like its probes, which the agent answers for; a hook has no
+    such path, and strict mTLS refuses it: postStart failing kills the container, preStop
+    failing skips the app's graceful shutdown."""
+    lifecycle = container.get("lifecycle")
+    found = []
+    for hook in ("postStart", "preStop"):
+        handler = lifecycle.get(hook) if isinstance(lifecycle, dict) else None
+        for kind in ("httpGet", "tcpSocket"):
+            action = handler.get(kind) if isinstance(handler, dict) else None
+            if isinstance(action, dict) and not action.get("host"):
+                found.append(
+                    f"{name}: lifecycle.{hook}.{kind} reaches the app through capture, in plain"
+                    " from the node: on a STRICT port the agent refuses it; use an exec hook"
+                    " (for example a curl to localhost) instead"
+                )
+    return found
 
 
 def _prepend(

@@ -224,6 +224,18 @@ def test_without_native_sidecars_capture_comes_before_the_apps_own_native_sideca
                 {"capabilities": {"add": ["ALL"]}},
             )
         ),
+        *(
+            (
+                {"containers": [{"name": "app", "image": "a:1", "lifecycle": {hook: handler}}]},
+                f"container app: lifecycle.{hook}.{next(iter(handler))} reaches the app through"
+                " capture, in plain from the node: on a STRICT port the agent refuses it; use"
+                " an exec hook (for example a curl to localhost) instead",
+            )
+            for hook, handler in (
+                ("preStop", {"httpGet": {"path": "/drain", "port": 8080}}),
+                ("postStart", {"tcpSocket": {"port": "http"}}),
+            )
+        ),
     ],
 )
 def test_a_container_that_can_go_around_capture_is_injected_with_a_warning(
