@@ -45,7 +45,11 @@ __all__ = [
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-_QUANTITY = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?")
+#: A number, then a suffix: binary (Ki ...), decimal (m, k ...) or a decimal exponent
+#: (1e9, 5E-3), as Kubernetes' resource.Quantity reads one.
+_QUANTITY = re.compile(
+    r"(\d+(?:\.\d+)?|\.\d+)(?:(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)|[eE]([+-]?\d{1,3}))?"
+)
 _SUFFIX: dict[str | None, Decimal] = {
     None: Decimal(1),
     "n": Decimal("1e-9"),
@@ -86,8 +90,9 @@ class Quantity:
     def parse(cls, text: str) -> Quantity:
         match = _QUANTITY.fullmatch(text) if len(text) <= _MAX_QUANTITY_CHARS else None
         if match is None:
-            raise ValueError("not a quantity like 100m, 0.5, 64Mi or 1G")
-        value = Decimal(match[1]) * _SUFFIX[match[2]]
+            raise ValueError("not a quantity like 100m, 0.5, 64Mi, 1G or 1e9")
+        scale = Decimal(10) ** int(match[3]) if match[3] else _SUFFIX[match[2]]
+        value = Decimal(match[1]) * scale
         if value <= 0:
             raise ValueError("must be more than zero")
         return cls(text, value)

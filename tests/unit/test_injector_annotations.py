@@ -145,6 +145,16 @@ def test_resources_and_log_level_come_from_annotations() -> None:
     assert {"name": "OUTRIDER_LOG_LEVEL", "value": "debug"} in agent["env"]
 
 
+@pytest.mark.parametrize(("text", "value"), [("1e8", 10**8), ("5E-1", 0.5), ("128e6", 128 * 10**6)])
+def test_a_quantity_with_a_decimal_exponent_is_read_as_kubernetes_reads_it(
+    text: str, value: float
+) -> None:
+    pod, warnings = inject({"outrider.io/agent-memory": text})
+    assert warnings == ()
+    assert agent_of(pod)["resources"]["requests"]["memory"] == text
+    assert float(Quantity.parse(text).value) == value
+
+
 @pytest.mark.parametrize(
     ("key", "value", "requests"),
     [
