@@ -134,9 +134,16 @@ class _StrictProtoCodec(ProtoCodec):
 class _BoundedEvents(EventsProcessor):
     limits: GrpcLimits
 
-    def __init__(self, *args: object, limits: GrpcLimits, progress: Progress | None) -> None:
+    def __init__(
+        self,
+        *args: object,
+        limits: GrpcLimits,
+        progress: Progress | None,
+        too_many: Callable[[], None],
+    ) -> None:
         super().__init__(*args)  # type: ignore[arg-type]
         self.limits = limits
+        self._counted_too_many = too_many
         self._framing: dict[int, Framing] = {}
         self._progress = progress
         self._owed: set[int] = set()  # streams whose request has arrived whole
@@ -186,6 +193,7 @@ class _BoundedEvents(EventsProcessor):
     def _too_many(self, event: RequestReceived) -> None:
         """A call past the limit, answered RESOURCE_EXHAUSTED (trailers only), its stream
         then reset unless the caller ended it: nothing of it is read or kept."""
+        self._counted_too_many()
         limit = self.limits.max_concurrent_streams
         message = f"at most {limit} calls at once on one connection; open another connection"
         self._h2.send_headers(
@@ -285,10 +293,17 @@ class _BoundedFrames(FrameBuffer):
 
 
 class _BoundedProtocol(H2Protocol):
-    def __init__(self, *args: object, limits: GrpcLimits, refill_per_second: float) -> None:
+    def __init__(
+        self,
+        *args: object,
+        limits: GrpcLimits,
+        refill_per_second: float,
+        too_many: Callable[[], None],
+    ) -> None:
         super().__init__(*args)  # type: ignore[arg-type]
         self._limits = limits
         self._refill = refill_per_second
+        self._too_many = too_many
 
     def data_received(self, data: bytes) -> None:
         """As grpclib's, except that a caller who broke the protocol (or our limits) is
@@ -330,7 +345,11 @@ class _BoundedProtocol(H2Protocol):
             h2.send_data = send_and_earn  # type: ignore[method-assign]
         self.connection.flush()
         self.processor = _BoundedEvents(
-            self.handler, self.connection, limits=self._limits, progress=progress_of(transport)
+            self.handler,
+            self.connection,
+            limits=self._limits,
+            progress=progress_of(transport),
+            too_many=self._too_many,
         )
 
 
@@ -344,13 +363,17 @@ class BoundedServer(Server):
         *,
         control_frames_per_second: float = 0.0,
         config: Configuration | None = None,
+        too_many: Callable[[], None] = lambda: None,
     ) -> None:
+        """`too_many` is told of each call answered RESOURCE_EXHAUSTED past
+        `limits.max_concurrent_streams` (with `limits.advertised_streams`)."""
         window = config or Configuration(
             http2_connection_window_size=WINDOW, http2_stream_window_size=WINDOW
         )
         super().__init__(handlers, codec=_StrictProtoCodec(), config=window)  # type: ignore[arg-type]
         self._limits = limits
         self._refill = control_frames_per_second
+        self._too_many = too_many
         self.acceptor: Acceptor | None = None
 
     def _protocol_factory(self) -> H2Protocol:
@@ -361,6 +384,7 @@ class BoundedServer(Server):
             plain.h2_config,
             limits=self._limits,
             refill_per_second=self._refill,
+            too_many=self._too_many,
         )
 
     async def serve(

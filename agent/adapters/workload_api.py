@@ -564,6 +564,7 @@ class WorkloadApiServer:
             [workload_api, sds],
             LIMITS,
             control_frames_per_second=CONTROL_FRAMES_PER_SECOND,
+            too_many=lambda: self._closed("streams"),
         )
         self._minting: asyncio.Task[None] | None = None
 

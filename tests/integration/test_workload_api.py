@@ -585,7 +585,7 @@ async def test_calls_past_a_connections_stream_limit_are_refused_not_left_queued
     rest answered RESOURCE_EXHAUSTED at once. Told the limit itself (16), grpcio queued
     them unseen and py-spiffe's sources timed out waiting for their first SVID."""
     async with (
-        workload_agent(setup) as (_, path),
+        workload_agent(setup) as (agent, path),
         grpc.aio.insecure_channel(f"unix:{path}") as chan,
     ):
         fetch = chan.unary_stream(
@@ -611,4 +611,7 @@ async def test_calls_past_a_connections_stream_limit_are_refused_not_left_queued
         finally:
             for call in calls:
                 call.cancel()
+        labels = {"api": "connection", "reason": "streams"}
+        counted = sample(agent, "outrider_workload_api_refusals_total", **labels)
     assert sorted(seen) == ["refused"] * 4 + ["served"] * 16
+    assert counted == 4
