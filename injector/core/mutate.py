@@ -106,11 +106,9 @@ def _skip(
     namespace: str,
     settings: Settings,
 ) -> str | None:
-    containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
-    if annotations.get(STATUS) == INJECTED or any(
-        c.get("name") == sidecar.AGENT for c in containers
-    ):
+    if annotations.get(STATUS) == INJECTED or _has_agent(spec):
         return "already_injected"
+    containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
     if namespace in ("kube-system", settings.system_namespace):
         return "namespace_excluded"
     # The label is what the webhook's objectSelector skips on (docs/install.md); read here
@@ -133,6 +131,8 @@ def _again(spec: Mapping[str, Any], settings: Settings) -> Mutation:
     first time, and reinvocation is routine, not news."""
     found = _agent_config(spec)
     if found is None:
+        if not _has_agent(spec):  # the annotation alone: copied from a live pod, say
+            return Mutation("already_injected", (), (f"outrider: not injected: {_COPIED}",))
         return Mutation("already_injected")
     patch: list[dict[str, Any]] = []
     if "workload_api" in found[1]:
@@ -156,6 +156,19 @@ def _late_probes(
         return []
     config = {**config, "probes": {**(config.get("probes") or {}), **rewrite.originals}}
     return [*rewrite.patch, _add(where, sidecar.encode(config))]
+
+
+#: What a pod annotated injected without the agent is told (the annotation was copied
+#: into a template from a live pod): it is what keeps the pod from being injected.
+_COPIED = (
+    f"{STATUS}: {INJECTED} is set but the pod has no {sidecar.AGENT} container; remove the"
+    " annotation (copied from an injected pod?) to have the agent injected"
+)
+
+
+def _has_agent(spec: Mapping[str, Any]) -> bool:
+    containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+    return any(isinstance(c, dict) and c.get("name") == sidecar.AGENT for c in containers)
 
 
 def _agent_config(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:

@@ -239,7 +239,6 @@ def test_our_patch_applier_agrees_with_jsonpatch(source: dict[str, Any]) -> None
         # The label the webhook's objectSelector skips on: `outrider inject` skips it too.
         (labelled({"outrider.io/inject": "false"}), "shop", "opted_out"),
         (pod(hostNetwork=True), "shop", "host_network"),
-        (annotated({"outrider.io/status": "injected"}), "shop", "already_injected"),
         (pod(initContainers=[{"name": AGENT}]), "shop", "already_injected"),
         (
             pod(volumes=[{"name": "outrider-bundle", "hostPath": {"path": "/"}}]),
@@ -260,6 +259,16 @@ def test_pods_left_alone_get_no_patch_and_a_reason(
     else:
         assert len(mutation.warnings) == 1
         assert mutation.warnings[0].startswith("outrider: not injected: ")
+
+
+def test_an_injected_annotation_without_the_agent_is_left_with_a_warning() -> None:
+    """Copied into a template from a live pod, the annotation keeps the agent out: the
+    pod's author is told, where a reinvocation (the agent there) stays quiet."""
+    mutation = mutate(annotated({"outrider.io/status": "injected"}), "shop", SETTINGS)
+    assert (mutation.reason, mutation.patch) == ("already_injected", ())
+    (warning,) = mutation.warnings
+    assert warning.startswith("outrider: not injected: outrider.io/status: injected is set")
+    assert "remove the annotation" in warning
 
 
 def test_the_system_namespace_comes_from_the_settings() -> None:
