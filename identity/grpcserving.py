@@ -147,6 +147,10 @@ class _BoundedEvents(EventsProcessor):
         self._framing: dict[int, Framing] = {}
         self._progress = progress
         self._owed: set[int] = set()  # streams whose request has arrived whole
+        #: Streams the caller reset whose handlers have not ended yet: grpclib keeps them
+        #: until then, but they are no longer the caller's, and a call that replaces one
+        #: at the limit must find its slot.
+        self._reset: set[int] = set()
 
     def register(self, stream: Stream) -> Callable[[], None]:
         release = super().register(stream)
@@ -156,6 +160,7 @@ class _BoundedEvents(EventsProcessor):
 
         def release_and_forget() -> None:
             self._framing.pop(stream_id, None)
+            self._reset.discard(stream_id)
             self._settled(stream_id)
             release()
 
@@ -172,6 +177,8 @@ class _BoundedEvents(EventsProcessor):
         """A reset stream is owed nothing. grpclib releases a stream when its handler
         ends, but a handler cancelled before it started never ends (a rapid reset)."""
         self._settled(event.stream_id)
+        if event.stream_id in self.streams:
+            self._reset.add(event.stream_id)
         super().process_stream_reset(event)
 
     def _settled(self, stream_id: int) -> None:
@@ -181,7 +188,7 @@ class _BoundedEvents(EventsProcessor):
 
     def process_request_received(self, event: RequestReceived) -> None:
         # Enforced here because h2 applies our SETTINGS only once the peer acks them.
-        if len(self.streams) >= self.limits.max_concurrent_streams:
+        if len(self.streams) - len(self._reset) >= self.limits.max_concurrent_streams:
             if self.limits.advertised_streams:
                 self._too_many(event)
             else:
@@ -196,18 +203,19 @@ class _BoundedEvents(EventsProcessor):
         self._counted_too_many()
         limit = self.limits.max_concurrent_streams
         message = f"at most {limit} calls at once on one connection; open another connection"
-        self._h2.send_headers(
-            event.stream_id,
-            [
-                (":status", "200"),
-                ("content-type", "application/grpc"),
-                ("grpc-status", str(Status.RESOURCE_EXHAUSTED.value)),
-                ("grpc-message", encode_grpc_message(message)),
-            ],
-            end_stream=True,
-        )
-        # Not if the caller has ended it too (its request may have come in the same read).
+        # The caller may have reset it already, or ended it, in the same read: then there
+        # is no one to answer, or nothing left to reset.
         with contextlib.suppress(StreamClosedError):
+            self._h2.send_headers(
+                event.stream_id,
+                [
+                    (":status", "200"),
+                    ("content-type", "application/grpc"),
+                    ("grpc-status", str(Status.RESOURCE_EXHAUSTED.value)),
+                    ("grpc-message", encode_grpc_message(message)),
+                ],
+                end_stream=True,
+            )
             self._h2.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)
 
     def process_data_received(self, event: DataReceived) -> None:

@@ -29,7 +29,8 @@ def get(base: str, path: str, timeout: float = 10.0) -> Any:
 
 def _fetch(base: str, path: str, timeout: float) -> tuple[Any, str | None]:
     """The JSON document at `path` and the replica that answered (REPLICA_HEADER)."""
-    import json  # here: an agent's process imports this module, and needs none of these
+    import http.client  # here: an agent's process imports this module, and needs none
+    import json
     import urllib.error
     import urllib.request
 
@@ -40,7 +41,8 @@ def _fetch(base: str, path: str, timeout: float) -> tuple[Any, str | None]:
     except urllib.error.HTTPError as exc:
         why = exc.read().decode(errors="replace").strip() or exc.reason
         raise Unreachable(f"{url}: {exc.code} {why}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+        # HTTPException: not HTTP there (a TLS port), or an answer cut short.
         reason = getattr(exc, "reason", exc)
         raise Unreachable(
             f"cannot reach the control plane at {base}: {reason} (is `outrider control serve`"

@@ -58,7 +58,8 @@ TRACING_ENDPOINT = TRACING_ENDPOINT_ANNOTATION
 ACCESS_LOG_MODES = ("off", "denied", "all")
 #: host:port: a DNS name or an IPv4 address, or [IPv6]; nothing else reaches the config.
 _HOST_PORT = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]):(\d{1,5})"
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]):(\d{1,5})",
+    re.ASCII,
 )
 #: The values of a switch annotation, and what each means.
 SWITCH = {"enabled": True, "disabled": False}

@@ -48,7 +48,8 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 #: A number, then a suffix: binary (Ki ...), decimal (m, k ...) or a decimal exponent
 #: (1e9, 5E-3), as Kubernetes' resource.Quantity reads one.
 _QUANTITY = re.compile(
-    r"(\d+(?:\.\d+)?|\.\d+)(?:(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)|[eE]([+-]?\d{1,3}))?"
+    r"(\d+(?:\.\d+)?|\.\d+)(?:(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)|[eE]([+-]?\d{1,3}))?",
+    re.ASCII,  # digits 0-9 only, as the API server reads them (not a fullwidth one)
 )
 _SUFFIX: dict[str | None, Decimal] = {
     None: Decimal(1),

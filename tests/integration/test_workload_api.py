@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from h2.errors import ErrorCodes
 
 from agent.adapters import workload_api
 from agent.app import Agent
@@ -32,6 +33,7 @@ from identity.proto import envoy_discovery_pb2, envoy_tls_pb2, workload_pb2
 from identity.proto.envoy_sds_grpc import SecretDiscoveryServiceStub
 from identity.proto.workload_grpc import SpiffeWorkloadAPIStub
 from tests.certs import foreign_ca
+from tests.h2raw import H2Client, Response
 from tests.mesh import eventually, local_sign, sample, workload
 from tests.support import CaSetup
 from tests.workload_api import (
@@ -615,3 +617,85 @@ async def test_calls_past_a_connections_stream_limit_are_refused_not_left_queued
         counted = sample(agent, "outrider_workload_api_refusals_total", **labels)
     assert sorted(seen) == ["refused"] * 4 + ["served"] * 16
     assert counted == 4
+
+
+async def test_at_the_limit_a_cancelled_call_costs_no_other_and_frees_its_slot(
+    setup: CaSetup,
+) -> None:
+    """16 streams open on one connection: a 17th call cancelled at once (a source closed as
+    soon as it was opened) is no reason to drop the 16; and one of them cancelled leaves
+    its slot to the next call, though grpclib keeps the stream until its handler ends."""
+    async with (
+        workload_agent(setup) as (_, path),
+        grpc.aio.insecure_channel(f"unix:{path}") as chan,
+    ):
+        fetch = chan.unary_stream(
+            "/SpiffeWorkloadAPI/FetchX509SVID",
+            request_serializer=workload_pb2.X509SVIDRequest.SerializeToString,
+            response_deserializer=workload_pb2.X509SVIDResponse.FromString,
+        )
+
+        def call() -> Any:
+            return fetch(workload_pb2.X509SVIDRequest(), metadata=tuple(HEADER.items()))
+
+        open_calls = [call() for _ in range(16)]
+        try:
+            for each in open_calls:
+                assert (await asyncio.wait_for(each.read(), STEP)).svids
+            for _ in range(10):
+                cancelled = call()
+                await asyncio.sleep(0)  # its HEADERS out, then its RST_STREAM
+                cancelled.cancel()
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            assert not any(each.done() for each in open_calls), "the connection was dropped"
+            open_calls.pop().cancel()
+            replacement = call()
+            open_calls.append(replacement)
+            assert (await asyncio.wait_for(replacement.read(), STEP)).svids
+        finally:
+            for each in open_calls:
+                each.cancel()
+
+
+async def test_a_call_that_replaces_a_reset_one_at_the_limit_is_served(setup: CaSetup) -> None:
+    """16 streams open; one reset and a new call in the same write (a client replacing a
+    source at the limit): the reset stream's slot is free, though grpclib keeps the
+    stream until its handler ends, so the new call is served, not RESOURCE_EXHAUSTED."""
+    head = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/SpiffeWorkloadAPI/FetchX509SVID"),
+        (b":authority", b"localhost"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+        *((k.encode(), v.encode()) for k, v in HEADER.items()),
+    ]
+    request = b"\x00\x00\x00\x00\x00"  # an empty X509SVIDRequest, length-prefixed
+
+    def replace_one(path: Path) -> Response:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(path))
+        client = H2Client(sock)
+        try:
+            ids = [client.send(head, request) for _ in range(16)]
+            deadline = time.monotonic() + STEP
+            while not all(client.responses[i].body for i in ids) and time.monotonic() < deadline:
+                client.pump(0.2)
+            client.conn.reset_stream(ids[0], ErrorCodes.CANCEL)
+            new = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(new, head)
+            client.conn.send_data(new, request, end_stream=True)
+            client.responses[new] = Response(new)
+            client._flush()  # the reset and the new call in one write
+            answer = client.responses[new]
+            while not (answer.body or answer.ended) and time.monotonic() < deadline + STEP:
+                client.pump(0.2)
+            return answer
+        finally:
+            client.close()
+
+    async with workload_agent(setup) as (_, path):
+        answer = await asyncio.to_thread(replace_one, path)
+    assert answer.header(b"grpc-status") is None, answer
+    assert answer.body, answer

@@ -380,3 +380,13 @@ def test_the_install_guide_lists_every_annotation_the_code_reads() -> None:
     named |= {*module.GONE, *module.REFUSED, UPSTREAMS_ANNOTATION, DEFAULT_CONTAINER}
     missing = sorted(key for key in named if f"`{key}`" not in section)
     assert not missing, f"docs/install.md §6 does not list {missing}"
+
+
+@pytest.mark.parametrize("text", ["\uff1100m", "\u0666\u0664Mi", "1e\u0663"])
+def test_a_quantity_with_digits_other_than_ascii_keeps_the_default(text: str) -> None:
+    """The API server reads 0-9 alone: written into the agent container, the pod would
+    be refused, where a bad annotation must cost only itself."""
+    pod, warnings = inject({"outrider.io/agent-memory": text})
+    assert agent_of(pod)["resources"]["requests"]["memory"] == "64Mi"
+    (warning,) = warnings
+    assert "not a quantity" in warning

@@ -7,6 +7,7 @@ finding, never a traceback; what is well-formed is still judged.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -196,3 +197,38 @@ def test_an_api_server_that_never_answers_is_told_after_one_timeout_not_three(
         assert "Retrying" not in caplog.text
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"SSH-2.0-OpenSSH_9.6\r\n",  # not HTTP: a port-forward to the wrong port
+        b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n[]",  # an answer cut short
+    ],
+)
+def test_a_replica_that_answers_no_http_fails_alone_and_the_others_are_listed(
+    control: list[Any], reply: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    control[0] = [GOOD]
+    odd = socket.socket()
+    odd.bind(("127.0.0.1", 0))
+    odd.listen(4)
+
+    def answer_once() -> None:
+        peer, _ = odd.accept()
+        with peer:
+            peer.recv(4096)
+            peer.sendall(reply)
+
+    thread = threading.Thread(target=answer_once, daemon=True)
+    thread.start()
+    try:
+        address = f"http://127.0.0.1:{odd.getsockname()[1]}"
+        assert cli.main(["proxy-status", "--control", control[1], "--control", address]) == 1
+    finally:
+        thread.join(timeout=5)
+        odd.close()
+    captured = capsys.readouterr()
+    assert "shop/web-1" in captured.out  # the replica that answered
+    assert f"cannot reach the control plane at {address}" in captured.err
+    assert "Traceback" not in captured.err
