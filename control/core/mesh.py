@@ -603,22 +603,38 @@ class _Compiler:
         size, held = sum(s for s, _ in sizes), sum(c for _, c in sizes)
         if size <= POLICY_BYTES and held <= POLICY_CONTAINERS:
             return None
-        encoded = encode(config)
-        total = containers(encoded)
-        if len(encoded) <= AGENT_SNAPSHOT_BYTES and total <= AGENT_SNAPSHOT_CONTAINERS:
+        whole, total = self.snapshot_size(config, documents)
+        if whole <= AGENT_SNAPSHOT_BYTES and total <= AGENT_SNAPSHOT_CONTAINERS:
             return None
         largest = sorted(zip(sizes, documents, strict=True), key=lambda pair: -pair[0][0])[:3]
         named = ", ".join(f"{d['name']} ({s} bytes)" for (s, _), d in largest)
         return (
-            f"not configured: its configuration would take {len(encoded)} bytes and {total}"
+            f"not configured: its configuration would take {whole} bytes and {total}"
             f" arrays and objects, and an agent takes at most {AGENT_SNAPSHOT_BYTES} and"
             f" {AGENT_SNAPSHOT_CONTAINERS}: it refuses the snapshot and keeps the one it has."
             f" The {len(documents)} policies that select the pod take {size} bytes and"
             f" {held} arrays and objects; the largest: {named}"
         )
 
+    def snapshot_size(
+        self, config: Mapping[str, Any], documents: Sequence[Mapping[str, Any]]
+    ) -> tuple[int, int]:
+        """`len(encode(config))` and its arrays and objects, added up from parts measured
+        once per compile: its policies, and its outbound entries, which every captured
+        pod's config shares (encoding each pod's whole config took seconds a compile)."""
+        outbound = config.get("outbound") or []
+        policy = config["policy"]
+        shell = encode({**config, "outbound": [], "policy": {**policy, "policies": []}})
+        size, held = len(shell), containers(shell)
+        for items in (outbound, documents):
+            parts = [self.measure(item) for item in items]
+            size += sum(s for s, _ in parts) + max(len(parts) - 1, 0)  # the commas
+            held += sum(c for _, c in parts)
+        return size, held
+
     def measure(self, document: Mapping[str, Any]) -> tuple[int, int]:
-        """A policy document's (bytes, arrays and objects) as sent; once per document."""
+        """A part's (bytes, arrays and objects) as sent (a policy, an outbound entry);
+        once per part."""
         if id(document) not in self.measured:
             encoded = encode(document)
             self.measured[id(document)] = (len(encoded), containers(encoded))

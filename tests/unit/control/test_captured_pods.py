@@ -17,9 +17,10 @@ from control.app import _log_new_warnings
 from control.core import upstreams
 from control.core.mesh import Mesh, MeshSettings, compile_mesh, encode
 from control.core.services import read_service, read_workload
+from identity.jsonbounds import containers
 from injector.core import Settings
 from injector.core.settings import CaptureSettings
-from tests.cluster import SHOP, agent_accepts, check_shape, pod, service, world
+from tests.cluster import SHOP, agent_accepts, check_shape, pod, policy_object, service, world
 from tests.unit.test_injector_core import injected
 from tests.unit.test_injector_core import pod as injector_pod
 
@@ -472,3 +473,22 @@ def test_a_port_the_capture_rules_leave_alone_is_no_mtls_endpoint() -> None:
         " alone (--exclude-inbound-ports): its agent never takes a call there, so it is no"
         " mTLS endpoint; callers reach it as plain TCP",
     )
+
+
+def test_a_captured_pods_size_is_counted_exactly_from_its_parts() -> None:
+    """Too large for its agent, a captured pod's configuration is measured from parts
+    (its policies, the outbound entries every captured pod shares), never encoded whole
+    per pod: the figures its warning gives are those of the snapshot sent, byte for byte."""
+    pads = [
+        policy_object("AuthorizationPolicy", f"pad-{i}", "{rules: [{}]}", uid=f"u{i}")
+        for i in range(17)
+    ]
+    text = SHOP.replace("initContainers:\n", "initContainers:\n  - {name: outrider-capture}\n")
+    objects = world(text, *pads)
+    for i in range(17):
+        objects["AuthorizationPolicy"][("shop", f"pad-{i}")]["spec"]["rules"] = [{}] * 12000
+    mesh = compile_mesh(objects, SETTINGS)
+    sent = mesh.encoded_for("shop", "backend-v1-0")
+    assert sent is not None and b'"captured"' in sent and b'"outbound":[{' in sent
+    (warning, *_) = mesh.pod_warnings[("shop", "backend-v1-0")]
+    assert f"would take {len(sent)} bytes and {containers(sent)} arrays and objects" in warning
