@@ -179,6 +179,22 @@ async def synced_agent(control: ControlProcess) -> AsyncIterator[None]:
         yield
 
 
+@asynccontextmanager
+async def nacking_agent(control: ControlProcess) -> AsyncIterator[str]:
+    """shop/web connected to `control`, having refused its snapshot (a bad path), as
+    /debug/agents shows it; yields the version it refused."""
+    async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
+        version, _ = await agent.next()
+        await agent.nack(version, "policy.policies[0]: bad path")
+
+        async def nacked() -> bool:
+            shown = (await control.debug("/debug/agents"))[1]
+            return any(a.get("nack") for a in shown)
+
+        await eventually(nacked)
+        yield version
+
+
 def lines(ran: Ran, mark: str) -> list[str]:
     return [line for line in ran.stdout.splitlines() if line.startswith(mark)]
 
@@ -303,16 +319,7 @@ async def test_a_webhook_pointed_at_a_port_its_service_lacks_fails(installed: In
 async def test_an_agent_that_refused_its_config_fails_naming_the_pod(
     installed: Installed,
 ) -> None:
-    control = installed.control
-    async with subscribed(control, control.ca.workload("shop", "web"), "web") as agent:
-        version, _ = await agent.next()
-        await agent.nack(version, "policy.policies[0]: bad path")
-
-        async def nacked() -> bool:
-            shown = (await control.debug("/debug/agents"))[1]
-            return any(a.get("nack") for a in shown)
-
-        await eventually(nacked)
+    async with nacking_agent(installed.control) as version:
         ran = await installed.check()
     assert ran.returncode == 1
     (failed,) = lines(ran, "✗")
@@ -328,15 +335,7 @@ async def test_an_agent_that_refused_its_config_on_the_other_replica_fails_too(
     """Each replica lists only the agents connected to it: asked for both, check sees an
     agent that refused its config on either."""
     other = installed.other
-    async with subscribed(other, other.ca.workload("shop", "web"), "web") as agent:
-        version, _ = await agent.next()
-        await agent.nack(version, "policy.policies[0]: bad path")
-
-        async def nacked() -> bool:
-            shown = (await other.debug("/debug/agents"))[1]
-            return any(a.get("nack") for a in shown)
-
-        await eventually(nacked)
+    async with nacking_agent(other):
         both = await installed.check()
         one = await installed.check("--control", installed.control.debug_url)
         # The same replica twice (two port-forwards that landed on one pod) is one replica.

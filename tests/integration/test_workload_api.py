@@ -580,6 +580,16 @@ async def test_one_uid_cannot_take_every_connection_slot(
             raise AssertionError("a closed connection's slot never came free")
 
 
+def grpcio_svid_call(chan: grpc.aio.Channel) -> Any:
+    """FetchX509SVID as grpcio (go-spiffe's and py-spiffe's kind of client) opens it."""
+    fetch = chan.unary_stream(
+        "/SpiffeWorkloadAPI/FetchX509SVID",
+        request_serializer=workload_pb2.X509SVIDRequest.SerializeToString,
+        response_deserializer=workload_pb2.X509SVIDResponse.FromString,
+    )
+    return fetch(workload_pb2.X509SVIDRequest(), metadata=tuple(HEADER.items()))
+
+
 async def test_calls_past_a_connections_stream_limit_are_refused_not_left_queued(
     setup: CaSetup,
 ) -> None:
@@ -590,14 +600,7 @@ async def test_calls_past_a_connections_stream_limit_are_refused_not_left_queued
         workload_agent(setup) as (agent, path),
         grpc.aio.insecure_channel(f"unix:{path}") as chan,
     ):
-        fetch = chan.unary_stream(
-            "/SpiffeWorkloadAPI/FetchX509SVID",
-            request_serializer=workload_pb2.X509SVIDRequest.SerializeToString,
-            response_deserializer=workload_pb2.X509SVIDResponse.FromString,
-        )
-        calls = [
-            fetch(workload_pb2.X509SVIDRequest(), metadata=tuple(HEADER.items())) for _ in range(20)
-        ]
+        calls = [grpcio_svid_call(chan) for _ in range(20)]
 
         async def first(call: Any) -> str:
             try:
@@ -629,14 +632,9 @@ async def test_at_the_limit_a_cancelled_call_costs_no_other_and_frees_its_slot(
         workload_agent(setup) as (_, path),
         grpc.aio.insecure_channel(f"unix:{path}") as chan,
     ):
-        fetch = chan.unary_stream(
-            "/SpiffeWorkloadAPI/FetchX509SVID",
-            request_serializer=workload_pb2.X509SVIDRequest.SerializeToString,
-            response_deserializer=workload_pb2.X509SVIDResponse.FromString,
-        )
 
         def call() -> Any:
-            return fetch(workload_pb2.X509SVIDRequest(), metadata=tuple(HEADER.items()))
+            return grpcio_svid_call(chan)
 
         open_calls = [call() for _ in range(16)]
         try:
