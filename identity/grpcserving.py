@@ -148,9 +148,11 @@ class _BoundedEvents(EventsProcessor):
         self._progress = progress
         self._owed: set[int] = set()  # streams whose request has arrived whole
         #: Streams the caller reset whose handlers have not ended yet: grpclib keeps them
-        #: until then, but they are no longer the caller's, and a call that replaces one
-        #: at the limit must find its slot.
+        #: until then (the next trip through the loop: `_release_when_done`), but they
+        #: are no longer the caller's, and a call that replaces one at the limit must
+        #: find its slot.
         self._reset: set[int] = set()
+        self._releases: dict[int, Callable[[], None]] = {}
 
     def register(self, stream: Stream) -> Callable[[], None]:
         release = super().register(stream)
@@ -159,12 +161,26 @@ class _BoundedEvents(EventsProcessor):
         self._framing[stream_id] = Framing(self.limits.max_message_bytes)
 
         def release_and_forget() -> None:
+            if self._releases.pop(stream_id, None) is None:
+                return  # released already: by its handler, or when its task was done
             self._framing.pop(stream_id, None)
             self._reset.discard(stream_id)
             self._settled(stream_id)
             release()
 
+        self._releases[stream_id] = release_and_forget
         return release_and_forget
+
+    def _release_when_done(self, stream: Stream) -> None:
+        """Before grpclib cancels `stream`'s handler: release the stream once its task is
+        done. grpclib releases it when the handler ends, but a handler cancelled before
+        it started never runs at all, so a caller sending HEADERS and RST_STREAM together
+        would leave every such stream behind for as long as the connection lasts."""
+        tasks = getattr(self.handler, "_tasks", {})  # grpclib's Server: each stream's task
+        task = tasks.get(stream)
+        release = self._releases.get(stream.id) if stream.id is not None else None
+        if task is not None and release is not None:
+            task.add_done_callback(lambda _task: release())
 
     def process_stream_ended(self, event: StreamEnded) -> None:
         """The caller's request is whole: from here the server owes the answer."""
@@ -177,8 +193,10 @@ class _BoundedEvents(EventsProcessor):
         """A reset stream is owed nothing. grpclib releases a stream when its handler
         ends, but a handler cancelled before it started never ends (a rapid reset)."""
         self._settled(event.stream_id)
-        if event.stream_id in self.streams:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
             self._reset.add(event.stream_id)
+            self._release_when_done(stream)
         super().process_stream_reset(event)
 
     def _settled(self, stream_id: int) -> None:
@@ -192,7 +210,8 @@ class _BoundedEvents(EventsProcessor):
             if self.limits.advertised_streams:
                 self._too_many(event)
             else:
-                self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                with contextlib.suppress(StreamClosedError):  # the caller reset it already
+                    self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
             self.connection.flush()
             return
         super().process_request_received(event)
@@ -238,9 +257,11 @@ class _BoundedEvents(EventsProcessor):
             ("grpc-status", str(Status.RESOURCE_EXHAUSTED.value)),
             ("grpc-message", encode_grpc_message(str(exc))),
         ]
-        self._h2.send_headers(event.stream_id, trailers, end_stream=True)
-        self._h2.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)
+        with contextlib.suppress(StreamClosedError):  # the caller reset it meanwhile
+            self._h2.send_headers(event.stream_id, trailers, end_stream=True)
+            self._h2.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)
         self.connection.ack(event.stream_id, event.flow_controlled_length)
+        self._release_when_done(stream)
         self.handler.cancel(stream)  # the handler waits for a body that will not come
 
     @property
@@ -325,7 +346,10 @@ class _BoundedProtocol(H2Protocol):
             return
         self.connection.flush()
         for event in events:
-            self.processor.process(event)
+            # A stream the caller ended or reset in the same read is no reason to drop
+            # every other call on the connection.
+            with contextlib.suppress(StreamClosedError):
+                self.processor.process(event)
         self.connection.flush()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -39,10 +39,20 @@ def _fetch(base: str, path: str, timeout: float) -> tuple[Any, str | None]:
         with urllib.request.urlopen(url, timeout=timeout) as answer:  # noqa: S310 - http(s) only
             return json.loads(answer.read()), answer.headers.get(REPLICA_HEADER)
     except urllib.error.HTTPError as exc:
-        why = exc.read().decode(errors="replace").strip() or exc.reason
+        try:
+            why = exc.read().decode(errors="replace").strip() or exc.reason
+        except (OSError, http.client.HTTPException):  # an error page cut short
+            why = exc.reason
         raise Unreachable(f"{url}: {exc.code} {why}") from None
-    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
-        # HTTPException: not HTTP there (a TLS port), or an answer cut short.
+    except (
+        urllib.error.URLError,
+        OSError,
+        ValueError,
+        RecursionError,
+        http.client.HTTPException,
+    ) as exc:
+        # HTTPException: not HTTP there (a TLS port), or an answer cut short;
+        # RecursionError: JSON nested deeper than the parser goes.
         reason = getattr(exc, "reason", exc)
         raise Unreachable(
             f"cannot reach the control plane at {base}: {reason} (is `outrider control serve`"

@@ -282,7 +282,8 @@ class _Compiler:
         self.shapes: dict[
             tuple[Any, ...], tuple[Mapping[str, Any], list[str], list[Any], str | None]
         ] = {}
-        #: id(policy document as sent) -> (bytes, arrays and objects) encoded
+        #: id(a part as sent: a policy, an outbound entry, a list of them) -> (bytes,
+        #: arrays and objects) encoded; each part lives as long as the compile
         self.measured: dict[int, tuple[int, int]] = {}
         #: policy -> the owners of the pods its agents would refuse a snapshot of
         self.overflowing: dict[Key, set[str]] = defaultdict(set)
@@ -627,9 +628,14 @@ class _Compiler:
         shell = encode({**config, "outbound": [], "policy": {**policy, "policies": []}})
         size, held = len(shell), containers(shell)
         for items in (outbound, documents):
-            parts = [self.measure(item) for item in items]
-            size += sum(s for s, _ in parts) + max(len(parts) - 1, 0)  # the commas
-            held += sum(c for _, c in parts)
+            if id(items) not in self.measured:  # captured pods share one outbound list
+                parts = [self.measure(item) for item in items]
+                self.measured[id(items)] = (
+                    sum(s for s, _ in parts) + max(len(parts) - 1, 0),  # the commas
+                    sum(c for _, c in parts),
+                )
+            items_size, items_held = self.measured[id(items)]
+            size, held = size + items_size, held + items_held
         return size, held
 
     def measure(self, document: Mapping[str, Any]) -> tuple[int, int]:

@@ -212,6 +212,8 @@ class Upstreams:
         port's destinations, then one entry without `listen` for every other Service port
         of the mesh that has injected endpoints (shared by every captured pod)."""
         explicit, warnings = self.explicit(workload)
+        if not explicit:  # most pods: the mesh's list itself, shared (and measured) once
+            return self.mesh_wide.listed, warnings
         entries = []
         for key, listener in explicit:
             destinations = self.mesh_wide.destinations.get(key)

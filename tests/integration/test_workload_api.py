@@ -4,6 +4,7 @@ to whom, and that every rotation and bundle change reaches an open stream."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import os
 import shutil
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -27,7 +31,7 @@ from h2.errors import ErrorCodes
 from agent.adapters import workload_api
 from agent.app import Agent
 from agent.core.workload import MISSING_HEADER, SECRET_TYPE
-from identity import TrustBundle
+from identity import TrustBundle, grpcserving
 from identity.cert import Cert
 from identity.proto import envoy_discovery_pb2, envoy_tls_pb2, workload_pb2
 from identity.proto.envoy_sds_grpc import SecretDiscoveryServiceStub
@@ -697,3 +701,53 @@ async def test_a_call_that_replaces_a_reset_one_at_the_limit_is_served(setup: Ca
         answer = await asyncio.to_thread(replace_one, path)
     assert answer.header(b"grpc-status") is None, answer
     assert answer.body, answer
+
+
+async def test_streams_reset_as_they_open_are_let_go_at_once(setup: CaSetup) -> None:
+    """HEADERS and RST_STREAM together, 2,000 times on one connection: grpclib cancels each
+    handler before it starts, and such a handler never releases its stream. Each is let go
+    when its task is done, so the connection holds none of them, and a call is served."""
+    head = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/SpiffeWorkloadAPI/FetchX509SVID"),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        *HEADER.items(),
+    ]
+    async with workload_agent(setup) as (_, path):
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
+        conn.initiate_connection()
+        try:
+            for _ in range(4):
+                for _ in range(500):
+                    stream_id = conn.get_next_available_stream_id()
+                    conn.send_headers(stream_id, head)
+                    conn.reset_stream(stream_id, ErrorCodes.CANCEL)
+                writer.write(conn.data_to_send())
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+            held = [
+                (len(o.streams), len(o._reset))
+                for o in gc.get_objects()
+                if isinstance(o, grpcserving._BoundedEvents)
+            ]
+            served = conn.get_next_available_stream_id()
+            conn.send_headers(served, head)
+            conn.send_data(served, b"\x00\x00\x00\x00\x00", end_stream=True)
+            writer.write(conn.data_to_send())
+            answered: list[h2.events.Event] = []
+            while not any(isinstance(e, h2.events.DataReceived) for e in answered):
+                data = await asyncio.wait_for(reader.read(65536), STEP)
+                assert data, "the connection was closed"
+                answered += [
+                    e for e in conn.receive_data(data) if getattr(e, "stream_id", 0) == served
+                ]
+        finally:
+            writer.close()
+    assert held and all(streams <= 1 and reset == 0 for streams, reset in held), held

@@ -204,6 +204,8 @@ def test_an_api_server_that_never_answers_is_told_after_one_timeout_not_three(
     [
         b"SSH-2.0-OpenSSH_9.6\r\n",  # not HTTP: a port-forward to the wrong port
         b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n[]",  # an answer cut short
+        b"HTTP/1.1 500 Oops\r\ncontent-length: 100\r\n\r\nno",  # an error page cut short
+        b"HTTP/1.1 200 OK\r\ncontent-length: 200000\r\n\r\n" + b"[" * 100000 + b"]" * 100000,
     ],
 )
 def test_a_replica_that_answers_no_http_fails_alone_and_the_others_are_listed(
@@ -230,5 +232,5 @@ def test_a_replica_that_answers_no_http_fails_alone_and_the_others_are_listed(
         odd.close()
     captured = capsys.readouterr()
     assert "shop/web-1" in captured.out  # the replica that answered
-    assert f"cannot reach the control plane at {address}" in captured.err
+    assert address in captured.err
     assert "Traceback" not in captured.err
