@@ -72,6 +72,11 @@ SMALL_DATA = 1024  # a DATA frame shorter than this is counted with the control 
 ANSWERS_PER_DATA_SENT = 3
 
 
+#: Streams a connection may hold beyond twice its limit: those reset as they opened,
+#: waiting for their tasks to be done (the next turn of the loop).
+HELD_SLACK = 32
+
+
 @dataclass(frozen=True)
 class GrpcLimits:
     # The largest CSR the CA accepts (RSA-8192 with one SAN) is ~2.3 KB; 16 KiB is
@@ -197,6 +202,12 @@ class _BoundedEvents(EventsProcessor):
         if stream is not None:
             self._reset.add(event.stream_id)
             self._release_when_done(stream)
+            if stream not in getattr(self.handler, "_tasks", {stream: None}):
+                # Cancelled already (`_refuse`: its message too large): grpclib's own
+                # reset would cancel it again, and its task is no longer there to pop.
+                stream.__terminated__("Stream reset by remote party")
+                self.connection.streams_failed += 1
+                return
         super().process_stream_reset(event)
 
     def _settled(self, stream_id: int) -> None:
@@ -205,6 +216,11 @@ class _BoundedEvents(EventsProcessor):
             self._progress.answered()
 
     def process_request_received(self, event: RequestReceived) -> None:
+        if len(self.streams) >= self.limits.max_concurrent_streams * 2 + HELD_SLACK:
+            # Streams reset as they open are let go once their tasks are done, which a
+            # caller that resets faster than the loop turns (one read held 9,500 of them)
+            # never lets happen: a rapid reset flood, cut off (CVE-2023-44487).
+            raise DenialOfServiceError("streams reset faster than they can be let go")
         # Enforced here because h2 applies our SETTINGS only once the peer acks them.
         if len(self.streams) - len(self._reset) >= self.limits.max_concurrent_streams:
             if self.limits.advertised_streams:
@@ -345,11 +361,16 @@ class _BoundedProtocol(H2Protocol):
             self._transport.abort()  # type: ignore[attr-defined]
             return
         self.connection.flush()
-        for event in events:
-            # A stream the caller ended or reset in the same read is no reason to drop
-            # every other call on the connection.
-            with contextlib.suppress(StreamClosedError):
-                self.processor.process(event)
+        try:
+            for event in events:
+                # A stream the caller ended or reset in the same read is no reason to drop
+                # every other call on the connection.
+                with contextlib.suppress(StreamClosedError):
+                    self.processor.process(event)
+        except DenialOfServiceError:
+            self.processor.close("Protocol error")
+            self._transport.abort()  # type: ignore[attr-defined]
+            return
         self.connection.flush()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

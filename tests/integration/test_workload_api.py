@@ -13,6 +13,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -703,51 +705,104 @@ async def test_a_call_that_replaces_a_reset_one_at_the_limit_is_served(setup: Ca
     assert answer.body, answer
 
 
-async def test_streams_reset_as_they_open_are_let_go_at_once(setup: CaSetup) -> None:
-    """HEADERS and RST_STREAM together, 2,000 times on one connection: grpclib cancels each
-    handler before it starts, and such a handler never releases its stream. Each is let go
-    when its task is done, so the connection holds none of them, and a call is served."""
-    head = [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", "/SpiffeWorkloadAPI/FetchX509SVID"),
-        (":authority", "localhost"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-        *HEADER.items(),
+RAW_HEAD = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":path", "/SpiffeWorkloadAPI/FetchX509SVID"),
+    (":authority", "localhost"),
+    ("content-type", "application/grpc"),
+    ("te", "trailers"),
+    *HEADER.items(),
+]
+EMPTY_REQUEST = b"\x00\x00\x00\x00\x00"  # an X509SVIDRequest, length-prefixed
+
+
+@asynccontextmanager
+async def raw_connection(
+    path: Path,
+) -> AsyncIterator[tuple[h2.connection.H2Connection, asyncio.StreamReader, asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+    )
+    conn.initiate_connection()
+    writer.write(conn.data_to_send())
+    try:
+        yield conn, reader, writer
+    finally:
+        writer.close()
+
+
+async def served(
+    conn: h2.connection.H2Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> bool:
+    """A FetchX509SVID call on this connection gets its first SVID."""
+    stream_id = conn.get_next_available_stream_id()
+    conn.send_headers(stream_id, RAW_HEAD)
+    conn.send_data(stream_id, EMPTY_REQUEST, end_stream=True)
+    writer.write(conn.data_to_send())
+    while True:
+        data = await asyncio.wait_for(reader.read(65536), STEP)
+        if not data:
+            return False
+        events = conn.receive_data(data)
+        writer.write(conn.data_to_send())
+        if any(isinstance(e, h2.events.DataReceived) and e.stream_id == stream_id for e in events):
+            return True
+
+
+def held() -> list[tuple[int, int]]:
+    return [
+        (len(o.streams), len(o._reset))
+        for o in gc.get_objects()
+        if isinstance(o, grpcserving._BoundedEvents)
     ]
+
+
+async def test_streams_reset_as_they_open_are_let_go_and_a_flood_of_them_is_cut_off(
+    setup: CaSetup,
+) -> None:
+    """HEADERS and RST_STREAM together: grpclib cancels each handler before it starts,
+    and such a handler never releases its stream. Paced, 2,000 of them leave nothing held
+    and the connection serves a call; 2,000 in one write (a rapid reset flood: none can be
+    let go before the next read) close the connection, and the next one is served."""
     async with workload_agent(setup) as (_, path):
-        reader, writer = await asyncio.open_unix_connection(str(path))
-        conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
-        )
-        conn.initiate_connection()
-        try:
-            for _ in range(4):
-                for _ in range(500):
+        async with raw_connection(path) as (conn, reader, writer):
+            for _ in range(200):
+                for _ in range(10):
                     stream_id = conn.get_next_available_stream_id()
-                    conn.send_headers(stream_id, head)
+                    conn.send_headers(stream_id, RAW_HEAD)
                     conn.reset_stream(stream_id, ErrorCodes.CANCEL)
                 writer.write(conn.data_to_send())
-                await writer.drain()
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.2)
-            held = [
-                (len(o.streams), len(o._reset))
-                for o in gc.get_objects()
-                if isinstance(o, grpcserving._BoundedEvents)
-            ]
-            served = conn.get_next_available_stream_id()
-            conn.send_headers(served, head)
-            conn.send_data(served, b"\x00\x00\x00\x00\x00", end_stream=True)
+                await asyncio.sleep(0.002)
+            await asyncio.sleep(0.1)
+            paced = held()
+            assert await served(conn, reader, writer)
+        async with raw_connection(path) as (conn, reader, writer):
+            for _ in range(2000):
+                stream_id = conn.get_next_available_stream_id()
+                conn.send_headers(stream_id, RAW_HEAD)
+                conn.reset_stream(stream_id, ErrorCodes.CANCEL)
             writer.write(conn.data_to_send())
-            answered: list[h2.events.Event] = []
-            while not any(isinstance(e, h2.events.DataReceived) for e in answered):
-                data = await asyncio.wait_for(reader.read(65536), STEP)
-                assert data, "the connection was closed"
-                answered += [
-                    e for e in conn.receive_data(data) if getattr(e, "stream_id", 0) == served
-                ]
-        finally:
-            writer.close()
-    assert held and all(streams <= 1 and reset == 0 for streams, reset in held), held
+            closed = await asyncio.wait_for(reader.read(), STEP)  # to the end: the EOF
+            assert closed is not None
+        async with raw_connection(path) as (conn, reader, writer):
+            assert await served(conn, reader, writer)
+    assert paced and all(streams <= 1 and reset == 0 for streams, reset in paced), paced
+
+
+async def test_a_message_too_large_and_its_reset_in_one_read_cost_no_other_call(
+    setup: CaSetup,
+) -> None:
+    """HEADERS, a DATA declaring 10 MB and RST_STREAM in one write, beside a served call:
+    the too-large call is refused (and cancelled) before its reset is read, which then
+    finds nothing to cancel; the connection and its other call go on."""
+    async with workload_agent(setup) as (_, path), raw_connection(path) as (conn, reader, writer):
+        assert await served(conn, reader, writer)
+        stream_id = conn.get_next_available_stream_id()
+        conn.send_headers(stream_id, RAW_HEAD)
+        conn.send_data(stream_id, b"\x00" + (10_000_000).to_bytes(4, "big") + b"x" * 100)
+        conn.reset_stream(stream_id, ErrorCodes.CANCEL)
+        writer.write(conn.data_to_send())
+        await asyncio.sleep(0.2)
+        assert await served(conn, reader, writer)
