@@ -22,6 +22,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+from control.core.routes import CONTROLLER
+from control.informers import RESOURCES
 from outrider import debugapi
 
 Status = Literal["ok", "warn", "fail"]
@@ -40,6 +42,9 @@ OUTRIDER_CRDS = (
     "peerauthentications.security.outrider.io",
     "trafficpolicies.networking.outrider.io",
 )
+#: The kinds the control plane writes a verdict on (status conditions), routes last.
+JUDGED = ("AuthorizationPolicy", "PeerAuthentication", "TrafficPolicy", "HTTPRoute", "GRPCRoute")
+ROUTES = frozenset(JUDGED[3:])
 GATEWAY_CRDS = ("httproutes.gateway.networking.k8s.io", "grpcroutes.gateway.networking.k8s.io")
 #: CNIs whose pods a kube-system listing shows, and whether they enforce NetworkPolicy.
 CNIS = {
@@ -101,6 +106,10 @@ class Observed:
     replicas: int | None = None
     unreachable: tuple[str, ...] = ()
     replicas_error: str = ""
+    #: The objects the control plane judges, by kind, as the API lists them; and the
+    #: kinds that could not be listed, with why.
+    judged: Mapping[str, Sequence[Mapping[str, Any]]] = field(default_factory=dict)
+    judged_errors: Mapping[str, str] = field(default_factory=dict)
 
 
 # --- pre-install ------------------------------------------------------------------------
@@ -378,6 +387,99 @@ def agents_in_sync(
     return [*unseen, *checks]
 
 
+def objects_accepted(
+    judged: Mapping[str, Sequence[Mapping[str, Any]]], errors: Mapping[str, str]
+) -> list[Check]:
+    """A ✗ for each object the control plane refused (its status says why, and which
+    version, if any, stays in force); one ‼ for those whose latest edit it has not
+    judged yet; one ✓ when every object is accepted as it is now."""
+    found = partial(Check, "post-install")
+    checks = [
+        found(
+            f"{kind} objects readable",
+            "warn",
+            f"cannot list them: {error}",
+            f"let your kubeconfig's user list {kind} in every namespace",
+        )
+        for kind, error in errors.items()
+    ]
+    behind: list[str] = []
+    accepted = 0
+    for kind, objects in judged.items():
+        for obj in objects:
+            conditions = _verdicts(kind, obj)
+            if conditions is None:
+                continue  # a route of other controllers' alone
+            namespace, name = _meta(obj, "namespace"), _meta(obj, "name")
+            refused = [c for c in conditions if c.get("status") == "False"]
+            if refused:
+                said = "; ".join(f"{c.get('reason')}: {c.get('message')}" for c in refused)
+                checks.append(
+                    found(
+                        f"{kind} {namespace}/{name}",
+                        "fail",
+                        f"not accepted: {said}{_kept(kind, obj)}",
+                        f"fix it and apply it again (kubectl -n {namespace} get"
+                        f" {kind.lower()} {name} -o yaml shows its whole status)",
+                    )
+                )
+            elif not conditions or any(_older(c, obj) for c in conditions):
+                behind.append(f"{kind} {namespace}/{name}")
+            else:
+                accepted += 1
+    if behind:
+        shown = ", ".join(behind[:5]) + (f" and {len(behind) - 5} more" if len(behind) > 5 else "")
+        checks.append(
+            found(
+                "policies and routes judged",
+                "warn",
+                f"the control plane has not judged the latest edit of {shown}",
+                "it writes each status within seconds of a change; if this stays, kubectl -n"
+                f" {SYSTEM_NAMESPACE} logs deployment/{CONTROL}",
+            )
+        )
+    if not checks:
+        detail = f"{_count(accepted, 'object')}, all accepted" if accepted else "none applied"
+        checks.append(found("policies and routes accepted", "ok", detail))
+    return checks
+
+
+def _verdicts(kind: str, obj: Mapping[str, Any]) -> list[Mapping[str, Any]] | None:
+    """The conditions this control plane wrote on `obj`. On a route, those of its entries
+    for Service parents (other controllers write the rest): None for a route with no
+    Service parent, which is not this control plane's to judge."""
+    status = _mapping(obj.get("status"))
+    if kind not in ROUTES:
+        return [c for c in _listed(status.get("conditions")) if isinstance(c, Mapping)]
+    refs = _listed(_mapping(obj.get("spec")).get("parentRefs"))
+    if not any(isinstance(ref, Mapping) and ref.get("kind") == "Service" for ref in refs):
+        return None
+    return [
+        c
+        for parent in _listed(status.get("parents"))
+        if isinstance(parent, Mapping) and parent.get("controllerName") == CONTROLLER
+        for c in _listed(parent.get("conditions"))
+        if isinstance(c, Mapping)
+    ]
+
+
+def _older(condition: Mapping[str, Any], obj: Mapping[str, Any]) -> bool:
+    """Whether `condition` judged an earlier edit of `obj` than its current one."""
+    seen, now = condition.get("observedGeneration"), obj["metadata"].get("generation")
+    return isinstance(seen, int) and isinstance(now, int) and seen < now
+
+
+def _kept(kind: str, obj: Mapping[str, Any]) -> str:
+    """What a refused policy leaves in force (control/core/inforce.py); routes keep none."""
+    if kind in ROUTES:
+        return ""
+    record = _mapping(_mapping(obj.get("status")).get("inForce"))
+    generation = record.get("generation")
+    if isinstance(generation, int):
+        return f"; its generation {generation} stays in force"
+    return "; no version of it is in force"
+
+
 def post_install(seen: Observed) -> list[Check]:
     return [
         outrider_crds(seen.crds),
@@ -392,6 +494,7 @@ def post_install(seen: Observed) -> list[Check]:
             seen.unreachable,
             seen.replicas_error,
         ),
+        *objects_accepted(seen.judged, seen.judged_errors),
     ]
 
 
@@ -489,6 +592,7 @@ class Cluster:
         self.extensions: Any = client.ApiextensionsV1Api(api)
         self.admission: Any = client.AdmissionregistrationV1Api(api)
         self.apps: Any = client.AppsV1Api(api)
+        self.custom: Any = client.CustomObjectsApi(api)
         self._error: type[Exception] = client.ApiException
         self.timeout = timeout
         self.server = configuration.host
@@ -629,6 +733,18 @@ def observe(cluster: Cluster, controls: Sequence[str], *, pre: bool = False) -> 
         replicas = _replicas(control) if isinstance(control, Mapping) else None
     except ApiUnreachable as exc:
         replicas_error = str(exc)
+    judged: dict[str, list[Mapping[str, Any]]] = {}
+    judged_errors: dict[str, str] = {}
+    for kind in JUDGED:
+        where = RESOURCES[kind]
+        try:  # a kind not served (404: no CRD) has nothing to judge
+            listed = cluster.read(
+                cluster.custom.list_cluster_custom_object, where.group, where.version, where.plural
+            )
+        except ApiUnreachable as exc:
+            judged_errors[kind] = str(exc)
+            continue
+        judged[kind] = _items(listed)
     return Observed(
         version,
         crds,
@@ -646,4 +762,6 @@ def observe(cluster: Cluster, controls: Sequence[str], *, pre: bool = False) -> 
         replicas,
         tuple(heard.unreachable) if heard.answered else (),
         replicas_error,
+        judged,
+        judged_errors,
     )

@@ -12,7 +12,7 @@ the ✗ line with its fix and exit 1, and puts it back.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,6 +213,7 @@ async def test_a_working_install_passes_every_check(installed: Installed) -> Non
         "trust bundle in namespace shop",
         "the injector's webhook answers: /healthz: 200",
         "agents connected and in sync: 1 agent, all SYNCED",
+        "policies and routes accepted: none applied",
     ):
         assert seen in passed, ran.stdout
     assert ran.stdout.rstrip().endswith("all checks passed")
@@ -314,6 +315,50 @@ async def test_a_webhook_pointed_at_a_port_its_service_lacks_fails(installed: In
     failed = "\n".join(lines(ran, "✗"))
     assert "inject.outrider.io: Service outrider-injector has no port 9999" in failed
     assert "inject-without-capture.outrider.io: no caBundle" in failed
+
+
+DENY_ADMIN = """\
+apiVersion: security.outrider.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: deny-admin, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: billing}}}}  # no pod here: no agent's config changes
+  action: DENY
+  rules:
+    - to: {{paths: ["{path}"]}}
+"""
+
+
+async def test_a_policy_the_control_plane_refused_fails_saying_what_stays_in_force(
+    installed: Installed,
+) -> None:
+    api = installed.api
+    policy = ("security.outrider.io/v1alpha1", "AuthorizationPolicy", "shop", "deny-admin")
+
+    def judged(generation: int) -> Callable[[], Awaitable[bool]]:
+        async def written() -> bool:
+            status = api.get(*policy).get("status") or {}
+            return status.get("observedGeneration") == generation
+
+        return written
+
+    api.apply(DENY_ADMIN.format(path="/admin/*"))
+    try:
+        await eventually(judged(1))
+        accepted = lines(await installed.check(), "✓")
+        assert "✓ policies and routes accepted: 1 object, all accepted" in accepted
+        api.apply(DENY_ADMIN.format(path="/admin/*/x"))  # a typo in an edit
+        await eventually(judged(2))
+        ran = await installed.check()
+    finally:
+        api.delete(*policy)
+    assert ran.returncode == 1
+    (failed,) = lines(ran, "✗")
+    assert failed.startswith("✗ AuthorizationPolicy shop/deny-admin: not accepted: Invalid: ")
+    assert failed.endswith("; its generation 1 stays in force")
+    assert "fix: fix it and apply it again (kubectl -n shop get authorizationpolicy deny-admin" in (
+        ran.stdout
+    )
 
 
 async def test_an_agent_that_refused_its_config_fails_naming_the_pod(

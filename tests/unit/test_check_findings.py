@@ -6,6 +6,8 @@ against the fake API server; these cover the cases it does not build a cluster f
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 
 from outrider.check import (
@@ -18,6 +20,7 @@ from outrider.check import (
     evaluate,
     kubernetes_version,
     network_policy,
+    objects_accepted,
     result,
     text,
     webhook,
@@ -111,3 +114,109 @@ def test_a_webhook_called_by_url_is_not_probed_and_says_so() -> None:
     assert configured.status == "fail" and "no caBundle" in configured.detail
     assert answers.status == "warn"
     assert answers.detail == "it calls https://x/mutate, which is not probed from here"
+
+
+def judged(kind: str, name: str, generation: int = 1, **status: object) -> dict[str, object]:
+    meta = {"namespace": "shop", "name": name, "generation": generation}
+    return {"kind": kind, "metadata": meta, "spec": {}, "status": status}
+
+
+def accepted(
+    ok: bool, generation: int = 1, reason: str = "Accepted", message: str = ""
+) -> dict[str, object]:
+    """An `Accepted` condition as control/core/conditions.py writes it."""
+    state = "True" if ok else "False"
+    said = {"reason": reason, "message": message, "observedGeneration": generation}
+    return {"type": "Accepted", "status": state, **said}
+
+
+def service_route(name: str, *parents: Mapping[str, object]) -> dict[str, object]:
+    route = judged("HTTPRoute", name, parents=list(parents))
+    route["spec"] = {"parentRefs": [{"kind": "Service", "name": "backend"}]}
+    return route
+
+
+def test_a_refused_policy_fails_saying_why_and_what_stays_in_force() -> None:
+    typo = accepted(False, 4, "Invalid", "spec.rules[0].to.paths[0]: must start with /")
+    checks = objects_accepted(
+        {
+            "AuthorizationPolicy": [
+                judged(
+                    "AuthorizationPolicy",
+                    "deny-admin",
+                    4,
+                    conditions=[typo],
+                    inForce={"generation": 3, "spec": {}},
+                ),
+                judged("AuthorizationPolicy", "new", 1, conditions=[typo]),
+                judged("AuthorizationPolicy", "fine", 2, conditions=[accepted(True, 2)]),
+            ]
+        },
+        {},
+    )
+    assert [(c.name, c.status) for c in checks] == [
+        ("AuthorizationPolicy shop/deny-admin", "fail"),
+        ("AuthorizationPolicy shop/new", "fail"),
+    ]
+    assert checks[0].detail == (
+        "not accepted: Invalid: spec.rules[0].to.paths[0]: must start with /;"
+        " its generation 3 stays in force"
+    )
+    assert checks[1].detail.endswith("; no version of it is in force")
+    assert "kubectl -n shop get authorizationpolicy deny-admin -o yaml" in checks[0].fix
+
+
+def test_an_edit_not_yet_judged_is_a_warning_naming_it() -> None:
+    checks = objects_accepted(
+        {
+            "TrafficPolicy": [
+                judged("TrafficPolicy", "retries", 3, conditions=[accepted(True, 2)]),
+                judged("TrafficPolicy", "just-applied"),  # no status yet
+            ]
+        },
+        {},
+    )
+    (check,) = checks
+    assert check.status == "warn"
+    assert check.detail == (
+        "the control plane has not judged the latest edit of TrafficPolicy shop/retries,"
+        " TrafficPolicy shop/just-applied"
+    )
+
+
+def test_only_routes_with_a_service_parent_are_judged_and_only_our_entries() -> None:
+    ours = {"controllerName": "outrider.io/control-plane", "conditions": [accepted(True)]}
+    refused = {
+        "controllerName": "outrider.io/control-plane",
+        "conditions": [accepted(False, reason="NoMatchingParent", message="no Service")],
+    }
+    gateways = {"controllerName": "example.net/gateway", "conditions": [accepted(False)]}
+    gateway_route = judged("HTTPRoute", "edge", parents=[gateways])
+    gateway_route["spec"] = {"parentRefs": [{"kind": "Gateway", "name": "edge"}]}
+    checks = objects_accepted(
+        {
+            "HTTPRoute": [
+                gateway_route,  # another controller's to judge
+                service_route("canary", ours, gateways),
+                service_route("unjudged", gateways),
+            ],
+            "GRPCRoute": [service_route("split", refused)],
+        },
+        {},
+    )
+    assert [(c.name, c.status) for c in checks] == [
+        ("GRPCRoute shop/split", "fail"),
+        ("policies and routes judged", "warn"),
+    ]
+    assert checks[0].detail == "not accepted: NoMatchingParent: no Service"  # nothing in force
+    assert checks[1].detail.endswith("latest edit of HTTPRoute shop/unjudged")
+
+
+def test_every_object_accepted_is_one_line_and_an_unreadable_kind_a_warning() -> None:
+    policies = [judged("PeerAuthentication", "strict", conditions=[accepted(True)])]
+    (check,) = objects_accepted({"PeerAuthentication": policies, "HTTPRoute": []}, {})
+    assert (check.status, check.detail) == ("ok", "1 object, all accepted")
+    (check,) = objects_accepted({}, {})
+    assert (check.status, check.detail) == ("ok", "none applied")
+    (check,) = objects_accepted({}, {"TrafficPolicy": "the API server refused it: 403"})
+    assert check.status == "warn" and "403" in check.detail

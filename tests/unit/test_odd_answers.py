@@ -92,7 +92,7 @@ class OddCluster:
 
     def __init__(self, answers: dict[str, Any]) -> None:
         self.answers = answers
-        self.core = self.extensions = self.admission = self.version_api = self.apps = self
+        self.core = self.extensions = self.admission = self.version_api = self.apps = self.custom = self
 
     def __getattr__(self, name: str) -> str:
         return name  # a "call": its name, which `read` looks up
@@ -121,6 +121,18 @@ ODD_ITEMS = [None, 3, "x", {}, {"metadata": None}, {"metadata": {"name": 7, "lab
         {"list_namespaced_service": {"items": ODD_ITEMS}},
         {"list_namespaced_service": ["not", "a", "list", "object"]},
         {"read_mutating_webhook_configuration": {"webhooks": [None, "x", {"clientConfig": 1}]}},
+        {"list_cluster_custom_object": {"items": ODD_ITEMS}},
+        {
+            "list_cluster_custom_object": {
+                "items": [
+                    {"metadata": {"generation": "2"}, "status": {"conditions": "x"}},
+                    {"metadata": {}, "status": {"conditions": [None, {"status": "False"}]}},
+                    {"metadata": {}, "spec": {"parentRefs": [{"kind": "Service"}]}},
+                    {"metadata": {}, "spec": {"parentRefs": "x"}, "status": {"parents": [1]}},
+                    {"metadata": {}, "status": {"inForce": {"generation": None}}},
+                ]
+            }
+        },
         {
             "read_mutating_webhook_configuration": {
                 "webhooks": [{"clientConfig": {"service": {"name": "outrider-injector"}}}]
