@@ -8,11 +8,17 @@ building a throwaway outbound with `agent.config_outbound.OutboundReader`,
 so the agent accepts whatever was accepted here; its errors come back as
 field paths (`spec.health.outlier.consecutive5xx: ...`).
 
-One key depends on the port: `hashOn` a header or a cookie needs a protocol
-whose requests the agent reads headers of to hash (the agent's reader says
-which: `protocols_taking`; the L7 ones). On another port of the target (TCP)
-it is left out (connections are then spread as by `random`) and the policy's
-status says so.
+Some keys depend on the port's protocol: `hashOn` a header or a cookie needs
+one whose requests the agent reads headers of (the L7 ones), and an `http`
+active check speaks HTTP/1.1, which an `http2` or `grpc` upstream refuses.
+The agent's reader is asked once per protocol (`taking`), so the two never
+disagree. A policy the reader refuses on every protocol is refused; one it
+takes on some is applied on the ports of those. On a port of another
+protocol, a hashOn the reader does not take there is left out (connections
+are then spread as by `random`); any other key it refuses there leaves the
+policy out of that port whole. The status says which ports, and why. An
+agent is never sent a key its reader refuses: it would refuse the whole
+snapshot, and every captured pod's snapshot holds every Service's entry.
 
 When two TrafficPolicies target one Service port, the older one applies
 (creationTimestamp, then namespace/name, as Gateway API breaks ties), and
@@ -24,7 +30,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,7 @@ __all__ = [
     "TrafficState",
     "attach_traffic",
     "compile_traffic",
+    "taking",
     "to_camel",
     "to_snake",
 ]
@@ -65,18 +72,27 @@ class CompiledTraffic:
     targets: tuple[Target, ...]
     #: agent.yaml outbound keys (snake_case), merged into each target's outbound.
     keys: Mapping[str, Any]
-    #: The ports' protocols the agent takes every key on (`protocols_taking`).
-    taken_on: frozenset[Protocol] = frozenset(PROTOCOLS)
+    #: What the agent's reader takes of `keys` on each port protocol (`taking`): the
+    #: keys, the keys but hash_on, or why it takes none (a string).
+    taken: Mapping[Protocol, Mapping[str, Any] | str] = field(default_factory=dict)
 
-    @property
-    def http_only(self) -> bool:
-        """Whether a key here is taken on some protocols only (a header or cookie to hash on)."""
-        return self.taken_on != frozenset(PROTOCOLS)
+    def keys_for(self, protocol: Protocol) -> Mapping[str, Any] | None:
+        """The keys for a port of `protocol`; None: the policy is left out there."""
+        taken = self.taken.get(protocol, self.keys)
+        return None if isinstance(taken, str) else taken
 
-    def keys_for(self, protocol: Protocol) -> Mapping[str, Any]:
-        if protocol in self.taken_on:
-            return self.keys
-        return {key: value for key, value in self.keys.items() if key != "hash_on"}
+    def left_out_on(self, protocol: Protocol) -> str:
+        """What of the policy a port of `protocol` goes without, and why ("": nothing)."""
+        taken = self.taken.get(protocol, self.keys)
+        if isinstance(taken, str):
+            return f"the policy is not applied there ({taken})"
+        if taken == self.keys:
+            return ""
+        hashing = [p for p in PROTOCOLS if self.keys_for(p) == self.keys]
+        said = ", ".join(hashing[:-1]) + " or " + hashing[-1] if len(hashing) > 1 else hashing[0]
+        return (
+            f"hashOn a header or cookie is left out there (set appProtocol: {said} to hash on it)"
+        )
 
     @property
     def rank(self) -> tuple[str, str, str]:
@@ -116,11 +132,11 @@ def compile_traffic(obj: Mapping[str, Any], m: Meta) -> CompiledTraffic | list[s
             int(v) if isinstance(v, str) and v.isdecimal() else v for v in retries["retry_on"]
         ]
     errors += _check(keys)
-    if errors:
-        return errors
-    return CompiledTraffic(
-        m.namespace, m.name, m.uid, m.generation, m.created, targets, keys, protocols_taking(keys)
-    )
+    taken = taking(keys) if not errors else []
+    if errors or isinstance(taken, list):
+        return errors + list(taken)
+    meta = (m.namespace, m.name, m.uid, m.generation, m.created)
+    return CompiledTraffic(*meta, targets, keys, taken)
 
 
 def _targets(raw: object, errors: list[str]) -> tuple[Target, ...]:
@@ -183,7 +199,6 @@ def to_camel(key: str) -> str:
 _PROBE = {
     "name": "probe",
     "listen": "127.0.0.1:1",
-    "protocol": "http",
     "server_ids": ["spiffe://probe.invalid/probe"],
     "endpoints": ["127.0.0.1:1"],
 }
@@ -196,34 +211,42 @@ MIN_CHECK_INTERVAL = 1.0
 
 
 def _check(keys: Mapping[str, Any]) -> list[str]:
-    """The agent reader's errors for these keys, as `spec.camelCase` paths, and what a
-    Service's owner may not impose on the agents of other teams' pods."""
+    """What a Service's owner may not impose on the agents of other teams' pods."""
     reader = OutboundReader(Path("."))
-    outbound = reader.outbound({**_PROBE, **keys}, "outbound[0]")
-    errors = [_field_path(error) for error in reader.errors]
+    outbound = reader.outbound({**_PROBE, **keys, "protocol": "http"}, "outbound[0]")
     active = outbound.health.active if outbound is not None else None
     if active is not None and active.interval < MIN_CHECK_INTERVAL:
-        errors.append(
+        return [
             f"spec.health.active.interval: must be at least {MIN_CHECK_INTERVAL:g}s: the"
             " checks run in the agent of every pod that calls the Service, one per endpoint"
-        )
-    return errors
+        ]
+    return []
 
 
-def protocols_taking(keys: Mapping[str, Any]) -> frozenset[Protocol]:
-    """The protocols whose outbounds the agent's reader takes these keys on: all of them,
-    but for a hashOn header or cookie, which it takes only where it reads requests' headers
-    to hash. Asked of the reader itself, so the two never disagree."""
-    hash_on = keys.get("hash_on")
-    if not (isinstance(hash_on, Mapping) and {"header", "cookie"} & set(hash_on)):
-        return frozenset(PROTOCOLS)
-    taking = set()
-    for protocol in PROTOCOLS:
-        reader = OutboundReader(Path("."))
-        reader.outbound({**_PROBE, **keys, "protocol": protocol}, "outbound[0]")
-        if not reader.errors:
-            taking.add(protocol)
-    return frozenset(taking)
+def taking(keys: Mapping[str, Any]) -> dict[Protocol, Mapping[str, Any] | str] | list[str]:
+    """What the agent's reader takes of `keys` on an outbound of each protocol: all of
+    them; all but hash_on (a header or cookie, where it reads no headers to hash); or
+    none, with its first error as a `spec.camelCase` path. When it takes them all on no
+    protocol, the keys are invalid: the errors on `http`, which takes the most."""
+    refused = {protocol: _refused(keys, protocol) for protocol in PROTOCOLS}
+    if all(refused.values()):
+        return refused["http"]
+    without_hash = {key: value for key, value in keys.items() if key != "hash_on"}
+    taken: dict[Protocol, Mapping[str, Any] | str] = {}
+    for protocol, errors in refused.items():
+        if not errors:
+            taken[protocol] = keys
+        elif "hash_on" in keys and not _refused(without_hash, protocol):
+            taken[protocol] = without_hash
+        else:
+            taken[protocol] = errors[0]
+    return taken
+
+
+def _refused(keys: Mapping[str, Any], protocol: Protocol) -> list[str]:
+    reader = OutboundReader(Path("."))
+    reader.outbound({**_PROBE, **keys, "protocol": protocol}, "outbound[0]")
+    return [_field_path(error) for error in reader.errors]
 
 
 def _field_path(error: str) -> str:
@@ -315,15 +338,11 @@ def _accepted(
             notes.append(
                 f"Service {service} port {number}: TrafficPolicy {other.name} is older and applies"
             )
-    for namespace, service, number in won if policy.http_only else ():
+    for namespace, service, number in won:
         port = services[(namespace, service)].port(str(number))
-        if port is not None and port.protocol not in policy.taken_on:
-            taking = [p for p in PROTOCOLS if p in policy.taken_on]
-            said = ", ".join(taking[:-1]) + " or " + taking[-1] if len(taking) > 1 else taking[0]
-            notes.append(
-                f"Service {service} port {number} is {_SPOKEN[port.protocol]}: hashOn a header"
-                f" or cookie is left out there (set appProtocol: {said} to hash on it)"
-            )
+        left_out = policy.left_out_on(port.protocol) if port is not None else ""
+        if port is not None and left_out:
+            notes.append(f"Service {service} port {number} is {_SPOKEN[port.protocol]}: {left_out}")
     if not ports:
         return False, "TargetNotFound", summary(notes)
     if not won:

@@ -335,8 +335,9 @@ class Upstreams:
         key = (service.namespace, service.name, port.port)
         body: dict[str, Any] = {"protocol": port.protocol}
         traffic, route = self.traffic.get(key), self.routes.get(key)
-        if traffic is not None:
-            body.update(traffic.keys_for(port.protocol))
+        keys = traffic.keys_for(port.protocol) if traffic is not None else None
+        if keys is not None:
+            body.update(keys)
         backends: Sequence[Backend]
         if route is None:
             backends = self.backends(service, port)

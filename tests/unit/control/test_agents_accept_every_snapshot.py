@@ -49,6 +49,13 @@ _TRAFFIC = st.sampled_from(
         {"balancer": "maglev", "hashOn": "source"},
         {"retries": {"max": 3, "retryOn": [503]}, "timeouts": {"perTry": "1s"}},
         {"health": {"outlier": {"consecutive5xx": 2}}},
+        # an HTTP/1.1 check: not on an h2c or gRPC port, so the policy is left out there
+        {"health": {"active": {"kind": "http", "path": "/healthz", "interval": "5s"}}},
+        {
+            "balancer": "ring_hash",
+            "hashOn": {"cookie": "s"},
+            "health": {"active": {"kind": "http", "path": "/healthz", "interval": "5s"}},
+        },
         {"balancer": "nope"},  # invalid
     ]
 )

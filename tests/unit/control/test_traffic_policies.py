@@ -187,6 +187,30 @@ def test_hashing_on_a_header_is_left_out_on_a_tcp_port_and_said() -> None:
 
 
 @pytest.mark.parametrize("app_protocol", ["grpc", "kubernetes.io/h2c"])
+def test_a_key_the_agent_refuses_on_a_ports_protocol_leaves_the_policy_out_there_and_said(
+    app_protocol: str,
+) -> None:
+    """An HTTP/1.1 active check, which an h2c or gRPC upstream refuses: every captured
+    pod's snapshot holds this Service's entry, and an agent refuses a snapshot whole."""
+    h2c = SHOP.replace("appProtocol: http}]", f"appProtocol: {app_protocol}}}]")
+    check = "  health: {active: {kind: http, path: /healthz, interval: 5s}}\n"
+    mesh = compile_mesh(world(h2c, _traffic(check + "  balancer: random\n")), SETTINGS)
+    outbound = _outbound(mesh)
+    assert ("health" in outbound, "balancer" in outbound) == (False, False)  # none of it
+    spoken = {"grpc": "gRPC", "kubernetes.io/h2c": "HTTP/2"}[app_protocol]
+    protocol = {"grpc": "grpc", "kubernetes.io/h2c": "http2"}[app_protocol]
+    assert _accepted(mesh) == (
+        "True",
+        "Accepted",
+        f"Service backend port 8080 is {spoken}: the policy is not applied there"
+        " (spec.health.active.kind: an http check speaks HTTP/1.1, which a protocol:"
+        f" {protocol} upstream refuses; use kind: tcp)",
+    )
+    http = compile_mesh(world(SHOP, _traffic(check)), SETTINGS)
+    assert _outbound(http)["health"]["active"]["kind"] == "http"
+
+
+@pytest.mark.parametrize("app_protocol", ["grpc", "kubernetes.io/h2c"])
 def test_hashing_on_a_header_on_an_h2c_port_is_what_the_agent_takes_and_said(
     app_protocol: str,
 ) -> None:
