@@ -22,14 +22,18 @@ it without them.
 
 Matching is literal: a value matches a pattern that is the same string, or
 has one leading or trailing `*`. No regex, no glob: `a.b` never matches `aXb`
-and trust domain `td` never matches `td.evil`. A source that is not
-authenticated (None) matches no `from` field, not even a negated one.
+and trust domain `td` never matches `td.evil`.
 
-An L4 request (method None) has no method, path, host or headers to check.
-Its HTTP conditions fail closed: they never match in an ALLOW or AUDIT rule,
-and always match in a DENY rule. On a TCP port such a policy is refused at
-load (`http_only_errors`); the case that remains is HTTP/2 relayed at L4 on
-an HTTP port, where a client's ALPN claim must not slip past a DENY on paths.
+What a request cannot answer fails closed: such a condition never matches in
+an ALLOW or AUDIT rule, and always matches in a DENY rule. A source that is
+not authenticated (None, plaintext) has no principal, namespace or trust
+domain: its positive `from` conditions never match, and its negated ones
+(`not_principals: ["*"]`, Istio's usual "deny plaintext") match in a DENY
+rule only. An L4 request (method None) has no method, path, host or headers
+to check: its HTTP conditions, positive or negated, match in a DENY rule
+only. On a TCP port such a policy is refused at load (`http_only_errors`);
+the case that remains is HTTP/2 relayed at L4 on an HTTP port, where a
+client's ALPN claim must not slip past a DENY on paths.
 """
 
 from __future__ import annotations
@@ -223,9 +227,10 @@ class Pattern:
 class Condition:
     """One field of a rule: the request matches if any value matches any pattern.
 
-    Negated (`not_<field>`, `not_values`), it matches if none does. Either
-    way it never matches an unauthenticated source (`from` fields); on an L4
-    request an HTTP field answers `l4_http` (True in DENY rules: fail closed).
+    Negated (`not_<field>`, `not_values`), it matches if none does. A field the
+    request has no value for answers `fail_closed` (True in DENY rules): an HTTP field
+    on an L4 request; a negated `from` field for an unauthenticated source, whose
+    positive ones never match.
     """
 
     field: Field
@@ -251,21 +256,21 @@ class Condition:
             return f"when[{self.header}].{'not_values' if self.negated else 'values'}"
         return f"{'not_' if self.negated else ''}{self.field}"
 
-    def matches(self, request: Request, l4_http: bool = False) -> bool:
+    def matches(self, request: Request, fail_closed: bool = False) -> bool:
         values = _values(self, request)
         if values is None:
-            return l4_http and self.field in HTTP_FIELDS
+            return fail_closed and (self.negated or self.field in HTTP_FIELDS)
         return self.any_match(values) != self.negated
 
-    def test(self, l4_http: bool) -> Callable[[Request], bool]:
-        """`matches(request, l4_http)` as one call, for `PolicySet.decide`'s plans: a
+    def test(self, fail_closed: bool) -> Callable[[Request], bool]:
+        """`matches(request, fail_closed)` as one call, for `PolicySet.decide`'s plans: a
         method or path condition (one value per request) reads its field directly."""
         field_name, negated = self.field, self.negated
         if field_name not in ("methods", "paths"):
-            return partial(_matches, self, l4_http)
+            return partial(_matches, self, fail_closed)
         exact, prefixes, suffixes = self._exact, self._prefixes, self._suffixes
         anything = self._anything
-        absent = l4_http  # an L4 request (no method, no path): HTTP_FIELDS both
+        absent = fail_closed  # an L4 request (no method, no path): HTTP_FIELDS both
 
         if field_name == "methods":
 
@@ -328,13 +333,15 @@ class Condition:
     def _anything(self) -> bool:
         return any(p.text == "*" for p in self.patterns)
 
-    def explain(self, request: Request, l4_http: bool = False) -> str:
+    def explain(self, request: Request, fail_closed: bool = False) -> str:
         """Why this condition does or does not match, for Decision.reason."""
         values = _values(self, request)
         if values is None and self.field in SOURCE_FIELDS:
+            if self.negated and fail_closed:
+                return f"{self.key} matches an unauthenticated source in a DENY rule"
             return f"{self.key} never matches an unauthenticated source"
         if values is None:
-            answer = "so a DENY rule assumes it matches" if l4_http else "so it never matches"
+            answer = "so a DENY rule assumes it matches" if fail_closed else "so it never matches"
             return f"{self.key} cannot be checked on an L4 connection, {answer}"
         listed = ", ".join(pattern.text for pattern in self.patterns)
         verb = "matches" if self.any_match(values) else "does not match"
@@ -362,8 +369,8 @@ _LABELS: dict[Field, str] = {
 }
 
 
-def _matches(condition: Condition, l4_http: bool, request: Request) -> bool:
-    return condition.matches(request, l4_http)
+def _matches(condition: Condition, fail_closed: bool, request: Request) -> bool:
+    return condition.matches(request, fail_closed)
 
 
 def _values(condition: Condition, request: Request) -> tuple[str, ...] | None:
@@ -418,9 +425,9 @@ class Rule:
         if not _DEFAULT_RULE_NAME.fullmatch(self.name):
             check_name(self.name)
 
-    def matches(self, request: Request, l4_http: bool = False) -> bool:
+    def matches(self, request: Request, fail_closed: bool = False) -> bool:
         for condition in self.conditions:  # noqa: SIM110 - per request: no generator
-            if not condition.matches(request, l4_http):
+            if not condition.matches(request, fail_closed):
                 return False
         return True
 
@@ -445,10 +452,10 @@ class Rule:
     def http_fields(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys([c.key for c in self.conditions if c.field in HTTP_FIELDS]))
 
-    def explain(self, request: Request, l4_http: bool = False) -> str:
+    def explain(self, request: Request, fail_closed: bool = False) -> str:
         if not self.conditions:
             return "the rule has no conditions, so it matches every request"
-        return "; ".join(condition.explain(request, l4_http) for condition in self.conditions)
+        return "; ".join(condition.explain(request, fail_closed) for condition in self.conditions)
 
     def first_miss(self, request: Request) -> str:
         return next(c.explain(request) for c in self.conditions if not c.matches(request))
@@ -491,12 +498,12 @@ class Policy:
         return not self.rules or any(rule.applies_to_port(port) for rule in self.rules)
 
     @property
-    def l4_http(self) -> bool:
+    def fail_closed(self) -> bool:
         """What this policy's HTTP conditions answer on an L4 request: fail closed."""
         return self.action == "DENY"
 
     def first_match(self, request: Request) -> Rule | None:
-        return next((rule for rule in self.rules if rule.matches(request, self.l4_http)), None)
+        return next((rule for rule in self.rules if rule.matches(request, self.fail_closed)), None)
 
 
 _RECORD_KIND: dict[Action, Literal["audit", "dry_run_allow", "dry_run_deny"]] = {
@@ -706,9 +713,9 @@ class PolicySet:
             found = []
             for rule in policy.rules:
                 static = [c for c in rule.conditions if c.field in _STATIC_FIELDS]
-                if all(c.matches(request, policy.l4_http) for c in static):
+                if all(c.matches(request, policy.fail_closed) for c in static):
                     rest = tuple(
-                        c.test(policy.l4_http)
+                        c.test(policy.fail_closed)
                         for c in rule.conditions
                         if c.field not in _STATIC_FIELDS
                     )
@@ -821,7 +828,7 @@ def _first_match(policies: Iterable[Policy], request: Request) -> tuple[Policy, 
 
 
 def _matched(policy: Policy, rule: Rule, request: Request) -> str:
-    explained = rule.explain(request, policy.l4_http)
+    explained = rule.explain(request, policy.fail_closed)
     return f"{policy.action} policy {policy.name!r} rule {rule.name!r} matched: {explained}"
 
 

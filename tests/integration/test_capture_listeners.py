@@ -314,6 +314,33 @@ async def test_permissive_lets_plaintext_through_counted_and_strict_stops_it_wit
     assert process.poll() is None  # never restarted
 
 
+@pytest.mark.parametrize(
+    "caller",
+    [
+        {"not_principals": ["*"]},  # Istio's "deny plaintext"
+        {"not_namespaces": ["demo"]},  # a DENY with a negative match: Istio's safe pattern
+        {"not_trust_domains": ["example.org"]},
+    ],
+)
+async def test_a_deny_with_a_negated_from_stops_plaintext_on_a_permissive_port(
+    mesh: Captured, caller: dict[str, list[str]]
+) -> None:
+    """Plaintext has no principal, namespace or trust domain: a negated `from` in a DENY
+    matches it (fail closed), as Istio's does; the mTLS caller it names still passes."""
+    server, app = mesh.server, mesh.app
+    permissive = {"mtls": "permissive", "ports": {"8080": {"protocol": "http"}}}
+    deny = {"name": "deny-outsiders", "action": "DENY", "rules": [{"from": caller}]}
+    async with mesh.reconfigured(
+        server, captured={"inbound": permissive}, policy={"policies": [deny]}
+    ):
+        requests = app.requests
+        refused = await exchange(await asyncio.open_connection(server.ip, 8080))
+        assert refused.startswith(b"HTTP/1.1 403"), refused[:80]
+        allowed = body(await exchange(await mesh.client.open_connection(server.ip, 8080)))
+        assert allowed.endswith(f"URI={workload('client')}")
+        assert app.requests == requests + 1  # the mTLS caller's alone
+
+
 async def test_destinations_outside_the_mesh_are_passed_through_or_refused_and_counted(
     mesh: Captured,
 ) -> None:

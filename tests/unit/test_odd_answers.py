@@ -92,7 +92,8 @@ class OddCluster:
 
     def __init__(self, answers: dict[str, Any]) -> None:
         self.answers = answers
-        self.core = self.extensions = self.admission = self.version_api = self.apps = self.custom = self
+        self.core = self.extensions = self.admission = self.version_api = self
+        self.apps = self.custom = self
 
     def __getattr__(self, name: str) -> str:
         return name  # a "call": its name, which `read` looks up

@@ -161,12 +161,18 @@ ANY_SOURCE = {"principals": "*", "namespaces": "shop", "trust_domains": "example
 
 
 @pytest.mark.parametrize("key", SOURCE_KEYS + [f"not_{k}" for k in SOURCE_KEYS])
-def test_plaintext_never_matches_a_source_field_or_its_negation(key: str) -> None:
+def test_plaintext_matches_a_negated_source_field_in_a_deny_only(key: str) -> None:
+    """Plaintext has no principal, namespace or trust domain: a positive `from` field
+    never matches it, a negated one matches in a DENY (Istio's `notPrincipals: ["*"]`
+    denies plaintext) and never lets it in through an ALLOW: fail closed both ways."""
     plaintext = replace(HTTP, source=None)
     condition = cond(key, ANY_SOURCE[key.removeprefix("not_")])
+    negated = key.startswith("not_")
     assert not condition.matches(plaintext)
+    assert condition.matches(plaintext, fail_closed=True) == negated
     assert not decide(policy("ALLOW", (condition,)), request=plaintext).allowed
-    assert decide(policy("DENY", (condition,)), request=plaintext).policy != "p"
+    denied = decide(policy("DENY", (condition,)), request=plaintext)
+    assert (denied.policy == "p", denied.allowed) == (negated, False)  # else: the default
 
 
 HTTP_CONDITIONS = [
@@ -780,10 +786,13 @@ def test_adding_a_deny_rule_to_a_policy_never_allows_what_was_denied(
 
 @settings(max_examples=200)
 @given(_conditions(), _requests())
-def test_plaintext_matches_no_source_condition(condition: Condition, request: Request) -> None:
+def test_plaintext_matches_a_source_condition_only_negated_in_a_deny(
+    condition: Condition, request: Request
+) -> None:
     plaintext = replace(request, source=None)
     if condition.field in ("principals", "namespaces", "trust_domains"):
         assert not condition.matches(plaintext)
+        assert condition.matches(plaintext, fail_closed=True) == condition.negated
 
 
 @settings(max_examples=200)
