@@ -61,8 +61,11 @@ from identity.configfile import Listen
 
 log = logging.getLogger("outrider.agent.workers")
 
-#: How long a worker has to take a config (bind its listeners) before the reload is refused.
-APPLY_TIMEOUT = 30.0
+#: How long a worker has to take a config (bind its listeners) before the reload is
+#: refused and the worker killed (`_take`); the environment may set it (tests do).
+APPLY_TIMEOUT = float(os.environ.get("OUTRIDER_WORKER_APPLY_TIMEOUT", "30"))
+#: A worker's settings version when it did not answer a switch: none is in force.
+UNKNOWN = -1
 #: Beyond limits.drain_timeout, what a draining worker gets to exit before it is killed.
 EXIT_GRACE = 5.0
 
@@ -219,7 +222,7 @@ class Supervisor(Agent):
         errors = [a for a in answers if a is not None]
         if errors:
             for problem in errors:
-                if not isinstance(problem, str | OSError | ConnectionError | TimeoutError):
+                if not isinstance(problem, str | OSError):
                     raise problem
             if previous is not None:
                 took = [w for w, a in zip(workers, answers, strict=True) if a is None]
@@ -228,9 +231,21 @@ class Supervisor(Agent):
         self.running, self.version = running, version
 
     async def _take(self, worker: Worker, settings: Settings, version: int) -> str | None:
-        """`worker` serves `settings` as `version`; None once it does, else why not."""
+        """`worker` serves `settings` as `version`; None once it does, else why not.
+
+        A worker that does not answer is killed: it may still take the settings late,
+        and then serve what the others were switched back from (a port permissive
+        again while every other worker is strict) with nobody the wiser. `_watch`
+        starts it again on the settings in force."""
         seq = next(self._seq)
-        answer = await worker.ask(seq, APPLY_TIMEOUT, "settings", seq, settings)
+        try:
+            answer = await worker.ask(seq, APPLY_TIMEOUT, "settings", seq, settings)
+        except (ConnectionError, TimeoutError) as exc:
+            worker.running = UNKNOWN
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGKILL)
+            said = str(exc) or f"no answer within {APPLY_TIMEOUT:g}s"
+            return f"worker {worker.index} (pid {worker.pid}): {said}; killed, to start again"
         if answer.get("error"):
             return str(answer["error"])
         worker.running = version
@@ -261,10 +276,7 @@ class Supervisor(Agent):
         async with self._switching:  # not while a reload is being sent to the workers
             replacement = self.workers[worker.index] = await self._start(worker.index)
             if self.running is not None:
-                try:
-                    problem = await self._take(replacement, self.running, self.version)
-                except (ConnectionError, TimeoutError) as exc:
-                    problem = str(exc)
+                problem = await self._take(replacement, self.running, self.version)
                 if problem is not None:
                     log.error("worker %d restarted but cannot serve: %s", worker.index, problem)
 

@@ -9,6 +9,7 @@ The agent's SVID lives 2 s, so it rotates about every second through the module.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import signal
@@ -247,6 +248,31 @@ def test_a_worker_that_dies_is_started_again(setup: CaSetup, agent: AgentProcess
     eventually(lambda: agent.status("/ready") == 200 and len(children(agent)) == 2)
     assert victim not in children(agent)
     assert [request(setup, agent)[0] for _ in range(8)] == [200] * 8
+
+
+def test_a_worker_that_does_not_take_a_reload_in_time_is_started_again_on_the_config_in_force(
+    setup: CaSetup, ca: CaProcess, app: int
+) -> None:
+    """A worker stalled through a switch must not take it late: the others are switched
+    back, and it would then serve what nobody else does (here a deny, as easily a port
+    permissive again) while the agent says ready."""
+    raw = workers_yaml(setup, ca, app, "stalled")
+    env = {"OUTRIDER_WORKER_APPLY_TIMEOUT": "1"}
+    with agent_process(setup.root, "stalled", raw, env=env) as agent:
+        stalled = max(children(agent))
+        os.kill(stalled, signal.SIGSTOP)
+        try:
+            denying = {**raw, "policy": {"default_action": "deny", "policies": []}}
+            (setup.root / "stalled.yaml").write_text(yaml.safe_dump(denying))
+            refused = {"kind": "agent", "result": "error"}
+            eventually(lambda: agent.sample("outrider_config_reloads_total", **refused) == 1)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stalled, signal.SIGCONT)  # late: it would take the deny now
+        eventually(lambda: agent.sample("outrider_worker_restarts_total") == 1)
+        eventually(lambda: agent.status("/ready") == 200 and stalled not in children(agent))
+        time.sleep(0.5)  # what a late worker would do, it would have done by now
+        assert {request(setup, agent)[0] for _ in range(CONNECTIONS)} == {200}
 
 
 def test_a_worker_started_again_while_the_bundle_file_is_unusable_serves(
