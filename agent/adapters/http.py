@@ -318,10 +318,16 @@ class HttpExchange:
         except BadPath as exc:
             return self.answer(400, {"error": "bad_path", "detail": str(exc)})
         values: dict[str, tuple[str, ...]] = {}
+        # The policy reads what the app will: not the fields that end here (request_head
+        # drops them), such as one a `Connection: x-api-version` names.
+        hop = http1.hop_by_hop(request.connection, upgrade=request.upgrade is not None)
         for name, value in request.headers:
             if len(name) in _IDENTITY_LENGTHS and _identity(name):  # the length: at once
                 continue
-            key = name.lower().decode("latin-1")
+            lowered = name.lower()
+            if lowered in hop:
+                continue
+            key = lowered.decode("latin-1")
             # llhttp keeps trailing whitespace; the app drops it (RFC 9110 5.5), so must we.
             text = value.decode("latin-1").strip(" \t")
             found = values.get(key)

@@ -260,7 +260,20 @@ class Condition:
         values = _values(self, request)
         if values is None:
             return fail_closed and (self.negated or self.field in HTTP_FIELDS)
+        if len(values) > 1:
+            return self.several(values, fail_closed)
         return self.any_match(values) != self.negated
+
+    def several(self, values: tuple[str, ...], fail_closed: bool) -> bool:
+        """A field with several values (a header's lines and list items), of which the
+        app may read any one (Go's Header.Get the first, a WSGI app them all joined):
+        in a DENY rule the condition matches if it holds for any of them, elsewhere only
+        if it holds for every one. Fail closed: `X-Tenant: globex` beside `X-Tenant:
+        acme` matches a DENY's `not_values: [acme]`, and no ALLOW's `values: [acme]`."""
+        negated = self.negated
+        if fail_closed:
+            return any(self.any_match((value,)) != negated for value in values)
+        return all(self.any_match((value,)) != negated for value in values)
 
     def test(self, fail_closed: bool) -> Callable[[Request], bool]:
         """`matches(request, fail_closed)` as one call, for `PolicySet.decide`'s plans: a
@@ -345,6 +358,14 @@ class Condition:
             return f"{self.key} cannot be checked on an L4 connection, {answer}"
         listed = ", ".join(pattern.text for pattern in self.patterns)
         verb = "matches" if self.any_match(values) else "does not match"
+        if len(values) > 1:
+            held = self.several(values, fail_closed)
+            verb = {
+                (True, True): "holds for one or more:",
+                (True, False): "holds for none:",
+                (False, True): "holds for every one:",
+                (False, False): "does not hold for every one:",
+            }[(fail_closed, held)]
         shown = ", ".join(map(repr, values)) if values else "(none)"
         if values and self.field == "headers":
             # A header's value may be a secret (an API key, a cookie, a token) and the
@@ -499,7 +520,9 @@ class Policy:
 
     @property
     def fail_closed(self) -> bool:
-        """What this policy's HTTP conditions answer on an L4 request: fail closed."""
+        """What a condition of this policy answers when the request cannot answer it (an
+        HTTP field on an L4 request, a negated `from` for plaintext), and whether one
+        of several values suffices (`Condition.several`): fail closed."""
         return self.action == "DENY"
 
     def first_match(self, request: Request) -> Rule | None:

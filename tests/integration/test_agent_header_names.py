@@ -5,6 +5,11 @@ Python's wsgiref, like every CGI/WSGI server, hands the app `X_Role` and
 hold for every spelling: the agent refuses a request naming a header with an
 underscore (by default) or drops the header (`headers_with_underscores:
 drop`), in both directions, framing headers included.
+
+The same holds for a header's values: a rule reads what the app will. A field a
+`Connection` header names never reaches the app, so no rule reads it; and of several
+values, any of which the app may read (wsgiref joins the lines), a DENY's
+`not_values` needs only one outside its list.
 """
 
 from __future__ import annotations
@@ -148,3 +153,47 @@ def test_an_apps_outbound_request_with_an_underscore_is_refused_before_it_leaves
     with urllib.request.urlopen(request, timeout=5) as response:
         assert response.status == 200
     assert len(app.seen) == seen + 1
+
+
+TENANTS = """\
+policies:
+  - name: tenants
+    action: DENY
+    rules:
+      - name: only-acme
+        when: [{header: x-tenant, not_values: [acme]}]
+"""
+
+
+@pytest.fixture(scope="module")
+def tenants(setup: CaSetup, ca: CaProcess, app: WsgiApp) -> Iterator[AgentProcess]:
+    policy = setup.root / "tenants-policy.yaml"
+    policy.write_text(TENANTS)
+    raw = served_agent_yaml(
+        setup,
+        ca,
+        "tenants",
+        inbound=inbound(app.port, protocol="http"),
+        policy={"files": [str(policy)]},
+    )
+    with agent_process(setup.root, "tenants", raw) as process:
+        yield process
+
+
+def test_a_header_with_a_second_value_outside_a_denys_list_is_denied(
+    setup: CaSetup, tenants: AgentProcess, app: WsgiApp
+) -> None:
+    assert one(setup, tenants, get("/", "X-Tenant: acme")).status == 200
+    assert app.seen[-1]["HTTP_X_TENANT"] == "acme"
+    for lines in (("X-Tenant: globex", "X-Tenant: acme"), ("X-Tenant: globex, acme",)):
+        assert one(setup, tenants, get("/", *lines)).status == 403, lines
+
+
+def test_a_header_the_connection_header_names_is_not_read_by_the_policy(
+    setup: CaSetup, tenants: AgentProcess, app: WsgiApp
+) -> None:
+    """It is dropped on the way to the app: the policy decides as if it were missing."""
+    seen = len(app.seen)
+    reply = one(setup, tenants, get("/", "X-Tenant: acme", "Connection: x-tenant"))
+    assert reply.status == 403
+    assert len(app.seen) == seen

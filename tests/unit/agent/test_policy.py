@@ -817,6 +817,48 @@ def test_repeated_headers_are_evaluated_however_they_are_split(
     assert policies.decide(separate, TRUSTED) == policies.decide(split, TRUSTED)
 
 
+@pytest.mark.parametrize(
+    ("action", "condition", "lines", "matches"),
+    [
+        # A DENY: one value the condition holds for is enough.
+        ("DENY", cond("when.x-tenant.not", "acme"), ("globex", "acme"), True),
+        ("DENY", cond("when.x-tenant.not", "acme"), ("globex, acme",), True),
+        ("DENY", cond("when.x-tenant.not", "acme"), ("acme", "acme"), False),
+        ("DENY", cond("when.x-role", "admin"), ("reader", "admin"), True),
+        # An ALLOW: it must hold for every value.
+        ("ALLOW", cond("when.x-tenant", "acme"), ("globex", "acme"), False),
+        ("ALLOW", cond("when.x-tenant", "acme"), ("acme, globex",), False),
+        ("ALLOW", cond("when.x-tenant", "acme"), ("acme", "acme"), True),
+        ("ALLOW", cond("when.x-role.not", "admin"), ("reader", "admin"), False),
+        ("ALLOW", cond("when.x-role.not", "admin"), ("reader", "writer"), True),
+    ],
+)
+def test_a_header_with_several_values_fails_closed(
+    action: str, condition: Condition, lines: tuple[str, ...], matches: bool
+) -> None:
+    """The app may read any one of them (the first line, the last, all joined)."""
+    request = replace(HTTP, headers={condition.header: lines})
+    decided = decide(policy(action, (condition,)), request=request, default="deny")
+    assert (decided.policy == "p") == matches
+    assert decided.allowed == (action == "ALLOW" and matches)
+    if action == "ALLOW" or matches:  # the reason names the header, never its values
+        why = PolicySet((policy(action, (condition,)),), "deny").explain(request, TRUSTED).reason
+        assert "(2 values, not shown)" in why and "hold" in why, why
+
+
+@settings(max_examples=300)
+@given(_SETS, _requests(), st.lists(st.sampled_from(["reader", "admin", "adminx"]), min_size=2))
+def test_several_values_are_allowed_only_if_each_alone_would_be(
+    policies: PolicySet, request: Request, values: list[str]
+) -> None:
+    if request.method is None:
+        return
+    together = policies.decide(replace(request, headers={"x-role": tuple(values)}), TRUSTED)
+    alone = [policies.decide(replace(request, headers={"x-role": (v,)}), TRUSTED) for v in values]
+    if together.allowed:
+        assert all(decision.allowed for decision in alone)
+
+
 _GUARDED = PolicySet(
     (
         policy("DENY", (cond("paths", "/admin", "/admin/*"),), name="no-admin"),
