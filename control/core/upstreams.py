@@ -339,18 +339,19 @@ class Upstreams:
         if keys is not None:
             body.update(keys)
         backends: Sequence[Backend]
-        if route is None:
+        subsets, backends = self.subsets(route) if route is not None else ([], [])
+        if subsets:
+            body["subsets"] = subsets
+        else:
+            # No route, or none of its backends has an endpoint yet (a flip to a Service
+            # not up yet): the Service's own. Never none while it has some: a Service
+            # port without an entry is passed through, in plaintext, past the mesh.
             backends = self.backends(service, port)
             if not backends:
                 return None
             body["endpoints"] = [b.address for b in backends]
-        else:
-            subsets, backends = self.subsets(route)
-            if not subsets:
-                return None
-            body["subsets"] = subsets
-            if route.timeouts:  # the route's, more specific than the TrafficPolicy's
-                body["timeouts"] = {**body.get("timeouts", {}), **route.timeouts}
+        if route is not None and route.timeouts:  # more specific than the TrafficPolicy's
+            body["timeouts"] = {**body.get("timeouts", {}), **route.timeouts}
         td = self.settings.trust_domain
         body["server_ids"] = sorted(
             {

@@ -9,6 +9,7 @@ import pytest
 
 from control.core.mesh import Mesh, MeshSettings, compile_mesh
 from tests.cluster import SHOP, agent_accepts, world
+from tests.unit.control.test_captured_pods import _captured_shop
 
 SETTINGS = MeshSettings("example.org")
 SPLIT = """\
@@ -157,6 +158,33 @@ def test_a_backend_of_weight_zero_gets_no_traffic() -> None:
     assert [
         s["name"] for s in _outbound(compile_mesh(world(SHOP, route), SETTINGS))["subsets"]
     ] == ["backend-v1"]
+
+
+@pytest.mark.parametrize(
+    "backends",
+    [
+        "- {name: backend-v3, port: 8080, weight: 100}",  # a flip to a Service not up yet
+        "- {name: backend-v1, port: 8080, weight: 0}",  # every weight 0
+    ],
+)
+def test_a_route_with_no_backend_to_send_to_keeps_the_services_own_endpoints(
+    backends: str,
+) -> None:
+    """Never no entry: a captured app's call to the ClusterIP would pass through the
+    mesh in plaintext, to pods that take mTLS."""
+    route = SPLIT.split("        - {name: backend-v1")[0] + f"        {backends}\n"
+    mesh = compile_mesh(world(SHOP, route), SETTINGS)
+    outbound = _outbound(mesh)
+    assert (outbound["endpoints"], "subsets" in outbound) == (
+        ["10.0.0.7:15443", "10.0.0.8:15443"],
+        False,
+    )
+    captured = _captured_shop(route)
+    config = captured.config_for("shop", "frontend-0")
+    assert config is not None
+    assert config["captured"]["outbound"]["passthrough"] == []
+    listed = {entry["name"]: entry for entry in config["outbound"]}
+    assert listed["backend.shop:8080"]["endpoints"] == ["10.0.0.7:8080", "10.0.0.8:8080"]
 
 
 def test_a_route_for_a_missing_service_or_port_matches_no_parent() -> None:
