@@ -28,7 +28,7 @@ import yaml
 from agent.config import AgentConfig, ConfigError, decode_snapshot, parse
 from agent.core.policy import PolicySet
 from agent.core.policyfile import PolicyError, parse_policy_list
-from control.core.upstreams import encode
+from control.core.snapshot import encode
 from identity.appprotocol import L7
 from tests.apistore import Store
 

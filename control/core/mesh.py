@@ -78,15 +78,9 @@ from control.core.services import (
     read_workload,
     slice_service,
 )
+from control.core.snapshot import AGENT_SNAPSHOT_BYTES, AGENT_SNAPSHOT_CONTAINERS, encode
 from control.core.traffic import CompiledTraffic, TrafficState, attach_traffic, compile_traffic
-from control.core.upstreams import (
-    AGENT_SNAPSHOT_BYTES,
-    AGENT_SNAPSHOT_CONTAINERS,
-    ANNOTATION,
-    PortKey,
-    Upstreams,
-    encode,
-)
+from control.core.upstreams import ANNOTATION, PortKey, Upstreams
 from identity.appprotocol import Protocol
 from identity.injected import (
     AGENT_PORTS,
@@ -599,7 +593,9 @@ class _Compiler:
         """Why the pod's agent would refuse `config` whole (past AGENT_SNAPSHOT_BYTES or
         _CONTAINERS), or None. Each policy is bounded (POLICY_BYTES), but those selecting
         one pod add up; the whole config is measured only when they take more than one
-        policy may, since the rest of it is bounded well within the agent's limits."""
+        policy may, since the rest of it is bounded well within the agent's limits (the
+        mesh-wide entries by SHARED_*, the annotation's listeners by EXPLICIT_*:
+        snapshot.py)."""
         sizes = [self.measure(document) for document in documents]
         size, held = sum(s for s, _ in sizes), sum(c for _, c in sizes)
         if size <= POLICY_BYTES and held <= POLICY_CONTAINERS:

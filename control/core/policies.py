@@ -46,7 +46,7 @@ from agent.core.policy import Policy
 from agent.core.policyfile import PolicyError, parse_policy_list
 from control.core.conditions import Meta
 from control.core.selectors import Selector, parse_selector
-from control.core.upstreams import (
+from control.core.snapshot import (
     AGENT_SNAPSHOT_BYTES,
     AGENT_SNAPSHOT_CONTAINERS,
     SHARED_BYTES,

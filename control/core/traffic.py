@@ -38,7 +38,9 @@ from agent.config_outbound import OutboundReader
 from control.core.conditions import Meta, condition, previous_conditions, summary
 from control.core.inforce import Verdict, policy_status
 from control.core.services import Service
+from control.core.snapshot import TRAFFIC_BYTES, TRAFFIC_CONTAINERS, encode
 from identity.appprotocol import PROTOCOLS, Protocol
+from identity.jsonbounds import containers
 
 __all__ = [
     "CompiledTraffic",
@@ -131,7 +133,7 @@ def compile_traffic(obj: Mapping[str, Any], m: Meta) -> CompiledTraffic | list[s
         retries["retry_on"] = [
             int(v) if isinstance(v, str) and v.isdecimal() else v for v in retries["retry_on"]
         ]
-    errors += _check(keys)
+    errors += _check(keys) or _too_large(keys)
     taken = taking(keys) if not errors else []
     if errors or isinstance(taken, list):
         return errors + list(taken)
@@ -221,6 +223,21 @@ def _check(keys: Mapping[str, Any]) -> list[str]:
             " checks run in the agent of every pod that calls the Service, one per endpoint"
         ]
     return []
+
+
+def _too_large(keys: Mapping[str, Any]) -> list[str]:
+    """Past TRAFFIC_BYTES or TRAFFIC_CONTAINERS as sent: every entry of every caller for
+    the policy's Services would repeat it (eight such Services named in one pod's
+    annotation took that pod's snapshot past what its agent takes)."""
+    encoded = encode(keys)
+    held = containers(encoded)
+    if len(encoded) <= TRAFFIC_BYTES and held <= TRAFFIC_CONTAINERS:
+        return []
+    return [
+        f"spec: its settings take {len(encoded)} bytes and {held} arrays and objects as"
+        f" sent; a TrafficPolicy may take {TRAFFIC_BYTES} and {TRAFFIC_CONTAINERS}, as every"
+        " caller of its Services repeats them"
+    ]
 
 
 def taking(keys: Mapping[str, Any]) -> dict[Protocol, Mapping[str, Any] | str] | list[str]:

@@ -21,7 +21,6 @@ listener, until it has some.
 from __future__ import annotations
 
 import functools
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,9 +35,19 @@ from control.core.services import (
     host_port,
     slice_backends,
 )
+from control.core.snapshot import (
+    AGENT_SNAPSHOT_BYTES,
+    AGENT_SNAPSHOT_CONTAINERS,
+    EXPLICIT_BYTES,
+    EXPLICIT_CONTAINERS,
+    SHARED_BYTES,
+    SHARED_CONTAINERS,
+    encode,
+)
 from control.core.traffic import CompiledTraffic
+from identity.jsonbounds import containers
 
-__all__ = ["ANNOTATION", "MeshWide", "Upstreams", "Wanted", "encode", "parse_upstreams"]
+__all__ = ["ANNOTATION", "MeshWide", "Upstreams", "Wanted", "parse_upstreams"]
 
 
 class UpstreamSettings(Protocol):
@@ -137,26 +146,6 @@ def _problem(entry: str) -> str | None:
 PortKey = tuple[str, str, int]  # (namespace, Service, port number)
 
 
-def encode(value: Any) -> bytes:
-    """A config (or part of one) as sent: JSON, keys sorted, no spaces; the same content
-    gives the same bytes on every replica. Here, where the mesh-wide entries are measured
-    by it; mesh.py sends what it gives."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
-
-
-#: What an agent takes in one snapshot (agent/config.py MAX_SNAPSHOT_BYTES and
-#: MAX_SNAPSHOT_CONTAINERS; the control plane may not import the agent's config). Past
-#: either it refuses the snapshot whole, and every captured pod gets the same mesh-wide
-#: entries: one Service of 20,000 ports, or a mesh grown past ~15,000 Service ports,
-#: would leave every captured pod of the mesh without a config.
-AGENT_SNAPSHOT_BYTES = 4 * 1024 * 1024
-AGENT_SNAPSHOT_CONTAINERS = 200_000
-#: The share of those the mesh-wide entries and passthrough may take; the rest is the
-#: pod's own (its annotation's listeners, its policies, its inbound ports).
-SHARED_BYTES = 3 * 1024 * 1024
-SHARED_CONTAINERS = 150_000
-
-
 @dataclass
 class MeshWide:
     """What every captured pod's config shares: how a connection to a ClusterIP is served."""
@@ -201,6 +190,8 @@ class Upstreams:
         self.routes = routes
         self.warnings = warnings  # about the pods behind a Service
         self.built: dict[PortKey, dict[str, Any] | None] = {}
+        #: Each built entry's (bytes, arrays and objects) as sent, measured once.
+        self.sizes: dict[PortKey, tuple[int, int]] = {}
 
     def listeners(self, workload: Workload) -> tuple[list[dict[str, Any]], list[str]]:
         """The listeners the pod's annotation asks for, and why any is missing."""
@@ -236,6 +227,7 @@ class Upstreams:
         listeners: list[tuple[PortKey, dict[str, Any]]] = []
         seen: set[PortKey] = set()
         ports = self.settings.outbound_ports
+        taken, held = 0, 0  # what the listeners take of the agent's snapshot, as sent
         for n, entry in enumerate(wanted):
             where = f"{ANNOTATION}[{entry.index}] '{entry.service}.{entry.namespace}:{entry.port}'"
             if entry.index >= len(ports):
@@ -258,13 +250,29 @@ class Upstreams:
             if body is None:
                 warnings.append(f"{where}: no ready injected endpoint; left out for now")
                 continue
-            listener = {
+            named = {
                 "name": f"{service.name}.{service.namespace}:{port.port}",
                 "listen": f"127.0.0.1:{ports[entry.index]}",
-                **body,
             }
-            listeners.append((key, listener))
+            size, count = self.size(key, body)
+            size += len(encode(named))  # and a comma for the braces merged
+            if taken + size > EXPLICIT_BYTES or held + count > EXPLICIT_CONTAINERS:
+                warnings.append(
+                    f"{where}: left out: with it the pod's listeners would take {taken + size}"
+                    f" bytes and {held + count} arrays and objects of its agent's configuration,"
+                    f" and they may take {EXPLICIT_BYTES} and {EXPLICIT_CONTAINERS}"
+                )
+                continue
+            taken, held = taken + size, held + count
+            listeners.append((key, {**named, **body}))
         return listeners, warnings
+
+    def size(self, key: PortKey, body: Mapping[str, Any]) -> tuple[int, int]:
+        """An entry's (bytes, arrays and objects) as sent, measured once per compile."""
+        if key not in self.sizes:
+            encoded = encode(body)
+            self.sizes[key] = (len(encoded), containers(encoded))
+        return self.sizes[key]
 
     def body(self, service: Service, port: ServicePort) -> dict[str, Any] | None:
         """`upstream(service, port)`, built once per compile."""

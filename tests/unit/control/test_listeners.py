@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
+from control.core import upstreams
 from control.core.mesh import Mesh, MeshSettings, compile_mesh
+from control.core.snapshot import encode
 from tests.cluster import SHOP, agent_accepts, pod, service, world
 
 SETTINGS = MeshSettings("example.org")
@@ -186,6 +188,24 @@ def test_more_upstreams_than_outbound_ports() -> None:
     assert mesh.pod_warnings[("shop", "client-0")] == (
         "outrider.io/upstreams[2] 'backend-v2.shop:8080': only 2 upstreams fit; skipped",
     )
+
+
+def test_listeners_past_their_share_of_the_snapshot_are_left_out_and_said(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pod's annotation listeners may take half of its own part of a snapshot: past that
+    its agent would refuse the snapshot whole, its own policies with it."""
+    wanted = pod("client-0", upstreams="backend:8080,backend-v1:8080,backend-v2:8080")
+    (first, *_) = _config(_mesh(SHOP, wanted), "client-0")["outbound"]
+    monkeypatch.setattr(upstreams, "EXPLICIT_BYTES", len(encode(first)) + 1)
+    mesh = _mesh(SHOP, wanted)
+    assert _config(mesh, "client-0")["outbound"] == [first]
+    warnings = mesh.pod_warnings[("shop", "client-0")]
+    assert [w.split(":", 2)[:2] for w in warnings] == [
+        ["outrider.io/upstreams[1] 'backend-v1.shop", "8080'"],
+        ["outrider.io/upstreams[2] 'backend-v2.shop", "8080'"],
+    ]
+    assert all(" left out: with it the pod's listeners would take " in w for w in warnings)
 
 
 @pytest.mark.parametrize(

@@ -274,3 +274,18 @@ def test_an_app_team_cannot_choose_whom_clients_trust_or_reach(spec: str) -> Non
         "127.0.0.1:15001",
         "http",
     )
+
+
+def test_a_traffic_policy_past_its_share_of_every_callers_snapshot_is_refused() -> None:
+    """Every caller's entry for its Services repeats its settings: eight of 750 KB named in
+    one pod's annotation took that pod past what its agent takes, frozen with no word."""
+    retries = "  retries: {max: 2, retryOn: [" + ", ".join(["503"] * 3000) + "]}\n"
+    mesh = compile_mesh(world(SHOP, _traffic(retries)), SETTINGS)
+    status, reason, message = _accepted(mesh)
+    assert (status, reason) == ("False", "Invalid")
+    assert message.startswith("spec: its settings take 12")
+    assert message.endswith(
+        "; a TrafficPolicy may take 8192 and 256, as every caller of its Services repeats them;"
+        " it is not applied"
+    )
+    assert "retries" not in _outbound(mesh)
