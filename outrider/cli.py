@@ -428,6 +428,7 @@ def _lint_for_agent(paths: list[Path], agent_config: Path) -> list[str]:
 
 
 def _policy_check(args: argparse.Namespace) -> None:
+    from agent.core.captured import admit_plaintext
     from agent.core.httppath import BadPath, normalize_host, normalize_target
     from agent.core.policy import PolicySet, Request
     from agent.core.policyfile import PolicyError, load_policy_files
@@ -435,11 +436,15 @@ def _policy_check(args: argparse.Namespace) -> None:
 
     if bool(args.policy) == bool(args.live):
         raise CommandError("give --policy FILE, or --live with --pod and --control", EXIT_USAGE)
+    if args.permissive and not args.plaintext:
+        raise CommandError("--permissive is about a --plaintext caller", EXIT_USAGE)
+    permissive = args.permissive
     try:
         source = None if args.plaintext else SpiffeId.parse(args.source)
         trust_domains = frozenset(TrustDomain.parse(name) for name in args.trust_domain)
         if args.live:
-            found, default_action = _live_policies(args)
+            found, default_action, mode = _live_policies(args)
+            permissive = permissive or mode == "permissive"
         else:
             found = load_policy_files([Path(p) for p in args.policy])
             default_action = args.default_action or "allow-authenticated"
@@ -475,6 +480,8 @@ def _policy_check(args: argparse.Namespace) -> None:
     if not trust_domains and source is not None:
         trust_domains = frozenset({source.trust_domain})
     decision = policies.decide(request, trust_domains)
+    if permissive:  # as the agent decides a permissive port's plaintext caller
+        decision = admit_plaintext(decision)
     _verdict(args, policycheck.decided(decision, path, args.path))
 
 
@@ -489,10 +496,12 @@ def _verdict(args: argparse.Namespace, verdict: dict[str, Any]) -> None:
 
 def _live_policies(
     args: argparse.Namespace,
-) -> tuple[Any, Literal["allow-authenticated", "deny"]]:
-    """The policies and default action the control plane gives the pod now."""
+) -> tuple[Any, Literal["allow-authenticated", "deny"], str]:
+    """The policies and default action the control plane gives the pod now, and the mTLS
+    mode of --port there (a captured pod's; any other's is strict)."""
     import urllib.parse
 
+    from agent.core.captured import Captured, PortOverride
     from agent.core.policyfile import parse_policy_list
 
     namespace, slash, name = (args.pod or "").partition("/")
@@ -507,7 +516,14 @@ def _live_policies(
     action = args.default_action or policy.get("default_action", "allow-authenticated")
     if action not in ("allow-authenticated", "deny"):
         raise CommandError(f"{source}: default_action {action!r} is not one this command knows")
-    return policies, action
+    inbound = (answer.get("config", {}).get("captured") or {}).get("inbound") or {}
+    overrides = tuple(
+        (int(port), PortOverride(item.get("mtls")))
+        for port, item in (inbound.get("ports") or {}).items()
+        if str(port).isdecimal() and isinstance(item, dict)
+    )
+    captured = Captured(inbound.get("mtls", "strict"), overrides)
+    return policies, action, captured.inbound(args.port).mtls
 
 
 def _capture_apply(args: argparse.Namespace) -> None:
@@ -777,6 +793,11 @@ def parser() -> argparse.ArgumentParser:
     who = check.add_mutually_exclusive_group(required=True)
     who.add_argument("--source", metavar="SPIFFE_ID", help="the authenticated caller")
     who.add_argument("--plaintext", action="store_true", help="an unauthenticated caller")
+    check.add_argument(
+        "--permissive",
+        action="store_true",
+        help="with --plaintext: --port is permissive (with --live, the pod's own mode is used)",
+    )
     check.add_argument(
         "--port", type=_app_port, default=8080, help="the app port, 1-65535 (default 8080)"
     )

@@ -99,3 +99,34 @@ async def test_live_mode_says_what_it_needs(args: tuple[str, ...], message: str)
     answer = await check(*args)
     assert answer.returncode == 2
     assert message in answer.stderr
+
+
+PERMISSIVE = """\
+apiVersion: security.outrider.io/v1alpha1
+kind: PeerAuthentication
+metadata: {name: migrating, namespace: shop}
+spec:
+  mtls: {mode: PERMISSIVE}
+"""
+
+
+async def test_a_plaintext_caller_is_decided_by_the_pods_own_mtls_mode(
+    control: ControlProcess, api: FakeApiServer
+) -> None:
+    api.delete("security.outrider.io/v1alpha1", "AuthorizationPolicy", "shop", "default-deny")
+    api.apply(pod("shop", "legacy", "legacy", captured=True))
+    asked = ("--live", "--control", control.debug_url, "--pod", "shop/legacy", "--plaintext")
+
+    async def strict() -> bool:  # no ALLOW policy: the default action decides
+        said = (await check(*asked, "--port", "9000")).stdout
+        return "allow-authenticated denies unauthenticated traffic" in said
+
+    await eventually(strict, timeout=10)
+    api.apply(PERMISSIVE)
+
+    async def permissive() -> bool:
+        return (await check(*asked, "--port", "9000")).returncode == 0
+
+    await eventually(permissive, timeout=10)
+    passed = await check(*asked, "--port", "9000")
+    assert passed.stdout.splitlines()[:3] == ["allow", "policy: default", "rule: permissive"]

@@ -201,6 +201,25 @@ def test_check_a_tcp_connection_under_the_default_action(
     assert why in result.stdout
 
 
+def test_check_a_plaintext_caller_on_a_permissive_port_as_the_agent_decides(
+    policy: Path, tmp_path: Path
+) -> None:
+    result = outrider("check", "--policy", policy, "--plaintext", "--permissive", "--port", "5432")
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.splitlines()[:3] == ["allow", "policy: default", "rule: permissive"]
+    deny = tmp_path / "deny-plaintext.yaml"
+    deny.write_text(
+        "policies:\n  - name: no-plaintext\n    action: DENY\n"
+        '    rules: [{from: {not_principals: ["*"]}}]\n'
+    )
+    result = outrider("check", "--policy", deny, "--plaintext", "--permissive", "--port", "5432")
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[:2] == ["deny", "policy: no-plaintext"]
+    refused = outrider("check", "--policy", policy, "--source", FRONTEND, "--permissive")
+    assert refused.returncode == 2
+    assert "--permissive is about a --plaintext caller" in refused.stderr
+
+
 def test_check_an_l4_connection_on_a_port_with_a_path_deny(policy: Path) -> None:
     # As HTTP/2 relayed at L4: its paths are unknown, so the path DENY holds.
     result = outrider("check", "--policy", policy, "--source", FRONTEND, "--port", "8080")
