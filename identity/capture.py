@@ -65,6 +65,8 @@ class CaptureRules:
         errors: list[tuple[str, str]] = []
         for name in ("inbound_port", "outbound_port"):
             _check_port(getattr(self, name), name, errors)
+            if getattr(self, name) == STATUS_PORT:
+                errors.append((name, f"{STATUS_PORT} is the agent's status port"))
         if self.inbound_port == self.outbound_port and not errors:
             errors.append(
                 (
@@ -215,11 +217,12 @@ def _items(name: str, text: str, errors: list[tuple[str, str]]) -> tuple[str, ..
 
 
 def _number(name: str, text: str, errors: list[tuple[str, str]]) -> int | None:
-    try:
-        return int(text.strip(), 10)
-    except ValueError:
-        errors.append((name, f"{text!r} is not a number"))
-        return None
+    """ASCII digits only: int() would also read `80_80`, `+8080` and other scripts' digits."""
+    digits = text.strip()
+    if digits.isascii() and digits.isdecimal():
+        return int(digits)
+    errors.append((name, f"{text!r} is not a number"))
+    return None
 
 
 def ruleset(rules: CaptureRules) -> str:

@@ -149,6 +149,13 @@ def test_equal_settings_written_differently_are_equal_rules_and_one_script() -> 
                 )
             ],
         ),
+        (
+            {"inbound_port": 15020, "outbound_port": 15020},
+            [
+                ("inbound_port", "15020 is the agent's status port"),
+                ("outbound_port", "15020 is the agent's status port"),
+            ],
+        ),
         ({"agent_uid": -1}, [("agent_uid", "-1 is not a UID (0-4294967294)")]),
         ({"agent_uid": 2**32 - 1}, [("agent_uid", "4294967295 is not a UID (0-4294967294)")]),
         (
@@ -219,6 +226,17 @@ def test_bad_settings_are_refused_each_naming_its_setting(
 )
 def test_flags_give_the_rules_they_say(flags: dict[str, str], rules: CaptureRules) -> None:
     assert rules_from_flags(**flags) == rules
+
+
+@pytest.mark.parametrize("text", ["80_80", "+8080", "٨٠٨٠", "8080.0", "0x1f90"])
+def test_a_port_flag_is_ascii_digits_only(text: str) -> None:
+    """int() reads each of these as 8080 (but the last two): only digits are a number."""
+    with pytest.raises(CaptureRulesError) as refused:
+        rules_from_flags(inbound_port=text, exclude_inbound_ports=f"9090,{text}")
+    assert refused.value.problems == [
+        ("inbound_port", f"{text!r} is not a number"),
+        ("exclude_inbound_ports", f"{text!r} is not a number"),
+    ]
 
 
 def test_every_bad_flag_is_reported_at_once() -> None:
