@@ -66,8 +66,19 @@ log = logging.getLogger("outrider.agent.workers")
 APPLY_TIMEOUT = float(os.environ.get("OUTRIDER_WORKER_APPLY_TIMEOUT", "30"))
 #: A worker's settings version when it did not answer a switch: none is in force.
 UNKNOWN = -1
+#: How often every worker is asked to answer (`_heartbeat`); one that does not within
+#: APPLY_TIMEOUT is killed and started again.
+HEARTBEAT = APPLY_TIMEOUT / 6
 #: Beyond limits.drain_timeout, what a draining worker gets to exit before it is killed.
 EXIT_GRACE = 5.0
+
+
+def _kill(worker: Worker, why: str) -> None:
+    """End a worker whose settings are unknown; the supervisor's `_watch` starts it again."""
+    log.error("worker %d (pid %d): %s; killed, to start again", worker.index, worker.pid, why)
+    worker.running = UNKNOWN
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(worker.pid, signal.SIGKILL)
 
 
 def svid_parts(svid: Svid) -> tuple[bytes, bytes, bytes, str]:
@@ -179,6 +190,26 @@ class Supervisor(Agent):
         serving = len(workers) == self.count and all(w.running == self.version for w in workers)
         return serving and super().ready
 
+    async def start(self) -> None:
+        await super().start()
+        self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+
+    async def _heartbeat(self) -> None:
+        """Kill a worker that answers nothing within APPLY_TIMEOUT (stopped, or its loop
+        stuck): the kernel would go on handing it a share of the new connections, each
+        left waiting, while /ready said 200. `_watch` starts it again."""
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            seq, workers = next(self._seq), self.live
+            answers = await asyncio.gather(
+                *(w.ask(seq, APPLY_TIMEOUT, "ping", seq) for w in workers), return_exceptions=True
+            )
+            if self._draining or self.stopping.is_set():
+                return
+            for worker, answer in zip(workers, answers, strict=True):
+                if isinstance(answer, TimeoutError) and worker.process.returncode is None:
+                    _kill(worker, f"no answer to a heartbeat within {APPLY_TIMEOUT:g}s")
+
     async def _run(self, new: Settings) -> None:
         """Reserve `new`'s addresses, have every worker serve it, then switch to it."""
         wanted = {listen for listen in addresses(new.config).values()}
@@ -210,7 +241,9 @@ class Supervisor(Agent):
 
     async def _everywhere(self, running: Settings) -> None:
         """Every worker serves `running` (started first if need be); OSError, and the
-        workers back on the previous settings, if one refuses it."""
+        workers back on the previous settings, if one refuses it. A worker that does
+        not answer does not hold the switch back: `_take` kills it, and `_watch` starts
+        it again on `running`, in force by then (it waits for the switch to end)."""
         previous, version = self.running, self.version + 1
         for index, worker in enumerate(self.workers):
             if worker is None:
@@ -226,26 +259,26 @@ class Supervisor(Agent):
                     raise problem
             if previous is not None:
                 took = [w for w, a in zip(workers, answers, strict=True) if a is None]
-                await asyncio.gather(*(self._take(w, previous, self.version) for w in took))
+                back = await asyncio.gather(*(self._take(w, previous, self.version) for w in took))
+                for worker, refused in zip(took, back, strict=True):
+                    if refused is not None:  # on neither: started again on `previous`
+                        _kill(worker, f"refused the settings it ran before: {refused}")
             raise OSError(f"a worker refused the config: {errors[0]}")
         self.running, self.version = running, version
 
     async def _take(self, worker: Worker, settings: Settings, version: int) -> str | None:
-        """`worker` serves `settings` as `version`; None once it does, else why not.
+        """`worker` serves `settings` as `version`: None once it does, or once it is
+        killed for not answering; else why it refused them.
 
         A worker that does not answer is killed: it may still take the settings late,
-        and then serve what the others were switched back from (a port permissive
-        again while every other worker is strict) with nobody the wiser. `_watch`
+        or not, and serve other settings than the rest with nobody the wiser. `_watch`
         starts it again on the settings in force."""
         seq = next(self._seq)
         try:
             answer = await worker.ask(seq, APPLY_TIMEOUT, "settings", seq, settings)
         except (ConnectionError, TimeoutError) as exc:
-            worker.running = UNKNOWN
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker.pid, signal.SIGKILL)
-            said = str(exc) or f"no answer within {APPLY_TIMEOUT:g}s"
-            return f"worker {worker.index} (pid {worker.pid}): {said}; killed, to start again"
+            _kill(worker, str(exc) or f"no answer within {APPLY_TIMEOUT:g}s")
+            return None
         if answer.get("error"):
             return str(answer["error"])
         worker.running = version
@@ -320,7 +353,7 @@ class Supervisor(Agent):
         await asyncio.gather(*(end(worker, timeout + EXIT_GRACE) for worker in workers))
 
     async def stop(self) -> None:
-        for task in self._watchers.values():
+        for task in [*self._watchers.values(), *self._tasks]:  # the heartbeat first of all
             task.cancel()
         for worker in self.live:  # stopped before ready, or not drained
             with contextlib.suppress(ProcessLookupError):

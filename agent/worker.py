@@ -9,6 +9,8 @@ process's (agent/supervisor.py), which sends over the socketpair FD:
 - ("settings", seq, Settings): the config and policies the main process checked,
   opened and switched to as a reload is; answered {"seq", "error"};
 - ("scrape", seq): answered with this process's metrics, for the main's /metrics;
+- ("ping", seq): answered {"seq"}: the main's heartbeat, which kills a worker that
+  answers nothing (a stalled one would go on being handed connections);
 - ("drain",): stop accepting, give open connections limits.drain_timeout, exit 0.
 The end of the channel (the main process gone) drains too, as does SIGTERM.
 """
@@ -148,6 +150,9 @@ async def _answer(
                 collected = families(agent.metrics.registry) if agent is not None else []
                 accepted = agent.connections.accepted if agent is not None else 0
                 send(writer, to_main({"seq": seq, "families": collected, "accepted": accepted}))
+            elif kind == "ping":
+                (seq,) = rest
+                send(writer, to_main({"seq": seq}))
             elif kind == "drain":
                 break
     finally:

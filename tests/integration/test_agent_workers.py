@@ -250,12 +250,12 @@ def test_a_worker_that_dies_is_started_again(setup: CaSetup, agent: AgentProcess
     assert [request(setup, agent)[0] for _ in range(8)] == [200] * 8
 
 
-def test_a_worker_that_does_not_take_a_reload_in_time_is_started_again_on_the_config_in_force(
+def test_a_worker_that_does_not_take_a_reload_in_time_is_started_again_on_it(
     setup: CaSetup, ca: CaProcess, app: int
 ) -> None:
-    """A worker stalled through a switch must not take it late: the others are switched
-    back, and it would then serve what nobody else does (here a deny, as easily a port
-    permissive again) while the agent says ready."""
+    """A stalled worker neither holds a valid config back nor takes it late, alone: it is
+    killed, and started again on what every other worker runs (here a deny; as easily a
+    port strict again)."""
     raw = workers_yaml(setup, ca, app, "stalled")
     env = {"OUTRIDER_WORKER_APPLY_TIMEOUT": "1"}
     with agent_process(setup.root, "stalled", raw, env=env) as agent:
@@ -264,14 +264,30 @@ def test_a_worker_that_does_not_take_a_reload_in_time_is_started_again_on_the_co
         try:
             denying = {**raw, "policy": {"default_action": "deny", "policies": []}}
             (setup.root / "stalled.yaml").write_text(yaml.safe_dump(denying))
-            refused = {"kind": "agent", "result": "error"}
-            eventually(lambda: agent.sample("outrider_config_reloads_total", **refused) == 1)
+            taken = {"kind": "agent", "result": "ok"}
+            eventually(lambda: agent.sample("outrider_config_reloads_total", **taken) == 1)
         finally:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(stalled, signal.SIGCONT)  # late: it would take the deny now
+                os.kill(stalled, signal.SIGCONT)
         eventually(lambda: agent.sample("outrider_worker_restarts_total") == 1)
         eventually(lambda: agent.status("/ready") == 200 and stalled not in children(agent))
-        time.sleep(0.5)  # what a late worker would do, it would have done by now
+        before = accepted(agent)
+        assert {request(setup, agent)[0] for _ in range(CONNECTIONS)} == {403}
+        assert all(a > b for a, b in zip(accepted(agent), before, strict=True))  # both denied
+
+
+def test_a_worker_that_stops_answering_is_started_again(
+    setup: CaSetup, ca: CaProcess, app: int
+) -> None:
+    """The kernel goes on handing a stopped worker its share of new connections, each left
+    waiting: the heartbeat finds it, and it is killed and started again."""
+    raw = workers_yaml(setup, ca, app, "silent")
+    env = {"OUTRIDER_WORKER_APPLY_TIMEOUT": "1"}
+    with agent_process(setup.root, "silent", raw, env=env) as agent:
+        silent = max(children(agent))
+        os.kill(silent, signal.SIGSTOP)
+        eventually(lambda: agent.sample("outrider_worker_restarts_total") == 1)
+        eventually(lambda: agent.status("/ready") == 200 and silent not in children(agent))
         assert {request(setup, agent)[0] for _ in range(CONNECTIONS)} == {200}
 
 
