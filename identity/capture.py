@@ -29,7 +29,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from identity.injected import AGENT_UID, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, STATUS_PORT
+from identity.injected import (
+    ADMIN_PORT,
+    AGENT_UID,
+    INBOUND_CAPTURE_PORT,
+    OUTBOUND_CAPTURE_PORT,
+    OUTBOUND_LISTENER_PORTS,
+    STATUS_PORT,
+)
 
 TABLE = "outrider"
 FAMILY = "inet"
@@ -65,8 +72,8 @@ class CaptureRules:
         errors: list[tuple[str, str]] = []
         for name in ("inbound_port", "outbound_port"):
             _check_port(getattr(self, name), name, errors)
-            if getattr(self, name) == STATUS_PORT:
-                errors.append((name, f"{STATUS_PORT} is the agent's status port"))
+            if why := agent_port_error(getattr(self, name)):
+                errors.append((name, f"{getattr(self, name)} {why}"))
         if self.inbound_port == self.outbound_port and not errors:
             errors.append(
                 (
@@ -94,6 +101,22 @@ class CaptureRules:
     def inbound_kept(self) -> tuple[int, ...]:
         """Inbound ports not redirected: the agent's capture ports and the excluded ones."""
         return tuple(sorted({self.inbound_port, self.outbound_port, *self.exclude_inbound_ports}))
+
+
+def agent_port_error(port: object) -> str | None:
+    """Why the agent cannot listen for captured traffic on `port` (None: it can)."""
+    if port in (ADMIN_PORT, STATUS_PORT):
+        return "is the agent's admin or status port"
+    if port in OUTBOUND_LISTENER_PORTS and port not in (
+        INBOUND_CAPTURE_PORT,
+        OUTBOUND_CAPTURE_PORT,
+    ):
+        return (
+            f"is in {OUTBOUND_LISTENER_PORTS.start}-{OUTBOUND_LISTENER_PORTS.stop - 1}, "
+            "the agent's explicit outbound listeners"
+            f" (only {INBOUND_CAPTURE_PORT} and {OUTBOUND_CAPTURE_PORT} are kept out of it)"
+        )
+    return None
 
 
 def _check_port(port: object, name: str, errors: list[tuple[str, str]]) -> None:

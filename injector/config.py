@@ -60,7 +60,6 @@ from injector.core.settings import (
     Resources,
     Settings,
     WorkloadApiSettings,
-    agent_port_error,
     is_dns_label,
     is_dns_subdomain,
 )
@@ -240,9 +239,6 @@ class _Reader(ConfigReader):
         }
         for key in ("exclude_inbound_ports", "exclude_outbound_ports", "exclude_outbound_cidrs"):
             given[key] = tuple(self.items(raw, key, f"capture.{key}"))
-        for key in ("inbound_port", "outbound_port"):
-            if problem := agent_port_error(given[key]):
-                self.fail(f"capture.{key}", f"{given[key]} {problem}")
         try:
             rules = CaptureRules(**given)
         except CaptureRulesError as exc:

@@ -20,7 +20,6 @@ from identity.injected import (
     AGENT_UID,
     INBOUND_CAPTURE_PORT,
     OUTBOUND_CAPTURE_PORT,
-    OUTBOUND_LISTENER_PORTS,
     STATUS_PORT,
 )
 
@@ -139,9 +138,6 @@ class ControlSettings:
     address: str = "outrider-control.outrider-system.svc:15012"
 
 
-_DEFAULT_CAPTURE_PORTS = (INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT)
-
-
 @dataclass(frozen=True)
 class CaptureSettings:
     """What the `outrider-capture` init container redirects, and where to.
@@ -161,23 +157,7 @@ class CaptureSettings:
     exclude_outbound_cidrs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for port in (self.inbound_port, self.outbound_port):
-            if why := agent_port_error(port):
-                raise ValueError(f"{port} {why}")
         rules_for(self, CaptureRules.agent_uid)  # CaptureRulesError (a ValueError) if not
-
-
-def agent_port_error(port: object) -> str | None:
-    """Why the agent cannot listen for captured traffic on `port` (None: it can)."""
-    if port in (ADMIN_PORT, STATUS_PORT):
-        return "is the agent's admin or status port"
-    if port in OUTBOUND_LISTENER_PORTS and port not in _DEFAULT_CAPTURE_PORTS:
-        return (
-            f"is in {OUTBOUND_LISTENER_PORTS.start}-{OUTBOUND_LISTENER_PORTS.stop - 1}, "
-            "the agent's explicit outbound listeners"
-            f" (only {INBOUND_CAPTURE_PORT} and {OUTBOUND_CAPTURE_PORT} are kept out of it)"
-        )
-    return None
 
 
 def rules_for(capture: CaptureSettings, agent_uid: int) -> CaptureRules:

@@ -152,8 +152,8 @@ def test_equal_settings_written_differently_are_equal_rules_and_one_script() -> 
         (
             {"inbound_port": 15020, "outbound_port": 15020},
             [
-                ("inbound_port", "15020 is the agent's status port"),
-                ("outbound_port", "15020 is the agent's status port"),
+                ("inbound_port", "15020 is the agent's admin or status port"),
+                ("outbound_port", "15020 is the agent's admin or status port"),
             ],
         ),
         ({"agent_uid": -1}, [("agent_uid", "-1 is not a UID (0-4294967294)")]),
