@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agent.core.headers import underscore_refusal
+from agent.core.http1 import connection_tokens, hop_by_hop
 from agent.core.policy import Decision
 
 Verdict = dict[str, Any]
@@ -28,7 +29,12 @@ def request_headers(pairs: Sequence[str]) -> tuple[dict[str, tuple[str, ...]], V
         if "_" in name:
             return headers, refused(underscore_refusal(name.encode()))
         headers[name.lower()] = (*headers.get(name.lower(), ()), value)
-    return headers, None
+    # What ends at the agent never reaches the app, nor a rule (agent/adapters/http.py).
+    fields = [
+        (name.encode(), value.encode()) for name, values in headers.items() for value in values
+    ]
+    hop = hop_by_hop(connection_tokens(fields))
+    return {name: values for name, values in headers.items() if name.encode() not in hop}, None
 
 
 def refused(why: str) -> Verdict:

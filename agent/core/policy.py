@@ -227,10 +227,12 @@ class Pattern:
 class Condition:
     """One field of a rule: the request matches if any value matches any pattern.
 
-    Negated (`not_<field>`, `not_values`), it matches if none does. A field the
-    request has no value for answers `fail_closed` (True in DENY rules): an HTTP field
+    Negated (`not_<field>`, `not_values`), it matches if none does. What it answers
+    where the request leaves room depends on its policy's action (`action`), so that
+    the room never helps a caller: a field the request has no value for (an HTTP field
     on an L4 request; a negated `from` field for an unauthenticated source, whose
-    positive ones never match.
+    positive ones never match) matches in a DENY rule only; a header's several values
+    (`header`) widen a DENY or AUDIT rule and narrow an ALLOW one.
     """
 
     field: Field
@@ -256,34 +258,44 @@ class Condition:
             return f"when[{self.header}].{'not_values' if self.negated else 'values'}"
         return f"{'not_' if self.negated else ''}{self.field}"
 
-    def matches(self, request: Request, fail_closed: bool = False) -> bool:
+    def matches(self, request: Request, action: Action = "ALLOW") -> bool:
+        if self.field == "headers" and request.method is not None:
+            return self.header_matches(request.headers.get(self.header, ()), action)
         values = _values(self, request)
         if values is None:
-            return fail_closed and (self.negated or self.field in HTTP_FIELDS)
-        if len(values) > 1:
-            return self.several(values, fail_closed)
+            return action == "DENY" and (self.negated or self.field in HTTP_FIELDS)
         return self.any_match(values) != self.negated
 
-    def several(self, values: tuple[str, ...], fail_closed: bool) -> bool:
-        """A field with several values (a header's lines and list items), of which the
-        app may read any one (Go's Header.Get the first, a WSGI app them all joined):
-        in a DENY rule the condition matches if it holds for any of them, elsewhere only
-        if it holds for every one. Fail closed: `X-Tenant: globex` beside `X-Tenant:
-        acme` matches a DENY's `not_values: [acme]`, and no ALLOW's `values: [acme]`."""
-        negated = self.negated
-        if fail_closed:
-            return any(self.any_match((value,)) != negated for value in values)
-        return all(self.any_match((value,)) != negated for value in values)
+    def header_matches(self, lines: tuple[str, ...], action: Action) -> bool:
+        """A header's field lines as the app may read them: a line whole (Go's
+        Header.Get reads the first, a WSGI app them all joined), or one of its comma
+        items (an app that parses a list). A DENY or AUDIT rule takes any reading
+        that matches: `values` if a line or an item matches, `not_values` if a line
+        does not. An ALLOW rule takes only what holds for every reading: `values` if
+        every line matches whole (`Mozilla/*` holds for a browser's User-Agent, whose
+        commas are no list), `not_values` if neither a line nor an item matches. So
+        `x-tenant: globex` beside `x-tenant: acme`, or `x-tenant: globex, acme`, is
+        denied by a DENY's `not_values: [acme]` and allowed by no ALLOW's `values:
+        [acme]`; one line of one value is read as ever."""
+        if not lines:  # a missing header: it has no value that matches
+            return self.negated
+        whole = tuple(line.strip(" \t") for line in lines)
+        if len(whole) == 1 and "," not in whole[0]:
+            return self.any_match(whole) != self.negated
+        if self.negated == (action == "ALLOW"):  # not_values in ALLOW, values elsewhere
+            items = header_values({self.header: lines}, self.header)
+            return (self.any_match(whole) or self.any_match(items)) != self.negated
+        return all(self.any_match((line,)) for line in whole) != self.negated
 
-    def test(self, fail_closed: bool) -> Callable[[Request], bool]:
-        """`matches(request, fail_closed)` as one call, for `PolicySet.decide`'s plans: a
+    def test(self, action: Action) -> Callable[[Request], bool]:
+        """`matches(request, action)` as one call, for `PolicySet.decide`'s plans: a
         method or path condition (one value per request) reads its field directly."""
         field_name, negated = self.field, self.negated
         if field_name not in ("methods", "paths"):
-            return partial(_matches, self, fail_closed)
+            return partial(_matches, self, action)
         exact, prefixes, suffixes = self._exact, self._prefixes, self._suffixes
         anything = self._anything
-        absent = fail_closed  # an L4 request (no method, no path): HTTP_FIELDS both
+        absent = action == "DENY"  # an L4 request (no method, no path): HTTP_FIELDS both
 
         if field_name == "methods":
 
@@ -346,26 +358,25 @@ class Condition:
     def _anything(self) -> bool:
         return any(p.text == "*" for p in self.patterns)
 
-    def explain(self, request: Request, fail_closed: bool = False) -> str:
+    def explain(self, request: Request, action: Action = "ALLOW") -> str:
         """Why this condition does or does not match, for Decision.reason."""
         values = _values(self, request)
         if values is None and self.field in SOURCE_FIELDS:
-            if self.negated and fail_closed:
+            if self.negated and action == "DENY":
                 return f"{self.key} matches an unauthenticated source in a DENY rule"
             return f"{self.key} never matches an unauthenticated source"
         if values is None:
-            answer = "so a DENY rule assumes it matches" if fail_closed else "so it never matches"
+            answer = (
+                "so a DENY rule assumes it matches" if action == "DENY" else "so it never matches"
+            )
             return f"{self.key} cannot be checked on an L4 connection, {answer}"
         listed = ", ".join(pattern.text for pattern in self.patterns)
         verb = "matches" if self.any_match(values) else "does not match"
-        if len(values) > 1:
-            held = self.several(values, fail_closed)
-            verb = {
-                (True, True): "holds for one or more:",
-                (True, False): "holds for none:",
-                (False, True): "holds for every one:",
-                (False, False): "does not hold for every one:",
-            }[(fail_closed, held)]
+        lines = request.headers.get(self.header, ()) if self.field == "headers" else ()
+        if len(lines) > 1 or any("," in line for line in lines):
+            held = self.header_matches(lines, action)
+            ways = "every way the app may read it" if action == "ALLOW" else "a way the app may"
+            verb = f"{'holds' if held else 'does not hold'} for {ways}:"
         shown = ", ".join(map(repr, values)) if values else "(none)"
         if values and self.field == "headers":
             # A header's value may be a secret (an API key, a cookie, a token) and the
@@ -390,8 +401,8 @@ _LABELS: dict[Field, str] = {
 }
 
 
-def _matches(condition: Condition, fail_closed: bool, request: Request) -> bool:
-    return condition.matches(request, fail_closed)
+def _matches(condition: Condition, action: Action, request: Request) -> bool:
+    return condition.matches(request, action)
 
 
 def _values(condition: Condition, request: Request) -> tuple[str, ...] | None:
@@ -446,9 +457,9 @@ class Rule:
         if not _DEFAULT_RULE_NAME.fullmatch(self.name):
             check_name(self.name)
 
-    def matches(self, request: Request, fail_closed: bool = False) -> bool:
+    def matches(self, request: Request, action: Action = "ALLOW") -> bool:
         for condition in self.conditions:  # noqa: SIM110 - per request: no generator
-            if not condition.matches(request, fail_closed):
+            if not condition.matches(request, action):
                 return False
         return True
 
@@ -473,10 +484,10 @@ class Rule:
     def http_fields(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys([c.key for c in self.conditions if c.field in HTTP_FIELDS]))
 
-    def explain(self, request: Request, fail_closed: bool = False) -> str:
+    def explain(self, request: Request, action: Action = "ALLOW") -> str:
         if not self.conditions:
             return "the rule has no conditions, so it matches every request"
-        return "; ".join(condition.explain(request, fail_closed) for condition in self.conditions)
+        return "; ".join(condition.explain(request, action) for condition in self.conditions)
 
     def first_miss(self, request: Request) -> str:
         return next(c.explain(request) for c in self.conditions if not c.matches(request))
@@ -518,15 +529,8 @@ class Policy:
         """Whether this policy governs `port`; one without rules governs every port."""
         return not self.rules or any(rule.applies_to_port(port) for rule in self.rules)
 
-    @property
-    def fail_closed(self) -> bool:
-        """What a condition of this policy answers when the request cannot answer it (an
-        HTTP field on an L4 request, a negated `from` for plaintext), and whether one
-        of several values suffices (`Condition.several`): fail closed."""
-        return self.action == "DENY"
-
     def first_match(self, request: Request) -> Rule | None:
-        return next((rule for rule in self.rules if rule.matches(request, self.fail_closed)), None)
+        return next((rule for rule in self.rules if rule.matches(request, self.action)), None)
 
 
 _RECORD_KIND: dict[Action, Literal["audit", "dry_run_allow", "dry_run_deny"]] = {
@@ -736,9 +740,9 @@ class PolicySet:
             found = []
             for rule in policy.rules:
                 static = [c for c in rule.conditions if c.field in _STATIC_FIELDS]
-                if all(c.matches(request, policy.fail_closed) for c in static):
+                if all(c.matches(request, policy.action) for c in static):
                     rest = tuple(
-                        c.test(policy.fail_closed)
+                        c.test(policy.action)
                         for c in rule.conditions
                         if c.field not in _STATIC_FIELDS
                     )
@@ -851,7 +855,7 @@ def _first_match(policies: Iterable[Policy], request: Request) -> tuple[Policy, 
 
 
 def _matched(policy: Policy, rule: Rule, request: Request) -> str:
-    explained = rule.explain(request, policy.fail_closed)
+    explained = rule.explain(request, policy.action)
     return f"{policy.action} policy {policy.name!r} rule {rule.name!r} matched: {explained}"
 
 

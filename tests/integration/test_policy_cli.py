@@ -220,6 +220,21 @@ def test_check_a_plaintext_caller_on_a_permissive_port_as_the_agent_decides(
     assert "--permissive is about a --plaintext caller" in refused.stderr
 
 
+def test_check_leaves_out_a_header_the_connection_header_names_as_the_agent_does(
+    tmp_path: Path,
+) -> None:
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text(
+        "policies:\n  - name: tenants\n    action: DENY\n"
+        "    rules: [{when: [{header: x-tenant, not_values: [acme]}]}]\n"
+    )
+    asked = ["check", "--policy", tenants, "--source", FRONTEND, "--method", "GET", "--path", "/"]
+    assert outrider(*asked, "--header", "x-tenant=acme").returncode == 0
+    dropped = outrider(*asked, "--header", "x-tenant=acme", "--header", "Connection=X-Tenant")
+    assert dropped.returncode == 1
+    assert dropped.stdout.splitlines()[:2] == ["deny", "policy: tenants"]
+
+
 def test_check_an_l4_connection_on_a_port_with_a_path_deny(policy: Path) -> None:
     # As HTTP/2 relayed at L4: its paths are unknown, so the path DENY holds.
     result = outrider("check", "--policy", policy, "--source", FRONTEND, "--port", "8080")

@@ -169,7 +169,7 @@ def test_plaintext_matches_a_negated_source_field_in_a_deny_only(key: str) -> No
     condition = cond(key, ANY_SOURCE[key.removeprefix("not_")])
     negated = key.startswith("not_")
     assert not condition.matches(plaintext)
-    assert condition.matches(plaintext, fail_closed=True) == negated
+    assert condition.matches(plaintext, "DENY") == negated
     assert not decide(policy("ALLOW", (condition,)), request=plaintext).allowed
     denied = decide(policy("DENY", (condition,)), request=plaintext)
     assert (denied.policy == "p", denied.allowed) == (negated, False)  # else: the default
@@ -792,7 +792,7 @@ def test_plaintext_matches_a_source_condition_only_negated_in_a_deny(
     plaintext = replace(request, source=None)
     if condition.field in ("principals", "namespaces", "trust_domains"):
         assert not condition.matches(plaintext)
-        assert condition.matches(plaintext, fail_closed=True) == condition.negated
+        assert condition.matches(plaintext, "DENY") == condition.negated
 
 
 @settings(max_examples=200)
@@ -844,6 +844,32 @@ def test_a_header_with_several_values_fails_closed(
     if action == "ALLOW" or matches:  # the reason names the header, never its values
         why = PolicySet((policy(action, (condition,)),), "deny").explain(request, TRUSTED).reason
         assert "(2 values, not shown)" in why and "hold" in why, why
+
+
+BROWSER = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0"
+
+
+@pytest.mark.parametrize(
+    ("action", "condition", "lines", "matches"),
+    [
+        # A line's commas need not be a list: an ALLOW reads each line whole.
+        ("ALLOW", cond("when.user-agent", "Mozilla/*"), (BROWSER,), True),
+        ("DENY", cond("when.user-agent.not", "Mozilla/*"), (BROWSER,), False),
+        ("ALLOW", cond("when.accept", "application/json"), ("application/json, text/*",), False),
+        # An AUDIT rule records what a DENY would deny: any reading.
+        ("AUDIT", cond("when.x-role", "admin"), ("admin", "viewer"), True),
+        ("AUDIT", cond("when.x-role", "admin"), ("viewer, admin",), True),
+        ("AUDIT", cond("when.x-role.not", "viewer"), ("viewer, admin",), True),
+    ],
+)
+def test_a_header_line_is_read_whole_and_as_its_items_as_each_action_needs(
+    action: Action, condition: Condition, lines: tuple[str, ...], matches: bool
+) -> None:
+    request = replace(HTTP, headers={condition.header: lines})
+    assert condition.matches(request, action) == matches
+    decided = decide(policy(action, (condition,)), request=request)
+    if action == "AUDIT":
+        assert [r.kind for r in decided.records] == (["audit"] if matches else [])
 
 
 @settings(max_examples=300)
