@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from control.core.routes import CONTROLLER
+from control.core.routes import CONTROLLER, service_parent
 from control.informers import RESOURCES
 from outrider import debugapi
 
@@ -387,12 +387,17 @@ def agents_in_sync(
     return [*unseen, *checks]
 
 
+#: How many refused objects get a line of their own; the rest are counted on one.
+REFUSED_SHOWN = 20
+
+
 def objects_accepted(
     judged: Mapping[str, Sequence[Mapping[str, Any]]], errors: Mapping[str, str]
 ) -> list[Check]:
-    """A ✗ for each object the control plane refused (its status says why, and which
-    version, if any, stays in force); one ‼ for those whose latest edit it has not
-    judged yet; one ✓ when every object is accepted as it is now."""
+    """A ✗ for each object the control plane refused as it is now (its status says why,
+    and which version, if any, stays in force); one ‼ for those whose latest edit it
+    has not judged yet, and one for routes whose Service parent names no Service; one ✓
+    when every object is accepted as it is now."""
     found = partial(Check, "post-install")
     checks = [
         found(
@@ -403,45 +408,94 @@ def objects_accepted(
         )
         for kind, error in errors.items()
     ]
+    refused: list[Check] = []
     behind: list[str] = []
+    misparented: list[str] = []
     accepted = 0
     for kind, objects in judged.items():
         for obj in objects:
+            named = f"{kind} {_meta(obj, 'namespace')}/{_meta(obj, 'name')}"
             conditions = _verdicts(kind, obj)
             if conditions is None:
+                if kind in ROUTES and _misparented(obj):
+                    misparented.append(named)
                 continue  # a route of other controllers' alone
-            namespace, name = _meta(obj, "namespace"), _meta(obj, "name")
-            refused = [c for c in conditions if c.get("status") == "False"]
-            if refused:
-                said = "; ".join(f"{c.get('reason')}: {c.get('message')}" for c in refused)
-                checks.append(
-                    found(
-                        f"{kind} {namespace}/{name}",
-                        "fail",
-                        f"not accepted: {said}{_kept(kind, obj)}",
-                        f"fix it and apply it again (kubectl -n {namespace} get"
-                        f" {kind.lower()} {name} -o yaml shows its whole status)",
-                    )
-                )
-            elif not conditions or any(_older(c, obj) for c in conditions):
-                behind.append(f"{kind} {namespace}/{name}")
-            else:
+            if not conditions or any(_older(c, obj) for c in conditions):
+                behind.append(named)
+            elif any(c.get("status") == "False" for c in conditions):
+                refused.append(_refused(kind, obj, conditions))
+            elif all(c.get("status") == "True" for c in conditions):
                 accepted += 1
+            else:  # "Unknown", or no status: no verdict
+                behind.append(named)
+    checks += refused[:REFUSED_SHOWN]
+    if len(refused) > REFUSED_SHOWN:
+        more = len(refused) - REFUSED_SHOWN
+        detail = f"{_count(more, 'more object')} the control plane refused"
+        checks.append(found("and more not accepted", "fail", detail, _SEE_STATUSES))
     if behind:
-        shown = ", ".join(behind[:5]) + (f" and {len(behind) - 5} more" if len(behind) > 5 else "")
         checks.append(
             found(
                 "policies and routes judged",
                 "warn",
-                f"the control plane has not judged the latest edit of {shown}",
+                f"the control plane has not judged the latest edit of {_some(behind)}",
                 "it writes each status within seconds of a change; if this stays, kubectl -n"
                 f" {SYSTEM_NAMESPACE} logs deployment/{CONTROL}",
+            )
+        )
+    if misparented:
+        checks.append(
+            found(
+                "routes attached to Services",
+                "warn",
+                f'{_some(misparented)} names kind Service without group "": Gateway API'
+                " reads it as its own group's, so no controller serves that parent",
+                'add group: "" to the parentRef',
             )
         )
     if not checks:
         detail = f"{_count(accepted, 'object')}, all accepted" if accepted else "none applied"
         checks.append(found("policies and routes accepted", "ok", detail))
     return checks
+
+
+_SEE_STATUSES = "kubectl get authorizationpolicies,peerauthentications,trafficpolicies -A"
+
+
+def _refused(kind: str, obj: Mapping[str, Any], conditions: Sequence[Mapping[str, Any]]) -> Check:
+    namespace, name = _meta(obj, "namespace"), _meta(obj, "name")
+    said = "; ".join(
+        ": ".join(_printable(c.get(key)) for key in ("reason", "message") if c.get(key))
+        for c in conditions
+        if c.get("status") == "False"
+    )
+    reasons = {c.get("reason") for c in conditions if c.get("status") == "False"}
+    (only,) = reasons if len(reasons) == 1 else (None,)
+    fix = _FIXES.get(str(only), "fix it as its status says")
+    return Check(
+        "post-install",
+        f"{kind} {namespace}/{name}",
+        "fail",
+        f"not accepted: {said}{_kept(kind, obj, reasons)}",
+        f"{fix} (kubectl -n {namespace} get {kind.lower()} {name} -o yaml shows its status)",
+    )
+
+
+_FIXES = {
+    "Invalid": "fix it and apply it again",
+    "Conflicted": "an older object applies to the same target: merge the two, or delete one",
+    "TargetNotFound": "create what it targets, or fix its targetRefs",
+    "NoMatchingParent": "create the Service and port it is attached to, or fix its parentRefs",
+}
+
+
+def _printable(value: object) -> str:
+    """A status text on one line: a message's own newlines could forge lines of the check."""
+    return "".join(c if c.isprintable() else " " for c in str(value))
+
+
+def _some(names: Sequence[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _verdicts(kind: str, obj: Mapping[str, Any]) -> list[Mapping[str, Any]] | None:
@@ -452,7 +506,7 @@ def _verdicts(kind: str, obj: Mapping[str, Any]) -> list[Mapping[str, Any]] | No
     if kind not in ROUTES:
         return [c for c in _listed(status.get("conditions")) if isinstance(c, Mapping)]
     refs = _listed(_mapping(obj.get("spec")).get("parentRefs"))
-    if not any(isinstance(ref, Mapping) and ref.get("kind") == "Service" for ref in refs):
+    if not any(service_parent(ref) for ref in refs):
         return None
     return [
         c
@@ -463,21 +517,35 @@ def _verdicts(kind: str, obj: Mapping[str, Any]) -> list[Mapping[str, Any]] | No
     ]
 
 
+def _misparented(route: Mapping[str, Any]) -> bool:
+    """A parentRef of kind Service in no group or another: meant for a Service, surely."""
+    refs = _listed(_mapping(route.get("spec")).get("parentRefs"))
+    return any(isinstance(ref, Mapping) and ref.get("kind") == "Service" for ref in refs)
+
+
 def _older(condition: Mapping[str, Any], obj: Mapping[str, Any]) -> bool:
-    """Whether `condition` judged an earlier edit of `obj` than its current one."""
-    seen, now = condition.get("observedGeneration"), obj["metadata"].get("generation")
+    """Whether `condition` judged an earlier edit of `obj` than its current one (its own
+    observedGeneration, or else its status')."""
+    seen = condition.get("observedGeneration")
+    if not isinstance(seen, int):
+        seen = _mapping(obj.get("status")).get("observedGeneration")
+    now = obj["metadata"].get("generation")
     return isinstance(seen, int) and isinstance(now, int) and seen < now
 
 
-def _kept(kind: str, obj: Mapping[str, Any]) -> str:
-    """What a refused policy leaves in force (control/core/inforce.py); routes keep none."""
-    if kind in ROUTES:
+def _kept(kind: str, obj: Mapping[str, Any], reasons: set[Any]) -> str:
+    """What an invalid policy leaves in force (control/core/inforce.py): the version its
+    status records, if older than this one. Routes keep none; a valid policy that
+    applies nowhere (Conflicted, TargetNotFound) keeps nothing but itself."""
+    if kind in ROUTES or reasons != {"Invalid"}:
         return ""
     record = _mapping(_mapping(obj.get("status")).get("inForce"))
-    generation = record.get("generation")
-    if isinstance(generation, int):
+    generation, now = record.get("generation"), obj["metadata"].get("generation")
+    if not isinstance(generation, int):
+        return "; no version of it is in force"
+    if isinstance(now, int) and generation < now:
         return f"; its generation {generation} stays in force"
-    return "; no version of it is in force"
+    return ""
 
 
 def post_install(seen: Observed) -> list[Check]:

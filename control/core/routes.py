@@ -43,6 +43,7 @@ __all__ = [
     "attach_routes",
     "compile_route",
     "duration",
+    "service_parent",
 ]
 
 #: status.parents[].controllerName of the entries this control plane writes.
@@ -147,14 +148,22 @@ def compile_route(kind: RouteKind, obj: Mapping[str, Any], m: Meta) -> CompiledR
     )
 
 
+def service_parent(ref: object) -> bool:
+    """Whether a parentRef names a Service (GAMMA): kind Service in the core group. The
+    group defaults to Gateway API's own, so `{kind: Service}` alone names no Service."""
+    return (
+        isinstance(ref, Mapping)
+        and ref.get("kind") == "Service"
+        and ref.get("group", "gateway.networking.k8s.io") in ("", "core")
+    )
+
+
 def _parents(raw: object, namespace: str, problems: list[str]) -> tuple[ParentRef, ...]:
     parents = []
     for i, ref in enumerate(raw if isinstance(raw, list) else []):
         path = f"spec.parentRefs[{i}]"
-        if not isinstance(ref, Mapping) or ref.get("kind") != "Service":
+        if not service_parent(ref):
             continue  # a Gateway's, or another kind: not this controller's to answer
-        if ref.get("group", "gateway.networking.k8s.io") not in ("", "core"):
-            continue
         name, port = ref.get("name"), ref.get("port")
         if not isinstance(name, str) or not name:
             problems.append(f"{path}.name: required: the Service's name")

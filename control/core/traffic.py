@@ -304,7 +304,8 @@ def attach_traffic(
     for state in states:
         if state.policy is not None:
             for port in _ports(state.policy, services, []):
-                claims[port].append(state.policy)
+                if _taken_on(state.policy, port, services):  # else it claims nothing there
+                    claims[port].append(state.policy)
     winners = {port: min(found, key=lambda t: t.rank) for port, found in claims.items()}
     statuses = {}
     for state in states:
@@ -348,20 +349,30 @@ def _accepted(
     assert policy is not None
     notes: list[str] = []
     ports = _ports(policy, services, notes)
-    won = [port for port in ports if winners.get(port) is policy]
+    taken = [port for port in ports if _taken_on(policy, port, services)]
+    won = [port for port in taken if winners.get(port) is policy]
     for namespace, service, number in ports:
-        other = winners[(namespace, service, number)]
-        if other is not policy:
+        port = services[(namespace, service)].port(str(number))
+        left_out = policy.left_out_on(port.protocol) if port is not None else ""
+        other = winners.get((namespace, service, number))
+        if port is not None and left_out:
+            notes.append(f"Service {service} port {number} is {_SPOKEN[port.protocol]}: {left_out}")
+        elif other is not None and other is not policy:
             notes.append(
                 f"Service {service} port {number}: TrafficPolicy {other.name} is older and applies"
             )
-    for namespace, service, number in won:
-        port = services[(namespace, service)].port(str(number))
-        left_out = policy.left_out_on(port.protocol) if port is not None else ""
-        if port is not None and left_out:
-            notes.append(f"Service {service} port {number} is {_SPOKEN[port.protocol]}: {left_out}")
     if not ports:
         return False, "TargetNotFound", summary(notes)
+    if not taken:
+        return False, "Invalid", summary(notes)
     if not won:
         return False, "Conflicted", summary(notes)
     return True, "Accepted", summary(notes) if notes else "applied to the clients of its targets"
+
+
+def _taken_on(
+    policy: CompiledTraffic, key: PortKey, services: Mapping[tuple[str, str], Service]
+) -> bool:
+    """Whether the agent takes any of the policy's keys on that Service port's protocol."""
+    port = services[key[:2]].port(str(key[2]))
+    return port is not None and policy.keys_for(port.protocol) is not None

@@ -132,7 +132,7 @@ def accepted(
 
 def service_route(name: str, *parents: Mapping[str, object]) -> dict[str, object]:
     route = judged("HTTPRoute", name, parents=list(parents))
-    route["spec"] = {"parentRefs": [{"kind": "Service", "name": "backend"}]}
+    route["spec"] = {"parentRefs": [{"group": "", "kind": "Service", "name": "backend"}]}
     return route
 
 
@@ -220,3 +220,37 @@ def test_every_object_accepted_is_one_line_and_an_unreadable_kind_a_warning() ->
     assert (check.status, check.detail) == ("ok", "none applied")
     (check,) = objects_accepted({}, {"TrafficPolicy": "the API server refused it: 403"})
     assert check.status == "warn" and "403" in check.detail
+
+
+def test_a_route_whose_service_parent_has_no_group_is_said_not_waited_for() -> None:
+    """Gateway API reads `{kind: Service}` as its own group's kind: no Service, so the
+    control plane writes no status, and waiting for one would never end."""
+    route = judged("HTTPRoute", "canary")
+    route["spec"] = {"parentRefs": [{"kind": "Service", "name": "backend"}]}
+    (check,) = objects_accepted({"HTTPRoute": [route]}, {})
+    assert (check.name, check.status) == ("routes attached to Services", "warn")
+    assert check.detail.startswith('HTTPRoute shop/canary names kind Service without group ""')
+    assert check.fix == 'add group: "" to the parentRef'
+
+
+def test_only_a_current_false_verdict_is_a_failure_said_on_one_line_each() -> None:
+    forged = "Invalid\n✓ all fine"
+    stale = judged("TrafficPolicy", "stale", 3, conditions=[accepted(False, 2, "Invalid", "x")])
+    unknown = judged("TrafficPolicy", "unknown", conditions=[{"type": "Accepted", "status": "?"}])
+    conflicted = judged(
+        "TrafficPolicy",
+        "second",
+        conditions=[accepted(False, 1, "Conflicted", forged)],
+        inForce={"generation": 1, "spec": {}},
+    )
+    checks = objects_accepted({"TrafficPolicy": [stale, unknown, conflicted]}, {})
+    assert [(c.name, c.status) for c in checks] == [
+        ("TrafficPolicy shop/second", "fail"),
+        ("policies and routes judged", "warn"),
+    ]
+    assert checks[0].detail == "not accepted: Conflicted: Invalid ✓ all fine"  # one line
+    assert checks[0].fix.startswith("an older object applies to the same target")
+    assert checks[1].detail.endswith("TrafficPolicy shop/stale, TrafficPolicy shop/unknown")
+    many = [judged("TrafficPolicy", f"p{i}", conditions=[accepted(False)]) for i in range(25)]
+    shown = objects_accepted({"TrafficPolicy": many}, {})
+    assert len(shown) == 21 and shown[-1].detail == "5 more objects the control plane refused"

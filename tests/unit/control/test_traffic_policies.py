@@ -199,9 +199,9 @@ def test_a_key_the_agent_refuses_on_a_ports_protocol_leaves_the_policy_out_there
     assert ("health" in outbound, "balancer" in outbound) == (False, False)  # none of it
     spoken = {"grpc": "gRPC", "kubernetes.io/h2c": "HTTP/2"}[app_protocol]
     protocol = {"grpc": "grpc", "kubernetes.io/h2c": "http2"}[app_protocol]
-    assert _accepted(mesh) == (
-        "True",
-        "Accepted",
+    assert _accepted(mesh) == (  # on no port: not accepted, though valid
+        "False",
+        "Invalid",
         f"Service backend port 8080 is {spoken}: the policy is not applied there"
         " (spec.health.active.kind: an http check speaks HTTP/1.1, which a protocol:"
         f" {protocol} upstream refuses; use kind: tcp)",
@@ -289,3 +289,18 @@ def test_a_traffic_policy_past_its_share_of_every_callers_snapshot_is_refused() 
         " it is not applied"
     )
     assert "retries" not in _outbound(mesh)
+
+
+def test_a_policy_left_out_of_a_port_leaves_it_to_the_next_one_that_applies() -> None:
+    """An older policy the port's protocol refuses claims nothing there: a younger one
+    that the agent takes applies, and neither status says otherwise."""
+    grpc = SHOP.replace("appProtocol: http}]", "appProtocol: grpc}]")
+    older = _traffic("  health: {active: {kind: http, path: /healthz, interval: 5s}}\n", "old")
+    younger = _traffic("  retries: {max: 3}\n", "young").replace(
+        "metadata: {name: young",
+        "metadata: {creationTimestamp: '2030-01-01T00:00:00Z', name: young",
+    )
+    mesh = compile_mesh(world(grpc, older, younger), SETTINGS)
+    assert _outbound(mesh)["retries"] == {"max": 3}
+    assert _accepted(mesh, "young") == ("True", "Accepted", "applied to the clients of its targets")
+    assert _accepted(mesh, "old")[:2] == ("False", "Invalid")
