@@ -417,6 +417,7 @@ def _resolved_refs(
     route: CompiledRoute, services: Mapping[tuple[str, str], Service]
 ) -> tuple[bool, str, str]:
     problems: list[tuple[str, str]] = []
+    usable = 0  # backends that resolve and have weight
     for backend in route.backends:
         service = services.get((route.namespace, backend.service))
         if backend.problem is not None:
@@ -431,7 +432,20 @@ def _resolved_refs(
                     f"{backend.path}.port: Service {backend.service} has no port {backend.port}",
                 )
             )
+        elif backend.weight > 0:
+            usable += 1
+    if not problems and not usable:  # upstreams.py: never no entry, which passes calls by
+        return True, "ResolvedRefs", f"every backendRef has weight 0: {_OWN}"
     if not problems:
         return True, "ResolvedRefs", "every backendRef is a Service of this namespace"
     messages = summary(message for _, message in problems)
+    if not usable:
+        return False, problems[0][0], f"{messages}; no other backend has weight: {_OWN}"
     return False, problems[0][0], messages + "; the other backends are used"
+
+
+#: What a route none of whose backends can take a call does (upstreams.py `upstream`).
+_OWN = (
+    "until one resolves with weight, calls go to the parent Service's own endpoints"
+    " (Gateway API would answer them 500)"
+)

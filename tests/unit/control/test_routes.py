@@ -179,6 +179,11 @@ def test_a_route_with_no_backend_to_send_to_keeps_the_services_own_endpoints(
         ["10.0.0.7:15443", "10.0.0.8:15443"],
         False,
     )
+    said = _conditions(mesh)["ResolvedRefs"][2]
+    assert said.endswith(
+        "until one resolves with weight, calls go to the parent Service's own endpoints"
+        " (Gateway API would answer them 500)"
+    )
     captured = _captured_shop(route)
     config = captured.config_for("shop", "frontend-0")
     assert config is not None
