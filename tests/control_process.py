@@ -62,6 +62,14 @@ kind: AuthorizationPolicy
 metadata: {name: default-deny, namespace: shop}
 spec: {}
 """
+#: Namespace shop's ports permissive: plaintext callers may come in while they migrate.
+PERMISSIVE = """\
+apiVersion: security.outrider.io/v1alpha1
+kind: PeerAuthentication
+metadata: {name: migration, namespace: shop}
+spec:
+  mtls: {mode: PERMISSIVE}
+"""
 ALLOW_FRONTEND = """\
 apiVersion: security.outrider.io/v1alpha1
 kind: AuthorizationPolicy

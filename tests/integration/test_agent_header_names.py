@@ -65,10 +65,15 @@ def app() -> Iterator[WsgiApp]:
 
 
 def _backend(
-    setup: CaSetup, ca: CaProcess, app: WsgiApp, name: str, **limits: str
+    setup: CaSetup,
+    ca: CaProcess,
+    app: WsgiApp,
+    name: str,
+    policies: str = DENY_ADMIN_ROLE,
+    **limits: str,
 ) -> dict[str, Any]:
-    policy = setup.root / "policy.yaml"
-    policy.write_text(DENY_ADMIN_ROLE)
+    policy = setup.root / f"{name}-policy.yaml"
+    policy.write_text(policies)
     return served_agent_yaml(
         setup,
         ca,
@@ -167,15 +172,7 @@ policies:
 
 @pytest.fixture(scope="module")
 def tenants(setup: CaSetup, ca: CaProcess, app: WsgiApp) -> Iterator[AgentProcess]:
-    policy = setup.root / "tenants-policy.yaml"
-    policy.write_text(TENANTS)
-    raw = served_agent_yaml(
-        setup,
-        ca,
-        "tenants",
-        inbound=inbound(app.port, protocol="http"),
-        policy={"files": [str(policy)]},
-    )
+    raw = _backend(setup, ca, app, "tenants", TENANTS)
     with agent_process(setup.root, "tenants", raw) as process:
         yield process
 

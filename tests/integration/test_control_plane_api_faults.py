@@ -14,6 +14,7 @@ from tests.apiserver import fake_api_server
 from tests.control_process import (
     DEFAULT_DENY,
     NAMESPACES,
+    PERMISSIVE,
     control_plane,
     pod,
     ready,
@@ -69,15 +70,6 @@ async def test_policies_answered_404_at_start_hold_readiness_until_they_are_list
             assert "deploy/base/crds" in warned[0]
 
 
-MIGRATION = """\
-apiVersion: security.outrider.io/v1alpha1
-kind: PeerAuthentication
-metadata: {name: migration, namespace: shop}
-spec:
-  mtls: {mode: PERMISSIVE}
-"""
-
-
 async def test_peer_authentications_answered_404_at_start_hold_readiness_until_listed(
     tmp_path: Path,
 ) -> None:
@@ -88,7 +80,7 @@ async def test_peer_authentications_answered_404_at_start_hold_readiness_until_l
     async with fake_api_server(tmp_path / "api") as api:
         api.apply(NAMESPACES)
         api.apply(pod("shop", "api", "api", captured=True))
-        api.apply(MIGRATION)
+        api.apply(PERMISSIVE)
         api.fail_next(1, 404, kinds=["PeerAuthentication"])
         async with control_plane(tmp_path, api) as control:
             async with subscribed(control, control.ca.workload("shop", "api"), "api") as agent:

@@ -16,6 +16,7 @@ from tests.control_process import (
     ALLOW_FRONTEND,
     DEFAULT_DENY,
     NAMESPACES,
+    PERMISSIVE,
     ControlProcess,
     Ran,
     eventually,
@@ -99,15 +100,6 @@ async def test_live_mode_says_what_it_needs(args: tuple[str, ...], message: str)
     answer = await check(*args)
     assert answer.returncode == 2
     assert message in answer.stderr
-
-
-PERMISSIVE = """\
-apiVersion: security.outrider.io/v1alpha1
-kind: PeerAuthentication
-metadata: {name: migrating, namespace: shop}
-spec:
-  mtls: {mode: PERMISSIVE}
-"""
 
 
 async def test_a_plaintext_caller_is_decided_by_the_pods_own_mtls_mode(
