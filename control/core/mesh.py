@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from agent.core.policy import Pattern, Policy, Rule
 from control.core.conditions import Meta, condition, meta, previous_conditions, summary, timestamp
 from control.core.inforce import Verdict, judge, policy_status
 from control.core.peerauth import (
@@ -453,10 +454,10 @@ class _Compiler:
                     " that targets it, or list the rule's HTTP ports in to.ports"
                 )
             else:
-                ok, reason, message = (
-                    True,
-                    "Accepted",
-                    "enforced by the agents of the pods it selects",
+                assert verdict.in_force is not None
+                ok, reason = True, "Accepted"
+                message = "enforced by the agents of the pods it selects" + _other_ports(
+                    verdict.in_force.policy
                 )
             accepted = condition("Accepted", ok, reason, message, m.generation, previous, self.now)
             self.statuses[("AuthorizationPolicy", m.namespace, m.name)] = policy_status(
@@ -674,6 +675,26 @@ def _misfit_summary(notes: set[_Note], limit: int = 3) -> str:
     ]
     more = len(notes) - len(shown)
     return "; ".join(shown) + (f"; and {more} more" if more else "")
+
+
+def _other_ports(policy: Policy) -> str:
+    """What an ALLOW whose every rule names `to.ports` leaves to other policies: Istio's
+    ALLOW denies the workload's other ports too, this one does not (docs/policy.md)."""
+    if policy.action != "ALLOW" or not policy.rules:
+        return ""
+    listed = sorted({int(p.text) for r in policy.rules for p in _port_patterns(r)})
+    if not listed or not all(_port_patterns(r) for r in policy.rules):
+        return ""
+    shown = ", ".join(map(str, listed[:10])) + (" ..." if len(listed) > 10 else "")
+    return (
+        f", on port {shown} only: the pods' other ports follow their other ALLOW policies,"
+        " or default_action (Istio would deny them); to close them, add an ALLOW for them"
+        " or set default_action: deny"
+    )
+
+
+def _port_patterns(rule: Rule) -> list[Pattern]:
+    return [p for c in rule.conditions if c.field == "ports" and not c.negated for p in c.patterns]
 
 
 _ON_TCP = {

@@ -154,6 +154,30 @@ def test_a_valid_policy_is_accepted() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("rules", "said"),
+    [
+        ("[{to: {ports: ['8080']}}, {to: {ports: ['8443']}}]", ", on port 8080, 8443 only: "),
+        ("[{to: {ports: ['8080']}}, {to: {paths: ['/api/*']}}]", ""),  # one for every port
+    ],
+)
+def test_an_allow_for_some_ports_says_the_others_stay_open_to_the_default(
+    rules: str, said: str
+) -> None:
+    """Istio's ALLOW denies every port of the workload it does not match; this one governs
+    the ports it names, and the status says so, as a policy copied from Istio would
+    otherwise leave a metrics or admin port open to every authenticated caller."""
+    spec = f"{{{BACKEND}, action: ALLOW, rules: {rules}}}"
+    message = _accepted(compile_mesh(world(SHOP, _policy(spec)), SETTINGS))["message"]
+    assert message.startswith("enforced by the agents of the pods it selects" + said)
+    if said:
+        assert message.endswith(
+            "the pods' other ports follow their other ALLOW policies, or default_action"
+            " (Istio would deny them); to close them, add an ALLOW for them or set"
+            " default_action: deny"
+        )
+
+
 def _principals(count: int) -> list[dict[str, Any]]:
     return [
         {"from": {"principals": [f"spiffe://example.org/ns/shop/sa/c{i}" for i in range(count)]}}
