@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agent.core.headers import underscore_refusal
-from agent.core.http1 import connection_tokens, hop_by_hop
+from agent.core.http1 import RELAYED_UPGRADES, connection_tokens, hop_by_hop
 from agent.core.policy import Decision
 
 Verdict = dict[str, Any]
@@ -29,11 +29,15 @@ def request_headers(pairs: Sequence[str]) -> tuple[dict[str, tuple[str, ...]], V
         if "_" in name:
             return headers, refused(underscore_refusal(name.encode()))
         headers[name.lower()] = (*headers.get(name.lower(), ()), value)
-    # What ends at the agent never reaches the app, nor a rule (agent/adapters/http.py).
+    # What ends at the agent never reaches the app, nor a rule (agent/adapters/http.py);
+    # an upgrade the agent relays (a WebSocket) keeps its Upgrade (http1.RequestParser).
     fields = [
         (name.encode(), value.encode()) for name, values in headers.items() for value in values
     ]
-    hop = hop_by_hop(connection_tokens(fields))
+    connection = connection_tokens(fields)
+    offered = {t.strip().lower().encode() for v in headers.get("upgrade", ()) for t in v.split(",")}
+    relayed = b"upgrade" in connection and bool(offered) and offered <= RELAYED_UPGRADES
+    hop = hop_by_hop(connection, upgrade=relayed)
     return {name: values for name, values in headers.items() if name.encode() not in hop}, None
 
 

@@ -24,16 +24,16 @@ Matching is literal: a value matches a pattern that is the same string, or
 has one leading or trailing `*`. No regex, no glob: `a.b` never matches `aXb`
 and trust domain `td` never matches `td.evil`.
 
-What a request cannot answer fails closed: such a condition never matches in
-an ALLOW or AUDIT rule, and always matches in a DENY rule. A source that is
-not authenticated (None, plaintext) has no principal, namespace or trust
-domain: its positive `from` conditions never match, and its negated ones
-(`not_principals: ["*"]`, Istio's usual "deny plaintext") match in a DENY
-rule only. An L4 request (method None) has no method, path, host or headers
-to check: its HTTP conditions, positive or negated, match in a DENY rule
-only. On a TCP port such a policy is refused at load (`http_only_errors`);
-the case that remains is HTTP/2 relayed at L4 on an HTTP port, where a
-client's ALPN claim must not slip past a DENY on paths.
+What a request cannot answer fails closed. A source that is not
+authenticated (None, plaintext) has no principal, namespace or trust domain:
+its positive `from` conditions never match, and its negated ones
+(`not_principals: ["*"]`, Istio's usual "deny plaintext") match in a DENY or
+AUDIT rule only (an AUDIT records what a DENY would deny). An L4 request
+(method None) has no method, path, host or headers to check: its HTTP
+conditions, positive or negated, match in a DENY rule only. On a TCP port
+such a policy is refused at load (`http_only_errors`); the case that remains
+is HTTP/2 relayed at L4 on an HTTP port, where a client's ALPN claim must not
+slip past a DENY on paths.
 """
 
 from __future__ import annotations
@@ -230,9 +230,10 @@ class Condition:
     Negated (`not_<field>`, `not_values`), it matches if none does. What it answers
     where the request leaves room depends on its policy's action (`action`), so that
     the room never helps a caller: a field the request has no value for (an HTTP field
-    on an L4 request; a negated `from` field for an unauthenticated source, whose
-    positive ones never match) matches in a DENY rule only; a header's several values
-    (`header`) widen a DENY or AUDIT rule and narrow an ALLOW one.
+    on an L4 request, in a DENY rule only; a negated `from` field for an
+    unauthenticated source, whose positive ones never match, in a DENY or AUDIT rule);
+    a header's several readings (`header_matches`) widen a DENY or AUDIT rule and
+    narrow an ALLOW one.
     """
 
     field: Field
@@ -262,24 +263,27 @@ class Condition:
         if self.field == "headers" and request.method is not None:
             return self.header_matches(request.headers.get(self.header, ()), action)
         values = _values(self, request)
-        if values is None:
-            return action == "DENY" and (self.negated or self.field in HTTP_FIELDS)
+        if values is None:  # plaintext (a negated from field), or an L4 request (HTTP)
+            if self.field in SOURCE_FIELDS:
+                return self.negated and action != "ALLOW"
+            return action == "DENY"
         return self.any_match(values) != self.negated
 
     def header_matches(self, lines: tuple[str, ...], action: Action) -> bool:
         """A header's field lines as the app may read them: a line whole (Go's
-        Header.Get reads the first, a WSGI app them all joined), or one of its comma
-        items (an app that parses a list). A DENY or AUDIT rule takes any reading
-        that matches: `values` if a line or an item matches, `not_values` if a line
-        does not. An ALLOW rule takes only what holds for every reading: `values` if
-        every line matches whole (`Mozilla/*` holds for a browser's User-Agent, whose
-        commas are no list), `not_values` if neither a line nor an item matches. So
-        `x-tenant: globex` beside `x-tenant: acme`, or `x-tenant: globex, acme`, is
-        denied by a DENY's `not_values: [acme]` and allowed by no ALLOW's `values:
-        [acme]`; one line of one value is read as ever."""
+        Header.Get reads the first, a WSGI app them all joined), stripped of spaces and
+        tabs or of every Unicode space (Python's str.strip, as wsgiref strips: U+00A0
+        and U+0085 too); or one of its comma items (an app that parses a list). A DENY
+        or AUDIT rule takes any reading that matches: `values` if a line or an item
+        matches, `not_values` if a line does not. An ALLOW rule takes only what holds
+        for every reading: `values` if every line matches whole (`Mozilla/*` holds for
+        a browser's User-Agent, whose commas are no list), `not_values` if neither a
+        line nor an item matches. So `x-tenant: globex` beside `x-tenant: acme`, or
+        `x-tenant: globex, acme`, is denied by a DENY's `not_values: [acme]` and
+        allowed by no ALLOW's `values: [acme]`."""
         if not lines:  # a missing header: it has no value that matches
             return self.negated
-        whole = tuple(line.strip(" \t") for line in lines)
+        whole = tuple(dict.fromkeys(w for line in lines for w in (line.strip(" \t"), line.strip())))
         if len(whole) == 1 and "," not in whole[0]:
             return self.any_match(whole) != self.negated
         if self.negated == (action == "ALLOW"):  # not_values in ALLOW, values elsewhere
@@ -362,8 +366,8 @@ class Condition:
         """Why this condition does or does not match, for Decision.reason."""
         values = _values(self, request)
         if values is None and self.field in SOURCE_FIELDS:
-            if self.negated and action == "DENY":
-                return f"{self.key} matches an unauthenticated source in a DENY rule"
+            if self.negated and action != "ALLOW":
+                return f"{self.key} matches an unauthenticated source in a {action} rule"
             return f"{self.key} never matches an unauthenticated source"
         if values is None:
             answer = (
@@ -373,10 +377,14 @@ class Condition:
         listed = ", ".join(pattern.text for pattern in self.patterns)
         verb = "matches" if self.any_match(values) else "does not match"
         lines = request.headers.get(self.header, ()) if self.field == "headers" else ()
-        if len(lines) > 1 or any("," in line for line in lines):
+        if lines:  # as header_matches reads them
             held = self.header_matches(lines, action)
-            ways = "every way the app may read it" if action == "ALLOW" else "a way the app may"
-            verb = f"{'holds' if held else 'does not hold'} for {ways}:"
+            (line, *more) = lines
+            if more or "," in line or line.strip(" \t") != line.strip():
+                ways = "every way the app may read it" if action == "ALLOW" else "a way it may"
+                verb = f"{'holds' if held else 'does not hold'} for {ways}:"
+            else:
+                verb = "matches" if held != self.negated else "does not match"
         shown = ", ".join(map(repr, values)) if values else "(none)"
         if values and self.field == "headers":
             # A header's value may be a secret (an API key, a cookie, a token) and the
@@ -1038,8 +1046,8 @@ def _header_value(text: str) -> str:
     _star(text)
     if "," in text:
         raise ValueError(
-            f"{text!r} has a ','; header values are split on ',' before matching, so"
-            " expected one list element"
+            f"{text!r} has a ','; a value is matched against one list item, or one whole"
+            " line of a header (docs/policy.md, Headers), so expected one without ','"
         )
     return text
 

@@ -357,12 +357,8 @@ def _header_name(value: object) -> str:
 
 
 # Headers a `when` could only match wrongly: the adapter strips the identity
-# header before the policy runs, the raw Host is not what to.hosts matches, and the
-# hop-by-hop fields end at the agent (agent/core/http1.py HOP_BY_HOP): an HTTP/1.1 app
-# never gets them, and a rule on one would read what the app never does.
-_HOP = "a header the app gets; this one ends at the agent (hop-by-hop), the app never reads it"
+# header before the policy runs, and the raw Host is not what to.hosts matches.
 _NOTHEADER_NAMES = {
     "host": "to.hosts, which matches the normalized host",
     "x-forwarded-client-cert": "from.principals: the agent strips this header from requests",
-    **dict.fromkeys(("connection", "keep-alive", "proxy-connection", "te", "trailer"), _HOP),
 }

@@ -186,6 +186,16 @@ def test_a_header_with_a_second_value_outside_a_denys_list_is_denied(
         assert one(setup, tenants, get("/", *lines)).status == 403, lines
 
 
+@pytest.mark.parametrize("spelling", ["admin\xa0", "\xa0admin", "admin\x85"])
+def test_a_value_the_app_strips_of_unicode_spaces_is_read_so_by_the_policy(
+    setup: CaSetup, backend: AgentProcess, app: WsgiApp, spelling: str
+) -> None:
+    """wsgiref, as Python's str.strip, takes U+00A0 and U+0085 off a value's ends."""
+    seen = len(app.seen)
+    assert one(setup, backend, get("/", f"X-Role: {spelling}")).status == 403
+    assert len(app.seen) == seen
+
+
 def test_a_header_the_connection_header_names_is_not_read_by_the_policy(
     setup: CaSetup, tenants: AgentProcess, app: WsgiApp
 ) -> None:

@@ -233,6 +233,15 @@ def test_check_leaves_out_a_header_the_connection_header_names_as_the_agent_does
     dropped = outrider(*asked, "--header", "x-tenant=acme", "--header", "Connection=X-Tenant")
     assert dropped.returncode == 1
     assert dropped.stdout.splitlines()[:2] == ["deny", "policy: tenants"]
+    websockets = tmp_path / "websockets.yaml"
+    websockets.write_text(
+        "policies:\n  - name: no-websockets\n    action: DENY\n"
+        "    rules: [{when: [{header: upgrade, values: [websocket]}]}]\n"
+    )
+    upgrade = ["--header", "Upgrade=websocket", "--header", "Connection=Upgrade"]
+    asked[2] = websockets
+    denied = outrider(*asked, *upgrade)  # relayed with its Upgrade, as the agent does
+    assert denied.stdout.splitlines()[:2] == ["deny", "policy: no-websockets"]
 
 
 def test_check_an_l4_connection_on_a_port_with_a_path_deny(policy: Path) -> None:

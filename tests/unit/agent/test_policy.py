@@ -161,15 +161,18 @@ ANY_SOURCE = {"principals": "*", "namespaces": "shop", "trust_domains": "example
 
 
 @pytest.mark.parametrize("key", SOURCE_KEYS + [f"not_{k}" for k in SOURCE_KEYS])
-def test_plaintext_matches_a_negated_source_field_in_a_deny_only(key: str) -> None:
+def test_plaintext_matches_a_negated_source_field_in_a_deny_or_audit_only(key: str) -> None:
     """Plaintext has no principal, namespace or trust domain: a positive `from` field
     never matches it, a negated one matches in a DENY (Istio's `notPrincipals: ["*"]`
-    denies plaintext) and never lets it in through an ALLOW: fail closed both ways."""
+    denies plaintext) and an AUDIT (which finds the plaintext callers before a port is
+    made strict), and never lets it in through an ALLOW: fail closed both ways."""
     plaintext = replace(HTTP, source=None)
     condition = cond(key, ANY_SOURCE[key.removeprefix("not_")])
     negated = key.startswith("not_")
     assert not condition.matches(plaintext)
     assert condition.matches(plaintext, "DENY") == negated
+    audited = decide(policy("AUDIT", (condition,)), request=plaintext).records
+    assert [r.kind for r in audited] == (["audit"] if negated else [])
     assert not decide(policy("ALLOW", (condition,)), request=plaintext).allowed
     denied = decide(policy("DENY", (condition,)), request=plaintext)
     assert (denied.policy == "p", denied.allowed) == (negated, False)  # else: the default
@@ -860,6 +863,12 @@ BROWSER = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko
         ("AUDIT", cond("when.x-role", "admin"), ("admin", "viewer"), True),
         ("AUDIT", cond("when.x-role", "admin"), ("viewer, admin",), True),
         ("AUDIT", cond("when.x-role.not", "viewer"), ("viewer, admin",), True),
+        # Python's str.strip (wsgiref's) takes U+00A0 and U+0085 off too: both are read.
+        ("DENY", cond("when.x-role", "admin"), ("admin\xa0",), True),
+        ("DENY", cond("when.x-role", "admin"), ("\x85admin",), True),
+        ("ALLOW", cond("when.x-level.not", "root"), ("root\xa0",), False),
+        ("ALLOW", cond("when.x-role", "admin"), ("admin\xa0",), False),
+        ("ALLOW", cond("when.x-role", "admin"), ("admin",), True),
     ],
 )
 def test_a_header_line_is_read_whole_and_as_its_items_as_each_action_needs(
