@@ -583,35 +583,44 @@ class _Compiler:
         if mtls is not None:
             config["inbound"] = []  # the inbound capture port serves them all
             config["captured"] = self.captured(mtls, l7)
-        too_large = self.too_large(config, documents)
+        too_large, blamed = self.too_large(config, documents)
         if too_large is not None:
             warnings = [too_large, *warnings]
-        return config, warnings, fitted, too_large
+        return config, warnings, fitted, too_large if blamed else None
 
     def too_large(
         self, config: Mapping[str, Any], documents: Sequence[Mapping[str, Any]]
-    ) -> str | None:
+    ) -> tuple[str | None, bool]:
         """Why the pod's agent would refuse `config` whole (past AGENT_SNAPSHOT_BYTES or
-        _CONTAINERS), or None. Each policy is bounded (POLICY_BYTES), but those selecting
-        one pod add up; the whole config is measured only when they take more than one
-        policy may, since the rest of it is bounded well within the agent's limits (the
-        mesh-wide entries by SHARED_*, the annotation's listeners by EXPLICIT_*:
-        snapshot.py)."""
+        _CONTAINERS), or None; and whether its policies are to blame (they take more than
+        one policy may: each is bounded, POLICY_BYTES, but those of one pod add up). The
+        whole config is measured, from parts measured once per compile (snapshot_size):
+        the shares of snapshot.py bound the mesh-wide entries and the annotation's
+        listeners, but not what Services make of the pod's own ports."""
         sizes = [self.measure(document) for document in documents]
         size, held = sum(s for s, _ in sizes), sum(c for _, c in sizes)
-        if size <= POLICY_BYTES and held <= POLICY_CONTAINERS:
-            return None
         whole, total = self.snapshot_size(config, documents)
         if whole <= AGENT_SNAPSHOT_BYTES and total <= AGENT_SNAPSHOT_CONTAINERS:
-            return None
-        largest = sorted(zip(sizes, documents, strict=True), key=lambda pair: -pair[0][0])[:3]
-        named = ", ".join(f"{d['name']} ({s} bytes)" for (s, _), d in largest)
-        return (
+            return None, False
+        said = (
             f"not configured: its configuration would take {whole} bytes and {total}"
             f" arrays and objects, and an agent takes at most {AGENT_SNAPSHOT_BYTES} and"
             f" {AGENT_SNAPSHOT_CONTAINERS}: it refuses the snapshot and keeps the one it has."
-            f" The {len(documents)} policies that select the pod take {size} bytes and"
-            f" {held} arrays and objects; the largest: {named}"
+        )
+        if size <= POLICY_BYTES and held <= POLICY_CONTAINERS:
+            ports = len(config.get("captured", {}).get("inbound", {}).get("ports", {}))
+            return (
+                f"{said} Its policies take {size} bytes; the rest is its listeners and the"
+                f" {ports} ports Services give it a protocol or mode on: select it with"
+                " fewer Service ports",
+                False,
+            )
+        largest = sorted(zip(sizes, documents, strict=True), key=lambda pair: -pair[0][0])[:3]
+        named = ", ".join(f"{d['name']} ({s} bytes)" for (s, _), d in largest)
+        return (
+            f"{said} The {len(documents)} policies that select the pod take {size} bytes and"
+            f" {held} arrays and objects; the largest: {named}",
+            True,
         )
 
     def snapshot_size(

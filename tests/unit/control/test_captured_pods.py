@@ -14,6 +14,7 @@ from agent.config import MAX_SNAPSHOT_BYTES, MAX_SNAPSHOT_CONTAINERS
 from agent.core.policy import PolicySet
 from agent.core.policyfile import parse_policy_list
 from control.app import _log_new_warnings
+from control.core import mesh as mesh_module
 from control.core import upstreams
 from control.core.mesh import Mesh, MeshSettings, compile_mesh, encode
 from control.core.services import read_service, read_workload
@@ -492,3 +493,18 @@ def test_a_captured_pods_size_is_counted_exactly_from_its_parts() -> None:
     assert sent is not None and b'"captured"' in sent and b'"outbound":[{' in sent
     (warning, *_) = mesh.pod_warnings[("shop", "backend-v1-0")]
     assert f"would take {len(sent)} bytes and {containers(sent)} arrays and objects" in warning
+
+
+def test_a_pod_past_what_its_agent_takes_is_said_whatever_takes_the_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its policies are small: the room goes to its listeners and the ports Services give
+    it (thousands of ports on headless Services took one past 4 MiB, unsaid). It is said,
+    and no policy is blamed for it."""
+    sent = encode(_config(_captured_shop(), "frontend-0"))
+    monkeypatch.setattr(mesh_module, "AGENT_SNAPSHOT_BYTES", len(sent) - 1)
+    mesh = _captured_shop()
+    (said, *_) = mesh.pod_warnings[("shop", "frontend-0")]
+    assert said.startswith(f"not configured: its configuration would take {len(sent)} bytes")
+    assert "Its policies take 0 bytes; the rest is its listeners and the 0 ports" in said
+    assert not any(key[0] == "AuthorizationPolicy" for key in mesh.statuses)
