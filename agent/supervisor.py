@@ -66,6 +66,9 @@ log = logging.getLogger("outrider.agent.workers")
 APPLY_TIMEOUT = float(os.environ.get("OUTRIDER_WORKER_APPLY_TIMEOUT", "30"))
 #: A worker's settings version when it did not answer a switch: none is in force.
 UNKNOWN = -1
+#: What a new worker gets beyond APPLY_TIMEOUT for its first settings: its interpreter's
+#: start and imports, all workers at once on a node that may be busy.
+STARTUP = 60.0
 #: How often every worker is asked to answer (`_heartbeat`); one that does not within
 #: APPLY_TIMEOUT is killed and started again.
 HEARTBEAT = APPLY_TIMEOUT / 6
@@ -274,10 +277,11 @@ class Supervisor(Agent):
         or not, and serve other settings than the rest with nobody the wiser. `_watch`
         starts it again on the settings in force."""
         seq = next(self._seq)
+        within = APPLY_TIMEOUT if worker.running else APPLY_TIMEOUT + STARTUP
         try:
-            answer = await worker.ask(seq, APPLY_TIMEOUT, "settings", seq, settings)
+            answer = await worker.ask(seq, within, "settings", seq, settings)
         except (ConnectionError, TimeoutError) as exc:
-            _kill(worker, str(exc) or f"no answer within {APPLY_TIMEOUT:g}s")
+            _kill(worker, str(exc) or f"no answer within {within:g}s")
             return None
         if answer.get("error"):
             return str(answer["error"])
@@ -298,7 +302,7 @@ class Supervisor(Agent):
         if self._draining or self.stopping.is_set():
             return
         log.error("worker %d (pid %d) exited with %s", worker.index, worker.pid, code)
-        if not self.restarts.allow():
+        if not self.restarts.allow(deliberate=worker.running == UNKNOWN):
             self.failure = (
                 f"workers died {len(self.restarts.times)} times within a minute; "
                 "the last exited with " + str(code)

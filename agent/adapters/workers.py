@@ -284,11 +284,15 @@ class Restarts:
         self.times: list[float] = []
         self.total = 0
 
-    def allow(self) -> bool:
-        """Count one restart; False once more than MAX_RESTARTS fell in RESTART_WINDOW."""
+    def allow(self, *, deliberate: bool = False) -> bool:
+        """Count one restart; False once more than MAX_RESTARTS fell in RESTART_WINDOW.
+        One of a worker the supervisor killed itself (it did not answer) is counted but
+        never ends the agent: a node stalled for a while would kill every worker at once."""
+        self.total += 1
+        if deliberate:
+            return True
         now = self.clock()
         self.times = [t for t in self.times if now - t < RESTART_WINDOW] + [now]
-        self.total += 1
         return len(self.times) <= MAX_RESTARTS
 
 

@@ -276,6 +276,20 @@ def test_a_worker_that_does_not_take_a_reload_in_time_is_started_again_on_it(
         assert all(a > b for a, b in zip(accepted(agent), before, strict=True))  # both denied
 
 
+def test_workers_starting_together_on_a_busy_node_are_not_taken_for_stalled(
+    setup: CaSetup, ca: CaProcess, app: int
+) -> None:
+    """A new worker's first settings wait for its interpreter and imports too: six of
+    them on two CPUs, with a 1 s timeout for a switch, all start and none is killed."""
+    raw = workers_yaml(setup, ca, app, "six")
+    raw["workers"] = 6
+    env = {"OUTRIDER_WORKER_APPLY_TIMEOUT": "1"}
+    with agent_process(setup.root, "six", raw, env=env) as agent:
+        eventually(lambda: agent.status("/ready") == 200)
+        assert len(children(agent)) == 6
+        assert agent.sample("outrider_worker_restarts_total") == 0
+
+
 def test_a_worker_that_stops_answering_is_started_again(
     setup: CaSetup, ca: CaProcess, app: int
 ) -> None:

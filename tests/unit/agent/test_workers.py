@@ -9,7 +9,15 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.adapters.workers import Merged, families, from_main, merge, to_worker
+from agent.adapters.workers import (
+    MAX_RESTARTS,
+    Merged,
+    Restarts,
+    families,
+    from_main,
+    merge,
+    to_worker,
+)
 from agent.app import Settings, _cpu_max
 from agent.config import MAX_WORKERS, parse
 from agent.core.health import HealthSettings, OutlierDetection
@@ -110,3 +118,14 @@ def test_the_settings_reach_a_worker_as_the_main_process_checked_them() -> None:
     resilience = (RetryPolicy(), BreakerLimits(), OutlierDetection(), HealthSettings())
     message = ("settings", 7, settings, *resilience)
     assert from_main(to_worker(message)) == message
+
+
+def test_restarts_the_supervisor_made_itself_never_end_the_agent() -> None:
+    """Workers killed for not answering (a node stalled: all of them at once) come back;
+    only workers that die on their own, past the budget, end the agent."""
+    now = [0.0]
+    restarts = Restarts(lambda: now[0])
+    assert all(restarts.allow(deliberate=True) for _ in range(3 * MAX_RESTARTS))
+    assert all(restarts.allow() for _ in range(MAX_RESTARTS))  # the budget is whole
+    assert not restarts.allow()
+    assert restarts.total == 4 * MAX_RESTARTS + 1
