@@ -486,6 +486,8 @@ _FIXES = {
     "Conflicted": "an older object applies to the same target: merge the two, or delete one",
     "TargetNotFound": "create what it targets, or fix its targetRefs",
     "NoMatchingParent": "create the Service and port it is attached to, or fix its parentRefs",
+    "UnsupportedProtocol": "its settings do not apply to its Service ports' protocols:"
+    " change them, or the ports' appProtocol",
 }
 
 

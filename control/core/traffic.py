@@ -363,8 +363,8 @@ def _accepted(
             )
     if not ports:
         return False, "TargetNotFound", summary(notes)
-    if not taken:
-        return False, "Invalid", summary(notes)
+    if not taken:  # valid, and in force as written, but taken on none of its ports
+        return False, "UnsupportedProtocol", summary(notes)
     if not won:
         return False, "Conflicted", summary(notes)
     return True, "Accepted", summary(notes) if notes else "applied to the clients of its targets"

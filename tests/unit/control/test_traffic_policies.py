@@ -201,7 +201,7 @@ def test_a_key_the_agent_refuses_on_a_ports_protocol_leaves_the_policy_out_there
     protocol = {"grpc": "grpc", "kubernetes.io/h2c": "http2"}[app_protocol]
     assert _accepted(mesh) == (  # on no port: not accepted, though valid
         "False",
-        "Invalid",
+        "UnsupportedProtocol",
         f"Service backend port 8080 is {spoken}: the policy is not applied there"
         " (spec.health.active.kind: an http check speaks HTTP/1.1, which a protocol:"
         f" {protocol} upstream refuses; use kind: tcp)",
@@ -303,4 +303,4 @@ def test_a_policy_left_out_of_a_port_leaves_it_to_the_next_one_that_applies() ->
     mesh = compile_mesh(world(grpc, older, younger), SETTINGS)
     assert _outbound(mesh)["retries"] == {"max": 3}
     assert _accepted(mesh, "young") == ("True", "Accepted", "applied to the clients of its targets")
-    assert _accepted(mesh, "old")[:2] == ("False", "Invalid")
+    assert _accepted(mesh, "old")[:2] == ("False", "UnsupportedProtocol")
