@@ -76,10 +76,12 @@ HEARTBEAT = APPLY_TIMEOUT / 6
 EXIT_GRACE = 5.0
 
 
-def _kill(worker: Worker, why: str) -> None:
-    """End a worker whose settings are unknown; the supervisor's `_watch` starts it again."""
+def _kill(worker: Worker, why: str, *, silent: bool = True) -> None:
+    """End a worker whose settings are unknown; the supervisor's `_watch` starts it again.
+    `silent`: it did not answer (the supervisor's own doing, never counted against the
+    restart budget); else its channel broke, as when it dies on its own (counted)."""
     log.error("worker %d (pid %d): %s; killed, to start again", worker.index, worker.pid, why)
-    worker.running = UNKNOWN
+    worker.running, worker.killed = UNKNOWN, silent
     with contextlib.suppress(ProcessLookupError):
         os.kill(worker.pid, signal.SIGKILL)
 
@@ -203,7 +205,8 @@ class Supervisor(Agent):
         left waiting, while /ready said 200. `_watch` starts it again."""
         while True:
             await asyncio.sleep(HEARTBEAT)
-            seq, workers = next(self._seq), self.live
+            # One still taking its first settings has STARTUP more (`_take`): not asked.
+            seq, workers = next(self._seq), [w for w in self.live if w.running]
             answers = await asyncio.gather(
                 *(w.ask(seq, APPLY_TIMEOUT, "ping", seq) for w in workers), return_exceptions=True
             )
@@ -280,8 +283,11 @@ class Supervisor(Agent):
         within = APPLY_TIMEOUT if worker.running else APPLY_TIMEOUT + STARTUP
         try:
             answer = await worker.ask(seq, within, "settings", seq, settings)
-        except (ConnectionError, TimeoutError) as exc:
-            _kill(worker, str(exc) or f"no answer within {within:g}s")
+        except TimeoutError:
+            _kill(worker, f"no answer within {within:g}s")
+            return None
+        except ConnectionError as exc:  # gone on its own (a crash): counted as one
+            _kill(worker, str(exc), silent=False)
             return None
         if answer.get("error"):
             return str(answer["error"])
@@ -302,7 +308,7 @@ class Supervisor(Agent):
         if self._draining or self.stopping.is_set():
             return
         log.error("worker %d (pid %d) exited with %s", worker.index, worker.pid, code)
-        if not self.restarts.allow(deliberate=worker.running == UNKNOWN):
+        if not self.restarts.allow(deliberate=worker.killed):
             self.failure = (
                 f"workers died {len(self.restarts.times)} times within a minute; "
                 "the last exited with " + str(code)

@@ -212,6 +212,9 @@ class Worker:
     replies: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
     #: The settings version it runs (0: none yet).
     running: int = 0
+    #: Killed by the supervisor for not answering (a restart it never counts against the
+    #: budget), not gone on its own.
+    killed: bool = False
     #: Connections it accepted, as of its last scrape.
     accepted: int = 0
     listener: asyncio.Task[None] | None = None

@@ -283,7 +283,8 @@ class Condition:
         allowed by no ALLOW's `values: [acme]`."""
         if not lines:  # a missing header: it has no value that matches
             return self.negated
-        whole = tuple(dict.fromkeys(w for line in lines for w in (line.strip(" \t"), line.strip())))
+        forms = [form for line in lines for form in (line.strip(" \t"), line.strip())]
+        whole = tuple(dict.fromkeys(forms))
         if len(whole) == 1 and "," not in whole[0]:
             return self.any_match(whole) != self.negated
         if self.negated == (action == "ALLOW"):  # not_values in ALLOW, values elsewhere

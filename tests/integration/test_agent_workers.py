@@ -305,6 +305,58 @@ def test_a_worker_that_stops_answering_is_started_again(
         assert {request(setup, agent)[0] for _ in range(CONNECTIONS)} == {200}
 
 
+#: Put on PYTHONPATH, it makes each new worker process misbehave while FAULT names a
+#: file: "crash", its channel closed and the process gone a moment after (an error in
+#: its start); "slow", its start 2.5 s longer (a busy node).
+FAULTY_START = """\
+import os, sys, time
+fault = os.environ.get("FAULT", "")
+if "agent.worker" in getattr(sys, "orig_argv", ()) and os.path.exists(fault):
+    if open(fault).read() == "slow":
+        time.sleep(2.5)
+    else:
+        os.close(int(sys.orig_argv[-2]))
+        time.sleep(0.3)
+        os._exit(7)
+"""
+
+
+@pytest.fixture
+def faulty(setup: CaSetup, tmp_path: Path) -> dict[str, str]:
+    """The environment that gives an agent's new workers FAULTY_START."""
+    (tmp_path / "sitecustomize.py").write_text(FAULTY_START)
+    path = os.pathsep.join([str(tmp_path), str(Path(__file__).parents[2])])
+    return {
+        "PYTHONPATH": path,
+        "FAULT": str(tmp_path / "fault"),
+        "OUTRIDER_WORKER_APPLY_TIMEOUT": "1",
+    }
+
+
+def test_a_worker_that_keeps_dying_on_its_own_ends_the_agent(
+    setup: CaSetup, ca: CaProcess, app: int, faulty: dict[str, str]
+) -> None:
+    """Counted, however its channel and its process end: the kubelet restarts the pod."""
+    raw = workers_yaml(setup, ca, app, "crashing")
+    with agent_process(setup.root, "crashing", raw, env=faulty) as agent:
+        Path(faulty["FAULT"]).write_text("crash")
+        os.kill(max(children(agent)), signal.SIGKILL)
+        agent.process.wait(timeout=30)
+        assert agent.process.returncode != 0
+
+
+def test_a_replacement_slow_to_start_is_not_taken_for_stalled(
+    setup: CaSetup, ca: CaProcess, app: int, faulty: dict[str, str]
+) -> None:
+    """Its first settings have STARTUP more, and the heartbeat leaves it alone meanwhile."""
+    raw = workers_yaml(setup, ca, app, "slow-start")
+    with agent_process(setup.root, "slow-start", raw, env=faulty) as agent:
+        Path(faulty["FAULT"]).write_text("slow")
+        os.kill(max(children(agent)), signal.SIGKILL)
+        eventually(lambda: agent.status("/ready") == 200 and len(children(agent)) == 2, 15)
+        assert agent.sample("outrider_worker_restarts_total") == 1
+
+
 def test_a_worker_started_again_while_the_bundle_file_is_unusable_serves(
     setup: CaSetup, ca: CaProcess, app: int, tmp_path: Path
 ) -> None:
