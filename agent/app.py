@@ -351,7 +351,8 @@ class Agent:
             )
             await self._configured.wait()  # its listeners are open: take_snapshot opened them
         else:
-            await self._run(self.settings)
+            async with self._switching:  # workers (supervisor.py) restarted meanwhile wait
+                await self._run(self.settings)
         # What start-up built lives as long as the process: leave it out of every
         # later collection, whose full passes otherwise stall the loop for tens of ms.
         gc.freeze()

@@ -36,6 +36,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -72,6 +73,11 @@ STARTUP = 60.0
 #: How often every worker is asked to answer (`_heartbeat`); one that does not within
 #: APPLY_TIMEOUT is killed and started again.
 HEARTBEAT = APPLY_TIMEOUT / 6
+#: Kills of one worker for not answering within STALL_WINDOW past which it is broken,
+#: not the node slow (a stall kills every worker once): the agent ends, for the kubelet
+#: to start the pod again, as after a crash loop.
+MAX_STALLS = 3
+STALL_WINDOW = max(20 * APPLY_TIMEOUT, 60.0)
 #: Beyond limits.drain_timeout, what a draining worker gets to exit before it is killed.
 EXIT_GRACE = 5.0
 
@@ -81,7 +87,7 @@ def _kill(worker: Worker, why: str, *, silent: bool = True) -> None:
     `silent`: it did not answer (the supervisor's own doing, never counted against the
     restart budget); else its channel broke, as when it dies on its own (counted)."""
     log.error("worker %d (pid %d): %s; killed, to start again", worker.index, worker.pid, why)
-    worker.running, worker.killed = UNKNOWN, silent
+    worker.running, worker.killed = UNKNOWN, worker.killed or silent  # a kill stays one
     with contextlib.suppress(ProcessLookupError):
         os.kill(worker.pid, signal.SIGKILL)
 
@@ -180,6 +186,8 @@ class Supervisor(Agent):
         self._seq = itertools.count(1)
         self.restarts = Restarts()
         self._watchers: dict[int, asyncio.Task[None]] = {}
+        #: When each worker index was last killed for not answering (within STALL_WINDOW).
+        self._stalls: dict[int, list[float]] = {}
         self.identity.changed.append(self._hand_identity)
         self.metrics.registry.register(_WorkerSeries(self))
         self.scrape = self._scrape
@@ -286,8 +294,9 @@ class Supervisor(Agent):
         except TimeoutError:
             _kill(worker, f"no answer within {within:g}s")
             return None
-        except ConnectionError as exc:  # gone on its own (a crash): counted as one
-            _kill(worker, str(exc), silent=False)
+        except ConnectionError as exc:  # gone: on its own (a crash), or killed already
+            if worker.running != UNKNOWN:
+                _kill(worker, str(exc), silent=False)
             return None
         if answer.get("error"):
             return str(answer["error"])
@@ -308,11 +317,20 @@ class Supervisor(Agent):
         if self._draining or self.stopping.is_set():
             return
         log.error("worker %d (pid %d) exited with %s", worker.index, worker.pid, code)
-        if not self.restarts.allow(deliberate=worker.killed):
+        now, before = time.monotonic(), self._stalls.get(worker.index, [])
+        stalls = [t for t in before if now - t < STALL_WINDOW] + ([now] if worker.killed else [])
+        self._stalls[worker.index] = stalls
+        if len(stalls) > MAX_STALLS:
+            self.failure = (
+                f"worker {worker.index} stopped answering {len(stalls)} times within"
+                f" {STALL_WINDOW:g}s: it is broken, not the node slow"
+            )
+        elif not self.restarts.allow(deliberate=worker.killed):
             self.failure = (
                 f"workers died {len(self.restarts.times)} times within a minute; "
                 "the last exited with " + str(code)
             )
+        if self.failure:
             log.error("%s: giving up", self.failure)
             self.stopping.set()
             return
@@ -320,8 +338,8 @@ class Supervisor(Agent):
             replacement = self.workers[worker.index] = await self._start(worker.index)
             if self.running is not None:
                 problem = await self._take(replacement, self.running, self.version)
-                if problem is not None:
-                    log.error("worker %d restarted but cannot serve: %s", worker.index, problem)
+                if problem is not None:  # never left without settings: again, counted
+                    _kill(replacement, f"restarted but cannot serve: {problem}", silent=False)
 
     def _hand_identity(self) -> None:
         """A new SVID or trust bundle: every worker installs it, as a rotation."""
@@ -354,6 +372,8 @@ class Supervisor(Agent):
         self._draining = True
         if self._control_task is not None:
             self._control_task.cancel()
+        for task in self._watchers.values():  # a restart waits on a new worker's start
+            task.cancel()
         async with self._switching:  # a snapshot being sent finishes first
             workers = self.live
             for worker in workers:

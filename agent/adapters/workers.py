@@ -230,6 +230,8 @@ class Worker:
     async def ask(self, seq: int, within: float | None, *message: Any) -> dict[str, Any]:
         """Send `message` and wait for the answer carrying `seq`; ConnectionError if the
         worker goes away first, TimeoutError after `within` seconds."""
+        if self.writer.is_closing() or (self.listener is not None and self.listener.done()):
+            raise ConnectionError(f"worker {self.index} went away")  # no answer will come
         answer = asyncio.get_running_loop().create_future()
         self.replies[seq] = answer
         try:

@@ -307,14 +307,21 @@ def test_a_worker_that_stops_answering_is_started_again(
 
 #: Put on PYTHONPATH, it makes each new worker process misbehave while FAULT names a
 #: file: "crash", its channel closed and the process gone a moment after (an error in
-#: its start); "slow", its start 2.5 s longer (a busy node).
+#: its start); "once", the same for the first worker only; "slow", its start 2.5 s
+#: longer (a busy node); "wedge", stopped 4 s after its start, by when it serves (its
+#: loop stuck).
 FAULTY_START = """\
-import os, sys, time
+import os, signal, sys, threading, time
 fault = os.environ.get("FAULT", "")
 if "agent.worker" in getattr(sys, "orig_argv", ()) and os.path.exists(fault):
-    if open(fault).read() == "slow":
+    mode = open(fault).read()
+    if mode == "slow":
         time.sleep(2.5)
-    else:
+    elif mode == "wedge":
+        stop = lambda: (time.sleep(4), os.kill(os.getpid(), signal.SIGSTOP))
+        threading.Thread(target=stop, daemon=True).start()
+    elif mode == "crash" or not os.path.exists(fault + ".crashed"):
+        open(fault + ".crashed", "w").close()
         os.close(int(sys.orig_argv[-2]))
         time.sleep(0.3)
         os._exit(7)
@@ -343,6 +350,31 @@ def test_a_worker_that_keeps_dying_on_its_own_ends_the_agent(
         os.kill(max(children(agent)), signal.SIGKILL)
         agent.process.wait(timeout=30)
         assert agent.process.returncode != 0
+
+
+def test_a_worker_that_crashes_as_the_agent_starts_is_started_again_on_its_settings(
+    setup: CaSetup, ca: CaProcess, app: int, faulty: dict[str, str]
+) -> None:
+    Path(faulty["FAULT"]).write_text("once")
+    raw = workers_yaml(setup, ca, app, "crash-once")
+    with agent_process(setup.root, "crash-once", raw, env=faulty) as agent:
+        eventually(lambda: agent.status("/ready") == 200 and len(children(agent)) == 2, 15)
+        assert agent.sample("outrider_worker_restarts_total") == 1
+        assert {request(setup, agent)[0] for _ in range(CONNECTIONS)} == {200}
+
+
+def test_a_worker_that_stops_answering_again_and_again_ends_the_agent(
+    setup: CaSetup, ca: CaProcess, app: int, faulty: dict[str, str]
+) -> None:
+    """Broken, not the node slow: past MAX_STALLS kills within STALL_WINDOW, as a crash loop
+    ends it (the test's window: 60 s; four kills take about 20 s here)."""
+    raw = workers_yaml(setup, ca, app, "wedging")
+    with agent_process(setup.root, "wedging", raw, env=faulty) as agent:
+        Path(faulty["FAULT"]).write_text("wedge")
+        os.kill(max(children(agent)), signal.SIGKILL)
+        agent.process.wait(timeout=90)
+        assert agent.process.returncode != 0
+        assert any("worker 1 stopped answering 4 times within 60s" in line for line in agent.log)
 
 
 def test_a_replacement_slow_to_start_is_not_taken_for_stalled(
