@@ -82,6 +82,10 @@ STALL_WINDOW = max(20 * APPLY_TIMEOUT, 60.0)
 EXIT_GRACE = 5.0
 
 
+def _unanswered(worker: Worker, answer: object) -> bool:
+    return isinstance(answer, TimeoutError) and worker.process.returncode is None
+
+
 def _kill(worker: Worker, why: str, *, silent: bool = True) -> None:
     """End a worker whose settings are unknown; the supervisor's `_watch` starts it again.
     `silent`: it did not answer (the supervisor's own doing, never counted against the
@@ -185,7 +189,12 @@ class Supervisor(Agent):
         self.version = 0
         self._seq = itertools.count(1)
         self.restarts = Restarts()
-        self._watchers: dict[int, asyncio.Task[None]] = {}
+        #: Every watcher task, a restarting one included (its worker's replacement has
+        #: a watcher of its own by then): each is cancelled on drain and stop.
+        self._watchers: set[asyncio.Task[None]] = set()
+        #: Workers (pids) killed when every worker stopped answering at once: the node was
+        #: slow, so those kills are no sign of a broken worker.
+        self._node_stalled: set[int] = set()
         #: When each worker index was last killed for not answering (within STALL_WINDOW).
         self._stalls: dict[int, list[float]] = {}
         self.identity.changed.append(self._hand_identity)
@@ -214,15 +223,19 @@ class Supervisor(Agent):
         while True:
             await asyncio.sleep(HEARTBEAT)
             # One still taking its first settings has STARTUP more (`_take`): not asked.
-            seq, workers = next(self._seq), [w for w in self.live if w.running]
+            seq, workers = next(self._seq), [w for w in self.live if w.running > 0]
             answers = await asyncio.gather(
                 *(w.ask(seq, APPLY_TIMEOUT, "ping", seq) for w in workers), return_exceptions=True
             )
             if self._draining or self.stopping.is_set():
                 return
+            silent = [w for w, a in zip(workers, answers, strict=True) if _unanswered(w, a)]
+            for worker in silent:
+                _kill(worker, f"no answer to a heartbeat within {APPLY_TIMEOUT:g}s")
+            self._stalled(silent, workers)
             for worker, answer in zip(workers, answers, strict=True):
-                if isinstance(answer, TimeoutError) and worker.process.returncode is None:
-                    _kill(worker, f"no answer to a heartbeat within {APPLY_TIMEOUT:g}s")
+                if isinstance(answer, ConnectionError) and worker.process.returncode is None:
+                    _kill(worker, "its channel ended", silent=False)  # not a stall: broken
 
     async def _run(self, new: Settings) -> None:
         """Reserve `new`'s addresses, have every worker serve it, then switch to it."""
@@ -266,6 +279,7 @@ class Supervisor(Agent):
         answers = await asyncio.gather(
             *(self._take(worker, running, version) for worker in workers), return_exceptions=True
         )
+        self._stalled([w for w in workers if w.killed and w.running == UNKNOWN], workers)
         errors = [a for a in answers if a is not None]
         if errors:
             for problem in errors:
@@ -276,7 +290,8 @@ class Supervisor(Agent):
                 back = await asyncio.gather(*(self._take(w, previous, self.version) for w in took))
                 for worker, refused in zip(took, back, strict=True):
                     if refused is not None:  # on neither: started again on `previous`
-                        _kill(worker, f"refused the settings it ran before: {refused}")
+                        why = f"refused the settings it ran before: {refused}"
+                        _kill(worker, why, silent=False)
             raise OSError(f"a worker refused the config: {errors[0]}")
         self.running, self.version = running, version
 
@@ -303,12 +318,19 @@ class Supervisor(Agent):
         worker.running = version
         return None
 
+    def _stalled(self, silent: list[Worker], asked: list[Worker]) -> None:
+        """Every worker asked stopped answering at once: the node, not one of them."""
+        if silent and len(silent) == len(asked):
+            self._node_stalled.update(worker.pid for worker in silent)
+
     async def _start(self, index: int) -> Worker:
         worker = await spawn(index)
         log.info("worker %d started (pid %d)", index, worker.pid)
         if self.identity.svid is not None:
             worker.tell("svid", *svid_parts(self.identity.svid))
-        self._watchers[index] = asyncio.create_task(self._watch(worker), name=f"worker-{index}")
+        task = asyncio.create_task(self._watch(worker), name=f"worker-{index}")
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
         return worker
 
     async def _watch(self, worker: Worker) -> None:
@@ -318,7 +340,9 @@ class Supervisor(Agent):
             return
         log.error("worker %d (pid %d) exited with %s", worker.index, worker.pid, code)
         now, before = time.monotonic(), self._stalls.get(worker.index, [])
-        stalls = [t for t in before if now - t < STALL_WINDOW] + ([now] if worker.killed else [])
+        stalled = worker.killed and worker.pid not in self._node_stalled
+        self._node_stalled.discard(worker.pid)
+        stalls = [t for t in before if now - t < STALL_WINDOW] + ([now] if stalled else [])
         self._stalls[worker.index] = stalls
         if len(stalls) > MAX_STALLS:
             self.failure = (
@@ -372,7 +396,7 @@ class Supervisor(Agent):
         self._draining = True
         if self._control_task is not None:
             self._control_task.cancel()
-        for task in self._watchers.values():  # a restart waits on a new worker's start
+        for task in list(self._watchers):  # a restart waits on a new worker's start
             task.cancel()
         async with self._switching:  # a snapshot being sent finishes first
             workers = self.live
@@ -383,7 +407,7 @@ class Supervisor(Agent):
         await asyncio.gather(*(end(worker, timeout + EXIT_GRACE) for worker in workers))
 
     async def stop(self) -> None:
-        for task in [*self._watchers.values(), *self._tasks]:  # the heartbeat first of all
+        for task in [*self._watchers, *self._tasks]:  # the heartbeat first of all
             task.cancel()
         for worker in self.live:  # stopped before ready, or not drained
             with contextlib.suppress(ProcessLookupError):

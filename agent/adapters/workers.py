@@ -275,7 +275,13 @@ async def spawn(index: int) -> Worker:
         raise
     finally:
         theirs.close()
-    reader, writer = await asyncio.open_unix_connection(sock=ours)
+    try:
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+    except BaseException:  # cancelled (a drain): no Worker would ever end this process
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await asyncio.shield(process.wait())
+        raise
     worker = Worker(index, process, reader, writer)
     worker.listener = asyncio.get_running_loop().create_task(worker.listen())
     return worker

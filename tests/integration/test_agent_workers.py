@@ -307,19 +307,24 @@ def test_a_worker_that_stops_answering_is_started_again(
 
 #: Put on PYTHONPATH, it makes each new worker process misbehave while FAULT names a
 #: file: "crash", its channel closed and the process gone a moment after (an error in
-#: its start); "once", the same for the first worker only; "slow", its start 2.5 s
-#: longer (a busy node); "wedge", stopped 4 s after its start, by when it serves (its
-#: loop stuck).
+#: its start); "once", the same for the first worker only; "slow:S", its start S
+#: seconds longer (a busy node); "wedge", stopped 4 s after its start, by when it
+#: serves (its loop stuck); "deaf", its channel ended then, and stopped.
 FAULTY_START = """\
-import os, signal, sys, threading, time
+import os, signal, socket, sys, threading, time
 fault = os.environ.get("FAULT", "")
 if "agent.worker" in getattr(sys, "orig_argv", ()) and os.path.exists(fault):
     mode = open(fault).read()
-    if mode == "slow":
-        time.sleep(2.5)
-    elif mode == "wedge":
-        stop = lambda: (time.sleep(4), os.kill(os.getpid(), signal.SIGSTOP))
-        threading.Thread(target=stop, daemon=True).start()
+    def stop(deaf):
+        time.sleep(4)
+        if deaf:
+            channel = socket.socket(fileno=int(sys.orig_argv[-2]))
+            channel.shutdown(socket.SHUT_WR)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    if mode.startswith("slow:"):
+        time.sleep(float(mode[5:]))
+    elif mode in ("wedge", "deaf"):
+        threading.Thread(target=stop, args=(mode == "deaf",), daemon=True).start()
     elif mode == "crash" or not os.path.exists(fault + ".crashed"):
         open(fault + ".crashed", "w").close()
         os.close(int(sys.orig_argv[-2]))
@@ -377,13 +382,41 @@ def test_a_worker_that_stops_answering_again_and_again_ends_the_agent(
         assert any("worker 1 stopped answering 4 times within 60s" in line for line in agent.log)
 
 
+def test_sigterm_while_a_worker_restarts_drains_at_once(
+    setup: CaSetup, ca: CaProcess, app: int, faulty: dict[str, str]
+) -> None:
+    """Not after the replacement's first settings, which may take 90 s: the kubelet's
+    grace period is 30."""
+    raw = workers_yaml(setup, ca, app, "restarting")
+    with agent_process(setup.root, "restarting", raw, env=faulty) as agent:
+        Path(faulty["FAULT"]).write_text("slow:8")
+        victim = max(children(agent))
+        os.kill(victim, signal.SIGKILL)
+        eventually(lambda: len(children(agent) - {victim}) == 2)
+        agent.process.send_signal(signal.SIGTERM)
+        eventually(lambda: any("draining 2 worker(s)" in line for line in agent.log), 3)
+        agent.process.wait(timeout=30)  # once the slow one has started and drained
+        assert agent.process.returncode == 0
+
+
+def test_a_worker_whose_channel_ends_while_it_lives_is_killed_and_counted(
+    setup: CaSetup, ca: CaProcess, app: int, faulty: dict[str, str]
+) -> None:
+    """Stopped, it would hold its share of new connections; it cannot be told to drain."""
+    raw = workers_yaml(setup, ca, app, "deaf")
+    with agent_process(setup.root, "deaf", raw, env=faulty) as agent:
+        Path(faulty["FAULT"]).write_text("deaf")
+        os.kill(max(children(agent)), signal.SIGKILL)
+        eventually(lambda: agent.sample("outrider_worker_restarts_total") >= 2, 20)
+
+
 def test_a_replacement_slow_to_start_is_not_taken_for_stalled(
     setup: CaSetup, ca: CaProcess, app: int, faulty: dict[str, str]
 ) -> None:
     """Its first settings have STARTUP more, and the heartbeat leaves it alone meanwhile."""
     raw = workers_yaml(setup, ca, app, "slow-start")
     with agent_process(setup.root, "slow-start", raw, env=faulty) as agent:
-        Path(faulty["FAULT"]).write_text("slow")
+        Path(faulty["FAULT"]).write_text("slow:2.5")
         os.kill(max(children(agent)), signal.SIGKILL)
         eventually(lambda: agent.status("/ready") == 200 and len(children(agent)) == 2, 15)
         assert agent.sample("outrider_worker_restarts_total") == 1
