@@ -363,6 +363,7 @@ def test_a_worker_that_crashes_as_the_agent_starts_is_started_again_on_its_setti
     Path(faulty["FAULT"]).write_text("once")
     raw = workers_yaml(setup, ca, app, "crash-once")
     with agent_process(setup.root, "crash-once", raw, env=faulty) as agent:
+        eventually(lambda: agent.sample("outrider_worker_restarts_total") == 1)
         eventually(lambda: agent.status("/ready") == 200 and len(children(agent)) == 2, 15)
         assert agent.sample("outrider_worker_restarts_total") == 1
         assert {request(setup, agent)[0] for _ in range(CONNECTIONS)} == {200}
@@ -417,9 +418,12 @@ def test_a_replacement_slow_to_start_is_not_taken_for_stalled(
     raw = workers_yaml(setup, ca, app, "slow-start")
     with agent_process(setup.root, "slow-start", raw, env=faulty) as agent:
         Path(faulty["FAULT"]).write_text("slow:2.5")
-        os.kill(max(children(agent)), signal.SIGKILL)
-        eventually(lambda: agent.status("/ready") == 200 and len(children(agent)) == 2, 15)
-        assert agent.sample("outrider_worker_restarts_total") == 1
+        victim = max(children(agent))
+        os.kill(victim, signal.SIGKILL)
+        eventually(lambda: agent.sample("outrider_worker_restarts_total") == 1)
+        eventually(lambda: agent.status("/ready") == 200 and victim not in children(agent), 15)
+        assert len(children(agent)) == 2
+        assert agent.sample("outrider_worker_restarts_total") == 1  # never killed as stalled
 
 
 def test_a_worker_started_again_while_the_bundle_file_is_unusable_serves(
