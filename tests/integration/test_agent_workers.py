@@ -17,6 +17,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -345,14 +346,24 @@ def faulty(setup: CaSetup, tmp_path: Path) -> dict[str, str]:
     }
 
 
+@contextmanager
+def faulting(
+    setup: CaSetup, ca: CaProcess, app: int, name: str, env: dict[str, str], mode: str
+) -> Iterator[tuple[AgentProcess, int]]:
+    """An agent whose new workers start with `mode` (FAULTY_START) once it serves, and
+    one of its workers killed to start one: the agent and the killed worker's pid."""
+    with agent_process(setup.root, name, workers_yaml(setup, ca, app, name), env=env) as agent:
+        Path(env["FAULT"]).write_text(mode)
+        victim = max(children(agent))
+        os.kill(victim, signal.SIGKILL)
+        yield agent, victim
+
+
 def test_a_worker_that_keeps_dying_on_its_own_ends_the_agent(
     setup: CaSetup, ca: CaProcess, app: int, faulty: dict[str, str]
 ) -> None:
     """Counted, however its channel and its process end: the kubelet restarts the pod."""
-    raw = workers_yaml(setup, ca, app, "crashing")
-    with agent_process(setup.root, "crashing", raw, env=faulty) as agent:
-        Path(faulty["FAULT"]).write_text("crash")
-        os.kill(max(children(agent)), signal.SIGKILL)
+    with faulting(setup, ca, app, "crashing", faulty, "crash") as (agent, _):
         agent.process.wait(timeout=30)
         assert agent.process.returncode != 0
 
@@ -374,10 +385,7 @@ def test_a_worker_that_stops_answering_again_and_again_ends_the_agent(
 ) -> None:
     """Broken, not the node slow: past MAX_STALLS kills within STALL_WINDOW, as a crash loop
     ends it (the test's window: 60 s; four kills take about 20 s here)."""
-    raw = workers_yaml(setup, ca, app, "wedging")
-    with agent_process(setup.root, "wedging", raw, env=faulty) as agent:
-        Path(faulty["FAULT"]).write_text("wedge")
-        os.kill(max(children(agent)), signal.SIGKILL)
+    with faulting(setup, ca, app, "wedging", faulty, "wedge") as (agent, _):
         agent.process.wait(timeout=90)
         assert agent.process.returncode != 0
         assert any("worker 1 stopped answering 4 times within 60s" in line for line in agent.log)
@@ -388,11 +396,7 @@ def test_sigterm_while_a_worker_restarts_drains_at_once(
 ) -> None:
     """Not after the replacement's first settings, which may take 90 s: the kubelet's
     grace period is 30."""
-    raw = workers_yaml(setup, ca, app, "restarting")
-    with agent_process(setup.root, "restarting", raw, env=faulty) as agent:
-        Path(faulty["FAULT"]).write_text("slow:8")
-        victim = max(children(agent))
-        os.kill(victim, signal.SIGKILL)
+    with faulting(setup, ca, app, "restarting", faulty, "slow:8") as (agent, victim):
         eventually(lambda: len(children(agent) - {victim}) == 2)
         agent.process.send_signal(signal.SIGTERM)
         eventually(lambda: any("draining 2 worker(s)" in line for line in agent.log), 3)
@@ -404,10 +408,7 @@ def test_a_worker_whose_channel_ends_while_it_lives_is_killed_and_counted(
     setup: CaSetup, ca: CaProcess, app: int, faulty: dict[str, str]
 ) -> None:
     """Stopped, it would hold its share of new connections; it cannot be told to drain."""
-    raw = workers_yaml(setup, ca, app, "deaf")
-    with agent_process(setup.root, "deaf", raw, env=faulty) as agent:
-        Path(faulty["FAULT"]).write_text("deaf")
-        os.kill(max(children(agent)), signal.SIGKILL)
+    with faulting(setup, ca, app, "deaf", faulty, "deaf") as (agent, _):
         eventually(lambda: agent.sample("outrider_worker_restarts_total") >= 2, 20)
 
 
@@ -415,11 +416,7 @@ def test_a_replacement_slow_to_start_is_not_taken_for_stalled(
     setup: CaSetup, ca: CaProcess, app: int, faulty: dict[str, str]
 ) -> None:
     """Its first settings have STARTUP more, and the heartbeat leaves it alone meanwhile."""
-    raw = workers_yaml(setup, ca, app, "slow-start")
-    with agent_process(setup.root, "slow-start", raw, env=faulty) as agent:
-        Path(faulty["FAULT"]).write_text("slow:2.5")
-        victim = max(children(agent))
-        os.kill(victim, signal.SIGKILL)
+    with faulting(setup, ca, app, "slow-start", faulty, "slow:2.5") as (agent, victim):
         eventually(lambda: agent.sample("outrider_worker_restarts_total") == 1)
         eventually(lambda: agent.status("/ready") == 200 and victim not in children(agent), 15)
         assert len(children(agent)) == 2
