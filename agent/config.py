@@ -162,6 +162,14 @@ class Inbound:
     app: Endpoint
     allow: AllowList
     protocol: Protocol = "tcp"
+    #: The address the agent dials the app from: a captured port's hand-off source
+    #: (identity.capture.HANDOFF_SOURCE); None, the kernel's choice.
+    source: str | None = None
+
+    @property
+    def local_addr(self) -> tuple[str, int] | None:
+        """`source` as asyncio's create_connection takes it."""
+        return None if self.source is None else (self.source, 0)
 
 
 @dataclass(frozen=True)

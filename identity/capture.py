@@ -10,9 +10,11 @@ Never captured:
 - the agent's own connections (`meta skuid`): it connects out to peers and in to
   the app, and a captured agent connection would come back to the agent, a loop;
   except those to the pod's own IP (a Service whose endpoint is this pod), which
-  go to the inbound capture port as a peer's would;
+  go to the inbound capture port as a peer's would. The agent hands a captured
+  inbound connection to the app at the pod IP it was sent to, from HANDOFF_SOURCE
+  (Istio's 127.0.0.6): that source tells the hand-off from such a call;
 - loopback (`lo`): the app's 127.0.0.1 (and its own pod IP, which the kernel
-  routes over lo) is the pod talking to itself; the agent reaches the app there;
+  routes over lo) is the pod talking to itself;
 - the agent's own ports inbound (the capture ports, and the excluded ones such
   as the status port 15020 that the kubelet probes), and what an operator excludes.
 
@@ -40,6 +42,12 @@ from identity.injected import (
 
 TABLE = "outrider"
 FAMILY = "inet"
+#: Where the agent dials the app from, by IP version, when it hands it a captured inbound
+#: connection at the address the caller sent it to (the pod IP, never 127.0.0.1: a port the
+#: app binds on loopback only stays the pod's own, as without the mesh). Istio's addresses.
+#: lo holds all of 127.0.0.0/8 but only ::1 of IPv6: `outrider capture apply` adds ::6
+#: (from ::1 the kernel's reset of a closed port would never reach the agent).
+HANDOFF_SOURCE = {4: "127.0.0.6", 6: "::6"}
 #: UIDs are 32-bit; (uid_t)-1 means "no UID" to the kernel.
 _MAX_UID = 2**32 - 2
 
@@ -288,12 +296,14 @@ def _to_itself(rules: CaptureRules) -> list[str]:
     agent dials it with mTLS; the kernel routes that over lo, which prerouting skips, so
     without this the ClientHello would land on the app's port. Redirected here, it comes
     to the inbound capture port like any peer's (SO_ORIGINAL_DST: the pod IP and port).
+    The agent's hand-off of an inbound connection to the app goes to the pod IP as well,
+    from HANDOFF_SOURCE: it is let through.
     """
     kept = _set(rules.inbound_kept)
     return [
-        f'    meta skuid {rules.agent_uid} oifname "lo" {family} daddr != {loopback}'
-        f" tcp dport != {kept} redirect to :{rules.inbound_port}"
-        for family, loopback in (("ip", "127.0.0.0/8"), ("ip6", "::1"))
+        f'    meta skuid {rules.agent_uid} oifname "lo" {family} saddr != {HANDOFF_SOURCE[version]}'
+        f" {family} daddr != {loopback} tcp dport != {kept} redirect to :{rules.inbound_port}"
+        for version, family, loopback in ((4, "ip", "127.0.0.0/8"), (6, "ip6", "::1"))
     ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import resource
@@ -527,8 +528,16 @@ def _live_policies(
 
 
 def _capture_apply(args: argparse.Namespace) -> None:
-    from agent.adapters.nft import Nft, NftError
-    from identity.capture import CaptureRulesError, flag, rules_from_flags, ruleset, summary
+    from agent.adapters.netlink import NetlinkError, add_to_loopback
+    from agent.adapters.nft import NOT_PERMITTED, Nft, NftError
+    from identity.capture import (
+        HANDOFF_SOURCE,
+        CaptureRulesError,
+        flag,
+        rules_from_flags,
+        ruleset,
+        summary,
+    )
 
     try:
         rules = rules_from_flags(
@@ -552,6 +561,13 @@ def _capture_apply(args: argparse.Namespace) -> None:
         print(summary(rules, nft.table() or {}))  # what the kernel holds now, checked
     except (NftError, CaptureRulesError) as exc:
         raise CommandError(str(exc)) from None
+    try:
+        add_to_loopback(HANDOFF_SOURCE[6])  # False: no IPv6 in the pod, none to hand off
+    except NetlinkError as exc:
+        said = f"could not add {HANDOFF_SOURCE[6]} to lo (the agent hands IPv6 to the app from it)"
+        if exc.errno == errno.EPERM:
+            raise CommandError(f"{said}: {NOT_PERMITTED}") from None
+        raise CommandError(f"{said}: {exc.strerror}") from None
 
 
 def _not_permitted_to(doing: str, exc: Exception) -> CommandError:

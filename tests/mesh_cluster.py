@@ -140,12 +140,21 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what:
 # --- apps in pods ----------------------------------------------------------------------
 
 
+def app_socket(pod: Pod) -> socket.socket:
+    """The pod's app's listening socket, on [::]:8080 for IPv4 and IPv6 as most apps listen:
+    the agent hands it a captured connection at the address the caller sent it to."""
+    sock = pod.socket(socket.AF_INET6)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", 8080))
+    sock.listen(128)
+    return sock
+
+
 @asynccontextmanager
 async def app_in(pod: Pod, application: web.Application) -> AsyncIterator[None]:
-    """The pod's app on its own 127.0.0.1:8080, served from this process's event loop."""
-    sock = pod.socket()
-    sock.bind(("127.0.0.1", 8080))
-    sock.listen(128)
+    """The pod's app (app_socket), served from this process's event loop."""
+    sock = app_socket(pod)
     sock.setblocking(False)
     runner = web.AppRunner(application, access_log=None, shutdown_timeout=1)
     await runner.setup()
@@ -158,12 +167,9 @@ async def app_in(pod: Pod, application: web.Application) -> AsyncIterator[None]:
 
 @contextmanager
 def threaded_app_in(pod: Pod, application: web.Application) -> Iterator[None]:
-    """The pod's app on 0.0.0.0:8080 (as a captured pod's app listens), served from a thread
-    of its own: the test may block (a kubelet's probe through the agent) without starving it."""
-    sock = pod.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("0.0.0.0", 8080))
-    sock.listen(128)
+    """The pod's app (app_socket), served from a thread of its own: the test may block (a
+    kubelet's probe through the agent) without starving it."""
+    sock = app_socket(pod)
     with threaded_app(application, sock=sock):
         yield
 

@@ -343,10 +343,13 @@ class Pod:
         host: str,
         port: int,
     ) -> asyncio.Server:
-        """A server of this process listening inside this pod, e.g. an app on 127.0.0.1:8080."""
-        sock = self.socket()
+        """A server of this process listening inside this pod, e.g. an app on 0.0.0.0:8080
+        (on "::", IPv4 and IPv6 both)."""
+        sock = self.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if host == "::":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((host, port))
             sock.listen(128)
             sock.setblocking(False)

@@ -65,6 +65,7 @@ from agent.core.captured import (
 from agent.core.discovery import StaticSource
 from agent.core.throttle import held_back
 from agent.core.upstream import Endpoint
+from identity.capture import HANDOFF_SOURCE
 from identity.configfile import Listen
 
 log = logging.getLogger("outrider.agent")
@@ -241,34 +242,41 @@ class InboundCaptureListener(_AlsoIpv6[InboundCapture], InboundMtls[InboundCaptu
     bound_ports: frozenset[int] = frozenset()
     IPV6_HOST = "::"
 
-    def _admit(self, sock: socket.socket, port: int = 0) -> None:
-        destination = original_destination(sock)
-        if destination is None:
+    def _admit(self, sock: socket.socket, destination: Endpoint | None = None) -> None:
+        original = original_destination(sock)
+        if original is None:
             _refuse(self.runtime, INBOUND, "no_original_destination", sock)
             return
-        if destination[1] in self.config.agent_ports or destination[1] in self.bound_ports:
-            where = Endpoint(*destination)
-            _refuse(self.runtime, INBOUND, "capture_loop", sock, destination[1], where)
+        where = Endpoint(*original)
+        if where.port in self.config.agent_ports or where.port in self.bound_ports:
+            _refuse(self.runtime, INBOUND, "capture_loop", sock, where.port, where)
             return
-        super()._admit(sock, destination[1])
+        super()._admit(sock, where)
 
-    def _handshake_refused(self, port: int, reason: str) -> None:
+    def _handshake_refused(self, destination: Endpoint | None, reason: str) -> None:
         held = self.runtime.refusal_lines.admit((INBOUND, "handshake"), time.monotonic())
         if held is None:
             return
-        strict = "" if self.serving(port)[1] else "; the port is strict: plaintext is refused"
+        assert destination is not None, "a captured connection has its original destination"
+        permissive = self.serving(destination)[1]
+        strict = "" if permissive else "; the port is strict: plaintext is refused"
         log.warning(
             "inbound capture: refused a connection to port %d: no mTLS handshake (%s)%s%s",
-            port,
+            destination.port,
             reason,
             strict,
             held_back(held),
         )
 
-    def serving(self, port: int) -> tuple[Inbound, bool]:
+    def serving(self, destination: Endpoint | None) -> tuple[Inbound, bool]:
+        """The app is where the caller sent the connection (the pod IP), dialled from the
+        hand-off source: a port the app binds on loopback only is not reached, as without
+        the mesh (identity/capture.py)."""
+        assert destination is not None, "a captured connection has its original destination"
         capture = self.config
-        mode = capture.captured.inbound(port)
-        inbound = Inbound(capture.listen, Endpoint("127.0.0.1", port), capture.allow, mode.protocol)
+        mode = capture.captured.inbound(destination.port)
+        source = HANDOFF_SOURCE[6 if ":" in destination.host else 4]
+        inbound = Inbound(capture.listen, destination, capture.allow, mode.protocol, source)
         return inbound, mode.mtls == "permissive"
 
 

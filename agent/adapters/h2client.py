@@ -678,17 +678,23 @@ async def connect(
     within: float = SETTINGS_TIMEOUT,
     factory: Callable[[], H2ClientConnection] = H2ClientConnection,
     sock: socket.socket | None = None,
+    local_addr: tuple[str, int] | None = None,
 ) -> H2ClientConnection:
     """An h2 connection (h2c with prior knowledge, or TLS with ALPN h2), once the peer's
     SETTINGS arrived; OSError / TimeoutError / ConnectionError otherwise. `sock`: a
-    connected socket to use (host and port None)."""
+    connected socket to use (host and port None); `local_addr`: the address to dial from."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(within):
         hostname = "" if ssl_context else None
         if sock is None:
             assert host is not None and port is not None, "an address, or a socket"
             transport, connection = await loop.create_connection(
-                factory, host, port, ssl=ssl_context, server_hostname=hostname
+                factory,
+                host,
+                port,
+                ssl=ssl_context,
+                server_hostname=hostname,
+                local_addr=local_addr,
             )
         else:
             transport, connection = await loop.create_connection(

@@ -108,8 +108,10 @@ class InboundH2:
         unreachable: Callable[[BaseException], None],
         limits: H2Limits | None = None,
         watch: Watch | None = None,
+        local_addr: tuple[str, int] | None = None,
     ) -> None:
         self.app = app
+        self.local_addr = local_addr  # where the app is dialled from (Inbound.source)
         self.watch = watch  # None: no access log, no tracing (agent/adapters/tracing.py)
         self.authorize = authorize
         self.identity = identity  # x-forwarded-client-cert for this peer; b"": none
@@ -327,7 +329,11 @@ class InboundH2:
 
         async def dial() -> h2client.H2ClientConnection:
             connection = await h2client.connect(
-                endpoint.host, endpoint.port, within=self.connect_timeout, factory=_checked
+                endpoint.host,
+                endpoint.port,
+                within=self.connect_timeout,
+                factory=_checked,
+                local_addr=self.local_addr,
             )
             connection.endpoint = endpoint
             return connection

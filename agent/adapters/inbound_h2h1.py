@@ -156,9 +156,12 @@ class AppConnections:
     MAX_APP_CONNECTIONS at once (streams beyond wait for one to be free), so a peer's
     100 streams cannot become 100 connections to the app."""
 
-    def __init__(self, app: Endpoint, connect_timeout: float) -> None:
+    def __init__(
+        self, app: Endpoint, connect_timeout: float, local_addr: tuple[str, int] | None = None
+    ) -> None:
         self.app = app
         self.connect_timeout = connect_timeout
+        self.local_addr = local_addr  # where the app is dialled from (Inbound.source)
         self.idle: list[AppConnection] = []
         self.busy = 0  # connections carrying a request (or being dialled for one)
         self.waiting: deque[asyncio.Future[None]] = deque()
@@ -192,7 +195,7 @@ class AppConnections:
             loop = asyncio.get_running_loop()
             async with asyncio.timeout(self.connect_timeout):
                 _, connection = await loop.create_connection(
-                    AppConnection, self.app.host, self.app.port
+                    AppConnection, self.app.host, self.app.port, local_addr=self.local_addr
                 )
         except BaseException:
             self.busy -= 1
@@ -235,7 +238,7 @@ class InboundH2ToHttp1(InboundH2):
     @property
     def apps(self) -> AppConnections:
         if self._apps is None:
-            self._apps = AppConnections(self.app, self.connect_timeout)
+            self._apps = AppConnections(self.app, self.connect_timeout, self.local_addr)
         return self._apps
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import random
 import socket
@@ -371,7 +372,7 @@ class InboundMtls(Listener[InboundT]):
     """mTLS in, the peer checked and authorized, plain to the app: for an explicit inbound
     listener (its one app) and the inbound capture listener (the original port's app).
 
-    `serving(port)` says, per connection, which app and rules apply, and whether a
+    `serving(destination)` says, per connection, which app and rules apply, and whether a
     plaintext client may come in (a permissive captured port).
     """
 
@@ -380,9 +381,9 @@ class InboundMtls(Listener[InboundT]):
     def __init__(self, config: InboundT, runtime: Runtime, connections: Connections) -> None:
         # (Any: mypy checks a value-restricted TypeVar's subclass per value, and loses it)
         super().__init__(cast(Any, config), runtime, connections)
-        #: Plaintext connections let in (a permissive port), by original port: those a
-        #: reconfigure makes strict are closed (weak: a closed relay leaves by itself).
-        self.plaintext: weakref.WeakKeyDictionary[Relay | H2Server | H2Gate, int] = (
+        #: Plaintext connections let in (a permissive port), by original destination: those
+        #: a reconfigure makes strict are closed (weak: a closed relay leaves by itself).
+        self.plaintext: weakref.WeakKeyDictionary[Relay | H2Server | H2Gate, Endpoint] = (
             weakref.WeakKeyDictionary()
         )
         #: Each connection's and request's policy decision, counted and said (compiled:
@@ -396,8 +397,8 @@ class InboundMtls(Listener[InboundT]):
         self.config = config
         stopped = [
             relay
-            for relay, port in list(self.plaintext.items())
-            if not relay.closed and not self.serving(port)[1]
+            for relay, destination in list(self.plaintext.items())
+            if not relay.closed and not self.serving(destination)[1]
         ]
         for relay in stopped:
             relay.abort()
@@ -409,12 +410,12 @@ class InboundMtls(Listener[InboundT]):
                 len(stopped),
             )
 
-    def serving(self, port: int) -> tuple[Inbound, bool]:
-        """The inbound a connection to original `port` is served as now, and whether
+    def serving(self, destination: Endpoint | None) -> tuple[Inbound, bool]:
+        """The inbound a connection to original `destination` is served as now, and whether
         plaintext is let through (permissive); an explicit listener has one, strict."""
         raise NotImplementedError
 
-    def _admit(self, sock: socket.socket, port: int = 0) -> None:
+    def _admit(self, sock: socket.socket, destination: Endpoint | None = None) -> None:
         """Set up a new connection, or close it at once past max_connections.
 
         Past max_pending_handshakes, the oldest connection still before its peer is
@@ -440,7 +441,7 @@ class InboundMtls(Listener[InboundT]):
             self._over_limit("max_pending_handshakes", "closed the oldest")
         relay = Relay(runtime.limits.idle_timeout.total_seconds(), self.connections.closed)
         self.connections.add(relay, INBOUND)
-        setup = asyncio.get_running_loop().create_task(self._setup(relay, sock, port))
+        setup = asyncio.get_running_loop().create_task(self._setup(relay, sock, destination))
         setup.add_done_callback(lambda _: self.runtime.not_pending(relay))
         self.connections.setting_up(setup, relay)
 
@@ -465,7 +466,7 @@ class InboundMtls(Listener[InboundT]):
             done,
         )
 
-    async def _setup(self, relay: Relay, sock: socket.socket, port: int) -> None:
+    async def _setup(self, relay: Relay, sock: socket.socket, destination: Endpoint | None) -> None:
         started = clock()
         authenticated, plaintext = None, False
         try:
@@ -475,18 +476,18 @@ class InboundMtls(Listener[InboundT]):
             deadline, first = spoke
             # As of the first byte, not the accept: a port made strict while its client
             # said nothing yet is strict for that client too.
-            config, permissive = self.serving(port)
+            config, permissive = self.serving(destination)
             # Each port's ALPN is what it parses (tls.Contexts): an HTTP port parses h2 as
             # well as HTTP/1.1 (never relays it at L4, which would hand the app the
             # client's own identity header and skip the paths); an h2 port takes h2 only.
             protocol = config.protocol
             plaintext = not _tls_first(sock, first)
             if plaintext and not permissive:
-                self._strict_refused(relay, sock, port)
+                self._strict_refused(relay, sock, destination)
                 return
             if not plaintext:
                 authenticated = await self._authenticate(
-                    relay, sock, started, protocol, port, deadline
+                    relay, sock, started, protocol, destination, deadline
                 )
         finally:
             self.runtime.not_pending(relay)
@@ -527,7 +528,7 @@ class InboundMtls(Listener[InboundT]):
             return
         # Registered before the wrap: a reconfigure to strict while it runs closes this
         # relay too (configure), and the wrapped socket is then let go of at once.
-        self.plaintext[relay] = config.app.port
+        self.plaintext[relay] = config.app
         loop = asyncio.get_running_loop()
         try:
             down, _ = await loop.connect_accepted_socket(lambda: relay.down, sock)
@@ -566,7 +567,9 @@ class InboundMtls(Listener[InboundT]):
         try:
             up = relay.new_upstream()
             async with asyncio.timeout(limits.connect_timeout.total_seconds()):
-                await loop.create_connection(lambda: up, app.host, app.port)
+                await loop.create_connection(
+                    lambda: up, app.host, app.port, local_addr=config.local_addr
+                )
         except (OSError, TimeoutError) as exc:
             self._app_unreachable(config, exc)
             if not http:
@@ -676,10 +679,11 @@ class InboundMtls(Listener[InboundT]):
             self.runtime.refusal_lines,
             log,
             (INBOUND, "app_unreachable"),
-            "inbound %s: app %s unreachable: %s",
+            "inbound %s: app %s unreachable: %s%s",
             config.listen,
             config.app,
             exc or type(exc).__name__,
+            _unreachable_hint(config, exc),
         )
         self.runtime.connection_refused(INBOUND, "app_unreachable")
 
@@ -726,6 +730,7 @@ class InboundMtls(Listener[InboundT]):
             connect_timeout=limits.connect_timeout.total_seconds(),
             idle_timeout=limits.idle_timeout.total_seconds(),
             unreachable=lambda exc: self._app_unreachable(config, exc),
+            local_addr=config.local_addr,
             watch=None
             if self.runtime.observer is None
             else self.runtime.observer.watch(
@@ -765,7 +770,7 @@ class InboundMtls(Listener[InboundT]):
                 # counted once let in as h2, not before (connections_total{mtls="false"})
                 lambda: self.runtime.established(INBOUND, None),
             )
-            self.plaintext[held] = app.port
+            self.plaintext[held] = config.app
         self.connections.add(held, INBOUND)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
@@ -812,7 +817,7 @@ class InboundMtls(Listener[InboundT]):
         sock: socket.socket,
         started: float,
         protocol: PortProtocol,
-        port: int,
+        destination: Endpoint | None,
         deadline: float,
     ) -> tuple[SpiffeId, Inbound] | None:
         """Handshake, then check the peer's SVID and the allow-list: the peer and the config
@@ -831,11 +836,11 @@ class InboundMtls(Listener[InboundT]):
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
             reason = refusal_reason(exc)
             self._refused(reason)
-            self._handshake_refused(port, reason)
+            self._handshake_refused(destination, reason)
             relay.close()
             return None
         tls.pause_reading()
-        config = self.serving(port)[0]  # as of now: a reload may have narrowed `allow`
+        config = self.serving(destination)[0]  # as of now: a reload may have narrowed `allow`
         ssl_object = tls.get_extra_info("ssl_object")
         peer = self.runtime.peer(ssl_object, "client", INBOUND)
         if peer is None:
@@ -877,25 +882,46 @@ class InboundMtls(Listener[InboundT]):
             config.protocol,
         )
 
-    def _strict_refused(self, relay: Relay, sock: socket.socket, port: int) -> None:
+    def _strict_refused(
+        self, relay: Relay, sock: socket.socket, destination: Endpoint | None
+    ) -> None:
         """A plaintext client on a strict port: closed before any handshake, counted
         `connections_refused_total{reason="plaintext"}`: the first byte decides, as it
         lets plaintext through on a permissive port, not OpenSSL's error for the bytes."""
         sock.close()
         self.runtime.connection_refused(INBOUND, "plaintext")
-        self._handshake_refused(port, "plaintext")
+        self._handshake_refused(destination, "plaintext")
         relay.close()
 
-    def _handshake_refused(self, port: int, reason: str) -> None:
+    def _handshake_refused(self, destination: Endpoint | None, reason: str) -> None:
         """A client's handshake failed (counted already): an explicit listener says nothing
         more (its clients are agents); the capture listener tells a plaintext caller's
         owner why (a strict port)."""
 
 
+def _unreachable_hint(config: Inbound, exc: BaseException) -> str:
+    """What a captured port's app owner can do about `exc`: nothing listens where the
+    caller sent the connection (the app may listen on loopback only), or the hand-off
+    source is not on lo."""
+    if config.source is None or not isinstance(exc, OSError):
+        return ""
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (
+            f" ({config.source} is not on lo: the outrider-capture init container adds it;"
+            " run `outrider capture apply` again)"
+        )
+    if exc.errno == errno.ECONNREFUSED:
+        return (
+            f" (nothing listens on {config.app}: an app that listens on 127.0.0.1 or ::1 only"
+            " is not reached through capture; listen on 0.0.0.0, ::, or the pod IP)"
+        )
+    return ""
+
+
 class InboundListener(InboundMtls[Inbound]):
     """An explicit inbound listener: mTLS only, to its one app."""
 
-    def serving(self, port: int) -> tuple[Inbound, bool]:
+    def serving(self, destination: Endpoint | None) -> tuple[Inbound, bool]:
         return self.config, False
 
 

@@ -57,11 +57,32 @@ def test_apply_with_the_init_containers_capabilities_show_and_remove(
     assert code == 0, err
     assert shown == pod.run([nft, "list", "table", "inet", "outrider"]).stdout
     assert "redirect to :15006" in shown and "ip daddr 10.96.0.0/12 return" in shown
+    # The agent's IPv6 hand-off source is on lo (capture.md): once, however often applied.
+    assert outrider(pod, "apply", limit=INIT_CONTAINER_CAPS)[0] == 0
+    assert loopback_ipv6(pod) == ["::1/128", "::6/128"]
     assert outrider(pod, "remove")[:2] == (0, "capture off: table inet outrider removed\n")
     assert pod.run([nft, "list", "ruleset"]).stdout.strip() == ""
     assert outrider(pod, "show")[:2] == (0, "capture off: no table inet outrider\n")
     # Removing again is fine, and does not claim to have removed anything.
     assert outrider(pod, "remove")[:2] == (0, "capture off: no table inet outrider to remove\n")
+
+
+def loopback_ipv6(pod: Pod) -> list[str]:
+    shown = pod.run(["ip", "-6", "-o", "address", "show", "dev", "lo"]).stdout.split()
+    return sorted(shown[i + 1] for i, word in enumerate(shown) if word == "inet6")
+
+
+def test_apply_in_a_pod_without_ipv6_captures_ipv4_and_adds_no_address(
+    pods: PodNetwork, nft: str
+) -> None:
+    pod = pods.add_pod("app")
+    pod.run(
+        ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.lo.disable_ipv6=1"]
+    )
+    code, out, err = outrider(pod, "apply", limit=INIT_CONTAINER_CAPS)
+    assert code == 0, err
+    assert out.startswith("capture on: ") and err == ""
+    assert loopback_ipv6(pod) == []
 
 
 def test_without_net_admin_apply_says_how_to_run_it_and_changes_nothing(

@@ -34,6 +34,7 @@ import yaml
 
 from agent.adapters import h2client
 from agent.adapters.relay import EARLY
+from identity.capture import HANDOFF_SOURCE
 from identity.injected import AGENT_UID, STATUS_PORT
 from tests.h2backend import exchange as h2_exchange
 from tests.h2backend import grpc_head, h2_backend
@@ -64,10 +65,11 @@ def capture(pod: Pod) -> None:
 
 @dataclass
 class HttpApp:
-    """An app on 0.0.0.0:8080 in a pod: answers every request with the identity header."""
+    """An app on [::]:8080 in a pod: answers every request with the identity header."""
 
     requests: int = 0
     heard: str = ""
+    caller: str = ""  # the address the last request came from: the agent's hand-off source
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -76,6 +78,7 @@ class HttpApp:
             writer.close()
             return
         self.requests += 1
+        self.caller = writer.get_extra_info("peername")[0]
         xfcc = [
             line.split(":", 1)[1].strip()
             for line in head.split("\r\n")
@@ -208,7 +211,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, nft: str) -> AsyncItera
         )
         server, client = network.add_pod("server"), network.add_pod("client")
         app = HttpApp()
-        serving = await server.start_server(app.handle, "0.0.0.0", 8080)
+        serving = await server.start_server(app.handle, "::", 8080)
         try:
             with ca_process(setup.config) as ca, ExitStack() as stack:
                 root = setup.root
@@ -415,6 +418,52 @@ async def test_the_agents_own_listeners_are_never_reached_through_the_capture_po
         assert await exchange(await asyncio.open_connection(client.ip, 15001), FORGED) == b""
         assert mesh.app.requests == requests + 1
         assert metric(client, "outrider_connections_refused_total", **loops) == looped + 1
+
+
+async def test_the_app_is_handed_a_caller_where_it_was_sent_and_never_on_a_loopback_only_port(
+    mesh: Captured,
+) -> None:
+    """As Istio does: the agent dials the app at the address the caller sent the connection
+    to, from 127.0.0.6. A port the app keeps on loopback (a debug server) is not reached
+    through the agent, over mTLS or in plaintext on a permissive port, as it would not be
+    without the mesh; a port the app binds on the pod IP only is."""
+    server, client = mesh.server, mesh.client
+    arrived: list[tuple[str, str]] = []
+
+    async def where(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        arrived.append((writer.get_extra_info("sockname")[0], writer.get_extra_info("peername")[0]))
+        writer.write(b"here")
+        await writer.drain()
+        writer.close()
+
+    private = await server.start_server(echo, "127.0.0.1", 9096)
+    pod_ip_only = await server.start_server(where, server.ip, 9097)
+    unreachable = {"direction": "inbound", "reason": "app_unreachable"}
+    raw = {  # the two ports as endpoints of the mesh: the client's agent dials them with mTLS
+        "name": "raw.demo:9097",
+        "protocol": "tcp",
+        "destinations": ["198.51.100.22:9097"],
+        "endpoints": [f"{server.ip}:9096", f"{server.ip}:9097"],
+        "server_ids": [str(workload(server.name))],
+    }
+    try:
+        async with (
+            mesh.reconfigured(server, captured={"inbound": {"mtls": "permissive"}}),
+            mesh.reconfigured(client, outbound=[*mesh.configs["client"]["outbound"], raw]),
+        ):
+            mtls = counted(server, "inbound", "true", str(workload("client")))
+            # From the client's app over mTLS, and from the node in plaintext.
+            for opened in (client.open_connection, asyncio.open_connection):
+                assert await exchange(await opened(server.ip, 9097), b"hi") == b"here"
+            assert arrived == [(server.ip, HANDOFF_SOURCE[4])] * 2
+            assert counted(server, "inbound", "true", str(workload("client"))) == mtls + 1
+            refused = metric(server, "outrider_connections_refused_total", **unreachable)
+            for opened in (client.open_connection, asyncio.open_connection):
+                assert await exchange(await opened(server.ip, 9096), b"secret?") == b""
+            await reaches(server, "outrider_connections_refused_total", refused + 2, **unreachable)
+    finally:
+        private.close()
+        pod_ip_only.close()
 
 
 async def test_switching_a_port_to_strict_stops_plaintext_already_connected(
@@ -666,6 +715,7 @@ async def test_ipv6_is_captured_too_mtls_between_pods_and_no_plaintext_in(
 
         caller = f"By={workload('server')};URI={workload('client')}"
         assert body(await call(client)) == caller
+        assert mesh.app.caller == HANDOFF_SOURCE[6]  # at the pod's IPv6, from ::6
         for request in (REQUEST, FORGED):
             assert await call(intruder, request) == b""
         # The inbound capture port called as itself over IPv6: no app port, refused.
@@ -745,7 +795,13 @@ async def test_a_scan_of_the_pods_ports_in_plaintext_is_a_line_a_while_not_one_e
         await reaches(server, "outrider_connections_refused_total", total, **unreachable)
         lines = [line for line in log[said:] if "unreachable" in line]
         assert len(lines) <= 2, lines  # (none, if an earlier test said it just before)
-        await logged(log, lambda line: "app 127.0.0.1:200" in line)
+        await logged(
+            log,
+            lambda line: (
+                f"app {server.ip}:200" in line
+                and "an app that listens on 127.0.0.1 or ::1 only is not reached" in line
+            ),
+        )
         # No app took them: no plaintext was let in, and none is counted as if it was.
         assert counted(server, "inbound", "false") == plaintext
 

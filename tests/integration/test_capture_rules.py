@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 from agent.adapters.capture import original_destination
 from agent.adapters.nft import Nft
-from identity.capture import CaptureRules, remove_script, ruleset
+from identity.capture import HANDOFF_SOURCE, CaptureRules, remove_script, ruleset
 from identity.injected import AGENT_UID
 from tests.netns import Pod, PodNetwork
 
@@ -26,8 +26,10 @@ TIMEOUT = 5.0
 
 
 def apply(pod: Pod, nft: str, rules: CaptureRules) -> None:
-    """As `outrider capture apply` does, in `pod`."""
+    """As `outrider capture apply` does, in `pod`: the rules, and the hand-off source on lo."""
     Nft((*pod.prefix, nft)).apply(ruleset(rules))
+    add = "import sys\nfrom agent.adapters.netlink import add_to_loopback as add\nadd(sys.argv[1])"
+    pod.run([sys.executable, "-c", add, HANDOFF_SOURCE[6]])
 
 
 @contextmanager
@@ -190,6 +192,43 @@ def test_the_agent_uids_connections_are_never_captured_and_an_app_uids_are(
         app.run([sys.executable, "-c", dial, other.ip, "8080"], user=1000)
         assert reached(outbound) == (other.ip, 8080)
         assert waiting(target) is None
+
+
+def test_the_agent_reaches_the_app_at_the_pod_ip_only_from_its_hand_off_source(
+    pods: PodNetwork, nft: str
+) -> None:
+    """The agent's call to its own pod IP (a Service it serves itself) goes to the inbound
+    capture port, as a peer's would; its hand-off of an inbound connection, to the same
+    address from HANDOFF_SOURCE, reaches the app's port itself. IPv4 and IPv6."""
+    app = pods.add_pod("app")
+    app_ipv6 = pods.add_ipv6(app)
+    apply(app, nft, CaptureRules())
+    dial = (
+        "import socket, sys\n"
+        "family = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET\n"
+        "with socket.socket(family) as s:\n"
+        "    if sys.argv[3]: s.bind((sys.argv[3], 0))\n"
+        "    s.settimeout(5); s.connect((sys.argv[1], int(sys.argv[2])))\n"
+    )
+    for family, host, version in (
+        (socket.AF_INET, app.ip, 4),
+        (socket.AF_INET6, app_ipv6, 6),
+    ):
+        wildcard = "::" if version == 6 else "0.0.0.0"
+        with (
+            listening(app, wildcard, 8080, family) as local,
+            listening(app, wildcard, 15006, family) as inbound,
+        ):
+            app.run([sys.executable, "-c", dial, host, "8080", ""], user=AGENT_UID)
+            assert reached(inbound) == (host, 8080), f"{host}: the agent's call to itself"
+            assert waiting(local) is None
+            source = HANDOFF_SOURCE[version]
+            app.run([sys.executable, "-c", dial, host, "8080", source], user=AGENT_UID)
+            connection = waiting(local, TIMEOUT)
+            assert connection is not None, f"{host}: the hand-off from {source} was captured"
+            with connection:
+                assert connection.getpeername()[0] == source
+            assert waiting(inbound) is None
 
 
 def test_loopback_and_the_pods_own_ip_are_not_captured(pods: PodNetwork, nft: str) -> None:

@@ -37,10 +37,10 @@ table inet outrider {
   chain output {
     type nat hook output priority -100; policy accept;
     meta l4proto != tcp return
-    meta skuid 1337 oifname "lo" ip daddr != 127.0.0.0/8 tcp dport != { 15006, 15007, 15020 } \
-redirect to :15006
-    meta skuid 1337 oifname "lo" ip6 daddr != ::1 tcp dport != { 15006, 15007, 15020 } \
-redirect to :15006
+    meta skuid 1337 oifname "lo" ip saddr != 127.0.0.6 ip daddr != 127.0.0.0/8 \
+tcp dport != { 15006, 15007, 15020 } redirect to :15006
+    meta skuid 1337 oifname "lo" ip6 saddr != ::6 ip6 daddr != ::1 \
+tcp dport != { 15006, 15007, 15020 } redirect to :15006
     meta skuid 1337 return
     oifname "lo" return
     meta l4proto tcp redirect to :15007
@@ -107,9 +107,13 @@ def test_exclusions_become_return_rules_before_the_redirect(
         f"meta l4proto tcp redirect to :{rules.inbound_port}",
     ]
     assert chain(script, "output")[0] == "meta l4proto != tcp return"
-    # The agent's calls to the pod's own IP come back as a peer's, to the inbound port.
-    for line, family in zip(chain(script, "output")[1:3], ("ip daddr", "ip6 daddr"), strict=True):
-        assert line.startswith(f'meta skuid {rules.agent_uid} oifname "lo" {family} != ')
+    # The agent's calls to the pod's own IP come back as a peer's, to the inbound port; its
+    # hand-offs to the app (from 127.0.0.6, ::1) do not.
+    for line, family, source in zip(
+        chain(script, "output")[1:3], ("ip", "ip6"), ("127.0.0.6", "::6"), strict=True
+    ):
+        never = f"{family} saddr != {source} {family} daddr != "
+        assert line.startswith(f'meta skuid {rules.agent_uid} oifname "lo" {never}')
         assert line.endswith(f"redirect to :{rules.inbound_port}")
         assert f"tcp dport != {prerouting_kept} redirect" in line
     assert chain(script, "output")[3:5] == [
