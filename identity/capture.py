@@ -16,7 +16,10 @@ Never captured:
 - loopback (`lo`): the app's 127.0.0.1 (and its own pod IP, which the kernel
   routes over lo) is the pod talking to itself;
 - the agent's own ports inbound (the capture ports, and the excluded ones such
-  as the status port 15020 that the kubelet probes), and what an operator excludes.
+  as the status port 15020 that the kubelet probes), and what an operator excludes;
+- inbound packets to an address that is not the pod's (`fib daddr type`): a
+  neighbour can route anything to the pod, and the agent hands a connection on to
+  where it was going; the kernel, which forwards nothing in a pod, drops them.
 
 Everything lives in one table, `inet outrider`, replaced in one `nft -f`
 transaction: applying twice is the same as applying once, and a reader never
@@ -272,6 +275,7 @@ def ruleset(rules: CaptureRules) -> str:
         '    iifname "lo" return',
         "    meta l4proto != tcp return",
         f"    tcp dport {_set(rules.inbound_kept)} return",
+        "    fib daddr type != local return",
         f"    meta l4proto tcp redirect to :{rules.inbound_port}",
         "  }",
         "  chain output {",

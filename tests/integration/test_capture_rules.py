@@ -231,6 +231,29 @@ def test_the_agent_reaches_the_app_at_the_pod_ip_only_from_its_hand_off_source(
             assert waiting(inbound) is None
 
 
+def test_a_connection_routed_to_the_pod_for_another_address_is_not_captured(
+    pods: PodNetwork, nft: str
+) -> None:
+    """A neighbour can route any address to the pod; only the pod's own are captured (the
+    agent would hand such a connection on to where it was going, from the pod)."""
+    app, other = pods.add_pod("app"), pods.add_pod("other")
+    app_ipv6 = pods.add_ipv6(app)
+    pods.add_ipv6(other)
+    apply(app, nft, CaptureRules())
+    elsewhere = {socket.AF_INET: "192.0.2.7", socket.AF_INET6: "2001:db8::7"}
+    for family, via in ((socket.AF_INET, app.ip), (socket.AF_INET6, app_ipv6)):
+        other.run(["ip", "route", "add", elsewhere[family], "via", via])
+        wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+        with listening(app, wildcard, 15006, family) as inbound:
+            stray = other.socket(family)
+            stray.setblocking(False)
+            with stray:
+                stray.connect_ex((elsewhere[family], 8080))  # a SYN, answered by nothing
+                with connect(other, via, 8080, family):
+                    assert reached(inbound) == (via, 8080)
+                assert waiting(inbound, 0.2) is None, f"{elsewhere[family]} was captured"
+
+
 def test_loopback_and_the_pods_own_ip_are_not_captured(pods: PodNetwork, nft: str) -> None:
     app = pods.add_pod("app")
     apply(app, nft, CaptureRules())

@@ -32,6 +32,7 @@ table inet outrider {
     iifname "lo" return
     meta l4proto != tcp return
     tcp dport { 15006, 15007, 15020 } return
+    fib daddr type != local return
     meta l4proto tcp redirect to :15006
   }
   chain output {
@@ -104,6 +105,7 @@ def test_exclusions_become_return_rules_before_the_redirect(
     script = ruleset(rules)
     assert chain(script, "prerouting")[2:] == [
         f"tcp dport {prerouting_kept} return",
+        "fib daddr type != local return",
         f"meta l4proto tcp redirect to :{rules.inbound_port}",
     ]
     assert chain(script, "output")[0] == "meta l4proto != tcp return"
