@@ -163,8 +163,9 @@ class Inbound:
     allow: AllowList
     protocol: Protocol = "tcp"
     #: The address the agent dials the app from: a captured port's hand-off source
-    #: (identity.capture.HANDOFF_SOURCE); None, the kernel's choice.
-    source: str | None = None
+    #: (identity.capture.HANDOFF_SOURCE); None, the kernel's choice. Not a config key:
+    #: never in the config file, nor in the admin's /config.
+    source: str | None = field(default=None, metadata={"config": False})
 
     @property
     def local_addr(self) -> tuple[str, int] | None:

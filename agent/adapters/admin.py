@@ -432,7 +432,11 @@ def plain(value: object) -> Any:
     if isinstance(value, SpiffeId | TrustDomain | Listen | Endpoint | Path):
         return str(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {
+            f.name: plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.metadata.get("config", True)
+        }
     if isinstance(value, timedelta):
         return value.total_seconds()
     if isinstance(value, tuple | list):
