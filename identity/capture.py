@@ -19,7 +19,9 @@ Never captured:
   as the status port 15020 that the kubelet probes), and what an operator excludes;
 - inbound packets to an address that is not the pod's (`fib daddr type`): a
   neighbour can route anything to the pod, and the agent hands a connection on to
-  where it was going; the kernel, which forwards nothing in a pod, drops them.
+  where it was going; the kernel forwards them or drops them, as without the mesh
+  (it forwards only where the pod's ip_forward is on). 127.0.0.1 put on the wire is
+  the pod's own address: captured, and refused by the agent (`local_destination`).
 
 Everything lives in one table, `inet outrider`, replaced in one `nft -f`
 transaction: applying twice is the same as applying once, and a reader never

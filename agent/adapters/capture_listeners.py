@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import random
 import socket
@@ -134,6 +135,10 @@ _WHY = {
     (INBOUND, "capture_loop"): (
         "a connection to port {} of the pod, one of the agent's own ports: never relayed"
     ),
+    (INBOUND, "local_destination"): (
+        "a connection to {}, a loopback or link-local address, from the network: never"
+        " relayed (a loopback-only port is the pod's own)"
+    ),
     (OUTBOUND, "no_original_destination"): (
         "a connection to the outbound capture port itself, not redirected by the capture"
         " rules: it names no destination"
@@ -165,6 +170,15 @@ def _refuse(
     if held is not None:
         why = _WHY.get((direction, reason), reason).format(where)
         log.warning("%s capture: refused %s%s", direction, why, held_back(held))
+
+
+def _local_only(host: str) -> bool:
+    """A destination the agent never hands a connection to: loopback (a neighbour can put
+    127.0.0.1 on the wire, and a loopback-only port must stay the pod's own, as without
+    the mesh) or link-local (which needs the interface the caller came by; Kubernetes
+    reaches pods at their pod IPs)."""
+    address = ipaddress.ip_address(host)
+    return address.is_loopback or address.is_link_local
 
 
 CaptureT = TypeVar("CaptureT", InboundCapture, OutboundCapture)
@@ -250,6 +264,9 @@ class InboundCaptureListener(_AlsoIpv6[InboundCapture], InboundMtls[InboundCaptu
         where = Endpoint(*original)
         if where.port in self.config.agent_ports or where.port in self.bound_ports:
             _refuse(self.runtime, INBOUND, "capture_loop", sock, where.port, where)
+            return
+        if _local_only(where.host):
+            _refuse(self.runtime, INBOUND, "local_destination", sock, where, where)
             return
         super()._admit(sock, where)
 

@@ -682,7 +682,7 @@ class InboundMtls(Listener[InboundT]):
             "inbound %s: app %s unreachable: %s%s",
             config.listen,
             config.app,
-            exc or type(exc).__name__,
+            str(exc) or type(exc).__name__,  # a TimeoutError says nothing itself
             _unreachable_hint(config, exc),
         )
         self.runtime.connection_refused(INBOUND, "app_unreachable")
@@ -911,9 +911,10 @@ def _unreachable_hint(config: Inbound, exc: BaseException) -> str:
             " run `outrider capture apply` again)"
         )
     if exc.errno == errno.ECONNREFUSED:
+        everywhere = "::" if ":" in config.app.host else "0.0.0.0 or ::"
         return (
             f" (nothing listens on {config.app}: an app that listens on 127.0.0.1 or ::1 only"
-            " is not reached through capture; listen on 0.0.0.0, ::, or the pod IP)"
+            f" is not reached through capture; listen on {everywhere}, or the pod IP)"
         )
     return ""
 

@@ -13,6 +13,7 @@ import ipaddress
 import os
 import socket
 import struct
+from pathlib import Path
 
 _RTM_NEWADDR = 20
 _NLMSG_ERROR = 2
@@ -55,6 +56,21 @@ def add_to_loopback(address: str) -> bool:
     (code,) = struct.unpack_from("=i", reply, _HEADER.size)
     if code == 0 or -code == errno.EEXIST:
         return True
-    if ip.version == 6 and -code in (errno.EACCES, errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
+    if ip.version == 6 and -code in (errno.EACCES, errno.EAFNOSUPPORT) and _ipv6_off():
         return False  # IPv6 is off in the pod (disable_ipv6): the agent takes none
-    raise NetlinkError(-code, f"adding {address} to lo: {os.strerror(-code)}")
+    if ip.version == 6 and -code == errno.EACCES:
+        raise NetlinkError(
+            -code,
+            "IPv6 is off on lo (net.ipv6.conf.lo.disable_ipv6=1) but not in the pod:"
+            " turn it on for lo, or off for the whole pod (net.ipv6.conf.all.disable_ipv6=1)",
+        )
+    raise NetlinkError(-code, os.strerror(-code))
+
+
+def _ipv6_off() -> bool:
+    """IPv6 is off for the whole pod, not on lo alone (then the pod's IPv6 callers could
+    not be handed to the app, nor its app's IPv6 calls reach the agent)."""
+    try:
+        return Path("/proc/sys/net/ipv6/conf/all/disable_ipv6").read_text().strip() == "1"
+    except OSError:
+        return True  # no IPv6 in this kernel at all

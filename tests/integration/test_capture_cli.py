@@ -85,6 +85,15 @@ def test_apply_in_a_pod_without_ipv6_captures_ipv4_and_adds_no_address(
     assert loopback_ipv6(pod) == []
 
 
+def test_apply_where_only_lo_has_ipv6_off_says_what_to_change(pods: PodNetwork, nft: str) -> None:
+    """The pod's IPv6 callers could never be handed to the app: not a silent success."""
+    pod = pods.add_pod("app")
+    pod.run(["sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1"])
+    code, _, err = outrider(pod, "apply", limit=INIT_CONTAINER_CAPS)
+    assert code == 1 and "Traceback" not in err
+    assert "could not add ::6 to lo" in err and "net.ipv6.conf.lo.disable_ipv6=1" in err
+
+
 def test_without_net_admin_apply_says_how_to_run_it_and_changes_nothing(
     pods: PodNetwork, nft: str
 ) -> None:

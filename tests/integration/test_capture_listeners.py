@@ -16,6 +16,7 @@ is) or from the node (a plaintext caller with no agent).
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import sys
@@ -33,6 +34,7 @@ import pytest_asyncio
 import yaml
 
 from agent.adapters import h2client
+from agent.adapters.nft import Nft
 from agent.adapters.relay import EARLY
 from identity.capture import HANDOFF_SOURCE
 from identity.injected import AGENT_UID, STATUS_PORT
@@ -464,6 +466,50 @@ async def test_the_app_is_handed_a_caller_where_it_was_sent_and_never_on_a_loopb
     finally:
         private.close()
         pod_ip_only.close()
+
+
+def sends_to_loopback(pod: Pod, nft: str, target: Pod, port: int) -> None:
+    """`pod`, a neighbour on the bridge, puts 127.0.0.1:`port` on the wire to `target`'s
+    MAC for what it sends to target:`port` (as anything that writes raw frames can), and
+    takes the replies back as from target."""
+    script = f"""table ip spoof {{
+  chain post {{ type filter hook postrouting priority 300; policy accept;
+    ip daddr {target.ip} tcp dport {port} ip daddr set 127.0.0.1
+  }}
+  chain pre {{ type filter hook prerouting priority -400; policy accept;
+    ip saddr 127.0.0.1 tcp sport {port} ip saddr set {target.ip}
+  }}
+}}
+"""
+    Nft((*pod.prefix, nft)).apply(script)
+
+    def mac(of: Pod) -> str:
+        return str(json.loads(of.run(["ip", "-j", "link", "show", "eth0"]).stdout)[0]["address"])
+
+    # Neighbours known without ARP: the replies leave from 127.0.0.1, which ARP never asks.
+    for sender, address, owner in ((pod, "127.0.0.1", target), (target, pod.ip, pod)):
+        neigh = ["ip", "neigh", "replace", address, "lladdr", mac(owner), "dev", "eth0"]
+        sender.run([*neigh, "nud", "permanent"])
+
+
+async def test_a_neighbour_that_sends_to_127_0_0_1_never_reaches_a_loopback_only_port(
+    mesh: Captured, nft: str
+) -> None:
+    """127.0.0.1 is the pod's own address too, so the rules capture it from the wire; the
+    agent refuses to hand such a connection to the app."""
+    server = mesh.server
+    private = await server.start_server(echo, "127.0.0.1", 9096)
+    neighbour = mesh.network.add_pod("neighbour")  # no agent, no rules
+    local = {"direction": "inbound", "reason": "local_destination"}
+    try:
+        async with mesh.reconfigured(server, captured={"inbound": {"mtls": "permissive"}}):
+            sends_to_loopback(neighbour, nft, server, 9096)
+            refused = metric(server, "outrider_connections_refused_total", **local)
+            opened = await neighbour.open_connection(server.ip, 9096)
+            assert await exchange(opened, b"secret?") == b""
+            await reaches(server, "outrider_connections_refused_total", refused + 1, **local)
+    finally:
+        private.close()
 
 
 async def test_switching_a_port_to_strict_stops_plaintext_already_connected(
