@@ -529,7 +529,7 @@ def _live_policies(
 
 def _capture_apply(args: argparse.Namespace) -> None:
     from agent.adapters.netlink import NetlinkError, add_to_loopback
-    from agent.adapters.nft import NOT_PERMITTED, Nft, NftError
+    from agent.adapters.nft import CAPABILITIES, Nft, NftError
     from identity.capture import (
         HANDOFF_SOURCE,
         CaptureRulesError,
@@ -555,19 +555,19 @@ def _capture_apply(args: argparse.Namespace) -> None:
     if args.dry_run:
         sys.stdout.write(script)
         return
+    try:  # first: the rules are not applied if the agent could not hand IPv6 over
+        add_to_loopback(HANDOFF_SOURCE[6])  # False: no IPv6 in the pod, none to hand off
+    except NetlinkError as exc:
+        said = f"could not add {HANDOFF_SOURCE[6]} to lo (the agent hands IPv6 to the app from it)"
+        if exc.errno == errno.EPERM:
+            raise CommandError(f"{said}: Operation not permitted: {CAPABILITIES}") from None
+        raise CommandError(f"{said}: {exc.strerror}") from None
     nft = Nft()
     try:
         nft.apply(script)
         print(summary(rules, nft.table() or {}))  # what the kernel holds now, checked
     except (NftError, CaptureRulesError) as exc:
         raise CommandError(str(exc)) from None
-    try:
-        add_to_loopback(HANDOFF_SOURCE[6])  # False: no IPv6 in the pod, none to hand off
-    except NetlinkError as exc:
-        said = f"could not add {HANDOFF_SOURCE[6]} to lo (the agent hands IPv6 to the app from it)"
-        if exc.errno == errno.EPERM:
-            raise CommandError(f"{said}: {NOT_PERMITTED}") from None
-        raise CommandError(f"{said}: {exc.strerror}") from None
 
 
 def _not_permitted_to(doing: str, exc: Exception) -> CommandError:

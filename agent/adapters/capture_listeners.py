@@ -176,9 +176,9 @@ def _local_only(host: str) -> bool:
     """A destination the agent never hands a connection to: loopback (a neighbour can put
     127.0.0.1 on the wire, and a loopback-only port must stay the pod's own, as without
     the mesh) or link-local (which needs the interface the caller came by; Kubernetes
-    reaches pods at their pod IPs)."""
+    reaches pods at their pod IPs), or unspecified."""
     address = ipaddress.ip_address(host)
-    return address.is_loopback or address.is_link_local
+    return address.is_loopback or address.is_link_local or address.is_unspecified
 
 
 CaptureT = TypeVar("CaptureT", InboundCapture, OutboundCapture)

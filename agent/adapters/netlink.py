@@ -68,9 +68,13 @@ def add_to_loopback(address: str) -> bool:
 
 
 def _ipv6_off() -> bool:
-    """IPv6 is off for the whole pod, not on lo alone (then the pod's IPv6 callers could
-    not be handed to the app, nor its app's IPv6 calls reach the agent)."""
+    """IPv6 is off for the whole pod (`all`, or every interface but lo), not on lo alone:
+    then the pod's IPv6 callers could not be handed to the app."""
+    conf = Path("/proc/sys/net/ipv6/conf")
     try:
-        return Path("/proc/sys/net/ipv6/conf/all/disable_ipv6").read_text().strip() == "1"
+        if (conf / "all" / "disable_ipv6").read_text().strip() == "1":
+            return True
+        others = [c for c in conf.iterdir() if c.name not in ("all", "default", "lo")]
+        return all((c / "disable_ipv6").read_text().strip() == "1" for c in others)
     except OSError:
         return True  # no IPv6 in this kernel at all

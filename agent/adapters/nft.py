@@ -15,10 +15,12 @@ from typing import Any
 from identity.capture import FAMILY, TABLE
 
 NOT_INSTALLED = "`nft` is not installed: the agent image carries nft; install nftables"
-NOT_PERMITTED = (
-    "nft was not permitted: it needs NET_ADMIN and NET_RAW:"
-    " run it as the outrider-capture init container the injector adds"
+#: What `capture apply` needs, and where it has it.
+CAPABILITIES = (
+    "it needs NET_ADMIN and NET_RAW: run it as the outrider-capture init container the"
+    " injector adds"
 )
+NOT_PERMITTED = f"nft was not permitted: {CAPABILITIES}"
 
 
 class NftError(Exception):

@@ -72,13 +72,19 @@ def loopback_ipv6(pod: Pod) -> list[str]:
     return sorted(shown[i + 1] for i, word in enumerate(shown) if word == "inet6")
 
 
+@pytest.mark.parametrize(
+    "off",
+    [
+        ("net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.lo.disable_ipv6=1"),
+        ("net.ipv6.conf.lo.disable_ipv6=1", "net.ipv6.conf.eth0.disable_ipv6=1"),
+    ],
+    ids=["all", "each interface"],
+)
 def test_apply_in_a_pod_without_ipv6_captures_ipv4_and_adds_no_address(
-    pods: PodNetwork, nft: str
+    pods: PodNetwork, nft: str, off: tuple[str, ...]
 ) -> None:
     pod = pods.add_pod("app")
-    pod.run(
-        ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.lo.disable_ipv6=1"]
-    )
+    pod.run(["sysctl", "-qw", *off])
     code, out, err = outrider(pod, "apply", limit=INIT_CONTAINER_CAPS)
     assert code == 0, err
     assert out.startswith("capture on: ") and err == ""
@@ -92,6 +98,7 @@ def test_apply_where_only_lo_has_ipv6_off_says_what_to_change(pods: PodNetwork, 
     code, _, err = outrider(pod, "apply", limit=INIT_CONTAINER_CAPS)
     assert code == 1 and "Traceback" not in err
     assert "could not add ::6 to lo" in err and "net.ipv6.conf.lo.disable_ipv6=1" in err
+    assert pod.run([nft, "list", "ruleset"]).stdout.strip() == ""  # nothing half done
 
 
 def test_without_net_admin_apply_says_how_to_run_it_and_changes_nothing(

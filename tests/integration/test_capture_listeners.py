@@ -441,17 +441,20 @@ async def test_the_app_is_handed_a_caller_where_it_was_sent_and_never_on_a_loopb
     private = await server.start_server(echo, "127.0.0.1", 9096)
     pod_ip_only = await server.start_server(where, server.ip, 9097)
     unreachable = {"direction": "inbound", "reason": "app_unreachable"}
-    raw = {  # the two ports as endpoints of the mesh: the client's agent dials them with mTLS
-        "name": "raw.demo:9097",
-        "protocol": "tcp",
-        "destinations": ["198.51.100.22:9097"],
-        "endpoints": [f"{server.ip}:9096", f"{server.ip}:9097"],
-        "server_ids": [str(workload(server.name))],
-    }
+    raw = [  # the two ports as endpoints of the mesh: the client's agent dials them with mTLS
+        {
+            "name": f"raw.demo:{port}",
+            "protocol": "tcp",
+            "destinations": [f"198.51.100.22:{port}"],
+            "endpoints": [f"{server.ip}:{port}"],
+            "server_ids": [str(workload(server.name))],
+        }
+        for port in (9096, 9097)
+    ]
     try:
         async with (
             mesh.reconfigured(server, captured={"inbound": {"mtls": "permissive"}}),
-            mesh.reconfigured(client, outbound=[*mesh.configs["client"]["outbound"], raw]),
+            mesh.reconfigured(client, outbound=[*mesh.configs["client"]["outbound"], *raw]),
         ):
             mtls = counted(server, "inbound", "true", str(workload("client")))
             # From the client's app over mTLS, and from the node in plaintext.
