@@ -50,8 +50,9 @@ Scheme = Literal["HTTP", "HTTPS"]
 
 @dataclass(frozen=True)
 class HttpGet:
-    """GET `path` from 127.0.0.1:`port`: a final 2xx or 3xx passes (redirects to 127.0.0.1
-    followed, as the kubelet follows those to the host it asked; `redirected`)."""
+    """GET `path` from the app's `port` (at 127.0.0.1, or a captured pod's IP): a final 2xx
+    or 3xx passes (redirects to that host followed, as the kubelet follows those to the
+    host it asked; `redirected`)."""
 
     port: int
     path: str = "/"
@@ -114,13 +115,13 @@ def request_path_error(path: str) -> str | None:
 _FRAMING = frozenset({"content-length", "transfer-encoding", "trailer", "connection"})
 
 
-def request_head(probe: HttpGet) -> bytes:
-    """The GET as the kubelet would send it (its Host, User-Agent and Accept, each
-    replaced by a header of the probe's own with that name, and none of the probe's
+def request_head(probe: HttpGet, host: str = HOST) -> bytes:
+    """The GET as the kubelet would send it to `host` (its Host, User-Agent and Accept,
+    each replaced by a header of the probe's own with that name, and none of the probe's
     headers that frame a request)."""
     path = request_path(probe)
     headers = {
-        "host": ("Host", f"{HOST}:{probe.port}"),
+        "host": ("Host", f"{host}:{probe.port}"),
         "user-agent": ("User-Agent", "kube-probe/outrider"),
         "accept": ("Accept", "*/*"),
     }
@@ -137,18 +138,18 @@ def request_head(probe: HttpGet) -> bytes:
 MAX_REDIRECTS = 10
 
 
-def redirected(probe: HttpGet, location: str) -> HttpGet | None:
+def redirected(probe: HttpGet, location: str, host: str = HOST) -> HttpGet | None:
     """The request the kubelet would make for a redirect to `location`, or None if it
     would not follow it (another host: the redirect itself passes). It follows one to
-    the host it asked, whatever the port or scheme; here that host is 127.0.0.1, so
-    no redirect can make the agent ask anything else."""
-    base = f"{probe.scheme.lower()}://{HOST}:{probe.port}{request_path(probe)}"
+    the host it asked (`host`: 127.0.0.1, or the pod IP of a captured pod), whatever the
+    port or scheme, so no redirect can make the agent ask anything else."""
+    base = f"{probe.scheme.lower()}://{host}:{probe.port}{request_path(probe)}"
     try:
         target = urlsplit(urljoin(base, location.strip()))
         port = target.port or (443 if target.scheme == "https" else 80)
     except ValueError:
         return None
-    if target.scheme not in ("http", "https") or target.hostname != HOST:
+    if target.scheme not in ("http", "https") or target.hostname != host:
         return None
     path = target.path or "/"
     path += f"?{target.query}" if target.query else ""

@@ -48,11 +48,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.adapters.metrics import AgentMetrics
 from agent.adapters.ports import cannot_listen
-from agent.adapters.probes import MAX_IN_FLIGHT, Prober
+from agent.adapters.probes import LOOPBACK, MAX_IN_FLIGHT, AppAddress, Prober
 from agent.config import AgentConfig, Limits
 from agent.core.svid import Svid
 from agent.core.upstream import Endpoint
 from identity import SpiffeId, TrustDomain
+from identity.capture import HANDOFF_SOURCE
 from identity.cert import Cert
 from identity.configfile import Listen
 from identity.probes import APP_HEALTH, AppProbe
@@ -259,9 +260,21 @@ class Server:
             return None
         return next((p for p in self.agent.config.probes if p.path == path), None)
 
-    async def app_health(self, probe: AppProbe) -> Response:
+    def app_address(self, transport: asyncio.BaseTransport | None) -> AppAddress:
+        """Where the app's probes go for a request on `transport`: on a captured pod, the
+        pod IP the kubelet called (the status port's), from the hand-off source, as the
+        kubelet's own probe reaches the app there; else, and on loopback, 127.0.0.1."""
+        local = transport.get_extra_info("sockname") if transport is not None else None
+        if self.agent.config.capture is None or not local:
+            return LOOPBACK
+        host = local[0]
+        if _loopback(host):
+            return LOOPBACK
+        return AppAddress(host, HANDOFF_SOURCE[6 if ":" in host else 4])
+
+    async def app_health(self, probe: AppProbe, address: AppAddress) -> Response:
         try:
-            outcome = await self.prober.check(probe)
+            outcome = await self.prober.check(probe, address)
         except Exception:  # a bug of ours fails the probe; it must not hang the connection
             log.exception("probe %s failed", probe.path)
             return 503, TEXT, b"the agent could not perform the probe\n"
@@ -348,7 +361,7 @@ class AdminProtocol(asyncio.Protocol):
         elif method not in (b"GET", b"HEAD"):
             answer = (405, TEXT, b"method not allowed\n")
         elif probe is not None:
-            answer = _task(self.server.app_health(probe))
+            answer = _task(self.server.app_health(probe, self.server.app_address(self.transport)))
             answer.add_done_callback(self._answered)
         else:
             assert handler is not None

@@ -1,4 +1,9 @@
-"""The app's probes performed on loopback for the kubelet: the I/O of identity/probes.py.
+"""The app's probes performed for the kubelet: the I/O of identity/probes.py.
+
+Where: at 127.0.0.1; on a captured pod, at the pod IP the kubelet called the status
+port at, from the hand-off source, as the agent hands the app its callers
+(docs/capture.md): the kubelet's own probe would reach an app that listens on its pod
+IP only, and the capture rules let the hand-off source through.
 
 Each check is bounded in time (the probe's timeoutSeconds, as the kubelet's own
 wait for the rewritten probe) and in number: a probe asked while it runs is not
@@ -22,8 +27,11 @@ itself again, each turn holding a place in flight until the bound is full.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from identity.probes import (
     HOST,
@@ -39,7 +47,10 @@ from identity.probes import (
     status_code,
 )
 
-__all__ = ["MAX_IN_FLIGHT", "Outcome", "Prober"]
+if TYPE_CHECKING:
+    from grpclib.client import Channel
+
+__all__ = ["LOOPBACK", "MAX_IN_FLIGHT", "AppAddress", "Outcome", "Prober"]
 
 MAX_IN_FLIGHT = 16
 #: A status line longer than this is no HTTP server's (the stream's read limit).
@@ -58,13 +69,28 @@ class _Run:
 
 
 @dataclass(frozen=True)
+class AppAddress:
+    """Where a probe reaches the app, and from where (None: the kernel's choice)."""
+
+    host: str = HOST
+    source: str | None = None
+
+    @property
+    def local_addr(self) -> tuple[str, int] | None:
+        return None if self.source is None else (self.source, 0)
+
+
+LOOPBACK = AppAddress()
+
+
+@dataclass(frozen=True)
 class Outcome:
     passed: bool
     reason: str  # a few words of ours: shown to the kubelet, never the app's bytes
 
 
 class Prober:
-    """Performs probes against 127.0.0.1: each probe at most once at a time, and at most
+    """Performs probes at an AppAddress: each probe at most once at a time, and at most
     `max_in_flight` probes at a time.
 
     Whoever asks for a probe while it runs gets the outcome of that run: a flood of
@@ -77,23 +103,24 @@ class Prober:
         self.max_in_flight = max_in_flight
         #: The ports of the agent's admin and status servers, once they listen.
         self.own_ports: frozenset[int] = frozenset()
-        self._running: dict[AppProbe, _Run] = {}
+        self._running: dict[tuple[AppProbe, AppAddress], _Run] = {}
         self._tls: ssl.SSLContext | None = None
 
     @property
     def in_flight(self) -> int:
         return len(self._running)
 
-    async def check(self, probe: AppProbe) -> Outcome:
+    async def check(self, probe: AppProbe, address: AppAddress = LOOPBACK) -> Outcome:
         if probe.action.port in self.own_ports:
             return Outcome(False, f"port {probe.action.port} is the agent's own")
-        run = self._running.get(probe)
+        key = (probe, address)
+        run = self._running.get(key)
         if run is None or run.task.cancelling():  # a run its last caller left is no outcome
             if self.in_flight >= self.max_in_flight:
                 return Outcome(False, f"more than {self.max_in_flight} probes in flight")
-            run = _Run(asyncio.get_running_loop().create_task(self._timed(probe)))
-            self._running[probe] = run
-            run.task.add_done_callback(lambda _: self._done(probe, run))
+            run = _Run(asyncio.get_running_loop().create_task(self._timed(probe, address)))
+            self._running[key] = run
+            run.task.add_done_callback(lambda _: self._done(key, run))
         run.waiting += 1
         try:
             return await asyncio.shield(run.task)  # one caller gone stops nobody else's
@@ -102,15 +129,15 @@ class Prober:
             if run.waiting == 0:
                 run.task.cancel()  # nobody waits: the probe stops, its place is free
 
-    def _done(self, probe: AppProbe, run: _Run) -> None:
-        if self._running.get(probe) is run:
-            del self._running[probe]
+    def _done(self, key: tuple[AppProbe, AppAddress], run: _Run) -> None:
+        if self._running.get(key) is run:
+            del self._running[key]
 
-    async def _timed(self, probe: AppProbe) -> Outcome:
+    async def _timed(self, probe: AppProbe, address: AppAddress) -> Outcome:
         seconds = probe.timeout.total_seconds()
         try:
             async with asyncio.timeout(seconds):
-                return await self._perform(probe.action)
+                return await self._perform(probe.action, address)
         except TimeoutError:
             return Outcome(False, f"timed out after {seconds:g}s")
         except ssl.SSLError as exc:
@@ -118,40 +145,46 @@ class Prober:
         except OSError as exc:
             return Outcome(False, exc.strerror or type(exc).__name__)
 
-    async def _perform(self, action: HttpGet | TcpSocket | Grpc) -> Outcome:
+    async def _perform(self, action: HttpGet | TcpSocket | Grpc, address: AppAddress) -> Outcome:
         if isinstance(action, HttpGet):
-            return await self._http_get(action)
+            return await self._http_get(action, address)
         if isinstance(action, TcpSocket):
-            _, writer = await asyncio.open_connection(HOST, action.port)
+            _, writer = await asyncio.open_connection(
+                address.host, action.port, local_addr=address.local_addr
+            )
             writer.transport.abort()
             return Outcome(True, "connected")
-        return await _grpc(action)
+        return await _grpc(action, address)
 
-    async def _http_get(self, probe: HttpGet) -> Outcome:
-        """GET, following redirects to 127.0.0.1 as the kubelet follows them to the host
-        it asked: the final answer decides."""
+    async def _http_get(self, probe: HttpGet, address: AppAddress) -> Outcome:
+        """GET, following redirects to the same host as the kubelet follows them to the
+        host it asked: the final answer decides."""
         for _ in range(MAX_REDIRECTS + 1):
             if probe.port in self.own_ports:
                 return Outcome(False, f"port {probe.port} is the agent's own")
-            status, location = await self._exchange(probe)
+            status, location = await self._exchange(probe, address)
             if status is None:
                 return Outcome(False, "the app's answer is not HTTP/1.x")
             if informational(status):
                 return Outcome(False, f"more than {MAX_INFORMATIONAL} informational answers")
-            target = redirected(probe, location) if location is not None else None
+            target = redirected(probe, location, address.host) if location is not None else None
             if not 300 <= status < 400 or target is None:
                 return Outcome(http_passed(status), f"HTTP {status}")
             probe = target
         return Outcome(False, f"stopped after {MAX_REDIRECTS} redirects")
 
-    async def _exchange(self, probe: HttpGet) -> tuple[int | None, str | None]:
+    async def _exchange(self, probe: HttpGet, address: AppAddress) -> tuple[int | None, str | None]:
         """The app's final status, and its Location if it is a redirect."""
         context = self._tls_context() if probe.scheme == "HTTPS" else None
         reader, writer = await asyncio.open_connection(
-            HOST, probe.port, ssl=context, limit=MAX_STATUS_LINE
+            address.host,
+            probe.port,
+            ssl=context,
+            limit=MAX_STATUS_LINE,
+            local_addr=address.local_addr,
         )
         try:
-            writer.write(request_head(probe))
+            writer.write(request_head(probe, address.host))
             status = await _final_status(reader)
             location = None
             if status is not None and 300 <= status < 400:
@@ -201,15 +234,36 @@ async def _location(reader: asyncio.StreamReader) -> str | None:
     return None
 
 
-async def _grpc(probe: Grpc) -> Outcome:
+@functools.cache
+def _channel() -> Callable[[AppAddress, int], Channel]:
+    """grpclib's Channel, dialling from the address's source: it takes none of its own,
+    so its one dial (`_create_connection`, grpclib 0.4) is ours. Made at the first gRPC
+    probe, as grpclib loads then."""
+    from grpclib.client import Channel
+    from grpclib.protocol import H2Protocol
+
+    class FromSource(Channel):
+        def __init__(self, address: AppAddress, port: int) -> None:
+            super().__init__(address.host, port)
+            self._local_addr = address.local_addr
+
+        async def _create_connection(self) -> H2Protocol:
+            _, protocol = await self._loop.create_connection(
+                self._protocol_factory, self._host, self._port, local_addr=self._local_addr
+            )
+            return protocol
+
+    return FromSource
+
+
+async def _grpc(probe: Grpc, address: AppAddress) -> Outcome:
     # gRPC's client and the health protos load with the first gRPC probe: most
     # pods probe over HTTP or TCP, and an agent's memory is per pod.
-    from grpclib.client import Channel
     from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
     from identity.proto import health_grpc, health_pb2
 
-    channel = Channel(HOST, probe.port)
+    channel = _channel()(address, probe.port)
     try:
         stub = health_grpc.HealthStub(channel)
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=probe.service))

@@ -25,8 +25,8 @@ import grpc
 import pytest
 from aiohttp import web
 
-from agent.adapters.probes import Prober
-from identity.probes import AppProbe, HttpGet
+from agent.adapters.probes import AppAddress, Prober
+from identity.probes import AppProbe, Grpc, HttpGet, TcpSocket
 from identity.proto import health_pb2
 from tests.httpraw import Responses
 from tests.mesh import (
@@ -88,6 +88,7 @@ class Apps:
 def _http_app(state: dict[str, Any]) -> web.Application:
     async def ready(request: web.Request) -> web.Response:
         state["seen"] = dict(request.headers)
+        state["http from"] = request.remote
         return web.Response(status=200 if state["ready"] else 500, text="app\n")
 
     async def moved(request: web.Request) -> web.Response:
@@ -112,6 +113,7 @@ def _http_app(state: dict[str, Any]) -> web.Application:
 
 def _grpc_server(state: dict[str, Any]) -> tuple[grpc.Server, int]:
     def check(request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> Any:
+        state["grpc from"] = context.peer()
         if request.service not in state["grpc"]:
             context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
         return health_pb2.HealthCheckResponse(status=state["grpc"][request.service])
@@ -393,6 +395,28 @@ async def test_informational_answers_are_skipped_as_the_kubelet_skips_them(
         probe = AppProbe("/app-health/web/readyz", HttpGet(port), timedelta(seconds=2))
         checked = await Prober().check(probe)
         assert (checked.passed, checked.reason) == outcome
+
+
+async def test_a_probe_reaches_the_app_at_its_address_from_its_source(apps: Apps) -> None:
+    """A captured pod's probes go to the pod IP from the hand-off source (agent/adapters/
+    admin.py); here 127.0.0.1, from 127.0.0.6: HTTP (with the Host the kubelet would send
+    there), TCP and gRPC each dial from the source."""
+    address = AppAddress("127.0.0.1", "127.0.0.6")
+    second = timedelta(seconds=2)
+    http = await Prober().check(
+        AppProbe("/app-health/a/readyz", HttpGet(apps.http, "/ready"), second), address
+    )
+    assert http.passed and apps.state["http from"] == "127.0.0.6"
+    assert apps.state["seen"]["Host"] == f"127.0.0.1:{apps.http}"
+    grpc_probe = AppProbe("/app-health/a/livez", Grpc(apps.grpc), second)
+    assert (await Prober().check(grpc_probe, address)).passed
+    assert apps.state["grpc from"].startswith("ipv4:127.0.0.6:")
+    with socket.create_server(("127.0.0.1", 0)) as tcp_app:  # the kernel accepts for it
+        tcp_probe = AppProbe("/app-health/a/startupz", TcpSocket(tcp_app.getsockname()[1]), second)
+        assert (await Prober().check(tcp_probe, address)).passed
+        connection, caller = tcp_app.accept()
+        connection.close()
+        assert caller[0] == "127.0.0.6"
 
 
 async def test_every_probe_of_a_pod_with_many_containers_can_run_at_once(

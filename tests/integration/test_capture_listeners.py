@@ -41,7 +41,7 @@ from identity.injected import AGENT_UID, STATUS_PORT
 from tests.h2backend import exchange as h2_exchange
 from tests.h2backend import grpc_head, h2_backend
 from tests.mesh import AgentProcess, agent_process, agent_yaml, echo, eventually, workload
-from tests.mesh_cluster import metric
+from tests.mesh_cluster import metric, status
 from tests.netns import Pod, PodNetwork, pod_network
 from tests.support import CaSetup, ca_process, make_ca_setup
 
@@ -469,6 +469,37 @@ async def test_the_app_is_handed_a_caller_where_it_was_sent_and_never_on_a_loopb
     finally:
         private.close()
         pod_ip_only.close()
+
+
+async def test_an_app_on_its_pod_ip_only_passes_its_probes_as_without_the_mesh(
+    mesh: Captured,
+) -> None:
+    """The kubelet probes the pod IP; the agent performs the rewritten probes there too,
+    from 127.0.0.6, so an app that listens on its pod IP only is ready and live."""
+    server = mesh.server
+    heard: list[tuple[str, str]] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        host = next(line for line in head.split("\r\n") if line.lower().startswith("host:"))
+        heard.append((writer.get_extra_info("peername")[0], host))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    served = await server.start_server(app, server.ip, 9198)
+    probes = {
+        "/app-health/web/readyz": {"httpGet": {"path": "/ready", "port": 9198}},
+        "/app-health/web/livez": {"tcpSocket": {"port": 9198}},
+    }
+    try:
+        async with mesh.reconfigured(server, probes=probes):
+            for path in probes:
+                code, text = await asyncio.to_thread(status, server, path)
+                assert code == 200, text
+            assert (HANDOFF_SOURCE[4], f"Host: {server.ip}:9198") in heard
+    finally:
+        served.close()
 
 
 def sends_to_loopback(pod: Pod, nft: str, target: Pod, port: int) -> None:
