@@ -53,6 +53,13 @@ FAMILY = "inet"
 #: lo holds all of 127.0.0.0/8 but only ::1 of IPv6: `outrider capture apply` adds ::6
 #: (from ::1 the kernel's reset of a closed port would never reach the agent).
 HANDOFF_SOURCE = {4: "127.0.0.6", 6: "::6"}
+
+
+def handoff_source(host: str) -> str:
+    """The hand-off source for an app at `host` (an IP address): of its IP version."""
+    return HANDOFF_SOURCE[6 if ":" in host else 4]
+
+
 #: UIDs are 32-bit; (uid_t)-1 means "no UID" to the kernel.
 _MAX_UID = 2**32 - 2
 

@@ -53,7 +53,7 @@ from agent.config import AgentConfig, Limits
 from agent.core.svid import Svid
 from agent.core.upstream import Endpoint
 from identity import SpiffeId, TrustDomain
-from identity.capture import HANDOFF_SOURCE
+from identity.capture import handoff_source
 from identity.cert import Cert
 from identity.configfile import Listen
 from identity.probes import APP_HEALTH, AppProbe
@@ -270,7 +270,7 @@ class Server:
         host = local[0]
         if _loopback(host):
             return LOOPBACK
-        return AppAddress(host, HANDOFF_SOURCE[6 if ":" in host else 4])
+        return AppAddress(host, handoff_source(host))
 
     async def app_health(self, probe: AppProbe, address: AppAddress) -> Response:
         try:

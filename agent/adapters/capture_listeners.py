@@ -66,7 +66,7 @@ from agent.core.captured import (
 from agent.core.discovery import StaticSource
 from agent.core.throttle import held_back
 from agent.core.upstream import Endpoint
-from identity.capture import HANDOFF_SOURCE
+from identity.capture import handoff_source
 from identity.configfile import Listen
 
 log = logging.getLogger("outrider.agent")
@@ -292,7 +292,7 @@ class InboundCaptureListener(_AlsoIpv6[InboundCapture], InboundMtls[InboundCaptu
         assert destination is not None, "a captured connection has its original destination"
         capture = self.config
         mode = capture.captured.inbound(destination.port)
-        source = HANDOFF_SOURCE[6 if ":" in destination.host else 4]
+        source = handoff_source(destination.host)
         inbound = Inbound(capture.listen, destination, capture.allow, mode.protocol, source)
         return inbound, mode.mtls == "permissive"
 
