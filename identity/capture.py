@@ -60,6 +60,21 @@ def handoff_source(host: str) -> str:
     return HANDOFF_SOURCE[6 if ":" in host else 4]
 
 
+def pod_address(host: str) -> str | None:
+    """`host`, a local address a connection reached, if the agent may hand the app a
+    connection there (an IPv4-mapped one as IPv4); None for loopback (a neighbour can put
+    127.0.0.1 on the wire, and a loopback-only port must stay the pod's own, as without
+    the mesh), link-local (which needs the interface the caller came by; Kubernetes
+    reaches pods at their pod IPs), unspecified, and the hand-off sources themselves."""
+    address = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback or address.is_link_local or address.is_unspecified:
+        return None
+    plain = str(address)
+    return None if plain in HANDOFF_SOURCE.values() else plain
+
+
 #: UIDs are 32-bit; (uid_t)-1 means "no UID" to the kernel.
 _MAX_UID = 2**32 - 2
 

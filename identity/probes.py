@@ -121,7 +121,7 @@ def request_head(probe: HttpGet, host: str = HOST) -> bytes:
     headers that frame a request)."""
     path = request_path(probe)
     headers = {
-        "host": ("Host", f"{host}:{probe.port}"),
+        "host": ("Host", _authority(host, probe.port)),
         "user-agent": ("User-Agent", "kube-probe/outrider"),
         "accept": ("Accept", "*/*"),
     }
@@ -134,6 +134,11 @@ def request_head(probe: HttpGet, host: str = HOST) -> bytes:
     return "\r\n".join(lines).encode("latin-1")
 
 
+def _authority(host: str, port: int) -> str:
+    """`host:port` as a URL and a Host header write it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 #: Redirects followed before the probe fails, as the kubelet's.
 MAX_REDIRECTS = 10
 
@@ -143,7 +148,7 @@ def redirected(probe: HttpGet, location: str, host: str = HOST) -> HttpGet | Non
     would not follow it (another host: the redirect itself passes). It follows one to
     the host it asked (`host`: 127.0.0.1, or the pod IP of a captured pod), whatever the
     port or scheme, so no redirect can make the agent ask anything else."""
-    base = f"{probe.scheme.lower()}://{host}:{probe.port}{request_path(probe)}"
+    base = f"{probe.scheme.lower()}://{_authority(host, probe.port)}{request_path(probe)}"
     try:
         target = urlsplit(urljoin(base, location.strip()))
         port = target.port or (443 if target.scheme == "https" else 80)

@@ -48,12 +48,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.adapters.metrics import AgentMetrics
 from agent.adapters.ports import cannot_listen
-from agent.adapters.probes import LOOPBACK, MAX_IN_FLIGHT, AppAddress, Prober
+from agent.adapters.probes import LOOPBACK, MAX_IN_FLIGHT, PROBE_ADDRESSES, AppAddress, Prober
 from agent.config import AgentConfig, Limits
 from agent.core.svid import Svid
 from agent.core.upstream import Endpoint
 from identity import SpiffeId, TrustDomain
-from identity.capture import handoff_source
+from identity.capture import handoff_source, pod_address
 from identity.cert import Cert
 from identity.configfile import Listen
 from identity.probes import APP_HEALTH, AppProbe
@@ -174,10 +174,12 @@ class Servers:
 async def serve(agent: AgentView, scrape: Callable[[], Awaitable[bytes]] | None = None) -> Servers:
     """Start the admin server, and the status server if the config asks for one."""
     handlers = routes(agent, scrape)
-    # One bound on probes in flight, for both servers. Each probe runs once at a time,
-    # so the pod's own probes are all that can be in flight: the kubelet runs each on
-    # its own clock and, with slow apps, every one of them may overlap the others.
-    prober = Prober(max(MAX_IN_FLIGHT, len(agent.config.probes)))
+    # One bound on probes in flight, for both servers. Each probe runs once at a time per
+    # address (127.0.0.1, and a captured pod's IPv4 and IPv6: `app_address`), so the pod's
+    # own probes at those are all that can be in flight: the kubelet runs each on its own
+    # clock and, with slow apps, every one of them may overlap the others. As of the
+    # config now: a reload may bring probes.
+    prober = Prober(lambda: max(MAX_IN_FLIGHT, len(agent.config.probes) * PROBE_ADDRESSES))
     servers = Servers()
     if not _loopback(agent.config.admin.host):
         log.warning(
@@ -263,14 +265,13 @@ class Server:
     def app_address(self, transport: asyncio.BaseTransport | None) -> AppAddress:
         """Where the app's probes go for a request on `transport`: on a captured pod, the
         pod IP the kubelet called (the status port's), from the hand-off source, as the
-        kubelet's own probe reaches the app there; else, and on loopback, 127.0.0.1."""
+        kubelet's own probe reaches the app there; else, and for a caller at any other
+        address (loopback, link-local), 127.0.0.1."""
         local = transport.get_extra_info("sockname") if transport is not None else None
         if self.agent.config.capture is None or not local:
             return LOOPBACK
-        host = local[0]
-        if _loopback(host):
-            return LOOPBACK
-        return AppAddress(host, handoff_source(host))
+        host = pod_address(local[0])
+        return LOOPBACK if host is None else AppAddress(host, handoff_source(host))
 
     async def app_health(self, probe: AppProbe, address: AppAddress) -> Response:
         try:

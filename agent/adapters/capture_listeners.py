@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import random
 import socket
@@ -66,7 +65,7 @@ from agent.core.captured import (
 from agent.core.discovery import StaticSource
 from agent.core.throttle import held_back
 from agent.core.upstream import Endpoint
-from identity.capture import handoff_source
+from identity.capture import handoff_source, pod_address
 from identity.configfile import Listen
 
 log = logging.getLogger("outrider.agent")
@@ -136,8 +135,8 @@ _WHY = {
         "a connection to port {} of the pod, one of the agent's own ports: never relayed"
     ),
     (INBOUND, "local_destination"): (
-        "a connection to {}, a loopback or link-local address, from the network: never"
-        " relayed (a loopback-only port is the pod's own)"
+        "a connection to {}, a loopback, link-local or hand-off address, from the network:"
+        " never relayed (a loopback-only port is the pod's own)"
     ),
     (OUTBOUND, "no_original_destination"): (
         "a connection to the outbound capture port itself, not redirected by the capture"
@@ -170,15 +169,6 @@ def _refuse(
     if held is not None:
         why = _WHY.get((direction, reason), reason).format(where)
         log.warning("%s capture: refused %s%s", direction, why, held_back(held))
-
-
-def _local_only(host: str) -> bool:
-    """A destination the agent never hands a connection to: loopback (a neighbour can put
-    127.0.0.1 on the wire, and a loopback-only port must stay the pod's own, as without
-    the mesh) or link-local (which needs the interface the caller came by; Kubernetes
-    reaches pods at their pod IPs), or unspecified."""
-    address = ipaddress.ip_address(host)
-    return address.is_loopback or address.is_link_local or address.is_unspecified
 
 
 CaptureT = TypeVar("CaptureT", InboundCapture, OutboundCapture)
@@ -265,7 +255,7 @@ class InboundCaptureListener(_AlsoIpv6[InboundCapture], InboundMtls[InboundCaptu
         if where.port in self.config.agent_ports or where.port in self.bound_ports:
             _refuse(self.runtime, INBOUND, "capture_loop", sock, where.port, where)
             return
-        if _local_only(where.host):
+        if pod_address(where.host) is None:
             _refuse(self.runtime, INBOUND, "local_destination", sock, where, where)
             return
         super()._admit(sock, where)

@@ -6,9 +6,10 @@ port at, from the hand-off source, as the agent hands the app its callers
 IP only, and the capture rules let the hand-off source through.
 
 Each check is bounded in time (the probe's timeoutSeconds, as the kubelet's own
-wait for the rewritten probe) and in number: a probe asked while it runs is not
-run again (the callers share the run's outcome), and at most MAX_IN_FLIGHT
-distinct probes run at once, across the admin and status servers; one beyond
+wait for the rewritten probe) and in number: a probe asked while it runs at the
+same address is not run again (the callers share the run's outcome), and at most
+MAX_IN_FLIGHT distinct probes and addresses run at once, across the admin and
+status servers (never fewer than every probe at each address); one beyond
 that fails at once (503) instead of queuing. The status port is on the pod
 network and nobody authenticates there, so a flood of /app-health requests must
 cost the agent and the app a few sockets, not one per request, and must not
@@ -50,9 +51,12 @@ from identity.probes import (
 if TYPE_CHECKING:
     from grpclib.client import Channel
 
-__all__ = ["LOOPBACK", "MAX_IN_FLIGHT", "AppAddress", "Outcome", "Prober"]
+__all__ = ["LOOPBACK", "MAX_IN_FLIGHT", "PROBE_ADDRESSES", "AppAddress", "Outcome", "Prober"]
 
 MAX_IN_FLIGHT = 16
+#: Addresses a probe may run at, each once at a time: 127.0.0.1, and a captured pod's
+#: IPv4 and IPv6 (agent/adapters/admin.py `app_address`).
+PROBE_ADDRESSES = 3
 #: A status line longer than this is no HTTP server's (the stream's read limit).
 MAX_STATUS_LINE = 8 * 1024
 #: Informational answers skipped before the final one (Go's client: 5, then an error),
@@ -99,12 +103,17 @@ class Prober:
     three times restarts the pod). The bound then only counts distinct probes.
     """
 
-    def __init__(self, max_in_flight: int = MAX_IN_FLIGHT) -> None:
-        self.max_in_flight = max_in_flight
+    def __init__(self, max_in_flight: int | Callable[[], int] = MAX_IN_FLIGHT) -> None:
+        #: The bound, or what says it as of now (a reload may change the probes).
+        self.bound = max_in_flight
         #: The ports of the agent's admin and status servers, once they listen.
         self.own_ports: frozenset[int] = frozenset()
         self._running: dict[tuple[AppProbe, AppAddress], _Run] = {}
         self._tls: ssl.SSLContext | None = None
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.bound() if callable(self.bound) else self.bound
 
     @property
     def in_flight(self) -> int:
@@ -116,8 +125,9 @@ class Prober:
         key = (probe, address)
         run = self._running.get(key)
         if run is None or run.task.cancelling():  # a run its last caller left is no outcome
-            if self.in_flight >= self.max_in_flight:
-                return Outcome(False, f"more than {self.max_in_flight} probes in flight")
+            bound = self.max_in_flight
+            if self.in_flight >= bound:
+                return Outcome(False, f"more than {bound} probes in flight")
             run = _Run(asyncio.get_running_loop().create_task(self._timed(probe, address)))
             self._running[key] = run
             run.task.add_done_callback(lambda _: self._done(key, run))

@@ -502,6 +502,46 @@ async def test_an_app_on_its_pod_ip_only_passes_its_probes_as_without_the_mesh(
         served.close()
 
 
+async def test_probes_asked_on_loopback_never_take_the_kubelets_place(mesh: Captured) -> None:
+    """Each probe runs once at a time per address: 127.0.0.1 (a container of the pod, a
+    port-forward) and the pod IP (the kubelet). Every probe held at 127.0.0.1 by a slow
+    app leaves the kubelet's own runs their places."""
+    server = mesh.server
+    release = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    served = await server.start_server(slow, "::", 9199)
+    probes = {
+        f"/app-health/c{i}/readyz": {"httpGet": {"path": "/", "port": 9199}, "timeoutSeconds": 5}
+        for i in range(16)
+    }
+
+    async def inside(path: str) -> bytes:
+        opened = await server.open_connection("127.0.0.1", STATUS_PORT)
+        request = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        return await exchange(opened, request.encode())
+
+    try:
+        async with mesh.reconfigured(server, probes=probes):
+            held = [asyncio.create_task(inside(path)) for path in probes]
+            await asyncio.sleep(0.3)  # every probe running at 127.0.0.1
+            kubelet = asyncio.create_task(
+                asyncio.to_thread(status, server, "/app-health/c0/readyz")
+            )
+            await asyncio.sleep(0.3)
+            release.set()
+            assert await kubelet == (200, "HTTP 200\n")
+            assert all(answer.startswith(b"HTTP/1.1 200") for answer in await asyncio.gather(*held))
+    finally:
+        served.close()
+
+
 def sends_to_loopback(pod: Pod, nft: str, target: Pod, port: int) -> None:
     """`pod`, a neighbour on the bridge, puts 127.0.0.1:`port` on the wire to `target`'s
     MAC for what it sends to target:`port` (as anything that writes raw frames can), and

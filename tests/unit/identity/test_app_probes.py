@@ -170,3 +170,23 @@ def test_a_redirect_is_followed_only_to_the_host_asked(
     location: str, followed: HttpGet | None
 ) -> None:
     assert redirected(PROBE, location) == followed
+
+
+@pytest.mark.parametrize(
+    ("location", "followed"),
+    [
+        ("/healthz/", HttpGet(8080, "/healthz/", headers=PROBE.headers)),
+        ("http://[fd00::5]:9000/x", HttpGet(9000, "/x", headers=(("X-A", "1"),))),
+        ("http://[fd00::6]:9000/x", None),
+        ("http://127.0.0.1:9000/x", None),
+    ],
+)
+def test_a_captured_pods_ipv6_probe_follows_redirects_to_its_own_address(
+    location: str, followed: HttpGet | None
+) -> None:
+    assert redirected(PROBE, location, "fd00::5") == followed
+
+
+def test_a_probe_at_an_ipv6_address_sends_its_host_in_brackets() -> None:
+    head = request_head(HttpGet(8080, "/ready"), "fd00::5")
+    assert b"\r\nHost: [fd00::5]:8080\r\n" in head

@@ -16,6 +16,7 @@ from identity.capture import (
     CaptureRules,
     CaptureRulesError,
     flag_text,
+    pod_address,
     redirects,
     rules_from_flags,
     ruleset,
@@ -304,3 +305,30 @@ def test_the_flags_the_injector_writes_give_the_command_the_same_rules(
     names = [f.name for f in dataclasses.fields(CaptureRules)]
     assert rules_from_flags(**{name: flag_text(args, name) for name in names}) == rules
     assert flag_text([*args, "--agent-uid=7"], "agent_uid") == "7"  # the last one counts
+
+
+@pytest.mark.parametrize(
+    ("local", "handed_to"),
+    [
+        ("10.0.0.5", "10.0.0.5"),
+        ("::ffff:10.0.0.5", "10.0.0.5"),
+        ("fd00::5", "fd00::5"),
+        ("127.0.0.1", None),
+        ("127.1.2.3", None),
+        ("::1", None),
+        ("::ffff:127.0.0.1", None),
+        ("fe80::1", None),
+        ("fe80::1%eth0", None),
+        ("169.254.0.9", None),
+        ("0.0.0.0", None),
+        ("::", None),
+        ("127.0.0.6", None),
+        ("::6", None),
+    ],
+)
+def test_the_agent_hands_connections_only_to_the_pods_own_addresses(
+    local: str, handed_to: str | None
+) -> None:
+    """A loopback-only port stays the pod's own: loopback, link-local, unspecified and the
+    hand-off sources are never where the agent hands a caller (or a probe) to the app."""
+    assert pod_address(local) == handed_to
