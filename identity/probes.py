@@ -134,6 +134,15 @@ def request_head(probe: HttpGet, host: str = HOST) -> bytes:
     return "\r\n".join(lines).encode("latin-1")
 
 
+def _hostname(netloc: str) -> str:
+    """A URL's host as written, as Go's `URL.Hostname` reads it (the kubelet compares
+    that): without user info, port or brackets, and not lower-cased."""
+    host = netloc.rpartition("@")[2]
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.partition(":")[0]
+
+
 def _authority(host: str, port: int) -> str:
     """`host:port` as a URL and a Host header write it: an IPv6 address in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -154,7 +163,7 @@ def redirected(probe: HttpGet, location: str, host: str = HOST) -> HttpGet | Non
         port = target.port or (443 if target.scheme == "https" else 80)
     except ValueError:
         return None
-    if target.scheme not in ("http", "https") or target.hostname != host:
+    if target.scheme not in ("http", "https") or _hostname(target.netloc) != host:
         return None
     path = target.path or "/"
     path += f"?{target.query}" if target.query else ""

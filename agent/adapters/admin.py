@@ -48,7 +48,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.adapters.metrics import AgentMetrics
 from agent.adapters.ports import cannot_listen
-from agent.adapters.probes import LOOPBACK, MAX_IN_FLIGHT, PROBE_ADDRESSES, AppAddress, Prober
+from agent.adapters.probes import LOOPBACK, MAX_IN_FLIGHT, AppAddress, Prober
 from agent.config import AgentConfig, Limits
 from agent.core.svid import Svid
 from agent.core.upstream import Endpoint
@@ -174,12 +174,12 @@ class Servers:
 async def serve(agent: AgentView, scrape: Callable[[], Awaitable[bytes]] | None = None) -> Servers:
     """Start the admin server, and the status server if the config asks for one."""
     handlers = routes(agent, scrape)
-    # One bound on probes in flight, for both servers. Each probe runs once at a time per
-    # address (127.0.0.1, and a captured pod's IPv4 and IPv6: `app_address`), so the pod's
-    # own probes at those are all that can be in flight: the kubelet runs each on its own
-    # clock and, with slow apps, every one of them may overlap the others. As of the
-    # config now: a reload may bring probes.
-    prober = Prober(lambda: max(MAX_IN_FLIGHT, len(agent.config.probes) * PROBE_ADDRESSES))
+    # One bound on probes in flight at each address (`app_address`), for both servers. Each
+    # probe runs once at a time at an address, so the pod's own probes are all that can
+    # be in flight there: the kubelet runs each on its own clock and, with slow apps,
+    # every one of them may overlap the others. As of the config now: a reload may bring
+    # probes.
+    prober = Prober(lambda: max(MAX_IN_FLIGHT, len(agent.config.probes)))
     servers = Servers()
     if not _loopback(agent.config.admin.host):
         log.warning(

@@ -8,8 +8,8 @@ IP only, and the capture rules let the hand-off source through.
 Each check is bounded in time (the probe's timeoutSeconds, as the kubelet's own
 wait for the rewritten probe) and in number: a probe asked while it runs at the
 same address is not run again (the callers share the run's outcome), and at most
-MAX_IN_FLIGHT distinct probes and addresses run at once, across the admin and
-status servers (never fewer than every probe at each address); one beyond
+MAX_IN_FLIGHT distinct probes run at once at each address, across the admin and
+status servers (never fewer than every probe); one beyond
 that fails at once (503) instead of queuing. The status port is on the pod
 network and nobody authenticates there, so a flood of /app-health requests must
 cost the agent and the app a few sockets, not one per request, and must not
@@ -51,12 +51,9 @@ from identity.probes import (
 if TYPE_CHECKING:
     from grpclib.client import Channel
 
-__all__ = ["LOOPBACK", "MAX_IN_FLIGHT", "PROBE_ADDRESSES", "AppAddress", "Outcome", "Prober"]
+__all__ = ["LOOPBACK", "MAX_IN_FLIGHT", "AppAddress", "Outcome", "Prober"]
 
 MAX_IN_FLIGHT = 16
-#: Addresses a probe may run at, each once at a time: 127.0.0.1, and a captured pod's
-#: IPv4 and IPv6 (agent/adapters/admin.py `app_address`).
-PROBE_ADDRESSES = 3
 #: A status line longer than this is no HTTP server's (the stream's read limit).
 MAX_STATUS_LINE = 8 * 1024
 #: Informational answers skipped before the final one (Go's client: 5, then an error),
@@ -119,6 +116,12 @@ class Prober:
     def in_flight(self) -> int:
         return len(self._running)
 
+    def in_flight_at(self, address: AppAddress) -> int:
+        """Runs at `address`: each address has places of its own, so callers at one (a
+        port-forward on loopback, a neighbour at another address of the pod) never take
+        those of the kubelet's, at the pod IP."""
+        return sum(1 for _, at in self._running if at == address)
+
     async def check(self, probe: AppProbe, address: AppAddress = LOOPBACK) -> Outcome:
         if probe.action.port in self.own_ports:
             return Outcome(False, f"port {probe.action.port} is the agent's own")
@@ -126,7 +129,7 @@ class Prober:
         run = self._running.get(key)
         if run is None or run.task.cancelling():  # a run its last caller left is no outcome
             bound = self.max_in_flight
-            if self.in_flight >= bound:
+            if self.in_flight_at(address) >= bound:
                 return Outcome(False, f"more than {bound} probes in flight")
             run = _Run(asyncio.get_running_loop().create_task(self._timed(probe, address)))
             self._running[key] = run

@@ -25,7 +25,7 @@ import grpc
 import pytest
 from aiohttp import web
 
-from agent.adapters.probes import AppAddress, Prober
+from agent.adapters.probes import LOOPBACK, AppAddress, Prober
 from identity.probes import AppProbe, Grpc, HttpGet, TcpSocket
 from identity.proto import health_pb2
 from tests.httpraw import Responses
@@ -339,6 +339,33 @@ async def test_probes_beyond_the_bound_in_flight_fail_at_once(tmp_path: Path) ->
         assert prober.in_flight == 0  # a cancelled probe (its connection closed) frees its place
     finally:
         silent.close()
+
+
+async def test_probes_held_at_other_addresses_leave_the_kubelets_its_places() -> None:
+    """Each address has places of its own: the bound full at 127.0.0.1, and at another
+    address of the pod, the pod IP's probes still run."""
+    app = HeldApp()
+    async with app_server(app) as port:
+        prober = Prober(max_in_flight=2)
+        slow = [
+            AppProbe(f"/app-health/{name}/readyz", HttpGet(port), timedelta(seconds=5))
+            for name in ("a", "b")
+        ]
+        elsewhere = AppAddress("127.0.0.1", "127.0.0.7")  # another address of the pod
+        kubelets = AppAddress("127.0.0.1", "127.0.0.6")
+        held = [
+            asyncio.create_task(prober.check(p, at)) for p in slow for at in (LOOPBACK, elsewhere)
+        ]
+        await asyncio.sleep(0.05)
+        refused = await prober.check(
+            AppProbe("/app-health/c/readyz", HttpGet(port), timedelta(seconds=5))
+        )
+        assert "in flight" in refused.reason
+        kubelet = [asyncio.create_task(prober.check(p, kubelets)) for p in slow]
+        await asyncio.sleep(0.05)
+        assert app.connections == 6
+        app.answer.set()
+        assert all(outcome.passed for outcome in await asyncio.gather(*held, *kubelet))
 
 
 async def test_a_flood_of_one_probe_costs_the_app_one_request_and_never_fails_the_kubelet() -> None:

@@ -190,3 +190,8 @@ def test_a_captured_pods_ipv6_probe_follows_redirects_to_its_own_address(
 def test_a_probe_at_an_ipv6_address_sends_its_host_in_brackets() -> None:
     head = request_head(HttpGet(8080, "/ready"), "fd00::5")
     assert b"\r\nHost: [fd00::5]:8080\r\n" in head
+
+
+def test_a_redirect_to_the_same_ipv6_address_written_otherwise_is_not_followed() -> None:
+    """The kubelet compares the host as written (Go's `URL.Hostname`), case and all."""
+    assert redirected(PROBE, "http://[FD00::5]:9000/x", "fd00::5") is None
