@@ -36,6 +36,7 @@ from control.metrics import ControlMetrics
 from control.sync import MeshState
 from control.tls import peer_spiffe_id
 from identity import SpiffeId, SvidError, TrustDomain
+from identity.printable import printable
 from identity.proto import control_pb2
 from identity.proto.control_grpc import ControlPlaneBase
 from identity.serving import Progress, progress_of
@@ -135,22 +136,6 @@ def refusal(mesh: Mesh, namespace: str, account: str, pod: str) -> str | None:
             f" not {account}"
         )
     return None
-
-
-def printable(text: str, limit: int) -> str:
-    """The caller's `text`, cut to `limit` characters, its lines joined with "; " and any
-    other character that is not printable (terminal escapes) left out."""
-    lines = (line.strip() for line in text[:limit].splitlines())
-    return "; ".join(line for line in lines if line).translate(_UNPRINTABLE)
-
-
-class _Unprintable(dict[int, None]):
-    def __missing__(self, code: int) -> None:
-        if chr(code).isprintable():
-            raise LookupError(code)  # str.translate keeps the character
-
-
-_UNPRINTABLE = _Unprintable()
 
 
 class ControlPlaneService(ControlPlaneBase):

@@ -158,6 +158,9 @@ class _BoundedEvents(EventsProcessor):
         #: find its slot.
         self._reset: set[int] = set()
         self._releases: dict[int, Callable[[], None]] = {}
+        #: Streams refused for a message too large: what more of them arrives (in the same
+        #: read, or before the caller heard) is dropped, never handed to the handler.
+        self._refused: set[int] = set()
 
     def register(self, stream: Stream) -> Callable[[], None]:
         release = super().register(stream)
@@ -170,6 +173,7 @@ class _BoundedEvents(EventsProcessor):
                 return  # released already: by its handler, or when its task was done
             self._framing.pop(stream_id, None)
             self._reset.discard(stream_id)
+            self._refused.discard(stream_id)
             self._settled(stream_id)
             release()
 
@@ -254,6 +258,9 @@ class _BoundedEvents(EventsProcessor):
             self._h2.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)
 
     def process_data_received(self, event: DataReceived) -> None:
+        if event.stream_id in self._refused:  # its window is given back, its bytes dropped
+            self.connection.ack(event.stream_id, event.flow_controlled_length)
+            return
         framing = self._framing.get(event.stream_id)
         try:
             if framing is not None:
@@ -267,6 +274,7 @@ class _BoundedEvents(EventsProcessor):
         """Trailers-only RESOURCE_EXHAUSTED, then RST_STREAM so the sender stops."""
         stream = self.streams[event.stream_id]
         self._framing.pop(event.stream_id, None)
+        self._refused.add(event.stream_id)
         trailers = [
             (":status", "200"),
             ("content-type", "application/grpc"),

@@ -44,6 +44,7 @@ from agent.core.throttle import LogThrottle, held_back
 from identity import SpiffeId, TrustBundle
 from identity.backoff import Backoff
 from identity.grpcserving import BoundedServer, GrpcLimits
+from identity.printable import printable
 from identity.proto import envoy_discovery_pb2, workload_pb2
 from identity.proto.envoy_sds_grpc import SecretDiscoveryServiceBase
 from identity.proto.workload_grpc import SpiffeWorkloadAPIBase
@@ -79,6 +80,8 @@ CONTROL_FRAMES_PER_SECOND = 10.0
 #: status would queue behind the very bytes the caller does not read, and never arrive;
 #: a closed connection is what a gRPC client sees as UNAVAILABLE and reconnects after.
 PUSH_TIMEOUT = 30.0
+#: Characters of a caller's own text (an SDS node ID, a NACK's message) said in the log.
+MAX_SAID = 200
 #: Connections with calls one UID may hold: half the slots, so that a process of one UID
 #: (stuck or hostile) leaves the other half to the pod's other users (Envoy, usually a
 #: UID of its own). Containers that share one UID share the whole.
@@ -333,9 +336,14 @@ class _Caller:
 
     def refuse(self, reason: str, refusal: str) -> None:
         self.metrics.workload_api_refusals.labels(self.api, reason).inc()
-        held = self._lines.admit(reason, time.monotonic())
+        self.say(logging.WARNING, reason, "refused a %s call: %s", self.api, refusal)
+
+    def say(self, level: int, kind: str, message: str, *args: object) -> None:
+        """A line of `kind` at most once a while: what a caller sends it (an SDS client's
+        NACK, the names it asks for) is said, never as often as it sends it."""
+        held = self._lines.admit(kind, time.monotonic())
         if held is not None:
-            log.warning("refused a %s call: %s%s", self.api, refusal, held_back(held))
+            log.log(level, message + "%s", *args, held_back(held))
 
     def unavailable(self, refusal: str) -> GRPCError:
         """The call's end while there is no valid SVID to hand out (retriable: UNAVAILABLE)."""
@@ -452,21 +460,26 @@ class SecretDiscovery(_Service, SecretDiscoveryServiceBase):
         async def read() -> None:
             nonlocal names
             async for request in stream:
+                client = printable(request.node.id, MAX_SAID)
                 if request.error_detail.message:
-                    log.warning(
+                    self._caller.say(
+                        logging.WARNING,
+                        "nack",
                         "SDS client %r refused version %s: %s",
-                        request.node.id,
-                        request.version_info,
-                        request.error_detail.message,
+                        client,
+                        printable(request.version_info, MAX_SAID),
+                        printable(request.error_detail.message, MAX_SAID),
                     )
                 if names is None or list(request.resource_names) != names:
                     names = list(request.resource_names)
-                    log.info(
+                    self._caller.say(
+                        logging.INFO,
+                        "asks",
                         "SDS: %r (pid %d uid %d) asks for %s",
-                        request.node.id,
+                        client,
                         credentials.pid,
                         credentials.uid,
-                        names or "every secret",
+                        printable(", ".join(names), MAX_SAID) or "every secret",
                     )
                     asked.set()
 
@@ -567,10 +580,19 @@ class WorkloadApiServer:
             too_many=lambda: self._closed("streams"),
         )
         self._minting: asyncio.Task[None] | None = None
+        #: The socket file this server bound (device, inode, change time: a file put at
+        #: the path since may reuse the inode), once it serves: the one it unlinks at
+        #: close, not whatever another agent or a user put there.
+        self._bound: tuple[int, int, int] | None = None
 
     async def start(self) -> None:
         sock = _bind_unix(self.path)
-        await self._server.serve(sock, None, CONNECTIONS, self._closed)  # type: ignore[arg-type]
+        try:
+            await self._server.serve(sock, None, CONNECTIONS, self._closed)  # type: ignore[arg-type]
+        except BaseException:
+            sock.close()
+            raise
+        self._bound = _file_id(self.path)
         self._minting = asyncio.create_task(self.handed_out.run(), name="workload-svid")
         log.info("serving the SPIFFE Workload API and Envoy SDS on unix:%s", self.path)
 
@@ -583,10 +605,21 @@ class WorkloadApiServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._minting
         self.handed_out.close()
+        if self._bound is None:
+            return  # never served (refused at start, or stopped before): nothing to close
         self._server.close()
         await self._server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if _file_id(self.path) == self._bound:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+
+def _file_id(path: Path) -> tuple[int, int, int] | None:
+    try:
+        found = path.lstat()
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino, found.st_ctime_ns
 
 
 def _bind_unix(path: Path) -> socket.socket:

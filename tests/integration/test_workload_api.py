@@ -4,6 +4,7 @@ to whom, and that every rotation and bundle change reaches an open stream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import os
@@ -27,7 +28,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 from h2.errors import ErrorCodes
 
 from agent.adapters import workload_api
@@ -419,6 +420,89 @@ async def test_an_svid_the_new_roots_do_not_verify_is_not_handed_out(
                 await bundles.cancel()
         (roots,) = answer.bundles.values()
         assert x509_ders(roots) == [other.der]
+
+
+async def test_stopping_leaves_a_socket_that_is_no_longer_its_own(setup: CaSetup) -> None:
+    """Its socket unlinked while it ran (an operator, a node cleanup) and another agent's
+    bound at the path: stopping, the agent leaves that one alone."""
+    from agent.adapters.workload_api import _bind_unix
+
+    async with workload_agent(setup) as (agent, path):
+        assert agent.workload_api is not None
+        path.unlink()
+        other = _bind_unix(path)
+        try:
+            await agent.workload_api.close()  # as the agent's stop does
+            client = socket.socket(socket.AF_UNIX)
+            client.connect(str(path))  # still there, still the other one's
+            client.close()
+        finally:
+            other.close()
+
+
+async def test_a_server_refused_at_start_closes_quietly_and_leaves_the_file(
+    setup: CaSetup, tmp_path: Path
+) -> None:
+    """An agent stopped before it served (refused at start: the path is a file; or a
+    SIGTERM before the first SVID) ends with that refusal, not a crash in its cleanup,
+    and takes nothing that was not its own."""
+    import dataclasses
+
+    async with workload_agent(setup) as (agent, _):
+        assert agent.config.workload_api is not None
+        path = tmp_path / "socket"
+        path.write_text("mine")
+        config = dataclasses.replace(agent.config.workload_api, socket=path)
+        server = workload_api.WorkloadApiServer(
+            config, agent.identity, agent.metrics, agent.config.ca.backoff
+        )
+        with pytest.raises(OSError, match="not a socket"):
+            await server.start()
+        await server.close()
+        await workload_api.WorkloadApiServer(
+            config, agent.identity, agent.metrics, agent.config.ca.backoff
+        ).close()  # never started at all
+        assert path.read_text() == "mine"
+
+
+async def test_an_sds_clients_own_text_is_said_a_line_a_while_and_cut(
+    setup: CaSetup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A NACK's message and the node ID are the caller's: a process of the pod could send
+    them as large and as often as it likes, and they would fill the agent's log."""
+    big = "x" * 100_000
+    async with workload_agent(setup) as (_, path), secrets_stream(path) as stream:
+        await stream.send_message(discovery_request("ROOTCA"))
+        first = await asyncio.wait_for(stream.recv_message(), STEP)
+        for _ in range(50):
+            nack = discovery_request("ROOTCA", nonce=first.nonce)
+            nack.node.id = big
+            nack.error_detail.message = big + "\n\x1b[31mforged line"
+            await stream.send_message(nack)
+        assert await eventually(lambda: "refused version" in caplog.text)
+        await asyncio.sleep(0.2)
+    said = [r.getMessage() for r in caplog.records if "refused version" in r.getMessage()]
+    assert len(said) == 1
+    assert len(said[0]) < 1_000 and "\x1b" not in said[0] and "\n" not in said[0]
+
+
+async def test_a_message_too_large_on_an_open_stream_ends_it_without_a_traceback(
+    setup: CaSetup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What follows the refused message in the same read is dropped, never read by the
+    handler as a message of its own."""
+    big = discovery_request("ROOTCA")
+    big.node.id = "x" * 300_000
+    async with workload_agent(setup) as (_, path):
+        for _ in range(4):  # the bytes that follow come in the same read, or not: each time
+            with contextlib.suppress(GRPCError, StreamTerminatedError):
+                async with secrets_stream(path) as stream:
+                    await stream.send_message(discovery_request("ROOTCA"))
+                    await asyncio.wait_for(stream.recv_message(), STEP)
+                    await stream.send_message(big)
+                    await asyncio.wait_for(stream.recv_message(), STEP)
+        await asyncio.sleep(0.2)
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
 
 
 def test_a_stale_socket_is_replaced_and_any_other_file_is_not(tmp_path: Path) -> None:
