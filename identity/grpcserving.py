@@ -45,7 +45,12 @@ from grpclib.protocol import EventsProcessor, H2Protocol, Stream
 from grpclib.server import Server
 from h2.errors import ErrorCodes
 from h2.events import DataReceived, RequestReceived, StreamEnded, StreamReset
-from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError
+from h2.exceptions import (
+    DenialOfServiceError,
+    ProtocolError,
+    StreamClosedError,
+    StreamIDTooLowError,
+)
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from hyperframe.frame import (
@@ -75,6 +80,10 @@ ANSWERS_PER_DATA_SENT = 3
 #: Streams a connection may hold beyond twice its limit: those reset as they opened,
 #: waiting for their tasks to be done (the next turn of the loop).
 HELD_SLACK = 32
+#: What answering or resetting a stream the caller is done with raises: it reset or ended
+#: it in the same read (StreamClosedError), or opened a later stream after it, after which
+#: h2 no longer knows it (StreamIDTooLowError). Either way there is no one to answer.
+GONE = (StreamClosedError, StreamIDTooLowError)
 
 
 @dataclass(frozen=True)
@@ -230,7 +239,7 @@ class _BoundedEvents(EventsProcessor):
             if self.limits.advertised_streams:
                 self._too_many(event)
             else:
-                with contextlib.suppress(StreamClosedError):  # the caller reset it already
+                with contextlib.suppress(*GONE):  # the caller reset it already
                     self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
             self.connection.flush()
             return
@@ -244,7 +253,7 @@ class _BoundedEvents(EventsProcessor):
         message = f"at most {limit} calls at once on one connection; open another connection"
         # The caller may have reset it already, or ended it, in the same read: then there
         # is no one to answer, or nothing left to reset.
-        with contextlib.suppress(StreamClosedError):
+        with contextlib.suppress(*GONE):
             self._h2.send_headers(
                 event.stream_id,
                 [
@@ -281,7 +290,7 @@ class _BoundedEvents(EventsProcessor):
             ("grpc-status", str(Status.RESOURCE_EXHAUSTED.value)),
             ("grpc-message", encode_grpc_message(str(exc))),
         ]
-        with contextlib.suppress(StreamClosedError):  # the caller reset it meanwhile
+        with contextlib.suppress(*GONE):  # the caller reset it meanwhile
             self._h2.send_headers(event.stream_id, trailers, end_stream=True)
             self._h2.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)
         self.connection.ack(event.stream_id, event.flow_controlled_length)
@@ -373,7 +382,7 @@ class _BoundedProtocol(H2Protocol):
             for event in events:
                 # A stream the caller ended or reset in the same read is no reason to drop
                 # every other call on the connection.
-                with contextlib.suppress(StreamClosedError):
+                with contextlib.suppress(*GONE):
                     self.processor.process(event)
         except DenialOfServiceError:
             self.processor.close("Protocol error")

@@ -26,7 +26,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -338,9 +338,11 @@ class _Caller:
         self.metrics.workload_api_refusals.labels(self.api, reason).inc()
         self.say(logging.WARNING, reason, "refused a %s call: %s", self.api, refusal)
 
-    def say(self, level: int, kind: str, message: str, *args: object) -> None:
-        """A line of `kind` at most once a while: what a caller sends it (an SDS client's
-        NACK, the names it asks for) is said, never as often as it sends it."""
+    def say(self, level: int, kind: Hashable, message: str, *args: object) -> None:
+        """A line of `kind` at most once a while: what a caller sends (an SDS client's
+        NACK, the names it asks for; `kind` names the caller, uid and pid, so one process
+        sending steadily never hides another's, Envoy's) is said, never as often as it is
+        sent."""
         held = self._lines.admit(kind, time.monotonic())
         if held is not None:
             log.log(level, message + "%s", *args, held_back(held))
@@ -464,7 +466,7 @@ class SecretDiscovery(_Service, SecretDiscoveryServiceBase):
                 if request.error_detail.message:
                     self._caller.say(
                         logging.WARNING,
-                        "nack",
+                        ("nack", credentials.uid, credentials.pid),
                         "SDS client %r refused version %s: %s",
                         client,
                         printable(request.version_info, MAX_SAID),
@@ -474,7 +476,7 @@ class SecretDiscovery(_Service, SecretDiscoveryServiceBase):
                     names = list(request.resource_names)
                     self._caller.say(
                         logging.INFO,
-                        "asks",
+                        ("asks", credentials.uid, credentials.pid),
                         "SDS: %r (pid %d uid %d) asks for %s",
                         client,
                         credentials.pid,
@@ -581,18 +583,20 @@ class WorkloadApiServer:
         )
         self._minting: asyncio.Task[None] | None = None
         #: The socket file this server bound (device, inode, change time: a file put at
-        #: the path since may reuse the inode), once it serves: the one it unlinks at
-        #: close, not whatever another agent or a user put there.
+        #: the path since may reuse the inode): the one it unlinks at close, not whatever
+        #: another agent or a user put there.
         self._bound: tuple[int, int, int] | None = None
+        self._serving = False
 
     async def start(self) -> None:
         sock = _bind_unix(self.path)
+        self._bound = _file_id(self.path)
         try:
             await self._server.serve(sock, None, CONNECTIONS, self._closed)  # type: ignore[arg-type]
         except BaseException:
             sock.close()
             raise
-        self._bound = _file_id(self.path)
+        self._serving = True
         self._minting = asyncio.create_task(self.handed_out.run(), name="workload-svid")
         log.info("serving the SPIFFE Workload API and Envoy SDS on unix:%s", self.path)
 
@@ -605,11 +609,11 @@ class WorkloadApiServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._minting
         self.handed_out.close()
-        if self._bound is None:
+        if not self._serving:
             return  # never served (refused at start, or stopped before): nothing to close
         self._server.close()
         await self._server.wait_closed()
-        if _file_id(self.path) == self._bound:
+        if self._bound is not None and _file_id(self.path) == self._bound:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import itertools
+import logging
 import os
 import shutil
 import socket
@@ -486,6 +487,51 @@ async def test_an_sds_clients_own_text_is_said_a_line_a_while_and_cut(
     assert len(said[0]) < 1_000 and "\x1b" not in said[0] and "\n" not in said[0]
 
 
+#: Another process of the pod: asks for ROOTCA, NACKs the answer, and waits.
+NACKING = """
+import asyncio, sys
+from tests.workload_api import discovery_request, secrets_stream
+
+async def main():
+    async with secrets_stream(sys.argv[1]) as stream:
+        await stream.send_message(discovery_request("ROOTCA"))
+        first = await stream.recv_message()
+        nack = discovery_request("ROOTCA", nonce=first.nonce)
+        nack.error_detail.message = "noise"
+        await stream.send_message(nack)
+        print("sent", flush=True)
+        await asyncio.sleep(30)
+
+asyncio.run(main())
+"""
+
+
+async def test_one_sds_callers_lines_never_hide_anothers(
+    setup: CaSetup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Said a line a while per caller process: a process that NACKs steadily does not hide
+    Envoy's NACK, nor Envoy's streams asking at start."""
+    caplog.set_level(logging.INFO, logger="outrider.agent")
+    async with workload_agent(setup) as (_, path):
+        other = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", NACKING, str(path), stdout=asyncio.subprocess.PIPE
+        )
+        try:
+            assert await asyncio.wait_for(other.stdout.readline(), STEP) == b"sent\n"  # type: ignore[union-attr]
+            assert await eventually(lambda: "noise" in caplog.text)
+            async with secrets_stream(path) as stream:
+                await stream.send_message(discovery_request("ROOTCA", str(WEB)))
+                first = await asyncio.wait_for(stream.recv_message(), STEP)
+                nack = discovery_request("ROOTCA", str(WEB), nonce=first.nonce)
+                nack.error_detail.message = "Failed to load trusted CA certificates"
+                await stream.send_message(nack)
+                assert await eventually(lambda: "Failed to load trusted CA" in caplog.text)
+            assert f"asks for ROOTCA, {WEB}" in caplog.text
+        finally:
+            other.kill()
+            await other.wait()
+
+
 async def test_a_message_too_large_on_an_open_stream_ends_it_without_a_traceback(
     setup: CaSetup, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -502,6 +548,48 @@ async def test_a_message_too_large_on_an_open_stream_ends_it_without_a_traceback
                     await stream.send_message(big)
                     await asyncio.wait_for(stream.recv_message(), STEP)
         await asyncio.sleep(0.2)
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+async def test_a_message_too_large_on_a_stream_passed_by_a_later_one_is_no_traceback(
+    setup: CaSetup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HEADERS, a message declared too large, RST_STREAM, and a later stream's HEADERS, in
+    one write: h2 no longer knows the first stream when the agent would answer it. Nothing
+    to answer; the connection and the later call go on (it cost a traceback a connection,
+    which any process of the pod, and anyone at the CA's port, could repeat)."""
+    fetch = "/envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets"
+    sds = [(k, fetch if k == ":path" else v) for k, v in RAW_HEAD]
+    too_large = b"\x00" + (300_000).to_bytes(4, "big") + b"q" * 100
+
+    def passed_by_a_later_stream(path: Path) -> Response:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(path))
+        client = H2Client(sock)
+        try:
+            first = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(first, sds)
+            client.conn.send_data(first, too_large)
+            client.conn.reset_stream(first, ErrorCodes.CANCEL)
+            later = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(later, sds)
+            ask = discovery_request("ROOTCA").SerializeToString()
+            client.conn.send_data(
+                later, b"\x00" + len(ask).to_bytes(4, "big") + ask, end_stream=True
+            )
+            client.responses[later] = Response(later)
+            client._flush()  # all in one write
+            answer = client.responses[later]
+            deadline = time.monotonic() + STEP
+            while not (answer.body or answer.ended) and time.monotonic() < deadline:
+                client.pump(0.2)
+            return answer
+        finally:
+            client.close()
+
+    async with workload_agent(setup) as (_, path):
+        answer = await asyncio.to_thread(passed_by_a_later_stream, path)
+    assert answer.body and answer.header(b"grpc-status") in (None, b"0"), answer
     assert not [r for r in caplog.records if r.exc_info], caplog.text
 
 
