@@ -280,16 +280,19 @@ class _BoundedEvents(EventsProcessor):
         super().process_data_received(event)
 
     def _refuse(self, event: DataReceived, exc: MessageTooLarge) -> None:
-        """Trailers-only RESOURCE_EXHAUSTED, then RST_STREAM so the sender stops."""
+        """RESOURCE_EXHAUSTED (trailers-only, or trailers after the answer's headers if a
+        stream had them already: a pseudo-header there is malformed), then RST_STREAM so
+        the sender stops."""
         stream = self.streams[event.stream_id]
         self._framing.pop(event.stream_id, None)
         self._refused.add(event.stream_id)
         trailers = [
-            (":status", "200"),
-            ("content-type", "application/grpc"),
             ("grpc-status", str(Status.RESOURCE_EXHAUSTED.value)),
             ("grpc-message", encode_grpc_message(str(exc))),
         ]
+        answered = self._h2.streams.get(event.stream_id)
+        if answered is None or not answered.state_machine.headers_sent:
+            trailers[:0] = [(":status", "200"), ("content-type", "application/grpc")]
         with contextlib.suppress(*GONE):  # the caller reset it meanwhile
             self._h2.send_headers(event.stream_id, trailers, end_stream=True)
             self._h2.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)

@@ -593,6 +593,46 @@ async def test_a_message_too_large_on_a_stream_passed_by_a_later_one_is_no_trace
     assert not [r for r in caplog.records if r.exc_info], caplog.text
 
 
+async def test_a_message_too_large_after_the_answer_began_gets_well_formed_trailers(
+    setup: CaSetup,
+) -> None:
+    """An SDS stream has its answer's headers out after its first push: RESOURCE_EXHAUSTED
+    then comes as trailers, without the pseudo-headers that would make them malformed
+    (a strict client, as h2 here, would drop the whole connection), and the connection's
+    other calls go on."""
+    stream_path = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets"
+    sds = [(k, stream_path if k == ":path" else v) for k, v in RAW_HEAD]
+    ask = discovery_request("ROOTCA").SerializeToString()
+    framed = b"\x00" + len(ask).to_bytes(4, "big") + ask
+    too_large = b"\x00" + (300_000).to_bytes(4, "big") + b"q" * 100
+
+    def refused_after_an_answer(path: Path) -> tuple[Response, Response, bool]:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(path))
+        client = H2Client(sock)
+        try:
+            first = client.send(sds, framed, end=False)
+            deadline = time.monotonic() + STEP
+            while not client.responses[first].body and time.monotonic() < deadline:
+                client.pump(0.2)
+            client.conn.send_data(first, too_large)
+            client._flush()
+            while not client.responses[first].trailers and time.monotonic() < deadline:
+                client.pump(0.2)
+            later = client.send(sds, framed, end=False)
+            while not client.responses[later].body and time.monotonic() < deadline:
+                client.pump(0.2)
+            return client.responses[first], client.responses[later], client.closed
+        finally:
+            client.close()
+
+    async with workload_agent(setup) as (_, path):
+        refused, later, closed = await asyncio.to_thread(refused_after_an_answer, path)
+    assert refused.header(b"grpc-status") == str(Status.RESOURCE_EXHAUSTED.value).encode()
+    assert all(not name.startswith(b":") for name, _ in refused.trailers), refused
+    assert later.body and not closed
+
+
 def test_a_stale_socket_is_replaced_and_any_other_file_is_not(tmp_path: Path) -> None:
     from agent.adapters.workload_api import _bind_unix
 
