@@ -80,10 +80,19 @@ ANSWERS_PER_DATA_SENT = 3
 #: Streams a connection may hold beyond twice its limit: those reset as they opened,
 #: waiting for their tasks to be done (the next turn of the loop).
 HELD_SLACK = 32
-#: What answering or resetting a stream the caller is done with raises: it reset or ended
-#: it in the same read (StreamClosedError), or opened a later stream after it, after which
-#: h2 no longer knows it (StreamIDTooLowError). Either way there is no one to answer.
+#: What processing a stream the caller is done with raises: it reset or ended it in the
+#: same read (StreamClosedError), or opened a later stream after it, after which h2 no
+#: longer knows it (StreamIDTooLowError): no reason to drop the connection's other calls.
 GONE = (StreamClosedError, StreamIDTooLowError)
+
+
+def unanswerable() -> contextlib.suppress:
+    """Around the server's own answer, reset or window update for a stream it refuses:
+    whatever h2 says against sending it (the caller reset the stream, passed it with a
+    later one, sent GOAWAY in the same read, or allows no stream of the server's: all
+    ProtocolErrors of our own frames) leaves no one to answer, and no reason to drop the
+    connection with a traceback."""
+    return contextlib.suppress(ProtocolError)
 
 
 @dataclass(frozen=True)
@@ -239,7 +248,7 @@ class _BoundedEvents(EventsProcessor):
             if self.limits.advertised_streams:
                 self._too_many(event)
             else:
-                with contextlib.suppress(*GONE):  # the caller reset it already
+                with unanswerable():
                     self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
             self.connection.flush()
             return
@@ -251,9 +260,7 @@ class _BoundedEvents(EventsProcessor):
         self._counted_too_many()
         limit = self.limits.max_concurrent_streams
         message = f"at most {limit} calls at once on one connection; open another connection"
-        # The caller may have reset it already, or ended it, in the same read: then there
-        # is no one to answer, or nothing left to reset.
-        with contextlib.suppress(*GONE):
+        with unanswerable():
             self._h2.send_headers(
                 event.stream_id,
                 [
@@ -268,7 +275,8 @@ class _BoundedEvents(EventsProcessor):
 
     def process_data_received(self, event: DataReceived) -> None:
         if event.stream_id in self._refused:  # its window is given back, its bytes dropped
-            self.connection.ack(event.stream_id, event.flow_controlled_length)
+            with unanswerable():
+                self.connection.ack(event.stream_id, event.flow_controlled_length)
             return
         framing = self._framing.get(event.stream_id)
         try:
@@ -293,10 +301,12 @@ class _BoundedEvents(EventsProcessor):
         answered = self._h2.streams.get(event.stream_id)
         if answered is None or not answered.state_machine.headers_sent:
             trailers[:0] = [(":status", "200"), ("content-type", "application/grpc")]
-        with contextlib.suppress(*GONE):  # the caller reset it meanwhile
+        with unanswerable():
             self._h2.send_headers(event.stream_id, trailers, end_stream=True)
+        with unanswerable():
             self._h2.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)
-        self.connection.ack(event.stream_id, event.flow_controlled_length)
+        with unanswerable():
+            self.connection.ack(event.stream_id, event.flow_controlled_length)
         self._release_when_done(stream)
         self.handler.cancel(stream)  # the handler waits for a body that will not come
 

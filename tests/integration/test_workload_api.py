@@ -25,6 +25,7 @@ import grpc
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -631,6 +632,56 @@ async def test_a_message_too_large_after_the_answer_began_gets_well_formed_trail
     assert refused.header(b"grpc-status") == str(Status.RESOURCE_EXHAUSTED.value).encode()
     assert all(not name.startswith(b":") for name, _ in refused.trailers), refused
     assert later.body and not closed
+
+
+def _refusals_it_cannot_send(kind: str) -> bytes:
+    """One write the server refuses something in, where h2 then forbids the answer: a
+    GOAWAY after it, or a stream limit of 0 for the server (legal for a client)."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    head = [(k, v) for k, v in RAW_HEAD]
+    too_large = b"\x00" + (300_000).to_bytes(4, "big") + b"q" * 100
+    limit = workload_api.LIMITS.max_concurrent_streams
+    if kind.startswith("no streams"):
+        conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
+    if kind.endswith("too large"):
+        conn.send_headers(1, head)
+        conn.send_data(1, too_large)
+    else:  # one call past the limit
+        for index in range(limit + 1):
+            conn.send_headers(1 + 2 * index, head)
+    if kind.startswith("no streams"):
+        last = max(conn.streams)
+        conn.reset_stream(last)
+        conn.send_headers(last + 2, head)
+    else:
+        conn.close_connection()
+    return conn.data_to_send()
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["goaway, too large", "goaway, too many", "no streams, too large", "no streams, too many"],
+)
+async def test_a_refusal_h2_forbids_to_send_is_no_traceback(
+    setup: CaSetup, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    """The CA's port, the control plane and this socket share the server: a caller that
+    makes every refusal unsendable must not cost a traceback a connection."""
+
+    def send(path: Path) -> None:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(path))
+            sock.sendall(_refusals_it_cannot_send(kind))
+            sock.settimeout(1)
+            with contextlib.suppress(OSError):
+                while sock.recv(65536):
+                    pass
+
+    async with workload_agent(setup) as (_, path):
+        await asyncio.to_thread(send, path)
+        await asyncio.sleep(0.2)
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
 
 
 def test_a_stale_socket_is_replaced_and_any_other_file_is_not(tmp_path: Path) -> None:
