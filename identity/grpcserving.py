@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 import time
@@ -454,6 +455,10 @@ class BoundedServer(Server):
             http2_connection_window_size=WINDOW, http2_stream_window_size=WINDOW
         )
         super().__init__(handlers, codec=_StrictProtoCodec(), config=window)  # type: ignore[arg-type]
+        # grpclib says "Request was cancelled" at INFO for every call its caller resets or
+        # leaves: a caller starting and resetting calls as fast as it writes (no credentials
+        # needed at the CA's port) would write ~170 KB of log a second. Its errors stay.
+        logging.getLogger("grpclib.server").setLevel(logging.WARNING)
         self._limits = limits
         self._refill = control_frames_per_second
         self._too_many = too_many

@@ -684,6 +684,32 @@ async def test_a_refusal_h2_forbids_to_send_is_no_traceback(
     assert not [r for r in caplog.records if r.exc_info], caplog.text
 
 
+async def test_calls_started_and_reset_as_fast_as_a_caller_writes_cost_no_log(
+    setup: CaSetup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """grpclib said a line at INFO for each call reset after its handler started: a caller
+    resetting calls in a loop (at the CA's port, without credentials) filled the log."""
+    caplog.set_level(logging.INFO)
+
+    def start_and_reset(path: Path) -> None:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(path))
+            client = H2Client(sock)
+            for _ in range(20):
+                ids = [client.send(RAW_HEAD, b"\x00\x00\x00\x00\x00") for _ in range(8)]
+                client.pump(0.05)  # their handlers start
+                for stream_id in ids:
+                    client.conn.reset_stream(stream_id, ErrorCodes.CANCEL)
+                client._flush()
+                client.pump(0.01)
+
+    async with workload_agent(setup) as (_, path):
+        await asyncio.to_thread(start_and_reset, path)
+        await asyncio.sleep(0.2)
+    lines = [r for r in caplog.records if r.name.startswith("grpclib")]
+    assert not lines, [r.getMessage() for r in lines][:3]
+
+
 def test_a_stale_socket_is_replaced_and_any_other_file_is_not(tmp_path: Path) -> None:
     from agent.adapters.workload_api import _bind_unix
 
