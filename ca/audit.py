@@ -13,16 +13,21 @@ from datetime import datetime
 from typing import TextIO
 
 
+class AuditUnavailable(Exception):
+    """A record could not be written: the CA answers nothing it cannot account for."""
+
+
 class AuditLog:
-    def __init__(self, stream: TextIO, clock: Callable[[], datetime]) -> None:
+    def __init__(self, stream: TextIO, clock: Callable[[], datetime], target: str = "-") -> None:
         self._stream = stream
         self._clock = clock
+        self.target = target
 
     @classmethod
     def open(cls, target: str, clock: Callable[[], datetime]) -> AuditLog:
         """'-' is stdout; anything else a file appended to, line-buffered."""
         stream = sys.stdout if target == "-" else open(target, "a", buffering=1)  # noqa: SIM115
-        return cls(stream, clock)
+        return cls(stream, clock, target)
 
     def record(
         self,
@@ -48,5 +53,12 @@ class AuditLog:
             "serial": None if serial is None else f"{serial:x}",
             "not_after": None if not_after is None else not_after.isoformat(),
         }
-        self._stream.write(json.dumps(entry, separators=(",", ":")) + "\n")
-        self._stream.flush()
+        try:
+            self._stream.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError) as exc:  # a full disk, a closed stream
+            where = "stdout" if self.target == "-" else self.target
+            said = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise AuditUnavailable(
+                f"cannot write the audit log ({where}: {said}); free its disk or fix audit_log"
+            ) from None

@@ -10,6 +10,12 @@ def printable(text: str, limit: int) -> str:
     return "; ".join(line for line in lines if line).translate(_UNPRINTABLE)
 
 
+def quoted(text: str, limit: int = 64) -> str:
+    """A caller's claim quoted for an error message: cut to `limit` characters, escaped by
+    repr (a message that echoed it whole would be as long as the caller liked)."""
+    return repr(text[:limit])
+
+
 class _Unprintable(dict[int, None]):
     def __missing__(self, code: int) -> None:
         if chr(code).isprintable():

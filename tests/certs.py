@@ -9,6 +9,7 @@ our root naming another trust domain: the refusal is the agent's own.
 
 from __future__ import annotations
 
+import math
 import ssl
 import subprocess
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ca.signers.local import init_ca
@@ -154,10 +155,12 @@ def year_zero_svid(setup: CaSetup, spiffe_id: SpiffeId) -> Credential:
 def _signed(ca: SigningCa, tbs: bytes) -> bytes:
     """The chain (PEM) of a certificate made of `tbs` (DER), signed by `ca`."""
     signature = ca.key.sign(tbs, ec.ECDSA(hashes.SHA256()))
-    ecdsa_with_sha256 = bytes.fromhex("300a06082a8648ce3d040302")
-    der = _tlv(0x30, tbs + ecdsa_with_sha256 + _tlv(0x03, b"\0" + signature))
+    der = _tlv(0x30, tbs + _ECDSA_WITH_SHA256 + _tlv(0x03, b"\0" + signature))
     pem = ssl.DER_cert_to_PEM_cert(der).encode()
     return pem + ca.cert.public_bytes(serialization.Encoding.PEM)
+
+
+_ECDSA_WITH_SHA256 = bytes.fromhex("300a06082a8648ce3d040302")  # its AlgorithmIdentifier
 
 
 def _tlv(tag: int, content: bytes) -> bytes:
@@ -192,6 +195,59 @@ def server_auth_only(setup: CaSetup, spiffe_id: SpiffeId) -> Credential:
     """An SVID whose EKU allows serving only, presented as a client certificate."""
     shape = Shape(uris=(str(spiffe_id),), eku=(SERVER_AUTH,))
     return issue(SigningCa.load(setup.ca_dir), shape)
+
+
+# --- CSRs cryptography's builder will not make ------------------------------------
+
+
+def two_san_extensions_csr(uri: str) -> bytes:
+    """A CSR with two SubjectAlternativeName extensions (the first names `uri`, the
+    second a DNS name): built with an IssuerAltName, whose OID is then made SAN's."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = _csr_builder().add_extension(
+        x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False
+    )
+    builder = builder.add_extension(
+        x509.IssuerAlternativeName([x509.DNSName("evil.example")]), critical=False
+    )
+    tbs = builder.sign(key, hashes.SHA256()).tbs_certrequest_bytes
+    return _signed_csr(tbs.replace(b"\x06\x03\x55\x1d\x12", b"\x06\x03\x55\x1d\x11"), key)
+
+
+def x400_san_csr() -> bytes:
+    """A CSR whose SAN is an x400Address ([3]), which cryptography parses but cannot show."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    dns = x509.SubjectAlternativeName([x509.DNSName("zzzzzzzz.example")])
+    tbs = _csr_builder().add_extension(dns, critical=False).sign(key, hashes.SHA256())
+    named = b"\x82\x10zzzzzzzz.example"  # the DNS name's [2] element; [3] of the same length
+    return _signed_csr(tbs.tbs_certrequest_bytes.replace(named, b"\xa3" + named[1:]), key)
+
+
+def rsa_key_with_exponent(exponent_bits: int) -> rsa.RSAPrivateKey:
+    """An RSA-2048 key whose public exponent has `exponent_bits` bits (no generator makes
+    one: its primes taken from a generated key, the rest computed)."""
+    numbers = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_numbers()
+    p, q = numbers.p, numbers.q
+    phi = (p - 1) * (q - 1)
+    e = (1 << (exponent_bits - 1)) + 1
+    while math.gcd(e, phi) != 1:
+        e += 2
+    d = pow(e, -1, phi)
+    public = rsa.RSAPublicNumbers(e, p * q)
+    return rsa.RSAPrivateNumbers(
+        p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), public
+    ).private_key()
+
+
+def _csr_builder() -> x509.CertificateSigningRequestBuilder:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "crafted")])
+    return x509.CertificateSigningRequestBuilder().subject_name(name)
+
+
+def _signed_csr(tbs: bytes, key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The DER CSR of `tbs`, signed again by `key` (ecdsa-with-SHA256)."""
+    signature = key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    return _tlv(0x30, tbs + _ECDSA_WITH_SHA256 + _tlv(0x03, b"\0" + signature))
 
 
 # --- TLS contexts around a credential --------------------------------------------

@@ -63,10 +63,10 @@ from agent.core.captured import (
     UpstreamAddresses,
 )
 from agent.core.discovery import StaticSource
-from agent.core.throttle import held_back
 from agent.core.upstream import Endpoint
 from identity.capture import handoff_source, pod_address
 from identity.configfile import Listen
+from identity.throttle import held_back
 
 log = logging.getLogger("outrider.agent")
 
@@ -160,7 +160,7 @@ def _refuse(
 ) -> None:
     """Closed and counted; an access log line (to `destination`, when known) in mode
     denied and all, as a denial's; said in the agent's log at most once a while per kind
-    (a caller can cause these as fast as it connects: agent/core/throttle.py)."""
+    (a caller can cause these as fast as it connects: identity/throttle.py)."""
     runtime.connection_refused(direction, reason)
     sock.close()
     if runtime.observer is not None:

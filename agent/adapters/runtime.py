@@ -18,8 +18,8 @@ from agent.adapters.tls import Contexts, peer_id
 from agent.adapters.tracing import Observer
 from agent.config import Limits
 from agent.core.policy import PolicySet
-from agent.core.throttle import LogThrottle, held_back
 from identity import SpiffeId, SvidError
+from identity.throttle import LogThrottle, held_back
 
 log = logging.getLogger("outrider.agent")
 
@@ -98,7 +98,7 @@ class Runtime:
     #: Inbound connections accepted whose peer is not verified yet, on every listener,
     #: oldest first: each with what closes it.
     handshaking: dict[object, Callable[[], None]] = field(default_factory=dict)
-    #: Lines about refusals a caller can cause at will: bounded (agent/core/throttle.py).
+    #: Lines about refusals a caller can cause at will: bounded (identity/throttle.py).
     refusal_lines: LogThrottle = field(default_factory=LogThrottle)
     #: Access log and tracing (agent/adapters/tracing.py); None when both are off, so each
     #: request pays one `if` for them.

@@ -40,7 +40,6 @@ from agent.adapters.rotator import IdentityManager, RenewalFailed
 from agent.config import WorkloadApiConfig
 from agent.core import workload
 from agent.core.svid import Svid
-from agent.core.throttle import LogThrottle, held_back
 from identity import SpiffeId, TrustBundle
 from identity.backoff import Backoff
 from identity.grpcserving import BoundedServer, GrpcLimits
@@ -49,6 +48,7 @@ from identity.proto import envoy_discovery_pb2, workload_pb2
 from identity.proto.envoy_sds_grpc import SecretDiscoveryServiceBase
 from identity.proto.workload_grpc import SpiffeWorkloadAPIBase
 from identity.serving import ConnectionLimits, progress_of
+from identity.throttle import LogThrottle, held_back
 
 if TYPE_CHECKING:
     from grpclib.server import Stream
@@ -289,7 +289,7 @@ class _Caller:
     """What every call does first: attest the caller (the header, then SO_PEERCRED).
 
     Each refusal is counted; the log says it at most once a while per kind
-    (agent/core/throttle.py): a process of the pod can call as fast as it likes.
+    (identity/throttle.py): a process of the pod can call as fast as it likes.
     """
 
     def __init__(

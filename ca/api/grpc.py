@@ -3,6 +3,7 @@ GetBundle: the current trust bundle, for agents to follow root changes."""
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -11,7 +12,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from ca.audit import AuditLog
+from ca.audit import AuditLog, AuditUnavailable
 from ca.authn.callers import Authenticator, Caller
 from ca.authn.kubernetes import AuthnError
 from ca.core import csr
@@ -22,9 +23,12 @@ from ca.signers.base import SignerUnavailable
 from identity import TrustBundle
 from identity.proto import ca_pb2
 from identity.proto.ca_grpc import CertificateAuthorityBase
+from identity.throttle import LogThrottle, held_back
 
 if TYPE_CHECKING:
     from grpclib.server import Stream
+
+log = logging.getLogger("outrider.ca")
 
 
 class Refusal(Exception):
@@ -63,6 +67,8 @@ def refusal_for(exc: Exception) -> Refusal | None:
         return Refusal(Status.UNAVAILABLE, exc.reason, str(exc))
     if isinstance(exc, IssuanceError):
         return Refusal(Status.INTERNAL, "validation_failed", "the CA refused its own certificate")
+    if isinstance(exc, AuditUnavailable):
+        return Refusal(Status.UNAVAILABLE, "audit_unavailable", str(exc))
     return None
 
 
@@ -75,6 +81,9 @@ class CertificateAuthorityService(CertificateAuthorityBase):
         self._metrics = metrics
         self._audit = audit
         self._bundle_answer: tuple[TrustBundle, ca_pb2.GetBundleResponse] | None = None
+        #: What goes wrong in the CA itself is said once a while per kind, with what it
+        #: stood for: any caller can repeat the call that met it, as fast as it likes.
+        self._lines = LogThrottle()
 
     async def Sign(self, stream: Stream[ca_pb2.SignRequest, ca_pb2.SignResponse]) -> None:
         request = await stream.recv_message()
@@ -92,13 +101,13 @@ class CertificateAuthorityService(CertificateAuthorityBase):
                 caller.spiffe_id, public_key, self._ttl(request), csr=parsed
             )
             self._metrics.sign_duration.observe(time.perf_counter() - started)
+            # Recorded before it is sent: a certificate the log cannot account for is not
+            # handed out (AuditUnavailable refuses the call instead).
+            self._issued(issued, caller, _peer_address(stream))
         except Exception as exc:
-            refusal = refusal_for(exc)
-            if refusal is None:
-                raise
+            refusal = refusal_for(exc) or self._failed(exc)
             self._refused(refusal, caller, _peer_address(stream))
             raise GRPCError(refusal.status, str(refusal)) from None
-        self._issued(issued, caller, _peer_address(stream))
         await stream.send_message(_response(issued))
 
     async def GetBundle(
@@ -124,24 +133,36 @@ class CertificateAuthorityService(CertificateAuthorityBase):
         cap = self._issuer.policy.max_ttl.total_seconds()
         return timedelta(seconds=min(request.ttl_seconds, cap))
 
+    def _failed(self, exc: Exception) -> Refusal:
+        """A Sign the CA itself failed (a bug): INTERNAL, counted and audited as every
+        answer is, and its traceback in the log once a while per kind."""
+        self._say(type(exc).__name__, "a Sign call failed in the CA itself", exc)
+        return Refusal(Status.INTERNAL, "internal", "the CA failed this call; its log says why")
+
+    def _say(self, kind: str, message: str, exc: Exception | None = None) -> None:
+        held = self._lines.admit(kind, time.monotonic())
+        if held is not None:
+            log.error("%s%s", message, held_back(held), exc_info=exc)
+
     def _refused(self, refusal: Refusal, caller: Caller | None, peer: str | None) -> None:
         self._metrics.csr.labels("refused", refusal.reason).inc()
         if refusal.status is Status.UNAUTHENTICATED:
             self._metrics.authn_failures.labels(refusal.reason).inc()
-        self._audit.record(
-            result="refused",
-            reason=str(refusal),
-            caller=caller.subject if caller else None,
-            peer=peer,
-            pod=caller.pod if caller else None,
-            spiffe_id=str(caller.spiffe_id) if caller else None,
-        )
+        try:
+            self._audit.record(
+                result="refused",
+                reason=str(refusal),
+                caller=caller.subject if caller else None,
+                peer=peer,
+                pod=caller.pod if caller else None,
+                spiffe_id=str(caller.spiffe_id) if caller else None,
+            )
+        except AuditUnavailable as exc:  # the refusal stands; the CA's log says what is lost
+            self._say("audit", f"{exc}: refusals go unrecorded, and nothing is issued")
 
     def _issued(self, issued: IssuedSvid, caller: Caller, peer: str | None) -> None:
         leaf = issued.leaf
         backdated = leaf.not_valid_before_utc + self._issuer.policy.backdate
-        self._metrics.csr.labels("issued", caller.credential).inc()
-        self._metrics.issued_ttl.observe((leaf.not_valid_after_utc - backdated).total_seconds())
         self._audit.record(
             result="issued",
             reason=caller.credential,
@@ -152,6 +173,8 @@ class CertificateAuthorityService(CertificateAuthorityBase):
             serial=leaf.serial_number,
             not_after=leaf.not_valid_after_utc,
         )
+        self._metrics.csr.labels("issued", caller.credential).inc()
+        self._metrics.issued_ttl.observe((leaf.not_valid_after_utc - backdated).total_seconds())
 
 
 def _response(issued: IssuedSvid) -> ca_pb2.SignResponse:

@@ -31,6 +31,7 @@ from ca.authn.errors import AuthnError as AuthnError
 from ca.authn.errors import TokenReason
 from ca.authn.jwks import Clock as Clock
 from ca.authn.jwks import JwksSource
+from identity.printable import quoted
 
 # Real tokens are about 1 KB; the cap bounds the work an unauthenticated caller can cause.
 MAX_TOKEN_CHARS = 16 * 1024
@@ -92,11 +93,6 @@ def _is_dns_subdomain(value: str) -> bool:
     return len(value) <= 253 and _DNS_SUBDOMAIN.fullmatch(value) is not None
 
 
-def _show(value: str) -> str:
-    """Quote a claim for an error message: escaped, and short."""
-    return repr(value[:64])
-
-
 @dataclass(frozen=True)
 class KubernetesCaller:
     """An authenticated workload. Construction validates every field, so
@@ -110,17 +106,17 @@ class KubernetesCaller:
 
     def __post_init__(self) -> None:
         if not _is_dns_label(self.namespace):
-            raise ValueError(f"namespace {_show(self.namespace)} is not a DNS-1123 label")
+            raise ValueError(f"namespace {quoted(self.namespace)} is not a DNS-1123 label")
         account = self.service_account
         if not _is_dns_subdomain(account):
-            raise ValueError(f"service account {_show(account)} is not a DNS-1123 subdomain")
+            raise ValueError(f"service account {quoted(account)} is not a DNS-1123 subdomain")
         expected = f"system:serviceaccount:{self.namespace}:{self.service_account}"
         if self.subject != expected:
-            raise ValueError(f"sub {_show(self.subject)} is not {expected!r}")
+            raise ValueError(f"sub {quoted(self.subject)} is not {expected!r}")
         if self.pod_name is not None and not _is_dns_subdomain(self.pod_name):
-            raise ValueError(f"pod name {_show(self.pod_name)} is not a DNS-1123 subdomain")
+            raise ValueError(f"pod name {quoted(self.pod_name)} is not a DNS-1123 subdomain")
         if self.pod_uid is not None and _UID.fullmatch(self.pod_uid) is None:
-            raise ValueError(f"pod uid {_show(self.pod_uid)} is not a UID")
+            raise ValueError(f"pod uid {quoted(self.pod_uid)} is not a UID")
 
 
 @dataclass(frozen=True)
@@ -264,7 +260,7 @@ class TokenVerifier:
         if alg.lower() == "none":
             raise AuthnError("unsigned", "token is unsigned (alg none)")
         if alg not in self._policy.algorithms:
-            raise AuthnError("unsupported_alg", f"algorithm {_show(alg)} is not accepted")
+            raise AuthnError("unsupported_alg", f"algorithm {quoted(alg)} is not accepted")
         return alg
 
     async def _candidate_keys(self, kid: str | None, alg: str) -> list[jwt.PyJWK]:
@@ -274,7 +270,7 @@ class TokenVerifier:
         if not found:
             found = _matching_keys(await self._jwks.key_set(refresh=True), kid, alg)
         if not found:
-            named = "no key id" if kid is None else f"key id {_show(kid)}"
+            named = "no key id" if kid is None else f"key id {quoted(kid)}"
             raise AuthnError("unknown_key", f"no {alg} key for {named}")
         return found
 

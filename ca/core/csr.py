@@ -15,10 +15,23 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from identity import SpiffeId
+from identity.printable import quoted
 
 MAX_CSR_BYTES = 16 * 1024
 ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 RSA_BITS = (2048, 8192)
+#: The one RSA public exponent taken (what every key generator makes): a caller's own
+#: exponent would set what each verification of its signature costs the CA.
+RSA_EXPONENT = 65537
+#: What parsing a caller's CSR may raise: cryptography reports a malformed part with
+#: ValueError, and some shapes with exceptions of their own (two extensions of one type,
+#: a SAN of a kind it cannot represent), none of them the CA's fault.
+_UNPARSABLE = (
+    ValueError,
+    UnsupportedAlgorithm,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
 
 
 class CsrRejected(ValueError):
@@ -39,23 +52,27 @@ def parse(data: bytes) -> x509.CertificateSigningRequest:
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_csr(data)
         return x509.load_der_x509_csr(data)
-    except (ValueError, x509.InvalidVersion) as exc:
+    except (*_UNPARSABLE, x509.InvalidVersion) as exc:
         raise CsrRejected("malformed", f"CSR is not valid PEM or DER PKCS#10: {exc}") from None
 
 
 def check(csr: x509.CertificateSigningRequest, identity: SpiffeId) -> CertificatePublicKeyTypes:
-    """Return the CSR's public key if the CSR asks for nothing beyond `identity`."""
+    """Return the CSR's public key if the CSR asks for nothing beyond `identity`. The key
+    is checked before the signature: a key the CA refuses costs it no verification."""
     try:
         key = csr.public_key()
-        signed = csr.is_signature_valid
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise CsrRejected("malformed", f"CSR key or signature is unusable: {exc}") from None
-    if not signed:
-        raise CsrRejected("bad_signature", "CSR signature does not verify with its own key")
+    except _UNPARSABLE as exc:
+        raise CsrRejected("malformed", f"CSR key is unusable: {exc}") from None
     _check_key(key)
     try:
+        signed = csr.is_signature_valid
+    except _UNPARSABLE as exc:
+        raise CsrRejected("malformed", f"CSR signature is unusable: {exc}") from None
+    if not signed:
+        raise CsrRejected("bad_signature", "CSR signature does not verify with its own key")
+    try:
         extensions = csr.extensions
-    except ValueError as exc:
+    except _UNPARSABLE as exc:
         raise CsrRejected("malformed", f"CSR extensions cannot be parsed: {exc}") from None
     for extension in extensions:
         if isinstance(extension.value, x509.BasicConstraints) and extension.value.ca:
@@ -73,6 +90,8 @@ def _check_key(key: CertificatePublicKeyTypes) -> None:
         low, high = RSA_BITS
         if not low <= key.key_size <= high:
             raise CsrRejected("weak_key", f"RSA key of {key.key_size} bits; need {low}-{high}")
+        if key.public_numbers().e != RSA_EXPONENT:
+            raise CsrRejected("weak_key", f"RSA key's public exponent is not {RSA_EXPONENT}")
     else:
         raise CsrRejected("weak_key", f"{type(key).__name__} keys are not supported; use P-256")
 
@@ -86,5 +105,5 @@ def _check_sans(sans: x509.SubjectAlternativeName, identity: SpiffeId) -> None:
         if name.value != str(identity):
             raise CsrRejected(
                 "identity_mismatch",
-                f"CSR asks for {name.value!r} but the caller is {identity}",
+                f"CSR asks for {quoted(name.value)} but the caller is {identity}",
             )

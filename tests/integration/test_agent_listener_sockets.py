@@ -20,8 +20,8 @@ import pytest
 
 from agent.adapters.capture_listeners import OutboundCaptureListener
 from agent.adapters.listeners import ACCEPT_BATCH, Connections, Listener
-from agent.core.throttle import LogThrottle
 from identity.configfile import Listen
+from identity.throttle import LogThrottle
 from tests.mesh import eventually
 
 

@@ -10,6 +10,7 @@ import base64
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -32,6 +33,7 @@ from tests.support import (
     CaProcess,
     CaSetup,
     ca_client,
+    ca_process,
     chain_pem,
     key_pem,
     make_ca_setup,
@@ -126,6 +128,12 @@ CSRS: dict[str, tuple[Callable[[], bytes], Status, str]] = {
     "bad-signature": (lambda: _tampered_csr(), Status.INVALID_ARGUMENT, "bad_signature"),
     "garbage": (lambda: b"\x30\x03junk", Status.INVALID_ARGUMENT, "malformed"),
     "empty": (lambda: b"", Status.INVALID_ARGUMENT, "malformed"),
+    "two-san-extensions": (
+        lambda: certs.two_san_extensions_csr(WORKLOAD),
+        Status.INVALID_ARGUMENT,
+        "malformed",
+    ),
+    "x400-san": (certs.x400_san_csr, Status.INVALID_ARGUMENT, "malformed"),
 }
 
 
@@ -142,6 +150,32 @@ async def test_csr_refusals(setup: CaSetup, ca: CaProcess, case: str):
     error = await refused(setup, ca, make(), token=setup.issuer.token("shop", "web"))
     assert error.status is status
     assert reason in (error.message or "")
+    assert setup.audit()[-1]["reason"].startswith(f"{reason}:")
+    assert not any("Traceback" in line for line in ca.stderr), "".join(ca.stderr)
+
+
+async def test_an_audit_log_the_ca_cannot_write_stops_issuance_and_says_so(
+    tmp_path: Path,
+) -> None:
+    """A certificate is handed out only once its line is written: on a full disk Sign
+    answers UNAVAILABLE, naming the log, while refusals still go out as themselves; the
+    CA's log says what to fix once, not a traceback per call."""
+    setup = make_ca_setup(tmp_path, audit_log="/dev/full")
+    with ca_process(setup.config) as ca:
+        async with ca_client(setup, ca) as c:
+            for _ in range(3):
+                with pytest.raises(GRPCError) as error:
+                    await c.sign(make_csr(), token=setup.issuer.token("shop", "web"))
+                assert error.value.status is Status.UNAVAILABLE
+                assert "audit_unavailable" in (error.value.message or "")
+                assert "/dev/full" in (error.value.message or "")
+            with pytest.raises(GRPCError) as error:
+                await c.sign(make_csr(), token="not.a.jwt")
+            assert error.value.status is Status.UNAUTHENTICATED
+        said = [line for line in ca.stderr if "audit log" in line]
+        assert len(said) == 1, "".join(ca.stderr)
+        assert "free its disk or fix audit_log" in said[0]
+        assert not any("Traceback" in line for line in ca.stderr), "".join(ca.stderr)
 
 
 async def test_negative_ttl_refused(setup: CaSetup, ca: CaProcess):

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from ca.core import csr
 from identity import SpiffeId, TrustDomain
+from tests import certs
 from tests.support import make_csr
 
 BAD_PEM = b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
@@ -59,10 +60,15 @@ def test_pem_and_der_are_the_same_request():
         (b"", "malformed"),
         (BAD_PEM, "malformed"),
         (b"\x00" * (csr.MAX_CSR_BYTES + 1), "malformed"),
+        (certs.two_san_extensions_csr(str(WEB)), "malformed"),
+        (certs.x400_san_csr(), "malformed"),
+        (make_csr(certs.rsa_key_with_exponent(2000)), "weak_key"),
+        (make_csr(certs.rsa_key_with_exponent(32)), "weak_key"),
     ],
     ids=[
         "other-id", "two-uris", "https-uri", "dns", "uri-and-dns", "ip", "email", "ca",
-        "rsa-1024", "p-224", "ed25519", "empty", "bad-pem", "oversized",
+        "rsa-1024", "p-224", "ed25519", "empty", "bad-pem", "oversized", "two-san-extensions",
+        "x400-san", "rsa-huge-exponent", "rsa-32-bit-exponent",
     ],
 )  # fmt: skip
 def test_refused(der: bytes, reason: str):
@@ -70,6 +76,16 @@ def test_refused(der: bytes, reason: str):
         check(der)
     assert refused.value.reason == reason
     assert str(refused.value)
+
+
+def test_a_refusal_quotes_at_most_a_bounded_piece_of_what_the_caller_asked_for():
+    """A caller chooses its CSR's names: the message (sent back, and audited) does not."""
+    asked = f"spiffe://example.org/{'a' * 15_000}"
+    with pytest.raises(csr.CsrRejected) as refused:
+        check(make_csr(uris=(asked,)))
+    assert refused.value.reason == "identity_mismatch"
+    assert len(str(refused.value)) < 200
+    assert str(WEB) in str(refused.value)
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,9 +1,9 @@
 """Refusal lines are bounded: one per kind per interval, the next one saying how many it
-stands for (agent/core/throttle.py)."""
+stands for (identity/throttle.py)."""
 
 from __future__ import annotations
 
-from agent.core.throttle import MAX_KINDS, LogThrottle, held_back
+from identity.throttle import MAX_KINDS, LogThrottle, held_back
 
 
 def test_a_flood_of_one_refusal_is_one_line_per_interval_with_the_count_of_the_rest() -> None:
