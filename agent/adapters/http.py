@@ -196,6 +196,7 @@ class HttpExchange:
         drained: Callable[[], None] = lambda: None,
         refused: Callable[[str], None] = lambda reason: None,
         watch: Watch | None = None,
+        broke: Callable[[str], None] = lambda detail: None,
     ) -> None:
         self.client, self.app = client, app
         self.watch = watch  # None: no access log, no tracing (agent/adapters/tracing.py)
@@ -223,6 +224,7 @@ class HttpExchange:
         self.draining = False  # take no new request; close once what was read is answered
         self.drained = drained  # told when a drained connection has been sent all it is owed
         self.refused = refused  # told why a connection was refused (protocol_mismatch)
+        self.broke = broke  # told how the app broke HTTP, once, as both connections end
 
     def release(self) -> None:
         """Both connections are gone: let go of the parsers and what they hold (a request
@@ -252,15 +254,33 @@ class HttpExchange:
             self.client.write(data)
             return
         responses = self.responses
-        events = responses.feed(data) if responses is not None else None
-        if events is None or not self._responses(events):
-            self.client.abort()  # the app broke HTTP: nothing sane can follow
-            self.app.abort()
+        if responses is None:
+            self._app_broke(b"", "bytes while no request was in flight")
             return
+        events = responses.feed(data)
+        if events and isinstance(events[-1], http1.Broken):
+            self._app_broke(b"".join(self.to_client[: self._responses(events)]), events[-1].detail)
+            return
+        self._responses(events)
         self._flush()
 
-    def _responses(self, events: list[http1.ResponseEvent]) -> bool:
-        """Apply the app's response events; False if it broke HTTP."""
+    def _app_broke(self, whole: bytes, detail: str) -> None:
+        """The app broke HTTP: nothing sane can follow on either connection. The responses
+        it finished before the break (`whole`: a 204 with a body, say) go out first."""
+        self.to_client.clear()
+        self.to_app.clear()
+        self.app.abort()
+        self.broke(detail)
+        if whole:
+            self.client.write(whole)
+            self.client.close()
+        else:
+            self.client.abort()
+
+    def _responses(self, events: list[http1.ResponseEvent]) -> int:
+        """Apply the app's response events; how much of `to_client` holds whole responses
+        (a Broken event, last, is left to the caller)."""
+        whole = 0
         for event in events:
             if isinstance(event, Data):
                 data = event.data
@@ -271,13 +291,12 @@ class HttpExchange:
                     self._sent(len(event.data))
             elif event is END:
                 self.response_done()
+                whole = len(self.to_client)
             elif isinstance(event, Response):
                 self.response_head(event)
             elif isinstance(event, Switched):
                 self.switch(event.rest)
-            else:
-                return False
-        return True
+        return whole
 
     def _flush(self) -> None:
         if self.to_app:
@@ -479,7 +498,9 @@ class HttpExchange:
         if response.status < 200 and response.status != 101:
             if not request.http10:  # 100 Continue and friends: the final one follows
                 self.to_client.append(
-                    http1.response_head(response, "none", http10=False, keep_alive=True)
+                    http1.response_head(
+                        response, "none", http10=False, keep_alive=True, dropped=IDENTITY_HEADERS
+                    )
                 )
             return
         self.outgoing = http1.relay_framing(

@@ -607,6 +607,17 @@ class InboundMtls(Listener[InboundT]):
                 http1.H2_ADVICE if reason == "protocol_mismatch" else reason,
             )
 
+        def broke(detail: str) -> None:
+            refusal_line(
+                self.runtime.refusal_lines,
+                log,
+                (INBOUND, "app_broke_http"),
+                "inbound %s: the app broke HTTP/1.1 (%s): its connection and the caller's were"
+                " closed, after any response it had finished",
+                config.listen,
+                detail,
+            )
+
         assert relay.down.transport is not None and up.transport is not None
         identity = xfcc(str(self.runtime.spiffe_id), str(peer)) if peer else b""
         watch = None
@@ -623,6 +634,7 @@ class InboundMtls(Listener[InboundT]):
             relay.close,
             refused,
             watch,
+            broke,
         )
         relay.on_released = exchange.release
         relay.link(exchange.from_client, exchange.from_app)

@@ -246,10 +246,15 @@ def _tokens(values: list[bytes] | None) -> frozenset[bytes]:
     return frozenset(t.strip().lower() for v in values for t in v.split(b",")) - {b""}
 
 
+def _codings(scanned: Scanned) -> list[bytes]:
+    """The transfer codings of Transfer-Encoding, in order, lowercase."""
+    values = scanned.get(b"transfer-encoding", ())
+    return [t.strip().lower() for v in values for t in v.split(b",")]
+
+
 def _chunked(scanned: Scanned) -> bool:
     """Transfer-Encoding ends in chunked (llhttp refuses a request where it does not)."""
-    values = scanned.get(b"transfer-encoding", ())
-    codings = [t.strip().lower() for v in values for t in v.split(b",")]
+    codings = _codings(scanned)
     return bool(codings) and codings[-1] == b"chunked"
 
 
@@ -763,6 +768,11 @@ def _check(version: str, scanned: Scanned, known_host: bytes = b"") -> str | Non
         return "chunked in HTTP/1.0"
     if codings and not _chunked(scanned):  # RFC 9112 6.3: the length cannot be known
         return "Transfer-Encoding does not end in chunked"
+    if codings and _codings(scanned) != [b"chunked"]:
+        # The body goes on de-chunked and chunked again, under the caller's header: an app
+        # that takes only a bare `chunked` would read `gzip, chunked` as no framing at all
+        # (Envoy answers 501 to any coding but chunked).
+        return "Transfer-Encoding other than chunked alone"
     if codings and b"content-length" in scanned:  # the smuggler's favourite
         return "Content-Length beside Transfer-Encoding"
     # llhttp keeps trailing whitespace; the app drops it (RFC 9110 5.5), so must we.

@@ -157,6 +157,19 @@ SMUGGLING = [
         400,
         "Transfer-Encoding",
     ),
+    # Codings before chunked: the body would go on chunked again under the caller's header,
+    # which an app that takes only a bare `chunked` reads as unframed.
+    (
+        b"POST / HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: identity, chunked\r\n\r\n0\r\n\r\n",
+        400,
+        "chunked alone",
+    ),
+    (
+        b"POST / HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: gzip\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+        "chunked alone",
+    ),
     (
         b"POST / HTTP/1.0\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         400,

@@ -60,6 +60,7 @@ class Exchange:
         self.client, self.app = Sent(), Sent()
         self.statuses: list[int] = []
         self.refusals: list[str] = []
+        self.broken: list[str] = []
         self.exchange = HttpExchange(
             self.client,  # type: ignore[arg-type]
             self.app,  # type: ignore[arg-type]
@@ -67,6 +68,7 @@ class Exchange:
             b"By=a;URI=b",
             self.statuses.append,
             refused=self.refusals.append,
+            broke=self.broken.append,
         )
 
     def send(self, raw: bytes) -> bytes:
@@ -180,10 +182,32 @@ def test_an_interim_response_is_passed_on_before_the_final_one() -> None:
 
 
 def test_an_app_that_answers_what_nobody_asked_loses_both_connections() -> None:
+    """What the app finished before it broke HTTP reaches the client, then both
+    connections end (Envoy's way): a 204 with a body is still a 204."""
+    for answered, status in ((OK + OK, 200), (b"HTTP/1.1 204 No Content\r\n\r\nbody", 204)):
+        x = Exchange()
+        x.send(GET)
+        written = x.answer(answered)
+        assert status_of(written) == status and written.count(b"HTTP/1.1") == 1
+        assert x.client.closed and not x.client.aborted and x.app.aborted
+        assert x.statuses == [status] and x.broken and "nobody asked" in x.broken[0]
+
+
+def test_an_app_that_breaks_http_mid_response_loses_both_connections_at_once() -> None:
     x = Exchange()
     x.send(GET)
-    x.answer(OK + OK)
-    assert x.client.aborted and x.app.aborted
+    assert x.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nBad Header: x\r\n\r\n") == b""
+    assert x.client.aborted and x.app.aborted and x.statuses == [] and x.broken
+
+
+def test_an_interim_response_never_carries_the_identity_header_to_the_client() -> None:
+    x = Exchange()
+    x.send(
+        b"POST /api/items HTTP/1.1\r\nHost: b\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+    )
+    hints = b"HTTP/1.1 103 Early Hints\r\nX-Forwarded-Client-Cert: leak\r\nLink: </a>\r\n\r\n"
+    written = x.answer(hints)
+    assert status_of(written) == 103 and b"leak" not in written and b"Link" in written
 
 
 def test_an_allowed_upgrade_becomes_a_byte_stream_after_the_apps_101() -> None:
