@@ -45,10 +45,13 @@ from agent.adapters.attempts import Attempts, LocalAnswer, Try, dial_within_limi
 from agent.adapters.http import (
     HOLD_BYTES,
     METHOD_NAMES,
+    REQUEST_COST,
     deliver_requests,
     error_body,
     local_body_size,
     local_response,
+    read_on,
+    take_requests,
 )
 from agent.adapters.metrics import TalliedHistogram, clock
 from agent.adapters.pool import UpstreamConnection
@@ -203,6 +206,8 @@ class OutboundHttp(asyncio.Protocol):
         self.requests = http1.RequestParser(live.runtime.limits.headers_with_underscores)
         self.queue: deque[_Request] = deque()  # queue[0] is in flight
         self.held = 0
+        self.unread = b""  # read, not parsed yet (agent/adapters/http.py PARSE_BYTES)
+        self.reading_on = False  # a read_on is due (called soon: never inside a parse)
         self.flight: _Flight | None = None  # queue[0]'s, once it started
         self.task: asyncio.Task[None] | None = None  # its attempts loop, when it must wait
         self.loop: asyncio.AbstractEventLoop | None = None  # the running one, from connection_made
@@ -254,7 +259,7 @@ class OutboundHttp(asyncio.Protocol):
             if tunnel.transport is not None:
                 tunnel.transport.write(data)
         elif not self.stopped:
-            deliver_requests(self.requests.feed(data), self)
+            take_requests(self, data)
             if self.requests.upgrading and self.client is not None:
                 # Held in memory until the upstream answers the Upgrade: whatever
                 # resumed reading, one read is all it gets.
@@ -301,6 +306,7 @@ class OutboundHttp(asyncio.Protocol):
         # llhttp holds each parser's callbacks: cycles only the garbage collector would
         # free, a few dozen objects per connection. Nothing is parsed from now on.
         self.requests.close()
+        self.unread = b""
         if self.attempt is not None:
             self.attempt.parser = None
 
@@ -388,7 +394,7 @@ class OutboundHttp(asyncio.Protocol):
             wire_method=head.method,
         )
         self.queue.append(request)
-        self._hold(request, len(request.head))
+        self._hold(request, len(request.head) + REQUEST_COST)
         if len(self.queue) == 1:
             self._next()
         if request.upgrade and self.client is not None:
@@ -429,13 +435,23 @@ class OutboundHttp(asyncio.Protocol):
     def _unhold(self, request: _Request) -> None:
         self.held -= request.held
         request.held = 0
-        if (
+        if self.unread:
+            if not self.reading_on and self.held <= HOLD_BYTES and self.loop is not None:
+                self.reading_on = True  # from the loop: this may run inside a parse
+                self.loop.call_soon(self._read_on)
+        elif (
             self.held <= HOLD_BYTES
             and self.client is not None
             and not self.stopped
             and not self.requests.upgrading  # what follows it waits for the answer
         ):
             self.client.resume_reading()
+
+    def _read_on(self) -> None:
+        self.reading_on = False
+        if self.client is not None:
+            read_on(self, self.client)
+            self._flush()
 
     def _next(self) -> None:
         """Start the first request in line: forward it, or give the refusal queued for it.

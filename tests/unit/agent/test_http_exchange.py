@@ -7,9 +7,10 @@ all show over fake transports, with no agent process to start.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
-from agent.adapters.http import HttpExchange
+from agent.adapters.http import HOLD_BYTES, PARSE_BYTES, REQUEST_COST, HttpExchange
 from agent.core import http1
 from agent.core.policy import Decision, PolicySet, Request
 from agent.core.policyfile import parse_policies
@@ -275,3 +276,28 @@ def test_reading_stays_paused_while_an_upgrade_waits_for_its_answer() -> None:
     assert x.client.paused  # at most one read is held per resume
     x.answer(SWITCHING)
     assert x.app.take() == b"\x81\x85early" and not x.client.paused
+
+
+#: The most requests an exchange may hold: HOLD_BYTES of them, then one PARSE_BYTES piece's.
+MAX_HELD = HOLD_BYTES // REQUEST_COST + PARSE_BYTES // len(GET) + 1
+
+
+async def test_a_read_of_pipelined_requests_is_parsed_no_further_than_what_may_be_held() -> None:
+    """Thousands of tiny pipelined GETs in one read behind a request in flight: the exchange
+    holds a bounded number (each counted with REQUEST_COST), reading paused, the rest left
+    unparsed; every one still reaches the app, in order, as the app answers."""
+    x = Exchange()
+    count = 64 * 1024 // len(GET)
+    pipelined = b"".join(b"GET /api/%d HTTP/1.1\r\nHost: backend\r\n\r\n" % n for n in range(count))
+    assert x.send(pipelined).count(b"GET ") == 1  # the first is in flight
+    assert len(x.exchange.queue) <= MAX_HELD and x.exchange.unread and x.client.paused
+    arrived = [0]
+    while len(arrived) < count:
+        x.answer(OK)
+        await asyncio.sleep(0)  # parsing on runs from the loop, never inside a parse
+        for line in x.app.take().split(b"\r\n"):
+            if line.startswith(b"GET "):
+                arrived.append(int(line.split(b"/")[2].split(b" ")[0]))
+        assert len(x.exchange.queue) <= MAX_HELD
+    assert arrived == list(range(count))
+    assert not x.exchange.unread and not x.client.paused

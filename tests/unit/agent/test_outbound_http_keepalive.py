@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from agent.adapters.http import HOLD_BYTES, PARSE_BYTES, REQUEST_COST
 from agent.adapters.metrics import AgentMetrics
 from agent.adapters.outbound_http import OutboundHttp
 from agent.adapters.pool import UpstreamConnection
@@ -129,3 +130,24 @@ async def test_an_app_that_leaves_mid_request_gives_back_its_place_at_once() -> 
         assert s.live.breaker.in_use("max_requests") == 0 and s.live.budget.requests == 0
         assert s.upstream[A][1].aborted  # its state mid-exchange is unknown: never pooled
         assert len(s.live.pool) == 0
+
+
+async def test_a_read_of_pipelined_requests_is_parsed_no_further_than_what_may_be_held() -> None:
+    """As inbound (tests/unit/agent/test_http_exchange.py): an app's one read of thousands
+    of pipelined GETs holds a bounded number, and each goes out in order as answered."""
+    async with outbound(A) as s:
+        count = 64 * 1024 // len(GET)
+        pipelined = b"".join(b"GET /%d HTTP/1.1\r\nHost: backend\r\n\r\n" % n for n in range(count))
+        s.exchange.data_received(pipelined)
+        most = HOLD_BYTES // REQUEST_COST + PARSE_BYTES // len(GET) + 1
+        assert len(s.exchange.queue) <= most and s.exchange.unread and s.app.paused
+        connection, transport = s.upstream[A]
+        arrived: list[int] = []
+        for _ in range(count):
+            await until(lambda: bool(transport.data))
+            arrived.append(int(transport.take().split(b" ")[1][1:]))
+            assert len(s.exchange.queue) <= most
+            connection = s.exchange.connection or connection
+            connection.data_received(OK)
+        assert arrived == list(range(count))
+        await until(lambda: not s.exchange.unread and not s.app.paused)
