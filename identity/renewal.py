@@ -267,6 +267,19 @@ class Renewer:
     def moment(self) -> Moment:
         return Moment(self.clock.now(), self.clock.monotonic())
 
+    @property
+    def next_attempt(self) -> datetime | None:
+        """When the next renewal is asked for: the held credential's renewal time, or while
+        renewals fail, the next retry's (`plan`'s backoff)."""
+        standing = self.standing
+        if not standing.failures:
+            return standing.renew_at
+        now = self.moment()
+        usable = standing.usable(now.wall)
+        delay = self.policy.retry_delay(standing.failures, usable, standing.draw)
+        left = standing.failed_mono + delay.total_seconds() - now.mono
+        return now.wall + timedelta(seconds=max(left, 0.0))
+
     def renew_now(self) -> None:
         self._wake.set()
 

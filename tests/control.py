@@ -61,6 +61,7 @@ class ControlPlane(ControlPlaneBase):
         self.raw: bytes | None = None  # sent as is when set: a snapshot that is not JSON
         self.version: str | None = None  # sent instead of the content's when set
         self.deny: str | None = None  # when set: every stream ends PERMISSION_DENIED, this why
+        self.deny_after = 0.0  # seconds each refused stream is held first (the real one's wait)
         self.subscribers: list[Subscriber] = []  # connected now
         self.history: list[Subscriber] = []  # every stream ever opened, in order
         self.transports: set[asyncio.BaseTransport] = set()  # what `cut` closes
@@ -94,6 +95,7 @@ class ControlPlane(ControlPlaneBase):
         self.subscribers.append(subscriber)
         self.history.append(subscriber)
         if self.deny is not None:
+            await asyncio.sleep(self.deny_after)
             self.subscribers.remove(subscriber)
             raise GRPCError(Status.PERMISSION_DENIED, self.deny)
         snapshot = self.snapshot()
@@ -198,12 +200,13 @@ class ControlPlaneThread:
         control plane's say: a broken one) to every agent."""
         return self._call(lambda: self.plane.publish(config, raw, version))
 
-    def deny(self, why: str | None) -> None:
+    def deny(self, why: str | None, after: float = 0.0) -> None:
         """End every stream from now on PERMISSION_DENIED (`why`), as a control plane that
-        does not know the pod would; None: serve again."""
+        does not know the pod would, `after` seconds (it first waits for the pod to show up);
+        None: serve again."""
 
         def set_deny() -> None:
-            self.plane.deny = why
+            self.plane.deny, self.plane.deny_after = why, after
 
         self._call(set_deny)
 

@@ -192,10 +192,13 @@ class ControlPlaneSubscription:
         self._away = None
 
     def _prove(self, endpoint: ControlEndpoint) -> None:
-        """The stream works: the outage (if one was logged) is over."""
+        """The stream works: the agent is connected, and the outage (if one was logged) is
+        over. Not before: a control plane that takes the stream and then refuses it (an
+        unknown pod, an API server it cannot reach) must not read as connected."""
         if self._proven:
             return
         self._proven = True
+        self._up()
         if self._warned:
             log.info("control plane %s:%d back", endpoint.host, endpoint.port)
         self._warned = False
@@ -231,7 +234,6 @@ class ControlPlaneSubscription:
                 self._check_identity(stream.peer, endpoint)
                 hello = self._hello()
                 await stream.send_message(hello)
-                self._up()
                 resync = bool(hello.hello.running_version)
                 await self._until_rotated(self._follow(stream, endpoint, resync))
         finally:

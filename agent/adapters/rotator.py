@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import random
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -35,6 +36,7 @@ from identity.cert import Cert, PrivateKey
 from identity.chain import ChainError, check_chain
 from identity.files import PRIVATE, PUBLIC, write_set
 from identity.renewal import Clock, RenewalPolicy, Renewer, SystemClock, Validity
+from identity.throttle import LogThrottle, held_back
 
 if TYPE_CHECKING:
     from identity.proto import ca_pb2
@@ -85,6 +87,8 @@ class IdentityManager:
         #: Called after every change of the SVID or of its roots: what holds a connection
         #: made with the old ones (the control-plane stream) makes a new one.
         self.changed: list[Callable[[], None]] = []
+        self._failures = 0  # failed renewals since the last that worked
+        self._lines = LogThrottle(interval=60.0)  # what a long CA outage would repeat
         self.renewal = Renewer(
             "the SVID",
             self._renew_and_install,
@@ -97,7 +101,7 @@ class IdentityManager:
 
     @property
     def next_renewal(self) -> datetime | None:
-        return self.renewal.standing.renew_at
+        return self.renewal.next_attempt
 
     def renew_now(self) -> None:
         """Cut the current wait short (a reload changed the identity or the CA)."""
@@ -115,20 +119,30 @@ class IdentityManager:
             log.exception("SVID renewal: unexpected error")
             raise RenewalFailed("ca_unavailable", repr(exc)) from None
         self.install(svid)
+        if self._failures:
+            log.info("SVID renewed after %d failed attempt(s)", self._failures)
+            self._failures = 0
         return Validity(svid.not_before, svid.not_after)
 
     def _failed(self, exc: Exception, failures: int, retry_in: float) -> None:
+        """Counted every time; said at most once a minute (a CA down for an hour is
+        retried every second or two once the SVID has expired), with how many attempts
+        the line stands for, and once more when a renewal works again."""
         result = exc.result if isinstance(exc, RenewalFailed) else "bad_answer"
         self.metrics.rotations.labels(result).inc()
         self.metrics.ca_backoff.set(retry_in)
-        log.warning(
-            "SVID renewal failed (%s, attempt %d): %s; retrying in %.1fs; %s",
-            result,
-            failures,
-            exc,
-            retry_in,
-            self._standing(),
-        )
+        self._failures = failures
+        held = self._lines.admit("failed", time.monotonic())
+        if held is not None:
+            log.warning(
+                "SVID renewal failed (%s, attempt %d): %s; retrying in %.1fs; %s%s",
+                result,
+                failures,
+                exc,
+                retry_in,
+                self._standing(),
+                held_back(held),
+            )
 
     def expired(self) -> None:
         """Once the SVID has expired, no pooled connection may carry traffic on it.
@@ -164,8 +178,18 @@ class IdentityManager:
                         raise
                     if isinstance(exc, ConnectionRefusedError | TimeoutError):
                         raise  # nothing listens, or it hangs: the token would not get further
-                    log.warning("renewal with the current SVID failed (%r); using the token", exc)
-                    response = await self.sign(csr, trusted, None, self._token())
+                    try:
+                        token = self._token()
+                    except RenewalFailed:
+                        raise exc from None  # no token to fall back on: this failure stands
+                    held = self._lines.admit("fallback", time.monotonic())
+                    if held is not None:
+                        log.warning(
+                            "renewal with the current SVID failed (%r); using the token%s",
+                            exc,
+                            held_back(held),
+                        )
+                    response = await self.sign(csr, trusted, None, token)
             else:
                 response = await self.sign(csr, trusted, None, self._token())
         except GRPCError as exc:

@@ -96,13 +96,15 @@ async def test_an_agent_listens_and_turns_ready_only_once_its_first_snapshot_run
             assert stream.spiffe_id == str(workload("first"))
             assert agent.logged("waiting for the first config from the control plane")
             assert agent.status("/ready") == 503
-            assert agent.sample("outrider_control_plane_connected") == 1
+            # A stream is no connection until it proves itself: it brought a snapshot.
+            assert agent.sample("outrider_control_plane_connected") == 0
             assert set(agent.bound) == {"admin"}
 
             version = plane.publish(snapshot(app_port))
             bound = agent.wait_ready()
             assert plane.answer(version).kind == "ack"
             assert agent.status("/ready") == 200
+            assert agent.sample("outrider_control_plane_connected") == 1
             assert await mtls_exchange(bound["inbound[0]"], frontend(setup)) != b""
             dump = agent.config_dump()
             assert dump["control_plane"]["version"] == version

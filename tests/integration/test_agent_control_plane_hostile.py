@@ -254,6 +254,34 @@ async def test_a_control_plane_that_refuses_every_stream_is_backed_off_and_logge
             assert agent.status("/ready") == 200  # serving its last config
 
 
+async def test_an_agent_whose_streams_are_taken_and_then_refused_never_reads_as_connected(
+    setup: CaSetup, ca: CaProcess
+) -> None:
+    """A control plane that holds a stream before refusing it (it waits for a pod it does
+    not know, or for its API server) gives the agent no config: the gauge and /config_dump
+    say not connected all along, or an alert on them would never fire."""
+    async with echo_server() as app_port:
+        with (
+            control_plane(setup, snapshot(app_port)) as plane,
+            subscribed_agent(setup, ca, plane, "held", backoff=QUICK) as agent,
+        ):
+            agent.wait_ready()
+            plane.deny("no pod demo/held-0 in the mesh", after=1.0)
+            plane.stop()
+            plane.start()
+            plane.wait_for_streams(2)  # a stream taken, held: the agent sent its Hello
+            for _ in range(20):  # bounded: 2 s of a held stream and the next tries
+                assert agent.sample("outrider_control_plane_connected") == 0
+                assert agent.config_dump()["control_plane"]["connected"] is False
+                await asyncio.sleep(0.1)
+            plane.deny(None)
+            plane.publish(snapshot(app_port, DENY_ALL))  # a stream that brings one is proven
+            deadline = time.monotonic() + 10
+            while agent.sample("outrider_control_plane_connected") != 1:
+                assert time.monotonic() < deadline, "never connected again"
+                await asyncio.sleep(0.1)
+
+
 async def test_a_snapshot_being_applied_when_the_drain_begins_leaves_no_listener_open(
     setup: CaSetup,
 ) -> None:

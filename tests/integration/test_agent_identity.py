@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import random
 import ssl
 from collections.abc import Callable
@@ -104,6 +105,51 @@ async def test_an_svid_refused_in_the_handshake_falls_back_to_the_token(
     identity.install(await identity.renew())
     await identity.renew()
     assert recorder.calls == [f"token:{workload('web')}", "svid", f"token:{workload('web')}"]
+
+
+async def test_an_svid_renewal_the_ca_resets_without_a_token_to_fall_back_on_is_the_cas_failure(
+    setup: CaSetup, tmp_path: Path
+) -> None:
+    """An agent started from svid_file has no token: a CA that resets the connection is
+    asked once, and the failure says so (ca_unavailable), not "cannot read the token"."""
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    recorder = Recorder(local_sign(setup), fail=lambda n: reset if n == 2 else None)
+    identity = manager(setup, recorder)
+    identity.install(await identity.renew())
+    identity.config.identity.token_file.unlink()
+    with pytest.raises(RenewalFailed) as failed:
+        await identity.renew()
+    assert failed.value.result == "ca_unavailable"
+    assert "cannot reach the CA" in str(failed.value) and "token" not in str(failed.value)
+    assert recorder.calls == [f"token:{workload('web')}", "svid"]
+
+
+async def test_a_long_ca_outage_is_logged_once_a_minute_and_its_end_once(
+    setup: CaSetup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every failed renewal is counted; the log says the first, then at most a line a
+    minute (a CA down for an hour after expiry is retried every second or two), then the
+    recovery. /certs' next_renewal is the next retry while failing, never a time past."""
+    caplog.set_level(logging.INFO, logger="outrider.agent.identity")
+    down = GRPCError(Status.UNAVAILABLE, "down")
+    recorder = Recorder(local_sign(setup), fail=lambda n: down if n <= 6 else None)
+    identity = manager(setup, recorder)
+    task = asyncio.create_task(identity.run())
+    try:
+        for _ in range(200):  # bounded: the retries run 50-200 ms apart
+            await asyncio.sleep(0.05)
+            if len(recorder.calls) == 4:
+                renewal = identity.next_renewal
+                assert renewal is not None and renewal >= utcnow() - timedelta(seconds=1)
+            if identity.has_svid.is_set():
+                break
+    finally:
+        task.cancel()
+    rotations = identity.metrics.registry.get_sample_value
+    assert rotations("outrider_svid_rotations_total", {"result": "ca_unavailable"}) == 6
+    said = [r.getMessage() for r in caplog.records if r.name == "outrider.agent.identity"]
+    assert sum("SVID renewal failed" in line for line in said) == 1, said
+    assert any("SVID renewed after 6 failed attempt(s)" in line for line in said), said
 
 
 @pytest.mark.parametrize("down", [ConnectionRefusedError(111, "refused"), TimeoutError()])
