@@ -145,14 +145,23 @@ async def serve(
     # Read at every scrape: a Vault intermediate is replaced while the CA runs.
     metrics.root_expiry.set_function(lambda: signer.bundle.earliest_expiry.timestamp())
     metrics.intermediate_expiry.set_function(lambda: signer.issuer.not_valid_after_utc.timestamp())
+    try:
+        audit = AuditLog.open(config.audit_log, clock)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot open the audit log {config.audit_log}: {exc.strerror or exc} (audit_log)"
+        ) from None
     tokens, close_tokens = token_authenticator(config, clock)
     service = CertificateAuthorityService(
         Issuer(signer, config.issuance, clock),
         Authenticator(signer.trust_domain, tokens, clock),
         metrics,
-        AuditLog.open(config.audit_log, clock),
+        audit,
     )
-    chain, key = await _issue_serving(config, signer, clock)
+    try:
+        chain, key = await _issue_serving(config, signer, clock)
+    except SignerUnavailable as exc:
+        raise StartupError(f"cannot issue the CA's own serving certificate: {exc}") from None
     tls = server_context(signer.bundle, chain, key)
     limits = config.limits
     grpc_server = BoundedServer([service], limits.grpc)
@@ -204,6 +213,7 @@ async def serve(
         await http.wait_closed()
         await http_runner.cleanup()
         await close_tokens()
+        audit.close()
 
 
 async def _issue_serving(

@@ -6,11 +6,12 @@ key, only who asked, what they got or why not.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from collections.abc import Callable
 from datetime import datetime
-from typing import TextIO
 
 
 class AuditUnavailable(Exception):
@@ -18,16 +19,64 @@ class AuditUnavailable(Exception):
 
 
 class AuditLog:
-    def __init__(self, stream: TextIO, clock: Callable[[], datetime], target: str = "-") -> None:
-        self._stream = stream
+    """Each line is one `write` of its own to a descriptor opened for appending: nothing is
+    buffered, so a line that failed (a full disk) is never written later beside a
+    certificate nobody received, and a line cut short is cut back off the file. A file
+    renamed or removed under the CA (logrotate) is opened again at its path before the
+    next line: no certificate is recorded only in a file nobody will read."""
+
+    def __init__(self, target: str, clock: Callable[[], datetime]) -> None:
+        self.target = target  # a path, or "-": stdout
         self._clock = clock
-        self.target = target
+        self._fd = 1 if target == "-" else -1
+        self._file_id: tuple[int, int] | None = None
 
     @classmethod
     def open(cls, target: str, clock: Callable[[], datetime]) -> AuditLog:
-        """'-' is stdout; anything else a file appended to, line-buffered."""
-        stream = sys.stdout if target == "-" else open(target, "a", buffering=1)  # noqa: SIM115
-        return cls(stream, clock, target)
+        """'-' is stdout, which must be open; anything else a file appended to (created if
+        missing). OSError if it cannot be."""
+        log = cls(target, clock)
+        if target == "-":
+            # Started with stdout closed, Python has none; its descriptor 1 may then be
+            # any socket the CA opens later: never written to.
+            if sys.stdout is None:
+                raise OSError(errno.EBADF, "audit_log is '-' but stdout is closed")
+        else:
+            log._reopen()
+        return log
+
+    def close(self) -> None:
+        if self._fd > 1:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _reopen(self) -> None:
+        fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = fd
+        found = os.fstat(fd)
+        self._file_id = (found.st_dev, found.st_ino)
+
+    def _follow(self) -> None:
+        """The file at the path is not the one open (rotated, removed): open it again."""
+        try:
+            found = os.stat(self.target)
+        except FileNotFoundError:
+            self._reopen()
+            return
+        if (found.st_dev, found.st_ino) != self._file_id:
+            self._reopen()
+
+    def _write(self, line: bytes) -> None:
+        if self.target != "-":
+            self._follow()
+        size = None if self.target == "-" else os.fstat(self._fd).st_size
+        written = os.write(self._fd, line)
+        if written < len(line):  # a full disk mid-line: no half line stays behind
+            if size is not None:
+                os.ftruncate(self._fd, size)
+            raise OSError(errno.ENOSPC, "no space for a whole line")
 
     def record(
         self,
@@ -54,11 +103,10 @@ class AuditLog:
             "not_after": None if not_after is None else not_after.isoformat(),
         }
         try:
-            self._stream.write(json.dumps(entry, separators=(",", ":")) + "\n")
-            self._stream.flush()
-        except (OSError, ValueError) as exc:  # a full disk, a closed stream
+            self._write(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+        except OSError as exc:  # a full disk, a file it may no longer write, stdout gone
             where = "stdout" if self.target == "-" else self.target
-            said = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            said = exc.strerror or str(exc)
             raise AuditUnavailable(
                 f"cannot write the audit log ({where}: {said}); free its disk or fix audit_log"
             ) from None

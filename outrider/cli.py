@@ -986,7 +986,23 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _standard_descriptors() -> None:
+    """Descriptors 0, 1 and 2 the process was started without become /dev/null, as a
+    daemon's do: else the first socket opened takes the number, and a line meant for
+    stdout goes to a peer (and uvloop aborts when it closes it). sys.stdout stays None,
+    which is how `audit_log: "-"` knows it has nowhere to go."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _standard_descriptors()
     args = parser().parse_args(argv)
     # The injector gives each agent OUTRIDER_LOG_LEVEL (debug, info, warning or error).
     named = os.environ.get("OUTRIDER_LOG_LEVEL", "").upper()

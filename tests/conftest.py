@@ -4,6 +4,7 @@ property tests (hypothesis) judged on what they find, never on how long an examp
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -94,3 +95,16 @@ def nft() -> str:
     """The path of `nft`, installed (Debian's nftables) when missing: the capture tests
     run real rules and must not skip on a fresh CI machine."""
     return ensure_command("nft", "nftables")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs of its own, so that the test can fill it (`tests.support.fill_disk`)."""
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(mountpoint)]
+    subprocess.run(mount, check=True)  # as root, as the suite runs: never skipped
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)

@@ -403,3 +403,9 @@ def ca_metrics_page(ca: CaProcess) -> str:
 
 def ca_metric(ca: CaProcess, name: str, **labels: str) -> float:
     return scraped(ca_metrics_page(ca), name, **labels)
+
+
+def fill_disk(disk: Path, leave: int) -> None:
+    """Take every free byte of the filesystem at `disk` but `leave` (into `disk/filler`)."""
+    stat = os.statvfs(disk)
+    (disk / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - leave))

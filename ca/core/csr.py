@@ -9,6 +9,8 @@ hostile, and either way should hear about it.
 
 from __future__ import annotations
 
+import warnings
+
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -71,7 +73,12 @@ def check(csr: x509.CertificateSigningRequest, identity: SpiffeId) -> Certificat
     if not signed:
         raise CsrRejected("bad_signature", "CSR signature does not verify with its own key")
     try:
-        extensions = csr.extensions
+        with warnings.catch_warnings():
+            # cryptography warns of odd names (a CN over 64 characters in a directoryName
+            # SAN) with their length in the text, so each length would be a line of its own
+            # in the CA's log: a caller's to repeat at will. Refused below all the same.
+            warnings.simplefilter("ignore")
+            extensions = csr.extensions
     except _UNPARSABLE as exc:
         raise CsrRejected("malformed", f"CSR extensions cannot be parsed: {exc}") from None
     for extension in extensions:

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
 import time
 import urllib.error
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from grpclib.exceptions import GRPCError
 from agent.core.svid import Svid
 from tests.integration.test_upstreams import App, get, outbound, serving, session, url
 from tests.mesh import AgentProcess, agent_process, agent_yaml, inbound, local_sign, running_agent
-from tests.support import CaProcess, CaSetup, ca_process, free_port
+from tests.support import CaProcess, CaSetup, ca_process, fill_disk, free_port
 
 
 def renewing_agent(setup: CaSetup, ca: CaProcess, name: str, **identity: str) -> dict[str, Any]:
@@ -97,26 +95,6 @@ def serial(directory: Path) -> int:
     return x509.load_pem_x509_certificates((directory / "svid.pem").read_bytes())[0].serial_number
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs of its own, so that the test can fill it."""
-    mountpoint = tmp_path / "disk"
-    mountpoint.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(mountpoint)]
-    if subprocess.run(mount, capture_output=True, check=False).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
-
-
-def fill(disk: Path, leave: int) -> None:
-    """Take every free byte of `disk` but `leave`."""
-    stat = os.statvfs(disk)
-    (disk / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - leave))
-
-
 async def test_a_full_disk_keeps_the_previous_key_and_certificate_together(
     setup: CaSetup, ca: CaProcess, small_disk: Path
 ) -> None:
@@ -129,7 +107,7 @@ async def test_a_full_disk_keeps_the_previous_key_and_certificate_together(
         with contextlib.ExitStack() as held:
             for name in ("svid.key", "svid.pem", "bundle.pem"):
                 held.enter_context((out / name).open("rb"))
-            fill(small_disk, leave=os.statvfs(small_disk).f_frsize)
+            fill_disk(small_disk, leave=os.statvfs(small_disk).f_frsize)
             failed = lambda: any("cannot write the SVID" in line for line in agent.log)  # noqa: E731
             await until(failed, 5, agent.log)
             assert matching(out), "svid.key no longer matches svid.pem"

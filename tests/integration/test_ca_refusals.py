@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -257,3 +259,24 @@ async def test_renewal_with_our_roots_svid_for_another_trust_domain_refused(
     )
     assert error.status is Status.UNAUTHENTICATED
     assert "bad_svid" in (error.message or "")
+
+
+@pytest.mark.parametrize(
+    ("audit_log", "said"),
+    [
+        ("-", "audit_log is '-' but stdout is closed"),
+        ("no-such-directory/audit.log", "no-such-directory/audit.log: No such file or directory"),
+    ],
+)
+def test_a_ca_that_could_not_write_its_audit_log_does_not_start(
+    tmp_path: Path, audit_log: str, said: str
+) -> None:
+    """Said at start, exit 2, no traceback: with stdout closed, descriptor 1 would be the
+    first socket the CA opens, and every line would go there."""
+    setup = make_ca_setup(tmp_path, audit_log=audit_log)
+    serve = [sys.executable, "-m", "outrider", "ca", "serve", "--config", str(setup.config)]
+    closed = subprocess.run(
+        ["sh", "-c", '"$@" >&-', "sh", *serve], capture_output=True, text=True, timeout=60
+    )
+    assert closed.returncode == 2, closed.stderr
+    assert said in closed.stderr and "Traceback" not in closed.stderr

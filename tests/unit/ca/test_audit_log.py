@@ -1,0 +1,64 @@
+"""The CA's audit log as a file: every line whole, written once, where the path says.
+
+Real files on a real filesystem; a full disk is a tmpfs the test mounts (`small_disk`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from ca.audit import AuditLog, AuditUnavailable
+from tests.support import fill_disk
+
+
+def record(audit: AuditLog, n: int) -> None:
+    audit.record(result="issued", reason="token", caller=f"caller-{n}", serial=n)
+
+
+def callers(path: Path) -> list[str]:
+    return [json.loads(line)["caller"] for line in path.read_text().splitlines()]
+
+
+def test_a_log_rotated_or_removed_under_the_ca_is_opened_again_at_its_path(
+    tmp_path: Path,
+) -> None:
+    """logrotate renames the file (or an operator removes it): the next line goes to a new
+    file at the path, never to the renamed one, nor to a removed inode nobody reads."""
+    path = tmp_path / "audit.log"
+    audit = AuditLog.open(str(path), lambda: datetime.now(UTC))
+    record(audit, 1)
+    path.rename(tmp_path / "audit.log.1")
+    record(audit, 2)
+    assert callers(tmp_path / "audit.log.1") == ["caller-1"]
+    assert callers(path) == ["caller-2"]
+    path.unlink()
+    record(audit, 3)
+    assert callers(path) == ["caller-3"]
+
+
+def test_a_line_the_disk_had_no_room_for_is_never_written_later_nor_left_half(
+    small_disk: Path,
+) -> None:
+    """The certificate of a line that failed was not handed out: once the disk has room
+    again, the log holds the lines that were written, whole, and none of the failed ones."""
+    path = small_disk / "audit.log"
+    audit = AuditLog.open(str(path), lambda: datetime.now(UTC))
+    try:
+        record(audit, 1)
+        with path.open("a") as padding:  # the next line straddles a page of the tmpfs
+            padding.write("#" * (4096 - 100 - path.stat().st_size - 1) + "\n")
+        fill_disk(small_disk, leave=0)
+        for n in range(2, 7):
+            with pytest.raises(AuditUnavailable, match="free its disk or fix audit_log"):
+                record(audit, n)
+        assert path.read_bytes().endswith(b"\n"), "a half line was left"
+        (small_disk / "filler").unlink()
+        record(audit, 7)
+    finally:
+        audit.close()
+    lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+    assert [json.loads(line)["caller"] for line in lines] == ["caller-1", "caller-7"]
