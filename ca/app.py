@@ -8,7 +8,6 @@ import logging
 import os
 import random
 import socket
-import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca.api.grpc import CertificateAuthorityService
 from ca.api.http import make_app
-from ca.api.tls import load_credentials, server_context
+from ca.api.tls import ServingTls
 from ca.audit import AuditLog
 from ca.authn import dev
 from ca.authn.callers import Authenticator, TokenAuthenticator
@@ -162,7 +161,7 @@ async def serve(
         chain, key = await _issue_serving(config, signer, clock)
     except SignerUnavailable as exc:
         raise StartupError(f"cannot issue the CA's own serving certificate: {exc}") from None
-    tls = server_context(signer.bundle, chain, key)
+    tls = ServingTls(lambda: signer.bundle, chain, key)
     limits = config.limits
     grpc_server = BoundedServer([service], limits.grpc)
     http_runner = web.AppRunner(
@@ -175,7 +174,7 @@ async def serve(
     assert http_runner.server is not None
     connections = limits.connections
     closed = metrics.connection_closed
-    grpc = await grpc_server.serve(grpc_sock, tls, connections, closed("grpc"))
+    grpc = await grpc_server.serve(grpc_sock, tls.context, connections, closed("grpc"))
     http = Acceptor(http_sock, http_runner.server, None, connections, closed("http"))
     http.start()
     metrics.connections_open.labels("grpc").set_function(grpc.held)
@@ -224,7 +223,7 @@ async def _issue_serving(
 
 
 async def _rotate_serving(
-    config: CaConfig, signer: Signer, tls: ssl.SSLContext, leaf: x509.Certificate, clock: Clock
+    config: CaConfig, signer: Signer, tls: ServingTls, leaf: x509.Certificate, clock: Clock
 ) -> None:
     """Keep the CA's own serving certificate fresh, by the rules of every credential.
 
@@ -234,7 +233,7 @@ async def _rotate_serving(
 
     async def renew() -> Validity:
         chain, key = await _issue_serving(config, signer, clock)
-        load_credentials(tls, chain, key)
+        tls.credentials(chain, key)
         log.info("serving certificate renewed, valid until %s", chain[0].not_valid_after_utc)
         return Validity(chain[0].not_valid_before_utc, chain[0].not_valid_after_utc)
 

@@ -39,6 +39,15 @@ class Credential(NamedTuple):
     key_pem: bytes
 
 
+def parsed(
+    credential: Credential,
+) -> tuple[tuple[x509.Certificate, ...], ec.EllipticCurvePrivateKey]:
+    """`credential` as cryptography's objects: its chain, leaf first, and its EC key."""
+    key = serialization.load_pem_private_key(credential.key_pem, None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return tuple(x509.load_pem_x509_certificates(credential.chain_pem)), key
+
+
 @dataclass(frozen=True, repr=False)
 class SigningCa:
     """An issuing CA: its certificate goes after every leaf it signs."""

@@ -11,7 +11,7 @@ the chain and callers cannot make the CA keep sessions.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -47,3 +47,40 @@ def load_credentials(
             serialization.NoEncryption(),
         ),
     )
+
+
+class ServingTls:
+    """The gRPC port's TLS, following the signer's trust bundle: a caller's SVID is verified
+    against the roots the CA serves now. Its bundle changes under a running CA (a Vault
+    root rotation, seen when the intermediate is renewed), and OpenSSL's store of a context
+    only grows: so each new bundle gets a context of its own, which the handshake switches
+    to as it begins (the listening context's SNI callback, called with or without SNI).
+    SVIDs of a root the CA no longer serves are refused in the handshake (their holders
+    renew with their token); those of a new one are taken."""
+
+    def __init__(
+        self,
+        bundle_of: Callable[[], TrustBundle],
+        chain: Sequence[x509.Certificate],
+        key: EllipticCurvePrivateKey,
+    ) -> None:
+        self._bundle_of = bundle_of
+        self._chain, self._key = chain, key
+        self._bundle = bundle_of()
+        self.context = server_context(self._bundle, chain, key)  # the listening one
+        self._current = self.context
+        self.context.sni_callback = self._switch
+
+    def credentials(self, chain: Sequence[x509.Certificate], key: EllipticCurvePrivateKey) -> None:
+        """The serving certificate was renewed: new handshakes present it."""
+        self._chain, self._key = chain, key
+        for context in {self.context, self._current}:
+            load_credentials(context, chain, key)
+
+    def _switch(self, ssl_object: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        bundle = self._bundle_of()
+        if bundle is not self._bundle and bundle != self._bundle:
+            self._current = server_context(bundle, self._chain, self._key)
+        self._bundle = bundle
+        if self._current is not self.context:
+            ssl_object.context = self._current

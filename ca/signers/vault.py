@@ -438,15 +438,29 @@ class VaultPerCertificateSigner(VaultSigner):
     async def _sign(
         self, role: str, data: dict[str, Any], what: str
     ) -> tuple[x509.Certificate, ...]:
-        def sign(c: hvac.Client) -> tuple[x509.Certificate, ...]:
+        def sign(
+            c: hvac.Client,
+        ) -> tuple[x509.Certificate, list[x509.Certificate], list[x509.Certificate]]:
             try:
                 response = c.write_data(self._path(f"sign/{role}"), data=data)["data"]
             except hvac.exceptions.InvalidRequest as exc:  # the role refuses this CSR for good
                 raise CsrRejected("vault_rejected", f"Vault's role {role}: {exc}") from None
-            above, _ = _split(_certs(response.get("issuing_ca"), response.get("ca_chain")))
-            return (_certs(response["certificate"])[0], *above)
+            above, roots = _split(_certs(response.get("issuing_ca"), response.get("ca_chain")))
+            return _certs(response["certificate"])[0], above, roots
 
-        return await self.session.call(sign, what)
+        leaf, above, roots = await self.session.call(sign, what)
+        issuer = above[0] if above else roots[0] if roots else None
+        if issuer is not None and issuer != self.issuer and roots:
+            # Vault's default issuer changed (a root rotation): follow it, or every leaf
+            # would be refused as not leading to the bundle the CA started with.
+            self.issuer, self._above = issuer, above
+            self.bundle = bundle_of(self.trust_domain, roots)
+            log.warning(
+                "Vault signs under another issuer now (%s): the trust bundle served is its"
+                " root's; agents take it at their next bundle sync",
+                issuer.subject.rfc4514_string(),
+            )
+        return (leaf, *above)
 
 
 def _vault_time(moment: datetime) -> str:

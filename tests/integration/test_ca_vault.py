@@ -261,3 +261,33 @@ async def test_the_token_is_kept_fresh_at_half_its_ttl(
         assert now["ttl"] > 3500  # a fresh hour either way
     finally:
         keeper.cancel()
+
+
+async def test_per_certificate_mode_follows_vaults_issuer_through_a_root_rotation(
+    tmp_path: Path,
+) -> None:
+    """The operator rotates Vault's root and makes the new issuer the default: the CA
+    goes on issuing (it read Vault's chain once, at start, and refused every leaf of the new
+    root as not its own) and serves the new root as its bundle. An OpenBao of its own:
+    the module's is shared by the other tests."""
+    with OpenBao(tmp_path / "bao", kind="dev") as bao:
+        bao.setup_pki()
+        setup = vault_ca(tmp_path / "ca", bao, "per-certificate", approle(tmp_path / "ca", bao))
+        with ca_process(setup.config) as ca:
+            before = await sign(setup, ca)
+            client = bao.client()
+            rotated = client.write_data(
+                "pki/root/rotate/internal",
+                data={"common_name": "Outrider Vault root 2", "key_type": "ec", "key_bits": 256,
+                      "ttl": "87600h", "issuer_name": "root2"},
+            )  # fmt: skip
+            client.write_data("pki/config/issuers", data={"default": "root2"})
+            new_root = x509.load_pem_x509_certificate(rotated["data"]["certificate"].encode())
+            after = await sign(setup, ca)
+            assert after[-1].issuer == new_root.subject != before[-1].issuer
+            async with ca_client(setup, ca) as client_of_ca:
+                served = [
+                    x509.load_der_x509_certificate(d) for d in await client_of_ca.get_bundle()
+                ]
+            assert served == [new_root]
+            assert any("Vault signs under another issuer now" in line for line in ca.stderr)
