@@ -14,15 +14,23 @@ import asyncio
 import itertools
 import json
 import signal
+import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from grpclib.config import Configuration
+from grpclib.exceptions import StreamTerminatedError
 
 from agent import config as agent_config
+from agent.adapters import control_plane as control_plane_client
 from agent.app import Agent
+from identity.proto.control_grpc import ControlPlaneStub
 from tests.control import ControlPlaneThread, bootstrap, control_plane, version_of
 from tests.integration.test_agent_control_plane import (
     DENY_ALL,
@@ -40,7 +48,7 @@ from tests.mesh import (
     served_agent_yaml,
     workload,
 )
-from tests.support import CaProcess, CaSetup, waited_for_a_cpu
+from tests.support import CaProcess, CaSetup, loopback_tls, waited_for_a_cpu
 
 QUICK = {"initial": "100ms", "max": "500ms"}
 
@@ -467,3 +475,49 @@ async def test_an_upstream_name_that_would_forge_or_flood_a_log_line_is_nacked(
             assert f"{key}: " in answer.error and "is not a name" in answer.error
             assert not any(line.startswith("2026-01-01") for line in agent.log)
             assert all(len(line) < 2000 for line in agent.log)
+
+
+async def test_a_control_plane_whose_node_froze_is_noticed_within_two_pings(
+    tmp_path: Path,
+) -> None:
+    """A frozen node answers neither pings nor the TLS close that follows them: the close
+    waits SHUTDOWN_TIMEOUT, not the loop's 30 s (docs/agent.md: a vanished control plane
+    is found within two pings). Pings every 0.2 s here, the agent's channel."""
+    tls = loopback_tls(tmp_path, "control-plane")
+    tls.server_context.set_alpn_protocols(["h2"])
+    listener = socket.create_server(("127.0.0.1", 0))
+    thawed = threading.Event()
+
+    def frozen() -> None:
+        connection, _ = listener.accept()
+        with tls.server_context.wrap_socket(connection, server_side=True) as stream:
+            stream.recv(65536)  # the client's preface, then never a byte: a frozen node
+            thawed.wait(30)
+
+    threading.Thread(target=frozen, daemon=True).start()
+    client = ssl.create_default_context(cafile=str(tls.ca_file))
+    client.set_alpn_protocols(["h2"])
+    ping = {"_keepalive_time": 0.2, "_keepalive_timeout": 0.2}
+    channel = control_plane_client._Channel(
+        "127.0.0.1",
+        listener.getsockname()[1],
+        ssl=client,
+        config=Configuration(
+            ssl_target_name_override="127.0.0.1",
+            _keepalive_permit_without_calls=True,
+            _http2_max_pings_without_data=0,
+            _http2_min_sent_ping_interval_without_data=0.2,
+            **ping,  # type: ignore[arg-type]
+        ),
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(StreamTerminatedError):
+            async with ControlPlaneStub(channel).Subscribe.open() as stream:
+                await stream.send_request()
+                await asyncio.wait_for(stream.recv_message(), 10)
+        assert time.monotonic() - started < 0.4 + control_plane_client.SHUTDOWN_TIMEOUT + 1
+    finally:
+        thawed.set()
+        channel.close()
+        listener.close()
