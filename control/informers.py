@@ -7,8 +7,9 @@ other failure lists again after a capped, jittered backoff, keeping the last
 state meanwhile (one warning per outage). A kind the API server does not serve (404: its CRD is not
 installed, as Gateway API often is not) is asked again every
 `NOT_INSTALLED_RETRY`, logged once, and holds no objects; it does not hold
-up readiness, unless it is one of the `REQUIRED`. A 404 for a kind listed before is an
-outage: its objects are kept.
+up readiness, unless it is one of the `REQUIRED`, once its 404 has been confirmed
+(`NOT_FOUND_CONFIRMATIONS`: an API server that just restarted answers 404 for a
+moment). A 404 for a kind listed before is an outage: its objects are kept.
 
 The Kubernetes API is a collaborator, `ClusterApi`; its calls block, and run
 in daemon threads (identity.kubewatch). `KubernetesClusterApi` is the real
@@ -46,6 +47,13 @@ WATCH_SECONDS = 300
 #: Connect timeout, and the time allowed for a list's or a write's answer.
 REQUEST_SECONDS = 10.0
 NOT_INSTALLED_RETRY = 30.0
+#: A 404 for a kind never listed is asked again this many times, NOT_FOUND_CONFIRM seconds
+#: apart, before the kind counts as not installed: kube-apiserver answers 404 for custom
+#: resources that exist, for a moment after it restarts (when the control plane restarts
+#: too, as often as not). Until then the kind holds readiness as a kind being listed does:
+#: one 404 must not send agents a mesh without the TrafficPolicies and routes for 30 s.
+NOT_FOUND_CONFIRMATIONS = 3
+NOT_FOUND_CONFIRM = 2.0
 RELIST_BACKOFF = Backoff(initial=timedelta(seconds=1), maximum=timedelta(seconds=30))
 _GONE = 410  # Gone: the resourceVersion is older than the API server keeps
 
@@ -196,6 +204,7 @@ class Informers:
         restarted: Callable[[str], None] = lambda kind: None,
         backoff: Backoff = RELIST_BACKOFF,
         not_installed_retry: float = NOT_INSTALLED_RETRY,
+        not_found_confirm: float = NOT_FOUND_CONFIRM,
         rng: random.Random | None = None,
     ) -> None:
         self.api = api
@@ -206,6 +215,7 @@ class Informers:
         self.restarted = restarted
         self.backoff = backoff
         self.not_installed_retry = not_installed_retry
+        self.not_found_confirm = not_found_confirm
         self.rng = rng or random.Random()  # noqa: S311 - jitter needs no secrecy
 
     @property
@@ -229,6 +239,7 @@ class _KindWatch(ListWatch):
     def __init__(self, informers: Informers, resource: Resource) -> None:
         self.informers = informers
         self.resource = resource
+        self.not_found = 0  # 404s in a row for a kind never listed (NOT_FOUND_CONFIRMATIONS)
         cache = informers.caches[resource.kind]
         super().__init__(
             resource.kind,
@@ -252,6 +263,7 @@ class _KindWatch(ListWatch):
             log.info("%s: the API serves it now (%d objects)", kind, len(self.cache))
         informers.missing.discard(kind)
         informers.listed.add(kind)
+        self.not_found = 0
         informers.on_change()
 
     async def failed(self, error: Exception) -> None:
@@ -271,6 +283,10 @@ class _KindWatch(ListWatch):
             await super().failed(error)
             return
         if kind not in informers.missing:
+            self.not_found += 1
+            if self.not_found < NOT_FOUND_CONFIRMATIONS:
+                await asyncio.sleep(informers.not_found_confirm)
+                return
             log.warning(
                 "%s (%s): the API server does not serve it (CRD not installed?); asking again"
                 " every %.0f s",

@@ -68,11 +68,50 @@ async def test_kinds_found_missing_after_the_last_list_still_announce_the_sync()
         if informers.synced():
             synced_at_a_change.set()
 
-    informers = Informers(api, changed, not_installed_retry=3600)
+    informers = Informers(api, changed, not_installed_retry=3600, not_found_confirm=0.01)
     running = asyncio.create_task(informers.run())
     try:
         await asyncio.wait_for(synced_at_a_change.wait(), timeout=5)
         assert informers.missing == NOT_SERVED
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+class OneNotFound(LateNotFound):
+    """Serves every kind; TrafficPolicy's first list is a 404, as a kube-apiserver that
+    just restarted answers for a custom resource that exists."""
+
+    def __init__(self) -> None:
+        super().__init__(served=0)
+        self.not_found = 1
+
+    def list(self, resource: Resource) -> tuple[list[dict[str, Any]], str]:
+        if resource.kind == "TrafficPolicy" and self.not_found:
+            self.not_found -= 1
+            raise NotInstalled(resource.kind)
+        return [{"metadata": {"name": "a", "namespace": "shop"}}], "1"
+
+
+async def test_a_404_for_a_kind_that_exists_holds_the_sync_until_it_is_listed() -> None:
+    """One 404 is no proof a CRD is missing: the informers are not synced (no mesh is
+    compiled, the control plane is not ready) until TrafficPolicy is listed, so the first
+    mesh carries its objects instead of leaving them out for NOT_INSTALLED_RETRY."""
+    api = OneNotFound()
+    synced = asyncio.Event()
+    informers: Informers
+    seen_at_sync: list[int] = []
+
+    def changed() -> None:
+        if informers.synced() and not synced.is_set():
+            seen_at_sync.append(len(informers.caches["TrafficPolicy"]))
+            synced.set()
+
+    informers = Informers(api, changed, not_installed_retry=3600, not_found_confirm=0.01)
+    running = asyncio.create_task(informers.run())
+    try:
+        await asyncio.wait_for(synced.wait(), timeout=5)
+        assert seen_at_sync == [1] and not informers.missing
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
