@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ca.core import template
 from ca.core.certs import as_cert
 from ca.core.template import LeafRequest
-from identity import SpiffeId, TrustBundle, TrustDomain, spiffe_id_of
+from identity import BundleError, SpiffeId, SvidError, TrustBundle, TrustDomain, spiffe_id_of
+from identity.chain import ChainError, check_chain
 from identity.files import PRIVATE, write_atomic
 
 ROOT_CERT, ROOT_KEY = "root.pem", "root.key"
@@ -95,16 +96,31 @@ class LocalSigner:
             key = serialization.load_pem_private_key(
                 (directory / INTERMEDIATE_KEY).read_bytes(), password=None
             )
-        except (OSError, ValueError) as exc:
+        except FileNotFoundError as exc:
             raise CaDirectoryError(
                 f"cannot load the CA from {directory}: {exc} (run `outrider ca init` first)"
             ) from None
+        except TypeError:  # cryptography: a key that needs a password, and none was given
+            raise CaDirectoryError(
+                f"{directory / INTERMEDIATE_KEY} is encrypted: the CA reads an unencrypted"
+                " PKCS#8 or SEC1 key (`openssl pkey -in KEY -out KEY`)"
+            ) from None
+        except (OSError, ValueError) as exc:  # there, but unreadable: never `init --force`
+            raise CaDirectoryError(f"cannot load the CA from {directory}: {exc}") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise CaDirectoryError(f"{directory / INTERMEDIATE_KEY} is not an ECDSA key")
         if key.public_key() != issuer.public_key():
             raise CaDirectoryError(f"{INTERMEDIATE_KEY} does not match {INTERMEDIATE_CERT}")
-        trust_domain = _trust_domain_of(issuer)
-        return cls(TrustBundle.from_pem(trust_domain, bundle_pem), issuer, key)
+        try:
+            trust_domain = _trust_domain_of(issuer)
+            bundle = TrustBundle.from_pem(trust_domain, bundle_pem)
+            check_chain([as_cert(issuer)], bundle)
+        except (SvidError, BundleError, ChainError, ValueError) as exc:
+            raise CaDirectoryError(
+                f"{directory}: {INTERMEDIATE_CERT} and {BUNDLE} are no CA of a trust domain"
+                f" together: {exc}"
+            ) from None
+        return cls(bundle, issuer, key)
 
     async def run(self) -> None:
         """Nothing to keep fresh: the key is on disk."""
