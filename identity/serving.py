@@ -68,6 +68,13 @@ MAX_UNREAD = 1024 * 1024
 ACCEPT_BACKOFF = 0.1  # seconds, after accept() fails (EMFILE): the listener stays
 
 
+#: Seconds a TLS close waits for the peer's close_notify (the loop's default is 30 s): a
+#: peer whose node froze, or that never answers one, would hold its connection (and its
+#: slot of max_connections) that long after it was closed. The agent's control-plane
+#: client closes with it too, so a frozen control plane is noticed after two pings.
+TLS_SHUTDOWN_TIMEOUT = 1.0
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     max_connections: int = 1000
@@ -242,6 +249,7 @@ class Acceptor:
             kwargs = {
                 "ssl": self._tls,
                 "ssl_handshake_timeout": self.limits.handshake_timeout.total_seconds(),
+                "ssl_shutdown_timeout": TLS_SHUTDOWN_TIMEOUT,
             }
         try:
             await loop.connect_accepted_socket(lambda: guard, sock, **kwargs)

@@ -50,6 +50,7 @@ from identity import SvidError
 from identity.build import VERSION
 from identity.proto import control_pb2
 from identity.proto.control_grpc import ControlPlaneStub
+from identity.serving import TLS_SHUTDOWN_TIMEOUT
 
 log = logging.getLogger("outrider.agent.control")
 
@@ -321,14 +322,10 @@ class ControlPlaneSubscription:
         task.result()
 
 
-#: Seconds a TLS close waits for the control plane's close_notify. A ping that goes
-#: unanswered closes the connection (grpclib), and the loop's default (30 s) would make a
-#: control plane whose node vanished be noticed after 50 s instead of 20.
-SHUTDOWN_TIMEOUT = 1.0
-
-
 class _Channel(Channel):
-    """grpclib's Channel, its TLS closes bounded by SHUTDOWN_TIMEOUT: its one dial
+    """grpclib's Channel, its TLS closes bounded by TLS_SHUTDOWN_TIMEOUT: a ping that goes
+    unanswered closes the connection (grpclib), and the loop's default (30 s) would make a
+    control plane whose node vanished be noticed after 50 s instead of 20. Its one dial
     (`_create_connection`, grpclib 0.4) is ours."""
 
     async def _create_connection(self) -> H2Protocol:
@@ -338,7 +335,7 @@ class _Channel(Channel):
             self._port,
             ssl=self._ssl,
             server_hostname=self._config.ssl_target_name_override,
-            ssl_shutdown_timeout=SHUTDOWN_TIMEOUT,
+            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
         )
         return protocol
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 
-from identity.serving import Acceptor, ConnectionLimits
+from identity.serving import TLS_SHUTDOWN_TIMEOUT, Acceptor, ConnectionLimits
+from tests.support import loopback_tls
 
 
 class Echo(asyncio.Protocol):
@@ -60,3 +64,52 @@ async def test_a_caller_that_never_reads_is_cut_once_a_mebibyte_waits() -> None:
         # 64 MiB of answers asked for: far past what kernel buffers take.
         await asyncio.to_thread(send_and_never_read, port, 1024)
     assert closed == ["unread_output"]
+
+
+class CloseAtOnce(asyncio.Protocol):
+    """Closes each connection as soon as it is made (as an idle timeout would, later)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+async def test_a_tls_caller_that_never_answers_the_close_gives_its_slot_back_within_a_second(
+    tmp_path: Path,
+) -> None:
+    """A closed TLS connection waits for the caller's close_notify: a caller whose node
+    froze never sends it, and its connection (its slot of max_connections) was held for
+    the loop's 30 s. TLS_SHUTDOWN_TIMEOUT bounds it."""
+    tls = loopback_tls(tmp_path, "acceptor")
+    sock = socket.create_server(("127.0.0.1", 0))
+    limits = ConnectionLimits(10, timedelta(seconds=5), timedelta(seconds=30))
+    server = Acceptor(sock, CloseAtOnce, tls.server_context, limits, lambda reason: None)
+    server.start()
+    client = ssl.create_default_context(cafile=str(tls.ca_file))
+    thawed = threading.Event()
+
+    def frozen() -> None:
+        with (
+            socket.create_connection(sock.getsockname()[:2]) as raw,
+            client.wrap_socket(raw, server_hostname="127.0.0.1"),
+        ):
+            thawed.wait(30)  # never reads again: the server's close_notify unanswered
+
+    caller = threading.Thread(target=frozen, daemon=True)
+    caller.start()
+    try:
+        for _ in range(500):  # bounded: 5 s for the handshake
+            if server.held():
+                break
+            await asyncio.sleep(0.01)
+        closing_since = time.monotonic()
+        for _ in range(100):  # bounded: 5 s, where the loop's default took 30
+            if not server.held():
+                break
+            await asyncio.sleep(0.05)
+        assert server.held() == 0
+        assert time.monotonic() - closing_since < TLS_SHUTDOWN_TIMEOUT + 1.5
+    finally:
+        thawed.set()
+        server.abort_clients()
+        server.close()
+        await server.wait_closed()

@@ -31,6 +31,7 @@ from agent import config as agent_config
 from agent.adapters import control_plane as control_plane_client
 from agent.app import Agent
 from identity.proto.control_grpc import ControlPlaneStub
+from identity.serving import TLS_SHUTDOWN_TIMEOUT
 from tests.control import ControlPlaneThread, bootstrap, control_plane, version_of
 from tests.integration.test_agent_control_plane import (
     DENY_ALL,
@@ -481,7 +482,7 @@ async def test_a_control_plane_whose_node_froze_is_noticed_within_two_pings(
     tmp_path: Path,
 ) -> None:
     """A frozen node answers neither pings nor the TLS close that follows them: the close
-    waits SHUTDOWN_TIMEOUT, not the loop's 30 s (docs/agent.md: a vanished control plane
+    waits TLS_SHUTDOWN_TIMEOUT, not the loop's 30 s (docs/agent.md: a vanished control plane
     is found within two pings). Pings every 0.2 s here, the agent's channel."""
     tls = loopback_tls(tmp_path, "control-plane")
     tls.server_context.set_alpn_protocols(["h2"])
@@ -516,7 +517,7 @@ async def test_a_control_plane_whose_node_froze_is_noticed_within_two_pings(
             async with ControlPlaneStub(channel).Subscribe.open() as stream:
                 await stream.send_request()
                 await asyncio.wait_for(stream.recv_message(), 10)
-        assert time.monotonic() - started < 0.4 + control_plane_client.SHUTDOWN_TIMEOUT + 1
+        assert time.monotonic() - started < 0.4 + TLS_SHUTDOWN_TIMEOUT + 1
     finally:
         thawed.set()
         channel.close()
