@@ -31,7 +31,10 @@ Draining (SIGTERM): an idle connection closes at once; one with requests
 already read gets their responses, the last with `Connection: close`, and
 then closes. A request whose head had not arrived whole is not taken: the
 connection closes under it, which a client treats like any pooled connection
-the server closed (it retries elsewhere), never a 502 after the app acted.
+the server closed (it retries elsewhere), never a 502 after the app acted. So
+are pipelined requests read but not parsed yet (past HOLD_BYTES): the last
+response answered says `Connection: close`, and the client sends the rest
+again elsewhere, as it would to any server that closes.
 """
 
 from __future__ import annotations
@@ -130,22 +133,22 @@ class RequestSink(Protocol):
     def h2_preface(self) -> None: ...
 
 
-def take_requests(sink: RequestSink, data: bytes) -> None:
+def take_requests(sink: RequestSink, data: bytes, client: asyncio.Transport) -> None:
     """Parse what waits unread and `data` into `sink`, PARSE_BYTES at a time, until it holds
-    more than HOLD_BYTES (its client's reading is then paused): the rest waits in
-    `sink.unread` until `read_on` is called, once held requests went out."""
+    more than HOLD_BYTES: the rest waits in `sink.unread`, the client's reading paused
+    (whatever resumed it: the app's buffer draining, say), until `read_on` is called once
+    held requests went out."""
     if sink.unread:
         data, sink.unread = sink.unread + data, b""
-    if len(data) <= PARSE_BYTES:
-        deliver_requests(sink.requests.feed(data), sink)
-        return
-    for start in range(0, len(data), PARSE_BYTES):
-        if sink.stopped:
-            return
+    start = 0
+    while start < len(data) and not sink.stopped:
         if sink.held > HOLD_BYTES:
             sink.unread = data[start:]
+            client.pause_reading()
             return
-        deliver_requests(sink.requests.feed(data[start : start + PARSE_BYTES]), sink)
+        piece = data if len(data) <= PARSE_BYTES else data[start : start + PARSE_BYTES]
+        deliver_requests(sink.requests.feed(piece), sink)
+        start += PARSE_BYTES
 
 
 def read_on(sink: RequestSink, client: asyncio.Transport) -> None:
@@ -153,7 +156,7 @@ def read_on(sink: RequestSink, client: asyncio.Transport) -> None:
     it is all parsed and what is held fits HOLD_BYTES (not upgrading: what follows an
     Upgrade waits for its answer)."""
     if sink.unread and not sink.stopped:
-        take_requests(sink, b"")
+        take_requests(sink, b"", client)
     if (
         not sink.unread
         and sink.held <= HOLD_BYTES
@@ -258,6 +261,7 @@ class HttpExchange:
         self.held = 0
         self.unread = b""  # read, not parsed yet (see PARSE_BYTES)
         self.reading_on = False  # a read_on is due (called soon: never inside a parse)
+        self.answering = False  # a response's head went to the client, its end not yet
         self.stopped = False  # a local answer is queued: later requests are ignored
         # What one read produces for each side goes out in one write: a response's
         # head and body in one TLS record, not two (a quarter more requests/s).
@@ -290,7 +294,7 @@ class HttpExchange:
         if self.tunnel:
             self.app.write(data)
         elif not self.stopped:
-            take_requests(self, data)
+            take_requests(self, data, self.client)
             if self.requests.upgrading:
                 # Held in memory until the app answers the Upgrade: whatever resumed
                 # reading (the app's write buffer drained), one read is all it gets.
@@ -303,27 +307,35 @@ class HttpExchange:
             return
         responses = self.responses
         if responses is None:
-            self._app_broke(b"", "bytes while no request was in flight")
+            self._app_broke(b"", "bytes while no request was in flight", midway=False)
             return
+        midway = self.answering  # a response's head went out in an earlier read
         events = responses.feed(data)
         if events and isinstance(events[-1], http1.Broken):
-            self._app_broke(b"".join(self.to_client[: self._responses(events)]), events[-1].detail)
+            whole = b"".join(self.to_client[: self._responses(events)])
+            self._app_broke(whole, events[-1].detail, midway=midway and not whole)
             return
         self._responses(events)
         self._flush()
 
-    def _app_broke(self, whole: bytes, detail: str) -> None:
+    def _app_broke(self, whole: bytes, detail: str, *, midway: bool) -> None:
         """The app broke HTTP: nothing sane can follow on either connection. The responses
-        it finished before the break (`whole`: a 204 with a body, say) go out first."""
+        it finished before the break (`whole`: a 204 with a body, say) go out, after what
+        was written before, and the client's connection closes; unless the break cut a
+        response whose head the client has (`midway`): a reset says it was cut."""
         self.to_client.clear()
         self.to_app.clear()
+        self.queue.clear()
+        self.unread = b""
+        self.stopped = self.closing = True
         self.app.abort()
         self.broke(detail)
+        if midway:
+            self.client.abort()
+            return
         if whole:
             self.client.write(whole)
-            self.client.close()
-        else:
-            self.client.abort()
+        self.client.close()
 
     def _responses(self, events: list[http1.ResponseEvent]) -> int:
         """Apply the app's response events; how much of `to_client` holds whole responses
@@ -536,11 +548,15 @@ class HttpExchange:
         self.held -= request.held
         request.held = 0
         if self.unread:
-            if not self.reading_on and self.held <= HOLD_BYTES:
-                self.reading_on = True  # from the loop: this may run inside a parse
-                asyncio.get_running_loop().call_soon(self._read_on)
+            if self.held <= HOLD_BYTES:
+                self._read_on_soon()
         elif self.held <= HOLD_BYTES and not request.upgrade and not self.client.is_closing():
             self.client.resume_reading()
+
+    def _read_on_soon(self) -> None:
+        if not self.reading_on:
+            self.reading_on = True  # from the loop: this may run inside a parse
+            asyncio.get_running_loop().call_soon(self._read_on)
 
     def _read_on(self) -> None:
         self.reading_on = False
@@ -579,10 +595,12 @@ class HttpExchange:
                 dropped=IDENTITY_HEADERS,
             )
         )
+        self.answering = True
 
     def response_done(self) -> None:
         responses = self.responses
         assert responses is not None
+        self.answering = False
         self.on_response(responses.status)
         request = self.queue.popleft()
         if request.entry is not None and self.watch is not None:
@@ -592,10 +610,10 @@ class HttpExchange:
             self.to_client.append(http1.LAST_CHUNK)
         if not self.keep:
             self.stopped = self.closing = True
-        elif request.upgrade:  # answered without switching: HTTP goes on
-            if not self.client.is_closing():
-                self.client.resume_reading()
-            deliver_requests(self.requests.resume(), self)
+        elif request.upgrade:  # answered without switching: HTTP goes on, from what was
+            # held since, parsed from the loop as any read past HOLD_BYTES is
+            self.unread = self.requests.resume() + self.unread
+            self._read_on_soon()
         elif self.queue:
             self._start(self.queue[0])
 

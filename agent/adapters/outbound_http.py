@@ -46,7 +46,6 @@ from agent.adapters.http import (
     HOLD_BYTES,
     METHOD_NAMES,
     REQUEST_COST,
-    deliver_requests,
     error_body,
     local_body_size,
     local_response,
@@ -258,8 +257,8 @@ class OutboundHttp(asyncio.Protocol):
         if tunnel is not None:
             if tunnel.transport is not None:
                 tunnel.transport.write(data)
-        elif not self.stopped:
-            take_requests(self, data)
+        elif not self.stopped and self.client is not None:
+            take_requests(self, data, self.client)
             if self.requests.upgrading and self.client is not None:
                 # Held in memory until the upstream answers the Upgrade: whatever
                 # resumed reading, one read is all it gets.
@@ -436,9 +435,8 @@ class OutboundHttp(asyncio.Protocol):
         self.held -= request.held
         request.held = 0
         if self.unread:
-            if not self.reading_on and self.held <= HOLD_BYTES and self.loop is not None:
-                self.reading_on = True  # from the loop: this may run inside a parse
-                self.loop.call_soon(self._read_on)
+            if self.held <= HOLD_BYTES:
+                self._read_on_soon()
         elif (
             self.held <= HOLD_BYTES
             and self.client is not None
@@ -446,6 +444,11 @@ class OutboundHttp(asyncio.Protocol):
             and not self.requests.upgrading  # what follows it waits for the answer
         ):
             self.client.resume_reading()
+
+    def _read_on_soon(self) -> None:
+        if not self.reading_on and self.loop is not None:
+            self.reading_on = True  # from the loop: this may run inside a parse
+            self.loop.call_soon(self._read_on)
 
     def _read_on(self) -> None:
         self.reading_on = False
@@ -744,10 +747,10 @@ class OutboundHttp(asyncio.Protocol):
                 self.live.pool.put(connection)
             else:
                 connection.close()
-        if request.upgrade and not self.closing:  # answered without switching: HTTP goes on
-            if self.client is not None:
-                self.client.resume_reading()
-            deliver_requests(self.requests.resume(), self)
+        if request.upgrade and not self.closing:  # answered without switching: HTTP goes
+            # on, from what was held since, parsed from the loop as any read past HOLD_BYTES
+            self.unread = self.requests.resume() + self.unread
+            self._read_on_soon()
         self._try_over(attempt, status)
 
     def switch(self, rest: bytes) -> None:

@@ -647,12 +647,13 @@ class RequestParser:
         held, self._held = b"".join(self._held), []
         return held
 
-    def resume(self) -> list[RequestEvent]:
-        """The server answered the Upgrade without switching: parse on, from what was held."""
+    def resume(self) -> bytes:
+        """The server answered the Upgrade without switching: HTTP goes on, on a fresh
+        parser; the bytes held since the request, for the caller to feed (as any read)."""
         self.upgrading = False
         self._parser = httptools.HttpRequestParser(self)
         held, self._held = b"".join(self._held), []
-        return self.feed(held) if held else []
+        return held
 
     def _refuse(self, status: int, error: str, detail: str = "") -> None:
         self.stopped = True

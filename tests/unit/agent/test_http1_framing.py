@@ -301,7 +301,9 @@ def test_what_follows_an_upgrade_is_held_until_the_answer() -> None:
     refused = RequestParser()
     refused.feed(ask + GET[:10])
     assert refused.feed(GET[10:]) == []
-    [head, end] = refused.resume()  # the app said no: the held request is parsed as HTTP
+    held = refused.resume()  # the app said no: the held bytes are HTTP, fed as any read
+    assert held == GET
+    [head, end] = refused.feed(held)
     assert isinstance(head, Request) and head.target == b"/" and end is END
 
 

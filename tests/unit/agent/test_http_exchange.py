@@ -195,10 +195,18 @@ def test_an_app_that_answers_what_nobody_asked_loses_both_connections() -> None:
 
 
 def test_an_app_that_breaks_http_mid_response_loses_both_connections_at_once() -> None:
+    """A head that breaks HTTP reaches the client not at all (closed: nothing of it was
+    sent); a body that breaks after its head went out resets the client's connection,
+    which says the response was cut."""
     x = Exchange()
     x.send(GET)
     assert x.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nBad Header: x\r\n\r\n") == b""
-    assert x.client.aborted and x.app.aborted and x.statuses == [] and x.broken
+    assert x.client.closed and x.app.aborted and x.statuses == [] and x.broken
+    x = Exchange()
+    x.send(GET)
+    x.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nhalf\r\n")
+    x.answer(b"zz\r\n")  # not a chunk size
+    assert x.client.aborted and x.app.aborted and x.statuses == []
 
 
 def test_an_interim_response_never_carries_the_identity_header_to_the_client() -> None:
@@ -232,11 +240,12 @@ def test_an_upgrade_the_policy_denies_never_reaches_the_app() -> None:
     assert status_of(x.client.take()) == 403 and x.client.closed
 
 
-def test_an_upgrade_the_app_refuses_goes_on_as_http() -> None:
+async def test_an_upgrade_the_app_refuses_goes_on_as_http() -> None:
     x = Exchange()
     x.send(UPGRADE)
     assert x.send(GET) == b""  # held: it might have been the new protocol
     assert status_of(x.answer(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n")) == 426
+    await asyncio.sleep(0)  # what was held is parsed from the loop, as any read
     assert x.app.take().startswith(b"GET /api/items HTTP/1.1")
     assert status_of(x.answer(OK)) == 200 and not x.client.paused
 
@@ -301,3 +310,37 @@ async def test_a_read_of_pipelined_requests_is_parsed_no_further_than_what_may_b
         assert len(x.exchange.queue) <= MAX_HELD
     assert arrived == list(range(count))
     assert not x.exchange.unread and not x.client.paused
+
+
+async def test_reading_resumed_from_elsewhere_past_the_bound_is_paused_again() -> None:
+    """The app's buffer draining resumes the client's reading (agent/adapters/relay.py):
+    a read that finds HOLD_BYTES held already is kept unparsed, and reading paused again,
+    or every further read would pile up unparsed."""
+    x = Exchange()
+    count = 64 * 1024 // len(GET)
+    x.send(GET * count)
+    assert x.client.paused and x.exchange.unread
+    for _ in range(3):
+        x.client.resume_reading()  # the app drained its buffer meanwhile
+        waiting = len(x.exchange.unread)
+        x.send(GET * 100)
+        assert x.client.paused and len(x.exchange.unread) == waiting + 100 * len(GET)
+    assert len(x.exchange.queue) <= MAX_HELD
+
+
+async def test_requests_held_behind_a_declined_upgrade_are_bounded_as_any_read() -> None:
+    x = Exchange()
+    assert b"Upgrade: websocket" in x.send(UPGRADE + GET * (64 * 1024 // len(GET)))
+    x.answer(OK)  # no 101: HTTP goes on, from what was held since
+    await asyncio.sleep(0)
+    assert len(x.exchange.queue) <= MAX_HELD and x.exchange.unread and x.client.paused
+
+
+def test_a_break_after_a_finished_response_went_out_closes_without_cutting_it() -> None:
+    """The finished response was written in an earlier read (it may still sit in the
+    client's write buffer): the break closes the client's connection, never resets it."""
+    x = Exchange()
+    x.send(GET + GET)
+    assert status_of(x.answer(OK)) == 200
+    x.answer(b"HTTP/1.1 200 OK\r\nContent-Length: zz\r\n\r\n")
+    assert x.client.closed and not x.client.aborted and x.app.aborted
