@@ -222,6 +222,10 @@ async def _issue_serving(
     return await issuer.issue_serving(config.serving_names, config.serving_ttl)
 
 
+#: Seconds between two looks at the signer's bundle (`_rotate_serving`).
+BUNDLE_CHECK = 5.0
+
+
 async def _rotate_serving(
     config: CaConfig, signer: Signer, tls: ServingTls, leaf: x509.Certificate, clock: Clock
 ) -> None:
@@ -245,7 +249,21 @@ async def _rotate_serving(
         held=Validity(leaf.not_valid_before_utc, leaf.not_valid_after_utc),
         retriable=(SignerUnavailable,),
     )
-    await renewer.run()
+
+    async def follow_bundle() -> None:
+        """A new bundle (Vault's root rotated) means a new issuer: the serving certificate
+        is issued again under it at once, or callers that trust only the new root could
+        not reach the CA until its own renewal, hours later."""
+        seen = signer.bundle
+        while True:
+            await asyncio.sleep(BUNDLE_CHECK)
+            bundle = signer.bundle
+            if bundle is not seen and bundle != seen:
+                log.info("the trust bundle changed: issuing the serving certificate again")
+                renewer.renew_now()
+            seen = bundle
+
+    await asyncio.gather(renewer.run(), follow_bundle())
 
 
 def _bind(listen: Listen, key: str) -> socket.socket:

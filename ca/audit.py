@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -30,6 +31,7 @@ class AuditLog:
         self._clock = clock
         self._fd = 1 if target == "-" else -1
         self._file_id: tuple[int, int] | None = None
+        self._regular = False  # a regular file: a short write is cut back off it
 
     @classmethod
     def open(cls, target: str, clock: Callable[[], datetime]) -> AuditLog:
@@ -51,12 +53,18 @@ class AuditLog:
             self._fd = -1
 
     def _reopen(self) -> None:
-        fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        if self._fd >= 0:
+        """Open the path (a file, or /dev/stdout and the like). O_NONBLOCK for the open
+        alone: a FIFO nobody reads would otherwise block the CA's event loop in it (it is
+        refused instead, ENXIO)."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+        fd = os.open(self.target, flags, 0o640)
+        os.set_blocking(fd, True)
+        if self._fd > 1:
             os.close(self._fd)
         self._fd = fd
         found = os.fstat(fd)
         self._file_id = (found.st_dev, found.st_ino)
+        self._regular = stat.S_ISREG(found.st_mode)
 
     def _follow(self) -> None:
         """The file at the path is not the one open (rotated, removed): open it again."""
@@ -71,7 +79,7 @@ class AuditLog:
     def _write(self, line: bytes) -> None:
         if self.target != "-":
             self._follow()
-        size = None if self.target == "-" else os.fstat(self._fd).st_size
+        size = os.fstat(self._fd).st_size if self._regular else None
         written = os.write(self._fd, line)
         if written < len(line):  # a full disk mid-line: no half line stays behind
             if size is not None:

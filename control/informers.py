@@ -135,13 +135,21 @@ class ClusterApi(Protocol):
         ...
 
 
-#: Kinds whose absence is never "none of them": AuthorizationPolicy and PeerAuthentication
-#: are Outrider's own CRDs, installed together before the control plane. A mesh compiled
-#: without the first would send agents no DENY policy; without the second, it would turn
-#: every PERMISSIVE captured pod STRICT and shut out the callers a migration still needs.
+#: Kinds whose absence is never "none of them": AuthorizationPolicy, PeerAuthentication and
+#: TrafficPolicy are Outrider's own CRDs, installed together before the control plane. A
+#: mesh compiled without the first would send agents no DENY policy; without the second, it
+#: would turn every PERMISSIVE captured pod STRICT and shut out the callers a migration
+#: still needs; without the third, drop every balancer and circuit breaker.
 #: A 404 for one holds readiness until it is listed.
 REQUIRED = frozenset(
-    {"Pod", "Service", "EndpointSlice", "AuthorizationPolicy", "PeerAuthentication"}
+    {
+        "Pod",
+        "Service",
+        "EndpointSlice",
+        "AuthorizationPolicy",
+        "PeerAuthentication",
+        "TrafficPolicy",
+    }
 )
 
 
@@ -280,6 +288,7 @@ class _KindWatch(ListWatch):
                 " deploy/base/crds applied?); not ready until it does"
             )
         if not isinstance(error, NotInstalled) or kind in informers.listed or kind in REQUIRED:
+            self.not_found = 0  # 404s in a row only
             await super().failed(error)
             return
         if kind not in informers.missing:

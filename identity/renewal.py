@@ -278,7 +278,10 @@ class Renewer:
         usable = standing.usable(now.wall)
         delay = self.policy.retry_delay(standing.failures, usable, standing.draw)
         left = standing.failed_mono + delay.total_seconds() - now.mono
-        return now.wall + timedelta(seconds=max(left, 0.0))
+        at = now.wall + timedelta(seconds=max(left, 0.0))
+        if usable and standing.held is not None:  # `plan` retries at expiry at the latest
+            at = min(at, standing.held.not_after)
+        return at
 
     def renew_now(self) -> None:
         self._wake.set()

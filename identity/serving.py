@@ -38,9 +38,12 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from identity.configfile import ConfigReader
+from identity.tlsfiles import TLS_SHUTDOWN_TIMEOUT
+
+if TYPE_CHECKING:
+    from identity.configfile import ConfigReader
 
 __all__ = [
     "Acceptor",
@@ -66,13 +69,6 @@ CLOSE_REASONS = (
 #: and never reads makes the server buffer every acknowledgement.
 MAX_UNREAD = 1024 * 1024
 ACCEPT_BACKOFF = 0.1  # seconds, after accept() fails (EMFILE): the listener stays
-
-
-#: Seconds a TLS close waits for the peer's close_notify (the loop's default is 30 s): a
-#: peer whose node froze, or that never answers one, would hold its connection (and its
-#: slot of max_connections) that long after it was closed. The agent's control-plane
-#: client closes with it too, so a frozen control plane is noticed after two pings.
-TLS_SHUTDOWN_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)

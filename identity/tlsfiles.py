@@ -1,4 +1,5 @@
-"""Give the ssl module a certificate and key that exist only in memory.
+"""Give the ssl module a certificate and key that exist only in memory (and how long every
+process's TLS close waits: TLS_SHUTDOWN_TIMEOUT).
 
 `ssl.SSLContext.load_cert_chain` reads paths only. On Linux an anonymous
 memory file (memfd) has a path under /proc/self/fd, so the private key never
@@ -12,6 +13,12 @@ import os
 import ssl
 import tempfile
 from pathlib import Path
+
+#: Seconds a TLS close waits for the peer's close_notify (the loop's default is 30 s): a
+#: peer whose node froze, or that never answers one, would hold its connection (and a
+#: server's slot of max_connections) that long after it was closed; the agent's
+#: control-plane client would notice a frozen control plane after 50 s, not two pings.
+TLS_SHUTDOWN_TIMEOUT = 1.0
 
 
 def load_cert_chain(context: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:

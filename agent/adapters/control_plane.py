@@ -50,7 +50,7 @@ from identity import SvidError
 from identity.build import VERSION
 from identity.proto import control_pb2
 from identity.proto.control_grpc import ControlPlaneStub
-from identity.serving import TLS_SHUTDOWN_TIMEOUT
+from identity.tlsfiles import TLS_SHUTDOWN_TIMEOUT
 
 log = logging.getLogger("outrider.agent.control")
 
@@ -149,9 +149,8 @@ class ControlPlaneSubscription:
             try:
                 await self._subscribe(endpoint, svid)
                 problem = "the control plane ended the stream"
-            except Rotated:
+            except Rotated:  # the agent's own doing: still connected, unless the next fails
                 log.info("%s: subscribing again", self._why_again)
-                self._down("resubscribing")
                 continue
             except _AWAY as exc:
                 problem = _describe(exc)

@@ -122,6 +122,7 @@ class IdentityManager:
         if self._failures:
             log.info("SVID renewed after %d failed attempt(s)", self._failures)
             self._failures = 0
+            self._lines = LogThrottle(interval=60.0)  # the next outage is said at once
         return Validity(svid.not_before, svid.not_after)
 
     def _failed(self, exc: Exception, failures: int, retry_in: float) -> None:
@@ -132,7 +133,7 @@ class IdentityManager:
         self.metrics.rotations.labels(result).inc()
         self.metrics.ca_backoff.set(retry_in)
         self._failures = failures
-        held = self._lines.admit("failed", time.monotonic())
+        held = self._lines.admit(("failed", result), time.monotonic())  # a new cause: said
         if held is not None:
             log.warning(
                 "SVID renewal failed (%s, attempt %d): %s; retrying in %.1fs; %s%s",

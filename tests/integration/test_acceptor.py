@@ -16,7 +16,8 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 
-from identity.serving import TLS_SHUTDOWN_TIMEOUT, Acceptor, ConnectionLimits
+from identity.serving import Acceptor, ConnectionLimits
+from identity.tlsfiles import TLS_SHUTDOWN_TIMEOUT
 from tests.support import loopback_tls
 
 

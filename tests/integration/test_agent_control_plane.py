@@ -238,6 +238,11 @@ async def test_after_an_svid_rotation_the_agent_subscribes_with_the_new_svid(
                 assert [s.running_version for s in streams[1:]] == [version, version]
                 assert await mtls_exchange(address, frontend(setup)) != b""
                 assert agent.sample("outrider_control_plane_updates_total", result="applied") == 1
+                # Each rotation's resubscribe is the agent's own doing, a resync that brings
+                # nothing: the stream stays connected throughout (sampled across rotations).
+                for _ in range(15):  # bounded: 1.5 s, about one rotation
+                    assert agent.sample("outrider_control_plane_connected") == 1
+                    await asyncio.sleep(0.1)
 
 
 async def test_a_reload_of_the_bootstrap_file_keeps_the_snapshots_keys(

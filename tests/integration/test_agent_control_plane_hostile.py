@@ -31,7 +31,7 @@ from agent import config as agent_config
 from agent.adapters import control_plane as control_plane_client
 from agent.app import Agent
 from identity.proto.control_grpc import ControlPlaneStub
-from identity.serving import TLS_SHUTDOWN_TIMEOUT
+from identity.tlsfiles import TLS_SHUTDOWN_TIMEOUT
 from tests.control import ControlPlaneThread, bootstrap, control_plane, version_of
 from tests.integration.test_agent_control_plane import (
     DENY_ALL,

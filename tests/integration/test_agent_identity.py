@@ -425,3 +425,19 @@ async def test_a_minted_svid_for_another_workload_is_passed_over_for_the_token(
     assert recorder.calls == [f"token:{workload('web')}"]
     assert f"cannot start from svid_file {files['svid_file']}" in caplog.text
     assert f"but this agent is {workload('web')}" in caplog.text
+
+
+async def test_an_outage_after_a_recovery_is_said_at_once(
+    setup: CaSetup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The once-a-minute bound is per outage (and cause): the first failure after a renewal
+    that worked is a line of its own, however soon it comes."""
+    caplog.set_level(logging.INFO, logger="outrider.agent.identity")
+    down = GRPCError(Status.UNAVAILABLE, "down")
+    recorder = Recorder(local_sign(setup), fail=lambda n: down if n in (1, 2, 4) else None)
+    identity = manager(setup, recorder)
+    for _ in range(4):
+        await identity.renewal.attempt()
+    said = [r.getMessage() for r in caplog.records if r.name == "outrider.agent.identity"]
+    assert sum("SVID renewal failed" in line for line in said) == 2, said
+    assert sum("renewed after 2 failed attempt(s)" in line for line in said) == 1, said

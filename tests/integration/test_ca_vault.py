@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import subprocess
 from collections.abc import Iterator
 from datetime import timedelta
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from agent.app import Agent
 from ca.config import VaultAuth, VaultSettings
@@ -291,3 +292,14 @@ async def test_per_certificate_mode_follows_vaults_issuer_through_a_root_rotatio
                 ]
             assert served == [new_root]
             assert any("Vault signs under another issuer now" in line for line in ca.stderr)
+            # The CA's own serving certificate follows within a look at the bundle: a
+            # caller that trusts the new root alone reaches it.
+            (setup.ca_dir / "bundle.pem").write_text(rotated["data"]["certificate"])
+            for _ in range(40):  # bounded: 10 s, twice BUNDLE_CHECK
+                try:
+                    assert (await sign(setup, ca))[-1].issuer == new_root.subject
+                    break
+                except (ssl.SSLError, OSError, StreamTerminatedError):
+                    await asyncio.sleep(0.25)
+            else:
+                raise AssertionError("the CA's serving certificate stayed under the old root")

@@ -6,6 +6,7 @@ Real files on a real filesystem; a full disk is a tmpfs the test mounts (`small_
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -62,3 +63,17 @@ def test_a_line_the_disk_had_no_room_for_is_never_written_later_nor_left_half(
         audit.close()
     lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
     assert [json.loads(line)["caller"] for line in lines] == ["caller-1", "caller-7"]
+
+
+def test_a_fifo_put_at_the_path_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """Opening a FIFO for writing waits for a reader: on the CA's event loop, that froze
+    every call (and SIGTERM). Only a regular file is an audit log."""
+    path = tmp_path / "audit.log"
+    audit = AuditLog.open(str(path), lambda: datetime.now(UTC))
+    try:
+        path.unlink()
+        os.mkfifo(path)
+        with pytest.raises(AuditUnavailable, match="cannot write the audit log"):
+            record(audit, 1)
+    finally:
+        audit.close()

@@ -79,7 +79,7 @@ async def test_kinds_found_missing_after_the_last_list_still_announce_the_sync()
 
 
 class OneNotFound(LateNotFound):
-    """Serves every kind; TrafficPolicy's first list is a 404, as a kube-apiserver that
+    """Serves every kind; HTTPRoute's first list is a 404, as a kube-apiserver that
     just restarted answers for a custom resource that exists."""
 
     def __init__(self) -> None:
@@ -87,16 +87,16 @@ class OneNotFound(LateNotFound):
         self.not_found = 1
 
     def list(self, resource: Resource) -> tuple[list[dict[str, Any]], str]:
-        if resource.kind == "TrafficPolicy" and self.not_found:
+        if resource.kind == "HTTPRoute" and self.not_found:
             self.not_found -= 1
             raise NotInstalled(resource.kind)
         return [{"metadata": {"name": "a", "namespace": "shop"}}], "1"
 
 
-async def test_a_404_for_a_kind_that_exists_holds_the_sync_until_it_is_listed() -> None:
+async def test_a_404_for_a_route_kind_that_exists_holds_the_sync_until_it_is_listed() -> None:
     """One 404 is no proof a CRD is missing: the informers are not synced (no mesh is
-    compiled, the control plane is not ready) until TrafficPolicy is listed, so the first
-    mesh carries its objects instead of leaving them out for NOT_INSTALLED_RETRY."""
+    compiled, the control plane is not ready) until HTTPRoute is listed, so the first
+    mesh carries its routes instead of leaving them out for NOT_INSTALLED_RETRY."""
     api = OneNotFound()
     synced = asyncio.Event()
     informers: Informers
@@ -104,7 +104,7 @@ async def test_a_404_for_a_kind_that_exists_holds_the_sync_until_it_is_listed() 
 
     def changed() -> None:
         if informers.synced() and not synced.is_set():
-            seen_at_sync.append(len(informers.caches["TrafficPolicy"]))
+            seen_at_sync.append(len(informers.caches["HTTPRoute"]))
             synced.set()
 
     informers = Informers(api, changed, not_installed_retry=3600, not_found_confirm=0.01)

@@ -275,3 +275,25 @@ async def test_on_expired_is_told_once_at_expiry() -> None:
         assert expired == [30.0]
     finally:
         task.cancel()
+
+
+async def test_the_next_attempt_said_is_when_the_loop_will_ask() -> None:
+    """What /certs says as next_renewal: the renewal point while all is well; while failing,
+    the next retry, never later than the expiry the loop wakes at, never in the past."""
+    clock = FakeClock(T0)
+    credential = Credential(clock, life=30)
+    renewer = await start(clock, credential, backoff=Backoff(20 * S, 300 * S))
+    try:
+        assert renewer.next_attempt == renewer.standing.renew_at
+        credential.down = True
+        await clock.advance(17)  # due at 13.5-16.5 s: it failed; the backoff says 10-20 s
+        assert renewer.standing.failures == 1
+        said = renewer.next_attempt
+        assert said is not None and clock.now() <= said
+        held = renewer.standing.held
+        assert held is not None and said <= held.not_after
+        calls = credential.calls
+        await clock.advance((said - clock.now()).total_seconds() + 0.5)
+        assert credential.calls > calls, "no attempt when next_attempt said"
+    finally:
+        renewer.task.cancel()  # type: ignore[attr-defined]
