@@ -141,16 +141,7 @@ class ClusterApi(Protocol):
 #: would turn every PERMISSIVE captured pod STRICT and shut out the callers a migration
 #: still needs; without the third, drop every balancer and circuit breaker.
 #: A 404 for one holds readiness until it is listed.
-REQUIRED = frozenset(
-    {
-        "Pod",
-        "Service",
-        "EndpointSlice",
-        "AuthorizationPolicy",
-        "PeerAuthentication",
-        "TrafficPolicy",
-    }
-)
+REQUIRED = frozenset(KINDS) - {"HTTPRoute", "GRPCRoute"}  # all but the Gateway API's
 
 
 #: The kinds whose status the control plane writes (control.core: conditions, and the
