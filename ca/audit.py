@@ -43,23 +43,23 @@ class AuditLog:
             # any socket the CA opens later: never written to.
             if sys.stdout is None:
                 raise OSError(errno.EBADF, "audit_log is '-' but stdout is closed")
+            os.set_blocking(1, False)  # a reader that stopped refuses lines, as for a file
         else:
             log._reopen()
         return log
 
     def close(self) -> None:
-        if self._fd > 1:
+        if self._fd >= 0 and self.target != "-":
             os.close(self._fd)
-            self._fd = -1
+        self._fd = -1
 
     def _reopen(self) -> None:
-        """Open the path (a file, or /dev/stdout and the like). O_NONBLOCK for the open
-        alone: a FIFO nobody reads would otherwise block the CA's event loop in it (it is
-        refused instead, ENXIO)."""
+        """Open the path (a file, or /dev/stdout and the like), non-blocking: a pipe or FIFO
+        whose reader stopped (or that has none) must not stop the CA's event loop in a
+        write (EAGAIN refuses the line instead); a regular file is never held up by it."""
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
         fd = os.open(self.target, flags, 0o640)
-        os.set_blocking(fd, True)
-        if self._fd > 1:
+        if self._fd >= 0:
             os.close(self._fd)
         self._fd = fd
         found = os.fstat(fd)

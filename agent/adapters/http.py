@@ -550,7 +550,11 @@ class HttpExchange:
         if self.unread:
             if self.held <= HOLD_BYTES:
                 self._read_on_soon()
-        elif self.held <= HOLD_BYTES and not request.upgrade and not self.client.is_closing():
+        elif (
+            self.held <= HOLD_BYTES
+            and not self.requests.upgrading  # what follows an Upgrade waits for its answer
+            and not self.client.is_closing()
+        ):
             self.client.resume_reading()
 
     def _read_on_soon(self) -> None:

@@ -344,3 +344,14 @@ def test_a_break_after_a_finished_response_went_out_closes_without_cutting_it() 
     assert status_of(x.answer(OK)) == 200
     x.answer(b"HTTP/1.1 200 OK\r\nContent-Length: zz\r\n\r\n")
     assert x.client.closed and not x.client.aborted and x.app.aborted
+
+
+def test_nothing_is_read_behind_an_upgrade_while_the_requests_before_it_are_answered() -> None:
+    """Whatever follows an Upgrade waits for its answer, held in memory: answering the
+    requests ahead of it must not give the client another read each (55 MiB a connection)."""
+    x = Exchange()
+    x.send(GET + GET + UPGRADE + b"\x81\x05hello")
+    assert x.client.paused
+    for _ in range(2):
+        assert status_of(x.answer(OK)) == 200
+        assert x.client.paused

@@ -77,3 +77,21 @@ def test_a_fifo_put_at_the_path_is_refused_not_waited_on(tmp_path: Path) -> None
             record(audit, 1)
     finally:
         audit.close()
+
+
+def test_a_pipe_whose_reader_stopped_refuses_lines_instead_of_stopping_the_ca(
+    tmp_path: Path,
+) -> None:
+    """A log shipper that hangs: the FIFO fills, and the next line is refused (the call it
+    accounts for with it) rather than waited on with the CA's event loop stopped."""
+    path = tmp_path / "audit.log"
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opened, never read
+    audit = AuditLog.open(str(path), lambda: datetime.now(UTC))
+    try:
+        with pytest.raises(AuditUnavailable, match="cannot write the audit log"):
+            for n in range(10_000):  # bounded: a pipe holds 64 KiB, ~300 lines
+                record(audit, n)
+    finally:
+        audit.close()
+        os.close(reader)
