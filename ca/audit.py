@@ -9,10 +9,16 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import stat
 import sys
 from collections.abc import Callable
 from datetime import datetime
+
+#: Seconds a line waits for a pipe (stdout, a FIFO) whose reader is behind: a burst of
+#: Signs against a live log collector waits that long; one that stopped reading refuses
+#: the line after it, instead of holding the CA's event loop in a write for good.
+PIPE_WAIT = 0.5
 
 
 class AuditUnavailable(Exception):
@@ -80,7 +86,12 @@ class AuditLog:
         if self.target != "-":
             self._follow()
         size = os.fstat(self._fd).st_size if self._regular else None
-        written = os.write(self._fd, line)
+        try:
+            written = os.write(self._fd, line)
+        except BlockingIOError:  # a pipe's reader is behind: a moment's wait, not forever
+            if not select.select([], [self._fd], [], PIPE_WAIT)[1]:
+                raise OSError(errno.EAGAIN, f"its reader took nothing for {PIPE_WAIT:g}s") from None
+            written = os.write(self._fd, line)
         if written < len(line):  # a full disk mid-line: no half line stays behind
             if size is not None:
                 os.ftruncate(self._fd, size)

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -95,3 +98,38 @@ def test_a_pipe_whose_reader_stopped_refuses_lines_instead_of_stopping_the_ca(
     finally:
         audit.close()
         os.close(reader)
+
+
+def test_a_pipe_whose_reader_is_only_slow_loses_no_line(tmp_path: Path) -> None:
+    """A log collector that reads behind a burst (the pipe full for a moment) gets every
+    line: a line waits up to PIPE_WAIT for room."""
+    path = tmp_path / "audit.log"
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    got: list[bytes] = []
+    done = threading.Event()
+
+    def read_slowly() -> None:
+        while True:
+            if select.select([reader], [], [], 0.05)[0]:
+                data = os.read(reader, 4096)
+                if not data:  # the writer closed: all read
+                    return
+                got.append(data)
+                time.sleep(0.002)  # behind the writer: the pipe fills now and then
+            elif done.is_set():
+                return
+
+    thread = threading.Thread(target=read_slowly, daemon=True)
+    thread.start()
+    audit = AuditLog.open(str(path), lambda: datetime.now(UTC))
+    try:
+        for n in range(2_000):  # ~500 KB: many times what the pipe holds
+            record(audit, n)
+    finally:
+        audit.close()
+        done.set()
+        thread.join(10)
+        os.close(reader)
+    lines = b"".join(got).decode().splitlines()
+    assert [json.loads(line)["caller"] for line in lines] == [f"caller-{n}" for n in range(2_000)]
