@@ -49,7 +49,7 @@ class AuditLog:
             # any socket the CA opens later: never written to.
             if sys.stdout is None:
                 raise OSError(errno.EBADF, "audit_log is '-' but stdout is closed")
-            os.set_blocking(1, False)  # a reader that stopped refuses lines, as for a file
+            log._regular = stat.S_ISREG(os.fstat(1).st_mode)
         else:
             log._reopen()
         return log
@@ -60,11 +60,12 @@ class AuditLog:
         self._fd = -1
 
     def _reopen(self) -> None:
-        """Open the path (a file, or /dev/stdout and the like), non-blocking: a pipe or FIFO
-        whose reader stopped (or that has none) must not stop the CA's event loop in a
-        write (EAGAIN refuses the line instead); a regular file is never held up by it."""
+        """Open the path (a file, or /dev/stdout and the like). O_NONBLOCK for the open
+        alone: a FIFO nobody reads would block the CA's event loop in it (it is refused
+        instead, ENXIO); the descriptor is its own, and blocking again once open."""
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
         fd = os.open(self.target, flags, 0o640)
+        os.set_blocking(fd, True)
         if self._fd >= 0:
             os.close(self._fd)
         self._fd = fd
@@ -86,12 +87,13 @@ class AuditLog:
         if self.target != "-":
             self._follow()
         size = os.fstat(self._fd).st_size if self._regular else None
-        try:
-            written = os.write(self._fd, line)
-        except BlockingIOError:  # a pipe's reader is behind: a moment's wait, not forever
-            if not select.select([], [self._fd], [], PIPE_WAIT)[1]:
-                raise OSError(errno.EAGAIN, f"its reader took nothing for {PIPE_WAIT:g}s") from None
-            written = os.write(self._fd, line)
+        # A pipe (stdout, a FIFO) whose reader is behind: a moment's wait, never the event
+        # loop held in a write for good. Writable, it takes a line whole (under PIPE_BUF).
+        # Its descriptor's flags are left alone: stdout's are shared with whoever else has
+        # it (the shell that started the CA, a process beside it).
+        if not self._regular and not select.select([], [self._fd], [], PIPE_WAIT)[1]:
+            raise OSError(errno.EAGAIN, f"its reader took nothing for {PIPE_WAIT:g}s")
+        written = os.write(self._fd, line)
         if written < len(line):  # a full disk mid-line: no half line stays behind
             if size is not None:
                 os.ftruncate(self._fd, size)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import select
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -133,3 +135,19 @@ def test_a_pipe_whose_reader_is_only_slow_loses_no_line(tmp_path: Path) -> None:
         os.close(reader)
     lines = b"".join(got).decode().splitlines()
     assert [json.loads(line)["caller"] for line in lines] == [f"caller-{n}" for n in range(2_000)]
+
+
+def test_stdout_as_the_audit_log_is_left_as_the_caller_gave_it() -> None:
+    """stdout's flags belong to its open file description, which the shell that started
+    the CA (and whatever runs beside or after it) shares: writing the log leaves them."""
+    script = (
+        "import os; from datetime import UTC, datetime; from ca.audit import AuditLog; "
+        "log = AuditLog.open('-', lambda: datetime.now(UTC)); "
+        "log.record(result='issued', reason='token', caller='c'); "
+        "print(os.get_blocking(1))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    line, blocking = done.stdout.splitlines()
+    assert json.loads(line)["caller"] == "c" and blocking == "True"
