@@ -38,6 +38,7 @@ class AuditLog:
         self._fd = 1 if target == "-" else -1
         self._file_id: tuple[int, int] | None = None
         self._regular = False  # a regular file: a short write is cut back off it
+        self._stalled = False  # a pipe's reader took nothing for PIPE_WAIT: no more waits
 
     @classmethod
     def open(cls, target: str, clock: Callable[[], datetime]) -> AuditLog:
@@ -91,8 +92,13 @@ class AuditLog:
         # loop held in a write for good. Writable, it takes a line whole (under PIPE_BUF).
         # Its descriptor's flags are left alone: stdout's are shared with whoever else has
         # it (the shell that started the CA, a process beside it).
-        if not self._regular and not select.select([], [self._fd], [], PIPE_WAIT)[1]:
-            raise OSError(errno.EAGAIN, f"its reader took nothing for {PIPE_WAIT:g}s")
+        # Once a wait has run out, the next lines do not wait (each would stop the loop
+        # PIPE_WAIT, and refusals come as fast as callers call) until the pipe takes one.
+        if not self._regular:
+            wait = 0.0 if self._stalled else PIPE_WAIT
+            self._stalled = not select.select([], [self._fd], [], wait)[1]
+            if self._stalled:
+                raise OSError(errno.EAGAIN, f"its reader took nothing for {PIPE_WAIT:g}s")
         written = os.write(self._fd, line)
         if written < len(line):  # a full disk mid-line: no half line stays behind
             if size is not None:

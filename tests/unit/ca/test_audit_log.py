@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ca.audit import AuditLog, AuditUnavailable
+from ca.audit import PIPE_WAIT, AuditLog, AuditUnavailable
 from tests.support import fill_disk
 
 
@@ -97,6 +97,13 @@ def test_a_pipe_whose_reader_stopped_refuses_lines_instead_of_stopping_the_ca(
         with pytest.raises(AuditUnavailable, match="cannot write the audit log"):
             for n in range(10_000):  # bounded: a pipe holds 64 KiB, ~300 lines
                 record(audit, n)
+        started = time.monotonic()  # the wait ran out once: the next lines do not wait
+        for n in range(20):
+            with pytest.raises(AuditUnavailable):
+                record(audit, n)
+        assert time.monotonic() - started < PIPE_WAIT
+        os.read(reader, 65536)  # the collector reads again: so does the log
+        record(audit, 0)
     finally:
         audit.close()
         os.close(reader)
