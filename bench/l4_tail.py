@@ -40,6 +40,10 @@ to its answer: the handshakes' share of the p99, measured without the rest; and
 what each connection (accepted, two handshakes, a request, closed) cost each
 proxy in CPU, which is what sets those latencies.
 
+`--resumed`: both pairs resume TLS 1.3 sessions between their proxies, as in the
+`new_conn_resumed` scenario (bench/peers.py): with `--rounds 0 --bursts 20`, what a
+resumed connection costs each proxy, Outrider's beside Envoy's, from one run.
+
 On a machine others share, Linux's autogroups give each session an equal share
 of the CPUs, so another session's load takes half of them from this one. Run
 in a session of its own with its group's nice value lowered, other sessions
@@ -212,17 +216,19 @@ def closed_loop(
 class Burst:
     """`connections` new connections at once, one request each: their latencies (ms), and
     the CPU (ms) each connection (accepted, two handshakes, a request, closed) cost the
-    client-side and the server-side proxy."""
+    client-side and the server-side proxy, and of it the kernel's (system time)."""
 
     mean_ms: float
     p50_ms: float
     max_ms: float
     client_ms: float = 0.0
     server_ms: float = 0.0
+    client_kernel_ms: float = 0.0
+    server_kernel_ms: float = 0.0
 
 
 def burst(port: int, pids: dict[str, int], connections: int = CONNECTIONS) -> Burst:
-    before = {role: sum(cpu_seconds(pids[role])) for role in ("client", "server")}
+    before = {role: cpu_seconds(pids[role]) for role in ("client", "server")}
     with tempfile.TemporaryDirectory(prefix="outrider-l4-tail-") as tmp:
         log = Path(tmp) / "requests.tsv"
         command = ["h2load", "--h1", f"-c{connections}", f"-n{connections}", "-m1", "-T5"]
@@ -236,13 +242,21 @@ def burst(port: int, pids: dict[str, int], connections: int = CONNECTIONS) -> Bu
     took = sorted(int(row[2]) / 1000 for row in rows if row[1] == "200")
     if len(took) < connections:
         raise RuntimeError(f"h2load answered {len(took)} of {connections}:\n{done.stdout}")
-    used = {role: sum(cpu_seconds(pids[role])) - before[role] for role in before}
+    user, kernel = (
+        {
+            role: (cpu_seconds(pids[role])[i] - before[role][i]) * 1000 / connections
+            for role in before
+        }
+        for i in (0, 1)
+    )
     return Burst(
         statistics.mean(took),
         took[len(took) // 2],
         took[-1],
-        used["client"] * 1000 / connections,
-        used["server"] * 1000 / connections,
+        user["client"] + kernel["client"],
+        user["server"] + kernel["server"],
+        kernel["client"],
+        kernel["server"],
     )
 
 
@@ -253,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", default="outrider,envoy")
     parser.add_argument("--detail", action="store_true", help="the steady state taken apart")
     parser.add_argument("--bursts", type=int, default=0, help="bursts of new connections")
+    parser.add_argument(
+        "--resumed", action="store_true", help="both pairs resume TLS 1.3 sessions (`resumed`)"
+    )
     args = parser.parse_args(argv)
     names = args.pairs.split(",")
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="outrider-l4-tail-") as tmp:
@@ -263,9 +280,9 @@ def main(argv: list[str] | None = None) -> None:
         pairs = {}
         for name in names:
             pair = (
-                peers.outrider(stack, setup, ca, backend)
+                peers.outrider(stack, setup, ca, backend, resumed=args.resumed)
                 if name == "outrider"
-                else peers.envoy(stack, setup, backend, "l4")
+                else peers.envoy(stack, setup, backend, "l4", resumed=args.resumed)
             )
             wrk(pair.port, 1, 10)  # first connections and handshakes, not counted
             pairs[name] = pair
@@ -314,7 +331,9 @@ def main(argv: list[str] | None = None) -> None:
                 f" p50 {statistics.median(b.p50_ms for b in made):6.1f}"
                 f" max {statistics.median(b.max_ms for b in made):6.1f} ms; CPU per connection"
                 f" client {statistics.mean(b.client_ms for b in made):.2f}"
-                f" server {statistics.mean(b.server_ms for b in made):.2f} ms"
+                f" (kernel {statistics.mean(b.client_kernel_ms for b in made):.2f})"
+                f" server {statistics.mean(b.server_ms for b in made):.2f}"
+                f" (kernel {statistics.mean(b.server_kernel_ms for b in made):.2f}) ms"
             )
 
 

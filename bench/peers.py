@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from bench.procs import NGINX_STREAM, cpu_capped, started
+from bench.procs import NGINX_STREAM, cpu_capped, ensure_packages, started
 from tests.envoy import (
     Svid,
     bootstrap,
@@ -115,7 +115,9 @@ def _nginx(stack: ExitStack, workdir: Path, port: int, config: str, what: str) -
 
 
 def backend(stack: ExitStack, workdir: Path) -> tuple[int, int]:
-    """nginx answering every request with a 13-byte body; (port, pid)."""
+    """nginx answering every request with a 13-byte body; (port, pid). Every scenario
+    starts one first, so the tools it and the rivals need are installed here."""
+    ensure_packages()
     port = free_port()
     body = f"""\
     server {{
