@@ -439,8 +439,6 @@ class _Call:
         return grpc.Code.UNKNOWN if status == 200 else grpc.from_http_status(status)
 
 
-#: Fields no trailer may be (RFC 9110 6.5.1), which an app that merges trailers into the
-#: head would read as the decided head's own: the host it was routed by, its framing.
 #: RFC 9110 6.5.1's fields no trailer may be: framing, routing, authentication, request
 #: modifiers and content metadata. Those a policy reads in a head (and a server that merges
 #: trailers would take for the head's) are dropped; gRPC sends none of them as trailers.
@@ -448,6 +446,10 @@ _HEAD_ONLY = frozenset(
     {
         b"host",
         b"content-length",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"connection",
         b"content-type",
         b"content-encoding",
         b"content-range",

@@ -212,4 +212,6 @@ def test_an_apps_outbound_call_goes_upstream_without_folded_names_or_identity() 
     # Fields no trailer may be, which an app merging trailers would read as the head's,
     # and values no head could hold.
     head_only = [(b"host", b"evil.example"), (b"content-length", b"99"), (b"cookie", b"a=1")]
+    framing = [(b"transfer-encoding", b"chunked"), (b"te", b"trailers"), (b"trailer", b"x-sum")]
+    head_only += [*framing, (b"connection", b"close")]
     assert onward([*head_only, (b"authorization", b"Bearer x"), (b"x-sum", b"a\x01b")]) == []
