@@ -48,6 +48,7 @@ from h2.errors import ErrorCodes
 from h2.events import DataReceived, RequestReceived, StreamEnded, StreamReset
 from h2.exceptions import (
     DenialOfServiceError,
+    NoSuchStreamError,
     ProtocolError,
     StreamClosedError,
     StreamIDTooLowError,
@@ -233,6 +234,16 @@ class _BoundedEvents(EventsProcessor):
                 return
         super().process_stream_reset(event)
 
+    def answer_waits_on_window(self) -> bool:
+        """Whether an answer owed here has no flow-control window to go out in: the caller
+        keeps it shut (SETTINGS_INITIAL_WINDOW_SIZE 0, or windows spent, never updated)."""
+        h2 = self._h2
+        for stream_id in self._owed:
+            with contextlib.suppress(NoSuchStreamError):
+                if h2.local_flow_control_window(stream_id) <= 0:
+                    return True
+        return False
+
     def _settled(self, stream_id: int) -> None:
         if stream_id in self._owed and self._progress is not None:
             self._owed.discard(stream_id)
@@ -403,6 +414,11 @@ class _BoundedProtocol(H2Protocol):
             self._transport.abort()  # type: ignore[attr-defined]
             return
         self.connection.flush()
+
+    def answer_waits_on_caller(self) -> bool:
+        """For the acceptor (`Answers`): an owed answer the caller's window keeps in."""
+        processor = self.processor
+        return isinstance(processor, _BoundedEvents) and processor.answer_waits_on_window()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -19,7 +19,11 @@ lock every caller out. The server's own protocol reports progress instead
 (`progress_of(transport)`): a request received whole, and its answer sent.
 While a request it has received is being answered the server owes the
 caller, so the connection is not displaced to make room for another; the
-idle timeout still applies, in case an answer never comes.
+idle timeout still applies, in case an answer never comes. An answer the
+caller will not take protects nothing: one that reads nothing (our writes
+are paused) or keeps its HTTP/2 flow-control window shut would otherwise ask,
+never take the answer, and hold its place at the cap for the idle timeout;
+a thousand such callers locked everyone out of the CA.
 
 It hands each connection to the server's own protocol (grpclib's, aiohttp's)
 and quacks like the `asyncio.AbstractServer` those expect (aiohttp's handlers
@@ -32,14 +36,16 @@ TLS server context that keeps no sessions.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from identity.throttle import LogThrottle, held_back
 from identity.tlsfiles import TLS_SHUTDOWN_TIMEOUT
 
 if TYPE_CHECKING:
@@ -69,6 +75,11 @@ CLOSE_REASONS = (
 #: and never reads makes the server buffer every acknowledgement.
 MAX_UNREAD = 1024 * 1024
 ACCEPT_BACKOFF = 0.1  # seconds, after accept() fails (EMFILE): the listener stays
+OUT_OF_FILES = (errno.EMFILE, errno.ENFILE)
+RAISE_LIMIT = (
+    ": raise the open-file limit (ulimit -n, or the container runtime's), or lower"
+    " limits.max_connections; callers get in again as connections close"
+)
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,13 @@ class Progress(Protocol):
         """The answer to a request `received` is out (or the request ended)."""
 
 
+@runtime_checkable
+class Answers(Protocol):
+    """A server's protocol that can tell when an answer it owes waits on the caller."""
+
+    def answer_waits_on_caller(self) -> bool: ...
+
+
 def progress_of(transport: asyncio.BaseTransport | None) -> Progress | None:
     """The progress record of a connection an `Acceptor` accepted, else None."""
     protocol = transport.get_protocol() if transport is not None else None
@@ -135,11 +153,11 @@ class Acceptor:
 
     At the cap the connection that has been quiet longest (handshakes in progress
     included; quiet: no request received whole or answered) makes room for the
-    new one, if it has been quiet for `QUIET` and is owed no answer: a flood of
-    idle or trickling connections then only displaces itself, and a caller whose
-    request is being answered is never cut. When none can make room the new one
-    is closed instead, before any TLS. Either way the closure is counted as
-    `max_connections`.
+    new one, if it has been quiet for `QUIET` and is owed no answer it would take
+    (`_Guard.protected`): a flood of idle or trickling connections then only
+    displaces itself, and a caller whose request is being answered is never cut.
+    When none can make room the new one is closed instead, before any TLS. Either
+    way the closure is counted as `max_connections`.
     """
 
     QUIET = 1.0  # seconds without progress before a connection may be displaced
@@ -158,6 +176,7 @@ class Acceptor:
         self._held: set[_Guard] = set()
         self._task: asyncio.Task[None] | None = None
         self._cancelled: list[asyncio.Task[None]] = []  # handshakes cut by `close`
+        self._lines = LogThrottle()
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -216,7 +235,11 @@ class Acceptor:
             try:
                 sock, _ = await loop.sock_accept(self._sock)
             except OSError as exc:  # EMFILE and friends: back off, keep the listener
-                log.warning("accept failed on %s: %s", self._sock.getsockname(), exc)
+                held = self._lines.admit(exc.errno, loop.time())
+                if held is not None:
+                    where = self._sock.getsockname()
+                    advice = RAISE_LIMIT if exc.errno in OUT_OF_FILES else ""
+                    log.warning("accept failed on %s: %s%s%s", where, exc, advice, held_back(held))
                 await asyncio.sleep(ACCEPT_BACKOFF)
                 continue
             if len(self._held) >= self.limits.max_connections and not self._make_room(loop.time()):
@@ -228,7 +251,7 @@ class Acceptor:
             guard.setup = loop.create_task(self._setup(guard, sock))
 
     def _make_room(self, now: float) -> bool:
-        waiting = [guard for guard in self._held if not guard.owed]
+        waiting = [guard for guard in self._held if not guard.protected()]
         if not waiting:
             return False  # every connection waits on an answer from us
         quietest = min(waiting, key=lambda guard: guard.last)
@@ -277,6 +300,16 @@ class _Guard(asyncio.Protocol):
         self._inner: Any = None  # the server's protocol: grpclib's or aiohttp's
         self._transport: asyncio.BaseTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._paused = False  # the transport holds more than the caller has read
+        self._answers: Answers | None = None  # the server's protocol, if it can tell
+
+    def protected(self) -> bool:
+        """Owed an answer the caller takes: not displaced at the cap. An answer that waits
+        on the caller (it reads nothing, or keeps its flow-control window shut) protects
+        nothing, or a caller could ask, never take the answer, and keep its place."""
+        if not self.owed or self._paused:
+            return False
+        return self._answers is None or not self._answers.answer_waits_on_caller()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -284,6 +317,7 @@ class _Guard(asyncio.Protocol):
         self.last = loop.time()
         self._timer = loop.call_at(self.last + self._idle, self._check_idle)
         self._inner = self._acceptor.protocol()
+        self._answers = self._inner if isinstance(self._inner, Answers) else None
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -306,9 +340,11 @@ class _Guard(asyncio.Protocol):
         return self._inner.eof_received()  # type: ignore[no-any-return]
 
     def pause_writing(self) -> None:
+        self._paused = True
         self._inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self._paused = False
         self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:

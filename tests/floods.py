@@ -26,9 +26,11 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+from h2.settings import SettingCodes
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
 
 SIGN = "/outrider.ca.v1.CertificateAuthority/Sign"
+GET_BUNDLE = "/outrider.ca.v1.CertificateAuthority/GetBundle"
 PREFIX_BYTES = 5  # an empty gRPC message: its length prefix alone
 
 
@@ -370,6 +372,28 @@ def trickling_connections(
         finally:
             stop.set()
             thread.join()
+
+
+@contextmanager
+def answers_never_taken(
+    port: int, count: int, context: ssl.SSLContext, path: str = GET_BUNDLE
+) -> Iterator[Flood]:
+    """`count` TLS connections that each call `path` (needing no credentials) with a
+    flow-control window of 0 (SETTINGS_INITIAL_WINDOW_SIZE), then send nothing: the
+    server owes each an answer that can never go out."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    stream = conn.get_next_available_stream_id()
+    conn.send_headers(stream, _request_headers(path))
+    conn.send_data(stream, bytes(PREFIX_BYTES), end_stream=True)
+    call = conn.data_to_send()
+    with idle_connections(port, count, tls=context) as flood:
+        for sock in flood.sockets:
+            sock.setblocking(True)
+            sock.sendall(call)
+            sock.setblocking(False)
+        yield flood
 
 
 def unread_acknowledgements(

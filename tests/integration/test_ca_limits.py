@@ -7,6 +7,8 @@ second or two; the defaults are in ca/config.py and docs/operations.md.
 from __future__ import annotations
 
 import asyncio
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,6 +133,25 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit(
     assert any(f"open-file limit: {hard}" in line for line in ca.stderr)
 
 
+def test_running_out_of_open_files_is_said_once_and_passes(tmp_path: Path) -> None:
+    """At the open-file limit every accept fails, and is tried again every 0.1 s: a line
+    each time was 36,000 lines an hour. Once the connections go, callers get in again."""
+    setup = make_ca_setup(tmp_path)
+    with ca_process(setup.config, prefix=["prlimit", "--nofile=64:64", "--"]) as ca:
+        with floods.idle_connections(ca.http_port, 80):
+            time.sleep(1.5)
+            said = [line for line in ca.stderr if "accept failed" in line]
+        assert len(said) == 1 and "Too many open files" in said[0], said
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ca.http_port}/healthz", timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the CA took no caller after the flood"
+                time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[CaSetup, CaProcess]]:
     """A CA whose cap is small and whose idle timeout is long: only the cap closes."""
@@ -153,6 +174,20 @@ async def test_over_the_cap_connections_are_closed_at_once_and_sign_goes_on(
         await asyncio.sleep(1.1)  # the idle ones are now quiet enough to make room
         assert (await sign(setup, ca)).spiffe_id == WORKLOAD
         assert flood.closed_by_peer(within=0.5) == closed + 1  # the quietest made room
+
+
+async def test_callers_that_never_take_their_answers_make_room_at_the_cap(
+    capped: tuple[CaSetup, CaProcess],
+) -> None:
+    """A caller that asks and keeps its flow-control window shut is owed an answer that
+    can never go out: that must not keep its place. A thousand of them, reconnecting
+    every idle timeout, locked every caller out of the CA for good."""
+    setup, ca = capped
+    with floods.answers_never_taken(ca.grpc_port, 50, floods.client_context("h2")) as flood:
+        assert len(flood.sockets) == 50  # the cap, all held
+        await asyncio.sleep(1.1)  # quiet long enough to make room
+        assert (await sign(setup, ca)).spiffe_id == WORKLOAD
+        assert flood.closed_by_peer(within=0.5) == 1  # one made room
 
 
 def h2_trickle(pings: int) -> bytes:
