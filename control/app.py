@@ -3,7 +3,9 @@
 Wiring only: informers (list-watch) -> MeshState (compile ~20 ms after a
 burst) -> every subscription's stream, and the mesh's statuses -> the status
 writer. The gRPC port is bounded as the CA's is (identity.grpcserving); the
-debug port is plain HTTP, on loopback by default.
+debug and status ports are plain HTTP (debug on loopback by default), each behind
+an acceptor of its own with HTTP_LIMITS (identity.serving): the status port is
+open to every pod.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import socket
 import ssl
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aiohttp import web
 from grpclib.config import Configuration
@@ -31,9 +33,15 @@ from control.tls import follow, server_context, stamp
 from identity.configfile import Listen
 from identity.grpcserving import WINDOW, BoundedServer
 from identity.kubewatch import settle
+from identity.serving import Acceptor, ConnectionLimits
 
 log = logging.getLogger("outrider.control")
 
+#: The debug and status ports' connections: probes, Prometheus and an operator's CLI
+#: need a few; without a cap, silent connections to the status port (any pod reaches
+#: it) took every descriptor, and the agents' gRPC port with them. Their idle timeout
+#: is the gRPC port's (`limits.idle_timeout`).
+HTTP_LIMITS = ConnectionLimits(max_connections=64)
 #: Keepalive pings find agents whose host vanished without a FIN.
 KEEPALIVE, KEEPALIVE_TIMEOUT = 60.0, 20.0
 #: A subscription lasts for hours: its acks and window updates earn back the budget
@@ -147,20 +155,26 @@ async def serve(
     status_sock = _bind(config.status) if config.status else None
     # The debug port serves every route; the status port, probes and metrics only.
     sites = [(debug_sock, True)] + ([(status_sock, False)] if status_sock else [])
-    runners = []
+    http_limits = replace(HTTP_LIMITS, idle_timeout=config.limits.connections.idle_timeout)
+    runners, http_acceptors = [], []
     for sock, debug in sites:
         runner = web.AppRunner(
             make_app(service, state, ready, metrics, debug=debug),
             access_log=None,
             shutdown_timeout=1.0,
+            keepalive_timeout=http_limits.idle_timeout.total_seconds(),
         )
         await runner.setup()
-        runners.append((runner, sock))
+        assert runner.server is not None
+        runners.append(runner)
+        http_acceptors.append(
+            Acceptor(sock, runner.server, None, http_limits, metrics.connection_closed)
+        )
     acceptor = await grpc_server.serve(
         grpc_sock, tls, config.limits.connections, metrics.connection_closed
     )
-    for runner, sock in runners:
-        await web.SockSite(runner, sock).start()
+    for http in http_acceptors:
+        http.start()
     bound = Bound(
         grpc_sock.getsockname()[:2],
         debug_sock.getsockname()[:2],
@@ -180,7 +194,10 @@ async def serve(
     log.info("shutting down")
     grpc_server.close()
     await grpc_server.wait_closed()
-    for runner, _ in runners:
+    for http in http_acceptors:
+        http.close()
+        await http.wait_closed()
+    for runner in runners:
         await runner.cleanup()
     if not await settle(SETTLE_SECONDS):
         log.warning("a call to the API server is still in flight; exiting anyway")

@@ -25,6 +25,7 @@ from control import REPLICA_HEADER
 from control.metrics import ControlMetrics
 from control.server import ControlPlaneService
 from control.sync import MeshState
+from identity.webserving import reports_progress
 
 #: This replica, as /debug/agents names it: its pod's name (the hostname) and process.
 REPLICA = f"{socket.gethostname()}/{os.getpid()}"
@@ -79,7 +80,7 @@ def make_app(
             body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
-    app = web.Application()
+    app = web.Application(middlewares=[reports_progress])  # for the acceptor's idle timeout
     if debug:
         app.router.add_get("/debug/agents", agents)
         app.router.add_get("/debug/config", config)

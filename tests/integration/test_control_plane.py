@@ -25,6 +25,8 @@ import pytest_asyncio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
+from control.app import HTTP_LIMITS
+from tests import floods
 from tests.apiserver import DEFAULT_CRDS, FakeApiServer, fake_api_server
 from tests.control_process import (
     ALLOW_FRONTEND,
@@ -455,6 +457,27 @@ async def test_a_subscription_outlives_the_idle_timeout_of_connections(tmp_path:
             _, metrics = await control.debug("/metrics")
     assert scraped(metrics, "outrider_control_connections_closed_total", reason="idle_timeout") == 0
     assert scraped(metrics, "outrider_control_pushes_total", result="acked") == 1
+
+
+async def test_silent_connections_to_the_http_ports_are_capped_and_make_room(
+    tmp_path: Path,
+) -> None:
+    """Every pod reaches the status port (the debug port is served alike): silent
+    connections were held for ever, took every descriptor, and the agents' gRPC port
+    with them. Past the cap they are closed at once; after a second the quietest make
+    room for a caller that asks something."""
+    async with fake_api_server(tmp_path / "api") as api:
+        api.apply(NAMESPACES)
+        async with control_plane(tmp_path, api) as control:
+            await ready(control)
+            cap = HTTP_LIMITS.max_connections
+            with floods.idle_connections(control.debug_port, cap + 10) as flood:
+                assert flood.closed_by_peer(within=0.5) + flood.failed == 10
+                await asyncio.sleep(1.1)  # quiet long enough to make room
+                assert (await control.debug("/ready"))[0] == 200
+            _, metrics = await control.debug("/metrics")
+    closed = "outrider_control_connections_closed_total"
+    assert scraped(metrics, closed, reason="max_connections") >= 11
 
 
 async def test_a_rotated_svid_is_served_to_new_connections(
