@@ -409,6 +409,7 @@ def objects_accepted(
         for kind, error in errors.items()
     ]
     refused: list[Check] = []
+    fitted: list[Check] = []
     behind: list[str] = []
     misparented: list[str] = []
     accepted = 0
@@ -424,6 +425,8 @@ def objects_accepted(
                 behind.append(named)
             elif any(c.get("status") == "False" for c in conditions):
                 refused.append(_refused(kind, obj, conditions))
+            elif any(c.get("reason") in _FITTED for c in conditions):
+                fitted.append(_fitted(kind, obj, conditions))
             elif all(c.get("status") == "True" for c in conditions):
                 accepted += 1
             else:  # "Unknown", or no status: no verdict
@@ -433,6 +436,11 @@ def objects_accepted(
         more = len(refused) - REFUSED_SHOWN
         detail = f"{_count(more, 'more object')} the control plane refused"
         checks.append(found("and more not accepted", "fail", detail, _SEE_STATUSES))
+    checks += fitted[:REFUSED_SHOWN]
+    if len(fitted) > REFUSED_SHOWN:
+        more = len(fitted) - REFUSED_SHOWN
+        detail = f"{_count(more, 'more policy')} fitted to TCP ports"
+        checks.append(found("and more fitted to TCP ports", "warn", detail, _SEE_STATUSES))
     if behind:
         checks.append(
             found(
@@ -478,6 +486,23 @@ def _refused(kind: str, obj: Mapping[str, Any], conditions: Sequence[Mapping[str
         "fail",
         f"not accepted: {said}{_kept(kind, obj, reasons)}",
         f"{fix} (kubectl -n {namespace} get {kind.lower()} {name} -o yaml shows its status)",
+    )
+
+
+#: Accepted, but not as written: a rule's HTTP fields met a TCP port (control/core/
+#: policies.py), so a DENY there denies every connection its `from` matches.
+_FITTED = {"HTTPRulesOnTCPPorts"}
+
+
+def _fitted(kind: str, obj: Mapping[str, Any], conditions: Sequence[Mapping[str, Any]]) -> Check:
+    namespace, name = _meta(obj, "namespace"), _meta(obj, "name")
+    (said,) = (_printable(c.get("message")) for c in conditions if c.get("reason") in _FITTED)
+    return Check(
+        "post-install",
+        f"{kind} {namespace}/{name}",
+        "warn",
+        f"accepted, not as written: {said}",
+        f"kubectl -n {namespace} get {kind.lower()} {name} -o yaml shows its status",
     )
 
 

@@ -166,6 +166,26 @@ def test_a_refused_policy_fails_saying_why_and_what_stays_in_force() -> None:
     assert "kubectl -n shop get authorizationpolicy deny-admin -o yaml" in checks[0].fix
 
 
+def test_a_policy_fitted_to_tcp_ports_is_a_warning_saying_what_it_does_there() -> None:
+    """Accepted, but a DENY on paths now denies every connection to a TCP port: a
+    security team writing "deny /admin" must hear that its database port is shut."""
+    said = "on shop/db (Deployment) port 5432 (tcp): ... so there it denies every connection"
+    fitted = accepted(True, 2, "HTTPRulesOnTCPPorts", said)
+    checks = objects_accepted(
+        {
+            "AuthorizationPolicy": [
+                judged("AuthorizationPolicy", "deny-admin", 2, conditions=[fitted]),
+                judged("AuthorizationPolicy", "fine", 2, conditions=[accepted(True, 2)]),
+            ]
+        },
+        {},
+    )
+    (check,) = checks
+    assert (check.name, check.status) == ("AuthorizationPolicy shop/deny-admin", "warn")
+    assert check.detail == f"accepted, not as written: {said}"
+    assert "kubectl -n shop get authorizationpolicy deny-admin -o yaml" in check.fix
+
+
 def test_an_edit_not_yet_judged_is_a_warning_naming_it() -> None:
     checks = objects_accepted(
         {
