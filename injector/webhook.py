@@ -10,15 +10,24 @@ and objects before it is parsed (core.review.decode); each refusal is a 4xx
 with a one-line reason. Parsing
 and mutation run in a worker thread, so a large review cannot hold up the
 event loop for the requests behind it.
+
+Bodies are also bounded together (`BodyBudget`): a review is read and answered
+only within BODIES_AT_ONCE times max_body_bytes for all of them, and refused 503
+`busy` past that. Forty callers that each sent all but a byte of 3 MiB made the
+injector hold 267 MiB, past its pod's 256 Mi limit; under `failurePolicy: Ignore` a
+killed injector admits pods without the agent. Refused at once, not queued: a
+connection waiting for the budget still held ~1.1 MiB of TLS and HTTP buffers.
+Every refused request's connection is closed, the rest of its body unread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
@@ -43,6 +52,9 @@ log = logging.getLogger("outrider.injector")
 
 #: The API server sends a review in one go and waits at most 30 s for the answer.
 BODY_TIMEOUT = 10.0
+#: Review bodies read and answered at once, in max_body_bytes (`BodyBudget`). A pod's
+#: review is some KiB: the API server's own traffic never waits on it.
+BODIES_AT_ONCE = 4
 _BUCKETS = (*SUB_MILLISECOND, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -80,6 +92,27 @@ class InjectorMetrics:
         self.connections_closed.labels(reason).inc()
 
 
+class BodyBudget:
+    """Bytes of review bodies being read or answered, over every connection, at most
+    `limit`: each review holds its Content-Length (or the most a body may be) from
+    before it is read until it is answered."""
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+
+    @contextlib.contextmanager
+    def held(self, size: int) -> Iterator[None]:
+        """Hold `size` bytes of the budget; BadRequest `busy` if they are not free."""
+        if size > self._free:
+            message = "other reviews hold the bytes this one needs; try again"
+            raise BadRequest("busy", message, status=503)
+        self._free -= size
+        try:
+            yield
+        finally:
+            self._free += size
+
+
 def make_app(
     settings: Settings,
     limits: Limits,
@@ -88,17 +121,23 @@ def make_app(
     body_timeout: float = BODY_TIMEOUT,
     clock: Callable[[], float] = time.perf_counter,
 ) -> web.Application:
+    budget = BodyBudget(BODIES_AT_ONCE * limits.max_body_bytes)
+
     async def mutate(request: web.Request) -> web.Response:
         started = clock()
         try:
             chosen = settings_for(settings, request.path, list(request.query.items()))
-            body = await _read(request, limits.max_body_bytes, body_timeout)
-            admission = await asyncio.to_thread(_answer, body, chosen, limits.max_json_depth)
+            size = _declared(request, limits.max_body_bytes)
+            with budget.held(size):
+                body = await _read(request, limits.max_body_bytes, body_timeout)
+                admission = await asyncio.to_thread(_answer, body, chosen, limits.max_json_depth)
         except BadRequest as exc:
             metrics.admissions.labels("bad_request", exc.reason).inc()
             metrics.duration.observe(clock() - started)
             log.info("refused a request from %s: %s", request.remote, exc)
-            return web.Response(status=exc.status, text=f"{exc}\n")
+            refused = web.Response(status=exc.status, text=f"{exc}\n")
+            refused.force_close()  # what is left of its body is not read, nor kept
+            return refused
         metrics.admissions.labels(admission.result, admission.reason).inc()
         metrics.duration.observe(clock() - started)
         _log(admission)
@@ -124,15 +163,25 @@ def make_app(
     return app
 
 
+def _too_large(limit: int) -> BadRequest:
+    return BadRequest("too_large", f"the body exceeds {limit} bytes", status=413)
+
+
+def _declared(request: web.Request, limit: int) -> int:
+    """What the body may be: its Content-Length, refused past `limit`; else `limit`."""
+    if request.content_length is None:
+        return limit
+    if request.content_length > limit:
+        raise _too_large(limit)
+    return request.content_length
+
+
 async def _read(request: web.Request, limit: int, within: float) -> bytes:
-    too_large = BadRequest("too_large", f"the body exceeds {limit} bytes", status=413)
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
     try:
         async with asyncio.timeout(within):
             return await request.read()  # stops reading past client_max_size
     except web.HTTPRequestEntityTooLarge:
-        raise too_large from None
+        raise _too_large(limit) from None
     except TimeoutError:
         raise BadRequest("slow_body", f"the body took more than {within:g} s", 408) from None
 

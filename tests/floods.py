@@ -396,6 +396,33 @@ def answers_never_taken(
         yield flood
 
 
+@contextmanager
+def unfinished_bodies(
+    port: int, count: int, head: bytes, size: int, *, tls: ssl.SSLContext | None = None
+) -> Iterator[Flood]:
+    """`count` connections that each send `head` (ending in a Content-Length of `size`)
+    and all but the last byte of its body, from a thread each, then nothing. A server
+    that reads no further makes the sender wait: each thread gives up after 5 s."""
+    with idle_connections(port, count, tls=tls) as flood:
+
+        def send(sock: socket.socket) -> None:
+            with suppress(OSError, ssl.SSLError):
+                sock.settimeout(5.0)
+                sock.sendall(head + b" " * (size - 1))
+
+        threads = [threading.Thread(target=send, args=(s,), daemon=True) for s in flood.sockets]
+        for thread in threads:
+            thread.start()
+        try:
+            yield flood
+        finally:
+            for sock in flood.sockets:
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # ends a send still waiting
+            for thread in threads:
+                thread.join()
+
+
 def unread_acknowledgements(
     port: int, context: ssl.SSLContext, frame: bytes, *, send_at_most: int, timeout: float = 10.0
 ) -> tuple[bool, int]:

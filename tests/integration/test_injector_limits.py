@@ -86,3 +86,18 @@ def test_a_request_trickled_a_byte_at_a_time_does_not_lock_reviews_out(
     ):
         time.sleep(1.1)  # quiet long enough to make room
         assert capped.review(review())["allowed"] is True
+
+
+def test_bodies_sent_all_but_a_byte_hold_a_bounded_amount_of_memory(tmp_path: Path) -> None:
+    """Twenty callers each sending all but a byte of a 3 MiB review (the default limit):
+    the injector held 6 MiB for each, and forty took it past its pod's 256 Mi. Now
+    only BODIES_AT_ONCE of them are read; the others are refused `busy` and closed."""
+    size = 3 * 1024 * 1024
+    head = f"POST /mutate HTTP/1.1\r\nHost: injector\r\nContent-Length: {size}\r\n\r\n"
+    with running_webhook(tmp_path) as webhook:
+        before = floods.rss_kib(webhook.process.pid)
+        context = floods.client_context()
+        with floods.unfinished_bodies(webhook.port, 20, head.encode(), size, tls=context):
+            time.sleep(2)  # every sender has sent, or waits on the injector
+            grown = floods.peak_rss_kib(webhook.process.pid) - before
+        assert grown < 60 * 1024, f"{grown // 1024} MiB more held for 20 unfinished bodies"

@@ -20,8 +20,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from injector.config import Limits
-from injector.core import Settings
-from injector.webhook import InjectorMetrics, make_app
+from injector.core import BadRequest, Settings
+from injector.webhook import BodyBudget, InjectorMetrics, make_app
 from tests.webhook import MAX_BODY, Webhook, running_webhook
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "admission"
@@ -187,6 +187,20 @@ async def test_a_body_that_trickles_in_is_cut_off_with_408(watchdog: None) -> No
         "outrider_injector_admissions_total", {"result": "bad_request", "reason": "slow_body"}
     )
     assert sample == 1
+
+
+def test_reviews_past_the_body_budget_are_answered_busy() -> None:
+    """Bodies are bounded together: a review whose bytes are not free is refused 503
+    `busy` at once; what is free is still taken, and given back when answered."""
+    budget = BodyBudget(100)
+    with budget.held(60):
+        with pytest.raises(BadRequest) as refused, budget.held(60):
+            pass
+        assert (refused.value.status, refused.value.reason) == (503, "busy")
+        with budget.held(40):
+            pass
+    with budget.held(100):
+        pass
 
 
 def test_sighup_does_not_stop_the_injector(webhook: Webhook) -> None:
