@@ -5,6 +5,7 @@ Real files on a real filesystem; a full disk is a tmpfs the test mounts (`small_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -68,6 +69,43 @@ def test_a_line_the_disk_had_no_room_for_is_never_written_later_nor_left_half(
         audit.close()
     lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
     assert [json.loads(line)["caller"] for line in lines] == ["caller-1", "caller-7"]
+
+
+def test_stdout_redirected_to_a_file_on_a_full_disk_gets_no_gap_of_nul_bytes(
+    small_disk: Path,
+) -> None:
+    """`audit_log: "-"` with `> file` (or systemd's `StandardOutput=file:`): stdout is not
+    opened to append, so a line cut back off the file left the descriptor past the end,
+    and the next line came after a run of NUL bytes: a line no JSON reader takes."""
+    path = small_disk / "audit.log"
+    script = "\n".join(
+        [
+            "import sys",
+            "from datetime import UTC, datetime",
+            "from pathlib import Path",
+            "from ca.audit import AuditLog, AuditUnavailable",
+            "from tests.support import fill_disk",
+            "disk = Path(sys.argv[1])",
+            "log = AuditLog.open('-', lambda: datetime.now(UTC))",
+            "def say(n): log.record(result='issued', reason='token', caller=f'caller-{n}')",
+            "say(1)",
+            "import os",  # the next line straddles a page of the tmpfs: room for part of it
+            "os.write(1, b'#' * (4096 - 100 - os.fstat(1).st_size - 1) + b'\\n')",
+            "fill_disk(disk, leave=0)",
+            "try:",
+            "    say(2)",
+            "    raise SystemExit('a line was written on a full disk')",
+            "except AuditUnavailable:",
+            "    pass",
+            "(disk / 'filler').unlink()",
+            "say(3)",
+        ]
+    )
+    with path.open("wb") as stdout:  # as a shell's `>` opens it: not to append
+        subprocess.run([sys.executable, "-c", script, str(small_disk)], stdout=stdout, check=True)
+    assert b"\0" not in path.read_bytes()
+    lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+    assert [json.loads(line)["caller"] for line in lines] == ["caller-1", "caller-3"]
 
 
 def test_a_fifo_put_at_the_path_is_refused_not_waited_on(tmp_path: Path) -> None:
@@ -142,6 +180,50 @@ def test_a_pipe_whose_reader_is_only_slow_loses_no_line(tmp_path: Path) -> None:
         os.close(reader)
     lines = b"".join(got).decode().splitlines()
     assert [json.loads(line)["caller"] for line in lines] == [f"caller-{n}" for n in range(2_000)]
+
+
+def test_a_pipe_read_a_page_at_a_time_holds_the_loop_a_bounded_share(tmp_path: Path) -> None:
+    """A collector that takes a page every 0.6 s lets a line through each time: the next
+    line waited on the event loop, and the CA stood still 82% of the time (/healthz at
+    0.5 s) with no wait ever running out. The waits now take a bounded share of it, and
+    as many lines get through."""
+    path = tmp_path / "audit.log"
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    filler = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    with contextlib.suppress(BlockingIOError):  # the collector is behind already
+        while True:
+            os.write(filler, b"#" * 4096)
+    done = threading.Event()
+
+    def take_a_page_a_while() -> None:
+        while not done.wait(0.6):
+            with contextlib.suppress(BlockingIOError):
+                os.read(reader, 4096)
+
+    thread = threading.Thread(target=take_a_page_a_while, daemon=True)
+    thread.start()
+    audit = AuditLog.open(str(path), lambda: datetime.now(UTC))
+    blocked, written, started = 0.0, 0, time.monotonic()
+    try:
+        for n in range(100_000):  # bounded in count and in time
+            if time.monotonic() - started > 3.0:
+                break
+            before = time.monotonic()
+            with contextlib.suppress(AuditUnavailable):
+                record(audit, n)
+                written += 1
+            blocked += time.monotonic() - before
+            time.sleep(0.005)  # callers keep coming
+    finally:
+        audit.close()
+        done.set()
+        thread.join(5)
+        os.close(reader)
+        os.close(filler)
+    share = blocked / (time.monotonic() - started)
+    assert share < 0.5, f"the loop stood still {share:.0%} of the time"
+    assert written >= 40  # a page every 0.6 s: ~27 lines each
 
 
 def test_stdout_as_the_audit_log_is_left_as_the_caller_gave_it() -> None:
