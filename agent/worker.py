@@ -29,12 +29,12 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.adapters import logs, memory
+from agent.adapters import memory
 from agent.adapters.workers import families, from_main, receive, send, to_main
 from agent.app import Agent, Settings
 from agent.config import AgentConfig, PolicyConfig
 from agent.core.svid import Svid
-from identity import SpiffeId, TrustBundle, openssl_engine
+from identity import SpiffeId, TrustBundle, logs, openssl_engine
 from identity.cert import Cert, PrivateKey
 
 log = logging.getLogger("outrider.agent.worker")

@@ -46,7 +46,7 @@ from agent.adapters.outbound_http import OutboundHttp
 from agent.adapters.pool import UpstreamConnection
 from agent.adapters.runtime import Runtime
 from agent.adapters.tls import Contexts
-from agent.adapters.tracing import LineWriter, Observer, write_lines
+from agent.adapters.tracing import Observer
 from agent.adapters.upstreams import LiveUpstream
 from agent.config import Inbound, Limits
 from agent.config_outbound import Outbound, Subset
@@ -59,6 +59,7 @@ from agent.core.tracecontext import TracingConfig
 from agent.core.upstream import Endpoint
 from identity import SpiffeId
 from identity.configfile import Listen
+from identity.lines import LineWriter, write_lines
 
 #: What wrk sends, and what the nginx backend answers (bench/peers.py).
 REQUEST = b"GET /api/items HTTP/1.1\r\nHost: 127.0.0.1:15001\r\n\r\n"

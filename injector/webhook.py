@@ -34,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 
 from identity.registry import SUB_MILLISECOND, component_registry
 from identity.serving import CLOSE_REASONS
+from identity.throttle import LogThrottle, held_back
 from identity.webserving import reports_progress
 from injector.config import Limits
 from injector.core import (
@@ -122,6 +123,7 @@ def make_app(
     clock: Callable[[], float] = time.perf_counter,
 ) -> web.Application:
     budget = BodyBudget(BODIES_AT_ONCE * limits.max_body_bytes)
+    lines = LogThrottle()
 
     async def mutate(request: web.Request) -> web.Response:
         started = clock()
@@ -134,7 +136,9 @@ def make_app(
         except BadRequest as exc:
             metrics.admissions.labels("bad_request", exc.reason).inc()
             metrics.duration.observe(clock() - started)
-            log.info("refused a request from %s: %s", request.remote, exc)
+            held = lines.admit(exc.reason, time.monotonic())
+            if held is not None:  # a caller can cause these as fast as it can ask
+                log.info("refused a request from %s: %s%s", request.remote, exc, held_back(held))
             refused = web.Response(status=exc.status, text=f"{exc}\n")
             refused.force_close()  # what is left of its body is not read, nor kept
             return refused

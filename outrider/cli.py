@@ -64,14 +64,19 @@ def _until_signalled(serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
     """Run `serve(stop)` on uvloop; SIGTERM or SIGINT sets `stop`, so it ends cleanly.
 
     Every server the command runs comes here, so here each gets the hard limit on
-    open files: with a soft 1024, a thousand idle callers would take them all.
+    open files: with a soft 1024, a thousand idle callers would take them all. And
+    its log lines go out from a thread (identity/logs.py): a collector that stops
+    reading stderr would otherwise stop its event loop at the next line.
     SIGHUP never takes its default action (exit): a config reloader or a closing
     terminal must not stop a CA or an injector, which read their config at start
     and say so, nor an agent before its own reload handler is in place.
     """
     import uvloop
 
+    from identity import logs
+
     raise_fd_limit()
+    logs.off_the_loop()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     async def main() -> None:
@@ -219,7 +224,6 @@ def _ca_serve(args: argparse.Namespace) -> None:
 def _agent_run(args: argparse.Namespace) -> None:
     from agent import app as agent_app
     from agent import config as agent_config
-    from agent.adapters import logs
     from agent.core.policyfile import PolicyError
 
     path = Path(args.config) if args.config else None
@@ -237,7 +241,6 @@ def _agent_run(args: argparse.Namespace) -> None:
         agent_app.load_policies(config)
     except PolicyError as exc:
         raise _invalid_policy(exc) from None
-    logs.off_the_loop()
     try:
         _until_signalled(
             lambda stop: agent_app.serve(path, config, stop, document=document, pod=pod)

@@ -30,13 +30,9 @@ when an endpoint is configured.
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import random
-import select
 import ssl
-import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -49,37 +45,10 @@ from agent.core.accesslog import AccessLogConfig, Entry, Kind, Tls
 from agent.core.policy import Decision
 from agent.core.tracecontext import Propagated, TracingConfig
 from identity import SpiffeId
+from identity.lines import LineWriter
 
 if TYPE_CHECKING:
     from agent.adapters.otlp import SpanExporter
-
-
-def _stdout(text: str) -> None:
-    """Lines to stdout's file descriptor in writes of at most PIPE_BUF bytes, each ending
-    at a line's end: a pipe takes such a write whole, so the lines of processes sharing
-    it (workers of one agent) never interleave mid-line. A stdout without a descriptor
-    (a test's capture) gets the text as it is."""
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, ValueError, OSError):
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    sys.stdout.flush()  # anything written through sys.stdout first
-    write_lines(fd, text.encode("ascii", "replace"))
-
-
-def write_lines(fd: int, data: bytes) -> None:
-    """`data` (whole lines) to `fd`, PIPE_BUF bytes at most per write, cut at line ends (a
-    longer line goes alone, as one write)."""
-    view, start, size = memoryview(data), 0, len(data)
-    while start < size:
-        end = min(start + select.PIPE_BUF, size)
-        if end < size:
-            cut = data.rfind(b"\n", start, end)
-            end = cut + 1 if cut >= 0 else data.find(b"\n", end) + 1 or size
-        while start < end:
-            start += os.write(fd, view[start:end])
 
 
 #: Lines wait in the event loop at most this long, or until FLUSH_BYTES of them wait.
@@ -87,66 +56,6 @@ FLUSH_SECONDS = 0.05
 FLUSH_BYTES = 64 << 10
 #: How long the agent's exit waits for the spans still queued to reach the receiver.
 SPAN_FLUSH_SECONDS = 1.0
-#: The bytes of lines that may wait for a slow stdout before lines are dropped.
-MAX_PENDING = 4 << 20
-
-
-class LineWriter:
-    """Text handed over at once and written to `sink` by a thread of its own, which alone
-    blocks when the reader is slow; `dropped(n)` counts the lines that did not fit in
-    `limit` bytes of waiting text (or that a broken sink lost)."""
-
-    def __init__(
-        self,
-        sink: Callable[[str], None] = _stdout,
-        dropped: Callable[[int], None] = lambda lines: None,
-        limit: int = MAX_PENDING,
-    ) -> None:
-        self.sink, self.dropped, self.limit = sink, dropped, limit
-        self.pending: collections.deque[str] = collections.deque()
-        self.size = 0
-        self.closing = False
-        self.ready = threading.Condition(threading.Lock())
-        self.thread: threading.Thread | None = None
-
-    def __call__(self, text: str) -> None:
-        with self.ready:
-            if self.size + len(text) > self.limit or self.closing:
-                self.dropped(text.count("\n"))
-                return
-            self.pending.append(text)
-            self.size += len(text)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="access-log", daemon=True)
-                self.thread.start()
-            self.ready.notify()
-
-    def _run(self) -> None:
-        # One batch at a time, as handed over: joined, what waits for a reader that was
-        # slow would be held twice (and, encoded, three times): 12 MiB at MAX_PENDING.
-        while True:
-            with self.ready:
-                while not self.pending and not self.closing:
-                    self.ready.wait()
-                if not self.pending:
-                    return
-                text = self.pending.popleft()
-            try:
-                self.sink(text)
-            except (OSError, ValueError):  # stdout gone (closed, a broken pipe): lost
-                self.dropped(text.count("\n"))
-            with self.ready:
-                self.size -= len(text)
-
-    def close(self, timeout: float = 2.0) -> None:
-        """Write what waits, for at most `timeout` seconds (a stalled reader is not waited
-        for longer: the agent's shutdown is bounded by its drain timeout)."""
-        with self.ready:
-            self.closing = True
-            self.ready.notify()
-            thread = self.thread
-        if thread is not None:
-            thread.join(timeout)
 
 
 class Observer:

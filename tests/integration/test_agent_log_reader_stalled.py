@@ -4,7 +4,7 @@ The agent's stderr is a pipe of one page that the test stops reading once the ag
 is ready. Each SIGHUP with a broken config file then logs a refusal of some 300
 bytes: a line written from the event loop would block it at the pipe's 14th or so,
 and with it /metrics, SIGHUP's next reload and every connection. The agent's lines
-go out from a thread instead (agent/adapters/logs.py): it keeps answering, and once
+go out from a thread instead (identity/logs.py): it keeps answering, and once
 the pipe is read again every refusal is there.
 """
 

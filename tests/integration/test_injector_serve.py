@@ -242,3 +242,19 @@ def test_a_query_is_a_counted_400(webhook: Webhook) -> None:
         "outrider_injector_admissions_total", result="bad_request", reason="bad_query"
     )
     assert_still_serving(webhook)
+
+
+def test_refusals_are_counted_each_and_said_once_a_while(webhook: Webhook) -> None:
+    """Any caller causes a refusal, as fast as it can ask: a line for each would let it
+    fill the log (and, with stderr stalled, the pipe)."""
+    body = json.dumps(recorded("probes")).encode()
+    admissions = "outrider_injector_admissions_total"
+
+    def said() -> int:
+        return sum("refused a request" in line and "query" in line for line in webhook.log)
+
+    lines, counted = said(), webhook.metric(admissions, result="bad_request", reason="bad_query")
+    for _ in range(20):
+        assert webhook.request("POST", "/mutate?flood=1", body)[0] == 400
+    assert webhook.metric(admissions, result="bad_request", reason="bad_query") == counted + 20
+    assert said() - lines <= 1

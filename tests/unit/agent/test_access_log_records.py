@@ -17,7 +17,7 @@ import pytest
 
 from agent.adapters import tracing
 from agent.adapters.relay import Relay
-from agent.adapters.tracing import MAX_PENDING, LineWriter, Observer, write_lines
+from agent.adapters.tracing import Observer
 from agent.core.accesslog import (
     FIELDS,
     MAX_PATH,
@@ -31,6 +31,7 @@ from agent.core.accesslog import (
 )
 from agent.core.endpoint import Endpoint
 from agent.core.tracecontext import TracingConfig
+from identity.lines import MAX_PENDING, LineWriter, write_lines
 
 
 @pytest.mark.parametrize(

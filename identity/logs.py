@@ -1,13 +1,14 @@
-"""The agent's own log lines go to stderr from a thread, never from the event loop.
+"""A server's own log lines go to stderr from a thread, never from the event loop.
 
-A log reader that stops reading (a stalled container runtime, a full disk behind
-it) fills the pipe behind stderr; a `logging.StreamHandler` writing from the event
-loop would then block it, and every connection of the agent with it, at the next
-line, however rare lines are. So the agent's lines take the access log's way out
-(agent/adapters/tracing.py `LineWriter`): handed over at once to a thread that
-alone blocks, at most `MAX_PENDING` bytes waiting, lines beyond dropped; the first
-line that gets through after a loss says how many were lost. What is waiting is
-written at exit, for at most LineWriter's close timeout.
+A log reader that stops reading (a stalled container runtime, a collector behind
+`2>&1`, a full disk behind it) fills the pipe behind stderr; a `logging.StreamHandler`
+writing from the event loop would then block it, and every connection with it, at
+the next line, however rare lines are: the agent's, and the CA's, control plane's
+and injector's too. So their lines take the access log's way out
+(identity/lines.py `LineWriter`): handed over at once to a thread that alone
+blocks, at most `MAX_PENDING` bytes waiting, lines beyond dropped; the first line
+that gets through after a loss says how many were lost. What is waiting is written
+at exit, for at most LineWriter's close timeout.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import atexit
 import logging
 import sys
 
-from agent.adapters.tracing import LineWriter, write_lines
+from identity.lines import LineWriter, write_lines
 
 #: The bytes of log lines that may wait for a stalled stderr before lines are dropped.
 MAX_PENDING = 1 << 20
