@@ -263,19 +263,23 @@ async def test_a_control_plane_that_refuses_every_stream_is_backed_off_and_logge
             assert agent.status("/ready") == 200  # serving its last config
 
 
+@pytest.mark.parametrize("timeout", [None, "1s"], ids=["default", "shorter-than-the-hold"])
 async def test_an_agent_whose_streams_are_taken_and_then_refused_never_reads_as_connected(
-    setup: CaSetup, ca: CaProcess
+    setup: CaSetup, ca: CaProcess, timeout: str | None
 ) -> None:
     """A control plane that holds a stream before refusing it (it waits for a pod it does
     not know, or for its API server) gives the agent no config: the gauge and /config_dump
-    say not connected all along, or an alert on them would never fire."""
+    say not connected all along, or an alert on them would never fire. Whatever
+    `control.timeout`: a resync that lasted 1 s proved itself, then was refused."""
+    short = {"timeout": timeout} if timeout else {}
+    name = f"held{len(short)}"
     async with echo_server() as app_port:
         with (
             control_plane(setup, snapshot(app_port)) as plane,
-            subscribed_agent(setup, ca, plane, "held", backoff=QUICK) as agent,
+            subscribed_agent(setup, ca, plane, name, backoff=QUICK, **short) as agent,
         ):
             agent.wait_ready()
-            plane.deny("no pod demo/held-0 in the mesh", after=1.0)
+            plane.deny(f"no pod demo/{name}-0 in the mesh", after=1.5)
             plane.stop()
             plane.start()
             plane.wait_for_streams(2)  # a stream taken, held: the agent sent its Hello
