@@ -14,7 +14,8 @@ control plane apart.
 
 While the control plane is away the agent keeps running the last config it
 applied, says so once (a warning when the outage starts, an info when a
-stream works again: it brought a snapshot, or stayed open control.timeout)
+stream works again: it brought a snapshot, or stayed open control.timeout,
+at least RESYNC_PROOF)
 and in `outrider_control_plane_connected`, and tries again after a jittered
 backoff (`control.backoff`), which grows while every stream is ended at once
 (PERMISSION_DENIED). Connecting is bounded (control.timeout), and so is the
