@@ -26,7 +26,7 @@ from identity.files import PRIVATE, write_atomic
 from identity.injected import AGENT_UID, INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, STATUS_PORT
 from outrider import debugapi, validate
 from outrider.debugapi import DEBUG_URL
-from outrider.output import add_output_flag, emit
+from outrider.output import FORMATS, add_output_flag, emit
 
 if TYPE_CHECKING:
     from agent.core.policyfile import PolicyError
@@ -259,6 +259,14 @@ def _environ(name: str) -> str:
 def _inject(args: argparse.Namespace) -> None:
     from injector import config as injector_config
     from injector.manifests import INVALID, ManifestError, inject_sources
+
+    if args.output in FORMATS:  # elsewhere `-o yaml` is a format: never a file here
+        raise CommandError(
+            f"-o names the file inject writes, not a format (it writes the manifests as it"
+            f" read them, YAML or JSON); for a file"
+            f" named {args.output}, say -o ./{args.output}",
+            EXIT_USAGE,
+        )
 
     try:
         config = (
@@ -610,6 +618,19 @@ def _capture_remove(args: argparse.Namespace) -> None:
     print(f"capture off: {done}")
 
 
+def _traffic_seconds(text: str) -> float:
+    """`demo --duration`: a duration as everywhere else (90s, 2m), or plain seconds."""
+    try:
+        seconds = float(text) if text.replace(".", "", 1).isdigit() else None
+        if seconds is None:
+            seconds = parse_duration(text).total_seconds()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: traffic must run for some time")
+    return seconds
+
+
 def _demo(args: argparse.Namespace) -> None:
     from outrider import demo
 
@@ -956,7 +977,10 @@ def parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the mesh on loopback and show what it does")
     demo.add_argument(
-        "--duration", type=float, default=20.0, help="seconds of traffic (default 20)"
+        "--duration",
+        type=_traffic_seconds,
+        default=20.0,
+        help="how long traffic runs: a duration (90s, 2m) or seconds (default 20)",
     )
     demo.add_argument(
         "--keep",

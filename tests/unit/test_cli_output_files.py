@@ -1,8 +1,10 @@
 """A command told to write where it cannot (`inject -o DIR`, `ca mint --out FILE`, a
-missing parent directory) says so and exits 2, without a traceback or a stray file."""
+missing parent directory), or a flag read as it is elsewhere (`-o yaml`), says so and
+exits 2, without a traceback or a stray file."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,36 @@ def test_inject_to_where_it_cannot_write_exits_2_and_names_it(
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["pod.yaml", *(["out"] if where == "a directory" else [])]
     )
+
+
+@pytest.mark.parametrize("format_name", ["yaml", "json", "text"])
+def test_inject_o_with_a_format_name_is_refused_not_written_to_a_file_of_that_name(
+    tmp_path: Path,
+    format_name: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every other command reads `-o yaml` as a format; inject's `-o` is its output file,
+    and `-o yaml` quietly wrote a file named `yaml`."""
+    manifest = tmp_path / "pod.yaml"
+    manifest.write_text(yaml.safe_dump(POD))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["inject", "-f", str(manifest), "-o", format_name]) == 2
+    assert f"say -o ./{format_name}" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["pod.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("given", "seconds"), [("1s", 1.0), ("2m", 120.0), ("20", 20.0), ("0.5", 0.5), ("0", None)]
+)
+def test_demo_duration_takes_a_duration_as_every_flag_does(
+    given: str, seconds: float | None
+) -> None:
+    if seconds is None:
+        with pytest.raises(argparse.ArgumentTypeError, match="must run for some time"):
+            cli._traffic_seconds(given)
+    else:
+        assert cli._traffic_seconds(given) == seconds
 
 
 def test_ca_mint_into_a_file_exits_2_and_names_it(
