@@ -396,4 +396,9 @@ def unreachable(exc: BaseException, server_name: str, bundle_file: Path) -> str:
             f"({said}): point ca.bundle_file at this CA's trust bundle (bundle.pem of "
             "`outrider ca init`, or the outrider-trust-bundle ConfigMap in a cluster)"
         )
+    if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":
+        return (
+            f"what answers at ca.address does not speak TLS ({said}): is it the CA's HTTP"
+            " port? Sign is served on its gRPC port (8443; listen.grpc of ca.yaml)"
+        )
     return said

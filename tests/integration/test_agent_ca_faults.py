@@ -131,6 +131,26 @@ async def test_dialling_the_ca_by_ip_says_to_set_ca_server_name(setup: CaSetup) 
     assert "set ca.server_name to a name in the CA's serving certificate" in message
 
 
+async def test_dialling_the_cas_http_port_says_to_use_its_grpc_port(setup: CaSetup) -> None:
+    """A plain HTTP server where TLS was expected: OpenSSL says only 'wrong version number'."""
+
+    async def answer_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(answer_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    m = manager(setup, port, setup.ca_dir / "bundle.pem", "outrider-ca.test")
+    try:
+        with pytest.raises(RenewalFailed) as failed:
+            await asyncio.wait_for(m.renew(), 5)
+    finally:
+        server.close()
+    assert "does not speak TLS" in str(failed.value)
+    assert "Sign is served on its gRPC port" in str(failed.value)
+
+
 async def test_a_bundle_file_of_another_ca_is_named(setup: CaSetup, tmp_path: Path) -> None:
     foreign_ca(tmp_path)
     wrong = tmp_path / "bundle.pem"
