@@ -223,7 +223,8 @@ def _bundle(namespace: str, configmap: Mapping[str, Any] | None, served: set[str
     found = partial(Check, "post-install", f"trust bundle in namespace {namespace}")
     fix = (
         f"kubectl create configmap {BUNDLE_CONFIGMAP} -n {namespace}"
-        f" --from-file={BUNDLE_KEY}=bundle.pem (or trust-manager: docs/install.md, section 5)"
+        f" --from-file={BUNDLE_KEY}=PEM, PEM the CA's roots (as in {SYSTEM_NAMESPACE}'s"
+        f" {BUNDLE_CONFIGMAP}; docs/install.md, section 5, also for trust-manager)"
     )
     if configmap is None:
         detail = f"no ConfigMap {BUNDLE_CONFIGMAP}: injected pods stay in ContainerCreating"
@@ -253,7 +254,7 @@ def webhook(
     for hook in _hooks(configuration):
         problems += _webhook_problems(hook, services)
     if problems:
-        fix = "docs/install.md, section 4: the webhook's certificate and caBundle"
+        fix = "docs/install.md, section 3: the webhook's certificate and caBundle"
         checks = [configured("fail", "; ".join(problems), fix)]
     else:
         checks = [configured("ok", f"{WEBHOOK}: every webhook has a caBundle")]
