@@ -26,6 +26,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 from h2.settings import SettingCodes
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
 
@@ -421,6 +422,41 @@ def unfinished_bodies(
                     sock.shutdown(socket.SHUT_RDWR)  # ends a send still waiting
             for thread in threads:
                 thread.join()
+
+
+@contextmanager
+def asking_connections(
+    port: int, count: int, *, every: float, tls: ssl.SSLContext, path: str = GET_BUNDLE
+) -> Iterator[Flood]:
+    """`count` TLS connections that each call `path` (needing no credentials) every
+    `every` seconds, from a thread, reading every answer: busy callers, not idle ones."""
+    stop = threading.Event()
+    with idle_connections(port, count, tls=tls) as flood:
+        clients = []
+        for sock in flood.sockets:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            clients.append((sock, conn))
+
+        def ask() -> None:
+            while not stop.is_set():
+                for sock, conn in clients:
+                    with suppress(OSError, ssl.SSLError, h2.exceptions.ProtocolError):
+                        with suppress(ssl.SSLWantReadError, BlockingIOError):
+                            conn.receive_data(sock.recv(65536))  # answers, settings
+                        stream = conn.get_next_available_stream_id()
+                        conn.send_headers(stream, _request_headers(path))
+                        conn.send_data(stream, bytes(PREFIX_BYTES), end_stream=True)
+                        sock.send(conn.data_to_send())
+                stop.wait(every)
+
+        thread = threading.Thread(target=ask, daemon=True)
+        thread.start()
+        try:
+            yield flood
+        finally:
+            stop.set()
+            thread.join()
 
 
 def unread_acknowledgements(
