@@ -6,12 +6,15 @@ key, only who asked, what they got or why not.
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
 import json
 import os
 import select
 import stat
 import sys
+import termios
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -20,6 +23,11 @@ from datetime import datetime
 #: Signs against a live log collector waits that long; one that stopped reading refuses
 #: the line after it, instead of holding the CA's event loop in a write for good.
 PIPE_WAIT = 0.5
+#: Only a line that accounts for a certificate waits (`ISSUED`), and only it may take
+#: the second half of a pipe: refusals come as fast as any caller likes, and theirs
+#: filled each page a slow collector freed, so 17 of 18 Signs behind them were refused.
+#: A refusal whose line finds no room refuses its call at once (audit_unavailable).
+ISSUED = "issued"
 #: What all those waits may take of the event loop's time (each on the loop): WAIT_SHARE
 #: of it over time, after a burst of WAIT_BURST seconds. A reader that drained a page
 #: every 0.6 s let one line through each time and the next one wait: the loop stood
@@ -92,7 +100,7 @@ class AuditLog:
         if (found.st_dev, found.st_ino) != self._file_id:
             self._reopen()
 
-    def _write(self, line: bytes) -> None:
+    def _write(self, line: bytes, issued: bool) -> None:
         if self.target != "-":
             self._follow()
         size = os.fstat(self._fd).st_size if self._regular else None
@@ -101,7 +109,7 @@ class AuditLog:
         # Its descriptor's flags are left alone: stdout's are shared with whoever else has
         # it (the shell that started the CA, a process beside it).
         # Those waits together take at most WAIT_SHARE of the loop's time (`_pipe_ready`).
-        if not self._regular and not self._pipe_ready():
+        if not self._regular and not self._pipe_ready(issued):
             raise OSError(errno.EAGAIN, "its reader is behind: the pipe is full")
         written = os.write(self._fd, line)
         if written < len(line):  # a full disk mid-line: no half line stays behind
@@ -110,9 +118,12 @@ class AuditLog:
                 os.lseek(self._fd, size, os.SEEK_SET)  # a descriptor not opened to append
             raise OSError(errno.ENOSPC, "no space for a whole line")
 
-    def _pipe_ready(self) -> bool:
-        """Whether the pipe takes a line now, or within what is left to wait of PIPE_WAIT
-        and of the loop's share (refusals come as fast as callers call)."""
+    def _pipe_ready(self, issued: bool) -> bool:
+        """Whether the pipe takes a line now (a refusal's, only while it is less than half
+        full), or an issuance's within what is left to wait of PIPE_WAIT and of the loop's
+        share."""
+        if not issued:
+            return bool(select.select([], [self._fd], [], 0.0)[1]) and not self._half_full()
         if select.select([], [self._fd], [], 0.0)[1]:
             return True
         now = time.monotonic()
@@ -124,6 +135,19 @@ class AuditLog:
         # what the share gives back from now (a refusal each, nearly at once).
         self._may_wait = self._may_wait - (self._counted - now) if ready else 0.0
         return ready
+
+    def _half_full(self) -> bool:
+        """Whether a FIFO or pipe holds more unread than half what it can (False for what
+        is not one: a terminal, a socket)."""
+        try:
+            if not stat.S_ISFIFO(os.fstat(self._fd).st_mode):
+                return False
+            capacity = fcntl.fcntl(self._fd, fcntl.F_GETPIPE_SZ)
+            unread = array.array("i", [0])
+            fcntl.ioctl(self._fd, termios.FIONREAD, unread)
+        except OSError:
+            return False
+        return unread[0] * 2 > capacity
 
     def record(
         self,
@@ -150,7 +174,8 @@ class AuditLog:
             "not_after": None if not_after is None else not_after.isoformat(),
         }
         try:
-            self._write(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+            line = json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+            self._write(line, issued=result == ISSUED)
         except OSError as exc:  # a full disk, a file it may no longer write, stdout gone
             where = "stdout" if self.target == "-" else self.target
             said = exc.strerror or str(exc)

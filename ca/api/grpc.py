@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from ca.audit import AuditLog, AuditUnavailable
+from ca.audit import ISSUED, AuditLog, AuditUnavailable
 from ca.authn.callers import Authenticator, Caller
 from ca.authn.kubernetes import AuthnError
 from ca.core import csr
@@ -164,7 +164,7 @@ class CertificateAuthorityService(CertificateAuthorityBase):
         leaf = issued.leaf
         backdated = leaf.not_valid_before_utc + self._issuer.policy.backdate
         self._audit.record(
-            result="issued",
+            result=ISSUED,
             reason=caller.credential,
             caller=caller.subject,
             peer=peer,

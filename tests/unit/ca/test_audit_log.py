@@ -226,6 +226,48 @@ def test_a_pipe_read_a_page_at_a_time_holds_the_loop_a_bounded_share(tmp_path: P
     assert written >= 40  # a page every 0.6 s: ~27 lines each
 
 
+def test_refusals_that_find_the_pipe_full_leave_the_waits_to_issued_certificates(
+    tmp_path: Path,
+) -> None:
+    """Any caller makes refusals (a bad token), each an audit line: when they shared the
+    waits with issuances, one caller refusing as fast as it could made 17 of 18 Signs
+    fail `audit_unavailable` behind a collector taking a page every half second."""
+    path = tmp_path / "audit.log"
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    filler = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    with contextlib.suppress(BlockingIOError):  # the collector is behind already
+        while True:
+            os.write(filler, b"#" * 4096)
+    done = threading.Event()
+
+    def take_a_page_a_while() -> None:
+        while not done.wait(0.2):
+            with contextlib.suppress(BlockingIOError):
+                os.read(reader, 4096)
+
+    thread = threading.Thread(target=take_a_page_a_while, daemon=True)
+    thread.start()
+    audit = AuditLog.open(str(path), lambda: datetime.now(UTC))
+    issued = 0
+    try:
+        for n in range(8):
+            for _ in range(50):  # refused as fast as they come
+                with contextlib.suppress(AuditUnavailable):
+                    audit.record(result="refused", reason="bad_signature", caller=None)
+            with contextlib.suppress(AuditUnavailable):
+                record(audit, n)
+                issued += 1
+            time.sleep(0.3)  # issuances at the pace the collector keeps
+    finally:
+        audit.close()
+        done.set()
+        thread.join(5)
+        os.close(reader)
+        os.close(filler)
+    assert issued == 8
+
+
 def test_stdout_as_the_audit_log_is_left_as_the_caller_gave_it() -> None:
     """stdout's flags belong to its open file description, which the shell that started
     the CA (and whatever runs beside or after it) shares: writing the log leaves them."""
