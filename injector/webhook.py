@@ -11,9 +11,10 @@ with a one-line reason. Parsing
 and mutation run in a worker thread, so a large review cannot hold up the
 event loop for the requests behind it.
 
-Bodies are also bounded together (`BodyBudget`): a review is read and answered
-only within BODIES_AT_ONCE times max_body_bytes for all of them, and refused 503
-`busy` past that. Forty callers that each sent all but a byte of 3 MiB made the
+Large bodies are also bounded together (`BodyBudget`): a review declaring more
+than SMALL_BODY (a pod's is some KiB) is read and answered only within
+BODIES_AT_ONCE times max_body_bytes for all of them, and refused 503 `busy` past
+that. Forty callers that each sent all but a byte of 3 MiB made the
 injector hold 267 MiB, past its pod's 256 Mi limit; under `failurePolicy: Ignore` a
 killed injector admits pods without the agent. Refused at once, not queued: a
 connection waiting for the budget still held ~1.1 MiB of TLS and HTTP buffers.
@@ -53,9 +54,12 @@ log = logging.getLogger("outrider.injector")
 
 #: The API server sends a review in one go and waits at most 30 s for the answer.
 BODY_TIMEOUT = 10.0
-#: Review bodies read and answered at once, in max_body_bytes (`BodyBudget`). A pod's
-#: review is some KiB: the API server's own traffic never waits on it.
+#: Review bodies larger than SMALL_BODY read and answered at once, in max_body_bytes
+#: (`BodyBudget`). A pod's review is some KiB, so the API server's own traffic never
+#: meets the budget, and callers that hold it (four declared 3 MiB and sent a byte,
+#: and every review was refused for as long as they waited) lock out none of it.
 BODIES_AT_ONCE = 4
+SMALL_BODY = 256 * 1024
 _BUCKETS = (*SUB_MILLISECOND, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -130,7 +134,7 @@ def make_app(
         try:
             chosen = settings_for(settings, request.path, list(request.query.items()))
             size = _declared(request, limits.max_body_bytes)
-            with budget.held(size):
+            with budget.held(size if size > SMALL_BODY else 0):
                 body = await _read(request, limits.max_body_bytes, body_timeout)
                 admission = await asyncio.to_thread(_answer, body, chosen, limits.max_json_depth)
         except BadRequest as exc:

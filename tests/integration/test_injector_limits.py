@@ -100,3 +100,17 @@ def test_bodies_sent_all_but_a_byte_hold_a_bounded_amount_of_memory(tmp_path: Pa
             time.sleep(2)  # every sender has sent, or waits on the injector
             grown = floods.peak_rss_kib(webhook.process.pid) - before
         assert grown < 60 * 1024, f"{grown // 1024} MiB more held for 20 unfinished bodies"
+
+
+def test_callers_holding_the_large_body_budget_lock_out_no_pod_review(tmp_path: Path) -> None:
+    """Four callers declaring 3 MiB bodies hold every byte of the large-body budget; a
+    pod's review (some KiB) is still answered, not refused `busy`: under failurePolicy
+    Ignore a refused review is a pod without its agent."""
+    size = 3 * 1024 * 1024
+    head = f"POST /mutate HTTP/1.1\r\nHost: injector\r\nContent-Length: {size}\r\n\r\n"
+    with running_webhook(tmp_path) as webhook:
+        context = floods.client_context()
+        with floods.unfinished_bodies(webhook.port, 4, head.encode(), size, tls=context):
+            time.sleep(1)  # every body is being read
+            for _ in range(3):
+                assert webhook.review(review())["allowed"] is True
