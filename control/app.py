@@ -168,10 +168,16 @@ async def serve(
         assert runner.server is not None
         runners.append(runner)
         http_acceptors.append(
-            Acceptor(sock, runner.server, None, http_limits, metrics.connection_closed)
+            Acceptor(
+                sock,
+                runner.server,
+                None,
+                http_limits,
+                metrics.connection_closed("debug" if debug else "status"),
+            )
         )
     acceptor = await grpc_server.serve(
-        grpc_sock, tls, config.limits.connections, metrics.connection_closed
+        grpc_sock, tls, config.limits.connections, metrics.connection_closed("grpc")
     )
     for http in http_acceptors:
         http.start()

@@ -18,6 +18,10 @@ _COMPILE_BUCKETS = (*SUB_MILLISECOND, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0
 _ACK_BUCKETS = (*_COMPILE_BUCKETS, 2.5, 5.0, 10.0)
 
 
+#: The control plane's ports, each behind an acceptor of its own (control/app.py).
+LISTENERS = ("grpc", "debug", "status")
+
+
 class ControlMetrics:
     def __init__(self) -> None:
         self.registry = component_registry("control")
@@ -71,8 +75,9 @@ class ControlMetrics:
         )
         self.connections_closed = Counter(
             "outrider_control_connections_closed",
-            f"Connections closed at a limit, by reason ({', '.join(CLOSE_REASONS)})",
-            ["reason"],
+            f"Connections closed at a limit, by port ({', '.join(LISTENERS)}) and reason"
+            f" ({', '.join(CLOSE_REASONS)})",
+            ["listener", "reason"],
             registry=r,
         )
         for result in PUSH_RESULTS:  # exported at 0 from the start, for rates and alerts
@@ -81,11 +86,13 @@ class ControlMetrics:
             self.status_writes.labels(result)
         for kind in KINDS:
             self.watch_restarts.labels(kind)
-        for reason in CLOSE_REASONS:
-            self.connections_closed.labels(reason)
+        for listener in LISTENERS:
+            for reason in CLOSE_REASONS:
+                self.connections_closed.labels(listener, reason)
 
-    def connection_closed(self, reason: str) -> None:
-        self.connections_closed.labels(reason).inc()
+    def connection_closed(self, listener: str) -> Callable[[str], None]:
+        """What the acceptor of `listener` calls with the reason it closed a connection."""
+        return lambda reason: self.connections_closed.labels(listener, reason).inc()
 
     def count_objects(self, count: Callable[[str], int]) -> None:
         for kind in KINDS:
