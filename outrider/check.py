@@ -497,7 +497,7 @@ _FITTED = {"HTTPRulesOnTCPPorts"}
 
 def _fitted(kind: str, obj: Mapping[str, Any], conditions: Sequence[Mapping[str, Any]]) -> Check:
     namespace, name = _meta(obj, "namespace"), _meta(obj, "name")
-    (said,) = (_printable(c.get("message")) for c in conditions if c.get("reason") in _FITTED)
+    said = "; ".join(_printable(c.get("message")) for c in conditions if c.get("reason") in _FITTED)
     return Check(
         "post-install",
         f"{kind} {namespace}/{name}",
