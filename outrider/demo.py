@@ -607,8 +607,6 @@ def run(duration: float = 20.0, keep: Path | None = None) -> None:
     """Exit 0 when no request failed and every agent rotated its SVID; 1 otherwise.
 
     With `keep`, run in that directory on fixed ports and leave it, README.md and all."""
-    if duration <= 0:
-        raise SystemExit("outrider demo: --duration must be more than 0 seconds")
     if (refused := dev_refusal(os.environ)) is not None:  # before a directory is made
         raise SystemExit(f"outrider demo: its CA runs in dev mode, so: {refused}")
     workdir = keep_dir(keep) if keep else Path(tempfile.mkdtemp(prefix="outrider-demo-"))
