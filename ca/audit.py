@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import select
+import socket
 import stat
 import sys
 import termios
@@ -28,6 +29,8 @@ PIPE_WAIT = 0.5
 #: filled each page a slow collector freed, so 17 of 18 Signs behind them were refused.
 #: A refusal whose line finds no room refuses its call at once (audit_unavailable).
 ISSUED = "issued"
+#: What a terminal's output queue is taken to hold (Linux's is some KiB).
+TERMINAL_ROOM = 4096
 #: What all those waits may take of the event loop's time (each on the loop): WAIT_SHARE
 #: of it over time, after a burst of WAIT_BURST seconds. A reader that drained a page
 #: every 0.6 s let one line through each time and the next one wait: the loop stood
@@ -123,7 +126,7 @@ class AuditLog:
         full), or an issuance's within what is left to wait of PIPE_WAIT and of the loop's
         share."""
         if not issued:
-            return bool(select.select([], [self._fd], [], 0.0)[1]) and not self._half_full()
+            return bool(select.select([], [self._fd], [], 0.0)[1]) and not self._crowded()
         if select.select([], [self._fd], [], 0.0)[1]:
             return True
         now = time.monotonic()
@@ -136,18 +139,28 @@ class AuditLog:
         self._may_wait = self._may_wait - (self._counted - now) if ready else 0.0
         return ready
 
-    def _half_full(self) -> bool:
-        """Whether a FIFO or pipe holds more unread than half what it can (False for what
-        is not one: a terminal, a socket)."""
+    def _crowded(self) -> bool:
+        """Whether what the log's descriptor leads to holds more unread than a refusal's
+        line may leave there: half a pipe or FIFO; an eighth of a socket's buffer
+        (systemd's journal; select calls a socket writable only under a quarter); half
+        a terminal's queue. A refusal's line would then take room an issuance may need."""
+        queued = array.array("i", [0])
         try:
-            if not stat.S_ISFIFO(os.fstat(self._fd).st_mode):
-                return False
-            capacity = fcntl.fcntl(self._fd, fcntl.F_GETPIPE_SZ)
-            unread = array.array("i", [0])
-            fcntl.ioctl(self._fd, termios.FIONREAD, unread)
+            mode = os.fstat(self._fd).st_mode
+            if stat.S_ISFIFO(mode):
+                fcntl.ioctl(self._fd, termios.FIONREAD, queued)
+                room = fcntl.fcntl(self._fd, fcntl.F_GETPIPE_SZ) // 2
+            elif stat.S_ISSOCK(mode):
+                fcntl.ioctl(self._fd, termios.TIOCOUTQ, queued)  # SIOCOUTQ
+                with socket.socket(fileno=os.dup(self._fd)) as sock:
+                    # Writable (select) only while under a quarter of its buffer: half that.
+                    room = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 8
+            else:
+                fcntl.ioctl(self._fd, termios.TIOCOUTQ, queued)
+                room = TERMINAL_ROOM // 2
         except OSError:
             return False
-        return unread[0] * 2 > capacity
+        return queued[0] > room
 
     def record(
         self,

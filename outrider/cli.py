@@ -1028,6 +1028,12 @@ def _standard_descriptors() -> None:
                 os.close(null)
 
 
+#: Libraries that log at debug for every frame or header they handle: under `-v` a
+#: caller's requests made thousands of their lines a second, which took the room a
+#: stdout shared with the audit log had for issued certificates.
+CHATTY_LIBRARIES = ("hpack", "h2", "grpclib", "asyncio", "aiohttp")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _standard_descriptors()
     args = parser().parse_args(argv)
@@ -1039,6 +1045,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for chatty in CHATTY_LIBRARIES:  # debug is ours: theirs is lines per frame
+        logging.getLogger(chatty).setLevel(max(level, logging.INFO))
     try:
         args.func(args)
     except CommandError as exc:

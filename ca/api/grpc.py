@@ -158,7 +158,9 @@ class CertificateAuthorityService(CertificateAuthorityBase):
                 spiffe_id=str(caller.spiffe_id) if caller else None,
             )
         except AuditUnavailable as exc:  # the refusal stands; the CA's log says what is lost
-            self._say("audit", f"{exc}: refusals go unrecorded, and nothing is issued")
+            self._say(
+                "audit", f"{exc}: refusals go unrecorded, and each call is refused, while it lasts"
+            )
 
     def _issued(self, issued: IssuedSvid, caller: Caller, peer: str | None) -> None:
         leaf = issued.leaf

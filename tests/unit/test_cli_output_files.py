@@ -5,6 +5,8 @@ exits 2, without a traceback or a stray file."""
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,19 @@ def test_ca_mint_into_a_file_exits_2_and_names_it(
     argv = ["ca", "mint", "--dir", str(ca), "--spiffe-id", spiffe_id, "--out", str(occupied)]
     assert cli.main(argv) == 2
     assert f"cannot write {occupied}" in capsys.readouterr().err
+
+
+def test_verbose_is_our_debug_not_every_librarys() -> None:
+    """Under -v, hpack and h2 logged lines for every header and frame of every caller:
+    thousands a second, taking the room a shared stdout had for the audit log."""
+    script = (
+        "import contextlib, io, logging; from outrider.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()): main(['-v', 'completion', 'bash'])\n"
+        "print(logging.getLogger('outrider.ca').isEnabledFor(logging.DEBUG),"
+        " logging.getLogger('hpack.hpack').isEnabledFor(logging.DEBUG),"
+        " logging.getLogger('h2.connection').isEnabledFor(logging.DEBUG))"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert ran.stdout.split() == ["True", "False", "False"], ran.stdout + ran.stderr

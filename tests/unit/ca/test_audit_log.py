@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import select
+import socket
 import subprocess
 import sys
 import threading
@@ -266,6 +267,57 @@ def test_refusals_that_find_the_pipe_full_leave_the_waits_to_issued_certificates
         os.close(reader)
         os.close(filler)
     assert issued == 8
+
+
+ISSUING_BEHIND_REFUSALS = """
+import contextlib, sys, time
+from datetime import UTC, datetime
+from ca.audit import AuditLog, AuditUnavailable
+log = AuditLog.open("-", lambda: datetime.now(UTC))
+issued = 0
+for n in range(8):
+    for _ in range(50):  # refused as fast as they come
+        with contextlib.suppress(AuditUnavailable):
+            log.record(result="refused", reason="bad_signature", caller=None)
+    with contextlib.suppress(AuditUnavailable):
+        log.record(result="issued", reason="token", caller=f"caller-{n}")
+        issued += 1
+    time.sleep(0.3)  # issuances at the pace the collector keeps
+print(issued, file=sys.stderr)
+"""
+
+
+def test_refusals_leave_room_for_issued_certificates_on_a_socket_too() -> None:
+    """systemd's journal takes stdout as a socket: a slow reader there, and a caller
+    refusing as fast as it could, made 41 of 46 Signs fail `audit_unavailable` while the
+    same behind a pipe failed none."""
+    ours, theirs = socket.socketpair()
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    done = threading.Event()
+
+    def take_a_page_a_while() -> None:
+        while not done.wait(0.5):
+            with contextlib.suppress(BlockingIOError):
+                ours.recv(4096, socket.MSG_DONTWAIT)
+
+    thread = threading.Thread(target=take_a_page_a_while, daemon=True)
+    thread.start()
+    try:
+        ran = subprocess.run(
+            [sys.executable, "-c", ISSUING_BEHIND_REFUSALS],
+            stdout=theirs,
+            capture_output=False,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+    finally:
+        done.set()
+        thread.join(5)
+        ours.close()
+        theirs.close()
+    assert ran.stderr.split()[-1] == "8", ran.stderr
 
 
 def test_stdout_as_the_audit_log_is_left_as_the_caller_gave_it() -> None:
