@@ -26,7 +26,7 @@ from ca.authn.dev import DevIssuer, DevModeError
 from ca.authn.jwks import FileJwks, HttpsJwks, JwksSource
 from ca.authn.kubernetes import TokenPolicy, TokenVerifier
 from ca.authn.tokenreview import ReviewPolicy, TokenReviewer
-from ca.config import CaConfig
+from ca.config import JWKS_READ, CaConfig
 from ca.issuer import Clock, Issuer
 from ca.metrics import CaMetrics
 from ca.signers.base import Signer, SignerUnavailable
@@ -83,6 +83,8 @@ def jwks_source(config: CaConfig, clock: Clock) -> JwksSource:
     k8s = config.kubernetes
     assert k8s is not None  # not in dev mode
     if k8s.jwks_file is not None:
+        if not k8s.jwks_file.exists():  # a ConfigMap not mounted yet, or a wrong path
+            log.warning("authn.kubernetes.jwks_file %s is not here: %s", k8s.jwks_file, JWKS_READ)
         return FileJwks(k8s.jwks_file)
     assert k8s.jwks_url is not None  # config guarantees exactly one
     ca_file = str(k8s.jwks_ca_file) if k8s.jwks_ca_file else None

@@ -55,6 +55,9 @@ from identity.configfile import ConfigError, ConfigReader, Listen, is_loopback, 
 from identity.grpcserving import GrpcLimits
 from identity.serving import ConnectionLimits, read_limits
 
+#: What a missing `jwks_file` means, said by `ca validate` and at start.
+JWKS_READ = "read at every call; until it is, every token is refused jwks_unavailable"
+
 
 @dataclass(frozen=True)
 class TokenReviewSettings:

@@ -57,7 +57,9 @@ def ca(path: Path, dev: bool = False) -> str:
     config = ca_config.load(path, dev=dev)  # `dev`: as `ca serve --dev` reads it
     domain = config.trust_domain or "from its CA directory"
     mode = " for --dev" if dev else ""
-    return f"{path}: valid CA config{mode} (trust domain {domain})"
+    jwks = config.kubernetes.jwks_file if config.kubernetes else None
+    missing = f"; {jwks} is not here: {ca_config.JWKS_READ}" if jwks and not jwks.exists() else ""
+    return f"{path}: valid CA config{mode} (trust domain {domain}){missing}"
 
 
 def control(path: Path, kubeconfig: Path | None = None) -> str:

@@ -216,6 +216,24 @@ def test_validate_lists_every_error_of_each_components_config(tmp_path: Path) ->
         assert len(ran.stderr.splitlines()) >= 3, ran.stderr  # more than one error, each told
 
 
+def test_ca_validate_says_a_jwks_file_that_is_not_there(tmp_path: Path) -> None:
+    """Valid (a ConfigMap may be mounted only in the pod), but every token would be
+    refused jwks_unavailable until it is there: a new user's CA said "valid" and then
+    refused every agent."""
+    _ca_init(tmp_path)
+    config = tmp_path / "ca.yaml"
+    config.write_text(
+        f"trust_domain: example.org\nsigner: {{kind: local, dir: {tmp_path}}}\n"
+        "authn: {kubernetes: {issuer: https://kubernetes.default.svc, jwks_file: jwks.json}}\n"
+    )
+    ran = outrider("ca", "validate", "--config", config)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == (
+        f"{config}: valid CA config (trust domain example.org); {tmp_path / 'jwks.json'} is"
+        " not here: read at every call; until it is, every token is refused jwks_unavailable\n"
+    )
+
+
 def test_ca_validate_accepts_a_config_ca_serve_would_start_with(tmp_path: Path) -> None:
     _ca_init(tmp_path)
     config = tmp_path / "ca.yaml"
