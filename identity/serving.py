@@ -153,9 +153,10 @@ class Acceptor:
 
     At the cap the connection that has been quiet longest (handshakes in progress
     included; quiet: no request received whole or answered) makes room for the
-    new one, if it is owed no answer it would take (`_Guard.protected`): a flood of
-    idle or trickling connections then only displaces itself, and a caller whose
-    request is being answered is never cut. However recent its last request: a
+    new one, if it is owed no answer it would take (`_Guard.protected`), those that
+    never had an answer first: a flood of idle or trickling connections then only
+    displaces itself, and a caller whose request is being answered is never cut.
+    However recent its last request: a
     second of quiet required let 50 callers asking every half second (no
     credentials needed) hold every place of the CA, or 64 those of a status port
     that a kubelet probes. When none can make room the new one is closed instead,
@@ -254,7 +255,9 @@ class Acceptor:
         waiting = [guard for guard in self._held if not guard.protected()]
         if not waiting:
             return False  # every connection waits on an answer from us
-        quietest = min(waiting, key=lambda guard: guard.last)
+        # A connection that never had an answer goes before one that had: a flood of new
+        # connections then displaces itself, not a client's keep-alive between requests.
+        quietest = min(waiting, key=lambda guard: (guard.answered_once, guard.last))
         quietest.abort()
         self._closed("max_connections")
         return True
@@ -294,6 +297,7 @@ class _Guard(asyncio.Protocol):
         self._idle = idle
         self.last = now  # when a request last arrived whole or was answered (or the accept)
         self.owed = 0  # requests received whole and not answered yet
+        self.answered_once = False  # a request of it was answered
         self.setup: asyncio.Task[None] | None = None
         self._inner: Any = None  # the server's protocol: grpclib's or aiohttp's
         self._transport: asyncio.BaseTransport | None = None
@@ -332,6 +336,7 @@ class _Guard(asyncio.Protocol):
 
     def answered(self) -> None:
         self.owed = max(self.owed - 1, 0)
+        self.answered_once = True
         self.last = asyncio.get_running_loop().time()
 
     def eof_received(self) -> bool | None:

@@ -6,6 +6,7 @@ second or two; the defaults are in ca/config.py and docs/operations.md.
 
 from __future__ import annotations
 
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -185,6 +186,24 @@ async def test_callers_that_never_take_their_answers_make_room_at_the_cap(
         assert len(flood.sockets) == 50  # the cap, all held
         assert (await sign(setup, ca)).spiffe_id == WORKLOAD
         assert flood.closed_by_peer(within=0.5) == 1  # one made room
+
+
+def test_a_keep_alive_client_between_requests_outlasts_a_flood_of_new_connections(
+    capped: tuple[CaSetup, CaProcess],
+) -> None:
+    """Connections that never had an answer make room first: a client's keep-alive
+    connection, quiet between two scrapes, was cut by a flood of new ones and every
+    other request of it failed."""
+    _, ca = capped
+    request = b"GET /healthz HTTP/1.1\r\nHost: ca\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", ca.http_port), timeout=5) as client:
+        client.sendall(request)
+        assert client.recv(4096).endswith(b"ok\n")
+        with floods.idle_connections(ca.http_port, 120) as flood:  # past the cap, all quiet
+            assert flood.closed_by_peer(within=0.5) >= 70
+            for _ in range(3):
+                client.sendall(request)
+                assert client.recv(4096).endswith(b"ok\n")
 
 
 async def test_callers_asking_twice_a_second_make_room_at_the_cap(
