@@ -29,8 +29,9 @@ PIPE_WAIT = 0.5
 #: filled each page a slow collector freed, so 17 of 18 Signs behind them were refused.
 #: A refusal whose line finds no room refuses its call at once (audit_unavailable).
 ISSUED = "issued"
-#: What a terminal's output queue is taken to hold (Linux's is some KiB).
-TERMINAL_ROOM = 4096
+#: Refusal lines a second on a terminal (`kubectl logs -f`, `docker run -t`): a pty's
+#: queue cannot be seen from this end, and a refusal flood took every line of room.
+TERMINAL_REFUSALS = 10
 #: What all those waits may take of the event loop's time (each on the loop): WAIT_SHARE
 #: of it over time, after a burst of WAIT_BURST seconds. A reader that drained a page
 #: every 0.6 s let one line through each time and the next one wait: the loop stood
@@ -58,6 +59,8 @@ class AuditLog:
         self._regular = False  # a regular file: a short write is cut back off it
         self._may_wait = WAIT_BURST  # seconds of waiting on a pipe left to the loop
         self._counted = time.monotonic()  # when `_may_wait` was last topped up
+        self._terminal_lines = float(TERMINAL_REFUSALS)  # refusal lines a terminal may take
+        self._terminal_counted = self._counted
 
     @classmethod
     def open(cls, target: str, clock: Callable[[], datetime]) -> AuditLog:
@@ -142,8 +145,9 @@ class AuditLog:
     def _crowded(self) -> bool:
         """Whether what the log's descriptor leads to holds more unread than a refusal's
         line may leave there: half a pipe or FIFO; an eighth of a socket's buffer
-        (systemd's journal; select calls a socket writable only under a quarter); half
-        a terminal's queue. A refusal's line would then take room an issuance may need."""
+        (systemd's journal; select calls a socket writable only under a quarter); on a
+        terminal, more refusal lines than TERMINAL_REFUSALS a second. A refusal's line
+        would then take room an issuance may need."""
         queued = array.array("i", [0])
         try:
             mode = os.fstat(self._fd).st_mode
@@ -155,12 +159,25 @@ class AuditLog:
                 with socket.socket(fileno=os.dup(self._fd)) as sock:
                     # Writable (select) only while under a quarter of its buffer: half that.
                     room = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 8
+            elif os.isatty(self._fd):
+                return not self._terminal_allows()
             else:
-                fcntl.ioctl(self._fd, termios.TIOCOUTQ, queued)
-                room = TERMINAL_ROOM // 2
+                return False  # a character device (/dev/null): nothing waits
         except OSError:
             return False
         return queued[0] > room
+
+    def _terminal_allows(self) -> bool:
+        """A refusal's line on a terminal, at most TERMINAL_REFUSALS a second: what waits
+        on a pseudo-terminal is in its other end, where nothing here can see it."""
+        now = time.monotonic()
+        grown = (now - self._terminal_counted) * TERMINAL_REFUSALS
+        self._terminal_lines = min(self._terminal_lines + grown, float(TERMINAL_REFUSALS))
+        self._terminal_counted = now
+        if self._terminal_lines < 1:
+            return False
+        self._terminal_lines -= 1
+        return True
 
     def record(
         self,
