@@ -13,12 +13,13 @@ event loop for the requests behind it.
 
 Large bodies are also bounded together (`BodyBudget`): a review declaring more
 than SMALL_BODY (a pod's is some KiB) is read and answered only within
-BODIES_AT_ONCE times max_body_bytes for all of them, and refused 503 `busy` past
-that. Forty callers that each sent all but a byte of 3 MiB made the
-injector hold 267 MiB, past its pod's 256 Mi limit; under `failurePolicy: Ignore` a
-killed injector admits pods without the agent. Refused at once, not queued: a
-connection waiting for the budget still held ~1.1 MiB of TLS and HTTP buffers.
-Every refused request's connection is closed, the rest of its body unread.
+BODIES_AT_ONCE times max_body_bytes for all of them; past that, bodies arriving
+for READ_GRACE or longer are cut to make room, and if none is, it is refused 503
+`busy` at once. Forty callers that each sent all but a byte of 3 MiB made the
+injector hold 267 MiB, past its pod's 256 Mi limit; under `failurePolicy: Ignore`
+a killed injector admits pods without the agent. Not queued: a connection waiting
+for the budget still held ~1.1 MiB of TLS and HTTP buffers. Every refused
+request's connection is closed, the rest of its body unread.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
@@ -99,25 +101,62 @@ class InjectorMetrics:
         self.connections_closed.labels(reason).inc()
 
 
+#: The API server sends a review's body at once: one still arriving after this long is a
+#: caller's, and at the budget it is cut to make room (`BodyBudget`).
+READ_GRACE = 1.0
+
+
+@dataclass(eq=False)
+class _Hold:
+    size: int
+    since: float
+    transport: asyncio.Transport | None
+    reading: bool = True  # its body is still arriving
+
+
 class BodyBudget:
     """Bytes of review bodies being read or answered, over every connection, at most
     `limit`: each review holds its Content-Length (or the most a body may be) from
-    before it is read until it is answered."""
+    before it is read until it is answered. At the limit, bodies that have been arriving
+    for READ_GRACE or longer are cut, the oldest first, to make room; a review that still
+    finds no room is refused `busy`. Callers that declare large bodies and send a byte
+    then hold the budget for a second at a time, never for the body timeout."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._free = limit
+        self._holds: set[_Hold] = set()
+        self._clock = clock
 
     @contextlib.contextmanager
-    def held(self, size: int) -> Iterator[None]:
-        """Hold `size` bytes of the budget; BadRequest `busy` if they are not free."""
+    def held(self, size: int, transport: asyncio.Transport | None = None) -> Iterator[_Hold]:
+        """Hold `size` bytes of the budget; BadRequest `busy` if they cannot be had."""
+        now = self._clock()
+        if size > self._free:
+            self._make_room(size, now)
         if size > self._free:
             message = "other reviews hold the bytes this one needs; try again"
             raise BadRequest("busy", message, status=503)
+        hold = _Hold(size, now, transport)
+        self._holds.add(hold)
         self._free -= size
         try:
-            yield
+            yield hold
         finally:
-            self._free += size
+            self._let_go(hold)
+
+    def _let_go(self, hold: _Hold) -> None:
+        if hold in self._holds:
+            self._holds.discard(hold)
+            self._free += hold.size
+
+    def _make_room(self, size: int, now: float) -> None:
+        slow = [h for h in self._holds if h.reading and now - h.since >= READ_GRACE]
+        for hold in sorted(slow, key=lambda h: h.since):
+            if self._free >= size:
+                return
+            self._let_go(hold)
+            if hold.transport is not None:
+                hold.transport.abort()
 
 
 def make_app(
@@ -136,8 +175,9 @@ def make_app(
         try:
             chosen = settings_for(settings, request.path, list(request.query.items()))
             size = _declared(request, limits.max_body_bytes)
-            with budget.held(size if size > SMALL_BODY else 0):
+            with budget.held(size if size > SMALL_BODY else 0, request.transport) as hold:
                 body = await _read(request, limits.max_body_bytes, body_timeout)
+                hold.reading = False
                 admission = await asyncio.to_thread(_answer, body, chosen, limits.max_json_depth)
         except BadRequest as exc:
             metrics.admissions.labels("bad_request", exc.reason).inc()
@@ -194,6 +234,8 @@ async def _read(request: web.Request, limit: int, within: float) -> bytes:
         raise _too_large(limit) from None
     except TimeoutError:
         raise BadRequest("slow_body", f"the body took more than {within:g} s", 408) from None
+    except ConnectionError:  # gone, or cut to make room (`BodyBudget`)
+        raise BadRequest("slow_body", "the connection ended before the body did", 408) from None
 
 
 def _answer(body: bytes, settings: Settings, max_depth: int) -> Admission:

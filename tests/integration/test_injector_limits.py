@@ -104,13 +104,18 @@ def test_bodies_sent_all_but_a_byte_hold_a_bounded_amount_of_memory(tmp_path: Pa
 
 def test_callers_holding_the_large_body_budget_lock_out_no_pod_review(tmp_path: Path) -> None:
     """Four callers declaring 3 MiB bodies hold every byte of the large-body budget; a
-    pod's review (some KiB) is still answered, not refused `busy`: under failurePolicy
-    Ignore a refused review is a pod without its agent."""
+    pod's review is still answered, not refused `busy`, small or 43 KiB (which was refused
+    3 of 3): under failurePolicy Ignore a refused review is a pod without its agent."""
     size = 3 * 1024 * 1024
     head = f"POST /mutate HTTP/1.1\r\nHost: injector\r\nContent-Length: {size}\r\n\r\n"
+    large = review()  # a pod of `kubectl apply`: its last-applied-configuration, 40 KB
+    annotations = large["request"]["object"]["metadata"].setdefault("annotations", {})
+    annotations["kubectl.kubernetes.io/last-applied-configuration"] = "x" * 40_000
     with running_webhook(tmp_path) as webhook:
         context = floods.client_context()
         with floods.unfinished_bodies(webhook.port, 4, head.encode(), size, tls=context):
-            time.sleep(1)  # every body is being read
+            time.sleep(1.2)  # every body is being read, for longer than READ_GRACE
             for _ in range(3):
                 assert webhook.review(review())["allowed"] is True
+            for _ in range(3):  # over 32 KiB: the held bodies are cut for it
+                assert webhook.review(large)["allowed"] is True

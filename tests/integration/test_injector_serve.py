@@ -189,17 +189,37 @@ async def test_a_body_that_trickles_in_is_cut_off_with_408(watchdog: None) -> No
     assert sample == 1
 
 
-def test_reviews_past_the_body_budget_are_answered_busy() -> None:
-    """Bodies are bounded together: a review whose bytes are not free is refused 503
-    `busy` at once; what is free is still taken, and given back when answered."""
-    budget = BodyBudget(100)
-    with budget.held(60):
+class Transport:
+    """What BodyBudget does to a review's connection: abort it, or not."""
+
+    aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_bodies_arriving_for_a_second_are_cut_to_make_room_else_busy() -> None:
+    """Bodies are bounded together. A review whose bytes are not free cuts bodies that
+    have been arriving for READ_GRACE (the API server sends its at once), oldest first,
+    and is refused 503 `busy` if that is not enough; one being answered is never cut."""
+    now = [0.0]
+    budget = BodyBudget(100, clock=lambda: now[0])
+    slow, parsed = Transport(), Transport()
+    with budget.held(60, slow):  # type: ignore[arg-type]
+        now[0] = 0.5
         with pytest.raises(BadRequest) as refused, budget.held(60):
             pass
         assert (refused.value.status, refused.value.reason) == (503, "busy")
-        with budget.held(40):
-            pass
-    with budget.held(100):
+        now[0] = 1.5
+        with budget.held(60) as hold:  # the slow one is cut for it
+            assert slow.aborted
+            hold.reading = False  # read: now answered, never cut
+            now[0] = 3.0
+            with pytest.raises(BadRequest), budget.held(60, parsed):  # type: ignore[arg-type]
+                pass
+            with budget.held(40):
+                pass
+    with budget.held(100):  # every byte given back, the cut one's once
         pass
 
 
