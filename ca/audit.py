@@ -31,7 +31,7 @@ PIPE_WAIT = 0.5
 ISSUED = "issued"
 #: Refusal lines a second on a terminal (`kubectl logs -f`, `docker run -t`): a pty's
 #: queue cannot be seen from this end, and a refusal flood took every line of room.
-TERMINAL_REFUSALS = 10
+TERMINAL_REFUSALS = 2
 #: What all those waits may take of the event loop's time (each on the loop): WAIT_SHARE
 #: of it over time, after a burst of WAIT_BURST seconds. A reader that drained a page
 #: every 0.6 s let one line through each time and the next one wait: the loop stood

@@ -70,6 +70,9 @@ CLOSE_REASONS = (
     "idle_timeout",
     "unread_output",
 )
+#: Seconds after an answer during which a connection owed nothing is displaced only
+#: after every connection that had no answer that recently (`Acceptor._make_room`).
+RECENT = 5.0
 #: Output a connection may leave unread while it goes on sending. Every answer
 #: here is a few KiB; without a bound, a caller that floods PINGs or SETTINGS
 #: and never reads makes the server buffer every acknowledgement.
@@ -255,9 +258,11 @@ class Acceptor:
         waiting = [guard for guard in self._held if not guard.protected()]
         if not waiting:
             return False  # every connection waits on an answer from us
-        # A connection that never had an answer goes before one that had: a flood of new
-        # connections then displaces itself, not a client's keep-alive between requests.
-        quietest = min(waiting, key=lambda guard: (guard.answered_once, guard.last))
+        # A connection that had no answer lately goes before one that had: a flood of new
+        # connections then displaces itself, not a client's keep-alive between requests;
+        # and connections asked once and then left idle keep no place for long.
+        now = asyncio.get_running_loop().time()
+        quietest = min(waiting, key=lambda guard: (guard.answered_since(now - RECENT), guard.last))
         quietest.abort()
         self._closed("max_connections")
         return True
@@ -304,6 +309,10 @@ class _Guard(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._paused = False  # the transport holds more than the caller has read
         self._answers: Answers | None = None  # the server's protocol, if it can tell
+
+    def answered_since(self, moment: float) -> bool:
+        """Whether a request of it was answered, and it has been busy, since `moment`."""
+        return self.answered_once and self.last >= moment
 
     def protected(self) -> bool:
         """Owed an answer the caller takes: not displaced at the cap. An answer that waits

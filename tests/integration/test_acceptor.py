@@ -16,7 +16,10 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 
-from identity.serving import Acceptor, ConnectionLimits
+import pytest
+
+from identity import serving
+from identity.serving import Acceptor, ConnectionLimits, progress_of
 from identity.tlsfiles import TLS_SHUTDOWN_TIMEOUT
 from tests.support import loopback_tls
 
@@ -111,6 +114,55 @@ async def test_a_tls_caller_that_never_answers_the_close_gives_its_slot_back_wit
         assert time.monotonic() - closing_since < TLS_SHUTDOWN_TIMEOUT + 1.5
     finally:
         thawed.set()
+        server.abort_clients()
+        server.close()
+        await server.wait_closed()
+
+
+class Answering(asyncio.Protocol):
+    """Answers each line `ok`, reporting the request and its answer to the acceptor."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        progress = progress_of(self.transport)
+        assert progress is not None
+        for _ in range(data.count(b"\n")):
+            progress.received()
+            self.transport.write(b"ok\n")  # type: ignore[attr-defined]
+            progress.answered()
+
+
+async def test_connections_answered_once_and_left_idle_keep_no_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nine callers that each asked once and then sat idle kept their places ahead of
+    every newcomer, so a legitimate caller was displaced mid-handshake by the next new
+    connection. Once their answer is RECENT-old, they go before a newcomer does."""
+    monkeypatch.setattr(serving, "RECENT", 0.2)
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    limits = ConnectionLimits(10, timedelta(seconds=5), timedelta(seconds=30))
+    server = Acceptor(sock, Answering, None, limits, lambda reason: None)
+    server.start()
+    reader_writers = []
+    try:
+        for _ in range(9):  # asked once, answered, then idle
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"ask\n")
+            assert await asyncio.wait_for(reader.readline(), 5) == b"ok\n"
+            reader_writers.append((reader, writer))
+        await asyncio.sleep(0.3)  # their answers are older than RECENT
+        newcomer = await asyncio.open_connection("127.0.0.1", port)  # the cap's tenth
+        reader_writers.append(newcomer)
+        reader_writers.append(await asyncio.open_connection("127.0.0.1", port))  # past it
+        await asyncio.sleep(0.1)
+        newcomer[1].write(b"ask\n")
+        assert await asyncio.wait_for(newcomer[0].readline(), 5) == b"ok\n"
+    finally:
+        for _, writer in reader_writers:
+            writer.close()
         server.abort_clients()
         server.close()
         await server.wait_closed()
