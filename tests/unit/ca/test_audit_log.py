@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import tty
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,6 +32,42 @@ def record(audit: AuditLog, n: int) -> None:
 
 def callers(path: Path) -> list[str]:
     return [json.loads(line)["caller"] for line in path.read_text().splitlines()]
+
+
+@contextlib.contextmanager
+def collector_behind(take: Callable[[], object], every: float) -> Iterator[None]:
+    """A log collector that is behind: `take()` (a page, say) every `every` seconds, from
+    a thread, until the block ends."""
+    done = threading.Event()
+
+    def run() -> None:
+        while not done.wait(every):
+            with contextlib.suppress(OSError):  # nothing to take yet
+                take()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(5)
+
+
+@contextlib.contextmanager
+def full_fifo(path: Path) -> Iterator[int]:
+    """A FIFO at `path`, full already (its reader is behind): yields the reader's end."""
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    filler = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(filler, b"#" * 4096)
+        yield reader
+    finally:
+        os.close(reader)
+        os.close(filler)
 
 
 def test_a_log_rotated_or_removed_under_the_ca_is_opened_again_at_its_path(
@@ -191,39 +228,24 @@ def test_a_pipe_read_a_page_at_a_time_holds_the_loop_a_bounded_share(tmp_path: P
     0.5 s) with no wait ever running out. The waits now take a bounded share of it, and
     as many lines get through."""
     path = tmp_path / "audit.log"
-    os.mkfifo(path)
-    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    filler = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-    with contextlib.suppress(BlockingIOError):  # the collector is behind already
-        while True:
-            os.write(filler, b"#" * 4096)
-    done = threading.Event()
-
-    def take_a_page_a_while() -> None:
-        while not done.wait(0.6):
-            with contextlib.suppress(BlockingIOError):
-                os.read(reader, 4096)
-
-    thread = threading.Thread(target=take_a_page_a_while, daemon=True)
-    thread.start()
-    audit = AuditLog.open(str(path), lambda: datetime.now(UTC))
     blocked, written, started = 0.0, 0, time.monotonic()
-    try:
-        for n in range(100_000):  # bounded in count and in time
-            if time.monotonic() - started > 3.0:
-                break
-            before = time.monotonic()
-            with contextlib.suppress(AuditUnavailable):
-                record(audit, n)
-                written += 1
-            blocked += time.monotonic() - before
-            time.sleep(0.005)  # callers keep coming
-    finally:
-        audit.close()
-        done.set()
-        thread.join(5)
-        os.close(reader)
-        os.close(filler)
+    with (
+        full_fifo(path) as reader,
+        collector_behind(lambda: os.read(reader, 4096), every=0.6),
+    ):
+        audit = AuditLog.open(str(path), lambda: datetime.now(UTC))
+        try:
+            for n in range(100_000):  # bounded in count and in time
+                if time.monotonic() - started > 3.0:
+                    break
+                before = time.monotonic()
+                with contextlib.suppress(AuditUnavailable):
+                    record(audit, n)
+                    written += 1
+                blocked += time.monotonic() - before
+                time.sleep(0.005)  # callers keep coming
+        finally:
+            audit.close()
     share = blocked / (time.monotonic() - started)
     assert share < 0.5, f"the loop stood still {share:.0%} of the time"
     assert written >= 40  # a page every 0.6 s: ~27 lines each
@@ -236,38 +258,20 @@ def test_refusals_that_find_the_pipe_full_leave_the_waits_to_issued_certificates
     waits with issuances, one caller refusing as fast as it could made 17 of 18 Signs
     fail `audit_unavailable` behind a collector taking a page every half second."""
     path = tmp_path / "audit.log"
-    os.mkfifo(path)
-    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    filler = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-    with contextlib.suppress(BlockingIOError):  # the collector is behind already
-        while True:
-            os.write(filler, b"#" * 4096)
-    done = threading.Event()
-
-    def take_a_page_a_while() -> None:
-        while not done.wait(0.2):
-            with contextlib.suppress(BlockingIOError):
-                os.read(reader, 4096)
-
-    thread = threading.Thread(target=take_a_page_a_while, daemon=True)
-    thread.start()
-    audit = AuditLog.open(str(path), lambda: datetime.now(UTC))
     issued = 0
-    try:
-        for n in range(8):
-            for _ in range(50):  # refused as fast as they come
+    with full_fifo(path) as reader, collector_behind(lambda: os.read(reader, 4096), every=0.2):
+        audit = AuditLog.open(str(path), lambda: datetime.now(UTC))
+        try:
+            for n in range(8):
+                for _ in range(50):  # refused as fast as they come
+                    with contextlib.suppress(AuditUnavailable):
+                        audit.record(result="refused", reason="bad_signature", caller=None)
                 with contextlib.suppress(AuditUnavailable):
-                    audit.record(result="refused", reason="bad_signature", caller=None)
-            with contextlib.suppress(AuditUnavailable):
-                record(audit, n)
-                issued += 1
-            time.sleep(0.3)  # issuances at the pace the collector keeps
-    finally:
-        audit.close()
-        done.set()
-        thread.join(5)
-        os.close(reader)
-        os.close(filler)
+                    record(audit, n)
+                    issued += 1
+                time.sleep(0.3)  # issuances at the pace the collector keeps
+        finally:
+            audit.close()
     assert issued == 8
 
 
@@ -289,34 +293,28 @@ print(issued, file=sys.stderr)
 """
 
 
+def issuing_behind_refusals(stdout: int) -> subprocess.CompletedProcess[str]:
+    """ISSUING_BEHIND_REFUSALS in a process of its own, its stdout (the log) `stdout`."""
+    return subprocess.run(
+        [sys.executable, "-c", ISSUING_BEHIND_REFUSALS],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+
 def test_refusals_leave_room_for_issued_certificates_on_a_socket_too() -> None:
     """systemd's journal takes stdout as a socket: a slow reader there, and a caller
     refusing as fast as it could, made 41 of 46 Signs fail `audit_unavailable` while the
     same behind a pipe failed none."""
     ours, theirs = socket.socketpair()
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
-    done = threading.Event()
-
-    def take_a_page_a_while() -> None:
-        while not done.wait(0.5):
-            with contextlib.suppress(BlockingIOError):
-                ours.recv(4096, socket.MSG_DONTWAIT)
-
-    thread = threading.Thread(target=take_a_page_a_while, daemon=True)
-    thread.start()
     try:
-        ran = subprocess.run(
-            [sys.executable, "-c", ISSUING_BEHIND_REFUSALS],
-            stdout=theirs,
-            capture_output=False,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=60,
-            check=True,
-        )
+        with collector_behind(lambda: ours.recv(4096, socket.MSG_DONTWAIT), every=0.5):
+            ran = issuing_behind_refusals(theirs.fileno())
     finally:
-        done.set()
-        thread.join(5)
         ours.close()
         theirs.close()
     assert ran.stderr.split()[-1] == "8", ran.stderr
@@ -327,28 +325,11 @@ def test_refusals_leave_room_for_issued_certificates_on_a_terminal_too() -> None
     other end, unseen from the CA's; a refusal flood made 52 of 57 Signs fail."""
     master, slave = pty.openpty()
     tty.setraw(slave)
-    done = threading.Event()
-
-    def take_a_little_a_while() -> None:
-        while not done.wait(0.5):
-            with contextlib.suppress(BlockingIOError, OSError):
-                os.read(master, 2048)
-
     os.set_blocking(master, False)
-    thread = threading.Thread(target=take_a_little_a_while, daemon=True)
-    thread.start()
     try:
-        ran = subprocess.run(
-            [sys.executable, "-c", ISSUING_BEHIND_REFUSALS],
-            stdout=slave,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=60,
-            check=True,
-        )
+        with collector_behind(lambda: os.read(master, 2048), every=0.5):
+            ran = issuing_behind_refusals(slave)
     finally:
-        done.set()
-        thread.join(5)
         os.close(master)
         os.close(slave)
     assert ran.stderr.split()[-1] == "8", ran.stderr
